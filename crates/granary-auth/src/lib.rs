@@ -1,0 +1,153 @@
+//! Secrets: how Granary makes, hashes and checks passwords.
+//!
+//! Passwords are only ever stored as argon2id PHC strings
+//! (`$argon2id$v=19$m=...`), which carry their own salt and parameters, so
+//! parameters can be raised later without breaking old hashes. This crate
+//! does no I/O and holds no state; it is CPU-bound, so async callers should
+//! run it on a blocking thread.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+
+/// Shortest password an admin may set by hand. Generated ones are longer.
+pub const MIN_PASSWORD_LEN: usize = 12;
+/// Longest accepted password; longer input is refused before hashing so that
+/// nobody can make the server hash megabytes.
+pub const MAX_PASSWORD_LEN: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("password is shorter than {MIN_PASSWORD_LEN} characters")]
+    TooShort,
+    #[error("password is longer than {MAX_PASSWORD_LEN} bytes")]
+    TooLong,
+    #[error("stored password hash is malformed: {0}")]
+    BadHash(String),
+    #[error("hashing failed: {0}")]
+    Hash(String),
+    #[error("the operating system's random number generator failed: {0}")]
+    Random(String),
+}
+
+/// argon2id with the OWASP-recommended minimum (19 MiB, 2 passes, 1 lane).
+fn hasher() -> Argon2<'static> {
+    let params = Params::new(19 * 1024, 2, 1, None).expect("constant argon2 parameters are valid");
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// Checks the length rules for a password chosen by a person.
+pub fn check_password_policy(password: &str) -> Result<(), AuthError> {
+    if password.chars().count() < MIN_PASSWORD_LEN {
+        return Err(AuthError::TooShort);
+    }
+    if password.len() > MAX_PASSWORD_LEN {
+        return Err(AuthError::TooLong);
+    }
+    Ok(())
+}
+
+/// Hashes a password with a fresh random salt into a PHC string.
+pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    if password.len() > MAX_PASSWORD_LEN {
+        return Err(AuthError::TooLong);
+    }
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| AuthError::Random(e.to_string()))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| AuthError::Hash(e.to_string()))?;
+    hasher()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| AuthError::Hash(e.to_string()))
+}
+
+/// True when `password` matches the stored PHC string. A malformed stored
+/// hash is an error, not a silent "no", so corruption gets noticed.
+pub fn verify_password(password: &str, phc: &str) -> Result<bool, AuthError> {
+    if password.len() > MAX_PASSWORD_LEN {
+        return Ok(false);
+    }
+    let parsed = PasswordHash::new(phc).map_err(|e| AuthError::BadHash(e.to_string()))?;
+    match hasher().verify_password(password.as_bytes(), &parsed) {
+        Ok(()) => Ok(true),
+        Err(argon2::password_hash::Error::Password) => Ok(false),
+        Err(e) => Err(AuthError::BadHash(e.to_string())),
+    }
+}
+
+/// Letters and digits that survive being read aloud or copied by hand: no
+/// 0/O, 1/l/I.
+const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
+
+/// A new random password of five groups of five characters
+/// (`k3fqa-...`): 125 bits of entropy, easy to type on a phone.
+pub fn generate_password() -> Result<String, AuthError> {
+    const GROUPS: usize = 5;
+    const GROUP_LEN: usize = 5;
+    let mut raw = [0u8; GROUPS * GROUP_LEN];
+    getrandom::fill(&mut raw).map_err(|e| AuthError::Random(e.to_string()))?;
+    let mut out = String::with_capacity(GROUPS * (GROUP_LEN + 1));
+    for (i, byte) in raw.iter().enumerate() {
+        if i > 0 && i % GROUP_LEN == 0 {
+            out.push('-');
+        }
+        // 32 symbols divide 256 evenly, so taking the low five bits is unbiased.
+        out.push(ALPHABET[usize::from(*byte) % ALPHABET.len()] as char);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_then_verify() {
+        let hash = hash_password("correct horse battery").unwrap();
+        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(verify_password("correct horse battery", &hash).unwrap());
+        assert!(!verify_password("correct horse battery!", &hash).unwrap());
+        assert!(!verify_password("", &hash).unwrap());
+    }
+
+    #[test]
+    fn same_password_gets_different_salts() {
+        assert_ne!(
+            hash_password("same password").unwrap(),
+            hash_password("same password").unwrap()
+        );
+    }
+
+    #[test]
+    fn malformed_hash_is_an_error() {
+        assert!(matches!(
+            verify_password("x", "not a hash"),
+            Err(AuthError::BadHash(_))
+        ));
+    }
+
+    #[test]
+    fn overlong_passwords_are_refused_before_hashing() {
+        let long = "x".repeat(MAX_PASSWORD_LEN + 1);
+        assert!(matches!(hash_password(&long), Err(AuthError::TooLong)));
+        let hash = hash_password("short but fine").unwrap();
+        assert!(!verify_password(&long, &hash).unwrap());
+    }
+
+    #[test]
+    fn generated_passwords_meet_the_policy_and_differ() {
+        let a = generate_password().unwrap();
+        let b = generate_password().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 29);
+        check_password_policy(&a).unwrap();
+        assert!(a.bytes().all(|c| c == b'-' || ALPHABET.contains(&c)));
+    }
+
+    #[test]
+    fn policy_rejects_short_passwords() {
+        assert!(matches!(
+            check_password_policy("short"),
+            Err(AuthError::TooShort)
+        ));
+    }
+}

@@ -1,0 +1,22 @@
+//! Configuration in two stages.
+//!
+//! 1. [`raw`]: the TOML file's shape. Unknown keys are errors; nothing here
+//!    touches the file system or the environment.
+//! 2. [`resolve`]: paths made absolute and checked, defaults filled in,
+//!    environment consulted. Every error names the file, the key and the reason.
+//!
+//! With no file at all, [`Config::resolve`] of [`RawConfig::default`] gives the
+//! embedded defaults that `granary serve` and `granary demo` run on. The same
+//! defaults, commented, are [`DEFAULT_CONFIG_TOML`] (`granary config default`).
+
+pub mod raw;
+pub mod resolve;
+
+pub use raw::RawConfig;
+pub use resolve::{
+    Config, ConfigError, Environment, Listen, LogFormat, StorageBackend, TlsSource,
+};
+
+/// The full default configuration, commented. A test checks that it parses to
+/// exactly the built-in defaults.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("default.toml");

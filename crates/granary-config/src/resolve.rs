@@ -1,0 +1,428 @@
+//! From [`RawConfig`] to [`Config`]: defaults filled in, paths made absolute
+//! and checked, and errors that name the file, the key and the reason.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::raw::RawConfig;
+
+/// What the process environment contributes, gathered by the caller so that
+/// resolution is testable without touching the real environment.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// The working directory, for a relative `--home` and the default data dir.
+    pub cwd: PathBuf,
+    /// `--home` or `GRANARY_HOME`: overrides `data_dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `GRANARY_LOG`: overrides `log.level`.
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file this came from; `None` for the built-in defaults.
+    pub file: Option<PathBuf>,
+    /// Absolute. Created by the daemon on start if missing.
+    pub data_dir: PathBuf,
+    pub domain: String,
+    pub log_format: LogFormat,
+    /// A tracing filter string; the binary parses it (and reports errors
+    /// against `log.level`).
+    pub log_level: String,
+    pub listen: Listen,
+    pub tls: TlsSource,
+    pub storage: StorageBackend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub https: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// Granary's own certificate authority in `DATA_DIR/tls`.
+    LocalCa,
+    /// PEM files the admin provides (absolute paths, checked to exist).
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageBackend {
+    /// Directories under `DATA_DIR/grains`.
+    Plain,
+}
+
+impl StorageBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            StorageBackend::Plain => "plain",
+        }
+    }
+}
+
+/// A configuration problem: which file, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    /// The dotted key (`listen.https`), or `None` for a whole-file problem.
+    pub key: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "config {}", file.display())?,
+            None => f.write_str("built-in config")?,
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+pub const DEFAULT_DOMAIN: &str = "localhost";
+pub const DEFAULT_HTTPS: &str = "127.0.0.1:8443";
+pub const DEFAULT_DATA_DIR: &str = "granary-data";
+
+impl Config {
+    /// Reads and resolves `file`, or resolves the built-in defaults when there
+    /// is no file.
+    pub fn load(file: Option<&Path>, env: &Environment) -> Result<Config, ConfigError> {
+        let Some(file) = file else {
+            return Config::resolve(RawConfig::default(), None, env);
+        };
+        let file = absolute(&env.cwd, file);
+        let text = std::fs::read_to_string(&file).map_err(|e| ConfigError {
+            file: Some(file.clone()),
+            key: None,
+            reason: format!("cannot read: {e}"),
+        })?;
+        let raw = RawConfig::parse(&text).map_err(|e| ConfigError {
+            file: Some(file.clone()),
+            key: None,
+            reason: describe_toml_error(&text, &e),
+        })?;
+        Config::resolve(raw, Some(&file), env)
+    }
+
+    /// Fills in defaults and checks every value. `file` must be absolute when
+    /// given; relative paths in it are taken relative to its directory.
+    pub fn resolve(
+        raw: RawConfig,
+        file: Option<&Path>,
+        env: &Environment,
+    ) -> Result<Config, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            file: file.map(Path::to_path_buf),
+            key: Some(key.to_owned()),
+            reason,
+        };
+        let file_dir = file
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| env.cwd.clone());
+
+        let data_dir = match (&env.data_dir, &raw.data_dir) {
+            (Some(over), _) => absolute(&env.cwd, over),
+            (None, Some(dir)) => absolute(&file_dir, dir),
+            (None, None) => env.cwd.join(DEFAULT_DATA_DIR),
+        };
+
+        let domain = raw.domain.unwrap_or_else(|| DEFAULT_DOMAIN.to_owned());
+        check_domain(&domain).map_err(|reason| err("domain", reason))?;
+
+        let log_format = match raw.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(err(
+                    "log.format",
+                    format!("{other:?} is not a log format; use \"text\" or \"json\""),
+                ));
+            }
+        };
+        let log_level = env
+            .log_level
+            .clone()
+            .or(raw.log.level)
+            .unwrap_or_else(|| "info".to_owned());
+
+        let https_text = raw.listen.https.as_deref().unwrap_or(DEFAULT_HTTPS);
+        let https = https_text.parse::<SocketAddr>().map_err(|_| {
+            err(
+                "listen.https",
+                format!(
+                    "{https_text:?} is not an IP address and port; write for example \"127.0.0.1:8443\", \"[::]:443\" or \"127.0.0.1:0\""
+                ),
+            )
+        })?;
+
+        let tls = match (raw.tls.cert, raw.tls.key) {
+            (None, None) => TlsSource::LocalCa,
+            (Some(cert), Some(key)) => {
+                let cert = absolute(&file_dir, &cert);
+                let key = absolute(&file_dir, &key);
+                check_readable_file(&cert).map_err(|r| err("tls.cert", r))?;
+                check_readable_file(&key).map_err(|r| err("tls.key", r))?;
+                TlsSource::Files { cert, key }
+            }
+            (Some(_), None) => {
+                return Err(err(
+                    "tls.key",
+                    "missing: tls.cert is set, so tls.key must name its private key".to_owned(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    "tls.cert",
+                    "missing: tls.key is set, so tls.cert must name the certificate chain"
+                        .to_owned(),
+                ));
+            }
+        };
+
+        let storage = match raw.storage.backend.as_deref() {
+            None | Some("plain") => StorageBackend::Plain,
+            Some(other) => {
+                return Err(err(
+                    "storage.backend",
+                    format!("{other:?} is not a storage backend this build supports; use \"plain\""),
+                ));
+            }
+        };
+
+        Ok(Config {
+            file: file.map(Path::to_path_buf),
+            data_dir,
+            domain,
+            log_format,
+            log_level,
+            listen: Listen { https },
+            tls,
+            storage,
+        })
+    }
+
+    /// `DATA_DIR/run`: sockets, the lock file and `ports.json`.
+    pub fn run_dir(&self) -> PathBuf {
+        self.data_dir.join("run")
+    }
+    /// The admin socket the CLI talks to the daemon through.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.run_dir().join("admin.sock")
+    }
+    /// Held (flock) by the running daemon; holds its pid.
+    pub fn lock_file(&self) -> PathBuf {
+        self.run_dir().join("granary.lock")
+    }
+    /// The addresses the daemon actually bound.
+    pub fn ports_file(&self) -> PathBuf {
+        self.run_dir().join("ports.json")
+    }
+    /// The SQLite state database.
+    pub fn state_db(&self) -> PathBuf {
+        self.data_dir.join("state").join("granary.db")
+    }
+    /// The local CA and the certificates it issued.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir.join("tls")
+    }
+}
+
+fn absolute(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+fn check_readable_file(path: &Path) -> Result<(), String> {
+    match std::fs::File::open(path) {
+        Ok(f) => match f.metadata() {
+            Ok(m) if m.is_file() => Ok(()),
+            Ok(_) => Err(format!("{} is not a regular file", path.display())),
+            Err(e) => Err(format!("cannot stat {}: {e}", path.display())),
+        },
+        Err(e) => Err(format!("cannot open {}: {e}", path.display())),
+    }
+}
+
+/// A lowercase DNS name: labels of a-z, 0-9 and '-', no leading or trailing
+/// '-', at most 63 octets each and 253 in all.
+fn check_domain(domain: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{domain:?} is not a valid domain name: {why}"));
+    if domain.is_empty() || domain.len() > 253 {
+        return bad("it must be 1 to 253 characters long");
+    }
+    for label in domain.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return bad("each dot-separated part must be 1 to 63 characters long");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return bad("use lowercase letters, digits, '-' and '.' only");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("a part may not start or end with '-'");
+        }
+    }
+    Ok(())
+}
+
+/// toml's own message plus the offending line, so the admin sees where.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line_no}: {message}")
+        }
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DEFAULT_CONFIG_TOML;
+
+    fn env() -> Environment {
+        Environment {
+            cwd: PathBuf::from("/srv/here"),
+            ..Environment::default()
+        }
+    }
+
+    fn resolve_text(text: &str) -> Result<Config, ConfigError> {
+        let raw = RawConfig::parse(text).map_err(|e| ConfigError {
+            file: None,
+            key: None,
+            reason: describe_toml_error(text, &e),
+        })?;
+        Config::resolve(raw, Some(Path::new("/etc/granary/granary.toml")), &env())
+    }
+
+    #[test]
+    fn no_file_gives_the_embedded_defaults() {
+        let config = Config::load(None, &env()).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/srv/here/granary-data"));
+        assert_eq!(config.domain, "localhost");
+        assert_eq!(config.listen.https, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(config.tls, TlsSource::LocalCa);
+        assert_eq!(config.storage, StorageBackend::Plain);
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.log_level, "info");
+        assert_eq!(
+            config.admin_socket(),
+            PathBuf::from("/srv/here/granary-data/run/admin.sock")
+        );
+    }
+
+    #[test]
+    fn the_commented_default_file_is_exactly_the_defaults() {
+        let from_file = Config::resolve(
+            RawConfig::parse(DEFAULT_CONFIG_TOML).unwrap(),
+            None,
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(from_file, Config::load(None, &env()).unwrap());
+    }
+
+    #[test]
+    fn home_override_beats_the_file_and_relative_paths_follow_the_file() {
+        let config = resolve_text("data_dir = \"data\"").unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/etc/granary/data"));
+        let mut env = env();
+        env.data_dir = Some(PathBuf::from("elsewhere"));
+        let raw = RawConfig::parse("data_dir = \"data\"").unwrap();
+        let config = Config::resolve(raw, None, &env).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/srv/here/elsewhere"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_line_number() {
+        let err = resolve_text("domain = \"example.org\"\n[listen]\nhttp = \"x\"\n").unwrap_err();
+        assert!(err.reason.starts_with("line 3:"), "{err}");
+        assert!(err.reason.contains("unknown field `http`"), "{err}");
+        let err = resolve_text("colour = 1").unwrap_err();
+        assert!(err.reason.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let err = resolve_text("[listen]\nhttps = \"localhost:443\"").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("listen.https"));
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with("config /etc/granary/granary.toml: listen.https: \"localhost:443\""),
+            "{shown}"
+        );
+
+        let err = resolve_text("domain = \"Example.org\"").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("domain"));
+        let err = resolve_text("[log]\nformat = \"xml\"").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("log.format"));
+        let err = resolve_text("[storage]\nbackend = \"nfs\"").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("storage.backend"));
+        let err = resolve_text("[tls]\ncert = \"a.pem\"").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("tls.key"));
+        let err = resolve_text("[tls]\ncert = \"/nonexistent/a.pem\"\nkey = \"/nonexistent/b.pem\"")
+            .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("tls.cert"));
+        assert!(err.reason.contains("/nonexistent/a.pem"), "{err}");
+    }
+
+    #[test]
+    fn port_zero_and_ipv6_are_accepted() {
+        let config = resolve_text("[listen]\nhttps = \"[::1]:0\"").unwrap();
+        assert_eq!(config.listen.https, "[::1]:0".parse().unwrap());
+    }
+
+    #[test]
+    fn tls_files_resolve_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), "x").unwrap();
+        std::fs::write(dir.path().join("key.pem"), "x").unwrap();
+        let file = dir.path().join("granary.toml");
+        std::fs::write(&file, "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n").unwrap();
+        let config = Config::load(Some(&file), &env()).unwrap();
+        assert_eq!(
+            config.tls,
+            TlsSource::Files {
+                cert: dir.path().join("cert.pem"),
+                key: dir.path().join("key.pem"),
+            }
+        );
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/granary.toml")), &env()).unwrap_err();
+        assert_eq!(err.key, None);
+        assert!(err.to_string().starts_with("config /nonexistent/granary.toml: cannot read"));
+    }
+
+    #[test]
+    fn domain_rules() {
+        for ok in ["localhost", "example.org", "a-b.example", "x1.y2"] {
+            check_domain(ok).unwrap();
+        }
+        for bad in ["", "Example.org", "a..b", "-a.org", "a-.org", "a_b.org", "é.org"] {
+            assert!(check_domain(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Granary's vocabulary: the names and kinds every other crate speaks in.
+//!
+//! Pure data and validation only: no I/O, no async runtime, no SQL. A value
+//! of one of these types has already been checked, so code that receives a
+//! [`UserName`] never has to wonder whether it is safe to use as a DNS label,
+//! an e-mail local part or a path component.
+
+mod grain_kind;
+mod user_name;
+
+pub use grain_kind::{GrainKind, GrainKindError};
+pub use user_name::{RESERVED_USER_NAMES, UserName, UserNameError};

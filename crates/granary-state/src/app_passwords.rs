@@ -1,0 +1,265 @@
+//! Per-device app passwords: one per client, valid for one grain kind,
+//! revocable one by one.
+
+use granary_model::UserName;
+use rusqlite::{OptionalExtension, params};
+
+use crate::audit::record;
+use crate::{QueryContext, StateError, Store};
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AppPassword {
+    pub id: i64,
+    pub user: String,
+    pub kind: String,
+    pub label: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// Which app passwords `revoke` removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeSelector {
+    Id(i64),
+    Kind(String),
+}
+
+fn user_id(tx: &rusqlite::Connection, name: &UserName) -> Result<i64, StateError> {
+    tx.query_row("SELECT id FROM users WHERE name = ?1", [name.as_str()], |r| {
+        r.get(0)
+    })
+    .optional()
+    .op("find user")?
+    .ok_or_else(|| StateError::NoSuchUser(name.to_string()))
+}
+
+const COLUMNS: &str = "a.id, u.name, a.kind, a.label, a.created_at, a.last_used_at";
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AppPassword> {
+    Ok(AppPassword {
+        id: row.get(0)?,
+        user: row.get(1)?,
+        kind: row.get(2)?,
+        label: row.get(3)?,
+        created_at: row.get(4)?,
+        last_used_at: row.get(5)?,
+    })
+}
+
+impl Store {
+    pub fn add_app_password(
+        &self,
+        user: &UserName,
+        kind: &str,
+        label: &str,
+        password_hash: &str,
+        actor: &str,
+    ) -> Result<AppPassword, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin add app password")?;
+        let uid = user_id(&tx, user)?;
+        tx.execute(
+            "INSERT INTO app_passwords (user_id, kind, label, password_hash)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![uid, kind, label, password_hash],
+        )
+        .op("insert app password")?;
+        let id = tx.last_insert_rowid();
+        record(
+            &tx,
+            actor,
+            "app-password.add",
+            user.as_str(),
+            &format!("id={id} kind={kind} label={label}"),
+        )?;
+        let created = tx
+            .query_row(
+                &format!(
+                    "SELECT {COLUMNS} FROM app_passwords a JOIN users u ON u.id = a.user_id
+                     WHERE a.id = ?1"
+                ),
+                [id],
+                from_row,
+            )
+            .op("read new app password")?;
+        tx.commit().op("commit add app password")?;
+        Ok(created)
+    }
+
+    /// The user's app passwords (never their hashes), optionally of one kind.
+    pub fn list_app_passwords(
+        &self,
+        user: &UserName,
+        kind: Option<&str>,
+    ) -> Result<Vec<AppPassword>, StateError> {
+        let conn = self.conn();
+        let uid = user_id(&conn, user)?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM app_passwords a JOIN users u ON u.id = a.user_id
+                 WHERE a.user_id = ?1 AND (?2 IS NULL OR a.kind = ?2) ORDER BY a.id"
+            ))
+            .op("list app passwords")?;
+        let rows = stmt
+            .query_map(params![uid, kind], from_row)
+            .op("list app passwords")?;
+        rows.collect::<Result<_, _>>().op("list app passwords")
+    }
+
+    /// Revokes one app password by id, or all of a kind. Returns how many.
+    /// Revoking an id the user does not have is an error (a typo should not
+    /// look like success); revoking a kind with none is zero.
+    pub fn revoke_app_passwords(
+        &self,
+        user: &UserName,
+        which: &RevokeSelector,
+        actor: &str,
+    ) -> Result<usize, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin revoke app passwords")?;
+        let uid = user_id(&tx, user)?;
+        let (count, detail) = match which {
+            RevokeSelector::Id(id) => {
+                let n = tx
+                    .execute(
+                        "DELETE FROM app_passwords WHERE user_id = ?1 AND id = ?2",
+                        params![uid, id],
+                    )
+                    .op("revoke app password")?;
+                if n == 0 {
+                    return Err(StateError::NoSuchAppPassword {
+                        user: user.to_string(),
+                        id: *id,
+                    });
+                }
+                (n, format!("id={id}"))
+            }
+            RevokeSelector::Kind(kind) => {
+                let n = tx
+                    .execute(
+                        "DELETE FROM app_passwords WHERE user_id = ?1 AND kind = ?2",
+                        params![uid, kind],
+                    )
+                    .op("revoke app passwords")?;
+                (n, format!("kind={kind} count={n}"))
+            }
+        };
+        if count > 0 {
+            record(&tx, actor, "app-password.revoke", user.as_str(), &detail)?;
+        }
+        tx.commit().op("commit revoke app passwords")?;
+        Ok(count)
+    }
+
+    /// Notes that an app password was just used (shown in listings so a
+    /// user can spot a device they no longer have).
+    pub fn touch_app_password(&self, id: i64) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "UPDATE app_passwords SET last_used_at = unixepoch() WHERE id = ?1",
+                [id],
+            )
+            .op("touch app password")
+            .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::*;
+
+    #[test]
+    fn add_list_and_filter_by_kind() {
+        let store = store_with_user("alice");
+        let a = store
+            .add_app_password(&name("alice"), "git", "laptop", "h1", "admin")
+            .unwrap();
+        store
+            .add_app_password(&name("alice"), "mail", "phone", "h2", "admin")
+            .unwrap();
+        assert_eq!((a.user.as_str(), a.kind.as_str(), a.label.as_str()), ("alice", "git", "laptop"));
+        assert_eq!(a.last_used_at, None);
+        assert_eq!(store.list_app_passwords(&name("alice"), None).unwrap().len(), 2);
+        let git = store.list_app_passwords(&name("alice"), Some("git")).unwrap();
+        assert_eq!(git, vec![a.clone()]);
+        assert_eq!(store.user(&name("alice")).unwrap().unwrap().app_passwords, 2);
+
+        let creds = store.credentials(&name("alice"), Some("git")).unwrap().unwrap();
+        assert_eq!(creds.app_passwords, vec![(a.id, "h1".to_owned())]);
+    }
+
+    #[test]
+    fn unknown_user_is_an_error() {
+        let store = store();
+        assert!(matches!(
+            store.add_app_password(&name("ghost"), "git", "x", "h", "admin"),
+            Err(StateError::NoSuchUser(_))
+        ));
+        assert!(matches!(
+            store.list_app_passwords(&name("ghost"), None),
+            Err(StateError::NoSuchUser(_))
+        ));
+    }
+
+    #[test]
+    fn revoke_by_id_and_by_kind() {
+        let store = store_with_user("alice");
+        store.add_user(&name("bob"), "h", "admin").unwrap();
+        let a1 = store
+            .add_app_password(&name("alice"), "git", "one", "h", "admin")
+            .unwrap();
+        store
+            .add_app_password(&name("alice"), "git", "two", "h", "admin")
+            .unwrap();
+        store
+            .add_app_password(&name("alice"), "mail", "three", "h", "admin")
+            .unwrap();
+        let bobs = store
+            .add_app_password(&name("bob"), "git", "bob's", "h", "admin")
+            .unwrap();
+
+        // Alice cannot revoke Bob's password by guessing its id.
+        assert!(matches!(
+            store.revoke_app_passwords(&name("alice"), &RevokeSelector::Id(bobs.id), "admin"),
+            Err(StateError::NoSuchAppPassword { .. })
+        ));
+        assert_eq!(
+            store
+                .revoke_app_passwords(&name("alice"), &RevokeSelector::Id(a1.id), "admin")
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .revoke_app_passwords(&name("alice"), &RevokeSelector::Kind("git".into()), "admin")
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .revoke_app_passwords(&name("alice"), &RevokeSelector::Kind("git".into()), "admin")
+                .unwrap(),
+            0
+        );
+        let left: Vec<_> = store
+            .list_app_passwords(&name("alice"), None)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.label)
+            .collect();
+        assert_eq!(left, ["three"]);
+        assert_eq!(store.list_app_passwords(&name("bob"), None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn touch_records_last_use() {
+        let store = store_with_user("alice");
+        let p = store
+            .add_app_password(&name("alice"), "git", "laptop", "h", "admin")
+            .unwrap();
+        store.touch_app_password(p.id).unwrap();
+        let p = &store.list_app_passwords(&name("alice"), None).unwrap()[0];
+        assert!(p.last_used_at.is_some());
+    }
+}

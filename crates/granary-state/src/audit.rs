@@ -1,0 +1,88 @@
+//! The audit trail: append-only, written inside the transaction of the
+//! change it records.
+
+use rusqlite::params;
+
+use crate::{QueryContext, StateError, Store};
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub detail: String,
+}
+
+/// Appends one event inside the caller's transaction. Details must never
+/// carry secrets.
+pub(crate) fn record(
+    tx: &rusqlite::Connection,
+    actor: &str,
+    action: &str,
+    subject: &str,
+    detail: &str,
+) -> Result<(), StateError> {
+    tx.execute(
+        "INSERT INTO audit_events (actor, action, subject, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![actor, action, subject, detail],
+    )
+    .op("append audit event")
+    .map(drop)
+}
+
+impl Store {
+    /// Appends an event that is not tied to another write (a login failure
+    /// burst, a daemon start).
+    pub fn record_event(
+        &self,
+        actor: &str,
+        action: &str,
+        subject: &str,
+        detail: &str,
+    ) -> Result<(), StateError> {
+        record(&self.conn(), actor, action, subject, detail)
+    }
+
+    /// The newest `limit` events, newest first.
+    pub fn recent_events(&self, limit: u32) -> Result<Vec<AuditEvent>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, at, actor, action, subject, detail FROM audit_events
+                 ORDER BY id DESC LIMIT ?1",
+            )
+            .op("read audit events")?;
+        let rows = stmt
+            .query_map([limit], |r| {
+                Ok(AuditEvent {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    subject: r.get(4)?,
+                    detail: r.get(5)?,
+                })
+            })
+            .op("read audit events")?;
+        rows.collect::<Result<_, _>>().op("read audit events")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::*;
+
+    #[test]
+    fn changes_leave_events_newest_first() {
+        let store = store_with_user("alice");
+        store.record_event("daemon", "daemon.start", "-", "pid=1").unwrap();
+        let events = store.recent_events(10).unwrap();
+        let actions: Vec<_> = events.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["daemon.start", "user.add"]);
+        assert_eq!(events[1].actor, "test");
+        assert_eq!(events[1].subject, "alice");
+        assert_eq!(store.recent_events(1).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,331 @@
+//! Installed apps, grains and grants: the records the supervisor works from.
+
+use granary_model::UserName;
+use rusqlite::{OptionalExtension, params};
+
+use crate::audit::record;
+use crate::{QueryContext, StateError, Store};
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct App {
+    pub kind: String,
+    pub app_id: String,
+    pub version: String,
+    pub installed_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Grain {
+    pub id: String,
+    pub user: String,
+    pub kind: String,
+    pub host_uid: u32,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Grant {
+    pub id: i64,
+    pub from_grain: String,
+    pub to_grain: String,
+    pub capability: String,
+    pub created_at: i64,
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+impl Store {
+    /// Records an installed app. The kind must be free or already belong to
+    /// the same app id (an upgrade, which replaces the version).
+    pub fn register_app(
+        &self,
+        kind: &str,
+        app_id: &str,
+        version: &str,
+        actor: &str,
+    ) -> Result<App, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin register app")?;
+        let holder: Option<String> = tx
+            .query_row("SELECT app_id FROM apps WHERE kind = ?1", [kind], |r| r.get(0))
+            .optional()
+            .op("find app")?;
+        match holder {
+            Some(other) if other != app_id => return Err(StateError::KindTaken(kind.to_owned())),
+            Some(_) => tx.execute(
+                "UPDATE apps SET version = ?2, installed_at = unixepoch() WHERE kind = ?1",
+                params![kind, version],
+            ),
+            None => tx.execute(
+                "INSERT INTO apps (kind, app_id, version) VALUES (?1, ?2, ?3)",
+                params![kind, app_id, version],
+            ),
+        }
+        .op("write app")?;
+        record(&tx, actor, "app.install", kind, &format!("app={app_id} version={version}"))?;
+        let app = tx
+            .query_row(
+                "SELECT kind, app_id, version, installed_at FROM apps WHERE kind = ?1",
+                [kind],
+                |r| {
+                    Ok(App {
+                        kind: r.get(0)?,
+                        app_id: r.get(1)?,
+                        version: r.get(2)?,
+                        installed_at: r.get(3)?,
+                    })
+                },
+            )
+            .op("read app")?;
+        tx.commit().op("commit register app")?;
+        Ok(app)
+    }
+
+    pub fn list_apps(&self) -> Result<Vec<App>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT kind, app_id, version, installed_at FROM apps ORDER BY kind")
+            .op("list apps")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(App {
+                    kind: r.get(0)?,
+                    app_id: r.get(1)?,
+                    version: r.get(2)?,
+                    installed_at: r.get(3)?,
+                })
+            })
+            .op("list apps")?;
+        rows.collect::<Result<_, _>>().op("list apps")
+    }
+
+    /// Creates the record of `user`'s grain of `kind`. One per user and kind;
+    /// host uids are never shared.
+    pub fn create_grain(
+        &self,
+        id: &str,
+        user: &UserName,
+        kind: &str,
+        host_uid: u32,
+        actor: &str,
+    ) -> Result<Grain, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin create grain")?;
+        let uid: i64 = tx
+            .query_row("SELECT id FROM users WHERE name = ?1", [user.as_str()], |r| {
+                r.get(0)
+            })
+            .optional()
+            .op("find user")?
+            .ok_or_else(|| StateError::NoSuchUser(user.to_string()))?;
+        let inserted = tx.execute(
+            "INSERT INTO grains (id, user_id, kind, host_uid) VALUES (?1, ?2, ?3, ?4)",
+            params![id, uid, kind, host_uid],
+        );
+        match inserted {
+            Err(e) if is_constraint(&e) => {
+                return Err(StateError::Conflict(format!(
+                    "grain {id} ({user}/{kind}, uid {host_uid}) or its kind/uid"
+                )));
+            }
+            other => other.op("insert grain")?,
+        };
+        record(&tx, actor, "grain.create", id, &format!("{user}/{kind} uid={host_uid}"))?;
+        tx.commit().op("commit create grain")?;
+        drop(conn);
+        Ok(self
+            .list_grains()?
+            .into_iter()
+            .find(|g| g.id == id)
+            .expect("grain committed above"))
+    }
+
+    pub fn list_grains(&self) -> Result<Vec<Grain>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT g.id, u.name, g.kind, g.host_uid, g.created_at
+                 FROM grains g JOIN users u ON u.id = g.user_id ORDER BY u.name, g.kind",
+            )
+            .op("list grains")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Grain {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    kind: r.get(2)?,
+                    host_uid: r.get(3)?,
+                    created_at: r.get(4)?,
+                })
+            })
+            .op("list grains")?;
+        rows.collect::<Result<_, _>>().op("list grains")
+    }
+
+    /// Grants `from_grain` the capability `capability` provided by
+    /// `to_grain`. Granting what is already granted is a conflict.
+    pub fn add_grant(
+        &self,
+        from_grain: &str,
+        to_grain: &str,
+        capability: &str,
+        actor: &str,
+    ) -> Result<Grant, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin add grant")?;
+        let inserted = tx.execute(
+            "INSERT INTO grants (from_grain, to_grain, capability) VALUES (?1, ?2, ?3)",
+            params![from_grain, to_grain, capability],
+        );
+        match inserted {
+            Err(e) if is_constraint(&e) => {
+                return Err(StateError::Conflict(format!(
+                    "grant {from_grain} -> {to_grain} {capability} (or an unknown grain)"
+                )));
+            }
+            other => other.op("insert grant")?,
+        };
+        let id = tx.last_insert_rowid();
+        record(
+            &tx,
+            actor,
+            "grant.add",
+            from_grain,
+            &format!("id={id} to={to_grain} cap={capability}"),
+        )?;
+        let grant = tx
+            .query_row(
+                "SELECT id, from_grain, to_grain, capability, created_at FROM grants WHERE id = ?1",
+                [id],
+                grant_from_row,
+            )
+            .op("read grant")?;
+        tx.commit().op("commit add grant")?;
+        Ok(grant)
+    }
+
+    /// Grants that have not been revoked.
+    pub fn live_grants(&self) -> Result<Vec<Grant>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, from_grain, to_grain, capability, created_at FROM grants
+                 WHERE revoked_at IS NULL ORDER BY id",
+            )
+            .op("list grants")?;
+        let rows = stmt.query_map([], grant_from_row).op("list grants")?;
+        rows.collect::<Result<_, _>>().op("list grants")
+    }
+
+    /// Revokes a live grant; false when there was none with that id.
+    pub fn revoke_grant(&self, id: i64, actor: &str) -> Result<bool, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin revoke grant")?;
+        let n = tx
+            .execute(
+                "UPDATE grants SET revoked_at = unixepoch() WHERE id = ?1 AND revoked_at IS NULL",
+                [id],
+            )
+            .op("revoke grant")?;
+        if n > 0 {
+            record(&tx, actor, "grant.revoke", &id.to_string(), "")?;
+        }
+        tx.commit().op("commit revoke grant")?;
+        Ok(n > 0)
+    }
+}
+
+fn grant_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Grant> {
+    Ok(Grant {
+        id: r.get(0)?,
+        from_grain: r.get(1)?,
+        to_grain: r.get(2)?,
+        capability: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::*;
+
+    #[test]
+    fn one_app_per_kind_and_upgrades_keep_the_kind() {
+        let store = store();
+        store.register_app("git", "app-a", "1", "admin").unwrap();
+        assert!(matches!(
+            store.register_app("git", "app-b", "1", "admin"),
+            Err(StateError::KindTaken(k)) if k == "git"
+        ));
+        let upgraded = store.register_app("git", "app-a", "2", "admin").unwrap();
+        assert_eq!(upgraded.version, "2");
+        assert_eq!(store.list_apps().unwrap(), vec![upgraded]);
+    }
+
+    #[test]
+    fn grains_are_unique_per_user_kind_and_uid() {
+        let store = store_with_user("alice");
+        store.add_user(&name("bob"), "h", "admin").unwrap();
+        store.register_app("git", "app-a", "1", "admin").unwrap();
+        store.register_app("blog", "app-b", "1", "admin").unwrap();
+        let g = store
+            .create_grain("g1", &name("alice"), "git", 100_000, "admin")
+            .unwrap();
+        assert_eq!((g.user.as_str(), g.kind.as_str(), g.host_uid), ("alice", "git", 100_000));
+        // Same user and kind again.
+        assert!(matches!(
+            store.create_grain("g2", &name("alice"), "git", 100_001, "admin"),
+            Err(StateError::Conflict(_))
+        ));
+        // Same uid for another grain.
+        assert!(matches!(
+            store.create_grain("g3", &name("bob"), "git", 100_000, "admin"),
+            Err(StateError::Conflict(_))
+        ));
+        // Kind with no app installed.
+        assert!(matches!(
+            store.create_grain("g4", &name("bob"), "mail", 100_004, "admin"),
+            Err(StateError::Conflict(_))
+        ));
+        assert!(matches!(
+            store.create_grain("g5", &name("ghost"), "git", 100_005, "admin"),
+            Err(StateError::NoSuchUser(_))
+        ));
+        assert_eq!(store.list_grains().unwrap().len(), 1);
+
+        // A user with grains cannot be removed behind the supervisor's back.
+        assert!(matches!(
+            store.remove_user(&name("alice"), "admin"),
+            Err(StateError::UserHasGrains { grains: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn grants_add_list_revoke() {
+        let store = store_with_user("alice");
+        store.register_app("git", "app-a", "1", "admin").unwrap();
+        store.register_app("blog", "app-b", "1", "admin").unwrap();
+        store.create_grain("git1", &name("alice"), "git", 1, "admin").unwrap();
+        store.create_grain("blog1", &name("alice"), "blog", 2, "admin").unwrap();
+
+        let grant = store.add_grant("blog1", "git1", "git.read:site", "alice").unwrap();
+        assert!(matches!(
+            store.add_grant("blog1", "git1", "git.read:site", "alice"),
+            Err(StateError::Conflict(_))
+        ));
+        assert!(matches!(
+            store.add_grant("blog1", "nope", "git.read:site", "alice"),
+            Err(StateError::Conflict(_))
+        ));
+        assert_eq!(store.live_grants().unwrap(), vec![grant.clone()]);
+        assert!(store.revoke_grant(grant.id, "alice").unwrap());
+        assert!(!store.revoke_grant(grant.id, "alice").unwrap());
+        assert!(store.live_grants().unwrap().is_empty());
+        // Once revoked, the same route may be granted again.
+        store.add_grant("blog1", "git1", "git.read:site", "alice").unwrap();
+    }
+}
