@@ -103,7 +103,10 @@ mod tests {
     #[test]
     fn hash_then_verify() {
         let hash = hash_password("correct horse battery").unwrap();
-        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
         assert!(verify_password("correct horse battery", &hash).unwrap());
         assert!(!verify_password("correct horse battery!", &hash).unwrap());
         assert!(!verify_password("", &hash).unwrap());

@@ -196,7 +196,9 @@ impl Config {
             Some(other) => {
                 return Err(err(
                     "storage.backend",
-                    format!("{other:?} is not a storage backend this build supports; use \"plain\""),
+                    format!(
+                        "{other:?} is not a storage backend this build supports; use \"plain\""
+                    ),
                 ));
             }
         };
@@ -333,12 +335,8 @@ mod tests {
 
     #[test]
     fn the_commented_default_file_is_exactly_the_defaults() {
-        let from_file = Config::resolve(
-            RawConfig::parse(DEFAULT_CONFIG_TOML).unwrap(),
-            None,
-            &env(),
-        )
-        .unwrap();
+        let from_file =
+            Config::resolve(RawConfig::parse(DEFAULT_CONFIG_TOML).unwrap(), None, &env()).unwrap();
         assert_eq!(from_file, Config::load(None, &env()).unwrap());
     }
 
@@ -380,8 +378,9 @@ mod tests {
         assert_eq!(err.key.as_deref(), Some("storage.backend"));
         let err = resolve_text("[tls]\ncert = \"a.pem\"").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("tls.key"));
-        let err = resolve_text("[tls]\ncert = \"/nonexistent/a.pem\"\nkey = \"/nonexistent/b.pem\"")
-            .unwrap_err();
+        let err =
+            resolve_text("[tls]\ncert = \"/nonexistent/a.pem\"\nkey = \"/nonexistent/b.pem\"")
+                .unwrap_err();
         assert_eq!(err.key.as_deref(), Some("tls.cert"));
         assert!(err.reason.contains("/nonexistent/a.pem"), "{err}");
     }
@@ -413,7 +412,10 @@ mod tests {
     fn missing_file_is_a_clear_error() {
         let err = Config::load(Some(Path::new("/nonexistent/granary.toml")), &env()).unwrap_err();
         assert_eq!(err.key, None);
-        assert!(err.to_string().starts_with("config /nonexistent/granary.toml: cannot read"));
+        assert!(
+            err.to_string()
+                .starts_with("config /nonexistent/granary.toml: cannot read")
+        );
     }
 
     #[test]
@@ -421,7 +423,15 @@ mod tests {
         for ok in ["localhost", "example.org", "a-b.example", "x1.y2"] {
             check_domain(ok).unwrap();
         }
-        for bad in ["", "Example.org", "a..b", "-a.org", "a-.org", "a_b.org", "é.org"] {
+        for bad in [
+            "",
+            "Example.org",
+            "a..b",
+            "-a.org",
+            "a-.org",
+            "a_b.org",
+            "é.org",
+        ] {
             assert!(check_domain(bad).is_err(), "{bad:?}");
         }
     }

@@ -25,9 +25,11 @@ pub enum RevokeSelector {
 }
 
 fn user_id(tx: &rusqlite::Connection, name: &UserName) -> Result<i64, StateError> {
-    tx.query_row("SELECT id FROM users WHERE name = ?1", [name.as_str()], |r| {
-        r.get(0)
-    })
+    tx.query_row(
+        "SELECT id FROM users WHERE name = ?1",
+        [name.as_str()],
+        |r| r.get(0),
+    )
     .optional()
     .op("find user")?
     .ok_or_else(|| StateError::NoSuchUser(name.to_string()))
@@ -178,14 +180,31 @@ mod tests {
         store
             .add_app_password(&name("alice"), "mail", "phone", "h2", "admin")
             .unwrap();
-        assert_eq!((a.user.as_str(), a.kind.as_str(), a.label.as_str()), ("alice", "git", "laptop"));
+        assert_eq!(
+            (a.user.as_str(), a.kind.as_str(), a.label.as_str()),
+            ("alice", "git", "laptop")
+        );
         assert_eq!(a.last_used_at, None);
-        assert_eq!(store.list_app_passwords(&name("alice"), None).unwrap().len(), 2);
-        let git = store.list_app_passwords(&name("alice"), Some("git")).unwrap();
+        assert_eq!(
+            store
+                .list_app_passwords(&name("alice"), None)
+                .unwrap()
+                .len(),
+            2
+        );
+        let git = store
+            .list_app_passwords(&name("alice"), Some("git"))
+            .unwrap();
         assert_eq!(git, vec![a.clone()]);
-        assert_eq!(store.user(&name("alice")).unwrap().unwrap().app_passwords, 2);
+        assert_eq!(
+            store.user(&name("alice")).unwrap().unwrap().app_passwords,
+            2
+        );
 
-        let creds = store.credentials(&name("alice"), Some("git")).unwrap().unwrap();
+        let creds = store
+            .credentials(&name("alice"), Some("git"))
+            .unwrap()
+            .unwrap();
         assert_eq!(creds.app_passwords, vec![(a.id, "h1".to_owned())]);
     }
 
@@ -249,7 +268,10 @@ mod tests {
             .map(|p| p.label)
             .collect();
         assert_eq!(left, ["three"]);
-        assert_eq!(store.list_app_passwords(&name("bob"), None).unwrap().len(), 1);
+        assert_eq!(
+            store.list_app_passwords(&name("bob"), None).unwrap().len(),
+            1
+        );
     }
 
     #[test]

@@ -77,7 +77,9 @@ mod tests {
     #[test]
     fn changes_leave_events_newest_first() {
         let store = store_with_user("alice");
-        store.record_event("daemon", "daemon.start", "-", "pid=1").unwrap();
+        store
+            .record_event("daemon", "daemon.start", "-", "pid=1")
+            .unwrap();
         let events = store.recent_events(10).unwrap();
         let actions: Vec<_> = events.iter().map(|e| e.action.as_str()).collect();
         assert_eq!(actions, ["daemon.start", "user.add"]);

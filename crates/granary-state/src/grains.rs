@@ -50,7 +50,9 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().op("begin register app")?;
         let holder: Option<String> = tx
-            .query_row("SELECT app_id FROM apps WHERE kind = ?1", [kind], |r| r.get(0))
+            .query_row("SELECT app_id FROM apps WHERE kind = ?1", [kind], |r| {
+                r.get(0)
+            })
             .optional()
             .op("find app")?;
         match holder {
@@ -65,7 +67,13 @@ impl Store {
             ),
         }
         .op("write app")?;
-        record(&tx, actor, "app.install", kind, &format!("app={app_id} version={version}"))?;
+        record(
+            &tx,
+            actor,
+            "app.install",
+            kind,
+            &format!("app={app_id} version={version}"),
+        )?;
         let app = tx
             .query_row(
                 "SELECT kind, app_id, version, installed_at FROM apps WHERE kind = ?1",
@@ -115,9 +123,11 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().op("begin create grain")?;
         let uid: i64 = tx
-            .query_row("SELECT id FROM users WHERE name = ?1", [user.as_str()], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT id FROM users WHERE name = ?1",
+                [user.as_str()],
+                |r| r.get(0),
+            )
             .optional()
             .op("find user")?
             .ok_or_else(|| StateError::NoSuchUser(user.to_string()))?;
@@ -133,7 +143,13 @@ impl Store {
             }
             other => other.op("insert grain")?,
         };
-        record(&tx, actor, "grain.create", id, &format!("{user}/{kind} uid={host_uid}"))?;
+        record(
+            &tx,
+            actor,
+            "grain.create",
+            id,
+            &format!("{user}/{kind} uid={host_uid}"),
+        )?;
         tx.commit().op("commit create grain")?;
         drop(conn);
         Ok(self
@@ -275,7 +291,10 @@ mod tests {
         let g = store
             .create_grain("g1", &name("alice"), "git", 100_000, "admin")
             .unwrap();
-        assert_eq!((g.user.as_str(), g.kind.as_str(), g.host_uid), ("alice", "git", 100_000));
+        assert_eq!(
+            (g.user.as_str(), g.kind.as_str(), g.host_uid),
+            ("alice", "git", 100_000)
+        );
         // Same user and kind again.
         assert!(matches!(
             store.create_grain("g2", &name("alice"), "git", 100_001, "admin"),
@@ -309,10 +328,16 @@ mod tests {
         let store = store_with_user("alice");
         store.register_app("git", "app-a", "1", "admin").unwrap();
         store.register_app("blog", "app-b", "1", "admin").unwrap();
-        store.create_grain("git1", &name("alice"), "git", 1, "admin").unwrap();
-        store.create_grain("blog1", &name("alice"), "blog", 2, "admin").unwrap();
+        store
+            .create_grain("git1", &name("alice"), "git", 1, "admin")
+            .unwrap();
+        store
+            .create_grain("blog1", &name("alice"), "blog", 2, "admin")
+            .unwrap();
 
-        let grant = store.add_grant("blog1", "git1", "git.read:site", "alice").unwrap();
+        let grant = store
+            .add_grant("blog1", "git1", "git.read:site", "alice")
+            .unwrap();
         assert!(matches!(
             store.add_grant("blog1", "git1", "git.read:site", "alice"),
             Err(StateError::Conflict(_))
@@ -326,6 +351,8 @@ mod tests {
         assert!(!store.revoke_grant(grant.id, "alice").unwrap());
         assert!(store.live_grants().unwrap().is_empty());
         // Once revoked, the same route may be granted again.
-        store.add_grant("blog1", "git1", "git.read:site", "alice").unwrap();
+        store
+            .add_grant("blog1", "git1", "git.read:site", "alice")
+            .unwrap();
     }
 }

@@ -187,7 +187,9 @@ pub(crate) mod test_support {
 
     pub(crate) fn store_with_user(user: &str) -> Store {
         let store = store();
-        store.add_user(&name(user), "$argon2id$fake", "test").unwrap();
+        store
+            .add_user(&name(user), "$argon2id$fake", "test")
+            .unwrap();
         store
     }
 }

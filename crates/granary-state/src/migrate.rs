@@ -156,7 +156,9 @@ mod tests {
                 .unwrap();
         }
         let before = std::fs::read(&path).unwrap();
-        let err = Store::open(&path).err().expect("newer schema must be refused");
+        let err = Store::open(&path)
+            .err()
+            .expect("newer schema must be refused");
         assert!(
             matches!(err, StateError::TooNew { found, supported, .. }
                 if found == LATEST_SCHEMA_VERSION + 1 && supported == LATEST_SCHEMA_VERSION),
@@ -174,7 +176,10 @@ mod tests {
         std::fs::write(&path, &garbage).unwrap();
         let err = Store::open(&path).err().expect("garbage must be refused");
         assert!(matches!(err, StateError::NotGranary { .. }), "{err}");
-        assert!(err.to_string().contains("restore it from a backup"), "{err}");
+        assert!(
+            err.to_string().contains("restore it from a backup"),
+            "{err}"
+        );
         assert_eq!(std::fs::read(&path).unwrap(), garbage);
     }
 
@@ -184,7 +189,8 @@ mod tests {
         let path = dir.path().join("other.db");
         {
             let conn = Connection::open(&path).unwrap();
-            conn.execute_batch("CREATE TABLE songs (title TEXT)").unwrap();
+            conn.execute_batch("CREATE TABLE songs (title TEXT)")
+                .unwrap();
         }
         let err = Store::open(&path).err().unwrap();
         assert!(matches!(err, StateError::NotGranary { .. }), "{err}");

@@ -96,16 +96,20 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().op("begin remove user")?;
         let id: i64 = tx
-            .query_row("SELECT id FROM users WHERE name = ?1", [name.as_str()], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT id FROM users WHERE name = ?1",
+                [name.as_str()],
+                |r| r.get(0),
+            )
             .optional()
             .op("find user")?
             .ok_or_else(|| StateError::NoSuchUser(name.to_string()))?;
         let grains: i64 = tx
-            .query_row("SELECT count(*) FROM grains WHERE user_id = ?1", [id], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT count(*) FROM grains WHERE user_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
             .op("count user grains")?;
         if grains > 0 {
             return Err(StateError::UserHasGrains {
@@ -239,7 +243,10 @@ mod tests {
         let creds = store.credentials(&name("alice"), None).unwrap().unwrap();
         assert_eq!(creds.password_hash, "new-hash");
         let last = &store.recent_events(1).unwrap()[0];
-        assert_eq!((last.action.as_str(), last.subject.as_str()), ("user.passwd", "alice"));
+        assert_eq!(
+            (last.action.as_str(), last.subject.as_str()),
+            ("user.passwd", "alice")
+        );
         assert!(matches!(
             store.set_password_hash(&name("nobody"), "h", "admin"),
             Err(StateError::NoSuchUser(_))
@@ -248,7 +255,12 @@ mod tests {
 
     #[test]
     fn credentials_of_unknown_user_is_none() {
-        assert!(store().credentials(&name("ghost"), Some("git")).unwrap().is_none());
+        assert!(
+            store()
+                .credentials(&name("ghost"), Some("git"))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

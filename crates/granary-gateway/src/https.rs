@@ -1,0 +1,160 @@
+//! The HTTPS listener: TLS by rustls, HTTP/1.1 and HTTP/2 by hyper.
+//!
+//! Every request is answered on its own (HTTP/2 coalesces host names on one
+//! connection), which is where routing to grains will hook in. For now the
+//! gateway answers its health check and says plainly that no app serves
+//! anything else yet.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+/// The path of the health check, answered on every host name.
+pub const HEALTH_PATH: &str = "/.well-known/granary/health";
+
+/// Timeouts that bound what a slow or silent client can hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From TCP accept to a finished TLS handshake.
+    pub handshake: Duration,
+    /// From the first byte of a request head to its end.
+    pub header_read: Duration,
+    /// How long open connections get to finish when the server stops.
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            header_read: Duration::from_secs(30),
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves HTTPS on `listener` until `shutdown` completes, then lets open
+/// connections finish for up to `timeouts.drain`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    timeouts: Timeouts,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    tokio::pin!(shutdown);
+
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of fds or similar: keep serving the connections we have.
+                    tracing::warn!(error = %e, "https accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let acceptor = acceptor.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let span = tracing::info_span!("https", %peer);
+        tokio::spawn(
+            async move {
+                let tls = match tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "tls handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("tls handshake timed out");
+                        return;
+                    }
+                };
+                let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                let service = hyper::service::service_fn(move |req| {
+                    let sni = sni.clone();
+                    async move { Ok::<_, Infallible>(answer(req, sni.as_deref(), peer)) }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                    tracing::debug!(error = %e, "https connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    drop(listener);
+    if tokio::time::timeout(timeouts.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("https connections still open after the drain timeout; closing them");
+    }
+}
+
+fn answer(req: Request<Incoming>, sni: Option<&str>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    let host = req
+        .uri()
+        .host()
+        .map(str::to_owned)
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_owned())
+        })
+        .or_else(|| sni.map(str::to_owned))
+        .unwrap_or_default();
+    tracing::debug!(method = %req.method(), path = req.uri().path(), %host, %peer, "request");
+    if req.uri().path() == HEALTH_PATH {
+        let body = format!(
+            "{{\"status\":\"ok\",\"version\":\"{}\"}}\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        return respond(StatusCode::OK, "application/json", body);
+    }
+    respond(
+        StatusCode::NOT_FOUND,
+        "text/plain; charset=utf-8",
+        format!(
+            "No Granary app serves https://{host}{} yet.\n",
+            req.uri().path()
+        ),
+    )
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,404 @@
+//! The admin commands: each makes one call on the daemon and prints the
+//! answer.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use granary_config::Config;
+use granary_schema::admin_capnp::admin;
+use serde::Serialize;
+
+use super::connection::{NotRunning, remote, text, with_admin};
+use super::table;
+use crate::cli::{AppPasswordCommand, Output, UserCommand};
+
+/// Exit status of `granary status` when no daemon runs (as LSB init scripts do).
+const EXIT_NOT_RUNNING: u8 = 3;
+
+#[derive(Debug, Serialize)]
+struct StatusView {
+    healthy: bool,
+    version: String,
+    schema_version: u32,
+    pid: u32,
+    uptime_seconds: u64,
+    data_dir: String,
+    domain: String,
+    storage_backend: String,
+    ca_file: Option<String>,
+    listeners: BTreeMap<String, String>,
+    counts: CountsView,
+}
+
+#[derive(Debug, Serialize)]
+struct CountsView {
+    users: u64,
+    app_passwords: u64,
+    apps: u64,
+    grains: u64,
+    grants: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct UserView {
+    name: String,
+    created_at: i64,
+    app_passwords: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct AppPasswordView {
+    id: i64,
+    user: String,
+    kind: String,
+    label: String,
+    created_at: i64,
+    last_used_at: Option<i64>,
+}
+
+fn user_view(u: granary_schema::admin_capnp::user::Reader<'_>) -> anyhow::Result<UserView> {
+    Ok(UserView {
+        name: text(u.get_name())?,
+        created_at: u.get_created_at(),
+        app_passwords: u.get_app_passwords(),
+    })
+}
+
+fn app_password_view(
+    p: granary_schema::admin_capnp::app_password::Reader<'_>,
+) -> anyhow::Result<AppPasswordView> {
+    Ok(AppPasswordView {
+        id: p.get_id(),
+        user: text(p.get_user())?,
+        kind: text(p.get_kind())?,
+        label: text(p.get_label())?,
+        created_at: p.get_created_at(),
+        last_used_at: Some(p.get_last_used_at()).filter(|t| *t != 0),
+    })
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode> {
+    let result = with_admin(config, |admin: admin::Client| async move {
+        let response = admin
+            .status_request()
+            .send()
+            .promise
+            .await
+            .map_err(remote)?;
+        let s = response
+            .get()
+            .map_err(remote)?
+            .get_status()
+            .map_err(remote)?;
+        let mut listeners = BTreeMap::new();
+        for l in s.get_listeners().map_err(remote)? {
+            listeners.insert(text(l.get_name())?, text(l.get_address())?);
+        }
+        Ok(StatusView {
+            healthy: s.get_healthy(),
+            version: text(s.get_version())?,
+            schema_version: s.get_schema_version(),
+            pid: s.get_pid(),
+            uptime_seconds: s.get_uptime_seconds(),
+            data_dir: text(s.get_data_dir())?,
+            domain: text(s.get_domain())?,
+            storage_backend: text(s.get_storage_backend())?,
+            ca_file: Some(text(s.get_ca_file())?).filter(|f| !f.is_empty()),
+            listeners,
+            counts: CountsView {
+                users: s.get_users(),
+                app_passwords: s.get_app_passwords(),
+                apps: s.get_apps(),
+                grains: s.get_grains(),
+                grants: s.get_grants(),
+            },
+        })
+    });
+    let view = match result {
+        Ok(view) => view,
+        Err(e) if e.downcast_ref::<NotRunning>().is_some() => {
+            if output.json {
+                println!("{{\"healthy\": false, \"running\": false}}");
+            }
+            eprintln!("granary: {e}");
+            return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+        }
+        Err(e) => return Err(e),
+    };
+    if output.json {
+        print_json(&view)?;
+    } else {
+        let health = if view.healthy { "healthy" } else { "UNHEALTHY" };
+        println!("granary {} is running: {health}", view.version);
+        println!("  pid            {}", view.pid);
+        println!("  uptime         {}s", view.uptime_seconds);
+        println!("  data dir       {}", view.data_dir);
+        println!("  domain         {}", view.domain);
+        println!("  storage        {}", view.storage_backend);
+        println!("  state schema   v{}", view.schema_version);
+        if let Some(ca) = &view.ca_file {
+            println!("  CA certificate {ca}");
+        }
+        for (name, address) in &view.listeners {
+            println!("  listen {name:<7} {address}");
+        }
+        let c = &view.counts;
+        println!(
+            "  counts         {} users, {} app passwords, {} apps, {} grains, {} grants",
+            c.users, c.app_passwords, c.apps, c.grains, c.grants
+        );
+    }
+    Ok(if view.healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Reads one line from standard input (a password), without its line end.
+fn read_secret_line() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let line = line.trim_end_matches(['\n', '\r']).to_owned();
+    if line.is_empty() {
+        bail!("no password on standard input");
+    }
+    Ok(line)
+}
+
+fn print_generated(password: &str) {
+    if !password.is_empty() {
+        println!("password: {password}");
+        eprintln!("(shown once: Granary keeps only its hash)");
+    }
+}
+
+pub(crate) fn user(config: &Config, cmd: &UserCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        UserCommand::Add {
+            name,
+            password_stdin,
+            output,
+        } => {
+            let password = if *password_stdin {
+                read_secret_line()?
+            } else {
+                String::new()
+            };
+            let (user, generated) = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.add_user_request();
+                req.get().set_name(name.as_str());
+                req.get().set_password(password.as_str());
+                let response = req.send().promise.await.map_err(remote)?;
+                let r = response.get().map_err(remote)?;
+                Ok((
+                    user_view(r.get_user().map_err(remote)?)?,
+                    text(r.get_generated_password())?,
+                ))
+            })?;
+            if output.json {
+                #[derive(Serialize)]
+                struct Added<'a> {
+                    user: &'a UserView,
+                    password: Option<&'a str>,
+                }
+                print_json(&Added {
+                    user: &user,
+                    password: Some(generated.as_str()).filter(|p| !p.is_empty()),
+                })?;
+            } else {
+                println!("added user {}", user.name);
+                print_generated(&generated);
+            }
+        }
+        UserCommand::List { output } => {
+            let users = with_admin(config, |admin: admin::Client| async move {
+                let response = admin
+                    .list_users_request()
+                    .send()
+                    .promise
+                    .await
+                    .map_err(remote)?;
+                let list = response
+                    .get()
+                    .map_err(remote)?
+                    .get_users()
+                    .map_err(remote)?;
+                list.iter()
+                    .map(user_view)
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })?;
+            if output.json {
+                print_json(&users)?;
+            } else {
+                let rows: Vec<Vec<String>> = users
+                    .iter()
+                    .map(|u| {
+                        vec![
+                            u.name.clone(),
+                            table::time(u.created_at),
+                            u.app_passwords.to_string(),
+                        ]
+                    })
+                    .collect();
+                table::print(&["NAME", "CREATED (UTC)", "APP PASSWORDS"], &rows);
+            }
+        }
+        UserCommand::Remove { name } => {
+            with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.remove_user_request();
+                req.get().set_name(name.as_str());
+                req.send().promise.await.map_err(remote)?;
+                Ok(())
+            })?;
+            println!("removed user {name}");
+        }
+        UserCommand::Passwd {
+            name,
+            password_stdin,
+        } => {
+            let password = if *password_stdin {
+                read_secret_line()?
+            } else {
+                String::new()
+            };
+            let generated = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.set_password_request();
+                req.get().set_name(name.as_str());
+                req.get().set_password(password.as_str());
+                let response = req.send().promise.await.map_err(remote)?;
+                text(response.get().map_err(remote)?.get_generated_password())
+            })?;
+            println!("changed the password of {name}");
+            print_generated(&generated);
+        }
+        UserCommand::CheckPassword { name, kind } => {
+            let password = read_secret_line()?;
+            let valid = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.check_password_request();
+                req.get().set_name(name.as_str());
+                req.get().set_kind(kind.as_deref().unwrap_or(""));
+                req.get().set_password(password.as_str());
+                let response = req.send().promise.await.map_err(remote)?;
+                Ok(response.get().map_err(remote)?.get_valid())
+            })?;
+            println!("{}", if valid { "valid" } else { "not valid" });
+            return Ok(if valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn app_password(config: &Config, cmd: &AppPasswordCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AppPasswordCommand::Add {
+            user,
+            kind,
+            label,
+            output,
+        } => {
+            let (record, password) = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.add_app_password_request();
+                req.get().set_user(user.as_str());
+                req.get().set_kind(kind.as_str());
+                req.get().set_label(label.as_str());
+                let response = req.send().promise.await.map_err(remote)?;
+                let r = response.get().map_err(remote)?;
+                Ok((
+                    app_password_view(r.get_app_password().map_err(remote)?)?,
+                    text(r.get_password())?,
+                ))
+            })?;
+            if output.json {
+                #[derive(Serialize)]
+                struct Added<'a> {
+                    app_password: &'a AppPasswordView,
+                    password: &'a str,
+                }
+                print_json(&Added {
+                    app_password: &record,
+                    password: &password,
+                })?;
+            } else {
+                println!(
+                    "app password {} for {} ({}){}",
+                    record.id,
+                    record.user,
+                    record.kind,
+                    if record.label.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" \"{}\"", record.label)
+                    }
+                );
+                print_generated(&password);
+            }
+        }
+        AppPasswordCommand::List { user, kind, output } => {
+            let list = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.list_app_passwords_request();
+                req.get().set_user(user.as_str());
+                req.get().set_kind(kind.as_deref().unwrap_or(""));
+                let response = req.send().promise.await.map_err(remote)?;
+                let list = response
+                    .get()
+                    .map_err(remote)?
+                    .get_app_passwords()
+                    .map_err(remote)?;
+                list.iter()
+                    .map(app_password_view)
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })?;
+            if output.json {
+                print_json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.id.to_string(),
+                            p.kind.clone(),
+                            table::time(p.created_at),
+                            table::time(p.last_used_at.unwrap_or(0)),
+                            p.label.clone(),
+                        ]
+                    })
+                    .collect();
+                table::print(
+                    &["ID", "KIND", "CREATED (UTC)", "LAST USED", "LABEL"],
+                    &rows,
+                );
+            }
+        }
+        AppPasswordCommand::Revoke { user, id, kind } => {
+            let revoked = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.revoke_app_passwords_request();
+                req.get().set_user(user.as_str());
+                let mut selector = req.get().init_selector();
+                match (id, kind) {
+                    (Some(id), _) => selector.set_id(*id),
+                    (None, Some(kind)) => selector.set_kind(kind.as_str()),
+                    (None, None) => unreachable!("clap requires --id or --kind"),
+                }
+                let response = req.send().promise.await.map_err(remote)?;
+                Ok(response.get().map_err(remote)?.get_revoked())
+            })?;
+            println!("revoked {revoked} app password(s) of {user}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

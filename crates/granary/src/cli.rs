@@ -1,0 +1,173 @@
+//! The command line: one definition that clap turns into parsing, help, the
+//! man pages and the shell completions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "granary",
+    version,
+    about = "Self-hosted mail, calendars, chat, git, tasks and blogs, one isolated grain per user and service",
+    long_about = "Granary runs each user's services (mail, CalDAV/CardDAV, XMPP, git, Taskwarrior \
+sync, a static blog) as isolated grains behind one TLS gateway.\n\n\
+Start the daemon with `granary serve` (or try it with `granary demo`); the other commands \
+talk to the running daemon over its admin socket, DATA_DIR/run/admin.sock.",
+    propagate_version = true
+)]
+pub(crate) struct Cli {
+    /// Data directory [default: $GRANARY_HOME, the config's data_dir, or ./granary-data]
+    #[arg(long, global = true, env = "GRANARY_HOME", value_name = "DIR")]
+    pub(crate) home: Option<PathBuf>,
+
+    /// Configuration file (TOML); `granary config default` prints a commented one
+    #[arg(long, global = true, env = "GRANARY_CONFIG", value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the daemon in the foreground (stop it with SIGTERM or Ctrl-C)
+    Serve,
+    /// Run the daemon with the built-in apps and a demo user, and print how to connect
+    Demo,
+    /// Show whether the daemon is running and healthy
+    #[command(after_help = "Exit status: 0 healthy, 1 unhealthy or error, 3 not running.")]
+    Status {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Manage users
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage per-device passwords for protocol clients (IMAP, DAV, XMPP, git, ...)
+    #[command(subcommand, name = "app-password")]
+    AppPassword(AppPasswordCommand),
+    /// Check or print configuration files
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script to standard output
+    Completions {
+        /// The shell to complete for
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for granary and every subcommand into a directory
+    Man {
+        /// Directory to write the pages into (created if missing)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Args, Clone, Copy)]
+pub(crate) struct Output {
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum UserCommand {
+    /// Add a user; prints a generated password unless one is given on standard input
+    Add {
+        /// Lowercase letters, digits and '-', starting with a letter
+        name: String,
+        /// Read the password from the first line of standard input instead of generating one
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List users
+    List {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Remove a user and their app passwords
+    Remove { name: String },
+    /// Set a new account password; prints a generated one unless one is given on standard input
+    Passwd {
+        name: String,
+        /// Read the password from the first line of standard input instead of generating one
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Check a password read from standard input; exits 0 if it is valid, 1 if not
+    CheckPassword {
+        name: String,
+        /// Also accept the user's app passwords of this grain kind
+        #[arg(long, value_name = "KIND")]
+        kind: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AppPasswordCommand {
+    /// Issue a new app password for one grain kind; it is shown once
+    Add {
+        user: String,
+        /// The grain kind it is valid for: mail, dav, xmpp, git, tasks, ...
+        #[arg(long, value_name = "KIND")]
+        kind: String,
+        /// A name for the device or client, e.g. "laptop thunderbird"
+        #[arg(long, default_value = "")]
+        label: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List a user's app passwords (never the passwords themselves)
+    List {
+        user: String,
+        /// Only those of this grain kind
+        #[arg(long, value_name = "KIND")]
+        kind: Option<String>,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Revoke one app password by id, or all of a kind
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "kind"])))]
+    Revoke {
+        user: String,
+        /// The id shown by `granary app-password list`
+        #[arg(long)]
+        id: Option<i64>,
+        /// Revoke every app password of this grain kind
+        #[arg(long, value_name = "KIND")]
+        kind: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Check a configuration file and print the settings it resolves to
+    Check { file: PathBuf },
+    /// Print the full default configuration, commented
+    Default,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_has_help() {
+        fn walk(cmd: &clap::Command, path: &str) {
+            for sub in cmd.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                assert!(sub.get_about().is_some(), "`{path}` has no help text");
+                walk(sub, &path);
+            }
+        }
+        walk(&Cli::command(), "granary");
+    }
+}

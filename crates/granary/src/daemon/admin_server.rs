@@ -1,0 +1,434 @@
+//! The daemon side of `schema/admin.capnp`, served on the admin unix socket.
+//!
+//! Cap'n Proto RPC objects are `!Send`, so the admin interface runs on its
+//! own thread with a single-threaded runtime and a `LocalSet`. Blocking work
+//! (SQLite, argon2) goes to that runtime's blocking pool.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use capnp::capability::Rc;
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use futures::AsyncReadExt;
+use granary_model::{GrainKind, UserName};
+use granary_schema::admin_capnp::admin;
+use granary_state::{RevokeSelector, StateError, Store};
+use tokio::sync::watch;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+use super::DaemonInfo;
+
+/// Who appears as the actor in audit events written through the admin socket.
+const ACTOR: &str = "admin";
+
+/// Binds the admin socket, owner-only. The caller holds the data dir lock, so
+/// a socket file already there is a leftover of a daemon that died.
+pub(super) fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale admin socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", path.display())),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot bind the admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    listener.set_nonblocking(true).context("admin socket")?;
+    Ok(listener)
+}
+
+pub(super) struct AdminThread {
+    handle: JoinHandle<()>,
+}
+
+impl AdminThread {
+    pub(super) fn join(self) {
+        if self.handle.join().is_err() {
+            tracing::error!("the admin thread panicked");
+        }
+    }
+}
+
+/// Serves the admin interface on its own thread until `stop` turns true.
+pub(super) fn spawn(
+    listener: std::os::unix::net::UnixListener,
+    store: Arc<Store>,
+    info: DaemonInfo,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<AdminThread> {
+    let daemon_uid = nix::unistd::geteuid().as_raw();
+    let handle = std::thread::Builder::new()
+        .name("admin-rpc".to_owned())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("admin runtime");
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, async move {
+                let listener = match tokio::net::UnixListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot serve the admin socket");
+                        return;
+                    }
+                };
+                let service = Rc::new(AdminService { store, info });
+                loop {
+                    let stream = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => stream,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "admin accept failed");
+                                continue;
+                            }
+                        },
+                        _ = stop.wait_for(|s| *s) => break,
+                    };
+                    // The socket is 0600 already; check the peer too, so a
+                    // socket passed around or a loosened mode grants nothing.
+                    match stream.peer_cred() {
+                        Ok(cred) if cred.uid() == daemon_uid || cred.uid() == 0 => {}
+                        Ok(cred) => {
+                            tracing::warn!(
+                                uid = cred.uid(),
+                                "refused an admin connection from another user"
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read admin peer credentials");
+                            continue;
+                        }
+                    }
+                    let client: admin::Client = capnp_rpc::new_client_from_rc(service.clone());
+                    let (reader, writer) = stream.compat().split();
+                    let network = twoparty::VatNetwork::new(
+                        futures::io::BufReader::new(reader),
+                        futures::io::BufWriter::new(writer),
+                        rpc_twoparty_capnp::Side::Server,
+                        Default::default(),
+                    );
+                    let rpc = RpcSystem::new(Box::new(network), Some(client.client));
+                    tokio::task::spawn_local(async move {
+                        if let Err(e) = rpc.await {
+                            tracing::debug!(error = %e, "admin connection ended");
+                        }
+                    });
+                }
+            });
+        })
+        .context("cannot start the admin thread")?;
+    Ok(AdminThread { handle })
+}
+
+struct AdminService {
+    store: Arc<Store>,
+    info: DaemonInfo,
+}
+
+/// An admin-facing failure: the message is what the CLI prints.
+fn fail(message: impl std::fmt::Display) -> capnp::Error {
+    capnp::Error::failed(message.to_string())
+}
+
+fn state_failure(e: StateError) -> capnp::Error {
+    match e {
+        StateError::Query { .. } | StateError::Open { .. } | StateError::Migration { .. } => {
+            tracing::error!(error = %e, "state database failure");
+            fail(format!("internal error: {e}"))
+        }
+        other => fail(other),
+    }
+}
+
+/// Runs blocking work (SQLite, argon2) off the RPC thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, capnp::Error> + Send + 'static,
+) -> Result<T, capnp::Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| fail(format!("internal error: {e}")))?
+}
+
+fn user_name(text: capnp::text::Reader<'_>) -> Result<UserName, capnp::Error> {
+    UserName::new(text.to_str()?).map_err(fail)
+}
+
+fn grain_kind(text: &str) -> Result<GrainKind, capnp::Error> {
+    GrainKind::new(text).map_err(fail)
+}
+
+/// A password chosen by the admin, or a generated one (returned to show once).
+fn chosen_or_generated(password: &str) -> Result<(String, Option<String>), capnp::Error> {
+    if password.is_empty() {
+        let generated = granary_auth::generate_password().map_err(fail)?;
+        Ok((generated.clone(), Some(generated)))
+    } else {
+        granary_auth::check_password_policy(password).map_err(fail)?;
+        Ok((password.to_owned(), None))
+    }
+}
+
+fn hash(password: &str) -> Result<String, capnp::Error> {
+    granary_auth::hash_password(password).map_err(fail)
+}
+
+fn fill_user(mut out: granary_schema::admin_capnp::user::Builder<'_>, user: &granary_state::User) {
+    out.set_name(&user.name);
+    out.set_created_at(user.created_at);
+    out.set_app_passwords(user.app_passwords as u32);
+}
+
+fn fill_app_password(
+    mut out: granary_schema::admin_capnp::app_password::Builder<'_>,
+    p: &granary_state::AppPassword,
+) {
+    out.set_id(p.id);
+    out.set_user(&p.user);
+    out.set_kind(&p.kind);
+    out.set_label(&p.label);
+    out.set_created_at(p.created_at);
+    out.set_last_used_at(p.last_used_at.unwrap_or(0));
+}
+
+impl admin::Server for AdminService {
+    async fn status(
+        self: Rc<Self>,
+        _: admin::StatusParams,
+        mut results: admin::StatusResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.store.clone();
+        let (counts, schema) = blocking(move || {
+            Ok((
+                store.counts().map_err(state_failure)?,
+                store.schema_version().map_err(state_failure)?,
+            ))
+        })
+        .await?;
+        let info = &self.info;
+        let mut s = results.get().init_status();
+        s.set_healthy(true);
+        s.set_version(env!("CARGO_PKG_VERSION"));
+        s.set_schema_version(schema);
+        s.set_pid(std::process::id());
+        s.set_uptime_seconds(info.started.elapsed().as_secs());
+        s.set_data_dir(info.data_dir.to_string_lossy().as_ref());
+        s.set_domain(&info.domain);
+        s.set_storage_backend(info.storage_backend);
+        s.set_ca_file(
+            info.ca_file
+                .as_deref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .as_str(),
+        );
+        s.set_users(counts.users);
+        s.set_app_passwords(counts.app_passwords);
+        s.set_apps(counts.apps);
+        s.set_grains(counts.grains);
+        s.set_grants(counts.grants);
+        let mut listeners = s.init_listeners(info.listeners.len() as u32);
+        for (i, (name, address)) in info.listeners.iter().enumerate() {
+            let mut l = listeners.reborrow().get(i as u32);
+            l.set_name(name);
+            l.set_address(address);
+        }
+        Ok(())
+    }
+
+    async fn add_user(
+        self: Rc<Self>,
+        params: admin::AddUserParams,
+        mut results: admin::AddUserResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = user_name(p.get_name()?)?;
+        let (password, generated) = chosen_or_generated(p.get_password()?.to_str()?)?;
+        let store = self.store.clone();
+        let user = blocking(move || {
+            // Check first so a taken name costs no hashing.
+            if store.user(&name).map_err(state_failure)?.is_some() {
+                return Err(state_failure(StateError::UserExists(name.to_string())));
+            }
+            let hash = hash(&password)?;
+            store.add_user(&name, &hash, ACTOR).map_err(state_failure)
+        })
+        .await?;
+        tracing::info!(user = %user.name, "user added");
+        let mut r = results.get();
+        fill_user(r.reborrow().init_user(), &user);
+        r.set_generated_password(generated.as_deref().unwrap_or(""));
+        Ok(())
+    }
+
+    async fn list_users(
+        self: Rc<Self>,
+        _: admin::ListUsersParams,
+        mut results: admin::ListUsersResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.store.clone();
+        let users = blocking(move || store.list_users().map_err(state_failure)).await?;
+        let mut list = results.get().init_users(users.len() as u32);
+        for (i, user) in users.iter().enumerate() {
+            fill_user(list.reborrow().get(i as u32), user);
+        }
+        Ok(())
+    }
+
+    async fn remove_user(
+        self: Rc<Self>,
+        params: admin::RemoveUserParams,
+        _: admin::RemoveUserResults,
+    ) -> Result<(), capnp::Error> {
+        let name = user_name(params.get()?.get_name()?)?;
+        let store = self.store.clone();
+        let shown = name.to_string();
+        blocking(move || store.remove_user(&name, ACTOR).map_err(state_failure)).await?;
+        tracing::info!(user = %shown, "user removed");
+        Ok(())
+    }
+
+    async fn set_password(
+        self: Rc<Self>,
+        params: admin::SetPasswordParams,
+        mut results: admin::SetPasswordResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = user_name(p.get_name()?)?;
+        let (password, generated) = chosen_or_generated(p.get_password()?.to_str()?)?;
+        let store = self.store.clone();
+        blocking(move || {
+            if store.user(&name).map_err(state_failure)?.is_none() {
+                return Err(state_failure(StateError::NoSuchUser(name.to_string())));
+            }
+            let hash = hash(&password)?;
+            store
+                .set_password_hash(&name, &hash, ACTOR)
+                .map_err(state_failure)
+        })
+        .await?;
+        results
+            .get()
+            .set_generated_password(generated.as_deref().unwrap_or(""));
+        Ok(())
+    }
+
+    async fn check_password(
+        self: Rc<Self>,
+        params: admin::CheckPasswordParams,
+        mut results: admin::CheckPasswordResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = user_name(p.get_name()?)?;
+        let kind = match p.get_kind()?.to_str()? {
+            "" => None,
+            k => Some(grain_kind(k)?),
+        };
+        let password = p.get_password()?.to_str()?.to_owned();
+        let store = self.store.clone();
+        let valid = blocking(move || {
+            let Some(creds) = store
+                .credentials(&name, kind.as_ref().map(GrainKind::as_str))
+                .map_err(state_failure)?
+            else {
+                return Ok(false);
+            };
+            if granary_auth::verify_password(&password, &creds.password_hash).map_err(fail)? {
+                return Ok(true);
+            }
+            for (id, hash) in &creds.app_passwords {
+                if granary_auth::verify_password(&password, hash).map_err(fail)? {
+                    store.touch_app_password(*id).map_err(state_failure)?;
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+        .await?;
+        results.get().set_valid(valid);
+        Ok(())
+    }
+
+    async fn add_app_password(
+        self: Rc<Self>,
+        params: admin::AddAppPasswordParams,
+        mut results: admin::AddAppPasswordResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let kind = grain_kind(p.get_kind()?.to_str()?)?;
+        let label = p.get_label()?.to_str()?.trim().to_owned();
+        if label.len() > 200 || label.chars().any(char::is_control) {
+            return Err(fail("label must be at most 200 printable characters"));
+        }
+        let store = self.store.clone();
+        let (record, password) = blocking(move || {
+            if store.user(&user).map_err(state_failure)?.is_none() {
+                return Err(state_failure(StateError::NoSuchUser(user.to_string())));
+            }
+            let password = granary_auth::generate_password().map_err(fail)?;
+            let hash = hash(&password)?;
+            let record = store
+                .add_app_password(&user, kind.as_str(), &label, &hash, ACTOR)
+                .map_err(state_failure)?;
+            Ok((record, password))
+        })
+        .await?;
+        let mut r = results.get();
+        fill_app_password(r.reborrow().init_app_password(), &record);
+        r.set_password(&password);
+        Ok(())
+    }
+
+    async fn list_app_passwords(
+        self: Rc<Self>,
+        params: admin::ListAppPasswordsParams,
+        mut results: admin::ListAppPasswordsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let kind = match p.get_kind()?.to_str()? {
+            "" => None,
+            k => Some(grain_kind(k)?),
+        };
+        let store = self.store.clone();
+        let list = blocking(move || {
+            store
+                .list_app_passwords(&user, kind.as_ref().map(GrainKind::as_str))
+                .map_err(state_failure)
+        })
+        .await?;
+        let mut out = results.get().init_app_passwords(list.len() as u32);
+        for (i, p) in list.iter().enumerate() {
+            fill_app_password(out.reborrow().get(i as u32), p);
+        }
+        Ok(())
+    }
+
+    async fn revoke_app_passwords(
+        self: Rc<Self>,
+        params: admin::RevokeAppPasswordsParams,
+        mut results: admin::RevokeAppPasswordsResults,
+    ) -> Result<(), capnp::Error> {
+        use granary_schema::admin_capnp::revoke_selector::Which;
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let selector = match p.get_selector()?.which()? {
+            Which::Id(id) => RevokeSelector::Id(id),
+            Which::Kind(kind) => RevokeSelector::Kind(grain_kind(kind?.to_str()?)?.to_string()),
+        };
+        let store = self.store.clone();
+        let n = blocking(move || {
+            store
+                .revoke_app_passwords(&user, &selector, ACTOR)
+                .map_err(state_failure)
+        })
+        .await?;
+        results.get().set_revoked(n as u32);
+        Ok(())
+    }
+}

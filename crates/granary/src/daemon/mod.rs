@@ -1,0 +1,215 @@
+//! The daemon: owns the data dir, the state database, the listeners and the
+//! admin socket, and shuts all of them down cleanly on SIGTERM or SIGINT.
+//!
+//! Start-up order matters for "bad input changes nothing": the data dir lock
+//! is taken before the database is opened, and the database is checked
+//! before anything listens.
+
+mod admin_server;
+mod lock;
+mod ports;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use granary_config::{Config, TlsSource};
+use granary_gateway::https;
+use granary_model::UserName;
+use granary_state::Store;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+pub(crate) use ports::Ports;
+
+/// The demo user `granary demo` creates.
+pub(crate) const DEMO_USER: &str = "demo";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Serve,
+    Demo,
+}
+
+/// What `granary status` reports about this daemon, fixed at start.
+#[derive(Debug, Clone)]
+pub(crate) struct DaemonInfo {
+    pub(crate) started: Instant,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) domain: String,
+    pub(crate) storage_backend: &'static str,
+    pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) listeners: Vec<(String, String)>,
+}
+
+pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
+    crate::logging::install(&config)?;
+    let owner = nix::unistd::geteuid().as_raw();
+
+    granary_files::ensure_private_dir(&config.data_dir, owner)
+        .context("cannot use the data dir")?;
+    granary_files::ensure_private_dir(&config.run_dir(), owner)
+        .context("cannot use the run dir")?;
+    let _lock = lock::DataDirLock::acquire(&config.lock_file())?;
+
+    let state_dir = config
+        .state_db()
+        .parent()
+        .expect("state db has a parent")
+        .to_path_buf();
+    granary_files::ensure_private_dir(&state_dir, owner).context("cannot use the state dir")?;
+    let store = Arc::new(Store::open(&config.state_db())?);
+
+    let (tls, ca_file) = match &config.tls {
+        TlsSource::LocalCa => {
+            let files =
+                granary_gateway::tls::local_ca::ensure(&config.tls_dir(), &config.domain, owner)?;
+            let tls = granary_gateway::tls::server_config(&files.server_cert, &files.server_key)?;
+            (tls, Some(files.ca_cert))
+        }
+        TlsSource::Files { cert, key } => (granary_gateway::tls::server_config(cert, key)?, None),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("granary")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, mode, store, tls, ca_file))
+}
+
+async fn serve(
+    config: Config,
+    mode: Mode,
+    store: Arc<Store>,
+    tls: Arc<rustls::ServerConfig>,
+    ca_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let https_listener = tokio::net::TcpListener::bind(config.listen.https)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen.https)", config.listen.https))?;
+    let https_addr = https_listener
+        .local_addr()
+        .context("https listener address")?;
+
+    let admin_socket = config.admin_socket();
+    let admin_listener = admin_server::bind(&admin_socket)?;
+
+    let demo_password = match mode {
+        Mode::Demo => Some(ensure_demo_user(&store).await?),
+        Mode::Serve => None,
+    };
+
+    let info = DaemonInfo {
+        started: Instant::now(),
+        data_dir: config.data_dir.clone(),
+        domain: config.domain.clone(),
+        storage_backend: config.storage.name(),
+        ca_file: ca_file.clone(),
+        listeners: vec![("https".to_owned(), https_addr.to_string())],
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = admin_server::spawn(admin_listener, store.clone(), info, stop_rx.clone())?;
+
+    let ports = Ports {
+        pid: std::process::id(),
+        https: https_addr,
+        admin_socket: admin_socket.clone(),
+    };
+    ports.write(&config.ports_file())?;
+    store.record_event(
+        "daemon",
+        "daemon.start",
+        "-",
+        &format!("pid={} https={https_addr}", ports.pid),
+    )?;
+    tracing::info!(https = %https_addr, admin = %admin_socket.display(), data = %config.data_dir.display(), "granary is running");
+
+    if let Some(password) = demo_password {
+        print_demo_banner(&config, https_addr, ca_file.as_deref(), &password);
+    }
+
+    let mut https_stop = stop_rx.clone();
+    let https_task = tokio::spawn(https::serve(
+        https_listener,
+        tls,
+        https::Timeouts::default(),
+        async move {
+            let _ = https_stop.wait_for(|stop| *stop).await;
+        },
+    ));
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = https_task.await;
+    admin.join();
+    let _ = std::fs::remove_file(config.ports_file());
+    let _ = std::fs::remove_file(&admin_socket);
+    store.record_event("daemon", "daemon.stop", "-", "")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+/// Makes sure the demo user exists and gives it a fresh generated password,
+/// which is returned to be printed once (only its hash is stored).
+async fn ensure_demo_user(store: &Arc<Store>) -> anyhow::Result<String> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let name = UserName::new(DEMO_USER)?;
+        let password = granary_auth::generate_password()?;
+        let hash = granary_auth::hash_password(&password)?;
+        if store.user(&name)?.is_some() {
+            store.set_password_hash(&name, &hash, "demo")?;
+        } else {
+            store.add_user(&name, &hash, "demo")?;
+        }
+        Ok(password)
+    })
+    .await
+    .context("demo user setup panicked")?
+}
+
+fn print_demo_banner(
+    config: &Config,
+    https: SocketAddr,
+    ca_file: Option<&std::path::Path>,
+    password: &str,
+) {
+    let port = https.port();
+    let host = &config.domain;
+    let home = config.data_dir.display();
+    let ca = ca_file.map_or_else(
+        || "(admin-provided certificate)".to_owned(),
+        |p| p.display().to_string(),
+    );
+    println!(
+        "\
+Granary demo is running.
+
+  HTTPS          https://{host}:{port}/   (listening on {https})
+  Health check   curl --cacert {ca} https://{host}:{port}{health}
+  CA certificate {ca}
+  User           {DEMO_USER}
+  Password       {password}
+                 (shown once: only its argon2id hash is stored; a new one is made on each demo start)
+  Built-in apps  none installed yet
+  Admin          granary --home {home} status
+                 granary --home {home} user add alice
+
+Stop with Ctrl-C.",
+        health = https::HEALTH_PATH,
+    );
+}

@@ -1,0 +1,114 @@
+//! `granary`: the daemon and the admin CLI in one binary.
+//!
+//! This crate only wires the others together: it parses the command line,
+//! resolves the configuration, and either runs the daemon ([`daemon`]) or
+//! talks to a running one over its admin socket ([`admin`]).
+
+mod admin;
+mod cli;
+mod daemon;
+mod docs;
+mod logging;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use granary_config::{Config, Environment};
+
+use crate::cli::{Cli, Command, ConfigCommand};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: what failed, then why.
+            eprintln!("granary: {}", format_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn format_chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        // Skip a cause already spelled out by its context.
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
+fn environment(cli: &Cli) -> anyhow::Result<Environment> {
+    Ok(Environment {
+        cwd: std::env::current_dir().context("cannot read the current directory")?,
+        data_dir: cli.home.clone(),
+        log_level: std::env::var("GRANARY_LOG").ok(),
+    })
+}
+
+/// The configuration for commands that act on a data dir: `--config`, or
+/// the system one if it exists, or the built-in defaults.
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let env = environment(cli)?;
+    let system = Path::new("/etc/granary/granary.toml");
+    let file = match &cli.config {
+        Some(file) => Some(file.as_path()),
+        None if cli.home.is_none() && system.exists() => Some(system),
+        None => None,
+    };
+    Ok(Config::load(file, &env)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Serve => {
+            let config = load_config(&cli)?;
+            daemon::run(config, daemon::Mode::Serve)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            let config = load_config(&cli)?;
+            daemon::run(config, daemon::Mode::Demo)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { output } => {
+            let config = load_config(&cli)?;
+            admin::client::status(&config, *output)
+        }
+        Command::User(cmd) => {
+            let config = load_config(&cli)?;
+            admin::client::user(&config, cmd)
+        }
+        Command::AppPassword(cmd) => {
+            let config = load_config(&cli)?;
+            admin::client::app_password(&config, cmd)
+        }
+        Command::Config(ConfigCommand::Default) => {
+            print!("{}", granary_config::DEFAULT_CONFIG_TOML);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            let config = Config::load(Some(file), &environment(&cli)?)?;
+            logging::check_filter(&config)?;
+            println!("{}: ok", config.file.as_deref().unwrap_or(file).display());
+            println!("  data_dir        {}", config.data_dir.display());
+            println!("  domain          {}", config.domain);
+            println!("  listen.https    {}", config.listen.https);
+            println!("  storage.backend {}", config.storage.name());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            docs::completions(*shell);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out } => {
+            docs::man_pages(out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,98 @@
+# The admin interface: what the `granary` CLI calls on the running daemon.
+#
+# Transport: one two-party Cap'n Proto RPC connection over the daemon's unix
+# socket DATA_DIR/run/admin.sock. The socket is owner-only (mode 0600, in a
+# 0700 directory), and the daemon also checks the peer's uid (SO_PEERCRED):
+# only root and the daemon's own uid may connect. The bootstrap capability is
+# an `Admin`.
+#
+# Errors: a failed call returns a Cap'n Proto exception whose description is a
+# one-line message meant for the admin ("user alice already exists"). The CLI
+# prints it as is and exits non-zero.
+#
+# Secrets: passwords cross this socket in clear (it never leaves the host);
+# the daemon stores only argon2id hashes and never logs them. Generated
+# passwords are returned once and cannot be retrieved again.
+
+@0x977945cfdf9caa26;
+
+interface Admin {
+  status @0 () -> (status :Status);
+  # Health, versions, counts and where things are.
+
+  addUser @1 (name :Text, password :Text) -> (user :User, generatedPassword :Text);
+  # Creates a user. An empty `password` asks the daemon to generate one,
+  # which it returns in `generatedPassword` (empty otherwise). The name must
+  # be a valid, unreserved user name; the password at least 12 characters.
+
+  listUsers @2 () -> (users :List(User));
+  # All users, sorted by name.
+
+  removeUser @3 (name :Text) -> ();
+  # Removes a user and their app passwords. Refused while they own grains.
+
+  setPassword @4 (name :Text, password :Text) -> (generatedPassword :Text);
+  # Replaces a user's account password; empty `password` generates one.
+
+  checkPassword @5 (name :Text, kind :Text, password :Text) -> (valid :Bool);
+  # Would this login succeed? With an empty `kind`, checks the account
+  # password; with a grain kind, also that kind's app passwords (what a
+  # protocol client of that kind may log in with). Unknown users are simply
+  # not valid.
+
+  addAppPassword @6 (user :Text, kind :Text, label :Text) -> (appPassword :AppPassword, password :Text);
+  # Issues a per-device password valid for one grain kind only. `password`
+  # is shown once; only its hash is kept.
+
+  listAppPasswords @7 (user :Text, kind :Text) -> (appPasswords :List(AppPassword));
+  # A user's app passwords (never the secrets); `kind` filters when not empty.
+
+  revokeAppPasswords @8 (user :Text, selector :RevokeSelector) -> (revoked :UInt32);
+  # Revokes one app password by id (an error if the user has none with that
+  # id), or all of one kind.
+}
+
+struct RevokeSelector {
+  union {
+    id @0 :Int64;
+    kind @1 :Text;
+  }
+}
+
+struct User {
+  name @0 :Text;
+  createdAt @1 :Int64;      # Unix seconds.
+  appPasswords @2 :UInt32;  # How many app passwords the user has.
+}
+
+struct AppPassword {
+  id @0 :Int64;
+  user @1 :Text;
+  kind @2 :Text;
+  label @3 :Text;
+  createdAt @4 :Int64;      # Unix seconds.
+  lastUsedAt @5 :Int64;     # Unix seconds; 0 when never used.
+}
+
+struct Status {
+  healthy @0 :Bool;
+  version @1 :Text;          # Granary's version.
+  schemaVersion @2 :UInt32;  # The state database's schema version.
+  pid @3 :UInt32;
+  uptimeSeconds @4 :UInt64;
+  dataDir @5 :Text;
+  domain @6 :Text;
+  storageBackend @7 :Text;   # "plain", later "zfs" or "btrfs".
+  caFile @8 :Text;           # The local CA's certificate; empty with admin-provided TLS files.
+  listeners @9 :List(Listener);
+  users @10 :UInt64;
+  appPasswords @11 :UInt64;
+  apps @12 :UInt64;
+  grains @13 :UInt64;
+  grants @14 :UInt64;
+}
+
+struct Listener {
+  name @0 :Text;     # "https", later "smtp", "imap", "xmpp", "ssh", ...
+  address @1 :Text;  # The address actually bound, e.g. "127.0.0.1:8443".
+}
