@@ -1,0 +1,295 @@
+//! Test helpers for end-to-end tests: the real `granary` binary, started in
+//! a temporary data dir with port-0 listeners, driven through its CLI.
+//!
+//! ```no_run
+//! let daemon = granary_testkit::Daemon::start();
+//! daemon.granary(&["user", "add", "alice"]).success();
+//! ```
+//!
+//! Every daemon is stopped (by its own pid) and its directory removed when
+//! the handle drops. Nothing sleeps for a fixed time: waits poll a condition
+//! until a deadline and fail with what was seen.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// How long a daemon may take to start or stop before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The `granary` binary of this build: `$GRANARY_BIN`, or the one cargo
+/// built next to the test executable (`./run-tests` builds it first).
+pub fn granary_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("GRANARY_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/granary
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("granary"))
+        .expect("test executable is inside target/");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --workspace --bins` (./run-tests does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Polls `check` until it returns `Some` or `deadline` passes; on timeout,
+/// panics with `what`.
+pub fn eventually<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// The outcome of one CLI run, with assertions that print everything on
+/// failure.
+#[derive(Debug)]
+pub struct Run {
+    pub args: Vec<String>,
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn success(self) -> Run {
+        assert!(self.status.success(), "granary {:?} failed:\n{self}", self.args);
+        self
+    }
+
+    pub fn failure(self) -> Run {
+        assert!(!self.status.success(), "granary {:?} should have failed:\n{self}", self.args);
+        self
+    }
+
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout of {:?} is not JSON ({e}):\n{self}", self.args))
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "status: {}\n--- stdout\n{}--- stderr\n{}", self.status, self.stdout, self.stderr)
+    }
+}
+
+/// Runs `granary` with `args` (and optional standard input) to completion.
+pub fn run_granary(args: &[&str], stdin: Option<&str>) -> Run {
+    let mut child = Command::new(granary_bin())
+        .args(args)
+        .env_remove("GRANARY_HOME")
+        .env_remove("GRANARY_CONFIG")
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn granary");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait for granary");
+    Run {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Which daemon command to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonMode {
+    Serve,
+    Demo,
+}
+
+/// A running `granary serve` (or `demo`) in its own temporary data dir.
+pub struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    stdout_lines: Option<mpsc::Receiver<String>>,
+    mode: DaemonMode,
+}
+
+impl Daemon {
+    /// Starts `granary serve` with HTTPS on 127.0.0.1:0.
+    pub fn start() -> Daemon {
+        Daemon::start_with(DaemonMode::Serve, "")
+    }
+
+    /// Starts the daemon with extra TOML appended to the test config.
+    pub fn start_with(mode: DaemonMode, extra_config: &str) -> Daemon {
+        let dir = tempfile::Builder::new().prefix("granary-test-").tempdir().expect("temp dir");
+        let config = format!(
+            "data_dir = \"data\"\n{extra_config}\n[listen]\nhttps = \"127.0.0.1:0\"\n[log]\nlevel = \"info,granary=debug\"\n"
+        );
+        std::fs::write(dir.path().join("granary.toml"), config).expect("write config");
+        let mut daemon = Daemon {
+            dir,
+            child: None,
+            stdout_lines: None,
+            mode,
+        };
+        daemon.launch();
+        daemon
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("daemon log");
+        let command = match self.mode {
+            DaemonMode::Serve => "serve",
+            DaemonMode::Demo => "demo",
+        };
+        let mut child = Command::new(granary_bin())
+            .arg("--config")
+            .arg(self.config_path())
+            .arg(command)
+            .env_remove("GRANARY_HOME")
+            .env_remove("GRANARY_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn granary daemon");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let pid = child.id();
+        self.child = Some(child);
+        self.stdout_lines = Some(rx);
+        let ports = self.ports_path();
+        eventually("the daemon to write ports.json", DEADLINE, || {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("daemon exited during start-up ({status}):\n{}", self.log());
+            }
+            let text = std::fs::read_to_string(&ports).ok()?;
+            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (json["pid"].as_u64() == Some(u64::from(pid))).then_some(())
+        });
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("granary.toml")
+    }
+    pub fn ports_path(&self) -> PathBuf {
+        self.data_dir().join("run/ports.json")
+    }
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir().join("tls/ca.pem")
+    }
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon is running").id()
+    }
+
+    /// `ports.json` as written by the running daemon.
+    pub fn ports(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.ports_path()).expect("ports.json");
+        serde_json::from_str(&text).expect("ports.json is JSON")
+    }
+
+    pub fn https_addr(&self) -> SocketAddr {
+        self.ports()["https"]
+            .as_str()
+            .expect("https in ports.json")
+            .parse()
+            .expect("https address")
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn granary(&self, args: &[&str]) -> Run {
+        self.granary_with_stdin(args, None)
+    }
+
+    pub fn granary_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Run {
+        let config = self.config_path();
+        let mut full = vec!["--config", config.to_str().expect("utf-8 temp path")];
+        full.extend_from_slice(args);
+        run_granary(&full, stdin)
+    }
+
+    /// The next line the daemon printed on stdout (the demo banner).
+    pub fn next_stdout_line(&self) -> Option<String> {
+        self.stdout_lines.as_ref()?.recv_timeout(DEADLINE).ok()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns its status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon is running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM the daemon");
+        let status = eventually("the daemon to exit after SIGTERM", DEADLINE, || {
+            child.try_wait().expect("wait for daemon")
+        });
+        self.stdout_lines = None;
+        status
+    }
+
+    /// Stops the daemon and starts it again on the same data dir.
+    pub fn restart(&mut self) {
+        let status = self.stop();
+        assert!(status.success(), "daemon exited with {status}:\n{}", self.log());
+        self.launch();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}

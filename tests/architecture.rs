@@ -1,0 +1,114 @@
+//! ARCHITECTURE.md's crate map is the truth about dependencies: every
+//! workspace crate is named there, and no crate depends (directly or through
+//! others, dev-dependencies aside) on anything its row forbids.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+struct Row {
+    forbidden: Vec<String>,
+}
+
+/// Reads the rows of the crate table: `| `name` | owns | must not depend on |`.
+/// Forbidden names are the backticked words of the third column.
+fn crate_map(text: &str) -> BTreeMap<String, Row> {
+    let mut map = BTreeMap::new();
+    for line in text.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 5 || !cells[1].starts_with('`') {
+            continue;
+        }
+        let name = cells[1].trim_matches('`').to_owned();
+        let forbidden = cells[3]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        map.insert(name, Row { forbidden });
+    }
+    map
+}
+
+#[test]
+fn every_crate_is_mapped_and_no_forbidden_edge_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let map = crate_map(&doc);
+
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1"])
+        .current_dir(&root)
+        .output()
+        .expect("run cargo metadata");
+    assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let name_of: BTreeMap<&str, &str> = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap()))
+        .collect();
+    let members: BTreeSet<&str> = meta["workspace_members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| name_of[id.as_str().unwrap()])
+        .collect();
+
+    let unmapped: Vec<_> = members.iter().filter(|m| !map.contains_key(**m)).collect();
+    assert!(unmapped.is_empty(), "crates missing from ARCHITECTURE.md: {unmapped:?}");
+    let stale: Vec<_> = map.keys().filter(|k| !members.contains(k.as_str())).collect();
+    assert!(stale.is_empty(), "ARCHITECTURE.md names crates that do not exist: {stale:?}");
+
+    // Normal and build dependency edges, by package name.
+    let mut edges: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for node in meta["resolve"]["nodes"].as_array().unwrap() {
+        let from = name_of[node["id"].as_str().unwrap()];
+        for dep in node["deps"].as_array().unwrap() {
+            let runtime = dep["dep_kinds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["kind"].as_str() != Some("dev"));
+            if runtime {
+                edges.entry(from).or_default().insert(name_of[dep["pkg"].as_str().unwrap()]);
+            }
+        }
+    }
+
+    let mut violations = Vec::new();
+    for (krate, row) in &map {
+        // Walk the transitive closure, remembering one path to each crate.
+        let mut path_to: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        let mut stack = vec![(krate.as_str(), vec![krate.as_str()])];
+        while let Some((at, path)) = stack.pop() {
+            for next in edges.get(at).into_iter().flatten() {
+                if !path_to.contains_key(next) {
+                    let mut p = path.clone();
+                    p.push(next);
+                    path_to.insert(next, p.clone());
+                    stack.push((next, p));
+                }
+            }
+        }
+        for banned in &row.forbidden {
+            if let Some(path) = path_to.get(banned.as_str()) {
+                violations.push(format!("{krate} must not depend on {banned}, but: {}", path.join(" -> ")));
+            }
+        }
+    }
+    assert!(violations.is_empty(), "forbidden dependencies:\n{}", violations.join("\n"));
+}
+
+#[test]
+fn the_map_parser_reads_forbidden_names() {
+    let map = crate_map(
+        "| crate | owns | must not depend on |\n|---|---|---|\n| `a` | things | `tokio`, `hyper` |\n| `b` | more | — |\n",
+    );
+    assert_eq!(map["a"].forbidden, ["tokio", "hyper"]);
+    assert!(map["b"].forbidden.is_empty());
+}
