@@ -43,7 +43,11 @@ fn every_crate_is_mapped_and_no_forbidden_edge_exists() {
         .current_dir(&root)
         .output()
         .expect("run cargo metadata");
-    assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
 
     let name_of: BTreeMap<&str, &str> = meta["packages"]
@@ -60,9 +64,18 @@ fn every_crate_is_mapped_and_no_forbidden_edge_exists() {
         .collect();
 
     let unmapped: Vec<_> = members.iter().filter(|m| !map.contains_key(**m)).collect();
-    assert!(unmapped.is_empty(), "crates missing from ARCHITECTURE.md: {unmapped:?}");
-    let stale: Vec<_> = map.keys().filter(|k| !members.contains(k.as_str())).collect();
-    assert!(stale.is_empty(), "ARCHITECTURE.md names crates that do not exist: {stale:?}");
+    assert!(
+        unmapped.is_empty(),
+        "crates missing from ARCHITECTURE.md: {unmapped:?}"
+    );
+    let stale: Vec<_> = map
+        .keys()
+        .filter(|k| !members.contains(k.as_str()))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "ARCHITECTURE.md names crates that do not exist: {stale:?}"
+    );
 
     // Normal and build dependency edges, by package name.
     let mut edges: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
@@ -75,7 +88,10 @@ fn every_crate_is_mapped_and_no_forbidden_edge_exists() {
                 .iter()
                 .any(|k| k["kind"].as_str() != Some("dev"));
             if runtime {
-                edges.entry(from).or_default().insert(name_of[dep["pkg"].as_str().unwrap()]);
+                edges
+                    .entry(from)
+                    .or_default()
+                    .insert(name_of[dep["pkg"].as_str().unwrap()]);
             }
         }
     }
@@ -97,11 +113,18 @@ fn every_crate_is_mapped_and_no_forbidden_edge_exists() {
         }
         for banned in &row.forbidden {
             if let Some(path) = path_to.get(banned.as_str()) {
-                violations.push(format!("{krate} must not depend on {banned}, but: {}", path.join(" -> ")));
+                violations.push(format!(
+                    "{krate} must not depend on {banned}, but: {}",
+                    path.join(" -> ")
+                ));
             }
         }
     }
-    assert!(violations.is_empty(), "forbidden dependencies:\n{}", violations.join("\n"));
+    assert!(
+        violations.is_empty(),
+        "forbidden dependencies:\n{}",
+        violations.join("\n")
+    );
 }
 
 #[test]

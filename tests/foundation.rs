@@ -13,7 +13,15 @@ fn curl(daemon: &Daemon, host: &str, path: &str, extra: &[&str]) -> (String, Str
     let url = format!("https://{host}:{}{path}", addr.port());
     let resolve = format!("{host}:{}:127.0.0.1", addr.port());
     let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--max-time", "20", "--resolve", &resolve, "--cacert"])
+        .args([
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "20",
+            "--resolve",
+            &resolve,
+            "--cacert",
+        ])
         .arg(daemon.ca_file())
         .args(["--write-out", "\n%{http_code}"])
         .args(extra)
@@ -35,10 +43,17 @@ fn user_survives_restart_and_password_still_verifies() {
     let mut daemon = Daemon::start();
     let ports = daemon.ports();
     assert_eq!(ports["pid"].as_u64(), Some(u64::from(daemon.pid())));
-    assert_ne!(daemon.https_addr().port(), 0, "ports.json must hold the bound port");
+    assert_ne!(
+        daemon.https_addr().port(),
+        0,
+        "ports.json must hold the bound port"
+    );
 
     daemon
-        .granary_with_stdin(&["user", "add", "alice", "--password-stdin"], Some("correct horse battery\n"))
+        .granary_with_stdin(
+            &["user", "add", "alice", "--password-stdin"],
+            Some("correct horse battery\n"),
+        )
         .success();
     let first_port = daemon.https_addr().port();
     daemon.restart();
@@ -46,9 +61,15 @@ fn user_survives_restart_and_password_still_verifies() {
     let users = daemon.granary(&["user", "list", "--json"]).success().json();
     assert_eq!(users[0]["name"], "alice", "{users}");
     daemon
-        .granary_with_stdin(&["user", "check-password", "alice"], Some("correct horse battery\n"))
+        .granary_with_stdin(
+            &["user", "check-password", "alice"],
+            Some("correct horse battery\n"),
+        )
         .success();
-    let wrong = daemon.granary_with_stdin(&["user", "check-password", "alice"], Some("wrong horse battery\n"));
+    let wrong = daemon.granary_with_stdin(
+        &["user", "check-password", "alice"],
+        Some("wrong horse battery\n"),
+    );
     assert_eq!(wrong.code(), Some(1), "{wrong}");
     assert_eq!(wrong.stdout.trim(), "not valid");
 
@@ -58,8 +79,15 @@ fn user_survives_restart_and_password_still_verifies() {
         .arg(daemon.data_dir())
         .output()
         .unwrap();
-    assert!(grep.stdout.is_empty(), "password found in clear in {}", String::from_utf8_lossy(&grep.stdout));
-    assert!(!daemon.log().contains("correct horse battery"), "password logged");
+    assert!(
+        grep.stdout.is_empty(),
+        "password found in clear in {}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
+    assert!(
+        !daemon.log().contains("correct horse battery"),
+        "password logged"
+    );
 
     // A fresh port-0 bind after restart, reported in ports.json.
     let _ = first_port;
@@ -67,7 +95,10 @@ fn user_survives_restart_and_password_still_verifies() {
     assert_eq!(status["healthy"], true);
     assert_eq!(status["counts"]["users"], 1);
     assert_eq!(status["storage_backend"], "plain");
-    assert_eq!(status["listeners"]["https"], daemon.https_addr().to_string());
+    assert_eq!(
+        status["listeners"]["https"],
+        daemon.https_addr().to_string()
+    );
     assert_eq!(status["pid"].as_u64(), Some(u64::from(daemon.pid())));
 }
 
@@ -78,7 +109,12 @@ fn https_health_verifies_against_the_local_ca_with_real_clients() {
     assert_eq!(code, "200");
     assert!(body.contains("\"status\":\"ok\""), "{body}");
     // HTTP/2 by ALPN, and a service host name covered by the certificate.
-    let (code, _) = curl(&daemon, "git.localhost", "/.well-known/granary/health", &["--http2", "--write-out", "%{http_version}"]);
+    let (code, _) = curl(
+        &daemon,
+        "git.localhost",
+        "/.well-known/granary/health",
+        &["--http2", "--write-out", "%{http_version}"],
+    );
     assert_eq!(code, "2", "the last write-out is the HTTP version");
     let (code, body) = curl(&daemon, "git.localhost", "/alice/site.git", &[]);
     assert_eq!(code, "404");
@@ -106,9 +142,17 @@ except (ssl.SSLError, OSError) as e:
 "#,
         ca = daemon.ca_file().display().to_string(),
     );
-    let out = Command::new("python3").arg("-c").arg(&script).output().expect("python3");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("python3");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.starts_with("TLSv1.3"), "{text}");
     assert!(text.contains("old refused"), "{text}");
 
@@ -127,7 +171,10 @@ except (ssl.SSLError, OSError) as e:
         });
     if let Ok(dump) = dump {
         let text = String::from_utf8_lossy(&dump.stdout);
-        assert!(text.contains("Permitted:") && text.contains("DNS:localhost"), "{text}");
+        assert!(
+            text.contains("Permitted:") && text.contains("DNS:localhost"),
+            "{text}"
+        );
     }
 }
 
@@ -135,12 +182,25 @@ except (ssl.SSLError, OSError) as e:
 fn second_daemon_on_the_same_data_dir_is_refused() {
     let daemon = Daemon::start();
     let run = daemon.granary(&["serve"]).failure();
-    assert!(run.stderr.contains("is in use by another granary daemon"), "{run}");
-    assert!(run.stderr.contains(&format!("pid {}", daemon.pid())), "{run}");
-    assert_eq!(run.stderr.trim().lines().count(), 1, "one error line: {run}");
+    assert!(
+        run.stderr.contains("is in use by another granary daemon"),
+        "{run}"
+    );
+    assert!(
+        run.stderr.contains(&format!("pid {}", daemon.pid())),
+        "{run}"
+    );
+    assert_eq!(
+        run.stderr.trim().lines().count(),
+        1,
+        "one error line: {run}"
+    );
     // The running one is unharmed.
     daemon.granary(&["status"]).success();
-    assert_eq!(daemon.ports()["pid"].as_u64(), Some(u64::from(daemon.pid())));
+    assert_eq!(
+        daemon.ports()["pid"].as_u64(),
+        Some(u64::from(daemon.pid()))
+    );
 }
 
 #[test]
@@ -159,14 +219,26 @@ fn demo_prints_a_working_password_once() {
         }
     }
     let password = password.unwrap_or_else(|| panic!("no password in the banner:\n{banner}"));
-    assert!(banner.contains(&daemon.ca_file().display().to_string()), "{banner}");
-    assert!(banner.contains(&format!(":{}/", daemon.https_addr().port())), "{banner}");
+    assert!(
+        banner.contains(&daemon.ca_file().display().to_string()),
+        "{banner}"
+    );
+    assert!(
+        banner.contains(&format!(":{}/", daemon.https_addr().port())),
+        "{banner}"
+    );
     daemon
-        .granary_with_stdin(&["user", "check-password", "demo"], Some(&format!("{password}\n")))
+        .granary_with_stdin(
+            &["user", "check-password", "demo"],
+            Some(&format!("{password}\n")),
+        )
         .success();
     let status = daemon.granary(&["status", "--json"]).success().json();
     assert_eq!(status["counts"]["users"], 1);
-    assert!(!daemon.log().contains(&password), "the demo password must not be logged");
+    assert!(
+        !daemon.log().contains(&password),
+        "the demo password must not be logged"
+    );
 }
 
 #[test]
@@ -174,7 +246,16 @@ fn app_passwords_are_per_kind_shown_once_and_revocable() {
     let daemon = Daemon::start();
     daemon.granary(&["user", "add", "bob"]).success();
     let added = daemon
-        .granary(&["app-password", "add", "bob", "--kind", "git", "--label", "laptop", "--json"])
+        .granary(&[
+            "app-password",
+            "add",
+            "bob",
+            "--kind",
+            "git",
+            "--label",
+            "laptop",
+            "--json",
+        ])
         .success()
         .json();
     let secret = added["password"].as_str().unwrap().to_owned();
@@ -182,14 +263,26 @@ fn app_passwords_are_per_kind_shown_once_and_revocable() {
 
     let check = |kind: &str| {
         daemon
-            .granary_with_stdin(&["user", "check-password", "bob", "--kind", kind], Some(&format!("{secret}\n")))
+            .granary_with_stdin(
+                &["user", "check-password", "bob", "--kind", kind],
+                Some(&format!("{secret}\n")),
+            )
             .code()
     };
     assert_eq!(check("git"), Some(0), "valid for its kind");
     assert_eq!(check("mail"), Some(1), "not valid for another kind");
-    let list = daemon.granary(&["app-password", "list", "bob", "--json"]).success();
-    assert!(!list.stdout.contains(&secret), "listing must not show the secret");
-    assert!(list.json()[0]["last_used_at"].is_i64(), "use is recorded: {}", list.stdout);
+    let list = daemon
+        .granary(&["app-password", "list", "bob", "--json"])
+        .success();
+    assert!(
+        !list.stdout.contains(&secret),
+        "listing must not show the secret"
+    );
+    assert!(
+        list.json()[0]["last_used_at"].is_i64(),
+        "use is recorded: {}",
+        list.stdout
+    );
 
     daemon
         .granary(&["app-password", "revoke", "bob", "--id", &id.to_string()])
@@ -198,7 +291,12 @@ fn app_passwords_are_per_kind_shown_once_and_revocable() {
     let again = daemon
         .granary(&["app-password", "revoke", "bob", "--id", &id.to_string()])
         .failure();
-    assert!(again.stderr.contains(&format!("no app password {id} for user bob")), "{again}");
+    assert!(
+        again
+            .stderr
+            .contains(&format!("no app password {id} for user bob")),
+        "{again}"
+    );
 }
 
 #[test]
@@ -214,7 +312,12 @@ fn bad_user_names_get_one_clear_line_and_change_nothing() {
         assert!(run.stderr.contains(expect), "{name}: {run}");
         assert_eq!(run.stderr.trim().lines().count(), 1, "{run}");
     }
-    let short = daemon.granary_with_stdin(&["user", "add", "carol", "--password-stdin"], Some("short\n")).failure();
+    let short = daemon
+        .granary_with_stdin(
+            &["user", "add", "carol", "--password-stdin"],
+            Some("short\n"),
+        )
+        .failure();
     assert!(short.stderr.contains("shorter than 12"), "{short}");
     daemon.granary(&["user", "add", "dave"]).success();
     let dup = daemon.granary(&["user", "add", "dave"]).failure();
@@ -234,7 +337,10 @@ fn corrupt_state_database_is_refused_untouched() {
     let garbage = b"SQLite format 3\0 but then nonsense follows".repeat(100);
     std::fs::write(&db, &garbage).unwrap();
     let run = run_granary(&["--home", data.to_str().unwrap(), "serve"], None).failure();
-    assert!(run.stderr.contains("is corrupt or not a Granary database"), "{run}");
+    assert!(
+        run.stderr.contains("is corrupt or not a Granary database"),
+        "{run}"
+    );
     assert_eq!(run.stderr.trim().lines().count(), 1, "{run}");
     assert_eq!(std::fs::read(&db).unwrap(), garbage);
     assert!(!data.join("run/ports.json").exists());
@@ -245,11 +351,20 @@ fn corrupt_state_database_is_refused_untouched() {
 fn bad_config_is_one_line_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("granary.toml");
-    std::fs::write(&file, "domain = \"example.org\"\n[listen]\nhttps = \"127.0.0.1:0\"\nsmtp = \"x\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "domain = \"example.org\"\n[listen]\nhttps = \"127.0.0.1:0\"\nsmtp = \"x\"\n",
+    )
+    .unwrap();
     let run = run_granary(&["config", "check", file.to_str().unwrap()], None).failure();
     let line = run.stderr.trim();
     assert_eq!(line.lines().count(), 1, "{run}");
-    assert!(line.contains(&file.display().to_string()) && line.contains("line 4") && line.contains("unknown field `smtp`"), "{run}");
+    assert!(
+        line.contains(&file.display().to_string())
+            && line.contains("line 4")
+            && line.contains("unknown field `smtp`"),
+        "{run}"
+    );
 
     // serve refuses it too, before creating anything.
     let run = run_granary(&["--config", file.to_str().unwrap(), "serve"], None).failure();
@@ -272,7 +387,10 @@ fn admin_socket_with_wrong_permissions_is_refused() {
     let run_dir = daemon.data_dir().join("run");
     std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let run = daemon.granary(&["user", "list"]).failure();
-    assert!(run.stderr.contains("refusing to use the admin socket"), "{run}");
+    assert!(
+        run.stderr.contains("refusing to use the admin socket"),
+        "{run}"
+    );
     assert!(run.stderr.contains("chmod 700"), "{run}");
     std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
 
@@ -292,13 +410,18 @@ fn admin_socket_with_wrong_permissions_is_refused() {
 }
 
 fn nix_is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
 }
 
 #[test]
 fn status_when_not_running_exits_3() {
     let dir = tempfile::tempdir().unwrap();
-    let run = run_granary(&["--home", dir.path().to_str().unwrap(), "status", "--json"], None);
+    let run = run_granary(
+        &["--home", dir.path().to_str().unwrap(), "status", "--json"],
+        None,
+    );
     assert_eq!(run.code(), Some(3), "{run}");
     assert_eq!(run.json()["running"], false);
     assert!(run.stderr.contains("not running"), "{run}");
@@ -318,12 +441,28 @@ fn sigterm_shuts_down_cleanly_and_removes_runtime_files() {
 fn man_pages_and_completions_come_from_the_cli_definition() {
     let dir = tempfile::tempdir().unwrap();
     run_granary(&["man", "--out", dir.path().to_str().unwrap()], None).success();
-    for page in ["granary.1", "granary-user-add.1", "granary-app-password-revoke.1", "granary-serve.1"] {
-        let text = std::fs::read_to_string(dir.path().join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+    for page in [
+        "granary.1",
+        "granary-user-add.1",
+        "granary-app-password-revoke.1",
+        "granary-serve.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page))
+            .unwrap_or_else(|e| panic!("{page}: {e}"));
         assert!(text.contains(".TH"), "{page}");
     }
     let bash = run_granary(&["completions", "bash"], None).success();
-    assert!(bash.stdout.contains("app-password"), "completions list subcommands");
+    assert!(
+        bash.stdout.contains("app-password"),
+        "completions list subcommands"
+    );
     let help = run_granary(&["user", "add", "--help"], None).success();
     assert!(help.stdout.contains("--password-stdin"));
+}
+
+#[test]
+fn packaged_example_config_passes_its_own_check() {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/granary.toml");
+    let run = run_granary(&["config", "check", file.to_str().unwrap()], None).success();
+    assert!(run.stdout.contains("/var/lib/granary"), "{run}");
 }

@@ -152,7 +152,8 @@ mod tests {
     #[test]
     fn rejects_what_breaks_dns_mail_or_xmpp() {
         use UserNameError::*;
-        let cases: &[(&str, fn(&UserNameError) -> bool)] = &[
+        type Expectation = fn(&UserNameError) -> bool;
+        let cases: &[(&str, Expectation)] = &[
             ("", |e| matches!(e, Empty)),
             ("Alice", |e| matches!(e, BadCharacter { .. })),
             ("1alice", |e| matches!(e, BadCharacter { .. })),

@@ -53,7 +53,10 @@ pub fn eventually<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> 
         if let Some(value) = check() {
             return value;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }
@@ -71,12 +74,20 @@ pub struct Run {
 
 impl Run {
     pub fn success(self) -> Run {
-        assert!(self.status.success(), "granary {:?} failed:\n{self}", self.args);
+        assert!(
+            self.status.success(),
+            "granary {:?} failed:\n{self}",
+            self.args
+        );
         self
     }
 
     pub fn failure(self) -> Run {
-        assert!(!self.status.success(), "granary {:?} should have failed:\n{self}", self.args);
+        assert!(
+            !self.status.success(),
+            "granary {:?} should have failed:\n{self}",
+            self.args
+        );
         self
     }
 
@@ -92,7 +103,11 @@ impl Run {
 
 impl std::fmt::Display for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "status: {}\n--- stdout\n{}--- stderr\n{}", self.status, self.stdout, self.stderr)
+        write!(
+            f,
+            "status: {}\n--- stdout\n{}--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
     }
 }
 
@@ -102,7 +117,11 @@ pub fn run_granary(args: &[&str], stdin: Option<&str>) -> Run {
         .args(args)
         .env_remove("GRANARY_HOME")
         .env_remove("GRANARY_CONFIG")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -147,7 +166,10 @@ impl Daemon {
 
     /// Starts the daemon with extra TOML appended to the test config.
     pub fn start_with(mode: DaemonMode, extra_config: &str) -> Daemon {
-        let dir = tempfile::Builder::new().prefix("granary-test-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("granary-test-")
+            .tempdir()
+            .expect("temp dir");
         let config = format!(
             "data_dir = \"data\"\n{extra_config}\n[listen]\nhttps = \"127.0.0.1:0\"\n[log]\nlevel = \"info,granary=debug\"\n"
         );
@@ -198,7 +220,11 @@ impl Daemon {
         self.stdout_lines = Some(rx);
         let ports = self.ports_path();
         eventually("the daemon to write ports.json", DEADLINE, || {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("daemon exited during start-up ({status}):\n{}", self.log());
             }
             let text = std::fs::read_to_string(&ports).ok()?;
@@ -280,7 +306,11 @@ impl Daemon {
     /// Stops the daemon and starts it again on the same data dir.
     pub fn restart(&mut self) {
         let status = self.stop();
-        assert!(status.success(), "daemon exited with {status}:\n{}", self.log());
+        assert!(
+            status.success(),
+            "daemon exited with {status}:\n{}",
+            self.log()
+        );
         self.launch();
     }
 }
