@@ -12,6 +12,7 @@
 
 #![allow(unreachable_pub, clippy::all, clippy::pedantic)]
 
+#[rustfmt::skip]
 pub mod admin_capnp;
 
 /// The `.capnp` files this crate is generated from, relative to `schema/`.
