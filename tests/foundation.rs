@@ -466,3 +466,31 @@ fn packaged_example_config_passes_its_own_check() {
     let run = run_granary(&["config", "check", file.to_str().unwrap()], None).success();
     assert!(run.stdout.contains("/var/lib/granary"), "{run}");
 }
+
+#[test]
+fn newer_schema_database_is_refused_untouched() {
+    let mut daemon = Daemon::start();
+    daemon.granary(&["user", "add", "erin"]).success();
+    assert!(daemon.stop().success());
+    let db = daemon.data_dir().join("state/granary.db");
+    let bump = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('PRAGMA user_version = 99'); c.commit(); c.close()")
+        .arg(&db)
+        .status()
+        .expect("python3");
+    assert!(bump.success());
+    let before = std::fs::read(&db).unwrap();
+    let run = daemon.granary(&["serve"]).failure();
+    assert!(
+        run.stderr.contains("schema version 99, newer than"),
+        "{run}"
+    );
+    assert!(run.stderr.contains("run a newer granary"), "{run}");
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{run}");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        before,
+        "database must be untouched"
+    );
+}
