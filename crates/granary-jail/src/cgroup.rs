@@ -1,0 +1,369 @@
+//! Per-grain cgroups: memory, pids, cpu weight and io weight limits, and the
+//! freezer, on cgroup v1 (one hierarchy per controller) or v2 (unified).
+//!
+//! This file only reads and writes cgroupfs files, so both drivers can be
+//! tested against a directory laid out like cgroupfs.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::{CgroupDriver, JailError, Limits};
+
+/// Picks the driver for the cgroupfs mounted at `root` (normally
+/// `/sys/fs/cgroup`).
+pub fn detect(root: &Path) -> Option<CgroupDriver> {
+    let controllers = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    if controllers.split_whitespace().any(|c| c == "memory") {
+        return Some(CgroupDriver::V2 {
+            root: root.to_path_buf(),
+        });
+    }
+    if root.join("memory").is_dir() && root.join("pids").is_dir() {
+        return Some(CgroupDriver::V1 {
+            root: root.to_path_buf(),
+        });
+    }
+    None
+}
+
+/// v1 controllers a grain gets a directory in. `cpu` and `freezer` are
+/// optional only in the sense that a missing hierarchy is skipped.
+const V1_REQUIRED: &[&str] = &["memory", "pids"];
+const V1_OPTIONAL: &[&str] = &["cpu", "blkio", "freezer"];
+
+/// One grain's cgroup (one directory per hierarchy on v1).
+#[derive(Debug)]
+pub struct GrainCgroup {
+    driver: CgroupDriver,
+    dirs: Vec<PathBuf>,
+}
+
+fn write(path: &Path, value: &str) -> Result<(), JailError> {
+    fs::write(path, value)
+        .map_err(|e| JailError::os(format!("writing {value:?} to {}", path.display()), e))
+}
+
+fn make_dir(dir: &Path, created: &mut Vec<PathBuf>) -> Result<(), JailError> {
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            created.push(dir.to_path_buf());
+            Ok(())
+        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(JailError::os(
+            format!("creating cgroup {}", dir.display()),
+            e,
+        )),
+    }
+}
+
+impl GrainCgroup {
+    /// Creates the grain's cgroup under `parent` and applies `limits`. A
+    /// failure removes the directories this call created.
+    pub fn create(
+        driver: &CgroupDriver,
+        parent: &str,
+        grain: &str,
+        limits: &Limits,
+    ) -> Result<GrainCgroup, JailError> {
+        let mut created = Vec::new();
+        let result = Self::create_inner(driver, parent, grain, limits, &mut created);
+        if result.is_err() {
+            for dir in created.iter().rev() {
+                let _ = fs::remove_dir(dir);
+            }
+        }
+        result
+    }
+
+    fn create_inner(
+        driver: &CgroupDriver,
+        parent: &str,
+        grain: &str,
+        limits: &Limits,
+        created: &mut Vec<PathBuf>,
+    ) -> Result<GrainCgroup, JailError> {
+        let mut dirs = Vec::new();
+        match driver {
+            CgroupDriver::V1 { root } => {
+                if let Some(missing) = V1_REQUIRED.iter().find(|c| !root.join(c).is_dir()) {
+                    return Err(JailError::new(format!(
+                        "cgroup v1 controller {missing} is not mounted at {}",
+                        root.join(missing).display()
+                    )));
+                }
+                for ctrl in V1_REQUIRED.iter().chain(V1_OPTIONAL) {
+                    let hierarchy = root.join(ctrl);
+                    if !hierarchy.is_dir() {
+                        continue;
+                    }
+                    make_dir(&hierarchy.join(parent), created)?;
+                    let dir = hierarchy.join(parent).join(grain);
+                    make_dir(&dir, created)?;
+                    match *ctrl {
+                        "memory" => {
+                            write(
+                                &dir.join("memory.limit_in_bytes"),
+                                &limits.memory_bytes.to_string(),
+                            )?;
+                            let memsw = dir.join("memory.memsw.limit_in_bytes");
+                            if memsw.exists() {
+                                write(&memsw, &limits.memory_bytes.to_string())?;
+                            }
+                        }
+                        "pids" => write(&dir.join("pids.max"), &limits.pids.to_string())?,
+                        "cpu" => {
+                            let shares = (u64::from(limits.cpu_weight) * 1024 / 100).max(2);
+                            write(&dir.join("cpu.shares"), &shares.to_string())?;
+                        }
+                        "blkio" => {
+                            let weight = dir.join("blkio.weight");
+                            if weight.exists() {
+                                let w = (limits.io_weight / 10).clamp(10, 1000);
+                                write(&weight, &w.to_string())?;
+                            }
+                        }
+                        _ => {}
+                    }
+                    dirs.push(dir);
+                }
+            }
+            CgroupDriver::V2 { root } => {
+                let available =
+                    fs::read_to_string(root.join("cgroup.controllers")).map_err(|e| {
+                        JailError::os(format!("reading {}/cgroup.controllers", root.display()), e)
+                    })?;
+                let wanted: Vec<&str> = ["memory", "pids", "cpu", "io"]
+                    .into_iter()
+                    .filter(|c| available.split_whitespace().any(|a| a == *c))
+                    .collect();
+                for required in ["memory", "pids"] {
+                    if !wanted.contains(&required) {
+                        return Err(JailError::new(format!(
+                            "cgroup v2 at {} does not offer the {required} controller",
+                            root.display()
+                        )));
+                    }
+                }
+                let enable: String = wanted.iter().map(|c| format!("+{c} ")).collect();
+                let enable = enable.trim_end();
+                write(&root.join("cgroup.subtree_control"), enable)?;
+                let parent_dir = root.join(parent);
+                make_dir(&parent_dir, created)?;
+                write(&parent_dir.join("cgroup.subtree_control"), enable)?;
+                let dir = parent_dir.join(grain);
+                make_dir(&dir, created)?;
+                write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+                let swap = dir.join("memory.swap.max");
+                if swap.exists() {
+                    write(&swap, "0")?;
+                }
+                write(&dir.join("pids.max"), &limits.pids.to_string())?;
+                if wanted.contains(&"cpu") {
+                    write(&dir.join("cpu.weight"), &limits.cpu_weight.to_string())?;
+                }
+                let io = dir.join("io.weight");
+                if wanted.contains(&"io") && io.exists() {
+                    write(&io, &format!("default {}", limits.io_weight))?;
+                }
+                dirs.push(dir);
+            }
+        }
+        Ok(GrainCgroup {
+            driver: driver.clone(),
+            dirs,
+        })
+    }
+
+    /// The grain's directories (one per v1 hierarchy, one on v2).
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Moves process `pid` into the grain's cgroup(s).
+    pub fn add(&self, pid: u32) -> Result<(), JailError> {
+        for dir in &self.dirs {
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Pids currently in the cgroup (v1: of the memory hierarchy).
+    pub fn pids(&self) -> Result<Vec<u32>, JailError> {
+        let dir = &self.dirs[0];
+        let text = fs::read_to_string(dir.join("cgroup.procs"))
+            .map_err(|e| JailError::os(format!("reading {}/cgroup.procs", dir.display()), e))?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// How many times the kernel OOM-killed inside this cgroup.
+    pub fn oom_kills(&self) -> u64 {
+        let dir = &self.dirs[0];
+        let (file, key) = match self.driver {
+            CgroupDriver::V1 { .. } => ("memory.oom_control", "oom_kill"),
+            CgroupDriver::V2 { .. } => ("memory.events", "oom_kill"),
+        };
+        fs::read_to_string(dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Removes the cgroup once its processes are gone, waiting up to
+    /// `patience` for them to leave (the kernel reaps a dying pid namespace
+    /// asynchronously).
+    pub fn remove(self, patience: Duration) -> Result<(), JailError> {
+        let deadline = Instant::now() + patience;
+        for dir in self.dirs.iter().rev() {
+            loop {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == ErrorKind::NotFound => break,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => {
+                        return Err(JailError::os(
+                            format!("removing cgroup {}", dir.display()),
+                            e,
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_v2() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("cgroup.controllers"),
+            "cpuset cpu io memory hugetlb pids rdma misc\n",
+        )
+        .unwrap();
+        fs::write(dir.path().join("cgroup.subtree_control"), "").unwrap();
+        dir
+    }
+
+    #[test]
+    fn detects_v2_from_its_controllers_and_v1_from_its_hierarchies() {
+        let v2 = fake_v2();
+        assert!(matches!(detect(v2.path()), Some(CgroupDriver::V2 { .. })));
+        let v1 = tempfile::tempdir().unwrap();
+        fs::create_dir(v1.path().join("memory")).unwrap();
+        fs::create_dir(v1.path().join("pids")).unwrap();
+        // A hybrid host: v2 mounted with no controllers, v1 doing the work.
+        fs::create_dir(v1.path().join("unified")).unwrap();
+        fs::write(v1.path().join("unified/cgroup.controllers"), "").unwrap();
+        assert!(matches!(detect(v1.path()), Some(CgroupDriver::V1 { .. })));
+        assert_eq!(detect(tempfile::tempdir().unwrap().path()), None);
+    }
+
+    /// On real cgroupfs the kernel creates these files in every new
+    /// directory; on the fake tree the test makes them, as the kernel would.
+    fn pre_create_v2_files(root: &Path, parent: &str, grain: &str) {
+        let dir = root.join(parent).join(grain);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(root.join(parent).join("cgroup.subtree_control"), "").unwrap();
+        for f in [
+            "memory.max",
+            "memory.swap.max",
+            "pids.max",
+            "cpu.weight",
+            "io.weight",
+            "cgroup.procs",
+        ] {
+            fs::write(dir.join(f), "").unwrap();
+        }
+    }
+
+    #[test]
+    fn v2_limits_land_in_the_unified_files() {
+        let root = fake_v2();
+        pre_create_v2_files(root.path(), "granary", "g1");
+        let limits = Limits {
+            memory_bytes: 64 << 20,
+            pids: 32,
+            cpu_weight: 250,
+            io_weight: 50,
+            ..Limits::default()
+        };
+        let driver = CgroupDriver::V2 {
+            root: root.path().to_path_buf(),
+        };
+        let cg = GrainCgroup::create(&driver, "granary", "g1", &limits).unwrap();
+        let read = |f: &str| fs::read_to_string(root.path().join("granary/g1").join(f)).unwrap();
+        assert_eq!(read("memory.max"), (64u64 << 20).to_string());
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("pids.max"), "32");
+        assert_eq!(read("cpu.weight"), "250");
+        assert_eq!(read("io.weight"), "default 50");
+        assert_eq!(
+            fs::read_to_string(root.path().join("cgroup.subtree_control")).unwrap(),
+            "+memory +pids +cpu +io"
+        );
+        cg.add(4242).unwrap();
+        assert_eq!(read("cgroup.procs"), "4242");
+        assert_eq!(cg.dirs(), [root.path().join("granary/g1")]);
+    }
+
+    #[test]
+    fn v2_without_the_memory_controller_is_an_error() {
+        let root = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("cgroup.controllers"), "cpu pids\n").unwrap();
+        fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
+        let driver = CgroupDriver::V2 {
+            root: root.path().to_path_buf(),
+        };
+        let err = GrainCgroup::create(&driver, "granary", "g1", &Limits::default()).unwrap_err();
+        assert!(err.to_string().contains("memory controller"), "{err}");
+        assert!(!root.path().join("granary").exists(), "nothing left behind");
+    }
+
+    #[test]
+    fn v1_writes_each_hierarchy_and_cleans_up_on_failure() {
+        let root = tempfile::tempdir().unwrap();
+        for ctrl in ["memory", "pids", "cpu"] {
+            fs::create_dir(root.path().join(ctrl)).unwrap();
+        }
+        let driver = CgroupDriver::V1 {
+            root: root.path().to_path_buf(),
+        };
+        let limits = Limits {
+            cpu_weight: 50,
+            ..Limits::default()
+        };
+        let cg = GrainCgroup::create(&driver, "granary", "g1", &limits).unwrap();
+        let read = |f: &str| fs::read_to_string(root.path().join(f)).unwrap();
+        assert_eq!(
+            read("memory/granary/g1/memory.limit_in_bytes"),
+            (256u64 << 20).to_string()
+        );
+        assert_eq!(read("pids/granary/g1/pids.max"), "256");
+        assert_eq!(read("cpu/granary/g1/cpu.shares"), "512");
+        assert_eq!(cg.dirs().len(), 3);
+
+        // pids missing: an error, and the memory directories made so far go.
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("memory")).unwrap();
+        let driver = CgroupDriver::V1 {
+            root: root.path().to_path_buf(),
+        };
+        let err = GrainCgroup::create(&driver, "granary", "g1", &limits).unwrap_err();
+        assert!(
+            err.to_string().contains("controller pids is not mounted"),
+            "{err}"
+        );
+        assert!(!root.path().join("memory/granary").exists());
+    }
+}

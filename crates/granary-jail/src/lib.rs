@@ -1,0 +1,31 @@
+//! The grain sandbox.
+//!
+//! A grain's [`GrainSpec`] (its image, its dataset, its host uid, its limits)
+//! is checked against the host's [`JailConfig`] and turned into a [`Plan`]:
+//! plain data, serialised to the `granary-launcher` binary. The launcher is
+//! small and single-threaded; it applies the plan and execs the app. The
+//! daemon only ever fork+execs the launcher (see [`spawn`]), so no namespace
+//! work happens inside a threaded process.
+//!
+//! What a grain gets on Linux (see ARCHITECTURE.md for the reasoning):
+//! new mount, pid, net, ipc, uts, cgroup and user namespaces; its own host uid
+//! mapped to uid 1000 inside; a root built on tmpfs with the image read-only,
+//! the dataset at `/var`, a private `/tmp`, a minimal `/dev` and its own
+//! `/proc` with host-revealing files masked; no network but a down `lo`;
+//! cgroup limits; no capabilities; `no_new_privs`; a seccomp allowlist
+//! installed last; an init as pid 1 that reaps and forwards signals.
+
+#![allow(unsafe_code)] // the launcher makes raw syscalls; each block says why it is sound
+
+pub mod cgroup;
+mod error;
+#[cfg(target_os = "linux")]
+pub mod linux;
+pub mod spawn;
+mod spec;
+
+pub use error::JailError;
+pub use spec::{
+    CgroupDriver, DEFAULT_UID_RANGE, GrainSpec, INSIDE_GID, INSIDE_UID, JailConfig, Limits, Plan,
+    UidRange,
+};

@@ -1,0 +1,276 @@
+//! Applying a [`Plan`] on Linux. Runs inside `granary-launcher`, a
+//! single-threaded process started as root.
+//!
+//! ```text
+//! launcher (host root)                 child = grain pid 1 (new mnt/pid/net/ipc/uts ns)
+//!   create cgroup, compile seccomp
+//!   clone ───────────────────────────▶ wait for "go"
+//!   move child into cgroup, "go" ───▶ unshare cgroup ns, hostname, build root,
+//!                                      pivot_root, drop bounding caps,
+//!                                      unshare user ns, ask for maps
+//!   write uid/gid maps, "maps" ─────▶ become uid 1000, no_new_privs, rlimits
+//!                                      fork ─▶ app (pid 2): setsid, seccomp, exec
+//!                                      seccomp; reap and forward signals
+//!   EOF on the report pipe = exec'd
+//!   forward signals, wait, remove cgroup
+//! ```
+
+mod fds;
+mod init;
+mod mount;
+mod sandbox;
+pub mod seccomp;
+
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use crate::cgroup::GrainCgroup;
+use crate::{INSIDE_GID, INSIDE_UID, JailError, Plan};
+
+pub use fds::{close_inherited_fds, null_stdin};
+
+/// Namespaces the first clone creates. The user namespace comes later, after
+/// the root is built, so that the mount, uts, ipc, net and cgroup
+/// namespaces stay owned by the host's user namespace: the grain's root
+/// cannot mount, set the hostname or configure the network even within its
+/// own namespaces.
+const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS;
+
+/// Messages on the child's report pipe.
+const MSG_NEED_MAPS: u8 = b'M';
+const MSG_ERROR: u8 = b'E';
+
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), JailError> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(JailError::last_os("pipe2"));
+    }
+    // SAFETY: pipe2 succeeded, so both are fresh descriptors we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the zeroed set; sigaddset takes valid
+    // signal numbers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in signals {
+            libc::sigaddset(&mut set, *s);
+        }
+        set
+    }
+}
+
+/// Signals the launcher and the grain's init wait for synchronously.
+pub(crate) const WAITED_SIGNALS: &[libc::c_int] =
+    &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD];
+
+fn block_waited_signals() -> Result<libc::sigset_t, JailError> {
+    let set = signal_set(WAITED_SIGNALS);
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    if unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        return Err(JailError::last_os("blocking signals"));
+    }
+    Ok(set)
+}
+
+/// Runs the grain described by `plan` and returns its exit status as a
+/// shell would (the code, or 128 + the signal).
+pub fn launch(plan: &Plan) -> Result<i32, JailError> {
+    let filters = seccomp::compile()?;
+    let waited = block_waited_signals()?;
+    let cgroup = match &plan.cgroup {
+        Some(driver) => Some(GrainCgroup::create(
+            driver,
+            &plan.cgroup_parent,
+            &plan.grain,
+            &plan.limits,
+        )?),
+        None => None,
+    };
+    let result = run_grain(plan, &filters, &waited, cgroup.as_ref());
+    if let Some(cgroup) = cgroup {
+        if let Err(e) = cgroup.remove(Duration::from_secs(5)) {
+            eprintln!("granary-launcher: {e}");
+        }
+    }
+    result
+}
+
+fn run_grain(
+    plan: &Plan,
+    filters: &seccomp::Filters,
+    waited: &libc::sigset_t,
+    cgroup: Option<&GrainCgroup>,
+) -> Result<i32, JailError> {
+    let (go_read, go_write) = pipe()?;
+    let (report_read, report_write) = pipe()?;
+
+    // SAFETY: the launcher is single-threaded, so the child may run any
+    // code. A null stack makes clone behave like fork: the child continues
+    // on a copy of this stack.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (CLONE_FLAGS | libc::SIGCHLD) as libc::c_ulong,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    };
+    if pid < 0 {
+        return Err(JailError::last_os("clone into new namespaces"));
+    }
+    if pid == 0 {
+        drop(go_write);
+        drop(report_read);
+        sandbox::child_main(plan, filters, waited, go_read, report_write);
+    }
+    let pid = pid as libc::pid_t;
+    drop(go_read);
+    drop(report_write);
+
+    let setup = parent_setup(plan, pid, cgroup, go_write, report_read);
+    if let Err(e) = setup {
+        // SAFETY: `pid` is our child; killing and reaping it is sound.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        return Err(e);
+    }
+    Ok(supervise(pid, waited))
+}
+
+fn parent_setup(
+    plan: &Plan,
+    pid: libc::pid_t,
+    cgroup: Option<&GrainCgroup>,
+    go: OwnedFd,
+    report: OwnedFd,
+) -> Result<(), JailError> {
+    if let Some(cgroup) = cgroup {
+        cgroup.add(pid as u32)?;
+    }
+    let mut go = std::fs::File::from(go);
+    let mut report = std::fs::File::from(report);
+    go.write_all(b"g")
+        .map_err(|e| JailError::os("starting the grain", e))?;
+
+    let mut first = [0u8; 1];
+    let n = read_retrying(&mut report, &mut first)?;
+    match (n, first[0]) {
+        (0, _) => return Err(JailError::new("the grain exited during setup")),
+        (_, MSG_ERROR) => return Err(read_error(&mut report)),
+        (_, MSG_NEED_MAPS) => {}
+        (_, other) => return Err(JailError::new(format!("unexpected setup message {other}"))),
+    }
+    let proc = format!("/proc/{pid}");
+    let write = |file: &str, text: String| {
+        std::fs::write(format!("{proc}/{file}"), &text)
+            .map_err(|e| JailError::os(format!("writing {text:?} to {proc}/{file}"), e))
+    };
+    write("setgroups", "deny".to_owned())?;
+    write("uid_map", format!("{INSIDE_UID} {} 1\n", plan.host_uid))?;
+    write("gid_map", format!("{INSIDE_GID} {} 1\n", plan.host_gid))?;
+    go.write_all(b"m")
+        .map_err(|e| JailError::os("sending the id maps", e))?;
+
+    // EOF (the write ends close on exec) means the app is running.
+    let n = read_retrying(&mut report, &mut first)?;
+    match (n, first[0]) {
+        (0, _) => Ok(()),
+        (_, MSG_ERROR) => Err(read_error(&mut report)),
+        (_, other) => Err(JailError::new(format!("unexpected setup message {other}"))),
+    }
+}
+
+fn read_retrying(file: &mut std::fs::File, buf: &mut [u8]) -> Result<usize, JailError> {
+    loop {
+        match file.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(JailError::os("reading the grain's setup report", e)),
+        }
+    }
+}
+
+fn read_error(report: &mut std::fs::File) -> JailError {
+    let mut text = String::new();
+    let _ = report.read_to_string(&mut text);
+    JailError::new(text.strip_prefix("jail: ").unwrap_or(&text).to_owned())
+}
+
+/// Forwards termination signals to the grain's init and returns its exit
+/// status once it is gone.
+fn supervise(pid: libc::pid_t, waited: &libc::sigset_t) -> i32 {
+    loop {
+        // SAFETY: `info` is written by sigwaitinfo; `waited` is initialised.
+        let sig = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::sigwaitinfo(waited, &mut info)
+        };
+        match sig {
+            libc::SIGCHLD => {
+                if let Some(status) = reap(pid) {
+                    return status;
+                }
+            }
+            libc::SIGTERM | libc::SIGINT | libc::SIGHUP => {
+                // SAFETY: plain kill of our own child.
+                unsafe { libc::kill(pid, sig) };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reaps exited children without blocking; returns `pid`'s status once it
+/// has exited.
+pub(crate) fn reap(pid: libc::pid_t) -> Option<i32> {
+    let mut result = None;
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer.
+        let got = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if got <= 0 {
+            return result;
+        }
+        if got == pid {
+            result = Some(if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else if libc::WIFSIGNALED(status) {
+                128 + libc::WTERMSIG(status)
+            } else {
+                1
+            });
+        }
+    }
+}
+
+/// Sets the parent-death signal so this process dies with the one that
+/// started it, and fails if that parent is already gone.
+pub fn die_with_parent(expected_parent: Option<libc::pid_t>) -> Result<(), JailError> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
+        return Err(JailError::last_os("setting the parent-death signal"));
+    }
+    // SAFETY: getppid cannot fail.
+    let parent = unsafe { libc::getppid() };
+    if let Some(expected) = expected_parent {
+        if parent != expected {
+            return Err(JailError::new(format!(
+                "the daemon (pid {expected}) exited before the grain started"
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! The grain's first process (pid 1 of its pid namespace): finishes the
+//! sandbox, then becomes the grain's init.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use super::{MSG_ERROR, MSG_NEED_MAPS, init, mount, seccomp};
+use crate::{INSIDE_GID, INSIDE_UID, JailError, Plan};
+
+/// Reports `err` to the launcher and exits. Never returns.
+fn fail(report: &OwnedFd, err: JailError) -> ! {
+    let mut msg = vec![MSG_ERROR];
+    msg.extend_from_slice(err.to_string().as_bytes());
+    // SAFETY: writing a buffer we own to a descriptor we hold, then
+    // exiting without running destructors or atexit handlers (we are a
+    // forked copy of the launcher).
+    unsafe {
+        libc::write(report.as_raw_fd(), msg.as_ptr().cast(), msg.len());
+        libc::_exit(1)
+    }
+}
+
+fn check(rc: libc::c_int, step: &str) -> Result<(), JailError> {
+    if rc != 0 {
+        return Err(JailError::last_os(step));
+    }
+    Ok(())
+}
+
+/// Entry point of the cloned child. Never returns.
+pub(crate) fn child_main(
+    plan: &Plan,
+    filters: &seccomp::Filters,
+    waited: &libc::sigset_t,
+    go: OwnedFd,
+    report: OwnedFd,
+) -> ! {
+    let mut go = std::fs::File::from(go);
+    if let Err(e) = setup(plan, &mut go, &report) {
+        fail(&report, e);
+    }
+    drop(go);
+    let app = match spawn_app(plan, filters, &report) {
+        Ok(pid) => pid,
+        Err(e) => fail(&report, e),
+    };
+    // The app's copy of the report pipe closes when it execs; ours closes
+    // here, so the launcher sees EOF exactly when the app is running.
+    drop(report);
+    if let Err(e) = filters.install() {
+        eprintln!("granary init: {e}");
+        // SAFETY: exiting pid 1 takes the whole grain down, as intended.
+        unsafe { libc::_exit(1) };
+    }
+    init::run(app, waited)
+}
+
+fn setup(plan: &Plan, go: &mut std::fs::File, report: &OwnedFd) -> Result<(), JailError> {
+    super::die_with_parent(None)?;
+    let mut byte = [0u8; 1];
+    go.read_exact(&mut byte)
+        .map_err(|e| JailError::os("waiting for the launcher", e))?;
+
+    // SAFETY: unshare and sethostname take plain arguments; the hostname
+    // buffer outlives the call.
+    unsafe {
+        check(
+            libc::unshare(libc::CLONE_NEWCGROUP),
+            "unshare cgroup namespace",
+        )?;
+        check(
+            libc::sethostname(plan.hostname.as_ptr().cast(), plan.hostname.len()),
+            "sethostname",
+        )?;
+    }
+    mount::build_root(plan)?;
+
+    let last_cap: libc::c_ulong = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63);
+    // SAFETY: setgroups with an empty list; unshare with a plain flag.
+    unsafe {
+        check(
+            libc::setgroups(0, std::ptr::null()),
+            "clearing supplementary groups",
+        )?;
+        check(libc::unshare(libc::CLONE_NEWUSER), "unshare user namespace")?;
+    }
+
+    let mut report_file =
+        std::fs::File::from(report.try_clone().map_err(|e| JailError::os("dup", e))?);
+    report_file
+        .write_all(&[MSG_NEED_MAPS])
+        .map_err(|e| JailError::os("asking for id maps", e))?;
+    go.read_exact(&mut byte)
+        .map_err(|e| JailError::os("waiting for id maps", e))?;
+
+    // SAFETY: PR_CAPBSET_DROP with capability numbers up to the kernel's
+    // last, then plain id and prctl calls with constant arguments.
+    unsafe {
+        // A new user namespace starts with a full bounding set, so it is
+        // emptied here, while we still hold CAP_SETPCAP inside it.
+        for cap in 0..=last_cap {
+            check(
+                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0),
+                "dropping the capability bounding set",
+            )?;
+        }
+        check(
+            libc::setresgid(INSIDE_GID, INSIDE_GID, INSIDE_GID),
+            "setresgid",
+        )?;
+        check(
+            libc::setresuid(INSIDE_UID, INSIDE_UID, INSIDE_UID),
+            "setresuid",
+        )?;
+        check(
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ),
+            "clearing ambient capabilities",
+        )?;
+        check(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+            "setting no_new_privs",
+        )?;
+    }
+    drop_all_capabilities()?;
+    set_rlimits(plan)?;
+    std::env::set_current_dir("/var").map_err(|e| JailError::os("entering /var", e))?;
+    Ok(())
+}
+
+/// Empties the effective, permitted and inheritable sets (setresuid to a
+/// non-zero uid already did; this makes it explicit and checked).
+fn drop_all_capabilities() -> Result<(), JailError> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: header and two data structs as capset(2) version 3 expects.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(JailError::last_os("capset"));
+    }
+    Ok(())
+}
+
+fn set_rlimits(plan: &Plan) -> Result<(), JailError> {
+    let limits = [
+        (libc::RLIMIT_NOFILE, plan.limits.nofile, "RLIMIT_NOFILE"),
+        (libc::RLIMIT_CORE, 0, "RLIMIT_CORE"),
+        // Per host uid, and every grain has its own: a second fence behind pids.max.
+        (libc::RLIMIT_NPROC, plan.limits.pids, "RLIMIT_NPROC"),
+    ];
+    for (resource, value, name) in limits {
+        let rl = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: `rl` is a valid rlimit.
+        if unsafe { libc::setrlimit(resource, &rl) } != 0 {
+            return Err(JailError::last_os(format!("setting {name}")));
+        }
+    }
+    Ok(())
+}
+
+/// Forks the app (pid 2): a new session, default signal handling, the
+/// seccomp filters, then exec. Returns its pid to init.
+fn spawn_app(
+    plan: &Plan,
+    filters: &seccomp::Filters,
+    report: &OwnedFd,
+) -> Result<libc::pid_t, JailError> {
+    let argv: Vec<std::ffi::CString> = plan
+        .argv
+        .iter()
+        .map(|a| std::ffi::CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| JailError::new("argv contains a NUL byte"))?;
+    let env: Vec<std::ffi::CString> = plan
+        .env
+        .iter()
+        .map(|a| std::ffi::CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| JailError::new("environment contains a NUL byte"))?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
+
+    // SAFETY: pid 1 is single-threaded (a fork of the single-threaded
+    // launcher), so the child may allocate and run ordinary code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(JailError::last_os("forking the app"));
+    }
+    if pid > 0 {
+        return Ok(pid);
+    }
+    let result = (|| -> Result<(), JailError> {
+        // SAFETY: setsid, signal and sigprocmask calls with valid arguments.
+        unsafe {
+            if libc::setsid() < 0 {
+                return Err(JailError::last_os("setsid"));
+            }
+            for sig in super::WAITED_SIGNALS {
+                libc::signal(*sig, libc::SIG_DFL);
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            check(
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()),
+                "unblocking signals",
+            )?;
+        }
+        filters.install()?;
+        // SAFETY: argv and envp are NULL-terminated arrays of valid strings
+        // that live until exec replaces this process.
+        unsafe { libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), env_ptrs.as_ptr()) };
+        Err(JailError::last_os(format!("exec {}", plan.argv[0])))
+    })();
+    match result {
+        Ok(()) => unreachable!("execve returned without an error"),
+        Err(e) => fail(report, e),
+    }
+}
