@@ -50,13 +50,13 @@ impl UidRange {
         }
         for line in passwd.lines().filter(|l| !l.starts_with('#')) {
             let fields: Vec<&str> = line.split(':').collect();
-            if let Some(Ok(id)) = fields.get(2).map(|f| f.parse::<u64>()) {
-                if self.overlaps(id, 1) {
-                    return Err(JailError::new(format!(
-                        "uid range {}+{} contains id {id} of {:?} in /etc/passwd or /etc/group; choose another range",
-                        self.start, self.count, fields[0]
-                    )));
-                }
+            if let Some(Ok(id)) = fields.get(2).map(|f| f.parse::<u64>())
+                && self.overlaps(id, 1)
+            {
+                return Err(JailError::new(format!(
+                    "uid range {}+{} contains id {id} of {:?} in /etc/passwd or /etc/group; choose another range",
+                    self.start, self.count, fields[0]
+                )));
             }
         }
         for line in subordinate.lines().filter(|l| !l.starts_with('#')) {
@@ -64,13 +64,12 @@ impl UidRange {
             if let (Some(Ok(start)), Some(Ok(count))) = (
                 fields.get(1).map(|f| f.parse::<u64>()),
                 fields.get(2).map(|f| f.parse::<u64>()),
-            ) {
-                if self.overlaps(start, count) {
-                    return Err(JailError::new(format!(
-                        "uid range {}+{} overlaps the subordinate range {start}+{count} of {:?} in /etc/subuid or /etc/subgid; choose another range",
-                        self.start, self.count, fields[0]
-                    )));
-                }
+            ) && self.overlaps(start, count)
+            {
+                return Err(JailError::new(format!(
+                    "uid range {}+{} overlaps the subordinate range {start}+{count} of {:?} in /etc/subuid or /etc/subgid; choose another range",
+                    self.start, self.count, fields[0]
+                )));
             }
         }
         Ok(())
@@ -338,7 +337,8 @@ mod tests {
 
     #[test]
     fn bad_specs_name_what_is_wrong() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut GrainSpec)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut GrainSpec)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("image", Box::new(|s| s.image = s.image.join("missing"))),
             (
                 "outside the data root",

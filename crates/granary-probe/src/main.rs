@@ -7,6 +7,9 @@
 //! expectation. Linked statically (`+crt-static`) so an image holding nothing
 //! but this binary can run it.
 //!
+//! `granary-probe --wait` instead prints `ready PID` and waits for a signal,
+//! standing in for a long-running app.
+//!
 //! ```text
 //! granary-probe [--other-dataset PATH] [--host-socket PATH] [--abstract NAME]
 //!               [--host-pid PID] [--tmp-bytes N] [--pids N] [--memory-bytes N]
@@ -32,7 +35,7 @@ fn parse_args() -> Args {
         other_dataset: "/nonexistent-other-dataset".into(),
         host_socket: "/nonexistent.sock".into(),
         abstract_name: "granary-probe-none".into(),
-        host_pid: 1,
+        host_pid: i32::MAX,
         tmp_bytes: 64 << 20,
         pids: 256,
         memory_bytes: 256 << 20,
@@ -268,6 +271,7 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
         Box::new(|| {
             // SAFETY: statvfs fills the zeroed struct.
             let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: a valid path and a zeroed statvfs for the kernel to fill.
             let rc = unsafe { libc::statvfs(c("/var").as_ptr(), &mut st) };
             if rc != 0 {
                 return Blocked(err_text());
@@ -533,9 +537,11 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
                 )
             };
             if rc == 0 {
+                // SAFETY: the clone child leaves at once without unwinding.
                 unsafe { libc::_exit(0) }
             }
             if rc > 0 {
+                // SAFETY: reaping the child created just above.
                 unsafe { libc::waitpid(rc as i32, std::ptr::null_mut(), 0) };
             }
             sys(rc)
@@ -766,6 +772,7 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
                 // SAFETY: children pause until killed below.
                 let pid = unsafe { libc::fork() };
                 if pid == 0 {
+                    // SAFETY: the child waits for its SIGKILL and never returns.
                     unsafe {
                         libc::pause();
                         libc::_exit(0)
@@ -882,6 +889,14 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--wait") {
+        // Stand-in for a long-running app: say so, then wait for a signal.
+        println!("ready {}", std::process::id());
+        loop {
+            // SAFETY: pause only waits; the default SIGTERM action ends the process.
+            unsafe { libc::pause() };
+        }
+    }
     let args = parse_args();
     let mut failures = 0;
     let mut total = 0;

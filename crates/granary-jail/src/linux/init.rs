@@ -5,7 +5,10 @@
 
 /// Runs until the app exits, then exits the process with its status; the
 /// kernel then kills whatever else is left in the grain's pid namespace.
-pub(crate) fn run(app: libc::pid_t, waited: &libc::sigset_t) -> ! {
+///
+/// `_launcher` is our end of the launcher's `go` pipe, held open for the
+/// grain's life so the launcher's death is visible at any point.
+pub(crate) fn run(app: libc::pid_t, waited: &libc::sigset_t, _launcher: std::fs::File) -> ! {
     loop {
         // SAFETY: `info` is written by sigwaitinfo; `waited` is initialised.
         let sig = unsafe {

@@ -96,10 +96,10 @@ pub fn launch(plan: &Plan) -> Result<i32, JailError> {
         None => None,
     };
     let result = run_grain(plan, &filters, &waited, cgroup.as_ref());
-    if let Some(cgroup) = cgroup {
-        if let Err(e) = cgroup.remove(Duration::from_secs(5)) {
-            eprintln!("granary-launcher: {e}");
-        }
+    if let Some(cgroup) = cgroup
+        && let Err(e) = cgroup.remove(Duration::from_secs(5))
+    {
+        eprintln!("granary-launcher: {e}");
     }
     result
 }
@@ -138,16 +138,22 @@ fn run_grain(
     drop(go_read);
     drop(report_write);
 
-    let setup = parent_setup(plan, pid, cgroup, go_write, report_read);
-    if let Err(e) = setup {
-        // SAFETY: `pid` is our child; killing and reaping it is sound.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), 0);
+    // `go` stays open until the grain ends: its closing tells the grain's
+    // init that the launcher is gone.
+    let go = match parent_setup(plan, pid, cgroup, go_write, report_read) {
+        Ok(go) => go,
+        Err(e) => {
+            // SAFETY: `pid` is our child; killing and reaping it is sound.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
-    Ok(supervise(pid, waited))
+    };
+    let status = supervise(pid, waited);
+    drop(go);
+    Ok(status)
 }
 
 fn parent_setup(
@@ -156,7 +162,7 @@ fn parent_setup(
     cgroup: Option<&GrainCgroup>,
     go: OwnedFd,
     report: OwnedFd,
-) -> Result<(), JailError> {
+) -> Result<std::fs::File, JailError> {
     if let Some(cgroup) = cgroup {
         cgroup.add(pid as u32)?;
     }
@@ -187,7 +193,7 @@ fn parent_setup(
     // EOF (the write ends close on exec) means the app is running.
     let n = read_retrying(&mut report, &mut first)?;
     match (n, first[0]) {
-        (0, _) => Ok(()),
+        (0, _) => Ok(go),
         (_, MSG_ERROR) => Err(read_error(&mut report)),
         (_, other) => Err(JailError::new(format!("unexpected setup message {other}"))),
     }
@@ -265,12 +271,12 @@ pub fn die_with_parent(expected_parent: Option<libc::pid_t>) -> Result<(), JailE
     }
     // SAFETY: getppid cannot fail.
     let parent = unsafe { libc::getppid() };
-    if let Some(expected) = expected_parent {
-        if parent != expected {
-            return Err(JailError::new(format!(
-                "the daemon (pid {expected}) exited before the grain started"
-            )));
-        }
+    if let Some(expected) = expected_parent
+        && parent != expected
+    {
+        return Err(JailError::new(format!(
+            "the daemon (pid {expected}) exited before the grain started"
+        )));
     }
     Ok(())
 }

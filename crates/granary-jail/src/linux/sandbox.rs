@@ -39,7 +39,6 @@ pub(crate) fn child_main(
     if let Err(e) = setup(plan, &mut go, &report) {
         fail(&report, e);
     }
-    drop(go);
     let app = match spawn_app(plan, filters, &report) {
         Ok(pid) => pid,
         Err(e) => fail(&report, e),
@@ -52,7 +51,7 @@ pub(crate) fn child_main(
         // SAFETY: exiting pid 1 takes the whole grain down, as intended.
         unsafe { libc::_exit(1) };
     }
-    init::run(app, waited)
+    init::run(app, waited, go)
 }
 
 fn setup(plan: &Plan, go: &mut std::fs::File, report: &OwnedFd) -> Result<(), JailError> {
@@ -130,10 +129,29 @@ fn setup(plan: &Plan, go: &mut std::fs::File, report: &OwnedFd) -> Result<(), Ja
             "setting no_new_privs",
         )?;
     }
+    // Changing credentials cleared the parent-death signal: set it again,
+    // then make sure the launcher did not die in between (it holds the
+    // write end of `go` until the grain ends).
+    super::die_with_parent(None)?;
+    if launcher_gone(go) {
+        return Err(JailError::new("the launcher exited during setup"));
+    }
     drop_all_capabilities()?;
     set_rlimits(plan)?;
     std::env::set_current_dir("/var").map_err(|e| JailError::os("entering /var", e))?;
     Ok(())
+}
+
+/// True when the launcher's end of the `go` pipe has closed.
+fn launcher_gone(go: &std::fs::File) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: go.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// Empties the effective, permitted and inheritable sets (setresuid to a
