@@ -7,6 +7,7 @@
 //! expectation. Linked statically (`+crt-static`) so an image holding nothing
 //! but this binary can run it.
 //!
+//! `granary-probe --true` exits at once (the spawn benchmark's payload);
 //! `granary-probe --wait` instead prints `ready PID` and waits for a signal,
 //! standing in for a long-running app.
 //!
@@ -231,6 +232,14 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
     blocked(
         "write /proc/sysrq-trigger",
         Box::new(|| create_file("/proc/sysrq-trigger")),
+    );
+    blocked(
+        "read host memory details in /proc",
+        Box::new(|| open_read("/proc/meminfo")),
+    );
+    blocked(
+        "read the kernel command line",
+        Box::new(|| open_read("/proc/cmdline")),
     );
     blocked(
         "write a sysctl",
@@ -860,13 +869,28 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
     allowed(
         "hostname is the grain's own",
         Box::new(|| {
-            let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            if name.trim() == "grain" {
-                Allowed("grain".into())
+            // SAFETY: uname fills the zeroed struct.
+            let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            if unsafe { libc::uname(&mut u) } != 0 {
+                return Blocked(err_text());
+            }
+            let name: String = u
+                .nodename
+                .iter()
+                .take_while(|c| **c != 0)
+                .map(|c| *c as u8 as char)
+                .collect();
+            if name == "grain" {
+                Allowed(name)
             } else {
                 Blocked(name)
             }
         }),
+    );
+    allowed(
+        "read its own /proc/self",
+        Box::new(|| open_read("/proc/self/status")),
     );
     allowed(
         "talk over the host channel on fd 3",
@@ -889,6 +913,10 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--true") {
+        // What the spawn benchmark runs: nothing at all.
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("--wait") {
         // Stand-in for a long-running app: say so, then wait for a signal.
         println!("ready {}", std::process::id());

@@ -7,7 +7,7 @@
 //! /var         the grain's dataset, read-write, nosuid, nodev
 //! /tmp         tmpfs with size and inode limits, nosuid, nodev
 //! /dev         tmpfs, read-only: null zero full random urandom, fd links
-//! /proc        the grain's own proc; host-revealing files masked, sysctls read-only
+//! /proc        the grain's own processes only (`subset=pid`): no global files
 //! ```
 
 use std::ffi::{CString, OsStr};
@@ -25,38 +25,14 @@ const STAGING: &str = "/tmp";
 /// Entries of the image that the sandbox provides itself.
 const PROVIDED: &[&str] = &["dev", "proc", "tmp", "var"];
 
-/// /proc files that reveal or poke the host kernel: replaced by /dev/null.
-const PROC_MASKED_FILES: &[&str] = &[
-    "kcore",
-    "keys",
-    "key-users",
-    "timer_list",
-    "sched_debug",
-    "sysrq-trigger",
-    "latency_stats",
-    "kallsyms",
-    "kmsg",
-    "kpagecount",
-    "kpageflags",
-    "kpagecgroup",
-    "vmallocinfo",
-    "config.gz",
+/// Device nodes of `/dev`: name, major, minor.
+const DEVICES: &[(&str, u32, u32)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
 ];
-/// /proc directories hidden under an empty read-only tmpfs.
-const PROC_MASKED_DIRS: &[&str] = &[
-    "acpi",
-    "asound",
-    "scsi",
-    "driver",
-    "bus",
-    "irq",
-    "fs",
-    "sys/fs/binfmt_misc",
-];
-/// /proc directories kept visible but read-only.
-const PROC_READ_ONLY: &[&str] = &["sys"];
-
-const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
 
 fn cstr(path: &Path) -> Result<CString, JailError> {
     CString::new(path.as_os_str().as_bytes())
@@ -204,15 +180,17 @@ pub(crate) fn build_root(plan: &Plan) -> Result<(), JailError> {
 
     let proc = staging.join("proc");
     mkdir(&proc)?;
+    // `subset=pid`: only the grain's own processes, no global files at all
+    // (no /proc/sys, /proc/kcore, /proc/keys, /proc/sysrq-trigger, ...),
+    // which hides more than masking file by file and costs one call.
     mount(
         Some(Path::new("proc")),
         &proc,
         Some("proc"),
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
+        Some("subset=pid,hidepid=invisible"),
         "mounting proc on",
     )?;
-    mask_proc(&proc)?;
 
     pivot(staging)?;
     // The root tmpfs itself becomes read-only: the grain cannot add files at /.
@@ -236,15 +214,24 @@ fn build_dev(dev: &Path) -> Result<(), JailError> {
         Some("mode=0755,size=64k,nr_inodes=64"),
         "mounting tmpfs on",
     )?;
-    for name in DEVICES {
-        let target = dev.join(name);
-        touch(&target)?;
-        bind(
-            &Path::new("/dev").join(name),
-            &target,
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            "binding a device on",
-        )?;
+    for (name, major, minor) in DEVICES {
+        let target = cstr(&dev.join(name))?;
+        // SAFETY: a valid path; a character device with a fixed number.
+        let rc = unsafe {
+            libc::mknod(
+                target.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(*major, *minor),
+            )
+        };
+        if rc != 0 {
+            return Err(JailError::last_os(format!("creating /dev/{name}")));
+        }
+        // mknod's mode is filtered by the umask.
+        // SAFETY: chmod of the node just made.
+        if unsafe { libc::chmod(target.as_ptr(), 0o666) } != 0 {
+            return Err(JailError::last_os(format!("chmod /dev/{name}")));
+        }
     }
     for (link, dest) in [
         ("fd", "/proc/self/fd"),
@@ -263,45 +250,6 @@ fn build_dev(dev: &Path) -> Result<(), JailError> {
         None,
         "remounting read-only",
     )
-}
-
-fn mask_proc(proc: &Path) -> Result<(), JailError> {
-    for name in PROC_MASKED_FILES {
-        let target = proc.join(name);
-        if target.is_file() {
-            bind(
-                Path::new("/dev/null"),
-                &target,
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                "masking",
-            )?;
-        }
-    }
-    for name in PROC_MASKED_DIRS {
-        let target = proc.join(name);
-        if target.is_dir() {
-            mount(
-                Some(Path::new("tmpfs")),
-                &target,
-                Some("tmpfs"),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                Some("size=0,nr_inodes=1"),
-                "masking",
-            )?;
-        }
-    }
-    for name in PROC_READ_ONLY {
-        let target = proc.join(name);
-        if target.is_dir() {
-            bind(
-                &target,
-                &target,
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                "making read-only",
-            )?;
-        }
-    }
-    Ok(())
 }
 
 /// `pivot_root(".", ".")` then detach the old root: the new root needs no

@@ -39,18 +39,18 @@ pub(crate) fn child_main(
     if let Err(e) = setup(plan, &mut go, &report) {
         fail(&report, e);
     }
-    let app = match spawn_app(plan, filters, &report) {
+    // Installed once, here: the app inherits the filters through fork, and
+    // setsid, sigprocmask and execve are all on the allowlist.
+    if let Err(e) = filters.install() {
+        fail(&report, e);
+    }
+    let app = match spawn_app(plan, &report) {
         Ok(pid) => pid,
         Err(e) => fail(&report, e),
     };
     // The app's copy of the report pipe closes when it execs; ours closes
     // here, so the launcher sees EOF exactly when the app is running.
     drop(report);
-    if let Err(e) = filters.install() {
-        eprintln!("granary init: {e}");
-        // SAFETY: exiting pid 1 takes the whole grain down, as intended.
-        unsafe { libc::_exit(1) };
-    }
     init::run(app, waited, go)
 }
 
@@ -72,12 +72,14 @@ fn setup(plan: &Plan, go: &mut std::fs::File, report: &OwnedFd) -> Result<(), Ja
             "sethostname",
         )?;
     }
-    mount::build_root(plan)?;
-
+    // Read while the host's /proc is still there (the grain's shows no
+    // global files).
     let last_cap: libc::c_ulong = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(63);
+        .ok_or_else(|| JailError::new("cannot read /proc/sys/kernel/cap_last_cap"))?;
+    mount::build_root(plan)?;
+
     // SAFETY: setgroups with an empty list; unshare with a plain flag.
     unsafe {
         check(
@@ -207,13 +209,9 @@ fn set_rlimits(plan: &Plan) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Forks the app (pid 2): a new session, default signal handling, the
-/// seccomp filters, then exec. Returns its pid to init.
-fn spawn_app(
-    plan: &Plan,
-    filters: &seccomp::Filters,
-    report: &OwnedFd,
-) -> Result<libc::pid_t, JailError> {
+/// Forks the app (pid 2): a new session, default signal handling, then
+/// exec (the seccomp filters are inherited from init). Returns its pid.
+fn spawn_app(plan: &Plan, report: &OwnedFd) -> Result<libc::pid_t, JailError> {
     let argv: Vec<std::ffi::CString> = plan
         .argv
         .iter()
@@ -256,7 +254,6 @@ fn spawn_app(
                 "unblocking signals",
             )?;
         }
-        filters.install()?;
         // SAFETY: argv and envp are NULL-terminated arrays of valid strings
         // that live until exec replaces this process.
         unsafe { libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), env_ptrs.as_ptr()) };
