@@ -182,6 +182,24 @@ impl GrainCgroup {
         &self.dirs
     }
 
+    /// Moves the calling thread into the grain's cgroup(s); the caller must
+    /// be single-threaded, so this moves the whole process.
+    ///
+    /// On v1 this writes `0` to each `tasks` file: migrating only the
+    /// current thread skips the kernel's global threadgroup lock, whose
+    /// writer side waits for an RCU grace period (4-13 ms on a quiet VM)
+    /// every time a whole process is moved through `cgroup.procs`.
+    pub fn join_current(&self) -> Result<(), JailError> {
+        let file = match self.driver {
+            CgroupDriver::V1 { .. } => "tasks",
+            CgroupDriver::V2 { .. } => "cgroup.procs",
+        };
+        for dir in &self.dirs {
+            write(&dir.join(file), "0")?;
+        }
+        Ok(())
+    }
+
     /// Moves process `pid` into the grain's cgroup(s).
     pub fn add(&self, pid: u32) -> Result<(), JailError> {
         for dir in &self.dirs {

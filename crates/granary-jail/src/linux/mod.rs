@@ -4,13 +4,13 @@
 //! ```text
 //! launcher (host root)                 child = grain pid 1 (new mnt/pid/net/ipc/uts ns)
 //!   create cgroup, compile seccomp
-//!   clone ───────────────────────────▶ wait for "go"
-//!   move child into cgroup, "go" ───▶ unshare cgroup ns, hostname, build root,
-//!                                      pivot_root, drop bounding caps,
+//!   clone ───────────────────────────▶ join the cgroup, unshare cgroup ns,
+//!                                      hostname, build root, pivot_root,
 //!                                      unshare user ns, ask for maps
-//!   write uid/gid maps, "maps" ─────▶ become uid 1000, no_new_privs, rlimits
-//!                                      fork ─▶ app (pid 2): setsid, seccomp, exec
-//!                                      seccomp; reap and forward signals
+//!   write uid/gid maps, "maps" ─────▶ drop bounding caps, become uid 1000,
+//!                                      no_new_privs, rlimits, seccomp
+//!                                      fork ─▶ app (pid 2): setsid, exec
+//!                                      reap and forward signals
 //!   EOF on the report pipe = exec'd
 //!   forward signals, wait, remove cgroup
 //! ```
@@ -132,7 +132,7 @@ fn run_grain(
     if pid == 0 {
         drop(go_write);
         drop(report_read);
-        sandbox::child_main(plan, filters, waited, go_read, report_write);
+        sandbox::child_main(plan, filters, waited, cgroup, go_read, report_write);
     }
     let pid = pid as libc::pid_t;
     drop(go_read);
@@ -140,7 +140,7 @@ fn run_grain(
 
     // `go` stays open until the grain ends: its closing tells the grain's
     // init that the launcher is gone.
-    let go = match parent_setup(plan, pid, cgroup, go_write, report_read) {
+    let go = match parent_setup(plan, pid, go_write, report_read) {
         Ok(go) => go,
         Err(e) => {
             // SAFETY: `pid` is our child; killing and reaping it is sound.
@@ -159,17 +159,11 @@ fn run_grain(
 fn parent_setup(
     plan: &Plan,
     pid: libc::pid_t,
-    cgroup: Option<&GrainCgroup>,
     go: OwnedFd,
     report: OwnedFd,
 ) -> Result<std::fs::File, JailError> {
-    if let Some(cgroup) = cgroup {
-        cgroup.add(pid as u32)?;
-    }
     let mut go = std::fs::File::from(go);
     let mut report = std::fs::File::from(report);
-    go.write_all(b"g")
-        .map_err(|e| JailError::os("starting the grain", e))?;
 
     let mut first = [0u8; 1];
     let n = read_retrying(&mut report, &mut first)?;

@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::{MSG_ERROR, MSG_NEED_MAPS, init, mount, seccomp};
+use crate::cgroup::GrainCgroup;
 use crate::{INSIDE_GID, INSIDE_UID, JailError, Plan};
 
 /// Reports `err` to the launcher and exits. Never returns.
@@ -32,11 +33,12 @@ pub(crate) fn child_main(
     plan: &Plan,
     filters: &seccomp::Filters,
     waited: &libc::sigset_t,
+    cgroup: Option<&GrainCgroup>,
     go: OwnedFd,
     report: OwnedFd,
 ) -> ! {
     let mut go = std::fs::File::from(go);
-    if let Err(e) = setup(plan, &mut go, &report) {
+    if let Err(e) = setup(plan, cgroup, &mut go, &report) {
         fail(&report, e);
     }
     // Installed once, here: the app inherits the filters through fork, and
@@ -54,11 +56,19 @@ pub(crate) fn child_main(
     init::run(app, waited, go)
 }
 
-fn setup(plan: &Plan, go: &mut std::fs::File, report: &OwnedFd) -> Result<(), JailError> {
+fn setup(
+    plan: &Plan,
+    cgroup: Option<&GrainCgroup>,
+    go: &mut std::fs::File,
+    report: &OwnedFd,
+) -> Result<(), JailError> {
     super::die_with_parent(None)?;
+    // Before the cgroup namespace is made, so that the grain's own cgroup
+    // is its root.
+    if let Some(cgroup) = cgroup {
+        cgroup.join_current()?;
+    }
     let mut byte = [0u8; 1];
-    go.read_exact(&mut byte)
-        .map_err(|e| JailError::os("waiting for the launcher", e))?;
 
     // SAFETY: unshare and sethostname take plain arguments; the hostname
     // buffer outlives the call.
