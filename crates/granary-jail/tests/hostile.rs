@@ -383,3 +383,58 @@ fn a_failing_step_is_named_and_leaves_nothing_behind() {
         assert!(!dir.exists(), "cgroup {} left behind", dir.display());
     }
 }
+
+#[test]
+fn a_cpu_hog_does_not_starve_a_sibling_grain() {
+    let _one = ONE_GRAIN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let hog_host = Host::new("hog", 51);
+    let sibling_host = Host::new("sibling", 61);
+    // Both grains on CPU 0 (children inherit the launcher's affinity), the
+    // hog with eight spinning threads, the sibling with one.
+    let pinned = |host: &Host, argv: &[&str]| {
+        let plan = serde_json::to_string(&host.plan(argv, vec![])).unwrap();
+        Command::new("taskset")
+            .args(["-c", "0"])
+            .arg(launcher())
+            .arg("--plan-json")
+            .arg(plan)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut hog = pinned(&hog_host, &["/bin/probe", "--hog", "8"]);
+    let mut line = String::new();
+    BufReader::new(hog.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("hogging"), "{line}");
+    let sibling = pinned(&sibling_host, &["/bin/probe", "--cpu-share", "1500"])
+        .wait_with_output()
+        .unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &hog.id().to_string()])
+        .status();
+    let _ = hog.wait();
+    let out = String::from_utf8_lossy(&sibling.stdout);
+    let share: f64 = out
+        .trim()
+        .strip_prefix("cpu-share ")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no share reported: {out}\n{}",
+                String::from_utf8_lossy(&sibling.stderr)
+            )
+        });
+    println!("sibling grain CPU share against an 8-thread hog: {share:.3}");
+    // Equal cpu weights: about half of CPU 0 each. Without per-grain cgroups
+    // the one thread would get about 1/9 against eight.
+    assert!(
+        share > 0.3,
+        "the sibling got only {:.0}% of its CPU",
+        share * 100.0
+    );
+}

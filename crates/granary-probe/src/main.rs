@@ -7,6 +7,8 @@
 //! expectation. Linked statically (`+crt-static`) so an image holding nothing
 //! but this binary can run it.
 //!
+//! `--hog N` spins N threads forever; `--cpu-share MS` spins for MS
+//! milliseconds and prints the share of a CPU it got (the fairness test).
 //! `granary-probe --true` exits at once (the spawn benchmark's payload);
 //! `granary-probe --wait` instead prints `ready PID` and waits for a signal,
 //! standing in for a long-running app.
@@ -915,6 +917,51 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--true") {
         // What the spawn benchmark runs: nothing at all.
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("--hog") {
+        // A CPU hog: more spinning threads than there are CPUs, forever.
+        let threads: usize = std::env::args()
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(8);
+        println!("hogging with {threads} threads");
+        for _ in 0..threads {
+            std::thread::spawn(|| {
+                let mut x = 0u64;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            });
+        }
+        loop {
+            std::thread::park();
+        }
+    }
+    if std::env::args().nth(1).as_deref() == Some("--cpu-share") {
+        // Spins for the given wall-clock milliseconds and prints the share of
+        // one CPU it actually got.
+        let ms: u64 = std::env::args()
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1000);
+        let wall = std::time::Instant::now();
+        let cpu = |clock| {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime fills `ts`.
+            unsafe { libc::clock_gettime(clock, &mut ts) };
+            ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+        };
+        let start = cpu(libc::CLOCK_PROCESS_CPUTIME_ID);
+        let mut x = 0u64;
+        while wall.elapsed() < std::time::Duration::from_millis(ms) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = cpu(libc::CLOCK_PROCESS_CPUTIME_ID) - start;
+        println!("cpu-share {:.3}", used / wall.elapsed().as_secs_f64());
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("--wait") {
