@@ -269,6 +269,14 @@ fn hostile_probe_finds_no_way_out() {
         std::fs::read_to_string(host.config.data_root.join("grains/other/secret")).unwrap(),
         "other grain's data"
     );
+    // Host code opening grain data never follows what the grain planted.
+    let dataset = std::fs::File::open(host.config.data_root.join("grains/mine")).unwrap();
+    match granary_files::open_beneath(&dataset, Path::new("planted-link"), false) {
+        Err(granary_files::FileError::Io { source, .. }) => {
+            assert_eq!(source.raw_os_error(), Some(libc::ELOOP))
+        }
+        other => panic!("the planted symlink was followed: {other:?}"),
+    }
     // Nothing left behind on the host.
     assert_eq!(
         mount_count(),

@@ -891,6 +891,15 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
         }),
     );
     allowed(
+        "plant a symlink to the host's /etc/shadow in its own /var",
+        Box::new(
+            || match std::os::unix::fs::symlink("/etc/shadow", "/var/planted-link") {
+                Ok(()) => Allowed("planted; the host must never follow it".into()),
+                Err(e) => Blocked(e.to_string()),
+            },
+        ),
+    );
+    allowed(
         "read its own /proc/self",
         Box::new(|| open_read("/proc/self/status")),
     );
