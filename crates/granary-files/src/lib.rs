@@ -122,6 +122,7 @@ pub fn check_private(path: &Path, meta: &fs::Metadata, owner: u32) -> Result<(),
 /// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`. Host code that touches
 /// grain data goes through this, so a symlink a grain plants at
 /// `/var/x -> /etc/shadow` is an error (`ELOOP`), never a read of the host.
+#[cfg(target_os = "linux")]
 pub fn open_beneath(dir: &File, path: &Path, write: bool) -> Result<File, FileError> {
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::ffi::OsStrExt;
@@ -175,6 +176,39 @@ pub fn open_beneath(dir: &File, path: &Path, write: bool) -> Result<File, FileEr
     Ok(unsafe { File::from_raw_fd(fd as i32) })
 }
 
+/// FreeBSD: `O_RESOLVE_BENEATH` keeps every step inside `dir` (a symlink
+/// may not lead out), and `O_NOFOLLOW` refuses a symlink as the last step.
+#[cfg(target_os = "freebsd")]
+pub fn open_beneath(dir: &File, path: &Path, write: bool) -> Result<File, FileError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| FileError::Io {
+            op: "open beneath",
+            path: path.to_path_buf(),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?;
+    let access = if write {
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC
+    } else {
+        libc::O_RDONLY
+    };
+    let flags =
+        access | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_RESOLVE_BENEATH;
+    // SAFETY: `dir` is an open descriptor and `c_path` a NUL-terminated string.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c_path.as_ptr(), flags, 0o600) };
+    if fd < 0 {
+        return Err(FileError::Io {
+            op: "open beneath",
+            path: path.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +229,7 @@ mod tests {
         assert_eq!(names, ["secret.key"]);
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn open_beneath_refuses_symlinks_and_escapes() {
         let dir = tempfile::tempdir().unwrap();

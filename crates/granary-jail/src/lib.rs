@@ -19,6 +19,8 @@
 
 pub mod cgroup;
 mod error;
+#[cfg(target_os = "freebsd")]
+pub mod freebsd;
 #[cfg(target_os = "linux")]
 pub mod linux;
 pub mod spawn;

@@ -7,6 +7,8 @@
 //! Tests take a lock so that only one grain (with its fork and memory
 //! bombs) runs at a time on a 2-core machine.
 
+#![cfg(target_os = "linux")]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};

@@ -75,7 +75,26 @@ fn run() -> Result<i32, String> {
     linux::launch(&plan).map_err(|e| e.to_string())
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(target_os = "freebsd")]
 fn run() -> Result<i32, String> {
-    Err("this launcher only supports Linux so far".to_owned())
+    use granary_jail::{Plan, freebsd};
+
+    let mut args = std::env::args().skip(1);
+    let (Some(flag), Some(value)) = (args.next(), args.next()) else {
+        return Err("usage: granary-launcher --plan-json JSON | --plan FILE".to_owned());
+    };
+    let text = match flag.as_str() {
+        "--plan-json" => value,
+        "--plan" => {
+            std::fs::read_to_string(&value).map_err(|e| format!("reading plan {value}: {e}"))?
+        }
+        other => return Err(format!("unknown argument {other:?}")),
+    };
+    let plan: Plan = serde_json::from_str(&text).map_err(|e| format!("invalid plan: {e}"))?;
+    freebsd::launch(&plan).map_err(|e| e.to_string())
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
+fn run() -> Result<i32, String> {
+    Err("this launcher supports Linux and FreeBSD only".to_owned())
 }
