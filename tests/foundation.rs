@@ -375,6 +375,17 @@ fn bad_config_is_one_line_naming_file_and_key() {
     let run = run_granary(&["config", "check", file.to_str().unwrap()], None).failure();
     assert!(run.stderr.contains("listen.https"), "{run}");
 
+    // A grain uid range among the host's users is refused (the overlap
+    // check against /etc/passwd, group, subuid and subgid is unit-tested in
+    // granary-jail).
+    std::fs::write(&file, "[jail]\nuid_range = \"65534+10\"\n").unwrap();
+    let run = run_granary(&["config", "check", file.to_str().unwrap()], None).failure();
+    assert!(
+        run.stderr.contains("jail.uid_range") && run.stderr.contains("below 65536"),
+        "{run}"
+    );
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{run}");
+
     // The printed default config passes its own check.
     let default = run_granary(&["config", "default"], None).success();
     std::fs::write(&file, default.stdout).unwrap();

@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub tls: RawTls,
     #[serde(default)]
     pub storage: RawStorage,
+    #[serde(default)]
+    pub jail: RawJail,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
@@ -44,6 +46,12 @@ pub struct RawTls {
 #[serde(deny_unknown_fields)]
 pub struct RawStorage {
     pub backend: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJail {
+    pub uid_range: Option<String>,
 }
 
 impl RawConfig {

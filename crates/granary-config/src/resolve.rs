@@ -33,6 +33,34 @@ pub struct Config {
     pub listen: Listen,
     pub tls: TlsSource,
     pub storage: StorageBackend,
+    /// Host uids (and gids) handed to grains, one each.
+    pub uid_range: UidRangeSetting,
+}
+
+/// `jail.uid_range`: the first host uid for grains and how many there are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidRangeSetting {
+    pub start: u32,
+    pub count: u32,
+}
+
+pub const DEFAULT_UID_RANGE: &str = "1500000000+1000000";
+
+fn parse_uid_range(text: &str) -> Result<UidRangeSetting, String> {
+    let bad =
+        || format!("{text:?} is not a uid range; write START+COUNT, e.g. \"{DEFAULT_UID_RANGE}\"");
+    let (start, count) = text.split_once('+').ok_or_else(bad)?;
+    let start: u32 = start.trim().parse().map_err(|_| bad())?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    if count == 0 || u64::from(start) + u64::from(count) > u64::from(u32::MAX) {
+        return Err(format!("{text:?} is empty or runs past the largest uid"));
+    }
+    if start < 65_536 {
+        return Err(format!(
+            "{text:?} starts below 65536, among ordinary users and system accounts; choose a range far above them"
+        ));
+    }
+    Ok(UidRangeSetting { start, count })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +231,9 @@ impl Config {
             }
         };
 
+        let uid_range = parse_uid_range(raw.jail.uid_range.as_deref().unwrap_or(DEFAULT_UID_RANGE))
+            .map_err(|reason| err("jail.uid_range", reason))?;
+
         Ok(Config {
             file: file.map(Path::to_path_buf),
             data_dir,
@@ -212,6 +243,7 @@ impl Config {
             listen: Listen { https },
             tls,
             storage,
+            uid_range,
         })
     }
 
@@ -383,6 +415,32 @@ mod tests {
                 .unwrap_err();
         assert_eq!(err.key.as_deref(), Some("tls.cert"));
         assert!(err.reason.contains("/nonexistent/a.pem"), "{err}");
+    }
+
+    #[test]
+    fn uid_range_is_parsed_and_checked() {
+        let config = resolve_text("[jail]\nuid_range = \"2000000000+5000\"").unwrap();
+        assert_eq!(
+            config.uid_range,
+            UidRangeSetting {
+                start: 2_000_000_000,
+                count: 5000
+            }
+        );
+        assert_eq!(
+            Config::load(None, &env()).unwrap().uid_range.start,
+            1_500_000_000
+        );
+        for bad in [
+            "1000-2000",
+            "0+100",
+            "4294967000+1000",
+            "x+1",
+            "2000000000+0",
+        ] {
+            let err = resolve_text(&format!("[jail]\nuid_range = \"{bad}\"")).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some("jail.uid_range"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -64,6 +64,22 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(Config::load(file, &env)?)
 }
 
+/// Refuses a grain uid range that overlaps this host's users, groups or
+/// subordinate id ranges: grains must never share a uid with anything else.
+fn check_uid_range(config: &Config) -> anyhow::Result<()> {
+    let range = granary_jail::UidRange {
+        start: config.uid_range.start,
+        count: config.uid_range.count,
+    };
+    range.check_free_on_host().map_err(|e| {
+        anyhow::anyhow!(granary_config::ConfigError {
+            file: config.file.clone(),
+            key: Some("jail.uid_range".to_owned()),
+            reason: e.step,
+        })
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Serve => {
@@ -95,11 +111,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCommand::Check { file }) => {
             let config = Config::load(Some(file), &environment(&cli)?)?;
             logging::check_filter(&config)?;
+            check_uid_range(&config)?;
             println!("{}: ok", config.file.as_deref().unwrap_or(file).display());
             println!("  data_dir        {}", config.data_dir.display());
             println!("  domain          {}", config.domain);
             println!("  listen.https    {}", config.listen.https);
             println!("  storage.backend {}", config.storage.name());
+            println!(
+                "  jail.uid_range  {}+{} (free on this host)",
+                config.uid_range.start, config.uid_range.count
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {

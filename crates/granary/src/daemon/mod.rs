@@ -46,6 +46,7 @@ pub(crate) struct DaemonInfo {
 
 pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     crate::logging::install(&config)?;
+    crate::check_uid_range(&config)?;
     let owner = nix::unistd::geteuid().as_raw();
 
     granary_files::ensure_private_dir(&config.data_dir, owner)
