@@ -21,6 +21,8 @@ pub mod cgroup;
 mod error;
 #[cfg(target_os = "freebsd")]
 pub mod freebsd;
+#[cfg(unix)]
+pub mod grain_log;
 #[cfg(target_os = "linux")]
 pub mod linux;
 pub mod spawn;

@@ -448,3 +448,35 @@ fn a_cpu_hog_does_not_starve_a_sibling_grain() {
         share * 100.0
     );
 }
+
+#[test]
+fn a_chatty_grain_fills_only_its_capped_log() {
+    let _one = ONE_GRAIN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let host = Host::new("chatty", 71);
+    let mut child = host.launch(
+        host.plan(&["/bin/probe", "--spew", "4000000"], vec![]),
+        vec![],
+    );
+    let policy = granary_jail::grain_log::LogPolicy {
+        dir: host.dir.path().join("logs/chatty"),
+        max_file_bytes: 256 << 10,
+        keep: 2,
+    };
+    let stdout = std::fs::File::from(std::os::fd::OwnedFd::from(child.stdout.take().unwrap()));
+    let pump = granary_jail::grain_log::drain(stdout, policy.clone()).unwrap();
+    let status = child.wait().unwrap();
+    pump.join().unwrap().unwrap();
+    assert!(status.success(), "{status}");
+    let on_disk: u64 = std::fs::read_dir(&policy.dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        on_disk <= 3 * (256 << 10),
+        "{on_disk} bytes of log for a 768 KiB cap"
+    );
+    let tail = policy.tail(1 << 10).unwrap();
+    assert!(String::from_utf8_lossy(&tail).ends_with("the grain is very chatty today\n"));
+}

@@ -9,6 +9,7 @@
 //!
 //! `--hog N` spins N threads forever; `--cpu-share MS` spins for MS
 //! milliseconds and prints the share of a CPU it got (the fairness test).
+//! `--spew N` writes N bytes to stdout (the log-cap test).
 //! `granary-probe --true` exits at once (the spawn benchmark's payload);
 //! `granary-probe --wait` instead prints `ready PID` and waits for a signal,
 //! standing in for a long-running app.
@@ -971,6 +972,21 @@ fn main() {
         }
         let used = cpu(libc::CLOCK_PROCESS_CPUTIME_ID) - start;
         println!("cpu-share {:.3}", used / wall.elapsed().as_secs_f64());
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("--spew") {
+        // Writes N bytes of log lines to stdout and exits.
+        let total: usize = std::env::args()
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1 << 20);
+        let line = b"the grain is very chatty today\n";
+        let mut out = std::io::stdout().lock();
+        let mut written = 0;
+        while written < total {
+            let _ = out.write_all(line);
+            written += line.len();
+        }
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("--wait") {
