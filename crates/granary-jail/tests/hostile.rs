@@ -480,3 +480,56 @@ fn a_chatty_grain_fills_only_its_capped_log() {
     let tail = policy.tail(1 << 10).unwrap();
     assert!(String::from_utf8_lossy(&tail).ends_with("the grain is very chatty today\n"));
 }
+
+#[test]
+fn without_root_the_launcher_maps_the_invoking_user_and_says_so() {
+    let _one = ONE_GRAIN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let host = Host::new("rootless", 81);
+    const NOBODY: u32 = 65534;
+    std::os::unix::fs::chown(
+        host.config.data_root.join("grains/mine"),
+        Some(NOBODY),
+        Some(NOBODY),
+    )
+    .unwrap();
+    let plan = serde_json::to_string(&host.plan(&["/bin/probe"], vec![])).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(launcher())
+        .arg("--plan-json")
+        .arg(plan)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("WARNING: not running as root"), "{stderr}");
+    assert!(stderr.contains("shares one host uid"), "{stderr}");
+    // Everything holds but what needs root: cgroup limits, and (in this
+    // test) a host channel.
+    let mut failed: Vec<String> = stdout
+        .lines()
+        .filter(|l| l.contains("\"ok\":false"))
+        .map(|l| l.split('"').nth(3).unwrap_or_default().to_owned())
+        .collect();
+    failed.sort();
+    assert_eq!(
+        failed,
+        [
+            "fork bomb past pids.max",
+            "memory bomb past memory.max",
+            "talk over the host channel on fd 3"
+        ],
+        "{stdout}\n{stderr}"
+    );
+    let written = host.config.data_root.join("grains/mine/probe-ok");
+    assert_eq!(
+        std::fs::metadata(written).unwrap().uid(),
+        NOBODY,
+        "the grain ran as the invoking user"
+    );
+    for dir in host.cgroup_dirs() {
+        assert!(!dir.exists(), "no cgroup is made without root");
+    }
+}

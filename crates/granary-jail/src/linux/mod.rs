@@ -86,7 +86,18 @@ fn block_waited_signals() -> Result<libc::sigset_t, JailError> {
 pub fn launch(plan: &Plan) -> Result<i32, JailError> {
     let filters = seccomp::compile()?;
     let waited = block_waited_signals()?;
+    // SAFETY: geteuid cannot fail.
+    let rootless = unsafe { libc::geteuid() } != 0;
+    if rootless {
+        eprintln!(
+            "granary-launcher: WARNING: not running as root, so grain {} runs as YOUR uid: \
+             every grain started this way shares one host uid with the others and with you, \
+             and has no cgroup limits. Fine for a laptop demo; run granary as root to isolate grains.",
+            plan.grain
+        );
+    }
     let cgroup = match &plan.cgroup {
+        Some(_) if rootless => None,
         Some(driver) => Some(GrainCgroup::create(
             driver,
             &plan.cgroup_parent,
@@ -95,7 +106,7 @@ pub fn launch(plan: &Plan) -> Result<i32, JailError> {
         )?),
         None => None,
     };
-    let result = run_grain(plan, &filters, &waited, cgroup.as_ref());
+    let result = run_grain(plan, &filters, &waited, cgroup.as_ref(), rootless);
     if let Some(cgroup) = cgroup
         && let Err(e) = cgroup.remove(Duration::from_secs(5))
     {
@@ -109,8 +120,16 @@ fn run_grain(
     filters: &seccomp::Filters,
     waited: &libc::sigset_t,
     cgroup: Option<&GrainCgroup>,
+    rootless: bool,
 ) -> Result<i32, JailError> {
     let (go_read, go_write) = pipe()?;
+    // Without root, the user namespace comes first: it is what lets the
+    // child mount at all.
+    let flags = if rootless {
+        CLONE_FLAGS | libc::CLONE_NEWUSER
+    } else {
+        CLONE_FLAGS
+    };
     let (report_read, report_write) = pipe()?;
 
     // SAFETY: the launcher is single-threaded, so the child may run any
@@ -119,7 +138,7 @@ fn run_grain(
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
-            (CLONE_FLAGS | libc::SIGCHLD) as libc::c_ulong,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
             std::ptr::null_mut::<libc::c_void>(),
             std::ptr::null_mut::<libc::c_int>(),
             std::ptr::null_mut::<libc::c_int>(),
@@ -132,7 +151,15 @@ fn run_grain(
     if pid == 0 {
         drop(go_write);
         drop(report_read);
-        sandbox::child_main(plan, filters, waited, cgroup, go_read, report_write);
+        sandbox::child_main(
+            plan,
+            filters,
+            waited,
+            cgroup,
+            rootless,
+            go_read,
+            report_write,
+        );
     }
     let pid = pid as libc::pid_t;
     drop(go_read);
@@ -140,7 +167,7 @@ fn run_grain(
 
     // `go` stays open until the grain ends: its closing tells the grain's
     // init that the launcher is gone.
-    let go = match parent_setup(plan, pid, go_write, report_read) {
+    let go = match parent_setup(plan, pid, go_write, report_read, rootless) {
         Ok(go) => go,
         Err(e) => {
             // SAFETY: `pid` is our child; killing and reaping it is sound.
@@ -161,26 +188,35 @@ fn parent_setup(
     pid: libc::pid_t,
     go: OwnedFd,
     report: OwnedFd,
+    rootless: bool,
 ) -> Result<std::fs::File, JailError> {
     let mut go = std::fs::File::from(go);
     let mut report = std::fs::File::from(report);
 
     let mut first = [0u8; 1];
-    let n = read_retrying(&mut report, &mut first)?;
-    match (n, first[0]) {
-        (0, _) => return Err(JailError::new("the grain exited during setup")),
-        (_, MSG_ERROR) => return Err(read_error(&mut report)),
-        (_, MSG_NEED_MAPS) => {}
-        (_, other) => return Err(JailError::new(format!("unexpected setup message {other}"))),
-    }
+    let (uid, gid) = if rootless {
+        // The child is already in its user namespace; it can only map the
+        // invoking user's own ids.
+        // SAFETY: geteuid and getegid cannot fail.
+        unsafe { (libc::geteuid(), libc::getegid()) }
+    } else {
+        let n = read_retrying(&mut report, &mut first)?;
+        match (n, first[0]) {
+            (0, _) => return Err(JailError::new("the grain exited during setup")),
+            (_, MSG_ERROR) => return Err(read_error(&mut report)),
+            (_, MSG_NEED_MAPS) => {}
+            (_, other) => return Err(JailError::new(format!("unexpected setup message {other}"))),
+        }
+        (plan.host_uid, plan.host_gid)
+    };
     let proc = format!("/proc/{pid}");
     let write = |file: &str, text: String| {
         std::fs::write(format!("{proc}/{file}"), &text)
             .map_err(|e| JailError::os(format!("writing {text:?} to {proc}/{file}"), e))
     };
     write("setgroups", "deny".to_owned())?;
-    write("uid_map", format!("{INSIDE_UID} {} 1\n", plan.host_uid))?;
-    write("gid_map", format!("{INSIDE_GID} {} 1\n", plan.host_gid))?;
+    write("uid_map", format!("{INSIDE_UID} {uid} 1\n"))?;
+    write("gid_map", format!("{INSIDE_GID} {gid} 1\n"))?;
     go.write_all(b"m")
         .map_err(|e| JailError::os("sending the id maps", e))?;
 

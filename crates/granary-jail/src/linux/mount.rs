@@ -99,7 +99,7 @@ fn fd_path(fd: &OwnedFd) -> PathBuf {
 
 /// Builds the root and pivots into it. On return the process's `/` is the
 /// grain's root and the host's file system is unreachable.
-pub(crate) fn build_root(plan: &Plan) -> Result<(), JailError> {
+pub(crate) fn build_root(plan: &Plan, rootless: bool) -> Result<(), JailError> {
     let staging = Path::new(STAGING);
     // Nothing we mount may propagate back to the host.
     mount(
@@ -176,7 +176,7 @@ pub(crate) fn build_root(plan: &Plan) -> Result<(), JailError> {
         "mounting tmpfs on",
     )?;
 
-    build_dev(&staging.join("dev"))?;
+    build_dev(&staging.join("dev"), rootless)?;
 
     let proc = staging.join("proc");
     mkdir(&proc)?;
@@ -204,7 +204,9 @@ pub(crate) fn build_root(plan: &Plan) -> Result<(), JailError> {
     )
 }
 
-fn build_dev(dev: &Path) -> Result<(), JailError> {
+/// Device nodes are made with mknod as root; without root (no mknod in a
+/// user namespace) the host's nodes are bound instead.
+fn build_dev(dev: &Path, rootless: bool) -> Result<(), JailError> {
     mkdir(dev)?;
     mount(
         Some(Path::new("tmpfs")),
@@ -214,7 +216,19 @@ fn build_dev(dev: &Path) -> Result<(), JailError> {
         Some("mode=0755,size=64k,nr_inodes=64"),
         "mounting tmpfs on",
     )?;
-    for (name, major, minor) in DEVICES {
+    if rootless {
+        for (name, _, _) in DEVICES {
+            let target = dev.join(name);
+            touch(&target)?;
+            bind(
+                &Path::new("/dev").join(name),
+                &target,
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                "binding a device on",
+            )?;
+        }
+    }
+    for (name, major, minor) in DEVICES.iter().filter(|_| !rootless) {
         let target = cstr(&dev.join(name))?;
         // SAFETY: a valid path; a character device with a fixed number.
         let rc = unsafe {

@@ -34,11 +34,12 @@ pub(crate) fn child_main(
     filters: &seccomp::Filters,
     waited: &libc::sigset_t,
     cgroup: Option<&GrainCgroup>,
+    rootless: bool,
     go: OwnedFd,
     report: OwnedFd,
 ) -> ! {
     let mut go = std::fs::File::from(go);
-    if let Err(e) = setup(plan, cgroup, &mut go, &report) {
+    if let Err(e) = setup(plan, cgroup, rootless, &mut go, &report) {
         fail(&report, e);
     }
     // Installed once, here: the app inherits the filters through fork, and
@@ -59,16 +60,22 @@ pub(crate) fn child_main(
 fn setup(
     plan: &Plan,
     cgroup: Option<&GrainCgroup>,
+    rootless: bool,
     go: &mut std::fs::File,
     report: &OwnedFd,
 ) -> Result<(), JailError> {
     super::die_with_parent(None)?;
+    let mut byte = [0u8; 1];
+    if rootless {
+        // Already in our user namespace; nothing works until it has maps.
+        go.read_exact(&mut byte)
+            .map_err(|e| JailError::os("waiting for id maps", e))?;
+    }
     // Before the cgroup namespace is made, so that the grain's own cgroup
     // is its root.
     if let Some(cgroup) = cgroup {
         cgroup.join_current()?;
     }
-    let mut byte = [0u8; 1];
 
     // SAFETY: unshare and sethostname take plain arguments; the hostname
     // buffer outlives the call.
@@ -88,24 +95,25 @@ fn setup(
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or_else(|| JailError::new("cannot read /proc/sys/kernel/cap_last_cap"))?;
-    mount::build_root(plan)?;
+    mount::build_root(plan, rootless)?;
 
-    // SAFETY: setgroups with an empty list; unshare with a plain flag.
-    unsafe {
-        check(
-            libc::setgroups(0, std::ptr::null()),
-            "clearing supplementary groups",
-        )?;
-        check(libc::unshare(libc::CLONE_NEWUSER), "unshare user namespace")?;
+    if !rootless {
+        // SAFETY: setgroups with an empty list; unshare with a plain flag.
+        unsafe {
+            check(
+                libc::setgroups(0, std::ptr::null()),
+                "clearing supplementary groups",
+            )?;
+            check(libc::unshare(libc::CLONE_NEWUSER), "unshare user namespace")?;
+        }
+        let mut report_file =
+            std::fs::File::from(report.try_clone().map_err(|e| JailError::os("dup", e))?);
+        report_file
+            .write_all(&[MSG_NEED_MAPS])
+            .map_err(|e| JailError::os("asking for id maps", e))?;
+        go.read_exact(&mut byte)
+            .map_err(|e| JailError::os("waiting for id maps", e))?;
     }
-
-    let mut report_file =
-        std::fs::File::from(report.try_clone().map_err(|e| JailError::os("dup", e))?);
-    report_file
-        .write_all(&[MSG_NEED_MAPS])
-        .map_err(|e| JailError::os("asking for id maps", e))?;
-    go.read_exact(&mut byte)
-        .map_err(|e| JailError::os("waiting for id maps", e))?;
 
     // SAFETY: PR_CAPBSET_DROP with capability numbers up to the kernel's
     // last, then plain id and prctl calls with constant arguments.
@@ -149,7 +157,7 @@ fn setup(
         return Err(JailError::new("the launcher exited during setup"));
     }
     drop_all_capabilities()?;
-    set_rlimits(plan)?;
+    set_rlimits(plan, rootless)?;
     std::env::set_current_dir("/var").map_err(|e| JailError::os("entering /var", e))?;
     Ok(())
 }
@@ -199,13 +207,17 @@ fn drop_all_capabilities() -> Result<(), JailError> {
     Ok(())
 }
 
-fn set_rlimits(plan: &Plan) -> Result<(), JailError> {
-    let limits = [
+fn set_rlimits(plan: &Plan, rootless: bool) -> Result<(), JailError> {
+    let mut limits = vec![
         (libc::RLIMIT_NOFILE, plan.limits.nofile, "RLIMIT_NOFILE"),
         (libc::RLIMIT_CORE, 0, "RLIMIT_CORE"),
-        // Per host uid, and every grain has its own: a second fence behind pids.max.
-        (libc::RLIMIT_NPROC, plan.limits.pids, "RLIMIT_NPROC"),
     ];
+    if !rootless {
+        // Counted per host uid, and every grain has its own: a second fence
+        // behind pids.max. Without root the uid is the user's, whose other
+        // processes count too, so it cannot be used.
+        limits.push((libc::RLIMIT_NPROC, plan.limits.pids, "RLIMIT_NPROC"));
+    }
     for (resource, value, name) in limits {
         let rl = libc::rlimit {
             rlim_cur: value,
