@@ -117,16 +117,46 @@ pub fn check_private(path: &Path, meta: &fs::Metadata, owner: u32) -> Result<(),
 }
 
 /// Opens `path` relative to `dir` (a grain's dataset, say) for reading, or
-/// for writing with `write`, refusing to leave `dir` and to follow any
-/// symlink, magic link included: `openat2` with `RESOLVE_BENEATH |
-/// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`. Host code that touches
-/// grain data goes through this, so a symlink a grain plants at
-/// `/var/x -> /etc/shadow` is an error (`ELOOP`), never a read of the host.
-#[cfg(target_os = "linux")]
+/// for writing with `write`, refusing to leave `dir` and to follow a
+/// symlink. Host code that touches grain data goes through this, so a
+/// symlink a grain plants at `/var/x -> /etc/shadow` is an error (`ELOOP`
+/// on Linux), never a read of the host.
+///
+/// Linux: `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+/// RESOLVE_NO_MAGICLINKS` (no symlink at any step). FreeBSD:
+/// `O_RESOLVE_BENEATH` (no step may leave `dir`) with `O_NOFOLLOW` (no
+/// symlink as the last step).
+#[cfg(any(target_os = "linux", target_os = "freebsd"))]
 pub fn open_beneath(dir: &File, path: &Path, write: bool) -> Result<File, FileError> {
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::ffi::OsStrExt;
 
+    let fail = |source| FileError::Io {
+        op: "open beneath",
+        path: path.to_path_buf(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| fail(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let access = if write {
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC
+    } else {
+        libc::O_RDONLY
+    };
+    let fd = raw_open_beneath(
+        dir.as_raw_fd(),
+        &c_path,
+        access | libc::O_CLOEXEC | libc::O_NOCTTY,
+    );
+    if fd < 0 {
+        return Err(fail(io::Error::last_os_error()));
+    }
+    // SAFETY: the open call returned a new descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[cfg(target_os = "linux")]
+fn raw_open_beneath(dir: libc::c_int, path: &std::ffi::CStr, flags: libc::c_int) -> libc::c_int {
     #[repr(C)]
     struct OpenHow {
         flags: u64,
@@ -136,77 +166,36 @@ pub fn open_beneath(dir: &File, path: &Path, write: bool) -> Result<File, FileEr
     const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
     const RESOLVE_NO_SYMLINKS: u64 = 0x04;
     const RESOLVE_BENEATH: u64 = 0x08;
-
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| FileError::Io {
-            op: "open beneath",
-            path: path.to_path_buf(),
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        })?;
-    let access = if write {
-        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC
-    } else {
-        libc::O_RDONLY
-    };
     let how = OpenHow {
-        flags: (access | libc::O_CLOEXEC | libc::O_NOCTTY) as u64,
-        mode: if write { 0o600 } else { 0 },
+        flags: flags as u64,
+        // The kernel refuses a mode without O_CREAT.
+        mode: if flags & libc::O_CREAT != 0 { 0o600 } else { 0 },
         resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
     };
-    // SAFETY: `dir` is an open descriptor, `c_path` a NUL-terminated
-    // string and `how` an open_how of the size passed; the kernel only
-    // reads them.
-    let fd = unsafe {
+    // SAFETY: `dir` is an open descriptor, `path` NUL-terminated and `how`
+    // an open_how of the size passed; the kernel only reads them.
+    unsafe {
         libc::syscall(
             libc::SYS_openat2,
-            dir.as_raw_fd(),
-            c_path.as_ptr(),
+            dir,
+            path.as_ptr(),
             &how as *const OpenHow,
             std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        return Err(FileError::Io {
-            op: "open beneath",
-            path: path.to_path_buf(),
-            source: io::Error::last_os_error(),
-        });
+        ) as libc::c_int
     }
-    // SAFETY: openat2 returned a new descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd as i32) })
 }
 
-/// FreeBSD: `O_RESOLVE_BENEATH` keeps every step inside `dir` (a symlink
-/// may not lead out), and `O_NOFOLLOW` refuses a symlink as the last step.
 #[cfg(target_os = "freebsd")]
-pub fn open_beneath(dir: &File, path: &Path, write: bool) -> Result<File, FileError> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    use std::os::unix::ffi::OsStrExt;
-
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| FileError::Io {
-            op: "open beneath",
-            path: path.to_path_buf(),
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        })?;
-    let access = if write {
-        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC
-    } else {
-        libc::O_RDONLY
-    };
-    let flags =
-        access | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_RESOLVE_BENEATH;
-    // SAFETY: `dir` is an open descriptor and `c_path` a NUL-terminated string.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), c_path.as_ptr(), flags, 0o600) };
-    if fd < 0 {
-        return Err(FileError::Io {
-            op: "open beneath",
-            path: path.to_path_buf(),
-            source: io::Error::last_os_error(),
-        });
+fn raw_open_beneath(dir: libc::c_int, path: &std::ffi::CStr, flags: libc::c_int) -> libc::c_int {
+    // SAFETY: `dir` is an open descriptor and `path` NUL-terminated.
+    unsafe {
+        libc::openat(
+            dir,
+            path.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_RESOLVE_BENEATH,
+            0o600,
+        )
     }
-    // SAFETY: openat returned a new descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

@@ -33,3 +33,15 @@ pub use spec::{
     CgroupDriver, DEFAULT_UID_RANGE, GrainSpec, INSIDE_GID, INSIDE_UID, JailConfig, Limits, Plan,
     UidRange,
 };
+
+/// A wait status as a shell reports it: the exit code, or 128 + the signal.
+#[cfg(unix)]
+pub(crate) fn shell_status(status: libc::c_int) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        1
+    }
+}

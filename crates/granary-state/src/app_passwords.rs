@@ -2,9 +2,10 @@
 //! revocable one by one.
 
 use granary_model::UserName;
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 
 use crate::audit::record;
+use crate::users::user_id;
 use crate::{QueryContext, StateError, Store};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -22,17 +23,6 @@ pub struct AppPassword {
 pub enum RevokeSelector {
     Id(i64),
     Kind(String),
-}
-
-fn user_id(tx: &rusqlite::Connection, name: &UserName) -> Result<i64, StateError> {
-    tx.query_row(
-        "SELECT id FROM users WHERE name = ?1",
-        [name.as_str()],
-        |r| r.get(0),
-    )
-    .optional()
-    .op("find user")?
-    .ok_or_else(|| StateError::NoSuchUser(name.to_string()))
 }
 
 const COLUMNS: &str = "a.id, u.name, a.kind, a.label, a.created_at, a.last_used_at";

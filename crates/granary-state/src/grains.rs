@@ -32,6 +32,17 @@ pub struct Grant {
     pub created_at: i64,
 }
 
+const APP_COLUMNS: &str = "kind, app_id, version, installed_at";
+
+fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<App> {
+    Ok(App {
+        kind: r.get(0)?,
+        app_id: r.get(1)?,
+        version: r.get(2)?,
+        installed_at: r.get(3)?,
+    })
+}
+
 fn is_constraint(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if f.code == rusqlite::ErrorCode::ConstraintViolation)
@@ -76,16 +87,9 @@ impl Store {
         )?;
         let app = tx
             .query_row(
-                "SELECT kind, app_id, version, installed_at FROM apps WHERE kind = ?1",
+                &format!("SELECT {APP_COLUMNS} FROM apps WHERE kind = ?1"),
                 [kind],
-                |r| {
-                    Ok(App {
-                        kind: r.get(0)?,
-                        app_id: r.get(1)?,
-                        version: r.get(2)?,
-                        installed_at: r.get(3)?,
-                    })
-                },
+                app_from_row,
             )
             .op("read app")?;
         tx.commit().op("commit register app")?;
@@ -95,18 +99,9 @@ impl Store {
     pub fn list_apps(&self) -> Result<Vec<App>, StateError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare("SELECT kind, app_id, version, installed_at FROM apps ORDER BY kind")
+            .prepare(&format!("SELECT {APP_COLUMNS} FROM apps ORDER BY kind"))
             .op("list apps")?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(App {
-                    kind: r.get(0)?,
-                    app_id: r.get(1)?,
-                    version: r.get(2)?,
-                    installed_at: r.get(3)?,
-                })
-            })
-            .op("list apps")?;
+        let rows = stmt.query_map([], app_from_row).op("list apps")?;
         rows.collect::<Result<_, _>>().op("list apps")
     }
 
@@ -122,15 +117,7 @@ impl Store {
     ) -> Result<Grain, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction().op("begin create grain")?;
-        let uid: i64 = tx
-            .query_row(
-                "SELECT id FROM users WHERE name = ?1",
-                [user.as_str()],
-                |r| r.get(0),
-            )
-            .optional()
-            .op("find user")?
-            .ok_or_else(|| StateError::NoSuchUser(user.to_string()))?;
+        let uid = crate::users::user_id(&tx, user)?;
         let inserted = tx.execute(
             "INSERT INTO grains (id, user_id, kind, host_uid) VALUES (?1, ?2, ?3, ?4)",
             params![id, uid, kind, host_uid],

@@ -22,6 +22,18 @@ pub struct UserCredentials {
     pub app_passwords: Vec<(i64, String)>,
 }
 
+/// The row id of user `name`, or [`StateError::NoSuchUser`].
+pub(crate) fn user_id(conn: &rusqlite::Connection, name: &UserName) -> Result<i64, StateError> {
+    conn.query_row(
+        "SELECT id FROM users WHERE name = ?1",
+        [name.as_str()],
+        |r| r.get(0),
+    )
+    .optional()
+    .op("find user")?
+    .ok_or_else(|| StateError::NoSuchUser(name.to_string()))
+}
+
 const USER_COLUMNS: &str = "u.name, u.created_at,
     (SELECT count(*) FROM app_passwords a WHERE a.user_id = u.id)";
 
@@ -95,15 +107,7 @@ impl Store {
     pub fn remove_user(&self, name: &UserName, actor: &str) -> Result<(), StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction().op("begin remove user")?;
-        let id: i64 = tx
-            .query_row(
-                "SELECT id FROM users WHERE name = ?1",
-                [name.as_str()],
-                |r| r.get(0),
-            )
-            .optional()
-            .op("find user")?
-            .ok_or_else(|| StateError::NoSuchUser(name.to_string()))?;
+        let id = user_id(&tx, name)?;
         let grains: i64 = tx
             .query_row(
                 "SELECT count(*) FROM grains WHERE user_id = ?1",

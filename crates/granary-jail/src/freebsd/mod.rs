@@ -311,11 +311,5 @@ pub fn launch(plan: &Plan) -> Result<i32, JailError> {
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     drop(built);
-    Ok(if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else if libc::WIFSIGNALED(status) {
-        128 + libc::WTERMSIG(status)
-    } else {
-        1
-    })
+    Ok(crate::shell_status(status))
 }

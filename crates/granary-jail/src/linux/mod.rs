@@ -178,7 +178,7 @@ fn run_grain(
             return Err(e);
         }
     };
-    let status = supervise(pid, waited);
+    let status = init::forward_signals_until_exit(pid, waited);
     drop(go);
     Ok(status)
 }
@@ -243,53 +243,6 @@ fn read_error(report: &mut std::fs::File) -> JailError {
     let mut text = String::new();
     let _ = report.read_to_string(&mut text);
     JailError::new(text.strip_prefix("jail: ").unwrap_or(&text).to_owned())
-}
-
-/// Forwards termination signals to the grain's init and returns its exit
-/// status once it is gone.
-fn supervise(pid: libc::pid_t, waited: &libc::sigset_t) -> i32 {
-    loop {
-        // SAFETY: `info` is written by sigwaitinfo; `waited` is initialised.
-        let sig = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::sigwaitinfo(waited, &mut info)
-        };
-        match sig {
-            libc::SIGCHLD => {
-                if let Some(status) = reap(pid) {
-                    return status;
-                }
-            }
-            libc::SIGTERM | libc::SIGINT | libc::SIGHUP => {
-                // SAFETY: plain kill of our own child.
-                unsafe { libc::kill(pid, sig) };
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Reaps exited children without blocking; returns `pid`'s status once it
-/// has exited.
-pub(crate) fn reap(pid: libc::pid_t) -> Option<i32> {
-    let mut result = None;
-    loop {
-        let mut status = 0;
-        // SAFETY: `status` is a valid out-pointer.
-        let got = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if got <= 0 {
-            return result;
-        }
-        if got == pid {
-            result = Some(if libc::WIFEXITED(status) {
-                libc::WEXITSTATUS(status)
-            } else if libc::WIFSIGNALED(status) {
-                128 + libc::WTERMSIG(status)
-            } else {
-                1
-            });
-        }
-    }
 }
 
 /// Sets the parent-death signal so this process dies with the one that
