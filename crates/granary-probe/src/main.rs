@@ -421,6 +421,15 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
         }),
     );
     blocked(
+        "kill(-1) reaches another process",
+        Box::new(|| {
+            // SIGCONT is harmless to anything it might reach. kill(-1) skips
+            // init and ourselves; in the grain's pid namespace nothing is left.
+            // SAFETY: plain kill.
+            sys(unsafe { libc::kill(-1, libc::SIGCONT) } as i64)
+        }),
+    );
+    blocked(
         "signal a host process",
         Box::new(move || {
             sys(unsafe {
