@@ -90,6 +90,8 @@ struct Status {
   apps @12 :UInt64;
   grains @13 :UInt64;
   grants @14 :UInt64;
+  sandbox @15 :Text;         # How grains are isolated on this host, e.g.
+                             # "linux namespaces, seccomp, cgroup v1; grain uids 1500000000+1000000".
 }
 
 struct Listener {

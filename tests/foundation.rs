@@ -95,6 +95,15 @@ fn user_survives_restart_and_password_still_verifies() {
     assert_eq!(status["healthy"], true);
     assert_eq!(status["counts"]["users"], 1);
     assert_eq!(status["storage_backend"], "plain");
+    let sandbox = status["sandbox"].as_str().unwrap();
+    assert!(
+        sandbox.starts_with("linux namespaces, seccomp"),
+        "{sandbox}"
+    );
+    assert!(
+        sandbox.contains("grain uids 1500000000+1000000"),
+        "{sandbox}"
+    );
     assert_eq!(
         status["listeners"]["https"],
         daemon.https_addr().to_string()

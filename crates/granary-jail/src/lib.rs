@@ -34,6 +34,45 @@ pub use spec::{
     UidRange,
 };
 
+/// One line for `granary status`: how grains are isolated on this host.
+pub fn describe_host(uid_range: UidRange) -> String {
+    #[cfg(target_os = "linux")]
+    {
+        let cgroup = match JailConfig::detect_cgroup() {
+            Some(CgroupDriver::V1 { .. }) => "cgroup v1 limits",
+            Some(CgroupDriver::V2 { .. }) => "cgroup v2 limits",
+            None => "NO cgroup limits (no usable hierarchy)",
+        };
+        let seccomp = if linux::seccomp::compile().is_ok() {
+            "seccomp"
+        } else {
+            "NO seccomp policy for this architecture (grains refused)"
+        };
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return format!(
+                "linux namespaces, {seccomp}; NOT root: grains share your uid and have no cgroup limits"
+            );
+        }
+        format!(
+            "linux namespaces, {seccomp}, {cgroup}; grain uids {}+{}",
+            uid_range.start, uid_range.count
+        )
+    }
+    #[cfg(target_os = "freebsd")]
+    {
+        format!(
+            "freebsd jails, rctl limits; grain uids {}+{}",
+            uid_range.start, uid_range.count
+        )
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
+    {
+        let _ = uid_range;
+        "no sandbox on this operating system".to_owned()
+    }
+}
+
 /// A wait status as a shell reports it: the exit code, or 128 + the signal.
 #[cfg(unix)]
 pub(crate) fn shell_status(status: libc::c_int) -> i32 {

@@ -27,6 +27,7 @@ struct StatusView {
     data_dir: String,
     domain: String,
     storage_backend: String,
+    sandbox: String,
     ca_file: Option<String>,
     listeners: BTreeMap<String, String>,
     counts: CountsView,
@@ -110,6 +111,7 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
             data_dir: text(s.get_data_dir())?,
             domain: text(s.get_domain())?,
             storage_backend: text(s.get_storage_backend())?,
+            sandbox: text(s.get_sandbox())?,
             ca_file: Some(text(s.get_ca_file())?).filter(|f| !f.is_empty()),
             listeners,
             counts: CountsView {
@@ -142,6 +144,7 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
         println!("  data dir       {}", view.data_dir);
         println!("  domain         {}", view.domain);
         println!("  storage        {}", view.storage_backend);
+        println!("  sandbox        {}", view.sandbox);
         println!("  state schema   v{}", view.schema_version);
         if let Some(ca) = &view.ca_file {
             println!("  CA certificate {ca}");

@@ -219,6 +219,7 @@ impl admin::Server for AdminService {
         s.set_data_dir(info.data_dir.to_string_lossy().as_ref());
         s.set_domain(&info.domain);
         s.set_storage_backend(info.storage_backend);
+        s.set_sandbox(&info.sandbox);
         s.set_ca_file(
             info.ca_file
                 .as_deref()

@@ -40,6 +40,7 @@ pub(crate) struct DaemonInfo {
     pub(crate) data_dir: PathBuf,
     pub(crate) domain: String,
     pub(crate) storage_backend: &'static str,
+    pub(crate) sandbox: String,
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) listeners: Vec<(String, String)>,
 }
@@ -108,6 +109,10 @@ async fn serve(
         data_dir: config.data_dir.clone(),
         domain: config.domain.clone(),
         storage_backend: config.storage.name(),
+        sandbox: granary_jail::describe_host(granary_jail::UidRange {
+            start: config.uid_range.start,
+            count: config.uid_range.count,
+        }),
         ca_file: ca_file.clone(),
         listeners: vec![("https".to_owned(), https_addr.to_string())],
     };
