@@ -5,9 +5,10 @@
 //! sudo cargo bench -p granary-jail --bench spawn -- --smoke  # 5 rounds (CI)
 //! ```
 //!
-//! Every variant starts the same static binary (`granary-probe --true`,
-//! which exits at once) and is timed from spawn to exit, so set-up and
-//! tear-down both count. Rounds interleave the variants, and the process is
+//! Every variant starts the same static binary (`granary-probe --stamp`,
+//! which prints the CLOCK_MONOTONIC time it began running and exits). Two
+//! figures per variant: spawn to app exec (the time to a running app, set-up
+//! only) and spawn to exit (set-up, the app, and tear-down). Rounds interleave the variants, and the process is
 //! pinned to one CPU: unpinned runs on small VMs are bimodal (idle vCPUs
 //! wake late). Needs root, and the static probe built (`./run-tests` builds
 //! it).
@@ -18,7 +19,7 @@ use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use granary_jail::{DEFAULT_UID_RANGE, GrainSpec, JailConfig, Limits};
 
@@ -37,7 +38,10 @@ fn probe() -> PathBuf {
 /// clone into new mount, pid, net, ipc, uts and cgroup namespaces, bind the
 /// binary's directory into a tmpfs root, pivot_root, install the same
 /// seccomp filters, exec: the least a sandbox of this kind can do.
-fn minimal(bin_dir: &Path, filters: &granary_jail::linux::seccomp::Filters) -> Result<(), String> {
+fn minimal(
+    bin_dir: &Path,
+    filters: &granary_jail::linux::seccomp::Filters,
+) -> Result<String, String> {
     let flags = libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNET
@@ -54,8 +58,13 @@ fn minimal(bin_dir: &Path, filters: &granary_jail::linux::seccomp::Filters) -> R
         c("."),
         c("/"),
         c("/bin/true"),
-        c("--true"),
+        c("--stamp"),
     );
+    let mut out = [0; 2];
+    // SAFETY: `out` receives two descriptors.
+    if unsafe { libc::pipe(out.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
     // SAFETY: the benchmark is single-threaded; the child only makes
     // syscalls with the strings prepared above and exits or execs.
     unsafe {
@@ -64,6 +73,7 @@ fn minimal(bin_dir: &Path, filters: &granary_jail::linux::seccomp::Filters) -> R
             return Err(std::io::Error::last_os_error().to_string());
         }
         if pid == 0 {
+            libc::dup2(out[1], 1);
             let ok = libc::mount(
                 std::ptr::null(),
                 slash.as_ptr(),
@@ -103,25 +113,29 @@ fn minimal(bin_dir: &Path, filters: &granary_jail::linux::seccomp::Filters) -> R
             }
             libc::_exit(127);
         }
+        libc::close(out[1]);
+        let mut reader = <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(out[0]);
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut reader, &mut text);
         let mut status = 0;
         libc::waitpid(pid as i32, &mut status, 0);
         if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
-            Ok(())
+            Ok(text)
         } else {
             Err(format!("exit status {status:#x}"))
         }
     }
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
+fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
         .map_err(|e| e.to_string())?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(String::from_utf8_lossy(&out.stderr)
             .lines()
@@ -154,7 +168,7 @@ fn oci_bundle(dir: &Path, probe: &Path) -> PathBuf {
     let path = bundle.join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    config["process"]["args"] = serde_json::json!(["/bin/true", "--true"]);
+    config["process"]["args"] = serde_json::json!(["/bin/true", "--stamp"]);
     config["process"]["terminal"] = serde_json::json!(false);
     std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
     bundle
@@ -162,9 +176,22 @@ fn oci_bundle(dir: &Path, probe: &Path) -> PathBuf {
 
 struct Variant<'a> {
     name: &'static str,
-    run: Box<dyn FnMut(usize) -> Result<(), String> + 'a>,
-    samples: Vec<Duration>,
+    /// Runs once; returns the app's stdout (its start time).
+    run: Box<dyn FnMut(usize) -> Result<String, String> + 'a>,
+    to_exec: Vec<Duration>,
+    to_exit: Vec<Duration>,
     unavailable: Option<String>,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock `granary-probe --stamp` prints.
+fn monotonic_ns() -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -206,7 +233,7 @@ fn main() {
             image: image.clone(),
             dataset,
             host_uid: uid,
-            argv: vec!["/bin/true".to_owned(), "--true".to_owned()],
+            argv: vec!["/bin/true".to_owned(), "--stamp".to_owned()],
             env: vec![],
             keep_fds: vec![],
             limits: Limits::default(),
@@ -214,6 +241,13 @@ fn main() {
         .unwrap();
     let plan_file = dir.path().join("plan.json");
     std::fs::write(&plan_file, serde_json::to_string(&plan).unwrap()).unwrap();
+    // The same grain without cgroups, to show what they cost.
+    let no_cgroup_file = dir.path().join("plan-no-cgroup.json");
+    let no_cgroup = granary_jail::Plan {
+        cgroup: None,
+        ..plan.clone()
+    };
+    std::fs::write(&no_cgroup_file, serde_json::to_string(&no_cgroup).unwrap()).unwrap();
     let bundle = oci_bundle(dir.path(), &probe);
     let filters = granary_jail::linux::seccomp::compile().unwrap();
     let true_bin = image.join("bin/true");
@@ -223,20 +257,30 @@ fn main() {
     let mut variants: Vec<Variant<'_>> = vec![
         Variant {
             name: "fork+exec",
-            run: Box::new(|_| run(Command::new(&true_bin).arg("--true"))),
-            samples: vec![],
+            run: Box::new(|_| run(Command::new(&true_bin).arg("--stamp"))),
+            to_exec: vec![],
+            to_exit: vec![],
             unavailable: None,
         },
         Variant {
             name: "minimal sandbox",
             run: Box::new(|_| minimal(&bin_dir, &filters)),
-            samples: vec![],
+            to_exec: vec![],
+            to_exit: vec![],
             unavailable: None,
         },
         Variant {
             name: "granary-launcher",
             run: Box::new(|_| run(Command::new(&launcher).arg("--plan").arg(&plan_file))),
-            samples: vec![],
+            to_exec: vec![],
+            to_exit: vec![],
+            unavailable: None,
+        },
+        Variant {
+            name: "  without cgroups",
+            run: Box::new(|_| run(Command::new(&launcher).arg("--plan").arg(&no_cgroup_file))),
+            to_exec: vec![],
+            to_exit: vec![],
             unavailable: None,
         },
         Variant {
@@ -245,9 +289,10 @@ fn main() {
                 run(Command::new("unshare")
                     .args(["-mpinuf", "--mount-proc"])
                     .arg(&true_bin)
-                    .arg("--true"))
+                    .arg("--stamp"))
             }),
-            samples: vec![],
+            to_exec: vec![],
+            to_exit: vec![],
             unavailable: None,
         },
         Variant {
@@ -270,10 +315,11 @@ fn main() {
                         "--tmpfs",
                         "/tmp",
                         "/bin/true",
-                        "--true",
+                        "--stamp",
                     ]))
             }),
-            samples: vec![],
+            to_exec: vec![],
+            to_exit: vec![],
             unavailable: None,
         },
         Variant {
@@ -284,7 +330,8 @@ fn main() {
                     .arg(&bundle)
                     .arg(format!("granary-bench-crun-{}-{i}", std::process::id())))
             }),
-            samples: vec![],
+            to_exec: vec![],
+            to_exit: vec![],
             unavailable: None,
         },
         Variant {
@@ -295,7 +342,8 @@ fn main() {
                     .arg(&bundle)
                     .arg(format!("granary-bench-runc-{}-{i}", std::process::id())))
             }),
-            samples: vec![],
+            to_exec: vec![],
+            to_exit: vec![],
             unavailable: None,
         },
     ];
@@ -308,53 +356,74 @@ fn main() {
     }
     for round in 0..rounds {
         for v in variants.iter_mut().filter(|v| v.unavailable.is_none()) {
-            let start = Instant::now();
+            let start = monotonic_ns();
             let result = (v.run)(round);
-            let took = start.elapsed();
-            match result {
-                Ok(()) => v.samples.push(took),
-                Err(e) => {
-                    v.unavailable = Some(format!("failed in round {round}: {e}"));
+            let end = monotonic_ns();
+            let stamp = result.and_then(|out| {
+                out.trim()
+                    .parse::<i128>()
+                    .map_err(|_| format!("no start time in the app's output {out:?}"))
+            });
+            match stamp {
+                Ok(exec) => {
+                    v.to_exec
+                        .push(Duration::from_nanos((exec - start).max(0) as u64));
+                    v.to_exit.push(Duration::from_nanos((end - start) as u64));
                 }
+                Err(e) => v.unavailable = Some(format!("failed in round {round}: {e}")),
             }
         }
     }
 
-    println!("spawn to exit of a static binary, {rounds} interleaved rounds, pinned to CPU 0");
-    println!("{:<18} {:>10} {:>10}", "variant", "median", "p90");
-    let mut medians = std::collections::BTreeMap::new();
+    println!("{rounds} interleaved rounds per variant, pinned to CPU 0; milliseconds");
+    println!(
+        "{:<18} {:>12} {:>9} {:>12} {:>9}",
+        "variant", "to exec p50", "p90", "to exit p50", "p90"
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut exec_medians = std::collections::BTreeMap::new();
+    let mut exit_medians = std::collections::BTreeMap::new();
     for v in &mut variants {
         if let Some(why) = &v.unavailable {
             println!("{:<18} unavailable: {why}", v.name);
             continue;
         }
-        v.samples.sort();
-        let (p50, p90) = (percentile(&v.samples, 0.5), percentile(&v.samples, 0.9));
-        medians.insert(v.name, p50);
+        v.to_exec.sort();
+        v.to_exit.sort();
+        let exec50 = percentile(&v.to_exec, 0.5);
+        let exit50 = percentile(&v.to_exit, 0.5);
+        exec_medians.insert(v.name, exec50);
+        exit_medians.insert(v.name, exit50);
         println!(
-            "{:<18} {:>8.3}ms {:>8.3}ms",
+            "{:<18} {:>12.3} {:>9.3} {:>12.3} {:>9.3}",
             v.name,
-            p50.as_secs_f64() * 1e3,
-            p90.as_secs_f64() * 1e3
+            ms(exec50),
+            ms(percentile(&v.to_exec, 0.9)),
+            ms(exit50),
+            ms(percentile(&v.to_exit, 0.9)),
         );
     }
-    let ratio =
-        |a: &str, b: &str| Some(medians.get(a)?.as_secs_f64() / medians.get(b)?.as_secs_f64());
-    if let Some(r) = ratio("granary-launcher", "minimal sandbox") {
-        println!(
-            "granary-launcher / minimal sandbox: {r:.2}x (goal: at most 1.5x) {}",
-            if r <= 1.5 { "met" } else { "MISSED" }
-        );
-    }
-    if let Some(r) = ratio("bubblewrap", "granary-launcher") {
-        println!(
-            "bubblewrap / granary-launcher: {r:.2}x (goal: at least 2x) {}",
-            if r >= 2.0 { "met" } else { "MISSED" }
-        );
-    }
-    for peer in ["fork+exec", "unshare(1)", "crun", "runc"] {
-        if let Some(r) = ratio(peer, "granary-launcher") {
-            println!("{peer} / granary-launcher: {r:.2}x");
+    let ratio = |m: &std::collections::BTreeMap<&str, Duration>, a: &str, b: &str| {
+        Some(m.get(a)?.as_secs_f64() / m.get(b)?.as_secs_f64())
+    };
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    for (label, m) in [("to exec", &exec_medians), ("to exit", &exit_medians)] {
+        if let Some(r) = ratio(m, "granary-launcher", "minimal sandbox") {
+            println!(
+                "{label}: granary-launcher / minimal sandbox = {r:.2}x (goal: at most 1.5x) {}",
+                verdict(r <= 1.5)
+            );
+        }
+        if let Some(r) = ratio(m, "bubblewrap", "granary-launcher") {
+            println!(
+                "{label}: bubblewrap / granary-launcher = {r:.2}x (goal: at least 2x) {}",
+                verdict(r >= 2.0)
+            );
+        }
+        for peer in ["fork+exec", "unshare(1)", "crun", "runc"] {
+            if let Some(r) = ratio(m, peer, "granary-launcher") {
+                println!("{label}: {peer} / granary-launcher = {r:.2}x");
+            }
         }
     }
 }

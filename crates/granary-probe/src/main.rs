@@ -10,7 +10,8 @@
 //! `--hog N` spins N threads forever; `--cpu-share MS` spins for MS
 //! milliseconds and prints the share of a CPU it got (the fairness test).
 //! `--spew N` writes N bytes to stdout (the log-cap test).
-//! `granary-probe --true` exits at once (the spawn benchmark's payload);
+//! `--stamp` prints the CLOCK_MONOTONIC time it started at (the spawn
+//! benchmark). `granary-probe --true` exits at once (the spawn benchmark's payload);
 //! `granary-probe --wait` instead prints `ready PID` and waits for a signal,
 //! standing in for a long-running app.
 //!
@@ -934,6 +935,17 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--stamp") {
+        // The spawn benchmark's payload: when did the app start running?
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime fills `ts`.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        println!("{}", ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128);
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("--true") {
         // What the spawn benchmark runs: nothing at all.
         return;
