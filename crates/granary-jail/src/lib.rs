@@ -11,7 +11,7 @@
 //! new mount, pid, net, ipc, uts, cgroup and user namespaces; its own host uid
 //! mapped to uid 1000 inside; a root built on tmpfs with the image read-only,
 //! the dataset at `/var`, a private `/tmp`, a minimal `/dev` and its own
-//! `/proc` with host-revealing files masked; no network but a down `lo`;
+//! `/proc` showing only its own processes; no network but a down `lo`;
 //! cgroup limits; no capabilities; `no_new_privs`; a seccomp allowlist
 //! installed last; an init as pid 1 that reaps and forwards signals.
 
