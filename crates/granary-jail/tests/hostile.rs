@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use granary_jail::spawn::{LaunchRequest, spawn_launcher};
+use granary_jail::spawn::{LaunchRequest, Spawner};
 use granary_jail::{CgroupDriver, DEFAULT_UID_RANGE, GrainSpec, JailConfig, Limits, Plan};
 
 static ONE_GRAIN_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -143,17 +143,19 @@ impl Host {
         }
     }
 
+    /// Starts a grain the way the daemon will: through the long-lived
+    /// spawner thread.
     fn launch(&self, plan: Plan, fds: Vec<(std::os::fd::OwnedFd, i32)>) -> Child {
-        spawn_launcher(
-            &launcher(),
-            LaunchRequest {
+        static SPAWNER: std::sync::OnceLock<Spawner> = std::sync::OnceLock::new();
+        SPAWNER
+            .get_or_init(|| Spawner::new(launcher()).expect("spawner thread"))
+            .spawn(LaunchRequest {
                 plan,
                 stdout: Stdio::piped(),
                 stderr: Stdio::piped(),
                 fds,
-            },
-        )
-        .expect("spawn launcher")
+            })
+            .expect("spawn launcher")
     }
 }
 
