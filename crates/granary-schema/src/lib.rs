@@ -14,6 +14,20 @@
 
 #[rustfmt::skip]
 pub mod admin_capnp;
+#[rustfmt::skip]
+pub mod grain_capnp;
+#[rustfmt::skip]
+pub mod host_capnp;
+#[rustfmt::skip]
+pub mod services_capnp;
+#[rustfmt::skip]
+pub mod stream_capnp;
 
 /// The `.capnp` files this crate is generated from, relative to `schema/`.
-pub const SCHEMA_FILES: &[&str] = &["admin.capnp"];
+pub const SCHEMA_FILES: &[&str] = &[
+    "admin.capnp",
+    "grain.capnp",
+    "host.capnp",
+    "services.capnp",
+    "stream.capnp",
+];
