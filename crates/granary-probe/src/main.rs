@@ -422,6 +422,39 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
         }),
     );
     blocked(
+        "process_vm_readv of a sibling",
+        Box::new(|| {
+            // SAFETY: fork a child that waits, read from it, then kill it.
+            unsafe {
+                let pid = libc::fork();
+                if pid == 0 {
+                    libc::pause();
+                    libc::_exit(0);
+                }
+                let mut buf = [0u8; 8];
+                let local = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: 8,
+                };
+                let remote = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: 8,
+                };
+                let out = sys(libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) as i64);
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+                out
+            }
+        }),
+    );
+    blocked(
+        "fsconfig",
+        Box::new(|| {
+            // SAFETY: raw syscall on an invalid descriptor; the filter answers first.
+            sys(unsafe { libc::syscall(libc::SYS_fsconfig, -1, 0, 0, 0, 0) })
+        }),
+    );
+    blocked(
         "kill(-1) reaches another process",
         Box::new(|| {
             // SIGCONT is harmless to anything it might reach. kill(-1) skips
