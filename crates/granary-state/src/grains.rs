@@ -43,6 +43,38 @@ fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<App> {
     })
 }
 
+/// How a new grain gets its host uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostUid {
+    /// This one (a restore that keeps its uid, tests).
+    Exact(u32),
+    /// The lowest uid in `start..start + count` no grain has.
+    FirstFreeIn { start: u32, count: u32 },
+}
+
+/// The lowest uid of the range that no grain holds: `start` itself, or one
+/// past a held uid whose successor is free.
+fn first_free_uid(tx: &rusqlite::Connection, start: u32, count: u32) -> Result<u32, StateError> {
+    let end = i64::from(start) + i64::from(count);
+    let free: Option<i64> = tx
+        .query_row(
+            "SELECT CASE
+                 WHEN NOT EXISTS (SELECT 1 FROM grains WHERE host_uid = ?1) THEN ?1
+                 ELSE (SELECT min(g.host_uid + 1) FROM grains g
+                       WHERE g.host_uid >= ?1 AND g.host_uid + 1 < ?2
+                         AND NOT EXISTS (SELECT 1 FROM grains h WHERE h.host_uid = g.host_uid + 1))
+             END",
+            params![i64::from(start), end],
+            |r| r.get(0),
+        )
+        .op("find a free host uid")?;
+    free.map(|uid| uid as u32).ok_or_else(|| {
+        StateError::Conflict(format!(
+            "every host uid in {start}+{count} is taken; widen jail.uid_range"
+        ))
+    })
+}
+
 fn is_constraint(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if f.code == rusqlite::ErrorCode::ConstraintViolation)
@@ -105,19 +137,27 @@ impl Store {
         rows.collect::<Result<_, _>>().op("list apps")
     }
 
-    /// Creates the record of `user`'s grain of `kind`. One per user and kind;
-    /// host uids are never shared.
+    /// Creates the record of `user`'s grain of `kind` with the host uid
+    /// `host_uid` chooses. One grain per user and kind; host uids are never
+    /// shared, and a free one is picked inside the same transaction as the
+    /// insert, so two grains can never race for one uid.
     pub fn create_grain(
         &self,
         id: &str,
         user: &UserName,
         kind: &str,
-        host_uid: u32,
+        host_uid: HostUid,
         actor: &str,
     ) -> Result<Grain, StateError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().op("begin create grain")?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .op("begin create grain")?;
         let uid = crate::users::user_id(&tx, user)?;
+        let host_uid = match host_uid {
+            HostUid::Exact(uid) => uid,
+            HostUid::FirstFreeIn { start, count } => first_free_uid(&tx, start, count)?,
+        };
         let inserted = tx.execute(
             "INSERT INTO grains (id, user_id, kind, host_uid) VALUES (?1, ?2, ?3, ?4)",
             params![id, uid, kind, host_uid],
@@ -276,7 +316,13 @@ mod tests {
         store.register_app("git", "app-a", "1", "admin").unwrap();
         store.register_app("blog", "app-b", "1", "admin").unwrap();
         let g = store
-            .create_grain("g1", &name("alice"), "git", 100_000, "admin")
+            .create_grain(
+                "g1",
+                &name("alice"),
+                "git",
+                HostUid::Exact(100_000),
+                "admin",
+            )
             .unwrap();
         assert_eq!(
             (g.user.as_str(), g.kind.as_str(), g.host_uid),
@@ -284,21 +330,33 @@ mod tests {
         );
         // Same user and kind again.
         assert!(matches!(
-            store.create_grain("g2", &name("alice"), "git", 100_001, "admin"),
+            store.create_grain(
+                "g2",
+                &name("alice"),
+                "git",
+                HostUid::Exact(100_001),
+                "admin"
+            ),
             Err(StateError::Conflict(_))
         ));
         // Same uid for another grain.
         assert!(matches!(
-            store.create_grain("g3", &name("bob"), "git", 100_000, "admin"),
+            store.create_grain("g3", &name("bob"), "git", HostUid::Exact(100_000), "admin"),
             Err(StateError::Conflict(_))
         ));
         // Kind with no app installed.
         assert!(matches!(
-            store.create_grain("g4", &name("bob"), "mail", 100_004, "admin"),
+            store.create_grain("g4", &name("bob"), "mail", HostUid::Exact(100_004), "admin"),
             Err(StateError::Conflict(_))
         ));
         assert!(matches!(
-            store.create_grain("g5", &name("ghost"), "git", 100_005, "admin"),
+            store.create_grain(
+                "g5",
+                &name("ghost"),
+                "git",
+                HostUid::Exact(100_005),
+                "admin"
+            ),
             Err(StateError::NoSuchUser(_))
         ));
         assert_eq!(store.list_grains().unwrap().len(), 1);
@@ -311,15 +369,54 @@ mod tests {
     }
 
     #[test]
+    fn host_uids_are_allocated_lowest_free_first_and_never_shared() {
+        let store = store_with_user("alice");
+        store.add_user(&name("bob"), "h", "admin").unwrap();
+        for kind in ["git", "blog", "mail"] {
+            store.register_app(kind, kind, "1", "admin").unwrap();
+        }
+        let range = HostUid::FirstFreeIn {
+            start: 5000,
+            count: 3,
+        };
+        let uid = |id: &str, user: &str, kind: &str| {
+            store
+                .create_grain(id, &name(user), kind, range, "admin")
+                .map(|g| g.host_uid)
+        };
+        assert_eq!(uid("a", "alice", "git").unwrap(), 5000);
+        assert_eq!(uid("b", "alice", "blog").unwrap(), 5001);
+        assert_eq!(uid("c", "bob", "git").unwrap(), 5002);
+        let full = uid("d", "bob", "blog").unwrap_err();
+        assert!(full.to_string().contains("widen jail.uid_range"), "{full}");
+        // A freed uid is handed out again, lowest first.
+        store
+            .conn()
+            .execute("DELETE FROM grains WHERE id = 'b'", [])
+            .unwrap();
+        assert_eq!(uid("d", "bob", "blog").unwrap(), 5001);
+        let all: Vec<u32> = store
+            .list_grains()
+            .unwrap()
+            .iter()
+            .map(|g| g.host_uid)
+            .collect();
+        let mut unique = all.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(all.len(), unique.len());
+    }
+
+    #[test]
     fn grants_add_list_revoke() {
         let store = store_with_user("alice");
         store.register_app("git", "app-a", "1", "admin").unwrap();
         store.register_app("blog", "app-b", "1", "admin").unwrap();
         store
-            .create_grain("git1", &name("alice"), "git", 1, "admin")
+            .create_grain("git1", &name("alice"), "git", HostUid::Exact(1), "admin")
             .unwrap();
         store
-            .create_grain("blog1", &name("alice"), "blog", 2, "admin")
+            .create_grain("blog1", &name("alice"), "blog", HostUid::Exact(2), "admin")
             .unwrap();
 
         let grant = store
