@@ -200,36 +200,6 @@ impl GrainCgroup {
         Ok(())
     }
 
-    /// Moves process `pid` into the grain's cgroup(s).
-    pub fn add(&self, pid: u32) -> Result<(), JailError> {
-        for dir in &self.dirs {
-            write(&dir.join("cgroup.procs"), &pid.to_string())?;
-        }
-        Ok(())
-    }
-
-    /// Pids currently in the cgroup (v1: of the memory hierarchy).
-    pub fn pids(&self) -> Result<Vec<u32>, JailError> {
-        let dir = &self.dirs[0];
-        let text = fs::read_to_string(dir.join("cgroup.procs"))
-            .map_err(|e| JailError::os(format!("reading {}/cgroup.procs", dir.display()), e))?;
-        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
-    }
-
-    /// How many times the kernel OOM-killed inside this cgroup.
-    pub fn oom_kills(&self) -> u64 {
-        let dir = &self.dirs[0];
-        let (file, key) = match self.driver {
-            CgroupDriver::V1 { .. } => ("memory.oom_control", "oom_kill"),
-            CgroupDriver::V2 { .. } => ("memory.events", "oom_kill"),
-        };
-        fs::read_to_string(dir.join(file))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
     /// Removes the cgroup once its processes are gone, waiting up to
     /// `patience` for them to leave (the kernel reaps a dying pid namespace
     /// asynchronously).
@@ -330,8 +300,8 @@ mod tests {
             fs::read_to_string(root.path().join("cgroup.subtree_control")).unwrap(),
             "+memory +pids +cpu +io"
         );
-        cg.add(4242).unwrap();
-        assert_eq!(read("cgroup.procs"), "4242");
+        cg.join_current().unwrap();
+        assert_eq!(read("cgroup.procs"), "0", "v2 joins through cgroup.procs");
         assert_eq!(cg.dirs(), [root.path().join("granary/g1")]);
     }
 
@@ -370,6 +340,11 @@ mod tests {
         assert_eq!(read("pids/granary/g1/pids.max"), "256");
         assert_eq!(read("cpu/granary/g1/cpu.shares"), "512");
         assert_eq!(cg.dirs().len(), 3);
+        for ctrl in ["memory", "pids", "cpu"] {
+            fs::write(root.path().join(ctrl).join("granary/g1/tasks"), "").unwrap();
+        }
+        cg.join_current().unwrap();
+        assert_eq!(read("pids/granary/g1/tasks"), "0", "v1 joins through tasks");
 
         // pids missing: an error, and the memory directories made so far go.
         let root = tempfile::tempdir().unwrap();
