@@ -73,6 +73,53 @@ pub fn describe_host(uid_range: UidRange) -> String {
     }
 }
 
+/// A plan's argv and environment as the NUL-terminated pointer arrays
+/// `execve` takes, built before forking so the child only execs.
+#[cfg(unix)]
+pub(crate) struct ExecArgs {
+    _strings: Vec<std::ffi::CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+#[cfg(unix)]
+impl ExecArgs {
+    pub(crate) fn new(plan: &Plan) -> Result<ExecArgs, JailError> {
+        let to_c = |items: &[String], what: &str| {
+            items
+                .iter()
+                .map(|a| std::ffi::CString::new(a.as_bytes()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| JailError::new(format!("{what} contains a NUL byte")))
+        };
+        let argv = to_c(&plan.argv, "argv")?;
+        let env = to_c(&plan.env, "environment")?;
+        let pointers = |strings: &[std::ffi::CString]| {
+            let mut p: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+            p.push(std::ptr::null());
+            p
+        };
+        let (argv_ptrs, envp_ptrs) = (pointers(&argv), pointers(&env));
+        // The CStrings' heap buffers do not move when the vectors do, so the
+        // pointers stay valid for as long as `_strings` lives.
+        let mut strings = argv;
+        strings.extend(env);
+        Ok(ExecArgs {
+            _strings: strings,
+            argv: argv_ptrs,
+            envp: envp_ptrs,
+        })
+    }
+
+    /// Replaces the process image; returns only on failure.
+    pub(crate) fn exec(&self) -> std::io::Error {
+        // SAFETY: both arrays are NULL-terminated and point into strings
+        // owned by `self`, which outlives the call.
+        unsafe { libc::execve(self.argv[0], self.argv.as_ptr(), self.envp.as_ptr()) };
+        std::io::Error::last_os_error()
+    }
+}
+
 /// A wait status as a shell reports it: the exit code, or 128 + the signal.
 #[cfg(unix)]
 pub(crate) fn shell_status(status: libc::c_int) -> i32 {

@@ -266,22 +266,7 @@ pub fn launch(plan: &Plan) -> Result<i32, JailError> {
         true,
     )?;
 
-    let argv: Vec<CString> = plan
-        .argv
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| JailError::new("argv contains a NUL byte"))?;
-    let env: Vec<CString> = plan
-        .env
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| JailError::new("environment contains a NUL byte"))?;
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
-    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
-    env_ptrs.push(std::ptr::null());
+    let args = crate::ExecArgs::new(plan)?;
     let gid = plan.host_gid;
     let uid = plan.host_uid;
 
@@ -302,7 +287,7 @@ pub fn launch(plan: &Plan) -> Result<i32, JailError> {
                 && libc::setuid(uid) == 0
                 && libc::chdir(c"/var".as_ptr()) == 0;
             if ok {
-                libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), env_ptrs.as_ptr());
+                args.exec();
             }
             libc::_exit(125);
         }

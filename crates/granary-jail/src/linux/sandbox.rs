@@ -234,22 +234,7 @@ fn set_rlimits(plan: &Plan, rootless: bool) -> Result<(), JailError> {
 /// Forks the app (pid 2): a new session, default signal handling, then
 /// exec (the seccomp filters are inherited from init). Returns its pid.
 fn spawn_app(plan: &Plan, report: &OwnedFd) -> Result<libc::pid_t, JailError> {
-    let argv: Vec<std::ffi::CString> = plan
-        .argv
-        .iter()
-        .map(|a| std::ffi::CString::new(a.as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| JailError::new("argv contains a NUL byte"))?;
-    let env: Vec<std::ffi::CString> = plan
-        .env
-        .iter()
-        .map(|a| std::ffi::CString::new(a.as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| JailError::new("environment contains a NUL byte"))?;
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
-    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
-    env_ptrs.push(std::ptr::null());
+    let args = crate::ExecArgs::new(plan)?;
 
     // SAFETY: pid 1 is single-threaded (a fork of the single-threaded
     // launcher), so the child may allocate and run ordinary code.
@@ -276,10 +261,7 @@ fn spawn_app(plan: &Plan, report: &OwnedFd) -> Result<libc::pid_t, JailError> {
                 "unblocking signals",
             )?;
         }
-        // SAFETY: argv and envp are NULL-terminated arrays of valid strings
-        // that live until exec replaces this process.
-        unsafe { libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), env_ptrs.as_ptr()) };
-        Err(JailError::last_os(format!("exec {}", plan.argv[0])))
+        Err(JailError::os(format!("exec {}", plan.argv[0]), args.exec()))
     })();
     match result {
         Ok(()) => unreachable!("execve returned without an error"),
