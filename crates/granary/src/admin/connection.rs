@@ -6,11 +6,9 @@ use std::future::Future;
 use std::os::unix::fs::FileTypeExt;
 
 use anyhow::{Context, anyhow};
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
-use futures::AsyncReadExt;
+use capnp_rpc::rpc_twoparty_capnp;
 use granary_config::Config;
 use granary_schema::admin_capnp::admin;
-use tokio_util::compat::TokioAsyncReadCompatExt;
 
 /// The daemon is not running: no socket, or nobody listening on it.
 #[derive(Debug, thiserror::Error)]
@@ -87,14 +85,7 @@ where
                 return Err(e).with_context(|| format!("cannot connect to {}", socket.display()));
             }
         };
-        let (reader, writer) = stream.compat().split();
-        let network = twoparty::VatNetwork::new(
-            futures::io::BufReader::new(reader),
-            futures::io::BufWriter::new(writer),
-            rpc_twoparty_capnp::Side::Client,
-            Default::default(),
-        );
-        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let mut rpc = super::rpc_over_unix(stream, rpc_twoparty_capnp::Side::Client, None);
         let client: admin::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
         let disconnector = rpc.get_disconnector();
         tokio::task::spawn_local(rpc);

@@ -11,13 +11,11 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 use capnp::capability::Rc;
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
-use futures::AsyncReadExt;
+use capnp_rpc::rpc_twoparty_capnp;
 use granary_model::{GrainKind, UserName};
 use granary_schema::admin_capnp::admin;
 use granary_state::{RevokeSelector, StateError, Store};
 use tokio::sync::watch;
-use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use super::DaemonInfo;
 
@@ -105,14 +103,11 @@ pub(super) fn spawn(
                         }
                     }
                     let client: admin::Client = capnp_rpc::new_client_from_rc(service.clone());
-                    let (reader, writer) = stream.compat().split();
-                    let network = twoparty::VatNetwork::new(
-                        futures::io::BufReader::new(reader),
-                        futures::io::BufWriter::new(writer),
+                    let rpc = crate::admin::rpc_over_unix(
+                        stream,
                         rpc_twoparty_capnp::Side::Server,
-                        Default::default(),
+                        Some(client.client),
                     );
-                    let rpc = RpcSystem::new(Box::new(network), Some(client.client));
                     tokio::task::spawn_local(async move {
                         if let Err(e) = rpc.await {
                             tracing::debug!(error = %e, "admin connection ended");
