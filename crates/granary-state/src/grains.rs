@@ -43,6 +43,20 @@ fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<App> {
     })
 }
 
+/// Columns and joins of a grain row, for `SELECT {GRAIN_COLUMNS} WHERE ...`.
+const GRAIN_COLUMNS: &str = "g.id, u.name, g.kind, g.host_uid, g.created_at
+    FROM grains g JOIN users u ON u.id = g.user_id";
+
+fn grain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Grain> {
+    Ok(Grain {
+        id: r.get(0)?,
+        user: r.get(1)?,
+        kind: r.get(2)?,
+        host_uid: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
 /// How a new grain gets its host uid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostUid {
@@ -177,34 +191,23 @@ impl Store {
             id,
             &format!("{user}/{kind} uid={host_uid}"),
         )?;
+        let grain = tx
+            .query_row(
+                &format!("SELECT {GRAIN_COLUMNS} WHERE g.id = ?1"),
+                [id],
+                grain_from_row,
+            )
+            .op("read new grain")?;
         tx.commit().op("commit create grain")?;
-        drop(conn);
-        Ok(self
-            .list_grains()?
-            .into_iter()
-            .find(|g| g.id == id)
-            .expect("grain committed above"))
+        Ok(grain)
     }
 
     pub fn list_grains(&self) -> Result<Vec<Grain>, StateError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(
-                "SELECT g.id, u.name, g.kind, g.host_uid, g.created_at
-                 FROM grains g JOIN users u ON u.id = g.user_id ORDER BY u.name, g.kind",
-            )
+            .prepare(&format!("SELECT {GRAIN_COLUMNS} ORDER BY u.name, g.kind"))
             .op("list grains")?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(Grain {
-                    id: r.get(0)?,
-                    user: r.get(1)?,
-                    kind: r.get(2)?,
-                    host_uid: r.get(3)?,
-                    created_at: r.get(4)?,
-                })
-            })
-            .op("list grains")?;
+        let rows = stmt.query_map([], grain_from_row).op("list grains")?;
         rows.collect::<Result<_, _>>().op("list grains")
     }
 
