@@ -16,6 +16,8 @@
 
 @0x977945cfdf9caa26;
 
+using Stream = import "stream.capnp";
+
 interface Admin {
   status @0 () -> (status :Status);
   # Health, versions, counts and where things are.
@@ -28,8 +30,11 @@ interface Admin {
   listUsers @2 () -> (users :List(User));
   # All users, sorted by name.
 
-  removeUser @3 (name :Text) -> ();
-  # Removes a user and their app passwords. Refused while they own grains.
+  removeUser @3 (name :Text, purge :Bool) -> ();
+  # Removes a user and their app passwords. Refused while any of their
+  # grains holds data, unless `purge`: then each grain is stopped, a final
+  # snapshot taken where the storage backend has snapshots, and its dataset
+  # and record destroyed.
 
   setPassword @4 (name :Text, password :Text) -> (generatedPassword :Text);
   # Replaces a user's account password; empty `password` generates one.
@@ -50,6 +55,82 @@ interface Admin {
   revokeAppPasswords @8 (user :Text, selector :RevokeSelector) -> (revoked :UInt32);
   # Revokes one app password by id (an error if the user has none with that
   # id), or all of one kind.
+
+  installApp @9 (dir :Text) -> (app :App, grainsCreated :UInt32);
+  # Installs an unsigned app directory (`granary-app.toml` and `image/`) in
+  # development mode: the daemon copies it into DATA_DIR/apps and creates a
+  # grain record for every user. Reinstalling the same app id upgrades it;
+  # another app id claiming an installed kind is refused.
+
+  listApps @10 () -> (apps :List(App));
+
+  removeApp @11 (kind :Text, purge :Bool) -> ();
+  # Refused while its grains hold data, unless `purge` (as removeUser).
+
+  listGrains @12 () -> (grains :List(GrainStatus));
+
+  startGrain @13 (grain :Text) -> (status :GrainStatus);
+  # `grain` is `user/kind` or the grain id. Also clears a crash-loop hold.
+
+  stopGrain @14 (grain :Text) -> (wasRunning :Bool);
+  # Graceful: the grain's shutdown call, SIGTERM, then SIGKILL.
+
+  grainStatus @15 (grain :Text) -> (status :GrainStatus);
+
+  grainLogs @16 (grain :Text, maxBytes :UInt64) -> (log :Data);
+  # The end of the grain's captured stdout and stderr.
+
+  connectGrain @17 (grain :Text, service :Text, user :Text, client :Stream.ByteStream) -> (upstream :Stream.ByteStream);
+  # A connection to one of the grain's services as `user` (a development
+  # and diagnostics tool: the CLI's stdin and stdout become the client). The
+  # daemon writes the grain's bytes to `client`; the CLI writes its bytes to
+  # `upstream` and ends it when its input ends.
+
+  addGrant @18 (from :Text, to :Text, capability :Text) -> (grant :Grant);
+  # Lets grain `from` use `capability` (`<interface>[:<argument>]`) provided
+  # by grain `to`. Both must belong to the same user, and `to`'s app must
+  # offer the interface.
+
+  listGrants @19 () -> (grants :List(Grant));
+
+  revokeGrant @20 (id :Int64) -> ();
+  # Cuts every live capability of the grant at once and invalidates its
+  # sturdy tokens.
+}
+
+struct App {
+  kind @0 :Text;
+  appId @1 :Text;
+  version @2 :Text;
+  devMode @3 :Bool;         # Installed unsigned from a directory.
+  installedAt @4 :Int64;    # Unix seconds.
+  services @5 :List(Text);
+  offers @6 :List(Text);
+}
+
+struct GrainStatus {
+  id @0 :Text;
+  user @1 :Text;
+  kind @2 :Text;
+  hostUid @3 :UInt32;
+  state @4 :Text;           # stopped, starting, running, stopping, backoff, held
+  reason @5 :Text;          # Why it is held or backing off; empty otherwise.
+  pid @6 :UInt32;           # The launcher's pid while running, else 0.
+  starts @7 :UInt64;        # Since the daemon started.
+  crashes @8 :UInt64;
+  lastExit @9 :Text;
+  runningSeconds @10 :UInt64;
+  connections @11 :UInt32;
+  callsInFlight @12 :UInt32;
+  wakeLocks @13 :List(Text); # The reasons the grain gave.
+}
+
+struct Grant {
+  id @0 :Int64;
+  from @1 :Text;
+  to @2 :Text;
+  capability @3 :Text;
+  createdAt @4 :Int64;
 }
 
 struct RevokeSelector {

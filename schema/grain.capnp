@@ -2,8 +2,8 @@
 # its end of the host channel (fd 3, see `host.capnp` for the other
 # direction).
 #
-# Status: the contract the supervisor and SDK are being built against (see
-# the grains issue). Nothing serves or calls it yet.
+# Served by every app through `granary-sdk`; called by the host
+# (`granary-supervisor`).
 #
 # Only the host holds this capability. Grains never see each other's `Grain`;
 # what one grain may use of another arrives as a capability the host

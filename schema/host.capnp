@@ -1,8 +1,8 @@
 # What the host gives a grain: the bootstrap capability on the host's end of
 # the grain's channel (fd 3 inside the grain).
 #
-# Status: the contract the supervisor and SDK are being built against (see
-# the grains issue). Nothing serves or calls it yet.
+# Served by `granary-supervisor` (one object per running grain); wrapped for
+# apps by `granary-sdk`'s `Host`.
 #
 # Every call is made by exactly one grain, so the host always knows who is
 # asking; nothing in these messages can claim another identity.

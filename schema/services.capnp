@@ -2,8 +2,9 @@
 # granted (`Host.request`, `Grain.offer`). The descriptor prefix names the
 # interface: "mail.deliver", "xmpp.route", "git.read", "notify".
 #
-# Status: the contract the supervisor and SDK are being built against (see
-# the grains issue). Nothing serves or calls it yet.
+# Status: `Notify` is offered by the example app (`apps/hello`) and used
+# through grants in the grain tests; the others arrive with the apps that
+# serve them (mail, XMPP, git).
 
 @0xa1b4c9e6f0d27c35;
 

@@ -1,8 +1,8 @@
 # A one-way byte stream with flow control, used for connection hand-off and
 # for large payloads between grains.
 #
-# Status: the contract the supervisor and SDK are being built against (see
-# the grains issue). Nothing serves or calls it yet.
+# Used by `Admin.connectGrain` (the CLI's `granary grain connect`) and by
+# the hand-off benchmark.
 
 @0xbc785de24fea1a15;
 

@@ -154,3 +154,38 @@ mod tests {
         ));
     }
 }
+
+/// Bytes in a sturdy-reference token.
+pub const TOKEN_BYTES: usize = 32;
+
+/// A fresh random bearer token (256 bits).
+pub fn generate_token() -> Result<[u8; TOKEN_BYTES], AuthError> {
+    let mut token = [0u8; TOKEN_BYTES];
+    getrandom::fill(&mut token).map_err(|e| AuthError::Random(e.to_string()))?;
+    Ok(token)
+}
+
+/// What is stored of a token: its SHA-256. Tokens carry 256 random bits,
+/// so a fast hash is enough (unlike passwords, which get argon2id).
+pub fn token_hash(token: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_hashes_stable() {
+        let a = generate_token().unwrap();
+        let b = generate_token().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(token_hash(&a), token_hash(&a));
+        assert_ne!(token_hash(&a), token_hash(&b));
+        // SHA-256("abc")
+        assert_eq!(token_hash(b"abc")[..4], [0xba, 0x78, 0x16, 0xbf],);
+    }
+}

@@ -13,7 +13,10 @@ pub mod raw;
 pub mod resolve;
 
 pub use raw::RawConfig;
-pub use resolve::{Config, ConfigError, Environment, Listen, LogFormat, StorageBackend, TlsSource};
+pub use resolve::{
+    Config, ConfigError, Environment, Grains, Listen, LogFormat, StorageBackend, TlsSource,
+    parse_duration,
+};
 
 /// The full default configuration, commented. A test checks that it parses to
 /// exactly the built-in defaults.

@@ -20,6 +20,24 @@ pub struct RawConfig {
     pub storage: RawStorage,
     #[serde(default)]
     pub jail: RawJail,
+    #[serde(default)]
+    pub grains: RawGrains,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGrains {
+    pub idle_timeout: Option<String>,
+    pub restart_backoff: Option<String>,
+    pub restart_backoff_max: Option<String>,
+    pub crash_loop_crashes: Option<u32>,
+    pub crash_window: Option<String>,
+    pub shutdown_grace: Option<String>,
+    pub call_timeout: Option<String>,
+    pub audit_flush: Option<String>,
+    pub max_message_kib: Option<u64>,
+    pub max_in_flight: Option<u32>,
+    pub flood_cutoff: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
@@ -52,6 +70,7 @@ pub struct RawStorage {
 #[serde(deny_unknown_fields)]
 pub struct RawJail {
     pub uid_range: Option<String>,
+    pub cgroup_parent: Option<String>,
 }
 
 impl RawConfig {

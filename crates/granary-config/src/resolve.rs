@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::raw::RawConfig;
 
@@ -35,6 +36,50 @@ pub struct Config {
     pub storage: StorageBackend,
     /// Host uids (and gids) handed to grains, one each.
     pub uid_range: UidRangeSetting,
+    /// The cgroup under which each grain gets its own.
+    pub cgroup_parent: String,
+    pub grains: Grains,
+}
+
+/// `[grains]`: the supervisor's timings and bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grains {
+    pub idle_timeout: Duration,
+    pub restart_backoff: Duration,
+    pub restart_backoff_max: Duration,
+    pub crash_loop_crashes: u32,
+    pub crash_window: Duration,
+    pub shutdown_grace: Duration,
+    pub call_timeout: Duration,
+    pub audit_flush: Duration,
+    pub max_message_bytes: u64,
+    pub max_in_flight: u32,
+    pub flood_cutoff: u64,
+}
+
+/// A duration written as a number with a unit: `250ms`, `30s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like \"250ms\", \"30s\" or \"2m\""))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration like \"250ms\", \"30s\" or \"2m\""
+            ));
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("{text:?} must be more than zero"));
+    }
+    Ok(d)
 }
 
 /// `jail.uid_range`: the first host uid for grains and how many there are.
@@ -234,7 +279,63 @@ impl Config {
         let uid_range = parse_uid_range(raw.jail.uid_range.as_deref().unwrap_or(DEFAULT_UID_RANGE))
             .map_err(|reason| err("jail.uid_range", reason))?;
 
+        let cgroup_parent = raw
+            .jail
+            .cgroup_parent
+            .clone()
+            .unwrap_or_else(|| "granary".to_owned());
+        let parent_ok = !cgroup_parent.is_empty()
+            && cgroup_parent.len() <= 64
+            && cgroup_parent
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !parent_ok {
+            return Err(err(
+                "jail.cgroup_parent",
+                format!("{cgroup_parent:?} must be 1 to 64 of a-z, 0-9 and '-'"),
+            ));
+        }
+        let g = &raw.grains;
+        let duration = |key: &'static str, v: &Option<String>, default: &str| {
+            parse_duration(v.as_deref().unwrap_or(default)).map_err(|reason| err(key, reason))
+        };
+        let positive = |key: &'static str, v: u64| {
+            if v == 0 {
+                Err(err(key, "must be more than zero".to_owned()))
+            } else {
+                Ok(v)
+            }
+        };
+        let grains = Grains {
+            idle_timeout: duration("grains.idle_timeout", &g.idle_timeout, "120s")?,
+            restart_backoff: duration("grains.restart_backoff", &g.restart_backoff, "500ms")?,
+            restart_backoff_max: duration(
+                "grains.restart_backoff_max",
+                &g.restart_backoff_max,
+                "60s",
+            )?,
+            crash_loop_crashes: positive(
+                "grains.crash_loop_crashes",
+                u64::from(g.crash_loop_crashes.unwrap_or(5)),
+            )? as u32,
+            crash_window: duration("grains.crash_window", &g.crash_window, "120s")?,
+            shutdown_grace: duration("grains.shutdown_grace", &g.shutdown_grace, "5s")?,
+            call_timeout: duration("grains.call_timeout", &g.call_timeout, "30s")?,
+            audit_flush: duration("grains.audit_flush", &g.audit_flush, "60s")?,
+            max_message_bytes: positive(
+                "grains.max_message_kib",
+                g.max_message_kib.unwrap_or(8192),
+            )? * 1024,
+            max_in_flight: positive(
+                "grains.max_in_flight",
+                u64::from(g.max_in_flight.unwrap_or(128)),
+            )? as u32,
+            flood_cutoff: positive("grains.flood_cutoff", g.flood_cutoff.unwrap_or(10_000))?,
+        };
+
         Ok(Config {
+            grains,
+            cgroup_parent,
             file: file.map(Path::to_path_buf),
             data_dir,
             domain,
@@ -491,6 +592,24 @@ mod tests {
             "é.org",
         ] {
             assert!(check_domain(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn grains_timings_are_parsed_and_checked() {
+        let config = resolve_text("[grains]\nidle_timeout = \"750ms\"\nmax_in_flight = 8").unwrap();
+        assert_eq!(config.grains.idle_timeout, Duration::from_millis(750));
+        assert_eq!(config.grains.max_in_flight, 8);
+        assert_eq!(config.grains.restart_backoff, Duration::from_millis(500));
+        assert_eq!(config.grains.max_message_bytes, 8 << 20);
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        for (bad, key) in [
+            ("idle_timeout = \"soon\"", "grains.idle_timeout"),
+            ("shutdown_grace = \"0s\"", "grains.shutdown_grace"),
+            ("max_in_flight = 0", "grains.max_in_flight"),
+        ] {
+            let err = resolve_text(&format!("[grains]\n{bad}")).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(key), "{bad}: {err}");
         }
     }
 }

@@ -228,6 +228,27 @@ impl GrainCgroup {
     }
 }
 
+/// Removes what a grain's launcher could not (it was killed): the grain's
+/// empty cgroup directories, and the parent's when `parent_too` and empty.
+/// Missing directories and busy ones (still in use) are left alone.
+pub fn remove_leftovers(driver: &CgroupDriver, parent: &str, grain: Option<&str>) {
+    let bases: Vec<PathBuf> = match driver {
+        CgroupDriver::V1 { root } => V1_REQUIRED
+            .iter()
+            .chain(V1_OPTIONAL)
+            .map(|c| root.join(c).join(parent))
+            .collect(),
+        CgroupDriver::V2 { root } => vec![root.join(parent)],
+    };
+    for base in bases {
+        let dir = match grain {
+            Some(g) => base.join(g),
+            None => base,
+        };
+        let _ = fs::remove_dir(dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,9 @@
 //! an e-mail local part or a path component.
 
 mod grain_kind;
+mod manifest;
 mod user_name;
 
 pub use grain_kind::{GrainKind, GrainKindError};
+pub use manifest::{MANIFEST_FILE, Manifest, ManifestError, ManifestLimits, check_descriptor};
 pub use user_name::{RESERVED_USER_NAMES, UserName, UserNameError};

@@ -12,6 +12,10 @@ pub struct App {
     pub app_id: String,
     pub version: String,
     pub installed_at: i64,
+    /// The manifest as installed (TOML).
+    pub manifest: String,
+    /// Installed unsigned from a directory.
+    pub dev_mode: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -32,7 +36,7 @@ pub struct Grant {
     pub created_at: i64,
 }
 
-const APP_COLUMNS: &str = "kind, app_id, version, installed_at";
+const APP_COLUMNS: &str = "kind, app_id, version, installed_at, manifest, dev_mode";
 
 fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<App> {
     Ok(App {
@@ -40,7 +44,15 @@ fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<App> {
         app_id: r.get(1)?,
         version: r.get(2)?,
         installed_at: r.get(3)?,
+        manifest: r.get(4)?,
+        dev_mode: r.get(5)?,
     })
+}
+
+/// The id of `user`'s grain of `kind`: readable, and unambiguous because
+/// kinds never contain '-'.
+pub fn grain_id(user: &str, kind: &str) -> String {
+    format!("{user}-{kind}")
 }
 
 /// Columns and joins of a grain row, for `SELECT {GRAIN_COLUMNS} WHERE ...`.
@@ -104,6 +116,21 @@ impl Store {
         version: &str,
         actor: &str,
     ) -> Result<App, StateError> {
+        self.install_app(kind, app_id, version, "", false, actor)
+    }
+
+    /// Records an installed app with its manifest. The kind must be free or
+    /// already belong to the same app id (an upgrade, which replaces the
+    /// version and manifest).
+    pub fn install_app(
+        &self,
+        kind: &str,
+        app_id: &str,
+        version: &str,
+        manifest: &str,
+        dev_mode: bool,
+        actor: &str,
+    ) -> Result<App, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction().op("begin register app")?;
         let holder: Option<String> = tx
@@ -115,12 +142,14 @@ impl Store {
         match holder {
             Some(other) if other != app_id => return Err(StateError::KindTaken(kind.to_owned())),
             Some(_) => tx.execute(
-                "UPDATE apps SET version = ?2, installed_at = unixepoch() WHERE kind = ?1",
-                params![kind, version],
+                "UPDATE apps SET version = ?2, manifest = ?3, dev_mode = ?4,
+                     installed_at = unixepoch() WHERE kind = ?1",
+                params![kind, version, manifest, dev_mode],
             ),
             None => tx.execute(
-                "INSERT INTO apps (kind, app_id, version) VALUES (?1, ?2, ?3)",
-                params![kind, app_id, version],
+                "INSERT INTO apps (kind, app_id, version, manifest, dev_mode)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![kind, app_id, version, manifest, dev_mode],
             ),
         }
         .op("write app")?;
@@ -129,7 +158,10 @@ impl Store {
             actor,
             "app.install",
             kind,
-            &format!("app={app_id} version={version}"),
+            &format!(
+                "app={app_id} version={version}{}",
+                if dev_mode { " unsigned-dev-mode" } else { "" }
+            ),
         )?;
         let app = tx
             .query_row(
@@ -211,6 +243,224 @@ impl Store {
         rows.collect::<Result<_, _>>().op("list grains")
     }
 
+    pub fn app(&self, kind: &str) -> Result<Option<App>, StateError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {APP_COLUMNS} FROM apps WHERE kind = ?1"),
+                [kind],
+                app_from_row,
+            )
+            .optional()
+            .op("read app")
+    }
+
+    /// Forgets an installed app. Refused while grains of its kind exist.
+    pub fn remove_app(&self, kind: &str, actor: &str) -> Result<bool, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin remove app")?;
+        let grains: i64 = tx
+            .query_row("SELECT count(*) FROM grains WHERE kind = ?1", [kind], |r| {
+                r.get(0)
+            })
+            .op("count grains of app")?;
+        if grains > 0 {
+            return Err(StateError::Conflict(format!(
+                "{grains} grain(s) of kind {kind}"
+            )));
+        }
+        let n = tx
+            .execute("DELETE FROM apps WHERE kind = ?1", [kind])
+            .op("delete app")?;
+        if n > 0 {
+            record(&tx, actor, "app.remove", kind, "")?;
+        }
+        tx.commit().op("commit remove app")?;
+        Ok(n > 0)
+    }
+
+    /// Creates the missing grain records for every user and installed app
+    /// (one grain per user per app), each with a free host uid from
+    /// `uids`, all in one transaction. Returns the grains it created.
+    pub fn ensure_grains(&self, uids: HostUid, actor: &str) -> Result<Vec<Grain>, StateError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .op("begin ensure grains")?;
+        let missing: Vec<(i64, String, String)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT u.id, u.name, a.kind FROM users u CROSS JOIN apps a
+                     WHERE NOT EXISTS (SELECT 1 FROM grains g
+                                       WHERE g.user_id = u.id AND g.kind = a.kind)
+                     ORDER BY u.name, a.kind",
+                )
+                .op("find missing grains")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .op("find missing grains")?;
+            rows.collect::<Result<_, _>>().op("find missing grains")?
+        };
+        let mut created = Vec::new();
+        for (user_id, user, kind) in missing {
+            let host_uid = match uids {
+                HostUid::Exact(uid) => uid,
+                HostUid::FirstFreeIn { start, count } => first_free_uid(&tx, start, count)?,
+            };
+            let id = grain_id(&user, &kind);
+            tx.execute(
+                "INSERT INTO grains (id, user_id, kind, host_uid) VALUES (?1, ?2, ?3, ?4)",
+                params![id, user_id, kind, host_uid],
+            )
+            .op("insert grain")?;
+            record(
+                &tx,
+                actor,
+                "grain.create",
+                &id,
+                &format!("{user}/{kind} uid={host_uid}"),
+            )?;
+            created.push(
+                tx.query_row(
+                    &format!("SELECT {GRAIN_COLUMNS} WHERE g.id = ?1"),
+                    [&id],
+                    grain_from_row,
+                )
+                .op("read new grain")?,
+            );
+        }
+        tx.commit().op("commit ensure grains")?;
+        Ok(created)
+    }
+
+    pub fn grain(&self, id: &str) -> Result<Option<Grain>, StateError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {GRAIN_COLUMNS} WHERE g.id = ?1"),
+                [id],
+                grain_from_row,
+            )
+            .optional()
+            .op("read grain")
+    }
+
+    /// Grains of one user, or of one kind.
+    pub fn grains_where(
+        &self,
+        user: Option<&str>,
+        kind: Option<&str>,
+    ) -> Result<Vec<Grain>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {GRAIN_COLUMNS} WHERE (?1 IS NULL OR u.name = ?1)
+                 AND (?2 IS NULL OR g.kind = ?2) ORDER BY u.name, g.kind"
+            ))
+            .op("list grains")?;
+        let rows = stmt
+            .query_map(params![user, kind], grain_from_row)
+            .op("list grains")?;
+        rows.collect::<Result<_, _>>().op("list grains")
+    }
+
+    /// Deletes a grain's record with its grants and sturdy references.
+    pub fn delete_grain(&self, id: &str, actor: &str) -> Result<bool, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin delete grain")?;
+        let n = tx
+            .execute("DELETE FROM grains WHERE id = ?1", [id])
+            .op("delete grain")?;
+        if n > 0 {
+            record(&tx, actor, "grain.delete", id, "")?;
+        }
+        tx.commit().op("commit delete grain")?;
+        Ok(n > 0)
+    }
+
+    /// The live grant that lets `from_grain` use `capability`, if any (the
+    /// oldest when several grains provide it).
+    pub fn find_grant(
+        &self,
+        from_grain: &str,
+        capability: &str,
+    ) -> Result<Option<Grant>, StateError> {
+        self.conn()
+            .query_row(
+                &format!(
+                    "SELECT {GRANT_COLUMNS} FROM grants WHERE from_grain = ?1
+                     AND capability = ?2 AND revoked_at IS NULL ORDER BY id LIMIT 1"
+                ),
+                params![from_grain, capability],
+                grant_from_row,
+            )
+            .optional()
+            .op("find grant")
+    }
+
+    /// A grant by id, live or not, with whether it is still live.
+    pub fn grant(&self, id: i64) -> Result<Option<(Grant, bool)>, StateError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {GRANT_COLUMNS}, revoked_at IS NULL FROM grants WHERE id = ?1"),
+                [id],
+                |r| Ok((grant_from_row(r)?, r.get(5)?)),
+            )
+            .optional()
+            .op("read grant")
+    }
+
+    /// Stores a sturdy reference: the token's hash, who saved it and for
+    /// which grant.
+    pub fn save_sturdy_ref(
+        &self,
+        token_hash: &[u8],
+        holder: &str,
+        grant_id: i64,
+        label: &str,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin save sturdy ref")?;
+        tx.execute(
+            "INSERT INTO sturdy_refs (token_hash, holder, grant_id, label) VALUES (?1, ?2, ?3, ?4)",
+            params![token_hash, holder, grant_id, label],
+        )
+        .op("insert sturdy ref")?;
+        record(
+            &tx,
+            holder,
+            "token.save",
+            holder,
+            &format!("grant={grant_id} label={label}"),
+        )?;
+        tx.commit().op("commit save sturdy ref")
+    }
+
+    /// The live grant a sturdy reference held by `holder` stands for; `None`
+    /// for an unknown token, another grain's token or a revoked grant.
+    pub fn sturdy_ref(&self, token_hash: &[u8], holder: &str) -> Result<Option<Grant>, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT g.id, g.from_grain, g.to_grain, g.capability, g.created_at
+                 FROM sturdy_refs s JOIN grants g ON g.id = s.grant_id
+                 WHERE s.token_hash = ?1 AND s.holder = ?2 AND g.revoked_at IS NULL",
+                params![token_hash, holder],
+                grant_from_row,
+            )
+            .optional()
+            .op("read sturdy ref")
+    }
+
+    /// Forgets a sturdy reference held by `holder`; false when there was none.
+    pub fn drop_sturdy_ref(&self, token_hash: &[u8], holder: &str) -> Result<bool, StateError> {
+        let n = self
+            .conn()
+            .execute(
+                "DELETE FROM sturdy_refs WHERE token_hash = ?1 AND holder = ?2",
+                params![token_hash, holder],
+            )
+            .op("delete sturdy ref")?;
+        Ok(n > 0)
+    }
+
     /// Grants `from_grain` the capability `capability` provided by
     /// `to_grain`. Granting what is already granted is a conflict.
     pub fn add_grant(
@@ -244,7 +494,7 @@ impl Store {
         )?;
         let grant = tx
             .query_row(
-                "SELECT id, from_grain, to_grain, capability, created_at FROM grants WHERE id = ?1",
+                &format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = ?1"),
                 [id],
                 grant_from_row,
             )
@@ -283,6 +533,8 @@ impl Store {
         Ok(n > 0)
     }
 }
+
+const GRANT_COLUMNS: &str = "id, from_grain, to_grain, capability, created_at";
 
 fn grant_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Grant> {
     Ok(Grant {
@@ -441,5 +693,77 @@ mod tests {
         store
             .add_grant("blog1", "git1", "git.read:site", "alice")
             .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod supervisor_queries {
+    use super::*;
+    use crate::test_support::*;
+
+    const UIDS: HostUid = HostUid::FirstFreeIn {
+        start: 7000,
+        count: 100,
+    };
+
+    #[test]
+    fn ensure_grains_makes_one_per_user_and_app_once() {
+        let store = store_with_user("alice");
+        store.add_user(&name("bob"), "h", "admin").unwrap();
+        assert!(store.ensure_grains(UIDS, "admin").unwrap().is_empty());
+        store
+            .install_app("hello", "org.x.hello", "1", "kind = 'hello'", true, "admin")
+            .unwrap();
+        let made = store.ensure_grains(UIDS, "admin").unwrap();
+        let ids: Vec<&str> = made.iter().map(|g| g.id.as_str()).collect();
+        assert_eq!(ids, ["alice-hello", "bob-hello"]);
+        assert!(store.ensure_grains(UIDS, "admin").unwrap().is_empty());
+        assert_eq!(store.grains_where(Some("bob"), None).unwrap().len(), 1);
+        assert_eq!(store.grains_where(None, Some("hello")).unwrap().len(), 2);
+        let app = store.app("hello").unwrap().unwrap();
+        assert!(app.dev_mode);
+        assert_eq!(app.manifest, "kind = 'hello'");
+        assert!(matches!(
+            store.remove_app("hello", "admin"),
+            Err(StateError::Conflict(_))
+        ));
+        assert!(store.delete_grain("alice-hello", "admin").unwrap());
+        assert!(store.delete_grain("bob-hello", "admin").unwrap());
+        assert!(store.remove_app("hello", "admin").unwrap());
+        store.remove_user(&name("bob"), "admin").unwrap();
+    }
+
+    #[test]
+    fn sturdy_refs_follow_their_grant_and_holder() {
+        let store = store_with_user("alice");
+        store
+            .install_app("a", "x.a", "1", "", true, "admin")
+            .unwrap();
+        store
+            .install_app("b", "x.b", "1", "", true, "admin")
+            .unwrap();
+        store.ensure_grains(UIDS, "admin").unwrap();
+        let grant = store
+            .add_grant("alice-b", "alice-a", "notify:x", "alice")
+            .unwrap();
+        assert_eq!(
+            store.find_grant("alice-b", "notify:x").unwrap(),
+            Some(grant.clone())
+        );
+        assert_eq!(store.find_grant("alice-a", "notify:x").unwrap(), None);
+        store
+            .save_sturdy_ref(&[1; 32], "alice-b", grant.id, "site")
+            .unwrap();
+        assert_eq!(
+            store.sturdy_ref(&[1; 32], "alice-b").unwrap(),
+            Some(grant.clone())
+        );
+        // Another grain cannot use it.
+        assert_eq!(store.sturdy_ref(&[1; 32], "alice-a").unwrap(), None);
+        store.revoke_grant(grant.id, "alice").unwrap();
+        assert_eq!(store.sturdy_ref(&[1; 32], "alice-b").unwrap(), None);
+        assert_eq!(store.grant(grant.id).unwrap(), Some((grant, false)));
+        assert!(store.drop_sturdy_ref(&[1; 32], "alice-b").unwrap());
+        assert!(!store.drop_sturdy_ref(&[1; 32], "alice-b").unwrap());
     }
 }

@@ -21,6 +21,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: include_str!("migrations/0002_apps_grains_grants.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("migrations/0003_manifests_sturdy_refs.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

@@ -158,6 +158,8 @@ pub struct Daemon {
     mode: DaemonMode,
 }
 
+static NEXT_DAEMON: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 impl Daemon {
     /// Starts `granary serve` with HTTPS on 127.0.0.1:0.
     pub fn start() -> Daemon {
@@ -170,8 +172,15 @@ impl Daemon {
             .prefix("granary-test-")
             .tempdir()
             .expect("temp dir");
+        // Each test daemon gets its own cgroup parent and host uids, so
+        // daemons running side by side never share either.
+        let n = NEXT_DAEMON.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let slot = (std::process::id() % 10_000) * 16 + n % 16;
         let config = format!(
-            "data_dir = \"data\"\n{extra_config}\n[listen]\nhttps = \"127.0.0.1:0\"\n[log]\nlevel = \"info,granary=debug\"\n"
+            "data_dir = \"data\"\n{extra_config}\n[listen]\nhttps = \"127.0.0.1:0\"\n[log]\nlevel = \"info,granary=debug\"\n\
+             [jail]\nuid_range = \"{}+1000\"\ncgroup_parent = \"granary-test-{}-{n}\"\n",
+            1_600_000_000 + slot * 1000,
+            std::process::id(),
         );
         std::fs::write(dir.path().join("granary.toml"), config).expect("write config");
         let mut daemon = Daemon {
@@ -316,9 +325,21 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Stops the daemon gracefully, so it stops its grains and removes their
+    /// cgroups; SIGKILL only if it does not exit in time (its grains then
+    /// die with it, through the parent-death signal).
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let pid = Pid::from_raw(child.id() as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + DEADLINE;
+            while std::time::Instant::now() < deadline {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = kill(pid, Signal::SIGKILL);
             let _ = child.wait();
         }
     }

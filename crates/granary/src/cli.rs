@@ -47,6 +47,15 @@ pub(crate) enum Command {
     /// Manage per-device passwords for protocol clients (IMAP, DAV, XMPP, git, ...)
     #[command(subcommand, name = "app-password")]
     AppPassword(AppPasswordCommand),
+    /// Install, list and remove apps
+    #[command(subcommand)]
+    App(AppCommand),
+    /// Inspect, start, stop and talk to grains (one per user per app)
+    #[command(subcommand)]
+    Grain(GrainCommand),
+    /// Let one grain use a capability another grain provides
+    #[command(subcommand)]
+    Grant(GrantCommand),
     /// Check or print configuration files
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -87,8 +96,14 @@ pub(crate) enum UserCommand {
         #[command(flatten)]
         output: Output,
     },
-    /// Remove a user and their app passwords
-    Remove { name: String },
+    /// Remove a user and their app passwords; refused while their grains hold data
+    Remove {
+        name: String,
+        /// Also stop and destroy the user's grains and their data (after a
+        /// final snapshot where the storage backend has snapshots)
+        #[arg(long)]
+        purge: bool,
+    },
     /// Set a new account password; prints a generated one unless one is given on standard input
     Passwd {
         name: String,
@@ -138,6 +153,101 @@ pub(crate) enum AppPasswordCommand {
         /// Revoke every app password of this grain kind
         #[arg(long, value_name = "KIND")]
         kind: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AppCommand {
+    /// Install an unsigned app directory (granary-app.toml and image/) in development mode
+    Install {
+        /// The app directory, e.g. apps/hello/dist after apps/hello/build
+        dir: PathBuf,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List installed apps
+    List {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Remove an app; refused while its grains hold data
+    Remove {
+        kind: String,
+        /// Also stop and destroy every grain of this app and its data
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum GrainCommand {
+    /// List every grain with its state
+    List {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Start a grain (also clears a crash-loop hold)
+    Start {
+        /// USER/KIND, e.g. alice/git, or the grain id
+        grain: String,
+    },
+    /// Stop a grain gracefully
+    Stop {
+        /// USER/KIND or the grain id
+        grain: String,
+    },
+    /// Show one grain's state, restarts, wake locks and connections
+    Status {
+        /// USER/KIND or the grain id
+        grain: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Print the end of a grain's captured output
+    Logs {
+        /// USER/KIND or the grain id
+        grain: String,
+        /// How much of the end to show
+        #[arg(long, default_value_t = 64 * 1024, value_name = "BYTES")]
+        bytes: u64,
+    },
+    /// Connect standard input and output to one of a grain's services
+    Connect {
+        /// USER/KIND or the grain id
+        grain: String,
+        /// The service, as the app's manifest names it
+        service: String,
+        /// Connect as this user [default: the grain's owner]
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum GrantCommand {
+    /// Grant grain FROM the capability CAP provided by grain TO
+    Add {
+        /// The grain that will use the capability (USER/KIND)
+        #[arg(long, value_name = "GRAIN")]
+        from: String,
+        /// The grain that provides it (USER/KIND)
+        #[arg(long, value_name = "GRAIN")]
+        to: String,
+        /// <interface>[:<argument>], e.g. git.read:site
+        #[arg(long, value_name = "CAP")]
+        cap: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// List live grants
+    List {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Revoke a grant: live capabilities are cut at once, tokens stop working
+    Revoke {
+        /// The id shown by `granary grant list`
+        id: i64,
     },
 }
 

@@ -104,6 +104,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             admin::client::app_password(&config, cmd)
         }
+        Command::App(cmd) => {
+            let config = load_config(&cli)?;
+            admin::grains::app(&config, cmd)
+        }
+        Command::Grain(cmd) => {
+            let config = load_config(&cli)?;
+            admin::grains::grain(&config, cmd)
+        }
+        Command::Grant(cmd) => {
+            let config = load_config(&cli)?;
+            admin::grains::grant(&config, cmd)
+        }
         Command::Config(ConfigCommand::Default) => {
             print!("{}", granary_config::DEFAULT_CONFIG_TOML);
             Ok(ExitCode::SUCCESS)

@@ -80,7 +80,7 @@ fn app_password_view(
     })
 }
 
-fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+pub(super) fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -257,10 +257,11 @@ pub(crate) fn user(config: &Config, cmd: &UserCommand) -> anyhow::Result<ExitCod
                 table::print(&["NAME", "CREATED (UTC)", "APP PASSWORDS"], &rows);
             }
         }
-        UserCommand::Remove { name } => {
+        UserCommand::Remove { name, purge } => {
             with_admin(config, |admin: admin::Client| async move {
                 let mut req = admin.remove_user_request();
                 req.get().set_name(name.as_str());
+                req.get().set_purge(*purge);
                 req.send().promise.await.map_err(remote)?;
                 Ok(())
             })?;

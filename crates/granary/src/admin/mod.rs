@@ -3,6 +3,7 @@
 
 pub(crate) mod client;
 mod connection;
+pub(crate) mod grains;
 mod table;
 
 /// A two-party Cap'n Proto RPC system over a unix socket, as both ends of

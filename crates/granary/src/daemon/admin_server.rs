@@ -18,6 +18,7 @@ use granary_state::{RevokeSelector, StateError, Store};
 use tokio::sync::watch;
 
 use super::DaemonInfo;
+use super::grain_admin::{self, Grains, fill_app, fill_grant, fill_status, grain_id};
 
 /// Who appears as the actor in audit events written through the admin socket.
 const ACTOR: &str = "admin";
@@ -51,10 +52,17 @@ impl AdminThread {
 }
 
 /// Serves the admin interface on its own thread until `stop` turns true.
+/// What the admin thread needs to run the supervisor.
+pub(super) struct GrainsSetup {
+    pub(super) params: granary_supervisor::SupervisorParams,
+    pub(super) uids: granary_state::HostUid,
+}
+
 pub(super) fn spawn(
     listener: std::os::unix::net::UnixListener,
     store: Arc<Store>,
     info: DaemonInfo,
+    grains: GrainsSetup,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<AdminThread> {
     let daemon_uid = nix::unistd::geteuid().as_raw();
@@ -74,7 +82,25 @@ pub(super) fn spawn(
                         return;
                     }
                 };
-                let service = Rc::new(AdminService { store, info });
+                let datasets = grains.params.datasets.clone();
+                let apps_dir = grains.params.apps_dir.clone();
+                let sup = match granary_supervisor::Supervisor::new(grains.params) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the grain supervisor");
+                        return;
+                    }
+                };
+                let service = Rc::new(AdminService {
+                    store,
+                    info,
+                    grains: Grains {
+                        sup: sup.clone(),
+                        datasets,
+                        apps_dir,
+                        uids: grains.uids,
+                    },
+                });
                 loop {
                     let stream = tokio::select! {
                         accepted = listener.accept() => match accepted {
@@ -84,7 +110,11 @@ pub(super) fn spawn(
                                 continue;
                             }
                         },
-                        _ = stop.wait_for(|s| *s) => break,
+                        _ = stop.wait_for(|s| *s) => {
+                            tracing::info!("stopping grains");
+                            sup.shutdown().await;
+                            break;
+                        }
                     };
                     // The socket is 0600 already; check the peer too, so a
                     // socket passed around or a loosened mode grants nothing.
@@ -123,6 +153,18 @@ pub(super) fn spawn(
 struct AdminService {
     store: Arc<Store>,
     info: DaemonInfo,
+    grains: Grains,
+}
+
+fn any_failure(e: anyhow::Error) -> capnp::Error {
+    fail(format!("{e:#}"))
+}
+
+fn sup_failure(e: granary_supervisor::SupervisorError) -> capnp::Error {
+    match e {
+        granary_supervisor::SupervisorError::State(s) => state_failure(s),
+        other => fail(other),
+    }
 }
 
 /// An admin-facing failure: the message is what the CLI prints.
@@ -255,6 +297,12 @@ impl admin::Server for AdminService {
         })
         .await?;
         tracing::info!(user = %user.name, "user added");
+        let (store, uids) = (self.store.clone(), self.grains.uids);
+        let made =
+            blocking(move || store.ensure_grains(uids, ACTOR).map_err(state_failure)).await?;
+        for g in made {
+            tracing::info!(grain = %g.id, "grain record created");
+        }
         let mut r = results.get();
         fill_user(r.reborrow().init_user(), &user);
         r.set_generated_password(generated.as_deref().unwrap_or(""));
@@ -280,9 +328,26 @@ impl admin::Server for AdminService {
         params: admin::RemoveUserParams,
         _: admin::RemoveUserResults,
     ) -> Result<(), capnp::Error> {
-        let name = user_name(params.get()?.get_name()?)?;
+        let p = params.get()?;
+        let name = user_name(p.get_name()?)?;
+        let purge = p.get_purge();
         let store = self.store.clone();
         let shown = name.to_string();
+        let (s, n) = (store.clone(), shown.clone());
+        if blocking(move || s.user(&name).map_err(state_failure))
+            .await?
+            .is_none()
+        {
+            return Err(state_failure(StateError::NoSuchUser(shown)));
+        }
+        let s = store.clone();
+        let grains =
+            blocking(move || s.grains_where(Some(&n), None).map_err(state_failure)).await?;
+        self.grains
+            .remove_grains(&store, grains, purge, &format!("user {shown}"))
+            .await
+            .map_err(any_failure)?;
+        let name = UserName::new(&shown).map_err(fail)?;
         blocking(move || store.remove_user(&name, ACTOR).map_err(state_failure)).await?;
         tracing::info!(user = %shown, "user removed");
         Ok(())
@@ -425,6 +490,261 @@ impl admin::Server for AdminService {
         })
         .await?;
         results.get().set_revoked(n as u32);
+        Ok(())
+    }
+
+    async fn install_app(
+        self: Rc<Self>,
+        params: admin::InstallAppParams,
+        mut results: admin::InstallAppResults,
+    ) -> Result<(), capnp::Error> {
+        let dir = std::path::PathBuf::from(params.get()?.get_dir()?.to_str()?);
+        let apps_dir = self.grains.apps_dir.clone();
+        let store = self.store.clone();
+        let uids = self.grains.uids;
+        let (app, made) = blocking(move || {
+            let (manifest, text) =
+                grain_admin::install_dir(&apps_dir, &dir).map_err(any_failure)?;
+            let app = store
+                .install_app(
+                    &manifest.kind,
+                    &manifest.id,
+                    &manifest.version,
+                    &text,
+                    true,
+                    ACTOR,
+                )
+                .map_err(state_failure)?;
+            let made = store.ensure_grains(uids, ACTOR).map_err(state_failure)?;
+            Ok((app, made.len()))
+        })
+        .await?;
+        tracing::warn!(app = %app.app_id, version = %app.version, kind = %app.kind, "installed an UNSIGNED app in development mode");
+        let mut r = results.get();
+        fill_app(r.reborrow().init_app(), &app);
+        r.set_grains_created(made as u32);
+        Ok(())
+    }
+
+    async fn list_apps(
+        self: Rc<Self>,
+        _: admin::ListAppsParams,
+        mut results: admin::ListAppsResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.store.clone();
+        let apps = blocking(move || store.list_apps().map_err(state_failure)).await?;
+        let mut list = results.get().init_apps(apps.len() as u32);
+        for (i, app) in apps.iter().enumerate() {
+            fill_app(list.reborrow().get(i as u32), app);
+        }
+        Ok(())
+    }
+
+    async fn remove_app(
+        self: Rc<Self>,
+        params: admin::RemoveAppParams,
+        _: admin::RemoveAppResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let kind = p.get_kind()?.to_str()?.to_owned();
+        let purge = p.get_purge();
+        let store = self.store.clone();
+        let k = kind.clone();
+        let s = store.clone();
+        let grains =
+            blocking(move || s.grains_where(None, Some(&k)).map_err(state_failure)).await?;
+        self.grains
+            .remove_grains(&store, grains, purge, &format!("app {kind}"))
+            .await
+            .map_err(any_failure)?;
+        let k = kind.clone();
+        let removed = blocking(move || store.remove_app(&k, ACTOR).map_err(state_failure)).await?;
+        if !removed {
+            return Err(fail(format!("no app of kind {kind} is installed")));
+        }
+        let _ = std::fs::remove_dir_all(self.grains.apps_dir.join(&kind));
+        tracing::info!(%kind, "app removed");
+        Ok(())
+    }
+
+    async fn list_grains(
+        self: Rc<Self>,
+        _: admin::ListGrainsParams,
+        mut results: admin::ListGrainsResults,
+    ) -> Result<(), capnp::Error> {
+        let grains = self.grains.sup.list().await.map_err(sup_failure)?;
+        let mut list = results.get().init_grains(grains.len() as u32);
+        for (i, g) in grains.iter().enumerate() {
+            fill_status(list.reborrow().get(i as u32), g);
+        }
+        Ok(())
+    }
+
+    async fn start_grain(
+        self: Rc<Self>,
+        params: admin::StartGrainParams,
+        mut results: admin::StartGrainResults,
+    ) -> Result<(), capnp::Error> {
+        let id = grain_id(params.get()?.get_grain()?.to_str()?);
+        self.grains.sup.start(&id).await.map_err(sup_failure)?;
+        let status = self.grains.sup.status(&id).await.map_err(sup_failure)?;
+        fill_status(results.get().init_status(), &status);
+        Ok(())
+    }
+
+    async fn stop_grain(
+        self: Rc<Self>,
+        params: admin::StopGrainParams,
+        mut results: admin::StopGrainResults,
+    ) -> Result<(), capnp::Error> {
+        let id = grain_id(params.get()?.get_grain()?.to_str()?);
+        let was = self.grains.sup.stop(&id).await.map_err(sup_failure)?;
+        results.get().set_was_running(was);
+        Ok(())
+    }
+
+    async fn grain_status(
+        self: Rc<Self>,
+        params: admin::GrainStatusParams,
+        mut results: admin::GrainStatusResults,
+    ) -> Result<(), capnp::Error> {
+        let id = grain_id(params.get()?.get_grain()?.to_str()?);
+        let status = self.grains.sup.status(&id).await.map_err(sup_failure)?;
+        fill_status(results.get().init_status(), &status);
+        Ok(())
+    }
+
+    async fn grain_logs(
+        self: Rc<Self>,
+        params: admin::GrainLogsParams,
+        mut results: admin::GrainLogsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = grain_id(p.get_grain()?.to_str()?);
+        self.grains.sup.status(&id).await.map_err(sup_failure)?;
+        let max = p.get_max_bytes().min(4 << 20);
+        let log = self.grains.sup.logs(&id, max).map_err(sup_failure)?;
+        results.get().set_log(&log);
+        Ok(())
+    }
+
+    async fn connect_grain(
+        self: Rc<Self>,
+        params: admin::ConnectGrainParams,
+        mut results: admin::ConnectGrainResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let reference = p.get_grain()?.to_str()?.to_owned();
+        let id = grain_id(&reference);
+        let service = p.get_service()?.to_str()?.to_owned();
+        let client = p.get_client()?;
+        let status = self.grains.sup.status(&id).await.map_err(sup_failure)?;
+        let user = match p.get_user()?.to_str()? {
+            "" => status.user.clone(),
+            u => u.to_owned(),
+        };
+        let conn = self
+            .grains
+            .sup
+            .connect(
+                &id,
+                &service,
+                granary_supervisor::Identity::user(&user, "admin-cli"),
+            )
+            .await
+            .map_err(sup_failure)?;
+        let (read, write) = conn.stream.into_split();
+        let guard = conn.guard;
+        tokio::task::spawn_local(async move {
+            if let Err(e) = granary_supervisor::handoff::pump_to(read, client).await {
+                tracing::debug!(error = %e, "grain connection ended");
+            }
+            drop(guard);
+        });
+        let upstream: granary_schema::stream_capnp::byte_stream::Client =
+            capnp_rpc::new_client(granary_supervisor::handoff::ByteStreamWriter::new(write));
+        results.get().set_upstream(upstream);
+        Ok(())
+    }
+
+    async fn add_grant(
+        self: Rc<Self>,
+        params: admin::AddGrantParams,
+        mut results: admin::AddGrantResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let from = grain_id(p.get_from()?.to_str()?);
+        let to = grain_id(p.get_to()?.to_str()?);
+        let cap = p.get_capability()?.to_str()?.to_owned();
+        granary_model::check_descriptor(&cap).map_err(fail)?;
+        let store = self.store.clone();
+        let grant = blocking(move || {
+            let grain = |id: &str| -> Result<granary_state::Grain, capnp::Error> {
+                store
+                    .grain(id)
+                    .map_err(state_failure)?
+                    .ok_or_else(|| fail(format!("no grain {id}")))
+            };
+            let (f, t) = (grain(&from)?, grain(&to)?);
+            if f.id == t.id {
+                return Err(fail("a grain needs no grant to reach itself"));
+            }
+            if f.user != t.user {
+                return Err(fail(format!(
+                    "{}/{} and {}/{} belong to different users; grants stay within one user's grains",
+                    f.user, f.kind, t.user, t.kind
+                )));
+            }
+            let app = store
+                .app(&t.kind)
+                .map_err(state_failure)?
+                .ok_or_else(|| fail(format!("no app of kind {} is installed", t.kind)))?;
+            let manifest = granary_model::Manifest::parse(&app.manifest).map_err(fail)?;
+            if !manifest.offers(&cap) {
+                return Err(fail(format!(
+                    "{} ({}) does not offer {}; it offers: {}",
+                    t.kind,
+                    manifest.id,
+                    cap,
+                    if manifest.offers.is_empty() { "nothing".to_owned() } else { manifest.offers.join(", ") }
+                )));
+            }
+            store.add_grant(&f.id, &t.id, &cap, ACTOR).map_err(state_failure)
+        })
+        .await?;
+        tracing::info!(grant = grant.id, from = %grant.from_grain, to = %grant.to_grain, cap = %grant.capability, "grant added");
+        fill_grant(results.get().init_grant(), &grant);
+        Ok(())
+    }
+
+    async fn list_grants(
+        self: Rc<Self>,
+        _: admin::ListGrantsParams,
+        mut results: admin::ListGrantsResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.store.clone();
+        let grants = blocking(move || store.live_grants().map_err(state_failure)).await?;
+        let mut list = results.get().init_grants(grants.len() as u32);
+        for (i, g) in grants.iter().enumerate() {
+            fill_grant(list.reborrow().get(i as u32), g);
+        }
+        Ok(())
+    }
+
+    async fn revoke_grant(
+        self: Rc<Self>,
+        params: admin::RevokeGrantParams,
+        _: admin::RevokeGrantResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id();
+        let store = self.store.clone();
+        let revoked =
+            blocking(move || store.revoke_grant(id, ACTOR).map_err(state_failure)).await?;
+        if !revoked {
+            return Err(fail(format!("no live grant {id}")));
+        }
+        self.grains.sup.revoked(id);
+        tracing::info!(grant = id, "grant revoked");
         Ok(())
     }
 }

@@ -6,6 +6,7 @@
 //! before anything listens.
 
 mod admin_server;
+mod grain_admin;
 mod lock;
 mod ports;
 
@@ -117,7 +118,8 @@ async fn serve(
         listeners: vec![("https".to_owned(), https_addr.to_string())],
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let admin = admin_server::spawn(admin_listener, store.clone(), info, stop_rx.clone())?;
+    let grains = grains_setup(&config, &store).await?;
+    let admin = admin_server::spawn(admin_listener, store.clone(), info, grains, stop_rx.clone())?;
 
     let ports = Ports {
         pid: std::process::id(),
@@ -157,6 +159,68 @@ async fn serve(
     store.record_event("daemon", "daemon.stop", "-", "")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The supervisor's parts: plain-directory datasets under DATA_DIR/grains,
+/// apps under DATA_DIR/apps, the launcher beside this binary, and a grain
+/// record for every user and installed app (repairing any a crash missed).
+async fn grains_setup(
+    config: &Config,
+    store: &Arc<Store>,
+) -> anyhow::Result<admin_server::GrainsSetup> {
+    let grains_dir = config.data_dir.join("grains");
+    let datasets = granary_datasets::Plain::new(&grains_dir)
+        .with_context(|| format!("cannot use {}", grains_dir.display()))?;
+    let apps_dir = config.data_dir.join("apps");
+    std::fs::create_dir_all(&apps_dir)
+        .with_context(|| format!("cannot create {}", apps_dir.display()))?;
+    let launcher = std::env::current_exe()
+        .context("cannot find this executable")?
+        .with_file_name("granary-launcher");
+    if !launcher.exists() {
+        tracing::warn!(launcher = %launcher.display(), "granary-launcher is missing beside granary; grains cannot start");
+    }
+    let uids = granary_state::HostUid::FirstFreeIn {
+        start: config.uid_range.start,
+        count: config.uid_range.count,
+    };
+    let s = store.clone();
+    let made = tokio::task::spawn_blocking(move || s.ensure_grains(uids, "daemon")).await??;
+    for g in made {
+        tracing::info!(grain = %g.id, "grain record created");
+    }
+    let g = &config.grains;
+    Ok(admin_server::GrainsSetup {
+        params: granary_supervisor::SupervisorParams {
+            store: store.clone(),
+            datasets: Arc::new(datasets),
+            jail: granary_jail::JailConfig {
+                data_root: grains_dir,
+                uid_range: granary_jail::UidRange {
+                    start: config.uid_range.start,
+                    count: config.uid_range.count,
+                },
+                cgroup: granary_jail::JailConfig::detect_cgroup(),
+                cgroup_parent: config.cgroup_parent.clone(),
+            },
+            launcher,
+            apps_dir,
+            config: granary_supervisor::SupervisorConfig {
+                idle_timeout: g.idle_timeout,
+                restart_backoff: g.restart_backoff,
+                restart_backoff_max: g.restart_backoff_max,
+                crash_loop_crashes: g.crash_loop_crashes,
+                crash_window: g.crash_window,
+                shutdown_grace: g.shutdown_grace,
+                max_message_bytes: g.max_message_bytes,
+                max_in_flight: g.max_in_flight as usize,
+                flood_cutoff: g.flood_cutoff,
+                call_timeout: g.call_timeout,
+                audit_flush: g.audit_flush,
+            },
+        },
+        uids,
+    })
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -1,0 +1,290 @@
+//! The example Granary app (see README.md beside this file).
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::Instant;
+
+use granary_sdk::services_capnp::notify;
+use granary_sdk::{Accepted, App, GrainRef, Host, LogLevel, WakeLock};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const NOTIFICATIONS: &str = "/var/notifications";
+const TOKENS: &str = "/var/tokens";
+
+struct Hello {
+    host: Host,
+    held: RefCell<Option<capnp::capability::Client>>,
+    wake: RefCell<Option<WakeLock>>,
+}
+
+/// The `Notify` object this grain offers: appends each change durably.
+struct Notifications {
+    subject: Option<String>,
+}
+
+impl notify::Server for Notifications {
+    async fn changed(
+        self: capnp::capability::Rc<Self>,
+        params: notify::ChangedParams,
+        _: notify::ChangedResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let subject = p.get_subject()?.to_str()?;
+        let revision = p.get_revision()?.to_str()?;
+        if let Some(only) = &self.subject
+            && only != subject
+        {
+            return Err(capnp::Error::failed(format!(
+                "this capability is for {only}, not {subject}"
+            )));
+        }
+        let line = format!("{subject} {revision}\n");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(NOTIFICATIONS)?;
+            f.write_all(line.as_bytes())?;
+            f.sync_data()
+        };
+        write().map_err(|e| capnp::Error::failed(format!("{NOTIFICATIONS}: {e}")))
+    }
+}
+
+fn count_notifications() -> usize {
+    std::fs::read_to_string(NOTIFICATIONS).map_or(0, |s| s.lines().count())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+async fn call_changed(
+    cap: &capnp::capability::Client,
+    subject: &str,
+    revision: &str,
+) -> Result<(), capnp::Error> {
+    let notify: notify::Client = capnp::capability::FromClientHook::new(cap.hook.add_ref());
+    let mut req = notify.changed_request();
+    req.get().set_subject(subject);
+    req.get().set_revision(revision);
+    req.send().promise.await.map(drop)
+}
+
+impl Hello {
+    async fn command(&self, conn_user: &str, line: &str) -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let err = |e: capnp::Error| format!("error: {}", granary_sdk::message(&e));
+        match words.as_slice() {
+            ["ping"] => "pong".to_owned(),
+            ["whoami"] => match self.host.info().await {
+                Ok(i) => format!("user={conn_user} grain={} owner={} kind={}", i.id, i.owner, i.kind),
+                Err(e) => err(e),
+            },
+            ["notifications"] => count_notifications().to_string(),
+            ["notify", descriptor, subject, revision] => {
+                match self.host.request(descriptor).await {
+                    Ok(cap) => match call_changed(&cap, subject, revision).await {
+                        Ok(()) => "ok".to_owned(),
+                        Err(e) => err(e),
+                    },
+                    Err(e) => err(e),
+                }
+            }
+            ["hold", descriptor] => match self.host.request(descriptor).await {
+                Ok(cap) => {
+                    *self.held.borrow_mut() = Some(cap);
+                    "ok".to_owned()
+                }
+                Err(e) => err(e),
+            },
+            ["call", subject, revision] => {
+                let cap = self.held.borrow().clone();
+                match cap {
+                    Some(cap) => match call_changed(&cap, subject, revision).await {
+                        Ok(()) => "ok".to_owned(),
+                        Err(e) => err(e),
+                    },
+                    None => "error: nothing held".to_owned(),
+                }
+            }
+            ["save", label] => {
+                let cap = self.held.borrow().clone();
+                let Some(cap) = cap else {
+                    return "error: nothing held".to_owned();
+                };
+                match self.host.save(&cap, label).await {
+                    Ok(token) => {
+                        let line = format!("{label} {}\n", hex(&token));
+                        let saved = std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(TOKENS)
+                            .and_then(|mut f| {
+                                f.write_all(line.as_bytes())?;
+                                f.sync_data()
+                            });
+                        match saved {
+                            Ok(()) => hex(&token),
+                            Err(e) => format!("error: {TOKENS}: {e}"),
+                        }
+                    }
+                    Err(e) => err(e),
+                }
+            }
+            ["restore", label] => {
+                let tokens = std::fs::read_to_string(TOKENS).unwrap_or_default();
+                let Some(token) = tokens
+                    .lines()
+                    .rev()
+                    .find_map(|l| l.strip_prefix(&format!("{label} ")))
+                    .and_then(unhex)
+                else {
+                    return format!("error: no token saved as {label}");
+                };
+                match self.host.restore(&token).await {
+                    Ok(cap) => {
+                        *self.held.borrow_mut() = Some(cap);
+                        "ok".to_owned()
+                    }
+                    Err(e) => err(e),
+                }
+            }
+            ["bench", subject, n] => {
+                let Ok(n) = n.parse::<u32>() else {
+                    return "error: bench SUBJECT N".to_owned();
+                };
+                let cap = self.held.borrow().clone();
+                let Some(cap) = cap else {
+                    return "error: nothing held".to_owned();
+                };
+                let start = Instant::now();
+                for i in 0..n {
+                    if let Err(e) = call_changed(&cap, subject, &i.to_string()).await {
+                        return err(e);
+                    }
+                }
+                format!(
+                    "us_per_call={:.1}",
+                    start.elapsed().as_secs_f64() * 1e6 / f64::from(n.max(1))
+                )
+            }
+            ["awake", reason @ ..] => match self.host.stay_awake(&reason.join(" ")).await {
+                Ok(lock) => {
+                    *self.wake.borrow_mut() = Some(lock);
+                    "ok".to_owned()
+                }
+                Err(e) => err(e),
+            },
+            ["sleep"] => {
+                self.wake.borrow_mut().take();
+                "ok".to_owned()
+            }
+            ["flood", n] => {
+                let Ok(n) = n.parse::<usize>() else {
+                    return "error: flood N".to_owned();
+                };
+                // Each `request` makes the host look the grant up in its
+                // database, so the calls pile up in flight.
+                let calls = (0..n).map(|i| {
+                    let host = self.host.clone();
+                    async move { host.request(&format!("notify:flood{i}")).await.map(drop) }
+                });
+                let results = futures_join_all(calls).await;
+                let refused = results
+                    .iter()
+                    .filter(|r| matches!(r, Err(e) if e.kind == capnp::ErrorKind::Overloaded || e.extra.contains("calls in flight")))
+                    .count();
+                let denied = results
+                    .iter()
+                    .filter(|r| matches!(r, Err(e) if e.extra.contains("no grant")))
+                    .count();
+                format!("refused={refused} denied={denied} other={}", n - refused - denied)
+            }
+            ["biglog", kib] => {
+                let Ok(kib) = kib.parse::<usize>() else {
+                    return "error: biglog KIB".to_owned();
+                };
+                match self.host.log(LogLevel::Info, &"x".repeat(kib * 1024)).await {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => err(e),
+                }
+            }
+            ["crash"] => std::process::exit(3),
+            ["help"] => "commands: ping whoami notifications notify hold call save restore bench awake sleep flood biglog crash".to_owned(),
+            _ => format!("error: unknown command {line:?} (try help)"),
+        }
+    }
+}
+
+/// Awaits every future, in order (the SDK keeps dependencies small, so no
+/// `futures` crate here).
+async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + 'static,
+    F::Output: 'static,
+{
+    let handles: Vec<_> = futs.map(granary_sdk::spawn_local).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
+
+impl App for Hello {
+    async fn accept(self: Rc<Self>, conn: Accepted) {
+        let (read, mut write) = conn.stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let answer = self.command(&conn.user, line.trim()).await;
+            if write
+                .write_all(format!("{answer}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    fn offer(
+        &self,
+        descriptor: &str,
+        requester: GrainRef,
+    ) -> Result<capnp::capability::Client, capnp::Error> {
+        let (interface, subject) = match descriptor.split_once(':') {
+            Some((i, s)) => (i, Some(s.to_owned())),
+            None => (descriptor, None),
+        };
+        if interface != "notify" {
+            return Err(capnp::Error::failed(format!(
+                "{descriptor} is not offered here (asked by {})",
+                requester.id
+            )));
+        }
+        let client: notify::Client = granary_sdk::new_client(Notifications { subject });
+        Ok(client.client)
+    }
+}
+
+fn main() -> ExitCode {
+    if std::env::args().any(|a| a == "--crash-at-start") {
+        eprintln!("hello: crashing at start, as asked");
+        return ExitCode::from(3);
+    }
+    granary_sdk::run(|host| Hello {
+        host,
+        held: RefCell::new(None),
+        wake: RefCell::new(None),
+    })
+}

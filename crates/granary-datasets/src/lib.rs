@@ -1,0 +1,199 @@
+//! Grain datasets: each grain's one writable, persistent directory (mounted
+//! at `/var` inside its sandbox), behind the [`Datasets`] interface.
+//!
+//! The plain-directory backend ([`Plain`]) is the fallback that works on any
+//! filesystem: no quotas, no snapshots. ZFS and btrfs backends (one dataset
+//! or subvolume per grain, quotas, snapshots) implement the same trait.
+//!
+//! Layout under the backend's root (`<data dir>/grains`):
+//!
+//! ```text
+//! <grain id>/        root-owned, 0700: host-only
+//!     data/          the dataset, owned by the grain's host uid, 0700
+//! ```
+//!
+//! The supervisor keeps host-only files (the grain's log) beside `data/`.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[error("dataset of grain {grain}: {op}: {source}")]
+pub struct DatasetError {
+    pub grain: String,
+    pub op: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+/// What every dataset backend offers the supervisor.
+pub trait Datasets: Send + Sync {
+    /// `plain`, `zfs` or `btrfs`.
+    fn backend(&self) -> &'static str;
+    /// The directory that holds the grain's host-only files and its dataset.
+    fn grain_dir(&self, grain: &str) -> PathBuf;
+    /// The dataset's mount point on the host.
+    fn path(&self, grain: &str) -> PathBuf {
+        self.grain_dir(grain).join("data")
+    }
+    /// Creates the dataset, owned by `host_uid`, or checks an existing one.
+    /// Idempotent, so a crash half-way is repaired by running it again.
+    fn create(&self, grain: &str, host_uid: u32) -> Result<PathBuf, DatasetError>;
+    /// Whether the dataset holds anything at all.
+    fn has_data(&self, grain: &str) -> Result<bool, DatasetError>;
+    /// Takes a read-only snapshot named `label`; `None` where the backend has
+    /// no snapshots (plain directories).
+    fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError>;
+    /// Destroys the dataset and the grain's directory. Missing is fine.
+    fn destroy(&self, grain: &str) -> Result<(), DatasetError>;
+}
+
+/// Plain directories under `root`.
+#[derive(Debug, Clone)]
+pub struct Plain {
+    root: PathBuf,
+}
+
+impl Plain {
+    /// Uses (and creates, root-only) `root` as the parent of every grain.
+    pub fn new(root: &Path) -> io::Result<Plain> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)?;
+        Ok(Plain {
+            root: root.to_path_buf(),
+        })
+    }
+}
+
+fn err<'a>(grain: &'a str, op: &'static str) -> impl FnOnce(io::Error) -> DatasetError + 'a {
+    move |source| DatasetError {
+        grain: grain.to_owned(),
+        op,
+        source,
+    }
+}
+
+fn check_id(grain: &str) -> Result<(), DatasetError> {
+    let ok = !grain.is_empty()
+        && grain.len() <= 64
+        && grain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(DatasetError {
+            grain: grain.to_owned(),
+            op: "check the grain id",
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a grain id"),
+        })
+    }
+}
+
+fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
+    match std::fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(path)?;
+            if !meta.is_dir() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a directory", path.display()),
+                ));
+            }
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        }
+        other => other,
+    }
+}
+
+impl Datasets for Plain {
+    fn backend(&self) -> &'static str {
+        "plain"
+    }
+
+    fn grain_dir(&self, grain: &str) -> PathBuf {
+        self.root.join(grain)
+    }
+
+    fn create(&self, grain: &str, host_uid: u32) -> Result<PathBuf, DatasetError> {
+        check_id(grain)?;
+        let dir = self.grain_dir(grain);
+        mkdir(&dir, 0o700).map_err(err(grain, "create the grain directory"))?;
+        let data = dir.join("data");
+        mkdir(&data, 0o700).map_err(err(grain, "create the dataset"))?;
+        if running_as_root() {
+            std::os::unix::fs::lchown(&data, Some(host_uid), Some(host_uid))
+                .map_err(err(grain, "hand the dataset to the grain's uid"))?;
+        }
+        Ok(data)
+    }
+
+    fn has_data(&self, grain: &str) -> Result<bool, DatasetError> {
+        check_id(grain)?;
+        match std::fs::read_dir(self.path(grain)) {
+            Ok(mut entries) => Ok(entries.next().is_some()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(err(grain, "look into the dataset")(e)),
+        }
+    }
+
+    fn snapshot(&self, grain: &str, _label: &str) -> Result<Option<String>, DatasetError> {
+        check_id(grain)?;
+        Ok(None)
+    }
+
+    fn destroy(&self, grain: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        // std's remove_dir_all never follows symlinks, so a link the grain
+        // planted in its dataset cannot make us delete anything outside it.
+        match std::fs::remove_dir_all(self.grain_dir(grain)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other.map_err(err(grain, "remove the dataset")),
+        }
+    }
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn create_is_idempotent_private_and_destroy_stays_inside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, "keep me").unwrap();
+        let plain = Plain::new(&tmp.path().join("grains")).unwrap();
+        let data = plain.create("g-1", 1_500_000_007).unwrap();
+        assert_eq!(data, plain.path("g-1"));
+        assert_eq!(plain.create("g-1", 1_500_000_007).unwrap(), data);
+        let meta = std::fs::metadata(&data).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o700);
+        if running_as_root() {
+            assert_eq!(meta.uid(), 1_500_000_007);
+        }
+        assert_eq!(
+            std::fs::metadata(plain.grain_dir("g-1")).unwrap().mode() & 0o777,
+            0o700
+        );
+        assert!(!plain.has_data("g-1").unwrap());
+        std::fs::write(data.join("note"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, data.join("link")).unwrap();
+        assert!(plain.has_data("g-1").unwrap());
+        assert_eq!(plain.snapshot("g-1", "final").unwrap(), None);
+        plain.destroy("g-1").unwrap();
+        plain.destroy("g-1").unwrap();
+        assert!(!plain.grain_dir("g-1").exists());
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep me");
+        assert!(plain.create("../evil", 1).is_err());
+    }
+}

@@ -1,0 +1,212 @@
+//! An app's manifest (`granary-app.toml`): what the app is, which grain kind
+//! it claims, what it serves and how to run it. The unsigned development
+//! install reads it from a directory; signed packages carry the same type.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::GrainKind;
+
+/// The file name of a manifest inside an app directory or package.
+pub const MANIFEST_FILE: &str = "granary-app.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Reverse-DNS style id, e.g. `org.granary.hello`.
+    pub id: String,
+    /// The app's version, shown to admins; any non-empty text without spaces.
+    pub version: String,
+    /// The grain kind this app claims: one installed app per kind.
+    pub kind: String,
+    /// One grain per user (`true`), or a single shared grain (`false`).
+    #[serde(default = "yes")]
+    pub per_user: bool,
+    /// The program inside the image and its arguments; `exec[0]` is an
+    /// absolute path inside `image/`.
+    pub exec: Vec<String>,
+    /// Connection services the app accepts (`"http"`, `"imap"`, ...).
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Interfaces (descriptor prefixes) it offers other grains, e.g.
+    /// `"git.read"`, `"notify"`.
+    #[serde(default)]
+    pub offers: Vec<String>,
+    /// Resource limits; host defaults where absent.
+    #[serde(default)]
+    pub limits: ManifestLimits,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestLimits {
+    pub memory_mib: Option<u64>,
+    pub pids: Option<u64>,
+    pub cpu_weight: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{MANIFEST_FILE}: {0}")]
+pub struct ManifestError(String);
+
+fn short_name(what: &str, s: &str, extra: &[u8]) -> Result<(), ManifestError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || extra.contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ManifestError(format!(
+            "{what} {s:?} must be 1 to 64 of a-z, 0-9 and {:?}",
+            String::from_utf8_lossy(extra)
+        )))
+    }
+}
+
+impl Manifest {
+    /// Parses and checks a manifest. Errors name the field.
+    pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        let m: Manifest = toml::from_str(text).map_err(|e| ManifestError(e.to_string()))?;
+        short_name("id", &m.id, b".-")?;
+        if m.version.is_empty() || m.version.len() > 64 || m.version.contains(char::is_whitespace) {
+            return Err(ManifestError(format!(
+                "version {:?} must be 1 to 64 characters without spaces",
+                m.version
+            )));
+        }
+        GrainKind::new(&m.kind).map_err(|e| ManifestError(e.to_string()))?;
+        match m.exec.first() {
+            Some(p) if p.starts_with('/') && !p.split('/').any(|c| c == "..") => {}
+            _ => {
+                return Err(ManifestError(
+                    "exec must start with an absolute path inside the image, e.g. [\"/bin/app\"]"
+                        .to_owned(),
+                ));
+            }
+        }
+        for s in &m.services {
+            short_name("service", s, b"-")?;
+        }
+        for o in &m.offers {
+            short_name("offered interface", o, b".-")?;
+        }
+        if !m.per_user {
+            return Err(ManifestError(
+                "per_user = false (shared grains) is not supported yet".to_owned(),
+            ));
+        }
+        Ok(m)
+    }
+
+    pub fn grain_kind(&self) -> GrainKind {
+        GrainKind::new(&self.kind).expect("checked in parse")
+    }
+
+    /// Whether `descriptor` (`<interface>[:<argument>]`) names an interface
+    /// this app offers.
+    pub fn offers(&self, descriptor: &str) -> bool {
+        let interface = descriptor.split(':').next().unwrap_or("");
+        self.offers.iter().any(|o| o == interface)
+    }
+}
+
+impl fmt::Display for Manifest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} (kind {})", self.id, self.version, self.kind)
+    }
+}
+
+/// Checks a capability descriptor: `<interface>[:<argument>]`, where the
+/// interface is dotted lowercase words and the argument 1 to 128 of
+/// `[A-Za-z0-9._-]`.
+pub fn check_descriptor(descriptor: &str) -> Result<(), String> {
+    let (interface, argument) = match descriptor.split_once(':') {
+        Some((i, a)) => (i, Some(a)),
+        None => (descriptor, None),
+    };
+    let iface_ok = !interface.is_empty()
+        && interface.len() <= 64
+        && interface
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    let arg_ok = argument.is_none_or(|a| {
+        !a.is_empty()
+            && a.len() <= 128
+            && a.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    });
+    if iface_ok && arg_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "capability {descriptor:?} must be <interface>[:<argument>], e.g. git.read:site"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id = "org.granary.hello"
+version = "0.1.0"
+kind = "hello"
+exec = ["/bin/hello", "--quiet"]
+services = ["hello"]
+offers = ["notify"]
+[limits]
+memory_mib = 64
+"#;
+
+    #[test]
+    fn parses_a_manifest_and_its_defaults() {
+        let m = Manifest::parse(GOOD).unwrap();
+        assert!(m.per_user);
+        assert_eq!(m.exec, ["/bin/hello", "--quiet"]);
+        assert_eq!(m.limits.memory_mib, Some(64));
+        assert!(m.offers("notify:site"));
+        assert!(m.offers("notify"));
+        assert!(!m.offers("git.read:site"));
+        assert_eq!(m.to_string(), "org.granary.hello 0.1.0 (kind hello)");
+    }
+
+    #[test]
+    fn bad_manifests_name_the_field() {
+        let cases = [
+            (
+                GOOD.replace("\"hello\"\nexec", "\"Hello\"\nexec"),
+                "grain kind",
+            ),
+            (GOOD.replace("/bin/hello\"", "bin/hello\""), "exec"),
+            (GOOD.replace("/bin/hello\"", "/../x\""), "exec"),
+            (GOOD.replace("0.1.0", "0 1"), "version"),
+            (
+                GOOD.replace("[\"notify\"]", "[\"No!\"]"),
+                "offered interface",
+            ),
+            (format!("{GOOD}\nsurprise = 1"), "unknown field"),
+            (GOOD.replace("id = ", "#"), "missing field `id`"),
+        ];
+        for (text, expect) in cases {
+            let e = Manifest::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(expect), "{expect}: {e}");
+        }
+    }
+
+    #[test]
+    fn descriptors() {
+        for ok in ["notify", "git.read:site", "mail.deliver", "notify:a_b-c.d"] {
+            check_descriptor(ok).unwrap();
+        }
+        for bad in ["", ":x", "Git.read", "git.read:", "git.read:a/b", "x:y z"] {
+            assert!(check_descriptor(bad).is_err(), "{bad}");
+        }
+    }
+}

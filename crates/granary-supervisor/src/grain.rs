@@ -1,0 +1,832 @@
+//! One grain's life: stopped, starting, running, stopping, waiting out a
+//! backoff, or held after a crash loop or a flood.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdStream;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use futures::FutureExt;
+use futures::future::Shared;
+use granary_jail::GrainSpec;
+use granary_jail::grain_log::LogPolicy;
+use granary_jail::spawn::LaunchRequest;
+use granary_model::Manifest;
+use granary_schema::grain_capnp::{self, grain};
+use tokio::io::unix::AsyncFd;
+
+use crate::host::HostImpl;
+use crate::{Inner, SupervisorError, db};
+
+/// Rotated log files kept besides the current one, and the size of each.
+pub(crate) const LOG_KEEP: u32 = 3;
+const LOG_FILE_BYTES: u64 = 1 << 20;
+
+type StartFuture = Shared<Pin<Box<dyn Future<Output = Result<Rc<Running>, String>>>>>;
+type StopFuture = Shared<Pin<Box<dyn Future<Output = ()>>>>;
+
+#[derive(Clone)]
+enum Phase {
+    Stopped,
+    Starting(StartFuture),
+    Running(Rc<Running>),
+    Stopping(StopFuture),
+    /// Crashed; restarts at `until`.
+    Backoff {
+        until: tokio::time::Instant,
+    },
+    /// Crash loop or flood: stays stopped until an admin starts it.
+    Held {
+        reason: String,
+    },
+}
+
+/// Who a connection is for, as the gateway (or the admin CLI) established.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: String,
+    pub method: grain_capnp::AuthMethod,
+    pub credential_id: i64,
+    pub peer_address: String,
+    pub protocol: String,
+}
+
+impl Identity {
+    /// An authenticated user, by password.
+    pub fn user(user: &str, protocol: &str) -> Identity {
+        Identity {
+            user: user.to_owned(),
+            method: grain_capnp::AuthMethod::Password,
+            credential_id: 0,
+            peer_address: String::new(),
+            protocol: protocol.to_owned(),
+        }
+    }
+}
+
+/// What `granary grain status` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GrainStatus {
+    pub id: String,
+    pub user: String,
+    pub kind: String,
+    pub host_uid: u32,
+    /// stopped, starting, running, stopping, backoff or held.
+    pub state: String,
+    /// Why it is held or backing off.
+    pub reason: Option<String>,
+    pub pid: Option<u32>,
+    pub starts: u64,
+    pub crashes: u64,
+    pub last_exit: Option<String>,
+    pub running_seconds: Option<u64>,
+    pub connections: usize,
+    pub calls_in_flight: usize,
+    pub wake_locks: Vec<String>,
+}
+
+/// One grain the supervisor knows.
+pub(crate) struct Slot {
+    pub(crate) id: String,
+    pub(crate) user: String,
+    pub(crate) kind: String,
+    pub(crate) host_uid: u32,
+    sup: Weak<Inner>,
+    phase: RefCell<Phase>,
+    starts: Cell<u64>,
+    crashes: RefCell<VecDeque<Instant>>,
+    crash_total: Cell<u64>,
+    last_exit: RefCell<Option<String>>,
+}
+
+/// What keeps a grain awake, and what it has in flight.
+#[derive(Default)]
+pub(crate) struct Activity {
+    /// Calls into the grain (through membranes, `accept`) and open
+    /// connections.
+    pub(crate) inbound: Cell<usize>,
+    pub(crate) connections: Cell<usize>,
+    /// Calls the grain made that the host has not answered.
+    pub(crate) outbound: Cell<usize>,
+    pub(crate) refused: Cell<u64>,
+    pub(crate) wake_locks: RefCell<Vec<(u64, String)>>,
+    next_lock: Cell<u64>,
+    last: Cell<Option<Instant>>,
+}
+
+/// Counts one unit of activity while alive.
+pub(crate) struct Busy {
+    activity: Rc<Activity>,
+    kind: BusyKind,
+}
+
+#[derive(Clone, Copy)]
+enum BusyKind {
+    Inbound,
+    Outbound,
+    Connection,
+}
+
+impl Busy {
+    fn counter(&self) -> &Cell<usize> {
+        match self.kind {
+            BusyKind::Inbound => &self.activity.inbound,
+            BusyKind::Outbound => &self.activity.outbound,
+            BusyKind::Connection => &self.activity.connections,
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let c = self.counter();
+        c.set(c.get().saturating_sub(1));
+        self.activity.last.set(Some(Instant::now()));
+    }
+}
+
+impl Activity {
+    fn start(self: &Rc<Self>, kind: BusyKind) -> Busy {
+        let b = Busy {
+            activity: self.clone(),
+            kind,
+        };
+        b.counter().set(b.counter().get() + 1);
+        self.last.set(Some(Instant::now()));
+        b
+    }
+    pub(crate) fn busy(self: &Rc<Self>) -> Busy {
+        self.start(BusyKind::Inbound)
+    }
+    pub(crate) fn outbound_call(self: &Rc<Self>) -> Busy {
+        self.start(BusyKind::Outbound)
+    }
+    pub(crate) fn add_wake_lock(&self, reason: String) -> u64 {
+        let id = self.next_lock.get() + 1;
+        self.next_lock.set(id);
+        self.wake_locks.borrow_mut().push((id, reason));
+        id
+    }
+    pub(crate) fn release_wake_lock(&self, id: u64) {
+        self.wake_locks.borrow_mut().retain(|(i, _)| *i != id);
+        self.last.set(Some(Instant::now()));
+    }
+    fn idle_for(&self) -> Option<Duration> {
+        if self.inbound.get() > 0
+            || self.outbound.get() > 0
+            || self.connections.get() > 0
+            || !self.wake_locks.borrow().is_empty()
+        {
+            return None;
+        }
+        self.last.get().map(|t| t.elapsed())
+    }
+}
+
+/// A running grain.
+pub(crate) struct Running {
+    pub(crate) id: String,
+    pub(crate) generation: u64,
+    pub(crate) pid: u32,
+    pub(crate) grain: grain::Client,
+    pub(crate) activity: Rc<Activity>,
+    side: AsyncFd<StdStream>,
+    next_token: Cell<u64>,
+    started: SystemTime,
+    stopping: Cell<bool>,
+    /// Why the channel ended, if it ended before the process did.
+    channel_end: RefCell<Option<String>>,
+    exited: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A client connection handed to a grain: the host's end of the socket
+/// pair. Keeps the grain awake until dropped.
+pub struct Connection {
+    pub stream: tokio::net::UnixStream,
+    /// Keeps the grain awake; drop it when the connection is done.
+    pub guard: ConnectionGuard,
+}
+
+/// Counts a connection as activity of its grain while alive.
+pub struct ConnectionGuard(#[allow(dead_code)] Busy);
+
+impl Slot {
+    pub(crate) fn inner(&self) -> Weak<Inner> {
+        self.sup.clone()
+    }
+
+    pub(crate) fn running(&self) -> Option<Rc<Running>> {
+        match &*self.phase.borrow() {
+            Phase::Running(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn hold(&self, reason: String) {
+        *self.phase.borrow_mut() = Phase::Held { reason };
+    }
+
+    pub(crate) fn clear_hold(&self) {
+        let mut phase = self.phase.borrow_mut();
+        if matches!(*phase, Phase::Held { .. } | Phase::Backoff { .. }) {
+            *phase = Phase::Stopped;
+        }
+    }
+
+    pub(crate) fn status(&self) -> GrainStatus {
+        let phase = self.phase.borrow().clone();
+        let (state, reason) = match &phase {
+            Phase::Stopped => ("stopped", None),
+            Phase::Starting(_) => ("starting", None),
+            Phase::Running(_) => ("running", None),
+            Phase::Stopping(_) => ("stopping", None),
+            Phase::Backoff { until } => (
+                "backoff",
+                Some(format!(
+                    "restarting in {} ms after a crash",
+                    until
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .as_millis()
+                )),
+            ),
+            Phase::Held { reason } => ("held", Some(reason.clone())),
+        };
+        let running = self.running();
+        GrainStatus {
+            id: self.id.clone(),
+            user: self.user.clone(),
+            kind: self.kind.clone(),
+            host_uid: self.host_uid,
+            state: state.to_owned(),
+            reason,
+            pid: running.as_ref().map(|r| r.pid),
+            starts: self.starts.get(),
+            crashes: self.crash_total.get(),
+            last_exit: self.last_exit.borrow().clone(),
+            running_seconds: running
+                .as_ref()
+                .and_then(|r| r.started.elapsed().ok())
+                .map(|d| d.as_secs()),
+            connections: running.as_ref().map_or(0, |r| r.activity.connections.get()),
+            calls_in_flight: running
+                .as_ref()
+                .map_or(0, |r| r.activity.inbound.get() + r.activity.outbound.get()),
+            wake_locks: running.map_or_else(Vec::new, |r| {
+                r.activity
+                    .wake_locks
+                    .borrow()
+                    .iter()
+                    .map(|(_, why)| why.clone())
+                    .collect()
+            }),
+        }
+    }
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Registers an owned descriptor with the reactor.
+fn async_fd<T: AsRawFd + Into<OwnedFd>>(inner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: `T` owns its descriptor and the `AsyncFd` owns `T` without
+    // handing out mutable access, so the descriptor stays open and the same
+    // until the `AsyncFd` is dropped.
+    unsafe { AsyncFd::register(inner) }.map_err(|e| e.into_parts().1)
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill has no memory effects; the pid is our own child, which
+    // we have not reaped yet (the exit monitor reaps it), so it cannot have
+    // been reused.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+fn socketpair(kind: nix::sys::socket::SockType) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag};
+    nix::sys::socket::socketpair(AddressFamily::Unix, kind, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(std::io::Error::from)
+}
+
+fn exit_text(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(125), _) => "the sandbox failed to start it (exit 125; see its log)".to_owned(),
+        (Some(c), _) => format!("exit status {c}"),
+        (_, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+impl Inner {
+    /// The slot of a grain the state knows, made on first use.
+    pub(crate) async fn slot(self: &Rc<Self>, grain: &str) -> Result<Rc<Slot>, SupervisorError> {
+        if let Some(s) = self.slots.borrow().get(grain) {
+            return Ok(s.clone());
+        }
+        let id = grain.to_owned();
+        let record = db(&self.params.store, move |s| s.grain(&id))
+            .await?
+            .ok_or_else(|| SupervisorError::NoSuchGrain(grain.to_owned()))?;
+        Ok(self.slot_for(&record))
+    }
+
+    pub(crate) fn slot_for(self: &Rc<Self>, g: &granary_state::Grain) -> Rc<Slot> {
+        self.slots
+            .borrow_mut()
+            .entry(g.id.clone())
+            .or_insert_with(|| {
+                Rc::new(Slot {
+                    id: g.id.clone(),
+                    user: g.user.clone(),
+                    kind: g.kind.clone(),
+                    host_uid: g.host_uid,
+                    sup: Rc::downgrade(self),
+                    phase: RefCell::new(Phase::Stopped),
+                    starts: Cell::new(0),
+                    crashes: RefCell::default(),
+                    crash_total: Cell::new(0),
+                    last_exit: RefCell::new(None),
+                })
+            })
+            .clone()
+    }
+
+    /// The running grain, starting it if it is stopped. Concurrent callers
+    /// share one start. A grain in backoff is waited for.
+    pub(crate) async fn ensure_running(
+        self: &Rc<Self>,
+        grain: &str,
+    ) -> Result<Rc<Running>, SupervisorError> {
+        let slot = self.slot(grain).await?;
+        loop {
+            let phase = slot.phase.borrow().clone();
+            match phase {
+                Phase::Running(r) => return Ok(r),
+                Phase::Starting(f) => {
+                    return f.await.map_err(|reason| SupervisorError::Start {
+                        grain: grain.to_owned(),
+                        reason,
+                    });
+                }
+                Phase::Stopping(f) => f.await,
+                Phase::Backoff { until } => tokio::time::sleep_until(until).await,
+                Phase::Held { reason } => {
+                    return Err(SupervisorError::Held {
+                        grain: grain.to_owned(),
+                        reason,
+                    });
+                }
+                Phase::Stopped => {
+                    let me = self.clone();
+                    let s = slot.clone();
+                    let task = tokio::task::spawn_local(async move {
+                        let result = me.launch(&s).await;
+                        let mut phase = s.phase.borrow_mut();
+                        match &result {
+                            Ok(r) => *phase = Phase::Running(r.clone()),
+                            Err(e) => {
+                                tracing::warn!(grain = %s.id, error = %e, "grain failed to start");
+                                *s.last_exit.borrow_mut() = Some(e.clone());
+                                *phase = Phase::Stopped;
+                            }
+                        }
+                        result
+                    });
+                    let shared: Pin<Box<dyn Future<Output = _>>> =
+                        Box::pin(task.map(|r| {
+                            r.unwrap_or_else(|e| Err(format!("the start task failed: {e}")))
+                        }));
+                    *slot.phase.borrow_mut() = Phase::Starting(shared.shared());
+                }
+            }
+        }
+    }
+
+    async fn launch(self: &Rc<Self>, slot: &Rc<Slot>) -> Result<Rc<Running>, String> {
+        let kind = slot.kind.clone();
+        let app = db(&self.params.store, move |s| s.app(&kind))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no app of kind {} is installed", slot.kind))?;
+        let manifest = Manifest::parse(&app.manifest).map_err(|e| e.to_string())?;
+        let image: PathBuf = self
+            .params
+            .apps_dir
+            .join(&app.kind)
+            .join(&app.version)
+            .join("image");
+        let dataset = self
+            .params
+            .datasets
+            .create(&slot.id, slot.host_uid)
+            .map_err(|e| e.to_string())?;
+
+        let mut limits = granary_jail::Limits::default();
+        if let Some(m) = manifest.limits.memory_mib {
+            limits.memory_bytes = m << 20;
+        }
+        if let Some(p) = manifest.limits.pids {
+            limits.pids = p;
+        }
+        if let Some(w) = manifest.limits.cpu_weight {
+            limits.cpu_weight = w;
+        }
+        let spec = GrainSpec {
+            grain: slot.id.clone(),
+            image,
+            dataset,
+            host_uid: slot.host_uid,
+            argv: manifest.exec.clone(),
+            env: vec![
+                "PATH=/bin:/usr/bin".to_owned(),
+                format!("GRANARY_GRAIN={}", slot.id),
+                "RUST_BACKTRACE=1".to_owned(),
+            ],
+            keep_fds: vec![3, 4],
+            limits,
+        };
+        let plan = self.params.jail.plan(&spec).map_err(|e| e.to_string())?;
+
+        let (host_rpc, grain_rpc) = socketpair(nix::sys::socket::SockType::Stream)
+            .map_err(|e| format!("socketpair: {e}"))?;
+        let (host_side, grain_side) = socketpair(nix::sys::socket::SockType::SeqPacket)
+            .map_err(|e| format!("socketpair: {e}"))?;
+        let (log_read, log_write) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let log_write2 = log_write.try_clone().map_err(|e| format!("dup: {e}"))?;
+        granary_jail::grain_log::drain(
+            std::fs::File::from(log_read),
+            LogPolicy {
+                dir: self.log_dir(&slot.id),
+                max_file_bytes: LOG_FILE_BYTES,
+                keep: LOG_KEEP,
+            },
+        )
+        .map_err(|e| format!("grain log: {e}"))?;
+
+        let child = self
+            .spawner
+            .spawn(LaunchRequest {
+                plan,
+                stdout: std::process::Stdio::from(log_write),
+                stderr: std::process::Stdio::from(log_write2),
+                fds: vec![(grain_rpc, 3), (grain_side, 4)],
+            })
+            .map_err(|e| format!("spawning the launcher: {e}"))?;
+        let pid = child.id();
+        let pidfd = pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?;
+        let pidfd = async_fd(pidfd).map_err(|e| format!("pidfd: {e}"))?;
+
+        let rpc_stream = StdStream::from(host_rpc);
+        rpc_stream
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
+        let rpc_stream = tokio::net::UnixStream::from_std(rpc_stream).map_err(|e| e.to_string())?;
+        let side = StdStream::from(host_side);
+        side.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let side = async_fd(side).map_err(|e| e.to_string())?;
+
+        let generation = self.next_generation();
+        let activity = Rc::new(Activity::default());
+        activity.last.set(Some(Instant::now()));
+        let host = HostImpl::new(self, slot, &app, generation, activity.clone());
+        let host_client: granary_schema::host_capnp::host::Client = capnp_rpc::new_client(host);
+        let mut system = crate::rpc::system(
+            rpc_stream,
+            Side::Client,
+            Some(host_client.client),
+            self.params.config.max_message_bytes,
+        );
+        let grain_client: grain::Client = system.bootstrap(Side::Server);
+        let (exited_tx, exited) = tokio::sync::watch::channel(false);
+        let running = Rc::new(Running {
+            id: slot.id.clone(),
+            generation,
+            pid,
+            grain: grain_client,
+            activity,
+            side,
+            next_token: Cell::new(0),
+            started: SystemTime::now(),
+            stopping: Cell::new(false),
+            channel_end: RefCell::new(None),
+            exited,
+        });
+        slot.starts.set(slot.starts.get() + 1);
+        tracing::info!(grain = %slot.id, pid, generation, "grain started");
+
+        // The RPC connection: when it ends while the grain still runs (a
+        // message over the size limit, a protocol error, the grain closed
+        // fd 3), the grain can no longer be reached: it is killed, and that
+        // counts as a crash. Usually the process is exiting anyway.
+        let weak_slot = Rc::downgrade(slot);
+        tokio::task::spawn_local(async move {
+            let result = system.await;
+            let Some(slot) = weak_slot.upgrade() else {
+                return;
+            };
+            let Some(r) = slot.running() else { return };
+            if r.generation != generation || r.stopping.get() {
+                return;
+            }
+            let why = match result {
+                Ok(()) => "its channel closed".to_owned(),
+                Err(e) => format!("its channel failed: {}", e.extra),
+            };
+            *r.channel_end.borrow_mut() = Some(why);
+            if !wait_exit(&r, Duration::from_secs(1)).await {
+                tracing::warn!(grain = %slot.id, "grain channel ended but the grain runs on; killing it");
+                signal(r.pid, libc::SIGKILL);
+            }
+        });
+
+        // The exit monitor owns the child and reaps it.
+        let weak_slot = Rc::downgrade(slot);
+        let me = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            let mut child = child;
+            let status = loop {
+                match pidfd.readable().await {
+                    Ok(mut guard) => {
+                        guard.clear_ready();
+                        match child.try_wait() {
+                            Ok(Some(status)) => break Some(status),
+                            Ok(None) => continue,
+                            Err(_) => break None,
+                        }
+                    }
+                    Err(_) => break child.wait().ok(),
+                }
+            };
+            let (Some(slot), Some(inner)) = (weak_slot.upgrade(), me.upgrade()) else {
+                let _ = exited_tx.send(true);
+                return;
+            };
+            // A launcher that was killed could not remove its cgroup.
+            if let Some(driver) = &inner.params.jail.cgroup {
+                granary_jail::cgroup::remove_leftovers(
+                    driver,
+                    &inner.params.jail.cgroup_parent,
+                    Some(&slot.id),
+                );
+            }
+            let _ = exited_tx.send(true);
+            inner.exited(&slot, generation, status);
+        });
+        self.watch_idle(slot, &running);
+        Ok(running)
+    }
+
+    fn exited(
+        self: &Rc<Self>,
+        slot: &Rc<Slot>,
+        generation: u64,
+        status: Option<std::process::ExitStatus>,
+    ) {
+        let mut text = status.map_or_else(|| "unknown exit".to_owned(), exit_text);
+        let running = slot.running();
+        if let Some(why) = running
+            .as_ref()
+            .and_then(|r| r.channel_end.borrow().clone())
+        {
+            text = format!("{text} ({why})");
+        }
+        let (requested, current) = match &*slot.phase.borrow() {
+            Phase::Running(r) => (r.stopping.get(), r.generation == generation),
+            Phase::Stopping(_) => (true, true),
+            Phase::Held { .. } => (true, true),
+            _ => (true, false),
+        };
+        drop(running);
+        if !current {
+            return;
+        }
+        if requested {
+            tracing::info!(grain = %slot.id, exit = %text, "grain stopped");
+            if !matches!(*slot.phase.borrow(), Phase::Held { .. }) {
+                *slot.phase.borrow_mut() = Phase::Stopped;
+            }
+            if slot.last_exit.borrow().is_none() {
+                *slot.last_exit.borrow_mut() = Some(text);
+            }
+            return;
+        }
+        // A crash.
+        let config = &self.params.config;
+        slot.crash_total.set(slot.crash_total.get() + 1);
+        *slot.last_exit.borrow_mut() = Some(text.clone());
+        let now = Instant::now();
+        let mut crashes = slot.crashes.borrow_mut();
+        crashes.push_back(now);
+        while crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > config.crash_window)
+        {
+            crashes.pop_front();
+        }
+        let n = crashes.len() as u32;
+        if n >= config.crash_loop_crashes {
+            let reason = format!(
+                "crash loop: {n} crashes within {} s, the last {text}",
+                config.crash_window.as_secs()
+            );
+            tracing::error!(grain = %slot.id, %reason, "grain held stopped");
+            *slot.phase.borrow_mut() = Phase::Held { reason };
+            return;
+        }
+        let delay = config
+            .restart_backoff
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(config.restart_backoff_max);
+        tracing::warn!(grain = %slot.id, exit = %text, delay_ms = delay.as_millis() as u64, "grain crashed; restarting after backoff");
+        let until = tokio::time::Instant::now() + delay;
+        *slot.phase.borrow_mut() = Phase::Backoff { until };
+        let me = self.clone();
+        let slot = slot.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep_until(until).await;
+            let due = matches!(&*slot.phase.borrow(), Phase::Backoff { until: u } if *u == until);
+            if due {
+                *slot.phase.borrow_mut() = Phase::Stopped;
+                if let Err(e) = me.ensure_running(&slot.id).await {
+                    tracing::warn!(grain = %slot.id, error = %e, "restart after crash failed");
+                }
+            }
+        });
+    }
+
+    fn watch_idle(self: &Rc<Self>, slot: &Rc<Slot>, running: &Rc<Running>) {
+        let idle = self.params.config.idle_timeout;
+        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+        let me = Rc::downgrade(self);
+        let slot = Rc::downgrade(slot);
+        let generation = running.generation;
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let (Some(inner), Some(slot)) = (me.upgrade(), slot.upgrade()) else {
+                    return;
+                };
+                let Some(r) = slot.running() else { return };
+                if r.generation != generation {
+                    return;
+                }
+                if r.activity.idle_for().is_some_and(|d| d >= idle) {
+                    tracing::info!(grain = %slot.id, idle_ms = idle.as_millis() as u64, "stopping idle grain");
+                    inner.stop_slot(&slot).await;
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Stops a grain: its `shutdown` call, SIGTERM, then SIGKILL of the
+    /// whole tree (the launcher's death takes init and with it the grain's
+    /// pid namespace). Returns whether it was running.
+    pub(crate) async fn stop_slot(self: &Rc<Self>, slot: &Rc<Slot>) -> bool {
+        loop {
+            let phase = slot.phase.borrow().clone();
+            match phase {
+                Phase::Stopped => return false,
+                Phase::Backoff { .. } => {
+                    *slot.phase.borrow_mut() = Phase::Stopped;
+                    return false;
+                }
+                Phase::Held { .. } => return false,
+                Phase::Starting(f) => {
+                    let _ = f.await;
+                }
+                Phase::Stopping(f) => {
+                    f.await;
+                    return true;
+                }
+                Phase::Running(r) => {
+                    r.stopping.set(true);
+                    let grace = self.params.config.shutdown_grace;
+                    let slot2 = slot.clone();
+                    let task = tokio::task::spawn_local(async move {
+                        let mut request = r.grain.shutdown_request();
+                        request.get().set_grace_millis(grace.as_millis() as u32);
+                        let polite = tokio::time::timeout(grace, request.send().promise).await;
+                        if !matches!(polite, Ok(Ok(_))) {
+                            tracing::debug!(grain = %r.id, "no answer to shutdown");
+                        }
+                        // The app has finished its work (or had its
+                        // chance); SIGTERM ends the process (the SDK exits
+                        // on it), SIGKILL of the launcher ends the tree.
+                        signal(r.pid, libc::SIGTERM);
+                        if !wait_exit(&r, grace).await {
+                            tracing::warn!(grain = %r.id, "grain ignored SIGTERM; killing it");
+                            signal(r.pid, libc::SIGKILL);
+                            wait_exit(&r, Duration::from_secs(30)).await;
+                        }
+                        if matches!(*slot2.phase.borrow(), Phase::Stopping(_)) {
+                            *slot2.phase.borrow_mut() = Phase::Stopped;
+                        }
+                    });
+                    let f: Pin<Box<dyn Future<Output = ()>>> = Box::pin(task.map(drop));
+                    let f = f.shared();
+                    *slot.phase.borrow_mut() = Phase::Stopping(f.clone());
+                    f.await;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Kills a grain at once (flood, broken channel), keeping a hold.
+    pub(crate) async fn kill_slot(self: &Rc<Self>, slot: &Rc<Slot>) {
+        let running = match &*slot.phase.borrow() {
+            Phase::Running(r) => Some(r.clone()),
+            _ => None,
+        };
+        let held = matches!(*slot.phase.borrow(), Phase::Held { .. });
+        if let Some(r) = running {
+            r.stopping.set(true);
+            signal(r.pid, libc::SIGKILL);
+            wait_exit(&r, Duration::from_secs(30)).await;
+        }
+        if !held {
+            *slot.phase.borrow_mut() = Phase::Stopped;
+        }
+    }
+
+    pub(crate) async fn connect(
+        self: &Rc<Self>,
+        grain: &str,
+        service: &str,
+        identity: Identity,
+    ) -> Result<crate::Connection, SupervisorError> {
+        let call = |reason: String| SupervisorError::Call {
+            grain: grain.to_owned(),
+            reason,
+        };
+        let running = self.ensure_running(grain).await?;
+        let busy = running.activity.start(BusyKind::Connection);
+        let (host_end, grain_end) = socketpair(nix::sys::socket::SockType::Stream)
+            .map_err(|e| call(format!("socketpair: {e}")))?;
+        let token = running.next_token.get() + 1;
+        running.next_token.set(token);
+        loop {
+            let mut guard = running
+                .side
+                .writable()
+                .await
+                .map_err(|e| call(format!("hand-off socket: {e}")))?;
+            match guard
+                .try_io(|s| crate::handoff::send_fd(s.get_ref(), token, grain_end.as_raw_fd()))
+            {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => return Err(call(format!("handing over the connection: {e}"))),
+                Err(_would_block) => continue,
+            }
+        }
+        drop(grain_end);
+        let mut request = running.grain.accept_request();
+        {
+            let mut p = request.get();
+            p.set_service(service);
+            let mut id = p.reborrow().init_identity();
+            id.set_user(&identity.user);
+            id.set_method(identity.method);
+            id.set_credential_id(identity.credential_id);
+            let mut peer = p.reborrow().init_peer();
+            peer.set_address(&identity.peer_address);
+            peer.set_protocol(&identity.protocol);
+            p.init_handoff().set_socket(token);
+        }
+        tokio::time::timeout(self.params.config.call_timeout, request.send().promise)
+            .await
+            .map_err(|_| call(format!("accept {service} timed out")))?
+            .map_err(|e| call(format!("accept {service}: {e}")))?;
+        let std = StdStream::from(host_end);
+        std.set_nonblocking(true).map_err(|e| call(e.to_string()))?;
+        let stream = tokio::net::UnixStream::from_std(std).map_err(|e| call(e.to_string()))?;
+        Ok(crate::Connection {
+            stream,
+            guard: ConnectionGuard(busy),
+        })
+    }
+}
+
+async fn wait_exit(r: &Running, within: Duration) -> bool {
+    let mut exited = r.exited.clone();
+    tokio::time::timeout(within, exited.wait_for(|e| *e))
+        .await
+        .is_ok()
+}

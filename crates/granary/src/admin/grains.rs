@@ -1,0 +1,475 @@
+//! `granary app`, `granary grain` and `granary grant`: the CLI side.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use granary_config::Config;
+use granary_schema::admin_capnp::{self, admin};
+use granary_schema::stream_capnp::byte_stream;
+use serde::Serialize;
+
+use super::client::print_json;
+use super::connection::{remote, text, with_admin};
+use super::table;
+use crate::cli::{AppCommand, GrainCommand, GrantCommand};
+
+#[derive(Debug, Serialize)]
+struct AppView {
+    kind: String,
+    app_id: String,
+    version: String,
+    dev_mode: bool,
+    installed_at: i64,
+    services: Vec<String>,
+    offers: Vec<String>,
+}
+
+fn texts(l: capnp::Result<capnp::text_list::Reader<'_>>) -> anyhow::Result<Vec<String>> {
+    let l = l.map_err(remote)?;
+    l.iter().map(text).collect()
+}
+
+fn app_view(a: admin_capnp::app::Reader<'_>) -> anyhow::Result<AppView> {
+    Ok(AppView {
+        kind: text(a.get_kind())?,
+        app_id: text(a.get_app_id())?,
+        version: text(a.get_version())?,
+        dev_mode: a.get_dev_mode(),
+        installed_at: a.get_installed_at(),
+        services: texts(a.get_services())?,
+        offers: texts(a.get_offers())?,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct GrainView {
+    id: String,
+    user: String,
+    kind: String,
+    host_uid: u32,
+    state: String,
+    reason: Option<String>,
+    pid: Option<u32>,
+    starts: u64,
+    crashes: u64,
+    last_exit: Option<String>,
+    running_seconds: Option<u64>,
+    connections: u32,
+    calls_in_flight: u32,
+    wake_locks: Vec<String>,
+}
+
+fn non_empty(s: String) -> Option<String> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+fn grain_view(g: admin_capnp::grain_status::Reader<'_>) -> anyhow::Result<GrainView> {
+    let running = g.get_pid() != 0;
+    Ok(GrainView {
+        id: text(g.get_id())?,
+        user: text(g.get_user())?,
+        kind: text(g.get_kind())?,
+        host_uid: g.get_host_uid(),
+        state: text(g.get_state())?,
+        reason: non_empty(text(g.get_reason())?),
+        pid: Some(g.get_pid()).filter(|p| *p != 0),
+        starts: g.get_starts(),
+        crashes: g.get_crashes(),
+        last_exit: non_empty(text(g.get_last_exit())?),
+        running_seconds: running.then_some(g.get_running_seconds()),
+        connections: g.get_connections(),
+        calls_in_flight: g.get_calls_in_flight(),
+        wake_locks: texts(g.get_wake_locks())?,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct GrantView {
+    id: i64,
+    from: String,
+    to: String,
+    capability: String,
+    created_at: i64,
+}
+
+fn grant_view(g: admin_capnp::grant::Reader<'_>) -> anyhow::Result<GrantView> {
+    Ok(GrantView {
+        id: g.get_id(),
+        from: text(g.get_from())?,
+        to: text(g.get_to())?,
+        capability: text(g.get_capability())?,
+        created_at: g.get_created_at(),
+    })
+}
+
+/// Grain ids are `<user>-<kind>`; show them as `user/kind`.
+fn shown(id: &str) -> String {
+    match id.rsplit_once('-') {
+        Some((user, kind)) => format!("{user}/{kind}"),
+        None => id.to_owned(),
+    }
+}
+
+pub(crate) fn app(config: &Config, cmd: &AppCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AppCommand::Install { dir, output } => {
+            let dir = std::path::absolute(dir)
+                .with_context(|| format!("cannot resolve {}", dir.display()))?;
+            let (app, made) = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.install_app_request();
+                req.get().set_dir(dir.to_string_lossy().as_ref());
+                let response = req.send().promise.await.map_err(remote)?;
+                let r = response.get().map_err(remote)?;
+                Ok((
+                    app_view(r.get_app().map_err(remote)?)?,
+                    r.get_grains_created(),
+                ))
+            })?;
+            if output.json {
+                print_json(&app)?;
+            } else {
+                eprintln!(
+                    "warning: {} is UNSIGNED and was installed in development mode",
+                    app.app_id
+                );
+                println!(
+                    "installed {} {} as kind {} ({made} grain record(s) created)",
+                    app.app_id, app.version, app.kind
+                );
+            }
+        }
+        AppCommand::List { output } => {
+            let apps = with_admin(config, |admin: admin::Client| async move {
+                let response = admin
+                    .list_apps_request()
+                    .send()
+                    .promise
+                    .await
+                    .map_err(remote)?;
+                let list = response.get().map_err(remote)?.get_apps().map_err(remote)?;
+                list.iter()
+                    .map(app_view)
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })?;
+            if output.json {
+                print_json(&apps)?;
+            } else {
+                let rows: Vec<Vec<String>> = apps
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.kind.clone(),
+                            a.app_id.clone(),
+                            a.version.clone(),
+                            if a.dev_mode {
+                                "unsigned (dev)"
+                            } else {
+                                "signed"
+                            }
+                            .to_owned(),
+                            a.services.join(","),
+                            a.offers.join(","),
+                        ]
+                    })
+                    .collect();
+                table::print(
+                    &["KIND", "APP", "VERSION", "SOURCE", "SERVICES", "OFFERS"],
+                    &rows,
+                );
+            }
+        }
+        AppCommand::Remove { kind, purge } => {
+            with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.remove_app_request();
+                req.get().set_kind(kind.as_str());
+                req.get().set_purge(*purge);
+                req.send().promise.await.map_err(remote)?;
+                Ok(())
+            })?;
+            println!("removed app {kind}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(g: &GrainView) {
+    println!("{} ({})", shown(&g.id), g.id);
+    println!("  state        {}", g.state);
+    if let Some(r) = &g.reason {
+        println!("  reason       {r}");
+    }
+    if let Some(pid) = g.pid {
+        println!("  pid          {pid} (launcher)");
+    }
+    println!("  host uid     {}", g.host_uid);
+    if let Some(s) = g.running_seconds {
+        println!("  running for  {s} s");
+    }
+    println!("  starts       {}", g.starts);
+    println!("  crashes      {}", g.crashes);
+    if let Some(e) = &g.last_exit {
+        println!("  last exit    {e}");
+    }
+    println!("  connections  {}", g.connections);
+    println!("  calls        {} in flight", g.calls_in_flight);
+    if g.wake_locks.is_empty() {
+        println!("  wake locks   none");
+    } else {
+        println!("  wake locks   {}", g.wake_locks.join("; "));
+    }
+}
+
+pub(crate) fn grain(config: &Config, cmd: &GrainCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        GrainCommand::List { output } => {
+            let grains = with_admin(config, |admin: admin::Client| async move {
+                let response = admin
+                    .list_grains_request()
+                    .send()
+                    .promise
+                    .await
+                    .map_err(remote)?;
+                let list = response
+                    .get()
+                    .map_err(remote)?
+                    .get_grains()
+                    .map_err(remote)?;
+                list.iter()
+                    .map(grain_view)
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })?;
+            if output.json {
+                print_json(&grains)?;
+            } else {
+                let rows: Vec<Vec<String>> = grains
+                    .iter()
+                    .map(|g| {
+                        vec![
+                            shown(&g.id),
+                            g.state.clone(),
+                            g.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                            g.host_uid.to_string(),
+                            g.starts.to_string(),
+                            g.crashes.to_string(),
+                            g.reason.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                table::print(
+                    &[
+                        "GRAIN", "STATE", "PID", "HOST UID", "STARTS", "CRASHES", "NOTE",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        GrainCommand::Start { grain } => {
+            let g = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.start_grain_request();
+                req.get().set_grain(grain.as_str());
+                let response = req.send().promise.await.map_err(remote)?;
+                grain_view(
+                    response
+                        .get()
+                        .map_err(remote)?
+                        .get_status()
+                        .map_err(remote)?,
+                )
+            })?;
+            println!("{} is {}", shown(&g.id), g.state);
+        }
+        GrainCommand::Stop { grain } => {
+            let was = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.stop_grain_request();
+                req.get().set_grain(grain.as_str());
+                let response = req.send().promise.await.map_err(remote)?;
+                Ok(response.get().map_err(remote)?.get_was_running())
+            })?;
+            if was {
+                println!("stopped {grain}");
+            } else {
+                println!("{grain} was not running");
+            }
+        }
+        GrainCommand::Status { grain, output } => {
+            let g = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.grain_status_request();
+                req.get().set_grain(grain.as_str());
+                let response = req.send().promise.await.map_err(remote)?;
+                grain_view(
+                    response
+                        .get()
+                        .map_err(remote)?
+                        .get_status()
+                        .map_err(remote)?,
+                )
+            })?;
+            if output.json {
+                print_json(&g)?;
+            } else {
+                print_status(&g);
+            }
+        }
+        GrainCommand::Logs { grain, bytes } => {
+            let log = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.grain_logs_request();
+                req.get().set_grain(grain.as_str());
+                req.get().set_max_bytes(*bytes);
+                let response = req.send().promise.await.map_err(remote)?;
+                Ok(response
+                    .get()
+                    .map_err(remote)?
+                    .get_log()
+                    .map_err(remote)?
+                    .to_vec())
+            })?;
+            std::io::stdout().write_all(&log)?;
+        }
+        GrainCommand::Connect {
+            grain,
+            service,
+            user,
+        } => connect(config, grain, service, user.as_deref())?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the grain sends, to standard output; says when the grain ended it.
+struct Stdout {
+    ended: std::cell::RefCell<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl byte_stream::Server for Stdout {
+    async fn write(
+        self: capnp::capability::Rc<Self>,
+        params: byte_stream::WriteParams,
+        _: byte_stream::WriteResults,
+    ) -> Result<(), capnp::Error> {
+        let bytes = params.get()?.get_bytes()?;
+        let mut out = std::io::stdout().lock();
+        out.write_all(bytes)
+            .and_then(|()| out.flush())
+            .map_err(|e| capnp::Error::failed(format!("standard output: {e}")))
+    }
+
+    async fn end(
+        self: capnp::capability::Rc<Self>,
+        _: byte_stream::EndParams,
+        _: byte_stream::EndResults,
+    ) -> Result<(), capnp::Error> {
+        if let Some(tx) = self.ended.borrow_mut().take() {
+            let _ = tx.send(());
+        }
+        Ok(())
+    }
+}
+
+fn connect(config: &Config, grain: &str, service: &str, user: Option<&str>) -> anyhow::Result<()> {
+    with_admin(config, |admin: admin::Client| async move {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stdout: byte_stream::Client = capnp_rpc::new_client(Stdout {
+            ended: std::cell::RefCell::new(Some(tx)),
+        });
+        let mut req = admin.connect_grain_request();
+        req.get().set_grain(grain);
+        req.get().set_service(service);
+        req.get().set_user(user.unwrap_or(""));
+        req.get().set_client(stdout);
+        let response = req.send().promise.await.map_err(remote)?;
+        let upstream = response
+            .get()
+            .map_err(remote)?
+            .get_upstream()
+            .map_err(remote)?;
+        // Standard input to the grain until it ends; the grain's answer to
+        // standard output until the grain closes its side.
+        let sending = granary_supervisor::handoff::pump_to(tokio::io::stdin(), upstream);
+        let (sent, ended) = futures::join!(sending, rx);
+        sent.map_err(remote)?;
+        ended.context("the daemon dropped the connection")?;
+        Ok(())
+    })
+}
+
+pub(crate) fn grant(config: &Config, cmd: &GrantCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        GrantCommand::Add {
+            from,
+            to,
+            cap,
+            output,
+        } => {
+            let g = with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.add_grant_request();
+                req.get().set_from(from.as_str());
+                req.get().set_to(to.as_str());
+                req.get().set_capability(cap.as_str());
+                let response = req.send().promise.await.map_err(remote)?;
+                grant_view(
+                    response
+                        .get()
+                        .map_err(remote)?
+                        .get_grant()
+                        .map_err(remote)?,
+                )
+            })?;
+            if output.json {
+                print_json(&g)?;
+            } else {
+                println!(
+                    "grant {}: {} may use {} of {}",
+                    g.id,
+                    shown(&g.from),
+                    g.capability,
+                    shown(&g.to)
+                );
+            }
+        }
+        GrantCommand::List { output } => {
+            let grants = with_admin(config, |admin: admin::Client| async move {
+                let response = admin
+                    .list_grants_request()
+                    .send()
+                    .promise
+                    .await
+                    .map_err(remote)?;
+                let list = response
+                    .get()
+                    .map_err(remote)?
+                    .get_grants()
+                    .map_err(remote)?;
+                list.iter()
+                    .map(grant_view)
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })?;
+            if output.json {
+                print_json(&grants)?;
+            } else {
+                let rows: Vec<Vec<String>> = grants
+                    .iter()
+                    .map(|g| {
+                        vec![
+                            g.id.to_string(),
+                            shown(&g.from),
+                            g.capability.clone(),
+                            shown(&g.to),
+                            table::time(g.created_at),
+                        ]
+                    })
+                    .collect();
+                table::print(&["ID", "FROM", "CAPABILITY", "TO", "CREATED (UTC)"], &rows);
+            }
+        }
+        GrantCommand::Revoke { id } => {
+            with_admin(config, |admin: admin::Client| async move {
+                let mut req = admin.revoke_grant_request();
+                req.get().set_id(*id);
+                req.send().promise.await.map_err(remote)?;
+                Ok(())
+            })?;
+            println!("revoked grant {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

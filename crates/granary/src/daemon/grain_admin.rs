@@ -1,0 +1,209 @@
+//! The admin calls about apps, grains and grants: the daemon side.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use granary_datasets::Datasets;
+use granary_model::{MANIFEST_FILE, Manifest};
+use granary_schema::admin_capnp;
+use granary_state::{App, HostUid, Store};
+use granary_supervisor::{GrainStatus, Supervisor};
+
+/// What the admin service needs for grains.
+pub(super) struct Grains {
+    pub(super) sup: Supervisor,
+    pub(super) datasets: Arc<dyn Datasets>,
+    pub(super) apps_dir: PathBuf,
+    pub(super) uids: HostUid,
+}
+
+/// `alice/git` or a grain id, as the grain id.
+pub(super) fn grain_id(reference: &str) -> String {
+    match reference.split_once('/') {
+        Some((user, kind)) => granary_state::grain_id(user, kind),
+        None => reference.to_owned(),
+    }
+}
+
+/// Copies `from` into `to` (which must not exist): directories, regular
+/// files with their modes, and symlinks as symlinks. Nothing is followed.
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::symlink_metadata(from)?;
+    let file_type = meta.file_type();
+    if file_type.is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)?;
+    } else if file_type.is_dir() {
+        std::fs::create_dir(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o755))?;
+    } else if file_type.is_file() {
+        std::fs::copy(from, to)?;
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o755))?;
+    } else {
+        anyhow::bail!("{} is not a file, directory or symlink", from.display());
+    }
+    Ok(())
+}
+
+use std::os::unix::fs::MetadataExt;
+
+/// Reads and checks an app directory, then copies it into
+/// `apps_dir/<kind>/<version>` (replacing that version if present) by
+/// way of a temporary directory and a rename, so a failed copy leaves
+/// nothing behind.
+pub(super) fn install_dir(apps_dir: &Path, dir: &Path) -> anyhow::Result<(Manifest, String)> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&manifest_path)
+        .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+    let manifest = Manifest::parse(&text).with_context(|| dir.display().to_string())?;
+    let image = dir.join("image");
+    let exe = image.join(manifest.exec[0].trim_start_matches('/'));
+    let exe_meta = std::fs::metadata(&exe).with_context(|| {
+        format!(
+            "the manifest's exec {} is not in {}",
+            manifest.exec[0],
+            image.display()
+        )
+    })?;
+    anyhow::ensure!(
+        exe_meta.is_file() && exe_meta.mode() & 0o111 != 0,
+        "{} is not an executable file",
+        exe.display()
+    );
+    let kind_dir = apps_dir.join(&manifest.kind);
+    std::fs::create_dir_all(&kind_dir)
+        .with_context(|| format!("cannot create {}", kind_dir.display()))?;
+    std::fs::set_permissions(apps_dir, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&kind_dir, std::fs::Permissions::from_mode(0o755))?;
+    let target = kind_dir.join(&manifest.version);
+    let staging = kind_dir.join(format!(".installing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let copied = (|| -> anyhow::Result<()> {
+        std::fs::create_dir(&staging)?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::write(staging.join(MANIFEST_FILE), &text)?;
+        copy_tree(&image, &staging.join("image"))?;
+        std::fs::set_permissions(
+            staging.join("image"),
+            std::fs::Permissions::from_mode(0o755),
+        )?;
+        Ok(())
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e.context(format!(
+            "cannot copy {} into {}",
+            dir.display(),
+            kind_dir.display()
+        )));
+    }
+    if target.exists() {
+        let old = kind_dir.join(format!(".replaced-{}", std::process::id()));
+        std::fs::rename(&target, &old)?;
+        std::fs::rename(&staging, &target)?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&staging, &target)?;
+    }
+    Ok((manifest, text))
+}
+
+pub(super) fn fill_app(mut out: admin_capnp::app::Builder<'_>, app: &App) {
+    out.set_kind(&app.kind);
+    out.set_app_id(&app.app_id);
+    out.set_version(&app.version);
+    out.set_dev_mode(app.dev_mode);
+    out.set_installed_at(app.installed_at);
+    if let Ok(m) = Manifest::parse(&app.manifest) {
+        let mut s = out.reborrow().init_services(m.services.len() as u32);
+        for (i, v) in m.services.iter().enumerate() {
+            s.set(i as u32, v);
+        }
+        let mut o = out.init_offers(m.offers.len() as u32);
+        for (i, v) in m.offers.iter().enumerate() {
+            o.set(i as u32, v);
+        }
+    }
+}
+
+pub(super) fn fill_status(mut out: admin_capnp::grain_status::Builder<'_>, s: &GrainStatus) {
+    out.set_id(&s.id);
+    out.set_user(&s.user);
+    out.set_kind(&s.kind);
+    out.set_host_uid(s.host_uid);
+    out.set_state(&s.state);
+    out.set_reason(s.reason.as_deref().unwrap_or(""));
+    out.set_pid(s.pid.unwrap_or(0));
+    out.set_starts(s.starts);
+    out.set_crashes(s.crashes);
+    out.set_last_exit(s.last_exit.as_deref().unwrap_or(""));
+    out.set_running_seconds(s.running_seconds.unwrap_or(0));
+    out.set_connections(s.connections as u32);
+    out.set_calls_in_flight(s.calls_in_flight as u32);
+    let mut locks = out.init_wake_locks(s.wake_locks.len() as u32);
+    for (i, why) in s.wake_locks.iter().enumerate() {
+        locks.set(i as u32, why);
+    }
+}
+
+pub(super) fn fill_grant(mut out: admin_capnp::grant::Builder<'_>, g: &granary_state::Grant) {
+    out.set_id(g.id);
+    out.set_from(&g.from_grain);
+    out.set_to(&g.to_grain);
+    out.set_capability(&g.capability);
+    out.set_created_at(g.created_at);
+}
+
+impl Grains {
+    /// Stops and destroys grains (`purge`), or refuses when any holds data.
+    /// `what` names the owner for the message ("user alice", "app git").
+    pub(super) async fn remove_grains(
+        &self,
+        store: &Arc<Store>,
+        grains: Vec<granary_state::Grain>,
+        purge: bool,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        if !purge {
+            let with_data: Vec<String> = grains
+                .iter()
+                .filter(|g| self.datasets.has_data(&g.id).unwrap_or(true))
+                .map(|g| format!("{}/{}", g.user, g.kind))
+                .collect();
+            anyhow::ensure!(
+                with_data.is_empty(),
+                "{what} has grains holding data ({}); add --purge to destroy them{}",
+                with_data.join(", "),
+                if self.datasets.backend() == "plain" {
+                    " (the plain storage backend keeps no snapshots: this cannot be undone)"
+                } else {
+                    " (a final snapshot is taken first)"
+                }
+            );
+        }
+        for g in grains {
+            self.sup.stop(&g.id).await?;
+            match self.datasets.snapshot(&g.id, "final") {
+                Ok(Some(name)) => {
+                    tracing::info!(grain = %g.id, snapshot = %name, "final snapshot taken")
+                }
+                Ok(None) => {}
+                Err(e) => anyhow::bail!("final snapshot of {} failed, nothing removed: {e}", g.id),
+            }
+            // Data first: a failure after it leaves an empty grain, never
+            // a record-less dataset.
+            self.datasets.destroy(&g.id)?;
+            let s = store.clone();
+            let id = g.id.clone();
+            tokio::task::spawn_blocking(move || s.delete_grain(&id, "admin")).await??;
+            self.sup.forget(&g.id);
+            tracing::info!(grain = %g.id, "grain destroyed");
+        }
+        Ok(())
+    }
+}
