@@ -61,3 +61,9 @@ interface Notify {
   changed @0 (subject :Text, revision :Text) -> ();
   # e.g. subject "site", revision the new commit id.
 }
+
+interface Ping {
+  # "ping": check a route and measure it. Every app may offer it.
+
+  ping @0 () -> ();
+}

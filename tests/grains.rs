@@ -47,7 +47,7 @@ fn app_dir(root: &Path, kind: &str, args: &[&str]) -> PathBuf {
         dir.join("granary-app.toml"),
         format!(
             "id = \"org.granary.test.{kind}\"\nversion = \"1\"\nkind = \"{kind}\"\n\
-             exec = [{}]\nservices = [\"hello\"]\noffers = [\"notify\"]\n\
+             exec = [{}]\nservices = [\"hello\"]\noffers = [\"notify\", \"ping\"]\n\
              [limits]\nmemory_mib = 64\npids = 32\n",
             exec.join(", ")
         ),

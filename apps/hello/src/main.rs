@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Instant;
 
-use granary_sdk::services_capnp::notify;
+use granary_sdk::services_capnp::{notify, ping};
 use granary_sdk::{Accepted, App, GrainRef, Host, LogLevel, WakeLock};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -50,6 +50,19 @@ impl notify::Server for Notifications {
             f.sync_data()
         };
         write().map_err(|e| capnp::Error::failed(format!("{NOTIFICATIONS}: {e}")))
+    }
+}
+
+/// The `Ping` object this grain offers.
+struct Pong;
+
+impl ping::Server for Pong {
+    async fn ping(
+        self: capnp::capability::Rc<Self>,
+        _: ping::PingParams,
+        _: ping::PingResults,
+    ) -> Result<(), capnp::Error> {
+        Ok(())
     }
 }
 
@@ -159,24 +172,43 @@ impl Hello {
                     Err(e) => err(e),
                 }
             }
-            ["bench", subject, n] => {
+            ["bench", n] => {
                 let Ok(n) = n.parse::<u32>() else {
-                    return "error: bench SUBJECT N".to_owned();
+                    return "error: bench N".to_owned();
                 };
                 let cap = self.held.borrow().clone();
                 let Some(cap) = cap else {
                     return "error: nothing held".to_owned();
                 };
-                let start = Instant::now();
-                for i in 0..n {
-                    if let Err(e) = call_changed(&cap, subject, &i.to_string()).await {
+                let pinger: ping::Client =
+                    capnp::capability::FromClientHook::new(cap.hook.add_ref());
+                let mut times = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let start = Instant::now();
+                    if let Err(e) = pinger.ping_request().send().promise.await {
                         return err(e);
                     }
+                    times.push(start.elapsed().as_nanos() as u64);
                 }
-                format!(
-                    "us_per_call={:.1}",
-                    start.elapsed().as_secs_f64() * 1e6 / f64::from(n.max(1))
-                )
+                times.sort_unstable();
+                let pct = |p: usize| times[(times.len() - 1) * p / 100] as f64 / 1000.0;
+                format!("p50_us={:.1} p99_us={:.1}", pct(50), pct(99))
+            }
+            ["benchhost", n] => {
+                let Ok(n) = n.parse::<u32>() else {
+                    return "error: benchhost N".to_owned();
+                };
+                let mut times = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let start = Instant::now();
+                    if let Err(e) = self.host.info().await {
+                        return err(e);
+                    }
+                    times.push(start.elapsed().as_nanos() as u64);
+                }
+                times.sort_unstable();
+                let pct = |p: usize| times[(times.len() - 1) * p / 100] as f64 / 1000.0;
+                format!("p50_us={:.1} p99_us={:.1}", pct(50), pct(99))
             }
             ["awake", reason @ ..] => match self.host.stay_awake(&reason.join(" ")).await {
                 Ok(lock) => {
@@ -220,7 +252,7 @@ impl Hello {
                 }
             }
             ["crash"] => std::process::exit(3),
-            ["help"] => "commands: ping whoami notifications notify hold call save restore bench awake sleep flood biglog crash".to_owned(),
+            ["help"] => "commands: ping whoami notifications notify hold call save restore bench benchhost awake sleep flood biglog crash".to_owned(),
             _ => format!("error: unknown command {line:?} (try help)"),
         }
     }
@@ -266,14 +298,20 @@ impl App for Hello {
             Some((i, s)) => (i, Some(s.to_owned())),
             None => (descriptor, None),
         };
-        if interface != "notify" {
-            return Err(capnp::Error::failed(format!(
+        match interface {
+            "notify" => {
+                let client: notify::Client = granary_sdk::new_client(Notifications { subject });
+                Ok(client.client)
+            }
+            "ping" => {
+                let client: ping::Client = granary_sdk::new_client(Pong);
+                Ok(client.client)
+            }
+            _ => Err(capnp::Error::failed(format!(
                 "{descriptor} is not offered here (asked by {})",
                 requester.id
-            )));
+            ))),
         }
-        let client: notify::Client = granary_sdk::new_client(Notifications { subject });
-        Ok(client.client)
     }
 }
 

@@ -262,6 +262,18 @@ impl Supervisor {
         }
     }
 
+    /// An object a grain offers, for the host's own use (no grant, no
+    /// membrane: the gateway delivering mail, benchmarks). Valid until the
+    /// grain stops.
+    pub async fn host_capability(
+        &self,
+        grain: &str,
+        descriptor: &str,
+    ) -> Result<capnp::capability::Client, SupervisorError> {
+        let running = self.inner.ensure_running(grain).await?;
+        self.inner.offer(&running, descriptor, "").await
+    }
+
     /// Pid of the grain's launcher while it runs (tests, status).
     pub fn launcher_pid(&self, grain: &str) -> Option<u32> {
         let slot = self.inner.slots.borrow().get(grain).cloned()?;
