@@ -620,3 +620,59 @@ fn a_flooding_grain_is_cut_off_and_the_others_keep_working() {
     );
     assert_eq!(ask(&daemon, "bob/hello", "ping"), "pong");
 }
+
+#[test]
+fn installs_check_the_kind_first_and_a_reinstall_swaps_the_image_under_stopped_grains() {
+    let daemon = setup("");
+    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    let installed = daemon
+        .data_dir()
+        .join("apps/hello/1/image/bin/granary-hello");
+    let before = std::fs::metadata(&installed).unwrap().len();
+
+    // Another app id claiming an installed kind: refused before any copy.
+    let other = app_dir(&daemon.dir().join("other"), "hello", &[]);
+    let manifest = other.join("granary-app.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("org.granary.test.hello", "org.evil.hello"),
+    )
+    .unwrap();
+    std::fs::write(other.join("image/bin/granary-hello"), b"#!/bin/false\n").unwrap();
+    let refused = daemon
+        .granary(&["app", "install", other.to_str().unwrap()])
+        .failure();
+    assert!(
+        refused.stderr.contains("already installed"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(std::fs::metadata(&installed).unwrap().len(), before);
+    assert_eq!(state(&daemon, "alice/hello"), "running");
+
+    // A version that names a path is refused.
+    std::fs::write(
+        &manifest,
+        text.replace("version = \"1\"", "version = \"../../../tmp\""),
+    )
+    .unwrap();
+    let refused = daemon
+        .granary(&["app", "install", other.to_str().unwrap()])
+        .failure();
+    assert!(refused.stderr.contains("version"), "{}", refused.stderr);
+
+    // The same app and version again: its grains stop, the image is
+    // swapped, and the next use runs the new one.
+    let again = app_dir(&daemon.dir().join("again"), "hello", &[]);
+    daemon
+        .granary(&["app", "install", again.to_str().unwrap()])
+        .success();
+    assert_eq!(state(&daemon, "alice/hello"), "stopped");
+    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    let leftovers: Vec<_> = std::fs::read_dir(daemon.data_dir().join("apps/hello"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["1"], "no staging directories are left");
+}

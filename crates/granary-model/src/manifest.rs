@@ -16,7 +16,8 @@ pub const MANIFEST_FILE: &str = "granary-app.toml";
 pub struct Manifest {
     /// Reverse-DNS style id, e.g. `org.granary.hello`.
     pub id: String,
-    /// The app's version, shown to admins; any non-empty text without spaces.
+    /// The app's version: 1 to 64 of `[A-Za-z0-9._+-]`, not starting with
+    /// '.' (it names a directory on the host).
     pub version: String,
     /// The grain kind this app claims: one installed app per kind.
     pub kind: String,
@@ -74,9 +75,23 @@ impl Manifest {
     pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         let m: Manifest = toml::from_str(text).map_err(|e| ManifestError(e.to_string()))?;
         short_name("id", &m.id, b".-")?;
-        if m.version.is_empty() || m.version.len() > 64 || m.version.contains(char::is_whitespace) {
+        if m.id.starts_with('.') {
             return Err(ManifestError(format!(
-                "version {:?} must be 1 to 64 characters without spaces",
+                "id {:?} must not start with '.'",
+                m.id
+            )));
+        }
+        // The version names a directory on the host: no separators, no
+        // leading dot (so never "." or "..").
+        let version_ok = !m.version.is_empty()
+            && m.version.len() <= 64
+            && !m.version.starts_with('.')
+            && m.version
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
+        if !version_ok {
+            return Err(ManifestError(format!(
+                "version {:?} must be 1 to 64 of A-Z, a-z, 0-9, '.', '_', '+' and '-', not starting with '.'",
                 m.version
             )));
         }
@@ -187,6 +202,9 @@ memory_mib = 64
             (GOOD.replace("/bin/hello\"", "bin/hello\""), "exec"),
             (GOOD.replace("/bin/hello\"", "/../x\""), "exec"),
             (GOOD.replace("0.1.0", "0 1"), "version"),
+            (GOOD.replace("0.1.0", ".."), "version"),
+            (GOOD.replace("0.1.0", "../../etc"), "version"),
+            (GOOD.replace("0.1.0", "/etc"), "version"),
             (
                 GOOD.replace("[\"notify\"]", "[\"No!\"]"),
                 "offered interface",

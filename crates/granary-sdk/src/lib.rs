@@ -217,6 +217,7 @@ struct Handoffs {
 struct GrainServer<A: App> {
     app: Rc<A>,
     handoffs: Rc<RefCell<Handoffs>>,
+    shut_down: Rc<std::cell::Cell<bool>>,
 }
 
 fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, capnp::Error> {
@@ -308,7 +309,9 @@ impl<A: App> grain::Server for GrainServer<A> {
         _: grain::ShutdownParams,
         _: grain::ShutdownResults,
     ) -> Result<(), capnp::Error> {
-        self.app.clone().shutdown().await;
+        if !self.shut_down.replace(true) {
+            self.app.clone().shutdown().await;
+        }
         Ok(())
     }
 }
@@ -391,10 +394,12 @@ pub async fn serve_on<A: App>(
         client: system.bootstrap(Side::Client),
     };
     let handoffs = Rc::new(RefCell::new(Handoffs::default()));
+    let shut_down = Rc::new(std::cell::Cell::new(false));
     let app = Rc::new(make(host));
     let _ = app_tx.send(capnp_rpc::new_client(GrainServer {
         app: app.clone(),
         handoffs: handoffs.clone(),
+        shut_down: shut_down.clone(),
     }));
 
     // Descriptors arriving on the hand-off socket.
@@ -415,9 +420,12 @@ pub async fn serve_on<A: App>(
                         }
                     }
                 }
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
                 Ok(Err(e)) => {
-                    eprintln!("granary-sdk: hand-off socket: {e}");
+                    if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                        eprintln!("granary-sdk: hand-off socket: {e}");
+                    }
+                    // Waiting `accept` calls fail now rather than hang.
+                    handoffs.borrow_mut().waiting.clear();
                     return;
                 }
                 Err(_would_block) => continue,
@@ -430,7 +438,9 @@ pub async fn serve_on<A: App>(
     tokio::select! {
         result = system => result.map_err(|e| format!("host channel: {e}")),
         _ = term.recv() => {
-            app.shutdown().await;
+            if !shut_down.replace(true) {
+                app.shutdown().await;
+            }
             Ok(())
         }
     }

@@ -419,6 +419,18 @@ impl Store {
     ) -> Result<(), StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction().op("begin save sturdy ref")?;
+        let held: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM sturdy_refs WHERE holder = ?1",
+                [holder],
+                |r| r.get(0),
+            )
+            .op("count sturdy refs")?;
+        if held >= MAX_STURDY_REFS_PER_GRAIN {
+            return Err(StateError::Conflict(format!(
+                "{MAX_STURDY_REFS_PER_GRAIN} saved tokens of grain {holder}; drop some first"
+            )));
+        }
         tx.execute(
             "INSERT INTO sturdy_refs (token_hash, holder, grant_id, label) VALUES (?1, ?2, ?3, ?4)",
             params![token_hash, holder, grant_id, label],
@@ -533,6 +545,9 @@ impl Store {
         Ok(n > 0)
     }
 }
+
+/// Sturdy references one grain may keep.
+pub(crate) const MAX_STURDY_REFS_PER_GRAIN: i64 = 1000;
 
 const GRANT_COLUMNS: &str = "id, from_grain, to_grain, capability, created_at";
 

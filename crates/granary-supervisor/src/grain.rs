@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
@@ -27,6 +27,8 @@ use crate::{Inner, SupervisorError, db};
 /// Rotated log files kept besides the current one, and the size of each.
 pub(crate) const LOG_KEEP: u32 = 3;
 const LOG_FILE_BYTES: u64 = 1 << 20;
+/// Connections one grain may have open at once.
+const MAX_CONNECTIONS: usize = 512;
 
 type StartFuture = Shared<Pin<Box<dyn Future<Output = Result<Rc<Running>, String>>>>>;
 type StopFuture = Shared<Pin<Box<dyn Future<Output = ()>>>>;
@@ -97,7 +99,6 @@ pub(crate) struct Slot {
     pub(crate) user: String,
     pub(crate) kind: String,
     pub(crate) host_uid: u32,
-    sup: Weak<Inner>,
     phase: RefCell<Phase>,
     starts: Cell<u64>,
     crashes: RefCell<VecDeque<Instant>>,
@@ -114,7 +115,12 @@ pub(crate) struct Activity {
     pub(crate) connections: Cell<usize>,
     /// Calls the grain made that the host has not answered.
     pub(crate) outbound: Cell<usize>,
-    pub(crate) refused: Cell<u64>,
+    /// Calls refused for the in-flight bound in the current window.
+    refused: Cell<u64>,
+    refused_since: Cell<Option<Instant>>,
+    /// `log` calls in the current window.
+    logged: Cell<u64>,
+    logged_since: Cell<Option<Instant>>,
     pub(crate) wake_locks: RefCell<Vec<(u64, String)>>,
     next_lock: Cell<u64>,
     last: Cell<Option<Instant>>,
@@ -151,7 +157,40 @@ impl Drop for Busy {
     }
 }
 
+/// Refusals for the in-flight bound are counted over this window; a grain
+/// refused `flood_cutoff` times within it is cut off.
+pub(crate) const FLOOD_WINDOW: Duration = Duration::from_secs(10);
+/// `Host.log` calls a grain may make per window; the rest are dropped.
+pub(crate) const LOG_LINES_PER_WINDOW: u64 = 2000;
+
+/// Counts one event in a fixed window starting at the first event.
+fn count_in_window(count: &Cell<u64>, since: &Cell<Option<Instant>>, window: Duration) -> u64 {
+    let now = Instant::now();
+    if since.get().is_none_or(|t| now.duration_since(t) > window) {
+        since.set(Some(now));
+        count.set(0);
+    }
+    count.set(count.get() + 1);
+    count.get()
+}
+
 impl Activity {
+    /// Records a refused call; returns the refusals in the current window.
+    pub(crate) fn refuse(&self) -> u64 {
+        count_in_window(&self.refused, &self.refused_since, FLOOD_WINDOW)
+    }
+
+    /// Whether another log line may be written now; exactly one `false`
+    /// per window is `Some(false)` (to say lines are being dropped).
+    pub(crate) fn may_log(&self) -> Option<bool> {
+        let n = count_in_window(&self.logged, &self.logged_since, FLOOD_WINDOW);
+        match n.cmp(&(LOG_LINES_PER_WINDOW + 1)) {
+            std::cmp::Ordering::Less => Some(true),
+            std::cmp::Ordering::Equal => Some(false),
+            std::cmp::Ordering::Greater => None,
+        }
+    }
+
     fn start(self: &Rc<Self>, kind: BusyKind) -> Busy {
         let b = Busy {
             activity: self.clone(),
@@ -205,6 +244,23 @@ pub(crate) struct Running {
     exited: tokio::sync::watch::Receiver<bool>,
 }
 
+impl Running {
+    /// Signals the launcher unless it has been reaped already (its pid
+    /// could then belong to someone else). Reaping and marking `exited`
+    /// happen in one poll of the exit monitor, so this check is enough.
+    pub(crate) fn signal(&self, sig: libc::c_int) {
+        if !*self.exited.borrow() {
+            signal(self.pid, sig);
+        }
+    }
+
+    /// Kills the whole grain now.
+    pub(crate) fn kill(&self) {
+        self.stopping.set(true);
+        self.signal(libc::SIGKILL);
+    }
+}
+
 /// A client connection handed to a grain: the host's end of the socket
 /// pair. Keeps the grain awake until dropped.
 pub struct Connection {
@@ -217,10 +273,6 @@ pub struct Connection {
 pub struct ConnectionGuard(#[allow(dead_code)] Busy);
 
 impl Slot {
-    pub(crate) fn inner(&self) -> Weak<Inner> {
-        self.sup.clone()
-    }
-
     pub(crate) fn running(&self) -> Option<Rc<Running>> {
         match &*self.phase.borrow() {
             Phase::Running(r) => Some(r.clone()),
@@ -228,8 +280,14 @@ impl Slot {
         }
     }
 
-    pub(crate) fn hold(&self, reason: String) {
-        *self.phase.borrow_mut() = Phase::Held { reason };
+    /// Holds the grain stopped; returns what was running, for the caller
+    /// to kill.
+    pub(crate) fn hold(&self, reason: String) -> Option<Rc<Running>> {
+        let previous = std::mem::replace(&mut *self.phase.borrow_mut(), Phase::Held { reason });
+        match previous {
+            Phase::Running(r) => Some(r),
+            _ => None,
+        }
     }
 
     pub(crate) fn clear_hold(&self) {
@@ -356,7 +414,6 @@ impl Inner {
                     user: g.user.clone(),
                     kind: g.kind.clone(),
                     host_uid: g.host_uid,
-                    sup: Rc::downgrade(self),
                     phase: RefCell::new(Phase::Stopped),
                     starts: Cell::new(0),
                     crashes: RefCell::default(),
@@ -551,7 +608,7 @@ impl Inner {
             *r.channel_end.borrow_mut() = Some(why);
             if !wait_exit(&r, Duration::from_secs(1)).await {
                 tracing::warn!(grain = %slot.id, "grain channel ended but the grain runs on; killing it");
-                signal(r.pid, libc::SIGKILL);
+                r.signal(libc::SIGKILL);
             }
         });
 
@@ -729,10 +786,10 @@ impl Inner {
                         // The app has finished its work (or had its
                         // chance); SIGTERM ends the process (the SDK exits
                         // on it), SIGKILL of the launcher ends the tree.
-                        signal(r.pid, libc::SIGTERM);
+                        r.signal(libc::SIGTERM);
                         if !wait_exit(&r, grace).await {
                             tracing::warn!(grain = %r.id, "grain ignored SIGTERM; killing it");
-                            signal(r.pid, libc::SIGKILL);
+                            r.signal(libc::SIGKILL);
                             wait_exit(&r, Duration::from_secs(30)).await;
                         }
                         if matches!(*slot2.phase.borrow(), Phase::Stopping(_)) {
@@ -749,20 +806,21 @@ impl Inner {
         }
     }
 
-    /// Kills a grain at once (flood, broken channel), keeping a hold.
-    pub(crate) async fn kill_slot(self: &Rc<Self>, slot: &Rc<Slot>) {
-        let running = match &*slot.phase.borrow() {
-            Phase::Running(r) => Some(r.clone()),
-            _ => None,
-        };
-        let held = matches!(*slot.phase.borrow(), Phase::Held { .. });
-        if let Some(r) = running {
-            r.stopping.set(true);
-            signal(r.pid, libc::SIGKILL);
-            wait_exit(&r, Duration::from_secs(30)).await;
+    /// Holds a grain stopped for `reason` and kills it if it runs.
+    pub(crate) async fn hold_and_kill(self: &Rc<Self>, slot: &Rc<Slot>, reason: String) {
+        loop {
+            let phase = slot.phase.borrow().clone();
+            match phase {
+                Phase::Starting(f) => {
+                    let _ = f.await;
+                }
+                Phase::Stopping(f) => f.await,
+                _ => break,
+            }
         }
-        if !held {
-            *slot.phase.borrow_mut() = Phase::Stopped;
+        if let Some(r) = slot.hold(reason) {
+            r.kill();
+            wait_exit(&r, Duration::from_secs(30)).await;
         }
     }
 
@@ -777,6 +835,11 @@ impl Inner {
             reason,
         };
         let running = self.ensure_running(grain).await?;
+        if running.activity.connections.get() >= MAX_CONNECTIONS {
+            return Err(call(format!(
+                "{MAX_CONNECTIONS} connections are open already"
+            )));
+        }
         let busy = running.activity.start(BusyKind::Connection);
         let (host_end, grain_end) = socketpair(nix::sys::socket::SockType::Stream)
             .map_err(|e| call(format!("socketpair: {e}")))?;

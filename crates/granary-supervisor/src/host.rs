@@ -194,8 +194,22 @@ impl host::Server for HostImpl {
     ) -> Result<(), capnp::Error> {
         let _call = self.sup()?.admit_call(&self.id)?;
         let params = params.get()?;
-        let message = params.get_message()?.to_str()?;
-        let message: String = message.chars().take(4096).collect();
+        match self.activity.may_log() {
+            Some(true) => {}
+            Some(false) => {
+                tracing::warn!(target: "grain", grain = %self.id, "grain logs too fast; dropping its lines for a while");
+                return Ok(());
+            }
+            None => return Ok(()),
+        }
+        // Escaped, so a grain cannot forge lines of the host's log.
+        let message: String = params
+            .get_message()?
+            .to_str()?
+            .chars()
+            .take(4096)
+            .flat_map(char::escape_debug)
+            .collect();
         let grain = &self.id;
         match params.get_level()? {
             LogLevel::Error => tracing::error!(target: "grain", %grain, "{message}"),

@@ -245,7 +245,40 @@ impl Supervisor {
         }
     }
 
-    /// Forgets what it knows of a grain that was deleted (after `stop`).
+    /// Stops a grain for good (it is being deleted): held so nothing starts
+    /// it again, and every live capability it holds or provides is cut.
+    pub async fn retire(&self, grain: &str) -> Result<(), SupervisorError> {
+        let slot = self.inner.slot(grain).await?;
+        self.inner.stop_slot(&slot).await;
+        self.inner
+            .hold_and_kill(&slot, "being removed".to_owned())
+            .await;
+        let cut: Vec<i64> = self
+            .inner
+            .by_grant
+            .borrow()
+            .iter()
+            .filter(|(_, list)| {
+                list.iter()
+                    .filter_map(std::rc::Weak::upgrade)
+                    .any(|m| m.holder == grain || m.provider == grain)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in cut {
+            self.revoked(id);
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Supervisor::retire`] when the removal failed.
+    pub fn unretire(&self, grain: &str) {
+        if let Some(slot) = self.inner.slots.borrow().get(grain) {
+            slot.clear_hold();
+        }
+    }
+
+    /// Forgets what it knows of a grain that was deleted (after `retire`).
     pub fn forget(&self, grain: &str) {
         self.inner.slots.borrow_mut().remove(grain);
     }
@@ -302,21 +335,18 @@ impl Inner {
         };
         let out = &running.activity.outbound;
         if out.get() >= self.params.config.max_in_flight {
-            let refused = running.activity.refused.get() + 1;
-            running.activity.refused.set(refused);
+            let refused = running.activity.refuse();
             if refused == self.params.config.flood_cutoff {
                 let slot = slot.expect("running implies a slot");
                 tracing::warn!(grain = %holder, refused, "grain flooded the host with calls; cutting it off");
-                slot.hold(format!(
-                    "cut off: {refused} calls over the in-flight limit of {}",
-                    self.params.config.max_in_flight
-                ));
-                let me = slot.inner();
-                tokio::task::spawn_local(async move {
-                    if let Some(inner) = me.upgrade() {
-                        inner.kill_slot(&slot).await;
-                    }
-                });
+                let reason = format!(
+                    "cut off: {refused} calls over the in-flight limit of {} within {} s",
+                    self.params.config.max_in_flight,
+                    grain::FLOOD_WINDOW.as_secs()
+                );
+                if let Some(r) = slot.hold(reason) {
+                    r.kill();
+                }
             }
             return Err(capnp::Error::overloaded(format!(
                 "more than {} calls in flight",
@@ -377,11 +407,12 @@ impl Inner {
             descriptor: grant.capability.clone(),
             target: RefCell::new(Some((generation, target))),
         });
-        self.by_grant
-            .borrow_mut()
-            .entry(grant.id)
-            .or_default()
-            .push(Rc::downgrade(&membrane));
+        {
+            let mut by_grant = self.by_grant.borrow_mut();
+            let list = by_grant.entry(grant.id).or_default();
+            list.retain(|w| w.strong_count() > 0);
+            list.push(Rc::downgrade(&membrane));
+        }
         let mut set = self.membranes.borrow_mut();
         set.gc();
         set.new_client_from_rc(membrane).client

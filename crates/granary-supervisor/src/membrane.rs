@@ -107,7 +107,14 @@ async fn forward(
     let mut request =
         target.new_call::<any_pointer::Owned, any_pointer::Owned>(interface_id, method_id, None);
     request.get().set_as(params.get()?)?;
-    let response = request.send().promise.await?;
+    let response = tokio::time::timeout(sup.params.config.call_timeout, request.send().promise)
+        .await
+        .map_err(|_| {
+            capnp::Error::failed(format!(
+                "{}: the provider did not answer in time",
+                m.descriptor
+            ))
+        })??;
     results.get().set_as(response.get()?)?;
     sup.count_call(m.grant_id);
     Ok(())

@@ -499,12 +499,32 @@ impl admin::Server for AdminService {
         mut results: admin::InstallAppResults,
     ) -> Result<(), capnp::Error> {
         let dir = std::path::PathBuf::from(params.get()?.get_dir()?.to_str()?);
+        let d = dir.clone();
+        let (manifest, text) =
+            blocking(move || grain_admin::read_app_dir(&d).map_err(any_failure)).await?;
+        // The kind's owner is checked before anything is copied.
+        let (store, kind) = (self.store.clone(), manifest.kind.clone());
+        if let Some(app) = blocking(move || store.app(&kind).map_err(state_failure)).await?
+            && app.app_id != manifest.id
+        {
+            return Err(state_failure(StateError::KindTaken(manifest.kind.clone())));
+        }
+        // Replacing an installed version: its grains stop first (they start
+        // again on the new image at their next use).
         let apps_dir = self.grains.apps_dir.clone();
+        if grain_admin::version_dir(&apps_dir, &manifest).exists() {
+            let (store, kind) = (self.store.clone(), manifest.kind.clone());
+            let grains =
+                blocking(move || store.grains_where(None, Some(&kind)).map_err(state_failure))
+                    .await?;
+            for g in grains {
+                self.grains.sup.stop(&g.id).await.map_err(sup_failure)?;
+            }
+        }
         let store = self.store.clone();
         let uids = self.grains.uids;
         let (app, made) = blocking(move || {
-            let (manifest, text) =
-                grain_admin::install_dir(&apps_dir, &dir).map_err(any_failure)?;
+            grain_admin::install_dir(&apps_dir, &dir, &manifest, &text).map_err(any_failure)?;
             let app = store
                 .install_app(
                     &manifest.kind,

@@ -1,6 +1,6 @@
 //! The admin calls about apps, grains and grants: the daemon side.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -28,8 +28,11 @@ pub(super) fn grain_id(reference: &str) -> String {
 }
 
 /// Copies `from` into `to` (which must not exist): directories, regular
-/// files with their modes, and symlinks as symlinks. Nothing is followed.
+/// files with their modes, and symlinks as symlinks. Nothing is followed:
+/// files are opened with `O_NOFOLLOW` and checked on the open descriptor,
+/// so a file swapped for a link mid-copy is refused, not followed.
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let meta = std::fs::symlink_metadata(from)?;
     let file_type = meta.file_type();
     if file_type.is_symlink() {
@@ -42,21 +45,32 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
         }
         std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o755))?;
     } else if file_type.is_file() {
-        std::fs::copy(from, to)?;
-        std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o755))?;
+        let mut source = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(from)?;
+        let opened = source.metadata()?;
+        anyhow::ensure!(
+            opened.is_file(),
+            "{} changed while being copied",
+            from.display()
+        );
+        let mut target = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(opened.mode() & 0o755)
+            .open(to)?;
+        std::io::copy(&mut source, &mut target)?;
+        target.sync_all()?;
     } else {
         anyhow::bail!("{} is not a file, directory or symlink", from.display());
     }
     Ok(())
 }
 
-use std::os::unix::fs::MetadataExt;
-
-/// Reads and checks an app directory, then copies it into
-/// `apps_dir/<kind>/<version>` (replacing that version if present) by
-/// way of a temporary directory and a rename, so a failed copy leaves
-/// nothing behind.
-pub(super) fn install_dir(apps_dir: &Path, dir: &Path) -> anyhow::Result<(Manifest, String)> {
+/// Reads and checks an app directory's manifest and that its exec is an
+/// executable file of its image.
+pub(super) fn read_app_dir(dir: &Path) -> anyhow::Result<(Manifest, String)> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&manifest_path)
         .with_context(|| format!("cannot read {}", manifest_path.display()))?;
@@ -75,19 +89,49 @@ pub(super) fn install_dir(apps_dir: &Path, dir: &Path) -> anyhow::Result<(Manife
         "{} is not an executable file",
         exe.display()
     );
+    Ok((manifest, text))
+}
+
+/// Where an app version lives.
+pub(super) fn version_dir(apps_dir: &Path, manifest: &Manifest) -> PathBuf {
+    // Both parts are checked names (kind: [a-z0-9], version: no '/' and no
+    // leading '.'), so this stays inside apps_dir.
+    apps_dir.join(&manifest.kind).join(&manifest.version)
+}
+
+/// Copies an app directory into `apps_dir/<kind>/<version>`: into a staging
+/// directory of its own first, then swapped in atomically
+/// (`renameat2(RENAME_EXCHANGE)` when the version exists), so a failed copy
+/// leaves the installed version as it was. The caller has stopped the
+/// kind's grains if the version existed.
+pub(super) fn install_dir(
+    apps_dir: &Path,
+    dir: &Path,
+    manifest: &Manifest,
+    text: &str,
+) -> anyhow::Result<()> {
     let kind_dir = apps_dir.join(&manifest.kind);
     std::fs::create_dir_all(&kind_dir)
         .with_context(|| format!("cannot create {}", kind_dir.display()))?;
     std::fs::set_permissions(apps_dir, std::fs::Permissions::from_mode(0o755))?;
     std::fs::set_permissions(&kind_dir, std::fs::Permissions::from_mode(0o755))?;
-    let target = kind_dir.join(&manifest.version);
-    let staging = kind_dir.join(format!(".installing-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
+    let target = version_dir(apps_dir, manifest);
+    anyhow::ensure!(
+        target.starts_with(apps_dir),
+        "refusing to install outside {}",
+        apps_dir.display()
+    );
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random staging name: {e}"))?;
+    let staging = kind_dir.join(format!(
+        ".installing-{}",
+        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ));
     let copied = (|| -> anyhow::Result<()> {
         std::fs::create_dir(&staging)?;
         std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))?;
-        std::fs::write(staging.join(MANIFEST_FILE), &text)?;
-        copy_tree(&image, &staging.join("image"))?;
+        granary_files::write_atomic(&staging.join(MANIFEST_FILE), text.as_bytes(), 0o644)?;
+        copy_tree(&dir.join("image"), &staging.join("image"))?;
         std::fs::set_permissions(
             staging.join("image"),
             std::fs::Permissions::from_mode(0o755),
@@ -103,14 +147,21 @@ pub(super) fn install_dir(apps_dir: &Path, dir: &Path) -> anyhow::Result<(Manife
         )));
     }
     if target.exists() {
-        let old = kind_dir.join(format!(".replaced-{}", std::process::id()));
-        std::fs::rename(&target, &old)?;
-        std::fs::rename(&staging, &target)?;
-        let _ = std::fs::remove_dir_all(&old);
+        nix::fcntl::renameat2(
+            None,
+            &staging,
+            None,
+            &target,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .with_context(|| format!("cannot swap in {}", target.display()))?;
+        // `staging` now holds the previous copy.
     } else {
-        std::fs::rename(&staging, &target)?;
+        std::fs::rename(&staging, &target)
+            .with_context(|| format!("cannot move {} into place", target.display()))?;
     }
-    Ok((manifest, text))
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok(())
 }
 
 pub(super) fn fill_app(mut out: admin_capnp::app::Builder<'_>, app: &App) {
@@ -187,17 +238,28 @@ impl Grains {
             );
         }
         for g in grains {
-            self.sup.stop(&g.id).await?;
-            match self.datasets.snapshot(&g.id, "final") {
+            // Held first, so nothing restarts it while it goes; its grants'
+            // live capabilities are cut.
+            self.sup.retire(&g.id).await?;
+            let datasets = self.datasets.clone();
+            let id = g.id.clone();
+            let snapshot =
+                tokio::task::spawn_blocking(move || datasets.snapshot(&id, "final")).await?;
+            match snapshot {
                 Ok(Some(name)) => {
                     tracing::info!(grain = %g.id, snapshot = %name, "final snapshot taken")
                 }
                 Ok(None) => {}
-                Err(e) => anyhow::bail!("final snapshot of {} failed, nothing removed: {e}", g.id),
+                Err(e) => {
+                    self.sup.unretire(&g.id);
+                    anyhow::bail!("final snapshot of {} failed, nothing removed: {e}", g.id)
+                }
             }
             // Data first: a failure after it leaves an empty grain, never
             // a record-less dataset.
-            self.datasets.destroy(&g.id)?;
+            let datasets = self.datasets.clone();
+            let id = g.id.clone();
+            tokio::task::spawn_blocking(move || datasets.destroy(&id)).await??;
             let s = store.clone();
             let id = g.id.clone();
             tokio::task::spawn_blocking(move || s.delete_grain(&id, "admin")).await??;
