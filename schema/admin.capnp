@@ -56,11 +56,14 @@ interface Admin {
   # Revokes one app password by id (an error if the user has none with that
   # id), or all of one kind.
 
-  installApp @9 (dir :Text) -> (app :App, grainsCreated :UInt32);
-  # Installs an unsigned app directory (`granary-app.toml` and `image/`) in
-  # development mode: the daemon copies it into DATA_DIR/apps and creates a
-  # grain record for every user. Reinstalling the same app id upgrades it;
-  # another app id claiming an installed kind is refused.
+  installApp @9 (path :Text, replace :Bool) -> (app :App, grainsCreated :UInt32);
+  # Installs a signed package file (`granary pack build`), or an unsigned
+  # app directory (`granary-app.toml` and `image/`) in development mode.
+  # A package's signature is verified first; its image is unpacked into
+  # the content-addressed DATA_DIR/apps/KIND/SHA256. A grain record is
+  # created for every user. Another app id (another signer) claiming an
+  # installed kind is refused unless `replace`. The kind's running grains
+  # are stopped when their image changes; they start again on next use.
 
   listApps @10 () -> (apps :List(App));
 
@@ -96,6 +99,13 @@ interface Admin {
   revokeGrant @20 (id :Int64) -> ();
   # Cuts every live capability of the grant at once and invalidates its
   # sturdy tokens.
+
+  upgradeApp @21 (path :Text) -> (app :App, previousVersion :Text, restarted :UInt32, rolledBack :Bool, error :Text);
+  # Installs a newer version (by the same signer) of an installed app from
+  # a package file: stops the kind's running grains, points them at the new
+  # image and starts them again. If one fails to start, everything goes
+  # back to the previous version (`rolledBack`, with the failure in
+  # `error`) and those grains are started on it.
 }
 
 struct App {

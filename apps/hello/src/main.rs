@@ -210,6 +210,17 @@ impl Hello {
                 let pct = |p: usize| times[(times.len() - 1) * p / 100] as f64 / 1000.0;
                 format!("p50_us={:.1} p99_us={:.1}", pct(50), pct(99))
             }
+            ["ls", path] => match std::fs::read_dir(path) {
+                Ok(entries) => {
+                    let mut names: Vec<String> = entries
+                        .filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect();
+                    names.sort();
+                    names.join(" ")
+                }
+                Err(e) => format!("error: {path}: {e}"),
+            },
             ["awake", reason @ ..] => match self.host.stay_awake(&reason.join(" ")).await {
                 Ok(lock) => {
                     *self.wake.borrow_mut() = Some(lock);
@@ -252,7 +263,7 @@ impl Hello {
                 }
             }
             ["crash"] => std::process::exit(3),
-            ["help"] => "commands: ping whoami notifications notify hold call save restore bench benchhost awake sleep flood biglog crash".to_owned(),
+            ["help"] => "commands: ping whoami ls notifications notify hold call save restore bench benchhost awake sleep flood biglog crash".to_owned(),
             _ => format!("error: unknown command {line:?} (try help)"),
         }
     }

@@ -22,6 +22,16 @@ pub struct RawConfig {
     pub jail: RawJail,
     #[serde(default)]
     pub grains: RawGrains,
+    #[serde(default)]
+    pub packages: RawPackages,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPackages {
+    pub max_package_mib: Option<u64>,
+    pub max_unpacked_mib: Option<u64>,
+    pub max_entries: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

@@ -39,6 +39,15 @@ pub struct Config {
     /// The cgroup under which each grain gets its own.
     pub cgroup_parent: String,
     pub grains: Grains,
+    pub packages: Packages,
+}
+
+/// `[packages]`: what an app package may make the host do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packages {
+    pub max_package_bytes: u64,
+    pub max_unpacked_bytes: u64,
+    pub max_entries: u64,
 }
 
 /// `[grains]`: the supervisor's timings and bounds.
@@ -333,7 +342,21 @@ impl Config {
             flood_cutoff: positive("grains.flood_cutoff", g.flood_cutoff.unwrap_or(10_000))?,
         };
 
+        let pk = &raw.packages;
+        let packages = Packages {
+            max_package_bytes: positive(
+                "packages.max_package_mib",
+                pk.max_package_mib.unwrap_or(512),
+            )? << 20,
+            max_unpacked_bytes: positive(
+                "packages.max_unpacked_mib",
+                pk.max_unpacked_mib.unwrap_or(2048),
+            )? << 20,
+            max_entries: positive("packages.max_entries", pk.max_entries.unwrap_or(100_000))?,
+        };
+
         Ok(Config {
+            packages,
             grains,
             cgroup_parent,
             file: file.map(Path::to_path_buf),

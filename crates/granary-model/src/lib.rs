@@ -10,5 +10,7 @@ mod manifest;
 mod user_name;
 
 pub use grain_kind::{GrainKind, GrainKindError};
-pub use manifest::{MANIFEST_FILE, Manifest, ManifestError, ManifestLimits, check_descriptor};
+pub use manifest::{
+    MANIFEST_FILE, Manifest, ManifestError, ManifestLimits, check_descriptor, compare_versions,
+};
 pub use user_name::{RESERVED_USER_NAMES, UserName, UserNameError};

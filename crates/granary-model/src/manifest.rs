@@ -37,13 +37,25 @@ pub struct Manifest {
     /// Resource limits; host defaults where absent.
     #[serde(default)]
     pub limits: ManifestLimits,
+    /// A one-line name for people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub title: String,
+    /// `KEY=value` pairs added to the app's environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Interfaces (descriptor prefixes) the app may ask other grains for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManifestLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_weight: Option<u32>,
 }
 
@@ -71,6 +83,11 @@ fn short_name(what: &str, s: &str, extra: &[u8]) -> Result<(), ManifestError> {
 }
 
 impl Manifest {
+    /// The manifest as TOML; parses back to the same value.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a manifest always serialises")
+    }
+
     /// Parses and checks a manifest. Errors name the field.
     pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         let m: Manifest = toml::from_str(text).map_err(|e| ManifestError(e.to_string()))?;
@@ -111,6 +128,17 @@ impl Manifest {
         for o in &m.offers {
             short_name("offered interface", o, b".-")?;
         }
+        for r in &m.requests {
+            short_name("requested interface", r, b".-")?;
+        }
+        for e in &m.env {
+            let ok = e.split_once('=').is_some_and(|(k, _)| {
+                !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            }) && !e.contains('\0');
+            if !ok {
+                return Err(ManifestError(format!("env entry {e:?} must be KEY=value")));
+            }
+        }
         if !m.per_user {
             return Err(ManifestError(
                 "per_user = false (shared grains) is not supported yet".to_owned(),
@@ -135,6 +163,25 @@ impl fmt::Display for Manifest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {} (kind {})", self.id, self.version, self.kind)
     }
+}
+
+/// Orders versions: split at `.`, `-`, `+` and `_`, numeric parts
+/// compared as numbers, others as text; more parts is newer when the rest
+/// is equal (`1.10 > 1.9`, `2.0.1 > 2.0`).
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    let parts =
+        |v: &str| -> Vec<String> { v.split(['.', '-', '+', '_']).map(str::to_owned).collect() };
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(&pb) {
+        let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(m), Ok(n)) => m.cmp(&n),
+            _ => x.cmp(y),
+        };
+        if ord != std::cmp::Ordering::Equal {
+            return ord;
+        }
+    }
+    pa.len().cmp(&pb.len())
 }
 
 /// Checks a capability descriptor: `<interface>[:<argument>]`, where the
@@ -216,6 +263,15 @@ memory_mib = 64
             let e = Manifest::parse(&text).unwrap_err().to_string();
             assert!(e.contains(expect), "{expect}: {e}");
         }
+    }
+
+    #[test]
+    fn versions_order_numerically() {
+        use std::cmp::Ordering::*;
+        assert_eq!(compare_versions("1.10", "1.9"), Greater);
+        assert_eq!(compare_versions("2.0", "2.0.1"), Less);
+        assert_eq!(compare_versions("2.39.2-1", "2.39.2-1"), Equal);
+        assert_eq!(compare_versions("2.39.2-2", "2.39.2-1"), Greater);
     }
 
     #[test]

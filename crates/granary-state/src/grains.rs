@@ -16,6 +16,39 @@ pub struct App {
     pub manifest: String,
     /// Installed unsigned from a directory.
     pub dev_mode: bool,
+    /// The image directory relative to DATA_DIR/apps (empty for installs
+    /// made before images were recorded: `<kind>/<version>`).
+    pub image: String,
+    /// What an upgrade replaced, for a rollback (empty when nothing).
+    pub previous_version: String,
+    pub previous_image: String,
+    pub previous_manifest: String,
+}
+
+impl App {
+    /// The image directory relative to DATA_DIR/apps.
+    pub fn image_dir(&self) -> String {
+        if self.image.is_empty() {
+            format!("{}/{}", self.kind, self.version)
+        } else {
+            self.image.clone()
+        }
+    }
+}
+
+/// What `install_app` records.
+#[derive(Debug, Clone)]
+pub struct NewApp<'a> {
+    pub kind: &'a str,
+    pub app_id: &'a str,
+    pub version: &'a str,
+    pub manifest: &'a str,
+    pub dev_mode: bool,
+    pub image: &'a str,
+    /// Another app id may take the kind over (`--replace`).
+    pub replace: bool,
+    /// Keep what this replaces as the rollback target.
+    pub keep_previous: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -36,7 +69,8 @@ pub struct Grant {
     pub created_at: i64,
 }
 
-const APP_COLUMNS: &str = "kind, app_id, version, installed_at, manifest, dev_mode";
+const APP_COLUMNS: &str = "kind, app_id, version, installed_at, manifest, dev_mode, image,
+    previous_version, previous_image, previous_manifest";
 
 fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<App> {
     Ok(App {
@@ -46,6 +80,10 @@ fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<App> {
         installed_at: r.get(3)?,
         manifest: r.get(4)?,
         dev_mode: r.get(5)?,
+        image: r.get(6)?,
+        previous_version: r.get(7)?,
+        previous_image: r.get(8)?,
+        previous_manifest: r.get(9)?,
     })
 }
 
@@ -119,9 +157,8 @@ impl Store {
         self.install_app(kind, app_id, version, "", false, actor)
     }
 
-    /// Records an installed app with its manifest. The kind must be free or
-    /// already belong to the same app id (an upgrade, which replaces the
-    /// version and manifest).
+    /// Records an installed app with its manifest (the older signature,
+    /// for development installs).
     pub fn install_app(
         &self,
         kind: &str,
@@ -131,38 +168,129 @@ impl Store {
         dev_mode: bool,
         actor: &str,
     ) -> Result<App, StateError> {
+        let image = format!("{kind}/{version}");
+        self.put_app(
+            &NewApp {
+                kind,
+                app_id,
+                version,
+                manifest,
+                dev_mode,
+                image: &image,
+                replace: false,
+                keep_previous: false,
+            },
+            actor,
+        )
+    }
+
+    /// Records an installed app. The kind must be free or belong to the same
+    /// app id (an upgrade or reinstall), unless `replace`.
+    pub fn put_app(&self, new: &NewApp<'_>, actor: &str) -> Result<App, StateError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().op("begin register app")?;
-        let holder: Option<String> = tx
-            .query_row("SELECT app_id FROM apps WHERE kind = ?1", [kind], |r| {
-                r.get(0)
-            })
+        let tx = conn.transaction().op("begin install app")?;
+        let holder: Option<App> = tx
+            .query_row(
+                &format!("SELECT {APP_COLUMNS} FROM apps WHERE kind = ?1"),
+                [new.kind],
+                app_from_row,
+            )
             .optional()
             .op("find app")?;
-        match holder {
-            Some(other) if other != app_id => return Err(StateError::KindTaken(kind.to_owned())),
-            Some(_) => tx.execute(
-                "UPDATE apps SET version = ?2, manifest = ?3, dev_mode = ?4,
-                     installed_at = unixepoch() WHERE kind = ?1",
-                params![kind, version, manifest, dev_mode],
-            ),
+        match &holder {
+            Some(other) if other.app_id != new.app_id && !new.replace => {
+                return Err(StateError::KindTaken(new.kind.to_owned()));
+            }
+            Some(old) => {
+                let (pv, pi, pm) = if new.keep_previous {
+                    (old.version.clone(), old.image_dir(), old.manifest.clone())
+                } else {
+                    (String::new(), String::new(), String::new())
+                };
+                tx.execute(
+                    "UPDATE apps SET app_id = ?2, version = ?3, manifest = ?4, dev_mode = ?5,
+                         image = ?6, previous_version = ?7, previous_image = ?8,
+                         previous_manifest = ?9, installed_at = unixepoch()
+                     WHERE kind = ?1",
+                    params![
+                        new.kind,
+                        new.app_id,
+                        new.version,
+                        new.manifest,
+                        new.dev_mode,
+                        new.image,
+                        pv,
+                        pi,
+                        pm
+                    ],
+                )
+            }
             None => tx.execute(
-                "INSERT INTO apps (kind, app_id, version, manifest, dev_mode)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![kind, app_id, version, manifest, dev_mode],
+                "INSERT INTO apps (kind, app_id, version, manifest, dev_mode, image)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    new.kind,
+                    new.app_id,
+                    new.version,
+                    new.manifest,
+                    new.dev_mode,
+                    new.image
+                ],
             ),
         }
         .op("write app")?;
+        let action = match &holder {
+            Some(old) if old.app_id != new.app_id => "app.replace",
+            Some(_) if new.keep_previous => "app.upgrade",
+            _ => "app.install",
+        };
         record(
             &tx,
             actor,
-            "app.install",
-            kind,
+            action,
+            new.kind,
             &format!(
-                "app={app_id} version={version}{}",
-                if dev_mode { " unsigned-dev-mode" } else { "" }
+                "app={} version={} image={}{}",
+                new.app_id,
+                new.version,
+                new.image,
+                if new.dev_mode {
+                    " unsigned-dev-mode"
+                } else {
+                    ""
+                }
             ),
         )?;
+        let app = tx
+            .query_row(
+                &format!("SELECT {APP_COLUMNS} FROM apps WHERE kind = ?1"),
+                [new.kind],
+                app_from_row,
+            )
+            .op("read app")?;
+        tx.commit().op("commit install app")?;
+        Ok(app)
+    }
+
+    /// Puts the previous version back after a failed upgrade.
+    pub fn roll_back_app(&self, kind: &str, actor: &str) -> Result<App, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin roll back app")?;
+        let n = tx
+            .execute(
+                "UPDATE apps SET version = previous_version, image = previous_image,
+                     manifest = previous_manifest, previous_version = '',
+                     previous_image = '', previous_manifest = ''
+                 WHERE kind = ?1 AND previous_version != ''",
+                [kind],
+            )
+            .op("roll back app")?;
+        if n == 0 {
+            return Err(StateError::Conflict(format!(
+                "no previous version of {kind} to roll back to"
+            )));
+        }
+        record(&tx, actor, "app.rollback", kind, "")?;
         let app = tx
             .query_row(
                 &format!("SELECT {APP_COLUMNS} FROM apps WHERE kind = ?1"),
@@ -170,7 +298,7 @@ impl Store {
                 app_from_row,
             )
             .op("read app")?;
-        tx.commit().op("commit register app")?;
+        tx.commit().op("commit roll back app")?;
         Ok(app)
     }
 
@@ -780,5 +908,56 @@ mod supervisor_queries {
         assert_eq!(store.grant(grant.id).unwrap(), Some((grant, false)));
         assert!(store.drop_sturdy_ref(&[1; 32], "alice-b").unwrap());
         assert!(!store.drop_sturdy_ref(&[1; 32], "alice-b").unwrap());
+    }
+}
+
+#[cfg(test)]
+mod app_versions {
+    use super::*;
+    use crate::test_support::*;
+
+    fn app<'a>(id: &'a str, version: &'a str, image: &'a str) -> NewApp<'a> {
+        NewApp {
+            kind: "git",
+            app_id: id,
+            version,
+            manifest: "m",
+            dev_mode: false,
+            image,
+            replace: false,
+            keep_previous: true,
+        }
+    }
+
+    #[test]
+    fn upgrades_keep_the_previous_version_for_a_rollback() {
+        let store = store();
+        store.put_app(&app("ka", "1", "git/aaa"), "admin").unwrap();
+        let up = store.put_app(&app("ka", "2", "git/bbb"), "admin").unwrap();
+        assert_eq!(
+            (up.previous_version.as_str(), up.previous_image.as_str()),
+            ("1", "git/aaa")
+        );
+        // Another signer needs replace.
+        assert!(matches!(
+            store.put_app(&app("kb", "3", "git/ccc"), "admin"),
+            Err(StateError::KindTaken(_))
+        ));
+        let back = store.roll_back_app("git", "admin").unwrap();
+        assert_eq!(
+            (back.version.as_str(), back.image_dir().as_str()),
+            ("1", "git/aaa")
+        );
+        assert!(store.roll_back_app("git", "admin").is_err());
+        let replaced = store
+            .put_app(
+                &NewApp {
+                    replace: true,
+                    ..app("kb", "3", "git/ccc")
+                },
+                "admin",
+            )
+            .unwrap();
+        assert_eq!(replaced.app_id, "kb");
     }
 }

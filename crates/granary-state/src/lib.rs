@@ -23,7 +23,7 @@ use rusqlite::Connection;
 
 pub use app_passwords::{AppPassword, RevokeSelector};
 pub use audit::AuditEvent;
-pub use grains::{App, Grain, Grant, HostUid, grain_id};
+pub use grains::{App, Grain, Grant, HostUid, NewApp, grain_id};
 pub use migrate::LATEST_SCHEMA_VERSION;
 pub use users::{User, UserCredentials};
 

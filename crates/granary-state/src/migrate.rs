@@ -25,6 +25,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 3,
         sql: include_str!("migrations/0003_manifests_sturdy_refs.sql"),
     },
+    Migration {
+        version: 4,
+        sql: include_str!("migrations/0004_app_images.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

@@ -482,12 +482,7 @@ impl Inner {
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("no app of kind {} is installed", slot.kind))?;
         let manifest = Manifest::parse(&app.manifest).map_err(|e| e.to_string())?;
-        let image: PathBuf = self
-            .params
-            .apps_dir
-            .join(&app.kind)
-            .join(&app.version)
-            .join("image");
+        let image: PathBuf = self.params.apps_dir.join(app.image_dir()).join("image");
         let dataset = self
             .params
             .datasets
@@ -510,11 +505,16 @@ impl Inner {
             dataset,
             host_uid: slot.host_uid,
             argv: manifest.exec.clone(),
-            env: vec![
-                "PATH=/bin:/usr/bin".to_owned(),
-                format!("GRANARY_GRAIN={}", slot.id),
-                "RUST_BACKTRACE=1".to_owned(),
-            ],
+            env: {
+                let mut env = vec![
+                    "PATH=/usr/bin:/bin".to_owned(),
+                    "HOME=/var".to_owned(),
+                    format!("GRANARY_GRAIN={}", slot.id),
+                ];
+                // The manifest's own entries come last and win.
+                env.extend(manifest.env.iter().cloned());
+                env
+            },
             keep_fds: vec![3, 4],
             limits,
         };

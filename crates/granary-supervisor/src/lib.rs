@@ -193,6 +193,31 @@ impl Supervisor {
         self.inner.ensure_running(grain).await.map(drop)
     }
 
+    /// Starts a grain and waits until its app serves its end of the channel
+    /// (its bootstrap answers), within `call_timeout`: what an upgrade
+    /// checks before it keeps a new version.
+    pub async fn start_checked(&self, grain: &str) -> Result<(), SupervisorError> {
+        self.start(grain).await?;
+        let running = self.inner.ensure_running(grain).await?;
+        let fail = |reason: String| SupervisorError::Start {
+            grain: grain.to_owned(),
+            reason,
+        };
+        // Any answer from the app, even "nothing offered by that name",
+        // shows it serves its channel; a broken channel does not answer.
+        let mut probe = running.grain.offer_request();
+        probe.get().set_descriptor("granary.health-check");
+        match tokio::time::timeout(self.inner.params.config.call_timeout, probe.send().promise)
+            .await
+        {
+            Err(_) => Err(fail("its app did not answer in time".to_owned())),
+            Ok(Err(e)) if e.kind == capnp::ErrorKind::Disconnected => {
+                Err(fail(format!("its app did not come up: {}", e.extra)))
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
     /// Stops a grain gracefully; false when it was not running.
     pub async fn stop(&self, grain: &str) -> Result<bool, SupervisorError> {
         let slot = self.inner.slot(grain).await?;

@@ -56,6 +56,9 @@ pub(crate) enum Command {
     /// Let one grain use a capability another grain provides
     #[command(subcommand)]
     Grant(GrantCommand),
+    /// Build, sign, verify and inspect app packages (no daemon needed)
+    #[command(subcommand)]
+    Pack(PackCommand),
     /// Check or print configuration files
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -158,12 +161,21 @@ pub(crate) enum AppPasswordCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AppCommand {
-    /// Install an unsigned app directory (granary-app.toml and image/) in development mode
+    /// Install a signed package, or an unsigned app directory in development mode
     Install {
-        /// The app directory, e.g. apps/hello/dist after apps/hello/build
-        dir: PathBuf,
+        /// A package (`granary pack build`), or a directory with
+        /// granary-app.toml and image/ (unsigned, development mode)
+        path: PathBuf,
+        /// Let this app take over a kind another signer's app provides
+        #[arg(long)]
+        replace: bool,
         #[command(flatten)]
         output: Output,
+    },
+    /// Upgrade an installed app to a newer package by the same signer; rolls back if it fails to start
+    Upgrade {
+        /// The package file
+        file: PathBuf,
     },
     /// List installed apps
     List {
@@ -248,6 +260,47 @@ pub(crate) enum GrantCommand {
     Revoke {
         /// The id shown by `granary grant list`
         id: i64,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub(crate) struct KeyArg {
+    /// The signing key [default: $GRANARY_PACK_KEY, else ~/.config/granary/pack.key]
+    #[arg(long, env = "GRANARY_PACK_KEY", value_name = "FILE")]
+    pub(crate) key: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PackCommand {
+    /// Make an Ed25519 signing key (owner-only); the app id derives from it
+    Keygen {
+        #[command(flatten)]
+        key: KeyArg,
+    },
+    /// Write a commented package definition into a directory
+    Init {
+        /// Where to write granary-package.toml
+        dir: PathBuf,
+    },
+    /// Build and sign a package from a definition
+    Build {
+        /// The package definition (TOML)
+        definition: PathBuf,
+        /// The package file to write
+        #[arg(short, long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        key: KeyArg,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Check a package's signature and contents; exits 0 only if it would install
+    Verify { file: PathBuf },
+    /// Show a package's manifest, files, sizes, signer and app id
+    Inspect {
+        file: PathBuf,
+        #[command(flatten)]
+        output: Output,
     },
 }
 

@@ -9,6 +9,7 @@ mod cli;
 mod daemon;
 mod docs;
 mod logging;
+mod pack;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -111,6 +112,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Grain(cmd) => {
             let config = load_config(&cli)?;
             admin::grains::grain(&config, cmd)
+        }
+        Command::Pack(cmd) => {
+            let limits = match load_config(&cli) {
+                Ok(c) => granary_package::Limits {
+                    max_package_bytes: c.packages.max_package_bytes,
+                    max_unpacked_bytes: c.packages.max_unpacked_bytes,
+                    max_entries: c.packages.max_entries,
+                },
+                Err(_) => granary_package::Limits::default(),
+            };
+            pack::run(cmd, &limits)
         }
         Command::Grant(cmd) => {
             let config = load_config(&cli)?;

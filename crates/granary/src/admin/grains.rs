@@ -113,12 +113,17 @@ fn shown(id: &str) -> String {
 
 pub(crate) fn app(config: &Config, cmd: &AppCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        AppCommand::Install { dir, output } => {
-            let dir = std::path::absolute(dir)
-                .with_context(|| format!("cannot resolve {}", dir.display()))?;
+        AppCommand::Install {
+            path,
+            replace,
+            output,
+        } => {
+            let path = std::path::absolute(path)
+                .with_context(|| format!("cannot resolve {}", path.display()))?;
             let (app, made) = with_admin(config, |admin: admin::Client| async move {
                 let mut req = admin.install_app_request();
-                req.get().set_dir(dir.to_string_lossy().as_ref());
+                req.get().set_path(path.to_string_lossy().as_ref());
+                req.get().set_replace(*replace);
                 let response = req.send().promise.await.map_err(remote)?;
                 let r = response.get().map_err(remote)?;
                 Ok((
@@ -129,10 +134,12 @@ pub(crate) fn app(config: &Config, cmd: &AppCommand) -> anyhow::Result<ExitCode>
             if output.json {
                 print_json(&app)?;
             } else {
-                eprintln!(
-                    "warning: {} is UNSIGNED and was installed in development mode",
-                    app.app_id
-                );
+                if app.dev_mode {
+                    eprintln!(
+                        "warning: {} is UNSIGNED and was installed in development mode",
+                        app.app_id
+                    );
+                }
                 println!(
                     "installed {} {} as kind {} ({made} grain record(s) created)",
                     app.app_id, app.version, app.kind
@@ -178,6 +185,38 @@ pub(crate) fn app(config: &Config, cmd: &AppCommand) -> anyhow::Result<ExitCode>
                     &rows,
                 );
             }
+        }
+        AppCommand::Upgrade { file } => {
+            let file = std::path::absolute(file)
+                .with_context(|| format!("cannot resolve {}", file.display()))?;
+            let (app, previous, restarted, error) =
+                with_admin(config, |admin: admin::Client| async move {
+                    let mut req = admin.upgrade_app_request();
+                    req.get().set_path(file.to_string_lossy().as_ref());
+                    let response = req.send().promise.await.map_err(remote)?;
+                    let r = response.get().map_err(remote)?;
+                    let error = r
+                        .get_rolled_back()
+                        .then(|| text(r.get_error()))
+                        .transpose()?;
+                    Ok((
+                        app_view(r.get_app().map_err(remote)?)?,
+                        text(r.get_previous_version())?,
+                        r.get_restarted(),
+                        error,
+                    ))
+                })?;
+            if let Some(error) = error {
+                eprintln!(
+                    "error: the new version failed to start: {error}\nrolled back to {} {} ({restarted} grain(s) restarted)",
+                    app.kind, app.version
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            println!(
+                "upgraded {} from {previous} to {} ({restarted} grain(s) restarted)",
+                app.kind, app.version
+            );
         }
         AppCommand::Remove { kind, purge } => {
             with_admin(config, |admin: admin::Client| async move {

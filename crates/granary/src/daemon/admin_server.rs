@@ -56,6 +56,7 @@ impl AdminThread {
 pub(super) struct GrainsSetup {
     pub(super) params: granary_supervisor::SupervisorParams,
     pub(super) uids: granary_state::HostUid,
+    pub(super) package_limits: granary_package::Limits,
 }
 
 pub(super) fn spawn(
@@ -99,6 +100,7 @@ pub(super) fn spawn(
                         datasets,
                         apps_dir,
                         uids: grains.uids,
+                        package_limits: grains.package_limits,
                     },
                 });
                 loop {
@@ -154,6 +156,131 @@ struct AdminService {
     store: Arc<Store>,
     info: DaemonInfo,
     grains: Grains,
+}
+
+impl AdminService {
+    /// An unsigned app directory, in development mode.
+    async fn install_dir(
+        &self,
+        dir: std::path::PathBuf,
+        replace: bool,
+    ) -> Result<(granary_state::App, usize), capnp::Error> {
+        let d = dir.clone();
+        let (manifest, text) =
+            blocking(move || grain_admin::read_app_dir(&d).map_err(any_failure)).await?;
+        self.check_kind(&manifest, replace).await?;
+        let apps_dir = self.grains.apps_dir.clone();
+        if grain_admin::version_dir(&apps_dir, &manifest).exists() {
+            self.stop_kind(&manifest.kind).await?;
+        }
+        let store = self.store.clone();
+        let uids = self.grains.uids;
+        let result = blocking(move || {
+            grain_admin::install_dir(&apps_dir, &dir, &manifest, &text).map_err(any_failure)?;
+            let image = format!("{}/{}", manifest.kind, manifest.version);
+            let app = store
+                .put_app(
+                    &granary_state::NewApp {
+                        kind: &manifest.kind,
+                        app_id: &manifest.id,
+                        version: &manifest.version,
+                        manifest: &text,
+                        dev_mode: true,
+                        image: &image,
+                        replace,
+                        keep_previous: false,
+                    },
+                    ACTOR,
+                )
+                .map_err(state_failure)?;
+            let made = store.ensure_grains(uids, ACTOR).map_err(state_failure)?;
+            Ok((app, made.len()))
+        })
+        .await?;
+        tracing::warn!(app = %result.0.app_id, version = %result.0.version, kind = %result.0.kind, "installed an UNSIGNED app in development mode");
+        Ok(result)
+    }
+
+    /// A signed package file.
+    async fn install_package(
+        &self,
+        path: std::path::PathBuf,
+        replace: bool,
+    ) -> Result<(granary_state::App, usize), capnp::Error> {
+        let limits = self.grains.package_limits;
+        let pkg = blocking(move || grain_admin::check_package(&path, &limits).map_err(any_failure))
+            .await?;
+        self.check_kind(&pkg.manifest, replace).await?;
+        let apps_dir = self.grains.apps_dir.clone();
+        let (image, pkg) = blocking(move || {
+            let image =
+                grain_admin::unpack_package(&apps_dir, &pkg, &limits).map_err(any_failure)?;
+            Ok((image, pkg))
+        })
+        .await?;
+        let (store, kind) = (self.store.clone(), pkg.manifest.kind.clone());
+        if let Some(old) = blocking(move || store.app(&kind).map_err(state_failure)).await?
+            && old.image_dir() != image
+        {
+            self.stop_kind(&pkg.manifest.kind).await?;
+        }
+        let store = self.store.clone();
+        let uids = self.grains.uids;
+        let result = blocking(move || {
+            let text = pkg.manifest.to_toml();
+            let m = &pkg.manifest;
+            let app = store
+                .put_app(
+                    &granary_state::NewApp {
+                        kind: &m.kind,
+                        app_id: &m.id,
+                        version: &m.version,
+                        manifest: &text,
+                        dev_mode: false,
+                        image: &image,
+                        replace,
+                        keep_previous: false,
+                    },
+                    ACTOR,
+                )
+                .map_err(state_failure)?;
+            let made = store.ensure_grains(uids, ACTOR).map_err(state_failure)?;
+            Ok((app, made.len()))
+        })
+        .await?;
+        tracing::info!(app = %result.0.app_id, version = %result.0.version, kind = %result.0.kind, "installed a signed package");
+        Ok(result)
+    }
+
+    /// Refuses another app id for an installed kind unless `replace`.
+    async fn check_kind(
+        &self,
+        manifest: &granary_model::Manifest,
+        replace: bool,
+    ) -> Result<(), capnp::Error> {
+        let (store, kind) = (self.store.clone(), manifest.kind.clone());
+        if let Some(app) = blocking(move || store.app(&kind).map_err(state_failure)).await?
+            && app.app_id != manifest.id
+            && !replace
+        {
+            return Err(fail(format!(
+                "kind {} is provided by {} already, and this app is {} (another signer); pass --replace to hand the kind over",
+                manifest.kind, app.app_id, manifest.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stops every grain of a kind (they start again on next use).
+    async fn stop_kind(&self, kind: &str) -> Result<(), capnp::Error> {
+        let (store, k) = (self.store.clone(), kind.to_owned());
+        let grains =
+            blocking(move || store.grains_where(None, Some(&k)).map_err(state_failure)).await?;
+        for g in grains {
+            self.grains.sup.stop(&g.id).await.map_err(sup_failure)?;
+        }
+        Ok(())
+    }
 }
 
 fn any_failure(e: anyhow::Error) -> capnp::Error {
@@ -498,51 +625,134 @@ impl admin::Server for AdminService {
         params: admin::InstallAppParams,
         mut results: admin::InstallAppResults,
     ) -> Result<(), capnp::Error> {
-        let dir = std::path::PathBuf::from(params.get()?.get_dir()?.to_str()?);
-        let d = dir.clone();
-        let (manifest, text) =
-            blocking(move || grain_admin::read_app_dir(&d).map_err(any_failure)).await?;
-        // The kind's owner is checked before anything is copied.
-        let (store, kind) = (self.store.clone(), manifest.kind.clone());
-        if let Some(app) = blocking(move || store.app(&kind).map_err(state_failure)).await?
-            && app.app_id != manifest.id
-        {
-            return Err(state_failure(StateError::KindTaken(manifest.kind.clone())));
-        }
-        // Replacing an installed version: its grains stop first (they start
-        // again on the new image at their next use).
-        let apps_dir = self.grains.apps_dir.clone();
-        if grain_admin::version_dir(&apps_dir, &manifest).exists() {
-            let (store, kind) = (self.store.clone(), manifest.kind.clone());
-            let grains =
-                blocking(move || store.grains_where(None, Some(&kind)).map_err(state_failure))
-                    .await?;
-            for g in grains {
-                self.grains.sup.stop(&g.id).await.map_err(sup_failure)?;
-            }
-        }
-        let store = self.store.clone();
-        let uids = self.grains.uids;
-        let (app, made) = blocking(move || {
-            grain_admin::install_dir(&apps_dir, &dir, &manifest, &text).map_err(any_failure)?;
-            let app = store
-                .install_app(
-                    &manifest.kind,
-                    &manifest.id,
-                    &manifest.version,
-                    &text,
-                    true,
-                    ACTOR,
-                )
-                .map_err(state_failure)?;
-            let made = store.ensure_grains(uids, ACTOR).map_err(state_failure)?;
-            Ok((app, made.len()))
-        })
-        .await?;
-        tracing::warn!(app = %app.app_id, version = %app.version, kind = %app.kind, "installed an UNSIGNED app in development mode");
+        let p = params.get()?;
+        let path = std::path::PathBuf::from(p.get_path()?.to_str()?);
+        let replace = p.get_replace();
+        let (app, made) = if path.is_dir() {
+            self.install_dir(path, replace).await?
+        } else {
+            self.install_package(path, replace).await?
+        };
         let mut r = results.get();
         fill_app(r.reborrow().init_app(), &app);
         r.set_grains_created(made as u32);
+        Ok(())
+    }
+
+    async fn upgrade_app(
+        self: Rc<Self>,
+        params: admin::UpgradeAppParams,
+        mut results: admin::UpgradeAppResults,
+    ) -> Result<(), capnp::Error> {
+        let path = std::path::PathBuf::from(params.get()?.get_path()?.to_str()?);
+        let limits = self.grains.package_limits;
+        let pkg = blocking(move || grain_admin::check_package(&path, &limits).map_err(any_failure))
+            .await?;
+        let (store, kind) = (self.store.clone(), pkg.manifest.kind.clone());
+        let current = blocking(move || store.app(&kind).map_err(state_failure))
+            .await?
+            .ok_or_else(|| {
+                fail(format!(
+                    "no app of kind {} is installed; use `granary app install`",
+                    pkg.manifest.kind
+                ))
+            })?;
+        if current.app_id != pkg.manifest.id {
+            return Err(fail(format!(
+                "kind {} is provided by {}, but this package is signed as {}; `granary app install --replace` hands the kind to another signer",
+                current.kind, current.app_id, pkg.manifest.id
+            )));
+        }
+        if granary_model::compare_versions(&pkg.manifest.version, &current.version)
+            != std::cmp::Ordering::Greater
+        {
+            return Err(fail(format!(
+                "version {} is not newer than the installed {}",
+                pkg.manifest.version, current.version
+            )));
+        }
+        let apps_dir = self.grains.apps_dir.clone();
+        let (image, pkg) = blocking(move || {
+            let image =
+                grain_admin::unpack_package(&apps_dir, &pkg, &limits).map_err(any_failure)?;
+            Ok((image, pkg))
+        })
+        .await?;
+
+        // Which grains to bring back on the new version (at least one, to
+        // check that it starts).
+        let grains = self.grains.sup.list().await.map_err(sup_failure)?;
+        let of_kind: Vec<_> = grains.iter().filter(|g| g.kind == current.kind).collect();
+        let mut restart: Vec<String> = of_kind
+            .iter()
+            .filter(|g| g.state == "running")
+            .map(|g| g.id.clone())
+            .collect();
+        if restart.is_empty()
+            && let Some(first) = of_kind.first()
+        {
+            restart.push(first.id.clone());
+        }
+        for g in &of_kind {
+            self.grains.sup.stop(&g.id).await.map_err(sup_failure)?;
+        }
+        let store = self.store.clone();
+        let manifest_text = pkg.manifest.to_toml();
+        let m = pkg.manifest.clone();
+        let app = blocking(move || {
+            store
+                .put_app(
+                    &granary_state::NewApp {
+                        kind: &m.kind,
+                        app_id: &m.id,
+                        version: &m.version,
+                        manifest: &manifest_text,
+                        dev_mode: false,
+                        image: &image,
+                        replace: false,
+                        keep_previous: true,
+                    },
+                    ACTOR,
+                )
+                .map_err(state_failure)
+        })
+        .await?;
+        let mut failure = None;
+        for id in &restart {
+            if let Err(e) = self.grains.sup.start_checked(id).await {
+                failure = Some(e.to_string());
+                break;
+            }
+        }
+        let mut r = results.get();
+        r.set_previous_version(&current.version);
+        match failure {
+            None => {
+                tracing::info!(kind = %app.kind, from = %current.version, to = %app.version, "app upgraded");
+                fill_app(r.reborrow().init_app(), &app);
+                r.set_restarted(restart.len() as u32);
+            }
+            Some(error) => {
+                tracing::error!(kind = %app.kind, version = %app.version, %error, "upgrade failed to start; rolling back");
+                for id in &restart {
+                    let _ = self.grains.sup.stop(id).await;
+                }
+                let (store, kind) = (self.store.clone(), app.kind.clone());
+                let back =
+                    blocking(move || store.roll_back_app(&kind, ACTOR).map_err(state_failure))
+                        .await?;
+                let mut restarted = 0;
+                for id in &restart {
+                    if self.grains.sup.start(id).await.is_ok() {
+                        restarted += 1;
+                    }
+                }
+                fill_app(r.reborrow().init_app(), &back);
+                r.set_restarted(restarted);
+                r.set_rolled_back(true);
+                r.set_error(&error);
+            }
+        }
         Ok(())
     }
 

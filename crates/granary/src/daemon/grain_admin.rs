@@ -17,6 +17,71 @@ pub(super) struct Grains {
     pub(super) datasets: Arc<dyn Datasets>,
     pub(super) apps_dir: PathBuf,
     pub(super) uids: HostUid,
+    pub(super) package_limits: granary_package::Limits,
+}
+
+/// A package file, verified and inspected (nothing written yet).
+pub(super) struct CheckedPackage {
+    pub(super) bytes: Vec<u8>,
+    pub(super) manifest: Manifest,
+    pub(super) sha256: String,
+}
+
+/// Reads, verifies and walks a package file with every check.
+pub(super) fn check_package(
+    path: &Path,
+    limits: &granary_package::Limits,
+) -> anyhow::Result<CheckedPackage> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    anyhow::ensure!(
+        size <= limits.max_package_bytes,
+        "{} is {size} bytes, over packages.max_package_mib",
+        path.display()
+    );
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let verified = granary_package::open(&bytes, limits)?;
+    let (manifest, _) = verified.inspect(limits)?;
+    let sha256 = verified.sha256.clone();
+    Ok(CheckedPackage {
+        bytes,
+        manifest,
+        sha256,
+    })
+}
+
+/// Unpacks a checked package into `apps_dir/<kind>/<sha256>` unless that
+/// image exists already (the same package gives the same image). Returns
+/// the image directory relative to `apps_dir`.
+pub(super) fn unpack_package(
+    apps_dir: &Path,
+    pkg: &CheckedPackage,
+    limits: &granary_package::Limits,
+) -> anyhow::Result<String> {
+    let kind_dir = apps_dir.join(&pkg.manifest.kind);
+    std::fs::create_dir_all(&kind_dir)?;
+    for d in [apps_dir, &kind_dir] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let relative = format!("{}/{}", pkg.manifest.kind, pkg.sha256);
+    let target = apps_dir.join(&relative);
+    if target.join(MANIFEST_FILE).exists() {
+        return Ok(relative);
+    }
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random staging name: {e}"))?;
+    let staging = kind_dir.join(format!(
+        ".unpacking-{}",
+        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ));
+    let verified = granary_package::open(&pkg.bytes, limits)?;
+    verified.unpack(&staging, limits)?;
+    if let Err(e) = std::fs::rename(&staging, &target) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e).with_context(|| format!("cannot move the image to {}", target.display()));
+    }
+    Ok(relative)
 }
 
 /// `alice/git` or a grain id, as the grain id.

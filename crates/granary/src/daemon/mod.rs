@@ -220,6 +220,11 @@ async fn grains_setup(
             },
         },
         uids,
+        package_limits: granary_package::Limits {
+            max_package_bytes: config.packages.max_package_bytes,
+            max_unpacked_bytes: config.packages.max_unpacked_bytes,
+            max_entries: config.packages.max_entries,
+        },
     })
 }
 

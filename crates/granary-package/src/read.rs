@@ -1,0 +1,385 @@
+//! Opening packages: signature first, then a strict, bounded walk of the
+//! archive. Everything here reads untrusted bytes (a package signed by a
+//! key nobody vetted yet); `fuzz/` has a target for it.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use granary_model::{MANIFEST_FILE, Manifest};
+
+use crate::keys::{PublicKey, app_id};
+use crate::{HEADER_LEN, MAGIC, PackageError, io};
+
+/// Bounds on what a package may make the host do.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The package file itself.
+    pub max_package_bytes: u64,
+    /// All files unpacked together (a decompression bomb stops here).
+    pub max_unpacked_bytes: u64,
+    /// Entries in the archive.
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_package_bytes: 512 << 20,
+            max_unpacked_bytes: 2 << 30,
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// A package whose signature verified.
+#[derive(Debug)]
+pub struct Verified<'a> {
+    pub signer: PublicKey,
+    /// The app id the signer's key stands for.
+    pub app_id: String,
+    /// SHA-256 of the whole package file: the image's content address.
+    pub sha256: String,
+    body: &'a [u8],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File { size: u64, executable: bool },
+    Dir,
+    Symlink { target: String },
+}
+
+/// One entry of the image, its path absolute inside the image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    pub path: String,
+    #[serde(flatten)]
+    pub kind: EntryKind,
+}
+
+/// Checks the magic and the signature. Nothing of the body is parsed yet.
+pub fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Verified<'a>, PackageError> {
+    if bytes.len() as u64 > limits.max_package_bytes {
+        return Err(PackageError::TooLarge {
+            what: "package file",
+            limit: limits.max_package_bytes,
+        });
+    }
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(PackageError::NotAPackage);
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(PackageError::Truncated(bytes.len()));
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&bytes[8..40]);
+    let signer = PublicKey(key);
+    let signature = &bytes[40..HEADER_LEN];
+    let body = &bytes[HEADER_LEN..];
+    let mut signed = Vec::with_capacity(40 + body.len());
+    signed.extend_from_slice(&bytes[..40]);
+    signed.extend_from_slice(body);
+    if !signer.verify(&signed, signature) {
+        return Err(PackageError::BadSignature);
+    }
+    Ok(Verified {
+        app_id: app_id(&signer),
+        sha256: crate::sha256_hex(bytes),
+        signer,
+        body,
+    })
+}
+
+fn refuse(message: String) -> PackageError {
+    PackageError::Refused(message)
+}
+
+fn corrupt(e: std::io::Error) -> PackageError {
+    PackageError::Corrupt(e.to_string())
+}
+
+/// Checks an archive path below `image/` and returns it absolute inside the
+/// image ("/bin/app"), or "/" for the image root.
+fn image_path(raw: &[u8]) -> Result<String, PackageError> {
+    let text =
+        std::str::from_utf8(raw).map_err(|_| refuse("an entry's name is not UTF-8".to_owned()))?;
+    let trimmed = text.strip_suffix('/').unwrap_or(text);
+    if trimmed == "image" {
+        return Ok("/".to_owned());
+    }
+    let rest = trimmed
+        .strip_prefix("image/")
+        .ok_or_else(|| refuse(format!("entry {text:?} is outside image/")))?;
+    if rest
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+        || rest.contains('\0')
+    {
+        return Err(refuse(format!(
+            "entry {text:?} is not a clean relative path (no '..', '.', '//' or absolute paths)"
+        )));
+    }
+    Ok(format!("/{rest}"))
+}
+
+fn parent(path: &str) -> &str {
+    match path.rsplit_once('/') {
+        Some(("", _)) | None => "/",
+        Some((p, _)) => p,
+    }
+}
+
+/// Whether a symlink at `link` (absolute in the image) with `target` stays
+/// inside the image when resolved lexically (an absolute target counts
+/// from the image root, as it does inside the grain).
+fn symlink_stays_inside(link: &str, target: &str) -> bool {
+    if target.is_empty() || target.contains('\0') {
+        return false;
+    }
+    let mut stack: Vec<&str> = if target.starts_with('/') {
+        Vec::new()
+    } else {
+        parent(link).split('/').filter(|c| !c.is_empty()).collect()
+    };
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if stack.pop().is_none() {
+                    return false;
+                }
+            }
+            other => stack.push(other),
+        }
+    }
+    true
+}
+
+impl Verified<'_> {
+    /// Walks the archive with every check, calling `visit` for each image
+    /// entry with its contents (for files). Returns the manifest.
+    fn walk(
+        &self,
+        limits: &Limits,
+        mut visit: impl FnMut(&Entry, &mut dyn Read) -> Result<(), PackageError>,
+    ) -> Result<Manifest, PackageError> {
+        // Reading stops a little past the limit whatever the archive says.
+        let cap = limits
+            .max_unpacked_bytes
+            .saturating_add(limits.max_entries.saturating_mul(1024))
+            .saturating_add(1 << 20);
+        let decoder = flate2::read::GzDecoder::new(self.body).take(cap);
+        let mut archive = tar::Archive::new(decoder);
+        let mut entries = archive.entries().map_err(corrupt)?;
+
+        // The manifest comes first.
+        let mut first = entries
+            .next()
+            .ok_or_else(|| PackageError::Corrupt("the archive is empty".to_owned()))?
+            .map_err(corrupt)?;
+        if first.path_bytes().as_ref() != MANIFEST_FILE.as_bytes()
+            || first.header().entry_type() != tar::EntryType::Regular
+            || first.size() > 64 * 1024
+        {
+            return Err(PackageError::Corrupt(format!(
+                "the first entry must be {MANIFEST_FILE} (at most 64 KiB)"
+            )));
+        }
+        let mut text = String::new();
+        first
+            .read_to_string(&mut text)
+            .map_err(|e| PackageError::Corrupt(format!("{MANIFEST_FILE}: {e}")))?;
+        let manifest = Manifest::parse(&text).map_err(|e| refuse(e.to_string()))?;
+        if manifest.id != self.app_id {
+            return Err(refuse(format!(
+                "the manifest says app {} but the package is signed by the key of {}",
+                manifest.id, self.app_id
+            )));
+        }
+
+        let mut seen = HashSet::new();
+        let mut dirs: HashSet<String> = HashSet::new();
+        let mut total = 0u64;
+        let mut count = 0u64;
+        let mut exec_ok = false;
+        for entry in entries {
+            let mut entry = entry.map_err(corrupt)?;
+            count += 1;
+            if count > limits.max_entries {
+                return Err(PackageError::TooLarge {
+                    what: "entries",
+                    limit: limits.max_entries,
+                });
+            }
+            let path = image_path(&entry.path_bytes())?;
+            if !seen.insert(path.clone()) {
+                return Err(refuse(format!("entry {path} appears twice")));
+            }
+            let header = entry.header();
+            let mode = header.mode().map_err(corrupt)?;
+            if mode & 0o7000 != 0 {
+                return Err(refuse(format!(
+                    "{path} has a setuid, setgid or sticky bit (mode {mode:o})"
+                )));
+            }
+            let kind = match header.entry_type() {
+                tar::EntryType::Directory => EntryKind::Dir,
+                tar::EntryType::Regular => EntryKind::File {
+                    size: entry.size(),
+                    executable: mode & 0o111 != 0,
+                },
+                tar::EntryType::Symlink => {
+                    let target = entry
+                        .link_name_bytes()
+                        .ok_or_else(|| refuse(format!("symlink {path} has no target")))?;
+                    let target = std::str::from_utf8(&target)
+                        .map_err(|_| refuse(format!("symlink {path} has a non-UTF-8 target")))?
+                        .to_owned();
+                    if !symlink_stays_inside(&path, &target) {
+                        return Err(refuse(format!(
+                            "symlink {path} -> {target} points out of the image"
+                        )));
+                    }
+                    EntryKind::Symlink { target }
+                }
+                tar::EntryType::Link => {
+                    return Err(refuse(format!("{path} is a hard link")));
+                }
+                other => {
+                    return Err(refuse(format!(
+                        "{path} is a {other:?} entry; only files, directories and symlinks are allowed"
+                    )));
+                }
+            };
+            if path == "/" {
+                if kind != EntryKind::Dir {
+                    return Err(refuse("image must be a directory".to_owned()));
+                }
+                dirs.insert(path);
+                continue;
+            }
+            // Parents come first and are directories of this archive, so
+            // nothing is ever created through a symlink.
+            if !dirs.contains(parent(&path)) {
+                return Err(refuse(format!(
+                    "{path} comes before its directory, or its directory is not a directory"
+                )));
+            }
+            if let EntryKind::File { size, executable } = kind {
+                total = total.saturating_add(size);
+                if total > limits.max_unpacked_bytes {
+                    return Err(PackageError::TooLarge {
+                        what: "unpacked files",
+                        limit: limits.max_unpacked_bytes,
+                    });
+                }
+                if path == manifest.exec[0] && executable {
+                    exec_ok = true;
+                }
+            }
+            if kind == EntryKind::Dir {
+                dirs.insert(path.clone());
+            }
+            visit(&Entry { path, kind }, &mut entry)?;
+        }
+        if !dirs.contains("/") {
+            return Err(PackageError::Corrupt(
+                "the archive has no image/".to_owned(),
+            ));
+        }
+        if !exec_ok {
+            return Err(refuse(format!(
+                "exec {} is not an executable file of the image",
+                manifest.exec[0]
+            )));
+        }
+        Ok(manifest)
+    }
+
+    /// The manifest and every entry, without writing anything.
+    pub fn inspect(&self, limits: &Limits) -> Result<(Manifest, Vec<Entry>), PackageError> {
+        let mut entries = Vec::new();
+        let manifest = self.walk(limits, |e, r| {
+            std::io::copy(r, &mut std::io::sink()).map_err(corrupt)?;
+            entries.push(e.clone());
+            Ok(())
+        })?;
+        Ok((manifest, entries))
+    }
+
+    /// Unpacks into `dest` (which must not exist): `granary-app.toml` and
+    /// `image/`, files read-only. On any error `dest` is removed again.
+    pub fn unpack(&self, dest: &Path, limits: &Limits) -> Result<Manifest, PackageError> {
+        std::fs::create_dir(dest).map_err(io(format!("creating {}", dest.display())))?;
+        let result = self.unpack_into(dest, limits);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(dest);
+        }
+        result
+    }
+
+    fn unpack_into(&self, dest: &Path, limits: &Limits) -> Result<Manifest, PackageError> {
+        use std::os::unix::fs::PermissionsExt;
+        let image = dest.join("image");
+        std::fs::create_dir(&image).map_err(io(format!("creating {}", image.display())))?;
+        let manifest = self.walk(limits, |e, r| {
+            let at = image.join(e.path.trim_start_matches('/'));
+            match &e.kind {
+                EntryKind::Dir => std::fs::create_dir(&at),
+                EntryKind::Symlink { target } => std::os::unix::fs::symlink(target, &at),
+                EntryKind::File { executable, .. } => (|| {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .mode(if *executable { 0o555 } else { 0o444 })
+                        .open(&at)?;
+                    std::io::copy(r, &mut f)?;
+                    f.sync_all()
+                })(),
+            }
+            .map_err(io(format!("unpacking {}", e.path)))
+        })?;
+        for p in [dest, &image] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))
+                .map_err(io(format!("chmod {}", p.display())))?;
+        }
+        std::fs::write(dest.join(MANIFEST_FILE), manifest.to_toml())
+            .map_err(io("writing the manifest"))?;
+        Ok(manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_are_resolved_inside_the_image() {
+        assert!(symlink_stays_inside("/lib64/ld.so", "/lib/x86_64/ld.so"));
+        assert!(symlink_stays_inside("/usr/bin/sh", "dash"));
+        assert!(symlink_stays_inside("/usr/bin/sh", "../../bin/dash"));
+        assert!(!symlink_stays_inside("/usr/bin/sh", "../../../etc/shadow"));
+        assert!(!symlink_stays_inside("/a", ".."));
+        assert!(!symlink_stays_inside("/a", ""));
+    }
+
+    #[test]
+    fn archive_paths_are_clean() {
+        assert_eq!(image_path(b"image/").unwrap(), "/");
+        assert_eq!(image_path(b"image/bin/app").unwrap(), "/bin/app");
+        for bad in [
+            &b"image/../etc"[..],
+            b"/etc/passwd",
+            b"image//x",
+            b"image/./x",
+            b"other/x",
+            b"image/\xff",
+        ] {
+            assert!(image_path(bad).is_err(), "{bad:?}");
+        }
+    }
+}
