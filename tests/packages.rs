@@ -225,3 +225,217 @@ fn an_upgrade_that_fails_to_start_rolls_back() {
     assert_eq!(s["state"], "running");
     assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
 }
+
+/// Debian's own `/usr/bin/git`, packaged with everything ldd finds plus
+/// `/bin/sh` for hooks, runs in a real jail: a push through
+/// `git receive-pack` (its hook runs), a clone through `git upload-pack`,
+/// and `git http-backend` as a CGI, each inside a sandbox whose root is
+/// the unpacked package and nothing else.
+#[test]
+fn debians_git_runs_from_its_package_in_a_jail() {
+    use std::os::unix::fs::MetadataExt;
+    use std::process::Command;
+    assert_eq!(
+        std::fs::metadata("/proc/self").unwrap().uid(),
+        0,
+        "jails need root"
+    );
+    let tmp = tempfile::Builder::new()
+        .prefix("granary-git-package-")
+        .tempdir()
+        .unwrap();
+    let t = tmp.path();
+    let key = t.join("pack.key");
+    pack(&key, &["keygen"]).success();
+    let def = t.join("git.toml");
+    std::fs::write(
+        &def,
+        "format = 1\n[app]\nkind = \"git\"\nversion = \"2\"\nexec = [\"/usr/bin/git\"]\n\
+         [files]\nbinaries = [\"/usr/bin/git\", \"/usr/lib/git-core/git-http-backend\"]\n\
+         runtime = [\"/bin/sh\"]\n",
+    )
+    .unwrap();
+    let pkg = t.join("git.gpkg");
+    let started = std::time::Instant::now();
+    let out = pack(
+        &key,
+        &["build", def.to_str().unwrap(), "-o", pkg.to_str().unwrap()],
+    )
+    .success();
+    println!(
+        "git package: built in {:.2} s, {} bytes\n{}",
+        started.elapsed().as_secs_f64(),
+        std::fs::metadata(&pkg).unwrap().len(),
+        out.stdout
+    );
+
+    // Unpack it as the daemon does, and give a grain a dataset with a bare
+    // repository and a post-receive hook.
+    let bytes = std::fs::read(&pkg).unwrap();
+    let limits = granary_package::Limits::default();
+    let started = std::time::Instant::now();
+    granary_package::open(&bytes, &limits)
+        .unwrap()
+        .unpack(&t.join("app"), &limits)
+        .unwrap();
+    println!(
+        "git package: unpacked in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    for p in [t.to_path_buf(), t.join("app")] {
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let data = t.join("data");
+    let dataset = data.join("grains/git");
+    std::fs::create_dir_all(&dataset).unwrap();
+    let git = |dir: &Path, args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "protocol.ext.allow=always",
+                "-c",
+                "user.name=T",
+                "-c",
+                "user.email=t@x",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    git(&dataset, &["init", "--bare", "-q", "repo.git"]);
+    let hook = dataset.join("repo.git/hooks/post-receive");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\nwhile read old new ref; do echo \"$ref $new\" > /var/hook-ran; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let uid = granary_jail::DEFAULT_UID_RANGE.start + 950;
+    Command::new("chown")
+        .args(["-R", &format!("{uid}:{uid}")])
+        .arg(&dataset)
+        .status()
+        .unwrap();
+
+    let jail = granary_jail::JailConfig {
+        data_root: data.clone(),
+        uid_range: granary_jail::DEFAULT_UID_RANGE,
+        cgroup: granary_jail::JailConfig::detect_cgroup(),
+        cgroup_parent: "granary-test-git".to_owned(),
+    };
+    let plan = |name: &str, argv: &[&str], env: &[&str]| {
+        let plan = jail
+            .plan(&granary_jail::GrainSpec {
+                grain: "git".to_owned(),
+                image: t.join("app/image"),
+                dataset: dataset.clone(),
+                host_uid: uid,
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                env: env.iter().map(|s| s.to_string()).collect(),
+                keep_fds: vec![3],
+                limits: granary_jail::Limits::default(),
+            })
+            .unwrap();
+        let path = t.join(format!("plan-{name}.json"));
+        std::fs::write(&path, serde_json::to_string(&plan).unwrap()).unwrap();
+        path
+    };
+    let env = ["PATH=/usr/bin:/bin", "HOME=/var"];
+    for service in ["upload-pack", "receive-pack"] {
+        plan(
+            &format!("git-{service}"),
+            &[
+                "/bin/sh",
+                "-c",
+                "exec /usr/bin/git \"$0\" /var/repo.git <&3",
+                service,
+            ],
+            &env,
+        );
+    }
+    let launcher = granary_testkit::granary_bin().with_file_name("granary-launcher");
+    // git's ext:: transport runs this with the protocol on stdin/stdout;
+    // the launcher hands stdin to the grain as fd 3.
+    let ext = t.join("ext.sh");
+    std::fs::write(
+        &ext,
+        format!(
+            "#!/bin/sh\nexec {} --plan {}/plan-$1.json 3<&0\n",
+            launcher.display(),
+            t.display()
+        ),
+    )
+    .unwrap();
+    let remote = format!("ext::sh {} %S", ext.display());
+
+    // Push: receive-pack and the hook run in the jail.
+    let src = t.join("src");
+    std::fs::create_dir(&src).unwrap();
+    git(&src, &["init", "-q"]);
+    std::fs::write(src.join("hello.txt"), "from the host\n").unwrap();
+    git(&src, &["add", "hello.txt"]);
+    git(&src, &["commit", "-q", "-m", "first"]);
+    let head = git(&src, &["rev-parse", "HEAD"]).trim().to_owned();
+    git(&src, &["push", "-q", &remote, "main"]);
+    assert_eq!(
+        std::fs::read_to_string(dataset.join("hook-ran")).unwrap(),
+        format!("refs/heads/main {head}\n"),
+        "the post-receive hook ran inside the jail"
+    );
+    // Clone: upload-pack in the jail.
+    git(t, &["clone", "-q", &remote, "cloned"]);
+    assert_eq!(
+        std::fs::read_to_string(t.join("cloned/hello.txt")).unwrap(),
+        "from the host\n"
+    );
+    // http-backend as a CGI.
+    let cgi = plan(
+        "http-backend",
+        &["/usr/lib/git-core/git-http-backend"],
+        &[
+            "PATH=/usr/bin:/bin",
+            "GATEWAY_INTERFACE=CGI/1.1",
+            "REQUEST_METHOD=GET",
+            "PATH_INFO=/repo.git/info/refs",
+            "QUERY_STRING=service=git-upload-pack",
+            "GIT_PROJECT_ROOT=/var",
+            "GIT_HTTP_EXPORT_ALL=1",
+            "REMOTE_ADDR=127.0.0.1",
+        ],
+    );
+    let out = Command::new(&launcher)
+        .arg("--plan")
+        .arg(&cgi)
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.contains("# service=git-upload-pack") && body.contains(&head),
+        "http-backend: {body}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The root holds the package and the grain's mounts, nothing else.
+    let ls = plan("ls", &["/bin/sh", "-c", "echo /* /usr/*"], &env);
+    let out = Command::new(&launcher)
+        .arg("--plan")
+        .arg(&ls)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "/bin /dev /lib /lib64 /proc /tmp /usr /var /usr/bin /usr/lib"
+    );
+    if let Some(driver) = &jail.cgroup {
+        granary_jail::cgroup::remove_leftovers(driver, &jail.cgroup_parent, None);
+    }
+}

@@ -24,9 +24,19 @@ pub struct BuildReport {
     pub sha256: String,
 }
 
-/// Image path (absolute, '/'-separated) → host file, and whether it is
-/// executable.
-type Files = BTreeMap<String, (PathBuf, bool)>;
+/// What one image path holds.
+#[derive(Debug, Clone)]
+enum Source {
+    /// A host file's contents, and whether it is executable.
+    File(PathBuf, bool),
+    /// A symlink found inside a copied directory whose target stays inside
+    /// the image (kept as a link: /usr/lib/git-core has a hundred links to
+    /// one 3.7 MB binary).
+    Symlink(String),
+}
+
+/// Image path (absolute, '/'-separated) → what it holds.
+type Files = BTreeMap<String, Source>;
 
 fn is_elf(path: &Path) -> bool {
     use std::io::Read;
@@ -86,6 +96,30 @@ fn image_path(p: &str) -> Result<String, PackageError> {
     }
 }
 
+/// Whether a symlink at `link` with a relative `target` stays inside the
+/// directory tree it was found in (`root`, an image path).
+fn relative_link_inside(root: &str, link: &str, target: &str) -> bool {
+    if target.starts_with('/') || target.is_empty() {
+        return false;
+    }
+    let mut stack: Vec<&str> = link.split('/').filter(|c| !c.is_empty()).collect();
+    stack.pop();
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if stack.pop().is_none() {
+                    return false;
+                }
+            }
+            other => stack.push(other),
+        }
+    }
+    format!("/{}", stack.join("/")).starts_with(root)
+}
+
+/// Adds `host` at image path `at`: a file (following links), or a
+/// directory's contents, keeping the relative links inside it as links.
 fn add(
     files: &mut Files,
     at: String,
@@ -93,6 +127,32 @@ fn add(
     libs: &mut BTreeSet<String>,
     with_libraries: bool,
 ) -> Result<(), PackageError> {
+    let root = at.clone();
+    add_inner(files, &root, at, host, libs, with_libraries)
+}
+
+fn add_inner(
+    files: &mut Files,
+    root: &str,
+    at: String,
+    host: &Path,
+    libs: &mut BTreeSet<String>,
+    with_libraries: bool,
+) -> Result<(), PackageError> {
+    if at != root {
+        let link = std::fs::symlink_metadata(host)
+            .map_err(io(format!("cannot read {}", host.display())))?;
+        if link.file_type().is_symlink() {
+            let target =
+                std::fs::read_link(host).map_err(io(format!("reading {}", host.display())))?;
+            if let Some(t) = target.to_str()
+                && relative_link_inside(root, &at, t)
+            {
+                files.insert(at, Source::Symlink(t.to_owned()));
+                return Ok(());
+            }
+        }
+    }
     let meta = std::fs::metadata(host).map_err(io(format!("cannot read {}", host.display())))?;
     if meta.is_dir() {
         for entry in std::fs::read_dir(host).map_err(io(format!("reading {}", host.display())))? {
@@ -104,8 +164,9 @@ fn add(
                     entry.path().display()
                 ))
             })?;
-            add(
+            add_inner(
                 files,
+                root,
                 format!("{at}/{name}"),
                 &entry.path(),
                 libs,
@@ -127,11 +188,11 @@ fn add(
             let at = lib.to_str().expect("ldd prints UTF-8 paths").to_owned();
             if let std::collections::btree_map::Entry::Vacant(slot) = files.entry(at.clone()) {
                 libs.insert(at);
-                slot.insert((lib, true));
+                slot.insert(Source::File(lib, true));
             }
         }
     }
-    files.insert(at, (host.to_path_buf(), exec));
+    files.insert(at, Source::File(host.to_path_buf(), exec));
     Ok(())
 }
 
@@ -166,11 +227,11 @@ pub fn build(def_path: &Path, key: &SigningKey, out: &Path) -> Result<BuildRepor
             c.with_libraries,
         )?;
     }
-    if !files.contains_key(&manifest.exec[0]) {
+    if !matches!(files.get(&manifest.exec[0]), Some(Source::File(_, true))) {
         return Err(PackageError::Definition {
             path: def_path.display().to_string(),
             message: format!(
-                "exec {} is not among the files the definition puts in the image",
+                "exec {} is not among the executable files the definition puts in the image",
                 manifest.exec[0]
             ),
         });
@@ -199,7 +260,7 @@ pub fn build(def_path: &Path, key: &SigningKey, out: &Path) -> Result<BuildRepor
         manifest_text.as_bytes(),
     )?;
     append(&mut tar, "image", tar::EntryType::Directory, 0o755, &[])?;
-    let mut order: BTreeMap<&str, Option<&(PathBuf, bool)>> = BTreeMap::new();
+    let mut order: BTreeMap<&str, Option<&Source>> = BTreeMap::new();
     for d in &dirs {
         order.insert(d, None);
     }
@@ -211,7 +272,18 @@ pub fn build(def_path: &Path, key: &SigningKey, out: &Path) -> Result<BuildRepor
         let name = format!("image{path}");
         match file {
             None => append(&mut tar, &name, tar::EntryType::Directory, 0o755, &[])?,
-            Some((host, exec)) => {
+            Some(Source::Symlink(target)) => {
+                let mut header = tar::Header::new_gnu();
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_mode(0o777);
+                header.set_mtime(0);
+                header.set_uid(0);
+                header.set_gid(0);
+                header.set_size(0);
+                tar.append_link(&mut header, &name, target)
+                    .map_err(io(format!("adding {name} to the archive")))?;
+            }
+            Some(Source::File(host, exec)) => {
                 let bytes =
                     std::fs::read(host).map_err(io(format!("reading {}", host.display())))?;
                 unpacked += bytes.len() as u64;
