@@ -57,6 +57,8 @@ pub(super) struct GrainsSetup {
     pub(super) params: granary_supervisor::SupervisorParams,
     pub(super) uids: granary_state::HostUid,
     pub(super) package_limits: granary_package::Limits,
+    /// Packages to install at start (the demo's built-in apps).
+    pub(super) preinstall: Vec<std::path::PathBuf>,
 }
 
 pub(super) fn spawn(
@@ -103,6 +105,12 @@ pub(super) fn spawn(
                         package_limits: grains.package_limits,
                     },
                 });
+                for package in grains.preinstall {
+                    match service.install_package(package.clone(), false).await {
+                        Ok((app, _)) => tracing::info!(app = %app.app_id, kind = %app.kind, version = %app.version, "built-in app installed"),
+                        Err(e) => tracing::error!(package = %package.display(), error = %e.extra, "cannot install a built-in app"),
+                    }
+                }
                 loop {
                     let stream = tokio::select! {
                         accepted = listener.accept() => match accepted {

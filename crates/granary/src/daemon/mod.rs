@@ -118,7 +118,11 @@ async fn serve(
         listeners: vec![("https".to_owned(), https_addr.to_string())],
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let grains = grains_setup(&config, &store).await?;
+    let mut grains = grains_setup(&config, &store).await?;
+    if mode == Mode::Demo {
+        grains.preinstall = builtin_packages(&config.data_dir.join("builtin-apps"));
+    }
+    let builtin = grains.preinstall.clone();
     let admin = admin_server::spawn(admin_listener, store.clone(), info, grains, stop_rx.clone())?;
 
     let ports = Ports {
@@ -136,7 +140,7 @@ async fn serve(
     tracing::info!(https = %https_addr, admin = %admin_socket.display(), data = %config.data_dir.display(), "granary is running");
 
     if let Some(password) = demo_password {
-        print_demo_banner(&config, https_addr, ca_file.as_deref(), &password);
+        print_demo_banner(&config, https_addr, ca_file.as_deref(), &password, &builtin);
     }
 
     let mut https_stop = stop_rx.clone();
@@ -220,12 +224,27 @@ async fn grains_setup(
             },
         },
         uids,
+        preinstall: Vec::new(),
         package_limits: granary_package::Limits {
             max_package_bytes: config.packages.max_package_bytes,
             max_unpacked_bytes: config.packages.max_unpacked_bytes,
             max_entries: config.packages.max_entries,
         },
     })
+}
+
+/// The packages `./granary-demo` built and signed with this host's key.
+fn builtin_packages(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "gpkg"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -262,6 +281,7 @@ fn print_demo_banner(
     https: SocketAddr,
     ca_file: Option<&std::path::Path>,
     password: &str,
+    builtin: &[PathBuf],
 ) {
     let port = https.port();
     let host = &config.domain;
@@ -280,11 +300,21 @@ Granary demo is running.
   User           {DEMO_USER}
   Password       {password}
                  (shown once: only its argon2id hash is stored; a new one is made on each demo start)
-  Built-in apps  none installed yet
+  Built-in apps  {apps}
   Admin          granary --home {home} status
                  granary --home {home} user add alice
+                 granary --home {home} grain list
 
 Stop with Ctrl-C.",
         health = https::HEALTH_PATH,
+        apps = if builtin.is_empty() {
+            "none (./granary-demo builds and signs them into DATA_DIR/builtin-apps)".to_owned()
+        } else {
+            builtin
+                .iter()
+                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
     );
 }
