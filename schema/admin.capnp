@@ -17,6 +17,7 @@
 @0x977945cfdf9caa26;
 
 using Stream = import "stream.capnp";
+using Package = import "package.capnp";
 
 interface Admin {
   status @0 () -> (status :Status);
@@ -116,6 +117,7 @@ struct App {
   installedAt @4 :Int64;    # Unix seconds.
   services @5 :List(Text);
   offers @6 :List(Text);
+  manifest @7 :Package.Manifest;
 }
 
 struct GrainStatus {

@@ -586,7 +586,7 @@ fn a_flooding_grain_is_cut_off_and_the_others_keep_working() {
     assert_eq!(ask(&daemon, "bob/hello", "ping"), "pong");
     let mut flooder = Session::open(&daemon, "alice/hello");
     assert_eq!(flooder.ask("ping"), "pong");
-    writeln!(flooder.stdin.as_mut().unwrap(), "flood 20000").unwrap();
+    writeln!(flooder.stdin.as_mut().unwrap(), "flood 3000").unwrap();
     // Others are served while alice/hello floods.
     for _ in 0..5 {
         assert_eq!(ask(&daemon, "bob/hello", "ping"), "pong");
@@ -643,11 +643,7 @@ fn installs_check_the_kind_first_and_a_reinstall_swaps_the_image_under_stopped_g
     let refused = daemon
         .granary(&["app", "install", other.to_str().unwrap()])
         .failure();
-    assert!(
-        refused.stderr.contains("already installed"),
-        "{}",
-        refused.stderr
-    );
+    assert!(refused.stderr.contains("--replace"), "{}", refused.stderr);
     assert_eq!(std::fs::metadata(&installed).unwrap().len(), before);
     assert_eq!(state(&daemon, "alice/hello"), "running");
 

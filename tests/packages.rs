@@ -22,6 +22,10 @@ fn hello_binary() -> PathBuf {
 /// A package definition for the example app at `version`, with extra
 /// arguments to its exec.
 fn definition(dir: &Path, version: &str, args: &[&str]) -> PathBuf {
+    definition_with(dir, version, args, "")
+}
+
+fn definition_with(dir: &Path, version: &str, args: &[&str], extra: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::copy(hello_binary(), dir.join("granary-hello")).unwrap();
     let mut exec = vec!["\"/bin/granary-hello\"".to_owned()];
@@ -31,9 +35,9 @@ fn definition(dir: &Path, version: &str, args: &[&str]) -> PathBuf {
         &def,
         format!(
             "format = 1\n[app]\nkind = \"hello\"\nversion = \"{version}\"\nexec = [{}]\n\
-             services = [\"hello\"]\noffers = [\"ping\"]\n[files]\n\
+             services = [\"hello\"]\noffers = [\"ping\"]\n{extra}\n[files]\n\
              copy = [{{ from = \"granary-hello\", to = \"/bin/granary-hello\" }}]\n",
-            exec.join(", ")
+            exec.join(", "),
         ),
     )
     .unwrap();
@@ -211,9 +215,19 @@ fn an_upgrade_that_fails_to_start_rolls_back() {
         .failure();
     assert!(refused.stderr.contains("not newer"), "{}", refused.stderr);
 
-    // 2.0 works: upgraded, the grain restarted on it, data untouched.
+    // 2.0 works: upgraded, its migration hook ran on the grain's data in
+    // the grain's sandbox, the grain restarted on it.
     let v2 = work.join("v2.gpkg");
-    build(&key, &definition(&work.join("good"), "2.0", &[]), &v2);
+    build(
+        &key,
+        &definition_with(
+            &work.join("good"),
+            "2.0",
+            &[],
+            "migrate = [\"/bin/granary-hello\", \"--migrate\"]",
+        ),
+        &v2,
+    );
     let out = daemon
         .granary(&["app", "upgrade", v2.to_str().unwrap()])
         .success();

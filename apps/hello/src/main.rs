@@ -327,6 +327,27 @@ impl App for Hello {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().any(|a| a == "--migrate") {
+        // The migration hook: record what it migrated, durably.
+        let from = std::env::var("GRANARY_PREVIOUS_VERSION").unwrap_or_default();
+        let to = std::env::var("GRANARY_APP_VERSION").unwrap_or_default();
+        let line = format!("from={from} to={to}\n");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open("/var/migrations")
+            .and_then(|mut f| {
+                f.write_all(line.as_bytes())?;
+                f.sync_all()
+            });
+        return match written {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hello: migration failed: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if std::env::args().any(|a| a == "--crash-at-start") {
         eprintln!("hello: crashing at start, as asked");
         return ExitCode::from(3);

@@ -46,6 +46,16 @@ pub struct Manifest {
     /// Interfaces (descriptor prefixes) the app may ask other grains for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requests: Vec<String>,
+    /// A command in the image run in the grain's sandbox, with its dataset,
+    /// before the app starts on data last used by another version (or
+    /// none): `GRANARY_PREVIOUS_VERSION` and `GRANARY_APP_VERSION` say which.
+    /// A non-zero exit fails the start (and rolls an upgrade back).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrate: Vec<String>,
+    /// Stop the grain after this many idle seconds instead of the host's
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +137,18 @@ impl Manifest {
         }
         for o in &m.offers {
             short_name("offered interface", o, b".-")?;
+        }
+        if let Some(p) = m.migrate.first()
+            && (!p.starts_with('/') || p.split('/').any(|c| c == ".."))
+        {
+            return Err(ManifestError(
+                "migrate must start with an absolute path inside the image".to_owned(),
+            ));
+        }
+        if m.idle_timeout_seconds == Some(0) {
+            return Err(ManifestError(
+                "idle_timeout_seconds must be more than zero".to_owned(),
+            ));
         }
         for r in &m.requests {
             short_name("requested interface", r, b".-")?;

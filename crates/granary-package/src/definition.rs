@@ -41,6 +41,10 @@ pub struct AppSection {
     pub offers: Vec<String>,
     #[serde(default)]
     pub requests: Vec<String>,
+    #[serde(default)]
+    pub migrate: Vec<String>,
+    #[serde(default)]
+    pub idle_timeout_seconds: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -102,6 +106,11 @@ services = []
 offers = []
 # Interfaces it may ask other grains for, once the owner grants them.
 requests = []
+# Run in the grain's sandbox before the app starts on data of another
+# version; GRANARY_PREVIOUS_VERSION and GRANARY_APP_VERSION say which.
+# migrate = ["/bin/app", "--migrate"]
+# Stop the grain after this long idle (the host's default otherwise).
+# idle_timeout_seconds = 120
 
 [limits]
 # memory_mib = 256
@@ -157,6 +166,8 @@ impl Definition {
             title: a.title.clone(),
             env: a.env.clone(),
             requests: a.requests.clone(),
+            migrate: a.migrate.clone(),
+            idle_timeout_seconds: a.idle_timeout_seconds,
         };
         Manifest::parse(&m.to_toml())
     }

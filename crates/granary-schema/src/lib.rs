@@ -19,6 +19,8 @@ pub mod grain_capnp;
 #[rustfmt::skip]
 pub mod host_capnp;
 #[rustfmt::skip]
+pub mod package_capnp;
+#[rustfmt::skip]
 pub mod services_capnp;
 #[rustfmt::skip]
 pub mod stream_capnp;
@@ -28,6 +30,7 @@ pub const SCHEMA_FILES: &[&str] = &[
     "admin.capnp",
     "grain.capnp",
     "host.capnp",
+    "package.capnp",
     "services.capnp",
     "stream.capnp",
 ];

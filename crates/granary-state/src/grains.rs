@@ -490,6 +490,41 @@ impl Store {
         rows.collect::<Result<_, _>>().op("list grains")
     }
 
+    /// The app version the grain's data was last migrated to ("" when never).
+    pub fn grain_app_version(&self, id: &str) -> Result<String, StateError> {
+        self.conn()
+            .query_row("SELECT app_version FROM grains WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .op("read grain app version")
+    }
+
+    /// Records that the grain's data now belongs to `version`.
+    pub fn set_grain_app_version(&self, id: &str, version: &str) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin set grain app version")?;
+        let old: String = tx
+            .query_row("SELECT app_version FROM grains WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .op("read grain app version")?;
+        tx.execute(
+            "UPDATE grains SET app_version = ?2 WHERE id = ?1",
+            params![id, version],
+        )
+        .op("set grain app version")?;
+        if old != version {
+            record(
+                &tx,
+                "supervisor",
+                "grain.migrate",
+                id,
+                &format!("from={old:?} to={version}"),
+            )?;
+        }
+        tx.commit().op("commit set grain app version")
+    }
+
     /// Deletes a grain's record with its grants and sturdy references.
     pub fn delete_grain(&self, id: &str, actor: &str) -> Result<bool, StateError> {
         let mut conn = self.conn();

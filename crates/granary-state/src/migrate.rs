@@ -29,6 +29,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 4,
         sql: include_str!("migrations/0004_app_images.sql"),
     },
+    Migration {
+        version: 5,
+        sql: include_str!("migrations/0005_grain_app_version.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

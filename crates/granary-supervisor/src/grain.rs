@@ -235,6 +235,8 @@ pub(crate) struct Running {
     pub(crate) pid: u32,
     pub(crate) grain: grain::Client,
     pub(crate) activity: Rc<Activity>,
+    /// The app's own idle timeout, if its manifest sets one.
+    idle_timeout: Option<Duration>,
     side: AsyncFd<StdStream>,
     next_token: Cell<u64>,
     started: SystemTime,
@@ -499,42 +501,49 @@ impl Inner {
         if let Some(w) = manifest.limits.cpu_weight {
             limits.cpu_weight = w;
         }
+        let mut env = vec![
+            "PATH=/usr/bin:/bin".to_owned(),
+            "HOME=/var".to_owned(),
+            format!("GRANARY_GRAIN={}", slot.id),
+            format!("GRANARY_APP_VERSION={}", app.version),
+        ];
+        // The manifest's own entries come last and win.
+        env.extend(manifest.env.iter().cloned());
         let spec = GrainSpec {
             grain: slot.id.clone(),
             image,
             dataset,
             host_uid: slot.host_uid,
             argv: manifest.exec.clone(),
-            env: {
-                let mut env = vec![
-                    "PATH=/usr/bin:/bin".to_owned(),
-                    "HOME=/var".to_owned(),
-                    format!("GRANARY_GRAIN={}", slot.id),
-                ];
-                // The manifest's own entries come last and win.
-                env.extend(manifest.env.iter().cloned());
-                env
-            },
+            env,
             keep_fds: vec![3, 4],
             limits,
         };
+
+        // Data last used by another version (or none) is migrated first.
+        let id = slot.id.clone();
+        let migrated = db(&self.params.store, move |s| s.grain_app_version(&id))
+            .await
+            .map_err(|e| e.to_string())?;
+        if migrated != app.version {
+            if !manifest.migrate.is_empty() {
+                self.migrate(slot, &spec, &manifest.migrate, &migrated, &app.version)
+                    .await?;
+            }
+            let (id, version) = (slot.id.clone(), app.version.clone());
+            db(&self.params.store, move |s| {
+                s.set_grain_app_version(&id, &version)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        }
         let plan = self.params.jail.plan(&spec).map_err(|e| e.to_string())?;
 
         let (host_rpc, grain_rpc) = socketpair(nix::sys::socket::SockType::Stream)
             .map_err(|e| format!("socketpair: {e}"))?;
         let (host_side, grain_side) = socketpair(nix::sys::socket::SockType::SeqPacket)
             .map_err(|e| format!("socketpair: {e}"))?;
-        let (log_read, log_write) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
-        let log_write2 = log_write.try_clone().map_err(|e| format!("dup: {e}"))?;
-        granary_jail::grain_log::drain(
-            std::fs::File::from(log_read),
-            LogPolicy {
-                dir: self.log_dir(&slot.id),
-                max_file_bytes: LOG_FILE_BYTES,
-                keep: LOG_KEEP,
-            },
-        )
-        .map_err(|e| format!("grain log: {e}"))?;
+        let (log_write, log_write2) = self.log_pipe(&slot.id)?;
 
         let child = self
             .spawner
@@ -577,6 +586,7 @@ impl Inner {
             pid,
             grain: grain_client,
             activity,
+            idle_timeout: manifest.idle_timeout_seconds.map(Duration::from_secs),
             side,
             next_token: Cell::new(0),
             started: SystemTime::now(),
@@ -647,6 +657,74 @@ impl Inner {
         });
         self.watch_idle(slot, &running);
         Ok(running)
+    }
+
+    /// A pipe whose read end drains into the grain's log; returns the two
+    /// write ends for stdout and stderr.
+    fn log_pipe(&self, grain: &str) -> Result<(OwnedFd, OwnedFd), String> {
+        let (log_read, log_write) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let log_write2 = log_write.try_clone().map_err(|e| format!("dup: {e}"))?;
+        granary_jail::grain_log::drain(
+            std::fs::File::from(log_read),
+            LogPolicy {
+                dir: self.log_dir(grain),
+                max_file_bytes: LOG_FILE_BYTES,
+                keep: LOG_KEEP,
+            },
+        )
+        .map_err(|e| format!("grain log: {e}"))?;
+        Ok((log_write, log_write2))
+    }
+
+    /// Runs the app's migration hook in the grain's sandbox (same image,
+    /// dataset and uid, no host channel) and waits for it, within
+    /// `call_timeout`.
+    async fn migrate(
+        &self,
+        slot: &Slot,
+        spec: &GrainSpec,
+        hook: &[String],
+        from: &str,
+        to: &str,
+    ) -> Result<(), String> {
+        let mut spec = spec.clone();
+        spec.argv = hook.to_vec();
+        spec.keep_fds = Vec::new();
+        spec.env.push(format!("GRANARY_PREVIOUS_VERSION={from}"));
+        let plan = self.params.jail.plan(&spec).map_err(|e| e.to_string())?;
+        let (out, err) = self.log_pipe(&slot.id)?;
+        let mut child = self
+            .spawner
+            .spawn(LaunchRequest {
+                plan,
+                stdout: std::process::Stdio::from(out),
+                stderr: std::process::Stdio::from(err),
+                fds: Vec::new(),
+            })
+            .map_err(|e| format!("spawning the migration hook: {e}"))?;
+        tracing::info!(grain = %slot.id, from, to, "running the app's migration hook");
+        let pid = child.id();
+        let pidfd = async_fd(pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?)
+            .map_err(|e| format!("pidfd: {e}"))?;
+        let waited = tokio::time::timeout(self.params.config.call_timeout, pidfd.readable()).await;
+        if waited.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "the migration hook from {from:?} to {to} did not finish in time"
+            ));
+        }
+        let status = child
+            .wait()
+            .map_err(|e| format!("waiting for the migration hook: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the migration hook from {from:?} to {to} failed: {} (see `granary grain logs`)",
+                exit_text(status)
+            ))
+        }
     }
 
     fn exited(
@@ -728,7 +806,9 @@ impl Inner {
     }
 
     fn watch_idle(self: &Rc<Self>, slot: &Rc<Slot>, running: &Rc<Running>) {
-        let idle = self.params.config.idle_timeout;
+        let idle = running
+            .idle_timeout
+            .unwrap_or(self.params.config.idle_timeout);
         let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
         let me = Rc::downgrade(self);
         let slot = Rc::downgrade(slot);

@@ -23,6 +23,10 @@ struct AppView {
     installed_at: i64,
     services: Vec<String>,
     offers: Vec<String>,
+    title: String,
+    requests: Vec<String>,
+    migrate: Vec<String>,
+    idle_timeout_seconds: Option<u64>,
 }
 
 fn texts(l: capnp::Result<capnp::text_list::Reader<'_>>) -> anyhow::Result<Vec<String>> {
@@ -31,7 +35,12 @@ fn texts(l: capnp::Result<capnp::text_list::Reader<'_>>) -> anyhow::Result<Vec<S
 }
 
 fn app_view(a: admin_capnp::app::Reader<'_>) -> anyhow::Result<AppView> {
+    let m = a.get_manifest().map_err(remote)?;
     Ok(AppView {
+        title: text(m.get_title())?,
+        requests: texts(m.get_requests())?,
+        migrate: texts(m.get_migrate())?,
+        idle_timeout_seconds: Some(m.get_idle_timeout_seconds()).filter(|s| *s != 0),
         kind: text(a.get_kind())?,
         app_id: text(a.get_app_id())?,
         version: text(a.get_version())?,

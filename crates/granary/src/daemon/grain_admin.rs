@@ -236,15 +236,51 @@ pub(super) fn fill_app(mut out: admin_capnp::app::Builder<'_>, app: &App) {
     out.set_dev_mode(app.dev_mode);
     out.set_installed_at(app.installed_at);
     if let Ok(m) = Manifest::parse(&app.manifest) {
-        let mut s = out.reborrow().init_services(m.services.len() as u32);
-        for (i, v) in m.services.iter().enumerate() {
-            s.set(i as u32, v);
-        }
-        let mut o = out.init_offers(m.offers.len() as u32);
-        for (i, v) in m.offers.iter().enumerate() {
-            o.set(i as u32, v);
-        }
+        set_texts(
+            out.reborrow().init_services(m.services.len() as u32),
+            &m.services,
+        );
+        set_texts(out.reborrow().init_offers(m.offers.len() as u32), &m.offers);
+        fill_manifest(out.init_manifest(), &m);
     }
+}
+
+fn set_texts(mut list: capnp::text_list::Builder<'_>, items: &[String]) {
+    for (i, v) in items.iter().enumerate() {
+        list.set(i as u32, v);
+    }
+}
+
+/// `granary_model::Manifest` as `schema/package.capnp`'s `Manifest`.
+pub(super) fn fill_manifest(
+    mut out: granary_schema::package_capnp::manifest::Builder<'_>,
+    m: &Manifest,
+) {
+    out.set_id(&m.id);
+    out.set_version(&m.version);
+    out.set_kind(&m.kind);
+    out.set_per_user(m.per_user);
+    out.set_title(&m.title);
+    set_texts(out.reborrow().init_exec(m.exec.len() as u32), &m.exec);
+    set_texts(out.reborrow().init_env(m.env.len() as u32), &m.env);
+    set_texts(
+        out.reborrow().init_services(m.services.len() as u32),
+        &m.services,
+    );
+    set_texts(out.reborrow().init_offers(m.offers.len() as u32), &m.offers);
+    set_texts(
+        out.reborrow().init_requests(m.requests.len() as u32),
+        &m.requests,
+    );
+    set_texts(
+        out.reborrow().init_migrate(m.migrate.len() as u32),
+        &m.migrate,
+    );
+    out.set_idle_timeout_seconds(m.idle_timeout_seconds.unwrap_or(0));
+    let mut limits = out.init_limits();
+    limits.set_memory_mib(m.limits.memory_mib.unwrap_or(0));
+    limits.set_pids(m.limits.pids.unwrap_or(0));
+    limits.set_cpu_weight(m.limits.cpu_weight.unwrap_or(0));
 }
 
 pub(super) fn fill_status(mut out: admin_capnp::grain_status::Builder<'_>, s: &GrainStatus) {
