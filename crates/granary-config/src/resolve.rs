@@ -136,16 +136,23 @@ pub enum TlsSource {
     Files { cert: PathBuf, key: PathBuf },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageBackend {
     /// Directories under `DATA_DIR/grains`.
     Plain,
+    /// One ZFS dataset per grain under `dataset`, with a `refquota`.
+    Zfs { dataset: String, quota_bytes: u64 },
+    /// One btrfs subvolume per grain under `DATA_DIR/grains` (which must
+    /// be on btrfs), with a qgroup limit.
+    Btrfs { quota_bytes: u64 },
 }
 
 impl StorageBackend {
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             StorageBackend::Plain => "plain",
+            StorageBackend::Zfs { .. } => "zfs",
+            StorageBackend::Btrfs { .. } => "btrfs",
         }
     }
 }
@@ -273,13 +280,34 @@ impl Config {
             }
         };
 
+        let quota = || -> Result<u64, ConfigError> {
+            match raw.storage.quota_mib.unwrap_or(10 * 1024) {
+                0 => Err(err(
+                    "storage.quota_mib",
+                    "must be more than zero".to_owned(),
+                )),
+                mib => Ok(mib << 20),
+            }
+        };
         let storage = match raw.storage.backend.as_deref() {
             None | Some("plain") => StorageBackend::Plain,
+            Some("zfs") => StorageBackend::Zfs {
+                dataset: raw.storage.zfs_dataset.clone().ok_or_else(|| {
+                    err(
+                        "storage.zfs_dataset",
+                        "storage.backend = \"zfs\" needs the parent dataset, e.g. zfs_dataset = \"tank/granary\"".to_owned(),
+                    )
+                })?,
+                quota_bytes: quota()?,
+            },
+            Some("btrfs") => StorageBackend::Btrfs {
+                quota_bytes: quota()?,
+            },
             Some(other) => {
                 return Err(err(
                     "storage.backend",
                     format!(
-                        "{other:?} is not a storage backend this build supports; use \"plain\""
+                        "{other:?} is not a storage backend; use \"plain\", \"zfs\" or \"btrfs\""
                     ),
                 ));
             }
@@ -634,5 +662,33 @@ mod tests {
             let err = resolve_text(&format!("[grains]\n{bad}")).unwrap_err();
             assert_eq!(err.key.as_deref(), Some(key), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn storage_backends_and_their_keys() {
+        let zfs =
+            resolve_text("[storage]\nbackend = \"zfs\"\nzfs_dataset = \"tank/g\"\nquota_mib = 8")
+                .unwrap();
+        assert_eq!(
+            zfs.storage,
+            StorageBackend::Zfs {
+                dataset: "tank/g".to_owned(),
+                quota_bytes: 8 << 20
+            }
+        );
+        let btrfs = resolve_text("[storage]\nbackend = \"btrfs\"").unwrap();
+        assert_eq!(
+            btrfs.storage,
+            StorageBackend::Btrfs {
+                quota_bytes: 10 << 30
+            }
+        );
+        let err = resolve_text("[storage]\nbackend = \"zfs\"").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("storage.zfs_dataset"), "{err}");
+        let err = resolve_text("[storage]\nbackend = \"ext4\"").unwrap_err();
+        assert!(
+            err.to_string().contains("\"plain\", \"zfs\" or \"btrfs\""),
+            "{err}"
+        );
     }
 }

@@ -2,8 +2,9 @@
 //! at `/var` inside its sandbox), behind the [`Datasets`] interface.
 //!
 //! The plain-directory backend ([`Plain`]) is the fallback that works on any
-//! filesystem: no quotas, no snapshots. ZFS and btrfs backends (one dataset
-//! or subvolume per grain, quotas, snapshots) implement the same trait.
+//! filesystem: no quotas, no snapshots. [`Zfs`] (one dataset per grain
+//! with a `refquota`, through the real `zfs` command) and [`Btrfs`] (one
+//! subvolume per grain with a qgroup limit) implement the same trait.
 //!
 //! Layout under the backend's root (`<data dir>/grains`):
 //!
@@ -47,6 +48,15 @@ pub trait Datasets: Send + Sync {
     fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError>;
     /// Destroys the dataset and the grain's directory. Missing is fine.
     fn destroy(&self, grain: &str) -> Result<(), DatasetError>;
+
+    /// Removes a grain for good after a final read-only snapshot that is
+    /// kept (named `<grain>-<label>`) where the backend has snapshots;
+    /// returns where it is kept. Without snapshots it just destroys.
+    fn retire(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
+        let _ = label;
+        self.destroy(grain)?;
+        Ok(None)
+    }
 }
 
 /// Plain directories under `root`.
@@ -68,7 +78,10 @@ impl Plain {
     }
 }
 
-fn err<'a>(grain: &'a str, op: &'static str) -> impl FnOnce(io::Error) -> DatasetError + 'a {
+pub(crate) fn err<'a>(
+    grain: &'a str,
+    op: &'static str,
+) -> impl FnOnce(io::Error) -> DatasetError + 'a {
     move |source| DatasetError {
         grain: grain.to_owned(),
         op,
@@ -76,7 +89,7 @@ fn err<'a>(grain: &'a str, op: &'static str) -> impl FnOnce(io::Error) -> Datase
     }
 }
 
-fn check_id(grain: &str) -> Result<(), DatasetError> {
+pub(crate) fn check_id(grain: &str) -> Result<(), DatasetError> {
     let ok = !grain.is_empty()
         && grain.len() <= 64
         && grain
@@ -93,7 +106,7 @@ fn check_id(grain: &str) -> Result<(), DatasetError> {
     }
 }
 
-fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
+pub(crate) fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
     match std::fs::DirBuilder::new().mode(mode).create(path) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             let meta = std::fs::symlink_metadata(path)?;
@@ -156,7 +169,12 @@ impl Datasets for Plain {
     }
 }
 
-fn running_as_root() -> bool {
+mod cow;
+pub mod testing;
+
+pub use cow::{Btrfs, Zfs};
+
+pub(crate) fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }

@@ -1043,6 +1043,29 @@ fn main() {
         }
         return;
     }
+    if std::env::args().nth(1).as_deref() == Some("--fill") {
+        // The quota attack: write 1 MiB chunks to a file until the
+        // filesystem refuses, then report how far it got and why.
+        let path = std::env::args()
+            .nth(2)
+            .unwrap_or_else(|| "/var/fill".to_owned());
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut written: u64 = 0;
+        let result = std::fs::File::create(&path).and_then(|mut f| {
+            loop {
+                f.write_all(&chunk).and_then(|()| f.sync_all())?;
+                written += chunk.len() as u64;
+                if written >= 1 << 30 {
+                    return Ok(());
+                }
+            }
+        });
+        match result {
+            Ok(()) => println!("filled {written} no-limit"),
+            Err(e) => println!("filled {written} errno {}", e.raw_os_error().unwrap_or(0)),
+        }
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("--wait") {
         // Stand-in for a long-running app: say so, then wait for a signal.
         println!("ready {}", std::process::id());

@@ -334,7 +334,7 @@ impl Grains {
                 if self.datasets.backend() == "plain" {
                     " (the plain storage backend keeps no snapshots: this cannot be undone)"
                 } else {
-                    " (a final snapshot is taken first)"
+                    " (a final snapshot is kept)"
                 }
             );
         }
@@ -342,25 +342,29 @@ impl Grains {
             // Held first, so nothing restarts it while it goes; its grants'
             // live capabilities are cut.
             self.sup.retire(&g.id).await?;
+            // A final snapshot is kept where the backend has snapshots;
+            // the data goes before the record, so a failure leaves an
+            // empty grain, never a record-less dataset.
             let datasets = self.datasets.clone();
             let id = g.id.clone();
-            let snapshot =
-                tokio::task::spawn_blocking(move || datasets.snapshot(&id, "final")).await?;
-            match snapshot {
-                Ok(Some(name)) => {
-                    tracing::info!(grain = %g.id, snapshot = %name, "final snapshot taken")
+            let label = format!(
+                "final-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            );
+            let retired = tokio::task::spawn_blocking(move || datasets.retire(&id, &label)).await?;
+            match retired {
+                Ok(Some(kept)) => {
+                    tracing::info!(grain = %g.id, snapshot = %kept, "final snapshot kept")
                 }
                 Ok(None) => {}
                 Err(e) => {
                     self.sup.unretire(&g.id);
-                    anyhow::bail!("final snapshot of {} failed, nothing removed: {e}", g.id)
+                    anyhow::bail!("removing the data of {} failed: {e}", g.id)
                 }
             }
-            // Data first: a failure after it leaves an empty grain, never
-            // a record-less dataset.
-            let datasets = self.datasets.clone();
-            let id = g.id.clone();
-            tokio::task::spawn_blocking(move || datasets.destroy(&id)).await??;
             let s = store.clone();
             let id = g.id.clone();
             tokio::task::spawn_blocking(move || s.delete_grain(&id, "admin")).await??;

@@ -173,8 +173,23 @@ async fn grains_setup(
     store: &Arc<Store>,
 ) -> anyhow::Result<admin_server::GrainsSetup> {
     let grains_dir = config.data_dir.join("grains");
-    let datasets = granary_datasets::Plain::new(&grains_dir)
-        .with_context(|| format!("cannot use {}", grains_dir.display()))?;
+    let datasets: Arc<dyn granary_datasets::Datasets> = match &config.storage {
+        granary_config::StorageBackend::Plain => Arc::new(
+            granary_datasets::Plain::new(&grains_dir)
+                .with_context(|| format!("cannot use {}", grains_dir.display()))?,
+        ),
+        granary_config::StorageBackend::Zfs {
+            dataset,
+            quota_bytes,
+        } => Arc::new(
+            granary_datasets::Zfs::new(&grains_dir, dataset, *quota_bytes)
+                .context("storage.backend = \"zfs\"")?,
+        ),
+        granary_config::StorageBackend::Btrfs { quota_bytes } => Arc::new(
+            granary_datasets::Btrfs::new(&grains_dir, *quota_bytes)
+                .context("storage.backend = \"btrfs\"")?,
+        ),
+    };
     let apps_dir = config.data_dir.join("apps");
     std::fs::create_dir_all(&apps_dir)
         .with_context(|| format!("cannot create {}", apps_dir.display()))?;
@@ -197,7 +212,7 @@ async fn grains_setup(
     Ok(admin_server::GrainsSetup {
         params: granary_supervisor::SupervisorParams {
             store: store.clone(),
-            datasets: Arc::new(datasets),
+            datasets,
             jail: granary_jail::JailConfig {
                 data_root: grains_dir,
                 uid_range: granary_jail::UidRange {

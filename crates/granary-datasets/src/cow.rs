@@ -1,0 +1,315 @@
+//! Copy-on-write backends: ZFS datasets and btrfs subvolumes, one per
+//! grain, each with a size quota and cheap read-only snapshots. Both drive
+//! the real command-line tools (`zfs`, `btrfs`), so what runs here is what
+//! an admin would type.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{DatasetError, Datasets, check_id, err, mkdir, running_as_root};
+
+/// Runs a storage tool; its stderr becomes the error.
+fn run(tool: &str, args: &[&str]) -> io::Result<String> {
+    let out = Command::new(tool).args(args).output().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot run {tool} ({e}); is its package installed?"),
+        )
+    })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(io::Error::other(format!(
+            "{tool} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Runs a tool, retrying while it says the target is busy (zfs-fuse's
+/// destroy sometimes does, for a moment).
+fn run_retrying_busy(tool: &str, args: &[&str]) -> io::Result<String> {
+    let mut last = None;
+    for attempt in 0..20u32 {
+        match run(tool, args) {
+            Err(e) if e.to_string().contains("busy") => {
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(25 * u64::from(attempt + 1)));
+            }
+            other => return other,
+        }
+    }
+    Err(last.expect("retried at least once"))
+}
+
+fn own(grain: &str, data: &Path, host_uid: u32) -> Result<(), DatasetError> {
+    use std::os::unix::fs::PermissionsExt;
+    if running_as_root() {
+        std::os::unix::fs::lchown(data, Some(host_uid), Some(host_uid))
+            .map_err(err(grain, "hand the dataset to the grain's uid"))?;
+    }
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+        .map_err(err(grain, "restrict the dataset"))
+}
+
+fn empty(grain: &str, data: &Path) -> Result<bool, DatasetError> {
+    match std::fs::read_dir(data) {
+        // A fresh ZFS or btrfs dataset is empty; nothing the grain wrote
+        // is there.
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(err(grain, "look into the dataset")(e)),
+    }
+}
+
+/// One ZFS dataset per grain under a parent dataset, mounted at
+/// `<root>/<grain>/data`, with `refquota` (snapshots do not count against
+/// the grain).
+#[derive(Debug, Clone)]
+pub struct Zfs {
+    root: PathBuf,
+    parent: String,
+    quota_bytes: u64,
+}
+
+impl Zfs {
+    /// Uses `parent` (which must exist: `zpool create` or `zfs create` it)
+    /// for grains whose directories live under `root`.
+    pub fn new(root: &Path, parent: &str, quota_bytes: u64) -> io::Result<Zfs> {
+        run("zfs", &["list", "-H", "-o", "name", parent]).map_err(|e| {
+            io::Error::other(format!(
+                "ZFS dataset {parent} is not there ({e}); create it first, e.g. `zpool create {parent} DEVICE`"
+            ))
+        })?;
+        std::fs::create_dir_all(root)?;
+        Ok(Zfs {
+            root: root.to_path_buf(),
+            parent: parent.to_owned(),
+            quota_bytes,
+        })
+    }
+
+    fn name(&self, grain: &str) -> String {
+        format!("{}/{grain}", self.parent)
+    }
+}
+
+impl Datasets for Zfs {
+    fn backend(&self) -> &'static str {
+        "zfs"
+    }
+
+    fn grain_dir(&self, grain: &str) -> PathBuf {
+        self.root.join(grain)
+    }
+
+    fn create(&self, grain: &str, host_uid: u32) -> Result<PathBuf, DatasetError> {
+        check_id(grain)?;
+        mkdir(&self.grain_dir(grain), 0o700).map_err(err(grain, "create the grain directory"))?;
+        let data = self.path(grain);
+        let name = self.name(grain);
+        if run("zfs", &["list", "-H", "-o", "name", &name]).is_err() {
+            let mountpoint = format!("mountpoint={}", data.display());
+            let quota = format!("refquota={}", self.quota_bytes);
+            run("zfs", &["create", "-o", &mountpoint, "-o", &quota, &name])
+                .map_err(err(grain, "create the ZFS dataset"))?;
+        } else if !data.join(".").exists() || empty(grain, &data)? {
+            // Present but perhaps not mounted (after a reboot).
+            let _ = run("zfs", &["mount", &name]);
+        }
+        own(grain, &data, host_uid)?;
+        Ok(data)
+    }
+
+    fn has_data(&self, grain: &str) -> Result<bool, DatasetError> {
+        check_id(grain)?;
+        Ok(!empty(grain, &self.path(grain))?)
+    }
+
+    fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
+        check_id(grain)?;
+        let snap = format!("{}@{label}", self.name(grain));
+        run("zfs", &["snapshot", &snap]).map_err(err(grain, "take a ZFS snapshot"))?;
+        Ok(Some(snap))
+    }
+
+    /// The final snapshot stays with the dataset, which is renamed to
+    /// `<parent>/retired-<grain>-<label>` and unmounted: the grain's name
+    /// is free again and its last state is kept until an admin destroys it.
+    fn retire(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
+        check_id(grain)?;
+        let name = self.name(grain);
+        if run("zfs", &["list", "-H", "-o", "name", &name]).is_err() {
+            self.destroy(grain)?;
+            return Ok(None);
+        }
+        run("zfs", &["snapshot", &format!("{name}@{label}")])
+            .map_err(err(grain, "take the final ZFS snapshot"))?;
+        let kept = format!("{}/retired-{grain}-{label}", self.parent);
+        run_retrying_busy("zfs", &["umount", &name]).map_err(err(grain, "unmount the dataset"))?;
+        run("zfs", &["set", "canmount=off", &name])
+            .map_err(err(grain, "keep the retired dataset unmounted"))?;
+        run("zfs", &["rename", &name, &kept]).map_err(err(grain, "rename the dataset"))?;
+        let _ = run("zfs", &["set", "mountpoint=none", &kept]);
+        match std::fs::remove_dir_all(self.grain_dir(grain)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            other => other.map_err(err(grain, "remove the grain directory"))?,
+        }
+        Ok(Some(format!("{kept}@{label}")))
+    }
+
+    fn destroy(&self, grain: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let name = self.name(grain);
+        if run("zfs", &["list", "-H", "-o", "name", &name]).is_ok() {
+            run_retrying_busy("zfs", &["destroy", "-r", &name])
+                .map_err(err(grain, "destroy the ZFS dataset"))?;
+        }
+        match std::fs::remove_dir_all(self.grain_dir(grain)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other.map_err(err(grain, "remove the grain directory")),
+        }
+    }
+}
+
+/// One btrfs subvolume per grain at `<root>/<grain>/data` with a qgroup
+/// limit; snapshots are read-only subvolumes in `<root>/<grain>/snapshots`.
+#[derive(Debug, Clone)]
+pub struct Btrfs {
+    root: PathBuf,
+    quota_bytes: u64,
+}
+
+impl Btrfs {
+    /// `root` must be on btrfs; quotas are enabled on its filesystem.
+    pub fn new(root: &Path, quota_bytes: u64) -> io::Result<Btrfs> {
+        std::fs::create_dir_all(root)?;
+        let fs = run("stat", &["-f", "-c", "%T", &root.to_string_lossy()])?;
+        if fs.trim() != "btrfs" {
+            return Err(io::Error::other(format!(
+                "{} is on {}, not btrfs; choose storage.backend = \"plain\" or move the data directory",
+                root.display(),
+                fs.trim()
+            )));
+        }
+        run("btrfs", &["quota", "enable", &root.to_string_lossy()])?;
+        Ok(Btrfs {
+            root: root.to_path_buf(),
+            quota_bytes,
+        })
+    }
+
+    fn snapshots(&self, grain: &str) -> PathBuf {
+        self.grain_dir(grain).join("snapshots")
+    }
+}
+
+impl Datasets for Btrfs {
+    fn backend(&self) -> &'static str {
+        "btrfs"
+    }
+
+    fn grain_dir(&self, grain: &str) -> PathBuf {
+        self.root.join(grain)
+    }
+
+    fn create(&self, grain: &str, host_uid: u32) -> Result<PathBuf, DatasetError> {
+        check_id(grain)?;
+        mkdir(&self.grain_dir(grain), 0o700).map_err(err(grain, "create the grain directory"))?;
+        let data = self.path(grain);
+        let path = data.to_string_lossy().into_owned();
+        if !data.exists() {
+            run("btrfs", &["subvolume", "create", &path])
+                .map_err(err(grain, "create the btrfs subvolume"))?;
+        }
+        run(
+            "btrfs",
+            &["qgroup", "limit", &self.quota_bytes.to_string(), &path],
+        )
+        .map_err(err(grain, "limit the subvolume's qgroup"))?;
+        own(grain, &data, host_uid)?;
+        Ok(data)
+    }
+
+    fn has_data(&self, grain: &str) -> Result<bool, DatasetError> {
+        check_id(grain)?;
+        Ok(!empty(grain, &self.path(grain))?)
+    }
+
+    fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
+        check_id(grain)?;
+        if label.is_empty() || label.contains('/') || label.starts_with('.') {
+            return Err(err(grain, "name a snapshot")(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{label:?} is not a snapshot name"),
+            )));
+        }
+        let dir = self.snapshots(grain);
+        mkdir(&dir, 0o700).map_err(err(grain, "create the snapshot directory"))?;
+        let target = dir.join(label);
+        run(
+            "btrfs",
+            &[
+                "subvolume",
+                "snapshot",
+                "-r",
+                &self.path(grain).to_string_lossy(),
+                &target.to_string_lossy(),
+            ],
+        )
+        .map_err(err(grain, "take a btrfs snapshot"))?;
+        Ok(Some(target.display().to_string()))
+    }
+
+    /// The final snapshot is kept as a read-only subvolume in
+    /// `<root>/.retired/<grain>-<label>`; everything else goes.
+    fn retire(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
+        check_id(grain)?;
+        let data = self.path(grain);
+        if !data.exists() {
+            self.destroy(grain)?;
+            return Ok(None);
+        }
+        let retired = self.root.join(".retired");
+        mkdir(&retired, 0o700).map_err(err(grain, "create the retired directory"))?;
+        let kept = retired.join(format!("{grain}-{label}"));
+        run(
+            "btrfs",
+            &[
+                "subvolume",
+                "snapshot",
+                "-r",
+                &data.to_string_lossy(),
+                &kept.to_string_lossy(),
+            ],
+        )
+        .map_err(err(grain, "take the final btrfs snapshot"))?;
+        self.destroy(grain)?;
+        Ok(Some(kept.display().to_string()))
+    }
+
+    fn destroy(&self, grain: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        if let Ok(entries) = std::fs::read_dir(self.snapshots(grain)) {
+            for e in entries.flatten() {
+                run(
+                    "btrfs",
+                    &["subvolume", "delete", &e.path().to_string_lossy()],
+                )
+                .map_err(err(grain, "delete a btrfs snapshot"))?;
+            }
+        }
+        let data = self.path(grain);
+        if data.exists() {
+            run("btrfs", &["subvolume", "delete", &data.to_string_lossy()])
+                .map_err(err(grain, "delete the btrfs subvolume"))?;
+        }
+        match std::fs::remove_dir_all(self.grain_dir(grain)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other.map_err(err(grain, "remove the grain directory")),
+        }
+    }
+}

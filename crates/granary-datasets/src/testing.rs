@@ -1,0 +1,141 @@
+//! Real storage for tests: a ZFS pool on a sparse file (zfs-fuse) and a
+//! btrfs filesystem on a loop device. Each fixture makes uniquely named
+//! things and removes exactly those on drop; a zfs-fuse daemon is started
+//! only if none runs, and stopped only if the fixture started it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A ZFS pool on a sparse file, destroyed on drop.
+pub struct ZfsPool {
+    pub name: String,
+    pub dir: PathBuf,
+    file: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl ZfsPool {
+    /// `dir` holds the pool's file and its mountpoint.
+    pub fn create(dir: &Path, size: &str) -> Result<ZfsPool, String> {
+        let daemon = if sh("pgrep", &["-x", "zfs-fuse"]).is_ok() {
+            None
+        } else {
+            let child = Command::new("zfs-fuse")
+                .arg("--no-daemon")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start zfs-fuse (apt install zfs-fuse): {e}"))?;
+            Some(child)
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sh("zpool", &["list"]).is_err() {
+            if Instant::now() > deadline {
+                return Err("zfs-fuse did not come up".to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let name = unique("granarytest");
+        let file = dir.join(format!("{name}.img"));
+        sh("truncate", &["-s", size, &file.to_string_lossy()])?;
+        let mount = dir.join("pool");
+        sh(
+            "zpool",
+            &[
+                "create",
+                "-m",
+                &mount.to_string_lossy(),
+                &name,
+                &file.to_string_lossy(),
+            ],
+        )?;
+        Ok(ZfsPool {
+            name,
+            dir: dir.to_path_buf(),
+            file,
+            daemon,
+        })
+    }
+}
+
+impl Drop for ZfsPool {
+    fn drop(&mut self) {
+        for _ in 0..20 {
+            if sh("zpool", &["destroy", "-f", &self.name]).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(&self.file);
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A btrfs filesystem on a loop device, mounted at `mount`; unmounted and
+/// detached on drop.
+pub struct BtrfsLoop {
+    pub mount: PathBuf,
+    device: String,
+    file: PathBuf,
+}
+
+impl BtrfsLoop {
+    pub fn create(dir: &Path, size: &str) -> Result<BtrfsLoop, String> {
+        let file = dir.join(format!("{}.img", unique("btrfs")));
+        sh("truncate", &["-s", size, &file.to_string_lossy()])?;
+        let device = sh("losetup", &["-f", "--show", &file.to_string_lossy()])?
+            .trim()
+            .to_owned();
+        let fail = |e: String, device: &str| {
+            let _ = sh("losetup", &["-d", device]);
+            e
+        };
+        sh("mkfs.btrfs", &["-q", &device]).map_err(|e| fail(e, &device))?;
+        let mount = dir.join("btrfs");
+        std::fs::create_dir_all(&mount).map_err(|e| fail(e.to_string(), &device))?;
+        sh("mount", &[&device, &mount.to_string_lossy()]).map_err(|e| fail(e, &device))?;
+        Ok(BtrfsLoop {
+            mount,
+            device,
+            file,
+        })
+    }
+}
+
+impl Drop for BtrfsLoop {
+    fn drop(&mut self) {
+        let _ = sh("umount", &[&self.mount.to_string_lossy()]);
+        let _ = sh("losetup", &["-d", &self.device]);
+        let _ = std::fs::remove_file(&self.file);
+    }
+}

@@ -1,0 +1,83 @@
+//! The daemon on ZFS (zfs-fuse, a pool on a sparse file made here): every
+//! grain gets its own dataset with a quota, `granary status` says so, and
+//! purging a user keeps each grain's final snapshot.
+
+use granary_datasets::testing::ZfsPool;
+use granary_testkit::{Daemon, DaemonMode};
+
+#[test]
+fn grains_live_on_their_own_zfs_datasets_and_purge_keeps_a_final_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pool = ZfsPool::create(tmp.path(), "256M").unwrap();
+    let daemon = Daemon::start_with(
+        DaemonMode::Serve,
+        &format!(
+            "[storage]\nbackend = \"zfs\"\nzfs_dataset = \"{}\"\nquota_mib = 16\n",
+            pool.name
+        ),
+    );
+    let status = daemon.granary(&["status", "--json"]).success().json();
+    assert_eq!(status["storage_backend"], "zfs");
+
+    let app = daemon.dir().join("app");
+    std::fs::create_dir_all(app.join("image/bin")).unwrap();
+    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../target/{triple}/debug/granary-hello")),
+        app.join("image/bin/granary-hello"),
+    )
+    .unwrap();
+    std::fs::write(
+        app.join("granary-app.toml"),
+        "id = \"org.test.hello\"\nversion = \"1\"\nkind = \"hello\"\n\
+         exec = [\"/bin/granary-hello\"]\nservices = [\"hello\"]\n",
+    )
+    .unwrap();
+    daemon
+        .granary(&["app", "install", app.to_str().unwrap()])
+        .success();
+    daemon.granary(&["user", "add", "alice"]).success();
+    let out = daemon
+        .granary_with_stdin(
+            &["grain", "connect", "alice/hello", "hello"],
+            Some("ping\n"),
+        )
+        .success();
+    assert_eq!(out.stdout.trim(), "pong");
+
+    let zfs = |args: &[&str]| {
+        let out = std::process::Command::new("zfs")
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dataset = format!("{}/alice-hello", pool.name);
+    assert_eq!(
+        zfs(&["get", "-H", "-o", "value", "refquota", &dataset]).trim(),
+        "16M"
+    );
+    // The grain's data, on its dataset.
+    std::fs::write(
+        daemon.data_dir().join("grains/alice-hello/data/note"),
+        "kept in the final snapshot",
+    )
+    .unwrap();
+    let refused = daemon.granary(&["user", "remove", "alice"]).failure();
+    assert!(
+        refused.stderr.contains("final snapshot is kept"),
+        "{}",
+        refused.stderr
+    );
+    daemon
+        .granary(&["user", "remove", "alice", "--purge"])
+        .success();
+    let snapshots = zfs(&["list", "-H", "-t", "snapshot", "-o", "name"]);
+    assert!(
+        snapshots.contains(&format!("{}/retired-alice-hello-final-", pool.name)),
+        "{snapshots}"
+    );
+    assert!(!zfs(&["list", "-H", "-o", "name"]).contains(&dataset));
+    drop(daemon);
+}
