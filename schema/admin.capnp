@@ -107,6 +107,24 @@ interface Admin {
   # image and starts them again. If one fails to start, everything goes
   # back to the previous version (`rolledBack`, with the failure in
   # `error`) and those grains are started on it.
+
+  listSnapshots @22 (grain :Text) -> (snapshots :List(Snapshot));
+
+  createSnapshot @23 (grain :Text, label :Text) -> (name :Text, report :Text, frozenMicros :UInt64);
+  # A consistent snapshot: a running grain checkpoints (its
+  # `prepareSnapshot`), is frozen, snapshotted and thawed. `label` empty
+  # makes `manual-<unix time>`; manual snapshots are never pruned.
+
+  rollbackSnapshot @24 (grain :Text, name :Text) -> (restarted :Bool);
+  # Stops the grain, rolls its dataset back, starts it again if it ran.
+
+  pruneSnapshots @25 (grain :Text) -> (deleted :List(Text));
+  # Applies the retention grid now.
+}
+
+struct Snapshot {
+  name @0 :Text;
+  createdAt @1 :Int64;   # Unix seconds.
 }
 
 struct App {

@@ -12,7 +12,8 @@ fn grains_live_on_their_own_zfs_datasets_and_purge_keeps_a_final_snapshot() {
     let daemon = Daemon::start_with(
         DaemonMode::Serve,
         &format!(
-            "[storage]\nbackend = \"zfs\"\nzfs_dataset = \"{}\"\nquota_mib = 16\n",
+            "[storage]\nbackend = \"zfs\"\nzfs_dataset = \"{}\"\nquota_mib = 16\n\
+             [snapshots]\ninterval = \"1s\"\nkeep = [\"1h:1\"]\n",
             pool.name
         ),
     );
@@ -58,12 +59,80 @@ fn grains_live_on_their_own_zfs_datasets_and_purge_keeps_a_final_snapshot() {
         zfs(&["get", "-H", "-o", "value", "refquota", &dataset]).trim(),
         "16M"
     );
-    // The grain's data, on its dataset.
-    std::fs::write(
-        daemon.data_dir().join("grains/alice-hello/data/note"),
-        "kept in the final snapshot",
-    )
-    .unwrap();
+    // A consistent snapshot of the running grain, then a rollback to it.
+    let data = daemon.data_dir().join("grains/alice-hello/data");
+    std::fs::write(data.join("note"), "before").unwrap();
+    let taken = daemon
+        .granary(&[
+            "snapshot",
+            "create",
+            "alice/hello",
+            "--label",
+            "before-change",
+        ])
+        .success();
+    assert!(taken.stdout.contains("frozen for"), "{}", taken.stdout);
+    assert!(
+        taken.stdout.contains("checkpoint: nothing to flush"),
+        "{}",
+        taken.stdout
+    );
+    std::fs::write(data.join("note"), "after").unwrap();
+    std::fs::write(data.join("later"), "x").unwrap();
+    let list = daemon
+        .granary(&["snapshot", "list", "alice/hello", "--json"])
+        .success()
+        .json();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "before-change"),
+        "{list}"
+    );
+    let back = daemon
+        .granary(&["snapshot", "rollback", "alice/hello", "before-change"])
+        .success();
+    assert!(back.stdout.contains("running again"), "{}", back.stdout);
+    assert_eq!(
+        std::fs::read_to_string(data.join("note")).unwrap(),
+        "before"
+    );
+    assert!(!data.join("later").exists());
+    let out = daemon
+        .granary_with_stdin(
+            &["grain", "connect", "alice/hello", "hello"],
+            Some("ping\n"),
+        )
+        .success();
+    assert_eq!(out.stdout.trim(), "pong");
+
+    // The scheduler snapshots every second and keeps one automatic
+    // snapshot per hour; the manual one stays.
+    granary_testkit::eventually(
+        "an automatic snapshot",
+        std::time::Duration::from_secs(30),
+        || {
+            let list = daemon
+                .granary(&["snapshot", "list", "alice/hello", "--json"])
+                .success()
+                .json();
+            let names: Vec<String> = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_owned())
+                .collect();
+            let autos = names.iter().filter(|n| n.starts_with("auto-")).count();
+            assert!(autos <= 2, "pruning keeps one per hour: {names:?}");
+            assert!(names.contains(&"before-change".to_owned()));
+            (autos >= 1).then_some(())
+        },
+    );
+    let refused = daemon
+        .granary(&["snapshot", "create", "alice/hello", "--label", "auto-1"])
+        .failure();
+    assert!(refused.stderr.contains("scheduler"), "{}", refused.stderr);
     let refused = daemon.granary(&["user", "remove", "alice"]).failure();
     assert!(
         refused.stderr.contains("final snapshot is kept"),

@@ -24,6 +24,16 @@ pub struct RawConfig {
     pub grains: RawGrains,
     #[serde(default)]
     pub packages: RawPackages,
+    #[serde(default)]
+    pub snapshots: RawSnapshots,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSnapshots {
+    pub interval: Option<String>,
+    pub keep: Option<Vec<String>>,
+    pub freeze_limit: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

@@ -40,6 +40,17 @@ pub struct Config {
     pub cgroup_parent: String,
     pub grains: Grains,
     pub packages: Packages,
+    pub snapshots: Snapshots,
+}
+
+/// `[snapshots]`: the automatic snapshot schedule and its retention grid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshots {
+    /// `None`: no automatic snapshots.
+    pub interval: Option<Duration>,
+    /// (period, how many periods keep their newest snapshot).
+    pub keep: Vec<(Duration, usize)>,
+    pub freeze_limit: Duration,
 }
 
 /// `[packages]`: what an app package may make the host do.
@@ -383,7 +394,42 @@ impl Config {
             max_entries: positive("packages.max_entries", pk.max_entries.unwrap_or(100_000))?,
         };
 
+        let sn = &raw.snapshots;
+        let interval = match sn.interval.as_deref().unwrap_or("15m") {
+            "off" => None,
+            text => Some(parse_duration(text).map_err(|r| err("snapshots.interval", r))?),
+        };
+        let default_keep = ["15m:4", "1h:48", "1d:30", "30d:6"]
+            .map(str::to_owned)
+            .to_vec();
+        let mut keep = Vec::new();
+        for rule in sn.keep.as_ref().unwrap_or(&default_keep) {
+            let parsed = rule.split_once(':').and_then(|(p, n)| {
+                let period = if let Some(days) = p.strip_suffix('d') {
+                    days.parse::<u64>()
+                        .ok()
+                        .map(|d| Duration::from_secs(d * 86_400))
+                } else {
+                    parse_duration(p).ok()
+                };
+                Some((period?, n.parse::<usize>().ok().filter(|n| *n > 0)?))
+            });
+            keep.push(parsed.ok_or_else(|| {
+                err(
+                    "snapshots.keep",
+                    format!("{rule:?} is not PERIOD:COUNT, e.g. \"1h:48\" or \"30d:6\""),
+                )
+            })?);
+        }
+        let snapshots = Snapshots {
+            interval,
+            keep,
+            freeze_limit: parse_duration(sn.freeze_limit.as_deref().unwrap_or("5s"))
+                .map_err(|r| err("snapshots.freeze_limit", r))?,
+        };
+
         Ok(Config {
+            snapshots,
             packages,
             grains,
             cgroup_parent,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{DatasetError, Datasets, check_id, err, mkdir, running_as_root};
+use crate::{DatasetError, Datasets, Snapshot, check_id, err, label_time, mkdir, running_as_root};
 
 /// Runs a storage tool; its stderr becomes the error.
 fn run(tool: &str, args: &[&str]) -> io::Result<String> {
@@ -43,6 +43,44 @@ fn run_retrying_busy(tool: &str, args: &[&str]) -> io::Result<String> {
         }
     }
     Err(last.expect("retried at least once"))
+}
+
+/// `zfs list`'s creation date ("Tue Nov 24 23:20 2026", the host's local
+/// time, taken as UTC) in Unix seconds.
+fn parse_zfs_date(text: &str) -> Option<i64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let [_, month, day, time, year] = parts.as_slice() else {
+        return None;
+    };
+    let m = MONTHS.iter().position(|x| x == month)? as i64 + 1;
+    let d: i64 = day.parse().ok()?;
+    let y: i64 = year.parse().ok()?;
+    let (h, min) = time.split_once(':')?;
+    let (h, min): (i64, i64) = (h.parse().ok()?, min.parse().ok()?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + min * 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zfs_dates_parse() {
+        assert_eq!(super::parse_zfs_date("Thu Jan  1 00:00 1970"), Some(0));
+        assert_eq!(
+            super::parse_zfs_date("Tue Nov 24 23:20 2026"),
+            Some(1_795_562_400)
+        );
+        assert_eq!(super::parse_zfs_date("yesterday"), None);
+    }
 }
 
 fn own(grain: &str, data: &Path, host_uid: u32) -> Result<(), DatasetError> {
@@ -134,6 +172,68 @@ impl Datasets for Zfs {
         let snap = format!("{}@{label}", self.name(grain));
         run("zfs", &["snapshot", &snap]).map_err(err(grain, "take a ZFS snapshot"))?;
         Ok(Some(snap))
+    }
+
+    fn list_snapshots(&self, grain: &str) -> Result<Vec<Snapshot>, DatasetError> {
+        check_id(grain)?;
+        let name = self.name(grain);
+        let out = match run(
+            "zfs",
+            &[
+                "list",
+                "-H",
+                "-t",
+                "snapshot",
+                "-o",
+                "name,creation",
+                "-s",
+                "creation",
+                "-d",
+                "1",
+                &name,
+            ],
+        ) {
+            Ok(out) => out,
+            Err(e) if e.to_string().contains("does not exist") => return Ok(Vec::new()),
+            Err(e) => return Err(err(grain, "list ZFS snapshots")(e)),
+        };
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let (full, created) = l.split_once('\t')?;
+                let (_, label) = full.split_once('@')?;
+                Some(Snapshot {
+                    name: label.to_owned(),
+                    // zfs-fuse's zfs has no -p: "Tue Nov 24 23:20 2026".
+                    created: created
+                        .trim()
+                        .parse()
+                        .ok()
+                        .or_else(|| parse_zfs_date(created.trim()))
+                        .unwrap_or_else(|| label_time(label)),
+                })
+            })
+            .collect())
+    }
+
+    fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        run_retrying_busy(
+            "zfs",
+            &["destroy", &format!("{}@{label}", self.name(grain))],
+        )
+        .map(drop)
+        .map_err(err(grain, "destroy a ZFS snapshot"))
+    }
+
+    fn rollback(&self, grain: &str, label: &str, host_uid: u32) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        run(
+            "zfs",
+            &["rollback", "-r", &format!("{}@{label}", self.name(grain))],
+        )
+        .map_err(err(grain, "roll the ZFS dataset back"))?;
+        own(grain, &self.path(grain), host_uid)
     }
 
     /// The final snapshot stays with the dataset, which is renamed to
@@ -262,6 +362,84 @@ impl Datasets for Btrfs {
         )
         .map_err(err(grain, "take a btrfs snapshot"))?;
         Ok(Some(target.display().to_string()))
+    }
+
+    fn list_snapshots(&self, grain: &str) -> Result<Vec<Snapshot>, DatasetError> {
+        check_id(grain)?;
+        let mut snaps: Vec<Snapshot> = match std::fs::read_dir(self.snapshots(grain)) {
+            Ok(entries) => entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .map(|name| Snapshot {
+                    created: label_time(&name),
+                    name,
+                })
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(err(grain, "list btrfs snapshots")(e)),
+        };
+        snaps.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        Ok(snaps)
+    }
+
+    fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        if label.contains('/') || label.starts_with('.') {
+            return Err(err(grain, "name a snapshot")(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{label:?} is not a snapshot name"),
+            )));
+        }
+        run(
+            "btrfs",
+            &[
+                "subvolume",
+                "delete",
+                &self.snapshots(grain).join(label).to_string_lossy(),
+            ],
+        )
+        .map(drop)
+        .map_err(err(grain, "delete a btrfs snapshot"))
+    }
+
+    fn rollback(&self, grain: &str, label: &str, host_uid: u32) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let snap = self.snapshots(grain).join(label);
+        if label.contains('/') || label.starts_with('.') || !snap.exists() {
+            return Err(err(grain, "find the snapshot")(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no snapshot {label:?}"),
+            )));
+        }
+        let data = self.path(grain);
+        // A writable copy of the snapshot first, then the swap: a failure
+        // leaves the current data in place.
+        let fresh = self.grain_dir(grain).join(".rollback");
+        let _ = run("btrfs", &["subvolume", "delete", &fresh.to_string_lossy()]);
+        run(
+            "btrfs",
+            &[
+                "subvolume",
+                "snapshot",
+                &snap.to_string_lossy(),
+                &fresh.to_string_lossy(),
+            ],
+        )
+        .map_err(err(grain, "copy the snapshot"))?;
+        run("btrfs", &["subvolume", "delete", &data.to_string_lossy()])
+            .map_err(err(grain, "delete the current subvolume"))?;
+        std::fs::rename(&fresh, &data).map_err(err(grain, "move the copy into place"))?;
+        run(
+            "btrfs",
+            &[
+                "qgroup",
+                "limit",
+                &self.quota_bytes.to_string(),
+                &data.to_string_lossy(),
+            ],
+        )
+        .map_err(err(grain, "limit the subvolume's qgroup"))?;
+        own(grain, &data, host_uid)
     }
 
     /// The final snapshot is kept as a read-only subvolume in

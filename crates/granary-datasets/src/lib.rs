@@ -49,6 +49,26 @@ pub trait Datasets: Send + Sync {
     /// Destroys the dataset and the grain's directory. Missing is fine.
     fn destroy(&self, grain: &str) -> Result<(), DatasetError>;
 
+    /// The grain's snapshots, oldest first.
+    fn list_snapshots(&self, grain: &str) -> Result<Vec<Snapshot>, DatasetError> {
+        check_id(grain)?;
+        Ok(Vec::new())
+    }
+
+    /// Deletes one snapshot.
+    fn delete_snapshot(&self, grain: &str, name: &str) -> Result<(), DatasetError> {
+        let _ = name;
+        Err(no_snapshots(grain))
+    }
+
+    /// Puts the dataset back to a snapshot (the grain must be stopped).
+    /// Later snapshots are kept where the backend allows it (btrfs) and
+    /// destroyed where it does not (ZFS).
+    fn rollback(&self, grain: &str, name: &str, host_uid: u32) -> Result<(), DatasetError> {
+        let _ = (name, host_uid);
+        Err(no_snapshots(grain))
+    }
+
     /// Removes a grain for good after a final read-only snapshot that is
     /// kept (named `<grain>-<label>`) where the backend has snapshots;
     /// returns where it is kept. Without snapshots it just destroys.
@@ -58,6 +78,37 @@ pub trait Datasets: Send + Sync {
         Ok(None)
     }
 }
+
+/// One read-only snapshot of a grain's dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The label given at creation (`auto-<unix time>`, `manual-...`).
+    pub name: String,
+    /// Unix seconds.
+    pub created: i64,
+}
+
+/// The unix time in an `auto-<secs>`/`manual-<secs>` label, else 0.
+pub fn label_time(label: &str) -> i64 {
+    label
+        .rsplit('-')
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0)
+}
+
+fn no_snapshots(grain: &str) -> DatasetError {
+    DatasetError {
+        grain: grain.to_owned(),
+        op: "snapshots",
+        source: io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the plain storage backend has no snapshots; use storage.backend = \"zfs\" or \"btrfs\"",
+        ),
+    }
+}
+
+pub mod retention;
 
 /// Plain directories under `root`.
 #[derive(Debug, Clone)]
@@ -173,6 +224,7 @@ mod cow;
 pub mod testing;
 
 pub use cow::{Btrfs, Zfs};
+pub use retention::Grid;
 
 pub(crate) fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;

@@ -42,6 +42,24 @@ fn exercise(backend: &dyn Datasets) -> String {
         written <= QUOTA + (4 << 20),
         "wrote {written} past a {QUOTA} quota"
     );
+    // The snapshot is listed, and rolling back to it restores the note and
+    // drops what came after (the space too).
+    let names: Vec<String> = backend
+        .list_snapshots("g-one")
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["first"]);
+    std::fs::remove_file(data.join("big")).ok();
+    std::fs::write(data.join("note"), "changed").unwrap();
+    backend.rollback("g-one", "first", uid).unwrap();
+    assert_eq!(std::fs::read_to_string(data.join("note")).unwrap(), "kept");
+    assert!(!data.join("big").exists());
+    assert_eq!(std::fs::metadata(&data).unwrap().uid(), uid);
+    std::fs::write(data.join("after-rollback"), vec![0u8; 1 << 20]).unwrap();
+    backend.delete_snapshot("g-one", "first").unwrap();
+    assert!(backend.list_snapshots("g-one").unwrap().is_empty());
     // Another grain has its own quota.
     let other = backend.create("g-two", uid + 1).unwrap();
     std::fs::write(other.join("x"), vec![1u8; 1 << 20]).unwrap();

@@ -228,6 +228,69 @@ impl GrainCgroup {
     }
 }
 
+/// A grain's processes, frozen until this is dropped (or `thaw`ed).
+pub struct Frozen {
+    state_file: PathBuf,
+    v2: bool,
+}
+
+impl Frozen {
+    pub fn thaw(self) {}
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let value = if self.v2 { "0" } else { "THAWED" };
+        let _ = fs::write(&self.state_file, value);
+    }
+}
+
+/// Freezes every process of a running grain (for a consistent snapshot),
+/// waiting up to `patience` for the kernel to report it frozen. On
+/// timeout the grain is thawed again and an error returned.
+pub fn freeze(
+    driver: &CgroupDriver,
+    parent: &str,
+    grain: &str,
+    patience: Duration,
+) -> Result<Frozen, JailError> {
+    let (state_file, v2) = match driver {
+        CgroupDriver::V1 { root } => (
+            root.join("freezer")
+                .join(parent)
+                .join(grain)
+                .join("freezer.state"),
+            false,
+        ),
+        CgroupDriver::V2 { root } => (root.join(parent).join(grain).join("cgroup.freeze"), true),
+    };
+    write(&state_file, if v2 { "1" } else { "FROZEN" })?;
+    let frozen = Frozen { state_file, v2 };
+    let deadline = Instant::now() + patience;
+    loop {
+        let done = if v2 {
+            let events = frozen.state_file.with_file_name("cgroup.events");
+            fs::read_to_string(events)
+                .map(|e| e.lines().any(|l| l == "frozen 1"))
+                .unwrap_or(false)
+        } else {
+            fs::read_to_string(&frozen.state_file)
+                .map(|s| s.trim() == "FROZEN")
+                .unwrap_or(false)
+        };
+        if done {
+            return Ok(frozen);
+        }
+        if Instant::now() > deadline {
+            return Err(JailError::new(format!(
+                "grain {grain} did not freeze within {} ms; thawed it again",
+                patience.as_millis()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Removes what a grain's launcher could not (it was killed): the grain's
 /// empty cgroup directories, and the parent's when `parent_too` and empty.
 /// Missing directories and busy ones (still in use) are left alone.

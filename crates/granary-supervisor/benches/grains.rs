@@ -212,7 +212,10 @@ fn main() {
         },
         launcher,
         apps_dir: apps,
-        config: SupervisorConfig::default(),
+        config: SupervisorConfig {
+            snapshot_interval: None,
+            ..SupervisorConfig::default()
+        },
     };
 
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -39,6 +39,18 @@ use granary_jail::spawn::Spawner;
 use granary_state::{StateError, Store};
 
 pub use grain::{Connection, ConnectionGuard, GrainStatus, Identity};
+pub use granary_datasets::Snapshot;
+
+/// What `Supervisor::snapshot` did.
+#[derive(Debug, Clone)]
+pub struct SnapshotTaken {
+    /// Where the backend keeps it (e.g. `pool/alice-git@manual-1700000000`).
+    pub name: String,
+    /// The app's one-line checkpoint report ("" when it was not running).
+    pub report: String,
+    /// How long the grain was frozen (0 when it was not running).
+    pub frozen: Duration,
+}
 
 use crate::grain::{Running, Slot};
 use crate::membrane::{Membrane, MembraneCap};
@@ -71,6 +83,13 @@ pub struct SupervisorConfig {
     pub call_timeout: Duration,
     /// How often cross-grain call counts go to the audit log.
     pub audit_flush: Duration,
+    /// How often every grain gets an automatic snapshot (backends with
+    /// snapshots only); `None` for never.
+    pub snapshot_interval: Option<Duration>,
+    /// Which automatic snapshots are kept.
+    pub retention: granary_datasets::Grid,
+    /// Longest a running grain stays frozen for a snapshot.
+    pub freeze_limit: Duration,
 }
 
 impl Default for SupervisorConfig {
@@ -87,6 +106,9 @@ impl Default for SupervisorConfig {
             flood_cutoff: 10_000,
             call_timeout: Duration::from_secs(30),
             audit_flush: Duration::from_secs(60),
+            snapshot_interval: Some(Duration::from_secs(15 * 60)),
+            retention: granary_datasets::Grid::default(),
+            freeze_limit: Duration::from_secs(5),
         }
     }
 }
@@ -169,6 +191,18 @@ impl Supervisor {
             calls: RefCell::default(),
             used: RefCell::default(),
         });
+        if let Some(every) = inner.params.config.snapshot_interval
+            && inner.params.datasets.backend() != "plain"
+        {
+            let weak = Rc::downgrade(&inner);
+            tokio::task::spawn_local(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    Supervisor { inner }.snapshot_all().await;
+                }
+            });
+        }
         let weak = Rc::downgrade(&inner);
         let every = inner.params.config.audit_flush;
         tokio::task::spawn_local(async move {
@@ -330,6 +364,161 @@ impl Supervisor {
     ) -> Result<capnp::capability::Client, SupervisorError> {
         let running = self.inner.ensure_running(grain).await?;
         self.inner.offer(&running, descriptor, "").await
+    }
+
+    /// A consistent snapshot: a running grain is asked to checkpoint
+    /// (`Grain.prepareSnapshot`), its cgroup frozen (at most
+    /// `freeze_limit`), the dataset snapshotted, and the grain thawed.
+    pub async fn snapshot(
+        &self,
+        grain: &str,
+        label: &str,
+    ) -> Result<SnapshotTaken, SupervisorError> {
+        let slot = self.inner.slot(grain).await?;
+        let config = &self.inner.params.config;
+        let call = |reason: String| SupervisorError::Call {
+            grain: grain.to_owned(),
+            reason,
+        };
+        let running = slot.running();
+        let mut report = String::new();
+        if let Some(r) = &running {
+            let answer = tokio::time::timeout(
+                config.call_timeout,
+                r.grain.prepare_snapshot_request().send().promise,
+            )
+            .await
+            .map_err(|_| call("the app did not checkpoint in time".to_owned()))?
+            .map_err(|e| call(format!("checkpoint: {}", e.extra)))?;
+            report = answer
+                .get()
+                .and_then(|a| a.get_report())
+                .ok()
+                .and_then(|t| t.to_string().ok())
+                .unwrap_or_default();
+        }
+        let datasets = self.inner.params.datasets.clone();
+        let driver = self
+            .inner
+            .params
+            .jail
+            .cgroup
+            .clone()
+            .filter(|_| running.is_some());
+        let parent = self.inner.params.jail.cgroup_parent.clone();
+        let (id, label, limit) = (grain.to_owned(), label.to_owned(), config.freeze_limit);
+        let (name, frozen) = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let freezer = match &driver {
+                Some(d) => Some(
+                    granary_jail::cgroup::freeze(d, &parent, &id, limit)
+                        .map_err(|e| e.to_string())?,
+                ),
+                None => None,
+            };
+            let name = datasets.snapshot(&id, &label).map_err(|e| e.to_string());
+            drop(freezer);
+            let frozen = if driver.is_some() {
+                started.elapsed()
+            } else {
+                Duration::ZERO
+            };
+            name.map(|n| (n, frozen))
+        })
+        .await
+        .map_err(|e| SupervisorError::Other(e.to_string()))?
+        .map_err(SupervisorError::Other)?;
+        let name = name.ok_or_else(|| {
+            SupervisorError::Other(
+                "the plain storage backend has no snapshots; use storage.backend = \"zfs\" or \"btrfs\"".to_owned(),
+            )
+        })?;
+        tracing::info!(grain, snapshot = %name, frozen_ms = frozen.as_millis() as u64, "snapshot taken");
+        Ok(SnapshotTaken {
+            name,
+            report,
+            frozen,
+        })
+    }
+
+    pub async fn list_snapshots(&self, grain: &str) -> Result<Vec<Snapshot>, SupervisorError> {
+        self.inner.slot(grain).await?;
+        let (datasets, id) = (self.inner.params.datasets.clone(), grain.to_owned());
+        tokio::task::spawn_blocking(move || datasets.list_snapshots(&id))
+            .await
+            .map_err(|e| SupervisorError::Other(e.to_string()))?
+            .map_err(|e| SupervisorError::Other(e.to_string()))
+    }
+
+    /// Deletes the automatic snapshots the retention grid does not keep.
+    pub async fn prune(&self, grain: &str) -> Result<Vec<String>, SupervisorError> {
+        let snaps = self.list_snapshots(grain).await?;
+        let doomed = self.inner.params.config.retention.prune(&snaps);
+        let (datasets, id, list) = (
+            self.inner.params.datasets.clone(),
+            grain.to_owned(),
+            doomed.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            for name in &list {
+                datasets.delete_snapshot(&id, name)?;
+            }
+            Ok::<_, granary_datasets::DatasetError>(())
+        })
+        .await
+        .map_err(|e| SupervisorError::Other(e.to_string()))?
+        .map_err(|e| SupervisorError::Other(e.to_string()))?;
+        Ok(doomed)
+    }
+
+    /// Stops the grain, puts its dataset back to a snapshot, and starts it
+    /// again if it was running. Returns whether it was.
+    pub async fn rollback(&self, grain: &str, snapshot: &str) -> Result<bool, SupervisorError> {
+        let slot = self.inner.slot(grain).await?;
+        let was_running = self.inner.stop_slot(&slot).await;
+        let (datasets, id, name, uid) = (
+            self.inner.params.datasets.clone(),
+            grain.to_owned(),
+            snapshot.to_owned(),
+            slot.host_uid,
+        );
+        tokio::task::spawn_blocking(move || datasets.rollback(&id, &name, uid))
+            .await
+            .map_err(|e| SupervisorError::Other(e.to_string()))?
+            .map_err(|e| SupervisorError::Other(e.to_string()))?;
+        tracing::info!(grain, snapshot, "rolled back");
+        if was_running {
+            self.start(grain).await?;
+        }
+        Ok(was_running)
+    }
+
+    /// The scheduler's round: an automatic snapshot of every grain whose
+    /// dataset exists, then pruning by the retention grid.
+    async fn snapshot_all(&self) {
+        let Ok(grains) = db(&self.inner.params.store, |s| s.list_grains()).await else {
+            return;
+        };
+        let label = format!(
+            "{}{}",
+            granary_datasets::retention::AUTO_PREFIX,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        );
+        for g in grains {
+            if !self.inner.params.datasets.path(&g.id).exists() {
+                continue;
+            }
+            if let Err(e) = self.snapshot(&g.id, &label).await {
+                tracing::warn!(grain = %g.id, error = %e, "automatic snapshot failed");
+                continue;
+            }
+            if let Err(e) = self.prune(&g.id).await {
+                tracing::warn!(grain = %g.id, error = %e, "pruning snapshots failed");
+            }
+        }
     }
 
     /// Pid of the grain's launcher while it runs (tests, status).

@@ -56,6 +56,9 @@ pub(crate) enum Command {
     /// Let one grain use a capability another grain provides
     #[command(subcommand)]
     Grant(GrantCommand),
+    /// List, take, roll back to and prune a grain's snapshots (zfs, btrfs)
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Build, sign, verify and inspect app packages (no daemon needed)
     #[command(subcommand)]
     Pack(PackCommand),
@@ -232,6 +235,37 @@ pub(crate) enum GrainCommand {
         /// Connect as this user [default: the grain's owner]
         #[arg(long, value_name = "USER")]
         user: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SnapshotCommand {
+    /// List a grain's snapshots, oldest first
+    List {
+        /// USER/KIND or the grain id
+        grain: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Take a consistent snapshot now (checkpoint, freeze, snapshot, thaw)
+    Create {
+        /// USER/KIND or the grain id
+        grain: String,
+        /// A name for it [default: manual-UNIX_TIME]
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Stop the grain, roll its data back to a snapshot, start it again
+    Rollback {
+        /// USER/KIND or the grain id
+        grain: String,
+        /// The snapshot's name, as `granary snapshot list` shows it
+        snapshot: String,
+    },
+    /// Delete the automatic snapshots the retention grid does not keep
+    Prune {
+        /// USER/KIND or the grain id
+        grain: String,
     },
 }
 

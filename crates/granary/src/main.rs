@@ -124,6 +124,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             pack::run(cmd, &limits)
         }
+        Command::Snapshot(cmd) => {
+            let config = load_config(&cli)?;
+            admin::grains::snapshot(&config, cmd)
+        }
         Command::Grant(cmd) => {
             let config = load_config(&cli)?;
             admin::grains::grant(&config, cmd)

@@ -647,6 +647,111 @@ impl admin::Server for AdminService {
         Ok(())
     }
 
+    async fn list_snapshots(
+        self: Rc<Self>,
+        params: admin::ListSnapshotsParams,
+        mut results: admin::ListSnapshotsResults,
+    ) -> Result<(), capnp::Error> {
+        let id = grain_id(params.get()?.get_grain()?.to_str()?);
+        let snaps = self
+            .grains
+            .sup
+            .list_snapshots(&id)
+            .await
+            .map_err(sup_failure)?;
+        let mut list = results.get().init_snapshots(snaps.len() as u32);
+        for (i, s) in snaps.iter().enumerate() {
+            let mut out = list.reborrow().get(i as u32);
+            out.set_name(&s.name);
+            out.set_created_at(s.created);
+        }
+        Ok(())
+    }
+
+    async fn create_snapshot(
+        self: Rc<Self>,
+        params: admin::CreateSnapshotParams,
+        mut results: admin::CreateSnapshotResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = grain_id(p.get_grain()?.to_str()?);
+        let label = match p.get_label()?.to_str()? {
+            "" => format!(
+                "manual-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            ),
+            l if l.starts_with("auto-") => {
+                return Err(fail("labels starting with auto- are the scheduler's"));
+            }
+            l => {
+                let ok = l.len() <= 64
+                    && !l.starts_with('.')
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                if !ok {
+                    return Err(fail(format!(
+                        "snapshot label {l:?} must be 1 to 64 of A-Z, a-z, 0-9, '.', '_' and '-'"
+                    )));
+                }
+                l.to_owned()
+            }
+        };
+        let taken = self
+            .grains
+            .sup
+            .snapshot(&id, &label)
+            .await
+            .map_err(sup_failure)?;
+        let mut r = results.get();
+        r.set_name(&taken.name);
+        r.set_report(&taken.report);
+        r.set_frozen_micros(taken.frozen.as_micros() as u64);
+        Ok(())
+    }
+
+    async fn rollback_snapshot(
+        self: Rc<Self>,
+        params: admin::RollbackSnapshotParams,
+        mut results: admin::RollbackSnapshotResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = grain_id(p.get_grain()?.to_str()?);
+        let name = p.get_name()?.to_str()?.to_owned();
+        let restarted = self
+            .grains
+            .sup
+            .rollback(&id, &name)
+            .await
+            .map_err(sup_failure)?;
+        let (store, detail) = (self.store.clone(), format!("snapshot={name}"));
+        let i = id.clone();
+        blocking(move || {
+            store
+                .record_event(ACTOR, "grain.rollback", &i, &detail)
+                .map_err(state_failure)
+        })
+        .await?;
+        results.get().set_restarted(restarted);
+        Ok(())
+    }
+
+    async fn prune_snapshots(
+        self: Rc<Self>,
+        params: admin::PruneSnapshotsParams,
+        mut results: admin::PruneSnapshotsResults,
+    ) -> Result<(), capnp::Error> {
+        let id = grain_id(params.get()?.get_grain()?.to_str()?);
+        let deleted = self.grains.sup.prune(&id).await.map_err(sup_failure)?;
+        let mut list = results.get().init_deleted(deleted.len() as u32);
+        for (i, d) in deleted.iter().enumerate() {
+            list.set(i as u32, d);
+        }
+        Ok(())
+    }
+
     async fn upgrade_app(
         self: Rc<Self>,
         params: admin::UpgradeAppParams,

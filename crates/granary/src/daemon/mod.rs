@@ -236,6 +236,16 @@ async fn grains_setup(
                 flood_cutoff: g.flood_cutoff,
                 call_timeout: g.call_timeout,
                 audit_flush: g.audit_flush,
+                snapshot_interval: config.snapshots.interval,
+                retention: granary_datasets::Grid {
+                    rules: config
+                        .snapshots
+                        .keep
+                        .iter()
+                        .map(|(period, n)| (period.as_secs() as i64, *n))
+                        .collect(),
+                },
+                freeze_limit: config.snapshots.freeze_limit,
             },
         },
         uids,
