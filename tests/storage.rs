@@ -135,7 +135,7 @@ fn grains_live_on_their_own_zfs_datasets_and_purge_keeps_a_final_snapshot() {
     assert!(refused.stderr.contains("scheduler"), "{}", refused.stderr);
     let refused = daemon.granary(&["user", "remove", "alice"]).failure();
     assert!(
-        refused.stderr.contains("final snapshot is kept"),
+        refused.stderr.contains("final state is kept"),
         "{}",
         refused.stderr
     );

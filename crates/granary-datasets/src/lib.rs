@@ -97,6 +97,47 @@ pub fn label_time(label: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// A snapshot label names a directory or a ZFS snapshot: 1 to 64 of
+/// `[A-Za-z0-9._-]`, not starting with '.' or '-'.
+pub(crate) fn check_label(grain: &str, label: &str) -> Result<(), DatasetError> {
+    let ok = !label.is_empty()
+        && label.len() <= 64
+        && !label.starts_with('.')
+        && !label.starts_with('-')
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(err(grain, "name a snapshot")(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{label:?} is not a snapshot name"),
+        )))
+    }
+}
+
+/// `cp -a --reflink=auto`: preserves owners, modes, times, links (never
+/// followed) and hard links; shares blocks where the filesystem can.
+fn copy_tree(grain: &str, from: &Path, to: &Path) -> Result<(), DatasetError> {
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg("--reflink=auto")
+        .arg("--")
+        .arg(from)
+        .arg(to)
+        .output()
+        .map_err(err(grain, "run cp"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let _ = std::fs::remove_dir_all(to);
+        Err(err(grain, "copy the dataset")(io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        )))
+    }
+}
+
 fn no_snapshots(grain: &str) -> DatasetError {
     DatasetError {
         grain: grain.to_owned(),
@@ -204,9 +245,97 @@ impl Datasets for Plain {
         }
     }
 
-    fn snapshot(&self, grain: &str, _label: &str) -> Result<Option<String>, DatasetError> {
+    /// A copy of the dataset in `<grain>/snapshots/<label>`, by reflink
+    /// where the filesystem has it (btrfs, XFS), else a full copy; `cp -a`
+    /// never follows the grain's symlinks.
+    fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
         check_id(grain)?;
-        Ok(None)
+        check_label(grain, label)?;
+        let dir = self.grain_dir(grain).join("snapshots");
+        mkdir(&dir, 0o700).map_err(err(grain, "create the snapshot directory"))?;
+        let target = dir.join(label);
+        if target.exists() {
+            return Err(err(grain, "take a snapshot")(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("snapshot {label} exists"),
+            )));
+        }
+        let partial = dir.join(format!(".partial-{label}"));
+        let _ = std::fs::remove_dir_all(&partial);
+        copy_tree(grain, &self.path(grain), &partial)?;
+        std::fs::rename(&partial, &target).map_err(err(grain, "finish the snapshot"))?;
+        Ok(Some(target.display().to_string()))
+    }
+
+    fn list_snapshots(&self, grain: &str) -> Result<Vec<Snapshot>, DatasetError> {
+        check_id(grain)?;
+        let mut snaps: Vec<Snapshot> =
+            match std::fs::read_dir(self.grain_dir(grain).join("snapshots")) {
+                Ok(entries) => entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                    .filter(|n| !n.starts_with('.'))
+                    .map(|name| Snapshot {
+                        created: label_time(&name),
+                        name,
+                    })
+                    .collect(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(err(grain, "list snapshots")(e)),
+            };
+        snaps.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        Ok(snaps)
+    }
+
+    fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        check_label(grain, label)?;
+        std::fs::remove_dir_all(self.grain_dir(grain).join("snapshots").join(label))
+            .map_err(err(grain, "delete a snapshot"))
+    }
+
+    fn rollback(&self, grain: &str, label: &str, host_uid: u32) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        check_label(grain, label)?;
+        let snap = self.grain_dir(grain).join("snapshots").join(label);
+        if !snap.is_dir() {
+            return Err(err(grain, "find the snapshot")(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no snapshot {label:?}"),
+            )));
+        }
+        // Copy first, then swap: a failure leaves the current data.
+        let fresh = self.grain_dir(grain).join(".rollback");
+        let _ = std::fs::remove_dir_all(&fresh);
+        copy_tree(grain, &snap, &fresh)?;
+        let data = self.path(grain);
+        let old = self.grain_dir(grain).join(".replaced");
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(&data, &old).map_err(err(grain, "move the current data aside"))?;
+        std::fs::rename(&fresh, &data).map_err(err(grain, "move the copy into place"))?;
+        let _ = std::fs::remove_dir_all(&old);
+        if running_as_root() {
+            std::os::unix::fs::lchown(&data, Some(host_uid), Some(host_uid))
+                .map_err(err(grain, "hand the dataset to the grain's uid"))?;
+        }
+        Ok(())
+    }
+
+    /// The final snapshot moves to `.retired/<grain>-<label>`.
+    fn retire(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
+        check_id(grain)?;
+        check_label(grain, label)?;
+        let data = self.path(grain);
+        if !data.exists() {
+            self.destroy(grain)?;
+            return Ok(None);
+        }
+        let retired = self.root.join(".retired");
+        mkdir(&retired, 0o700).map_err(err(grain, "create the retired directory"))?;
+        let kept = retired.join(format!("{grain}-{label}"));
+        std::fs::rename(&data, &kept).map_err(err(grain, "keep the final data"))?;
+        self.destroy(grain)?;
+        Ok(Some(kept.display().to_string()))
     }
 
     fn destroy(&self, grain: &str) -> Result<(), DatasetError> {
@@ -259,7 +388,19 @@ mod tests {
         std::fs::write(data.join("note"), "x").unwrap();
         std::os::unix::fs::symlink(&outside, data.join("link")).unwrap();
         assert!(plain.has_data("g-1").unwrap());
-        assert_eq!(plain.snapshot("g-1", "final").unwrap(), None);
+        let snap = plain.snapshot("g-1", "manual-5").unwrap().unwrap();
+        assert_eq!(
+            std::fs::read_link(std::path::Path::new(&snap).join("link")).unwrap(),
+            outside,
+            "links are copied as links, never followed"
+        );
+        std::fs::write(data.join("note"), "changed").unwrap();
+        assert_eq!(plain.list_snapshots("g-1").unwrap()[0].name, "manual-5");
+        plain.rollback("g-1", "manual-5", 1_500_000_007).unwrap();
+        assert_eq!(std::fs::read_to_string(data.join("note")).unwrap(), "x");
+        assert!(plain.snapshot("g-1", "../x").is_err());
+        assert!(plain.snapshot("g-1", "-rf").is_err());
+        plain.delete_snapshot("g-1", "manual-5").unwrap();
         plain.destroy("g-1").unwrap();
         plain.destroy("g-1").unwrap();
         assert!(!plain.grain_dir("g-1").exists());

@@ -329,13 +329,8 @@ impl Grains {
                 .collect();
             anyhow::ensure!(
                 with_data.is_empty(),
-                "{what} has grains holding data ({}); add --purge to destroy them{}",
+                "{what} has grains holding data ({}); add --purge to remove them (their final state is kept: a snapshot on zfs and btrfs, a moved copy in grains/.retired on plain)",
                 with_data.join(", "),
-                if self.datasets.backend() == "plain" {
-                    " (the plain storage backend keeps no snapshots: this cannot be undone)"
-                } else {
-                    " (a final snapshot is kept)"
-                }
             );
         }
         for g in grains {
