@@ -412,7 +412,10 @@ impl Config {
                 } else {
                     parse_duration(p).ok()
                 };
-                Some((period?, n.parse::<usize>().ok().filter(|n| *n > 0)?))
+                Some((
+                    period.filter(|p| !p.is_zero())?,
+                    n.parse::<usize>().ok().filter(|n| *n > 0)?,
+                ))
             });
             keep.push(parsed.ok_or_else(|| {
                 err(

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{DatasetError, Datasets, Snapshot, check_id, err, label_time, mkdir, running_as_root};
+use crate::{
+    DatasetError, Datasets, Snapshot, check_id, check_label, err, label_time, mkdir,
+    running_as_root,
+};
 
 /// Runs a storage tool; its stderr becomes the error.
 fn run(tool: &str, args: &[&str]) -> io::Result<String> {
@@ -158,6 +161,18 @@ impl Datasets for Zfs {
             // Present but perhaps not mounted (after a reboot).
             let _ = run("zfs", &["mount", &name]);
         }
+        // Never hand the grain a bare mountpoint on the parent filesystem
+        // (no quota, its real data hidden).
+        let mounted = run("zfs", &["get", "-H", "-o", "value", "mounted", &name])
+            .map_err(err(grain, "check the dataset is mounted"))?;
+        if mounted.trim() != "yes" {
+            return Err(err(grain, "mount the ZFS dataset")(io::Error::other(
+                format!(
+                    "{name} is not mounted (mounted={}); see `zfs get canmount,mountpoint {name}`",
+                    mounted.trim()
+                ),
+            )));
+        }
         own(grain, &data, host_uid)?;
         Ok(data)
     }
@@ -169,6 +184,7 @@ impl Datasets for Zfs {
 
     fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
         check_id(grain)?;
+        check_label(grain, label)?;
         let snap = format!("{}@{label}", self.name(grain));
         run("zfs", &["snapshot", &snap]).map_err(err(grain, "take a ZFS snapshot"))?;
         Ok(Some(snap))
@@ -204,13 +220,13 @@ impl Datasets for Zfs {
                 let (_, label) = full.split_once('@')?;
                 Some(Snapshot {
                     name: label.to_owned(),
-                    // zfs-fuse's zfs has no -p: "Tue Nov 24 23:20 2026".
-                    created: created
-                        .trim()
-                        .parse()
-                        .ok()
+                    // Our labels carry the exact time; otherwise zfs's
+                    // (zfs-fuse has no -p: "Tue Nov 24 23:20 2026").
+                    created: Some(label_time(label))
+                        .filter(|t| *t > 0)
+                        .or_else(|| created.trim().parse().ok())
                         .or_else(|| parse_zfs_date(created.trim()))
-                        .unwrap_or_else(|| label_time(label)),
+                        .unwrap_or(0),
                 })
             })
             .collect())
@@ -218,6 +234,7 @@ impl Datasets for Zfs {
 
     fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {
         check_id(grain)?;
+        check_label(grain, label)?;
         run_retrying_busy(
             "zfs",
             &["destroy", &format!("{}@{label}", self.name(grain))],
@@ -228,6 +245,7 @@ impl Datasets for Zfs {
 
     fn rollback(&self, grain: &str, label: &str, host_uid: u32) -> Result<(), DatasetError> {
         check_id(grain)?;
+        check_label(grain, label)?;
         run(
             "zfs",
             &["rollback", "-r", &format!("{}@{label}", self.name(grain))],
@@ -241,6 +259,7 @@ impl Datasets for Zfs {
     /// is free again and its last state is kept until an admin destroys it.
     fn retire(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
         check_id(grain)?;
+        check_label(grain, label)?;
         let name = self.name(grain);
         if run("zfs", &["list", "-H", "-o", "name", &name]).is_err() {
             self.destroy(grain)?;
@@ -341,6 +360,7 @@ impl Datasets for Btrfs {
 
     fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
         check_id(grain)?;
+        check_label(grain, label)?;
         if label.is_empty() || label.contains('/') || label.starts_with('.') {
             return Err(err(grain, "name a snapshot")(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -384,6 +404,7 @@ impl Datasets for Btrfs {
 
     fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {
         check_id(grain)?;
+        check_label(grain, label)?;
         if label.contains('/') || label.starts_with('.') {
             return Err(err(grain, "name a snapshot")(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -404,6 +425,7 @@ impl Datasets for Btrfs {
 
     fn rollback(&self, grain: &str, label: &str, host_uid: u32) -> Result<(), DatasetError> {
         check_id(grain)?;
+        check_label(grain, label)?;
         let snap = self.snapshots(grain).join(label);
         if label.contains('/') || label.starts_with('.') || !snap.exists() {
             return Err(err(grain, "find the snapshot")(io::Error::new(
@@ -426,9 +448,16 @@ impl Datasets for Btrfs {
             ],
         )
         .map_err(err(grain, "copy the snapshot"))?;
-        run("btrfs", &["subvolume", "delete", &data.to_string_lossy()])
-            .map_err(err(grain, "delete the current subvolume"))?;
-        std::fs::rename(&fresh, &data).map_err(err(grain, "move the copy into place"))?;
+        // Swap by renames (the current data stays whole until the copy is
+        // in place), then delete the old subvolume.
+        let old = self.grain_dir(grain).join(".replaced");
+        std::fs::rename(&data, &old).map_err(err(grain, "move the current data aside"))?;
+        if let Err(e) = std::fs::rename(&fresh, &data) {
+            let _ = std::fs::rename(&old, &data);
+            return Err(err(grain, "move the copy into place")(e));
+        }
+        run("btrfs", &["subvolume", "delete", &old.to_string_lossy()])
+            .map_err(err(grain, "delete the old subvolume"))?;
         run(
             "btrfs",
             &[
@@ -446,6 +475,7 @@ impl Datasets for Btrfs {
     /// `<root>/.retired/<grain>-<label>`; everything else goes.
     fn retire(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
         check_id(grain)?;
+        check_label(grain, label)?;
         let data = self.path(grain);
         if !data.exists() {
             self.destroy(grain)?;

@@ -88,11 +88,12 @@ pub struct Snapshot {
     pub created: i64,
 }
 
-/// The unix time in an `auto-<secs>`/`manual-<secs>` label, else 0.
+/// The unix time in the labels Granary makes (`auto-<secs>`,
+/// `manual-<secs>`, `final-<secs>`), else 0.
 pub fn label_time(label: &str) -> i64 {
-    label
-        .rsplit('-')
-        .next()
+    ["auto-", "manual-", "final-"]
+        .iter()
+        .find_map(|p| label.strip_prefix(p))
         .and_then(|t| t.parse().ok())
         .unwrap_or(0)
 }
@@ -309,11 +310,18 @@ impl Datasets for Plain {
         let _ = std::fs::remove_dir_all(&fresh);
         copy_tree(grain, &snap, &fresh)?;
         let data = self.path(grain);
-        let old = self.grain_dir(grain).join(".replaced");
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(&data, &old).map_err(err(grain, "move the current data aside"))?;
-        std::fs::rename(&fresh, &data).map_err(err(grain, "move the copy into place"))?;
-        let _ = std::fs::remove_dir_all(&old);
+        // One atomic swap: a crash leaves either the old or the new data
+        // at `data`, never neither.
+        nix::fcntl::renameat2(
+            None,
+            &fresh,
+            None,
+            &data,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| err(grain, "swap in the rolled-back data")(io::Error::from(e)))?;
+        // `fresh` now holds what was replaced.
+        let _ = std::fs::remove_dir_all(&fresh);
         if running_as_root() {
             std::os::unix::fs::lchown(&data, Some(host_uid), Some(host_uid))
                 .map_err(err(grain, "hand the dataset to the grain's uid"))?;

@@ -42,6 +42,9 @@ impl Grid {
         auto.sort_by(|a, b| (b.created, &b.name).cmp(&(a.created, &a.name)));
         let mut keep: HashSet<&str> = HashSet::new();
         for &(period, count) in &self.rules {
+            if period <= 0 {
+                continue;
+            }
             let mut buckets = BTreeSet::new();
             for s in &auto {
                 let bucket = s.created.div_euclid(period);

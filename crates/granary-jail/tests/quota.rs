@@ -77,6 +77,21 @@ fn attack(backend: &dyn Datasets, data_root: &Path, image: &Path) {
         "{}: the grain wrote {written} bytes past a {QUOTA} quota",
         backend.backend()
     );
+    // Nor can it make a subvolume (btrfs) to write outside its quota.
+    let mut subvol = plan.clone();
+    subvol.argv = vec!["/bin/probe".to_owned(), "--subvol".to_owned()];
+    let out = Command::new(env!("CARGO_BIN_EXE_granary-launcher"))
+        .arg("--plan-json")
+        .arg(serde_json::to_string(&subvol).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "subvol refused errno 1",
+        "{}: {}",
+        backend.backend(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The neighbour is unaffected.
     let other = backend.create("neighbour", uid + 1).unwrap();
     std::fs::write(other.join("still-room"), vec![1u8; 4 << 20]).unwrap();

@@ -191,19 +191,39 @@ impl fmt::Display for Manifest {
 /// compared as numbers, others as text; more parts is newer when the rest
 /// is equal (`1.10 > 1.9`, `2.0.1 > 2.0`).
 pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering::{Equal, Greater, Less};
     let parts =
         |v: &str| -> Vec<String> { v.split(['.', '-', '+', '_']).map(str::to_owned).collect() };
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let (pa, pb) = (parts(a), parts(b));
     for (x, y) in pa.iter().zip(&pb) {
-        let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
-            (Ok(m), Ok(n)) => m.cmp(&n),
-            _ => x.cmp(y),
+        let ord = if numeric(x) && numeric(y) {
+            // Any length: fewer digits (without leading zeros) is smaller.
+            let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+            x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+        } else {
+            x.cmp(y)
         };
-        if ord != std::cmp::Ordering::Equal {
+        if ord != Equal {
             return ord;
         }
     }
-    pa.len().cmp(&pb.len())
+    // One is a prefix of the other: extra zeros change nothing ("1.0" =
+    // "1.0.0"), extra numbers make it newer, and an extra word is a
+    // pre-release ("1.0-rc1" < "1.0").
+    let (rest, sign) = if pa.len() > pb.len() {
+        (&pa[pb.len()..], Greater)
+    } else {
+        (&pb[pa.len()..], Less)
+    };
+    match rest
+        .iter()
+        .find(|p| !(numeric(p) && p.bytes().all(|b| b == b'0')))
+    {
+        None => Equal,
+        Some(p) if numeric(p) => sign,
+        Some(_) => sign.reverse(),
+    }
 }
 
 /// Checks a capability descriptor: `<interface>[:<argument>]`, where the
@@ -294,6 +314,13 @@ memory_mib = 64
         assert_eq!(compare_versions("2.0", "2.0.1"), Less);
         assert_eq!(compare_versions("2.39.2-1", "2.39.2-1"), Equal);
         assert_eq!(compare_versions("2.39.2-2", "2.39.2-1"), Greater);
+        assert_eq!(compare_versions("1.0", "1.0.0"), Equal);
+        assert_eq!(compare_versions("1.0-rc1", "1.0"), Less);
+        assert_eq!(compare_versions("1.0", "1.0-rc1"), Greater);
+        assert_eq!(
+            compare_versions("99999999999999999999999", "99999999999999999999998"),
+            Greater
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ fn is_elf(path: &Path) -> bool {
 /// this host. A static binary has none.
 fn libraries(path: &Path) -> Result<Vec<PathBuf>, PackageError> {
     let out = Command::new("ldd")
+        .arg("--")
         .arg(path)
         .output()
         .map_err(io("running ldd (apt install libc-bin)"))?;
@@ -115,7 +116,8 @@ fn relative_link_inside(root: &str, link: &str, target: &str) -> bool {
             other => stack.push(other),
         }
     }
-    format!("/{}", stack.join("/")).starts_with(root)
+    let resolved = format!("/{}", stack.join("/"));
+    resolved == root || resolved.starts_with(&format!("{}/", root.trim_end_matches('/')))
 }
 
 /// Adds `host` at image path `at`: a file (following links), or a
@@ -139,6 +141,13 @@ fn add_inner(
     libs: &mut BTreeSet<String>,
     with_libraries: bool,
 ) -> Result<(), PackageError> {
+    // A link to a parent directory would recurse forever.
+    if at.matches('/').count() > 64 {
+        return Err(PackageError::Refused(format!(
+            "{} is nested too deeply (a symlink loop?)",
+            host.display()
+        )));
+    }
     if at != root {
         let link = std::fs::symlink_metadata(host)
             .map_err(io(format!("cannot read {}", host.display())))?;

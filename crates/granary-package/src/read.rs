@@ -93,6 +93,23 @@ pub fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Verified<'a>, Packag
     })
 }
 
+/// A tar size field: octal digits, or base-256 when the top bit is set.
+fn tar_size(field: &[u8]) -> Option<u64> {
+    if field[0] & 0x80 != 0 {
+        let mut n: u64 = u64::from(field[0] & 0x7f);
+        for b in &field[1..] {
+            n = n.checked_mul(256)?.checked_add(u64::from(*b))?;
+        }
+        return Some(n);
+    }
+    let text = std::str::from_utf8(field).ok()?;
+    let digits = text.trim_matches(|c: char| c == '\0' || c == ' ');
+    if digits.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(digits, 8).ok()
+}
+
 fn refuse(message: String) -> PackageError {
     PackageError::Refused(message)
 }
@@ -161,6 +178,42 @@ fn symlink_stays_inside(link: &str, target: &str) -> bool {
 impl Verified<'_> {
     /// Walks the archive with every check, calling `visit` for each image
     /// entry with its contents (for files). Returns the manifest.
+    /// Reads only the 512-byte headers of the decompressed archive and
+    /// refuses, before the tar parser buffers them, GNU long-name/long-link
+    /// and PAX entries over 64 KiB, global PAX headers and sparse files.
+    fn prescan(&self, cap: u64) -> Result<(), PackageError> {
+        let mut stream = flate2::read::GzDecoder::new(self.body).take(cap);
+        let mut header = [0u8; 512];
+        loop {
+            match stream.read_exact(&mut header) {
+                Ok(()) => {}
+                // The tar parser reports truncation with its own words.
+                Err(_) => return Ok(()),
+            }
+            if header.iter().all(|b| *b == 0) {
+                return Ok(());
+            }
+            let size = tar_size(&header[124..136])
+                .ok_or_else(|| PackageError::Corrupt("an entry has a malformed size".to_owned()))?;
+            match header[156] {
+                b'L' | b'K' | b'x' if size > 64 * 1024 => {
+                    return Err(refuse(format!(
+                        "an extended header of {size} bytes (at most 64 KiB)"
+                    )));
+                }
+                b'g' => return Err(refuse("global PAX headers are not allowed".to_owned())),
+                b'S' => return Err(refuse("sparse files are not allowed".to_owned())),
+                _ => {}
+            }
+            let padded = size.div_ceil(512) * 512;
+            let skipped = std::io::copy(&mut (&mut stream).take(padded), &mut std::io::sink())
+                .map_err(corrupt)?;
+            if skipped < padded {
+                return Ok(());
+            }
+        }
+    }
+
     fn walk(
         &self,
         limits: &Limits,
@@ -171,6 +224,7 @@ impl Verified<'_> {
             .max_unpacked_bytes
             .saturating_add(limits.max_entries.saturating_mul(1024))
             .saturating_add(1 << 20);
+        self.prescan(cap)?;
         let decoder = flate2::read::GzDecoder::new(self.body).take(cap);
         let mut archive = tar::Archive::new(decoder);
         let mut entries = archive.entries().map_err(corrupt)?;
@@ -327,8 +381,12 @@ impl Verified<'_> {
         std::fs::create_dir(&image).map_err(io(format!("creating {}", image.display())))?;
         let manifest = self.walk(limits, |e, r| {
             let at = image.join(e.path.trim_start_matches('/'));
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |m: u32| std::fs::set_permissions(&at, std::fs::Permissions::from_mode(m));
+            // Modes are set explicitly: the daemon may run with umask 077
+            // (its systemd unit does), and the grain's uid must read these.
             match &e.kind {
-                EntryKind::Dir => std::fs::create_dir(&at),
+                EntryKind::Dir => std::fs::create_dir(&at).and_then(|()| mode(0o755)),
                 EntryKind::Symlink { target } => std::os::unix::fs::symlink(target, &at),
                 EntryKind::File { executable, .. } => (|| {
                     let mut f = std::fs::OpenOptions::new()
@@ -338,7 +396,8 @@ impl Verified<'_> {
                         .mode(if *executable { 0o555 } else { 0o444 })
                         .open(&at)?;
                     std::io::copy(r, &mut f)?;
-                    f.sync_all()
+                    f.sync_all()?;
+                    mode(if *executable { 0o555 } else { 0o444 })
                 })(),
             }
             .map_err(io(format!("unpacking {}", e.path)))

@@ -203,6 +203,8 @@ fn manifest_for(key: &SigningKey) -> String {
     )
 }
 
+static LONG: [u8; 200_000] = [b'a'; 200_000];
+
 #[test]
 fn hostile_archives_are_refused_and_leave_nothing() {
     let key = SigningKey::generate().unwrap();
@@ -340,6 +342,22 @@ fn hostile_archives_are_refused_and_leave_nothing() {
             "no manifest first",
             vec![dir(b"image/"), m.clone()],
             "first entry must be granary-app.toml",
+        ),
+        (
+            "huge GNU long name",
+            vec![
+                m.clone(),
+                dir(b"image/"),
+                Raw {
+                    name: b"././@LongLink",
+                    kind: b'L',
+                    mode: 0o644,
+                    data: &LONG,
+                    link: b"",
+                },
+                app(),
+            ],
+            "extended header",
         ),
         (
             "exec missing",

@@ -1043,6 +1043,38 @@ fn main() {
         }
         return;
     }
+    if std::env::args().nth(1).as_deref() == Some("--subvol") {
+        // Tries to make a btrfs subvolume inside /var (which would escape
+        // the grain's qgroup quota): BTRFS_IOC_SUBVOL_CREATE.
+        #[repr(C)]
+        struct VolArgs {
+            fd: i64,
+            name: [u8; 4088],
+        }
+        let mut args = VolArgs {
+            fd: 0,
+            name: [0; 4088],
+        };
+        args.name[..3].copy_from_slice(b"sub");
+        let dir = std::fs::File::open("/var").expect("open /var");
+        const BTRFS_IOC_SUBVOL_CREATE: libc::c_ulong = 0x5000_940e;
+        // SAFETY: the request's argument is a btrfs_ioctl_vol_args, which
+        // `args` lays out; the descriptor is open.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                BTRFS_IOC_SUBVOL_CREATE,
+                &mut args,
+            )
+        };
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        println!(
+            "subvol {} errno {}",
+            if r == 0 { "created" } else { "refused" },
+            if r == 0 { 0 } else { errno }
+        );
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("--fill") {
         // The quota attack: write 1 MiB chunks to a file until the
         // filesystem refuses, then report how far it got and why.

@@ -376,26 +376,32 @@ impl Supervisor {
     ) -> Result<SnapshotTaken, SupervisorError> {
         let slot = self.inner.slot(grain).await?;
         let config = &self.inner.params.config;
-        let call = |reason: String| SupervisorError::Call {
-            grain: grain.to_owned(),
-            reason,
-        };
         let running = slot.running();
         let mut report = String::new();
         if let Some(r) = &running {
-            let answer = tokio::time::timeout(
-                config.call_timeout,
+            // A grain cannot veto its own snapshots: without a checkpoint
+            // the snapshot is still taken, frozen (crash-consistent).
+            let checkpoint = tokio::time::timeout(
+                config.call_timeout.min(Duration::from_secs(10)),
                 r.grain.prepare_snapshot_request().send().promise,
             )
-            .await
-            .map_err(|_| call("the app did not checkpoint in time".to_owned()))?
-            .map_err(|e| call(format!("checkpoint: {}", e.extra)))?;
-            report = answer
-                .get()
-                .and_then(|a| a.get_report())
-                .ok()
-                .and_then(|t| t.to_string().ok())
-                .unwrap_or_default();
+            .await;
+            report = match checkpoint {
+                Ok(Ok(answer)) => answer
+                    .get()
+                    .and_then(|a| a.get_report())
+                    .ok()
+                    .and_then(|t| t.to_string().ok())
+                    .unwrap_or_default(),
+                Ok(Err(e)) => {
+                    tracing::warn!(grain, error = %e.extra, "checkpoint failed; snapshot is crash-consistent");
+                    format!("no checkpoint ({}); crash-consistent", e.extra)
+                }
+                Err(_) => {
+                    tracing::warn!(grain, "checkpoint timed out; snapshot is crash-consistent");
+                    "no checkpoint (timed out); crash-consistent".to_owned()
+                }
+            };
         }
         let datasets = self.inner.params.datasets.clone();
         let driver = self
@@ -476,16 +482,23 @@ impl Supervisor {
     pub async fn rollback(&self, grain: &str, snapshot: &str) -> Result<bool, SupervisorError> {
         let slot = self.inner.slot(grain).await?;
         let was_running = self.inner.stop_slot(&slot).await;
+        // Held while the data is swapped, so no call can start it on data
+        // that is being replaced.
+        self.inner
+            .hold_and_kill(&slot, "rolling back to a snapshot".to_owned())
+            .await;
         let (datasets, id, name, uid) = (
             self.inner.params.datasets.clone(),
             grain.to_owned(),
             snapshot.to_owned(),
             slot.host_uid,
         );
-        tokio::task::spawn_blocking(move || datasets.rollback(&id, &name, uid))
+        let result = tokio::task::spawn_blocking(move || datasets.rollback(&id, &name, uid))
             .await
-            .map_err(|e| SupervisorError::Other(e.to_string()))?
-            .map_err(|e| SupervisorError::Other(e.to_string()))?;
+            .map_err(|e| SupervisorError::Other(e.to_string()))
+            .and_then(|r| r.map_err(|e| SupervisorError::Other(e.to_string())));
+        slot.clear_hold();
+        result?;
         tracing::info!(grain, snapshot, "rolled back");
         if was_running {
             self.start(grain).await?;
@@ -509,6 +522,15 @@ impl Supervisor {
         );
         for g in grains {
             if !self.inner.params.datasets.path(&g.id).exists() {
+                continue;
+            }
+            let held = self
+                .inner
+                .slots
+                .borrow()
+                .get(&g.id)
+                .is_some_and(|s| s.status().state == "held");
+            if held {
                 continue;
             }
             if let Err(e) = self.snapshot(&g.id, &label).await {

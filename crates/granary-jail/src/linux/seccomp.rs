@@ -23,6 +23,7 @@ const POLICY: Option<(&str, TargetArch)> = None;
 pub struct Filters {
     grain: BpfProgram,
     clone3: BpfProgram,
+    ioctl_deny: BpfProgram,
 }
 
 /// Compiles the policy for this machine's architecture.
@@ -45,6 +46,7 @@ pub(crate) fn compile_policy(json: &str, arch: TargetArch) -> Result<Filters, Ja
     Ok(Filters {
         grain: take("grain")?,
         clone3: take("clone3_enosys")?,
+        ioctl_deny: take("ioctl_deny")?,
     })
 }
 
@@ -56,6 +58,8 @@ impl Filters {
     pub fn install(&self) -> Result<(), JailError> {
         seccompiler::apply_filter(&self.grain)
             .map_err(|e| JailError::new(format!("installing the seccomp allowlist: {e}")))?;
+        seccompiler::apply_filter(&self.ioctl_deny)
+            .map_err(|e| JailError::new(format!("installing the ioctl denylist: {e}")))?;
         seccompiler::apply_filter(&self.clone3)
             .map_err(|e| JailError::new(format!("installing the clone3 filter: {e}")))?;
         Ok(())

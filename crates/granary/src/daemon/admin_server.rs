@@ -219,6 +219,20 @@ impl AdminService {
         let pkg = blocking(move || grain_admin::check_package(&path, &limits).map_err(any_failure))
             .await?;
         self.check_kind(&pkg.manifest, replace).await?;
+        // The same app again at an older version would downgrade its data
+        // behind the admin's back: that takes --replace.
+        let (store, kind) = (self.store.clone(), pkg.manifest.kind.clone());
+        if let Some(old) = blocking(move || store.app(&kind).map_err(state_failure)).await?
+            && old.app_id == pkg.manifest.id
+            && !replace
+            && granary_model::compare_versions(&pkg.manifest.version, &old.version)
+                == std::cmp::Ordering::Less
+        {
+            return Err(fail(format!(
+                "{} {} is older than the installed {}; pass --replace to downgrade",
+                pkg.manifest.kind, pkg.manifest.version, old.version
+            )));
+        }
         let apps_dir = self.grains.apps_dir.clone();
         let (image, pkg) = blocking(move || {
             let image =

@@ -32,15 +32,20 @@ pub(super) fn check_package(
     path: &Path,
     limits: &granary_package::Limits,
 ) -> anyhow::Result<CheckedPackage> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let meta = file.metadata()?;
+    anyhow::ensure!(meta.is_file(), "{} is not a regular file", path.display());
+    let mut bytes = Vec::new();
+    file.take(limits.max_package_bytes + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     anyhow::ensure!(
-        size <= limits.max_package_bytes,
-        "{} is {size} bytes, over packages.max_package_mib",
+        bytes.len() as u64 <= limits.max_package_bytes,
+        "{} is larger than packages.max_package_mib",
         path.display()
     );
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let verified = granary_package::open(&bytes, limits)?;
     let (manifest, _) = verified.inspect(limits)?;
     let sha256 = verified.sha256.clone();
@@ -127,6 +132,9 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
             .open(to)?;
         std::io::copy(&mut source, &mut target)?;
         target.sync_all()?;
+        // Explicitly: the daemon's umask (077 under systemd) must not
+        // make the image unreadable to the grain.
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(opened.mode() & 0o755))?;
     } else {
         anyhow::bail!("{} is not a file, directory or symlink", from.display());
     }
