@@ -183,7 +183,12 @@ fn an_upgrade_that_fails_to_start_rolls_back() {
     let bad = work.join("v1.1.gpkg");
     build(
         &key,
-        &definition(&work.join("bad"), "1.1", &["--crash-at-start"]),
+        &definition_with(
+            &work.join("bad"),
+            "1.1",
+            &["--crash-at-start"],
+            "migrate = [\"/bin/granary-hello\", \"--migrate\"]",
+        ),
         &bad,
     );
     let out = daemon
@@ -208,6 +213,26 @@ fn an_upgrade_that_fails_to_start_rolls_back() {
         },
     );
     assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    // 1.1's migration ran, and was undone with the rest of the upgrade.
+    assert!(
+        !daemon
+            .data_dir()
+            .join("grains/alice-hello/data/migrations")
+            .exists(),
+        "the failed upgrade's migration was rolled back"
+    );
+    let snaps = daemon
+        .granary(&["snapshot", "list", "alice/hello", "--json"])
+        .success()
+        .json();
+    assert!(
+        snaps
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"].as_str().unwrap().starts_with("upgrade-")),
+        "{snaps}"
+    );
 
     // An older or equal version is not an upgrade.
     let refused = daemon

@@ -823,6 +823,27 @@ impl admin::Server for AdminService {
         for g in &of_kind {
             self.grains.sup.stop(&g.id).await.map_err(sup_failure)?;
         }
+        // The grains about to start on the new version (and migrate) are
+        // snapshotted first, so a failed upgrade puts their data back too.
+        // The snapshots stay (`upgrade-<time>`, never pruned).
+        let label = format!(
+            "upgrade-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        );
+        let mut saved = Vec::new();
+        for id in &restart {
+            if self.grains.datasets.path(id).exists() {
+                self.grains
+                    .sup
+                    .snapshot(id, &label)
+                    .await
+                    .map_err(sup_failure)?;
+                saved.push(id.clone());
+            }
+        }
         let store = self.store.clone();
         let manifest_text = pkg.manifest.to_toml();
         let m = pkg.manifest.clone();
@@ -863,6 +884,21 @@ impl admin::Server for AdminService {
                 tracing::error!(kind = %app.kind, version = %app.version, %error, "upgrade failed to start; rolling back");
                 for id in &restart {
                     let _ = self.grains.sup.stop(id).await;
+                }
+                // The data as it was before any migration, and the version
+                // it belongs to.
+                for id in &saved {
+                    if let Err(e) = self.grains.sup.rollback(id, &label).await {
+                        tracing::error!(grain = %id, error = %e, "cannot put the grain's data back after a failed upgrade");
+                    }
+                    let (store, id, version) =
+                        (self.store.clone(), id.clone(), current.version.clone());
+                    blocking(move || {
+                        store
+                            .set_grain_app_version(&id, &version)
+                            .map_err(state_failure)
+                    })
+                    .await?;
                 }
                 let (store, kind) = (self.store.clone(), app.kind.clone());
                 let back =
