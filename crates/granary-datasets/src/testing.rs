@@ -44,7 +44,9 @@ pub struct ZfsPool {
 impl ZfsPool {
     /// `dir` holds the pool's file and its mountpoint.
     pub fn create(dir: &Path, size: &str) -> Result<ZfsPool, String> {
-        let daemon = if sh("pgrep", &["-x", "zfs-fuse"]).is_ok() {
+        // A daemon that answers is reused (a zombie or a dying one named
+        // zfs-fuse is not a daemon).
+        let daemon = if sh("zpool", &["list"]).is_ok() {
             None
         } else {
             let child = Command::new("zfs-fuse")
