@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::sync::OnceLock;
 
-use granary_package::{Limits, MAGIC, SigningKey, open};
+use granary_package::{Limits, SigningKey, open, seal};
 use libfuzzer_sys::fuzz_target;
 
 fn key() -> &'static SigningKey {
@@ -21,17 +21,7 @@ fuzz_target!(|tar: &[u8]| {
     let key = key();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(tar).unwrap();
-    let body = gz.finish().unwrap();
-    let mut signed = Vec::new();
-    signed.extend_from_slice(MAGIC);
-    signed.extend_from_slice(&key.public().0);
-    signed.extend_from_slice(&body);
-    let sig = key.sign(&signed);
-    let mut file = Vec::new();
-    file.extend_from_slice(MAGIC);
-    file.extend_from_slice(&key.public().0);
-    file.extend_from_slice(&sig);
-    file.extend_from_slice(&body);
+    let file = seal(key, &gz.finish().unwrap());
 
     let limits = Limits {
         max_package_bytes: 64 << 20,

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use crate::definition::host_path;
 use crate::keys::{SigningKey, app_id};
-use crate::{Definition, MAGIC, PackageError, io};
+use crate::{Definition, PackageError, io};
 
 /// What a build made.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -100,24 +100,10 @@ fn image_path(p: &str) -> Result<String, PackageError> {
 /// Whether a symlink at `link` with a relative `target` stays inside the
 /// directory tree it was found in (`root`, an image path).
 fn relative_link_inside(root: &str, link: &str, target: &str) -> bool {
-    if target.starts_with('/') || target.is_empty() {
-        return false;
-    }
-    let mut stack: Vec<&str> = link.split('/').filter(|c| !c.is_empty()).collect();
-    stack.pop();
-    for c in target.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                if stack.pop().is_none() {
-                    return false;
-                }
-            }
-            other => stack.push(other),
-        }
-    }
-    let resolved = format!("/{}", stack.join("/"));
-    resolved == root || resolved.starts_with(&format!("{}/", root.trim_end_matches('/')))
+    let root = root.trim_end_matches('/');
+    !target.starts_with('/')
+        && crate::resolve_link(link, target)
+            .is_some_and(|r| r == root || r.starts_with(&format!("{root}/")))
 }
 
 /// Adds `host` at image path `at`: a file (following links), or a
@@ -309,17 +295,7 @@ pub fn build(def_path: &Path, key: &SigningKey, out: &Path) -> Result<BuildRepor
     gz.write_all(&tar_bytes).map_err(io("compressing"))?;
     let body = gz.finish().map_err(io("compressing"))?;
 
-    let public = key.public();
-    let mut signed = Vec::with_capacity(40 + body.len());
-    signed.extend_from_slice(MAGIC);
-    signed.extend_from_slice(&public.0);
-    signed.extend_from_slice(&body);
-    let signature = key.sign(&signed);
-    let mut file = Vec::with_capacity(signed.len() + 64);
-    file.extend_from_slice(MAGIC);
-    file.extend_from_slice(&public.0);
-    file.extend_from_slice(&signature);
-    file.extend_from_slice(&body);
+    let file = crate::seal(key, &body);
 
     let tmp = out.with_extension("gpkg.partial");
     std::fs::write(&tmp, &file).map_err(io(format!("writing {}", tmp.display())))?;

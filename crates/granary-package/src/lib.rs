@@ -68,6 +68,49 @@ pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> P
     move |source| PackageError::Io { context, source }
 }
 
+/// A package file: the magic, `key`'s public key, its signature over the
+/// magic, the key and `body`, then `body`.
+pub fn seal(key: &SigningKey, body: &[u8]) -> Vec<u8> {
+    let public = key.public();
+    let mut signed = Vec::with_capacity(40 + body.len());
+    signed.extend_from_slice(MAGIC);
+    signed.extend_from_slice(&public.0);
+    signed.extend_from_slice(body);
+    let signature = key.sign(&signed);
+    let mut file = Vec::with_capacity(HEADER_LEN + body.len());
+    file.extend_from_slice(MAGIC);
+    file.extend_from_slice(&public.0);
+    file.extend_from_slice(&signature);
+    file.extend_from_slice(body);
+    file
+}
+
+/// Where a symlink at image path `link` points, resolved lexically inside
+/// the image (an absolute target counts from the image root, as it does
+/// inside the grain); `None` when it climbs above the root or is empty.
+pub(crate) fn resolve_link(link: &str, target: &str) -> Option<String> {
+    if target.is_empty() || target.contains('\0') {
+        return None;
+    }
+    let mut stack: Vec<&str> = if target.starts_with('/') {
+        Vec::new()
+    } else {
+        let mut dir: Vec<&str> = link.split('/').filter(|c| !c.is_empty()).collect();
+        dir.pop();
+        dir
+    };
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                stack.pop()?;
+            }
+            other => stack.push(other),
+        }
+    }
+    Some(format!("/{}", stack.join("/")))
+}
+
 /// SHA-256 as lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes)

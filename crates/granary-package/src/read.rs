@@ -150,29 +150,9 @@ fn parent(path: &str) -> &str {
 }
 
 /// Whether a symlink at `link` (absolute in the image) with `target` stays
-/// inside the image when resolved lexically (an absolute target counts
-/// from the image root, as it does inside the grain).
+/// inside the image.
 fn symlink_stays_inside(link: &str, target: &str) -> bool {
-    if target.is_empty() || target.contains('\0') {
-        return false;
-    }
-    let mut stack: Vec<&str> = if target.starts_with('/') {
-        Vec::new()
-    } else {
-        parent(link).split('/').filter(|c| !c.is_empty()).collect()
-    };
-    for c in target.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                if stack.pop().is_none() {
-                    return false;
-                }
-            }
-            other => stack.push(other),
-        }
-    }
-    true
+    crate::resolve_link(link, target).is_some()
 }
 
 impl Verified<'_> {

@@ -182,18 +182,7 @@ fn raw_tar(entries: &[Raw<'_>]) -> Vec<u8> {
 fn signed(key: &SigningKey, tar: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(tar).unwrap();
-    let body = gz.finish().unwrap();
-    let mut signed = Vec::new();
-    signed.extend_from_slice(granary_package::MAGIC);
-    signed.extend_from_slice(&key.public().0);
-    signed.extend_from_slice(&body);
-    let sig = key.sign(&signed);
-    let mut file = Vec::new();
-    file.extend_from_slice(granary_package::MAGIC);
-    file.extend_from_slice(&key.public().0);
-    file.extend_from_slice(&sig);
-    file.extend_from_slice(&body);
-    file
+    granary_package::seal(key, &gz.finish().unwrap())
 }
 
 fn manifest_for(key: &SigningKey) -> String {
