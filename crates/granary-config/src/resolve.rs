@@ -77,7 +77,8 @@ pub struct Grains {
     pub flood_cutoff: u64,
 }
 
-/// A duration written as a number with a unit: `250ms`, `30s`, `2m`, `1h`.
+/// A duration written as a number with a unit: `250ms`, `30s`, `2m`, `1h`,
+/// `30d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -90,6 +91,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86_400),
         _ => {
             return Err(format!(
                 "{text:?} is not a duration like \"250ms\", \"30s\" or \"2m\""
@@ -405,15 +407,9 @@ impl Config {
         let mut keep = Vec::new();
         for rule in sn.keep.as_ref().unwrap_or(&default_keep) {
             let parsed = rule.split_once(':').and_then(|(p, n)| {
-                let period = if let Some(days) = p.strip_suffix('d') {
-                    days.parse::<u64>()
-                        .ok()
-                        .map(|d| Duration::from_secs(d * 86_400))
-                } else {
-                    parse_duration(p).ok()
-                };
                 Some((
-                    period.filter(|p| !p.is_zero())?,
+                    // parse_duration refuses zero.
+                    parse_duration(p).ok()?,
                     n.parse::<usize>().ok().filter(|n| *n > 0)?,
                 ))
             });

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::{
-    DatasetError, Datasets, Snapshot, check_id, check_label, err, label_time, mkdir,
-    running_as_root,
+    DatasetError, Datasets, Snapshot, check_id, check_label, err, label_time, list_snapshot_dir,
+    mkdir, running_as_root,
 };
 
 /// Runs a storage tool; its stderr becomes the error.
@@ -96,16 +96,6 @@ fn own(grain: &str, data: &Path, host_uid: u32) -> Result<(), DatasetError> {
         .map_err(err(grain, "restrict the dataset"))
 }
 
-fn empty(grain: &str, data: &Path) -> Result<bool, DatasetError> {
-    match std::fs::read_dir(data) {
-        // A fresh ZFS or btrfs dataset is empty; nothing the grain wrote
-        // is there.
-        Ok(mut entries) => Ok(entries.next().is_none()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
-        Err(e) => Err(err(grain, "look into the dataset")(e)),
-    }
-}
-
 /// One ZFS dataset per grain under a parent dataset, mounted at
 /// `<root>/<grain>/data`, with `refquota` (snapshots do not count against
 /// the grain).
@@ -157,7 +147,7 @@ impl Datasets for Zfs {
             let quota = format!("refquota={}", self.quota_bytes);
             run("zfs", &["create", "-o", &mountpoint, "-o", &quota, &name])
                 .map_err(err(grain, "create the ZFS dataset"))?;
-        } else if !data.join(".").exists() || empty(grain, &data)? {
+        } else if !data.join(".").exists() || !self.has_data(grain)? {
             // Present but perhaps not mounted (after a reboot).
             let _ = run("zfs", &["mount", &name]);
         }
@@ -175,11 +165,6 @@ impl Datasets for Zfs {
         }
         own(grain, &data, host_uid)?;
         Ok(data)
-    }
-
-    fn has_data(&self, grain: &str) -> Result<bool, DatasetError> {
-        check_id(grain)?;
-        Ok(!empty(grain, &self.path(grain))?)
     }
 
     fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
@@ -353,20 +338,9 @@ impl Datasets for Btrfs {
         Ok(data)
     }
 
-    fn has_data(&self, grain: &str) -> Result<bool, DatasetError> {
-        check_id(grain)?;
-        Ok(!empty(grain, &self.path(grain))?)
-    }
-
     fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
         check_id(grain)?;
         check_label(grain, label)?;
-        if label.is_empty() || label.contains('/') || label.starts_with('.') {
-            return Err(err(grain, "name a snapshot")(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{label:?} is not a snapshot name"),
-            )));
-        }
         let dir = self.snapshots(grain);
         mkdir(&dir, 0o700).map_err(err(grain, "create the snapshot directory"))?;
         let target = dir.join(label);
@@ -386,31 +360,12 @@ impl Datasets for Btrfs {
 
     fn list_snapshots(&self, grain: &str) -> Result<Vec<Snapshot>, DatasetError> {
         check_id(grain)?;
-        let mut snaps: Vec<Snapshot> = match std::fs::read_dir(self.snapshots(grain)) {
-            Ok(entries) => entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                .map(|name| Snapshot {
-                    created: label_time(&name),
-                    name,
-                })
-                .collect(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(err(grain, "list btrfs snapshots")(e)),
-        };
-        snaps.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-        Ok(snaps)
+        list_snapshot_dir(grain, &self.snapshots(grain))
     }
 
     fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {
         check_id(grain)?;
         check_label(grain, label)?;
-        if label.contains('/') || label.starts_with('.') {
-            return Err(err(grain, "name a snapshot")(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{label:?} is not a snapshot name"),
-            )));
-        }
         run(
             "btrfs",
             &[
@@ -427,7 +382,7 @@ impl Datasets for Btrfs {
         check_id(grain)?;
         check_label(grain, label)?;
         let snap = self.snapshots(grain).join(label);
-        if label.contains('/') || label.starts_with('.') || !snap.exists() {
+        if !snap.exists() {
             return Err(err(grain, "find the snapshot")(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("no snapshot {label:?}"),

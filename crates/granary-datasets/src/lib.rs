@@ -41,8 +41,15 @@ pub trait Datasets: Send + Sync {
     /// Creates the dataset, owned by `host_uid`, or checks an existing one.
     /// Idempotent, so a crash half-way is repaired by running it again.
     fn create(&self, grain: &str, host_uid: u32) -> Result<PathBuf, DatasetError>;
-    /// Whether the dataset holds anything at all.
-    fn has_data(&self, grain: &str) -> Result<bool, DatasetError>;
+    /// Whether the dataset holds anything at all (a fresh one is empty).
+    fn has_data(&self, grain: &str) -> Result<bool, DatasetError> {
+        check_id(grain)?;
+        match std::fs::read_dir(self.path(grain)) {
+            Ok(mut entries) => Ok(entries.next().is_some()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(err(grain, "look into the dataset")(e)),
+        }
+    }
     /// Takes a read-only snapshot named `label`; `None` where the backend has
     /// no snapshots (plain directories).
     fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError>;
@@ -50,33 +57,20 @@ pub trait Datasets: Send + Sync {
     fn destroy(&self, grain: &str) -> Result<(), DatasetError>;
 
     /// The grain's snapshots, oldest first.
-    fn list_snapshots(&self, grain: &str) -> Result<Vec<Snapshot>, DatasetError> {
-        check_id(grain)?;
-        Ok(Vec::new())
-    }
+    fn list_snapshots(&self, grain: &str) -> Result<Vec<Snapshot>, DatasetError>;
 
     /// Deletes one snapshot.
-    fn delete_snapshot(&self, grain: &str, name: &str) -> Result<(), DatasetError> {
-        let _ = name;
-        Err(no_snapshots(grain))
-    }
+    fn delete_snapshot(&self, grain: &str, name: &str) -> Result<(), DatasetError>;
 
     /// Puts the dataset back to a snapshot (the grain must be stopped).
-    /// Later snapshots are kept where the backend allows it (btrfs) and
-    /// destroyed where it does not (ZFS).
-    fn rollback(&self, grain: &str, name: &str, host_uid: u32) -> Result<(), DatasetError> {
-        let _ = (name, host_uid);
-        Err(no_snapshots(grain))
-    }
+    /// Later snapshots are kept where the backend allows it (plain, btrfs)
+    /// and destroyed where it does not (ZFS).
+    fn rollback(&self, grain: &str, name: &str, host_uid: u32) -> Result<(), DatasetError>;
 
-    /// Removes a grain for good after a final read-only snapshot that is
-    /// kept (named `<grain>-<label>`) where the backend has snapshots;
-    /// returns where it is kept. Without snapshots it just destroys.
-    fn retire(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
-        let _ = label;
-        self.destroy(grain)?;
-        Ok(None)
-    }
+    /// Removes a grain for good, keeping its final state (named
+    /// `<grain>-<label>`); returns where it is kept, `None` when there was
+    /// no data.
+    fn retire(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError>;
 }
 
 /// One read-only snapshot of a grain's dataset.
@@ -88,27 +82,61 @@ pub struct Snapshot {
     pub created: i64,
 }
 
-/// The unix time in the labels Granary makes (`auto-<secs>`,
-/// `manual-<secs>`, `final-<secs>`), else 0.
+/// The prefixes of the labels Granary makes itself.
+const TIMED_PREFIXES: [&str; 4] = ["auto", "manual", "final", "upgrade"];
+
+/// A label `<prefix>-<unix seconds>` for a snapshot taken now.
+pub fn timed_label(prefix: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{prefix}-{now}")
+}
+
+/// The unix time in a label [`timed_label`] made, else 0.
 pub fn label_time(label: &str) -> i64 {
-    ["auto-", "manual-", "final-"]
-        .iter()
-        .find_map(|p| label.strip_prefix(p))
-        .and_then(|t| t.parse().ok())
+    label
+        .split_once('-')
+        .filter(|(p, _)| TIMED_PREFIXES.contains(p))
+        .and_then(|(_, t)| t.parse().ok())
         .unwrap_or(0)
+}
+
+/// Snapshots in a directory with one entry per snapshot (plain copies,
+/// btrfs subvolumes), oldest first.
+pub(crate) fn list_snapshot_dir(grain: &str, dir: &Path) -> Result<Vec<Snapshot>, DatasetError> {
+    let mut snaps: Vec<Snapshot> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|n| !n.starts_with('.'))
+            .map(|name| Snapshot {
+                created: label_time(&name),
+                name,
+            })
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(err(grain, "list snapshots")(e)),
+    };
+    snaps.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    Ok(snaps)
 }
 
 /// A snapshot label names a directory or a ZFS snapshot: 1 to 64 of
 /// `[A-Za-z0-9._-]`, not starting with '.' or '-'.
-pub(crate) fn check_label(grain: &str, label: &str) -> Result<(), DatasetError> {
-    let ok = !label.is_empty()
+pub fn valid_label(label: &str) -> bool {
+    !label.is_empty()
         && label.len() <= 64
         && !label.starts_with('.')
         && !label.starts_with('-')
         && label
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+pub(crate) fn check_label(grain: &str, label: &str) -> Result<(), DatasetError> {
+    if valid_label(label) {
         Ok(())
     } else {
         Err(err(grain, "name a snapshot")(io::Error::new(
@@ -136,17 +164,6 @@ fn copy_tree(grain: &str, from: &Path, to: &Path) -> Result<(), DatasetError> {
         Err(err(grain, "copy the dataset")(io::Error::other(
             String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         )))
-    }
-}
-
-fn no_snapshots(grain: &str) -> DatasetError {
-    DatasetError {
-        grain: grain.to_owned(),
-        op: "snapshots",
-        source: io::Error::new(
-            io::ErrorKind::Unsupported,
-            "the plain storage backend has no snapshots; use storage.backend = \"zfs\" or \"btrfs\"",
-        ),
     }
 }
 
@@ -237,15 +254,6 @@ impl Datasets for Plain {
         Ok(data)
     }
 
-    fn has_data(&self, grain: &str) -> Result<bool, DatasetError> {
-        check_id(grain)?;
-        match std::fs::read_dir(self.path(grain)) {
-            Ok(mut entries) => Ok(entries.next().is_some()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(err(grain, "look into the dataset")(e)),
-        }
-    }
-
     /// A copy of the dataset in `<grain>/snapshots/<label>`, by reflink
     /// where the filesystem has it (btrfs, XFS), else a full copy; `cp -a`
     /// never follows the grain's symlinks.
@@ -270,22 +278,7 @@ impl Datasets for Plain {
 
     fn list_snapshots(&self, grain: &str) -> Result<Vec<Snapshot>, DatasetError> {
         check_id(grain)?;
-        let mut snaps: Vec<Snapshot> =
-            match std::fs::read_dir(self.grain_dir(grain).join("snapshots")) {
-                Ok(entries) => entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                    .filter(|n| !n.starts_with('.'))
-                    .map(|name| Snapshot {
-                        created: label_time(&name),
-                        name,
-                    })
-                    .collect(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(err(grain, "list snapshots")(e)),
-            };
-        snaps.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-        Ok(snaps)
+        list_snapshot_dir(grain, &self.grain_dir(grain).join("snapshots"))
     }
 
     fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {

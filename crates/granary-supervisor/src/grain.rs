@@ -292,6 +292,10 @@ impl Slot {
         }
     }
 
+    pub(crate) fn is_held(&self) -> bool {
+        matches!(*self.phase.borrow(), Phase::Held { .. })
+    }
+
     pub(crate) fn clear_hold(&self) {
         let mut phase = self.phase.borrow_mut();
         if matches!(*phase, Phase::Held { .. } | Phase::Backoff { .. }) {

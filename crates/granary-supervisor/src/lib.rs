@@ -512,14 +512,7 @@ impl Supervisor {
         let Ok(grains) = db(&self.inner.params.store, |s| s.list_grains()).await else {
             return;
         };
-        let label = format!(
-            "{}{}",
-            granary_datasets::retention::AUTO_PREFIX,
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        );
+        let label = granary_datasets::timed_label("auto");
         for g in grains {
             if !self.inner.params.datasets.path(&g.id).exists() {
                 continue;
@@ -529,7 +522,7 @@ impl Supervisor {
                 .slots
                 .borrow()
                 .get(&g.id)
-                .is_some_and(|s| s.status().state == "held");
+                .is_some_and(|s| s.is_held());
             if held {
                 continue;
             }

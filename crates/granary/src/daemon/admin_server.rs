@@ -186,23 +186,7 @@ impl AdminService {
         let result = blocking(move || {
             grain_admin::install_dir(&apps_dir, &dir, &manifest, &text).map_err(any_failure)?;
             let image = format!("{}/{}", manifest.kind, manifest.version);
-            let app = store
-                .put_app(
-                    &granary_state::NewApp {
-                        kind: &manifest.kind,
-                        app_id: &manifest.id,
-                        version: &manifest.version,
-                        manifest: &text,
-                        dev_mode: true,
-                        image: &image,
-                        replace,
-                        keep_previous: false,
-                    },
-                    ACTOR,
-                )
-                .map_err(state_failure)?;
-            let made = store.ensure_grains(uids, ACTOR).map_err(state_failure)?;
-            Ok((app, made.len()))
+            record_app(&store, uids, &manifest, &text, true, &image, replace)
         })
         .await?;
         tracing::warn!(app = %result.0.app_id, version = %result.0.version, kind = %result.0.kind, "installed an UNSIGNED app in development mode");
@@ -218,11 +202,10 @@ impl AdminService {
         let limits = self.grains.package_limits;
         let pkg = blocking(move || grain_admin::check_package(&path, &limits).map_err(any_failure))
             .await?;
-        self.check_kind(&pkg.manifest, replace).await?;
+        let installed = self.check_kind(&pkg.manifest, replace).await?;
         // The same app again at an older version would downgrade its data
         // behind the admin's back: that takes --replace.
-        let (store, kind) = (self.store.clone(), pkg.manifest.kind.clone());
-        if let Some(old) = blocking(move || store.app(&kind).map_err(state_failure)).await?
+        if let Some(old) = &installed
             && old.app_id == pkg.manifest.id
             && !replace
             && granary_model::compare_versions(&pkg.manifest.version, &old.version)
@@ -240,48 +223,30 @@ impl AdminService {
             Ok((image, pkg))
         })
         .await?;
-        let (store, kind) = (self.store.clone(), pkg.manifest.kind.clone());
-        if let Some(old) = blocking(move || store.app(&kind).map_err(state_failure)).await?
-            && old.image_dir() != image
-        {
+        if installed.is_some_and(|old| old.image_dir() != image) {
             self.stop_kind(&pkg.manifest.kind).await?;
         }
         let store = self.store.clone();
         let uids = self.grains.uids;
         let result = blocking(move || {
             let text = pkg.manifest.to_toml();
-            let m = &pkg.manifest;
-            let app = store
-                .put_app(
-                    &granary_state::NewApp {
-                        kind: &m.kind,
-                        app_id: &m.id,
-                        version: &m.version,
-                        manifest: &text,
-                        dev_mode: false,
-                        image: &image,
-                        replace,
-                        keep_previous: false,
-                    },
-                    ACTOR,
-                )
-                .map_err(state_failure)?;
-            let made = store.ensure_grains(uids, ACTOR).map_err(state_failure)?;
-            Ok((app, made.len()))
+            record_app(&store, uids, &pkg.manifest, &text, false, &image, replace)
         })
         .await?;
         tracing::info!(app = %result.0.app_id, version = %result.0.version, kind = %result.0.kind, "installed a signed package");
         Ok(result)
     }
 
-    /// Refuses another app id for an installed kind unless `replace`.
+    /// Refuses another app id for an installed kind unless `replace`;
+    /// returns the app installed for the kind, if any.
     async fn check_kind(
         &self,
         manifest: &granary_model::Manifest,
         replace: bool,
-    ) -> Result<(), capnp::Error> {
+    ) -> Result<Option<granary_state::App>, capnp::Error> {
         let (store, kind) = (self.store.clone(), manifest.kind.clone());
-        if let Some(app) = blocking(move || store.app(&kind).map_err(state_failure)).await?
+        let installed = blocking(move || store.app(&kind).map_err(state_failure)).await?;
+        if let Some(app) = &installed
             && app.app_id != manifest.id
             && !replace
         {
@@ -290,7 +255,7 @@ impl AdminService {
                 manifest.kind, app.app_id, manifest.id
             )));
         }
-        Ok(())
+        Ok(installed)
     }
 
     /// Stops every grain of a kind (they start again on next use).
@@ -303,6 +268,36 @@ impl AdminService {
         }
         Ok(())
     }
+}
+
+/// Records an installed app and the grain records it gives every user
+/// (blocking: call on the blocking pool).
+fn record_app(
+    store: &Store,
+    uids: granary_state::HostUid,
+    manifest: &granary_model::Manifest,
+    text: &str,
+    dev_mode: bool,
+    image: &str,
+    replace: bool,
+) -> Result<(granary_state::App, usize), capnp::Error> {
+    let app = store
+        .put_app(
+            &granary_state::NewApp {
+                kind: &manifest.kind,
+                app_id: &manifest.id,
+                version: &manifest.version,
+                manifest: text,
+                dev_mode,
+                image,
+                replace,
+                keep_previous: false,
+            },
+            ACTOR,
+        )
+        .map_err(state_failure)?;
+    let made = store.ensure_grains(uids, ACTOR).map_err(state_failure)?;
+    Ok((app, made.len()))
 }
 
 fn any_failure(e: anyhow::Error) -> capnp::Error {
@@ -690,24 +685,14 @@ impl admin::Server for AdminService {
         let p = params.get()?;
         let id = grain_id(p.get_grain()?.to_str()?);
         let label = match p.get_label()?.to_str()? {
-            "" => format!(
-                "manual-{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)
-            ),
+            "" => granary_datasets::timed_label("manual"),
             l if l.starts_with("auto-") => {
                 return Err(fail("labels starting with auto- are the scheduler's"));
             }
             l => {
-                let ok = l.len() <= 64
-                    && !l.starts_with('.')
-                    && l.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-                if !ok {
+                if !granary_datasets::valid_label(l) {
                     return Err(fail(format!(
-                        "snapshot label {l:?} must be 1 to 64 of A-Z, a-z, 0-9, '.', '_' and '-'"
+                        "snapshot label {l:?} must be 1 to 64 of A-Z, a-z, 0-9, '.', '_' and '-', not starting with '.' or '-'"
                     )));
                 }
                 l.to_owned()
@@ -826,13 +811,7 @@ impl admin::Server for AdminService {
         // The grains about to start on the new version (and migrate) are
         // snapshotted first, so a failed upgrade puts their data back too.
         // The snapshots stay (`upgrade-<time>`, never pruned).
-        let label = format!(
-            "upgrade-{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        );
+        let label = granary_datasets::timed_label("upgrade");
         let mut saved = Vec::new();
         for id in &restart {
             if self.grains.datasets.path(id).exists() {

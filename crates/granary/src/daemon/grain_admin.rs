@@ -350,13 +350,7 @@ impl Grains {
             // empty grain, never a record-less dataset.
             let datasets = self.datasets.clone();
             let id = g.id.clone();
-            let label = format!(
-                "final-{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)
-            );
+            let label = granary_datasets::timed_label("final");
             let retired = tokio::task::spawn_blocking(move || datasets.retire(&id, &label)).await?;
             match retired {
                 Ok(Some(kept)) => {
