@@ -20,26 +20,15 @@ use granary_testkit::{Daemon, DaemonMode, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn hello_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("GRANARY_HELLO") {
-        return PathBuf::from(p);
-    }
-    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("../target/{triple}/debug/granary-hello"));
-    assert!(
-        path.exists(),
-        "{} is missing; ./run-tests builds it statically (cargo build -p granary-hello --target {triple} with +crt-static)",
-        path.display()
-    );
-    path
-}
-
 /// An app directory for the example app under another kind and argv.
 fn app_dir(root: &Path, kind: &str, args: &[&str]) -> PathBuf {
     let dir = root.join(format!("app-{kind}"));
     std::fs::create_dir_all(dir.join("image/bin")).unwrap();
-    std::fs::copy(hello_binary(), dir.join("image/bin/granary-hello")).unwrap();
+    std::fs::copy(
+        granary_testkit::hello_binary(),
+        dir.join("image/bin/granary-hello"),
+    )
+    .unwrap();
     let mut exec = vec!["/bin/granary-hello".to_owned()];
     exec.extend(args.iter().map(|s| s.to_string()));
     let exec: Vec<String> = exec.iter().map(|a| format!("{a:?}")).collect();
@@ -81,17 +70,6 @@ fn setup(extra_config: &str) -> Daemon {
         daemon.granary(&["user", "add", user]).success();
     }
     daemon
-}
-
-/// One command to a grain's `hello` service over `granary grain connect`.
-fn ask(daemon: &Daemon, grain: &str, line: &str) -> String {
-    let out = daemon
-        .granary_with_stdin(
-            &["grain", "connect", grain, "hello"],
-            Some(&format!("{line}\n")),
-        )
-        .success();
-    out.stdout.trim_end().to_owned()
 }
 
 /// A live `granary grain connect` session: one line in, one line out.
@@ -199,7 +177,7 @@ fn users_get_one_grain_per_app_and_removal_needs_purge_once_grains_hold_data() {
             .all(|g| g["state"] == "stopped")
     );
     assert_eq!(
-        ask(&daemon, "alice/hello", "whoami"),
+        daemon.ask("alice/hello", "whoami"),
         "user=alice grain=alice-hello owner=alice kind=hello"
     );
 
@@ -217,7 +195,7 @@ fn users_get_one_grain_per_app_and_removal_needs_purge_once_grains_hold_data() {
         ])
         .success();
     assert_eq!(
-        ask(&daemon, "alice/relay", "notify notify:site site r1"),
+        daemon.ask("alice/relay", "notify notify:site site r1"),
         "ok"
     );
     let dataset = daemon.data_dir().join("grains/alice-hello/data");
@@ -277,7 +255,7 @@ fn users_get_one_grain_per_app_and_removal_needs_purge_once_grains_hold_data() {
 #[test]
 fn a_capability_is_reachable_only_after_a_grant_and_revoking_cuts_it_mid_use() {
     let daemon = setup("");
-    let no_grant = ask(&daemon, "alice/relay", "notify notify:site site r0");
+    let no_grant = daemon.ask("alice/relay", "notify notify:site site r0");
     assert!(
         no_grant.starts_with("error: no grant for notify:site"),
         "{no_grant}"
@@ -337,14 +315,18 @@ fn a_capability_is_reachable_only_after_a_grant_and_revoking_cuts_it_mid_use() {
     // The object the grain offered checks its own argument too.
     assert!(relay.ask("call blog r3").contains("for site, not blog"));
     // Bob's relay has no grant of its own.
-    assert!(ask(&daemon, "bob/relay", "notify notify:site site x").contains("no grant"));
+    assert!(
+        daemon
+            .ask("bob/relay", "notify notify:site site x")
+            .contains("no grant")
+    );
 
     daemon.granary(&["grant", "revoke", &id]).success();
     let cut = relay.ask("call site r4");
     assert!(cut.contains("revoked"), "{cut}");
     assert!(relay.ask("hold notify:site").contains("no grant"));
     relay.close();
-    assert_eq!(ask(&daemon, "alice/hello", "notifications"), "2");
+    assert_eq!(daemon.ask("alice/hello", "notifications"), "2");
 
     let audit = std::process::Command::new("python3")
         .args([
@@ -406,7 +388,7 @@ fn sturdy_tokens_restore_after_daemon_and_grain_restarts() {
     assert_eq!(relay.ask("restore site-token"), "ok");
     assert_eq!(relay.ask("call site after-holder-restart"), "ok");
     relay.close();
-    assert_eq!(ask(&daemon, "alice/hello", "notifications"), "3");
+    assert_eq!(daemon.ask("alice/hello", "notifications"), "3");
     // Another grain cannot use alice's token, even knowing it.
     std::fs::write(
         daemon.data_dir().join("grains/bob-relay/data/tokens"),
@@ -414,14 +396,18 @@ fn sturdy_tokens_restore_after_daemon_and_grain_restarts() {
     )
     .unwrap_or_else(|_| {
         // bob's dataset exists only once his grain ran
-        ask(&daemon, "bob/relay", "ping");
+        daemon.ask("bob/relay", "ping");
         std::fs::write(
             daemon.data_dir().join("grains/bob-relay/data/tokens"),
             format!("stolen {token}\n"),
         )
         .unwrap()
     });
-    assert!(ask(&daemon, "bob/relay", "restore stolen").contains("unknown or revoked token"));
+    assert!(
+        daemon
+            .ask("bob/relay", "restore stolen")
+            .contains("unknown or revoked token")
+    );
 }
 
 #[test]
@@ -467,7 +453,7 @@ fn an_idle_grain_stops_and_the_next_call_starts_it_without_the_caller_noticing()
             "wake lock ignored"
         );
     }
-    assert_eq!(ask(&daemon, "alice/hello", "sleep"), "ok");
+    assert_eq!(daemon.ask("alice/hello", "sleep"), "ok");
     eventually("alice/hello to stop once the lock is gone", WAIT, || {
         (state(&daemon, "alice/hello") == "stopped").then_some(())
     });
@@ -513,7 +499,7 @@ fn a_crashing_grain_restarts_with_backoff_and_a_crash_loop_is_held() {
         "[grains]\nrestart_backoff = \"100ms\"\ncrash_loop_crashes = 3\ncrash_window = \"60s\"\n",
     );
     // One crash: restarted after the backoff, and usable again.
-    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
     let _ = daemon.granary_with_stdin(
         &["grain", "connect", "alice/hello", "hello"],
         Some("crash\n"),
@@ -528,7 +514,7 @@ fn a_crashing_grain_restarts_with_backoff_and_a_crash_loop_is_held() {
         s["last_exit"].as_str().unwrap().contains("exit status 3"),
         "{s}"
     );
-    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
 
     // A grain that crashes at every start: backoff 100, 200 ms, then held.
     let dir = app_dir(daemon.dir(), "crashy", &["--crash-at-start"]);
@@ -583,13 +569,13 @@ fn a_crashing_grain_restarts_with_backoff_and_a_crash_loop_is_held() {
 #[test]
 fn a_flooding_grain_is_cut_off_and_the_others_keep_working() {
     let daemon = setup("[grains]\nmax_in_flight = 8\nflood_cutoff = 200\nmax_message_kib = 256\n");
-    assert_eq!(ask(&daemon, "bob/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("bob/hello", "ping"), "pong");
     let mut flooder = Session::open(&daemon, "alice/hello");
     assert_eq!(flooder.ask("ping"), "pong");
     writeln!(flooder.stdin.as_mut().unwrap(), "flood 3000").unwrap();
     // Others are served while alice/hello floods.
     for _ in 0..5 {
-        assert_eq!(ask(&daemon, "bob/hello", "ping"), "pong");
+        assert_eq!(daemon.ask("bob/hello", "ping"), "pong");
     }
     let held = eventually("the flooder to be cut off", WAIT, || {
         let s = status(&daemon, "alice/hello");
@@ -600,12 +586,12 @@ fn a_flooding_grain_is_cut_off_and_the_others_keep_working() {
         "{held}"
     );
     drop(flooder);
-    assert_eq!(ask(&daemon, "bob/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("bob/hello", "ping"), "pong");
     assert_eq!(state(&daemon, "bob/hello"), "running");
 
     // A message over the size bound ends the sender's channel (a crash),
     // not the host.
-    assert_eq!(ask(&daemon, "bob/relay", "biglog 16"), "ok");
+    assert_eq!(daemon.ask("bob/relay", "biglog 16"), "ok");
     let _ = daemon.granary_with_stdin(
         &["grain", "connect", "bob/relay", "hello"],
         Some("biglog 1024\n"),
@@ -618,13 +604,13 @@ fn a_flooding_grain_is_cut_off_and_the_others_keep_working() {
         s["last_exit"].as_str().unwrap().contains("too large"),
         "{s}"
     );
-    assert_eq!(ask(&daemon, "bob/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("bob/hello", "ping"), "pong");
 }
 
 #[test]
 fn installs_check_the_kind_first_and_a_reinstall_swaps_the_image_under_stopped_grains() {
     let daemon = setup("");
-    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
     let installed = daemon
         .data_dir()
         .join("apps/hello/1/image/bin/granary-hello");
@@ -665,7 +651,7 @@ fn installs_check_the_kind_first_and_a_reinstall_swaps_the_image_under_stopped_g
         .granary(&["app", "install", again.to_str().unwrap()])
         .success();
     assert_eq!(state(&daemon, "alice/hello"), "stopped");
-    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
     let leftovers: Vec<_> = std::fs::read_dir(daemon.data_dir().join("apps/hello"))
         .unwrap()
         .map(|e| e.unwrap().file_name())

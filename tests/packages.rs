@@ -7,18 +7,6 @@ use std::path::{Path, PathBuf};
 
 use granary_testkit::{Daemon, DaemonMode, eventually, run_granary};
 
-fn hello_binary() -> PathBuf {
-    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("../target/{triple}/debug/granary-hello"));
-    assert!(
-        path.exists(),
-        "{} is missing; run ./run-tests",
-        path.display()
-    );
-    path
-}
-
 /// A package definition for the example app at `version`, with extra
 /// arguments to its exec.
 fn definition(dir: &Path, version: &str, args: &[&str]) -> PathBuf {
@@ -27,7 +15,7 @@ fn definition(dir: &Path, version: &str, args: &[&str]) -> PathBuf {
 
 fn definition_with(dir: &Path, version: &str, args: &[&str], extra: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::copy(hello_binary(), dir.join("granary-hello")).unwrap();
+    std::fs::copy(granary_testkit::hello_binary(), dir.join("granary-hello")).unwrap();
     let mut exec = vec!["\"/bin/granary-hello\"".to_owned()];
     exec.extend(args.iter().map(|a| format!("{a:?}")));
     let def = dir.join(format!("hello-{version}.toml"));
@@ -57,18 +45,6 @@ fn build(key: &Path, def: &Path, out: &Path) {
         &["build", def.to_str().unwrap(), "-o", out.to_str().unwrap()],
     )
     .success();
-}
-
-fn ask(daemon: &Daemon, grain: &str, line: &str) -> String {
-    daemon
-        .granary_with_stdin(
-            &["grain", "connect", grain, "hello"],
-            Some(&format!("{line}\n")),
-        )
-        .success()
-        .stdout
-        .trim_end()
-        .to_owned()
 }
 
 #[test]
@@ -112,9 +88,9 @@ fn a_signed_package_installs_and_its_grain_sees_only_the_package() {
         .join(inspect["sha256"].as_str().unwrap());
     assert!(image.join("image/bin/granary-hello").exists());
     // The grain runs from the image and sees only it (and its mounts).
-    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
-    assert_eq!(ask(&daemon, "alice/hello", "ls /"), "bin dev proc tmp var");
-    assert_eq!(ask(&daemon, "alice/hello", "ls /bin"), "granary-hello");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ls /"), "bin dev proc tmp var");
+    assert_eq!(daemon.ask("alice/hello", "ls /bin"), "granary-hello");
     // The same package again: the same image.
     daemon
         .granary(&["app", "install", pkg.to_str().unwrap()])
@@ -162,7 +138,7 @@ fn a_signed_package_installs_and_its_grain_sees_only_the_package() {
         .granary(&["app", "install", other_pkg.to_str().unwrap()])
         .failure();
     assert!(refused.stderr.contains("--replace"), "{}", refused.stderr);
-    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
 }
 
 #[test]
@@ -177,7 +153,7 @@ fn an_upgrade_that_fails_to_start_rolls_back() {
     daemon
         .granary(&["app", "install", v1.to_str().unwrap()])
         .success();
-    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
 
     // 1.1 crashes at start: the upgrade is rolled back and the grain runs 1.0.
     let bad = work.join("v1.1.gpkg");
@@ -212,7 +188,7 @@ fn an_upgrade_that_fails_to_start_rolls_back() {
             (s["state"] == "running").then_some(())
         },
     );
-    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
     // 1.1's migration ran, and was undone with the rest of the upgrade.
     assert!(
         !daemon
@@ -262,7 +238,7 @@ fn an_upgrade_that_fails_to_start_rolls_back() {
         .success()
         .json();
     assert_eq!(s["state"], "running");
-    assert_eq!(ask(&daemon, "alice/hello", "ping"), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
 }
 
 /// Debian's own `/usr/bin/git`, packaged with everything ldd finds plus

@@ -22,10 +22,8 @@ fn grains_live_on_their_own_zfs_datasets_and_purge_keeps_a_final_snapshot() {
 
     let app = daemon.dir().join("app");
     std::fs::create_dir_all(app.join("image/bin")).unwrap();
-    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(format!("../target/{triple}/debug/granary-hello")),
+        granary_testkit::hello_binary(),
         app.join("image/bin/granary-hello"),
     )
     .unwrap();
@@ -39,13 +37,7 @@ fn grains_live_on_their_own_zfs_datasets_and_purge_keeps_a_final_snapshot() {
         .granary(&["app", "install", app.to_str().unwrap()])
         .success();
     daemon.granary(&["user", "add", "alice"]).success();
-    let out = daemon
-        .granary_with_stdin(
-            &["grain", "connect", "alice/hello", "hello"],
-            Some("ping\n"),
-        )
-        .success();
-    assert_eq!(out.stdout.trim(), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
 
     let zfs = |args: &[&str]| {
         let out = std::process::Command::new("zfs")
@@ -99,13 +91,7 @@ fn grains_live_on_their_own_zfs_datasets_and_purge_keeps_a_final_snapshot() {
         "before"
     );
     assert!(!data.join("later").exists());
-    let out = daemon
-        .granary_with_stdin(
-            &["grain", "connect", "alice/hello", "hello"],
-            Some("ping\n"),
-        )
-        .success();
-    assert_eq!(out.stdout.trim(), "pong");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
 
     // The scheduler snapshots every second and keeps one automatic
     // snapshot per hour; the manual one stays.

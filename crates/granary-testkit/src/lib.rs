@@ -44,6 +44,29 @@ pub fn granary_bin() -> PathBuf {
     bin
 }
 
+/// The example app (`apps/hello`), linked statically for images that hold
+/// nothing else: `$GRANARY_HELLO`, or the one `./run-tests` builds with
+/// `+crt-static` for the explicit host target.
+pub fn hello_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("GRANARY_HELLO") {
+        return PathBuf::from(p);
+    }
+    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<triple>/debug/granary-hello
+    let path = exe
+        .ancestors()
+        .nth(3)
+        .map(|target| target.join(&triple).join("debug/granary-hello"))
+        .expect("test executable is inside target/");
+    assert!(
+        path.exists(),
+        "{} is missing; ./run-tests builds it statically (cargo build -p granary-hello --target {triple} with +crt-static)",
+        path.display()
+    );
+    path
+}
+
 /// Polls `check` until it returns `Some` or `deadline` passes; on timeout,
 /// panics with `what`.
 pub fn eventually<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
@@ -294,6 +317,19 @@ impl Daemon {
         let mut full = vec!["--config", config.to_str().expect("utf-8 temp path")];
         full.extend_from_slice(args);
         run_granary(&full, stdin)
+    }
+
+    /// One line to a grain's `hello` service (the example app) over
+    /// `granary grain connect`; its one-line answer.
+    pub fn ask(&self, grain: &str, line: &str) -> String {
+        self.granary_with_stdin(
+            &["grain", "connect", grain, "hello"],
+            Some(&format!("{line}\n")),
+        )
+        .success()
+        .stdout
+        .trim_end()
+        .to_owned()
     }
 
     /// The next line the daemon printed on stdout (the demo banner).
