@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::{
-    DatasetError, Datasets, Snapshot, check_id, check_label, err, label_time, list_snapshot_dir,
-    mkdir, running_as_root,
+    DatasetError, Datasets, SendFormat, Snapshot, SnapshotView, check_id, check_label, err,
+    label_time, list_snapshot_dir, mkdir, refuse_if_held, running_as_root,
 };
 
 /// Runs a storage tool; its stderr becomes the error.
@@ -220,12 +220,20 @@ impl Datasets for Zfs {
     fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {
         check_id(grain)?;
         check_label(grain, label)?;
-        run_retrying_busy(
-            "zfs",
-            &["destroy", &format!("{}@{label}", self.name(grain))],
-        )
-        .map(drop)
-        .map_err(err(grain, "destroy a ZFS snapshot"))
+        let snap = format!("{}@{label}", self.name(grain));
+        // A held snapshot (a backup's base) is busy for good: say so at
+        // once instead of retrying.
+        let refs = run("zfs", &["get", "-H", "-o", "value", "userrefs", &snap])
+            .map_err(err(grain, "look at a ZFS snapshot"))?;
+        if refs.trim().parse::<u64>().is_ok_and(|n| n > 0) {
+            return Err(err(grain, "destroy a ZFS snapshot")(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!("snapshot {label} is held (a backup's base); it is busy"),
+            )));
+        }
+        run_retrying_busy("zfs", &["destroy", &snap])
+            .map(drop)
+            .map_err(err(grain, "destroy a ZFS snapshot"))
     }
 
     fn rollback(&self, grain: &str, label: &str, host_uid: u32) -> Result<(), DatasetError> {
@@ -263,6 +271,169 @@ impl Datasets for Zfs {
             other => other.map_err(err(grain, "remove the grain directory"))?,
         }
         Ok(Some(format!("{kept}@{label}")))
+    }
+
+    fn send_format(&self) -> SendFormat {
+        SendFormat::Zfs
+    }
+
+    /// A read-only clone of the snapshot, mounted under `<root>/.views`
+    /// and destroyed when the view is dropped (zfs-fuse has no `.zfs`
+    /// directory to read snapshots through).
+    fn view_snapshot(&self, grain: &str, label: &str) -> Result<SnapshotView, DatasetError> {
+        check_id(grain)?;
+        check_label(grain, label)?;
+        let mut nonce = [0u8; 6];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| err(grain, "name a view")(io::Error::other(e.to_string())))?;
+        let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        let views = self.root.join(".views");
+        mkdir(&views, 0o700).map_err(err(grain, "create the views directory"))?;
+        let path = views.join(format!("{grain}-{label}-{nonce}"));
+        let clone = format!("{}/0view-{grain}-{nonce}", self.parent);
+        run(
+            "zfs",
+            &[
+                "clone",
+                "-o",
+                &format!("mountpoint={}", path.display()),
+                "-o",
+                "readonly=on",
+                &format!("{}@{label}", self.name(grain)),
+                &clone,
+            ],
+        )
+        .map_err(err(grain, "clone the snapshot to read it"))?;
+        let cleanup_path = path.clone();
+        Ok(SnapshotView {
+            path,
+            cleanup: Some(Box::new(move || {
+                if let Err(e) = run_retrying_busy("zfs", &["destroy", &clone]) {
+                    tracing::warn!(clone, error = %e, "cannot destroy a snapshot view");
+                }
+                let _ = std::fs::remove_dir(cleanup_path);
+            })),
+        })
+    }
+
+    fn send(
+        &self,
+        grain: &str,
+        label: &str,
+        base: Option<&str>,
+    ) -> Result<std::process::Child, DatasetError> {
+        check_id(grain)?;
+        check_label(grain, label)?;
+        let mut cmd = Command::new("zfs");
+        cmd.arg("send");
+        if let Some(base) = base {
+            check_label(grain, base)?;
+            cmd.args(["-i", base]);
+        }
+        cmd.arg(format!("{}@{label}", self.name(grain)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(err(grain, "run zfs send"))
+    }
+
+    fn receive(&self, grain: &str, stream: &mut dyn io::Read) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let mut child = Command::new("zfs")
+            .args(["receive", "-u", &self.name(grain)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(err(grain, "run zfs receive"))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let copied = io::copy(stream, &mut stdin);
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .map_err(err(grain, "wait for zfs receive"))?;
+        copied.map_err(err(grain, "feed zfs receive"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(err(grain, "receive a ZFS stream")(io::Error::other(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            )))
+        }
+    }
+
+    fn hold(&self, grain: &str, label: &str, tag: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        check_label(grain, label)?;
+        check_label(grain, tag)?;
+        match run(
+            "zfs",
+            &["hold", tag, &format!("{}@{label}", self.name(grain))],
+        ) {
+            Err(e) if e.to_string().contains("already exists") => Ok(()),
+            other => other.map(drop).map_err(err(grain, "hold a ZFS snapshot")),
+        }
+    }
+
+    fn release(&self, grain: &str, label: &str, tag: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        check_label(grain, label)?;
+        check_label(grain, tag)?;
+        match run(
+            "zfs",
+            &["release", tag, &format!("{}@{label}", self.name(grain))],
+        ) {
+            Err(e)
+                if e.to_string().contains("no such tag")
+                    || e.to_string().contains("does not exist") =>
+            {
+                Ok(())
+            }
+            other => other.map(drop).map_err(err(grain, "release a ZFS hold")),
+        }
+    }
+
+    fn rename(&self, from: &str, to: &str, host_uid: u32) -> Result<PathBuf, DatasetError> {
+        check_id(from)?;
+        check_id(to)?;
+        let target = self.name(to);
+        if run("zfs", &["list", "-H", "-o", "name", &target]).is_ok() {
+            if self.has_data(to)? {
+                return Err(err(to, "take the restored data")(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "the grain already holds data",
+                )));
+            }
+            self.destroy_data(to)?;
+        }
+        mkdir(&self.grain_dir(to), 0o700).map_err(err(to, "create the grain directory"))?;
+        run("zfs", &["rename", &self.name(from), &target])
+            .map_err(err(to, "rename the restored dataset"))?;
+        let _ = std::fs::remove_dir_all(self.grain_dir(from));
+        for property in [
+            format!("mountpoint={}", self.path(to).display()),
+            format!("refquota={}", self.quota_bytes),
+            "canmount=on".to_owned(),
+        ] {
+            run("zfs", &["set", &property, &target]).map_err(err(to, "set a property"))?;
+        }
+        self.create(to, host_uid)
+    }
+
+    fn destroy_data(&self, grain: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let name = self.name(grain);
+        if run("zfs", &["list", "-H", "-o", "name", &name]).is_ok() {
+            run_retrying_busy("zfs", &["destroy", "-r", &name])
+                .map_err(err(grain, "destroy the ZFS dataset"))?;
+        }
+        match std::fs::remove_dir(self.path(grain)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(err(grain, "remove the mountpoint")(e))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn destroy(&self, grain: &str) -> Result<(), DatasetError> {
@@ -366,6 +537,7 @@ impl Datasets for Btrfs {
     fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {
         check_id(grain)?;
         check_label(grain, label)?;
+        refuse_if_held(grain, &self.grain_dir(grain), label)?;
         run(
             "btrfs",
             &[
@@ -452,6 +624,16 @@ impl Datasets for Btrfs {
         .map_err(err(grain, "take the final btrfs snapshot"))?;
         self.destroy(grain)?;
         Ok(Some(kept.display().to_string()))
+    }
+
+    fn destroy_data(&self, grain: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let data = self.path(grain);
+        if data.exists() {
+            run("btrfs", &["subvolume", "delete", &data.to_string_lossy()])
+                .map_err(err(grain, "delete the btrfs subvolume"))?;
+        }
+        Ok(())
     }
 
     fn destroy(&self, grain: &str) -> Result<(), DatasetError> {

@@ -71,6 +71,166 @@ pub trait Datasets: Send + Sync {
     /// `<grain>-<label>`); returns where it is kept, `None` when there was
     /// no data.
     fn retire(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError>;
+
+    /// How this backend's snapshots leave the host in a backup.
+    fn send_format(&self) -> SendFormat {
+        SendFormat::Tree
+    }
+
+    /// The snapshot's files, read-only, for as long as the view lives
+    /// (plain and btrfs: the snapshot directory; ZFS: a clone, destroyed
+    /// when the view is dropped).
+    fn view_snapshot(&self, grain: &str, label: &str) -> Result<SnapshotView, DatasetError> {
+        check_id(grain)?;
+        check_label(grain, label)?;
+        let dir = self.grain_dir(grain).join("snapshots").join(label);
+        if !dir.is_dir() {
+            return Err(err(grain, "find the snapshot")(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no snapshot {label:?}"),
+            )));
+        }
+        Ok(SnapshotView {
+            path: dir,
+            cleanup: None,
+        })
+    }
+
+    /// The backend's own stream of a snapshot (`zfs send`), incremental
+    /// from `base` when given; its stdout is the stream.
+    fn send(
+        &self,
+        grain: &str,
+        _label: &str,
+        _base: Option<&str>,
+    ) -> Result<std::process::Child, DatasetError> {
+        Err(err(grain, "send a snapshot")(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("the {} backend has no native stream", self.backend()),
+        )))
+    }
+
+    /// Applies one stream [`Datasets::send`] made (full first, then
+    /// incrementals in order) to the dataset `grain`, creating it from a
+    /// full stream. It stays unmounted until [`Datasets::rename`].
+    fn receive(&self, grain: &str, _stream: &mut dyn io::Read) -> Result<(), DatasetError> {
+        Err(err(grain, "receive a snapshot")(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "the {} backend cannot receive a native ZFS stream; restore it on a node with storage.backend = \"zfs\"",
+                self.backend()
+            ),
+        )))
+    }
+
+    /// Keeps a snapshot from being deleted until every holder released it
+    /// (ZFS: `zfs hold`; elsewhere a marker beside the snapshots).
+    fn hold(&self, grain: &str, label: &str, tag: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        check_label(grain, label)?;
+        check_label(grain, tag)?;
+        let dir = self.grain_dir(grain).join("holds");
+        mkdir(&dir, 0o700).map_err(err(grain, "create the holds directory"))?;
+        std::fs::write(dir.join(format!("{label}@{tag}")), b"")
+            .map_err(err(grain, "hold a snapshot"))
+    }
+
+    /// Undoes [`Datasets::hold`]; releasing what is not held is fine.
+    fn release(&self, grain: &str, label: &str, tag: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        check_label(grain, label)?;
+        check_label(grain, tag)?;
+        let marker = self
+            .grain_dir(grain)
+            .join("holds")
+            .join(format!("{label}@{tag}"));
+        match std::fs::remove_file(marker) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(err(grain, "release a hold")(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Renames a whole dataset (a restore's staging one into place), hands
+    /// it to `host_uid` and mounts it where [`Datasets::path`] says.
+    fn rename(&self, from: &str, to: &str, host_uid: u32) -> Result<PathBuf, DatasetError> {
+        check_id(from)?;
+        check_id(to)?;
+        if self.path(to).exists() && self.has_data(to)? {
+            return Err(err(to, "take the restored data")(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the grain already holds data",
+            )));
+        }
+        mkdir(&self.grain_dir(to), 0o700).map_err(err(to, "create the grain directory"))?;
+        // An empty dataset left by a grain that never ran gives way.
+        match std::fs::remove_dir(self.path(to)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                self.destroy_data(to)?;
+            }
+            _ => {}
+        }
+        std::fs::rename(self.path(from), self.path(to)).map_err(err(to, "move the data in"))?;
+        let _ = std::fs::remove_dir_all(self.grain_dir(from));
+        self.create(to, host_uid)
+    }
+
+    /// Removes only the dataset of a grain (not its directory).
+    fn destroy_data(&self, grain: &str) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        match std::fs::remove_dir_all(self.path(grain)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other.map_err(err(grain, "remove the dataset")),
+        }
+    }
+}
+
+/// How a backend's snapshots are streamed into a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFormat {
+    /// Granary's own file-tree stream, read from a snapshot's files;
+    /// restorable onto any backend.
+    Tree,
+    /// `zfs send` / `zfs receive`; restorable onto ZFS only.
+    Zfs,
+}
+
+/// A read-only view of a snapshot's files.
+pub struct SnapshotView {
+    pub path: PathBuf,
+    cleanup: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Drop for SnapshotView {
+    fn drop(&mut self) {
+        if let Some(cleanup) = self.cleanup.take() {
+            cleanup();
+        }
+    }
+}
+
+/// Whether a snapshot carries a hold (plain and btrfs markers).
+pub(crate) fn is_held(grain_dir: &Path, label: &str) -> bool {
+    let prefix = format!("{label}@");
+    std::fs::read_dir(grain_dir.join("holds")).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+    })
+}
+
+pub(crate) fn refuse_if_held(
+    grain: &str,
+    grain_dir: &Path,
+    label: &str,
+) -> Result<(), DatasetError> {
+    if is_held(grain_dir, label) {
+        Err(err(grain, "delete a snapshot")(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("snapshot {label} is held (a backup's base); it is busy"),
+        )))
+    } else {
+        Ok(())
+    }
 }
 
 /// One read-only snapshot of a grain's dataset.
@@ -83,7 +243,7 @@ pub struct Snapshot {
 }
 
 /// The prefixes of the labels Granary makes itself.
-const TIMED_PREFIXES: [&str; 4] = ["auto", "manual", "final", "upgrade"];
+const TIMED_PREFIXES: [&str; 5] = ["auto", "manual", "final", "upgrade", "backup"];
 
 /// A label `<prefix>-<unix seconds>` for a snapshot taken now.
 pub fn timed_label(prefix: &str) -> String {
@@ -284,6 +444,7 @@ impl Datasets for Plain {
     fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {
         check_id(grain)?;
         check_label(grain, label)?;
+        refuse_if_held(grain, &self.grain_dir(grain), label)?;
         std::fs::remove_dir_all(self.grain_dir(grain).join("snapshots").join(label))
             .map_err(err(grain, "delete a snapshot"))
     }

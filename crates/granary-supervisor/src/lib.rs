@@ -460,21 +460,24 @@ impl Supervisor {
     pub async fn prune(&self, grain: &str) -> Result<Vec<String>, SupervisorError> {
         let snaps = self.list_snapshots(grain).await?;
         let doomed = self.inner.params.config.retention.prune(&snaps);
-        let (datasets, id, list) = (
-            self.inner.params.datasets.clone(),
-            grain.to_owned(),
-            doomed.clone(),
-        );
+        let (datasets, id, list) = (self.inner.params.datasets.clone(), grain.to_owned(), doomed);
         tokio::task::spawn_blocking(move || {
-            for name in &list {
-                datasets.delete_snapshot(&id, name)?;
+            let mut deleted = Vec::new();
+            for name in list {
+                match datasets.delete_snapshot(&id, &name) {
+                    Ok(()) => deleted.push(name),
+                    // A backup's base stays until the next export moves on.
+                    Err(e) if e.source.kind() == std::io::ErrorKind::ResourceBusy => {
+                        tracing::debug!(grain = %id, snapshot = %name, "held; not pruned");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            Ok::<_, granary_datasets::DatasetError>(())
+            Ok::<_, granary_datasets::DatasetError>(deleted)
         })
         .await
         .map_err(|e| SupervisorError::Other(e.to_string()))?
-        .map_err(|e| SupervisorError::Other(e.to_string()))?;
-        Ok(doomed)
+        .map_err(|e| SupervisorError::Other(e.to_string()))
     }
 
     /// Stops the grain, puts its dataset back to a snapshot, and starts it

@@ -1,0 +1,459 @@
+//! Exports: a snapshot's stream cut into chunks, each encrypted, hashed and
+//! written durably, with a journal so a cut-off export resumes at the last
+//! whole chunk.
+//!
+//! A stream's chunks live in `streams/<grain>/<seq>-<snapshot>/`, beside
+//! `journal.json` while it is being written. When the last chunk is
+//! durable the stream enters the signed catalogue and the journal goes.
+//! Resuming regenerates the stream from the same (held) snapshot and skips
+//! every journaled chunk whose plaintext hash matches, so the media is not
+//! written again; if the stream came out different, it starts over.
+
+use std::io::{self, Write};
+
+use granary_datasets::{Datasets, SendFormat};
+use granary_package::SigningKey;
+use serde::{Deserialize, Serialize};
+
+use crate::catalogue::{
+    CATALOGUE_FILE, Catalogue, ChunkEntry, GrainEntry, StreamEntry, StreamFormat,
+};
+use crate::crypt::Recipients;
+use crate::progress::{Meter, Progress};
+use crate::target::Target;
+use crate::{BackupError, hex, now, sha256};
+
+const JOURNAL: &str = "journal.json";
+
+/// What a target holds, opened for adding streams.
+pub struct Exporter<'a> {
+    target: &'a mut dyn Target,
+    key: &'a SigningKey,
+    recipients: &'a Recipients,
+    chunk_bytes: usize,
+    catalogue: Catalogue,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Journal {
+    snapshot: String,
+    base: Option<String>,
+    chunk_bytes: usize,
+    chunks: Vec<ChunkEntry>,
+}
+
+/// An unfinished stream found on the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub snapshot: String,
+    pub base: Option<String>,
+    pub chunks: usize,
+}
+
+/// How one stream went.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamReport {
+    pub grain: String,
+    pub snapshot: String,
+    pub base: Option<String>,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+    pub chunks: usize,
+    /// Chunks already on the target from an export that was cut off.
+    pub resumed_chunks: usize,
+    pub seconds: f64,
+}
+
+/// Reads the catalogue a target holds; `None` when it holds none yet.
+pub fn read_catalogue(
+    target: &mut dyn Target,
+) -> Result<Option<(Catalogue, granary_package::PublicKey)>, BackupError> {
+    match target.read(CATALOGUE_FILE)? {
+        None => Ok(None),
+        Some(bytes) => Catalogue::open(&bytes).map(Some),
+    }
+}
+
+impl<'a> Exporter<'a> {
+    /// Opens `target` for this node: a catalogue signed by another node is
+    /// refused (one node per target; point another node elsewhere).
+    pub fn open(
+        target: &'a mut dyn Target,
+        key: &'a SigningKey,
+        recipients: &'a Recipients,
+        chunk_bytes: usize,
+    ) -> Result<Exporter<'a>, BackupError> {
+        let catalogue = match read_catalogue(target)? {
+            None => Catalogue::new(&key.public()),
+            Some((cat, signer)) if signer == key.public() => cat,
+            Some((_, signer)) => {
+                return Err(BackupError::Config(format!(
+                    "{} holds the backups of another node (key {}); give this node its own directory or target",
+                    target.describe(),
+                    crate::catalogue::fingerprint(&signer)
+                )));
+            }
+        };
+        Ok(Exporter {
+            target,
+            key,
+            recipients,
+            chunk_bytes: chunk_bytes.max(4096),
+            catalogue,
+        })
+    }
+
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.catalogue
+    }
+
+    /// The snapshot the grain's last complete stream holds: the base of the
+    /// next incremental, if the node still has it.
+    pub fn last_snapshot(&self, grain: &str) -> Option<String> {
+        self.catalogue
+            .grains
+            .get(grain)
+            .and_then(|g| g.streams.last())
+            .map(|s| s.snapshot.clone())
+    }
+
+    fn stream_dir(&self, grain: &str, snapshot: &str) -> String {
+        let seq = self
+            .catalogue
+            .grains
+            .get(grain)
+            .map_or(0, |g| g.streams.len())
+            + 1;
+        format!("streams/{grain}/{seq:06}-{snapshot}")
+    }
+
+    /// An unfinished stream of `grain` that continues the catalogue (same
+    /// base), if the target has one.
+    pub fn pending(&mut self, grain: &str) -> Result<Option<Pending>, BackupError> {
+        let last = self.last_snapshot(grain);
+        for (name, _) in self.target.list(&format!("streams/{grain}"))? {
+            let Some(dir) = name.strip_suffix(&format!("/{JOURNAL}")) else {
+                continue;
+            };
+            let Some(bytes) = self.target.read(&name)? else {
+                continue;
+            };
+            let Ok(journal) = serde_json::from_slice::<Journal>(&bytes) else {
+                tracing::warn!(journal = %name, "unreadable export journal; ignored");
+                continue;
+            };
+            if dir == self.stream_dir(grain, &journal.snapshot)
+                && journal.base == last
+                && granary_datasets::valid_label(&journal.snapshot)
+            {
+                return Ok(Some(Pending {
+                    snapshot: journal.snapshot,
+                    base: journal.base,
+                    chunks: journal.chunks.len(),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Streams `snapshot` of `grain` (incremental from `base`), records it
+    /// in the catalogue with `meta`, and writes the catalogue.
+    pub fn export(
+        &mut self,
+        grain: &str,
+        meta: GrainEntry,
+        snapshot: &str,
+        base: Option<&str>,
+        datasets: &dyn Datasets,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<StreamReport, BackupError> {
+        let started = std::time::Instant::now();
+        let dir = self.stream_dir(grain, snapshot);
+        let journal_name = format!("{dir}/{JOURNAL}");
+        let previous: Option<Journal> = self
+            .target
+            .read(&journal_name)?
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .filter(|j: &Journal| {
+                j.snapshot == snapshot
+                    && j.base.as_deref() == base
+                    && j.chunk_bytes == self.chunk_bytes
+            });
+        let format = match datasets.send_format() {
+            SendFormat::Tree => StreamFormat::Tree,
+            SendFormat::Zfs => StreamFormat::Zfs,
+        };
+        let view = datasets
+            .view_snapshot(grain, snapshot)
+            .map_err(|e| BackupError::Other(e.to_string()))?;
+        let total = match format {
+            StreamFormat::Tree => {
+                let base_view = match base {
+                    Some(b) => Some(
+                        datasets
+                            .view_snapshot(grain, b)
+                            .map_err(|e| BackupError::Other(e.to_string()))?,
+                    ),
+                    None => None,
+                };
+                Some(crate::tree::changed_bytes(
+                    &view.path,
+                    base_view.as_ref().map(|v| v.path.as_path()),
+                )?)
+            }
+            StreamFormat::Zfs => None,
+        };
+        let mut attempt_journal = previous;
+        let (journal, plain_bytes, plain_sha, resumed) = loop {
+            let resume_from = attempt_journal.take();
+            let mut writer = ChunkWriter {
+                target: &mut *self.target,
+                recipients: self.recipients,
+                dir: &dir,
+                chunk_bytes: self.chunk_bytes,
+                buf: Vec::with_capacity(self.chunk_bytes),
+                journal: Journal {
+                    snapshot: snapshot.to_owned(),
+                    base: base.map(str::to_owned),
+                    chunk_bytes: self.chunk_bytes,
+                    chunks: Vec::new(),
+                },
+                resume: resume_from
+                    .as_ref()
+                    .map(|j| j.chunks.clone())
+                    .unwrap_or_default(),
+                resumed: 0,
+                diverged: false,
+                plain: ring::digest::Context::new(&ring::digest::SHA256),
+                plain_bytes: 0,
+                meter: Meter::new(grain, "export", total),
+                progress: &mut *progress,
+                error: None,
+            };
+            let streamed = stream_into(
+                &mut writer,
+                grain,
+                snapshot,
+                base,
+                datasets,
+                &view.path,
+                format,
+            );
+            let streamed = streamed.and_then(|()| writer.finish_chunk());
+            if writer.diverged {
+                tracing::warn!(
+                    grain,
+                    snapshot,
+                    "the regenerated stream differs from the cut-off one; exporting it again from the start"
+                );
+                let names: Vec<String> = writer
+                    .resume
+                    .iter()
+                    .map(|c| format!("{dir}/{}", c.file))
+                    .collect();
+                for n in names {
+                    self.target.remove(&n)?;
+                }
+                self.target.remove(&journal_name)?;
+                continue;
+            }
+            if let Some(e) = writer.error.take() {
+                return Err(e);
+            }
+            streamed?;
+            let sha = hex(writer.plain.clone().finish().as_ref());
+            break (writer.journal, writer.plain_bytes, sha, writer.resumed);
+        };
+        let tree_sha256 = crate::tree::digest(&view.path)?;
+        drop(view);
+        let stored: u64 = journal.chunks.iter().map(|c| c.bytes).sum();
+        let chunks = journal.chunks.len();
+        let mut entry = meta;
+        let old_streams = self
+            .catalogue
+            .grains
+            .get(grain)
+            .map(|g| g.streams.clone())
+            .unwrap_or_default();
+        entry.streams = old_streams;
+        entry.streams.push(StreamEntry {
+            snapshot: snapshot.to_owned(),
+            base: base.map(str::to_owned),
+            format,
+            created: now(),
+            dir: dir.clone(),
+            plain_bytes,
+            plain_sha256: plain_sha,
+            tree_sha256,
+            chunks: journal.chunks,
+        });
+        self.catalogue.grains.insert(grain.to_owned(), entry);
+        self.catalogue.updated = now();
+        let file = self.catalogue.sign(self.key)?;
+        self.target.write(CATALOGUE_FILE, &file)?;
+        self.target.remove(&journal_name)?;
+        Ok(StreamReport {
+            grain: grain.to_owned(),
+            snapshot: snapshot.to_owned(),
+            base: base.map(str::to_owned),
+            plain_bytes,
+            stored_bytes: stored,
+            chunks,
+            resumed_chunks: resumed,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Produces the stream of the snapshot into `out`.
+fn stream_into(
+    out: &mut ChunkWriter<'_>,
+    grain: &str,
+    snapshot: &str,
+    base: Option<&str>,
+    datasets: &dyn Datasets,
+    view: &std::path::Path,
+    format: StreamFormat,
+) -> Result<(), BackupError> {
+    match format {
+        StreamFormat::Tree => {
+            let base_view = match base {
+                Some(b) => Some(
+                    datasets
+                        .view_snapshot(grain, b)
+                        .map_err(|e| BackupError::Other(e.to_string()))?,
+                ),
+                None => None,
+            };
+            crate::tree::write_stream(
+                view,
+                base_view
+                    .as_ref()
+                    .map(|v| (v.path.as_path(), base.unwrap_or_default())),
+                out,
+            )
+            .map(drop)
+        }
+        StreamFormat::Zfs => {
+            let mut child = datasets
+                .send(grain, snapshot, base)
+                .map_err(|e| BackupError::Other(e.to_string()))?;
+            let mut stdout = child.stdout.take().expect("piped");
+            let copied = io::copy(&mut stdout, out);
+            drop(stdout);
+            if copied.is_err() {
+                let _ = child.kill();
+            }
+            let status = child
+                .wait_with_output()
+                .map_err(|e| BackupError::Io(format!("zfs send: {e}")))?;
+            copied.map_err(|e| BackupError::Io(format!("zfs send: {e}")))?;
+            if !status.status.success() {
+                return Err(BackupError::Other(format!(
+                    "zfs send failed: {}",
+                    String::from_utf8_lossy(&status.stderr).trim()
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Cuts what is written into chunks: each is hashed, encrypted and
+/// written durably, then journaled.
+struct ChunkWriter<'w> {
+    target: &'w mut dyn Target,
+    recipients: &'w Recipients,
+    dir: &'w str,
+    chunk_bytes: usize,
+    buf: Vec<u8>,
+    journal: Journal,
+    /// Chunks a cut-off export already wrote.
+    resume: Vec<ChunkEntry>,
+    resumed: usize,
+    diverged: bool,
+    plain: ring::digest::Context,
+    plain_bytes: u64,
+    meter: Meter,
+    progress: &'w mut dyn FnMut(&Progress),
+    /// The real error behind an `io::Error` handed to the stream's producer.
+    error: Option<BackupError>,
+}
+
+impl ChunkWriter<'_> {
+    fn finish_chunk(&mut self) -> Result<(), BackupError> {
+        if self.buf.is_empty() && !self.journal.chunks.is_empty() {
+            return Ok(());
+        }
+        let index = self.journal.chunks.len();
+        let plain_sha256 = sha256(&self.buf);
+        let entry = match self.resume.get(index) {
+            Some(done) if done.plain_sha256 == plain_sha256 => {
+                let name = format!("{}/{}", self.dir, done.file);
+                let present = self.target.read(&name)?;
+                if present.as_deref().is_some_and(|b| sha256(b) == done.sha256) {
+                    self.resumed += 1;
+                    Some(done.clone())
+                } else {
+                    None
+                }
+            }
+            Some(_) => {
+                self.diverged = true;
+                return Err(BackupError::Other("stream diverged".to_owned()));
+            }
+            None => None,
+        };
+        let entry = match entry {
+            Some(e) => e,
+            None => {
+                let cipher = self.recipients.encrypt(&self.buf)?;
+                let file = format!("{index:08}.age");
+                self.target
+                    .write(&format!("{}/{file}", self.dir), &cipher)?;
+                ChunkEntry {
+                    file,
+                    bytes: cipher.len() as u64,
+                    sha256: sha256(&cipher),
+                    plain_sha256,
+                }
+            }
+        };
+        self.journal.chunks.push(entry);
+        let journal =
+            serde_json::to_vec(&self.journal).map_err(|e| BackupError::Other(e.to_string()))?;
+        self.target
+            .write(&format!("{}/{JOURNAL}", self.dir), &journal)?;
+        self.buf.clear();
+        let (resumed, written) = (self.resumed, self.journal.chunks.len());
+        self.meter.chunks(written, resumed);
+        (self.progress)(&self.meter.now(true));
+        Ok(())
+    }
+}
+
+impl Write for ChunkWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = self.chunk_bytes - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        self.plain.update(&data[..n]);
+        self.plain_bytes += n as u64;
+        self.meter.add(n as u64);
+        if self.buf.len() == self.chunk_bytes {
+            if let Err(e) = self.finish_chunk() {
+                let msg = e.to_string();
+                self.error = Some(e);
+                return Err(io::Error::other(msg));
+            }
+        } else if let Some(p) = self.meter.tick() {
+            (self.progress)(&p);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

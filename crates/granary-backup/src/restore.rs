@@ -1,0 +1,346 @@
+//! Reading backups back: `verify` (no secret needed), and restoring a
+//! grain's chain of streams into a staging dataset that only becomes the
+//! grain's once every byte is checked.
+
+use std::io::{self, Read};
+
+use granary_datasets::Datasets;
+use granary_package::PublicKey;
+use serde::Serialize;
+
+use crate::catalogue::{Catalogue, GrainEntry, StreamEntry, StreamFormat};
+use crate::crypt::Identity;
+use crate::export::read_catalogue;
+use crate::progress::{Meter, Progress};
+use crate::target::Target;
+use crate::{BackupError, sha256};
+
+/// Opens a target's catalogue for reading, requiring a trusted signer:
+/// anyone can encrypt to a public recipient, so the signature is what says
+/// the backup is ours.
+pub fn open_trusted(
+    target: &mut dyn Target,
+    trusted: &[PublicKey],
+) -> Result<(Catalogue, PublicKey), BackupError> {
+    let (catalogue, signer) = read_catalogue(target)?.ok_or_else(|| {
+        BackupError::Config(format!(
+            "{} holds no Granary backup (no catalogue)",
+            target.describe()
+        ))
+    })?;
+    if !trusted.contains(&signer) {
+        return Err(BackupError::Integrity(format!(
+            "the backup in {} is signed by node key {}, which this node does not trust; if you made it, pass --trust {}",
+            target.describe(),
+            crate::catalogue::fingerprint(&signer),
+            signer.hex()
+        )));
+    }
+    Ok((catalogue, signer))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub signer: String,
+    pub grains: usize,
+    pub streams: usize,
+    pub chunks: usize,
+    pub bytes: u64,
+}
+
+/// Checks the catalogue's signature and every chunk's size and SHA-256.
+/// Needs no secret key. Any problem is an [`BackupError::Integrity`]
+/// naming the files.
+pub fn verify(
+    target: &mut dyn Target,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<VerifyReport, BackupError> {
+    let (catalogue, signer) = read_catalogue(target)?.ok_or_else(|| {
+        BackupError::Config(format!(
+            "{} holds no Granary backup (no catalogue)",
+            target.describe()
+        ))
+    })?;
+    let total: u64 = catalogue
+        .grains
+        .values()
+        .flat_map(|g| &g.streams)
+        .flat_map(|s| &s.chunks)
+        .map(|c| c.bytes)
+        .sum();
+    let mut report = VerifyReport {
+        signer: signer.hex(),
+        grains: catalogue.grains.len(),
+        streams: 0,
+        chunks: 0,
+        bytes: 0,
+    };
+    let mut problems = Vec::new();
+    for (id, grain) in &catalogue.grains {
+        let mut meter = Meter::new(id, "verify", Some(total));
+        for stream in &grain.streams {
+            report.streams += 1;
+            for c in &stream.chunks {
+                let name = format!("{}/{}", stream.dir, c.file);
+                match target.read(&name)? {
+                    None => problems.push(format!("{name}: missing")),
+                    Some(bytes) if bytes.len() as u64 != c.bytes => problems.push(format!(
+                        "{name}: {} bytes, the catalogue says {}",
+                        bytes.len(),
+                        c.bytes
+                    )),
+                    Some(bytes) if sha256(&bytes) != c.sha256 => problems.push(format!(
+                        "{name}: SHA-256 {} does not match the catalogue's {} (changed or damaged)",
+                        sha256(&bytes),
+                        c.sha256
+                    )),
+                    Some(_) => {}
+                }
+                report.chunks += 1;
+                report.bytes += c.bytes;
+                meter.add(c.bytes);
+                if let Some(p) = meter.tick() {
+                    progress(&p);
+                }
+            }
+        }
+        progress(&meter.now(true));
+    }
+    if problems.is_empty() {
+        Ok(report)
+    } else {
+        let n = problems.len();
+        problems.truncate(10);
+        Err(BackupError::Integrity(format!(
+            "{n} chunk(s) failed verification:\n  {}",
+            problems.join("\n  ")
+        )))
+    }
+}
+
+/// The streams to apply for `snapshot` (the latest when `None`).
+pub fn chain<'c>(
+    grain: &'c GrainEntry,
+    snapshot: Option<&str>,
+) -> Result<&'c [StreamEntry], BackupError> {
+    let end = match snapshot {
+        None => grain.streams.len(),
+        Some(s) => {
+            grain
+                .streams
+                .iter()
+                .position(|x| x.snapshot == s)
+                .ok_or_else(|| {
+                    BackupError::Config(format!(
+                        "the backup has no snapshot {s:?} of this grain; it has: {}",
+                        grain
+                            .streams
+                            .iter()
+                            .map(|x| x.snapshot.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?
+                + 1
+        }
+    };
+    if end == 0 {
+        return Err(BackupError::Config(
+            "the backup holds no stream of this grain".to_owned(),
+        ));
+    }
+    Ok(&grain.streams[..end])
+}
+
+/// Decrypted plaintext of one stream, chunk by chunk, each checked
+/// against the catalogue before it is decrypted.
+struct StreamReader<'r> {
+    target: &'r mut dyn Target,
+    identity: &'r Identity,
+    stream: &'r StreamEntry,
+    next: usize,
+    buf: Vec<u8>,
+    pos: usize,
+    whole: ring::digest::Context,
+    meter: &'r mut Meter,
+    progress: &'r mut dyn FnMut(&Progress),
+    error: Option<BackupError>,
+}
+
+impl StreamReader<'_> {
+    fn load(&mut self) -> Result<bool, BackupError> {
+        let Some(c) = self.stream.chunks.get(self.next) else {
+            let sha = crate::hex(self.whole.clone().finish().as_ref());
+            if sha != self.stream.plain_sha256 {
+                return Err(BackupError::Integrity(format!(
+                    "stream {} does not add up to what was exported",
+                    self.stream.dir
+                )));
+            }
+            return Ok(false);
+        };
+        let name = format!("{}/{}", self.stream.dir, c.file);
+        let cipher = self
+            .target
+            .read(&name)?
+            .ok_or_else(|| BackupError::Integrity(format!("chunk {name} is missing")))?;
+        if cipher.len() as u64 != c.bytes || sha256(&cipher) != c.sha256 {
+            return Err(BackupError::Integrity(format!(
+                "chunk {name} does not match the catalogue's SHA-256 (changed or damaged); nothing was restored"
+            )));
+        }
+        let plain = self.identity.decrypt(&cipher)?;
+        if sha256(&plain) != c.plain_sha256 {
+            return Err(BackupError::Integrity(format!(
+                "chunk {name} decrypts to other data than was exported"
+            )));
+        }
+        self.whole.update(&plain);
+        self.meter.add(plain.len() as u64);
+        self.next += 1;
+        self.meter.chunks(self.next, 0);
+        if let Some(p) = self.meter.tick() {
+            (self.progress)(&p);
+        }
+        self.buf = plain;
+        self.pos = 0;
+        Ok(true)
+    }
+}
+
+impl Read for StreamReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.load() {
+                Ok(true) => {}
+                Ok(false) => return Ok(0),
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.error = Some(e);
+                    return Err(io::Error::other(msg));
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// What a restore into staging produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Restored {
+    pub snapshot: String,
+    pub streams: usize,
+    pub bytes: u64,
+    pub tree_sha256: String,
+    pub seconds: f64,
+}
+
+/// Restores `grain`'s chain up to `snapshot` into the new dataset
+/// `staging`, owned by `uid`, and checks the result file by file against
+/// the digest taken at export. On any error the staging dataset is
+/// destroyed: nothing half-restored is left.
+#[allow(clippy::too_many_arguments)]
+pub fn restore_into(
+    target: &mut dyn Target,
+    grain_id: &str,
+    grain: &GrainEntry,
+    snapshot: Option<&str>,
+    identity: &Identity,
+    datasets: &dyn Datasets,
+    staging: &str,
+    uid: u32,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Restored, BackupError> {
+    let result = restore_inner(
+        target, grain_id, grain, snapshot, identity, datasets, staging, uid, progress,
+    );
+    if result.is_err()
+        && let Err(e) = datasets.destroy(staging)
+    {
+            tracing::warn!(staging, error = %e, "cannot remove the staging dataset of a failed restore");
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn restore_inner(
+    target: &mut dyn Target,
+    grain_id: &str,
+    grain: &GrainEntry,
+    snapshot: Option<&str>,
+    identity: &Identity,
+    datasets: &dyn Datasets,
+    staging: &str,
+    uid: u32,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Restored, BackupError> {
+    let started = std::time::Instant::now();
+    let streams = chain(grain, snapshot)?;
+    let total: u64 = streams.iter().map(|s| s.plain_bytes).sum();
+    let mut meter = Meter::new(grain_id, "restore", Some(total));
+    let ds = |e: granary_datasets::DatasetError| BackupError::Other(e.to_string());
+    let format = streams[0].format;
+    if format == StreamFormat::Tree {
+        datasets.create(staging, uid).map_err(ds)?;
+    }
+    for stream in streams {
+        if stream.format != format {
+            return Err(BackupError::Integrity(
+                "a grain's streams change format".to_owned(),
+            ));
+        }
+        let mut reader = StreamReader {
+            target: &mut *target,
+            identity,
+            stream,
+            next: 0,
+            buf: Vec::new(),
+            pos: 0,
+            whole: ring::digest::Context::new(&ring::digest::SHA256),
+            meter: &mut meter,
+            progress: &mut *progress,
+            error: None,
+        };
+        let applied = match format {
+            StreamFormat::Tree => {
+                let r = crate::tree::apply_stream(&mut reader, &datasets.path(staging), Some(uid))
+                    .map(drop);
+                // The tar reader may stop before the end (padding): drain
+                // it, so the whole-stream hash is checked too.
+                r.and_then(|()| {
+                    io::copy(&mut reader, &mut io::sink())
+                        .map(drop)
+                        .map_err(|e| BackupError::Io(e.to_string()))
+                })
+            }
+            StreamFormat::Zfs => datasets.receive(staging, &mut reader).map_err(ds),
+        };
+        if let Some(e) = reader.error.take() {
+            return Err(e);
+        }
+        applied?;
+    }
+    if format == StreamFormat::Zfs {
+        let path = datasets.create(staging, uid).map_err(ds)?;
+        crate::tree::reown(&path, uid)?;
+    }
+    progress(&meter.now(true));
+    let last = streams.last().expect("a chain is never empty");
+    let digest = crate::tree::digest(&datasets.path(staging))?;
+    if digest != last.tree_sha256 {
+        return Err(BackupError::Integrity(format!(
+            "the restored files of {grain_id} differ from the snapshot {} that was exported",
+            last.snapshot
+        )));
+    }
+    Ok(Restored {
+        snapshot: last.snapshot.clone(),
+        streams: streams.len(),
+        bytes: total,
+        tree_sha256: digest,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
