@@ -95,6 +95,11 @@ impl SigningKey {
             .map_err(io(format!("writing {}", path.display())))
     }
 
+    /// The private key as PKCS#8 DER (for TLS with the same key).
+    pub fn pkcs8_der(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
     pub fn public(&self) -> PublicKey {
         let mut key = [0u8; 32];
         key.copy_from_slice(self.pair.public_key().as_ref());
