@@ -120,6 +120,29 @@ interface Admin {
 
   pruneSnapshots @25 (grain :Text) -> (deleted :List(Text));
   # Applies the retention grid now.
+
+  exportBackup @26 (dir :Text, target :Text, user :Text, grain :Text, progress :Progress) -> (reportJson :Text);
+  # Exports grains (one, a user's, or all when both are empty) to directory
+  # `dir` or the configured target named `target`: a consistent snapshot of
+  # each, streamed incrementally from the target's last one, encrypted to
+  # `backup.recipients`, chunked and signed. Resumes a cut-off export.
+  # `reportJson` is a JSON array of per-stream reports.
+
+  restoreBackup @27 (from :Text, grain :Text, identity :Data, as :Text, snapshot :Text, trust :List(Text), drill :Bool, progress :Progress) -> (reportJson :Text);
+  # Restores `grain` (`user/kind`) from directory or target `from` with the
+  # admin's age identity (held in memory for this call only), as user `as`
+  # if given, at `snapshot` (else the latest), then starts it. With
+  # `drill`, restores every grain (or `grain`) into scratch datasets,
+  # compares the files with the export's digests and removes them.
+
+  backupKeys @28 () -> (nodeKey :Text, recipients :List(Text), targets :List(Text));
+  # This node's public key (what a receiver allows and a restore trusts),
+  # the configured recipients and targets.
+}
+
+interface Progress {
+  # Where a long operation reports; called at most a few times a second.
+  update @0 (json :Text) -> ();
 }
 
 struct Snapshot {

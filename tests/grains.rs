@@ -11,7 +11,6 @@
 //! data needs --purge.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -19,31 +18,6 @@ use std::time::{Duration, Instant};
 use granary_testkit::{Daemon, DaemonMode, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// An app directory for the example app under another kind and argv.
-fn app_dir(root: &Path, kind: &str, args: &[&str]) -> PathBuf {
-    let dir = root.join(format!("app-{kind}"));
-    std::fs::create_dir_all(dir.join("image/bin")).unwrap();
-    std::fs::copy(
-        granary_testkit::hello_binary(),
-        dir.join("image/bin/granary-hello"),
-    )
-    .unwrap();
-    let mut exec = vec!["/bin/granary-hello".to_owned()];
-    exec.extend(args.iter().map(|s| s.to_string()));
-    let exec: Vec<String> = exec.iter().map(|a| format!("{a:?}")).collect();
-    std::fs::write(
-        dir.join("granary-app.toml"),
-        format!(
-            "id = \"org.granary.test.{kind}\"\nversion = \"1\"\nkind = \"{kind}\"\n\
-             exec = [{}]\nservices = [\"hello\"]\noffers = [\"notify\", \"ping\"]\n\
-             [limits]\nmemory_mib = 64\npids = 32\n",
-            exec.join(", ")
-        ),
-    )
-    .unwrap();
-    dir
-}
 
 fn require_root() {
     use std::os::unix::fs::MetadataExt;
@@ -60,7 +34,7 @@ fn setup(extra_config: &str) -> Daemon {
     require_root();
     let daemon = Daemon::start_with(DaemonMode::Serve, extra_config);
     for kind in ["hello", "relay"] {
-        let dir = app_dir(daemon.dir(), kind, &[]);
+        let dir = granary_testkit::hello_app(daemon.dir(), kind, &[]);
         let out = daemon
             .granary(&["app", "install", dir.to_str().unwrap()])
             .success();
@@ -517,7 +491,7 @@ fn a_crashing_grain_restarts_with_backoff_and_a_crash_loop_is_held() {
     assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
 
     // A grain that crashes at every start: backoff 100, 200 ms, then held.
-    let dir = app_dir(daemon.dir(), "crashy", &["--crash-at-start"]);
+    let dir = granary_testkit::hello_app(daemon.dir(), "crashy", &["--crash-at-start"]);
     daemon
         .granary(&["app", "install", dir.to_str().unwrap()])
         .success();
@@ -617,7 +591,7 @@ fn installs_check_the_kind_first_and_a_reinstall_swaps_the_image_under_stopped_g
     let before = std::fs::metadata(&installed).unwrap().len();
 
     // Another app id claiming an installed kind: refused before any copy.
-    let other = app_dir(&daemon.dir().join("other"), "hello", &[]);
+    let other = granary_testkit::hello_app(&daemon.dir().join("other"), "hello", &[]);
     let manifest = other.join("granary-app.toml");
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(
@@ -646,7 +620,7 @@ fn installs_check_the_kind_first_and_a_reinstall_swaps_the_image_under_stopped_g
 
     // The same app and version again: its grains stop, the image is
     // swapped, and the next use runs the new one.
-    let again = app_dir(&daemon.dir().join("again"), "hello", &[]);
+    let again = granary_testkit::hello_app(&daemon.dir().join("again"), "hello", &[]);
     daemon
         .granary(&["app", "install", again.to_str().unwrap()])
         .success();

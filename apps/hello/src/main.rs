@@ -12,6 +12,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const NOTIFICATIONS: &str = "/var/notifications";
 const TOKENS: &str = "/var/tokens";
+/// The ledger: `writer` appends "N\n" lines to LEDGER and then replaces
+/// COUNT with N, as fast as it can. Whatever instant a snapshot catches,
+/// the lines are whole and numbered 1..=k and COUNT is k-1 or k.
+const LEDGER: &str = "/var/ledger.log";
+const COUNT: &str = "/var/ledger.count";
 
 struct Hello {
     host: Host,
@@ -210,6 +215,56 @@ impl Hello {
                 let pct = |p: usize| times[(times.len() - 1) * p / 100] as f64 / 1000.0;
                 format!("p50_us={:.1} p99_us={:.1}", pct(50), pct(99))
             }
+            ["writer"] => {
+                granary_sdk::spawn_local(async {
+                    let mut n: u64 = std::fs::read_to_string(COUNT)
+                        .ok()
+                        .and_then(|c| c.trim().parse().ok())
+                        .unwrap_or(0);
+                    loop {
+                        n += 1;
+                        let step = std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(LEDGER)
+                            .and_then(|mut f| f.write_all(format!("{n}\n").as_bytes()))
+                            .and_then(|()| std::fs::write(format!("{COUNT}.tmp"), n.to_string()))
+                            .and_then(|()| std::fs::rename(format!("{COUNT}.tmp"), COUNT));
+                        if step.is_err() {
+                            return;
+                        }
+                        // Busy, but leaving the CPU to others now and then.
+                        if n.is_multiple_of(16) {
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        } else {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                });
+                "ok".to_owned()
+            }
+            ["ledger"] => {
+                let log = std::fs::read_to_string(LEDGER).unwrap_or_default();
+                let count: u64 = std::fs::read_to_string(COUNT)
+                    .ok()
+                    .and_then(|c| c.trim().parse().ok())
+                    .unwrap_or(0);
+                if !log.is_empty() && !log.ends_with('\n') {
+                    return "broken: a torn line".to_owned();
+                }
+                let mut k = 0u64;
+                for line in log.lines() {
+                    k += 1;
+                    if line.parse::<u64>() != Ok(k) {
+                        return format!("broken: line {k} is {line:?}");
+                    }
+                }
+                if count == k || count + 1 == k {
+                    format!("ok lines={k} count={count}")
+                } else {
+                    format!("broken: {k} lines but count {count}")
+                }
+            }
             ["ls", path] => match std::fs::read_dir(path) {
                 Ok(entries) => {
                     let mut names: Vec<String> = entries
@@ -263,7 +318,7 @@ impl Hello {
                 }
             }
             ["crash"] => std::process::exit(3),
-            ["help"] => "commands: ping whoami ls notifications notify hold call save restore bench benchhost awake sleep flood biglog crash".to_owned(),
+            ["help"] => "commands: ping whoami ls notifications notify hold call save restore bench benchhost awake sleep flood biglog writer ledger crash".to_owned(),
             _ => format!("error: unknown command {line:?} (try help)"),
         }
     }

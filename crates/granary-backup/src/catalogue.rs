@@ -180,7 +180,9 @@ impl Catalogue {
             let mut previous: Option<&str> = None;
             for s in &grain.streams {
                 if !granary_datasets::valid_label(&s.snapshot)
-                    || s.base.as_deref() != previous
+                    // Each stream continues the one before, or starts a
+                    // new chain with a full stream (its base was gone).
+                    || (s.base.is_some() && s.base.as_deref() != previous)
                     || !crate::target::valid_name(&s.dir)
                     || s.chunks.is_empty()
                 {

@@ -52,7 +52,7 @@ pub struct Pending {
 }
 
 /// How one stream went.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StreamReport {
     pub grain: String,
     pub snapshot: String,

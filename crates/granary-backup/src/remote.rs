@@ -30,7 +30,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
+use rustls_pki_types::{
+    CertificateDer, PrivateKeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime,
+};
 
 use crate::target::{DirTarget, Target};
 use crate::{BackupError, sha256};
@@ -118,7 +120,8 @@ impl ServerCertVerifier for Pinned {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity).map(|()| ServerCertVerified::assertion())
+        self.check(end_entity)
+            .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -127,7 +130,9 @@ impl ServerCertVerifier for Pinned {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not used between nodes".into()))
+        Err(rustls::Error::General(
+            "TLS 1.2 is not used between nodes".into(),
+        ))
     }
 
     fn verify_tls13_signature(
@@ -159,7 +164,8 @@ impl ClientCertVerifier for Pinned {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity).map(|()| ClientCertVerified::assertion())
+        self.check(end_entity)
+            .map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -168,7 +174,9 @@ impl ClientCertVerifier for Pinned {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not used between nodes".into()))
+        Err(rustls::Error::General(
+            "TLS 1.2 is not used between nodes".into(),
+        ))
     }
 
     fn verify_tls13_signature(
@@ -213,7 +221,10 @@ impl Receiver {
 
     /// Serves until the listener fails. Every connection is its own task;
     /// one that fails (bad handshake, unknown key) ends alone.
-    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> Result<(), BackupError> {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+    ) -> Result<(), BackupError> {
         if self.allowed.is_empty() {
             return Err(BackupError::Config(
                 "no sender is allowed: pass --allow with each sending node's key (`granary backup key` on that node)".to_owned(),
@@ -227,7 +238,9 @@ impl Receiver {
                 .map_err(|e| BackupError::Io(format!("accept: {e}")))?;
             let (acceptor, me) = (acceptor.clone(), self.clone());
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await;
+                let handshake =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                        .await;
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -301,34 +314,41 @@ async fn handle(
     } else {
         None
     };
-    let work = tokio::task::spawn_blocking(move || -> Result<Response<Full<Bytes>>, BackupError> {
-        let mut dir = DirTarget::new(&root)?;
-        Ok(match (op, method) {
-            ("file", Method::GET) => match dir.read(&name)? {
-                Some(bytes) => answer(StatusCode::OK, bytes),
-                None => answer(StatusCode::NOT_FOUND, "no such file\n"),
-            },
-            ("file", Method::PUT) => {
-                let body = body.expect("read above");
-                if expected.as_deref() != Some(sha256(&body).as_str()) {
-                    answer(StatusCode::BAD_REQUEST, "body does not match x-granary-sha256\n")
-                } else {
-                    dir.write(&name, &body)?;
+    let work =
+        tokio::task::spawn_blocking(move || -> Result<Response<Full<Bytes>>, BackupError> {
+            let mut dir = DirTarget::new(&root)?;
+            Ok(match (op, method) {
+                ("file", Method::GET) => match dir.read(&name)? {
+                    Some(bytes) => answer(StatusCode::OK, bytes),
+                    None => answer(StatusCode::NOT_FOUND, "no such file\n"),
+                },
+                ("file", Method::PUT) => {
+                    let body = body.expect("read above");
+                    if expected.as_deref() != Some(sha256(&body).as_str()) {
+                        answer(
+                            StatusCode::BAD_REQUEST,
+                            "body does not match x-granary-sha256\n",
+                        )
+                    } else {
+                        dir.write(&name, &body)?;
+                        answer(StatusCode::NO_CONTENT, Bytes::new())
+                    }
+                }
+                ("file", Method::DELETE) => {
+                    dir.remove(&name)?;
                     answer(StatusCode::NO_CONTENT, Bytes::new())
                 }
-            }
-            ("file", Method::DELETE) => {
-                dir.remove(&name)?;
-                answer(StatusCode::NO_CONTENT, Bytes::new())
-            }
-            ("list", Method::GET) => {
-                let list = dir.list(&name)?;
-                answer(StatusCode::OK, serde_json::to_vec(&list).unwrap_or_default())
-            }
-            _ => answer(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+                ("list", Method::GET) => {
+                    let list = dir.list(&name)?;
+                    answer(
+                        StatusCode::OK,
+                        serde_json::to_vec(&list).unwrap_or_default(),
+                    )
+                }
+                _ => answer(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+            })
         })
-    })
-    .await;
+        .await;
     match work {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -350,7 +370,11 @@ pub struct RemoteTarget {
 
 impl RemoteTarget {
     /// Connects to `address` (`host:port`), which must present `server_key`.
-    pub fn connect(address: &str, key: &SigningKey, server_key: PublicKey) -> Result<RemoteTarget, BackupError> {
+    pub fn connect(
+        address: &str,
+        key: &SigningKey,
+        server_key: PublicKey,
+    ) -> Result<RemoteTarget, BackupError> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_error)?
@@ -405,7 +429,13 @@ impl RemoteTarget {
         Ok(())
     }
 
-    fn call(&mut self, method: Method, path: String, body: Bytes, sha: Option<String>) -> Result<(StatusCode, Bytes), BackupError> {
+    fn call(
+        &mut self,
+        method: Method,
+        path: String,
+        body: Bytes,
+        sha: Option<String>,
+    ) -> Result<(StatusCode, Bytes), BackupError> {
         for attempt in 0..2 {
             if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
                 self.reconnect()?;
@@ -458,7 +488,8 @@ impl Target for RemoteTarget {
     }
 
     fn read(&mut self, name: &str) -> Result<Option<Vec<u8>>, BackupError> {
-        let (status, body) = self.call(Method::GET, format!("/v1/file/{name}"), Bytes::new(), None)?;
+        let (status, body) =
+            self.call(Method::GET, format!("/v1/file/{name}"), Bytes::new(), None)?;
         match status {
             StatusCode::OK => Ok(Some(body.to_vec())),
             StatusCode::NOT_FOUND => Ok(None),
@@ -482,15 +513,26 @@ impl Target for RemoteTarget {
     }
 
     fn list(&mut self, prefix: &str) -> Result<Vec<(String, u64)>, BackupError> {
-        let (status, body) = self.call(Method::GET, format!("/v1/list/{prefix}"), Bytes::new(), None)?;
+        let (status, body) = self.call(
+            Method::GET,
+            format!("/v1/list/{prefix}"),
+            Bytes::new(),
+            None,
+        )?;
         if !status.is_success() {
             return Err(refused(&self.address, status, &body));
         }
-        serde_json::from_slice(&body).map_err(|e| BackupError::Io(format!("bad listing from {}: {e}", self.address)))
+        serde_json::from_slice(&body)
+            .map_err(|e| BackupError::Io(format!("bad listing from {}: {e}", self.address)))
     }
 
     fn remove(&mut self, name: &str) -> Result<(), BackupError> {
-        let (status, body) = self.call(Method::DELETE, format!("/v1/file/{name}"), Bytes::new(), None)?;
+        let (status, body) = self.call(
+            Method::DELETE,
+            format!("/v1/file/{name}"),
+            Bytes::new(),
+            None,
+        )?;
         if status.is_success() {
             Ok(())
         } else {
@@ -516,7 +558,9 @@ mod tests {
         let sender = SigningKey::generate().unwrap();
         let stranger = SigningKey::generate().unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let receiver = Arc::new(Receiver {
             key: receiver_key,
@@ -528,10 +572,19 @@ mod tests {
 
         let mut remote = RemoteTarget::connect(&address, &sender, receiver_public).unwrap();
         remote.write("streams/g/1/00000000.age", b"cipher").unwrap();
-        assert_eq!(remote.read("streams/g/1/00000000.age").unwrap().unwrap(), b"cipher");
+        assert_eq!(
+            remote.read("streams/g/1/00000000.age").unwrap().unwrap(),
+            b"cipher"
+        );
         assert_eq!(remote.read("missing").unwrap(), None);
-        assert_eq!(remote.list("streams").unwrap(), vec![("streams/g/1/00000000.age".to_owned(), 6)]);
-        assert!(remote.write("x", &vec![0; 2 << 20]).is_err(), "over the size limit");
+        assert_eq!(
+            remote.list("streams").unwrap(),
+            vec![("streams/g/1/00000000.age".to_owned(), 6)]
+        );
+        assert!(
+            remote.write("x", &vec![0; 2 << 20]).is_err(),
+            "over the size limit"
+        );
         let on_disk = sender_dir(tmp.path(), &sender.public()).join("streams/g/1/00000000.age");
         assert_eq!(std::fs::read(on_disk).unwrap(), b"cipher");
         remote.remove("streams/g/1/00000000.age").unwrap();
@@ -543,7 +596,9 @@ mod tests {
             .map(drop)
             .unwrap_err();
         assert!(e.to_string().contains("allow"), "{e}");
-        let e = RemoteTarget::connect(&address, &sender, stranger.public()).map(drop).unwrap_err();
+        let e = RemoteTarget::connect(&address, &sender, stranger.public())
+            .map(drop)
+            .unwrap_err();
         assert!(e.to_string().contains("TLS"), "{e}");
         server.abort();
     }

@@ -149,7 +149,12 @@ pub fn chain<'c>(
             "the backup holds no stream of this grain".to_owned(),
         ));
     }
-    Ok(&grain.streams[..end])
+    // From the last full stream at or before the wanted one.
+    let start = grain.streams[..end]
+        .iter()
+        .rposition(|s| s.base.is_none())
+        .ok_or_else(|| BackupError::Integrity("the chain has no full stream".to_owned()))?;
+    Ok(&grain.streams[start..end])
 }
 
 /// Decrypted plaintext of one stream, chunk by chunk, each checked
@@ -260,7 +265,7 @@ pub fn restore_into(
     if result.is_err()
         && let Err(e) = datasets.destroy(staging)
     {
-            tracing::warn!(staging, error = %e, "cannot remove the staging dataset of a failed restore");
+        tracing::warn!(staging, error = %e, "cannot remove the staging dataset of a failed restore");
     }
     result
 }

@@ -26,6 +26,28 @@ pub struct RawConfig {
     pub packages: RawPackages,
     #[serde(default)]
     pub snapshots: RawSnapshots,
+    #[serde(default)]
+    pub backup: RawBackup,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackup {
+    pub recipients: Option<Vec<String>>,
+    pub chunk_mib: Option<u64>,
+    pub trust: Option<Vec<String>>,
+    #[serde(default)]
+    pub targets: Vec<RawBackupTarget>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackupTarget {
+    pub name: String,
+    pub dir: Option<PathBuf>,
+    pub remote: Option<String>,
+    pub remote_key: Option<String>,
+    pub interval: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

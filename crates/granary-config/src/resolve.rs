@@ -41,6 +41,35 @@ pub struct Config {
     pub grains: Grains,
     pub packages: Packages,
     pub snapshots: Snapshots,
+    pub backup: Backup,
+}
+
+/// `[backup]`: encrypted exports of every grain's snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backup {
+    /// age X25519 public keys (`age1...`) every chunk is encrypted to.
+    pub recipients: Vec<String>,
+    pub chunk_bytes: u64,
+    /// Hex Ed25519 keys of other nodes whose backups this node restores.
+    pub trust: Vec<String>,
+    pub targets: Vec<BackupTarget>,
+}
+
+/// `[[backup.targets]]`: where scheduled backups go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupTarget {
+    pub name: String,
+    pub place: BackupPlace,
+    /// `None`: only when asked (`granary backup export --target NAME`).
+    pub interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupPlace {
+    /// A directory (removable media, a mount from elsewhere).
+    Dir(PathBuf),
+    /// Another node's `granary backup receive`: address and its node key.
+    Remote { address: String, key: String },
 }
 
 /// `[snapshots]`: the automatic snapshot schedule and its retention grid.
@@ -427,7 +456,71 @@ impl Config {
                 .map_err(|r| err("snapshots.freeze_limit", r))?,
         };
 
+        let bk = &raw.backup;
+        let hex_key = |k: &str| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit());
+        let trust = bk.trust.clone().unwrap_or_default();
+        if let Some(bad) = trust.iter().find(|k| !hex_key(k)) {
+            return Err(err(
+                "backup.trust",
+                format!("{bad:?} is not a node key (64 hex digits, from `granary backup key`)"),
+            ));
+        }
+        let mut targets = Vec::new();
+        for t in &bk.targets {
+            let key = format!("backup.targets {:?}", t.name);
+            let name_ok = !t.name.is_empty()
+                && t.name.len() <= 32
+                && t.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+            if !name_ok || targets.iter().any(|x: &BackupTarget| x.name == t.name) {
+                return Err(err(
+                    "backup.targets.name",
+                    format!(
+                        "{:?} must be unique, 1 to 32 of A-Z, a-z, 0-9, '-' and '_'",
+                        t.name
+                    ),
+                ));
+            }
+            let place = match (&t.dir, &t.remote, &t.remote_key) {
+                (Some(dir), None, None) => BackupPlace::Dir(absolute(&file_dir, dir)),
+                (None, Some(address), Some(k)) if hex_key(k) => BackupPlace::Remote {
+                    address: address.clone(),
+                    key: k.to_ascii_lowercase(),
+                },
+                (None, Some(_), _) => {
+                    return Err(err(
+                        &key,
+                        "a remote target needs remote_key: the receiving node's key (64 hex digits) that `granary backup receive` prints".to_owned(),
+                    ));
+                }
+                _ => {
+                    return Err(err(
+                        &key,
+                        "give either dir = \"/path\" or remote = \"host:port\" with remote_key"
+                            .to_owned(),
+                    ));
+                }
+            };
+            let interval = match t.interval.as_deref().unwrap_or("1d") {
+                "off" => None,
+                text => Some(parse_duration(text).map_err(|r| err(&key, r))?),
+            };
+            targets.push(BackupTarget {
+                name: t.name.clone(),
+                place,
+                interval,
+            });
+        }
+        let backup = Backup {
+            recipients: bk.recipients.clone().unwrap_or_default(),
+            chunk_bytes: positive("backup.chunk_mib", bk.chunk_mib.unwrap_or(32))?.min(1024) << 20,
+            trust,
+            targets,
+        };
+
         Ok(Config {
+            backup,
             snapshots,
             packages,
             grains,

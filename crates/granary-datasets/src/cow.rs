@@ -355,6 +355,16 @@ impl Datasets for Zfs {
             .map_err(err(grain, "wait for zfs receive"))?;
         copied.map_err(err(grain, "feed zfs receive"))?;
         if out.status.success() {
+            // Where `create` will mount it, and the grain's quota.
+            mkdir(&self.grain_dir(grain), 0o700)
+                .map_err(err(grain, "create the grain directory"))?;
+            for property in [
+                format!("mountpoint={}", self.path(grain).display()),
+                format!("refquota={}", self.quota_bytes),
+            ] {
+                run("zfs", &["set", &property, &self.name(grain)])
+                    .map_err(err(grain, "set a property"))?;
+            }
             Ok(())
         } else {
             Err(err(grain, "receive a ZFS stream")(io::Error::other(
@@ -408,7 +418,17 @@ impl Datasets for Zfs {
             self.destroy_data(to)?;
         }
         mkdir(&self.grain_dir(to), 0o700).map_err(err(to, "create the grain directory"))?;
-        run("zfs", &["rename", &self.name(from), &target])
+        // zfs-fuse renames only unmounted datasets.
+        let mounted = run(
+            "zfs",
+            &["get", "-H", "-o", "value", "mounted", &self.name(from)],
+        )
+        .map_err(err(from, "look at the dataset"))?;
+        if mounted.trim() == "yes" {
+            run_retrying_busy("zfs", &["umount", &self.name(from)])
+                .map_err(err(from, "unmount the dataset"))?;
+        }
+        run_retrying_busy("zfs", &["rename", &self.name(from), &target])
             .map_err(err(to, "rename the restored dataset"))?;
         let _ = std::fs::remove_dir_all(self.grain_dir(from));
         for property in [

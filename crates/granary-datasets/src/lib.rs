@@ -254,12 +254,13 @@ pub fn timed_label(prefix: &str) -> String {
     format!("{prefix}-{now}")
 }
 
-/// The unix time in a label [`timed_label`] made, else 0.
+/// The unix time in a label [`timed_label`] made (a suffix after another
+/// '-' allowed), else 0.
 pub fn label_time(label: &str) -> i64 {
     label
         .split_once('-')
         .filter(|(p, _)| TIMED_PREFIXES.contains(p))
-        .and_then(|(_, t)| t.parse().ok())
+        .and_then(|(_, t)| t.split('-').next()?.parse().ok())
         .unwrap_or(0)
 }
 

@@ -67,6 +67,28 @@ pub fn hello_binary() -> PathBuf {
     path
 }
 
+/// An unsigned app directory for the example app under `kind`, run with
+/// extra `args` (installed in development mode by `granary app install`).
+pub fn hello_app(root: &Path, kind: &str, args: &[&str]) -> PathBuf {
+    let dir = root.join(format!("app-{kind}"));
+    std::fs::create_dir_all(dir.join("image/bin")).unwrap();
+    std::fs::copy(hello_binary(), dir.join("image/bin/granary-hello")).unwrap();
+    let mut exec = vec!["/bin/granary-hello".to_owned()];
+    exec.extend(args.iter().map(|s| s.to_string()));
+    let exec: Vec<String> = exec.iter().map(|a| format!("{a:?}")).collect();
+    std::fs::write(
+        dir.join("granary-app.toml"),
+        format!(
+            "id = \"org.granary.test.{kind}\"\nversion = \"1\"\nkind = \"{kind}\"\n\
+             exec = [{}]\nservices = [\"hello\"]\noffers = [\"notify\", \"ping\"]\n\
+             [limits]\nmemory_mib = 64\npids = 32\n",
+            exec.join(", ")
+        ),
+    )
+    .unwrap();
+    dir
+}
+
 /// Polls `check` until it returns `Some` or `deadline` passes; on timeout,
 /// panics with `what`.
 pub fn eventually<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {

@@ -59,6 +59,32 @@ pub(crate) enum Command {
     /// List, take, roll back to and prune a grain's snapshots (zfs, btrfs)
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Encrypted backups: export, verify, drill, receive from other nodes
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Restore a grain from a backup onto this node and start it
+    Restore {
+        /// A backup directory, or the name of a [[backup.targets]] entry
+        #[arg(long, value_name = "DIR|TARGET")]
+        from: String,
+        /// The grain in the backup, USER/KIND
+        #[arg(long)]
+        grain: String,
+        /// The age identity file whose public key backups are encrypted to
+        #[arg(long, value_name = "FILE")]
+        identity: std::path::PathBuf,
+        /// Restore it as this user's grain instead (created if missing)
+        #[arg(long = "as", value_name = "USER")]
+        as_user: Option<String>,
+        /// The snapshot to restore [default: the latest]
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Also trust backups signed by this node key (64 hex digits)
+        #[arg(long, value_name = "KEY")]
+        trust: Vec<String>,
+        #[command(flatten)]
+        output: Output,
+    },
     /// Build, sign, verify and inspect app packages (no daemon needed)
     #[command(subcommand)]
     Pack(PackCommand),
@@ -266,6 +292,80 @@ pub(crate) enum SnapshotCommand {
     Prune {
         /// USER/KIND or the grain id
         grain: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BackupCommand {
+    /// Export grains to a directory or a configured target: a consistent
+    /// snapshot each, incremental from the last export there, encrypted,
+    /// chunked and signed; resumes an export that was cut off
+    Export {
+        /// A directory (removable media, a mount)
+        #[arg(long, value_name = "DIR", conflicts_with = "target")]
+        to: Option<std::path::PathBuf>,
+        /// A [[backup.targets]] entry of the config
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        /// Only this user's grains
+        #[arg(long, conflicts_with = "grain")]
+        user: Option<String>,
+        /// Only this grain (USER/KIND)
+        #[arg(long)]
+        grain: Option<String>,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Check a backup's signature and every chunk's hash (no secret key,
+    /// no daemon needed)
+    Verify {
+        /// The backup directory, or a configured target's name
+        #[arg(value_name = "DIR|TARGET")]
+        place: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Restore every grain of a backup (or one) into scratch space, compare
+    /// the files with what was exported, and remove them
+    Drill {
+        /// A backup directory, or the name of a [[backup.targets]] entry
+        #[arg(long, value_name = "DIR|TARGET")]
+        from: String,
+        /// The age identity file whose public key backups are encrypted to
+        #[arg(long, value_name = "FILE")]
+        identity: std::path::PathBuf,
+        /// Only this grain (USER/KIND)
+        #[arg(long)]
+        grain: Option<String>,
+        /// Also trust backups signed by this node key (64 hex digits)
+        #[arg(long, value_name = "KEY")]
+        trust: Vec<String>,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Make an age identity for backups: the secret goes to FILE (keep it
+    /// off this host), the public key to put in backup.recipients is printed
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
+    /// Print this node's key: what a receiving node allows and what another
+    /// node passes to --trust to restore this node's backups
+    Key,
+    /// Receive other nodes' backups over TLS (runs in the foreground)
+    Receive {
+        /// Address to listen on, e.g. 0.0.0.0:7443 (port 0 picks one)
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Where to keep them (one directory per sending node)
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// A sending node's key (`granary backup key` there); repeat for more
+        #[arg(long, value_name = "KEY", required = true)]
+        allow: Vec<String>,
+        /// Largest file accepted, in MiB
+        #[arg(long, default_value_t = 1100)]
+        max_file_mib: u64,
     },
 }
 

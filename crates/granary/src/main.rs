@@ -124,6 +124,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             pack::run(cmd, &limits)
         }
+        Command::Backup(cmd) => {
+            let config = load_config(&cli)?;
+            admin::backup::backup(&config, cmd)
+        }
+        Command::Restore {
+            from,
+            grain,
+            identity,
+            as_user,
+            snapshot,
+            trust,
+            output,
+        } => {
+            let config = load_config(&cli)?;
+            admin::backup::restore(
+                &config,
+                admin::backup::RestoreArgs {
+                    from,
+                    grain,
+                    identity,
+                    as_user: as_user.as_deref(),
+                    snapshot: snapshot.as_deref(),
+                    trust,
+                    json: output.json,
+                },
+            )
+        }
         Command::Snapshot(cmd) => {
             let config = load_config(&cli)?;
             admin::grains::snapshot(&config, cmd)

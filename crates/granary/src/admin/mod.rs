@@ -1,6 +1,7 @@
 //! The CLI side of the admin interface: connect to the running daemon's
 //! socket, make one call, print the answer as a table or JSON.
 
+pub(crate) mod backup;
 pub(crate) mod client;
 mod connection;
 pub(crate) mod grains;

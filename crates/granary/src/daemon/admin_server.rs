@@ -18,6 +18,7 @@ use granary_state::{RevokeSelector, StateError, Store};
 use tokio::sync::watch;
 
 use super::DaemonInfo;
+use super::backup_admin::{Backups, Place};
 use super::grain_admin::{self, Grains, fill_app, fill_grant, fill_status, grain_id};
 
 /// Who appears as the actor in audit events written through the admin socket.
@@ -59,6 +60,8 @@ pub(super) struct GrainsSetup {
     pub(super) package_limits: granary_package::Limits,
     /// Packages to install at start (the demo's built-in apps).
     pub(super) preinstall: Vec<std::path::PathBuf>,
+    pub(super) backup: granary_config::Backup,
+    pub(super) data_dir: std::path::PathBuf,
 }
 
 pub(super) fn spawn(
@@ -94,7 +97,18 @@ pub(super) fn spawn(
                         return;
                     }
                 };
+                let backups = std::rc::Rc::new(Backups {
+                    store: store.clone(),
+                    sup: sup.clone(),
+                    datasets: datasets.clone(),
+                    uids: grains.uids,
+                    config: grains.backup,
+                    data_dir: grains.data_dir,
+                    busy: tokio::sync::Mutex::new(()),
+                });
+                backups.schedule();
                 let service = Rc::new(AdminService {
+                    backups,
                     store,
                     info,
                     grains: Grains {
@@ -161,6 +175,7 @@ pub(super) fn spawn(
 }
 
 struct AdminService {
+    backups: std::rc::Rc<Backups>,
     store: Arc<Store>,
     info: DaemonInfo,
     grains: Grains,
@@ -298,6 +313,17 @@ fn record_app(
         .map_err(state_failure)?;
     let made = store.ensure_grains(uids, ACTOR).map_err(state_failure)?;
     Ok((app, made.len()))
+}
+
+/// A directory given on the command line, or a configured target's name
+/// (anything without a '/').
+fn place(dir: &str, target: &str) -> Result<Place, capnp::Error> {
+    match (dir, target) {
+        ("", "") => Err(fail("say where: --to DIR or --target NAME")),
+        (d, "") if d.contains('/') => Ok(Place::Dir(std::path::PathBuf::from(d))),
+        (name, "") | ("", name) => Ok(Place::Named(name.to_owned())),
+        _ => Err(fail("give either a directory or a target, not both")),
+    }
 }
 
 fn any_failure(e: anyhow::Error) -> capnp::Error {
@@ -747,6 +773,94 @@ impl admin::Server for AdminService {
         let mut list = results.get().init_deleted(deleted.len() as u32);
         for (i, d) in deleted.iter().enumerate() {
             list.set(i as u32, d);
+        }
+        Ok(())
+    }
+
+    async fn export_backup(
+        self: Rc<Self>,
+        params: admin::ExportBackupParams,
+        mut results: admin::ExportBackupResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let place = place(p.get_dir()?.to_str()?, p.get_target()?.to_str()?)?;
+        let non_empty = |t: &str| Some(t.to_owned()).filter(|t| !t.is_empty());
+        let user = non_empty(p.get_user()?.to_str()?);
+        let grain = non_empty(p.get_grain()?.to_str()?).map(|g| grain_id(&g));
+        let progress = p.get_progress().ok();
+        let report = self
+            .backups
+            .export(place, user, grain, progress)
+            .await
+            .map_err(fail)?;
+        results
+            .get()
+            .set_report_json(serde_json::to_string(&report).map_err(fail)?);
+        Ok(())
+    }
+
+    async fn restore_backup(
+        self: Rc<Self>,
+        params: admin::RestoreBackupParams,
+        mut results: admin::RestoreBackupResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let place = place(p.get_from()?.to_str()?, "")?;
+        let non_empty = |t: &str| Some(t.to_owned()).filter(|t| !t.is_empty());
+        let grain = p.get_grain()?.to_str()?.to_owned();
+        let identity = p.get_identity()?.to_vec();
+        let trust = p
+            .get_trust()?
+            .iter()
+            .map(|t| Ok(t?.to_str()?.to_owned()))
+            .collect::<Result<Vec<_>, capnp::Error>>()?;
+        let progress = p.get_progress().ok();
+        let json = if p.get_drill() {
+            let report = self
+                .backups
+                .drill(place, non_empty(&grain), identity, trust, progress)
+                .await
+                .map_err(fail)?;
+            serde_json::to_string(&report)
+        } else {
+            if grain.is_empty() {
+                return Err(fail("name the grain to restore (--grain USER/KIND)"));
+            }
+            let report = self
+                .backups
+                .restore(
+                    place,
+                    &grain,
+                    identity,
+                    non_empty(p.get_as()?.to_str()?),
+                    non_empty(p.get_snapshot()?.to_str()?),
+                    trust,
+                    progress,
+                )
+                .await
+                .map_err(fail)?;
+            serde_json::to_string(&report)
+        };
+        results.get().set_report_json(json.map_err(fail)?);
+        Ok(())
+    }
+
+    async fn backup_keys(
+        self: Rc<Self>,
+        _: admin::BackupKeysParams,
+        mut results: admin::BackupKeysResults,
+    ) -> Result<(), capnp::Error> {
+        let backups = self.backups.clone();
+        let (key, recipients, targets) = backups.describe().map_err(fail)?;
+        let mut r = results.get();
+        r.set_node_key(&key);
+        let mut list = r.reborrow().init_recipients(recipients.len() as u32);
+        for (i, x) in recipients.iter().enumerate() {
+            list.set(i as u32, x);
+        }
+        let mut list = r.init_targets(targets.len() as u32);
+        for (i, x) in targets.iter().enumerate() {
+            list.set(i as u32, x);
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! before anything listens.
 
 mod admin_server;
+mod backup_admin;
 mod grain_admin;
 mod lock;
 mod ports;
@@ -250,6 +251,8 @@ async fn grains_setup(
         },
         uids,
         preinstall: Vec::new(),
+        backup: config.backup.clone(),
+        data_dir: config.data_dir.clone(),
         package_limits: granary_package::Limits {
             max_package_bytes: config.packages.max_package_bytes,
             max_unpacked_bytes: config.packages.max_unpacked_bytes,
