@@ -166,7 +166,7 @@ impl<'a> Exporter<'a> {
         snapshot: &str,
         base: Option<&str>,
         datasets: &dyn Datasets,
-        progress: &mut dyn FnMut(&Progress),
+        progress: &mut (dyn FnMut(&Progress) + Send),
     ) -> Result<StreamReport, BackupError> {
         let started = std::time::Instant::now();
         let dir = self.stream_dir(grain, snapshot);
@@ -205,49 +205,67 @@ impl<'a> Exporter<'a> {
             StreamFormat::Zfs => None,
         };
         let mut attempt_journal = previous;
-        let (journal, plain_bytes, plain_sha, resumed) = loop {
-            let resume_from = attempt_journal.take();
-            let mut writer = ChunkWriter {
+        let (journal, plain_bytes, plain_sha, resumed, tree_sha256) = loop {
+            let resume = attempt_journal.take().map(|j| j.chunks).unwrap_or_default();
+            let mut sealer = Sealer {
                 target: &mut *self.target,
                 recipients: self.recipients,
                 dir: &dir,
-                chunk_bytes: self.chunk_bytes,
-                buf: Vec::with_capacity(self.chunk_bytes),
                 journal: Journal {
                     snapshot: snapshot.to_owned(),
                     base: base.map(str::to_owned),
                     chunk_bytes: self.chunk_bytes,
                     chunks: Vec::new(),
                 },
-                resume: resume_from
-                    .as_ref()
-                    .map(|j| j.chunks.clone())
-                    .unwrap_or_default(),
+                resume,
                 resumed: 0,
                 diverged: false,
-                plain: ring::digest::Context::new(&ring::digest::SHA256),
-                plain_bytes: 0,
                 meter: Meter::new(grain, "export", total),
                 progress: &mut *progress,
-                error: None,
             };
-            let streamed = stream_into(
-                &mut writer,
-                grain,
-                snapshot,
-                base,
-                datasets,
-                &view.path,
-                format,
-            );
-            let streamed = streamed.and_then(|()| writer.finish_chunk());
-            if writer.diverged {
+            let chunk_bytes = self.chunk_bytes;
+            let view_path = view.path.as_path();
+            // Three things at once: the stream is produced and cut on this
+            // thread, chunks are encrypted, hashed and written on another,
+            // and the snapshot's file digest is taken on a third.
+            let (streamed, sealed, digest) = std::thread::scope(|scope| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+                let sealing = scope.spawn(|| sealer.run(rx));
+                let digest = scope.spawn(|| crate::tree::digest(view_path));
+                let mut writer = ChunkWriter {
+                    tx,
+                    chunk_bytes,
+                    buf: Vec::with_capacity(chunk_bytes),
+                    plain_bytes: 0,
+                    sent: 0,
+                };
+                let streamed = stream_into(
+                    &mut writer,
+                    grain,
+                    snapshot,
+                    base,
+                    datasets,
+                    view_path,
+                    format,
+                )
+                .and_then(|()| writer.finish())
+                .map(|()| writer.plain_bytes);
+                drop(writer);
+                let sealed = sealing.join().unwrap_or_else(|_| {
+                    Err(BackupError::Other("the chunk writer panicked".to_owned()))
+                });
+                let digest = digest
+                    .join()
+                    .unwrap_or_else(|_| Err(BackupError::Other("the digest panicked".to_owned())));
+                (streamed, sealed, digest)
+            });
+            if sealer.diverged {
                 tracing::warn!(
                     grain,
                     snapshot,
                     "the regenerated stream differs from the cut-off one; exporting it again from the start"
                 );
-                let names: Vec<String> = writer
+                let names: Vec<String> = sealer
                     .resume
                     .iter()
                     .map(|c| format!("{dir}/{}", c.file))
@@ -258,14 +276,21 @@ impl<'a> Exporter<'a> {
                 self.target.remove(&journal_name)?;
                 continue;
             }
-            if let Some(e) = writer.error.take() {
-                return Err(e);
-            }
-            streamed?;
-            let sha = hex(writer.plain.clone().finish().as_ref());
-            break (writer.journal, writer.plain_bytes, sha, writer.resumed);
+            // The sealer's error is the real one (the stream only saw its
+            // channel close).
+            sealed?;
+            let plain_bytes = streamed?;
+            let tree_sha256 = digest?;
+            let plain_sha = chain_hash(&sealer.journal.chunks);
+            (sealer.progress)(&sealer.meter.now(true));
+            break (
+                sealer.journal,
+                plain_bytes,
+                plain_sha,
+                sealer.resumed,
+                tree_sha256,
+            );
         };
-        let tree_sha256 = crate::tree::digest(&view.path)?;
         drop(view);
         let stored: u64 = journal.chunks.iter().map(|c| c.bytes).sum();
         let chunks = journal.chunks.len();
@@ -308,7 +333,7 @@ impl<'a> Exporter<'a> {
 
 /// Produces the stream of the snapshot into `out`.
 fn stream_into(
-    out: &mut ChunkWriter<'_>,
+    out: &mut ChunkWriter,
     grain: &str,
     snapshot: &str,
     base: Option<&str>,
@@ -360,44 +385,91 @@ fn stream_into(
     }
 }
 
-/// Cuts what is written into chunks: each is hashed, encrypted and
-/// written durably, then journaled.
-struct ChunkWriter<'w> {
+/// The SHA-256 a stream's `plain_sha256` holds: over the chunks'
+/// plaintext SHA-256s in order (each chunk's is checked on its own).
+pub(crate) fn chain_hash(chunks: &[ChunkEntry]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for c in chunks {
+        ctx.update(c.plain_sha256.as_bytes());
+    }
+    hex(ctx.finish().as_ref())
+}
+
+/// Cuts what is written into chunk-sized buffers for the [`Sealer`].
+struct ChunkWriter {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    chunk_bytes: usize,
+    buf: Vec<u8>,
+    plain_bytes: u64,
+    sent: usize,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> io::Result<()> {
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk_bytes));
+        self.sent += 1;
+        self.tx
+            .send(full)
+            .map_err(|_| io::Error::other("the chunk writer stopped"))
+    }
+
+    /// Sends the last, partial chunk (an empty stream is one empty chunk).
+    fn finish(&mut self) -> Result<(), BackupError> {
+        if !self.buf.is_empty() || self.sent == 0 {
+            self.send().map_err(|e| BackupError::Io(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(self.chunk_bytes - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        self.plain_bytes += n as u64;
+        if self.buf.len() == self.chunk_bytes {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Hashes, encrypts and durably writes each chunk, then journals it.
+struct Sealer<'w> {
     target: &'w mut dyn Target,
     recipients: &'w Recipients,
     dir: &'w str,
-    chunk_bytes: usize,
-    buf: Vec<u8>,
     journal: Journal,
     /// Chunks a cut-off export already wrote.
     resume: Vec<ChunkEntry>,
     resumed: usize,
     diverged: bool,
-    plain: ring::digest::Context,
-    plain_bytes: u64,
     meter: Meter,
-    progress: &'w mut dyn FnMut(&Progress),
-    /// The real error behind an `io::Error` handed to the stream's producer.
-    error: Option<BackupError>,
+    progress: &'w mut (dyn FnMut(&Progress) + Send),
 }
 
-impl ChunkWriter<'_> {
-    fn finish_chunk(&mut self) -> Result<(), BackupError> {
-        if self.buf.is_empty() && !self.journal.chunks.is_empty() {
-            return Ok(());
+impl Sealer<'_> {
+    fn run(&mut self, rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Result<(), BackupError> {
+        for chunk in rx {
+            self.seal(&chunk)?;
         }
+        Ok(())
+    }
+
+    fn seal(&mut self, plain: &[u8]) -> Result<(), BackupError> {
         let index = self.journal.chunks.len();
-        let plain_sha256 = sha256(&self.buf);
-        let entry = match self.resume.get(index) {
+        let plain_sha256 = sha256(plain);
+        let kept = match self.resume.get(index) {
             Some(done) if done.plain_sha256 == plain_sha256 => {
                 let name = format!("{}/{}", self.dir, done.file);
                 let present = self.target.read(&name)?;
-                if present.as_deref().is_some_and(|b| sha256(b) == done.sha256) {
-                    self.resumed += 1;
-                    Some(done.clone())
-                } else {
-                    None
-                }
+                present
+                    .filter(|b| sha256(b) == done.sha256)
+                    .map(|_| done.clone())
             }
             Some(_) => {
                 self.diverged = true;
@@ -405,10 +477,13 @@ impl ChunkWriter<'_> {
             }
             None => None,
         };
-        let entry = match entry {
-            Some(e) => e,
+        let entry = match kept {
+            Some(e) => {
+                self.resumed += 1;
+                e
+            }
             None => {
-                let cipher = self.recipients.encrypt(&self.buf)?;
+                let cipher = self.recipients.encrypt(plain)?;
                 let file = format!("{index:08}.age");
                 self.target
                     .write(&format!("{}/{file}", self.dir), &cipher)?;
@@ -425,35 +500,9 @@ impl ChunkWriter<'_> {
             serde_json::to_vec(&self.journal).map_err(|e| BackupError::Other(e.to_string()))?;
         self.target
             .write(&format!("{}/{JOURNAL}", self.dir), &journal)?;
-        self.buf.clear();
-        let (resumed, written) = (self.resumed, self.journal.chunks.len());
-        self.meter.chunks(written, resumed);
-        (self.progress)(&self.meter.now(true));
-        Ok(())
-    }
-}
-
-impl Write for ChunkWriter<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let room = self.chunk_bytes - self.buf.len();
-        let n = data.len().min(room);
-        self.buf.extend_from_slice(&data[..n]);
-        self.plain.update(&data[..n]);
-        self.plain_bytes += n as u64;
-        self.meter.add(n as u64);
-        if self.buf.len() == self.chunk_bytes {
-            if let Err(e) = self.finish_chunk() {
-                let msg = e.to_string();
-                self.error = Some(e);
-                return Err(io::Error::other(msg));
-            }
-        } else if let Some(p) = self.meter.tick() {
-            (self.progress)(&p);
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
+        self.meter.add(plain.len() as u64);
+        self.meter.chunks(self.journal.chunks.len(), self.resumed);
+        (self.progress)(&self.meter.now(false));
         Ok(())
     }
 }

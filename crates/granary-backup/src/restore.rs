@@ -157,16 +157,47 @@ pub fn chain<'c>(
     Ok(&grain.streams[start..end])
 }
 
-/// Decrypted plaintext of one stream, chunk by chunk, each checked
-/// against the catalogue before it is decrypted.
+/// Fetches, checks and decrypts a stream's chunks in order; runs on its
+/// own thread, one chunk ahead of the reader.
+fn fetch_chunks(
+    target: &mut dyn Target,
+    identity: &Identity,
+    stream: &StreamEntry,
+    tx: std::sync::mpsc::SyncSender<Result<Vec<u8>, BackupError>>,
+) {
+    for c in &stream.chunks {
+        let name = format!("{}/{}", stream.dir, c.file);
+        let chunk = (|| {
+            let cipher = target
+                .read(&name)?
+                .ok_or_else(|| BackupError::Integrity(format!("chunk {name} is missing")))?;
+            if cipher.len() as u64 != c.bytes || sha256(&cipher) != c.sha256 {
+                return Err(BackupError::Integrity(format!(
+                    "chunk {name} does not match the catalogue's SHA-256 (changed or damaged); nothing was restored"
+                )));
+            }
+            let plain = identity.decrypt(&cipher)?;
+            if sha256(&plain) != c.plain_sha256 {
+                return Err(BackupError::Integrity(format!(
+                    "chunk {name} decrypts to other data than was exported"
+                )));
+            }
+            Ok(plain)
+        })();
+        let failed = chunk.is_err();
+        if tx.send(chunk).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Decrypted plaintext of one stream, as the fetcher delivers it.
 struct StreamReader<'r> {
-    target: &'r mut dyn Target,
-    identity: &'r Identity,
+    rx: std::sync::mpsc::Receiver<Result<Vec<u8>, BackupError>>,
     stream: &'r StreamEntry,
-    next: usize,
+    received: usize,
     buf: Vec<u8>,
     pos: usize,
-    whole: ring::digest::Context,
     meter: &'r mut Meter,
     progress: &'r mut dyn FnMut(&Progress),
     error: Option<BackupError>,
@@ -174,36 +205,22 @@ struct StreamReader<'r> {
 
 impl StreamReader<'_> {
     fn load(&mut self) -> Result<bool, BackupError> {
-        let Some(c) = self.stream.chunks.get(self.next) else {
-            let sha = crate::hex(self.whole.clone().finish().as_ref());
-            if sha != self.stream.plain_sha256 {
+        if self.received == self.stream.chunks.len() {
+            if crate::export::chain_hash(&self.stream.chunks) != self.stream.plain_sha256 {
                 return Err(BackupError::Integrity(format!(
                     "stream {} does not add up to what was exported",
                     self.stream.dir
                 )));
             }
             return Ok(false);
-        };
-        let name = format!("{}/{}", self.stream.dir, c.file);
-        let cipher = self
-            .target
-            .read(&name)?
-            .ok_or_else(|| BackupError::Integrity(format!("chunk {name} is missing")))?;
-        if cipher.len() as u64 != c.bytes || sha256(&cipher) != c.sha256 {
-            return Err(BackupError::Integrity(format!(
-                "chunk {name} does not match the catalogue's SHA-256 (changed or damaged); nothing was restored"
-            )));
         }
-        let plain = self.identity.decrypt(&cipher)?;
-        if sha256(&plain) != c.plain_sha256 {
-            return Err(BackupError::Integrity(format!(
-                "chunk {name} decrypts to other data than was exported"
-            )));
-        }
-        self.whole.update(&plain);
+        let plain = self
+            .rx
+            .recv()
+            .map_err(|_| BackupError::Other("the chunk reader stopped".to_owned()))??;
+        self.received += 1;
         self.meter.add(plain.len() as u64);
-        self.next += 1;
-        self.meter.chunks(self.next, 0);
+        self.meter.chunks(self.received, 0);
         if let Some(p) = self.meter.tick() {
             (self.progress)(&p);
         }
@@ -297,44 +314,56 @@ fn restore_inner(
                 "a grain's streams change format".to_owned(),
             ));
         }
-        let mut reader = StreamReader {
-            target: &mut *target,
-            identity,
-            stream,
-            next: 0,
-            buf: Vec::new(),
-            pos: 0,
-            whole: ring::digest::Context::new(&ring::digest::SHA256),
-            meter: &mut meter,
-            progress: &mut *progress,
-            error: None,
-        };
-        let applied = match format {
-            StreamFormat::Tree => {
-                let r = crate::tree::apply_stream(&mut reader, &datasets.path(staging), Some(uid))
-                    .map(drop);
-                // The tar reader may stop before the end (padding): drain
-                // it, so the whole-stream hash is checked too.
-                r.and_then(|()| {
-                    io::copy(&mut reader, &mut io::sink())
-                        .map(drop)
-                        .map_err(|e| BackupError::Io(e.to_string()))
-                })
-            }
-            StreamFormat::Zfs => datasets.receive(staging, &mut reader).map_err(ds),
-        };
-        if let Some(e) = reader.error.take() {
+        let (applied, reader_error) = std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let target = &mut *target;
+            let fetcher = scope.spawn(move || fetch_chunks(target, identity, stream, tx));
+            let mut reader = StreamReader {
+                rx,
+                stream,
+                received: 0,
+                buf: Vec::new(),
+                pos: 0,
+                meter: &mut meter,
+                progress: &mut *progress,
+                error: None,
+            };
+            let applied = match format {
+                StreamFormat::Tree => {
+                    let r =
+                        crate::tree::apply_stream(&mut reader, &datasets.path(staging), Some(uid))
+                            .map(drop);
+                    // The tar reader may stop before the end (padding):
+                    // drain it, so the whole stream is checked too.
+                    r.and_then(|()| {
+                        io::copy(&mut reader, &mut io::sink())
+                            .map(drop)
+                            .map_err(|e| BackupError::Io(e.to_string()))
+                    })
+                }
+                StreamFormat::Zfs => datasets.receive(staging, &mut reader).map_err(ds),
+            };
+            let error = reader.error.take();
+            drop(reader);
+            let _ = fetcher.join();
+            (applied, error)
+        });
+        if let Some(e) = reader_error {
             return Err(e);
         }
         applied?;
     }
-    if format == StreamFormat::Zfs {
-        let path = datasets.create(staging, uid).map_err(ds)?;
-        crate::tree::reown(&path, uid)?;
-    }
+    // A ZFS stream carries the old node's uids: re-owned on the same walk.
+    let owner = match format {
+        StreamFormat::Zfs => {
+            datasets.create(staging, uid).map_err(ds)?;
+            Some(uid)
+        }
+        StreamFormat::Tree => None,
+    };
     progress(&meter.now(true));
     let last = streams.last().expect("a chain is never empty");
-    let digest = crate::tree::digest(&datasets.path(staging))?;
+    let digest = crate::tree::digest_owning(&datasets.path(staging), owner)?;
     if digest != last.tree_sha256 {
         return Err(BackupError::Integrity(format!(
             "the restored files of {grain_id} differ from the snapshot {} that was exported",

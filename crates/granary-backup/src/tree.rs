@@ -41,6 +41,148 @@ pub struct TreeStats {
     pub deleted: u64,
     /// Sockets and FIFOs, which a backup cannot carry.
     pub skipped: u64,
+    /// Big files carried as their changed blocks only.
+    pub delta_files: u64,
+}
+
+/// Files at least this big that changed in place travel as their changed
+/// blocks (`delta/<path>` entries) when that is under half the file.
+const DELTA_MIN: u64 = 1 << 20;
+const BLOCK: usize = 64 << 10;
+/// A delta entry's records: offset (u64 LE), length (u32 LE), bytes; after
+/// the file's new size (u64 LE).
+const MAX_FILE: u64 = 1 << 44;
+
+fn open_file(path: &Path) -> Result<fs::File, BackupError> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(walk_err(path))
+}
+
+/// The blocks of `new` that differ from the base file `old` (or lie past
+/// its end), merged into ranges; `None` when a whole copy is as good.
+fn changed_ranges(
+    new: &fs::File,
+    len: u64,
+    old: &Path,
+) -> Result<Option<Vec<(u64, u64)>>, BackupError> {
+    let Ok(old) = open_file(old) else {
+        return Ok(None);
+    };
+    let old_len = old
+        .metadata()
+        .map_err(|e| BackupError::Io(e.to_string()))?
+        .len();
+    let (mut a, mut b) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut changed = 0u64;
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(BLOCK as u64) as usize;
+        read_exact_at(new, &mut a[..n], at)?;
+        let same = at + n as u64 <= old_len && {
+            read_exact_at(&old, &mut b[..n], at)?;
+            a[..n] == b[..n]
+        };
+        if !same {
+            changed += n as u64;
+            match ranges.last_mut() {
+                Some((start, end)) if *end == at => *end += n as u64,
+                _ => ranges.push((at, at + n as u64)),
+            }
+            if changed * 2 > len {
+                return Ok(None);
+            }
+        }
+        at += n as u64;
+    }
+    Ok(Some(ranges))
+}
+
+fn read_exact_at(f: &fs::File, buf: &mut [u8], at: u64) -> Result<(), BackupError> {
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(buf, at)
+        .map_err(|e| BackupError::Io(format!("cannot read a file of the snapshot: {e}")))
+}
+
+fn delta_bytes(
+    file: &fs::File,
+    len: u64,
+    ranges: &[(u64, u64)],
+    path: &Path,
+) -> Result<Vec<u8>, BackupError> {
+    let mut out = len.to_le_bytes().to_vec();
+    for &(start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(u32::MAX as u64 / 2) as usize;
+            out.extend_from_slice(&at.to_le_bytes());
+            out.extend_from_slice(&(n as u32).to_le_bytes());
+            let from = out.len();
+            out.resize(from + n, 0);
+            read_exact_at(file, &mut out[from..], at)
+                .map_err(|e| BackupError::Io(format!("{}: {e}", path.display())))?;
+            at += n as u64;
+        }
+    }
+    Ok(out)
+}
+
+/// Applies a delta entry to the file already at `target`.
+fn apply_delta(entry: &mut impl Read, target: &Path) -> Result<(), BackupError> {
+    use std::os::unix::fs::FileExt;
+    let bad = |what: &str| {
+        BackupError::Integrity(format!(
+            "tree stream: delta for {}: {what}",
+            target.display()
+        ))
+    };
+    match fs::symlink_metadata(target) {
+        Ok(m) if m.is_file() => {}
+        _ => return Err(bad("no such file to patch")),
+    }
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(target)
+        .map_err(|e| BackupError::Io(format!("cannot open {}: {e}", target.display())))?;
+    let mut word = [0u8; 8];
+    entry.read_exact(&mut word).map_err(|_| bad("cut short"))?;
+    let len = u64::from_le_bytes(word);
+    if len > MAX_FILE {
+        return Err(bad("too large"));
+    }
+    let mut buf = vec![0u8; BLOCK];
+    loop {
+        match entry.read(&mut word) {
+            Ok(0) => break,
+            Ok(n) => entry
+                .read_exact(&mut word[n..])
+                .map_err(|_| bad("cut short"))?,
+            Err(_) => return Err(bad("cut short")),
+        }
+        let offset = u64::from_le_bytes(word);
+        let mut four = [0u8; 4];
+        entry.read_exact(&mut four).map_err(|_| bad("cut short"))?;
+        let n = u64::from(u32::from_le_bytes(four));
+        if offset.checked_add(n).is_none_or(|end| end > len) {
+            return Err(bad("a range past the end"));
+        }
+        let mut done = 0u64;
+        while done < n {
+            let k = (n - done).min(BLOCK as u64) as usize;
+            entry
+                .read_exact(&mut buf[..k])
+                .map_err(|_| bad("cut short"))?;
+            file.write_all_at(&buf[..k], offset + done)
+                .map_err(|e| BackupError::Io(format!("cannot write {}: {e}", target.display())))?;
+            done += k as u64;
+        }
+    }
+    file.set_len(len)
+        .map_err(|e| BackupError::Io(format!("cannot size {}: {e}", target.display())))
 }
 
 fn walk_err(path: &Path) -> impl FnOnce(io::Error) -> BackupError + '_ {
@@ -200,16 +342,34 @@ pub fn write_stream(
                         .map_err(write_err)?;
                 }
                 Kind::File => {
-                    h.set_entry_type(tar::EntryType::Regular);
-                    h.set_size(meta.len());
-                    let file = fs::OpenOptions::new()
-                        .read(true)
-                        .custom_flags(nix::libc::O_NOFOLLOW)
-                        .open(&path)
-                        .map_err(walk_err(&path))?;
-                    tar.append_data(&mut h, &name, file.take(meta.len()))
-                        .map_err(write_err)?;
-                    stats.file_bytes += meta.len();
+                    let file = open_file(&path)?;
+                    let old = base
+                        .map(|(b, _)| b.join(rel))
+                        .filter(|_| meta.len() >= DELTA_MIN);
+                    let ranges = match old {
+                        Some(old) => changed_ranges(&file, meta.len(), &old)?,
+                        None => None,
+                    };
+                    match ranges {
+                        Some(ranges) => {
+                            // Only the changed blocks of a big file.
+                            let delta = delta_bytes(&file, meta.len(), &ranges, &path)?;
+                            h.set_entry_type(tar::EntryType::Regular);
+                            h.set_size(delta.len() as u64);
+                            let name = Path::new("delta").join(rel);
+                            tar.append_data(&mut h, &name, &delta[..])
+                                .map_err(write_err)?;
+                            stats.file_bytes += delta.len() as u64;
+                            stats.delta_files += 1;
+                        }
+                        None => {
+                            h.set_entry_type(tar::EntryType::Regular);
+                            h.set_size(meta.len());
+                            tar.append_data(&mut h, &name, file.take(meta.len()))
+                                .map_err(write_err)?;
+                            stats.file_bytes += meta.len();
+                        }
+                    }
                 }
                 Kind::Link => {
                     h.set_entry_type(tar::EntryType::Symlink);
@@ -332,15 +492,42 @@ pub fn apply_stream(
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(e.to_string()))?;
         let path = entry.path().map_err(|e| bad(e.to_string()))?.into_owned();
-        let rel = path
-            .strip_prefix("data")
-            .map_err(|_| bad(format!("entry {} outside data/", path.display())))?;
+        let (rel, delta) = match (path.strip_prefix("data"), path.strip_prefix("delta")) {
+            (Ok(rel), _) => (rel, false),
+            (_, Ok(rel)) => (rel, true),
+            _ => return Err(bad(format!("entry {} outside data/", path.display()))),
+        };
         let rel = clean(rel)?;
         if !parents_are_dirs(dest, rel)? {
             return Err(bad(format!("{} comes before its directory", rel.display())));
         }
         let target = dest.join(rel);
         let mode = entry.header().mode().map_err(|e| bad(e.to_string()))? & MODE_MASK;
+        if delta {
+            if !entry.header().entry_type().is_file() {
+                return Err(bad(format!(
+                    "delta for {} is not a file entry",
+                    rel.display()
+                )));
+            }
+            apply_delta(&mut entry, &target)?;
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                .map_err(ioe("set the mode of", &target))?;
+            if let Ok(f) = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&target)
+            {
+                let mtime = entry.header().mtime().unwrap_or(0);
+                let _ =
+                    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime));
+            }
+            if let Some(uid) = uid {
+                std::os::unix::fs::lchown(&target, Some(uid), Some(uid))
+                    .map_err(ioe("hand over", &target))?;
+            }
+            continue;
+        }
         let existing = fs::symlink_metadata(&target).ok();
         let kind = entry.header().entry_type();
         if kind.is_dir() {
@@ -387,27 +574,27 @@ pub fn apply_stream(
     Ok(header.base)
 }
 
-/// Hands every entry under `root` (and `root`) to `uid` (a restored ZFS
-/// stream carries the exporting node's uids). Links are never followed.
-pub fn reown(root: &Path, uid: u32) -> Result<(), BackupError> {
-    let own = |p: &Path| {
-        std::os::unix::fs::lchown(p, Some(uid), Some(uid))
-            .map_err(|e| BackupError::Io(format!("cannot hand {} to the grain: {e}", p.display())))
-    };
-    own(root)?;
-    visit(root, None, Path::new(""), &mut |rel, _, _| {
-        own(&root.join(rel))
-    })
-}
-
 /// SHA-256 over every entry under `root` (path, type, mode; a file's size
 /// and content; a symlink's target), owners and times left out: equal on
 /// two nodes exactly when the grain would see the same files.
 pub fn digest(root: &Path) -> Result<String, BackupError> {
+    digest_owning(root, None)
+}
+
+/// [`digest`], handing every entry (and `root`) to `uid` on the way: one
+/// walk for a restored ZFS stream, which carries the old node's uids.
+pub fn digest_owning(root: &Path, uid: Option<u32>) -> Result<String, BackupError> {
+    let own = |p: &Path| match uid {
+        Some(uid) => std::os::unix::fs::lchown(p, Some(uid), Some(uid))
+            .map_err(|e| BackupError::Io(format!("cannot hand {} to the grain: {e}", p.display()))),
+        None => Ok(()),
+    };
+    own(root)?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 1 << 16];
     visit(root, None, Path::new(""), &mut |rel, meta, _| {
         let path = root.join(rel);
+        own(&path)?;
         let bytes = rel.as_os_str().as_bytes();
         let tag: &[u8] = match kind(meta) {
             Kind::Dir => b"d",
@@ -512,6 +699,59 @@ mod tests {
     }
 
     #[test]
+    fn big_files_changed_in_place_carry_only_their_changed_blocks() {
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (s1, s2, out) = (
+            tmp.path().join("s1"),
+            tmp.path().join("s2"),
+            tmp.path().join("out"),
+        );
+        fs::create_dir_all(&s1).unwrap();
+        let big: Vec<u8> = (0..3u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        fs::write(s1.join("db"), &big).unwrap();
+        fs::write(s1.join("grows"), &big[..2 << 20]).unwrap();
+        fs::write(s1.join("shrinks"), &big).unwrap();
+        std::process::Command::new("cp")
+            .args(["-a", "--"])
+            .arg(&s1)
+            .arg(&s2)
+            .status()
+            .unwrap();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(s2.join("db"))
+            .unwrap();
+        f.write_all_at(&[0xAA; 5000], 1_000_000).unwrap();
+        let f = fs::OpenOptions::new()
+            .append(true)
+            .open(s2.join("grows"))
+            .unwrap();
+        f.write_all_at(&[0x55; 100_000], 2 << 20).unwrap();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(s2.join("shrinks"))
+            .unwrap();
+        f.set_len(1 << 20).unwrap();
+        let mut full = Vec::new();
+        write_stream(&s1, None, &mut full).unwrap();
+        let mut incr = Vec::new();
+        let st = write_stream(&s2, Some((&s1, "s1")), &mut incr).unwrap();
+        assert_eq!(st.delta_files, 3, "{st:?}");
+        assert!(
+            incr.len() < 400_000,
+            "{} bytes for ~170 KB of changes",
+            incr.len()
+        );
+        fs::create_dir(&out).unwrap();
+        apply_stream(&full[..], &out, None).unwrap();
+        apply_stream(&incr[..], &out, None).unwrap();
+        assert_eq!(digest(&out).unwrap(), digest(&s2).unwrap());
+    }
+
+    #[test]
     fn hostile_streams_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let dest = tmp.path().join("dest");
@@ -539,6 +779,9 @@ mod tests {
             "data/../escaped",
             "other/x",
             "data/missing/x",
+            "delta/up",
+            "delta/up/x",
+            "delta/nofile",
         ] {
             let stream = make(&[(name, b"evil")]);
             assert!(apply_stream(&stream[..], &dest, None).is_err(), "{name}");
