@@ -367,6 +367,25 @@ fn export_resumes_after_full_media_and_restores_on_a_second_node() {
 
     // Another node's backup is not restored unless trusted.
     let node3 = Daemon::start_with(DaemonMode::Serve, &backup_config(&recipient, ""));
+    // Trusted, but the app is missing: a clear error, nothing made.
+    let no_app = node3
+        .granary(&[
+            "restore",
+            "--from",
+            &media_dir,
+            "--grain",
+            "alice/hello",
+            "--identity",
+            identity.to_str().unwrap(),
+            "--trust",
+            &node1_key,
+        ])
+        .failure();
+    assert!(
+        no_app.stderr.contains("hello app") && no_app.stderr.contains("not installed"),
+        "{}",
+        no_app.stderr
+    );
     install_hello(&node3);
     let untrusted = node3
         .granary(&[

@@ -365,7 +365,12 @@ fn stream_into(
                 .send(grain, snapshot, base)
                 .map_err(|e| BackupError::Other(e.to_string()))?;
             let mut stdout = child.stdout.take().expect("piped");
-            let copied = io::copy(&mut stdout, out);
+            // 1 MiB reads through a 1 MiB pipe, not 8 KiB ones.
+            let _ = nix::fcntl::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&stdout),
+                nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
+            );
+            let copied = io::copy(&mut io::BufReader::with_capacity(1 << 20, &mut stdout), out);
             drop(stdout);
             if copied.is_err() {
                 let _ = child.kill();

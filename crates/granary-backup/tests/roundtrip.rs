@@ -260,3 +260,86 @@ fn export_resume_verify_tamper_restore() {
     assert!(e.to_string().contains("identity"), "{e}");
     assert!(!node2.grain_dir(&staging).exists());
 }
+
+/// btrfs: snapshots are read-only subvolumes, holds keep a base from
+/// deletion, and a restore lands in a staging subvolume renamed into place
+/// with the grain's qgroup limit.
+#[test]
+fn btrfs_export_hold_and_restore() {
+    use granary_datasets::Btrfs;
+    use granary_datasets::testing::BtrfsLoop;
+    let tmp = tempfile::tempdir().unwrap();
+    let fs = BtrfsLoop::create(tmp.path(), "512M").unwrap();
+    let btrfs = Btrfs::new(&fs.mount.join("grains"), 64 << 20).unwrap();
+    let data = btrfs.create("alice-hello", 4242).unwrap();
+    std::fs::write(data.join("big"), noise(5, 2 << 20)).unwrap();
+    btrfs.snapshot("alice-hello", "backup-1").unwrap();
+    btrfs
+        .hold("alice-hello", "backup-1", "granary-backup-t1")
+        .unwrap();
+    let e = btrfs
+        .delete_snapshot("alice-hello", "backup-1")
+        .unwrap_err();
+    assert_eq!(e.source.kind(), std::io::ErrorKind::ResourceBusy);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(data.join("big"))
+            .unwrap();
+        f.write_all_at(&[1; 1000], 4096).unwrap();
+    }
+    btrfs.snapshot("alice-hello", "backup-2").unwrap();
+
+    let key = SigningKey::generate().unwrap();
+    let (secret, public) = generate();
+    let recipients = Recipients::parse(&[public]).unwrap();
+    let mut dir = DirTarget::new(&tmp.path().join("media")).unwrap();
+    let mut ex = Exporter::open(&mut dir, &key, &recipients, 1 << 20).unwrap();
+    ex.export("alice-hello", meta(), "backup-1", None, &btrfs, &mut |_| {})
+        .unwrap();
+    let incr = ex
+        .export(
+            "alice-hello",
+            meta(),
+            "backup-2",
+            Some("backup-1"),
+            &btrfs,
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(
+        incr.plain_bytes < 200_000,
+        "only the changed block: {incr:?}"
+    );
+    drop(ex);
+    btrfs
+        .release("alice-hello", "backup-1", "granary-backup-t1")
+        .unwrap();
+    btrfs.delete_snapshot("alice-hello", "backup-1").unwrap();
+
+    let identity = Identity::parse(secret.as_bytes()).unwrap();
+    let (cat, _) = open_trusted(&mut dir, &[key.public()]).unwrap();
+    let staging = granary_backup::staging_id("restore");
+    restore_into(
+        &mut dir,
+        "alice-hello",
+        &cat.grains["alice-hello"],
+        None,
+        &identity,
+        &btrfs,
+        &staging,
+        5151,
+        &mut |_| {},
+    )
+    .unwrap();
+    let path = btrfs.rename(&staging, "bob-hello", 5151).unwrap();
+    let mut expect = noise(5, 2 << 20);
+    expect[4096..5096].fill(1);
+    assert_eq!(std::fs::read(path.join("big")).unwrap(), expect);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(path.join("big")).unwrap().uid(), 5151);
+    assert!(!btrfs.grain_dir(&staging).exists());
+    btrfs.destroy("bob-hello").unwrap();
+    btrfs.destroy("alice-hello").unwrap();
+}

@@ -48,6 +48,31 @@ fn run_retrying_busy(tool: &str, args: &[&str]) -> io::Result<String> {
     Err(last.expect("retried at least once"))
 }
 
+/// Copies with 1 MiB reads and writes through a 1 MiB pipe: the default
+/// 8 KiB copy costs a syscall pair per page of a multi-gigabyte stream.
+pub(crate) fn copy_big(
+    from: &mut dyn io::Read,
+    to: &mut std::process::ChildStdin,
+) -> io::Result<u64> {
+    use std::io::Write;
+    let _ = nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&*to),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
 /// `zfs list`'s creation date ("Tue Nov 24 23:20 2026", the host's local
 /// time, taken as UTC) in Unix seconds.
 fn parse_zfs_date(text: &str) -> Option<i64> {
@@ -348,7 +373,7 @@ impl Datasets for Zfs {
             .spawn()
             .map_err(err(grain, "run zfs receive"))?;
         let mut stdin = child.stdin.take().expect("piped");
-        let copied = io::copy(stream, &mut stdin);
+        let copied = copy_big(stream, &mut stdin);
         drop(stdin);
         let out = child
             .wait_with_output()
