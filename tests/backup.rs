@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use granary_datasets::testing::ZfsPool;
-use granary_testkit::{Daemon, DaemonMode, eventually, hello_app};
+use granary_testkit::{Daemon, DaemonMode, eventually, hello_app, noise};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -93,21 +93,6 @@ fn install_hello(daemon: &Daemon) {
         .success();
 }
 
-/// Incompressible bytes, deterministic per seed.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn chunks_under(dir: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -126,6 +111,21 @@ fn chunks_under(dir: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
     }
     out.sort();
     out
+}
+
+/// `granary restore` of alice/hello on `node` from `from`.
+fn restore(node: &Daemon, from: &str, identity: &Path, extra: &[&str]) -> granary_testkit::Run {
+    let mut args = vec![
+        "restore",
+        "--from",
+        from,
+        "--grain",
+        "alice/hello",
+        "--identity",
+        identity.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    node.granary(&args)
 }
 
 fn grain_uid(daemon: &Daemon, grain: &str) -> u32 {
@@ -232,17 +232,7 @@ fn export_resumes_after_full_media_and_restores_on_a_second_node() {
     );
     install_hello(&node2);
     node2.granary(&["user", "add", "alice"]).success();
-    let restored = node2
-        .granary(&[
-            "restore",
-            "--from",
-            &media_dir,
-            "--grain",
-            "alice/hello",
-            "--identity",
-            identity.to_str().unwrap(),
-            "--json",
-        ])
+    let restored = restore(&node2, &media_dir, &identity, &["--json"])
         .success()
         .json();
     assert_eq!(restored["started"], true, "{restored}");
@@ -266,23 +256,20 @@ fn export_resumes_after_full_media_and_restores_on_a_second_node() {
     assert!(ledger.starts_with("ok lines="), "{ledger}");
 
     // The first point in time, as another user (created on the way).
-    let older = node2
-        .granary(&[
-            "restore",
-            "--from",
-            &media_dir,
-            "--grain",
-            "alice/hello",
-            "--identity",
-            identity.to_str().unwrap(),
+    let older = restore(
+        &node2,
+        &media_dir,
+        &identity,
+        &[
             "--as",
             "bob",
             "--snapshot",
             stream["snapshot"].as_str().unwrap(),
             "--json",
-        ])
-        .success()
-        .json();
+        ],
+    )
+    .success()
+    .json();
     assert_eq!(older["user_created"], true);
     assert!(
         !node2
@@ -293,17 +280,7 @@ fn export_resumes_after_full_media_and_restores_on_a_second_node() {
     assert!(node2.ask("bob/hello", "ledger").starts_with("ok"));
 
     // Restoring over a grain that holds data is refused.
-    let refused = node2
-        .granary(&[
-            "restore",
-            "--from",
-            &media_dir,
-            "--grain",
-            "alice/hello",
-            "--identity",
-            identity.to_str().unwrap(),
-        ])
-        .failure();
+    let refused = restore(&node2, &media_dir, &identity, &[]).failure();
     assert!(
         refused.stderr.contains("already holds data"),
         "{}",
@@ -345,19 +322,7 @@ fn export_resumes_after_full_media_and_restores_on_a_second_node() {
         "{}",
         bad.stderr
     );
-    let bad = node2
-        .granary(&[
-            "restore",
-            "--from",
-            &media_dir,
-            "--grain",
-            "alice/hello",
-            "--identity",
-            identity.to_str().unwrap(),
-            "--as",
-            "carol",
-        ])
-        .failure();
+    let bad = restore(&node2, &media_dir, &identity, &["--as", "carol"]).failure();
     assert!(bad.stderr.contains("changed or damaged"), "{}", bad.stderr);
     let carol = node2.data_dir().join("grains/carol-hello/data");
     assert!(
@@ -368,36 +333,14 @@ fn export_resumes_after_full_media_and_restores_on_a_second_node() {
     // Another node's backup is not restored unless trusted.
     let node3 = Daemon::start_with(DaemonMode::Serve, &backup_config(&recipient, ""));
     // Trusted, but the app is missing: a clear error, nothing made.
-    let no_app = node3
-        .granary(&[
-            "restore",
-            "--from",
-            &media_dir,
-            "--grain",
-            "alice/hello",
-            "--identity",
-            identity.to_str().unwrap(),
-            "--trust",
-            &node1_key,
-        ])
-        .failure();
+    let no_app = restore(&node3, &media_dir, &identity, &["--trust", &node1_key]).failure();
     assert!(
         no_app.stderr.contains("hello app") && no_app.stderr.contains("not installed"),
         "{}",
         no_app.stderr
     );
     install_hello(&node3);
-    let untrusted = node3
-        .granary(&[
-            "restore",
-            "--from",
-            &media_dir,
-            "--grain",
-            "alice/hello",
-            "--identity",
-            identity.to_str().unwrap(),
-        ])
-        .failure();
+    let untrusted = restore(&node3, &media_dir, &identity, &[]).failure();
     assert!(untrusted.stderr.contains("--trust"), "{}", untrusted.stderr);
     drop(media);
 }
@@ -525,17 +468,7 @@ fn zfs_streams_go_to_another_node_on_a_schedule_and_restore_there() {
         ),
     );
     install_hello(&node2);
-    let restored = node2
-        .granary(&[
-            "restore",
-            "--from",
-            stored.to_str().unwrap(),
-            "--grain",
-            "alice/hello",
-            "--identity",
-            identity.to_str().unwrap(),
-            "--json",
-        ])
+    let restored = restore(&node2, stored.to_str().unwrap(), &identity, &["--json"])
         .success()
         .json();
     assert_eq!(restored["started"], true, "{restored}");

@@ -21,11 +21,12 @@ use std::time::Instant;
 use granary_backup::catalogue::GrainEntry;
 use granary_backup::crypt::{Identity, Recipients, generate};
 use granary_backup::export::Exporter;
-use granary_backup::restore::restore_into;
+use granary_backup::restore::RestoreJob;
 use granary_backup::target::DirTarget;
 use granary_datasets::testing::ZfsPool;
 use granary_datasets::{Datasets, Plain, Zfs};
 use granary_package::SigningKey;
+use granary_testkit::noise;
 
 fn meta() -> GrainEntry {
     GrainEntry {
@@ -38,20 +39,6 @@ fn meta() -> GrainEntry {
         grants: vec![],
         streams: vec![],
     }
-}
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A mix: a few big files (photos, mailboxes) and many small ones.
@@ -102,6 +89,44 @@ fn rate(bytes: u64, secs: f64) -> String {
     format!("{:7.1} MiB/s", bytes as f64 / (1 << 20) as f64 / secs)
 }
 
+/// What our export and restore need.
+struct Keys {
+    node: SigningKey,
+    recipients: Recipients,
+    identity: Identity,
+}
+
+/// Our export of snapshot s1 to `media`, then our restore of it into a
+/// staging dataset: the seconds each took.
+fn ours(ds: &dyn Datasets, media: &Path, keys: &Keys, chunk: usize) -> (f64, f64) {
+    let mut target = DirTarget::new(media).unwrap();
+    let export = timed(|| {
+        let mut ex = Exporter::open(&mut target, &keys.node, &keys.recipients, chunk).unwrap();
+        ex.export("bench-data", meta(), "s1", None, ds, &mut |_| {})
+            .unwrap();
+    });
+    let (cat, _) = granary_backup::export::read_catalogue(&mut target)
+        .unwrap()
+        .unwrap();
+    let staging = granary_backup::staging_id("bench");
+    let restore = timed(|| {
+        RestoreJob {
+            grain_id: "bench-data",
+            grain: &cat.grains["bench-data"],
+            snapshot: None,
+            identity: &keys.identity,
+            datasets: ds,
+            staging: &staging,
+            uid: 4242,
+        }
+        .run(&mut target, &mut |_| {})
+        .unwrap();
+    });
+    ds.destroy(&staging).unwrap();
+    std::fs::remove_dir_all(media).unwrap();
+    (export, restore)
+}
+
 fn main() {
     let smoke = std::env::args().any(|a| a == "--smoke");
     let mib = if smoke { 24 } else { 256 };
@@ -114,10 +139,12 @@ fn main() {
     let pool = ZfsPool::create(tmp.path(), &format!("{}M", mib * 6 + 256)).unwrap();
     let zfs = Zfs::new(&tmp.path().join("grains"), &pool.name, 1 << 40).unwrap();
     let plain = Plain::new(&tmp.path().join("plain")).unwrap();
-    let key = SigningKey::generate().unwrap();
     let (secret, public) = generate();
-    let recipients = Recipients::parse(std::slice::from_ref(&public)).unwrap();
-    let identity = Identity::parse(secret.as_bytes()).unwrap();
+    let keys = Keys {
+        node: SigningKey::generate().unwrap(),
+        recipients: Recipients::parse(std::slice::from_ref(&public)).unwrap(),
+        identity: Identity::parse(secret.as_bytes()).unwrap(),
+    };
     let id_file = tmp.path().join("id.txt");
     std::fs::write(&id_file, &secret).unwrap();
     // The default chunk size on full runs; small chunks in smoke mode so
@@ -150,33 +177,14 @@ fn main() {
         sh(&format!("zfs destroy -r {copy}"));
 
         // Ours on ZFS: export, then restore onto a staging dataset.
-        let media = tmp.path().join(format!("media-z{round}"));
-        let mut target = DirTarget::new(&media).unwrap();
-        our_zexp.push(timed(|| {
-            let mut ex = Exporter::open(&mut target, &key, &recipients, chunk).unwrap();
-            ex.export("bench-data", meta(), "s1", None, &zfs, &mut |_| {})
-                .unwrap();
-        }));
-        let (cat, _) = granary_backup::export::read_catalogue(&mut target)
-            .unwrap()
-            .unwrap();
-        let staging = granary_backup::staging_id("bench");
-        our_zres.push(timed(|| {
-            restore_into(
-                &mut target,
-                "bench-data",
-                &cat.grains["bench-data"],
-                None,
-                &identity,
-                &zfs,
-                &staging,
-                4242,
-                &mut |_| {},
-            )
-            .unwrap();
-        }));
-        zfs.destroy(&staging).unwrap();
-        std::fs::remove_dir_all(&media).unwrap();
+        let (e, r) = ours(
+            &zfs,
+            &tmp.path().join(format!("media-z{round}")),
+            &keys,
+            chunk,
+        );
+        our_zexp.push(e);
+        our_zres.push(r);
 
         // tar | age and back, on the plain snapshot.
         let snap = plain.grain_dir("bench-data").join("snapshots/s1");
@@ -203,33 +211,14 @@ fn main() {
         std::fs::remove_file(&file).unwrap();
 
         // Ours on a file tree.
-        let media = tmp.path().join(format!("media-t{round}"));
-        let mut target = DirTarget::new(&media).unwrap();
-        our_texp.push(timed(|| {
-            let mut ex = Exporter::open(&mut target, &key, &recipients, chunk).unwrap();
-            ex.export("bench-data", meta(), "s1", None, &plain, &mut |_| {})
-                .unwrap();
-        }));
-        let (cat, _) = granary_backup::export::read_catalogue(&mut target)
-            .unwrap()
-            .unwrap();
-        let staging = granary_backup::staging_id("bench");
-        our_tres.push(timed(|| {
-            restore_into(
-                &mut target,
-                "bench-data",
-                &cat.grains["bench-data"],
-                None,
-                &identity,
-                &plain,
-                &staging,
-                4242,
-                &mut |_| {},
-            )
-            .unwrap();
-        }));
-        plain.destroy(&staging).unwrap();
-        std::fs::remove_dir_all(&media).unwrap();
+        let (e, r) = ours(
+            &plain,
+            &tmp.path().join(format!("media-t{round}")),
+            &keys,
+            chunk,
+        );
+        our_texp.push(e);
+        our_tres.push(r);
     }
     let (raw, zexp, zres) = (median(raw_send), median(our_zexp), median(our_zres));
     let (texp, tres, oexp, ores) = (
@@ -282,7 +271,7 @@ fn main() {
     ] {
         let media = tmp.path().join(format!("incr-{name}"));
         let mut target = DirTarget::new(&media).unwrap();
-        let mut ex = Exporter::open(&mut target, &key, &recipients, chunk).unwrap();
+        let mut ex = Exporter::open(&mut target, &keys.node, &keys.recipients, chunk).unwrap();
         ex.export("bench-data", meta(), "s1", None, ds, &mut |_| {})
             .unwrap();
         let data = ds.path("bench-data");

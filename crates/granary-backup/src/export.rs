@@ -187,21 +187,18 @@ impl<'a> Exporter<'a> {
         let view = datasets
             .view_snapshot(grain, snapshot)
             .map_err(|e| BackupError::Other(e.to_string()))?;
+        // A tree stream reads the base snapshot's files too.
+        let base_view = match (format, base) {
+            (StreamFormat::Tree, Some(b)) => Some(
+                datasets
+                    .view_snapshot(grain, b)
+                    .map_err(|e| BackupError::Other(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        let base_path = base_view.as_ref().map(|v| v.path.as_path());
         let total = match format {
-            StreamFormat::Tree => {
-                let base_view = match base {
-                    Some(b) => Some(
-                        datasets
-                            .view_snapshot(grain, b)
-                            .map_err(|e| BackupError::Other(e.to_string()))?,
-                    ),
-                    None => None,
-                };
-                Some(crate::tree::changed_bytes(
-                    &view.path,
-                    base_view.as_ref().map(|v| v.path.as_path()),
-                )?)
-            }
+            StreamFormat::Tree => Some(crate::tree::changed_bytes(&view.path, base_path)?),
             StreamFormat::Zfs => None,
         };
         let mut attempt_journal = previous;
@@ -245,7 +242,7 @@ impl<'a> Exporter<'a> {
                     snapshot,
                     base,
                     datasets,
-                    view_path,
+                    (view_path, base_path),
                     format,
                 )
                 .and_then(|()| writer.finish())
@@ -338,27 +335,13 @@ fn stream_into(
     snapshot: &str,
     base: Option<&str>,
     datasets: &dyn Datasets,
-    view: &std::path::Path,
+    (view, base_view): (&std::path::Path, Option<&std::path::Path>),
     format: StreamFormat,
 ) -> Result<(), BackupError> {
     match format {
         StreamFormat::Tree => {
-            let base_view = match base {
-                Some(b) => Some(
-                    datasets
-                        .view_snapshot(grain, b)
-                        .map_err(|e| BackupError::Other(e.to_string()))?,
-                ),
-                None => None,
-            };
-            crate::tree::write_stream(
-                view,
-                base_view
-                    .as_ref()
-                    .map(|v| (v.path.as_path(), base.unwrap_or_default())),
-                out,
-            )
-            .map(drop)
+            crate::tree::write_stream(view, base_view.map(|v| (v, base.unwrap_or_default())), out)
+                .map(drop)
         }
         StreamFormat::Zfs => {
             let mut child = datasets

@@ -9,7 +9,7 @@
 //! - [`catalogue::Catalogue`] lists every stream and chunk hash, signed
 //!   with the node's Ed25519 key; [`restore::verify`] checks it all with
 //!   no secret key.
-//! - [`restore::restore_into`] decrypts a grain's chain into a staging
+//! - [`restore::RestoreJob`] decrypts a grain's chain into a staging
 //!   dataset, re-owned to the grain's uid on this node, and compares the
 //!   files with the digest taken at export.
 //! - [`remote`] carries the same files to another Granary node over TLS

@@ -260,121 +260,131 @@ pub struct Restored {
     pub seconds: f64,
 }
 
-/// Restores `grain`'s chain up to `snapshot` into the new dataset
-/// `staging`, owned by `uid`, and checks the result file by file against
-/// the digest taken at export. On any error the staging dataset is
-/// destroyed: nothing half-restored is left.
-#[allow(clippy::too_many_arguments)]
-pub fn restore_into(
-    target: &mut dyn Target,
-    grain_id: &str,
-    grain: &GrainEntry,
-    snapshot: Option<&str>,
-    identity: &Identity,
-    datasets: &dyn Datasets,
-    staging: &str,
-    uid: u32,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<Restored, BackupError> {
-    let result = restore_inner(
-        target, grain_id, grain, snapshot, identity, datasets, staging, uid, progress,
-    );
-    if result.is_err()
-        && let Err(e) = datasets.destroy(staging)
-    {
-        tracing::warn!(staging, error = %e, "cannot remove the staging dataset of a failed restore");
-    }
-    result
+/// Restoring one grain's chain up to `snapshot` (the latest when `None`)
+/// into the new dataset `staging`, owned by `uid`.
+#[derive(Clone, Copy)]
+pub struct RestoreJob<'a> {
+    pub grain_id: &'a str,
+    pub grain: &'a GrainEntry,
+    pub snapshot: Option<&'a str>,
+    pub identity: &'a Identity,
+    pub datasets: &'a dyn Datasets,
+    pub staging: &'a str,
+    pub uid: u32,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn restore_inner(
-    target: &mut dyn Target,
-    grain_id: &str,
-    grain: &GrainEntry,
-    snapshot: Option<&str>,
-    identity: &Identity,
-    datasets: &dyn Datasets,
-    staging: &str,
-    uid: u32,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<Restored, BackupError> {
-    let started = std::time::Instant::now();
-    let streams = chain(grain, snapshot)?;
-    let total: u64 = streams.iter().map(|s| s.plain_bytes).sum();
-    let mut meter = Meter::new(grain_id, "restore", Some(total));
-    let ds = |e: granary_datasets::DatasetError| BackupError::Other(e.to_string());
-    let format = streams[0].format;
-    if format == StreamFormat::Tree {
-        datasets.create(staging, uid).map_err(ds)?;
-    }
-    for stream in streams {
-        if stream.format != format {
-            return Err(BackupError::Integrity(
-                "a grain's streams change format".to_owned(),
-            ));
+impl RestoreJob<'_> {
+    /// Runs it, checking the result file by file against the digest taken
+    /// at export. On any error the staging dataset is destroyed: nothing
+    /// half-restored is left.
+    pub fn run(
+        &self,
+        target: &mut dyn Target,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Restored, BackupError> {
+        let result = self.restore(target, progress);
+        if result.is_err()
+            && let Err(e) = self.datasets.destroy(self.staging)
+        {
+            tracing::warn!(staging = self.staging, error = %e, "cannot remove the staging dataset of a failed restore");
         }
-        let (applied, reader_error) = std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            let target = &mut *target;
-            let fetcher = scope.spawn(move || fetch_chunks(target, identity, stream, tx));
-            let mut reader = StreamReader {
-                rx,
-                stream,
-                received: 0,
-                buf: Vec::new(),
-                pos: 0,
-                meter: &mut meter,
-                progress: &mut *progress,
-                error: None,
-            };
-            let applied = match format {
-                StreamFormat::Tree => {
-                    let r =
-                        crate::tree::apply_stream(&mut reader, &datasets.path(staging), Some(uid))
-                            .map(drop);
-                    // The tar reader may stop before the end (padding):
-                    // drain it, so the whole stream is checked too.
-                    r.and_then(|()| {
-                        io::copy(&mut reader, &mut io::sink())
-                            .map(drop)
-                            .map_err(|e| BackupError::Io(e.to_string()))
-                    })
-                }
-                StreamFormat::Zfs => datasets.receive(staging, &mut reader).map_err(ds),
-            };
-            let error = reader.error.take();
-            drop(reader);
-            let _ = fetcher.join();
-            (applied, error)
-        });
-        if let Some(e) = reader_error {
-            return Err(e);
-        }
-        applied?;
+        result
     }
-    // A ZFS stream carries the old node's uids: re-owned on the same walk.
-    let owner = match format {
-        StreamFormat::Zfs => {
+
+    fn restore(
+        &self,
+        target: &mut dyn Target,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Restored, BackupError> {
+        let RestoreJob {
+            grain_id,
+            grain,
+            snapshot,
+            identity,
+            datasets,
+            staging,
+            uid,
+        } = *self;
+        let started = std::time::Instant::now();
+        let streams = chain(grain, snapshot)?;
+        let total: u64 = streams.iter().map(|s| s.plain_bytes).sum();
+        let mut meter = Meter::new(grain_id, "restore", Some(total));
+        let ds = |e: granary_datasets::DatasetError| BackupError::Other(e.to_string());
+        let format = streams[0].format;
+        if format == StreamFormat::Tree {
             datasets.create(staging, uid).map_err(ds)?;
-            Some(uid)
         }
-        StreamFormat::Tree => None,
-    };
-    progress(&meter.now(true));
-    let last = streams.last().expect("a chain is never empty");
-    let digest = crate::tree::digest_owning(&datasets.path(staging), owner)?;
-    if digest != last.tree_sha256 {
-        return Err(BackupError::Integrity(format!(
-            "the restored files of {grain_id} differ from the snapshot {} that was exported",
-            last.snapshot
-        )));
+        for stream in streams {
+            if stream.format != format {
+                return Err(BackupError::Integrity(
+                    "a grain's streams change format".to_owned(),
+                ));
+            }
+            let (applied, reader_error) = std::thread::scope(|scope| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                let target = &mut *target;
+                let fetcher = scope.spawn(move || fetch_chunks(target, identity, stream, tx));
+                let mut reader = StreamReader {
+                    rx,
+                    stream,
+                    received: 0,
+                    buf: Vec::new(),
+                    pos: 0,
+                    meter: &mut meter,
+                    progress: &mut *progress,
+                    error: None,
+                };
+                let applied = match format {
+                    StreamFormat::Tree => {
+                        let r = crate::tree::apply_stream(
+                            &mut reader,
+                            &datasets.path(staging),
+                            Some(uid),
+                        )
+                        .map(drop);
+                        // The tar reader may stop before the end (padding):
+                        // drain it, so the whole stream is checked too.
+                        r.and_then(|()| {
+                            io::copy(&mut reader, &mut io::sink())
+                                .map(drop)
+                                .map_err(|e| BackupError::Io(e.to_string()))
+                        })
+                    }
+                    StreamFormat::Zfs => datasets.receive(staging, &mut reader).map_err(ds),
+                };
+                let error = reader.error.take();
+                drop(reader);
+                let _ = fetcher.join();
+                (applied, error)
+            });
+            if let Some(e) = reader_error {
+                return Err(e);
+            }
+            applied?;
+        }
+        // A ZFS stream carries the old node's uids: re-owned on the same walk.
+        let owner = match format {
+            StreamFormat::Zfs => {
+                datasets.create(staging, uid).map_err(ds)?;
+                Some(uid)
+            }
+            StreamFormat::Tree => None,
+        };
+        progress(&meter.now(true));
+        let last = streams.last().expect("a chain is never empty");
+        let digest = crate::tree::digest_owning(&datasets.path(staging), owner)?;
+        if digest != last.tree_sha256 {
+            return Err(BackupError::Integrity(format!(
+                "the restored files of {grain_id} differ from the snapshot {} that was exported",
+                last.snapshot
+            )));
+        }
+        Ok(Restored {
+            snapshot: last.snapshot.clone(),
+            streams: streams.len(),
+            bytes: total,
+            tree_sha256: digest,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
-    Ok(Restored {
-        snapshot: last.snapshot.clone(),
-        streams: streams.len(),
-        bytes: total,
-        tree_sha256: digest,
-        seconds: started.elapsed().as_secs_f64(),
-    })
 }

@@ -6,11 +6,12 @@ use std::path::Path;
 use granary_backup::catalogue::GrainEntry;
 use granary_backup::crypt::{Identity, Recipients, generate};
 use granary_backup::export::Exporter;
-use granary_backup::restore::{open_trusted, restore_into, verify};
+use granary_backup::restore::{RestoreJob, open_trusted, verify};
 use granary_backup::target::{DirTarget, Target};
 use granary_backup::{BackupError, tree};
 use granary_datasets::{Datasets, Plain};
 use granary_package::SigningKey;
+use granary_testkit::noise;
 
 fn meta() -> GrainEntry {
     GrainEntry {
@@ -23,19 +24,6 @@ fn meta() -> GrainEntry {
         grants: vec![],
         streams: vec![],
     }
-}
-
-/// Deterministic pseudo-random bytes (incompressible, like real data).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A target that fails every write after `allowed` of them: media pulled.
@@ -184,17 +172,16 @@ fn export_resume_verify_tamper_restore() {
     let node2 = Plain::new(&tmp.path().join("node2")).unwrap();
     for (snap, expect) in [("backup-100", "first"), ("backup-200", "second")] {
         let staging = granary_backup::staging_id("restore");
-        let done = restore_into(
-            &mut dir,
-            "alice-hello",
+        let done = RestoreJob {
+            grain_id: "alice-hello",
             grain,
-            Some(snap),
-            &identity,
-            &node2,
-            &staging,
-            5151,
-            &mut |_| {},
-        )
+            snapshot: Some(snap),
+            identity: &identity,
+            datasets: &node2,
+            staging: &staging,
+            uid: 5151,
+        }
+        .run(&mut dir, &mut |_| {})
         .unwrap();
         assert_eq!(done.snapshot, snap);
         let path = node2.path(&staging);
@@ -227,17 +214,16 @@ fn export_resume_verify_tamper_restore() {
     assert!(matches!(e, BackupError::Integrity(_)));
     assert!(e.to_string().contains("00000002.age"), "{e}");
     let staging = granary_backup::staging_id("restore");
-    let e = restore_into(
-        &mut dir,
-        "alice-hello",
+    let e = RestoreJob {
+        grain_id: "alice-hello",
         grain,
-        None,
-        &identity,
-        &node2,
-        &staging,
-        5151,
-        &mut |_| {},
-    )
+        snapshot: None,
+        identity: &identity,
+        datasets: &node2,
+        staging: &staging,
+        uid: 5151,
+    }
+    .run(&mut dir, &mut |_| {})
     .unwrap_err();
     assert!(matches!(e, BackupError::Integrity(_)), "{e}");
     assert!(!node2.grain_dir(&staging).exists(), "nothing half-restored");
@@ -245,17 +231,16 @@ fn export_resume_verify_tamper_restore() {
     // A wrong identity is a clear error too.
     let (other, _) = generate();
     let other = Identity::parse(other.as_bytes()).unwrap();
-    let e = restore_into(
-        &mut dir,
-        "alice-hello",
+    let e = RestoreJob {
+        grain_id: "alice-hello",
         grain,
-        Some("backup-100"),
-        &other,
-        &node2,
-        &staging,
-        5151,
-        &mut |_| {},
-    )
+        snapshot: Some("backup-100"),
+        identity: &other,
+        datasets: &node2,
+        staging: &staging,
+        uid: 5151,
+    }
+    .run(&mut dir, &mut |_| {})
     .unwrap_err();
     assert!(e.to_string().contains("identity"), "{e}");
     assert!(!node2.grain_dir(&staging).exists());
@@ -321,17 +306,16 @@ fn btrfs_export_hold_and_restore() {
     let identity = Identity::parse(secret.as_bytes()).unwrap();
     let (cat, _) = open_trusted(&mut dir, &[key.public()]).unwrap();
     let staging = granary_backup::staging_id("restore");
-    restore_into(
-        &mut dir,
-        "alice-hello",
-        &cat.grains["alice-hello"],
-        None,
-        &identity,
-        &btrfs,
-        &staging,
-        5151,
-        &mut |_| {},
-    )
+    RestoreJob {
+        grain_id: "alice-hello",
+        grain: &cat.grains["alice-hello"],
+        snapshot: None,
+        identity: &identity,
+        datasets: &btrfs,
+        staging: &staging,
+        uid: 5151,
+    }
+    .run(&mut dir, &mut |_| {})
     .unwrap();
     let path = btrfs.rename(&staging, "bob-hello", 5151).unwrap();
     let mut expect = noise(5, 2 << 20);

@@ -89,6 +89,22 @@ pub fn hello_app(root: &Path, kind: &str, args: &[&str]) -> PathBuf {
     dir
 }
 
+/// `len` incompressible bytes, the same for the same `seed` (xorshift):
+/// data for tests and benchmarks that must not shrink under compression.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Polls `check` until it returns `Some` or `deadline` passes; on timeout,
 /// panics with `what`.
 pub fn eventually<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {

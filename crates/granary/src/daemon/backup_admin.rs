@@ -15,6 +15,7 @@ use std::sync::Arc;
 use granary_backup::catalogue::{GrainEntry, GrantEntry};
 use granary_backup::export::{Exporter, StreamReport};
 use granary_backup::progress::Progress;
+use granary_backup::restore::RestoreJob;
 use granary_backup::target::{DirTarget, Target};
 use granary_backup::{BackupError, crypt};
 use granary_config::{Backup, BackupPlace};
@@ -419,19 +420,18 @@ impl Backups {
             move || -> Result<granary_backup::restore::Restored, String> {
                 let (mut target, _) = Self::open(&place, &config, &key).map_err(msg)?;
                 let staging = granary_backup::staging_id("restore");
-                let done = granary_backup::restore::restore_into(
-                    target.as_mut(),
-                    &sid,
-                    &e2,
-                    snap.as_deref(),
-                    &identity,
-                    datasets.as_ref(),
-                    &staging,
+                let done = RestoreJob {
+                    grain_id: &sid,
+                    grain: &e2,
+                    snapshot: snap.as_deref(),
+                    identity: &identity,
+                    datasets: datasets.as_ref(),
+                    staging: &staging,
                     uid,
-                    &mut |p| {
-                        let _ = tx.blocking_send(Msg::Progress(p.clone()));
-                    },
-                )
+                }
+                .run(target.as_mut(), &mut |p| {
+                    let _ = tx.blocking_send(Msg::Progress(p.clone()));
+                })
                 .map_err(msg)?;
                 if let Err(e) = datasets.rename(&staging, &i2, uid) {
                     let _ = datasets.destroy(&staging);
@@ -539,19 +539,18 @@ impl Backups {
                     continue;
                 }
                 let staging = granary_backup::staging_id("drill");
-                let r = granary_backup::restore::restore_into(
-                    target.as_mut(),
-                    id,
-                    entry,
-                    None,
-                    &identity,
-                    datasets.as_ref(),
-                    &staging,
-                    nix::unistd::geteuid().as_raw(),
-                    &mut |p| {
-                        let _ = tx.blocking_send(Msg::Progress(p.clone()));
-                    },
-                );
+                let r = RestoreJob {
+                    grain_id: id,
+                    grain: entry,
+                    snapshot: None,
+                    identity: &identity,
+                    datasets: datasets.as_ref(),
+                    staging: &staging,
+                    uid: nix::unistd::geteuid().as_raw(),
+                }
+                .run(target.as_mut(), &mut |p| {
+                    let _ = tx.blocking_send(Msg::Progress(p.clone()));
+                });
                 if r.is_ok()
                     && let Err(e) = datasets.destroy(&staging)
                 {
