@@ -406,7 +406,10 @@ impl Backups {
         })
         .await
         .map_err(msg)??;
-        self.sup.stop(&id).await.map_err(msg)?;
+        // Stopped and held while its data is put in place, so nothing
+        // starts it on an empty dataset meanwhile; the start below clears
+        // the hold.
+        self.sup.retire(&id).await.map_err(msg)?;
 
         let (config, datasets) = (self.config.clone(), self.datasets.clone());
         let (tx, rx) = mpsc::channel(16);
@@ -440,7 +443,13 @@ impl Backups {
                 Ok(done)
             },
         );
-        let done = self.pump(rx, work, progress).await??;
+        let done = match self.pump(rx, work, progress).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) | Err(e) => {
+                self.sup.unretire(&id);
+                return Err(e);
+            }
+        };
 
         // Metadata: the data's app version (an older one migrates on
         // start), and the grants whose other end exists here.
@@ -461,7 +470,7 @@ impl Backups {
             done.snapshot, done.streams
         );
         let dv = data_version.clone();
-        let (restored, skipped) =
+        let recorded =
             tokio::task::spawn_blocking(move || -> Result<(Vec<String>, Vec<String>), String> {
                 store.set_grain_app_version(&i2, &dv).map_err(msg)?;
                 let live = store.live_grants().map_err(msg)?;
@@ -492,7 +501,15 @@ impl Backups {
                 Ok((restored, skipped))
             })
             .await
-            .map_err(msg)??;
+            .map_err(msg)
+            .and_then(|r| r);
+        let (restored, skipped) = match recorded {
+            Ok(r) => r,
+            Err(e) => {
+                self.sup.unretire(&id);
+                return Err(e);
+            }
+        };
 
         let start = self.sup.start_checked(&id).await;
         Ok(RestoreReport {
