@@ -174,8 +174,12 @@ impl Catalogue {
         }
         let bad = |what: String| Err(BackupError::Integrity(format!("catalogue: {what}")));
         for (id, grain) in &self.grains {
-            if !crate::valid_grain_id(id) {
-                return bad(format!("{id:?} is not a grain id"));
+            if !crate::valid_grain_id(id) || *id != format!("{}-{}", grain.user, grain.kind) {
+                return bad(format!("{id:?} is not the grain id of its user and kind"));
+            }
+            // A grain's grants all involve the grain.
+            if grain.grants.iter().any(|g| g.from != *id && g.to != *id) {
+                return bad(format!("{id} lists a grant between other grains"));
             }
             let mut previous: Option<&str> = None;
             for s in &grain.streams {
@@ -277,6 +281,19 @@ mod tests {
         let forged = [crate::hex(&forged).as_bytes(), &file[128..]].concat();
         assert!(Catalogue::open(&forged).is_err());
         assert!(Catalogue::open(b"").is_err());
+        // A grant between two other grains, or an id that is not the
+        // grain's user and kind, is refused even when signed.
+        let mut other = cat.clone();
+        other.grains.get_mut("alice-hello").unwrap().grants = vec![GrantEntry {
+            from: "carol-photos".into(),
+            to: "bob-blog".into(),
+            capability: "notify".into(),
+        }];
+        assert!(Catalogue::open(&other.sign(&key).unwrap()).is_err());
+        let mut other = cat.clone();
+        let entry = other.grains.remove("alice-hello").unwrap();
+        other.grains.insert("bob-hello".into(), entry);
+        assert!(Catalogue::open(&other.sign(&key).unwrap()).is_err());
         // A path-like chunk name is refused even when signed.
         cat.grains.get_mut("alice-hello").unwrap().streams[0].chunks[0].file = "../x".into();
         assert!(Catalogue::open(&cat.sign(&key).unwrap()).is_err());

@@ -24,6 +24,40 @@ use crate::target::Target;
 use crate::{BackupError, hex, now, sha256};
 
 const JOURNAL: &str = "journal.json";
+/// A journal is small: one line per chunk.
+const MAX_JOURNAL_BYTES: u64 = 16 << 20;
+
+/// Journals live on the target, which may be hostile: each carries an
+/// HMAC-SHA256 (first line, hex) under a key derived from the node key, so
+/// a resumed export only trusts chunk hashes this node wrote.
+fn journal_key(node: &SigningKey) -> ring::hmac::Key {
+    let secret = ring::digest::digest(
+        &ring::digest::SHA256,
+        &[b"granary export journal v1\n".as_slice(), node.pkcs8_der()].concat(),
+    );
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref())
+}
+
+fn seal_journal(key: &ring::hmac::Key, journal: &Journal) -> Result<Vec<u8>, BackupError> {
+    let json = serde_json::to_vec(journal).map_err(|e| BackupError::Other(e.to_string()))?;
+    let tag = ring::hmac::sign(key, &json);
+    Ok([hex(tag.as_ref()).as_bytes(), b"\n", &json].concat())
+}
+
+/// A journal this node wrote, with only the chunk names it gives them.
+fn open_journal(key: &ring::hmac::Key, file: &[u8]) -> Option<Journal> {
+    let split = file.iter().position(|b| *b == b'\n')?;
+    let tag = crate::catalogue::unhex(std::str::from_utf8(&file[..split]).ok()?)?;
+    let json = &file[split + 1..];
+    ring::hmac::verify(key, json, &tag).ok()?;
+    let journal: Journal = serde_json::from_slice(json).ok()?;
+    let names_ok = journal
+        .chunks
+        .iter()
+        .enumerate()
+        .all(|(i, c)| c.file == format!("{i:08}.age"));
+    (names_ok && granary_datasets::valid_label(&journal.snapshot)).then_some(journal)
+}
 
 /// What a target holds, opened for adding streams.
 pub struct Exporter<'a> {
@@ -32,6 +66,7 @@ pub struct Exporter<'a> {
     recipients: &'a Recipients,
     chunk_bytes: usize,
     catalogue: Catalogue,
+    journal_key: ring::hmac::Key,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,7 +104,10 @@ pub struct StreamReport {
 pub fn read_catalogue(
     target: &mut dyn Target,
 ) -> Result<Option<(Catalogue, granary_package::PublicKey)>, BackupError> {
-    match target.read(CATALOGUE_FILE)? {
+    match target.read(
+        CATALOGUE_FILE,
+        crate::catalogue::MAX_CATALOGUE_BYTES as u64 + 256,
+    )? {
         None => Ok(None),
         Some(bytes) => Catalogue::open(&bytes).map(Some),
     }
@@ -96,6 +134,7 @@ impl<'a> Exporter<'a> {
             }
         };
         Ok(Exporter {
+            journal_key: journal_key(key),
             target,
             key,
             recipients,
@@ -136,17 +175,14 @@ impl<'a> Exporter<'a> {
             let Some(dir) = name.strip_suffix(&format!("/{JOURNAL}")) else {
                 continue;
             };
-            let Some(bytes) = self.target.read(&name)? else {
+            let Some(bytes) = self.target.read(&name, MAX_JOURNAL_BYTES)? else {
                 continue;
             };
-            let Ok(journal) = serde_json::from_slice::<Journal>(&bytes) else {
-                tracing::warn!(journal = %name, "unreadable export journal; ignored");
+            let Some(journal) = open_journal(&self.journal_key, &bytes) else {
+                tracing::warn!(journal = %name, "an export journal this node did not write (or damaged); ignored");
                 continue;
             };
-            if dir == self.stream_dir(grain, &journal.snapshot)
-                && journal.base == last
-                && granary_datasets::valid_label(&journal.snapshot)
-            {
+            if dir == self.stream_dir(grain, &journal.snapshot) && journal.base == last {
                 return Ok(Some(Pending {
                     snapshot: journal.snapshot,
                     base: journal.base,
@@ -173,8 +209,8 @@ impl<'a> Exporter<'a> {
         let journal_name = format!("{dir}/{JOURNAL}");
         let previous: Option<Journal> = self
             .target
-            .read(&journal_name)?
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .read(&journal_name, MAX_JOURNAL_BYTES)?
+            .and_then(|b| open_journal(&self.journal_key, &b))
             .filter(|j: &Journal| {
                 j.snapshot == snapshot
                     && j.base.as_deref() == base
@@ -205,6 +241,7 @@ impl<'a> Exporter<'a> {
         let (journal, plain_bytes, plain_sha, resumed, tree_sha256) = loop {
             let resume = attempt_journal.take().map(|j| j.chunks).unwrap_or_default();
             let mut sealer = Sealer {
+                journal_key: &self.journal_key,
                 target: &mut *self.target,
                 recipients: self.recipients,
                 dir: &dir,
@@ -429,6 +466,7 @@ impl Write for ChunkWriter {
 /// Hashes, encrypts and durably writes each chunk, then journals it.
 struct Sealer<'w> {
     target: &'w mut dyn Target,
+    journal_key: &'w ring::hmac::Key,
     recipients: &'w Recipients,
     dir: &'w str,
     journal: Journal,
@@ -454,7 +492,7 @@ impl Sealer<'_> {
         let kept = match self.resume.get(index) {
             Some(done) if done.plain_sha256 == plain_sha256 => {
                 let name = format!("{}/{}", self.dir, done.file);
-                let present = self.target.read(&name)?;
+                let present = self.target.read(&name, done.bytes)?;
                 present
                     .filter(|b| sha256(b) == done.sha256)
                     .map(|_| done.clone())
@@ -484,8 +522,7 @@ impl Sealer<'_> {
             }
         };
         self.journal.chunks.push(entry);
-        let journal =
-            serde_json::to_vec(&self.journal).map_err(|e| BackupError::Other(e.to_string()))?;
+        let journal = seal_journal(self.journal_key, &self.journal)?;
         self.target
             .write(&format!("{}/{JOURNAL}", self.dir), &journal)?;
         self.meter.add(plain.len() as u64);

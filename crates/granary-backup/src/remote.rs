@@ -318,7 +318,7 @@ async fn handle(
         tokio::task::spawn_blocking(move || -> Result<Response<Full<Bytes>>, BackupError> {
             let mut dir = DirTarget::new(&root)?;
             Ok(match (op, method) {
-                ("file", Method::GET) => match dir.read(&name)? {
+                ("file", Method::GET) => match dir.read(&name, max)? {
                     Some(bytes) => answer(StatusCode::OK, bytes),
                     None => answer(StatusCode::NOT_FOUND, "no such file\n"),
                 },
@@ -429,12 +429,15 @@ impl RemoteTarget {
         Ok(())
     }
 
+    /// One request; the answer's body may be at most `max` bytes (the far
+    /// end may be hostile).
     fn call(
         &mut self,
         method: Method,
         path: String,
         body: Bytes,
         sha: Option<String>,
+        max: u64,
     ) -> Result<(StatusCode, Bytes), BackupError> {
         for attempt in 0..2 {
             if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
@@ -454,11 +457,19 @@ impl RemoteTarget {
             let result = self.runtime.block_on(async {
                 let resp = sender.send_request(req).await?;
                 let status = resp.status();
-                let body = resp.into_body().collect().await?.to_bytes();
+                let body = Limited::new(resp.into_body(), max as usize).collect().await;
                 Ok::<_, hyper::Error>((status, body))
             });
             match result {
-                Ok(r) => return Ok(r),
+                Ok((status, Ok(body))) => return Ok((status, body.to_bytes())),
+                Ok((_, Err(e))) => {
+                    // The connection is in an unknown state: start afresh.
+                    self.sender = None;
+                    return Err(BackupError::Integrity(format!(
+                        "the backup node {} sent more than {max} bytes for {path} or broke off: {e}",
+                        self.address
+                    )));
+                }
                 Err(e) if attempt == 0 => {
                     tracing::debug!(error = %e, "backup node connection lost; reconnecting");
                     self.sender = None;
@@ -487,9 +498,14 @@ impl Target for RemoteTarget {
         format!("granary node {}", self.address)
     }
 
-    fn read(&mut self, name: &str) -> Result<Option<Vec<u8>>, BackupError> {
-        let (status, body) =
-            self.call(Method::GET, format!("/v1/file/{name}"), Bytes::new(), None)?;
+    fn read(&mut self, name: &str, max: u64) -> Result<Option<Vec<u8>>, BackupError> {
+        let (status, body) = self.call(
+            Method::GET,
+            format!("/v1/file/{name}"),
+            Bytes::new(),
+            None,
+            max.max(4096),
+        )?;
         match status {
             StatusCode::OK => Ok(Some(body.to_vec())),
             StatusCode::NOT_FOUND => Ok(None),
@@ -504,6 +520,7 @@ impl Target for RemoteTarget {
             format!("/v1/file/{name}"),
             Bytes::copy_from_slice(bytes),
             Some(sha),
+            4096,
         )?;
         if status.is_success() {
             Ok(())
@@ -518,6 +535,7 @@ impl Target for RemoteTarget {
             format!("/v1/list/{prefix}"),
             Bytes::new(),
             None,
+            64 << 20,
         )?;
         if !status.is_success() {
             return Err(refused(&self.address, status, &body));
@@ -532,6 +550,7 @@ impl Target for RemoteTarget {
             format!("/v1/file/{name}"),
             Bytes::new(),
             None,
+            4096,
         )?;
         if status.is_success() {
             Ok(())
@@ -573,10 +592,10 @@ mod tests {
         let mut remote = RemoteTarget::connect(&address, &sender, receiver_public).unwrap();
         remote.write("streams/g/1/00000000.age", b"cipher").unwrap();
         assert_eq!(
-            remote.read("streams/g/1/00000000.age").unwrap().unwrap(),
+            remote.read("streams/g/1/00000000.age", 6).unwrap().unwrap(),
             b"cipher"
         );
-        assert_eq!(remote.read("missing").unwrap(), None);
+        assert_eq!(remote.read("missing", 9).unwrap(), None);
         assert_eq!(
             remote.list("streams").unwrap(),
             vec![("streams/g/1/00000000.age".to_owned(), 6)]
@@ -592,7 +611,7 @@ mod tests {
         // A sender the receiver does not allow, and a receiver that is not
         // the one pinned, are both refused.
         let e = RemoteTarget::connect(&address, &stranger, receiver_public)
-            .and_then(|mut r| r.read("x"))
+            .and_then(|mut r| r.read("x", 9))
             .map(drop)
             .unwrap_err();
         assert!(e.to_string().contains("allow"), "{e}");

@@ -82,7 +82,7 @@ pub fn verify(
             report.streams += 1;
             for c in &stream.chunks {
                 let name = format!("{}/{}", stream.dir, c.file);
-                match target.read(&name)? {
+                match target.read(&name, c.bytes)? {
                     None => problems.push(format!("{name}: missing")),
                     Some(bytes) if bytes.len() as u64 != c.bytes => problems.push(format!(
                         "{name}: {} bytes, the catalogue says {}",
@@ -169,7 +169,7 @@ fn fetch_chunks(
         let name = format!("{}/{}", stream.dir, c.file);
         let chunk = (|| {
             let cipher = target
-                .read(&name)?
+                .read(&name, c.bytes)?
                 .ok_or_else(|| BackupError::Integrity(format!("chunk {name} is missing")))?;
             if cipher.len() as u64 != c.bytes || sha256(&cipher) != c.sha256 {
                 return Err(BackupError::Integrity(format!(

@@ -2,7 +2,6 @@
 //! or another Granary node ([`crate::remote`]). Both hold the same files.
 
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::BackupError;
@@ -12,8 +11,9 @@ use crate::BackupError;
 pub trait Target: Send {
     /// For messages: the directory or the remote address.
     fn describe(&self) -> String;
-    /// A whole file, or `None` when it is not there.
-    fn read(&mut self, name: &str) -> Result<Option<Vec<u8>>, BackupError>;
+    /// A whole file, or `None` when it is not there. A file larger than
+    /// `max` bytes is an error (the media or the remote may be hostile).
+    fn read(&mut self, name: &str, max: u64) -> Result<Option<Vec<u8>>, BackupError>;
     /// Writes a whole file: a temporary name, fsync, rename, fsync of the
     /// directory.
     fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError>;
@@ -72,43 +72,149 @@ pub(crate) fn io_err(what: String) -> impl FnOnce(io::Error) -> BackupError {
     move |e| BackupError::Io(format!("{what}: {e}"))
 }
 
+/// `name` as (its directory's components, its file name).
+fn split(name: &str) -> (Vec<&str>, &str) {
+    let mut parts: Vec<&str> = name.split('/').collect();
+    let file = parts.pop().expect("a valid name has a component");
+    (parts, file)
+}
+
+fn errno(e: nix::errno::Errno) -> io::Error {
+    io::Error::from(e)
+}
+
+impl DirTarget {
+    /// The directory holding `name`, opened one component at a time beneath
+    /// the root without following any symlink (removable media may hold
+    /// planted links); made (and its parent synced) when `create`.
+    fn dir(&self, parts: &[&str], create: bool) -> Result<Option<std::fs::File>, BackupError> {
+        use std::os::fd::AsRawFd;
+        let mut dir = std::fs::File::open(&self.root)
+            .map_err(io_err(format!("cannot open {}", self.root.display())))?;
+        for part in parts {
+            let opened = granary_files::open_beneath(&dir, Path::new(part), false);
+            let next = match opened {
+                Ok(f) => f,
+                Err(granary_files::FileError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound && create =>
+                {
+                    match nix::sys::stat::mkdirat(
+                        Some(dir.as_raw_fd()),
+                        *part,
+                        nix::sys::stat::Mode::from_bits_truncate(0o700),
+                    ) {
+                        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                        Err(e) => return Err(io_err(format!("cannot create {part}"))(errno(e))),
+                    }
+                    // The new entry is durable before anything goes in it.
+                    dir.sync_all()
+                        .map_err(io_err(format!("cannot sync the directory of {part}")))?;
+                    granary_files::open_beneath(&dir, Path::new(part), false)
+                        .map_err(|e| BackupError::Io(format!("cannot open {part}: {e}")))?
+                }
+                Err(granary_files::FileError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => {
+                    return Err(BackupError::Integrity(format!(
+                        "{}: {part}: {e} (a symlink on the backup media is refused)",
+                        self.root.display()
+                    )));
+                }
+            };
+            if !next.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+                return Err(BackupError::Integrity(format!("{part} is not a directory")));
+            }
+            dir = next;
+        }
+        Ok(Some(dir))
+    }
+}
+
 impl Target for DirTarget {
     fn describe(&self) -> String {
         self.root.display().to_string()
     }
 
-    fn read(&mut self, name: &str) -> Result<Option<Vec<u8>>, BackupError> {
+    fn read(&mut self, name: &str, max: u64) -> Result<Option<Vec<u8>>, BackupError> {
+        use std::io::Read;
         check(name)?;
-        let path = self.root.join(name);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(format!("cannot read {}", path.display()))(e)),
+        let (parts, file) = split(name);
+        let Some(dir) = self.dir(&parts, false)? else {
+            return Ok(None);
+        };
+        let f = match granary_files::open_beneath(&dir, Path::new(file), false) {
+            Ok(f) => f,
+            Err(granary_files::FileError::Io { source, .. })
+                if source.kind() == io::ErrorKind::NotFound =>
+            {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(BackupError::Integrity(format!(
+                    "{name}: {e} (a symlink on the backup media is refused)"
+                )));
+            }
+        };
+        let meta = f
+            .metadata()
+            .map_err(io_err(format!("cannot read {name}")))?;
+        if !meta.is_file() {
+            return Err(BackupError::Integrity(format!(
+                "{name} is not a regular file"
+            )));
         }
+        if meta.len() > max {
+            return Err(BackupError::Integrity(format!(
+                "{name} is {} bytes, more than the {max} it may be",
+                meta.len()
+            )));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        f.take(max + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io_err(format!("cannot read {name}")))?;
+        if bytes.len() as u64 > max {
+            return Err(BackupError::Integrity(format!(
+                "{name} grew past {max} bytes"
+            )));
+        }
+        Ok(Some(bytes))
     }
 
     fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
+        use std::os::fd::AsRawFd;
         check(name)?;
-        let path = self.root.join(name);
-        let dir = path.parent().expect("a name has a parent").to_path_buf();
-        std::fs::create_dir_all(&dir)
-            .map_err(io_err(format!("cannot create {}", dir.display())))?;
-        let tmp = dir.join(format!(".tmp-{}", crate::nonce()));
+        let (parts, file) = split(name);
+        let dir = self.dir(&parts, true)?.expect("created");
+        let tmp = format!(".tmp-{}", crate::nonce());
         let result = (|| {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&dir)?.sync_all()
+            let mut f = granary_files::open_beneath(&dir, Path::new(&tmp), true)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            nix::fcntl::renameat(
+                Some(dir.as_raw_fd()),
+                tmp.as_str(),
+                Some(dir.as_raw_fd()),
+                file,
+            )
+            .map_err(errno)?;
+            dir.sync_all()
         })();
         if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = nix::unistd::unlinkat(
+                Some(dir.as_raw_fd()),
+                tmp.as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
         }
-        result.map_err(io_err(format!("cannot write {}", path.display())))
+        result.map_err(io_err(format!(
+            "cannot write {name} in {}",
+            self.root.display()
+        )))
     }
 
     fn list(&mut self, prefix: &str) -> Result<Vec<(String, u64)>, BackupError> {
@@ -116,20 +222,26 @@ impl Target for DirTarget {
         let mut out = Vec::new();
         let mut stack = vec![prefix.to_owned()];
         while let Some(rel) = stack.pop() {
-            let entries = match std::fs::read_dir(self.root.join(&rel)) {
-                Ok(e) => e,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(format!("cannot list {rel}"))(e)),
+            let parts: Vec<&str> = rel.split('/').collect();
+            let Some(dir) = self.dir(&parts, false)? else {
+                continue;
             };
+            // Through the opened descriptor: never a planted link's target.
+            let entries = std::fs::read_dir(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&dir)
+            ))
+            .map_err(io_err(format!("cannot list {rel}")))?;
             for entry in entries {
                 let entry = entry.map_err(io_err(format!("cannot list {rel}")))?;
                 let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                     continue;
                 };
-                if name.starts_with('.') {
+                if name.starts_with('.') || !valid_name(&name) {
                     continue;
                 }
                 let child = format!("{rel}/{name}");
+                // DirEntry::metadata does not follow a symlink.
                 let meta = entry
                     .metadata()
                     .map_err(io_err(format!("cannot list {child}")))?;
@@ -145,12 +257,19 @@ impl Target for DirTarget {
     }
 
     fn remove(&mut self, name: &str) -> Result<(), BackupError> {
+        use std::os::fd::AsRawFd;
         check(name)?;
-        match std::fs::remove_file(self.root.join(name)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(io_err(format!("cannot remove {name}"))(e))
-            }
-            _ => Ok(()),
+        let (parts, file) = split(name);
+        let Some(dir) = self.dir(&parts, false)? else {
+            return Ok(());
+        };
+        match nix::unistd::unlinkat(
+            Some(dir.as_raw_fd()),
+            file,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(io_err(format!("cannot remove {name}"))(errno(e))),
         }
     }
 }
@@ -186,8 +305,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut t = DirTarget::new(dir.path()).unwrap();
         t.write("streams/g/1/a.age", b"abc").unwrap();
-        assert_eq!(t.read("streams/g/1/a.age").unwrap().unwrap(), b"abc");
-        assert_eq!(t.read("nope").unwrap(), None);
+        assert_eq!(t.read("streams/g/1/a.age", 3).unwrap().unwrap(), b"abc");
+        assert!(t.read("streams/g/1/a.age", 2).is_err(), "over the limit");
+        assert_eq!(t.read("nope", 9).unwrap(), None);
         assert_eq!(
             t.list("streams").unwrap(),
             vec![("streams/g/1/a.age".to_owned(), 3)]
@@ -195,5 +315,24 @@ mod tests {
         t.remove("streams/g/1/a.age").unwrap();
         t.remove("streams/g/1/a.age").unwrap();
         assert!(t.write("../escape", b"x").is_err());
+
+        // Links planted on the media are never followed.
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("victim"), "keep").unwrap();
+        let root = dir.path().join("media");
+        let mut t = DirTarget::new(&root).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("x")).unwrap();
+        std::os::unix::fs::symlink(outside.join("victim"), root.join("y")).unwrap();
+        assert!(t.remove("x/victim").is_err());
+        assert!(t.write("x/new", b"evil").is_err());
+        assert!(t.read("x/victim", 99).is_err());
+        assert!(t.read("y", 99).is_err());
+        assert!(t.list("x").is_err());
+        assert_eq!(
+            std::fs::read_to_string(outside.join("victim")).unwrap(),
+            "keep"
+        );
+        assert!(!outside.join("new").exists());
     }
 }

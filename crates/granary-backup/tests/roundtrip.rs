@@ -36,8 +36,8 @@ impl Target for Pulled<'_> {
     fn describe(&self) -> String {
         self.inner.describe()
     }
-    fn read(&mut self, name: &str) -> Result<Option<Vec<u8>>, BackupError> {
-        self.inner.read(name)
+    fn read(&mut self, name: &str, max: u64) -> Result<Option<Vec<u8>>, BackupError> {
+        self.inner.read(name, max)
     }
     fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
         if self.allowed == 0 {
@@ -119,6 +119,22 @@ fn export_resume_verify_tamper_restore() {
     }
     let before = chunk_files(&media);
     assert_eq!(before.len(), 3, "three whole chunks made it");
+    // A journal changed on the media (say, chunk hashes swapped to match
+    // garbage) is not this node's any more: not resumed from.
+    let journal = walk(&media)
+        .into_iter()
+        .find(|p| p.ends_with("journal.json"))
+        .unwrap();
+    let original = std::fs::read(&journal).unwrap();
+    let mut forged = original.clone();
+    let at = forged.len() - 10;
+    forged[at] ^= 1;
+    std::fs::write(&journal, &forged).unwrap();
+    {
+        let mut ex = Exporter::open(&mut dir, &key, &recipients, chunk).unwrap();
+        assert_eq!(ex.pending("alice-hello").unwrap(), None);
+    }
+    std::fs::write(&journal, &original).unwrap();
     // Resume: the same snapshot, the first three chunks left as they are.
     let mut ex = Exporter::open(&mut dir, &key, &recipients, chunk).unwrap();
     let pending = ex.pending("alice-hello").unwrap().unwrap();

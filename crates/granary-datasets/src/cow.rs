@@ -298,6 +298,65 @@ impl Datasets for Zfs {
         Ok(Some(format!("{kept}@{label}")))
     }
 
+    /// From ZFS itself: a dataset with snapshots holds data, and one that is
+    /// not mounted (after a reboot) is mounted to look, never taken as empty.
+    fn has_data(&self, grain: &str) -> Result<bool, DatasetError> {
+        check_id(grain)?;
+        let name = self.name(grain);
+        if run("zfs", &["list", "-H", "-o", "name", &name]).is_err() {
+            return Ok(false);
+        }
+        let snaps = run(
+            "zfs",
+            &[
+                "list", "-H", "-t", "snapshot", "-o", "name", "-d", "1", &name,
+            ],
+        )
+        .map_err(err(grain, "list ZFS snapshots"))?;
+        if !snaps.trim().is_empty() {
+            return Ok(true);
+        }
+        let mounted = |s: &Zfs| {
+            run(
+                "zfs",
+                &["get", "-H", "-o", "value", "mounted", &s.name(grain)],
+            )
+            .is_ok_and(|m| m.trim() == "yes")
+        };
+        if !mounted(self) {
+            let _ = run("zfs", &["mount", &name]);
+            if !mounted(self) {
+                return Ok(true);
+            }
+        }
+        match std::fs::read_dir(self.path(grain)) {
+            Ok(mut entries) => Ok(entries.next().is_some()),
+            Err(e) => Err(err(grain, "look into the dataset")(e)),
+        }
+    }
+
+    fn remove_scratch(&self) -> Result<Vec<String>, DatasetError> {
+        let list = run(
+            "zfs",
+            &["list", "-H", "-o", "name", "-d", "1", &self.parent],
+        )
+        .map_err(err("-", "list datasets"))?;
+        let mut removed = Vec::new();
+        for full in list.lines() {
+            let Some(short) = full.strip_prefix(&format!("{}/", self.parent)) else {
+                continue;
+            };
+            if short.starts_with(|c: char| c.is_ascii_digit()) {
+                run_retrying_busy("zfs", &["destroy", "-r", full])
+                    .map_err(err(short, "destroy a leftover dataset"))?;
+                let _ = std::fs::remove_dir_all(self.grain_dir(short));
+                removed.push(short.to_owned());
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.root.join(".views"));
+        Ok(removed)
+    }
+
     fn send_format(&self) -> SendFormat {
         SendFormat::Zfs
     }
@@ -380,6 +439,21 @@ impl Datasets for Zfs {
             .map_err(err(grain, "wait for zfs receive"))?;
         copied.map_err(err(grain, "feed zfs receive"))?;
         if out.status.success() {
+            // One plain dataset, nothing a stream could have brought along
+            // (children, shares).
+            let tree = run(
+                "zfs",
+                &["list", "-H", "-r", "-o", "name", &self.name(grain)],
+            )
+            .map_err(err(grain, "list the received dataset"))?;
+            if tree.lines().count() != 1 {
+                return Err(err(grain, "receive a ZFS stream")(io::Error::other(
+                    "the stream made more than one dataset; refused",
+                )));
+            }
+            for property in ["sharenfs=off", "sharesmb=off", "setuid=off", "devices=off"] {
+                let _ = run("zfs", &["set", property, &self.name(grain)]);
+            }
             // Where `create` will mount it, and the grain's quota.
             mkdir(&self.grain_dir(grain), 0o700)
                 .map_err(err(grain, "create the grain directory"))?;
@@ -440,7 +514,9 @@ impl Datasets for Zfs {
                     "the grain already holds data",
                 )));
             }
-            self.destroy_data(to)?;
+            // Empty and without snapshots: no -r, so nothing more can go.
+            run_retrying_busy("zfs", &["destroy", &target])
+                .map_err(err(to, "remove the empty dataset"))?;
         }
         mkdir(&self.grain_dir(to), 0o700).map_err(err(to, "create the grain directory"))?;
         // zfs-fuse renames only unmounted datasets.

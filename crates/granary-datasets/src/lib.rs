@@ -174,6 +174,23 @@ pub trait Datasets: Send + Sync {
         self.create(to, host_uid)
     }
 
+    /// Removes what a crash left of restores, drills and snapshot views
+    /// (datasets whose names start with a digit, which no grain id does).
+    /// Returns their names.
+    fn remove_scratch(&self) -> Result<Vec<String>, DatasetError> {
+        let root = self.grain_dir("x");
+        let root = root.parent().expect("grain directories have a parent");
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(|c: char| c.is_ascii_digit()) && check_id(&name).is_ok() {
+                self.destroy(&name)?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes only the dataset of a grain (not its directory).
     fn destroy_data(&self, grain: &str) -> Result<(), DatasetError> {
         check_id(grain)?;

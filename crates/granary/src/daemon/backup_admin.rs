@@ -184,8 +184,13 @@ impl Backups {
                         let mut req = client.update_request();
                         req.get()
                             .set_json(serde_json::to_string(&p).unwrap_or_default());
-                        // A CLI that went away does not stop the backup.
-                        let _ = req.send().promise.await;
+                        // A CLI that went away or stalls does not stop the
+                        // backup.
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(2),
+                            req.send().promise,
+                        )
+                        .await;
                     }
                 }
             }
@@ -433,7 +438,7 @@ impl Backups {
                     uid,
                 }
                 .run(target.as_mut(), &mut |p| {
-                    let _ = tx.blocking_send(Msg::Progress(p.clone()));
+                    let _ = tx.try_send(Msg::Progress(p.clone()));
                 })
                 .map_err(msg)?;
                 if let Err(e) = datasets.rename(&staging, &i2, uid) {
@@ -458,11 +463,18 @@ impl Backups {
             .clone()
             .unwrap_or_else(|| entry.app_version.clone());
         let (store, i2) = (self.store.clone(), id.clone());
+        // Only grants between the restored grain and another grain of the
+        // same owner come back (as the new owner's): a grant with another
+        // user's grain needs that user's say.
         let old_prefix = format!("{}-", entry.user);
         let new_prefix = format!("{}-", user.as_str());
-        let map = move |g: &str| match g.strip_prefix(&old_prefix) {
-            Some(rest) => format!("{new_prefix}{rest}"),
-            None => g.to_owned(),
+        let (from_id, to_id) = (source_id.clone(), id.clone());
+        let map = move |g: &str| -> Option<String> {
+            if g == from_id {
+                return Some(to_id.clone());
+            }
+            g.strip_prefix(&old_prefix)
+                .map(|rest| format!("{new_prefix}{rest}"))
         };
         let grants = entry.grants.clone();
         let detail = format!(
@@ -476,7 +488,13 @@ impl Backups {
                 let live = store.live_grants().map_err(msg)?;
                 let (mut restored, mut skipped) = (Vec::new(), Vec::new());
                 for g in grants {
-                    let (from, to) = (map(&g.from), map(&g.to));
+                    let (Some(from), Some(to)) = (map(&g.from), map(&g.to)) else {
+                        skipped.push(format!(
+                            "{} -> {} {} (another user's grain)",
+                            g.from, g.to, g.capability
+                        ));
+                        continue;
+                    };
                     let text = format!("{from} -> {to} {}", g.capability);
                     if live.iter().any(|l| {
                         l.from_grain == from && l.to_grain == to && l.capability == g.capability
@@ -566,7 +584,7 @@ impl Backups {
                     uid: nix::unistd::geteuid().as_raw(),
                 }
                 .run(target.as_mut(), &mut |p| {
-                    let _ = tx.blocking_send(Msg::Progress(p.clone()));
+                    let _ = tx.try_send(Msg::Progress(p.clone()));
                 });
                 if r.is_ok()
                     && let Err(e) = datasets.destroy(&staging)
@@ -740,11 +758,26 @@ fn export_one(
         }
     };
     datasets.hold(id, &snapshot, tag).map_err(msg)?;
-    let report = exporter
-        .export(id, meta, &snapshot, base.as_deref(), datasets, &mut |p| {
-            let _ = tx.blocking_send(Msg::Progress(p.clone()));
-        })
-        .map_err(msg)?;
+    let exported = exporter.export(id, meta, &snapshot, base.as_deref(), datasets, &mut |p| {
+        let _ = tx.try_send(Msg::Progress(p.clone()));
+    });
+    let report = match exported {
+        Ok(r) => r,
+        Err(e) => {
+            // Kept only if the next export can resume from it; otherwise
+            // every failed round would leave a held snapshot behind.
+            let resumable = exporter
+                .pending(id)
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.snapshot == snapshot);
+            if !resumable {
+                let _ = datasets.release(id, &snapshot, tag);
+                let _ = datasets.delete_snapshot(id, &snapshot);
+            }
+            return Err(msg(e));
+        }
+    };
     // The new snapshot is the next base; the old one may go.
     if let Some(b) = &base {
         datasets.release(id, b, tag).map_err(msg)?;

@@ -191,6 +191,16 @@ async fn grains_setup(
                 .context("storage.backend = \"btrfs\"")?,
         ),
     };
+    // What a crash left of restores, drills and snapshot views.
+    let ds = datasets.clone();
+    match tokio::task::spawn_blocking(move || ds.remove_scratch()).await? {
+        Ok(removed) => {
+            for name in removed {
+                tracing::info!(dataset = %name, "removed a leftover scratch dataset");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot remove leftover scratch datasets"),
+    }
     let apps_dir = config.data_dir.join("apps");
     std::fs::create_dir_all(&apps_dir)
         .with_context(|| format!("cannot create {}", apps_dir.display()))?;
