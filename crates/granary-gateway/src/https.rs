@@ -1,9 +1,8 @@
 //! The HTTPS listener: TLS by rustls, HTTP/1.1 and HTTP/2 by hyper.
 //!
-//! Every request is answered on its own (HTTP/2 coalesces host names on one
-//! connection), which is where routing to grains will hook in. For now the
-//! gateway answers its health check and says plainly that no app serves
-//! anything else yet.
+//! Every request is routed on its own (HTTP/2 coalesces host names on one
+//! connection): the health check is answered here, everything else by the
+//! [`Gateway`](crate::proxy::Gateway), which forwards to grains.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -11,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,6 +20,9 @@ use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
+
+use crate::proxy::{Body, Gateway};
+use crate::route;
 
 /// The path of the health check, answered on every host name.
 pub const HEALTH_PATH: &str = "/.well-known/granary/health";
@@ -52,6 +54,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     timeouts: Timeouts,
+    gateway: Option<Arc<Gateway>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -81,6 +84,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let gateway = gateway.clone();
         let span = tracing::info_span!("https", %peer);
         tokio::spawn(
             async move {
@@ -98,8 +102,8 @@ pub async fn serve(
                 };
                 let sni = tls.get_ref().1.server_name().map(str::to_owned);
                 let service = hyper::service::service_fn(move |req| {
-                    let sni = sni.clone();
-                    async move { Ok::<_, Infallible>(answer(req, sni.as_deref(), peer)) }
+                    let (sni, gateway) = (sni.clone(), gateway.clone());
+                    async move { Ok::<_, Infallible>(answer(req, sni.as_deref(), peer, gateway).await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
                 if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -119,19 +123,18 @@ pub async fn serve(
     }
 }
 
-fn answer(req: Request<Incoming>, sni: Option<&str>, peer: SocketAddr) -> Response<Full<Bytes>> {
-    let host = req
-        .uri()
-        .host()
-        .map(str::to_owned)
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_owned())
-        })
-        .or_else(|| sni.map(str::to_owned))
-        .unwrap_or_default();
+async fn answer(
+    req: Request<Incoming>,
+    sni: Option<&str>,
+    peer: SocketAddr,
+    gateway: Option<Arc<Gateway>>,
+) -> Response<Body> {
+    let host = route::request_host(
+        req.uri().authority().map(|a| a.as_str()),
+        req.headers().get(header::HOST).map(|h| h.as_bytes()),
+    )
+    .or_else(|| sni.map(str::to_owned))
+    .unwrap_or_default();
     tracing::debug!(method = %req.method(), path = req.uri().path(), %host, %peer, "request");
     if req.uri().path() == HEALTH_PATH {
         let body = format!(
@@ -139,6 +142,9 @@ fn answer(req: Request<Incoming>, sni: Option<&str>, peer: SocketAddr) -> Respon
             env!("CARGO_PKG_VERSION")
         );
         return respond(StatusCode::OK, "application/json", body);
+    }
+    if let Some(gateway) = gateway {
+        return gateway.serve(req, &host, peer.ip()).await;
     }
     respond(
         StatusCode::NOT_FOUND,
@@ -150,11 +156,15 @@ fn answer(req: Request<Incoming>, sni: Option<&str>, peer: SocketAddr) -> Respon
     )
 }
 
-fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
         .header(header::CACHE_CONTROL, "no-store")
-        .body(Full::new(Bytes::from(body)))
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
         .expect("static response parts are valid")
 }

@@ -7,4 +7,6 @@
 //! what it needs to know it asks through traits the daemon implements.
 
 pub mod https;
+pub mod proxy;
+pub mod route;
 pub mod tls;

@@ -51,17 +51,23 @@ pub fn hello_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("GRANARY_HELLO") {
         return PathBuf::from(p);
     }
+    static_binary("granary-hello")
+}
+
+/// A binary `./run-tests` builds statically for the explicit host target
+/// (`target/<triple>/debug/<name>`): the apps and the probe.
+pub fn static_binary(name: &str) -> PathBuf {
     let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<triple>/debug/granary-hello
+    // target/<profile>/deps/<test> -> target/<triple>/debug/<name>
     let path = exe
         .ancestors()
         .nth(3)
-        .map(|target| target.join(&triple).join("debug/granary-hello"))
+        .map(|target| target.join(&triple).join("debug").join(name))
         .expect("test executable is inside target/");
     assert!(
         path.exists(),
-        "{} is missing; ./run-tests builds it statically (cargo build -p granary-hello --target {triple} with +crt-static)",
+        "{} is missing; ./run-tests builds it statically (cargo build -p {name} --target {triple} with +crt-static)",
         path.display()
     );
     path

@@ -62,6 +62,9 @@ pub(super) struct GrainsSetup {
     pub(super) preinstall: Vec<std::path::PathBuf>,
     pub(super) backup: granary_config::Backup,
     pub(super) data_dir: std::path::PathBuf,
+    /// The gateway's requests for connections to grains.
+    pub(super) connects:
+        Option<tokio::sync::mpsc::Receiver<super::gateway_backend::ConnectRequest>>,
 }
 
 pub(super) fn spawn(
@@ -107,6 +110,9 @@ pub(super) fn spawn(
                     busy: tokio::sync::Mutex::new(()),
                 });
                 backups.schedule();
+                if let Some(requests) = grains.connects {
+                    tokio::task::spawn_local(super::gateway_backend::serve_connects(sup.clone(), requests));
+                }
                 let service = Rc::new(AdminService {
                     backups,
                     store,

@@ -7,6 +7,7 @@
 
 mod admin_server;
 mod backup_admin;
+mod gateway_backend;
 mod grain_admin;
 mod lock;
 mod ports;
@@ -124,7 +125,16 @@ async fn serve(
         grains.preinstall = builtin_packages(&config.data_dir.join("builtin-apps"));
     }
     let builtin = grains.preinstall.clone();
+    let (connect_tx, connect_rx) = tokio::sync::mpsc::channel(256);
+    grains.connects = Some(connect_rx);
     let admin = admin_server::spawn(admin_listener, store.clone(), info, grains, stop_rx.clone())?;
+    let gateway = Arc::new(granary_gateway::proxy::Gateway::new(
+        &config.domain,
+        Arc::new(gateway_backend::DaemonBackend {
+            store: store.clone(),
+            connect: connect_tx,
+        }),
+    ));
 
     let ports = Ports {
         pid: std::process::id(),
@@ -149,6 +159,7 @@ async fn serve(
         https_listener,
         tls,
         https::Timeouts::default(),
+        Some(gateway),
         async move {
             let _ = https_stop.wait_for(|stop| *stop).await;
         },
@@ -263,6 +274,7 @@ async fn grains_setup(
         preinstall: Vec::new(),
         backup: config.backup.clone(),
         data_dir: config.data_dir.clone(),
+        connects: None,
         package_limits: granary_package::Limits {
             max_package_bytes: config.packages.max_package_bytes,
             max_unpacked_bytes: config.packages.max_unpacked_bytes,

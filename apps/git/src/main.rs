@@ -1,0 +1,230 @@
+//! Git hosting in a grain. The gateway authenticates the client, routes
+//! `git.<domain>/<owner>/<repo>.git/...` here and forwards each request
+//! over HTTP/1.1 with the user in `x-granary-user`. Each request runs
+//! Debian's `git http-backend` as a CGI inside the jail: repositories live
+//! in `/var/repos/<repo>.git` (the grain's dataset) and one is created on
+//! its first push. Hooks run here too, in the sandbox.
+
+use std::process::{ExitCode, Stdio};
+use std::rc::Rc;
+
+use futures::TryStreamExt;
+use granary_sdk::{Accepted, App, GrainRef};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const REPOS: &str = "/var/repos";
+const BACKEND: &str = "/usr/lib/git-core/git-http-backend";
+const GIT: &str = "/usr/bin/git";
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+struct Git;
+
+fn text(status: StatusCode, message: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{message}\n")))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+/// `/<owner>/<repo>.git/<rest>` as (repo, rest); the gateway checked the
+/// names, and this checks again.
+fn split_path(path: &str) -> Option<(String, String)> {
+    let mut parts = path.trim_start_matches('/').splitn(3, '/');
+    let _owner = parts.next()?;
+    let repo = parts.next()?.strip_suffix(".git")?;
+    let rest = parts.next().unwrap_or("");
+    let ok = !repo.is_empty()
+        && !repo.starts_with(['.', '-'])
+        && repo
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !rest.split('/').any(|c| c == "..");
+    ok.then(|| (repo.to_owned(), rest.to_owned()))
+}
+
+async fn git(args: &[&str]) -> Result<(), String> {
+    let out = tokio::process::Command::new(GIT)
+        .args(args)
+        .env_clear()
+        .env("HOME", "/tmp")
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .await
+        .map_err(|e| format!("git: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+async fn handle(req: Request<Incoming>) -> Response<Body> {
+    let user = req
+        .headers()
+        .get("x-granary-user")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let Some((repo, rest)) = split_path(req.uri().path()) else {
+        return text(StatusCode::NOT_FOUND, "not a repository path");
+    };
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let dir = format!("{REPOS}/{repo}.git");
+    let pushing = rest == "git-receive-pack" || query.contains("service=git-receive-pack");
+    if !std::path::Path::new(&dir).exists() {
+        if !pushing {
+            return text(StatusCode::NOT_FOUND, "no such repository");
+        }
+        // The first push makes the repository.
+        let _ = std::fs::create_dir_all(REPOS);
+        if let Err(e) = git(&["init", "--bare", "--quiet", "--initial-branch=main", &dir]).await {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot create the repository: {e}"),
+            );
+        }
+        eprintln!("created {dir} for {user}");
+    }
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut cmd = tokio::process::Command::new(BACKEND);
+    cmd.env_clear()
+        .env("GIT_PROJECT_ROOT", REPOS)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("PATH_INFO", format!("/{repo}.git/{rest}"))
+        .env("REQUEST_METHOD", req.method().as_str())
+        .env("QUERY_STRING", &query)
+        .env("CONTENT_TYPE", header("content-type"))
+        .env("REMOTE_USER", &user)
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .env("GIT_PROTOCOL", header("git-protocol"))
+        .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
+        .env("HOME", "/tmp")
+        .env("PATH", "/usr/bin:/bin")
+        .env("GIT_CONFIG_COUNT", "2")
+        .env("GIT_CONFIG_KEY_0", "http.receivepack")
+        .env("GIT_CONFIG_VALUE_0", "true")
+        .env("GIT_CONFIG_KEY_1", "safe.directory")
+        .env("GIT_CONFIG_VALUE_1", "*")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    if let Some(len) = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+    {
+        cmd.env("CONTENT_LENGTH", len);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("git http-backend: {e}"),
+            );
+        }
+    };
+    // The request body to the CGI's stdin, as it arrives (pushes are
+    // streamed chunked; the backend reads to the end).
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut body = req.into_body();
+    granary_sdk::spawn_local(async move {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Ok(data) = frame.into_data()
+                && stdin.write_all(&data).await.is_err()
+            {
+                break;
+            }
+        }
+        let _ = stdin.shutdown().await;
+    });
+    let stdout = child.stdout.take().expect("piped");
+    let mut reader = BufReader::with_capacity(64 << 10, stdout);
+    // CGI headers, then the body as it comes.
+    let mut response = Response::builder();
+    let mut status = StatusCode::OK;
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line).await {
+            Ok(0) => return text(StatusCode::BAD_GATEWAY, "git http-backend said nothing"),
+            Ok(_) if line.len() > 8192 => return text(StatusCode::BAD_GATEWAY, "bad CGI header"),
+            Ok(_) => {}
+            Err(e) => return text(StatusCode::BAD_GATEWAY, &format!("git http-backend: {e}")),
+        }
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            break;
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return text(StatusCode::BAD_GATEWAY, "bad CGI header");
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("status") {
+            status = value
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse::<u16>().ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_GATEWAY);
+        } else {
+            response = response.header(name, value);
+        }
+    }
+    granary_sdk::spawn_local(async move {
+        let _ = child.wait().await;
+    });
+    let stream = tokio_util::io::ReaderStream::with_capacity(reader, 64 << 10).map_ok(Frame::data);
+    response
+        .status(status)
+        .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+        .unwrap_or_else(|_| text(StatusCode::BAD_GATEWAY, "bad CGI header"))
+}
+
+impl App for Git {
+    async fn accept(self: Rc<Self>, conn: Accepted) {
+        if conn.service != "http" {
+            return;
+        }
+        let service = hyper::service::service_fn(|req| async move {
+            Ok::<_, std::convert::Infallible>(handle(req).await)
+        });
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(conn.stream), service)
+            .await
+        {
+            eprintln!("http connection ended: {e}");
+        }
+    }
+
+    fn offer(
+        &self,
+        descriptor: &str,
+        requester: GrainRef,
+    ) -> Result<capnp::capability::Client, capnp::Error> {
+        Err(capnp::Error::failed(format!(
+            "{descriptor} is not offered here yet (asked by {})",
+            requester.id
+        )))
+    }
+}
+
+fn main() -> ExitCode {
+    granary_sdk::run(|_host| Git)
+}

@@ -1,0 +1,139 @@
+//! From a request to a grain: which user's grain of which kind serves it,
+//! who is asking, and the pure parsing that decides it (no I/O here, so
+//! every parser of client bytes is fuzzed on its own).
+
+/// Where a request goes, decided from its host name and path alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `git.<domain>/<owner>/<repo>.git/...`: the owner's git grain.
+    Git { owner: String, repo: String },
+    /// No app serves this host.
+    Unknown,
+}
+
+/// A user name as the rest of Granary accepts it: 1 to 32 of `a-z`, `0-9`
+/// and `-`, starting with a letter.
+pub fn valid_user(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A repository name: 1 to 100 of `[A-Za-z0-9._-]`, not starting with '.'
+/// or '-'.
+pub fn valid_repo(name: &str) -> bool {
+    (1..=100).contains(&name.len())
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Routes by host (without port, any case) and path.
+pub fn route(host: &str, path: &str, domain: &str) -> Route {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.strip_prefix("git.") == Some(domain) {
+        let mut parts = path.trim_start_matches('/').splitn(3, '/');
+        let (Some(owner), Some(repo)) = (parts.next(), parts.next()) else {
+            return Route::Unknown;
+        };
+        let Some(repo) = repo.strip_suffix(".git") else {
+            return Route::Unknown;
+        };
+        if valid_user(owner) && valid_repo(repo) {
+            return Route::Git {
+                owner: owner.to_owned(),
+                repo: repo.to_owned(),
+            };
+        }
+    }
+    Route::Unknown
+}
+
+/// The host a request names: `:authority` (HTTP/2, absolute URIs) or the
+/// `Host` header, without its port; `None` when neither is usable.
+pub fn request_host(authority: Option<&str>, host_header: Option<&[u8]>) -> Option<String> {
+    let raw = match authority {
+        Some(a) => a.to_owned(),
+        None => std::str::from_utf8(host_header?).ok()?.trim().to_owned(),
+    };
+    let name = match raw.rsplit_once(':') {
+        Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => raw.as_str(),
+    };
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    ok.then(|| name.to_ascii_lowercase())
+}
+
+/// `Authorization: Basic <base64 of user:password>`, decoded.
+pub fn basic_credentials(header: &[u8]) -> Option<(String, String)> {
+    use base64::Engine;
+    let text = std::str::from_utf8(header).ok()?;
+    let (scheme, value) = text.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") || value.len() > 1024 {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_routes() {
+        let d = "example.org";
+        assert_eq!(
+            route("git.example.org", "/alice/site.git/info/refs", d),
+            Route::Git {
+                owner: "alice".into(),
+                repo: "site".into()
+            }
+        );
+        assert_eq!(
+            route("GIT.Example.org.", "/alice/site.git", d),
+            Route::Git {
+                owner: "alice".into(),
+                repo: "site".into()
+            }
+        );
+        for (host, path) in [
+            ("git.example.org", "/alice/site/info/refs"),
+            ("git.example.org", "/../site.git"),
+            ("git.example.org", "/alice/.hidden.git"),
+            ("git.example.org", "/Alice/site.git"),
+            ("git.other.org", "/alice/site.git"),
+            ("example.org", "/alice/site.git"),
+        ] {
+            assert_eq!(route(host, path, d), Route::Unknown, "{host}{path}");
+        }
+    }
+
+    #[test]
+    fn hosts_and_credentials() {
+        assert_eq!(
+            request_host(None, Some(b"Git.Example.org:8443")).as_deref(),
+            Some("git.example.org")
+        );
+        assert_eq!(request_host(Some("a.b"), None).as_deref(), Some("a.b"));
+        assert_eq!(request_host(None, Some(b"bad host")), None);
+        assert_eq!(request_host(None, None), None);
+        assert_eq!(
+            basic_credentials(b"Basic YWxpY2U6czNjcjN0OndpdGg6Y29sb25z"),
+            Some(("alice".into(), "s3cr3t:with:colons".into()))
+        );
+        assert_eq!(basic_credentials(b"Bearer x"), None);
+        assert_eq!(basic_credentials(b"Basic !!!"), None);
+    }
+}
