@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::proxy::{Body, Gateway};
-use crate::route;
+use granary_wire::http as route;
 
 /// The path of the health check, answered on every host name.
 pub const HEALTH_PATH: &str = "/.well-known/granary/health";

@@ -8,5 +8,4 @@
 
 pub mod https;
 pub mod proxy;
-pub mod route;
 pub mod tls;

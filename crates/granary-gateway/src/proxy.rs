@@ -18,7 +18,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 
-use crate::route::{self, Route};
+use granary_wire::http::{self as route, Route};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 pub type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;

@@ -1,6 +1,4 @@
-//! From a request to a grain: which user's grain of which kind serves it,
-//! who is asking, and the pure parsing that decides it (no I/O here, so
-//! every parser of client bytes is fuzzed on its own).
+//! HTTP: the host a request names, where it goes, and who it says it is.
 
 /// Where a request goes, decided from its host name and path alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
