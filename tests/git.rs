@@ -96,6 +96,49 @@ impl Client<'_> {
     }
 }
 
+/// A TLS connection to the daemon as a client that trusts the local CA.
+fn tls(daemon: &Daemon) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(daemon.ca_file()).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(format!("git.{DOMAIN}")).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(daemon.https_addr()).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Reads until the server closes; what it sent.
+fn read_to_close(stream: &mut impl std::io::Read) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            // A close without close_notify, or a reset: closed all the same.
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut =>
+            {
+                break;
+            }
+            Err(e) => panic!("the server did not close the connection: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn app_password(daemon: &Daemon, user: &str) -> String {
     let added = daemon
         .granary(&[
@@ -213,4 +256,84 @@ fn push_and_clone_over_https_through_the_gateway() {
     );
     // The account password is not an app password.
     assert!(!daemon.log().contains(&alice), "no password is logged");
+}
+
+/// Bad clients are closed cleanly and cost other users nothing: garbage
+/// instead of a TLS handshake, a malformed request, an oversized head, a
+/// client dripping its head slower than the timeout; repeated bad
+/// passwords hit the rate limit before any hashing.
+#[test]
+fn bad_clients_are_closed_and_others_are_served() {
+    use std::io::{Read, Write};
+    let daemon = Daemon::start_with(
+        DaemonMode::Serve,
+        &format!(
+            "domain = \"{DOMAIN}\"\n[gateway]\nheader_timeout = \"1s\"\nmax_header_kib = 16\n"
+        ),
+    );
+    let healthy = |daemon: &Daemon| {
+        let mut s = tls(daemon);
+        s.write_all(b"GET /.well-known/granary/health HTTP/1.1\r\nHost: git.example.test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let answer = read_to_close(&mut s);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    };
+
+    // A slow client holds its connection while others are served.
+    let mut drip = tls(&daemon);
+    drip.write_all(b"GET / HTTP/1.1\r\nHost: git.example.test\r\n")
+        .unwrap();
+    // Garbage instead of a TLS handshake.
+    let mut raw = std::net::TcpStream::connect(daemon.https_addr()).unwrap();
+    raw.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut sink = Vec::new();
+    let _ = raw.read_to_end(&mut sink);
+    healthy(&daemon);
+    // A malformed request line.
+    let mut bad = tls(&daemon);
+    bad.write_all(b"NOT HTTP AT ALL\r\n\r\n").unwrap();
+    let answer = read_to_close(&mut bad);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    // A head over max_header_kib.
+    let mut big = tls(&daemon);
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: git.example.test\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 << 10)
+    );
+    let _ = big.write_all(head.as_bytes());
+    let answer = read_to_close(&mut big);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    healthy(&daemon);
+    // The dripping client is cut at the header timeout.
+    let answer = read_to_close(&mut drip);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+
+    // Repeated bad passwords: refused, then rate-limited (429) without
+    // hashing, for that user from anywhere.
+    daemon.granary(&["user", "add", "carol"]).success();
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        let mut s = tls(&daemon);
+        s.write_all(
+            b"GET /carol/x.git/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: git.example.test\r\n\
+              Authorization: Basic Y2Fyb2w6bm9wZQ==\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let answer = read_to_close(&mut s);
+        codes.push(answer.get(9..12).unwrap_or("").to_owned());
+    }
+    assert_eq!(&codes[..10], vec!["401"; 10].as_slice(), "{codes:?}");
+    assert_eq!(&codes[10..], vec!["429"; 2].as_slice(), "{codes:?}");
+    healthy(&daemon);
 }

@@ -14,8 +14,8 @@ pub mod resolve;
 
 pub use raw::RawConfig;
 pub use resolve::{
-    Backup, BackupPlace, BackupTarget, Config, ConfigError, Environment, Grains, Listen, LogFormat,
-    Packages, Snapshots, StorageBackend, TlsSource, parse_duration,
+    Backup, BackupPlace, BackupTarget, Config, ConfigError, Environment, Gateway, Grains, Listen,
+    LogFormat, Packages, Snapshots, StorageBackend, TlsSource, parse_duration,
 };
 
 /// The full default configuration, commented. A test checks that it parses to

@@ -28,6 +28,17 @@ pub struct RawConfig {
     pub snapshots: RawSnapshots,
     #[serde(default)]
     pub backup: RawBackup,
+    #[serde(default)]
+    pub gateway: RawGateway,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub handshake_timeout: Option<String>,
+    pub header_timeout: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub max_header_kib: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

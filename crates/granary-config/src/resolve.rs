@@ -42,6 +42,21 @@ pub struct Config {
     pub packages: Packages,
     pub snapshots: Snapshots,
     pub backup: Backup,
+    pub gateway: Gateway,
+}
+
+/// `[gateway]`: what a slow, silent or oversized client may hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    /// From TCP accept to a finished TLS handshake.
+    pub handshake_timeout: Duration,
+    /// To read a request's head; also how long a kept-alive connection may
+    /// sit idle between requests.
+    pub header_timeout: Duration,
+    /// How long open connections get to finish when the daemon stops.
+    pub drain_timeout: Duration,
+    /// The largest request head accepted (431 above it).
+    pub max_header_bytes: usize,
 }
 
 /// `[backup]`: encrypted exports of every grain's snapshots.
@@ -456,6 +471,18 @@ impl Config {
                 .map_err(|r| err("snapshots.freeze_limit", r))?,
         };
 
+        let gw = &raw.gateway;
+        let time = |key: &str, value: &Option<String>, default: &str| {
+            parse_duration(value.as_deref().unwrap_or(default)).map_err(|r| err(key, r))
+        };
+        let gateway = Gateway {
+            handshake_timeout: time("gateway.handshake_timeout", &gw.handshake_timeout, "10s")?,
+            header_timeout: time("gateway.header_timeout", &gw.header_timeout, "30s")?,
+            drain_timeout: time("gateway.drain_timeout", &gw.drain_timeout, "10s")?,
+            max_header_bytes: (positive("gateway.max_header_kib", gw.max_header_kib.unwrap_or(64))?
+                .min(1024)
+                << 10) as usize,
+        };
         let bk = &raw.backup;
         let hex_key = |k: &str| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit());
         let trust = bk.trust.clone().unwrap_or_default();
@@ -520,6 +547,7 @@ impl Config {
         };
 
         Ok(Config {
+            gateway,
             backup,
             snapshots,
             packages,

@@ -36,6 +36,8 @@ pub struct Timeouts {
     pub header_read: Duration,
     /// How long open connections get to finish when the server stops.
     pub drain: Duration,
+    /// The largest request head (HTTP/1.1) accepted.
+    pub max_header_bytes: usize,
 }
 
 impl Default for Timeouts {
@@ -44,6 +46,7 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             header_read: Duration::from_secs(30),
             drain: Duration::from_secs(10),
+            max_header_bytes: 64 << 10,
         }
     }
 }
@@ -63,7 +66,8 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header_read);
+        .header_read_timeout(timeouts.header_read)
+        .max_buf_size(timeouts.max_header_bytes.max(8192));
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);

@@ -158,7 +158,12 @@ async fn serve(
     let https_task = tokio::spawn(https::serve(
         https_listener,
         tls,
-        https::Timeouts::default(),
+        https::Timeouts {
+            handshake: config.gateway.handshake_timeout,
+            header_read: config.gateway.header_timeout,
+            drain: config.gateway.drain_timeout,
+            max_header_bytes: config.gateway.max_header_bytes,
+        },
         Some(gateway),
         async move {
             let _ = https_stop.wait_for(|stop| *stop).await;
