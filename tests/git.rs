@@ -98,9 +98,17 @@ impl Client<'_> {
 
 /// A TLS connection to the daemon as a client that trusts the local CA.
 fn tls(daemon: &Daemon) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    tls_trusting(daemon, &daemon.ca_file())
+}
+
+/// A TLS connection to the daemon as a client that trusts `ca` only.
+fn tls_trusting(
+    daemon: &Daemon,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_file_iter(daemon.ca_file()).unwrap() {
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
@@ -336,4 +344,84 @@ fn bad_clients_are_closed_and_others_are_served() {
     assert_eq!(&codes[..10], vec!["401"; 10].as_slice(), "{codes:?}");
     assert_eq!(&codes[10..], vec!["429"; 2].as_slice(), "{codes:?}");
     healthy(&daemon);
+}
+
+/// A CA and a certificate for git.example.test it signed, made by openssl:
+/// (ca.pem, cert.pem, key.pem) in `dir`.
+fn openssl_pair(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName=DNS:git.{DOMAIN}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    sh(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=granary-test-ca 2>/dev/null",
+    );
+    sh(&format!(
+        "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem -out req.csr -subj /CN=git.{DOMAIN} 2>/dev/null"
+    ));
+    sh(
+        "openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 2 -extfile ext.cnf 2>/dev/null",
+    );
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+/// The admin replaces the certificate files; new handshakes get the new
+/// certificate without a restart.
+#[test]
+fn a_replaced_certificate_is_served_without_a_restart() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca1, cert1, key1) = openssl_pair(&tmp.path().join("one"));
+    let (ca2, cert2, key2) = openssl_pair(&tmp.path().join("two"));
+    let (cert, key) = (tmp.path().join("served.pem"), tmp.path().join("served.key"));
+    std::fs::copy(&cert1, &cert).unwrap();
+    std::fs::copy(&key1, &key).unwrap();
+    let daemon = Daemon::start_with(
+        DaemonMode::Serve,
+        &format!(
+            "domain = \"{DOMAIN}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let health = |ca: &Path| -> bool {
+        let mut s = tls_trusting(&daemon, ca);
+        s.write_all(b"GET /.well-known/granary/health HTTP/1.1\r\nHost: git.example.test\r\nConnection: close\r\n\r\n")
+            .is_ok()
+            && read_to_close(&mut s).starts_with("HTTP/1.1 200")
+    };
+    assert!(health(&ca1));
+    assert!(!health(&ca2), "not trusted before the change");
+    // Replaced the way admins and ACME clients do: new files renamed in.
+    for (from, to) in [(&key2, &key), (&cert2, &cert)] {
+        let staged = to.with_extension("new");
+        std::fs::copy(from, &staged).unwrap();
+        std::fs::rename(&staged, to).unwrap();
+    }
+    granary_testkit::eventually(
+        "the new certificate",
+        std::time::Duration::from_secs(30),
+        || health(&ca2).then_some(()),
+    );
+    assert!(!health(&ca1), "the old certificate is gone");
+    assert!(daemon.log().contains("TLS certificate reloaded"));
 }
