@@ -166,7 +166,12 @@ fn app_password(daemon: &Daemon, user: &str) -> String {
 
 #[test]
 fn push_and_clone_over_https_through_the_gateway() {
-    let daemon = Daemon::start_with(DaemonMode::Serve, &format!("domain = \"{DOMAIN}\"\n"));
+    let daemon = Daemon::start_with(
+        DaemonMode::Serve,
+        &format!(
+            "domain = \"{DOMAIN}\"\n[grains]\nidle_timeout = \"1s\"\n[gateway]\nupstream_idle = \"300ms\"\n"
+        ),
+    );
     let tmp = tempfile::tempdir().unwrap();
     let pkg = git_package(tmp.path());
     daemon
@@ -262,8 +267,34 @@ fn push_and_clone_over_https_through_the_gateway() {
         !ok && (out.contains("401") || out.contains("Authentication failed")),
         "{out}"
     );
-    // The account password is not an app password.
     assert!(!daemon.log().contains(&alice), "no password is logged");
+
+    // Idle, the grain stops; the next clone starts it again unnoticed.
+    let state = |daemon: &Daemon| {
+        daemon
+            .granary(&["grain", "status", "alice/git", "--json"])
+            .success()
+            .json()["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    granary_testkit::eventually(
+        "the idle git grain to stop",
+        std::time::Duration::from_secs(30),
+        || (state(&daemon) == "stopped").then_some(()),
+    );
+    let again = tmp.path().join("again");
+    client.ok(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            &client.url(Some(("alice", &alice)), "alice/site.git"),
+            again.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(client.ok(&again, &["rev-parse", "HEAD"]), head);
 }
 
 /// Bad clients are closed cleanly and cost other users nothing: garbage

@@ -39,6 +39,7 @@ pub struct RawGateway {
     pub header_timeout: Option<String>,
     pub drain_timeout: Option<String>,
     pub max_header_kib: Option<u64>,
+    pub upstream_idle: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

@@ -57,6 +57,9 @@ pub struct Gateway {
     pub drain_timeout: Duration,
     /// The largest request head accepted (431 above it).
     pub max_header_bytes: usize,
+    /// How long an unused connection to a grain is kept (it holds the
+    /// grain awake meanwhile).
+    pub upstream_idle: Duration,
 }
 
 /// `[backup]`: encrypted exports of every grain's snapshots.
@@ -479,6 +482,7 @@ impl Config {
             handshake_timeout: time("gateway.handshake_timeout", &gw.handshake_timeout, "10s")?,
             header_timeout: time("gateway.header_timeout", &gw.header_timeout, "30s")?,
             drain_timeout: time("gateway.drain_timeout", &gw.drain_timeout, "10s")?,
+            upstream_idle: time("gateway.upstream_idle", &gw.upstream_idle, "30s")?,
             max_header_bytes: (positive("gateway.max_header_kib", gw.max_header_kib.unwrap_or(64))?
                 .min(1024)
                 << 10) as usize,

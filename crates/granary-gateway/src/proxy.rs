@@ -56,6 +56,9 @@ const POOL_PER_GRAIN: usize = 16;
 struct Pooled {
     sender: SendRequest<Incoming>,
     _keep: Box<dyn Send + Sync>,
+    /// When it was last handed back (an idle connection keeps its grain
+    /// awake, so it is dropped after `upstream_idle`).
+    idle_since: Instant,
 }
 
 pub struct Gateway {
@@ -65,6 +68,7 @@ pub struct Gateway {
     verified: Mutex<HashMap<[u8; 32], Instant>>,
     failures: Mutex<HashMap<String, (u32, Instant)>>,
     pool: Mutex<HashMap<String, Vec<Pooled>>>,
+    upstream_idle: Duration,
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Body> {
@@ -115,7 +119,9 @@ fn strip(headers: &mut hyper::HeaderMap) {
 }
 
 impl Gateway {
-    pub fn new(domain: &str, backend: Arc<dyn Backend>) -> Gateway {
+    /// `upstream_idle`: how long an unused connection to a grain is kept
+    /// (while kept, it holds the grain awake).
+    pub fn new(domain: &str, backend: Arc<dyn Backend>, upstream_idle: Duration) -> Gateway {
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
             .expect("the kernel's random source");
@@ -126,7 +132,30 @@ impl Gateway {
             verified: Mutex::default(),
             failures: Mutex::default(),
             pool: Mutex::default(),
+            upstream_idle,
         }
+    }
+
+    /// Drops pooled connections idle longer than `upstream_idle`, so grains
+    /// nobody uses can stop. Runs until the gateway is dropped.
+    pub fn start_janitor(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let every = (self.upstream_idle / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(gateway) = weak.upgrade() else {
+                    return;
+                };
+                let mut pool = gateway.pool.lock().expect("not poisoned");
+                for list in pool.values_mut() {
+                    list.retain(|p| {
+                        !p.sender.is_closed() && p.idle_since.elapsed() < gateway.upstream_idle
+                    });
+                }
+                pool.retain(|_, list| !list.is_empty());
+            }
+        });
     }
 
     /// Too many recent failures for this key?
@@ -263,6 +292,7 @@ impl Gateway {
         Ok(Pooled {
             sender,
             _keep: upstream.keep,
+            idle_since: Instant::now(),
         })
     }
 
@@ -319,6 +349,7 @@ impl Gateway {
             let mut pool = self.pool.lock().expect("not poisoned");
             let list = pool.entry(grain).or_default();
             if list.len() < POOL_PER_GRAIN {
+                pooled.idle_since = Instant::now();
                 list.push(pooled);
             }
         }

@@ -134,7 +134,9 @@ async fn serve(
             store: store.clone(),
             connect: connect_tx,
         }),
+        config.gateway.upstream_idle,
     ));
+    gateway.start_janitor();
 
     let ports = Ports {
         pid: std::process::id(),
