@@ -136,6 +136,12 @@ interface Admin {
   # compares the files with the export's digests and removes them.
 
   backupKeys @28 () -> (nodeKey :Text, recipients :List(Text), targets :List(Text));
+
+  gitRepo @29 (user :Text, repo :Text, create :Bool, visibility :Text) -> (public :Bool, created :Bool);
+  # With `create`, makes an empty repository in the user's git grain
+  # (started if needed; `created` is false when it existed). `visibility`
+  # "public" (anyone may clone; only the owner pushes) or "private" sets it;
+  # empty leaves it. Answers the visibility after.
   # This node's public key (what a receiver allows and a restore trusts),
   # the configured recipients and targets.
 }

@@ -126,9 +126,12 @@ fn https_health_verifies_against_the_local_ca_with_real_clients() {
         &["--http2", "--write-out", "%{http_version}"],
     );
     assert_eq!(code, "2", "the last write-out is the HTTP version");
-    let (code, body) = curl(&daemon, "git.localhost", "/alice/site.git", &[]);
+    let (code, body) = curl(&daemon, "www.localhost", "/alice/site", &[]);
     assert_eq!(code, "404");
     assert!(body.contains("No Granary app serves"), "{body}");
+    // A git route asks for credentials before anything else.
+    let (code, _) = curl(&daemon, "git.localhost", "/alice/site.git/info/refs", &[]);
+    assert_eq!(code, "401");
 
     // Python's ssl (OpenSSL) with default verification: TLS 1.2+ only.
     let port = daemon.https_addr().port();

@@ -269,6 +269,74 @@ fn push_and_clone_over_https_through_the_gateway() {
     );
     assert!(!daemon.log().contains(&alice), "no password is logged");
 
+    // Public: anyone clones, nobody but Alice pushes; private again: gone.
+    let made_public = daemon
+        .granary(&["git", "visibility", "alice", "site", "public"])
+        .success();
+    assert!(
+        made_public.stdout.contains("public"),
+        "{}",
+        made_public.stdout
+    );
+    let anon = tmp.path().join("anon");
+    client.ok(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            &client.url(None, "alice/site.git"),
+            anon.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(client.ok(&anon, &["rev-parse", "HEAD"]), head);
+    std::fs::write(anon.join("evil.txt"), "x").unwrap();
+    client.ok(&anon, &["add", "."]);
+    client.ok(&anon, &["commit", "-q", "-m", "anonymous"]);
+    let (ok, out) = client.git(
+        &anon,
+        &["push", "-q", &client.url(None, "alice/site.git"), "main"],
+    );
+    assert!(!ok, "an anonymous push is refused: {out}");
+    let (ok, out) = client.git(
+        &anon,
+        &[
+            "push",
+            "-q",
+            &client.url(Some(("bob", &bob)), "alice/site.git"),
+            "main",
+        ],
+    );
+    assert!(!ok && out.contains("403"), "Bob cannot push: {out}");
+    daemon
+        .granary(&["git", "visibility", "alice", "site", "private"])
+        .success();
+    let (ok, _) = client.git(
+        tmp.path(),
+        &["ls-remote", &client.url(None, "alice/site.git")],
+    );
+    assert!(!ok, "private again");
+
+    // An empty repository made by the admin.
+    let made = daemon
+        .granary(&["git", "create", "alice", "empty.git"])
+        .success();
+    assert!(made.stdout.contains("created"), "{}", made.stdout);
+    let again = daemon
+        .granary(&["git", "create", "alice", "empty"])
+        .success();
+    assert!(again.stdout.contains("already there"), "{}", again.stdout);
+    let out = client.ok(
+        tmp.path(),
+        &[
+            "ls-remote",
+            &client.url(Some(("alice", &alice)), "alice/empty.git"),
+        ],
+    );
+    assert!(out.trim().is_empty(), "{out}");
+    daemon
+        .granary(&["git", "create", "alice", "../evil"])
+        .failure();
+
     // Idle, the grain stops; the next clone starts it again unnoticed.
     let state = |daemon: &Daemon| {
         daemon

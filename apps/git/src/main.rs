@@ -79,6 +79,25 @@ async fn handle(req: Request<Incoming>) -> Response<Body> {
     };
     let query = req.uri().query().unwrap_or("").to_owned();
     let dir = format!("{REPOS}/{repo}.git");
+    // `granary git create`: only the daemon can send this header (the
+    // gateway strips x-granary-* from clients).
+    if req
+        .headers()
+        .get("x-granary-admin")
+        .is_some_and(|v| v == "create")
+    {
+        if std::path::Path::new(&dir).exists() {
+            return text(StatusCode::OK, "exists");
+        }
+        let _ = std::fs::create_dir_all(REPOS);
+        return match git(&["init", "--bare", "--quiet", "--initial-branch=main", &dir]).await {
+            Ok(()) => text(StatusCode::CREATED, "created"),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot create the repository: {e}"),
+            ),
+        };
+    }
     let pushing = rest == "git-receive-pack" || query.contains("service=git-receive-pack");
     if !std::path::Path::new(&dir).exists() {
         if !pushing {

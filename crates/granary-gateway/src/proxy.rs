@@ -42,6 +42,8 @@ pub trait Backend: Send + Sync + 'static {
         kind: &str,
         service: &str,
     ) -> BoxFuture<Result<Upstream, String>>;
+    /// Whether `owner` made git repository `repo` public.
+    fn repo_public(&self, owner: &str, repo: &str) -> BoxFuture<bool>;
 }
 
 /// Failed logins allowed per window, per source address and per user.
@@ -237,21 +239,33 @@ impl Gateway {
     /// Answers a request that is not for the gateway itself.
     pub async fn serve(&self, req: Request<Incoming>, host: &str, peer: IpAddr) -> Response<Body> {
         match route::route(host, req.uri().path(), &self.domain) {
-            Route::Git { owner, .. } => {
+            Route::Git { owner, repo } => {
                 let user = match self.authenticate(&req, peer, "git").await {
-                    Ok(Some(u)) => u,
-                    // Repositories are private until visibility exists.
-                    Ok(None) => return unauthorized(),
+                    Ok(user) => user,
                     Err(answer) => return answer,
                 };
-                if user != owner {
-                    // The same answer whether or not the repository exists.
-                    return plain(
+                let pushing = req.uri().path().ends_with("/git-receive-pack")
+                    || req
+                        .uri()
+                        .query()
+                        .is_some_and(|q| q.contains("service=git-receive-pack"));
+                if user.as_deref() == Some(owner.as_str()) {
+                    return self.forward(req, &owner, "git", &owner).await;
+                }
+                // Anyone may read a public repository; only its owner
+                // writes. Otherwise the same answer whether or not the
+                // repository exists.
+                if !pushing && self.backend.repo_public(&owner, &repo).await {
+                    let reader = user.unwrap_or_default();
+                    return self.forward(req, &owner, "git", &reader).await;
+                }
+                match user {
+                    None => unauthorized(),
+                    Some(_) => plain(
                         StatusCode::FORBIDDEN,
                         "You cannot access this repository.\n",
-                    );
+                    ),
                 }
-                self.forward(req, &owner, "git", &user).await
             }
             Route::Unknown => plain(
                 StatusCode::NOT_FOUND,
@@ -321,6 +335,7 @@ impl Gateway {
             header::HOST,
             header::HeaderValue::from_str(&host).expect("a valid domain"),
         );
+        // Empty for an anonymous reader of a public repository.
         parts.headers.insert(
             "x-granary-user",
             header::HeaderValue::from_str(user).expect("a checked user name"),

@@ -13,6 +13,7 @@ mod app_passwords;
 mod audit;
 mod grains;
 mod migrate;
+mod repos;
 mod users;
 
 use std::path::{Path, PathBuf};

@@ -33,6 +33,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 5,
         sql: include_str!("migrations/0005_grain_app_version.sql"),
     },
+    Migration {
+        version: 6,
+        sql: include_str!("migrations/0006_public_repos.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

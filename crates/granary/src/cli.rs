@@ -59,6 +59,9 @@ pub(crate) enum Command {
     /// List, take, roll back to and prune a grain's snapshots (zfs, btrfs)
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Git repositories: create them, make them public or private
+    #[command(subcommand)]
+    Git(GitCommand),
     /// Encrypted backups: export, verify, drill, receive from other nodes
     #[command(subcommand)]
     Backup(BackupCommand),
@@ -292,6 +295,28 @@ pub(crate) enum SnapshotCommand {
     Prune {
         /// USER/KIND or the grain id
         grain: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum GitCommand {
+    /// Create an empty repository in USER's git grain (a push creates one
+    /// too)
+    Create {
+        user: String,
+        /// The repository's name, with or without .git
+        repo: String,
+        /// Make it public at once
+        #[arg(long)]
+        public: bool,
+    },
+    /// Make a repository public (anyone may clone; only its owner pushes)
+    /// or private again
+    Visibility {
+        user: String,
+        repo: String,
+        #[arg(value_parser = ["public", "private"])]
+        visibility: String,
     },
 }
 

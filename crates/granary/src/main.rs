@@ -124,6 +124,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             pack::run(cmd, &limits)
         }
+        Command::Git(cmd) => {
+            let config = load_config(&cli)?;
+            admin::grains::git(&config, cmd)
+        }
         Command::Backup(cmd) => {
             let config = load_config(&cli)?;
             admin::backup::backup(&config, cmd)

@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::client::print_json;
 use super::connection::{remote, text, with_admin};
 use super::table;
-use crate::cli::{AppCommand, GrainCommand, GrantCommand, SnapshotCommand};
+use crate::cli::{AppCommand, GitCommand, GrainCommand, GrantCommand, SnapshotCommand};
 
 #[derive(Debug, Serialize)]
 struct AppView {
@@ -609,5 +609,44 @@ pub(crate) fn snapshot(config: &Config, cmd: &SnapshotCommand) -> anyhow::Result
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn git(config: &Config, cmd: &GitCommand) -> anyhow::Result<ExitCode> {
+    let (user, repo, create, visibility) = match cmd {
+        GitCommand::Create { user, repo, public } => {
+            (user, repo, true, if *public { "public" } else { "" })
+        }
+        GitCommand::Visibility {
+            user,
+            repo,
+            visibility,
+        } => (user, repo, false, visibility.as_str()),
+    };
+    let (public, created) = with_admin(config, |admin: admin::Client| async move {
+        let mut req = admin.git_repo_request();
+        req.get().set_user(user.as_str());
+        req.get().set_repo(repo.as_str());
+        req.get().set_create(create);
+        req.get().set_visibility(visibility);
+        let response = req.send().promise.await.map_err(remote)?;
+        let r = response.get().map_err(remote)?;
+        Ok((r.get_public(), r.get_created()))
+    })?;
+    let name = format!("{user}/{}.git", repo.trim_end_matches(".git"));
+    if create {
+        println!(
+            "{name}: {}",
+            if created { "created" } else { "already there" }
+        );
+    }
+    println!(
+        "{name} is {}",
+        if public {
+            "public: anyone may clone it; only its owner pushes"
+        } else {
+            "private: only its owner reads and pushes"
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -871,6 +871,63 @@ impl admin::Server for AdminService {
         Ok(())
     }
 
+    async fn git_repo(
+        self: Rc<Self>,
+        params: admin::GitRepoParams,
+        mut results: admin::GitRepoResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let repo = p.get_repo()?.to_str()?.trim_end_matches(".git").to_owned();
+        if !granary_wire::http::valid_repo(&repo) {
+            return Err(fail(format!(
+                "{repo:?} is not a repository name: 1 to 100 of A-Z, a-z, 0-9, '.', '_' and '-', not starting with '.' or '-'"
+            )));
+        }
+        let mut created = false;
+        if p.get_create() {
+            let id = granary_state::grain_id(user.as_str(), "git");
+            let status = self.grains.sup.status(&id).await.map_err(|_| {
+                fail(format!(
+                    "{user} has no git grain: is the git app installed? (granary app list)"
+                ))
+            })?;
+            let conn = self
+                .grains
+                .sup
+                .connect(
+                    &status.id,
+                    "http",
+                    granary_supervisor::Identity::user(user.as_str(), "admin-cli"),
+                )
+                .await
+                .map_err(sup_failure)?;
+            created = super::grain_admin::ask_git_create(conn, user.as_str(), &repo).await?;
+        }
+        let visibility = p.get_visibility()?.to_str()?.to_owned();
+        let store = self.store.clone();
+        let (u, r) = (user.clone(), repo.clone());
+        let public = blocking(move || {
+            match visibility.as_str() {
+                "" => {}
+                "public" | "private" => store
+                    .set_repo_public(&u, &r, visibility == "public", ACTOR)
+                    .map_err(state_failure)?,
+                other => {
+                    return Err(fail(format!(
+                        "visibility {other:?} is neither public nor private"
+                    )));
+                }
+            }
+            store.repo_public(u.as_str(), &r).map_err(state_failure)
+        })
+        .await?;
+        let mut r = results.get();
+        r.set_public(public);
+        r.set_created(created);
+        Ok(())
+    }
+
     async fn upgrade_app(
         self: Rc<Self>,
         params: admin::UpgradeAppParams,

@@ -46,6 +46,15 @@ impl Backend for DaemonBackend {
         })
     }
 
+    fn repo_public(&self, owner: &str, repo: &str) -> BoxFuture<bool> {
+        let (store, owner, repo) = (self.store.clone(), owner.to_owned(), repo.to_owned());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || store.repo_public(&owner, &repo).unwrap_or(false))
+                .await
+                .unwrap_or(false)
+        })
+    }
+
     fn connect(
         &self,
         owner: &str,

@@ -371,3 +371,45 @@ impl Grains {
         Ok(())
     }
 }
+
+/// Asks a git grain to create `repo` over its http service (the header
+/// the gateway never lets a client send). Returns whether it was made.
+pub(super) async fn ask_git_create(
+    conn: granary_supervisor::Connection,
+    user: &str,
+    repo: &str,
+) -> Result<bool, capnp::Error> {
+    use http_body_util::BodyExt;
+    let fail = |e: String| capnp::Error::failed(format!("the git grain: {e}"));
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn.stream))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    let guard = conn.guard;
+    tokio::task::spawn_local(async move {
+        let _ = connection.await;
+        drop(guard);
+    });
+    let req = hyper::Request::post(format!("/{user}/{repo}.git/"))
+        .header("host", "git.local")
+        .header("x-granary-admin", "create")
+        .header("x-granary-user", user)
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .map_err(|e| fail(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+        .unwrap_or_default();
+    match status.as_u16() {
+        201 => Ok(true),
+        200 => Ok(false),
+        _ => Err(fail(format!("{status}: {body}"))),
+    }
+}
