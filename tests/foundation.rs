@@ -8,35 +8,6 @@ use granary_testkit::{Daemon, DaemonMode, run_granary};
 
 /// GET over HTTPS with curl, trusting only the daemon's CA. Returns
 /// (status code, body).
-fn curl(daemon: &Daemon, host: &str, path: &str, extra: &[&str]) -> (String, String) {
-    let addr = daemon.https_addr();
-    let url = format!("https://{host}:{}{path}", addr.port());
-    let resolve = format!("{host}:{}:127.0.0.1", addr.port());
-    let out = Command::new("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "20",
-            "--resolve",
-            &resolve,
-            "--cacert",
-        ])
-        .arg(daemon.ca_file())
-        .args(["--write-out", "\n%{http_code}"])
-        .args(extra)
-        .arg(&url)
-        .output()
-        .expect("curl must be installed (./run-tests installs it)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    assert!(
-        out.status.success() || code != "000",
-        "curl {url} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (code.to_owned(), body.to_owned())
-}
 
 #[test]
 fn user_survives_restart_and_password_still_verifies() {
@@ -115,22 +86,21 @@ fn user_survives_restart_and_password_still_verifies() {
 #[test]
 fn https_health_verifies_against_the_local_ca_with_real_clients() {
     let daemon = Daemon::start();
-    let (code, body) = curl(&daemon, "localhost", "/.well-known/granary/health", &[]);
+    let (code, body) = daemon.curl("localhost", "/.well-known/granary/health", &[]);
     assert_eq!(code, "200");
     assert!(body.contains("\"status\":\"ok\""), "{body}");
     // HTTP/2 by ALPN, and a service host name covered by the certificate.
-    let (code, _) = curl(
-        &daemon,
+    let (code, _) = daemon.curl(
         "git.localhost",
         "/.well-known/granary/health",
         &["--http2", "--write-out", "%{http_version}"],
     );
     assert_eq!(code, "2", "the last write-out is the HTTP version");
-    let (code, body) = curl(&daemon, "www.localhost", "/alice/site", &[]);
+    let (code, body) = daemon.curl("www.localhost", "/alice/site", &[]);
     assert_eq!(code, "404");
     assert!(body.contains("No Granary app serves"), "{body}");
     // A git route asks for credentials before anything else.
-    let (code, _) = curl(&daemon, "git.localhost", "/alice/site.git/info/refs", &[]);
+    let (code, _) = daemon.curl("git.localhost", "/alice/site.git/info/refs", &[]);
     assert_eq!(code, "401");
 
     // Python's ssl (OpenSSL) with default verification: TLS 1.2+ only.

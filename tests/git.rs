@@ -11,9 +11,11 @@ use granary_testkit::{Daemon, DaemonMode};
 
 const DOMAIN: &str = "example.test";
 
-/// The git app as a signed package, built with `granary pack build`.
-fn git_package(dir: &Path) -> std::path::PathBuf {
-    let key = dir.join("pack.key");
+/// An app as a signed package (its own key), built with `granary pack
+/// build` from `files` (a TOML [files] table body) and the app's statically
+/// linked binary.
+fn app_package(dir: &Path, kind: &str, app: &str, files: &str) -> std::path::PathBuf {
+    let key = dir.join(format!("{kind}.key"));
     let pack = |args: &[&str]| {
         let mut all = vec!["pack"];
         all.extend_from_slice(args);
@@ -21,21 +23,31 @@ fn git_package(dir: &Path) -> std::path::PathBuf {
         granary_testkit::run_granary(&all, None).success()
     };
     pack(&["keygen"]);
-    let def = dir.join("git-package.toml");
+    let def = dir.join(format!("{kind}-package.toml"));
     std::fs::write(
         &def,
         format!(
-            "format = 1\n[app]\nkind = \"git\"\nversion = \"0.1.0\"\nexec = [\"/bin/granary-git\"]\n\
-             services = [\"http\"]\n[limits]\nmemory_mib = 256\npids = 64\n\
-             [files]\nbinaries = [\"/usr/bin/git\", \"/usr/lib/git-core/git-http-backend\"]\n\
-             runtime = [\"/bin/sh\"]\ncopy = [{{ from = \"{}\", to = \"/bin/granary-git\" }}]\n",
-            granary_testkit::static_binary("granary-git").display()
+            "format = 1\n[app]\nkind = \"{kind}\"\nversion = \"0.1.0\"\nexec = [\"/bin/{app}\"]\n\
+             services = [\"http\"]\noffers = [\"{offer}\"]\n[limits]\nmemory_mib = 256\npids = 64\n\
+             [files]\n{files}copy = [{{ from = \"{}\", to = \"/bin/{app}\" }}]\n",
+            granary_testkit::static_binary(app).display(),
+            offer = if kind == "git" { "git.read" } else { "notify" },
         ),
     )
     .unwrap();
-    let out = dir.join("git.gpkg");
+    let out = dir.join(format!("{kind}.gpkg"));
     pack(&["build", def.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     out
+}
+
+/// The git app with Debian's git inside.
+fn git_package(dir: &Path) -> std::path::PathBuf {
+    app_package(
+        dir,
+        "git",
+        "granary-git",
+        "binaries = [\"/usr/bin/git\", \"/usr/lib/git-core/git-http-backend\"]\nruntime = [\"/bin/sh\"]\n",
+    )
 }
 
 struct Client<'a> {
@@ -523,4 +535,180 @@ fn a_replaced_certificate_is_served_without_a_restart() {
     );
     assert!(!health(&ca1), "the old certificate is gone");
     assert!(daemon.log().contains("TLS certificate reloaded"));
+}
+
+/// A push to `site` updates Alice's blog through the two routes she
+/// granted (the blog reads the repository through `git.read:site`; the
+/// git grain tells it `notify:site`), never serving a half-built version;
+/// revoking the route stops updates.
+#[test]
+fn a_push_publishes_the_blog_through_granted_capabilities() {
+    let daemon = Daemon::start_with(DaemonMode::Serve, &format!("domain = \"{DOMAIN}\"\n"));
+    let tmp = tempfile::tempdir().unwrap();
+    for pkg in [
+        git_package(tmp.path()),
+        app_package(tmp.path(), "blog", "granary-blog", ""),
+    ] {
+        daemon
+            .granary(&["app", "install", pkg.to_str().unwrap()])
+            .success();
+    }
+    daemon.granary(&["user", "add", "alice"]).success();
+    let alice = app_password(&daemon, "alice");
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let client = Client {
+        daemon: &daemon,
+        home,
+    };
+    let site = format!("alice.{DOMAIN}");
+    let url = client.url(Some(("alice", &alice)), "alice/site.git");
+
+    // Version n: an index naming it, a stylesheet, and 40 pages that all
+    // name it too.
+    let work = tmp.path().join("site");
+    std::fs::create_dir_all(work.join("posts")).unwrap();
+    let write_version = |n: u32| {
+        std::fs::write(
+            work.join("index.html"),
+            format!("<h1>version {n}</h1>\n{}", "<p>words</p>\n".repeat(50)),
+        )
+        .unwrap();
+        std::fs::write(work.join("style.css"), "body { color: #333 }\n").unwrap();
+        std::fs::write(
+            work.join("404.html"),
+            "<h1>no such page on Alice's blog</h1>\n",
+        )
+        .unwrap();
+        for i in 0..40 {
+            std::fs::write(
+                work.join(format!("posts/{i}.html")),
+                format!("post {i} of version {n}\n"),
+            )
+            .unwrap();
+        }
+    };
+    write_version(1);
+    client.ok(&work, &["init", "-q"]);
+    client.ok(&work, &["add", "."]);
+    client.ok(&work, &["commit", "-q", "-m", "v1"]);
+    client.ok(&work, &["push", "-q", &url, "main"]);
+    let (code, _) = daemon.curl(&site, "/", &[]);
+    assert_eq!(
+        code, "404",
+        "nothing published before the routes are granted"
+    );
+
+    daemon
+        .granary(&[
+            "grant",
+            "add",
+            "--from",
+            "alice/blog",
+            "--to",
+            "alice/git",
+            "--cap",
+            "git.read:site",
+        ])
+        .success();
+    let notify = daemon
+        .granary(&[
+            "grant",
+            "add",
+            "--from",
+            "alice/git",
+            "--to",
+            "alice/blog",
+            "--cap",
+            "notify:site",
+            "--json",
+        ])
+        .success()
+        .json();
+    let push = |n: u32| {
+        write_version(n);
+        client.ok(&work, &["commit", "-q", "-a", "-m", &format!("v{n}")]);
+        client.ok(&work, &["push", "-q", &url, "main"]);
+    };
+    push(2);
+    let started = std::time::Instant::now();
+    granary_testkit::eventually(
+        "version 2 on the blog",
+        std::time::Duration::from_secs(20),
+        || {
+            let (code, body) = daemon.curl(&site, "/", &[]);
+            (code == "200" && body.contains("version 2")).then_some(())
+        },
+    );
+    let took = started.elapsed();
+    println!("blog updated {took:?} after the push returned");
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "the blog took {took:?} to update"
+    );
+
+    // Served well: types, ETags, gzip, the site's own 404 page.
+    let (code, _) = daemon.curl(&site, "/style.css", &["--write-out", "%{content_type}"]);
+    assert!(code.starts_with("text/css"), "{code}");
+    let headers = tmp.path().join("headers");
+    let (code, _) = daemon.curl(
+        &site,
+        "/",
+        &["--compressed", "--dump-header", headers.to_str().unwrap()],
+    );
+    assert_eq!(code, "200");
+    let head = std::fs::read_to_string(&headers)
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    let etag = head
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let (code, _) = daemon.curl(&site, "/", &["--header", &format!("If-None-Match: {etag}")]);
+    assert_eq!(code, "304");
+    let (code, body) = daemon.curl(&site, "/no/such/page", &[]);
+    assert_eq!(code, "404");
+    assert!(body.contains("no such page on Alice's blog"), "{body}");
+
+    // While version 3 goes up, every answer is a whole version.
+    push(3);
+    let mut seen = std::collections::BTreeSet::new();
+    granary_testkit::eventually(
+        "version 3 on the blog",
+        std::time::Duration::from_secs(20),
+        || {
+            let (code, body) = daemon.curl(&site, "/posts/39.html", &[]);
+            assert_eq!(code, "200", "never missing mid-switch: {body}");
+            let version = body.trim().rsplit(' ').next().unwrap().to_owned();
+            assert!(version == "2" || version == "3", "{body}");
+            seen.insert(version.clone());
+            (version == "3").then_some(())
+        },
+    );
+
+    // Revoked: the git grain may no longer tell the blog; it stays put.
+    daemon
+        .granary(&[
+            "grant",
+            "revoke",
+            &notify["id"].as_i64().unwrap().to_string(),
+        ])
+        .success();
+    push(4);
+    granary_testkit::eventually(
+        "the refused notification",
+        std::time::Duration::from_secs(20),
+        || {
+            let logs = daemon
+                .granary(&["grain", "logs", "alice/git"])
+                .success()
+                .stdout;
+            logs.contains("no notify:site route").then_some(())
+        },
+    );
+    let (_, body) = daemon.curl(&site, "/", &[]);
+    assert!(body.contains("version 3"), "{body}");
 }

@@ -4,12 +4,18 @@
 //! Debian's `git http-backend` as a CGI inside the jail: repositories live
 //! in `/var/repos/<repo>.git` (the grain's dataset) and one is created on
 //! its first push. Hooks run here too, in the sandbox.
+//!
+//! It offers `git.read:<repo>` (services.capnp `GitRepoRead`: resolve a
+//! ref, export a commit's files) to grains the owner granted it to, and
+//! after every push to a repository it tells `notify:<repo>` if the owner
+//! granted this grain that route (a blog that rebuilds, say).
 
 use std::process::{ExitCode, Stdio};
 use std::rc::Rc;
 
 use futures::TryStreamExt;
-use granary_sdk::{Accepted, App, GrainRef};
+use granary_sdk::services_capnp::{git_repo_read, notify};
+use granary_sdk::{Accepted, App, GrainRef, Host};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
@@ -23,7 +29,179 @@ const GIT: &str = "/usr/bin/git";
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
-struct Git;
+struct Git {
+    host: Host,
+}
+
+/// A ref as `git rev-parse` may take it: no options, no revision syntax
+/// beyond `^{commit}` that we add.
+fn valid_ref(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= 200
+        && !r.starts_with('-')
+        && r.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
+        && !r.contains("..")
+}
+
+fn git_command(dir: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(GIT);
+    cmd.arg("-C")
+        .arg(dir)
+        .env_clear()
+        .env("HOME", "/tmp")
+        .env("PATH", "/usr/bin:/bin")
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "safe.directory")
+        .env("GIT_CONFIG_VALUE_0", "*");
+    cmd
+}
+
+async fn git_out(dir: &str, args: &[&str]) -> Result<Vec<u8>, capnp::Error> {
+    let out = git_command(dir)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| capnp::Error::failed(format!("git: {e}")))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(capnp::Error::failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+/// `git.read:<repo>`: one repository, read-only.
+struct RepoRead {
+    dir: String,
+}
+
+impl git_repo_read::Server for RepoRead {
+    async fn resolve(
+        self: capnp::capability::Rc<Self>,
+        params: git_repo_read::ResolveParams,
+        mut results: git_repo_read::ResolveResults,
+    ) -> Result<(), capnp::Error> {
+        let r = params.get()?.get_ref()?.to_str()?.to_owned();
+        if !valid_ref(&r) {
+            return Err(capnp::Error::failed(format!("{r:?} is not a ref")));
+        }
+        let out = git_out(
+            &self.dir,
+            &[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("{r}^{{commit}}"),
+            ],
+        )
+        .await?;
+        results
+            .get()
+            .set_commit(String::from_utf8_lossy(&out).trim());
+        Ok(())
+    }
+
+    async fn export(
+        self: capnp::capability::Rc<Self>,
+        params: git_repo_read::ExportParams,
+        _: git_repo_read::ExportResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let commit = p.get_commit()?.to_str()?.to_owned();
+        let sink = p.get_sink()?;
+        if commit.len() != 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(capnp::Error::failed(
+                "export takes a full commit id".to_owned(),
+            ));
+        }
+        let listing = git_out(&self.dir, &["ls-tree", "-r", "-z", "--full-tree", &commit]).await?;
+        let mut files = Vec::new();
+        for entry in listing.split(|b| *b == 0).filter(|e| !e.is_empty()) {
+            let entry = String::from_utf8_lossy(entry);
+            let Some((meta, path)) = entry.split_once('\t') else {
+                continue;
+            };
+            let mut parts = meta.split(' ');
+            let (Some(mode), Some("blob"), Some(sha)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            // Regular files only: symlinks and submodules are not a site's.
+            let mode = match mode {
+                "100644" => 0o644,
+                "100755" => 0o755,
+                _ => continue,
+            };
+            files.push((path.to_owned(), mode, sha.to_owned()));
+        }
+        // One `cat-file --batch` for every blob, in tree order.
+        let mut child = git_command(&self.dir)
+            .args(["cat-file", "--batch"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| capnp::Error::failed(format!("git: {e}")))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let io = |e: std::io::Error| capnp::Error::failed(e.to_string());
+        for (path, mode, sha) in files {
+            stdin
+                .write_all(format!("{sha}\n").as_bytes())
+                .await
+                .map_err(io)?;
+            let mut header = String::new();
+            out.read_line(&mut header).await.map_err(io)?;
+            let size: usize = header
+                .split_whitespace()
+                .nth(2)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| capnp::Error::failed(format!("git cat-file: {header:?}")))?;
+            let mut data = vec![0u8; size + 1];
+            tokio::io::AsyncReadExt::read_exact(&mut out, &mut data)
+                .await
+                .map_err(io)?;
+            data.truncate(size);
+            let mut req = sink.file_request();
+            req.get().set_path(&path);
+            req.get().set_mode(mode);
+            req.get().set_data(&data);
+            req.send().promise.await?;
+        }
+        drop(stdin);
+        let mut done = sink.done_request();
+        done.get().set_commit(&commit);
+        done.send().promise.await?;
+        Ok(())
+    }
+}
+
+/// Tells `notify:<repo>` that the repository changed, if the owner granted
+/// this grain that route; otherwise nothing.
+async fn notify_push(host: Host, repo: String) {
+    let dir = format!("{REPOS}/{repo}.git");
+    let head = match git_out(&dir, &["rev-parse", "--verify", "--quiet", "HEAD^{commit}"]).await {
+        Ok(h) => String::from_utf8_lossy(&h).trim().to_owned(),
+        Err(_) => return,
+    };
+    match host
+        .request_as::<notify::Client>(&format!("notify:{repo}"))
+        .await
+    {
+        Ok(client) => {
+            let mut req = client.changed_request();
+            req.get().set_subject(&repo);
+            req.get().set_revision(&head);
+            if let Err(e) = req.send().promise.await {
+                eprintln!("notify:{repo}: {e}");
+            }
+        }
+        // No grant: nobody asked to be told.
+        Err(e) => eprintln!("no notify:{repo} route ({})", e.extra),
+    }
+}
 
 fn text(status: StatusCode, message: &str) -> Response<Body> {
     let mut r = Response::new(
@@ -67,7 +245,7 @@ async fn git(args: &[&str]) -> Result<(), String> {
     }
 }
 
-async fn handle(req: Request<Incoming>) -> Response<Body> {
+async fn handle(req: Request<Incoming>, host: Host) -> Response<Body> {
     let user = req
         .headers()
         .get("x-granary-user")
@@ -206,8 +384,12 @@ async fn handle(req: Request<Incoming>) -> Response<Body> {
             response = response.header(name, value);
         }
     }
+    let pushed = rest == "git-receive-pack";
     granary_sdk::spawn_local(async move {
-        let _ = child.wait().await;
+        let status = child.wait().await;
+        if pushed && status.is_ok_and(|s| s.success()) {
+            notify_push(host, repo).await;
+        }
     });
     let stream = tokio_util::io::ReaderStream::with_capacity(reader, 64 << 10).map_ok(Frame::data);
     response
@@ -221,8 +403,9 @@ impl App for Git {
         if conn.service != "http" {
             return;
         }
-        let service = hyper::service::service_fn(|req| async move {
-            Ok::<_, std::convert::Infallible>(handle(req).await)
+        let service = hyper::service::service_fn(|req| {
+            let host = self.host.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(req, host).await) }
         });
         if let Err(e) = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(conn.stream), service)
@@ -237,13 +420,29 @@ impl App for Git {
         descriptor: &str,
         requester: GrainRef,
     ) -> Result<capnp::capability::Client, capnp::Error> {
-        Err(capnp::Error::failed(format!(
-            "{descriptor} is not offered here yet (asked by {})",
-            requester.id
-        )))
+        match descriptor.split_once(':') {
+            Some(("git.read", repo))
+                if !repo.is_empty()
+                    && !repo.starts_with(['.', '-'])
+                    && repo
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
+            {
+                let dir = format!("{REPOS}/{repo}.git");
+                if !std::path::Path::new(&dir).exists() {
+                    return Err(capnp::Error::failed(format!("no repository {repo}")));
+                }
+                let client: git_repo_read::Client = granary_sdk::new_client(RepoRead { dir });
+                Ok(client.client)
+            }
+            _ => Err(capnp::Error::failed(format!(
+                "{descriptor} is not offered here (asked by {})",
+                requester.id
+            ))),
+        }
     }
 }
 
 fn main() -> ExitCode {
-    granary_sdk::run(|_host| Git)
+    granary_sdk::run(|host| Git { host })
 }

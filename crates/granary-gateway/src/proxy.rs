@@ -267,6 +267,8 @@ impl Gateway {
                     ),
                 }
             }
+            // A site is public: no authentication, no identity.
+            Route::Blog { owner } => self.forward(req, &owner, "blog", "").await,
             Route::Unknown => plain(
                 StatusCode::NOT_FOUND,
                 &format!(

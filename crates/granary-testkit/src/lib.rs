@@ -352,6 +352,38 @@ impl Daemon {
     }
 
     /// Runs the CLI against this daemon.
+    /// `curl` against the daemon's HTTPS listener for `host` (resolved to
+    /// it, the local CA trusted): (status code, body).
+    pub fn curl(&self, host: &str, path: &str, extra: &[&str]) -> (String, String) {
+        let addr = self.https_addr();
+        let url = format!("https://{host}:{}{path}", addr.port());
+        let resolve = format!("{host}:{}:127.0.0.1", addr.port());
+        let out = Command::new("curl")
+            .args([
+                "--silent",
+                "--show-error",
+                "--max-time",
+                "20",
+                "--resolve",
+                &resolve,
+                "--cacert",
+            ])
+            .arg(self.ca_file())
+            .args(["--write-out", "\n%{http_code}"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("curl must be installed (./run-tests installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        assert!(
+            out.status.success() || code != "000",
+            "curl {url} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (code.to_owned(), body.to_owned())
+    }
+
     pub fn granary(&self, args: &[&str]) -> Run {
         self.granary_with_stdin(args, None)
     }

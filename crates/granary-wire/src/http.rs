@@ -5,6 +5,8 @@
 pub enum Route {
     /// `git.<domain>/<owner>/<repo>.git/...`: the owner's git grain.
     Git { owner: String, repo: String },
+    /// `<owner>.<domain>`: the owner's blog grain (a public site).
+    Blog { owner: String },
     /// No app serves this host.
     Unknown,
 }
@@ -47,8 +49,20 @@ pub fn route(host: &str, path: &str, domain: &str) -> Route {
             };
         }
     }
+    if let Some(owner) = host.strip_suffix(&format!(".{domain}"))
+        && valid_user(owner)
+        && !SERVICE_HOSTS.contains(&owner)
+    {
+        return Route::Blog {
+            owner: owner.to_owned(),
+        };
+    }
     Route::Unknown
 }
+
+/// Host names under the domain that belong to services, never to a user's
+/// site (they are reserved user names too).
+pub const SERVICE_HOSTS: &[&str] = &["git", "dav", "mail", "xmpp", "tasks", "www"];
 
 /// The host a request names: `:authority` (HTTP/2, absolute URIs) or the
 /// `Host` header, without its port; `None` when neither is usable.
@@ -113,9 +127,27 @@ mod tests {
             ("git.example.org", "/Alice/site.git"),
             ("git.other.org", "/alice/site.git"),
             ("example.org", "/alice/site.git"),
+            ("www.example.org", "/"),
+            ("a.b.example.org", "/"),
         ] {
             assert_eq!(route(host, path, d), Route::Unknown, "{host}{path}");
         }
+    }
+
+    #[test]
+    fn blog_routes() {
+        assert_eq!(
+            route("alice.example.org", "/posts/1.html", "example.org"),
+            Route::Blog {
+                owner: "alice".into()
+            }
+        );
+        assert_eq!(
+            route("Alice.Example.org", "/", "example.org"),
+            Route::Blog {
+                owner: "alice".into()
+            }
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ const RENEW_BEFORE: Duration = Duration::days(30);
 /// Host names under the domain that Granary's services answer on; each gets
 /// its own SAN because some TLS clients do not match wildcards directly below
 /// a single-label domain such as `localhost`.
-pub const SERVICE_HOSTS: &[&str] = &["git", "dav", "mail", "xmpp", "tasks", "www"];
+pub const SERVICE_HOSTS: &[&str] = granary_wire::http::SERVICE_HOSTS;
 
 /// Where the files of a local CA are.
 #[derive(Debug, Clone)]
