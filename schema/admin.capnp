@@ -142,6 +142,13 @@ interface Admin {
   # (started if needed; `created` is false when it existed). `visibility`
   # "public" (anyone may clone; only the owner pushes) or "private" sets it;
   # empty leaves it. Answers the visibility after.
+
+  addSshKey @30 (user :Text, key :Text, label :Text) -> (key :SshKey);
+  # An OpenSSH public key line for git over SSH; a key belongs to one user.
+
+  listSshKeys @31 (user :Text) -> (keys :List(SshKey));
+
+  removeSshKey @32 (user :Text, id :Int64) -> (removed :Bool);
   # This node's public key (what a receiver allows and a restore trusts),
   # the configured recipients and targets.
 }
@@ -149,6 +156,16 @@ interface Admin {
 interface Progress {
   # Where a long operation reports; called at most a few times a second.
   update @0 (json :Text) -> ();
+}
+
+struct SshKey {
+  id @0 :Int64;
+  user @1 :Text;
+  key @2 :Text;             # "type base64", without the comment.
+  fingerprint @3 :Text;     # SHA256:...
+  label @4 :Text;
+  createdAt @5 :Int64;      # Unix seconds.
+  lastUsedAt @6 :Int64;     # Unix seconds; 0 when never used.
 }
 
 struct Snapshot {

@@ -28,10 +28,11 @@ fn app_package(dir: &Path, kind: &str, app: &str, files: &str) -> std::path::Pat
         &def,
         format!(
             "format = 1\n[app]\nkind = \"{kind}\"\nversion = \"0.1.0\"\nexec = [\"/bin/{app}\"]\n\
-             services = [\"http\"]\noffers = [\"{offer}\"]\n[limits]\nmemory_mib = 256\npids = 64\n\
+             services = [{services}]\noffers = [\"{offer}\"]\n[limits]\nmemory_mib = 256\npids = 64\n\
              [files]\n{files}copy = [{{ from = \"{}\", to = \"/bin/{app}\" }}]\n",
             granary_testkit::static_binary(app).display(),
             offer = if kind == "git" { "git.read" } else { "notify" },
+            services = if kind == "git" { "\"http\", \"git-ssh\"" } else { "\"http\"" },
         ),
     )
     .unwrap();
@@ -711,4 +712,184 @@ fn a_push_publishes_the_blog_through_granted_capabilities() {
     );
     let (_, body) = daemon.curl(&site, "/", &[]);
     assert!(body.contains("version 3"), "{body}");
+}
+
+/// Git over SSH: public keys only, only the two git commands, the owner
+/// pushes, others are refused, no shell; the host key survives restarts.
+#[test]
+fn push_and_clone_over_ssh() {
+    let mut daemon = Daemon::start_with(DaemonMode::Serve, &format!("domain = \"{DOMAIN}\"\n"));
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = git_package(tmp.path());
+    daemon
+        .granary(&["app", "install", pkg.to_str().unwrap()])
+        .success();
+    for user in ["alice", "bob"] {
+        daemon.granary(&["user", "add", user]).success();
+        let key = tmp.path().join(format!("{user}_key"));
+        let ok = Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                &format!("{user}@laptop"),
+                "-f",
+            ])
+            .arg(&key)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let added = daemon
+            .granary(&[
+                "ssh-key",
+                "add",
+                user,
+                key.with_extension("pub").to_str().unwrap(),
+            ])
+            .success();
+        assert!(added.stdout.contains("SHA256:"), "{}", added.stdout);
+    }
+    let known = tmp.path().join("known_hosts");
+    let ssh = |daemon: &Daemon, user: &str, strict: &str| {
+        format!(
+            "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o HostKeyAlias=granary-test -o UserKnownHostsFile={} -o StrictHostKeyChecking={strict} -p {}",
+            tmp.path().join(format!("{user}_key")).display(),
+            known.display(),
+            daemon.ssh_addr().port()
+        )
+    };
+    let git = |daemon: &Daemon, dir: &Path, user: &str, strict: &str, args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=A",
+                "-c",
+                "user.email=a@x",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_SSH_COMMAND", ssh(daemon, user, strict))
+            .env("HOME", tmp.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let url = |daemon: &Daemon| {
+        format!(
+            "ssh://alice@127.0.0.1:{}/alice/site.git",
+            daemon.ssh_addr().port()
+        )
+    };
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("README"), granary_testkit::noise(9, 100_000)).unwrap();
+    for args in [
+        &["init", "-q"][..],
+        &["add", "."],
+        &["commit", "-q", "-m", "over ssh"],
+    ] {
+        let (ok, out) = git(&daemon, &work, "alice", "accept-new", args);
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = git(
+        &daemon,
+        &work,
+        "alice",
+        "accept-new",
+        &["push", "-q", &url(&daemon), "main"],
+    );
+    assert!(ok, "push over ssh: {out}\n{}", daemon.log());
+    for version in ["2", "0"] {
+        let dest = tmp.path().join(format!("clone-v{version}"));
+        let (ok, out) = git(
+            &daemon,
+            tmp.path(),
+            "alice",
+            "yes",
+            &[
+                "-c",
+                &format!("protocol.version={version}"),
+                "clone",
+                "-q",
+                &url(&daemon),
+                dest.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "clone over ssh (v{version}): {out}");
+        assert_eq!(
+            std::fs::read(dest.join("README")).unwrap(),
+            granary_testkit::noise(9, 100_000)
+        );
+    }
+    // Bob's key does not open Alice's repository (as himself or as her).
+    let bob_url = url(&daemon).replace("alice@", "bob@");
+    let (ok, out) = git(&daemon, tmp.path(), "bob", "yes", &["ls-remote", &bob_url]);
+    assert!(!ok && out.contains("cannot access"), "{out}");
+    let (ok, _) = git(
+        &daemon,
+        tmp.path(),
+        "bob",
+        "yes",
+        &["ls-remote", &url(&daemon)],
+    );
+    assert!(!ok, "bob's key is not alice's");
+    // No shell, no other command.
+    let shell = |args: &[&str]| {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "{} alice@127.0.0.1 {}",
+            ssh(&daemon, "alice", "yes"),
+            args.join(" ")
+        ));
+        let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = shell(&[]);
+    assert!(!ok && err.contains("no shell"), "{err}");
+    let (ok, err) = shell(&["id"]);
+    assert!(!ok && err.contains("only git-upload-pack"), "{err}");
+
+    // The host key is the same after a restart (known_hosts is strict).
+    daemon.restart();
+    let (ok, out) = git(
+        &daemon,
+        tmp.path(),
+        "alice",
+        "yes",
+        &["ls-remote", &url(&daemon)],
+    );
+    assert!(ok, "same host key after a restart: {out}");
+    // A removed key is refused.
+    let keys = daemon
+        .granary(&["ssh-key", "list", "alice", "--json"])
+        .success()
+        .json();
+    let id = keys[0]["id"].as_i64().unwrap().to_string();
+    daemon
+        .granary(&["ssh-key", "remove", "alice", &id])
+        .success();
+    let (ok, _) = git(
+        &daemon,
+        tmp.path(),
+        "alice",
+        "yes",
+        &["ls-remote", &url(&daemon)],
+    );
+    assert!(!ok, "a removed key no longer works");
 }

@@ -398,8 +398,121 @@ async fn handle(req: Request<Incoming>, host: Host) -> Response<Body> {
         .unwrap_or_else(|_| text(StatusCode::BAD_GATEWAY, "bad CGI header"))
 }
 
+/// One frame to the gateway: a tag (`o` stdout, `e` stderr, `x` exit
+/// status), a 4-byte big-endian length, the payload.
+async fn frame(
+    out: &tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>,
+    tag: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let mut head = [tag, 0, 0, 0, 0];
+    head[1..].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    let mut w = out.lock().await;
+    w.write_all(&head).await?;
+    w.write_all(payload).await
+}
+
+/// An SSH session's command, as the gateway forwards it: one line
+/// `<upload-pack|receive-pack> <repo> <user> <GIT_PROTOCOL or ->`, then
+/// the client's bytes; the answer goes back in frames.
+async fn git_over_ssh(stream: tokio::net::UnixStream, host: Host) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let (read, write) = stream.into_split();
+    let write = Rc::new(tokio::sync::Mutex::new(write));
+    let mut read = BufReader::new(read);
+    let mut line = String::new();
+    (&mut read).take(4096).read_line(&mut line).await?;
+    let fields: Vec<&str> = line.trim().split(' ').collect();
+    let [command, repo, user, protocol] = fields.as_slice() else {
+        return frame(&write, b'x', &1u32.to_be_bytes()).await;
+    };
+    let command = match *command {
+        "upload-pack" => "upload-pack",
+        "receive-pack" => "receive-pack",
+        _ => return frame(&write, b'x', &1u32.to_be_bytes()).await,
+    };
+    let repo_ok = !repo.is_empty()
+        && !repo.starts_with(['.', '-'])
+        && repo
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !repo_ok {
+        return frame(&write, b'x', &1u32.to_be_bytes()).await;
+    }
+    let dir = format!("{REPOS}/{repo}.git");
+    if !std::path::Path::new(&dir).exists() {
+        if command != "receive-pack" {
+            frame(
+                &write,
+                b'e',
+                format!("fatal: no repository {repo}\n").as_bytes(),
+            )
+            .await?;
+            return frame(&write, b'x', &128u32.to_be_bytes()).await;
+        }
+        let _ = std::fs::create_dir_all(REPOS);
+        if let Err(e) = git(&["init", "--bare", "--quiet", "--initial-branch=main", &dir]).await {
+            frame(&write, b'e', format!("fatal: {e}\n").as_bytes()).await?;
+            return frame(&write, b'x', &128u32.to_be_bytes()).await;
+        }
+        eprintln!("created {dir} for {user}");
+    }
+    let mut cmd = git_command(REPOS);
+    cmd.arg(command)
+        .arg(&dir)
+        .env("GIT_PROTOCOL", if *protocol == "-" { "" } else { protocol })
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let feed = granary_sdk::spawn_local(async move {
+        let _ = tokio::io::copy(&mut read, &mut stdin).await;
+        let _ = stdin.shutdown().await;
+    });
+    let w = write.clone();
+    let errors = granary_sdk::spawn_local(async move {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            match stderr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if frame(&w, b'e', &buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match stdout.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => frame(&write, b'o', &buf[..n]).await?,
+        }
+    }
+    let status = child.wait().await?;
+    let _ = errors.await;
+    feed.abort();
+    let code = status.code().unwrap_or(128) as u32;
+    frame(&write, b'x', &code.to_be_bytes()).await?;
+    if command == "receive-pack" && status.success() {
+        notify_push(host, repo.to_string()).await;
+    }
+    Ok(())
+}
+
 impl App for Git {
     async fn accept(self: Rc<Self>, conn: Accepted) {
+        if conn.service == "git-ssh" {
+            if let Err(e) = git_over_ssh(conn.stream, self.host.clone()).await {
+                eprintln!("git over ssh: {e}");
+            }
+            return;
+        }
         if conn.service != "http" {
             return;
         }

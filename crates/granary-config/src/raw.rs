@@ -105,6 +105,7 @@ pub struct RawLog {
 #[serde(deny_unknown_fields)]
 pub struct RawListen {
     pub https: Option<String>,
+    pub ssh: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

@@ -186,6 +186,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
     pub https: SocketAddr,
+    /// Git over SSH.
+    pub ssh: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +243,7 @@ impl fmt::Display for ConfigError {
 
 pub const DEFAULT_DOMAIN: &str = "localhost";
 pub const DEFAULT_HTTPS: &str = "127.0.0.1:8443";
+pub const DEFAULT_SSH: &str = "127.0.0.1:2222";
 pub const DEFAULT_DATA_DIR: &str = "granary-data";
 
 impl Config {
@@ -313,6 +316,14 @@ impl Config {
                 format!(
                     "{https_text:?} is not an IP address and port; write for example \"127.0.0.1:8443\", \"[::]:443\" or \"127.0.0.1:0\""
                 ),
+            )
+        })?;
+
+        let ssh_text = raw.listen.ssh.as_deref().unwrap_or(DEFAULT_SSH);
+        let ssh = ssh_text.parse::<SocketAddr>().map_err(|_| {
+            err(
+                "listen.ssh",
+                format!("{ssh_text:?} is not an IP address and port; write for example \"127.0.0.1:2222\" or \"[::]:22\""),
             )
         })?;
 
@@ -562,7 +573,7 @@ impl Config {
             domain,
             log_format,
             log_level,
-            listen: Listen { https },
+            listen: Listen { https, ssh },
             tls,
             storage,
             uid_range,

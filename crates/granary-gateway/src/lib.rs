@@ -8,4 +8,5 @@
 
 pub mod https;
 pub mod proxy;
+pub mod ssh;
 pub mod tls;

@@ -44,6 +44,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<Result<Upstream, String>>;
     /// Whether `owner` made git repository `repo` public.
     fn repo_public(&self, owner: &str, repo: &str) -> BoxFuture<bool>;
+    /// Whether `key` (`type base64`) is one of `user`'s SSH keys.
+    fn check_ssh_key(&self, user: &str, key: &str) -> BoxFuture<bool>;
 }
 
 /// Failed logins allowed per window, per source address and per user.

@@ -26,6 +26,7 @@ pub use app_passwords::{AppPassword, RevokeSelector};
 pub use audit::AuditEvent;
 pub use grains::{App, Grain, Grant, HostUid, NewApp, grain_id};
 pub use migrate::LATEST_SCHEMA_VERSION;
+pub use repos::SshKey;
 pub use users::{User, UserCredentials};
 
 /// `PRAGMA application_id` of a Granary state database ('GRNY').

@@ -37,6 +37,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 6,
         sql: include_str!("migrations/0006_public_repos.sql"),
     },
+    Migration {
+        version: 7,
+        sql: include_str!("migrations/0007_ssh_keys.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

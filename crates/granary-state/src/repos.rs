@@ -1,4 +1,5 @@
-//! Which git repositories their owners made public.
+//! Git access: which repositories their owners made public, and users'
+//! SSH keys.
 
 use rusqlite::{OptionalExtension, params};
 
@@ -72,6 +73,123 @@ impl Store {
     }
 }
 
+/// One of a user's SSH keys.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SshKey {
+    pub id: i64,
+    pub user: String,
+    /// `type base64`.
+    pub key: String,
+    pub fingerprint: String,
+    pub label: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+impl Store {
+    /// Adds a key (already checked and normalised by the caller); a key
+    /// belongs to one user only.
+    pub fn add_ssh_key(
+        &self,
+        user: &UserName,
+        key: &str,
+        fingerprint: &str,
+        label: &str,
+        actor: &str,
+    ) -> Result<SshKey, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin add ssh key")?;
+        let uid = crate::users::user_id(&tx, user)?;
+        match tx.execute(
+            "INSERT INTO ssh_keys (user_id, key, fingerprint, label) VALUES (?1, ?2, ?3, ?4)",
+            params![uid, key, fingerprint, label],
+        ) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StateError::Conflict(format!(
+                    "SSH key {fingerprint} is already registered"
+                )));
+            }
+            other => other.op("insert ssh key")?,
+        };
+        let id = tx.last_insert_rowid();
+        record(&tx, actor, "ssh_key.add", user.as_str(), fingerprint)?;
+        let key = tx
+            .query_row(
+                &format!("{SSH_KEY_SELECT} WHERE k.id = ?1"),
+                [id],
+                ssh_key_from_row,
+            )
+            .op("read new ssh key")?;
+        tx.commit().op("commit add ssh key")?;
+        Ok(key)
+    }
+
+    pub fn list_ssh_keys(&self, user: &UserName) -> Result<Vec<SshKey>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("{SSH_KEY_SELECT} WHERE u.name = ?1 ORDER BY k.id"))
+            .op("list ssh keys")?;
+        let rows = stmt
+            .query_map([user.as_str()], ssh_key_from_row)
+            .op("list ssh keys")?;
+        rows.collect::<Result<_, _>>().op("list ssh keys")
+    }
+
+    /// Removes one of the user's keys; whether it was there.
+    pub fn remove_ssh_key(
+        &self,
+        user: &UserName,
+        id: i64,
+        actor: &str,
+    ) -> Result<bool, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin remove ssh key")?;
+        let uid = crate::users::user_id(&tx, user)?;
+        let n = tx
+            .execute(
+                "DELETE FROM ssh_keys WHERE id = ?1 AND user_id = ?2",
+                params![id, uid],
+            )
+            .op("delete ssh key")?;
+        if n > 0 {
+            record(&tx, actor, "ssh_key.remove", user.as_str(), &id.to_string())?;
+        }
+        tx.commit().op("commit remove ssh key")?;
+        Ok(n > 0)
+    }
+
+    /// Whether `key` is one of `user`'s; notes its use.
+    pub fn check_ssh_key(&self, user: &str, key: &str) -> Result<bool, StateError> {
+        let conn = self.conn();
+        let n = conn
+            .execute(
+                "UPDATE ssh_keys SET last_used_at = unixepoch()
+                 WHERE key = ?1 AND user_id = (SELECT id FROM users WHERE name = ?2)",
+                params![key, user],
+            )
+            .op("check ssh key")?;
+        Ok(n > 0)
+    }
+}
+
+const SSH_KEY_SELECT: &str =
+    "SELECT k.id, u.name, k.key, k.fingerprint, k.label, k.created_at, k.last_used_at
+    FROM ssh_keys k JOIN users u ON u.id = k.user_id";
+
+fn ssh_key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SshKey> {
+    Ok(SshKey {
+        id: r.get(0)?,
+        user: r.get(1)?,
+        key: r.get(2)?,
+        fingerprint: r.get(3)?,
+        label: r.get(4)?,
+        created_at: r.get(5)?,
+        last_used_at: r.get(6)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +213,33 @@ mod tests {
                 .set_repo_public(&UserName::new("nobody").unwrap(), "x", true, "t")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn ssh_keys_belong_to_one_user() {
+        let store = Store::open_in_memory().unwrap();
+        let (alice, bob) = (
+            UserName::new("alice").unwrap(),
+            UserName::new("bob").unwrap(),
+        );
+        store.add_user(&alice, "hash", "test").unwrap();
+        store.add_user(&bob, "hash", "test").unwrap();
+        let k = store
+            .add_ssh_key(&alice, "ssh-ed25519 AAAA", "SHA256:x", "laptop", "t")
+            .unwrap();
+        assert!(
+            store
+                .add_ssh_key(&bob, "ssh-ed25519 AAAA", "SHA256:x", "", "t")
+                .is_err()
+        );
+        assert!(store.check_ssh_key("alice", "ssh-ed25519 AAAA").unwrap());
+        assert!(!store.check_ssh_key("bob", "ssh-ed25519 AAAA").unwrap());
+        assert_eq!(
+            store.list_ssh_keys(&alice).unwrap()[0].fingerprint,
+            "SHA256:x"
+        );
+        assert!(!store.remove_ssh_key(&bob, k.id, "t").unwrap());
+        assert!(store.remove_ssh_key(&alice, k.id, "t").unwrap());
+        assert!(!store.check_ssh_key("alice", "ssh-ed25519 AAAA").unwrap());
     }
 }

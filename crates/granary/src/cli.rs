@@ -62,6 +62,9 @@ pub(crate) enum Command {
     /// Git repositories: create them, make them public or private
     #[command(subcommand)]
     Git(GitCommand),
+    /// Users' SSH public keys, for git over SSH
+    #[command(subcommand, name = "ssh-key")]
+    SshKey(SshKeyCommand),
     /// Encrypted backups: export, verify, drill, receive from other nodes
     #[command(subcommand)]
     Backup(BackupCommand),
@@ -296,6 +299,27 @@ pub(crate) enum SnapshotCommand {
         /// USER/KIND or the grain id
         grain: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SshKeyCommand {
+    /// Add a public key (an OpenSSH .pub file, or - for standard input)
+    Add {
+        user: String,
+        /// The public key file [default: standard input]
+        file: Option<std::path::PathBuf>,
+        /// A name for it [default: the key's comment]
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List a user's keys
+    List {
+        user: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Remove a key by the id `list` shows
+    Remove { user: String, id: i64 },
 }
 
 #[derive(Debug, Subcommand)]

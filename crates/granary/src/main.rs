@@ -124,6 +124,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             pack::run(cmd, &limits)
         }
+        Command::SshKey(cmd) => {
+            let config = load_config(&cli)?;
+            admin::grains::ssh_key(&config, cmd)
+        }
         Command::Git(cmd) => {
             let config = load_config(&cli)?;
             admin::grains::git(&config, cmd)

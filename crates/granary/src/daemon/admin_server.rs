@@ -390,6 +390,19 @@ fn hash(password: &str) -> Result<String, capnp::Error> {
     granary_auth::hash_password(password).map_err(fail)
 }
 
+fn fill_ssh_key(
+    mut out: granary_schema::admin_capnp::ssh_key::Builder<'_>,
+    k: &granary_state::SshKey,
+) {
+    out.set_id(k.id);
+    out.set_user(&k.user);
+    out.set_key(&k.key);
+    out.set_fingerprint(&k.fingerprint);
+    out.set_label(&k.label);
+    out.set_created_at(k.created_at);
+    out.set_last_used_at(k.last_used_at.unwrap_or(0));
+}
+
 fn fill_user(mut out: granary_schema::admin_capnp::user::Builder<'_>, user: &granary_state::User) {
     out.set_name(&user.name);
     out.set_created_at(user.created_at);
@@ -868,6 +881,71 @@ impl admin::Server for AdminService {
         for (i, x) in targets.iter().enumerate() {
             list.set(i as u32, x);
         }
+        Ok(())
+    }
+
+    async fn add_ssh_key(
+        self: Rc<Self>,
+        params: admin::AddSshKeyParams,
+        mut results: admin::AddSshKeyResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let line = p.get_key()?.to_str()?.to_owned();
+        let mut label = p.get_label()?.to_str()?.to_owned();
+        let (key, fingerprint) = granary_gateway::ssh::parse_public_key(&line).map_err(fail)?;
+        if label.is_empty() {
+            // The key line's comment, if it has one.
+            label = line
+                .split_whitespace()
+                .nth(2)
+                .unwrap_or("")
+                .chars()
+                .take(64)
+                .collect();
+        }
+        let store = self.store.clone();
+        let added = blocking(move || {
+            store
+                .add_ssh_key(&user, &key, &fingerprint, &label, ACTOR)
+                .map_err(state_failure)
+        })
+        .await?;
+        fill_ssh_key(results.get().init_key(), &added);
+        Ok(())
+    }
+
+    async fn list_ssh_keys(
+        self: Rc<Self>,
+        params: admin::ListSshKeysParams,
+        mut results: admin::ListSshKeysResults,
+    ) -> Result<(), capnp::Error> {
+        let user = user_name(params.get()?.get_user()?)?;
+        let store = self.store.clone();
+        let keys = blocking(move || store.list_ssh_keys(&user).map_err(state_failure)).await?;
+        let mut list = results.get().init_keys(keys.len() as u32);
+        for (i, k) in keys.iter().enumerate() {
+            fill_ssh_key(list.reborrow().get(i as u32), k);
+        }
+        Ok(())
+    }
+
+    async fn remove_ssh_key(
+        self: Rc<Self>,
+        params: admin::RemoveSshKeyParams,
+        mut results: admin::RemoveSshKeyResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let id = p.get_id();
+        let store = self.store.clone();
+        let removed = blocking(move || {
+            store
+                .remove_ssh_key(&user, id, ACTOR)
+                .map_err(state_failure)
+        })
+        .await?;
+        results.get().set_removed(removed);
         Ok(())
     }
 

@@ -55,6 +55,15 @@ impl Backend for DaemonBackend {
         })
     }
 
+    fn check_ssh_key(&self, user: &str, key: &str) -> BoxFuture<bool> {
+        let (store, user, key) = (self.store.clone(), user.to_owned(), key.to_owned());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || store.check_ssh_key(&user, &key).unwrap_or(false))
+                .await
+                .unwrap_or(false)
+        })
+    }
+
     fn connect(
         &self,
         owner: &str,

@@ -99,6 +99,13 @@ async fn serve(
         .local_addr()
         .context("https listener address")?;
 
+    let ssh_listener = tokio::net::TcpListener::bind(config.listen.ssh)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen.ssh)", config.listen.ssh))?;
+    let ssh_addr = ssh_listener.local_addr().context("ssh listener address")?;
+    let ssh_key = granary_gateway::ssh::host_key(&config.data_dir.join("ssh/host_ed25519_key"))
+        .map_err(|e| anyhow::anyhow!("the SSH host key: {e}"))?;
+
     let admin_socket = config.admin_socket();
     let admin_listener = admin_server::bind(&admin_socket)?;
 
@@ -117,7 +124,10 @@ async fn serve(
             count: config.uid_range.count,
         }),
         ca_file: ca_file.clone(),
-        listeners: vec![("https".to_owned(), https_addr.to_string())],
+        listeners: vec![
+            ("https".to_owned(), https_addr.to_string()),
+            ("ssh".to_owned(), ssh_addr.to_string()),
+        ],
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut grains = grains_setup(&config, &store).await?;
@@ -128,19 +138,28 @@ async fn serve(
     let (connect_tx, connect_rx) = tokio::sync::mpsc::channel(256);
     grains.connects = Some(connect_rx);
     let admin = admin_server::spawn(admin_listener, store.clone(), info, grains, stop_rx.clone())?;
-    let gateway = Arc::new(granary_gateway::proxy::Gateway::new(
-        &config.domain,
+    let backend: Arc<dyn granary_gateway::proxy::Backend> =
         Arc::new(gateway_backend::DaemonBackend {
             store: store.clone(),
             connect: connect_tx,
-        }),
+        });
+    let gateway = Arc::new(granary_gateway::proxy::Gateway::new(
+        &config.domain,
+        backend.clone(),
         config.gateway.upstream_idle,
     ));
     gateway.start_janitor();
+    let ssh_task = tokio::spawn(granary_gateway::ssh::serve(
+        ssh_listener,
+        // An SSH session idle for ten minutes is closed.
+        granary_gateway::ssh::config(ssh_key, std::time::Duration::from_secs(600)),
+        backend,
+    ));
 
     let ports = Ports {
         pid: std::process::id(),
         https: https_addr,
+        ssh: ssh_addr,
         admin_socket: admin_socket.clone(),
     };
     ports.write(&config.ports_file())?;
@@ -150,7 +169,7 @@ async fn serve(
         "-",
         &format!("pid={} https={https_addr}", ports.pid),
     )?;
-    tracing::info!(https = %https_addr, admin = %admin_socket.display(), data = %config.data_dir.display(), "granary is running");
+    tracing::info!(https = %https_addr, ssh = %ssh_addr, admin = %admin_socket.display(), data = %config.data_dir.display(), "granary is running");
 
     if let Some(password) = demo_password {
         print_demo_banner(&config, https_addr, ca_file.as_deref(), &password, &builtin);
@@ -176,6 +195,7 @@ async fn serve(
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = https_task.await;
+    ssh_task.abort();
     admin.join();
     let _ = std::fs::remove_file(config.ports_file());
     let _ = std::fs::remove_file(&admin_socket);

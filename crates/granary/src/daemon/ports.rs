@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 pub(crate) struct Ports {
     pub(crate) pid: u32,
     pub(crate) https: SocketAddr,
+    pub(crate) ssh: SocketAddr,
     pub(crate) admin_socket: PathBuf,
 }
 
@@ -36,6 +37,7 @@ mod tests {
         let ports = Ports {
             pid: 42,
             https: "127.0.0.1:4443".parse().unwrap(),
+            ssh: "127.0.0.1:2222".parse().unwrap(),
             admin_socket: "/x/run/admin.sock".into(),
         };
         ports.write(&path).unwrap();
