@@ -11,46 +11,6 @@ use granary_testkit::{Daemon, DaemonMode};
 
 const DOMAIN: &str = "example.test";
 
-/// An app as a signed package (its own key), built with `granary pack
-/// build` from `files` (a TOML [files] table body) and the app's statically
-/// linked binary.
-fn app_package(dir: &Path, kind: &str, app: &str, files: &str) -> std::path::PathBuf {
-    let key = dir.join(format!("{kind}.key"));
-    let pack = |args: &[&str]| {
-        let mut all = vec!["pack"];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--key", key.to_str().unwrap()]);
-        granary_testkit::run_granary(&all, None).success()
-    };
-    pack(&["keygen"]);
-    let def = dir.join(format!("{kind}-package.toml"));
-    std::fs::write(
-        &def,
-        format!(
-            "format = 1\n[app]\nkind = \"{kind}\"\nversion = \"0.1.0\"\nexec = [\"/bin/{app}\"]\n\
-             services = [{services}]\noffers = [\"{offer}\"]\n[limits]\nmemory_mib = 256\npids = 64\n\
-             [files]\n{files}copy = [{{ from = \"{}\", to = \"/bin/{app}\" }}]\n",
-            granary_testkit::static_binary(app).display(),
-            offer = if kind == "git" { "git.read" } else { "notify" },
-            services = if kind == "git" { "\"http\", \"git-ssh\"" } else { "\"http\"" },
-        ),
-    )
-    .unwrap();
-    let out = dir.join(format!("{kind}.gpkg"));
-    pack(&["build", def.to_str().unwrap(), "-o", out.to_str().unwrap()]);
-    out
-}
-
-/// The git app with Debian's git inside.
-fn git_package(dir: &Path) -> std::path::PathBuf {
-    app_package(
-        dir,
-        "git",
-        "granary-git",
-        "binaries = [\"/usr/bin/git\", \"/usr/lib/git-core/git-http-backend\"]\nruntime = [\"/bin/sh\"]\n",
-    )
-}
-
 struct Client<'a> {
     daemon: &'a Daemon,
     home: std::path::PathBuf,
@@ -186,7 +146,7 @@ fn push_and_clone_over_https_through_the_gateway() {
         ),
     );
     let tmp = tempfile::tempdir().unwrap();
-    let pkg = git_package(tmp.path());
+    let pkg = granary_testkit::git_package(tmp.path());
     daemon
         .granary(&["app", "install", pkg.to_str().unwrap()])
         .success();
@@ -547,8 +507,8 @@ fn a_push_publishes_the_blog_through_granted_capabilities() {
     let daemon = Daemon::start_with(DaemonMode::Serve, &format!("domain = \"{DOMAIN}\"\n"));
     let tmp = tempfile::tempdir().unwrap();
     for pkg in [
-        git_package(tmp.path()),
-        app_package(tmp.path(), "blog", "granary-blog", ""),
+        granary_testkit::git_package(tmp.path()),
+        granary_testkit::app_package(tmp.path(), "blog", "granary-blog", ""),
     ] {
         daemon
             .granary(&["app", "install", pkg.to_str().unwrap()])
@@ -720,7 +680,7 @@ fn a_push_publishes_the_blog_through_granted_capabilities() {
 fn push_and_clone_over_ssh() {
     let mut daemon = Daemon::start_with(DaemonMode::Serve, &format!("domain = \"{DOMAIN}\"\n"));
     let tmp = tempfile::tempdir().unwrap();
-    let pkg = git_package(tmp.path());
+    let pkg = granary_testkit::git_package(tmp.path());
     daemon
         .granary(&["app", "install", pkg.to_str().unwrap()])
         .success();

@@ -24,6 +24,14 @@ use hyper_util::rt::TokioIo;
 const SITES: &str = "/var/sites";
 const CURRENT: &str = "/var/current";
 
+/// The link to the published version: `/var/current` in a grain; the
+/// benchmark's standalone mode points it elsewhere.
+static CURRENT_LINK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn current_link() -> &'static Path {
+    CURRENT_LINK.get_or_init(|| PathBuf::from(CURRENT))
+}
+
 struct Blog {
     host: Host,
 }
@@ -205,7 +213,7 @@ fn serve(req: &Request<Incoming>) -> Response<Full<Bytes>> {
         );
     }
     // One version for the whole request.
-    let Ok(root) = std::fs::read_link(CURRENT) else {
+    let Ok(root) = std::fs::read_link(current_link()) else {
         return answer(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
@@ -328,6 +336,46 @@ impl App for Blog {
     }
 }
 
+/// `granary-blog --standalone SOCKET LINK`: serves the site `LINK` points
+/// to on a unix socket, outside any grain: the peer the gateway benchmark
+/// puts behind nginx, so both serve the same code.
+fn standalone(socket: &str, link: &str) -> ExitCode {
+    let _ = CURRENT_LINK.set(PathBuf::from(link));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let _ = std::fs::remove_file(socket);
+        let listener = match tokio::net::UnixListener::bind(socket) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot listen on {socket}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req| async move {
+                    Ok::<_, std::convert::Infallible>(serve(&req))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, socket, link] = args.as_slice()
+        && flag == "--standalone"
+    {
+        return standalone(socket, link);
+    }
     granary_sdk::run(|host| Blog { host })
 }

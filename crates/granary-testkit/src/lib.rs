@@ -111,6 +111,46 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// An app as a signed package (its own key), built with `granary pack
+/// build` from `files` (a TOML [files] table body) and the app's statically
+/// linked binary.
+pub fn app_package(dir: &Path, kind: &str, app: &str, files: &str) -> std::path::PathBuf {
+    let key = dir.join(format!("{kind}.key"));
+    let pack = |args: &[&str]| {
+        let mut all = vec!["pack"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--key", key.to_str().unwrap()]);
+        run_granary(&all, None).success()
+    };
+    pack(&["keygen"]);
+    let def = dir.join(format!("{kind}-package.toml"));
+    std::fs::write(
+        &def,
+        format!(
+            "format = 1\n[app]\nkind = \"{kind}\"\nversion = \"0.1.0\"\nexec = [\"/bin/{app}\"]\n\
+             services = [{services}]\noffers = [\"{offer}\"]\n[limits]\nmemory_mib = 256\npids = 64\n\
+             [files]\n{files}copy = [{{ from = \"{}\", to = \"/bin/{app}\" }}]\n",
+            static_binary(app).display(),
+            offer = if kind == "git" { "git.read" } else { "notify" },
+            services = if kind == "git" { "\"http\", \"git-ssh\"" } else { "\"http\"" },
+        ),
+    )
+    .unwrap();
+    let out = dir.join(format!("{kind}.gpkg"));
+    pack(&["build", def.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    out
+}
+
+/// The git app with Debian's git inside.
+pub fn git_package(dir: &Path) -> std::path::PathBuf {
+    app_package(
+        dir,
+        "git",
+        "granary-git",
+        "binaries = [\"/usr/bin/git\", \"/usr/lib/git-core/git-http-backend\"]\nruntime = [\"/bin/sh\"]\n",
+    )
+}
+
 /// Polls `check` until it returns `Some` or `deadline` passes; on timeout,
 /// panics with `what`.
 pub fn eventually<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
