@@ -149,6 +149,11 @@ interface Admin {
   listSshKeys @31 (user :Text) -> (keys :List(SshKey));
 
   removeSshKey @32 (user :Text, id :Int64) -> (removed :Bool);
+
+  blogDomains @33 (user :Text, add :Text, remove :Text) -> (domains :List(Text));
+  # Registers `add` and/or unregisters `remove` (either may be empty) as a
+  # domain of the user's blog; answers the user's domains after. Its
+  # certificate: DATA_DIR/tls/domains/<domain>/cert.pem and key.pem.
   # This node's public key (what a receiver allows and a restore trusts),
   # the configured recipients and targets.
 }

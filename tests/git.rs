@@ -421,6 +421,14 @@ fn bad_clients_are_closed_and_others_are_served() {
 /// A CA and a certificate for git.example.test it signed, made by openssl:
 /// (ca.pem, cert.pem, key.pem) in `dir`.
 fn openssl_pair(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    openssl_pair_for(dir, &format!("git.{DOMAIN}"))
+}
+
+/// [`openssl_pair`] for another name.
+fn openssl_pair_for(
+    dir: &Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
     let sh = |script: &str| {
         let out = Command::new("sh")
@@ -437,7 +445,9 @@ fn openssl_pair(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::pat
     };
     std::fs::write(
         dir.join("ext.cnf"),
-        format!("subjectAltName=DNS:git.{DOMAIN}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+        format!(
+            "subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+        ),
     )
     .unwrap();
     sh(
@@ -633,6 +643,37 @@ fn a_push_publishes_the_blog_through_granted_capabilities() {
     let (code, body) = daemon.curl(&site, "/no/such/page", &[]);
     assert_eq!(code, "404");
     assert!(body.contains("no such page on Alice's blog"), "{body}");
+
+    // A domain Alice registered for her blog, with its own certificate.
+    let custom = "blog.alice-example.test";
+    let (custom_ca, custom_cert, custom_key) = openssl_pair_for(&tmp.path().join("custom"), custom);
+    let certs = daemon.data_dir().join("tls/domains").join(custom);
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&custom_cert, certs.join("cert.pem")).unwrap();
+    std::fs::copy(&custom_key, certs.join("key.pem")).unwrap();
+    let (code, _) = daemon.curl(custom, "/", &["--insecure"]);
+    assert_eq!(code, "404", "not registered yet");
+    daemon
+        .granary(&["blog", "domain", "add", "alice", custom])
+        .success();
+    daemon
+        .granary(&["blog", "domain", "add", "alice", &format!("x.{DOMAIN}")])
+        .failure();
+    let port = daemon.https_addr().port();
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--resolve"])
+        .arg(format!("{custom}:{port}:127.0.0.1"))
+        .arg("--cacert")
+        .arg(&custom_ca)
+        .arg(format!("https://{custom}:{port}/"))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("version 2"),
+        "{body}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // While version 3 goes up, every answer is a whole version.
     push(3);

@@ -46,6 +46,8 @@ pub trait Backend: Send + Sync + 'static {
     fn repo_public(&self, owner: &str, repo: &str) -> BoxFuture<bool>;
     /// Whether `key` (`type base64`) is one of `user`'s SSH keys.
     fn check_ssh_key(&self, user: &str, key: &str) -> BoxFuture<bool>;
+    /// Whose blog a custom domain is, if anyone's.
+    fn domain_owner(&self, host: &str) -> BoxFuture<Option<String>>;
 }
 
 /// Failed logins allowed per window, per source address and per user.
@@ -54,8 +56,10 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(300);
 /// How long a verified credential is trusted without argon2.
 const CACHE_FOR: Duration = Duration::from_secs(60);
 const MAX_CACHED: usize = 10_000;
-/// Idle upstream connections kept per grain.
-const POOL_PER_GRAIN: usize = 16;
+/// Idle upstream connections kept per grain (more than a busy client
+/// population keeps in flight: a connection made per request costs a trip
+/// through the supervisor).
+const POOL_PER_GRAIN: usize = 256;
 
 struct Pooled {
     sender: SendRequest<Incoming>,
@@ -271,6 +275,21 @@ impl Gateway {
             }
             // A site is public: no authentication, no identity.
             Route::Blog { owner } => self.forward(req, &owner, "blog", "").await,
+            Route::Unknown
+                if !host.ends_with(&format!(".{}", self.domain)) && host != self.domain =>
+            {
+                match self.backend.domain_owner(host).await {
+                    // A domain its owner registered for their blog.
+                    Some(owner) => self.forward(req, &owner, "blog", "").await,
+                    None => plain(
+                        StatusCode::NOT_FOUND,
+                        &format!(
+                            "No Granary app serves https://{host}{}.\n",
+                            req.uri().path()
+                        ),
+                    ),
+                }
+            }
             Route::Unknown => plain(
                 StatusCode::NOT_FOUND,
                 &format!(

@@ -41,6 +41,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 7,
         sql: include_str!("migrations/0007_ssh_keys.sql"),
     },
+    Migration {
+        version: 8,
+        sql: include_str!("migrations/0008_blog_domains.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

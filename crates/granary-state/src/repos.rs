@@ -174,6 +174,84 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Registers `domain` for `user`'s blog; a domain has one owner.
+    pub fn add_blog_domain(
+        &self,
+        user: &UserName,
+        domain: &str,
+        actor: &str,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin add blog domain")?;
+        let uid = crate::users::user_id(&tx, user)?;
+        match tx.execute(
+            "INSERT INTO blog_domains (domain, user_id) VALUES (?1, ?2)",
+            params![domain, uid],
+        ) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StateError::Conflict(format!(
+                    "{domain} is already registered"
+                )));
+            }
+            other => other.op("insert blog domain")?,
+        };
+        record(&tx, actor, "blog.domain.add", user.as_str(), domain)?;
+        tx.commit().op("commit add blog domain")
+    }
+
+    /// Unregisters one of `user`'s domains; whether it was theirs.
+    pub fn remove_blog_domain(
+        &self,
+        user: &UserName,
+        domain: &str,
+        actor: &str,
+    ) -> Result<bool, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin remove blog domain")?;
+        let uid = crate::users::user_id(&tx, user)?;
+        let n = tx
+            .execute(
+                "DELETE FROM blog_domains WHERE domain = ?1 AND user_id = ?2",
+                params![domain, uid],
+            )
+            .op("delete blog domain")?;
+        if n > 0 {
+            record(&tx, actor, "blog.domain.remove", user.as_str(), domain)?;
+        }
+        tx.commit().op("commit remove blog domain")?;
+        Ok(n > 0)
+    }
+
+    pub fn blog_domains(&self, user: &UserName) -> Result<Vec<String>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT d.domain FROM blog_domains d JOIN users u ON u.id = d.user_id
+                 WHERE u.name = ?1 ORDER BY d.domain",
+            )
+            .op("list blog domains")?;
+        let rows = stmt
+            .query_map([user.as_str()], |r| r.get(0))
+            .op("list blog domains")?;
+        rows.collect::<Result<_, _>>().op("list blog domains")
+    }
+
+    /// Whose blog `domain` is, if anyone's.
+    pub fn blog_domain_owner(&self, domain: &str) -> Result<Option<String>, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT u.name FROM blog_domains d JOIN users u ON u.id = d.user_id WHERE d.domain = ?1",
+                [domain],
+                |r| r.get(0),
+            )
+            .optional()
+            .op("read blog domain")
+    }
+}
+
 const SSH_KEY_SELECT: &str =
     "SELECT k.id, u.name, k.key, k.fingerprint, k.label, k.created_at, k.last_used_at
     FROM ssh_keys k JOIN users u ON u.id = k.user_id";

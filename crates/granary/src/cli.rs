@@ -65,6 +65,9 @@ pub(crate) enum Command {
     /// Users' SSH public keys, for git over SSH
     #[command(subcommand, name = "ssh-key")]
     SshKey(SshKeyCommand),
+    /// Blogs: the domains a user's blog answers on besides USER.<domain>
+    #[command(subcommand)]
+    Blog(BlogCommand),
     /// Encrypted backups: export, verify, drill, receive from other nodes
     #[command(subcommand)]
     Backup(BackupCommand),
@@ -299,6 +302,24 @@ pub(crate) enum SnapshotCommand {
         /// USER/KIND or the grain id
         grain: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BlogCommand {
+    /// A user's custom domains (add, remove, list)
+    #[command(subcommand)]
+    Domain(BlogDomainCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BlogDomainCommand {
+    /// Serve USER's blog on DOMAIN too; its certificate goes in
+    /// DATA_DIR/tls/domains/DOMAIN/cert.pem and key.pem
+    Add { user: String, domain: String },
+    /// Stop serving USER's blog on DOMAIN
+    Remove { user: String, domain: String },
+    /// USER's blog domains
+    List { user: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -124,6 +124,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             pack::run(cmd, &limits)
         }
+        Command::Blog(cmd) => {
+            let config = load_config(&cli)?;
+            admin::grains::blog(&config, cmd)
+        }
         Command::SshKey(cmd) => {
             let config = load_config(&cli)?;
             admin::grains::ssh_key(&config, cmd)

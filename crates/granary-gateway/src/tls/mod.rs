@@ -131,10 +131,86 @@ impl rustls::server::ResolvesServerCert for ReloadingCert {
     }
 }
 
+/// The default certificate, and a certificate per custom domain found in
+/// `<domains>/<name>/cert.pem` and `key.pem` (loaded on the first
+/// handshake for that name, reloaded when the files change).
+#[derive(Debug)]
+pub struct Certificates {
+    default: ReloadingCert,
+    domains: Option<PathBuf>,
+    loaded: std::sync::RwLock<std::collections::HashMap<String, Arc<ReloadingCert>>>,
+}
+
+impl Certificates {
+    fn for_domain(&self, name: &str) -> Option<Arc<ReloadingCert>> {
+        let dir = self.domains.as_ref()?;
+        // A plain host name only: it becomes a directory name.
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && !name.starts_with('.')
+            && !name.contains("..")
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !ok {
+            return None;
+        }
+        if let Some(c) = self.loaded.read().expect("not poisoned").get(name) {
+            return Some(c.clone());
+        }
+        let (cert, key) = (
+            dir.join(name).join("cert.pem"),
+            dir.join(name).join("key.pem"),
+        );
+        if !cert.exists() {
+            return None;
+        }
+        match ReloadingCert::new(&cert, &key) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                self.loaded
+                    .write()
+                    .expect("not poisoned")
+                    .insert(name.to_owned(), c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!(domain = name, error = %e, "cannot use the domain's certificate");
+                None
+            }
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Certificates {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let domain = hello
+            .server_name()
+            .map(str::to_ascii_lowercase)
+            .and_then(|n| self.for_domain(&n));
+        match domain {
+            Some(c) => c.resolve(hello),
+            None => self.default.resolve(hello),
+        }
+    }
+}
+
 /// A server config from a PEM certificate chain and private key (reloaded
-/// when the files change), offering HTTP/2 and HTTP/1.1 by ALPN.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let resolver = ReloadingCert::new(cert, key)?;
+/// when the files change), plus per-domain certificates under `domains`,
+/// offering HTTP/2 and HTTP/1.1 by ALPN.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    domains: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let resolver = Certificates {
+        default: ReloadingCert::new(cert, key)?,
+        domains: domains.map(Path::to_path_buf),
+        loaded: std::sync::RwLock::default(),
+    };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()

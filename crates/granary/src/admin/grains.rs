@@ -13,7 +13,8 @@ use super::client::print_json;
 use super::connection::{remote, text, with_admin};
 use super::table;
 use crate::cli::{
-    AppCommand, GitCommand, GrainCommand, GrantCommand, SnapshotCommand, SshKeyCommand,
+    AppCommand, BlogCommand, BlogDomainCommand, GitCommand, GrainCommand, GrantCommand,
+    SnapshotCommand, SshKeyCommand,
 };
 
 #[derive(Debug, Serialize)]
@@ -750,6 +751,37 @@ pub(crate) fn ssh_key(config: &Config, cmd: &SshKeyCommand) -> anyhow::Result<Ex
             }
             println!("removed SSH key {id} of {user}");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn blog(config: &Config, cmd: &BlogCommand) -> anyhow::Result<ExitCode> {
+    let BlogCommand::Domain(cmd) = cmd;
+    let (user, add, remove) = match cmd {
+        BlogDomainCommand::Add { user, domain } => (user, domain.as_str(), ""),
+        BlogDomainCommand::Remove { user, domain } => (user, "", domain.as_str()),
+        BlogDomainCommand::List { user } => (user, "", ""),
+    };
+    let domains = with_admin(config, |admin: admin::Client| async move {
+        let mut req = admin.blog_domains_request();
+        req.get().set_user(user.as_str());
+        req.get().set_add(add);
+        req.get().set_remove(remove);
+        let response = req.send().promise.await.map_err(remote)?;
+        texts(response.get().map_err(remote)?.get_domains())
+    })?;
+    if !add.is_empty() {
+        let certs = config
+            .tls_dir()
+            .join("domains")
+            .join(add.to_ascii_lowercase());
+        println!(
+            "{add} now serves {user}'s blog; put its certificate in {}/cert.pem and key.pem",
+            certs.display()
+        );
+    }
+    for d in &domains {
+        println!("{d}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -949,6 +949,66 @@ impl admin::Server for AdminService {
         Ok(())
     }
 
+    async fn blog_domains(
+        self: Rc<Self>,
+        params: admin::BlogDomainsParams,
+        mut results: admin::BlogDomainsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let normal = |d: &str| -> Result<Option<String>, capnp::Error> {
+            let d = d.trim().trim_end_matches('.').to_ascii_lowercase();
+            if d.is_empty() {
+                return Ok(None);
+            }
+            let ok = d.len() <= 253
+                && d.contains('.')
+                && d.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !ok {
+                return Err(fail(format!("{d:?} is not a domain name")));
+            }
+            Ok(Some(d))
+        };
+        let add = normal(p.get_add()?.to_str()?)?;
+        let remove = normal(p.get_remove()?.to_str()?)?;
+        if let Some(d) = &add
+            && (d == &self.info.domain || d.ends_with(&format!(".{}", self.info.domain)))
+        {
+            return Err(fail(format!(
+                "{d} is under Granary's own domain; {user}'s blog is already at {user}.{}",
+                self.info.domain
+            )));
+        }
+        let store = self.store.clone();
+        let domains = blocking(move || {
+            if let Some(d) = remove
+                && !store
+                    .remove_blog_domain(&user, &d, ACTOR)
+                    .map_err(state_failure)?
+            {
+                return Err(fail(format!("{d} is not one of {user}'s blog domains")));
+            }
+            if let Some(d) = add {
+                store
+                    .add_blog_domain(&user, &d, ACTOR)
+                    .map_err(state_failure)?;
+            }
+            store.blog_domains(&user).map_err(state_failure)
+        })
+        .await?;
+        let mut list = results.get().init_domains(domains.len() as u32);
+        for (i, d) in domains.iter().enumerate() {
+            list.set(i as u32, d);
+        }
+        Ok(())
+    }
+
     async fn git_repo(
         self: Rc<Self>,
         params: admin::GitRepoParams,

@@ -64,6 +64,16 @@ impl Backend for DaemonBackend {
         })
     }
 
+    fn domain_owner(&self, host: &str) -> BoxFuture<Option<String>> {
+        let (store, host) = (self.store.clone(), host.to_owned());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || store.blog_domain_owner(&host).ok().flatten())
+                .await
+                .ok()
+                .flatten()
+        })
+    }
+
     fn connect(
         &self,
         owner: &str,

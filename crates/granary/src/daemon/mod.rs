@@ -71,10 +71,21 @@ pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         TlsSource::LocalCa => {
             let files =
                 granary_gateway::tls::local_ca::ensure(&config.tls_dir(), &config.domain, owner)?;
-            let tls = granary_gateway::tls::server_config(&files.server_cert, &files.server_key)?;
+            let tls = granary_gateway::tls::server_config(
+                &files.server_cert,
+                &files.server_key,
+                Some(&config.tls_dir().join("domains")),
+            )?;
             (tls, Some(files.ca_cert))
         }
-        TlsSource::Files { cert, key } => (granary_gateway::tls::server_config(cert, key)?, None),
+        TlsSource::Files { cert, key } => (
+            granary_gateway::tls::server_config(
+                cert,
+                key,
+                Some(&config.tls_dir().join("domains")),
+            )?,
+            None,
+        ),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
