@@ -297,7 +297,7 @@ mod tests {
         );
 
         // The server config loads what was written.
-        crate::tls::server_config(&files.server_cert, &files.server_key).unwrap();
+        crate::tls::server_config(&files.server_cert, &files.server_key, None).unwrap();
     }
 
     #[test]
