@@ -893,4 +893,29 @@ fn push_and_clone_over_ssh() {
         &["ls-remote", &url(&daemon)],
     );
     assert!(!ok, "a removed key no longer works");
+
+    // Bob's own key works, until repeated failed logins as bob lock the
+    // name out for a while (nothing is looked up past the limit).
+    let bob_own = format!(
+        "ssh://bob@127.0.0.1:{}/bob/none.git",
+        daemon.ssh_addr().port()
+    );
+    let (_, out) = git(&daemon, tmp.path(), "bob", "yes", &["ls-remote", &bob_own]);
+    assert!(out.contains("no repository"), "bob gets in: {out}");
+    for _ in 0..10 {
+        let (ok, _) = git(
+            &daemon,
+            tmp.path(),
+            "alice",
+            "yes",
+            &["ls-remote", &bob_own],
+        );
+        assert!(!ok);
+    }
+    let (ok, out) = git(&daemon, tmp.path(), "bob", "yes", &["ls-remote", &bob_own]);
+    assert!(
+        !ok && out.contains("Permission denied"),
+        "rate-limited: {out}"
+    );
+    assert!(daemon.log().contains("SSH login rate limit hit"));
 }

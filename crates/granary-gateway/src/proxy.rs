@@ -69,12 +69,42 @@ struct Pooled {
     idle_since: Instant,
 }
 
+/// Failed logins per source address and per user, shared by every
+/// listener: past the limit a login is refused before any check runs.
+#[derive(Debug, Default)]
+pub struct LoginLimiter {
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+impl LoginLimiter {
+    /// Too many recent failures for this key (`ip:...`, `user:...`)?
+    pub fn limited(&self, key: &str) -> bool {
+        let failures = self.failures.lock().expect("not poisoned");
+        failures
+            .get(key)
+            .is_some_and(|(n, since)| *n >= FAILURES_PER_WINDOW && since.elapsed() < FAILURE_WINDOW)
+    }
+
+    /// Counts one failure against `key`.
+    pub fn fail(&self, key: String) {
+        let mut failures = self.failures.lock().expect("not poisoned");
+        if failures.len() > MAX_CACHED {
+            failures.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
+        }
+        let entry = failures.entry(key).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= FAILURE_WINDOW {
+            *entry = (0, Instant::now());
+        }
+        entry.0 += 1;
+    }
+}
+
 pub struct Gateway {
     pub domain: String,
     backend: Arc<dyn Backend>,
     cache_key: ring::hmac::Key,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+    limiter: Arc<LoginLimiter>,
     pool: Mutex<HashMap<String, Vec<Pooled>>>,
     upstream_idle: Duration,
 }
@@ -138,10 +168,15 @@ impl Gateway {
             backend,
             cache_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
             verified: Mutex::default(),
-            failures: Mutex::default(),
+            limiter: Arc::new(LoginLimiter::default()),
             pool: Mutex::default(),
             upstream_idle,
         }
+    }
+
+    /// The login limiter, for the other listeners (SSH).
+    pub fn limiter(&self) -> Arc<LoginLimiter> {
+        self.limiter.clone()
     }
 
     /// Drops pooled connections idle longer than `upstream_idle`, so grains
@@ -166,26 +201,6 @@ impl Gateway {
         });
     }
 
-    /// Too many recent failures for this key?
-    fn limited(&self, key: &str) -> bool {
-        let failures = self.failures.lock().expect("not poisoned");
-        failures
-            .get(key)
-            .is_some_and(|(n, since)| *n >= FAILURES_PER_WINDOW && since.elapsed() < FAILURE_WINDOW)
-    }
-
-    fn fail(&self, key: String) {
-        let mut failures = self.failures.lock().expect("not poisoned");
-        if failures.len() > MAX_CACHED {
-            failures.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
-        }
-        let entry = failures.entry(key).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= FAILURE_WINDOW {
-            *entry = (0, Instant::now());
-        }
-        entry.0 += 1;
-    }
-
     /// Checks Basic credentials for `kind`; `Err` is the answer to send.
     async fn authenticate(
         &self,
@@ -201,7 +216,7 @@ impl Gateway {
         };
         let (by_peer, by_user) = (format!("ip:{peer}"), format!("user:{user}"));
         // Before any hashing: a guessing client costs us nothing.
-        if self.limited(&by_peer) || self.limited(&by_user) {
+        if self.limiter.limited(&by_peer) || self.limiter.limited(&by_user) {
             tracing::warn!(%peer, user, "login rate limit hit");
             return Err(plain(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -209,7 +224,7 @@ impl Gateway {
             ));
         }
         if !route::valid_user(&user) {
-            self.fail(by_peer);
+            self.limiter.fail(by_peer);
             return Err(unauthorized());
         }
         let tag = ring::hmac::sign(
@@ -236,8 +251,8 @@ impl Gateway {
             Ok(Some(user))
         } else {
             tracing::info!(%peer, user, kind, "failed login");
-            self.fail(by_peer);
-            self.fail(by_user);
+            self.limiter.fail(by_peer);
+            self.limiter.fail(by_user);
             Err(unauthorized())
         }
     }

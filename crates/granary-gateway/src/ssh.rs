@@ -18,7 +18,7 @@ use russh::server::{Auth, Msg, Server as _, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::proxy::Backend;
+use crate::proxy::{Backend, LoginLimiter};
 
 /// A public key line (`ssh-ed25519 AAAA... comment`) checked and
 /// normalised to `type base64`, with its SHA-256 fingerprint.
@@ -73,6 +73,7 @@ pub fn config(host_key: PrivateKey, idle: std::time::Duration) -> Arc<russh::ser
 
 struct Listener {
     backend: Arc<dyn Backend>,
+    limiter: Arc<LoginLimiter>,
 }
 
 impl russh::server::Server for Listener {
@@ -80,6 +81,7 @@ impl russh::server::Server for Listener {
     fn new_client(&mut self, peer: Option<std::net::SocketAddr>) -> Connection {
         Connection {
             backend: self.backend.clone(),
+            limiter: self.limiter.clone(),
             peer,
             user: None,
             channels: HashMap::new(),
@@ -93,8 +95,9 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Arc<russh::server::Config>,
     backend: Arc<dyn Backend>,
+    limiter: Arc<LoginLimiter>,
 ) {
-    let mut server = Listener { backend };
+    let mut server = Listener { backend, limiter };
     if let Err(e) = server.run_on_socket(config, &listener).await {
         tracing::error!(error = %e, "the SSH listener stopped");
     }
@@ -102,6 +105,7 @@ pub async fn serve(
 
 struct Connection {
     backend: Arc<dyn Backend>,
+    limiter: Arc<LoginLimiter>,
     peer: Option<std::net::SocketAddr>,
     user: Option<String>,
     channels: HashMap<ChannelId, Channel<Msg>>,
@@ -137,11 +141,23 @@ impl russh::server::Handler for Connection {
             .to_openssh()
             .map(|k| k.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
             .unwrap_or_default();
+        let by_peer = format!(
+            "ip:{}",
+            self.peer.map(|p| p.ip().to_string()).unwrap_or_default()
+        );
+        let by_user = format!("user:{user}");
+        // Past the limit nothing is looked up, as for HTTPS.
+        if self.limiter.limited(&by_peer) || self.limiter.limited(&by_user) {
+            tracing::warn!(peer = ?self.peer, user, "SSH login rate limit hit");
+            return Ok(Auth::reject());
+        }
         if granary_wire::http::valid_user(user) && self.backend.check_ssh_key(user, &normal).await {
             self.user = Some(user.to_owned());
             return Ok(Auth::Accept);
         }
         tracing::info!(peer = ?self.peer, user, "SSH key refused");
+        self.limiter.fail(by_peer);
+        self.limiter.fail(by_user);
         Ok(Auth::reject())
     }
 

@@ -165,6 +165,7 @@ async fn serve(
         // An SSH session idle for ten minutes is closed.
         granary_gateway::ssh::config(ssh_key, std::time::Duration::from_secs(600)),
         backend,
+        gateway.limiter(),
     ));
 
     let ports = Ports {
