@@ -98,6 +98,28 @@ pub struct ChunkEntry {
     pub plain_sha256: String,
 }
 
+impl ChunkEntry {
+    /// Whether `cipher` is this chunk as exported (its size and SHA-256);
+    /// what is wrong with it otherwise.
+    pub fn check(&self, cipher: &[u8]) -> Result<(), String> {
+        if cipher.len() as u64 != self.bytes {
+            return Err(format!(
+                "{} bytes, the catalogue says {} (changed or damaged)",
+                cipher.len(),
+                self.bytes
+            ));
+        }
+        let sha = crate::sha256(cipher);
+        if sha != self.sha256 {
+            return Err(format!(
+                "SHA-256 {sha} does not match the catalogue's {} (changed or damaged)",
+                self.sha256
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Catalogue {
     pub fn new(node: &PublicKey) -> Catalogue {
         Catalogue {

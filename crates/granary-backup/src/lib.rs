@@ -50,9 +50,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub(crate) fn sha256(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
+/// SHA-256 in hex, as packages compute it.
+pub(crate) use granary_package::sha256_hex as sha256;
 
 pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()

@@ -84,17 +84,11 @@ pub fn verify(
                 let name = format!("{}/{}", stream.dir, c.file);
                 match target.read(&name, c.bytes)? {
                     None => problems.push(format!("{name}: missing")),
-                    Some(bytes) if bytes.len() as u64 != c.bytes => problems.push(format!(
-                        "{name}: {} bytes, the catalogue says {}",
-                        bytes.len(),
-                        c.bytes
-                    )),
-                    Some(bytes) if sha256(&bytes) != c.sha256 => problems.push(format!(
-                        "{name}: SHA-256 {} does not match the catalogue's {} (changed or damaged)",
-                        sha256(&bytes),
-                        c.sha256
-                    )),
-                    Some(_) => {}
+                    Some(bytes) => {
+                        if let Err(problem) = c.check(&bytes) {
+                            problems.push(format!("{name}: {problem}"));
+                        }
+                    }
                 }
                 report.chunks += 1;
                 report.bytes += c.bytes;
@@ -171,11 +165,9 @@ fn fetch_chunks(
             let cipher = target
                 .read(&name, c.bytes)?
                 .ok_or_else(|| BackupError::Integrity(format!("chunk {name} is missing")))?;
-            if cipher.len() as u64 != c.bytes || sha256(&cipher) != c.sha256 {
-                return Err(BackupError::Integrity(format!(
-                    "chunk {name} does not match the catalogue's SHA-256 (changed or damaged); nothing was restored"
-                )));
-            }
+            c.check(&cipher).map_err(|problem| {
+                BackupError::Integrity(format!("chunk {name}: {problem}; nothing was restored"))
+            })?;
             let plain = identity.decrypt(&cipher)?;
             if sha256(&plain) != c.plain_sha256 {
                 return Err(BackupError::Integrity(format!(
