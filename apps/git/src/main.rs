@@ -16,6 +16,7 @@ use std::rc::Rc;
 use futures::TryStreamExt;
 use granary_sdk::services_capnp::{git_repo_read, notify};
 use granary_sdk::{Accepted, App, GrainRef, Host};
+use granary_wire::http::valid_repo;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
@@ -220,29 +221,23 @@ fn split_path(path: &str) -> Option<(String, String)> {
     let _owner = parts.next()?;
     let repo = parts.next()?.strip_suffix(".git")?;
     let rest = parts.next().unwrap_or("");
-    let ok = !repo.is_empty()
-        && !repo.starts_with(['.', '-'])
-        && repo
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && !rest.split('/').any(|c| c == "..");
+    let ok = valid_repo(repo) && !rest.split('/').any(|c| c == "..");
     ok.then(|| (repo.to_owned(), rest.to_owned()))
 }
 
-async fn git(args: &[&str]) -> Result<(), String> {
-    let out = tokio::process::Command::new(GIT)
-        .args(args)
-        .env_clear()
-        .env("HOME", "/tmp")
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .await
-        .map_err(|e| format!("git: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+/// Makes the bare repository `dir` unless it exists; whether it made it.
+async fn create_repo(dir: &str) -> Result<bool, String> {
+    if std::path::Path::new(dir).exists() {
+        return Ok(false);
     }
+    std::fs::create_dir_all(REPOS).map_err(|e| format!("{REPOS}: {e}"))?;
+    git_out(
+        REPOS,
+        &["init", "--bare", "--quiet", "--initial-branch=main", dir],
+    )
+    .await
+    .map_err(|e| e.extra)?;
+    Ok(true)
 }
 
 async fn handle(req: Request<Incoming>, host: Host) -> Response<Body> {
@@ -264,12 +259,9 @@ async fn handle(req: Request<Incoming>, host: Host) -> Response<Body> {
         .get("x-granary-admin")
         .is_some_and(|v| v == "create")
     {
-        if std::path::Path::new(&dir).exists() {
-            return text(StatusCode::OK, "exists");
-        }
-        let _ = std::fs::create_dir_all(REPOS);
-        return match git(&["init", "--bare", "--quiet", "--initial-branch=main", &dir]).await {
-            Ok(()) => text(StatusCode::CREATED, "created"),
+        return match create_repo(&dir).await {
+            Ok(false) => text(StatusCode::OK, "exists"),
+            Ok(true) => text(StatusCode::CREATED, "created"),
             Err(e) => text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("cannot create the repository: {e}"),
@@ -282,8 +274,7 @@ async fn handle(req: Request<Incoming>, host: Host) -> Response<Body> {
             return text(StatusCode::NOT_FOUND, "no such repository");
         }
         // The first push makes the repository.
-        let _ = std::fs::create_dir_all(REPOS);
-        if let Err(e) = git(&["init", "--bare", "--quiet", "--initial-branch=main", &dir]).await {
+        if let Err(e) = create_repo(&dir).await {
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("cannot create the repository: {e}"),
@@ -431,12 +422,7 @@ async fn git_over_ssh(stream: tokio::net::UnixStream, host: Host) -> std::io::Re
         "receive-pack" => "receive-pack",
         _ => return frame(&write, b'x', &1u32.to_be_bytes()).await,
     };
-    let repo_ok = !repo.is_empty()
-        && !repo.starts_with(['.', '-'])
-        && repo
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if !repo_ok {
+    if !valid_repo(repo) {
         return frame(&write, b'x', &1u32.to_be_bytes()).await;
     }
     let dir = format!("{REPOS}/{repo}.git");
@@ -450,8 +436,7 @@ async fn git_over_ssh(stream: tokio::net::UnixStream, host: Host) -> std::io::Re
             .await?;
             return frame(&write, b'x', &128u32.to_be_bytes()).await;
         }
-        let _ = std::fs::create_dir_all(REPOS);
-        if let Err(e) = git(&["init", "--bare", "--quiet", "--initial-branch=main", &dir]).await {
+        if let Err(e) = create_repo(&dir).await {
             frame(&write, b'e', format!("fatal: {e}\n").as_bytes()).await?;
             return frame(&write, b'x', &128u32.to_be_bytes()).await;
         }
@@ -534,13 +519,7 @@ impl App for Git {
         requester: GrainRef,
     ) -> Result<capnp::capability::Client, capnp::Error> {
         match descriptor.split_once(':') {
-            Some(("git.read", repo))
-                if !repo.is_empty()
-                    && !repo.starts_with(['.', '-'])
-                    && repo
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
-            {
+            Some(("git.read", repo)) if valid_repo(repo) => {
                 let dir = format!("{REPOS}/{repo}.git");
                 if !std::path::Path::new(&dir).exists() {
                     return Err(capnp::Error::failed(format!("no repository {repo}")));
