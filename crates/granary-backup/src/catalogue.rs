@@ -196,7 +196,9 @@ impl Catalogue {
         }
         let bad = |what: String| Err(BackupError::Integrity(format!("catalogue: {what}")));
         for (id, grain) in &self.grains {
-            if !crate::valid_grain_id(id) || *id != format!("{}-{}", grain.user, grain.kind) {
+            if !granary_datasets::valid_grain_id(id)
+                || *id != format!("{}-{}", grain.user, grain.kind)
+            {
                 return bad(format!("{id:?} is not the grain id of its user and kind"));
             }
             // A grain's grants all involve the grain.

@@ -65,16 +65,6 @@ pub(crate) fn nonce() -> String {
     hex(&n)
 }
 
-/// `<user>-<kind>`: lowercase letters, digits and '-', at most 64.
-pub fn valid_grain_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && !id.starts_with('-')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// The name of a staging dataset for a restore or drill. It starts with a
 /// digit, which no user name (so no grain id) does.
 pub fn staging_id(purpose: &str) -> String {

@@ -377,13 +377,20 @@ pub(crate) fn err<'a>(
     }
 }
 
-pub(crate) fn check_id(grain: &str) -> Result<(), DatasetError> {
-    let ok = !grain.is_empty()
-        && grain.len() <= 64
-        && grain
+/// A grain id as datasets, snapshots and backups name it: 1 to 64 of
+/// `a-z`, `0-9` and `-`, not starting with `-` (`<user>-<kind>`; scratch
+/// datasets start with a digit).
+pub fn valid_grain_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('-')
+        && id
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+pub(crate) fn check_id(grain: &str) -> Result<(), DatasetError> {
+    if valid_grain_id(grain) {
         Ok(())
     } else {
         Err(DatasetError {
