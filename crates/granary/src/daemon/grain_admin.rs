@@ -74,12 +74,7 @@ pub(super) fn unpack_package(
     if target.join(MANIFEST_FILE).exists() {
         return Ok(relative);
     }
-    let mut nonce = [0u8; 8];
-    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random staging name: {e}"))?;
-    let staging = kind_dir.join(format!(
-        ".unpacking-{}",
-        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ));
+    let staging = kind_dir.join(staging_name("unpacking")?);
     let verified = granary_package::open(&pkg.bytes, limits)?;
     verified.unpack(&staging, limits)?;
     if let Err(e) = std::fs::rename(&staging, &target) {
@@ -87,6 +82,15 @@ pub(super) fn unpack_package(
         return Err(e).with_context(|| format!("cannot move the image to {}", target.display()));
     }
     Ok(relative)
+}
+
+/// `.<what>-<16 random hex digits>`: a hidden name nothing else uses,
+/// for an image being written before it is renamed into place.
+fn staging_name(what: &str) -> anyhow::Result<String> {
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random staging name: {e}"))?;
+    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(".{what}-{hex}"))
 }
 
 /// `alice/git` or a grain id, as the grain id.
@@ -194,12 +198,7 @@ pub(super) fn install_dir(
         "refusing to install outside {}",
         apps_dir.display()
     );
-    let mut nonce = [0u8; 8];
-    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random staging name: {e}"))?;
-    let staging = kind_dir.join(format!(
-        ".installing-{}",
-        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ));
+    let staging = kind_dir.join(staging_name("installing")?);
     let copied = (|| -> anyhow::Result<()> {
         std::fs::create_dir(&staging)?;
         std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))?;
