@@ -196,8 +196,9 @@ impl Catalogue {
         }
         let bad = |what: String| Err(BackupError::Integrity(format!("catalogue: {what}")));
         for (id, grain) in &self.grains {
-            if !granary_datasets::valid_grain_id(id)
-                || *id != format!("{}-{}", grain.user, grain.kind)
+            // The one rule: a valid user and kind, and the id they make.
+            if granary_model::GrainId::for_user(&grain.user, &grain.kind)
+                .map_or(true, |g| g.as_str() != id)
             {
                 return bad(format!("{id:?} is not the grain id of its user and kind"));
             }

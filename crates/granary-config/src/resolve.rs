@@ -35,7 +35,8 @@ pub struct Config {
     pub tls: TlsSource,
     pub storage: StorageBackend,
     /// Host uids (and gids) handed to grains, one each.
-    pub uid_range: UidRangeSetting,
+    /// `jail.uid_range`: the host uids grains are given.
+    pub uid_range: granary_model::UidRange,
     /// The cgroup under which each grain gets its own.
     pub cgroup_parent: String,
     pub grains: Grains,
@@ -149,32 +150,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("{text:?} must be more than zero"));
     }
     Ok(d)
-}
-
-/// `jail.uid_range`: the first host uid for grains and how many there are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UidRangeSetting {
-    pub start: u32,
-    pub count: u32,
-}
-
-pub const DEFAULT_UID_RANGE: &str = "1500000000+1000000";
-
-fn parse_uid_range(text: &str) -> Result<UidRangeSetting, String> {
-    let bad =
-        || format!("{text:?} is not a uid range; write START+COUNT, e.g. \"{DEFAULT_UID_RANGE}\"");
-    let (start, count) = text.split_once('+').ok_or_else(bad)?;
-    let start: u32 = start.trim().parse().map_err(|_| bad())?;
-    let count: u32 = count.trim().parse().map_err(|_| bad())?;
-    if count == 0 || u64::from(start) + u64::from(count) > u64::from(u32::MAX) {
-        return Err(format!("{text:?} is empty or runs past the largest uid"));
-    }
-    if start < 65_536 {
-        return Err(format!(
-            "{text:?} starts below 65536, among ordinary users and system accounts; choose a range far above them"
-        ));
-    }
-    Ok(UidRangeSetting { start, count })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,23 +359,25 @@ impl Config {
             }
         };
 
-        let uid_range = parse_uid_range(raw.jail.uid_range.as_deref().unwrap_or(DEFAULT_UID_RANGE))
-            .map_err(|reason| err("jail.uid_range", reason))?;
+        let uid_range = granary_model::UidRange::parse(
+            raw.jail
+                .uid_range
+                .as_deref()
+                .unwrap_or("1500000000+1000000"),
+        )
+        .map_err(|reason| err("jail.uid_range", reason))?;
 
         let cgroup_parent = raw
             .jail
             .cgroup_parent
             .clone()
             .unwrap_or_else(|| "granary".to_owned());
-        let parent_ok = !cgroup_parent.is_empty()
-            && cgroup_parent.len() <= 64
-            && cgroup_parent
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !parent_ok {
+        if !granary_model::valid_resource_name(&cgroup_parent) {
             return Err(err(
                 "jail.cgroup_parent",
-                format!("{cgroup_parent:?} must be 1 to 64 of a-z, 0-9 and '-'"),
+                format!(
+                    "{cgroup_parent:?} must be 1 to 64 of a-z, 0-9 and '-', not starting with '-'"
+                ),
             ));
         }
         let g = &raw.grains;
@@ -755,7 +732,7 @@ mod tests {
         let config = resolve_text("[jail]\nuid_range = \"2000000000+5000\"").unwrap();
         assert_eq!(
             config.uid_range,
-            UidRangeSetting {
+            granary_model::UidRange {
                 start: 2_000_000_000,
                 count: 5000
             }

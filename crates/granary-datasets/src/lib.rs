@@ -377,20 +377,8 @@ pub(crate) fn err<'a>(
     }
 }
 
-/// A grain id as datasets, snapshots and backups name it: 1 to 64 of
-/// `a-z`, `0-9` and `-`, not starting with `-` (`<user>-<kind>`; scratch
-/// datasets start with a digit).
-pub fn valid_grain_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && !id.starts_with('-')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 pub(crate) fn check_id(grain: &str) -> Result<(), DatasetError> {
-    if valid_grain_id(grain) {
+    if granary_model::valid_resource_name(grain) {
         Ok(())
     } else {
         Err(DatasetError {

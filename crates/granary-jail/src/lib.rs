@@ -31,7 +31,7 @@ mod spec;
 pub use error::JailError;
 pub use spec::{
     CgroupDriver, DEFAULT_UID_RANGE, GrainSpec, INSIDE_GID, INSIDE_UID, JailConfig, Limits, Plan,
-    UidRange,
+    UidRange, uid_range_free_on_host,
 };
 
 /// One line for `granary status`: how grains are isolated on this host.

@@ -12,76 +12,15 @@ use crate::JailError;
 pub const INSIDE_UID: u32 = 1000;
 pub const INSIDE_GID: u32 = 1000;
 
-/// Host uids Granary hands to grains, one each: far above the ranges Debian's
-/// `adduser` and `/etc/subuid` allocate (100000 + 65536 per user).
-pub const DEFAULT_UID_RANGE: UidRange = UidRange {
-    start: 1_500_000_000,
-    count: 1_000_000,
-};
+pub use granary_model::{DEFAULT_UID_RANGE, UidRange};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UidRange {
-    pub start: u32,
-    pub count: u32,
-}
-
-impl UidRange {
-    pub fn contains(&self, uid: u32) -> bool {
-        uid >= self.start && u64::from(uid) < u64::from(self.start) + u64::from(self.count)
-    }
-
-    fn overlaps(&self, start: u64, count: u64) -> bool {
-        let (a0, a1) = (
-            u64::from(self.start),
-            u64::from(self.start) + u64::from(self.count),
-        );
-        start < a1 && a0 < start + count
-    }
-
-    /// Refuses a range that overlaps a user or group in `passwd`/`group`
-    /// text or a subordinate range in `subuid`/`subgid` text: grains must
-    /// never share a uid with anything else on the host.
-    pub fn check_free(&self, passwd: &str, subordinate: &str) -> Result<(), JailError> {
-        if self.count == 0 || u64::from(self.start) + u64::from(self.count) > u64::from(u32::MAX) {
-            return Err(JailError::new(format!(
-                "uid range {}+{} is empty or runs past the largest uid",
-                self.start, self.count
-            )));
-        }
-        for line in passwd.lines().filter(|l| !l.starts_with('#')) {
-            let fields: Vec<&str> = line.split(':').collect();
-            if let Some(Ok(id)) = fields.get(2).map(|f| f.parse::<u64>())
-                && self.overlaps(id, 1)
-            {
-                return Err(JailError::new(format!(
-                    "uid range {}+{} contains id {id} of {:?} in /etc/passwd or /etc/group; choose another range",
-                    self.start, self.count, fields[0]
-                )));
-            }
-        }
-        for line in subordinate.lines().filter(|l| !l.starts_with('#')) {
-            let fields: Vec<&str> = line.split(':').collect();
-            if let (Some(Ok(start)), Some(Ok(count))) = (
-                fields.get(1).map(|f| f.parse::<u64>()),
-                fields.get(2).map(|f| f.parse::<u64>()),
-            ) && self.overlaps(start, count)
-            {
-                return Err(JailError::new(format!(
-                    "uid range {}+{} overlaps the subordinate range {start}+{count} of {:?} in /etc/subuid or /etc/subgid; choose another range",
-                    self.start, self.count, fields[0]
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// [`UidRange::check_free`] against this host's files.
-    pub fn check_free_on_host(&self) -> Result<(), JailError> {
-        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-        let ids = format!("{}\n{}", read("/etc/passwd"), read("/etc/group"));
-        let subs = format!("{}\n{}", read("/etc/subuid"), read("/etc/subgid"));
-        self.check_free(&ids, &subs)
-    }
+/// [`UidRange::check_free`] against this host's users, groups and
+/// subordinate id ranges: grains must never share a uid with anything else.
+pub fn uid_range_free_on_host(range: &UidRange) -> Result<(), JailError> {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let ids = format!("{}\n{}", read("/etc/passwd"), read("/etc/group"));
+    let subs = format!("{}\n{}", read("/etc/subuid"), read("/etc/subgid"));
+    range.check_free(&ids, &subs).map_err(JailError::new)
 }
 
 /// Which cgroup hierarchy to use, and where it is mounted.
@@ -189,16 +128,11 @@ pub struct Plan {
 }
 
 fn check_id(grain: &str) -> Result<(), JailError> {
-    let ok = !grain.is_empty()
-        && grain.len() <= 64
-        && grain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
+    if granary_model::valid_resource_name(grain) {
         Ok(())
     } else {
         Err(JailError::new(format!(
-            "grain id {grain:?} must be 1 to 64 of a-z, 0-9 and '-'"
+            "grain id {grain:?} must be 1 to 64 of a-z, 0-9 and '-', not starting with '-'"
         )))
     }
 }
@@ -382,33 +316,7 @@ mod tests {
     }
 
     #[test]
-    fn uid_range_must_not_overlap_host_users_or_subordinate_ranges() {
-        let range = UidRange {
-            start: 100_000,
-            count: 1000,
-        };
-        let passwd = "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n";
-        range.check_free(passwd, "").unwrap();
-        let err = range
-            .check_free("odd:x:100500:1::/:/bin/false\n", "")
-            .unwrap_err();
-        assert!(err.to_string().contains("\"odd\""), "{err}");
-        let err = range
-            .check_free(passwd, "alice:100000:65536\n")
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("subordinate range 100000+65536"),
-            "{err}"
-        );
-        range.check_free(passwd, "alice:165536:65536\n").unwrap();
-        assert!(
-            UidRange {
-                start: u32::MAX - 1,
-                count: 10
-            }
-            .check_free("", "")
-            .is_err()
-        );
-        DEFAULT_UID_RANGE.check_free_on_host().unwrap();
+    fn the_default_uid_range_is_free_on_this_host() {
+        uid_range_free_on_host(&DEFAULT_UID_RANGE).unwrap();
     }
 }

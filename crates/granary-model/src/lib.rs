@@ -5,12 +5,16 @@
 //! [`UserName`] never has to wonder whether it is safe to use as a DNS label,
 //! an e-mail local part or a path component.
 
+mod grain_id;
 mod grain_kind;
 mod manifest;
+mod uid_range;
 mod user_name;
 
+pub use grain_id::{GrainId, GrainIdError, valid_resource_name};
 pub use grain_kind::{GrainKind, GrainKindError};
 pub use manifest::{
     MANIFEST_FILE, Manifest, ManifestError, ManifestLimits, check_descriptor, compare_versions,
 };
+pub use uid_range::{DEFAULT_UID_RANGE, UidRange};
 pub use user_name::{RESERVED_USER_NAMES, UserName, UserNameError};

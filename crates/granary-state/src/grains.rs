@@ -87,12 +87,6 @@ fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<App> {
     })
 }
 
-/// The id of `user`'s grain of `kind`: readable, and unambiguous because
-/// kinds never contain '-'.
-pub fn grain_id(user: &str, kind: &str) -> String {
-    format!("{user}-{kind}")
-}
-
 /// Columns and joins of a grain row, for `SELECT {GRAIN_COLUMNS} WHERE ...`.
 const GRAIN_COLUMNS: &str = "g.id, u.name, g.kind, g.host_uid, g.created_at
     FROM grains g JOIN users u ON u.id = g.user_id";
@@ -113,7 +107,7 @@ pub enum HostUid {
     /// This one (a restore that keeps its uid, tests).
     Exact(u32),
     /// The lowest uid in `start..start + count` no grain has.
-    FirstFreeIn { start: u32, count: u32 },
+    FirstFreeIn(granary_model::UidRange),
 }
 
 /// The lowest uid of the range that no grain holds: `start` itself, or one
@@ -330,7 +324,7 @@ impl Store {
         let uid = crate::users::user_id(&tx, user)?;
         let host_uid = match host_uid {
             HostUid::Exact(uid) => uid,
-            HostUid::FirstFreeIn { start, count } => first_free_uid(&tx, start, count)?,
+            HostUid::FirstFreeIn(range) => first_free_uid(&tx, range.start, range.count)?,
         };
         let inserted = tx.execute(
             "INSERT INTO grains (id, user_id, kind, host_uid) VALUES (?1, ?2, ?3, ?4)",
@@ -432,9 +426,11 @@ impl Store {
         for (user_id, user, kind) in missing {
             let host_uid = match uids {
                 HostUid::Exact(uid) => uid,
-                HostUid::FirstFreeIn { start, count } => first_free_uid(&tx, start, count)?,
+                HostUid::FirstFreeIn(range) => first_free_uid(&tx, range.start, range.count)?,
             };
-            let id = grain_id(&user, &kind);
+            let id = granary_model::GrainId::for_user(&user, &kind)
+                .map_err(|e| StateError::Invalid(e.to_string()))?
+                .to_string();
             tx.execute(
                 "INSERT INTO grains (id, user_id, kind, host_uid) VALUES (?1, ?2, ?3, ?4)",
                 params![id, user_id, kind, host_uid],
@@ -808,10 +804,10 @@ mod tests {
         for kind in ["git", "blog", "mail"] {
             store.register_app(kind, kind, "1", "admin").unwrap();
         }
-        let range = HostUid::FirstFreeIn {
+        let range = HostUid::FirstFreeIn(granary_model::UidRange {
             start: 5000,
             count: 3,
-        };
+        });
         let uid = |id: &str, user: &str, kind: &str| {
             store
                 .create_grain(id, &name(user), kind, range, "admin")
@@ -879,10 +875,10 @@ mod supervisor_queries {
     use super::*;
     use crate::test_support::*;
 
-    const UIDS: HostUid = HostUid::FirstFreeIn {
+    const UIDS: HostUid = HostUid::FirstFreeIn(granary_model::UidRange {
         start: 7000,
         count: 100,
-    };
+    });
 
     #[test]
     fn ensure_grains_makes_one_per_user_and_app_once() {

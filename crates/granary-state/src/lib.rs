@@ -24,7 +24,7 @@ use rusqlite::Connection;
 
 pub use app_passwords::{AppPassword, RevokeSelector};
 pub use audit::AuditEvent;
-pub use grains::{App, Grain, Grant, HostUid, NewApp, grain_id};
+pub use grains::{App, Grain, Grant, HostUid, NewApp};
 pub use migrate::LATEST_SCHEMA_VERSION;
 pub use repos::SshKey;
 pub use users::{User, UserCredentials};
@@ -73,6 +73,9 @@ pub enum StateError {
     UserHasGrains { user: String, grains: u64 },
     #[error("{0} already exists")]
     Conflict(String),
+    /// A name or record that breaks one of Granary's rules.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Shorthand for wrapping rusqlite errors with the operation's name.

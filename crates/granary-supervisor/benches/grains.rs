@@ -186,10 +186,10 @@ fn main() {
     }
     store
         .ensure_grains(
-            HostUid::FirstFreeIn {
+            HostUid::FirstFreeIn(granary_model::UidRange {
                 start: 1_700_000_000,
                 count: 1000,
-            },
+            }),
             "bench",
         )
         .unwrap();

@@ -11,14 +11,10 @@ pub enum Route {
     Unknown,
 }
 
-/// A user name as the rest of Granary accepts it: 1 to 32 of `a-z`, `0-9`
-/// and `-`, starting with a letter.
+/// A user name as the rest of Granary accepts it (`granary_model::UserName`:
+/// the one rule).
 pub fn valid_user(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    granary_model::UserName::new(name).is_ok()
 }
 
 /// A repository name: 1 to 100 of `[A-Za-z0-9._-]`, not starting with '.'

@@ -68,17 +68,22 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 /// Refuses a grain uid range that overlaps this host's users, groups or
 /// subordinate id ranges: grains must never share a uid with anything else.
 fn check_uid_range(config: &Config) -> anyhow::Result<()> {
-    let range = granary_jail::UidRange {
-        start: config.uid_range.start,
-        count: config.uid_range.count,
-    };
-    range.check_free_on_host().map_err(|e| {
+    granary_jail::uid_range_free_on_host(&config.uid_range).map_err(|e| {
         anyhow::anyhow!(granary_config::ConfigError {
             file: config.file.clone(),
             key: Some("jail.uid_range".to_owned()),
             reason: e.step,
         })
     })
+}
+
+/// `[packages]` as the package reader takes it.
+pub(crate) fn package_limits(config: &Config) -> granary_package::Limits {
+    granary_package::Limits {
+        max_package_bytes: config.packages.max_package_bytes,
+        max_unpacked_bytes: config.packages.max_unpacked_bytes,
+        max_entries: config.packages.max_entries,
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -115,11 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Pack(cmd) => {
             let limits = match load_config(&cli) {
-                Ok(c) => granary_package::Limits {
-                    max_package_bytes: c.packages.max_package_bytes,
-                    max_unpacked_bytes: c.packages.max_unpacked_bytes,
-                    max_entries: c.packages.max_entries,
-                },
+                Ok(c) => package_limits(&c),
                 Err(_) => granary_package::Limits::default(),
             };
             pack::run(cmd, &limits)

@@ -1024,7 +1024,9 @@ impl admin::Server for AdminService {
         }
         let mut created = false;
         if p.get_create() {
-            let id = granary_state::grain_id(user.as_str(), "git");
+            let id = granary_model::GrainId::for_user(user.as_str(), "git")
+                .map_err(fail)?
+                .to_string();
             let status = self.grains.sup.status(&id).await.map_err(|_| {
                 fail(format!(
                     "{user} has no git grain: is the git app installed? (granary app list)"

@@ -383,7 +383,7 @@ impl Backups {
             }
         };
         let user = UserName::new(as_user.as_deref().unwrap_or(&entry.user)).map_err(msg)?;
-        let id = granary_state::grain_id(user.as_str(), &entry.kind);
+        let id = super::grain_admin::grain_id(&format!("{user}/{}", entry.kind));
 
         // The owner and the grain record (as `user add` would make them).
         let (store, datasets, uids) = (self.store.clone(), self.datasets.clone(), self.uids);

@@ -82,7 +82,7 @@ impl Backend for DaemonBackend {
     ) -> BoxFuture<Result<Upstream, String>> {
         let (tx, grain, service) = (
             self.connect.clone(),
-            granary_state::grain_id(owner, kind),
+            super::grain_admin::grain_id(&format!("{owner}/{kind}")),
             service.to_owned(),
         );
         Box::pin(async move {

@@ -95,10 +95,9 @@ fn staging_name(what: &str) -> anyhow::Result<String> {
 
 /// `alice/git` or a grain id, as the grain id.
 pub(super) fn grain_id(reference: &str) -> String {
-    match reference.split_once('/') {
-        Some((user, kind)) => granary_state::grain_id(user, kind),
-        None => reference.to_owned(),
-    }
+    granary_model::GrainId::from_reference(reference)
+        .map(|g| g.to_string())
+        .unwrap_or_else(|_| reference.to_owned())
 }
 
 /// Copies `from` into `to` (which must not exist): directories, regular

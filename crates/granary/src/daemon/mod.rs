@@ -130,10 +130,7 @@ async fn serve(
         data_dir: config.data_dir.clone(),
         domain: config.domain.clone(),
         storage_backend: config.storage.name(),
-        sandbox: granary_jail::describe_host(granary_jail::UidRange {
-            start: config.uid_range.start,
-            count: config.uid_range.count,
-        }),
+        sandbox: granary_jail::describe_host(config.uid_range),
         ca_file: ca_file.clone(),
         listeners: vec![
             ("https".to_owned(), https_addr.to_string()),
@@ -260,10 +257,7 @@ async fn grains_setup(
     if !launcher.exists() {
         tracing::warn!(launcher = %launcher.display(), "granary-launcher is missing beside granary; grains cannot start");
     }
-    let uids = granary_state::HostUid::FirstFreeIn {
-        start: config.uid_range.start,
-        count: config.uid_range.count,
-    };
+    let uids = granary_state::HostUid::FirstFreeIn(config.uid_range);
     let s = store.clone();
     let made = tokio::task::spawn_blocking(move || s.ensure_grains(uids, "daemon")).await??;
     for g in made {
@@ -276,10 +270,7 @@ async fn grains_setup(
             datasets,
             jail: granary_jail::JailConfig {
                 data_root: grains_dir,
-                uid_range: granary_jail::UidRange {
-                    start: config.uid_range.start,
-                    count: config.uid_range.count,
-                },
+                uid_range: config.uid_range,
                 cgroup: granary_jail::JailConfig::detect_cgroup(),
                 cgroup_parent: config.cgroup_parent.clone(),
             },
@@ -314,11 +305,7 @@ async fn grains_setup(
         backup: config.backup.clone(),
         data_dir: config.data_dir.clone(),
         connects: None,
-        package_limits: granary_package::Limits {
-            max_package_bytes: config.packages.max_package_bytes,
-            max_unpacked_bytes: config.packages.max_unpacked_bytes,
-            max_entries: config.packages.max_entries,
-        },
+        package_limits: crate::package_limits(config),
     })
 }
 
