@@ -37,7 +37,8 @@
 // The app's futures run on a LocalSet and are deliberately not `Send`.
 #![allow(async_fn_in_trait)]
 
-pub mod handoff;
+/// Connection hand-off (the same crate the host speaks).
+pub use granary_handoff as handoff;
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -23,8 +23,8 @@ mod host;
 mod membrane;
 mod rpc;
 
-/// Connection hand-off; both ends live in the SDK.
-pub use granary_sdk::handoff;
+/// Connection hand-off; the same crate the SDK speaks.
+pub use granary_handoff as handoff;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};

@@ -7,7 +7,11 @@
 //! - [`ByteStreamWriter`] and [`pump_to`]: the bytes themselves travel in
 //!   `ByteStream.write` calls over the capnp channel.
 //!
-//! `benches/handoff.rs` measures both against a direct socket.
+//! `granary-supervisor`'s `benches/handoff.rs` measures both against a
+//! direct socket. The host (`granary-supervisor`) and apps (`granary-sdk`)
+//! both link this crate; neither links the other.
+
+#![allow(unsafe_code)] // adopting descriptors received with SCM_RIGHTS
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
