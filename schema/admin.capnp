@@ -20,44 +20,72 @@ using Stream = import "stream.capnp";
 using Package = import "package.capnp";
 
 interface Admin {
+  # The root: status, and one capability per concern. Calls on a
+  # capability returned here are pipelined (`admin.users().add(...)` is one
+  # round trip). Room for what comes next: mail, dav, xmpp, tasks, nodes,
+  # each a method returning an interface of its own.
+
   status @0 () -> (status :Status);
   # Health, versions, counts and where things are.
 
-  addUser @1 (name :Text, password :Text) -> (user :User, generatedPassword :Text);
+  users @1 () -> (users :Users);
+  apps @2 () -> (apps :Apps);
+  grains @3 () -> (grains :Grains);
+  grants @4 () -> (grants :Grants);
+  snapshots @5 () -> (snapshots :Snapshots);
+  backups @6 () -> (backups :Backups);
+  git @7 () -> (git :Git);
+  blog @8 () -> (blog :Blog);
+}
+
+interface Users {
+  # Accounts and their credentials: account passwords, per-device app
+  # passwords, SSH keys.
+
+  add @0 (name :Text, password :Text) -> (user :User, generatedPassword :Text);
   # Creates a user. An empty `password` asks the daemon to generate one,
   # which it returns in `generatedPassword` (empty otherwise). The name must
   # be a valid, unreserved user name; the password at least 12 characters.
 
-  listUsers @2 () -> (users :List(User));
+  list @1 () -> (users :List(User));
   # All users, sorted by name.
 
-  removeUser @3 (name :Text, purge :Bool) -> ();
+  remove @2 (name :Text, purge :Bool) -> ();
   # Removes a user and their app passwords. Refused while any of their
   # grains holds data, unless `purge`: then each grain is stopped, a final
   # snapshot taken where the storage backend has snapshots, and its dataset
   # and record destroyed.
 
-  setPassword @4 (name :Text, password :Text) -> (generatedPassword :Text);
+  setPassword @3 (name :Text, password :Text) -> (generatedPassword :Text);
   # Replaces a user's account password; empty `password` generates one.
 
-  checkPassword @5 (name :Text, kind :Text, password :Text) -> (valid :Bool);
+  checkPassword @4 (name :Text, kind :Text, password :Text) -> (valid :Bool);
   # Would this login succeed? With an empty `kind`, checks the account
   # password; with a grain kind, also that kind's app passwords (what a
   # protocol client of that kind may log in with). Unknown users are simply
   # not valid.
 
-  addAppPassword @6 (user :Text, kind :Text, label :Text) -> (appPassword :AppPassword, password :Text);
+  addAppPassword @5 (user :Text, kind :Text, label :Text) -> (appPassword :AppPassword, password :Text);
   # Issues a per-device password valid for one grain kind only. `password`
   # is shown once; only its hash is kept.
 
-  listAppPasswords @7 (user :Text, kind :Text) -> (appPasswords :List(AppPassword));
+  listAppPasswords @6 (user :Text, kind :Text) -> (appPasswords :List(AppPassword));
   # A user's app passwords (never the secrets); `kind` filters when not empty.
 
-  revokeAppPasswords @8 (user :Text, selector :RevokeSelector) -> (revoked :UInt32);
+  revokeAppPasswords @7 (user :Text, selector :RevokeSelector) -> (revoked :UInt32);
   # Revokes one app password by id (an error if the user has none with that
   # id), or all of one kind.
 
-  installApp @9 (path :Text, replace :Bool) -> (app :App, grainsCreated :UInt32);
+  addSshKey @8 (user :Text, key :Text, label :Text) -> (key :SshKey);
+  # An OpenSSH public key line for git over SSH; a key belongs to one user.
+
+  listSshKeys @9 (user :Text) -> (keys :List(SshKey));
+
+  removeSshKey @10 (user :Text, id :Int64) -> (removed :Bool);
+}
+
+interface Apps {
+  install @0 (path :Text, replace :Bool) -> (app :App, grainsCreated :UInt32);
   # Installs a signed package file (`granary pack build`), or an unsigned
   # app directory (`granary-app.toml` and `image/`) in development mode.
   # A package's signature is verified first; its image is unpacked into
@@ -66,96 +94,105 @@ interface Admin {
   # installed kind is refused unless `replace`. The kind's running grains
   # are stopped when their image changes; they start again on next use.
 
-  listApps @10 () -> (apps :List(App));
+  list @1 () -> (apps :List(App));
 
-  removeApp @11 (kind :Text, purge :Bool) -> ();
-  # Refused while its grains hold data, unless `purge` (as removeUser).
+  remove @2 (kind :Text, purge :Bool) -> ();
+  # Refused while its grains hold data, unless `purge` (as Users.remove).
 
-  listGrains @12 () -> (grains :List(GrainStatus));
-
-  startGrain @13 (grain :Text) -> (status :GrainStatus);
-  # `grain` is `user/kind` or the grain id. Also clears a crash-loop hold.
-
-  stopGrain @14 (grain :Text) -> (wasRunning :Bool);
-  # Graceful: the grain's shutdown call, SIGTERM, then SIGKILL.
-
-  grainStatus @15 (grain :Text) -> (status :GrainStatus);
-
-  grainLogs @16 (grain :Text, maxBytes :UInt64) -> (log :Data);
-  # The end of the grain's captured stdout and stderr.
-
-  connectGrain @17 (grain :Text, service :Text, user :Text, client :Stream.ByteStream) -> (upstream :Stream.ByteStream);
-  # A connection to one of the grain's services as `user` (a development
-  # and diagnostics tool: the CLI's stdin and stdout become the client). The
-  # daemon writes the grain's bytes to `client`; the CLI writes its bytes to
-  # `upstream` and ends it when its input ends.
-
-  addGrant @18 (from :Text, to :Text, capability :Text) -> (grant :Grant);
-  # Lets grain `from` use `capability` (`<interface>[:<argument>]`) provided
-  # by grain `to`. Both must belong to the same user, and `to`'s app must
-  # offer the interface.
-
-  listGrants @19 () -> (grants :List(Grant));
-
-  revokeGrant @20 (id :Int64) -> ();
-  # Cuts every live capability of the grant at once and invalidates its
-  # sturdy tokens.
-
-  upgradeApp @21 (path :Text) -> (app :App, previousVersion :Text, restarted :UInt32, rolledBack :Bool, error :Text);
+  upgrade @3 (path :Text) -> (app :App, previousVersion :Text, restarted :UInt32, rolledBack :Bool, error :Text);
   # Installs a newer version (by the same signer) of an installed app from
   # a package file: stops the kind's running grains, points them at the new
   # image and starts them again. If one fails to start, everything goes
   # back to the previous version (`rolledBack`, with the failure in
   # `error`) and those grains are started on it.
+}
 
-  listSnapshots @22 (grain :Text) -> (snapshots :List(Snapshot));
+interface Grains {
+  # `grain` is `user/kind` or the grain id.
 
-  createSnapshot @23 (grain :Text, label :Text) -> (name :Text, report :Text, frozenMicros :UInt64);
+  list @0 () -> (grains :List(GrainStatus));
+
+  start @1 (grain :Text) -> (status :GrainStatus);
+  # Also clears a crash-loop hold.
+
+  stop @2 (grain :Text) -> (wasRunning :Bool);
+  # Graceful: the grain's shutdown call, SIGTERM, then SIGKILL.
+
+  status @3 (grain :Text) -> (status :GrainStatus);
+
+  logs @4 (grain :Text, maxBytes :UInt64) -> (log :Data);
+  # The end of the grain's captured stdout and stderr.
+
+  connect @5 (grain :Text, service :Text, user :Text, client :Stream.ByteStream) -> (upstream :Stream.ByteStream);
+  # A connection to one of the grain's services as `user` (the grain's
+  # owner when empty), authenticated as the admin (a development and
+  # diagnostics tool: the CLI's stdin and stdout become the client). The
+  # daemon writes the grain's bytes to `client`; the CLI writes its bytes
+  # to `upstream` and ends it when its input ends.
+}
+
+interface Grants {
+  add @0 (from :Text, to :Text, capability :Text) -> (grant :Grant);
+  # Lets grain `from` use `capability` (`<interface>[:<argument>]`) provided
+  # by grain `to`. Both must belong to the same user, and `to`'s app must
+  # offer the interface.
+
+  list @1 () -> (grants :List(Grant));
+
+  revoke @2 (id :Int64) -> ();
+  # Cuts every live capability of the grant at once and invalidates its
+  # sturdy tokens.
+}
+
+interface Snapshots {
+  list @0 (grain :Text) -> (snapshots :List(Snapshot));
+
+  create @1 (grain :Text, label :Text) -> (name :Text, report :Text, frozenMicros :UInt64);
   # A consistent snapshot: a running grain checkpoints (its
-  # `prepareSnapshot`), is frozen, snapshotted and thawed. `label` empty
-  # makes `manual-<unix time>`; manual snapshots are never pruned.
+  # `prepareSnapshot`), is frozen, snapshotted and thawed. A grain that
+  # never ran gets an empty dataset first. `label` empty makes
+  # `manual-<unix time>`; manual snapshots are never pruned.
 
-  rollbackSnapshot @24 (grain :Text, name :Text) -> (restarted :Bool);
+  rollback @2 (grain :Text, name :Text) -> (restarted :Bool);
   # Stops the grain, rolls its dataset back, starts it again if it ran.
 
-  pruneSnapshots @25 (grain :Text) -> (deleted :List(Text));
+  prune @3 (grain :Text) -> (deleted :List(Text));
   # Applies the retention grid now.
+}
 
-  exportBackup @26 (dir :Text, target :Text, user :Text, grain :Text, progress :Progress) -> (reportJson :Text);
+interface Backups {
+  export @0 (dir :Text, target :Text, user :Text, grain :Text, progress :Progress) -> (reportJson :Text);
   # Exports grains (one, a user's, or all when both are empty) to directory
   # `dir` or the configured target named `target`: a consistent snapshot of
   # each, streamed incrementally from the target's last one, encrypted to
   # `backup.recipients`, chunked and signed. Resumes a cut-off export.
   # `reportJson` is a JSON array of per-stream reports.
 
-  restoreBackup @27 (from :Text, grain :Text, identity :Data, as :Text, snapshot :Text, trust :List(Text), drill :Bool, progress :Progress) -> (reportJson :Text);
+  restore @1 (from :Text, grain :Text, identity :Data, as :Text, snapshot :Text, trust :List(Text), drill :Bool, progress :Progress) -> (reportJson :Text);
   # Restores `grain` (`user/kind`) from directory or target `from` with the
   # admin's age identity (held in memory for this call only), as user `as`
   # if given, at `snapshot` (else the latest), then starts it. With
   # `drill`, restores every grain (or `grain`) into scratch datasets,
   # compares the files with the export's digests and removes them.
 
-  backupKeys @28 () -> (nodeKey :Text, recipients :List(Text), targets :List(Text));
+  keys @2 () -> (nodeKey :Text, recipients :List(Text), targets :List(Text));
+  # This node's public key (what a receiver allows and a restore trusts),
+  # the configured recipients and targets.
+}
 
-  gitRepo @29 (user :Text, repo :Text, create :Bool, visibility :Text) -> (public :Bool, created :Bool);
+interface Git {
+  repo @0 (user :Text, repo :Text, create :Bool, visibility :Text) -> (public :Bool, created :Bool);
   # With `create`, makes an empty repository in the user's git grain
   # (started if needed; `created` is false when it existed). `visibility`
   # "public" (anyone may clone; only the owner pushes) or "private" sets it;
   # empty leaves it. Answers the visibility after.
+}
 
-  addSshKey @30 (user :Text, key :Text, label :Text) -> (key :SshKey);
-  # An OpenSSH public key line for git over SSH; a key belongs to one user.
-
-  listSshKeys @31 (user :Text) -> (keys :List(SshKey));
-
-  removeSshKey @32 (user :Text, id :Int64) -> (removed :Bool);
-
-  blogDomains @33 (user :Text, add :Text, remove :Text) -> (domains :List(Text));
+interface Blog {
+  domains @0 (user :Text, add :Text, remove :Text) -> (domains :List(Text));
   # Registers `add` and/or unregisters `remove` (either may be empty) as a
   # domain of the user's blog; answers the user's domains after. Its
   # certificate: DATA_DIR/tls/domains/<domain>/cert.pem and key.pem.
-  # This node's public key (what a receiver allows and a restore trusts),
-  # the configured recipients and targets.
 }
 
 interface Progress {
@@ -204,6 +241,8 @@ struct GrainStatus {
   connections @11 :UInt32;
   callsInFlight @12 :UInt32;
   wakeLocks @13 :List(Text); # The reasons the grain gave.
+  oomKills @14 :UInt64;      # Times a process in it was killed at its memory limit.
+  memoryLimit @15 :UInt64;   # Bytes; 0 when it has none.
 }
 
 struct Grant {
@@ -257,6 +296,6 @@ struct Status {
 }
 
 struct Listener {
-  name @0 :Text;     # "https", later "smtp", "imap", "xmpp", "ssh", ...
+  name @0 :Text;     # "https", "ssh", later "smtp", "imap", "xmpp", ...
   address @1 :Text;  # The address actually bound, e.g. "127.0.0.1:8443".
 }

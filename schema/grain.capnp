@@ -66,7 +66,7 @@ struct Identity {
   # a public repository, mail arriving from the internet).
   method @1 :AuthMethod;
   credentialId @2 :Int64;
-  # Which app password authenticated the client (0 when not an app password),
+  # Which app password or SSH key authenticated the client (0 when none),
   # so the app can show per-device activity.
 }
 
@@ -77,6 +77,8 @@ enum AuthMethod {
   sshKey @3;
   clientSecret @4;
   # Taskwarrior 3's client id.
+  admin @5;
+  # The host's admin, through `granary grain connect` on the admin socket.
 }
 
 struct Peer {

@@ -135,3 +135,57 @@ fn the_map_parser_reads_forbidden_names() {
     assert_eq!(map["a"].forbidden, ["tokio", "hyper"]);
     assert!(map["b"].forbidden.is_empty());
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The gateway, the admin server and the backup code reach grains only
+/// through `granary_grains::Grains`: in the binary, only the start-up that
+/// makes the supervisor's thread names the supervisor. (The gateway's crate
+/// cannot depend on it at all: its row forbids it.)
+#[test]
+fn grains_are_reached_only_through_the_grains_interface() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/granary/src");
+    let allowed = src.join("daemon/start.rs");
+    let mut offenders = Vec::new();
+    for file in rust_files(&src) {
+        if file == allowed {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        if text.contains("granary_supervisor") || text.contains("Supervisor::") {
+            offenders.push(file.display().to_string());
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "these reach the supervisor directly instead of through granary_grains::Grains: {offenders:?}"
+    );
+}
+
+/// Rooms that grow too big get split: no hand-written file of the binary
+/// is over 600 lines.
+#[test]
+fn no_file_of_the_binary_is_over_600_lines() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/granary/src");
+    let big: Vec<String> = rust_files(&src)
+        .into_iter()
+        .filter_map(|f| {
+            let lines = std::fs::read_to_string(&f).unwrap().lines().count();
+            (lines > 600).then(|| format!("{} ({lines} lines)", f.display()))
+        })
+        .collect();
+    assert!(big.is_empty(), "split these by concern: {big:?}");
+}

@@ -336,7 +336,7 @@ fn bad_config_is_one_line_naming_file_and_key() {
     let file = dir.path().join("granary.toml");
     std::fs::write(
         &file,
-        "domain = \"example.org\"\n[listen]\nhttps = \"127.0.0.1:0\"\nsmtp = \"x\"\n",
+        "domain = \"example.org\"\n[gateway]\nhandshake_timeout = \"5s\"\nsmtp = \"x\"\n",
     )
     .unwrap();
     let run = run_granary(&["config", "check", file.to_str().unwrap()], None).failure();
@@ -353,6 +353,18 @@ fn bad_config_is_one_line_naming_file_and_key() {
     let run = run_granary(&["--config", file.to_str().unwrap(), "serve"], None).failure();
     assert!(run.stderr.contains("unknown field `smtp`"), "{run}");
     assert!(!dir.path().join("granary-data").exists());
+
+    // Listeners are named; a misspelt one is named back with the known
+    // ones, and one this version has no server for says so.
+    std::fs::write(&file, "[listen]\nsmpt = \"127.0.0.1:2525\"\n").unwrap();
+    let run = run_granary(&["config", "check", file.to_str().unwrap()], None).failure();
+    assert!(
+        run.stderr.contains("listen.smpt") && run.stderr.contains("https, ssh, smtp"),
+        "{run}"
+    );
+    std::fs::write(&file, "[listen]\nxmpp = \"127.0.0.1:5222\"\n").unwrap();
+    let run = run_granary(&["config", "check", file.to_str().unwrap()], None).failure();
+    assert!(run.stderr.contains("no xmpp server yet"), "{run}");
 
     std::fs::write(&file, "[listen]\nhttps = \"localhost:443\"\n").unwrap();
     let run = run_granary(&["config", "check", file.to_str().unwrap()], None).failure();

@@ -152,7 +152,7 @@ fn users_get_one_grain_per_app_and_removal_needs_purge_once_grains_hold_data() {
     );
     assert_eq!(
         daemon.ask("alice/hello", "whoami"),
-        "user=alice grain=alice-hello owner=alice kind=hello"
+        "user=alice method=admin grain=alice-hello owner=alice kind=hello"
     );
 
     // Give alice's hello grain some data.

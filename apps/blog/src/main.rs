@@ -149,7 +149,7 @@ async fn rebuild(host: Host, repo: String) -> Result<String, capnp::Error> {
             let _ = std::fs::remove_dir_all(p);
         }
     }
-    eprintln!("site {repo} now at {commit}");
+    granary_sdk::log::info(&format!("site {repo} now at {commit}"));
     Ok(commit)
 }
 
@@ -169,7 +169,7 @@ impl notify::Server for Changed {
         let host = self.host.clone();
         granary_sdk::spawn_local(async move {
             if let Err(e) = rebuild(host, subject.clone()).await {
-                eprintln!("cannot rebuild from {subject}: {}", e.extra);
+                granary_sdk::log::warn(&format!("cannot rebuild from {subject}: {}", e.extra));
             }
         });
         Ok(())
@@ -312,7 +312,7 @@ impl App for Blog {
             .serve_connection(TokioIo::new(conn.stream), service)
             .await
         {
-            eprintln!("http connection ended: {e}");
+            granary_sdk::log::debug(&format!("http connection ended: {e}"));
         }
     }
 

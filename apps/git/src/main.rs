@@ -15,7 +15,7 @@ use std::rc::Rc;
 
 use futures::TryStreamExt;
 use granary_sdk::services_capnp::{git_repo_read, notify};
-use granary_sdk::{Accepted, App, GrainRef, Host};
+use granary_sdk::{Accepted, App, AuthMethod, GrainRef, Host};
 use granary_wire::http::valid_repo;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -196,11 +196,11 @@ async fn notify_push(host: Host, repo: String) {
             req.get().set_subject(&repo);
             req.get().set_revision(&head);
             if let Err(e) = req.send().promise.await {
-                eprintln!("notify:{repo}: {e}");
+                granary_sdk::log::warn(&format!("notify:{repo}: {e}"));
             }
         }
         // No grant: nobody asked to be told.
-        Err(e) => eprintln!("no notify:{repo} route ({})", e.extra),
+        Err(e) => granary_sdk::log::info(&format!("no notify:{repo} route ({})", e.extra)),
     }
 }
 
@@ -240,7 +240,7 @@ async fn create_repo(dir: &str) -> Result<bool, String> {
     Ok(true)
 }
 
-async fn handle(req: Request<Incoming>, host: Host) -> Response<Body> {
+async fn handle(req: Request<Incoming>, host: Host, admin: bool) -> Response<Body> {
     let user = req
         .headers()
         .get("x-granary-user")
@@ -252,12 +252,13 @@ async fn handle(req: Request<Incoming>, host: Host) -> Response<Body> {
     };
     let query = req.uri().query().unwrap_or("").to_owned();
     let dir = format!("{REPOS}/{repo}.git");
-    // `granary git create`: only the daemon can send this header (the
-    // gateway strips x-granary-* from clients).
-    if req
-        .headers()
-        .get("x-granary-admin")
-        .is_some_and(|v| v == "create")
+    // `granary git create`: only on a connection the host accepted as the
+    // admin's (the gateway never opens one of those).
+    if admin
+        && req
+            .headers()
+            .get("x-granary-admin")
+            .is_some_and(|v| v == "create")
     {
         return match create_repo(&dir).await {
             Ok(false) => text(StatusCode::OK, "exists"),
@@ -280,7 +281,7 @@ async fn handle(req: Request<Incoming>, host: Host) -> Response<Body> {
                 &format!("cannot create the repository: {e}"),
             );
         }
-        eprintln!("created {dir} for {user}");
+        granary_sdk::log::info(&format!("created {dir} for {user}"));
     }
     let header = |name: &str| {
         req.headers()
@@ -440,7 +441,7 @@ async fn git_over_ssh(stream: tokio::net::UnixStream, host: Host) -> std::io::Re
             frame(&write, b'e', format!("fatal: {e}\n").as_bytes()).await?;
             return frame(&write, b'x', &128u32.to_be_bytes()).await;
         }
-        eprintln!("created {dir} for {user}");
+        granary_sdk::log::info(&format!("created {dir} for {user}"));
     }
     let mut cmd = git_command(REPOS);
     cmd.arg(command)
@@ -494,22 +495,23 @@ impl App for Git {
     async fn accept(self: Rc<Self>, conn: Accepted) {
         if conn.service == "git-ssh" {
             if let Err(e) = git_over_ssh(conn.stream, self.host.clone()).await {
-                eprintln!("git over ssh: {e}");
+                granary_sdk::log::warn(&format!("git over ssh: {e}"));
             }
             return;
         }
         if conn.service != "http" {
             return;
         }
+        let admin = conn.method == AuthMethod::Admin;
         let service = hyper::service::service_fn(|req| {
             let host = self.host.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(req, host).await) }
+            async move { Ok::<_, std::convert::Infallible>(handle(req, host, admin).await) }
         });
         if let Err(e) = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(conn.stream), service)
             .await
         {
-            eprintln!("http connection ended: {e}");
+            granary_sdk::log::debug(&format!("http connection ended: {e}"));
         }
     }
 

@@ -9,12 +9,14 @@
 //! embedded defaults that `granary serve` and `granary demo` run on. The same
 //! defaults, commented, are [`DEFAULT_CONFIG_TOML`] (`granary config default`).
 
+pub mod listen;
 pub mod raw;
 pub mod resolve;
 
+pub use listen::{LISTENERS, Listen, ListenerKind};
 pub use raw::RawConfig;
 pub use resolve::{
-    Backup, BackupPlace, BackupTarget, Config, ConfigError, Environment, Gateway, Grains, Listen,
+    Backup, BackupPlace, BackupTarget, Config, ConfigError, Environment, Gateway, Grains,
     LogFormat, Packages, Snapshots, StorageBackend, TlsSource, parse_duration,
 };
 

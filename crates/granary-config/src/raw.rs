@@ -101,12 +101,9 @@ pub struct RawLog {
     pub level: Option<String>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawListen {
-    pub https: Option<String>,
-    pub ssh: Option<String>,
-}
+/// `[listen]`: listener name to `address:port` (or `"off"`); the names
+/// are checked when the config is resolved (`crate::listen`).
+pub type RawListen = std::collections::BTreeMap<String, String>;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,8 +1,8 @@
 //! From [`RawConfig`] to [`Config`]: defaults filled in, paths made absolute
 //! and checked, and errors that name the file, the key and the reason.
 
+use crate::listen::Listen;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -159,13 +159,6 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listen {
-    pub https: SocketAddr,
-    /// Git over SSH.
-    pub ssh: SocketAddr,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsSource {
     /// Granary's own certificate authority in `DATA_DIR/tls`.
     LocalCa,
@@ -217,8 +210,6 @@ impl fmt::Display for ConfigError {
 }
 
 pub const DEFAULT_DOMAIN: &str = "localhost";
-pub const DEFAULT_HTTPS: &str = "127.0.0.1:8443";
-pub const DEFAULT_SSH: &str = "127.0.0.1:2222";
 pub const DEFAULT_DATA_DIR: &str = "granary-data";
 
 impl Config {
@@ -284,23 +275,7 @@ impl Config {
             .or(raw.log.level)
             .unwrap_or_else(|| "info".to_owned());
 
-        let https_text = raw.listen.https.as_deref().unwrap_or(DEFAULT_HTTPS);
-        let https = https_text.parse::<SocketAddr>().map_err(|_| {
-            err(
-                "listen.https",
-                format!(
-                    "{https_text:?} is not an IP address and port; write for example \"127.0.0.1:8443\", \"[::]:443\" or \"127.0.0.1:0\""
-                ),
-            )
-        })?;
-
-        let ssh_text = raw.listen.ssh.as_deref().unwrap_or(DEFAULT_SSH);
-        let ssh = ssh_text.parse::<SocketAddr>().map_err(|_| {
-            err(
-                "listen.ssh",
-                format!("{ssh_text:?} is not an IP address and port; write for example \"127.0.0.1:2222\" or \"[::]:22\""),
-            )
-        })?;
+        let listen = Listen::resolve(&raw.listen).map_err(|(key, reason)| err(&key, reason))?;
 
         let tls = match (raw.tls.cert, raw.tls.key) {
             (None, None) => TlsSource::LocalCa,
@@ -550,7 +525,7 @@ impl Config {
             domain,
             log_format,
             log_level,
-            listen: Listen { https, ssh },
+            listen,
             tls,
             storage,
             uid_range,
@@ -664,7 +639,10 @@ mod tests {
         let config = Config::load(None, &env()).unwrap();
         assert_eq!(config.data_dir, PathBuf::from("/srv/here/granary-data"));
         assert_eq!(config.domain, "localhost");
-        assert_eq!(config.listen.https, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(
+            config.listen.get("https"),
+            Some("127.0.0.1:8443".parse().unwrap())
+        );
         assert_eq!(config.tls, TlsSource::LocalCa);
         assert_eq!(config.storage, StorageBackend::Plain);
         assert_eq!(config.log_format, LogFormat::Text);
@@ -695,9 +673,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors_with_a_line_number() {
-        let err = resolve_text("domain = \"example.org\"\n[listen]\nhttp = \"x\"\n").unwrap_err();
+        let err = resolve_text("domain = \"example.org\"\n[gateway]\nhttp = \"x\"\n").unwrap_err();
         assert!(err.reason.starts_with("line 3:"), "{err}");
         assert!(err.reason.contains("unknown field `http`"), "{err}");
+        // Listener names are checked too, and the error names the key.
+        let err = resolve_text("[listen]\nhttp = \"x\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("listen.http"));
+        assert!(err.reason.contains("unknown listener"), "{err}");
         let err = resolve_text("colour = 1").unwrap_err();
         assert!(err.reason.contains("unknown field `colour`"), "{err}");
     }
@@ -756,7 +738,7 @@ mod tests {
     #[test]
     fn port_zero_and_ipv6_are_accepted() {
         let config = resolve_text("[listen]\nhttps = \"[::1]:0\"").unwrap();
-        assert_eq!(config.listen.https, "[::1]:0".parse().unwrap());
+        assert_eq!(config.listen.get("https"), Some("[::1]:0".parse().unwrap()));
     }
 
     #[test]

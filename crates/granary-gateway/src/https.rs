@@ -1,8 +1,10 @@
 //! The HTTPS listener: TLS by rustls, HTTP/1.1 and HTTP/2 by hyper.
 //!
 //! Every request is routed on its own (HTTP/2 coalesces host names on one
-//! connection): the health check is answered here, everything else by the
-//! [`Gateway`](crate::proxy::Gateway), which forwards to grains.
+//! connection). The gateway answers its own pages here (the health check
+//! on every host, and the domain's front page); everything else goes to
+//! the [`Gateway`](crate::proxy::Gateway), which routes it by the service
+//! table and forwards it to a grain.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,58 +18,30 @@ use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::Shared;
 use crate::proxy::{Body, Gateway};
-use granary_wire::http as route;
+use granary_wire::http as wire;
 
 /// The path of the health check, answered on every host name.
 pub const HEALTH_PATH: &str = "/.well-known/granary/health";
 
-/// Timeouts that bound what a slow or silent client can hold.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    /// From TCP accept to a finished TLS handshake.
-    pub handshake: Duration,
-    /// From the first byte of a request head to its end.
-    pub header_read: Duration,
-    /// How long open connections get to finish when the server stops.
-    pub drain: Duration,
-    /// The largest request head (HTTP/1.1) accepted.
-    pub max_header_bytes: usize,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            handshake: Duration::from_secs(10),
-            header_read: Duration::from_secs(30),
-            drain: Duration::from_secs(10),
-            max_header_bytes: 64 << 10,
-        }
-    }
-}
-
 /// Serves HTTPS on `listener` until `shutdown` completes, then lets open
-/// connections finish for up to `timeouts.drain`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<ServerConfig>,
-    timeouts: Timeouts,
-    gateway: Option<Arc<Gateway>>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let acceptor = TlsAcceptor::from(tls);
+/// connections finish for up to the drain timeout.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
+    let settings = shared.settings;
+    let acceptor = TlsAcceptor::from(shared.tls.clone());
+    let gateway = Gateway::new(shared);
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header_read)
-        .max_buf_size(timeouts.max_header_bytes.max(8192));
+        .header_read_timeout(settings.header_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192));
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);
@@ -92,7 +66,8 @@ pub async fn serve(
         let span = tracing::info_span!("https", %peer);
         tokio::spawn(
             async move {
-                let tls = match tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)).await
+                let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp))
+                    .await
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -107,7 +82,7 @@ pub async fn serve(
                 let sni = tls.get_ref().1.server_name().map(str::to_owned);
                 let service = hyper::service::service_fn(move |req| {
                     let (sni, gateway) = (sni.clone(), gateway.clone());
-                    async move { Ok::<_, Infallible>(answer(req, sni.as_deref(), peer, gateway).await) }
+                    async move { Ok::<_, Infallible>(answer(req, sni.as_deref(), peer, &gateway).await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
                 if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -119,7 +94,7 @@ pub async fn serve(
     }
 
     drop(listener);
-    if tokio::time::timeout(timeouts.drain, graceful.shutdown())
+    if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {
@@ -131,15 +106,15 @@ async fn answer(
     req: Request<Incoming>,
     sni: Option<&str>,
     peer: SocketAddr,
-    gateway: Option<Arc<Gateway>>,
+    gateway: &Gateway,
 ) -> Response<Body> {
-    let host = route::request_host(
+    let host = wire::request_host(
         req.uri().authority().map(|a| a.as_str()),
         req.headers().get(header::HOST).map(|h| h.as_bytes()),
     )
     .or_else(|| sni.map(str::to_owned))
     .unwrap_or_default();
-    tracing::debug!(method = %req.method(), path = req.uri().path(), %host, %peer, "request");
+    tracing::debug!(method = %req.method(), path = req.uri().path(), %host, "request");
     if req.uri().path() == HEALTH_PATH {
         let body = format!(
             "{{\"status\":\"ok\",\"version\":\"{}\"}}\n",
@@ -147,16 +122,40 @@ async fn answer(
         );
         return respond(StatusCode::OK, "application/json", body);
     }
-    if let Some(gateway) = gateway {
-        return gateway.serve(req, &host, peer.ip()).await;
+    let domain = &gateway.shared().domain;
+    if &host == domain && req.uri().path() == "/" {
+        return respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            front_page(domain),
+        );
     }
-    respond(
-        StatusCode::NOT_FOUND,
-        "text/plain; charset=utf-8",
-        format!(
-            "No Granary app serves https://{host}{} yet.\n",
-            req.uri().path()
-        ),
+    gateway.serve(req, &host, peer).await
+}
+
+/// The domain's front page: what this is and where each service lives.
+fn front_page(domain: &str) -> String {
+    format!(
+        "<!doctype html>
+<html lang=\"en\">
+<head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">
+<title>Granary on {domain}</title>
+<style>body{{font:1.05rem/1.5 system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#1b1b1b}}code{{background:#f2f2f2;padding:0 .2em}}</style>
+</head>
+<body>
+<h1>Granary on {domain}</h1>
+<p>This server hosts its users' own services. Each user's git, blog and
+other apps run in a grain of their own, isolated from everyone else's.</p>
+<h2>Where to go</h2>
+<ul>
+<li>Git: <code>https://git.{domain}/USER/REPOSITORY.git</code>, with your user name and an
+app password of kind <code>git</code> (ask your admin: <code>granary app-password add USER --kind git</code>).</li>
+<li>A user's blog: <code>https://USER.{domain}/</code>.</li>
+<li>Health: <a href=\"{HEALTH_PATH}\"><code>{HEALTH_PATH}</code></a>.</li>
+</ul>
+</body>
+</html>
+"
     )
 }
 

@@ -1,12 +1,75 @@
 //! The gateway: what clients connect to.
 //!
-//! Today: TLS with certificates from the local CA ([`tls::local_ca`]) or from
-//! files the admin provides ([`tls::server_config`]), and the HTTPS listener
-//! ([`https`]) that answers the health check. Routing to grains arrives with
-//! the grains and apps. The gateway never opens the state database itself:
-//! what it needs to know it asks through traits the daemon implements.
+//! Each listener is a module with `serve(listener, shared, shutdown)`:
+//! [`https`] (HTTP/1.1 and HTTP/2 over TLS, every request routed by the
+//! [`services`] table and forwarded by [`proxy`]) and [`ssh`] (git over
+//! SSH). They share one [`Shared`]: the domain, the [`Directory`] they ask
+//! who is who, the [`Grains`] they reach grains through, the login
+//! limiter and the TLS configuration.
+//!
+//! The gateway never opens the state database and never assumes a grain
+//! runs on this node: it asks [`Directory`] and [`Grains`], which the
+//! daemon implements.
 
+pub mod directory;
+pub mod error;
 pub mod https;
+pub mod limiter;
 pub mod proxy;
+pub mod services;
 pub mod ssh;
 pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use directory::{BoxFuture, Credential, Directory};
+pub use error::GatewayError;
+use granary_grains::Grains;
+pub use limiter::LoginLimiter;
+
+/// Timeouts and bounds of the listeners, from `[gateway]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// From TCP accept to a finished TLS handshake.
+    pub handshake_timeout: Duration,
+    /// From the first byte of a request head to its end; also ends idle
+    /// kept-alive HTTP connections.
+    pub header_timeout: Duration,
+    /// How long open connections get to finish when the server stops.
+    pub drain_timeout: Duration,
+    /// The largest request head (HTTP/1.1) accepted.
+    pub max_header_bytes: usize,
+    /// How long an unused pooled connection to a grain is kept (while
+    /// kept, it holds the grain awake).
+    pub upstream_idle: Duration,
+    /// An SSH session idle this long is closed.
+    pub ssh_idle: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 << 10,
+            upstream_idle: Duration::from_secs(30),
+            ssh_idle: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What every listener of the gateway shares.
+pub struct Shared {
+    /// Granary's own domain (`example.org`): services are `<name>.<domain>`.
+    pub domain: String,
+    pub directory: Arc<dyn Directory>,
+    pub grains: Arc<dyn Grains>,
+    /// Failed logins per source address and per user, across protocols.
+    pub limiter: Arc<LoginLimiter>,
+    pub tls: Arc<rustls::ServerConfig>,
+    /// The SSH listener's host key ([`ssh::host_key`]).
+    pub ssh_host_key: russh::keys::PrivateKey,
+    pub settings: Settings,
+}

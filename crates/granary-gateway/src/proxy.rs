@@ -1,16 +1,21 @@
-//! Requests to grains: authentication (HTTP Basic with app passwords,
-//! cached under a keyed hash so argon2 does not run on every request; failed
-//! logins limited per source address and per user before any hashing), and
-//! proxying each request over a per-grain pool of HTTP/1.1 connections to
-//! the grain's `http` service. The identity goes in `x-granary-user`, which
-//! the gateway strips from what clients send; grains never see passwords.
+//! Requests to grains: routing by the service table, authentication (HTTP
+//! Basic with app passwords, cached under a keyed hash so argon2 does not
+//! run on every request; failed logins limited per source address and per
+//! user before any hashing), the entry's access rules, and forwarding over
+//! pooled HTTP/1.1 connections to the grain's `http` service.
+//!
+//! A pooled connection belongs to one grain and one identity: the grain's
+//! `accept` was told who it is for, and only that identity's requests use
+//! it. Each request also carries `x-granary-user`, `x-granary-auth` and
+//! `x-granary-peer`, which the gateway strips from what clients send.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::pin::Pin;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use granary_grains::{AuthMethod, Connection, GrainId, Identity, Peer};
+use granary_wire::http::{self as wire, Owner};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -18,48 +23,18 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 
-use granary_wire::http::{self as route, Route};
+use crate::services::{Access, HTTP_SERVICES, HttpService};
+use crate::{Credential, GatewayError, Shared};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
-pub type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
-/// A connection to a grain's service; `keep` holds the grain awake while
-/// the connection lives.
-pub struct Upstream {
-    pub stream: std::os::unix::net::UnixStream,
-    pub keep: Box<dyn Send + Sync>,
-}
-
-/// What the gateway asks of the daemon (it never opens the state itself).
-pub trait Backend: Send + Sync + 'static {
-    /// Whether `password` is one of `user`'s app passwords for `kind`.
-    fn check_password(&self, user: &str, kind: &str, password: &str) -> BoxFuture<bool>;
-    /// A connection to `service` of `owner`'s grain of `kind`, started if
-    /// needed.
-    fn connect(
-        &self,
-        owner: &str,
-        kind: &str,
-        service: &str,
-    ) -> BoxFuture<Result<Upstream, String>>;
-    /// Whether `owner` made git repository `repo` public.
-    fn repo_public(&self, owner: &str, repo: &str) -> BoxFuture<bool>;
-    /// Whether `key` (`type base64`) is one of `user`'s SSH keys.
-    fn check_ssh_key(&self, user: &str, key: &str) -> BoxFuture<bool>;
-    /// Whose blog a custom domain is, if anyone's.
-    fn domain_owner(&self, host: &str) -> BoxFuture<Option<String>>;
-}
-
-/// Failed logins allowed per window, per source address and per user.
-const FAILURES_PER_WINDOW: u32 = 10;
-const FAILURE_WINDOW: Duration = Duration::from_secs(300);
 /// How long a verified credential is trusted without argon2.
 const CACHE_FOR: Duration = Duration::from_secs(60);
 const MAX_CACHED: usize = 10_000;
-/// Idle upstream connections kept per grain (more than a busy client
-/// population keeps in flight: a connection made per request costs a trip
-/// through the supervisor).
-const POOL_PER_GRAIN: usize = 256;
+/// Idle upstream connections kept per grain and identity (more than a busy
+/// client population keeps in flight: a connection made per request costs
+/// a trip through the supervisor).
+const POOL_PER_KEY: usize = 256;
 
 struct Pooled {
     sender: SendRequest<Incoming>,
@@ -69,47 +44,23 @@ struct Pooled {
     idle_since: Instant,
 }
 
-/// Failed logins per source address and per user, shared by every
-/// listener: past the limit a login is refused before any check runs.
-#[derive(Debug, Default)]
-pub struct LoginLimiter {
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+/// Someone who logged in.
+#[derive(Debug, Clone)]
+struct Login {
+    user: String,
+    credential: Credential,
 }
 
-impl LoginLimiter {
-    /// Too many recent failures for this key (`ip:...`, `user:...`)?
-    pub fn limited(&self, key: &str) -> bool {
-        let failures = self.failures.lock().expect("not poisoned");
-        failures
-            .get(key)
-            .is_some_and(|(n, since)| *n >= FAILURES_PER_WINDOW && since.elapsed() < FAILURE_WINDOW)
-    }
-
-    /// Counts one failure against `key`.
-    pub fn fail(&self, key: String) {
-        let mut failures = self.failures.lock().expect("not poisoned");
-        if failures.len() > MAX_CACHED {
-            failures.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
-        }
-        let entry = failures.entry(key).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= FAILURE_WINDOW {
-            *entry = (0, Instant::now());
-        }
-        entry.0 += 1;
-    }
-}
-
+/// The HTTP side of the gateway: what the HTTPS listener hands each
+/// request that is not the gateway's own.
 pub struct Gateway {
-    pub domain: String,
-    backend: Arc<dyn Backend>,
+    shared: Arc<Shared>,
     cache_key: ring::hmac::Key,
-    verified: Mutex<HashMap<[u8; 32], Instant>>,
-    limiter: Arc<LoginLimiter>,
+    verified: Mutex<HashMap<[u8; 32], (Instant, Credential)>>,
     pool: Mutex<HashMap<String, Vec<Pooled>>>,
-    upstream_idle: Duration,
 }
 
-fn plain(status: StatusCode, text: &str) -> Response<Body> {
+pub(crate) fn plain(status: StatusCode, text: &str) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
@@ -122,15 +73,42 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
-fn unauthorized() -> Response<Body> {
+fn unauthorized(service: &HttpService) -> Response<Body> {
     let mut r = plain(
         StatusCode::UNAUTHORIZED,
-        "Authentication required: your user name and an app password for git.\n",
+        &format!(
+            "Authentication required: your user name and an app password for {}.\n",
+            service.login_prompt
+        ),
+    );
+    let challenge = format!(
+        "Basic realm=\"Granary {}\", charset=\"UTF-8\"",
+        service.login_prompt
     );
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Basic realm=\"Granary git\", charset=\"UTF-8\""),
+        header::HeaderValue::from_str(&challenge).expect("a static realm"),
     );
+    r
+}
+
+fn forbidden() -> Response<Body> {
+    plain(StatusCode::FORBIDDEN, "You cannot access this.\n")
+}
+
+fn not_served(host: &str, path: &str) -> Response<Body> {
+    plain(
+        StatusCode::NOT_FOUND,
+        &format!("No Granary app serves https://{host}{path}.\n"),
+    )
+}
+
+fn error_response(e: &GatewayError) -> Response<Body> {
+    let mut r = plain(e.status(), &format!("{}\n", e.message));
+    if e.retry_safe {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+    }
     r
 }
 
@@ -156,34 +134,34 @@ fn strip(headers: &mut hyper::HeaderMap) {
     }
 }
 
+fn method_name(m: AuthMethod) -> &'static str {
+    match m {
+        AuthMethod::Anonymous => "anonymous",
+        AuthMethod::Password => "password",
+        AuthMethod::AppPassword => "app-password",
+        AuthMethod::SshKey => "ssh-key",
+        AuthMethod::ClientSecret => "client-secret",
+        AuthMethod::Admin => "admin",
+    }
+}
+
 impl Gateway {
-    /// `upstream_idle`: how long an unused connection to a grain is kept
-    /// (while kept, it holds the grain awake).
-    pub fn new(domain: &str, backend: Arc<dyn Backend>, upstream_idle: Duration) -> Gateway {
+    /// The gateway over `shared`, with its janitor running: pooled
+    /// connections idle longer than `upstream_idle` are closed so grains
+    /// nobody uses can stop.
+    pub fn new(shared: Arc<Shared>) -> Arc<Gateway> {
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
             .expect("the kernel's random source");
-        Gateway {
-            domain: domain.to_owned(),
-            backend,
+        let gateway = Arc::new(Gateway {
+            shared,
             cache_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
             verified: Mutex::default(),
-            limiter: Arc::new(LoginLimiter::default()),
             pool: Mutex::default(),
-            upstream_idle,
-        }
-    }
-
-    /// The login limiter, for the other listeners (SSH).
-    pub fn limiter(&self) -> Arc<LoginLimiter> {
-        self.limiter.clone()
-    }
-
-    /// Drops pooled connections idle longer than `upstream_idle`, so grains
-    /// nobody uses can stop. Runs until the gateway is dropped.
-    pub fn start_janitor(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
-        let every = (self.upstream_idle / 2).max(Duration::from_millis(100));
+        });
+        let weak = Arc::downgrade(&gateway);
+        let idle = gateway.shared.settings.upstream_idle;
+        let every = (idle / 2).max(Duration::from_millis(100));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
@@ -192,40 +170,46 @@ impl Gateway {
                 };
                 let mut pool = gateway.pool.lock().expect("not poisoned");
                 for list in pool.values_mut() {
-                    list.retain(|p| {
-                        !p.sender.is_closed() && p.idle_since.elapsed() < gateway.upstream_idle
-                    });
+                    list.retain(|p| !p.sender.is_closed() && p.idle_since.elapsed() < idle);
                 }
                 pool.retain(|_, list| !list.is_empty());
             }
         });
+        gateway
     }
 
-    /// Checks Basic credentials for `kind`; `Err` is the answer to send.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Checks Basic credentials for `kind`: `Ok(None)` when none were
+    /// sent; `Err` is the answer to send.
     async fn authenticate(
         &self,
         req: &Request<Incoming>,
-        peer: IpAddr,
+        peer: SocketAddr,
+        service: &HttpService,
         kind: &str,
-    ) -> Result<Option<String>, Response<Body>> {
+    ) -> Result<Option<Login>, Response<Body>> {
         let Some(header) = req.headers().get(header::AUTHORIZATION) else {
             return Ok(None);
         };
-        let Some((user, password)) = route::basic_credentials(header.as_bytes()) else {
-            return Err(unauthorized());
+        let Some((user, password)) = wire::basic_credentials(header.as_bytes()) else {
+            return Err(unauthorized(service));
         };
-        let (by_peer, by_user) = (format!("ip:{peer}"), format!("user:{user}"));
+        let limiter = &self.shared.limiter;
+        let (by_peer, by_user) = (format!("ip:{}", peer.ip()), format!("user:{user}"));
         // Before any hashing: a guessing client costs us nothing.
-        if self.limiter.limited(&by_peer) || self.limiter.limited(&by_user) {
+        if limiter.limited(&by_peer) || limiter.limited(&by_user) {
             tracing::warn!(%peer, user, "login rate limit hit");
             return Err(plain(
                 StatusCode::TOO_MANY_REQUESTS,
                 "Too many failed logins; try again later.\n",
             ));
         }
-        if !route::valid_user(&user) {
-            self.limiter.fail(by_peer);
-            return Err(unauthorized());
+        if !wire::valid_user(&user) {
+            limiter.fail(by_peer);
+            return Err(unauthorized(service));
         }
         let tag = ring::hmac::sign(
             &self.cache_key,
@@ -238,104 +222,151 @@ impl Gateway {
             .lock()
             .expect("not poisoned")
             .get(&key)
-            .is_some_and(|t| t.elapsed() < CACHE_FOR);
-        if cached {
-            return Ok(Some(user));
+            .filter(|(t, _)| t.elapsed() < CACHE_FOR)
+            .map(|(_, c)| *c);
+        if let Some(credential) = cached {
+            return Ok(Some(Login { user, credential }));
         }
-        if self.backend.check_password(&user, kind, &password).await {
-            let mut verified = self.verified.lock().expect("not poisoned");
-            if verified.len() >= MAX_CACHED {
-                verified.retain(|_, t| t.elapsed() < CACHE_FOR);
+        match self
+            .shared
+            .directory
+            .check_password(&user, kind, &password)
+            .await
+        {
+            Some(credential) => {
+                let mut verified = self.verified.lock().expect("not poisoned");
+                if verified.len() >= MAX_CACHED {
+                    verified.retain(|_, (t, _)| t.elapsed() < CACHE_FOR);
+                }
+                verified.insert(key, (Instant::now(), credential));
+                Ok(Some(Login { user, credential }))
             }
-            verified.insert(key, Instant::now());
-            Ok(Some(user))
-        } else {
-            tracing::info!(%peer, user, kind, "failed login");
-            self.limiter.fail(by_peer);
-            self.limiter.fail(by_user);
-            Err(unauthorized())
+            None => {
+                tracing::info!(%peer, user, kind, "failed login");
+                limiter.fail(by_peer);
+                limiter.fail(by_user);
+                Err(unauthorized(service))
+            }
         }
     }
 
-    /// Answers a request that is not for the gateway itself.
-    pub async fn serve(&self, req: Request<Incoming>, host: &str, peer: IpAddr) -> Response<Body> {
-        match route::route(host, req.uri().path(), &self.domain) {
-            Route::Git { owner, repo } => {
-                let user = match self.authenticate(&req, peer, "git").await {
-                    Ok(user) => user,
-                    Err(answer) => return answer,
+    /// Answers a request that is not for the gateway itself: routes it by
+    /// the service table, applies the entry's access rules, forwards it.
+    pub async fn serve(
+        &self,
+        req: Request<Incoming>,
+        host: &str,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        let Some(route) = wire::route(HTTP_SERVICES, host, &path, &self.shared.domain) else {
+            return not_served(host, &path);
+        };
+        let service = route.entry;
+        let login = match service.access.password_kind() {
+            Some(kind) => match self.authenticate(&req, peer, service, kind).await {
+                Ok(login) => login,
+                Err(answer) => return answer,
+            },
+            None => None,
+        };
+        let owner = match route.owner {
+            Owner::User(u) => u,
+            Owner::Login => match &login {
+                Some(l) => l.user.clone(),
+                None => return unauthorized(service),
+            },
+            Owner::Registered(h) => match self.shared.directory.registered_host(&h).await {
+                Some((owner, kind)) if kind == route.kind => owner,
+                _ => return not_served(host, &path),
+            },
+        };
+        let as_login = |l: &Login| Identity::new(&l.user, l.credential.method, l.credential.id);
+        let identity = match service.access {
+            Access::Public => Identity::anonymous(),
+            Access::Own { .. } => match &login {
+                Some(l) => as_login(l),
+                None => return unauthorized(service),
+            },
+            Access::OwnerOrPublicRead {
+                resource, writes, ..
+            } => {
+                let Some(resource) = resource(&path) else {
+                    return not_served(host, &path);
                 };
-                let pushing = req.uri().path().ends_with("/git-receive-pack")
-                    || req
-                        .uri()
-                        .query()
-                        .is_some_and(|q| q.contains("service=git-receive-pack"));
-                if user.as_deref() == Some(owner.as_str()) {
-                    return self.forward(req, &owner, "git", &owner).await;
-                }
-                // Anyone may read a public repository; only its owner
-                // writes. Otherwise the same answer whether or not the
-                // repository exists.
-                if !pushing && self.backend.repo_public(&owner, &repo).await {
-                    let reader = user.unwrap_or_default();
-                    return self.forward(req, &owner, "git", &reader).await;
-                }
-                match user {
-                    None => unauthorized(),
-                    Some(_) => plain(
-                        StatusCode::FORBIDDEN,
-                        "You cannot access this repository.\n",
-                    ),
+                let query = req.uri().query().unwrap_or("");
+                let is_owner = login.as_ref().is_some_and(|l| l.user == owner);
+                // Anyone may read a public resource; only its owner writes.
+                // Otherwise the same answer whether or not the resource
+                // exists.
+                let public_read = !is_owner
+                    && !writes(&path, query)
+                    && self
+                        .shared
+                        .directory
+                        .is_public(&owner, route.kind, resource)
+                        .await;
+                match &login {
+                    Some(l) if is_owner || public_read => as_login(l),
+                    None if public_read => Identity::anonymous(),
+                    None => return unauthorized(service),
+                    Some(_) => return forbidden(),
                 }
             }
-            // A site is public: no authentication, no identity.
-            Route::Blog { owner } => self.forward(req, &owner, "blog", "").await,
-            Route::Unknown
-                if !host.ends_with(&format!(".{}", self.domain)) && host != self.domain =>
-            {
-                match self.backend.domain_owner(host).await {
-                    // A domain its owner registered for their blog.
-                    Some(owner) => self.forward(req, &owner, "blog", "").await,
-                    None => plain(
-                        StatusCode::NOT_FOUND,
-                        &format!(
-                            "No Granary app serves https://{host}{}.\n",
-                            req.uri().path()
-                        ),
-                    ),
-                }
-            }
-            Route::Unknown => plain(
-                StatusCode::NOT_FOUND,
-                &format!(
-                    "No Granary app serves https://{host}{}.\n",
-                    req.uri().path()
-                ),
-            ),
-        }
+        };
+        let Ok(grain) = GrainId::for_user(&owner, route.kind) else {
+            return not_served(host, &path);
+        };
+        tracing::debug!(service = service.pattern.name, grain = %grain, user = %identity.user, "request");
+        self.forward(req, &grain, identity, peer, host).await
     }
 
-    /// A ready connection to the grain's `http` service, from the pool or new.
-    async fn sender(&self, grain: &str, owner: &str, kind: &str) -> Result<Pooled, String> {
+    /// A ready connection to the grain's `http` service for `identity`,
+    /// from the pool or new.
+    async fn sender(
+        &self,
+        key: &str,
+        grain: &GrainId,
+        identity: &Identity,
+        peer: SocketAddr,
+        host: &str,
+    ) -> Result<Pooled, GatewayError> {
         {
             let mut pool = self.pool.lock().expect("not poisoned");
-            if let Some(list) = pool.get_mut(grain) {
+            if let Some(list) = pool.get_mut(key) {
                 list.retain(|p| !p.sender.is_closed());
                 if let Some(i) = list.iter().position(|p| p.sender.is_ready()) {
                     return Ok(list.swap_remove(i));
                 }
             }
         }
-        let upstream = self.backend.connect(owner, kind, "http").await?;
-        upstream
-            .stream
+        let mut who = Peer::new(peer, "https");
+        who.server_name = host.to_owned();
+        let Connection { stream, keep } = self
+            .shared
+            .grains
+            .connect(grain, "http", identity.clone(), who)
+            .await
+            .map_err(|e| {
+                tracing::warn!(%grain, error = %e, "cannot reach the grain");
+                GatewayError::from(&e)
+            })?;
+        let host_failure = |what: &str, e: &dyn std::fmt::Display| {
+            tracing::warn!(%grain, error = %e, "{what}");
+            GatewayError {
+                fault: granary_grains::Fault::Host,
+                retry_safe: true,
+                message: "The app is not available right now; try again soon.".to_owned(),
+            }
+        };
+        stream
             .set_nonblocking(true)
-            .map_err(|e| e.to_string())?;
-        let stream =
-            tokio::net::UnixStream::from_std(upstream.stream).map_err(|e| e.to_string())?;
+            .map_err(|e| host_failure("grain connection", &e))?;
+        let stream = tokio::net::UnixStream::from_std(stream)
+            .map_err(|e| host_failure("grain connection", &e))?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| host_failure("grain http handshake", &e))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "grain http connection ended");
@@ -343,7 +374,7 @@ impl Gateway {
         });
         Ok(Pooled {
             sender,
-            _keep: upstream.keep,
+            _keep: keep,
             idle_since: Instant::now(),
         })
     }
@@ -351,32 +382,40 @@ impl Gateway {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        owner: &str,
-        kind: &str,
-        user: &str,
+        grain: &GrainId,
+        identity: Identity,
+        peer: SocketAddr,
+        host: &str,
     ) -> Response<Body> {
-        let grain = format!("{owner}-{kind}");
-        let mut pooled = match self.sender(&grain, owner, kind).await {
+        let key = format!(
+            "{grain}\0{}\0{}\0{}",
+            identity.user,
+            method_name(identity.method),
+            identity.credential_id
+        );
+        let mut pooled = match self.sender(&key, grain, &identity, peer, host).await {
             Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(grain, error = %e, "cannot reach the grain");
-                return plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "The app is not available right now.\n",
-                );
-            }
+            Err(e) => return error_response(&e),
         };
         let (mut parts, body) = req.into_parts();
         strip(&mut parts.headers);
-        let host = format!("{kind}.{}", self.domain);
+        let grain_host = format!("{}.{}", grain.kind(), self.shared.domain);
         parts.headers.insert(
             header::HOST,
-            header::HeaderValue::from_str(&host).expect("a valid domain"),
+            header::HeaderValue::from_str(&grain_host).expect("a valid domain"),
         );
-        // Empty for an anonymous reader of a public repository.
+        // Empty for an anonymous reader.
         parts.headers.insert(
             "x-granary-user",
-            header::HeaderValue::from_str(user).expect("a checked user name"),
+            header::HeaderValue::from_str(&identity.user).expect("a checked user name"),
+        );
+        parts.headers.insert(
+            "x-granary-auth",
+            header::HeaderValue::from_static(method_name(identity.method)),
+        );
+        parts.headers.insert(
+            "x-granary-peer",
+            header::HeaderValue::from_str(&peer.to_string()).expect("an address"),
         );
         // HTTP/1.1 to the grain: origin-form URI, whatever the client spoke.
         parts.version = hyper::Version::HTTP_11;
@@ -394,14 +433,18 @@ impl Gateway {
         let response = match sent {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(grain, error = %e, "the grain failed a request");
-                return plain(StatusCode::BAD_GATEWAY, "The app failed to answer.\n");
+                tracing::warn!(%grain, error = %e, "the grain failed a request");
+                return error_response(&GatewayError {
+                    fault: granary_grains::Fault::Grain,
+                    retry_safe: true,
+                    message: "The app failed to answer; try again in a moment.".to_owned(),
+                });
             }
         };
         {
             let mut pool = self.pool.lock().expect("not poisoned");
-            let list = pool.entry(grain).or_default();
-            if list.len() < POOL_PER_GRAIN {
+            let list = pool.entry(key).or_default();
+            if list.len() < POOL_PER_KEY {
                 pooled.idle_since = Instant::now();
                 list.push(pooled);
             }
@@ -421,10 +464,12 @@ mod tests {
     fn client_cannot_set_identity_headers() {
         let mut h = hyper::HeaderMap::new();
         h.insert("x-granary-user", "root".parse().unwrap());
+        h.insert("x-granary-auth", "admin".parse().unwrap());
         h.insert(header::AUTHORIZATION, "Basic eDp5".parse().unwrap());
         h.insert("git-protocol", "version=2".parse().unwrap());
         strip(&mut h);
         assert!(h.get("x-granary-user").is_none());
+        assert!(h.get("x-granary-auth").is_none());
         assert!(h.get(header::AUTHORIZATION).is_none());
         assert_eq!(h.get("git-protocol").unwrap(), "version=2");
     }

@@ -13,27 +13,16 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use russh::keys::{HashAlg, PrivateKey, PublicKey};
+use russh::keys::PrivateKey;
 use russh::server::{Auth, Msg, Server as _, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::Instrument;
 
-use crate::proxy::{Backend, LoginLimiter};
+use granary_grains::{GrainId, Identity, Peer};
+use granary_wire::ssh::git_command;
 
-/// A public key line (`ssh-ed25519 AAAA... comment`) checked and
-/// normalised to `type base64`, with its SHA-256 fingerprint.
-pub fn parse_public_key(line: &str) -> Result<(String, String), String> {
-    let key = PublicKey::from_openssh(line.trim())
-        .map_err(|e| format!("not an OpenSSH public key line: {e}"))?;
-    let normal = key
-        .to_openssh()
-        .map_err(|e| e.to_string())?
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
-    Ok((normal, key.fingerprint(HashAlg::Sha256).to_string()))
-}
+use crate::{Credential, Shared};
 
 /// The host key at `path` (OpenSSH format, 0600), made on first use.
 pub fn host_key(path: &Path) -> Result<PrivateKey, String> {
@@ -57,7 +46,7 @@ pub fn host_key(path: &Path) -> Result<PrivateKey, String> {
 }
 
 /// The server config: the host key, public keys only, bounded attempts.
-pub fn config(host_key: PrivateKey, idle: std::time::Duration) -> Arc<russh::server::Config> {
+fn config(host_key: PrivateKey, idle: std::time::Duration) -> Arc<russh::server::Config> {
     let mut methods = MethodSet::empty();
     methods.push(MethodKind::PublicKey);
     Arc::new(russh::server::Config {
@@ -72,60 +61,57 @@ pub fn config(host_key: PrivateKey, idle: std::time::Duration) -> Arc<russh::ser
 }
 
 struct Listener {
-    backend: Arc<dyn Backend>,
-    limiter: Arc<LoginLimiter>,
+    shared: Arc<Shared>,
 }
 
 impl russh::server::Server for Listener {
     type Handler = Connection;
     fn new_client(&mut self, peer: Option<std::net::SocketAddr>) -> Connection {
+        let peer_text = peer.map(|p| p.to_string()).unwrap_or_default();
         Connection {
-            backend: self.backend.clone(),
-            limiter: self.limiter.clone(),
+            shared: self.shared.clone(),
+            span: tracing::info_span!("ssh", peer = %peer_text, user = tracing::field::Empty),
             peer,
-            user: None,
+            login: None,
             channels: HashMap::new(),
             protocol: HashMap::new(),
         }
     }
 }
 
-/// Serves SSH on `listener` until the task is dropped.
+/// Serves SSH on `listener` until `shutdown` completes; open sessions are
+/// then told the server is stopping and closed.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    config: Arc<russh::server::Config>,
-    backend: Arc<dyn Backend>,
-    limiter: Arc<LoginLimiter>,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let mut server = Listener { backend, limiter };
-    if let Err(e) = server.run_on_socket(config, &listener).await {
-        tracing::error!(error = %e, "the SSH listener stopped");
+    let config = config(shared.ssh_host_key.clone(), shared.settings.ssh_idle);
+    let mut server = Listener { shared };
+    let running = server.run_on_socket(config, &listener);
+    let handle = running.handle();
+    tokio::pin!(running);
+    tokio::select! {
+        result = &mut running => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "the SSH listener stopped");
+            }
+        }
+        () = shutdown => {
+            handle.shutdown("granary is stopping".to_owned());
+            let _ = running.await;
+        }
     }
 }
 
 struct Connection {
-    backend: Arc<dyn Backend>,
-    limiter: Arc<LoginLimiter>,
+    shared: Arc<Shared>,
+    span: tracing::Span,
     peer: Option<std::net::SocketAddr>,
-    user: Option<String>,
+    /// The user and which of their keys logged in.
+    login: Option<(String, Credential)>,
     channels: HashMap<ChannelId, Channel<Msg>>,
     protocol: HashMap<ChannelId, String>,
-}
-
-/// `git-upload-pack '/alice/site.git'` as (command, owner, repo).
-fn parse_command(data: &[u8]) -> Option<(&'static str, String, String)> {
-    let text = std::str::from_utf8(data).ok()?;
-    let (cmd, arg) = text.trim().split_once(' ')?;
-    let cmd = match cmd {
-        "git-upload-pack" => "upload-pack",
-        "git-receive-pack" => "receive-pack",
-        _ => return None,
-    };
-    let path = arg.trim().trim_matches('\'').trim_start_matches('/');
-    let (owner, repo) = path.split_once('/')?;
-    let repo = repo.strip_suffix(".git").unwrap_or(repo);
-    (granary_wire::http::valid_user(owner) && granary_wire::http::valid_repo(repo))
-        .then(|| (cmd, owner.to_owned(), repo.to_owned()))
 }
 
 impl russh::server::Handler for Connection {
@@ -136,28 +122,35 @@ impl russh::server::Handler for Connection {
         user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        // Normalised the one way keys are registered.
         let normal = key
             .public_key
             .to_openssh()
-            .map(|k| k.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .ok()
+            .and_then(|line| granary_wire::ssh::public_key(&line).ok())
+            .map(|k| k.normal)
             .unwrap_or_default();
         let by_peer = format!(
             "ip:{}",
             self.peer.map(|p| p.ip().to_string()).unwrap_or_default()
         );
         let by_user = format!("user:{user}");
+        let limiter = &self.shared.limiter;
         // Past the limit nothing is looked up, as for HTTPS.
-        if self.limiter.limited(&by_peer) || self.limiter.limited(&by_user) {
-            tracing::warn!(peer = ?self.peer, user, "SSH login rate limit hit");
+        if limiter.limited(&by_peer) || limiter.limited(&by_user) {
+            tracing::warn!(parent: &self.span, user, "SSH login rate limit hit");
             return Ok(Auth::reject());
         }
-        if granary_wire::http::valid_user(user) && self.backend.check_ssh_key(user, &normal).await {
-            self.user = Some(user.to_owned());
+        if granary_wire::http::valid_user(user)
+            && let Some(credential) = self.shared.directory.check_ssh_key(user, &normal).await
+        {
+            self.span.record("user", user);
+            self.login = Some((user.to_owned(), credential));
             return Ok(Auth::Accept);
         }
-        tracing::info!(peer = ?self.peer, user, "SSH key refused");
-        self.limiter.fail(by_peer);
-        self.limiter.fail(by_user);
+        tracing::info!(parent: &self.span, user, "SSH key refused");
+        limiter.fail(by_peer);
+        limiter.fail(by_user);
         Ok(Auth::reject())
     }
 
@@ -239,7 +232,9 @@ impl russh::server::Handler for Connection {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let user = self.user.clone().unwrap_or_default();
+        let Some((user, credential)) = self.login.clone() else {
+            return Err(russh::Error::NotAuthenticated);
+        };
         // Accepted, then answered on stderr with a failing exit status: the
         // client shows the reason (a failed exec shows only "exec request
         // failed").
@@ -254,14 +249,15 @@ impl russh::server::Handler for Connection {
             session.eof(channel)?;
             session.close(channel)
         };
-        let Some((command, owner, repo)) = parse_command(data) else {
+        let Some(command) = git_command(data) else {
             return refuse(
                 session,
                 "only git-upload-pack and git-receive-pack run here",
             );
         };
+        let (owner, repo) = (command.owner.clone(), command.repo.clone());
         let allowed = owner == user
-            || (command == "upload-pack" && self.backend.repo_public(&owner, &repo).await);
+            || (!command.writes() && self.shared.directory.is_public(&owner, "git", &repo).await);
         if !allowed {
             // The same answer whether or not the repository exists.
             return refuse(session, "you cannot access this repository");
@@ -269,10 +265,20 @@ impl russh::server::Handler for Connection {
         let Some(ch) = self.channels.remove(&channel) else {
             return refuse(session, "no such channel");
         };
-        let upstream = match self.backend.connect(&owner, "git", "git-ssh").await {
+        let Ok(grain) = GrainId::for_user(&owner, "git") else {
+            return refuse(session, "you cannot access this repository");
+        };
+        let peer = Peer::new(self.peer.map(|p| p.to_string()).unwrap_or_default(), "ssh");
+        let identity = Identity::new(&user, credential.method, credential.id);
+        let upstream = match self
+            .shared
+            .grains
+            .connect(&grain, "git-ssh", identity, peer)
+            .await
+        {
             Ok(u) => u,
             Err(e) => {
-                tracing::warn!(owner, error = %e, "cannot reach the git grain");
+                tracing::warn!(parent: &self.span, %grain, error = %e, "cannot reach the git grain");
                 return refuse(session, "the git service is not available right now");
             }
         };
@@ -281,15 +287,15 @@ impl russh::server::Handler for Connection {
             .protocol
             .remove(&channel)
             .unwrap_or_else(|| "-".to_owned());
-        let header = format!("{command} {repo} {user} {protocol}\n");
-        tokio::spawn(bridge(ch, upstream, header));
+        let header = format!("{} {repo} {user} {protocol}\n", command.service);
+        tokio::spawn(bridge(ch, upstream, header).instrument(self.span.clone()));
         Ok(())
     }
 }
 
 /// Client bytes to the grain, the grain's frames to the client, then its
 /// exit status.
-async fn bridge(channel: Channel<Msg>, upstream: crate::proxy::Upstream, header: String) {
+async fn bridge(channel: Channel<Msg>, upstream: granary_grains::Connection, header: String) {
     let keep = upstream.keep;
     let Ok(()) = upstream.stream.set_nonblocking(true) else {
         return;
@@ -356,41 +362,4 @@ async fn bridge(channel: Channel<Msg>, upstream: crate::proxy::Upstream, header:
         () = &mut to_grain => from_grain.await,
     }
     drop(keep);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_git_commands_for_valid_repositories() {
-        assert_eq!(
-            parse_command(b"git-upload-pack '/alice/site.git'"),
-            Some(("upload-pack", "alice".into(), "site".into()))
-        );
-        assert_eq!(
-            parse_command(b"git-receive-pack 'alice/site'"),
-            Some(("receive-pack", "alice".into(), "site".into()))
-        );
-        for bad in [
-            &b"sh -c id"[..],
-            b"git-upload-pack '/alice/../etc.git'",
-            b"git-upload-archive '/alice/site.git'",
-            b"git-upload-pack",
-            b"\xff\xfe",
-        ] {
-            assert_eq!(parse_command(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn public_keys_normalise() {
-        let (normal, fp) = parse_public_key(
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB6lM2pxOr4VHXAzRZA3XcIfnSa9MJnqXaT8FdbrwUc9 alice@laptop",
-        )
-        .unwrap();
-        assert!(normal.starts_with("ssh-ed25519 AAAA") && !normal.contains("alice"));
-        assert!(fp.starts_with("SHA256:"));
-        assert!(parse_public_key("not a key").is_err());
-    }
 }

@@ -291,6 +291,28 @@ pub fn freeze(
     }
 }
 
+/// How many times the kernel killed a process of a running grain for
+/// reaching its memory limit (v1 `memory.oom_control`, v2 `memory.events`:
+/// `oom_kill N`); `None` when the grain has no cgroup (not running).
+pub fn oom_kills(driver: &CgroupDriver, parent: &str, grain: &str) -> Option<u64> {
+    let file = match driver {
+        CgroupDriver::V1 { root } => root
+            .join("memory")
+            .join(parent)
+            .join(grain)
+            .join("memory.oom_control"),
+        CgroupDriver::V2 { root } => root.join(parent).join(grain).join("memory.events"),
+    };
+    let text = fs::read_to_string(file).ok()?;
+    parse_oom_kills(&text)
+}
+
+fn parse_oom_kills(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 /// Removes what a grain's launcher could not (it was killed): the grain's
 /// empty cgroup directories, and the parent's when `parent_too` and empty.
 /// Missing directories and busy ones (still in use) are left alone.
@@ -315,6 +337,15 @@ pub fn remove_leftovers(driver: &CgroupDriver, parent: &str, grain: Option<&str>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kills_are_read_from_either_format() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        let v2 = "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(parse_oom_kills(v1), Some(3));
+        assert_eq!(parse_oom_kills(v2), Some(2));
+        assert_eq!(parse_oom_kills("oom_kill_disable 0\n"), None);
+    }
 
     fn fake_v2() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

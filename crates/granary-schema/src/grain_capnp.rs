@@ -2398,6 +2398,7 @@ pub enum AuthMethod {
     AppPassword = 2,
     SshKey = 3,
     ClientSecret = 4,
+    Admin = 5,
 }
 
 impl ::capnp::introspect::Introspect for AuthMethod {
@@ -2415,6 +2416,7 @@ impl ::core::convert::TryFrom<u16> for AuthMethod {
             2 => ::core::result::Result::Ok(Self::AppPassword),
             3 => ::core::result::Result::Ok(Self::SshKey),
             4 => ::core::result::Result::Ok(Self::ClientSecret),
+            5 => ::core::result::Result::Ok(Self::Admin),
             n => ::core::result::Result::Err(::capnp::NotInSchema(n)),
         }
     }
@@ -2427,7 +2429,7 @@ impl ::capnp::traits::HasTypeId for AuthMethod {
     const TYPE_ID: u64 = 0xc575_912d_8fce_31d7u64;
 }
 mod auth_method {
-pub(crate) static ENCODED_NODE: [::capnp::Word; 41] = [
+pub(crate) static ENCODED_NODE: [::capnp::Word; 45] = [
     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
     ::capnp::word(215, 49, 206, 143, 45, 145, 117, 197),
     ::capnp::word(12, 0, 0, 0, 2, 0, 0, 0),
@@ -2437,28 +2439,31 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 41] = [
     ::capnp::word(21, 0, 0, 0, 186, 0, 0, 0),
     ::capnp::word(29, 0, 0, 0, 7, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(25, 0, 0, 0, 127, 0, 0, 0),
+    ::capnp::word(25, 0, 0, 0, 151, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(103, 114, 97, 105, 110, 46, 99, 97),
     ::capnp::word(112, 110, 112, 58, 65, 117, 116, 104),
     ::capnp::word(77, 101, 116, 104, 111, 100, 0, 0),
     ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
-    ::capnp::word(20, 0, 0, 0, 1, 0, 2, 0),
+    ::capnp::word(24, 0, 0, 0, 1, 0, 2, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(53, 0, 0, 0, 82, 0, 0, 0),
+    ::capnp::word(65, 0, 0, 0, 82, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(49, 0, 0, 0, 74, 0, 0, 0),
+    ::capnp::word(61, 0, 0, 0, 74, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(2, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(45, 0, 0, 0, 98, 0, 0, 0),
+    ::capnp::word(57, 0, 0, 0, 98, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(3, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(41, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(53, 0, 0, 0, 58, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(4, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(33, 0, 0, 0, 106, 0, 0, 0),
+    ::capnp::word(45, 0, 0, 0, 106, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(5, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(41, 0, 0, 0, 50, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(97, 110, 111, 110, 121, 109, 111, 117),
     ::capnp::word(115, 0, 0, 0, 0, 0, 0, 0),
@@ -2469,6 +2474,7 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 41] = [
     ::capnp::word(115, 115, 104, 75, 101, 121, 0, 0),
     ::capnp::word(99, 108, 105, 101, 110, 116, 83, 101),
     ::capnp::word(99, 114, 101, 116, 0, 0, 0, 0),
+    ::capnp::word(97, 100, 109, 105, 110, 0, 0, 0),
 ];
 pub(crate) fn get_annotation_types(child_index: Option<u16>, index: u32) -> ::capnp::introspect::Type {
     ::capnp::introspect::panic_invalid_annotation_indices(child_index, index)

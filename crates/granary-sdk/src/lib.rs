@@ -55,6 +55,9 @@ use granary_schema::host_capnp::{self, host};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
+pub mod log;
+
+pub use granary_schema::grain_capnp::AuthMethod;
 pub use granary_schema::host_capnp::LogLevel;
 pub use granary_schema::services_capnp;
 
@@ -70,8 +73,16 @@ pub struct Accepted {
     /// The authenticated user; empty for anonymous clients.
     pub user: String,
     pub method: grain_capnp::AuthMethod,
+    /// Which app password or SSH key it was (0 when none).
+    pub credential_id: i64,
+    /// The client's address as the gateway saw it. For `http`, the
+    /// connection serves one identity's requests from possibly several
+    /// clients; each request's client is in `x-granary-peer`.
     pub peer_address: String,
+    /// The wire protocol the gateway spoke (`https`, `ssh`, `admin`).
     pub protocol: String,
+    /// SNI or the HTTP host the client used.
+    pub server_name: String,
     pub stream: tokio::net::UnixStream,
 }
 
@@ -269,8 +280,10 @@ impl<A: App> grain::Server for GrainServer<A> {
             service,
             user: text(identity.get_user())?,
             method: identity.get_method()?,
+            credential_id: identity.get_credential_id(),
             peer_address: text(peer.get_address())?,
             protocol: text(peer.get_protocol())?,
+            server_name: text(peer.get_server_name())?,
             stream,
         };
         tokio::task::spawn_local(self.app.clone().accept(conn));
@@ -394,6 +407,7 @@ pub async fn serve_on<A: App>(
     let host = Host {
         client: system.bootstrap(Side::Client),
     };
+    log::attach(host.client.clone());
     let handoffs = Rc::new(RefCell::new(Handoffs::default()));
     let shut_down = Rc::new(std::cell::Cell::new(false));
     let app = Rc::new(make(host));

@@ -160,17 +160,18 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Whether `key` is one of `user`'s; notes its use.
-    pub fn check_ssh_key(&self, user: &str, key: &str) -> Result<bool, StateError> {
+    /// Which of `user`'s keys `key` is, if any; notes its use.
+    pub fn check_ssh_key(&self, user: &str, key: &str) -> Result<Option<i64>, StateError> {
         let conn = self.conn();
-        let n = conn
-            .execute(
-                "UPDATE ssh_keys SET last_used_at = unixepoch()
-                 WHERE key = ?1 AND user_id = (SELECT id FROM users WHERE name = ?2)",
-                params![key, user],
-            )
-            .op("check ssh key")?;
-        Ok(n > 0)
+        conn.query_row(
+            "UPDATE ssh_keys SET last_used_at = unixepoch()
+             WHERE key = ?1 AND user_id = (SELECT id FROM users WHERE name = ?2)
+             RETURNING id",
+            params![key, user],
+            |r| r.get(0),
+        )
+        .optional()
+        .op("check ssh key")
     }
 }
 
@@ -310,14 +311,29 @@ mod tests {
                 .add_ssh_key(&bob, "ssh-ed25519 AAAA", "SHA256:x", "", "t")
                 .is_err()
         );
-        assert!(store.check_ssh_key("alice", "ssh-ed25519 AAAA").unwrap());
-        assert!(!store.check_ssh_key("bob", "ssh-ed25519 AAAA").unwrap());
+        assert!(
+            store
+                .check_ssh_key("alice", "ssh-ed25519 AAAA")
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .check_ssh_key("bob", "ssh-ed25519 AAAA")
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(
             store.list_ssh_keys(&alice).unwrap()[0].fingerprint,
             "SHA256:x"
         );
         assert!(!store.remove_ssh_key(&bob, k.id, "t").unwrap());
         assert!(store.remove_ssh_key(&alice, k.id, "t").unwrap());
-        assert!(!store.check_ssh_key("alice", "ssh-ed25519 AAAA").unwrap());
+        assert!(
+            store
+                .check_ssh_key("alice", "ssh-ed25519 AAAA")
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -26,9 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use granary_grains::{AuthMethod, Identity, Peer};
 use granary_schema::services_capnp::ping;
 use granary_state::{HostUid, Store};
-use granary_supervisor::{Identity, Supervisor, SupervisorConfig, SupervisorParams};
+use granary_supervisor::{Supervisor, SupervisorConfig, SupervisorParams};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 fn root() -> PathBuf {
@@ -79,7 +80,12 @@ fn children(pid: u32) -> Vec<u32> {
 async fn ping_over_connection(sup: &Supervisor, grain: &str) -> Duration {
     let start = Instant::now();
     let conn = sup
-        .connect(grain, "hello", Identity::user("alice", "bench"))
+        .connect(
+            grain,
+            "hello",
+            Identity::new("alice", AuthMethod::Admin, 0),
+            Peer::new("bench", "bench"),
+        )
         .await
         .expect("connect");
     let (read, mut write) = conn.stream.into_split();
@@ -93,7 +99,12 @@ async fn ping_over_connection(sup: &Supervisor, grain: &str) -> Duration {
 
 async fn ask(sup: &Supervisor, grain: &str, line: &str) -> String {
     let conn = sup
-        .connect(grain, "hello", Identity::user("alice", "bench"))
+        .connect(
+            grain,
+            "hello",
+            Identity::new("alice", AuthMethod::Admin, 0),
+            Peer::new("bench", "bench"),
+        )
         .await
         .expect("connect");
     let (read, mut write) = conn.stream.into_split();

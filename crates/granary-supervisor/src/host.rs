@@ -7,8 +7,8 @@ use std::rc::{Rc, Weak};
 use capnp::capability::Rc as CapRc;
 use granary_schema::host_capnp::{LogLevel, host, wake_lock};
 
-use crate::grain::{Activity, Slot};
-use crate::{Inner, db};
+use crate::inner::{Inner, db};
+use crate::slot::{Activity, Slot};
 
 pub(crate) struct HostImpl {
     sup: Weak<Inner>,
@@ -18,6 +18,9 @@ pub(crate) struct HostImpl {
     app_id: String,
     app_version: String,
     activity: Rc<Activity>,
+    /// The host's handle on the grain's log stream (beside its stdout and
+    /// stderr).
+    log: std::os::fd::OwnedFd,
 }
 
 impl HostImpl {
@@ -25,8 +28,8 @@ impl HostImpl {
         sup: &Rc<Inner>,
         slot: &Slot,
         app: &granary_state::App,
-        _generation: u64,
         activity: Rc<Activity>,
+        log: std::os::fd::OwnedFd,
     ) -> HostImpl {
         HostImpl {
             sup: Rc::downgrade(sup),
@@ -36,6 +39,7 @@ impl HostImpl {
             app_id: app.app_id.clone(),
             app_version: app.version.clone(),
             activity,
+            log,
         }
     }
 
@@ -211,12 +215,27 @@ impl host::Server for HostImpl {
             .flat_map(char::escape_debug)
             .collect();
         let grain = &self.id;
-        match params.get_level()? {
+        let level = params.get_level()?;
+        match level {
             LogLevel::Error => tracing::error!(target: "grain", %grain, "{message}"),
             LogLevel::Warn => tracing::warn!(target: "grain", %grain, "{message}"),
             LogLevel::Info => tracing::info!(target: "grain", %grain, "{message}"),
             LogLevel::Debug => tracing::debug!(target: "grain", %grain, "{message}"),
         }
+        // Into the grain's own log too (`granary grain logs`), never
+        // waiting: a grain whose log drain is stuck loses lines, not time.
+        let tag = match level {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+        };
+        let line = format!("{tag}: {message}\n");
+        let _ = nix::sys::socket::send(
+            std::os::fd::AsRawFd::as_raw_fd(&self.log),
+            line.as_bytes(),
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        );
         Ok(())
     }
 }

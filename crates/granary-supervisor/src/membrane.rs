@@ -20,7 +20,7 @@ use std::rc::{Rc, Weak};
 use capnp::any_pointer;
 use capnp::capability::{DispatchCallResult, Params, Promise, Results};
 
-use crate::Inner;
+use crate::inner::Inner;
 
 /// One granted capability as one holder sees it.
 pub(crate) struct Membrane {
@@ -126,7 +126,7 @@ impl Membrane {
     async fn target(
         &self,
         sup: &Rc<Inner>,
-    ) -> Result<(capnp::capability::Client, crate::grain::Busy), capnp::Error> {
+    ) -> Result<(capnp::capability::Client, crate::slot::Busy), capnp::Error> {
         let running = sup
             .ensure_running(&self.provider)
             .await

@@ -1,20 +1,74 @@
-//! HTTP: the host a request names, where it goes, and who it says it is.
+//! HTTP: the host a request names, which entry of the gateway's service
+//! table it matches and whose grain that makes it, and who it says it is.
+//!
+//! The table itself (every HTTP service with its access rules) is the
+//! gateway's; what is matched here is only what can be read from the
+//! request line and headers, before anything is looked up.
 
-/// Where a request goes, decided from its host name and path alone.
+use granary_model::UserName;
+
+/// Where an entry's requests come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostPattern {
+    /// `<name>.<domain>`, a service host (`git.example.org`). Its name is a
+    /// reserved user name, so it never shadows a user's subdomain.
+    Service(&'static str),
+    /// `<user>.<domain>`, one per user (`alice.example.org`).
+    UserSubdomain,
+    /// A host outside the domain that a user registered (a blog's own
+    /// domain); the gateway asks whose it is.
+    Registered,
+}
+
+/// Whose grain serves a request of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerIn {
+    /// The first path segment names the owner (`/alice/site.git/...`).
+    FirstSegment,
+    /// The user subdomain names the owner.
+    Subdomain,
+    /// Whoever logs in is the owner: each user reaches their own grain.
+    Login,
+    /// The registered host's owner.
+    Registration,
+}
+
+/// One entry of a service table, as far as routing sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pattern {
+    /// The entry's name, for logs (`git`, `blog`, `blog-domain`).
+    pub name: &'static str,
+    pub host: HostPattern,
+    pub owner: OwnerIn,
+    /// The grain kind that serves it.
+    pub kind: &'static str,
+}
+
+/// Whose grain a request goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    /// `git.<domain>/<owner>/<repo>.git/...`: the owner's git grain.
-    Git { owner: String, repo: String },
-    /// `<owner>.<domain>`: the owner's blog grain (a public site).
-    Blog { owner: String },
-    /// No app serves this host.
-    Unknown,
+pub enum Owner {
+    /// Named by the request (a valid user name).
+    User(String),
+    /// The user who logs in.
+    Login,
+    /// The owner of this registered host, to be looked up.
+    Registered(String),
+}
+
+/// Where a request goes: the entry it matched, the grain kind, whose
+/// grain, and the path the grain sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route<'t, T> {
+    pub entry: &'t T,
+    pub kind: &'static str,
+    pub owner: Owner,
+    pub path: String,
 }
 
 /// A user name as the rest of Granary accepts it (`granary_model::UserName`:
 /// the one rule).
 pub fn valid_user(name: &str) -> bool {
-    granary_model::UserName::new(name).is_ok()
+    UserName::new(name).is_ok()
 }
 
 /// A repository name: 1 to 100 of `[A-Za-z0-9._-]`, not starting with '.'
@@ -27,38 +81,59 @@ pub fn valid_repo(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// Routes by host (without port, any case) and path.
-pub fn route(host: &str, path: &str, domain: &str) -> Route {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    if host.strip_prefix("git.") == Some(domain) {
-        let mut parts = path.trim_start_matches('/').splitn(3, '/');
-        let (Some(owner), Some(repo)) = (parts.next(), parts.next()) else {
-            return Route::Unknown;
-        };
-        let Some(repo) = repo.strip_suffix(".git") else {
-            return Route::Unknown;
-        };
-        if valid_user(owner) && valid_repo(repo) {
-            return Route::Git {
-                owner: owner.to_owned(),
-                repo: repo.to_owned(),
-            };
-        }
-    }
-    if let Some(owner) = host.strip_suffix(&format!(".{domain}"))
-        && valid_user(owner)
-        && !SERVICE_HOSTS.contains(&owner)
-    {
-        return Route::Blog {
-            owner: owner.to_owned(),
-        };
-    }
-    Route::Unknown
+/// `/<owner>/<repo>.git[/...]` as (owner, repo), both valid.
+pub fn repo_path(path: &str) -> Option<(&str, &str)> {
+    let mut parts = path.strip_prefix('/')?.splitn(3, '/');
+    let owner = parts.next()?;
+    let repo = parts.next()?.strip_suffix(".git")?;
+    (valid_user(owner) && valid_repo(repo)).then_some((owner, repo))
 }
 
-/// Host names under the domain that belong to services, never to a user's
-/// site (they are reserved user names too).
-pub const SERVICE_HOSTS: &[&str] = &["git", "dav", "mail", "xmpp", "tasks", "www"];
+/// Matches a request's host (without port, any case) and path against a
+/// service table, in order; `None` when no entry serves it.
+pub fn route<'t, T: AsRef<Pattern>>(
+    table: &'t [T],
+    host: &str,
+    path: &str,
+    domain: &str,
+) -> Option<Route<'t, T>> {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let sub = host
+        .strip_suffix(domain)
+        .and_then(|h| h.strip_suffix('.'))
+        .filter(|s| !s.is_empty() && !s.contains('.'));
+    let outside = host != domain && !host.ends_with(&format!(".{domain}"));
+    for entry in table {
+        let p = entry.as_ref();
+        let host_matches = match p.host {
+            HostPattern::Service(name) => sub == Some(name),
+            HostPattern::UserSubdomain => sub.is_some_and(valid_user),
+            HostPattern::Registered => outside && !host.is_empty(),
+        };
+        if !host_matches {
+            continue;
+        }
+        let owner = match p.owner {
+            OwnerIn::FirstSegment => {
+                let first = path.strip_prefix('/')?.split('/').next()?;
+                if !valid_user(first) {
+                    return None;
+                }
+                Owner::User(first.to_owned())
+            }
+            OwnerIn::Subdomain => Owner::User(sub?.to_owned()),
+            OwnerIn::Login => Owner::Login,
+            OwnerIn::Registration => Owner::Registered(host.clone()),
+        };
+        return Some(Route {
+            entry,
+            kind: p.kind,
+            owner,
+            path: path.to_owned(),
+        });
+    }
+    None
+}
 
 /// The host a request names: `:authority` (HTTP/2, absolute URIs) or the
 /// `Host` header, without its port; `None` when neither is usable.
@@ -99,51 +174,101 @@ pub fn basic_credentials(header: &[u8]) -> Option<(String, String)> {
 mod tests {
     use super::*;
 
+    struct E(Pattern);
+    impl AsRef<Pattern> for E {
+        fn as_ref(&self) -> &Pattern {
+            &self.0
+        }
+    }
+
+    fn table() -> Vec<E> {
+        vec![
+            E(Pattern {
+                name: "git",
+                host: HostPattern::Service("git"),
+                owner: OwnerIn::FirstSegment,
+                kind: "git",
+            }),
+            E(Pattern {
+                name: "hello",
+                host: HostPattern::Service("hello"),
+                owner: OwnerIn::Login,
+                kind: "hello",
+            }),
+            E(Pattern {
+                name: "blog",
+                host: HostPattern::UserSubdomain,
+                owner: OwnerIn::Subdomain,
+                kind: "blog",
+            }),
+            E(Pattern {
+                name: "blog-domain",
+                host: HostPattern::Registered,
+                owner: OwnerIn::Registration,
+                kind: "blog",
+            }),
+        ]
+    }
+
+    fn at(host: &str, path: &str) -> Option<(&'static str, Owner)> {
+        let t = table();
+        route(&t, host, path, "example.org").map(|r| (r.entry.0.name, r.owner))
+    }
+
     #[test]
-    fn git_routes() {
-        let d = "example.org";
+    fn service_hosts_route_by_path_or_login() {
         assert_eq!(
-            route("git.example.org", "/alice/site.git/info/refs", d),
-            Route::Git {
-                owner: "alice".into(),
-                repo: "site".into()
-            }
+            at("git.example.org", "/alice/site.git/info/refs"),
+            Some(("git", Owner::User("alice".into())))
         );
         assert_eq!(
-            route("GIT.Example.org.", "/alice/site.git", d),
-            Route::Git {
-                owner: "alice".into(),
-                repo: "site".into()
-            }
+            at("GIT.Example.org.", "/alice/x"),
+            Some(("git", Owner::User("alice".into())))
         );
+        assert_eq!(at("hello.example.org", "/"), Some(("hello", Owner::Login)));
         for (host, path) in [
-            ("git.example.org", "/alice/site/info/refs"),
             ("git.example.org", "/../site.git"),
-            ("git.example.org", "/alice/.hidden.git"),
             ("git.example.org", "/Alice/site.git"),
-            ("git.other.org", "/alice/site.git"),
-            ("example.org", "/alice/site.git"),
+            ("git.example.org", "/git/site.git"),
+            ("git.example.org", ""),
             ("www.example.org", "/"),
             ("a.b.example.org", "/"),
+            ("example.org", "/"),
         ] {
-            assert_eq!(route(host, path, d), Route::Unknown, "{host}{path}");
+            assert_eq!(at(host, path), None, "{host}{path}");
         }
     }
 
     #[test]
-    fn blog_routes() {
+    fn user_subdomains_and_registered_hosts() {
         assert_eq!(
-            route("alice.example.org", "/posts/1.html", "example.org"),
-            Route::Blog {
-                owner: "alice".into()
-            }
+            at("alice.example.org", "/posts/1.html"),
+            Some(("blog", Owner::User("alice".into())))
         );
         assert_eq!(
-            route("Alice.Example.org", "/", "example.org"),
-            Route::Blog {
-                owner: "alice".into()
-            }
+            at("blog.alice.net", "/"),
+            Some(("blog-domain", Owner::Registered("blog.alice.net".into())))
         );
+        // A reserved name is never a user's subdomain.
+        assert_eq!(at("mail.example.org", "/"), None);
+    }
+
+    #[test]
+    fn repository_paths() {
+        assert_eq!(
+            repo_path("/alice/site.git/info/refs"),
+            Some(("alice", "site"))
+        );
+        assert_eq!(repo_path("/alice/site.git"), Some(("alice", "site")));
+        for bad in [
+            "/alice/site",
+            "/alice/.hidden.git",
+            "alice/site.git",
+            "/Alice/site.git",
+            "/alice/-x.git",
+        ] {
+            assert_eq!(repo_path(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -112,7 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::App(cmd) => {
             let config = load_config(&cli)?;
-            admin::grains::app(&config, cmd)
+            admin::apps::app(&config, cmd)
         }
         Command::Grain(cmd) => {
             let config = load_config(&cli)?;
@@ -127,15 +127,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Blog(cmd) => {
             let config = load_config(&cli)?;
-            admin::grains::blog(&config, cmd)
+            admin::git::blog(&config, cmd)
         }
         Command::SshKey(cmd) => {
             let config = load_config(&cli)?;
-            admin::grains::ssh_key(&config, cmd)
+            admin::git::ssh_key(&config, cmd)
         }
         Command::Git(cmd) => {
             let config = load_config(&cli)?;
-            admin::grains::git(&config, cmd)
+            admin::git::git(&config, cmd)
         }
         Command::Backup(cmd) => {
             let config = load_config(&cli)?;
@@ -166,11 +166,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Snapshot(cmd) => {
             let config = load_config(&cli)?;
-            admin::grains::snapshot(&config, cmd)
+            admin::snapshots::snapshot(&config, cmd)
         }
         Command::Grant(cmd) => {
             let config = load_config(&cli)?;
-            admin::grains::grant(&config, cmd)
+            admin::grants::grant(&config, cmd)
         }
         Command::Config(ConfigCommand::Default) => {
             print!("{}", granary_config::DEFAULT_CONFIG_TOML);
@@ -183,12 +183,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}: ok", config.file.as_deref().unwrap_or(file).display());
             println!("  data_dir        {}", config.data_dir.display());
             println!("  domain          {}", config.domain);
-            println!("  listen.https    {}", config.listen.https);
+            for (name, addr) in &config.listen.listeners {
+                println!("  {:<16}{addr}", format!("listen.{name}"));
+            }
             println!("  storage.backend {}", config.storage.name());
-            println!(
-                "  jail.uid_range  {}+{} (free on this host)",
-                config.uid_range.start, config.uid_range.count
-            );
+            println!("  jail.uid_range  {} (free on this host)", config.uid_range);
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {

@@ -38,7 +38,7 @@ const RENEW_BEFORE: Duration = Duration::days(30);
 /// Host names under the domain that Granary's services answer on; each gets
 /// its own SAN because some TLS clients do not match wildcards directly below
 /// a single-label domain such as `localhost`.
-pub const SERVICE_HOSTS: &[&str] = granary_wire::http::SERVICE_HOSTS;
+pub use crate::services::SERVICE_HOSTS;
 
 /// Where the files of a local CA are.
 #[derive(Debug, Clone)]
@@ -65,13 +65,24 @@ struct ServerRecord {
 
 /// Makes the CA and server certificate if missing, renews what needs it,
 /// and returns where the files are. `owner` is the uid that must own `dir`.
-pub fn ensure(dir: &Path, domain: &str, owner: u32) -> Result<LocalCaFiles, TlsError> {
-    ensure_at(dir, domain, owner, OffsetDateTime::now_utc())
+///
+/// `users` are the users whose subdomains (`<user>.<domain>`, their blogs)
+/// the certificate names one by one when the domain is a single label
+/// such as `localhost`: clients do not match `*.localhost`. Call it again
+/// when users change; the gateway reloads changed files.
+pub fn ensure(
+    dir: &Path,
+    domain: &str,
+    users: &[String],
+    owner: u32,
+) -> Result<LocalCaFiles, TlsError> {
+    ensure_at(dir, domain, users, owner, OffsetDateTime::now_utc())
 }
 
 fn ensure_at(
     dir: &Path,
     domain: &str,
+    users: &[String],
     owner: u32,
     now: OffsetDateTime,
 ) -> Result<LocalCaFiles, TlsError> {
@@ -117,7 +128,7 @@ fn ensure_at(
         }
     };
 
-    let names = server_names(domain);
+    let names = server_names(domain, users);
     let server_json = dir.join("server.json");
     let current: Option<ServerRecord> = read_json(&server_json)?;
     let fresh = matches!(&current, Some(r) if r.names == names
@@ -159,9 +170,14 @@ fn ensure_at(
 }
 
 /// The DNS names the server certificate covers.
-fn server_names(domain: &str) -> Vec<String> {
+fn server_names(domain: &str, users: &[String]) -> Vec<String> {
     let mut names = vec![domain.to_owned(), format!("*.{domain}")];
     names.extend(SERVICE_HOSTS.iter().map(|h| format!("{h}.{domain}")));
+    if !domain.contains('.') {
+        let mut users = users.to_vec();
+        users.sort();
+        names.extend(users.iter().map(|u| format!("{u}.{domain}")));
+    }
     names
 }
 
@@ -264,6 +280,17 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_label_domains_name_each_user() {
+        let users = ["bob".to_owned(), "alice".to_owned()];
+        let names = server_names("localhost", &users);
+        assert!(names.contains(&"alice.localhost".to_owned()));
+        assert!(names.contains(&"bob.localhost".to_owned()));
+        // A real domain's wildcard covers them; the list stays private.
+        let names = server_names("example.org", &users);
+        assert!(!names.iter().any(|n| n.starts_with("alice")));
+    }
     use std::os::unix::fs::MetadataExt;
 
     fn owner(dir: &Path) -> u32 {
@@ -275,7 +302,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("tls");
         let me = owner(tmp.path());
-        let files = ensure(&dir, "example.org", me).unwrap();
+        let files = ensure(&dir, "example.org", &[], me).unwrap();
         let ca = fs::read(&files.ca_cert).unwrap();
         let server = fs::read(&files.server_cert).unwrap();
         assert_eq!(
@@ -288,7 +315,7 @@ mod tests {
         );
         assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
 
-        ensure(&dir, "example.org", me).unwrap();
+        ensure(&dir, "example.org", &[], me).unwrap();
         assert_eq!(fs::read(&files.ca_cert).unwrap(), ca, "CA must be kept");
         assert_eq!(
             fs::read(&files.server_cert).unwrap(),
@@ -306,11 +333,11 @@ mod tests {
         let dir = tmp.path().join("tls");
         let me = owner(tmp.path());
         let now = OffsetDateTime::now_utc();
-        let files = ensure_at(&dir, "example.org", me, now).unwrap();
+        let files = ensure_at(&dir, "example.org", &[], me, now).unwrap();
         let ca = fs::read(&files.ca_cert).unwrap();
         let server = fs::read(&files.server_cert).unwrap();
         let later = now + SERVER_LIFETIME - Duration::days(10);
-        ensure_at(&dir, "example.org", me, later).unwrap();
+        ensure_at(&dir, "example.org", &[], me, later).unwrap();
         assert_eq!(fs::read(&files.ca_cert).unwrap(), ca);
         assert_ne!(fs::read(&files.server_cert).unwrap(), server);
     }
@@ -320,15 +347,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("tls");
         let me = owner(tmp.path());
-        let files = ensure(&dir, "example.org", me).unwrap();
+        let files = ensure(&dir, "example.org", &[], me).unwrap();
         let ca = fs::read(&files.ca_cert).unwrap();
-        ensure(&dir, "example.net", me).unwrap();
+        ensure(&dir, "example.net", &[], me).unwrap();
         assert_ne!(fs::read(&files.ca_cert).unwrap(), ca);
     }
 
     #[test]
     fn names_cover_the_domain_and_service_hosts() {
-        let names = server_names("localhost");
+        let names = server_names("localhost", &[]);
         assert!(names.contains(&"localhost".to_owned()));
         assert!(names.contains(&"*.localhost".to_owned()));
         assert!(names.contains(&"git.localhost".to_owned()));

@@ -12,7 +12,7 @@ use anyhow::Context;
 use granary_backup::progress::Progress;
 use granary_backup::target::{DirTarget, Target};
 use granary_config::{BackupPlace, Config};
-use granary_schema::admin_capnp::{admin, progress};
+use granary_schema::admin_capnp::{admin, backups, progress};
 use serde::Serialize;
 
 use super::client::print_json;
@@ -109,7 +109,7 @@ pub(crate) fn backup(config: &Config, cmd: &BackupCommand) -> anyhow::Result<Exi
             );
             let json = output.json;
             let report = with_admin(config, |admin: admin::Client| async move {
-                let mut req = admin.export_backup_request();
+                let mut req = super::backups(&admin).export_request();
                 req.get().set_dir(dir.as_str());
                 req.get().set_target(target.as_deref().unwrap_or(""));
                 req.get().set_user(user.as_deref().unwrap_or(""));
@@ -213,7 +213,7 @@ pub(crate) fn backup(config: &Config, cmd: &BackupCommand) -> anyhow::Result<Exi
             };
             let json = output.json;
             let report = with_admin(config, |admin: admin::Client| async move {
-                let mut req = admin.restore_backup_request();
+                let mut req = super::backups(&admin).restore_request();
                 req.get().set_from(from.as_str());
                 req.get().set_grain(grain.as_deref().unwrap_or(""));
                 req.get().set_identity(&identity);
@@ -294,7 +294,7 @@ pub(crate) fn backup(config: &Config, cmd: &BackupCommand) -> anyhow::Result<Exi
 
 use std::os::unix::fs::OpenOptionsExt;
 
-fn set_trust(req: &mut admin::restore_backup_params::Builder<'_>, trust: &[String]) {
+fn set_trust(req: &mut backups::restore_params::Builder<'_>, trust: &[String]) {
     let mut list = req.reborrow().init_trust(trust.len() as u32);
     for (i, t) in trust.iter().enumerate() {
         list.set(i as u32, t);
@@ -402,7 +402,7 @@ pub(crate) fn restore(config: &Config, args: RestoreArgs<'_>) -> anyhow::Result<
     };
     let json = args.json;
     let report = with_admin(config, |admin: admin::Client| async move {
-        let mut req = admin.restore_backup_request();
+        let mut req = super::backups(&admin).restore_request();
         req.get().set_from(from.as_str());
         req.get().set_grain(args.grain);
         req.get().set_identity(&identity);

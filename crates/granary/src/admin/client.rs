@@ -2,7 +2,7 @@
 //! answer.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -179,10 +179,15 @@ fn read_secret_line() -> anyhow::Result<String> {
     Ok(line)
 }
 
+/// A generated secret on a line of its own on standard output (what a
+/// script reads), the note about it first, on standard error, so the two
+/// never run together on a terminal.
 fn print_generated(password: &str) {
     if !password.is_empty() {
-        println!("password: {password}");
-        eprintln!("(shown once: Granary keeps only its hash)");
+        eprintln!("The password below is shown once: Granary keeps only its hash.");
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "password: {password}");
+        let _ = out.flush();
     }
 }
 
@@ -199,7 +204,7 @@ pub(crate) fn user(config: &Config, cmd: &UserCommand) -> anyhow::Result<ExitCod
                 String::new()
             };
             let (user, generated) = with_admin(config, |admin: admin::Client| async move {
-                let mut req = admin.add_user_request();
+                let mut req = super::users(&admin).add_request();
                 req.get().set_name(name.as_str());
                 req.get().set_password(password.as_str());
                 let response = req.send().promise.await.map_err(remote)?;
@@ -226,8 +231,8 @@ pub(crate) fn user(config: &Config, cmd: &UserCommand) -> anyhow::Result<ExitCod
         }
         UserCommand::List { output } => {
             let users = with_admin(config, |admin: admin::Client| async move {
-                let response = admin
-                    .list_users_request()
+                let response = super::users(&admin)
+                    .list_request()
                     .send()
                     .promise
                     .await
@@ -259,7 +264,7 @@ pub(crate) fn user(config: &Config, cmd: &UserCommand) -> anyhow::Result<ExitCod
         }
         UserCommand::Remove { name, purge } => {
             with_admin(config, |admin: admin::Client| async move {
-                let mut req = admin.remove_user_request();
+                let mut req = super::users(&admin).remove_request();
                 req.get().set_name(name.as_str());
                 req.get().set_purge(*purge);
                 req.send().promise.await.map_err(remote)?;
@@ -277,7 +282,7 @@ pub(crate) fn user(config: &Config, cmd: &UserCommand) -> anyhow::Result<ExitCod
                 String::new()
             };
             let generated = with_admin(config, |admin: admin::Client| async move {
-                let mut req = admin.set_password_request();
+                let mut req = super::users(&admin).set_password_request();
                 req.get().set_name(name.as_str());
                 req.get().set_password(password.as_str());
                 let response = req.send().promise.await.map_err(remote)?;
@@ -289,7 +294,7 @@ pub(crate) fn user(config: &Config, cmd: &UserCommand) -> anyhow::Result<ExitCod
         UserCommand::CheckPassword { name, kind } => {
             let password = read_secret_line()?;
             let valid = with_admin(config, |admin: admin::Client| async move {
-                let mut req = admin.check_password_request();
+                let mut req = super::users(&admin).check_password_request();
                 req.get().set_name(name.as_str());
                 req.get().set_kind(kind.as_deref().unwrap_or(""));
                 req.get().set_password(password.as_str());
@@ -316,7 +321,7 @@ pub(crate) fn app_password(config: &Config, cmd: &AppPasswordCommand) -> anyhow:
             output,
         } => {
             let (record, password) = with_admin(config, |admin: admin::Client| async move {
-                let mut req = admin.add_app_password_request();
+                let mut req = super::users(&admin).add_app_password_request();
                 req.get().set_user(user.as_str());
                 req.get().set_kind(kind.as_str());
                 req.get().set_label(label.as_str());
@@ -354,7 +359,7 @@ pub(crate) fn app_password(config: &Config, cmd: &AppPasswordCommand) -> anyhow:
         }
         AppPasswordCommand::List { user, kind, output } => {
             let list = with_admin(config, |admin: admin::Client| async move {
-                let mut req = admin.list_app_passwords_request();
+                let mut req = super::users(&admin).list_app_passwords_request();
                 req.get().set_user(user.as_str());
                 req.get().set_kind(kind.as_deref().unwrap_or(""));
                 let response = req.send().promise.await.map_err(remote)?;
@@ -390,7 +395,7 @@ pub(crate) fn app_password(config: &Config, cmd: &AppPasswordCommand) -> anyhow:
         }
         AppPasswordCommand::Revoke { user, id, kind } => {
             let revoked = with_admin(config, |admin: admin::Client| async move {
-                let mut req = admin.revoke_app_passwords_request();
+                let mut req = super::users(&admin).revoke_app_passwords_request();
                 req.get().set_user(user.as_str());
                 let mut selector = req.get().init_selector();
                 match (id, kind) {

@@ -118,6 +118,12 @@ pub(crate) fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> anyhow::Result<
         .to_owned())
 }
 
+/// A list of texts from a reply.
+pub(crate) fn texts(l: capnp::Result<capnp::text_list::Reader<'_>>) -> anyhow::Result<Vec<String>> {
+    let l = l.map_err(remote)?;
+    l.iter().map(text).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! `DATA_DIR/run/ports.json`: where the running daemon actually listens, so
 //! that tests and scripts can use port 0 and still find it.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -11,8 +12,8 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub(crate) struct Ports {
     pub(crate) pid: u32,
-    pub(crate) https: SocketAddr,
-    pub(crate) ssh: SocketAddr,
+    /// Every bound listener by name (`https`, `ssh`, ...).
+    pub(crate) listeners: BTreeMap<String, SocketAddr>,
     pub(crate) admin_socket: PathBuf,
 }
 
@@ -36,8 +37,11 @@ mod tests {
         let path = dir.path().join("ports.json");
         let ports = Ports {
             pid: 42,
-            https: "127.0.0.1:4443".parse().unwrap(),
-            ssh: "127.0.0.1:2222".parse().unwrap(),
+            listeners: [
+                ("https".to_owned(), "127.0.0.1:4443".parse().unwrap()),
+                ("ssh".to_owned(), "127.0.0.1:2222".parse().unwrap()),
+            ]
+            .into(),
             admin_socket: "/x/run/admin.sock".into(),
         };
         ports.write(&path).unwrap();

@@ -1,34 +1,23 @@
-//! The admin calls about apps, grains and grants: the daemon side.
+//! Putting apps on disk: checking and unpacking signed packages into the
+//! content-addressed image store, and copying unsigned app directories
+//! (development mode) into place through a staging directory. Blocking:
+//! run on the blocking pool.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
-use granary_datasets::Datasets;
 use granary_model::{MANIFEST_FILE, Manifest};
-use granary_schema::admin_capnp;
-use granary_state::{App, HostUid, Store};
-use granary_supervisor::{GrainStatus, Supervisor};
-
-/// What the admin service needs for grains.
-pub(super) struct Grains {
-    pub(super) sup: Supervisor,
-    pub(super) datasets: Arc<dyn Datasets>,
-    pub(super) apps_dir: PathBuf,
-    pub(super) uids: HostUid,
-    pub(super) package_limits: granary_package::Limits,
-}
 
 /// A package file, verified and inspected (nothing written yet).
-pub(super) struct CheckedPackage {
-    pub(super) bytes: Vec<u8>,
-    pub(super) manifest: Manifest,
-    pub(super) sha256: String,
+pub(crate) struct CheckedPackage {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) manifest: Manifest,
+    pub(crate) sha256: String,
 }
 
 /// Reads, verifies and walks a package file with every check.
-pub(super) fn check_package(
+pub(crate) fn check_package(
     path: &Path,
     limits: &granary_package::Limits,
 ) -> anyhow::Result<CheckedPackage> {
@@ -59,7 +48,7 @@ pub(super) fn check_package(
 /// Unpacks a checked package into `apps_dir/<kind>/<sha256>` unless that
 /// image exists already (the same package gives the same image). Returns
 /// the image directory relative to `apps_dir`.
-pub(super) fn unpack_package(
+pub(crate) fn unpack_package(
     apps_dir: &Path,
     pkg: &CheckedPackage,
     limits: &granary_package::Limits,
@@ -91,13 +80,6 @@ fn staging_name(what: &str) -> anyhow::Result<String> {
     getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random staging name: {e}"))?;
     let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
     Ok(format!(".{what}-{hex}"))
-}
-
-/// `alice/git` or a grain id, as the grain id.
-pub(super) fn grain_id(reference: &str) -> String {
-    granary_model::GrainId::from_reference(reference)
-        .map(|g| g.to_string())
-        .unwrap_or_else(|_| reference.to_owned())
 }
 
 /// Copies `from` into `to` (which must not exist): directories, regular
@@ -146,7 +128,7 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 /// Reads and checks an app directory's manifest and that its exec is an
 /// executable file of its image.
-pub(super) fn read_app_dir(dir: &Path) -> anyhow::Result<(Manifest, String)> {
+pub(crate) fn read_app_dir(dir: &Path) -> anyhow::Result<(Manifest, String)> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&manifest_path)
         .with_context(|| format!("cannot read {}", manifest_path.display()))?;
@@ -169,7 +151,7 @@ pub(super) fn read_app_dir(dir: &Path) -> anyhow::Result<(Manifest, String)> {
 }
 
 /// Where an app version lives.
-pub(super) fn version_dir(apps_dir: &Path, manifest: &Manifest) -> PathBuf {
+pub(crate) fn version_dir(apps_dir: &Path, manifest: &Manifest) -> PathBuf {
     // Both parts are checked names (kind: [a-z0-9], version: no '/' and no
     // leading '.'), so this stays inside apps_dir.
     apps_dir.join(&manifest.kind).join(&manifest.version)
@@ -180,7 +162,7 @@ pub(super) fn version_dir(apps_dir: &Path, manifest: &Manifest) -> PathBuf {
 /// (`renameat2(RENAME_EXCHANGE)` when the version exists), so a failed copy
 /// leaves the installed version as it was. The caller has stopped the
 /// kind's grains if the version existed.
-pub(super) fn install_dir(
+pub(crate) fn install_dir(
     apps_dir: &Path,
     dir: &Path,
     manifest: &Manifest,
@@ -233,181 +215,4 @@ pub(super) fn install_dir(
     }
     let _ = std::fs::remove_dir_all(&staging);
     Ok(())
-}
-
-pub(super) fn fill_app(mut out: admin_capnp::app::Builder<'_>, app: &App) {
-    out.set_kind(&app.kind);
-    out.set_app_id(&app.app_id);
-    out.set_version(&app.version);
-    out.set_dev_mode(app.dev_mode);
-    out.set_installed_at(app.installed_at);
-    if let Ok(m) = Manifest::parse(&app.manifest) {
-        set_texts(
-            out.reborrow().init_services(m.services.len() as u32),
-            &m.services,
-        );
-        set_texts(out.reborrow().init_offers(m.offers.len() as u32), &m.offers);
-        fill_manifest(out.init_manifest(), &m);
-    }
-}
-
-fn set_texts(mut list: capnp::text_list::Builder<'_>, items: &[String]) {
-    for (i, v) in items.iter().enumerate() {
-        list.set(i as u32, v);
-    }
-}
-
-/// `granary_model::Manifest` as `schema/package.capnp`'s `Manifest`.
-pub(super) fn fill_manifest(
-    mut out: granary_schema::package_capnp::manifest::Builder<'_>,
-    m: &Manifest,
-) {
-    out.set_id(&m.id);
-    out.set_version(&m.version);
-    out.set_kind(&m.kind);
-    out.set_per_user(m.per_user);
-    out.set_title(&m.title);
-    set_texts(out.reborrow().init_exec(m.exec.len() as u32), &m.exec);
-    set_texts(out.reborrow().init_env(m.env.len() as u32), &m.env);
-    set_texts(
-        out.reborrow().init_services(m.services.len() as u32),
-        &m.services,
-    );
-    set_texts(out.reborrow().init_offers(m.offers.len() as u32), &m.offers);
-    set_texts(
-        out.reborrow().init_requests(m.requests.len() as u32),
-        &m.requests,
-    );
-    set_texts(
-        out.reborrow().init_migrate(m.migrate.len() as u32),
-        &m.migrate,
-    );
-    out.set_idle_timeout_seconds(m.idle_timeout_seconds.unwrap_or(0));
-    let mut limits = out.init_limits();
-    limits.set_memory_mib(m.limits.memory_mib.unwrap_or(0));
-    limits.set_pids(m.limits.pids.unwrap_or(0));
-    limits.set_cpu_weight(m.limits.cpu_weight.unwrap_or(0));
-}
-
-pub(super) fn fill_status(mut out: admin_capnp::grain_status::Builder<'_>, s: &GrainStatus) {
-    out.set_id(&s.id);
-    out.set_user(&s.user);
-    out.set_kind(&s.kind);
-    out.set_host_uid(s.host_uid);
-    out.set_state(&s.state);
-    out.set_reason(s.reason.as_deref().unwrap_or(""));
-    out.set_pid(s.pid.unwrap_or(0));
-    out.set_starts(s.starts);
-    out.set_crashes(s.crashes);
-    out.set_last_exit(s.last_exit.as_deref().unwrap_or(""));
-    out.set_running_seconds(s.running_seconds.unwrap_or(0));
-    out.set_connections(s.connections as u32);
-    out.set_calls_in_flight(s.calls_in_flight as u32);
-    let mut locks = out.init_wake_locks(s.wake_locks.len() as u32);
-    for (i, why) in s.wake_locks.iter().enumerate() {
-        locks.set(i as u32, why);
-    }
-}
-
-pub(super) fn fill_grant(mut out: admin_capnp::grant::Builder<'_>, g: &granary_state::Grant) {
-    out.set_id(g.id);
-    out.set_from(&g.from_grain);
-    out.set_to(&g.to_grain);
-    out.set_capability(&g.capability);
-    out.set_created_at(g.created_at);
-}
-
-impl Grains {
-    /// Stops and destroys grains (`purge`), or refuses when any holds data.
-    /// `what` names the owner for the message ("user alice", "app git").
-    pub(super) async fn remove_grains(
-        &self,
-        store: &Arc<Store>,
-        grains: Vec<granary_state::Grain>,
-        purge: bool,
-        what: &str,
-    ) -> anyhow::Result<()> {
-        if !purge {
-            let with_data: Vec<String> = grains
-                .iter()
-                .filter(|g| self.datasets.has_data(&g.id).unwrap_or(true))
-                .map(|g| format!("{}/{}", g.user, g.kind))
-                .collect();
-            anyhow::ensure!(
-                with_data.is_empty(),
-                "{what} has grains holding data ({}); add --purge to remove them (their final state is kept: a snapshot on zfs and btrfs, a moved copy in grains/.retired on plain)",
-                with_data.join(", "),
-            );
-        }
-        for g in grains {
-            // Held first, so nothing restarts it while it goes; its grants'
-            // live capabilities are cut.
-            self.sup.retire(&g.id).await?;
-            // A final snapshot is kept where the backend has snapshots;
-            // the data goes before the record, so a failure leaves an
-            // empty grain, never a record-less dataset.
-            let datasets = self.datasets.clone();
-            let id = g.id.clone();
-            let label = granary_datasets::timed_label("final");
-            let retired = tokio::task::spawn_blocking(move || datasets.retire(&id, &label)).await?;
-            match retired {
-                Ok(Some(kept)) => {
-                    tracing::info!(grain = %g.id, snapshot = %kept, "final snapshot kept")
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.sup.unretire(&g.id);
-                    anyhow::bail!("removing the data of {} failed: {e}", g.id)
-                }
-            }
-            let s = store.clone();
-            let id = g.id.clone();
-            tokio::task::spawn_blocking(move || s.delete_grain(&id, "admin")).await??;
-            self.sup.forget(&g.id);
-            tracing::info!(grain = %g.id, "grain destroyed");
-        }
-        Ok(())
-    }
-}
-
-/// Asks a git grain to create `repo` over its http service (the header
-/// the gateway never lets a client send). Returns whether it was made.
-pub(super) async fn ask_git_create(
-    conn: granary_supervisor::Connection,
-    user: &str,
-    repo: &str,
-) -> Result<bool, capnp::Error> {
-    use http_body_util::BodyExt;
-    let fail = |e: String| capnp::Error::failed(format!("the git grain: {e}"));
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn.stream))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-    let guard = conn.guard;
-    tokio::task::spawn_local(async move {
-        let _ = connection.await;
-        drop(guard);
-    });
-    let req = hyper::Request::post(format!("/{user}/{repo}.git/"))
-        .header("host", "git.local")
-        .header("x-granary-admin", "create")
-        .header("x-granary-user", user)
-        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-        .map_err(|e| fail(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
-        .unwrap_or_default();
-    match status.as_u16() {
-        201 => Ok(true),
-        200 => Ok(false),
-        _ => Err(fail(format!("{status}: {body}"))),
-    }
 }

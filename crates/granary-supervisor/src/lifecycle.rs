@@ -1,8 +1,9 @@
-//! One grain's life: stopped, starting, running, stopping, waiting out a
-//! backoff, or held after a crash loop or a flood.
+//! Starting, stopping and connecting: how a grain moves between phases.
+//! A start goes through the jail (its Cap'n Proto channel on fd 3, the
+//! hand-off socket on fd 4); concurrent callers share one start; a crash
+//! restarts it after a doubling backoff; an idle grain is stopped.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use futures::FutureExt;
-use futures::future::Shared;
+use granary_grains::{AuthMethod, Identity, Peer, Problem};
 use granary_jail::GrainSpec;
 use granary_jail::grain_log::LogPolicy;
 use granary_jail::spawn::LaunchRequest;
@@ -22,336 +23,11 @@ use granary_schema::grain_capnp::{self, grain};
 use tokio::io::unix::AsyncFd;
 
 use crate::host::HostImpl;
-use crate::{Inner, SupervisorError, db};
-
-/// Rotated log files kept besides the current one, and the size of each.
-pub(crate) const LOG_KEEP: u32 = 3;
-const LOG_FILE_BYTES: u64 = 1 << 20;
-/// Connections one grain may have open at once.
-const MAX_CONNECTIONS: usize = 512;
-
-type StartFuture = Shared<Pin<Box<dyn Future<Output = Result<Rc<Running>, String>>>>>;
-type StopFuture = Shared<Pin<Box<dyn Future<Output = ()>>>>;
-
-#[derive(Clone)]
-enum Phase {
-    Stopped,
-    Starting(StartFuture),
-    Running(Rc<Running>),
-    Stopping(StopFuture),
-    /// Crashed; restarts at `until`.
-    Backoff {
-        until: tokio::time::Instant,
-    },
-    /// Crash loop or flood: stays stopped until an admin starts it.
-    Held {
-        reason: String,
-    },
-}
-
-/// Who a connection is for, as the gateway (or the admin CLI) established.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub user: String,
-    pub method: grain_capnp::AuthMethod,
-    pub credential_id: i64,
-    pub peer_address: String,
-    pub protocol: String,
-}
-
-impl Identity {
-    /// An authenticated user, by password.
-    pub fn user(user: &str, protocol: &str) -> Identity {
-        Identity {
-            user: user.to_owned(),
-            method: grain_capnp::AuthMethod::Password,
-            credential_id: 0,
-            peer_address: String::new(),
-            protocol: protocol.to_owned(),
-        }
-    }
-}
-
-/// What `granary grain status` shows.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct GrainStatus {
-    pub id: String,
-    pub user: String,
-    pub kind: String,
-    pub host_uid: u32,
-    /// stopped, starting, running, stopping, backoff or held.
-    pub state: String,
-    /// Why it is held or backing off.
-    pub reason: Option<String>,
-    pub pid: Option<u32>,
-    pub starts: u64,
-    pub crashes: u64,
-    pub last_exit: Option<String>,
-    pub running_seconds: Option<u64>,
-    pub connections: usize,
-    pub calls_in_flight: usize,
-    pub wake_locks: Vec<String>,
-}
-
-/// One grain the supervisor knows.
-pub(crate) struct Slot {
-    pub(crate) id: String,
-    pub(crate) user: String,
-    pub(crate) kind: String,
-    pub(crate) host_uid: u32,
-    phase: RefCell<Phase>,
-    starts: Cell<u64>,
-    crashes: RefCell<VecDeque<Instant>>,
-    crash_total: Cell<u64>,
-    last_exit: RefCell<Option<String>>,
-}
-
-/// What keeps a grain awake, and what it has in flight.
-#[derive(Default)]
-pub(crate) struct Activity {
-    /// Calls into the grain (through membranes, `accept`) and open
-    /// connections.
-    pub(crate) inbound: Cell<usize>,
-    pub(crate) connections: Cell<usize>,
-    /// Calls the grain made that the host has not answered.
-    pub(crate) outbound: Cell<usize>,
-    /// Calls refused for the in-flight bound in the current window.
-    refused: Cell<u64>,
-    refused_since: Cell<Option<Instant>>,
-    /// `log` calls in the current window.
-    logged: Cell<u64>,
-    logged_since: Cell<Option<Instant>>,
-    pub(crate) wake_locks: RefCell<Vec<(u64, String)>>,
-    next_lock: Cell<u64>,
-    last: Cell<Option<Instant>>,
-}
-
-/// Counts one unit of activity while alive.
-pub(crate) struct Busy {
-    activity: Rc<Activity>,
-    kind: BusyKind,
-}
-
-#[derive(Clone, Copy)]
-enum BusyKind {
-    Inbound,
-    Outbound,
-    Connection,
-}
-
-impl Busy {
-    fn counter(&self) -> &Cell<usize> {
-        match self.kind {
-            BusyKind::Inbound => &self.activity.inbound,
-            BusyKind::Outbound => &self.activity.outbound,
-            BusyKind::Connection => &self.activity.connections,
-        }
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let c = self.counter();
-        c.set(c.get().saturating_sub(1));
-        self.activity.last.set(Some(Instant::now()));
-    }
-}
-
-/// Refusals for the in-flight bound are counted over this window; a grain
-/// refused `flood_cutoff` times within it is cut off.
-pub(crate) const FLOOD_WINDOW: Duration = Duration::from_secs(10);
-/// `Host.log` calls a grain may make per window; the rest are dropped.
-pub(crate) const LOG_LINES_PER_WINDOW: u64 = 2000;
-
-/// Counts one event in a fixed window starting at the first event.
-fn count_in_window(count: &Cell<u64>, since: &Cell<Option<Instant>>, window: Duration) -> u64 {
-    let now = Instant::now();
-    if since.get().is_none_or(|t| now.duration_since(t) > window) {
-        since.set(Some(now));
-        count.set(0);
-    }
-    count.set(count.get() + 1);
-    count.get()
-}
-
-impl Activity {
-    /// Records a refused call; returns the refusals in the current window.
-    pub(crate) fn refuse(&self) -> u64 {
-        count_in_window(&self.refused, &self.refused_since, FLOOD_WINDOW)
-    }
-
-    /// Whether another log line may be written now; exactly one `false`
-    /// per window is `Some(false)` (to say lines are being dropped).
-    pub(crate) fn may_log(&self) -> Option<bool> {
-        let n = count_in_window(&self.logged, &self.logged_since, FLOOD_WINDOW);
-        match n.cmp(&(LOG_LINES_PER_WINDOW + 1)) {
-            std::cmp::Ordering::Less => Some(true),
-            std::cmp::Ordering::Equal => Some(false),
-            std::cmp::Ordering::Greater => None,
-        }
-    }
-
-    fn start(self: &Rc<Self>, kind: BusyKind) -> Busy {
-        let b = Busy {
-            activity: self.clone(),
-            kind,
-        };
-        b.counter().set(b.counter().get() + 1);
-        self.last.set(Some(Instant::now()));
-        b
-    }
-    pub(crate) fn busy(self: &Rc<Self>) -> Busy {
-        self.start(BusyKind::Inbound)
-    }
-    pub(crate) fn outbound_call(self: &Rc<Self>) -> Busy {
-        self.start(BusyKind::Outbound)
-    }
-    pub(crate) fn add_wake_lock(&self, reason: String) -> u64 {
-        let id = self.next_lock.get() + 1;
-        self.next_lock.set(id);
-        self.wake_locks.borrow_mut().push((id, reason));
-        id
-    }
-    pub(crate) fn release_wake_lock(&self, id: u64) {
-        self.wake_locks.borrow_mut().retain(|(i, _)| *i != id);
-        self.last.set(Some(Instant::now()));
-    }
-    fn idle_for(&self) -> Option<Duration> {
-        if self.inbound.get() > 0
-            || self.outbound.get() > 0
-            || self.connections.get() > 0
-            || !self.wake_locks.borrow().is_empty()
-        {
-            return None;
-        }
-        self.last.get().map(|t| t.elapsed())
-    }
-}
-
-/// A running grain.
-pub(crate) struct Running {
-    pub(crate) id: String,
-    pub(crate) generation: u64,
-    pub(crate) pid: u32,
-    pub(crate) grain: grain::Client,
-    pub(crate) activity: Rc<Activity>,
-    /// The app's own idle timeout, if its manifest sets one.
-    idle_timeout: Option<Duration>,
-    side: AsyncFd<StdStream>,
-    next_token: Cell<u64>,
-    started: SystemTime,
-    stopping: Cell<bool>,
-    /// Why the channel ended, if it ended before the process did.
-    channel_end: RefCell<Option<String>>,
-    exited: tokio::sync::watch::Receiver<bool>,
-}
-
-impl Running {
-    /// Signals the launcher unless it has been reaped already (its pid
-    /// could then belong to someone else). Reaping and marking `exited`
-    /// happen in one poll of the exit monitor, so this check is enough.
-    pub(crate) fn signal(&self, sig: libc::c_int) {
-        if !*self.exited.borrow() {
-            signal(self.pid, sig);
-        }
-    }
-
-    /// Kills the whole grain now.
-    pub(crate) fn kill(&self) {
-        self.stopping.set(true);
-        self.signal(libc::SIGKILL);
-    }
-}
-
-/// A client connection handed to a grain: the host's end of the socket
-/// pair. Keeps the grain awake until dropped.
-pub struct Connection {
-    pub stream: tokio::net::UnixStream,
-    /// Keeps the grain awake; drop it when the connection is done.
-    pub guard: ConnectionGuard,
-}
-
-/// Counts a connection as activity of its grain while alive.
-pub struct ConnectionGuard(#[allow(dead_code)] Busy);
-
-impl Slot {
-    pub(crate) fn running(&self) -> Option<Rc<Running>> {
-        match &*self.phase.borrow() {
-            Phase::Running(r) => Some(r.clone()),
-            _ => None,
-        }
-    }
-
-    /// Holds the grain stopped; returns what was running, for the caller
-    /// to kill.
-    pub(crate) fn hold(&self, reason: String) -> Option<Rc<Running>> {
-        let previous = std::mem::replace(&mut *self.phase.borrow_mut(), Phase::Held { reason });
-        match previous {
-            Phase::Running(r) => Some(r),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn is_held(&self) -> bool {
-        matches!(*self.phase.borrow(), Phase::Held { .. })
-    }
-
-    pub(crate) fn clear_hold(&self) {
-        let mut phase = self.phase.borrow_mut();
-        if matches!(*phase, Phase::Held { .. } | Phase::Backoff { .. }) {
-            *phase = Phase::Stopped;
-        }
-    }
-
-    pub(crate) fn status(&self) -> GrainStatus {
-        let phase = self.phase.borrow().clone();
-        let (state, reason) = match &phase {
-            Phase::Stopped => ("stopped", None),
-            Phase::Starting(_) => ("starting", None),
-            Phase::Running(_) => ("running", None),
-            Phase::Stopping(_) => ("stopping", None),
-            Phase::Backoff { until } => (
-                "backoff",
-                Some(format!(
-                    "restarting in {} ms after a crash",
-                    until
-                        .saturating_duration_since(tokio::time::Instant::now())
-                        .as_millis()
-                )),
-            ),
-            Phase::Held { reason } => ("held", Some(reason.clone())),
-        };
-        let running = self.running();
-        GrainStatus {
-            id: self.id.clone(),
-            user: self.user.clone(),
-            kind: self.kind.clone(),
-            host_uid: self.host_uid,
-            state: state.to_owned(),
-            reason,
-            pid: running.as_ref().map(|r| r.pid),
-            starts: self.starts.get(),
-            crashes: self.crash_total.get(),
-            last_exit: self.last_exit.borrow().clone(),
-            running_seconds: running
-                .as_ref()
-                .and_then(|r| r.started.elapsed().ok())
-                .map(|d| d.as_secs()),
-            connections: running.as_ref().map_or(0, |r| r.activity.connections.get()),
-            calls_in_flight: running
-                .as_ref()
-                .map_or(0, |r| r.activity.inbound.get() + r.activity.outbound.get()),
-            wake_locks: running.map_or_else(Vec::new, |r| {
-                r.activity
-                    .wake_locks
-                    .borrow()
-                    .iter()
-                    .map(|(_, why)| why.clone())
-                    .collect()
-            }),
-        }
-    }
-}
+use crate::inner::{Inner, db};
+use crate::slot::{
+    Activity, BusyKind, ConnectionGuard, LOG_FILE_BYTES, LOG_KEEP, MAX_CONNECTIONS, Phase, Running,
+    Slot,
+};
 
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
@@ -372,7 +48,7 @@ fn async_fd<T: AsRawFd + Into<OwnedFd>>(inner: T) -> std::io::Result<AsyncFd<T>>
     unsafe { AsyncFd::register(inner) }.map_err(|e| e.into_parts().1)
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
+pub(crate) fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill has no memory effects; the pid is our own child, which
     // we have not reaped yet (the exit monitor reaps it), so it cannot have
     // been reused.
@@ -399,14 +75,14 @@ fn exit_text(status: std::process::ExitStatus) -> String {
 
 impl Inner {
     /// The slot of a grain the state knows, made on first use.
-    pub(crate) async fn slot(self: &Rc<Self>, grain: &str) -> Result<Rc<Slot>, SupervisorError> {
+    pub(crate) async fn slot(self: &Rc<Self>, grain: &str) -> Result<Rc<Slot>, Problem> {
         if let Some(s) = self.slots.borrow().get(grain) {
             return Ok(s.clone());
         }
         let id = grain.to_owned();
         let record = db(&self.params.store, move |s| s.grain(&id))
             .await?
-            .ok_or_else(|| SupervisorError::NoSuchGrain(grain.to_owned()))?;
+            .ok_or(Problem::NoSuchGrain)?;
         Ok(self.slot_for(&record))
     }
 
@@ -425,6 +101,9 @@ impl Inner {
                     crashes: RefCell::default(),
                     crash_total: Cell::new(0),
                     last_exit: RefCell::new(None),
+                    oom_kills_before: Cell::new(0),
+                    oom_kills_now: Cell::new(0),
+                    memory_limit: Cell::new(None),
                 })
             })
             .clone()
@@ -435,25 +114,19 @@ impl Inner {
     pub(crate) async fn ensure_running(
         self: &Rc<Self>,
         grain: &str,
-    ) -> Result<Rc<Running>, SupervisorError> {
+    ) -> Result<Rc<Running>, Problem> {
         let slot = self.slot(grain).await?;
         loop {
             let phase = slot.phase.borrow().clone();
             match phase {
                 Phase::Running(r) => return Ok(r),
                 Phase::Starting(f) => {
-                    return f.await.map_err(|reason| SupervisorError::Start {
-                        grain: grain.to_owned(),
-                        reason,
-                    });
+                    return f.await.map_err(Problem::Start);
                 }
                 Phase::Stopping(f) => f.await,
                 Phase::Backoff { until } => tokio::time::sleep_until(until).await,
                 Phase::Held { reason } => {
-                    return Err(SupervisorError::Held {
-                        grain: grain.to_owned(),
-                        reason,
-                    });
+                    return Err(Problem::Held { reason });
                 }
                 Phase::Stopped => {
                     let me = self.clone();
@@ -510,7 +183,10 @@ impl Inner {
             "HOME=/var".to_owned(),
             format!("GRANARY_GRAIN={}", slot.id),
             format!("GRANARY_APP_VERSION={}", app.version),
+            // So an app can tell its users what limit they hit.
+            format!("GRANARY_MEMORY_MIB={}", limits.memory_bytes >> 20),
         ];
+        slot.memory_limit.set(Some(limits.memory_bytes));
         // The manifest's own entries come last and win.
         env.extend(manifest.env.iter().cloned());
         let spec = GrainSpec {
@@ -547,7 +223,7 @@ impl Inner {
             .map_err(|e| format!("socketpair: {e}"))?;
         let (host_side, grain_side) = socketpair(nix::sys::socket::SockType::SeqPacket)
             .map_err(|e| format!("socketpair: {e}"))?;
-        let (log_write, log_write2) = self.log_pipe(&slot.id)?;
+        let (log_write, log_write2, host_log) = self.log_pipe(&slot.id)?;
 
         let child = self
             .spawner
@@ -574,7 +250,7 @@ impl Inner {
         let generation = self.next_generation();
         let activity = Rc::new(Activity::default());
         activity.last.set(Some(Instant::now()));
-        let host = HostImpl::new(self, slot, &app, generation, activity.clone());
+        let host = HostImpl::new(self, slot, &app, activity.clone(), host_log);
         let host_client: granary_schema::host_capnp::host::Client = capnp_rpc::new_client(host);
         let mut system = crate::rpc::system(
             rpc_stream,
@@ -648,6 +324,8 @@ impl Inner {
                 let _ = exited_tx.send(true);
                 return;
             };
+            inner.count_oom_kills(&slot);
+            slot.fold_oom_kills();
             // A launcher that was killed could not remove its cgroup.
             if let Some(driver) = &inner.params.jail.cgroup {
                 granary_jail::cgroup::remove_leftovers(
@@ -663,11 +341,17 @@ impl Inner {
         Ok(running)
     }
 
-    /// A pipe whose read end drains into the grain's log; returns the two
-    /// write ends for stdout and stderr.
-    fn log_pipe(&self, grain: &str) -> Result<(OwnedFd, OwnedFd), String> {
-        let (log_read, log_write) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    /// A stream socket pair whose read end drains into the grain's log;
+    /// returns three handles on the write end: the grain's stdout and
+    /// stderr, and the host's own, on which `Host.log` lines are sent
+    /// without waiting (a socket, not a pipe, so the host's sends can be
+    /// non-blocking without making the grain's writes so).
+    fn log_pipe(&self, grain: &str) -> Result<(OwnedFd, OwnedFd, OwnedFd), String> {
+        let (log_read, log_write) = socketpair(nix::sys::socket::SockType::Stream)
+            .map_err(|e| format!("log socket: {e}"))?;
+        let _ = nix::sys::socket::shutdown(log_read.as_raw_fd(), nix::sys::socket::Shutdown::Write);
         let log_write2 = log_write.try_clone().map_err(|e| format!("dup: {e}"))?;
+        let host_end = log_write.try_clone().map_err(|e| format!("dup: {e}"))?;
         granary_jail::grain_log::drain(
             std::fs::File::from(log_read),
             LogPolicy {
@@ -677,7 +361,7 @@ impl Inner {
             },
         )
         .map_err(|e| format!("grain log: {e}"))?;
-        Ok((log_write, log_write2))
+        Ok((log_write, log_write2, host_end))
     }
 
     /// Runs the app's migration hook in the grain's sandbox (same image,
@@ -696,7 +380,7 @@ impl Inner {
         spec.keep_fds = Vec::new();
         spec.env.push(format!("GRANARY_PREVIOUS_VERSION={from}"));
         let plan = self.params.jail.plan(&spec).map_err(|e| e.to_string())?;
-        let (out, err) = self.log_pipe(&slot.id)?;
+        let (out, err, _) = self.log_pipe(&slot.id)?;
         let mut child = self
             .spawner
             .spawn(LaunchRequest {
@@ -827,6 +511,7 @@ impl Inner {
                 if r.generation != generation {
                     return;
                 }
+                inner.count_oom_kills(&slot);
                 if r.activity.idle_for().is_some_and(|d| d >= idle) {
                     tracing::info!(grain = %slot.id, idle_ms = idle.as_millis() as u64, "stopping idle grain");
                     inner.stop_slot(&slot).await;
@@ -913,20 +598,18 @@ impl Inner {
         grain: &str,
         service: &str,
         identity: Identity,
-    ) -> Result<crate::Connection, SupervisorError> {
-        let call = |reason: String| SupervisorError::Call {
-            grain: grain.to_owned(),
-            reason,
-        };
+        peer: Peer,
+    ) -> Result<crate::LocalConnection, Problem> {
         let running = self.ensure_running(grain).await?;
         if running.activity.connections.get() >= MAX_CONNECTIONS {
-            return Err(call(format!(
+            return Err(Problem::Busy(format!(
                 "{MAX_CONNECTIONS} connections are open already"
             )));
         }
         let busy = running.activity.start(BusyKind::Connection);
-        let (host_end, grain_end) = socketpair(nix::sys::socket::SockType::Stream)
-            .map_err(|e| call(format!("socketpair: {e}")))?;
+        let host = |what: &str, e: std::io::Error| Problem::Host(format!("{what}: {e}"));
+        let (host_end, grain_end) =
+            socketpair(nix::sys::socket::SockType::Stream).map_err(|e| host("socketpair", e))?;
         let token = running.next_token.get() + 1;
         running.next_token.set(token);
         loop {
@@ -934,12 +617,15 @@ impl Inner {
                 .side
                 .writable()
                 .await
-                .map_err(|e| call(format!("hand-off socket: {e}")))?;
+                .map_err(|e| host("hand-off socket", e))?;
             match guard
                 .try_io(|s| crate::handoff::send_fd(s.get_ref(), token, grain_end.as_raw_fd()))
             {
                 Ok(Ok(())) => break,
-                Ok(Err(e)) => return Err(call(format!("handing over the connection: {e}"))),
+                // The grain closed its side: it is going away.
+                Ok(Err(e)) => {
+                    return Err(Problem::Grain(format!("handing over the connection: {e}")));
+                }
                 Err(_would_block) => continue,
             }
         }
@@ -950,28 +636,45 @@ impl Inner {
             p.set_service(service);
             let mut id = p.reborrow().init_identity();
             id.set_user(&identity.user);
-            id.set_method(identity.method);
+            id.set_method(auth_method(identity.method));
             id.set_credential_id(identity.credential_id);
-            let mut peer = p.reborrow().init_peer();
-            peer.set_address(&identity.peer_address);
-            peer.set_protocol(&identity.protocol);
+            let mut out = p.reborrow().init_peer();
+            out.set_address(&peer.address);
+            out.set_protocol(&peer.protocol);
+            out.set_tls_version(&peer.tls_version);
+            out.set_server_name(&peer.server_name);
             p.init_handoff().set_socket(token);
         }
         tokio::time::timeout(self.params.config.call_timeout, request.send().promise)
             .await
-            .map_err(|_| call(format!("accept {service} timed out")))?
-            .map_err(|e| call(format!("accept {service}: {e}")))?;
+            .map_err(|_| Problem::Grain(format!("accept {service} timed out")))?
+            .map_err(|e| Problem::Grain(format!("accept {service}: {e}")))?;
         let std = StdStream::from(host_end);
-        std.set_nonblocking(true).map_err(|e| call(e.to_string()))?;
-        let stream = tokio::net::UnixStream::from_std(std).map_err(|e| call(e.to_string()))?;
-        Ok(crate::Connection {
+        std.set_nonblocking(true)
+            .map_err(|e| host("the connection", e))?;
+        let stream =
+            tokio::net::UnixStream::from_std(std).map_err(|e| host("the connection", e))?;
+        Ok(crate::LocalConnection {
             stream,
             guard: ConnectionGuard(busy),
         })
     }
 }
 
-async fn wait_exit(r: &Running, within: Duration) -> bool {
+/// The grain's view of how a client authenticated.
+fn auth_method(m: AuthMethod) -> grain_capnp::AuthMethod {
+    use grain_capnp::AuthMethod as Wire;
+    match m {
+        AuthMethod::Anonymous => Wire::Anonymous,
+        AuthMethod::Password => Wire::Password,
+        AuthMethod::AppPassword => Wire::AppPassword,
+        AuthMethod::SshKey => Wire::SshKey,
+        AuthMethod::ClientSecret => Wire::ClientSecret,
+        AuthMethod::Admin => Wire::Admin,
+    }
+}
+
+pub(crate) async fn wait_exit(r: &Running, within: Duration) -> bool {
     let mut exited = r.exited.clone();
     tokio::time::timeout(within, exited.wait_for(|e| *e))
         .await

@@ -1,0 +1,42 @@
+//! What the gateway asks about users before it routes: one method per
+//! question a protocol has (is this credential valid, is this public,
+//! whose is this host), never one per app. The daemon answers from its
+//! state; the gateway never opens it.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use granary_grains::AuthMethod;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A credential that checked out: how, and which one (shown to the grain
+/// so it can tell devices apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credential {
+    pub method: AuthMethod,
+    pub id: i64,
+}
+
+pub trait Directory: Send + Sync + 'static {
+    /// Which of `user`'s app passwords of `kind` `password` is, if any.
+    /// A device never holds the account password, so it is never checked
+    /// here.
+    fn check_password(
+        &self,
+        user: &str,
+        kind: &str,
+        password: &str,
+    ) -> BoxFuture<Option<Credential>>;
+
+    /// Which of `user`'s SSH keys `key` (`type base64`) is, if any.
+    fn check_ssh_key(&self, user: &str, key: &str) -> BoxFuture<Option<Credential>>;
+
+    /// Whether `owner` made `resource` of their grain of `kind` readable by
+    /// anyone (a git repository).
+    fn is_public(&self, owner: &str, kind: &str, resource: &str) -> BoxFuture<bool>;
+
+    /// Whose grain, of which kind, serves a host its owner registered (a
+    /// blog's own domain): `(owner, kind)`.
+    fn registered_host(&self, host: &str) -> BoxFuture<Option<(String, String)>>;
+}

@@ -1,0 +1,387 @@
+//! The daemon side of `schema/admin.capnp`, served on the admin unix
+//! socket: the root `Admin` (status, and one capability per concern) here,
+//! each concern in a file of its own.
+//!
+//! Cap'n Proto RPC objects are `!Send`, so the admin interface runs on its
+//! own thread with a single-threaded runtime and a `LocalSet`. Blocking
+//! work (SQLite, argon2, file copies) goes to that runtime's blocking
+//! pool. Grains are reached only through [`Grains`]; the supervisor lives
+//! on its own thread.
+
+mod apps;
+mod backups;
+mod blog;
+mod git;
+mod grains;
+mod grants;
+mod snapshots;
+mod users;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use capnp::capability::Rc as CapRc;
+use capnp_rpc::rpc_twoparty_capnp;
+use granary_grains::{GrainError, GrainId, Grains};
+use granary_model::{GrainKind, UserName};
+use granary_schema::admin_capnp::admin;
+use granary_state::{HostUid, StateError, Store};
+use tokio::sync::watch;
+
+use super::DaemonInfo;
+use super::backups::Backups;
+
+/// Who appears as the actor in audit events written through the admin socket.
+pub(super) const ACTOR: &str = "admin";
+
+/// What every admin capability works with.
+pub(super) struct Ctx {
+    pub(super) store: Arc<Store>,
+    pub(super) grains: Arc<dyn Grains>,
+    pub(super) datasets: Arc<dyn granary_datasets::Datasets>,
+    pub(super) apps_dir: PathBuf,
+    pub(super) uids: HostUid,
+    pub(super) package_limits: granary_package::Limits,
+    pub(super) info: DaemonInfo,
+    pub(super) backups: Rc<Backups>,
+    /// The local CA's directory, when it issues the certificate.
+    pub(super) local_ca: Option<PathBuf>,
+}
+
+/// Binds the admin socket, owner-only. The caller holds the data dir lock, so
+/// a socket file already there is a leftover of a daemon that died.
+pub(super) fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale admin socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", path.display())),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot bind the admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    listener.set_nonblocking(true).context("admin socket")?;
+    Ok(listener)
+}
+
+pub(super) struct AdminThread {
+    handle: JoinHandle<()>,
+}
+
+impl AdminThread {
+    pub(super) fn join(self) {
+        if self.handle.join().is_err() {
+            tracing::error!("the admin thread panicked");
+        }
+    }
+}
+
+/// What the admin thread is started with (everything `Send`; the `!Send`
+/// parts are made on the thread).
+pub(super) struct AdminSetup {
+    pub(super) store: Arc<Store>,
+    pub(super) grains: Arc<dyn Grains>,
+    pub(super) datasets: Arc<dyn granary_datasets::Datasets>,
+    pub(super) apps_dir: PathBuf,
+    pub(super) uids: HostUid,
+    pub(super) package_limits: granary_package::Limits,
+    pub(super) info: DaemonInfo,
+    pub(super) backup: granary_config::Backup,
+    pub(super) data_dir: PathBuf,
+    /// Packages to install at start (the demo's built-in apps).
+    pub(super) preinstall: Vec<PathBuf>,
+    /// Told when those are installed.
+    pub(super) installed: tokio::sync::oneshot::Sender<()>,
+    pub(super) local_ca: Option<PathBuf>,
+}
+
+/// Serves the admin interface on its own thread until `stop` turns true;
+/// runs the backup schedule there too, and installs the built-in apps
+/// before it accepts anyone.
+pub(super) fn spawn(
+    listener: std::os::unix::net::UnixListener,
+    setup: AdminSetup,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<AdminThread> {
+    let daemon_uid = nix::unistd::geteuid().as_raw();
+    let handle = std::thread::Builder::new()
+        .name("admin-rpc".to_owned())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("admin runtime");
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, async move {
+                let listener = match tokio::net::UnixListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot serve the admin socket");
+                        return;
+                    }
+                };
+                let backups = Rc::new(Backups {
+                    store: setup.store.clone(),
+                    grains: setup.grains.clone(),
+                    datasets: setup.datasets.clone(),
+                    uids: setup.uids,
+                    config: setup.backup,
+                    data_dir: setup.data_dir,
+                    busy: tokio::sync::Mutex::new(()),
+                });
+                backups.schedule();
+                let ctx = Rc::new(Ctx {
+                    store: setup.store,
+                    grains: setup.grains,
+                    datasets: setup.datasets,
+                    apps_dir: setup.apps_dir,
+                    uids: setup.uids,
+                    package_limits: setup.package_limits,
+                    info: setup.info,
+                    backups,
+                    local_ca: setup.local_ca,
+                });
+                for package in setup.preinstall {
+                    match apps::install_package(&ctx, package.clone(), false).await {
+                        Ok((app, _)) => tracing::info!(app = %app.app_id, kind = %app.kind, version = %app.version, "built-in app installed"),
+                        Err(e) => tracing::error!(package = %package.display(), error = %e.extra, "cannot install a built-in app"),
+                    }
+                }
+                let _ = setup.installed.send(());
+                let root: admin::Client = capnp_rpc::new_client(AdminService { ctx });
+                loop {
+                    let stream = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => stream,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "admin accept failed");
+                                continue;
+                            }
+                        },
+                        _ = stop.wait_for(|s| *s) => break,
+                    };
+                    // The socket is 0600 already; check the peer too, so a
+                    // socket passed around or a loosened mode grants nothing.
+                    match stream.peer_cred() {
+                        Ok(cred) if cred.uid() == daemon_uid || cred.uid() == 0 => {}
+                        Ok(cred) => {
+                            tracing::warn!(
+                                uid = cred.uid(),
+                                "refused an admin connection from another user"
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read admin peer credentials");
+                            continue;
+                        }
+                    }
+                    let rpc = crate::admin::rpc_over_unix(
+                        stream,
+                        rpc_twoparty_capnp::Side::Server,
+                        Some(root.clone().client),
+                    );
+                    tokio::task::spawn_local(async move {
+                        if let Err(e) = rpc.await {
+                            tracing::debug!(error = %e, "admin connection ended");
+                        }
+                    });
+                }
+            });
+        })
+        .context("cannot start the admin thread")?;
+    Ok(AdminThread { handle })
+}
+
+/// The root capability.
+struct AdminService {
+    ctx: Rc<Ctx>,
+}
+
+impl admin::Server for AdminService {
+    async fn status(
+        self: CapRc<Self>,
+        _: admin::StatusParams,
+        mut results: admin::StatusResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.ctx.store.clone();
+        let (counts, schema) = blocking(move || {
+            Ok((
+                store.counts().map_err(state_failure)?,
+                store.schema_version().map_err(state_failure)?,
+            ))
+        })
+        .await?;
+        let info = &self.ctx.info;
+        let mut s = results.get().init_status();
+        s.set_healthy(true);
+        s.set_version(env!("CARGO_PKG_VERSION"));
+        s.set_schema_version(schema);
+        s.set_pid(std::process::id());
+        s.set_uptime_seconds(info.started.elapsed().as_secs());
+        s.set_data_dir(info.data_dir.to_string_lossy().as_ref());
+        s.set_domain(&info.domain);
+        s.set_storage_backend(info.storage_backend);
+        s.set_sandbox(&info.sandbox);
+        s.set_ca_file(
+            info.ca_file
+                .as_deref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .as_str(),
+        );
+        s.set_users(counts.users);
+        s.set_app_passwords(counts.app_passwords);
+        s.set_apps(counts.apps);
+        s.set_grains(counts.grains);
+        s.set_grants(counts.grants);
+        let mut listeners = s.init_listeners(info.listeners.len() as u32);
+        for (i, (name, address)) in info.listeners.iter().enumerate() {
+            let mut l = listeners.reborrow().get(i as u32);
+            l.set_name(name);
+            l.set_address(address);
+        }
+        Ok(())
+    }
+
+    async fn users(
+        self: CapRc<Self>,
+        _: admin::UsersParams,
+        mut results: admin::UsersResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_users(capnp_rpc::new_client(users::Users(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn apps(
+        self: CapRc<Self>,
+        _: admin::AppsParams,
+        mut results: admin::AppsResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_apps(capnp_rpc::new_client(apps::Apps(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn grains(
+        self: CapRc<Self>,
+        _: admin::GrainsParams,
+        mut results: admin::GrainsResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_grains(capnp_rpc::new_client(grains::GrainsAdmin(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn grants(
+        self: CapRc<Self>,
+        _: admin::GrantsParams,
+        mut results: admin::GrantsResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_grants(capnp_rpc::new_client(grants::Grants(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn snapshots(
+        self: CapRc<Self>,
+        _: admin::SnapshotsParams,
+        mut results: admin::SnapshotsResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_snapshots(capnp_rpc::new_client(snapshots::Snapshots(
+                self.ctx.clone(),
+            )));
+        Ok(())
+    }
+
+    async fn backups(
+        self: CapRc<Self>,
+        _: admin::BackupsParams,
+        mut results: admin::BackupsResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_backups(capnp_rpc::new_client(backups::BackupsAdmin(
+                self.ctx.clone(),
+            )));
+        Ok(())
+    }
+
+    async fn git(
+        self: CapRc<Self>,
+        _: admin::GitParams,
+        mut results: admin::GitResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_git(capnp_rpc::new_client(git::Git(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn blog(
+        self: CapRc<Self>,
+        _: admin::BlogParams,
+        mut results: admin::BlogResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_blog(capnp_rpc::new_client(blog::Blog(self.ctx.clone())));
+        Ok(())
+    }
+}
+
+/// An admin-facing failure: the message is what the CLI prints.
+pub(super) fn fail(message: impl std::fmt::Display) -> capnp::Error {
+    capnp::Error::failed(message.to_string())
+}
+
+pub(super) fn any_failure(e: anyhow::Error) -> capnp::Error {
+    fail(format!("{e:#}"))
+}
+
+pub(super) fn state_failure(e: StateError) -> capnp::Error {
+    match e {
+        StateError::Query { .. } | StateError::Open { .. } | StateError::Migration { .. } => {
+            tracing::error!(error = %e, "state database failure");
+            fail(format!("internal error: {e}"))
+        }
+        other => fail(other),
+    }
+}
+
+pub(super) fn grain_failure(e: GrainError) -> capnp::Error {
+    fail(e)
+}
+
+/// Runs blocking work (SQLite, argon2) off the RPC thread.
+pub(super) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, capnp::Error> + Send + 'static,
+) -> Result<T, capnp::Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| fail(format!("internal error: {e}")))?
+}
+
+pub(super) fn user_name(text: capnp::text::Reader<'_>) -> Result<UserName, capnp::Error> {
+    UserName::new(text.to_str()?).map_err(fail)
+}
+
+pub(super) fn grain_kind(text: &str) -> Result<GrainKind, capnp::Error> {
+    GrainKind::new(text).map_err(fail)
+}
+
+/// `alice/git` or a grain id, checked.
+pub(super) fn grain_ref(text: capnp::text::Reader<'_>) -> Result<GrainId, capnp::Error> {
+    GrainId::from_reference(text.to_str()?).map_err(fail)
+}

@@ -1,0 +1,352 @@
+//! `Users`: accounts and their credentials (account passwords, per-device
+//! app passwords, SSH keys).
+
+use std::rc::Rc;
+
+use capnp::capability::Rc as CapRc;
+use granary_model::GrainKind;
+use granary_schema::admin_capnp::{self, users};
+use granary_state::{RevokeSelector, StateError};
+
+use super::{ACTOR, Ctx, blocking, fail, grain_kind, state_failure, user_name};
+
+pub(super) struct Users(pub(super) Rc<Ctx>);
+
+/// Re-issues the local CA's certificate for the users there are now (with
+/// a single-label domain such as `localhost` it names each user's
+/// subdomain); the gateway picks the new files up by itself.
+async fn refresh_certificate(ctx: &Ctx) {
+    let Some(dir) = ctx.local_ca.clone() else {
+        return;
+    };
+    let (store, domain) = (ctx.store.clone(), ctx.info.domain.clone());
+    let owner = nix::unistd::geteuid().as_raw();
+    let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let users: Vec<String> = store.list_users()?.into_iter().map(|u| u.name).collect();
+        granary_gateway::tls::local_ca::ensure(&dir, &domain, &users, owner)?;
+        Ok(())
+    })
+    .await;
+    if !matches!(done, Ok(Ok(()))) {
+        tracing::warn!(result = ?done.map(|r| r.map_err(|e| e.to_string())), "cannot refresh the local CA's certificate");
+    }
+}
+
+/// A password chosen by the admin, or a generated one (returned to show once).
+fn chosen_or_generated(password: &str) -> Result<(String, Option<String>), capnp::Error> {
+    if password.is_empty() {
+        let generated = granary_auth::generate_password().map_err(fail)?;
+        Ok((generated.clone(), Some(generated)))
+    } else {
+        granary_auth::check_password_policy(password).map_err(fail)?;
+        Ok((password.to_owned(), None))
+    }
+}
+
+fn hash(password: &str) -> Result<String, capnp::Error> {
+    granary_auth::hash_password(password).map_err(fail)
+}
+
+fn fill_ssh_key(mut out: admin_capnp::ssh_key::Builder<'_>, k: &granary_state::SshKey) {
+    out.set_id(k.id);
+    out.set_user(&k.user);
+    out.set_key(&k.key);
+    out.set_fingerprint(&k.fingerprint);
+    out.set_label(&k.label);
+    out.set_created_at(k.created_at);
+    out.set_last_used_at(k.last_used_at.unwrap_or(0));
+}
+
+fn fill_user(mut out: admin_capnp::user::Builder<'_>, user: &granary_state::User) {
+    out.set_name(&user.name);
+    out.set_created_at(user.created_at);
+    out.set_app_passwords(user.app_passwords as u32);
+}
+
+fn fill_app_password(
+    mut out: admin_capnp::app_password::Builder<'_>,
+    p: &granary_state::AppPassword,
+) {
+    out.set_id(p.id);
+    out.set_user(&p.user);
+    out.set_kind(&p.kind);
+    out.set_label(&p.label);
+    out.set_created_at(p.created_at);
+    out.set_last_used_at(p.last_used_at.unwrap_or(0));
+}
+
+impl users::Server for Users {
+    async fn add(
+        self: CapRc<Self>,
+        params: users::AddParams,
+        mut results: users::AddResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = user_name(p.get_name()?)?;
+        let (password, generated) = chosen_or_generated(p.get_password()?.to_str()?)?;
+        let store = self.0.store.clone();
+        let user = blocking(move || {
+            // Check first so a taken name costs no hashing.
+            if store.user(&name).map_err(state_failure)?.is_some() {
+                return Err(state_failure(StateError::UserExists(name.to_string())));
+            }
+            let hash = hash(&password)?;
+            store.add_user(&name, &hash, ACTOR).map_err(state_failure)
+        })
+        .await?;
+        tracing::info!(user = %user.name, "user added");
+        let (store, uids) = (self.0.store.clone(), self.0.uids);
+        let made =
+            blocking(move || store.ensure_grains(uids, ACTOR).map_err(state_failure)).await?;
+        for g in made {
+            tracing::info!(grain = %g.id, "grain record created");
+        }
+        refresh_certificate(&self.0).await;
+        let mut r = results.get();
+        fill_user(r.reborrow().init_user(), &user);
+        r.set_generated_password(generated.as_deref().unwrap_or(""));
+        Ok(())
+    }
+
+    async fn list(
+        self: CapRc<Self>,
+        _: users::ListParams,
+        mut results: users::ListResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.0.store.clone();
+        let users = blocking(move || store.list_users().map_err(state_failure)).await?;
+        let mut list = results.get().init_users(users.len() as u32);
+        for (i, user) in users.iter().enumerate() {
+            fill_user(list.reborrow().get(i as u32), user);
+        }
+        Ok(())
+    }
+
+    async fn remove(
+        self: CapRc<Self>,
+        params: users::RemoveParams,
+        _: users::RemoveResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = user_name(p.get_name()?)?;
+        let purge = p.get_purge();
+        let store = self.0.store.clone();
+        let (s, n) = (store.clone(), name.clone());
+        if blocking(move || s.user(&n).map_err(state_failure))
+            .await?
+            .is_none()
+        {
+            return Err(state_failure(StateError::NoSuchUser(name.to_string())));
+        }
+        let (s, n) = (store.clone(), name.to_string());
+        let grains =
+            blocking(move || s.grains_where(Some(&n), None).map_err(state_failure)).await?;
+        super::grains::remove_grains(&self.0, grains, purge, &format!("user {name}"))
+            .await
+            .map_err(super::any_failure)?;
+        let shown = name.to_string();
+        blocking(move || store.remove_user(&name, ACTOR).map_err(state_failure)).await?;
+        tracing::info!(user = %shown, "user removed");
+        refresh_certificate(&self.0).await;
+        Ok(())
+    }
+
+    async fn set_password(
+        self: CapRc<Self>,
+        params: users::SetPasswordParams,
+        mut results: users::SetPasswordResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = user_name(p.get_name()?)?;
+        let (password, generated) = chosen_or_generated(p.get_password()?.to_str()?)?;
+        let store = self.0.store.clone();
+        blocking(move || {
+            if store.user(&name).map_err(state_failure)?.is_none() {
+                return Err(state_failure(StateError::NoSuchUser(name.to_string())));
+            }
+            let hash = hash(&password)?;
+            store
+                .set_password_hash(&name, &hash, ACTOR)
+                .map_err(state_failure)
+        })
+        .await?;
+        results
+            .get()
+            .set_generated_password(generated.as_deref().unwrap_or(""));
+        Ok(())
+    }
+
+    async fn check_password(
+        self: CapRc<Self>,
+        params: users::CheckPasswordParams,
+        mut results: users::CheckPasswordResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = user_name(p.get_name()?)?;
+        let kind = match p.get_kind()?.to_str()? {
+            "" => None,
+            k => Some(grain_kind(k)?),
+        };
+        let password = p.get_password()?.to_str()?.to_owned();
+        let store = self.0.store.clone();
+        let valid = blocking(move || {
+            let Some(creds) = store
+                .credentials(&name, kind.as_ref().map(GrainKind::as_str))
+                .map_err(state_failure)?
+            else {
+                return Ok(false);
+            };
+            if granary_auth::verify_password(&password, &creds.password_hash).map_err(fail)? {
+                return Ok(true);
+            }
+            for (id, hash) in &creds.app_passwords {
+                if granary_auth::verify_password(&password, hash).map_err(fail)? {
+                    store.touch_app_password(*id).map_err(state_failure)?;
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+        .await?;
+        results.get().set_valid(valid);
+        Ok(())
+    }
+
+    async fn add_app_password(
+        self: CapRc<Self>,
+        params: users::AddAppPasswordParams,
+        mut results: users::AddAppPasswordResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let kind = grain_kind(p.get_kind()?.to_str()?)?;
+        let label = p.get_label()?.to_str()?.trim().to_owned();
+        if label.len() > 200 || label.chars().any(char::is_control) {
+            return Err(fail("label must be at most 200 printable characters"));
+        }
+        let store = self.0.store.clone();
+        let (record, password) = blocking(move || {
+            if store.user(&user).map_err(state_failure)?.is_none() {
+                return Err(state_failure(StateError::NoSuchUser(user.to_string())));
+            }
+            let password = granary_auth::generate_password().map_err(fail)?;
+            let hash = hash(&password)?;
+            let record = store
+                .add_app_password(&user, kind.as_str(), &label, &hash, ACTOR)
+                .map_err(state_failure)?;
+            Ok((record, password))
+        })
+        .await?;
+        let mut r = results.get();
+        fill_app_password(r.reborrow().init_app_password(), &record);
+        r.set_password(&password);
+        Ok(())
+    }
+
+    async fn list_app_passwords(
+        self: CapRc<Self>,
+        params: users::ListAppPasswordsParams,
+        mut results: users::ListAppPasswordsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let kind = match p.get_kind()?.to_str()? {
+            "" => None,
+            k => Some(grain_kind(k)?),
+        };
+        let store = self.0.store.clone();
+        let list = blocking(move || {
+            store
+                .list_app_passwords(&user, kind.as_ref().map(GrainKind::as_str))
+                .map_err(state_failure)
+        })
+        .await?;
+        let mut out = results.get().init_app_passwords(list.len() as u32);
+        for (i, p) in list.iter().enumerate() {
+            fill_app_password(out.reborrow().get(i as u32), p);
+        }
+        Ok(())
+    }
+
+    async fn revoke_app_passwords(
+        self: CapRc<Self>,
+        params: users::RevokeAppPasswordsParams,
+        mut results: users::RevokeAppPasswordsResults,
+    ) -> Result<(), capnp::Error> {
+        use admin_capnp::revoke_selector::Which;
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let selector = match p.get_selector()?.which()? {
+            Which::Id(id) => RevokeSelector::Id(id),
+            Which::Kind(kind) => RevokeSelector::Kind(grain_kind(kind?.to_str()?)?.to_string()),
+        };
+        let store = self.0.store.clone();
+        let n = blocking(move || {
+            store
+                .revoke_app_passwords(&user, &selector, ACTOR)
+                .map_err(state_failure)
+        })
+        .await?;
+        results.get().set_revoked(n as u32);
+        Ok(())
+    }
+
+    async fn add_ssh_key(
+        self: CapRc<Self>,
+        params: users::AddSshKeyParams,
+        mut results: users::AddSshKeyResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let line = p.get_key()?.to_str()?.to_owned();
+        let key = granary_wire::ssh::public_key(&line).map_err(fail)?;
+        // The key line's comment when no label is given.
+        let label = match p.get_label()?.to_str()? {
+            "" => key.comment.clone(),
+            l => l.to_owned(),
+        };
+        let store = self.0.store.clone();
+        let added = blocking(move || {
+            store
+                .add_ssh_key(&user, &key.normal, &key.fingerprint, &label, ACTOR)
+                .map_err(state_failure)
+        })
+        .await?;
+        fill_ssh_key(results.get().init_key(), &added);
+        Ok(())
+    }
+
+    async fn list_ssh_keys(
+        self: CapRc<Self>,
+        params: users::ListSshKeysParams,
+        mut results: users::ListSshKeysResults,
+    ) -> Result<(), capnp::Error> {
+        let user = user_name(params.get()?.get_user()?)?;
+        let store = self.0.store.clone();
+        let keys = blocking(move || store.list_ssh_keys(&user).map_err(state_failure)).await?;
+        let mut list = results.get().init_keys(keys.len() as u32);
+        for (i, k) in keys.iter().enumerate() {
+            fill_ssh_key(list.reborrow().get(i as u32), k);
+        }
+        Ok(())
+    }
+
+    async fn remove_ssh_key(
+        self: CapRc<Self>,
+        params: users::RemoveSshKeyParams,
+        mut results: users::RemoveSshKeyResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = user_name(p.get_user()?)?;
+        let id = p.get_id();
+        let store = self.0.store.clone();
+        let removed = blocking(move || {
+            store
+                .remove_ssh_key(&user, id, ACTOR)
+                .map_err(state_failure)
+        })
+        .await?;
+        results.get().set_removed(removed);
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! `granary demo`: the demo user, a fresh app password for git, and the
+//! banner whose next steps work when pasted.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use granary_config::Config;
+use granary_model::UserName;
+use granary_state::{RevokeSelector, Store};
+
+/// The demo user `granary demo` creates.
+pub(crate) const DEMO_USER: &str = "demo";
+
+/// What the banner shows once (only hashes are stored).
+pub(super) struct DemoSecrets {
+    password: String,
+    git_password: String,
+}
+
+/// Makes sure the demo user exists, gives it a fresh generated account
+/// password and a fresh app password for git (the previous demo ones are
+/// revoked), and returns both to print once.
+pub(super) async fn ensure_demo_user(store: &Arc<Store>) -> anyhow::Result<DemoSecrets> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<DemoSecrets> {
+        let name = UserName::new(DEMO_USER)?;
+        let password = granary_auth::generate_password()?;
+        let hash = granary_auth::hash_password(&password)?;
+        if store.user(&name)?.is_some() {
+            store.set_password_hash(&name, &hash, "demo")?;
+            store.revoke_app_passwords(&name, &RevokeSelector::Kind("git".to_owned()), "demo")?;
+        } else {
+            store.add_user(&name, &hash, "demo")?;
+        }
+        let git_password = granary_auth::generate_password()?;
+        let git_hash = granary_auth::hash_password(&git_password)?;
+        store.add_app_password(&name, "git", "demo banner", &git_hash, "demo")?;
+        Ok(DemoSecrets {
+            password,
+            git_password,
+        })
+    })
+    .await
+    .context("demo user setup panicked")?
+}
+
+pub(super) fn print_banner(
+    config: &Config,
+    https: SocketAddr,
+    ssh: Option<SocketAddr>,
+    ca_file: Option<&Path>,
+    secrets: &DemoSecrets,
+    builtin: &[PathBuf],
+) {
+    let port = https.port();
+    let host = &config.domain;
+    let home = config.data_dir.display();
+    let ca = ca_file.map_or_else(
+        || "(admin-provided certificate)".to_owned(),
+        |p| p.display().to_string(),
+    );
+    let installed: Vec<String> = builtin
+        .iter()
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    let (user, password, git) = (DEMO_USER, &secrets.password, &secrets.git_password);
+    // Names under the domain may not resolve on this host (Debian has no
+    // nss-myhostname): each example pins them to the listener.
+    let ip = https.ip();
+    let git_steps = if installed.iter().any(|a| a == "git") {
+        format!(
+            "
+Try git (paste as is):
+  mkdir -p /tmp/granary-demo-site && cd /tmp/granary-demo-site && git init -q -b main
+  echo '<h1>Hello from Granary</h1>' > index.html && git add . && git commit -qm first
+  git -c http.curloptResolve=git.{host}:{port}:{ip} -c http.sslCAInfo={ca} \\
+      push https://{user}:{git}@git.{host}:{port}/{user}/site.git main{ssh_hint}
+"
+,
+            ssh_hint = ssh.map_or_else(String::new, |s| format!(
+                "\n  (over SSH: granary --home {home} ssh-key add {user} ~/.ssh/id_ed25519.pub, then\n   git push ssh://{user}@{}:{}/{user}/site.git main)",
+                s.ip(),
+                s.port()
+            )),
+        )
+    } else {
+        String::new()
+    };
+    let blog_steps = if installed.iter().any(|a| a == "blog")
+        && installed.iter().any(|a| a == "git")
+    {
+        format!(
+            "
+Publish that repository as {user}'s blog:
+  granary --home {home} grant add --from {user}/blog --to {user}/git --cap git.read:site
+  granary --home {home} grant add --from {user}/git --to {user}/blog --cap notify:site
+  (push again, then) curl --cacert {ca} --resolve {user}.{host}:{port}:{ip} https://{user}.{host}:{port}/
+"
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "\
+Granary demo is running.
+
+  Front page     https://{host}:{port}/   (curl --cacert {ca} --resolve {host}:{port}:{ip} https://{host}:{port}/)
+  CA certificate {ca}
+  User           {user}
+  Password       {password}
+                 (shown once: only its argon2id hash is stored; a new one is made on each demo start)
+  Git password   {git}   (an app password of kind git, also new on each start)
+  Built-in apps  {apps}
+  Admin          granary --home {home} status
+                 granary --home {home} grain list
+{git_steps}{blog_steps}
+Stop with Ctrl-C.",
+        apps = if installed.is_empty() {
+            "none (./granary-demo builds and signs them into DATA_DIR/builtin-apps)".to_owned()
+        } else {
+            installed.join(", ")
+        },
+    );
+}

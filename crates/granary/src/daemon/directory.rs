@@ -1,0 +1,90 @@
+//! What the gateway asks of the daemon's state ([`granary_gateway::Directory`]):
+//! app-password and SSH-key checks, public resources, registered hosts.
+//! SQLite and argon2 run on the blocking pool.
+
+use std::sync::Arc;
+
+use granary_gateway::{BoxFuture, Credential, Directory};
+use granary_grains::AuthMethod;
+use granary_model::UserName;
+use granary_state::Store;
+
+pub(super) struct StateDirectory {
+    pub(super) store: Arc<Store>,
+}
+
+/// Runs a lookup on the blocking pool; a failure (or a panic) answers
+/// `fallback`, which is always the refusing answer.
+fn lookup<T: Send + 'static>(
+    fallback: T,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> BoxFuture<T> {
+    Box::pin(async move { tokio::task::spawn_blocking(work).await.unwrap_or(fallback) })
+}
+
+impl Directory for StateDirectory {
+    fn check_password(
+        &self,
+        user: &str,
+        kind: &str,
+        password: &str,
+    ) -> BoxFuture<Option<Credential>> {
+        let (store, kind, password) = (self.store.clone(), kind.to_owned(), password.to_owned());
+        let Ok(user) = UserName::new(user) else {
+            return Box::pin(async { None });
+        };
+        lookup(None, move || {
+            // App passwords only: a device never holds the account password.
+            let Ok(Some(creds)) = store.credentials(&user, Some(&kind)) else {
+                return None;
+            };
+            for (id, hash) in &creds.app_passwords {
+                if granary_auth::verify_password(&password, hash).unwrap_or(false) {
+                    let _ = store.touch_app_password(*id);
+                    return Some(Credential {
+                        method: AuthMethod::AppPassword,
+                        id: *id,
+                    });
+                }
+            }
+            None
+        })
+    }
+
+    fn check_ssh_key(&self, user: &str, key: &str) -> BoxFuture<Option<Credential>> {
+        let (store, user, key) = (self.store.clone(), user.to_owned(), key.to_owned());
+        lookup(None, move || {
+            store
+                .check_ssh_key(&user, &key)
+                .ok()
+                .flatten()
+                .map(|id| Credential {
+                    method: AuthMethod::SshKey,
+                    id,
+                })
+        })
+    }
+
+    fn is_public(&self, owner: &str, kind: &str, resource: &str) -> BoxFuture<bool> {
+        let (store, owner, resource) = (self.store.clone(), owner.to_owned(), resource.to_owned());
+        // Only git repositories can be made public so far.
+        if kind != "git" {
+            return Box::pin(async { false });
+        }
+        lookup(false, move || {
+            store.repo_public(&owner, &resource).unwrap_or(false)
+        })
+    }
+
+    fn registered_host(&self, host: &str) -> BoxFuture<Option<(String, String)>> {
+        let (store, host) = (self.store.clone(), host.to_owned());
+        // Only blogs register hosts so far.
+        lookup(None, move || {
+            store
+                .blog_domain_owner(&host)
+                .ok()
+                .flatten()
+                .map(|owner| (owner, "blog".to_owned()))
+        })
+    }
+}

@@ -1,0 +1,127 @@
+//! Daemon start-up: the datasets backend, the grain records, and the
+//! supervisor on its own thread (reached through [`LocalGrains`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use granary_config::Config;
+use granary_state::Store;
+use granary_supervisor::{LocalGrains, SupervisorThread};
+
+/// The storage backend for every grain's `/var`, as configured; what a
+/// crash left of restores, drills and snapshot views is removed.
+pub(super) async fn datasets(
+    config: &Config,
+) -> anyhow::Result<Arc<dyn granary_datasets::Datasets>> {
+    let grains_dir = config.data_dir.join("grains");
+    let datasets: Arc<dyn granary_datasets::Datasets> = match &config.storage {
+        granary_config::StorageBackend::Plain => Arc::new(
+            granary_datasets::Plain::new(&grains_dir)
+                .with_context(|| format!("cannot use {}", grains_dir.display()))?,
+        ),
+        granary_config::StorageBackend::Zfs {
+            dataset,
+            quota_bytes,
+        } => Arc::new(
+            granary_datasets::Zfs::new(&grains_dir, dataset, *quota_bytes)
+                .context("storage.backend = \"zfs\"")?,
+        ),
+        granary_config::StorageBackend::Btrfs { quota_bytes } => Arc::new(
+            granary_datasets::Btrfs::new(&grains_dir, *quota_bytes)
+                .context("storage.backend = \"btrfs\"")?,
+        ),
+    };
+    let ds = datasets.clone();
+    match tokio::task::spawn_blocking(move || ds.remove_scratch()).await? {
+        Ok(removed) => {
+            for name in removed {
+                tracing::info!(dataset = %name, "removed a leftover scratch dataset");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot remove leftover scratch datasets"),
+    }
+    Ok(datasets)
+}
+
+/// Makes a grain record for every user and installed app (repairing any a
+/// crash missed), then starts the supervisor on its thread: the launcher
+/// beside this binary, apps under DATA_DIR/apps.
+pub(super) async fn supervisor(
+    config: &Config,
+    store: &Arc<Store>,
+    datasets: Arc<dyn granary_datasets::Datasets>,
+) -> anyhow::Result<(LocalGrains, SupervisorThread)> {
+    let apps_dir = apps_dir(config)?;
+    let launcher = std::env::current_exe()
+        .context("cannot find this executable")?
+        .with_file_name("granary-launcher");
+    if !launcher.exists() {
+        tracing::warn!(launcher = %launcher.display(), "granary-launcher is missing beside granary; grains cannot start");
+    }
+    let uids = granary_state::HostUid::FirstFreeIn(config.uid_range);
+    let s = store.clone();
+    let made = tokio::task::spawn_blocking(move || s.ensure_grains(uids, "daemon")).await??;
+    for g in made {
+        tracing::info!(grain = %g.id, "grain record created");
+    }
+    let g = &config.grains;
+    let params = granary_supervisor::SupervisorParams {
+        store: store.clone(),
+        datasets,
+        jail: granary_jail::JailConfig {
+            data_root: config.data_dir.join("grains"),
+            uid_range: config.uid_range,
+            cgroup: granary_jail::JailConfig::detect_cgroup(),
+            cgroup_parent: config.cgroup_parent.clone(),
+        },
+        launcher,
+        apps_dir,
+        config: granary_supervisor::SupervisorConfig {
+            idle_timeout: g.idle_timeout,
+            restart_backoff: g.restart_backoff,
+            restart_backoff_max: g.restart_backoff_max,
+            crash_loop_crashes: g.crash_loop_crashes,
+            crash_window: g.crash_window,
+            shutdown_grace: g.shutdown_grace,
+            max_message_bytes: g.max_message_bytes,
+            max_in_flight: g.max_in_flight as usize,
+            flood_cutoff: g.flood_cutoff,
+            call_timeout: g.call_timeout,
+            audit_flush: g.audit_flush,
+            snapshot_interval: config.snapshots.interval,
+            retention: granary_datasets::Grid {
+                rules: config
+                    .snapshots
+                    .keep
+                    .iter()
+                    .map(|(period, n)| (period.as_secs() as i64, *n))
+                    .collect(),
+            },
+            freeze_limit: config.snapshots.freeze_limit,
+        },
+    };
+    LocalGrains::spawn(params).context("cannot start the grain supervisor")
+}
+
+/// DATA_DIR/apps, made if missing.
+pub(super) fn apps_dir(config: &Config) -> anyhow::Result<PathBuf> {
+    let apps_dir = config.data_dir.join("apps");
+    std::fs::create_dir_all(&apps_dir)
+        .with_context(|| format!("cannot create {}", apps_dir.display()))?;
+    Ok(apps_dir)
+}
+
+/// The packages `./granary-demo` built and signed with this host's key.
+pub(super) fn builtin_packages(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "gpkg"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
