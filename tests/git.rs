@@ -7,65 +7,16 @@
 use std::path::Path;
 use std::process::Command;
 
-use granary_testkit::{Daemon, DaemonMode};
+use granary_testkit::{Daemon, DaemonMode, GitClient};
 
 const DOMAIN: &str = "example.test";
 
-struct Client<'a> {
-    daemon: &'a Daemon,
-    home: std::path::PathBuf,
-}
-
-impl Client<'_> {
-    fn url(&self, cred: Option<(&str, &str)>, path: &str) -> String {
-        let port = self.daemon.https_addr().port();
-        match cred {
-            Some((u, p)) => format!("https://{u}:{p}@git.{DOMAIN}:{port}/{path}"),
-            None => format!("https://git.{DOMAIN}:{port}/{path}"),
-        }
-    }
-
-    /// Runs git with the name resolved to the daemon and the local CA
-    /// trusted; returns (success, stdout + stderr).
-    fn git(&self, dir: &Path, args: &[&str]) -> (bool, String) {
-        let port = self.daemon.https_addr().port();
-        let out = Command::new("git")
-            .args([
-                "-c",
-                &format!("http.curloptResolve=git.{DOMAIN}:{port}:127.0.0.1"),
-                "-c",
-                "user.name=Alice",
-                "-c",
-                "user.email=alice@example.test",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(dir)
-            .env("GIT_SSL_CAINFO", self.daemon.ca_file())
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("HOME", &self.home)
-            .env_remove("GIT_DIR")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-
-    fn ok(&self, dir: &Path, args: &[&str]) -> String {
-        let (ok, out) = self.git(dir, args);
-        assert!(
-            ok,
-            "git {args:?}:\n{out}\n--- daemon log ---\n{}",
-            self.daemon.log()
-        );
-        out
+/// The git client against `daemon`, with names under [`DOMAIN`].
+fn git_client<'a>(daemon: &'a Daemon, home: std::path::PathBuf) -> GitClient<'a> {
+    GitClient {
+        daemon,
+        home,
+        domain: DOMAIN,
     }
 }
 
@@ -121,20 +72,7 @@ fn read_to_close(stream: &mut impl std::io::Read) -> String {
 }
 
 fn app_password(daemon: &Daemon, user: &str) -> String {
-    let added = daemon
-        .granary(&[
-            "app-password",
-            "add",
-            user,
-            "--kind",
-            "git",
-            "--label",
-            "laptop",
-            "--json",
-        ])
-        .success()
-        .json();
-    added["password"].as_str().unwrap().to_owned()
+    granary_testkit::app_password(daemon, user, "git")
 }
 
 #[test]
@@ -156,10 +94,7 @@ fn push_and_clone_over_https_through_the_gateway() {
     let bob = app_password(&daemon, "bob");
     let home = tmp.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let client = Client {
-        daemon: &daemon,
-        home,
-    };
+    let client = git_client(&daemon, home);
 
     // A repository with a few files, pushed: the first push creates it.
     let work = tmp.path().join("work");
@@ -528,10 +463,7 @@ fn a_push_publishes_the_blog_through_granted_capabilities() {
     let alice = app_password(&daemon, "alice");
     let home = tmp.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let client = Client {
-        daemon: &daemon,
-        home,
-    };
+    let client = git_client(&daemon, home);
     let site = format!("alice.{DOMAIN}");
     let url = client.url(Some(("alice", &alice)), "alice/site.git");
 

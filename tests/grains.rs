@@ -541,6 +541,41 @@ fn a_crashing_grain_restarts_with_backoff_and_a_crash_loop_is_held() {
 }
 
 #[test]
+fn a_grain_at_its_memory_limit_is_killed_and_says_so_plainly() {
+    let daemon = setup("[grains]\nrestart_backoff = \"100ms\"\n");
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
+    // Its limit is 64 MiB (the test kit's manifest); 200 MiB is too much.
+    let _ = daemon.granary_with_stdin(
+        &["grain", "connect", "alice/hello", "hello"],
+        Some("hog 200\n"),
+    );
+    let s = eventually("the kill to be counted", WAIT, || {
+        let s = status(&daemon, "alice/hello");
+        (s["oom_kills"].as_u64() >= Some(1)).then_some(s)
+    });
+    assert_eq!(s["memory_limit_mib"], 64, "{s}");
+    let shown = daemon
+        .granary(&["grain", "status", "alice/hello"])
+        .success()
+        .stdout;
+    assert!(shown.contains("limit 64 MiB: HIT 1 time(s)"), "{shown}");
+    let log = eventually("the grain log to say so", WAIT, || {
+        let log = daemon
+            .granary(&["grain", "logs", "alice/hello"])
+            .success()
+            .stdout;
+        log.contains("reached its memory limit of 64 MiB")
+            .then_some(log)
+    });
+    assert!(log.contains("killed a process in it 1 time(s)"), "{log}");
+    // It restarted, as after any crash, and works.
+    eventually("the grain to run again", WAIT, || {
+        (state(&daemon, "alice/hello") == "running").then_some(())
+    });
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
+}
+
+#[test]
 fn a_flooding_grain_is_cut_off_and_the_others_keep_working() {
     let daemon = setup("[grains]\nmax_in_flight = 8\nflood_cutoff = 200\nmax_message_kib = 256\n");
     assert_eq!(daemon.ask("bob/hello", "ping"), "pong");

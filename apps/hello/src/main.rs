@@ -358,7 +358,19 @@ impl Hello {
                 }
             }
             ["crash"] => std::process::exit(3),
-            ["help"] => "commands: ping whoami ls notifications notify hold call save restore bench benchhost awake sleep flood biglog writer ledger crash".to_owned(),
+            ["hog", mib] => {
+                // Touches `mib` MiB, a page at a time: past the grain's
+                // memory limit the kernel kills this process.
+                let Ok(mib) = mib.parse::<usize>() else {
+                    return "error: hog MIB".to_owned();
+                };
+                let mut held: Vec<Vec<u8>> = Vec::new();
+                for _ in 0..mib {
+                    held.push(vec![1u8; 1 << 20]);
+                }
+                format!("held {} MiB", held.len())
+            }
+            ["help"] => "commands: ping whoami ls notifications notify hold call save restore bench benchhost awake sleep flood biglog writer ledger crash hog".to_owned(),
             _ => format!("error: unknown command {line:?} (try help)"),
         }
     }

@@ -125,6 +125,10 @@ pub struct Plan {
     pub cgroup: Option<CgroupDriver>,
     pub cgroup_parent: String,
     pub hostname: String,
+    /// Leave the grain's cgroup when it ends: the caller reads what it
+    /// counted (memory-limit kills) and removes it.
+    #[serde(default)]
+    pub keep_cgroup: bool,
 }
 
 fn check_id(grain: &str) -> Result<(), JailError> {
@@ -218,6 +222,7 @@ impl JailConfig {
             cgroup: self.cgroup.clone(),
             cgroup_parent: self.cgroup_parent.clone(),
             hostname: "grain".to_owned(),
+            keep_cgroup: false,
         })
     }
 }

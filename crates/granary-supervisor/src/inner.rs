@@ -85,14 +85,16 @@ impl Inner {
         let Some(driver) = &self.params.jail.cgroup else {
             return;
         };
-        if slot.running().is_none() {
+        // Only a run that has not ended: an ended run's count was folded.
+        if slot.running().is_none_or(|r| *r.exited.borrow()) {
             return;
         }
-        let Some(now) =
+        let Some(read) =
             granary_jail::cgroup::oom_kills(driver, &self.params.jail.cgroup_parent, &slot.id)
         else {
             return;
         };
+        let now = read.saturating_sub(slot.oom_baseline.get());
         let before = slot.oom_kills_now.replace(now);
         if now > before {
             let limit = slot.memory_limit.get().map_or(0, |b| b >> 20);

@@ -103,6 +103,7 @@ impl Inner {
                     last_exit: RefCell::new(None),
                     oom_kills_before: Cell::new(0),
                     oom_kills_now: Cell::new(0),
+                    oom_baseline: Cell::new(0),
                     memory_limit: Cell::new(None),
                 })
             })
@@ -217,7 +218,21 @@ impl Inner {
             .await
             .map_err(|e| e.to_string())?;
         }
-        let plan = self.params.jail.plan(&spec).map_err(|e| e.to_string())?;
+        let mut plan = self.params.jail.plan(&spec).map_err(|e| e.to_string())?;
+        // The cgroup outlives the grain's processes until the exit monitor
+        // has read what it counted; a leftover one is reused, counting from
+        // where it stands.
+        plan.keep_cgroup = true;
+        slot.oom_baseline.set(
+            self.params
+                .jail
+                .cgroup
+                .as_ref()
+                .and_then(|d| {
+                    granary_jail::cgroup::oom_kills(d, &self.params.jail.cgroup_parent, &slot.id)
+                })
+                .unwrap_or(0),
+        );
 
         let (host_rpc, grain_rpc) = socketpair(nix::sys::socket::SockType::Stream)
             .map_err(|e| format!("socketpair: {e}"))?;
@@ -282,11 +297,17 @@ impl Inner {
         // fd 3), the grain can no longer be reached: it is killed, and that
         // counts as a crash. Usually the process is exiting anyway.
         let weak_slot = Rc::downgrade(slot);
+        let me = Rc::downgrade(self);
         tokio::task::spawn_local(async move {
             let result = system.await;
             let Some(slot) = weak_slot.upgrade() else {
                 return;
             };
+            // The app is gone or going: read its cgroup's memory-limit
+            // kills now, before the launcher removes the cgroup.
+            if let Some(inner) = me.upgrade() {
+                inner.count_oom_kills(&slot);
+            }
             let Some(r) = slot.running() else { return };
             if r.generation != generation || r.stopping.get() {
                 return;
@@ -324,9 +345,15 @@ impl Inner {
                 let _ = exited_tx.send(true);
                 return;
             };
+            // The run's last count; once `exited` is set nobody reads this
+            // run's cgroup again, and its count joins the earlier runs'.
             inner.count_oom_kills(&slot);
+            let _ = exited_tx.send(true);
             slot.fold_oom_kills();
-            // A launcher that was killed could not remove its cgroup.
+            // The launcher leaves the cgroup (and one that was killed could
+            // not remove it). Removed now if its processes are gone; if
+            // some are still dying, the next run reuses it (the kill count
+            // is kept relative to where that run starts).
             if let Some(driver) = &inner.params.jail.cgroup {
                 granary_jail::cgroup::remove_leftovers(
                     driver,
@@ -334,7 +361,6 @@ impl Inner {
                     Some(&slot.id),
                 );
             }
-            let _ = exited_tx.send(true);
             inner.exited(&slot, generation, status);
         });
         self.watch_idle(slot, &running);

@@ -54,6 +54,8 @@ pub(crate) struct Slot {
     /// cgroup showed last.
     pub(crate) oom_kills_before: Cell<u64>,
     pub(crate) oom_kills_now: Cell<u64>,
+    /// The count the cgroup showed when this run started (a reused one).
+    pub(crate) oom_baseline: Cell<u64>,
     pub(crate) memory_limit: Cell<Option<u64>>,
 }
 

@@ -151,6 +151,146 @@ pub fn git_package(dir: &Path) -> std::path::PathBuf {
     )
 }
 
+/// The real git client against a daemon's gateway: names under `domain`
+/// resolved to the daemon through `http.curloptResolve`, the local CA
+/// trusted (never verification turned off), and a `HOME` of its own.
+pub struct GitClient<'a> {
+    pub daemon: &'a Daemon,
+    pub home: PathBuf,
+    pub domain: &'a str,
+}
+
+/// Makes an Ed25519 key pair for `user` in `dir` with `ssh-keygen` and
+/// registers its public half; the private key's path.
+pub fn ssh_key(daemon: &Daemon, dir: &Path, user: &str) -> PathBuf {
+    let key = dir.join(format!("{user}_key"));
+    let ok = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            &format!("{user}@laptop"),
+            "-f",
+        ])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen must be installed (./run-tests installs openssh-client)")
+        .success();
+    assert!(ok, "ssh-keygen failed");
+    daemon
+        .granary(&[
+            "ssh-key",
+            "add",
+            user,
+            key.with_extension("pub").to_str().unwrap(),
+        ])
+        .success();
+    key
+}
+
+impl GitClient<'_> {
+    /// `https://[user:password@]git.<domain>:<port>/<path>`.
+    pub fn url(&self, cred: Option<(&str, &str)>, path: &str) -> String {
+        let port = self.daemon.https_addr().port();
+        let domain = self.domain;
+        match cred {
+            Some((u, p)) => format!("https://{u}:{p}@git.{domain}:{port}/{path}"),
+            None => format!("https://git.{domain}:{port}/{path}"),
+        }
+    }
+
+    /// `ssh://<user>@127.0.0.1:<port>/<path>`.
+    pub fn ssh_url(&self, user: &str, path: &str) -> String {
+        format!(
+            "ssh://{user}@127.0.0.1:{}/{path}",
+            self.daemon.ssh_addr().port()
+        )
+    }
+
+    /// Runs git in `dir` over SSH with `key` (the daemon's host key taken
+    /// on first use); (success, stdout + stderr).
+    pub fn git_ssh(&self, dir: &Path, key: &Path, args: &[&str]) -> (bool, String) {
+        let ssh = format!(
+            "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={}/known_hosts",
+            key.display(),
+            self.home.display()
+        );
+        self.run(dir, args, Some(&ssh))
+    }
+
+    /// Runs git in `dir`; (success, stdout + stderr).
+    pub fn git(&self, dir: &Path, args: &[&str]) -> (bool, String) {
+        self.run(dir, args, None)
+    }
+
+    fn run(&self, dir: &Path, args: &[&str], ssh: Option<&str>) -> (bool, String) {
+        let port = self.daemon.https_addr().port();
+        let mut cmd = Command::new("git");
+        if let Some(ssh) = ssh {
+            cmd.env("GIT_SSH_COMMAND", ssh);
+        }
+        let out = cmd
+            .args([
+                "-c",
+                &format!("http.curloptResolve=git.{}:{port}:127.0.0.1", self.domain),
+                "-c",
+                "user.name=Alice",
+                "-c",
+                "user.email=alice@example.test",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_SSL_CAINFO", self.daemon.ca_file())
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("HOME", &self.home)
+            .env_remove("GIT_DIR")
+            .output()
+            .expect("git must be installed (./run-tests installs it)");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// [`GitClient::git`], which must succeed; its output.
+    pub fn ok(&self, dir: &Path, args: &[&str]) -> String {
+        let (ok, out) = self.git(dir, args);
+        assert!(
+            ok,
+            "git {args:?}:\n{out}\n--- daemon log ---\n{}",
+            self.daemon.log()
+        );
+        out
+    }
+}
+
+/// An app password of `kind` for `user`, made through the CLI.
+pub fn app_password(daemon: &Daemon, user: &str, kind: &str) -> String {
+    let added = daemon
+        .granary(&[
+            "app-password",
+            "add",
+            user,
+            "--kind",
+            kind,
+            "--label",
+            "laptop",
+            "--json",
+        ])
+        .success()
+        .json();
+    added["password"].as_str().expect("a password").to_owned()
+}
+
 /// Polls `check` until it returns `Some` or `deadline` passes; on timeout,
 /// panics with `what`.
 pub fn eventually<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {

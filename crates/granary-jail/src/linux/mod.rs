@@ -107,10 +107,24 @@ pub fn launch(plan: &Plan) -> Result<i32, JailError> {
         None => None,
     };
     let result = run_grain(plan, &filters, &waited, cgroup.as_ref(), rootless);
-    if let Some(cgroup) = cgroup
-        && let Err(e) = cgroup.remove(Duration::from_secs(5))
-    {
-        eprintln!("granary-launcher: {e}");
+    if let Some(cgroup) = cgroup {
+        // Said plainly in the grain's log before the count goes with the
+        // cgroup.
+        if let Some(driver) = &plan.cgroup
+            && let Some(kills) = crate::cgroup::oom_kills(driver, &plan.cgroup_parent, &plan.grain)
+            && kills > 0
+        {
+            eprintln!(
+                "granary: grain {} reached its memory limit of {} MiB; the kernel killed a process in it {kills} time(s)",
+                plan.grain,
+                plan.limits.memory_bytes >> 20
+            );
+        }
+        if !plan.keep_cgroup
+            && let Err(e) = cgroup.remove(Duration::from_secs(5))
+        {
+            eprintln!("granary-launcher: {e}");
+        }
     }
     result
 }
