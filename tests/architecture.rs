@@ -10,11 +10,17 @@ struct Row {
     forbidden: Vec<String>,
 }
 
-/// Reads the rows of the crate table: `| `name` | owns | must not depend on |`.
-/// Forbidden names are the backticked words of the third column.
+/// Reads the rows of the crate table (under `## Crates`):
+/// `| `name` | owns | must not depend on |`. Forbidden names are the
+/// backticked words of the third column.
 fn crate_map(text: &str) -> BTreeMap<String, Row> {
     let mut map = BTreeMap::new();
-    for line in text.lines() {
+    let section = text
+        .lines()
+        .skip_while(|l| l.trim() != "## Crates")
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "));
+    for line in section {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
         if cells.len() < 5 || !cells[1].starts_with('`') {
             continue;
@@ -130,8 +136,9 @@ fn every_crate_is_mapped_and_no_forbidden_edge_exists() {
 #[test]
 fn the_map_parser_reads_forbidden_names() {
     let map = crate_map(
-        "| crate | owns | must not depend on |\n|---|---|---|\n| `a` | things | `tokio`, `hyper` |\n| `b` | more | — |\n",
+        "## Crates\n| crate | owns | must not depend on |\n|---|---|---|\n| `a` | things | `tokio`, `hyper` |\n| `b` | more | — |\n## Other\n| `c` | not a crate | x |\n",
     );
+    assert!(!map.contains_key("c"));
     assert_eq!(map["a"].forbidden, ["tokio", "hyper"]);
     assert!(map["b"].forbidden.is_empty());
 }

@@ -540,6 +540,26 @@ fn a_crashing_grain_restarts_with_backoff_and_a_crash_loop_is_held() {
     });
 }
 
+/// Found when the project was tried as a new user: `granary snapshot
+/// create` on a grain that never ran failed with "create the snapshot
+/// directory: No such file or directory".
+#[test]
+fn a_grain_that_never_ran_can_be_snapshotted() {
+    let daemon = setup("");
+    let taken = daemon
+        .granary(&["snapshot", "create", "alice/hello", "--label", "empty"])
+        .success();
+    assert!(taken.stdout.contains("empty"), "{}", taken.stdout);
+    let list = daemon
+        .granary(&["snapshot", "list", "alice/hello", "--json"])
+        .success()
+        .json();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(state(&daemon, "alice/hello"), "stopped");
+    // And the grain still starts on its (empty) data.
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
+}
+
 #[test]
 fn a_grain_at_its_memory_limit_is_killed_and_says_so_plainly() {
     let daemon = setup("[grains]\nrestart_backoff = \"100ms\"\n");

@@ -136,3 +136,74 @@ fn the_front_page_says_what_this_is_and_unknown_hosts_say_so() {
     );
     assert_eq!(code, "404", "{body}");
 }
+
+/// The lines of the demo banner's block that starts with `title`, up to
+/// the next empty line, with the two-space indent removed.
+fn banner_block(banner: &[String], title: &str) -> Vec<String> {
+    banner
+        .iter()
+        .skip_while(|l| !l.starts_with(title))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter(|l| !l.trim_start().starts_with('('))
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
+/// Found when the project was tried as a new user: the demo printed an
+/// account password nothing accepted, and `git.localhost` does not resolve
+/// on Debian. Its next steps are now run here exactly as printed.
+#[test]
+fn the_demo_banner_steps_work_when_pasted() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let packages = [
+        granary_testkit::git_package(tmp.path()),
+        granary_testkit::app_package(tmp.path(), "blog", "granary-blog", ""),
+    ];
+    let daemon = Daemon::start_with_builtin(granary_testkit::DaemonMode::Demo, "", &packages);
+    let mut banner = Vec::new();
+    while let Some(line) = daemon.next_stdout_line() {
+        let done = line.starts_with("Stop with Ctrl-C");
+        banner.push(line);
+        if done {
+            break;
+        }
+    }
+    let git_steps = banner_block(&banner, "Try git");
+    let blog_steps = banner_block(&banner, "Publish it");
+    assert_eq!(git_steps.len(), 3, "{banner:#?}");
+    assert_eq!(blog_steps.len(), 4, "{banner:#?}");
+    let curl = blog_steps.last().unwrap().clone();
+    // One shell, as a user pasting would have; the last line (curl) is run
+    // until the blog shows the page.
+    let script = [&git_steps[..], &blog_steps[..3]].concat().join("\n");
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let out = std::process::Command::new("sh")
+        .args(["-e", "-c", &script])
+        .env("HOME", &home)
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the banner's steps failed:\n{script}\n{}{}\n--- daemon log\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    let page = eventually(
+        "the blog to show the pushed page",
+        granary_testkit::DEADLINE,
+        || {
+            let out = std::process::Command::new("sh")
+                .args(["-c", &curl])
+                .output()
+                .unwrap();
+            let body = String::from_utf8_lossy(&out.stdout).into_owned();
+            body.contains("Hello from Granary").then_some(body)
+        },
+    );
+    assert!(page.contains("<h1>"), "{page}");
+}

@@ -101,23 +101,31 @@ pub struct ChunkEntry {
 impl ChunkEntry {
     /// Whether `cipher` is this chunk as exported (its size and SHA-256);
     /// what is wrong with it otherwise.
-    pub fn check(&self, cipher: &[u8]) -> Result<(), String> {
+    pub fn check(&self, cipher: &[u8]) -> Result<(), ChunkDamage> {
         if cipher.len() as u64 != self.bytes {
-            return Err(format!(
-                "{} bytes, the catalogue says {} (changed or damaged)",
-                cipher.len(),
-                self.bytes
-            ));
+            return Err(ChunkDamage::Size {
+                found: cipher.len() as u64,
+                recorded: self.bytes,
+            });
         }
         let sha = crate::sha256(cipher);
         if sha != self.sha256 {
-            return Err(format!(
-                "SHA-256 {sha} does not match the catalogue's {} (changed or damaged)",
-                self.sha256
-            ));
+            return Err(ChunkDamage::Digest {
+                found: sha,
+                recorded: self.sha256.clone(),
+            });
         }
         Ok(())
     }
+}
+
+/// How a chunk differs from what its catalogue recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkDamage {
+    #[error("{found} bytes, the catalogue says {recorded} (changed or damaged)")]
+    Size { found: u64, recorded: u64 },
+    #[error("SHA-256 {found} does not match the catalogue's {recorded} (changed or damaged)")]
+    Digest { found: String, recorded: String },
 }
 
 impl Catalogue {

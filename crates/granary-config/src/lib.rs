@@ -16,8 +16,8 @@ pub mod resolve;
 pub use listen::{LISTENERS, Listen, ListenerKind};
 pub use raw::RawConfig;
 pub use resolve::{
-    Backup, BackupPlace, BackupTarget, Config, ConfigError, Environment, Gateway, Grains,
-    LogFormat, Packages, Snapshots, StorageBackend, TlsSource, parse_duration,
+    Backup, BackupPlace, BackupTarget, Config, ConfigError, DurationError, Environment, Gateway,
+    Grains, LogFormat, Packages, Snapshots, StorageBackend, TlsSource, parse_duration,
 };
 
 /// The full default configuration, commented. A test checks that it parses to

@@ -125,29 +125,33 @@ pub struct Grains {
     pub flood_cutoff: u64,
 }
 
+/// Why a text is not a duration; the message says what to write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DurationError(pub String);
+
 /// A duration written as a number with a unit: `250ms`, `30s`, `2m`, `1h`,
 /// `30d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like \"250ms\", \"30s\" or \"2m\""))?;
+    let bad = || {
+        DurationError(format!(
+            "{text:?} is not a duration like \"250ms\", \"30s\" or \"2m\""
+        ))
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
         "d" => Duration::from_secs(n * 86_400),
-        _ => {
-            return Err(format!(
-                "{text:?} is not a duration like \"250ms\", \"30s\" or \"2m\""
-            ));
-        }
+        _ => return Err(bad()),
     };
     if d.is_zero() {
-        return Err(format!("{text:?} must be more than zero"));
+        return Err(DurationError(format!("{text:?} must be more than zero")));
     }
     Ok(d)
 }
@@ -340,7 +344,7 @@ impl Config {
                 .as_deref()
                 .unwrap_or("1500000000+1000000"),
         )
-        .map_err(|reason| err("jail.uid_range", reason))?;
+        .map_err(|reason| err("jail.uid_range", reason.0))?;
 
         let cgroup_parent = raw
             .jail
@@ -357,7 +361,7 @@ impl Config {
         }
         let g = &raw.grains;
         let duration = |key: &'static str, v: &Option<String>, default: &str| {
-            parse_duration(v.as_deref().unwrap_or(default)).map_err(|reason| err(key, reason))
+            parse_duration(v.as_deref().unwrap_or(default)).map_err(|reason| err(key, reason.0))
         };
         let positive = |key: &'static str, v: u64| {
             if v == 0 {
@@ -409,7 +413,7 @@ impl Config {
         let sn = &raw.snapshots;
         let interval = match sn.interval.as_deref().unwrap_or("15m") {
             "off" => None,
-            text => Some(parse_duration(text).map_err(|r| err("snapshots.interval", r))?),
+            text => Some(parse_duration(text).map_err(|r| err("snapshots.interval", r.0))?),
         };
         let default_keep = ["15m:4", "1h:48", "1d:30", "30d:6"]
             .map(str::to_owned)
@@ -434,12 +438,12 @@ impl Config {
             interval,
             keep,
             freeze_limit: parse_duration(sn.freeze_limit.as_deref().unwrap_or("5s"))
-                .map_err(|r| err("snapshots.freeze_limit", r))?,
+                .map_err(|r| err("snapshots.freeze_limit", r.0))?,
         };
 
         let gw = &raw.gateway;
         let time = |key: &str, value: &Option<String>, default: &str| {
-            parse_duration(value.as_deref().unwrap_or(default)).map_err(|r| err(key, r))
+            parse_duration(value.as_deref().unwrap_or(default)).map_err(|r| err(key, r.0))
         };
         let gateway = Gateway {
             handshake_timeout: time("gateway.handshake_timeout", &gw.handshake_timeout, "10s")?,
@@ -498,7 +502,7 @@ impl Config {
             };
             let interval = match t.interval.as_deref().unwrap_or("1d") {
                 "off" => None,
-                text => Some(parse_duration(text).map_err(|r| err(&key, r))?),
+                text => Some(parse_duration(text).map_err(|r| err(&key, r.0))?),
             };
             targets.push(BackupTarget {
                 name: t.name.clone(),

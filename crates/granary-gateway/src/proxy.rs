@@ -317,8 +317,16 @@ impl Gateway {
         let Ok(grain) = GrainId::for_user(&owner, route.kind) else {
             return not_served(host, &path);
         };
-        tracing::debug!(service = service.pattern.name, grain = %grain, user = %identity.user, "request");
-        self.forward(req, &grain, identity, peer, host).await
+        let span = tracing::debug_span!(
+            "request",
+            service = service.pattern.name,
+            grain = %grain,
+            user = %identity.user
+        );
+        use tracing::Instrument;
+        self.forward(req, &grain, identity, peer, host)
+            .instrument(span)
+            .await
     }
 
     /// A ready connection to the grain's `http` service for `identity`,

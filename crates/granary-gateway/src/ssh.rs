@@ -24,24 +24,36 @@ use granary_wire::ssh::git_command;
 
 use crate::{Credential, Shared};
 
+/// The SSH host key could not be read or made.
+#[derive(Debug, thiserror::Error)]
+#[error("the SSH host key {path}: {detail}")]
+pub struct HostKeyError {
+    pub path: std::path::PathBuf,
+    pub detail: String,
+}
+
 /// The host key at `path` (OpenSSH format, 0600), made on first use.
-pub fn host_key(path: &Path) -> Result<PrivateKey, String> {
+pub fn host_key(path: &Path) -> Result<PrivateKey, HostKeyError> {
+    let fail = |detail: String| HostKeyError {
+        path: path.to_path_buf(),
+        detail,
+    };
     if let Ok(text) = std::fs::read_to_string(path) {
-        return PrivateKey::from_openssh(text).map_err(|e| format!("{}: {e}", path.display()));
+        return PrivateKey::from_openssh(text).map_err(|e| fail(e.to_string()));
     }
     let mut seed = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
-        .map_err(|_| "no randomness".to_owned())?;
+        .map_err(|_| fail("no randomness".to_owned()))?;
     let key = PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(
         &seed,
     ));
     let text = key
         .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| fail(e.to_string()))?;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
     }
-    granary_files::write_atomic(path, text.as_bytes(), 0o600).map_err(|e| e.to_string())?;
+    granary_files::write_atomic(path, text.as_bytes(), 0o600).map_err(|e| fail(e.to_string()))?;
     Ok(key)
 }
 

@@ -20,7 +20,9 @@ pub fn uid_range_free_on_host(range: &UidRange) -> Result<(), JailError> {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let ids = format!("{}\n{}", read("/etc/passwd"), read("/etc/group"));
     let subs = format!("{}\n{}", read("/etc/subuid"), read("/etc/subgid"));
-    range.check_free(&ids, &subs).map_err(JailError::new)
+    range
+        .check_free(&ids, &subs)
+        .map_err(|e| JailError::new(e.0))
 }
 
 /// Which cgroup hierarchy to use, and where it is mounted.

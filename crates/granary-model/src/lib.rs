@@ -14,7 +14,8 @@ mod user_name;
 pub use grain_id::{GrainId, GrainIdError, valid_resource_name};
 pub use grain_kind::{GrainKind, GrainKindError};
 pub use manifest::{
-    MANIFEST_FILE, Manifest, ManifestError, ManifestLimits, check_descriptor, compare_versions,
+    DescriptorError, MANIFEST_FILE, Manifest, ManifestError, ManifestLimits, check_descriptor,
+    compare_versions,
 };
-pub use uid_range::{DEFAULT_UID_RANGE, UidRange};
+pub use uid_range::{DEFAULT_UID_RANGE, UidRange, UidRangeError};
 pub use user_name::{RESERVED_USER_NAMES, UserName, UserNameError};

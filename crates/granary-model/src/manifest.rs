@@ -229,7 +229,7 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 /// Checks a capability descriptor: `<interface>[:<argument>]`, where the
 /// interface is dotted lowercase words and the argument 1 to 128 of
 /// `[A-Za-z0-9._-]`.
-pub fn check_descriptor(descriptor: &str) -> Result<(), String> {
+pub fn check_descriptor(descriptor: &str) -> Result<(), DescriptorError> {
     let (interface, argument) = match descriptor.split_once(':') {
         Some((i, a)) => (i, Some(a)),
         None => (descriptor, None),
@@ -248,10 +248,17 @@ pub fn check_descriptor(descriptor: &str) -> Result<(), String> {
     if iface_ok && arg_ok {
         Ok(())
     } else {
-        Err(format!(
-            "capability {descriptor:?} must be <interface>[:<argument>], e.g. git.read:site"
-        ))
+        Err(DescriptorError {
+            descriptor: descriptor.to_owned(),
+        })
     }
+}
+
+/// A capability descriptor that is not `<interface>[:<argument>]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("capability {descriptor:?} must be <interface>[:<argument>], e.g. git.read:site")]
+pub struct DescriptorError {
+    pub descriptor: String,
 }
 
 #[cfg(test)]

@@ -31,20 +31,24 @@ impl UidRange {
     }
 
     /// `1500000000+1000000`, as the config writes it (`jail.uid_range`).
-    pub fn parse(text: &str) -> Result<UidRange, String> {
+    pub fn parse(text: &str) -> Result<UidRange, UidRangeError> {
         let bad = || {
-            format!("{text:?} is not a uid range; write START+COUNT, e.g. \"{DEFAULT_UID_RANGE}\"")
+            UidRangeError(format!(
+                "{text:?} is not a uid range; write START+COUNT, e.g. \"{DEFAULT_UID_RANGE}\""
+            ))
         };
         let (start, count) = text.split_once('+').ok_or_else(bad)?;
         let start: u32 = start.trim().parse().map_err(|_| bad())?;
         let count: u32 = count.trim().parse().map_err(|_| bad())?;
         if count == 0 || u64::from(start) + u64::from(count) > u64::from(u32::MAX) {
-            return Err(format!("{text:?} is empty or runs past the largest uid"));
+            return Err(UidRangeError(format!(
+                "{text:?} is empty or runs past the largest uid"
+            )));
         }
         if start < 65_536 {
-            return Err(format!(
+            return Err(UidRangeError(format!(
                 "{text:?} starts below 65536, among ordinary users and system accounts; choose a range far above them"
-            ));
+            )));
         }
         Ok(UidRange { start, count })
     }
@@ -52,22 +56,22 @@ impl UidRange {
     /// Refuses a range that overlaps a user or group in `passwd`/`group`
     /// text or a subordinate range in `subuid`/`subgid` text: grains must
     /// never share a uid with anything else on the host.
-    pub fn check_free(&self, passwd: &str, subordinate: &str) -> Result<(), String> {
+    pub fn check_free(&self, passwd: &str, subordinate: &str) -> Result<(), UidRangeError> {
         if self.count == 0 || u64::from(self.start) + u64::from(self.count) > u64::from(u32::MAX) {
-            return Err(format!(
+            return Err(UidRangeError(format!(
                 "uid range {}+{} is empty or runs past the largest uid",
                 self.start, self.count
-            ));
+            )));
         }
         for line in passwd.lines().filter(|l| !l.starts_with('#')) {
             let fields: Vec<&str> = line.split(':').collect();
             if let Some(Ok(id)) = fields.get(2).map(|f| f.parse::<u64>())
                 && self.overlaps(id, 1)
             {
-                return Err(format!(
+                return Err(UidRangeError(format!(
                     "uid range {}+{} contains id {id} of {:?} in /etc/passwd or /etc/group; choose another range",
                     self.start, self.count, fields[0]
-                ));
+                )));
             }
         }
         for line in subordinate.lines().filter(|l| !l.starts_with('#')) {
@@ -77,15 +81,20 @@ impl UidRange {
                 fields.get(2).map(|f| f.parse::<u64>()),
             ) && self.overlaps(start, count)
             {
-                return Err(format!(
+                return Err(UidRangeError(format!(
                     "uid range {}+{} overlaps the subordinate range {start}+{count} of {:?} in /etc/subuid or /etc/subgid; choose another range",
                     self.start, self.count, fields[0]
-                ));
+                )));
             }
         }
         Ok(())
     }
 }
+
+/// Why a uid range is not usable; the message says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UidRangeError(pub String);
 
 impl std::fmt::Display for UidRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -120,11 +129,14 @@ mod tests {
         let err = range
             .check_free("odd:x:100500:1::/:/bin/false\n", "")
             .unwrap_err();
-        assert!(err.contains("\"odd\""), "{err}");
+        assert!(err.to_string().contains("\"odd\""), "{err}");
         let err = range
             .check_free(passwd, "alice:100000:65536\n")
             .unwrap_err();
-        assert!(err.contains("subordinate range 100000+65536"), "{err}");
+        assert!(
+            err.to_string().contains("subordinate range 100000+65536"),
+            "{err}"
+        );
         range.check_free(passwd, "alice:165536:65536\n").unwrap();
         assert!(
             UidRange {

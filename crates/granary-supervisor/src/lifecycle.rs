@@ -92,6 +92,7 @@ impl Inner {
             .entry(g.id.clone())
             .or_insert_with(|| {
                 Rc::new(Slot {
+                    span: tracing::info_span!("grain", grain = %g.id, user = %g.user, kind = %g.kind),
                     id: g.id.clone(),
                     user: g.user.clone(),
                     kind: g.kind.clone(),
@@ -132,7 +133,8 @@ impl Inner {
                 Phase::Stopped => {
                     let me = self.clone();
                     let s = slot.clone();
-                    let task = tokio::task::spawn_local(async move {
+                    let span = s.span.clone();
+                    let task = spawn_in(&span, async move {
                         let result = me.launch(&s).await;
                         let mut phase = s.phase.borrow_mut();
                         match &result {
@@ -298,7 +300,7 @@ impl Inner {
         // counts as a crash. Usually the process is exiting anyway.
         let weak_slot = Rc::downgrade(slot);
         let me = Rc::downgrade(self);
-        tokio::task::spawn_local(async move {
+        spawn_in(&slot.span, async move {
             let result = system.await;
             let Some(slot) = weak_slot.upgrade() else {
                 return;
@@ -326,7 +328,7 @@ impl Inner {
         // The exit monitor owns the child and reaps it.
         let weak_slot = Rc::downgrade(slot);
         let me = Rc::downgrade(self);
-        tokio::task::spawn_local(async move {
+        spawn_in(&slot.span, async move {
             let mut child = child;
             let status = loop {
                 match pidfd.readable().await {
@@ -506,8 +508,9 @@ impl Inner {
         let until = tokio::time::Instant::now() + delay;
         *slot.phase.borrow_mut() = Phase::Backoff { until };
         let me = self.clone();
+        let span = slot.span.clone();
         let slot = slot.clone();
-        tokio::task::spawn_local(async move {
+        spawn_in(&span, async move {
             tokio::time::sleep_until(until).await;
             let due = matches!(&*slot.phase.borrow(), Phase::Backoff { until: u } if *u == until);
             if due {
@@ -525,9 +528,10 @@ impl Inner {
             .unwrap_or(self.params.config.idle_timeout);
         let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
         let me = Rc::downgrade(self);
+        let span = slot.span.clone();
         let slot = Rc::downgrade(slot);
         let generation = running.generation;
-        tokio::task::spawn_local(async move {
+        spawn_in(&span, async move {
             loop {
                 tokio::time::sleep(tick).await;
                 let (Some(inner), Some(slot)) = (me.upgrade(), slot.upgrade()) else {
@@ -571,7 +575,7 @@ impl Inner {
                     r.stopping.set(true);
                     let grace = self.params.config.shutdown_grace;
                     let slot2 = slot.clone();
-                    let task = tokio::task::spawn_local(async move {
+                    let task = spawn_in(&slot.span, async move {
                         let mut request = r.grain.shutdown_request();
                         request.get().set_grace_millis(grace.as_millis() as u32);
                         let polite = tokio::time::timeout(grace, request.send().promise).await;
@@ -685,6 +689,15 @@ impl Inner {
             guard: ConnectionGuard(busy),
         })
     }
+}
+
+/// Runs `work` on this thread in the grain's span.
+fn spawn_in<F: Future + 'static>(
+    span: &tracing::Span,
+    work: F,
+) -> tokio::task::JoinHandle<F::Output> {
+    use tracing::Instrument;
+    tokio::task::spawn_local(work.instrument(span.clone()))
 }
 
 /// The grain's view of how a client authenticated.

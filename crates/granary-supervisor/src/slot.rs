@@ -45,6 +45,9 @@ pub(crate) struct Slot {
     pub(crate) user: String,
     pub(crate) kind: String,
     pub(crate) host_uid: u32,
+    /// Every task of this grain (start, channel, exit, idle watch, stop)
+    /// runs in it, so what is logged for it carries its fields.
+    pub(crate) span: tracing::Span,
     pub(crate) phase: RefCell<Phase>,
     pub(crate) starts: Cell<u64>,
     pub(crate) crashes: RefCell<VecDeque<Instant>>,

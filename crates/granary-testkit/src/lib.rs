@@ -415,6 +415,16 @@ impl Daemon {
 
     /// Starts the daemon with extra TOML appended to the test config.
     pub fn start_with(mode: DaemonMode, extra_config: &str) -> Daemon {
+        Daemon::start_with_builtin(mode, extra_config, &[])
+    }
+
+    /// Starts the daemon with `packages` in `DATA_DIR/builtin-apps`, as
+    /// `./granary-demo` leaves them (the demo installs them at start).
+    pub fn start_with_builtin(
+        mode: DaemonMode,
+        extra_config: &str,
+        packages: &[PathBuf],
+    ) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("granary-test-")
             .tempdir()
@@ -436,6 +446,21 @@ impl Daemon {
             stdout_lines: None,
             mode,
         };
+        if !packages.is_empty() {
+            use std::os::unix::fs::DirBuilderExt;
+            // The data dir as the daemon makes it (owner-only), then the
+            // packages beside it.
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(daemon.data_dir())
+                .expect("the data dir");
+            let builtin = daemon.data_dir().join("builtin-apps");
+            std::fs::create_dir_all(&builtin).expect("builtin-apps");
+            for p in packages {
+                std::fs::copy(p, builtin.join(p.file_name().expect("a package file")))
+                    .expect("copy a package");
+            }
+        }
         daemon.launch();
         daemon
     }

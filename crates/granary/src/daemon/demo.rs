@@ -66,21 +66,30 @@ pub(super) fn print_banner(
         .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
         .collect();
     let (user, password, git) = (DEMO_USER, &secrets.password, &secrets.git_password);
+    // The admin commands as this very binary, so they work when pasted.
+    let granary = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "granary".to_owned());
     // Names under the domain may not resolve on this host (Debian has no
     // nss-myhostname): each example pins them to the listener.
     let ip = https.ip();
-    let git_steps = if installed.iter().any(|a| a == "git") {
+    // (The CA file goes in GIT_SSL_CAINFO: git ignores `-c http.sslCAInfo`
+    // given on the command line when it runs its https helper.)
+    let git_c = format!(
+        "GIT_SSL_CAINFO={ca} git -c http.curloptResolve=git.{host}:{port}:{ip} -c user.name=Demo -c user.email={user}@{host}"
+    );
+    let remote = format!("https://{user}:{git}@git.{host}:{port}/{user}/site.git");
+    let has = |app: &str| installed.iter().any(|a| a == app);
+    let git_steps = if has("git") {
         format!(
             "
 Try git (paste as is):
-  mkdir -p /tmp/granary-demo-site && cd /tmp/granary-demo-site && git init -q -b main
-  echo '<h1>Hello from Granary</h1>' > index.html && git add . && git commit -qm first
-  git -c http.curloptResolve=git.{host}:{port}:{ip} -c http.sslCAInfo={ca} \\
-      push https://{user}:{git}@git.{host}:{port}/{user}/site.git main{ssh_hint}
-"
-,
+  cd \"$(mktemp -d)\" && git init -q -b main
+  echo '<h1>Hello from Granary</h1>' > index.html && git add . && {git_c} commit -qm first
+  {git_c} push {remote} main{ssh_hint}
+",
             ssh_hint = ssh.map_or_else(String::new, |s| format!(
-                "\n  (over SSH: granary --home {home} ssh-key add {user} ~/.ssh/id_ed25519.pub, then\n   git push ssh://{user}@{}:{}/{user}/site.git main)",
+                "\n\nOr over SSH, with your own key:\n  {granary} --home {home} ssh-key add {user} ~/.ssh/id_ed25519.pub\n  git push ssh://{user}@{}:{}/{user}/site.git main",
                 s.ip(),
                 s.port()
             )),
@@ -88,15 +97,14 @@ Try git (paste as is):
     } else {
         String::new()
     };
-    let blog_steps = if installed.iter().any(|a| a == "blog")
-        && installed.iter().any(|a| a == "git")
-    {
+    let blog_steps = if has("blog") && has("git") {
         format!(
             "
-Publish that repository as {user}'s blog:
-  granary --home {home} grant add --from {user}/blog --to {user}/git --cap git.read:site
-  granary --home {home} grant add --from {user}/git --to {user}/blog --cap notify:site
-  (push again, then) curl --cacert {ca} --resolve {user}.{host}:{port}:{ip} https://{user}.{host}:{port}/
+Publish it as {user}'s blog (in the same shell):
+  {granary} --home {home} grant add --from {user}/blog --to {user}/git --cap git.read:site
+  {granary} --home {home} grant add --from {user}/git --to {user}/blog --cap notify:site
+  {git_c} commit -q --allow-empty -m publish && {git_c} push {remote} main
+  curl --cacert {ca} --resolve {user}.{host}:{port}:{ip} https://{user}.{host}:{port}/
 "
         )
     } else {
@@ -113,8 +121,8 @@ Granary demo is running.
                  (shown once: only its argon2id hash is stored; a new one is made on each demo start)
   Git password   {git}   (an app password of kind git, also new on each start)
   Built-in apps  {apps}
-  Admin          granary --home {home} status
-                 granary --home {home} grain list
+  Admin          {granary} --home {home} status
+                 {granary} --home {home} grain list
 {git_steps}{blog_steps}
 Stop with Ctrl-C.",
         apps = if installed.is_empty() {

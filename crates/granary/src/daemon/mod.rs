@@ -113,8 +113,7 @@ async fn serve(
     let bound = listeners::Bound::bind(&config.listen).await?;
     let addresses = bound.addresses()?;
     let ssh_host_key =
-        granary_gateway::ssh::host_key(&config.data_dir.join("ssh/host_ed25519_key"))
-            .map_err(|e| anyhow::anyhow!("the SSH host key: {e}"))?;
+        granary_gateway::ssh::host_key(&config.data_dir.join("ssh/host_ed25519_key"))?;
     let admin_socket = config.admin_socket();
     let admin_listener = admin::bind(&admin_socket)?;
 
