@@ -75,6 +75,14 @@ pub(crate) async fn git_out(dir: &str, args: &[&str]) -> Result<Vec<u8>, capnp::
     }
 }
 
+/// The grain's owner, from the id the host gave it (`<owner>-git`).
+pub(crate) fn owner() -> String {
+    std::env::var("GRANARY_GRAIN")
+        .ok()
+        .and_then(|id| id.rsplit_once('-').map(|(owner, _)| owner.to_owned()))
+        .unwrap_or_default()
+}
+
 /// Makes the bare repository `dir` unless it exists; whether it made it.
 pub(crate) async fn create_repo(dir: &str) -> Result<bool, String> {
     if std::path::Path::new(dir).exists() {

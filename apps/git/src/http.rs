@@ -71,7 +71,16 @@ pub(crate) async fn handle(req: Request<Incoming>, host: Host, admin: bool) -> R
             ),
         };
     }
-    let pushing = rest == "git-receive-pack" || query.contains("service=git-receive-pack");
+    let pushing = rest == "git-receive-pack"
+        || granary_wire::http::query_value(&query, "service").as_deref()
+            == Some("git-receive-pack");
+    // Only the grain's owner pushes (the gateway checks it too).
+    if pushing && user != crate::config::owner() {
+        return text(
+            StatusCode::FORBIDDEN,
+            "only the owner pushes to these repositories",
+        );
+    }
     if !std::path::Path::new(&dir).exists() {
         if !pushing {
             return text(StatusCode::NOT_FOUND, "no such repository");
@@ -110,7 +119,11 @@ pub(crate) async fn handle(req: Request<Incoming>, host: Host, admin: bool) -> R
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
-    configure(&mut cmd, &[("http.receivepack", "true")]);
+    // Reached only by the owner when pushing (checked above).
+    configure(
+        &mut cmd,
+        &[("http.receivepack", if pushing { "true" } else { "false" })],
+    );
     if let Some(len) = req
         .headers()
         .get("content-length")
@@ -209,7 +222,8 @@ pub(crate) async fn handle(req: Request<Incoming>, host: Host, admin: bool) -> R
 /// stopped reading it.
 const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Copies the request body into the CGI, counting it in `received`. Once
+/// Copies the request body into the CGI, counting what it took in
+/// `received`. Once
 /// the CGI stops reading (it failed), the rest is read and dropped for a
 /// while, so the client gets the answer instead of a reset stream.
 async fn feed(mut body: Incoming, mut stdin: tokio::process::ChildStdin, received: Rc<Cell<u64>>) {
@@ -221,18 +235,14 @@ async fn feed(mut body: Incoming, mut stdin: tokio::process::ChildStdin, receive
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        received.set(received.get() + data.len() as u64);
         if stdin.write_all(&data).await.is_err() {
             break;
         }
+        received.set(received.get() + data.len() as u64);
     }
     drop(stdin);
     let _ = tokio::time::timeout(DRAIN_FOR, async {
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(data) = frame.into_data() {
-                received.set(received.get() + data.len() as u64);
-            }
-        }
+        while let Some(Ok(_)) = body.frame().await {}
     })
     .await;
 }

@@ -50,6 +50,16 @@ pub(crate) async fn git_over_ssh(
         "receive-pack" => "receive-pack",
         _ => return frame(&write, b'x', &1u32.to_be_bytes()).await,
     };
+    // Only the grain's owner pushes (the gateway checks it too).
+    if command == "receive-pack" && *user != crate::config::owner() {
+        frame(
+            &write,
+            b'e',
+            b"fatal: only the owner pushes to these repositories\n",
+        )
+        .await?;
+        return frame(&write, b'x', &128u32.to_be_bytes()).await;
+    }
     if !valid_repo(repo) {
         return frame(&write, b'x', &1u32.to_be_bytes()).await;
     }

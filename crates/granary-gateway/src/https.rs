@@ -66,23 +66,34 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
         let span = tracing::info_span!("https", %peer);
         tokio::spawn(
             async move {
-                let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "tls handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!("tls handshake timed out");
-                        return;
-                    }
+                let tls =
+                    match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("tls handshake timed out");
+                            return;
+                        }
+                    };
+                let session = tls.get_ref().1;
+                let sni = session.server_name().map(str::to_owned);
+                let version: &'static str = match session.protocol_version() {
+                    Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                    Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                    _ => "",
                 };
-                let sni = tls.get_ref().1.server_name().map(str::to_owned);
                 let service = hyper::service::service_fn(move |req| {
                     let (sni, gateway) = (sni.clone(), gateway.clone());
-                    async move { Ok::<_, Infallible>(answer(req, sni.as_deref(), peer, &gateway).await) }
+                    async move {
+                        Ok::<_, Infallible>(
+                            answer(req, sni.as_deref(), peer, version, &gateway).await,
+                        )
+                    }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
                 if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -106,7 +117,8 @@ async fn answer(
     req: Request<Incoming>,
     sni: Option<&str>,
     peer: SocketAddr,
-    gateway: &Gateway,
+    tls_version: &str,
+    gateway: &Arc<Gateway>,
 ) -> Response<Body> {
     let host = wire::request_host(
         req.uri().authority().map(|a| a.as_str()),
@@ -130,7 +142,7 @@ async fn answer(
             front_page(domain),
         );
     }
-    gateway.serve(req, &host, peer).await
+    gateway.serve(req, &host, peer, tls_version).await
 }
 
 /// The domain's front page: what this is and where each service lives.

@@ -253,10 +253,11 @@ impl Gateway {
     /// Answers a request that is not for the gateway itself: routes it by
     /// the service table, applies the entry's access rules, forwards it.
     pub async fn serve(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         host: &str,
         peer: SocketAddr,
+        tls_version: &str,
     ) -> Response<Body> {
         let path = req.uri().path().to_owned();
         let Some(route) = wire::route(HTTP_SERVICES, host, &path, &self.shared.domain) else {
@@ -324,7 +325,7 @@ impl Gateway {
             user = %identity.user
         );
         use tracing::Instrument;
-        self.forward(req, &grain, identity, peer, host)
+        self.forward(req, &grain, identity, peer, host, tls_version)
             .instrument(span)
             .await
     }
@@ -338,6 +339,7 @@ impl Gateway {
         identity: &Identity,
         peer: SocketAddr,
         host: &str,
+        tls_version: &str,
     ) -> Result<Pooled, GatewayError> {
         {
             let mut pool = self.pool.lock().expect("not poisoned");
@@ -350,6 +352,7 @@ impl Gateway {
         }
         let mut who = Peer::new(peer, "https");
         who.server_name = host.to_owned();
+        who.tls_version = tls_version.to_owned();
         let Connection { stream, keep } = self
             .shared
             .grains
@@ -388,12 +391,13 @@ impl Gateway {
     }
 
     async fn forward(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         grain: &GrainId,
         identity: Identity,
         peer: SocketAddr,
         host: &str,
+        tls_version: &str,
     ) -> Response<Body> {
         let key = format!(
             "{grain}\0{}\0{}\0{}",
@@ -401,7 +405,10 @@ impl Gateway {
             method_name(identity.method),
             identity.credential_id
         );
-        let mut pooled = match self.sender(&key, grain, &identity, peer, host).await {
+        let pooled = match self
+            .sender(&key, grain, &identity, peer, host, tls_version)
+            .await
+        {
             Ok(p) => p,
             Err(e) => return error_response(&e),
         };
@@ -425,6 +432,12 @@ impl Gateway {
             "x-granary-peer",
             header::HeaderValue::from_str(&peer.to_string()).expect("an address"),
         );
+        // The host the client asked for (a blog's own domain, say): the
+        // connection's `accept` named only its first request's.
+        parts.headers.insert(
+            "x-granary-host",
+            header::HeaderValue::from_str(host).expect("a checked host name"),
+        );
         // HTTP/1.1 to the grain: origin-form URI, whatever the client spoke.
         parts.version = hyper::Version::HTTP_11;
         parts.uri = parts
@@ -434,6 +447,7 @@ impl Gateway {
             .unwrap_or("/")
             .parse()
             .expect("a path is a URI");
+        let mut pooled = pooled;
         let sent = pooled
             .sender
             .send_request(Request::from_parts(parts, body))
@@ -449,18 +463,72 @@ impl Gateway {
                 });
             }
         };
-        {
-            let mut pool = self.pool.lock().expect("not poisoned");
-            let list = pool.entry(key).or_default();
-            if list.len() < POOL_PER_KEY {
-                pooled.idle_since = Instant::now();
-                list.push(pooled);
-            }
-        }
         let (mut parts, body) = response.into_parts();
         parts.headers.remove(header::CONNECTION);
         parts.headers.remove("keep-alive");
+        // The connection is idle (and pooled) only once this body has been
+        // read to its end; until then it keeps its grain awake.
+        let mut body = Returning {
+            inner: body,
+            back: Some((self.clone(), key, pooled)),
+        };
+        if hyper::body::Body::is_end_stream(&body.inner) {
+            body.give_back();
+        }
         Response::from_parts(parts, body.boxed())
+    }
+
+    fn pool_put(&self, key: String, mut pooled: Pooled) {
+        if pooled.sender.is_closed() {
+            return;
+        }
+        let mut pool = self.pool.lock().expect("not poisoned");
+        let list = pool.entry(key).or_default();
+        if list.len() < POOL_PER_KEY {
+            pooled.idle_since = Instant::now();
+            list.push(pooled);
+        }
+    }
+}
+
+/// A grain's response body, which hands its connection back to the pool
+/// once it has been read to its end. Dropped unfinished (the client went
+/// away), the connection goes with it.
+struct Returning {
+    inner: Incoming,
+    back: Option<(Arc<Gateway>, String, Pooled)>,
+}
+
+impl Returning {
+    fn give_back(&mut self) {
+        if let Some((gateway, key, pooled)) = self.back.take() {
+            gateway.pool_put(key, pooled);
+        }
+    }
+}
+
+impl hyper::body::Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            this.give_back();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -68,7 +68,8 @@ impl AsRef<Pattern> for HttpService {
 /// git smart HTTP: a push is `git-receive-pack`, by path or by the
 /// `service` of the ref advertisement.
 fn git_writes(path: &str, query: &str) -> bool {
-    path.ends_with("/git-receive-pack") || query.contains("service=git-receive-pack")
+    path.ends_with("/git-receive-pack")
+        || granary_wire::http::query_value(query, "service").as_deref() == Some("git-receive-pack")
 }
 
 fn git_repository(path: &str) -> Option<&str> {
@@ -172,6 +173,11 @@ mod tests {
         assert!(!git_writes(
             "/alice/site.git/info/refs",
             "service=git-upload-pack"
+        ));
+        // As http-backend reads it: decoded.
+        assert!(git_writes(
+            "/alice/site.git/info/refs",
+            "service=git%2Dreceive-pack"
         ));
         assert_eq!(git_repository("/alice/site.git/info/refs"), Some("site"));
         assert_eq!(git_repository("/alice/site"), None);

@@ -100,18 +100,25 @@ pub async fn serve(
 ) {
     let config = config(shared.ssh_host_key.clone(), shared.settings.ssh_idle);
     let mut server = Listener { shared };
-    let running = server.run_on_socket(config, &listener);
-    let handle = running.handle();
-    tokio::pin!(running);
-    tokio::select! {
-        result = &mut running => {
-            if let Err(e) = result {
-                tracing::error!(error = %e, "the SSH listener stopped");
+    tokio::pin!(shutdown);
+    loop {
+        let running = server.run_on_socket(config.clone(), &listener);
+        let handle = running.handle();
+        tokio::pin!(running);
+        tokio::select! {
+            result = &mut running => {
+                // russh stops at the first failed accept (out of fds, say):
+                // start it again after a moment; sessions go on meanwhile.
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "SSH accept failed; listening again");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-        }
-        () = shutdown => {
-            handle.shutdown("granary is stopping".to_owned());
-            let _ = running.await;
+            () = &mut shutdown => {
+                handle.shutdown("granary is stopping".to_owned());
+                let _ = running.await;
+                return;
+            }
         }
     }
 }
@@ -134,14 +141,18 @@ impl russh::server::Handler for Connection {
         user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        // Normalised the one way keys are registered.
-        let normal = key
-            .public_key
-            .to_openssh()
-            .ok()
-            .and_then(|line| granary_wire::ssh::public_key(&line).ok())
+        // Normalised the one way keys are registered; a key registered
+        // before that rule (say a short RSA key) still matches by its
+        // `type base64`.
+        let line = key.public_key.to_openssh().unwrap_or_default();
+        let normal = granary_wire::ssh::public_key(&line)
             .map(|k| k.normal)
-            .unwrap_or_default();
+            .unwrap_or_else(|_| {
+                line.split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            });
         let by_peer = format!(
             "ip:{}",
             self.peer.map(|p| p.ip().to_string()).unwrap_or_default()

@@ -313,6 +313,53 @@ fn parse_oom_kills(text: &str) -> Option<u64> {
         .and_then(|n| n.trim().parse().ok())
 }
 
+/// Removes a grain's cgroup directories once their processes are gone,
+/// waiting up to `patience` for them to leave (the kernel reaps a dying
+/// pid namespace asynchronously). Blocking.
+pub fn remove_grain(
+    driver: &CgroupDriver,
+    parent: &str,
+    grain: &str,
+    patience: Duration,
+) -> Result<(), JailError> {
+    let dirs: Vec<PathBuf> = match driver {
+        CgroupDriver::V1 { root } => V1_REQUIRED
+            .iter()
+            .chain(V1_OPTIONAL)
+            .map(|c| root.join(c).join(parent).join(grain))
+            .collect(),
+        CgroupDriver::V2 { root } => vec![root.join(parent).join(grain)],
+    };
+    GrainCgroup {
+        driver: driver.clone(),
+        dirs,
+    }
+    .remove(patience)
+}
+
+/// Removes every empty grain cgroup under `parent` (what a daemon that
+/// died left behind); busy ones stay. Blocking.
+pub fn remove_children(driver: &CgroupDriver, parent: &str) {
+    let bases: Vec<PathBuf> = match driver {
+        CgroupDriver::V1 { root } => V1_REQUIRED
+            .iter()
+            .chain(V1_OPTIONAL)
+            .map(|c| root.join(c).join(parent))
+            .collect(),
+        CgroupDriver::V2 { root } => vec![root.join(parent)],
+    };
+    for base in bases {
+        let Ok(entries) = fs::read_dir(&base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
 /// Removes what a grain's launcher could not (it was killed): the grain's
 /// empty cgroup directories, and the parent's when `parent_too` and empty.
 /// Missing directories and busy ones (still in use) are left alone.

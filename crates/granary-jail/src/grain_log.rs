@@ -81,14 +81,64 @@ impl LogPolicy {
 /// Drains `source` (the read end of the grain's stdout/stderr pipe) into
 /// the log on its own thread until the grain closes it.
 pub fn drain(source: File, policy: LogPolicy) -> io::Result<JoinHandle<io::Result<()>>> {
-    fs::create_dir_all(&policy.dir)?;
-    std::thread::Builder::new()
-        .name("grain-log".to_owned())
-        .spawn(move || pump(source, &policy))
+    drain_with_lines(source, None, policy)
 }
 
-fn pump(mut source: impl Read, policy: &LogPolicy) -> io::Result<()> {
-    let (mut file, mut len) = policy.open_current()?;
+/// [`drain`], and also the messages arriving on `lines` (a SOCK_SEQPACKET
+/// socket whose other end the host keeps: each message one whole line, the
+/// host's `Host.log` lines), on a thread of their own into the same log,
+/// until the host closes its end.
+pub fn drain_with_lines(
+    source: File,
+    lines: Option<std::os::fd::OwnedFd>,
+    policy: LogPolicy,
+) -> io::Result<JoinHandle<io::Result<()>>> {
+    fs::create_dir_all(&policy.dir)?;
+    let writer = std::sync::Arc::new(std::sync::Mutex::new(LogWriter::open(policy)?));
+    if let Some(lines) = lines {
+        let w = writer.clone();
+        std::thread::Builder::new()
+            .name("grain-log-lines".to_owned())
+            .spawn(move || pump_lines(lines, &w))?;
+    }
+    std::thread::Builder::new()
+        .name("grain-log".to_owned())
+        .spawn(move || pump(source, &writer))
+}
+
+/// The current log file, rotated at its size cap.
+struct LogWriter {
+    policy: LogPolicy,
+    file: File,
+    len: u64,
+}
+
+impl LogWriter {
+    fn open(policy: LogPolicy) -> io::Result<LogWriter> {
+        let (file, len) = policy.open_current()?;
+        Ok(LogWriter { policy, file, len })
+    }
+
+    fn write(&mut self, mut chunk: &[u8]) -> io::Result<()> {
+        while !chunk.is_empty() {
+            let room = self.policy.max_file_bytes.saturating_sub(self.len);
+            if room == 0 {
+                self.policy.rotate()?;
+                (self.file, self.len) = self.policy.open_current()?;
+                continue;
+            }
+            let take = chunk.len().min(room as usize);
+            self.file.write_all(&chunk[..take])?;
+            self.len += take as u64;
+            chunk = &chunk[take..];
+        }
+        Ok(())
+    }
+}
+
+type Shared = std::sync::Mutex<LogWriter>;
+
+fn pump(mut source: impl Read, writer: &Shared) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match source.read(&mut buf) {
@@ -97,19 +147,34 @@ fn pump(mut source: impl Read, policy: &LogPolicy) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let mut chunk = &buf[..n];
-        while !chunk.is_empty() {
-            let room = policy.max_file_bytes.saturating_sub(len);
-            if room == 0 {
-                drop(file);
-                policy.rotate()?;
-                (file, len) = policy.open_current()?;
-                continue;
+        writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(&buf[..n])?;
+    }
+}
+
+fn pump_lines(lines: std::os::fd::OwnedFd, writer: &Shared) {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        // SAFETY: recv writes at most `buf.len()` bytes into `buf`, which
+        // outlives the call; the descriptor is owned and open.
+        let n = unsafe { libc::recv(lines.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        match n {
+            0 => return,
+            n if n < 0 => {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
             }
-            let take = chunk.len().min(room as usize);
-            file.write_all(&chunk[..take])?;
-            len += take as u64;
-            chunk = &chunk[take..];
+            n => {
+                let _ = writer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(&buf[..n as usize]);
+            }
         }
     }
 }

@@ -35,7 +35,7 @@ impl GrainId {
             text: id.to_owned(),
         };
         let (user, kind) = id.rsplit_once('-').ok_or_else(bad)?;
-        let user = UserName::new(user).map_err(|_| bad())?;
+        let user = UserName::existing(user).map_err(|_| bad())?;
         let kind = GrainKind::new(kind).map_err(|_| bad())?;
         Ok(GrainId::of(&user, &kind))
     }
@@ -47,7 +47,7 @@ impl GrainId {
                 let bad = || GrainIdError {
                     text: reference.to_owned(),
                 };
-                let user = UserName::new(user).map_err(|_| bad())?;
+                let user = UserName::existing(user).map_err(|_| bad())?;
                 let kind = GrainKind::new(kind).map_err(|_| bad())?;
                 Ok(GrainId::of(&user, &kind))
             }
@@ -139,7 +139,6 @@ mod tests {
             "alice-git-",
             "../x",
             "alice/git/x",
-            "git-git",
             "alice-Git",
             "alice-git2-x y",
         ] {

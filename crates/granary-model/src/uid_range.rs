@@ -27,7 +27,7 @@ impl UidRange {
             u64::from(self.start),
             u64::from(self.start) + u64::from(self.count),
         );
-        start < a1 && a0 < start + count
+        start < a1 && a0 < start.saturating_add(count)
     }
 
     /// `1500000000+1000000`, as the config writes it (`jail.uid_range`).

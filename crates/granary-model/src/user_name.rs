@@ -115,6 +115,16 @@ impl UserName {
         Ok(Self(name.to_owned()))
     }
 
+    /// A name as users already have it: the syntax rule only. Reserving a
+    /// name is a rule for making users; a user made before their name was
+    /// reserved keeps working (logins, grains, removal).
+    pub fn existing(name: &str) -> Result<Self, UserNameError> {
+        match Self::new(name) {
+            Err(UserNameError::Reserved { name }) => Ok(Self(name)),
+            other => other,
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -193,6 +203,13 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn names_reserved_later_stay_usable_for_existing_users() {
+        assert!(UserName::new("hello").is_err());
+        assert_eq!(UserName::existing("hello").unwrap().as_str(), "hello");
+        assert!(UserName::existing("Hello").is_err());
     }
 
     #[test]

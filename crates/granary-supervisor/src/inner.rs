@@ -30,6 +30,8 @@ pub(crate) struct Inner {
     calls: RefCell<HashMap<i64, u64>>,
     /// Grants used since the daemon started (first use is logged).
     pub(crate) used: RefCell<HashSet<i64>>,
+    /// The daemon is stopping: no grain starts any more.
+    pub(crate) shutting_down: Cell<bool>,
 }
 
 /// Runs blocking state work on the blocking pool.
@@ -59,6 +61,7 @@ impl Inner {
             revoked: RefCell::default(),
             calls: RefCell::default(),
             used: RefCell::default(),
+            shutting_down: Cell::new(false),
         });
         let weak = Rc::downgrade(&inner);
         let every = inner.params.config.audit_flush;
@@ -75,18 +78,20 @@ impl Inner {
     /// What `granary grain status` shows, with the memory-limit kills the
     /// grain's cgroup counted so far.
     pub(crate) fn status(&self, slot: &Slot) -> GrainStatus {
-        self.count_oom_kills(slot);
+        if let Some(r) = slot.running() {
+            self.count_oom_kills(slot, &r);
+        }
         slot.status()
     }
 
-    /// Reads the running grain's cgroup for kills at its memory limit;
+    /// Reads the grain's cgroup for kills at its memory limit during run
+    /// `r` (which must not have ended: an ended run's count was folded);
     /// logs each new one plainly.
-    pub(crate) fn count_oom_kills(&self, slot: &Slot) {
+    pub(crate) fn count_oom_kills(&self, slot: &Slot, r: &slot::Running) {
         let Some(driver) = &self.params.jail.cgroup else {
             return;
         };
-        // Only a run that has not ended: an ended run's count was folded.
-        if slot.running().is_none_or(|r| *r.exited.borrow()) {
+        if *r.exited.borrow() {
             return;
         }
         let Some(read) =
@@ -94,12 +99,34 @@ impl Inner {
         else {
             return;
         };
-        let now = read.saturating_sub(slot.oom_baseline.get());
-        let before = slot.oom_kills_now.replace(now);
+        let now = read.saturating_sub(r.oom_baseline);
+        let before = r.oom_seen.replace(now.max(r.oom_seen.get()));
         if now > before {
             let limit = slot.memory_limit.get().map_or(0, |b| b >> 20);
             tracing::warn!(grain = %slot.id, kills = now - before, limit_mib = limit, "grain hit its memory limit; the kernel killed a process in it");
         }
+    }
+
+    /// Removes the cgroups of `grains` (kept across their runs), waiting a
+    /// little for dying processes to leave, on the blocking pool.
+    pub(crate) async fn remove_cgroups(&self, grains: Vec<String>) {
+        let Some(driver) = self.params.jail.cgroup.clone() else {
+            return;
+        };
+        let parent = self.params.jail.cgroup_parent.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for grain in grains {
+                if let Err(e) = granary_jail::cgroup::remove_grain(
+                    &driver,
+                    &parent,
+                    &grain,
+                    std::time::Duration::from_secs(2),
+                ) {
+                    tracing::warn!(%grain, error = %e, "cannot remove the grain's cgroup");
+                }
+            }
+        })
+        .await;
     }
 
     /// Cuts every live capability of a revoked grant at once.

@@ -154,6 +154,10 @@ impl Supervisor {
     /// Starts the spawner thread, the audit flusher and the snapshot
     /// scheduler. Call inside a `LocalSet`.
     pub fn new(params: SupervisorParams) -> std::io::Result<Supervisor> {
+        // What a daemon that died left of its grains' cgroups.
+        if let Some(driver) = &params.jail.cgroup {
+            granary_jail::cgroup::remove_children(driver, &params.jail.cgroup_parent);
+        }
         let inner = Inner::new(params)?;
         snapshots::schedule(&inner);
         Ok(Supervisor { inner })
@@ -302,17 +306,31 @@ impl Supervisor {
         }
     }
 
-    /// Forgets what it knows of a grain that was deleted (after `hold`).
-    pub fn forget(&self, grain: &str) {
+    /// Forgets what it knows of a grain that was deleted (after `hold`),
+    /// and removes its cgroup.
+    pub async fn forget(&self, grain: &str) {
         self.inner.slots.borrow_mut().remove(grain);
+        self.inner.remove_cgroups(vec![grain.to_owned()]).await;
     }
 
-    /// Stops every running grain and flushes the call counts.
+    /// Stops every running grain (and refuses to start any more) and
+    /// flushes the call counts.
     pub async fn shutdown(&self) {
-        let slots: Vec<Rc<Slot>> = self.inner.slots.borrow().values().cloned().collect();
-        let stops = slots.iter().map(|s| self.inner.stop_slot(s));
-        futures::future::join_all(stops).await;
+        self.inner.shutting_down.set(true);
+        // A start already under way when the flag was set finishes first;
+        // stopping again until nothing runs catches it.
+        loop {
+            let slots: Vec<Rc<Slot>> = self.inner.slots.borrow().values().cloned().collect();
+            if !slots.iter().any(|s| s.is_live()) {
+                break;
+            }
+            let stops = slots.iter().map(|s| self.inner.stop_slot(s));
+            futures::future::join_all(stops).await;
+        }
         self.inner.flush_calls().await;
+        // Each grain's cgroup (kept across its runs), then the parent.
+        let ids: Vec<String> = self.inner.slots.borrow().keys().cloned().collect();
+        self.inner.remove_cgroups(ids).await;
         let jail = &self.inner.params.jail;
         if let Some(driver) = &jail.cgroup {
             granary_jail::cgroup::remove_leftovers(driver, &jail.cgroup_parent, None);

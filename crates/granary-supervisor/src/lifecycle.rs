@@ -103,8 +103,6 @@ impl Inner {
                     crash_total: Cell::new(0),
                     last_exit: RefCell::new(None),
                     oom_kills_before: Cell::new(0),
-                    oom_kills_now: Cell::new(0),
-                    oom_baseline: Cell::new(0),
                     memory_limit: Cell::new(None),
                 })
             })
@@ -130,6 +128,7 @@ impl Inner {
                 Phase::Held { reason } => {
                     return Err(Problem::Held { reason });
                 }
+                Phase::Stopped if self.shutting_down.get() => return Err(Problem::Stopping),
                 Phase::Stopped => {
                     let me = self.clone();
                     let s = slot.clone();
@@ -221,20 +220,19 @@ impl Inner {
             .map_err(|e| e.to_string())?;
         }
         let mut plan = self.params.jail.plan(&spec).map_err(|e| e.to_string())?;
-        // The cgroup outlives the grain's processes until the exit monitor
-        // has read what it counted; a leftover one is reused, counting from
-        // where it stands.
+        // The grain's cgroup is kept across its runs (removed when the grain
+        // is deleted or the daemon stops), so what it counted outlives the
+        // processes; this run counts from where it stands.
         plan.keep_cgroup = true;
-        slot.oom_baseline.set(
-            self.params
-                .jail
-                .cgroup
-                .as_ref()
-                .and_then(|d| {
-                    granary_jail::cgroup::oom_kills(d, &self.params.jail.cgroup_parent, &slot.id)
-                })
-                .unwrap_or(0),
-        );
+        let oom_baseline = self
+            .params
+            .jail
+            .cgroup
+            .as_ref()
+            .and_then(|d| {
+                granary_jail::cgroup::oom_kills(d, &self.params.jail.cgroup_parent, &slot.id)
+            })
+            .unwrap_or(0);
 
         let (host_rpc, grain_rpc) = socketpair(nix::sys::socket::SockType::Stream)
             .map_err(|e| format!("socketpair: {e}"))?;
@@ -290,6 +288,8 @@ impl Inner {
             stopping: Cell::new(false),
             channel_end: RefCell::new(None),
             exited,
+            oom_baseline,
+            oom_seen: Cell::new(0),
         });
         slot.starts.set(slot.starts.get() + 1);
         tracing::info!(grain = %slot.id, pid, generation, "grain started");
@@ -299,17 +299,11 @@ impl Inner {
         // fd 3), the grain can no longer be reached: it is killed, and that
         // counts as a crash. Usually the process is exiting anyway.
         let weak_slot = Rc::downgrade(slot);
-        let me = Rc::downgrade(self);
         spawn_in(&slot.span, async move {
             let result = system.await;
             let Some(slot) = weak_slot.upgrade() else {
                 return;
             };
-            // The app is gone or going: read its cgroup's memory-limit
-            // kills now, before the launcher removes the cgroup.
-            if let Some(inner) = me.upgrade() {
-                inner.count_oom_kills(&slot);
-            }
             let Some(r) = slot.running() else { return };
             if r.generation != generation || r.stopping.get() {
                 return;
@@ -327,6 +321,7 @@ impl Inner {
 
         // The exit monitor owns the child and reaps it.
         let weak_slot = Rc::downgrade(slot);
+        let weak_running = Rc::downgrade(&running);
         let me = Rc::downgrade(self);
         spawn_in(&slot.span, async move {
             let mut child = child;
@@ -347,21 +342,14 @@ impl Inner {
                 let _ = exited_tx.send(true);
                 return;
             };
-            // The run's last count; once `exited` is set nobody reads this
-            // run's cgroup again, and its count joins the earlier runs'.
-            inner.count_oom_kills(&slot);
-            let _ = exited_tx.send(true);
-            slot.fold_oom_kills();
-            // The launcher leaves the cgroup (and one that was killed could
-            // not remove it). Removed now if its processes are gone; if
-            // some are still dying, the next run reuses it (the kill count
-            // is kept relative to where that run starts).
-            if let Some(driver) = &inner.params.jail.cgroup {
-                granary_jail::cgroup::remove_leftovers(
-                    driver,
-                    &inner.params.jail.cgroup_parent,
-                    Some(&slot.id),
-                );
+            // This run's last count (its cgroup stays), then it joins the
+            // earlier runs'; once `exited` is set nobody counts it again.
+            if let Some(r) = weak_running.upgrade() {
+                inner.count_oom_kills(&slot, &r);
+                let _ = exited_tx.send(true);
+                slot.fold_oom_kills(&r);
+            } else {
+                let _ = exited_tx.send(true);
             }
             inner.exited(&slot, generation, status);
         });
@@ -369,19 +357,19 @@ impl Inner {
         Ok(running)
     }
 
-    /// A stream socket pair whose read end drains into the grain's log;
-    /// returns three handles on the write end: the grain's stdout and
-    /// stderr, and the host's own, on which `Host.log` lines are sent
-    /// without waiting (a socket, not a pipe, so the host's sends can be
-    /// non-blocking without making the grain's writes so).
+    /// A pipe whose read end drains into the grain's log, and a packet
+    /// socket pair for the host's own lines into the same log; returns the
+    /// pipe's write end twice (the grain's stdout and stderr) and the
+    /// host's end of the socket, on which `Host.log` lines are sent whole
+    /// and without waiting.
     fn log_pipe(&self, grain: &str) -> Result<(OwnedFd, OwnedFd, OwnedFd), String> {
-        let (log_read, log_write) = socketpair(nix::sys::socket::SockType::Stream)
-            .map_err(|e| format!("log socket: {e}"))?;
-        let _ = nix::sys::socket::shutdown(log_read.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        let (log_read, log_write) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
         let log_write2 = log_write.try_clone().map_err(|e| format!("dup: {e}"))?;
-        let host_end = log_write.try_clone().map_err(|e| format!("dup: {e}"))?;
-        granary_jail::grain_log::drain(
+        let (lines_read, host_end) = socketpair(nix::sys::socket::SockType::SeqPacket)
+            .map_err(|e| format!("log socket: {e}"))?;
+        granary_jail::grain_log::drain_with_lines(
             std::fs::File::from(log_read),
+            Some(lines_read),
             LogPolicy {
                 dir: self.log_dir(grain),
                 max_file_bytes: LOG_FILE_BYTES,
@@ -541,7 +529,7 @@ impl Inner {
                 if r.generation != generation {
                     return;
                 }
-                inner.count_oom_kills(&slot);
+                inner.count_oom_kills(&slot, &r);
                 if r.activity.idle_for().is_some_and(|d| d >= idle) {
                     tracing::info!(grain = %slot.id, idle_ms = idle.as_millis() as u64, "stopping idle grain");
                     inner.stop_slot(&slot).await;

@@ -252,7 +252,7 @@ impl Grains for LocalGrains {
     fn forget(&self, grain: &GrainId) -> GrainsFuture<()> {
         let id = grain.to_string();
         self.run(grain.shown(), move |sup| async move {
-            sup.forget(&id);
+            sup.forget(&id).await;
             Ok(())
         })
     }

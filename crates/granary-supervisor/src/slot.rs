@@ -53,12 +53,8 @@ pub(crate) struct Slot {
     pub(crate) crashes: RefCell<VecDeque<Instant>>,
     pub(crate) crash_total: Cell<u64>,
     pub(crate) last_exit: RefCell<Option<String>>,
-    /// Memory-limit kills in earlier runs, and the count the running one's
-    /// cgroup showed last.
+    /// Memory-limit kills in runs that ended.
     pub(crate) oom_kills_before: Cell<u64>,
-    pub(crate) oom_kills_now: Cell<u64>,
-    /// The count the cgroup showed when this run started (a reused one).
-    pub(crate) oom_baseline: Cell<u64>,
     pub(crate) memory_limit: Cell<Option<u64>>,
 }
 
@@ -200,6 +196,10 @@ pub(crate) struct Running {
     /// Why the channel ended, if it ended before the process did.
     pub(crate) channel_end: RefCell<Option<String>>,
     pub(crate) exited: tokio::sync::watch::Receiver<bool>,
+    /// The grain's cgroup is kept across runs: its memory-limit kill count
+    /// when this run started, and this run's kills seen so far.
+    pub(crate) oom_baseline: u64,
+    pub(crate) oom_seen: Cell<u64>,
 }
 
 impl Running {
@@ -238,6 +238,14 @@ impl Slot {
             Phase::Running(r) => Some(r),
             _ => None,
         }
+    }
+
+    /// Starting, running or stopping: processes may exist.
+    pub(crate) fn is_live(&self) -> bool {
+        matches!(
+            *self.phase.borrow(),
+            Phase::Starting(_) | Phase::Running(_) | Phase::Stopping(_)
+        )
     }
 
     pub(crate) fn is_held(&self) -> bool {
@@ -297,14 +305,15 @@ impl Slot {
                     .map(|(_, why)| why.clone())
                     .collect()
             }),
-            oom_kills: self.oom_kills_before.get() + self.oom_kills_now.get(),
+            oom_kills: self.oom_kills_before.get() + self.running().map_or(0, |r| r.oom_seen.get()),
             memory_limit: self.memory_limit.get(),
         }
     }
 
-    /// A run ended: its cgroup's kill count joins the earlier runs'.
-    pub(crate) fn fold_oom_kills(&self) {
-        let now = self.oom_kills_now.replace(0);
-        self.oom_kills_before.set(self.oom_kills_before.get() + now);
+    /// Run `r` ended: its kills join the earlier runs'.
+    pub(crate) fn fold_oom_kills(&self, r: &Running) {
+        let seen = r.oom_seen.replace(0);
+        self.oom_kills_before
+            .set(self.oom_kills_before.get() + seen);
     }
 }

@@ -78,10 +78,16 @@ impl Supervisor {
         let parent = self.inner.params.jail.cgroup_parent.clone();
         let (id, label, limit) = (grain.to_owned(), label.to_owned(), config.freeze_limit);
         let uid = slot.host_uid;
+        // A held grain's data may be being removed or replaced: never make
+        // it an empty dataset then.
+        let may_create = !slot.is_held();
         let (name, frozen) = tokio::task::spawn_blocking(move || {
             // A grain that never ran has no dataset yet: it gets an empty
             // one, and the snapshot says so by being empty.
             if !datasets.path(&id).exists() {
+                if !may_create {
+                    return Err("it is held stopped and holds no data to snapshot".to_owned());
+                }
                 datasets.create(&id, uid).map_err(|e| e.to_string())?;
             }
             let started = std::time::Instant::now();

@@ -66,9 +66,9 @@ pub struct Route<'t, T> {
 }
 
 /// A user name as the rest of Granary accepts it (`granary_model::UserName`:
-/// the one rule).
+/// the one rule; names reserved after a user got them stay valid).
 pub fn valid_user(name: &str) -> bool {
-    UserName::new(name).is_ok()
+    UserName::existing(name).is_ok()
 }
 
 /// A repository name: 1 to 100 of `[A-Za-z0-9._-]`, not starting with '.'
@@ -107,7 +107,9 @@ pub fn route<'t, T: AsRef<Pattern>>(
         let p = entry.as_ref();
         let host_matches = match p.host {
             HostPattern::Service(name) => sub == Some(name),
-            HostPattern::UserSubdomain => sub.is_some_and(valid_user),
+            // A reserved name is never a user's subdomain (it names a
+            // service, or will).
+            HostPattern::UserSubdomain => sub.is_some_and(|s| UserName::new(s).is_ok()),
             HostPattern::Registered => outside && !host.is_empty(),
         };
         if !host_matches {
@@ -121,7 +123,7 @@ pub fn route<'t, T: AsRef<Pattern>>(
                 }
                 Owner::User(first.to_owned())
             }
-            OwnerIn::Subdomain => Owner::User(sub?.to_owned()),
+            OwnerIn::Subdomain => Owner::User(sub.filter(|s| valid_user(s))?.to_owned()),
             OwnerIn::Login => Owner::Login,
             OwnerIn::Registration => Owner::Registered(host.clone()),
         };
@@ -133,6 +135,43 @@ pub fn route<'t, T: AsRef<Pattern>>(
         });
     }
     None
+}
+
+/// The value of `name` in a query string (`a=1&service=x`),
+/// percent-decoded; the first if there are several.
+pub fn query_value(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k)? == name)
+            .then(|| percent_decode(v))
+            .flatten()
+    })
+}
+
+/// `%XX` escapes and `+` decoded; `None` for a malformed escape or
+/// non-UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The host a request names: `:authority` (HTTP/2, absolute URIs) or the
@@ -229,7 +268,7 @@ mod tests {
         for (host, path) in [
             ("git.example.org", "/../site.git"),
             ("git.example.org", "/Alice/site.git"),
-            ("git.example.org", "/git/site.git"),
+            ("git.example.org", "/al--ice/site.git"),
             ("git.example.org", ""),
             ("www.example.org", "/"),
             ("a.b.example.org", "/"),
@@ -269,6 +308,21 @@ mod tests {
         ] {
             assert_eq!(repo_path(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(
+            query_value("service=git%2Dreceive-pack", "service").as_deref(),
+            Some("git-receive-pack")
+        );
+        assert_eq!(
+            query_value("a=1&service=x", "service").as_deref(),
+            Some("x")
+        );
+        assert_eq!(query_value("servicex=1", "service"), None);
+        assert_eq!(query_value("service=%zz", "service"), None);
+        assert_eq!(query_value("service=%", "service"), None);
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub fn ensure(
     users: &[String],
     owner: u32,
 ) -> Result<LocalCaFiles, TlsError> {
+    // One issuer at a time: two users added at once must not interleave
+    // writing the key and the certificate.
+    static ISSUING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ISSUING.lock().unwrap_or_else(|e| e.into_inner());
     ensure_at(dir, domain, users, owner, OffsetDateTime::now_utc())
 }
 
@@ -131,8 +135,11 @@ fn ensure_at(
     let names = server_names(domain, users);
     let server_json = dir.join("server.json");
     let current: Option<ServerRecord> = read_json(&server_json)?;
+    // Fresh: the names and lifetime recorded, and a key that belongs to the
+    // certificate (a crash between writing the two is re-issued).
     let fresh = matches!(&current, Some(r) if r.names == names
-        && r.not_after - now.unix_timestamp() > RENEW_BEFORE.whole_seconds());
+        && r.not_after - now.unix_timestamp() > RENEW_BEFORE.whole_seconds())
+        && super::load(&files.server_cert, &files.server_key).is_ok();
     if made_new_ca || !fresh || !files.server_cert.exists() || !files.server_key.exists() {
         let issuer = ca_params(&record)?.self_signed(&ca_key)?;
         let key = KeyPair::generate()?;

@@ -106,12 +106,20 @@ pub fn launch(plan: &Plan) -> Result<i32, JailError> {
         )?),
         None => None,
     };
+    // A kept cgroup counts across runs: this run's kills are the difference.
+    let oom_before = plan
+        .cgroup
+        .as_ref()
+        .filter(|_| cgroup.is_some())
+        .and_then(|d| crate::cgroup::oom_kills(d, &plan.cgroup_parent, &plan.grain))
+        .unwrap_or(0);
     let result = run_grain(plan, &filters, &waited, cgroup.as_ref(), rootless);
     if let Some(cgroup) = cgroup {
         // Said plainly in the grain's log before the count goes with the
         // cgroup.
         if let Some(driver) = &plan.cgroup
-            && let Some(kills) = crate::cgroup::oom_kills(driver, &plan.cgroup_parent, &plan.grain)
+            && let Some(total) = crate::cgroup::oom_kills(driver, &plan.cgroup_parent, &plan.grain)
+            && let kills = total.saturating_sub(oom_before)
             && kills > 0
         {
             eprintln!(

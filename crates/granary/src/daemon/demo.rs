@@ -56,27 +56,45 @@ pub(super) fn print_banner(
 ) {
     let port = https.port();
     let host = &config.domain;
-    let home = config.data_dir.display();
-    let ca = ca_file.map_or_else(
-        || "(admin-provided certificate)".to_owned(),
-        |p| p.display().to_string(),
-    );
+    let home = sh_quote(&config.data_dir.display().to_string());
     let installed: Vec<String> = builtin
         .iter()
         .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
         .collect();
     let (user, password, git) = (DEMO_USER, &secrets.password, &secrets.git_password);
     // The admin commands as this very binary, so they work when pasted.
-    let granary = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "granary".to_owned());
+    let granary = sh_quote(
+        &std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "granary".to_owned()),
+    );
     // Names under the domain may not resolve on this host (Debian has no
-    // nss-myhostname): each example pins them to the listener.
-    let ip = https.ip();
-    // (The CA file goes in GIT_SSL_CAINFO: git ignores `-c http.sslCAInfo`
-    // given on the command line when it runs its https helper.)
+    // nss-myhostname): each example pins them to the listener (an IPv6
+    // address in brackets, as curl takes it).
+    let ip = match https.ip() {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    };
+    // The local CA's file, for git (GIT_SSL_CAINFO: git ignores
+    // `-c http.sslCAInfo` given on the command line when it runs its https
+    // helper) and curl; with the admin's own certificate, nothing.
+    let (ca_shown, git_ca, curl_ca) = match ca_file {
+        Some(p) => {
+            let q = sh_quote(&p.display().to_string());
+            (
+                p.display().to_string(),
+                format!("GIT_SSL_CAINFO={q} "),
+                format!("--cacert {q} "),
+            )
+        }
+        None => (
+            "(admin-provided certificate)".to_owned(),
+            String::new(),
+            String::new(),
+        ),
+    };
     let git_c = format!(
-        "GIT_SSL_CAINFO={ca} git -c http.curloptResolve=git.{host}:{port}:{ip} -c user.name=Demo -c user.email={user}@{host}"
+        "{git_ca}git -c http.curloptResolve=git.{host}:{port}:{ip} -c user.name=Demo -c user.email={user}@{host}"
     );
     let remote = format!("https://{user}:{git}@git.{host}:{port}/{user}/site.git");
     let has = |app: &str| installed.iter().any(|a| a == app);
@@ -89,9 +107,7 @@ Try git (paste as is):
   {git_c} push {remote} main{ssh_hint}
 ",
             ssh_hint = ssh.map_or_else(String::new, |s| format!(
-                "\n\nOr over SSH, with your own key:\n  {granary} --home {home} ssh-key add {user} ~/.ssh/id_ed25519.pub\n  git push ssh://{user}@{}:{}/{user}/site.git main",
-                s.ip(),
-                s.port()
+                "\n\nOr over SSH, with your own key:\n  {granary} --home {home} ssh-key add {user} ~/.ssh/id_ed25519.pub\n  git push ssh://{user}@{s}/{user}/site.git main",
             )),
         )
     } else {
@@ -104,7 +120,7 @@ Publish it as {user}'s blog (in the same shell):
   {granary} --home {home} grant add --from {user}/blog --to {user}/git --cap git.read:site
   {granary} --home {home} grant add --from {user}/git --to {user}/blog --cap notify:site
   {git_c} commit -q --allow-empty -m publish && {git_c} push {remote} main
-  curl --cacert {ca} --resolve {user}.{host}:{port}:{ip} https://{user}.{host}:{port}/
+  curl {curl_ca}--resolve {user}.{host}:{port}:{ip} https://{user}.{host}:{port}/
 "
         )
     } else {
@@ -114,8 +130,8 @@ Publish it as {user}'s blog (in the same shell):
         "\
 Granary demo is running.
 
-  Front page     https://{host}:{port}/   (curl --cacert {ca} --resolve {host}:{port}:{ip} https://{host}:{port}/)
-  CA certificate {ca}
+  Front page     https://{host}:{port}/   (curl {curl_ca}--resolve {host}:{port}:{ip} https://{host}:{port}/)
+  CA certificate {ca_shown}
   User           {user}
   Password       {password}
                  (shown once: only its argon2id hash is stored; a new one is made on each demo start)
@@ -131,4 +147,30 @@ Stop with Ctrl-C.",
             installed.join(", ")
         },
     );
+}
+
+/// `text` as one word for a POSIX shell: as it is when it needs no quoting,
+/// else in single quotes.
+fn sh_quote(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@=,".contains(&b));
+    if plain {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sh_quote;
+
+    #[test]
+    fn paths_are_quoted_for_the_shell_only_when_needed() {
+        assert_eq!(sh_quote("/srv/granary-data"), "/srv/granary-data");
+        assert_eq!(sh_quote("/home/me/my data"), "'/home/me/my data'");
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+    }
 }

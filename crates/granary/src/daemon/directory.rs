@@ -30,7 +30,7 @@ impl Directory for StateDirectory {
         password: &str,
     ) -> BoxFuture<Option<Credential>> {
         let (store, kind, password) = (self.store.clone(), kind.to_owned(), password.to_owned());
-        let Ok(user) = UserName::new(user) else {
+        let Ok(user) = UserName::existing(user) else {
             return Box::pin(async { None });
         };
         lookup(None, move || {

@@ -12,6 +12,7 @@
 
 mod admin;
 mod backups;
+mod certificate;
 mod demo;
 mod directory;
 mod install;
@@ -73,7 +74,7 @@ pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let (tls, ca_file) = match &config.tls {
         TlsSource::LocalCa => {
             let mut users: Vec<String> = store.list_users()?.into_iter().map(|u| u.name).collect();
-            if mode == Mode::Demo {
+            if mode == Mode::Demo && !users.iter().any(|u| u == demo::DEMO_USER) {
                 users.push(demo::DEMO_USER.to_owned());
             }
             let files = granary_gateway::tls::local_ca::ensure(
@@ -201,9 +202,19 @@ async fn serve(
     )?;
     tracing::info!(listeners = %listening.join(" "), admin = %admin_socket.display(), data = %config.data_dir.display(), "granary is running");
 
-    if let Some(secrets) = demo {
+    // Signals are watched from here on, also while the demo waits for its
+    // built-in apps.
+    let stop = wait_for_signal()?;
+    tokio::pin!(stop);
+    let mut stopped = false;
+    if demo.is_some() {
         // The banner's steps need the built-in apps in place.
-        let _ = installed.await;
+        tokio::select! {
+            _ = installed => {}
+            () = &mut stop => stopped = true,
+        }
+    }
+    if let (Some(secrets), false) = (demo, stopped) {
         let https = ports.listeners.get("https").copied();
         match https {
             Some(https) => demo::print_banner(
@@ -218,7 +229,9 @@ async fn serve(
         }
     }
 
-    wait_for_signal().await?;
+    if !stopped {
+        stop.await;
+    }
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     for task in served {
@@ -233,12 +246,14 @@ async fn serve(
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Watches SIGTERM and SIGINT from now on; the future ends at the first.
+fn wait_for_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }

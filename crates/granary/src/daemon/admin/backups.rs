@@ -45,11 +45,15 @@ impl backups::Server for BackupsAdmin {
         let user = non_empty(p.get_user()?.to_str()?);
         let grain = optional_grain(p.get_grain()?.to_str()?)?;
         let progress = p.get_progress().ok();
-        let report = self
-            .0
-            .backups
-            .export(place, user, grain, progress)
+        // In a task of its own, so a CLI that goes away does not cut the
+        // export off halfway.
+        let backups = self.0.backups.clone();
+        let report =
+            tokio::task::spawn_local(
+                async move { backups.export(place, user, grain, progress).await },
+            )
             .await
+            .map_err(fail)?
             .map_err(fail)?;
         results
             .get()
@@ -72,28 +76,32 @@ impl backups::Server for BackupsAdmin {
             .map(|t| Ok(t?.to_str()?.to_owned()))
             .collect::<Result<Vec<_>, capnp::Error>>()?;
         let progress = p.get_progress().ok();
-        let backups = &self.0.backups;
+        // Each in a task of its own, so a CLI that goes away does not cut
+        // a restore off halfway (leaving its grain held).
+        let backups = self.0.backups.clone();
         let json = if p.get_drill() {
-            let report = backups
-                .drill(place, grain, identity, trust, progress)
-                .await
-                .map_err(fail)?;
+            let report = tokio::task::spawn_local(async move {
+                backups.drill(place, grain, identity, trust, progress).await
+            })
+            .await
+            .map_err(fail)?
+            .map_err(fail)?;
             serde_json::to_string(&report)
         } else {
             let grain =
                 grain.ok_or_else(|| fail("name the grain to restore (--grain USER/KIND)"))?;
-            let report = backups
-                .restore(
-                    place,
-                    &grain,
-                    identity,
-                    non_empty(p.get_as()?.to_str()?),
-                    non_empty(p.get_snapshot()?.to_str()?),
-                    trust,
-                    progress,
-                )
-                .await
-                .map_err(fail)?;
+            let (as_user, snapshot) = (
+                non_empty(p.get_as()?.to_str()?),
+                non_empty(p.get_snapshot()?.to_str()?),
+            );
+            let report = tokio::task::spawn_local(async move {
+                backups
+                    .restore(place, &grain, identity, as_user, snapshot, trust, progress)
+                    .await
+            })
+            .await
+            .map_err(fail)?
+            .map_err(fail)?;
             serde_json::to_string(&report)
         };
         results.get().set_report_json(json.map_err(fail)?);

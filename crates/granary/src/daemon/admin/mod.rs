@@ -132,6 +132,8 @@ pub(super) fn spawn(
                     config: setup.backup,
                     data_dir: setup.data_dir,
                     busy: tokio::sync::Mutex::new(()),
+                    local_ca: setup.local_ca.clone(),
+                    domain: setup.info.domain.clone(),
                 });
                 backups.schedule();
                 let ctx = Rc::new(Ctx {
@@ -373,8 +375,10 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(|e| fail(format!("internal error: {e}")))?
 }
 
+/// A user an admin names (an existing one: names reserved later stay
+/// usable; `users.add` checks the reservation itself).
 pub(super) fn user_name(text: capnp::text::Reader<'_>) -> Result<UserName, capnp::Error> {
-    UserName::new(text.to_str()?).map_err(fail)
+    UserName::existing(text.to_str()?).map_err(fail)
 }
 
 pub(super) fn grain_kind(text: &str) -> Result<GrainKind, capnp::Error> {

@@ -12,26 +12,6 @@ use super::{ACTOR, Ctx, blocking, fail, grain_kind, state_failure, user_name};
 
 pub(super) struct Users(pub(super) Rc<Ctx>);
 
-/// Re-issues the local CA's certificate for the users there are now (with
-/// a single-label domain such as `localhost` it names each user's
-/// subdomain); the gateway picks the new files up by itself.
-async fn refresh_certificate(ctx: &Ctx) {
-    let Some(dir) = ctx.local_ca.clone() else {
-        return;
-    };
-    let (store, domain) = (ctx.store.clone(), ctx.info.domain.clone());
-    let owner = nix::unistd::geteuid().as_raw();
-    let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let users: Vec<String> = store.list_users()?.into_iter().map(|u| u.name).collect();
-        granary_gateway::tls::local_ca::ensure(&dir, &domain, &users, owner)?;
-        Ok(())
-    })
-    .await;
-    if !matches!(done, Ok(Ok(()))) {
-        tracing::warn!(result = ?done.map(|r| r.map_err(|e| e.to_string())), "cannot refresh the local CA's certificate");
-    }
-}
-
 /// A password chosen by the admin, or a generated one (returned to show once).
 fn chosen_or_generated(password: &str) -> Result<(String, Option<String>), capnp::Error> {
     if password.is_empty() {
@@ -82,7 +62,8 @@ impl users::Server for Users {
         mut results: users::AddResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let name = user_name(p.get_name()?)?;
+        // A new user: the reservation applies.
+        let name = granary_model::UserName::new(p.get_name()?.to_str()?).map_err(fail)?;
         let (password, generated) = chosen_or_generated(p.get_password()?.to_str()?)?;
         let store = self.0.store.clone();
         let user = blocking(move || {
@@ -101,7 +82,9 @@ impl users::Server for Users {
         for g in made {
             tracing::info!(grain = %g.id, "grain record created");
         }
-        refresh_certificate(&self.0).await;
+        let ctx = &self.0;
+        crate::daemon::certificate::refresh(&ctx.store, ctx.local_ca.clone(), &ctx.info.domain)
+            .await;
         let mut r = results.get();
         fill_user(r.reborrow().init_user(), &user);
         r.set_generated_password(generated.as_deref().unwrap_or(""));
@@ -147,7 +130,9 @@ impl users::Server for Users {
         let shown = name.to_string();
         blocking(move || store.remove_user(&name, ACTOR).map_err(state_failure)).await?;
         tracing::info!(user = %shown, "user removed");
-        refresh_certificate(&self.0).await;
+        let ctx = &self.0;
+        crate::daemon::certificate::refresh(&ctx.store, ctx.local_ca.clone(), &ctx.info.domain)
+            .await;
         Ok(())
     }
 

@@ -41,6 +41,10 @@ pub(crate) struct Backups {
     pub(crate) config: Backup,
     pub(crate) data_dir: PathBuf,
     pub(crate) busy: tokio::sync::Mutex<()>,
+    /// The local CA's directory when it issues the certificate, and the
+    /// domain: a user a restore makes gets their name in it.
+    pub(crate) local_ca: Option<PathBuf>,
+    pub(crate) domain: String,
 }
 
 /// Where a backup is read or written.

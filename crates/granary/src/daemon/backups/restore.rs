@@ -81,7 +81,7 @@ impl Backups {
                 ));
             }
         };
-        let user = UserName::new(as_user.as_deref().unwrap_or(&entry.user)).map_err(msg)?;
+        let user = UserName::existing(as_user.as_deref().unwrap_or(&entry.user)).map_err(msg)?;
         let gid = GrainId::for_user(user.as_str(), &entry.kind).map_err(msg)?;
         let id = gid.to_string();
 
@@ -91,6 +91,8 @@ impl Backups {
         let (uid, user_created) = tokio::task::spawn_blocking(move || -> Result<(u32, bool), String> {
             let mut created = false;
             if store.user(&u2).map_err(msg)?.is_none() {
+                // A user made here: the reservation applies.
+                UserName::new(u2.as_str()).map_err(msg)?;
                 // No password is known: the admin sets one afterwards.
                 let unusable = granary_auth::generate_password().map_err(msg)?;
                 let hash = granary_auth::hash_password(&unusable).map_err(msg)?;
@@ -111,6 +113,10 @@ impl Backups {
         })
         .await
         .map_err(msg)??;
+        if user_created {
+            crate::daemon::certificate::refresh(&self.store, self.local_ca.clone(), &self.domain)
+                .await;
+        }
         // Stopped and held while its data is put in place, so nothing
         // starts it on an empty dataset meanwhile; the start below clears
         // the hold.
