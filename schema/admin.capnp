@@ -18,6 +18,7 @@
 
 using Stream = import "stream.capnp";
 using Package = import "package.capnp";
+using Services = import "services.capnp";
 
 interface Admin {
   # The root: status, and one capability per concern. Calls on a
@@ -36,6 +37,7 @@ interface Admin {
   backups @6 () -> (backups :Backups);
   git @7 () -> (git :Git);
   blog @8 () -> (blog :Blog);
+  mail @9 () -> (mail :Mail);
 }
 
 interface Users {
@@ -298,4 +300,83 @@ struct Status {
 struct Listener {
   name @0 :Text;     # "https", "ssh", later "smtp", "imap", "xmpp", ...
   address @1 :Text;  # The address actually bound, e.g. "127.0.0.1:8443".
+}
+
+interface Mail {
+  # Mail: the domains this host receives mail for, aliases and catch-alls,
+  # each user's mail grain, and the MX's inbound spool.
+
+  addDomain @0 (domain :Text) -> (created :Bool);
+  # Every user gets user@domain; `created` is false when it was there.
+
+  removeDomain @1 (domain :Text) -> ();
+  # Refused when it is not a mail domain. Its aliases go with it.
+
+  domains @2 () -> (domains :List(MailDomain));
+
+  setCatchAll @3 (domain :Text, user :Text) -> ();
+  # Mail to addresses of `domain` nobody has goes to `user`; an empty
+  # `user` refuses it again (550 at RCPT).
+
+  addAlias @4 (address :Text, user :Text) -> (alias :MailAlias);
+  # `address` (local@domain of a mail domain) delivers to `user`.
+
+  removeAlias @5 (address :Text) -> ();
+
+  aliases @6 (user :Text) -> (aliases :List(MailAlias));
+  # One user's aliases; every alias when `user` is empty.
+
+  status @7 (user :Text) -> (status :UserMailStatus);
+  # The user's addresses, mailboxes and deliveries (starts their grain).
+
+  spool @8 () -> (messages :List(SpooledMessage));
+  # The inbound spool, oldest first.
+
+  retry @9 (id :Text) -> (count :UInt32);
+  # Tries `id` again now (every message when empty).
+
+  deleteSpooled @10 (id :Text) -> ();
+  # Removes a message from the spool without delivering it further.
+}
+
+struct MailDomain {
+  domain @0 :Text;
+  catchAll @1 :Text;
+  aliases @2 :UInt32;
+  createdAt @3 :Int64;
+}
+
+struct MailAlias {
+  address @0 :Text;
+  user @1 :Text;
+  createdAt @2 :Int64;
+}
+
+struct UserMailStatus {
+  user @0 :Text;
+  addresses @1 :List(Text);
+  mailboxes @2 :List(Services.MailboxStatus);
+  lastDelivery @3 :Int64;
+  deliveries @4 :UInt64;
+  waiting @5 :UInt32;
+  # Messages in the spool still waiting for this user's grain.
+}
+
+struct SpooledMessage {
+  id @0 :Text;
+  from @1 :Text;
+  recipients @2 :List(SpooledRecipient);
+  size @3 :UInt64;
+  receivedAt @4 :Int64;
+  client @5 :Text;
+  attempts @6 :UInt32;
+  nextAttempt @7 :Int64;
+  lastError @8 :Text;
+}
+
+struct SpooledRecipient {
+  address @0 :Text;
+  user @1 :Text;
+  state @2 :Text;
+  # waiting, delivered or failed.
 }

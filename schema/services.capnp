@@ -3,30 +3,58 @@
 # interface: "mail.deliver", "xmpp.route", "git.read", "notify".
 #
 # Status: `Notify` is offered by the example app (`apps/hello`) and used
-# through grants in the grain tests; the others arrive with the apps that
-# serve them (mail, XMPP, git).
+# through grants in the grain tests; `GitRepoRead` by the git app (the blog
+# uses it); `MailDelivery` by the mail app (the host's MX uses it);
+# `XmppRouter` arrives with the chat app.
 
 @0xa1b4c9e6f0d27c35;
 
 using Stream = import "stream.capnp";
 
 interface MailDelivery {
-  # "mail.deliver": hand a message to a user's mail grain.
+  # "mail.deliver": how the host's MX reaches a user's mail grain. A server
+  # route: it exists because the mail app is installed, not by a grant, and
+  # only the host holds it (the requester is the host).
 
   deliver @0 (envelope :Envelope) -> (message :Stream.ByteStream);
   # Start a delivery; write the RFC 5322 message to `message`, then `end`
   # it. `end` resolves only once the message is durable in the recipient's
-  # mailbox, so the gateway can acknowledge the sending server then and not
-  # before.
+  # mailbox (file and index fsynced), so the host can drop its spooled copy
+  # then and not before. A grain that already stored a delivery with this
+  # `envelope.id` takes the bytes and resolves `end` without storing a
+  # second copy. `end` fails with an "overloaded" exception when the
+  # mailbox cannot take the message now (storage full): the host retries.
+
+  status @1 () -> (status :MailStatus);
+  # What `granary mail status` shows.
 }
 
 struct Envelope {
-  from @0 :Text;
-  # MAIL FROM (may be empty: a bounce).
-  to @1 :List(Text);
-  # RCPT TO addresses that belong to this grain's owner.
-  receivedFrom @2 :Text;
-  # For the Received header: peer address and HELO name.
+  id @0 :Text;
+  # The host's spool entry id: the same message delivered twice (the host
+  # restarted before it saw `end` resolve) has the same id.
+  from @1 :Text;
+  # MAIL FROM (empty: a bounce).
+  to @2 :List(Text);
+  # RCPT TO addresses that belong to this grain's owner, as the sender
+  # wrote them (aliases, +tags).
+}
+
+struct MailStatus {
+  mailboxes @0 :List(MailboxStatus);
+  lastDelivery @1 :Int64;
+  # Unix seconds of the newest delivery; 0 when none yet.
+  deliveries @2 :UInt64;
+  # Deliveries stored since the grain's store was made.
+}
+
+struct MailboxStatus {
+  name @0 :Text;
+  specialUse @1 :Text;
+  # "\\Junk", "\\Sent", ...; empty for none.
+  messages @2 :UInt32;
+  unseen @3 :UInt32;
+  bytes @4 :UInt64;
 }
 
 interface XmppRouter {

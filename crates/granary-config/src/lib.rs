@@ -10,10 +10,12 @@
 //! defaults, commented, are [`DEFAULT_CONFIG_TOML`] (`granary config default`).
 
 pub mod listen;
+pub mod mail;
 pub mod raw;
 pub mod resolve;
 
 pub use listen::{LISTENERS, Listen, ListenerKind};
+pub use mail::Mail;
 pub use raw::RawConfig;
 pub use resolve::{
     Backup, BackupPlace, BackupTarget, Config, ConfigError, DurationError, Environment, Gateway,

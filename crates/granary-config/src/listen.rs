@@ -34,9 +34,9 @@ pub const LISTENERS: &[ListenerKind] = &[
     },
     ListenerKind {
         name: "smtp",
-        default: None,
+        default: Some("127.0.0.1:2525"),
         serves: "mail from other servers (MX, port 25)",
-        available: false,
+        available: true,
     },
     ListenerKind {
         name: "submission",
@@ -52,15 +52,15 @@ pub const LISTENERS: &[ListenerKind] = &[
     },
     ListenerKind {
         name: "imap",
-        default: None,
+        default: Some("127.0.0.1:1143"),
         serves: "mail clients reading, STARTTLS (port 143)",
-        available: false,
+        available: true,
     },
     ListenerKind {
         name: "imaps",
-        default: None,
+        default: Some("127.0.0.1:1993"),
         serves: "mail clients reading, TLS (port 993)",
-        available: false,
+        available: true,
     },
     ListenerKind {
         name: "xmpp",
@@ -176,7 +176,9 @@ mod tests {
         let l = Listen::resolve(&BTreeMap::new()).unwrap();
         assert_eq!(l.get("https"), Some("127.0.0.1:8443".parse().unwrap()));
         assert_eq!(l.get("ssh"), Some("127.0.0.1:2222".parse().unwrap()));
-        assert_eq!(l.get("smtp"), None);
+        assert_eq!(l.get("smtp"), Some("127.0.0.1:2525".parse().unwrap()));
+        assert_eq!(l.get("imaps"), Some("127.0.0.1:1993".parse().unwrap()));
+        assert_eq!(l.get("submission"), None);
         let l = Listen::resolve(&raw(&[("https", "[::1]:0"), ("ssh", "off")])).unwrap();
         assert_eq!(l.get("https"), Some("[::1]:0".parse().unwrap()));
         assert_eq!(l.get("ssh"), None);

@@ -30,6 +30,8 @@ pub struct RawConfig {
     pub backup: RawBackup,
     #[serde(default)]
     pub gateway: RawGateway,
+    #[serde(default)]
+    pub mail: crate::mail::RawMail,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

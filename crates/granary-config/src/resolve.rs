@@ -44,6 +44,7 @@ pub struct Config {
     pub snapshots: Snapshots,
     pub backup: Backup,
     pub gateway: Gateway,
+    pub mail: crate::mail::Mail,
 }
 
 /// `[gateway]`: what a slow, silent or oversized client may hold.
@@ -517,7 +518,11 @@ impl Config {
             targets,
         };
 
+        let mail = crate::mail::Mail::resolve(&raw.mail, &domain)
+            .map_err(|(key, reason)| err(&key, reason))?;
+
         Ok(Config {
+            mail,
             gateway,
             backup,
             snapshots,

@@ -18,6 +18,19 @@ pub struct Credential {
     pub id: i64,
 }
 
+/// Where mail to an address goes, as the MX asks at RCPT time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MailRecipient {
+    /// Into this user's mail grain.
+    User(String),
+    /// One of our domains, but nobody has the address: 550 5.1.1.
+    Unknown,
+    /// Not one of our domains: the MX does not relay (550 5.7.1).
+    NotLocal,
+    /// The lookup failed; the sender should try again later (451).
+    TryLater,
+}
+
 pub trait Directory: Send + Sync + 'static {
     /// Which of `user`'s app passwords of `kind` `password` is, if any.
     /// A device never holds the account password, so it is never checked
@@ -39,4 +52,8 @@ pub trait Directory: Send + Sync + 'static {
     /// Whose grain, of which kind, serves a host its owner registered (a
     /// blog's own domain): `(owner, kind)`.
     fn registered_host(&self, host: &str) -> BoxFuture<Option<(String, String)>>;
+
+    /// Where mail to `address` (as written in RCPT TO) goes: a user (their
+    /// name, an alias, `+tag`, postmaster, a catch-all), or nowhere.
+    fn mail_recipient(&self, address: &str) -> BoxFuture<MailRecipient>;
 }

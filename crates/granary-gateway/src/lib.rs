@@ -14,16 +14,18 @@
 pub mod directory;
 pub mod error;
 pub mod https;
+pub mod imap;
 pub mod limiter;
 pub mod proxy;
 pub mod services;
+pub mod smtp;
 pub mod ssh;
 pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use directory::{BoxFuture, Credential, Directory};
+pub use directory::{BoxFuture, Credential, Directory, MailRecipient};
 pub use error::GatewayError;
 use granary_grains::Grains;
 pub use limiter::LoginLimiter;
@@ -72,4 +74,6 @@ pub struct Shared {
     /// The SSH listener's host key ([`ssh::host_key`]).
     pub ssh_host_key: russh::keys::PrivateKey,
     pub settings: Settings,
+    /// The MX's spool, checks and limits; `None` when mail is not served.
+    pub mx: Option<Arc<smtp::Mx>>,
 }

@@ -15,6 +15,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod mail;
+
 pub use granary_model::GrainId;
 use serde::Serialize;
 
@@ -293,6 +295,14 @@ pub trait Grains: Send + Sync + 'static {
 
     /// Cuts every live capability of a grant the state has revoked.
     fn grant_revoked(&self, grant: i64) -> GrainsFuture<()>;
+
+    /// Hands one message to a mail grain (starting it if stopped); resolves
+    /// once the grain has it durably. A grain that cannot take it now
+    /// (down, storage full) fails with a retry-safe error.
+    fn deliver_mail(&self, grain: &GrainId, mail: mail::MailDelivery) -> GrainsFuture<()>;
+
+    /// A mail grain's mailboxes and deliveries (starting it if stopped).
+    fn mail_status(&self, grain: &GrainId) -> GrainsFuture<mail::MailStatus>;
 }
 
 #[cfg(test)]

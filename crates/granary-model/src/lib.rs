@@ -7,12 +7,14 @@
 
 mod grain_id;
 mod grain_kind;
+mod mail;
 mod manifest;
 mod uid_range;
 mod user_name;
 
 pub use grain_id::{GrainId, GrainIdError, valid_resource_name};
 pub use grain_kind::{GrainKind, GrainKindError};
+pub use mail::{MailAddress, MailAddressError, MailDomain, MailDomainError, POSTMASTER_LOCALS};
 pub use manifest::{
     DescriptorError, MANIFEST_FILE, Manifest, ManifestError, ManifestLimits, check_descriptor,
     compare_versions,

@@ -60,6 +60,7 @@ pub mod log;
 pub use granary_schema::grain_capnp::AuthMethod;
 pub use granary_schema::host_capnp::LogLevel;
 pub use granary_schema::services_capnp;
+pub use granary_schema::stream_capnp;
 
 /// The descriptor of the host channel inside a grain.
 pub const HOST_FD: i32 = 3;
@@ -345,8 +346,11 @@ fn adopt(fd: i32, what: &str) -> Result<OwnedFd, String> {
 
 /// Runs the app until the host closes the channel or sends SIGTERM.
 pub fn run<A: App>(make: impl FnOnce(Host) -> A) -> ExitCode {
+    // Blocking work (files, SQLite) gets a few threads: a grain's pids
+    // limit counts every thread.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(8)
         .build()
     {
         Ok(rt) => rt,

@@ -12,6 +12,7 @@
 mod app_passwords;
 mod audit;
 mod grains;
+mod mail;
 mod migrate;
 mod repos;
 mod users;
@@ -25,6 +26,7 @@ use rusqlite::Connection;
 pub use app_passwords::{AppPassword, RevokeSelector};
 pub use audit::AuditEvent;
 pub use grains::{App, Grain, Grant, HostUid, NewApp};
+pub use mail::{MailAlias, MailDomainInfo, MailRoute};
 pub use migrate::LATEST_SCHEMA_VERSION;
 pub use repos::SshKey;
 pub use users::{User, UserCredentials};

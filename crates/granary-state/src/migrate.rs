@@ -45,6 +45,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 8,
         sql: include_str!("migrations/0008_blog_domains.sql"),
     },
+    Migration {
+        version: 9,
+        sql: include_str!("migrations/0009_mail.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

@@ -31,6 +31,7 @@ mod host;
 mod inner;
 mod lifecycle;
 mod local;
+mod mail;
 mod membrane;
 mod rpc;
 mod slot;
@@ -50,6 +51,7 @@ use granary_jail::JailConfig;
 use granary_state::Store;
 
 pub use local::{LocalGrains, SupervisorThread};
+pub use mail::MAIL_DELIVER;
 pub use slot::ConnectionGuard;
 
 use crate::inner::{Inner, db};

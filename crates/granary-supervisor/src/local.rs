@@ -12,6 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::thread::JoinHandle;
 
+use granary_grains::mail::{MailDelivery, MailStatus};
 use granary_grains::{
     Connection, GrainError, GrainId, GrainStatus, Grains, GrainsFuture, Identity, Peer, Problem,
     Snapshot, SnapshotTaken, Start,
@@ -261,6 +262,20 @@ impl Grains for LocalGrains {
         self.run(format!("grant {grant}"), move |sup| async move {
             sup.revoked(grant);
             Ok(())
+        })
+    }
+
+    fn deliver_mail(&self, grain: &GrainId, mail: MailDelivery) -> GrainsFuture<()> {
+        let id = grain.to_string();
+        self.run(grain.shown(), move |sup| async move {
+            sup.deliver_mail(&id, mail).await
+        })
+    }
+
+    fn mail_status(&self, grain: &GrainId) -> GrainsFuture<MailStatus> {
+        let id = grain.to_string();
+        self.run(grain.shown(), move |sup| async move {
+            sup.mail_status(&id).await
         })
     }
 }

@@ -10,6 +10,8 @@
 //! the handle drops. Nothing sleeps for a fixed time: waits poll a condition
 //! until a deadline and fail with what was seen.
 
+pub mod mail;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -131,8 +133,16 @@ pub fn app_package(dir: &Path, kind: &str, app: &str, files: &str) -> std::path:
              services = [{services}]\noffers = [\"{offer}\"]\n[limits]\nmemory_mib = 256\npids = 64\n\
              [files]\n{files}copy = [{{ from = \"{}\", to = \"/bin/{app}\" }}]\n",
             static_binary(app).display(),
-            offer = if kind == "git" { "git.read" } else { "notify" },
-            services = if kind == "git" { "\"http\", \"git-ssh\"" } else { "\"http\"" },
+            offer = match kind {
+                "git" => "git.read",
+                "mail" => "mail.deliver",
+                _ => "notify",
+            },
+            services = match kind {
+                "git" => "\"http\", \"git-ssh\"",
+                "mail" => "\"imap\"",
+                _ => "\"http\"",
+            },
         ),
     )
     .unwrap();
@@ -434,7 +444,7 @@ impl Daemon {
         let n = NEXT_DAEMON.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let slot = (std::process::id() % 10_000) * 16 + n % 16;
         let config = format!(
-            "data_dir = \"data\"\n{extra_config}\n[listen]\nhttps = \"127.0.0.1:0\"\nssh = \"127.0.0.1:0\"\n[log]\nlevel = \"info,granary=debug\"\n\
+            "data_dir = \"data\"\n{extra_config}\n[listen]\nhttps = \"127.0.0.1:0\"\nssh = \"127.0.0.1:0\"\nsmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\n[log]\nlevel = \"info,granary=debug\"\n\
              [jail]\nuid_range = \"{}+1000\"\ncgroup_parent = \"granary-test-{}-{n}\"\n",
             1_600_000_000 + slot * 1000,
             std::process::id(),
@@ -556,6 +566,15 @@ impl Daemon {
             .expect("https address")
     }
 
+    /// The address a named listener is bound to (from `ports.json`).
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.ports()["listeners"][name]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} in ports.json"))
+            .parse()
+            .expect("a listener address")
+    }
+
     pub fn ssh_addr(&self) -> SocketAddr {
         self.ports()["listeners"]["ssh"]
             .as_str()
@@ -648,6 +667,19 @@ impl Daemon {
         });
         self.stdout_lines = None;
         status
+    }
+
+    /// Kills the daemon with SIGKILL (no clean-up at all: its grains die
+    /// with it through the parent-death signal) and starts it again on the
+    /// same data dir.
+    pub fn crash_and_restart(&mut self) {
+        let mut child = self.child.take().expect("daemon is running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).expect("SIGKILL the daemon");
+        let _ = child.wait();
+        self.stdout_lines = None;
+        // The lock is the kernel's; ports.json is stale until the new one.
+        let _ = std::fs::remove_file(self.ports_path());
+        self.launch();
     }
 
     /// Stops the daemon and starts it again on the same data dir.

@@ -7,6 +7,13 @@
 //!   credentials (`http_route`).
 //! - [`ssh`]: the git command an SSH client asks for, OpenSSH public key
 //!   lines with their fingerprints (`ssh_command`, `ssh_public_key`).
+//! - [`imap`]: IMAP before login: LOGIN and AUTHENTICATE PLAIN with
+//!   literals and SASL-IR, and the capabilities a grain's greeting offers
+//!   (`imap_pre_login`).
+//! - [`smtp`]: the MX's SMTP session, from greeting to the end of each
+//!   message's data (`smtp_session`).
 
 pub mod http;
+pub mod imap;
+pub mod smtp;
 pub mod ssh;

@@ -129,6 +129,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             admin::git::blog(&config, cmd)
         }
+        Command::Mail(cmd) => {
+            let config = load_config(&cli)?;
+            admin::mail::run(&config, cmd)
+        }
         Command::SshKey(cmd) => {
             let config = load_config(&cli)?;
             admin::git::ssh_key(&config, cmd)

@@ -8,6 +8,7 @@ mod connection;
 pub(crate) mod git;
 pub(crate) mod grains;
 pub(crate) mod grants;
+pub(crate) mod mail;
 pub(crate) mod snapshots;
 mod table;
 
@@ -36,6 +37,7 @@ concern!(snapshots, snapshots_request, get_snapshots);
 concern!(backups, backups_request, get_backups);
 concern!(git, git_request, get_git);
 concern!(blog, blog_request, get_blog);
+concern!(mail, mail_request, get_mail);
 
 /// A two-party Cap'n Proto RPC system over a unix socket, as both ends of
 /// the admin socket use it.

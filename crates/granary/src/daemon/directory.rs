@@ -4,13 +4,15 @@
 
 use std::sync::Arc;
 
-use granary_gateway::{BoxFuture, Credential, Directory};
+use granary_gateway::{BoxFuture, Credential, Directory, MailRecipient};
 use granary_grains::AuthMethod;
-use granary_model::UserName;
-use granary_state::Store;
+use granary_model::{MailAddress, UserName};
+use granary_state::{MailRoute, Store};
 
 pub(super) struct StateDirectory {
     pub(super) store: Arc<Store>,
+    /// `mail.postmaster`: who gets postmaster@ and abuse@.
+    pub(super) postmaster: Option<String>,
 }
 
 /// Runs a lookup on the blocking pool; a failure (or a panic) answers
@@ -85,6 +87,33 @@ impl Directory for StateDirectory {
                 .ok()
                 .flatten()
                 .map(|owner| (owner, "blog".to_owned()))
+        })
+    }
+
+    fn mail_recipient(&self, address: &str) -> BoxFuture<MailRecipient> {
+        let (store, postmaster) = (self.store.clone(), self.postmaster.clone());
+        // RFC 5321 §4.1.1.3: plain <postmaster> works without a domain.
+        if address.eq_ignore_ascii_case("postmaster") {
+            return Box::pin(async move {
+                match postmaster {
+                    Some(p) => MailRecipient::User(p),
+                    None => MailRecipient::Unknown,
+                }
+            });
+        }
+        let Ok(address) = MailAddress::parse(address) else {
+            return Box::pin(async { MailRecipient::Unknown });
+        };
+        lookup(MailRecipient::TryLater, move || {
+            match store.route_mail(&address, postmaster.as_deref()) {
+                Ok(MailRoute::User(u)) => MailRecipient::User(u),
+                Ok(MailRoute::Unknown) => MailRecipient::Unknown,
+                Ok(MailRoute::NotLocal) => MailRecipient::NotLocal,
+                Err(e) => {
+                    tracing::error!(error = %e, "mail recipient lookup failed");
+                    MailRecipient::TryLater
+                }
+            }
         })
     }
 }

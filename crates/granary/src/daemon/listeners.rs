@@ -15,7 +15,7 @@ use granary_gateway::Shared;
 use tokio::sync::watch;
 
 /// The listeners this daemon has a server for (the arms of [`Bound::serve`]).
-const SERVED: &[&str] = &["https", "ssh"];
+const SERVED: &[&str] = &["https", "ssh", "smtp", "imap", "imaps"];
 
 /// The configured listeners, bound.
 pub(super) struct Bound {
@@ -70,6 +70,15 @@ impl Bound {
                         tokio::spawn(granary_gateway::https::serve(listener, shared, shutdown))
                     }
                     "ssh" => tokio::spawn(granary_gateway::ssh::serve(listener, shared, shutdown)),
+                    "smtp" => {
+                        tokio::spawn(granary_gateway::smtp::serve(listener, shared, shutdown))
+                    }
+                    "imap" => {
+                        tokio::spawn(granary_gateway::imap::serve(listener, shared, shutdown))
+                    }
+                    "imaps" => {
+                        tokio::spawn(granary_gateway::imap::serve_tls(listener, shared, shutdown))
+                    }
                     other => unreachable!("listen.{other} passed the SERVED check in bind"),
                 }
             })

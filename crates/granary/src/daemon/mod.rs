@@ -7,6 +7,7 @@
 //!
 //! Rooms: `start.rs` (datasets, supervisor), `listeners.rs` (the gateway's
 //! named listeners), `directory.rs` (what the gateway asks of the state),
+//! `mail.rs` (the inbound spool, the MX's parts, the deliverer),
 //! `admin/` (the admin socket, one file per concern), `backups/`,
 //! `install.rs` (apps on disk), `demo.rs`, `ports.rs`, `lock.rs`.
 
@@ -18,6 +19,7 @@ mod directory;
 mod install;
 mod listeners;
 mod lock;
+mod mail;
 mod ports;
 mod start;
 
@@ -139,6 +141,7 @@ async fn serve(
     let datasets = start::datasets(&config).await?;
     let (grains, supervisor) = start::supervisor(&config, &store, datasets.clone()).await?;
     let grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
+    let mail = mail::setup(&config, nix::unistd::geteuid().as_raw()).await?;
     let builtin = match mode {
         Mode::Demo => start::builtin_packages(&config.data_dir.join("builtin-apps")),
         Mode::Serve => Vec::new(),
@@ -159,6 +162,7 @@ async fn serve(
             preinstall: builtin.clone(),
             installed: installed_tx,
             local_ca: matches!(config.tls, TlsSource::LocalCa).then(|| config.tls_dir()),
+            spool: mail.spool.clone(),
         },
         stop_rx.clone(),
     )?;
@@ -168,8 +172,9 @@ async fn serve(
         domain: config.domain.clone(),
         directory: Arc::new(directory::StateDirectory {
             store: store.clone(),
+            postmaster: config.mail.postmaster.clone(),
         }),
-        grains,
+        grains: grains.clone(),
         limiter: Arc::default(),
         tls,
         ssh_host_key,
@@ -181,8 +186,16 @@ async fn serve(
             upstream_idle: g.upstream_idle,
             ..granary_gateway::Settings::default()
         },
+        mx: Some(mail.mx.clone()),
     });
     let served = bound.serve(shared, &stop_rx);
+    let delivering = mail::deliver(
+        mail.spool.clone(),
+        grains,
+        store.clone(),
+        config.mail.postmaster.clone(),
+        stop_rx.clone(),
+    );
 
     let ports = Ports {
         pid: std::process::id(),
@@ -237,6 +250,7 @@ async fn serve(
     for task in served {
         let _ = task.await;
     }
+    let _ = delivering.await;
     admin.join();
     supervisor.stop().await;
     let _ = std::fs::remove_file(config.ports_file());

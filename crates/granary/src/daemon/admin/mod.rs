@@ -14,6 +14,7 @@ mod blog;
 mod git;
 mod grains;
 mod grants;
+mod mail;
 mod snapshots;
 mod users;
 
@@ -50,6 +51,8 @@ pub(super) struct Ctx {
     pub(super) backups: Rc<Backups>,
     /// The local CA's directory, when it issues the certificate.
     pub(super) local_ca: Option<PathBuf>,
+    /// The MX's inbound spool.
+    pub(super) spool: Arc<granary_spool::Spool>,
 }
 
 /// Binds the admin socket, owner-only. The caller holds the data dir lock, so
@@ -97,6 +100,7 @@ pub(super) struct AdminSetup {
     /// Told when those are installed.
     pub(super) installed: tokio::sync::oneshot::Sender<()>,
     pub(super) local_ca: Option<PathBuf>,
+    pub(super) spool: Arc<granary_spool::Spool>,
 }
 
 /// Serves the admin interface on its own thread until `stop` turns true;
@@ -146,6 +150,7 @@ pub(super) fn spawn(
                     info: setup.info,
                     backups,
                     local_ca: setup.local_ca,
+                    spool: setup.spool,
                 });
                 for package in setup.preinstall {
                     match apps::install_package(&ctx, package.clone(), false).await {
@@ -339,6 +344,17 @@ impl admin::Server for AdminService {
         results
             .get()
             .set_blog(capnp_rpc::new_client(blog::Blog(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn mail(
+        self: CapRc<Self>,
+        _: admin::MailParams,
+        mut results: admin::MailResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_mail(capnp_rpc::new_client(mail::Mail(self.ctx.clone())));
         Ok(())
     }
 }

@@ -1,9 +1,13 @@
 //! The command line: one definition that clap turns into parsing, help, the
 //! man pages and the shell completions.
 
+mod mail;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+pub(crate) use mail::{MailAliasCommand, MailCommand, MailDomainCommand, MailSpoolCommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -68,6 +72,9 @@ pub(crate) enum Command {
     /// Blogs: the domains a user's blog answers on besides USER.<domain>
     #[command(subcommand)]
     Blog(BlogCommand),
+    /// Mail: domains, aliases, each user's mailboxes, the inbound spool
+    #[command(subcommand)]
+    Mail(MailCommand),
     /// Encrypted backups: export, verify, drill, receive from other nodes
     #[command(subcommand)]
     Backup(BackupCommand),

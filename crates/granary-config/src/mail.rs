@@ -1,0 +1,185 @@
+//! `[mail]`: the MX (`smtp` listener), the inbound spool, and the DNS
+//! checks on arriving mail.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::resolve::parse_duration;
+
+/// `[mail]` exactly as written.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMail {
+    pub hostname: Option<String>,
+    pub postmaster: Option<String>,
+    pub resolver: Option<String>,
+    pub max_message_mib: Option<u64>,
+    pub max_message_kib: Option<u64>,
+    pub max_recipients: Option<u32>,
+    pub max_connections_per_ip: Option<u32>,
+    pub max_messages_per_ip: Option<u32>,
+    pub command_timeout: Option<String>,
+    pub data_timeout: Option<String>,
+    pub spool_lifetime: Option<String>,
+    pub retry_first: Option<String>,
+    pub retry_max: Option<String>,
+}
+
+/// `[mail]`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mail {
+    /// The name the MX gives in its greeting, in `Received` and as the
+    /// `Authentication-Results` authserv-id. Default: the domain.
+    pub hostname: String,
+    /// The user who receives `postmaster@` and `abuse@` of every mail
+    /// domain; `None`: those addresses are refused until one is set.
+    pub postmaster: Option<String>,
+    /// The DNS server SPF, DKIM, DMARC and ARC ask; `None`: the system's
+    /// (`/etc/resolv.conf`).
+    pub resolver: Option<SocketAddr>,
+    /// The largest message accepted (SIZE), in bytes.
+    pub max_message_bytes: u64,
+    /// Recipients per message.
+    pub max_recipients: u32,
+    /// Open SMTP connections from one address at a time.
+    pub max_connections_per_ip: u32,
+    /// Messages accepted from one address per hour.
+    pub max_messages_per_ip: u32,
+    /// How long the MX waits for the next command (RFC 5321 §4.5.3.2: at
+    /// least 5 minutes).
+    pub command_timeout: Duration,
+    /// How long a whole DATA or BDAT transfer may take.
+    pub data_timeout: Duration,
+    /// How long a message waits in the spool for a grain that cannot take
+    /// it before it is bounced.
+    pub spool_lifetime: Duration,
+    /// The first retry after a failed delivery; each next one waits twice
+    /// as long, up to `retry_max`.
+    pub retry_first: Duration,
+    pub retry_max: Duration,
+}
+
+impl Mail {
+    /// Resolves `raw`; errors are `(key, reason)`.
+    pub(crate) fn resolve(raw: &RawMail, domain: &str) -> Result<Mail, (String, String)> {
+        let err = |key: &str, reason: String| (format!("mail.{key}"), reason);
+        let time = |key: &str, v: &Option<String>, default: &str| {
+            parse_duration(v.as_deref().unwrap_or(default)).map_err(|e| err(key, e.0))
+        };
+        let positive = |key: &str, v: u64| {
+            if v == 0 {
+                Err(err(key, "must be more than zero".to_owned()))
+            } else {
+                Ok(v)
+            }
+        };
+        let hostname = raw
+            .hostname
+            .clone()
+            .unwrap_or_else(|| domain.to_owned())
+            .to_ascii_lowercase();
+        if hostname.is_empty()
+            || hostname.len() > 253
+            || !hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(err("hostname", format!("{hostname:?} is not a host name")));
+        }
+        let resolver = match raw.resolver.as_deref() {
+            None | Some("system") => None,
+            Some(text) => Some(
+                text.parse::<SocketAddr>()
+                    .or_else(|_| {
+                        text.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| {
+                        err(
+                            "resolver",
+                            format!(
+                                "{text:?} is not a DNS server address like \"127.0.0.1:53\" (or \"system\")"
+                            ),
+                        )
+                    })?,
+            ),
+        };
+        let max_message_bytes = match (raw.max_message_kib, raw.max_message_mib) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "max_message_kib",
+                    "give max_message_mib or max_message_kib, not both".to_owned(),
+                ));
+            }
+            (Some(kib), None) => positive("max_message_kib", kib)? << 10,
+            (None, mib) => positive("max_message_mib", mib.unwrap_or(50))?.min(1024) << 20,
+        };
+        let retry_first = time("retry_first", &raw.retry_first, "1m")?;
+        let retry_max = time("retry_max", &raw.retry_max, "1h")?;
+        if retry_max < retry_first {
+            return Err(err(
+                "retry_max",
+                "must not be shorter than mail.retry_first".to_owned(),
+            ));
+        }
+        Ok(Mail {
+            hostname,
+            postmaster: raw.postmaster.clone().filter(|p| !p.is_empty()),
+            resolver,
+            max_message_bytes,
+            max_recipients: positive(
+                "max_recipients",
+                u64::from(raw.max_recipients.unwrap_or(100)),
+            )? as u32,
+            max_connections_per_ip: positive(
+                "max_connections_per_ip",
+                u64::from(raw.max_connections_per_ip.unwrap_or(20)),
+            )? as u32,
+            max_messages_per_ip: positive(
+                "max_messages_per_ip",
+                u64::from(raw.max_messages_per_ip.unwrap_or(500)),
+            )? as u32,
+            command_timeout: time("command_timeout", &raw.command_timeout, "5m")?,
+            data_timeout: time("data_timeout", &raw.data_timeout, "10m")?,
+            spool_lifetime: time("spool_lifetime", &raw.spool_lifetime, "5d")?,
+            retry_first,
+            retry_max,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_rfc_and_the_domain() {
+        let m = Mail::resolve(&RawMail::default(), "example.org").unwrap();
+        assert_eq!(m.hostname, "example.org");
+        assert_eq!(m.command_timeout, Duration::from_secs(300));
+        assert_eq!(m.spool_lifetime, Duration::from_secs(5 * 86_400));
+        assert_eq!(m.max_message_bytes, 50 << 20);
+        assert_eq!(m.resolver, None);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let raw = RawMail {
+            resolver: Some("nameserver".into()),
+            ..RawMail::default()
+        };
+        let (key, reason) = Mail::resolve(&raw, "example.org").unwrap_err();
+        assert_eq!(key, "mail.resolver");
+        assert!(reason.contains("DNS server"), "{reason}");
+        let raw = RawMail {
+            resolver: Some("127.0.0.1".into()),
+            max_message_kib: Some(64),
+            ..RawMail::default()
+        };
+        let m = Mail::resolve(&raw, "example.org").unwrap();
+        assert_eq!(m.resolver, Some("127.0.0.1:53".parse().unwrap()));
+        assert_eq!(m.max_message_bytes, 64 << 10);
+    }
+}

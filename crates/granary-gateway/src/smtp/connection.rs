@@ -1,0 +1,392 @@
+//! One MX connection: the sans-IO session driven over TCP, then over TLS
+//! after STARTTLS.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use granary_spool::{Envelope, Incoming, Recipient, Spool};
+use granary_wire::smtp::headers::{fields, own_auth_results, remove_ranges};
+use granary_wire::smtp::{Event, Limits, Reply, Session};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::{Mx, show_ip};
+use crate::{MailRecipient, Shared};
+
+/// More `Received` fields than this is a mail loop (RFC 5321 §6.3).
+const MAX_HOPS: usize = 100;
+/// How much the driver reads at a time.
+const READ: usize = 16 << 10;
+
+/// Why a connection ended.
+enum End {
+    /// The client or the session closed it.
+    Closed,
+    /// STARTTLS: upgrade this stream.
+    StartTls,
+}
+
+/// What one connection carries between transactions.
+struct Conn {
+    shared: Arc<Shared>,
+    mx: Arc<Mx>,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+    /// Recipients accepted so far, and the user each reaches.
+    users: HashMap<String, String>,
+    incoming: Option<Incoming>,
+}
+
+pub(super) async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mx: Arc<Mx>,
+    stop: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let settings = &mx.settings;
+    let mut session = Session::new(Limits {
+        hostname: settings.hostname.clone(),
+        max_message_bytes: settings.max_message_bytes,
+        max_recipients: settings.max_recipients as usize,
+        starttls: true,
+    });
+    let mut conn = Conn {
+        shared,
+        mx: mx.clone(),
+        peer,
+        stop,
+        users: HashMap::new(),
+        incoming: None,
+    };
+    let mut tcp = tcp;
+    if tcp.write_all(&session.greeting().to_bytes()).await.is_err() {
+        return;
+    }
+    match conn.drive(&mut tcp, &mut session).await {
+        Ok(End::StartTls) => {}
+        Ok(End::Closed) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "smtp connection ended");
+            return;
+        }
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(conn.shared.tls.clone());
+    let handshake = conn.shared.settings.handshake_timeout;
+    let mut tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "STARTTLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("STARTTLS handshake timed out");
+            return;
+        }
+    };
+    session.tls_started();
+    match conn.drive(&mut tls, &mut session).await {
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "smtp connection ended"),
+    }
+    let _ = tls.shutdown().await;
+}
+
+impl Conn {
+    /// Runs the session over `stream` until it closes or asks for TLS.
+    /// Input buffered here is dropped on return: after STARTTLS, whatever
+    /// came in clear is never looked at.
+    async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        session: &mut Session,
+    ) -> std::io::Result<End> {
+        let mut buf: Vec<u8> = Vec::with_capacity(READ);
+        let mut start = 0;
+        let mut out: Vec<u8> = Vec::new();
+        loop {
+            let (used, event) = session.step(&buf[start..]);
+            start += used;
+            match event {
+                Event::NeedMore => {
+                    if !out.is_empty() {
+                        stream.write_all(&out).await?;
+                        out.clear();
+                    }
+                    buf.drain(..start);
+                    start = 0;
+                    if !self.read_more(stream, session, &mut buf).await? {
+                        return Ok(End::Closed);
+                    }
+                }
+                Event::Reply(r) => r.write(&mut out),
+                Event::StartTls(r) => {
+                    r.write(&mut out);
+                    stream.write_all(&out).await?;
+                    return Ok(End::StartTls);
+                }
+                Event::Sender(from) => {
+                    let verdict = self.sender(&from);
+                    session.sender_verdict(&from, verdict).write(&mut out);
+                }
+                Event::Recipient(to) => {
+                    let verdict = self.recipient(&to).await;
+                    session.recipient_verdict(&to, verdict).write(&mut out);
+                }
+                Event::Data(bytes) => {
+                    let incoming = self
+                        .incoming
+                        .get_or_insert_with(|| self.mx.spool.incoming());
+                    if let Err(e) = incoming.write(&bytes).await {
+                        tracing::error!(error = %e, "cannot spool incoming data");
+                        Reply::new(451, "4.3.0", "Local error; try again later").write(&mut out);
+                        stream.write_all(&out).await?;
+                        return Ok(End::Closed);
+                    }
+                }
+                Event::MessageEnd { too_big } => {
+                    let reply = self.message_end(session, too_big).await;
+                    session.message_done();
+                    reply.write(&mut out);
+                }
+                Event::Close(r) => {
+                    r.write(&mut out);
+                    stream.write_all(&out).await?;
+                    let _ = stream.shutdown().await;
+                    return Ok(End::Closed);
+                }
+            }
+        }
+    }
+
+    /// Reads more input with the timeout the session's state calls for;
+    /// `false` at the end of input. An idle session of a stopping server
+    /// is told 421 and ends.
+    async fn read_more<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        session: &Session,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<bool> {
+        let settings = &self.mx.settings;
+        let timeout = if session.receiving() {
+            settings.data_timeout
+        } else {
+            settings.command_timeout
+        };
+        let old = buf.len();
+        buf.resize(old + READ, 0);
+        let idle = session.idle();
+        let mut stop = self.stop.clone();
+        let stopping = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let read = tokio::select! {
+            r = tokio::time::timeout(timeout, stream.read(&mut buf[old..])) => r,
+            () = stopping, if idle => {
+                buf.truncate(old);
+                let bye = Reply::new(421, "4.3.2", format!("{} Service shutting down", settings.hostname));
+                stream.write_all(&bye.to_bytes()).await?;
+                return Ok(false);
+            }
+        };
+        let n = match read {
+            Ok(r) => r?,
+            Err(_) => {
+                buf.truncate(old);
+                let bye = Reply::new(
+                    421,
+                    "4.4.2",
+                    format!("{} Timeout; closing", settings.hostname),
+                );
+                stream.write_all(&bye.to_bytes()).await?;
+                return Ok(false);
+            }
+        };
+        buf.truncate(old + n);
+        Ok(n > 0)
+    }
+
+    fn sender(&mut self, _from: &str) -> Result<(), Reply> {
+        self.users.clear();
+        self.incoming = None;
+        let s = &self.mx.settings;
+        if !self
+            .mx
+            .limits
+            .may_send(self.peer.ip(), s.max_messages_per_ip)
+        {
+            tracing::info!("message rate limit reached for this address");
+            return Err(Reply::new(
+                451,
+                "4.7.1",
+                "Too many messages from your address this hour; try later",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn recipient(&mut self, to: &str) -> Result<(), Reply> {
+        match self.shared.directory.mail_recipient(to).await {
+            MailRecipient::User(user) => {
+                self.users.insert(to.to_owned(), user);
+                Ok(())
+            }
+            MailRecipient::Unknown => Err(Reply::new(
+                550,
+                "5.1.1",
+                format!("<{to}>: no such user here"),
+            )),
+            MailRecipient::NotLocal => Err(Reply::new(
+                550,
+                "5.7.1",
+                format!("<{to}>: relaying denied; this server takes mail only for its own domains"),
+            )),
+            MailRecipient::TryLater => Err(Reply::new(
+                451,
+                "4.3.0",
+                format!("<{to}>: cannot look up this address now; try later"),
+            )),
+        }
+    }
+
+    async fn message_end(&mut self, session: &Session, too_big: bool) -> Reply {
+        let incoming = self.incoming.take();
+        if too_big {
+            return Reply::new(
+                552,
+                "5.3.4",
+                format!(
+                    "Message too big: this server takes at most {} bytes",
+                    self.mx.settings.max_message_bytes
+                ),
+            );
+        }
+        let message = match incoming {
+            Some(i) => match i.finish().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the incoming message back");
+                    return Reply::new(451, "4.3.0", "Local error; try again later");
+                }
+            },
+            None => Vec::new(),
+        };
+        let from = session.sender().unwrap_or("").to_owned();
+        let helo = session.helo().unwrap_or("").to_owned();
+        let recipients: Vec<Recipient> = session
+            .recipients()
+            .iter()
+            .filter_map(|a| {
+                self.users.get(a).map(|u| Recipient {
+                    address: a.clone(),
+                    user: u.clone(),
+                })
+            })
+            .collect();
+        let hops = fields(&message)
+            .iter()
+            .filter(|(_, n)| n.eq_ignore_ascii_case(b"Received"))
+            .count();
+        if hops > MAX_HOPS {
+            return Reply::new(554, "5.4.6", "Too many hops: a mail loop");
+        }
+        let ip = self.peer.ip();
+        let hostname = self.mx.settings.hostname.clone();
+        let verdict = self.mx.checker.check(&message, ip, &helo, &from).await;
+        if let Some(reject) = verdict.reject {
+            tracing::info!(from, "refused by the sender's DMARC policy");
+            return reject;
+        }
+        let mut message = message;
+        let forged = own_auth_results(&message, &hostname);
+        if !forged.is_empty() {
+            tracing::info!(
+                count = forged.len(),
+                "removed Authentication-Results claiming to be ours"
+            );
+            remove_ranges(&mut message, &forged);
+        }
+        let id = Spool::new_id();
+        tracing::Span::current().record("id", id.as_str());
+        let now = unix_now();
+        let mut head = received(
+            &helo,
+            &self.peer,
+            &hostname,
+            session.tls(),
+            &id,
+            (recipients.len() == 1).then(|| recipients[0].address.as_str()),
+            now,
+        );
+        head.extend_from_slice(verdict.header.as_bytes());
+        let size = message.len();
+        let envelope = Envelope {
+            id: id.clone(),
+            from: from.clone(),
+            recipients,
+            received_at: now,
+            client: show_ip(&self.peer),
+            helo,
+        };
+        match self.mx.spool.commit(envelope, head, message).await {
+            Ok(()) => {
+                self.mx.limits.sent(ip);
+                tracing::info!(from, bytes = size, "accepted");
+                Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot spool a message");
+                Reply::new(451, "4.3.0", "Local error; try again later")
+            }
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The `Received` field this host adds (RFC 5321 §4.4).
+fn received(
+    helo: &str,
+    peer: &SocketAddr,
+    hostname: &str,
+    tls: bool,
+    id: &str,
+    single_recipient: Option<&str>,
+    now: i64,
+) -> Vec<u8> {
+    // What the client said is shown, never trusted: no line breaks or
+    // parentheses from it reach the header.
+    let helo: String = helo
+        .chars()
+        .filter(|c| c.is_ascii_graphic() && !"()<>;".contains(*c))
+        .take(255)
+        .collect();
+    let with = if tls { "ESMTPS" } else { "ESMTP" };
+    let date = time::OffsetDateTime::from_unix_timestamp(now)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc2822)
+                .ok()
+        })
+        .unwrap_or_default();
+    let mut h = format!(
+        "Received: from {} ([{}])\r\n\tby {hostname} (Granary) with {with} id {id}",
+        if helo.is_empty() { "unknown" } else { &helo },
+        show_ip(peer)
+    );
+    if let Some(r) = single_recipient {
+        let r: String = r.chars().filter(|c| !c.is_control() && *c != '>').collect();
+        h.push_str(&format!("\r\n\tfor <{r}>"));
+    }
+    h.push_str(&format!("; {date}\r\n"));
+    h.into_bytes()
+}

@@ -1,0 +1,138 @@
+//! The MX: the `smtp` listener, where other mail servers hand over mail
+//! for this host's users.
+//!
+//! Each connection is a [`granary_wire::smtp::Session`] driven by
+//! [`connection`]: recipients are checked at RCPT time against the
+//! [`Directory`](crate::Directory) (an unknown address gets 550 5.1.1
+//! then, so nothing is accepted only to bounce later); after the data,
+//! SPF, DKIM, DMARC and ARC are checked ([`checks`]), forged
+//! `Authentication-Results` for this host are removed, `Received` and this
+//! host's `Authentication-Results` are added, and the message is committed
+//! to the spool (fsynced, file and directory) before the 250. The spool's
+//! deliverer takes it from there into each recipient's mail grain.
+//!
+//! STARTTLS is offered with the gateway's certificate; whatever the client
+//! pipelined after STARTTLS in clear is thrown away.
+
+pub mod checks;
+mod connection;
+mod limits;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use granary_spool::Spool;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+pub use checks::Checker;
+
+use crate::Shared;
+
+/// The MX's limits and timeouts, from `[mail]`.
+#[derive(Debug, Clone)]
+pub struct MxSettings {
+    pub hostname: String,
+    pub max_message_bytes: u64,
+    pub max_recipients: u32,
+    pub max_connections_per_ip: u32,
+    pub max_messages_per_ip: u32,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+}
+
+/// What the MX needs besides [`Shared`].
+pub struct Mx {
+    pub settings: MxSettings,
+    pub spool: Arc<Spool>,
+    pub checker: Checker,
+    limits: Arc<limits::PerIp>,
+}
+
+impl Mx {
+    pub fn new(settings: MxSettings, spool: Arc<Spool>, checker: Checker) -> Mx {
+        Mx {
+            settings,
+            spool,
+            checker,
+            limits: Arc::new(limits::PerIp::default()),
+        }
+    }
+}
+
+/// Serves SMTP on `listener` until `shutdown`; then idle sessions are told
+/// 421 and closed, and a session in the middle of a message gets the drain
+/// timeout to finish it.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let Some(mx) = shared.mx.clone() else {
+        tracing::error!("the smtp listener has no MX configured; not serving");
+        return;
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut sessions = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "smtp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+        };
+        let span = tracing::info_span!("smtp", %peer, id = tracing::field::Empty);
+        let slot = mx
+            .limits
+            .connect(peer.ip(), mx.settings.max_connections_per_ip);
+        let (shared, mx, stop) = (shared.clone(), mx.clone(), stop.clone());
+        sessions.spawn(
+            async move {
+                let Some(slot) = slot else {
+                    tracing::info!("too many connections from this address");
+                    refuse(tcp, &mx.settings.hostname).await;
+                    return;
+                };
+                connection::handle(tcp, peer, shared, mx, stop).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(shared.settings.drain_timeout, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("smtp sessions still open after the drain timeout; closing them");
+        sessions.shutdown().await;
+    }
+}
+
+async fn refuse(mut tcp: tokio::net::TcpStream, hostname: &str) {
+    let line =
+        format!("421 4.7.0 {hostname} Too many connections from your address; try later\r\n");
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(line.as_bytes())).await;
+}
+
+/// The client's address as headers show it.
+fn show_ip(peer: &SocketAddr) -> String {
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => format!("IPv6:{ip}"),
+        },
+    }
+}

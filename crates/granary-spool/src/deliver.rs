@@ -1,0 +1,343 @@
+//! Delivery from the spool into mail grains, with retries and bounces.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use granary_grains::mail::MailDelivery;
+use granary_grains::{GrainId, Grains, Problem};
+
+use crate::entry::{Envelope, Progress, Recipient, read_headers};
+use crate::{Spool, SpoolError, dsn, unix_now};
+
+/// Which local user, if any, an address reaches (how a bounce to a sender
+/// on this host is delivered).
+pub type LocalUser =
+    Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Option<String>> + Send>> + Send + Sync>;
+
+/// Deliveries under way at once.
+const PARALLEL: usize = 8;
+
+/// Hands spooled messages to grains until shut down.
+pub struct Deliverer {
+    spool: Arc<Spool>,
+    grains: Arc<dyn Grains>,
+    local_user: LocalUser,
+}
+
+/// What one attempt decided.
+enum Decision {
+    /// Some recipients still wait; the progress is saved.
+    Later,
+    /// Nothing more to do: every recipient has it or never will.
+    Finished {
+        failed: Vec<(String, String)>,
+        offset: u64,
+    },
+}
+
+impl Deliverer {
+    pub fn new(spool: Arc<Spool>, grains: Arc<dyn Grains>, local_user: LocalUser) -> Deliverer {
+        Deliverer {
+            spool,
+            grains,
+            local_user,
+        }
+    }
+
+    /// Delivers whatever is due, waking when a message is committed or
+    /// made due and when the next retry is; ends on `shutdown` (a delivery
+    /// cut off then is simply tried again after the restart).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let this = Arc::new(self);
+        let mut tasks = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let now = unix_now();
+            let (due, next) = this.spool.take_due(now);
+            let mut waiting = due.into_iter();
+            loop {
+                while tasks.len() >= PARALLEL {
+                    tasks.join_next().await;
+                }
+                let Some(id) = waiting.next() else { break };
+                let d = this.clone();
+                tasks.spawn(async move { d.attempt(&id).await });
+            }
+            let sleep = next
+                .map(|t| Duration::from_secs((t - now).clamp(1, 3600) as u64))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = this.spool.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = &mut shutdown => break,
+            }
+        }
+        tasks.shutdown().await;
+    }
+
+    /// One attempt at every recipient of `id` still waiting.
+    async fn attempt(&self, id: &str) {
+        let Some((envelope, offset, size, progress)) = self.spool.snapshot(id) else {
+            return;
+        };
+        let path = self.spool.msg_path(id);
+        let mut delivered = Vec::new();
+        let mut failed = Vec::new();
+        let mut temporary = None;
+        for (user, addresses) in envelope.users() {
+            if progress.delivered.contains(&user) || progress.failed.iter().any(|(u, _)| *u == user)
+            {
+                continue;
+            }
+            let grain = match GrainId::for_user(&user, "mail") {
+                Ok(g) => g,
+                Err(e) => {
+                    failed.push((user, format!("5.1.1 {e}")));
+                    continue;
+                }
+            };
+            let file = match open_at(&path, offset).await {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(id, error = %e, "cannot read a spooled message");
+                    temporary = Some(e.to_string());
+                    break;
+                }
+            };
+            let mail = MailDelivery {
+                id: envelope.id.clone(),
+                from: envelope.from.clone(),
+                to: addresses,
+                message: file,
+                size,
+            };
+            match self.grains.deliver_mail(&grain, mail).await {
+                Ok(()) => {
+                    tracing::info!(id, user, bytes = size, "delivered");
+                    delivered.push(user);
+                }
+                Err(e) if e.problem == Problem::NoSuchGrain => {
+                    tracing::warn!(id, user, "the recipient's mailbox no longer exists");
+                    failed.push((user, "5.1.1 the mailbox no longer exists".to_owned()));
+                }
+                Err(e) => {
+                    tracing::warn!(id, user, error = %e, "delivery failed; will retry");
+                    temporary = Some(e.to_string());
+                }
+            }
+        }
+        let spool = self.spool.clone();
+        let key = id.to_owned();
+        let decided = tokio::task::spawn_blocking(move || {
+            spool.record_attempt(&key, delivered, failed, temporary)
+        })
+        .await;
+        match decided {
+            Ok(Ok(Decision::Later)) => {}
+            Ok(Ok(Decision::Finished { failed, offset })) => {
+                if let Err(e) = self.finish(&envelope, &failed, offset).await {
+                    tracing::error!(id, error = %e, "cannot bounce; keeping the message");
+                    self.spool.release(id, Some(e.to_string()));
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(id, error = %e, "cannot record delivery progress");
+                self.spool.release(id, Some(e.to_string()));
+            }
+            Err(e) => {
+                tracing::error!(id, error = %e, "delivery bookkeeping failed");
+                self.spool.release(id, Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Bounces what failed (durably), then removes the message.
+    async fn finish(
+        &self,
+        envelope: &Envelope,
+        failed: &[(String, String)],
+        offset: u64,
+    ) -> Result<(), SpoolError> {
+        if !failed.is_empty() {
+            self.bounce(envelope, failed, offset).await?;
+        }
+        let spool = self.spool.clone();
+        let id = envelope.id.clone();
+        tokio::task::spawn_blocking(move || spool.remove(&id))
+            .await
+            .map_err(|e| SpoolError::Task(e.to_string()))?
+    }
+
+    async fn bounce(
+        &self,
+        envelope: &Envelope,
+        failed: &[(String, String)],
+        offset: u64,
+    ) -> Result<(), SpoolError> {
+        if envelope.from.is_empty() {
+            // Never bounce a bounce (RFC 5321 §6.1).
+            tracing::warn!(id = envelope.id, "a bounce could not be delivered; dropped");
+            return Ok(());
+        }
+        let path = self.spool.msg_path(&envelope.id);
+        let headers = tokio::task::spawn_blocking(move || read_headers(&path, offset))
+            .await
+            .map_err(|e| SpoolError::Task(e.to_string()))?
+            .map_err(|e| SpoolError::Task(format!("reading the headers back: {e}")))?;
+        let recipients: Vec<(String, String)> = envelope
+            .recipients
+            .iter()
+            .filter_map(|r| {
+                failed
+                    .iter()
+                    .find(|(u, _)| *u == r.user)
+                    .map(|(_, why)| (r.address.clone(), why.clone()))
+            })
+            .collect();
+        let settings = self.spool.settings();
+        let now = unix_now();
+        let message = dsn::build(&settings.hostname, envelope, &recipients, &headers, now);
+        let id = Spool::new_id();
+        match (self.local_user)(envelope.from.clone()).await {
+            Some(user) => {
+                let bounce = Envelope {
+                    id: id.clone(),
+                    from: String::new(),
+                    recipients: vec![Recipient {
+                        address: envelope.from.clone(),
+                        user,
+                    }],
+                    received_at: now,
+                    client: "local".to_owned(),
+                    helo: settings.hostname.clone(),
+                };
+                tracing::info!(id = envelope.id, bounce = id, "bounced to a local sender");
+                self.spool.commit(bounce, Vec::new(), message).await
+            }
+            None => {
+                let path = self.spool.dir.join("bounces").join(format!("{id}.eml"));
+                tracing::warn!(
+                    id = envelope.id,
+                    bounce = %path.display(),
+                    sender = envelope.from,
+                    "bounced; the notice to a sender on another host waits for outbound mail"
+                );
+                tokio::task::spawn_blocking(move || {
+                    granary_files::write_atomic(&path, &message, 0o600)
+                })
+                .await
+                .map_err(|e| SpoolError::Task(e.to_string()))??;
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn open_at(path: &std::path::Path, offset: u64) -> std::io::Result<std::fs::File> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(&path)?;
+        f.seek(SeekFrom::Start(offset))?;
+        Ok(f)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+impl Spool {
+    /// What one attempt needs of an entry.
+    fn snapshot(&self, id: &str) -> Option<(Arc<Envelope>, u64, u64, Progress)> {
+        self.entries()
+            .get(id)
+            .map(|t| (t.envelope.clone(), t.offset, t.size, t.progress.clone()))
+    }
+
+    /// Ends an attempt that could not be recorded: retry later.
+    fn release(&self, id: &str, error: Option<String>) {
+        let retry = self.backoff(1);
+        if let Some(t) = self.entries().get_mut(id) {
+            t.busy = false;
+            t.progress.next_attempt = unix_now() + retry;
+            if error.is_some() {
+                t.progress.last_error = error;
+            }
+        }
+    }
+
+    /// Seconds to wait after the `attempts`th failed attempt.
+    fn backoff(&self, attempts: u32) -> i64 {
+        let s = &self.settings;
+        let wait = s
+            .retry_first
+            .saturating_mul(1u32 << attempts.saturating_sub(1).min(20))
+            .min(s.retry_max);
+        wait.as_secs().max(1) as i64
+    }
+
+    /// Notes an attempt's outcome; saves the progress when the message
+    /// stays. Blocking.
+    fn record_attempt(
+        &self,
+        id: &str,
+        delivered: Vec<String>,
+        failed: Vec<(String, String)>,
+        temporary: Option<String>,
+    ) -> Result<Decision, SpoolError> {
+        let now = unix_now();
+        let progress = {
+            let mut entries = self.entries();
+            let Some(t) = entries.get_mut(id) else {
+                return Ok(Decision::Later);
+            };
+            let p = &mut t.progress;
+            p.delivered.extend(delivered);
+            p.failed.extend(failed);
+            let pending: Vec<String> = t
+                .envelope
+                .users()
+                .into_iter()
+                .map(|(u, _)| u)
+                .filter(|u| !p.delivered.contains(u) && !p.failed.iter().any(|(f, _)| f == u))
+                .collect();
+            if pending.is_empty() {
+                return Ok(Decision::Finished {
+                    failed: p.failed.clone(),
+                    offset: t.offset,
+                });
+            }
+            if temporary.is_some() {
+                p.last_error = temporary;
+            }
+            let age = now - t.envelope.received_at;
+            if age >= self.settings.lifetime.as_secs() as i64 {
+                let why = format!(
+                    "4.4.7 gave up after {} hours: {}",
+                    age / 3600,
+                    p.last_error
+                        .as_deref()
+                        .unwrap_or("the mailbox could not take it")
+                );
+                p.failed
+                    .extend(pending.into_iter().map(|u| (u, why.clone())));
+                return Ok(Decision::Finished {
+                    failed: p.failed.clone(),
+                    offset: t.offset,
+                });
+            }
+            p.attempts += 1;
+            p.next_attempt = now + self.backoff(p.attempts);
+            p.clone()
+        };
+        let saved = serde_json::to_vec(&progress).map_err(|e| SpoolError::Task(e.to_string()))?;
+        let result = granary_files::write_atomic(&self.state_path(id), &saved, 0o600);
+        if let Some(t) = self.entries().get_mut(id) {
+            t.busy = false;
+        }
+        result?;
+        Ok(Decision::Later)
+    }
+}

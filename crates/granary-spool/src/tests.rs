@@ -1,0 +1,293 @@
+//! The spool against a recording stand-in for `Grains` (the end-to-end
+//! tests drive the real daemon and real mail grains).
+
+use std::sync::Mutex as StdMutex;
+
+use granary_grains::mail::{MailDelivery, MailStatus};
+use granary_grains::{
+    Connection, GrainError, GrainId, GrainStatus, Grains, GrainsFuture, Identity, Peer, Problem,
+    Snapshot, SnapshotTaken, Start,
+};
+
+use super::*;
+
+/// Records deliveries; refuses the users in `busy` for now.
+#[derive(Default)]
+struct Recorder {
+    delivered: StdMutex<Vec<(String, String, Vec<u8>)>>,
+    busy: StdMutex<Vec<String>>,
+}
+
+fn refuse<T: Send + 'static>(grain: &GrainId) -> GrainsFuture<T> {
+    let e = GrainError::new(grain, Problem::Host("not part of this test".into()));
+    Box::pin(async move { Err(e) })
+}
+
+impl Grains for Recorder {
+    fn connect(&self, g: &GrainId, _: &str, _: Identity, _: Peer) -> GrainsFuture<Connection> {
+        refuse(g)
+    }
+    fn start(&self, g: &GrainId, _: Start) -> GrainsFuture<()> {
+        refuse(g)
+    }
+    fn stop(&self, g: &GrainId) -> GrainsFuture<bool> {
+        refuse(g)
+    }
+    fn status(&self, g: &GrainId) -> GrainsFuture<GrainStatus> {
+        refuse(g)
+    }
+    fn list(&self) -> GrainsFuture<Vec<GrainStatus>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn logs(&self, g: &GrainId, _: u64) -> GrainsFuture<Vec<u8>> {
+        refuse(g)
+    }
+    fn snapshot(&self, g: &GrainId, _: &str) -> GrainsFuture<SnapshotTaken> {
+        refuse(g)
+    }
+    fn snapshots(&self, g: &GrainId) -> GrainsFuture<Vec<Snapshot>> {
+        refuse(g)
+    }
+    fn prune(&self, g: &GrainId) -> GrainsFuture<Vec<String>> {
+        refuse(g)
+    }
+    fn rollback(&self, g: &GrainId, _: &str) -> GrainsFuture<bool> {
+        refuse(g)
+    }
+    fn hold(&self, g: &GrainId, _: &str) -> GrainsFuture<()> {
+        refuse(g)
+    }
+    fn release(&self, g: &GrainId) -> GrainsFuture<()> {
+        refuse(g)
+    }
+    fn forget(&self, g: &GrainId) -> GrainsFuture<()> {
+        refuse(g)
+    }
+    fn grant_revoked(&self, _: i64) -> GrainsFuture<()> {
+        Box::pin(async { Ok(()) })
+    }
+    fn deliver_mail(&self, g: &GrainId, mut mail: MailDelivery) -> GrainsFuture<()> {
+        use std::io::Read;
+        let user = g.to_string().trim_end_matches("-mail").to_owned();
+        if user == "gone" {
+            let e = GrainError::new(g, Problem::NoSuchGrain);
+            return Box::pin(async move { Err(e) });
+        }
+        if self.busy.lock().unwrap().contains(&user) {
+            let e = GrainError::new(g, Problem::Busy("storage full".into()));
+            return Box::pin(async move { Err(e) });
+        }
+        let mut bytes = Vec::new();
+        mail.message.read_to_end(&mut bytes).unwrap();
+        assert_eq!(bytes.len() as u64, mail.size);
+        self.delivered.lock().unwrap().push((user, mail.id, bytes));
+        Box::pin(async { Ok(()) })
+    }
+    fn mail_status(&self, g: &GrainId) -> GrainsFuture<MailStatus> {
+        refuse(g)
+    }
+}
+
+fn settings() -> SpoolSettings {
+    SpoolSettings {
+        lifetime: Duration::from_secs(3600),
+        retry_first: Duration::from_secs(1),
+        retry_max: Duration::from_secs(1),
+        hostname: "mx.example.org".into(),
+    }
+}
+
+fn envelope(from: &str, users: &[&str]) -> Envelope {
+    Envelope {
+        id: Spool::new_id(),
+        from: from.into(),
+        recipients: users
+            .iter()
+            .map(|u| Recipient {
+                address: format!("{u}@example.org"),
+                user: (*u).into(),
+            })
+            .collect(),
+        received_at: unix_now(),
+        client: "192.0.2.1".into(),
+        helo: "client.example".into(),
+    }
+}
+
+fn uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_committed_message_survives_a_restart_and_reaches_every_grain_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), uid(), settings()).unwrap();
+    let mut inc = spool.incoming();
+    inc.write(b"Subject: hi\r\n\r\nbody\r\n").await.unwrap();
+    let message = inc.finish().await.unwrap();
+    let env = envelope("a@remote.example", &["alice", "bob"]);
+    let id = env.id.clone();
+    spool
+        .commit(env, b"Received: x\r\n".to_vec(), message)
+        .await
+        .unwrap();
+    // A commit cut short leaves a hidden file that is never delivered.
+    std::fs::write(dir.path().join("spool/queue/.deadbeef.tmp"), b"half").unwrap();
+    drop(spool);
+
+    let spool = Spool::open(&dir.path().join("spool"), uid(), settings()).unwrap();
+    assert!(!dir.path().join("spool/queue/.deadbeef.tmp").exists());
+    assert_eq!(spool.list().len(), 1);
+    let grains = Arc::new(Recorder::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let d = Deliverer::new(
+        spool.clone(),
+        grains.clone(),
+        Arc::new(|_| Box::pin(async { None })),
+    );
+    let run = tokio::spawn(d.run(async {
+        let _ = stopped.await;
+    }));
+    until("both delivered", || spool.list().is_empty()).await;
+    let got = grains.delivered.lock().unwrap().clone();
+    assert_eq!(got.len(), 2);
+    for (_, gid, bytes) in &got {
+        assert_eq!(gid, &id);
+        assert_eq!(bytes, b"Received: x\r\nSubject: hi\r\n\r\nbody\r\n");
+    }
+    assert!(!dir.path().join(format!("spool/queue/{id}.msg")).exists());
+    let _ = stop.send(());
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_busy_grain_is_retried_and_the_others_are_not_given_it_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), uid(), settings()).unwrap();
+    let grains = Arc::new(Recorder::default());
+    grains.busy.lock().unwrap().push("bob".into());
+    spool
+        .commit(
+            envelope("a@remote.example", &["alice", "bob"]),
+            Vec::new(),
+            b"m\r\n".to_vec(),
+        )
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let d = Deliverer::new(
+        spool.clone(),
+        grains.clone(),
+        Arc::new(|_| Box::pin(async { None })),
+    );
+    let run = tokio::spawn(d.run(async {
+        let _ = stopped.await;
+    }));
+    until("a failed attempt", || {
+        spool.list().first().is_some_and(|m| m.attempts >= 1)
+    })
+    .await;
+    let listed = &spool.list()[0];
+    assert_eq!(listed.recipients[0].state, "delivered");
+    assert_eq!(listed.recipients[1].state, "waiting");
+    assert!(
+        listed
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("storage full")
+    );
+    grains.busy.lock().unwrap().clear();
+    until("bob delivered", || spool.list().is_empty()).await;
+    let users: Vec<String> = grains
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.0.clone())
+        .collect();
+    assert_eq!(users, ["alice", "bob"]);
+    let _ = stop.send(());
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_recipient_that_is_gone_bounces_to_a_local_sender_and_to_a_remote_one_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), uid(), settings()).unwrap();
+    let grains = Arc::new(Recorder::default());
+    spool
+        .commit(
+            envelope("alice@example.org", &["gone"]),
+            Vec::new(),
+            b"Subject: s\r\n\r\nb\r\n".to_vec(),
+        )
+        .await
+        .unwrap();
+    spool
+        .commit(
+            envelope("x@remote.example", &["gone"]),
+            Vec::new(),
+            b"Subject: t\r\n\r\nb\r\n".to_vec(),
+        )
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let local: LocalUser = Arc::new(|a: String| {
+        Box::pin(async move { (a == "alice@example.org").then(|| "alice".to_owned()) })
+    });
+    let d = Deliverer::new(spool.clone(), grains.clone(), local);
+    let run = tokio::spawn(d.run(async {
+        let _ = stopped.await;
+    }));
+    until("the bounce reaches alice", || {
+        !grains.delivered.lock().unwrap().is_empty()
+    })
+    .await;
+    until("the spool is empty", || spool.list().is_empty()).await;
+    let (user, _, bounce) = grains.delivered.lock().unwrap()[0].clone();
+    assert_eq!(user, "alice");
+    let bounce = String::from_utf8(bounce).unwrap();
+    assert!(bounce.contains("Status: 5.1.1"), "{bounce}");
+    assert!(bounce.contains("Subject: s"), "{bounce}");
+    let remote: Vec<_> = std::fs::read_dir(dir.path().join("spool/bounces"))
+        .unwrap()
+        .collect();
+    assert_eq!(remote.len(), 1);
+    let _ = stop.send(());
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_big_message_spills_to_disk_and_comes_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), uid(), settings()).unwrap();
+    let mut inc = spool.incoming();
+    let chunk = vec![b'x'; 300_000];
+    for _ in 0..10 {
+        inc.write(&chunk).await.unwrap();
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("spool/incoming"))
+            .unwrap()
+            .count(),
+        1
+    );
+    let all = inc.finish().await.unwrap();
+    assert_eq!(all.len(), 3_000_000);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("spool/incoming"))
+            .unwrap()
+            .count(),
+        0
+    );
+}

@@ -1,0 +1,567 @@
+//! The MX's SMTP session, sans-IO: bytes in, [`Event`]s out.
+//!
+//! Commands are parsed with `smtp-proto`; the session keeps the RFC 5321
+//! state (greeting, EHLO, the transaction, DATA or BDAT), the limits, and
+//! the replies. It never decides who a recipient is or whether a message
+//! is accepted: it asks its driver ([`Event::Recipient`],
+//! [`Event::Sender`], [`Event::MessageEnd`]) and the driver answers with
+//! [`Session::recipient_verdict`], [`Session::sender_verdict`] and
+//! [`Session::message_done`]. The driver writes replies as they come and
+//! flushes them whenever the session wants more input, which is what
+//! PIPELINING asks of a server.
+//!
+//! STARTTLS: the session answers 220 and returns [`Event::StartTls`]
+//! having consumed exactly the STARTTLS line. Whatever else the driver
+//! has buffered was sent in clear before the handshake and must be
+//! thrown away; after the handshake it calls [`Session::tls_started`] and
+//! the session starts over (RFC 3207 §4.2).
+
+pub mod headers;
+
+use std::borrow::Cow;
+
+use smtp_proto::request::receiver::{BdatReceiver, DataReceiver};
+use smtp_proto::{Error as ParseError, Request};
+
+/// The longest command line taken (RFC 5321 asks for 512; extensions
+/// make lines longer).
+pub const MAX_LINE: usize = 4096;
+/// Commands refused in a row before the session gives up.
+const MAX_ERRORS: u32 = 10;
+
+/// What the driver configures.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The host's name, for the greeting and EHLO.
+    pub hostname: String,
+    pub max_message_bytes: u64,
+    pub max_recipients: usize,
+    /// Whether STARTTLS is offered (the listener has a certificate and the
+    /// session is not under TLS yet).
+    pub starttls: bool,
+}
+
+/// One SMTP reply: a code, an enhanced status code (RFC 3463) and lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// `x.y.z`, or empty (greeting, EHLO).
+    pub status: &'static str,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    pub fn new(code: u16, status: &'static str, text: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            status,
+            lines: vec![text.into()],
+        }
+    }
+
+    /// Whether it is a 2xx or 3xx.
+    pub fn positive(&self) -> bool {
+        self.code < 400
+    }
+
+    /// Appends the reply in wire form: `250-...` lines then `250 ...`.
+    /// Text is cut at CR or LF so nothing a driver passes can start a line.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let n = self.lines.len().max(1);
+        for i in 0..n {
+            let text = self.lines.get(i).map(String::as_str).unwrap_or("");
+            let text = text.split(['\r', '\n']).next().unwrap_or("");
+            let sep = if i + 1 == n { ' ' } else { '-' };
+            let line = if self.status.is_empty() {
+                format!("{}{sep}{text}\r\n", self.code)
+            } else {
+                format!("{}{sep}{} {text}\r\n", self.code, self.status)
+            };
+            out.extend_from_slice(line.as_bytes());
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write(&mut out);
+        out
+    }
+}
+
+/// What the session wants done next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Nothing more can be done with the input given: flush the replies
+    /// written so far and read more.
+    NeedMore,
+    /// Write this reply.
+    Reply(Reply),
+    /// Write this 220, flush, discard all other buffered input, do the TLS
+    /// handshake, then call [`Session::tls_started`].
+    StartTls(Reply),
+    /// MAIL FROM (empty: a bounce). Answer with
+    /// [`Session::sender_verdict`] before stepping again.
+    Sender(String),
+    /// RCPT TO. Answer with [`Session::recipient_verdict`] before stepping
+    /// again.
+    Recipient(String),
+    /// The next bytes of the message (dot-unstuffed), in order.
+    Data(Vec<u8>),
+    /// The message is complete. Answer with [`Session::message_done`]
+    /// before stepping again. `too_big` says the data passed the size
+    /// limit (its bytes were not all given as [`Event::Data`]).
+    MessageEnd { too_big: bool },
+    /// Write this reply and close the connection.
+    Close(Reply),
+}
+
+enum State {
+    Command,
+    /// A line over [`MAX_LINE`]: skipping to its end.
+    Overlong,
+    AwaitSender,
+    AwaitRecipient,
+    Data(DataReceiver),
+    /// A BDAT chunk; `last` ends the message; `refuse` answers it when the
+    /// chunk is only consumed (no transaction to put it in).
+    Bdat {
+        receiver: BdatReceiver,
+        size: usize,
+        last: bool,
+        refuse: Option<Reply>,
+    },
+    AwaitMessage,
+    Closed,
+}
+
+/// One SMTP connection.
+pub struct Session {
+    limits: Limits,
+    state: State,
+    /// Events decided but not yet handed out.
+    pending: std::collections::VecDeque<Event>,
+    tls: bool,
+    helo: Option<String>,
+    from: Option<String>,
+    recipients: Vec<String>,
+    /// BDAT chunks were taken in this transaction (DATA is refused then).
+    chunking: bool,
+    message_bytes: u64,
+    too_big: bool,
+    errors: u32,
+    buf: Vec<u8>,
+}
+
+impl Session {
+    pub fn new(limits: Limits) -> Session {
+        Session {
+            limits,
+            state: State::Command,
+            pending: std::collections::VecDeque::new(),
+            tls: false,
+            helo: None,
+            from: None,
+            recipients: Vec::new(),
+            chunking: false,
+            message_bytes: 0,
+            too_big: false,
+            errors: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The 220 greeting.
+    pub fn greeting(&self) -> Reply {
+        Reply::new(220, "", format!("{} ESMTP Granary", self.limits.hostname))
+    }
+
+    /// What the client said in HELO or EHLO.
+    pub fn helo(&self) -> Option<&str> {
+        self.helo.as_deref()
+    }
+
+    /// The accepted recipients of the current transaction.
+    pub fn recipients(&self) -> &[String] {
+        &self.recipients
+    }
+
+    /// MAIL FROM of the current transaction.
+    pub fn sender(&self) -> Option<&str> {
+        self.from.as_deref()
+    }
+
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Whether message data is being received (DATA or BDAT), so the
+    /// driver applies the data timeout rather than the command timeout.
+    pub fn receiving(&self) -> bool {
+        matches!(self.state, State::Data(_) | State::Bdat { .. })
+    }
+
+    /// Whether the session sits between transactions, waiting for a
+    /// command with nothing under way (a stopping server may close it).
+    pub fn idle(&self) -> bool {
+        matches!(self.state, State::Command) && self.from.is_none() && self.pending.is_empty()
+    }
+
+    /// The handshake after [`Event::StartTls`] finished: everything is
+    /// forgotten, the client must say EHLO again.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.limits.starttls = false;
+        self.helo = None;
+        self.reset();
+        self.pending.clear();
+        self.state = State::Command;
+    }
+
+    fn reset(&mut self) {
+        self.from = None;
+        self.recipients.clear();
+        self.chunking = false;
+        self.message_bytes = 0;
+        self.too_big = false;
+        self.buf.clear();
+    }
+
+    /// Answers [`Event::Sender`]: `Ok` accepts the sender.
+    pub fn sender_verdict(&mut self, sender: &str, verdict: Result<(), Reply>) -> Reply {
+        self.state = State::Command;
+        match verdict {
+            Ok(()) => {
+                self.from = Some(sender.to_owned());
+                Reply::new(250, "2.1.0", "Sender OK")
+            }
+            Err(r) => r,
+        }
+    }
+
+    /// Answers [`Event::Recipient`]: `Ok` adds the recipient.
+    pub fn recipient_verdict(&mut self, recipient: &str, verdict: Result<(), Reply>) -> Reply {
+        self.state = State::Command;
+        match verdict {
+            Ok(()) => {
+                self.recipients.push(recipient.to_owned());
+                Reply::new(250, "2.1.5", "Recipient OK")
+            }
+            Err(r) => r,
+        }
+    }
+
+    /// Answers [`Event::MessageEnd`]: the transaction is over, whatever the
+    /// driver replies.
+    pub fn message_done(&mut self) {
+        self.reset();
+        self.state = State::Command;
+    }
+
+    /// Takes bytes from the front of `input`; returns how many it used and
+    /// what to do next. Call again with the rest until [`Event::NeedMore`].
+    /// While the session waits for a verdict it takes nothing.
+    pub fn step(&mut self, input: &[u8]) -> (usize, Event) {
+        if let Some(e) = self.pending.pop_front() {
+            return (0, e);
+        }
+        match &mut self.state {
+            State::Closed | State::AwaitSender | State::AwaitRecipient | State::AwaitMessage => {
+                (0, Event::NeedMore)
+            }
+            State::Overlong => match input.iter().position(|&b| b == b'\n') {
+                None => (input.len(), Event::NeedMore),
+                Some(p) => {
+                    self.state = State::Command;
+                    (p + 1, self.error(500, "5.5.2", "Line too long"))
+                }
+            },
+            State::Data(receiver) => {
+                let mut it = input.iter();
+                let done = receiver.ingest(&mut it, &mut self.buf);
+                let used = input.len() - it.as_slice().len();
+                self.take_data(done);
+                if done {
+                    self.state = State::AwaitMessage;
+                    self.pending.push_back(Event::MessageEnd {
+                        too_big: self.too_big,
+                    });
+                }
+                (used, self.pending.pop_front().unwrap_or(Event::NeedMore))
+            }
+            State::Bdat {
+                receiver,
+                size,
+                last,
+                refuse,
+            } => {
+                let mut it = input.iter();
+                let done = receiver.ingest(&mut it, &mut self.buf);
+                let used = input.len() - it.as_slice().len();
+                if done {
+                    let (size, last, refuse) = (*size, *last, refuse.take());
+                    if let Some(r) = refuse {
+                        self.buf.clear();
+                        self.state = State::Command;
+                        self.pending.push_back(Event::Reply(r));
+                    } else {
+                        self.take_data(true);
+                        if last {
+                            self.state = State::AwaitMessage;
+                            self.pending.push_back(Event::MessageEnd {
+                                too_big: self.too_big,
+                            });
+                        } else {
+                            self.state = State::Command;
+                            self.pending.push_back(Event::Reply(Reply::new(
+                                250,
+                                "2.0.0",
+                                format!("{size} octets received"),
+                            )));
+                        }
+                    }
+                } else {
+                    self.take_data(false);
+                }
+                (used, self.pending.pop_front().unwrap_or(Event::NeedMore))
+            }
+            State::Command => self.command(input),
+        }
+    }
+
+    /// Moves received bytes out as [`Event::Data`], counting them against
+    /// the size limit. Until the data is `done` the last byte stays back:
+    /// the DATA receiver takes back a CR it pushed when the next byte
+    /// turns out to end the message.
+    fn take_data(&mut self, done: bool) {
+        let keep = if done { 0 } else { 1 };
+        if self.buf.len() <= keep {
+            return;
+        }
+        let out: Vec<u8> = self.buf.drain(..self.buf.len() - keep).collect();
+        self.message_bytes += out.len() as u64;
+        if self.message_bytes > self.limits.max_message_bytes {
+            self.too_big = true;
+        }
+        if !self.too_big {
+            self.pending.push_back(Event::Data(out));
+        }
+    }
+
+    /// A refusal of a bad command; after too many the session ends.
+    fn error(&mut self, code: u16, status: &'static str, text: &str) -> Event {
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            self.state = State::Closed;
+            return Event::Close(Reply::new(421, "4.7.0", "Too many errors, closing"));
+        }
+        Event::Reply(Reply::new(code, status, text))
+    }
+
+    fn command(&mut self, input: &[u8]) -> (usize, Event) {
+        let Some(end) = input.iter().position(|&b| b == b'\n') else {
+            if input.len() > MAX_LINE {
+                self.state = State::Overlong;
+                return (input.len(), Event::NeedMore);
+            }
+            return (0, Event::NeedMore);
+        };
+        let used = end + 1;
+        if end > MAX_LINE {
+            return (used, self.error(500, "5.5.2", "Line too long"));
+        }
+        let line = &input[..used];
+        let parsed = Request::parse(&mut line.iter());
+        let event = match parsed {
+            Ok(request) => self.request(request),
+            Err(ParseError::UnknownCommand) => self.error(500, "5.5.1", "Command unrecognized"),
+            Err(ParseError::InvalidSenderAddress) => {
+                self.error(501, "5.1.7", "Bad sender address syntax")
+            }
+            Err(ParseError::InvalidRecipientAddress) => {
+                self.error(501, "5.1.3", "Bad recipient address syntax")
+            }
+            Err(ParseError::SyntaxError { syntax }) => {
+                self.error(501, "5.5.4", &format!("Syntax: {syntax}"))
+            }
+            Err(ParseError::InvalidParameter { param }) => {
+                self.error(501, "5.5.4", &format!("Invalid {param} parameter"))
+            }
+            Err(ParseError::UnsupportedParameter { param }) => {
+                self.error(555, "5.5.4", &format!("Unsupported parameter {param}"))
+            }
+            Err(_) => self.error(500, "5.5.2", "Syntax error"),
+        };
+        if event == Event::NeedMore && matches!(self.state, State::Bdat { .. }) {
+            // The chunk's bytes may already follow the command.
+            let (more, event) = self.step(&input[used..]);
+            return (used + more, event);
+        }
+        (used, event)
+    }
+
+    fn request(&mut self, request: Request<Cow<'_, str>>) -> Event {
+        match request {
+            Request::Ehlo { host } => {
+                self.helo = Some(host.into_owned());
+                self.reset();
+                let mut lines = vec![
+                    format!("{} Hello", self.limits.hostname),
+                    "PIPELINING".to_owned(),
+                    "8BITMIME".to_owned(),
+                    "SMTPUTF8".to_owned(),
+                    format!("SIZE {}", self.limits.max_message_bytes),
+                    "CHUNKING".to_owned(),
+                    "ENHANCEDSTATUSCODES".to_owned(),
+                ];
+                if self.limits.starttls && !self.tls {
+                    lines.push("STARTTLS".to_owned());
+                }
+                Event::Reply(Reply {
+                    code: 250,
+                    status: "",
+                    lines,
+                })
+            }
+            Request::Helo { host } => {
+                self.helo = Some(host.into_owned());
+                self.reset();
+                Event::Reply(Reply::new(250, "", self.limits.hostname.clone()))
+            }
+            Request::Lhlo { .. } => self.error(500, "5.5.1", "This is not LMTP"),
+            Request::StartTls => {
+                if self.tls {
+                    self.error(503, "5.5.1", "TLS is already active")
+                } else if !self.limits.starttls {
+                    self.error(502, "5.5.1", "STARTTLS is not offered here")
+                } else {
+                    Event::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
+                }
+            }
+            Request::Mail { from } => {
+                if self.helo.is_none() {
+                    return self.error(503, "5.5.1", "Say EHLO first");
+                }
+                if self.from.is_some() {
+                    return self.error(503, "5.5.1", "A transaction is already open");
+                }
+                let unsupported = smtp_proto::MAIL_BODY_BINARYMIME
+                    | smtp_proto::MAIL_REQUIRETLS
+                    | smtp_proto::MAIL_RET_FULL
+                    | smtp_proto::MAIL_RET_HDRS
+                    | smtp_proto::MAIL_BY_NOTIFY
+                    | smtp_proto::MAIL_BY_RETURN
+                    | smtp_proto::MAIL_BY_TRACE
+                    | smtp_proto::MAIL_CONPERM;
+                if from.flags & unsupported != 0
+                    || from.env_id.is_some()
+                    || from.auth.is_some()
+                    || from.mtrk.is_some()
+                    || from.hold_for != 0
+                    || from.hold_until != 0
+                {
+                    return self.error(555, "5.5.4", "Unsupported MAIL parameter");
+                }
+                if from.size as u64 > self.limits.max_message_bytes {
+                    return Event::Reply(Reply::new(
+                        552,
+                        "5.3.4",
+                        format!(
+                            "Message too big: this server takes at most {} bytes",
+                            self.limits.max_message_bytes
+                        ),
+                    ));
+                }
+                self.state = State::AwaitSender;
+                Event::Sender(from.address.into_owned())
+            }
+            Request::Rcpt { to } => {
+                if self.from.is_none() {
+                    return self.error(503, "5.5.1", "Need MAIL before RCPT");
+                }
+                if to.flags != 0 || to.orcpt.is_some() {
+                    return self.error(555, "5.5.4", "Unsupported RCPT parameter");
+                }
+                if self.recipients.len() >= self.limits.max_recipients {
+                    return Event::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
+                }
+                if to.address.is_empty() {
+                    return self.error(501, "5.1.3", "Bad recipient address syntax");
+                }
+                self.state = State::AwaitRecipient;
+                Event::Recipient(to.address.into_owned())
+            }
+            Request::Data => {
+                if self.from.is_none() {
+                    return self.error(503, "5.5.1", "Need MAIL before DATA");
+                }
+                if self.chunking {
+                    return self.error(503, "5.5.1", "DATA after BDAT: use BDAT to the end");
+                }
+                if self.recipients.is_empty() {
+                    return Event::Reply(Reply::new(554, "5.5.1", "No valid recipients"));
+                }
+                self.state = State::Data(DataReceiver::new());
+                Event::Reply(Reply::new(
+                    354,
+                    "",
+                    "Start mail input; end with <CRLF>.<CRLF>",
+                ))
+            }
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => {
+                let refuse = if self.from.is_none() {
+                    Some(Reply::new(503, "5.5.1", "Need MAIL before BDAT"))
+                } else if self.recipients.is_empty() {
+                    Some(Reply::new(554, "5.5.1", "No valid recipients"))
+                } else {
+                    None
+                };
+                if refuse.is_some() {
+                    self.errors += 1;
+                } else {
+                    self.chunking = true;
+                }
+                self.state = State::Bdat {
+                    receiver: BdatReceiver::new(chunk_size, is_last),
+                    size: chunk_size,
+                    last: is_last,
+                    refuse,
+                };
+                Event::NeedMore
+            }
+            Request::Rset => {
+                self.reset();
+                Event::Reply(Reply::new(250, "2.0.0", "OK"))
+            }
+            Request::Noop { .. } => Event::Reply(Reply::new(250, "2.0.0", "OK")),
+            Request::Quit => {
+                self.state = State::Closed;
+                Event::Close(Reply::new(221, "2.0.0", "Bye"))
+            }
+            Request::Vrfy { .. } => Event::Reply(Reply::new(
+                252,
+                "2.5.0",
+                "Cannot verify the user, but will accept the message",
+            )),
+            Request::Help { .. } => Event::Reply(Reply::new(
+                214,
+                "2.0.0",
+                "See RFC 5321; this is Granary's MX",
+            )),
+            Request::Auth { .. } => self.error(
+                503,
+                "5.5.1",
+                "AUTH is not offered on the MX; use the submission port",
+            ),
+            Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.error(502, "5.5.1", "Command not implemented"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

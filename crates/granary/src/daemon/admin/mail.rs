@@ -1,0 +1,266 @@
+//! `Mail`: mail domains, aliases and catch-alls (the state), each user's
+//! mail grain (through `Grains`), and the inbound spool.
+
+use std::rc::Rc;
+
+use capnp::capability::Rc as CapRc;
+use granary_grains::GrainId;
+use granary_model::{MailAddress, MailDomain};
+use granary_schema::admin_capnp::mail;
+
+use super::{ACTOR, Ctx, blocking, fail, grain_failure, state_failure, user_name};
+
+pub(super) struct Mail(pub(super) Rc<Ctx>);
+
+fn domain(text: capnp::text::Reader<'_>) -> Result<MailDomain, capnp::Error> {
+    MailDomain::parse(text.to_str()?).map_err(fail)
+}
+
+fn address(text: capnp::text::Reader<'_>) -> Result<MailAddress, capnp::Error> {
+    MailAddress::parse(text.to_str()?).map_err(fail)
+}
+
+fn set_alias(
+    mut out: granary_schema::admin_capnp::mail_alias::Builder<'_>,
+    a: &granary_state::MailAlias,
+) {
+    out.set_address(&a.address);
+    out.set_user(&a.user);
+    out.set_created_at(a.created_at);
+}
+
+impl mail::Server for Mail {
+    async fn add_domain(
+        self: CapRc<Self>,
+        params: mail::AddDomainParams,
+        mut results: mail::AddDomainResults,
+    ) -> Result<(), capnp::Error> {
+        let d = domain(params.get()?.get_domain()?)?;
+        let store = self.0.store.clone();
+        let created =
+            blocking(move || store.add_mail_domain(&d, ACTOR).map_err(state_failure)).await?;
+        results.get().set_created(created);
+        Ok(())
+    }
+
+    async fn remove_domain(
+        self: CapRc<Self>,
+        params: mail::RemoveDomainParams,
+        _: mail::RemoveDomainResults,
+    ) -> Result<(), capnp::Error> {
+        let d = domain(params.get()?.get_domain()?)?;
+        let store = self.0.store.clone();
+        blocking(move || {
+            if store.remove_mail_domain(&d, ACTOR).map_err(state_failure)? {
+                Ok(())
+            } else {
+                Err(fail(format!("{d} is not one of this host's mail domains")))
+            }
+        })
+        .await
+    }
+
+    async fn domains(
+        self: CapRc<Self>,
+        _: mail::DomainsParams,
+        mut results: mail::DomainsResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.0.store.clone();
+        let domains = blocking(move || store.mail_domains().map_err(state_failure)).await?;
+        let mut list = results.get().init_domains(domains.len() as u32);
+        for (i, d) in domains.iter().enumerate() {
+            let mut out = list.reborrow().get(i as u32);
+            out.set_domain(&d.domain);
+            out.set_catch_all(d.catch_all.as_deref().unwrap_or(""));
+            out.set_aliases(d.aliases as u32);
+            out.set_created_at(d.created_at);
+        }
+        Ok(())
+    }
+
+    async fn set_catch_all(
+        self: CapRc<Self>,
+        params: mail::SetCatchAllParams,
+        _: mail::SetCatchAllResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let d = domain(p.get_domain()?)?;
+        let user = match p.get_user()?.to_str()? {
+            "" => None,
+            _ => Some(user_name(p.get_user()?)?),
+        };
+        let store = self.0.store.clone();
+        blocking(move || {
+            store
+                .set_catch_all(&d, user.as_ref(), ACTOR)
+                .map_err(state_failure)
+        })
+        .await
+    }
+
+    async fn add_alias(
+        self: CapRc<Self>,
+        params: mail::AddAliasParams,
+        mut results: mail::AddAliasResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let a = address(p.get_address()?)?;
+        let user = user_name(p.get_user()?)?;
+        let store = self.0.store.clone();
+        let alias = blocking(move || {
+            store
+                .add_mail_alias(&a, &user, ACTOR)
+                .map_err(state_failure)
+        })
+        .await?;
+        set_alias(results.get().init_alias(), &alias);
+        Ok(())
+    }
+
+    async fn remove_alias(
+        self: CapRc<Self>,
+        params: mail::RemoveAliasParams,
+        _: mail::RemoveAliasResults,
+    ) -> Result<(), capnp::Error> {
+        let a = address(params.get()?.get_address()?)?;
+        let store = self.0.store.clone();
+        blocking(move || {
+            if store.remove_mail_alias(&a, ACTOR).map_err(state_failure)? {
+                Ok(())
+            } else {
+                Err(fail(format!("{} is not an alias", a.full())))
+            }
+        })
+        .await
+    }
+
+    async fn aliases(
+        self: CapRc<Self>,
+        params: mail::AliasesParams,
+        mut results: mail::AliasesResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let user = match p.get_user()?.to_str()? {
+            "" => None,
+            _ => Some(user_name(p.get_user()?)?),
+        };
+        let store = self.0.store.clone();
+        let aliases =
+            blocking(move || store.mail_aliases(user.as_ref()).map_err(state_failure)).await?;
+        let mut list = results.get().init_aliases(aliases.len() as u32);
+        for (i, a) in aliases.iter().enumerate() {
+            set_alias(list.reborrow().get(i as u32), a);
+        }
+        Ok(())
+    }
+
+    async fn status(
+        self: CapRc<Self>,
+        params: mail::StatusParams,
+        mut results: mail::StatusResults,
+    ) -> Result<(), capnp::Error> {
+        let user = user_name(params.get()?.get_user()?)?;
+        let store = self.0.store.clone();
+        let who = user.clone();
+        let (domains, aliases) = blocking(move || {
+            if store.user(&who).map_err(state_failure)?.is_none() {
+                return Err(fail(format!("no user named {who}")));
+            }
+            Ok((
+                store.mail_domains().map_err(state_failure)?,
+                store.mail_aliases(Some(&who)).map_err(state_failure)?,
+            ))
+        })
+        .await?;
+        let grain = GrainId::for_user(user.as_str(), "mail").map_err(fail)?;
+        let status = self
+            .0
+            .grains
+            .mail_status(&grain)
+            .await
+            .map_err(grain_failure)?;
+        let mut addresses: Vec<String> = domains
+            .iter()
+            .map(|d| format!("{user}@{}", d.domain))
+            .collect();
+        addresses.extend(aliases.into_iter().map(|a| a.address));
+        let mut out = results.get().init_status();
+        out.set_user(user.as_str());
+        let mut list = out.reborrow().init_addresses(addresses.len() as u32);
+        for (i, a) in addresses.iter().enumerate() {
+            list.set(i as u32, a);
+        }
+        let mut boxes = out.reborrow().init_mailboxes(status.mailboxes.len() as u32);
+        for (i, m) in status.mailboxes.iter().enumerate() {
+            let mut b = boxes.reborrow().get(i as u32);
+            b.set_name(&m.name);
+            b.set_special_use(&m.special_use);
+            b.set_messages(m.messages);
+            b.set_unseen(m.unseen);
+            b.set_bytes(m.bytes);
+        }
+        out.set_last_delivery(status.last_delivery.unwrap_or(0));
+        out.set_deliveries(status.deliveries);
+        out.set_waiting(self.0.spool.waiting_for(user.as_str()) as u32);
+        Ok(())
+    }
+
+    async fn spool(
+        self: CapRc<Self>,
+        _: mail::SpoolParams,
+        mut results: mail::SpoolResults,
+    ) -> Result<(), capnp::Error> {
+        let messages = self.0.spool.list();
+        let mut list = results.get().init_messages(messages.len() as u32);
+        for (i, m) in messages.iter().enumerate() {
+            let mut out = list.reborrow().get(i as u32);
+            out.set_id(&m.id);
+            out.set_from(&m.from);
+            out.set_size(m.size);
+            out.set_received_at(m.received_at);
+            out.set_client(&m.client);
+            out.set_attempts(m.attempts);
+            out.set_next_attempt(m.next_attempt);
+            out.set_last_error(m.last_error.as_deref().unwrap_or(""));
+            let mut rs = out.init_recipients(m.recipients.len() as u32);
+            for (j, r) in m.recipients.iter().enumerate() {
+                let mut o = rs.reborrow().get(j as u32);
+                o.set_address(&r.address);
+                o.set_user(&r.user);
+                o.set_state(r.state);
+            }
+        }
+        Ok(())
+    }
+
+    async fn retry(
+        self: CapRc<Self>,
+        params: mail::RetryParams,
+        mut results: mail::RetryResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id()?.to_str()?.to_owned();
+        let n = self
+            .0
+            .spool
+            .retry((!id.is_empty()).then_some(id.as_str()))
+            .map_err(fail)?;
+        results.get().set_count(n as u32);
+        Ok(())
+    }
+
+    async fn delete_spooled(
+        self: CapRc<Self>,
+        params: mail::DeleteSpooledParams,
+        _: mail::DeleteSpooledResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id()?.to_str()?.to_owned();
+        let (spool, store) = (self.0.spool.clone(), self.0.store.clone());
+        blocking(move || {
+            spool.delete(&id).map_err(fail)?;
+            store
+                .record_event(ACTOR, "mail.spool.delete", &id, "")
+                .map_err(state_failure)
+        })
+        .await
+    }
+}
