@@ -384,10 +384,16 @@ impl Session {
     {
         let mut changes = self.store.changes();
         changes.borrow_and_update();
-        self.sync(true).await;
+        // The continuation first (clients expect it before any update),
+        // then whatever changed while the client was not idling.
         self.line("+ idling\r\n");
         writer.write_all(&std::mem::take(&mut self.out)).await?;
         writer.flush().await?;
+        self.sync(true).await;
+        if !self.out.is_empty() {
+            writer.write_all(&std::mem::take(&mut self.out)).await?;
+            writer.flush().await?;
+        }
         loop {
             tokio::select! {
                 line = reader.line() => {

@@ -311,7 +311,6 @@ impl Conn {
             remove_ranges(&mut message, &forged);
         }
         let id = Spool::new_id();
-        tracing::Span::current().record("id", id.as_str());
         let now = unix_now();
         let mut head = received(
             &helo,
@@ -335,7 +334,7 @@ impl Conn {
         match self.mx.spool.commit(envelope, head, message).await {
             Ok(()) => {
                 self.mx.limits.sent(ip);
-                tracing::info!(from, bytes = size, "accepted");
+                tracing::info!(id, from, bytes = size, "accepted");
                 Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
             }
             Err(e) => {

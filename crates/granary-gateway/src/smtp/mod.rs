@@ -90,7 +90,7 @@ pub async fn serve(
             () = &mut shutdown => break,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
-        let span = tracing::info_span!("smtp", %peer, id = tracing::field::Empty);
+        let span = tracing::info_span!("smtp", %peer);
         let slot = mx
             .limits
             .connect(peer.ip(), mx.settings.max_connections_per_ip);
