@@ -61,10 +61,14 @@ impl Dns {
             for r in records {
                 cmd.arg(match r {
                     Record::Txt(name, value) => {
+                        // Given in argv, dnsmasq takes quotes literally; the
+                        // 255-byte strings are separated by commas (no
+                        // record here has a comma of its own).
+                        assert!(!value.contains(','), "a TXT value with a comma: {value}");
                         let parts: Vec<String> = value
                             .as_bytes()
                             .chunks(255)
-                            .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+                            .map(|c| String::from_utf8_lossy(c).into_owned())
                             .collect();
                         format!("--txt-record={name},{}", parts.join(","))
                     }
