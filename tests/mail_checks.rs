@@ -46,7 +46,14 @@ fn spf_dkim_and_dmarc_passes_are_recorded_for_the_user() {
     let tmp = tempfile::tempdir().unwrap();
     let key = tmp.path().join("dkim.pem");
     let ok = Command::new("openssl")
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
         .arg(&key)
         .status()
         .unwrap();
@@ -78,10 +85,16 @@ fn spf_dkim_and_dmarc_passes_are_recorded_for_the_user() {
         .find(|l| l.starts_with("Authentication-Results: example.org"))
         .unwrap_or_else(|| panic!("{header}"));
     assert!(ar.contains("dkim=pass"), "{ar}");
-    assert!(ar.contains("header.d=signed.example") || ar.contains("header.i="), "{ar}");
+    assert!(
+        ar.contains("header.d=signed.example") || ar.contains("header.i="),
+        "{ar}"
+    );
     assert!(ar.contains("spf=pass"), "{ar}");
     assert!(ar.contains("dmarc=pass"), "{ar}");
-    assert!(header.contains("Received: from mail.signed.example ([127.0.0.1])"), "{header}");
+    assert!(
+        header.contains("Received: from mail.signed.example ([127.0.0.1])"),
+        "{header}"
+    );
 }
 
 fn base64_encode(data: &[u8]) -> String {
@@ -104,23 +117,44 @@ fn base64_encode(data: &[u8]) -> String {
 #[test]
 fn a_dmarc_reject_policy_refuses_forged_mail_at_the_end_of_data() {
     let mut records = sender_records("remote.example");
-    records.push(Record::Txt("evil.example".into(), "v=spf1 ip4:192.0.2.1 -all".into()));
-    records.push(Record::Txt("_dmarc.evil.example".into(), "v=DMARC1; p=reject".into()));
-    records.push(Record::Txt("relaxed.example".into(), "v=spf1 ip4:192.0.2.1 -all".into()));
-    records.push(Record::Txt("_dmarc.relaxed.example".into(), "v=DMARC1; p=none".into()));
+    records.push(Record::Txt(
+        "evil.example".into(),
+        "v=spf1 ip4:192.0.2.1 -all".into(),
+    ));
+    records.push(Record::Txt(
+        "_dmarc.evil.example".into(),
+        "v=DMARC1; p=reject".into(),
+    ));
+    records.push(Record::Txt(
+        "relaxed.example".into(),
+        "v=spf1 ip4:192.0.2.1 -all".into(),
+    ));
+    records.push(Record::Txt(
+        "_dmarc.relaxed.example".into(),
+        "v=DMARC1; p=none".into(),
+    ));
     let h = MailHost::start(&["alice"], &records, "", "");
     let (ok, out) = h.swaks(&[
-        "--from", "ceo@evil.example",
-        "--to", &format!("alice@{DOMAIN}"),
-        "--header", "From: CEO <ceo@evil.example>",
+        "--from",
+        "ceo@evil.example",
+        "--to",
+        &format!("alice@{DOMAIN}"),
+        "--header",
+        "From: CEO <ceo@evil.example>",
     ]);
     assert!(!ok, "{out}");
-    assert!(out.contains("550 5.7.1 Rejected: the DMARC policy of evil.example"), "{out}");
+    assert!(
+        out.contains("550 5.7.1 Rejected: the DMARC policy of evil.example"),
+        "{out}"
+    );
     // p=none: taken, with the failure recorded for the user and filters.
     let (ok, out) = h.swaks(&[
-        "--from", "x@relaxed.example",
-        "--to", &format!("alice@{DOMAIN}"),
-        "--header", "From: <x@relaxed.example>",
+        "--from",
+        "x@relaxed.example",
+        "--to",
+        &format!("alice@{DOMAIN}"),
+        "--header",
+        "From: <x@relaxed.example>",
     ]);
     assert!(ok, "{out}");
     h.wait_for("alice", "INBOX", 1);
@@ -134,15 +168,32 @@ fn a_dmarc_reject_policy_refuses_forged_mail_at_the_end_of_data() {
 fn aliases_tags_postmaster_and_catch_all_reach_their_users() {
     let h = MailHost::start(&["alice", "bob"], &sender_records("remote.example"), "", "");
     let d = &h.daemon;
-    d.granary(&["mail", "alias", "add", "sales@example.org", "bob"]).success();
-    let e = d.granary(&["mail", "alias", "add", "alice@example.org", "bob"]).failure();
+    d.granary(&["mail", "alias", "add", "sales@example.org", "bob"])
+        .success();
+    let e = d
+        .granary(&["mail", "alias", "add", "alice@example.org", "bob"])
+        .failure();
     assert!(e.stderr.contains("alice's own address"), "{}", e.stderr);
-    let e = d.granary(&["mail", "alias", "add", "x@nowhere.example", "bob"]).failure();
-    assert!(e.stderr.contains("granary mail domain add nowhere.example"), "{}", e.stderr);
-    let aliases = d.granary(&["mail", "alias", "list", "--json"]).success().json();
+    let e = d
+        .granary(&["mail", "alias", "add", "x@nowhere.example", "bob"])
+        .failure();
+    assert!(
+        e.stderr.contains("granary mail domain add nowhere.example"),
+        "{}",
+        e.stderr
+    );
+    let aliases = d
+        .granary(&["mail", "alias", "list", "--json"])
+        .success()
+        .json();
     assert_eq!(aliases[0]["address"], "sales@example.org");
     let send = |to: &str| h.swaks(&["--from", "s@remote.example", "--to", to]);
-    for to in ["Sales+Q4@example.org", "alice+lists@example.org", "postmaster@example.org", "ABUSE@example.org"] {
+    for to in [
+        "Sales+Q4@example.org",
+        "alice+lists@example.org",
+        "postmaster@example.org",
+        "ABUSE@example.org",
+    ] {
         let (ok, out) = send(to);
         assert!(ok, "{to}: {out}");
     }
@@ -156,13 +207,22 @@ fn aliases_tags_postmaster_and_catch_all_reach_their_users() {
     eventually("every message in its inbox", DEADLINE, || {
         (h.count("alice", "INBOX") == 3 && h.count("bob", "INBOX") == 2).then_some(())
     });
-    let domains = d.granary(&["mail", "domain", "list", "--json"]).success().json();
+    let domains = d
+        .granary(&["mail", "domain", "list", "--json"])
+        .success()
+        .json();
     assert_eq!(domains[0]["catch_all"], "bob");
     assert_eq!(domains[0]["aliases"], 1);
     let status = h.status("bob");
-    let addresses: Vec<&str> = status["addresses"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let addresses: Vec<&str> = status["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
     assert_eq!(addresses, ["bob@example.org", "sales@example.org"]);
-    d.granary(&["mail", "catch-all", DOMAIN, "--none"]).success();
+    d.granary(&["mail", "catch-all", DOMAIN, "--none"])
+        .success();
     let (ok, _) = send("nobody@example.org");
     assert!(!ok);
 }
@@ -221,4 +281,61 @@ fn hostile_mime_is_stored_and_fetchable_without_crashing_the_grain() {
         .json();
     assert_eq!(status["oom_kills"], 0, "{status}");
     assert_eq!(status["crashes"], 0, "{status}");
+}
+
+const TRAIN: &str = r#"
+import imaplib, os, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+m = imaplib.IMAP4_SSL(os.environ["IMAP_HOST"], int(os.environ["IMAPS_PORT"]), ssl_context=ctx)
+m.login(os.environ["USER"], os.environ["PASSWORD"])
+m.select("INBOX")
+typ, spam = m.uid("SEARCH", None, "SUBJECT", "winner")
+typ, ham = m.uid("SEARCH", None, "SUBJECT", "agenda")
+m.uid("MOVE", b",".join(spam[0].split()), "Junk")
+m.uid("MOVE", b",".join(ham[0].split()), "Archive")
+print("TRAINED", len(spam[0].split()), len(ham[0].split()))
+m.logout()
+"#;
+
+#[test]
+fn the_junk_filter_learns_from_the_users_moves_and_files_new_mail() {
+    let h = MailHost::start(
+        &["alice"],
+        &sender_records("remote.example"),
+        "max_messages_per_ip = 1000\n",
+        "",
+    );
+    let send = |subject: &str, body: &str| {
+        let (ok, out) = h.swaks(&[
+            "--from",
+            "s@remote.example",
+            "--to",
+            "alice@example.org",
+            "--header",
+            &format!("Subject: {subject}"),
+            "--body",
+            body,
+        ]);
+        assert!(ok, "{out}");
+    };
+    for i in 0..6 {
+        send(
+            &format!("You are a winner {i}"),
+            "claim your casino prize now cheap pills offer",
+        );
+        send(
+            &format!("Project agenda {i}"),
+            "notes for the tuesday meeting about the project plan",
+        );
+    }
+    h.wait_for("alice", "INBOX", 12);
+    let pw = h.password("alice");
+    let (ok, out) = run_python(TRAIN, &h.client_env("alice", &pw));
+    assert!(ok, "{out}");
+    assert!(out.contains("TRAINED 6 6"), "{out}");
+    send("Another winner", "casino prize offer cheap pills claim now");
+    send("Tuesday agenda", "the project meeting notes");
+    eventually("the filter's verdicts", DEADLINE, || {
+        (h.count("alice", "Junk") == 7 && h.count("alice", "INBOX") == 1).then_some(())
+    });
 }

@@ -160,8 +160,15 @@ fn the_demo_banner_steps_work_when_pasted() {
     let packages = [
         granary_testkit::git_package(tmp.path()),
         granary_testkit::app_package(tmp.path(), "blog", "granary-blog", ""),
+        granary_testkit::mail::mail_package(tmp.path()),
     ];
-    let daemon = Daemon::start_with_builtin(granary_testkit::DaemonMode::Demo, "", &packages);
+    // The mail checks ask a DNS server of the test's own.
+    let dns = granary_testkit::mail::Dns::start(&[]);
+    let daemon = Daemon::start_with_builtin(
+        granary_testkit::DaemonMode::Demo,
+        &format!("[mail]\nresolver = \"{}\"\n", dns.addr),
+        &packages,
+    );
     let mut banner = Vec::new();
     while let Some(line) = daemon.next_stdout_line() {
         let done = line.starts_with("Stop with Ctrl-C");
@@ -206,4 +213,34 @@ fn the_demo_banner_steps_work_when_pasted() {
         },
     );
     assert!(page.contains("<h1>"), "{page}");
+
+    // Mail: the send and status steps as printed, then the IMAP read.
+    let mail_steps = banner_block(&banner, "Try mail");
+    let read = banner_block(&banner, "Read it");
+    assert_eq!((mail_steps.len(), read.len()), (2, 1), "{banner:#?}");
+    let out = std::process::Command::new("sh")
+        .args(["-e", "-c", &mail_steps.join("\n")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{mail_steps:#?}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fetched = eventually(
+        "the demo's IMAP step to show the mail",
+        granary_testkit::DEADLINE,
+        || {
+            let out = std::process::Command::new("sh")
+                .args(["-c", &read[0]])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains("Subject: hello").then_some(text)
+        },
+    );
+    assert!(fetched.contains("Subject: hello"), "{fetched}");
+    drop(daemon);
+    drop(dns);
 }

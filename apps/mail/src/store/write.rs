@@ -424,6 +424,28 @@ impl Store {
             changed.push(uid);
         }
         let rows = rows_for(&tx, mailbox, &changed)?;
+        // Junk and not-junk marks (Thunderbird's Junk/NonJunk, $Junk and
+        // $NotJunk elsewhere) train the filter too.
+        if change != FlagChange::Remove {
+            let marked = |names: &[&str]| {
+                keywords
+                    .iter()
+                    .any(|k| names.iter().any(|n| k.eq_ignore_ascii_case(n)))
+            };
+            let verdict = if marked(&["$Junk", "Junk"]) {
+                Some(junk::Verdict::Spam)
+            } else if marked(&["$NotJunk", "NotJunk", "NonJunk"]) {
+                Some(junk::Verdict::Ham)
+            } else {
+                None
+            };
+            if let Some(v) = verdict {
+                for m in &rows {
+                    let bytes = self.read_blob(m.blob)?;
+                    junk::train(&tx, m.blob, &crate::mime::tokens(&bytes), v)?;
+                }
+            }
+        }
         tx.commit()?;
         drop(db);
         if !rows.is_empty() {
@@ -450,6 +472,9 @@ impl Store {
         let verdict = match (source.special_use.as_str(), target.special_use.as_str()) {
             (s, "\\Junk") if s != "\\Junk" => Some(junk::Verdict::Spam),
             ("\\Junk", t) if t != "\\Junk" && t != "\\Trash" => Some(junk::Verdict::Ham),
+            // Archived, or filed from INBOX into a folder: wanted mail.
+            (_, "\\Archive") => Some(junk::Verdict::Ham),
+            ("", "") if source.name == "INBOX" => Some(junk::Verdict::Ham),
             _ => None,
         };
         if let Some(v) = verdict {

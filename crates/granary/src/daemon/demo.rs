@@ -1,5 +1,6 @@
-//! `granary demo`: the demo user, a fresh app password for git, and the
-//! banner whose next steps work when pasted.
+//! `granary demo`: the demo user, fresh app passwords for git and mail,
+//! the demo domain as a mail domain, and the banner whose next steps work
+//! when pasted.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,29 +18,46 @@ pub(crate) const DEMO_USER: &str = "demo";
 pub(super) struct DemoSecrets {
     password: String,
     git_password: String,
+    mail_password: String,
 }
 
 /// Makes sure the demo user exists, gives it a fresh generated account
-/// password and a fresh app password for git (the previous demo ones are
-/// revoked), and returns both to print once.
-pub(super) async fn ensure_demo_user(store: &Arc<Store>) -> anyhow::Result<DemoSecrets> {
+/// password and fresh app passwords for git and mail (the previous demo
+/// ones are revoked), makes the demo's domain a mail domain, and returns
+/// the passwords to print once.
+pub(super) async fn ensure_demo_user(
+    store: &Arc<Store>,
+    domain: &str,
+) -> anyhow::Result<DemoSecrets> {
     let store = store.clone();
+    let domain = granary_model::MailDomain::parse(domain)?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<DemoSecrets> {
         let name = UserName::new(DEMO_USER)?;
         let password = granary_auth::generate_password()?;
         let hash = granary_auth::hash_password(&password)?;
         if store.user(&name)?.is_some() {
             store.set_password_hash(&name, &hash, "demo")?;
-            store.revoke_app_passwords(&name, &RevokeSelector::Kind("git".to_owned()), "demo")?;
+            for kind in ["git", "mail"] {
+                store.revoke_app_passwords(
+                    &name,
+                    &RevokeSelector::Kind(kind.to_owned()),
+                    "demo",
+                )?;
+            }
         } else {
             store.add_user(&name, &hash, "demo")?;
         }
         let git_password = granary_auth::generate_password()?;
         let git_hash = granary_auth::hash_password(&git_password)?;
         store.add_app_password(&name, "git", "demo banner", &git_hash, "demo")?;
+        let mail_password = granary_auth::generate_password()?;
+        let mail_hash = granary_auth::hash_password(&mail_password)?;
+        store.add_app_password(&name, "mail", "demo banner", &mail_hash, "demo")?;
+        store.add_mail_domain(&domain, "demo")?;
         Ok(DemoSecrets {
             password,
             git_password,
+            mail_password,
         })
     })
     .await
@@ -50,6 +68,7 @@ pub(super) fn print_banner(
     config: &Config,
     https: SocketAddr,
     ssh: Option<SocketAddr>,
+    mail: (Option<SocketAddr>, Option<SocketAddr>),
     ca_file: Option<&Path>,
     secrets: &DemoSecrets,
     builtin: &[PathBuf],
@@ -126,6 +145,29 @@ Publish it as {user}'s blog (in the same shell):
     } else {
         String::new()
     };
+    let mail_steps = match (has("mail"), mail) {
+        (true, (Some(smtp), Some(imaps))) => {
+            let ca_py = ca_file
+                .map(|p| format!("cafile={:?}", p.display().to_string()))
+                .unwrap_or_default();
+            format!(
+                "
+Try mail (paste as is; swaks is Debian's, apt install swaks):
+  swaks --server {smtp_ip} --port {smtp_port} --from friend@example.net --to {user}@{host} --header 'Subject: hello'
+  {granary} --home {home} mail status {user}
+
+Read it with any IMAP client at {imaps} (TLS), user {user}, the mail password; for example:
+  python3 -c 'import imaplib, ssl; m = imaplib.IMAP4_SSL(\"{imaps_ip}\", {imaps_port}, ssl_context=ssl.create_default_context({ca_py})); m.login(\"{user}\", \"{mail}\"); m.select(); print(m.fetch(\"1:*\", \"(BODY[HEADER.FIELDS (SUBJECT)])\")[1])'
+",
+                smtp_ip = smtp.ip(),
+                smtp_port = smtp.port(),
+                imaps_ip = imaps.ip(),
+                imaps_port = imaps.port(),
+                mail = secrets.mail_password,
+            )
+        }
+        _ => String::new(),
+    };
     println!(
         "\
 Granary demo is running.
@@ -136,11 +178,13 @@ Granary demo is running.
   Password       {password}
                  (shown once: only its argon2id hash is stored; a new one is made on each demo start)
   Git password   {git}   (an app password of kind git, also new on each start)
+  Mail password  {mail_password}   (kind mail, for IMAP clients; also new)
   Built-in apps  {apps}
   Admin          {granary} --home {home} status
                  {granary} --home {home} grain list
-{git_steps}{blog_steps}
+{git_steps}{blog_steps}{mail_steps}
 Stop with Ctrl-C.",
+        mail_password = secrets.mail_password,
         apps = if installed.is_empty() {
             "none (./granary-demo builds and signs them into DATA_DIR/builtin-apps)".to_owned()
         } else {

@@ -121,7 +121,7 @@ async fn serve(
     let admin_listener = admin::bind(&admin_socket)?;
 
     let demo = match mode {
-        Mode::Demo => Some(demo::ensure_demo_user(&store).await?),
+        Mode::Demo => Some(demo::ensure_demo_user(&store, &config.domain).await?),
         Mode::Serve => None,
     };
 
@@ -167,12 +167,19 @@ async fn serve(
         stop_rx.clone(),
     )?;
 
+    // postmaster@ and abuse@ reach the configured user; in the demo, the
+    // demo user unless one is configured.
+    let postmaster = config
+        .mail
+        .postmaster
+        .clone()
+        .or_else(|| (mode == Mode::Demo).then(|| demo::DEMO_USER.to_owned()));
     let g = &config.gateway;
     let shared = Arc::new(granary_gateway::Shared {
         domain: config.domain.clone(),
         directory: Arc::new(directory::StateDirectory {
             store: store.clone(),
-            postmaster: config.mail.postmaster.clone(),
+            postmaster: postmaster.clone(),
         }),
         grains: grains.clone(),
         limiter: Arc::default(),
@@ -193,7 +200,7 @@ async fn serve(
         mail.spool.clone(),
         grains,
         store.clone(),
-        config.mail.postmaster.clone(),
+        postmaster,
         stop_rx.clone(),
     );
 
@@ -234,6 +241,10 @@ async fn serve(
                 &config,
                 https,
                 ports.listeners.get("ssh").copied(),
+                (
+                    ports.listeners.get("smtp").copied(),
+                    ports.listeners.get("imaps").copied(),
+                ),
                 ca_file.as_deref(),
                 &secrets,
                 &builtin,
