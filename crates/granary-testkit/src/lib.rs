@@ -117,6 +117,18 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 /// build` from `files` (a TOML [files] table body) and the app's statically
 /// linked binary.
 pub fn app_package(dir: &Path, kind: &str, app: &str, files: &str) -> std::path::PathBuf {
+    app_package_from(dir, kind, app, files, &static_binary(app))
+}
+
+/// [`app_package`] with the app's binary taken from `binary` (a release
+/// build, for benchmarks).
+pub fn app_package_from(
+    dir: &Path,
+    kind: &str,
+    app: &str,
+    files: &str,
+    binary: &Path,
+) -> std::path::PathBuf {
     let key = dir.join(format!("{kind}.key"));
     let pack = |args: &[&str]| {
         let mut all = vec!["pack"];
@@ -132,7 +144,7 @@ pub fn app_package(dir: &Path, kind: &str, app: &str, files: &str) -> std::path:
             "format = 1\n[app]\nkind = \"{kind}\"\nversion = \"0.1.0\"\nexec = [\"/bin/{app}\"]\n\
              services = [{services}]\noffers = [\"{offer}\"]\n[limits]\nmemory_mib = 256\npids = 64\n\
              [files]\n{files}copy = [{{ from = \"{}\", to = \"/bin/{app}\" }}]\n",
-            static_binary(app).display(),
+            binary.display(),
             offer = match kind {
                 "git" => "git.read",
                 "mail" => "mail.deliver",

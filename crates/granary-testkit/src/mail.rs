@@ -12,9 +12,13 @@ use nix::unistd::Pid;
 
 use crate::{DEADLINE, Daemon, DaemonMode, app_password, eventually};
 
-/// The mail app as a signed package.
+/// The mail app as a signed package: the static debug build, or
+/// `$GRANARY_MAIL_APP` (a release build, for benchmarks).
 pub fn mail_package(dir: &Path) -> PathBuf {
-    crate::app_package(dir, "mail", "granary-mail", "")
+    match std::env::var_os("GRANARY_MAIL_APP") {
+        Some(bin) => crate::app_package_from(dir, "mail", "granary-mail", "", Path::new(&bin)),
+        None => crate::app_package(dir, "mail", "granary-mail", ""),
+    }
 }
 
 /// One DNS record the test server answers.
