@@ -384,12 +384,7 @@ impl Client {
                 "{tag} NO [UNAVAILABLE] Too many failed logins; try again in a few minutes\r\n"
             ));
         }
-        match self
-            .shared
-            .directory
-            .check_password(&user, "mail", password)
-            .await
-        {
+        match self.shared.check_password(&user, "mail", password).await {
             Some(cred) => {
                 tracing::Span::current().record("user", user.as_str());
                 tracing::info!(credential = cred.id, "logged in");

@@ -28,7 +28,7 @@ use std::time::Duration;
 pub use directory::{BoxFuture, Credential, Directory, MailRecipient};
 pub use error::GatewayError;
 use granary_grains::Grains;
-pub use limiter::LoginLimiter;
+pub use limiter::{LoginLimiter, VerifiedLogins};
 
 /// Timeouts and bounds of the listeners, from `[gateway]`.
 #[derive(Debug, Clone, Copy)]
@@ -76,4 +76,25 @@ pub struct Shared {
     pub settings: Settings,
     /// The MX's spool, checks and limits; `None` when mail is not served.
     pub mx: Option<Arc<smtp::Mx>>,
+    /// Passwords verified in the last minute, across listeners.
+    pub verified: VerifiedLogins,
+}
+
+impl Shared {
+    /// Which of `user`'s app passwords of `kind` `password` is: from the
+    /// last minute's verified logins, else asked of the [`Directory`]
+    /// (argon2). Callers count failures in the [`LoginLimiter`].
+    pub async fn check_password(
+        &self,
+        user: &str,
+        kind: &str,
+        password: &str,
+    ) -> Option<Credential> {
+        if let Some(credential) = self.verified.get(user, kind, password) {
+            return Some(credential);
+        }
+        let credential = self.directory.check_password(user, kind, password).await?;
+        self.verified.remember(user, kind, password, credential);
+        Some(credential)
+    }
 }

@@ -39,3 +39,67 @@ impl LoginLimiter {
         entry.0 += 1;
     }
 }
+
+/// How long a verified password is trusted without argon2.
+const VERIFIED_FOR: Duration = Duration::from_secs(60);
+/// Verified logins remembered before expired ones are swept.
+const MAX_VERIFIED: usize = 10_000;
+
+/// Logins that checked out in the last minute, shared by every listener,
+/// so a client that opens many connections (an IMAP client's one per
+/// folder, HTTP requests) costs one argon2 a minute rather than one each.
+/// Entries are keyed by an HMAC of user, kind and password under a key
+/// made at start and never stored: the passwords are not kept, and a
+/// changed or wrong password never matches.
+pub struct VerifiedLogins {
+    key: ring::hmac::Key,
+    verified: Mutex<HashMap<[u8; 32], (Instant, crate::Credential)>>,
+}
+
+impl Default for VerifiedLogins {
+    fn default() -> Self {
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .expect("the kernel's random source");
+        VerifiedLogins {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+            verified: Mutex::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for VerifiedLogins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedLogins").finish_non_exhaustive()
+    }
+}
+
+impl VerifiedLogins {
+    fn key(&self, user: &str, kind: &str, password: &str) -> [u8; 32] {
+        let tag = ring::hmac::sign(&self.key, format!("{user}\0{kind}\0{password}").as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(tag.as_ref());
+        key
+    }
+
+    /// The credential this password was verified as within the last minute.
+    pub fn get(&self, user: &str, kind: &str, password: &str) -> Option<crate::Credential> {
+        let key = self.key(user, kind, password);
+        self.verified
+            .lock()
+            .expect("not poisoned")
+            .get(&key)
+            .filter(|(t, _)| t.elapsed() < VERIFIED_FOR)
+            .map(|(_, c)| *c)
+    }
+
+    /// Remembers that this password checked out as `credential`.
+    pub fn remember(&self, user: &str, kind: &str, password: &str, credential: crate::Credential) {
+        let key = self.key(user, kind, password);
+        let mut verified = self.verified.lock().expect("not poisoned");
+        if verified.len() >= MAX_VERIFIED {
+            verified.retain(|_, (t, _)| t.elapsed() < VERIFIED_FOR);
+        }
+        verified.insert(key, (Instant::now(), credential));
+    }
+}

@@ -1,6 +1,6 @@
 //! Requests to grains: routing by the service table, authentication (HTTP
-//! Basic with app passwords, cached under a keyed hash so argon2 does not
-//! run on every request; failed logins limited per source address and per
+//! Basic with app passwords, verified once a minute at most
+//! ([`crate::VerifiedLogins`]); failed logins limited per source address and per
 //! user before any hashing), the entry's access rules, and forwarding over
 //! pooled HTTP/1.1 connections to the grain's `http` service.
 //!
@@ -28,9 +28,6 @@ use crate::{Credential, GatewayError, Shared};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// How long a verified credential is trusted without argon2.
-const CACHE_FOR: Duration = Duration::from_secs(60);
-const MAX_CACHED: usize = 10_000;
 /// Idle upstream connections kept per grain and identity (more than a busy
 /// client population keeps in flight: a connection made per request costs
 /// a trip through the supervisor).
@@ -55,8 +52,6 @@ struct Login {
 /// request that is not the gateway's own.
 pub struct Gateway {
     shared: Arc<Shared>,
-    cache_key: ring::hmac::Key,
-    verified: Mutex<HashMap<[u8; 32], (Instant, Credential)>>,
     pool: Mutex<HashMap<String, Vec<Pooled>>>,
 }
 
@@ -150,13 +145,8 @@ impl Gateway {
     /// connections idle longer than `upstream_idle` are closed so grains
     /// nobody uses can stop.
     pub fn new(shared: Arc<Shared>) -> Arc<Gateway> {
-        let mut secret = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-            .expect("the kernel's random source");
         let gateway = Arc::new(Gateway {
             shared,
-            cache_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
-            verified: Mutex::default(),
             pool: Mutex::default(),
         });
         let weak = Arc::downgrade(&gateway);
@@ -211,36 +201,8 @@ impl Gateway {
             limiter.fail(by_peer);
             return Err(unauthorized(service));
         }
-        let tag = ring::hmac::sign(
-            &self.cache_key,
-            format!("{user}\0{kind}\0{password}").as_bytes(),
-        );
-        let mut key = [0u8; 32];
-        key.copy_from_slice(tag.as_ref());
-        let cached = self
-            .verified
-            .lock()
-            .expect("not poisoned")
-            .get(&key)
-            .filter(|(t, _)| t.elapsed() < CACHE_FOR)
-            .map(|(_, c)| *c);
-        if let Some(credential) = cached {
-            return Ok(Some(Login { user, credential }));
-        }
-        match self
-            .shared
-            .directory
-            .check_password(&user, kind, &password)
-            .await
-        {
-            Some(credential) => {
-                let mut verified = self.verified.lock().expect("not poisoned");
-                if verified.len() >= MAX_CACHED {
-                    verified.retain(|_, (t, _)| t.elapsed() < CACHE_FOR);
-                }
-                verified.insert(key, (Instant::now(), credential));
-                Ok(Some(Login { user, credential }))
-            }
+        match self.shared.check_password(&user, kind, &password).await {
+            Some(credential) => Ok(Some(Login { user, credential })),
             None => {
                 tracing::info!(%peer, user, kind, "failed login");
                 limiter.fail(by_peer);

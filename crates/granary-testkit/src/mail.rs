@@ -60,6 +60,8 @@ impl Dns {
                 "--local=/#/",
                 "--log-facility=-",
                 "--cache-size=0",
+                // A TTL, as real zones give, so resolvers may cache answers.
+                "--local-ttl=300",
             ])
             .arg(format!("--port={port}"));
             for r in records {

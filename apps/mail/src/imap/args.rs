@@ -98,8 +98,11 @@ fn quoted(input: &[u8], pos: &mut usize) -> Option<Vec<u8>> {
 }
 
 fn literal(input: &[u8], pos: &mut usize) -> Option<Vec<u8>> {
-    if input[*pos] == b'~' {
+    if input.get(*pos) == Some(&b'~') {
         *pos += 1;
+    }
+    if input.get(*pos) != Some(&b'{') {
+        return None;
     }
     let close = input[*pos..].iter().position(|&b| b == b'}')?;
     let spec = std::str::from_utf8(&input[*pos + 1..*pos + close]).ok()?;
@@ -109,8 +112,9 @@ fn literal(input: &[u8], pos: &mut usize) -> Option<Vec<u8>> {
         return None;
     }
     *pos += 2;
-    let data = input.get(*pos..*pos + n)?.to_vec();
-    *pos += n;
+    let end = pos.checked_add(n)?;
+    let data = input.get(*pos..end)?.to_vec();
+    *pos = end;
     Some(data)
 }
 
@@ -190,6 +194,11 @@ mod tests {
         assert!(a[3].is_atom("return"));
         assert!(parse(b"(unclosed\r\n").is_none());
         assert!(parse(b"{99}\r\nshort\r\n").is_none());
+        // Found by the fuzzer: `~` not followed by `{`, and a length
+        // that overflows.
+        assert!(parse(b"~}|\n\n").is_none());
+        assert!(parse(b"~x{1}\r\na").is_none());
+        assert!(parse(b"{18446744073709551615}\r\nx").is_none());
     }
 
     #[test]

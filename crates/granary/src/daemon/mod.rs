@@ -183,6 +183,7 @@ async fn serve(
         }),
         grains: grains.clone(),
         limiter: Arc::default(),
+        verified: Default::default(),
         tls,
         ssh_host_key,
         settings: granary_gateway::Settings {
