@@ -85,6 +85,27 @@ s.quit()
     assert!(out.contains("SUBJECT Subject: via smtplib"), "{out}");
     assert!(!out.contains("forged=yes"), "{out}");
     assert!(out.contains("AR True"), "{out}");
+
+    // Saving a sent message with an attachment: a 3 MB APPEND, read back
+    // whole.
+    let append = r#"
+import imaplib, os, ssl, hashlib
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+m = imaplib.IMAP4_SSL(os.environ["IMAP_HOST"], int(os.environ["IMAPS_PORT"]), ssl_context=ctx)
+m.login(os.environ["USER"], os.environ["PASSWORD"])
+line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\r\n"
+msg = b"Subject: attachment\r\n\r\n" + line * (3 * 1024 * 1024 // len(line))
+typ, data = m.append("Sent", "(\\Seen)", None, msg)
+assert typ == "OK", data
+m.select("Sent")
+typ, data = m.search(None, "ALL")
+typ, got = m.fetch(data[0].split()[-1], "(BODY.PEEK[])")
+print("SAME", hashlib.sha256(got[0][1]).hexdigest() == hashlib.sha256(msg).hexdigest(), len(msg))
+m.logout()
+"#;
+    let (ok, out) = run_python(append, &env);
+    assert!(ok, "{out}");
+    assert!(out.contains("SAME True"), "{out}");
 }
 
 const STARTTLS_SMTP: &str = r#"

@@ -100,6 +100,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         max_literal: u64,
     ) -> std::io::Result<Frame> {
         let mut command = Vec::new();
+        // The command's text outside literals, and its literals together,
+        // each have their own bound: an APPEND's message is limited by
+        // `max_literal`, not by the line length.
+        let mut text = 0usize;
+        let mut literals = 0u64;
         loop {
             let line = match self.line().await? {
                 None => return Ok(Frame::Closed),
@@ -107,13 +112,15 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 Some(Ok(l)) => l,
             };
             command.extend_from_slice(&line);
-            if command.len() > MAX_LINE * 4 {
+            text += line.len();
+            if text > MAX_LINE * 4 {
                 return Ok(Frame::TooLong);
             }
             let Some((n, sync)) = literal_at_end(&line) else {
                 return Ok(Frame::Command(command));
             };
-            if n > max_literal {
+            literals = literals.saturating_add(n);
+            if literals > max_literal {
                 let tag = tag_of(&command);
                 if sync {
                     // Refused before the client sends it; the command ends.
@@ -127,13 +134,18 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     match self.line().await? {
                         None => return Ok(Frame::Closed),
                         Some(Err(())) => return Ok(Frame::TooLong),
-                        Some(Ok(l)) if literal_at_end(&l).is_none() => break,
-                        Some(Ok(l)) => {
-                            let (m, _) = literal_at_end(&l).unwrap_or((0, false));
-                            if !self.exactly(m.min(max_literal) as usize, None).await? {
-                                return Ok(Frame::Closed);
+                        Some(Ok(l)) => match literal_at_end(&l) {
+                            None => break,
+                            // The client waits for a `+` it will not get:
+                            // the tagged NO ends the command instead.
+                            Some((_, true)) => break,
+                            // Sent regardless: read past all of it.
+                            Some((m, false)) => {
+                                if !self.exactly(m as usize, None).await? {
+                                    return Ok(Frame::Closed);
+                                }
                             }
-                        }
+                        },
                     }
                 }
                 return Ok(Frame::TooBig { tag });
@@ -232,5 +244,35 @@ mod tests {
             panic!()
         };
         assert_eq!(c, b"d NOOP\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_literal_may_be_far_longer_than_a_line() {
+        // An APPEND of 1 MiB: the message counts against the literal
+        // limit, not the line limit.
+        let mut data = b"e APPEND Sent {1048576}\r\n".to_vec();
+        data.extend(std::iter::repeat_n(b'x', 1 << 20));
+        data.extend_from_slice(b"\r\n");
+        let mut r = Reader::new(&data[..]);
+        let mut out = Vec::new();
+        let Frame::Command(c) = r.command(&mut out, 50 << 20).await.unwrap() else {
+            panic!("a 1 MiB APPEND was refused")
+        };
+        assert_eq!(c.len(), data.len());
+        // Two literals are limited together.
+        let mut data = b"f X {60+}\r\n".to_vec();
+        data.extend(std::iter::repeat_n(b'y', 60));
+        data.extend_from_slice(b" {60+}\r\n");
+        data.extend(std::iter::repeat_n(b'z', 60));
+        data.extend_from_slice(b"\r\ng NOOP\r\n");
+        let mut r = Reader::new(&data[..]);
+        assert!(matches!(
+            r.command(&mut out, 100).await.unwrap(),
+            Frame::TooBig { .. }
+        ));
+        let Frame::Command(c) = r.command(&mut out, 100).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(c, b"g NOOP\r\n");
     }
 }

@@ -10,7 +10,7 @@ use imap_codec::imap_types::status::StatusDataItemName;
 
 use super::MAX_APPEND;
 use super::args::Arg;
-use super::selected::{Selected, fetch_flags, numbers, uid_set};
+use super::selected::{Selected, fetch_flags, in_intervals, intervals, uid_set};
 use super::session::{Session, blocking, no};
 use super::text;
 use crate::store::{Mailbox, Status, StoreError, flag_names, system_flag};
@@ -18,17 +18,45 @@ use crate::store::{Mailbox, Status, StoreError, flag_names, system_flag};
 /// The flags every mailbox offers, and keywords clients commonly set.
 const FLAGS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Junk $NotJunk";
 
-/// `*` matches anything, `%` anything but the delimiter.
+/// The longest LIST pattern matched (mailbox names are far shorter).
+const MAX_PATTERN: usize = 1024;
+
+/// `*` matches anything, `%` anything but the delimiter. One pass per
+/// pattern byte over the name (no backtracking: `****x` costs what `*x`
+/// does).
 fn glob(pattern: &[u8], name: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => name.is_empty(),
-        Some((b'*', rest)) => (0..=name.len()).any(|i| glob(rest, &name[i..])),
-        Some((b'%', rest)) => {
-            let stop = name.iter().position(|&b| b == b'/').unwrap_or(name.len());
-            (0..=stop).any(|i| glob(rest, &name[i..]))
-        }
-        Some((&c, rest)) => name.first() == Some(&c) && glob(rest, &name[1..]),
+    if pattern.len() > MAX_PATTERN {
+        return false;
     }
+    // reach[j]: the pattern so far matches name[..j].
+    let mut reach = vec![false; name.len() + 1];
+    reach[0] = true;
+    let mut next = vec![false; name.len() + 1];
+    for &p in pattern {
+        match p {
+            b'*' | b'%' => {
+                let mut any = false;
+                for j in 0..=name.len() {
+                    if p == b'%' && j > 0 && name[j - 1] == b'/' {
+                        any = false;
+                    }
+                    any |= reach[j];
+                    next[j] = any;
+                }
+            }
+            c => {
+                next[0] = false;
+                for j in 1..=name.len() {
+                    next[j] = reach[j - 1] && name[j - 1] == c;
+                }
+            }
+        }
+        std::mem::swap(&mut reach, &mut next);
+        if !reach.iter().any(|&r| r) {
+            return false;
+        }
+    }
+    reach[name.len()]
 }
 
 fn matches(pattern: &str, name: &str) -> bool {
@@ -78,21 +106,32 @@ impl Session {
             }
         }
         let name = name.to_owned();
+        // Everything the client is told comes from the one list of
+        // messages, so a delivery or expunge between the reads cannot put
+        // its sequence numbers out of step. The mailbox row is read first:
+        // its HIGHESTMODSEQ may be older than the list (harmless: the
+        // client asks for a little more next time), and UIDNEXT is raised
+        // past the list's last UID.
         let loaded = blocking(&self.store, move |s| {
             let mb = s.mailbox(&name)?;
             let messages = s.messages(mb.id)?;
-            let status = s.status(mb.id)?;
-            let unseen = s.first_unseen(mb.id)?;
-            Ok((mb, messages, status, unseen))
+            Ok((mb, messages))
         })
         .await;
-        let (mb, messages, status, unseen) = match loaded {
+        let (mut mb, messages) = match loaded {
             Ok(l) => l,
             Err(e) => {
                 self.line(&no(tag, &e));
                 return;
             }
         };
+        if let Some(last) = messages.last() {
+            mb.uidnext = mb.uidnext.max(last.uid.saturating_add(1));
+        }
+        let unseen = messages
+            .iter()
+            .position(|m| m.flags & crate::store::SEEN == 0)
+            .map(|i| i + 1);
         let sel = Selected::new(mb.clone(), read_only, &messages);
         self.line(&format!("* FLAGS ({FLAGS})\r\n"));
         if read_only {
@@ -102,10 +141,10 @@ impl Session {
                 "* OK [PERMANENTFLAGS ({FLAGS} \\*)] Flags permitted\r\n"
             ));
         }
-        self.line(&format!("* {} EXISTS\r\n", status.messages));
+        self.line(&format!("* {} EXISTS\r\n", messages.len()));
         if !self.enabled.rev2 {
             self.line("* 0 RECENT\r\n");
-            if let Some((_, seq)) = unseen {
+            if let Some(seq) = unseen {
                 self.line(&format!("* OK [UNSEEN {seq}] First unseen\r\n"));
             }
         }
@@ -129,10 +168,13 @@ impl Session {
                 blocking(&self.store, move |s| s.changes_since(id, since)).await
             {
                 let last = mb.uidnext.saturating_sub(1);
-                let known: Option<Vec<u32>> = known.map(|k| numbers(&k, last));
+                let known: Option<Vec<(u32, u32)>> = known.map(|k| intervals(&k, last));
                 let vanished: Vec<u32> = expunged
                     .into_iter()
-                    .filter(|u| known.as_ref().is_none_or(|k| k.contains(u)))
+                    // Expunged after the list was read: the client is
+                    // told on its next command, as for any expunge.
+                    .filter(|u| sel.seq_of(*u).is_none())
+                    .filter(|u| known.as_ref().is_none_or(|k| in_intervals(k, *u)))
                     .collect();
                 if !vanished.is_empty() {
                     self.line(&format!("* VANISHED (EARLIER) {}\r\n", uid_set(&vanished)));
@@ -416,5 +458,15 @@ mod tests {
         assert!(matches("inbox", "INBOX"));
         assert!(matches("Arch*", "Archive"));
         assert!(!matches("Sent", "Sent/Old"));
+        assert!(matches("%", "Sent"));
+        assert!(matches("A%e", "Archive"));
+        assert!(!matches("A%6", "Archive/2026"));
+        assert!(matches("A*6", "Archive/2026"));
+        assert!(matches("%/2026", "Archive/2026"));
+        assert!(matches("", "") && !matches("", "x"));
+        // A pattern that backtracking matching takes forever over.
+        let name = "a".repeat(60);
+        assert!(!matches(&format!("{}x", "*a".repeat(30)), &name));
+        assert!(matches(&format!("{}a", "*".repeat(500)), &name));
     }
 }

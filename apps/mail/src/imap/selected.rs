@@ -54,19 +54,10 @@ impl Selected {
         } else {
             self.exists()
         };
-        let value = |s: &SeqOrUid| match s {
-            SeqOrUid::Value(v) => v.get(),
-            SeqOrUid::Asterisk => last,
-        };
+        // Ranges merged first: `1:*,1:*,...` costs one pass over the
+        // mailbox, not one per range.
         let mut out: Vec<u32> = Vec::new();
-        for seq in set.0.as_ref() {
-            let (a, b) = match seq {
-                Sequence::Single(s) => (value(s), value(s)),
-                Sequence::Range(x, y) => {
-                    let (x, y) = (value(x), value(y));
-                    (x.min(y), x.max(y))
-                }
-            };
+        for (a, b) in intervals(set, last) {
             if uid {
                 let start = self.uids.partition_point(|&u| u < a);
                 let end = self.uids.partition_point(|&u| u <= b);
@@ -78,8 +69,6 @@ impl Selected {
                 }
             }
         }
-        out.sort_unstable();
-        out.dedup();
         out
     }
 
@@ -198,22 +187,37 @@ pub fn contains(set: &SequenceSet, n: u32, star: u32) -> bool {
     })
 }
 
-/// A sequence set of plain numbers (for QRESYNC's known UIDs).
-pub fn numbers(set: &SequenceSet, last: u32) -> Vec<u32> {
+/// A sequence set as sorted, disjoint, inclusive intervals, `*` being
+/// `star`.
+pub fn intervals(set: &SequenceSet, star: u32) -> Vec<(u32, u32)> {
     let v = |s: &SeqOrUid| match s {
         SeqOrUid::Value(v) => v.get(),
-        SeqOrUid::Asterisk => last,
+        SeqOrUid::Asterisk => star,
     };
-    let mut out = Vec::new();
-    for s in set.0.as_ref() {
-        let (a, b) = match s {
+    let mut all: Vec<(u32, u32)> = set
+        .0
+        .as_ref()
+        .iter()
+        .map(|s| match s {
             Sequence::Single(x) => (v(x), v(x)),
             Sequence::Range(x, y) => (v(x).min(v(y)), v(x).max(v(y))),
-        };
-        // Bounded: a client cannot make the server count to four billion.
-        out.extend((a..=b).take(1_000_000));
+        })
+        .collect();
+    all.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(all.len());
+    for (a, b) in all {
+        match merged.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
     }
-    out
+    merged
+}
+
+/// Whether `n` is in `intervals` (from [`intervals`]).
+pub fn in_intervals(intervals: &[(u32, u32)], n: u32) -> bool {
+    let i = intervals.partition_point(|&(a, _)| a <= n);
+    i > 0 && intervals[i - 1].1 >= n
 }
 
 #[cfg(test)]
@@ -242,6 +246,27 @@ mod tests {
             highest_modseq: 5,
             subscribed: true,
         }
+    }
+
+    #[test]
+    fn sequence_sets_are_merged_before_use() {
+        use imap_codec::imap_types::sequence::SequenceSet;
+        let set = SequenceSet::try_from("5:3,1,2,9:*,10,4").unwrap();
+        assert_eq!(intervals(&set, 12), vec![(1, 5), (9, 12)]);
+        assert!(in_intervals(&[(1, 5), (9, 12)], 9));
+        assert!(!in_intervals(&[(1, 5), (9, 12)], 6));
+        assert!(!in_intervals(&[], 1));
+        let sel = Selected::new(
+            mailbox(),
+            false,
+            &(1..=50).map(|u| msg(u, 1)).collect::<Vec<_>>(),
+        );
+        let many = std::iter::repeat_n("1:*", 2000)
+            .collect::<Vec<_>>()
+            .join(",");
+        let set = SequenceSet::try_from(many.as_str()).unwrap();
+        assert_eq!(sel.resolve(&set, true).len(), 50);
+        assert_eq!(sel.resolve(&set, false).len(), 50);
     }
 
     #[test]

@@ -69,12 +69,24 @@ pub(super) fn by_id(db: &rusqlite::Connection, id: i64) -> Result<Mailbox, Store
     )?)
 }
 
-/// A new UIDVALIDITY: the time, but always above every one given before.
+/// A new UIDVALIDITY: the time, but always above every one given before,
+/// including those of mailboxes since deleted (a client that cached a
+/// deleted mailbox must not take a new one of that name for it).
 fn next_uidvalidity(db: &rusqlite::Connection) -> Result<u32, StoreError> {
-    let max: Option<i64> =
-        db.query_row("SELECT max(uidvalidity) FROM mailboxes", [], |r| r.get(0))?;
+    let last: i64 = db.query_row(
+        "SELECT max(coalesce((SELECT value FROM counters WHERE name = 'uidvalidity'), 0),
+                coalesce((SELECT max(uidvalidity) FROM mailboxes), 0))",
+        [],
+        |r| r.get(0),
+    )?;
     let now = (unix_now() as u64 & 0x7fff_ffff) as i64;
-    Ok(now.max(max.unwrap_or(0) + 1) as u32)
+    let v = now.max(last + 1);
+    db.execute(
+        "INSERT INTO counters (name, value) VALUES ('uidvalidity', ?1)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        [v],
+    )?;
+    Ok(v as u32)
 }
 
 fn insert(db: &rusqlite::Connection, name: &str, special_use: &str) -> Result<(), StoreError> {
@@ -147,8 +159,8 @@ impl Store {
         let tx = db.transaction()?;
         let mb = by_name(&tx, &name)?.ok_or_else(|| StoreError::NoMailbox(name.clone()))?;
         let children: i64 = tx.query_row(
-            "SELECT count(*) FROM mailboxes WHERE name LIKE ?1 ESCAPE '\\'",
-            [format!("{}/%", like_escape(&name))],
+            "SELECT count(*) FROM mailboxes WHERE substr(name, 1, length(?1)) = ?1",
+            [format!("{name}/")],
             |r| r.get(0),
         )?;
         if children > 0 {
@@ -187,11 +199,10 @@ impl Store {
             super::write::move_all(&tx, mb.id, new.id)?;
         } else {
             let children: Vec<(i64, String)> = {
-                let mut stmt =
-                    tx.prepare("SELECT id, name FROM mailboxes WHERE name LIKE ?1 ESCAPE '\\'")?;
-                let rows = stmt.query_map([format!("{}/%", like_escape(&from))], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?;
+                let mut stmt = tx.prepare(
+                    "SELECT id, name FROM mailboxes WHERE substr(name, 1, length(?1)) = ?1",
+                )?;
+                let rows = stmt.query_map([format!("{from}/")], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 rows.collect::<Result<_, _>>()?
             };
             let parts: Vec<&str> = to.split(DELIMITER).collect();
@@ -230,10 +241,4 @@ impl Store {
         }
         Ok(())
     }
-}
-
-fn like_escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_")
 }

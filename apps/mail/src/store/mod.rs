@@ -65,7 +65,7 @@ pub struct Mailbox {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the index: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(rusqlite::Error),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -83,6 +83,17 @@ pub enum StoreError {
     /// Refused for a reason the client is told as is.
     #[error("{0}")]
     Refused(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        // SQLite's own "disk full" (the WAL or the database could not
+        // grow) is the same temporary condition as a message file's.
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full,
+            _ => StoreError::Db(e),
+        }
+    }
 }
 
 impl StoreError {

@@ -17,7 +17,10 @@ CREATE TABLE mailboxes (
 
 -- One file per distinct message; copies share it.
 CREATE TABLE blobs (
-    id            INTEGER PRIMARY KEY,
+    -- Never reused once committed: a deleted message's file is unlinked
+    -- after its transaction, when a new message could otherwise have
+    -- taken its number (and so its path).
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
     size          INTEGER NOT NULL,
     refs          INTEGER NOT NULL,
     -- ENVELOPE and BODYSTRUCTURE as IMAP sends them, made once.
@@ -74,4 +77,7 @@ CREATE TABLE counters (
     value INTEGER NOT NULL
 ) STRICT;
 INSERT INTO counters (name, value) VALUES
-    ('junk_ham', 0), ('junk_spam', 0), ('deliveries', 0), ('last_delivery', 0);
+    ('junk_ham', 0), ('junk_spam', 0), ('deliveries', 0), ('last_delivery', 0),
+    -- The last UIDVALIDITY given: never given again, even to a mailbox
+    -- made again under a deleted one's name.
+    ('uidvalidity', 0);

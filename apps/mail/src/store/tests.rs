@@ -138,3 +138,45 @@ fn a_reopened_store_keeps_everything_and_drops_staging_files() {
     );
     assert!(s.checkpoint().unwrap().contains("1 messages"));
 }
+
+#[test]
+fn a_mailbox_made_again_never_gets_an_old_uidvalidity() {
+    let (_d, s) = open();
+    let mut seen = std::collections::HashSet::new();
+    for m in s.mailboxes().unwrap() {
+        assert!(seen.insert(m.uidvalidity));
+    }
+    for _ in 0..5 {
+        s.create_mailbox("Projects").unwrap();
+        let v = s.mailbox("Projects").unwrap().uidvalidity;
+        assert!(seen.insert(v), "UIDVALIDITY {v} given twice");
+        s.delete_mailbox("Projects").unwrap();
+    }
+}
+
+#[test]
+fn children_are_matched_with_their_parent_case() {
+    let (_d, s) = open();
+    s.create_mailbox("Work").unwrap();
+    s.create_mailbox("work/old").unwrap();
+    // `work/old` is not under `Work`: deleting and renaming Work leave it.
+    s.rename_mailbox("Work", "Job").unwrap();
+    assert!(s.mailbox("work/old").is_ok());
+    s.create_mailbox("Work_x").unwrap();
+    s.delete_mailbox("Job").unwrap();
+    assert!(s.mailbox("Work_x").is_ok());
+}
+
+#[test]
+fn a_deleted_message_number_is_never_given_again() {
+    let (_d, s) = open();
+    s.deliver("spool-1", "a@remote.example", MSG).unwrap();
+    let inbox = s.mailbox("INBOX").unwrap();
+    let first = s.messages(inbox.id).unwrap()[0].blob;
+    s.store_flags(inbox.id, &[1], FlagChange::Add, DELETED, &[], None)
+        .unwrap();
+    s.expunge(inbox.id, None).unwrap();
+    s.deliver("spool-2", "a@remote.example", MSG).unwrap();
+    let second = s.messages(inbox.id).unwrap()[0].blob;
+    assert!(second > first, "blob {first} given again");
+}

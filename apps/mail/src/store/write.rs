@@ -279,11 +279,20 @@ impl Store {
                 return Ok(Delivered::Duplicate);
             }
             let spam = junk::is_spam(&tx, &analysed.tokens)?;
-            let (name, keywords) = if spam {
-                ("Junk", "$Junk")
+            // Junk is the mailbox with the \Junk role, whatever the user
+            // renamed it to; without one, spam goes to INBOX marked $Junk.
+            let junk = if spam {
+                tx.query_row(
+                    "SELECT name FROM mailboxes WHERE special_use = '\\Junk' ORDER BY id LIMIT 1",
+                    [],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
             } else {
-                ("INBOX", "")
+                None
             };
+            let name = junk.as_deref().unwrap_or("INBOX");
+            let keywords = if spam { "$Junk" } else { "" };
             let mailbox =
                 by_name(&tx, name)?.ok_or_else(|| StoreError::NoMailbox(name.to_owned()))?;
             let blob = self.put_blob(&tx, &staged, whole.len(), &analysed)?;
