@@ -78,7 +78,8 @@ impl Session {
         read_only: bool,
         params: &[SelectParameter],
     ) {
-        if self.selected.take().is_some() && self.enabled.qresync {
+        // QRESYNC (RFC 7162) and IMAP4rev2 (RFC 9051) both want [CLOSED].
+        if self.selected.take().is_some() && (self.enabled.qresync || self.enabled.rev2) {
             self.line("* OK [CLOSED] Previous mailbox closed\r\n");
         }
         let mut qresync = None;

@@ -2,8 +2,12 @@
 //! configured DNS resolver. The verdict becomes this host's
 //! `Authentication-Results` header; a DMARC `p=reject` failure is refused.
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use granary_wire::smtp::Reply;
 use mail_auth::dmarc::Policy;
@@ -12,7 +16,10 @@ use mail_auth::hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
 };
 use mail_auth::spf::verify::SpfParameters;
-use mail_auth::{AuthenticatedMessage, AuthenticationResults, DmarcResult, MessageAuthenticator};
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DmarcResult, MX, MessageAuthenticator, Parameters,
+    RecordSet, ResolverCache, Txt,
+};
 
 /// The whole check may take this long before the message is taken with
 /// a `temperror` verdict.
@@ -27,11 +34,86 @@ pub struct Verdict {
     pub reject: Option<Reply>,
 }
 
-/// Runs the checks. Cheap to clone (the resolver is shared).
+/// Answers kept per kind of record.
+const CACHED_ANSWERS: usize = 4096;
+
+/// DNS answers the checks looked up, kept for their TTL (`mail-auth`
+/// leaves caching to its caller; without this, every message asked for
+/// the same SPF and DMARC records again).
+struct TtlCache<K, V> {
+    entries: Mutex<HashMap<K, (V, Instant)>>,
+}
+
+impl<K, V> Default for TtlCache<K, V> {
+    fn default() -> Self {
+        TtlCache {
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for TtlCache<K, V> {
+    fn get<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let entries = self.entries.lock().expect("not poisoned");
+        let (value, until) = entries.get(name)?;
+        (*until > Instant::now()).then(|| value.clone())
+    }
+
+    fn remove<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.entries
+            .lock()
+            .expect("not poisoned")
+            .remove(name)
+            .map(|(v, _)| v)
+    }
+
+    fn insert(&self, key: K, value: V, valid_until: Instant) {
+        let mut entries = self.entries.lock().expect("not poisoned");
+        if entries.len() >= CACHED_ANSWERS {
+            let now = Instant::now();
+            entries.retain(|_, (_, until)| *until > now);
+            if entries.len() >= CACHED_ANSWERS {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (value, valid_until));
+    }
+}
+
+#[derive(Default)]
+struct Caches {
+    txt: TtlCache<Box<str>, Txt>,
+    mx: TtlCache<Box<str>, RecordSet<MX>>,
+    ipv4: TtlCache<Box<str>, RecordSet<Ipv4Addr>>,
+    ipv6: TtlCache<Box<str>, RecordSet<Ipv6Addr>>,
+    ptr: TtlCache<IpAddr, RecordSet<Box<str>>>,
+}
+
+type Cached<'a, P> = Parameters<
+    'a,
+    P,
+    TtlCache<Box<str>, Txt>,
+    TtlCache<Box<str>, RecordSet<MX>>,
+    TtlCache<Box<str>, RecordSet<Ipv4Addr>>,
+    TtlCache<Box<str>, RecordSet<Ipv6Addr>>,
+    TtlCache<IpAddr, RecordSet<Box<str>>>,
+>;
+
+/// Runs the checks. Cheap to clone (the resolver and the caches are
+/// shared).
 #[derive(Clone)]
 pub struct Checker {
     auth: MessageAuthenticator,
     hostname: String,
+    caches: Arc<Caches>,
 }
 
 impl Checker {
@@ -56,7 +138,18 @@ impl Checker {
         Ok(Checker {
             auth,
             hostname: hostname.to_owned(),
+            caches: Arc::default(),
         })
+    }
+
+    fn cached<P>(&self, params: P) -> Cached<'_, P> {
+        let c = &*self.caches;
+        Parameters::new(params)
+            .with_txt_cache(&c.txt)
+            .with_mx_cache(&c.mx)
+            .with_ipv4_cache(&c.ipv4)
+            .with_ipv6_cache(&c.ipv6)
+            .with_ptr_cache(&c.ptr)
     }
 
     /// Checks `message` as received from `ip`, which said `helo` and
@@ -78,12 +171,12 @@ impl Checker {
         let helo = if helo.is_empty() { "unknown" } else { helo };
         let spf = self
             .auth
-            .verify_spf(SpfParameters::verify_mail_from(
+            .verify_spf(self.cached(SpfParameters::verify_mail_from(
                 ip,
                 helo,
                 &self.hostname,
                 from,
-            ))
+            )))
             .await;
         let Some(msg) = AuthenticatedMessage::parse(message) else {
             let header = AuthenticationResults::new(&self.hostname)
@@ -93,12 +186,12 @@ impl Checker {
                 reject: None,
             };
         };
-        let dkim = self.auth.verify_dkim(&msg).await;
-        let arc = self.auth.verify_arc(&msg).await;
+        let dkim = self.auth.verify_dkim(self.cached(&msg)).await;
+        let arc = self.auth.verify_arc(self.cached(&msg)).await;
         let mail_from_domain = from.rsplit_once('@').map_or(helo, |(_, d)| d);
         let dmarc = self
             .auth
-            .verify_dmarc(DmarcParameters::new(&msg, &dkim, mail_from_domain, &spf))
+            .verify_dmarc(self.cached(DmarcParameters::new(&msg, &dkim, mail_from_domain, &spf)))
             .await;
         let header = AuthenticationResults::new(&self.hostname)
             .with_dkim_results(&dkim, msg.from())
