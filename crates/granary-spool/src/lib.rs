@@ -225,9 +225,10 @@ impl Spool {
 
     /// A fresh entry id: 8 hex digits of the time, 8 random.
     pub fn new_id() -> String {
-        let mut r = [0u8; 4];
+        // 64 random bits: two messages in one second never meet.
+        let mut r = [0u8; 8];
         let _ = getrandom::fill(&mut r);
-        format!("{:08x}{:08x}", unix_now() as u32, u32::from_le_bytes(r))
+        format!("{:08x}{:016x}", unix_now() as u32, u64::from_le_bytes(r))
     }
 
     /// Starts receiving a message.
@@ -281,7 +282,12 @@ impl Spool {
             f.write_all(message).map_err(io("write", &tmp))?;
             f.sync_all().map_err(io("fsync", &tmp))?;
             std::fs::rename(&tmp, &path).map_err(io("rename into place", &path))?;
-            granary_files::sync_dir(&queue)?;
+            if let Err(e) = granary_files::sync_dir(&queue) {
+                // Not durable, so not acknowledged: the client sends it
+                // again, and this copy must not be delivered as well.
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
             Ok(())
         })();
         if result.is_err() {

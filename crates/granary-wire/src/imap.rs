@@ -262,6 +262,11 @@ pub fn parse(input: &[u8]) -> Parsed {
                         consumed: e + 1,
                         close: false,
                     },
+                    // A bad argument with no end of line yet: wait for
+                    // it, but not for ever.
+                    (false, None) if input.len() > MAX_PRE_LOGIN * 3 => {
+                        bad_close(&tag, input.len())
+                    }
                     (false, None) => Parsed::Incomplete,
                     (true, _) => Parsed::Bad {
                         tag,
@@ -519,6 +524,11 @@ mod tests {
         assert_eq!(parse(b"x NOO"), Parsed::Incomplete);
         let long = vec![b'a'; MAX_PRE_LOGIN + 10];
         assert!(matches!(parse(&long), Parsed::Bad { close: true, .. }));
+        // A bad argument whose line never ends is not buffered for ever.
+        let mut open = b"x LOGIN \"".to_vec();
+        open.resize(MAX_PRE_LOGIN * 3 + 10, b'a');
+        assert!(matches!(parse(&open), Parsed::Bad { close: true, .. }));
+        assert_eq!(parse(&open[..MAX_PRE_LOGIN * 2]), Parsed::Incomplete);
         assert_eq!(
             greeting_capabilities(b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n").as_deref(),
             Some("IMAP4rev1 IDLE")

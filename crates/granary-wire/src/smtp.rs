@@ -319,6 +319,10 @@ impl Session {
                             )));
                         }
                     }
+                } else if refuse.is_some() {
+                    // A refused chunk is read and thrown away: none of it
+                    // belongs to a message.
+                    self.buf.clear();
                 } else {
                     self.take_data(false);
                 }
@@ -348,6 +352,18 @@ impl Session {
     }
 
     /// A refusal of a bad command; after too many the session ends.
+    /// RCPT TO for `address`, once its syntax is known to be good.
+    fn rcpt(&mut self, address: String) -> Event {
+        if self.from.is_none() {
+            return self.error(503, "5.5.1", "Need MAIL before RCPT");
+        }
+        if self.recipients.len() >= self.limits.max_recipients {
+            return Event::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
+        }
+        self.state = State::AwaitRecipient;
+        Event::Recipient(address)
+    }
+
     fn error(&mut self, code: u16, status: &'static str, text: &str) -> Event {
         self.errors += 1;
         if self.errors >= MAX_ERRORS {
@@ -370,6 +386,9 @@ impl Session {
             return (used, self.error(500, "5.5.2", "Line too long"));
         }
         let line = &input[..used];
+        if is_bare_postmaster(line) {
+            return (used, self.rcpt("postmaster".to_owned()));
+        }
         let parsed = Request::parse(&mut line.iter());
         let event = match parsed {
             Ok(request) => self.request(request),
@@ -481,14 +500,10 @@ impl Session {
                 if to.flags != 0 || to.orcpt.is_some() {
                     return self.error(555, "5.5.4", "Unsupported RCPT parameter");
                 }
-                if self.recipients.len() >= self.limits.max_recipients {
-                    return Event::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
-                }
                 if to.address.is_empty() {
                     return self.error(501, "5.1.3", "Bad recipient address syntax");
                 }
-                self.state = State::AwaitRecipient;
-                Event::Recipient(to.address.into_owned())
+                self.rcpt(to.address.into_owned())
             }
             Request::Data => {
                 if self.from.is_none() {
@@ -500,7 +515,12 @@ impl Session {
                 if self.recipients.is_empty() {
                     return Event::Reply(Reply::new(554, "5.5.1", "No valid recipients"));
                 }
-                self.state = State::Data(DataReceiver::new());
+                // The receiver looks for CRLF "." CRLF; the CRLF that
+                // ended the DATA line counts, so an empty message (".")
+                // ends and a first line of ".." is unstuffed.
+                let mut receiver = DataReceiver::new();
+                receiver.ingest(&mut b"\r\n".iter(), &mut Vec::new());
+                self.state = State::Data(receiver);
                 Event::Reply(Reply::new(
                     354,
                     "",
@@ -565,3 +585,11 @@ impl Session {
 
 #[cfg(test)]
 mod tests;
+
+/// `RCPT TO:<Postmaster>` without a domain, which RFC 5321 §4.1.1.3 says
+/// every server takes (the parser refuses an address without a domain).
+fn is_bare_postmaster(line: &[u8]) -> bool {
+    let line = line.trim_ascii_end();
+    line.len() == b"RCPT TO:<postmaster>".len()
+        && line.eq_ignore_ascii_case(b"RCPT TO:<postmaster>")
+}

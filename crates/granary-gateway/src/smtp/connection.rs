@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use granary_spool::{Envelope, Incoming, Recipient, Spool};
-use granary_wire::smtp::headers::{fields, own_auth_results, remove_ranges};
+use granary_wire::smtp::headers::{fields, header_block, own_auth_results, remove_ranges};
 use granary_wire::smtp::{Event, Limits, Reply, Session};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -17,6 +17,10 @@ use crate::{MailRecipient, Shared};
 
 /// More `Received` fields than this is a mail loop (RFC 5321 §6.3).
 const MAX_HOPS: usize = 100;
+
+/// The largest header block taken (Postfix's `header_size_limit` is
+/// 100 KiB); real mail stays far below, and every check reads it.
+const MAX_HEADER_BYTES: usize = 256 << 10;
 /// How much the driver reads at a time.
 const READ: usize = 16 << 10;
 
@@ -287,12 +291,23 @@ impl Conn {
                 })
             })
             .collect();
-        let hops = fields(&message)
-            .iter()
-            .filter(|(_, n)| n.eq_ignore_ascii_case(b"Received"))
-            .count();
-        if hops > MAX_HOPS {
+        if header_block(&message).len() > MAX_HEADER_BYTES {
+            return Reply::new(552, "5.3.4", "Message header too large");
+        }
+        let fields = fields(&message);
+        let count = |name: &[u8]| {
+            fields
+                .iter()
+                .filter(|(_, n)| n.eq_ignore_ascii_case(name))
+                .count()
+        };
+        if count(b"Received") > MAX_HOPS {
             return Reply::new(554, "5.4.6", "Too many hops: a mail loop");
+        }
+        // RFC 5322 allows one From; with two, DMARC could check one while
+        // the reader sees the other (RFC 7489 §6.6.1 says reject).
+        if count(b"From") > 1 {
+            return Reply::new(550, "5.7.1", "More than one From header field");
         }
         let ip = self.peer.ip();
         let hostname = self.mx.settings.hostname.clone();

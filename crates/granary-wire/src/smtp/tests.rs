@@ -219,3 +219,50 @@ fn bad_commands_are_refused_then_the_session_ends() {
         r.out
     );
 }
+
+#[test]
+fn the_data_line_ends_a_line_so_an_empty_message_ends_and_a_first_dot_is_unstuffed() {
+    let mut s = session();
+    let r = drive(
+        &mut s,
+        b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<ok@x.example>\r\nDATA\r\n.\r\n\
+MAIL FROM:<a@b.example>\r\nRCPT TO:<ok@x.example>\r\nDATA\r\n..x\r\ny\r\n.\r\n",
+    );
+    assert_eq!(r.messages.len(), 2, "{}", r.out);
+    assert_eq!(r.messages[0].0, b"");
+    assert_eq!(r.messages[1].0, b".x\r\ny\r\n");
+}
+
+#[test]
+fn a_refused_chunk_is_thrown_away_not_added_to_the_next_message() {
+    let mut s = session();
+    let r = drive(
+        &mut s,
+        b"EHLO c.example\r\nBDAT 5\r\nhelloMAIL FROM:<a@b.example>\r\nRCPT TO:<ok@x.example>\r\n\
+BDAT 3 LAST\r\nabc",
+    );
+    assert!(
+        r.out.contains("503 5.5.1 Need MAIL before BDAT"),
+        "{}",
+        r.out
+    );
+    assert_eq!(r.messages.len(), 1, "{}", r.out);
+    assert_eq!(r.messages[0].0, b"abc");
+}
+
+#[test]
+fn bare_postmaster_is_a_recipient() {
+    let mut s = session();
+    drive(&mut s, b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n");
+    let (_, event) = s.step(b"RCPT TO:<PostMaster>\r\n");
+    assert!(
+        matches!(event, Event::Recipient(ref r) if r == "postmaster"),
+        "{event:?}"
+    );
+    let mut s = session();
+    let (_, event) = s.step(b"RCPT TO:<postmaster>\r\n");
+    assert!(
+        matches!(event, Event::Reply(_)),
+        "needs MAIL first: {event:?}"
+    );
+}
