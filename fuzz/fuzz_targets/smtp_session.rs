@@ -1,4 +1,4 @@
-//! The MX's SMTP session: any bytes, cut anywhere, never panic; message
+//! The SMTP session (the MX, or submission with AUTH): any bytes, cut anywhere, never panic; message
 //! data handed out never exceeds the size limit; the session never asks
 //! for more input while it has input it has not looked at.
 
@@ -12,12 +12,15 @@ const MAX: u64 = 4096;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, data)) = data.split_first() else { return };
-    let cut = usize::from(cut).max(1);
+    // The cut's low bit picks the listener: submission or the MX.
+    let submission = cut & 1 == 1;
+    let cut = usize::from(cut >> 1).max(1);
     let mut s = Session::new(Limits {
         hostname: "mx.example.org".into(),
         max_message_bytes: MAX,
         max_recipients: 5,
         starttls: true,
+        submission,
     });
     let mut pending: Vec<u8> = Vec::new();
     let mut message = 0u64;
@@ -53,6 +56,11 @@ fuzz_target!(|data: &[u8]| {
                 Event::MessageEnd { .. } => {
                     message = 0;
                     s.message_done();
+                }
+                Event::Auth { login, .. } => {
+                    assert!(submission && s.tls(), "AUTH only on submission under TLS");
+                    let v = if login.len() % 2 == 0 { Ok(login) } else { Err(Reply::new(535, "5.7.8", "no")) };
+                    let _ = s.auth_verdict(v);
                 }
                 Event::Close(_) => break 'feed,
             }

@@ -40,15 +40,15 @@ pub const LISTENERS: &[ListenerKind] = &[
     },
     ListenerKind {
         name: "submission",
-        default: None,
+        default: Some("127.0.0.1:1587"),
         serves: "mail clients sending, STARTTLS (port 587)",
-        available: false,
+        available: true,
     },
     ListenerKind {
         name: "submissions",
-        default: None,
+        default: Some("127.0.0.1:1465"),
         serves: "mail clients sending, TLS (port 465)",
-        available: false,
+        available: true,
     },
     ListenerKind {
         name: "imap",
@@ -178,7 +178,8 @@ mod tests {
         assert_eq!(l.get("ssh"), Some("127.0.0.1:2222".parse().unwrap()));
         assert_eq!(l.get("smtp"), Some("127.0.0.1:2525".parse().unwrap()));
         assert_eq!(l.get("imaps"), Some("127.0.0.1:1993".parse().unwrap()));
-        assert_eq!(l.get("submission"), None);
+        assert_eq!(l.get("submission"), Some("127.0.0.1:1587".parse().unwrap()));
+        assert_eq!(l.get("xmpp"), None);
         let l = Listen::resolve(&raw(&[("https", "[::1]:0"), ("ssh", "off")])).unwrap();
         assert_eq!(l.get("https"), Some("[::1]:0".parse().unwrap()));
         assert_eq!(l.get("ssh"), None);

@@ -25,6 +25,8 @@ pub struct RawMail {
     pub spool_lifetime: Option<String>,
     pub retry_first: Option<String>,
     pub retry_max: Option<String>,
+    pub send_max_recipients: Option<u32>,
+    pub send_per_hour: Option<u32>,
 }
 
 /// `[mail]`, resolved.
@@ -59,6 +61,10 @@ pub struct Mail {
     /// as long, up to `retry_max`.
     pub retry_first: Duration,
     pub retry_max: Duration,
+    /// Recipients per message a user may submit.
+    pub send_max_recipients: u32,
+    /// Messages one user may submit per hour.
+    pub send_per_hour: u32,
 }
 
 impl Mail {
@@ -146,6 +152,12 @@ impl Mail {
             spool_lifetime: time("spool_lifetime", &raw.spool_lifetime, "5d")?,
             retry_first,
             retry_max,
+            send_max_recipients: positive(
+                "send_max_recipients",
+                u64::from(raw.send_max_recipients.unwrap_or(100)),
+            )? as u32,
+            send_per_hour: positive("send_per_hour", u64::from(raw.send_per_hour.unwrap_or(200)))?
+                as u32,
         })
     }
 }
@@ -162,6 +174,7 @@ mod tests {
         assert_eq!(m.spool_lifetime, Duration::from_secs(5 * 86_400));
         assert_eq!(m.max_message_bytes, 50 << 20);
         assert_eq!(m.resolver, None);
+        assert_eq!((m.send_max_recipients, m.send_per_hour), (100, 200));
     }
 
     #[test]

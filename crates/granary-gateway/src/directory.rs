@@ -56,4 +56,8 @@ pub trait Directory: Send + Sync + 'static {
     /// Where mail to `address` (as written in RCPT TO) goes: a user (their
     /// name, an alias, `+tag`, postmaster, a catch-all), or nowhere.
     fn mail_recipient(&self, address: &str) -> BoxFuture<MailRecipient>;
+
+    /// The user who may send as `address` (their name, `+tag`, an alias,
+    /// postmaster; never a catch-all), or `None`.
+    fn mail_sender_owner(&self, address: &str) -> BoxFuture<Option<String>>;
 }

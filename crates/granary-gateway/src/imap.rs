@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::{MailRecipient, Shared};
+use crate::{LoginRefused, Shared};
 
 /// How long a client may take to log in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -367,25 +367,12 @@ impl Client {
         password: &str,
         buf: &mut Vec<u8>,
     ) -> Result<LoggedIn, String> {
-        let limiter = &self.shared.limiter;
-        let ip_key = format!("ip:{}", self.peer.ip());
-        let user = if login.contains('@') {
-            match self.shared.directory.mail_recipient(login).await {
-                MailRecipient::User(u) => u,
-                _ => login.to_ascii_lowercase(),
-            }
-        } else {
-            login.to_ascii_lowercase()
-        };
-        let user_key = format!("user:{user}");
-        if limiter.limited(&ip_key) || limiter.limited(&user_key) {
-            tracing::info!(user, "login refused: too many recent failures");
-            return Err(format!(
-                "{tag} NO [UNAVAILABLE] Too many failed logins; try again in a few minutes\r\n"
-            ));
-        }
-        match self.shared.check_password(&user, "mail", password).await {
-            Some(cred) => {
+        match self
+            .shared
+            .mail_login(self.peer.ip(), login, password)
+            .await
+        {
+            Ok((user, cred)) => {
                 tracing::Span::current().record("user", user.as_str());
                 tracing::info!(credential = cred.id, "logged in");
                 Ok(LoggedIn {
@@ -395,11 +382,11 @@ impl Client {
                     leftover: std::mem::take(buf),
                 })
             }
-            None => {
-                limiter.fail(ip_key);
-                limiter.fail(user_key);
+            Err(LoginRefused::Limited) => Err(format!(
+                "{tag} NO [UNAVAILABLE] Too many failed logins; try again in a few minutes\r\n"
+            )),
+            Err(LoginRefused::Invalid) => {
                 self.failures += 1;
-                tracing::info!(user, "login failed");
                 Err(format!(
                     "{tag} NO [AUTHENTICATIONFAILED] Invalid credentials\r\n"
                 ))

@@ -80,7 +80,53 @@ pub struct Shared {
     pub verified: VerifiedLogins,
 }
 
+/// Why a mail login was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginRefused {
+    /// Too many recent failures from this address or for this user: not
+    /// even checked.
+    Limited,
+    /// No such user, or not one of their mail app passwords.
+    Invalid,
+}
+
 impl Shared {
+    /// A mail client's login (IMAP, submission). `login` is a user name or
+    /// one of the user's addresses; `password` one of their app passwords
+    /// of kind `mail`. Failures count against the client's address and the
+    /// user in the [`LoginLimiter`]; while either is limited, attempts are
+    /// refused unchecked. Returns the user and the credential used.
+    pub async fn mail_login(
+        &self,
+        ip: std::net::IpAddr,
+        login: &str,
+        password: &str,
+    ) -> Result<(String, Credential), LoginRefused> {
+        let ip_key = format!("ip:{ip}");
+        let user = match login.contains('@') {
+            true => self
+                .directory
+                .mail_sender_owner(login)
+                .await
+                .unwrap_or_else(|| login.to_ascii_lowercase()),
+            false => login.to_ascii_lowercase(),
+        };
+        let user_key = format!("user:{user}");
+        if self.limiter.limited(&ip_key) || self.limiter.limited(&user_key) {
+            tracing::info!(user, "login refused: too many recent failures");
+            return Err(LoginRefused::Limited);
+        }
+        match self.check_password(&user, "mail", password).await {
+            Some(cred) => Ok((user, cred)),
+            None => {
+                self.limiter.fail(ip_key);
+                self.limiter.fail(user_key);
+                tracing::info!(user, "login failed");
+                Err(LoginRefused::Invalid)
+            }
+        }
+    }
+
     /// Which of `user`'s app passwords of `kind` `password` is: from the
     /// last minute's verified logins, else asked of the [`Directory`]
     /// (argon2). Callers count failures in the [`LoginLimiter`].

@@ -244,6 +244,29 @@ impl Store {
         address: &MailAddress,
         postmaster: Option<&str>,
     ) -> Result<MailRoute, StateError> {
+        self.route(address, postmaster, true)
+    }
+
+    /// Who may send as `address`: the user it reaches by name, `+tag`, an
+    /// alias or (for the postmaster) `postmaster@`/`abuse@`; never through
+    /// a catch-all, which would let its user send as anyone at the domain.
+    pub fn address_owner(
+        &self,
+        address: &MailAddress,
+        postmaster: Option<&str>,
+    ) -> Result<Option<String>, StateError> {
+        Ok(match self.route(address, postmaster, false)? {
+            MailRoute::User(u) => Some(u),
+            MailRoute::Unknown | MailRoute::NotLocal => None,
+        })
+    }
+
+    fn route(
+        &self,
+        address: &MailAddress,
+        postmaster: Option<&str>,
+        with_catch_all: bool,
+    ) -> Result<MailRoute, StateError> {
         let conn = self.conn();
         let catch_all: Option<Option<String>> = conn
             .query_row(
@@ -287,7 +310,7 @@ impl Store {
         if user_exists(&address.base)? {
             return Ok(MailRoute::User(address.base.clone()));
         }
-        Ok(match catch_all {
+        Ok(match catch_all.filter(|_| with_catch_all) {
             Some(user) => MailRoute::User(user),
             None => MailRoute::Unknown,
         })
@@ -357,6 +380,13 @@ mod tests {
         );
         s.set_catch_all(&d, Some(&bob), "t").unwrap();
         assert_eq!(route("carol@example.org"), MailRoute::User("bob".into()));
+        // Senders: by name, tag and alias, never by the catch-all.
+        let owner = |a: &str| s.address_owner(&addr(a), Some("bob")).unwrap();
+        assert_eq!(owner("carol@example.org"), None);
+        assert_eq!(owner("alice+x@example.org").as_deref(), Some("alice"));
+        assert_eq!(owner("sales@example.org").as_deref(), Some("alice"));
+        assert_eq!(owner("postmaster@example.org").as_deref(), Some("bob"));
+        assert_eq!(owner("alice@other.org"), None);
         assert_eq!(
             s.mail_domains().unwrap()[0].catch_all.as_deref(),
             Some("bob")

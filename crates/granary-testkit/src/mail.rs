@@ -195,6 +195,16 @@ impl MailHost {
         self.daemon.listener("imap")
     }
 
+    /// Submission with STARTTLS (like 587).
+    pub fn submission(&self) -> SocketAddr {
+        self.daemon.listener("submission")
+    }
+
+    /// Submission over TLS from the start (like 465).
+    pub fn submissions(&self) -> SocketAddr {
+        self.daemon.listener("submissions")
+    }
+
     /// A new app password of kind `mail` for `user`.
     pub fn password(&self, user: &str) -> String {
         app_password(&self.daemon, user, "mail")
@@ -242,9 +252,15 @@ impl MailHost {
 
     /// Runs Debian's `swaks` against the MX with `args`; (success, output).
     pub fn swaks(&self, args: &[&str]) -> (bool, String) {
+        self.swaks_at(self.smtp(), args)
+    }
+
+    /// Runs Debian's `swaks` against `server` with `args`; (success,
+    /// output).
+    pub fn swaks_at(&self, server: SocketAddr, args: &[&str]) -> (bool, String) {
         let out = Command::new("swaks")
-            .args(["--server", &self.smtp().ip().to_string()])
-            .args(["--port", &self.smtp().port().to_string()])
+            .args(["--server", &server.ip().to_string()])
+            .args(["--port", &server.port().to_string()])
             .args(["--helo", "client.remote.example"])
             .args(args)
             .output()
@@ -289,13 +305,16 @@ pub fn run_python(script: &str, env: &[(&str, String)]) -> (bool, String) {
 
 impl MailHost {
     /// What a Python client needs to reach this host as `user`: IMAP_HOST,
-    /// IMAPS_PORT, IMAP_PORT, SMTP_PORT, CA, USER, PASSWORD.
+    /// IMAPS_PORT, IMAP_PORT, SMTP_PORT, SUBMISSION_PORT,
+    /// SUBMISSIONS_PORT, CA, USER, PASSWORD.
     pub fn client_env(&self, user: &str, password: &str) -> Vec<(&'static str, String)> {
         vec![
             ("IMAP_HOST", "127.0.0.1".to_owned()),
             ("IMAPS_PORT", self.imaps().port().to_string()),
             ("IMAP_PORT", self.imap().port().to_string()),
             ("SMTP_PORT", self.smtp().port().to_string()),
+            ("SUBMISSION_PORT", self.submission().port().to_string()),
+            ("SUBMISSIONS_PORT", self.submissions().port().to_string()),
             ("CA", self.daemon.ca_file().display().to_string()),
             ("USER", user.to_owned()),
             ("PASSWORD", password.to_owned()),

@@ -10,6 +10,11 @@
 //! flushes them whenever the session wants more input, which is what
 //! PIPELINING asks of a server.
 //!
+//! Submission ([`Limits::submission`]): AUTH PLAIN and AUTH LOGIN are
+//! offered once TLS is on, never before; MAIL needs a login. The session
+//! decodes the SASL exchange and hands the driver [`Event::Auth`]; the
+//! driver checks the password and answers [`Session::auth_verdict`].
+//!
 //! STARTTLS: the session answers 220 and returns [`Event::StartTls`]
 //! having consumed exactly the STARTTLS line. Whatever else the driver
 //! has buffered was sent in clear before the handshake and must be
@@ -20,6 +25,7 @@ pub mod headers;
 
 use std::borrow::Cow;
 
+use base64::Engine;
 use smtp_proto::request::receiver::{BdatReceiver, DataReceiver};
 use smtp_proto::{Error as ParseError, Request};
 
@@ -39,6 +45,21 @@ pub struct Limits {
     /// Whether STARTTLS is offered (the listener has a certificate and the
     /// session is not under TLS yet).
     pub starttls: bool,
+    /// A submission listener: AUTH is offered under TLS and MAIL needs it.
+    pub submission: bool,
+}
+
+/// Failed AUTH attempts in one session before it is closed.
+const MAX_AUTH_FAILURES: u32 = 3;
+
+/// A password on its way to the driver; never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// One SMTP reply: a code, an enhanced status code (RFC 3463) and lines.
@@ -111,6 +132,9 @@ pub enum Event {
     /// before stepping again. `too_big` says the data passed the size
     /// limit (its bytes were not all given as [`Event::Data`]).
     MessageEnd { too_big: bool },
+    /// AUTH with a login and password (submission only). Answer with
+    /// [`Session::auth_verdict`] before stepping again.
+    Auth { login: String, password: Secret },
     /// Write this reply and close the connection.
     Close(Reply),
 }
@@ -131,6 +155,13 @@ enum State {
         refuse: Option<Reply>,
     },
     AwaitMessage,
+    /// AUTH PLAIN sent `334`: the next line is the response.
+    AuthPlain,
+    /// AUTH LOGIN: the next line is the user name, then the password.
+    AuthLogin {
+        login: Option<String>,
+    },
+    AwaitAuth,
     Closed,
 }
 
@@ -150,6 +181,9 @@ pub struct Session {
     too_big: bool,
     errors: u32,
     buf: Vec<u8>,
+    /// Who logged in with AUTH (submission).
+    user: Option<String>,
+    auth_failures: u32,
 }
 
 impl Session {
@@ -167,6 +201,8 @@ impl Session {
             too_big: false,
             errors: 0,
             buf: Vec::new(),
+            user: None,
+            auth_failures: 0,
         }
     }
 
@@ -194,6 +230,35 @@ impl Session {
         self.tls
     }
 
+    /// The user AUTH logged in (submission), as the driver named them.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// Answers [`Event::Auth`]: `Ok(user)` logs the session in as `user`;
+    /// an `Err` is the refusal, and after a few the session closes.
+    pub fn auth_verdict(&mut self, verdict: Result<String, Reply>) -> Reply {
+        self.state = State::Command;
+        match verdict {
+            Ok(user) => {
+                self.user = Some(user);
+                Reply::new(235, "2.7.0", "Authentication successful")
+            }
+            Err(r) => {
+                self.auth_failures += 1;
+                if self.auth_failures >= MAX_AUTH_FAILURES {
+                    self.state = State::Closed;
+                    self.pending.push_back(Event::Close(Reply::new(
+                        421,
+                        "4.7.0",
+                        "Too many failed logins, closing",
+                    )));
+                }
+                r
+            }
+        }
+    }
+
     /// Whether message data is being received (DATA or BDAT), so the
     /// driver applies the data timeout rather than the command timeout.
     pub fn receiving(&self) -> bool {
@@ -212,6 +277,7 @@ impl Session {
         self.tls = true;
         self.limits.starttls = false;
         self.helo = None;
+        self.user = None;
         self.reset();
         self.pending.clear();
         self.state = State::Command;
@@ -265,9 +331,12 @@ impl Session {
             return (0, e);
         }
         match &mut self.state {
-            State::Closed | State::AwaitSender | State::AwaitRecipient | State::AwaitMessage => {
-                (0, Event::NeedMore)
-            }
+            State::Closed
+            | State::AwaitSender
+            | State::AwaitRecipient
+            | State::AwaitMessage
+            | State::AwaitAuth => (0, Event::NeedMore),
+            State::AuthPlain | State::AuthLogin { .. } => self.sasl_line(input),
             State::Overlong => match input.iter().position(|&b| b == b'\n') {
                 None => (input.len(), Event::NeedMore),
                 Some(p) => {
@@ -352,6 +421,120 @@ impl Session {
     }
 
     /// A refusal of a bad command; after too many the session ends.
+    /// A line of the AUTH exchange: base64, or `*` to cancel.
+    fn sasl_line(&mut self, input: &[u8]) -> (usize, Event) {
+        let Some(end) = input.iter().position(|&b| b == b'\n') else {
+            if input.len() > MAX_LINE {
+                self.state = State::Overlong;
+                return (input.len(), Event::NeedMore);
+            }
+            return (0, Event::NeedMore);
+        };
+        let used = end + 1;
+        let line = input[..end].trim_ascii_end();
+        if line == b"*" {
+            self.state = State::Command;
+            return (used, self.error(501, "5.0.0", "Authentication cancelled"));
+        }
+        let decoded = if line == b"=" {
+            Some(Vec::new())
+        } else {
+            base64::engine::general_purpose::STANDARD.decode(line).ok()
+        };
+        let Some(decoded) = decoded else {
+            self.state = State::Command;
+            return (used, self.error(501, "5.5.2", "Cannot decode the response"));
+        };
+        let state = std::mem::replace(&mut self.state, State::Command);
+        let event = match state {
+            State::AuthPlain => self.plain(&decoded),
+            State::AuthLogin { login: None } => match String::from_utf8(decoded) {
+                Ok(login) if !login.is_empty() => {
+                    self.state = State::AuthLogin { login: Some(login) };
+                    Event::Reply(Reply::new(334, "", "UGFzc3dvcmQ6"))
+                }
+                _ => self.error(501, "5.5.2", "Bad user name"),
+            },
+            State::AuthLogin { login: Some(login) } => match String::from_utf8(decoded) {
+                Ok(password) => {
+                    self.state = State::AwaitAuth;
+                    Event::Auth {
+                        login,
+                        password: Secret(password),
+                    }
+                }
+                Err(_) => self.error(501, "5.5.2", "Bad password encoding"),
+            },
+            _ => unreachable!("sasl_line runs only in an AUTH state"),
+        };
+        (used, event)
+    }
+
+    /// An AUTH PLAIN response (RFC 4616).
+    fn plain(&mut self, response: &[u8]) -> Event {
+        match crate::imap::sasl_plain(response) {
+            Some((login, password)) => {
+                self.state = State::AwaitAuth;
+                Event::Auth {
+                    login,
+                    password: Secret(password),
+                }
+            }
+            None => self.error(501, "5.5.2", "Bad PLAIN response"),
+        }
+    }
+
+    /// AUTH (RFC 4954) on a submission session.
+    fn auth(&mut self, mechanism: u64, initial: &str) -> Event {
+        if !self.limits.submission {
+            return self.error(
+                503,
+                "5.5.1",
+                "AUTH is not offered on the MX; use the submission port",
+            );
+        }
+        if !self.tls {
+            return self.error(538, "5.7.11", "Encryption required: say STARTTLS first");
+        }
+        if self.user.is_some() {
+            return self.error(503, "5.5.1", "Already authenticated");
+        }
+        if self.from.is_some() {
+            return self.error(503, "5.5.1", "AUTH is not allowed during a transaction");
+        }
+        let initial = match initial {
+            "" => None,
+            "=" => Some(Vec::new()),
+            b64 => match base64::engine::general_purpose::STANDARD.decode(b64) {
+                Ok(d) => Some(d),
+                Err(_) => return self.error(501, "5.5.2", "Cannot decode the initial response"),
+            },
+        };
+        match (mechanism, initial) {
+            (smtp_proto::AUTH_PLAIN, Some(response)) => self.plain(&response),
+            (smtp_proto::AUTH_PLAIN, None) => {
+                self.state = State::AuthPlain;
+                Event::Reply(Reply::new(334, "", ""))
+            }
+            (smtp_proto::AUTH_LOGIN, None) => {
+                self.state = State::AuthLogin { login: None };
+                Event::Reply(Reply::new(334, "", "VXNlcm5hbWU6"))
+            }
+            (smtp_proto::AUTH_LOGIN, Some(login)) => match String::from_utf8(login) {
+                Ok(login) if !login.is_empty() => {
+                    self.state = State::AuthLogin { login: Some(login) };
+                    Event::Reply(Reply::new(334, "", "UGFzc3dvcmQ6"))
+                }
+                _ => self.error(501, "5.5.2", "Bad user name"),
+            },
+            _ => self.error(
+                504,
+                "5.5.4",
+                "Unrecognized authentication type; use PLAIN or LOGIN",
+            ),
+        }
+    }
+
     /// RCPT TO for `address`, once its syntax is known to be good.
     fn rcpt(&mut self, address: String) -> Event {
         if self.from.is_none() {
@@ -435,6 +618,9 @@ impl Session {
                 if self.limits.starttls && !self.tls {
                     lines.push("STARTTLS".to_owned());
                 }
+                if self.limits.submission && self.tls && self.user.is_none() {
+                    lines.push("AUTH PLAIN LOGIN".to_owned());
+                }
                 Event::Reply(Reply {
                     code: 250,
                     status: "",
@@ -463,6 +649,9 @@ impl Session {
                 if self.from.is_some() {
                     return self.error(503, "5.5.1", "A transaction is already open");
                 }
+                if self.limits.submission && self.user.is_none() {
+                    return self.error(530, "5.7.0", "Authentication required");
+                }
                 let unsupported = smtp_proto::MAIL_BODY_BINARYMIME
                     | smtp_proto::MAIL_REQUIRETLS
                     | smtp_proto::MAIL_RET_FULL
@@ -473,7 +662,7 @@ impl Session {
                     | smtp_proto::MAIL_CONPERM;
                 if from.flags & unsupported != 0
                     || from.env_id.is_some()
-                    || from.auth.is_some()
+                    || (from.auth.is_some() && !self.limits.submission)
                     || from.mtrk.is_some()
                     || from.hold_for != 0
                     || from.hold_until != 0
@@ -570,11 +759,10 @@ impl Session {
                 "2.0.0",
                 "See RFC 5321; this is Granary's MX",
             )),
-            Request::Auth { .. } => self.error(
-                503,
-                "5.5.1",
-                "AUTH is not offered on the MX; use the submission port",
-            ),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, &initial_response),
             Request::Expn { .. }
             | Request::Etrn { .. }
             | Request::Atrn { .. }

@@ -1,5 +1,6 @@
-//! One MX connection: the sans-IO session driven over TCP, then over TLS
-//! after STARTTLS.
+//! One SMTP connection, on the MX or a submission listener: the sans-IO
+//! session driven over TCP, then over TLS after STARTTLS (or over TLS from
+//! the start on `submissions`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,8 +13,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{Mx, show_ip};
-use crate::{MailRecipient, Shared};
+use super::{Listener, Mx, show_ip};
+use crate::{LoginRefused, MailRecipient, Shared};
 
 /// More `Received` fields than this is a mail loop (RFC 5321 §6.3).
 const MAX_HOPS: usize = 100;
@@ -34,6 +35,7 @@ enum End {
 
 /// What one connection carries between transactions.
 struct Conn {
+    listener: Listener,
     shared: Arc<Shared>,
     mx: Arc<Mx>,
     peer: SocketAddr,
@@ -49,16 +51,24 @@ pub(super) async fn handle(
     shared: Arc<Shared>,
     mx: Arc<Mx>,
     stop: watch::Receiver<bool>,
+    listener: Listener,
 ) {
     let _ = tcp.set_nodelay(true);
     let settings = &mx.settings;
+    let submission = listener != Listener::Mx;
     let mut session = Session::new(Limits {
         hostname: settings.hostname.clone(),
         max_message_bytes: settings.max_message_bytes,
-        max_recipients: settings.max_recipients as usize,
-        starttls: true,
+        max_recipients: if submission {
+            settings.send_max_recipients as usize
+        } else {
+            settings.max_recipients as usize
+        },
+        starttls: listener != Listener::Submissions,
+        submission,
     });
     let mut conn = Conn {
+        listener,
         shared,
         mx: mx.clone(),
         peer,
@@ -67,15 +77,17 @@ pub(super) async fn handle(
         incoming: None,
     };
     let mut tcp = tcp;
-    if tcp.write_all(&session.greeting().to_bytes()).await.is_err() {
-        return;
-    }
-    match conn.drive(&mut tcp, &mut session).await {
-        Ok(End::StartTls) => {}
-        Ok(End::Closed) => return,
-        Err(e) => {
-            tracing::debug!(error = %e, "smtp connection ended");
+    if listener != Listener::Submissions {
+        if tcp.write_all(&session.greeting().to_bytes()).await.is_err() {
             return;
+        }
+        match conn.drive(&mut tcp, &mut session).await {
+            Ok(End::StartTls) => {}
+            Ok(End::Closed) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "smtp connection ended");
+                return;
+            }
         }
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(conn.shared.tls.clone());
@@ -83,15 +95,20 @@ pub(super) async fn handle(
     let mut tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "STARTTLS handshake failed");
+            tracing::debug!(error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            tracing::debug!("STARTTLS handshake timed out");
+            tracing::debug!("TLS handshake timed out");
             return;
         }
     };
     session.tls_started();
+    if listener == Listener::Submissions
+        && tls.write_all(&session.greeting().to_bytes()).await.is_err()
+    {
+        return;
+    }
     match conn.drive(&mut tls, &mut session).await {
         Ok(_) => {}
         Err(e) => tracing::debug!(error = %e, "smtp connection ended"),
@@ -133,8 +150,12 @@ impl Conn {
                     return Ok(End::StartTls);
                 }
                 Event::Sender(from) => {
-                    let verdict = self.sender(&from);
+                    let verdict = self.sender(&from, session.user()).await;
                     session.sender_verdict(&from, verdict).write(&mut out);
+                }
+                Event::Auth { login, password } => {
+                    let verdict = self.login(&login, &password.0).await;
+                    session.auth_verdict(verdict).write(&mut out);
                 }
                 Event::Recipient(to) => {
                     let verdict = self.recipient(&to).await;
@@ -214,23 +235,87 @@ impl Conn {
         Ok(n > 0)
     }
 
-    fn sender(&mut self, _from: &str) -> Result<(), Reply> {
+    /// AUTH on a submission listener: a mail app password.
+    async fn login(&mut self, login: &str, password: &str) -> Result<String, Reply> {
+        match self
+            .shared
+            .mail_login(self.peer.ip(), login, password)
+            .await
+        {
+            Ok((user, cred)) => {
+                tracing::Span::current().record("user", user.as_str());
+                tracing::info!(user, credential = cred.id, "logged in");
+                Ok(user)
+            }
+            Err(LoginRefused::Limited) => Err(Reply::new(
+                454,
+                "4.7.0",
+                "Too many failed logins; try again in a few minutes",
+            )),
+            Err(LoginRefused::Invalid) => Err(Reply::new(
+                535,
+                "5.7.8",
+                "Authentication credentials invalid",
+            )),
+        }
+    }
+
+    async fn sender(&mut self, from: &str, user: Option<&str>) -> Result<(), Reply> {
         self.users.clear();
         self.incoming = None;
         let s = &self.mx.settings;
-        if !self
-            .mx
-            .limits
-            .may_send(self.peer.ip(), s.max_messages_per_ip)
-        {
-            tracing::info!("message rate limit reached for this address");
+        if self.listener == Listener::Mx {
+            if !self
+                .mx
+                .limits
+                .may_send(self.peer.ip(), s.max_messages_per_ip)
+            {
+                tracing::info!("message rate limit reached for this address");
+                return Err(Reply::new(
+                    451,
+                    "4.7.1",
+                    "Too many messages from your address this hour; try later",
+                ));
+            }
+            return Ok(());
+        }
+        // Submission: the session asks for AUTH before MAIL.
+        let Some(user) = user else {
+            return Err(Reply::new(530, "5.7.0", "Authentication required"));
+        };
+        if !self.mx.per_user.may(&user.to_owned(), s.send_per_hour) {
+            tracing::info!(user, "send rate limit reached");
             return Err(Reply::new(
                 451,
                 "4.7.1",
-                "Too many messages from your address this hour; try later",
+                format!(
+                    "You sent {} messages this hour, the most allowed; try later",
+                    s.send_per_hour
+                ),
             ));
         }
-        Ok(())
+        if self.owns(user, from).await {
+            Ok(())
+        } else {
+            tracing::info!(user, from, "refused a sender that is not the user's");
+            Err(Reply::new(
+                553,
+                "5.7.1",
+                format!("<{from}>: not one of your addresses"),
+            ))
+        }
+    }
+
+    /// Whether `user` may send as `address` (theirs by name, tag or alias).
+    async fn owns(&self, user: &str, address: &str) -> bool {
+        !address.is_empty()
+            && self
+                .shared
+                .directory
+                .mail_sender_owner(address)
+                .await
+                .as_deref()
+                == Some(user)
     }
 
     async fn recipient(&mut self, to: &str) -> Result<(), Reply> {
@@ -244,10 +329,15 @@ impl Conn {
                 "5.1.1",
                 format!("<{to}>: no such user here"),
             )),
-            MailRecipient::NotLocal => Err(Reply::new(
+            MailRecipient::NotLocal if self.listener == Listener::Mx => Err(Reply::new(
                 550,
                 "5.7.1",
                 format!("<{to}>: relaying denied; this server takes mail only for its own domains"),
+            )),
+            MailRecipient::NotLocal => Err(Reply::new(
+                550,
+                "5.7.1",
+                format!("<{to}>: this server does not send to other domains yet"),
             )),
             MailRecipient::TryLater => Err(Reply::new(
                 451,
@@ -311,10 +401,43 @@ impl Conn {
         }
         let ip = self.peer.ip();
         let hostname = self.mx.settings.hostname.clone();
-        let verdict = self.mx.checker.check(&message, ip, &helo, &from).await;
-        if let Some(reject) = verdict.reject {
-            tracing::info!(from, "refused by the sender's DMARC policy");
-            return reject;
+        let id = Spool::new_id();
+        let now = unix_now();
+        let user = session.user().map(str::to_owned);
+        let mut added = String::new();
+        if let Some(user) = &user {
+            // Submission: the From the reader sees must be the user's too.
+            let authors = from_addresses(&message);
+            if authors.is_empty() {
+                return Reply::new(
+                    553,
+                    "5.7.1",
+                    "The message needs a From: header field with one of your addresses",
+                );
+            }
+            for author in &authors {
+                if !self.owns(user, author).await {
+                    tracing::info!(user, author, "refused a From: that is not the user's");
+                    return Reply::new(
+                        553,
+                        "5.7.1",
+                        format!("From: <{author}> is not one of your addresses"),
+                    );
+                }
+            }
+            if count(b"Date") == 0 {
+                added.push_str(&format!("Date: {}\r\n", rfc2822(now)));
+            }
+            if count(b"Message-ID") == 0 {
+                added.push_str(&format!("Message-ID: <{id}@{hostname}>\r\n"));
+            }
+        } else {
+            let verdict = self.mx.checker.check(&message, ip, &helo, &from).await;
+            if let Some(reject) = verdict.reject {
+                tracing::info!(from, "refused by the sender's DMARC policy");
+                return reject;
+            }
+            added = verdict.header;
         }
         let mut message = message;
         let forged = own_auth_results(&message, &hostname);
@@ -325,18 +448,16 @@ impl Conn {
             );
             remove_ranges(&mut message, &forged);
         }
-        let id = Spool::new_id();
-        let now = unix_now();
         let mut head = received(
             &helo,
             &self.peer,
             &hostname,
-            session.tls(),
+            (session.tls(), user.is_some()),
             &id,
             (recipients.len() == 1).then(|| recipients[0].address.as_str()),
             now,
         );
-        head.extend_from_slice(verdict.header.as_bytes());
+        head.extend_from_slice(added.as_bytes());
         let size = message.len();
         let envelope = Envelope {
             id: id.clone(),
@@ -348,7 +469,10 @@ impl Conn {
         };
         match self.mx.spool.commit(envelope, head, message).await {
             Ok(()) => {
-                self.mx.limits.sent(ip);
+                match user {
+                    Some(user) => self.mx.per_user.count(user, 1),
+                    None => self.mx.limits.sent(ip),
+                }
                 tracing::info!(id, from, bytes = size, "accepted");
                 Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
             }
@@ -372,7 +496,7 @@ fn received(
     helo: &str,
     peer: &SocketAddr,
     hostname: &str,
-    tls: bool,
+    (tls, authenticated): (bool, bool),
     id: &str,
     single_recipient: Option<&str>,
     now: i64,
@@ -384,14 +508,14 @@ fn received(
         .filter(|c| c.is_ascii_graphic() && !"()<>;".contains(*c))
         .take(255)
         .collect();
-    let with = if tls { "ESMTPS" } else { "ESMTP" };
-    let date = time::OffsetDateTime::from_unix_timestamp(now)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc2822)
-                .ok()
-        })
-        .unwrap_or_default();
+    // RFC 3848's names for TLS (S) and AUTH (A).
+    let with = match (tls, authenticated) {
+        (true, true) => "ESMTPSA",
+        (false, true) => "ESMTPA",
+        (true, false) => "ESMTPS",
+        (false, false) => "ESMTP",
+    };
+    let date = rfc2822(now);
     let mut h = format!(
         "Received: from {} ([{}])\r\n\tby {hostname} (Granary) with {with} id {id}",
         if helo.is_empty() { "unknown" } else { &helo },
@@ -403,4 +527,32 @@ fn received(
     }
     h.push_str(&format!("; {date}\r\n"));
     h.into_bytes()
+}
+
+/// `now` as an RFC 5322 date.
+fn rfc2822(now: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(now)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc2822)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// The addresses in the message's `From:` field, lowercased.
+fn from_addresses(message: &[u8]) -> Vec<String> {
+    let Some(parsed) = mail_parser::MessageParser::new().parse_headers(header_block(message))
+    else {
+        return Vec::new();
+    };
+    parsed
+        .from()
+        .map(|from| {
+            from.iter()
+                .filter_map(|a| a.address())
+                .map(str::to_ascii_lowercase)
+                .collect()
+        })
+        .unwrap_or_default()
 }

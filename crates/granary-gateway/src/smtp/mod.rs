@@ -13,6 +13,15 @@
 //!
 //! STARTTLS is offered with the gateway's certificate; whatever the client
 //! pipelined after STARTTLS in clear is thrown away.
+//!
+//! Submission (`submission`, STARTTLS like port 587, and `submissions`,
+//! TLS from the start like port 465) is the same session with AUTH: PLAIN
+//! and LOGIN are offered only under TLS and take app passwords of kind
+//! `mail` (failures count in the shared login limiter). The envelope
+//! sender and every `From:` address must be the user's own (by name,
+//! `+tag` or alias; 553 5.7.1 otherwise); each user has a send rate and a
+//! recipient cap; a missing `Date` or `Message-ID` is added. Mail for
+//! local users goes through the spool like the MX's.
 
 pub mod checks;
 mod connection;
@@ -41,6 +50,21 @@ pub struct MxSettings {
     pub max_messages_per_ip: u32,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// Recipients per message on submission.
+    pub send_max_recipients: u32,
+    /// Messages one user may submit per hour.
+    pub send_per_hour: u32,
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `smtp`: other servers hand over mail for local users.
+    Mx,
+    /// `submission`: clients send, STARTTLS then AUTH.
+    Submission,
+    /// `submissions`: clients send, TLS from the first byte.
+    Submissions,
 }
 
 /// What the MX needs besides [`Shared`].
@@ -49,6 +73,7 @@ pub struct Mx {
     pub spool: Arc<Spool>,
     pub checker: Checker,
     limits: Arc<limits::PerIp>,
+    per_user: limits::Hourly<String>,
 }
 
 impl Mx {
@@ -58,20 +83,48 @@ impl Mx {
             spool,
             checker,
             limits: Arc::new(limits::PerIp::default()),
+            per_user: limits::Hourly::default(),
         }
     }
 }
 
-/// Serves SMTP on `listener` until `shutdown`; then idle sessions are told
-/// 421 and closed, and a session in the middle of a message gets the drain
-/// timeout to finish it.
+/// Serves the MX on `listener` until `shutdown`; then idle sessions are
+/// told 421 and closed, and a session in the middle of a message gets the
+/// drain timeout to finish it.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    serve_as(Listener::Mx, listener, shared, shutdown).await
+}
+
+/// Serves submission with STARTTLS (like port 587), as [`serve`].
+pub async fn serve_submission(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    serve_as(Listener::Submission, listener, shared, shutdown).await
+}
+
+/// Serves submission over TLS from the start (like port 465), as [`serve`].
+pub async fn serve_submissions(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    serve_as(Listener::Submissions, listener, shared, shutdown).await
+}
+
+async fn serve_as(
+    kind: Listener,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let Some(mx) = shared.mx.clone() else {
-        tracing::error!("the smtp listener has no MX configured; not serving");
+        tracing::error!("{kind:?}: mail is not configured; not serving");
         return;
     };
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -90,7 +143,10 @@ pub async fn serve(
             () = &mut shutdown => break,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
-        let span = tracing::info_span!("smtp", %peer);
+        let span = match kind {
+            Listener::Mx => tracing::info_span!("smtp", %peer),
+            _ => tracing::info_span!("submission", %peer, user = tracing::field::Empty),
+        };
         let slot = mx
             .limits
             .connect(peer.ip(), mx.settings.max_connections_per_ip);
@@ -99,10 +155,12 @@ pub async fn serve(
             async move {
                 let Some(slot) = slot else {
                     tracing::info!("too many connections from this address");
-                    refuse(tcp, &mx.settings.hostname).await;
+                    if kind != Listener::Submissions {
+                        refuse(tcp, &mx.settings.hostname).await;
+                    }
                     return;
                 };
-                connection::handle(tcp, peer, shared, mx, stop).await;
+                connection::handle(tcp, peer, shared, mx, stop, kind).await;
                 drop(slot);
             }
             .instrument(span),

@@ -53,6 +53,14 @@ fn drive_with(session: &mut Session, input: &[u8], current: &mut Vec<u8>) -> Run
                 };
                 r.write(&mut out);
             }
+            Event::Auth { login, password } => {
+                let verdict = if login.starts_with("ok") && password.0 == "secret" {
+                    Ok(login)
+                } else {
+                    Err(Reply::new(535, "5.7.8", "Invalid credentials"))
+                };
+                session.auth_verdict(verdict).write(&mut out)
+            }
             Event::Close(r) => {
                 r.write(&mut out);
                 closed = true;
@@ -74,6 +82,7 @@ fn session() -> Session {
         max_message_bytes: 1000,
         max_recipients: 3,
         starttls: true,
+        submission: false,
     })
 }
 
@@ -265,4 +274,128 @@ fn bare_postmaster_is_a_recipient() {
         matches!(event, Event::Reply(_)),
         "needs MAIL first: {event:?}"
     );
+}
+
+fn submission() -> Session {
+    Session::new(Limits {
+        hostname: "mail.example.org".into(),
+        max_message_bytes: 1000,
+        max_recipients: 3,
+        starttls: true,
+        submission: true,
+    })
+}
+
+fn b64(s: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[test]
+fn submission_offers_auth_only_under_tls_and_mail_needs_it() {
+    let mut s = submission();
+    let r = drive(
+        &mut s,
+        format!(
+            "EHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<ok@example.org>\r\n",
+            b64(b"\0ok\0secret")
+        )
+        .as_bytes(),
+    );
+    assert!(!r.out.contains("AUTH"), "{}", r.out.lines().next().unwrap());
+    assert!(r.out.contains("250 STARTTLS\r\n"), "{}", r.out);
+    assert!(r.out.contains("538 5.7.11 "), "{}", r.out);
+    assert!(
+        r.out.ends_with("530 5.7.0 Authentication required\r\n"),
+        "{}",
+        r.out
+    );
+    s.tls_started();
+    let r = drive(
+        &mut s,
+        format!(
+            "EHLO c\r\nMAIL FROM:<ok@example.org>\r\nAUTH PLAIN {}\r\nEHLO c\r\n\
+MAIL FROM:<ok@example.org> AUTH=<>\r\nRCPT TO:<ok@x.example>\r\nDATA\r\nhi\r\n.\r\n",
+            b64(b"\0ok\0secret")
+        )
+        .as_bytes(),
+    );
+    assert!(r.out.contains("250 AUTH PLAIN LOGIN\r\n"), "{}", r.out);
+    assert!(r.out.contains("530 5.7.0"), "{}", r.out);
+    assert!(
+        r.out.contains("235 2.7.0 Authentication successful\r\n"),
+        "{}",
+        r.out
+    );
+    assert_eq!(s.user(), Some("ok"));
+    assert_eq!(r.messages.len(), 1, "{}", r.out);
+    // Logged in, EHLO no longer offers AUTH, and a second AUTH is refused.
+    let r = drive(&mut s, b"EHLO c\r\nAUTH LOGIN\r\n");
+    assert!(!r.out.contains("AUTH PLAIN"), "{}", r.out);
+    assert!(
+        r.out.ends_with("503 5.5.1 Already authenticated\r\n"),
+        "{}",
+        r.out
+    );
+}
+
+#[test]
+fn auth_login_and_plain_without_initial_response_and_cancel() {
+    let mut s = submission();
+    s.tls_started();
+    let r = drive(
+        &mut s,
+        format!(
+            "EHLO c\r\nAUTH LOGIN\r\n{}\r\n*\r\nAUTH PLAIN\r\n{}\r\nAUTH LOGIN {}\r\n{}\r\n",
+            b64(b"ok"),
+            b64(b"\0ok\0wrong"),
+            b64(b"okay"),
+            b64(b"secret"),
+        )
+        .as_bytes(),
+    );
+    assert!(
+        r.out.contains("334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n501 5.0.0 Authentication cancelled\r\n334 \r\n535 5.7.8 Invalid credentials\r\n334 UGFzc3dvcmQ6\r\n235 2.7.0"),
+        "{}",
+        r.out
+    );
+    assert_eq!(s.user(), Some("okay"));
+    let mut s = submission();
+    s.tls_started();
+    let r = drive(&mut s, b"EHLO c\r\nAUTH CRAM-MD5\r\nAUTH PLAIN !!!\r\n");
+    assert!(r.out.contains("504 5.5.4"), "{}", r.out);
+    assert!(r.out.contains("501 5.5.2"), "{}", r.out);
+}
+
+#[test]
+fn three_failed_logins_end_the_session() {
+    let mut s = submission();
+    s.tls_started();
+    let bad = format!("AUTH PLAIN {}\r\n", b64(b"\0ok\0nope"));
+    let r = drive(&mut s, format!("EHLO c\r\n{}", bad.repeat(4)).as_bytes());
+    assert!(r.closed);
+    assert_eq!(r.out.matches("535 5.7.8").count(), 3, "{}", r.out);
+    assert!(
+        r.out
+            .ends_with("421 4.7.0 Too many failed logins, closing\r\n"),
+        "{}",
+        r.out
+    );
+}
+
+#[test]
+fn the_mx_never_offers_or_takes_auth() {
+    let mut s = session();
+    s.tls_started();
+    let r = drive(
+        &mut s,
+        format!("EHLO c\r\nAUTH PLAIN {}\r\n", b64(b"\0ok\0secret")).as_bytes(),
+    );
+    assert!(!r.out.contains("AUTH PLAIN"), "{}", r.out);
+    assert!(
+        r.out.contains("503 5.5.1 AUTH is not offered on the MX"),
+        "{}",
+        r.out
+    );
+    assert_eq!(s.user(), None);
 }

@@ -116,4 +116,20 @@ impl Directory for StateDirectory {
             }
         })
     }
+
+    fn mail_sender_owner(&self, address: &str) -> BoxFuture<Option<String>> {
+        let (store, postmaster) = (self.store.clone(), self.postmaster.clone());
+        let Ok(address) = MailAddress::parse(address) else {
+            return Box::pin(async { None });
+        };
+        lookup(None, move || {
+            match store.address_owner(&address, postmaster.as_deref()) {
+                Ok(owner) => owner,
+                Err(e) => {
+                    tracing::error!(error = %e, "mail sender lookup failed");
+                    None
+                }
+            }
+        })
+    }
 }

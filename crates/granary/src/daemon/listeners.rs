@@ -15,7 +15,15 @@ use granary_gateway::Shared;
 use tokio::sync::watch;
 
 /// The listeners this daemon has a server for (the arms of [`Bound::serve`]).
-const SERVED: &[&str] = &["https", "ssh", "smtp", "imap", "imaps"];
+const SERVED: &[&str] = &[
+    "https",
+    "ssh",
+    "smtp",
+    "submission",
+    "submissions",
+    "imap",
+    "imaps",
+];
 
 /// The configured listeners, bound.
 pub(super) struct Bound {
@@ -73,6 +81,12 @@ impl Bound {
                     "smtp" => {
                         tokio::spawn(granary_gateway::smtp::serve(listener, shared, shutdown))
                     }
+                    "submission" => tokio::spawn(granary_gateway::smtp::serve_submission(
+                        listener, shared, shutdown,
+                    )),
+                    "submissions" => tokio::spawn(granary_gateway::smtp::serve_submissions(
+                        listener, shared, shutdown,
+                    )),
                     "imap" => {
                         tokio::spawn(granary_gateway::imap::serve(listener, shared, shutdown))
                     }

@@ -44,6 +44,8 @@ pub(super) async fn setup(config: &Config, owner: u32) -> anyhow::Result<MailSet
             max_messages_per_ip: mail.max_messages_per_ip,
             command_timeout: mail.command_timeout,
             data_timeout: mail.data_timeout,
+            send_max_recipients: mail.send_max_recipients,
+            send_per_hour: mail.send_per_hour,
         },
         spool.clone(),
         checker,
