@@ -329,14 +329,48 @@ interface Mail {
   status @7 (user :Text) -> (status :UserMailStatus);
   # The user's addresses, mailboxes and deliveries (starts their grain).
 
-  spool @8 () -> (messages :List(SpooledMessage));
-  # The inbound spool, oldest first.
+  spool @8 (outbound :Bool) -> (messages :List(SpooledMessage));
+  # The inbound spool (or with `outbound`, the queue of mail for other
+  # domains), oldest first.
 
-  retry @9 (id :Text) -> (count :UInt32);
+  retry @9 (id :Text, outbound :Bool) -> (count :UInt32);
   # Tries `id` again now (every message when empty).
 
-  deleteSpooled @10 (id :Text) -> ();
+  deleteSpooled @10 (id :Text, outbound :Bool) -> ();
   # Removes a message from the spool without delivering it further.
+
+  hold @11 (id :Text, outbound :Bool, hold :Bool) -> ();
+  # Keeps `id` from being delivered until released (`hold` false).
+
+  dkim @12 (domain :Text, rotate :Bool) -> (keys :List(DkimKey));
+  # The domain's DKIM selectors, newest first. `rotate` first makes a new
+  # Ed25519 and RSA-2048 pair that signs from then on; the older selectors
+  # stay published until retired, so mail signed with them still verifies.
+
+  retireDkim @13 (domain :Text, selector :Text) -> ();
+  # Removes a selector that no longer signs.
+
+  dnsRecords @14 (domain :Text) -> (records :List(DnsRecord));
+  # Every DNS record the mail domain needs, as this host is configured.
+}
+
+struct DkimKey {
+  selector @0 :Text;
+  algorithm @1 :Text;
+  # "ed25519" or "rsa".
+  createdAt @2 :Int64;
+  signing @3 :Bool;
+  record @4 :Text;
+  # The TXT value for SELECTOR._domainkey.DOMAIN.
+}
+
+struct DnsRecord {
+  name @0 :Text;
+  # Fully qualified, with the final dot.
+  kind @1 :Text;
+  # MX, TXT, SRV, CNAME.
+  value @2 :Text;
+  purpose @3 :Text;
 }
 
 struct MailDomain {
@@ -372,6 +406,7 @@ struct SpooledMessage {
   attempts @6 :UInt32;
   nextAttempt @7 :Int64;
   lastError @8 :Text;
+  held @9 :Bool;
 }
 
 struct SpooledRecipient {

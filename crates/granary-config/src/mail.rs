@@ -27,6 +27,9 @@ pub struct RawMail {
     pub retry_max: Option<String>,
     pub send_max_recipients: Option<u32>,
     pub send_per_hour: Option<u32>,
+    pub queue_lifetime: Option<String>,
+    pub outbound_port: Option<u16>,
+    pub outbound_ca: Option<std::path::PathBuf>,
 }
 
 /// `[mail]`, resolved.
@@ -65,6 +68,14 @@ pub struct Mail {
     pub send_max_recipients: u32,
     /// Messages one user may submit per hour.
     pub send_per_hour: u32,
+    /// How long mail for other domains is retried before it is bounced.
+    pub queue_lifetime: Duration,
+    /// The port other domains' mail servers take mail on (25; another
+    /// only for tests or a private network).
+    pub outbound_port: u16,
+    /// PEM certificates trusted, besides the system's, when checking the
+    /// certificates of servers mail is sent to.
+    pub outbound_ca: Option<std::path::PathBuf>,
 }
 
 impl Mail {
@@ -158,6 +169,10 @@ impl Mail {
             )? as u32,
             send_per_hour: positive("send_per_hour", u64::from(raw.send_per_hour.unwrap_or(200)))?
                 as u32,
+            queue_lifetime: time("queue_lifetime", &raw.queue_lifetime, "5d")?,
+            outbound_port: positive("outbound_port", u64::from(raw.outbound_port.unwrap_or(25)))?
+                as u16,
+            outbound_ca: raw.outbound_ca.clone(),
         })
     }
 }

@@ -1,4 +1,6 @@
-//! Delivery from the spool into mail grains, with retries and bounces.
+//! Delivery from a spool to its [`Destination`] (users' mail grains for the
+//! inbound spool, other mail servers for the outbound queue), with retries
+//! and bounces.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,11 +21,85 @@ pub type LocalUser =
 /// Deliveries under way at once.
 const PARALLEL: usize = 8;
 
-/// Hands spooled messages to grains until shut down.
+/// What one delivery to one destination came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The far side has it durably.
+    Delivered,
+    /// Not now (`x.y.z why`); try again later.
+    Retry(String),
+    /// Never (`x.y.z why`): bounce it.
+    Failed(String),
+}
+
+/// Where a spool's messages go. Each recipient's `user` field names the
+/// destination key: a local user for the inbound spool, the address
+/// itself for the outbound queue; recipients with the same key go in one
+/// delivery.
+pub trait Destination: Send + Sync {
+    /// Delivers `message` (`size` bytes from its current position) to
+    /// `addresses`, all of which reach `key`; resolves once the far side
+    /// has it durably, or says why not.
+    fn deliver(
+        &self,
+        envelope: Arc<Envelope>,
+        key: String,
+        addresses: Vec<String>,
+        message: std::fs::File,
+        size: u64,
+    ) -> Pin<Box<dyn Future<Output = Outcome> + Send + '_>>;
+}
+
+/// The inbound spool's destination: each user's mail grain.
+struct ToGrains(Arc<dyn Grains>);
+
+impl Destination for ToGrains {
+    fn deliver(
+        &self,
+        envelope: Arc<Envelope>,
+        user: String,
+        addresses: Vec<String>,
+        message: std::fs::File,
+        size: u64,
+    ) -> Pin<Box<dyn Future<Output = Outcome> + Send + '_>> {
+        Box::pin(async move {
+            let id = envelope.id.as_str();
+            let grain = match GrainId::for_user(&user, "mail") {
+                Ok(g) => g,
+                Err(e) => return Outcome::Failed(format!("5.1.1 {e}")),
+            };
+            let mail = MailDelivery {
+                id: envelope.id.clone(),
+                from: envelope.from.clone(),
+                to: addresses,
+                message,
+                size,
+            };
+            match self.0.deliver_mail(&grain, mail).await {
+                Ok(()) => {
+                    tracing::info!(id, user, bytes = size, "delivered");
+                    Outcome::Delivered
+                }
+                Err(e) if e.problem == Problem::NoSuchGrain => {
+                    tracing::warn!(id, user, "the recipient's mailbox no longer exists");
+                    Outcome::Failed("5.1.1 the mailbox no longer exists".to_owned())
+                }
+                Err(e) => {
+                    tracing::warn!(id, user, error = %e, "delivery failed; will retry");
+                    Outcome::Retry(e.to_string())
+                }
+            }
+        })
+    }
+}
+
+/// Hands spooled messages to their destination until shut down.
 pub struct Deliverer {
     spool: Arc<Spool>,
-    grains: Arc<dyn Grains>,
+    destination: Arc<dyn Destination>,
     local_user: LocalUser,
+    /// Where bounces for local senders are committed (the inbound spool).
+    bounce_to: Arc<Spool>,
 }
 
 /// What one attempt decided.
@@ -38,11 +114,30 @@ enum Decision {
 }
 
 impl Deliverer {
+    /// The inbound spool's deliverer: into users' mail grains.
     pub fn new(spool: Arc<Spool>, grains: Arc<dyn Grains>, local_user: LocalUser) -> Deliverer {
         Deliverer {
+            bounce_to: spool.clone(),
             spool,
-            grains,
+            destination: Arc::new(ToGrains(grains)),
             local_user,
+        }
+    }
+
+    /// A deliverer of `spool` to `destination`; bounces for local senders
+    /// go into `bounce_to` (the inbound spool, which puts them in the
+    /// sender's grain).
+    pub fn to(
+        spool: Arc<Spool>,
+        destination: Arc<dyn Destination>,
+        local_user: LocalUser,
+        bounce_to: Arc<Spool>,
+    ) -> Deliverer {
+        Deliverer {
+            spool,
+            destination,
+            local_user,
+            bounce_to,
         }
     }
 
@@ -92,13 +187,6 @@ impl Deliverer {
             {
                 continue;
             }
-            let grain = match GrainId::for_user(&user, "mail") {
-                Ok(g) => g,
-                Err(e) => {
-                    failed.push((user, format!("5.1.1 {e}")));
-                    continue;
-                }
-            };
             let file = match open_at(&path, offset).await {
                 Ok(f) => f,
                 Err(e) => {
@@ -107,26 +195,14 @@ impl Deliverer {
                     break;
                 }
             };
-            let mail = MailDelivery {
-                id: envelope.id.clone(),
-                from: envelope.from.clone(),
-                to: addresses,
-                message: file,
-                size,
-            };
-            match self.grains.deliver_mail(&grain, mail).await {
-                Ok(()) => {
-                    tracing::info!(id, user, bytes = size, "delivered");
-                    delivered.push(user);
-                }
-                Err(e) if e.problem == Problem::NoSuchGrain => {
-                    tracing::warn!(id, user, "the recipient's mailbox no longer exists");
-                    failed.push((user, "5.1.1 the mailbox no longer exists".to_owned()));
-                }
-                Err(e) => {
-                    tracing::warn!(id, user, error = %e, "delivery failed; will retry");
-                    temporary = Some(e.to_string());
-                }
+            match self
+                .destination
+                .deliver(envelope.clone(), user.clone(), addresses, file, size)
+                .await
+            {
+                Outcome::Delivered => delivered.push(user),
+                Outcome::Failed(why) => failed.push((user, why)),
+                Outcome::Retry(why) => temporary = Some(why),
             }
         }
         let spool = self.spool.clone();
@@ -215,7 +291,7 @@ impl Deliverer {
                     helo: settings.hostname.clone(),
                 };
                 tracing::info!(id = envelope.id, bounce = id, "bounced to a local sender");
-                self.spool.commit(bounce, Vec::new(), message).await
+                self.bounce_to.commit(bounce, Vec::new(), message).await
             }
             None => {
                 let path = self.spool.dir.join("bounces").join(format!("{id}.eml"));

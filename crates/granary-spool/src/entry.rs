@@ -62,6 +62,9 @@ pub struct Progress {
     pub failed: Vec<(String, String)>,
     /// Why the last attempt did not finish.
     pub last_error: Option<String>,
+    /// Held by the admin: not delivered until released.
+    #[serde(default)]
+    pub held: bool,
 }
 
 /// The largest envelope line read back (a message has at most a few

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use deliver::{Deliverer, LocalUser};
+pub use deliver::{Deliverer, Destination, LocalUser, Outcome};
 pub use entry::{Envelope, Progress, Recipient};
 
 /// What the spool needs to know of the configuration.
@@ -95,6 +95,8 @@ pub struct SpooledMessage {
     /// Unix seconds; 0 while it is being delivered or due now.
     pub next_attempt: i64,
     pub last_error: Option<String>,
+    /// Kept from delivery by the admin until released.
+    pub held: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -347,6 +349,7 @@ impl Spool {
                     attempts: p.attempts,
                     next_attempt: if t.busy { 0 } else { p.next_attempt },
                     last_error: p.last_error.clone(),
+                    held: p.held,
                 }
             })
             .collect();
@@ -384,6 +387,26 @@ impl Spool {
         }
         self.wake.notify_one();
         Ok(n)
+    }
+
+    /// Holds `id` (no delivery until released) or releases it; the hold
+    /// survives a restart. Blocking.
+    pub fn hold(&self, id: &str, held: bool) -> Result<(), SpoolError> {
+        let progress = {
+            let mut entries = self.entries();
+            let Some(t) = entries.get_mut(id) else {
+                return Err(SpoolError::NoSuchEntry(id.to_owned()));
+            };
+            t.progress.held = held;
+            if !held {
+                t.progress.next_attempt = 0;
+            }
+            t.progress.clone()
+        };
+        let saved = serde_json::to_vec(&progress).map_err(|e| SpoolError::Task(e.to_string()))?;
+        granary_files::write_atomic(&self.state_path(id), &saved, 0o600)?;
+        self.wake.notify_one();
+        Ok(())
     }
 
     /// Removes a message without delivering it any further. Blocking.
@@ -425,7 +448,7 @@ impl Spool {
         let mut due = Vec::new();
         let mut next: Option<i64> = None;
         for (id, t) in self.entries().iter_mut() {
-            if t.busy {
+            if t.busy || t.progress.held {
                 continue;
             }
             if t.progress.next_attempt <= now {

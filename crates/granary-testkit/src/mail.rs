@@ -47,6 +47,31 @@ impl Dns {
                 .and_then(|s| s.local_addr())
                 .expect("a free UDP port")
                 .port();
+            if let Some(dns) = Dns::try_at(port, records) {
+                return dns;
+            }
+        }
+        panic!("dnsmasq did not start on a loopback port");
+    }
+
+    /// Answers `records` from now on, at the same address (the server is
+    /// restarted on its port).
+    pub fn replace(&mut self, records: &[Record]) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+        for _ in 0..50 {
+            if let Some(dns) = Dns::try_at(self.addr.port(), records) {
+                // Swap in the new child; the old one has been reaped.
+                let old = std::mem::replace(self, dns);
+                std::mem::forget(old);
+                return;
+            }
+        }
+        panic!("dnsmasq did not start again on {}", self.addr);
+    }
+
+    fn try_at(port: u16, records: &[Record]) -> Option<Dns> {
+        {
             let mut cmd = Command::new("dnsmasq");
             cmd.args([
                 "--keep-in-foreground",
@@ -103,12 +128,12 @@ impl Dns {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if dns.is_some() {
-                return Dns { child, addr };
+                return Some(Dns { child, addr });
             }
             let _ = child.kill();
             let _ = child.wait();
         }
-        panic!("dnsmasq did not start on a loopback port");
+        None
     }
 }
 
@@ -161,12 +186,23 @@ impl MailHost {
     /// a `[mail]` line of their own: the helper writes the resolver and
     /// the postmaster there).
     pub fn start(users: &[&str], records: &[Record], extra_mail: &str, extra: &str) -> MailHost {
+        MailHost::start_for(DOMAIN, users, records, extra_mail, extra)
+    }
+
+    /// [`MailHost::start`] for another `domain`.
+    pub fn start_for(
+        domain: &str,
+        users: &[&str],
+        records: &[Record],
+        extra_mail: &str,
+        extra: &str,
+    ) -> MailHost {
         let dir = tempfile::tempdir().expect("temp dir");
         let package = mail_package(dir.path());
         let dns = Dns::start(records);
         let postmaster = users.first().copied().unwrap_or("postmaster");
         let config = format!(
-            "domain = \"{DOMAIN}\"\n{extra}\n[mail]\nresolver = \"{}\"\npostmaster = \"{postmaster}\"\n\
+            "domain = \"{domain}\"\n{extra}\n[mail]\nresolver = \"{}\"\npostmaster = \"{postmaster}\"\n\
              retry_first = \"1s\"\nretry_max = \"2s\"\n{extra_mail}\n",
             dns.addr
         );
@@ -179,7 +215,7 @@ impl MailHost {
                 .granary_with_stdin(&["user", "add", u], None)
                 .success();
         }
-        daemon.granary(&["mail", "domain", "add", DOMAIN]).success();
+        daemon.granary(&["mail", "domain", "add", domain]).success();
         MailHost { daemon, dns, dir }
     }
 

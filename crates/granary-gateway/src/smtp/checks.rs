@@ -21,6 +21,28 @@ use mail_auth::{
     RecordSet, ResolverCache, Txt,
 };
 
+/// Why a DNS lookup gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsProblem {
+    /// NXDOMAIN: the name does not exist (permanent).
+    NoSuchDomain,
+    /// The name exists without records of that type.
+    NoRecords,
+    /// The lookup failed (timeout, SERVFAIL): try later.
+    Failed(String),
+}
+
+fn dns_problem(e: mail_auth::Error) -> DnsProblem {
+    use mail_auth::hickory_resolver::proto::op::ResponseCode;
+    match e {
+        mail_auth::Error::Dns(mail_auth::DnsError::RecordNotFound(ResponseCode::NXDomain)) => {
+            DnsProblem::NoSuchDomain
+        }
+        mail_auth::Error::Dns(mail_auth::DnsError::RecordNotFound(_)) => DnsProblem::NoRecords,
+        other => DnsProblem::Failed(other.to_string()),
+    }
+}
+
 /// The whole check may take this long before the message is taken with
 /// a `temperror` verdict.
 const CHECK_BUDGET: Duration = Duration::from_secs(30);
@@ -150,6 +172,64 @@ impl Checker {
             .with_ipv4_cache(&c.ipv4)
             .with_ipv6_cache(&c.ipv6)
             .with_ptr_cache(&c.ptr)
+    }
+
+    /// Where mail for `domain` goes (RFC 5321 §5.1): its MX hosts in
+    /// preference order; the domain itself when it has no MX; an empty
+    /// list for a null MX (RFC 7505: it takes no mail).
+    pub async fn mail_exchangers(&self, domain: &str) -> Result<Vec<String>, DnsProblem> {
+        match self.auth.mx_lookup(domain, Some(&self.caches.mx)).await {
+            Ok(set) => {
+                let mut hosts = Vec::new();
+                for mx in set.rrset.iter() {
+                    for host in mx.exchanges.iter() {
+                        let host = host.trim_end_matches('.');
+                        if host.is_empty() {
+                            if set.rrset.len() == 1 && mx.exchanges.len() == 1 {
+                                return Ok(Vec::new());
+                            }
+                            continue;
+                        }
+                        hosts.push(host.to_ascii_lowercase());
+                    }
+                }
+                if hosts.is_empty() {
+                    hosts.push(domain.to_ascii_lowercase());
+                }
+                Ok(hosts)
+            }
+            Err(e) => match dns_problem(e) {
+                DnsProblem::NoRecords => Ok(vec![domain.to_ascii_lowercase()]),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// The addresses of `host`: IPv6 first, then IPv4.
+    pub async fn host_addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsProblem> {
+        let mut out = Vec::new();
+        let mut last = DnsProblem::NoRecords;
+        match self.auth.ipv6_lookup(host, Some(&self.caches.ipv6)).await {
+            Ok(set) => out.extend(set.rrset.iter().map(|ip| IpAddr::V6(*ip))),
+            Err(e) => last = dns_problem(e),
+        }
+        match self.auth.ipv4_lookup(host, Some(&self.caches.ipv4)).await {
+            Ok(set) => out.extend(set.rrset.iter().map(|ip| IpAddr::V4(*ip))),
+            Err(e) => {
+                if out.is_empty() {
+                    last = match (last, dns_problem(e)) {
+                        (DnsProblem::Failed(f), _) | (_, DnsProblem::Failed(f)) => {
+                            DnsProblem::Failed(f)
+                        }
+                        (DnsProblem::NoSuchDomain, _) | (_, DnsProblem::NoSuchDomain) => {
+                            DnsProblem::NoSuchDomain
+                        }
+                        _ => DnsProblem::NoRecords,
+                    };
+                }
+            }
+        }
+        if out.is_empty() { Err(last) } else { Ok(out) }
     }
 
     /// Checks `message` as received from `ip`, which said `helo` and

@@ -42,6 +42,8 @@ struct Conn {
     stop: watch::Receiver<bool>,
     /// Recipients accepted so far, and the user each reaches.
     users: HashMap<String, String>,
+    /// Recipients on other domains (submission only).
+    remote: Vec<String>,
     incoming: Option<Incoming>,
 }
 
@@ -74,6 +76,7 @@ pub(super) async fn handle(
         peer,
         stop,
         users: HashMap::new(),
+        remote: Vec::new(),
         incoming: None,
     };
     let mut tcp = tcp;
@@ -262,6 +265,7 @@ impl Conn {
 
     async fn sender(&mut self, from: &str, user: Option<&str>) -> Result<(), Reply> {
         self.users.clear();
+        self.remote.clear();
         self.incoming = None;
         let s = &self.mx.settings;
         if self.listener == Listener::Mx {
@@ -334,11 +338,11 @@ impl Conn {
                 "5.7.1",
                 format!("<{to}>: relaying denied; this server takes mail only for its own domains"),
             )),
-            MailRecipient::NotLocal => Err(Reply::new(
-                550,
-                "5.7.1",
-                format!("<{to}>: this server does not send to other domains yet"),
-            )),
+            MailRecipient::NotLocal => {
+                // Submission, logged in: ours to send on.
+                self.remote.push(to.to_owned());
+                Ok(())
+            }
             MailRecipient::TryLater => Err(Reply::new(
                 451,
                 "4.3.0",
@@ -405,6 +409,7 @@ impl Conn {
         let now = unix_now();
         let user = session.user().map(str::to_owned);
         let mut added = String::new();
+        let mut sign_domain = None;
         if let Some(user) = &user {
             // Submission: the From the reader sees must be the user's too.
             let authors = from_addresses(&message);
@@ -425,6 +430,7 @@ impl Conn {
                     );
                 }
             }
+            sign_domain = authors[0].rsplit_once('@').map(|(_, d)| d.to_owned());
             if count(b"Date") == 0 {
                 added.push_str(&format!("Date: {}\r\n", rfc2822(now)));
             }
@@ -454,33 +460,112 @@ impl Conn {
             &hostname,
             (session.tls(), user.is_some()),
             &id,
-            (recipients.len() == 1).then(|| recipients[0].address.as_str()),
+            match (recipients.as_slice(), self.remote.as_slice()) {
+                ([one], []) => Some(one.address.as_str()),
+                ([], [one]) => Some(one.as_str()),
+                _ => None,
+            },
             now,
         );
         head.extend_from_slice(added.as_bytes());
         let size = message.len();
-        let envelope = Envelope {
-            id: id.clone(),
-            from: from.clone(),
-            recipients,
-            received_at: now,
-            client: show_ip(&self.peer),
-            helo,
-        };
-        match self.mx.spool.commit(envelope, head, message).await {
-            Ok(()) => {
-                match user {
-                    Some(user) => self.mx.per_user.count(user, 1),
-                    None => self.mx.limits.sent(ip),
-                }
-                tracing::info!(id, from, bytes = size, "accepted");
-                Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot spool a message");
-                Reply::new(451, "4.3.0", "Local error; try again later")
+        let client = show_ip(&self.peer);
+        let remote = std::mem::take(&mut self.remote);
+        if !remote.is_empty() {
+            let Some(domain) = sign_domain else {
+                return Reply::new(451, "4.3.0", "Local error; try again later");
+            };
+            match self
+                .queue_out(
+                    &id, &from, &remote, &domain, &head, &message, now, &client, &helo,
+                )
+                .await
+            {
+                Ok(()) => {}
+                Err(reply) => return reply,
             }
         }
+        if !recipients.is_empty() {
+            let envelope = Envelope {
+                id: id.clone(),
+                from: from.clone(),
+                recipients,
+                received_at: now,
+                client,
+                helo,
+            };
+            if let Err(e) = self.mx.spool.commit(envelope, head, message).await {
+                tracing::error!(error = %e, "cannot spool a message");
+                return Reply::new(451, "4.3.0", "Local error; try again later");
+            }
+        }
+        match user {
+            Some(user) => self.mx.per_user.count(user, 1),
+            None => self.mx.limits.sent(ip),
+        }
+        tracing::info!(id, from, bytes = size, remote = remote.len(), "accepted");
+        Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
+    }
+
+    /// Signs a submitted message with `domain`'s DKIM keys and commits it
+    /// to the outbound queue for `remote` (durable before this returns).
+    #[allow(clippy::too_many_arguments)]
+    async fn queue_out(
+        &self,
+        id: &str,
+        from: &str,
+        remote: &[String],
+        domain: &str,
+        head: &[u8],
+        message: &[u8],
+        now: i64,
+        client: &str,
+        helo: &str,
+    ) -> Result<(), Reply> {
+        let local_error = || Reply::new(451, "4.3.0", "Local error; try again later");
+        let mut full = head.to_vec();
+        full.extend_from_slice(message);
+        let dkim = self.mx.dkim.clone();
+        let signing_domain = domain.to_owned();
+        let signed = tokio::task::spawn_blocking(move || dkim.sign(&signing_domain, &full)).await;
+        let signatures = match signed {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::error!(id, domain, error = %e, "cannot DKIM-sign");
+                return Err(local_error());
+            }
+            Err(e) => {
+                tracing::error!(id, error = %e, "DKIM signing failed");
+                return Err(local_error());
+            }
+        };
+        if signatures.is_empty() {
+            tracing::warn!(id, domain, "no DKIM keys for this domain; sending unsigned");
+        }
+        let mut out_head = signatures.into_bytes();
+        out_head.extend_from_slice(head);
+        let envelope = Envelope {
+            id: id.to_owned(),
+            from: from.to_owned(),
+            recipients: remote
+                .iter()
+                .map(|a| Recipient {
+                    address: a.clone(),
+                    user: a.to_ascii_lowercase(),
+                })
+                .collect(),
+            received_at: now,
+            client: client.to_owned(),
+            helo: helo.to_owned(),
+        };
+        self.mx
+            .outbound
+            .commit(envelope, out_head, message.to_vec())
+            .await
+            .map_err(|e| {
+                tracing::error!(id, error = %e, "cannot queue a message for sending");
+                local_error()
+            })
     }
 }
 

@@ -21,11 +21,16 @@
 //! sender and every `From:` address must be the user's own (by name,
 //! `+tag` or alias; 553 5.7.1 otherwise); each user has a send rate and a
 //! recipient cap; a missing `Date` or `Message-ID` is added. Mail for
-//! local users goes through the spool like the MX's.
+//! local users goes through the spool like the MX's; mail for other
+//! domains is signed with the sender's domain's DKIM keys ([`dkim`]) and
+//! committed to the outbound queue, which [`outbound::Remote`] delivers.
 
 pub mod checks;
 mod connection;
+pub mod dkim;
 mod limits;
+pub mod outbound;
+pub mod records;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +42,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 pub use checks::Checker;
+pub use dkim::DkimKeys;
 
 use crate::Shared;
 
@@ -67,20 +73,31 @@ pub enum Listener {
     Submissions,
 }
 
-/// What the MX needs besides [`Shared`].
+/// What the MX and submission need besides [`Shared`].
 pub struct Mx {
     pub settings: MxSettings,
     pub spool: Arc<Spool>,
+    /// The outbound queue: mail for other domains.
+    pub outbound: Arc<Spool>,
+    pub dkim: DkimKeys,
     pub checker: Checker,
     limits: Arc<limits::PerIp>,
     per_user: limits::Hourly<String>,
 }
 
 impl Mx {
-    pub fn new(settings: MxSettings, spool: Arc<Spool>, checker: Checker) -> Mx {
+    pub fn new(
+        settings: MxSettings,
+        spool: Arc<Spool>,
+        outbound: Arc<Spool>,
+        dkim: DkimKeys,
+        checker: Checker,
+    ) -> Mx {
         Mx {
             settings,
             spool,
+            outbound,
+            dkim,
             checker,
             limits: Arc::new(limits::PerIp::default()),
             per_user: limits::Hourly::default(),

@@ -9,7 +9,9 @@ use serde::Serialize;
 use super::client::print_json;
 use super::connection::{remote, text, texts, with_admin};
 use super::table;
-use crate::cli::{MailAliasCommand, MailCommand, MailDomainCommand, MailSpoolCommand};
+use crate::cli::{
+    MailAliasCommand, MailCommand, MailDkimCommand, MailDomainCommand, MailSpoolCommand,
+};
 
 #[derive(Debug, Serialize)]
 struct DomainView {
@@ -63,6 +65,7 @@ struct SpooledView {
     attempts: u32,
     next_attempt: i64,
     last_error: Option<String>,
+    held: bool,
 }
 
 fn alias_view(a: admin_capnp::mail_alias::Reader<'_>) -> anyhow::Result<AliasView> {
@@ -115,8 +118,136 @@ pub(crate) fn run(config: &Config, cmd: &MailCommand) -> anyhow::Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         MailCommand::Status { user, output } => status(config, user, output.json),
-        MailCommand::Spool(c) => spool(config, c),
+        MailCommand::Spool(c) => spool(config, c, false),
+        MailCommand::Queue(c) => spool(config, c, true),
+        MailCommand::Dkim(c) => dkim(config, c),
+        MailCommand::Dns { domain, output } => dns(config, domain, output.json),
     }
+}
+
+#[derive(Serialize)]
+struct DkimView {
+    selector: String,
+    algorithm: String,
+    created_at: i64,
+    signing: bool,
+    record: String,
+}
+
+fn dkim(config: &Config, cmd: &MailDkimCommand) -> anyhow::Result<ExitCode> {
+    let (domain, rotate, json) = match cmd {
+        MailDkimCommand::List { domain, output } => (domain, false, output.json),
+        MailDkimCommand::Rotate { domain, output } => (domain, true, output.json),
+        MailDkimCommand::Retire { domain, selector } => {
+            let (d, s) = (domain.clone(), selector.clone());
+            with_admin(config, |admin: admin::Client| async move {
+                let mut req = super::mail(&admin).retire_dkim_request();
+                req.get().set_domain(d.as_str());
+                req.get().set_selector(s.as_str());
+                req.send().promise.await.map_err(remote)?;
+                Ok(())
+            })?;
+            println!("{selector} no longer exists; remove {selector}._domainkey.{domain} from DNS");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let d = domain.clone();
+    let keys = with_admin(config, |admin: admin::Client| async move {
+        let mut req = super::mail(&admin).dkim_request();
+        req.get().set_domain(d.as_str());
+        req.get().set_rotate(rotate);
+        let r = req.send().promise.await.map_err(remote)?;
+        r.get()
+            .map_err(remote)?
+            .get_keys()
+            .map_err(remote)?
+            .iter()
+            .map(|k| {
+                Ok(DkimView {
+                    selector: text(k.get_selector())?,
+                    algorithm: text(k.get_algorithm())?,
+                    created_at: k.get_created_at(),
+                    signing: k.get_signing(),
+                    record: text(k.get_record())?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    if json {
+        print_json(&keys)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rotate {
+        println!(
+            "new keys for {domain}; publish them (granary mail dns {domain}) before mail signed with them reaches anyone"
+        );
+    }
+    let rows: Vec<Vec<String>> = keys
+        .iter()
+        .map(|k| {
+            vec![
+                format!("{}._domainkey.{domain}", k.selector),
+                k.algorithm.clone(),
+                table::time(k.created_at),
+                if k.signing { "yes" } else { "no" }.to_owned(),
+            ]
+        })
+        .collect();
+    table::print(&["SELECTOR", "ALGORITHM", "CREATED", "SIGNS"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct DnsView {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    value: String,
+    purpose: String,
+}
+
+fn dns(config: &Config, domain: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let d = domain.to_owned();
+    let records = with_admin(config, |admin: admin::Client| async move {
+        let mut req = super::mail(&admin).dns_records_request();
+        req.get().set_domain(d.as_str());
+        let r = req.send().promise.await.map_err(remote)?;
+        r.get()
+            .map_err(remote)?
+            .get_records()
+            .map_err(remote)?
+            .iter()
+            .map(|k| {
+                Ok(DnsView {
+                    name: text(k.get_name())?,
+                    kind: text(k.get_kind())?,
+                    value: text(k.get_value())?,
+                    purpose: text(k.get_purpose())?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    if json {
+        print_json(&records)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("; DNS records for mail at {domain}, as zone-file lines");
+    for r in &records {
+        let line = granary_gateway::smtp::records::DnsRecord {
+            name: r.name.clone(),
+            kind: match r.kind.as_str() {
+                "MX" => "MX",
+                "SRV" => "SRV",
+                "CNAME" => "CNAME",
+                _ => "TXT",
+            },
+            value: r.value.clone(),
+            purpose: r.purpose.clone(),
+        };
+        println!("; {}", r.purpose);
+        println!("{}", line.zone_line());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn domain(config: &Config, cmd: &MailDomainCommand) -> anyhow::Result<ExitCode> {
@@ -315,16 +446,14 @@ fn status(config: &Config, user: &str, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn spool(config: &Config, cmd: &MailSpoolCommand) -> anyhow::Result<ExitCode> {
+fn spool(config: &Config, cmd: &MailSpoolCommand, outbound: bool) -> anyhow::Result<ExitCode> {
+    let what = if outbound { "queue" } else { "spool" };
     match cmd {
         MailSpoolCommand::List { output } => {
             let messages = with_admin(config, |admin: admin::Client| async move {
-                let r = super::mail(&admin)
-                    .spool_request()
-                    .send()
-                    .promise
-                    .await
-                    .map_err(remote)?;
+                let mut req = super::mail(&admin).spool_request();
+                req.get().set_outbound(outbound);
+                let r = req.send().promise.await.map_err(remote)?;
                 let list = r.get().map_err(remote)?.get_messages().map_err(remote)?;
                 list.iter()
                     .map(|m| {
@@ -351,6 +480,7 @@ fn spool(config: &Config, cmd: &MailSpoolCommand) -> anyhow::Result<ExitCode> {
                             attempts: m.get_attempts(),
                             next_attempt: m.get_next_attempt(),
                             last_error: (!last_error.is_empty()).then_some(last_error),
+                            held: m.get_held(),
                         })
                     })
                     .collect::<anyhow::Result<Vec<_>>>()
@@ -358,7 +488,13 @@ fn spool(config: &Config, cmd: &MailSpoolCommand) -> anyhow::Result<ExitCode> {
             if output.json {
                 print_json(&messages)?;
             } else if messages.is_empty() {
-                println!("the spool is empty: every accepted message is in its recipients' grains");
+                if outbound {
+                    println!("the queue is empty: every sent message was delivered or bounced");
+                } else {
+                    println!(
+                        "the spool is empty: every accepted message is in its recipients' grains"
+                    );
+                }
             } else {
                 let rows: Vec<Vec<String>> = messages
                     .iter()
@@ -380,7 +516,11 @@ fn spool(config: &Config, cmd: &MailSpoolCommand) -> anyhow::Result<ExitCode> {
                             waiting.join(","),
                             size(m.size),
                             m.attempts.to_string(),
-                            table::time(m.next_attempt),
+                            if m.held {
+                                "held".to_owned()
+                            } else {
+                                table::time(m.next_attempt)
+                            },
                             m.last_error.clone().unwrap_or_else(|| "-".to_owned()),
                         ]
                     })
@@ -405,6 +545,7 @@ fn spool(config: &Config, cmd: &MailSpoolCommand) -> anyhow::Result<ExitCode> {
             let n = with_admin(config, |admin: admin::Client| async move {
                 let mut req = super::mail(&admin).retry_request();
                 req.get().set_id(i.as_str());
+                req.get().set_outbound(outbound);
                 let r = req.send().promise.await.map_err(remote)?;
                 Ok(r.get().map_err(remote)?.get_count())
             })?;
@@ -415,10 +556,28 @@ fn spool(config: &Config, cmd: &MailSpoolCommand) -> anyhow::Result<ExitCode> {
             with_admin(config, |admin: admin::Client| async move {
                 let mut req = super::mail(&admin).delete_spooled_request();
                 req.get().set_id(i.as_str());
+                req.get().set_outbound(outbound);
                 req.send().promise.await.map_err(remote)?;
                 Ok(())
             })?;
-            println!("{id} removed from the spool; it will not be delivered");
+            println!("{id} removed from the {what}; it will not be delivered");
+        }
+        MailSpoolCommand::Hold { id } | MailSpoolCommand::Release { id } => {
+            let hold = matches!(cmd, MailSpoolCommand::Hold { .. });
+            let i = id.clone();
+            with_admin(config, |admin: admin::Client| async move {
+                let mut req = super::mail(&admin).hold_request();
+                req.get().set_id(i.as_str());
+                req.get().set_outbound(outbound);
+                req.get().set_hold(hold);
+                req.send().promise.await.map_err(remote)?;
+                Ok(())
+            })?;
+            if hold {
+                println!("{id} is held: it will not be delivered until released");
+            } else {
+                println!("{id} is released and will be delivered now");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -31,6 +31,36 @@ pub(crate) enum MailCommand {
     /// The inbound spool: mail accepted by the MX and not yet in every recipient's grain
     #[command(subcommand)]
     Spool(MailSpoolCommand),
+    /// The outbound queue: mail users sent to other domains, not yet delivered
+    #[command(subcommand)]
+    Queue(MailSpoolCommand),
+    /// A mail domain's DKIM keys: list, rotate, retire
+    #[command(subcommand)]
+    Dkim(MailDkimCommand),
+    /// Every DNS record DOMAIN needs (MX, SPF, DKIM, DMARC, MTA-STS, TLS-RPT, SRV), as zone-file lines
+    Dns {
+        domain: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MailDkimCommand {
+    /// DOMAIN's selectors, newest first, and which sign
+    List {
+        domain: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Make a new Ed25519 and RSA-2048 pair that signs from now on (publish it first: granary mail dns)
+    Rotate {
+        domain: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Remove SELECTOR, which no longer signs (then remove its DNS record)
+    Retire { domain: String, selector: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,13 +101,17 @@ pub(crate) enum MailAliasCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum MailSpoolCommand {
-    /// Every spooled message, oldest first, with who still waits for it and why
+    /// Every message, oldest first, with who still waits for it and why
     List {
         #[command(flatten)]
         output: Output,
     },
-    /// Try delivering ID now (every spooled message without one)
+    /// Try delivering ID now (every message without one)
     Retry { id: Option<String> },
-    /// Remove message ID from the spool without delivering it further
+    /// Remove message ID without delivering it further
     Delete { id: String },
+    /// Keep message ID from being delivered until released (survives restarts)
+    Hold { id: String },
+    /// Deliver a held message ID again
+    Release { id: String },
 }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-pub(crate) use mail::{MailAliasCommand, MailCommand, MailDomainCommand, MailSpoolCommand};
+pub(crate) use mail::{
+    MailAliasCommand, MailCommand, MailDkimCommand, MailDomainCommand, MailSpoolCommand,
+};
 
 #[derive(Debug, Parser)]
 #[command(

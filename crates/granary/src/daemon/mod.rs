@@ -51,6 +51,8 @@ pub(crate) struct DaemonInfo {
     pub(crate) sandbox: String,
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) listeners: Vec<(String, String)>,
+    /// `mail.hostname`: the MX and submission host, as DNS must name it.
+    pub(crate) mail_hostname: String,
 }
 
 pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
@@ -136,12 +138,13 @@ async fn serve(
             .iter()
             .map(|(n, a)| ((*n).to_owned(), a.to_string()))
             .collect(),
+        mail_hostname: config.mail.hostname.clone(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let datasets = start::datasets(&config).await?;
     let (grains, supervisor) = start::supervisor(&config, &store, datasets.clone()).await?;
     let grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
-    let mail = mail::setup(&config, nix::unistd::geteuid().as_raw()).await?;
+    let mail = mail::setup(&config, nix::unistd::geteuid().as_raw(), &store).await?;
     let builtin = match mode {
         Mode::Demo => start::builtin_packages(&config.data_dir.join("builtin-apps")),
         Mode::Serve => Vec::new(),
@@ -163,6 +166,8 @@ async fn serve(
             installed: installed_tx,
             local_ca: matches!(config.tls, TlsSource::LocalCa).then(|| config.tls_dir()),
             spool: mail.spool.clone(),
+            outbound: mail.outbound.clone(),
+            dkim: mail.dkim.clone(),
         },
         stop_rx.clone(),
     )?;
@@ -197,13 +202,7 @@ async fn serve(
         mx: Some(mail.mx.clone()),
     });
     let served = bound.serve(shared, &stop_rx);
-    let delivering = mail::deliver(
-        mail.spool.clone(),
-        grains,
-        store.clone(),
-        postmaster,
-        stop_rx.clone(),
-    );
+    let delivering = mail::deliver(&mail, grains, store.clone(), postmaster, stop_rx.clone());
 
     let ports = Ports {
         pid: std::process::id(),

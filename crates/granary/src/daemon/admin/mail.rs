@@ -4,6 +4,7 @@
 use std::rc::Rc;
 
 use capnp::capability::Rc as CapRc;
+use granary_gateway::smtp::records::{MailPorts, records};
 use granary_grains::GrainId;
 use granary_model::{MailAddress, MailDomain};
 use granary_schema::admin_capnp::mail;
@@ -36,9 +37,14 @@ impl mail::Server for Mail {
         mut results: mail::AddDomainResults,
     ) -> Result<(), capnp::Error> {
         let d = domain(params.get()?.get_domain()?)?;
-        let store = self.0.store.clone();
-        let created =
-            blocking(move || store.add_mail_domain(&d, ACTOR).map_err(state_failure)).await?;
+        let (store, dkim) = (self.0.store.clone(), self.0.dkim.clone());
+        let created = blocking(move || {
+            let created = store.add_mail_domain(&d, ACTOR).map_err(state_failure)?;
+            // Its DKIM keys, so mail from it is signed from the start.
+            dkim.ensure(d.as_str()).map_err(fail)?;
+            Ok(created)
+        })
+        .await?;
         results.get().set_created(created);
         Ok(())
     }
@@ -207,10 +213,10 @@ impl mail::Server for Mail {
 
     async fn spool(
         self: CapRc<Self>,
-        _: mail::SpoolParams,
+        params: mail::SpoolParams,
         mut results: mail::SpoolResults,
     ) -> Result<(), capnp::Error> {
-        let messages = self.0.spool.list();
+        let messages = self.0.queue(params.get()?.get_outbound()).list();
         let mut list = results.get().init_messages(messages.len() as u32);
         for (i, m) in messages.iter().enumerate() {
             let mut out = list.reborrow().get(i as u32);
@@ -222,6 +228,7 @@ impl mail::Server for Mail {
             out.set_attempts(m.attempts);
             out.set_next_attempt(m.next_attempt);
             out.set_last_error(m.last_error.as_deref().unwrap_or(""));
+            out.set_held(m.held);
             let mut rs = out.init_recipients(m.recipients.len() as u32);
             for (j, r) in m.recipients.iter().enumerate() {
                 let mut o = rs.reborrow().get(j as u32);
@@ -238,10 +245,11 @@ impl mail::Server for Mail {
         params: mail::RetryParams,
         mut results: mail::RetryResults,
     ) -> Result<(), capnp::Error> {
-        let id = params.get()?.get_id()?.to_str()?.to_owned();
+        let p = params.get()?;
+        let id = p.get_id()?.to_str()?.to_owned();
         let n = self
             .0
-            .spool
+            .queue(p.get_outbound())
             .retry((!id.is_empty()).then_some(id.as_str()))
             .map_err(fail)?;
         results.get().set_count(n as u32);
@@ -253,8 +261,9 @@ impl mail::Server for Mail {
         params: mail::DeleteSpooledParams,
         _: mail::DeleteSpooledResults,
     ) -> Result<(), capnp::Error> {
-        let id = params.get()?.get_id()?.to_str()?.to_owned();
-        let (spool, store) = (self.0.spool.clone(), self.0.store.clone());
+        let p = params.get()?;
+        let id = p.get_id()?.to_str()?.to_owned();
+        let (spool, store) = (self.0.queue(p.get_outbound()), self.0.store.clone());
         blocking(move || {
             spool.delete(&id).map_err(fail)?;
             store
@@ -262,5 +271,138 @@ impl mail::Server for Mail {
                 .map_err(state_failure)
         })
         .await
+    }
+
+    async fn hold(
+        self: CapRc<Self>,
+        params: mail::HoldParams,
+        _: mail::HoldResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = p.get_id()?.to_str()?.to_owned();
+        let held = p.get_hold();
+        let (spool, store) = (self.0.queue(p.get_outbound()), self.0.store.clone());
+        blocking(move || {
+            spool.hold(&id, held).map_err(fail)?;
+            let event = if held {
+                "mail.queue.hold"
+            } else {
+                "mail.queue.release"
+            };
+            store
+                .record_event(ACTOR, event, &id, "")
+                .map_err(state_failure)
+        })
+        .await
+    }
+
+    async fn dkim(
+        self: CapRc<Self>,
+        params: mail::DkimParams,
+        mut results: mail::DkimResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let d = domain(p.get_domain()?)?;
+        let rotate = p.get_rotate();
+        let (store, dkim) = (self.0.store.clone(), self.0.dkim.clone());
+        let keys = blocking(move || {
+            if !store
+                .mail_domains()
+                .map_err(state_failure)?
+                .iter()
+                .any(|m| m.domain == d.as_str())
+            {
+                return Err(fail(format!(
+                    "{d} is not one of this host's mail domains (granary mail domain list)"
+                )));
+            }
+            let keys = if rotate {
+                let keys = dkim.rotate(d.as_str()).map_err(fail)?;
+                store
+                    .record_event(ACTOR, "mail.dkim.rotate", d.as_str(), "")
+                    .map_err(state_failure)?;
+                keys
+            } else {
+                dkim.list(d.as_str()).map_err(fail)?
+            };
+            Ok(keys)
+        })
+        .await?;
+        let mut list = results.get().init_keys(keys.len() as u32);
+        for (i, k) in keys.iter().enumerate() {
+            let mut out = list.reborrow().get(i as u32);
+            out.set_selector(&k.selector);
+            out.set_algorithm(k.algorithm.tag());
+            out.set_created_at(k.created_at);
+            out.set_signing(k.signing);
+            out.set_record(k.record());
+        }
+        Ok(())
+    }
+
+    async fn retire_dkim(
+        self: CapRc<Self>,
+        params: mail::RetireDkimParams,
+        _: mail::RetireDkimResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let d = domain(p.get_domain()?)?;
+        let selector = p.get_selector()?.to_str()?.to_owned();
+        let (store, dkim) = (self.0.store.clone(), self.0.dkim.clone());
+        blocking(move || {
+            dkim.retire(d.as_str(), &selector).map_err(fail)?;
+            store
+                .record_event(ACTOR, "mail.dkim.retire", d.as_str(), &selector)
+                .map_err(state_failure)
+        })
+        .await
+    }
+
+    async fn dns_records(
+        self: CapRc<Self>,
+        params: mail::DnsRecordsParams,
+        mut results: mail::DnsRecordsResults,
+    ) -> Result<(), capnp::Error> {
+        let d = domain(params.get()?.get_domain()?)?;
+        let (store, dkim) = (self.0.store.clone(), self.0.dkim.clone());
+        let name = d.as_str().to_owned();
+        let keys = blocking(move || {
+            if !store
+                .mail_domains()
+                .map_err(state_failure)?
+                .iter()
+                .any(|m| m.domain == name)
+            {
+                return Err(fail(format!(
+                    "{name} is not one of this host's mail domains (granary mail domain add {name})"
+                )));
+            }
+            dkim.list(&name).map_err(fail)
+        })
+        .await?;
+        let info = &self.0.info;
+        let port = |listener: &str| {
+            info.listeners
+                .iter()
+                .find(|(n, _)| n == listener)
+                .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok())
+                .map(|a| a.port())
+        };
+        let ports = MailPorts {
+            submission: port("submission"),
+            submissions: port("submissions"),
+            imap: port("imap"),
+            imaps: port("imaps"),
+        };
+        let records = records(d.as_str(), &info.mail_hostname, &keys, ports);
+        let mut list = results.get().init_records(records.len() as u32);
+        for (i, r) in records.iter().enumerate() {
+            let mut out = list.reborrow().get(i as u32);
+            out.set_name(&r.name);
+            out.set_kind(r.kind);
+            out.set_value(&r.value);
+            out.set_purpose(&r.purpose);
+        }
+        Ok(())
     }
 }

@@ -53,6 +53,20 @@ pub(super) struct Ctx {
     pub(super) local_ca: Option<PathBuf>,
     /// The MX's inbound spool.
     pub(super) spool: Arc<granary_spool::Spool>,
+    /// The outbound queue.
+    pub(super) outbound: Arc<granary_spool::Spool>,
+    pub(super) dkim: granary_gateway::smtp::DkimKeys,
+}
+
+impl Ctx {
+    /// The inbound spool, or the outbound queue.
+    pub(super) fn queue(&self, outbound: bool) -> Arc<granary_spool::Spool> {
+        if outbound {
+            self.outbound.clone()
+        } else {
+            self.spool.clone()
+        }
+    }
 }
 
 /// Binds the admin socket, owner-only. The caller holds the data dir lock, so
@@ -101,6 +115,8 @@ pub(super) struct AdminSetup {
     pub(super) installed: tokio::sync::oneshot::Sender<()>,
     pub(super) local_ca: Option<PathBuf>,
     pub(super) spool: Arc<granary_spool::Spool>,
+    pub(super) outbound: Arc<granary_spool::Spool>,
+    pub(super) dkim: granary_gateway::smtp::DkimKeys,
 }
 
 /// Serves the admin interface on its own thread until `stop` turns true;
@@ -151,6 +167,8 @@ pub(super) fn spawn(
                     backups,
                     local_ca: setup.local_ca,
                     spool: setup.spool,
+                    outbound: setup.outbound,
+                    dkim: setup.dkim,
                 });
                 for package in setup.preinstall {
                     match apps::install_package(&ctx, package.clone(), false).await {

@@ -1,0 +1,190 @@
+//! The DNS records a mail domain needs for this host, and the MTA-STS
+//! policy (RFC 8461) the gateway serves at `mta-sts.<domain>`.
+
+use serde::Serialize;
+
+use super::dkim::KeyInfo;
+
+/// One record, as a zone file line has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsRecord {
+    /// Fully qualified, with the final dot.
+    pub name: String,
+    /// `MX`, `TXT`, `SRV` or `CNAME`.
+    pub kind: &'static str,
+    /// As written after the type (TXT unquoted).
+    pub value: String,
+    /// What it is for, for people.
+    pub purpose: String,
+}
+
+impl DnsRecord {
+    /// The zone-file line; TXT values quoted and cut into strings of at
+    /// most 255 bytes (RFC 1035 §3.3.14), as long DKIM keys need.
+    pub fn zone_line(&self) -> String {
+        let value = if self.kind == "TXT" {
+            self.value
+                .as_bytes()
+                .chunks(255)
+                .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        } else {
+            self.value.clone()
+        };
+        format!("{}\t3600\tIN\t{}\t{}", self.name, self.kind, value)
+    }
+}
+
+/// The ports clients reach this host's mail listeners on (`None`: off).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MailPorts {
+    pub submission: Option<u16>,
+    pub submissions: Option<u16>,
+    pub imap: Option<u16>,
+    pub imaps: Option<u16>,
+}
+
+/// The MTA-STS policy: `testing` until the certificate is one the world
+/// trusts (a local CA's never is), so a bad certificate is reported,
+/// never fatal to mail.
+pub fn mta_sts_policy(hostname: &str) -> String {
+    format!("version: STSv1\r\nmode: testing\r\nmx: {hostname}\r\nmax_age: 86400\r\n")
+}
+
+/// The policy's id: changes whenever the policy does.
+fn policy_id(policy: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, policy.as_bytes());
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Every record `domain` needs for mail handled by `hostname`.
+pub fn records(domain: &str, hostname: &str, keys: &[KeyInfo], ports: MailPorts) -> Vec<DnsRecord> {
+    let d = format!("{domain}.");
+    let host = format!("{hostname}.");
+    let mut out = vec![
+        DnsRecord {
+            name: d.clone(),
+            kind: "MX",
+            value: format!("10 {host}"),
+            purpose: format!("mail for {domain} comes to {hostname}"),
+        },
+        DnsRecord {
+            name: d.clone(),
+            kind: "TXT",
+            value: "v=spf1 mx -all".to_owned(),
+            purpose: "SPF: only the domain's MX hosts send its mail".to_owned(),
+        },
+    ];
+    for k in keys {
+        out.push(DnsRecord {
+            name: format!("{}._domainkey.{d}", k.selector),
+            kind: "TXT",
+            value: k.record(),
+            purpose: format!(
+                "DKIM {} key{}",
+                k.algorithm.tag(),
+                if k.signing {
+                    " (signing)"
+                } else {
+                    " (retired from signing; keep until mail signed with it is delivered)"
+                }
+            ),
+        });
+    }
+    out.push(DnsRecord {
+        name: format!("_dmarc.{d}"),
+        kind: "TXT",
+        value: format!("v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}"),
+        purpose: "DMARC: mail failing SPF and DKIM alignment goes to spam; reports to postmaster"
+            .to_owned(),
+    });
+    out.push(DnsRecord {
+        name: format!("_mta-sts.{d}"),
+        kind: "TXT",
+        value: format!("v=STSv1; id={}", policy_id(&mta_sts_policy(hostname))),
+        purpose: "MTA-STS: senders fetch the policy from mta-sts.DOMAIN".to_owned(),
+    });
+    if hostname != format!("mta-sts.{domain}") {
+        out.push(DnsRecord {
+            name: format!("mta-sts.{d}"),
+            kind: "CNAME",
+            value: host.clone(),
+            purpose: "MTA-STS: the gateway serves the policy over HTTPS".to_owned(),
+        });
+    }
+    out.push(DnsRecord {
+        name: format!("_smtp._tls.{d}"),
+        kind: "TXT",
+        value: format!("v=TLSRPTv1; rua=mailto:postmaster@{domain}"),
+        purpose: "TLS-RPT: reports of TLS failures to postmaster".to_owned(),
+    });
+    for (service, port, what) in [
+        ("_submissions._tcp", ports.submissions, "sending, TLS"),
+        ("_submission._tcp", ports.submission, "sending, STARTTLS"),
+        ("_imaps._tcp", ports.imaps, "reading, TLS"),
+        ("_imap._tcp", ports.imap, "reading, STARTTLS"),
+    ] {
+        out.push(DnsRecord {
+            name: format!("{service}.{d}"),
+            kind: "SRV",
+            // RFC 6186: target "." says the service is not offered.
+            value: match port {
+                Some(p) => format!("0 1 {p} {host}"),
+                None => "0 0 0 .".to_owned(),
+            },
+            purpose: format!("mail clients find the server for {what} (RFC 6186)"),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::dkim::Algorithm;
+
+    #[test]
+    fn every_record_a_domain_needs() {
+        let keys = vec![KeyInfo {
+            selector: "rsa-1".into(),
+            algorithm: Algorithm::Rsa,
+            created_at: 0,
+            signing: true,
+            public_key: "A".repeat(400),
+        }];
+        let ports = MailPorts {
+            submissions: Some(465),
+            imaps: Some(993),
+            ..MailPorts::default()
+        };
+        let r = records("example.org", "mail.example.org", &keys, ports);
+        let lines: Vec<String> = r.iter().map(DnsRecord::zone_line).collect();
+        let text = lines.join("\n");
+        assert!(
+            text.contains("example.org.\t3600\tIN\tMX\t10 mail.example.org."),
+            "{text}"
+        );
+        assert!(text.contains("\"v=spf1 mx -all\""), "{text}");
+        let dkim = lines
+            .iter()
+            .find(|l| l.starts_with("rsa-1._domainkey"))
+            .unwrap();
+        assert_eq!(dkim.matches('"').count(), 4, "split in two strings: {dkim}");
+        assert!(text.contains("_dmarc.example.org."), "{text}");
+        assert!(
+            text.contains("_mta-sts.example.org.\t3600\tIN\tTXT\t\"v=STSv1; id="),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "_submissions._tcp.example.org.\t3600\tIN\tSRV\t0 1 465 mail.example.org."
+            )
+        );
+        assert!(text.contains("_submission._tcp.example.org.\t3600\tIN\tSRV\t0 0 0 ."));
+        assert!(text.contains("_smtp._tls.example.org."));
+    }
+}

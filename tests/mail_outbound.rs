@@ -1,0 +1,296 @@
+//! Mail, part 2: sending to other domains. Two real daemons: this host
+//! (example.org) sends through its outbound queue to a second Granary
+//! host (remote.example), found through the test's own DNS server. The
+//! second host checks SPF, DKIM and DMARC on arrival with `mail-auth`;
+//! Python's `dkimpy` checks the DKIM signatures independently.
+
+use granary_testkit::mail::{DOMAIN, MailHost, Record, run_python};
+
+const REMOTE: &str = "remote.example";
+
+/// What `granary mail dns DOMAIN --json` prints, as records the test DNS
+/// server can answer (MX and TXT; the SRV and CNAME records are not
+/// needed here), plus the address of the MX host.
+fn published(host: &MailHost, domain: &str) -> Vec<Record> {
+    let json = host
+        .daemon
+        .granary(&["mail", "dns", domain, "--json"])
+        .success()
+        .json();
+    let mut out = Vec::new();
+    for r in json.as_array().expect("records") {
+        let name = r["name"].as_str().unwrap().trim_end_matches('.').to_owned();
+        let value = r["value"].as_str().unwrap().to_owned();
+        match r["type"].as_str().unwrap() {
+            "MX" => {
+                let (pref, mx) = value.split_once(' ').unwrap();
+                let mx = mx.trim_end_matches('.').to_owned();
+                out.push(Record::A(mx.clone(), "127.0.0.1".to_owned()));
+                out.push(Record::Mx(name, mx, pref.parse().unwrap()));
+            }
+            "TXT" => out.push(Record::Txt(name, value)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Bob's host, then ours sending to it through `remote_port`.
+fn pair() -> (MailHost, MailHost) {
+    let remote = MailHost::start_for(REMOTE, &["bob"], &[], "", "");
+    let ca = remote.daemon.ca_file().display().to_string();
+    let records = vec![
+        Record::Mx(REMOTE.to_owned(), format!("mx.{REMOTE}"), 10),
+        Record::A(format!("mx.{REMOTE}"), "127.0.0.1".to_owned()),
+        Record::Mx(
+            "bounce.example".to_owned(),
+            "mx.bounce.example".to_owned(),
+            10,
+        ),
+        Record::A("mx.bounce.example".to_owned(), "127.0.0.1".to_owned()),
+    ];
+    let ours = MailHost::start(
+        &["alice"],
+        &records,
+        &format!(
+            "outbound_port = {}\noutbound_ca = \"{ca}\"\n",
+            remote.smtp().port()
+        ),
+        "",
+    );
+    (ours, remote)
+}
+
+const SEND: &str = r#"
+import os, smtplib, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+s = smtplib.SMTP_SSL("127.0.0.1", int(os.environ["SUBMISSIONS_PORT"]), context=ctx)
+s.login("alice", os.environ["PASSWORD"])
+s.sendmail("alice@example.org", [os.environ["TO"]],
+    ("From: Alice <alice@example.org>\r\nTo: " + os.environ["TO"] + "\r\nSubject: "
+     + os.environ["SUBJECT"] + "\r\n\r\nHello from example.org.\r\n..a line with a dot\r\n").encode())
+s.quit()
+print("SENT")
+"#;
+
+fn send(host: &MailHost, to: &str, subject: &str) {
+    let pw = host.password("alice");
+    let mut env = host.client_env("alice", &pw);
+    env.push(("TO", to.to_owned()));
+    env.push(("SUBJECT", subject.to_owned()));
+    let (ok, out) = run_python(SEND, &env);
+    assert!(ok && out.contains("SENT"), "{out}");
+}
+
+/// The raw message in `user`'s INBOX whose subject has `subject`.
+fn fetch(host: &MailHost, user: &str, subject: &str) -> String {
+    let script = r#"
+import imaplib, os, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+m = imaplib.IMAP4_SSL("127.0.0.1", int(os.environ["IMAPS_PORT"]), ssl_context=ctx)
+m.login(os.environ["USER"], os.environ["PASSWORD"])
+m.select("INBOX")
+typ, data = m.search(None, "SUBJECT", os.environ["SUBJECT"])
+typ, msg = m.fetch(data[0].split()[-1], "(BODY.PEEK[])")
+print(msg[0][1].decode())
+m.logout()
+"#;
+    let pw = host.password(user);
+    let mut env = host.client_env(user, &pw);
+    env.push(("SUBJECT", subject.to_owned()));
+    let (ok, out) = run_python(script, &env);
+    assert!(ok, "{out}");
+    out
+}
+
+#[test]
+fn mail_to_another_domain_arrives_signed_and_passes_spf_dkim_and_dmarc() {
+    let (ours, mut remote) = pair();
+    // The remote's resolver learns our domain's records as we publish them.
+    let mut records = published(&ours, DOMAIN);
+    assert!(
+        records.iter().any(
+            |r| matches!(r, Record::Txt(n, v) if n.starts_with("ed-") && v.contains("k=ed25519"))
+        ),
+        "{records:?}"
+    );
+    records.push(Record::A(DOMAIN.to_owned(), "127.0.0.1".to_owned()));
+    remote.dns.replace(&records);
+
+    send(&ours, &format!("bob@{REMOTE}"), "across");
+    remote.wait_for("bob", "INBOX", 1);
+    let message = fetch(&remote, "bob", "across");
+    assert!(
+        message.contains("\r\n..a line with a dot") || message.contains("\n..a line with a dot"),
+        "{message}"
+    );
+    let ar = message
+        .lines()
+        .skip_while(|l| !l.starts_with("Authentication-Results:"))
+        .take_while(|l| {
+            l.starts_with("Authentication-Results:") || l.starts_with(char::is_whitespace)
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(ar.contains("spf=pass"), "{ar}");
+    assert!(ar.contains("dkim=pass"), "{ar}");
+    assert!(ar.contains("dmarc=pass"), "{ar}");
+    assert!(
+        ours.daemon
+            .granary(&["mail", "queue", "list", "--json"])
+            .success()
+            .json()
+            == serde_json::json!([])
+    );
+
+    // dkimpy, with the DNS answers we publish, verifies both signatures.
+    let keys: serde_json::Map<String, serde_json::Value> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Txt(n, v) if n.contains("._domainkey.") => {
+                Some((n.clone(), serde_json::Value::String(v.clone())))
+            }
+            _ => None,
+        })
+        .collect();
+    let verify = r#"
+import dkim, json, os, sys
+keys = json.loads(os.environ["KEYS"])
+msg = sys.stdin.buffer.read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+def dns(name, timeout=5):
+    return keys.get(name.decode().rstrip("."), "").encode()
+d = dkim.DKIM(msg)
+sigs = [l for l in msg.split(b"\r\n") if l.lower().startswith(b"dkim-signature:")]
+print("SIGNATURES", len(sigs))
+for i in range(len(sigs)):
+    print("VERIFIED", i, d.verify(idx=i, dnsfunc=dns))
+"#;
+    let body = message.trim_end_matches('\n').to_owned() + "\n";
+    let mut child = std::process::Command::new(granary_testkit::mail::python())
+        .arg("-c")
+        .arg(verify)
+        .env("KEYS", serde_json::Value::Object(keys).to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("SIGNATURES 2"), "{text}");
+    assert!(
+        text.contains("VERIFIED 0 True") && text.contains("VERIFIED 1 True"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_refusal_bounces_to_the_sender_and_a_missing_domain_too() {
+    let (ours, _remote) = pair();
+    // Bob's host refuses an unknown user at RCPT: a permanent failure.
+    send(&ours, &format!("nobody@{REMOTE}"), "to nobody");
+    ours.wait_for("alice", "INBOX", 1);
+    let bounce = fetch(&ours, "alice", "Undelivered");
+    assert!(bounce.contains("multipart/report"), "{bounce}");
+    assert!(
+        bounce.contains(&format!("Final-Recipient: rfc822; nobody@{REMOTE}")),
+        "{bounce}"
+    );
+    assert!(bounce.contains("5.1.1"), "{bounce}");
+    // A domain that does not exist bounces without a connection.
+    send(&ours, "x@no-such-domain.example", "nowhere");
+    ours.wait_for("alice", "INBOX", 2);
+    // Python's email parser reads the report as a client would.
+    let parse = r#"
+import email, imaplib, os, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+m = imaplib.IMAP4_SSL("127.0.0.1", int(os.environ["IMAPS_PORT"]), ssl_context=ctx)
+m.login(os.environ["USER"], os.environ["PASSWORD"])
+m.select("INBOX")
+typ, data = m.search(None, "ALL")
+for n in data[0].split():
+    typ, msg = m.fetch(n, "(BODY.PEEK[])")
+    report = email.message_from_bytes(msg[0][1])
+    assert report.get_content_type() == "multipart/report", report.get_content_type()
+    status = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"][0]
+    for block in status.get_payload():
+        if block.get("Final-Recipient"):
+            print("FAILED", block.get("Final-Recipient"), block.get("Status"))
+m.logout()
+"#;
+    let pw = ours.password("alice");
+    let (ok, out) = run_python(parse, &ours.client_env("alice", &pw));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("FAILED rfc822; nobody@{REMOTE} 5.1.1")),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAILED rfc822; x@no-such-domain.example 5.1.2"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_server_that_cannot_be_reached_is_retried_and_held_mail_waits() {
+    let (ours, remote) = pair();
+    let port = remote.smtp().port();
+    // Hold everything the queue gets, then stop the remote.
+    drop(remote);
+    send(&ours, &format!("bob@{REMOTE}"), "later");
+    let queue = ours
+        .daemon
+        .granary(&["mail", "queue", "list", "--json"])
+        .success()
+        .json();
+    let entry = &queue.as_array().unwrap()[0];
+    assert_eq!(entry["recipients"][0]["address"], format!("bob@{REMOTE}"));
+    let id = entry["id"].as_str().unwrap().to_owned();
+    granary_testkit::eventually("a failed attempt", granary_testkit::DEADLINE, || {
+        let q = ours
+            .daemon
+            .granary(&["mail", "queue", "list", "--json"])
+            .success()
+            .json();
+        let e = &q.as_array().unwrap()[0];
+        (e["attempts"].as_u64().unwrap_or(0) >= 1).then(|| {
+            assert!(e["last_error"].as_str().unwrap().starts_with("4."), "{e}");
+        })
+    });
+    ours.daemon
+        .granary(&["mail", "queue", "hold", &id])
+        .success();
+    let q = ours
+        .daemon
+        .granary(&["mail", "queue", "list", "--json"])
+        .success()
+        .json();
+    assert_eq!(q[0]["held"], true);
+    let text = ours
+        .daemon
+        .granary(&["mail", "queue", "list"])
+        .success()
+        .stdout;
+    assert!(text.contains("held"), "{text}");
+    let _ = port;
+    ours.daemon
+        .granary(&["mail", "queue", "delete", &id])
+        .success();
+    let q = ours
+        .daemon
+        .granary(&["mail", "queue", "list", "--json"])
+        .success()
+        .json();
+    assert_eq!(q, serde_json::json!([]));
+}
