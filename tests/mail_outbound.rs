@@ -143,6 +143,45 @@ fn mail_to_another_domain_arrives_signed_and_passes_spf_dkim_and_dmarc() {
             == serde_json::json!([])
     );
 
+    // The remote's gateway serves its MTA-STS policy, as its records say.
+    let https = remote.daemon.listener("https");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--cacert"])
+        .arg(remote.daemon.ca_file())
+        .arg("--resolve")
+        .arg(format!("mta-sts.{REMOTE}:{}:127.0.0.1", https.port()))
+        .arg(format!(
+            "https://mta-sts.{REMOTE}:{}/.well-known/mta-sts.txt",
+            https.port()
+        ))
+        .output()
+        .unwrap();
+    let policy = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        policy,
+        format!("version: STSv1\r\nmode: testing\r\nmx: {REMOTE}\r\nmax_age: 86400\r\n")
+    );
+    let zone = remote
+        .daemon
+        .granary(&["mail", "dns", REMOTE])
+        .success()
+        .stdout;
+    assert!(
+        zone.contains(&format!(
+            "_mta-sts.{REMOTE}.\t3600\tIN\tTXT\t\"v=STSv1; id="
+        )),
+        "{zone}"
+    );
+    assert!(
+        zone.contains(&format!("_submissions._tcp.{REMOTE}.")),
+        "{zone}"
+    );
+
     // dkimpy, with the DNS answers we publish, verifies both signatures.
     let keys: serde_json::Map<String, serde_json::Value> = records
         .iter()

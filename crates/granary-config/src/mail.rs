@@ -30,6 +30,7 @@ pub struct RawMail {
     pub queue_lifetime: Option<String>,
     pub outbound_port: Option<u16>,
     pub outbound_ca: Option<std::path::PathBuf>,
+    pub mta_sts_mode: Option<String>,
 }
 
 /// `[mail]`, resolved.
@@ -76,6 +77,8 @@ pub struct Mail {
     /// PEM certificates trusted, besides the system's, when checking the
     /// certificates of servers mail is sent to.
     pub outbound_ca: Option<std::path::PathBuf>,
+    /// The mode of the MTA-STS policy served for every mail domain.
+    pub mta_sts_mode: String,
 }
 
 impl Mail {
@@ -173,6 +176,15 @@ impl Mail {
             outbound_port: positive("outbound_port", u64::from(raw.outbound_port.unwrap_or(25)))?
                 as u16,
             outbound_ca: raw.outbound_ca.clone(),
+            mta_sts_mode: match raw.mta_sts_mode.as_deref().unwrap_or("testing") {
+                m @ ("testing" | "enforce" | "none") => m.to_owned(),
+                other => {
+                    return Err(err(
+                        "mta_sts_mode",
+                        format!("{other:?}: use \"testing\", \"enforce\" or \"none\""),
+                    ));
+                }
+            },
         })
     }
 }

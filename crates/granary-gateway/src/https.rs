@@ -134,6 +134,11 @@ async fn answer(
         );
         return respond(StatusCode::OK, "application/json", body);
     }
+    if req.uri().path() == MTA_STS_PATH
+        && let Some(policy) = mta_sts(gateway.shared(), &host).await
+    {
+        return respond(StatusCode::OK, "text/plain", policy);
+    }
     let domain = &gateway.shared().domain;
     if &host == domain && req.uri().path() == "/" {
         return respond(
@@ -143,6 +148,27 @@ async fn answer(
         );
     }
     gateway.serve(req, &host, peer, tls_version).await
+}
+
+/// Where senders fetch a mail domain's MTA-STS policy (RFC 8461 §3.3).
+const MTA_STS_PATH: &str = "/.well-known/mta-sts.txt";
+
+/// The MTA-STS policy for `mta-sts.<domain>`, when `<domain>` is one of
+/// this host's mail domains.
+async fn mta_sts(shared: &crate::Shared, host: &str) -> Option<String> {
+    let mx = shared.mx.as_ref()?;
+    let domain = host.strip_prefix("mta-sts.")?;
+    let local = shared
+        .directory
+        .mail_recipient(&format!("postmaster@{domain}"))
+        .await;
+    if matches!(local, crate::MailRecipient::NotLocal) {
+        return None;
+    }
+    Some(crate::smtp::records::mta_sts_policy(
+        &mx.settings.hostname,
+        &mx.settings.mta_sts_mode,
+    ))
 }
 
 /// The domain's front page: what this is and where each service lives.

@@ -100,6 +100,9 @@ pub struct Deliverer {
     local_user: LocalUser,
     /// Where bounces for local senders are committed (the inbound spool).
     bounce_to: Arc<Spool>,
+    /// Where bounces for senders on other hosts are committed (the
+    /// outbound queue); without one they are kept in `bounces/`.
+    bounce_out: Option<Arc<Spool>>,
 }
 
 /// What one attempt decided.
@@ -121,7 +124,14 @@ impl Deliverer {
             spool,
             destination: Arc::new(ToGrains(grains)),
             local_user,
+            bounce_out: None,
         }
+    }
+
+    /// Sends bounces for senders on other hosts through `outbound`.
+    pub fn bouncing_out(mut self, outbound: Arc<Spool>) -> Deliverer {
+        self.bounce_out = Some(outbound);
+        self
     }
 
     /// A deliverer of `spool` to `destination`; bounces for local senders
@@ -138,6 +148,7 @@ impl Deliverer {
             destination,
             local_user,
             bounce_to,
+            bounce_out: None,
         }
     }
 
@@ -292,6 +303,27 @@ impl Deliverer {
                 };
                 tracing::info!(id = envelope.id, bounce = id, "bounced to a local sender");
                 self.bounce_to.commit(bounce, Vec::new(), message).await
+            }
+            None if self.bounce_out.is_some() => {
+                let out = self.bounce_out.as_ref().expect("checked");
+                let bounce = Envelope {
+                    id: id.clone(),
+                    from: String::new(),
+                    recipients: vec![Recipient {
+                        address: envelope.from.clone(),
+                        user: envelope.from.to_ascii_lowercase(),
+                    }],
+                    received_at: now,
+                    client: "local".to_owned(),
+                    helo: settings.hostname.clone(),
+                };
+                tracing::info!(
+                    id = envelope.id,
+                    bounce = id,
+                    sender = envelope.from,
+                    "bounced to a sender on another host"
+                );
+                out.commit(bounce, Vec::new(), message).await
             }
             None => {
                 let path = self.spool.dir.join("bounces").join(format!("{id}.eml"));

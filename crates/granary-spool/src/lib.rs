@@ -9,7 +9,8 @@
 //!
 //! The [`Deliverer`] hands each message to each recipient's mail grain
 //! through [`granary_grains::Grains::deliver_mail`], which resolves once
-//! the grain has it durably. A message leaves the spool only when every
+//! the grain has it durably. The outbound queue is a second spool whose
+//! deliverer has another [`Destination`]: other mail servers. A message leaves the spool only when every
 //! recipient's grain acknowledged it (or can never take it). A grain that
 //! cannot take it now is retried with a doubling backoff for the spool
 //! lifetime, then the message is bounced. Each delivery carries the
@@ -23,7 +24,8 @@
 //! - `incoming/`: messages being received that spilled out of memory
 //!   (never acknowledged; emptied at start);
 //! - `bounces/<id>.eml`: delivery status notifications for senders on
-//!   other hosts, kept until the outbound queue (mail part 2) sends them;
+//!   other hosts when the deliverer has no outbound queue to send them
+//!   through ([`Deliverer::bouncing_out`]; the daemon always gives one);
 //! - `damaged/`: spooled files that could not be read back, kept for the
 //!   admin and never deleted by Granary.
 

@@ -60,6 +60,8 @@ pub struct MxSettings {
     pub send_max_recipients: u32,
     /// Messages one user may submit per hour.
     pub send_per_hour: u32,
+    /// The MTA-STS mode the gateway's policy gives: testing, enforce, none.
+    pub mta_sts_mode: String,
 }
 
 /// Which listener a connection came in on.

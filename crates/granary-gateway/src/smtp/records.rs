@@ -45,11 +45,11 @@ pub struct MailPorts {
     pub imaps: Option<u16>,
 }
 
-/// The MTA-STS policy: `testing` until the certificate is one the world
-/// trusts (a local CA's never is), so a bad certificate is reported,
-/// never fatal to mail.
-pub fn mta_sts_policy(hostname: &str) -> String {
-    format!("version: STSv1\r\nmode: testing\r\nmx: {hostname}\r\nmax_age: 86400\r\n")
+/// The MTA-STS policy (RFC 8461 §3.2) in `mode`: `testing` (the default,
+/// as long as the certificate may not be one the world trusts: a failure
+/// is reported, never fatal to mail), `enforce` or `none`.
+pub fn mta_sts_policy(hostname: &str, mode: &str) -> String {
+    format!("version: STSv1\r\nmode: {mode}\r\nmx: {hostname}\r\nmax_age: 86400\r\n")
 }
 
 /// The policy's id: changes whenever the policy does.
@@ -62,7 +62,13 @@ fn policy_id(policy: &str) -> String {
 }
 
 /// Every record `domain` needs for mail handled by `hostname`.
-pub fn records(domain: &str, hostname: &str, keys: &[KeyInfo], ports: MailPorts) -> Vec<DnsRecord> {
+pub fn records(
+    domain: &str,
+    hostname: &str,
+    mta_sts_mode: &str,
+    keys: &[KeyInfo],
+    ports: MailPorts,
+) -> Vec<DnsRecord> {
     let d = format!("{domain}.");
     let host = format!("{hostname}.");
     let mut out = vec![
@@ -105,7 +111,10 @@ pub fn records(domain: &str, hostname: &str, keys: &[KeyInfo], ports: MailPorts)
     out.push(DnsRecord {
         name: format!("_mta-sts.{d}"),
         kind: "TXT",
-        value: format!("v=STSv1; id={}", policy_id(&mta_sts_policy(hostname))),
+        value: format!(
+            "v=STSv1; id={}",
+            policy_id(&mta_sts_policy(hostname, mta_sts_mode))
+        ),
         purpose: "MTA-STS: senders fetch the policy from mta-sts.DOMAIN".to_owned(),
     });
     if hostname != format!("mta-sts.{domain}") {
@@ -161,7 +170,7 @@ mod tests {
             imaps: Some(993),
             ..MailPorts::default()
         };
-        let r = records("example.org", "mail.example.org", &keys, ports);
+        let r = records("example.org", "mail.example.org", "testing", &keys, ports);
         let lines: Vec<String> = r.iter().map(DnsRecord::zone_line).collect();
         let text = lines.join("\n");
         assert!(

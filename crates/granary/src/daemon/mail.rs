@@ -83,6 +83,7 @@ pub(super) async fn setup(
             data_timeout: mail.data_timeout,
             send_max_recipients: mail.send_max_recipients,
             send_per_hour: mail.send_per_hour,
+            mta_sts_mode: mail.mta_sts_mode.clone(),
         },
         spool.clone(),
         outbound.clone(),
@@ -124,9 +125,11 @@ pub(super) fn deliver(
     });
     let mut inbound_stop = stop.clone();
     let inbound = tokio::spawn(
-        Deliverer::new(setup.spool.clone(), grains, local_user.clone()).run(async move {
-            let _ = inbound_stop.wait_for(|s| *s).await;
-        }),
+        Deliverer::new(setup.spool.clone(), grains, local_user.clone())
+            .bouncing_out(setup.outbound.clone())
+            .run(async move {
+                let _ = inbound_stop.wait_for(|s| *s).await;
+            }),
     );
     let mut outbound_stop = stop;
     let outbound = tokio::spawn(

@@ -53,6 +53,7 @@ pub(crate) struct DaemonInfo {
     pub(crate) listeners: Vec<(String, String)>,
     /// `mail.hostname`: the MX and submission host, as DNS must name it.
     pub(crate) mail_hostname: String,
+    pub(crate) mta_sts_mode: String,
 }
 
 pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
@@ -139,6 +140,7 @@ async fn serve(
             .map(|(n, a)| ((*n).to_owned(), a.to_string()))
             .collect(),
         mail_hostname: config.mail.hostname.clone(),
+        mta_sts_mode: config.mail.mta_sts_mode.clone(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let datasets = start::datasets(&config).await?;

@@ -394,7 +394,13 @@ impl mail::Server for Mail {
             imap: port("imap"),
             imaps: port("imaps"),
         };
-        let records = records(d.as_str(), &info.mail_hostname, &keys, ports);
+        let records = records(
+            d.as_str(),
+            &info.mail_hostname,
+            &info.mta_sts_mode,
+            &keys,
+            ports,
+        );
         let mut list = results.get().init_records(records.len() as u32);
         for (i, r) in records.iter().enumerate() {
             let mut out = list.reborrow().get(i as u32);
