@@ -38,6 +38,23 @@ interface Admin {
   git @7 () -> (git :Git);
   blog @8 () -> (blog :Blog);
   mail @9 () -> (mail :Mail);
+
+  doctor @10 () -> (checks :List(DoctorCheck));
+  # Checks a deployment as the world sees it: every mail domain's DNS
+  # records against live DNS (through the configured resolver), the
+  # listeners, the certificate, the clock and the storage.
+}
+
+struct DoctorCheck {
+  area @0 :Text;
+  # dns, listeners, certificate, clock, storage.
+  name @1 :Text;
+  # What was checked, e.g. "DKIM ed-2026…._domainkey.example.org TXT".
+  level @2 :Text;
+  # ok, warn or fail.
+  detail @3 :Text;
+  fix @4 :Text;
+  # What to do about it (empty when ok).
 }
 
 interface Users {

@@ -333,3 +333,97 @@ fn a_server_that_cannot_be_reached_is_retried_and_held_mail_waits() {
         .json();
     assert_eq!(q, serde_json::json!([]));
 }
+
+/// Every record `granary mail dns DOMAIN --json` prints, as the test DNS
+/// server answers them, plus the mail host's address.
+fn zone(host: &MailHost, domain: &str) -> Vec<(String, Record)> {
+    let json = host
+        .daemon
+        .granary(&["mail", "dns", domain, "--json"])
+        .success()
+        .json();
+    let mut out = Vec::new();
+    for r in json.as_array().expect("records") {
+        let name = r["name"].as_str().unwrap().trim_end_matches('.').to_owned();
+        let value = r["value"].as_str().unwrap().to_owned();
+        let record = match r["type"].as_str().unwrap() {
+            "MX" => {
+                let (pref, mx) = value.split_once(' ').unwrap();
+                Record::Mx(
+                    name.clone(),
+                    mx.trim_end_matches('.').to_owned(),
+                    pref.parse().unwrap(),
+                )
+            }
+            "TXT" => Record::Txt(name.clone(), value),
+            "SRV" => {
+                let f: Vec<&str> = value.split(' ').collect();
+                Record::Srv(
+                    name.clone(),
+                    f[3].trim_end_matches('.').to_owned(),
+                    f[2].parse().unwrap(),
+                    f[0].parse().unwrap(),
+                    f[1].parse().unwrap(),
+                )
+            }
+            "CNAME" => Record::Cname(name.clone(), value.trim_end_matches('.').to_owned()),
+            other => panic!("an unexpected record type {other}"),
+        };
+        out.push((format!("{name}. {}", r["type"].as_str().unwrap()), record));
+    }
+    out
+}
+
+#[test]
+fn the_published_records_make_the_doctor_pass_and_each_missing_one_fails_by_name() {
+    let mut host = MailHost::start(&["alice"], &[], "", "");
+    let records = zone(&host, DOMAIN);
+    assert!(records.len() >= 12, "{records:?}");
+    let host_address = Record::A(DOMAIN.to_owned(), "127.0.0.1".to_owned());
+    let mut all: Vec<Record> = records.iter().map(|(_, r)| r.clone()).collect();
+    all.push(host_address.clone());
+    host.dns.replace(&all);
+    let run = host.daemon.granary(&["doctor", "--json"]);
+    let checks = run.json();
+    let failed: Vec<&serde_json::Value> = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["level"] == "fail")
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert!(run.status.success());
+    // Each record taken away in turn: the doctor fails and names it.
+    for (i, (label, _)) in records.iter().enumerate() {
+        let mut some: Vec<Record> = records
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (_, r))| r.clone())
+            .collect();
+        some.push(host_address.clone());
+        host.dns.replace(&some);
+        let run = host.daemon.granary(&["doctor", "--json"]);
+        assert!(
+            !run.status.success(),
+            "{label} missing, yet the doctor passed"
+        );
+        let checks = run.json();
+        let failed: Vec<String> = checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["level"] == "fail")
+            .map(|c| format!("{}: {} ({})", c["name"], c["detail"], c["fix"]))
+            .collect();
+        let (name, kind) = label.split_once(' ').unwrap();
+        assert_eq!(failed.len(), 1, "{label}: {failed:#?}");
+        assert!(
+            failed[0].contains(&format!("{name} {kind}")) && failed[0].contains("publish:"),
+            "{label}: {failed:#?}"
+        );
+    }
+    // The text form says what to do.
+    let text = host.daemon.granary(&["doctor"]).stdout;
+    assert!(text.contains("fix: publish:"), "{text}");
+}

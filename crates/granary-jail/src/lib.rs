@@ -34,6 +34,29 @@ pub use spec::{
     UidRange, uid_range_free_on_host,
 };
 
+/// Whether the kernel says its clock is kept in step (by NTP, chrony or
+/// systemd-timesyncd): `None` when it cannot be asked. DKIM signatures,
+/// TLS certificates and backup schedules all depend on the clock.
+pub fn clock_synchronized() -> Option<bool> {
+    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
+    {
+        // SAFETY: timex is plain old data; all zero (modes 0) asks the
+        // kernel to read the state and change nothing.
+        let mut t: libc::timex = unsafe { std::mem::zeroed() };
+        // SAFETY: `t` is a valid, exclusively borrowed timex.
+        let state = unsafe { libc::ntp_adjtime(&mut t) };
+        match state {
+            -1 => None,
+            libc::TIME_ERROR => Some(false),
+            _ => Some(true),
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
+    {
+        None
+    }
+}
+
 /// One line for `granary status`: how grains are isolated on this host.
 pub fn describe_host(uid_range: UidRange) -> String {
     #[cfg(target_os = "linux")]

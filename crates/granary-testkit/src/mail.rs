@@ -30,6 +30,10 @@ pub enum Record {
     Mx(String, String, u16),
     /// An A record.
     A(String, String),
+    /// An SRV record: name, target, port, priority, weight.
+    Srv(String, String, u16, u16, u16),
+    /// A CNAME: name, target (a name this server has records for).
+    Cname(String, String),
 }
 
 /// `dnsmasq` on a loopback port, answering only its records (every other
@@ -105,6 +109,10 @@ impl Dns {
                     }
                     Record::Mx(name, host, pref) => format!("--mx-host={name},{host},{pref}"),
                     Record::A(name, ip) => format!("--host-record={name},{ip}"),
+                    Record::Srv(name, target, port, priority, weight) => {
+                        format!("--srv-host={name},{target},{port},{priority},{weight}")
+                    }
+                    Record::Cname(name, target) => format!("--cname={name},{target}"),
                 });
             }
             let mut child = cmd

@@ -102,6 +102,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             admin::client::status(&config, *output)
         }
+        Command::Doctor { output } => {
+            let config = load_config(&cli)?;
+            admin::doctor::run(&config, *output)
+        }
         Command::User(cmd) => {
             let config = load_config(&cli)?;
             admin::client::user(&config, cmd)

@@ -205,6 +205,41 @@ impl Checker {
         }
     }
 
+    /// The records of `kind` (`MX`, `TXT`, `SRV`, `CNAME`, `A`, `AAAA`)
+    /// at `name`, each as a zone file writes its value (a TXT's strings
+    /// joined), uncached: what `granary doctor` compares with what it
+    /// expects.
+    pub async fn lookup(&self, name: &str, kind: &str) -> Result<Vec<String>, DnsProblem> {
+        use mail_auth::hickory_resolver::proto::rr::{RData, RecordType};
+        let kind: RecordType = kind
+            .parse()
+            .map_err(|_| DnsProblem::Failed(format!("{kind} is not a record type")))?;
+        let fqdn = if name.ends_with('.') {
+            name.to_owned()
+        } else {
+            format!("{name}.")
+        };
+        let lookup = self
+            .auth
+            .resolver()
+            .lookup(fqdn.as_str(), kind)
+            .await
+            .map_err(|e| dns_problem(e.into()))?;
+        Ok(lookup
+            .answers()
+            .iter()
+            .filter(|r| r.record_type() == kind)
+            .map(|r| match &r.data {
+                RData::TXT(txt) => txt
+                    .txt_data
+                    .iter()
+                    .map(|part| String::from_utf8_lossy(part).into_owned())
+                    .collect::<String>(),
+                other => other.to_string(),
+            })
+            .collect())
+    }
+
     /// The addresses of `host`: IPv6 first, then IPv4.
     pub async fn host_addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsProblem> {
         let mut out = Vec::new();

@@ -5,6 +5,7 @@ pub(crate) mod apps;
 pub(crate) mod backup;
 pub(crate) mod client;
 mod connection;
+pub(crate) mod doctor;
 pub(crate) mod git;
 pub(crate) mod grains;
 pub(crate) mod grants;

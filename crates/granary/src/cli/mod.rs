@@ -47,6 +47,12 @@ pub(crate) enum Command {
         #[command(flatten)]
         output: Output,
     },
+    /// Check this deployment as the world sees it: DNS records of every mail domain, listeners, certificate, clock, storage
+    #[command(after_help = "Exit status: 0 when nothing failed (warnings allowed), 1 otherwise.")]
+    Doctor {
+        #[command(flatten)]
+        output: Output,
+    },
     /// Manage users
     #[command(subcommand)]
     User(UserCommand),

@@ -54,6 +54,8 @@ pub(crate) struct DaemonInfo {
     /// `mail.hostname`: the MX and submission host, as DNS must name it.
     pub(crate) mail_hostname: String,
     pub(crate) mta_sts_mode: String,
+    /// `mail.resolver`: the DNS server mail lookups (and the doctor) ask.
+    pub(crate) mail_resolver: Option<std::net::SocketAddr>,
 }
 
 pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
@@ -141,6 +143,7 @@ async fn serve(
             .collect(),
         mail_hostname: config.mail.hostname.clone(),
         mta_sts_mode: config.mail.mta_sts_mode.clone(),
+        mail_resolver: config.mail.resolver,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let datasets = start::datasets(&config).await?;

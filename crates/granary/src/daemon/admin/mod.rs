@@ -11,6 +11,7 @@
 mod apps;
 mod backups;
 mod blog;
+mod doctor;
 mod git;
 mod grains;
 mod grants;
@@ -373,6 +374,24 @@ impl admin::Server for AdminService {
         results
             .get()
             .set_mail(capnp_rpc::new_client(mail::Mail(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn doctor(
+        self: CapRc<Self>,
+        _: admin::DoctorParams,
+        mut results: admin::DoctorResults,
+    ) -> Result<(), capnp::Error> {
+        let findings = doctor::run(&self.ctx).await?;
+        let mut list = results.get().init_checks(findings.len() as u32);
+        for (i, f) in findings.iter().enumerate() {
+            let mut out = list.reborrow().get(i as u32);
+            out.set_area(f.area);
+            out.set_name(&f.name);
+            out.set_level(f.level.as_str());
+            out.set_detail(&f.detail);
+            out.set_fix(&f.fix);
+        }
         Ok(())
     }
 }

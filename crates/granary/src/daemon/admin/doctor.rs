@@ -1,0 +1,357 @@
+//! `doctor`: checks a deployment as the world sees it. Every mail domain's
+//! DNS records are asked of the configured resolver (without a cache) and
+//! compared with what `granary mail dns` says they should be; then the
+//! listeners, the certificate, the clock and the storage. Each finding
+//! says what to do about it.
+
+use granary_gateway::smtp::Checker;
+use granary_gateway::smtp::checks::DnsProblem;
+use granary_gateway::smtp::records::{DnsRecord, MailPorts, records};
+
+use super::{Ctx, blocking, fail, state_failure};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Level {
+    pub(super) fn as_str(&self) -> &'static str {
+        match self {
+            Level::Ok => "ok",
+            Level::Warn => "warn",
+            Level::Fail => "fail",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Finding {
+    pub(super) area: &'static str,
+    pub(super) name: String,
+    pub(super) level: Level,
+    pub(super) detail: String,
+    pub(super) fix: String,
+}
+
+fn ok(area: &'static str, name: String, detail: String) -> Finding {
+    Finding {
+        area,
+        name,
+        level: Level::Ok,
+        detail,
+        fix: String::new(),
+    }
+}
+
+/// Case and the final dot do not matter in names; spaces around `;` do
+/// not matter in tag lists.
+fn normalise(value: &str) -> String {
+    value
+        .trim()
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+        .split(';')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
+    let mut out = Vec::new();
+    let info = &ctx.info;
+    let (store, dkim) = (ctx.store.clone(), ctx.dkim.clone());
+    let domains = blocking(move || {
+        let domains = store.mail_domains().map_err(state_failure)?;
+        domains
+            .into_iter()
+            .map(|d| {
+                let keys = dkim.list(&d.domain).map_err(fail)?;
+                Ok((d.domain, keys))
+            })
+            .collect::<Result<Vec<_>, capnp::Error>>()
+    })
+    .await?;
+    let port = |listener: &str| {
+        info.listeners
+            .iter()
+            .find(|(n, _)| n == listener)
+            .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port())
+    };
+    let ports = MailPorts {
+        submission: port("submission"),
+        submissions: port("submissions"),
+        imap: port("imap"),
+        imaps: port("imaps"),
+    };
+    // A resolver of its own: nothing cached from earlier runs.
+    let checker = Checker::new(&info.mail_hostname, info.mail_resolver).map_err(fail)?;
+    if domains.is_empty() {
+        out.push(Finding {
+            area: "dns",
+            name: "mail domains".to_owned(),
+            level: Level::Warn,
+            detail: "no mail domains".to_owned(),
+            fix: "granary mail domain add DOMAIN".to_owned(),
+        });
+    }
+    match checker.host_addresses(&info.mail_hostname).await {
+        Ok(ips) => out.push(ok(
+            "dns",
+            format!("{} A/AAAA", info.mail_hostname),
+            format!(
+                "{}",
+                ips.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+        Err(e) => out.push(Finding {
+            area: "dns",
+            name: format!("{} A/AAAA", info.mail_hostname),
+            level: Level::Fail,
+            detail: format!("the mail host name does not resolve ({})", problem(&e)),
+            fix: format!(
+                "add A (and AAAA) records for {} with this host's public addresses",
+                info.mail_hostname
+            ),
+        }),
+    }
+    for (domain, keys) in &domains {
+        let expected = records(domain, &info.mail_hostname, &info.mta_sts_mode, keys, ports);
+        for record in &expected {
+            out.push(check_record(&checker, domain, record).await);
+        }
+    }
+    out.extend(local_checks(ctx));
+    Ok(out)
+}
+
+fn problem(p: &DnsProblem) -> String {
+    match p {
+        DnsProblem::NoSuchDomain => "no such name".to_owned(),
+        DnsProblem::NoRecords => "no records of that type".to_owned(),
+        DnsProblem::Failed(e) => format!("the lookup failed: {e}"),
+    }
+}
+
+/// What a record is called in findings: its purpose's first words and
+/// where it lives.
+fn label(domain: &str, r: &DnsRecord) -> String {
+    let what = if r.name.contains("._domainkey.") {
+        "DKIM"
+    } else if r.name.starts_with("_dmarc.") {
+        "DMARC"
+    } else if r.name.starts_with("_mta-sts.") || r.name.starts_with("mta-sts.") {
+        "MTA-STS"
+    } else if r.name.starts_with("_smtp._tls.") {
+        "TLS-RPT"
+    } else if r.kind == "SRV" {
+        "SRV"
+    } else if r.kind == "TXT" && r.name == format!("{domain}.") {
+        "SPF"
+    } else {
+        r.kind
+    };
+    format!("{what} {} {}", r.name, r.kind)
+}
+
+async fn check_record(checker: &Checker, domain: &str, r: &DnsRecord) -> Finding {
+    let name = label(domain, r);
+    let fix = format!("publish: {}", r.zone_line());
+    let missing = |detail: String| Finding {
+        area: "dns",
+        name: name.clone(),
+        level: Level::Fail,
+        detail,
+        fix: fix.clone(),
+    };
+    // mta-sts.DOMAIN may be a CNAME or have addresses of its own.
+    if r.kind == "CNAME" {
+        return match checker.lookup(&r.name, "CNAME").await {
+            Ok(v) if v.iter().any(|t| normalise(t) == normalise(&r.value)) => {
+                ok("dns", name, format!("points at {}", r.value))
+            }
+            _ => match checker.host_addresses(r.name.trim_end_matches('.')).await {
+                Ok(_) => ok("dns", name, "has addresses of its own".to_owned()),
+                Err(e) => missing(format!("missing ({})", problem(&e))),
+            },
+        };
+    }
+    let live = match checker.lookup(&r.name, r.kind).await {
+        Ok(v) => v,
+        Err(e) => return missing(format!("missing ({})", problem(&e))),
+    };
+    let want = normalise(&r.value);
+    if live.iter().any(|v| normalise(v) == want) {
+        return ok("dns", name, r.value.clone());
+    }
+    let prefix = |p: &str| {
+        live.iter()
+            .filter(|v| v.to_ascii_lowercase().starts_with(p))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let found = if live.is_empty() {
+        "nothing".to_owned()
+    } else {
+        live.join(" | ")
+    };
+    match label(domain, r).split(' ').next().unwrap_or("") {
+        "SPF" => {
+            let spf = prefix("v=spf1");
+            match spf.as_slice() {
+                [] => missing("no SPF record (v=spf1)".to_owned()),
+                [one] if one.contains(" mx") || one.contains(" a") => Finding {
+                    area: "dns",
+                    name,
+                    level: Level::Warn,
+                    detail: format!(
+                        "{one:?} is not the suggested record; check it lets this host send"
+                    ),
+                    fix,
+                },
+                [one] => missing(format!("{one:?} does not let this host (the MX) send")),
+                _ => missing(format!(
+                    "{} SPF records; receivers treat more than one as an error (RFC 7208 §4.5)",
+                    spf.len()
+                )),
+            }
+        }
+        "MX" => missing(format!("the MX hosts are {found}, not {}", r.value)),
+        "DMARC" if !prefix("v=dmarc1").is_empty() => ok("dns", name, prefix("v=dmarc1").join(" ")),
+        "TLS-RPT" if !prefix("v=tlsrptv1").is_empty() => {
+            ok("dns", name, prefix("v=tlsrptv1").join(" "))
+        }
+        "MTA-STS" if !prefix("v=stsv1").is_empty() => Finding {
+            area: "dns",
+            name,
+            level: Level::Warn,
+            detail: format!(
+                "{found}: the id is not the current policy's, so senders keep an older policy"
+            ),
+            fix,
+        },
+        "DKIM" => missing(format!(
+            "found {found}; without the right key receivers fail this selector's signatures"
+        )),
+        _ => missing(format!("found {found}")),
+    }
+}
+
+/// The checks that need no DNS: listeners, certificate, clock, storage.
+fn local_checks(ctx: &Ctx) -> Vec<Finding> {
+    let info = &ctx.info;
+    let mut out = Vec::new();
+    for (name, addr) in &info.listeners {
+        let port = addr
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.port())
+            .unwrap_or(0);
+        let standard = match name.as_str() {
+            "smtp" => Some(25),
+            "submission" => Some(587),
+            "submissions" => Some(465),
+            "imap" => Some(143),
+            "imaps" => Some(993),
+            "https" => Some(443),
+            _ => None,
+        };
+        match standard {
+            Some(p) if p != port => out.push(Finding {
+                area: "listeners",
+                name: format!("listen.{name}"),
+                level: Level::Warn,
+                detail: format!("on {addr}, not the standard port {p}"),
+                fix: if name == "smtp" {
+                    "other mail servers deliver only to port 25: listen.smtp = \"0.0.0.0:25\""
+                        .to_owned()
+                } else {
+                    format!("clients expect port {p}; set listen.{name}, or forward {p} to {port}")
+                },
+            }),
+            _ => out.push(ok("listeners", format!("listen.{name}"), addr.clone())),
+        }
+    }
+    match &info.ca_file {
+        Some(ca) => out.push(Finding {
+            area: "certificate",
+            name: "TLS certificate".to_owned(),
+            level: Level::Warn,
+            detail: format!("issued by this host's own CA ({})", ca.display()),
+            fix: "clients must trust that file; for the world (and MTA-STS enforce), set [tls] cert and key to a public certificate".to_owned(),
+        }),
+        None => out.push(ok(
+            "certificate",
+            "TLS certificate".to_owned(),
+            "the configured [tls] certificate".to_owned(),
+        )),
+    }
+    match granary_jail::clock_synchronized() {
+        Some(true) => out.push(ok(
+            "clock",
+            "system clock".to_owned(),
+            "kept in step by NTP".to_owned(),
+        )),
+        Some(false) => out.push(Finding {
+            area: "clock",
+            name: "system clock".to_owned(),
+            level: Level::Warn,
+            detail: "the kernel says the clock is not synchronised".to_owned(),
+            fix:
+                "run an NTP client (apt install chrony): DKIM, TLS and backups need the right time"
+                    .to_owned(),
+        }),
+        None => out.push(Finding {
+            area: "clock",
+            name: "system clock".to_owned(),
+            level: Level::Warn,
+            detail: "cannot ask the kernel whether the clock is synchronised".to_owned(),
+            fix: "make sure an NTP client runs".to_owned(),
+        }),
+    }
+    match nix::sys::statvfs::statvfs(&info.data_dir) {
+        Ok(v) => {
+            let free = v.blocks_available() as u64 * v.fragment_size() as u64;
+            let total = (v.blocks() as u64 * v.fragment_size() as u64).max(1);
+            let pct = free * 100 / total;
+            let detail = format!(
+                "{} MiB free of {} MiB ({pct}%) under {} ({} backend)",
+                free >> 20,
+                total >> 20,
+                info.data_dir.display(),
+                info.storage_backend
+            );
+            let level = if free < (256 << 20) || pct < 2 {
+                Level::Fail
+            } else if pct < 10 {
+                Level::Warn
+            } else {
+                Level::Ok
+            };
+            out.push(Finding {
+                area: "storage",
+                name: "data directory".to_owned(),
+                fix: if level == Level::Ok {
+                    String::new()
+                } else {
+                    "free space: mail and backups stop when the disk is full".to_owned()
+                },
+                level,
+                detail,
+            });
+        }
+        Err(e) => out.push(Finding {
+            area: "storage",
+            name: "data directory".to_owned(),
+            level: Level::Fail,
+            detail: format!("cannot stat {}: {e}", info.data_dir.display()),
+            fix: String::new(),
+        }),
+    }
+    out
+}
