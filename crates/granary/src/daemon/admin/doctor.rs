@@ -102,13 +102,10 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
         Ok(ips) => out.push(ok(
             "dns",
             format!("{} A/AAAA", info.mail_hostname),
-            format!(
-                "{}",
-                ips.iter()
-                    .map(|i| i.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            ips.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         )),
         Err(e) => out.push(Finding {
             area: "dns",
@@ -315,6 +312,8 @@ fn local_checks(ctx: &Ctx) -> Vec<Finding> {
         }),
     }
     match nix::sys::statvfs::statvfs(&info.data_dir) {
+        // The field types are narrower on 32-bit targets.
+        #[allow(clippy::unnecessary_cast)]
         Ok(v) => {
             let free = v.blocks_available() as u64 * v.fragment_size() as u64;
             let total = (v.blocks() as u64 * v.fragment_size() as u64).max(1);
