@@ -34,120 +34,9 @@ use std::time::{Duration, Instant};
 use granary_testkit::mail::{MailHost, sender_records};
 use granary_testkit::{DEADLINE, eventually};
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn sh(cmd: &mut Command) {
-    let out = cmd.output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Waits until nothing answers at /proc/PID (stopped by its own tool),
-/// else SIGKILLs it.
-fn wait_gone(pid: u32) {
-    let gone = || !Path::new(&format!("/proc/{pid}")).exists();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !gone() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if !gone() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
-/// Postfix receiving mail for example.org on a port of its own, throwing
-/// it away after it is queued (durably).
-struct Postfix {
-    dir: tempfile::TempDir,
-    port: u16,
-    master: u32,
-}
-
-impl Postfix {
-    fn start() -> Postfix {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::create_dir(d.join("queue")).unwrap();
-        std::fs::create_dir(d.join("data")).unwrap();
-        sh(Command::new("chown").args(["postfix", d.join("data").to_str().unwrap()]));
-        let port = free_port();
-        let master_cf = std::fs::read_to_string("/etc/postfix/master.cf").unwrap();
-        let mut lines: Vec<String> = master_cf
-            .lines()
-            .filter(|l| !l.starts_with("smtp      inet"))
-            .map(str::to_owned)
-            .collect();
-        lines.push(format!("127.0.0.1:{port} inet n - n - - smtpd"));
-        std::fs::write(d.join("master.cf"), lines.join("\n") + "\n").unwrap();
-        std::fs::write(
-            d.join("main.cf"),
-            format!(
-                "compatibility_level = 3.6\nqueue_directory = {q}\ndata_directory = {data}\n\
-                 maillog_file = {d}/postfix.log\nmaillog_file_prefixes = {d}\n\
-                 inet_interfaces = loopback-only\ninet_protocols = ipv4\nmyhostname = mx.example.org\n\
-                 mydestination = example.org\nlocal_recipient_maps =\nlocal_transport = discard:\n\
-                 alias_maps =\nalias_database =\nmynetworks = 127.0.0.0/8\n\
-                 smtpd_client_connection_count_limit = 0\nsmtpd_client_connection_rate_limit = 0\n\
-                 default_process_limit = 100\n",
-                q = d.join("queue").display(),
-                data = d.join("data").display(),
-                d = d.display(),
-            ),
-        )
-        .unwrap();
-        sh(Command::new("postfix").args(["-c", d.to_str().unwrap(), "start"]));
-        let pid_file = d.join("queue/pid/master.pid");
-        let master = eventually("postfix's master", DEADLINE, || {
-            std::fs::read_to_string(&pid_file)
-                .ok()?
-                .trim()
-                .parse::<u32>()
-                .ok()
-        });
-        eventually("postfix's smtpd to listen", DEADLINE, || {
-            TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        Postfix { dir, port, master }
-    }
-}
-
-impl Drop for Postfix {
-    fn drop(&mut self) {
-        let _ = Command::new("postfix")
-            .args(["-c", self.dir.path().to_str().unwrap(), "stop"])
-            .output();
-        wait_gone(self.master);
-    }
-}
+#[path = "support.rs"]
+mod support;
+use support::{Postfix, free_port, have, median, sh, tls_config, wait_gone};
 
 /// Dovecot serving IMAP with TLS from a directory of its own.
 struct Dovecot {
@@ -315,23 +204,6 @@ fn smtp_source(addr: SocketAddr, sessions: u32, messages: u32) -> f64 {
 struct Imap {
     tls: BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
     n: u32,
-}
-
-fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    )
 }
 
 impl Imap {
@@ -544,7 +416,11 @@ fn main() {
         "",
     );
     let password = host.password("bob");
-    let postfix = Postfix::start();
+    // Receiving mail for example.org and throwing it away once it is
+    // queued (durably).
+    let postfix = Postfix::start(
+        "mydestination = example.org\nlocal_recipient_maps =\nlocal_transport = discard:\n",
+    );
     let postfix_addr: SocketAddr = format!("127.0.0.1:{}", postfix.port).parse().unwrap();
 
     println!("SMTP in: 4 KB messages by smtp-source, 250 only once durable");

@@ -9,13 +9,16 @@
 //! new pair; the old selectors stay (and stay in `granary mail dns`) until
 //! retired, so mail signed before the rotation still verifies.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use base64::Engine;
-use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
+use mail_auth::common::crypto::{DkimKey, Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
-use mail_auth::dkim::DkimSigner;
 use mail_auth::dkim::generate::DkimKeyPair;
+use mail_auth::dkim::{DkimSigner, Done};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs1KeyDer};
 
 /// The header fields signed (RFC 6376 §5.4.1's list of those that matter),
@@ -91,10 +94,24 @@ pub enum DkimError {
     Key(String),
 }
 
-/// The keys of every mail domain, under one directory.
-#[derive(Debug, Clone)]
+/// A domain's ready signers, and the key directory's time they were
+/// read at (a rotation or a retirement changes it).
+type Signers = (Option<SystemTime>, Vec<Arc<DkimSigner<DkimKey, Done>>>);
+
+/// The keys of every mail domain, under one directory. Cheap to clone
+/// (the parsed signers are shared).
+#[derive(Clone)]
 pub struct DkimKeys {
     dir: PathBuf,
+    /// Parsing an RSA key checks it, which costs more than a signature:
+    /// each domain's signers are kept until its directory changes.
+    signers: Arc<Mutex<HashMap<String, Signers>>>,
+}
+
+impl std::fmt::Debug for DkimKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DkimKeys").field("dir", &self.dir).finish()
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DkimError + '_ {
@@ -106,7 +123,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DkimError + '_ {
 
 impl DkimKeys {
     pub fn new(dir: impl Into<PathBuf>) -> DkimKeys {
-        DkimKeys { dir: dir.into() }
+        DkimKeys {
+            dir: dir.into(),
+            signers: Arc::default(),
+        }
     }
 
     fn domain_dir(&self, domain: &str) -> Result<PathBuf, DkimError> {
@@ -252,33 +272,46 @@ impl DkimKeys {
     /// keys (none when it has no keys). Blocking.
     pub fn sign(&self, domain: &str, message: &[u8]) -> Result<String, DkimError> {
         let mut headers = String::new();
-        for (key, der) in self.load(domain)?.into_iter().filter(|(k, _)| k.signing) {
-            let fail =
-                |e: mail_auth::Error| DkimError::Key(format!("signing with {}: {e}", key.selector));
-            let signature = match key.algorithm {
-                Algorithm::Ed25519 => {
-                    DkimSigner::from_key(Ed25519Key::from_pkcs8_der(&der).map_err(fail)?)
-                        .domain(domain)
-                        .selector(&key.selector)
-                        .headers(SIGNED.iter().copied())
-                        .sign(message)
-                        .map_err(fail)?
-                }
-                Algorithm::Rsa => DkimSigner::from_key(
-                    RsaKey::<Sha256>::from_key_der(PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(
-                        der,
-                    )))
-                    .map_err(fail)?,
-                )
-                .domain(domain)
-                .selector(&key.selector)
-                .headers(SIGNED.iter().copied())
+        for signer in self.signers(domain)? {
+            let signature = signer
                 .sign(message)
-                .map_err(fail)?,
-            };
+                .map_err(|e| DkimError::Key(format!("signing for {domain}: {e}")))?;
             headers.push_str(&signature.to_header());
         }
         Ok(headers)
+    }
+
+    /// `domain`'s signers, parsed once per change of its key directory.
+    fn signers(&self, domain: &str) -> Result<Vec<Arc<DkimSigner<DkimKey, Done>>>, DkimError> {
+        let dir = self.domain_dir(domain)?;
+        let stamp = std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
+        let mut cache = self.signers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, signers)) = cache.get(domain)
+            && *at == stamp
+            && stamp.is_some()
+        {
+            return Ok(signers.clone());
+        }
+        let mut signers = Vec::new();
+        for (key, der) in self.load(domain)?.into_iter().filter(|(k, _)| k.signing) {
+            let fail = |e: mail_auth::Error| DkimError::Key(format!("key {}: {e}", key.selector));
+            let parsed: DkimKey = match key.algorithm {
+                Algorithm::Ed25519 => Ed25519Key::from_pkcs8_der(&der).map_err(fail)?.into(),
+                Algorithm::Rsa => RsaKey::<Sha256>::from_key_der(PrivateKeyDer::Pkcs1(
+                    PrivatePkcs1KeyDer::from(der),
+                ))
+                .map_err(fail)?
+                .into(),
+            };
+            signers.push(Arc::new(
+                DkimSigner::from_key(parsed)
+                    .domain(domain)
+                    .selector(&key.selector)
+                    .headers(SIGNED.iter().copied()),
+            ));
+        }
+        cache.insert(domain.to_owned(), (stamp, signers.clone()));
+        Ok(signers)
     }
 }
 
