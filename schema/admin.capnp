@@ -359,10 +359,13 @@ interface Mail {
   hold @11 (id :Text, outbound :Bool, hold :Bool) -> ();
   # Keeps `id` from being delivered until released (`hold` false).
 
-  dkim @12 (domain :Text, rotate :Bool) -> (keys :List(DkimKey));
+  dkim @12 (domain :Text, rotate :Bool, activate :Bool, force :Bool) -> (keys :List(DkimKey));
   # The domain's DKIM selectors, newest first. `rotate` first makes a new
-  # Ed25519 and RSA-2048 pair that signs from then on; the older selectors
-  # stay published until retired, so mail signed with them still verifies.
+  # Ed25519 and RSA-2048 pair, pending: it signs once activated.
+  # `activate` lets the pending pair sign, once DNS (through the
+  # configured resolver) has its records, or regardless with `force`. The
+  # older selectors stay published until retired, so mail signed with
+  # them still verifies.
 
   retireDkim @13 (domain :Text, selector :Text) -> ();
   # Removes a selector that no longer signs.
@@ -379,6 +382,7 @@ struct DkimKey {
   signing @3 :Bool;
   record @4 :Text;
   # The TXT value for SELECTOR._domainkey.DOMAIN.
+  pending @5 :Bool;
 }
 
 struct DnsRecord {

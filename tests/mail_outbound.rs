@@ -427,3 +427,72 @@ fn the_published_records_make_the_doctor_pass_and_each_missing_one_fails_by_name
     let text = host.daemon.granary(&["doctor"]).stdout;
     assert!(text.contains("fix: publish:"), "{text}");
 }
+
+#[test]
+fn a_rotated_key_signs_only_once_its_record_is_published() {
+    let mut host = MailHost::start(&["alice"], &[], "", "");
+    let publish = |host: &mut MailHost| {
+        let mut all: Vec<Record> = zone(host, DOMAIN).into_iter().map(|(_, r)| r).collect();
+        all.push(Record::A(DOMAIN.to_owned(), "127.0.0.1".to_owned()));
+        host.dns.replace(&all);
+    };
+    publish(&mut host);
+    let first = host
+        .daemon
+        .granary(&["mail", "dkim", "list", DOMAIN, "--json"])
+        .success()
+        .json();
+    assert_eq!(first.as_array().unwrap().len(), 2);
+    let rotated = host
+        .daemon
+        .granary(&["mail", "dkim", "rotate", DOMAIN, "--json"])
+        .success()
+        .json();
+    let keys = rotated.as_array().unwrap();
+    assert_eq!(keys.len(), 4);
+    assert_eq!(keys.iter().filter(|k| k["pending"] == true).count(), 2);
+    assert!(keys.iter().filter(|k| k["signing"] == true).all(|k| {
+        first
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["selector"] == k["selector"])
+    }));
+    // Not in DNS yet: activation is refused, naming the record.
+    let refused = host.daemon.granary(&["mail", "dkim", "activate", DOMAIN]);
+    assert!(!refused.status.success());
+    assert!(
+        refused
+            .stderr
+            .contains("._domainkey.example.org is not published yet"),
+        "{}",
+        refused.stderr
+    );
+    // `mail dns` lists the pending keys; published, they activate.
+    publish(&mut host);
+    host.daemon
+        .granary(&["mail", "dkim", "activate", DOMAIN])
+        .success();
+    let after = host
+        .daemon
+        .granary(&["mail", "dkim", "list", DOMAIN, "--json"])
+        .success()
+        .json();
+    let signing: Vec<&serde_json::Value> = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["signing"] == true)
+        .collect();
+    assert_eq!(signing.len(), 2);
+    assert!(signing.iter().all(|k| {
+        !first
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["selector"] == k["selector"])
+    }));
+    // The doctor is content with all four published.
+    let run = host.daemon.granary(&["doctor", "--json"]);
+    assert!(run.status.success(), "{}", run.stdout);
+}

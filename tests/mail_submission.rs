@@ -186,3 +186,119 @@ s.quit()
     );
     assert!(out.contains("Message-ID: <"), "{out}");
 }
+
+#[test]
+fn clients_configure_themselves_from_autoconfig_and_a_profile() {
+    let h = host(&["alice"], "");
+    let https = h.daemon.listener("https");
+    let ca = h.daemon.ca_file();
+    let curl = |host: &str, path: &str, user: Option<&str>| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&ca)
+            .arg("--resolve")
+            .arg(format!("{host}:{}:127.0.0.1", https.port()))
+            .arg(format!("https://{host}:{}{path}", https.port()));
+        if let Some(u) = user {
+            cmd.args(["-u", u]);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.to_owned(), body.to_owned())
+    };
+    // Thunderbird's two places, read by Python's XML parser.
+    let read_xml = r#"
+import os, sys, xml.etree.ElementTree as ET
+root = ET.fromstring(sys.stdin.read())
+for s in root.iter():
+    if s.tag in ("incomingServer", "outgoingServer"):
+        print(s.tag, s.get("type"), s.find("hostname").text, s.find("port").text,
+              s.find("socketType").text, s.find("username").text)
+"#;
+    for (host, path) in [
+        (
+            format!("autoconfig.{DOMAIN}"),
+            "/mail/config-v1.1.xml?emailaddress=alice%40example.org",
+        ),
+        (
+            DOMAIN.to_owned(),
+            "/.well-known/autoconfig/mail/config-v1.1.xml",
+        ),
+    ] {
+        let (code, xml) = curl(&host, path, None);
+        assert_eq!(code, "200", "{xml}");
+        let out = pipe_python(read_xml, &xml);
+        assert!(
+            out.contains(&format!(
+                "incomingServer imap {DOMAIN} {} SSL %EMAILADDRESS%",
+                h.imaps().port()
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "outgoingServer smtp {DOMAIN} {} SSL %EMAILADDRESS%",
+                h.submissions().port()
+            )),
+            "{out}"
+        );
+    }
+    // The Apple profile needs a login; plistlib reads it.
+    let (code, _) = curl(&format!("mail.{DOMAIN}"), "/mobileconfig", None);
+    assert_eq!(code, "401");
+    let (code, _) = curl(
+        &format!("mail.{DOMAIN}"),
+        "/mobileconfig",
+        Some("alice:wrong-password"),
+    );
+    assert_eq!(code, "401");
+    let pw = h.password("alice");
+    let (code, profile) = curl(
+        &format!("mail.{DOMAIN}"),
+        "/mobileconfig",
+        Some(&format!("alice:{pw}")),
+    );
+    assert_eq!(code, "200", "{profile}");
+    let read_plist = r#"
+import plistlib, sys
+p = plistlib.loads(sys.stdin.buffer.read())
+a = p["PayloadContent"][0]
+print(p["PayloadType"], a["PayloadType"], a["EmailAddress"], a["IncomingMailServerHostName"],
+      a["IncomingMailServerPortNumber"], a["OutgoingMailServerPortNumber"], a["IncomingMailServerUsername"])
+"#;
+    let out = pipe_python(read_plist, &profile);
+    assert_eq!(
+        out.trim(),
+        format!(
+            "Configuration com.apple.mail.managed alice@{DOMAIN} {DOMAIN} {} {} alice",
+            h.imaps().port(),
+            h.submissions().port()
+        )
+    );
+}
+
+/// Runs a Python `script` with `input` on its standard input.
+fn pipe_python(script: &str, input: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new(granary_testkit::mail::python())
+        .arg("-c")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

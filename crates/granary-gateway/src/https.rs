@@ -134,10 +134,8 @@ async fn answer(
         );
         return respond(StatusCode::OK, "application/json", body);
     }
-    if req.uri().path() == MTA_STS_PATH
-        && let Some(policy) = mta_sts(gateway.shared(), &host).await
-    {
-        return respond(StatusCode::OK, "text/plain", policy);
+    if let Some(page) = mail_page(gateway.shared(), &req, &host, peer).await {
+        return page;
     }
     let domain = &gateway.shared().domain;
     if &host == domain && req.uri().path() == "/" {
@@ -153,11 +151,32 @@ async fn answer(
 /// Where senders fetch a mail domain's MTA-STS policy (RFC 8461 §3.3).
 const MTA_STS_PATH: &str = "/.well-known/mta-sts.txt";
 
-/// The MTA-STS policy for `mta-sts.<domain>`, when `<domain>` is one of
-/// this host's mail domains.
-async fn mta_sts(shared: &crate::Shared, host: &str) -> Option<String> {
+/// The pages the gateway answers itself for mail, each for a host of one
+/// of this host's mail domains (`None`: not one of them, the request goes
+/// on to the service table):
+///
+/// | host | path | answer |
+/// |---|---|---|
+/// | `mta-sts.<d>` | `/.well-known/mta-sts.txt` | the MTA-STS policy |
+/// | `autoconfig.<d>` | `/mail/config-v1.1.xml` | Thunderbird's autoconfig |
+/// | `<d>` | `/.well-known/autoconfig/mail/config-v1.1.xml` | the same |
+/// | `mail.<d>` | `/mobileconfig` | an Apple profile, after a `mail` login |
+async fn mail_page(
+    shared: &crate::Shared,
+    req: &Request<Incoming>,
+    host: &str,
+    peer: SocketAddr,
+) -> Option<Response<Body>> {
+    use crate::autoconfig::{MOBILECONFIG_PATH, THUNDERBIRD_PATH, THUNDERBIRD_WELL_KNOWN};
     let mx = shared.mx.as_ref()?;
-    let domain = host.strip_prefix("mta-sts.")?;
+    let path = req.uri().path();
+    let (page, domain) = match path {
+        MTA_STS_PATH => ("mta-sts", host.strip_prefix("mta-sts.")?),
+        THUNDERBIRD_PATH => ("autoconfig", host.strip_prefix("autoconfig.")?),
+        THUNDERBIRD_WELL_KNOWN => ("autoconfig", host),
+        MOBILECONFIG_PATH => ("mobileconfig", host.strip_prefix("mail.")?),
+        _ => return None,
+    };
     let local = shared
         .directory
         .mail_recipient(&format!("postmaster@{domain}"))
@@ -165,10 +184,81 @@ async fn mta_sts(shared: &crate::Shared, host: &str) -> Option<String> {
     if matches!(local, crate::MailRecipient::NotLocal) {
         return None;
     }
-    Some(crate::smtp::records::mta_sts_policy(
-        &mx.settings.hostname,
-        &mx.settings.mta_sts_mode,
-    ))
+    let settings = &mx.settings;
+    Some(match page {
+        "mta-sts" => respond(
+            StatusCode::OK,
+            "text/plain",
+            crate::smtp::records::mta_sts_policy(&settings.hostname, &settings.mta_sts_mode),
+        ),
+        "autoconfig" => respond(
+            StatusCode::OK,
+            "application/xml; charset=utf-8",
+            settings.clients.thunderbird(domain),
+        ),
+        _ => mobileconfig(shared, req, domain, peer).await,
+    })
+}
+
+/// The Apple profile of whoever logs in with a `mail` app password.
+async fn mobileconfig(
+    shared: &crate::Shared,
+    req: &Request<Incoming>,
+    domain: &str,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let refuse = |status: StatusCode, text: &str| {
+        let mut r = respond(status, "text/plain; charset=utf-8", format!("{text}\n"));
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Basic realm=\"mail\", charset=\"UTF-8\""),
+            );
+        }
+        r
+    };
+    let Some((login, password)) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| wire::basic_credentials(h.as_bytes()))
+    else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "Log in with your user name and an app password of kind mail.",
+        );
+    };
+    match shared.mail_login(peer.ip(), &login, &password).await {
+        Ok((user, _)) => {
+            let address = if login.contains('@') {
+                login.to_ascii_lowercase()
+            } else {
+                format!("{user}@{domain}")
+            };
+            let Some(mx) = shared.mx.as_ref() else {
+                return refuse(StatusCode::NOT_FOUND, "Mail is not served here.");
+            };
+            let mut r = respond(
+                StatusCode::OK,
+                "application/x-apple-aspen-config",
+                mx.settings.clients.mobileconfig(&user, &address),
+            );
+            r.headers_mut().insert(
+                header::CONTENT_DISPOSITION,
+                hyper::header::HeaderValue::from_static(
+                    "attachment; filename=\"mail.mobileconfig\"",
+                ),
+            );
+            r
+        }
+        Err(crate::LoginRefused::Limited) => refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many failed logins; try again in a few minutes.",
+        ),
+        Err(crate::LoginRefused::Invalid) => refuse(
+            StatusCode::UNAUTHORIZED,
+            "Wrong user name or app password (it must be of kind mail).",
+        ),
+    }
 }
 
 /// The domain's front page: what this is and where each service lives.

@@ -11,6 +11,7 @@
 //! runs on this node: it asks [`Directory`] and [`Grains`], which the
 //! daemon implements.
 
+pub mod autoconfig;
 pub mod directory;
 pub mod error;
 pub mod https;
@@ -102,7 +103,8 @@ impl Shared {
         login: &str,
         password: &str,
     ) -> Result<(String, Credential), LoginRefused> {
-        let ip_key = format!("ip:{ip}");
+        // An IPv6 client counts by its /64, as the SMTP limits do.
+        let ip_key = format!("ip:{}", smtp::limits::bucket(ip));
         let user = match login.contains('@') {
             true => self
                 .directory

@@ -300,9 +300,18 @@ impl Deliverer {
                     received_at: now,
                     client: "local".to_owned(),
                     helo: settings.hostname.clone(),
+                    sender_verified: true,
                 };
                 tracing::info!(id = envelope.id, bounce = id, "bounced to a local sender");
                 self.bounce_to.commit(bounce, Vec::new(), message).await
+            }
+            None if self.bounce_out.is_some() && !envelope.sender_verified => {
+                tracing::warn!(
+                    id = envelope.id,
+                    sender = envelope.from,
+                    "not bounced: the sender was not verified (SPF), so the address may be forged"
+                );
+                Ok(())
             }
             None if self.bounce_out.is_some() => {
                 let out = self.bounce_out.as_ref().expect("checked");
@@ -316,6 +325,7 @@ impl Deliverer {
                     received_at: now,
                     client: "local".to_owned(),
                     helo: settings.hostname.clone(),
+                    sender_verified: true,
                 };
                 tracing::info!(
                     id = envelope.id,

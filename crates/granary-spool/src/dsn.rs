@@ -136,6 +136,7 @@ mod tests {
             received_at: 1_700_000_000,
             client: "192.0.2.1".into(),
             helo: "remote.example".into(),
+            sender_verified: true,
         };
         let failed = vec![(
             "gone@example.org".to_owned(),

@@ -32,6 +32,11 @@ pub struct Envelope {
     pub client: String,
     /// What it said in HELO or EHLO.
     pub helo: String,
+    /// The sender is who they say (SPF passed, or a local user): only
+    /// then does a bounce go to another host (no backscatter to forged
+    /// addresses).
+    #[serde(default)]
+    pub sender_verified: bool,
 }
 
 impl Envelope {

@@ -254,12 +254,43 @@ impl Spool {
         head: Vec<u8>,
         message: Vec<u8>,
     ) -> Result<(), SpoolError> {
+        self.commit_as(envelope, head, message, false).await
+    }
+
+    /// [`Spool::commit`], but not delivered until [`Spool::resume`]d (or
+    /// deleted): for a message that must be committed somewhere else too
+    /// before the client is told 250. The pause is not kept across a
+    /// restart (after a crash in between, the message is delivered).
+    pub async fn commit_paused(
+        self: &Arc<Self>,
+        envelope: Envelope,
+        head: Vec<u8>,
+        message: Vec<u8>,
+    ) -> Result<(), SpoolError> {
+        self.commit_as(envelope, head, message, true).await
+    }
+
+    /// Lets a message committed paused be delivered.
+    pub fn resume(&self, id: &str) {
+        if let Some(t) = self.entries().get_mut(id) {
+            t.progress.held = false;
+        }
+        self.wake.notify_one();
+    }
+
+    async fn commit_as(
+        self: &Arc<Self>,
+        envelope: Envelope,
+        head: Vec<u8>,
+        message: Vec<u8>,
+        paused: bool,
+    ) -> Result<(), SpoolError> {
         let spool = self.clone();
         let written =
             tokio::task::spawn_blocking(move || spool.write_entry(&envelope, &head, &message))
                 .await
                 .map_err(|e| SpoolError::Task(e.to_string()))??;
-        self.track(written);
+        self.track(written, paused);
         Ok(())
     }
 
@@ -305,18 +336,23 @@ impl Spool {
         ))
     }
 
-    fn track(&self, (envelope, offset, size): (Arc<Envelope>, u64, u64)) {
+    fn track(&self, (envelope, offset, size): (Arc<Envelope>, u64, u64), paused: bool) {
         self.entries().insert(
             envelope.id.clone(),
             Tracked {
                 envelope,
                 offset,
                 size,
-                progress: Progress::default(),
+                progress: Progress {
+                    held: paused,
+                    ..Progress::default()
+                },
                 busy: false,
             },
         );
-        self.wake.notify_one();
+        if !paused {
+            self.wake.notify_one();
+        }
     }
 
     /// Every spooled message, oldest first.

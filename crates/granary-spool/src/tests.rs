@@ -111,6 +111,7 @@ fn envelope(from: &str, users: &[&str]) -> Envelope {
         received_at: unix_now(),
         client: "192.0.2.1".into(),
         helo: "client.example".into(),
+        sender_verified: true,
     }
 }
 

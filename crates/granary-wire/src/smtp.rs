@@ -776,8 +776,16 @@ mod tests;
 
 /// `RCPT TO:<Postmaster>` without a domain, which RFC 5321 §4.1.1.3 says
 /// every server takes (the parser refuses an address without a domain).
+/// A space after the colon, which many clients send, is taken too; any
+/// parameters after it are not (none is offered).
 fn is_bare_postmaster(line: &[u8]) -> bool {
     let line = line.trim_ascii_end();
-    line.len() == b"RCPT TO:<postmaster>".len()
-        && line.eq_ignore_ascii_case(b"RCPT TO:<postmaster>")
+    let Some(rest) = line
+        .get(..8)
+        .filter(|p| p.eq_ignore_ascii_case(b"RCPT TO:"))
+        .map(|_| line[8..].trim_ascii_start())
+    else {
+        return false;
+    };
+    rest.eq_ignore_ascii_case(b"<postmaster>")
 }

@@ -54,6 +54,9 @@ pub struct Verdict {
     pub header: String,
     /// The refusal when the sender's DMARC policy says reject.
     pub reject: Option<Reply>,
+    /// SPF passed for the envelope sender: a bounce to it reaches whoever
+    /// really sent the message, not someone whose address was forged.
+    pub sender_verified: bool,
 }
 
 /// Answers kept per kind of record.
@@ -278,6 +281,7 @@ impl Checker {
                     self.hostname
                 ),
                 reject: None,
+                sender_verified: false,
             },
         }
     }
@@ -299,6 +303,7 @@ impl Checker {
             return Verdict {
                 header: mail_auth::common::headers::HeaderWriter::to_header(&header),
                 reject: None,
+                sender_verified: spf.result() == mail_auth::SpfResult::Pass,
             };
         };
         let dkim = self.auth.verify_dkim(self.cached(&msg)).await;
@@ -329,6 +334,7 @@ impl Checker {
         Verdict {
             header: mail_auth::common::headers::HeaderWriter::to_header(&header),
             reject,
+            sender_verified: spf.result() == mail_auth::SpfResult::Pass,
         }
     }
 }

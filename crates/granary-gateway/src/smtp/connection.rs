@@ -395,12 +395,19 @@ impl Conn {
                 .filter(|(_, n)| n.eq_ignore_ascii_case(name))
                 .count()
         };
-        if count(b"Received") > MAX_HOPS {
+        let (hops, froms, dates, ids) = (
+            count(b"Received"),
+            count(b"From"),
+            count(b"Date"),
+            count(b"Message-ID"),
+        );
+        drop(fields);
+        if hops > MAX_HOPS {
             return Reply::new(554, "5.4.6", "Too many hops: a mail loop");
         }
         // RFC 5322 allows one From; with two, DMARC could check one while
         // the reader sees the other (RFC 7489 §6.6.1 says reject).
-        if count(b"From") > 1 {
+        if froms > 1 {
             return Reply::new(550, "5.7.1", "More than one From header field");
         }
         let ip = self.peer.ip();
@@ -410,31 +417,35 @@ impl Conn {
         let user = session.user().map(str::to_owned);
         let mut added = String::new();
         let mut sign_domain = None;
+        let sender_verified;
+        let mut message = message;
         if let Some(user) = &user {
-            // Submission: the From the reader sees must be the user's too.
-            let authors = from_addresses(&message);
-            if authors.is_empty() {
+            // Submission: the From the reader sees must be the user's too:
+            // exactly one mailbox, no group.
+            let author = match author(&message) {
+                Ok(a) => a,
+                Err(why) => return Reply::new(553, "5.7.1", why),
+            };
+            if !self.owns(user, &author).await {
+                tracing::info!(user, author, "refused a From: that is not the user's");
                 return Reply::new(
                     553,
                     "5.7.1",
-                    "The message needs a From: header field with one of your addresses",
+                    format!("From: <{author}> is not one of your addresses"),
                 );
             }
-            for author in &authors {
-                if !self.owns(user, author).await {
-                    tracing::info!(user, author, "refused a From: that is not the user's");
-                    return Reply::new(
-                        553,
-                        "5.7.1",
-                        format!("From: <{author}> is not one of your addresses"),
-                    );
-                }
-            }
-            sign_domain = authors[0].rsplit_once('@').map(|(_, d)| d.to_owned());
-            if count(b"Date") == 0 {
+            sign_domain = granary_model::MailAddress::parse(&author)
+                .ok()
+                .map(|a| a.domain.to_string());
+            sender_verified = true;
+            // Every line ends in CRLF before it is signed and sent: a bare
+            // CR or LF is read differently by different receivers (SMTP
+            // smuggling, broken signatures).
+            message = crlf_lines(message);
+            if dates == 0 {
                 added.push_str(&format!("Date: {}\r\n", rfc2822(now)));
             }
-            if count(b"Message-ID") == 0 {
+            if ids == 0 {
                 added.push_str(&format!("Message-ID: <{id}@{hostname}>\r\n"));
             }
         } else {
@@ -444,8 +455,8 @@ impl Conn {
                 return reject;
             }
             added = verdict.header;
+            sender_verified = verdict.sender_verified;
         }
-        let mut message = message;
         let forged = own_auth_results(&message, &hostname);
         if !forged.is_empty() {
             tracing::info!(
@@ -471,6 +482,8 @@ impl Conn {
         let size = message.len();
         let client = show_ip(&self.peer);
         let remote = std::mem::take(&mut self.remote);
+        // Mail for other domains is queued paused: if the local copy then
+        // fails, it is deleted and the client's retry sends it once.
         if !remote.is_empty() {
             let Some(domain) = sign_domain else {
                 return Reply::new(451, "4.3.0", "Local error; try again later");
@@ -493,11 +506,19 @@ impl Conn {
                 received_at: now,
                 client,
                 helo,
+                sender_verified,
             };
             if let Err(e) = self.mx.spool.commit(envelope, head, message).await {
                 tracing::error!(error = %e, "cannot spool a message");
+                if !remote.is_empty() {
+                    let (outbound, id) = (self.mx.outbound.clone(), id.clone());
+                    let _ = tokio::task::spawn_blocking(move || outbound.delete(&id)).await;
+                }
                 return Reply::new(451, "4.3.0", "Local error; try again later");
             }
+        }
+        if !remote.is_empty() {
+            self.mx.outbound.resume(&id);
         }
         match user {
             Some(user) => self.mx.per_user.count(user, 1),
@@ -557,10 +578,11 @@ impl Conn {
             received_at: now,
             client: client.to_owned(),
             helo: helo.to_owned(),
+            sender_verified: true,
         };
         self.mx
             .outbound
-            .commit(envelope, out_head, message.to_vec())
+            .commit_paused(envelope, out_head, message.to_vec())
             .await
             .map_err(|e| {
                 tracing::error!(id, error = %e, "cannot queue a message for sending");
@@ -625,19 +647,85 @@ fn rfc2822(now: i64) -> String {
         .unwrap_or_default()
 }
 
-/// The addresses in the message's `From:` field, lowercased.
-fn from_addresses(message: &[u8]) -> Vec<String> {
-    let Some(parsed) = mail_parser::MessageParser::new().parse_headers(header_block(message))
-    else {
-        return Vec::new();
-    };
-    parsed
-        .from()
-        .map(|from| {
-            from.iter()
-                .filter_map(|a| a.address())
+/// The one mailbox of the message's `From:` field, lowercased; anything
+/// else (none, several, a group, an entry without an address) is refused,
+/// as a reader could see an address other than the one checked.
+fn author(message: &[u8]) -> Result<String, &'static str> {
+    const NEEDED: &str = "The message needs a From: header field with one of your addresses";
+    let parsed = mail_parser::MessageParser::new()
+        .parse_headers(header_block(message))
+        .ok_or(NEEDED)?;
+    match parsed.from() {
+        Some(mail_parser::Address::List(list)) => match list.as_slice() {
+            [one] => one
+                .address()
+                .filter(|a| a.contains('@'))
                 .map(str::to_ascii_lowercase)
-                .collect()
-        })
-        .unwrap_or_default()
+                .ok_or(NEEDED),
+            [] => Err(NEEDED),
+            _ => Err("The From: header field must name one address, yours"),
+        },
+        Some(mail_parser::Address::Group(_)) => {
+            Err("The From: header field must name one address, yours, not a group")
+        }
+        None => Err(NEEDED),
+    }
+}
+
+/// `message` with every bare CR and bare LF made a CRLF.
+fn crlf_lines(message: Vec<u8>) -> Vec<u8> {
+    let bare = message
+        .windows(2)
+        .any(|w| (w[0] == b'\r') != (w[1] == b'\n'))
+        || message.first() == Some(&b'\n')
+        || message.last() == Some(&b'\r');
+    if !bare {
+        return message;
+    }
+    let mut out = Vec::with_capacity(message.len() + message.len() / 32);
+    let mut i = 0;
+    while i < message.len() {
+        match message[i] {
+            b'\r' => {
+                out.extend_from_slice(b"\r\n");
+                if message.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_one_plain_mailbox_is_an_author() {
+        let a = |h: &str| author(format!("{h}\r\nSubject: x\r\n\r\nbody\r\n").as_bytes());
+        assert_eq!(
+            a("From: Alice <Alice@Example.org>").unwrap(),
+            "alice@example.org"
+        );
+        assert_eq!(a("From: alice@example.org").unwrap(), "alice@example.org");
+        assert!(a("From: <ceo@victim.com>:alice@example.org;").is_err());
+        assert!(a("From: Victim Name, alice@example.org").is_err());
+        assert!(a("From: a@example.org, b@example.org").is_err());
+        assert!(a("Subject: none").is_err());
+        assert!(a("From: undisclosed").is_err());
+    }
+
+    #[test]
+    fn bare_line_ends_become_crlf() {
+        assert_eq!(crlf_lines(b"a\r\nb\r\n".to_vec()), b"a\r\nb\r\n");
+        assert_eq!(
+            crlf_lines(b"a\nb\r.\r\nc\r".to_vec()),
+            b"a\r\nb\r\n.\r\nc\r\n"
+        );
+        assert_eq!(crlf_lines(b"\nx".to_vec()), b"\r\nx");
+    }
 }

@@ -6,8 +6,11 @@
 //! receivers that know Ed25519 check that one, the others RSA. Keys live
 //! in `DATA_DIR/dkim/<domain>/<selector>.key` (DER, mode 0600, owner-only
 //! directories); the newest key of each algorithm signs. Rotating makes a
-//! new pair; the old selectors stay (and stay in `granary mail dns`) until
-//! retired, so mail signed before the rotation still verifies.
+//! new pair that waits (`<selector>.pending`) until it is activated, once
+//! its DNS records are published: signing with a key receivers cannot find
+//! yet would fail every message. The old selectors stay (and stay in
+//! `granary mail dns`) until retired, so mail signed before still
+//! verifies.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -70,8 +73,10 @@ pub struct KeyInfo {
     pub algorithm: Algorithm,
     /// Unix seconds.
     pub created_at: i64,
-    /// The newest of its algorithm: it signs.
+    /// The newest active key of its algorithm: it signs.
     pub signing: bool,
+    /// Made by a rotation, not signing until activated.
+    pub pending: bool,
     /// The `p=` value (base64).
     pub public_key: String,
 }
@@ -143,9 +148,37 @@ impl DkimKeys {
         Ok(self.dir.join(domain))
     }
 
-    /// Makes a new Ed25519 and RSA-2048 pair for `domain`; they sign from
-    /// now on. Blocking (RSA key generation takes a moment).
+    /// Makes a new Ed25519 and RSA-2048 pair for `domain`, pending until
+    /// [`DkimKeys::activate`] (a domain's first pair signs at once).
+    /// Blocking (RSA key generation takes a moment).
     pub fn rotate(&self, domain: &str) -> Result<Vec<KeyInfo>, DkimError> {
+        let first = self.list(domain)?.is_empty();
+        self.make(domain, if first { "key" } else { "pending" })
+    }
+
+    /// Lets `domain`'s pending keys sign. Blocking.
+    pub fn activate(&self, domain: &str) -> Result<Vec<KeyInfo>, DkimError> {
+        let dir = self.domain_dir(domain)?;
+        let pending: Vec<KeyInfo> = self
+            .list(domain)?
+            .into_iter()
+            .filter(|k| k.pending)
+            .collect();
+        if pending.is_empty() {
+            return Err(DkimError::Key(format!(
+                "{domain} has no pending keys (granary mail dkim rotate {domain} makes some)"
+            )));
+        }
+        for k in &pending {
+            let from = dir.join(format!("{}.pending", k.selector));
+            let to = dir.join(format!("{}.key", k.selector));
+            std::fs::rename(&from, &to).map_err(io(&from))?;
+        }
+        granary_files::sync_dir(&dir).map_err(|e| DkimError::Key(e.to_string()))?;
+        self.list(domain)
+    }
+
+    fn make(&self, domain: &str, suffix: &str) -> Result<Vec<KeyInfo>, DkimError> {
         let dir = self.domain_dir(domain)?;
         for d in [&self.dir, &dir] {
             if !d.exists() {
@@ -166,13 +199,16 @@ impl DkimKeys {
             now.second(),
             now.millisecond()
         );
-        while std::fs::exists(dir.join(format!("ed-{stamp}.key"))).unwrap_or(false) {
+        while ["key", "pending"]
+            .iter()
+            .any(|s| std::fs::exists(dir.join(format!("ed-{stamp}.{s}"))).unwrap_or(false))
+        {
             stamp.push('1');
         }
         let ed = DkimKeyPair::generate_ed25519().map_err(|e| DkimError::Key(e.to_string()))?;
         let rsa = DkimKeyPair::generate_rsa(2048).map_err(|e| DkimError::Key(e.to_string()))?;
         for (alg, pair) in [(Algorithm::Ed25519, ed), (Algorithm::Rsa, rsa)] {
-            let path = dir.join(format!("{}-{stamp}.key", alg.prefix()));
+            let path = dir.join(format!("{}-{stamp}.{suffix}", alg.prefix()));
             granary_files::write_atomic(&path, pair.private_key(), 0o600)
                 .map_err(|e| DkimError::Key(e.to_string()))?;
         }
@@ -200,7 +236,10 @@ impl DkimKeys {
                 "{selector} still signs {domain}'s mail; rotate first (granary mail dkim rotate {domain})"
             )));
         }
-        let path = self.domain_dir(domain)?.join(format!("{selector}.key"));
+        let suffix = if key.pending { "pending" } else { "key" };
+        let path = self
+            .domain_dir(domain)?
+            .join(format!("{selector}.{suffix}"));
         std::fs::remove_file(&path).map_err(io(&path))
     }
 
@@ -224,9 +263,12 @@ impl DkimKeys {
         for entry in entries {
             let entry = entry.map_err(io(&dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(selector) = name.strip_suffix(".key") else {
-                continue;
-            };
+            let (selector, pending) =
+                match (name.strip_suffix(".key"), name.strip_suffix(".pending")) {
+                    (Some(s), _) => (s, false),
+                    (None, Some(s)) => (s, true),
+                    (None, None) => continue,
+                };
             let algorithm = if selector.starts_with("ed-") {
                 Algorithm::Ed25519
             } else if selector.starts_with("rsa-") {
@@ -250,6 +292,7 @@ impl DkimKeys {
                     algorithm,
                     created_at,
                     signing: false,
+                    pending,
                     public_key: base64::engine::general_purpose::STANDARD.encode(public),
                 },
                 der,
@@ -261,7 +304,10 @@ impl DkimKeys {
             made(b).cmp(&made(a))
         });
         for alg in [Algorithm::Ed25519, Algorithm::Rsa] {
-            if let Some((k, _)) = out.iter_mut().find(|(k, _)| k.algorithm == alg) {
+            if let Some((k, _)) = out
+                .iter_mut()
+                .find(|(k, _)| k.algorithm == alg && !k.pending)
+            {
                 k.signing = true;
             }
         }
@@ -402,7 +448,24 @@ mod tests {
         assert!(signed.contains("a=rsa-sha256"), "{signed}");
         let again = keys.rotate("example.org").unwrap();
         assert_eq!(again.len(), 4);
+        assert_eq!(again.iter().filter(|k| k.pending).count(), 2);
+        // The pending pair does not sign until activated.
+        let before = keys
+            .sign("example.org", b"From: a@example.org\r\n\r\nx\r\n")
+            .unwrap();
+        assert!(
+            before.contains(&format!("s={}", first[0].selector)),
+            "{before}"
+        );
+        let again = keys.activate("example.org").unwrap();
         assert_eq!(again.iter().filter(|k| k.signing).count(), 2);
+        assert!(
+            again
+                .iter()
+                .filter(|k| k.signing)
+                .all(|k| !first.iter().any(|f| f.selector == k.selector))
+        );
+        assert!(keys.activate("example.org").is_err());
         let old = again.iter().find(|k| !k.signing).unwrap().selector.clone();
         let current = again.iter().find(|k| k.signing).unwrap().selector.clone();
         assert!(keys.retire("example.org", &current).is_err());

@@ -28,7 +28,7 @@
 pub mod checks;
 mod connection;
 pub mod dkim;
-mod limits;
+pub(crate) mod limits;
 pub mod outbound;
 pub mod records;
 
@@ -62,6 +62,8 @@ pub struct MxSettings {
     pub send_per_hour: u32,
     /// The MTA-STS mode the gateway's policy gives: testing, enforce, none.
     pub mta_sts_mode: String,
+    /// Where mail clients reach this host (autoconfiguration).
+    pub clients: crate::autoconfig::MailClients,
 }
 
 /// Which listener a connection came in on.

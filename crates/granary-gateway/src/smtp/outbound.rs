@@ -33,9 +33,10 @@ use super::checks::{Checker, DnsProblem};
 
 /// Connections open to one destination domain at once.
 const PER_DOMAIN: usize = 4;
-/// MX hosts, and addresses of each, tried in one attempt.
+/// MX hosts, and addresses of each (IPv6 and IPv4 taken in turn), tried
+/// in one attempt.
 const MAX_HOSTS: usize = 5;
-const MAX_ADDRESSES: usize = 2;
+const MAX_ADDRESSES: usize = 4;
 /// The longest reply line and the most lines taken from a server.
 const MAX_REPLY_LINE: usize = 4096;
 const MAX_REPLY_LINES: usize = 100;
@@ -118,6 +119,17 @@ impl Remote {
 
     async fn send(&self, envelope: &Envelope, addresses: &[String], message: &[u8]) -> Outcome {
         let id = envelope.id.as_str();
+        // Addresses came through our parsers (or, for bounces, a remote
+        // MAIL FROM): check them again before they go into a command.
+        if let Some(bad) = addresses
+            .iter()
+            .find(|a| granary_model::MailAddress::parse(a).is_err())
+        {
+            return Outcome::Failed(format!("5.1.3 <{bad}> is not a valid address"));
+        }
+        if !envelope.from.is_empty() && granary_model::MailAddress::parse(&envelope.from).is_err() {
+            return Outcome::Failed(format!("5.1.7 <{}> is not a valid sender", envelope.from));
+        }
         let Some(domain) = addresses
             .first()
             .and_then(|a| a.rsplit_once('@'))
@@ -150,14 +162,25 @@ impl Remote {
                     continue;
                 }
             };
-            for ip in ips.into_iter().take(MAX_ADDRESSES) {
+            for ip in interleave(ips).into_iter().take(MAX_ADDRESSES) {
                 let addr = SocketAddr::new(ip, self.settings.port);
-                match self.session(addr, host, envelope, addresses, message).await {
+                let mut attempt = self
+                    .session(addr, host, envelope, addresses, message, true)
+                    .await;
+                if let Attempt::TlsFailed(why) = attempt {
+                    // Opportunistic TLS (RFC 7435): a server whose TLS is
+                    // broken still gets the mail, in clear, as Postfix's does.
+                    tracing::warn!(id, host, %ip, why, "TLS failed; sending without it");
+                    attempt = self
+                        .session(addr, host, envelope, addresses, message, false)
+                        .await;
+                }
+                match attempt {
                     Attempt::Done(outcome) => {
                         tracing::info!(id, host, %ip, ?outcome, "outbound attempt");
                         return outcome;
                     }
-                    Attempt::NextHost(why) => {
+                    Attempt::NextHost(why) | Attempt::TlsFailed(why) => {
                         tracing::info!(id, host, %ip, why, "trying the next mail server");
                         last = why;
                     }
@@ -176,6 +199,7 @@ impl Remote {
         envelope: &Envelope,
         addresses: &[String],
         message: &[u8],
+        tls: bool,
     ) -> Attempt {
         let s = &self.settings;
         let tcp = match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
@@ -194,13 +218,8 @@ impl Remote {
             Ok(e) => e,
             Err(why) => return Attempt::NextHost(why),
         };
-        if !ehlo.starttls {
-            tracing::info!(
-                id = envelope.id,
-                host,
-                tls = "none",
-                "the server offers no TLS"
-            );
+        if !ehlo.starttls || !tls {
+            tracing::info!(id = envelope.id, host, tls = "none", "sending without TLS");
             return plain
                 .transaction(&ehlo, envelope, addresses, message, s.data_timeout)
                 .await;
@@ -208,7 +227,7 @@ impl Remote {
         match plain.command("STARTTLS").await {
             Ok((220, _)) => {}
             Ok((code, text)) => {
-                return Attempt::NextHost(format!("{code} STARTTLS refused: {text}"));
+                return Attempt::TlsFailed(format!("{code} STARTTLS refused: {text}"));
             }
             Err(e) => return Attempt::NextHost(format!("4.4.2 {host}: {e}")),
         }
@@ -224,8 +243,8 @@ impl Remote {
                 .await
             {
                 Ok(Ok(t)) => t,
-                Ok(Err(e)) => return Attempt::NextHost(format!("4.7.5 TLS with {host}: {e}")),
-                Err(_) => return Attempt::NextHost(format!("4.7.5 TLS with {host}: timed out")),
+                Ok(Err(e)) => return Attempt::TlsFailed(format!("4.7.5 TLS with {host}: {e}")),
+                Err(_) => return Attempt::TlsFailed(format!("4.7.5 TLS with {host}: timed out")),
             };
         let verified = {
             let (_, conn) = tls.get_ref();
@@ -285,6 +304,22 @@ enum Attempt {
     Done(Outcome),
     /// This server could not be used; try the next.
     NextHost(String),
+    /// Its TLS failed: try it again without.
+    TlsFailed(String),
+}
+
+/// IPv6 and IPv4 addresses in turn, so a host without a route of one
+/// family still reaches the other within the first few tries.
+fn interleave(ips: Vec<std::net::IpAddr>) -> Vec<std::net::IpAddr> {
+    let (v6, v4): (Vec<_>, Vec<_>) = ips.into_iter().partition(|ip| ip.is_ipv6());
+    let mut out = Vec::with_capacity(v6.len() + v4.len());
+    let (mut a, mut b) = (v6.into_iter(), v4.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
 }
 
 /// What EHLO said.

@@ -85,6 +85,16 @@ pub fn records(
             purpose: "SPF: only the domain's MX hosts send its mail".to_owned(),
         },
     ];
+    if hostname != domain {
+        // Bounces go out with an empty MAIL FROM, so SPF checks the HELO
+        // name: this host's own name needs a record too.
+        out.push(DnsRecord {
+            name: host.clone(),
+            kind: "TXT",
+            value: "v=spf1 a -all".to_owned(),
+            purpose: format!("SPF for {hostname} itself (bounces are checked by it)"),
+        });
+    }
     for k in keys {
         out.push(DnsRecord {
             name: format!("{}._domainkey.{d}", k.selector),
@@ -95,6 +105,8 @@ pub fn records(
                 k.algorithm.tag(),
                 if k.signing {
                     " (signing)"
+                } else if k.pending {
+                    " (new: publish it, then granary mail dkim activate DOMAIN)"
                 } else {
                     " (retired from signing; keep until mail signed with it is delivered)"
                 }
@@ -163,6 +175,7 @@ mod tests {
             algorithm: Algorithm::Rsa,
             created_at: 0,
             signing: true,
+            pending: false,
             public_key: "A".repeat(400),
         }];
         let ports = MailPorts {

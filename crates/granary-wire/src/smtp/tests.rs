@@ -268,6 +268,12 @@ fn bare_postmaster_is_a_recipient() {
         matches!(event, Event::Recipient(ref r) if r == "postmaster"),
         "{event:?}"
     );
+    s.recipient_verdict("postmaster", Ok(()));
+    let (_, event) = s.step(b"RCPT TO: <postmaster>\r\n");
+    assert!(
+        matches!(event, Event::Recipient(ref r) if r == "postmaster"),
+        "{event:?}"
+    );
     let mut s = session();
     let (_, event) = s.step(b"RCPT TO:<postmaster>\r\n");
     assert!(

@@ -131,13 +131,19 @@ struct DkimView {
     algorithm: String,
     created_at: i64,
     signing: bool,
+    pending: bool,
     record: String,
 }
 
 fn dkim(config: &Config, cmd: &MailDkimCommand) -> anyhow::Result<ExitCode> {
-    let (domain, rotate, json) = match cmd {
-        MailDkimCommand::List { domain, output } => (domain, false, output.json),
-        MailDkimCommand::Rotate { domain, output } => (domain, true, output.json),
+    let (domain, rotate, activate, force, json) = match cmd {
+        MailDkimCommand::List { domain, output } => (domain, false, false, false, output.json),
+        MailDkimCommand::Rotate { domain, output } => (domain, true, false, false, output.json),
+        MailDkimCommand::Activate {
+            domain,
+            force,
+            output,
+        } => (domain, false, true, *force, output.json),
         MailDkimCommand::Retire { domain, selector } => {
             let (d, s) = (domain.clone(), selector.clone());
             with_admin(config, |admin: admin::Client| async move {
@@ -156,6 +162,8 @@ fn dkim(config: &Config, cmd: &MailDkimCommand) -> anyhow::Result<ExitCode> {
         let mut req = super::mail(&admin).dkim_request();
         req.get().set_domain(d.as_str());
         req.get().set_rotate(rotate);
+        req.get().set_activate(activate);
+        req.get().set_force(force);
         let r = req.send().promise.await.map_err(remote)?;
         r.get()
             .map_err(remote)?
@@ -168,6 +176,7 @@ fn dkim(config: &Config, cmd: &MailDkimCommand) -> anyhow::Result<ExitCode> {
                     algorithm: text(k.get_algorithm())?,
                     created_at: k.get_created_at(),
                     signing: k.get_signing(),
+                    pending: k.get_pending(),
                     record: text(k.get_record())?,
                 })
             })
@@ -179,8 +188,11 @@ fn dkim(config: &Config, cmd: &MailDkimCommand) -> anyhow::Result<ExitCode> {
     }
     if rotate {
         println!(
-            "new keys for {domain}; publish them (granary mail dns {domain}) before mail signed with them reaches anyone"
+            "new keys for {domain}, not signing yet: publish them (granary mail dns {domain}), then: granary mail dkim activate {domain}"
         );
+    }
+    if activate {
+        println!("the new keys sign {domain}'s mail from now on");
     }
     let rows: Vec<Vec<String>> = keys
         .iter()
@@ -189,7 +201,14 @@ fn dkim(config: &Config, cmd: &MailDkimCommand) -> anyhow::Result<ExitCode> {
                 format!("{}._domainkey.{domain}", k.selector),
                 k.algorithm.clone(),
                 table::time(k.created_at),
-                if k.signing { "yes" } else { "no" }.to_owned(),
+                if k.signing {
+                    "yes"
+                } else if k.pending {
+                    "pending"
+                } else {
+                    "no"
+                }
+                .to_owned(),
             ]
         })
         .collect();

@@ -53,9 +53,18 @@ pub(crate) enum MailDkimCommand {
         #[command(flatten)]
         output: Output,
     },
-    /// Make a new Ed25519 and RSA-2048 pair that signs from now on (publish it first: granary mail dns)
+    /// Make a new Ed25519 and RSA-2048 pair; it signs once activated (publish it first: granary mail dns)
     Rotate {
         domain: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Let DOMAIN's new keys sign, once DNS has their records
+    Activate {
+        domain: String,
+        /// Activate even though DNS does not show the records yet
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         output: Output,
     },

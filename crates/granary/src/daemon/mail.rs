@@ -29,7 +29,14 @@ pub(super) async fn setup(
     config: &Config,
     owner: u32,
     store: &Arc<Store>,
+    listeners: &[(&'static str, std::net::SocketAddr)],
 ) -> anyhow::Result<MailSetup> {
+    let port = |name: &str| {
+        listeners
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, a)| a.port())
+    };
     let mail = &config.mail;
     let open = |name: &str, lifetime| {
         let dir = config.data_dir.join(name);
@@ -84,6 +91,13 @@ pub(super) async fn setup(
             send_max_recipients: mail.send_max_recipients,
             send_per_hour: mail.send_per_hour,
             mta_sts_mode: mail.mta_sts_mode.clone(),
+            clients: granary_gateway::autoconfig::MailClients {
+                hostname: mail.hostname.clone(),
+                imaps: port("imaps"),
+                submissions: port("submissions"),
+                imap: port("imap"),
+                submission: port("submission"),
+            },
         },
         spool.clone(),
         outbound.clone(),

@@ -149,7 +149,7 @@ async fn serve(
     let datasets = start::datasets(&config).await?;
     let (grains, supervisor) = start::supervisor(&config, &store, datasets.clone()).await?;
     let grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
-    let mail = mail::setup(&config, nix::unistd::geteuid().as_raw(), &store).await?;
+    let mail = mail::setup(&config, nix::unistd::geteuid().as_raw(), &store, &addresses).await?;
     let builtin = match mode {
         Mode::Demo => start::builtin_packages(&config.data_dir.join("builtin-apps")),
         Mode::Serve => Vec::new(),

@@ -59,6 +59,37 @@ fn normalise(value: &str) -> String {
         .join(";")
 }
 
+/// The `p=` tag of a DKIM record, without white space.
+fn dkim_p(record: &str) -> Option<String> {
+    record.split(';').find_map(|tag| {
+        let (k, v) = tag.split_once('=')?;
+        (k.trim() == "p").then(|| v.split_whitespace().collect())
+    })
+}
+
+/// Whether `key`'s record is in DNS (its `p=` as published): `Err` says
+/// what was found instead.
+pub(super) async fn dkim_published(
+    ctx: &Ctx,
+    domain: &str,
+    key: &granary_gateway::smtp::dkim::KeyInfo,
+) -> Result<(), String> {
+    let checker = Checker::new(&ctx.info.mail_hostname, ctx.info.mail_resolver)?;
+    let name = format!("{}._domainkey.{domain}", key.selector);
+    match checker.lookup(&name, "TXT").await {
+        Ok(found)
+            if found
+                .iter()
+                .any(|v| dkim_p(v).as_deref() == Some(&key.public_key)) =>
+        {
+            Ok(())
+        }
+        Ok(found) if found.is_empty() => Err("no record".to_owned()),
+        Ok(found) => Err(format!("another key: {}", found.join(" | "))),
+        Err(e) => Err(problem(&e)),
+    }
+}
+
 pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
     let mut out = Vec::new();
     let info = &ctx.info;
@@ -187,6 +218,22 @@ async fn check_record(checker: &Checker, domain: &str, r: &DnsRecord) -> Finding
     if live.iter().any(|v| normalise(v) == want) {
         return ok("dns", name, r.value.clone());
     }
+    // Receivers match a DKIM key by its p= (other tags may differ), and an
+    // MX by its host (whatever the preference).
+    if r.name.contains("._domainkey.")
+        && let Some(p) = dkim_p(&r.value)
+        && live
+            .iter()
+            .any(|v| dkim_p(v).as_deref() == Some(p.as_str()))
+    {
+        return ok("dns", name, "the published key".to_owned());
+    }
+    if r.kind == "MX" {
+        let host = |v: &str| v.split_whitespace().last().map(normalise);
+        if live.iter().any(|v| host(v) == host(&r.value)) {
+            return ok("dns", name, live.join(" | "));
+        }
+    }
     let prefix = |p: &str| {
         live.iter()
             .filter(|v| v.to_ascii_lowercase().starts_with(p))
@@ -212,7 +259,15 @@ async fn check_record(checker: &Checker, domain: &str, r: &DnsRecord) -> Finding
                     ),
                     fix,
                 },
-                [one] => missing(format!("{one:?} does not let this host (the MX) send")),
+                [one] => Finding {
+                    area: "dns",
+                    name,
+                    level: Level::Warn,
+                    detail: format!(
+                        "{one:?} does not name the MX; make sure it covers this host's addresses"
+                    ),
+                    fix,
+                },
                 _ => missing(format!(
                     "{} SPF records; receivers treat more than one as an error (RFC 7208 §4.5)",
                     spf.len()

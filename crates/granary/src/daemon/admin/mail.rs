@@ -303,8 +303,26 @@ impl mail::Server for Mail {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let d = domain(p.get_domain()?)?;
-        let rotate = p.get_rotate();
+        let (rotate, activate, force) = (p.get_rotate(), p.get_activate(), p.get_force());
         let (store, dkim) = (self.0.store.clone(), self.0.dkim.clone());
+        if activate && !force {
+            // Only keys receivers can find: each pending selector's record
+            // must be in DNS, as the doctor sees it.
+            let (listed, name) = (dkim.clone(), d.as_str().to_owned());
+            let pending: Vec<_> = blocking(move || listed.list(&name).map_err(fail))
+                .await?
+                .into_iter()
+                .filter(|k| k.pending)
+                .collect();
+            for k in &pending {
+                if let Err(why) = super::doctor::dkim_published(&self.0, d.as_str(), k).await {
+                    return Err(fail(format!(
+                        "{}._domainkey.{d} is not published yet ({why}); publish it (granary mail dns {d}), wait for DNS, then activate again (or --force)",
+                        k.selector
+                    )));
+                }
+            }
+        }
         let keys = blocking(move || {
             if !store
                 .mail_domains()
@@ -322,6 +340,12 @@ impl mail::Server for Mail {
                     .record_event(ACTOR, "mail.dkim.rotate", d.as_str(), "")
                     .map_err(state_failure)?;
                 keys
+            } else if activate {
+                let keys = dkim.activate(d.as_str()).map_err(fail)?;
+                store
+                    .record_event(ACTOR, "mail.dkim.activate", d.as_str(), "")
+                    .map_err(state_failure)?;
+                keys
             } else {
                 dkim.list(d.as_str()).map_err(fail)?
             };
@@ -335,6 +359,7 @@ impl mail::Server for Mail {
             out.set_algorithm(k.algorithm.tag());
             out.set_created_at(k.created_at);
             out.set_signing(k.signing);
+            out.set_pending(k.pending);
             out.set_record(k.record());
         }
         Ok(())
