@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use granary_testkit::mail::{DOMAIN, MailHost, run_python, sender_records};
+use granary_testkit::postfix::Postfix;
 use granary_testkit::{DEADLINE, eventually};
 
 fn host(users: &[&str]) -> MailHost {
@@ -176,120 +177,28 @@ m.logout()
     assert_eq!(h.count("alice", "INBOX"), 500);
 }
 
-/// Debian's Postfix, set up in a directory of its own as a sending MTA
-/// with our MX as its relay; stopped (by its master's pid) on drop.
-struct Postfix {
-    dir: tempfile::TempDir,
-    master: Option<u32>,
-}
-
-impl Postfix {
-    fn start(relay: std::net::SocketAddr, ca: &Path) -> Postfix {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        // Postfix's daemons run as the postfix user: they must get in, and
-        // own the data directory.
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::create_dir(d.join("queue")).unwrap();
-        std::fs::create_dir(d.join("data")).unwrap();
-        let chown = Command::new("chown")
-            .args(["postfix", d.join("data").to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(chown.success());
-        std::fs::copy("/etc/postfix/master.cf", d.join("master.cf")).expect("postfix is installed");
-        std::fs::write(
-            d.join("main.cf"),
-            format!(
-                "compatibility_level = 3.6\nqueue_directory = {q}\ndata_directory = {data}\n\
-                 maillog_file = {d}/postfix.log\nmaillog_file_prefixes = {d}\ninet_interfaces = loopback-only\ninet_protocols = ipv4\n\
-                 master_service_disable = inet\nmyhostname = sender.remote.example\nmydomain = remote.example\n\
-                 myorigin = remote.example\nmydestination =\nalias_maps =\nalias_database =\n\
-                 relayhost = [{ip}]:{port}\nsmtp_dns_support_level = disabled\nsmtp_host_lookup = native\n\
-                 smtp_tls_security_level = encrypt\nsmtp_tls_CAfile = {ca}\nsmtp_tls_loglevel = 1\n\
-                 default_destination_concurrency_limit = 1\nsmtp_destination_recipient_limit = 50\n",
-                q = d.join("queue").display(),
-                data = d.join("data").display(),
-                d = d.display(),
-                ip = relay.ip(),
-                port = relay.port(),
-                ca = ca.display(),
-            ),
-        )
-        .unwrap();
-        let out = Command::new("postfix")
-            .args(["-c", d.to_str().unwrap(), "start"])
-            .output()
-            .expect("postfix");
-        assert!(
-            out.status.success(),
-            "postfix start: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pid_file = d.join("queue/pid/master.pid");
-        let master = eventually("postfix's master to start", DEADLINE, || {
-            std::fs::read_to_string(&pid_file)
-                .ok()?
-                .trim()
-                .parse::<u32>()
-                .ok()
-        });
-        Postfix {
-            dir,
-            master: Some(master),
-        }
-    }
-
-    /// Hands a message to Postfix with its own `sendmail`.
-    fn send(&self, from: &str, to: &[&str], message: &str) {
-        use std::io::Write;
-        let mut child = Command::new("/usr/sbin/sendmail")
-            .args(["-C", self.dir.path().to_str().unwrap(), "-f", from])
-            .args(to)
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("sendmail");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(message.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("postfix.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Postfix {
-    fn drop(&mut self) {
-        let _ = Command::new("postfix")
-            .args(["-c", self.dir.path().to_str().unwrap(), "stop"])
-            .output();
-        if let Some(pid) = self.master.take() {
-            let gone = || !Path::new(&format!("/proc/{pid}")).exists();
-            let deadline = std::time::Instant::now() + DEADLINE;
-            while !gone() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            if !gone() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
+/// Debian's Postfix as a sending MTA with our MX as its relay, STARTTLS
+/// required and our CA trusted.
+fn sending_postfix(relay: std::net::SocketAddr, ca: &Path) -> Postfix {
+    Postfix::start(
+        false,
+        &format!(
+            "master_service_disable = inet\nmyhostname = sender.remote.example\nmydomain = remote.example\n\
+             myorigin = remote.example\nmydestination =\n\
+             relayhost = [{ip}]:{port}\nsmtp_dns_support_level = disabled\nsmtp_host_lookup = native\n\
+             smtp_tls_security_level = encrypt\nsmtp_tls_CAfile = {ca}\nsmtp_tls_loglevel = 1\n\
+             default_destination_concurrency_limit = 1\nsmtp_destination_recipient_limit = 50\n",
+            ip = relay.ip(),
+            port = relay.port(),
+            ca = ca.display(),
+        ),
+    )
 }
 
 #[test]
 fn postfix_relays_to_alice_and_bob_in_one_transaction_over_starttls() {
     let h = host(&["alice", "bob"]);
-    let pf = Postfix::start(h.smtp(), &h.daemon.ca_file());
+    let pf = sending_postfix(h.smtp(), &h.daemon.ca_file());
     pf.send(
         "carol@remote.example",
         &[&format!("alice@{DOMAIN}"), &format!("bob@{DOMAIN}")],

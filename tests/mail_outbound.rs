@@ -5,6 +5,8 @@
 //! Python's `dkimpy` checks the DKIM signatures independently.
 
 use granary_testkit::mail::{DOMAIN, MailHost, Record, run_python};
+use granary_testkit::postfix::Postfix;
+use granary_testkit::{DEADLINE, eventually};
 
 const REMOTE: &str = "remote.example";
 
@@ -37,6 +39,11 @@ fn published(host: &MailHost, domain: &str) -> Vec<Record> {
 
 /// Bob's host, then ours sending to it through `remote_port`.
 fn pair() -> (MailHost, MailHost) {
+    pair_with("")
+}
+
+/// [`pair`], with `extra` in our host's `[mail]`.
+fn pair_with(extra: &str) -> (MailHost, MailHost) {
     let remote = MailHost::start_for(REMOTE, &["bob"], &[], "", "");
     let ca = remote.daemon.ca_file().display().to_string();
     let records = vec![
@@ -53,7 +60,7 @@ fn pair() -> (MailHost, MailHost) {
         &["alice"],
         &records,
         &format!(
-            "outbound_port = {}\noutbound_ca = \"{ca}\"\n",
+            "outbound_port = {}\noutbound_ca = \"{ca}\"\n{extra}",
             remote.smtp().port()
         ),
         "",
@@ -282,8 +289,8 @@ m.logout()
 }
 
 #[test]
-fn a_server_that_cannot_be_reached_is_retried_and_held_mail_waits() {
-    let (ours, remote) = pair();
+fn a_server_that_cannot_be_reached_is_retried_the_sender_told_and_held_mail_waits() {
+    let (ours, remote) = pair_with("delay_warning = \"1s\"\n");
     let port = remote.smtp().port();
     // Hold everything the queue gets, then stop the remote.
     drop(remote);
@@ -296,7 +303,7 @@ fn a_server_that_cannot_be_reached_is_retried_and_held_mail_waits() {
     let entry = &queue.as_array().unwrap()[0];
     assert_eq!(entry["recipients"][0]["address"], format!("bob@{REMOTE}"));
     let id = entry["id"].as_str().unwrap().to_owned();
-    granary_testkit::eventually("a failed attempt", granary_testkit::DEADLINE, || {
+    eventually("a failed attempt", DEADLINE, || {
         let q = ours
             .daemon
             .granary(&["mail", "queue", "list", "--json"])
@@ -307,6 +314,16 @@ fn a_server_that_cannot_be_reached_is_retried_and_held_mail_waits() {
             assert!(e["last_error"].as_str().unwrap().starts_with("4."), "{e}");
         })
     });
+    // Still undelivered after delay_warning: Alice hears once, and can
+    // read why.
+    ours.wait_for("alice", "INBOX", 1);
+    let notice = fetch(&ours, "alice", "Delayed");
+    assert!(notice.contains("Action: delayed"), "{notice}");
+    assert!(notice.contains("Will-Retry-Until: "), "{notice}");
+    assert!(
+        notice.contains(&format!("Final-Recipient: rfc822; bob@{REMOTE}")),
+        "{notice}"
+    );
     ours.daemon
         .granary(&["mail", "queue", "hold", &id])
         .success();
@@ -495,4 +512,140 @@ fn a_rotated_key_signs_only_once_its_record_is_published() {
     // The doctor is content with all four published.
     let run = host.daemon.granary(&["doctor", "--json"]);
     assert!(run.status.success(), "{}", run.stdout);
+}
+
+/// Debian's Postfix as the MX of sink.example: Bob's mail into a maildir
+/// under `maps`, and RCPT and DATA checked against access maps there the
+/// test can change (then `reload`).
+fn postfix_mx(maps: &std::path::Path) -> Postfix {
+    let postfix = nix::unistd::User::from_name("postfix")
+        .unwrap()
+        .expect("the postfix user (apt install postfix)");
+    let mail = maps.join("mail");
+    std::fs::create_dir_all(&mail).unwrap();
+    nix::unistd::chown(&mail, Some(postfix.uid), Some(postfix.gid)).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(maps, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::write(
+        maps.join("vmailbox"),
+        "bob@sink.example sink.example/bob/\n",
+    )
+    .unwrap();
+    std::fs::write(maps.join("rcpt"), "").unwrap();
+    std::fs::write(maps.join("data"), "").unwrap();
+    std::fs::write(maps.join("warn"), "127.0.0.1 WARN holding DATA\n").unwrap();
+    let m = maps.display();
+    Postfix::start(
+        true,
+        &format!(
+            "myhostname = mx.sink.example\nmydestination =\nvirtual_mailbox_domains = sink.example\n\
+             virtual_mailbox_base = {m}/mail\nvirtual_mailbox_maps = texthash:{m}/vmailbox\n\
+             virtual_uid_maps = static:{uid}\nvirtual_gid_maps = static:{gid}\nvirtual_minimum_uid = 1\n\
+             smtpd_restriction_classes = slow\n\
+             slow = check_client_access texthash:{m}/warn, sleep 60\n\
+             smtpd_recipient_restrictions = check_recipient_access texthash:{m}/rcpt, reject_unauth_destination\n\
+             smtpd_data_restrictions = check_client_access texthash:{m}/data\n",
+            uid = postfix.uid,
+            gid = postfix.gid,
+        ),
+    )
+}
+
+/// Messages in Bob's maildir at the Postfix MX.
+fn maildir_count(maps: &std::path::Path) -> usize {
+    std::fs::read_dir(maps.join("mail/sink.example/bob/new"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn to_postfix(port: u16) -> MailHost {
+    MailHost::start(
+        &["alice"],
+        &[
+            Record::Mx("sink.example".into(), "mx.sink.example".into(), 10),
+            Record::A("mx.sink.example".into(), "127.0.0.1".into()),
+        ],
+        &format!("outbound_port = {port}\n"),
+        "",
+    )
+}
+
+#[test]
+fn a_4xx_from_a_real_postfix_is_retried_and_the_message_arrives_once() {
+    let maps = tempfile::tempdir().unwrap();
+    std::fs::write(
+        maps.path().join("rcpt"),
+        "bob@sink.example 450 4.2.0 try again later\n",
+    )
+    .unwrap();
+    let pf = postfix_mx(maps.path());
+    std::fs::write(
+        maps.path().join("rcpt"),
+        "bob@sink.example 450 4.2.0 try again later\n",
+    )
+    .unwrap();
+    pf.reload();
+    let ours = to_postfix(pf.port.unwrap());
+    send(&ours, "bob@sink.example", "later, once");
+    eventually("Postfix to refuse with 450", DEADLINE, || {
+        let q = ours
+            .daemon
+            .granary(&["mail", "queue", "list", "--json"])
+            .success()
+            .json();
+        let e = q.as_array()?.first()?.clone();
+        (e["attempts"].as_u64()? >= 1).then_some(e)
+    });
+    assert!(pf.log().contains("450 4.2.0"), "{}", pf.log());
+    assert_eq!(maildir_count(maps.path()), 0);
+    // Postfix takes it now.
+    std::fs::write(maps.path().join("rcpt"), "").unwrap();
+    pf.reload();
+    eventually("the message in Bob's maildir", DEADLINE, || {
+        (maildir_count(maps.path()) == 1).then_some(())
+    });
+    eventually("the queue to empty", DEADLINE, || {
+        (ours
+            .daemon
+            .granary(&["mail", "queue", "list", "--json"])
+            .success()
+            .json()
+            == serde_json::json!([]))
+        .then_some(())
+    });
+    assert_eq!(maildir_count(maps.path()), 1, "delivered once");
+}
+
+#[test]
+fn killing_the_daemon_mid_transaction_delivers_once_after_the_restart() {
+    let maps = tempfile::tempdir().unwrap();
+    let pf = postfix_mx(maps.path());
+    // Postfix stalls at DATA (before anything is committed on its side).
+    std::fs::write(maps.path().join("data"), "127.0.0.1 slow\n").unwrap();
+    pf.reload();
+    let mut ours = to_postfix(pf.port.unwrap());
+    send(&ours, "bob@sink.example", "through a crash");
+    eventually("our daemon to be waiting at DATA", DEADLINE, || {
+        pf.log().contains("holding DATA").then_some(())
+    });
+    // Postfix will take the next try (the stalled session sleeps on);
+    // then our daemon dies in the middle of its transaction.
+    std::fs::write(maps.path().join("data"), "").unwrap();
+    pf.reload();
+    ours.daemon.crash_and_restart();
+    eventually("the message in Bob's maildir", DEADLINE, || {
+        (maildir_count(maps.path()) == 1).then_some(())
+    });
+    eventually("the queue to empty", DEADLINE, || {
+        (ours
+            .daemon
+            .granary(&["mail", "queue", "list", "--json"])
+            .success()
+            .json()
+            == serde_json::json!([]))
+        .then_some(())
+    });
+    assert_eq!(maildir_count(maps.path()), 1, "delivered exactly once");
 }

@@ -419,9 +419,14 @@ fn main() {
     // Receiving mail for example.org and throwing it away once it is
     // queued (durably).
     let postfix = Postfix::start(
-        "mydestination = example.org\nlocal_recipient_maps =\nlocal_transport = discard:\n",
+        true,
+        "myhostname = mx.example.org\nmydestination = example.org\nlocal_recipient_maps =\n\
+         local_transport = discard:\nsmtpd_client_connection_count_limit = 0\n\
+         smtpd_client_connection_rate_limit = 0\ndefault_process_limit = 100\n",
     );
-    let postfix_addr: SocketAddr = format!("127.0.0.1:{}", postfix.port).parse().unwrap();
+    let postfix_addr: SocketAddr = format!("127.0.0.1:{}", postfix.port.unwrap())
+        .parse()
+        .unwrap();
 
     println!("SMTP in: 4 KB messages by smtp-source, 250 only once durable");
     println!(

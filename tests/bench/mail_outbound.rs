@@ -235,29 +235,27 @@ fn main() {
         without.push(granary(false));
     }
 
-    let postfix = Postfix::start(&format!(
-        "mydestination =\nrelayhost = [127.0.0.1]:{}\nsmtpd_relay_restrictions = permit_mynetworks, reject\n\
-         smtp_tls_security_level = none\n",
-        sink.port
-    ));
-    let dir = postfix.dir.path().to_owned();
+    let postfix = Postfix::start(
+        true,
+        &format!(
+            "mydestination =\nrelayhost = [127.0.0.1]:{}\nsmtpd_relay_restrictions = permit_mynetworks, reject\n\
+             smtp_tls_security_level = none\nsmtpd_client_connection_count_limit = 0\n\
+             smtpd_client_connection_rate_limit = 0\ndefault_process_limit = 100\n",
+            sink.port
+        ),
+    );
+    let postfix_port = postfix.port.unwrap();
     let mut pf = Vec::new();
     for _ in 0..rounds {
         pf.push(load(
             sessions,
             messages,
             |first, count| {
-                let tcp = TcpStream::connect(("127.0.0.1", postfix.port)).unwrap();
+                let tcp = TcpStream::connect(("127.0.0.1", postfix_port)).unwrap();
                 tcp.set_nodelay(true).unwrap();
                 session(tcp, None, first, count);
             },
-            || {
-                let out = Command::new("postqueue")
-                    .args(["-c", dir.to_str().unwrap(), "-p"])
-                    .output()
-                    .unwrap();
-                String::from_utf8_lossy(&out.stdout).contains("Mail queue is empty")
-            },
+            || postfix.queue_empty(),
         ));
     }
     let (g, gd, p) = (median(without), median(with_dkim), median(pf));

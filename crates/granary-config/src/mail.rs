@@ -31,6 +31,7 @@ pub struct RawMail {
     pub outbound_port: Option<u16>,
     pub outbound_ca: Option<std::path::PathBuf>,
     pub mta_sts_mode: Option<String>,
+    pub delay_warning: Option<String>,
 }
 
 /// `[mail]`, resolved.
@@ -79,6 +80,9 @@ pub struct Mail {
     pub outbound_ca: Option<std::path::PathBuf>,
     /// The mode of the MTA-STS policy served for every mail domain.
     pub mta_sts_mode: String,
+    /// After this long undelivered, the sender is told once that a
+    /// message is delayed.
+    pub delay_warning: Duration,
 }
 
 impl Mail {
@@ -176,6 +180,7 @@ impl Mail {
             outbound_port: positive("outbound_port", u64::from(raw.outbound_port.unwrap_or(25)))?
                 as u16,
             outbound_ca: raw.outbound_ca.clone(),
+            delay_warning: time("delay_warning", &raw.delay_warning, "4h")?,
             mta_sts_mode: match raw.mta_sts_mode.as_deref().unwrap_or("testing") {
                 m @ ("testing" | "enforce" | "none") => m.to_owned(),
                 other => {

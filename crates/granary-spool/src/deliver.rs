@@ -109,6 +109,12 @@ pub struct Deliverer {
 enum Decision {
     /// Some recipients still wait; the progress is saved.
     Later,
+    /// As `Later`, and the sender is owed a delay notice for these
+    /// (recipient key, why) now.
+    Delayed {
+        waiting: Vec<(String, String)>,
+        offset: u64,
+    },
     /// Nothing more to do: every recipient has it or never will.
     Finished {
         failed: Vec<(String, String)>,
@@ -224,6 +230,11 @@ impl Deliverer {
         .await;
         match decided {
             Ok(Ok(Decision::Later)) => {}
+            Ok(Ok(Decision::Delayed { waiting, offset })) => {
+                if let Err(e) = self.notify(&envelope, &waiting, offset, true).await {
+                    tracing::warn!(id, error = %e, "cannot send the delay notice");
+                }
+            }
             Ok(Ok(Decision::Finished { failed, offset })) => {
                 if let Err(e) = self.finish(&envelope, &failed, offset).await {
                     tracing::error!(id, error = %e, "cannot bounce; keeping the message");
@@ -264,6 +275,18 @@ impl Deliverer {
         failed: &[(String, String)],
         offset: u64,
     ) -> Result<(), SpoolError> {
+        self.notify(envelope, failed, offset, false).await
+    }
+
+    /// Tells the sender that `recipients` (key, why) failed, or with
+    /// `delayed` that they are still being retried (RFC 3464).
+    async fn notify(
+        &self,
+        envelope: &Envelope,
+        failed: &[(String, String)],
+        offset: u64,
+        delayed: bool,
+    ) -> Result<(), SpoolError> {
         if envelope.from.is_empty() {
             // Never bounce a bounce (RFC 5321 §6.1).
             tracing::warn!(id = envelope.id, "a bounce could not be delivered; dropped");
@@ -286,7 +309,21 @@ impl Deliverer {
             .collect();
         let settings = self.spool.settings();
         let now = unix_now();
-        let message = dsn::build(&settings.hostname, envelope, &recipients, &headers, now);
+        let notice = if delayed {
+            dsn::Notice::Delayed {
+                until: envelope.received_at + settings.lifetime.as_secs() as i64,
+            }
+        } else {
+            dsn::Notice::Failed
+        };
+        let message = dsn::build(
+            &settings.hostname,
+            envelope,
+            &recipients,
+            &headers,
+            now,
+            notice,
+        );
         let id = Spool::new_id();
         match (self.local_user)(envelope.from.clone()).await {
             Some(user) => {
@@ -406,6 +443,7 @@ impl Spool {
         temporary: Option<String>,
     ) -> Result<Decision, SpoolError> {
         let now = unix_now();
+        let mut notice = None;
         let progress = {
             let mut entries = self.entries();
             let Some(t) = entries.get_mut(id) else {
@@ -448,6 +486,21 @@ impl Spool {
             }
             p.attempts += 1;
             p.next_attempt = now + self.backoff(p.attempts);
+            let owed = self
+                .settings
+                .delay_warning
+                .filter(|w| !p.warned && age >= w.as_secs() as i64 && !t.envelope.from.is_empty());
+            if owed.is_some() {
+                p.warned = true;
+                let why = p
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "4.0.0 not delivered yet".to_owned());
+                notice = Some((
+                    pending.iter().map(|u| (u.clone(), why.clone())).collect(),
+                    t.offset,
+                ));
+            }
             p.clone()
         };
         let saved = serde_json::to_vec(&progress).map_err(|e| SpoolError::Task(e.to_string()))?;
@@ -456,6 +509,9 @@ impl Spool {
             t.busy = false;
         }
         result?;
-        Ok(Decision::Later)
+        Ok(match notice {
+            Some((waiting, offset)) => Decision::Delayed { waiting, offset },
+            None => Decision::Later,
+        })
     }
 }

@@ -14,6 +14,15 @@ pub(crate) fn rfc5322_date(unix: i64) -> String {
         .unwrap_or_else(|| "Thu, 01 Jan 1970 00:00:00 +0000".to_owned())
 }
 
+/// Which notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Notice {
+    /// The recipients will never get it.
+    Failed,
+    /// Still being retried, until `until` (unix seconds).
+    Delayed { until: i64 },
+}
+
 /// A `multipart/report` for `failed` (address, `x.y.z reason`), quoting the
 /// original `headers`.
 pub(crate) fn build(
@@ -22,6 +31,7 @@ pub(crate) fn build(
     failed: &[(String, String)],
     headers: &[u8],
     now: i64,
+    notice: Notice,
 ) -> Vec<u8> {
     let boundary = format!("{}/{}", envelope.id, hostname);
     let date = rfc5322_date(now);
@@ -35,11 +45,24 @@ pub(crate) fn build(
         &format!("From: Mail Delivery System <MAILER-DAEMON@{hostname}>"),
     );
     line(&mut m, &format!("To: <{}>", envelope.from));
-    line(&mut m, "Subject: Undelivered Mail Returned to Sender");
+    line(
+        &mut m,
+        match notice {
+            Notice::Failed => "Subject: Undelivered Mail Returned to Sender",
+            Notice::Delayed { .. } => "Subject: Delayed Mail (still being retried)",
+        },
+    );
     line(&mut m, &format!("Date: {date}"));
     line(
         &mut m,
-        &format!("Message-ID: <{}.bounce@{hostname}>", envelope.id),
+        &format!(
+            "Message-ID: <{}.{}@{hostname}>",
+            envelope.id,
+            match notice {
+                Notice::Failed => "bounce",
+                Notice::Delayed { .. } => "delay",
+            }
+        ),
     );
     line(&mut m, "Auto-Submitted: auto-replied");
     line(&mut m, "MIME-Version: 1.0");
@@ -57,10 +80,20 @@ pub(crate) fn build(
     line(&mut m, "");
     line(&mut m, &format!("This is the mail system at {hostname}."));
     line(&mut m, "");
-    line(
-        &mut m,
-        "Your message could not be delivered to the recipients below.",
-    );
+    match notice {
+        Notice::Failed => line(
+            &mut m,
+            "Your message could not be delivered to the recipients below.",
+        ),
+        Notice::Delayed { until } => line(
+            &mut m,
+            &format!(
+                "Your message has not reached the recipients below yet. Nothing needs doing: \
+                 it is retried until {}, and you will hear again only if it fails.",
+                rfc5322_date(until)
+            ),
+        ),
+    }
     line(&mut m, "");
     for (address, why) in failed {
         line(&mut m, &format!("<{address}>: {}", reason_text(why)));
@@ -78,8 +111,22 @@ pub(crate) fn build(
     for (address, why) in failed {
         line(&mut m, "");
         line(&mut m, &format!("Final-Recipient: rfc822; {address}"));
-        line(&mut m, "Action: failed");
-        line(&mut m, &format!("Status: {}", status_code(why)));
+        match notice {
+            Notice::Failed => {
+                line(&mut m, "Action: failed");
+                line(&mut m, &format!("Status: {}", status_code(why)));
+            }
+            Notice::Delayed { until } => {
+                line(&mut m, "Action: delayed");
+                let code = status_code(why);
+                let code = if code.starts_with('4') { code } else { "4.0.0" };
+                line(&mut m, &format!("Status: {code}"));
+                line(
+                    &mut m,
+                    &format!("Will-Retry-Until: {}", rfc5322_date(until)),
+                );
+            }
+        }
         line(
             &mut m,
             &format!("Diagnostic-Code: x-granary; {}", reason_text(why)),
@@ -148,8 +195,34 @@ mod tests {
             &failed,
             b"Subject: hi\r\n",
             1_700_000_100,
+            Notice::Failed,
         );
         let text = String::from_utf8(m).unwrap();
+        let later = vec![(
+            "slow@example.org".to_owned(),
+            "4.4.1 connection refused".to_owned(),
+        )];
+        let delayed = String::from_utf8(build(
+            "mx.example.org",
+            &env,
+            &later,
+            b"Subject: hi\r\n",
+            1_700_000_100,
+            Notice::Delayed {
+                until: 1_700_432_000,
+            },
+        ))
+        .unwrap();
+        assert!(
+            delayed.contains("Subject: Delayed Mail (still being retried)\r\n"),
+            "{delayed}"
+        );
+        assert!(
+            delayed.contains(
+                "Final-Recipient: rfc822; slow@example.org\r\nAction: delayed\r\nStatus: 4.4.1\r\nWill-Retry-Until: "
+            ),
+            "{delayed}"
+        );
         assert!(text.contains("To: <sender@remote.example>\r\n"));
         assert!(text.contains(
             "Final-Recipient: rfc822; gone@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n"

@@ -70,6 +70,9 @@ pub struct Progress {
     /// Held by the admin: not delivered until released.
     #[serde(default)]
     pub held: bool,
+    /// The sender was told the message is delayed.
+    #[serde(default)]
+    pub warned: bool,
 }
 
 /// The largest envelope line read back (a message has at most a few

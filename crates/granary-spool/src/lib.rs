@@ -56,6 +56,9 @@ pub struct SpoolSettings {
     pub retry_max: Duration,
     /// This host's name, for bounces.
     pub hostname: String,
+    /// After this long undelivered, the sender is told once that the
+    /// message is delayed (`None`: never).
+    pub delay_warning: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -94,6 +94,7 @@ fn settings() -> SpoolSettings {
         retry_first: Duration::from_secs(1),
         retry_max: Duration::from_secs(1),
         hostname: "mx.example.org".into(),
+        delay_warning: None,
     }
 }
 

@@ -11,6 +11,7 @@
 //! until a deadline and fail with what was seen.
 
 pub mod mail;
+pub mod postfix;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;

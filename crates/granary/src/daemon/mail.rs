@@ -45,6 +45,7 @@ pub(super) async fn setup(
             retry_first: mail.retry_first,
             retry_max: mail.retry_max,
             hostname: mail.hostname.clone(),
+            delay_warning: Some(mail.delay_warning),
         };
         tokio::task::spawn_blocking(move || Spool::open(&dir, owner, settings))
     };
