@@ -649,3 +649,54 @@ fn killing_the_daemon_mid_transaction_delivers_once_after_the_restart() {
     });
     assert_eq!(maildir_count(maps.path()), 1, "delivered exactly once");
 }
+
+#[test]
+fn an_enforced_mta_sts_policy_holds_mail_for_an_mx_whose_certificate_does_not_verify() {
+    // Bob's host enforces MTA-STS, but its MX name is not in its
+    // certificate (which covers remote.example and its subdomains).
+    let remote = MailHost::start_for(
+        REMOTE,
+        &["bob"],
+        &[],
+        "mta_sts_mode = \"enforce\"\nhostname = \"mx.elsewhere.test\"\n",
+        "",
+    );
+    let ours = MailHost::start(
+        &["alice"],
+        &[
+            Record::Mx(REMOTE.to_owned(), "mx.elsewhere.test".to_owned(), 10),
+            Record::A("mx.elsewhere.test".to_owned(), "127.0.0.1".to_owned()),
+            Record::Txt(
+                format!("_mta-sts.{REMOTE}"),
+                "v=STSv1; id=2026120501".to_owned(),
+            ),
+            Record::A(format!("mta-sts.{REMOTE}"), "127.0.0.1".to_owned()),
+        ],
+        &format!(
+            "outbound_port = {}\noutbound_ca = \"{}\"\nmta_sts_port = {}\n",
+            remote.smtp().port(),
+            remote.daemon.ca_file().display(),
+            remote.daemon.listener("https").port()
+        ),
+        "",
+    );
+    send(&ours, &format!("bob@{REMOTE}"), "policy says no");
+    let held = eventually("a refused attempt", DEADLINE, || {
+        let q = ours
+            .daemon
+            .granary(&["mail", "queue", "list", "--json"])
+            .success()
+            .json();
+        let e = q.as_array()?.first()?.clone();
+        (e["attempts"].as_u64()? >= 1).then_some(e)
+    });
+    let why = held["last_error"].as_str().unwrap();
+    assert!(
+        why.starts_with("4.7.5") && why.contains("MTA-STS") && why.contains("does not verify"),
+        "{why}"
+    );
+    assert!(ours.daemon.log().contains("MTA-STS policy fetched"));
+    // Nothing reached Bob's host in clear, or at all.
+    assert_eq!(remote.count("bob", "INBOX"), 0);
+    assert!(remote.spool().is_empty());
+}

@@ -32,6 +32,7 @@ pub struct RawMail {
     pub outbound_ca: Option<std::path::PathBuf>,
     pub mta_sts_mode: Option<String>,
     pub delay_warning: Option<String>,
+    pub mta_sts_port: Option<u16>,
 }
 
 /// `[mail]`, resolved.
@@ -83,6 +84,9 @@ pub struct Mail {
     /// After this long undelivered, the sender is told once that a
     /// message is delayed.
     pub delay_warning: Duration,
+    /// The HTTPS port other domains' MTA-STS policies are fetched from
+    /// (443; another only for tests).
+    pub mta_sts_port: u16,
 }
 
 impl Mail {
@@ -181,6 +185,8 @@ impl Mail {
                 as u16,
             outbound_ca: raw.outbound_ca.clone(),
             delay_warning: time("delay_warning", &raw.delay_warning, "4h")?,
+            mta_sts_port: positive("mta_sts_port", u64::from(raw.mta_sts_port.unwrap_or(443)))?
+                as u16,
             mta_sts_mode: match raw.mta_sts_mode.as_deref().unwrap_or("testing") {
                 m @ ("testing" | "enforce" | "none") => m.to_owned(),
                 other => {

@@ -15,5 +15,6 @@
 
 pub mod http;
 pub mod imap;
+pub mod mta_sts;
 pub mod smtp;
 pub mod ssh;

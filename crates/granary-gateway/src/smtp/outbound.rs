@@ -11,6 +11,13 @@
 //!
 //! A 5xx to RCPT or to the data is final and the sender gets a bounce; a
 //! 4xx, a lost connection or a DNS failure is retried by the queue.
+//!
+//! MTA-STS (RFC 8461): a recipient domain publishing `_mta-sts` has its
+//! policy fetched over HTTPS (certificate verified) and cached for its
+//! `max_age`. In `enforce` mode only MX hosts the policy lists are used,
+//! only over TLS whose certificate verifies for the MX name; otherwise the
+//! message waits in the queue and is never sent in clear. In `testing`
+//! mode a failure is logged and the mail goes as usual.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -53,6 +60,27 @@ pub struct RemoteSettings {
     pub command_timeout: Duration,
     /// For the reply to the end of the data.
     pub data_timeout: Duration,
+    /// The HTTPS port MTA-STS policies are fetched from (443; another only
+    /// for tests).
+    pub mta_sts_port: u16,
+}
+
+/// How a session uses TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsUse {
+    /// When offered; a broken handshake is retried in clear.
+    Opportunistic,
+    /// Never (the retry after a broken handshake).
+    Off,
+    /// Required, with a certificate that verifies (MTA-STS enforce).
+    Verified,
+}
+
+/// A domain's policy as last fetched: its id, until when it holds.
+struct CachedPolicy {
+    id: String,
+    until: std::time::Instant,
+    policy: granary_wire::mta_sts::Policy,
 }
 
 /// Delivers to other mail servers.
@@ -61,6 +89,9 @@ pub struct Remote {
     checker: Checker,
     tls: Arc<rustls::ClientConfig>,
     webpki: Arc<WebPkiServerVerifier>,
+    /// For fetching MTA-STS policies: certificates verified.
+    strict: Arc<rustls::ClientConfig>,
+    policies: Mutex<HashMap<String, CachedPolicy>>,
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
@@ -88,9 +119,15 @@ impl Remote {
                     .map_err(|e| format!("mail.outbound_ca {}: {e}", path.display()))?;
             }
         }
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        let roots = Arc::new(roots);
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| format!("no root certificates to check other servers with: {e}"))?;
+        let strict = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| e.to_string())?
@@ -102,6 +139,8 @@ impl Remote {
             checker,
             tls: Arc::new(tls),
             webpki,
+            strict: Arc::new(strict),
+            policies: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
         })
     }
@@ -154,7 +193,27 @@ impl Remote {
         };
         let _slot = self.slot(&domain).acquire_owned().await;
         let mut last = format!("4.4.1 no mail server of {domain} could be reached");
+        let policy = self.policy(&domain).await;
+        let enforce = policy
+            .as_ref()
+            .is_some_and(|p| p.mode == granary_wire::mta_sts::Mode::Enforce);
+        if let Some(p) = &policy
+            && p.mode != granary_wire::mta_sts::Mode::None
+        {
+            let listed: Vec<&String> = hosts.iter().filter(|h| p.allows(h)).collect();
+            if listed.len() < hosts.len() {
+                tracing::warn!(id, domain, mode = ?p.mode, "MX hosts not in the domain's MTA-STS policy");
+            }
+            if enforce && listed.is_empty() {
+                return Outcome::Retry(format!(
+                    "4.7.5 no MX host of {domain} is in its MTA-STS policy; held, never sent in clear"
+                ));
+            }
+        }
         for host in hosts.iter().take(MAX_HOSTS) {
+            if enforce && !policy.as_ref().is_some_and(|p| p.allows(host)) {
+                continue;
+            }
             let ips = match self.checker.host_addresses(host).await {
                 Ok(ips) => ips,
                 Err(e) => {
@@ -164,15 +223,20 @@ impl Remote {
             };
             for ip in interleave(ips).into_iter().take(MAX_ADDRESSES) {
                 let addr = SocketAddr::new(ip, self.settings.port);
+                let first = if enforce {
+                    TlsUse::Verified
+                } else {
+                    TlsUse::Opportunistic
+                };
                 let mut attempt = self
-                    .session(addr, host, envelope, addresses, message, true)
+                    .session(addr, host, envelope, addresses, message, first)
                     .await;
-                if let Attempt::TlsFailed(why) = attempt {
+                if let (Attempt::TlsFailed(why), false) = (&attempt, enforce) {
                     // Opportunistic TLS (RFC 7435): a server whose TLS is
                     // broken still gets the mail, in clear, as Postfix's does.
                     tracing::warn!(id, host, %ip, why, "TLS failed; sending without it");
                     attempt = self
-                        .session(addr, host, envelope, addresses, message, false)
+                        .session(addr, host, envelope, addresses, message, TlsUse::Off)
                         .await;
                 }
                 match attempt {
@@ -199,7 +263,7 @@ impl Remote {
         envelope: &Envelope,
         addresses: &[String],
         message: &[u8],
-        tls: bool,
+        tls_use: TlsUse,
     ) -> Attempt {
         let s = &self.settings;
         let tcp = match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
@@ -218,7 +282,13 @@ impl Remote {
             Ok(e) => e,
             Err(why) => return Attempt::NextHost(why),
         };
-        if !ehlo.starttls || !tls {
+        if tls_use == TlsUse::Verified && !ehlo.starttls {
+            let _ = plain.command("QUIT").await;
+            return Attempt::TlsFailed(format!(
+                "4.7.5 {host} offers no STARTTLS, which the domain's MTA-STS policy requires; held, never sent in clear"
+            ));
+        }
+        if !ehlo.starttls || tls_use == TlsUse::Off {
             tracing::info!(id = envelope.id, host, tls = "none", "sending without TLS");
             return plain
                 .transaction(&ehlo, envelope, addresses, message, s.data_timeout)
@@ -263,6 +333,12 @@ impl Remote {
             "TLS with the receiving server"
         );
         let mut secure = Conn::new(tls, s.command_timeout);
+        if tls_use == TlsUse::Verified && !verified {
+            let _ = secure.command("QUIT").await;
+            return Attempt::TlsFailed(format!(
+                "4.7.5 the certificate of {host} does not verify, which the domain's MTA-STS policy requires; held, never sent in clear"
+            ));
+        }
         let ehlo = match secure.ehlo(&s.hostname).await {
             Ok(e) => e,
             Err(why) => return Attempt::NextHost(why),
@@ -270,6 +346,116 @@ impl Remote {
         secure
             .transaction(&ehlo, envelope, addresses, message, s.data_timeout)
             .await
+    }
+}
+
+impl Remote {
+    /// The MTA-STS policy of `domain`, if it publishes one: cached while
+    /// its id is unchanged and its `max_age` lasts; a policy that cannot
+    /// be fetched leaves the cached one in force (RFC 8461 §5.1).
+    async fn policy(&self, domain: &str) -> Option<granary_wire::mta_sts::Policy> {
+        let now = std::time::Instant::now();
+        let cached = || {
+            let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+            policies
+                .get(domain)
+                .filter(|c| c.until > now)
+                .map(|c| (c.id.clone(), c.policy.clone()))
+        };
+        let id = match self
+            .checker
+            .lookup(&format!("_mta-sts.{domain}"), "TXT")
+            .await
+        {
+            Ok(records) => records.iter().find_map(|r| {
+                let mut tags = r.split(';').map(str::trim);
+                (tags.next()? == "v=STSv1")
+                    .then(|| tags.find_map(|t| t.strip_prefix("id=").map(str::to_owned)))
+                    .flatten()
+            }),
+            Err(_) => None,
+        };
+        let Some(id) = id else {
+            return cached().map(|(_, p)| p);
+        };
+        if let Some((cached_id, policy)) = cached()
+            && cached_id == id
+        {
+            return Some(policy);
+        }
+        match self.fetch_policy(domain).await {
+            Ok(policy) => {
+                let mut policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+                if policies.len() > 10_000 {
+                    policies.retain(|_, c| c.until > now);
+                }
+                policies.insert(
+                    domain.to_owned(),
+                    CachedPolicy {
+                        id,
+                        until: now + Duration::from_secs(policy.max_age),
+                        policy: policy.clone(),
+                    },
+                );
+                tracing::info!(domain, mode = ?policy.mode, "MTA-STS policy fetched");
+                Some(policy)
+            }
+            Err(why) => {
+                tracing::warn!(domain, why, "cannot fetch the MTA-STS policy");
+                cached().map(|(_, p)| p)
+            }
+        }
+    }
+
+    /// `https://mta-sts.<domain>/.well-known/mta-sts.txt`, certificate
+    /// verified, no redirects, bounded in size and time.
+    async fn fetch_policy(&self, domain: &str) -> Result<granary_wire::mta_sts::Policy, String> {
+        use tokio::io::AsyncReadExt;
+        let host = format!("mta-sts.{domain}");
+        let ips = self
+            .checker
+            .host_addresses(&host)
+            .await
+            .map_err(|e| format!("{host}: {e:?}"))?;
+        let ip = *ips.first().ok_or("no address")?;
+        let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        let fetch = async {
+            let tcp = TcpStream::connect(SocketAddr::new(ip, self.settings.mta_sts_port))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut tls = tokio_rustls::TlsConnector::from(self.strict.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            tls.write_all(
+                format!(
+                    "GET /.well-known/mta-sts.txt HTTP/1.0\r\nHost: {host}\r\nUser-Agent: Granary\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let mut response = Vec::new();
+            (&mut tls)
+                .take((granary_wire::mta_sts::MAX_POLICY + 8192) as u64)
+                .read_to_end(&mut response)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<Vec<u8>, String>(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(20), fetch)
+            .await
+            .map_err(|_| "timed out".to_owned())??;
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or("no HTTP header end")?;
+        let head = String::from_utf8_lossy(&response[..split]);
+        let status = head.split_whitespace().nth(1).unwrap_or("");
+        if status != "200" {
+            return Err(format!("HTTP status {status}"));
+        }
+        granary_wire::mta_sts::parse(&response[split + 4..]).map_err(str::to_owned)
     }
 }
 

@@ -75,6 +75,7 @@ pub(super) async fn setup(
             connect_timeout: std::time::Duration::from_secs(30),
             command_timeout: mail.command_timeout,
             data_timeout: mail.data_timeout,
+            mta_sts_port: mail.mta_sts_port,
         },
         checker.clone(),
         mail.outbound_ca.as_deref(),
