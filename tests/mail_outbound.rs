@@ -443,6 +443,28 @@ fn the_published_records_make_the_doctor_pass_and_each_missing_one_fails_by_name
     // The text form says what to do.
     let text = host.daemon.granary(&["doctor"]).stdout;
     assert!(text.contains("fix: publish:"), "{text}");
+    // A second mail domain: the local CA's certificate does not name its
+    // hosts, and the doctor says so by name.
+    host.daemon
+        .granary(&["mail", "domain", "add", "other.test"])
+        .success();
+    let checks = host.daemon.granary(&["doctor", "--json"]).json();
+    let cert_fails: Vec<String> = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["area"] == "certificate" && c["level"] == "fail")
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        cert_fails,
+        [
+            "autoconfig.other.test",
+            "mail.other.test",
+            "mta-sts.other.test"
+        ],
+        "{checks:#}"
+    );
 }
 
 #[test]

@@ -218,3 +218,48 @@ pub fn server_config(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// Connects to our own listener at `addr` as a client asking for `name`
+/// (SNI) would, and checks that the certificate served verifies for that
+/// name against the system's roots and `extra_ca` (the local CA): what
+/// `granary doctor` reports for each name clients use.
+pub async fn check_served(
+    addr: std::net::SocketAddr,
+    name: &str,
+    extra_ca: Option<&Path>,
+) -> Result<(), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(ca) = extra_ca {
+        let certs =
+            CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server_name = rustls_pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|e| format!("{name}: {e}"))?;
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(server_name, tcp)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+        .await
+        .map_err(|_| format!("no TLS handshake with {addr} in 10 s"))?
+}

@@ -149,6 +149,7 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
             ),
         }),
     }
+    out.extend(certificate_names(ctx, &domains).await);
     for (domain, keys) in &domains {
         let expected = records(domain, &info.mail_hostname, &info.mta_sts_mode, keys, ports);
         for record in &expected {
@@ -293,6 +294,61 @@ async fn check_record(checker: &Checker, domain: &str, r: &DnsRecord) -> Finding
         )),
         _ => missing(format!("found {found}")),
     }
+}
+
+/// Each name clients use, asked of the `https` listener (SNI) as a
+/// client would: the certificate served must verify for it.
+async fn certificate_names(
+    ctx: &Ctx,
+    domains: &[(String, Vec<granary_gateway::smtp::dkim::KeyInfo>)],
+) -> Vec<Finding> {
+    let info = &ctx.info;
+    let Some(https) = info
+        .listeners
+        .iter()
+        .find(|(n, _)| n == "https")
+        .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok())
+    else {
+        return Vec::new();
+    };
+    // Loopback: the listener may be bound to any address.
+    let addr = if https.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), https.port())
+    } else {
+        https
+    };
+    let mut names = vec![info.domain.clone(), info.mail_hostname.clone()];
+    for (d, _) in domains {
+        for n in [
+            format!("mta-sts.{d}"),
+            format!("autoconfig.{d}"),
+            format!("mail.{d}"),
+        ] {
+            names.push(n);
+        }
+    }
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        match granary_gateway::tls::check_served(addr, &name, info.ca_file.as_deref()).await {
+            Ok(()) => out.push(ok(
+                "certificate",
+                name.clone(),
+                "the certificate served verifies for it".to_owned(),
+            )),
+            Err(why) => out.push(Finding {
+                area: "certificate",
+                name: name.clone(),
+                level: Level::Fail,
+                detail: format!("clients asking for {name} get a certificate that does not verify: {why}"),
+                fix: format!(
+                    "set [tls] cert and key to a certificate naming {name}, or put one in DATA_DIR/tls/domains/{name}/ (cert.pem, key.pem)"
+                ),
+            }),
+        }
+    }
+    out
 }
 
 /// The checks that need no DNS: listeners, certificate, clock, storage.
