@@ -10,6 +10,7 @@ pub(crate) mod git;
 pub(crate) mod grains;
 pub(crate) mod grants;
 pub(crate) mod mail;
+mod mail_dns;
 pub(crate) mod snapshots;
 mod table;
 
