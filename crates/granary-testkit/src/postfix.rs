@@ -145,9 +145,12 @@ pub fn wait_gone(pid: u32) {
 
 impl Drop for Postfix {
     fn drop(&mut self) {
-        let _ = Command::new("postfix")
-            .args(["-c", self.dir.path().to_str().unwrap(), "stop"])
-            .output();
+        // SIGTERM to the master stops it and its daemons; `postfix stop`
+        // was seen to hang in its own `master -t` check.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.master as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         wait_gone(self.master);
     }
 }

@@ -498,6 +498,12 @@ impl Conn {
                 Err(reply) => return reply,
             }
         }
+        // Should this task be cancelled before the 250 (a server stopping
+        // past its drain time), the paused copy goes: the client sends again.
+        let mut paused = (!remote.is_empty()).then(|| PausedOut {
+            spool: self.mx.outbound.clone(),
+            id: id.clone(),
+        });
         if !recipients.is_empty() {
             let envelope = Envelope {
                 id: id.clone(),
@@ -510,15 +516,12 @@ impl Conn {
             };
             if let Err(e) = self.mx.spool.commit(envelope, head, message).await {
                 tracing::error!(error = %e, "cannot spool a message");
-                if !remote.is_empty() {
-                    let (outbound, id) = (self.mx.outbound.clone(), id.clone());
-                    let _ = tokio::task::spawn_blocking(move || outbound.delete(&id)).await;
-                }
+                drop(paused);
                 return Reply::new(451, "4.3.0", "Local error; try again later");
             }
         }
-        if !remote.is_empty() {
-            self.mx.outbound.resume(&id);
+        if let Some(p) = paused.take() {
+            p.resume();
         }
         match user {
             Some(user) => self.mx.per_user.count(user, 1),
@@ -588,6 +591,36 @@ impl Conn {
                 tracing::error!(id, error = %e, "cannot queue a message for sending");
                 local_error()
             })
+    }
+}
+
+/// An outbound copy committed paused: resumed once the message is
+/// accepted, deleted if it is not (dropped unresumed).
+struct PausedOut {
+    spool: Arc<Spool>,
+    id: String,
+}
+
+impl PausedOut {
+    fn resume(mut self) {
+        self.spool.resume(&self.id);
+        self.id.clear();
+    }
+}
+
+impl Drop for PausedOut {
+    fn drop(&mut self) {
+        if self.id.is_empty() {
+            return;
+        }
+        let (spool, id) = (self.spool.clone(), std::mem::take(&mut self.id));
+        tracing::info!(id, "dropping an outbound copy that was never acknowledged");
+        // Removing files blocks; off the async worker.
+        std::thread::spawn(move || {
+            if let Err(e) = spool.delete(&id) {
+                tracing::warn!(id, error = %e, "cannot drop an unacknowledged outbound copy");
+            }
+        });
     }
 }
 
