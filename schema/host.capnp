@@ -39,6 +39,22 @@ interface Host {
 
   log @6 (level :LogLevel, message :Text) -> ();
   # Structured logging into the grain's log, beside its stdout and stderr.
+
+  grants @7 () -> (routes :List(Route));
+  # The live grants this grain holds: what it may request, and from whom
+  # (a calendar another user shared with this grain's owner shows up
+  # here). Nothing about grants held by other grains.
+
+  requestFrom @8 (descriptor :Text, provider :Text) -> (cap :Capability);
+  # `request` from one provider (its grain id, as `grants` lists it), for
+  # when several grains provide the same descriptor.
+}
+
+struct Route {
+  descriptor @0 :Text;
+  providerId @1 :Text;
+  providerOwner @2 :Text;
+  providerKind @3 :Text;
 }
 
 interface WakeLock {

@@ -95,3 +95,47 @@ interface Ping {
 
   ping @0 () -> ();
 }
+
+interface DavCollection {
+  # "dav.calendar.read:<name>", "dav.calendar.write:<name>",
+  # "dav.addressbook.read:<name>", "dav.addressbook.write:<name>": one
+  # calendar or address book of the provider's DAV grain, shared with
+  # another user's DAV grain, which shows it in its owner's home. Only the
+  # named collection is reachable; writes only through a `.write` grant.
+
+  info @0 () -> (collection :SharedCollection);
+
+  request @1 (request :DavRequest) -> (response :DavResponse);
+  # A WebDAV request on the collection (`path` empty) or one of its
+  # objects (`path` the object's name). Hrefs in the answer start with
+  # `base`, the collection's path as the holder's client sees it.
+}
+
+struct SharedCollection {
+  kind @0 :Text;          # "calendar" or "addressbook"
+  displayName @1 :Text;
+  color @2 :Text;
+  description @3 :Text;
+  components @4 :List(Text);  # VEVENT, VTODO, ... (calendars)
+  writable @5 :Bool;
+  syncToken @6 :Text;
+}
+
+struct DavRequest {
+  method @0 :Text;
+  path @1 :Text;
+  base @2 :Text;
+  headers @3 :List(DavHeader);
+  body @4 :Data;
+}
+
+struct DavResponse {
+  status @0 :UInt16;
+  headers @1 :List(DavHeader);
+  body @2 :Data;
+}
+
+struct DavHeader {
+  name @0 :Text;
+  value @1 :Text;
+}

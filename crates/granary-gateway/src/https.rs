@@ -134,6 +134,9 @@ async fn answer(
         );
         return respond(StatusCode::OK, "application/json", body);
     }
+    if let Some(redirect) = dav_discovery(&req, &host, &gateway.shared().domain) {
+        return redirect;
+    }
     if let Some(page) = mail_page(gateway.shared(), &req, &host, peer).await {
         return page;
     }
@@ -146,6 +149,50 @@ async fn answer(
         );
     }
     gateway.serve(req, &host, peer, tls_version).await
+}
+
+/// RFC 6764 §5: `/.well-known/caldav` and `/.well-known/carddav` on the
+/// domain (or on `dav.<domain>` itself) redirect to the root of
+/// `dav.<domain>`, on the port the client used, where the DAV grain
+/// answers `current-user-principal`.
+fn dav_discovery(req: &Request<Incoming>, host: &str, domain: &str) -> Option<Response<Body>> {
+    let path = req.uri().path().trim_end_matches('/');
+    if path != "/.well-known/caldav" && path != "/.well-known/carddav" {
+        return None;
+    }
+    let dav = format!("dav.{domain}");
+    if host != domain && host != dav {
+        return None;
+    }
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let port = raw
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && *p != "443");
+    let location = match port {
+        Some(p) => format!("https://{dav}:{p}/"),
+        None => format!("https://{dav}/"),
+    };
+    let mut r = respond(
+        StatusCode::MOVED_PERMANENTLY,
+        "text/plain; charset=utf-8",
+        format!("Calendars and contacts are at {location}\n"),
+    );
+    r.headers_mut().insert(
+        header::LOCATION,
+        hyper::header::HeaderValue::from_str(&location).ok()?,
+    );
+    Some(r)
 }
 
 /// Where senders fetch a mail domain's MTA-STS policy (RFC 8461 §3.3).

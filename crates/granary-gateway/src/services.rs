@@ -106,6 +106,20 @@ pub const HTTP_SERVICES: &[HttpService] = &[
         },
         login_prompt: "hello",
     },
+    // dav.<domain>: calendars and contacts (CalDAV, CardDAV), each user
+    // their own grain; what others share with them arrives through grants.
+    HttpService {
+        pattern: Pattern {
+            name: "dav",
+            host: HostPattern::Service("dav"),
+            owner: OwnerIn::Login,
+            kind: "dav",
+        },
+        access: Access::Own {
+            password_kind: "dav",
+        },
+        login_prompt: "calendars and contacts",
+    },
     // <user>.<domain>: the user's blog, public.
     HttpService {
         pattern: Pattern {

@@ -34,6 +34,11 @@ pub struct Manifest {
     /// `"git.read"`, `"notify"`.
     #[serde(default)]
     pub offers: Vec<String>,
+    /// Offered interfaces the owner may also grant to another user's grain
+    /// (a calendar shared with a friend); every one must be in `offers`.
+    /// Anything else is granted only between one user's own grains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<String>,
     /// Resource limits; host defaults where absent.
     #[serde(default)]
     pub limits: ManifestLimits,
@@ -138,6 +143,11 @@ impl Manifest {
         for o in &m.offers {
             short_name("offered interface", o, b".-")?;
         }
+        if let Some(s) = m.shares.iter().find(|s| !m.offers.contains(s)) {
+            return Err(ManifestError(format!(
+                "shares lists {s}, which is not in offers"
+            )));
+        }
         if let Some(p) = m.migrate.first()
             && (!p.starts_with('/') || p.split('/').any(|c| c == ".."))
         {
@@ -178,6 +188,13 @@ impl Manifest {
     pub fn offers(&self, descriptor: &str) -> bool {
         let interface = descriptor.split(':').next().unwrap_or("");
         self.offers.iter().any(|o| o == interface)
+    }
+
+    /// Whether `descriptor`'s interface may be granted to another user's
+    /// grain (`shares`).
+    pub fn shares(&self, descriptor: &str) -> bool {
+        let interface = descriptor.split(':').next().unwrap_or("");
+        self.shares.iter().any(|o| o == interface)
     }
 }
 

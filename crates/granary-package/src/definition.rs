@@ -40,6 +40,8 @@ pub struct AppSection {
     #[serde(default)]
     pub offers: Vec<String>,
     #[serde(default)]
+    pub shares: Vec<String>,
+    #[serde(default)]
     pub requests: Vec<String>,
     #[serde(default)]
     pub migrate: Vec<String>,
@@ -104,6 +106,9 @@ env = []
 services = []
 # Interfaces it offers other grains ("notify", "git.read", ...).
 offers = []
+# Of those, the ones an owner may grant to another user's grain too
+# ("dav.calendar.read", ...); the rest stay within one user's grains.
+shares = []
 # Interfaces it may ask other grains for, once the owner grants them.
 requests = []
 # Run in the grain's sandbox before the app starts on data of another
@@ -162,6 +167,7 @@ impl Definition {
             exec: a.exec.clone(),
             services: a.services.clone(),
             offers: a.offers.clone(),
+            shares: a.shares.clone(),
             limits: self.limits.clone(),
             title: a.title.clone(),
             env: a.env.clone(),

@@ -95,6 +95,13 @@ pub struct GrainRef {
     pub kind: String,
 }
 
+/// A grant this grain holds (`Host::grants`).
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub descriptor: String,
+    pub provider: GrainRef,
+}
+
 /// Who this grain is (`Host::info`).
 #[derive(Debug, Clone)]
 pub struct GrainInfo {
@@ -161,6 +168,37 @@ impl Host {
         req.get().set_descriptor(descriptor);
         let answer = req.send().promise.await?;
         answer.get()?.get_cap().get_as_capability()
+    }
+
+    /// [`Host::request`] from one provider grain (an id `grants` listed).
+    pub async fn request_from(
+        &self,
+        descriptor: &str,
+        provider: &str,
+    ) -> Result<capnp::capability::Client, capnp::Error> {
+        let mut req = self.client.request_from_request();
+        req.get().set_descriptor(descriptor);
+        req.get().set_provider(provider);
+        let answer = req.send().promise.await?;
+        answer.get()?.get_cap().get_as_capability()
+    }
+
+    /// The live grants this grain holds: what it may request, from whom.
+    pub async fn grants(&self) -> Result<Vec<Route>, capnp::Error> {
+        let answer = self.client.grants_request().send().promise.await?;
+        let routes = answer.get()?.get_routes()?;
+        let mut out = Vec::with_capacity(routes.len() as usize);
+        for r in routes.iter() {
+            out.push(Route {
+                descriptor: r.get_descriptor()?.to_string()?,
+                provider: GrainRef {
+                    id: r.get_provider_id()?.to_string()?,
+                    owner: r.get_provider_owner()?.to_string()?,
+                    kind: r.get_provider_kind()?.to_string()?,
+                },
+            });
+        }
+        Ok(out)
     }
 
     /// [`Host::request`], typed (e.g. `notify::Client`).

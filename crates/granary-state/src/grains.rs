@@ -555,6 +555,46 @@ impl Store {
             .op("find grant")
     }
 
+    /// The live grant that lets `from_grain` use `capability` provided by
+    /// `to_grain`, if any.
+    pub fn find_grant_from(
+        &self,
+        from_grain: &str,
+        to_grain: &str,
+        capability: &str,
+    ) -> Result<Option<Grant>, StateError> {
+        self.conn()
+            .query_row(
+                &format!(
+                    "SELECT {GRANT_COLUMNS} FROM grants WHERE from_grain = ?1 AND to_grain = ?2
+                     AND capability = ?3 AND revoked_at IS NULL"
+                ),
+                params![from_grain, to_grain, capability],
+                grant_from_row,
+            )
+            .optional()
+            .op("find grant")
+    }
+
+    /// The live grants `from_grain` holds, with each provider's owner and
+    /// kind, oldest first.
+    pub fn grants_held(&self, from_grain: &str) -> Result<Vec<(Grant, String, String)>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT g.id, g.from_grain, g.to_grain, g.capability, g.created_at, u.name, p.kind
+                 FROM grants g JOIN grains p ON p.id = g.to_grain JOIN users u ON u.id = p.user_id
+                 WHERE g.from_grain = ?1 AND g.revoked_at IS NULL ORDER BY g.id",
+            )
+            .op("list held grants")?;
+        let rows = stmt
+            .query_map([from_grain], |r| {
+                Ok((grant_from_row(r)?, r.get(5)?, r.get(6)?))
+            })
+            .op("list held grants")?;
+        rows.collect::<Result<_, _>>().op("list held grants")
+    }
+
     /// A grant by id, live or not, with whether it is still live.
     pub fn grant(&self, id: i64) -> Result<Option<(Grant, bool)>, StateError> {
         self.conn()

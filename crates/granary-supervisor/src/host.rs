@@ -96,6 +96,56 @@ impl host::Server for HostImpl {
         Ok(())
     }
 
+    async fn request_from(
+        self: CapRc<Self>,
+        params: host::RequestFromParams,
+        mut results: host::RequestFromResults,
+    ) -> Result<(), capnp::Error> {
+        let sup = self.sup()?;
+        let _call = sup.admit_call(&self.id)?;
+        let p = params.get()?;
+        let descriptor = p.get_descriptor()?.to_str()?.to_owned();
+        let provider = p.get_provider()?.to_str()?.to_owned();
+        granary_model::check_descriptor(&descriptor).map_err(failed)?;
+        let (holder, d) = (self.id.clone(), descriptor.clone());
+        let grant = db(&sup.params.store, move |s| {
+            s.find_grant_from(&holder, &provider, &d)
+        })
+        .await
+        .map_err(failed)?
+        .ok_or_else(|| no_grant(&descriptor))?;
+        sup.check_grant_live(grant.id)?;
+        let cap = sup.obtain(&grant, "request").await?;
+        results.get().init_cap().set_as_capability(cap.hook);
+        Ok(())
+    }
+
+    async fn grants(
+        self: CapRc<Self>,
+        _: host::GrantsParams,
+        mut results: host::GrantsResults,
+    ) -> Result<(), capnp::Error> {
+        let sup = self.sup()?;
+        let _call = sup.admit_call(&self.id)?;
+        let holder = self.id.clone();
+        let held = db(&sup.params.store, move |s| s.grants_held(&holder))
+            .await
+            .map_err(failed)?;
+        let held: Vec<_> = held
+            .into_iter()
+            .filter(|(g, _, _)| sup.check_grant_live(g.id).is_ok())
+            .collect();
+        let mut list = results.get().init_routes(held.len() as u32);
+        for (i, (grant, owner, kind)) in held.iter().enumerate() {
+            let mut r = list.reborrow().get(i as u32);
+            r.set_descriptor(&grant.capability);
+            r.set_provider_id(&grant.to_grain);
+            r.set_provider_owner(owner);
+            r.set_provider_kind(kind);
+        }
+        Ok(())
+    }
+
     async fn save(
         self: CapRc<Self>,
         params: host::SaveParams,

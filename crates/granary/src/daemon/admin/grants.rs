@@ -1,4 +1,5 @@
-//! `Grants`: the routes an owner allows between their own grains.
+//! `Grants`: the routes an owner allows between their own grains, and
+//! the interfaces an app shares to another user's grain.
 
 use std::rc::Rc;
 
@@ -31,13 +32,7 @@ impl grants::Server for Grants {
         if from == to {
             return Err(fail("a grain needs no grant to reach itself"));
         }
-        if from.user() != to.user() {
-            return Err(fail(format!(
-                "{} and {} belong to different users; grants stay within one user's grains",
-                from.shown(),
-                to.shown()
-            )));
-        }
+        let across_users = from.user() != to.user();
         let store = self.0.store.clone();
         let grant = blocking(move || {
             for g in [&from, &to] {
@@ -60,6 +55,22 @@ impl grants::Server for Grants {
                         "nothing".to_owned()
                     } else {
                         manifest.offers.join(", ")
+                    }
+                )));
+            }
+            if across_users && !manifest.shares(&cap) {
+                return Err(fail(format!(
+                    "{} and {} belong to different users, and {} ({}) does not share {} with \
+                     other users' grains; it shares: {}",
+                    from.shown(),
+                    to.shown(),
+                    to.kind(),
+                    manifest.id,
+                    cap,
+                    if manifest.shares.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        manifest.shares.join(", ")
                     }
                 )));
             }
