@@ -578,7 +578,10 @@ impl Store {
 
     /// The live grants `from_grain` holds, with each provider's owner and
     /// kind, oldest first.
-    pub fn grants_held(&self, from_grain: &str) -> Result<Vec<(Grant, String, String)>, StateError> {
+    pub fn grants_held(
+        &self,
+        from_grain: &str,
+    ) -> Result<Vec<(Grant, String, String)>, StateError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(

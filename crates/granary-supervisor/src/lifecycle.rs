@@ -184,6 +184,9 @@ impl Inner {
             "PATH=/usr/bin:/bin".to_owned(),
             "HOME=/var".to_owned(),
             format!("GRANARY_GRAIN={}", slot.id),
+            // Whose grain this is (also `Host.info`), for apps that need
+            // it before their first call.
+            format!("GRANARY_OWNER={}", slot.user),
             format!("GRANARY_APP_VERSION={}", app.version),
             // So an app can tell its users what limit they hit.
             format!("GRANARY_MEMORY_MIB={}", limits.memory_bytes >> 20),

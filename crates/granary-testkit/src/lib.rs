@@ -10,6 +10,7 @@
 //! the handle drops. Nothing sleeps for a fixed time: waits poll a condition
 //! until a deadline and fail with what was seen.
 
+pub mod dav;
 pub mod mail;
 pub mod postfix;
 
@@ -143,14 +144,16 @@ pub fn app_package_from(
         &def,
         format!(
             "format = 1\n[app]\nkind = \"{kind}\"\nversion = \"0.1.0\"\nexec = [\"/bin/{app}\"]\n\
-             services = [{services}]\noffers = [\"{offer}\"]\n[limits]\nmemory_mib = 256\npids = 64\n\
+             services = [{services}]\noffers = [{offers}]\nshares = [{shares}]\n[limits]\nmemory_mib = 256\npids = 64\n\
              [files]\n{files}copy = [{{ from = \"{}\", to = \"/bin/{app}\" }}]\n",
             binary.display(),
-            offer = match kind {
-                "git" => "git.read",
-                "mail" => "mail.deliver",
-                _ => "notify",
+            offers = match kind {
+                "git" => "\"git.read\"",
+                "mail" => "\"mail.deliver\"",
+                "dav" => DAV_INTERFACES,
+                _ => "\"notify\"",
             },
+            shares = if kind == "dav" { DAV_INTERFACES } else { "" },
             services = match kind {
                 "git" => "\"http\", \"git-ssh\"",
                 "mail" => "\"imap\"",
@@ -162,6 +165,14 @@ pub fn app_package_from(
     let out = dir.join(format!("{kind}.gpkg"));
     pack(&["build", def.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     out
+}
+
+/// What the DAV app offers, and shares with other users' grains.
+const DAV_INTERFACES: &str = "\"dav.calendar.read\", \"dav.calendar.write\", \"dav.addressbook.read\", \"dav.addressbook.write\"";
+
+/// The DAV app (calendars and contacts).
+pub fn dav_package(dir: &Path) -> std::path::PathBuf {
+    app_package(dir, "dav", "granary-dav", "")
 }
 
 /// The git app with Debian's git inside.

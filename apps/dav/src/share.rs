@@ -1,0 +1,351 @@
+//! Collections shared between users, through grants.
+//!
+//! The provider (Alice's grain) offers `dav.calendar.read:<name>` (or
+//! `.write`, or the same for address books) as a `DavCollection` bound to
+//! that one collection: every request names an object of it or nothing,
+//! and runs through the same code as Alice's own requests, with hrefs under
+//! the `base` the holder gives and writes refused unless granted.
+//!
+//! The holder (Bob's grain) lists its grants (`Host.grants`) whenever a
+//! client looks at a home, so a shared collection appears as
+//! `<owner>~<name>` while the grant lives and is gone at the next sync
+//! after it is revoked; requests under it are forwarded through the
+//! membrane. Sync tokens are the provider's own, so they survive restarts
+//! on both sides.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use granary_sdk::services_capnp::dav_collection;
+use granary_sdk::{GrainRef, Host};
+
+use crate::dav::{Dav, Request, Response, Scope};
+use crate::props::Viewer;
+use crate::store::Kind;
+
+/// What a descriptor grants: kind, collection name, writable.
+pub fn parse_descriptor(descriptor: &str) -> Option<(Kind, String, bool)> {
+    let (interface, name) = descriptor.split_once(':')?;
+    let (kind, writable) = match interface {
+        "dav.calendar.read" => (Kind::Calendar, false),
+        "dav.calendar.write" => (Kind::Calendar, true),
+        "dav.addressbook.read" => (Kind::AddressBook, false),
+        "dav.addressbook.write" => (Kind::AddressBook, true),
+        _ => return None,
+    };
+    (!name.is_empty()).then(|| (kind, name.to_owned(), writable))
+}
+
+/// The provider's side: one collection offered to another user's grain.
+pub struct Offered {
+    pub dav: Rc<Dav>,
+    pub kind: Kind,
+    pub name: String,
+    pub writable: bool,
+    /// Who holds it: their principal appears in the answers.
+    pub holder: GrainRef,
+}
+
+fn failed(e: impl std::fmt::Display) -> capnp::Error {
+    capnp::Error::failed(e.to_string())
+}
+
+impl dav_collection::Server for Offered {
+    async fn info(
+        self: capnp::capability::Rc<Self>,
+        _: dav_collection::InfoParams,
+        mut results: dav_collection::InfoResults,
+    ) -> Result<(), capnp::Error> {
+        let c = self
+            .dav
+            .store
+            .collection(self.kind, &self.name)
+            .map_err(failed)?
+            .ok_or_else(|| failed(format!("no {} {}", self.kind.as_str(), self.name)))?;
+        let mut out = results.get().init_collection();
+        out.set_kind(self.kind.as_str());
+        out.set_display_name(if c.display_name.is_empty() {
+            &c.name
+        } else {
+            &c.display_name
+        });
+        out.set_color(&c.color);
+        out.set_description(&c.description);
+        out.set_writable(self.writable);
+        out.set_sync_token(c.sync_token());
+        let mut comps = out.init_components(c.components.len() as u32);
+        for (i, comp) in c.components.iter().enumerate() {
+            comps.set(i as u32, comp);
+        }
+        Ok(())
+    }
+
+    async fn request(
+        self: capnp::capability::Rc<Self>,
+        params: dav_collection::RequestParams,
+        mut results: dav_collection::RequestResults,
+    ) -> Result<(), capnp::Error> {
+        let r = params.get()?.get_request()?;
+        let method = r.get_method()?.to_string()?;
+        let object = r.get_path()?.to_string()?;
+        let base = r.get_base()?.to_string()?;
+        if object.contains('/') || object == "." || object == ".." {
+            return Err(failed("a shared collection holds only objects"));
+        }
+        if !base.starts_with('/') || !base.ends_with('/') || base.len() > 1024 {
+            return Err(failed("the base must be an absolute collection path"));
+        }
+        let mut headers = Vec::new();
+        for h in r.get_headers()?.iter() {
+            headers.push((
+                h.get_name()?.to_string()?.to_ascii_lowercase(),
+                h.get_value()?.to_string()?,
+            ));
+        }
+        let req = Request {
+            method,
+            path: format!("{base}{}", crate::paths::encode(&object)),
+            headers,
+            body: r.get_body()?.to_vec(),
+        };
+        let scope = Scope {
+            viewer: Viewer {
+                user: &self.holder.owner,
+                domain: "",
+            },
+            base: &base,
+            writable: self.writable,
+            shared: true,
+        };
+        let object = (!object.is_empty()).then_some(object.as_str());
+        let response = self
+            .dav
+            .on_collection(self.kind, &self.name, object, &scope, req)
+            .await;
+        let mut out = results.get().init_response();
+        out.set_status(response.status);
+        out.set_body(&response.body);
+        let mut hs = out.init_headers(response.headers.len() as u32);
+        for (i, (n, v)) in response.headers.iter().enumerate() {
+            let mut h = hs.reborrow().get(i as u32);
+            h.set_name(n);
+            h.set_value(v);
+        }
+        Ok(())
+    }
+}
+
+/// A collection someone shared with this grain's owner.
+#[derive(Debug, Clone)]
+pub struct SharedRoute {
+    pub owner: String,
+    pub name: String,
+    pub kind: Kind,
+    pub writable: bool,
+    pub descriptor: String,
+    pub provider: String,
+}
+
+/// The holder's side: which collections are shared with the owner, and
+/// the capabilities to reach them (kept while they work).
+pub struct Shares {
+    host: Host,
+    caps: RefCell<HashMap<String, dav_collection::Client>>,
+}
+
+/// Request headers a shared collection needs.
+const FORWARDED: &[&str] = &[
+    "depth",
+    "if-match",
+    "if-none-match",
+    "content-type",
+    "prefer",
+    "brief",
+];
+
+impl Shares {
+    pub fn new(host: Host) -> Shares {
+        Shares {
+            host,
+            caps: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The collections of `kind` shared with the owner now (the write
+    /// grant wins over a read one of the same collection).
+    pub async fn list(&self, kind: Kind) -> Vec<SharedRoute> {
+        let routes = match self.host.grants().await {
+            Ok(r) => r,
+            Err(e) => {
+                granary_sdk::log::warn(&format!("cannot list grants: {e}"));
+                return Vec::new();
+            }
+        };
+        let mut out: Vec<SharedRoute> = Vec::new();
+        for r in routes {
+            if r.provider.kind != "dav" {
+                continue;
+            }
+            let Some((k, name, writable)) = parse_descriptor(&r.descriptor) else {
+                continue;
+            };
+            if k != kind || name.contains('~') || r.provider.owner.contains('~') {
+                continue;
+            }
+            let route = SharedRoute {
+                owner: r.provider.owner.clone(),
+                name,
+                kind: k,
+                writable,
+                descriptor: r.descriptor.clone(),
+                provider: r.provider.id.clone(),
+            };
+            match out
+                .iter_mut()
+                .find(|s| s.owner == route.owner && s.name == route.name)
+            {
+                Some(s) if route.writable && !s.writable => *s = route,
+                Some(_) => {}
+                None => out.push(route),
+            }
+        }
+        out
+    }
+
+    async fn cap(&self, route: &SharedRoute) -> Result<dav_collection::Client, capnp::Error> {
+        let key = format!("{}\n{}", route.provider, route.descriptor);
+        if let Some(c) = self.caps.borrow().get(&key) {
+            return Ok(c.clone());
+        }
+        let cap = self
+            .host
+            .request_from(&route.descriptor, &route.provider)
+            .await?;
+        let client: dav_collection::Client = capnp::capability::FromClientHook::new(cap.hook);
+        self.caps.borrow_mut().insert(key, client.clone());
+        Ok(client)
+    }
+
+    fn forget(&self, route: &SharedRoute) {
+        self.caps
+            .borrow_mut()
+            .remove(&format!("{}\n{}", route.provider, route.descriptor));
+    }
+
+    /// Forwards a request on a shared collection (`object` empty for the
+    /// collection itself); 404 when nothing is shared under that name.
+    pub async fn forward(
+        &self,
+        kind: Kind,
+        owner: &str,
+        name: &str,
+        object: &str,
+        base: &str,
+        req: &Request,
+    ) -> Response {
+        let routes = self.list(kind).await;
+        let Some(route) = routes.iter().find(|r| r.owner == owner && r.name == name) else {
+            return Response::text(404, format!("nothing is shared with you as {owner}~{name}"));
+        };
+        for attempt in 0..2 {
+            let cap = match self.cap(route).await {
+                Ok(c) => c,
+                Err(e) => return unreachable(route, e),
+            };
+            let mut call = cap.request_request();
+            {
+                let mut r = call.get().init_request();
+                r.set_method(&req.method);
+                r.set_path(object);
+                r.set_base(base);
+                r.set_body(&req.body);
+                let headers: Vec<_> = req
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| FORWARDED.contains(&n.as_str()))
+                    .collect();
+                let mut hs = r.init_headers(headers.len() as u32);
+                for (i, (n, v)) in headers.iter().enumerate() {
+                    let mut h = hs.reborrow().get(i as u32);
+                    h.set_name(n);
+                    h.set_value(v);
+                }
+            }
+            match call.send().promise.await {
+                Ok(answer) => return response_of(answer).unwrap_or_else(|e| unreachable(route, e)),
+                Err(e) if attempt == 0 => {
+                    // A stale capability (the provider restarted, the grant
+                    // was revoked and made again): ask once more.
+                    granary_sdk::log::info(&format!("shared {owner}~{name}: {e}; asking again"));
+                    self.forget(route);
+                }
+                Err(e) => {
+                    self.forget(route);
+                    return unreachable(route, e);
+                }
+            }
+        }
+        Response::text(502, "unreachable")
+    }
+}
+
+fn unreachable(route: &SharedRoute, e: capnp::Error) -> Response {
+    let text = granary_sdk::message(&e).to_owned();
+    if text.contains("revoked") || text.contains("no grant") {
+        return Response::text(
+            404,
+            format!(
+                "{}~{} is no longer shared with you",
+                route.owner, route.name
+            ),
+        );
+    }
+    granary_sdk::log::warn(&format!(
+        "shared {}~{} unreachable: {text}",
+        route.owner, route.name
+    ));
+    Response::text(
+        502,
+        format!("{}'s calendars cannot be reached now", route.owner),
+    )
+}
+
+fn response_of(
+    answer: capnp::capability::Response<dav_collection::request_results::Owned>,
+) -> Result<Response, capnp::Error> {
+    let r = answer.get()?.get_response()?;
+    let mut out = Response::new(r.get_status());
+    for h in r.get_headers()?.iter() {
+        let name = h.get_name()?.to_string()?.to_ascii_lowercase();
+        // Only what a DAV answer carries; nothing that could set cookies
+        // or redirect the holder's client elsewhere.
+        if matches!(
+            name.as_str(),
+            "content-type" | "etag" | "content-length" | "dav" | "allow"
+        ) {
+            out.headers.push((name, h.get_value()?.to_string()?));
+        }
+    }
+    out.body = r.get_body()?.to_vec();
+    Ok(out)
+}
+
+/// The `<D:response>` elements of a provider's multistatus whose hrefs lie
+/// under `base`, re-serialised by our own writer (a provider's answer is
+/// not trusted to be well-formed or to stay inside its collection).
+pub fn responses_under(body: &[u8], base: &str) -> String {
+    let Ok(root) = crate::xml::parse(body) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    for r in root.children_named(crate::xml::DAV, "response") {
+        let inside = r
+            .child(crate::xml::DAV, "href")
+            .is_some_and(|h| h.text.starts_with(base));
+        if inside {
+            out.push_str(&r.to_xml());
+        }
+    }
+    out
+}

@@ -1,0 +1,136 @@
+//! Calendars and contacts under test: a daemon with the DAV app, users
+//! with `dav` app passwords, and the real clients (Python `caldav`,
+//! `vdirsyncer`, `curl`, `litmus`) pointed at `dav.<DOMAIN>`, with names
+//! resolved per client (a `sitecustomize` on the clients' `PYTHONPATH`,
+//! curl's `--resolve`), never through /etc/hosts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{Daemon, DaemonMode};
+
+/// The domain every DAV test serves.
+pub const DOMAIN: &str = "example.test";
+
+/// Resolves `DOMAIN` and its subdomains to loopback inside any Python
+/// process that has this directory on its `PYTHONPATH`.
+const SITECUSTOMIZE: &str = r#"
+import socket
+_getaddrinfo = socket.getaddrinfo
+def _granary_test_getaddrinfo(host, *args, **kwargs):
+    if isinstance(host, bytes):
+        host = host.decode()
+    if isinstance(host, str) and (host == "example.test" or host.endswith(".example.test")):
+        host = "127.0.0.1"
+    return _getaddrinfo(host, *args, **kwargs)
+socket.getaddrinfo = _granary_test_getaddrinfo
+"#;
+
+pub struct DavHost {
+    pub daemon: Daemon,
+    pub dir: tempfile::TempDir,
+    pub passwords: HashMap<String, String>,
+}
+
+impl DavHost {
+    /// A daemon serving `DOMAIN` with the DAV app and `users`, each with a
+    /// `dav` app password; `extra` is appended to the config.
+    pub fn start(users: &[&str], extra: &str) -> DavHost {
+        let daemon = Daemon::start_with(
+            DaemonMode::Serve,
+            &format!("domain = \"{DOMAIN}\"\n{extra}"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = crate::dav_package(dir.path());
+        daemon
+            .granary(&["app", "install", pkg.to_str().unwrap()])
+            .success();
+        let mut passwords = HashMap::new();
+        for u in users {
+            daemon.granary(&["user", "add", u]).success();
+            passwords.insert(u.to_string(), crate::app_password(&daemon, u, "dav"));
+        }
+        let site = dir.path().join("site");
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::write(site.join("sitecustomize.py"), SITECUSTOMIZE).unwrap();
+        DavHost {
+            daemon,
+            dir,
+            passwords,
+        }
+    }
+
+    pub fn password(&self, user: &str) -> &str {
+        &self.passwords[user]
+    }
+
+    pub fn port(&self) -> u16 {
+        self.daemon.https_addr().port()
+    }
+
+    /// `https://dav.<DOMAIN>:<port>/`.
+    pub fn url(&self) -> String {
+        format!("https://dav.{DOMAIN}:{}/", self.port())
+    }
+
+    /// The environment a Python client gets: names resolved, the local CA
+    /// trusted, and the server, user and password.
+    pub fn client_env(&self, user: &str) -> Vec<(&'static str, String)> {
+        let ca = self.daemon.ca_file().display().to_string();
+        vec![
+            (
+                "PYTHONPATH",
+                self.dir.path().join("site").display().to_string(),
+            ),
+            ("DAV_URL", self.url()),
+            ("DAV_USER", user.to_owned()),
+            ("DAV_PASSWORD", self.password(user).to_owned()),
+            ("DAV_CA", ca.clone()),
+            ("SSL_CERT_FILE", ca.clone()),
+            ("REQUESTS_CA_BUNDLE", ca),
+        ]
+    }
+
+    /// Runs a Python script as `user`'s client with `env` added; (success,
+    /// output).
+    pub fn python(&self, user: &str, script: &str, env: &[(&str, String)]) -> (bool, String) {
+        let mut all = self.client_env(user);
+        all.extend(env.iter().cloned());
+        crate::mail::run_python(script, &all)
+    }
+
+    /// `curl` against the gateway with names resolved to it; (status line
+    /// and headers, body).
+    pub fn curl(&self, args: &[&str]) -> (String, String) {
+        let port = self.port();
+        let out = Command::new("curl")
+            .args(["-sS", "-D", "-", "--cacert"])
+            .arg(self.daemon.ca_file())
+            .args([
+                "--resolve",
+                &format!("{DOMAIN}:{port}:127.0.0.1"),
+                "--resolve",
+                &format!("dav.{DOMAIN}:{port}:127.0.0.1"),
+            ])
+            .args(args)
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        match text.split_once("\r\n\r\n") {
+            Some((h, b)) => (h.to_owned(), b.to_owned()),
+            None => (text, String::new()),
+        }
+    }
+
+    /// Where a test may keep client state.
+    pub fn path(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    pub fn site_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}

@@ -1,0 +1,147 @@
+//! Calendars and contacts end to end: the real daemon and gateway (TLS,
+//! HTTP Basic with `dav` app passwords), the DAV grain started on demand
+//! in its jail, and real clients: Python `caldav`, `curl`.
+
+use granary_testkit::dav::{DOMAIN, DavHost};
+
+fn host(users: &[&str]) -> DavHost {
+    DavHost::start(users, "[grains]\nidle_timeout = \"30s\"\n")
+}
+
+#[test]
+fn well_known_urls_redirect_to_the_dav_host() {
+    let h = host(&["alice"]);
+    let port = h.port();
+    for path in ["/.well-known/caldav", "/.well-known/carddav"] {
+        let (head, _) = h.curl(&[&format!("https://{DOMAIN}:{port}{path}")]);
+        assert!(
+            head.starts_with("HTTP/2 301") || head.starts_with("HTTP/1.1 301"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("location: https://dav.{DOMAIN}:{port}/")),
+            "{head}"
+        );
+    }
+    // Without credentials: 401 with a Basic challenge; with the wrong
+    // kind of password: refused too.
+    let (head, _) = h.curl(&["-X", "PROPFIND", "-H", "Depth: 0", &h.url()]);
+    assert!(head.contains(" 401"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: basic"),
+        "{head}"
+    );
+    let git = granary_testkit::app_password(&h.daemon, "alice", "git");
+    let (head, _) = h.curl(&[
+        "-u",
+        &format!("alice:{git}"),
+        "-X",
+        "PROPFIND",
+        "-H",
+        "Depth: 0",
+        &h.url(),
+    ]);
+    assert!(head.contains(" 401") || head.contains(" 403"), "{head}");
+    // With a dav password, the root names the principal.
+    let (head, body) = h.curl(&[
+        "-u",
+        &format!("alice:{}", h.password("alice")),
+        "-X",
+        "PROPFIND",
+        "-H",
+        "Depth: 0",
+        "--data",
+        r#"<propfind xmlns="DAV:"><prop><current-user-principal/></prop></propfind>"#,
+        &h.url(),
+    ]);
+    assert!(head.contains(" 207"), "{head}\n{body}");
+    assert!(
+        body.contains("<D:href>/principals/alice/</D:href>"),
+        "{body}"
+    );
+}
+
+const CALDAV_CLIENT: &str = r#"
+import os, datetime, caldav
+from caldav.lib.error import DAVError
+client = caldav.DAVClient(os.environ["DAV_URL"], username=os.environ["DAV_USER"],
+    password=os.environ["DAV_PASSWORD"], ssl_verify_cert=os.environ["DAV_CA"])
+principal = client.principal()
+names = sorted(c.get_display_name() for c in principal.calendars())
+assert names == ["Calendar"], names
+
+work = principal.make_calendar(name="Work", cal_id="work")
+work.set_properties([caldav.elements.dav.DisplayName("Work stuff")])
+name = work.get_property(caldav.elements.dav.DisplayName(), use_cached=False)
+assert name == "Work stuff", name
+
+def ev(uid, start, summary, extra=""):
+    return ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:%s\r\n"
+            "DTSTAMP:20240101T000000Z\r\nDTSTART:%s\r\nDURATION:PT1H\r\nSUMMARY:%s\r\n%sEND:VEVENT\r\n"
+            "END:VCALENDAR\r\n") % (uid, start, summary, extra)
+
+work.save_event(ev("one", "20240110T100000Z", "Planning"))
+work.save_event(ev("two", "20240210T100000Z", "Review"))
+work.save_event(ev("weekly", "20240101T090000Z", "Standup", "RRULE:FREQ=WEEKLY;COUNT=20\r\nEXDATE:20240108T090000Z\r\n"))
+work.save_todo("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VTODO\r\nUID:todo1\r\nDTSTAMP:20240101T000000Z\r\nSUMMARY:Write report\r\nDUE:20240115T170000Z\r\nEND:VTODO\r\nEND:VCALENDAR\r\n")
+
+# A time range: January holds "one" and the standup, not "two".
+found = work.search(start=datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc),
+                    end=datetime.datetime(2024, 2, 1, tzinfo=datetime.timezone.utc), event=True)
+uids = sorted(str(e.icalendar_component["uid"]) for e in found)
+assert uids == ["one", "weekly"], uids
+
+# Expanded server-side: the standup's January instances, minus the EXDATE.
+found = work.search(start=datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc),
+                    end=datetime.datetime(2024, 2, 1, tzinfo=datetime.timezone.utc), event=True,
+                    expand=True, server_expand=True)
+starts = sorted(str(e.icalendar_component["dtstart"].dt) for e in found if str(e.icalendar_component["uid"]) == "weekly")
+assert len(starts) == 4, starts
+
+# Text match on SUMMARY: the library asks for i;octet (case matters).
+found = work.search(event=True, summary="Review")
+assert [str(e.icalendar_component["uid"]) for e in found] == ["two"], found
+assert work.search(event=True, summary="review") == []
+
+todos = work.todos()
+assert [str(t.icalendar_component["uid"]) for t in todos] == ["todo1"], todos
+
+# ETags: a stale If-Match loses with 412.
+obj = work.event_by_uid("one")
+etag = obj.props.get("{DAV:}getetag") if hasattr(obj, "props") else None
+r = client.request(str(obj.url), "PUT", ev("one", "20240110T110000Z", "Planning moved"),
+                   {"If-Match": '"stale"', "Content-Type": "text/calendar"})
+assert r.status == 412, r.status
+r = client.request(str(obj.url), "PUT", ev("one", "20240110T110000Z", "Planning moved"),
+                   {"If-None-Match": "*", "Content-Type": "text/calendar"})
+assert r.status == 412, r.status
+
+# A second object with the same UID: no-uid-conflict.
+try:
+    client.request(str(work.url) + "dupe.ics", "PUT", ev("one", "20240110T110000Z", "again"),
+                   {"Content-Type": "text/calendar"})
+    raise SystemExit("a second object with the same UID was accepted")
+except caldav.lib.error.AuthorizationError:
+    pass
+
+# Sync: a token, one change, only that change.
+objs = work.objects_by_sync_token()
+token = objs.sync_token
+assert len(list(objs)) == 4
+work.save_event(ev("three", "20240310T100000Z", "Retro"))
+later = work.objects_by_sync_token(sync_token=token, load_objects=True)
+assert [str(o.icalendar_component["uid"]) for o in later] == ["three"], later
+
+work.event_by_uid("two").delete()
+print("ok", token)
+"#;
+
+#[test]
+fn python_caldav_makes_calendars_events_and_todos_and_queries_them() {
+    let h = host(&["alice"]);
+    let (ok, out) = h.python("alice", CALDAV_CLIENT, &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok "), "{out}");
+}
