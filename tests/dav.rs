@@ -145,3 +145,121 @@ fn python_caldav_makes_calendars_events_and_todos_and_queries_them() {
     assert!(ok, "{out}");
     assert!(out.contains("ok "), "{out}");
 }
+
+const ALICE_MAKES_FAMILY: &str = r#"
+import os, caldav
+client = caldav.DAVClient(os.environ["DAV_URL"], username=os.environ["DAV_USER"],
+    password=os.environ["DAV_PASSWORD"], ssl_verify_cert=os.environ["DAV_CA"])
+p = client.principal()
+fam = p.make_calendar(name="Family", cal_id="family")
+fam.save_event("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:picnic\r\nDTSTAMP:20240101T000000Z\r\nDTSTART:20240601T120000Z\r\nDURATION:PT2H\r\nSUMMARY:Picnic\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+p.make_calendar(name="Private", cal_id="private").save_event("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:secret\r\nDTSTAMP:20240101T000000Z\r\nDTSTART:20240601T120000Z\r\nDURATION:PT2H\r\nSUMMARY:Secret\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+if os.environ.get("CHECK_UID"):
+    uids = sorted(str(e.icalendar_component["uid"]) for e in fam.events())
+    assert uids == os.environ["CHECK_UID"].split(","), uids
+print("ok")
+"#;
+
+const BOB_LOOKS: &str = r#"
+import os, caldav, niquests
+client = caldav.DAVClient(os.environ["DAV_URL"], username=os.environ["DAV_USER"],
+    password=os.environ["DAV_PASSWORD"], ssl_verify_cert=os.environ["DAV_CA"])
+class Raw:
+    def __init__(self):
+        self.s = niquests.Session()
+        self.s.auth = (os.environ["DAV_USER"], os.environ["DAV_PASSWORD"])
+        self.s.verify = os.environ["DAV_CA"]
+    def request(self, url, method, body="", headers=None):
+        r = self.s.request(method, url, data=body, headers=headers or {})
+        r.status = r.status_code
+        r.raw = r.text
+        return r
+raw = Raw()
+p = client.principal()
+cals = {c.url.path: c for c in p.calendars()}
+shared = "/calendars/bob/alice~family/"
+expect = os.environ["EXPECT"]
+if expect == "none":
+    assert shared not in cals, list(cals)
+    r = raw.request(os.environ["DAV_URL"] + "calendars/bob/alice~family/picnic.ics", "GET")
+    assert r.status == 404, r.status
+    print("ok")
+    raise SystemExit(0)
+assert shared in cals, list(cals)
+fam = cals[shared]
+assert fam.get_property(caldav.elements.dav.DisplayName(), use_cached=False) == "Family"
+uids = sorted(str(e.icalendar_component["uid"]) for e in fam.events())
+assert "picnic" in uids, uids
+token = fam.objects_by_sync_token().sync_token
+event = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:bobs\r\nDTSTAMP:20240101T000000Z\r\nDTSTART:20240602T120000Z\r\nDURATION:PT1H\r\nSUMMARY:Bob brings cake\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+r = raw.request(os.environ["DAV_URL"] + "calendars/bob/alice~family/bobs.ics", "PUT", event, {"Content-Type": "text/calendar"})
+if expect == "read":
+    assert r.status == 403 and "need-privileges" in r.raw, (r.status, r.raw)
+else:
+    assert r.status == 201, (r.status, r.raw)
+    later = fam.objects_by_sync_token(sync_token=token, load_objects=True)
+    assert [str(o.icalendar_component["uid"]) for o in later] == ["bobs"], later
+# Nothing else of Alice's is reachable, however it is named.
+for path in ["calendars/alice/family/", "calendars/alice/private/", "calendars/bob/alice~private/",
+             "calendars/bob/alice~family/../../alice/private/", "calendars/bob/alice~family/%2e%2e/",
+             "principals/alice/", "addressbooks/bob/alice~contacts/"]:
+    r = raw.request(os.environ["DAV_URL"] + path, "PROPFIND", "", {"Depth": "1"})
+    assert r.status in (400, 404), (path, r.status, r.raw[:300])
+    assert "Secret" not in r.raw and "secret" not in r.raw
+print("ok")
+"#;
+
+fn grant(h: &DavHost, cap: &str) -> String {
+    let g = h
+        .daemon
+        .granary(&[
+            "grant", "add", "--from", "bob/dav", "--to", "alice/dav", "--cap", cap, "--json",
+        ])
+        .success()
+        .json();
+    g["id"].as_i64().unwrap().to_string()
+}
+
+#[test]
+fn a_shared_calendar_is_seen_only_while_granted_and_written_only_with_write() {
+    let h = host(&["alice", "bob"]);
+    let (ok, out) = h.python("alice", ALICE_MAKES_FAMILY, &[]);
+    assert!(ok, "{out}");
+    let look = |expect: &str| {
+        let (ok, out) = h.python("bob", BOB_LOOKS, &[("EXPECT", expect.to_owned())]);
+        assert!(ok, "bob expecting {expect}: {out}");
+    };
+    look("none");
+
+    // A grant of anything the app does not share across users is refused.
+    let refused = h.daemon.granary(&[
+        "grant", "add", "--from", "bob/dav", "--to", "alice/dav", "--cap", "notify:x",
+    ]);
+    assert!(!refused.status.success());
+
+    let id = grant(&h, "dav.calendar.read:family");
+    look("read");
+    h.daemon.granary(&["grant", "revoke", &id]).success();
+    look("none");
+
+    let id = grant(&h, "dav.calendar.write:family");
+    look("write");
+    // Alice sees what Bob wrote into her calendar.
+    let mut check = h.python(
+        "alice",
+        r#"
+import os, caldav
+client = caldav.DAVClient(os.environ["DAV_URL"], username=os.environ["DAV_USER"],
+    password=os.environ["DAV_PASSWORD"], ssl_verify_cert=os.environ["DAV_CA"])
+fam = [c for c in client.principal().calendars() if c.url.path.endswith("/family/")][0]
+uids = sorted(str(e.icalendar_component["uid"]) for e in fam.events())
+assert uids == ["bobs", "picnic"], uids
+print("ok")
+"#,
+        &[],
+    );
+    assert!(check.0, "{}", check.1);
+    h.daemon.granary(&["grant", "revoke", &id]).success();
+    look("none");
+    check.1.clear();
+}
