@@ -213,7 +213,15 @@ fn grant(h: &DavHost, cap: &str) -> String {
     let g = h
         .daemon
         .granary(&[
-            "grant", "add", "--from", "bob/dav", "--to", "alice/dav", "--cap", cap, "--json",
+            "grant",
+            "add",
+            "--from",
+            "bob/dav",
+            "--to",
+            "alice/dav",
+            "--cap",
+            cap,
+            "--json",
         ])
         .success()
         .json();
@@ -233,7 +241,14 @@ fn a_shared_calendar_is_seen_only_while_granted_and_written_only_with_write() {
 
     // A grant of anything the app does not share across users is refused.
     let refused = h.daemon.granary(&[
-        "grant", "add", "--from", "bob/dav", "--to", "alice/dav", "--cap", "notify:x",
+        "grant",
+        "add",
+        "--from",
+        "bob/dav",
+        "--to",
+        "alice/dav",
+        "--cap",
+        "notify:x",
     ]);
     assert!(!refused.status.success());
 
@@ -262,4 +277,170 @@ print("ok")
     h.daemon.granary(&["grant", "revoke", &id]).success();
     look("none");
     check.1.clear();
+}
+
+fn vdirsyncer(h: &DavHost, config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let mut cmd =
+        std::process::Command::new(granary_testkit::mail::python().with_file_name("vdirsyncer"));
+    cmd.args(["-c", config.to_str().unwrap()]).args(args);
+    for (k, v) in h.client_env("alice") {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .expect("vdirsyncer (in .venv; ./run-tests installs it)");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+const COUNT_AND_CHANGE: &str = r#"
+import os, niquests, re
+s = niquests.Session()
+s.auth = (os.environ["DAV_USER"], os.environ["DAV_PASSWORD"])
+s.verify = os.environ["DAV_CA"]
+base = os.environ["DAV_URL"]
+for coll, ext, want in [("calendars/alice/calendar/", "ics", "EXPECT_CAL"), ("addressbooks/alice/contacts/", "vcf", "EXPECT_CARD")]:
+    r = s.request("PROPFIND", base + coll, headers={"Depth": "1"},
+                  data='<propfind xmlns="DAV:"><prop><getetag/></prop></propfind>')
+    assert r.status_code == 207, r.status_code
+    n = len(re.findall(r"<D:href>[^<]*\." + ext + "</D:href>", r.text))
+    assert n == int(os.environ[want]), (coll, n)
+if os.environ.get("CHANGE"):
+    # On the server: five new events, and one changed (the conflict).
+    for i in range(5):
+        body = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//srv//EN\r\nBEGIN:VEVENT\r\nUID:server-%d\r\n"
+                "DTSTAMP:20240101T000000Z\r\nDTSTART:20240301T100000Z\r\nDURATION:PT1H\r\nSUMMARY:server %d\r\n"
+                "END:VEVENT\r\nEND:VCALENDAR\r\n") % (i, i)
+        r = s.put(base + "calendars/alice/calendar/server-%d.ics" % i, data=body,
+                  headers={"Content-Type": "text/calendar", "If-None-Match": "*"})
+        assert r.status_code == 201, r.status_code
+    href = base + "calendars/alice/calendar/event-7.ics"
+    r = s.get(href)
+    assert r.status_code == 200, (href, r.status_code)
+    body = r.text.replace("SUMMARY:event 7", "SUMMARY:changed on the server")
+    r = s.put(href, data=body, headers={"Content-Type": "text/calendar", "If-Match": r.headers["etag"]})
+    assert r.status_code == 204, r.status_code
+if os.environ.get("SUMMARY"):
+    r = s.get(base + "calendars/alice/calendar/event-7.ics")
+    assert ("SUMMARY:" + os.environ["SUMMARY"]) in r.text, r.text
+print("ok")
+"#;
+
+#[test]
+fn vdirsyncer_syncs_1000_events_and_1000_contacts_both_ways_with_a_conflict() {
+    let h = host(&["alice"]);
+    let cal = h.path("cal");
+    let card = h.path("card");
+    let status = h.path("status");
+    for i in 0..1000 {
+        std::fs::write(
+            cal.join(format!("event-{i}.ics")),
+            format!(
+                "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//local//EN\r\nBEGIN:VEVENT\r\nUID:event-{i}\r\n\
+                 DTSTAMP:20240101T000000Z\r\nDTSTART:2024{:02}{:02}T100000Z\r\nDURATION:PT1H\r\n\
+                 SUMMARY:event {i}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n",
+                i % 12 + 1,
+                i % 28 + 1
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            card.join(format!("contact-{i}.vcf")),
+            format!(
+                "BEGIN:VCARD\r\nVERSION:3.0\r\nUID:contact-{i}\r\nFN:Person {i}\r\nN:{i};Person;;;\r\n\
+                 EMAIL;TYPE=INTERNET:person{i}@example.org\r\nEND:VCARD\r\n"
+            ),
+        )
+        .unwrap();
+    }
+    let config = h.dir.path().join("vdirsyncer.conf");
+    let ca = h.daemon.ca_file();
+    let url = h.url();
+    let password = h.password("alice");
+    let write_config = |resolution: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[general]\nstatus_path = \"{status}/\"\n\n\
+                 [pair cal]\na = \"cal_local\"\nb = \"cal_remote\"\ncollections = null\n{resolution}\n\
+                 [storage cal_local]\ntype = \"filesystem\"\npath = \"{cal}/\"\nfileext = \".ics\"\n\n\
+                 [storage cal_remote]\ntype = \"caldav\"\nurl = \"{url}calendars/alice/calendar/\"\n\
+                 username = \"alice\"\npassword = \"{password}\"\nverify = \"{ca}\"\n\n\
+                 [pair card]\na = \"card_local\"\nb = \"card_remote\"\ncollections = null\n{resolution}\n\
+                 [storage card_local]\ntype = \"filesystem\"\npath = \"{card}/\"\nfileext = \".vcf\"\n\n\
+                 [storage card_remote]\ntype = \"carddav\"\nurl = \"{url}addressbooks/alice/contacts/\"\n\
+                 username = \"alice\"\npassword = \"{password}\"\nverify = \"{ca}\"\n",
+                status = status.display(),
+                cal = cal.display(),
+                card = card.display(),
+                ca = ca.display(),
+            ),
+        )
+        .unwrap();
+    };
+    write_config("");
+    let (ok, out) = vdirsyncer(&h, &config, &["discover"]);
+    assert!(ok, "{out}");
+    let (ok, out) = vdirsyncer(&h, &config, &["sync"]);
+    assert!(ok, "{out}");
+    let (ok, out) = h.python(
+        "alice",
+        COUNT_AND_CHANGE,
+        &[
+            ("EXPECT_CAL", "1000".into()),
+            ("EXPECT_CARD", "1000".into()),
+            ("CHANGE", "1".into()),
+        ],
+    );
+    assert!(ok, "{out}");
+
+    // The same event changed locally too: a conflict, which vdirsyncer
+    // reports without losing either side...
+    let local7 = cal.join("event-7.ics");
+    let text = std::fs::read_to_string(&local7).unwrap();
+    std::fs::write(
+        &local7,
+        text.replace("SUMMARY:event 7", "SUMMARY:changed locally"),
+    )
+    .unwrap();
+    let (ok, out) = vdirsyncer(&h, &config, &["sync"]);
+    assert!(!ok && out.to_lowercase().contains("conflict"), "{out}");
+    // ...and resolves as told.
+    write_config("conflict_resolution = \"a wins\"\n");
+    let (ok, out) = vdirsyncer(&h, &config, &["sync"]);
+    assert!(ok, "{out}");
+    // Everything on both sides: 1005 events (five made on the server),
+    // 1000 cards, and the local side of the conflict on the server.
+    let (ok, out) = h.python(
+        "alice",
+        COUNT_AND_CHANGE,
+        &[
+            ("EXPECT_CAL", "1005".into()),
+            ("EXPECT_CARD", "1000".into()),
+            ("SUMMARY", "changed locally".into()),
+        ],
+    );
+    assert!(ok, "{out}");
+    let local: Vec<String> = std::fs::read_dir(&cal)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(local.len(), 1005);
+    for i in 0..5 {
+        let uid = format!("UID:server-{i}");
+        assert!(local.iter().any(|t| t.lines().any(|l| l.trim_end() == uid)));
+    }
+    // A second sync has nothing to do.
+    let (ok, out) = vdirsyncer(&h, &config, &["sync"]);
+    assert!(ok, "{out}");
+    assert!(
+        !out.contains("Copying") && !out.contains("Updating"),
+        "{out}"
+    );
 }
