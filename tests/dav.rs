@@ -444,3 +444,86 @@ fn vdirsyncer_syncs_1000_events_and_1000_contacts_both_ways_with_a_conflict() {
         "{out}"
     );
 }
+
+const THREE_HUNDRED: &str = r#"
+import os, datetime, caldav, icalendar, recurring_ical_events
+UTC = datetime.timezone.utc
+client = caldav.DAVClient(os.environ["DAV_URL"], username=os.environ["DAV_USER"],
+    password=os.environ["DAV_PASSWORD"], ssl_verify_cert=os.environ["DAV_CA"])
+big = client.principal().make_calendar(name="Big", cal_id="big")
+TZ = ("BEGIN:VTIMEZONE\r\nTZID:Europe/Berlin\r\nBEGIN:STANDARD\r\nDTSTART:19701025T030000\r\n"
+      "TZOFFSETFROM:+0200\r\nTZOFFSETTO:+0100\r\nRRULE:FREQ=YEARLY;BYMONTH=10;BYDAY=-1SU\r\nEND:STANDARD\r\n"
+      "BEGIN:DAYLIGHT\r\nDTSTART:19700329T020000\r\nTZOFFSETFROM:+0100\r\nTZOFFSETTO:+0200\r\n"
+      "RRULE:FREQ=YEARLY;BYMONTH=3;BYDAY=-1SU\r\nEND:DAYLIGHT\r\nEND:VTIMEZONE\r\n")
+def wrap(body, tz=False):
+    return "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\n" + (TZ if tz else "") + body + "END:VCALENDAR\r\n"
+texts = []
+for i in range(299):
+    day = datetime.date(2024, 1, 1) + datetime.timedelta(days=(i * 37) % 366)
+    kind = i % 3
+    if kind == 0:
+        body = ("BEGIN:VEVENT\r\nUID:e%d\r\nDTSTAMP:20240101T000000Z\r\nDTSTART:%sT%02d0000Z\r\n"
+                "DTEND:%sT%02d3000Z\r\nSUMMARY:utc %d\r\nEND:VEVENT\r\n") % (i, day.strftime("%Y%m%d"), i % 23, day.strftime("%Y%m%d"), i % 23, i)
+        texts.append(wrap(body))
+    elif kind == 1:
+        body = ("BEGIN:VEVENT\r\nUID:e%d\r\nDTSTAMP:20240101T000000Z\r\nDTSTART;TZID=Europe/Berlin:%sT%02d1500\r\n"
+                "DURATION:PT45M\r\nSUMMARY:berlin %d\r\nEND:VEVENT\r\n") % (i, day.strftime("%Y%m%d"), i % 24, i)
+        texts.append(wrap(body, tz=True))
+    else:
+        body = ("BEGIN:VEVENT\r\nUID:e%d\r\nDTSTAMP:20240101T000000Z\r\nDTSTART;VALUE=DATE:%s\r\n"
+                "SUMMARY:all day %d\r\nEND:VEVENT\r\n") % (i, day.strftime("%Y%m%d"), i)
+        texts.append(wrap(body))
+# The weekly one: Berlin time across the DST change, one week excluded,
+# one moved to the next day, one moved into the range from outside it.
+weekly = ("BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nDTSTART;TZID=Europe/Berlin:20240105T100000\r\n"
+          "DTEND;TZID=Europe/Berlin:20240105T110000\r\nRRULE:FREQ=WEEKLY;UNTIL=20241231T000000Z\r\n"
+          "EXDATE;TZID=Europe/Berlin:20240315T100000\r\nSUMMARY:weekly\r\nEND:VEVENT\r\n"
+          "BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nRECURRENCE-ID;TZID=Europe/Berlin:20240322T100000\r\n"
+          "DTSTART;TZID=Europe/Berlin:20240323T150000\r\nDTEND;TZID=Europe/Berlin:20240323T160000\r\n"
+          "SUMMARY:weekly moved\r\nEND:VEVENT\r\n"
+          "BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nRECURRENCE-ID;TZID=Europe/Berlin:20240607T100000\r\n"
+          "DTSTART;TZID=Europe/Berlin:20240402T070000\r\nDTEND;TZID=Europe/Berlin:20240402T080000\r\n"
+          "SUMMARY:weekly pulled in\r\nEND:VEVENT\r\n")
+texts.append(wrap(weekly, tz=True))
+assert len(texts) == 300
+for t in texts:
+    big.save_event(t)
+
+start = datetime.datetime(2024, 3, 1, 12, tzinfo=UTC)
+end = datetime.datetime(2024, 4, 15, 12, tzinfo=UTC)
+
+def instant(v):
+    if isinstance(v, datetime.datetime):
+        return int(v.astimezone(UTC).timestamp()) if v.tzinfo else int(v.replace(tzinfo=UTC).timestamp())
+    return int(datetime.datetime(v.year, v.month, v.day, tzinfo=UTC).timestamp())
+
+# The independent expansion.
+expected = set()
+for t in texts:
+    cal = icalendar.Calendar.from_ical(t)
+    for ev in recurring_ical_events.of(cal).between(start, end):
+        expected.add((str(ev["UID"]), instant(ev["DTSTART"].dt)))
+assert len(expected) > 30, len(expected)
+
+# Our answer, expanded by the server.
+found = big.search(start=start, end=end, event=True, expand=True, server_expand=True)
+got = set()
+for obj in found:
+    for ev in icalendar.Calendar.from_ical(obj.data).walk("VEVENT"):
+        got.add((str(ev["UID"]), instant(ev["DTSTART"].dt)))
+assert got == expected, ("missing", sorted(expected - got), "extra", sorted(got - expected))
+
+# Without expansion: exactly the objects with an instance in range.
+found = big.search(start=start, end=end, event=True, expand=False)
+uids = {str(o.icalendar_component["uid"]) for o in found}
+assert uids == {u for u, _ in expected}, (sorted(uids ^ {u for u, _ in expected}))
+print("ok", len(expected))
+"#;
+
+#[test]
+fn a_time_range_over_300_events_returns_exactly_the_instances_an_independent_expansion_finds() {
+    let h = host(&["alice"]);
+    let (ok, out) = h.python("alice", THREE_HUNDRED, &[]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with("ok "), "{out}");
+}
