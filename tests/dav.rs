@@ -527,3 +527,145 @@ fn a_time_range_over_300_events_returns_exactly_the_instances_an_independent_exp
     assert!(ok, "{out}");
     assert!(out.starts_with("ok "), "{out}");
 }
+
+#[test]
+fn bad_input_is_refused_with_the_right_answer_and_loses_nothing() {
+    let h = host(&["alice"]);
+    let auth = format!("alice:{}", h.password("alice"));
+    let url = h.url();
+    let cal = format!("{url}calendars/alice/calendar/");
+    let put = |path: &str, file: &std::path::Path, ct: &str| {
+        h.curl(&[
+            "-u",
+            &auth,
+            "-X",
+            "PUT",
+            "-H",
+            &format!("Content-Type: {ct}"),
+            "--data-binary",
+            &format!("@{}", file.display()),
+            path,
+        ])
+    };
+    let file = |name: &str, data: &[u8]| {
+        let p = h.dir.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+
+    // A good event first; everything below must leave it as it is.
+    let good = file(
+        "good.ics",
+        b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:good\r\nDTSTAMP:20240101T000000Z\r\nDTSTART:20240101T100000Z\r\nSUMMARY:good\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n",
+    );
+    let (head, _) = put(&format!("{cal}good.ics"), &good, "text/calendar");
+    assert!(head.contains(" 201"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("etag: \""), "{head}");
+
+    // 10 MB: refused before it is read.
+    let mut huge = b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:huge\r\nDTSTART:20240101T100000Z\r\n".to_vec();
+    while huge.len() < 10 << 20 {
+        huge.extend_from_slice(
+            b"DESCRIPTION:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+        );
+    }
+    huge.extend_from_slice(b"END:VEVENT\r\nEND:VCALENDAR\r\n");
+    let (head, body) = put(
+        &format!("{cal}huge.ics"),
+        &file("huge.ics", &huge),
+        "text/calendar",
+    );
+    assert!(head.contains(" 413"), "{head}");
+    assert!(body.contains("max-resource-size"), "{body}");
+
+    // Malformed iCalendar and vCard.
+    for (name, data, pre) in [
+        ("m1.ics", &b"BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\nUID:x\r\n"[..], "valid-calendar-data"),
+        ("m2.ics", b"this is not a calendar", "valid-calendar-data"),
+        ("m3.ics", b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nBEGIN:VEVENT\r\nDTSTART:20240101T100000Z\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n", "valid-calendar-object-resource"),
+        ("m4.ics", b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nBEGIN:VEVENT\r\nUID:a\r\nEND:VTODO\r\nEND:VCALENDAR\r\n", "valid-calendar-data"),
+        ("m5.ics", b"\xff\xfe\x00garbage", "valid-calendar-data"),
+    ] {
+        let (head, body) = put(&format!("{cal}{name}"), &file(name, data), "text/calendar");
+        assert!(head.contains(" 403"), "{name}: {head}");
+        assert!(body.contains(pre), "{name}: {body}");
+    }
+    let card = format!("{url}addressbooks/alice/contacts/");
+    for (name, data) in [
+        ("c1.vcf", &b"BEGIN:VCARD\r\nVERSION:4.0\r\nFN:x\r\n"[..]),
+        (
+            "c2.vcf",
+            b"BEGIN:VCARD\r\nVERSION:4.0\r\nFN:no uid\r\nEND:VCARD\r\n",
+        ),
+        ("c3.vcf", b"BEGIN:VCARD\r\nEND:VCALENDAR\r\n"),
+    ] {
+        let (head, body) = put(&format!("{card}{name}"), &file(name, data), "text/vcard");
+        assert!(head.contains(" 403"), "{name}: {head}");
+        assert!(body.contains("valid-address-data"), "{name}: {body}");
+    }
+
+    // XML: an entity bomb, deep nesting, a body over the limit.
+    let propfind = |body: &[u8], depth: &str| {
+        let f = file("body.xml", body);
+        h.curl(&[
+            "-u",
+            &auth,
+            "-X",
+            "PROPFIND",
+            "-H",
+            &format!("Depth: {depth}"),
+            "--data-binary",
+            &format!("@{}", f.display()),
+            &cal,
+        ])
+    };
+    let bomb = br#"<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;"><!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;"><!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]><propfind xmlns="DAV:"><prop><displayname>&lol3;</displayname></prop></propfind>"#;
+    let (head, body) = propfind(bomb, "0");
+    assert!(head.contains(" 400"), "{head}");
+    assert!(body.contains("document type"), "{body}");
+    let deep = format!(
+        "<propfind xmlns=\"DAV:\">{}{}</propfind>",
+        "<prop>".repeat(10_000),
+        "</prop>".repeat(10_000)
+    );
+    let (head, body) = propfind(deep.as_bytes(), "0");
+    assert!(head.contains(" 400"), "{head}");
+    assert!(body.contains("nested"), "{body}");
+    let big = format!(
+        "<propfind xmlns=\"DAV:\"><prop>{}</prop></propfind>",
+        "<displayname/>".repeat(200_000)
+    );
+    let (head, _) = propfind(big.as_bytes(), "0");
+    assert!(head.contains(" 413"), "{head}");
+
+    // Depth: infinity, stated or by omission.
+    let (head, body) = propfind(b"", "infinity");
+    assert!(
+        head.contains(" 403") && body.contains("propfind-finite-depth"),
+        "{head}{body}"
+    );
+
+    // Traversal, plain and encoded.
+    for path in [
+        "calendars/alice/../../etc/passwd",
+        "calendars/alice/calendar/..%2f..%2fcontacts",
+        "calendars/alice/%2e%2e/%2e%2e/",
+        "calendars/alice/calendar/%2e%2e%2fgood.ics",
+        "calendars/bob/calendar/",
+    ] {
+        let (head, body) = h.curl(&["--path-as-is", "-u", &auth, &format!("{url}{path}")]);
+        assert!(
+            head.contains(" 400") || head.contains(" 404"),
+            "{path}: {head}"
+        );
+        assert!(!body.contains("root:"), "{path}");
+    }
+
+    // The good event is as it was, and the grain still answers.
+    let (head, body) = h.curl(&["-u", &auth, &format!("{cal}good.ics")]);
+    assert!(head.contains(" 200"), "{head}");
+    assert!(body.contains("SUMMARY:good"), "{body}");
+    let (head, body) = propfind(b"", "1");
+    assert!(head.contains(" 207"), "{head}");
+    assert_eq!(body.matches("<D:response>").count(), 2, "{body}");
+}

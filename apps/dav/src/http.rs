@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
@@ -88,12 +88,24 @@ impl Server {
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         if declared.is_some_and(|n| n > limit) {
+            drain(req.into_body()).await;
             return to_hyper(too_large(&path, limit));
         }
-        let body = match Limited::new(req.into_body(), limit).collect().await {
-            Ok(b) => b.to_bytes().to_vec(),
-            Err(_) => return to_hyper(too_large(&path, limit)),
-        };
+        let mut body = req.into_body();
+        let mut bytes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return to_hyper(Response::text(400, "the request body ended early"));
+            };
+            if let Ok(data) = frame.into_data() {
+                if bytes.len() + data.len() > limit {
+                    drain(body).await;
+                    return to_hyper(too_large(&path, limit));
+                }
+                bytes.extend_from_slice(&data);
+            }
+        }
+        let body = bytes;
         let request = Request {
             method,
             path,
@@ -192,14 +204,34 @@ fn splice(body: &mut Vec<u8>, extra: &str) {
     }
 }
 
+/// Reads and drops the rest of a refused body (up to [`DRAIN_LIMIT`] bytes
+/// and [`DRAIN_TIME`]), so the client reads the refusal instead of a
+/// reset stream.
+async fn drain(mut body: Incoming) {
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen += data.len();
+                if seen > DRAIN_LIMIT {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+const DRAIN_LIMIT: usize = 64 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn too_large(path: &str, limit: usize) -> Response {
     let ns = if path.starts_with("/addressbooks/") {
         crate::xml::CARDDAV
     } else {
         crate::xml::CALDAV
     };
-    let mut r = Response::precondition(413, ns, "max-resource-size", "");
-    r.headers.push(("connection".into(), "close".into()));
+    let r = Response::precondition(413, ns, "max-resource-size", "");
     granary_sdk::log::info(&format!("refused a body over {limit} bytes for {path}"));
     r
 }

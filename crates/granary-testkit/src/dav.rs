@@ -116,7 +116,10 @@ impl DavHost {
             .args(args)
             .output()
             .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.is_empty() {
+            text = format!("curl: {}", String::from_utf8_lossy(&out.stderr));
+        }
         match text.split_once("\r\n\r\n") {
             Some((h, b)) => (h.to_owned(), b.to_owned()),
             None => (text, String::new()),
