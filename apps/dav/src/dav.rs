@@ -199,12 +199,33 @@ impl Dav {
         let target = match paths::resolve(&req.path, &self.owner) {
             Ok(t) => t,
             Err(PathError::Invalid) => return Some(Response::text(400, "invalid path")),
+            // Making something under a parent that does not exist is a
+            // conflict (RFC 4918 §9.3.1, §9.7.1), not a 404.
+            Err(PathError::NotFound)
+                if matches!(req.method.as_str(), "MKCOL" | "MKCALENDAR" | "PUT") =>
+            {
+                return Some(Response::text(
+                    409,
+                    format!("no parent collection for {}", req.path),
+                ));
+            }
             Err(PathError::NotFound) => {
                 return Some(Response::text(404, format!("nothing at {}", req.path)));
             }
         };
         if req.method == "OPTIONS" {
             return Some(options());
+        }
+        let xml_body = req.header("content-type").is_none_or(|t| {
+            let t = t.to_ascii_lowercase();
+            t.starts_with("application/xml") || t.starts_with("text/xml")
+        });
+        if req.method == "MKCOL" && !xml_body && !req.body.is_empty() {
+            // RFC 4918 §9.3: a body we do not understand.
+            return Some(Response::text(
+                415,
+                "MKCOL takes an XML body (RFC 5689) or none",
+            ));
         }
         let viewer = self.viewer(domain);
         Some(match &target {
@@ -482,9 +503,15 @@ impl Dav {
             }
             ("DELETE", None) => Response::text(403, "a shared collection is deleted by its owner"),
             ("REPORT", _) => self.report(&c, scope, &req),
-            ("MKCOL" | "MKCALENDAR", _) => {
+            ("MKCOL" | "MKCALENDAR", None) => {
                 Response::text(405, "a collection of that name exists already")
             }
+            // RFC 4791 §4.2: no collection inside a calendar (nor, here,
+            // inside an address book).
+            ("MKCOL" | "MKCALENDAR", Some(_)) => Response::text(
+                403,
+                "calendars and address books hold objects, not collections",
+            ),
             ("PUT", None) => Response::text(405, "PUT an object into the collection instead"),
             ("MOVE" | "COPY", _) => Response::text(501, format!("{} is not supported", req.method)),
             (m, _) => {

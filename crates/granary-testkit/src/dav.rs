@@ -137,3 +137,71 @@ impl DavHost {
         self.dir.path()
     }
 }
+
+/// An HTTP CONNECT proxy on loopback that sends every tunnel to `target`
+/// whatever name the client asked for: how a client that resolves names
+/// itself (litmus) reaches `dav.<DOMAIN>` without /etc/hosts. Stops
+/// accepting when dropped.
+pub struct ConnectProxy {
+    pub addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ConnectProxy {
+    pub fn start(target: std::net::SocketAddr) -> ConnectProxy {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(client.try_clone().unwrap());
+                    let mut line = String::new();
+                    // The CONNECT line and headers, up to the blank line.
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" || line == "\n" {
+                            break;
+                        }
+                    }
+                    let Ok(upstream) = std::net::TcpStream::connect(target) else {
+                        return;
+                    };
+                    let mut client_w = client.try_clone().unwrap();
+                    if client_w
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let mut up_r = upstream.try_clone().unwrap();
+                    let mut up_w = upstream;
+                    let t = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut up_r, &mut client_w);
+                        let _ = client_w.shutdown(std::net::Shutdown::Write);
+                    });
+                    let _ = std::io::copy(&mut reader, &mut up_w);
+                    let _ = up_w.shutdown(std::net::Shutdown::Write);
+                    let _ = t.join();
+                });
+            }
+        });
+        ConnectProxy { addr, stop }
+    }
+}
+
+impl Drop for ConnectProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
