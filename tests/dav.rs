@@ -24,6 +24,19 @@ fn well_known_urls_redirect_to_the_dav_host() {
             "{head}"
         );
     }
+    // The DNS records clients discover the server by.
+    h.daemon
+        .granary(&["mail", "domain", "add", DOMAIN])
+        .success();
+    let dns = h.daemon.granary(&["mail", "dns", DOMAIN]).success().stdout;
+    for line in [
+        format!("_caldavs._tcp.{DOMAIN}.\t3600\tIN\tSRV\t0 1 {port} dav.{DOMAIN}."),
+        format!("_carddavs._tcp.{DOMAIN}.\t3600\tIN\tSRV\t0 1 {port} dav.{DOMAIN}."),
+        format!("_caldavs._tcp.{DOMAIN}.\t3600\tIN\tTXT\t\"path=/\""),
+    ] {
+        assert!(dns.contains(&line), "{line} not in:\n{dns}");
+    }
+
     // Without credentials: 401 with a Basic challenge; with the wrong
     // kind of password: refused too.
     let (head, _) = h.curl(&["-X", "PROPFIND", "-H", "Depth: 0", &h.url()]);

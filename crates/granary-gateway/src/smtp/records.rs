@@ -61,13 +61,16 @@ fn policy_id(policy: &str) -> String {
         .collect()
 }
 
-/// Every record `domain` needs for mail handled by `hostname`.
+/// Every record `domain` needs for mail handled by `hostname`, and, when
+/// `dav` names the calendars-and-contacts host and its HTTPS port, the
+/// records CalDAV and CardDAV clients discover it by (RFC 6764).
 pub fn records(
     domain: &str,
     hostname: &str,
     mta_sts_mode: &str,
     keys: &[KeyInfo],
     ports: MailPorts,
+    dav: Option<(&str, u16)>,
 ) -> Vec<DnsRecord> {
     let d = format!("{domain}.");
     let host = format!("{hostname}.");
@@ -160,6 +163,33 @@ pub fn records(
             purpose: format!("mail clients find the server for {what} (RFC 6186)"),
         });
     }
+    if let Some((host, port)) = dav {
+        for (service, what) in [
+            ("_caldavs._tcp", "calendar"),
+            ("_carddavs._tcp", "contacts"),
+        ] {
+            out.push(DnsRecord {
+                name: format!("{service}.{d}"),
+                kind: "SRV",
+                value: format!("0 1 {port} {host}."),
+                purpose: format!("{what} clients find the server (RFC 6764)"),
+            });
+            out.push(DnsRecord {
+                name: format!("{service}.{d}"),
+                kind: "TXT",
+                value: "path=/".to_owned(),
+                purpose: format!("{what} clients start at the root, which names their principal"),
+            });
+        }
+        for service in ["_caldav._tcp", "_carddav._tcp"] {
+            out.push(DnsRecord {
+                name: format!("{service}.{d}"),
+                kind: "SRV",
+                value: "0 0 0 .".to_owned(),
+                purpose: "no calendars or contacts without TLS (RFC 6764: target \".\")".to_owned(),
+            });
+        }
+    }
     out
 }
 
@@ -183,7 +213,14 @@ mod tests {
             imaps: Some(993),
             ..MailPorts::default()
         };
-        let r = records("example.org", "mail.example.org", "testing", &keys, ports);
+        let r = records(
+            "example.org",
+            "mail.example.org",
+            "testing",
+            &keys,
+            ports,
+            Some(("dav.example.org", 443)),
+        );
         let lines: Vec<String> = r.iter().map(DnsRecord::zone_line).collect();
         let text = lines.join("\n");
         assert!(
@@ -207,6 +244,18 @@ mod tests {
             )
         );
         assert!(text.contains("_submission._tcp.example.org.\t3600\tIN\tSRV\t0 0 0 ."));
+        assert!(
+            text.contains("_caldavs._tcp.example.org.\t3600\tIN\tSRV\t0 1 443 dav.example.org."),
+            "{text}"
+        );
+        assert!(
+            text.contains("_carddavs._tcp.example.org.\t3600\tIN\tTXT\t\"path=/\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("_caldav._tcp.example.org.\t3600\tIN\tSRV\t0 0 0 ."),
+            "{text}"
+        );
         assert!(text.contains("_smtp._tls.example.org."));
     }
 }

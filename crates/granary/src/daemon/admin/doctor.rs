@@ -92,6 +92,7 @@ pub(super) async fn dkim_published(
 
 pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
     let mut out = Vec::new();
+    let dav = super::mail::dav_endpoint(ctx).await?;
     let info = &ctx.info;
     let (store, dkim) = (ctx.store.clone(), ctx.dkim.clone());
     let domains = blocking(move || {
@@ -151,7 +152,14 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
     }
     out.extend(certificate_names(ctx, &domains).await);
     for (domain, keys) in &domains {
-        let expected = records(domain, &info.mail_hostname, &info.mta_sts_mode, keys, ports);
+        let expected = records(
+            domain,
+            &info.mail_hostname,
+            &info.mta_sts_mode,
+            keys,
+            ports,
+            dav.as_ref().map(|(h, p)| (h.as_str(), *p)),
+        );
         for record in &expected {
             out.push(check_record(&checker, domain, record).await);
         }
@@ -192,10 +200,13 @@ fn label(domain: &str, r: &DnsRecord) -> String {
 async fn check_record(checker: &Checker, domain: &str, r: &DnsRecord) -> Finding {
     let name = label(domain, r);
     let fix = format!("publish: {}", r.zone_line());
+    // Calendar and contacts clients also find the server through
+    // /.well-known/caldav: their records help, they are not required.
+    let optional = r.name.starts_with("_caldav") || r.name.starts_with("_carddav");
     let missing = |detail: String| Finding {
         area: "dns",
         name: name.clone(),
-        level: Level::Fail,
+        level: if optional { Level::Warn } else { Level::Fail },
         detail,
         fix: fix.clone(),
     };

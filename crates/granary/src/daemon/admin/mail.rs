@@ -13,6 +13,26 @@ use super::{ACTOR, Ctx, blocking, fail, grain_failure, state_failure, user_name}
 
 pub(super) struct Mail(pub(super) Rc<Ctx>);
 
+/// Where calendar and contacts clients reach the DAV grains: `dav.<domain>`
+/// on the HTTPS port, when the DAV app is installed and HTTPS listens.
+pub(super) async fn dav_endpoint(ctx: &Ctx) -> Result<Option<(String, u16)>, capnp::Error> {
+    let store = ctx.store.clone();
+    let installed = blocking(move || store.app("dav").map_err(state_failure))
+        .await?
+        .is_some();
+    let port = ctx
+        .info
+        .listeners
+        .iter()
+        .find(|(n, _)| n == "https")
+        .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.port());
+    Ok(match (installed, port) {
+        (true, Some(p)) => Some((format!("dav.{}", ctx.info.domain), p)),
+        _ => None,
+    })
+}
+
 fn domain(text: capnp::text::Reader<'_>) -> Result<MailDomain, capnp::Error> {
     MailDomain::parse(text.to_str()?).map_err(fail)
 }
@@ -405,6 +425,7 @@ impl mail::Server for Mail {
             dkim.list(&name).map_err(fail)
         })
         .await?;
+        let dav = dav_endpoint(&self.0).await?;
         let info = &self.0.info;
         let port = |listener: &str| {
             info.listeners
@@ -425,6 +446,7 @@ impl mail::Server for Mail {
             &info.mta_sts_mode,
             &keys,
             ports,
+            dav.as_ref().map(|(h, p)| (h.as_str(), *p)),
         );
         let mut list = results.get().init_records(records.len() as u32);
         for (i, r) in records.iter().enumerate() {
