@@ -179,6 +179,9 @@ fn href_in(href: &str, base: &str) -> Option<String> {
         .then(|| segs[base_segs.len()].clone())
 }
 
+/// Dead properties by object name.
+type DeadProps = std::collections::HashMap<String, Vec<(String, String)>>;
+
 /// The owner's side: everything a request path may name.
 pub struct Dav {
     pub store: Arc<Store>,
@@ -539,6 +542,7 @@ impl Dav {
             Ok(w) => w,
             Err(r) => return r,
         };
+        let dead = self.dead_of(c);
         let mut out = String::new();
         match object {
             Some(name) => {
@@ -548,7 +552,7 @@ impl Dav {
                     Err(e) => return server_error(e),
                 };
                 let href = format!("{}{}", scope.base, paths::encode(name));
-                out.push_str(&self.object_response(c, &o, &href, scope, &wanted));
+                out.push_str(&self.object_response(c, &o, &href, scope, &wanted, &dead));
             }
             None => {
                 let r = Resource::Collection {
@@ -556,7 +560,7 @@ impl Dav {
                     writable: scope.writable,
                     shared: scope.shared,
                 };
-                let dead = self
+                let own = self
                     .store
                     .dead_props(&dead_path(c, None))
                     .unwrap_or_default();
@@ -565,7 +569,7 @@ impl Dav {
                     &r,
                     &scope.viewer,
                     &wanted,
-                    &dead,
+                    &own,
                 ));
                 if depth == 1 {
                     let objects = match self.store.objects(c) {
@@ -574,7 +578,7 @@ impl Dav {
                     };
                     for o in &objects {
                         let href = format!("{}{}", scope.base, paths::encode(&o.name));
-                        out.push_str(&self.object_response(c, o, &href, scope, &wanted));
+                        out.push_str(&self.object_response(c, o, &href, scope, &wanted, &dead));
                     }
                 }
             }
@@ -590,8 +594,16 @@ impl Dav {
         href: &str,
         scope: &Scope<'_>,
         wanted: &Wanted,
+        dead: &DeadProps,
     ) -> String {
-        self.object_response_with(c, o, href, scope, wanted, CalendarData::AsIs)
+        self.object_response_with(c, o, href, scope, wanted, CalendarData::AsIs, dead)
+    }
+
+    /// The dead properties of every object of a collection, read at once.
+    fn dead_of(&self, c: &Collection) -> DeadProps {
+        self.store
+            .dead_props_under(&dead_path(c, None))
+            .unwrap_or_default()
     }
 
     fn object_response_with(
@@ -602,6 +614,7 @@ impl Dav {
         scope: &Scope<'_>,
         wanted: &Wanted,
         shape: CalendarData,
+        dead: &DeadProps,
     ) -> String {
         let needs_data = matches!(wanted, Wanted::Props(list) if list.iter().any(|(ns, n)| {
             (ns == CALDAV && n == "calendar-data") || (ns == CARDDAV && n == "address-data")
@@ -621,19 +634,13 @@ impl Dav {
         } else {
             None
         };
-        let dead = if matches!(wanted, Wanted::Props(_)) || !scope.shared {
-            self.store
-                .dead_props(&dead_path(c, Some(&o.name)))
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let dead = dead.get(&o.name).map(Vec::as_slice).unwrap_or(&[]);
         let r = Resource::Object {
             c,
             o,
             data: data.as_deref(),
         };
-        props::response(href, &r, &scope.viewer, wanted, &dead)
+        props::response(href, &r, &scope.viewer, wanted, dead)
     }
 
     async fn proppatch(
@@ -864,8 +871,24 @@ impl Dav {
             None => self.store.objects(c),
         }
         .map_err(server_error)?;
+        let fast = f.as_ref().and_then(ical::only_time_range);
+        let dead = self.dead_of(c);
         let mut out = String::new();
         for o in &objects {
+            if let Some((component, r)) = fast
+                && o.single
+                && o.component == component
+                && let (Some(s), Some(e)) = (o.start, o.end)
+            {
+                // One instance: the index holds its span exactly.
+                if ical::overlaps(s, e, &r) {
+                    let href = format!("{}{}", scope.base, paths::encode(&o.name));
+                    out.push_str(
+                        &self.object_response_with(c, o, &href, scope, &wanted, shape, &dead),
+                    );
+                }
+                continue;
+            }
             if let Some(f) = &f {
                 if !ical::component_may_match(&o.component, f) {
                     continue;
@@ -876,7 +899,7 @@ impl Dav {
                 }
             }
             let href = format!("{}{}", scope.base, paths::encode(&o.name));
-            out.push_str(&self.object_response_with(c, o, &href, scope, &wanted, shape));
+            out.push_str(&self.object_response_with(c, o, &href, scope, &wanted, shape, &dead));
         }
         Ok(Response::xml(207, props::multistatus(&out, "")))
     }
@@ -891,6 +914,7 @@ impl Dav {
         let limit = filter::nresults(body);
         let wanted = Wanted::Props(filter::requested_props(body));
         let objects = self.store.objects(c).map_err(server_error)?;
+        let dead = self.dead_of(c);
         let mut out = String::new();
         let mut n = 0;
         let mut truncated = false;
@@ -907,7 +931,7 @@ impl Dav {
             }
             n += 1;
             let href = format!("{}{}", scope.base, paths::encode(&o.name));
-            out.push_str(&self.object_response(c, o, &href, scope, &wanted));
+            out.push_str(&self.object_response(c, o, &href, scope, &wanted, &dead));
         }
         if truncated {
             out.push_str(&props::status_response(
@@ -930,6 +954,7 @@ impl Dav {
         } else {
             CalendarData::AsIs
         };
+        let dead = self.dead_of(c);
         let mut out = String::new();
         for h in body.children_named(DAV, "href") {
             let Some(name) = href_in(&h.text, scope.base) else {
@@ -939,7 +964,9 @@ impl Dav {
             match self.store.object(c, &name).map_err(server_error)? {
                 Some(o) => {
                     let href = format!("{}{}", scope.base, paths::encode(&o.name));
-                    out.push_str(&self.object_response_with(c, &o, &href, scope, &wanted, shape));
+                    out.push_str(
+                        &self.object_response_with(c, &o, &href, scope, &wanted, shape, &dead),
+                    );
                 }
                 None => out.push_str(&props::status_response(&h.text, "404 Not Found")),
             }
@@ -958,6 +985,7 @@ impl Dav {
             .map(|t| t.text.trim().to_owned())
             .unwrap_or_default();
         let wanted = Wanted::Props(filter::requested_props(body));
+        let dead = self.dead_of(c);
         let mut out = String::new();
         let now;
         if token.is_empty() {
@@ -967,7 +995,7 @@ impl Dav {
             now = c.seq;
             for o in &objects {
                 let href = format!("{}{}", scope.base, paths::encode(&o.name));
-                out.push_str(&self.object_response(c, o, &href, scope, &wanted));
+                out.push_str(&self.object_response(c, o, &href, scope, &wanted, &dead));
             }
         } else {
             let Some(seq) = store::parse_sync_token(c, &token) else {
@@ -983,7 +1011,9 @@ impl Dav {
                     self.store.object(c, &name).map_err(server_error)?
                 };
                 match object {
-                    Some(o) => out.push_str(&self.object_response(c, &o, &href, scope, &wanted)),
+                    Some(o) => {
+                        out.push_str(&self.object_response(c, &o, &href, scope, &wanted, &dead))
+                    }
                     None => out.push_str(&props::status_response(&href, "404 Not Found")),
                 }
             }

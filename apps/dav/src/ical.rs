@@ -358,19 +358,21 @@ fn ingest_calendar(text: &str, allowed: &[String]) -> Result<ObjectMeta, Invalid
             "the UID is too long",
         ));
     }
-    let (start, end) = span(&ical, &comps);
+    let (start, end, single) = span(&ical, &comps);
     Ok(ObjectMeta {
         uid,
         component: kind.to_owned(),
         start,
         end,
+        single: single && kind == "VEVENT",
     })
 }
 
 /// The span of every instance, for the index: `None` where unbounded (an
 /// RRULE without COUNT or UNTIL, more instances than we expand, a to-do
-/// without dates).
-fn span(ical: &ICalendar, comps: &[Component]) -> (Option<i64>, Option<i64>) {
+/// without dates); and whether it is exactly one instance, whose span the
+/// index then holds exactly.
+fn span(ical: &ICalendar, comps: &[Component]) -> (Option<i64>, Option<i64>, bool) {
     let expanded = ical.expand_dates(Tz::UTC, MAX_INSTANCES);
     let unbounded = expanded.events.len() >= MAX_INSTANCES
         || comps
@@ -392,7 +394,15 @@ fn span(ical: &ICalendar, comps: &[Component]) -> (Option<i64>, Option<i64>) {
                 .any(|l| matches!(l.name.as_str(), "DTSTART" | "DUE"))
     });
     if expanded.events.is_empty() || has_undated_todo || !expanded.errors.is_empty() {
-        return (None, None);
+        return (None, None, false);
+    }
+    let scheduling = comps
+        .iter()
+        .filter(|c| SCHEDULING.contains(&c.name.as_str()))
+        .count();
+    if expanded.events.len() == 1 && scheduling == 1 && !unbounded {
+        let (s, t) = expanded.events[0].timestamps();
+        return (Some(s), Some(t.max(s)), true);
     }
     let mut lo = i64::MAX;
     let mut hi = i64::MIN;
@@ -401,9 +411,13 @@ fn span(ical: &ICalendar, comps: &[Component]) -> (Option<i64>, Option<i64>) {
         lo = lo.min(s);
         hi = hi.max(t.max(s));
     }
-    // A day either way: all-day and floating times are read as UTC here
-    // but may be anywhere in the world.
-    (Some(lo - 86_400), (!unbounded).then_some(hi + 86_400))
+    // A day either way, so the index stays a superset however the
+    // expansion rounds.
+    (
+        Some(lo - 86_400),
+        (!unbounded).then_some(hi + 86_400),
+        false,
+    )
 }
 
 fn ingest_card(text: &str) -> Result<ObjectMeta, Invalid> {
@@ -439,6 +453,7 @@ fn ingest_card(text: &str) -> Result<ObjectMeta, Invalid> {
         component: "VCARD".into(),
         start: None,
         end: None,
+        single: false,
     })
 }
 
@@ -449,6 +464,18 @@ pub fn outer_range(f: &CompFilter) -> Option<TimeRange> {
         .iter()
         .find(|c| !c.is_not_defined)
         .and_then(|c| c.time_range)
+}
+
+/// Whether the filter is only a time range on one component type (the
+/// common query), which the index answers exactly for single instances.
+pub fn only_time_range(f: &CompFilter) -> Option<(&str, TimeRange)> {
+    if f.time_range.is_some() || !f.props.is_empty() || f.comps.len() != 1 {
+        return None;
+    }
+    let c = &f.comps[0];
+    (!c.is_not_defined && c.props.is_empty() && c.comps.is_empty())
+        .then_some(())
+        .and_then(|()| c.time_range.map(|r| (c.name.as_str(), r)))
 }
 
 /// Whether an object of this component type can match the filter at all.
@@ -475,7 +502,7 @@ fn instances(text: &str) -> Vec<(usize, i64, i64)> {
 }
 
 /// RFC 4791 §9.9: an instance [s, e) overlaps a range.
-fn overlaps(s: i64, e: i64, r: &TimeRange) -> bool {
+pub fn overlaps(s: i64, e: i64, r: &TimeRange) -> bool {
     let (rs, re) = (r.start.unwrap_or(i64::MIN), r.end.unwrap_or(i64::MAX));
     if e > s {
         rs < e && re > s

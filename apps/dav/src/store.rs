@@ -105,6 +105,8 @@ pub struct Object {
     /// The span of every instance, UTC seconds; `None`: unbounded that way.
     pub start: Option<i64>,
     pub end: Option<i64>,
+    /// One instance: `start`..`end` is exactly its span.
+    pub single: bool,
     file: String,
 }
 
@@ -115,6 +117,8 @@ pub struct ObjectMeta {
     pub component: String,
     pub start: Option<i64>,
     pub end: Option<i64>,
+    /// One instance, whose span `start`..`end` is exact.
+    pub single: bool,
 }
 
 /// Conditions on a write (RFC 7232).
@@ -191,6 +195,7 @@ CREATE TABLE IF NOT EXISTS objects (
     component TEXT NOT NULL,
     start INTEGER,
     end INTEGER,
+    single INTEGER NOT NULL DEFAULT 0,
     file TEXT NOT NULL,
     PRIMARY KEY (collection_id, name),
     UNIQUE (collection_id, uid)
@@ -213,7 +218,7 @@ CREATE TABLE IF NOT EXISTS dead_props (
 
 const COLLECTION_COLUMNS: &str =
     "id, kind, name, display_name, color, description, components, incarnation, seq";
-const OBJECT_COLUMNS: &str = "name, uid, etag, size, component, start, end, file";
+const OBJECT_COLUMNS: &str = "name, uid, etag, size, component, start, end, file, single";
 
 fn collection_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Collection> {
     let components: String = r.get(6)?;
@@ -244,6 +249,7 @@ fn object_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Object> {
         start: r.get(5)?,
         end: r.get(6)?,
         file: r.get(7)?,
+        single: r.get(8)?,
     })
 }
 
@@ -548,6 +554,14 @@ impl Store {
             keyed.extend_from_slice(data);
             hex(&ring::digest::digest(&ring::digest::SHA256, &keyed).as_ref()[..16])
         };
+        // The file first, outside the index's lock, so concurrent writers
+        // overlap their fsyncs; it is named by name and content, so it is
+        // the same file whoever writes it, and nothing names it until the
+        // index commits.
+        let path = self.file_path(c.id, &file);
+        if !path.exists() {
+            write_durably(&path, data)?;
+        }
         let mut db = self.db();
         let tx = db.transaction()?;
         let current: Option<(String, String)> = tx
@@ -557,8 +571,25 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
+        let refuse =
+            |tx: &rusqlite::Transaction<'_>, e: StoreError| -> Result<(String, bool), StoreError> {
+                // The file stays only if the index names it (the same content
+                // already stored under this name).
+                let named: bool = tx
+                    .query_row(
+                        "SELECT 1 FROM objects WHERE collection_id = ?1 AND file = ?2",
+                        params![c.id, file],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+                if !named {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e)
+            };
         if !pre.hold(current.as_ref().map(|(e, _)| e.as_str())) {
-            return Err(StoreError::Precondition);
+            return refuse(&tx, StoreError::Precondition);
         }
         let other: Option<String> = tx
             .query_row(
@@ -568,18 +599,20 @@ impl Store {
             )
             .optional()?;
         if let Some(other) = other {
-            return Err(StoreError::UidConflict(meta.uid.clone(), other));
+            return refuse(&tx, StoreError::UidConflict(meta.uid.clone(), other));
         }
-        let path = self.file_path(c.id, &file);
+        // A writer of the same name and content that failed may have
+        // removed the file between our write and our lock: write it again.
         if !path.exists() {
             write_durably(&path, data)?;
         }
         tx.execute(
-            "INSERT INTO objects (collection_id, name, uid, etag, size, component, start, end, file)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+            "INSERT INTO objects (collection_id, name, uid, etag, size, component, start, end, file, single)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT (collection_id, name) DO UPDATE SET uid = excluded.uid,
                etag = excluded.etag, size = excluded.size, component = excluded.component,
-               start = excluded.start, end = excluded.end, file = excluded.file",
+               start = excluded.start, end = excluded.end, file = excluded.file,
+               single = excluded.single",
             params![
                 c.id,
                 name,
@@ -589,7 +622,8 @@ impl Store {
                 meta.component,
                 meta.start,
                 meta.end,
-                file
+                file,
+                meta.single
             ],
         )?;
         note_change(&tx, c.id, name, false)?;
@@ -664,6 +698,30 @@ impl Store {
             db.prepare("SELECT key, xml FROM dead_props WHERE path = ?1 ORDER BY key")?;
         let rows = stmt.query_map([path], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Dead properties of every object under a collection's path, by
+    /// object name.
+    pub fn dead_props_under(
+        &self,
+        collection_path: &str,
+    ) -> Result<std::collections::HashMap<String, Vec<(String, String)>>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT path, key, xml FROM dead_props
+             WHERE substr(path, 1, length(?1)) = ?1 AND path != ?1 ORDER BY path, key",
+        )?;
+        let rows = stmt.query_map([collection_path], |r| {
+            Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        let mut out: std::collections::HashMap<String, Vec<(String, String)>> =
+            std::collections::HashMap::new();
+        for row in rows {
+            let (path, key, xml) = row?;
+            let name = path[collection_path.len()..].to_owned();
+            out.entry(name).or_default().push((key, xml));
+        }
+        Ok(out)
     }
 
     /// Sets (`Some`) or removes (`None`) dead properties, all or none.
@@ -750,6 +808,7 @@ mod tests {
             component: "VEVENT".into(),
             start: Some(0),
             end: Some(10),
+            single: true,
         }
     }
 

@@ -170,9 +170,13 @@ pub fn app_package_from(
 /// What the DAV app offers, and shares with other users' grains.
 const DAV_INTERFACES: &str = "\"dav.calendar.read\", \"dav.calendar.write\", \"dav.addressbook.read\", \"dav.addressbook.write\"";
 
-/// The DAV app (calendars and contacts).
+/// The DAV app (calendars and contacts): the static debug build, or
+/// `$GRANARY_DAV_APP` (a release build, for benchmarks).
 pub fn dav_package(dir: &Path) -> std::path::PathBuf {
-    app_package(dir, "dav", "granary-dav", "")
+    match std::env::var_os("GRANARY_DAV_APP") {
+        Some(bin) => app_package_from(dir, "dav", "granary-dav", "", Path::new(&bin)),
+        None => app_package(dir, "dav", "granary-dav", ""),
+    }
 }
 
 /// The git app with Debian's git inside.
