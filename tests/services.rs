@@ -161,6 +161,7 @@ fn the_demo_banner_steps_work_when_pasted() {
         granary_testkit::git_package(tmp.path()),
         granary_testkit::app_package(tmp.path(), "blog", "granary-blog", ""),
         granary_testkit::mail::mail_package(tmp.path()),
+        granary_testkit::dav_package(tmp.path()),
     ];
     // The mail checks ask a DNS server of the test's own.
     let dns = granary_testkit::mail::Dns::start(&[]);
@@ -241,6 +242,20 @@ fn the_demo_banner_steps_work_when_pasted() {
         },
     );
     assert!(fetched.contains("Subject: hello"), "{fetched}");
+
+    // Calendars: the listing step as printed shows the default calendar.
+    let dav = banner_block(&banner, "Try calendars");
+    assert_eq!(dav.len(), 1, "{banner:#?}");
+    let out = std::process::Command::new("sh")
+        .args(["-c", &dav[0]])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("<D:href>/calendars/demo/calendar/</D:href>"),
+        "{dav:?}\n{listing}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(daemon);
     drop(dns);
 }

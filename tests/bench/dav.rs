@@ -209,7 +209,7 @@ impl Side {
 fn event(i: usize) -> String {
     let day = 1 + (i * 7) % 360;
     let date = chrono::NaiveDate::from_yo_opt(2024, day as u32).unwrap();
-    let rrule = if i % 50 == 0 {
+    let rrule = if i.is_multiple_of(50) {
         "RRULE:FREQ=WEEKLY;COUNT=30\r\n"
     } else {
         ""

@@ -596,7 +596,7 @@ impl Dav {
         wanted: &Wanted,
         dead: &DeadProps,
     ) -> String {
-        self.object_response_with(c, o, href, scope, wanted, CalendarData::AsIs, dead)
+        self.object_response_with(c, o, href, scope, (wanted, CalendarData::AsIs), dead)
     }
 
     /// The dead properties of every object of a collection, read at once.
@@ -612,8 +612,7 @@ impl Dav {
         o: &store::Object,
         href: &str,
         scope: &Scope<'_>,
-        wanted: &Wanted,
-        shape: CalendarData,
+        (wanted, shape): (&Wanted, CalendarData),
         dead: &DeadProps,
     ) -> String {
         let needs_data = matches!(wanted, Wanted::Props(list) if list.iter().any(|(ns, n)| {
@@ -883,9 +882,14 @@ impl Dav {
                 // One instance: the index holds its span exactly.
                 if ical::overlaps(s, e, &r) {
                     let href = format!("{}{}", scope.base, paths::encode(&o.name));
-                    out.push_str(
-                        &self.object_response_with(c, o, &href, scope, &wanted, shape, &dead),
-                    );
+                    out.push_str(&self.object_response_with(
+                        c,
+                        o,
+                        &href,
+                        scope,
+                        (&wanted, shape),
+                        &dead,
+                    ));
                 }
                 continue;
             }
@@ -899,7 +903,7 @@ impl Dav {
                 }
             }
             let href = format!("{}{}", scope.base, paths::encode(&o.name));
-            out.push_str(&self.object_response_with(c, o, &href, scope, &wanted, shape, &dead));
+            out.push_str(&self.object_response_with(c, o, &href, scope, (&wanted, shape), &dead));
         }
         Ok(Response::xml(207, props::multistatus(&out, "")))
     }
@@ -964,9 +968,14 @@ impl Dav {
             match self.store.object(c, &name).map_err(server_error)? {
                 Some(o) => {
                     let href = format!("{}{}", scope.base, paths::encode(&o.name));
-                    out.push_str(
-                        &self.object_response_with(c, &o, &href, scope, &wanted, shape, &dead),
-                    );
+                    out.push_str(&self.object_response_with(
+                        c,
+                        &o,
+                        &href,
+                        scope,
+                        (&wanted, shape),
+                        &dead,
+                    ));
                 }
                 None => out.push_str(&props::status_response(&h.text, "404 Not Found")),
             }

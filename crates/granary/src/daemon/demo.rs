@@ -1,4 +1,4 @@
-//! `granary demo`: the demo user, fresh app passwords for git and mail,
+//! `granary demo`: the demo user, fresh app passwords for git, mail and dav,
 //! the demo domain as a mail domain, and the banner whose next steps work
 //! when pasted.
 
@@ -19,6 +19,7 @@ pub(super) struct DemoSecrets {
     password: String,
     git_password: String,
     mail_password: String,
+    dav_password: String,
 }
 
 /// Makes sure the demo user exists, gives it a fresh generated account
@@ -37,7 +38,7 @@ pub(super) async fn ensure_demo_user(
         let hash = granary_auth::hash_password(&password)?;
         if store.user(&name)?.is_some() {
             store.set_password_hash(&name, &hash, "demo")?;
-            for kind in ["git", "mail"] {
+            for kind in ["git", "mail", "dav"] {
                 store.revoke_app_passwords(
                     &name,
                     &RevokeSelector::Kind(kind.to_owned()),
@@ -53,11 +54,15 @@ pub(super) async fn ensure_demo_user(
         let mail_password = granary_auth::generate_password()?;
         let mail_hash = granary_auth::hash_password(&mail_password)?;
         store.add_app_password(&name, "mail", "demo banner", &mail_hash, "demo")?;
+        let dav_password = granary_auth::generate_password()?;
+        let dav_hash = granary_auth::hash_password(&dav_password)?;
+        store.add_app_password(&name, "dav", "demo banner", &dav_hash, "demo")?;
         store.add_mail_domain(&domain, "demo")?;
         Ok(DemoSecrets {
             password,
             git_password,
             mail_password,
+            dav_password,
         })
     })
     .await
@@ -168,6 +173,17 @@ Read it with any IMAP client at {imaps} (TLS), user {user}, the mail password; f
         }
         _ => String::new(),
     };
+    let dav_steps = if has("dav") {
+        format!(
+            "
+Try calendars and contacts (any CalDAV/CardDAV client, e.g. DAVx5, at https://dav.{host}:{port}/ as {user}, the DAV password):
+  curl {curl_ca}--resolve dav.{host}:{port}:{ip} -u {user}:{dav} -X PROPFIND -H 'Depth: 1' https://dav.{host}:{port}/calendars/{user}/
+",
+            dav = secrets.dav_password,
+        )
+    } else {
+        String::new()
+    };
     println!(
         "\
 Granary demo is running.
@@ -179,12 +195,14 @@ Granary demo is running.
                  (shown once: only its argon2id hash is stored; a new one is made on each demo start)
   Git password   {git}   (an app password of kind git, also new on each start)
   Mail password  {mail_password}   (kind mail, for IMAP clients; also new)
+  DAV password   {dav_password}   (kind dav, for calendar and contacts clients; also new)
   Built-in apps  {apps}
   Admin          {granary} --home {home} status
                  {granary} --home {home} grain list
-{git_steps}{blog_steps}{mail_steps}
+{git_steps}{blog_steps}{mail_steps}{dav_steps}
 Stop with Ctrl-C.",
         mail_password = secrets.mail_password,
+        dav_password = secrets.dav_password,
         apps = if installed.is_empty() {
             "none (./granary-demo builds and signs them into DATA_DIR/builtin-apps)".to_owned()
         } else {
