@@ -739,3 +739,190 @@ fn litmus_webdav_suite_score() {
     // because COPY/MOVE and locks are not offered; the rest must pass.
     assert!(passed >= 28, "litmus: {passed}/{run}\n{text}");
 }
+
+const SYNC_AND_FREEBUSY: &str = r#"
+import os, sys, datetime, caldav, niquests
+client = caldav.DAVClient(os.environ["DAV_URL"], username=os.environ["DAV_USER"],
+    password=os.environ["DAV_PASSWORD"], ssl_verify_cert=os.environ["DAV_CA"])
+cal = [c for c in client.principal().calendars() if c.url.path.endswith("/calendar/")][0]
+def ev(uid, start, end, extra=""):
+    return ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:%s\r\nDTSTAMP:20240101T000000Z\r\n"
+            "DTSTART:%s\r\nDTEND:%s\r\n%sEND:VEVENT\r\nEND:VCALENDAR\r\n") % (uid, start, end, extra)
+step = os.environ["STEP"]
+if step == "before":
+    cal.save_event(ev("busy1", "20240501T090000Z", "20240501T100000Z"))
+    cal.save_event(ev("busy2", "20240501T093000Z", "20240501T110000Z"))
+    cal.save_event(ev("free", "20240501T120000Z", "20240501T130000Z", "TRANSP:TRANSPARENT\r\n"))
+    cal.save_event(ev("tent", "20240501T150000Z", "20240501T160000Z", "STATUS:TENTATIVE\r\n"))
+    fb = cal.freebusy_request(datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc),
+                              datetime.datetime(2024, 5, 2, tzinfo=datetime.timezone.utc))
+    text = fb.data
+    assert "FREEBUSY;FBTYPE=BUSY:20240501T090000Z/20240501T110000Z" in text, text
+    assert "FBTYPE=BUSY-TENTATIVE:20240501T150000Z/20240501T160000Z" in text, text
+    assert "20240501T120000Z" not in text, text
+    print(cal.objects_by_sync_token().sync_token)
+else:
+    token = os.environ["TOKEN"]
+    later = cal.objects_by_sync_token(sync_token=token, load_objects=True)
+    assert sorted(str(o.icalendar_component["uid"]) for o in later) == ["after"], later
+    print("ok")
+"#;
+
+#[test]
+fn sync_tokens_survive_a_grain_restart_and_free_busy_and_card_queries_answer() {
+    let h = host(&["alice", "bob"]);
+    let (ok, out) = h.python("alice", SYNC_AND_FREEBUSY, &[("STEP", "before".into())]);
+    assert!(ok, "{out}");
+    let token = out.trim().lines().last().unwrap().to_owned();
+    assert!(
+        token.starts_with("https://granary.invalid/sync/"),
+        "{token}"
+    );
+    h.daemon.granary(&["grain", "stop", "alice/dav"]).success();
+    let auth = format!("alice:{}", h.password("alice"));
+    let url = h.url();
+    let event = h.dir.path().join("after.ics");
+    std::fs::write(&event, "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:after\r\nDTSTAMP:20240101T000000Z\r\nDTSTART:20240601T090000Z\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n").unwrap();
+    let (head, _) = h.curl(&[
+        "-u",
+        &auth,
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: text/calendar",
+        "--data-binary",
+        &format!("@{}", event.display()),
+        &format!("{url}calendars/alice/calendar/after.ics"),
+    ]);
+    assert!(head.contains(" 201"), "{head}");
+    h.daemon.granary(&["grain", "stop", "alice/dav"]).success();
+    let (ok, out) = h.python(
+        "alice",
+        SYNC_AND_FREEBUSY,
+        &[("STEP", "after".into()), ("TOKEN", token.clone())],
+    );
+    assert!(ok, "{out}");
+    // A token of another incarnation is refused, so the client starts over.
+    let bad = token.replace("/sync/", "/sync/0").to_owned();
+    let body = format!(
+        "<sync-collection xmlns=\"DAV:\"><sync-token>{bad}</sync-token><sync-level>1</sync-level><prop><getetag/></prop></sync-collection>"
+    );
+    let (head, text) = h.curl(&[
+        "-u",
+        &auth,
+        "-X",
+        "REPORT",
+        "--data",
+        &body,
+        &format!("{url}calendars/alice/calendar/"),
+    ]);
+    assert!(
+        head.contains(" 403") && text.contains("valid-sync-token"),
+        "{head}{text}"
+    );
+
+    // Cards: an addressbook-query with a text match, and a multiget.
+    for (i, name) in ["Ada Lovelace", "Alan Turing", "Grace Hopper"]
+        .iter()
+        .enumerate()
+    {
+        let card = h.dir.path().join(format!("c{i}.vcf"));
+        std::fs::write(&card, format!("BEGIN:VCARD\r\nVERSION:4.0\r\nUID:c{i}\r\nFN:{name}\r\nEMAIL;TYPE=work:p{i}@example.org\r\nEND:VCARD\r\n")).unwrap();
+        let (head, _) = h.curl(&[
+            "-u",
+            &auth,
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: text/vcard",
+            "--data-binary",
+            &format!("@{}", card.display()),
+            &format!("{url}addressbooks/alice/contacts/c{i}.vcf"),
+        ]);
+        assert!(head.contains(" 201"), "{head}");
+    }
+    let query = r#"<C:addressbook-query xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:carddav"><D:prop><D:getetag/><C:address-data/></D:prop><C:filter test="anyof"><C:prop-filter name="FN"><C:text-match match-type="contains">TURING</C:text-match></C:prop-filter><C:prop-filter name="EMAIL"><C:param-filter name="TYPE"><C:text-match match-type="equals">home</C:text-match></C:param-filter></C:prop-filter></C:filter></C:addressbook-query>"#;
+    let (head, text) = h.curl(&[
+        "-u",
+        &auth,
+        "-X",
+        "REPORT",
+        "-H",
+        "Depth: 1",
+        "--data",
+        query,
+        &format!("{url}addressbooks/alice/contacts/"),
+    ]);
+    assert!(head.contains(" 207"), "{head}");
+    assert!(
+        text.contains("c1.vcf") && text.contains("FN:Alan Turing"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("c0.vcf") && !text.contains("c2.vcf"),
+        "{text}"
+    );
+    let multiget = r#"<C:addressbook-multiget xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:carddav"><D:prop><D:getetag/><C:address-data/></D:prop><D:href>/addressbooks/alice/contacts/c0.vcf</D:href><D:href>/addressbooks/alice/contacts/c2.vcf</D:href><D:href>/addressbooks/alice/contacts/none.vcf</D:href></C:addressbook-multiget>"#;
+    let (_, text) = h.curl(&[
+        "-u",
+        &auth,
+        "-X",
+        "REPORT",
+        "--data",
+        multiget,
+        &format!("{url}addressbooks/alice/contacts/"),
+    ]);
+    assert!(
+        text.contains("FN:Ada Lovelace") && text.contains("FN:Grace Hopper"),
+        "{text}"
+    );
+    assert!(
+        text.contains("none.vcf</D:href><D:status>HTTP/1.1 404"),
+        "{text}"
+    );
+
+    // Alice's contacts shared with Bob, read-only.
+    h.daemon
+        .granary(&[
+            "grant",
+            "add",
+            "--from",
+            "bob/dav",
+            "--to",
+            "alice/dav",
+            "--cap",
+            "dav.addressbook.read:contacts",
+        ])
+        .success();
+    let bob = format!("bob:{}", h.password("bob"));
+    let (head, text) = h.curl(&[
+        "-u",
+        &bob,
+        "-X",
+        "PROPFIND",
+        "-H",
+        "Depth: 1",
+        &format!("{url}addressbooks/bob/"),
+    ]);
+    assert!(
+        head.contains(" 207") && text.contains("/addressbooks/bob/alice~contacts/"),
+        "{text}"
+    );
+    let (head, text) = h.curl(&[
+        "-u",
+        &bob,
+        &format!("{url}addressbooks/bob/alice~contacts/c1.vcf"),
+    ]);
+    assert!(
+        head.contains(" 200") && text.contains("FN:Alan Turing"),
+        "{head}{text}"
+    );
+    let (head, _) = h.curl(&[
+        "-u",
+        &bob,
+        "-X",
+        "DELETE",
+        &format!("{url}addressbooks/bob/alice~contacts/c1.vcf"),
+    ]);
+    assert!(head.contains(" 403"), "{head}");
+}
