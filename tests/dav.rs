@@ -486,15 +486,16 @@ for i in range(299):
         body = ("BEGIN:VEVENT\r\nUID:e%d\r\nDTSTAMP:20240101T000000Z\r\nDTSTART;VALUE=DATE:%s\r\n"
                 "SUMMARY:all day %d\r\nEND:VEVENT\r\n") % (i, day.strftime("%Y%m%d"), i)
         texts.append(wrap(body))
-# The weekly one: Berlin time across the DST change, one week excluded,
-# one moved to the next day, one moved into the range from outside it.
+# The weekly one: Berlin time across the DST change, ending exactly on an
+# instance (UNTIL in UTC), one week excluded, two moved (with newer
+# SEQUENCEs than the master's, as clients write them).
 weekly = ("BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nDTSTART;TZID=Europe/Berlin:20240105T100000\r\n"
-          "DTEND;TZID=Europe/Berlin:20240105T110000\r\nRRULE:FREQ=WEEKLY;UNTIL=20241231T000000Z\r\n"
+          "DTEND;TZID=Europe/Berlin:20240105T110000\r\nRRULE:FREQ=WEEKLY;UNTIL=20240412T080000Z\r\nSEQUENCE:0\r\n"
           "EXDATE;TZID=Europe/Berlin:20240315T100000\r\nSUMMARY:weekly\r\nEND:VEVENT\r\n"
-          "BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nRECURRENCE-ID;TZID=Europe/Berlin:20240322T100000\r\n"
+          "BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nSEQUENCE:1\r\nRECURRENCE-ID;TZID=Europe/Berlin:20240322T100000\r\n"
           "DTSTART;TZID=Europe/Berlin:20240323T150000\r\nDTEND;TZID=Europe/Berlin:20240323T160000\r\n"
           "SUMMARY:weekly moved\r\nEND:VEVENT\r\n"
-          "BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nRECURRENCE-ID;TZID=Europe/Berlin:20240607T100000\r\n"
+          "BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nSEQUENCE:2\r\nRECURRENCE-ID;TZID=Europe/Berlin:20240405T100000\r\n"
           "DTSTART;TZID=Europe/Berlin:20240402T070000\r\nDTEND;TZID=Europe/Berlin:20240402T080000\r\n"
           "SUMMARY:weekly pulled in\r\nEND:VEVENT\r\n")
 texts.append(wrap(weekly, tz=True))

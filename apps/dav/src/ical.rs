@@ -245,9 +245,150 @@ fn check_lines(text: &str) -> Result<(), Invalid> {
     }
 }
 
+/// The text calcard expands, with its departures from RFC 5545 worked
+/// around (no BEGIN or END is added or dropped, so components keep their
+/// numbers):
+/// - SEQUENCE is left out: calcard pairs an override with its master's
+///   instance by (SEQUENCE, RECURRENCE-ID), so an override with a newer
+///   SEQUENCE (the usual case) would leave the instance in twice;
+/// - a VEVENT starting at a DATE-TIME with neither DTEND nor DURATION gets
+///   `DURATION:PT0S` (RFC 5545 §3.6.1: it takes no time; calcard would run
+///   it to 23:59:59);
+/// - an RRULE's UTC `UNTIL` is moved by the offset of DTSTART's zone, as
+///   calcard compares it with local wall time (the last instance of an
+///   event east of UTC would be lost).
+pub fn for_expansion(text: &str) -> String {
+    let comps = components(text);
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut stack: Vec<usize> = Vec::new();
+    let mut next = 0usize;
+    for raw in unfold(text) {
+        let Some(line) = parse_line(&raw) else {
+            continue;
+        };
+        let current = stack.last().and_then(|&i| comps.get(i));
+        let scheduling = current.is_some_and(|c| SCHEDULING.contains(&c.name.as_str()));
+        match line.name.as_str() {
+            "BEGIN" => {
+                out.push_str(&raw);
+                out.push_str("\r\n");
+                if let Some(c) = comps.get(next)
+                    && c.name == "VEVENT"
+                    && needs_zero_duration(c)
+                {
+                    out.push_str("DURATION:PT0S\r\n");
+                }
+                stack.push(next);
+                next += 1;
+                continue;
+            }
+            "END" => {
+                stack.pop();
+            }
+            "SEQUENCE" if scheduling => continue,
+            "RRULE" if scheduling => {
+                let tz = current.and_then(|c| {
+                    let start = c.lines.iter().find(|l| l.name == "DTSTART")?;
+                    start
+                        .param("TZID")?
+                        .first()?
+                        .trim_start_matches('/')
+                        .parse::<chrono_tz::Tz>()
+                        .ok()
+                });
+                if let Some(tz) = tz {
+                    out.push_str(&format!("RRULE:{}\r\n", shift_until(&line.value, tz)));
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        out.push_str(&raw);
+        out.push_str("\r\n");
+    }
+    out
+}
+
+fn needs_zero_duration(c: &Component) -> bool {
+    let Some(start) = c.lines.iter().find(|l| l.name == "DTSTART") else {
+        return false;
+    };
+    let date_only = start
+        .param("VALUE")
+        .is_some_and(|v| v.iter().any(|x| x.eq_ignore_ascii_case("DATE")))
+        || !start.value.contains('T');
+    !date_only
+        && !c
+            .lines
+            .iter()
+            .any(|l| l.name == "DTEND" || l.name == "DURATION")
+}
+
+/// `UNTIL=<utc>Z` moved to the zone's wall time at that instant (still
+/// written with Z, as calcard reads it).
+fn shift_until(rule: &str, tz: chrono_tz::Tz) -> String {
+    use chrono::{Offset, TimeZone};
+    rule.split(';')
+        .map(|part| {
+            let Some(v) = part
+                .strip_prefix("UNTIL=")
+                .or_else(|| part.strip_prefix("until="))
+            else {
+                return part.to_owned();
+            };
+            let Some(t) = crate::filter::parse_utc(v) else {
+                return part.to_owned();
+            };
+            let Some(at) = chrono::DateTime::from_timestamp(t, 0) else {
+                return part.to_owned();
+            };
+            let offset = tz
+                .offset_from_utc_datetime(&at.naive_utc())
+                .fix()
+                .local_minus_utc();
+            format!("UNTIL={}", utc(t + i64::from(offset)))
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// The most time-of-day candidates one RRULE may ask for (BYHOUR ×
+/// BYMINUTE × BYSECOND): calcard builds them all for each period before it
+/// counts instances, so a rule listing every second of the day would take
+/// gigabytes.
+const MAX_TIMES_PER_PERIOD: usize = 1000;
+
+fn check_rrules(comps: &[Component]) -> Result<(), Invalid> {
+    for c in comps {
+        for l in c.lines.iter().filter(|l| l.name == "RRULE") {
+            let count = |key: &str| {
+                l.value
+                    .split(';')
+                    .find_map(|p| {
+                        let (k, v) = p.split_once('=')?;
+                        k.eq_ignore_ascii_case(key).then(|| v.split(',').count())
+                    })
+                    .unwrap_or(1)
+            };
+            let times = count("BYHOUR") * count("BYMINUTE") * count("BYSECOND");
+            if times > MAX_TIMES_PER_PERIOD {
+                return Err(invalid(
+                    "",
+                    format!(
+                        "an RRULE with {times} times of day per period (at most {MAX_TIMES_PER_PERIOD})"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn calendar(text: &str) -> Result<ICalendar, Invalid> {
     check_lines(text)?;
-    let mut parser = Parser::new(text);
+    check_rrules(&components(text))?;
+    let prepared = for_expansion(text);
+    let mut parser = Parser::new(&prepared);
     let ical = match parser.entry() {
         Entry::ICalendar(c) => c,
         Entry::VCard(_) => return Err(invalid("", "a vCard, not an iCalendar object")),
@@ -487,7 +628,8 @@ pub fn component_may_match(component: &str, f: &CompFilter) -> bool {
 
 /// Instances of the calendar as (component index, start, end), UTC.
 fn instances(text: &str) -> Vec<(usize, i64, i64)> {
-    let mut parser = Parser::new(text);
+    let prepared = for_expansion(text);
+    let mut parser = Parser::new(&prepared);
     let Entry::ICalendar(ical) = parser.entry() else {
         return Vec::new();
     };
@@ -545,8 +687,16 @@ fn uses_time(f: &CompFilter) -> bool {
 fn comp_matches(ctx: &Ctx<'_>, idx: usize, f: &CompFilter) -> bool {
     let c = &ctx.comps[idx];
     if let Some(r) = &f.time_range {
+        let undated_todo = c.name == "VTODO"
+            && !c
+                .lines
+                .iter()
+                .any(|l| matches!(l.name.as_str(), "DTSTART" | "DUE" | "COMPLETED" | "CREATED"));
         let hit = if c.name == "VALARM" {
             alarm_in_range(ctx, idx, r)
+        } else if undated_todo {
+            // RFC 4791 §9.9: a to-do with no dates is in every range.
+            true
         } else {
             ctx.instances
                 .iter()
@@ -1044,6 +1194,35 @@ BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nRECURRENCE-ID;TZID=Eur
         assert_eq!(expanded.matches("BEGIN:VEVENT").count(), 3, "{expanded}");
         assert!(!expanded.contains("VTIMEZONE"));
         assert!(expanded.contains("RECURRENCE-ID:20240119T090000Z"));
+    }
+
+    fn starts(text: &str) -> Vec<i64> {
+        let mut v: Vec<i64> = instances(text).iter().map(|i| i.1).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn calcard_departures_are_worked_around() {
+        // An override with a newer SEQUENCE replaces its instance, once.
+        let seq = "BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\nUID:s\r\nSEQUENCE:0\r\nDTSTART:20240101T100000Z\r\nDURATION:PT1H\r\nRRULE:FREQ=DAILY;COUNT=3\r\nEND:VEVENT\r\nBEGIN:VEVENT\r\nUID:s\r\nSEQUENCE:2\r\nRECURRENCE-ID:20240102T100000Z\r\nDTSTART:20240102T150000Z\r\nDURATION:PT1H\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
+        assert_eq!(starts(seq), vec![1704103200, 1704207600, 1704276000]);
+        // UNTIL in UTC east of UTC: the last instance (10:00 Berlin is
+        // 09:00Z, exactly UNTIL) is kept.
+        let until = "BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\nUID:u\r\nDTSTART;TZID=Europe/Berlin:20240101T100000\r\nDURATION:PT1H\r\nRRULE:FREQ=DAILY;UNTIL=20240103T090000Z\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
+        assert_eq!(starts(until).len(), 3);
+        // No end: an instant, not the rest of the day.
+        let instant = "BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\nUID:i\r\nDTSTART:20240101T100000Z\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
+        let i = instances(instant);
+        assert_eq!((i[0].1, i[0].2), (1704103200, 1704103200));
+        // A rule asking for every second of the day is refused.
+        let hostile = format!(
+            "BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\nUID:h\r\nDTSTART:20240101T000000Z\r\nRRULE:FREQ=YEARLY;BYHOUR={};BYMINUTE={};BYSECOND={}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n",
+            (0..24).map(|n| n.to_string()).collect::<Vec<_>>().join(","),
+            (0..60).map(|n| n.to_string()).collect::<Vec<_>>().join(","),
+            (0..60).map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+        );
+        assert!(ingest(Kind::Calendar, hostile.as_bytes(), &all()).is_err());
     }
 
     #[test]
