@@ -796,6 +796,20 @@ fn sync_tokens_survive_a_grain_restart_and_free_busy_and_card_queries_answer() {
         &format!("{url}calendars/alice/calendar/after.ics"),
     ]);
     assert!(head.contains(" 201"), "{head}");
+    // DELETE with a stale If-Match loses (412) and deletes nothing.
+    let after = format!("{url}calendars/alice/calendar/after.ics");
+    let (head, _) = h.curl(&[
+        "-u",
+        &auth,
+        "-X",
+        "DELETE",
+        "-H",
+        "If-Match: \"stale\"",
+        &after,
+    ]);
+    assert!(head.contains(" 412"), "{head}");
+    let (head, _) = h.curl(&["-u", &auth, "-I", &after]);
+    assert!(head.contains(" 200"), "{head}");
     h.daemon.granary(&["grain", "stop", "alice/dav"]).success();
     let (ok, out) = h.python(
         "alice",

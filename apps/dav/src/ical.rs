@@ -1194,6 +1194,14 @@ BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nRECURRENCE-ID;TZID=Eur
         assert_eq!(expanded.matches("BEGIN:VEVENT").count(), 3, "{expanded}");
         assert!(!expanded.contains("VTIMEZONE"));
         assert!(expanded.contains("RECURRENCE-ID:20240119T090000Z"));
+        // limit-recurrence-set keeps the master and only overrides in range.
+        let march = TimeRange {
+            start: crate::filter::parse_utc("20240301T000000Z"),
+            end: crate::filter::parse_utc("20240401T000000Z"),
+        };
+        let limited = limit_recurrence(WEEKLY, march);
+        assert!(limited.contains("SUMMARY:Standup\r\n"), "{limited}");
+        assert!(!limited.contains("moved"), "{limited}");
     }
 
     fn starts(text: &str) -> Vec<i64> {
