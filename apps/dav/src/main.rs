@@ -75,7 +75,11 @@ fn main() -> ExitCode {
         s.ensure_defaults()?;
         Ok(s)
     }) {
-        Ok(s) => Arc::new(s),
+        Ok(s) => {
+            let s = Arc::new(s);
+            s.spawn_file_writer();
+            s
+        }
         Err(e) => {
             eprintln!("granary-dav: cannot open the store: {e}");
             return ExitCode::from(70);

@@ -3,11 +3,13 @@
 //! collections, objects, their ETags, time ranges, sync history and dead
 //! properties.
 //!
-//! A write is durable before it is acknowledged: the new file is written
-//! and fsynced first, then the index committed (which makes it visible),
-//! then the file it replaced removed. A crash in between leaves at most an
-//! unreferenced file, removed at the next open; the index never names a
-//! file that is not whole.
+//! A write is durable before it is acknowledged, at the cost of one fsync:
+//! the index row and the content (in `pending`) commit in one transaction.
+//! A background thread then writes each pending content to its file (temp
+//! name, fsync, rename), fsyncs the directories once per batch, and only
+//! then drops the pending copy; reads take the pending copy while there is
+//! one. A crash anywhere leaves the content in one of the two places, and
+//! at most an unreferenced file, removed at the next open.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -170,6 +172,9 @@ pub enum StoreError {
 pub struct Store {
     dir: PathBuf,
     db: Mutex<Connection>,
+    /// Set by writers, cleared by the file writer, which waits on `wake`.
+    dirty: Mutex<bool>,
+    wake: std::sync::Condvar,
 }
 
 const SCHEMA: &str = "
@@ -208,6 +213,12 @@ CREATE TABLE IF NOT EXISTS changes (
     PRIMARY KEY (collection_id, name)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS changes_by_seq ON changes (collection_id, seq);
+CREATE TABLE IF NOT EXISTS pending (
+    collection_id INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (collection_id, file)
+) STRICT;
 CREATE TABLE IF NOT EXISTS dead_props (
     path TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -299,6 +310,8 @@ impl Store {
         let store = Store {
             dir: dir.to_owned(),
             db: Mutex::new(conn),
+            dirty: Mutex::new(true),
+            wake: std::sync::Condvar::new(),
         };
         store.sweep()?;
         Ok(store)
@@ -450,6 +463,7 @@ impl Store {
         let mut db = self.db();
         let tx = db.transaction()?;
         tx.execute("DELETE FROM collections WHERE id = ?1", [c.id])?;
+        tx.execute("DELETE FROM pending WHERE collection_id = ?1", [c.id])?;
         let prefix = format!("{}/{}/", c.kind.home_segment(), c.name);
         tx.execute(
             "DELETE FROM dead_props WHERE path = ?1 OR substr(path, 1, length(?1)) = ?1",
@@ -527,7 +541,111 @@ impl Store {
 
     /// An object's content.
     pub fn read(&self, c: &Collection, o: &Object) -> Result<Vec<u8>, StoreError> {
-        Ok(std::fs::read(self.file_path(c.id, &o.file))?)
+        let pending: Option<Vec<u8>> = self
+            .db()
+            .query_row(
+                "SELECT data FROM pending WHERE collection_id = ?1 AND file = ?2",
+                params![c.id, o.file],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match pending {
+            Some(data) => Ok(data),
+            // Not pending: its file was written (and fsynced) first.
+            None => Ok(std::fs::read(self.file_path(c.id, &o.file))?),
+        }
+    }
+
+    /// Tells the file writer there is work.
+    fn poke(&self) {
+        *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.wake.notify_one();
+    }
+
+    /// Writes pending contents to their files until none is left; how many.
+    pub fn materialize(&self) -> Result<usize, StoreError> {
+        let mut done = 0;
+        loop {
+            let batch: Vec<(i64, String, Vec<u8>)> = {
+                let db = self.db();
+                let mut stmt =
+                    db.prepare("SELECT collection_id, file, data FROM pending LIMIT 64")?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            if batch.is_empty() {
+                return Ok(done);
+            }
+            let mut dirs = std::collections::BTreeSet::new();
+            for (c, file, data) in &batch {
+                let path = self.file_path(*c, file);
+                write_file(&path, data)?;
+                dirs.insert(path.parent().expect("in a directory").to_owned());
+            }
+            for d in &dirs {
+                std::fs::File::open(d)?.sync_all()?;
+            }
+            let mut orphans = Vec::new();
+            {
+                let mut db = self.db();
+                let tx = db.transaction()?;
+                for (c, file, _) in &batch {
+                    tx.execute(
+                        "DELETE FROM pending WHERE collection_id = ?1 AND file = ?2",
+                        params![c, file],
+                    )?;
+                    // Replaced or deleted while we wrote it.
+                    let named = tx
+                        .query_row(
+                            "SELECT 1 FROM objects WHERE collection_id = ?1 AND file = ?2",
+                            params![c, file],
+                            |_| Ok(()),
+                        )
+                        .optional()?
+                        .is_some();
+                    if !named {
+                        orphans.push(self.file_path(*c, file));
+                    }
+                }
+                tx.commit()?;
+            }
+            for o in orphans {
+                let _ = std::fs::remove_file(o);
+            }
+            done += batch.len();
+        }
+    }
+
+    /// Runs the file writer on a thread of its own for as long as the
+    /// store lives.
+    pub fn spawn_file_writer(self: &std::sync::Arc<Self>) {
+        let weak = std::sync::Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("dav-files".into())
+            .spawn(move || {
+                loop {
+                    let Some(store) = weak.upgrade() else { return };
+                    {
+                        let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                        while !*dirty {
+                            let (d, timeout) = store
+                                .wake
+                                .wait_timeout(dirty, std::time::Duration::from_secs(5))
+                                .unwrap_or_else(|p| p.into_inner());
+                            dirty = d;
+                            if timeout.timed_out() {
+                                break;
+                            }
+                        }
+                        *dirty = false;
+                    }
+                    if let Err(e) = store.materialize() {
+                        // The contents stay pending (and readable); try again.
+                        eprintln!("granary-dav: writing object files: {e}");
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
+                }
+            });
     }
 
     fn file_path(&self, collection: i64, file: &str) -> PathBuf {
@@ -554,14 +672,7 @@ impl Store {
             keyed.extend_from_slice(data);
             hex(&ring::digest::digest(&ring::digest::SHA256, &keyed).as_ref()[..16])
         };
-        // The file first, outside the index's lock, so concurrent writers
-        // overlap their fsyncs; it is named by name and content, so it is
-        // the same file whoever writes it, and nothing names it until the
-        // index commits.
         let path = self.file_path(c.id, &file);
-        if !path.exists() {
-            write_durably(&path, data)?;
-        }
         let mut db = self.db();
         let tx = db.transaction()?;
         let current: Option<(String, String)> = tx
@@ -571,25 +682,8 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let refuse =
-            |tx: &rusqlite::Transaction<'_>, e: StoreError| -> Result<(String, bool), StoreError> {
-                // The file stays only if the index names it (the same content
-                // already stored under this name).
-                let named: bool = tx
-                    .query_row(
-                        "SELECT 1 FROM objects WHERE collection_id = ?1 AND file = ?2",
-                        params![c.id, file],
-                        |_| Ok(()),
-                    )
-                    .optional()?
-                    .is_some();
-                if !named {
-                    let _ = std::fs::remove_file(&path);
-                }
-                Err(e)
-            };
         if !pre.hold(current.as_ref().map(|(e, _)| e.as_str())) {
-            return refuse(&tx, StoreError::Precondition);
+            return Err(StoreError::Precondition);
         }
         let other: Option<String> = tx
             .query_row(
@@ -599,12 +693,22 @@ impl Store {
             )
             .optional()?;
         if let Some(other) = other {
-            return refuse(&tx, StoreError::UidConflict(meta.uid.clone(), other));
+            return Err(StoreError::UidConflict(meta.uid.clone(), other));
         }
-        // A writer of the same name and content that failed may have
-        // removed the file between our write and our lock: write it again.
+        // The content commits with the row; the file comes after.
         if !path.exists() {
-            write_durably(&path, data)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO pending (collection_id, file, data) VALUES (?1, ?2, ?3)",
+                params![c.id, file, data],
+            )?;
+        }
+        if let Some((_, old)) = &current
+            && *old != file
+        {
+            tx.execute(
+                "DELETE FROM pending WHERE collection_id = ?1 AND file = ?2",
+                params![c.id, old],
+            )?;
         }
         tx.execute(
             "INSERT INTO objects (collection_id, name, uid, etag, size, component, start, end, file, single)
@@ -634,6 +738,7 @@ impl Store {
         {
             let _ = std::fs::remove_file(self.file_path(c.id, old));
         }
+        self.poke();
         Ok((etag, current.is_none()))
     }
 
@@ -663,6 +768,10 @@ impl Store {
         tx.execute(
             "DELETE FROM objects WHERE collection_id = ?1 AND name = ?2",
             params![c.id, name],
+        )?;
+        tx.execute(
+            "DELETE FROM pending WHERE collection_id = ?1 AND file = ?2",
+            params![c.id, file],
         )?;
         let path = format!("{}/{}/{}", c.kind.home_segment(), c.name, name);
         tx.execute("DELETE FROM dead_props WHERE path = ?1", [&path])?;
@@ -752,6 +861,8 @@ impl Store {
     /// Folds the WAL into the database so a snapshot of the dataset holds
     /// the whole index in one file; says what it did.
     pub fn checkpoint(&self) -> Result<String, StoreError> {
+        // Every object in its file, then the WAL folded in.
+        self.materialize()?;
         let db = self.db();
         db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         let n: i64 = db.query_row("SELECT count(*) FROM objects", [], |r| r.get(0))?;
@@ -779,9 +890,9 @@ fn note_change(
     Ok(())
 }
 
-/// Writes a file under a temporary name, fsyncs it, renames it into place
-/// and fsyncs the directory.
-fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+/// Writes a file under a temporary name, fsyncs it and renames it into
+/// place (the caller fsyncs the directory).
+fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().expect("object files live in a directory");
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".tmp-{}", random_hex(8)));
@@ -789,8 +900,7 @@ fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -843,6 +953,17 @@ mod tests {
             s.put(&c, "b.ics", b"x", &meta("u1"), &Preconditions::default()),
             Err(StoreError::UidConflict(..))
         ));
+        // Readable while pending and once in its file; one file per object.
+        let o = s.object(&c, "a.ics").unwrap().unwrap();
+        assert_eq!(s.read(&c, &o).unwrap(), b"two");
+        assert_eq!(s.materialize().unwrap(), 1);
+        assert_eq!(s.read(&c, &o).unwrap(), b"two");
+        let files = || {
+            std::fs::read_dir(dir.path().join("objects").join(c.id.to_string()))
+                .unwrap()
+                .count()
+        };
+        assert_eq!(files(), 1);
         let c = s.collection(Kind::Calendar, "calendar").unwrap().unwrap();
         let token = c.sync_token();
         assert_eq!(parse_sync_token(&c, &token), Some(2));
