@@ -638,6 +638,7 @@ impl Dav {
             c,
             o,
             data: data.as_deref(),
+            writable: scope.writable,
         };
         props::response(href, &r, &scope.viewer, wanted, dead)
     }
@@ -706,11 +707,7 @@ impl Dav {
         if !failed {
             let store = self.store.clone();
             let (c2, path) = (c.clone(), dead_path(c, object));
-            let applied = blocking(move || {
-                store.set_collection_props(&c2, &live)?;
-                store.set_dead_props(&path, &dead)
-            })
-            .await;
+            let applied = blocking(move || store.proppatch(&c2, &live, &path, &dead)).await;
             if let Err(e) = applied {
                 return server_error(e);
             }
@@ -960,7 +957,14 @@ impl Dav {
         };
         let dead = self.dead_of(c);
         let mut out = String::new();
+        let mut seen = std::collections::HashSet::new();
         for h in body.children_named(DAV, "href") {
+            if !seen.insert(h.text.as_str()) {
+                continue;
+            }
+            if out.len() > MAX_RESPONSE {
+                return Err(too_many());
+            }
             let Some(name) = href_in(&h.text, scope.base) else {
                 out.push_str(&props::status_response(&h.text, "404 Not Found"));
                 continue;
@@ -1070,6 +1074,14 @@ impl Dav {
         r.body = ical::freebusy_calendar(start, end, &mut busy).into_bytes();
         Ok(r)
     }
+}
+
+/// The largest multistatus a REPORT builds; beyond it the client is told to
+/// narrow its query.
+const MAX_RESPONSE: usize = 32 << 20;
+
+fn too_many() -> Response {
+    Response::precondition(507, DAV, "number-of-matches-within-limits", "")
 }
 
 /// The collection part of an object's path ("/calendars/u/c/").

@@ -313,15 +313,17 @@ pub fn card_filter(report: &Element) -> Result<CardFilter, Refusal> {
 /// The properties a REPORT or PROPFIND asks for, as (namespace, name),
 /// with the `calendar-data` element if asked (its options).
 pub fn requested_props(parent: &Element) -> Vec<(String, String)> {
-    parent
-        .child(DAV, "prop")
-        .map(|p| {
-            p.children
-                .iter()
-                .map(|c| (c.ns.clone(), c.name.clone()))
-                .collect()
-        })
-        .unwrap_or_default()
+    let mut out: Vec<(String, String)> = Vec::new();
+    if let Some(p) = parent.child(DAV, "prop") {
+        for c in &p.children {
+            // Each once, however often it is asked for.
+            let key = (c.ns.clone(), c.name.clone());
+            if !out.contains(&key) {
+                out.push(key);
+            }
+        }
+    }
+    out
 }
 
 /// `calendar-data`'s `expand` or `limit-recurrence-set`, if any.

@@ -39,12 +39,20 @@ pub async fn serve(server: Rc<Server>, conn: granary_sdk::Accepted) {
 }
 
 fn to_hyper(r: Response) -> hyper::Response<Full<Bytes>> {
-    let mut b = hyper::Response::builder().status(r.status);
+    let mut b = hyper::Response::builder()
+        .status(r.status)
+        // Nothing served here is a page: a calendar object shared by
+        // someone else never runs as one on this origin.
+        .header("x-content-type-options", "nosniff")
+        .header("content-security-policy", "sandbox");
     for (n, v) in &r.headers {
         b = b.header(n.as_str(), v.as_str());
     }
-    b.body(Full::new(Bytes::from(r.body)))
-        .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::from_static(b"bad header\n"))))
+    b.body(Full::new(Bytes::from(r.body))).unwrap_or_else(|_| {
+        let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"bad answer\n")));
+        *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+        r
+    })
 }
 
 impl Server {
@@ -181,17 +189,25 @@ impl Server {
             let mut one = req.clone();
             one.headers.retain(|(n, _)| n != "depth");
             one.headers.push(("depth".into(), "0".into()));
-            let answer = self
-                .shares
-                .forward(kind, &route.owner, &route.name, "", &base, &one)
-                .await;
-            if answer.status == 207 {
+            // A provider that does not answer in time is left out.
+            let answer = tokio::time::timeout(
+                SHARED_LISTING_TIMEOUT,
+                self.shares
+                    .forward(kind, &route.owner, &route.name, "", &base, &one),
+            )
+            .await;
+            if let Ok(answer) = answer
+                && answer.status == 207
+            {
                 out.push_str(&responses_under(&answer.body, &base));
             }
         }
         out
     }
 }
+
+/// How long a home listing waits for each collection shared with the owner.
+const SHARED_LISTING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Puts `extra` responses before the multistatus's closing tag.
 fn splice(body: &mut Vec<u8>, extra: &str) {

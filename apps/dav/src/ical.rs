@@ -20,6 +20,9 @@ use crate::store::{Kind, ObjectMeta};
 /// to it.
 pub const MAX_INSTANCES: usize = 20_000;
 
+/// The most instances `expand` writes for one object.
+pub const MAX_EXPANDED: usize = 5_000;
+
 /// Why an object is refused: the CalDAV/CardDAV precondition ("" for the
 /// kind's valid-data one) and what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -751,7 +754,9 @@ fn alarm_in_range(ctx: &Ctx<'_>, idx: usize, r: &TimeRange) -> bool {
         .iter()
         .filter(|(id, _, _)| *id == parent)
         .any(|(_, s, e)| {
-            let t = if from_end { *e } else { *s } + offset;
+            let Some(t) = (if from_end { *e } else { *s }).checked_add(offset) else {
+                return false;
+            };
             overlaps(t, t, r)
         })
 }
@@ -774,7 +779,7 @@ pub fn parse_duration(s: &str) -> Option<i64> {
             _ => {
                 let n: i64 = num.parse().ok()?;
                 num.clear();
-                total += n * match (c, in_time) {
+                let unit = match (c, in_time) {
                     ('W', false) => 604_800,
                     ('D', false) => 86_400,
                     ('H', true) => 3_600,
@@ -782,6 +787,7 @@ pub fn parse_duration(s: &str) -> Option<i64> {
                     ('S', true) => 1,
                     _ => return None,
                 };
+                total = total.checked_add(n.checked_mul(unit)?)?;
             }
         }
     }
@@ -931,9 +937,15 @@ pub fn expand(text: &str, range: TimeRange) -> String {
     }
     let mut all = instances(text);
     all.sort_by_key(|(_, s, _)| *s);
+    let mut written = 0;
     for (idx, s, e) in all {
         if !overlaps(s, e, &range) || idx >= comps.len() {
             continue;
+        }
+        // A bound on what one object can make of a wide range.
+        written += 1;
+        if written > MAX_EXPANDED {
+            break;
         }
         let c = &comps[idx];
         let is_todo = c.name == "VTODO";

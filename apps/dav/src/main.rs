@@ -42,13 +42,13 @@ impl App for DavApp {
             ));
         }
         let dav = &self.server.dav;
-        if dav.store.collection(kind, &name).ok().flatten().is_none() {
+        let Some(collection) = dav.store.collection(kind, &name).ok().flatten() else {
             return Err(capnp::Error::failed(format!(
                 "{} has no {} named {name}",
                 dav.owner,
                 kind.as_str()
             )));
-        }
+        };
         let c: granary_sdk::services_capnp::dav_collection::Client =
             capnp_rpc::new_client(Offered {
                 dav: dav.clone(),
@@ -56,6 +56,7 @@ impl App for DavApp {
                 name,
                 writable,
                 holder: requester,
+                incarnation: collection.incarnation,
             });
         Ok(c.client)
     }

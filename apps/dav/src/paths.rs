@@ -123,15 +123,27 @@ pub fn resolve(path: &str, owner: &str) -> Result<Target, PathError> {
     }
 }
 
-/// Percent-encodes one segment for an href.
+/// Percent-encodes one segment for an href: only what a path segment may
+/// not hold (RFC 3986 pchar), so a client gets back the href it used.
 pub fn encode(segment: &str) -> String {
     const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
         .remove(b'-')
         .remove(b'.')
         .remove(b'_')
         .remove(b'~')
-        .remove(b'@')
-        .remove(b'+');
+        .remove(b'!')
+        .remove(b'$')
+        .remove(b'&')
+        .remove(b'\'')
+        .remove(b'(')
+        .remove(b')')
+        .remove(b'*')
+        .remove(b'+')
+        .remove(b',')
+        .remove(b';')
+        .remove(b'=')
+        .remove(b':')
+        .remove(b'@');
     percent_encoding::utf8_percent_encode(segment, SET).to_string()
 }
 

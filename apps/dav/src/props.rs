@@ -58,6 +58,7 @@ pub enum Resource<'a> {
         o: &'a Object,
         /// The content, when calendar-data or address-data is asked for.
         data: Option<&'a str>,
+        writable: bool,
     },
 }
 
@@ -159,9 +160,8 @@ pub fn live(r: &Resource<'_>, v: &Viewer<'_>, ns: &str, name: &str) -> Option<St
         (DAV, "owner", Resource::Home(_) | Resource::Principal) => href(&principal),
         (DAV, "owner", Resource::Collection { shared: false, .. }) => href(&principal),
         (DAV, "current-user-privilege-set", r) => match r {
-            Resource::Collection { writable: true, .. } | Resource::Object { .. } => {
-                privileges(COLLECTION_PRIVILEGES)
-            }
+            Resource::Collection { writable: true, .. }
+            | Resource::Object { writable: true, .. } => privileges(COLLECTION_PRIVILEGES),
             Resource::Home(_) => {
                 privileges(&["read", "bind", "unbind", "read-current-user-privilege-set"])
             }

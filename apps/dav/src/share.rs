@@ -45,6 +45,27 @@ pub struct Offered {
     pub writable: bool,
     /// Who holds it: their principal appears in the answers.
     pub holder: GrainRef,
+    /// The collection's incarnation when it was offered: one deleted and
+    /// made again under the same name is another collection, which this
+    /// grant never named.
+    pub incarnation: String,
+}
+
+impl Offered {
+    fn collection(&self) -> Result<crate::store::Collection, capnp::Error> {
+        self.dav
+            .store
+            .collection(self.kind, &self.name)
+            .map_err(failed)?
+            .filter(|c| c.incarnation == self.incarnation)
+            .ok_or_else(|| {
+                failed(format!(
+                    "{} {} no longer exists",
+                    self.kind.as_str(),
+                    self.name
+                ))
+            })
+    }
 }
 
 fn failed(e: impl std::fmt::Display) -> capnp::Error {
@@ -57,12 +78,7 @@ impl dav_collection::Server for Offered {
         _: dav_collection::InfoParams,
         mut results: dav_collection::InfoResults,
     ) -> Result<(), capnp::Error> {
-        let c = self
-            .dav
-            .store
-            .collection(self.kind, &self.name)
-            .map_err(failed)?
-            .ok_or_else(|| failed(format!("no {} {}", self.kind.as_str(), self.name)))?;
+        let c = self.collection()?;
         let mut out = results.get().init_collection();
         out.set_kind(self.kind.as_str());
         out.set_display_name(if c.display_name.is_empty() {
@@ -86,6 +102,7 @@ impl dav_collection::Server for Offered {
         params: dav_collection::RequestParams,
         mut results: dav_collection::RequestResults,
     ) -> Result<(), capnp::Error> {
+        self.collection()?;
         let r = params.get()?.get_request()?;
         let method = r.get_method()?.to_string()?;
         let object = r.get_path()?.to_string()?;
@@ -273,8 +290,13 @@ impl Shares {
                 }
             }
             match call.send().promise.await {
-                Ok(answer) => return response_of(answer).unwrap_or_else(|e| unreachable(route, e)),
-                Err(e) if attempt == 0 => {
+                Ok(answer) => {
+                    return response_of(answer, kind, base)
+                        .unwrap_or_else(|e| unreachable(route, e));
+                }
+                // Only what is safe to repeat is asked again (a lost reply
+                // to a PUT may have been a success).
+                Err(e) if attempt == 0 && idempotent(&req.method) => {
                     // A stale capability (the provider restarted, the grant
                     // was revoked and made again): ask once more.
                     granary_sdk::log::info(&format!("shared {owner}~{name}: {e}; asking again"));
@@ -311,41 +333,110 @@ fn unreachable(route: &SharedRoute, e: capnp::Error) -> Response {
     )
 }
 
+fn idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "PROPFIND" | "REPORT")
+}
+
+/// The provider's answer, rebuilt for the holder's client: the status only
+/// if it is a final one, the ETag, DAV and Allow headers only if they are
+/// plain, the content type set here (never the provider's), and a
+/// multistatus re-read and kept to what lies under `base`.
 fn response_of(
     answer: capnp::capability::Response<dav_collection::request_results::Owned>,
+    kind: Kind,
+    base: &str,
 ) -> Result<Response, capnp::Error> {
     let r = answer.get()?.get_response()?;
-    let mut out = Response::new(r.get_status());
+    let status = r.get_status();
+    if !(200..600).contains(&status) {
+        return Ok(Response::text(
+            502,
+            "the shared collection's owner answered wrongly",
+        ));
+    }
+    let mut out = Response::new(status);
     for h in r.get_headers()?.iter() {
         let name = h.get_name()?.to_string()?.to_ascii_lowercase();
-        // Only what a DAV answer carries; nothing that could set cookies
-        // or redirect the holder's client elsewhere.
-        if matches!(
-            name.as_str(),
-            "content-type" | "etag" | "content-length" | "dav" | "allow"
-        ) {
-            out.headers.push((name, h.get_value()?.to_string()?));
+        let value = h.get_value()?.to_string()?;
+        let plain = value.len() <= 200 && value.bytes().all(|b| (0x20..0x7f).contains(&b));
+        if plain && matches!(name.as_str(), "etag" | "dav" | "allow") {
+            out.headers.push((name, value));
         }
     }
-    out.body = r.get_body()?.to_vec();
+    let body = r.get_body()?;
+    if status == 207 {
+        let Some(rebuilt) = multistatus_under(body, base) else {
+            return Ok(Response::text(
+                502,
+                "the shared collection's owner answered wrongly",
+            ));
+        };
+        return Ok(Response::xml(207, rebuilt));
+    }
+    let content_type = if body.first() == Some(&b'<') {
+        "application/xml; charset=utf-8"
+    } else if status == 200 {
+        kind.content_type()
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    out.headers
+        .push(("content-type".into(), content_type.into()));
+    out.body = body.to_vec();
     Ok(out)
 }
 
-/// The `<D:response>` elements of a provider's multistatus whose hrefs lie
-/// under `base`, re-serialised by our own writer (a provider's answer is
-/// not trusted to be well-formed or to stay inside its collection).
-pub fn responses_under(body: &[u8], base: &str) -> String {
-    let Ok(root) = crate::xml::parse(body) else {
-        return String::new();
+/// Whether `href` names `base` or something inside it, segment by segment
+/// (so `base/../other/` is not inside).
+fn inside(href: &str, base: &str) -> bool {
+    let (Ok((h, _)), Ok((b, _))) = (crate::paths::segments(href), crate::paths::segments(base))
+    else {
+        return false;
     };
+    h.len() >= b.len() && h[..b.len()] == b[..] && h.len() <= b.len() + 1
+}
+
+/// A provider's multistatus, re-read by our parser and written again by
+/// our writer with only the responses under `base` and its sync token.
+fn multistatus_under(body: &[u8], base: &str) -> Option<Vec<u8>> {
+    let root = crate::xml::parse(body).ok()?;
+    if !root.is(crate::xml::DAV, "multistatus") {
+        return None;
+    }
+    let responses = responses_of(&root, base);
+    let extra = root
+        .child(crate::xml::DAV, "sync-token")
+        .map(|t| {
+            format!(
+                "<D:sync-token>{}</D:sync-token>",
+                crate::xml::escape(&t.text)
+            )
+        })
+        .unwrap_or_default();
+    Some(crate::props::multistatus(&responses, &extra))
+}
+
+fn responses_of(root: &crate::xml::Element, base: &str) -> String {
     let mut out = String::new();
     for r in root.children_named(crate::xml::DAV, "response") {
-        let inside = r
-            .child(crate::xml::DAV, "href")
-            .is_some_and(|h| h.text.starts_with(base));
-        if inside {
+        let ok = r
+            .children_named(crate::xml::DAV, "href")
+            .all(|h| inside(&h.text, base))
+            && r.child(crate::xml::DAV, "href").is_some();
+        if ok {
             out.push_str(&r.to_xml());
         }
     }
     out
+}
+
+/// The `<D:response>` elements of a provider's multistatus whose hrefs lie
+/// under `base` (segment by segment), re-serialised by our own writer (a
+/// provider's answer is not trusted to be well-formed or to stay inside
+/// its collection).
+pub fn responses_under(body: &[u8], base: &str) -> String {
+    match crate::xml::parse(body) {
+        Ok(root) => responses_of(&root, base),
+        Err(_) => String::new(),
+    }
 }

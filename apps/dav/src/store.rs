@@ -134,10 +134,9 @@ pub struct Preconditions {
 
 impl Preconditions {
     fn hold(&self, current: Option<&str>) -> bool {
-        let listed = |list: &Vec<String>| {
-            list.iter()
-                .any(|t| t == "*" || Some(t.trim_start_matches("W/")) == current)
-        };
+        // Strong comparison (RFC 7232 §3.1): a weak tag never matches.
+        let listed =
+            |list: &Vec<String>| list.iter().any(|t| t == "*" || Some(t.as_str()) == current);
         if let Some(m) = &self.if_match
             && (current.is_none() || !listed(m))
         {
@@ -180,7 +179,8 @@ pub struct Store {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 CREATE TABLE IF NOT EXISTS collections (
-    id INTEGER PRIMARY KEY,
+    -- Never reused: a collection's files live under its id.
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
     name TEXT NOT NULL,
     display_name TEXT NOT NULL DEFAULT '',
@@ -475,14 +475,19 @@ impl Store {
         Ok(())
     }
 
-    /// Sets live properties of a collection (counts as a change for sync).
-    pub fn set_collection_props(
+    /// A PROPPATCH in one transaction: live properties of the collection
+    /// (a change for its ctag and sync token) and dead properties of
+    /// `path`, all or none.
+    pub fn proppatch(
         &self,
         c: &Collection,
         changes: &[(LiveProp, String)],
+        path: &str,
+        dead: &[(String, Option<String>)],
     ) -> Result<(), StoreError> {
         let mut db = self.db();
         let tx = db.transaction()?;
+        set_dead(&tx, path, dead)?;
         for (prop, value) in changes {
             let column = match prop {
                 LiveProp::DisplayName => "display_name",
@@ -493,6 +498,10 @@ impl Store {
                 &format!("UPDATE collections SET {column} = ?1 WHERE id = ?2"),
                 params![value, c.id],
             )?;
+        }
+        if !changes.is_empty() {
+            // The ctag and sync token move, so clients refetch properties.
+            tx.execute("UPDATE collections SET seq = seq + 1 WHERE id = ?1", [c.id])?;
         }
         tx.commit()?;
         Ok(())
@@ -566,21 +575,34 @@ impl Store {
     pub fn materialize(&self) -> Result<usize, StoreError> {
         let mut done = 0;
         loop {
-            let batch: Vec<(i64, String, Vec<u8>)> = {
+            // Keys first; each content is read, written and dropped in
+            // turn, so memory holds one object at a time.
+            let batch: Vec<(i64, String)> = {
                 let db = self.db();
-                let mut stmt =
-                    db.prepare("SELECT collection_id, file, data FROM pending LIMIT 64")?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                let mut stmt = db.prepare("SELECT collection_id, file FROM pending LIMIT 256")?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 rows.collect::<Result<_, _>>()?
             };
             if batch.is_empty() {
                 return Ok(done);
             }
             let mut dirs = std::collections::BTreeSet::new();
-            for (c, file, data) in &batch {
+            let mut written = Vec::new();
+            for (c, file) in &batch {
+                let data: Option<Vec<u8>> = self
+                    .db()
+                    .query_row(
+                        "SELECT data FROM pending WHERE collection_id = ?1 AND file = ?2",
+                        params![c, file],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                // Gone meanwhile: replaced or deleted before it was written.
+                let Some(data) = data else { continue };
                 let path = self.file_path(*c, file);
-                write_file(&path, data)?;
+                write_file(&path, &data)?;
                 dirs.insert(path.parent().expect("in a directory").to_owned());
+                written.push((*c, file.clone()));
             }
             for d in &dirs {
                 std::fs::File::open(d)?.sync_all()?;
@@ -589,7 +611,7 @@ impl Store {
             {
                 let mut db = self.db();
                 let tx = db.transaction()?;
-                for (c, file, _) in &batch {
+                for (c, file) in &written {
                     tx.execute(
                         "DELETE FROM pending WHERE collection_id = ?1 AND file = ?2",
                         params![c, file],
@@ -666,13 +688,10 @@ impl Store {
         pre: &Preconditions,
     ) -> Result<(String, bool), StoreError> {
         let etag = etag_of(data);
-        let file = {
-            let mut keyed = name.as_bytes().to_vec();
-            keyed.push(0);
-            keyed.extend_from_slice(data);
-            hex(&ring::digest::digest(&ring::digest::SHA256, &keyed).as_ref()[..16])
-        };
-        let path = self.file_path(c.id, &file);
+        // A name of its own for every write: no two writers ever share a
+        // file, so removing the one a write replaced can never take another
+        // write's content.
+        let file = random_hex(16);
         let mut db = self.db();
         let tx = db.transaction()?;
         let current: Option<(String, String)> = tx
@@ -696,12 +715,10 @@ impl Store {
             return Err(StoreError::UidConflict(meta.uid.clone(), other));
         }
         // The content commits with the row; the file comes after.
-        if !path.exists() {
-            tx.execute(
-                "INSERT OR IGNORE INTO pending (collection_id, file, data) VALUES (?1, ?2, ?3)",
-                params![c.id, file, data],
-            )?;
-        }
+        tx.execute(
+            "INSERT INTO pending (collection_id, file, data) VALUES (?1, ?2, ?3)",
+            params![c.id, file, data],
+        )?;
         if let Some((_, old)) = &current
             && *old != file
         {
@@ -832,32 +849,31 @@ impl Store {
         }
         Ok(out)
     }
+}
 
-    /// Sets (`Some`) or removes (`None`) dead properties, all or none.
-    pub fn set_dead_props(
-        &self,
-        path: &str,
-        changes: &[(String, Option<String>)],
-    ) -> Result<(), StoreError> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        for (key, xml) in changes {
-            match xml {
-                Some(xml) => tx.execute(
-                    "INSERT INTO dead_props (path, key, xml) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (path, key) DO UPDATE SET xml = excluded.xml",
-                    params![path, key, xml],
-                )?,
-                None => tx.execute(
-                    "DELETE FROM dead_props WHERE path = ?1 AND key = ?2",
-                    params![path, key],
-                )?,
-            };
-        }
-        tx.commit()?;
-        Ok(())
+/// Sets (`Some`) or removes (`None`) dead properties.
+fn set_dead(
+    tx: &rusqlite::Transaction<'_>,
+    path: &str,
+    changes: &[(String, Option<String>)],
+) -> Result<(), StoreError> {
+    for (key, xml) in changes {
+        match xml {
+            Some(xml) => tx.execute(
+                "INSERT INTO dead_props (path, key, xml) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (path, key) DO UPDATE SET xml = excluded.xml",
+                params![path, key, xml],
+            )?,
+            None => tx.execute(
+                "DELETE FROM dead_props WHERE path = ?1 AND key = ?2",
+                params![path, key],
+            )?,
+        };
     }
+    Ok(())
+}
 
+impl Store {
     /// Folds the WAL into the database so a snapshot of the dataset holds
     /// the whole index in one file; says what it did.
     pub fn checkpoint(&self) -> Result<String, StoreError> {

@@ -161,12 +161,25 @@ pub fn parse(body: &[u8]) -> Result<Element, XmlError> {
                     }
                 };
                 let name = String::from_utf8_lossy(start.local_name().as_ref()).into_owned();
+                if !is_name(&name) {
+                    return Err(XmlError::Malformed(format!(
+                        "{name:.40} is not an element name"
+                    )));
+                }
                 let mut attrs = Vec::new();
                 for a in start.attributes() {
                     let a = a.map_err(|e| malformed(&e))?;
                     let key = a.key.as_ref();
-                    if key.starts_with(b"xmlns") {
+                    // Namespace declarations are resolved already; prefixed
+                    // attributes mean nothing to WebDAV and are dropped (kept,
+                    // they could collide by local name when written back).
+                    if key.starts_with(b"xmlns") || key.contains(&b':') {
                         continue;
+                    }
+                    if !is_name(&String::from_utf8_lossy(key)) {
+                        return Err(XmlError::Malformed(
+                            "an attribute name is not a name".into(),
+                        ));
                     }
                     let value = a
                         .decode_and_unescape_value(reader.decoder())
@@ -223,6 +236,18 @@ pub fn parse(body: &[u8]) -> Result<Element, XmlError> {
     }
 }
 
+/// A name our writer can put back as it is: ASCII letters, digits, `_`,
+/// `-` and `.`, not starting with a digit, `-` or `.` (a subset of XML's
+/// NCName, which is all WebDAV uses).
+fn is_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        && name.len() <= 128
+}
+
 fn finish(reader: &mut NsReader<&[u8]>, root: Element) -> Result<Element, XmlError> {
     let mut buf = Vec::new();
     loop {
@@ -250,6 +275,7 @@ pub fn escape(s: &str) -> String {
             '\'' => out.push_str("&apos;"),
             // Characters XML 1.0 cannot carry are dropped.
             c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => {}
+            '\u{fffe}' | '\u{ffff}' => {}
             c => out.push(c),
         }
     }
@@ -286,6 +312,9 @@ mod tests {
         assert_eq!(parse(b"   "), Err(XmlError::Empty));
         assert!(parse(b"<a/><b/>").is_err());
         assert!(parse(b"<a>&undefined;</a>").is_err());
+        assert!(parse(b"<D:a\"b xmlns:D=\"DAV:\"/>").is_err());
+        let e = parse(b"<a xmlns:p=\"x\" xmlns:q=\"y\" p:x=\"1\" q:x=\"2\"/>").unwrap();
+        assert!(e.attrs.is_empty());
     }
 
     #[test]
