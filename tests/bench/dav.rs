@@ -23,7 +23,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,7 +32,7 @@ use granary_testkit::{DEADLINE, eventually};
 
 #[path = "support.rs"]
 mod support;
-use support::{free_port, median, sh, tls_config};
+use support::{free_port, median, tls_config};
 
 /// One keep-alive HTTP/1.1 connection over TLS.
 struct Http {
@@ -414,69 +413,11 @@ impl Drop for Radicale {
     }
 }
 
-fn openssl_leaf(d: &Path) {
-    let p = |name: &str| d.join(name).to_str().unwrap().to_owned();
-    sh(Command::new("openssl").args([
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &p("ca.key"),
-        "-out",
-        &p("ca.pem"),
-        "-days",
-        "1",
-        "-subj",
-        "/CN=bench CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    ]));
-    sh(Command::new("openssl").args([
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &p("key.pem"),
-        "-out",
-        &p("leaf.csr"),
-        "-subj",
-        "/CN=127.0.0.1",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1",
-    ]));
-    sh(Command::new("openssl").args([
-        "x509",
-        "-req",
-        "-in",
-        &p("leaf.csr"),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-copy_extensions",
-        "copy",
-        "-days",
-        "1",
-        "-out",
-        &p("cert.pem"),
-    ]));
-}
-
 impl Radicale {
     fn start() -> Radicale {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        openssl_leaf(d);
+        support::openssl_leaf(d);
         let port = free_port();
         std::fs::write(d.join("users"), "alice:secret-password\n").unwrap();
         std::fs::write(

@@ -53,63 +53,8 @@ impl Dovecot {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::create_dir(d.join("home")).unwrap();
         sh(Command::new("chown").args(["nobody:nogroup", d.join("home").to_str().unwrap()]));
-        // A CA and a certificate it signed (webpki refuses a self-signed
-        // certificate as its own CA).
-        let p = |name: &str| d.join(name).to_str().unwrap().to_owned();
-        sh(Command::new("openssl").args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &p("ca.key"),
-            "-out",
-            &p("ca.pem"),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=bench CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ]));
-        sh(Command::new("openssl").args([
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &p("key.pem"),
-            "-out",
-            &p("leaf.csr"),
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ]));
-        sh(Command::new("openssl").args([
-            "x509",
-            "-req",
-            "-in",
-            &p("leaf.csr"),
-            "-CA",
-            &p("ca.pem"),
-            "-CAkey",
-            &p("ca.key"),
-            "-CAcreateserial",
-            "-copy_extensions",
-            "copy",
-            "-days",
-            "1",
-            "-out",
-            &p("cert.pem"),
-        ]));
+        // A CA and a certificate it signed for 127.0.0.1.
+        support::openssl_leaf(d);
         let port = free_port();
         // SHA512-CRYPT, the scheme Dovecot set-ups commonly use, with the
         // auth cache on. (Its ARGON2ID, at 64 MiB and 3 passes, held it to

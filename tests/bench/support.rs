@@ -40,6 +40,47 @@ pub(crate) fn sh(cmd: &mut Command) {
     );
 }
 
+/// In `d`: `ca.pem` (a CA made for the run) and `cert.pem`/`key.pem`, a
+/// certificate it signed for 127.0.0.1 (webpki refuses a self-signed
+/// certificate as its own CA).
+pub(crate) fn openssl_leaf(d: &Path) {
+    let p = |name: &str| d.join(name).to_str().unwrap().to_owned();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    sh(Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-keyout", &p("ca.key"), "-out", &p("ca.pem"), "-days", "1"])
+        .args(["-subj", "/CN=bench CA"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign"]));
+    sh(Command::new("openssl")
+        .arg("req")
+        .args(ec)
+        .args(["-keyout", &p("key.pem"), "-out", &p("leaf.csr")])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ]));
+    sh(Command::new("openssl")
+        .args(["x509", "-req", "-in", &p("leaf.csr"), "-CA", &p("ca.pem")])
+        .args([
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-copy_extensions",
+            "copy",
+        ])
+        .args(["-days", "1", "-out", &p("cert.pem")]));
+}
+
 pub(crate) fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();

@@ -146,6 +146,13 @@ fn wanted(body: Option<&Element>) -> Result<Wanted, Response> {
     Ok(Wanted::AllProp)
 }
 
+/// A PROPFIND's depth and what it asks for.
+fn propfind_request(req: &Request) -> Result<(u8, Wanted), Response> {
+    let depth = depth(req)?;
+    let body = parse_body(req)?;
+    Ok((depth, wanted(body.as_ref())?))
+}
+
 fn preconditions(req: &Request) -> Preconditions {
     let list = |v: &str| -> Vec<String> { v.split(',').map(|t| t.trim().to_owned()).collect() };
     Preconditions {
@@ -279,16 +286,8 @@ impl Dav {
         };
         match req.method.as_str() {
             "PROPFIND" => {
-                let depth = match depth(req) {
-                    Ok(d) => d,
-                    Err(r) => return r,
-                };
-                let body = match parse_body(req) {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
-                let wanted = match wanted(body.as_ref()) {
-                    Ok(w) => w,
+                let (depth, wanted) = match propfind_request(req) {
+                    Ok(p) => p,
                     Err(r) => return r,
                 };
                 let href = paths::href(&self.owner, target);
@@ -530,16 +529,8 @@ impl Dav {
         scope: &Scope<'_>,
         req: &Request,
     ) -> Response {
-        let depth = match depth(req) {
-            Ok(d) => d,
-            Err(r) => return r,
-        };
-        let body = match parse_body(req) {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        let wanted = match wanted(body.as_ref()) {
-            Ok(w) => w,
+        let (depth, wanted) = match propfind_request(req) {
+            Ok(p) => p,
             Err(r) => return r,
         };
         let dead = self.dead_of(c);

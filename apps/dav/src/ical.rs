@@ -808,18 +808,21 @@ fn prop_matches(lines: &[Line], pf: &PropFilter, ctx: &Ctx<'_>) -> bool {
         }
         let _ = ctx;
         pf.texts.iter().all(|t| t.matches(&l.text()))
-            && pf.params.iter().all(|p| {
-                let values = l.param(&p.name);
-                if p.is_not_defined {
-                    return values.is_none();
-                }
-                match (values, &p.text) {
-                    (None, _) => false,
-                    (Some(_), None) => true,
-                    (Some(vs), Some(t)) => vs.iter().any(|v| t.matches(v)),
-                }
-            })
+            && pf.params.iter().all(|p| param_matches(l, p))
     })
+}
+
+/// RFC 4791 §9.7.3 / RFC 6352 §10.5.2: a param-filter on one line.
+fn param_matches(l: &Line, p: &crate::filter::ParamFilter) -> bool {
+    let values = l.param(&p.name);
+    if p.is_not_defined {
+        return values.is_none();
+    }
+    match (values, &p.text) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(vs), Some(t)) => vs.iter().any(|v| t.matches(v)),
+    }
 }
 
 /// A DATE-TIME or DATE property value as UTC seconds (TZIDs resolved with
@@ -865,17 +868,7 @@ pub fn card_matches(text: &str, f: &CardFilter) -> bool {
                 .texts
                 .iter()
                 .map(|t| t.matches(&l.text()))
-                .chain(pf.params.iter().map(|p| {
-                    let values = l.param(&p.name);
-                    if p.is_not_defined {
-                        return values.is_none();
-                    }
-                    match (values, &p.text) {
-                        (None, _) => false,
-                        (Some(_), None) => true,
-                        (Some(vs), Some(t)) => vs.iter().any(|v| t.matches(v)),
-                    }
-                }))
+                .chain(pf.params.iter().map(|p| param_matches(l, p)))
                 .peekable();
             if tests.peek().is_none() {
                 return true;

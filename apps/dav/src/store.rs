@@ -694,13 +694,7 @@ impl Store {
         let file = random_hex(16);
         let mut db = self.db();
         let tx = db.transaction()?;
-        let current: Option<(String, String)> = tx
-            .query_row(
-                "SELECT etag, file FROM objects WHERE collection_id = ?1 AND name = ?2",
-                params![c.id, name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
+        let current = etag_and_file(&tx, c.id, name)?;
         if !pre.hold(current.as_ref().map(|(e, _)| e.as_str())) {
             return Err(StoreError::Precondition);
         }
@@ -769,13 +763,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let current: Option<(String, String)> = tx
-            .query_row(
-                "SELECT etag, file FROM objects WHERE collection_id = ?1 AND name = ?2",
-                params![c.id, name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
+        let current = etag_and_file(&tx, c.id, name)?;
         if !pre.hold(current.as_ref().map(|(e, _)| e.as_str())) {
             return Err(StoreError::Precondition);
         }
@@ -884,6 +872,21 @@ impl Store {
         let n: i64 = db.query_row("SELECT count(*) FROM objects", [], |r| r.get(0))?;
         Ok(format!("dav index checkpointed ({n} objects)"))
     }
+}
+
+/// The ETag and file of `name`, if it exists.
+fn etag_and_file(
+    tx: &rusqlite::Transaction<'_>,
+    collection: i64,
+    name: &str,
+) -> Result<Option<(String, String)>, StoreError> {
+    Ok(tx
+        .query_row(
+            "SELECT etag, file FROM objects WHERE collection_id = ?1 AND name = ?2",
+            params![collection, name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?)
 }
 
 /// Records a change of `name` under the collection's next change number.

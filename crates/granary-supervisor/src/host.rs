@@ -50,6 +50,29 @@ impl HostImpl {
     }
 }
 
+impl HostImpl {
+    /// The capability a live grant of this grain's names (from `provider`
+    /// when given), wrapped in its membrane.
+    async fn granted(
+        &self,
+        sup: &Rc<Inner>,
+        descriptor: String,
+        provider: Option<String>,
+    ) -> Result<capnp::capability::Client, capnp::Error> {
+        granary_model::check_descriptor(&descriptor).map_err(failed)?;
+        let (holder, d) = (self.id.clone(), descriptor.clone());
+        let grant = db(&sup.params.store, move |s| match provider {
+            Some(p) => s.find_grant_from(&holder, &p, &d),
+            None => s.find_grant(&holder, &d),
+        })
+        .await
+        .map_err(failed)?
+        .ok_or_else(|| no_grant(&descriptor))?;
+        sup.check_grant_live(grant.id)?;
+        sup.obtain(&grant, "request").await
+    }
+}
+
 fn failed(e: impl std::fmt::Display) -> capnp::Error {
     capnp::Error::failed(e.to_string())
 }
@@ -84,14 +107,7 @@ impl host::Server for HostImpl {
         let sup = self.sup()?;
         let _call = sup.admit_call(&self.id)?;
         let descriptor = params.get()?.get_descriptor()?.to_str()?.to_owned();
-        granary_model::check_descriptor(&descriptor).map_err(failed)?;
-        let (holder, d) = (self.id.clone(), descriptor.clone());
-        let grant = db(&sup.params.store, move |s| s.find_grant(&holder, &d))
-            .await
-            .map_err(failed)?
-            .ok_or_else(|| no_grant(&descriptor))?;
-        sup.check_grant_live(grant.id)?;
-        let cap = sup.obtain(&grant, "request").await?;
+        let cap = self.granted(&sup, descriptor, None).await?;
         results.get().init_cap().set_as_capability(cap.hook);
         Ok(())
     }
@@ -106,16 +122,7 @@ impl host::Server for HostImpl {
         let p = params.get()?;
         let descriptor = p.get_descriptor()?.to_str()?.to_owned();
         let provider = p.get_provider()?.to_str()?.to_owned();
-        granary_model::check_descriptor(&descriptor).map_err(failed)?;
-        let (holder, d) = (self.id.clone(), descriptor.clone());
-        let grant = db(&sup.params.store, move |s| {
-            s.find_grant_from(&holder, &provider, &d)
-        })
-        .await
-        .map_err(failed)?
-        .ok_or_else(|| no_grant(&descriptor))?;
-        sup.check_grant_live(grant.id)?;
-        let cap = sup.obtain(&grant, "request").await?;
+        let cap = self.granted(&sup, descriptor, Some(provider)).await?;
         results.get().init_cap().set_as_capability(cap.hook);
         Ok(())
     }
