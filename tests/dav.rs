@@ -167,6 +167,17 @@ p = client.principal()
 fam = p.make_calendar(name="Family", cal_id="family")
 fam.save_event("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:picnic\r\nDTSTAMP:20240101T000000Z\r\nDTSTART:20240601T120000Z\r\nDURATION:PT2H\r\nSUMMARY:Picnic\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
 p.make_calendar(name="Private", cal_id="private").save_event("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:secret\r\nDTSTAMP:20240101T000000Z\r\nDTSTART:20240601T120000Z\r\nDURATION:PT2H\r\nSUMMARY:Secret\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+# Enough that a full listing with calendar-data is several MiB.
+import niquests
+sess = niquests.Session()
+sess.auth = (os.environ["DAV_USER"], os.environ["DAV_PASSWORD"])
+sess.verify = os.environ["DAV_CA"]
+for i in range(1200):
+    body = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:bulk-%d\r\n"
+            "DTSTAMP:20240101T000000Z\r\nDTSTART:20240701T120000Z\r\nDURATION:PT1H\r\nSUMMARY:bulk %d\r\n"
+            "DESCRIPTION:%s\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n") % (i, i, "x" * 70 * 30)
+    r = sess.put(str(fam.url) + "bulk-%d.ics" % i, data=body, headers={"Content-Type": "text/calendar"})
+    assert r.status_code == 201, r.status_code
 if os.environ.get("CHECK_UID"):
     uids = sorted(str(e.icalendar_component["uid"]) for e in fam.events())
     assert uids == os.environ["CHECK_UID"].split(","), uids
@@ -202,7 +213,7 @@ assert shared in cals, list(cals)
 fam = cals[shared]
 assert fam.get_property(caldav.elements.dav.DisplayName(), use_cached=False) == "Family"
 uids = sorted(str(e.icalendar_component["uid"]) for e in fam.events())
-assert "picnic" in uids, uids
+assert "picnic" in uids and len(uids) == 1201, len(uids)
 token = fam.objects_by_sync_token().sync_token
 event = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//t//EN\r\nBEGIN:VEVENT\r\nUID:bobs\r\nDTSTAMP:20240101T000000Z\r\nDTSTART:20240602T120000Z\r\nDURATION:PT1H\r\nSUMMARY:Bob brings cake\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
 r = raw.request(os.environ["DAV_URL"] + "calendars/bob/alice~family/bobs.ics", "PUT", event, {"Content-Type": "text/calendar"})
@@ -280,7 +291,7 @@ import os, caldav
 client = caldav.DAVClient(os.environ["DAV_URL"], username=os.environ["DAV_USER"],
     password=os.environ["DAV_PASSWORD"], ssl_verify_cert=os.environ["DAV_CA"])
 fam = [c for c in client.principal().calendars() if c.url.path.endswith("/family/")][0]
-uids = sorted(str(e.icalendar_component["uid"]) for e in fam.events())
+uids = sorted(str(e.icalendar_component["uid"]) for e in fam.events() if not str(e.icalendar_component["uid"]).startswith("bulk-"))
 assert uids == ["bobs", "picnic"], uids
 print("ok")
 "#,

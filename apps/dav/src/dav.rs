@@ -619,6 +619,7 @@ impl Dav {
                         CalendarData::LimitRecurrence(r) => ical::limit_recurrence(&text, r),
                     })
                 }
+                Err(StoreError::Gone) => return props::status_response(href, "404 Not Found"),
                 Err(_) => return props::status_response(href, "500 Internal Server Error"),
             }
         } else {
@@ -746,6 +747,7 @@ impl Dav {
         }
         let data = match self.store.read(c, &o) {
             Ok(d) => d,
+            Err(StoreError::Gone) => return Response::text(404, "no such object"),
             Err(e) => return server_error(e),
         };
         let mut r = Response::new(200)
@@ -862,6 +864,9 @@ impl Dav {
         let dead = self.dead_of(c);
         let mut out = String::new();
         for o in &objects {
+            if out.len() > MAX_RESPONSE {
+                return Err(too_many());
+            }
             if let Some((component, r)) = fast
                 && o.single
                 && o.component == component
@@ -885,7 +890,12 @@ impl Dav {
                 if !ical::component_may_match(&o.component, f) {
                     continue;
                 }
-                let data = self.store.read(c, o).map_err(server_error)?;
+                let data = match self.store.read(c, o) {
+                    Ok(d) => d,
+                    // Deleted since the listing: not part of the answer.
+                    Err(StoreError::Gone) => continue,
+                    Err(e) => return Err(server_error(e)),
+                };
                 if !ical::calendar_matches(&String::from_utf8_lossy(&data), f) {
                     continue;
                 }
@@ -911,8 +921,16 @@ impl Dav {
         let mut n = 0;
         let mut truncated = false;
         for o in &objects {
+            if out.len() > MAX_RESPONSE {
+                return Err(too_many());
+            }
             if !f.props.is_empty() {
-                let data = self.store.read(c, o).map_err(server_error)?;
+                let data = match self.store.read(c, o) {
+                    Ok(d) => d,
+                    // Deleted since the listing: not part of the answer.
+                    Err(StoreError::Gone) => continue,
+                    Err(e) => return Err(server_error(e)),
+                };
                 if !ical::card_matches(&String::from_utf8_lossy(&data), &f) {
                     continue;
                 }
@@ -998,6 +1016,9 @@ impl Dav {
             // (a change racing with it is sent again next time).
             now = c.seq;
             for o in &objects {
+                if out.len() > MAX_RESPONSE {
+                    return Err(too_many());
+                }
                 let href = format!("{}{}", scope.base, paths::encode(&o.name));
                 out.push_str(&self.object_response(c, o, &href, scope, &wanted, &dead));
             }
@@ -1008,6 +1029,9 @@ impl Dav {
             let (changes, current) = self.store.changes_since(c, seq).map_err(server_error)?;
             now = current;
             for (name, deleted) in changes {
+                if out.len() > MAX_RESPONSE {
+                    return Err(too_many());
+                }
                 let href = format!("{}{}", scope.base, paths::encode(&name));
                 let object = if deleted {
                     None
@@ -1052,7 +1076,11 @@ impl Dav {
             .map_err(server_error)?;
         let mut busy = Vec::new();
         for o in objects.iter().filter(|o| o.component == "VEVENT") {
-            let data = self.store.read(c, o).map_err(server_error)?;
+            let data = match self.store.read(c, o) {
+                Ok(d) => d,
+                Err(StoreError::Gone) => continue,
+                Err(e) => return Err(server_error(e)),
+            };
             busy.extend(ical::busy(
                 &String::from_utf8_lossy(&data),
                 filter::TimeRange {

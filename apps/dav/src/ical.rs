@@ -20,8 +20,9 @@ use crate::store::{Kind, ObjectMeta};
 /// to it.
 pub const MAX_INSTANCES: usize = 20_000;
 
-/// The most instances `expand` writes for one object.
+/// The most instances `expand` writes for one object, and the most bytes.
 pub const MAX_EXPANDED: usize = 5_000;
+pub const MAX_EXPANDED_BYTES: usize = 8 << 20;
 
 /// Why an object is refused: the CalDAV/CardDAV precondition ("" for the
 /// kind's valid-data one) and what was wrong.
@@ -937,7 +938,7 @@ pub fn expand(text: &str, range: TimeRange) -> String {
         }
         // A bound on what one object can make of a wide range.
         written += 1;
-        if written > MAX_EXPANDED {
+        if written > MAX_EXPANDED || out.len() > MAX_EXPANDED_BYTES {
             break;
         }
         let c = &comps[idx];

@@ -399,7 +399,7 @@ fn inside(href: &str, base: &str) -> bool {
 /// A provider's multistatus, re-read by our parser and written again by
 /// our writer with only the responses under `base` and its sync token.
 fn multistatus_under(body: &[u8], base: &str) -> Option<Vec<u8>> {
-    let root = crate::xml::parse(body).ok()?;
+    let root = crate::xml::parse_with(body, crate::xml::ANSWER).ok()?;
     if !root.is(crate::xml::DAV, "multistatus") {
         return None;
     }
@@ -435,7 +435,7 @@ fn responses_of(root: &crate::xml::Element, base: &str) -> String {
 /// provider's answer is not trusted to be well-formed or to stay inside
 /// its collection).
 pub fn responses_under(body: &[u8], base: &str) -> String {
-    match crate::xml::parse(body) {
+    match crate::xml::parse_with(body, crate::xml::ANSWER) {
         Ok(root) => responses_of(&root, base),
         Err(_) => String::new(),
     }

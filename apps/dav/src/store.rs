@@ -162,6 +162,8 @@ pub enum StoreError {
     UidConflict(String, String),
     #[error("no such collection")]
     NoCollection,
+    #[error("the object was deleted meanwhile")]
+    Gone,
     #[error("storage: {0}")]
     Io(#[from] std::io::Error),
     #[error("index: {0}")]
@@ -451,6 +453,8 @@ impl Store {
         };
         let id = db.last_insert_rowid();
         std::fs::create_dir_all(self.dir.join("objects").join(id.to_string()))?;
+        // The directory's entry durable before any file in it is.
+        std::fs::File::open(self.dir.join("objects"))?.sync_all()?;
         Ok(db.query_row(
             &format!("SELECT {COLLECTION_COLUMNS} FROM collections WHERE id = ?1"),
             [id],
@@ -561,7 +565,18 @@ impl Store {
         match pending {
             Some(data) => Ok(data),
             // Not pending: its file was written (and fsynced) first.
-            None => Ok(std::fs::read(self.file_path(c.id, &o.file))?),
+            None => match std::fs::read(self.file_path(c.id, &o.file)) {
+                Ok(data) => Ok(data),
+                // Replaced or deleted since `o` was read: the object as it
+                // is now, or gone.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    match self.object(c, &o.name)? {
+                        Some(now) if now.file != o.file => self.read(c, &now),
+                        _ => Err(StoreError::Gone),
+                    }
+                }
+                Err(e) => Err(e.into()),
+            },
         }
     }
 

@@ -42,13 +42,13 @@ pub struct Element {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum XmlError {
-    #[error("the request body is larger than {MAX_BODY} bytes")]
+    #[error("the body is larger than the limit")]
     TooLarge,
     #[error("document type declarations are not accepted")]
     Dtd,
-    #[error("elements are nested deeper than {MAX_DEPTH}")]
+    #[error("elements are nested too deeply")]
     TooDeep,
-    #[error("more than {MAX_NODES} elements")]
+    #[error("too many elements")]
     TooMany,
     #[error("the body has no root element")]
     Empty,
@@ -124,9 +124,38 @@ impl Element {
     }
 }
 
+/// How much a document may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub body: usize,
+    pub depth: usize,
+    pub nodes: usize,
+}
+
+/// A client's request body.
+pub const REQUEST: Limits = Limits {
+    body: MAX_BODY,
+    depth: MAX_DEPTH,
+    nodes: MAX_NODES,
+};
+
+/// A multistatus another user's grain answers for a shared collection:
+/// as large as a REPORT may be (32 MiB), one level deeper than a request
+/// (a dead property inside a response), and elements in proportion.
+pub const ANSWER: Limits = Limits {
+    body: 33 << 20,
+    depth: MAX_DEPTH + 8,
+    nodes: 500_000,
+};
+
 /// Parses a request body into its root element.
 pub fn parse(body: &[u8]) -> Result<Element, XmlError> {
-    if body.len() > MAX_BODY {
+    parse_with(body, REQUEST)
+}
+
+/// [`parse`] under other limits.
+pub fn parse_with(body: &[u8], limits: Limits) -> Result<Element, XmlError> {
+    if body.len() > limits.body {
         return Err(XmlError::TooLarge);
     }
     let mut reader = NsReader::from_reader(body);
@@ -144,10 +173,10 @@ pub fn parse(body: &[u8]) -> Result<Element, XmlError> {
         match event {
             Event::Start(start) => {
                 nodes += 1;
-                if nodes > MAX_NODES {
+                if nodes > limits.nodes {
                     return Err(XmlError::TooMany);
                 }
-                if stack.len() >= MAX_DEPTH {
+                if stack.len() >= limits.depth {
                     return Err(XmlError::TooDeep);
                 }
                 let ns = match resolved {
