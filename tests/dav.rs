@@ -725,7 +725,9 @@ fn litmus_scores(out: &str) -> Vec<(String, u32, u32)> {
 fn litmus_webdav_suite_score() {
     let h = host(&["alice"]);
     let proxy = granary_testkit::dav::ConnectProxy::start(h.daemon.https_addr());
+    // litmus writes debug.log and child.log where it runs.
     let out = std::process::Command::new("litmus")
+        .current_dir(h.dir.path())
         .args([
             "-k",
             "--proxy",
