@@ -12,9 +12,12 @@
 //!   (`imap_pre_login`).
 //! - [`smtp`]: the MX's SMTP session, from greeting to the end of each
 //!   message's data (`smtp_session`).
+//! - [`scram`]: SCRAM-SHA-1 and SCRAM-SHA-256 for the XMPP logins to
+//!   come: verifiers, the client's messages, the proof (`scram_client`).
 
 pub mod http;
 pub mod imap;
 pub mod mta_sts;
+pub mod scram;
 pub mod smtp;
 pub mod ssh;
