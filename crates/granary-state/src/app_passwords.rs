@@ -39,6 +39,26 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AppPassword> {
 }
 
 impl Store {
+    /// The SCRAM verifiers of a user's app passwords of `kind` that have
+    /// them: (id, verifiers, one per line).
+    pub fn scram_verifiers(
+        &self,
+        user: &UserName,
+        kind: &str,
+    ) -> Result<Vec<(i64, String)>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT a.id, a.scram FROM app_passwords a JOIN users u ON u.id = a.user_id
+                 WHERE u.name = ?1 AND a.kind = ?2 AND a.scram != '' ORDER BY a.id",
+            )
+            .op("read scram verifiers")?;
+        let rows = stmt
+            .query_map(params![user.as_str(), kind], |r| Ok((r.get(0)?, r.get(1)?)))
+            .op("read scram verifiers")?;
+        rows.collect::<Result<_, _>>().op("read scram verifiers")
+    }
+
     pub fn add_app_password(
         &self,
         user: &UserName,
@@ -47,13 +67,27 @@ impl Store {
         password_hash: &str,
         actor: &str,
     ) -> Result<AppPassword, StateError> {
+        self.add_app_password_with_scram(user, kind, label, password_hash, "", actor)
+    }
+
+    /// [`Store::add_app_password`] with the SCRAM verifiers of the same
+    /// password (for protocols that need them), in the same transaction.
+    pub fn add_app_password_with_scram(
+        &self,
+        user: &UserName,
+        kind: &str,
+        label: &str,
+        password_hash: &str,
+        scram: &str,
+        actor: &str,
+    ) -> Result<AppPassword, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction().op("begin add app password")?;
         let uid = user_id(&tx, user)?;
         tx.execute(
-            "INSERT INTO app_passwords (user_id, kind, label, password_hash)
-             VALUES (?1, ?2, ?3, ?4)",
-            params![uid, kind, label, password_hash],
+            "INSERT INTO app_passwords (user_id, kind, label, password_hash, scram)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![uid, kind, label, password_hash, scram],
         )
         .op("insert app password")?;
         let id = tx.last_insert_rowid();
@@ -160,6 +194,43 @@ impl Store {
 mod tests {
     use super::*;
     use crate::test_support::*;
+
+    #[test]
+    fn scram_verifiers_are_kept_beside_the_hash_and_go_with_revocation() {
+        let store = store_with_user("alice");
+        store
+            .add_app_password(&name("alice"), "xmpp", "old", "h0", "admin")
+            .unwrap();
+        let a = store
+            .add_app_password_with_scram(
+                &name("alice"),
+                "xmpp",
+                "phone",
+                "h1",
+                "SCRAM-SHA-1$x\nSCRAM-SHA-256$y",
+                "admin",
+            )
+            .unwrap();
+        assert_eq!(
+            store.scram_verifiers(&name("alice"), "xmpp").unwrap(),
+            vec![(a.id, "SCRAM-SHA-1$x\nSCRAM-SHA-256$y".to_owned())]
+        );
+        assert!(
+            store
+                .scram_verifiers(&name("alice"), "mail")
+                .unwrap()
+                .is_empty()
+        );
+        store
+            .revoke_app_passwords(&name("alice"), &RevokeSelector::Id(a.id), "admin")
+            .unwrap();
+        assert!(
+            store
+                .scram_verifiers(&name("alice"), "xmpp")
+                .unwrap()
+                .is_empty()
+        );
+    }
 
     #[test]
     fn add_list_and_filter_by_kind() {

@@ -49,6 +49,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 9,
         sql: include_str!("migrations/0009_mail.sql"),
     },
+    Migration {
+        version: 10,
+        sql: include_str!("migrations/0010_scram.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

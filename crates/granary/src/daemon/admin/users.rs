@@ -216,8 +216,13 @@ impl users::Server for Users {
             }
             let password = granary_auth::generate_password().map_err(fail)?;
             let hash = hash(&password)?;
+            let scram = if SCRAM_KINDS.contains(&kind.as_str()) {
+                scram_verifiers(&password)?
+            } else {
+                String::new()
+            };
             let record = store
-                .add_app_password(&user, kind.as_str(), &label, &hash, ACTOR)
+                .add_app_password_with_scram(&user, kind.as_str(), &label, &hash, &scram, ACTOR)
                 .map_err(state_failure)?;
             Ok((record, password))
         })
@@ -333,5 +338,45 @@ impl users::Server for Users {
         .await?;
         results.get().set_removed(removed);
         Ok(())
+    }
+}
+
+/// App-password kinds whose protocol logs in with SCRAM (XMPP): they also
+/// get salted, iterated verifiers, never the password itself.
+const SCRAM_KINDS: &[&str] = &["xmpp"];
+
+/// SCRAM-SHA-1 and SCRAM-SHA-256 verifiers of `password`, each with a
+/// random salt, one per line.
+fn scram_verifiers(password: &str) -> Result<String, capnp::Error> {
+    use granary_wire::scram::{Hash, ITERATIONS, Verifier};
+    let mut lines = Vec::new();
+    for hash in [Hash::Sha1, Hash::Sha256] {
+        let mut salt = [0u8; 16];
+        getrandom::fill(&mut salt).map_err(|e| fail(format!("random salt: {e}")))?;
+        lines.push(
+            Verifier::new(hash, password, &salt, ITERATIONS)
+                .map_err(fail)?
+                .encode(),
+        );
+    }
+    Ok(lines.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scram_verifiers_are_both_mechanisms_and_never_the_password() {
+        use granary_wire::scram::{Hash, Verifier};
+        let text = super::scram_verifiers("correct horse").unwrap();
+        assert!(!text.contains("correct horse"));
+        let v: Vec<Verifier> = text.lines().map(|l| Verifier::decode(l).unwrap()).collect();
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].hash, v[1].hash), (Hash::Sha1, Hash::Sha256));
+        // The same password and salt give the same keys: the verifier
+        // stands for that password.
+        let again =
+            Verifier::new(Hash::Sha256, "correct horse", &v[1].salt, v[1].iterations).unwrap();
+        assert_eq!(again, v[1]);
+        assert_ne!(v[0].salt, v[1].salt);
     }
 }
