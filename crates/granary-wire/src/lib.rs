@@ -14,6 +14,8 @@
 //!   message's data (`smtp_session`).
 //! - [`scram`]: SCRAM-SHA-1 and SCRAM-SHA-256 for the XMPP logins to
 //!   come: verifiers, the client's messages, the proof (`scram_client`).
+//! - [`xmpp`]: an XMPP client's stream before login: the header,
+//!   STARTTLS and the SASL elements (`xmpp_pre_auth`).
 
 pub mod http;
 pub mod imap;
@@ -21,3 +23,4 @@ pub mod mta_sts;
 pub mod scram;
 pub mod smtp;
 pub mod ssh;
+pub mod xmpp;
