@@ -205,7 +205,7 @@ impl Dav {
 
     /// Serves a request of the owner's on something of their own (shared
     /// collections are the caller's: `None` means "forward it").
-    pub async fn handle(&self, req: Request, domain: &str) -> Option<Response> {
+    pub async fn handle(self: &Arc<Self>, req: Request, domain: &str) -> Option<Response> {
         let target = match paths::resolve(&req.path, &self.owner) {
             Ok(t) => t,
             Err(PathError::Invalid) => return Some(Response::text(400, "invalid path")),
@@ -446,7 +446,7 @@ impl Dav {
 
     /// Everything on one collection or an object in it.
     pub async fn on_collection(
-        &self,
+        self: &Arc<Self>,
         kind: Kind,
         name: &str,
         object: Option<&str>,
@@ -478,9 +478,10 @@ impl Dav {
         }
         match (req.method.as_str(), object) {
             ("OPTIONS", _) => options(),
-            ("PROPFIND", _) => self.propfind(&c, object, scope, &req),
+            ("PROPFIND" | "REPORT", _) | ("GET" | "HEAD", Some(_)) => {
+                self.read_off_loop(c, object, scope, req).await
+            }
             ("PROPPATCH", _) => self.proppatch(&c, object, scope, &req).await,
-            ("GET" | "HEAD", Some(o)) => self.get(&c, o, &req),
             ("GET" | "HEAD", None) => Response::text(
                 200,
                 format!("{} {} ({})", c.kind.as_str(), c.name, c.display_name),
@@ -504,7 +505,6 @@ impl Dav {
                 }
             }
             ("DELETE", None) => Response::text(403, "a shared collection is deleted by its owner"),
-            ("REPORT", _) => self.report(&c, scope, &req),
             ("MKCOL" | "MKCALENDAR", None) => {
                 Response::text(405, "a collection of that name exists already")
             }
@@ -520,6 +520,45 @@ impl Dav {
                 Response::text(405, format!("{m} is not allowed here")).header("allow", ALLOW)
             }
         }
+    }
+
+    /// PROPFIND, REPORT and GET on the blocking pool: they read files and
+    /// parse calendars, and the grain's one event-loop thread must keep
+    /// serving everyone else meanwhile.
+    async fn read_off_loop(
+        self: &Arc<Self>,
+        c: Collection,
+        object: Option<&str>,
+        scope: &Scope<'_>,
+        req: Request,
+    ) -> Response {
+        let dav = self.clone();
+        let object = object.map(str::to_owned);
+        let (user, domain, base) = (
+            scope.viewer.user.to_owned(),
+            scope.viewer.domain.to_owned(),
+            scope.base.to_owned(),
+        );
+        let (writable, shared) = (scope.writable, scope.shared);
+        let answer = tokio::task::spawn_blocking(move || {
+            let scope = Scope {
+                viewer: Viewer {
+                    user: &user,
+                    domain: &domain,
+                },
+                base: &base,
+                writable,
+                shared,
+            };
+            match (req.method.as_str(), object.as_deref()) {
+                ("PROPFIND", o) => dav.propfind(&c, o, &scope, &req),
+                ("REPORT", _) => dav.report(&c, &scope, &req),
+                (_, Some(o)) => dav.get(&c, o, &req),
+                (_, None) => Response::text(405, "not here"),
+            }
+        })
+        .await;
+        answer.unwrap_or_else(server_error)
     }
 
     fn propfind(
@@ -787,7 +826,20 @@ impl Dav {
                 return Response::precondition(403, ns, pre, "");
             }
         }
-        let meta = match ical::ingest(c.kind, &req.body, &c.components) {
+        // Parsing and expanding happen off the event loop too.
+        let (kind, components) = (c.kind, c.components.clone());
+        let mut req = req;
+        let body = std::mem::take(&mut req.body);
+        let (ingested, body) = match tokio::task::spawn_blocking(move || {
+            (ical::ingest(kind, &body, &components), body)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => return server_error(e),
+        };
+        req.body = body;
+        let meta = match ingested {
             Ok(m) => m,
             Err(invalid) => {
                 granary_sdk::log::info(&format!(

@@ -18,7 +18,7 @@ use crate::share::{Shares, responses_under};
 use crate::store::Kind;
 
 pub struct Server {
-    pub dav: Rc<Dav>,
+    pub dav: std::sync::Arc<Dav>,
     pub shares: Rc<Shares>,
 }
 

@@ -88,7 +88,7 @@ fn main() -> ExitCode {
     };
     let owner = std::env::var("GRANARY_OWNER").unwrap_or_default();
     granary_sdk::run(move |host: Host| {
-        let dav = Rc::new(Dav {
+        let dav = Arc::new(Dav {
             store,
             owner: owner.clone(),
         });

@@ -15,7 +15,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::rc::Rc;
 
 use granary_sdk::services_capnp::dav_collection;
 use granary_sdk::{GrainRef, Host};
@@ -39,7 +38,7 @@ pub fn parse_descriptor(descriptor: &str) -> Option<(Kind, String, bool)> {
 
 /// The provider's side: one collection offered to another user's grain.
 pub struct Offered {
-    pub dav: Rc<Dav>,
+    pub dav: std::sync::Arc<Dav>,
     pub kind: Kind,
     pub name: String,
     pub writable: bool,
