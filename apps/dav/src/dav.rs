@@ -189,6 +189,15 @@ fn href_in(href: &str, base: &str) -> Option<String> {
 /// Dead properties by object name.
 type DeadProps = std::collections::HashMap<String, Vec<(String, String)>>;
 
+/// One multistatus answer's shared context (`Dav::listing`).
+struct Listing<'a> {
+    c: &'a Collection,
+    scope: &'a Scope<'a>,
+    wanted: &'a Wanted,
+    shape: CalendarData,
+    dead: DeadProps,
+}
+
 /// The owner's side: everything a request path may name.
 pub struct Dav {
     pub store: Arc<Store>,
@@ -572,7 +581,7 @@ impl Dav {
             Ok(p) => p,
             Err(r) => return r,
         };
-        let dead = self.dead_of(c);
+        let l = self.listing(c, scope, &wanted, CalendarData::AsIs);
         let mut out = String::new();
         match object {
             Some(name) => {
@@ -581,8 +590,7 @@ impl Dav {
                     Ok(None) => return Response::text(404, "no such object"),
                     Err(e) => return server_error(e),
                 };
-                let href = format!("{}{}", scope.base, paths::encode(name));
-                out.push_str(&self.object_response(c, &o, &href, scope, &wanted, &dead));
+                out.push_str(&self.object_response(&l, &o, None));
             }
             None => {
                 let r = Resource::Collection {
@@ -607,8 +615,7 @@ impl Dav {
                         Err(e) => return server_error(e),
                     };
                     for o in &objects {
-                        let href = format!("{}{}", scope.base, paths::encode(&o.name));
-                        out.push_str(&self.object_response(c, o, &href, scope, &wanted, &dead));
+                        out.push_str(&self.object_response(&l, o, None));
                     }
                 }
             }
@@ -616,62 +623,81 @@ impl Dav {
         Response::xml(207, props::multistatus(&out, ""))
     }
 
-    /// One object's `<D:response>`, reading its content only when asked.
+    /// The content of an object a REPORT listed; `None` when it was deleted
+    /// since (it is then not part of the answer).
+    fn listed_content(
+        &self,
+        c: &Collection,
+        o: &store::Object,
+    ) -> Result<Option<Vec<u8>>, Response> {
+        match self.store.read(c, o) {
+            Ok(d) => Ok(Some(d)),
+            Err(StoreError::Gone) => Ok(None),
+            Err(e) => Err(server_error(e)),
+        }
+    }
+
+    /// What every `<D:response>` of one answer shares, with the
+    /// collection's dead properties read once.
+    fn listing<'a>(
+        &self,
+        c: &'a Collection,
+        scope: &'a Scope<'a>,
+        wanted: &'a Wanted,
+        shape: CalendarData,
+    ) -> Listing<'a> {
+        Listing {
+            c,
+            scope,
+            wanted,
+            shape,
+            dead: self
+                .store
+                .dead_props_under(&dead_path(c, None))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// One object's `<D:response>`. Its content is read only when asked
+    /// for, and not again when the caller has it (`content`) already.
     fn object_response(
         &self,
-        c: &Collection,
+        l: &Listing<'_>,
         o: &store::Object,
-        href: &str,
-        scope: &Scope<'_>,
-        wanted: &Wanted,
-        dead: &DeadProps,
+        content: Option<Vec<u8>>,
     ) -> String {
-        self.object_response_with(c, o, href, scope, (wanted, CalendarData::AsIs), dead)
-    }
-
-    /// The dead properties of every object of a collection, read at once.
-    fn dead_of(&self, c: &Collection) -> DeadProps {
-        self.store
-            .dead_props_under(&dead_path(c, None))
-            .unwrap_or_default()
-    }
-
-    fn object_response_with(
-        &self,
-        c: &Collection,
-        o: &store::Object,
-        href: &str,
-        scope: &Scope<'_>,
-        (wanted, shape): (&Wanted, CalendarData),
-        dead: &DeadProps,
-    ) -> String {
-        let needs_data = matches!(wanted, Wanted::Props(list) if list.iter().any(|(ns, n)| {
+        let href = format!("{}{}", l.scope.base, paths::encode(&o.name));
+        let needs_data = matches!(l.wanted, Wanted::Props(list) if list.iter().any(|(ns, n)| {
             (ns == CALDAV && n == "calendar-data") || (ns == CARDDAV && n == "address-data")
         }));
         let data = if needs_data {
-            match self.store.read(c, o) {
+            let read = match content {
+                Some(d) => Ok(d),
+                None => self.store.read(l.c, o),
+            };
+            match read {
                 Ok(d) => {
                     let text = String::from_utf8_lossy(&d).into_owned();
-                    Some(match shape {
+                    Some(match l.shape {
                         CalendarData::AsIs => text,
                         CalendarData::Expand(r) => ical::expand(&text, r),
                         CalendarData::LimitRecurrence(r) => ical::limit_recurrence(&text, r),
                     })
                 }
-                Err(StoreError::Gone) => return props::status_response(href, "404 Not Found"),
-                Err(_) => return props::status_response(href, "500 Internal Server Error"),
+                Err(StoreError::Gone) => return props::status_response(&href, "404 Not Found"),
+                Err(_) => return props::status_response(&href, "500 Internal Server Error"),
             }
         } else {
             None
         };
-        let dead = dead.get(&o.name).map(Vec::as_slice).unwrap_or(&[]);
+        let dead = l.dead.get(&o.name).map(Vec::as_slice).unwrap_or(&[]);
         let r = Resource::Object {
-            c,
+            c: l.c,
             o,
             data: data.as_deref(),
-            writable: scope.writable,
+            writable: l.scope.writable,
         };
-        props::response(href, &r, &scope.viewer, wanted, dead)
+        props::response(&href, &r, &l.scope.viewer, l.wanted, dead)
     }
 
     async fn proppatch(
@@ -913,7 +939,7 @@ impl Dav {
         }
         .map_err(server_error)?;
         let fast = f.as_ref().and_then(ical::only_time_range);
-        let dead = self.dead_of(c);
+        let l = self.listing(c, scope, &wanted, shape);
         let mut out = String::new();
         for o in &objects {
             if out.len() > MAX_RESPONSE {
@@ -926,34 +952,24 @@ impl Dav {
             {
                 // One instance: the index holds its span exactly.
                 if ical::overlaps(s, e, &r) {
-                    let href = format!("{}{}", scope.base, paths::encode(&o.name));
-                    out.push_str(&self.object_response_with(
-                        c,
-                        o,
-                        &href,
-                        scope,
-                        (&wanted, shape),
-                        &dead,
-                    ));
+                    out.push_str(&self.object_response(&l, o, None));
                 }
                 continue;
             }
+            let mut content = None;
             if let Some(f) = &f {
                 if !ical::component_may_match(&o.component, f) {
                     continue;
                 }
-                let data = match self.store.read(c, o) {
-                    Ok(d) => d,
-                    // Deleted since the listing: not part of the answer.
-                    Err(StoreError::Gone) => continue,
-                    Err(e) => return Err(server_error(e)),
+                let Some(data) = self.listed_content(c, o)? else {
+                    continue;
                 };
                 if !ical::calendar_matches(&String::from_utf8_lossy(&data), f) {
                     continue;
                 }
+                content = Some(data);
             }
-            let href = format!("{}{}", scope.base, paths::encode(&o.name));
-            out.push_str(&self.object_response_with(c, o, &href, scope, (&wanted, shape), &dead));
+            out.push_str(&self.object_response(&l, o, content));
         }
         Ok(Response::xml(207, props::multistatus(&out, "")))
     }
@@ -968,7 +984,7 @@ impl Dav {
         let limit = filter::nresults(body);
         let wanted = Wanted::Props(filter::requested_props(body));
         let objects = self.store.objects(c).map_err(server_error)?;
-        let dead = self.dead_of(c);
+        let l = self.listing(c, scope, &wanted, CalendarData::AsIs);
         let mut out = String::new();
         let mut n = 0;
         let mut truncated = false;
@@ -976,24 +992,22 @@ impl Dav {
             if out.len() > MAX_RESPONSE {
                 return Err(too_many());
             }
+            let mut content = None;
             if !f.props.is_empty() {
-                let data = match self.store.read(c, o) {
-                    Ok(d) => d,
-                    // Deleted since the listing: not part of the answer.
-                    Err(StoreError::Gone) => continue,
-                    Err(e) => return Err(server_error(e)),
+                let Some(data) = self.listed_content(c, o)? else {
+                    continue;
                 };
                 if !ical::card_matches(&String::from_utf8_lossy(&data), &f) {
                     continue;
                 }
+                content = Some(data);
             }
             if limit.is_some_and(|l| n >= l) {
                 truncated = true;
                 break;
             }
             n += 1;
-            let href = format!("{}{}", scope.base, paths::encode(&o.name));
-            out.push_str(&self.object_response(c, o, &href, scope, &wanted, &dead));
+            out.push_str(&self.object_response(&l, o, content));
         }
         if truncated {
             out.push_str(&props::status_response(
@@ -1016,7 +1030,7 @@ impl Dav {
         } else {
             CalendarData::AsIs
         };
-        let dead = self.dead_of(c);
+        let l = self.listing(c, scope, &wanted, shape);
         let mut out = String::new();
         let mut seen = std::collections::HashSet::new();
         for h in body.children_named(DAV, "href") {
@@ -1031,17 +1045,7 @@ impl Dav {
                 continue;
             };
             match self.store.object(c, &name).map_err(server_error)? {
-                Some(o) => {
-                    let href = format!("{}{}", scope.base, paths::encode(&o.name));
-                    out.push_str(&self.object_response_with(
-                        c,
-                        &o,
-                        &href,
-                        scope,
-                        (&wanted, shape),
-                        &dead,
-                    ));
-                }
+                Some(o) => out.push_str(&self.object_response(&l, &o, None)),
                 None => out.push_str(&props::status_response(&h.text, "404 Not Found")),
             }
         }
@@ -1059,7 +1063,7 @@ impl Dav {
             .map(|t| t.text.trim().to_owned())
             .unwrap_or_default();
         let wanted = Wanted::Props(filter::requested_props(body));
-        let dead = self.dead_of(c);
+        let l = self.listing(c, scope, &wanted, CalendarData::AsIs);
         let mut out = String::new();
         let now;
         if token.is_empty() {
@@ -1071,8 +1075,7 @@ impl Dav {
                 if out.len() > MAX_RESPONSE {
                     return Err(too_many());
                 }
-                let href = format!("{}{}", scope.base, paths::encode(&o.name));
-                out.push_str(&self.object_response(c, o, &href, scope, &wanted, &dead));
+                out.push_str(&self.object_response(&l, o, None));
             }
         } else {
             let Some(seq) = store::parse_sync_token(c, &token) else {
@@ -1084,17 +1087,17 @@ impl Dav {
                 if out.len() > MAX_RESPONSE {
                     return Err(too_many());
                 }
-                let href = format!("{}{}", scope.base, paths::encode(&name));
                 let object = if deleted {
                     None
                 } else {
                     self.store.object(c, &name).map_err(server_error)?
                 };
                 match object {
-                    Some(o) => {
-                        out.push_str(&self.object_response(c, &o, &href, scope, &wanted, &dead))
+                    Some(o) => out.push_str(&self.object_response(&l, &o, None)),
+                    None => {
+                        let href = format!("{}{}", scope.base, paths::encode(&name));
+                        out.push_str(&props::status_response(&href, "404 Not Found"));
                     }
-                    None => out.push_str(&props::status_response(&href, "404 Not Found")),
                 }
             }
         }
@@ -1128,10 +1131,8 @@ impl Dav {
             .map_err(server_error)?;
         let mut busy = Vec::new();
         for o in objects.iter().filter(|o| o.component == "VEVENT") {
-            let data = match self.store.read(c, o) {
-                Ok(d) => d,
-                Err(StoreError::Gone) => continue,
-                Err(e) => return Err(server_error(e)),
+            let Some(data) = self.listed_content(c, o)? else {
+                continue;
             };
             busy.extend(ical::busy(
                 &String::from_utf8_lossy(&data),

@@ -261,8 +261,7 @@ fn check_lines(text: &str) -> Result<(), Invalid> {
 /// - an RRULE's UTC `UNTIL` is moved by the offset of DTSTART's zone, as
 ///   calcard compares it with local wall time (the last instance of an
 ///   event east of UTC would be lost).
-pub fn for_expansion(text: &str) -> String {
-    let comps = components(text);
+fn for_expansion(text: &str, comps: &[Component]) -> String {
     let mut out = String::with_capacity(text.len() + 64);
     let mut stack: Vec<usize> = Vec::new();
     let mut next = 0usize;
@@ -388,10 +387,10 @@ fn check_rrules(comps: &[Component]) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn calendar(text: &str) -> Result<ICalendar, Invalid> {
-    check_lines(text)?;
-    check_rrules(&components(text))?;
-    let prepared = for_expansion(text);
+/// calcard's reading of a checked object (`comps` its components).
+fn calendar(text: &str, comps: &[Component]) -> Result<ICalendar, Invalid> {
+    check_rrules(comps)?;
+    let prepared = for_expansion(text, comps);
     let mut parser = Parser::new(&prepared);
     let ical = match parser.entry() {
         Entry::ICalendar(c) => c,
@@ -437,8 +436,9 @@ pub fn ingest(
 }
 
 fn ingest_calendar(text: &str, allowed: &[String]) -> Result<ObjectMeta, Invalid> {
-    let ical = calendar(text)?;
+    check_lines(text)?;
     let comps = components(text);
+    let ical = calendar(text, &comps)?;
     let Some(top) = comps.first().filter(|c| c.name == "VCALENDAR") else {
         return Err(invalid("", "the object is not a VCALENDAR"));
     };
@@ -630,9 +630,10 @@ pub fn component_may_match(component: &str, f: &CompFilter) -> bool {
         .all(|c| c.is_not_defined || c.name == component || c.name == "VTIMEZONE")
 }
 
-/// Instances of the calendar as (component index, start, end), UTC.
-fn instances(text: &str) -> Vec<(usize, i64, i64)> {
-    let prepared = for_expansion(text);
+/// Instances of the calendar as (component index, start, end), UTC
+/// (`comps` its components, read once by the caller).
+fn instances(text: &str, comps: &[Component]) -> Vec<(usize, i64, i64)> {
+    let prepared = for_expansion(text, comps);
     let mut parser = Parser::new(&prepared);
     let Entry::ICalendar(ical) = parser.entry() else {
         return Vec::new();
@@ -674,7 +675,7 @@ pub fn calendar_matches(text: &str, f: &CompFilter) -> bool {
     let ctx = Ctx {
         comps: &comps,
         instances: if needs_time {
-            instances(text)
+            instances(text, &comps)
         } else {
             Vec::new()
         },
@@ -929,7 +930,7 @@ pub fn expand(text: &str, range: TimeRange) -> String {
         out.push_str(&l.raw);
         out.push_str("\r\n");
     }
-    let mut all = instances(text);
+    let mut all = instances(text, &comps);
     all.sort_by_key(|(_, s, _)| *s);
     let mut written = 0;
     for (idx, s, e) in all {
@@ -993,7 +994,7 @@ pub fn limit_recurrence(text: &str, range: TimeRange) -> String {
     if comps.first().is_none_or(|c| c.name != "VCALENDAR") {
         return text.to_owned();
     }
-    let inst = instances(text);
+    let inst = instances(text, &comps);
     let mut out = String::from("BEGIN:VCALENDAR\r\n");
     for l in &comps[0].lines {
         out.push_str(&l.raw);
@@ -1019,7 +1020,7 @@ pub fn limit_recurrence(text: &str, range: TimeRange) -> String {
 pub fn busy(text: &str, range: TimeRange) -> Vec<(i64, i64, &'static str)> {
     let comps = components(text);
     let mut out = Vec::new();
-    for (idx, s, e) in instances(text) {
+    for (idx, s, e) in instances(text, &comps) {
         let Some(c) = comps.get(idx) else { continue };
         if c.name != "VEVENT" || e <= s || !overlaps(s, e, &range) {
             continue;
@@ -1093,7 +1094,7 @@ BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nRECURRENCE-ID;TZID=Eur
         assert_eq!(m.uid, "weekly");
         assert_eq!(m.component, "VEVENT");
         assert!(m.start.is_some() && m.end.is_some());
-        let mut inst = instances(WEEKLY);
+        let mut inst = instances(WEEKLY, &components(WEEKLY));
         inst.sort_by_key(|i| i.1);
         // 10 occurrences, one excluded.
         assert_eq!(inst.len(), 9);
@@ -1211,7 +1212,10 @@ BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nRECURRENCE-ID;TZID=Eur
     }
 
     fn starts(text: &str) -> Vec<i64> {
-        let mut v: Vec<i64> = instances(text).iter().map(|i| i.1).collect();
+        let mut v: Vec<i64> = instances(text, &components(text))
+            .iter()
+            .map(|i| i.1)
+            .collect();
         v.sort();
         v
     }
@@ -1227,7 +1231,7 @@ BEGIN:VEVENT\r\nUID:weekly\r\nDTSTAMP:20240101T000000Z\r\nRECURRENCE-ID;TZID=Eur
         assert_eq!(starts(until).len(), 3);
         // No end: an instant, not the rest of the day.
         let instant = "BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\nUID:i\r\nDTSTART:20240101T100000Z\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
-        let i = instances(instant);
+        let i = instances(instant, &components(instant));
         assert_eq!((i[0].1, i[0].2), (1704103200, 1704103200));
         // A rule asking for every second of the day is refused.
         let hostile = format!(
