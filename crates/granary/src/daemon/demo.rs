@@ -48,22 +48,21 @@ pub(super) async fn ensure_demo_user(
         } else {
             store.add_user(&name, &hash, "demo")?;
         }
-        let git_password = granary_auth::generate_password()?;
-        let git_hash = granary_auth::hash_password(&git_password)?;
-        store.add_app_password(&name, "git", "demo banner", &git_hash, "demo")?;
-        let mail_password = granary_auth::generate_password()?;
-        let mail_hash = granary_auth::hash_password(&mail_password)?;
-        store.add_app_password(&name, "mail", "demo banner", &mail_hash, "demo")?;
-        let dav_password = granary_auth::generate_password()?;
-        let dav_hash = granary_auth::hash_password(&dav_password)?;
-        store.add_app_password(&name, "dav", "demo banner", &dav_hash, "demo")?;
-        store.add_mail_domain(&domain, "demo")?;
-        Ok(DemoSecrets {
+        // A fresh app password of `kind`, shown once.
+        let app_password = |kind: &str| -> anyhow::Result<String> {
+            let password = granary_auth::generate_password()?;
+            let hash = granary_auth::hash_password(&password)?;
+            store.add_app_password(&name, kind, "demo banner", &hash, "demo")?;
+            Ok(password)
+        };
+        let secrets = DemoSecrets {
+            git_password: app_password("git")?,
+            mail_password: app_password("mail")?,
+            dav_password: app_password("dav")?,
             password,
-            git_password,
-            mail_password,
-            dav_password,
-        })
+        };
+        store.add_mail_domain(&domain, "demo")?;
+        Ok(secrets)
     })
     .await
     .context("demo user setup panicked")?

@@ -58,6 +58,27 @@ pub(crate) struct DaemonInfo {
     pub(crate) mail_resolver: Option<std::net::SocketAddr>,
 }
 
+impl DaemonInfo {
+    /// The address a named listener is bound to, if it listens.
+    pub(crate) fn listener(&self, name: &str) -> Option<std::net::SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, a)| a.parse().ok())
+    }
+
+    /// The ports mail clients reach this host's mail listeners on.
+    pub(crate) fn mail_ports(&self) -> granary_gateway::smtp::records::MailPorts {
+        let port = |name: &str| self.listener(name).map(|a| a.port());
+        granary_gateway::smtp::records::MailPorts {
+            submission: port("submission"),
+            submissions: port("submissions"),
+            imap: port("imap"),
+            imaps: port("imaps"),
+        }
+    }
+}
+
 pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     crate::logging::install(&config)?;
     crate::check_uid_range(&config)?;

@@ -6,7 +6,7 @@
 
 use granary_gateway::smtp::Checker;
 use granary_gateway::smtp::checks::DnsProblem;
-use granary_gateway::smtp::records::{DnsRecord, MailPorts, records};
+use granary_gateway::smtp::records::{DnsRecord, records};
 
 use super::{Ctx, blocking, fail, state_failure};
 
@@ -106,19 +106,7 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
             .collect::<Result<Vec<_>, capnp::Error>>()
     })
     .await?;
-    let port = |listener: &str| {
-        info.listeners
-            .iter()
-            .find(|(n, _)| n == listener)
-            .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok())
-            .map(|a| a.port())
-    };
-    let ports = MailPorts {
-        submission: port("submission"),
-        submissions: port("submissions"),
-        imap: port("imap"),
-        imaps: port("imaps"),
-    };
+    let ports = info.mail_ports();
     // A resolver of its own: nothing cached from earlier runs.
     let checker = Checker::new(&info.mail_hostname, info.mail_resolver).map_err(fail)?;
     if domains.is_empty() {
@@ -314,12 +302,7 @@ async fn certificate_names(
     domains: &[(String, Vec<granary_gateway::smtp::dkim::KeyInfo>)],
 ) -> Vec<Finding> {
     let info = &ctx.info;
-    let Some(https) = info
-        .listeners
-        .iter()
-        .find(|(n, _)| n == "https")
-        .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok())
-    else {
+    let Some(https) = info.listener("https") else {
         return Vec::new();
     };
     // Loopback: the listener may be bound to any address.

@@ -4,7 +4,7 @@
 use std::rc::Rc;
 
 use capnp::capability::Rc as CapRc;
-use granary_gateway::smtp::records::{MailPorts, records};
+use granary_gateway::smtp::records::records;
 use granary_grains::GrainId;
 use granary_model::{MailAddress, MailDomain};
 use granary_schema::admin_capnp::mail;
@@ -20,13 +20,7 @@ pub(super) async fn dav_endpoint(ctx: &Ctx) -> Result<Option<(String, u16)>, cap
     let installed = blocking(move || store.app("dav").map_err(state_failure))
         .await?
         .is_some();
-    let port = ctx
-        .info
-        .listeners
-        .iter()
-        .find(|(n, _)| n == "https")
-        .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok())
-        .map(|a| a.port());
+    let port = ctx.info.listener("https").map(|a| a.port());
     Ok(match (installed, port) {
         (true, Some(p)) => Some((format!("dav.{}", ctx.info.domain), p)),
         _ => None,
@@ -427,19 +421,7 @@ impl mail::Server for Mail {
         .await?;
         let dav = dav_endpoint(&self.0).await?;
         let info = &self.0.info;
-        let port = |listener: &str| {
-            info.listeners
-                .iter()
-                .find(|(n, _)| n == listener)
-                .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok())
-                .map(|a| a.port())
-        };
-        let ports = MailPorts {
-            submission: port("submission"),
-            submissions: port("submissions"),
-            imap: port("imap"),
-            imaps: port("imaps"),
-        };
+        let ports = info.mail_ports();
         let records = records(
             d.as_str(),
             &info.mail_hostname,
