@@ -16,6 +16,8 @@
 //!   come: verifiers, the client's messages, the proof (`scram_client`).
 //! - [`xmpp`]: an XMPP client's stream before login: the header,
 //!   STARTTLS and the SASL elements (`xmpp_pre_auth`).
+//! - [`stanza`]: an XMPP stream after login, cut into whole stanzas read
+//!   into element trees, and elements written back (`xmpp_stanza`).
 
 pub mod http;
 pub mod imap;
@@ -23,4 +25,5 @@ pub mod mta_sts;
 pub mod scram;
 pub mod smtp;
 pub mod ssh;
+pub mod stanza;
 pub mod xmpp;
