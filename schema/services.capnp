@@ -58,11 +58,20 @@ struct MailboxStatus {
 }
 
 interface XmppRouter {
-  # "xmpp.route": pass a stanza to another user's XMPP grain on this host.
+  # Two ends, one interface:
+  # - "xmpp.route": what a chat grain gets from its host (no grant needed:
+  #   the route exists because the chat app is installed). `from` is the
+  #   sender's full JID, of which the host keeps only the resource: it
+  #   writes `<owner>@<domain>/<resource>` itself. The host finds the
+  #   recipient's grain by the localpart of `to` and starts it if needed.
+  # - "xmpp.deliver": what the host gets from the recipient's chat grain
+  #   (offered to the host only). `from` is the address the host stamped.
 
   route @0 (from :Text, to :Text, stanza :Text) -> ();
-  # Full JIDs as the gateway authenticated them; `stanza` is the XML
-  # element. Fails if the recipient does not exist or refuses the sender.
+  # `stanza` is the XML element in the jabber:client namespace; the
+  # recipient takes `from` and `to` from the call, never from the element.
+  # Fails with "<condition>: <text>" (an RFC 6120 stanza error condition,
+  # e.g. "item-not-found: no such user") when it cannot be delivered.
 }
 
 interface GitRepoRead {

@@ -36,6 +36,7 @@ mod membrane;
 mod rpc;
 mod slot;
 mod snapshots;
+mod xmpp;
 
 /// Connection hand-off; the same crate the SDK speaks.
 pub use granary_handoff as handoff;
@@ -92,6 +93,9 @@ pub struct SupervisorConfig {
     pub retention: granary_datasets::Grid,
     /// Longest a running grain stays frozen for a snapshot.
     pub freeze_limit: Duration,
+    /// Granary's domain: users are `<user>@<domain>` to XMPP, and grains
+    /// get it as `GRANARY_DOMAIN`.
+    pub domain: String,
 }
 
 impl Default for SupervisorConfig {
@@ -111,6 +115,7 @@ impl Default for SupervisorConfig {
             snapshot_interval: Some(Duration::from_secs(15 * 60)),
             retention: granary_datasets::Grid::default(),
             freeze_limit: Duration::from_secs(5),
+            domain: "localhost".to_owned(),
         }
     }
 }

@@ -187,6 +187,8 @@ impl Inner {
             // Whose grain this is (also `Host.info`), for apps that need
             // it before their first call.
             format!("GRANARY_OWNER={}", slot.user),
+            // Granary's domain, so an app can write its users' addresses.
+            format!("GRANARY_DOMAIN={}", self.params.config.domain),
             format!("GRANARY_APP_VERSION={}", app.version),
             // So an app can tell its users what limit they hit.
             format!("GRANARY_MEMORY_MIB={}", limits.memory_bytes >> 20),
@@ -293,6 +295,7 @@ impl Inner {
             exited,
             oom_baseline,
             oom_seen: Cell::new(0),
+            xmpp_deliver: RefCell::default(),
         });
         slot.starts.set(slot.starts.get() + 1);
         tracing::info!(grain = %slot.id, pid, generation, "grain started");

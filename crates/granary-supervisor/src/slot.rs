@@ -200,6 +200,8 @@ pub(crate) struct Running {
     /// when this run started, and this run's kills seen so far.
     pub(crate) oom_baseline: u64,
     pub(crate) oom_seen: Cell<u64>,
+    /// The chat grain's `xmpp.deliver`, asked for once per run.
+    pub(crate) xmpp_deliver: RefCell<Option<capnp::capability::Client>>,
 }
 
 impl Running {

@@ -99,6 +99,7 @@ pub(super) async fn supervisor(
                     .collect(),
             },
             freeze_limit: config.snapshots.freeze_limit,
+            domain: config.domain.clone(),
         },
     };
     LocalGrains::spawn(params).context("cannot start the grain supervisor")

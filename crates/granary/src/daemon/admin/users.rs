@@ -217,7 +217,10 @@ impl users::Server for Users {
             let password = granary_auth::generate_password().map_err(fail)?;
             let hash = hash(&password)?;
             let scram = if SCRAM_KINDS.contains(&kind.as_str()) {
-                scram_verifiers(&password)?
+                let existing = store
+                    .scram_verifiers(&user, kind.as_str())
+                    .map_err(state_failure)?;
+                scram_verifiers(&password, existing.iter().map(|(_, v)| v.as_str()))?
             } else {
                 String::new()
             };
@@ -345,14 +348,33 @@ impl users::Server for Users {
 /// get salted, iterated verifiers, never the password itself.
 const SCRAM_KINDS: &[&str] = &["xmpp"];
 
-/// SCRAM-SHA-1 and SCRAM-SHA-256 verifiers of `password`, each with a
-/// random salt, one per line.
-fn scram_verifiers(password: &str) -> Result<String, capnp::Error> {
+/// SCRAM-SHA-1 and SCRAM-SHA-256 verifiers of `password`, one per line.
+///
+/// All of one user's passwords of a kind share the salt of each mechanism
+/// (taken from `existing`, the user's verifiers so far; random for the
+/// first): SCRAM sends the salt before the client proves anything, so only
+/// a shared salt lets one exchange be checked against every device's
+/// password. Salts still differ between users, which is what defeats
+/// precomputed tables.
+fn scram_verifiers<'a>(
+    password: &str,
+    existing: impl Iterator<Item = &'a str>,
+) -> Result<String, capnp::Error> {
     use granary_wire::scram::{Hash, ITERATIONS, Verifier};
+    let existing: Vec<Verifier> = existing
+        .flat_map(|text| text.lines())
+        .filter_map(|l| Verifier::decode(l).ok())
+        .collect();
     let mut lines = Vec::new();
     for hash in [Hash::Sha1, Hash::Sha256] {
-        let mut salt = [0u8; 16];
-        getrandom::fill(&mut salt).map_err(|e| fail(format!("random salt: {e}")))?;
+        let salt = match existing.iter().find(|v| v.hash == hash) {
+            Some(v) => v.salt.clone(),
+            None => {
+                let mut salt = vec![0u8; 16];
+                getrandom::fill(&mut salt).map_err(|e| fail(format!("random salt: {e}")))?;
+                salt
+            }
+        };
         lines.push(
             Verifier::new(hash, password, &salt, ITERATIONS)
                 .map_err(fail)?
@@ -367,7 +389,7 @@ mod tests {
     #[test]
     fn scram_verifiers_are_both_mechanisms_and_never_the_password() {
         use granary_wire::scram::{Hash, Verifier};
-        let text = super::scram_verifiers("correct horse").unwrap();
+        let text = super::scram_verifiers("correct horse", std::iter::empty()).unwrap();
         assert!(!text.contains("correct horse"));
         let v: Vec<Verifier> = text.lines().map(|l| Verifier::decode(l).unwrap()).collect();
         assert_eq!(v.len(), 2);
@@ -378,5 +400,10 @@ mod tests {
             Verifier::new(Hash::Sha256, "correct horse", &v[1].salt, v[1].iterations).unwrap();
         assert_eq!(again, v[1]);
         assert_ne!(v[0].salt, v[1].salt);
+        // A second password of the same user shares the salts.
+        let second = super::scram_verifiers("battery staple", std::iter::once(text.as_str())).unwrap();
+        let w: Vec<Verifier> = second.lines().map(|l| Verifier::decode(l).unwrap()).collect();
+        assert_eq!((&w[0].salt, &w[1].salt), (&v[0].salt, &v[1].salt));
+        assert_ne!(w[1].stored_key, v[1].stored_key);
     }
 }

@@ -1,0 +1,119 @@
+//! The host's route between users' chat grains (`xmpp.route`,
+//! `services.capnp`'s `XmppRouter`).
+//!
+//! Every grain of kind `xmpp` may ask its host for `xmpp.route` without a
+//! grant: the route exists because the admin installed the chat app, as
+//! `mail.deliver` exists because the mail app is installed. What it may do
+//! with it is narrow. The host writes the sender's address itself, from
+//! the grain's owner and Granary's domain (only the resource is taken from
+//! the grain), so no grain can send as anyone else; it finds the
+//! recipient's chat grain by the localpart of `to`, starts it if it is
+//! stopped, and hands the stanza to that grain's `xmpp.deliver`, which
+//! only the host can obtain. The recipient grain applies its owner's
+//! blocking and subscription rules: the host does not read stanzas.
+
+use std::rc::Weak;
+
+use capnp::capability::{FromClientHook, Rc as CapRc};
+use granary_schema::services_capnp::xmpp_router;
+
+use crate::inner::Inner;
+use granary_grains::Problem;
+
+/// What a chat grain asks its host for.
+pub(crate) const XMPP_ROUTE: &str = "xmpp.route";
+/// What the host asks the recipient's chat grain for.
+pub(crate) const XMPP_DELIVER: &str = "xmpp.deliver";
+
+/// One chat grain's end of the route: the sender is always `owner`.
+pub(crate) struct Router {
+    pub(crate) sup: Weak<Inner>,
+    pub(crate) owner: String,
+}
+
+/// The errors the sending grain turns into stanza errors: the condition
+/// comes first (`item-not-found: ...`).
+fn refused(condition: &str, why: impl std::fmt::Display) -> capnp::Error {
+    capnp::Error::failed(format!("{condition}: {why}"))
+}
+
+/// A resource as RFC 7622 allows it, roughly: not empty, at most 1023
+/// bytes, no control characters.
+fn valid_resource(r: &str) -> bool {
+    !r.is_empty() && r.len() <= 1023 && !r.chars().any(char::is_control)
+}
+
+impl xmpp_router::Server for Router {
+    async fn route(
+        self: CapRc<Self>,
+        params: xmpp_router::RouteParams,
+        _: xmpp_router::RouteResults,
+    ) -> Result<(), capnp::Error> {
+        let sup = self
+            .sup
+            .upgrade()
+            .ok_or_else(|| capnp::Error::disconnected("the host is shutting down".to_owned()))?;
+        let p = params.get()?;
+        let domain = sup.params.config.domain.clone();
+        // Only the resource is the grain's to say.
+        let claimed = p.get_from()?.to_str()?;
+        let from = match claimed.split_once('/') {
+            Some((_, r)) if valid_resource(r) => format!("{}@{domain}/{r}", self.owner),
+            Some(_) => return Err(refused("jid-malformed", "a bad resource")),
+            None => format!("{}@{domain}", self.owner),
+        };
+        let to = p.get_to()?.to_str()?.to_owned();
+        let bare = to.split('/').next().unwrap_or("");
+        let Some((local, to_domain)) = bare.split_once('@') else {
+            return Err(refused(
+                "service-unavailable",
+                "stanzas to servers are not routed",
+            ));
+        };
+        if !to_domain.eq_ignore_ascii_case(&domain) {
+            return Err(refused(
+                "remote-server-not-found",
+                format!("{to_domain} is not served here"),
+            ));
+        }
+        let Ok(grain) = granary_model::GrainId::for_user(&local.to_lowercase(), "xmpp") else {
+            return Err(refused("item-not-found", "no such user"));
+        };
+        let grain = grain.to_string();
+        let stanza = p.get_stanza()?.to_str()?.to_owned();
+        let running = match sup.ensure_running(&grain).await {
+            Ok(r) => r,
+            Err(Problem::NoSuchGrain) => return Err(refused("item-not-found", "no such user")),
+            Err(e) => return Err(refused("service-unavailable", e)),
+        };
+        let _busy = running.activity.busy();
+        let cached = running.xmpp_deliver.borrow().clone();
+        let deliver = match cached {
+            Some(c) => c,
+            None => {
+                let c = sup
+                    .offer(&running, XMPP_DELIVER, "")
+                    .await
+                    .map_err(|e| refused("service-unavailable", e))?;
+                *running.xmpp_deliver.borrow_mut() = Some(c.clone());
+                c
+            }
+        };
+        let deliver = xmpp_router::Client::new(deliver.hook);
+        let mut request = deliver.route_request();
+        {
+            let mut r = request.get();
+            r.set_from(&from);
+            r.set_to(&to);
+            r.set_stanza(&stanza);
+        }
+        let answer =
+            tokio::time::timeout(sup.params.config.call_timeout, request.send().promise).await;
+        match answer {
+            Ok(Ok(_)) => Ok(()),
+            // The recipient's own refusal (blocked, not subscribed) stands.
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(refused("remote-server-timeout", "the recipient did not answer")),
+        }
+    }
+}
