@@ -64,15 +64,15 @@ pub const LISTENERS: &[ListenerKind] = &[
     },
     ListenerKind {
         name: "xmpp",
-        default: None,
+        default: Some("127.0.0.1:5222"),
         serves: "chat clients, STARTTLS (port 5222)",
-        available: false,
+        available: true,
     },
     ListenerKind {
         name: "xmpps",
-        default: None,
+        default: Some("127.0.0.1:5223"),
         serves: "chat clients, TLS (port 5223)",
-        available: false,
+        available: true,
     },
     ListenerKind {
         name: "xmpp-s2s",

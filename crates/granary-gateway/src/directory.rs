@@ -42,6 +42,11 @@ pub trait Directory: Send + Sync + 'static {
         password: &str,
     ) -> BoxFuture<Option<Credential>>;
 
+    /// The SCRAM verifiers of `user`'s app passwords of `kind`: the
+    /// credential's id and its verifiers, one per line
+    /// (`granary_wire::scram::Verifier::encode`). Empty for no such user.
+    fn scram_verifiers(&self, user: &str, kind: &str) -> BoxFuture<Vec<(i64, String)>>;
+
     /// Which of `user`'s SSH keys `key` (`type base64`) is, if any.
     fn check_ssh_key(&self, user: &str, key: &str) -> BoxFuture<Option<Credential>>;
 

@@ -22,7 +22,6 @@ use granary_wire::imap::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use crate::{LoginRefused, Shared};
 
@@ -60,36 +59,12 @@ async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     implicit: bool,
 ) {
-    let (stop_tx, stop) = watch::channel(false);
-    let mut sessions = tokio::task::JoinSet::new();
     let protocol = if implicit { "imaps" } else { "imap" };
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "{protocol} accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
-        };
-        let span = tracing::info_span!("imap", %peer, protocol, user = tracing::field::Empty);
-        let (shared, stop) = (shared.clone(), stop.clone());
-        sessions.spawn(connection(tcp, peer, shared, implicit, stop).instrument(span));
-    }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(shared.settings.drain_timeout, async {
-        while sessions.join_next().await.is_some() {}
+    let s = shared.clone();
+    crate::accept_loop(listener, &shared, shutdown, protocol, move |tcp, peer, stop| {
+        connection(tcp, peer, s.clone(), implicit, stop)
     })
-    .await;
-    if drained.is_err() {
-        sessions.shutdown().await;
-    }
+    .await
 }
 
 /// A client that logged in.

@@ -22,6 +22,7 @@ pub mod services;
 pub mod smtp;
 pub mod ssh;
 pub mod tls;
+pub mod xmpp;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +92,75 @@ pub enum LoginRefused {
     Invalid,
 }
 
+/// Accepts connections until `shutdown`, runs `handle` for each in a span
+/// named for `protocol` (with the peer, and the user once known), then
+/// gives open connections the drain timeout after telling them through the
+/// watch to stop.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    shared: &Shared,
+    shutdown: impl std::future::Future<Output = ()>,
+    protocol: &'static str,
+    mut handle: F,
+) where
+    F: FnMut(tokio::net::TcpStream, std::net::SocketAddr, tokio::sync::watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut sessions = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{protocol} accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+        };
+        let span = tracing::info_span!("conn", protocol, %peer, user = tracing::field::Empty);
+        sessions.spawn(handle(tcp, peer, stop.clone()).instrument(span));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(shared.settings.drain_timeout, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        sessions.shutdown().await;
+    }
+}
+
+/// The limiter's keys for a login: the client's address (an IPv6 client
+/// by its /64, as the SMTP limits count) and the user.
+fn login_keys(ip: std::net::IpAddr, user: &str) -> (String, String) {
+    (
+        format!("ip:{}", smtp::limits::bucket(ip)),
+        format!("user:{user}"),
+    )
+}
+
 impl Shared {
+    /// Whether logins from `ip` or for `user` are refused unchecked for
+    /// now (too many recent failures).
+    pub fn login_limited(&self, ip: std::net::IpAddr, user: &str) -> bool {
+        let (ip_key, user_key) = login_keys(ip, user);
+        self.limiter.limited(&ip_key) || self.limiter.limited(&user_key)
+    }
+
+    /// Counts a failed login against `ip` and `user`.
+    pub fn login_failed(&self, ip: std::net::IpAddr, user: &str) {
+        let (ip_key, user_key) = login_keys(ip, user);
+        self.limiter.fail(ip_key);
+        self.limiter.fail(user_key);
+    }
+
     /// A mail client's login (IMAP, submission). `login` is a user name or
     /// one of the user's addresses; `password` one of their app passwords
     /// of kind `mail`. Failures count against the client's address and the
@@ -103,8 +172,6 @@ impl Shared {
         login: &str,
         password: &str,
     ) -> Result<(String, Credential), LoginRefused> {
-        // An IPv6 client counts by its /64, as the SMTP limits do.
-        let ip_key = format!("ip:{}", smtp::limits::bucket(ip));
         let user = match login.contains('@') {
             true => self
                 .directory
@@ -113,16 +180,14 @@ impl Shared {
                 .unwrap_or_else(|| login.to_ascii_lowercase()),
             false => login.to_ascii_lowercase(),
         };
-        let user_key = format!("user:{user}");
-        if self.limiter.limited(&ip_key) || self.limiter.limited(&user_key) {
+        if self.login_limited(ip, &user) {
             tracing::info!(user, "login refused: too many recent failures");
             return Err(LoginRefused::Limited);
         }
         match self.check_password(&user, "mail", password).await {
             Some(cred) => Ok((user, cred)),
             None => {
-                self.limiter.fail(ip_key);
-                self.limiter.fail(user_key);
+                self.login_failed(ip, &user);
                 tracing::info!(user, "login failed");
                 Err(LoginRefused::Invalid)
             }

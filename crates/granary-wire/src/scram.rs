@@ -49,7 +49,9 @@ impl Hash {
         }
     }
 
-    fn len(self) -> usize {
+    /// The length of its digests (and so of keys and proofs).
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(self) -> usize {
         self.digest().output_len()
     }
 }

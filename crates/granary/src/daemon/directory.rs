@@ -53,6 +53,16 @@ impl Directory for StateDirectory {
         })
     }
 
+    fn scram_verifiers(&self, user: &str, kind: &str) -> BoxFuture<Vec<(i64, String)>> {
+        let (store, kind) = (self.store.clone(), kind.to_owned());
+        let Ok(user) = UserName::existing(user) else {
+            return Box::pin(async { Vec::new() });
+        };
+        lookup(Vec::new(), move || {
+            store.scram_verifiers(&user, &kind).unwrap_or_default()
+        })
+    }
+
     fn check_ssh_key(&self, user: &str, key: &str) -> BoxFuture<Option<Credential>> {
         let (store, user, key) = (self.store.clone(), user.to_owned(), key.to_owned());
         lookup(None, move || {

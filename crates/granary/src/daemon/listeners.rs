@@ -23,6 +23,8 @@ const SERVED: &[&str] = &[
     "submissions",
     "imap",
     "imaps",
+    "xmpp",
+    "xmpps",
 ];
 
 /// The configured listeners, bound.
@@ -92,6 +94,12 @@ impl Bound {
                     }
                     "imaps" => {
                         tokio::spawn(granary_gateway::imap::serve_tls(listener, shared, shutdown))
+                    }
+                    "xmpp" => {
+                        tokio::spawn(granary_gateway::xmpp::serve(listener, shared, shutdown))
+                    }
+                    "xmpps" => {
+                        tokio::spawn(granary_gateway::xmpp::serve_tls(listener, shared, shutdown))
                     }
                     other => unreachable!("listen.{other} passed the SERVED check in bind"),
                 }
