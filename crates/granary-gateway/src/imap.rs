@@ -61,9 +61,13 @@ async fn run(
 ) {
     let protocol = if implicit { "imaps" } else { "imap" };
     let s = shared.clone();
-    crate::accept_loop(listener, &shared, shutdown, protocol, move |tcp, peer, stop| {
-        connection(tcp, peer, s.clone(), implicit, stop)
-    })
+    crate::accept_loop(
+        listener,
+        &shared,
+        shutdown,
+        protocol,
+        move |tcp, peer, stop| connection(tcp, peer, s.clone(), implicit, stop),
+    )
     .await
 }
 

@@ -103,7 +103,11 @@ pub(crate) async fn accept_loop<F, Fut>(
     protocol: &'static str,
     mut handle: F,
 ) where
-    F: FnMut(tokio::net::TcpStream, std::net::SocketAddr, tokio::sync::watch::Receiver<bool>) -> Fut,
+    F: FnMut(
+        tokio::net::TcpStream,
+        std::net::SocketAddr,
+        tokio::sync::watch::Receiver<bool>,
+    ) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     use tracing::Instrument;

@@ -70,18 +70,24 @@ async fn run(
     let _ = getrandom::fill(&mut key);
     let decoy = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key));
     let s = shared.clone();
-    crate::accept_loop(listener, &shared, shutdown, protocol, move |tcp, peer, stop| {
-        let client = Client {
-            shared: s.clone(),
-            peer,
-            stop,
-            failures: 0,
-            buf: Vec::new(),
-            deadline: tokio::time::Instant::now() + LOGIN_TIMEOUT,
-            decoy: decoy.clone(),
-        };
-        client.connection(tcp, tls.clone(), implicit)
-    })
+    crate::accept_loop(
+        listener,
+        &shared,
+        shutdown,
+        protocol,
+        move |tcp, peer, stop| {
+            let client = Client {
+                shared: s.clone(),
+                peer,
+                stop,
+                failures: 0,
+                buf: Vec::new(),
+                deadline: tokio::time::Instant::now() + LOGIN_TIMEOUT,
+                decoy: decoy.clone(),
+            };
+            client.connection(tcp, tls.clone(), implicit)
+        },
+    )
     .await
 }
 
@@ -139,7 +145,12 @@ fn b64(data: &[u8]) -> String {
 }
 
 impl Client {
-    async fn connection(mut self, mut tcp: TcpStream, tls: Arc<rustls::ServerConfig>, implicit: bool) {
+    async fn connection(
+        mut self,
+        mut tcp: TcpStream,
+        tls: Arc<rustls::ServerConfig>,
+        implicit: bool,
+    ) {
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let handshake = self.shared.settings.handshake_timeout;
@@ -189,7 +200,10 @@ impl Client {
                 }
                 Ok(None) => {}
                 Err(XmppError::TooLarge) => {
-                    return Err(Some(stream_error("policy-violation", "that is too large before login")));
+                    return Err(Some(stream_error(
+                        "policy-violation",
+                        "that is too large before login",
+                    )));
                 }
                 Err(e) => return Err(Some(stream_error("not-well-formed", &e.to_string()))),
             }
@@ -204,7 +218,12 @@ impl Client {
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(None),
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(_) => return Err(Some(stream_error("connection-timeout", "too slow to log in"))),
+                Err(_) => {
+                    return Err(Some(stream_error(
+                        "connection-timeout",
+                        "too slow to log in",
+                    )));
+                }
             }
         }
     }
@@ -224,14 +243,23 @@ impl Client {
                     .as_deref()
                     .is_some_and(|t| t.eq_ignore_ascii_case(&self.shared.domain));
                 if default_ns.as_deref() != Some(granary_wire::xmpp::NS_CLIENT) {
-                    Some(stream_error("invalid-namespace", "this is a client stream: jabber:client"))
+                    Some(stream_error(
+                        "invalid-namespace",
+                        "this is a client stream: jabber:client",
+                    ))
                 } else if !ours {
-                    Some(stream_error("host-unknown", "that domain is not served here"))
+                    Some(stream_error(
+                        "host-unknown",
+                        "that domain is not served here",
+                    ))
                 } else {
                     None
                 }
             }
-            Ok(_) => Some(stream_error("not-well-formed", "a stream starts with its header")),
+            Ok(_) => Some(stream_error(
+                "not-well-formed",
+                "a stream starts with its header",
+            )),
             Err(None) => return Step::Close,
             Err(Some(e)) => Some(e),
         };
@@ -270,7 +298,10 @@ impl Client {
     }
 
     /// SASL over TLS, until a login succeeds or the stream ends.
-    async fn login<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Option<LoggedIn> {
+    async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+    ) -> Option<LoggedIn> {
         let mechanisms = format!(
             "<mechanisms xmlns='{NS_SASL}'><mechanism>SCRAM-SHA-256</mechanism>\
              <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms>"
@@ -286,7 +317,10 @@ impl Client {
                         "SCRAM-SHA-1" => Some(Hash::Sha1),
                         "PLAIN" => None,
                         _ => {
-                            let f = sasl_failure("invalid-mechanism", "use SCRAM-SHA-256, SCRAM-SHA-1 or PLAIN");
+                            let f = sasl_failure(
+                                "invalid-mechanism",
+                                "use SCRAM-SHA-256, SCRAM-SHA-1 or PLAIN",
+                            );
                             if stream.write_all(f.as_bytes()).await.is_err() {
                                 return None;
                             }
@@ -406,7 +440,10 @@ impl Client {
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             self.failures += 1;
-            return Err(sasl_failure("malformed-request", "PLAIN is authzid NUL name NUL password"));
+            return Err(sasl_failure(
+                "malformed-request",
+                "PLAIN is authzid NUL name NUL password",
+            ));
         };
         let (Ok(authz), Ok(authc), Ok(password)) = (
             std::str::from_utf8(authz),
@@ -421,7 +458,10 @@ impl Client {
         };
         if !authz.is_empty() && self.user_of(authz).as_deref() != Some(user.as_str()) {
             self.failures += 1;
-            return Err(sasl_failure("invalid-authzid", "you can only log in as yourself"));
+            return Err(sasl_failure(
+                "invalid-authzid",
+                "you can only log in as yourself",
+            ));
         }
         if let Some(f) = self.limited(&user) {
             return Err(f);
@@ -449,7 +489,10 @@ impl Client {
             Ok(f) => f,
             Err(scram::ScramError::ChannelBinding) => {
                 self.failures += 1;
-                return Some(Err(sasl_failure("encryption-required", "channel binding is not offered")));
+                return Some(Err(sasl_failure(
+                    "encryption-required",
+                    "channel binding is not offered",
+                )));
             }
             Err(e) => {
                 self.failures += 1;
@@ -465,7 +508,10 @@ impl Client {
             .is_some_and(|a| self.user_of(a).as_deref() != Some(user.as_str()))
         {
             self.failures += 1;
-            return Some(Err(sasl_failure("invalid-authzid", "you can only log in as yourself")));
+            return Some(Err(sasl_failure(
+                "invalid-authzid",
+                "you can only log in as yourself",
+            )));
         }
         if let Some(f) = self.limited(&user) {
             return Some(Err(f));
@@ -498,13 +544,18 @@ impl Client {
             Some(Some(m)) => m,
         };
         for (id, v) in &candidates {
-            if let Ok(server_final) = scram::verify_client_final(&first, &server_first, &final_msg, v) {
+            if let Ok(server_final) =
+                scram::verify_client_final(&first, &server_first, &final_msg, v)
+            {
                 return Some(Ok((
                     LoggedIn {
                         user,
                         credential: *id,
                     },
-                    format!("<success xmlns='{NS_SASL}'>{}</success>", b64(server_final.as_bytes())),
+                    format!(
+                        "<success xmlns='{NS_SASL}'>{}</success>",
+                        b64(server_final.as_bytes())
+                    ),
                 )));
             }
         }
@@ -514,7 +565,10 @@ impl Client {
     /// A verifier that matches no password, with a salt that is the same
     /// for the same name every time (as a real one would be).
     fn decoy_verifier(&self, hash: Hash, user: &str) -> Verifier {
-        let tag = ring::hmac::sign(&self.decoy, format!("{}:{user}", hash.mechanism()).as_bytes());
+        let tag = ring::hmac::sign(
+            &self.decoy,
+            format!("{}:{user}", hash.mechanism()).as_bytes(),
+        );
         let salt = tag.as_ref()[..16].to_vec();
         Verifier {
             hash,
@@ -542,10 +596,16 @@ async fn hand_over<S: AsyncRead + AsyncWrite + Unpin>(
         )
     };
     let Ok(grain) = GrainId::for_user(&login.user, "xmpp") else {
-        let _ = client.write_all(unavailable("no chat account for this user").as_bytes()).await;
+        let _ = client
+            .write_all(unavailable("no chat account for this user").as_bytes())
+            .await;
         return;
     };
-    let identity = Identity::new(&login.user, granary_grains::AuthMethod::AppPassword, login.credential);
+    let identity = Identity::new(
+        &login.user,
+        granary_grains::AuthMethod::AppPassword,
+        login.credential,
+    );
     let conn = match shared.grains.connect(&grain, "xmpp", identity, peer).await {
         Ok(c) => c,
         Err(e) => {

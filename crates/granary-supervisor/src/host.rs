@@ -114,8 +114,12 @@ impl host::Server for HostImpl {
                 capnp_rpc::new_client(crate::xmpp::Router {
                     sup: self.sup.clone(),
                     owner: self.owner.clone(),
+                    order: tokio::sync::Mutex::new(()),
                 });
-            results.get().init_cap().set_as_capability(router.client.hook);
+            results
+                .get()
+                .init_cap()
+                .set_as_capability(router.client.hook);
             return Ok(());
         }
         let cap = self.granted(&sup, descriptor, None).await?;

@@ -29,6 +29,10 @@ pub(crate) const XMPP_DELIVER: &str = "xmpp.deliver";
 pub(crate) struct Router {
     pub(crate) sup: Weak<Inner>,
     pub(crate) owner: String,
+    /// Held from a call's arrival until its stanza is sent on, so stanzas
+    /// leave in the order the grain sent them even while the recipient
+    /// is starting.
+    pub(crate) order: tokio::sync::Mutex<()>,
 }
 
 /// The errors the sending grain turns into stanza errors: the condition
@@ -53,6 +57,7 @@ impl xmpp_router::Server for Router {
             .sup
             .upgrade()
             .ok_or_else(|| capnp::Error::disconnected("the host is shutting down".to_owned()))?;
+        let order = self.order.lock().await;
         let p = params.get()?;
         let domain = sup.params.config.domain.clone();
         // Only the resource is the grain's to say.
@@ -107,13 +112,17 @@ impl xmpp_router::Server for Router {
             r.set_to(&to);
             r.set_stanza(&stanza);
         }
-        let answer =
-            tokio::time::timeout(sup.params.config.call_timeout, request.send().promise).await;
+        let sent = request.send().promise;
+        drop(order);
+        let answer = tokio::time::timeout(sup.params.config.call_timeout, sent).await;
         match answer {
             Ok(Ok(_)) => Ok(()),
             // The recipient's own refusal (blocked, not subscribed) stands.
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(refused("remote-server-timeout", "the recipient did not answer")),
+            Err(_) => Err(refused(
+                "remote-server-timeout",
+                "the recipient did not answer",
+            )),
         }
     }
 }

@@ -13,6 +13,7 @@
 pub mod dav;
 pub mod mail;
 pub mod postfix;
+pub mod xmpp;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -151,12 +152,14 @@ pub fn app_package_from(
                 "git" => "\"git.read\"",
                 "mail" => "\"mail.deliver\"",
                 "dav" => DAV_INTERFACES,
+                "xmpp" => "\"xmpp.deliver\"",
                 _ => "\"notify\"",
             },
             shares = if kind == "dav" { DAV_INTERFACES } else { "" },
             services = match kind {
                 "git" => "\"http\", \"git-ssh\"",
                 "mail" => "\"imap\"",
+                "xmpp" => "\"xmpp\"",
                 _ => "\"http\"",
             },
         ),
@@ -176,6 +179,15 @@ pub fn dav_package(dir: &Path) -> std::path::PathBuf {
     match std::env::var_os("GRANARY_DAV_APP") {
         Some(bin) => app_package_from(dir, "dav", "granary-dav", "", Path::new(&bin)),
         None => app_package(dir, "dav", "granary-dav", ""),
+    }
+}
+
+/// The chat app: the static debug build, or `$GRANARY_XMPP_APP` (a
+/// release build, for benchmarks).
+pub fn xmpp_package(dir: &Path) -> std::path::PathBuf {
+    match std::env::var_os("GRANARY_XMPP_APP") {
+        Some(bin) => app_package_from(dir, "xmpp", "granary-xmpp", "", Path::new(&bin)),
+        None => app_package(dir, "xmpp", "granary-xmpp", ""),
     }
 }
 

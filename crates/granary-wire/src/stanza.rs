@@ -215,8 +215,7 @@ pub fn next_frame(
     if rest.starts_with(b"<!") {
         return Err(XmppError::Dtd);
     }
-    if rest.starts_with(b"<?") || rest.starts_with(b"<stream:stream") || rest.starts_with(b"</")
-    {
+    if rest.starts_with(b"<?") || rest.starts_with(b"<stream:stream") || rest.starts_with(b"</") {
         // Headers and the stream's end read as before login.
         return Ok(crate::xmpp::parse(buf)?.map(|(unit, n)| match unit {
             Unit::StreamEnd => (Frame::End, n),
@@ -406,12 +405,17 @@ mod tests {
             frames.push(f);
             at += n;
         }
-        assert!(matches!(frames[0], Frame::Header(Unit::StreamHeader { .. })));
+        assert!(matches!(
+            frames[0],
+            Frame::Header(Unit::StreamHeader { .. })
+        ));
         let Frame::Stanza(iq) = &frames[1] else {
             panic!()
         };
         assert!(iq.is("iq", C));
-        let bind = iq.child("bind", "urn:ietf:params:xml:ns:xmpp-bind").unwrap();
+        let bind = iq
+            .child("bind", "urn:ietf:params:xml:ns:xmpp-bind")
+            .unwrap();
         assert_eq!(
             bind.child("resource", "urn:ietf:params:xml:ns:xmpp-bind")
                 .unwrap()
@@ -433,11 +437,18 @@ mod tests {
 
     #[test]
     fn refuses_what_a_stream_must_not_carry() {
-        let deep = format!("{}{}", "<a>".repeat(MAX_DEPTH + 1), "</a>".repeat(MAX_DEPTH + 1));
+        let deep = format!(
+            "{}{}",
+            "<a>".repeat(MAX_DEPTH + 1),
+            "</a>".repeat(MAX_DEPTH + 1)
+        );
         assert!(next_frame(deep.as_bytes(), 1 << 20, C).is_err());
         // Refused before it has all arrived.
         let big = format!("<message><body>{}", "x".repeat(2000));
-        assert_eq!(next_frame(big.as_bytes(), 1000, C), Err(XmppError::TooLarge));
+        assert_eq!(
+            next_frame(big.as_bytes(), 1000, C),
+            Err(XmppError::TooLarge)
+        );
         assert_eq!(
             next_frame(b"<!DOCTYPE x [<!ENTITY a 'b'>]>", 1000, C),
             Err(XmppError::Dtd)

@@ -401,8 +401,12 @@ mod tests {
         assert_eq!(again, v[1]);
         assert_ne!(v[0].salt, v[1].salt);
         // A second password of the same user shares the salts.
-        let second = super::scram_verifiers("battery staple", std::iter::once(text.as_str())).unwrap();
-        let w: Vec<Verifier> = second.lines().map(|l| Verifier::decode(l).unwrap()).collect();
+        let second =
+            super::scram_verifiers("battery staple", std::iter::once(text.as_str())).unwrap();
+        let w: Vec<Verifier> = second
+            .lines()
+            .map(|l| Verifier::decode(l).unwrap())
+            .collect();
         assert_eq!((&w[0].salt, &w[1].salt), (&v[0].salt, &v[1].salt));
         assert_ne!(w[1].stored_key, v[1].stored_key);
     }

@@ -1,0 +1,469 @@
+//! The account's live state: its sessions (one per resource), where
+//! stanzas for the account go (RFC 6121 §8.5), what leaves for other
+//! users (through the host's `xmpp.route`), carbons and the archive.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::rc::Rc;
+
+use granary_sdk::services_capnp::xmpp_router;
+use granary_wire::stanza::{Element, parse_element};
+use tokio::sync::mpsc;
+
+use crate::jid::Jid;
+use crate::ns;
+use crate::store::Store;
+
+/// What a session's writer task sends to its client.
+#[derive(Debug)]
+pub enum Out {
+    Xml(String),
+    /// Write this (a stream error or close) and end the connection.
+    Close(String),
+}
+
+/// XEP-0198 state of a session that enabled it.
+#[derive(Debug, Default)]
+pub struct Sm {
+    pub id: String,
+    pub resumable: bool,
+    /// Stanzas received from the client.
+    pub handled_in: u32,
+    /// Stanzas sent to the client, and those not yet acknowledged (the
+    /// oldest is number `sent - unacked.len() + 1`).
+    pub sent: u32,
+    pub unacked: VecDeque<Element>,
+}
+
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// Where stanzas for the client go; `None` while a resumable session
+    /// is detached.
+    pub out: Option<mpsc::UnboundedSender<Out>>,
+    /// The last available presence it broadcast; `None` until initial
+    /// presence (and after unavailable).
+    pub presence: Option<Element>,
+    pub priority: i32,
+    /// It asked for the roster: it gets pushes and subscription requests.
+    pub interested: bool,
+    pub carbons: bool,
+    pub blocklist_pushes: bool,
+    /// XEP-0352: presence is held (the latest per sender) until active.
+    pub inactive: bool,
+    pub held: Vec<Element>,
+    pub sm: Option<Sm>,
+    /// Full addresses it sent directed presence to.
+    pub directed: HashSet<String>,
+}
+
+pub struct Session {
+    pub resource: String,
+    pub full: Jid,
+    pub state: RefCell<SessionState>,
+}
+
+fn is_presence_update(el: &Element) -> bool {
+    el.name == "presence" && matches!(el.attr("type"), None | Some("unavailable"))
+}
+
+impl Session {
+    /// Sends a stanza to the client (or keeps it for a detached
+    /// stream-managed session).
+    pub fn send(&self, el: Element) {
+        let mut st = self.state.borrow_mut();
+        if st.inactive && is_presence_update(&el) {
+            let from = el.attr("from").map(str::to_owned);
+            st.held
+                .retain(|h| h.attr("from").map(str::to_owned) != from);
+            st.held.push(el);
+            return;
+        }
+        let mut batch = std::mem::take(&mut st.held);
+        batch.push(el);
+        for el in batch {
+            let xml = el.to_xml(ns::CLIENT);
+            if let Some(sm) = st.sm.as_mut() {
+                sm.sent = sm.sent.wrapping_add(1);
+                sm.unacked.push_back(el);
+            }
+            if let Some(out) = &st.out {
+                let _ = out.send(Out::Xml(xml));
+            }
+        }
+    }
+
+    /// Sends what was held while inactive.
+    pub fn flush_held(&self) {
+        let held = std::mem::take(&mut self.state.borrow_mut().held);
+        for el in held {
+            self.send(el);
+        }
+    }
+
+    pub fn available(&self) -> bool {
+        self.state.borrow().presence.is_some()
+    }
+}
+
+/// The account.
+pub struct Server {
+    pub store: Rc<Store>,
+    pub domain: String,
+    pub bare: Jid,
+    pub sessions: RefCell<BTreeMap<String, Rc<Session>>>,
+    /// Detached, resumable sessions by their XEP-0198 id.
+    pub resumable: RefCell<BTreeMap<String, Rc<Session>>>,
+    /// The host's route to other users; set once at start.
+    pub router: RefCell<Option<xmpp_router::Client>>,
+}
+
+/// A stanza error in reply to `el` (RFC 6120 §8.3): from and to swapped,
+/// the original's id kept.
+pub fn error_reply(el: &Element, kind: &str, condition: &str, text: Option<&str>) -> Element {
+    let mut reply = Element::new(&el.name, ns::CLIENT).with_attr("type", "error");
+    if let Some(id) = el.attr("id") {
+        reply.set_attr("id", id);
+    }
+    if let Some(to) = el.attr("to") {
+        reply.set_attr("from", to);
+    }
+    if let Some(from) = el.attr("from") {
+        reply.set_attr("to", from);
+    }
+    let mut error = Element::new("error", ns::CLIENT)
+        .with_attr("type", kind)
+        .with_child(Element::new(condition, ns::STANZAS));
+    if let Some(t) = text {
+        error.push(
+            Element::new("text", ns::STANZAS)
+                .with_attr("xml:lang", "en")
+                .with_text(t),
+        );
+    }
+    reply.push(error);
+    reply
+}
+
+/// The error type a condition is sent with.
+pub fn error_kind(condition: &str) -> &'static str {
+    match condition {
+        "remote-server-timeout" | "resource-constraint" | "internal-server-error" => "wait",
+        "not-authorized" | "forbidden" => "auth",
+        "bad-request" | "jid-malformed" | "not-acceptable" | "policy-violation" => "modify",
+        _ => "cancel",
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A random id (archive ids, stream ids).
+pub fn random_id() -> String {
+    use base64::Engine;
+    let mut b = [0u8; 12];
+    let _ = getrandom::fill(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// Whether a message is worth archiving and keeping offline (XEP-0313
+/// §5.1.1, XEP-0334 hints): it has a body (or is encrypted), or asks to
+/// be stored, and does not ask not to be.
+pub fn archivable(el: &Element) -> bool {
+    if el.child("no-store", ns::HINTS).is_some()
+        || el.child("no-permanent-store", ns::HINTS).is_some()
+    {
+        return false;
+    }
+    matches!(el.attr("type"), None | Some("chat") | Some("normal"))
+        && (el.child("body", ns::CLIENT).is_some()
+            || el.child("store", ns::HINTS).is_some()
+            || el.child_ns("eu.siacs.conversations.axolotl").is_some()
+            || el.child_ns("urn:xmpp:omemo:2").is_some())
+}
+
+impl Server {
+    pub fn new(
+        store: Rc<Store>,
+        owner: &str,
+        domain: &str,
+    ) -> Result<Server, crate::jid::JidError> {
+        Ok(Server {
+            store,
+            domain: domain.to_owned(),
+            bare: Jid::parse(&format!("{owner}@{domain}"))?,
+            sessions: RefCell::default(),
+            resumable: RefCell::default(),
+            router: RefCell::default(),
+        })
+    }
+
+    pub fn session(&self, resource: &str) -> Option<Rc<Session>> {
+        self.sessions.borrow().get(resource).cloned()
+    }
+
+    pub fn all_sessions(&self) -> Vec<Rc<Session>> {
+        self.sessions.borrow().values().cloned().collect()
+    }
+
+    /// Available sessions with non-negative priority: where a message to
+    /// the bare address goes (RFC 6121 §8.5.2.1.1).
+    fn message_targets(&self) -> Vec<Rc<Session>> {
+        self.all_sessions()
+            .into_iter()
+            .filter(|s| {
+                let st = s.state.borrow();
+                st.presence.is_some() && st.priority >= 0
+            })
+            .collect()
+    }
+
+    /// A stanza for this account, from `from` (already stamped by the host
+    /// or ours): RFC 6121 §8.5 delivery. Blocking, subscriptions and
+    /// offline storage are decided here.
+    pub fn deliver(self: &Rc<Self>, from: &Jid, to: &Jid, mut el: Element) {
+        el.set_attr("from", from.to_string());
+        el.set_attr("to", to.to_string());
+        let from_self = from.bare() == self.bare;
+        if !from_self
+            && self
+                .store
+                .is_blocked(&from.to_string(), &from.bare_text(), &from.domain)
+                .unwrap_or(false)
+        {
+            if el.name == "iq" && matches!(el.attr("type"), Some("get") | Some("set")) {
+                let reply = error_reply(&el, "cancel", "service-unavailable", None);
+                self.route_from_account(reply);
+            }
+            return;
+        }
+        match el.name.as_str() {
+            "presence" => crate::presence::inbound(self, from, to, el),
+            "iq" => self.deliver_iq(from, to, el),
+            "message" => self.deliver_message(from, to, el),
+            _ => {}
+        }
+    }
+
+    fn deliver_iq(self: &Rc<Self>, from: &Jid, to: &Jid, el: Element) {
+        let kind = el.attr("type").unwrap_or("");
+        if to.is_bare() {
+            if matches!(kind, "get" | "set") {
+                crate::account::handle_iq(self, from, None, el);
+            }
+            return;
+        }
+        match self.session(to.resource.as_deref().unwrap_or("")) {
+            Some(s) => s.send(el),
+            None if matches!(kind, "get" | "set") => {
+                let reply = error_reply(&el, "cancel", "service-unavailable", None);
+                self.route_from_account(reply);
+            }
+            None => {}
+        }
+    }
+
+    fn deliver_message(self: &Rc<Self>, from: &Jid, to: &Jid, mut el: Element) {
+        let kind = el.attr("type").unwrap_or("normal").to_owned();
+        if kind == "error" && to.is_bare() {
+            return;
+        }
+        let keep = archivable(&el) && from.bare() != self.bare;
+        if keep {
+            let id = random_id();
+            let _ = self
+                .store
+                .archive(&id, now_ms(), &from.bare_text(), &el.to_xml(ns::CLIENT));
+            el.push(
+                Element::new("stanza-id", ns::SID)
+                    .with_attr("by", self.bare.to_string())
+                    .with_attr("id", id),
+            );
+        }
+        // A full address that is online gets it alone (RFC 6121 §8.5.3.1).
+        if let Some(s) = to.resource.as_deref().and_then(|r| self.session(r)) {
+            let resource = s.resource.clone();
+            s.send(el.clone());
+            if kind == "chat" {
+                self.carbon("received", &el, Some(&resource));
+            }
+            return;
+        }
+        match kind.as_str() {
+            "groupchat" if to.resource.is_some() => {
+                let reply = error_reply(&el, "cancel", "service-unavailable", None);
+                self.route_from_account(reply);
+                return;
+            }
+            "headline" | "groupchat" | "error" if to.resource.is_some() => return,
+            _ => {}
+        }
+        let targets = self.message_targets();
+        if targets.is_empty() {
+            if matches!(kind.as_str(), "chat" | "normal") && keep {
+                let mut stored = el.clone();
+                stored.push(
+                    Element::new("delay", ns::DELAY)
+                        .with_attr("from", self.domain.clone())
+                        .with_attr("stamp", crate::account::stamp(now_ms())),
+                );
+                let _ = self.store.push_offline(&stored.to_xml(ns::CLIENT));
+            }
+            return;
+        }
+        let carbons = kind == "chat";
+        for s in &targets {
+            s.send(el.clone());
+        }
+        if carbons {
+            // Sessions that got it directly need no carbon.
+            let got: HashSet<&str> = targets.iter().map(|s| s.resource.as_str()).collect();
+            for s in self.all_sessions() {
+                if !got.contains(s.resource.as_str()) && s.state.borrow().carbons {
+                    s.send(self.wrap_carbon("received", &el, &s.full));
+                }
+            }
+        }
+    }
+
+    /// A carbon of `el` for every other session that enabled carbons
+    /// (XEP-0280): `sent` for what a resource sent, `received` for what
+    /// one resource alone received.
+    pub fn carbon(&self, direction: &str, el: &Element, except: Option<&str>) {
+        if el.attr("type") != Some("chat")
+            || el.child("private", ns::CARBONS).is_some()
+            || el.child("no-copy", ns::HINTS).is_some()
+        {
+            return;
+        }
+        for s in self.all_sessions() {
+            if Some(s.resource.as_str()) != except && s.state.borrow().carbons {
+                s.send(self.wrap_carbon(direction, el, &s.full));
+            }
+        }
+    }
+
+    fn wrap_carbon(&self, direction: &str, el: &Element, to: &Jid) -> Element {
+        Element::new("message", ns::CLIENT)
+            .with_attr("from", self.bare.to_string())
+            .with_attr("to", to.to_string())
+            .with_attr("type", "chat")
+            .with_child(
+                Element::new(direction, ns::CARBONS)
+                    .with_child(Element::new("forwarded", ns::FORWARD).with_child(el.clone())),
+            )
+    }
+
+    /// A stanza the account itself sends (an error, an automatic
+    /// presence reply), from the bare address.
+    pub fn route_from_account(self: &Rc<Self>, el: Element) {
+        let Some(to) = el.attr("to").and_then(|t| Jid::parse(t).ok()) else {
+            return;
+        };
+        let from = self.bare.clone();
+        self.route(&from, &to, el);
+    }
+
+    /// Sends a stanza from this account (`from` is the bare address or one
+    /// of its resources) to `to`: delivered here when it is this account,
+    /// else through the host. A message or iq the host cannot deliver
+    /// comes back to the sender as an error.
+    pub fn route(self: &Rc<Self>, from: &Jid, to: &Jid, el: Element) {
+        if to.bare() == self.bare {
+            self.deliver(from, to, el);
+            return;
+        }
+        let Some(router) = self.router.borrow().clone() else {
+            self.bounce(from, to, &el, "service-unavailable");
+            return;
+        };
+        let mut request = router.route_request();
+        {
+            let mut r = request.get();
+            r.set_from(from.to_string());
+            r.set_to(to.to_string());
+            r.set_stanza(el.to_xml(ns::CLIENT));
+        }
+        let sent = request.send().promise;
+        let me = self.clone();
+        let (from, to) = (from.clone(), to.clone());
+        tokio::task::spawn_local(async move {
+            if let Err(e) = sent.await {
+                let text = granary_sdk::message(&e);
+                let condition = text
+                    .split_once(':')
+                    .map(|(c, _)| c.trim())
+                    .filter(|c| {
+                        !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+                    })
+                    .unwrap_or("service-unavailable")
+                    .to_owned();
+                me.bounce(&from, &to, &el, &condition);
+            }
+        });
+    }
+
+    /// Tells the sender a message or request could not be delivered.
+    fn bounce(self: &Rc<Self>, from: &Jid, to: &Jid, el: &Element, condition: &str) {
+        let bounced = el.name == "message"
+            || (el.name == "iq" && matches!(el.attr("type"), Some("get") | Some("set")));
+        if !bounced || el.attr("type") == Some("error") {
+            return;
+        }
+        let mut original = el.clone();
+        original.set_attr("from", from.to_string());
+        original.set_attr("to", to.to_string());
+        let reply = error_reply(&original, error_kind(condition), condition, None);
+        if let Some(s) = from.resource.as_deref().and_then(|r| self.session(r)) {
+            s.send(reply);
+        }
+    }
+
+    /// Parses a stanza another grain sent through the host: the host's
+    /// `from` and `to` replace whatever it says.
+    pub fn deliver_routed(
+        self: &Rc<Self>,
+        from: &str,
+        to: &str,
+        stanza: &str,
+    ) -> Result<(), String> {
+        let from = Jid::parse(from).map_err(|e| format!("jid-malformed: {e}"))?;
+        let to = Jid::parse(to).map_err(|e| format!("jid-malformed: {e}"))?;
+        if to.bare() != self.bare {
+            return Err("item-not-found: not this account".to_owned());
+        }
+        let el = parse_element(stanza.as_bytes(), ns::CLIENT)
+            .map_err(|e| format!("not-acceptable: {e}"))?;
+        if el.ns != ns::CLIENT || !matches!(el.name.as_str(), "message" | "presence" | "iq") {
+            return Err("bad-request: not a stanza".to_owned());
+        }
+        self.deliver(&from, &to, el);
+        Ok(())
+    }
+}
+
+/// `xmpp.deliver`: what the host calls with stanzas from other users.
+pub struct Deliver {
+    pub server: Rc<Server>,
+}
+
+impl xmpp_router::Server for Deliver {
+    async fn route(
+        self: capnp::capability::Rc<Self>,
+        params: xmpp_router::RouteParams,
+        _: xmpp_router::RouteResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        self.server
+            .deliver_routed(
+                p.get_from()?.to_str()?,
+                p.get_to()?.to_str()?,
+                p.get_stanza()?.to_str()?,
+            )
+            .map_err(capnp::Error::failed)
+    }
+}

@@ -1,0 +1,658 @@
+//! The account on disk: one SQLite database in the grain's dataset
+//! (`/var/xmpp/chat.db`, WAL). Every change is a committed transaction
+//! before the grain answers for it (a roster push, the host's delivery
+//! call for an offline message).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+#[derive(Debug, thiserror::Error)]
+#[error("the chat store: {0}")]
+pub struct StoreError(#[from] rusqlite::Error);
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A roster item's subscription (RFC 6121 §2.1.2.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sub {
+    None,
+    To,
+    From,
+    Both,
+}
+
+impl Sub {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sub::None => "none",
+            Sub::To => "to",
+            Sub::From => "from",
+            Sub::Both => "both",
+        }
+    }
+
+    fn parse(s: &str) -> Sub {
+        match s {
+            "to" => Sub::To,
+            "from" => Sub::From,
+            "both" => Sub::Both,
+            _ => Sub::None,
+        }
+    }
+
+    /// The user receives the contact's presence.
+    pub fn to(self) -> bool {
+        matches!(self, Sub::To | Sub::Both)
+    }
+
+    /// The contact receives the user's presence.
+    pub fn from(self) -> bool {
+        matches!(self, Sub::From | Sub::Both)
+    }
+
+    pub fn with_to(self, on: bool) -> Sub {
+        Sub::of(on, self.from())
+    }
+
+    pub fn with_from(self, on: bool) -> Sub {
+        Sub::of(self.to(), on)
+    }
+
+    fn of(to: bool, from: bool) -> Sub {
+        match (to, from) {
+            (true, true) => Sub::Both,
+            (true, false) => Sub::To,
+            (false, true) => Sub::From,
+            (false, false) => Sub::None,
+        }
+    }
+}
+
+/// One contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// The contact's bare address.
+    pub jid: String,
+    pub name: Option<String>,
+    pub sub: Sub,
+    /// The user asked to subscribe and has no answer yet (`ask='subscribe'`).
+    pub ask: bool,
+    pub groups: Vec<String>,
+}
+
+impl Item {
+    pub fn new(jid: &str) -> Item {
+        Item {
+            jid: jid.to_owned(),
+            name: None,
+            sub: Sub::None,
+            ask: false,
+            groups: Vec::new(),
+        }
+    }
+}
+
+/// One archived message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archived {
+    /// Its stanza id (XEP-0359) and MAM id.
+    pub id: String,
+    /// Milliseconds since the epoch.
+    pub ts: i64,
+    pub stanza: String,
+}
+
+/// What a MAM query asks for (XEP-0313 with XEP-0059 paging).
+#[derive(Debug, Clone, Default)]
+pub struct ArchiveQuery {
+    pub with: Option<String>,
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+    pub after: Option<String>,
+    pub before: Option<String>,
+    /// `<before/>` with no id: the last page.
+    pub last_page: bool,
+    pub max: usize,
+}
+
+/// A page of the archive.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub items: Vec<Archived>,
+    /// No more results beyond this page in the direction asked.
+    pub complete: bool,
+    /// How many match the filters, regardless of paging.
+    pub count: u64,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS roster (
+    jid TEXT PRIMARY KEY, name TEXT, sub TEXT NOT NULL, ask INTEGER NOT NULL,
+    groups TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_in (jid TEXT PRIMARY KEY, stanza TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS offline (id INTEGER PRIMARY KEY, stanza TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS archive (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, ts INTEGER NOT NULL,
+    with_jid TEXT NOT NULL, stanza TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS archive_with ON archive (with_jid, seq);
+CREATE TABLE IF NOT EXISTS pep_nodes (
+    node TEXT PRIMARY KEY, access TEXT NOT NULL, max_items INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pep_items (
+    node TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER NOT NULL, payload TEXT NOT NULL,
+    PRIMARY KEY (node, id));
+CREATE TABLE IF NOT EXISTS blocked (jid TEXT PRIMARY KEY);
+";
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        let conn = Connection::open(dir.join("chat.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the WAL back into the database, for a snapshot.
+    pub fn checkpoint(&self) -> Result<String> {
+        self.conn()
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        let (contacts, archived) = self.sizes()?;
+        Ok(format!(
+            "checkpointed: {contacts} contacts, {archived} archived messages"
+        ))
+    }
+
+    /// Contacts and archived messages.
+    pub fn sizes(&self) -> Result<(u64, u64)> {
+        let c = self.conn();
+        let contacts: i64 = c.query_row("SELECT count(*) FROM roster", [], |r| r.get(0))?;
+        let archived: i64 = c.query_row("SELECT count(*) FROM archive", [], |r| r.get(0))?;
+        Ok((contacts as u64, archived as u64))
+    }
+
+    fn meta(c: &Connection, key: &str) -> Result<Option<String>> {
+        Ok(
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()?,
+        )
+    }
+
+    fn set_meta(c: &Connection, key: &str, value: &str) -> Result<()> {
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    // The roster.
+
+    pub fn roster_version(&self) -> Result<u64> {
+        let c = self.conn();
+        Ok(Self::meta(&c, "roster_ver")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    fn bump_version(c: &Connection) -> Result<u64> {
+        let v = Self::meta(c, "roster_ver")?
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            + 1;
+        Self::set_meta(c, "roster_ver", &v.to_string())?;
+        Ok(v)
+    }
+
+    fn item_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
+        let groups: String = r.get(4)?;
+        Ok(Item {
+            jid: r.get(0)?,
+            name: r.get(1)?,
+            sub: Sub::parse(&r.get::<_, String>(2)?),
+            ask: r.get::<_, i64>(3)? != 0,
+            groups: groups
+                .split('\n')
+                .filter(|g| !g.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+
+    pub fn roster(&self) -> Result<Vec<Item>> {
+        let c = self.conn();
+        let mut stmt =
+            c.prepare_cached("SELECT jid, name, sub, ask, groups FROM roster ORDER BY jid")?;
+        let rows = stmt.query_map([], Self::item_of)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn item(&self, jid: &str) -> Result<Option<Item>> {
+        let c = self.conn();
+        let mut stmt =
+            c.prepare_cached("SELECT jid, name, sub, ask, groups FROM roster WHERE jid = ?1")?;
+        Ok(stmt.query_row([jid], Self::item_of).optional()?)
+    }
+
+    /// Adds or replaces an item; the new roster version.
+    pub fn put_item(&self, item: &Item) -> Result<u64> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO roster (jid, name, sub, ask, groups) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (jid) DO UPDATE SET name = excluded.name, sub = excluded.sub,
+               ask = excluded.ask, groups = excluded.groups",
+            params![
+                item.jid,
+                item.name,
+                item.sub.as_str(),
+                item.ask as i64,
+                item.groups.join("\n")
+            ],
+        )?;
+        let v = Self::bump_version(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Removes an item (and any pending request from it); the new version.
+    pub fn remove_item(&self, jid: &str) -> Result<u64> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM roster WHERE jid = ?1", [jid])?;
+        tx.execute("DELETE FROM pending_in WHERE jid = ?1", [jid])?;
+        let v = Self::bump_version(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    // Subscription requests waiting for the user's answer.
+
+    pub fn add_pending(&self, jid: &str, stanza: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO pending_in (jid, stanza) VALUES (?1, ?2)
+             ON CONFLICT (jid) DO UPDATE SET stanza = excluded.stanza",
+            params![jid, stanza],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_pending(&self, jid: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM pending_in WHERE jid = ?1", [jid])?
+            > 0)
+    }
+
+    pub fn is_pending(&self, jid: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM pending_in WHERE jid = ?1", [jid], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    pub fn pending(&self) -> Result<Vec<String>> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached("SELECT stanza FROM pending_in ORDER BY jid")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // Offline messages.
+
+    pub fn push_offline(&self, stanza: &str) -> Result<()> {
+        self.conn()
+            .execute("INSERT INTO offline (stanza) VALUES (?1)", [stanza])?;
+        Ok(())
+    }
+
+    pub fn offline_count(&self) -> Result<u64> {
+        let n: i64 = self
+            .conn()
+            .query_row("SELECT count(*) FROM offline", [], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    /// The offline messages, oldest first; `forget` removes them once
+    /// delivered.
+    pub fn offline(&self) -> Result<Vec<(i64, String)>> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached("SELECT id, stanza FROM offline ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn forget_offline(&self, up_to: i64) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM offline WHERE id <= ?1", [up_to])?;
+        Ok(())
+    }
+
+    // The archive.
+
+    pub fn archive(&self, id: &str, ts: i64, with: &str, stanza: &str) -> Result<()> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached(
+            "INSERT INTO archive (id, ts, with_jid, stanza) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        stmt.execute(params![id, ts, with, stanza])?;
+        Ok(())
+    }
+
+    fn seq_of(c: &Connection, id: &str) -> Result<Option<i64>> {
+        Ok(
+            c.query_row("SELECT seq FROM archive WHERE id = ?1", [id], |r| r.get(0))
+                .optional()?,
+        )
+    }
+
+    /// A page of archived messages, oldest first. `Ok(None)` when an
+    /// `after` or `before` id is not in the archive (item-not-found).
+    pub fn query(&self, q: &ArchiveQuery) -> Result<Option<Page>> {
+        let c = self.conn();
+        let mut filter = String::from("1 = 1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(w) = &q.with {
+            args.push(w.clone().into());
+            filter.push_str(&format!(" AND with_jid = ?{}", args.len()));
+        }
+        if let Some(s) = q.start {
+            args.push(s.into());
+            filter.push_str(&format!(" AND ts >= ?{}", args.len()));
+        }
+        if let Some(e) = q.end {
+            args.push(e.into());
+            filter.push_str(&format!(" AND ts <= ?{}", args.len()));
+        }
+        let count: i64 = c.query_row(
+            &format!("SELECT count(*) FROM archive WHERE {filter}"),
+            rusqlite::params_from_iter(args.iter()),
+            |r| r.get(0),
+        )?;
+        let mut paged = filter.clone();
+        let mut page_args = args.clone();
+        for (id, op) in [(&q.after, ">"), (&q.before, "<")] {
+            if let Some(id) = id {
+                let Some(seq) = Self::seq_of(&c, id)? else {
+                    return Ok(None);
+                };
+                page_args.push(seq.into());
+                paged.push_str(&format!(" AND seq {op} ?{}", page_args.len()));
+            }
+        }
+        let backwards = q.before.is_some() || q.last_page;
+        let order = if backwards { "DESC" } else { "ASC" };
+        let sql = format!(
+            "SELECT id, ts, stanza FROM archive WHERE {paged} ORDER BY seq {order} LIMIT {}",
+            q.max + 1
+        );
+        let mut stmt = c.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(page_args.iter()), |r| {
+            Ok(Archived {
+                id: r.get(0)?,
+                ts: r.get(1)?,
+                stanza: r.get(2)?,
+            })
+        })?;
+        let mut items: Vec<Archived> = rows.collect::<rusqlite::Result<_>>()?;
+        let complete = items.len() <= q.max;
+        items.truncate(q.max);
+        if backwards {
+            items.reverse();
+        }
+        Ok(Some(Page {
+            items,
+            complete,
+            count: count as u64,
+        }))
+    }
+
+    // vCard-temp.
+
+    pub fn vcard(&self) -> Result<Option<String>> {
+        Self::meta(&self.conn(), "vcard")
+    }
+
+    pub fn set_vcard(&self, xml: &str) -> Result<()> {
+        Self::set_meta(&self.conn(), "vcard", xml)
+    }
+
+    // PEP.
+
+    /// Stores an item, creating the node with `access` and `max_items` if
+    /// it is new (and keeping at most `max_items` items).
+    pub fn publish(
+        &self,
+        node: &str,
+        id: &str,
+        payload: &str,
+        access: &str,
+        max_items: u32,
+    ) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO pep_nodes (node, access, max_items) VALUES (?1, ?2, ?3)
+             ON CONFLICT (node) DO UPDATE SET access = excluded.access,
+               max_items = excluded.max_items",
+            params![node, access, max_items],
+        )?;
+        let seq: i64 = tx.query_row(
+            "SELECT coalesce(max(seq), 0) + 1 FROM pep_items WHERE node = ?1",
+            [node],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO pep_items (node, id, seq, payload) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (node, id) DO UPDATE SET seq = excluded.seq, payload = excluded.payload",
+            params![node, id, seq, payload],
+        )?;
+        tx.execute(
+            "DELETE FROM pep_items WHERE node = ?1 AND seq <= ?2",
+            params![node, seq - max_items as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The node's access model, if it exists.
+    pub fn node_access(&self, node: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT access FROM pep_nodes WHERE node = ?1",
+                [node],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Items of a node, newest first: all, or those with the given ids.
+    pub fn items(&self, node: &str, ids: &[String], max: usize) -> Result<Vec<(String, String)>> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached(
+            "SELECT id, payload FROM pep_items WHERE node = ?1 ORDER BY seq DESC",
+        )?;
+        let rows = stmt.query_map([node], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, payload): (String, String) = row?;
+            if ids.is_empty() || ids.contains(&id) {
+                out.push((id, payload));
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn retract(&self, node: &str, id: &str) -> Result<bool> {
+        Ok(self.conn().execute(
+            "DELETE FROM pep_items WHERE node = ?1 AND id = ?2",
+            params![node, id],
+        )? > 0)
+    }
+
+    pub fn delete_node(&self, node: &str) -> Result<bool> {
+        let c = self.conn();
+        c.execute("DELETE FROM pep_items WHERE node = ?1", [node])?;
+        Ok(c.execute("DELETE FROM pep_nodes WHERE node = ?1", [node])? > 0)
+    }
+
+    pub fn nodes(&self) -> Result<Vec<(String, String)>> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached("SELECT node, access FROM pep_nodes ORDER BY node")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // Blocking.
+
+    pub fn blocked(&self) -> Result<Vec<String>> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached("SELECT jid FROM blocked ORDER BY jid")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn block(&self, jids: &[String]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        for j in jids {
+            tx.execute("INSERT OR IGNORE INTO blocked (jid) VALUES (?1)", [j])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Unblocks `jids`, or everyone when empty.
+    pub fn unblock(&self, jids: &[String]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        if jids.is_empty() {
+            tx.execute("DELETE FROM blocked", [])?;
+        }
+        for j in jids {
+            tx.execute("DELETE FROM blocked WHERE jid = ?1", [j])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether `jid` (full or bare) is blocked: the full address, the
+    /// bare one, or its domain.
+    pub fn is_blocked(&self, full: &str, bare: &str, domain: &str) -> Result<bool> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached("SELECT 1 FROM blocked WHERE jid IN (?1, ?2, ?3)")?;
+        Ok(stmt
+            .query_row(params![full, bare, domain], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roster_versions_and_archive_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.roster_version().unwrap(), 0);
+        let mut bob = Item::new("bob@example.org");
+        bob.sub = Sub::To;
+        bob.groups = vec!["Friends".into()];
+        assert_eq!(s.put_item(&bob).unwrap(), 1);
+        assert_eq!(s.item("bob@example.org").unwrap().unwrap(), bob);
+        assert_eq!(s.remove_item("bob@example.org").unwrap(), 2);
+        for i in 0..10 {
+            s.archive(
+                &format!("id{i}"),
+                i,
+                if i % 2 == 0 { "a@x" } else { "b@x" },
+                "<m/>",
+            )
+            .unwrap();
+        }
+        let q = |f: &dyn Fn(&mut ArchiveQuery)| {
+            let mut q = ArchiveQuery {
+                max: 3,
+                ..Default::default()
+            };
+            f(&mut q);
+            s.query(&q).unwrap().unwrap()
+        };
+        let first = q(&|_| {});
+        assert_eq!(
+            first
+                .items
+                .iter()
+                .map(|a| a.id.as_str())
+                .collect::<Vec<_>>(),
+            ["id0", "id1", "id2"]
+        );
+        assert!(!first.complete);
+        assert_eq!(first.count, 10);
+        let next = q(&|q| q.after = Some("id8".into()));
+        assert_eq!(next.items.len(), 1);
+        assert!(next.complete);
+        let last = q(&|q| q.last_page = true);
+        assert_eq!(
+            last.items.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["id7", "id8", "id9"]
+        );
+        let with = q(&|q| {
+            q.with = Some("a@x".into());
+            q.before = Some("id6".into());
+        });
+        assert_eq!(
+            with.items.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["id0", "id2", "id4"]
+        );
+        assert!(
+            s.query(&ArchiveQuery {
+                after: Some("nope".into()),
+                max: 5,
+                ..Default::default()
+            })
+            .unwrap()
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn pep_keeps_max_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for i in 0..3 {
+            s.publish("n", &format!("i{i}"), "<x/>", "presence", 1)
+                .unwrap();
+        }
+        assert_eq!(
+            s.items("n", &[], 10).unwrap(),
+            vec![("i2".to_owned(), "<x/>".to_owned())]
+        );
+        s.publish("bm", "a", "<a/>", "whitelist", 1000).unwrap();
+        s.publish("bm", "b", "<b/>", "whitelist", 1000).unwrap();
+        assert_eq!(s.items("bm", &[], 10).unwrap().len(), 2);
+        assert_eq!(s.node_access("bm").unwrap().as_deref(), Some("whitelist"));
+    }
+}

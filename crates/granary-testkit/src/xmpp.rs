@@ -1,0 +1,156 @@
+//! Chat under test: a daemon with the chat app, users with `xmpp` app
+//! passwords, and real clients (Python `slixmpp`, `go-sendxmpp`) pointed
+//! at the gateway's `xmpp` and `xmpps` listeners with the local CA
+//! trusted. Names need no resolving: clients are given the address.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::{Daemon, DaemonMode};
+
+/// The domain every chat test serves.
+pub const DOMAIN: &str = "chat.test";
+
+/// A small library the test scripts import (`from granary_xmpp_test import
+/// ...`): a client that connects to the given listener with the local CA
+/// trusted and records what it receives.
+const HELPER: &str = r#"
+import asyncio, os, ssl, sys, time, logging
+import slixmpp
+
+logging.basicConfig(level=os.environ.get("XMPP_LOG", "WARNING"))
+
+def ctx():
+    c = ssl.create_default_context(cafile=os.environ["XMPP_CA"])
+    return c
+
+class Client(slixmpp.ClientXMPP):
+    """A client of user `user` with `resource`, over `mode` ("starttls" or
+    "tls"), recording messages, presences and subscription requests."""
+
+    def __init__(self, user, resource="py", mode="starttls", password=None, plugins=()):
+        jid = f"{user}@{os.environ['XMPP_DOMAIN']}/{resource}"
+        password = password or os.environ["XMPP_PASSWORD_" + user.upper()]
+        super().__init__(jid, password)
+        self.ssl_context = ctx()
+        self.mode = mode
+        for p in ("xep_0030", "xep_0199") + tuple(plugins):
+            self.register_plugin(p)
+        self.messages = asyncio.Queue()
+        self.presences = asyncio.Queue()
+        self.requests = asyncio.Queue()
+        self.add_event_handler("message", lambda m: self.messages.put_nowait(m))
+        self.add_event_handler("presence_available", lambda p: self.presences.put_nowait(p))
+        self.add_event_handler("presence_subscribe", lambda p: self.requests.put_nowait(p))
+        self.ready = asyncio.get_event_loop().create_future()
+        self.add_event_handler("session_start", self._started)
+        self.add_event_handler("failed_auth", lambda *_: self.ready.done() or self.ready.set_exception(RuntimeError("auth failed")))
+
+    async def _started(self, _):
+        if not self.ready.done():
+            self.ready.set_result(True)
+
+    async def online(self, presence=True, timeout=20):
+        port = int(os.environ["XMPPS_PORT" if self.mode == "tls" else "XMPP_PORT"])
+        if self.mode == "tls":
+            self.enable_direct_tls = True
+            self.enable_starttls = False
+        self.connect(host="127.0.0.1", port=port)
+        await asyncio.wait_for(self.ready, timeout)
+        if presence:
+            self.send_presence()
+            await self.get_roster()
+        return self
+
+async def next_of(queue, pred=lambda x: True, timeout=20):
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("nothing arrived")
+        item = await asyncio.wait_for(queue.get(), left)
+        if pred(item):
+            return item
+
+def run(main):
+    asyncio.run(main())
+    print("ok")
+"#;
+
+pub struct XmppHost {
+    pub daemon: Daemon,
+    pub dir: tempfile::TempDir,
+    pub passwords: HashMap<String, String>,
+}
+
+impl XmppHost {
+    /// A daemon serving `DOMAIN` with the chat app and `users`, each with
+    /// an `xmpp` app password; `extra` is appended to the config.
+    pub fn start(users: &[&str], extra: &str) -> XmppHost {
+        let daemon = Daemon::start_with(
+            DaemonMode::Serve,
+            &format!("domain = \"{DOMAIN}\"\n{extra}"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = crate::xmpp_package(dir.path());
+        daemon
+            .granary(&["app", "install", pkg.to_str().unwrap()])
+            .success();
+        let mut passwords = HashMap::new();
+        for u in users {
+            daemon.granary(&["user", "add", u]).success();
+            passwords.insert(u.to_string(), crate::app_password(&daemon, u, "xmpp"));
+        }
+        let lib = dir.path().join("lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        std::fs::write(lib.join("granary_xmpp_test.py"), HELPER).unwrap();
+        XmppHost {
+            daemon,
+            dir,
+            passwords,
+        }
+    }
+
+    pub fn password(&self, user: &str) -> &str {
+        &self.passwords[user]
+    }
+
+    pub fn xmpp(&self) -> SocketAddr {
+        self.daemon.listener("xmpp")
+    }
+
+    pub fn xmpps(&self) -> SocketAddr {
+        self.daemon.listener("xmpps")
+    }
+
+    /// What a script gets: the listeners, the CA, the domain, and
+    /// `XMPP_PASSWORD_<USER>` for each user.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            (
+                "PYTHONPATH".to_owned(),
+                self.dir.path().join("lib").display().to_string(),
+            ),
+            ("XMPP_PORT".to_owned(), self.xmpp().port().to_string()),
+            ("XMPPS_PORT".to_owned(), self.xmpps().port().to_string()),
+            (
+                "XMPP_CA".to_owned(),
+                self.daemon.ca_file().display().to_string(),
+            ),
+            ("XMPP_DOMAIN".to_owned(), DOMAIN.to_owned()),
+        ];
+        for (u, p) in &self.passwords {
+            env.push((format!("XMPP_PASSWORD_{}", u.to_uppercase()), p.clone()));
+        }
+        env
+    }
+
+    /// Runs a Python script (which imports `granary_xmpp_test`); (success,
+    /// output). It must print `ok` at the end to count as passed.
+    pub fn python(&self, script: &str) -> (bool, String) {
+        let env = self.env();
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let (ok, out) = crate::mail::run_python(script, &env);
+        (ok && out.lines().any(|l| l.trim() == "ok"), out)
+    }
+}
