@@ -54,7 +54,16 @@ pub struct SessionState {
     pub sm: Option<Sm>,
     /// Full addresses it sent directed presence to.
     pub directed: HashSet<String>,
+    /// Bytes queued for the connection's writer and not written yet.
+    pub queued: Rc<std::cell::Cell<usize>>,
+    /// The connection is being closed (it fell too far behind): nothing
+    /// more is queued for it.
+    pub closing: bool,
 }
+
+/// How much may wait for a client that does not read before its stream
+/// is closed.
+pub const MAX_QUEUED: usize = 16 << 20;
 
 pub struct Session {
     pub resource: String,
@@ -82,11 +91,27 @@ impl Session {
         batch.push(el);
         for el in batch {
             let xml = el.to_xml(ns::CLIENT);
+            let len = xml.len();
             if let Some(sm) = st.sm.as_mut() {
                 sm.sent = sm.sent.wrapping_add(1);
                 sm.unacked.push_back(el);
             }
-            if let Some(out) = &st.out {
+            if st.closing {
+                continue;
+            }
+            if let Some(out) = st.out.clone() {
+                let queued = st.queued.get() + len;
+                st.queued.set(queued);
+                if queued > MAX_QUEUED {
+                    // It does not read: its stream ends (a resumable one
+                    // keeps what was not acknowledged).
+                    st.closing = true;
+                    let _ = out.send(Out::Close(crate::session::stream_error(
+                        "policy-violation",
+                        "too much is waiting for you to read it",
+                    )));
+                    continue;
+                }
                 let _ = out.send(Out::Xml(xml));
             }
         }

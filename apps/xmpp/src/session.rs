@@ -4,6 +4,7 @@
 //! resumption and drops without closing is kept detached for
 //! [`RESUME_TIMEOUT`], collecting what arrives for it.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ pub const STANZA_RATE: f64 = 30_000.0;
 /// How long a client may take to bind once the stream restarted.
 const BIND_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn stream_error(condition: &str, text: &str) -> String {
+pub fn stream_error(condition: &str, text: &str) -> String {
     format!(
         "<stream:error><{condition} xmlns='{}'/><text xmlns='{}'>{}</text></stream:error></stream:stream>",
         ns::STREAM_ERRORS,
@@ -90,7 +91,11 @@ impl Reader {
 }
 
 /// Writes what the session queues, many stanzas per write when they pile up.
-async fn writer(mut write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>) {
+async fn writer(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    queued: Rc<Cell<usize>>,
+) {
     let mut batch = String::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -111,6 +116,7 @@ async fn writer(mut write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Unbou
         if write.write_all(batch.as_bytes()).await.is_err() {
             return;
         }
+        queued.set(queued.get().saturating_sub(batch.len()));
         batch.clear();
         if close {
             let _ = write.shutdown().await;
@@ -123,28 +129,30 @@ async fn writer(mut write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Unbou
 pub async fn serve(conn: Accepted, server: Rc<Server>) {
     let (read, write) = conn.stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer_task = tokio::task::spawn_local(writer(write, rx));
+    let queued = Rc::new(Cell::new(0));
+    let writer_task = tokio::task::spawn_local(writer(write, rx, queued.clone()));
     let mut reader = Reader {
         read,
         buf: Vec::new(),
     };
-    let session = match tokio::time::timeout(BIND_TIMEOUT, open(&server, &mut reader, &tx)).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            drop(tx);
-            let _ = writer_task.await;
-            return;
-        }
-        Err(_) => {
-            let _ = tx.send(Out::Close(stream_error(
-                "connection-timeout",
-                "bind in time",
-            )));
-            drop(tx);
-            let _ = writer_task.await;
-            return;
-        }
-    };
+    let session =
+        match tokio::time::timeout(BIND_TIMEOUT, open(&server, &mut reader, &tx, &queued)).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                drop(tx);
+                let _ = writer_task.await;
+                return;
+            }
+            Err(_) => {
+                let _ = tx.send(Out::Close(stream_error(
+                    "connection-timeout",
+                    "bind in time",
+                )));
+                drop(tx);
+                let _ = writer_task.await;
+                return;
+            }
+        };
     let clean = run(&server, &session, &mut reader, &tx).await;
     end(&server, &session, clean, &tx);
     drop(tx);
@@ -174,6 +182,7 @@ async fn open(
     server: &Rc<Server>,
     reader: &mut Reader,
     tx: &mpsc::UnboundedSender<Out>,
+    queued: &Rc<Cell<usize>>,
 ) -> Option<Rc<Session>> {
     let header = format!(
         "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='{}' id='{}' from='{}' version='1.0' xml:lang='en'>",
@@ -232,7 +241,7 @@ async fn open(
             }
         };
         if el.is("resume", ns::SM) {
-            match resume(server, &el, tx) {
+            match resume(server, &el, tx, queued) {
                 Some(s) => return Some(s),
                 None => continue,
             }
@@ -270,6 +279,7 @@ async fn open(
             full: full.clone(),
             state: std::cell::RefCell::new(SessionState {
                 out: Some(tx.clone()),
+                queued: queued.clone(),
                 ..Default::default()
             }),
         });
@@ -291,6 +301,7 @@ fn resume(
     server: &Rc<Server>,
     el: &Element,
     tx: &mpsc::UnboundedSender<Out>,
+    queued: &Rc<Cell<usize>>,
 ) -> Option<Rc<Session>> {
     let failed = |why: &str| {
         let _ = tx.send(Out::Xml(format!(
@@ -324,6 +335,8 @@ fn resume(
     let (handled, resend) = {
         let mut st = session.state.borrow_mut();
         st.out = Some(tx.clone());
+        st.queued = queued.clone();
+        st.closing = false;
         let sm = st.sm.as_mut().expect("resumable sessions have SM state");
         acknowledge(sm, h);
         (

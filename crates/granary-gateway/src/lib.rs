@@ -141,6 +141,49 @@ pub(crate) async fn accept_loop<F, Fut>(
     }
 }
 
+/// Passes bytes both ways between a client and its grain. When the grain
+/// ends first (it said goodbye, or sent a stream error), the client's side
+/// is shut down and what the client still sends is read and dropped for a
+/// few seconds: closing a socket with unread input resets the connection,
+/// and the client would lose the last words it had not read yet.
+pub(crate) async fn splice<S>(client: S, grain: tokio::net::UnixStream)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = tokio::io::split(client);
+    let (mut from_grain, mut to_grain) = grain.into_split();
+    let grain_ended = {
+        let up = async {
+            let _ = tokio::io::copy(&mut from_client, &mut to_grain).await;
+            let _ = to_grain.shutdown().await;
+        };
+        let down = async {
+            let _ = tokio::io::copy(&mut from_grain, &mut to_client).await;
+            let _ = to_client.shutdown().await;
+        };
+        tokio::pin!(up, down);
+        tokio::select! {
+            () = &mut down => true,
+            () = &mut up => {
+                down.await;
+                false
+            }
+        }
+    };
+    if grain_ended {
+        let mut sink = [0u8; 16 << 10];
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(n) = from_client.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
 /// The limiter's keys for a login: the client's address (an IPv6 client
 /// by its /64, as the SMTP limits count) and the user.
 fn login_keys(ip: std::net::IpAddr, user: &str) -> (String, String) {

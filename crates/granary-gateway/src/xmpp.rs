@@ -627,6 +627,6 @@ async fn hand_over<S: AsyncRead + AsyncWrite + Unpin>(
     if !leftover.is_empty() && grain_stream.write_all(&leftover).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut grain_stream).await;
+    crate::splice(client, grain_stream).await;
     drop(keep);
 }

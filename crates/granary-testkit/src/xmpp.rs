@@ -72,6 +72,79 @@ async def next_of(queue, pred=lambda x: True, timeout=20):
         if pred(item):
             return item
 
+def read_until(s, *markers):
+    """Reads until one of `markers` has arrived or the server closed; all of it."""
+    data = b""
+    while not any(m in data for m in markers):
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionError, OSError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+def read_to_end(s):
+    return read_until(s, b"\0never\0")
+
+HEADER = ("<?xml version='1.0'?><stream:stream to='{d}' xmlns='jabber:client' "
+          "xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>")
+
+def raw_stream():
+    """A direct-TLS connection that has sent its header and read the features."""
+    import socket
+    s = socket.create_connection(("127.0.0.1", int(os.environ["XMPPS_PORT"])))
+    s = ctx().wrap_socket(s, server_hostname=os.environ["XMPP_DOMAIN"])
+    s.settimeout(30)
+    s.sendall(HEADER.format(d=os.environ["XMPP_DOMAIN"]).encode())
+    read_until(s, b"</stream:features>")
+    return s
+
+def raw_login(user, resource="raw"):
+    """A logged-in, bound raw stream (SASL PLAIN)."""
+    import base64
+    s = raw_stream()
+    pw = os.environ["XMPP_PASSWORD_" + user.upper()]
+    auth = base64.b64encode(f"\0{user}\0{pw}".encode()).decode()
+    s.sendall(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>".encode())
+    r = read_until(s, b"success", b"</failure>")
+    assert b"<success" in r, r
+    s.sendall(HEADER.format(d=os.environ["XMPP_DOMAIN"]).encode())
+    read_until(s, b"</stream:features>")
+    s.sendall(f"<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>".encode())
+    read_until(s, b"</iq>")
+    return s
+
+def scram_attempt(user, password, mech="SCRAM-SHA-256"):
+    """One SCRAM exchange on a fresh stream; the server's last answer."""
+    import base64, hashlib, hmac, secrets
+    h = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-1": "sha1"}[mech]
+    s = raw_stream()
+    nonce = secrets.token_urlsafe(18)
+    bare = f"n={user},r={nonce}"
+    first = base64.b64encode(("n,," + bare).encode()).decode()
+    s.sendall(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{mech}'>{first}</auth>".encode())
+    r = read_until(s, b"</challenge>", b"</failure>")
+    if b"<challenge" not in r:
+        s.close()
+        return r.decode()
+    chal = r.split(b">", 1)[1].split(b"<", 1)[0]
+    server_first = base64.b64decode(chal).decode()
+    parts = dict(p.split("=", 1) for p in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac(h, password.encode(), base64.b64decode(parts["s"]), int(parts["i"]))
+    ck = hmac.new(salted, b"Client Key", h).digest()
+    sk = hashlib.new(h, ck).digest()
+    without = f"c=biws,r={parts['r']}"
+    auth_msg = f"{bare},{server_first},{without}".encode()
+    sig = hmac.new(sk, auth_msg, h).digest()
+    proof = bytes(a ^ b for a, b in zip(ck, sig))
+    final = base64.b64encode(f"{without},p={base64.b64encode(proof).decode()}".encode()).decode()
+    s.sendall(f"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{final}</response>".encode())
+    r = read_until(s, b"</failure>", b"</success>", b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+    s.close()
+    return r.decode()
+
 def run(main):
     asyncio.run(main())
     print("ok")
