@@ -29,3 +29,6 @@ pub mod session;
 pub mod store;
 
 pub use granary_wire::stanza::{Element, Node};
+
+#[cfg(test)]
+mod tests;

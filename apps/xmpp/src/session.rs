@@ -480,7 +480,7 @@ fn stream_management(session: &Rc<Session>, el: &Element, tx: &mpsc::UnboundedSe
 }
 
 /// One stanza from the client; `Err` with a stream error to end it.
-fn stanza(server: &Rc<Server>, session: &Rc<Session>, mut el: Element) -> Result<(), String> {
+pub fn stanza(server: &Rc<Server>, session: &Rc<Session>, mut el: Element) -> Result<(), String> {
     // The client's address is the session's, whatever it wrote.
     el.set_attr("from", session.full.to_string());
     let to = match el.attr("to") {
