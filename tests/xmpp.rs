@@ -43,6 +43,19 @@ async def main():
     await alice.plugin["xep_0199"].ping(jid=alice.boundjid.domain, timeout=10)
     info = await alice.plugin["xep_0030"].get_info(jid=alice.boundjid.domain)
     assert "urn:xmpp:carbons:2" in info["disco_info"]["features"], info
+    # go-sendxmpp (Go's TLS, the local CA through SSL_CERT_FILE), over
+    # direct TLS and over STARTTLS.
+    import subprocess, tempfile
+    home = tempfile.mkdtemp()
+    env = dict(os.environ, SSL_CERT_FILE=os.environ["XMPP_CA"], HOME=home)
+    for i, flags in enumerate((["-t", "-j", "127.0.0.1:" + os.environ["XMPPS_PORT"]], ["-j", "127.0.0.1:" + os.environ["XMPP_PORT"]])):
+        p = await asyncio.create_subprocess_exec(
+            "go-sendxmpp", "-u", "alice@chat.test", "-p", os.environ["XMPP_PASSWORD_ALICE"], *flags, "bob@chat.test",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        out, _ = await asyncio.wait_for(p.communicate(f"from go-sendxmpp {i}".encode()), 30)
+        assert p.returncode == 0, out
+        m = await next_of(bob.messages, lambda m: m["body"] == f"from go-sendxmpp {i}")
+        assert m["from"].bare == "alice@chat.test", m["from"]
     for c in (alice, bob):
         c.disconnect()
 
