@@ -140,6 +140,7 @@ pub struct Server {
     pub resumable: RefCell<BTreeMap<String, Rc<Session>>>,
     /// The host's route to other users; set once at start.
     pub router: RefCell<Option<xmpp_router::Client>>,
+    pub limits: crate::session::Limits,
 }
 
 /// A stanza error in reply to `el` (RFC 6120 §8.3): from and to swapped,
@@ -224,6 +225,7 @@ impl Server {
             sessions: RefCell::default(),
             resumable: RefCell::default(),
             router: RefCell::default(),
+            limits: crate::session::Limits::from_env(),
         })
     }
 

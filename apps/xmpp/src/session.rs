@@ -18,13 +18,36 @@ use crate::jid::Jid;
 use crate::ns;
 use crate::server::{Out, Server, Session, SessionState, Sm, error_reply, random_id};
 
-/// The largest stanza a client may send (Prosody's default too).
-pub const MAX_STANZA: usize = 256 << 10;
 /// How long a dropped stream-managed session waits to be resumed.
 pub const RESUME_TIMEOUT: Duration = Duration::from_secs(300);
-/// Stanzas a session may send at once, and per second after that.
-pub const STANZA_BURST: f64 = 10_000.0;
-pub const STANZA_RATE: f64 = 30_000.0;
+
+/// What one session may send (`[xmpp]` in the host's configuration,
+/// passed as the grain's environment).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The largest stanza (256 KiB by default, as Prosody's).
+    pub max_stanza: usize,
+    /// Stanzas per second after the first `burst`.
+    pub rate: f64,
+    pub burst: f64,
+}
+
+impl Limits {
+    pub fn from_env() -> Limits {
+        let get = |name: &str, default: f64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| *v > 0.0)
+                .unwrap_or(default)
+        };
+        Limits {
+            max_stanza: get("GRANARY_XMPP_MAX_STANZA", (256 << 10) as f64) as usize,
+            rate: get("GRANARY_XMPP_STANZA_RATE", 50_000.0),
+            burst: get("GRANARY_XMPP_STANZA_BURST", 100_000.0),
+        }
+    }
+}
 /// How long a client may take to bind once the stream restarted.
 const BIND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -49,13 +72,14 @@ fn wire_error(e: &XmppError) -> String {
 struct Budget {
     tokens: f64,
     at: Instant,
+    limits: Limits,
 }
 
 impl Budget {
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * STANZA_RATE)
-            .min(STANZA_BURST);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.limits.rate)
+            .min(self.limits.burst);
         self.at = now;
         self.tokens -= 1.0;
         self.tokens >= 0.0
@@ -65,13 +89,14 @@ impl Budget {
 struct Reader {
     read: tokio::net::unix::OwnedReadHalf,
     buf: Vec<u8>,
+    max_stanza: usize,
 }
 
 impl Reader {
     /// The next frame; `Err(Some(error))` to end the stream with it.
     async fn frame(&mut self) -> Result<Frame, Option<String>> {
         loop {
-            match next_frame(&self.buf, MAX_STANZA, ns::CLIENT) {
+            match next_frame(&self.buf, self.max_stanza, ns::CLIENT) {
                 Ok(Some((frame, n))) => {
                     self.buf.drain(..n);
                     return Ok(frame);
@@ -131,9 +156,11 @@ pub async fn serve(conn: Accepted, server: Rc<Server>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Rc::new(Cell::new(0));
     let writer_task = tokio::task::spawn_local(writer(write, rx, queued.clone()));
+    let limits = server.limits;
     let mut reader = Reader {
         read,
         buf: Vec::new(),
+        max_stanza: limits.max_stanza,
     };
     let session =
         match tokio::time::timeout(BIND_TIMEOUT, open(&server, &mut reader, &tx, &queued)).await {
@@ -375,8 +402,9 @@ async fn run(
     tx: &mpsc::UnboundedSender<Out>,
 ) -> bool {
     let mut budget = Budget {
-        tokens: STANZA_BURST,
+        tokens: server.limits.burst,
         at: Instant::now(),
+        limits: server.limits,
     };
     loop {
         let el = match reader.frame().await {

@@ -13,6 +13,7 @@ pub mod listen;
 pub mod mail;
 pub mod raw;
 pub mod resolve;
+pub mod xmpp;
 
 pub use listen::{LISTENERS, Listen, ListenerKind};
 pub use mail::Mail;

@@ -179,7 +179,9 @@ mod tests {
         assert_eq!(l.get("smtp"), Some("127.0.0.1:2525".parse().unwrap()));
         assert_eq!(l.get("imaps"), Some("127.0.0.1:1993".parse().unwrap()));
         assert_eq!(l.get("submission"), Some("127.0.0.1:1587".parse().unwrap()));
-        assert_eq!(l.get("xmpp"), None);
+        assert_eq!(l.get("xmpp"), Some("127.0.0.1:5222".parse().unwrap()));
+        assert_eq!(l.get("xmpps"), Some("127.0.0.1:5223".parse().unwrap()));
+        assert_eq!(l.get("taskd"), None);
         let l = Listen::resolve(&raw(&[("https", "[::1]:0"), ("ssh", "off")])).unwrap();
         assert_eq!(l.get("https"), Some("[::1]:0".parse().unwrap()));
         assert_eq!(l.get("ssh"), None);
@@ -193,8 +195,8 @@ mod tests {
         let (key, why) = Listen::resolve(&raw(&[("https", "localhost:443")])).unwrap_err();
         assert_eq!(key, "listen.https");
         assert!(why.contains("\"localhost:443\""), "{why}");
-        let (key, why) = Listen::resolve(&raw(&[("xmpp", "127.0.0.1:5222")])).unwrap_err();
-        assert_eq!(key, "listen.xmpp");
-        assert!(why.contains("no xmpp server yet"), "{why}");
+        let (key, why) = Listen::resolve(&raw(&[("taskd", "127.0.0.1:53589")])).unwrap_err();
+        assert_eq!(key, "listen.taskd");
+        assert!(why.contains("no taskd server yet"), "{why}");
     }
 }

@@ -32,6 +32,8 @@ pub struct RawConfig {
     pub gateway: RawGateway,
     #[serde(default)]
     pub mail: crate::mail::RawMail,
+    #[serde(default)]
+    pub xmpp: crate::xmpp::RawXmpp,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

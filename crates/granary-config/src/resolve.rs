@@ -45,6 +45,7 @@ pub struct Config {
     pub backup: Backup,
     pub gateway: Gateway,
     pub mail: crate::mail::Mail,
+    pub xmpp: crate::xmpp::Xmpp,
 }
 
 /// `[gateway]`: what a slow, silent or oversized client may hold.
@@ -521,8 +522,12 @@ impl Config {
         let mail = crate::mail::Mail::resolve(&raw.mail, &domain)
             .map_err(|(key, reason)| err(&key, reason))?;
 
+        let xmpp =
+            crate::xmpp::Xmpp::resolve(&raw.xmpp).map_err(|(key, reason)| err(&key, reason))?;
+
         Ok(Config {
             mail,
+            xmpp,
             gateway,
             backup,
             snapshots,

@@ -96,6 +96,9 @@ pub struct SupervisorConfig {
     /// Granary's domain: users are `<user>@<domain>` to XMPP, and grains
     /// get it as `GRANARY_DOMAIN`.
     pub domain: String,
+    /// Environment the grains of one app kind get from the configuration
+    /// (`[xmpp]` for `xmpp`), as `NAME=value`.
+    pub kind_env: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Default for SupervisorConfig {
@@ -116,6 +119,7 @@ impl Default for SupervisorConfig {
             retention: granary_datasets::Grid::default(),
             freeze_limit: Duration::from_secs(5),
             domain: "localhost".to_owned(),
+            kind_env: std::collections::BTreeMap::new(),
         }
     }
 }

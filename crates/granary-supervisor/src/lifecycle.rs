@@ -194,6 +194,9 @@ impl Inner {
             format!("GRANARY_MEMORY_MIB={}", limits.memory_bytes >> 20),
         ];
         slot.memory_limit.set(Some(limits.memory_bytes));
+        if let Some(extra) = self.params.config.kind_env.get(&slot.kind) {
+            env.extend(extra.iter().cloned());
+        }
         // The manifest's own entries come last and win.
         env.extend(manifest.env.iter().cloned());
         let spec = GrainSpec {

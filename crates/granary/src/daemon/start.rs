@@ -100,6 +100,7 @@ pub(super) async fn supervisor(
             },
             freeze_limit: config.snapshots.freeze_limit,
             domain: config.domain.clone(),
+            kind_env: [("xmpp".to_owned(), config.xmpp.grain_env())].into(),
         },
     };
     LocalGrains::spawn(params).context("cannot start the grain supervisor")
