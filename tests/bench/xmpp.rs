@@ -1,0 +1,432 @@
+//! Chat against Prosody, in one run, on this machine, both over direct
+//! TLS (TLS 1.3), both driven by the same load generator (this file: a
+//! plain XMPP client over rustls, SCRAM-SHA-1 with the salted password
+//! cached per salt as real clients cache it):
+//!
+//! 1. one-way messages/s: Alice sends chat messages to Bob's bare address
+//!    as fast as the server takes them; the clock stops when Bob has
+//!    them all;
+//! 2. logins/s: 100 logins (TCP, TLS, SASL, stream restart, bind), 10 at
+//!    a time;
+//! 3. memory per idle session: the servers' PSS (Granary: the daemon and
+//!    every process under it; Prosody: its process) before and after 200
+//!    more bound sessions of one user, divided by 200; and what one more
+//!    user costs Granary (their chat grain's PSS).
+//!
+//! Granary is reached through its gateway (`xmpps`), each session handed
+//! to the user's chat grain, every message archived (MAM) there and routed
+//! between grains by the host. Prosody 0.12 (Debian) runs with the epoll
+//! backend, internal_hashed auth, and mod_mam (archiving everything, its
+//! default policy), carbons, smacks and csi_simple enabled.
+//!
+//! Full run, against an optimised daemon and grain:
+//!   cargo build --release -p granary --bins && apps/xmpp/build && \
+//!     GRANARY_BIN=$PWD/target/release/granary GRANARY_XMPP_APP=$PWD/apps/xmpp/dist/granary-xmpp \
+//!     cargo bench -p granary-e2e --bench xmpp
+//! Smoke (./run-tests), with the debug builds:
+//!   GRANARY_BIN=$PWD/target/debug/granary cargo bench -p granary-e2e --bench xmpp -- --smoke
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use base64::Engine;
+use granary_testkit::xmpp::XmppHost;
+use granary_testkit::{DEADLINE, eventually};
+
+#[path = "support.rs"]
+mod support;
+use support::{free_port, openssl_leaf, tls_config};
+
+type Salted = Arc<Mutex<HashMap<(Vec<u8>, u32, String), Vec<u8>>>>;
+
+struct Side {
+    name: &'static str,
+    addr: SocketAddr,
+    domain: String,
+    config: Arc<rustls::ClientConfig>,
+    passwords: HashMap<String, String>,
+    /// The processes whose memory counts.
+    pids: Box<dyn Fn() -> Vec<u32> + Send + Sync>,
+    salted: Salted,
+}
+
+struct Conn {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    buf: Vec<u8>,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+impl Conn {
+    fn send(&mut self, text: &str) {
+        self.tls.write_all(text.as_bytes()).unwrap();
+        self.tls.flush().unwrap();
+    }
+
+    /// Everything up to the end of the first of `markers`.
+    fn until(&mut self, markers: &[&str]) -> String {
+        loop {
+            let hit = markers
+                .iter()
+                .filter_map(|m| find(&self.buf, m.as_bytes()).map(|at| at + m.len()))
+                .min();
+            if let Some(end) = hit {
+                let out: Vec<u8> = self.buf.drain(..end).collect();
+                return String::from_utf8_lossy(&out).into_owned();
+            }
+            let mut chunk = [0u8; 16 << 10];
+            let n = self.tls.read(&mut chunk).unwrap();
+            assert!(n > 0, "the server closed: {}", String::from_utf8_lossy(&self.buf));
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn header(domain: &str) -> String {
+    format!(
+        "<?xml version='1.0'?><stream:stream to='{domain}' xmlns='jabber:client' \
+         xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
+    )
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
+    ring::hmac::sign(&k, data).as_ref().to_vec()
+}
+
+fn text_of(element: &str) -> String {
+    let start = element.rfind("'>").or_else(|| element.rfind("\">")).unwrap() + 2;
+    let end = element.rfind("</").unwrap();
+    element[start..end].to_owned()
+}
+
+/// A logged-in, bound session of `user`.
+fn login(side: &Side, user: &str, resource: &str) -> Conn {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let tcp = TcpStream::connect(side.addr).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(side.addr.ip().into());
+    let conn = rustls::ClientConnection::new(side.config.clone(), name).unwrap();
+    let mut c = Conn {
+        tls: rustls::StreamOwned::new(conn, tcp),
+        buf: Vec::new(),
+    };
+    c.send(&header(&side.domain));
+    c.until(&["</stream:features>"]);
+    let mut nonce = [0u8; 18];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).unwrap();
+    let bare = format!("n={user},r={}", b64.encode(nonce));
+    c.send(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>{}</auth>",
+        b64.encode(format!("n,,{bare}"))
+    ));
+    let challenge = c.until(&["</challenge>"]);
+    let server_first = String::from_utf8(b64.decode(text_of(&challenge)).unwrap()).unwrap();
+    let attrs: HashMap<&str, &str> = server_first
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let salt = b64.decode(attrs["s"]).unwrap();
+    let iterations: u32 = attrs["i"].parse().unwrap();
+    let password = &side.passwords[user];
+    let key = (salt.clone(), iterations, password.clone());
+    let salted = side
+        .salted
+        .lock()
+        .unwrap()
+        .entry(key)
+        .or_insert_with(|| {
+            let mut out = vec![0u8; 20];
+            ring::pbkdf2::derive(
+                ring::pbkdf2::PBKDF2_HMAC_SHA1,
+                std::num::NonZeroU32::new(iterations).unwrap(),
+                &salt,
+                password.as_bytes(),
+                &mut out,
+            );
+            out
+        })
+        .clone();
+    let client_key = hmac(&salted, b"Client Key");
+    let stored = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &client_key);
+    let without = format!("c=biws,r={}", attrs["r"]);
+    let auth_message = format!("{bare},{server_first},{without}");
+    let signature = hmac(stored.as_ref(), auth_message.as_bytes());
+    let proof: Vec<u8> = client_key.iter().zip(&signature).map(|(a, b)| a ^ b).collect();
+    c.send(&format!(
+        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>",
+        b64.encode(format!("{without},p={}", b64.encode(proof)))
+    ));
+    let answer = c.until(&["</success>", "</failure>"]);
+    assert!(answer.contains("<success"), "{}: {answer}", side.name);
+    c.send(&header(&side.domain));
+    c.until(&["</stream:features>"]);
+    c.send(&format!(
+        "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
+    ));
+    c.until(&["</iq>"]);
+    c
+}
+
+/// Sends a ping and reads until its answer: everything before is
+/// consumed.
+fn sync(c: &mut Conn, id: &str) {
+    c.send(&format!(
+        "<iq type='get' id='{id}'><ping xmlns='urn:xmpp:ping'/></iq>"
+    ));
+    c.until(&[&format!("id='{id}'"), &format!("id=\"{id}\"")]);
+}
+
+fn messages_per_second(side: &Side, n: usize) -> f64 {
+    let mut alice = login(side, "alice", "sender");
+    let mut bob = login(side, "bob", "receiver");
+    for c in [&mut alice, &mut bob] {
+        c.send("<presence/>");
+        sync(c, "ready");
+    }
+    let to = format!("bob@{}", side.domain);
+    let start = Instant::now();
+    let receiver = std::thread::spawn(move || {
+        let marker = b"</message>";
+        let mut seen = 0;
+        let mut tail: Vec<u8> = std::mem::take(&mut bob.buf);
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            seen += tail.windows(marker.len()).filter(|w| *w == marker).count();
+            if seen >= n {
+                return bob;
+            }
+            let keep = tail.len().saturating_sub(marker.len() - 1);
+            tail.drain(..keep);
+            let got = bob.tls.read(&mut chunk).unwrap();
+            assert!(got > 0, "the server closed Bob's stream");
+            // Only what arrived now is counted next round (the kept tail
+            // holds no whole marker).
+            tail.extend_from_slice(&chunk[..got]);
+        }
+    });
+    let mut batch = String::new();
+    for i in 0..n {
+        batch.push_str(&format!(
+            "<message to='{to}' type='chat' id='m{i}'><body>message number {i}</body></message>"
+        ));
+        if batch.len() > 16 << 10 || i + 1 == n {
+            alice.tls.write_all(batch.as_bytes()).unwrap();
+            batch.clear();
+        }
+    }
+    alice.tls.flush().unwrap();
+    let _bob = receiver.join().unwrap();
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn logins_per_second(side: &Side, n: usize, parallel: usize) -> f64 {
+    // The salted password is computed once, as a client caches it.
+    drop(login(side, "alice", "warm"));
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..parallel {
+            s.spawn(move || {
+                for i in 0..n / parallel {
+                    let mut c = login(side, "alice", &format!("l{t}-{i}"));
+                    c.send("</stream:stream>");
+                }
+            });
+        }
+    });
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// PSS of these processes, in KiB.
+fn pss(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok())
+        .filter_map(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// `root` and every process under it.
+fn tree(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
+        parents.push((pid, ppid));
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+fn kib_per_session(side: &Side, n: usize) -> f64 {
+    let mut warm = login(side, "alice", "baseline");
+    sync(&mut warm, "warm");
+    let before = pss(&(side.pids)());
+    let sessions: Vec<Conn> = (0..n)
+        .map(|i| login(side, "alice", &format!("idle{i}")))
+        .collect();
+    let after = pss(&(side.pids)());
+    drop(sessions);
+    (after as f64 - before as f64) / n as f64
+}
+
+struct Prosody {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Prosody {
+    fn start(passwords: &HashMap<String, String>) -> Prosody {
+        let dir = tempfile::tempdir().unwrap();
+        openssl_leaf(dir.path());
+        let d = dir.path().display().to_string();
+        let (c2s, tls) = (free_port(), free_port());
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+        let config = dir.path().join("prosody.cfg.lua");
+        std::fs::write(
+            &config,
+            format!(
+                "pidfile = \"{d}/prosody.pid\"\ndata_path = \"{d}/data\"\ncertificates = \"{d}/certs\"\n\
+                 network_backend = \"epoll\"\nrun_as_root = true\n\
+                 log = {{ error = \"{d}/prosody.err\" }}\ninterfaces = {{ \"127.0.0.1\" }}\n\
+                 modules_enabled = {{ \"roster\"; \"saslauth\"; \"tls\"; \"disco\"; \"ping\"; \"carbons\"; \"mam\"; \"smacks\"; \"csi_simple\"; \"blocklist\"; \"vcard_legacy\"; \"pep\" }}\n\
+                 modules_disabled = {{ \"s2s\" }}\nauthentication = \"internal_hashed\"\n\
+                 c2s_ports = {{ {c2s} }}\nc2s_direct_tls_ports = {{ {tls} }}\ns2s_ports = {{ }}\n\
+                 c2s_require_encryption = true\n\
+                 ssl = {{ certificate = \"{d}/cert.pem\"; key = \"{d}/key.pem\" }}\n\
+                 VirtualHost \"peer.test\"\n"
+            ),
+        )
+        .unwrap();
+        for (user, password) in passwords {
+            let out = Command::new("prosodyctl")
+                .args(["--config", config.to_str().unwrap(), "register", user, "peer.test", password])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "prosodyctl register: {out:?}");
+        }
+        let child = Command::new("prosody")
+            .args(["--config", config.to_str().unwrap(), "-F"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prosody (Debian's prosody package)");
+        eventually("prosody to listen", DEADLINE, || {
+            TcpStream::connect(("127.0.0.1", tls)).ok()
+        });
+        Prosody {
+            child,
+            port: tls,
+            dir,
+        }
+    }
+}
+
+impl Drop for Prosody {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Results {
+    messages: f64,
+    logins: f64,
+    kib_per_session: f64,
+}
+
+fn measure(side: &Side, smoke: bool) -> Results {
+    let (messages, logins, sessions) = if smoke {
+        (2_000, 20, 20)
+    } else {
+        (20_000, 100, 200)
+    };
+    let r = Results {
+        messages: messages_per_second(side, messages),
+        logins: logins_per_second(side, logins, 10),
+        kib_per_session: kib_per_session(side, sessions),
+    };
+    println!(
+        "{:>8}: {:>9.0} messages/s, {:>7.1} logins/s, {:>6.1} KiB per idle session",
+        side.name, r.messages, r.logins, r.kib_per_session
+    );
+    r
+}
+
+fn main() {
+    let smoke = std::env::args().any(|a| a == "--smoke");
+    let granary = XmppHost::start(&["alice", "bob"], "[grains]\nidle_timeout = \"300s\"\n");
+    let passwords: HashMap<String, String> = ["alice", "bob"]
+        .iter()
+        .map(|u| (u.to_string(), format!("bench password of {u}")))
+        .collect();
+    let prosody = Prosody::start(&passwords);
+    let daemon = granary.daemon.pid();
+    let prosody_pid = prosody.child.id();
+    let sides = [
+        Side {
+            name: "granary",
+            addr: granary.xmpps(),
+            domain: granary_testkit::xmpp::DOMAIN.to_owned(),
+            config: tls_config(&granary.daemon.ca_file()),
+            passwords: granary.passwords.clone(),
+            pids: Box::new(move || tree(daemon)),
+            salted: Salted::default(),
+        },
+        Side {
+            name: "prosody",
+            addr: SocketAddr::from(([127, 0, 0, 1], prosody.port)),
+            domain: "peer.test".to_owned(),
+            config: tls_config(&prosody.dir.path().join("ca.pem")),
+            passwords,
+            pids: Box::new(move || vec![prosody_pid]),
+            salted: Salted::default(),
+        },
+    ];
+    let g = measure(&sides[0], smoke);
+    let p = measure(&sides[1], smoke);
+    // What one more user costs Granary: their chat grain.
+    let grains: Vec<u32> = tree(daemon)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "granary-xmpp")
+        })
+        .collect();
+    let per_grain = pss(&grains) as f64 / grains.len().max(1) as f64;
+    println!(
+        "ratios (granary / prosody): messages/s {:.2}x, logins/s {:.2}x, memory per idle session {:.2}x (goals: >= 1.0x, >= 1.0x, <= 1.0x)",
+        g.messages / p.messages,
+        g.logins / p.logins,
+        g.kib_per_session / p.kib_per_session
+    );
+    println!(
+        "one more user costs granary their chat grain: {per_grain:.0} KiB PSS ({} grains running)",
+        grains.len()
+    );
+}
