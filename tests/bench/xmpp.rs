@@ -82,7 +82,11 @@ impl Conn {
             }
             let mut chunk = [0u8; 16 << 10];
             let n = self.tls.read(&mut chunk).unwrap();
-            assert!(n > 0, "the server closed: {}", String::from_utf8_lossy(&self.buf));
+            assert!(
+                n > 0,
+                "the server closed: {}",
+                String::from_utf8_lossy(&self.buf)
+            );
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
@@ -101,7 +105,11 @@ fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
 }
 
 fn text_of(element: &str) -> String {
-    let start = element.rfind("'>").or_else(|| element.rfind("\">")).unwrap() + 2;
+    let start = element
+        .rfind("'>")
+        .or_else(|| element.rfind("\">"))
+        .unwrap()
+        + 2;
     let end = element.rfind("</").unwrap();
     element[start..end].to_owned()
 }
@@ -158,7 +166,11 @@ fn login(side: &Side, user: &str, resource: &str) -> Conn {
     let without = format!("c=biws,r={}", attrs["r"]);
     let auth_message = format!("{bare},{server_first},{without}");
     let signature = hmac(stored.as_ref(), auth_message.as_bytes());
-    let proof: Vec<u8> = client_key.iter().zip(&signature).map(|(a, b)| a ^ b).collect();
+    let proof: Vec<u8> = client_key
+        .iter()
+        .zip(&signature)
+        .map(|(a, b)| a ^ b)
+        .collect();
     c.send(&format!(
         "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>",
         b64.encode(format!("{without},p={}", b64.encode(proof)))
@@ -324,7 +336,14 @@ impl Prosody {
         .unwrap();
         for (user, password) in passwords {
             let out = Command::new("prosodyctl")
-                .args(["--config", config.to_str().unwrap(), "register", user, "peer.test", password])
+                .args([
+                    "--config",
+                    config.to_str().unwrap(),
+                    "register",
+                    user,
+                    "peer.test",
+                    password,
+                ])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "prosodyctl register: {out:?}");

@@ -155,6 +155,10 @@ fn answer(
     el: &Element,
 ) -> Option<Element> {
     let kind = el.attr("type").unwrap_or("");
+    // Results and errors are never answered (RFC 6120 §8.2.3).
+    if !matches!(kind, "get" | "set") {
+        return None;
+    }
     let Some(payload) = el.elements().next() else {
         return Some(error_reply(
             el,

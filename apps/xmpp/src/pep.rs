@@ -18,14 +18,15 @@ const MAX_ITEMS: u32 = 1000;
 const MAX_PAYLOAD: usize = 128 << 10;
 
 /// A node's options from `publish-options`, with XEP-0402's defaults for
-/// bookmarks.
-fn options(node: &str, pubsub: &Element) -> (String, u32) {
+/// bookmarks; and whether any were given.
+fn options(node: &str, pubsub: &Element) -> (String, u32, bool) {
     let bookmarks = node == ns::BOOKMARKS2;
     let mut access = if bookmarks { "whitelist" } else { "presence" }.to_owned();
     let mut max = if bookmarks { MAX_ITEMS } else { 1 };
     let form = pubsub
         .child("publish-options", ns::PUBSUB)
         .and_then(|o| o.child("x", ns::DATA));
+    let given = form.is_some();
     for f in form.iter().flat_map(|x| x.elements()) {
         let value = f
             .child("value", ns::DATA)
@@ -46,7 +47,7 @@ fn options(node: &str, pubsub: &Element) -> (String, u32) {
             _ => {}
         }
     }
-    (access, max)
+    (access, max, given)
 }
 
 fn may_read(server: &Server, who: &Jid, own: bool, access: &str) -> bool {
@@ -117,7 +118,23 @@ pub fn handle(
                 .attr("id")
                 .map(str::to_owned)
                 .unwrap_or_else(crate::server::random_id);
-            let (access, max) = options(&node, pubsub);
+            let (mut access, max, given) = options(&node, pubsub);
+            // An existing node keeps its options; publish-options that
+            // differ are a precondition that fails (XEP-0060 §7.1.5).
+            if let Some((current, current_max)) = store.node_config(&node).ok().flatten() {
+                if given && (current != access || current_max != max) {
+                    let mut e =
+                        error_reply(el, "cancel", "conflict", Some("the node has other options"));
+                    if let Some(granary_wire::stanza::Node::Element(err)) = e.children.last_mut() {
+                        err.push(Element::new(
+                            "precondition-not-met",
+                            "http://jabber.org/protocol/pubsub#errors",
+                        ));
+                    }
+                    return e;
+                }
+                access = current;
+            }
             if store.publish(&node, &id, &xml, &access, max).is_err() {
                 return error_reply(el, "wait", "internal-server-error", None);
             }

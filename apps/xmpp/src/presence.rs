@@ -153,9 +153,10 @@ fn broadcast(server: &Rc<Server>, session: &Rc<Session>, el: Element) {
         .and_then(|p| p.text().trim().parse::<i32>().ok())
         .unwrap_or(0)
         .clamp(-128, 127);
-    let (initial, directed) = {
+    let (initial, directed, raised) = {
         let mut st = session.state.borrow_mut();
         let initial = available && st.presence.is_none();
+        let raised = available && !initial && st.priority < 0 && priority >= 0;
         if !available && st.presence.is_none() {
             // Unavailable without ever being available: nothing to say.
             return;
@@ -167,8 +168,11 @@ fn broadcast(server: &Rc<Server>, session: &Rc<Session>, el: Element) {
         } else {
             st.directed.drain().collect()
         };
-        (initial, directed)
+        (initial, directed, raised)
     };
+    if raised {
+        deliver_offline(server, session);
+    }
     let roster = server.store.roster().unwrap_or_default();
     for item in roster.iter().filter(|i| i.sub.from()) {
         if let Ok(to) = Jid::parse(&item.jid) {
@@ -297,6 +301,10 @@ pub fn inbound(server: &Rc<Server>, from: &Jid, to: &Jid, el: Element) {
                 roster_push(server, &item, ver, false);
             }
             to_sessions(&el);
+            // They no longer see the user's presence (RFC 6121 §3.3.3).
+            for s in server.all_sessions().into_iter().filter(|s| s.available()) {
+                server.route(&s.full, &from.bare(), presence(Some("unavailable")));
+            }
         }
         Some("unsubscribed") => {
             let Some(mut item) = item.filter(|i| i.sub.to() || i.ask) else {

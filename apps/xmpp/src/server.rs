@@ -59,7 +59,22 @@ pub struct SessionState {
     /// The connection is being closed (it fell too far behind): nothing
     /// more is queued for it.
     pub closing: bool,
+    /// Wakes the connection's reader to end it (see `closing`).
+    pub closer: Rc<tokio::sync::Notify>,
+    /// How many times it was detached: a resumption timer ends only the
+    /// detachment it was started for.
+    pub detached: u64,
 }
+
+/// Offline messages kept for a user, at most (then senders are told
+/// `resource-constraint`).
+pub const MAX_OFFLINE: u64 = 10_000;
+pub const MAX_OFFLINE_BYTES: u64 = 64 << 20;
+
+/// Every this many unacknowledged stanzas the server asks for an ack.
+pub const ACK_EVERY: usize = 10;
+/// Unacknowledged stanzas kept for one session, at most.
+pub const MAX_UNACKED: usize = 10_000;
 
 /// How much may wait for a client that does not read before its stream
 /// is closed.
@@ -92,9 +107,18 @@ impl Session {
         for el in batch {
             let xml = el.to_xml(ns::CLIENT);
             let len = xml.len();
+            let mut ask = false;
             if let Some(sm) = st.sm.as_mut() {
                 sm.sent = sm.sent.wrapping_add(1);
                 sm.unacked.push_back(el);
+                // Ask for an acknowledgement now and then, so what the
+                // client has is dropped here; a client that never answers
+                // loses its stream before the queue grows without end.
+                ask = sm.unacked.len() % ACK_EVERY == 0;
+                if sm.unacked.len() > MAX_UNACKED && !st.closing {
+                    st.closing = true;
+                    st.closer.notify_one();
+                }
             }
             if st.closing {
                 continue;
@@ -103,16 +127,18 @@ impl Session {
                 let queued = st.queued.get() + len;
                 st.queued.set(queued);
                 if queued > MAX_QUEUED {
-                    // It does not read: its stream ends (a resumable one
-                    // keeps what was not acknowledged).
+                    // It does not read: the connection ends now (a
+                    // resumable session keeps what was not acknowledged;
+                    // the writer is stuck behind the unread bytes, so no
+                    // goodbye can reach it).
                     st.closing = true;
-                    let _ = out.send(Out::Close(crate::session::stream_error(
-                        "policy-violation",
-                        "too much is waiting for you to read it",
-                    )));
+                    st.closer.notify_one();
                     continue;
                 }
                 let _ = out.send(Out::Xml(xml));
+                if ask {
+                    let _ = out.send(Out::Xml(format!("<r xmlns='{}'/>", ns::SM)));
+                }
             }
         }
     }
@@ -170,6 +196,20 @@ pub fn error_reply(el: &Element, kind: &str, condition: &str, text: Option<&str>
     reply
 }
 
+/// The refusal of a stanza to an address the user blocked (XEP-0191).
+pub fn blocked_error(el: &Element) -> Element {
+    let mut e = error_reply(
+        el,
+        "cancel",
+        "not-acceptable",
+        Some("you blocked this address"),
+    );
+    if let Some(granary_wire::stanza::Node::Element(err)) = e.children.last_mut() {
+        err.push(Element::new("blocked", ns::BLOCKING_ERRORS));
+    }
+    e
+}
+
 /// The error type a condition is sent with.
 pub fn error_kind(condition: &str) -> &'static str {
     match condition {
@@ -196,13 +236,12 @@ pub fn random_id() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
-/// Whether a message is worth archiving and keeping offline (XEP-0313
+/// Whether a message is worth keeping offline and archiving (XEP-0313
 /// §5.1.1, XEP-0334 hints): it has a body (or is encrypted), or asks to
-/// be stored, and does not ask not to be.
+/// be stored, and does not say `no-store`. (`no-permanent-store` keeps it
+/// out of the archive only: [`permanent`].)
 pub fn archivable(el: &Element) -> bool {
-    if el.child("no-store", ns::HINTS).is_some()
-        || el.child("no-permanent-store", ns::HINTS).is_some()
-    {
+    if el.child("no-store", ns::HINTS).is_some() {
         return false;
     }
     matches!(el.attr("type"), None | Some("chat") | Some("normal"))
@@ -210,6 +249,11 @@ pub fn archivable(el: &Element) -> bool {
             || el.child("store", ns::HINTS).is_some()
             || el.child_ns("eu.siacs.conversations.axolotl").is_some()
             || el.child_ns("urn:xmpp:omemo:2").is_some())
+}
+
+/// Whether a message may go into the archive (not `no-permanent-store`).
+pub fn permanent(el: &Element) -> bool {
+    el.child("no-permanent-store", ns::HINTS).is_none()
 }
 
 impl Server {
@@ -229,12 +273,23 @@ impl Server {
         })
     }
 
+    /// Whether the user blocked this address (full, bare, or its domain).
+    pub fn blocks(&self, who: &Jid) -> bool {
+        self.store
+            .is_blocked(&who.to_string(), &who.bare_text(), &who.domain)
+            .unwrap_or(false)
+    }
+
     pub fn session(&self, resource: &str) -> Option<Rc<Session>> {
         self.sessions.borrow().get(resource).cloned()
     }
 
     pub fn all_sessions(&self) -> Vec<Rc<Session>> {
         self.sessions.borrow().values().cloned().collect()
+    }
+
+    pub fn has_message_targets(&self) -> bool {
+        !self.message_targets().is_empty()
     }
 
     /// Available sessions with non-negative priority: where a message to
@@ -244,7 +299,7 @@ impl Server {
             .into_iter()
             .filter(|s| {
                 let st = s.state.borrow();
-                st.presence.is_some() && st.priority >= 0
+                st.presence.is_some() && st.priority >= 0 && !st.closing
             })
             .collect()
     }
@@ -256,12 +311,7 @@ impl Server {
         el.set_attr("from", from.to_string());
         el.set_attr("to", to.to_string());
         let from_self = from.bare() == self.bare;
-        if !from_self
-            && self
-                .store
-                .is_blocked(&from.to_string(), &from.bare_text(), &from.domain)
-                .unwrap_or(false)
-        {
+        if !from_self && self.blocks(from) {
             if el.name == "iq" && matches!(el.attr("type"), Some("get") | Some("set")) {
                 let reply = error_reply(&el, "cancel", "service-unavailable", None);
                 self.route_from_account(reply);
@@ -299,8 +349,13 @@ impl Server {
         if kind == "error" && to.is_bare() {
             return;
         }
+        // A stanza-id claiming to be ours is a forgery (XEP-0359 §5).
+        let ours = self.bare.to_string();
+        el.retain_children(|c| {
+            !(c.is("stanza-id", ns::SID) && c.attr("by") == Some(ours.as_str()))
+        });
         let keep = archivable(&el) && from.bare() != self.bare;
-        if keep {
+        if keep && permanent(&el) {
             let id = random_id();
             let _ = self
                 .store
@@ -321,17 +376,30 @@ impl Server {
             return;
         }
         match kind.as_str() {
-            "groupchat" if to.resource.is_some() => {
+            // Group chat messages only ever go to an occupant's full
+            // address (RFC 6121 §8.5.2.1.1, §8.5.3.2.1).
+            "groupchat" => {
                 let reply = error_reply(&el, "cancel", "service-unavailable", None);
                 self.route_from_account(reply);
                 return;
             }
-            "headline" | "groupchat" | "error" if to.resource.is_some() => return,
+            "headline" | "error" if to.resource.is_some() => return,
             _ => {}
         }
         let targets = self.message_targets();
         if targets.is_empty() {
             if matches!(kind.as_str(), "chat" | "normal") && keep {
+                let (count, bytes) = self.store.offline_size().unwrap_or((0, 0));
+                if count >= MAX_OFFLINE || bytes >= MAX_OFFLINE_BYTES {
+                    let reply = error_reply(
+                        &el,
+                        "wait",
+                        "resource-constraint",
+                        Some("their offline storage is full"),
+                    );
+                    self.route_from_account(reply);
+                    return;
+                }
                 let mut stored = el.clone();
                 stored.push(
                     Element::new("delay", ns::DELAY)
@@ -342,7 +410,9 @@ impl Server {
             }
             return;
         }
-        let carbons = kind == "chat";
+        let carbons = kind == "chat"
+            && el.child("private", ns::CARBONS).is_none()
+            && el.child("no-copy", ns::HINTS).is_none();
         for s in &targets {
             s.send(el.clone());
         }
@@ -404,6 +474,21 @@ impl Server {
             self.deliver(from, to, el);
             return;
         }
+        // Nothing leaves for an address the user blocked (XEP-0191 §3.3):
+        // presence and events are dropped, a request or message refused.
+        if self.blocks(to) {
+            let asks = el.name == "message"
+                || (el.name == "iq" && matches!(el.attr("type"), Some("get") | Some("set")));
+            if asks
+                && el.attr("type") != Some("error")
+                && let Some(s) = from.resource.as_deref().and_then(|r| self.session(r))
+            {
+                let mut original = el.clone();
+                original.set_attr("to", to.to_string());
+                s.send(blocked_error(&original));
+            }
+            return;
+        }
         let Some(router) = self.router.borrow().clone() else {
             self.bounce(from, to, &el, "service-unavailable");
             return;
@@ -458,6 +543,9 @@ impl Server {
         to: &str,
         stanza: &str,
     ) -> Result<(), String> {
+        if stanza.len() > self.limits.max_stanza {
+            return Err("policy-violation: the stanza is too large".to_owned());
+        }
         let from = Jid::parse(from).map_err(|e| format!("jid-malformed: {e}"))?;
         let to = Jid::parse(to).map_err(|e| format!("jid-malformed: {e}"))?;
         if to.bare() != self.bare {

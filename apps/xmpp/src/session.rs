@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use granary_sdk::Accepted;
-use granary_wire::stanza::{Element, Frame, Node, escape, next_frame};
+use granary_wire::stanza::{Element, Frame, escape, next_frame};
 use granary_wire::xmpp::{Unit, XmppError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -96,6 +96,13 @@ impl Reader {
     /// The next frame; `Err(Some(error))` to end the stream with it.
     async fn frame(&mut self) -> Result<Frame, Option<String>> {
         loop {
+            // Whitespace between stanzas (keepalives) is dropped as it comes.
+            let ws = self
+                .buf
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace())
+                .count();
+            self.buf.drain(..ws);
             match next_frame(&self.buf, self.max_stanza, ns::CLIENT) {
                 Ok(Some((frame, n))) => {
                     self.buf.drain(..n);
@@ -181,8 +188,12 @@ pub async fn serve(conn: Accepted, server: Rc<Server>) {
             }
         };
     let clean = run(&server, &session, &mut reader, &tx).await;
+    let stuck = session.state.borrow().closing;
     end(&server, &session, clean, &tx);
     drop(tx);
+    if stuck {
+        writer_task.abort();
+    }
     let _ = writer_task.await;
 }
 
@@ -361,11 +372,27 @@ fn resume(
     };
     let (handled, resend) = {
         let mut st = session.state.borrow_mut();
+        // A connection that still holds it is told, and ends.
+        if let Some(old) = st.out.take() {
+            let _ = old.send(Out::Close(stream_error(
+                "conflict",
+                "the session was resumed elsewhere",
+            )));
+        }
         st.out = Some(tx.clone());
         st.queued = queued.clone();
         st.closing = false;
+        st.closer = Rc::default();
         let sm = st.sm.as_mut().expect("resumable sessions have SM state");
-        acknowledge(sm, h);
+        if acknowledge(sm, h).is_err() {
+            let _ = tx.send(Out::Close(too_high(h, sm.sent)));
+            drop(st);
+            server
+                .resumable
+                .borrow_mut()
+                .insert(previd.to_owned(), session);
+            return None;
+        }
         (
             sm.handled_in,
             sm.unacked
@@ -386,12 +413,29 @@ fn resume(
     Some(session)
 }
 
-/// Drops what the client acknowledged (`h` counts from the start).
-fn acknowledge(sm: &mut Sm, h: u32) {
+/// Drops what the client acknowledged (`h` counts from the start, modulo
+/// 2^32). An `h` older than the last is nothing new; one beyond what was
+/// sent is an error (`Err`).
+fn acknowledge(sm: &mut Sm, h: u32) -> Result<(), ()> {
     let outstanding = sm.unacked.len() as u32;
     let first = sm.sent.wrapping_sub(outstanding);
-    let acked = h.wrapping_sub(first).min(outstanding);
-    sm.unacked.drain(..acked as usize);
+    let acked = h.wrapping_sub(first);
+    if acked <= outstanding {
+        sm.unacked.drain(..acked as usize);
+        Ok(())
+    } else if h.wrapping_sub(sm.sent) < 1 << 31 {
+        Err(())
+    } else {
+        Ok(())
+    }
+}
+
+fn too_high(h: u32, sent: u32) -> String {
+    format!(
+        "<stream:error><undefined-condition xmlns='{}'/><handled-count-too-high xmlns='{}' h='{h}' send-count='{sent}'/></stream:error></stream:stream>",
+        ns::STREAM_ERRORS,
+        ns::SM
+    )
 }
 
 /// Stanzas until the stream ends; whether it ended cleanly.
@@ -407,7 +451,22 @@ async fn run(
         limits: server.limits,
     };
     loop {
-        let el = match reader.frame().await {
+        let closer = session.state.borrow().closer.clone();
+        let frame = tokio::select! {
+            f = reader.frame() => f,
+            () = closer.notified() => return false,
+        };
+        // Taken over by a resumed stream on another connection.
+        if !session
+            .state
+            .borrow()
+            .out
+            .as_ref()
+            .is_some_and(|o| o.same_channel(tx))
+        {
+            return true;
+        }
+        let el = match frame {
             Ok(Frame::Stanza(el)) => el,
             Ok(Frame::End) => {
                 let _ = tx.send(Out::Close("</stream:stream>".to_owned()));
@@ -493,8 +552,12 @@ fn stream_management(session: &Rc<Session>, el: &Element, tx: &mpsc::UnboundedSe
         }
         "a" => {
             let h = el.attr("h").and_then(|h| h.parse::<u32>().ok());
-            if let (Some(sm), Some(h)) = (st.sm.as_mut(), h) {
-                acknowledge(sm, h);
+            if let (Some(sm), Some(h)) = (st.sm.as_mut(), h)
+                && acknowledge(sm, h).is_err()
+            {
+                let _ = tx.send(Out::Close(too_high(h, sm.sent)));
+                st.closing = true;
+                st.closer.notify_one();
             }
         }
         _ => {
@@ -544,37 +607,27 @@ pub fn stanza(server: &Rc<Server>, session: &Rc<Session>, mut el: Element) -> Re
                 }
                 return Ok(());
             }
-            if crate::server::archivable(&el) && to.bare() != server.bare {
-                let mut kept = el.clone();
-                kept.set_attr("to", to.to_string());
-                let _ = server.store.archive(
-                    &random_id(),
-                    crate::server::now_ms(),
-                    &to.bare_text(),
-                    &kept.to_xml(ns::CLIENT),
-                );
-            }
             if to.bare() != server.bare {
+                // Refused before it is archived or copied anywhere.
+                if server.blocks(&to) {
+                    session.send(crate::server::blocked_error(&el));
+                    return Ok(());
+                }
+                if crate::server::archivable(&el)
+                    && el.child("no-permanent-store", ns::HINTS).is_none()
+                {
+                    let mut kept = el.clone();
+                    kept.set_attr("to", to.to_string());
+                    let _ = server.store.archive(
+                        &random_id(),
+                        crate::server::now_ms(),
+                        &to.bare_text(),
+                        &kept.to_xml(ns::CLIENT),
+                    );
+                }
                 let mut copy = el.clone();
                 copy.set_attr("to", to.to_string());
                 server.carbon("sent", &copy, Some(&session.resource));
-                if server
-                    .store
-                    .is_blocked(&to.to_string(), &to.bare_text(), &to.domain)
-                    .unwrap_or(false)
-                {
-                    let mut e = error_reply(
-                        &el,
-                        "cancel",
-                        "not-acceptable",
-                        Some("you blocked this address"),
-                    );
-                    if let Some(Node::Element(err)) = e.children.last_mut() {
-                        err.push(Element::new("blocked", ns::BLOCKING_ERRORS));
-                    }
-                    session.send(e);
-                    return Ok(());
-                }
             }
             el.remove_attr("to");
             server.route(&session.full, &to, el);
@@ -600,6 +653,11 @@ fn end(server: &Rc<Server>, session: &Rc<Session>, clean: bool, tx: &mpsc::Unbou
             .map(|sm| sm.id.clone())
     };
     if let Some(id) = resumable {
+        let epoch = {
+            let mut st = session.state.borrow_mut();
+            st.detached += 1;
+            st.detached
+        };
         server
             .resumable
             .borrow_mut()
@@ -607,8 +665,12 @@ fn end(server: &Rc<Server>, session: &Rc<Session>, clean: bool, tx: &mpsc::Unbou
         let (server, session) = (server.clone(), session.clone());
         tokio::task::spawn_local(async move {
             tokio::time::sleep(RESUME_TIMEOUT).await;
-            let expired = server.resumable.borrow_mut().remove(&id).is_some();
-            if expired {
+            // Still the detachment this timer was started for?
+            let current = {
+                let st = session.state.borrow();
+                st.detached == epoch && st.out.is_none()
+            };
+            if current && server.resumable.borrow_mut().remove(&id).is_some() {
                 leave(&server, &session);
             }
         });
@@ -653,18 +715,18 @@ fn leave(server: &Rc<Server>, session: &Rc<Session>) {
 }
 
 fn deliver_again(server: &Rc<Server>, from: &Jid, to: &Jid, el: Element) {
-    // Not archived twice: it is in the archive already.
-    let mut el = el;
-    el.push(Element::new("no-store", ns::HINTS));
-    server.deliver(from, to, el.clone());
-    if server.all_sessions().iter().all(|s| !s.available()) {
-        let mut kept = el;
-        kept.retain_children(|c| !c.is("no-store", ns::HINTS));
-        kept.push(
-            Element::new("delay", ns::DELAY)
-                .with_attr("from", server.domain.clone())
-                .with_attr("stamp", crate::account::stamp(crate::server::now_ms())),
-        );
-        let _ = server.store.push_offline(&kept.to_xml(ns::CLIENT));
+    if server.has_message_targets() {
+        // Not archived twice: it is in the archive already.
+        let mut el = el;
+        el.push(Element::new("no-permanent-store", ns::HINTS));
+        server.deliver(from, to, el);
+        return;
     }
+    let mut kept = el;
+    kept.push(
+        Element::new("delay", ns::DELAY)
+            .with_attr("from", server.domain.clone())
+            .with_attr("stamp", crate::account::stamp(crate::server::now_ms())),
+    );
+    let _ = server.store.push_offline(&kept.to_xml(ns::CLIENT));
 }

@@ -1,7 +1,11 @@
 //! The account on disk: one SQLite database in the grain's dataset
 //! (`/var/xmpp/chat.db`, WAL). Every change is a committed transaction
-//! before the grain answers for it (a roster push, the host's delivery
-//! call for an offline message).
+//! before the grain answers for it (a roster push, an archived message).
+//! Commits survive the grain's or the host's crash; only a message kept
+//! for an offline user is also fsynced before the host's delivery call
+//! returns (`synchronous = FULL` for that commit): the rest is fsynced at
+//! the next checkpoint, so a power cut can lose the last moments of the
+//! archive and roster, never a message nobody has received.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -316,10 +320,25 @@ impl Store {
 
     // Offline messages.
 
+    /// Keeps a message for the user's next login, fsynced before it
+    /// returns (the sender's grain is told it was delivered only then).
     pub fn push_offline(&self, stanza: &str) -> Result<()> {
-        self.conn()
-            .execute("INSERT INTO offline (stanza) VALUES (?1)", [stanza])?;
+        let c = self.conn();
+        c.pragma_update(None, "synchronous", "FULL")?;
+        let done = c.execute("INSERT INTO offline (stanza) VALUES (?1)", [stanza]);
+        c.pragma_update(None, "synchronous", "NORMAL")?;
+        done?;
         Ok(())
+    }
+
+    /// Offline messages kept, and their bytes.
+    pub fn offline_size(&self) -> Result<(u64, u64)> {
+        let (n, bytes): (i64, i64) = self.conn().query_row(
+            "SELECT count(*), coalesce(sum(length(stanza)), 0) FROM offline",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((n as u64, bytes as u64))
     }
 
     pub fn offline_count(&self) -> Result<u64> {
@@ -436,7 +455,8 @@ impl Store {
     // PEP.
 
     /// Stores an item, creating the node with `access` and `max_items` if
-    /// it is new (and keeping at most `max_items` items).
+    /// it is new (an existing node keeps its own), keeping at most the
+    /// node's `max_items` items.
     pub fn publish(
         &self,
         node: &str,
@@ -447,11 +467,16 @@ impl Store {
     ) -> Result<()> {
         let mut c = self.conn();
         let tx = c.transaction()?;
+        // A node keeps the options it was made with.
         tx.execute(
             "INSERT INTO pep_nodes (node, access, max_items) VALUES (?1, ?2, ?3)
-             ON CONFLICT (node) DO UPDATE SET access = excluded.access,
-               max_items = excluded.max_items",
+             ON CONFLICT (node) DO NOTHING",
             params![node, access, max_items],
+        )?;
+        let max_items: u32 = tx.query_row(
+            "SELECT max_items FROM pep_nodes WHERE node = ?1",
+            [node],
+            |r| r.get(0),
         )?;
         let seq: i64 = tx.query_row(
             "SELECT coalesce(max(seq), 0) + 1 FROM pep_items WHERE node = ?1",
@@ -469,6 +494,18 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// The node's access model and item limit, if it exists.
+    pub fn node_config(&self, node: &str) -> Result<Option<(String, u32)>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT access, max_items FROM pep_nodes WHERE node = ?1",
+                [node],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
     }
 
     /// The node's access model, if it exists.

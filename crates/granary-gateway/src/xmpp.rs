@@ -65,10 +65,9 @@ async fn run(
     let tls = Arc::new(config);
     let protocol = if implicit { "xmpps" } else { "xmpp" };
     // A key for the salts of users who do not exist, so a SCRAM exchange
-    // for one looks like any other (made here, never stored).
-    let mut key = [0u8; 32];
-    let _ = getrandom::fill(&mut key);
-    let decoy = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key));
+    // for one looks like any other: derived from the host key SSH serves
+    // (a secret kept across restarts), the same on every listener.
+    let decoy = Arc::new(decoy_key(&shared));
     let s = shared.clone();
     crate::accept_loop(
         listener,
@@ -89,6 +88,23 @@ async fn run(
         },
     )
     .await
+}
+
+fn decoy_key(shared: &Shared) -> ring::hmac::Key {
+    let secret = match shared.ssh_host_key.to_bytes() {
+        Ok(bytes) => ring::digest::digest(&ring::digest::SHA256, &bytes)
+            .as_ref()
+            .to_vec(),
+        Err(_) => {
+            let mut key = vec![0u8; 32];
+            let _ = getrandom::fill(&mut key);
+            key
+        }
+    };
+    let mut tagged = b"granary xmpp scram decoy salts\0".to_vec();
+    tagged.extend_from_slice(&secret);
+    let key = ring::digest::digest(&ring::digest::SHA256, &tagged);
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_ref())
 }
 
 struct Client {
@@ -193,6 +209,12 @@ impl Client {
     /// send when the stream must end.
     async fn unit<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> Result<Unit, Option<String>> {
         loop {
+            let ws = self
+                .buf
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace())
+                .count();
+            self.buf.drain(..ws);
             match parse(&self.buf) {
                 Ok(Some((unit, n))) => {
                     self.buf.drain(..n);

@@ -151,9 +151,19 @@ impl Element {
             escape_into(&self.ns, out);
             out.push('\'');
         }
+        let mut prefixes = 0;
         for (k, v) in &self.attrs {
             out.push(' ');
-            out.push_str(k);
+            match k.strip_prefix('{').and_then(|k| k.split_once('}')) {
+                Some((ns, local)) => {
+                    let p = format!("a{prefixes}");
+                    prefixes += 1;
+                    out.push_str(&format!("xmlns:{p}='"));
+                    escape_into(ns, out);
+                    out.push_str(&format!("' {p}:{local}"));
+                }
+                None => out.push_str(k),
+            }
             out.push_str("='");
             escape_into(v, out);
             out.push('\'');
@@ -173,6 +183,14 @@ impl Element {
         out.push_str(&self.name);
         out.push('>');
     }
+}
+
+/// Whether every character is one XML 1.0 allows (a character reference
+/// can name others, `&#x1;`, which no client could read back).
+fn xml_chars(text: &str) -> bool {
+    text.chars().all(|c| {
+        matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && c != '\u{FFFE}' && c != '\u{FFFF}')
+    })
 }
 
 /// Escapes text or an attribute value (either quote style).
@@ -318,15 +336,33 @@ pub fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, XmppErro
                     if key == "xmlns" || key.starts_with("xmlns:") {
                         continue;
                     }
+                    // A prefixed attribute keeps its namespace, not its
+                    // prefix: `{urn:p}a` (written back with a declaration).
+                    let key = match key.split_once(':') {
+                        Some(("xml", _)) | None => key.to_owned(),
+                        Some((_, local)) => match reader.resolve_attribute(a.key) {
+                            (ResolveResult::Bound(ns), _) => {
+                                format!("{{{}}}{local}", String::from_utf8_lossy(ns.as_ref()))
+                            }
+                            _ => return Err(XmppError::NotWellFormed("an undeclared prefix")),
+                        },
+                    };
                     let v = a
                         .unescape_value()
                         .map_err(|_| XmppError::NotWellFormed("a bad attribute value"))?;
-                    if el.attr(key).is_some() {
+                    if !xml_chars(&v) {
+                        return Err(XmppError::NotWellFormed("a character XML does not allow"));
+                    }
+                    if el.attr(&key).is_some() {
                         return Err(XmppError::NotWellFormed("an attribute given twice"));
                     }
-                    el.attrs.push((key.to_owned(), v.into_owned()));
+                    el.attrs.push((key, v.into_owned()));
                 }
                 stack.push(el);
+                // The wrapper is level 0.
+                if stack.len() > MAX_DEPTH + 1 {
+                    return Err(XmppError::NotWellFormed("elements nested too deep"));
+                }
             }
             Event::End(_) => {
                 let el = stack
@@ -352,6 +388,9 @@ pub fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, XmppErro
                 let text = t
                     .unescape()
                     .map_err(|_| XmppError::NotWellFormed("a bad entity"))?;
+                if !xml_chars(&text) {
+                    return Err(XmppError::NotWellFormed("a character XML does not allow"));
+                }
                 match stack.len() {
                     0 => {}
                     1 if text.trim().is_empty() => {}
@@ -369,6 +408,9 @@ pub fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, XmppErro
                 let text = std::str::from_utf8(&c)
                     .map_err(|_| XmppError::NotWellFormed("not UTF-8"))?
                     .to_owned();
+                if !xml_chars(&text) {
+                    return Err(XmppError::NotWellFormed("a character XML does not allow"));
+                }
                 if stack.len() > 1 {
                     let top = stack.last_mut().expect("checked");
                     top.children.push(Node::Text(text));
@@ -458,5 +500,21 @@ mod tests {
         assert!(next_frame(b"<message a='1' a='2'/>", 1000, C).is_err());
         assert!(next_frame(b"<x:message/>", 1000, C).is_err());
         assert_eq!(next_frame(b"<message><body>hi", 1000, C), Ok(None));
+        assert!(next_frame(b"<message><body>&#x1;</body></message>", 1000, C).is_err());
+        assert!(next_frame(b"<message a='&#xFFFE;'/>", 1000, C).is_err());
+    }
+
+    #[test]
+    fn prefixed_attributes_keep_their_namespace() {
+        let x = b"<message><x xmlns='urn:x' xmlns:p='urn:p' p:a='1' xml:lang='en'/></message>";
+        let Some((Frame::Stanza(el), _)) = next_frame(x, 1000, C).unwrap() else {
+            panic!()
+        };
+        let inner = el.child("x", "urn:x").unwrap();
+        assert_eq!(inner.attr("{urn:p}a"), Some("1"));
+        assert_eq!(inner.attr("xml:lang"), Some("en"));
+        let xml = el.to_xml(C);
+        assert!(xml.contains("xmlns:a0='urn:p' a0:a='1'"), "{xml}");
+        assert_eq!(parse_element(xml.as_bytes(), C).unwrap(), el);
     }
 }

@@ -134,37 +134,53 @@ fn sasl_data(text: &str) -> Result<Vec<u8>, XmppError> {
         .map_err(|_| XmppError::Base64)
 }
 
-/// The next unit of `buf`, or `None` if more bytes are needed.
+/// The next unit of `buf`, or `None` if more bytes are needed. Leading
+/// whitespace and one XML declaration are skipped (and counted against
+/// [`MAX_UNIT`] with the unit, so neither can grow without end).
 pub fn parse(buf: &[u8]) -> Result<Option<(Unit, usize)>, XmppError> {
-    let skip = buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
-    let rest = &buf[skip..];
-    if rest.is_empty() {
-        return Ok(None);
-    }
-    if rest[0] != b'<' {
-        return Err(XmppError::NotWellFormed("text outside a stanza"));
-    }
-    if rest.starts_with(b"<!") {
-        return Err(XmppError::Dtd);
-    }
-    let Some(head) = tag_end(rest) else {
-        return if rest.len() > MAX_UNIT {
-            Err(XmppError::TooLarge)
-        } else {
-            Ok(None)
-        };
-    };
-    if head > MAX_UNIT {
-        return Err(XmppError::TooLarge);
-    }
-    let tag = &rest[..head];
-    // The XML declaration: skipped.
-    if tag.starts_with(b"<?") {
-        if !tag.starts_with(b"<?xml") || !tag.ends_with(b"?>") {
-            return Err(XmppError::NotWellFormed("a processing instruction"));
+    let mut skip = 0;
+    let mut declarations = 0;
+    let (rest, head) = loop {
+        skip += buf[skip..]
+            .iter()
+            .take_while(|b| b.is_ascii_whitespace())
+            .count();
+        if skip > MAX_UNIT {
+            return Err(XmppError::TooLarge);
         }
-        return Ok(parse(&rest[head..])?.map(|(u, n)| (u, skip + head + n)));
-    }
+        let rest = &buf[skip..];
+        if rest.is_empty() {
+            return Ok(None);
+        }
+        if rest[0] != b'<' {
+            return Err(XmppError::NotWellFormed("text outside a stanza"));
+        }
+        if rest.starts_with(b"<!") {
+            return Err(XmppError::Dtd);
+        }
+        let Some(head) = tag_end(rest) else {
+            return if skip + rest.len() > MAX_UNIT {
+                Err(XmppError::TooLarge)
+            } else {
+                Ok(None)
+            };
+        };
+        if skip + head > MAX_UNIT {
+            return Err(XmppError::TooLarge);
+        }
+        let tag = &rest[..head];
+        // The XML declaration: skipped, once.
+        if tag.starts_with(b"<?") {
+            declarations += 1;
+            if declarations > 1 || !tag.starts_with(b"<?xml") || !tag.ends_with(b"?>") {
+                return Err(XmppError::NotWellFormed("a processing instruction"));
+            }
+            skip += head;
+            continue;
+        }
+        break (rest, head);
+    };
+    let tag = &rest[..head];
     if let Some(end) = tag.strip_prefix(b"</") {
         let name = end.strip_suffix(b">").unwrap_or(end);
         return if name.trim_ascii() == b"stream:stream" {

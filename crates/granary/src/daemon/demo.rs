@@ -20,6 +20,7 @@ pub(super) struct DemoSecrets {
     git_password: String,
     mail_password: String,
     dav_password: String,
+    xmpp_password: String,
 }
 
 /// Makes sure the demo user exists, gives it a fresh generated account
@@ -38,7 +39,7 @@ pub(super) async fn ensure_demo_user(
         let hash = granary_auth::hash_password(&password)?;
         if store.user(&name)?.is_some() {
             store.set_password_hash(&name, &hash, "demo")?;
-            for kind in ["git", "mail", "dav"] {
+            for kind in ["git", "mail", "dav", "xmpp"] {
                 store.revoke_app_passwords(
                     &name,
                     &RevokeSelector::Kind(kind.to_owned()),
@@ -59,6 +60,22 @@ pub(super) async fn ensure_demo_user(
             git_password: app_password("git")?,
             mail_password: app_password("mail")?,
             dav_password: app_password("dav")?,
+            xmpp_password: {
+                // Chat logins use SCRAM: the verifiers go in the same row.
+                let password = granary_auth::generate_password()?;
+                let hash = granary_auth::hash_password(&password)?;
+                let scram = super::admin::scram_verifiers(&password, std::iter::empty())
+                    .map_err(|e| anyhow::anyhow!("{}", e.extra))?;
+                store.add_app_password_with_scram(
+                    &name,
+                    "xmpp",
+                    "demo banner",
+                    &hash,
+                    &scram,
+                    "demo",
+                )?;
+                password
+            },
             password,
         };
         store.add_mail_domain(&domain, "demo")?;
@@ -76,6 +93,7 @@ pub(super) fn print_banner(
     ca_file: Option<&Path>,
     secrets: &DemoSecrets,
     builtin: &[PathBuf],
+    xmpps: Option<SocketAddr>,
 ) {
     let port = https.port();
     let host = &config.domain;
@@ -183,6 +201,19 @@ Try calendars and contacts (any CalDAV/CardDAV client, e.g. DAVx5, at https://da
     } else {
         String::new()
     };
+    let xmpp_steps = match (has("xmpp"), xmpps, ca_file) {
+        (true, Some(xmpps), Some(ca)) => format!(
+            "
+Try chat (Conversations, Gajim, Dino, Monal: {user}@{host}, the chat password, server {xmpps_ip} port {xmpps_port}, direct TLS):
+  SSL_CERT_FILE={ca} go-sendxmpp -u {user}@{host} -p {xmpp} -t -j {xmpps} {user}@{host} <<< 'a note to myself'
+",
+            xmpps_ip = xmpps.ip(),
+            xmpps_port = xmpps.port(),
+            ca = sh_quote(&ca.display().to_string()),
+            xmpp = secrets.xmpp_password,
+        ),
+        _ => String::new(),
+    };
     println!(
         "\
 Granary demo is running.
@@ -195,13 +226,15 @@ Granary demo is running.
   Git password   {git}   (an app password of kind git, also new on each start)
   Mail password  {mail_password}   (kind mail, for IMAP clients; also new)
   DAV password   {dav_password}   (kind dav, for calendar and contacts clients; also new)
+  Chat password  {xmpp_password}   (kind xmpp, for XMPP clients; also new)
   Built-in apps  {apps}
   Admin          {granary} --home {home} status
                  {granary} --home {home} grain list
-{git_steps}{blog_steps}{mail_steps}{dav_steps}
+{git_steps}{blog_steps}{mail_steps}{dav_steps}{xmpp_steps}
 Stop with Ctrl-C.",
         mail_password = secrets.mail_password,
         dav_password = secrets.dav_password,
+        xmpp_password = secrets.xmpp_password,
         apps = if installed.is_empty() {
             "none (./granary-demo builds and signs them into DATA_DIR/builtin-apps)".to_owned()
         } else {

@@ -274,6 +274,7 @@ async fn serve(
                 ca_file.as_deref(),
                 &secrets,
                 &builtin,
+                ports.listeners.get("xmpps").copied(),
             ),
             None => println!("Granary demo is running (listen.https is off)."),
         }

@@ -18,6 +18,7 @@ mod grants;
 mod mail;
 mod snapshots;
 mod users;
+pub(crate) use users::scram_verifiers;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -356,7 +356,7 @@ const SCRAM_KINDS: &[&str] = &["xmpp"];
 /// a shared salt lets one exchange be checked against every device's
 /// password. Salts still differ between users, which is what defeats
 /// precomputed tables.
-fn scram_verifiers<'a>(
+pub(crate) fn scram_verifiers<'a>(
     password: &str,
     existing: impl Iterator<Item = &'a str>,
 ) -> Result<String, capnp::Error> {
