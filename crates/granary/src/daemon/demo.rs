@@ -1,4 +1,4 @@
-//! `granary demo`: the demo user, fresh app passwords for git, mail and dav,
+//! `granary demo`: the demo user, fresh app passwords for git, mail, dav and xmpp,
 //! the demo domain as a mail domain, and the banner whose next steps work
 //! when pasted.
 
@@ -88,13 +88,14 @@ pub(super) async fn ensure_demo_user(
 pub(super) fn print_banner(
     config: &Config,
     https: SocketAddr,
-    ssh: Option<SocketAddr>,
-    mail: (Option<SocketAddr>, Option<SocketAddr>),
+    listener: impl Fn(&str) -> Option<SocketAddr>,
     ca_file: Option<&Path>,
     secrets: &DemoSecrets,
     builtin: &[PathBuf],
-    xmpps: Option<SocketAddr>,
 ) {
+    let ssh = listener("ssh");
+    let mail = (listener("smtp"), listener("imaps"));
+    let xmpps = listener("xmpps");
     let port = https.port();
     let host = &config.domain;
     let home = sh_quote(&config.data_dir.display().to_string());

@@ -266,15 +266,10 @@ async fn serve(
             Some(https) => demo::print_banner(
                 &config,
                 https,
-                ports.listeners.get("ssh").copied(),
-                (
-                    ports.listeners.get("smtp").copied(),
-                    ports.listeners.get("imaps").copied(),
-                ),
+                |name| ports.listeners.get(name).copied(),
                 ca_file.as_deref(),
                 &secrets,
                 &builtin,
-                ports.listeners.get("xmpps").copied(),
             ),
             None => println!("Granary demo is running (listen.https is off)."),
         }
