@@ -5,7 +5,8 @@
 //!
 //! 1. one-way messages/s: Alice sends chat messages to Bob's bare address
 //!    as fast as the server takes them; the clock stops when Bob has
-//!    them all;
+//!    them all (and again against a Prosody without MAM, which writes
+//!    nothing per message);
 //! 2. logins/s: 100 logins (TCP, TLS, SASL, stream restart, bind), 10 at
 //!    a time;
 //! 3. memory per idle session: the servers' PSS (Granary: the daemon and
@@ -16,8 +17,10 @@
 //! Granary is reached through its gateway (`xmpps`), each session handed
 //! to the user's chat grain, every message archived (MAM) there and routed
 //! between grains by the host. Prosody 0.12 (Debian) runs with the epoll
-//! backend, internal_hashed auth, and mod_mam (archiving everything, its
-//! default policy), carbons, smacks and csi_simple enabled.
+//! backend, internal_hashed auth, its SQLite storage (Debian's
+//! lua-dbi-sqlite3; the file store it uses by default rewrites a user's
+//! archive and falls to ~170 messages/s), and mod_mam (archiving
+//! everything, its default policy), carbons, smacks and csi_simple.
 //!
 //! Full run, against an optimised daemon and grain:
 //!   cargo build --release -p granary --bins && apps/xmpp/build && \
@@ -311,7 +314,8 @@ struct Prosody {
 }
 
 impl Prosody {
-    fn start(passwords: &HashMap<String, String>) -> Prosody {
+    /// Prosody with its SQLite storage; `archive`: with mod_mam.
+    fn start(passwords: &HashMap<String, String>, archive: bool) -> Prosody {
         let dir = tempfile::tempdir().unwrap();
         openssl_leaf(dir.path());
         let d = dir.path().display().to_string();
@@ -325,12 +329,14 @@ impl Prosody {
                 "pidfile = \"{d}/prosody.pid\"\ndata_path = \"{d}/data\"\ncertificates = \"{d}/certs\"\n\
                  network_backend = \"epoll\"\nrun_as_root = true\n\
                  log = {{ error = \"{d}/prosody.err\" }}\ninterfaces = {{ \"127.0.0.1\" }}\n\
-                 modules_enabled = {{ \"roster\"; \"saslauth\"; \"tls\"; \"disco\"; \"ping\"; \"carbons\"; \"mam\"; \"smacks\"; \"csi_simple\"; \"blocklist\"; \"vcard_legacy\"; \"pep\" }}\n\
+                 modules_enabled = {{ \"roster\"; \"saslauth\"; \"tls\"; \"disco\"; \"ping\"; \"carbons\"; {mam}\"smacks\"; \"csi_simple\"; \"blocklist\"; \"vcard_legacy\"; \"pep\" }}\n\
                  modules_disabled = {{ \"s2s\" }}\nauthentication = \"internal_hashed\"\n\
+                 storage = \"sql\"\nsql = {{ driver = \"SQLite3\"; database = \"{d}/prosody.sqlite\" }}\n\
                  c2s_ports = {{ {c2s} }}\nc2s_direct_tls_ports = {{ {tls} }}\ns2s_ports = {{ }}\n\
                  c2s_require_encryption = true\n\
                  ssl = {{ certificate = \"{d}/cert.pem\"; key = \"{d}/key.pem\" }}\n\
-                 VirtualHost \"peer.test\"\n"
+                 VirtualHost \"peer.test\"\n",
+                mam = if archive { "\"mam\"; " } else { "" },
             ),
         )
         .unwrap();
@@ -380,15 +386,42 @@ struct Results {
 }
 
 fn measure(side: &Side, smoke: bool) -> Results {
-    let (messages, logins, sessions) = if smoke {
+    let (mut messages, logins, sessions) = if smoke {
         (2_000, 20, 20)
     } else {
         (20_000, 100, 200)
     };
+    if let Some(n) =
+        std::env::args().find_map(|a| a.strip_prefix("--messages=").and_then(|n| n.parse().ok()))
+    {
+        messages = n;
+    }
+    // Memory first, on a fresh server (a heap that has grown and freed
+    // hides new sessions).
+    let kib_per_session = kib_per_session(side, sessions);
+    let logins = logins_per_second(side, logins, 10);
+    let messages = messages_per_second(side, messages);
+    if std::env::var_os("XMPP_BENCH_MEMORY").is_some() {
+        for pid in (side.pids)() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let rollup =
+                std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+            let pss = rollup.lines().find(|l| l.starts_with("Pss:")).unwrap_or("");
+            let anon = rollup
+                .lines()
+                .find(|l| l.starts_with("Pss_Anon:"))
+                .unwrap_or("");
+            let file = rollup
+                .lines()
+                .find(|l| l.starts_with("Pss_File:"))
+                .unwrap_or("");
+            println!("  {pid} {} {pss} {anon} {file}", comm.trim());
+        }
+    }
     let r = Results {
-        messages: messages_per_second(side, messages),
-        logins: logins_per_second(side, logins, 10),
-        kib_per_session: kib_per_session(side, sessions),
+        messages,
+        logins,
+        kib_per_session,
     };
     println!(
         "{:>8}: {:>9.0} messages/s, {:>7.1} logins/s, {:>6.1} KiB per idle session",
@@ -404,7 +437,7 @@ fn main() {
         .iter()
         .map(|u| (u.to_string(), format!("bench password of {u}")))
         .collect();
-    let prosody = Prosody::start(&passwords);
+    let prosody = Prosody::start(&passwords, true);
     let daemon = granary.daemon.pid();
     let prosody_pid = prosody.child.id();
     let sides = [
@@ -429,6 +462,20 @@ fn main() {
     ];
     let g = measure(&sides[0], smoke);
     let p = measure(&sides[1], smoke);
+    // The same Prosody without an archive: what its messages/s are when
+    // it writes nothing per message (Granary always archives).
+    let bare = Prosody::start(&sides[1].passwords, false);
+    let unarchived = Side {
+        name: "prosody without MAM",
+        addr: SocketAddr::from(([127, 0, 0, 1], bare.port)),
+        config: tls_config(&bare.dir.path().join("ca.pem")),
+        pids: Box::new(Vec::new),
+        salted: Salted::default(),
+        domain: "peer.test".to_owned(),
+        passwords: sides[1].passwords.clone(),
+    };
+    let bare_rate = messages_per_second(&unarchived, if smoke { 2_000 } else { 20_000 });
+    println!("prosody without MAM: {bare_rate:>9.0} messages/s");
     // What one more user costs Granary: their chat grain.
     let grains: Vec<u32> = tree(daemon)
         .into_iter()
@@ -443,6 +490,10 @@ fn main() {
         g.messages / p.messages,
         g.logins / p.logins,
         g.kib_per_session / p.kib_per_session
+    );
+    println!(
+        "messages/s against prosody without MAM: {:.2}x",
+        g.messages / bare_rate
     );
     println!(
         "one more user costs granary their chat grain: {per_grain:.0} KiB PSS ({} grains running)",

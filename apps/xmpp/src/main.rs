@@ -50,7 +50,12 @@ impl App for Chat {
         }
     }
 
+    async fn shutdown(self: Rc<Self>) {
+        self.server.flush_archive();
+    }
+
     async fn prepare_snapshot(self: Rc<Self>) -> Result<String, capnp::Error> {
+        self.server.flush_archive();
         self.server
             .store
             .checkpoint()

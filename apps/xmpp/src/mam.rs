@@ -104,6 +104,8 @@ fn search(server: &Rc<Server>, session: &Rc<Session>, el: &Element, q: &Element)
         }
     }
     query.max = query.max.min(MAX_PAGE);
+    // What was just archived is part of the answer.
+    server.flush_archive();
     let page = match server.store.query(&query) {
         Ok(Some(p)) => p,
         Ok(None) => return error_reply(el, "cancel", "item-not-found", Some("no such archive id")),

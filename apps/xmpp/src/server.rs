@@ -71,6 +71,12 @@ pub struct SessionState {
 pub const MAX_OFFLINE: u64 = 10_000;
 pub const MAX_OFFLINE_BYTES: u64 = 64 << 20;
 
+/// Stanzas on their way through the host at once, per grain (under the
+/// host's own bound on a grain's calls).
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Stanzas waiting for the host before sessions stop reading.
+pub const MAX_OUTBOX: usize = 1024;
+
 /// Every this many unacknowledged stanzas the server asks for an ack.
 pub const ACK_EVERY: usize = 10;
 /// Unacknowledged stanzas kept for one session, at most.
@@ -166,6 +172,16 @@ pub struct Server {
     pub resumable: RefCell<BTreeMap<String, Rc<Session>>>,
     /// The host's route to other users; set once at start.
     pub router: RefCell<Option<xmpp_router::Client>>,
+    /// Stanzas for other users waiting to be handed to the host, and how
+    /// many the host has not answered yet.
+    outbox: RefCell<VecDeque<(Jid, Jid, Element)>>,
+    in_flight: std::cell::Cell<usize>,
+    /// Woken when the outbox is empty.
+    drained: tokio::sync::Notify,
+    /// Messages to archive, written together once the session that
+    /// produced them has nothing more to read right now.
+    to_archive: RefCell<(Vec<crate::store::Archived>, Vec<String>)>,
+    archive_flush: std::cell::Cell<bool>,
     pub limits: crate::session::Limits,
 }
 
@@ -269,6 +285,11 @@ impl Server {
             sessions: RefCell::default(),
             resumable: RefCell::default(),
             router: RefCell::default(),
+            outbox: RefCell::default(),
+            in_flight: std::cell::Cell::new(0),
+            drained: tokio::sync::Notify::new(),
+            to_archive: RefCell::default(),
+            archive_flush: std::cell::Cell::new(false),
             limits: crate::session::Limits::from_env(),
         })
     }
@@ -286,6 +307,44 @@ impl Server {
 
     pub fn all_sessions(&self) -> Vec<Rc<Session>> {
         self.sessions.borrow().values().cloned().collect()
+    }
+
+    /// Archives a message (with `with`, the other party's bare address):
+    /// queued and written in one transaction with the others of the same
+    /// burst; a MAM query, a snapshot and shutdown write the queue first.
+    pub fn archive(self: &Rc<Self>, id: &str, with: &str, stanza: String) {
+        {
+            let mut q = self.to_archive.borrow_mut();
+            q.0.push(crate::store::Archived {
+                id: id.to_owned(),
+                ts: now_ms(),
+                stanza,
+            });
+            q.1.push(with.to_owned());
+        }
+        // Outside the grain's runtime (tests, fuzzing): written at once.
+        if tokio::runtime::Handle::try_current().is_err() {
+            self.flush_archive();
+            return;
+        }
+        if !self.archive_flush.replace(true) {
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                tokio::task::yield_now().await;
+                me.flush_archive();
+            });
+        }
+    }
+
+    /// Writes the queued archive entries.
+    pub fn flush_archive(&self) {
+        self.archive_flush.set(false);
+        let (items, with) = std::mem::take(&mut *self.to_archive.borrow_mut());
+        if !items.is_empty()
+            && let Err(e) = self.store.archive_many(&items, &with)
+        {
+            granary_sdk::log::error(&format!("archiving {} messages: {e}", items.len()));
+        }
     }
 
     pub fn has_message_targets(&self) -> bool {
@@ -357,9 +416,7 @@ impl Server {
         let keep = archivable(&el) && from.bare() != self.bare;
         if keep && permanent(&el) {
             let id = random_id();
-            let _ = self
-                .store
-                .archive(&id, now_ms(), &from.bare_text(), &el.to_xml(ns::CLIENT));
+            self.archive(&id, &from.bare_text(), el.to_xml(ns::CLIENT));
             el.push(
                 Element::new("stanza-id", ns::SID)
                     .with_attr("by", self.bare.to_string())
@@ -489,34 +546,64 @@ impl Server {
             }
             return;
         }
-        let Some(router) = self.router.borrow().clone() else {
-            self.bounce(from, to, &el, "service-unavailable");
-            return;
-        };
-        let mut request = router.route_request();
-        {
-            let mut r = request.get();
-            r.set_from(from.to_string());
-            r.set_to(to.to_string());
-            r.set_stanza(el.to_xml(ns::CLIENT));
-        }
-        let sent = request.send().promise;
-        let me = self.clone();
-        let (from, to) = (from.clone(), to.clone());
-        tokio::task::spawn_local(async move {
-            if let Err(e) = sent.await {
-                let text = granary_sdk::message(&e);
-                let condition = text
-                    .split_once(':')
-                    .map(|(c, _)| c.trim())
-                    .filter(|c| {
-                        !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
-                    })
-                    .unwrap_or("service-unavailable")
-                    .to_owned();
-                me.bounce(&from, &to, &el, &condition);
+        self.outbox
+            .borrow_mut()
+            .push_back((from.clone(), to.clone(), el));
+        self.pump();
+    }
+
+    /// Sends queued stanzas to the host while fewer than
+    /// [`MAX_IN_FLIGHT`] are on their way (in the order queued).
+    fn pump(self: &Rc<Self>) {
+        loop {
+            if self.in_flight.get() >= MAX_IN_FLIGHT {
+                return;
             }
-        });
+            let Some((from, to, el)) = self.outbox.borrow_mut().pop_front() else {
+                self.drained.notify_waiters();
+                return;
+            };
+            let Some(router) = self.router.borrow().clone() else {
+                self.bounce(&from, &to, &el, "service-unavailable");
+                continue;
+            };
+            let mut request = router.route_request();
+            {
+                let mut r = request.get();
+                r.set_from(from.to_string());
+                r.set_to(to.to_string());
+                r.set_stanza(el.to_xml(ns::CLIENT));
+            }
+            let sent = request.send().promise;
+            self.in_flight.set(self.in_flight.get() + 1);
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                let result = sent.await;
+                me.in_flight.set(me.in_flight.get() - 1);
+                if let Err(e) = result {
+                    let text = granary_sdk::message(&e);
+                    let condition = text
+                        .split_once(':')
+                        .map(|(c, _)| c.trim())
+                        .filter(|c| {
+                            !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+                        })
+                        .unwrap_or("service-unavailable")
+                        .to_owned();
+                    me.bounce(&from, &to, &el, &condition);
+                }
+                me.pump();
+            });
+        }
+    }
+
+    /// Waits while more than [`MAX_OUTBOX`] stanzas wait for the host: a
+    /// session reads its client's next stanza only then, so a fast sender
+    /// is slowed by TCP instead of filling memory.
+    pub async fn room_in_outbox(&self) {
+        while self.outbox.borrow().len() > MAX_OUTBOX {
+            self.drained.notified().await;
+        }
     }
 
     /// Tells the sender a message or request could not be delivered.

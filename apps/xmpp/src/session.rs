@@ -111,8 +111,13 @@ impl Reader {
                 Ok(None) => {}
                 Err(e) => return Err(Some(wire_error(&e))),
             }
+            // An idle session holds little: the buffer starts small, and
+            // one that grew for a large stanza is given back once empty.
+            if self.buf.is_empty() && self.buf.capacity() > 64 << 10 {
+                self.buf = Vec::new();
+            }
             let before = self.buf.len();
-            self.buf.reserve(16 << 10);
+            self.buf.reserve(4 << 10);
             match self.read.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Err(None),
                 Ok(_) if self.buf.len() > before => {}
@@ -150,6 +155,9 @@ async fn writer(
         }
         queued.set(queued.get().saturating_sub(batch.len()));
         batch.clear();
+        if batch.capacity() > 64 << 10 {
+            batch = String::new();
+        }
         if close {
             let _ = write.shutdown().await;
             return;
@@ -451,6 +459,7 @@ async fn run(
         limits: server.limits,
     };
     loop {
+        server.room_in_outbox().await;
         let closer = session.state.borrow().closer.clone();
         let frame = tokio::select! {
             f = reader.frame() => f,
@@ -618,12 +627,7 @@ pub fn stanza(server: &Rc<Server>, session: &Rc<Session>, mut el: Element) -> Re
                 {
                     let mut kept = el.clone();
                     kept.set_attr("to", to.to_string());
-                    let _ = server.store.archive(
-                        &random_id(),
-                        crate::server::now_ms(),
-                        &to.bare_text(),
-                        &kept.to_xml(ns::CLIENT),
-                    );
+                    server.archive(&random_id(), &to.bare_text(), kept.to_xml(ns::CLIENT));
                 }
                 let mut copy = el.clone();
                 copy.set_attr("to", to.to_string());

@@ -366,11 +366,30 @@ impl Store {
     // The archive.
 
     pub fn archive(&self, id: &str, ts: i64, with: &str, stanza: &str) -> Result<()> {
-        let c = self.conn();
-        let mut stmt = c.prepare_cached(
-            "INSERT INTO archive (id, ts, with_jid, stanza) VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        stmt.execute(params![id, ts, with, stanza])?;
+        self.archive_many(
+            &[Archived {
+                id: id.to_owned(),
+                ts,
+                stanza: stanza.to_owned(),
+            }],
+            &[with.to_owned()],
+        )
+    }
+
+    /// Archives several messages in one transaction (`with[i]` is the
+    /// other party of `items[i]`).
+    pub fn archive_many(&self, items: &[Archived], with: &[String]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO archive (id, ts, with_jid, stanza) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (a, w) in items.iter().zip(with) {
+                stmt.execute(params![a.id, a.ts, w, a.stanza])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 

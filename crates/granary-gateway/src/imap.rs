@@ -463,6 +463,6 @@ async fn hand_over<S: AsyncRead + AsyncWrite + Unpin>(
     if !login.leftover.is_empty() && grain_stream.write_all(&login.leftover).await.is_err() {
         return;
     }
-    crate::splice(client, grain_stream).await;
+    crate::splice(client, grain_stream, 8 << 10).await;
     drop(keep);
 }

@@ -146,20 +146,25 @@ pub(crate) async fn accept_loop<F, Fut>(
 /// is shut down and what the client still sends is read and dropped for a
 /// few seconds: closing a socket with unread input resets the connection,
 /// and the client would lose the last words it had not read yet.
-pub(crate) async fn splice<S>(client: S, grain: tokio::net::UnixStream)
+///
+/// `buffer` is each direction's copy buffer: small for protocols whose
+/// connections mostly sit idle (chat), the default 8 KiB for bulk ones.
+pub(crate) async fn splice<S>(client: S, grain: tokio::net::UnixStream, buffer: usize)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut from_client, mut to_client) = tokio::io::split(client);
-    let (mut from_grain, mut to_grain) = grain.into_split();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+    let (from_client, mut to_client) = tokio::io::split(client);
+    let (from_grain, mut to_grain) = grain.into_split();
+    let mut from_client = BufReader::with_capacity(buffer, from_client);
+    let mut from_grain = BufReader::with_capacity(buffer, from_grain);
     let grain_ended = {
         let up = async {
-            let _ = tokio::io::copy(&mut from_client, &mut to_grain).await;
+            let _ = tokio::io::copy_buf(&mut from_client, &mut to_grain).await;
             let _ = to_grain.shutdown().await;
         };
         let down = async {
-            let _ = tokio::io::copy(&mut from_grain, &mut to_client).await;
+            let _ = tokio::io::copy_buf(&mut from_grain, &mut to_client).await;
             let _ = to_client.shutdown().await;
         };
         tokio::pin!(up, down);

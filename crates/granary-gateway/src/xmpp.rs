@@ -649,6 +649,6 @@ async fn hand_over<S: AsyncRead + AsyncWrite + Unpin>(
     if !leftover.is_empty() && grain_stream.write_all(&leftover).await.is_err() {
         return;
     }
-    crate::splice(client, grain_stream).await;
+    crate::splice(client, grain_stream, 4 << 10).await;
     drop(keep);
 }

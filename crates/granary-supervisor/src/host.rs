@@ -113,6 +113,7 @@ impl host::Server for HostImpl {
             let router: granary_schema::services_capnp::xmpp_router::Client =
                 capnp_rpc::new_client(crate::xmpp::Router {
                     sup: self.sup.clone(),
+                    id: self.id.clone(),
                     owner: self.owner.clone(),
                     order: tokio::sync::Mutex::new(()),
                 });

@@ -28,6 +28,8 @@ pub(crate) const XMPP_DELIVER: &str = "xmpp.deliver";
 /// One chat grain's end of the route: the sender is always `owner`.
 pub(crate) struct Router {
     pub(crate) sup: Weak<Inner>,
+    /// The sending grain: its calls count against its in-flight bound.
+    pub(crate) id: String,
     pub(crate) owner: String,
     /// Held from a call's arrival until its stanza is sent on, so stanzas
     /// leave in the order the grain sent them even while the recipient
@@ -57,6 +59,9 @@ impl xmpp_router::Server for Router {
             .sup
             .upgrade()
             .ok_or_else(|| capnp::Error::disconnected("the host is shutting down".to_owned()))?;
+        // Bounded like every call a grain makes through its host (the
+        // grain keeps itself under it; a flood is cut off).
+        let _call = sup.admit_call(&self.id)?;
         let order = self.order.lock().await;
         let p = params.get()?;
         let domain = sup.params.config.domain.clone();
