@@ -117,7 +117,7 @@ impl Reader {
                 self.buf = Vec::new();
             }
             let before = self.buf.len();
-            self.buf.reserve(4 << 10);
+            self.buf.reserve(2 << 10);
             match self.read.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Err(None),
                 Ok(_) if self.buf.len() > before => {}
@@ -155,7 +155,7 @@ async fn writer(
         }
         queued.set(queued.get().saturating_sub(batch.len()));
         batch.clear();
-        if batch.capacity() > 64 << 10 {
+        if batch.capacity() > 8 << 10 {
             batch = String::new();
         }
         if close {
