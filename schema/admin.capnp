@@ -39,6 +39,8 @@ interface Admin {
   blog @8 () -> (blog :Blog);
   mail @9 () -> (mail :Mail);
 
+  xmpp @11 () -> (xmpp :Xmpp);
+
   doctor @10 () -> (checks :List(DoctorCheck));
   # Checks a deployment as the world sees it: every mail domain's DNS
   # records against live DNS (through the configured resolver), the
@@ -317,6 +319,24 @@ struct Status {
 struct Listener {
   name @0 :Text;     # "https", "ssh", later "smtp", "imap", "xmpp", ...
   address @1 :Text;  # The address actually bound, e.g. "127.0.0.1:8443".
+}
+
+interface Xmpp {
+  # Chat: each user's chat grain.
+
+  status @0 (user :Text) -> (status :UserXmppStatus);
+  # The user's address, sessions, contacts and stored messages (starts
+  # their grain).
+}
+
+struct UserXmppStatus {
+  user @0 :Text;
+  address @1 :Text;
+  resources @2 :List(Text);
+  # One per session (detached stream-managed ones included).
+  contacts @3 :UInt64;
+  archived @4 :UInt64;
+  offline @5 :UInt64;
 }
 
 interface Mail {

@@ -72,6 +72,10 @@ interface XmppRouter {
   # recipient takes `from` and `to` from the call, never from the element.
   # Fails with "<condition>: <text>" (an RFC 6120 stanza error condition,
   # e.g. "item-not-found: no such user") when it cannot be delivered.
+
+  status @1 () -> (resources :List(Text), contacts :UInt64, archived :UInt64, offline :UInt64);
+  # "xmpp.deliver" only: the account's sessions (their resources), roster
+  # size, archived and offline messages, for `granary xmpp status`.
 }
 
 interface GitRepoRead {

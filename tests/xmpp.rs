@@ -129,6 +129,25 @@ async def main():
 run(main)
 "#,
     );
+    // What the admin sees of the accounts.
+    let alice = h
+        .daemon
+        .granary(&["xmpp", "status", "alice", "--json"])
+        .success()
+        .json();
+    assert_eq!(alice["address"], "alice@chat.test", "{alice}");
+    assert_eq!(alice["contacts"], 1, "{alice}");
+    // Five with Bob in the MAM check, three more during the drop.
+    assert_eq!(alice["archived"], 8, "{alice}");
+    assert_eq!(alice["offline"], 0, "{alice}");
+    let text = h
+        .daemon
+        .granary(&["xmpp", "status", "bob"])
+        .success()
+        .stdout;
+    assert!(text.contains("bob@chat.test"), "{text}");
+    let refused = h.daemon.granary(&["xmpp", "status", "nobody"]).failure();
+    assert!(refused.stderr.contains("no user named nobody"), "{refused}");
 }
 
 #[test]

@@ -668,4 +668,25 @@ impl xmpp_router::Server for Deliver {
             )
             .map_err(capnp::Error::failed)
     }
+
+    async fn status(
+        self: capnp::capability::Rc<Self>,
+        _: xmpp_router::StatusParams,
+        mut results: xmpp_router::StatusResults,
+    ) -> Result<(), capnp::Error> {
+        let failed = |e: crate::store::StoreError| capnp::Error::failed(e.to_string());
+        self.server.flush_archive();
+        let (contacts, archived) = self.server.store.sizes().map_err(failed)?;
+        let offline = self.server.store.offline_count().map_err(failed)?;
+        let resources: Vec<String> = self.server.sessions.borrow().keys().cloned().collect();
+        let mut r = results.get();
+        let mut list = r.reborrow().init_resources(resources.len() as u32);
+        for (i, res) in resources.iter().enumerate() {
+            list.set(i as u32, res);
+        }
+        r.set_contacts(contacts);
+        r.set_archived(archived);
+        r.set_offline(offline);
+        Ok(())
+    }
 }

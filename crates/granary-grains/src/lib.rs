@@ -303,6 +303,12 @@ pub trait Grains: Send + Sync + 'static {
 
     /// A mail grain's mailboxes and deliveries (starting it if stopped).
     fn mail_status(&self, grain: &GrainId) -> GrainsFuture<mail::MailStatus>;
+
+    /// A chat grain's sessions and sizes (starting it if stopped).
+    fn xmpp_status(&self, grain: &GrainId) -> GrainsFuture<mail::XmppStatus> {
+        let e = GrainError::new(grain, Problem::Host("chat is not served here".to_owned()));
+        Box::pin(async move { Err(e) })
+    }
 }
 
 #[cfg(test)]

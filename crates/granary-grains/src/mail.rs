@@ -40,3 +40,13 @@ pub struct MailboxStatus {
     pub unseen: u32,
     pub bytes: u64,
 }
+
+/// A user's chat account, as `granary xmpp status` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct XmppStatus {
+    /// One per session (detached stream-managed ones included).
+    pub resources: Vec<String>,
+    pub contacts: u64,
+    pub archived: u64,
+    pub offline: u64,
+}

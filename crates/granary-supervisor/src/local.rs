@@ -278,4 +278,11 @@ impl Grains for LocalGrains {
             sup.mail_status(&id).await
         })
     }
+
+    fn xmpp_status(&self, grain: &GrainId) -> GrainsFuture<granary_grains::mail::XmppStatus> {
+        let id = grain.to_string();
+        self.run(grain.shown(), move |sup| async move {
+            sup.xmpp_status(&id).await
+        })
+    }
 }

@@ -18,6 +18,7 @@ use capnp::capability::{FromClientHook, Rc as CapRc};
 use granary_schema::services_capnp::xmpp_router;
 
 use crate::inner::Inner;
+use crate::{Supervisor, error};
 use granary_grains::Problem;
 
 /// What a chat grain asks its host for.
@@ -129,5 +130,54 @@ impl xmpp_router::Server for Router {
                 "the recipient did not answer",
             )),
         }
+    }
+}
+
+impl Supervisor {
+    /// A chat grain's sessions and sizes, asked of its `xmpp.deliver`.
+    pub async fn xmpp_status(
+        &self,
+        grain: &str,
+    ) -> Result<granary_grains::mail::XmppStatus, granary_grains::GrainError> {
+        let running = self
+            .inner
+            .ensure_running(grain)
+            .await
+            .map_err(|p| error(grain, p))?;
+        let _busy = running.activity.busy();
+        let cached = running.xmpp_deliver.borrow().clone();
+        let deliver = match cached {
+            Some(c) => c,
+            None => {
+                let c = self
+                    .inner
+                    .offer(&running, XMPP_DELIVER, "")
+                    .await
+                    .map_err(|p| error(grain, p))?;
+                *running.xmpp_deliver.borrow_mut() = Some(c.clone());
+                c
+            }
+        };
+        let deliver = xmpp_router::Client::new(deliver.hook);
+        let call = deliver.status_request().send().promise;
+        let failed = |e: String| error(grain, Problem::Grain(format!("status: {e}")));
+        let answer = tokio::time::timeout(self.inner.params.config.call_timeout, call)
+            .await
+            .map_err(|_| failed("timed out".to_owned()))?
+            .map_err(|e| failed(e.to_string()))?;
+        let read = || -> Result<granary_grains::mail::XmppStatus, capnp::Error> {
+            let r = answer.get()?;
+            let mut resources = Vec::new();
+            for t in r.get_resources()? {
+                resources.push(t?.to_string()?);
+            }
+            Ok(granary_grains::mail::XmppStatus {
+                resources,
+                contacts: r.get_contacts(),
+                archived: r.get_archived(),
+                offline: r.get_offline(),
+            })
+        };
+        read().map_err(|e| failed(e.to_string()))
     }
 }

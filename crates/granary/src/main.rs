@@ -137,6 +137,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             admin::mail::run(&config, cmd)
         }
+        Command::Xmpp(cmd) => {
+            let config = load_config(&cli)?;
+            admin::xmpp::run(&config, cmd)
+        }
         Command::SshKey(cmd) => {
             let config = load_config(&cli)?;
             admin::git::ssh_key(&config, cmd)

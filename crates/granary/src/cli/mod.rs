@@ -35,6 +35,17 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+/// `granary xmpp`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum XmppCommand {
+    /// A user's chat address, sessions (one per device), contacts and stored messages
+    Status {
+        user: String,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run the daemon in the foreground (stop it with SIGTERM or Ctrl-C)
@@ -83,6 +94,9 @@ pub(crate) enum Command {
     /// Mail: domains, aliases, each user's mailboxes, the inbound spool
     #[command(subcommand)]
     Mail(MailCommand),
+    /// Chat (XMPP): each user's chat account
+    #[command(subcommand)]
+    Xmpp(XmppCommand),
     /// Encrypted backups: export, verify, drill, receive from other nodes
     #[command(subcommand)]
     Backup(BackupCommand),

@@ -18,6 +18,7 @@ mod grants;
 mod mail;
 mod snapshots;
 mod users;
+mod xmpp;
 pub(crate) use users::scram_verifiers;
 
 use std::os::unix::fs::PermissionsExt;
@@ -375,6 +376,17 @@ impl admin::Server for AdminService {
         results
             .get()
             .set_mail(capnp_rpc::new_client(mail::Mail(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn xmpp(
+        self: CapRc<Self>,
+        _: admin::XmppParams,
+        mut results: admin::XmppResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_xmpp(capnp_rpc::new_client(xmpp::Xmpp(self.ctx.clone())));
         Ok(())
     }
 
