@@ -362,9 +362,9 @@ fn bad_config_is_one_line_naming_file_and_key() {
         run.stderr.contains("listen.smpt") && run.stderr.contains("https, ssh, smtp"),
         "{run}"
     );
-    std::fs::write(&file, "[listen]\nxmpp = \"127.0.0.1:5222\"\n").unwrap();
+    std::fs::write(&file, "[listen]\ntaskd = \"127.0.0.1:53589\"\n").unwrap();
     let run = run_granary(&["config", "check", file.to_str().unwrap()], None).failure();
-    assert!(run.stderr.contains("no xmpp server yet"), "{run}");
+    assert!(run.stderr.contains("no taskd server yet"), "{run}");
 
     std::fs::write(&file, "[listen]\nhttps = \"localhost:443\"\n").unwrap();
     let run = run_granary(&["config", "check", file.to_str().unwrap()], None).failure();

@@ -32,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
                 out: Some(tx),
                 ..Default::default()
             }),
+            spill: None,
         });
         server.sessions.borrow_mut().insert("fuzz".to_owned(), session.clone());
         if let Some(routed) = data.strip_prefix(b"R") {

@@ -228,21 +228,33 @@ fn broadcast(server: &Rc<Server>, session: &Rc<Session>, el: Element) {
     }
 }
 
-/// Hands the offline messages to a session that just became available;
-/// they are removed once handed over.
+/// At most this much of the offline store goes to one session at once
+/// (well under what a session may have queued or unacknowledged); the rest
+/// stays for its next presence.
+const OFFLINE_BATCH: usize = 2_000;
+const OFFLINE_BATCH_BYTES: usize = 4 << 20;
+
+/// Hands offline messages to a session that just became available; those
+/// handed over are removed.
 pub fn deliver_offline(server: &Rc<Server>, session: &Rc<Session>) {
     let Ok(stored) = server.store.offline() else {
         return;
     };
-    let Some(last) = stored.last().map(|(id, _)| *id) else {
-        return;
-    };
-    for (_, xml) in stored {
+    let mut last = None;
+    let mut bytes = 0;
+    for (count, (id, xml)) in stored.into_iter().enumerate() {
+        if count >= OFFLINE_BATCH || bytes + xml.len() > OFFLINE_BATCH_BYTES {
+            break;
+        }
+        bytes += xml.len();
         if let Ok(el) = granary_wire::stanza::parse_element(xml.as_bytes(), ns::CLIENT) {
             session.send(el);
         }
+        last = Some(id);
     }
-    let _ = server.store.forget_offline(last);
+    if let Some(last) = last {
+        let _ = server.store.forget_offline(last);
+    }
 }
 
 /// Presence from someone else for this account.

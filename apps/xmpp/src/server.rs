@@ -33,6 +33,30 @@ pub struct Sm {
     /// oldest is number `sent - unacked.len() + 1`).
     pub sent: u32,
     pub unacked: VecDeque<Element>,
+    /// Their size as sent, in the same order, and the total.
+    pub unacked_sizes: VecDeque<usize>,
+    pub unacked_bytes: usize,
+}
+
+impl Sm {
+    /// Forgets the oldest `n` unacknowledged stanzas.
+    pub fn drop_acked(&mut self, n: usize) {
+        self.unacked.drain(..n);
+        for size in self.unacked_sizes.drain(..n) {
+            self.unacked_bytes -= size;
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.unacked.len() >= MAX_UNACKED || self.unacked_bytes >= MAX_QUEUED
+    }
+}
+
+/// Where a session puts messages it can no longer take: the account's
+/// offline store.
+pub struct Spill {
+    pub store: Rc<Store>,
+    pub domain: String,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +98,15 @@ pub const MAX_OFFLINE_BYTES: u64 = 64 << 20;
 /// Stanzas on their way through the host at once, per grain (under the
 /// host's own bound on a grain's calls).
 pub const MAX_IN_FLIGHT: usize = 64;
+
+/// [`MAX_IN_FLIGHT`], or half the host's bound on a grain's calls when
+/// that is lower (`GRANARY_MAX_IN_FLIGHT`).
+fn max_in_flight() -> usize {
+    std::env::var("GRANARY_MAX_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(MAX_IN_FLIGHT, |host| (host / 2).clamp(1, MAX_IN_FLIGHT))
+}
 /// Stanzas waiting for the host before sessions stop reading.
 pub const MAX_OUTBOX: usize = 1024;
 
@@ -90,6 +123,8 @@ pub struct Session {
     pub resource: String,
     pub full: Jid,
     pub state: RefCell<SessionState>,
+    /// `None` only outside a grain (tests): then such messages are dropped.
+    pub spill: Option<Spill>,
 }
 
 fn is_presence_update(el: &Element) -> bool {
@@ -111,23 +146,33 @@ impl Session {
         let mut batch = std::mem::take(&mut st.held);
         batch.push(el);
         for el in batch {
+            // A session that is ending, or detached with all it may keep,
+            // takes nothing more: a message for the user is kept offline
+            // instead, anything else is dropped.
+            let full = st.sm.as_ref().is_some_and(Sm::full);
+            if st.closing || (st.out.is_none() && full) {
+                if let Some(spill) = &self.spill {
+                    keep_offline(&spill.store, &spill.domain, &el);
+                }
+                continue;
+            }
             let xml = el.to_xml(ns::CLIENT);
             let len = xml.len();
             let mut ask = false;
             if let Some(sm) = st.sm.as_mut() {
                 sm.sent = sm.sent.wrapping_add(1);
                 sm.unacked.push_back(el);
+                sm.unacked_sizes.push_back(len);
+                sm.unacked_bytes += len;
                 // Ask for an acknowledgement now and then, so what the
                 // client has is dropped here; a client that never answers
                 // loses its stream before the queue grows without end.
                 ask = sm.unacked.len() % ACK_EVERY == 0;
-                if sm.unacked.len() > MAX_UNACKED && !st.closing {
+                if sm.full() && st.out.is_some() {
                     st.closing = true;
                     st.closer.notify_one();
+                    continue;
                 }
-            }
-            if st.closing {
-                continue;
             }
             if let Some(out) = st.out.clone() {
                 let queued = st.queued.get() + len;
@@ -176,6 +221,7 @@ pub struct Server {
     /// many the host has not answered yet.
     outbox: RefCell<VecDeque<(Jid, Jid, Element)>>,
     in_flight: std::cell::Cell<usize>,
+    max_in_flight: usize,
     /// Woken when the outbox is empty.
     drained: tokio::sync::Notify,
     /// Messages to archive, written together once the session that
@@ -267,6 +313,28 @@ pub fn archivable(el: &Element) -> bool {
             || el.child_ns("urn:xmpp:omemo:2").is_some())
 }
 
+/// Keeps a message for the user's next login, stamped with when (XEP-0203),
+/// if it is one worth keeping and the offline store has room; whether it
+/// was kept.
+pub fn keep_offline(store: &Store, domain: &str, el: &Element) -> bool {
+    if el.name != "message" || !archivable(el) {
+        return false;
+    }
+    let (count, bytes) = store.offline_size().unwrap_or((0, 0));
+    if count >= MAX_OFFLINE || bytes >= MAX_OFFLINE_BYTES {
+        return false;
+    }
+    let mut kept = el.clone();
+    if kept.child("delay", ns::DELAY).is_none() {
+        kept.push(
+            Element::new("delay", ns::DELAY)
+                .with_attr("from", domain.to_owned())
+                .with_attr("stamp", crate::account::stamp(now_ms())),
+        );
+    }
+    store.push_offline(&kept.to_xml(ns::CLIENT)).is_ok()
+}
+
 /// Whether a message may go into the archive (not `no-permanent-store`).
 pub fn permanent(el: &Element) -> bool {
     el.child("no-permanent-store", ns::HINTS).is_none()
@@ -287,6 +355,7 @@ impl Server {
             router: RefCell::default(),
             outbox: RefCell::default(),
             in_flight: std::cell::Cell::new(0),
+            max_in_flight: max_in_flight(),
             drained: tokio::sync::Notify::new(),
             to_archive: RefCell::default(),
             archive_flush: std::cell::Cell::new(false),
@@ -340,10 +409,16 @@ impl Server {
     pub fn flush_archive(&self) {
         self.archive_flush.set(false);
         let (items, with) = std::mem::take(&mut *self.to_archive.borrow_mut());
-        if !items.is_empty()
-            && let Err(e) = self.store.archive_many(&items, &with)
-        {
-            granary_sdk::log::error(&format!("archiving {} messages: {e}", items.len()));
+        if !items.is_empty() && self.store.archive_many(&items, &with).is_err() {
+            // One bad entry must not cost the others theirs.
+            for (item, w) in items.iter().zip(&with) {
+                if let Err(e) = self
+                    .store
+                    .archive_many(std::slice::from_ref(item), std::slice::from_ref(w))
+                {
+                    granary_sdk::log::error(&format!("archiving a message: {e}"));
+                }
+            }
         }
     }
 
@@ -445,25 +520,17 @@ impl Server {
         }
         let targets = self.message_targets();
         if targets.is_empty() {
-            if matches!(kind.as_str(), "chat" | "normal") && keep {
-                let (count, bytes) = self.store.offline_size().unwrap_or((0, 0));
-                if count >= MAX_OFFLINE || bytes >= MAX_OFFLINE_BYTES {
-                    let reply = error_reply(
-                        &el,
-                        "wait",
-                        "resource-constraint",
-                        Some("their offline storage is full"),
-                    );
-                    self.route_from_account(reply);
-                    return;
-                }
-                let mut stored = el.clone();
-                stored.push(
-                    Element::new("delay", ns::DELAY)
-                        .with_attr("from", self.domain.clone())
-                        .with_attr("stamp", crate::account::stamp(now_ms())),
+            if matches!(kind.as_str(), "chat" | "normal")
+                && keep
+                && !keep_offline(&self.store, &self.domain, &el)
+            {
+                let reply = error_reply(
+                    &el,
+                    "wait",
+                    "resource-constraint",
+                    Some("their offline storage is full"),
                 );
-                let _ = self.store.push_offline(&stored.to_xml(ns::CLIENT));
+                self.route_from_account(reply);
             }
             return;
         }
@@ -556,13 +623,17 @@ impl Server {
     /// [`MAX_IN_FLIGHT`] are on their way (in the order queued).
     fn pump(self: &Rc<Self>) {
         loop {
-            if self.in_flight.get() >= MAX_IN_FLIGHT {
+            if self.in_flight.get() >= self.max_in_flight {
                 return;
             }
             let Some((from, to, el)) = self.outbox.borrow_mut().pop_front() else {
                 self.drained.notify_waiters();
                 return;
             };
+            // Sessions waiting for room read again at half the bound.
+            if self.outbox.borrow().len() == MAX_OUTBOX / 2 {
+                self.drained.notify_waiters();
+            }
             let Some(router) = self.router.borrow().clone() else {
                 self.bounce(&from, &to, &el, "service-unavailable");
                 continue;
@@ -597,11 +668,15 @@ impl Server {
         }
     }
 
-    /// Waits while more than [`MAX_OUTBOX`] stanzas wait for the host: a
+    /// Waits while more than [`MAX_OUTBOX`] stanzas wait for the host (until
+    /// half of them have gone): a
     /// session reads its client's next stanza only then, so a fast sender
     /// is slowed by TCP instead of filling memory.
     pub async fn room_in_outbox(&self) {
-        while self.outbox.borrow().len() > MAX_OUTBOX {
+        if self.outbox.borrow().len() <= MAX_OUTBOX {
+            return;
+        }
+        while self.outbox.borrow().len() > MAX_OUTBOX / 2 {
             self.drained.notified().await;
         }
     }

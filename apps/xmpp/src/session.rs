@@ -196,7 +196,12 @@ pub async fn serve(conn: Accepted, server: Rc<Server>) {
             }
         };
     let clean = run(&server, &session, &mut reader, &tx).await;
-    let stuck = session.state.borrow().closing;
+    // Cut off (its writer is stuck behind unread bytes), or taken over by
+    // a resumed stream: the writer is not waited for.
+    let stuck = {
+        let st = session.state.borrow();
+        st.closing || !st.out.as_ref().is_some_and(|o| o.same_channel(&tx))
+    };
     end(&server, &session, clean, &tx);
     drop(tx);
     if stuck {
@@ -328,6 +333,10 @@ async fn open(
                 queued: queued.clone(),
                 ..Default::default()
             }),
+            spill: Some(crate::server::Spill {
+                store: server.store.clone(),
+                domain: server.domain.clone(),
+            }),
         });
         server
             .sessions
@@ -366,6 +375,7 @@ fn resume(
     // Detached, or still attached to a connection that has not noticed
     // it is gone: this connection takes it over.
     let detached = server.resumable.borrow_mut().remove(previd);
+    let was_detached = detached.is_some();
     let attached = || {
         server.all_sessions().into_iter().find(|s| {
             s.state
@@ -380,34 +390,47 @@ fn resume(
     };
     let (handled, resend) = {
         let mut st = session.state.borrow_mut();
-        // A connection that still holds it is told, and ends.
+        let sm = st.sm.as_mut().expect("resumable sessions have SM state");
+        // Checked before anything changes: a bad resume leaves the
+        // session as it was.
+        if acknowledge(sm, h).is_err() {
+            let sent = sm.sent;
+            drop(st);
+            if was_detached {
+                server
+                    .resumable
+                    .borrow_mut()
+                    .insert(previd.to_owned(), session);
+            }
+            let _ = tx.send(Out::Xml(format!(
+                "<failed xmlns='{}' h='{sent}'><undefined-condition xmlns='{}'/><handled-count-too-high xmlns='{}' h='{h}' send-count='{sent}'/></failed>",
+                ns::SM,
+                ns::STANZAS,
+                ns::SM
+            )));
+            return None;
+        }
+        let (handled, resend) = (
+            sm.handled_in,
+            sm.unacked
+                .iter()
+                .map(|e| e.to_xml(ns::CLIENT))
+                .collect::<Vec<_>>(),
+        );
+        // A connection that still holds it is told, and its reader ends.
         if let Some(old) = st.out.take() {
             let _ = old.send(Out::Close(stream_error(
                 "conflict",
                 "the session was resumed elsewhere",
             )));
         }
+        st.closer.notify_one();
         st.out = Some(tx.clone());
+        queued.set(resend.iter().map(String::len).sum());
         st.queued = queued.clone();
         st.closing = false;
         st.closer = Rc::default();
-        let sm = st.sm.as_mut().expect("resumable sessions have SM state");
-        if acknowledge(sm, h).is_err() {
-            let _ = tx.send(Out::Close(too_high(h, sm.sent)));
-            drop(st);
-            server
-                .resumable
-                .borrow_mut()
-                .insert(previd.to_owned(), session);
-            return None;
-        }
-        (
-            sm.handled_in,
-            sm.unacked
-                .iter()
-                .map(|e| e.to_xml(ns::CLIENT))
-                .collect::<Vec<_>>(),
-        )
+        (handled, resend)
     };
     let _ = tx.send(Out::Xml(format!(
         "<resumed xmlns='{}' previd='{}' h='{handled}'/>",
@@ -429,7 +452,7 @@ fn acknowledge(sm: &mut Sm, h: u32) -> Result<(), ()> {
     let first = sm.sent.wrapping_sub(outstanding);
     let acked = h.wrapping_sub(first);
     if acked <= outstanding {
-        sm.unacked.drain(..acked as usize);
+        sm.drop_acked(acked as usize);
         Ok(())
     } else if h.wrapping_sub(sm.sent) < 1 << 31 {
         Err(())
@@ -502,7 +525,9 @@ async fn run(
             return true;
         }
         if el.ns == ns::SM {
-            stream_management(session, &el, tx);
+            if stream_management(session, &el, tx) {
+                return true;
+            }
             continue;
         }
         if el.ns == ns::CSI {
@@ -529,7 +554,8 @@ async fn run(
     }
 }
 
-fn stream_management(session: &Rc<Session>, el: &Element, tx: &mpsc::UnboundedSender<Out>) {
+/// XEP-0198 elements; `true` when the stream must end (the error is queued).
+fn stream_management(session: &Rc<Session>, el: &Element, tx: &mpsc::UnboundedSender<Out>) -> bool {
     let mut st = session.state.borrow_mut();
     match el.name.as_str() {
         "enable" if st.sm.is_none() => {
@@ -565,8 +591,9 @@ fn stream_management(session: &Rc<Session>, el: &Element, tx: &mpsc::UnboundedSe
                 && acknowledge(sm, h).is_err()
             {
                 let _ = tx.send(Out::Close(too_high(h, sm.sent)));
-                st.closing = true;
-                st.closer.notify_one();
+                // Not resumable after a protocol error.
+                sm.resumable = false;
+                return true;
             }
         }
         _ => {
@@ -577,6 +604,7 @@ fn stream_management(session: &Rc<Session>, el: &Element, tx: &mpsc::UnboundedSe
             )));
         }
     }
+    false
 }
 
 /// One stanza from the client; `Err` with a stream error to end it.
@@ -697,7 +725,11 @@ fn leave(server: &Rc<Server>, session: &Rc<Session>) {
         .borrow_mut()
         .sm
         .as_mut()
-        .map(|sm| sm.unacked.drain(..).collect())
+        .map(|sm| {
+            sm.unacked_sizes.clear();
+            sm.unacked_bytes = 0;
+            sm.unacked.drain(..).collect()
+        })
         .unwrap_or_default();
     for el in unacked {
         // Only messages that were for the user, not copies or results.
@@ -726,11 +758,5 @@ fn deliver_again(server: &Rc<Server>, from: &Jid, to: &Jid, el: Element) {
         server.deliver(from, to, el);
         return;
     }
-    let mut kept = el;
-    kept.push(
-        Element::new("delay", ns::DELAY)
-            .with_attr("from", server.domain.clone())
-            .with_attr("stamp", crate::account::stamp(crate::server::now_ms())),
-    );
-    let _ = server.store.push_offline(&kept.to_xml(ns::CLIENT));
+    crate::server::keep_offline(&server.store, &server.domain, &el);
 }

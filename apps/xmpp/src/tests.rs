@@ -31,6 +31,7 @@ fn session(a: &Account, resource: &str) -> (Rc<Session>, mpsc::UnboundedReceiver
             out: Some(tx),
             ..Default::default()
         }),
+        spill: None,
     });
     a.server
         .sessions

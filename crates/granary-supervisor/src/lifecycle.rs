@@ -189,6 +189,8 @@ impl Inner {
             format!("GRANARY_OWNER={}", slot.user),
             // Granary's domain, so an app can write its users' addresses.
             format!("GRANARY_DOMAIN={}", self.params.config.domain),
+            // How many calls through the host it may have at once.
+            format!("GRANARY_MAX_IN_FLIGHT={}", self.params.config.max_in_flight),
             format!("GRANARY_APP_VERSION={}", app.version),
             // So an app can tell its users what limit they hit.
             format!("GRANARY_MEMORY_MIB={}", limits.memory_bytes >> 20),

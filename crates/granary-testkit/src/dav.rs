@@ -25,6 +25,15 @@ def _granary_test_getaddrinfo(host, *args, **kwargs):
         host = "127.0.0.1"
     return _getaddrinfo(host, *args, **kwargs)
 socket.getaddrinfo = _granary_test_getaddrinfo
+# aiohttp (vdirsyncer) resolves through c-ares when aiodns is installed
+# (slixmpp brings it), which never calls getaddrinfo: it is told to use
+# the threaded resolver, which does.
+try:
+    import aiohttp.resolver, aiohttp.connector
+    aiohttp.resolver.DefaultResolver = aiohttp.resolver.ThreadedResolver
+    aiohttp.connector.DefaultResolver = aiohttp.resolver.ThreadedResolver
+except ImportError:
+    pass
 "#;
 
 pub struct DavHost {

@@ -193,6 +193,18 @@ fn xml_chars(text: &str) -> bool {
     })
 }
 
+/// A name (or one side of a prefixed one) as XML allows it, roughly: a
+/// letter, `_` or any non-ASCII character first, then those, digits, `-`
+/// and `.`; never a control or markup character.
+fn xml_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    let Some(first) = chars.next() else {
+        return false;
+    };
+    let start = |c: char| c.is_ascii_alphabetic() || c == '_' || (!c.is_ascii() && !c.is_control());
+    start(first) && chars.all(|c| start(c) || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
 /// Escapes text or an attribute value (either quote style).
 pub fn escape_into(text: &str, out: &mut String) {
     for c in text.chars() {
@@ -324,11 +336,13 @@ pub fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, XmppErro
                     stack.push(Element::new("w", &ns));
                     continue;
                 }
-                let mut el = Element::new(
-                    std::str::from_utf8(start.local_name().as_ref())
-                        .map_err(|_| XmppError::NotWellFormed("not UTF-8"))?,
-                    &ns,
-                );
+                let local = start.local_name();
+                let name = std::str::from_utf8(local.as_ref())
+                    .map_err(|_| XmppError::NotWellFormed("not UTF-8"))?;
+                if !xml_name(name) {
+                    return Err(XmppError::NotWellFormed("a bad element name"));
+                }
+                let mut el = Element::new(name, &ns);
                 for a in start.attributes() {
                     let a = a.map_err(|_| XmppError::NotWellFormed("a bad attribute"))?;
                     let key = std::str::from_utf8(a.key.as_ref())
@@ -336,12 +350,15 @@ pub fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, XmppErro
                     if key == "xmlns" || key.starts_with("xmlns:") {
                         continue;
                     }
+                    if !key.split(':').all(xml_name) || key.matches(':').count() > 1 {
+                        return Err(XmppError::NotWellFormed("a bad attribute name"));
+                    }
                     // A prefixed attribute keeps its namespace, not its
                     // prefix: `{urn:p}a` (written back with a declaration).
                     let key = match key.split_once(':') {
                         Some(("xml", _)) | None => key.to_owned(),
                         Some((_, local)) => match reader.resolve_attribute(a.key) {
-                            (ResolveResult::Bound(ns), _) => {
+                            (ResolveResult::Bound(ns), _) if !ns.as_ref().contains(&b'}') => {
                                 format!("{{{}}}{local}", String::from_utf8_lossy(ns.as_ref()))
                             }
                             _ => return Err(XmppError::NotWellFormed("an undeclared prefix")),
@@ -502,6 +519,15 @@ mod tests {
         assert_eq!(next_frame(b"<message><body>hi", 1000, C), Ok(None));
         assert!(next_frame(b"<message><body>&#x1;</body></message>", 1000, C).is_err());
         assert!(next_frame(b"<message a='&#xFFFE;'/>", 1000, C).is_err());
+        assert!(next_frame(b"<message><x\x01 xmlns='urn:x'/></message>", 1000, C).is_err());
+        assert!(
+            next_frame(
+                b"<message><x xmlns:p='urn:a}b' p:c='1'/></message>",
+                1000,
+                C
+            )
+            .is_err()
+        );
     }
 
     #[test]
