@@ -237,7 +237,7 @@ const OFFLINE_BATCH_BYTES: usize = 4 << 20;
 /// Hands offline messages to a session that just became available; those
 /// handed over are removed.
 pub fn deliver_offline(server: &Rc<Server>, session: &Rc<Session>) {
-    let Ok(stored) = server.store.offline() else {
+    let Ok(stored) = server.store.offline(OFFLINE_BATCH) else {
         return;
     };
     let mut last = None;

@@ -133,6 +133,8 @@ pub struct Page {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Offline messages and their bytes, once counted.
+    offline_totals: Mutex<Option<(u64, u64)>>,
 }
 
 const SCHEMA: &str = "
@@ -164,6 +166,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            offline_totals: Mutex::new(None),
         })
     }
 
@@ -328,17 +331,39 @@ impl Store {
         let done = c.execute("INSERT INTO offline (stanza) VALUES (?1)", [stanza]);
         c.pragma_update(None, "synchronous", "NORMAL")?;
         done?;
+        if let Some((n, bytes)) = self
+            .offline_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            *n += 1;
+            *bytes += stanza.len() as u64;
+        }
         Ok(())
     }
 
-    /// Offline messages kept, and their bytes.
+    /// Offline messages kept, and their bytes (counted once, then kept
+    /// up to date, so a full store costs no scan per message).
     pub fn offline_size(&self) -> Result<(u64, u64)> {
+        if let Some(totals) = *self
+            .offline_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            return Ok(totals);
+        }
         let (n, bytes): (i64, i64) = self.conn().query_row(
             "SELECT count(*), coalesce(sum(length(stanza)), 0) FROM offline",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        Ok((n as u64, bytes as u64))
+        let totals = (n as u64, bytes as u64);
+        *self
+            .offline_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(totals);
+        Ok(totals)
     }
 
     pub fn offline_count(&self) -> Result<u64> {
@@ -348,18 +373,22 @@ impl Store {
         Ok(n as u64)
     }
 
-    /// The offline messages, oldest first; `forget` removes them once
-    /// delivered.
-    pub fn offline(&self) -> Result<Vec<(i64, String)>> {
+    /// The oldest `limit` offline messages; `forget_offline` removes them
+    /// once delivered.
+    pub fn offline(&self, limit: usize) -> Result<Vec<(i64, String)>> {
         let c = self.conn();
-        let mut stmt = c.prepare_cached("SELECT id, stanza FROM offline ORDER BY id")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut stmt = c.prepare_cached("SELECT id, stanza FROM offline ORDER BY id LIMIT ?1")?;
+        let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn forget_offline(&self, up_to: i64) -> Result<()> {
         self.conn()
             .execute("DELETE FROM offline WHERE id <= ?1", [up_to])?;
+        *self
+            .offline_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
 
@@ -692,6 +721,22 @@ mod tests {
             .unwrap()
             .is_none()
         );
+    }
+
+    #[test]
+    fn offline_totals_follow_pushes_and_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.offline_size().unwrap(), (0, 0));
+        for m in ["<a/>", "<bb/>", "<ccc/>"] {
+            s.push_offline(m).unwrap();
+        }
+        assert_eq!(s.offline_size().unwrap(), (3, 4 + 5 + 6));
+        let first_two = s.offline(2).unwrap();
+        assert_eq!(first_two.len(), 2);
+        s.forget_offline(first_two[1].0).unwrap();
+        assert_eq!(s.offline_size().unwrap(), (1, 6));
+        assert_eq!(s.offline(10).unwrap()[0].1, "<ccc/>");
     }
 
     #[test]
