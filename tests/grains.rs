@@ -687,3 +687,64 @@ fn installs_check_the_kind_first_and_a_reinstall_swaps_the_image_under_stopped_g
         .collect();
     assert_eq!(leftovers, ["1"], "no staging directories are left");
 }
+
+/// The chat router (`xmpp.route`) as a hostile chat grain sees it: the
+/// example app installed as kind `xmpp` claims any sender it likes, and
+/// the recipient's grain is told the sender the host wrote.
+#[test]
+fn a_chat_grain_cannot_send_as_anyone_else() {
+    require_root();
+    let daemon = Daemon::start_with(DaemonMode::Serve, "");
+    for kind in ["xmpp", "hello"] {
+        let dir = granary_testkit::hello_app(daemon.dir(), kind, &[]);
+        daemon
+            .granary(&["app", "install", dir.to_str().unwrap()])
+            .success();
+    }
+    for user in ["alice", "bob", "mallory"] {
+        daemon.granary(&["user", "add", user]).success();
+    }
+    // Mallory's grain claims to be Bob, in the call and in the stanza.
+    assert_eq!(
+        daemon.ask(
+            "mallory/xmpp",
+            "xmpp-route bob@localhost/phone alice@localhost <message from='bob@localhost/phone' type='chat'><body>hi</body></message>"
+        ),
+        "ok"
+    );
+    let got = daemon.ask("alice/xmpp", "xmpp-last");
+    assert!(
+        got.starts_with("from=mallory@localhost/phone to=alice@localhost stanza="),
+        "{got}"
+    );
+    // A bare claim gets the bare address; a malformed resource is refused.
+    daemon.ask(
+        "mallory/xmpp",
+        "xmpp-route bob@localhost alice@localhost <presence/>",
+    );
+    let got = daemon.ask("alice/xmpp", "xmpp-last");
+    assert!(got.starts_with("from=mallory@localhost to="), "{got}");
+    // No such user, another domain: refused with the stanza condition.
+    let refused = daemon.ask(
+        "mallory/xmpp",
+        "xmpp-route x nobody@localhost <message><body>x</body></message>",
+    );
+    assert!(refused.contains("item-not-found"), "{refused}");
+    let refused = daemon.ask(
+        "mallory/xmpp",
+        "xmpp-route x carol@elsewhere.example <message><body>x</body></message>",
+    );
+    assert!(refused.contains("remote-server-not-found"), "{refused}");
+    // A grain of another kind gets no router, and no grain can ask for a
+    // chat grain's delivery end.
+    let refused = daemon.ask(
+        "alice/hello",
+        "xmpp-route x bob@localhost <message><body>x</body></message>",
+    );
+    assert!(
+        refused.starts_with("error:") && refused.contains("no grant"),
+        "{refused}"
+    );
+    let refused = daemon.ask("alice/hello", "hold xmpp.deliver");
+    assert!(refused.starts_with("error:"), "{refused}");
+}

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Instant;
 
-use granary_sdk::services_capnp::{notify, ping};
+use granary_sdk::services_capnp::{notify, ping, xmpp_router};
 use granary_sdk::{Accepted, App, AuthMethod, GrainRef, Host, LogLevel, WakeLock};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -22,6 +22,31 @@ struct Hello {
     host: Host,
     held: RefCell<Option<capnp::capability::Client>>,
     wake: RefCell<Option<WakeLock>>,
+    /// The last stanza the host delivered (installed as kind `xmpp`, this
+    /// grain stands in for a chat grain in the router's tests).
+    last_stanza: Rc<RefCell<Option<String>>>,
+}
+
+/// `xmpp.deliver`: records what the host hands over.
+struct StanzaRecorder {
+    last: Rc<RefCell<Option<String>>>,
+}
+
+impl xmpp_router::Server for StanzaRecorder {
+    async fn route(
+        self: capnp::capability::Rc<Self>,
+        params: xmpp_router::RouteParams,
+        _: xmpp_router::RouteResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        *self.last.borrow_mut() = Some(format!(
+            "from={} to={} stanza={}",
+            p.get_from()?.to_str()?,
+            p.get_to()?.to_str()?,
+            p.get_stanza()?.to_str()?
+        ));
+        Ok(())
+    }
 }
 
 /// The `Notify` object this grain offers: appends each change durably.
@@ -147,6 +172,28 @@ impl Hello {
                 Err(e) => err(e),
             },
             ["notifications"] => count_notifications().to_string(),
+            // Sends a stanza through the host's chat router, claiming
+            // whatever `from` it likes.
+            ["xmpp-route", from, to, stanza @ ..] => {
+                match self.host.request_as::<xmpp_router::Client>("xmpp.route").await {
+                    Ok(router) => {
+                        let mut req = router.route_request();
+                        req.get().set_from(*from);
+                        req.get().set_to(*to);
+                        req.get().set_stanza(stanza.join(" "));
+                        match req.send().promise.await {
+                            Ok(_) => "ok".to_owned(),
+                            Err(e) => err(e),
+                        }
+                    }
+                    Err(e) => err(e),
+                }
+            }
+            ["xmpp-last"] => self
+                .last_stanza
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| "none".to_owned()),
             ["notify", descriptor, subject, revision] => {
                 match self.host.request(descriptor).await {
                     Ok(cap) => match call_changed(&cap, subject, revision).await {
@@ -473,6 +520,13 @@ impl App for Hello {
                 let client: ping::Client = granary_sdk::new_client(Pong);
                 Ok(client.client)
             }
+            // The host's alone, as a chat grain offers it.
+            "xmpp.deliver" if requester.id.is_empty() => {
+                let client: xmpp_router::Client = granary_sdk::new_client(StanzaRecorder {
+                    last: self.last_stanza.clone(),
+                });
+                Ok(client.client)
+            }
             _ => Err(capnp::Error::failed(format!(
                 "{descriptor} is not offered here (asked by {})",
                 requester.id
@@ -511,5 +565,6 @@ fn main() -> ExitCode {
         host,
         held: RefCell::new(None),
         wake: RefCell::new(None),
+        last_stanza: Rc::default(),
     })
 }
