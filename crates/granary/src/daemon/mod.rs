@@ -230,6 +230,11 @@ async fn serve(
     let served = bound.serve(shared, &stop_rx);
     let delivering = mail::deliver(&mail, grains, store.clone(), postmaster, stop_rx.clone());
 
+    // Signals are watched from here on, before ports.json tells anyone the
+    // daemon is up (a SIGTERM right after it appeared killed the daemon
+    // uncleanly), and also while the demo waits for its built-in apps.
+    let stop = wait_for_signal()?;
+
     let ports = Ports {
         pid: std::process::id(),
         listeners: addresses
@@ -248,9 +253,6 @@ async fn serve(
     )?;
     tracing::info!(listeners = %listening.join(" "), admin = %admin_socket.display(), data = %config.data_dir.display(), "granary is running");
 
-    // Signals are watched from here on, also while the demo waits for its
-    // built-in apps.
-    let stop = wait_for_signal()?;
     tokio::pin!(stop);
     let mut stopped = false;
     if demo.is_some() {
