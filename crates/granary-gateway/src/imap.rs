@@ -304,18 +304,10 @@ impl Client {
         buf: &mut Vec<u8>,
         deadline: tokio::time::Instant,
     ) -> Option<bool> {
-        let mut chunk = [0u8; 4096];
-        let mut stop = self.stop.clone();
-        tokio::select! {
-            r = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => match r {
-                Ok(Ok(n)) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    Some(n > 0)
-                }
-                Ok(Err(_)) => Some(false),
-                Err(_) => None,
-            },
-            _ = stop.wait_for(|s| *s) => None,
+        match crate::read_more(stream, buf, deadline, &self.stop).await {
+            crate::ReadMore::More => Some(true),
+            crate::ReadMore::Ended => Some(false),
+            crate::ReadMore::TooSlow | crate::ReadMore::Stopping => None,
         }
     }
 

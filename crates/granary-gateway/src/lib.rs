@@ -137,6 +137,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     })
     .await;
     if drained.is_err() {
+        tracing::warn!("{protocol} sessions still open after the drain timeout; closing them");
         sessions.shutdown().await;
     }
 }
@@ -186,6 +187,42 @@ where
             }
         })
         .await;
+    }
+}
+
+/// What reading more before login came to.
+pub(crate) enum ReadMore {
+    /// Bytes were appended.
+    More,
+    /// The client closed, or the read failed.
+    Ended,
+    /// The login deadline passed.
+    TooSlow,
+    /// The server is stopping.
+    Stopping,
+}
+
+/// Reads what the client sent next into `buf`, until `deadline` or until
+/// `stop` turns true (the listener is shutting down).
+pub(crate) async fn read_more<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    deadline: tokio::time::Instant,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> ReadMore {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let mut stop = stop.clone();
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => match r {
+            Ok(Ok(0)) | Ok(Err(_)) => ReadMore::Ended,
+            Ok(Ok(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                ReadMore::More
+            }
+            Err(_) => ReadMore::TooSlow,
+        },
+        _ = stop.wait_for(|s| *s) => ReadMore::Stopping,
     }
 }
 

@@ -22,8 +22,8 @@ use base64::Engine;
 use granary_grains::{GrainId, Identity, Peer};
 use granary_wire::scram::{self, Hash, Verifier};
 use granary_wire::stanza::escape;
-use granary_wire::xmpp::{NS_SASL, Unit, XmppError, parse};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use granary_wire::xmpp::{NS_SASL, Unit, XmppError, parse, stream_error};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -33,7 +33,6 @@ use crate::Shared;
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Failed logins on one connection before it is closed.
 const MAX_FAILURES: u32 = 3;
-const NS_STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
 
 /// Serves the `xmpp` listener (STARTTLS) until `shutdown`.
 pub async fn serve(
@@ -130,22 +129,13 @@ enum Step {
     Close,
 }
 
+/// Our stream header, with a fresh stream id.
 fn stream_header(domain: &str) -> String {
     let mut id = [0u8; 12];
     let _ = getrandom::fill(&mut id);
-    let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id);
-    format!(
-        "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
-         xmlns:stream='http://etherx.jabber.org/streams' id='{id}' from='{}' \
-         version='1.0' xml:lang='en'>",
-        escape(domain)
-    )
-}
-
-fn stream_error(condition: &str, text: &str) -> String {
-    format!(
-        "<stream:error><{condition} xmlns='{NS_STREAM_ERRORS}'/><text xmlns='{NS_STREAM_ERRORS}'>{}</text></stream:error></stream:stream>",
-        escape(text)
+    granary_wire::xmpp::stream_header(
+        domain,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id),
     )
 }
 
@@ -229,22 +219,17 @@ impl Client {
                 }
                 Err(e) => return Err(Some(stream_error("not-well-formed", &e.to_string()))),
             }
-            let mut chunk = [0u8; 4096];
-            let mut stop = self.stop.clone();
-            let read = tokio::select! {
-                r = tokio::time::timeout_at(self.deadline, stream.read(&mut chunk)) => r,
-                _ = stop.wait_for(|s| *s) => {
-                    return Err(Some(stream_error("system-shutdown", "Granary is stopping")));
-                }
-            };
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return Err(None),
-                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(_) => {
+            match crate::read_more(stream, &mut self.buf, self.deadline, &self.stop).await {
+                crate::ReadMore::More => {}
+                crate::ReadMore::Ended => return Err(None),
+                crate::ReadMore::TooSlow => {
                     return Err(Some(stream_error(
                         "connection-timeout",
                         "too slow to log in",
                     )));
+                }
+                crate::ReadMore::Stopping => {
+                    return Err(Some(stream_error("system-shutdown", "Granary is stopping")));
                 }
             }
         }

@@ -19,6 +19,27 @@ pub const NS_STREAMS: &str = "http://etherx.jabber.org/streams";
 pub const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
 pub const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 
+pub const NS_STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
+
+/// The server's stream header for `domain`, with stream id `id`.
+pub fn stream_header(domain: &str, id: &str) -> String {
+    format!(
+        "<?xml version='1.0'?><stream:stream xmlns='{NS_CLIENT}' \
+         xmlns:stream='{NS_STREAMS}' id='{}' from='{}' version='1.0' xml:lang='en'>",
+        crate::stanza::escape(id),
+        crate::stanza::escape(domain)
+    )
+}
+
+/// A stream error with `condition` (RFC 6120 §4.9.3) and a text, and the
+/// stream's end.
+pub fn stream_error(condition: &str, text: &str) -> String {
+    format!(
+        "<stream:error><{condition} xmlns='{NS_STREAM_ERRORS}'/><text xmlns='{NS_STREAM_ERRORS}'>{}</text></stream:error></stream:stream>",
+        crate::stanza::escape(text)
+    )
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unit {
     /// `<stream:stream ...>`: the attributes that matter.

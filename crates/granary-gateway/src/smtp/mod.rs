@@ -39,7 +39,6 @@ use std::time::Duration;
 use granary_spool::Spool;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tracing::Instrument;
 
 pub use checks::Checker;
 pub use dkim::DkimKeys;
@@ -148,31 +147,22 @@ async fn serve_as(
         tracing::error!("{kind:?}: mail is not configured; not serving");
         return;
     };
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let mut sessions = tokio::task::JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "smtp accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
-        };
-        let span = match kind {
-            Listener::Mx => tracing::info_span!("smtp", %peer),
-            _ => tracing::info_span!("submission", %peer, user = tracing::field::Empty),
-        };
-        let slot = mx
-            .limits
-            .connect(peer.ip(), mx.settings.max_connections_per_ip);
-        let (shared, mx, stop) = (shared.clone(), mx.clone(), stop.clone());
-        sessions.spawn(
+    let protocol = match kind {
+        Listener::Mx => "smtp",
+        Listener::Submission => "submission",
+        Listener::Submissions => "submissions",
+    };
+    let s = shared.clone();
+    crate::accept_loop(
+        listener,
+        &shared,
+        shutdown,
+        protocol,
+        move |tcp, peer, stop| {
+            let slot = mx
+                .limits
+                .connect(peer.ip(), mx.settings.max_connections_per_ip);
+            let (shared, mx) = (s.clone(), mx.clone());
             async move {
                 let Some(slot) = slot else {
                     tracing::info!("too many connections from this address");
@@ -184,19 +174,9 @@ async fn serve_as(
                 connection::handle(tcp, peer, shared, mx, stop, kind).await;
                 drop(slot);
             }
-            .instrument(span),
-        );
-    }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(shared.settings.drain_timeout, async {
-        while sessions.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("smtp sessions still open after the drain timeout; closing them");
-        sessions.shutdown().await;
-    }
+        },
+    )
+    .await
 }
 
 async fn refuse(mut tcp: tokio::net::TcpStream, hostname: &str) {
