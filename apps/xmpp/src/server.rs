@@ -613,6 +613,12 @@ impl Server {
             }
             return;
         }
+        self.send_out(from, to, el);
+    }
+
+    /// Queues a stanza for the host as it is: the caller has checked that
+    /// it is for another user and not blocked ([`Server::route`] does).
+    pub fn send_out(self: &Rc<Self>, from: &Jid, to: &Jid, el: Element) {
         self.outbox
             .borrow_mut()
             .push_back((from.clone(), to.clone(), el));

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use granary_sdk::Accepted;
 use granary_wire::stanza::{Element, Frame, escape, next_frame};
-use granary_wire::xmpp::{Unit, XmppError};
+use granary_wire::xmpp::{Unit, XmppError, stream_error};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -50,15 +50,6 @@ impl Limits {
 }
 /// How long a client may take to bind once the stream restarted.
 const BIND_TIMEOUT: Duration = Duration::from_secs(60);
-
-pub fn stream_error(condition: &str, text: &str) -> String {
-    format!(
-        "<stream:error><{condition} xmlns='{}'/><text xmlns='{}'>{}</text></stream:error></stream:stream>",
-        ns::STREAM_ERRORS,
-        ns::STREAM_ERRORS,
-        escape(text)
-    )
-}
 
 fn wire_error(e: &XmppError) -> String {
     match e {
@@ -235,12 +226,7 @@ async fn open(
     tx: &mpsc::UnboundedSender<Out>,
     queued: &Rc<Cell<usize>>,
 ) -> Option<Rc<Session>> {
-    let header = format!(
-        "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='{}' id='{}' from='{}' version='1.0' xml:lang='en'>",
-        ns::STREAMS,
-        random_id(),
-        escape(&server.domain)
-    );
+    let header = granary_wire::xmpp::stream_header(&server.domain, &random_id());
     match reader.frame().await {
         Ok(Frame::Header(Unit::StreamHeader { to, .. }))
             if to
@@ -644,25 +630,26 @@ pub fn stanza(server: &Rc<Server>, session: &Rc<Session>, mut el: Element) -> Re
                 }
                 return Ok(());
             }
-            if to.bare() != server.bare {
-                // Refused before it is archived or copied anywhere.
-                if server.blocks(&to) {
-                    session.send(crate::server::blocked_error(&el));
-                    return Ok(());
-                }
-                if crate::server::archivable(&el)
-                    && el.child("no-permanent-store", ns::HINTS).is_none()
-                {
-                    let mut kept = el.clone();
-                    kept.set_attr("to", to.to_string());
-                    server.archive(&random_id(), &to.bare_text(), kept.to_xml(ns::CLIENT));
-                }
-                let mut copy = el.clone();
-                copy.set_attr("to", to.to_string());
-                server.carbon("sent", &copy, Some(&session.resource));
+            if to.bare() == server.bare {
+                el.remove_attr("to");
+                server.route(&session.full, &to, el);
+                return Ok(());
             }
+            // Refused before it is archived or copied anywhere.
+            if server.blocks(&to) {
+                session.send(crate::server::blocked_error(&el));
+                return Ok(());
+            }
+            // As the archive and the user's other sessions see it.
+            let mut addressed = el.clone();
+            addressed.set_attr("to", to.to_string());
+            if crate::server::archivable(&el) && crate::server::permanent(&el) {
+                server.archive(&random_id(), &to.bare_text(), addressed.to_xml(ns::CLIENT));
+            }
+            server.carbon("sent", &addressed, Some(&session.resource));
             el.remove_attr("to");
-            server.route(&session.full, &to, el);
+            // Checked for blocking above: straight to the host.
+            server.send_out(&session.full, &to, el);
         }
     }
     Ok(())

@@ -38,6 +38,23 @@ pub(crate) struct Router {
     pub(crate) order: tokio::sync::Mutex<()>,
 }
 
+/// A running chat grain's `xmpp.deliver`, asked for once per run.
+async fn deliver_end(
+    sup: &Inner,
+    running: &std::rc::Rc<crate::slot::Running>,
+) -> Result<xmpp_router::Client, Problem> {
+    let cached = running.xmpp_deliver.borrow().clone();
+    let cap = match cached {
+        Some(c) => c,
+        None => {
+            let c = sup.offer(running, XMPP_DELIVER, "").await?;
+            *running.xmpp_deliver.borrow_mut() = Some(c.clone());
+            c
+        }
+    };
+    Ok(xmpp_router::Client::new(cap.hook))
+}
+
 /// The errors the sending grain turns into stanza errors: the condition
 /// comes first (`item-not-found: ...`).
 fn refused(condition: &str, why: impl std::fmt::Display) -> capnp::Error {
@@ -98,19 +115,9 @@ impl xmpp_router::Server for Router {
             Err(e) => return Err(refused("service-unavailable", e)),
         };
         let _busy = running.activity.busy();
-        let cached = running.xmpp_deliver.borrow().clone();
-        let deliver = match cached {
-            Some(c) => c,
-            None => {
-                let c = sup
-                    .offer(&running, XMPP_DELIVER, "")
-                    .await
-                    .map_err(|e| refused("service-unavailable", e))?;
-                *running.xmpp_deliver.borrow_mut() = Some(c.clone());
-                c
-            }
-        };
-        let deliver = xmpp_router::Client::new(deliver.hook);
+        let deliver = deliver_end(&sup, &running)
+            .await
+            .map_err(|e| refused("service-unavailable", e))?;
         let mut request = deliver.route_request();
         {
             let mut r = request.get();
@@ -145,20 +152,9 @@ impl Supervisor {
             .await
             .map_err(|p| error(grain, p))?;
         let _busy = running.activity.busy();
-        let cached = running.xmpp_deliver.borrow().clone();
-        let deliver = match cached {
-            Some(c) => c,
-            None => {
-                let c = self
-                    .inner
-                    .offer(&running, XMPP_DELIVER, "")
-                    .await
-                    .map_err(|p| error(grain, p))?;
-                *running.xmpp_deliver.borrow_mut() = Some(c.clone());
-                c
-            }
-        };
-        let deliver = xmpp_router::Client::new(deliver.hook);
+        let deliver = deliver_end(&self.inner, &running)
+            .await
+            .map_err(|p| error(grain, p))?;
         let call = deliver.status_request().send().promise;
         let failed = |e: String| error(grain, Problem::Grain(format!("status: {e}")));
         let answer = tokio::time::timeout(self.inner.params.config.call_timeout, call)
