@@ -53,6 +53,13 @@ fn received(rx: &mut mpsc::UnboundedReceiver<Out>) -> Vec<Element> {
     out
 }
 
+/// The item of a roster push.
+fn pushed_item(push: &Element) -> &Element {
+    push.child("query", "jabber:iq:roster")
+        .and_then(|q| q.child("item", "jabber:iq:roster"))
+        .expect("a roster push")
+}
+
 #[test]
 fn roster_versions_and_pushes() {
     let a = account();
@@ -75,11 +82,7 @@ fn roster_versions_and_pushes() {
     let r = received(&mut rx);
     // The push, then the result.
     let push = r.iter().find(|e| e.attr("type") == Some("set")).unwrap();
-    let item = push
-        .child("query", "jabber:iq:roster")
-        .unwrap()
-        .child("item", "jabber:iq:roster")
-        .unwrap();
+    let item = pushed_item(push);
     assert_eq!(item.attr("jid"), Some("bob@example.org"));
     assert_eq!(item.attr("subscription"), Some("none"));
     assert!(
@@ -97,11 +100,7 @@ fn roster_versions_and_pushes() {
     // Subscribing sets ask; bob's answer (routed here) makes it "to".
     send(&a, &s, "<presence to='bob@example.org' type='subscribe'/>");
     let r = received(&mut rx);
-    let item = r[0]
-        .child("query", "jabber:iq:roster")
-        .unwrap()
-        .child("item", "jabber:iq:roster")
-        .unwrap();
+    let item = pushed_item(&r[0]);
     assert_eq!(item.attr("ask"), Some("subscribe"));
     a.server
         .deliver_routed(
@@ -111,11 +110,7 @@ fn roster_versions_and_pushes() {
         )
         .unwrap();
     let r = received(&mut rx);
-    let item = r[0]
-        .child("query", "jabber:iq:roster")
-        .unwrap()
-        .child("item", "jabber:iq:roster")
-        .unwrap();
+    let item = pushed_item(&r[0]);
     assert_eq!(
         (item.attr("subscription"), item.attr("ask")),
         (Some("to"), None)

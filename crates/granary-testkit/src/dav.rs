@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{Daemon, DaemonMode};
+use crate::Daemon;
 
 /// The domain every DAV test serves.
 pub const DOMAIN: &str = "example.test";
@@ -46,20 +46,8 @@ impl DavHost {
     /// A daemon serving `DOMAIN` with the DAV app and `users`, each with a
     /// `dav` app password; `extra` is appended to the config.
     pub fn start(users: &[&str], extra: &str) -> DavHost {
-        let daemon = Daemon::start_with(
-            DaemonMode::Serve,
-            &format!("domain = \"{DOMAIN}\"\n{extra}"),
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let pkg = crate::dav_package(dir.path());
-        daemon
-            .granary(&["app", "install", pkg.to_str().unwrap()])
-            .success();
-        let mut passwords = HashMap::new();
-        for u in users {
-            daemon.granary(&["user", "add", u]).success();
-            passwords.insert(u.to_string(), crate::app_password(&daemon, u, "dav"));
-        }
+        let (daemon, dir, passwords) =
+            crate::app_host(DOMAIN, extra, crate::dav_package, "dav", users);
         let site = dir.path().join("site");
         std::fs::create_dir_all(&site).unwrap();
         std::fs::write(site.join("sitecustomize.py"), SITECUSTOMIZE).unwrap();

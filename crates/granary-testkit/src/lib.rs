@@ -191,6 +191,37 @@ pub fn xmpp_package(dir: &Path) -> std::path::PathBuf {
     }
 }
 
+/// A daemon serving `domain` with one app installed (the package
+/// `package` makes in the returned directory) and `users`, each with an app
+/// password of `kind`; `extra` is appended to the config.
+pub fn app_host(
+    domain: &str,
+    extra: &str,
+    package: fn(&Path) -> PathBuf,
+    kind: &str,
+    users: &[&str],
+) -> (
+    Daemon,
+    tempfile::TempDir,
+    std::collections::HashMap<String, String>,
+) {
+    let daemon = Daemon::start_with(
+        DaemonMode::Serve,
+        &format!("domain = \"{domain}\"\n{extra}"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = package(dir.path());
+    daemon
+        .granary(&["app", "install", pkg.to_str().unwrap()])
+        .success();
+    let mut passwords = std::collections::HashMap::new();
+    for u in users {
+        daemon.granary(&["user", "add", u]).success();
+        passwords.insert(u.to_string(), app_password(&daemon, u, kind));
+    }
+    (daemon, dir, passwords)
+}
+
 /// The git app with Debian's git inside.
 pub fn git_package(dir: &Path) -> std::path::PathBuf {
     app_package(

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use crate::{Daemon, DaemonMode};
+use crate::Daemon;
 
 /// The domain every chat test serves.
 pub const DOMAIN: &str = "chat.test";
@@ -160,20 +160,8 @@ impl XmppHost {
     /// A daemon serving `DOMAIN` with the chat app and `users`, each with
     /// an `xmpp` app password; `extra` is appended to the config.
     pub fn start(users: &[&str], extra: &str) -> XmppHost {
-        let daemon = Daemon::start_with(
-            DaemonMode::Serve,
-            &format!("domain = \"{DOMAIN}\"\n{extra}"),
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let pkg = crate::xmpp_package(dir.path());
-        daemon
-            .granary(&["app", "install", pkg.to_str().unwrap()])
-            .success();
-        let mut passwords = HashMap::new();
-        for u in users {
-            daemon.granary(&["user", "add", u]).success();
-            passwords.insert(u.to_string(), crate::app_password(&daemon, u, "xmpp"));
-        }
+        let (daemon, dir, passwords) =
+            crate::app_host(DOMAIN, extra, crate::xmpp_package, "xmpp", users);
         let lib = dir.path().join("lib");
         std::fs::create_dir_all(&lib).unwrap();
         std::fs::write(lib.join("granary_xmpp_test.py"), HELPER).unwrap();
