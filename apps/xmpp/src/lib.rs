@@ -19,7 +19,7 @@
 //! 0198 with resumption, 0352, 0054, 0163 with 0084 and 0402, 0191.
 
 pub mod account;
-pub mod jid;
+pub use granary_wire::jid;
 pub mod mam;
 pub mod ns;
 pub mod pep;

@@ -77,8 +77,8 @@ pub const LISTENERS: &[ListenerKind] = &[
     ListenerKind {
         name: "xmpp-s2s",
         default: None,
-        serves: "other chat servers (port 5269)",
-        available: false,
+        serves: "other chat servers, federation (port 5269)",
+        available: true,
     },
     ListenerKind {
         name: "taskd",

@@ -116,24 +116,7 @@ impl Mail {
         {
             return Err(err("hostname", format!("{hostname:?} is not a host name")));
         }
-        let resolver = match raw.resolver.as_deref() {
-            None | Some("system") => None,
-            Some(text) => Some(
-                text.parse::<SocketAddr>()
-                    .or_else(|_| {
-                        text.parse::<std::net::IpAddr>()
-                            .map(|ip| SocketAddr::new(ip, 53))
-                    })
-                    .map_err(|_| {
-                        err(
-                            "resolver",
-                            format!(
-                                "{text:?} is not a DNS server address like \"127.0.0.1:53\" (or \"system\")"
-                            ),
-                        )
-                    })?,
-            ),
-        };
+        let resolver = parse_resolver(raw.resolver.as_deref()).map_err(|e| err("resolver", e))?;
         let max_message_bytes = match (raw.max_message_kib, raw.max_message_mib) {
             (Some(_), Some(_)) => {
                 return Err(err(
@@ -232,5 +215,23 @@ mod tests {
         let m = Mail::resolve(&raw, "example.org").unwrap();
         assert_eq!(m.resolver, Some("127.0.0.1:53".parse().unwrap()));
         assert_eq!(m.max_message_bytes, 64 << 10);
+    }
+}
+
+/// A `resolver` setting: `None` (or `"system"`) for the system's, else a
+/// DNS server's address (port 53 when not given).
+pub(crate) fn parse_resolver(text: Option<&str>) -> Result<Option<SocketAddr>, String> {
+    match text {
+        None | Some("system") => Ok(None),
+        Some(text) => text
+            .parse::<SocketAddr>()
+            .or_else(|_| {
+                text.parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            })
+            .map(Some)
+            .map_err(|_| {
+                format!("{text:?} is not a DNS server address like \"127.0.0.1:53\" (or \"system\")")
+            }),
     }
 }

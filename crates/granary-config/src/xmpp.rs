@@ -1,4 +1,5 @@
-//! `[xmpp]`: what one chat session may send.
+//! `[xmpp]`: what one chat session may send, and how this server talks
+//! to other chat servers (federation, the `xmpp-s2s` listener).
 
 use serde::Deserialize;
 
@@ -9,6 +10,12 @@ pub struct RawXmpp {
     pub max_stanza_kib: Option<u64>,
     pub stanzas_per_second: Option<u32>,
     pub stanza_burst: Option<u32>,
+    pub s2s_require_verified: Option<bool>,
+    pub s2s_idle_secs: Option<u64>,
+    pub s2s_resolver: Option<String>,
+    pub s2s_ca: Option<std::path::PathBuf>,
+    pub s2s_connections_per_domain: Option<u32>,
+    pub s2s_stanzas_per_second: Option<u32>,
 }
 
 /// `[xmpp]`, resolved.
@@ -20,6 +27,21 @@ pub struct Xmpp {
     /// `stanza_burst`; past that its stream ends (`policy-violation`).
     pub stanzas_per_second: u32,
     pub stanza_burst: u32,
+    /// Accept only servers whose certificate verifies for their domain
+    /// (SASL EXTERNAL); `false` also takes XEP-0220 dialback.
+    pub s2s_require_verified: bool,
+    /// A server-to-server stream quiet this long is closed.
+    pub s2s_idle: std::time::Duration,
+    /// The DNS server SRV records are asked of; `None`: `mail.resolver`,
+    /// else the system's.
+    pub s2s_resolver: Option<std::net::SocketAddr>,
+    /// PEM certificates trusted for other servers besides the system's.
+    pub s2s_ca: Option<std::path::PathBuf>,
+    /// Streams at once from (and to) one other domain.
+    pub s2s_connections_per_domain: u32,
+    /// Stanzas per second one other domain may send, across its streams,
+    /// after a burst of twice that; past it its streams end.
+    pub s2s_stanzas_per_second: u32,
 }
 
 impl Xmpp {
@@ -40,6 +62,22 @@ impl Xmpp {
             )? as u32,
             stanza_burst: positive("stanza_burst", raw.stanza_burst.unwrap_or(100_000) as u64)?
                 as u32,
+            s2s_require_verified: raw.s2s_require_verified.unwrap_or(false),
+            s2s_idle: std::time::Duration::from_secs(positive(
+                "s2s_idle_secs",
+                raw.s2s_idle_secs.unwrap_or(600),
+            )?),
+            s2s_resolver: crate::mail::parse_resolver(raw.s2s_resolver.as_deref())
+                .map_err(|e| ("xmpp.s2s_resolver".to_owned(), e))?,
+            s2s_ca: raw.s2s_ca.clone(),
+            s2s_connections_per_domain: positive(
+                "s2s_connections_per_domain",
+                raw.s2s_connections_per_domain.unwrap_or(4) as u64,
+            )? as u32,
+            s2s_stanzas_per_second: positive(
+                "s2s_stanzas_per_second",
+                raw.s2s_stanzas_per_second.unwrap_or(2000) as u64,
+            )? as u32,
         })
     }
 

@@ -18,6 +18,7 @@ pub mod https;
 pub mod imap;
 pub mod limiter;
 pub mod proxy;
+pub mod s2s;
 pub mod services;
 pub mod smtp;
 pub mod ssh;
@@ -78,6 +79,8 @@ pub struct Shared {
     pub settings: Settings,
     /// The MX's spool, checks and limits; `None` when mail is not served.
     pub mx: Option<Arc<smtp::Mx>>,
+    /// Federation with other chat servers; `None` when `xmpp-s2s` is off.
+    pub s2s: Option<Arc<s2s::Federation>>,
     /// Passwords verified in the last minute, across listeners.
     pub verified: VerifiedLogins,
 }

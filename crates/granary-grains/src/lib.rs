@@ -309,6 +309,15 @@ pub trait Grains: Send + Sync + 'static {
         let e = GrainError::new(grain, Problem::Host("chat is not served here".to_owned()));
         Box::pin(async move { Err(e) })
     }
+
+    /// Hands a stanza from another server to a chat grain (starting it if
+    /// stopped). A refusal by the grain is `Problem::Grain` with the
+    /// stanza error's condition first (`service-unavailable: ...`).
+    fn deliver_xmpp(&self, grain: &GrainId, stanza: mail::XmppStanza) -> GrainsFuture<()> {
+        let _ = stanza;
+        let e = GrainError::new(grain, Problem::Host("chat is not served here".to_owned()));
+        Box::pin(async move { Err(e) })
+    }
 }
 
 #[cfg(test)]

@@ -50,3 +50,18 @@ pub struct XmppStatus {
     pub archived: u64,
     pub offline: u64,
 }
+
+/// One stanza between a chat grain and another server (`xmpp-s2s`): the
+/// addresses as the host has checked them (the local side always stamped
+/// by the host), the stanza as XML in `jabber:client`.
+#[derive(Debug, Clone)]
+pub struct XmppStanza {
+    pub from: String,
+    pub to: String,
+    pub stanza: String,
+}
+
+/// Where the supervisor hands stanzas for other domains: the gateway's
+/// federation, when the `xmpp-s2s` listener is on. A full queue or no
+/// federation fails the send at once, so the sender is told.
+pub type XmppOutbound = tokio::sync::mpsc::Sender<XmppStanza>;

@@ -99,6 +99,9 @@ pub struct SupervisorConfig {
     /// Environment the grains of one app kind get from the configuration
     /// (`[xmpp]` for `xmpp`), as `NAME=value`.
     pub kind_env: std::collections::BTreeMap<String, Vec<String>>,
+    /// Where chat stanzas for other domains go (the gateway's federation);
+    /// `None`: they are refused with `remote-server-not-found`.
+    pub xmpp_outbound: Option<granary_grains::mail::XmppOutbound>,
 }
 
 impl Default for SupervisorConfig {
@@ -120,6 +123,7 @@ impl Default for SupervisorConfig {
             freeze_limit: Duration::from_secs(5),
             domain: "localhost".to_owned(),
             kind_env: std::collections::BTreeMap::new(),
+            xmpp_outbound: None,
         }
     }
 }

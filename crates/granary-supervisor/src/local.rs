@@ -279,6 +279,17 @@ impl Grains for LocalGrains {
         })
     }
 
+    fn deliver_xmpp(
+        &self,
+        grain: &GrainId,
+        stanza: granary_grains::mail::XmppStanza,
+    ) -> GrainsFuture<()> {
+        let id = grain.to_string();
+        self.run(grain.shown(), move |sup| async move {
+            sup.deliver_xmpp(&id, stanza).await
+        })
+    }
+
     fn xmpp_status(&self, grain: &GrainId) -> GrainsFuture<granary_grains::mail::XmppStatus> {
         let id = grain.to_string();
         self.run(grain.shown(), move |sup| async move {

@@ -92,42 +92,79 @@ impl xmpp_router::Server for Router {
         };
         let to = p.get_to()?.to_str()?.to_owned();
         let bare = to.split('/').next().unwrap_or("");
-        let Some((local, to_domain)) = bare.split_once('@') else {
+        let (local, to_domain) = match bare.split_once('@') {
+            Some((l, d)) => (Some(l), d),
+            None => (None, bare),
+        };
+        let stanza = p.get_stanza()?.to_str()?.to_owned();
+        if !to_domain.eq_ignore_ascii_case(&domain) {
+            // Another server's: the gateway's federation takes it from
+            // here, and tells the sender's grain if it cannot deliver.
+            let Some(out) = &sup.params.config.xmpp_outbound else {
+                return Err(refused(
+                    "remote-server-not-found",
+                    "this server does not federate (the xmpp-s2s listener is off)",
+                ));
+            };
+            let sent = out.try_send(granary_grains::mail::XmppStanza { from, to, stanza });
+            drop(order);
+            return match sent {
+                Ok(()) => Ok(()),
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Err(refused(
+                    "resource-constraint",
+                    "too many stanzas wait for other servers",
+                )),
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(refused(
+                    "remote-server-not-found",
+                    "federation has stopped",
+                )),
+            };
+        }
+        let Some(local) = local else {
             return Err(refused(
                 "service-unavailable",
-                "stanzas to servers are not routed",
+                "stanzas to this server are not routed",
             ));
         };
-        if !to_domain.eq_ignore_ascii_case(&domain) {
-            return Err(refused(
-                "remote-server-not-found",
-                format!("{to_domain} is not served here"),
-            ));
-        }
         let Ok(grain) = granary_model::GrainId::for_user(&local.to_lowercase(), "xmpp") else {
             return Err(refused("item-not-found", "no such user"));
         };
         let grain = grain.to_string();
-        let stanza = p.get_stanza()?.to_str()?.to_owned();
-        let running = match sup.ensure_running(&grain).await {
+        sup.xmpp_deliver(&grain, &from, &to, &stanza, Some(order))
+            .await
+    }
+}
+
+impl Inner {
+    /// Hands one stanza to `grain`'s `xmpp.deliver`, starting the grain if
+    /// it is stopped. `order` is released once the stanza is on its way.
+    pub(crate) async fn xmpp_deliver(
+        self: &std::rc::Rc<Self>,
+        grain: &str,
+        from: &str,
+        to: &str,
+        stanza: &str,
+        order: Option<tokio::sync::MutexGuard<'_, ()>>,
+    ) -> Result<(), capnp::Error> {
+        let running = match self.ensure_running(grain).await {
             Ok(r) => r,
             Err(Problem::NoSuchGrain) => return Err(refused("item-not-found", "no such user")),
             Err(e) => return Err(refused("service-unavailable", e)),
         };
         let _busy = running.activity.busy();
-        let deliver = deliver_end(&sup, &running)
+        let deliver = deliver_end(self, &running)
             .await
             .map_err(|e| refused("service-unavailable", e))?;
         let mut request = deliver.route_request();
         {
             let mut r = request.get();
-            r.set_from(&from);
-            r.set_to(&to);
-            r.set_stanza(&stanza);
+            r.set_from(from);
+            r.set_to(to);
+            r.set_stanza(stanza);
         }
         let sent = request.send().promise;
         drop(order);
-        let answer = tokio::time::timeout(sup.params.config.call_timeout, sent).await;
+        let answer = tokio::time::timeout(self.params.config.call_timeout, sent).await;
         match answer {
             Ok(Ok(_)) => Ok(()),
             // The recipient's own refusal (blocked, not subscribed) stands.
@@ -141,6 +178,19 @@ impl xmpp_router::Server for Router {
 }
 
 impl Supervisor {
+    /// A stanza from another server for `grain` (the gateway's federation
+    /// has checked both addresses).
+    pub async fn deliver_xmpp(
+        &self,
+        grain: &str,
+        stanza: granary_grains::mail::XmppStanza,
+    ) -> Result<(), granary_grains::GrainError> {
+        self.inner
+            .xmpp_deliver(grain, &stanza.from, &stanza.to, &stanza.stanza, None)
+            .await
+            .map_err(|e| error(grain, Problem::Grain(e.extra)))
+    }
+
     /// A chat grain's sessions and sizes, asked of its `xmpp.deliver`.
     pub async fn xmpp_status(
         &self,

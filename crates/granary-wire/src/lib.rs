@@ -21,6 +21,7 @@
 
 pub mod http;
 pub mod imap;
+pub mod jid;
 pub mod mta_sts;
 pub mod scram;
 pub mod smtp;

@@ -310,8 +310,15 @@ fn element_end(buf: &[u8], max: usize) -> Result<Option<usize>, XmppError> {
 /// and `stream:` bound, as a stream header declares them.
 pub fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, XmppError> {
     let body = std::str::from_utf8(bytes).map_err(|_| XmppError::NotWellFormed("not UTF-8"))?;
+    // A server stream declares the dialback prefix in its header
+    // (XEP-0220): `<db:result>` is read as that namespace.
+    let dialback = if default_ns == crate::xmpp::NS_SERVER {
+        " xmlns:db='jabber:server:dialback'"
+    } else {
+        ""
+    };
     let wrapped = format!(
-        "<w xmlns='{}' xmlns:stream='{NS_STREAMS}'>{body}</w>",
+        "<w xmlns='{}' xmlns:stream='{NS_STREAMS}'{dialback}>{body}</w>",
         escape(default_ns)
     );
     let mut reader = quick_xml::NsReader::from_str(&wrapped);
@@ -542,5 +549,28 @@ mod tests {
         let xml = el.to_xml(C);
         assert!(xml.contains("xmlns:a0='urn:p' a0:a='1'"), "{xml}");
         assert_eq!(parse_element(xml.as_bytes(), C).unwrap(), el);
+    }
+
+    #[test]
+    fn a_server_stream_reads_dialback_and_its_header_id() {
+        let s = crate::xmpp::NS_SERVER;
+        let buf = b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' \
+            xmlns:db='jabber:server:dialback' xmlns:stream='http://etherx.jabber.org/streams' \
+            id='s1' from='a.test' to='b.test' version='1.0'>\
+            <db:result from='a.test' to='b.test'>abc</db:result>";
+        let (Frame::Header(Unit::StreamHeader { id, dialback, .. }), n) =
+            next_frame(buf, 4096, s).unwrap().unwrap()
+        else {
+            panic!("not a header");
+        };
+        assert_eq!(id.as_deref(), Some("s1"));
+        assert_eq!(dialback.as_deref(), Some(crate::xmpp::NS_DIALBACK));
+        let (Frame::Stanza(el), _) = next_frame(&buf[n..], 4096, s).unwrap().unwrap() else {
+            panic!("not a stanza");
+        };
+        assert!(el.is("result", crate::xmpp::NS_DIALBACK));
+        assert_eq!(el.text(), "abc");
+        // Written back on a server stream, it declares its namespace.
+        assert!(el.to_xml(s).contains("xmlns='jabber:server:dialback'"));
     }
 }

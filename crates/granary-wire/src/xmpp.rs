@@ -31,6 +31,24 @@ pub fn stream_header(domain: &str, id: &str) -> String {
     )
 }
 
+pub const NS_SERVER: &str = "jabber:server";
+pub const NS_DIALBACK: &str = "jabber:server:dialback";
+
+/// A server-to-server stream header (RFC 6120 §4.7, with the dialback
+/// prefix of XEP-0220 declared): `id` only on the receiving side.
+pub fn s2s_stream_header(from: &str, to: &str, id: Option<&str>) -> String {
+    let id = match id {
+        Some(id) => format!(" id='{}'", crate::stanza::escape(id)),
+        None => String::new(),
+    };
+    format!(
+        "<?xml version='1.0'?><stream:stream xmlns='{NS_SERVER}' xmlns:db='{NS_DIALBACK}' \
+         xmlns:stream='{NS_STREAMS}'{id} from='{}' to='{}' version='1.0'>",
+        crate::stanza::escape(from),
+        crate::stanza::escape(to)
+    )
+}
+
 /// A stream error with `condition` (RFC 6120 §4.9.3) and a text, and the
 /// stream's end.
 pub fn stream_error(condition: &str, text: &str) -> String {
@@ -50,6 +68,10 @@ pub enum Unit {
         lang: Option<String>,
         /// The default namespace the client declared (`jabber:client`).
         default_ns: Option<String>,
+        /// The stream id (a server's header has one; it keys dialback).
+        id: Option<String>,
+        /// The dialback namespace, when `xmlns:db` is declared (s2s).
+        dialback: Option<String>,
     },
     /// `</stream:stream>`.
     StreamEnd,
@@ -234,6 +256,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Unit, usize)>, XmppError> {
                 version: attr_value(&start, b"version")?,
                 lang: attr_value(&start, b"xml:lang")?,
                 default_ns: attr_value(&start, b"xmlns")?,
+                id: attr_value(&start, b"id")?,
+                dialback: attr_value(&start, b"xmlns:db")?,
             },
             skip + head,
         )));
@@ -350,6 +374,8 @@ mod tests {
                 version: Some("1.0".into()),
                 lang: Some("en".into()),
                 default_ns: Some(NS_CLIENT.into()),
+                id: None,
+                dialback: None,
             }
         );
         assert_eq!(units[1], Unit::StartTls);

@@ -25,6 +25,7 @@ const SERVED: &[&str] = &[
     "imaps",
     "xmpp",
     "xmpps",
+    "xmpp-s2s",
 ];
 
 /// The configured listeners, bound.
@@ -100,6 +101,9 @@ impl Bound {
                     }
                     "xmpps" => {
                         tokio::spawn(granary_gateway::xmpp::serve_tls(listener, shared, shutdown))
+                    }
+                    "xmpp-s2s" => {
+                        tokio::spawn(granary_gateway::s2s::serve(listener, shared, shutdown))
                     }
                     other => unreachable!("listen.{other} passed the SERVED check in bind"),
                 }

@@ -168,8 +168,32 @@ async fn serve(
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let datasets = start::datasets(&config).await?;
-    let (grains, supervisor) = start::supervisor(&config, &store, datasets.clone()).await?;
+    // Chat stanzas for other domains go from the supervisor to the
+    // gateway's federation, when the xmpp-s2s listener is on.
+    let federates = addresses.iter().any(|(n, _)| *n == "xmpp-s2s");
+    let (to_other_servers, from_grains) = match federates {
+        true => {
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
+    let (grains, supervisor) =
+        start::supervisor(&config, &store, datasets.clone(), to_other_servers).await?;
     let grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
+    let s2s = match from_grains {
+        Some(rx) => {
+            let secret = ssh_host_key
+                .to_bytes()
+                .map(|b| b.to_vec())
+                .context("the SSH host key, for the dialback secret")?;
+            let fed =
+                start::federation(&config, grains.clone(), &tls, &secret, stop_rx.clone())?;
+            fed.start(rx);
+            Some(fed)
+        }
+        None => None,
+    };
     let mail = mail::setup(&config, nix::unistd::geteuid().as_raw(), &store, &addresses).await?;
     let builtin = match mode {
         Mode::Demo => start::builtin_packages(&config.data_dir.join("builtin-apps")),
@@ -226,6 +250,7 @@ async fn serve(
             ..granary_gateway::Settings::default()
         },
         mx: Some(mail.mx.clone()),
+        s2s,
     });
     let served = bound.serve(shared, &stop_rx);
     let delivering = mail::deliver(&mail, grains, store.clone(), postmaster, stop_rx.clone());

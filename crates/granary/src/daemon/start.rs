@@ -51,6 +51,7 @@ pub(super) async fn supervisor(
     config: &Config,
     store: &Arc<Store>,
     datasets: Arc<dyn granary_datasets::Datasets>,
+    xmpp_outbound: Option<granary_grains::mail::XmppOutbound>,
 ) -> anyhow::Result<(LocalGrains, SupervisorThread)> {
     let apps_dir = apps_dir(config)?;
     let launcher = std::env::current_exe()
@@ -101,12 +102,51 @@ pub(super) async fn supervisor(
             freeze_limit: config.snapshots.freeze_limit,
             domain: config.domain.clone(),
             kind_env: [("xmpp".to_owned(), config.xmpp.grain_env())].into(),
+            xmpp_outbound,
         },
     };
     LocalGrains::spawn(params).context("cannot start the grain supervisor")
 }
 
 /// DATA_DIR/apps, made if missing.
+/// Federation with other chat servers (the `xmpp-s2s` listener is on):
+/// its dialback secret is derived from the SSH host key, which is kept
+/// across restarts.
+pub(super) fn federation(
+    config: &Config,
+    grains: Arc<dyn granary_grains::Grains>,
+    tls: &Arc<rustls::ServerConfig>,
+    secret: &[u8],
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Arc<granary_gateway::s2s::Federation>> {
+    let x = &config.xmpp;
+    let checker = granary_gateway::smtp::checks::Checker::new(
+        &config.domain,
+        x.s2s_resolver.or(config.mail.resolver),
+    )
+    .map_err(anyhow::Error::msg)
+    .context("xmpp.s2s_resolver")?;
+    granary_gateway::s2s::Federation::new(
+        granary_gateway::s2s::S2sSettings {
+            domain: config.domain.clone(),
+            require_verified: x.s2s_require_verified,
+            idle: x.s2s_idle,
+            connections_per_domain: x.s2s_connections_per_domain,
+            stanzas_per_second: x.s2s_stanzas_per_second,
+            max_stanza: x.max_stanza_bytes as usize,
+            default_port: 5269,
+            connect_timeout: std::time::Duration::from_secs(10),
+        },
+        checker,
+        grains,
+        tls.cert_resolver.clone(),
+        x.s2s_ca.as_deref(),
+        secret,
+        stop,
+    )
+    .map_err(anyhow::Error::msg)
+}
+
 pub(super) fn apps_dir(config: &Config) -> anyhow::Result<PathBuf> {
     let apps_dir = config.data_dir.join("apps");
     std::fs::create_dir_all(&apps_dir)

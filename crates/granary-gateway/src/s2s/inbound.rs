@@ -1,0 +1,584 @@
+//! Streams other servers open to us, on the `xmpp-s2s` listener: STARTTLS,
+//! then the peer proves its domain (SASL EXTERNAL with a certificate that
+//! verifies, or dialback), then its stanzas go to our users' grains.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use granary_grains::GrainId;
+use granary_grains::mail::XmppStanza;
+use granary_wire::jid::Jid;
+use granary_wire::stanza::{Element, Frame, escape};
+use granary_wire::xmpp::{NS_CLIENT, NS_DIALBACK, NS_SASL, NS_SERVER, NS_TLS, Unit, stream_error};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::wire::{self, Ended, Reader};
+use super::{Federation, StreamSlot, domain_of, error_reply, retarget};
+use crate::Shared;
+
+/// From accepting a connection to a proven domain.
+const LOGIN_WAIT: Duration = Duration::from_secs(60);
+/// Bytes before the peer has proven anything.
+const MAX_BEFORE_AUTH: usize = 16 << 10;
+const WRITE_WAIT: Duration = Duration::from_secs(30);
+
+/// Serves the `xmpp-s2s` listener until `shutdown`. Without federation
+/// set up (`shared.s2s`), every stream is refused.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let s = shared.clone();
+    crate::accept_loop(listener, &shared, shutdown, "xmpp-s2s", move |tcp, peer, stop| {
+        let fed = s.s2s.clone();
+        async move {
+            let Some(fed) = fed else {
+                return;
+            };
+            let _ = tcp.set_nodelay(true);
+            let stream = Inbound {
+                fed,
+                peer,
+                reader: Reader::new(MAX_BEFORE_AUTH, stop),
+                id: String::new(),
+                proven: HashSet::new(),
+                slots: Vec::new(),
+            };
+            stream.run(tcp).await;
+        }
+    })
+    .await
+}
+
+struct Inbound {
+    fed: Arc<Federation>,
+    peer: SocketAddr,
+    reader: Reader,
+    /// Our stream id (the latest header's): dialback keys name it.
+    id: String,
+    /// Domains this stream has proven; only these may be `from`.
+    proven: HashSet<String>,
+    slots: Vec<StreamSlot>,
+}
+
+fn fresh_id() -> String {
+    let mut id = [0u8; 12];
+    let _ = getrandom::fill(&mut id);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id)
+}
+
+impl Inbound {
+    async fn run(mut self, mut tcp: TcpStream) {
+        // In clear: the header, then STARTTLS and nothing else.
+        let starttls = format!("<starttls xmlns='{NS_TLS}'><required/></starttls>");
+        if let Err(e) = self.open(&mut tcp, &starttls).await {
+            wire::end(&mut tcp, &e).await;
+            return;
+        }
+        let step = match self.reader.frame(&mut tcp, LOGIN_WAIT).await {
+            Ok(Frame::Stanza(el)) if el.is("starttls", NS_TLS) => Ok(()),
+            Ok(Frame::End) => Err(Ended::Quiet),
+            Ok(_) => Err(Ended::Error(stream_error(
+                "policy-violation",
+                "use STARTTLS first: nothing is exchanged in clear",
+            ))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = step {
+            wire::end(&mut tcp, &e).await;
+            return;
+        }
+        let proceed = format!("<proceed xmlns='{NS_TLS}'/>");
+        if wire::send(&mut tcp, &proceed, WRITE_WAIT).await.is_err() {
+            return;
+        }
+        self.reader.clear();
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.fed.server_tls.clone());
+        let mut tls = match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await
+        {
+            Ok(Ok(t)) => t,
+            _ => {
+                tracing::debug!("s2s TLS handshake failed or timed out");
+                return;
+            }
+        };
+        let chain = tls.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+        let why = self.secured(&mut tls, chain).await;
+        wire::end(&mut tls, &why).await;
+    }
+
+    /// Reads the peer's header and answers with ours (a new id) and
+    /// `features`.
+    async fn open<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        features: &str,
+    ) -> Result<(), Ended> {
+        let unit = match self.reader.frame(io, LOGIN_WAIT).await? {
+            Frame::Header(u) => u,
+            _ => {
+                return Err(Ended::Error(stream_error(
+                    "not-well-formed",
+                    "a stream starts with its header",
+                )));
+            }
+        };
+        let Unit::StreamHeader {
+            to,
+            from,
+            default_ns,
+            ..
+        } = unit
+        else {
+            return Err(Ended::Error(stream_error("not-well-formed", "a bad header")));
+        };
+        self.id = fresh_id();
+        let ours = self.fed.domain().to_owned();
+        // Our header first, so a stream error has a stream to be in.
+        let header = granary_wire::xmpp::s2s_stream_header(
+            &ours,
+            from.as_deref().unwrap_or(""),
+            Some(&self.id),
+        );
+        let refusal = if default_ns.as_deref() != Some(NS_SERVER) {
+            Some(stream_error(
+                "invalid-namespace",
+                "this is a server stream: jabber:server",
+            ))
+        } else if !to.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(&ours)) {
+            Some(stream_error("host-unknown", "that domain is not served here"))
+        } else {
+            None
+        };
+        if let Some(e) = refusal {
+            let _ = wire::send(io, &header, WRITE_WAIT).await;
+            return Err(Ended::Error(e));
+        }
+        let text = format!("{header}<stream:features>{features}</stream:features>");
+        wire::send(io, &text, WRITE_WAIT).await
+    }
+
+    /// The stream after TLS, until it ends; what ended it.
+    async fn secured<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        chain: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    ) -> Ended {
+        // The header names the peer's domain; its certificate may prove it.
+        let mut features = String::new();
+        let claimed = {
+            // Peek at the header before choosing features: read it here.
+            let unit = match self.reader.frame(io, LOGIN_WAIT).await {
+                Ok(Frame::Header(u)) => u,
+                Ok(_) => {
+                    return Ended::Error(stream_error(
+                        "not-well-formed",
+                        "a stream starts with its header",
+                    ));
+                }
+                Err(e) => return e,
+            };
+            match &unit {
+                Unit::StreamHeader { from, .. } => from.clone().map(|f| f.to_ascii_lowercase()),
+                _ => None,
+            }
+            .map(|f| (f, unit))
+        };
+        let (verified, unit) = match claimed {
+            Some((from, unit)) => {
+                let v = self.fed.certificate_verifies(chain.as_deref(), &from);
+                (v.then_some(from), unit)
+            }
+            None => (
+                None,
+                Unit::StreamHeader {
+                    to: None,
+                    from: None,
+                    version: None,
+                    lang: None,
+                    default_ns: None,
+                    id: None,
+                    dialback: None,
+                },
+            ),
+        };
+        if verified.is_some() {
+            features.push_str(&format!(
+                "<mechanisms xmlns='{NS_SASL}'><mechanism>EXTERNAL</mechanism></mechanisms>"
+            ));
+        }
+        if !self.fed.settings.require_verified {
+            features.push_str("<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>");
+        }
+        if let Err(e) = self.answer_header(io, unit, &features).await {
+            return e;
+        }
+        loop {
+            let wait = if self.proven.is_empty() {
+                LOGIN_WAIT
+            } else {
+                self.fed.settings.idle
+            };
+            let frame = match self.reader.frame(io, wait).await {
+                Ok(f) => f,
+                Err(e) => return e,
+            };
+            let el = match frame {
+                Frame::End => return Ended::Quiet,
+                Frame::Header(_) => {
+                    return Ended::Error(stream_error("not-well-formed", "a header mid-stream"));
+                }
+                Frame::Stanza(el) => el,
+            };
+            let step = if el.is("auth", NS_SASL) {
+                self.external(io, &el, verified.as_deref()).await
+            } else if el.is("result", NS_DIALBACK) {
+                self.dialback_result(io, &el).await
+            } else if el.is("verify", NS_DIALBACK) {
+                self.dialback_verify(io, &el).await
+            } else if el.ns == NS_SERVER && matches!(el.name.as_str(), "message" | "presence" | "iq")
+            {
+                self.stanza(el).await
+            } else {
+                Err(Ended::Error(stream_error(
+                    "unsupported-stanza-type",
+                    "not a stanza this server takes",
+                )))
+            };
+            if let Err(e) = step {
+                return e;
+            }
+        }
+    }
+
+    /// Answers a header already read (the one after TLS or SASL).
+    async fn answer_header<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        unit: Unit,
+        features: &str,
+    ) -> Result<(), Ended> {
+        let Unit::StreamHeader {
+            to,
+            from,
+            default_ns,
+            ..
+        } = unit
+        else {
+            return Err(Ended::Error(stream_error("not-well-formed", "a bad header")));
+        };
+        self.id = fresh_id();
+        let ours = self.fed.domain().to_owned();
+        let header =
+            granary_wire::xmpp::s2s_stream_header(&ours, from.as_deref().unwrap_or(""), Some(&self.id));
+        if default_ns.as_deref() != Some(NS_SERVER) {
+            let _ = wire::send(io, &header, WRITE_WAIT).await;
+            return Err(Ended::Error(stream_error(
+                "invalid-namespace",
+                "this is a server stream: jabber:server",
+            )));
+        }
+        if !to.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(&ours)) {
+            let _ = wire::send(io, &header, WRITE_WAIT).await;
+            return Err(Ended::Error(stream_error(
+                "host-unknown",
+                "that domain is not served here",
+            )));
+        }
+        let text = format!("{header}<stream:features>{features}</stream:features>");
+        wire::send(io, &text, WRITE_WAIT).await
+    }
+
+    /// Takes a domain as proven on this stream (within its share of
+    /// streams).
+    fn prove(&mut self, domain: &str) -> Result<(), Ended> {
+        if self.proven.contains(domain) {
+            return Ok(());
+        }
+        let Some(slot) = self.fed.stream_from(domain) else {
+            return Err(Ended::Error(stream_error(
+                "policy-violation",
+                "too many streams from that domain",
+            )));
+        };
+        tracing::info!(peer = %self.peer, domain, "s2s stream from another server proven");
+        self.slots.push(slot);
+        self.proven.insert(domain.to_owned());
+        self.reader.max = self.fed.settings.max_stanza;
+        Ok(())
+    }
+
+    /// SASL EXTERNAL: the certificate verified for the header's `from`.
+    async fn external<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        el: &Element,
+        verified: Option<&str>,
+    ) -> Result<(), Ended> {
+        let failure = |c: &str| format!("<failure xmlns='{NS_SASL}'><{c}/></failure>");
+        let Some(domain) = verified else {
+            wire::send(io, &failure("invalid-mechanism"), WRITE_WAIT).await?;
+            return Err(Ended::Quiet);
+        };
+        if el.attr("mechanism") != Some("EXTERNAL") {
+            wire::send(io, &failure("invalid-mechanism"), WRITE_WAIT).await?;
+            return Ok(());
+        }
+        // The authorization identity, when given, must be that domain.
+        let text = el.text();
+        let text = text.trim();
+        if !text.is_empty() && text != "=" {
+            let asked = base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok());
+            if !asked.is_some_and(|a| a.eq_ignore_ascii_case(domain)) {
+                wire::send(io, &failure("invalid-authzid"), WRITE_WAIT).await?;
+                return Err(Ended::Quiet);
+            }
+        }
+        let domain = domain.to_owned();
+        self.prove(&domain)?;
+        wire::send(io, &format!("<success xmlns='{NS_SASL}'/>"), WRITE_WAIT).await?;
+        // The stream restarts; no features are left to offer.
+        let unit = match self.reader.frame(io, LOGIN_WAIT).await? {
+            Frame::Header(u) => u,
+            _ => {
+                return Err(Ended::Error(stream_error(
+                    "not-well-formed",
+                    "the stream restarts with a header",
+                )));
+            }
+        };
+        self.answer_header(io, unit, "").await
+    }
+
+    /// `<db:result>`: the peer says it is `from`; we ask `from`'s own
+    /// server whether the key is real before believing it.
+    async fn dialback_result<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        el: &Element,
+    ) -> Result<(), Ended> {
+        let ours = self.fed.domain().to_owned();
+        let (Some(from), Some(to)) = (el.attr("from"), el.attr("to")) else {
+            return Err(Ended::Error(stream_error(
+                "improper-addressing",
+                "dialback needs from and to",
+            )));
+        };
+        let from = from.to_ascii_lowercase();
+        let answer = |kind: &str, extra: &str| {
+            format!(
+                "<db:result from='{}' to='{}' type='{kind}'>{extra}</db:result>",
+                escape(&ours),
+                escape(&from)
+            )
+        };
+        if !to.eq_ignore_ascii_case(&ours) {
+            let e = "<error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>";
+            return wire::send(io, &answer("error", e), WRITE_WAIT).await;
+        }
+        if self.fed.settings.require_verified {
+            let e = "<error type='auth'><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>";
+            wire::send(io, &answer("error", e), WRITE_WAIT).await?;
+            return Err(Ended::Error(stream_error(
+                "not-authorized",
+                "this server takes only servers whose certificates verify",
+            )));
+        }
+        let key = el.text();
+        let valid = self
+            .fed
+            .clone()
+            .verify_remote_key(&from, &self.id, key.trim())
+            .await;
+        match valid {
+            Ok(true) => {
+                self.prove(&from)?;
+                wire::send(io, &answer("valid", ""), WRITE_WAIT).await
+            }
+            Ok(false) => {
+                tracing::warn!(peer = %self.peer, domain = %from, "dialback refused: the domain's server does not know that key");
+                wire::send(io, &answer("invalid", ""), WRITE_WAIT).await?;
+                Err(Ended::Error(stream_error(
+                    "not-authorized",
+                    "dialback failed: that domain's server did not confirm the key",
+                )))
+            }
+            Err(why) => {
+                tracing::warn!(peer = %self.peer, domain = %from, why, "dialback could not be checked");
+                let e = "<error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>";
+                wire::send(io, &answer("error", e), WRITE_WAIT).await?;
+                Err(Ended::Error(stream_error(
+                    "remote-connection-failed",
+                    "dialback could not be checked with that domain's server",
+                )))
+            }
+        }
+    }
+
+    /// `<db:verify>`: another server asks whether a key is one of ours.
+    async fn dialback_verify<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        el: &Element,
+    ) -> Result<(), Ended> {
+        let ours = self.fed.domain().to_owned();
+        let (Some(from), Some(to), Some(id)) = (el.attr("from"), el.attr("to"), el.attr("id"))
+        else {
+            return Err(Ended::Error(stream_error(
+                "improper-addressing",
+                "db:verify needs from, to and id",
+            )));
+        };
+        // `from` received our stream; `to` must be us, the originator.
+        let valid = to.eq_ignore_ascii_case(&ours)
+            && self.fed.dialback_valid(from, &ours, id, el.text().trim());
+        let text = format!(
+            "<db:verify from='{}' to='{}' id='{}' type='{}'/>",
+            escape(&ours),
+            escape(from),
+            escape(id),
+            if valid { "valid" } else { "invalid" }
+        );
+        wire::send(io, &text, WRITE_WAIT).await
+    }
+
+    /// A stanza from a proven domain for one of our users.
+    async fn stanza(&mut self, mut el: Element) -> Result<(), Ended> {
+        let ours = self.fed.domain().to_owned();
+        let (Some(from), Some(to)) = (
+            el.attr("from").map(str::to_owned),
+            el.attr("to").map(str::to_owned),
+        ) else {
+            return Err(Ended::Error(stream_error(
+                "improper-addressing",
+                "a stanza between servers names from and to",
+            )));
+        };
+        let from_domain = domain_of(&from).unwrap_or_default();
+        if !self.proven.contains(&from_domain) {
+            return Err(Ended::Error(stream_error(
+                "invalid-from",
+                "this stream has not proven that domain",
+            )));
+        }
+        if Jid::parse(&from).is_err() || Jid::parse(&to).is_err() {
+            return Err(Ended::Error(stream_error("jid-malformed", "an invalid address")));
+        }
+        if domain_of(&to).as_deref() != Some(ours.as_str()) {
+            return Err(Ended::Error(stream_error(
+                "host-unknown",
+                "that domain is not served here",
+            )));
+        }
+        if !self.fed.within_rate(&from_domain) {
+            return Err(Ended::Error(stream_error(
+                "policy-violation",
+                "too many stanzas from your domain; slow down",
+            )));
+        }
+        retarget(&mut el, NS_SERVER, NS_CLIENT);
+        let bare = to.split('/').next().unwrap_or("");
+        let Some((local, _)) = bare.split_once('@') else {
+            self.to_server(&from, &to, &el);
+            return Ok(());
+        };
+        let stanza = XmppStanza {
+            from: from.clone(),
+            to: to.clone(),
+            stanza: el.to_xml(NS_CLIENT),
+        };
+        let refused = match GrainId::for_user(&local.to_lowercase(), "xmpp") {
+            Ok(grain) => match self.fed.grains.deliver_xmpp(&grain, stanza).await {
+                Ok(()) => None,
+                Err(e) => Some(match e.problem {
+                    granary_grains::Problem::NoSuchGrain => "item-not-found: no such user".to_owned(),
+                    granary_grains::Problem::Grain(text) => text,
+                    other => format!("service-unavailable: {other}"),
+                }),
+            },
+            Err(_) => Some("item-not-found: no such user".to_owned()),
+        };
+        if let Some(text) = refused {
+            let (condition, why) = text.split_once(':').unwrap_or(("service-unavailable", ""));
+            let condition = if !condition.is_empty()
+                && condition.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+            {
+                condition
+            } else {
+                "service-unavailable"
+            };
+            if let Some(reply) = error_reply(&el, &from, &to, condition, why.trim()) {
+                self.fed.submit(XmppStanza {
+                    from: to,
+                    to: from,
+                    stanza: reply.to_xml(NS_CLIENT),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A stanza for this server itself: pings and disco answered, other
+    /// requests refused, the rest dropped.
+    fn to_server(&self, from: &str, to: &str, el: &Element) {
+        if el.name != "iq" || !matches!(el.attr("type"), Some("get") | Some("set")) {
+            return;
+        }
+        let child = el.elements().next();
+        let answer = match child {
+            Some(c) if c.is("ping", "urn:xmpp:ping") => {
+                Some(Element::new("iq", NS_CLIENT).with_attr("type", "result"))
+            }
+            Some(c) if c.is("query", "http://jabber.org/protocol/disco#info") && c.attr("node").is_none() => {
+                let query = Element::new("query", "http://jabber.org/protocol/disco#info")
+                    .with_child(
+                        Element::new("identity", "http://jabber.org/protocol/disco#info")
+                            .with_attr("category", "server")
+                            .with_attr("type", "im")
+                            .with_attr("name", "Granary"),
+                    )
+                    .with_child(
+                        Element::new("feature", "http://jabber.org/protocol/disco#info")
+                            .with_attr("var", "http://jabber.org/protocol/disco#info"),
+                    )
+                    .with_child(
+                        Element::new("feature", "http://jabber.org/protocol/disco#info")
+                            .with_attr("var", "urn:xmpp:ping"),
+                    );
+                Some(
+                    Element::new("iq", NS_CLIENT)
+                        .with_attr("type", "result")
+                        .with_child(query),
+                )
+            }
+            _ => None,
+        };
+        let reply = match answer {
+            Some(mut r) => {
+                r.set_attr("from", to);
+                r.set_attr("to", from);
+                if let Some(id) = el.attr("id") {
+                    r.set_attr("id", id);
+                }
+                r
+            }
+            None => match error_reply(el, from, to, "service-unavailable", "") {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        self.fed.submit(XmppStanza {
+            from: to.to_owned(),
+            to: from.to_owned(),
+            stanza: reply.to_xml(NS_CLIENT),
+        });
+    }
+}

@@ -1,0 +1,502 @@
+//! Federation with other chat servers (RFC 6120 server-to-server streams):
+//! the `xmpp-s2s` listener (like port 5269) for streams other servers open
+//! to us ([`inbound`]), and streams we open to them ([`outbound`]), one
+//! domain at a time.
+//!
+//! Every stream starts with STARTTLS; nothing is exchanged in clear. A
+//! server proves its domain either with a certificate that verifies for it
+//! (then it may log in with SASL EXTERNAL) or, unless
+//! `xmpp.s2s_require_verified`, with dialback (XEP-0220): it sends a key
+//! only the real domain's server can confirm, and we ask that server,
+//! found through DNS (`_xmpp-server._tcp` SRV records, from the configured
+//! resolver). Our own keys are an HMAC of the two domains and the stream
+//! id under a secret derived from the SSH host key (XEP-0185), so any of
+//! our listeners can confirm them, across restarts too.
+//!
+//! What comes in is checked before it goes anywhere: its `from` must be a
+//! domain the stream proved, its `to` a user of this server; the stanza
+//! goes to that user's chat grain (started if stopped), which applies the
+//! user's blocking and subscription rules as for local senders. What the
+//! grains send to other domains reaches [`Federation::submit`] through
+//! the supervisor (which has stamped the sender), waits in a queue per
+//! domain while a stream is set up, and is bounced back to the sender as
+//! a stanza error if it cannot be delivered. Each domain gets a few streams
+//! at most and a stanza rate; a stream with nothing on it for
+//! `xmpp.s2s_idle_secs` is closed.
+
+mod inbound;
+mod outbound;
+mod wire;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use granary_grains::mail::XmppStanza;
+use granary_grains::{GrainId, Grains};
+use granary_wire::stanza::{Element, parse_element};
+use granary_wire::xmpp::NS_CLIENT;
+use rustls::client::WebPkiServerVerifier;
+use tokio::sync::{mpsc, watch};
+
+use crate::smtp::checks::Checker;
+
+pub use inbound::serve;
+
+const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+
+/// How federation behaves (`[xmpp]` `s2s_*`).
+#[derive(Debug, Clone)]
+pub struct S2sSettings {
+    /// This server's chat domain.
+    pub domain: String,
+    pub require_verified: bool,
+    pub idle: Duration,
+    pub connections_per_domain: u32,
+    pub stanzas_per_second: u32,
+    pub max_stanza: usize,
+    /// The port tried when a domain has no SRV records (5269).
+    pub default_port: u16,
+    pub connect_timeout: Duration,
+}
+
+/// Stanzas per second for one other domain, across its streams.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Federation: shared by the listener and the outbound streams.
+pub struct Federation {
+    settings: S2sSettings,
+    checker: Checker,
+    grains: Arc<dyn Grains>,
+    /// Opportunistic: the certificate is checked after the handshake, with
+    /// `webpki`, and only required to verify when the settings say so.
+    client_tls: Arc<rustls::ClientConfig>,
+    webpki: Arc<WebPkiServerVerifier>,
+    /// The listener's: our certificates, and a client certificate asked
+    /// for (not required).
+    server_tls: Arc<rustls::ServerConfig>,
+    secret: ring::hmac::Key,
+    queues: Mutex<HashMap<String, mpsc::Sender<XmppStanza>>>,
+    streams_from: Mutex<HashMap<String, u32>>,
+    rates: Mutex<HashMap<String, Bucket>>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Stanzas that may wait for one domain's stream.
+const QUEUE_PER_DOMAIN: usize = 1000;
+
+impl Federation {
+    /// `ca`: PEM certificates trusted besides the system's roots;
+    /// `secret`: bytes the dialback key is derived from (kept across
+    /// restarts).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: S2sSettings,
+        checker: Checker,
+        grains: Arc<dyn Grains>,
+        certs: Arc<dyn rustls::server::ResolvesServerCert>,
+        ca: Option<&std::path::Path>,
+        secret: &[u8],
+        stop: watch::Receiver<bool>,
+    ) -> Result<Arc<Federation>, String> {
+        let provider = crate::tls::provider();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+        if let Some(path) = ca {
+            use rustls_pki_types::pem::PemObject;
+            let bad = |e: String| format!("xmpp.s2s_ca {}: {e}", path.display());
+            for cert in rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(e.to_string()))?
+            {
+                let cert = cert.map_err(|e| bad(e.to_string()))?;
+                roots.add(cert).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| format!("no root certificates to check other servers with: {e}"))?;
+        let versions: &[&rustls::SupportedProtocolVersion] =
+            &[&rustls::version::TLS13, &rustls::version::TLS12];
+        let client_tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(crate::smtp::outbound::Opportunistic(
+                provider.clone(),
+            )))
+            .with_no_client_auth();
+        let server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(Arc::new(AnyClientCert(provider)))
+            .with_cert_resolver(certs);
+        let mut tagged = b"granary xmpp dialback\0".to_vec();
+        tagged.extend_from_slice(secret);
+        let key = ring::digest::digest(&ring::digest::SHA256, &tagged);
+        Ok(Arc::new(Federation {
+            settings,
+            checker,
+            grains,
+            client_tls: Arc::new(client_tls),
+            webpki,
+            server_tls: Arc::new(server_tls),
+            secret: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_ref()),
+            queues: Mutex::new(HashMap::new()),
+            streams_from: Mutex::new(HashMap::new()),
+            rates: Mutex::new(HashMap::new()),
+            stop,
+        }))
+    }
+
+    /// Takes the grains' stanzas for other domains from `from_grains`
+    /// until it closes.
+    pub fn start(self: &Arc<Self>, mut from_grains: mpsc::Receiver<XmppStanza>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(s) = from_grains.recv().await {
+                me.submit(s);
+            }
+        });
+    }
+
+    /// This server's chat domain.
+    pub fn domain(&self) -> &str {
+        &self.settings.domain
+    }
+
+    /// What a dialback key is the HMAC of: the receiving and originating
+    /// domains and the stream id (XEP-0185).
+    fn dialback_text(receiving: &str, originating: &str, id: &str) -> String {
+        format!(
+            "{} {} {id}",
+            receiving.to_ascii_lowercase(),
+            originating.to_ascii_lowercase()
+        )
+    }
+
+    /// The dialback key for a stream from `originating` to `receiving`
+    /// with stream id `id`, as hex.
+    fn dialback_key(&self, receiving: &str, originating: &str, id: &str) -> String {
+        let text = Self::dialback_text(receiving, originating, id);
+        let tag = ring::hmac::sign(&self.secret, text.as_bytes());
+        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether `key` is ours for that stream (checked by ring in constant
+    /// time).
+    fn dialback_valid(&self, receiving: &str, originating: &str, id: &str, key: &str) -> bool {
+        let Some(tag) = from_hex(key) else {
+            return false;
+        };
+        let text = Self::dialback_text(receiving, originating, id);
+        ring::hmac::verify(&self.secret, text.as_bytes(), &tag).is_ok()
+    }
+
+    /// Whether a certificate chain verifies for `domain`.
+    fn certificate_verifies(
+        &self,
+        chain: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+        domain: &str,
+    ) -> bool {
+        use rustls::client::danger::ServerCertVerifier;
+        let Some((end, rest)) = chain.and_then(|c| c.split_first()) else {
+            return false;
+        };
+        let Ok(name) = rustls_pki_types::ServerName::try_from(domain.to_owned()) else {
+            return false;
+        };
+        self.webpki
+            .verify_server_cert(end, rest, &name, &[], rustls_pki_types::UnixTime::now())
+            .is_ok()
+    }
+
+    /// Counts a stream from `domain`; `None` when it has its share.
+    fn stream_from(self: &Arc<Self>, domain: &str) -> Option<StreamSlot> {
+        let mut counts = self.streams_from.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(domain.to_owned()).or_insert(0);
+        if *n >= self.settings.connections_per_domain {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            fed: self.clone(),
+            domain: domain.to_owned(),
+        })
+    }
+
+    /// Takes one stanza from `domain` out of its rate; `false` when it is
+    /// sending too fast.
+    fn within_rate(&self, domain: &str) -> bool {
+        let rate = self.settings.stanzas_per_second as f64;
+        let burst = rate * 2.0;
+        let now = Instant::now();
+        let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        if rates.len() > 10_000 {
+            rates.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(60));
+        }
+        let b = rates.entry(domain.to_owned()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
+        b.at = now;
+        if b.tokens < 1.0 {
+            return false;
+        }
+        b.tokens -= 1.0;
+        true
+    }
+
+    /// Queues a stanza from one of our users for another domain; bounces
+    /// it at once when that domain's queue is full.
+    pub fn submit(self: &Arc<Self>, stanza: XmppStanza) {
+        let Some(domain) = domain_of(&stanza.to) else {
+            self.bounce(stanza, "jid-malformed", "not an address");
+            return;
+        };
+        let refused = {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let queue = queues.entry(domain.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(QUEUE_PER_DOMAIN);
+                tokio::spawn(outbound::run(self.clone(), domain.clone(), rx));
+                tx
+            });
+            match queue.try_send(stanza) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(s)) => Some(s),
+                Err(mpsc::error::TrySendError::Closed(s)) => {
+                    // Its stream ended idle between our lookup and now.
+                    queues.remove(&domain);
+                    drop(queues);
+                    self.submit(s);
+                    return;
+                }
+            }
+        };
+        if let Some(s) = refused {
+            self.bounce(s, "resource-constraint", "too many stanzas wait for that server");
+        }
+    }
+
+    /// Called by a domain's outbound task as it ends: it is forgotten
+    /// unless something was queued meanwhile (then it goes on).
+    fn retire(&self, domain: &str, rx: &mpsc::Receiver<XmppStanza>) -> bool {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if !rx.is_empty() {
+            return false;
+        }
+        queues.remove(domain);
+        true
+    }
+
+    /// Tells the local sender of `stanza` that it could not be delivered
+    /// (messages and requests only; never an error for an error).
+    fn bounce(self: &Arc<Self>, stanza: XmppStanza, condition: &str, why: &str) {
+        tracing::info!(to = %stanza.to, condition, why, "chat stanza not delivered to another server");
+        let Ok(el) = parse_element(stanza.stanza.as_bytes(), NS_CLIENT) else {
+            return;
+        };
+        let Some(reply) = error_reply(&el, &stanza.from, &stanza.to, condition, why) else {
+            return;
+        };
+        let Some(local) = stanza.from.split('@').next().map(str::to_lowercase) else {
+            return;
+        };
+        let Ok(grain) = GrainId::for_user(&local, "xmpp") else {
+            return;
+        };
+        let grains = self.grains.clone();
+        let back = XmppStanza {
+            from: stanza.to,
+            to: stanza.from,
+            stanza: reply.to_xml(NS_CLIENT),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = grains.deliver_xmpp(&grain, back).await {
+                tracing::debug!(error = %e, "the bounce was not delivered either");
+            }
+        });
+    }
+}
+
+/// One counted stream from a domain; uncounted when dropped.
+struct StreamSlot {
+    fed: Arc<Federation>,
+    domain: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut counts = self.fed.streams_from.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.domain) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.domain);
+            }
+        }
+    }
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || text.len() > 256 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The domain of an address, lowercased.
+fn domain_of(jid: &str) -> Option<String> {
+    let bare = jid.split('/').next()?;
+    let domain = bare.rsplit_once('@').map_or(bare, |(_, d)| d);
+    (!domain.is_empty() && domain.len() <= 1023).then(|| domain.to_ascii_lowercase())
+}
+
+/// The stanza error (RFC 6120 §8.3) answering `el`, which went from
+/// `from` to `to`; `None` for what is never answered with an error.
+fn error_reply(el: &Element, from: &str, to: &str, condition: &str, why: &str) -> Option<Element> {
+    let asks = el.name == "message"
+        || (el.name == "iq" && matches!(el.attr("type"), Some("get") | Some("set")));
+    if !asks || el.attr("type") == Some("error") {
+        return None;
+    }
+    let kind = match condition {
+        "remote-server-timeout" | "resource-constraint" | "internal-server-error" => "wait",
+        _ => "cancel",
+    };
+    let mut reply = Element::new(&el.name, &el.ns)
+        .with_attr("from", to)
+        .with_attr("to", from)
+        .with_attr("type", "error");
+    if let Some(id) = el.attr("id") {
+        reply.set_attr("id", id);
+    }
+    let error = Element::new("error", &el.ns)
+        .with_attr("type", kind)
+        .with_child(Element::new(condition, NS_STANZAS))
+        .with_child(Element::new("text", NS_STANZAS).with_text(why));
+    reply.push(error);
+    Some(reply)
+}
+
+/// Accepts any client certificate in the handshake (with its signature
+/// checked): whether it verifies for the domain the peer claims is decided
+/// after, with [`Federation::certificate_verifies`].
+#[derive(Debug)]
+struct AnyClientCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Moves an element and its descendants from one namespace to another
+/// (`jabber:server` on the wire, `jabber:client` in the grains).
+fn retarget(el: &mut Element, from_ns: &str, to_ns: &str) {
+    if el.ns == from_ns {
+        el.ns = to_ns.to_owned();
+    }
+    for child in el.children.iter_mut() {
+        if let granary_wire::stanza::Node::Element(c) = child {
+            retarget(c, from_ns, to_ns);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_give_their_domain() {
+        assert_eq!(domain_of("bob@Other.test/phone").as_deref(), Some("other.test"));
+        assert_eq!(domain_of("other.test").as_deref(), Some("other.test"));
+        assert_eq!(domain_of("@"), None);
+    }
+
+    #[test]
+    fn errors_answer_requests_but_never_errors() {
+        let m = parse_element(b"<message id='1' type='chat'><body>x</body></message>", NS_CLIENT)
+            .unwrap();
+        let r = error_reply(&m, "a@x.test/r", "b@y.test", "remote-server-not-found", "no")
+            .unwrap();
+        let xml = r.to_xml(NS_CLIENT);
+        assert!(xml.contains("type='error'") && xml.contains("from='b@y.test'"), "{xml}");
+        assert!(xml.contains("<remote-server-not-found"), "{xml}");
+        let e = parse_element(b"<message type='error'/>", NS_CLIENT).unwrap();
+        assert!(error_reply(&e, "a@x", "b@y", "x", "y").is_none());
+        let p = parse_element(b"<presence/>", NS_CLIENT).unwrap();
+        assert!(error_reply(&p, "a@x", "b@y", "x", "y").is_none());
+    }
+
+    #[test]
+    fn stanzas_move_between_namespaces_with_their_children() {
+        let mut el = parse_element(
+            b"<message><body>hi</body><x xmlns='urn:other'><body/></x></message>",
+            "jabber:server",
+        )
+        .unwrap();
+        retarget(&mut el, "jabber:server", NS_CLIENT);
+        assert_eq!(
+            el.to_xml(NS_CLIENT),
+            "<message><body>hi</body><x xmlns='urn:other'><body/></x></message>"
+        );
+    }
+}
