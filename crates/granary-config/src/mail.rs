@@ -183,6 +183,26 @@ impl Mail {
     }
 }
 
+/// A `resolver` setting: `None` (or `"system"`) for the system's, else a
+/// DNS server's address (port 53 when not given).
+pub(crate) fn parse_resolver(text: Option<&str>) -> Result<Option<SocketAddr>, String> {
+    match text {
+        None | Some("system") => Ok(None),
+        Some(text) => text
+            .parse::<SocketAddr>()
+            .or_else(|_| {
+                text.parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            })
+            .map(Some)
+            .map_err(|_| {
+                format!(
+                    "{text:?} is not a DNS server address like \"127.0.0.1:53\" (or \"system\")"
+                )
+            }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,23 +235,5 @@ mod tests {
         let m = Mail::resolve(&raw, "example.org").unwrap();
         assert_eq!(m.resolver, Some("127.0.0.1:53".parse().unwrap()));
         assert_eq!(m.max_message_bytes, 64 << 10);
-    }
-}
-
-/// A `resolver` setting: `None` (or `"system"`) for the system's, else a
-/// DNS server's address (port 53 when not given).
-pub(crate) fn parse_resolver(text: Option<&str>) -> Result<Option<SocketAddr>, String> {
-    match text {
-        None | Some("system") => Ok(None),
-        Some(text) => text
-            .parse::<SocketAddr>()
-            .or_else(|_| {
-                text.parse::<std::net::IpAddr>()
-                    .map(|ip| SocketAddr::new(ip, 53))
-            })
-            .map(Some)
-            .map_err(|_| {
-                format!("{text:?} is not a DNS server address like \"127.0.0.1:53\" (or \"system\")")
-            }),
     }
 }

@@ -114,10 +114,9 @@ impl xmpp_router::Server for Router {
                     "resource-constraint",
                     "too many stanzas wait for other servers",
                 )),
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(refused(
-                    "remote-server-not-found",
-                    "federation has stopped",
-                )),
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    Err(refused("remote-server-not-found", "federation has stopped"))
+                }
             };
         }
         let Some(local) = local else {

@@ -13,6 +13,7 @@
 pub mod dav;
 pub mod mail;
 pub mod postfix;
+pub mod prosody;
 pub mod xmpp;
 
 use std::io::{BufRead, BufReader, Write};
@@ -205,9 +206,27 @@ pub fn app_host(
     tempfile::TempDir,
     std::collections::HashMap<String, String>,
 ) {
-    let daemon = Daemon::start_with(
+    app_host_listening(domain, extra, "", package, kind, users)
+}
+
+/// [`app_host`] with more listeners (`listen`: lines inside `[listen]`).
+pub fn app_host_listening(
+    domain: &str,
+    extra: &str,
+    listen: &str,
+    package: fn(&Path) -> PathBuf,
+    kind: &str,
+    users: &[&str],
+) -> (
+    Daemon,
+    tempfile::TempDir,
+    std::collections::HashMap<String, String>,
+) {
+    let daemon = Daemon::start_full(
         DaemonMode::Serve,
         &format!("domain = \"{domain}\"\n{extra}"),
+        listen,
+        &[],
     );
     let dir = tempfile::tempdir().unwrap();
     let pkg = package(dir.path());
@@ -506,6 +525,17 @@ impl Daemon {
         extra_config: &str,
         packages: &[PathBuf],
     ) -> Daemon {
+        Daemon::start_full(mode, extra_config, "", packages)
+    }
+
+    /// [`Daemon::start_with_builtin`] with more listeners: `listen` is
+    /// lines inside `[listen]` (`xmpp-s2s = "127.0.0.1:0"`).
+    pub fn start_full(
+        mode: DaemonMode,
+        extra_config: &str,
+        listen: &str,
+        packages: &[PathBuf],
+    ) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("granary-test-")
             .tempdir()
@@ -515,7 +545,7 @@ impl Daemon {
         let n = NEXT_DAEMON.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let slot = (std::process::id() % 10_000) * 16 + n % 16;
         let config = format!(
-            "data_dir = \"data\"\n{extra_config}\n[listen]\nhttps = \"127.0.0.1:0\"\nssh = \"127.0.0.1:0\"\nsmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\nxmpp = \"127.0.0.1:0\"\nxmpps = \"127.0.0.1:0\"\n[log]\nlevel = \"info,granary=debug\"\n\
+            "data_dir = \"data\"\n{extra_config}\n[listen]\nhttps = \"127.0.0.1:0\"\nssh = \"127.0.0.1:0\"\nsmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\nxmpp = \"127.0.0.1:0\"\nxmpps = \"127.0.0.1:0\"\n{listen}\n[log]\nlevel = \"info,granary=debug\"\n\
              [jail]\nuid_range = \"{}+1000\"\ncgroup_parent = \"granary-test-{}-{n}\"\n",
             1_600_000_000 + slot * 1000,
             std::process::id(),

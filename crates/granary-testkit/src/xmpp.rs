@@ -28,11 +28,15 @@ class Client(slixmpp.ClientXMPP):
     """A client of user `user` with `resource`, over `mode` ("starttls" or
     "tls"), recording messages, presences and subscription requests."""
 
-    def __init__(self, user, resource="py", mode="starttls", password=None, plugins=()):
-        jid = f"{user}@{os.environ['XMPP_DOMAIN']}/{resource}"
+    def __init__(self, user, resource="py", mode="starttls", password=None, plugins=(),
+                 domain=None, address=None, cafile=None):
+        """`domain`, `address` (host, port) and `cafile`: another server's
+        user (a federation peer); by default, this host's."""
+        jid = f"{user}@{domain or os.environ['XMPP_DOMAIN']}/{resource}"
         password = password or os.environ["XMPP_PASSWORD_" + user.upper()]
         super().__init__(jid, password)
-        self.ssl_context = ctx()
+        self.ssl_context = ssl.create_default_context(cafile=cafile) if cafile else ctx()
+        self.address = address
         self.mode = mode
         for p in ("xep_0030", "xep_0199") + tuple(plugins):
             self.register_plugin(p)
@@ -40,6 +44,8 @@ class Client(slixmpp.ClientXMPP):
         self.presences = asyncio.Queue()
         self.requests = asyncio.Queue()
         self.add_event_handler("message", lambda m: self.messages.put_nowait(m))
+        # Errors too (slixmpp reports them apart, as message_error).
+        self.add_event_handler("message_error", lambda m: self.messages.put_nowait(m))
         self.add_event_handler("presence_available", lambda p: self.presences.put_nowait(p))
         self.add_event_handler("presence_subscribe", lambda p: self.requests.put_nowait(p))
         self.ready = asyncio.get_event_loop().create_future()
@@ -55,7 +61,8 @@ class Client(slixmpp.ClientXMPP):
         if self.mode == "tls":
             self.enable_direct_tls = True
             self.enable_starttls = False
-        self.connect(host="127.0.0.1", port=port)
+        host, port = self.address or ("127.0.0.1", port)
+        self.connect(host=host, port=port)
         await asyncio.wait_for(self.ready, timeout)
         if presence:
             self.send_presence()
@@ -160,8 +167,14 @@ impl XmppHost {
     /// A daemon serving `DOMAIN` with the chat app and `users`, each with
     /// an `xmpp` app password; `extra` is appended to the config.
     pub fn start(users: &[&str], extra: &str) -> XmppHost {
+        XmppHost::start_listening(users, extra, "")
+    }
+
+    /// [`XmppHost::start`] with more listeners (`listen`: lines inside
+    /// `[listen]`, such as `xmpp-s2s = "127.0.0.1:0"`).
+    pub fn start_listening(users: &[&str], extra: &str, listen: &str) -> XmppHost {
         let (daemon, dir, passwords) =
-            crate::app_host(DOMAIN, extra, crate::xmpp_package, "xmpp", users);
+            crate::app_host_listening(DOMAIN, extra, listen, crate::xmpp_package, "xmpp", users);
         let lib = dir.path().join("lib");
         std::fs::create_dir_all(&lib).unwrap();
         std::fs::write(lib.join("granary_xmpp_test.py"), HELPER).unwrap();

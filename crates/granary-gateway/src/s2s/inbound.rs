@@ -34,24 +34,30 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let s = shared.clone();
-    crate::accept_loop(listener, &shared, shutdown, "xmpp-s2s", move |tcp, peer, stop| {
-        let fed = s.s2s.clone();
-        async move {
-            let Some(fed) = fed else {
-                return;
-            };
-            let _ = tcp.set_nodelay(true);
-            let stream = Inbound {
-                fed,
-                peer,
-                reader: Reader::new(MAX_BEFORE_AUTH, stop),
-                id: String::new(),
-                proven: HashSet::new(),
-                slots: Vec::new(),
-            };
-            stream.run(tcp).await;
-        }
-    })
+    crate::accept_loop(
+        listener,
+        &shared,
+        shutdown,
+        "xmpp-s2s",
+        move |tcp, peer, stop| {
+            let fed = s.s2s.clone();
+            async move {
+                let Some(fed) = fed else {
+                    return;
+                };
+                let _ = tcp.set_nodelay(true);
+                let stream = Inbound {
+                    fed,
+                    peer,
+                    reader: Reader::new(MAX_BEFORE_AUTH, stop),
+                    id: String::new(),
+                    proven: HashSet::new(),
+                    slots: Vec::new(),
+                };
+                stream.run(tcp).await;
+            }
+        },
+    )
     .await
 }
 
@@ -99,14 +105,14 @@ impl Inbound {
         }
         self.reader.clear();
         let acceptor = tokio_rustls::TlsAcceptor::from(self.fed.server_tls.clone());
-        let mut tls = match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await
-        {
-            Ok(Ok(t)) => t,
-            _ => {
-                tracing::debug!("s2s TLS handshake failed or timed out");
-                return;
-            }
-        };
+        let mut tls =
+            match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                _ => {
+                    tracing::debug!("s2s TLS handshake failed or timed out");
+                    return;
+                }
+            };
         let chain = tls.get_ref().1.peer_certificates().map(<[_]>::to_vec);
         let why = self.secured(&mut tls, chain).await;
         wire::end(&mut tls, &why).await;
@@ -135,7 +141,10 @@ impl Inbound {
             ..
         } = unit
         else {
-            return Err(Ended::Error(stream_error("not-well-formed", "a bad header")));
+            return Err(Ended::Error(stream_error(
+                "not-well-formed",
+                "a bad header",
+            )));
         };
         self.id = fresh_id();
         let ours = self.fed.domain().to_owned();
@@ -151,7 +160,10 @@ impl Inbound {
                 "this is a server stream: jabber:server",
             ))
         } else if !to.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(&ours)) {
-            Some(stream_error("host-unknown", "that domain is not served here"))
+            Some(stream_error(
+                "host-unknown",
+                "that domain is not served here",
+            ))
         } else {
             None
         };
@@ -241,7 +253,8 @@ impl Inbound {
                 self.dialback_result(io, &el).await
             } else if el.is("verify", NS_DIALBACK) {
                 self.dialback_verify(io, &el).await
-            } else if el.ns == NS_SERVER && matches!(el.name.as_str(), "message" | "presence" | "iq")
+            } else if el.ns == NS_SERVER
+                && matches!(el.name.as_str(), "message" | "presence" | "iq")
             {
                 self.stanza(el).await
             } else {
@@ -270,12 +283,18 @@ impl Inbound {
             ..
         } = unit
         else {
-            return Err(Ended::Error(stream_error("not-well-formed", "a bad header")));
+            return Err(Ended::Error(stream_error(
+                "not-well-formed",
+                "a bad header",
+            )));
         };
         self.id = fresh_id();
         let ours = self.fed.domain().to_owned();
-        let header =
-            granary_wire::xmpp::s2s_stream_header(&ours, from.as_deref().unwrap_or(""), Some(&self.id));
+        let header = granary_wire::xmpp::s2s_stream_header(
+            &ours,
+            from.as_deref().unwrap_or(""),
+            Some(&self.id),
+        );
         if default_ns.as_deref() != Some(NS_SERVER) {
             let _ = wire::send(io, &header, WRITE_WAIT).await;
             return Err(Ended::Error(stream_error(
@@ -296,7 +315,7 @@ impl Inbound {
 
     /// Takes a domain as proven on this stream (within its share of
     /// streams).
-    fn prove(&mut self, domain: &str) -> Result<(), Ended> {
+    fn prove(&mut self, domain: &str, how: &'static str) -> Result<(), Ended> {
         if self.proven.contains(domain) {
             return Ok(());
         }
@@ -306,7 +325,7 @@ impl Inbound {
                 "too many streams from that domain",
             )));
         };
-        tracing::info!(peer = %self.peer, domain, "s2s stream from another server proven");
+        tracing::info!(peer = %self.peer, domain, how, "s2s stream from another server proven");
         self.slots.push(slot);
         self.proven.insert(domain.to_owned());
         self.reader.max = self.fed.settings.max_stanza;
@@ -343,7 +362,7 @@ impl Inbound {
             }
         }
         let domain = domain.to_owned();
-        self.prove(&domain)?;
+        self.prove(&domain, "sasl-external")?;
         wire::send(io, &format!("<success xmlns='{NS_SASL}'/>"), WRITE_WAIT).await?;
         // The stream restarts; no features are left to offer.
         let unit = match self.reader.frame(io, LOGIN_WAIT).await? {
@@ -400,7 +419,7 @@ impl Inbound {
             .await;
         match valid {
             Ok(true) => {
-                self.prove(&from)?;
+                self.prove(&from, "dialback")?;
                 wire::send(io, &answer("valid", ""), WRITE_WAIT).await
             }
             Ok(false) => {
@@ -470,7 +489,10 @@ impl Inbound {
             )));
         }
         if Jid::parse(&from).is_err() || Jid::parse(&to).is_err() {
-            return Err(Ended::Error(stream_error("jid-malformed", "an invalid address")));
+            return Err(Ended::Error(stream_error(
+                "jid-malformed",
+                "an invalid address",
+            )));
         }
         if domain_of(&to).as_deref() != Some(ours.as_str()) {
             return Err(Ended::Error(stream_error(
@@ -499,7 +521,9 @@ impl Inbound {
             Ok(grain) => match self.fed.grains.deliver_xmpp(&grain, stanza).await {
                 Ok(()) => None,
                 Err(e) => Some(match e.problem {
-                    granary_grains::Problem::NoSuchGrain => "item-not-found: no such user".to_owned(),
+                    granary_grains::Problem::NoSuchGrain => {
+                        "item-not-found: no such user".to_owned()
+                    }
                     granary_grains::Problem::Grain(text) => text,
                     other => format!("service-unavailable: {other}"),
                 }),
@@ -509,7 +533,9 @@ impl Inbound {
         if let Some(text) = refused {
             let (condition, why) = text.split_once(':').unwrap_or(("service-unavailable", ""));
             let condition = if !condition.is_empty()
-                && condition.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+                && condition
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'-')
             {
                 condition
             } else {
@@ -537,7 +563,10 @@ impl Inbound {
             Some(c) if c.is("ping", "urn:xmpp:ping") => {
                 Some(Element::new("iq", NS_CLIENT).with_attr("type", "result"))
             }
-            Some(c) if c.is("query", "http://jabber.org/protocol/disco#info") && c.attr("node").is_none() => {
+            Some(c)
+                if c.is("query", "http://jabber.org/protocol/disco#info")
+                    && c.attr("node").is_none() =>
+            {
                 let query = Element::new("query", "http://jabber.org/protocol/disco#info")
                     .with_child(
                         Element::new("identity", "http://jabber.org/protocol/disco#info")

@@ -279,7 +279,11 @@ impl Federation {
             }
         };
         if let Some(s) = refused {
-            self.bounce(s, "resource-constraint", "too many stanzas wait for that server");
+            self.bounce(
+                s,
+                "resource-constraint",
+                "too many stanzas wait for that server",
+            );
         }
     }
 
@@ -332,7 +336,11 @@ struct StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        let mut counts = self.fed.streams_from.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = self
+            .fed
+            .streams_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = counts.get_mut(&self.domain) {
             *n -= 1;
             if *n == 0 {
@@ -343,7 +351,7 @@ impl Drop for StreamSlot {
 }
 
 fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || text.len() > 256 {
+    if !text.len().is_multiple_of(2) || text.len() > 256 {
         return None;
     }
     (0..text.len())
@@ -466,19 +474,34 @@ mod tests {
 
     #[test]
     fn addresses_give_their_domain() {
-        assert_eq!(domain_of("bob@Other.test/phone").as_deref(), Some("other.test"));
+        assert_eq!(
+            domain_of("bob@Other.test/phone").as_deref(),
+            Some("other.test")
+        );
         assert_eq!(domain_of("other.test").as_deref(), Some("other.test"));
         assert_eq!(domain_of("@"), None);
     }
 
     #[test]
     fn errors_answer_requests_but_never_errors() {
-        let m = parse_element(b"<message id='1' type='chat'><body>x</body></message>", NS_CLIENT)
-            .unwrap();
-        let r = error_reply(&m, "a@x.test/r", "b@y.test", "remote-server-not-found", "no")
-            .unwrap();
+        let m = parse_element(
+            b"<message id='1' type='chat'><body>x</body></message>",
+            NS_CLIENT,
+        )
+        .unwrap();
+        let r = error_reply(
+            &m,
+            "a@x.test/r",
+            "b@y.test",
+            "remote-server-not-found",
+            "no",
+        )
+        .unwrap();
         let xml = r.to_xml(NS_CLIENT);
-        assert!(xml.contains("type='error'") && xml.contains("from='b@y.test'"), "{xml}");
+        assert!(
+            xml.contains("type='error'") && xml.contains("from='b@y.test'"),
+            "{xml}"
+        );
         assert!(xml.contains("<remote-server-not-found"), "{xml}");
         let e = parse_element(b"<message type='error'/>", NS_CLIENT).unwrap();
         assert!(error_reply(&e, "a@x", "b@y", "x", "y").is_none());

@@ -92,7 +92,10 @@ pub(super) async fn run(fed: Arc<Federation>, domain: String, mut rx: mpsc::Rece
                     continue;
                 }
                 Err(_) => {
-                    let f = failed("remote-server-timeout", "setting up the stream took too long");
+                    let f = failed(
+                        "remote-server-timeout",
+                        "setting up the stream took too long",
+                    );
                     fed.bounce(stanza, f.condition, &f.why);
                     failed_at = Some((tokio::time::Instant::now(), f));
                     continue;
@@ -113,7 +116,7 @@ pub(super) async fn run(fed: Arc<Federation>, domain: String, mut rx: mpsc::Rece
                 Ok(Connected { io, reader }) => {
                     let (r, mut w) = tokio::io::split(io);
                     if wire::send(&mut w, &text, WRITE_WAIT).await.is_err() {
-                        fed.bounce(stanza, "remote-connection-failed", "the stream broke");
+                        fed.bounce(stanza, "remote-server-timeout", "the stream broke");
                         continue;
                     }
                     stream = Some((w, tokio::spawn(drain(r, reader, domain.clone()))));
@@ -179,9 +182,18 @@ async fn targets(fed: &Federation, domain: &str) -> Result<Vec<(String, u16)>, F
             for r in records {
                 let parts: Vec<&str> = r.split_whitespace().collect();
                 if let [prio, weight, port, target] = parts[..]
-                    && let (Ok(p), Ok(w), Ok(port)) = (prio.parse::<u16>(), weight.parse::<u16>(), port.parse::<u16>())
+                    && let (Ok(p), Ok(w), Ok(port)) = (
+                        prio.parse::<u16>(),
+                        weight.parse::<u16>(),
+                        port.parse::<u16>(),
+                    )
                 {
-                    out.push((p, u16::MAX - w, target.trim_end_matches('.').to_owned(), port));
+                    out.push((
+                        p,
+                        u16::MAX - w,
+                        target.trim_end_matches('.').to_owned(),
+                        port,
+                    ));
                 }
             }
             out.sort();
@@ -206,7 +218,11 @@ async fn targets(fed: &Federation, domain: &str) -> Result<Vec<(String, u16)>, F
 
 /// Opens a stream to `domain`'s server: TCP to the first target that
 /// answers, STARTTLS, and (to send) dialback.
-async fn connect(fed: &Arc<Federation>, domain: &str, purpose: Purpose) -> Result<Connected, Failed> {
+async fn connect(
+    fed: &Arc<Federation>,
+    domain: &str,
+    purpose: Purpose,
+) -> Result<Connected, Failed> {
     let mut last = failed(
         "remote-server-not-found",
         format!("no server of {domain} could be reached"),
@@ -224,21 +240,19 @@ async fn connect(fed: &Arc<Federation>, domain: &str, purpose: Purpose) -> Resul
         };
         for ip in ips {
             let addr = SocketAddr::new(ip, port);
-            let tcp = match tokio::time::timeout(
-                fed.settings.connect_timeout,
-                TcpStream::connect(addr),
-            )
-            .await
-            {
-                Ok(Ok(t)) => t,
-                _ => {
-                    last = failed(
-                        "remote-server-not-found",
-                        format!("cannot connect to {addr}"),
-                    );
-                    continue;
-                }
-            };
+            let tcp =
+                match tokio::time::timeout(fed.settings.connect_timeout, TcpStream::connect(addr))
+                    .await
+                {
+                    Ok(Ok(t)) => t,
+                    _ => {
+                        last = failed(
+                            "remote-server-not-found",
+                            format!("cannot connect to {addr}"),
+                        );
+                        continue;
+                    }
+                };
             let _ = tcp.set_nodelay(true);
             match negotiate(fed, domain, tcp, purpose).await {
                 Ok(c) => return Ok(c),
@@ -257,26 +271,31 @@ async fn header_and_features<S: AsyncRead + Unpin>(
     reader: &mut Reader,
     io: &mut S,
 ) -> Result<(Option<String>, Element), Failed> {
-    let broke = |e: Ended| failed("remote-connection-failed", format!("the stream ended: {e:?}"));
+    let broke = |e: Ended| {
+        failed(
+            "remote-server-not-found",
+            format!("the stream ended: {e:?}"),
+        )
+    };
     let id = match reader.frame(io, SETUP_WAIT).await.map_err(broke)? {
         Frame::Header(Unit::StreamHeader { default_ns, id, .. }) => {
             if default_ns.as_deref() != Some(NS_SERVER) {
                 return Err(failed(
-                    "remote-connection-failed",
+                    "remote-server-not-found",
                     "the other side does not speak jabber:server",
                 ));
             }
             id
         }
-        _ => return Err(failed("remote-connection-failed", "no stream header")),
+        _ => return Err(failed("remote-server-not-found", "no stream header")),
     };
     match reader.frame(io, SETUP_WAIT).await.map_err(broke)? {
         Frame::Stanza(el) if el.is("features", NS_STREAMS) => Ok((id, el)),
         Frame::Stanza(el) if el.is("error", NS_STREAMS) => Err(failed(
-            "remote-connection-failed",
+            "remote-server-not-found",
             format!("stream error: {}", el.to_xml(NS_SERVER)),
         )),
-        _ => Err(failed("remote-connection-failed", "no stream features")),
+        _ => Err(failed("remote-server-not-found", "no stream features")),
     }
 }
 
@@ -288,21 +307,25 @@ async fn negotiate(
 ) -> Result<Connected, Failed> {
     let ours = fed.domain().to_owned();
     let header = granary_wire::xmpp::s2s_stream_header(&ours, domain, None);
-    let broke = |_| failed("remote-connection-failed", "the connection broke");
+    let broke = |_| failed("remote-server-not-found", "the connection broke");
     let mut reader = Reader::new(64 << 10, fed.stop.clone());
-    wire::send(&mut tcp, &header, WRITE_WAIT).await.map_err(broke)?;
+    wire::send(&mut tcp, &header, WRITE_WAIT)
+        .await
+        .map_err(broke)?;
     let (_, features) = header_and_features(&mut reader, &mut tcp).await?;
     if features.child("starttls", NS_TLS).is_none() {
         return Err(failed(
-            "remote-connection-failed",
+            "remote-server-not-found",
             format!("{domain} does not offer TLS; nothing is sent in clear"),
         ));
     }
     let starttls = format!("<starttls xmlns='{NS_TLS}'/>");
-    wire::send(&mut tcp, &starttls, WRITE_WAIT).await.map_err(broke)?;
+    wire::send(&mut tcp, &starttls, WRITE_WAIT)
+        .await
+        .map_err(broke)?;
     match reader.frame(&mut tcp, SETUP_WAIT).await {
         Ok(Frame::Stanza(el)) if el.is("proceed", NS_TLS) => {}
-        _ => return Err(failed("remote-connection-failed", "STARTTLS was refused")),
+        _ => return Err(failed("remote-server-not-found", "STARTTLS was refused")),
     }
     reader.clear();
     let name = rustls_pki_types::ServerName::try_from(domain.to_owned())
@@ -312,7 +335,7 @@ async fn negotiate(
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             return Err(failed(
-                "remote-connection-failed",
+                "remote-server-not-found",
                 format!("TLS failed: {e}"),
             ));
         }
@@ -322,20 +345,24 @@ async fn negotiate(
     let verified = fed.certificate_verifies(chain.as_deref(), domain);
     if fed.settings.require_verified && !verified {
         return Err(failed(
-            "remote-connection-failed",
+            "remote-server-not-found",
             format!("{domain}'s certificate does not verify (xmpp.s2s_require_verified)"),
         ));
     }
-    wire::send(&mut tls, &header, WRITE_WAIT).await.map_err(broke)?;
+    wire::send(&mut tls, &header, WRITE_WAIT)
+        .await
+        .map_err(broke)?;
     let (id, features) = header_and_features(&mut reader, &mut tls).await?;
     if purpose == Purpose::Verify {
         return Ok(Connected { io: tls, reader });
     }
     // We prove our domain with dialback: the other server asks ours
     // whether this key is real.
-    let offers_dialback = features.child("dialback", "urn:xmpp:features:dialback").is_some();
+    let offers_dialback = features
+        .child("dialback", "urn:xmpp:features:dialback")
+        .is_some();
     let Some(id) = id else {
-        return Err(failed("remote-connection-failed", "the stream has no id"));
+        return Err(failed("remote-server-not-found", "the stream has no id"));
     };
     if !offers_dialback {
         tracing::debug!(domain, "no dialback feature offered; trying it anyway");
@@ -346,7 +373,9 @@ async fn negotiate(
         escape(&ours),
         escape(domain)
     );
-    wire::send(&mut tls, &ask, WRITE_WAIT).await.map_err(broke)?;
+    wire::send(&mut tls, &ask, WRITE_WAIT)
+        .await
+        .map_err(broke)?;
     loop {
         match reader.frame(&mut tls, SETUP_WAIT).await {
             Ok(Frame::Stanza(el)) if el.is("result", NS_DIALBACK) => {
@@ -357,21 +386,21 @@ async fn negotiate(
                         Ok(Connected { io: tls, reader })
                     }
                     _ => Err(failed(
-                        "remote-connection-failed",
+                        "remote-server-not-found",
                         format!("{domain} refused our dialback: {}", el.to_xml(NS_SERVER)),
                     )),
                 };
             }
             Ok(Frame::Stanza(el)) if el.is("error", NS_STREAMS) => {
                 return Err(failed(
-                    "remote-connection-failed",
+                    "remote-server-not-found",
                     format!("stream error: {}", el.to_xml(NS_SERVER)),
                 ));
             }
             Ok(Frame::Stanza(_)) => {}
             Ok(_) | Err(_) => {
                 return Err(failed(
-                    "remote-connection-failed",
+                    "remote-server-not-found",
                     "the stream ended during dialback",
                 ));
             }
@@ -393,7 +422,9 @@ impl Federation {
             let Connected {
                 io: mut tls,
                 mut reader,
-            } = connect(&self, domain, Purpose::Verify).await.map_err(|f| f.why)?;
+            } = connect(&self, domain, Purpose::Verify)
+                .await
+                .map_err(|f| f.why)?;
             let ask = format!(
                 "<db:verify from='{}' to='{}' id='{}'>{}</db:verify>",
                 escape(&ours),
@@ -409,7 +440,9 @@ impl Federation {
                     Ok(Frame::Stanza(el)) if el.is("verify", NS_DIALBACK) => {
                         break el.attr("type") == Some("valid")
                             && el.attr("id") == Some(id)
-                            && el.attr("from").is_some_and(|f| f.eq_ignore_ascii_case(domain));
+                            && el
+                                .attr("from")
+                                .is_some_and(|f| f.eq_ignore_ascii_case(domain));
                     }
                     Ok(Frame::Stanza(el)) if el.is("error", NS_STREAMS) => {
                         return Err(format!("stream error: {}", el.to_xml(NS_SERVER)));
