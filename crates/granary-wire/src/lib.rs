@@ -23,6 +23,7 @@ pub mod http;
 pub mod imap;
 pub mod jid;
 pub mod mta_sts;
+pub mod s2s;
 pub mod scram;
 pub mod smtp;
 pub mod ssh;

@@ -10,14 +10,13 @@ use std::time::Duration;
 use base64::Engine;
 use granary_grains::GrainId;
 use granary_grains::mail::XmppStanza;
-use granary_wire::jid::Jid;
 use granary_wire::stanza::{Element, Frame, escape};
 use granary_wire::xmpp::{NS_CLIENT, NS_DIALBACK, NS_SASL, NS_SERVER, NS_TLS, Unit, stream_error};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::wire::{self, Ended, Reader};
-use super::{Federation, StreamSlot, domain_of, error_reply, retarget};
+use super::{Federation, StreamSlot, error_reply};
 use crate::Shared;
 
 /// From accepting a connection to a proven domain.
@@ -319,6 +318,12 @@ impl Inbound {
         if self.proven.contains(domain) {
             return Ok(());
         }
+        if domain.eq_ignore_ascii_case(self.fed.domain()) {
+            return Err(Ended::Error(stream_error(
+                "invalid-from",
+                "that is this server's own domain",
+            )));
+        }
         let Some(slot) = self.fed.stream_from(domain) else {
             return Err(Ended::Error(stream_error(
                 "policy-violation",
@@ -472,43 +477,17 @@ impl Inbound {
     /// A stanza from a proven domain for one of our users.
     async fn stanza(&mut self, mut el: Element) -> Result<(), Ended> {
         let ours = self.fed.domain().to_owned();
-        let (Some(from), Some(to)) = (
-            el.attr("from").map(str::to_owned),
-            el.attr("to").map(str::to_owned),
-        ) else {
-            return Err(Ended::Error(stream_error(
-                "improper-addressing",
-                "a stanza between servers names from and to",
-            )));
-        };
-        let from_domain = domain_of(&from).unwrap_or_default();
-        if !self.proven.contains(&from_domain) {
-            return Err(Ended::Error(stream_error(
-                "invalid-from",
-                "this stream has not proven that domain",
-            )));
-        }
-        if Jid::parse(&from).is_err() || Jid::parse(&to).is_err() {
-            return Err(Ended::Error(stream_error(
-                "jid-malformed",
-                "an invalid address",
-            )));
-        }
-        if domain_of(&to).as_deref() != Some(ours.as_str()) {
-            return Err(Ended::Error(stream_error(
-                "host-unknown",
-                "that domain is not served here",
-            )));
-        }
-        if !self.fed.within_rate(&from_domain) {
+        let checked = granary_wire::s2s::addressed(&el, |d| self.proven.contains(d), &ours)
+            .map_err(|r| Ended::Error(stream_error(r.condition, r.text)))?;
+        if !self.fed.within_rate(&checked.from.domain) {
             return Err(Ended::Error(stream_error(
                 "policy-violation",
                 "too many stanzas from your domain; slow down",
             )));
         }
-        retarget(&mut el, NS_SERVER, NS_CLIENT);
-        let bare = to.split('/').next().unwrap_or("");
-        let Some((local, _)) = bare.split_once('@') else {
+        granary_wire::s2s::to_client(&mut el);
+        let (from, to) = (checked.from.to_string(), checked.to.to_string());
+        let Some(local) = checked.to.local.as_deref() else {
             self.to_server(&from, &to, &el);
             return Ok(());
         };
@@ -517,7 +496,7 @@ impl Inbound {
             to: to.clone(),
             stanza: el.to_xml(NS_CLIENT),
         };
-        let refused = match GrainId::for_user(&local.to_lowercase(), "xmpp") {
+        let refused = match GrainId::for_user(local, "xmpp") {
             Ok(grain) => match self.fed.grains.deliver_xmpp(&grain, stanza).await {
                 Ok(()) => None,
                 Err(e) => Some(match e.problem {

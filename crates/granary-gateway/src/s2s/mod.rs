@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use granary_grains::mail::XmppStanza;
 use granary_grains::{GrainId, Grains};
+use granary_wire::s2s::domain_of;
 use granary_wire::stanza::{Element, parse_element};
 use granary_wire::xmpp::NS_CLIENT;
 use rustls::client::WebPkiServerVerifier;
@@ -360,13 +361,6 @@ fn from_hex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// The domain of an address, lowercased.
-fn domain_of(jid: &str) -> Option<String> {
-    let bare = jid.split('/').next()?;
-    let domain = bare.rsplit_once('@').map_or(bare, |(_, d)| d);
-    (!domain.is_empty() && domain.len() <= 1023).then(|| domain.to_ascii_lowercase())
-}
-
 /// The stanza error (RFC 6120 §8.3) answering `el`, which went from
 /// `from` to `to`; `None` for what is never answered with an error.
 fn error_reply(el: &Element, from: &str, to: &str, condition: &str, why: &str) -> Option<Element> {
@@ -455,32 +449,9 @@ impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
     }
 }
 
-/// Moves an element and its descendants from one namespace to another
-/// (`jabber:server` on the wire, `jabber:client` in the grains).
-fn retarget(el: &mut Element, from_ns: &str, to_ns: &str) {
-    if el.ns == from_ns {
-        el.ns = to_ns.to_owned();
-    }
-    for child in el.children.iter_mut() {
-        if let granary_wire::stanza::Node::Element(c) = child {
-            retarget(c, from_ns, to_ns);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses_give_their_domain() {
-        assert_eq!(
-            domain_of("bob@Other.test/phone").as_deref(),
-            Some("other.test")
-        );
-        assert_eq!(domain_of("other.test").as_deref(), Some("other.test"));
-        assert_eq!(domain_of("@"), None);
-    }
 
     #[test]
     fn errors_answer_requests_but_never_errors() {
@@ -507,19 +478,5 @@ mod tests {
         assert!(error_reply(&e, "a@x", "b@y", "x", "y").is_none());
         let p = parse_element(b"<presence/>", NS_CLIENT).unwrap();
         assert!(error_reply(&p, "a@x", "b@y", "x", "y").is_none());
-    }
-
-    #[test]
-    fn stanzas_move_between_namespaces_with_their_children() {
-        let mut el = parse_element(
-            b"<message><body>hi</body><x xmlns='urn:other'><body/></x></message>",
-            "jabber:server",
-        )
-        .unwrap();
-        retarget(&mut el, "jabber:server", NS_CLIENT);
-        assert_eq!(
-            el.to_xml(NS_CLIENT),
-            "<message><body>hi</body><x xmlns='urn:other'><body/></x></message>"
-        );
     }
 }

@@ -14,8 +14,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
 
+use super::Federation;
 use super::wire::{self, Ended, Reader};
-use super::{Federation, retarget};
 use crate::smtp::checks::DnsProblem;
 
 const WRITE_WAIT: Duration = Duration::from_secs(30);
@@ -155,7 +155,7 @@ fn on_the_wire(s: &XmppStanza) -> Option<String> {
     }
     el.set_attr("from", s.from.clone());
     el.set_attr("to", s.to.clone());
-    retarget(&mut el, NS_CLIENT, NS_SERVER);
+    granary_wire::s2s::to_server(&mut el);
     Some(el.to_xml(NS_SERVER))
 }
 
