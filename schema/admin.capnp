@@ -327,6 +327,20 @@ interface Xmpp {
   status @0 (user :Text) -> (status :UserXmppStatus);
   # The user's address, sessions, contacts and stored messages (starts
   # their grain).
+
+  addDomain @1 (domain :Text, users :List(Text)) -> (added :Bool);
+  # Serves another chat domain, and moves `users`' chat addresses into it
+  # (their chat grains restart to take it). `added`: it was new.
+
+  domains @2 () -> (primary :Text, domains :List(XmppDomain));
+  # Granary's own domain (every user not moved elsewhere) and the added
+  # ones.
+}
+
+struct XmppDomain {
+  domain @0 :Text;
+  users @1 :List(Text);
+  createdAt @2 :Int64;
 }
 
 struct UserXmppStatus {

@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some((frame, n))) = next_frame(rest, 64 << 10, NS_SERVER) {
         assert!(n > 0 && n <= rest.len());
         if let Frame::Stanza(el) = frame
-            && let Ok(a) = addressed(&el, |d| d == "a.test", "b.test")
+            && let Ok(a) = addressed(&el, |d| d == "a.test", |d| d == "b.test")
         {
             assert_eq!(a.from.domain, "a.test");
             assert_eq!(a.to.domain, "b.test");

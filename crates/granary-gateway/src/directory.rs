@@ -65,4 +65,10 @@ pub trait Directory: Send + Sync + 'static {
     /// The user who may send as `address` (their name, `+tag`, an alias,
     /// postmaster; never a catch-all), or `None`.
     fn mail_sender_owner(&self, address: &str) -> BoxFuture<Option<String>>;
+
+    /// The chat domains added besides Granary's own
+    /// (`granary xmpp domain add`).
+    fn xmpp_domains(&self) -> BoxFuture<Vec<String>> {
+        Box::pin(async { Vec::new() })
+    }
 }

@@ -81,8 +81,57 @@ pub struct Shared {
     pub mx: Option<Arc<smtp::Mx>>,
     /// Federation with other chat servers; `None` when `xmpp-s2s` is off.
     pub s2s: Option<Arc<s2s::Federation>>,
+    /// The chat domains served (Granary's and the added ones).
+    pub chat_domains: Arc<ChatDomains>,
     /// Passwords verified in the last minute, across listeners.
     pub verified: VerifiedLogins,
+}
+
+/// The chat domains this host serves: Granary's own and those added with
+/// `granary xmpp domain add`, read again (at most once a second) when a
+/// name is not among them, so an added domain is served at once.
+pub struct ChatDomains {
+    primary: String,
+    directory: Arc<dyn Directory>,
+    known: std::sync::Mutex<(Option<std::time::Instant>, Arc<std::collections::HashSet<String>>)>,
+}
+
+impl ChatDomains {
+    pub fn new(primary: &str, directory: Arc<dyn Directory>) -> ChatDomains {
+        ChatDomains {
+            primary: primary.to_ascii_lowercase(),
+            directory,
+            known: std::sync::Mutex::new((None, Arc::default())),
+        }
+    }
+
+    /// Granary's own domain.
+    pub fn primary(&self) -> &str {
+        &self.primary
+    }
+
+    /// Whether chat for `domain` is served here.
+    pub async fn serves(&self, domain: &str) -> bool {
+        let d = domain.to_ascii_lowercase();
+        if d == self.primary {
+            return true;
+        }
+        {
+            let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            if known.1.contains(&d) {
+                return true;
+            }
+            if known.0.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return false;
+            }
+        }
+        let fresh: std::collections::HashSet<String> =
+            self.directory.xmpp_domains().await.into_iter().collect();
+        let hit = fresh.contains(&d);
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
+            (Some(std::time::Instant::now()), Arc::new(fresh));
+        hit
+    }
 }
 
 /// Why a mail login was refused.

@@ -16,6 +16,7 @@ mod mail;
 mod migrate;
 mod repos;
 mod users;
+mod xmpp;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -30,6 +31,7 @@ pub use mail::{MailAlias, MailDomainInfo, MailRoute};
 pub use migrate::LATEST_SCHEMA_VERSION;
 pub use repos::SshKey;
 pub use users::{User, UserCredentials};
+pub use xmpp::XmppDomainInfo;
 
 /// `PRAGMA application_id` of a Granary state database ('GRNY').
 pub const APPLICATION_ID: i32 = 0x4752_4e59;

@@ -53,6 +53,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 10,
         sql: include_str!("migrations/0010_scram.sql"),
     },
+    Migration {
+        version: 11,
+        sql: include_str!("migrations/0011_xmpp_domains.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

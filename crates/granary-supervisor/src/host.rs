@@ -115,6 +115,7 @@ impl host::Server for HostImpl {
                     sup: self.sup.clone(),
                     id: self.id.clone(),
                     owner: self.owner.clone(),
+                    domain: sup.grain_domain(&self.owner, "xmpp").await,
                     order: tokio::sync::Mutex::new(()),
                 });
             results

@@ -170,6 +170,7 @@ impl Inner {
             .create(&slot.id, slot.host_uid)
             .map_err(|e| e.to_string())?;
 
+        let domain = self.grain_domain(&slot.user, &slot.kind).await;
         let mut limits = granary_jail::Limits::default();
         if let Some(m) = manifest.limits.memory_mib {
             limits.memory_bytes = m << 20;
@@ -187,8 +188,9 @@ impl Inner {
             // Whose grain this is (also `Host.info`), for apps that need
             // it before their first call.
             format!("GRANARY_OWNER={}", slot.user),
-            // Granary's domain, so an app can write its users' addresses.
-            format!("GRANARY_DOMAIN={}", self.params.config.domain),
+            // Granary's domain, so an app can write its users' addresses
+            // (a chat grain gets its owner's chat domain).
+            format!("GRANARY_DOMAIN={domain}"),
             // How many calls through the host it may have at once.
             format!("GRANARY_MAX_IN_FLIGHT={}", self.params.config.max_in_flight),
             format!("GRANARY_APP_VERSION={}", app.version),

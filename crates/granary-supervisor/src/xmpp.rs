@@ -17,7 +17,7 @@ use std::rc::Weak;
 use capnp::capability::{FromClientHook, Rc as CapRc};
 use granary_schema::services_capnp::xmpp_router;
 
-use crate::inner::Inner;
+use crate::inner::{Inner, db};
 use crate::{Supervisor, error};
 use granary_grains::Problem;
 
@@ -32,6 +32,8 @@ pub(crate) struct Router {
     /// The sending grain: its calls count against its in-flight bound.
     pub(crate) id: String,
     pub(crate) owner: String,
+    /// The owner's chat domain (a change restarts the grain).
+    pub(crate) domain: String,
     /// Held from a call's arrival until its stanza is sent on, so stanzas
     /// leave in the order the grain sent them even while the recipient
     /// is starting.
@@ -82,7 +84,7 @@ impl xmpp_router::Server for Router {
         let _call = sup.admit_call(&self.id)?;
         let order = self.order.lock().await;
         let p = params.get()?;
-        let domain = sup.params.config.domain.clone();
+        let domain = self.domain.clone();
         // Only the resource is the grain's to say.
         let claimed = p.get_from()?.to_str()?;
         let from = match claimed.split_once('/') {
@@ -97,7 +99,7 @@ impl xmpp_router::Server for Router {
             None => (None, bare),
         };
         let stanza = p.get_stanza()?.to_str()?.to_owned();
-        if !to_domain.eq_ignore_ascii_case(&domain) {
+        if !sup.serves_chat_domain(to_domain).await {
             // Another server's: the gateway's federation takes it from
             // here, and tells the sender's grain if it cannot deliver.
             let Some(out) = &sup.params.config.xmpp_outbound else {
@@ -135,6 +137,30 @@ impl xmpp_router::Server for Router {
 }
 
 impl Inner {
+    /// The domain a user's grain of `kind` is told is its own: for chat,
+    /// the user's chat domain.
+    pub(crate) async fn grain_domain(&self, user: &str, kind: &str) -> String {
+        if kind == "xmpp" {
+            let user = user.to_owned();
+            if let Ok(Some(d)) = db(&self.params.store, move |s| s.xmpp_domain_of(&user)).await {
+                return d;
+            }
+        }
+        self.params.config.domain.clone()
+    }
+
+    /// Whether chat for `domain` is served here: Granary's domain or an
+    /// added one.
+    pub(crate) async fn serves_chat_domain(&self, domain: &str) -> bool {
+        let d = domain.to_ascii_lowercase();
+        if d == self.params.config.domain {
+            return true;
+        }
+        db(&self.params.store, |s| s.xmpp_domain_names())
+            .await
+            .is_ok_and(|names| names.contains(&d))
+    }
+
     /// Hands one stanza to `grain`'s `xmpp.deliver`, starting the grain if
     /// it is stopped. `order` is released once the stanza is on its way.
     pub(crate) async fn xmpp_deliver(

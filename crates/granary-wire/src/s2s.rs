@@ -33,11 +33,11 @@ pub fn domain_of(jid: &str) -> Option<String> {
 }
 
 /// Checks a stanza that came in on a server stream which has proven the
-/// domains `proven` says yes to, for this server's domain `ours`.
+/// domains `proven` says yes to, for the domains `ours` says yes to.
 pub fn addressed(
     el: &Element,
     proven: impl Fn(&str) -> bool,
-    ours: &str,
+    ours: impl Fn(&str) -> bool,
 ) -> Result<Addressed, Refused> {
     if el.ns != NS_SERVER || !matches!(el.name.as_str(), "message" | "presence" | "iq") {
         return Err(refused(
@@ -59,7 +59,7 @@ pub fn addressed(
             "this stream has not proven that domain",
         ));
     }
-    if !to.domain.eq_ignore_ascii_case(ours) {
+    if !ours(&to.domain) {
         return Err(refused("host-unknown", "that domain is not served here"));
     }
     Ok(Addressed { from, to })
@@ -99,6 +99,7 @@ mod tests {
     #[test]
     fn only_proven_senders_to_our_users_pass() {
         let proven = |d: &str| d == "a.test";
+        let ours = |d: &str| d == "b.test";
         let ok = addressed(
             &el("<message from='x@a.test/r' to='y@b.test'/>"),
             proven,
@@ -121,7 +122,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                addressed(&el(xml), proven, "b.test").unwrap_err().condition,
+                addressed(&el(xml), proven, ours).unwrap_err().condition,
                 condition,
                 "{xml}"
             );

@@ -51,6 +51,8 @@ pub async fn serve(
                     reader: Reader::new(MAX_BEFORE_AUTH, stop),
                     id: String::new(),
                     proven: HashSet::new(),
+                    local: None,
+                    locals: HashSet::new(),
                     slots: Vec::new(),
                 };
                 stream.run(tcp).await;
@@ -68,6 +70,11 @@ struct Inbound {
     id: String,
     /// Domains this stream has proven; only these may be `from`.
     proven: HashSet<String>,
+    /// The domain of ours the stream's header named.
+    local: Option<String>,
+    /// Our domains stanzas on this stream may be for: the header's and
+    /// any dialback named.
+    locals: HashSet<String>,
     slots: Vec<StreamSlot>,
 }
 
@@ -124,54 +131,13 @@ impl Inbound {
         io: &mut S,
         features: &str,
     ) -> Result<(), Ended> {
-        let unit = match self.reader.frame(io, LOGIN_WAIT).await? {
-            Frame::Header(u) => u,
-            _ => {
-                return Err(Ended::Error(stream_error(
-                    "not-well-formed",
-                    "a stream starts with its header",
-                )));
-            }
-        };
-        let Unit::StreamHeader {
-            to,
-            from,
-            default_ns,
-            ..
-        } = unit
-        else {
-            return Err(Ended::Error(stream_error(
+        match self.reader.frame(io, LOGIN_WAIT).await? {
+            Frame::Header(unit) => self.answer_header(io, unit, features).await,
+            _ => Err(Ended::Error(stream_error(
                 "not-well-formed",
-                "a bad header",
-            )));
-        };
-        self.id = fresh_id();
-        let ours = self.fed.domain().to_owned();
-        // Our header first, so a stream error has a stream to be in.
-        let header = granary_wire::xmpp::s2s_stream_header(
-            &ours,
-            from.as_deref().unwrap_or(""),
-            Some(&self.id),
-        );
-        let refusal = if default_ns.as_deref() != Some(NS_SERVER) {
-            Some(stream_error(
-                "invalid-namespace",
-                "this is a server stream: jabber:server",
-            ))
-        } else if !to.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(&ours)) {
-            Some(stream_error(
-                "host-unknown",
-                "that domain is not served here",
-            ))
-        } else {
-            None
-        };
-        if let Some(e) = refusal {
-            let _ = wire::send(io, &header, WRITE_WAIT).await;
-            return Err(Ended::Error(e));
+                "a stream starts with its header",
+            ))),
         }
-        let text = format!("{header}<stream:features>{features}</stream:features>");
-        wire::send(io, &text, WRITE_WAIT).await
     }
 
     /// The stream after TLS, until it ends; what ended it.
@@ -268,7 +234,8 @@ impl Inbound {
         }
     }
 
-    /// Answers a header already read (the one after TLS or SASL).
+    /// Answers a header already read: it must be a server stream to one
+    /// of our chat domains (the same one after a restart).
     async fn answer_header<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         io: &mut S,
@@ -282,18 +249,22 @@ impl Inbound {
             ..
         } = unit
         else {
-            return Err(Ended::Error(stream_error(
-                "not-well-formed",
-                "a bad header",
-            )));
+            return Err(Ended::Error(stream_error("not-well-formed", "a bad header")));
         };
         self.id = fresh_id();
-        let ours = self.fed.domain().to_owned();
-        let header = granary_wire::xmpp::s2s_stream_header(
-            &ours,
-            from.as_deref().unwrap_or(""),
-            Some(&self.id),
-        );
+        let to = to.unwrap_or_default().to_ascii_lowercase();
+        let served = match &self.local {
+            Some(local) => *local == to,
+            None => self.fed.domains.serves(&to).await,
+        };
+        // Our header first, so a stream error has a stream to be in.
+        let ours = if served {
+            to.clone()
+        } else {
+            self.fed.domains.primary().to_owned()
+        };
+        let header =
+            granary_wire::xmpp::s2s_stream_header(&ours, from.as_deref().unwrap_or(""), Some(&self.id));
         if default_ns.as_deref() != Some(NS_SERVER) {
             let _ = wire::send(io, &header, WRITE_WAIT).await;
             return Err(Ended::Error(stream_error(
@@ -301,24 +272,26 @@ impl Inbound {
                 "this is a server stream: jabber:server",
             )));
         }
-        if !to.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(&ours)) {
+        if !served {
             let _ = wire::send(io, &header, WRITE_WAIT).await;
             return Err(Ended::Error(stream_error(
                 "host-unknown",
                 "that domain is not served here",
             )));
         }
+        self.local = Some(to.clone());
+        self.locals.insert(to);
         let text = format!("{header}<stream:features>{features}</stream:features>");
         wire::send(io, &text, WRITE_WAIT).await
     }
 
     /// Takes a domain as proven on this stream (within its share of
     /// streams).
-    fn prove(&mut self, domain: &str, how: &'static str) -> Result<(), Ended> {
+    async fn prove(&mut self, domain: &str, how: &'static str) -> Result<(), Ended> {
         if self.proven.contains(domain) {
             return Ok(());
         }
-        if domain.eq_ignore_ascii_case(self.fed.domain()) {
+        if self.fed.domains.serves(domain).await {
             return Err(Ended::Error(stream_error(
                 "invalid-from",
                 "that is this server's own domain",
@@ -367,7 +340,7 @@ impl Inbound {
             }
         }
         let domain = domain.to_owned();
-        self.prove(&domain, "sasl-external")?;
+        self.prove(&domain, "sasl-external").await?;
         wire::send(io, &format!("<success xmlns='{NS_SASL}'/>"), WRITE_WAIT).await?;
         // The stream restarts; no features are left to offer.
         let unit = match self.reader.frame(io, LOGIN_WAIT).await? {
@@ -389,7 +362,6 @@ impl Inbound {
         io: &mut S,
         el: &Element,
     ) -> Result<(), Ended> {
-        let ours = self.fed.domain().to_owned();
         let (Some(from), Some(to)) = (el.attr("from"), el.attr("to")) else {
             return Err(Ended::Error(stream_error(
                 "improper-addressing",
@@ -397,6 +369,13 @@ impl Inbound {
             )));
         };
         let from = from.to_ascii_lowercase();
+        let to = to.to_ascii_lowercase();
+        let served = self.fed.domains.serves(&to).await;
+        let ours = if served {
+            to.clone()
+        } else {
+            self.local.clone().unwrap_or_default()
+        };
         let answer = |kind: &str, extra: &str| {
             format!(
                 "<db:result from='{}' to='{}' type='{kind}'>{extra}</db:result>",
@@ -404,7 +383,7 @@ impl Inbound {
                 escape(&from)
             )
         };
-        if !to.eq_ignore_ascii_case(&ours) {
+        if !served {
             let e = "<error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>";
             return wire::send(io, &answer("error", e), WRITE_WAIT).await;
         }
@@ -420,11 +399,12 @@ impl Inbound {
         let valid = self
             .fed
             .clone()
-            .verify_remote_key(&from, &self.id, key.trim())
+            .verify_remote_key(&ours, &from, &self.id, key.trim())
             .await;
         match valid {
             Ok(true) => {
-                self.prove(&from, "dialback")?;
+                self.prove(&from, "dialback").await?;
+                self.locals.insert(ours.clone());
                 wire::send(io, &answer("valid", ""), WRITE_WAIT).await
             }
             Ok(false) => {
@@ -453,7 +433,6 @@ impl Inbound {
         io: &mut S,
         el: &Element,
     ) -> Result<(), Ended> {
-        let ours = self.fed.domain().to_owned();
         let (Some(from), Some(to), Some(id)) = (el.attr("from"), el.attr("to"), el.attr("id"))
         else {
             return Err(Ended::Error(stream_error(
@@ -462,7 +441,8 @@ impl Inbound {
             )));
         };
         // `from` received our stream; `to` must be us, the originator.
-        let valid = to.eq_ignore_ascii_case(&ours)
+        let ours = to.to_ascii_lowercase();
+        let valid = self.fed.domains.serves(&ours).await
             && self.fed.dialback_valid(from, &ours, id, el.text().trim());
         let text = format!(
             "<db:verify from='{}' to='{}' id='{}' type='{}'/>",
@@ -476,8 +456,11 @@ impl Inbound {
 
     /// A stanza from a proven domain for one of our users.
     async fn stanza(&mut self, mut el: Element) -> Result<(), Ended> {
-        let ours = self.fed.domain().to_owned();
-        let checked = granary_wire::s2s::addressed(&el, |d| self.proven.contains(d), &ours)
+        let checked = granary_wire::s2s::addressed(
+            &el,
+            |d| self.proven.contains(d),
+            |d| self.locals.contains(d),
+        )
             .map_err(|r| Ended::Error(stream_error(r.condition, r.text)))?;
         if !self.fed.within_rate(&checked.from.domain) {
             return Err(Ended::Error(stream_error(

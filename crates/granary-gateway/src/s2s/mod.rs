@@ -49,8 +49,6 @@ const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 /// How federation behaves (`[xmpp]` `s2s_*`).
 #[derive(Debug, Clone)]
 pub struct S2sSettings {
-    /// This server's chat domain.
-    pub domain: String,
     pub require_verified: bool,
     pub idle: Duration,
     pub connections_per_domain: u32,
@@ -70,6 +68,8 @@ struct Bucket {
 /// Federation: shared by the listener and the outbound streams.
 pub struct Federation {
     settings: S2sSettings,
+    /// Which domains are ours.
+    domains: Arc<crate::ChatDomains>,
     checker: Checker,
     grains: Arc<dyn Grains>,
     /// Opportunistic: the certificate is checked after the handshake, with
@@ -80,7 +80,8 @@ pub struct Federation {
     /// for (not required).
     server_tls: Arc<rustls::ServerConfig>,
     secret: ring::hmac::Key,
-    queues: Mutex<HashMap<String, mpsc::Sender<XmppStanza>>>,
+    /// One queue (and task) per pair of our domain and theirs.
+    queues: Mutex<HashMap<(String, String), mpsc::Sender<XmppStanza>>>,
     streams_from: Mutex<HashMap<String, u32>>,
     rates: Mutex<HashMap<String, Bucket>>,
     stop: watch::Receiver<bool>,
@@ -88,6 +89,8 @@ pub struct Federation {
 
 /// Stanzas that may wait for one domain's stream.
 const QUEUE_PER_DOMAIN: usize = 1000;
+/// Other domains reached at once (each has a task and a queue).
+const MAX_REMOTE_DOMAINS: usize = 10_000;
 
 impl Federation {
     /// `ca`: PEM certificates trusted besides the system's roots;
@@ -98,6 +101,7 @@ impl Federation {
         settings: S2sSettings,
         checker: Checker,
         grains: Arc<dyn Grains>,
+        domains: Arc<crate::ChatDomains>,
         certs: Arc<dyn rustls::server::ResolvesServerCert>,
         ca: Option<&std::path::Path>,
         secret: &[u8],
@@ -141,6 +145,7 @@ impl Federation {
         let key = ring::digest::digest(&ring::digest::SHA256, &tagged);
         Ok(Arc::new(Federation {
             settings,
+            domains,
             checker,
             grains,
             client_tls: Arc::new(client_tls),
@@ -163,11 +168,6 @@ impl Federation {
                 me.submit(s);
             }
         });
-    }
-
-    /// This server's chat domain.
-    pub fn domain(&self) -> &str {
-        &self.settings.domain
     }
 
     /// What a dialback key is the HMAC of: the receiving and originating
@@ -256,46 +256,49 @@ impl Federation {
     /// Queues a stanza from one of our users for another domain; bounces
     /// it at once when that domain's queue is full.
     pub fn submit(self: &Arc<Self>, stanza: XmppStanza) {
-        let Some(domain) = domain_of(&stanza.to) else {
+        let (Some(local), Some(remote)) = (domain_of(&stanza.from), domain_of(&stanza.to)) else {
             self.bounce(stanza, "jid-malformed", "not an address");
             return;
         };
+        let key = (local, remote);
         let refused = {
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            let queue = queues.entry(domain.clone()).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(QUEUE_PER_DOMAIN);
-                tokio::spawn(outbound::run(self.clone(), domain.clone(), rx));
-                tx
-            });
-            match queue.try_send(stanza) {
-                Ok(()) => None,
-                Err(mpsc::error::TrySendError::Full(s)) => Some(s),
-                Err(mpsc::error::TrySendError::Closed(s)) => {
-                    // Its stream ended idle between our lookup and now.
-                    queues.remove(&domain);
-                    drop(queues);
-                    self.submit(s);
-                    return;
+            if !queues.contains_key(&key) && queues.len() >= MAX_REMOTE_DOMAINS {
+                Some((stanza, "too many other servers are being reached at once"))
+            } else {
+                let queue = queues.entry(key.clone()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(QUEUE_PER_DOMAIN);
+                    tokio::spawn(outbound::run(self.clone(), key.0.clone(), key.1.clone(), rx));
+                    tx
+                });
+                match queue.try_send(stanza) {
+                    Ok(()) => None,
+                    Err(mpsc::error::TrySendError::Full(s)) => {
+                        Some((s, "too many stanzas wait for that server"))
+                    }
+                    Err(mpsc::error::TrySendError::Closed(s)) => {
+                        // Its task ended idle between our lookup and now.
+                        queues.remove(&key);
+                        drop(queues);
+                        self.submit(s);
+                        return;
+                    }
                 }
             }
         };
-        if let Some(s) = refused {
-            self.bounce(
-                s,
-                "resource-constraint",
-                "too many stanzas wait for that server",
-            );
+        if let Some((s, why)) = refused {
+            self.bounce(s, "resource-constraint", why);
         }
     }
 
     /// Called by a domain's outbound task as it ends: it is forgotten
     /// unless something was queued meanwhile (then it goes on).
-    fn retire(&self, domain: &str, rx: &mpsc::Receiver<XmppStanza>) -> bool {
+    fn retire(&self, local: &str, remote: &str, rx: &mpsc::Receiver<XmppStanza>) -> bool {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         if !rx.is_empty() {
             return false;
         }
-        queues.remove(domain);
+        queues.remove(&(local.to_owned(), remote.to_owned()));
         true
     }
 

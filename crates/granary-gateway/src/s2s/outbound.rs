@@ -41,9 +41,14 @@ fn failed(condition: &'static str, why: impl Into<String>) -> Failed {
     }
 }
 
-/// Sends `domain`'s queued stanzas over one stream, set up on demand,
-/// until the queue has been idle and empty.
-pub(super) async fn run(fed: Arc<Federation>, domain: String, mut rx: mpsc::Receiver<XmppStanza>) {
+/// Sends the queued stanzas from our domain `local` to `domain` over one
+/// stream, set up on demand, until the queue has been idle and empty.
+pub(super) async fn run(
+    fed: Arc<Federation>,
+    local: String,
+    domain: String,
+    mut rx: mpsc::Receiver<XmppStanza>,
+) {
     let mut stream: Option<(WriteHalf<Tls>, tokio::task::JoinHandle<()>)> = None;
     let mut failed_at: Option<(tokio::time::Instant, Failed)> = None;
     let mut stop = fed.stop.clone();
@@ -62,7 +67,7 @@ pub(super) async fn run(fed: Arc<Federation>, domain: String, mut rx: mpsc::Rece
                     wire::end(&mut w, &Ended::Quiet).await;
                     reader.abort();
                 }
-                if fed.retire(&domain, &rx) {
+                if fed.retire(&local, &domain, &rx) {
                     return;
                 }
                 continue;
@@ -78,7 +83,7 @@ pub(super) async fn run(fed: Arc<Federation>, domain: String, mut rx: mpsc::Rece
                 fed.bounce(stanza, f.condition, &f.why);
                 continue;
             }
-            match tokio::time::timeout(SETUP_WAIT, connect(&fed, &domain, Purpose::Send)).await {
+            match tokio::time::timeout(SETUP_WAIT, connect(&fed, &local, &domain, Purpose::Send)).await {
                 Ok(Ok(Connected { io, reader })) => {
                     failed_at = None;
                     let (r, w) = tokio::io::split(io);
@@ -112,7 +117,7 @@ pub(super) async fn run(fed: Arc<Federation>, domain: String, mut rx: mpsc::Rece
         if wire::send(w, &text, WRITE_WAIT).await.is_err() {
             // The stream broke: once more on a new one, then give up.
             stream = None;
-            match connect(&fed, &domain, Purpose::Send).await {
+            match connect(&fed, &local, &domain, Purpose::Send).await {
                 Ok(Connected { io, reader }) => {
                     let (r, mut w) = tokio::io::split(io);
                     if wire::send(&mut w, &text, WRITE_WAIT).await.is_err() {
@@ -216,10 +221,11 @@ async fn targets(fed: &Federation, domain: &str) -> Result<Vec<(String, u16)>, F
     }
 }
 
-/// Opens a stream to `domain`'s server: TCP to the first target that
-/// answers, STARTTLS, and (to send) dialback.
+/// Opens a stream from our `local` to `domain`'s server: TCP to the
+/// first target that answers, STARTTLS, and (to send) dialback.
 async fn connect(
     fed: &Arc<Federation>,
+    local: &str,
     domain: &str,
     purpose: Purpose,
 ) -> Result<Connected, Failed> {
@@ -254,7 +260,7 @@ async fn connect(
                     }
                 };
             let _ = tcp.set_nodelay(true);
-            match negotiate(fed, domain, tcp, purpose).await {
+            match negotiate(fed, local, domain, tcp, purpose).await {
                 Ok(c) => return Ok(c),
                 Err(f) => {
                     tracing::info!(domain, %addr, why = %f.why, "s2s stream setup failed");
@@ -301,12 +307,12 @@ async fn header_and_features<S: AsyncRead + Unpin>(
 
 async fn negotiate(
     fed: &Arc<Federation>,
+    ours: &str,
     domain: &str,
     mut tcp: TcpStream,
     purpose: Purpose,
 ) -> Result<Connected, Failed> {
-    let ours = fed.domain().to_owned();
-    let header = granary_wire::xmpp::s2s_stream_header(&ours, domain, None);
+    let header = granary_wire::xmpp::s2s_stream_header(ours, domain, None);
     let broke = |_| failed("remote-server-not-found", "the connection broke");
     let mut reader = Reader::new(64 << 10, fed.stop.clone());
     wire::send(&mut tcp, &header, WRITE_WAIT)
@@ -367,10 +373,10 @@ async fn negotiate(
     if !offers_dialback {
         tracing::debug!(domain, "no dialback feature offered; trying it anyway");
     }
-    let key = fed.dialback_key(domain, &ours, &id);
+    let key = fed.dialback_key(domain, ours, &id);
     let ask = format!(
         "<db:result from='{}' to='{}'>{key}</db:result>",
-        escape(&ours),
+        escape(ours),
         escape(domain)
     );
     wire::send(&mut tls, &ask, WRITE_WAIT)
@@ -410,19 +416,19 @@ async fn negotiate(
 
 impl Federation {
     /// Asks `domain`'s own server whether `key` is one it gave for our
-    /// stream `id`: `Ok(true)` only if it says so.
+    /// (`ours`) stream `id`: `Ok(true)` only if it says so.
     pub(super) async fn verify_remote_key(
         self: Arc<Self>,
+        ours: &str,
         domain: &str,
         id: &str,
         key: &str,
     ) -> Result<bool, String> {
-        let ours = self.domain().to_owned();
         let work = async {
             let Connected {
                 io: mut tls,
                 mut reader,
-            } = connect(&self, domain, Purpose::Verify)
+            } = connect(&self, ours, domain, Purpose::Verify)
                 .await
                 .map_err(|f| f.why)?;
             let ask = format!(

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::client::print_json;
 use super::connection::{remote, text, texts, with_admin};
-use crate::cli::XmppCommand;
+use crate::cli::{XmppCommand, XmppDomainCommand};
 
 #[derive(Debug, Serialize)]
 struct StatusView {
@@ -23,7 +23,125 @@ struct StatusView {
 pub(crate) fn run(config: &Config, cmd: &XmppCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         XmppCommand::Status { user, output } => status(config, user, output.json),
+        XmppCommand::Domain(XmppDomainCommand::Add { domain, users }) => {
+            add_domain(config, domain, users)
+        }
+        XmppCommand::Domain(XmppDomainCommand::List { output }) => domains(config, output.json),
     }
+}
+
+fn add_domain(config: &Config, domain: &str, users: &[String]) -> anyhow::Result<ExitCode> {
+    let (d, us) = (domain.to_owned(), users.to_vec());
+    let added = with_admin(config, |admin: admin::Client| async move {
+        let mut req = super::xmpp(&admin).add_domain_request();
+        req.get().set_domain(d.as_str());
+        let mut list = req.get().init_users(us.len() as u32);
+        for (i, u) in us.iter().enumerate() {
+            list.set(i as u32, u.as_str());
+        }
+        let r = req.send().promise.await.map_err(remote)?;
+        Ok(r.get().map_err(remote)?.get_added())
+    })?;
+    let domain = domain.to_ascii_lowercase();
+    if added {
+        println!("{domain} is now a chat domain of this host.");
+    }
+    for u in users {
+        println!("{u}'s chat address is now {u}@{domain} (their chat grain restarts).");
+    }
+    if added {
+        let certs = config.tls_dir().join("domains").join(&domain);
+        println!(
+            "Publish its SRV records (granary xmpp domain list shows them) and put its \
+             certificate in {}/cert.pem and key.pem.",
+            certs.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Serialize)]
+struct DomainView {
+    domain: String,
+    /// Granary's own domain: every user not moved elsewhere.
+    primary: bool,
+    /// The users moved into it (empty for the primary domain).
+    users: Vec<String>,
+    /// Where a certificate for it is looked for, and whether one is there
+    /// (the primary domain's comes from [tls] or the local CA).
+    certificate: Option<String>,
+    has_certificate: bool,
+    records: Vec<String>,
+}
+
+fn domains(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let (primary, added) = with_admin(config, |admin: admin::Client| async move {
+        let r = super::xmpp(&admin)
+            .domains_request()
+            .send()
+            .promise
+            .await
+            .map_err(remote)?;
+        let r = r.get().map_err(remote)?;
+        let mut added = Vec::new();
+        for d in r.get_domains().map_err(remote)? {
+            added.push((text(d.get_domain())?, texts(d.get_users())?));
+        }
+        Ok((text(r.get_primary())?, added))
+    })?;
+    let records = |d: &str| {
+        vec![
+            format!("_xmpp-client._tcp.{d}. IN SRV 0 5 5222 <this host>."),
+            format!("_xmpps-client._tcp.{d}. IN SRV 0 5 5223 <this host>."),
+            format!("_xmpp-server._tcp.{d}. IN SRV 0 5 5269 <this host>. (federation)"),
+        ]
+    };
+    let mut views = vec![DomainView {
+        domain: primary.clone(),
+        primary: true,
+        users: Vec::new(),
+        certificate: None,
+        has_certificate: true,
+        records: records(&primary),
+    }];
+    for (domain, users) in added {
+        let dir = config.tls_dir().join("domains").join(&domain);
+        views.push(DomainView {
+            has_certificate: dir.join("cert.pem").exists() && dir.join("key.pem").exists(),
+            certificate: Some(dir.display().to_string()),
+            records: records(&domain),
+            domain,
+            primary: false,
+            users,
+        });
+    }
+    if json {
+        print_json(&views)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for v in &views {
+        if v.primary {
+            println!("{}  (Granary's domain: every user not moved elsewhere)", v.domain);
+        } else {
+            let users = if v.users.is_empty() {
+                "no users yet (granary xmpp domain add DOMAIN --user USER)".to_owned()
+            } else {
+                v.users.join(", ")
+            };
+            println!("{}  users: {users}", v.domain);
+            match (&v.certificate, v.has_certificate) {
+                (Some(dir), true) => println!("  certificate: {dir}/cert.pem"),
+                (Some(dir), false) => {
+                    println!("  certificate: MISSING: put cert.pem and key.pem in {dir}")
+                }
+                _ => {}
+            }
+        }
+        for r in &v.records {
+            println!("  {r}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status(config: &Config, user: &str, json: bool) -> anyhow::Result<ExitCode> {

@@ -44,6 +44,26 @@ pub(crate) enum XmppCommand {
         #[command(flatten)]
         output: Output,
     },
+    /// Chat domains: Granary's own, and others users can have their address in
+    #[command(subcommand)]
+    Domain(XmppDomainCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum XmppDomainCommand {
+    /// Serve chat for DOMAIN too; with --user, move those users' addresses into it
+    /// (their chat grains restart; Granary's own domain moves them back)
+    Add {
+        domain: String,
+        /// A user whose chat address becomes USER@DOMAIN (repeat for more)
+        #[arg(long = "user", value_name = "USER")]
+        users: Vec<String>,
+    },
+    /// Every chat domain, its users, and the DNS records and certificate it needs
+    List {
+        #[command(flatten)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]

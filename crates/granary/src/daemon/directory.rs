@@ -142,4 +142,15 @@ impl Directory for StateDirectory {
             }
         })
     }
+
+    fn xmpp_domains(&self) -> BoxFuture<Vec<String>> {
+        let store = self.store.clone();
+        lookup(Vec::new(), move || match store.xmpp_domain_names() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "chat domain lookup failed");
+                Vec::new()
+            }
+        })
+    }
 }

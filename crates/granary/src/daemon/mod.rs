@@ -181,13 +181,20 @@ async fn serve(
     let (grains, supervisor) =
         start::supervisor(&config, &store, datasets.clone(), to_other_servers).await?;
     let grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
+    let chat_domains = Arc::new(granary_gateway::ChatDomains::new(
+        &config.domain,
+        Arc::new(directory::StateDirectory {
+            store: store.clone(),
+            postmaster: None,
+        }),
+    ));
     let s2s = match from_grains {
         Some(rx) => {
             let secret = ssh_host_key
                 .to_bytes()
                 .map(|b| b.to_vec())
                 .context("the SSH host key, for the dialback secret")?;
-            let fed = start::federation(&config, grains.clone(), &tls, &secret, stop_rx.clone())?;
+            let fed = start::federation(&config, grains.clone(), chat_domains.clone(), &tls, &secret, stop_rx.clone())?;
             fed.start(rx);
             Some(fed)
         }
@@ -229,12 +236,14 @@ async fn serve(
         .clone()
         .or_else(|| (mode == Mode::Demo).then(|| demo::DEMO_USER.to_owned()));
     let g = &config.gateway;
-    let shared = Arc::new(granary_gateway::Shared {
-        domain: config.domain.clone(),
-        directory: Arc::new(directory::StateDirectory {
+    let directory: Arc<dyn granary_gateway::directory::Directory> =
+        Arc::new(directory::StateDirectory {
             store: store.clone(),
             postmaster: postmaster.clone(),
-        }),
+        });
+    let shared = Arc::new(granary_gateway::Shared {
+        domain: config.domain.clone(),
+        directory,
         grains: grains.clone(),
         limiter: Arc::default(),
         verified: Default::default(),
@@ -250,6 +259,7 @@ async fn serve(
         },
         mx: Some(mail.mx.clone()),
         s2s,
+        chat_domains,
     });
     let served = bound.serve(shared, &stop_rx);
     let delivering = mail::deliver(&mail, grains, store.clone(), postmaster, stop_rx.clone());

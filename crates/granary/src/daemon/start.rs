@@ -115,6 +115,7 @@ pub(super) async fn supervisor(
 pub(super) fn federation(
     config: &Config,
     grains: Arc<dyn granary_grains::Grains>,
+    chat_domains: Arc<granary_gateway::ChatDomains>,
     tls: &Arc<rustls::ServerConfig>,
     secret: &[u8],
     stop: tokio::sync::watch::Receiver<bool>,
@@ -128,7 +129,6 @@ pub(super) fn federation(
     .context("xmpp.s2s_resolver")?;
     granary_gateway::s2s::Federation::new(
         granary_gateway::s2s::S2sSettings {
-            domain: config.domain.clone(),
             require_verified: x.s2s_require_verified,
             idle: x.s2s_idle,
             connections_per_domain: x.s2s_connections_per_domain,
@@ -139,6 +139,7 @@ pub(super) fn federation(
         },
         checker,
         grains,
+        chat_domains,
         tls.cert_resolver.clone(),
         x.s2s_ca.as_deref(),
         secret,

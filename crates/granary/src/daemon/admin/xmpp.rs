@@ -6,7 +6,7 @@ use capnp::capability::Rc as CapRc;
 use granary_grains::GrainId;
 use granary_schema::admin_capnp::xmpp;
 
-use super::{Ctx, blocking, fail, grain_failure, state_failure, user_name};
+use super::{ACTOR, Ctx, blocking, fail, grain_failure, state_failure, user_name};
 
 pub(super) struct Xmpp(pub(super) Rc<Ctx>);
 
@@ -38,7 +38,12 @@ impl xmpp::Server for Xmpp {
             .map_err(grain_failure)?;
         let mut out = results.get().init_status();
         out.set_user(user.as_str());
-        out.set_address(format!("{user}@{}", self.0.info.domain));
+        let store = self.0.store.clone();
+        let who = user.to_string();
+        let domain = blocking(move || store.xmpp_domain_of(&who).map_err(state_failure))
+            .await?
+            .unwrap_or_else(|| self.0.info.domain.clone());
+        out.set_address(format!("{user}@{domain}"));
         let mut list = out.reborrow().init_resources(status.resources.len() as u32);
         for (i, r) in status.resources.iter().enumerate() {
             list.set(i as u32, r);
@@ -46,6 +51,65 @@ impl xmpp::Server for Xmpp {
         out.set_contacts(status.contacts);
         out.set_archived(status.archived);
         out.set_offline(status.offline);
+        Ok(())
+    }
+
+    async fn add_domain(
+        self: CapRc<Self>,
+        params: xmpp::AddDomainParams,
+        mut results: xmpp::AddDomainResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let domain = granary_model::MailDomain::parse(p.get_domain()?.to_str()?)
+            .map_err(|e| fail(e.to_string()))?;
+        let mut users = Vec::new();
+        for u in p.get_users()? {
+            users.push(user_name(u?)?);
+        }
+        let primary = domain.as_str() == self.0.info.domain;
+        let store = self.0.store.clone();
+        let moved = users.clone();
+        let added = blocking(move || {
+            if primary {
+                // Granary's own domain: the users move back to it.
+                store.reset_xmpp_domain(&moved, ACTOR).map_err(state_failure)?;
+                return Ok(false);
+            }
+            store
+                .add_xmpp_domain(&domain, &moved, ACTOR)
+                .map_err(state_failure)
+        })
+        .await?;
+        // Their grains restart to take the new address (sessions end; the
+        // clients reconnect).
+        for u in &users {
+            if let Ok(grain) = GrainId::for_user(u.as_str(), "xmpp") {
+                let _ = self.0.grains.stop(&grain).await;
+            }
+        }
+        results.get().set_added(added);
+        Ok(())
+    }
+
+    async fn domains(
+        self: CapRc<Self>,
+        _: xmpp::DomainsParams,
+        mut results: xmpp::DomainsResults,
+    ) -> Result<(), capnp::Error> {
+        let store = self.0.store.clone();
+        let list = blocking(move || store.xmpp_domains().map_err(state_failure)).await?;
+        let mut r = results.get();
+        r.set_primary(&self.0.info.domain);
+        let mut out = r.init_domains(list.len() as u32);
+        for (i, d) in list.iter().enumerate() {
+            let mut o = out.reborrow().get(i as u32);
+            o.set_domain(&d.domain);
+            o.set_created_at(d.created_at);
+            let mut users = o.init_users(d.users.len() as u32);
+            for (j, u) in d.users.iter().enumerate() {
+                users.set(j as u32, u);
+            }
+        }
         Ok(())
     }
 }
