@@ -21,6 +21,7 @@ struct World {
     untrusted: Prosody,
     dns: Dns,
     trusted_ca: TestCa,
+    records: Vec<Record>,
     _certs: tempfile::TempDir,
     ca_bundle: std::path::PathBuf,
 }
@@ -47,7 +48,8 @@ fn world(extra_xmpp: &str) -> World {
     let host = XmppHost::start_listening(
         &["alice", "bob"],
         &format!(
-            "[grains]\nidle_timeout = \"60s\"\n[xmpp]\ns2s_resolver = \"{}\"\ns2s_ca = \"{}\"\n{extra_xmpp}\n",
+            "[grains]\nidle_timeout = \"60s\"\n[xmpp]\ns2s_resolver = \"{}\"\ns2s_ca = \"{}\"\n\
+             s2s_allow_private_addresses = true\n{extra_xmpp}\n",
             dns.addr,
             trusted_ca.pem().display()
         ),
@@ -84,6 +86,7 @@ fn world(extra_xmpp: &str) -> World {
         untrusted,
         dns,
         trusted_ca,
+        records,
         _certs: certs,
         ca_bundle,
     }
@@ -215,7 +218,7 @@ async def main():
     # Errors come back as stanzas: no such user here, no such server there.
     c.send_message(mto="nobody@chat.test", mbody="anyone?", mtype="chat")
     e = await next_of(c.messages, lambda m: m["type"] == "error" and m["from"].bare == "nobody@chat.test")
-    assert e["error"]["condition"] == "item-not-found", e
+    assert e["error"]["condition"] == "service-unavailable", e
     alice.send_message(mto="someone@nowhere.test", mbody="anyone?", mtype="chat")
     e = await next_of(alice.messages, lambda m: m["type"] == "error" and m["from"].bare == "someone@nowhere.test")
     assert e["error"]["condition"] == "remote-server-not-found", e
@@ -353,6 +356,97 @@ async def main():
     s, f = s2s_stream("other.test")
     assert b"urn:xmpp:features:dialback" not in f, f
     for x in (alice, c, d):
+        x.disconnect()
+
+run(main)
+"#
+    ));
+}
+
+#[test]
+fn chat_domains_give_users_addresses_of_their_own() {
+    let mut w = world("");
+    let d = &w.host.daemon;
+    let out = d
+        .granary(&["xmpp", "domain", "add", "family.test", "--user", "bob"])
+        .success();
+    assert!(
+        out.stdout
+            .contains("bob's chat address is now bob@family.test"),
+        "{}",
+        out.stdout
+    );
+    let list = d
+        .granary(&["xmpp", "domain", "list", "--json"])
+        .success()
+        .json();
+    assert_eq!(list[0]["domain"], "chat.test");
+    assert_eq!(list[0]["primary"], true);
+    assert_eq!(list[1]["domain"], "family.test");
+    assert_eq!(list[1]["users"], serde_json::json!(["bob"]));
+    assert_eq!(list[1]["has_certificate"], false);
+    // Its certificate where the list says, and its SRV record.
+    let (cert, key) = w.trusted_ca.leaf("family.test");
+    let dir = d.data_dir().join("tls/domains/family.test");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(cert, dir.join("cert.pem")).unwrap();
+    std::fs::copy(key, dir.join("key.pem")).unwrap();
+    let list = d
+        .granary(&["xmpp", "domain", "list", "--json"])
+        .success()
+        .json();
+    assert_eq!(list[1]["has_certificate"], true);
+    let text = d.granary(&["xmpp", "domain", "list"]).success().stdout;
+    assert!(text.contains("_xmpp-server._tcp.family.test."), "{text}");
+    let status = d
+        .granary(&["xmpp", "status", "bob", "--json"])
+        .success()
+        .json();
+    assert_eq!(status["address"], "bob@family.test");
+    let mut records = w.records.clone();
+    records.extend(srv(
+        "family.test",
+        "127.0.0.1",
+        d.listener("xmpp-s2s").port(),
+    ));
+    w.dns.replace(&records);
+    w.check(&format!(
+        "{CLIENTS}{}",
+        r#"
+async def main():
+    alice = await Client("alice", "laptop").online()
+    bob = await Client("bob", "phone", domain="family.test", cafile=os.environ["PEER_CA"]).online()
+    assert str(bob.boundjid.bare) == "bob@family.test", bob.boundjid
+    c = await carol().online()
+    # Between two domains of this host, through the host.
+    alice.send_message(mto="bob@family.test", mbody="hi bob", mtype="chat")
+    m = await next_of(bob.messages, lambda m: m["body"] == "hi bob")
+    assert m["from"] == alice.boundjid, m["from"]
+    bob.send_message(mto="alice@chat.test", mbody="hi alice", mtype="chat")
+    m = await next_of(alice.messages, lambda m: m["body"] == "hi alice")
+    assert m["from"] == bob.boundjid, m["from"]
+    # Bob is no longer at chat.test.
+    alice.send_message(mto="bob@chat.test", mbody="old address", mtype="chat")
+    e = await next_of(alice.messages, lambda m: m["type"] == "error" and m["from"].bare == "bob@chat.test")
+    # With another server, both ways, from the second domain.
+    c.send_message(mto="bob@family.test", mbody="from prosody", mtype="chat")
+    m = await next_of(bob.messages, lambda m: m["body"] == "from prosody", timeout=60)
+    assert m["from"] == c.boundjid, m["from"]
+    bob.send_message(mto="carol@prosody.test", mbody="from family", mtype="chat")
+    m = await next_of(c.messages, lambda m: m["body"] == "from family", timeout=60)
+    assert m["from"] == bob.boundjid, m["from"]
+    # Bob's password opens no stream to chat.test.
+    def wrong_domain():
+        import base64
+        s = raw_stream()
+        auth = base64.b64encode(f"\0bob\0{os.environ['XMPP_PASSWORD_BOB']}".encode()).decode()
+        s.sendall(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>".encode())
+        assert b"<success" in read_until(s, b"success", b"</failure>")
+        s.sendall(HEADER.format(d="chat.test").encode())
+        r = read_to_end(s)
+        assert b"host-unknown" in r and b"bob@family.test" in r, r
+    await asyncio.get_event_loop().run_in_executor(None, wrong_domain)
+    for x in (alice, bob, c):
         x.disconnect()
 
 run(main)

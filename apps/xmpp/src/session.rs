@@ -236,9 +236,12 @@ async fn open(
             let _ = tx.send(Out::Xml(format!("{header}{}", features(false))));
         }
         Ok(Frame::Header(_)) => {
+            // The password was right, but this account's address is in
+            // another of our domains.
+            let text = format!("this account's address is {}", server.bare);
             let _ = tx.send(Out::Close(format!(
                 "{header}{}",
-                stream_error("host-unknown", "that domain is not served here")
+                stream_error("host-unknown", &text)
             )));
             return None;
         }

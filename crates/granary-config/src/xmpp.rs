@@ -16,6 +16,7 @@ pub struct RawXmpp {
     pub s2s_ca: Option<std::path::PathBuf>,
     pub s2s_connections_per_domain: Option<u32>,
     pub s2s_stanzas_per_second: Option<u32>,
+    pub s2s_allow_private_addresses: Option<bool>,
 }
 
 /// `[xmpp]`, resolved.
@@ -42,6 +43,10 @@ pub struct Xmpp {
     /// Stanzas per second one other domain may send, across its streams,
     /// after a burst of twice that; past it its streams end.
     pub s2s_stanzas_per_second: u32,
+    /// Whether other servers may be at loopback, private or link-local
+    /// addresses (a server on the home network; tests). Off by default:
+    /// another domain's DNS is no way into the home network.
+    pub s2s_allow_private_addresses: bool,
 }
 
 impl Xmpp {
@@ -78,6 +83,7 @@ impl Xmpp {
                 "s2s_stanzas_per_second",
                 raw.s2s_stanzas_per_second.unwrap_or(2000) as u64,
             )? as u32,
+            s2s_allow_private_addresses: raw.s2s_allow_private_addresses.unwrap_or(false),
         })
     }
 

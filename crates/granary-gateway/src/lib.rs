@@ -93,7 +93,10 @@ pub struct Shared {
 pub struct ChatDomains {
     primary: String,
     directory: Arc<dyn Directory>,
-    known: std::sync::Mutex<(Option<std::time::Instant>, Arc<std::collections::HashSet<String>>)>,
+    known: std::sync::Mutex<(
+        Option<std::time::Instant>,
+        Arc<std::collections::HashSet<String>>,
+    )>,
 }
 
 impl ChatDomains {
@@ -121,7 +124,10 @@ impl ChatDomains {
             if known.1.contains(&d) {
                 return true;
             }
-            if known.0.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            if known
+                .0
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+            {
                 return false;
             }
         }

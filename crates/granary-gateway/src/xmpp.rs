@@ -76,6 +76,7 @@ async fn run(
         move |tcp, peer, stop| {
             let client = Client {
                 shared: s.clone(),
+                domain: None,
                 peer,
                 stop,
                 failures: 0,
@@ -108,6 +109,8 @@ fn decoy_key(shared: &Shared) -> ring::hmac::Key {
 
 struct Client {
     shared: Arc<Shared>,
+    /// The chat domain the client's stream is to, once it named one of ours.
+    domain: Option<String>,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
     failures: u32,
@@ -242,13 +245,25 @@ impl Client {
         stream: &mut S,
         features: &str,
     ) -> Step {
-        let header = stream_header(&self.shared.domain);
         let unit = self.unit(stream).await;
+        // The domain the client asked for, when it is one of ours (the
+        // same on every header of one connection).
+        let asked = match &unit {
+            Ok(Unit::StreamHeader { to: Some(to), .. }) => Some(to.to_ascii_lowercase()),
+            _ => None,
+        };
+        let served = match (&asked, &self.domain) {
+            (Some(a), Some(d)) => a == d,
+            (Some(a), None) => self.shared.chat_domains.serves(a).await,
+            _ => false,
+        };
+        if served {
+            self.domain = asked;
+        }
+        let header = stream_header(self.domain.as_deref().unwrap_or(&self.shared.domain));
         let error = match unit {
-            Ok(Unit::StreamHeader { to, default_ns, .. }) => {
-                let ours = to
-                    .as_deref()
-                    .is_some_and(|t| t.eq_ignore_ascii_case(&self.shared.domain));
+            Ok(Unit::StreamHeader { default_ns, .. }) => {
+                let ours = served;
                 if default_ns.as_deref() != Some(granary_wire::xmpp::NS_CLIENT) {
                     Some(stream_error(
                         "invalid-namespace",

@@ -64,9 +64,13 @@ fn refused(condition: &str, why: impl std::fmt::Display) -> capnp::Error {
 }
 
 /// A resource as RFC 7622 allows it, roughly: not empty, at most 1023
-/// bytes, no control characters.
+/// bytes, no control characters, nothing XML cannot carry.
 fn valid_resource(r: &str) -> bool {
-    !r.is_empty() && r.len() <= 1023 && !r.chars().any(char::is_control)
+    !r.is_empty()
+        && r.len() <= 1023
+        && !r
+            .chars()
+            .any(|c| c.is_control() || c == '\u{FFFE}' || c == '\u{FFFF}')
 }
 
 impl xmpp_router::Server for Router {
@@ -92,14 +96,13 @@ impl xmpp_router::Server for Router {
             Some(_) => return Err(refused("jid-malformed", "a bad resource")),
             None => format!("{}@{domain}", self.owner),
         };
-        let to = p.get_to()?.to_str()?.to_owned();
-        let bare = to.split('/').next().unwrap_or("");
-        let (local, to_domain) = match bare.split_once('@') {
-            Some((l, d)) => (Some(l), d),
-            None => (None, bare),
-        };
+        // Parsed as the recipient's grain and other servers will parse it.
+        let to = granary_wire::jid::Jid::parse(p.get_to()?.to_str()?)
+            .map_err(|e| refused("jid-malformed", e))?;
+        let (local, to_domain) = (to.local.clone(), to.domain.clone());
+        let to = to.to_string();
         let stanza = p.get_stanza()?.to_str()?.to_owned();
-        if !sup.serves_chat_domain(to_domain).await {
+        if !sup.serves_chat_domain(&to_domain).await {
             // Another server's: the gateway's federation takes it from
             // here, and tells the sender's grain if it cannot deliver.
             let Some(out) = &sup.params.config.xmpp_outbound else {

@@ -24,6 +24,11 @@ impl Jid {
         if text.len() > 3071 {
             return Err(JidError("too long"));
         }
+        // Characters XML cannot carry at all: an address holding one
+        // could not be written into a stanza.
+        if text.chars().any(|c| c == '\u{FFFE}' || c == '\u{FFFF}') {
+            return Err(JidError("a character XML does not allow"));
+        }
         let (rest, resource) = match text.split_once('/') {
             Some((r, res)) => (r, Some(res)),
             None => (text, None),

@@ -65,11 +65,15 @@ pub fn addressed(
     Ok(Addressed { from, to })
 }
 
-/// Moves an element and its descendants from one namespace to another.
+/// Moves a stanza, and the children that share its namespace (`<body>`,
+/// `<error>`), from one namespace to another. What another namespace holds
+/// is left as it is: a forwarded `<message xmlns='jabber:client'>` inside
+/// `urn:xmpp:forward:0` stays a client message on the wire.
 fn retarget(el: &mut Element, from_ns: &str, to_ns: &str) {
-    if el.ns == from_ns {
-        el.ns = to_ns.to_owned();
+    if el.ns != from_ns {
+        return;
     }
+    el.ns = to_ns.to_owned();
     for child in el.children.iter_mut() {
         if let Node::Element(c) = child {
             retarget(c, from_ns, to_ns);
@@ -103,7 +107,7 @@ mod tests {
         let ok = addressed(
             &el("<message from='x@a.test/r' to='y@b.test'/>"),
             proven,
-            "b.test",
+            ours,
         );
         assert_eq!(ok.unwrap().to.local.as_deref(), Some("y"));
         for (xml, condition) in [
@@ -127,6 +131,19 @@ mod tests {
                 "{xml}"
             );
         }
+    }
+
+    #[test]
+    fn forwarded_stanzas_keep_their_own_namespace() {
+        let xml = "<message><result xmlns='urn:xmpp:mam:2'><forwarded xmlns='urn:xmpp:forward:0'>\
+                   <message xmlns='jabber:client'><body>x</body></message></forwarded></result></message>";
+        let mut m = parse_element(xml.as_bytes(), NS_CLIENT).unwrap();
+        to_server(&mut m);
+        let out = m.to_xml(NS_SERVER);
+        assert!(
+            out.contains("<message xmlns='jabber:client'><body>x</body>"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -24,6 +24,11 @@ const LOGIN_WAIT: Duration = Duration::from_secs(60);
 /// Bytes before the peer has proven anything.
 const MAX_BEFORE_AUTH: usize = 16 << 10;
 const WRITE_WAIT: Duration = Duration::from_secs(30);
+/// Domains one stream may prove (dialback lets a stream carry several).
+const MAX_PROVEN: usize = 8;
+/// How long a stanza may wait for its recipient's grain (started if
+/// stopped) before the sender is told to try later.
+const DELIVER_WAIT: Duration = Duration::from_secs(30);
 
 /// Serves the `xmpp-s2s` listener until `shutdown`. Without federation
 /// set up (`shared.s2s`), every stream is refused.
@@ -44,12 +49,19 @@ pub async fn serve(
                 let Some(fed) = fed else {
                     return;
                 };
+                // Streams from one address, and in all, are bounded: an
+                // unproven stream costs a task and may make us dial out.
+                let Some(_slot) = fed.admit_inbound(peer.ip()) else {
+                    tracing::info!("too many server streams from that address; refused");
+                    return;
+                };
                 let _ = tcp.set_nodelay(true);
                 let stream = Inbound {
                     fed,
                     peer,
                     reader: Reader::new(MAX_BEFORE_AUTH, stop),
                     id: String::new(),
+                    login_by: tokio::time::Instant::now() + LOGIN_WAIT,
                     proven: HashSet::new(),
                     local: None,
                     locals: HashSet::new(),
@@ -68,6 +80,8 @@ struct Inbound {
     reader: Reader,
     /// Our stream id (the latest header's): dialback keys name it.
     id: String,
+    /// The stream must have proven a domain by then.
+    login_by: tokio::time::Instant,
     /// Domains this stream has proven; only these may be `from`.
     proven: HashSet<String>,
     /// The domain of ours the stream's header named.
@@ -85,6 +99,17 @@ fn fresh_id() -> String {
 }
 
 impl Inbound {
+    /// How long the next frame may take: until the login deadline while
+    /// nothing is proven, then the idle timeout.
+    fn wait(&self) -> Duration {
+        if self.proven.is_empty() {
+            self.login_by
+                .saturating_duration_since(tokio::time::Instant::now())
+        } else {
+            self.fed.settings.idle
+        }
+    }
+
     async fn run(mut self, mut tcp: TcpStream) {
         // In clear: the header, then STARTTLS and nothing else.
         let starttls = format!("<starttls xmlns='{NS_TLS}'><required/></starttls>");
@@ -92,7 +117,7 @@ impl Inbound {
             wire::end(&mut tcp, &e).await;
             return;
         }
-        let step = match self.reader.frame(&mut tcp, LOGIN_WAIT).await {
+        let step = match self.reader.frame(&mut tcp, self.wait()).await {
             Ok(Frame::Stanza(el)) if el.is("starttls", NS_TLS) => Ok(()),
             Ok(Frame::End) => Err(Ended::Quiet),
             Ok(_) => Err(Ended::Error(stream_error(
@@ -131,7 +156,7 @@ impl Inbound {
         io: &mut S,
         features: &str,
     ) -> Result<(), Ended> {
-        match self.reader.frame(io, LOGIN_WAIT).await? {
+        match self.reader.frame(io, self.wait()).await? {
             Frame::Header(unit) => self.answer_header(io, unit, features).await,
             _ => Err(Ended::Error(stream_error(
                 "not-well-formed",
@@ -148,41 +173,33 @@ impl Inbound {
     ) -> Ended {
         // The header names the peer's domain; its certificate may prove it.
         let mut features = String::new();
-        let claimed = {
-            // Peek at the header before choosing features: read it here.
-            let unit = match self.reader.frame(io, LOGIN_WAIT).await {
-                Ok(Frame::Header(u)) => u,
-                Ok(_) => {
-                    return Ended::Error(stream_error(
-                        "not-well-formed",
-                        "a stream starts with its header",
-                    ));
-                }
-                Err(e) => return e,
-            };
-            match &unit {
-                Unit::StreamHeader { from, .. } => from.clone().map(|f| f.to_ascii_lowercase()),
-                _ => None,
+        let unit = match self.reader.frame(io, self.wait()).await {
+            Ok(Frame::Header(u)) => u,
+            Ok(_) => {
+                // Our header first, so the error is inside a stream.
+                let header = granary_wire::xmpp::s2s_stream_header(
+                    self.local.as_deref().unwrap_or(self.fed.domains.primary()),
+                    "",
+                    Some(&self.id),
+                );
+                return Ended::Error(format!(
+                    "{header}{}",
+                    stream_error("not-well-formed", "a stream starts with its header")
+                ));
             }
-            .map(|f| (f, unit))
+            Err(e) => return e,
         };
-        let (verified, unit) = match claimed {
-            Some((from, unit)) => {
-                let v = self.fed.certificate_verifies(chain.as_deref(), &from);
-                (v.then_some(from), unit)
+        // The header names the peer's domain; its certificate may prove it.
+        let verified = match &unit {
+            Unit::StreamHeader {
+                from: Some(from), ..
+            } => {
+                let from = from.to_ascii_lowercase();
+                self.fed
+                    .certificate_verifies(chain.as_deref(), &from)
+                    .then_some(from)
             }
-            None => (
-                None,
-                Unit::StreamHeader {
-                    to: None,
-                    from: None,
-                    version: None,
-                    lang: None,
-                    default_ns: None,
-                    id: None,
-                    dialback: None,
-                },
-            ),
+            _ => None,
         };
         if verified.is_some() {
             features.push_str(&format!(
@@ -196,12 +213,7 @@ impl Inbound {
             return e;
         }
         loop {
-            let wait = if self.proven.is_empty() {
-                LOGIN_WAIT
-            } else {
-                self.fed.settings.idle
-            };
-            let frame = match self.reader.frame(io, wait).await {
+            let frame = match self.reader.frame(io, self.wait()).await {
                 Ok(f) => f,
                 Err(e) => return e,
             };
@@ -249,7 +261,10 @@ impl Inbound {
             ..
         } = unit
         else {
-            return Err(Ended::Error(stream_error("not-well-formed", "a bad header")));
+            return Err(Ended::Error(stream_error(
+                "not-well-formed",
+                "a bad header",
+            )));
         };
         self.id = fresh_id();
         let to = to.unwrap_or_default().to_ascii_lowercase();
@@ -263,8 +278,11 @@ impl Inbound {
         } else {
             self.fed.domains.primary().to_owned()
         };
-        let header =
-            granary_wire::xmpp::s2s_stream_header(&ours, from.as_deref().unwrap_or(""), Some(&self.id));
+        let header = granary_wire::xmpp::s2s_stream_header(
+            &ours,
+            from.as_deref().unwrap_or(""),
+            Some(&self.id),
+        );
         if default_ns.as_deref() != Some(NS_SERVER) {
             let _ = wire::send(io, &header, WRITE_WAIT).await;
             return Err(Ended::Error(stream_error(
@@ -290,6 +308,12 @@ impl Inbound {
     async fn prove(&mut self, domain: &str, how: &'static str) -> Result<(), Ended> {
         if self.proven.contains(domain) {
             return Ok(());
+        }
+        if self.proven.len() >= MAX_PROVEN {
+            return Err(Ended::Error(stream_error(
+                "policy-violation",
+                "too many domains on one stream",
+            )));
         }
         if self.fed.domains.serves(domain).await {
             return Err(Ended::Error(stream_error(
@@ -343,7 +367,7 @@ impl Inbound {
         self.prove(&domain, "sasl-external").await?;
         wire::send(io, &format!("<success xmlns='{NS_SASL}'/>"), WRITE_WAIT).await?;
         // The stream restarts; no features are left to offer.
-        let unit = match self.reader.frame(io, LOGIN_WAIT).await? {
+        let unit = match self.reader.frame(io, self.wait()).await? {
             Frame::Header(u) => u,
             _ => {
                 return Err(Ended::Error(stream_error(
@@ -368,8 +392,37 @@ impl Inbound {
                 "dialback needs from and to",
             )));
         };
-        let from = from.to_ascii_lowercase();
-        let to = to.to_ascii_lowercase();
+        // A request has no type; an answer has no business here.
+        if el.attr("type").is_some() {
+            return Err(Ended::Error(stream_error(
+                "not-authorized",
+                "a db:result with a type is an answer, not a request",
+            )));
+        }
+        // Both domains as addresses parse them.
+        let (Ok(from), Ok(to)) = (
+            granary_wire::jid::Jid::parse(from),
+            granary_wire::jid::Jid::parse(to),
+        ) else {
+            return Err(Ended::Error(stream_error(
+                "invalid-from",
+                "not domain names",
+            )));
+        };
+        if from.local.is_some() || from.resource.is_some() || to.local.is_some() {
+            return Err(Ended::Error(stream_error(
+                "invalid-from",
+                "not domain names",
+            )));
+        }
+        let (from, to) = (from.domain, to.domain);
+        // Never ask ourselves about ourselves.
+        if self.fed.domains.serves(&from).await {
+            return Err(Ended::Error(stream_error(
+                "invalid-from",
+                "that is this server's own domain",
+            )));
+        }
         let served = self.fed.domains.serves(&to).await;
         let ours = if served {
             to.clone()
@@ -396,6 +449,12 @@ impl Inbound {
             )));
         }
         let key = el.text();
+        // A few checks at once, in all: each opens a stream to another
+        // server.
+        let Ok(_checking) = self.fed.verifying.clone().try_acquire_owned() else {
+            let e = "<error type='wait'><resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>";
+            return wire::send(io, &answer("error", e), WRITE_WAIT).await;
+        };
         let valid = self
             .fed
             .clone()
@@ -461,7 +520,7 @@ impl Inbound {
             |d| self.proven.contains(d),
             |d| self.locals.contains(d),
         )
-            .map_err(|r| Ended::Error(stream_error(r.condition, r.text)))?;
+        .map_err(|r| Ended::Error(stream_error(r.condition, r.text)))?;
         if !self.fed.within_rate(&checked.from.domain) {
             return Err(Ended::Error(stream_error(
                 "policy-violation",
@@ -479,31 +538,39 @@ impl Inbound {
             to: to.clone(),
             stanza: el.to_xml(NS_CLIENT),
         };
+        // Whether an account exists is not told (RFC 6121 §8.5.1): no such
+        // user and a refusal for internal reasons read the same.
+        let unavailable = "service-unavailable: not available".to_owned();
         let refused = match GrainId::for_user(local, "xmpp") {
-            Ok(grain) => match self.fed.grains.deliver_xmpp(&grain, stanza).await {
-                Ok(()) => None,
-                Err(e) => Some(match e.problem {
-                    granary_grains::Problem::NoSuchGrain => {
-                        "item-not-found: no such user".to_owned()
-                    }
-                    granary_grains::Problem::Grain(text) => text,
-                    other => format!("service-unavailable: {other}"),
-                }),
-            },
-            Err(_) => Some("item-not-found: no such user".to_owned()),
+            Ok(grain) => {
+                let delivered = tokio::time::timeout(
+                    DELIVER_WAIT,
+                    self.fed.grains.deliver_xmpp(&grain, stanza),
+                )
+                .await;
+                match delivered {
+                    Ok(Ok(())) => None,
+                    // The grain's own refusals (blocked, not subscribed)
+                    // are stanza conditions.
+                    Ok(Err(granary_grains::GrainError {
+                        problem: granary_grains::Problem::Grain(text),
+                        ..
+                    })) if !text.starts_with("item-not-found") => Some(text),
+                    Ok(Err(_)) => Some(unavailable),
+                    Err(_) => Some("resource-constraint: try again later".to_owned()),
+                }
+            }
+            Err(_) => Some(unavailable),
         };
         if let Some(text) = refused {
-            let (condition, why) = text.split_once(':').unwrap_or(("service-unavailable", ""));
-            let condition = if !condition.is_empty()
-                && condition
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b == b'-')
-            {
-                condition
-            } else {
-                "service-unavailable"
-            };
-            if let Some(reply) = error_reply(&el, &from, &to, condition, why.trim()) {
+            // Only the condition goes to the other server: the text of a
+            // refusal may say things about this host it has no need of.
+            let condition = text
+                .split_once(':')
+                .map(|(c, _)| c.trim())
+                .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'))
+                .unwrap_or("service-unavailable");
+            if let Some(reply) = error_reply(&el, &from, &to, condition, "") {
                 self.fed.submit(XmppStanza {
                     from: to,
                     to: from,

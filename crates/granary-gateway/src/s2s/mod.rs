@@ -57,6 +57,10 @@ pub struct S2sSettings {
     /// The port tried when a domain has no SRV records (5269).
     pub default_port: u16,
     pub connect_timeout: Duration,
+    /// Whether other servers may be reached at loopback, private and
+    /// link-local addresses (tests on one machine; a LAN peer). Off: what
+    /// DNS names is not a way into the home network.
+    pub allow_private_addresses: bool,
 }
 
 /// Stanzas per second for one other domain, across its streams.
@@ -81,11 +85,32 @@ pub struct Federation {
     server_tls: Arc<rustls::ServerConfig>,
     secret: ring::hmac::Key,
     /// One queue (and task) per pair of our domain and theirs.
-    queues: Mutex<HashMap<(String, String), mpsc::Sender<XmppStanza>>>,
+    queues: Mutex<HashMap<(String, String), mpsc::Sender<Pending>>>,
     streams_from: Mutex<HashMap<String, u32>>,
     rates: Mutex<HashMap<String, Bucket>>,
+    /// Inbound streams per source address (an IPv6 one by its /64), and
+    /// in all.
+    inbound: Mutex<(HashMap<String, u32>, u32)>,
+    /// Dialback checks under way (each opens a stream to another server).
+    verifying: Arc<tokio::sync::Semaphore>,
+    /// Stanzas (and their bytes) of each local sender waiting in outbound
+    /// queues.
+    pending: Mutex<HashMap<String, (usize, usize)>>,
+    /// Bounces on their way to grains.
+    bouncing: Arc<tokio::sync::Semaphore>,
     stop: watch::Receiver<bool>,
 }
+
+/// Inbound streams from one address, and in all.
+const INBOUND_PER_ADDRESS: u32 = 16;
+const INBOUND_TOTAL: u32 = 1024;
+/// Dialback checks at once.
+const VERIFYING: usize = 32;
+/// What one local user may have waiting for other servers.
+const PENDING_STANZAS: usize = 2000;
+const PENDING_BYTES: usize = 16 << 20;
+/// Bounces delivered at once; past it they are logged and dropped.
+const BOUNCING: usize = 256;
 
 /// Stanzas that may wait for one domain's stream.
 const QUEUE_PER_DOMAIN: usize = 1000;
@@ -155,6 +180,10 @@ impl Federation {
             queues: Mutex::new(HashMap::new()),
             streams_from: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
+            inbound: Mutex::new((HashMap::new(), 0)),
+            verifying: Arc::new(tokio::sync::Semaphore::new(VERIFYING)),
+            pending: Mutex::new(HashMap::new()),
+            bouncing: Arc::new(tokio::sync::Semaphore::new(BOUNCING)),
             stop,
         }))
     }
@@ -230,6 +259,26 @@ impl Federation {
         })
     }
 
+    /// Counts an inbound connection from `ip`; `None` past the limits.
+    fn admit_inbound(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<InboundSlot> {
+        let key = crate::smtp::limits::bucket(ip).to_string();
+        let mut guard = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let (per, total) = &mut *guard;
+        let n = per.entry(key.clone()).or_insert(0);
+        if *n >= INBOUND_PER_ADDRESS || *total >= INBOUND_TOTAL {
+            if *n == 0 {
+                per.remove(&key);
+            }
+            return None;
+        }
+        *n += 1;
+        *total += 1;
+        Some(InboundSlot {
+            fed: self.clone(),
+            key,
+        })
+    }
+
     /// Takes one stanza from `domain` out of its rate; `false` when it is
     /// sending too fast.
     fn within_rate(&self, domain: &str) -> bool {
@@ -237,7 +286,7 @@ impl Federation {
         let burst = rate * 2.0;
         let now = Instant::now();
         let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
-        if rates.len() > 10_000 {
+        if rates.len() > 10_000 && !rates.contains_key(domain) {
             rates.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(60));
         }
         let b = rates.entry(domain.to_owned()).or_insert(Bucket {
@@ -261,6 +310,15 @@ impl Federation {
             return;
         };
         let key = (local, remote);
+        let Some(ticket) = self.take_pending(&stanza) else {
+            self.bounce(
+                stanza,
+                "resource-constraint",
+                "too many of your stanzas wait for other servers",
+            );
+            return;
+        };
+        let stanza = Pending { stanza, ticket };
         let refused = {
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
             if !queues.contains_key(&key) && queues.len() >= MAX_REMOTE_DOMAINS {
@@ -268,32 +326,58 @@ impl Federation {
             } else {
                 let queue = queues.entry(key.clone()).or_insert_with(|| {
                     let (tx, rx) = mpsc::channel(QUEUE_PER_DOMAIN);
-                    tokio::spawn(outbound::run(self.clone(), key.0.clone(), key.1.clone(), rx));
+                    tokio::spawn(outbound::run(
+                        self.clone(),
+                        key.0.clone(),
+                        key.1.clone(),
+                        rx,
+                    ));
                     tx
                 });
                 match queue.try_send(stanza) {
                     Ok(()) => None,
-                    Err(mpsc::error::TrySendError::Full(s)) => {
-                        Some((s, "too many stanzas wait for that server"))
+                    Err(mpsc::error::TrySendError::Full(p)) => {
+                        Some((p, "too many stanzas wait for that server"))
                     }
-                    Err(mpsc::error::TrySendError::Closed(s)) => {
+                    Err(mpsc::error::TrySendError::Closed(p)) => {
                         // Its task ended idle between our lookup and now.
                         queues.remove(&key);
                         drop(queues);
-                        self.submit(s);
+                        self.submit(p.stanza);
                         return;
                     }
                 }
             }
         };
-        if let Some((s, why)) = refused {
-            self.bounce(s, "resource-constraint", why);
+        if let Some((p, why)) = refused {
+            self.bounce(p.stanza, "resource-constraint", why);
         }
+    }
+
+    /// Counts a stanza against its sender's share of the outbound queues.
+    fn take_pending(self: &Arc<Self>, stanza: &XmppStanza) -> Option<PendingTicket> {
+        let sender = stanza.from.split('/').next().unwrap_or("").to_owned();
+        let bytes = stanza.stanza.len();
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, b) = pending.entry(sender.clone()).or_insert((0, 0));
+        if *n >= PENDING_STANZAS || *b + bytes > PENDING_BYTES {
+            if *n == 0 {
+                pending.remove(&sender);
+            }
+            return None;
+        }
+        *n += 1;
+        *b += bytes;
+        Some(PendingTicket {
+            fed: Arc::downgrade(self),
+            sender,
+            bytes,
+        })
     }
 
     /// Called by a domain's outbound task as it ends: it is forgotten
     /// unless something was queued meanwhile (then it goes on).
-    fn retire(&self, local: &str, remote: &str, rx: &mpsc::Receiver<XmppStanza>) -> bool {
+    fn retire(&self, local: &str, remote: &str, rx: &mpsc::Receiver<Pending>) -> bool {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         if !rx.is_empty() {
             return false;
@@ -318,6 +402,10 @@ impl Federation {
         let Ok(grain) = GrainId::for_user(&local, "xmpp") else {
             return;
         };
+        let Ok(permit) = self.bouncing.clone().try_acquire_owned() else {
+            tracing::warn!(to = %stanza.from, "too many bounces under way; one is dropped");
+            return;
+        };
         let grains = self.grains.clone();
         let back = XmppStanza {
             from: stanza.to,
@@ -325,10 +413,93 @@ impl Federation {
             stanza: reply.to_xml(NS_CLIENT),
         };
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = grains.deliver_xmpp(&grain, back).await {
                 tracing::debug!(error = %e, "the bounce was not delivered either");
             }
         });
+    }
+}
+
+/// A stanza waiting for another server, counted against its sender.
+pub(crate) struct Pending {
+    pub(crate) stanza: XmppStanza,
+    #[allow(dead_code)] // held for its Drop
+    ticket: PendingTicket,
+}
+
+/// Uncounts a pending stanza when it is sent or bounced.
+struct PendingTicket {
+    fed: std::sync::Weak<Federation>,
+    sender: String,
+    bytes: usize,
+}
+
+impl Drop for PendingTicket {
+    fn drop(&mut self) {
+        let Some(fed) = self.fed.upgrade() else {
+            return;
+        };
+        let mut pending = fed.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((n, b)) = pending.get_mut(&self.sender) {
+            *n = n.saturating_sub(1);
+            *b = b.saturating_sub(self.bytes);
+            if *n == 0 {
+                pending.remove(&self.sender);
+            }
+        }
+    }
+}
+
+/// One inbound connection counted against its address.
+struct InboundSlot {
+    fed: Arc<Federation>,
+    key: String,
+}
+
+impl Drop for InboundSlot {
+    fn drop(&mut self) {
+        let mut guard = self.fed.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let (per, total) = &mut *guard;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Whether an address is one on the public internet (not loopback,
+/// private, link-local, shared, documentation, multicast or unspecified).
+fn is_global(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_global(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || s[0] == 0x2001 && s[1] == 0x0db8)
+        }
     }
 }
 
@@ -383,10 +554,12 @@ fn error_reply(el: &Element, from: &str, to: &str, condition: &str, why: &str) -
     if let Some(id) = el.attr("id") {
         reply.set_attr("id", id);
     }
-    let error = Element::new("error", &el.ns)
+    let mut error = Element::new("error", &el.ns)
         .with_attr("type", kind)
-        .with_child(Element::new(condition, NS_STANZAS))
-        .with_child(Element::new("text", NS_STANZAS).with_text(why));
+        .with_child(Element::new(condition, NS_STANZAS));
+    if !why.is_empty() {
+        error.push(Element::new("text", NS_STANZAS).with_text(why));
+    }
     reply.push(error);
     Some(reply)
 }
@@ -455,6 +628,26 @@ impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_public_addresses_are_global() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.1.1",
+            "169.254.0.1",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:192.168.0.1",
+        ] {
+            assert!(!is_global(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2a00:1450:4001::1", "::ffff:93.184.216.34"] {
+            assert!(is_global(ip.parse().unwrap()), "{ip}");
+        }
+    }
 
     #[test]
     fn errors_answer_requests_but_never_errors() {

@@ -14,8 +14,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
 
-use super::Federation;
 use super::wire::{self, Ended, Reader};
+use super::{Federation, Pending, is_global};
 use crate::smtp::checks::DnsProblem;
 
 const WRITE_WAIT: Duration = Duration::from_secs(30);
@@ -41,25 +41,34 @@ fn failed(condition: &'static str, why: impl Into<String>) -> Failed {
     }
 }
 
+/// How long a domain's task waits for more when its last attempt failed
+/// (it keeps nothing open meanwhile).
+const LINGER_FAILED: Duration = Duration::from_secs(30);
+
 /// Sends the queued stanzas from our domain `local` to `domain` over one
 /// stream, set up on demand, until the queue has been idle and empty.
 pub(super) async fn run(
     fed: Arc<Federation>,
     local: String,
     domain: String,
-    mut rx: mpsc::Receiver<XmppStanza>,
+    mut rx: mpsc::Receiver<Pending>,
 ) {
     let mut stream: Option<(WriteHalf<Tls>, tokio::task::JoinHandle<()>)> = None;
     let mut failed_at: Option<(tokio::time::Instant, Failed)> = None;
     let mut stop = fed.stop.clone();
-    loop {
-        let next = tokio::select! {
-            n = tokio::time::timeout(fed.settings.idle, rx.recv()) => n,
-            _ = stop.wait_for(|s| *s) => Ok(None),
+    let stopping = loop {
+        let wait = if stream.is_some() {
+            fed.settings.idle
+        } else {
+            LINGER_FAILED.min(fed.settings.idle)
         };
-        let stanza = match next {
-            Ok(Some(s)) => s,
-            Ok(None) => break,
+        let next = tokio::select! {
+            n = tokio::time::timeout(wait, rx.recv()) => n,
+            _ = stop.wait_for(|s| *s) => break true,
+        };
+        let pending = match next {
+            Ok(Some(p)) => p,
+            Ok(None) => break false,
             Err(_) => {
                 // Idle: the stream closes; the task ends unless something
                 // has just been queued.
@@ -73,66 +82,84 @@ pub(super) async fn run(
                 continue;
             }
         };
+        let stanza = pending.stanza;
         if stream.as_ref().is_some_and(|(_, r)| r.is_finished()) {
             stream = None;
         }
-        if stream.is_none() {
-            if let Some((at, f)) = &failed_at
-                && at.elapsed() < FAILED_FOR
-            {
-                fed.bounce(stanza, f.condition, &f.why);
-                continue;
-            }
-            match tokio::time::timeout(SETUP_WAIT, connect(&fed, &local, &domain, Purpose::Send)).await {
-                Ok(Ok(Connected { io, reader })) => {
-                    failed_at = None;
-                    let (r, w) = tokio::io::split(io);
-                    let handle = tokio::spawn(drain(r, reader, domain.clone()));
-                    stream = Some((w, handle));
-                }
-                Ok(Err(f)) => {
-                    tracing::warn!(domain, why = %f.why, "cannot reach that chat server");
-                    fed.bounce(stanza, f.condition, &f.why);
-                    failed_at = Some((tokio::time::Instant::now(), f));
-                    continue;
-                }
-                Err(_) => {
-                    let f = failed(
-                        "remote-server-timeout",
-                        "setting up the stream took too long",
-                    );
-                    fed.bounce(stanza, f.condition, &f.why);
-                    failed_at = Some((tokio::time::Instant::now(), f));
-                    continue;
-                }
-            }
-        }
-        let Some((w, _)) = stream.as_mut() else {
-            continue;
-        };
         let Some(text) = on_the_wire(&stanza) else {
             fed.bounce(stanza, "bad-request", "not a stanza");
             continue;
         };
-        if wire::send(w, &text, WRITE_WAIT).await.is_err() {
-            // The stream broke: once more on a new one, then give up.
-            stream = None;
-            match connect(&fed, &local, &domain, Purpose::Send).await {
-                Ok(Connected { io, reader }) => {
-                    let (r, mut w) = tokio::io::split(io);
-                    if wire::send(&mut w, &text, WRITE_WAIT).await.is_err() {
-                        fed.bounce(stanza, "remote-server-timeout", "the stream broke");
-                        continue;
-                    }
-                    stream = Some((w, tokio::spawn(drain(r, reader, domain.clone()))));
+        // At most two attempts: the stream we have (or a new one), then,
+        // if writing to an old one failed, one new stream.
+        let mut sent = false;
+        for attempt in 0..2 {
+            if stream.is_none() {
+                if let Some((at, _)) = &failed_at
+                    && at.elapsed() < FAILED_FOR
+                {
+                    break;
                 }
-                Err(f) => fed.bounce(stanza, f.condition, &f.why),
+                match tokio::time::timeout(
+                    SETUP_WAIT,
+                    connect(&fed, &local, &domain, Purpose::Send),
+                )
+                .await
+                {
+                    Ok(Ok(Connected { io, reader })) => {
+                        failed_at = None;
+                        let (r, w) = tokio::io::split(io);
+                        let handle = tokio::spawn(drain(r, reader, domain.clone()));
+                        stream = Some((w, handle));
+                    }
+                    Ok(Err(f)) => {
+                        tracing::warn!(domain, why = %f.why, "cannot reach that chat server");
+                        failed_at = Some((tokio::time::Instant::now(), f));
+                        break;
+                    }
+                    Err(_) => {
+                        let f = failed(
+                            "remote-server-timeout",
+                            "setting up the stream took too long",
+                        );
+                        failed_at = Some((tokio::time::Instant::now(), f));
+                        break;
+                    }
+                }
+            }
+            let Some((w, _)) = stream.as_mut() else {
+                break;
+            };
+            if wire::send(w, &text, WRITE_WAIT).await.is_ok() {
+                sent = true;
+                break;
+            }
+            stream = None;
+            if attempt == 1 {
+                failed_at = Some((
+                    tokio::time::Instant::now(),
+                    failed("remote-server-timeout", "the stream broke"),
+                ));
             }
         }
-    }
+        if !sent {
+            let (condition, why) = match &failed_at {
+                Some((_, f)) => (f.condition, f.why.clone()),
+                None => ("remote-server-timeout", "the stream broke".to_owned()),
+            };
+            fed.bounce(stanza, condition, &why);
+        }
+    };
     if let Some((mut w, reader)) = stream.take() {
         wire::end(&mut w, &Ended::Stopping).await;
         reader.abort();
+    }
+    // What is still queued is not silently dropped.
+    if stopping {
+        rx.close();
+        while let Ok(p) = rx.try_recv() {
+            fed.bounce(p.stanza, "remote-server-timeout", "this server is stopping");
+        }
     }
 }
 
@@ -244,8 +271,18 @@ async fn connect(
                 continue;
             }
         };
-        for ip in ips {
+        for ip in ips.into_iter().take(2) {
             let addr = SocketAddr::new(ip, port);
+            if !fed.settings.allow_private_addresses && !is_global(ip) {
+                last = failed(
+                    "remote-server-not-found",
+                    format!(
+                        "{host} is at {ip}, not a public address \
+                         (xmpp.s2s_allow_private_addresses)"
+                    ),
+                );
+                continue;
+            }
             let tcp =
                 match tokio::time::timeout(fed.settings.connect_timeout, TcpStream::connect(addr))
                     .await
@@ -382,11 +419,18 @@ async fn negotiate(
     wire::send(&mut tls, &ask, WRITE_WAIT)
         .await
         .map_err(broke)?;
+    // One deadline for the whole answer, however the other side trickles.
+    let deadline = tokio::time::Instant::now() + SETUP_WAIT;
     loop {
-        match reader.frame(&mut tls, SETUP_WAIT).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match reader.frame(&mut tls, left).await {
             Ok(Frame::Stanza(el)) if el.is("result", NS_DIALBACK) => {
+                let about_us = el
+                    .attr("from")
+                    .is_some_and(|f| f.eq_ignore_ascii_case(domain))
+                    && el.attr("to").is_some_and(|t| t.eq_ignore_ascii_case(ours));
                 return match el.attr("type") {
-                    Some("valid") => {
+                    Some("valid") if about_us => {
                         tracing::info!(domain, verified, "s2s stream to another server ready");
                         reader.max = fed.settings.max_stanza;
                         Ok(Connected { io: tls, reader })
@@ -433,7 +477,7 @@ impl Federation {
                 .map_err(|f| f.why)?;
             let ask = format!(
                 "<db:verify from='{}' to='{}' id='{}'>{}</db:verify>",
-                escape(&ours),
+                escape(ours),
                 escape(domain),
                 escape(id),
                 escape(key)
@@ -441,14 +485,17 @@ impl Federation {
             wire::send(&mut tls, &ask, WRITE_WAIT)
                 .await
                 .map_err(|_| "the connection broke".to_owned())?;
+            let deadline = tokio::time::Instant::now() + SETUP_WAIT;
             let answer = loop {
-                match reader.frame(&mut tls, SETUP_WAIT).await {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match reader.frame(&mut tls, left).await {
                     Ok(Frame::Stanza(el)) if el.is("verify", NS_DIALBACK) => {
                         break el.attr("type") == Some("valid")
                             && el.attr("id") == Some(id)
                             && el
                                 .attr("from")
-                                .is_some_and(|f| f.eq_ignore_ascii_case(domain));
+                                .is_some_and(|f| f.eq_ignore_ascii_case(domain))
+                            && el.attr("to").is_some_and(|t| t.eq_ignore_ascii_case(ours));
                     }
                     Ok(Frame::Stanza(el)) if el.is("error", NS_STREAMS) => {
                         return Err(format!("stream error: {}", el.to_xml(NS_SERVER)));

@@ -52,6 +52,14 @@ impl Reader {
     ) -> Result<Frame, Ended> {
         let deadline = Instant::now() + wait;
         loop {
+            // Whitespace between stanzas (keepalives) is dropped as it
+            // comes, so it cannot pile up.
+            let ws = self
+                .buf
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace())
+                .count();
+            self.buf.drain(..ws);
             match next_frame(&self.buf, self.max, NS_SERVER) {
                 Ok(Some((frame, n))) => {
                     self.buf.drain(..n);

@@ -121,7 +121,10 @@ fn domains(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     }
     for v in &views {
         if v.primary {
-            println!("{}  (Granary's domain: every user not moved elsewhere)", v.domain);
+            println!(
+                "{}  (Granary's domain: every user not moved elsewhere)",
+                v.domain
+            );
         } else {
             let users = if v.users.is_empty() {
                 "no users yet (granary xmpp domain add DOMAIN --user USER)".to_owned()

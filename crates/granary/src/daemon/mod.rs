@@ -194,7 +194,14 @@ async fn serve(
                 .to_bytes()
                 .map(|b| b.to_vec())
                 .context("the SSH host key, for the dialback secret")?;
-            let fed = start::federation(&config, grains.clone(), chat_domains.clone(), &tls, &secret, stop_rx.clone())?;
+            let fed = start::federation(
+                &config,
+                grains.clone(),
+                chat_domains.clone(),
+                &tls,
+                &secret,
+                stop_rx.clone(),
+            )?;
             fed.start(rx);
             Some(fed)
         }

@@ -136,6 +136,7 @@ pub(super) fn federation(
             max_stanza: x.max_stanza_bytes as usize,
             default_port: 5269,
             connect_timeout: std::time::Duration::from_secs(10),
+            allow_private_addresses: x.s2s_allow_private_addresses,
         },
         checker,
         grains,

@@ -72,7 +72,9 @@ impl xmpp::Server for Xmpp {
         let added = blocking(move || {
             if primary {
                 // Granary's own domain: the users move back to it.
-                store.reset_xmpp_domain(&moved, ACTOR).map_err(state_failure)?;
+                store
+                    .reset_xmpp_domain(&moved, ACTOR)
+                    .map_err(state_failure)?;
                 return Ok(false);
             }
             store
