@@ -107,13 +107,13 @@ const INBOUND_TOTAL: u32 = 1024;
 /// Dialback checks at once.
 const VERIFYING: usize = 32;
 /// What one local user may have waiting for other servers.
-const PENDING_STANZAS: usize = 2000;
+const PENDING_STANZAS: usize = 1000;
 const PENDING_BYTES: usize = 16 << 20;
 /// Bounces delivered at once; past it they are logged and dropped.
 const BOUNCING: usize = 256;
 
 /// Stanzas that may wait for one domain's stream.
-const QUEUE_PER_DOMAIN: usize = 1000;
+const QUEUE_PER_DOMAIN: usize = 10_000;
 /// Other domains reached at once (each has a task and a queue).
 const MAX_REMOTE_DOMAINS: usize = 10_000;
 
