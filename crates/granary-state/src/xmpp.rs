@@ -148,7 +148,10 @@ mod tests {
             s.add_user(u, "x", "test").unwrap();
         }
         let family = MailDomain::parse("family.test").unwrap();
-        assert!(s.add_xmpp_domain(&family, std::slice::from_ref(&bob), "test").unwrap());
+        assert!(
+            s.add_xmpp_domain(&family, std::slice::from_ref(&bob), "test")
+                .unwrap()
+        );
         assert!(!s.add_xmpp_domain(&family, &[], "test").unwrap());
         assert_eq!(
             s.xmpp_domain_of("bob").unwrap().as_deref(),
@@ -156,7 +159,8 @@ mod tests {
         );
         assert_eq!(s.xmpp_domain_of("alice").unwrap(), None);
         let other = MailDomain::parse("other.test").unwrap();
-        s.add_xmpp_domain(&other, std::slice::from_ref(&bob), "test").unwrap();
+        s.add_xmpp_domain(&other, std::slice::from_ref(&bob), "test")
+            .unwrap();
         let list = s.xmpp_domains().unwrap();
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].domain, "family.test");
