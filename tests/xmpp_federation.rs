@@ -1,7 +1,7 @@
 //! Federation end to end: the daemon's `xmpp-s2s` listener and its
 //! streams to other servers, against two of Debian's Prosody on loopback
-//! addresses of their own (`prosody.test` on 127.0.0.2, `other.test` on
-//! 127.0.0.3), every name resolved by a DNS server the test starts
+//! addresses of their own (`prosody.test` and `other.test`, on
+//! 127.<10+n>.<pid>.2 and .3 for the n-th test), every name resolved by a DNS server the test starts
 //! (dnsmasq; SRV records for each domain). `prosody.test` has a
 //! certificate from a CA Granary is told to trust (`xmpp.s2s_ca`), so it
 //! logs in to us with SASL EXTERNAL; `other.test`'s CA is not trusted, so
@@ -40,7 +40,20 @@ fn srv(domain: &str, ip: &str, port: u16) -> [Record; 2] {
     ]
 }
 
+/// Loopback addresses of this test's own for the two Prosody servers:
+/// tests run side by side, and a port is only free per address.
+fn peer_addresses() -> (Ipv4Addr, Ipv4Addr) {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let third = (std::process::id() % 250) as u8 + 1;
+    (
+        Ipv4Addr::new(127, 10 + n, third, 2),
+        Ipv4Addr::new(127, 10 + n, third, 3),
+    )
+}
+
 fn world(extra_xmpp: &str) -> World {
+    let (trusted_ip, untrusted_ip) = peer_addresses();
     let certs = tempfile::tempdir().unwrap();
     let trusted_ca = TestCa::new(certs.path(), "trusted-ca");
     let untrusted_ca = TestCa::new(certs.path(), "untrusted-ca");
@@ -57,14 +70,14 @@ fn world(extra_xmpp: &str) -> World {
     );
     let trusted = Prosody::start(
         "prosody.test",
-        Ipv4Addr::new(127, 0, 0, 2),
+        trusted_ip,
         &trusted_ca,
         dns.addr,
         &[("carol", "carol-pw")],
     );
     let untrusted = Prosody::start(
         "other.test",
-        Ipv4Addr::new(127, 0, 0, 3),
+        untrusted_ip,
         &untrusted_ca,
         dns.addr,
         &[("dave", "dave-pw")],
@@ -72,8 +85,8 @@ fn world(extra_xmpp: &str) -> World {
     let s2s = host.daemon.listener("xmpp-s2s");
     let mut records = Vec::new();
     records.extend(srv("chat.test", "127.0.0.1", s2s.port()));
-    records.extend(srv("prosody.test", "127.0.0.2", trusted.s2s));
-    records.extend(srv("other.test", "127.0.0.3", untrusted.s2s));
+    records.extend(srv("prosody.test", &trusted_ip.to_string(), trusted.s2s));
+    records.extend(srv("other.test", &untrusted_ip.to_string(), untrusted.s2s));
     dns.replace(&records);
     // The clients of the Prosody users trust both test CAs.
     let ca_bundle = certs.path().join("bundle.pem");
@@ -97,7 +110,9 @@ impl World {
         let mut env = self.host.env();
         env.push(("PEER_CA".into(), self.ca_bundle.display().to_string()));
         env.push(("CAROL_C2S".into(), self.trusted.c2s.to_string()));
+        env.push(("CAROL_IP".into(), self.trusted.ip.to_string()));
         env.push(("DAVE_C2S".into(), self.untrusted.c2s.to_string()));
+        env.push(("DAVE_IP".into(), self.untrusted.ip.to_string()));
         env.push((
             "S2S_PORT".into(),
             self.host.daemon.listener("xmpp-s2s").port().to_string(),
@@ -169,11 +184,11 @@ def send_all(s, data):
 
 def carol():
     return Client("carol", "pc", domain="prosody.test", password="carol-pw",
-                  address=("127.0.0.2", int(os.environ["CAROL_C2S"])), cafile=os.environ["PEER_CA"])
+                  address=(os.environ["CAROL_IP"], int(os.environ["CAROL_C2S"])), cafile=os.environ["PEER_CA"])
 
 def dave():
     return Client("dave", "pc", domain="other.test", password="dave-pw",
-                  address=("127.0.0.3", int(os.environ["DAVE_C2S"])), cafile=os.environ["PEER_CA"])
+                  address=(os.environ["DAVE_IP"], int(os.environ["DAVE_C2S"])), cafile=os.environ["PEER_CA"])
 "#;
 
 #[test]

@@ -60,8 +60,3 @@ pub struct XmppStanza {
     pub to: String,
     pub stanza: String,
 }
-
-/// Where the supervisor hands stanzas for other domains: the gateway's
-/// federation, when the `xmpp-s2s` listener is on. A full queue or no
-/// federation fails the send at once, so the sender is told.
-pub type XmppOutbound = tokio::sync::mpsc::Sender<XmppStanza>;

@@ -101,7 +101,7 @@ pub struct SupervisorConfig {
     pub kind_env: std::collections::BTreeMap<String, Vec<String>>,
     /// Where chat stanzas for other domains go (the gateway's federation);
     /// `None`: they are refused with `remote-server-not-found`.
-    pub xmpp_outbound: Option<granary_grains::mail::XmppOutbound>,
+    pub xmpp_outbound: Option<XmppOutbound>,
 }
 
 impl Default for SupervisorConfig {
@@ -127,6 +127,11 @@ impl Default for SupervisorConfig {
         }
     }
 }
+
+/// Where the supervisor hands stanzas for other domains: the gateway's
+/// federation, when the `xmpp-s2s` listener is on. A full queue or no
+/// federation fails the send at once, so the sender is told.
+pub type XmppOutbound = tokio::sync::mpsc::Sender<granary_grains::mail::XmppStanza>;
 
 /// What the supervisor works with.
 pub struct SupervisorParams {

@@ -51,7 +51,7 @@ pub(super) async fn supervisor(
     config: &Config,
     store: &Arc<Store>,
     datasets: Arc<dyn granary_datasets::Datasets>,
-    xmpp_outbound: Option<granary_grains::mail::XmppOutbound>,
+    xmpp_outbound: Option<granary_supervisor::XmppOutbound>,
 ) -> anyhow::Result<(LocalGrains, SupervisorThread)> {
     let apps_dir = apps_dir(config)?;
     let launcher = std::env::current_exe()
