@@ -332,9 +332,11 @@ interface Xmpp {
   # Serves another chat domain, and moves `users`' chat addresses into it
   # (their chat grains restart to take it). `added`: it was new.
 
-  domains @2 () -> (primary :Text, domains :List(XmppDomain));
+  domains @2 () -> (primary :Text, domains :List(XmppDomain),
+                    clientPort :UInt16, tlsPort :UInt16, serverPort :UInt16);
   # Granary's own domain (every user not moved elsewhere) and the added
-  # ones.
+  # ones; the ports of the xmpp, xmpps and xmpp-s2s listeners (0: off),
+  # for the SRV records.
 }
 
 struct XmppDomain {

@@ -400,6 +400,17 @@ fn chat_domains_give_users_addresses_of_their_own() {
     assert_eq!(list[1]["domain"], "family.test");
     assert_eq!(list[1]["users"], serde_json::json!(["bob"]));
     assert_eq!(list[1]["has_certificate"], false);
+    let s2s_port = d.listener("xmpp-s2s").port();
+    assert!(
+        list[1]["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_str().unwrap().contains(&format!(
+                "_xmpp-server._tcp.family.test. IN SRV 0 5 {s2s_port} "
+            ))),
+        "{list}"
+    );
     // Its certificate where the list says, and its SRV record.
     let (cert, key) = w.trusted_ca.leaf("family.test");
     let dir = d.data_dir().join("tls/domains/family.test");
@@ -443,6 +454,10 @@ async def main():
     # Bob is no longer at chat.test.
     alice.send_message(mto="bob@chat.test", mbody="old address", mtype="chat")
     e = await next_of(alice.messages, lambda m: m["type"] == "error" and m["from"].bare == "bob@chat.test")
+    assert e["error"]["condition"] in ("item-not-found", "service-unavailable"), e
+    # Nor from another server.
+    c.send_message(mto="bob@chat.test", mbody="old address too", mtype="chat")
+    e = await next_of(c.messages, lambda m: m["type"] == "error" and m["from"].bare == "bob@chat.test", timeout=60)
     # With another server, both ways, from the second domain.
     c.send_message(mto="bob@family.test", mbody="from prosody", mtype="chat")
     m = await next_of(bob.messages, lambda m: m["body"] == "from prosody", timeout=60)
@@ -461,10 +476,36 @@ async def main():
         r = read_to_end(s)
         assert b"host-unknown" in r and b"bob@family.test" in r, r
     await asyncio.get_event_loop().run_in_executor(None, wrong_domain)
+    # A bare JID of his domain as the login name works too.
+    def bare_login():
+        import base64
+        s = socket.create_connection(("127.0.0.1", int(os.environ["XMPPS_PORT"])))
+        s = ssl.create_default_context(cafile=os.environ["PEER_CA"]).wrap_socket(s, server_hostname="family.test")
+        s.settimeout(30)
+        s.sendall(HEADER.format(d="family.test").encode())
+        read_until(s, b"</stream:features>")
+        auth = base64.b64encode(f"\0bob@family.test\0{os.environ['XMPP_PASSWORD_BOB']}".encode()).decode()
+        s.sendall(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>".encode())
+        r = read_until(s, b"success", b"</failure>")
+        assert b"<success" in r, r
+        s.close()
+    await asyncio.get_event_loop().run_in_executor(None, bare_login)
+    while not bob.messages.empty():
+        m = bob.messages.get_nowait()
+        assert "old address" not in str(m["body"]), m
     for x in (alice, bob, c):
         x.disconnect()
 
 run(main)
 "#
     ));
+    // And back to Granary's domain.
+    let d = &w.host.daemon;
+    d.granary(&["xmpp", "domain", "add", "chat.test", "--user", "bob"])
+        .success();
+    let status = d
+        .granary(&["xmpp", "status", "bob", "--json"])
+        .success()
+        .json();
+    assert_eq!(status["address"], "bob@chat.test");
 }

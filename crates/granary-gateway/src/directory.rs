@@ -67,8 +67,8 @@ pub trait Directory: Send + Sync + 'static {
     fn mail_sender_owner(&self, address: &str) -> BoxFuture<Option<String>>;
 
     /// The chat domains added besides Granary's own
-    /// (`granary xmpp domain add`).
-    fn xmpp_domains(&self) -> BoxFuture<Vec<String>> {
-        Box::pin(async { Vec::new() })
+    /// (`granary xmpp domain add`); `None` when they cannot be read.
+    fn xmpp_domains(&self) -> BoxFuture<Option<Vec<String>>> {
+        Box::pin(async { Some(Vec::new()) })
     }
 }

@@ -88,15 +88,14 @@ pub struct Shared {
 }
 
 /// The chat domains this host serves: Granary's own and those added with
-/// `granary xmpp domain add`, read again (at most once a second) when a
-/// name is not among them, so an added domain is served at once.
+/// `granary xmpp domain add`. Added ones are remembered once seen; a name
+/// not among them is looked up again each time (they are rare: streams to
+/// a domain we do not serve, proofs of other servers' domains), so an added
+/// domain is served at once.
 pub struct ChatDomains {
     primary: String,
     directory: Arc<dyn Directory>,
-    known: std::sync::Mutex<(
-        Option<std::time::Instant>,
-        Arc<std::collections::HashSet<String>>,
-    )>,
+    known: std::sync::Mutex<Arc<std::collections::HashSet<String>>>,
 }
 
 impl ChatDomains {
@@ -104,7 +103,7 @@ impl ChatDomains {
         ChatDomains {
             primary: primary.to_ascii_lowercase(),
             directory,
-            known: std::sync::Mutex::new((None, Arc::default())),
+            known: std::sync::Mutex::default(),
         }
     }
 
@@ -113,30 +112,48 @@ impl ChatDomains {
         &self.primary
     }
 
-    /// Whether chat for `domain` is served here.
-    pub async fn serves(&self, domain: &str) -> bool {
+    /// Whether `domain` is ours: `None` when that cannot be told (the
+    /// state could not be read). Callers refuse on `None`.
+    pub async fn lookup(&self, domain: &str) -> Option<bool> {
         let d = domain.to_ascii_lowercase();
-        if d == self.primary {
-            return true;
-        }
+        let d = d.strip_suffix('.').unwrap_or(&d);
+        if d == self.primary
+            || self
+                .known
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(d)
         {
-            let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-            if known.1.contains(&d) {
-                return true;
-            }
-            if known
-                .0
-                .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
-            {
-                return false;
-            }
+            return Some(true);
         }
         let fresh: std::collections::HashSet<String> =
-            self.directory.xmpp_domains().await.into_iter().collect();
-        let hit = fresh.contains(&d);
-        *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
-            (Some(std::time::Instant::now()), Arc::new(fresh));
-        hit
+            self.directory.xmpp_domains().await?.into_iter().collect();
+        let hit = fresh.contains(d);
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        Some(hit)
+    }
+
+    /// Whether chat for `domain` is served here (`false` when unsure).
+    pub async fn serves(&self, domain: &str) -> bool {
+        self.lookup(domain).await == Some(true)
+    }
+
+    /// Whether `domain` is certainly someone else's (`false` when unsure):
+    /// what another server may prove.
+    pub async fn foreign(&self, domain: &str) -> bool {
+        self.lookup(domain).await == Some(false)
+    }
+
+    /// Whether `domain` is among the ones already known to be ours (no
+    /// lookup).
+    pub fn known(&self, domain: &str) -> bool {
+        let d = domain.to_ascii_lowercase();
+        d == self.primary
+            || self
+                .known
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&d)
     }
 }
 

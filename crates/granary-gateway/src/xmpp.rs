@@ -425,10 +425,11 @@ impl Client {
     }
 
     /// The user a SASL name stands for: the localpart, or a bare JID of
-    /// our domain.
+    /// the domain this stream is to.
     fn user_of(&self, name: &str) -> Option<String> {
+        let domain = self.domain.as_deref().unwrap_or(&self.shared.domain);
         let local = match name.rsplit_once('@') {
-            Some((l, d)) if d.eq_ignore_ascii_case(&self.shared.domain) => l,
+            Some((l, d)) if d.eq_ignore_ascii_case(domain) => l,
             Some(_) => return None,
             None => name,
         };

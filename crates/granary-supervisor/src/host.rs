@@ -21,6 +21,9 @@ pub(crate) struct HostImpl {
     /// The host's handle on the grain's log stream (beside its stdout and
     /// stderr).
     log: std::os::fd::OwnedFd,
+    /// The domain the grain was told is its own (`GRANARY_DOMAIN`): for
+    /// chat, its owner's chat domain, read once at launch.
+    domain: String,
 }
 
 impl HostImpl {
@@ -30,6 +33,7 @@ impl HostImpl {
         app: &granary_state::App,
         activity: Rc<Activity>,
         log: std::os::fd::OwnedFd,
+        domain: String,
     ) -> HostImpl {
         HostImpl {
             sup: Rc::downgrade(sup),
@@ -40,6 +44,7 @@ impl HostImpl {
             app_version: app.version.clone(),
             activity,
             log,
+            domain,
         }
     }
 
@@ -115,7 +120,7 @@ impl host::Server for HostImpl {
                     sup: self.sup.clone(),
                     id: self.id.clone(),
                     owner: self.owner.clone(),
-                    domain: sup.grain_domain(&self.owner, "xmpp").await,
+                    domain: self.domain.clone(),
                     order: tokio::sync::Mutex::new(()),
                 });
             results

@@ -32,6 +32,8 @@ pub(crate) struct Inner {
     pub(crate) used: RefCell<HashSet<i64>>,
     /// The daemon is stopping: no grain starts any more.
     pub(crate) shutting_down: Cell<bool>,
+    /// Added chat domains seen so far (they are never removed).
+    pub(crate) chat_domains: RefCell<HashSet<String>>,
 }
 
 /// Runs blocking state work on the blocking pool.
@@ -62,6 +64,7 @@ impl Inner {
             calls: RefCell::default(),
             used: RefCell::default(),
             shutting_down: Cell::new(false),
+            chat_domains: RefCell::default(),
         });
         let weak = Rc::downgrade(&inner);
         let every = inner.params.config.audit_flush;

@@ -170,7 +170,11 @@ impl Inner {
             .create(&slot.id, slot.host_uid)
             .map_err(|e| e.to_string())?;
 
-        let domain = self.grain_domain(&slot.user, &slot.kind).await;
+        // Read once: the grain and its route must agree on it.
+        let domain = self
+            .grain_domain(&slot.user, &slot.kind)
+            .await
+            .map_err(|e| format!("the owner's chat domain: {e}"))?;
         let mut limits = granary_jail::Limits::default();
         if let Some(m) = manifest.limits.memory_mib {
             limits.memory_bytes = m << 20;
@@ -277,7 +281,7 @@ impl Inner {
         let generation = self.next_generation();
         let activity = Rc::new(Activity::default());
         activity.last.set(Some(Instant::now()));
-        let host = HostImpl::new(self, slot, &app, activity.clone(), host_log);
+        let host = HostImpl::new(self, slot, &app, activity.clone(), host_log, domain.clone());
         let host_client: granary_schema::host_capnp::host::Client = capnp_rpc::new_client(host);
         let mut system = crate::rpc::system(
             rpc_stream,

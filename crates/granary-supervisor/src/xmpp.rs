@@ -102,7 +102,11 @@ impl xmpp_router::Server for Router {
         let (local, to_domain) = (to.local.clone(), to.domain.clone());
         let to = to.to_string();
         let stanza = p.get_stanza()?.to_str()?.to_owned();
-        if !sup.serves_chat_domain(&to_domain).await {
+        let ours = sup
+            .serves_chat_domain(&to_domain)
+            .await
+            .map_err(|e| refused("internal-server-error", e))?;
+        if !ours {
             // Another server's: the gateway's federation takes it from
             // here, and tells the sender's grain if it cannot deliver.
             let Some(out) = &sup.params.config.xmpp_outbound else {
@@ -142,26 +146,28 @@ impl xmpp_router::Server for Router {
 impl Inner {
     /// The domain a user's grain of `kind` is told is its own: for chat,
     /// the user's chat domain.
-    pub(crate) async fn grain_domain(&self, user: &str, kind: &str) -> String {
+    pub(crate) async fn grain_domain(&self, user: &str, kind: &str) -> Result<String, Problem> {
         if kind == "xmpp" {
             let user = user.to_owned();
-            if let Ok(Some(d)) = db(&self.params.store, move |s| s.xmpp_domain_of(&user)).await {
-                return d;
+            if let Some(d) = db(&self.params.store, move |s| s.xmpp_domain_of(&user)).await? {
+                return Ok(d);
             }
         }
-        self.params.config.domain.clone()
+        Ok(self.params.config.domain.clone())
     }
 
     /// Whether chat for `domain` is served here: Granary's domain or an
-    /// added one.
-    pub(crate) async fn serves_chat_domain(&self, domain: &str) -> bool {
+    /// added one (remembered once seen; other names are asked of the state
+    /// each time, so a domain added a moment ago is served).
+    pub(crate) async fn serves_chat_domain(&self, domain: &str) -> Result<bool, Problem> {
         let d = domain.to_ascii_lowercase();
-        if d == self.params.config.domain {
-            return true;
+        if d == self.params.config.domain || self.chat_domains.borrow().contains(&d) {
+            return Ok(true);
         }
-        db(&self.params.store, |s| s.xmpp_domain_names())
-            .await
-            .is_ok_and(|names| names.contains(&d))
+        let names = db(&self.params.store, |s| s.xmpp_domain_names()).await?;
+        let hit = names.contains(&d);
+        self.chat_domains.borrow_mut().extend(names);
+        Ok(hit)
     }
 
     /// Hands one stanza to `grain`'s `xmpp.deliver`, starting the grain if

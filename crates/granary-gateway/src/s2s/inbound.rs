@@ -315,7 +315,7 @@ impl Inbound {
                 "too many domains on one stream",
             )));
         }
-        if self.fed.domains.serves(domain).await {
+        if !self.fed.domains.foreign(domain).await {
             return Err(Ended::Error(stream_error(
                 "invalid-from",
                 "that is this server's own domain",
@@ -417,7 +417,7 @@ impl Inbound {
         }
         let (from, to) = (from.domain, to.domain);
         // Never ask ourselves about ourselves.
-        if self.fed.domains.serves(&from).await {
+        if !self.fed.domains.foreign(&from).await {
             return Err(Ended::Error(stream_error(
                 "invalid-from",
                 "that is this server's own domain",
@@ -543,21 +543,29 @@ impl Inbound {
         let unavailable = "service-unavailable: not available".to_owned();
         let refused = match GrainId::for_user(local, "xmpp") {
             Ok(grain) => {
-                let delivered = tokio::time::timeout(
-                    DELIVER_WAIT,
-                    self.fed.grains.deliver_xmpp(&grain, stanza),
-                )
-                .await;
-                match delivered {
-                    Ok(Ok(())) => None,
+                // The delivery runs on its own, holding one of a bounded
+                // number of places: past the stream's wait, it goes on
+                // (its grain may be starting) and the stream goes on to
+                // its next stanza, telling the other server nothing.
+                let place = self.fed.delivering.clone().acquire_owned().await;
+                let grains = self.fed.grains.clone();
+                let delivery = tokio::spawn(async move {
+                    let _place = place;
+                    grains.deliver_xmpp(&grain, stanza).await
+                });
+                match tokio::time::timeout(DELIVER_WAIT, delivery).await {
+                    Ok(Ok(Ok(()))) => None,
                     // The grain's own refusals (blocked, not subscribed)
                     // are stanza conditions.
-                    Ok(Err(granary_grains::GrainError {
+                    Ok(Ok(Err(granary_grains::GrainError {
                         problem: granary_grains::Problem::Grain(text),
                         ..
-                    })) if !text.starts_with("item-not-found") => Some(text),
-                    Ok(Err(_)) => Some(unavailable),
-                    Err(_) => Some("resource-constraint: try again later".to_owned()),
+                    }))) if !text.starts_with("item-not-found") => Some(text),
+                    Ok(_) => Some(unavailable),
+                    Err(_) => {
+                        tracing::warn!(to = %to, "a delivery from another server is slow; the stream goes on");
+                        None
+                    }
                 }
             }
             Err(_) => Some(unavailable),

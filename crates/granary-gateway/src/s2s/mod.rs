@@ -98,6 +98,9 @@ pub struct Federation {
     pending: Mutex<HashMap<String, (usize, usize)>>,
     /// Bounces on their way to grains.
     bouncing: Arc<tokio::sync::Semaphore>,
+    /// Deliveries from other servers under way (some may have outlived
+    /// the stream's wait for them).
+    pub(crate) delivering: Arc<tokio::sync::Semaphore>,
     stop: watch::Receiver<bool>,
 }
 
@@ -111,6 +114,8 @@ const PENDING_STANZAS: usize = 1000;
 const PENDING_BYTES: usize = 16 << 20;
 /// Bounces delivered at once; past it they are logged and dropped.
 const BOUNCING: usize = 256;
+/// Deliveries from other servers under way at once; past it streams wait.
+const DELIVERING: usize = 1024;
 
 /// Stanzas that may wait for one domain's stream.
 const QUEUE_PER_DOMAIN: usize = 10_000;
@@ -184,6 +189,7 @@ impl Federation {
             verifying: Arc::new(tokio::sync::Semaphore::new(VERIFYING)),
             pending: Mutex::new(HashMap::new()),
             bouncing: Arc::new(tokio::sync::Semaphore::new(BOUNCING)),
+            delivering: Arc::new(tokio::sync::Semaphore::new(DELIVERING)),
             stop,
         }))
     }
@@ -309,6 +315,12 @@ impl Federation {
             self.bounce(stanza, "jid-malformed", "not an address");
             return;
         };
+        // One of ours after all (the host's view was stale): not sent
+        // out to come back to us.
+        if self.domains.known(&remote) {
+            self.bounce(stanza, "service-unavailable", "try again");
+            return;
+        }
         let key = (local, remote);
         let Some(ticket) = self.take_pending(&stanza) else {
             self.bounce(
@@ -340,10 +352,13 @@ impl Federation {
                         Some((p, "too many stanzas wait for that server"))
                     }
                     Err(mpsc::error::TrySendError::Closed(p)) => {
-                        // Its task ended idle between our lookup and now.
+                        // Its task ended idle between our lookup and now:
+                        // uncounted, and submitted again.
                         queues.remove(&key);
                         drop(queues);
-                        self.submit(p.stanza);
+                        let Pending { stanza, ticket } = p;
+                        drop(ticket);
+                        self.submit(stanza);
                         return;
                     }
                 }
@@ -486,18 +501,36 @@ fn is_global(ip: std::net::IpAddr) -> bool {
                 || v4.is_documentation()
                 || v4.is_multicast()
                 || o[0] == 0
-                || (o[0] == 100 && (64..128).contains(&o[1])))
+                || o[0] >= 240
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (18..20).contains(&o[1])))
         }
         IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+            };
+            // Addresses that carry an IPv4 one: judged by it (mapped,
+            // compatible, NAT64, 6to4).
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_global(IpAddr::V4(v4));
             }
-            let s = v6.segments();
+            if s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+                return is_global(IpAddr::V4(embedded(s[6], s[7])));
+            }
+            if s[0] == 0x64 && s[1] == 0xff9b {
+                return is_global(IpAddr::V4(embedded(s[6], s[7])));
+            }
+            if s[0] == 0x2002 {
+                return is_global(IpAddr::V4(embedded(s[1], s[2])));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
                 || s[0] == 0x2001 && s[1] == 0x0db8)
         }
     }
@@ -644,7 +677,12 @@ mod tests {
         ] {
             assert!(!is_global(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["93.184.216.34", "2a00:1450:4001::1", "::ffff:93.184.216.34"] {
+        for ip in [
+            "93.184.216.34",
+            "2a00:1450:4001::1",
+            "::ffff:93.184.216.34",
+            "64:ff9b::93.184.216.34",
+        ] {
             assert!(is_global(ip.parse().unwrap()), "{ip}");
         }
     }

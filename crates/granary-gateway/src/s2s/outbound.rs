@@ -63,8 +63,9 @@ pub(super) async fn run(
             LINGER_FAILED.min(fed.settings.idle)
         };
         let next = tokio::select! {
-            n = tokio::time::timeout(wait, rx.recv()) => n,
+            biased;
             _ = stop.wait_for(|s| *s) => break true,
+            n = tokio::time::timeout(wait, rx.recv()) => n,
         };
         let pending = match next {
             Ok(Some(p)) => p,

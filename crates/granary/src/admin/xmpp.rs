@@ -42,15 +42,21 @@ fn add_domain(config: &Config, domain: &str, users: &[String]) -> anyhow::Result
         let r = req.send().promise.await.map_err(remote)?;
         Ok(r.get().map_err(remote)?.get_added())
     })?;
-    let domain = domain.to_ascii_lowercase();
-    if added {
+    // As the daemon keeps it: lowercase, without a final dot.
+    let lower = domain.to_ascii_lowercase();
+    let domain = lower.strip_suffix('.').unwrap_or(&lower);
+    if domain == config.domain {
+        println!("{domain} is Granary's own domain: every user not moved elsewhere is there.");
+    } else if added {
         println!("{domain} is now a chat domain of this host.");
+    } else if users.is_empty() {
+        println!("{domain} was already a chat domain of this host.");
     }
     for u in users {
         println!("{u}'s chat address is now {u}@{domain} (their chat grain restarts).");
     }
     if added {
-        let certs = config.tls_dir().join("domains").join(&domain);
+        let certs = config.tls_dir().join("domains").join(domain);
         println!(
             "Publish its SRV records (granary xmpp domain list shows them) and put its \
              certificate in {}/cert.pem and key.pem.",
@@ -67,15 +73,18 @@ struct DomainView {
     primary: bool,
     /// The users moved into it (empty for the primary domain).
     users: Vec<String>,
-    /// Where a certificate for it is looked for, and whether one is there
-    /// (the primary domain's comes from [tls] or the local CA).
+    /// Where a certificate for an added domain is looked for, and whether
+    /// one is there (`None` for the primary domain: its certificate is
+    /// [tls]'s or the local CA's).
     certificate: Option<String>,
-    has_certificate: bool,
+    has_certificate: Option<bool>,
+    /// The SRV records that point clients and servers here, with the
+    /// listeners' ports (none for a listener that is off).
     records: Vec<String>,
 }
 
 fn domains(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let (primary, added) = with_admin(config, |admin: admin::Client| async move {
+    let (primary, added, ports) = with_admin(config, |admin: admin::Client| async move {
         let r = super::xmpp(&admin)
             .domains_request()
             .send()
@@ -87,27 +96,36 @@ fn domains(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         for d in r.get_domains().map_err(remote)? {
             added.push((text(d.get_domain())?, texts(d.get_users())?));
         }
-        Ok((text(r.get_primary())?, added))
+        let ports = (r.get_client_port(), r.get_tls_port(), r.get_server_port());
+        Ok((text(r.get_primary())?, added, ports))
     })?;
     let records = |d: &str| {
-        vec![
-            format!("_xmpp-client._tcp.{d}. IN SRV 0 5 5222 <this host>."),
-            format!("_xmpps-client._tcp.{d}. IN SRV 0 5 5223 <this host>."),
-            format!("_xmpp-server._tcp.{d}. IN SRV 0 5 5269 <this host>. (federation)"),
-        ]
+        let mut out = Vec::new();
+        for (service, port) in [
+            ("_xmpp-client", ports.0),
+            ("_xmpps-client", ports.1),
+            ("_xmpp-server", ports.2),
+        ] {
+            if port != 0 {
+                out.push(format!(
+                    "{service}._tcp.{d}. IN SRV 0 5 {port} <this host>."
+                ));
+            }
+        }
+        out
     };
     let mut views = vec![DomainView {
         domain: primary.clone(),
         primary: true,
         users: Vec::new(),
         certificate: None,
-        has_certificate: true,
+        has_certificate: None,
         records: records(&primary),
     }];
     for (domain, users) in added {
         let dir = config.tls_dir().join("domains").join(&domain);
         views.push(DomainView {
-            has_certificate: dir.join("cert.pem").exists() && dir.join("key.pem").exists(),
+            has_certificate: Some(dir.join("cert.pem").exists() && dir.join("key.pem").exists()),
             certificate: Some(dir.display().to_string()),
             records: records(&domain),
             domain,
@@ -133,8 +151,8 @@ fn domains(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
             };
             println!("{}  users: {users}", v.domain);
             match (&v.certificate, v.has_certificate) {
-                (Some(dir), true) => println!("  certificate: {dir}/cert.pem"),
-                (Some(dir), false) => {
+                (Some(dir), Some(true)) => println!("  certificate: {dir}/cert.pem"),
+                (Some(dir), _) => {
                     println!("  certificate: MISSING: put cert.pem and key.pem in {dir}")
                 }
                 _ => {}
@@ -142,6 +160,9 @@ fn domains(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         }
         for r in &v.records {
             println!("  {r}");
+        }
+        if ports.2 == 0 {
+            println!("  (no _xmpp-server record: listen.xmpp-s2s is off, so no federation)");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -143,13 +143,13 @@ impl Directory for StateDirectory {
         })
     }
 
-    fn xmpp_domains(&self) -> BoxFuture<Vec<String>> {
+    fn xmpp_domains(&self) -> BoxFuture<Option<Vec<String>>> {
         let store = self.store.clone();
-        lookup(Vec::new(), move || match store.xmpp_domain_names() {
-            Ok(d) => d,
+        lookup(None, move || match store.xmpp_domain_names() {
+            Ok(d) => Some(d),
             Err(e) => {
                 tracing::error!(error = %e, "chat domain lookup failed");
-                Vec::new()
+                None
             }
         })
     }

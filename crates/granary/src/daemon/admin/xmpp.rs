@@ -102,6 +102,18 @@ impl xmpp::Server for Xmpp {
         let list = blocking(move || store.xmpp_domains().map_err(state_failure)).await?;
         let mut r = results.get();
         r.set_primary(&self.0.info.domain);
+        let port = |name: &str| {
+            self.0
+                .info
+                .listeners
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok())
+                .map_or(0, |a| a.port())
+        };
+        r.set_client_port(port("xmpp"));
+        r.set_tls_port(port("xmpps"));
+        r.set_server_port(port("xmpp-s2s"));
         let mut out = r.init_domains(list.len() as u32);
         for (i, d) in list.iter().enumerate() {
             let mut o = out.reborrow().get(i as u32);
