@@ -253,7 +253,9 @@ where
         }
     };
     if grain_ended {
-        let mut sink = [0u8; 16 << 10];
+        // On the heap, and only now: an array here would sit in every
+        // session's future for its whole life.
+        let mut sink = vec![0u8; 16 << 10];
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while let Ok(n) = from_client.read(&mut sink).await {
                 if n == 0 {
