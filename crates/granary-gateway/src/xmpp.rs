@@ -195,7 +195,11 @@ impl Client {
             server_name,
         };
         let leftover = std::mem::take(&mut self.buf);
-        hand_over(&self.shared, tls, login, peer, leftover).await;
+        let domain = self
+            .domain
+            .clone()
+            .unwrap_or_else(|| self.shared.domain.clone());
+        hand_over(&self.shared, &domain, tls, login, peer, leftover).await;
     }
 
     /// The next unit, reading as needed; `Err` with the stream error to
@@ -606,6 +610,7 @@ impl Client {
 /// Connects the client to its chat grain and passes bytes both ways.
 async fn hand_over<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
+    domain: &str,
     mut client: S,
     login: LoggedIn,
     peer: Peer,
@@ -614,7 +619,7 @@ async fn hand_over<S: AsyncRead + AsyncWrite + Unpin>(
     let unavailable = |why: &str| {
         format!(
             "{}{}",
-            stream_header(&shared.domain),
+            stream_header(domain),
             stream_error("internal-server-error", why)
         )
     };
