@@ -804,14 +804,51 @@ impl Drop for Daemon {
             let pid = Pid::from_raw(child.id() as i32);
             let _ = kill(pid, Signal::SIGTERM);
             let deadline = std::time::Instant::now() + DEADLINE;
+            let mut exited = false;
             while std::time::Instant::now() < deadline {
                 if !matches!(child.try_wait(), Ok(None)) {
-                    return;
+                    exited = true;
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = child.wait();
+            if !exited {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = child.wait();
+            }
+        }
+        // The temp dir goes too. A grain dataset the test's pool still
+        // has mounted inside it (the pool is dropped after the daemon) is
+        // detached first; the pool's own clean-up destroys it. Say so when
+        // it cannot go: TempDir's drop is silent, and leftovers filled /tmp
+        // run after run.
+        let dir = self.dir.path().to_path_buf();
+        if std::fs::remove_dir_all(&dir).is_err() {
+            for mount in mounts_under(&dir) {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&mount)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                eprintln!("testkit: cannot remove {}: {e}", dir.display());
+            }
         }
     }
+}
+
+/// Mount points at or below `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        // Spaces and such are octal-escaped in mountinfo.
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out
 }
