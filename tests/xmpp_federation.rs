@@ -106,7 +106,9 @@ fn world(extra_xmpp: &str) -> World {
 }
 
 impl World {
+    /// Runs a client script after [`CLIENTS`] (its helpers).
     fn check(&self, script: &str) {
+        let script = format!("{CLIENTS}{script}");
         let mut env = self.host.env();
         env.push(("PEER_CA".into(), self.ca_bundle.display().to_string()));
         env.push(("CAROL_C2S".into(), self.trusted.c2s.to_string()));
@@ -121,7 +123,7 @@ impl World {
         env.push(("FAKE_CERT".into(), cert.display().to_string()));
         env.push(("FAKE_KEY".into(), key.display().to_string()));
         let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        let (ok, out) = granary_testkit::mail::run_python(script, &env);
+        let (ok, out) = granary_testkit::mail::run_python(&script, &env);
         let ok = ok && out.lines().any(|l| l.trim() == "ok");
         assert!(
             ok,
@@ -194,8 +196,7 @@ def dave():
 #[test]
 fn messages_and_subscriptions_go_both_ways_with_prosody() {
     let w = world("");
-    w.check(&format!(
-        "{CLIENTS}{}",
+    w.check(
         r#"
 async def main():
     alice = await Client("alice", "laptop").online()
@@ -248,8 +249,8 @@ async def main():
         x.disconnect()
 
 run(main)
-"#
-    ));
+"#,
+    );
     // How each server proved itself, as the daemon's log tells it: the
     // trusted certificate by SASL EXTERNAL, the other by dialback.
     let log = w.host.daemon.log();
@@ -270,8 +271,7 @@ run(main)
 #[test]
 fn spoofed_and_misbehaving_servers_are_refused_and_nobody_else_notices() {
     let w = world("s2s_stanzas_per_second = 100\ns2s_connections_per_domain = 2\n");
-    w.check(&format!(
-        "{CLIENTS}{}",
+    w.check(
         r#"
 async def main():
     alice = await Client("alice", "laptop").online()
@@ -336,8 +336,8 @@ async def main():
         x.disconnect()
 
 run(main)
-"#
-    ));
+"#,
+    );
     let log = w.host.daemon.log();
     assert!(
         log.contains("dialback refused: the domain's server does not know that key"),
@@ -348,8 +348,7 @@ run(main)
 #[test]
 fn with_verified_certificates_required_dialback_is_not_taken() {
     let w = world("s2s_require_verified = true\n");
-    w.check(&format!(
-        "{CLIENTS}{}",
+    w.check(
         r#"
 async def main():
     alice = await Client("alice", "laptop").online()
@@ -374,8 +373,8 @@ async def main():
         x.disconnect()
 
 run(main)
-"#
-    ));
+"#,
+    );
 }
 
 #[test]
@@ -436,8 +435,7 @@ fn chat_domains_give_users_addresses_of_their_own() {
         d.listener("xmpp-s2s").port(),
     ));
     w.dns.replace(&records);
-    w.check(&format!(
-        "{CLIENTS}{}",
+    w.check(
         r#"
 async def main():
     alice = await Client("alice", "laptop").online()
@@ -497,8 +495,8 @@ async def main():
         x.disconnect()
 
 run(main)
-"#
-    ));
+"#,
+    );
     // And back to Granary's domain.
     let d = &w.host.daemon;
     d.granary(&["xmpp", "domain", "add", "chat.test", "--user", "bob"])

@@ -231,32 +231,7 @@ pub struct Server {
     pub limits: crate::session::Limits,
 }
 
-/// A stanza error in reply to `el` (RFC 6120 §8.3): from and to swapped,
-/// the original's id kept.
-pub fn error_reply(el: &Element, kind: &str, condition: &str, text: Option<&str>) -> Element {
-    let mut reply = Element::new(&el.name, ns::CLIENT).with_attr("type", "error");
-    if let Some(id) = el.attr("id") {
-        reply.set_attr("id", id);
-    }
-    if let Some(to) = el.attr("to") {
-        reply.set_attr("from", to);
-    }
-    if let Some(from) = el.attr("from") {
-        reply.set_attr("to", from);
-    }
-    let mut error = Element::new("error", ns::CLIENT)
-        .with_attr("type", kind)
-        .with_child(Element::new(condition, ns::STANZAS));
-    if let Some(t) = text {
-        error.push(
-            Element::new("text", ns::STANZAS)
-                .with_attr("xml:lang", "en")
-                .with_text(t),
-        );
-    }
-    reply.push(error);
-    reply
-}
+pub use granary_wire::stanza::{error_kind, error_reply};
 
 /// The refusal of a stanza to an address the user blocked (XEP-0191).
 pub fn blocked_error(el: &Element) -> Element {
@@ -270,16 +245,6 @@ pub fn blocked_error(el: &Element) -> Element {
         err.push(Element::new("blocked", ns::BLOCKING_ERRORS));
     }
     e
-}
-
-/// The error type a condition is sent with.
-pub fn error_kind(condition: &str) -> &'static str {
-    match condition {
-        "remote-server-timeout" | "resource-constraint" | "internal-server-error" => "wait",
-        "not-authorized" | "forbidden" => "auth",
-        "bad-request" | "jid-malformed" | "not-acceptable" | "policy-violation" => "modify",
-        _ => "cancel",
-    }
 }
 
 /// Milliseconds since the epoch.
@@ -601,10 +566,7 @@ impl Server {
         // Nothing leaves for an address the user blocked (XEP-0191 §3.3):
         // presence and events are dropped, a request or message refused.
         if self.blocks(to) {
-            let asks = el.name == "message"
-                || (el.name == "iq" && matches!(el.attr("type"), Some("get") | Some("set")));
-            if asks
-                && el.attr("type") != Some("error")
+            if granary_wire::stanza::wants_error_reply(&el)
                 && let Some(s) = from.resource.as_deref().and_then(|r| self.session(r))
             {
                 let mut original = el.clone();
@@ -689,9 +651,7 @@ impl Server {
 
     /// Tells the sender a message or request could not be delivered.
     fn bounce(self: &Rc<Self>, from: &Jid, to: &Jid, el: &Element, condition: &str) {
-        let bounced = el.name == "message"
-            || (el.name == "iq" && matches!(el.attr("type"), Some("get") | Some("set")));
-        if !bounced || el.attr("type") == Some("error") {
+        if !granary_wire::stanza::wants_error_reply(el) {
             return;
         }
         let mut original = el.clone();

@@ -117,13 +117,7 @@ impl ChatDomains {
     pub async fn lookup(&self, domain: &str) -> Option<bool> {
         let d = domain.to_ascii_lowercase();
         let d = d.strip_suffix('.').unwrap_or(&d);
-        if d == self.primary
-            || self
-                .known
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(d)
-        {
+        if self.known_lowercase(d) {
             return Some(true);
         }
         let fresh: std::collections::HashSet<String> =
@@ -148,12 +142,16 @@ impl ChatDomains {
     /// lookup).
     pub fn known(&self, domain: &str) -> bool {
         let d = domain.to_ascii_lowercase();
+        self.known_lowercase(d.strip_suffix('.').unwrap_or(&d))
+    }
+
+    fn known_lowercase(&self, d: &str) -> bool {
         d == self.primary
             || self
                 .known
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains(&d)
+                .contains(d)
     }
 }
 

@@ -47,7 +47,7 @@ impl DavHost {
     /// `dav` app password; `extra` is appended to the config.
     pub fn start(users: &[&str], extra: &str) -> DavHost {
         let (daemon, dir, passwords) =
-            crate::app_host(DOMAIN, extra, crate::dav_package, "dav", users);
+            crate::app_host(DOMAIN, extra, "", crate::dav_package, "dav", users);
         let site = dir.path().join("site");
         std::fs::create_dir_all(&site).unwrap();
         std::fs::write(site.join("sitecustomize.py"), SITECUSTOMIZE).unwrap();

@@ -194,23 +194,9 @@ pub fn xmpp_package(dir: &Path) -> std::path::PathBuf {
 
 /// A daemon serving `domain` with one app installed (the package
 /// `package` makes in the returned directory) and `users`, each with an app
-/// password of `kind`; `extra` is appended to the config.
+/// password of `kind`; `extra` is appended to the config, `listen` (lines
+/// inside `[listen]`, such as `xmpp-s2s = "127.0.0.1:0"`) to its listeners.
 pub fn app_host(
-    domain: &str,
-    extra: &str,
-    package: fn(&Path) -> PathBuf,
-    kind: &str,
-    users: &[&str],
-) -> (
-    Daemon,
-    tempfile::TempDir,
-    std::collections::HashMap<String, String>,
-) {
-    app_host_listening(domain, extra, "", package, kind, users)
-}
-
-/// [`app_host`] with more listeners (`listen`: lines inside `[listen]`).
-pub fn app_host_listening(
     domain: &str,
     extra: &str,
     listen: &str,

@@ -174,7 +174,7 @@ impl XmppHost {
     /// `[listen]`, such as `xmpp-s2s = "127.0.0.1:0"`).
     pub fn start_listening(users: &[&str], extra: &str, listen: &str) -> XmppHost {
         let (daemon, dir, passwords) =
-            crate::app_host_listening(DOMAIN, extra, listen, crate::xmpp_package, "xmpp", users);
+            crate::app_host(DOMAIN, extra, listen, crate::xmpp_package, "xmpp", users);
         let lib = dir.path().join("lib");
         std::fs::create_dir_all(&lib).unwrap();
         std::fs::write(lib.join("granary_xmpp_test.py"), HELPER).unwrap();

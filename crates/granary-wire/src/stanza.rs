@@ -453,6 +453,54 @@ pub fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, XmppErro
     done.ok_or(XmppError::NotWellFormed("no element"))
 }
 
+/// Stanza error conditions (RFC 6120 §8.3.3).
+pub const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+
+/// A stanza error in reply to `el` (RFC 6120 §8.3): from and to swapped,
+/// the original's id kept.
+pub fn error_reply(el: &Element, kind: &str, condition: &str, text: Option<&str>) -> Element {
+    let mut reply = Element::new(&el.name, crate::xmpp::NS_CLIENT).with_attr("type", "error");
+    if let Some(id) = el.attr("id") {
+        reply.set_attr("id", id);
+    }
+    if let Some(to) = el.attr("to") {
+        reply.set_attr("from", to);
+    }
+    if let Some(from) = el.attr("from") {
+        reply.set_attr("to", from);
+    }
+    let mut error = Element::new("error", crate::xmpp::NS_CLIENT)
+        .with_attr("type", kind)
+        .with_child(Element::new(condition, NS_STANZAS));
+    if let Some(t) = text {
+        error.push(
+            Element::new("text", NS_STANZAS)
+                .with_attr("xml:lang", "en")
+                .with_text(t),
+        );
+    }
+    reply.push(error);
+    reply
+}
+
+/// Whether a failure to deliver `el` is answered with an error: messages
+/// and requests (iq get/set), never an error itself (no error loops).
+pub fn wants_error_reply(el: &Element) -> bool {
+    let asks = el.name == "message"
+        || (el.name == "iq" && matches!(el.attr("type"), Some("get") | Some("set")));
+    asks && el.attr("type") != Some("error")
+}
+
+/// The error type a condition is sent with.
+pub fn error_kind(condition: &str) -> &'static str {
+    match condition {
+        "remote-server-timeout" | "resource-constraint" | "internal-server-error" => "wait",
+        "not-authorized" | "forbidden" => "auth",
+        "bad-request" | "jid-malformed" | "not-acceptable" | "policy-violation" => "modify",
+        _ => "cancel",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

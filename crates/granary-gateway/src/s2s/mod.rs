@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use granary_grains::mail::XmppStanza;
 use granary_grains::{GrainId, Grains};
 use granary_wire::s2s::domain_of;
-use granary_wire::stanza::{Element, parse_element};
+use granary_wire::stanza::{self, Element, parse_element};
 use granary_wire::xmpp::NS_CLIENT;
 use rustls::client::WebPkiServerVerifier;
 use tokio::sync::{mpsc, watch};
@@ -43,8 +43,6 @@ use tokio::sync::{mpsc, watch};
 use crate::smtp::checks::Checker;
 
 pub use inbound::serve;
-
-const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 
 /// How federation behaves (`[xmpp]` `s2s_*`).
 #[derive(Debug, Clone)]
@@ -161,14 +159,14 @@ impl Federation {
             .with_protocol_versions(versions)
             .map_err(|e| e.to_string())?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(crate::smtp::outbound::Opportunistic(
+            .with_custom_certificate_verifier(Arc::new(crate::tls::AnyCertificate(
                 provider.clone(),
             )))
             .with_no_client_auth();
         let server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)
             .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(Arc::new(AnyClientCert(provider)))
+            .with_client_cert_verifier(Arc::new(crate::tls::AnyCertificate(provider)))
             .with_cert_resolver(certs);
         let mut tagged = b"granary xmpp dialback\0".to_vec();
         tagged.extend_from_slice(secret);
@@ -571,91 +569,19 @@ fn from_hex(text: &str) -> Option<Vec<u8>> {
 /// The stanza error (RFC 6120 §8.3) answering `el`, which went from
 /// `from` to `to`; `None` for what is never answered with an error.
 fn error_reply(el: &Element, from: &str, to: &str, condition: &str, why: &str) -> Option<Element> {
-    let asks = el.name == "message"
-        || (el.name == "iq" && matches!(el.attr("type"), Some("get") | Some("set")));
-    if !asks || el.attr("type") == Some("error") {
+    if !stanza::wants_error_reply(el) {
         return None;
     }
-    let kind = match condition {
-        "remote-server-timeout" | "resource-constraint" | "internal-server-error" => "wait",
-        _ => "cancel",
-    };
-    let mut reply = Element::new(&el.name, &el.ns)
-        .with_attr("from", to)
-        .with_attr("to", from)
-        .with_attr("type", "error");
-    if let Some(id) = el.attr("id") {
-        reply.set_attr("id", id);
-    }
-    let mut error = Element::new("error", &el.ns)
-        .with_attr("type", kind)
-        .with_child(Element::new(condition, NS_STANZAS));
-    if !why.is_empty() {
-        error.push(Element::new("text", NS_STANZAS).with_text(why));
-    }
-    reply.push(error);
-    Some(reply)
-}
-
-/// Accepts any client certificate in the handshake (with its signature
-/// checked): whether it verifies for the domain the peer claims is decided
-/// after, with [`Federation::certificate_verifies`].
-#[derive(Debug)]
-struct AnyClientCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &rustls_pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
-        _now: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        Ok(rustls::server::danger::ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    let mut original = el.clone();
+    original.set_attr("from", from);
+    original.set_attr("to", to);
+    let text = (!why.is_empty()).then_some(why);
+    Some(stanza::error_reply(
+        &original,
+        stanza::error_kind(condition),
+        condition,
+        text,
+    ))
 }
 
 #[cfg(test)]
