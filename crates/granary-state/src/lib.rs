@@ -15,6 +15,7 @@ mod grains;
 mod mail;
 mod migrate;
 mod repos;
+mod tasks;
 mod users;
 mod xmpp;
 
@@ -30,6 +31,7 @@ pub use grains::{App, Grain, Grant, HostUid, NewApp};
 pub use mail::{MailAlias, MailDomainInfo, MailRoute};
 pub use migrate::LATEST_SCHEMA_VERSION;
 pub use repos::SshKey;
+pub use tasks::{TaskCert, TaskClient};
 pub use users::{User, UserCredentials};
 pub use xmpp::XmppDomainInfo;
 

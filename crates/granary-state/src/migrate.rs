@@ -57,6 +57,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 11,
         sql: include_str!("migrations/0011_xmpp_domains.sql"),
     },
+    Migration {
+        version: 12,
+        sql: include_str!("migrations/0012_tasks.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.
