@@ -40,6 +40,7 @@ interface Admin {
   mail @9 () -> (mail :Mail);
 
   xmpp @11 () -> (xmpp :Xmpp);
+  tasks @12 () -> (tasks :Tasks);
 
   doctor @10 () -> (checks :List(DoctorCheck));
   # Checks a deployment as the world sees it: every mail domain's DNS
@@ -353,6 +354,48 @@ struct UserXmppStatus {
   contacts @3 :UInt64;
   archived @4 :UInt64;
   offline @5 :UInt64;
+}
+
+interface Tasks {
+  # Taskwarrior sync: TaskChampion client ids (Taskwarrior 3, over HTTPS
+  # at tasks.<domain>) and taskd client certificates (Taskwarrior 2.6,
+  # the taskd listener). Each user's task lists live in their tasks grain.
+
+  addClient @0 (user :Text, label :Text) -> (client :TaskClient, clientId :Text, url :Text);
+  # A new client id, returned once: only its hash is kept. Every replica
+  # given the same id (and the same encryption secret) shares one task
+  # list. `url` is `sync.server.url`.
+
+  clients @1 (user :Text) -> (clients :List(TaskClient));
+  # One user's client ids; everyone's when `user` is empty.
+
+  revokeClient @2 (user :Text, id :Int64) -> ();
+
+  issueCert @3 (user :Text, label :Text) -> (cert :TaskCert, keyPem :Text, certPem :Text, caPem :Text, server :Text, credentials :Text);
+  # A client key and certificate from the local CA, returned once (only
+  # the certificate's fingerprint is kept); `server` is `taskd.server`
+  # (host:port) and `credentials` `taskd.credentials` (org/user/key).
+
+  certs @4 (user :Text) -> (certs :List(TaskCert));
+  revokeCert @5 (user :Text, id :Int64) -> ();
+}
+
+struct TaskClient {
+  id @0 :Int64;
+  user @1 :Text;
+  label @2 :Text;
+  createdAt @3 :Int64;
+  lastUsedAt @4 :Int64;
+  # 0: never.
+}
+
+struct TaskCert {
+  id @0 :Int64;
+  user @1 :Text;
+  label @2 :Text;
+  key @3 :Text;
+  expiresAt @4 :Int64;
+  createdAt @5 :Int64;
 }
 
 interface Mail {

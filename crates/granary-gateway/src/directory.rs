@@ -66,6 +66,13 @@ pub trait Directory: Send + Sync + 'static {
     /// postmaster; never a catch-all), or `None`.
     fn mail_sender_owner(&self, address: &str) -> BoxFuture<Option<String>>;
 
+    /// Whose device secret (a TaskChampion client id) hashes to `sha256`:
+    /// the user and the credential.
+    fn client_secret(&self, sha256: [u8; 32]) -> BoxFuture<Option<(String, Credential)>> {
+        let _ = sha256;
+        Box::pin(async { None })
+    }
+
     /// The chat domains added besides Granary's own
     /// (`granary xmpp domain add`); `None` when they cannot be read.
     fn xmpp_domains(&self) -> BoxFuture<Option<Vec<String>>> {

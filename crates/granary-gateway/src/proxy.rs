@@ -53,7 +53,13 @@ struct Login {
 pub struct Gateway {
     shared: Arc<Shared>,
     pool: Mutex<HashMap<String, Vec<Pooled>>>,
+    /// Device secrets found in the last [`SECRET_CACHE_FOR`], by hash.
+    secrets: Mutex<HashMap<[u8; 32], (Instant, String, Credential)>>,
 }
+
+/// How long a device secret that checked out is trusted without asking
+/// the directory again: a revoked one is refused within this time.
+const SECRET_CACHE_FOR: Duration = Duration::from_secs(2);
 
 pub(crate) fn plain(status: StatusCode, text: &str) -> Response<Body> {
     Response::builder()
@@ -148,6 +154,7 @@ impl Gateway {
         let gateway = Arc::new(Gateway {
             shared,
             pool: Mutex::default(),
+            secrets: Mutex::default(),
         });
         let weak = Arc::downgrade(&gateway);
         let idle = gateway.shared.settings.upstream_idle;
@@ -163,6 +170,12 @@ impl Gateway {
                     list.retain(|p| !p.sender.is_closed() && p.idle_since.elapsed() < idle);
                 }
                 pool.retain(|_, list| !list.is_empty());
+                drop(pool);
+                gateway
+                    .secrets
+                    .lock()
+                    .expect("not poisoned")
+                    .retain(|_, (t, _, _)| t.elapsed() < SECRET_CACHE_FOR);
             }
         });
         gateway
@@ -212,11 +225,72 @@ impl Gateway {
         }
     }
 
+    /// Checks a device secret sent in `header`; `Err` is the answer to
+    /// send. Unknown secrets count against the client's address in the
+    /// limiter, and are refused unchecked while it is limited.
+    async fn client_secret(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        header: &'static str,
+    ) -> Result<Login, Response<Body>> {
+        let Some(secret) = req.headers().get(header).and_then(|v| v.to_str().ok()) else {
+            return Err(plain(
+                StatusCode::BAD_REQUEST,
+                &format!("Send your client id in {header} (granary tasks client add).\n"),
+            ));
+        };
+        let digest = ring::digest::digest(
+            &ring::digest::SHA256,
+            secret.trim().to_ascii_lowercase().as_bytes(),
+        );
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(digest.as_ref());
+        if let Some((_, user, credential)) = self
+            .secrets
+            .lock()
+            .expect("not poisoned")
+            .get(&hash)
+            .filter(|(t, _, _)| t.elapsed() < SECRET_CACHE_FOR)
+        {
+            return Ok(Login {
+                user: user.clone(),
+                credential: *credential,
+            });
+        }
+        let limiter = &self.shared.limiter;
+        let by_peer = format!("ip:{}", crate::smtp::limits::bucket(peer.ip()));
+        if limiter.limited(&by_peer) {
+            tracing::warn!(%peer, "client id rate limit hit");
+            return Err(plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many unknown client ids; try again later.\n",
+            ));
+        }
+        match self.shared.directory.client_secret(hash).await {
+            Some((user, credential)) => {
+                self.secrets
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(hash, (Instant::now(), user.clone(), credential));
+                Ok(Login { user, credential })
+            }
+            None => {
+                tracing::info!(%peer, "unknown client id");
+                limiter.fail(by_peer);
+                Err(plain(
+                    StatusCode::FORBIDDEN,
+                    "This client id is not known here (revoked, or never made).\n",
+                ))
+            }
+        }
+    }
+
     /// Answers a request that is not for the gateway itself: routes it by
     /// the service table, applies the entry's access rules, forwards it.
     pub async fn serve(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         host: &str,
         peer: SocketAddr,
         tls_version: &str,
@@ -226,12 +300,18 @@ impl Gateway {
             return not_served(host, &path);
         };
         let service = route.entry;
-        let login = match service.access.password_kind() {
-            Some(kind) => match self.authenticate(&req, peer, service, kind).await {
+        let login = match (service.access, service.access.password_kind()) {
+            (Access::ClientSecret { header }, _) => {
+                match self.client_secret(&req, peer, header).await {
+                    Ok(login) => Some(login),
+                    Err(answer) => return answer,
+                }
+            }
+            (_, Some(kind)) => match self.authenticate(&req, peer, service, kind).await {
                 Ok(login) => login,
                 Err(answer) => return answer,
             },
-            None => None,
+            (_, None) => None,
         };
         let owner = match route.owner {
             Owner::User(u) => u,
@@ -247,7 +327,7 @@ impl Gateway {
         let as_login = |l: &Login| Identity::new(&l.user, l.credential.method, l.credential.id);
         let identity = match service.access {
             Access::Public => Identity::anonymous(),
-            Access::Own { .. } => match &login {
+            Access::Own { .. } | Access::ClientSecret { .. } => match &login {
                 Some(l) => as_login(l),
                 None => return unauthorized(service),
             },
@@ -280,6 +360,10 @@ impl Gateway {
         let Ok(grain) = GrainId::for_user(&owner, route.kind) else {
             return not_served(host, &path);
         };
+        // The grain is told the credential; the secret stays here.
+        if let Access::ClientSecret { header } = service.access {
+            req.headers_mut().remove(header);
+        }
         let span = tracing::debug_span!(
             "request",
             service = service.pattern.name,

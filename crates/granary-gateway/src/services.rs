@@ -35,13 +35,18 @@ pub enum Access {
         /// Whether a request writes.
         writes: fn(path: &str, query: &str) -> bool,
     },
+    /// Each user reaches their own grain with a bearer secret made for
+    /// one device (`granary tasks client add`), sent in `header`. The
+    /// gateway keeps only its hash; unknown secrets count as failed
+    /// logins of the client's address.
+    ClientSecret { header: &'static str },
 }
 
 impl Access {
     /// The app-password kind that authenticates, if any.
     pub fn password_kind(&self) -> Option<&'static str> {
         match self {
-            Access::Public => None,
+            Access::Public | Access::ClientSecret { .. } => None,
             Access::Own { password_kind } | Access::OwnerOrPublicRead { password_kind, .. } => {
                 Some(password_kind)
             }
@@ -119,6 +124,20 @@ pub const HTTP_SERVICES: &[HttpService] = &[
             password_kind: "dav",
         },
         login_prompt: "calendars and contacts",
+    },
+    // tasks.<domain>: Taskwarrior 3 (TaskChampion sync), each user their
+    // own grain, each device by the client id it was given.
+    HttpService {
+        pattern: Pattern {
+            name: "tasks",
+            host: HostPattern::Service("tasks"),
+            owner: OwnerIn::Login,
+            kind: "tasks",
+        },
+        access: Access::ClientSecret {
+            header: "x-client-id",
+        },
+        login_prompt: "Taskwarrior",
     },
     // <user>.<domain>: the user's blog, public.
     HttpService {

@@ -14,6 +14,7 @@ pub mod dav;
 pub mod mail;
 pub mod postfix;
 pub mod prosody;
+pub mod tasks;
 pub mod xmpp;
 
 use std::io::{BufRead, BufReader, Write};
@@ -154,6 +155,7 @@ pub fn app_package_from(
                 "mail" => "\"mail.deliver\"",
                 "dav" => DAV_INTERFACES,
                 "xmpp" => "\"xmpp.deliver\"",
+                "tasks" => "",
                 _ => "\"notify\"",
             },
             shares = if kind == "dav" { DAV_INTERFACES } else { "" },
@@ -161,6 +163,7 @@ pub fn app_package_from(
                 "git" => "\"http\", \"git-ssh\"",
                 "mail" => "\"imap\"",
                 "xmpp" => "\"xmpp\"",
+                "tasks" => "\"http\", \"taskd\"",
                 _ => "\"http\"",
             },
         ),
@@ -189,6 +192,15 @@ pub fn xmpp_package(dir: &Path) -> std::path::PathBuf {
     match std::env::var_os("GRANARY_XMPP_APP") {
         Some(bin) => app_package_from(dir, "xmpp", "granary-xmpp", "", Path::new(&bin)),
         None => app_package(dir, "xmpp", "granary-xmpp", ""),
+    }
+}
+
+/// The tasks app (Taskwarrior sync): the static debug build, or
+/// `$GRANARY_TASKS_APP` (a release build, for benchmarks).
+pub fn tasks_package(dir: &Path) -> std::path::PathBuf {
+    match std::env::var_os("GRANARY_TASKS_APP") {
+        Some(bin) => app_package_from(dir, "tasks", "granary-tasks", "", Path::new(&bin)),
+        None => app_package(dir, "tasks", "granary-tasks", ""),
     }
 }
 

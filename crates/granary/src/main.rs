@@ -141,6 +141,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             admin::xmpp::run(&config, cmd)
         }
+        Command::Tasks(cmd) => {
+            let config = load_config(&cli)?;
+            admin::tasks::run(&config, cmd)
+        }
         Command::SshKey(cmd) => {
             let config = load_config(&cli)?;
             admin::git::ssh_key(&config, cmd)

@@ -176,6 +176,59 @@ fn ensure_at(
     Ok(files)
 }
 
+/// A client certificate issued by the CA in `dir` (made by [`ensure`]):
+/// what a Taskwarrior 2.6 client shows the `taskd` listener.
+#[derive(Debug, Clone)]
+pub struct ClientCertificate {
+    pub key_pem: String,
+    pub cert_pem: String,
+    /// The certificate's DER: its SHA-256 is how the listener knows it.
+    pub der: Vec<u8>,
+    pub not_after: i64,
+}
+
+/// How long a client certificate is valid.
+pub const CLIENT_LIFETIME: Duration = Duration::days(825);
+
+/// Issues a client certificate named `common_name` (client
+/// authentication only, no names the CA's constraints would judge).
+pub fn issue_client(dir: &Path, common_name: &str) -> Result<ClientCertificate, TlsError> {
+    let ca_json = dir.join("ca.json");
+    let record: CaRecord = read_json(&ca_json)?.ok_or_else(|| TlsError::File {
+        op: "reading CA record",
+        path: ca_json.clone(),
+        detail: "the local CA has not been made".to_owned(),
+    })?;
+    let ca_key_path = dir.join("ca.key");
+    let pem = read_text(&ca_key_path, "reading CA key")?;
+    let ca_key = KeyPair::from_pem(&pem).map_err(|e| TlsError::File {
+        op: "parsing CA key",
+        path: ca_key_path.clone(),
+        detail: e.to_string(),
+    })?;
+    let issuer = ca_params(&record)?.self_signed(&ca_key)?;
+    let now = OffsetDateTime::now_utc();
+    let not_after = (now + CLIENT_LIFETIME).min(timestamp(record.not_after)?);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = not_after;
+    params.serial_number = Some(SerialNumber::from(random_serial()?));
+    let cert = params.signed_by(&key, &issuer, &ca_key)?;
+    Ok(ClientCertificate {
+        key_pem: key.serialize_pem(),
+        cert_pem: cert.pem(),
+        der: cert.der().to_vec(),
+        not_after: not_after.unix_timestamp(),
+    })
+}
+
 /// The DNS names the server certificate covers.
 fn server_names(domain: &str, users: &[String]) -> Vec<String> {
     let mut names = vec![domain.to_owned(), format!("*.{domain}")];

@@ -13,6 +13,7 @@ pub(crate) mod mail;
 mod mail_dns;
 pub(crate) mod snapshots;
 mod table;
+pub(crate) mod tasks;
 pub(crate) mod xmpp;
 
 use granary_schema::admin_capnp::{self, admin};
@@ -42,6 +43,7 @@ concern!(git, git_request, get_git);
 concern!(blog, blog_request, get_blog);
 concern!(mail, mail_request, get_mail);
 concern!(xmpp, xmpp_request, get_xmpp);
+concern!(tasks, tasks_request, get_tasks);
 
 /// A two-party Cap'n Proto RPC system over a unix socket, as both ends of
 /// the admin socket use it.

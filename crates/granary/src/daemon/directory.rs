@@ -143,6 +143,25 @@ impl Directory for StateDirectory {
         })
     }
 
+    fn client_secret(&self, sha256: [u8; 32]) -> BoxFuture<Option<(String, Credential)>> {
+        let store = self.store.clone();
+        lookup(None, move || match store.task_client_by_hash(&sha256) {
+            Ok(found) => found.map(|(user, id)| {
+                (
+                    user,
+                    Credential {
+                        method: AuthMethod::ClientSecret,
+                        id,
+                    },
+                )
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "client id lookup failed");
+                None
+            }
+        })
+    }
+
     fn xmpp_domains(&self) -> BoxFuture<Option<Vec<String>>> {
         let store = self.store.clone();
         lookup(None, move || match store.xmpp_domain_names() {

@@ -17,6 +17,7 @@ mod grains;
 mod grants;
 mod mail;
 mod snapshots;
+mod tasks;
 mod users;
 mod xmpp;
 pub(crate) use users::scram_verifiers;
@@ -387,6 +388,17 @@ impl admin::Server for AdminService {
         results
             .get()
             .set_xmpp(capnp_rpc::new_client(xmpp::Xmpp(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn tasks(
+        self: CapRc<Self>,
+        _: admin::TasksParams,
+        mut results: admin::TasksResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_tasks(capnp_rpc::new_client(tasks::Tasks(self.ctx.clone())));
         Ok(())
     }
 

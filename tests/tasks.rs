@@ -1,0 +1,295 @@
+//! Taskwarrior sync end to end: the real daemon and gateway (TLS, client
+//! ids hashed in the state), the tasks grain started on demand in its
+//! jail, and real clients: taskchampion-py (Taskwarrior 3's sync library)
+//! with replicas on disk, and curl for the protocol's answers.
+
+use std::time::Duration;
+
+use granary_testkit::tasks::{DOMAIN, TasksHost};
+
+/// A replica on disk (`TC_DIR`): optionally adds a task (`TC_ADD`) or
+/// changes one's description (`TC_EDIT` = uuid, `TC_DESC`), syncs with the
+/// server, then prints every task as `TASK <uuid> <description>`.
+const REPLICA: &str = r#"
+import os, uuid
+import taskchampion as tc
+r = tc.Replica.new_on_disk(os.environ["TC_DIR"], True)
+if os.environ.get("TC_ADD"):
+    ops = tc.Operations()
+    u = str(uuid.uuid4())
+    t = r.create_task(u, ops)
+    t.set_description(os.environ["TC_ADD"], ops)
+    t.set_status(tc.Status.Pending, ops)
+    r.commit_operations(ops)
+    print("ADDED", u)
+if os.environ.get("TC_EDIT"):
+    ops = tc.Operations()
+    t = r.get_task(os.environ["TC_EDIT"])
+    t.set_description(os.environ["TC_DESC"], ops)
+    r.commit_operations(ops)
+r.sync_to_remote(os.environ["TC_URL"], os.environ["TC_CLIENT"],
+                 os.environ.get("TC_SECRET", "correct horse battery staple"), False)
+for u, t in sorted(r.all_tasks().items()):
+    print("TASK", u, t.get_description())
+"#;
+
+struct Replica<'a> {
+    host: &'a TasksHost,
+    dir: std::path::PathBuf,
+    client: String,
+}
+
+impl Replica<'_> {
+    fn sync(&self, extra: &[(&str, String)]) -> (bool, String) {
+        let mut env = vec![
+            ("TC_DIR", self.dir.display().to_string()),
+            ("TC_CLIENT", self.client.clone()),
+        ];
+        env.extend(extra.iter().cloned());
+        self.host.python(REPLICA, &env)
+    }
+
+    fn ok(&self, extra: &[(&str, String)]) -> String {
+        let (ok, out) = self.sync(extra);
+        assert!(ok, "sync failed:\n{out}");
+        out
+    }
+}
+
+fn replica<'a>(host: &'a TasksHost, name: &str, client: &str) -> Replica<'a> {
+    let dir = host.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    Replica {
+        host,
+        dir,
+        client: client.to_owned(),
+    }
+}
+
+#[test]
+fn taskchampion_replicas_sync_through_the_gateway() {
+    let host = TasksHost::start(
+        &["alice", "bob"],
+        "[grains]\nidle_timeout = \"1s\"\n[gateway]\nupstream_idle = \"300ms\"\n",
+        "",
+    );
+    let alice = host.client_id("alice");
+    let (a, b) = (replica(&host, "a", &alice), replica(&host, "b", &alice));
+
+    // A task added on A reaches B.
+    let out = a.ok(&[("TC_ADD", "buy milk".to_owned())]);
+    let uuid = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ADDED "))
+        .expect("a new task")
+        .to_owned();
+    let out = b.ok(&[]);
+    assert!(out.contains(&format!("TASK {uuid} buy milk")), "{out}");
+
+    // The first version came with a request for a snapshot, which the
+    // client honoured: the server now has one.
+    let (code, _) = host.curl(
+        "/v1/client/snapshot",
+        &["-H", &format!("X-Client-Id: {alice}"), "-o", "/dev/null"],
+    );
+    assert_eq!(code, "200");
+
+    // An edit on B reaches A.
+    b.ok(&[
+        ("TC_EDIT", uuid.clone()),
+        ("TC_DESC", "buy oat milk".to_owned()),
+    ]);
+    let out = a.ok(&[]);
+    assert!(out.contains(&format!("TASK {uuid} buy oat milk")), "{out}");
+
+    // A fresh replica starts from the snapshot and the versions after it.
+    let c = replica(&host, "c", &alice);
+    let out = c.ok(&[]);
+    assert!(out.contains(&format!("TASK {uuid} buy oat milk")), "{out}");
+
+    // Bob's client id reaches Bob's grain: none of Alice's tasks, and
+    // nothing he does shows up for her.
+    let bob = host.client_id("bob");
+    let bob_replica = replica(&host, "bob", &bob);
+    let out = bob_replica.ok(&[("TC_ADD", "bob's task".to_owned())]);
+    assert!(!out.contains("milk"), "{out}");
+    // Alice's client id with Bob's... and Bob's id used with Alice's
+    // replica: the task lists stay apart.
+    let out = a.ok(&[]);
+    assert!(!out.contains("bob's task"), "{out}");
+    let (code, _) = host.curl(
+        "/v1/client/get-child-version/00000000-0000-0000-0000-000000000000",
+        &["-H", &format!("X-Client-Id: {bob}"), "-o", "/dev/null"],
+    );
+    assert_eq!(code, "200", "Bob's own first version");
+
+    // Idle, the grain stops; the next sync starts it again.
+    granary_testkit::eventually(
+        "the idle tasks grain to stop",
+        Duration::from_secs(30),
+        || (host.grain_state("alice") == "stopped").then_some(()),
+    );
+    let out = b.ok(&[]);
+    assert!(out.contains(&format!("TASK {uuid} buy oat milk")), "{out}");
+
+    // Revoked, the client id is refused.
+    let list = host
+        .daemon
+        .granary(&["tasks", "client", "list", "alice", "--json"])
+        .success()
+        .json();
+    let id = list[0]["id"].as_i64().unwrap().to_string();
+    assert!(list[0]["last_used_at"].as_i64().is_some(), "{list}");
+    host.daemon
+        .granary(&["tasks", "client", "revoke", "alice", &id])
+        .success();
+    granary_testkit::eventually(
+        "the revoked client id to be refused",
+        Duration::from_secs(10),
+        || {
+            let (code, _) = host.curl(
+                "/v1/client/snapshot",
+                &["-H", &format!("X-Client-Id: {alice}"), "-o", "/dev/null"],
+            );
+            (code == "403").then_some(())
+        },
+    );
+    let (ok, out) = a.sync(&[]);
+    assert!(!ok, "a revoked client id still syncs:\n{out}");
+    // The id itself is never stored or logged.
+    let log = host.daemon.log();
+    assert!(!log.contains(&alice), "the client id was logged");
+    let state = std::fs::read(host.daemon.data_dir().join("state.db")).unwrap_or_default();
+    assert!(
+        !state.windows(alice.len()).any(|w| w == alice.as_bytes()),
+        "the client id is stored in clear"
+    );
+}
+
+#[test]
+fn the_protocol_answers_like_taskchampion_sync_server() {
+    let host = TasksHost::start(&["alice"], "", "");
+    let id = host.client_id("alice");
+    let nil = "00000000-0000-0000-0000-000000000000";
+    let hdr = format!("X-Client-Id: {id}");
+    let post = |path: &str, ct: &str, body: &str| {
+        host.curl(
+            path,
+            &[
+                "-H",
+                &hdr,
+                "-H",
+                &format!("Content-Type: {ct}"),
+                "--data-binary",
+                body,
+                "-D",
+                "/dev/stderr",
+            ],
+        )
+    };
+    let history = "application/vnd.taskchampion.history-segment";
+
+    // No client id: 400; an unknown one: 403.
+    let (code, _) = host.curl(&format!("/v1/client/get-child-version/{nil}"), &[]);
+    assert_eq!(code, "400");
+    let (code, _) = host.curl(
+        &format!("/v1/client/get-child-version/{nil}"),
+        &["-H", "X-Client-Id: 6c2bd2a4-1d4f-4bb0-9c8c-000000000000"],
+    );
+    assert_eq!(code, "403");
+
+    // Nothing yet: 404 for the child of NIL and for the snapshot.
+    let (code, _) = host.curl(
+        &format!("/v1/client/get-child-version/{nil}"),
+        &["-H", &hdr],
+    );
+    assert_eq!(code, "404");
+    let (code, _) = host.curl("/v1/client/snapshot", &["-H", &hdr]);
+    assert_eq!(code, "404");
+
+    // The wrong content type or an empty body: 400.
+    let (code, _) = post(&format!("/v1/client/add-version/{nil}"), "text/plain", "x");
+    assert_eq!(code, "400");
+
+    // The first version: 200, its id, and a snapshot asked for urgently.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-D", "-", "-o", "/dev/null", "--cacert"])
+        .arg(host.daemon.ca_file())
+        .args([
+            "--resolve",
+            &format!(
+                "tasks.{DOMAIN}:{}:127.0.0.1",
+                host.daemon.https_addr().port()
+            ),
+            "-H",
+            &hdr,
+            "-H",
+            &format!("Content-Type: {history}"),
+            "--data-binary",
+            "first",
+            &format!(
+                "https://tasks.{DOMAIN}:{}/v1/client/add-version/{nil}",
+                host.daemon.https_addr().port()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(head.contains(" 200"), "{head}");
+    assert!(head.contains("x-snapshot-request: urgency=high"), "{head}");
+    let v1 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-version-id: "))
+        .expect("x-version-id")
+        .trim()
+        .to_owned();
+
+    // Adding on top of NIL again is a conflict naming the latest.
+    let (code, _) = post(&format!("/v1/client/add-version/{nil}"), history, "again");
+    assert_eq!(code, "409");
+
+    // The child of NIL is the first version, with its bytes.
+    let (code, body) = host.curl(
+        &format!("/v1/client/get-child-version/{nil}"),
+        &["-H", &hdr],
+    );
+    assert_eq!((code.as_str(), body.as_str()), ("200", "first"));
+    // Nothing after it yet.
+    let (code, _) = host.curl(&format!("/v1/client/get-child-version/{v1}"), &["-H", &hdr]);
+    assert_eq!(code, "404");
+
+    // A snapshot of it, then the snapshot is served.
+    let (code, _) = post(
+        &format!("/v1/client/add-snapshot/{v1}"),
+        "application/vnd.taskchampion.snapshot",
+        "snap",
+    );
+    assert_eq!(code, "200");
+    let (code, body) = host.curl("/v1/client/snapshot", &["-H", &hdr]);
+    assert_eq!((code.as_str(), body.as_str()), ("200", "snap"));
+
+    // A version nobody has: 410 (gone; start from the snapshot).
+    let (code, _) = host.curl(
+        "/v1/client/get-child-version/11111111-2222-4333-8444-555555555555",
+        &["-H", &hdr],
+    );
+    assert_eq!(code, "410");
+
+    // Guessing client ids gets the address limited.
+    let mut limited = false;
+    for i in 0..30 {
+        let (code, _) = host.curl(
+            "/v1/client/snapshot",
+            &[
+                "-H",
+                &format!("X-Client-Id: 6c2bd2a4-1d4f-4bb0-9c8c-{i:012}"),
+            ],
+        );
+        if code == "429" {
+            limited = true;
+            break;
+        }
+        assert_eq!(code, "403");
+    }
+    assert!(limited, "unknown client ids are never limited");
+}
