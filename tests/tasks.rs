@@ -293,3 +293,200 @@ fn the_protocol_answers_like_taskchampion_sync_server() {
     }
     assert!(limited, "unknown client ids are never limited");
 }
+
+/// The task with `description`, from an export.
+fn find<'a>(export: &'a serde_json::Value, description: &str) -> Option<&'a serde_json::Value> {
+    export
+        .as_array()?
+        .iter()
+        .find(|t| t["description"] == description)
+}
+
+#[test]
+fn taskwarrior_2_syncs_over_taskd() {
+    let host = TasksHost::start(&["alice", "bob"], "", "taskd = \"127.0.0.1:0\"\n");
+    let (a, b) = (
+        host.task_replica("alice", "a"),
+        host.task_replica("alice", "b"),
+    );
+
+    // A task added on A reaches B, and back.
+    a.ok(&["add", "buy milk", "project:home"]);
+    let out = a.ok(&["sync"]);
+    assert!(!out.contains("error"), "{out}");
+    b.ok(&["sync"]);
+    let milk = find(&b.export(), "buy milk")
+        .cloned()
+        .expect("the task on B");
+    let uuid = milk["uuid"].as_str().unwrap().to_owned();
+    b.ok(&["add", "call mum"]);
+    b.ok(&["sync"]);
+    a.ok(&["sync"]);
+    assert!(find(&a.export(), "call mum").is_some());
+
+    // Conflicting edits of one task on both sides: both changes survive,
+    // and both replicas end up the same.
+    a.ok(&[&uuid, "modify", "priority:H"]);
+    b.ok(&[&uuid, "modify", "project:shop"]);
+    a.ok(&["sync"]);
+    b.ok(&["sync"]);
+    a.ok(&["sync"]);
+    for r in [&a, &b] {
+        let t = find(&r.export(), "buy milk").cloned().unwrap();
+        assert_eq!(t["priority"], "H", "{t}");
+        assert_eq!(t["project"], "shop", "{t}");
+    }
+    let (ea, eb) = (a.export(), b.export());
+    let key = |e: &serde_json::Value| {
+        let mut v: Vec<String> = e
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| format!("{} {} {}", t["uuid"], t["description"], t["project"]))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(key(&ea), key(&eb));
+
+    // Bob's certificate reaches Bob's grain only.
+    let bob = host.task_replica("bob", "bob");
+    bob.ok(&["add", "bob's own"]);
+    bob.ok(&["sync"]);
+    assert!(find(&bob.export(), "buy milk").is_none());
+    a.ok(&["sync"]);
+    assert!(find(&a.export(), "bob's own").is_none());
+
+    // A certificate from another CA fails at the handshake.
+    let stranger = host.task_replica("alice", "stranger");
+    let certs = stranger.taskrc.parent().unwrap().join("certs");
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&certs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::remove_file(certs.join("alice.key.pem")).unwrap();
+    std::fs::remove_file(certs.join("alice.cert.pem")).unwrap();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "other-ca.key",
+        "-out",
+        "other-ca.pem",
+        "-subj",
+        "/CN=Other CA",
+        "-days",
+        "2",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "alice.key.pem",
+        "-out",
+        "alice.csr",
+        "-subj",
+        "/CN=alice",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "alice.csr",
+        "-CA",
+        "other-ca.pem",
+        "-CAkey",
+        "other-ca.key",
+        "-out",
+        "alice.cert.pem",
+        "-days",
+        "2",
+    ]);
+    stranger.ok(&["add", "sneaky"]);
+    let (ok, out) = stranger.task(&["sync"]);
+    assert!(!ok, "a certificate from another CA synced:\n{out}");
+    a.ok(&["sync"]);
+    assert!(find(&a.export(), "sneaky").is_none());
+
+    // A revoked certificate is refused (430: taskwarrior says the
+    // credentials are wrong).
+    let certs = host
+        .daemon
+        .granary(&["tasks", "certs", "alice", "--json"])
+        .success()
+        .json();
+    let b_id = certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["label"] == "b")
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    host.daemon
+        .granary(&["tasks", "revoke-cert", "alice", &b_id])
+        .success();
+    let (ok, out) = b.task(&["sync"]);
+    assert!(!ok, "a revoked certificate synced:\n{out}");
+    assert!(out.contains("credentials"), "{out}");
+}
+
+/// A client with a good certificate announcing a 2 GiB request: refused at
+/// once (nothing that size is allocated or waited for).
+const HUGE_FRAME: &str = r#"
+import os, socket, ssl, struct
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+ctx.load_cert_chain(os.environ["CERT"], os.environ["KEY"])
+with socket.create_connection(("127.0.0.1", int(os.environ["PORT"])), timeout=20) as raw:
+    with ctx.wrap_socket(raw, server_hostname=os.environ["HOST"]) as s:
+        s.sendall(struct.pack(">I", 2**31))
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+n = struct.unpack(">I", data[:4])[0]
+assert n == len(data), (n, len(data))
+print(data[4:].decode())
+"#;
+
+#[test]
+fn taskd_refuses_a_huge_frame_before_reading_it() {
+    let host = TasksHost::start(&["alice"], "", "taskd = \"127.0.0.1:0\"\n");
+    let replica = host.task_replica("alice", "a");
+    let certs = replica.taskrc.parent().unwrap().join("certs");
+    let (ok, out) = granary_testkit::mail::run_python(
+        HUGE_FRAME,
+        &[
+            ("CA", certs.join("ca.cert.pem").display().to_string()),
+            ("CERT", certs.join("alice.cert.pem").display().to_string()),
+            ("KEY", certs.join("alice.key.pem").display().to_string()),
+            ("PORT", host.taskd_port().to_string()),
+            ("HOST", format!("tasks.{DOMAIN}")),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("code: 504"), "{out}");
+    // The daemon is fine and the user still syncs.
+    replica.ok(&["add", "after"]);
+    replica.ok(&["sync"]);
+}

@@ -9,3 +9,5 @@
 
 pub mod http;
 pub mod store;
+pub mod taskd;
+pub mod taskd_service;

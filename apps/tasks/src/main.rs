@@ -8,6 +8,7 @@ use std::sync::Arc;
 use granary_sdk::{Accepted, App, GrainRef, Host};
 use granary_tasks::http::{self, Sync};
 use granary_tasks::store::{Store, Versions};
+use granary_tasks::taskd_service;
 use taskchampion_sync_server_core::{Server, ServerConfig};
 
 /// Where the store lives inside the grain.
@@ -22,6 +23,7 @@ impl App for Tasks {
     async fn accept(self: Rc<Self>, conn: Accepted) {
         match conn.service.as_str() {
             "http" => http::serve(self.sync.clone(), conn).await,
+            "taskd" => taskd_service::serve(&self.store, &self.sync.owner, conn).await,
             other => granary_sdk::log::warn(&format!("no service named {other}")),
         }
     }

@@ -84,7 +84,7 @@ pub const LISTENERS: &[ListenerKind] = &[
         name: "taskd",
         default: None,
         serves: "Taskwarrior 2.6 sync (port 53589)",
-        available: false,
+        available: true,
     },
 ];
 
@@ -195,8 +195,5 @@ mod tests {
         let (key, why) = Listen::resolve(&raw(&[("https", "localhost:443")])).unwrap_err();
         assert_eq!(key, "listen.https");
         assert!(why.contains("\"localhost:443\""), "{why}");
-        let (key, why) = Listen::resolve(&raw(&[("taskd", "127.0.0.1:53589")])).unwrap_err();
-        assert_eq!(key, "listen.taskd");
-        assert!(why.contains("no taskd server yet"), "{why}");
     }
 }

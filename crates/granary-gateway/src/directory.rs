@@ -73,6 +73,17 @@ pub trait Directory: Send + Sync + 'static {
         Box::pin(async { None })
     }
 
+    /// Whose taskd client certificate has the DER whose SHA-256 is
+    /// `sha256`: the user, the credential, and the key its client must
+    /// name.
+    fn task_certificate(
+        &self,
+        sha256: [u8; 32],
+    ) -> BoxFuture<Option<(String, Credential, String)>> {
+        let _ = sha256;
+        Box::pin(async { None })
+    }
+
     /// The chat domains added besides Granary's own
     /// (`granary xmpp domain add`); `None` when they cannot be read.
     fn xmpp_domains(&self) -> BoxFuture<Option<Vec<String>>> {

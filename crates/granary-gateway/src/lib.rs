@@ -22,6 +22,7 @@ pub mod s2s;
 pub mod services;
 pub mod smtp;
 pub mod ssh;
+pub mod taskd;
 pub mod tls;
 pub mod xmpp;
 
@@ -85,6 +86,9 @@ pub struct Shared {
     pub chat_domains: Arc<ChatDomains>,
     /// Passwords verified in the last minute, across listeners.
     pub verified: VerifiedLogins,
+    /// The CA whose client certificates the taskd listener accepts (the
+    /// local CA's `ca.pem`); `None`: taskd is not served.
+    pub taskd_ca: Option<std::path::PathBuf>,
 }
 
 /// The chat domains this host serves: Granary's own and those added with

@@ -179,3 +179,79 @@ impl Drop for TasksHost {
         let _ = self.bridge.wait();
     }
 }
+
+/// One Taskwarrior 2.6 replica: its own data directory and `.taskrc`,
+/// the certificate files `granary tasks cert` wrote.
+pub struct TaskReplica<'a> {
+    host: &'a TasksHost,
+    pub taskrc: PathBuf,
+}
+
+impl TasksHost {
+    /// The taskd listener's port.
+    pub fn taskd_port(&self) -> u16 {
+        self.daemon.listener("taskd").port()
+    }
+
+    /// A replica named `name` of `user`'s task list, with a certificate of
+    /// its own from `granary tasks cert`.
+    pub fn task_replica(&self, user: &str, name: &str) -> TaskReplica<'_> {
+        let dir = self.dir.path().join(format!("task-{name}"));
+        let certs = dir.join("certs");
+        self.daemon
+            .granary(&[
+                "tasks",
+                "cert",
+                user,
+                "--out",
+                certs.to_str().unwrap(),
+                "--label",
+                name,
+            ])
+            .success();
+        let lines = std::fs::read_to_string(certs.join("taskrc")).unwrap();
+        let taskrc = dir.join("taskrc");
+        std::fs::write(
+            &taskrc,
+            format!(
+                "data.location={}\nconfirmation=off\nverbose=nothing\nnews.version=2.6.0\n{lines}",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        TaskReplica { host: self, taskrc }
+    }
+}
+
+impl TaskReplica<'_> {
+    /// Runs Debian's `task` with this replica's `.taskrc`: (success,
+    /// output).
+    pub fn task(&self, args: &[&str]) -> (bool, String) {
+        let out = self
+            .host
+            .namespaced(Path::new("task"), args)
+            .env("TASKRC", &self.taskrc)
+            .env_remove("TASKDATA")
+            .output()
+            .expect("unshare and task (Debian's taskwarrior)");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.task(args);
+        assert!(ok, "task {args:?} failed:\n{out}");
+        out
+    }
+
+    /// Every task as Taskwarrior exports it.
+    pub fn export(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["export"])).unwrap()
+    }
+}

@@ -28,4 +28,5 @@ pub mod scram;
 pub mod smtp;
 pub mod ssh;
 pub mod stanza;
+pub mod taskd;
 pub mod xmpp;

@@ -337,6 +337,29 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// `base`'s certificates, with clients required to show a certificate the
+/// CA in `ca` (PEM) issued: the taskd listener's configuration.
+pub fn with_client_auth(base: &ServerConfig, ca: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let file_error = |e: &dyn std::fmt::Display| TlsError::File {
+        op: "reading client CA",
+        path: ca.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| file_error(&e))? {
+        roots.add(cert.map_err(|e| file_error(&e))?)?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| file_error(&e))?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(base.cert_resolver.clone());
+    Ok(Arc::new(config))
+}
+
 /// Connects to our own listener at `addr` as a client asking for `name`
 /// (SNI) would, and checks that the certificate served verifies for that
 /// name against the system's roots and `extra_ca` (the local CA): what

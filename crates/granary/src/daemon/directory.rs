@@ -162,6 +162,31 @@ impl Directory for StateDirectory {
         })
     }
 
+    fn task_certificate(
+        &self,
+        sha256: [u8; 32],
+    ) -> BoxFuture<Option<(String, Credential, String)>> {
+        let store = self.store.clone();
+        lookup(None, move || {
+            match store.task_cert_by_fingerprint(&sha256) {
+                Ok(found) => found.map(|(user, id, key)| {
+                    (
+                        user,
+                        Credential {
+                            method: AuthMethod::ClientSecret,
+                            id,
+                        },
+                        key,
+                    )
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, "taskd certificate lookup failed");
+                    None
+                }
+            }
+        })
+    }
+
     fn xmpp_domains(&self) -> BoxFuture<Option<Vec<String>>> {
         let store = self.store.clone();
         lookup(None, move || match store.xmpp_domain_names() {

@@ -26,6 +26,7 @@ const SERVED: &[&str] = &[
     "xmpp",
     "xmpps",
     "xmpp-s2s",
+    "taskd",
 ];
 
 /// The configured listeners, bound.
@@ -104,6 +105,9 @@ impl Bound {
                     }
                     "xmpp-s2s" => {
                         tokio::spawn(granary_gateway::s2s::serve(listener, shared, shutdown))
+                    }
+                    "taskd" => {
+                        tokio::spawn(granary_gateway::taskd::serve(listener, shared, shutdown))
                     }
                     other => unreachable!("listen.{other} passed the SERVED check in bind"),
                 }

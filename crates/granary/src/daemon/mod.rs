@@ -267,6 +267,7 @@ async fn serve(
         mx: Some(mail.mx.clone()),
         s2s,
         chat_domains,
+        taskd_ca: ca_file.clone(),
     });
     let served = bound.serve(shared, &stop_rx);
     let delivering = mail::deliver(&mail, grains, store.clone(), postmaster, stop_rx.clone());
