@@ -387,13 +387,28 @@ impl Gateway {
         host: &str,
         tls_version: &str,
     ) -> Result<Pooled, GatewayError> {
-        {
-            let mut pool = self.pool.lock().expect("not poisoned");
-            if let Some(list) = pool.get_mut(key) {
+        // A pooled connection is handed back as soon as its answer's body
+        // has been read, often before its connection task has noticed and
+        // made it ready again: one that is not ready yet is waited for
+        // (moments), rather than a new connection made through the
+        // supervisor (a hand-off per request under load).
+        loop {
+            let candidate = {
+                let mut pool = self.pool.lock().expect("not poisoned");
+                let Some(list) = pool.get_mut(key) else {
+                    break;
+                };
                 list.retain(|p| !p.sender.is_closed());
-                if let Some(i) = list.iter().position(|p| p.sender.is_ready()) {
-                    return Ok(list.swap_remove(i));
+                match list.iter().position(|p| p.sender.is_ready()) {
+                    Some(i) => return Ok(list.swap_remove(i)),
+                    None => list.pop(),
                 }
+            };
+            let Some(mut pooled) = candidate else {
+                break;
+            };
+            if pooled.sender.ready().await.is_ok() {
+                return Ok(pooled);
             }
         }
         let mut who = Peer::new(peer, "https");
@@ -553,6 +568,16 @@ impl Returning {
     }
 }
 
+impl Drop for Returning {
+    /// Dropped after its end was read (but not seen by `poll_frame`), the
+    /// connection is still good: it goes back to the pool.
+    fn drop(&mut self) {
+        if hyper::body::Body::is_end_stream(&self.inner) {
+            self.give_back();
+        }
+    }
+}
+
 impl hyper::body::Body for Returning {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -563,8 +588,13 @@ impl hyper::body::Body for Returning {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(None) = polled {
-            this.give_back();
+        // The end is known either from an empty poll or, with a length,
+        // from the last frame (hyper's server stops polling a body whose
+        // announced length has been written, so no empty poll comes).
+        match &polled {
+            std::task::Poll::Ready(None) => this.give_back(),
+            std::task::Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
+            _ => {}
         }
         polled
     }
