@@ -113,15 +113,31 @@ fn taskchampion_replicas_sync_through_the_gateway() {
     let bob_replica = replica(&host, "bob", &bob);
     let out = bob_replica.ok(&[("TC_ADD", "bob's task".to_owned())]);
     assert!(!out.contains("milk"), "{out}");
-    // Alice's client id with Bob's... and Bob's id used with Alice's
-    // replica: the task lists stay apart.
+    // Alice's list has none of Bob's tasks.
     let out = a.ok(&[]);
     assert!(!out.contains("bob's task"), "{out}");
-    let (code, _) = host.curl(
-        "/v1/client/get-child-version/00000000-0000-0000-0000-000000000000",
-        &["-H", &format!("X-Client-Id: {bob}"), "-o", "/dev/null"],
-    );
-    assert_eq!(code, "200", "Bob's own first version");
+    let first = |id: &str| {
+        let (code, head) = host.curl(
+            "/v1/client/get-child-version/00000000-0000-0000-0000-000000000000",
+            &[
+                "-H",
+                &format!("X-Client-Id: {id}"),
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+            ],
+        );
+        assert_eq!(code, "200", "{head}");
+        head.lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-version-id: ")
+                    .map(str::to_owned)
+            })
+            .expect("x-version-id")
+    };
+    assert_ne!(first(&alice), first(&bob), "Bob's id reached Alice's list");
 
     // Idle, the grain stops; the next sync starts it again.
     granary_testkit::eventually(
@@ -156,6 +172,12 @@ fn taskchampion_replicas_sync_through_the_gateway() {
     );
     let (ok, out) = a.sync(&[]);
     assert!(!ok, "a revoked client id still syncs:\n{out}");
+    // A new client id (ids are never reused) is a new, empty task list,
+    // whatever secret its replicas use.
+    let fresh = host.client_id("alice");
+    let d = replica(&host, "d", &fresh);
+    let out = d.ok(&[("TC_SECRET", "another secret".to_owned())]);
+    assert!(!out.contains("TASK "), "{out}");
     // The id itself is never stored or logged.
     let log = host.daemon.log();
     assert!(!log.contains(&alice), "the client id was logged");
@@ -336,6 +358,19 @@ fn taskwarrior_2_syncs_over_taskd() {
         assert_eq!(t["priority"], "H", "{t}");
         assert_eq!(t["project"], "shop", "{t}");
     }
+    // The same attribute changed on both, the later edit first synced:
+    // the later edit wins, whichever replica syncs last (as taskd merges:
+    // by modification time).
+    b.task_at("2030-01-01 11:00:00", &[&uuid, "modify", "project:later"]);
+    a.task_at("2030-01-01 10:00:00", &[&uuid, "modify", "project:earlier"]);
+    b.ok(&["sync"]);
+    a.ok(&["sync"]);
+    b.ok(&["sync"]);
+    for r in [&a, &b] {
+        let t = find(&r.export(), "buy milk").cloned().unwrap();
+        assert_eq!(t["project"], "later", "{t}");
+        assert_eq!(t["priority"], "H", "{t}");
+    }
     let (ea, eb) = (a.export(), b.export());
     let key = |e: &serde_json::Value| {
         let mut v: Vec<String> = e
@@ -422,6 +457,10 @@ fn taskwarrior_2_syncs_over_taskd() {
     stranger.ok(&["add", "sneaky"]);
     let (ok, out) = stranger.task(&["sync"]);
     assert!(!ok, "a certificate from another CA synced:\n{out}");
+    assert!(
+        host.daemon.log().contains("taskd handshake failed"),
+        "refused later than the handshake"
+    );
     a.ok(&["sync"]);
     assert!(find(&a.export(), "sneaky").is_none());
 

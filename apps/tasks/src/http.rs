@@ -97,6 +97,7 @@ fn failed(e: &dyn std::fmt::Display) -> Answer {
 pub async fn serve(sync: Rc<Sync>, conn: granary_sdk::Accepted) {
     let credential = conn.credential_id;
     let allowed = conn.user == sync.owner
+        && conn.protocol == "https"
         && matches!(conn.method, granary_sdk::AuthMethod::ClientSecret)
         && credential > 0;
     let service = hyper::service::service_fn(move |req| {
@@ -198,7 +199,8 @@ fn path_version(path: &str, prefix: &str) -> Option<Result<Uuid, Answer>> {
 }
 
 impl Sync {
-    async fn answer(&self, req: hyper::Request<Incoming>, client: Uuid) -> Answer {
+    /// Answers one request for the task list `client`.
+    pub async fn answer(&self, req: hyper::Request<Incoming>, client: Uuid) -> Answer {
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
         if let Some(parent) = path_version(&path, "/v1/client/get-child-version/") {
@@ -237,6 +239,13 @@ impl Sync {
                     Err(ServerError::NoSuchClient) => no_client(),
                     Err(e) => failed(&e),
                 },
+                // A snapshot too big to keep is dropped, not refused: a
+                // refusal fails the client's whole sync, every time; the
+                // protocol lets the server ignore a snapshot.
+                Err(a) if a.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                    granary_sdk::log::warn("dropped a snapshot over the size limit");
+                    answer(StatusCode::OK, "")
+                }
                 Err(a) => a,
             };
         }

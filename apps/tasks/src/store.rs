@@ -87,33 +87,33 @@ impl Store {
         Ok("tasks.sqlite checkpointed".to_owned())
     }
 
-    /// The taskd transaction log, oldest first.
-    pub fn taskd_log(&self) -> anyhow::Result<Vec<String>> {
-        let conn = self.take()?;
-        let lines = {
-            let mut stmt = conn.prepare_cached("SELECT line FROM taskd_log ORDER BY seq")?;
-            stmt.query_map([], |r| r.get(0))?
-                .collect::<Result<Vec<String>, _>>()?
-        };
-        self.put(conn);
-        Ok(lines)
-    }
-
-    /// Appends `lines` to the taskd log in one durable transaction.
-    pub fn taskd_append(&self, lines: &[String]) -> anyhow::Result<()> {
+    /// Runs one taskd sync in one transaction: `run` gets the whole
+    /// transaction log (oldest first) and returns the lines to append and
+    /// its answer; the lines are committed before the answer is returned.
+    pub fn taskd_sync<T>(
+        &self,
+        run: impl FnOnce(&[String]) -> (Vec<String>, T),
+    ) -> anyhow::Result<T> {
         let mut conn = self.take()?;
-        {
-            let tx = conn.transaction()?;
-            {
+        let answer = {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let log = {
+                let mut stmt = tx.prepare_cached("SELECT line FROM taskd_log ORDER BY seq")?;
+                stmt.query_map([], |r| r.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?
+            };
+            let (lines, answer) = run(&log);
+            if !lines.is_empty() {
                 let mut stmt = tx.prepare_cached("INSERT INTO taskd_log (line) VALUES (?1)")?;
-                for l in lines {
+                for l in &lines {
                     stmt.execute([l])?;
                 }
             }
             tx.commit()?;
-        }
+            answer
+        };
         self.put(conn);
-        Ok(())
+        Ok(answer)
     }
 
     /// How many TaskChampion versions and taskd log lines are stored.

@@ -49,27 +49,22 @@ pub fn handle(store: &Store, body: &[u8]) -> Message {
         Ok(c) => c,
         Err(e) => return reply(e.code, &e.status, String::new()),
     };
-    let log = match store.taskd_log() {
-        Ok(l) => l,
-        Err(e) => return store_failed(&e),
-    };
-    let synced = match taskd::sync(&log, &request.payload, credentials.init, || {
-        uuid::Uuid::new_v4().to_string()
-    }) {
-        Ok(s) => s,
-        Err(e) => return reply(e.code, &e.status, String::new()),
-    };
-    if !synced.append.is_empty()
-        && let Err(e) = store.taskd_append(&synced.append)
-    {
-        return store_failed(&e);
+    let synced = store.taskd_sync(|log| {
+        match taskd::sync(log, &request.payload, credentials.init, || {
+            uuid::Uuid::new_v4().to_string()
+        }) {
+            Ok(mut s) => (std::mem::take(&mut s.append), Ok(s)),
+            Err(e) => (Vec::new(), Err(e)),
+        }
+    });
+    match synced {
+        Ok(Ok(s)) => {
+            let status = if s.code == 200 { "Ok" } else { "No change" };
+            reply(s.code, status, s.payload)
+        }
+        Ok(Err(e)) => reply(e.code, &e.status, String::new()),
+        Err(e) => store_failed(&e),
     }
-    let status = if synced.code == 200 {
-        "Ok"
-    } else {
-        "No change"
-    };
-    reply(synced.code, status, synced.payload)
 }
 
 fn store_failed(e: &anyhow::Error) -> Message {

@@ -25,6 +25,8 @@ use crate::Shared;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the grain has to answer a sync.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+/// The largest reply passed on from a grain.
+const MAX_REPLY: usize = 4 * MAX_REQUEST;
 /// The organisation every credential names (`granary tasks cert`).
 pub const ORG: &str = "granary";
 
@@ -178,19 +180,31 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, accep
         grain_stream.write_all(&total.to_be_bytes()).await?;
         grain_stream.write_all(&body).await?;
         drop(body);
-        let mut answer = Vec::new();
-        (&mut grain_stream)
-            .take(4 * MAX_REQUEST as u64)
-            .read_to_end(&mut answer)
-            .await?;
-        Ok::<_, std::io::Error>(answer)
+        // The reply is passed on as it comes (an initial sync returns the
+        // whole task list), after its length is checked.
+        let mut prefix = [0u8; 4];
+        grain_stream.read_exact(&mut prefix).await?;
+        let length = frame_len(prefix, MAX_REPLY)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        Ok::<_, std::io::Error>((prefix, length))
     };
     match tokio::time::timeout(REPLY_TIMEOUT, handed).await {
-        Ok(Ok(answer)) if answer.len() > 4 => {
-            let _ = tls.write_all(&answer).await;
-            let _ = tls.shutdown().await;
+        Ok(Ok((prefix, length))) => {
+            let passed = tokio::time::timeout(REPLY_TIMEOUT, async {
+                tls.write_all(&prefix).await?;
+                let mut rest = (&mut grain_stream).take(length as u64 - 4);
+                tokio::io::copy(&mut rest, &mut tls).await?;
+                tls.shutdown().await
+            })
+            .await;
+            if !matches!(passed, Ok(Ok(()))) {
+                tracing::info!(%peer, "taskd: the reply was not passed on whole");
+            }
         }
-        Ok(Ok(_)) | Ok(Err(_)) => send(&mut tls, 500, "The task store failed; try again").await,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "taskd: the tasks grain gave no reply");
+            send(&mut tls, 500, "The task store failed; try again").await
+        }
         Err(_) => send(&mut tls, 420, "Service temporarily unavailable").await,
     }
 }

@@ -248,7 +248,7 @@ impl Store {
             .op("revoke task certificate")?;
         if n == 0 {
             return Err(StateError::Invalid(format!(
-                "{user} has no taskd certificate {id} (see granary tasks cert list {user})"
+                "{user} has no taskd certificate {id} (see granary tasks certs {user})"
             )));
         }
         record(

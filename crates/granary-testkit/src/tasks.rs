@@ -227,9 +227,24 @@ impl TaskReplica<'_> {
     /// Runs Debian's `task` with this replica's `.taskrc`: (success,
     /// output).
     pub fn task(&self, args: &[&str]) -> (bool, String) {
+        self.run(Path::new("task"), args)
+    }
+
+    /// `task` with the clock at `when` (`YYYY-MM-DD hh:mm:ss`, through
+    /// faketime): two replicas' edits at known times, as two machines make
+    /// them.
+    pub fn task_at(&self, when: &str, args: &[&str]) -> String {
+        let mut all = vec![when, "task"];
+        all.extend_from_slice(args);
+        let (ok, out) = self.run(Path::new("faketime"), &all);
+        assert!(ok, "task {args:?} at {when} failed:\n{out}");
+        out
+    }
+
+    fn run(&self, program: &Path, args: &[&str]) -> (bool, String) {
         let out = self
             .host
-            .namespaced(Path::new("task"), args)
+            .namespaced(program, args)
             .env("TASKRC", &self.taskrc)
             .env_remove("TASKDATA")
             .output()

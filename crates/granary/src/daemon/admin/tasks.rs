@@ -12,8 +12,7 @@ use super::{ACTOR, Ctx, blocking, fail, state_failure, user_name};
 
 pub(super) struct Tasks(pub(super) Rc<Ctx>);
 
-/// The organisation every taskd credential names (one per host).
-pub(crate) const TASKD_ORG: &str = "granary";
+use granary_gateway::taskd::ORG as TASKD_ORG;
 
 fn sha256(bytes: &[u8]) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, bytes)
@@ -194,13 +193,13 @@ impl tasks::Server for Tasks {
             Ok((cert, issued))
         })
         .await?;
-        let ca_pem = self
-            .0
-            .info
-            .ca_file
-            .as_ref()
-            .and_then(|f| std::fs::read_to_string(f).ok())
-            .unwrap_or_default();
+        let ca_file = self.0.info.ca_file.clone().unwrap_or_default();
+        let ca_pem = std::fs::read_to_string(&ca_file).map_err(|e| {
+            fail(format!(
+                "cannot read the local CA {}: {e}",
+                ca_file.display()
+            ))
+        })?;
         let credentials = format!("{TASKD_ORG}/{}/{}", cert.user, cert.key);
         let mut r = results.get();
         set_cert(r.reborrow().init_cert(), &cert);
