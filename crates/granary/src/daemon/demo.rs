@@ -215,6 +215,16 @@ Try chat (Conversations, Gajim, Dino, Monal: {user}@{host}, the chat password, s
         ),
         _ => String::new(),
     };
+    let tasks_steps = if has("tasks") {
+        format!(
+            "
+Try Taskwarrior (3: a client id for its sync settings; 2.6: a certificate, with listen.taskd on):
+  {granary} --home {home} tasks client add {user}
+"
+        )
+    } else {
+        String::new()
+    };
     println!(
         "\
 Granary demo is running.
@@ -231,7 +241,7 @@ Granary demo is running.
   Built-in apps  {apps}
   Admin          {granary} --home {home} status
                  {granary} --home {home} grain list
-{git_steps}{blog_steps}{mail_steps}{dav_steps}{xmpp_steps}
+{git_steps}{blog_steps}{mail_steps}{dav_steps}{xmpp_steps}{tasks_steps}
 Stop with Ctrl-C.",
         mail_password = secrets.mail_password,
         dav_password = secrets.dav_password,
