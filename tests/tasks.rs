@@ -332,9 +332,10 @@ fn taskwarrior_2_syncs_over_taskd() {
         host.task_replica("alice", "b"),
     );
 
-    // A task added on A reaches B, and back.
+    // A task added on A reaches B, and back. A starts with `sync init`
+    // (its tasks uploaded whole, as for a list that existed before sync).
     a.ok(&["add", "buy milk", "project:home"]);
-    let out = a.ok(&["sync"]);
+    let out = a.ok(&["sync", "init"]);
     assert!(!out.contains("error"), "{out}");
     b.ok(&["sync"]);
     let milk = find(&b.export(), "buy milk")

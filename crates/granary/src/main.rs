@@ -197,13 +197,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             logging::check_filter(&config)?;
             check_uid_range(&config)?;
             println!("{}: ok", config.file.as_deref().unwrap_or(file).display());
-            println!("  data_dir        {}", config.data_dir.display());
-            println!("  domain          {}", config.domain);
+            println!("  {:<20}{}", "data_dir", config.data_dir.display());
+            println!("  {:<20}{}", "domain", config.domain);
             for (name, addr) in &config.listen.listeners {
-                println!("  {:<16}{addr}", format!("listen.{name}"));
+                println!("  {:<20}{addr}", format!("listen.{name}"));
             }
-            println!("  storage.backend {}", config.storage.name());
-            println!("  jail.uid_range  {} (free on this host)", config.uid_range);
+            println!("  {:<20}{}", "storage.backend", config.storage.name());
+            println!(
+                "  {:<20}{} (free on this host)",
+                "jail.uid_range", config.uid_range
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
