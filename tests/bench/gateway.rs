@@ -154,20 +154,16 @@ fn main() {
         .tempdir()
         .unwrap();
     let t = tmp.path();
+    // The daemon and every grain it starts on CPU 1 from their start (so
+    // the daemon sizes its runtime to one CPU, as nginx gets one worker);
+    // wrk on CPU 0.
+    granary_testkit::pin_daemons_to(1);
     let daemon = Daemon::start_with(
         DaemonMode::Serve,
         &format!(
             "domain = \"{DOMAIN}\"\n[grains]\nidle_timeout = \"1h\"\n[gateway]\nupstream_idle = \"1h\"\n"
         ),
     );
-    // The daemon and every grain it starts on CPU 1; wrk on CPU 0.
-    let pinned = Command::new("taskset")
-        .args(["-a", "-pc", "1", &daemon.pid().to_string()])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(pinned);
     for pkg in [
         granary_testkit::git_package(t),
         granary_testkit::app_package(t, "blog", "granary-blog", ""),

@@ -219,6 +219,9 @@ fn main() {
             return;
         }
     }
+    // The daemon and the grain it starts on CPU 1 from their start, as the
+    // peers; the load on CPU 0.
+    granary_testkit::pin_daemons_to(1);
     let (daemon, dir, _) = granary_testkit::app_host(
         DOMAIN,
         "[grains]\nidle_timeout = \"1h\"\n[gateway]\nupstream_idle = \"1h\"\n",
@@ -227,14 +230,6 @@ fn main() {
         "tasks",
         &["alice"],
     );
-    // The daemon and the grain it starts on CPU 1, as the peer.
-    let pinned = Command::new("taskset")
-        .args(["-a", "-pc", "1", &daemon.pid().to_string()])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(pinned);
     let out = daemon
         .granary(&["tasks", "client", "add", "alice"])
         .success()

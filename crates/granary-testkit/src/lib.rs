@@ -496,6 +496,18 @@ pub enum DaemonMode {
 }
 
 /// A running `granary serve` (or `demo`) in its own temporary data dir.
+/// The CPU every daemon started from now on runs on (-1: any).
+static PINNED_CPU: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Runs every daemon started from now on (and the grains it starts) on
+/// CPU `cpu` only, from its first instruction: it sizes its runtime to the
+/// one CPU it has, as a peer run with one worker on that CPU does. For
+/// benchmarks; pinning a running daemon leaves it with threads for CPUs it
+/// no longer has, all waking each other on one.
+pub fn pin_daemons_to(cpu: usize) {
+    PINNED_CPU.store(cpu as i32, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub struct Daemon {
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -584,7 +596,15 @@ impl Daemon {
             DaemonMode::Serve => "serve",
             DaemonMode::Demo => "demo",
         };
-        let mut child = Command::new(granary_bin())
+        let cpu = PINNED_CPU.load(std::sync::atomic::Ordering::Relaxed);
+        let mut command_line = if cpu >= 0 {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu.to_string()]).arg(granary_bin());
+            c
+        } else {
+            Command::new(granary_bin())
+        };
+        let mut child = command_line
             .arg("--config")
             .arg(self.config_path())
             .arg(command)
