@@ -115,15 +115,6 @@ impl Store {
         self.put(conn);
         Ok(answer)
     }
-
-    /// How many TaskChampion versions and taskd log lines are stored.
-    pub fn counts(&self) -> anyhow::Result<(u64, u64)> {
-        let conn = self.take()?;
-        let v: i64 = conn.query_row("SELECT count(*) FROM tc_versions", [], |r| r.get(0))?;
-        let t: i64 = conn.query_row("SELECT count(*) FROM taskd_log", [], |r| r.get(0))?;
-        self.put(conn);
-        Ok((v as u64, t as u64))
-    }
 }
 
 /// The store as the TaskChampion core's storage (the core owns its

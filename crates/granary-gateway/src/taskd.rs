@@ -131,19 +131,13 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, accep
         }
         Err(_) => return send(&mut tls, 500, "The request took too long").await,
     };
-    let request = match Message::parse(&body)
-        .and_then(|m| check_request(&m).map_err(|e| format!("{} {}", e.code, e.status)))
-    {
+    let message = match Message::parse(&body) {
+        Ok(m) => m,
+        Err(e) => return send(&mut tls, 500, &e).await,
+    };
+    let request = match check_request(&message) {
         Ok(c) => c,
-        Err(e) => {
-            let (code, status) = match e.split_once(' ') {
-                Some((c, s)) if c.parse::<u16>().is_ok() => {
-                    (c.parse().unwrap_or(500), s.to_owned())
-                }
-                _ => (500, e),
-            };
-            return send(&mut tls, code, &status).await;
-        }
+        Err(e) => return send(&mut tls, e.code, &e.status).await,
     };
     if request.org != ORG || request.user != user || request.key != key {
         tracing::info!(%peer, user, "taskd: credentials do not match the certificate");

@@ -20,23 +20,6 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
-/// A random version-4 UUID, as Taskwarrior writes them.
-fn random_uuid() -> Result<String, capnp::Error> {
-    let mut b = [0u8; 16];
-    getrandom::fill(&mut b).map_err(|e| fail(format!("no randomness: {e}")))?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
-}
-
 fn set_client(mut out: task_client::Builder<'_>, c: &TaskClient) {
     out.set_id(c.id);
     out.set_user(&c.user);
@@ -88,7 +71,7 @@ impl tasks::Server for Tasks {
         let user = user_name(p.get_user()?)?;
         let label = p.get_label()?.to_str()?.to_owned();
         self.tasks_installed().await?;
-        let id = random_uuid()?;
+        let id = uuid::Uuid::new_v4().to_string();
         let hash = sha256(id.as_bytes());
         let store = self.0.store.clone();
         let client = blocking(move || {
@@ -171,7 +154,7 @@ impl tasks::Server for Tasks {
         } else {
             format!("{server}:53589")
         };
-        let key = random_uuid()?;
+        let key = uuid::Uuid::new_v4().to_string();
         let store = self.0.store.clone();
         let (cert, issued) = blocking(move || {
             if store.user(&user).map_err(state_failure)?.is_none() {
