@@ -41,6 +41,7 @@ interface Admin {
 
   xmpp @11 () -> (xmpp :Xmpp);
   tasks @12 () -> (tasks :Tasks);
+  invites @13 () -> (invites :Invites);
 
   doctor @10 () -> (checks :List(DoctorCheck));
   # Checks a deployment as the world sees it: every mail domain's DNS
@@ -514,4 +515,39 @@ struct SpooledRecipient {
   user @1 :Text;
   state @2 :Text;
   # waiting, delivered or failed.
+}
+
+interface Invites {
+  # Invite links for friends (`granary invite`): opening one shows a page
+  # with the apps to install and a QR code; the chat client then makes the
+  # account with the token (XEP-0445, XEP-0401). Only a token's hash is
+  # kept.
+
+  create @0 (inviter :Text, expiresSecs :Int64, uses :UInt32) -> (invite :Invite, token :Text, link :Text, uri :Text);
+  # `inviter` empty: an account invite; a user: a contact invite (the new
+  # user and the inviter become each other's contacts). `link` is the
+  # landing page, `uri` the xmpp: URI the page shows; both carry the token,
+  # returned once.
+
+  list @1 () -> (invites :List(Invite));
+  # Every invite, newest first.
+
+  revoke @2 (id :Int64) -> ();
+}
+
+struct Invite {
+  id @0 :Int64;
+  kind @1 :Text;
+  # "account" or "contact".
+  inviter @2 :Text;
+  # Empty for an account invite.
+  maxUses @3 :UInt32;
+  uses @4 :UInt32;
+  createdAt @5 :Int64;
+  expiresAt @6 :Int64;
+  revokedAt @7 :Int64;
+  # 0: not revoked.
+  usedBy @8 :List(Text);
+  status @9 :Text;
+  # "valid", "used", "expired" or "revoked".
 }

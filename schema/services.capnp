@@ -76,6 +76,11 @@ interface XmppRouter {
   status @1 () -> (resources :List(Text), contacts :UInt64, archived :UInt64, offline :UInt64);
   # "xmpp.deliver" only: the account's sessions (their resources), roster
   # size, archived and offline messages, for `granary xmpp status`.
+
+  befriend @2 (jid :Text, name :Text) -> ();
+  # "xmpp.deliver" only: makes `jid` the account's contact with a
+  # subscription both ways (an invite the user made was redeemed by
+  # `jid`); `name` is the roster name when the contact has none yet.
 }
 
 interface GitRepoRead {

@@ -51,6 +51,7 @@ pub const ACCOUNT_FEATURES: &[&str] = &[
     "http://jabber.org/protocol/pubsub#auto-create",
     "http://jabber.org/protocol/pubsub#last-published",
     "urn:xmpp:bookmarks:1#compat-pep",
+    crate::push::NS,
 ];
 
 /// XEP-0082 time.
@@ -173,6 +174,13 @@ fn answer(
         ("get", ns::DISCO_INFO, "query") => Some(disco_info(server, target, own, el, payload)),
         ("get", ns::DISCO_ITEMS, "query") => {
             let mut q = Element::new("query", ns::DISCO_ITEMS);
+            if target == Target::Server && server.upload.enabled() {
+                q.push(
+                    Element::new("item", ns::DISCO_ITEMS)
+                        .with_attr("jid", crate::upload::service_jid(&server.domain))
+                        .with_attr("name", "HTTP file upload"),
+                );
+            }
             if target == Target::Account && own {
                 for (node, _) in server.store.nodes().unwrap_or_default() {
                     q.push(
@@ -220,6 +228,9 @@ fn answer(
             Some(result_for(el))
         }
         (_, ns::BLOCKING, _) if own => Some(blocking(server, session, el, payload)),
+        ("set", crate::push::NS, "enable" | "disable") if own => {
+            Some(crate::push::handle(server, el, payload))
+        }
         (_, ns::MAM, _) if own => crate::mam::query(server, session, el, payload),
         (_, ns::PUBSUB | ns::PUBSUB_OWNER, "pubsub") if target == Target::Account => {
             Some(crate::pep::handle(server, from, own, el, payload))

@@ -16,7 +16,9 @@
 //! (binding several resources, roster versioning, the subscription state
 //! machine, presence broadcast and directed presence, offline messages),
 //! XEP-0030, 0115 (the server's caps), 0199, 0280, 0313 with 0059, 0359,
-//! 0198 with resumption, 0352, 0054, 0163 with 0084 and 0402, 0191.
+//! 0198 with resumption, 0352, 0054, 0163 with 0084 and 0402, 0191, 0357
+//! (push, to the app servers the admin names), 0363 (HTTP upload: the
+//! grain's `http` service, at `upload.<domain>` through the gateway).
 
 pub mod account;
 pub use granary_wire::jid;
@@ -24,9 +26,11 @@ pub mod mam;
 pub mod ns;
 pub mod pep;
 pub mod presence;
+pub mod push;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod upload;
 
 pub use granary_wire::stanza::{Element, Node};
 

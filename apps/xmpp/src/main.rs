@@ -25,6 +25,9 @@ impl App for Chat {
                 session::serve(conn, self.server.clone()).await
             }
             "xmpp" => granary_sdk::log::warn("a client of another user was handed here"),
+            // Uploads and downloads of shared files (anyone with the
+            // address: the gateway serves it publicly).
+            "http" => granary_xmpp::upload::serve(self.server.clone(), conn).await,
             other => granary_sdk::log::warn(&format!("no service named {other}")),
         }
     }
@@ -81,6 +84,11 @@ fn main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
+    // Shared files past their time go at every start (a grain that is
+    // asked for one is started, so this runs before it is served).
+    if let Err(e) = granary_xmpp::upload::expire(&server) {
+        eprintln!("granary-xmpp: removing expired uploads: {e}");
+    }
     granary_sdk::run(move |host: Host| {
         let s = server.clone();
         granary_sdk::spawn_local(async move {

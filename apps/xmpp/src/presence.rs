@@ -368,3 +368,37 @@ pub fn inbound(server: &Rc<Server>, from: &Jid, to: &Jid, el: Element) {
         _ => {}
     }
 }
+
+/// Makes `contact` (a bare address) the account's contact with a
+/// subscription both ways, as the host asks when someone redeemed an
+/// invite this user made: no request and no approval, because the user
+/// approved by inviting. The user's current presence goes to the new
+/// contact; the contact's comes by the usual probe when they log in.
+pub fn befriend(server: &Rc<Server>, contact: &Jid, name: &str) -> Result<(), String> {
+    let jid = contact.bare_text();
+    if contact.bare() == server.bare {
+        return Err("bad-request: that is this account".to_owned());
+    }
+    let store = &server.store;
+    let mut item = store
+        .item(&jid)
+        .map_err(|e| format!("internal-server-error: {e}"))?
+        .unwrap_or_else(|| Item::new(&jid));
+    item.sub = item.sub.with_to(true).with_from(true);
+    item.ask = false;
+    if item.name.is_none() && !name.is_empty() {
+        item.name = Some(name.to_owned());
+    }
+    let _ = store.remove_pending(&jid);
+    let ver = store
+        .put_item(&item)
+        .map_err(|e| format!("internal-server-error: {e}"))?;
+    roster_push(server, &item, ver, false);
+    for s in server.all_sessions() {
+        let current = s.state.borrow().presence.clone();
+        if let Some(p) = current {
+            server.route(&s.full, &contact.bare(), strip_addresses(p));
+        }
+    }
+    Ok(())
+}

@@ -229,6 +229,12 @@ pub struct Server {
     to_archive: RefCell<(Vec<crate::store::Archived>, Vec<String>)>,
     archive_flush: std::cell::Cell<bool>,
     pub limits: crate::session::Limits,
+    /// The app servers push notifications may go to (XEP-0357).
+    pub push_servers: Vec<String>,
+    /// File sharing (XEP-0363).
+    pub upload: crate::upload::Settings,
+    /// Slots being uploaded to right now.
+    pub uploading: RefCell<HashSet<String>>,
 }
 
 pub use granary_wire::stanza::{error_kind, error_reply};
@@ -312,6 +318,7 @@ impl Server {
         domain: &str,
     ) -> Result<Server, crate::jid::JidError> {
         Ok(Server {
+            upload: crate::upload::Settings::from_env(&store.dir),
             store,
             domain: domain.to_owned(),
             bare: Jid::parse(&format!("{owner}@{domain}"))?,
@@ -325,6 +332,8 @@ impl Server {
             to_archive: RefCell::default(),
             archive_flush: std::cell::Cell::new(false),
             limits: crate::session::Limits::from_env(),
+            push_servers: crate::push::servers_from_env(),
+            uploading: RefCell::default(),
         })
     }
 
@@ -485,19 +494,25 @@ impl Server {
         }
         let targets = self.message_targets();
         if targets.is_empty() {
-            if matches!(kind.as_str(), "chat" | "normal")
-                && keep
-                && !keep_offline(&self.store, &self.domain, &el)
-            {
-                let reply = error_reply(
-                    &el,
-                    "wait",
-                    "resource-constraint",
-                    Some("their offline storage is full"),
-                );
-                self.route_from_account(reply);
+            if matches!(kind.as_str(), "chat" | "normal") && keep {
+                if keep_offline(&self.store, &self.domain, &el) {
+                    crate::push::notify(self);
+                } else {
+                    let reply = error_reply(
+                        &el,
+                        "wait",
+                        "resource-constraint",
+                        Some("their offline storage is full"),
+                    );
+                    self.route_from_account(reply);
+                }
             }
             return;
+        }
+        // Every session that takes it is detached (a phone asleep): wake
+        // the app through its push service.
+        if keep && targets.iter().all(|s| s.state.borrow().out.is_none()) {
+            crate::push::notify(self);
         }
         let carbons = kind == "chat"
             && el.child("private", ns::CARBONS).is_none()
@@ -729,5 +744,22 @@ impl xmpp_router::Server for Deliver {
         r.set_archived(archived);
         r.set_offline(offline);
         Ok(())
+    }
+
+    async fn befriend(
+        self: capnp::capability::Rc<Self>,
+        params: xmpp_router::BefriendParams,
+        _: xmpp_router::BefriendResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let jid = Jid::parse(p.get_jid()?.to_str()?)
+            .map_err(|e| capnp::Error::failed(format!("jid-malformed: {e}")))?;
+        if jid.local.is_none() {
+            return Err(capnp::Error::failed(
+                "jid-malformed: a contact is a user's address".to_owned(),
+            ));
+        }
+        crate::presence::befriend(&self.server, &jid, p.get_name()?.to_str()?)
+            .map_err(capnp::Error::failed)
     }
 }

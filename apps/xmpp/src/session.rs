@@ -620,6 +620,15 @@ pub fn stanza(server: &Rc<Server>, session: &Rc<Session>, mut el: Element) -> Re
             Some(t) if t.is_bare() && t.bare() == server.bare => {
                 crate::account::handle_iq(server, &session.full, Some(session), el)
             }
+            // The account's own upload service (XEP-0363).
+            Some(t)
+                if server.upload.enabled()
+                    && t.local.is_none()
+                    && t.resource.is_none()
+                    && t.domain == crate::upload::service_jid(&server.domain) =>
+            {
+                crate::upload::handle_iq(server, session, el)
+            }
             Some(t) => {
                 let t = t.clone();
                 server.route(&session.full, &t, el);

@@ -131,7 +131,23 @@ pub struct Page {
     pub count: u64,
 }
 
+/// An upload slot, or the file uploaded into it (XEP-0363).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub name: String,
+    pub size: u64,
+    pub content_type: String,
+    /// The file is there (the slot was used).
+    pub stored: bool,
+    /// Until when the slot takes its upload (Unix seconds).
+    pub slot_until: i64,
+    /// When the file is deleted.
+    pub expires_at: i64,
+}
+
 pub struct Store {
+    /// The directory the store is in (uploads live beside it).
+    pub dir: std::path::PathBuf,
     conn: Mutex<Connection>,
     /// Offline messages and their bytes, once counted.
     offline_totals: Mutex<Option<(u64, u64)>>,
@@ -154,6 +170,12 @@ CREATE TABLE IF NOT EXISTS pep_items (
     node TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER NOT NULL, payload TEXT NOT NULL,
     PRIMARY KEY (node, id));
 CREATE TABLE IF NOT EXISTS blocked (jid TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT NULL,
+    content_type TEXT NOT NULL, stored INTEGER NOT NULL DEFAULT 0,
+    slot_until INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS push (
+    jid TEXT NOT NULL, node TEXT NOT NULL, options TEXT NOT NULL, PRIMARY KEY (jid, node));
 ";
 
 impl Store {
@@ -165,6 +187,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
+            dir: dir.to_owned(),
             conn: Mutex::new(conn),
             offline_totals: Mutex::new(None),
         })
@@ -609,6 +632,109 @@ impl Store {
     }
 
     // Blocking.
+
+    pub fn add_upload_slot(
+        &self,
+        id: &str,
+        name: &str,
+        size: u64,
+        content_type: &str,
+        slot_until: i64,
+        expires_at: i64,
+    ) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO uploads (id, name, size, content_type, slot_until, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, name, size as i64, content_type, slot_until, expires_at],
+        )?;
+        Ok(())
+    }
+
+    pub fn upload(&self, id: &str) -> Result<Option<Upload>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name, size, content_type, stored, slot_until, expires_at
+                 FROM uploads WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(Upload {
+                        name: r.get(0)?,
+                        size: r.get::<_, i64>(1)? as u64,
+                        content_type: r.get(2)?,
+                        stored: r.get(3)?,
+                        slot_until: r.get(4)?,
+                        expires_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// The file of slot `id` is in place (written and synced first).
+    pub fn upload_stored(&self, id: &str) -> Result<()> {
+        self.conn()
+            .execute("UPDATE uploads SET stored = 1 WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Slots still open, and the bytes of files and open slots together.
+    pub fn upload_usage(&self, now: i64) -> Result<(u64, u64)> {
+        Ok(self.conn().query_row(
+            "SELECT coalesce(sum(NOT stored), 0), coalesce(sum(size), 0) FROM uploads
+             WHERE (stored AND expires_at > ?1) OR (NOT stored AND slot_until > ?1)",
+            [now],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
+    /// Forgets expired files and unused slots past their time; their ids
+    /// (whose files the caller deletes).
+    pub fn expire_uploads(&self, now: i64) -> Result<Vec<String>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "DELETE FROM uploads WHERE (stored AND expires_at <= ?1)
+                OR (NOT stored AND slot_until <= ?1) RETURNING id",
+        )?;
+        let rows = stmt.query_map([now], |r| r.get(0))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Keeps a push registration (XEP-0357), replacing one for the same
+    /// app server and node; `false` when the account has `max` already.
+    pub fn push_add(&self, jid: &str, node: &str, options: &str, max: u64) -> Result<bool> {
+        let c = self.conn();
+        let (count, exists): (i64, bool) = c.query_row(
+            "SELECT count(*), coalesce(sum(jid = ?1 AND node = ?2), 0) > 0 FROM push",
+            params![jid, node],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if !exists && count as u64 >= max {
+            return Ok(false);
+        }
+        c.execute(
+            "INSERT INTO push (jid, node, options) VALUES (?1, ?2, ?3)
+             ON CONFLICT (jid, node) DO UPDATE SET options = excluded.options",
+            params![jid, node, options],
+        )?;
+        Ok(true)
+    }
+
+    /// Drops the registrations for an app server (one node, or all).
+    pub fn push_remove(&self, jid: &str, node: Option<&str>) -> Result<usize> {
+        Ok(self.conn().execute(
+            "DELETE FROM push WHERE jid = ?1 AND (?2 IS NULL OR node = ?2)",
+            params![jid, node],
+        )?)
+    }
+
+    /// Every push registration: (app server, node, publish options).
+    pub fn push_registrations(&self) -> Result<Vec<(String, String, String)>> {
+        let c = self.conn();
+        let mut stmt = c.prepare("SELECT jid, node, options FROM push ORDER BY jid, node")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
 
     pub fn blocked(&self) -> Result<Vec<String>> {
         let c = self.conn();

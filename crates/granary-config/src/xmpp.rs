@@ -17,6 +17,10 @@ pub struct RawXmpp {
     pub s2s_connections_per_domain: Option<u32>,
     pub s2s_stanzas_per_second: Option<u32>,
     pub s2s_allow_private_addresses: Option<bool>,
+    pub push_servers: Option<Vec<String>>,
+    pub upload_max_mib: Option<u64>,
+    pub upload_expire_secs: Option<u64>,
+    pub upload_quota_mib: Option<u64>,
 }
 
 /// `[xmpp]`, resolved.
@@ -47,6 +51,35 @@ pub struct Xmpp {
     /// addresses (a server on the home network; tests). Off by default:
     /// another domain's DNS is no way into the home network.
     pub s2s_allow_private_addresses: bool,
+    /// The app servers (XEP-0357) chat grains send push notifications to,
+    /// by their address (`p2.siacs.eu`); a client's registration for
+    /// another is kept but not served. Empty: no notifications.
+    pub push_servers: Vec<String>,
+    /// The largest file one upload may be (XEP-0363).
+    pub upload_max_bytes: u64,
+    /// How long a shared file is kept (and its address works).
+    pub upload_expire_secs: u64,
+    /// What one user's shared files may take in all.
+    pub upload_quota_bytes: u64,
+}
+
+/// Push app servers: addresses, checked for what would break the list.
+fn push_servers(raw: &[String]) -> Result<Vec<String>, (String, String)> {
+    raw.iter()
+        .map(|s| {
+            let s = s.trim();
+            let ok = !s.is_empty()
+                && s.len() <= 1023
+                && !s.contains(|c: char| c == ',' || c.is_whitespace() || c.is_control());
+            match ok {
+                true => Ok(s.to_owned()),
+                false => Err((
+                    "xmpp.push_servers".to_owned(),
+                    format!("{s:?} is not a chat address (p2.siacs.eu)"),
+                )),
+            }
+        })
+        .collect()
 }
 
 impl Xmpp {
@@ -84,6 +117,17 @@ impl Xmpp {
                 raw.s2s_stanzas_per_second.unwrap_or(2000) as u64,
             )? as u32,
             s2s_allow_private_addresses: raw.s2s_allow_private_addresses.unwrap_or(false),
+            push_servers: push_servers(raw.push_servers.as_deref().unwrap_or_default())?,
+            upload_max_bytes: positive("upload_max_mib", raw.upload_max_mib.unwrap_or(16))?
+                .min(1 << 20)
+                << 20,
+            upload_expire_secs: positive(
+                "upload_expire_secs",
+                raw.upload_expire_secs.unwrap_or(30 * 86_400),
+            )?,
+            upload_quota_bytes: positive("upload_quota_mib", raw.upload_quota_mib.unwrap_or(1024))?
+                .min(1 << 30)
+                << 20,
         })
     }
 
@@ -93,6 +137,16 @@ impl Xmpp {
             format!("GRANARY_XMPP_MAX_STANZA={}", self.max_stanza_bytes),
             format!("GRANARY_XMPP_STANZA_RATE={}", self.stanzas_per_second),
             format!("GRANARY_XMPP_STANZA_BURST={}", self.stanza_burst),
+            format!("GRANARY_XMPP_PUSH_SERVERS={}", self.push_servers.join(",")),
+            format!("GRANARY_XMPP_UPLOAD_MAX_BYTES={}", self.upload_max_bytes),
+            format!(
+                "GRANARY_XMPP_UPLOAD_EXPIRE_SECS={}",
+                self.upload_expire_secs
+            ),
+            format!(
+                "GRANARY_XMPP_UPLOAD_QUOTA_BYTES={}",
+                self.upload_quota_bytes
+            ),
         ]
     }
 }

@@ -31,6 +31,36 @@ pub enum MailRecipient {
     TryLater,
 }
 
+/// An invite token that may be used now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InviteInfo {
+    /// The inviter's chat address (`alice@example.org`), for a contact
+    /// invite; `None` for an account invite.
+    pub inviter: Option<String>,
+}
+
+/// The account an invite made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InviteRedeemed {
+    /// The new user's first `xmpp` app password.
+    pub credential: i64,
+    /// The inviter's chat address, for a contact invite.
+    pub inviter: Option<String>,
+}
+
+/// Why redeeming an invite made no account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedeemRefused {
+    /// Unknown, expired, used up or revoked: told the same way.
+    NotValid,
+    /// The name is someone's already.
+    NameTaken,
+    /// The name or the password breaks a rule (said how).
+    Unacceptable(String),
+    /// Nothing was made; the client may try again.
+    TryLater,
+}
+
 pub trait Directory: Send + Sync + 'static {
     /// Which of `user`'s app passwords of `kind` `password` is, if any.
     /// A device never holds the account password, so it is never checked
@@ -82,6 +112,26 @@ pub trait Directory: Send + Sync + 'static {
     ) -> BoxFuture<Option<(String, Credential, String)>> {
         let _ = sha256;
         Box::pin(async { None })
+    }
+
+    /// The invite `token` stands for, if it may be used now.
+    fn invite(&self, token: &str) -> BoxFuture<Option<InviteInfo>> {
+        let _ = token;
+        Box::pin(async { None })
+    }
+
+    /// Spends one use of the invite `token`: makes `user` with `password`
+    /// as their first `xmpp` app password, at the chat address
+    /// `user@domain`, all or nothing.
+    fn redeem_invite(
+        &self,
+        token: &str,
+        user: &str,
+        password: &str,
+        domain: &str,
+    ) -> BoxFuture<Result<InviteRedeemed, RedeemRefused>> {
+        let _ = (token, user, password, domain);
+        Box::pin(async { Err(RedeemRefused::NotValid) })
     }
 
     /// The chat domains added besides Granary's own

@@ -144,6 +144,21 @@ async fn answer(
     if let Some(page) = mail_page(gateway.shared(), &req, &host, peer).await {
         return page;
     }
+    if req.uri().path().starts_with(crate::invite::PATH_PREFIX) {
+        let host_header = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or(&host)
+            .to_owned();
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        if let Some(page) =
+            crate::invite::page(gateway.shared(), &method, &host_header, &host, &path).await
+        {
+            return page;
+        }
+    }
     let domain = &gateway.shared().domain;
     if &host == domain && req.uri().path() == "/" {
         return respond(

@@ -16,6 +16,7 @@ pub mod directory;
 pub mod error;
 pub mod https;
 pub mod imap;
+pub mod invite;
 pub mod limiter;
 pub mod proxy;
 pub mod s2s;
@@ -29,7 +30,9 @@ pub mod xmpp;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use directory::{BoxFuture, Credential, Directory, MailRecipient};
+pub use directory::{
+    BoxFuture, Credential, Directory, InviteInfo, InviteRedeemed, MailRecipient, RedeemRefused,
+};
 pub use error::GatewayError;
 use granary_grains::Grains;
 pub use limiter::{LoginLimiter, VerifiedLogins};
@@ -320,6 +323,17 @@ impl Shared {
     pub fn login_limited(&self, ip: std::net::IpAddr, user: &str) -> bool {
         let (ip_key, user_key) = login_keys(ip, user);
         self.limiter.limited(&ip_key) || self.limiter.limited(&user_key)
+    }
+
+    /// Whether `ip` is refused unchecked for now, whoever it says it is
+    /// (an invite token, which names no user).
+    pub fn address_limited(&self, ip: std::net::IpAddr) -> bool {
+        self.limiter.limited(&login_keys(ip, "").0)
+    }
+
+    /// Counts a failure against `ip` alone.
+    pub fn address_failed(&self, ip: std::net::IpAddr) {
+        self.limiter.fail(login_keys(ip, "").0);
     }
 
     /// Counts a failed login against `ip` and `user`.

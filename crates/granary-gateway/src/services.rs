@@ -13,7 +13,9 @@ use granary_wire::http::{HostPattern, OwnerIn, Pattern, repo_path};
 /// HTTPS and the other listeners: every service host of the table, and
 /// those of protocols to come. Each is a reserved user name, and each gets
 /// its own name in the local CA's certificate.
-pub const SERVICE_HOSTS: &[&str] = &["git", "hello", "dav", "mail", "xmpp", "tasks", "www"];
+pub const SERVICE_HOSTS: &[&str] = &[
+    "git", "hello", "dav", "mail", "xmpp", "tasks", "upload", "www",
+];
 
 /// Who may use an entry, and as whom its grain sees them.
 #[derive(Debug, Clone, Copy)]
@@ -138,6 +140,19 @@ pub const HTTP_SERVICES: &[HttpService] = &[
             header: "x-client-id",
         },
         login_prompt: "Taskwarrior",
+    },
+    // upload.<domain>/<owner>/<slot>/<name>: files shared in chat
+    // (XEP-0363), kept in the owner's chat grain. The slot in the address
+    // is the secret (192 random bits); the grain refuses anything else.
+    HttpService {
+        pattern: Pattern {
+            name: "upload",
+            host: HostPattern::Service("upload"),
+            owner: OwnerIn::FirstSegment,
+            kind: "xmpp",
+        },
+        access: Access::Public,
+        login_prompt: "",
     },
     // <user>.<domain>: the user's blog, public.
     HttpService {

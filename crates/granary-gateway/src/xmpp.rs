@@ -29,6 +29,8 @@ use tokio::sync::watch;
 
 use crate::Shared;
 
+mod register;
+
 /// How long a client may take to log in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Failed logins on one connection before it is closed.
@@ -83,6 +85,8 @@ async fn run(
                 buf: Vec::new(),
                 deadline: tokio::time::Instant::now() + LOGIN_TIMEOUT,
                 decoy: decoy.clone(),
+                invite: None,
+                registered: false,
             };
             client.connection(tcp, tls.clone(), implicit)
         },
@@ -117,6 +121,11 @@ struct Client {
     buf: Vec<u8>,
     deadline: tokio::time::Instant,
     decoy: Arc<ring::hmac::Key>,
+    /// The invite token a `<preauth/>` showed valid, for the registration
+    /// that follows.
+    invite: Option<String>,
+    /// An account was made on this connection (one at most).
+    registered: bool,
 }
 
 /// Who logged in.
@@ -330,7 +339,8 @@ impl Client {
     ) -> Option<LoggedIn> {
         let mechanisms = format!(
             "<mechanisms xmlns='{NS_SASL}'><mechanism>SCRAM-SHA-256</mechanism>\
-             <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms>"
+             <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms>{}",
+            register::FEATURES
         );
         if let Step::Close = self.open(stream, &mechanisms).await {
             return None;
@@ -364,6 +374,10 @@ impl Client {
                     }
                 }
                 Ok(Unit::Abort) => Err(sasl_failure("aborted", "")),
+                Ok(Unit::Iq(el)) => match self.iq(stream, el).await {
+                    Step::Next => continue,
+                    Step::Close => return None,
+                },
                 Ok(Unit::StreamEnd) => {
                     let _ = stream.write_all(b"</stream:stream>").await;
                     return None;

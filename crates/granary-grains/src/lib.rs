@@ -310,6 +310,15 @@ pub trait Grains: Send + Sync + 'static {
         Box::pin(async move { Err(e) })
     }
 
+    /// Makes `jid` a contact of the chat grain's user with a subscription
+    /// both ways (starting the grain if stopped): someone redeemed an
+    /// invite the user made. `name` is the roster name if it has none.
+    fn xmpp_befriend(&self, grain: &GrainId, jid: &str, name: &str) -> GrainsFuture<()> {
+        let _ = (jid, name);
+        let e = GrainError::new(grain, Problem::Host("chat is not served here".to_owned()));
+        Box::pin(async move { Err(e) })
+    }
+
     /// Hands a stanza from another server to a chat grain (starting it if
     /// stopped). A refusal by the grain is `Problem::Grain` with the
     /// stanza error's condition first (`service-unavailable: ...`).

@@ -12,6 +12,7 @@
 mod app_passwords;
 mod audit;
 mod grains;
+mod invites;
 mod mail;
 mod migrate;
 mod repos;
@@ -28,6 +29,7 @@ use rusqlite::Connection;
 pub use app_passwords::{AppPassword, RevokeSelector};
 pub use audit::AuditEvent;
 pub use grains::{App, Grain, Grant, HostUid, NewApp};
+pub use invites::{Invite, InviteKind, NewAccount, RedeemError, Redeemed, ValidInvite};
 pub use mail::{MailAlias, MailDomainInfo, MailRoute};
 pub use migrate::LATEST_SCHEMA_VERSION;
 pub use repos::SshKey;

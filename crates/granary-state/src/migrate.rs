@@ -61,6 +61,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 12,
         sql: include_str!("migrations/0012_tasks.sql"),
     },
+    Migration {
+        version: 13,
+        sql: include_str!("migrations/0013_invites.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

@@ -296,4 +296,11 @@ impl Grains for LocalGrains {
             sup.xmpp_status(&id).await
         })
     }
+
+    fn xmpp_befriend(&self, grain: &GrainId, jid: &str, name: &str) -> GrainsFuture<()> {
+        let (id, jid, name) = (grain.to_string(), jid.to_owned(), name.to_owned());
+        self.run(grain.shown(), move |sup| async move {
+            sup.xmpp_befriend(&id, &jid, &name).await
+        })
+    }
 }

@@ -225,6 +225,35 @@ impl Supervisor {
             .map_err(|e| error(grain, Problem::Grain(e.extra)))
     }
 
+    /// Makes `jid` the contact of `grain`'s user, both ways (an invite of
+    /// theirs was redeemed), through its `xmpp.deliver`.
+    pub async fn xmpp_befriend(
+        &self,
+        grain: &str,
+        jid: &str,
+        name: &str,
+    ) -> Result<(), granary_grains::GrainError> {
+        let running = self
+            .inner
+            .ensure_running(grain)
+            .await
+            .map_err(|p| error(grain, p))?;
+        let _busy = running.activity.busy();
+        let deliver = deliver_end(&self.inner, &running)
+            .await
+            .map_err(|p| error(grain, p))?;
+        let mut request = deliver.befriend_request();
+        request.get().set_jid(jid);
+        request.get().set_name(name);
+        let call = request.send().promise;
+        let failed = |e: String| error(grain, Problem::Grain(format!("befriend: {e}")));
+        tokio::time::timeout(self.inner.params.config.call_timeout, call)
+            .await
+            .map_err(|_| failed("timed out".to_owned()))?
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(())
+    }
+
     /// A chat grain's sessions and sizes, asked of its `xmpp.deliver`.
     pub async fn xmpp_status(
         &self,

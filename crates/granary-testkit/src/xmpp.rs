@@ -222,7 +222,13 @@ impl XmppHost {
     /// Runs a Python script (which imports `granary_xmpp_test`); (success,
     /// output). It must print `ok` at the end to count as passed.
     pub fn python(&self, script: &str) -> (bool, String) {
-        let env = self.env();
+        self.python_with(script, &[])
+    }
+
+    /// [`XmppHost::python`] with more environment variables.
+    pub fn python_with(&self, script: &str, extra: &[(&str, String)]) -> (bool, String) {
+        let mut env = self.env();
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         let (ok, out) = crate::mail::run_python(script, &env);
         (ok && out.lines().any(|l| l.trim() == "ok"), out)

@@ -87,6 +87,9 @@ pub enum Unit {
     Response(Vec<u8>),
     /// `<abort/>`.
     Abort,
+    /// An `<iq/>` in `jabber:client` (before login: in-band registration
+    /// and its invite token), parsed whole.
+    Iq(crate::stanza::Element),
     /// Any other element (a stanza before login, an unknown element): its
     /// local name and namespace, for the error the server answers.
     Other { name: String, ns: String },
@@ -272,7 +275,12 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Unit, usize)>, XmppError> {
     if len > MAX_UNIT {
         return Err(XmppError::TooLarge);
     }
-    let unit = element(&rest[..len])?;
+    let unit = match element(&rest[..len])? {
+        Unit::Other { name, ns } if name == "iq" && ns == NS_CLIENT => {
+            Unit::Iq(crate::stanza::parse_element(&rest[..len], NS_CLIENT)?)
+        }
+        unit => unit,
+    };
     Ok(Some((unit, skip + len)))
 }
 
@@ -395,13 +403,12 @@ mod tests {
             }
         );
         assert_eq!(units[5], Unit::Abort);
-        assert_eq!(
-            units[6],
-            Unit::Other {
-                name: "iq".into(),
-                ns: NS_CLIENT.into()
-            }
-        );
+        // An iq before login is parsed whole (registration with an invite).
+        let Unit::Iq(iq) = &units[6] else {
+            panic!("{:?}", units[6]);
+        };
+        assert_eq!(iq.name, "iq");
+        assert_eq!(iq.ns, NS_CLIENT);
         assert_eq!(units[7], Unit::StreamEnd);
     }
 

@@ -145,6 +145,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             admin::tasks::run(&config, cmd)
         }
+        Command::Invite(cmd) => {
+            let config = load_config(&cli)?;
+            admin::invites::run(&config, cmd)
+        }
         Command::SshKey(cmd) => {
             let config = load_config(&cli)?;
             admin::git::ssh_key(&config, cmd)

@@ -9,6 +9,7 @@ pub(crate) mod doctor;
 pub(crate) mod git;
 pub(crate) mod grains;
 pub(crate) mod grants;
+pub(crate) mod invites;
 pub(crate) mod mail;
 mod mail_dns;
 pub(crate) mod snapshots;
@@ -44,6 +45,7 @@ concern!(blog, blog_request, get_blog);
 concern!(mail, mail_request, get_mail);
 concern!(xmpp, xmpp_request, get_xmpp);
 concern!(tasks, tasks_request, get_tasks);
+concern!(invites, invites_request, get_invites);
 
 /// A two-party Cap'n Proto RPC system over a unix socket, as both ends of
 /// the admin socket use it.

@@ -1,6 +1,7 @@
 //! The command line: one definition that clap turns into parsing, help, the
 //! man pages and the shell completions.
 
+mod invite;
 mod mail;
 mod tasks;
 
@@ -8,6 +9,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub(crate) use invite::InviteCommand;
 pub(crate) use mail::{
     MailAliasCommand, MailCommand, MailDkimCommand, MailDomainCommand, MailSpoolCommand,
 };
@@ -119,6 +121,9 @@ pub(crate) enum Command {
     /// Chat (XMPP): each user's chat account
     #[command(subcommand)]
     Xmpp(XmppCommand),
+    /// Invite links: friends open one on their phone and the chat app makes their account
+    #[command(subcommand)]
+    Invite(InviteCommand),
     /// Tasks: Taskwarrior sync (client ids for Taskwarrior 3, certificates for 2.6)
     #[command(subcommand)]
     Tasks(TasksCommand),

@@ -2,18 +2,31 @@
 //! app-password and SSH-key checks, public resources, registered hosts.
 //! SQLite and argon2 run on the blocking pool.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use granary_gateway::{BoxFuture, Credential, Directory, MailRecipient};
+use granary_gateway::{
+    BoxFuture, Credential, Directory, InviteInfo, InviteRedeemed, MailRecipient, RedeemRefused,
+};
 use granary_grains::AuthMethod;
 use granary_model::{MailAddress, UserName};
-use granary_state::{MailRoute, Store};
+use granary_state::{HostUid, MailRoute, NewAccount, RedeemError, Store};
 
 pub(super) struct StateDirectory {
     pub(super) store: Arc<Store>,
     /// `mail.postmaster`: who gets postmaster@ and abuse@.
     pub(super) postmaster: Option<String>,
+    /// Granary's own domain.
+    pub(super) domain: String,
+    /// Where a new user's grains get their host uid (an invite makes users).
+    pub(super) uids: HostUid,
+    /// The local CA's directory, when it issues the certificate (its names
+    /// follow the users).
+    pub(super) local_ca: Option<PathBuf>,
 }
+
+/// Who redeems invites, in the audit trail.
+const INVITE_ACTOR: &str = "invite";
 
 /// Runs a lookup on the blocking pool; a failure (or a panic) answers
 /// `fallback`, which is always the refusing answer.
@@ -184,6 +197,113 @@ impl Directory for StateDirectory {
                     None
                 }
             }
+        })
+    }
+
+    fn invite(&self, token: &str) -> BoxFuture<Option<InviteInfo>> {
+        let (store, domain) = (self.store.clone(), self.domain.clone());
+        let hash = granary_auth::token_hash(token.as_bytes());
+        lookup(None, move || match store.valid_invite(&hash) {
+            Ok(found) => found.map(|i| InviteInfo {
+                inviter: i
+                    .inviter
+                    .map(|u| format!("{u}@{}", i.inviter_domain.unwrap_or(domain))),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "invite lookup failed");
+                None
+            }
+        })
+    }
+
+    fn redeem_invite(
+        &self,
+        token: &str,
+        user: &str,
+        password: &str,
+        domain: &str,
+    ) -> BoxFuture<Result<InviteRedeemed, RedeemRefused>> {
+        let refuse = |why: String| -> BoxFuture<Result<InviteRedeemed, RedeemRefused>> {
+            Box::pin(async move { Err(RedeemRefused::Unacceptable(why)) })
+        };
+        // A new user: the reservations apply.
+        let user = match UserName::new(user) {
+            Ok(u) => u,
+            Err(e) => return refuse(format!("that name cannot be used: {e}")),
+        };
+        if let Err(e) = granary_auth::check_password_policy(password) {
+            return refuse(format!("the password: {e}"));
+        }
+        let hash = granary_auth::token_hash(token.as_bytes());
+        let (store, primary) = (self.store.clone(), self.domain.clone());
+        let chat_domain =
+            (!domain.eq_ignore_ascii_case(&primary)).then(|| domain.to_ascii_lowercase());
+        let (uids, local_ca, password) = (self.uids, self.local_ca.clone(), password.to_owned());
+        Box::pin(async move {
+            let s = store.clone();
+            let made = tokio::task::spawn_blocking(move || {
+                // The cheap checks first, so a bad token or a taken name
+                // costs no hashing; the redemption checks both again.
+                match s.valid_invite(&hash) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(RedeemRefused::NotValid),
+                    Err(e) => {
+                        tracing::error!(error = %e, "invite lookup failed");
+                        return Err(RedeemRefused::TryLater);
+                    }
+                }
+                match s.user(&user) {
+                    Ok(None) => {}
+                    Ok(Some(_)) => return Err(RedeemRefused::NameTaken),
+                    Err(_) => return Err(RedeemRefused::TryLater),
+                }
+                let hashed = || -> anyhow::Result<(String, String, String)> {
+                    // Nobody holds the account password until one is set
+                    // (`granary user passwd`): the device keeps an app
+                    // password, as every device does.
+                    let account = granary_auth::hash_password(&granary_auth::generate_password()?)?;
+                    let xmpp = granary_auth::hash_password(&password)?;
+                    let scram = super::admin::scram_verifiers(&password, std::iter::empty())
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    Ok((account, xmpp, scram))
+                };
+                let (account_hash, xmpp_hash, xmpp_scram) = hashed().map_err(|e| {
+                    tracing::error!(error = %e, "hashing a new user's password failed");
+                    RedeemRefused::TryLater
+                })?;
+                let account = NewAccount {
+                    user: &user,
+                    account_hash: &account_hash,
+                    xmpp_hash: &xmpp_hash,
+                    xmpp_scram: &xmpp_scram,
+                    chat_domain: chat_domain.as_deref(),
+                };
+                let redeemed = match s.redeem_invite(&hash, &account, INVITE_ACTOR) {
+                    Ok(r) => r,
+                    Err(RedeemError::NotValid) => return Err(RedeemRefused::NotValid),
+                    Err(RedeemError::NameTaken(_)) => return Err(RedeemRefused::NameTaken),
+                    Err(RedeemError::State(e)) => {
+                        tracing::error!(error = %e, "redeeming an invite failed");
+                        return Err(RedeemRefused::TryLater);
+                    }
+                };
+                tracing::info!(user = %user, invite = redeemed.invite.id, "user added with an invite");
+                // The grains of every installed app, as `user add` makes.
+                if let Err(e) = s.ensure_grains(uids, INVITE_ACTOR) {
+                    tracing::error!(error = %e, "making the new user's grain records failed");
+                }
+                Ok(redeemed)
+            })
+            .await
+            .unwrap_or(Err(RedeemRefused::TryLater))?;
+            super::certificate::refresh(&store, local_ca, &primary).await;
+            let invite = made.invite;
+            Ok(InviteRedeemed {
+                credential: made.credential,
+                inviter: invite
+                    .inviter
+                    .map(|u| format!("{u}@{}", invite.inviter_domain.unwrap_or(primary))),
+            })
         })
     }
 

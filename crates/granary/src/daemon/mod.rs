@@ -178,14 +178,26 @@ async fn serve(
         }
         false => (None, None),
     };
-    let (grains, supervisor) =
-        start::supervisor(&config, &store, datasets.clone(), to_other_servers).await?;
+    let (grains, supervisor) = start::supervisor(
+        &config,
+        &store,
+        datasets.clone(),
+        to_other_servers,
+        addresses
+            .iter()
+            .find(|(n, _)| *n == "https")
+            .map(|(_, a)| *a),
+    )
+    .await?;
     let grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
     let chat_domains = Arc::new(granary_gateway::ChatDomains::new(
         &config.domain,
         Arc::new(directory::StateDirectory {
             store: store.clone(),
             postmaster: None,
+            domain: config.domain.clone(),
+            uids: granary_state::HostUid::FirstFreeIn(config.uid_range),
+            local_ca: None,
         }),
     ));
     let s2s = match from_grains {
@@ -247,6 +259,9 @@ async fn serve(
         Arc::new(directory::StateDirectory {
             store: store.clone(),
             postmaster: postmaster.clone(),
+            domain: config.domain.clone(),
+            uids: granary_state::HostUid::FirstFreeIn(config.uid_range),
+            local_ca: matches!(config.tls, TlsSource::LocalCa).then(|| config.tls_dir()),
         });
     let shared = Arc::new(granary_gateway::Shared {
         domain: config.domain.clone(),

@@ -52,6 +52,7 @@ pub(super) async fn supervisor(
     store: &Arc<Store>,
     datasets: Arc<dyn granary_datasets::Datasets>,
     xmpp_outbound: Option<granary_supervisor::XmppOutbound>,
+    https: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<(LocalGrains, SupervisorThread)> {
     let apps_dir = apps_dir(config)?;
     let launcher = std::env::current_exe()
@@ -101,11 +102,27 @@ pub(super) async fn supervisor(
             },
             freeze_limit: config.snapshots.freeze_limit,
             domain: config.domain.clone(),
-            kind_env: [("xmpp".to_owned(), config.xmpp.grain_env())].into(),
+            kind_env: [("xmpp".to_owned(), xmpp_env(config, https))].into(),
             xmpp_outbound,
         },
     };
     LocalGrains::spawn(params).context("cannot start the grain supervisor")
+}
+
+/// What chat grains get in their environment: `[xmpp]`, and where their
+/// shared files are served (`upload.<domain>`, on the https listener's
+/// port; no https listener: no uploads).
+fn xmpp_env(config: &Config, https: Option<std::net::SocketAddr>) -> Vec<String> {
+    let mut env = config.xmpp.grain_env();
+    if let Some(addr) = https {
+        let host = format!("upload.{}", config.domain);
+        let base = match addr.port() {
+            443 => format!("https://{host}"),
+            port => format!("https://{host}:{port}"),
+        };
+        env.push(format!("GRANARY_XMPP_UPLOAD_URL={base}"));
+    }
+    env
 }
 
 /// DATA_DIR/apps, made if missing.

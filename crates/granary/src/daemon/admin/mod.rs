@@ -15,6 +15,7 @@ mod doctor;
 mod git;
 mod grains;
 mod grants;
+mod invites;
 mod mail;
 mod snapshots;
 mod tasks;
@@ -399,6 +400,17 @@ impl admin::Server for AdminService {
         results
             .get()
             .set_tasks(capnp_rpc::new_client(tasks::Tasks(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn invites(
+        self: CapRc<Self>,
+        _: admin::InvitesParams,
+        mut results: admin::InvitesResults,
+    ) -> Result<(), capnp::Error> {
+        results
+            .get()
+            .set_invites(capnp_rpc::new_client(invites::Invites(self.ctx.clone())));
         Ok(())
     }
 

@@ -1,0 +1,423 @@
+//! Invites: links that let a friend make an account (`granary invite
+//! create`). Only a token's SHA-256 is kept. Redeeming one makes the
+//! account, its first chat password and the record of the use in one
+//! transaction, so a token is never spent without an account to show for
+//! it, and never makes more accounts than it allows.
+
+use granary_model::UserName;
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+use crate::audit::record;
+use crate::users::user_id;
+use crate::{QueryContext, StateError, Store};
+
+/// What an invite does besides making an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InviteKind {
+    /// A new user, nothing more.
+    Account,
+    /// A new user who becomes the inviter's contact, both ways.
+    Contact,
+}
+
+impl InviteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InviteKind::Account => "account",
+            InviteKind::Contact => "contact",
+        }
+    }
+
+    fn parse(s: &str) -> InviteKind {
+        match s {
+            "contact" => InviteKind::Contact,
+            _ => InviteKind::Account,
+        }
+    }
+}
+
+/// An invite as `granary invite list` shows it (never the token).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Invite {
+    pub id: i64,
+    pub kind: InviteKind,
+    /// Who invites (a contact invite); `None` for an account invite.
+    pub inviter: Option<String>,
+    pub max_uses: i64,
+    pub uses: i64,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+    /// The accounts it made, in order.
+    pub used_by: Vec<String>,
+}
+
+impl Invite {
+    /// `valid`, `used`, `expired` or `revoked`, at `now`.
+    pub fn status(&self, now: i64) -> &'static str {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else if self.uses >= self.max_uses {
+            "used"
+        } else if self.expires_at <= now {
+            "expired"
+        } else {
+            "valid"
+        }
+    }
+}
+
+/// A token that may be redeemed now: what the landing page and the
+/// registration need to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidInvite {
+    pub id: i64,
+    pub kind: InviteKind,
+    pub inviter: Option<String>,
+    /// The inviter's chat domain when it is not Granary's own.
+    pub inviter_domain: Option<String>,
+}
+
+/// The account a redemption made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redeemed {
+    pub invite: ValidInvite,
+    /// The new user's first `xmpp` app password.
+    pub credential: i64,
+}
+
+/// Why a redemption made nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RedeemError {
+    /// Unknown, expired, used up or revoked: all the same to the client.
+    #[error("the invite is not valid")]
+    NotValid,
+    #[error("user {0} already exists")]
+    NameTaken(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// What a redemption stores: the new user and their first chat password,
+/// all hashed by the caller.
+pub struct NewAccount<'a> {
+    pub user: &'a UserName,
+    /// The account password's argon2id hash (the password is not the
+    /// device's: nobody holds it until it is set).
+    pub account_hash: &'a str,
+    /// The chat password's argon2id hash and SCRAM verifiers.
+    pub xmpp_hash: &'a str,
+    pub xmpp_scram: &'a str,
+    /// The chat domain to put the user in, when it is an added one.
+    pub chat_domain: Option<&'a str>,
+}
+
+const VALID: &str = "i.revoked_at IS NULL AND i.uses < i.max_uses AND i.expires_at > unixepoch()";
+
+fn valid_invite(
+    conn: &rusqlite::Connection,
+    hash: &[u8],
+) -> Result<Option<ValidInvite>, StateError> {
+    conn.query_row(
+        &format!(
+            "SELECT i.id, i.kind, u.name, x.domain FROM invites i
+             LEFT JOIN users u ON u.id = i.inviter_id
+             LEFT JOIN xmpp_users x ON x.user_id = i.inviter_id
+             WHERE i.hash = ?1 AND {VALID}"
+        ),
+        [hash],
+        |r| {
+            Ok(ValidInvite {
+                id: r.get(0)?,
+                kind: InviteKind::parse(&r.get::<_, String>(1)?),
+                inviter: r.get(2)?,
+                inviter_domain: r.get(3)?,
+            })
+        },
+    )
+    .optional()
+    .op("find invite")
+}
+
+impl Store {
+    /// Records an invite by its token's hash. Audited (never the token).
+    pub fn add_invite(
+        &self,
+        kind: InviteKind,
+        inviter: Option<&UserName>,
+        hash: &[u8],
+        expires_at: i64,
+        max_uses: i64,
+        actor: &str,
+    ) -> Result<Invite, StateError> {
+        if max_uses < 1 {
+            return Err(StateError::Invalid(
+                "an invite is good for at least one use".into(),
+            ));
+        }
+        if (kind == InviteKind::Contact) != inviter.is_some() {
+            return Err(StateError::Invalid(
+                "a contact invite has an inviter; an account invite has none".into(),
+            ));
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin add invite")?;
+        let inviter_id = inviter.map(|u| user_id(&tx, u)).transpose()?;
+        let (id, created_at): (i64, i64) = tx
+            .query_row(
+                "INSERT INTO invites (hash, kind, inviter_id, max_uses, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id, created_at",
+                params![hash, kind.as_str(), inviter_id, max_uses, expires_at],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .op("insert invite")?;
+        record(
+            &tx,
+            actor,
+            "invite.create",
+            inviter.map(UserName::as_str).unwrap_or("-"),
+            &format!(
+                "id={id} kind={} uses={max_uses} expires_at={expires_at}",
+                kind.as_str()
+            ),
+        )?;
+        tx.commit().op("commit add invite")?;
+        Ok(Invite {
+            id,
+            kind,
+            inviter: inviter.map(|u| u.to_string()),
+            max_uses,
+            uses: 0,
+            created_at,
+            expires_at,
+            revoked_at: None,
+            used_by: Vec::new(),
+        })
+    }
+
+    /// The invite whose token hashes to `hash`, if it may be used now.
+    pub fn valid_invite(&self, hash: &[u8]) -> Result<Option<ValidInvite>, StateError> {
+        valid_invite(&self.conn(), hash)
+    }
+
+    /// Spends one use of the invite and makes the account, in one
+    /// transaction: either all of it happens or none.
+    pub fn redeem_invite(
+        &self,
+        hash: &[u8],
+        account: &NewAccount<'_>,
+        actor: &str,
+    ) -> Result<Redeemed, RedeemError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .op("begin redeem invite")?;
+        let invite = valid_invite(&tx, hash)?.ok_or(RedeemError::NotValid)?;
+        let name = account.user.as_str();
+        let inserted = tx.execute(
+            "INSERT INTO users (name, password_hash) VALUES (?1, ?2)",
+            params![name, account.account_hash],
+        );
+        match inserted {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(RedeemError::NameTaken(name.to_owned()));
+            }
+            other => other.op("insert user")?,
+        };
+        let uid = tx.last_insert_rowid();
+        record(
+            &tx,
+            actor,
+            "user.add",
+            name,
+            &format!("invite={}", invite.id),
+        )?;
+        let credential: i64 = tx
+            .query_row(
+                "INSERT INTO app_passwords (user_id, kind, label, password_hash, scram)
+                 VALUES (?1, 'xmpp', 'invite', ?2, ?3) RETURNING id",
+                params![uid, account.xmpp_hash, account.xmpp_scram],
+                |r| r.get(0),
+            )
+            .op("insert app password")?;
+        record(
+            &tx,
+            actor,
+            "app-password.add",
+            name,
+            &format!("id={credential} kind=xmpp label=invite"),
+        )?;
+        if let Some(domain) = account.chat_domain {
+            let added: bool = tx
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM xmpp_domains WHERE domain = ?1)",
+                    [domain],
+                    |r| r.get(0),
+                )
+                .op("find chat domain")?;
+            if added {
+                tx.execute(
+                    "INSERT INTO xmpp_users (user_id, domain) VALUES (?1, ?2)",
+                    params![uid, domain],
+                )
+                .op("place a chat address")?;
+            }
+        }
+        tx.execute(
+            "UPDATE invites SET uses = uses + 1 WHERE id = ?1",
+            [invite.id],
+        )
+        .op("spend invite")?;
+        tx.execute(
+            "INSERT INTO invite_uses (invite_id, user) VALUES (?1, ?2)",
+            params![invite.id, name],
+        )
+        .op("record invite use")?;
+        record(&tx, actor, "invite.use", name, &format!("id={}", invite.id))?;
+        tx.commit().op("commit redeem invite")?;
+        Ok(Redeemed { invite, credential })
+    }
+
+    /// Every invite, newest first.
+    pub fn invites(&self) -> Result<Vec<Invite>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT i.id, i.kind, u.name, i.max_uses, i.uses, i.created_at, i.expires_at,
+                        i.revoked_at,
+                        (SELECT group_concat(user, ' ') FROM
+                            (SELECT user FROM invite_uses WHERE invite_id = i.id ORDER BY rowid))
+                 FROM invites i LEFT JOIN users u ON u.id = i.inviter_id
+                 ORDER BY i.id DESC",
+            )
+            .op("list invites")?;
+        let rows = stmt
+            .query_map([], |r| {
+                let used: Option<String> = r.get(8)?;
+                Ok(Invite {
+                    id: r.get(0)?,
+                    kind: InviteKind::parse(&r.get::<_, String>(1)?),
+                    inviter: r.get(2)?,
+                    max_uses: r.get(3)?,
+                    uses: r.get(4)?,
+                    created_at: r.get(5)?,
+                    expires_at: r.get(6)?,
+                    revoked_at: r.get(7)?,
+                    used_by: used
+                        .map(|u| u.split(' ').map(str::to_owned).collect())
+                        .unwrap_or_default(),
+                })
+            })
+            .op("list invites")?;
+        rows.collect::<Result<_, _>>().op("list invites")
+    }
+
+    /// Revokes an invite: its link stops working at once. Audited. `false`
+    /// when there is no such invite or it was revoked already.
+    pub fn revoke_invite(&self, id: i64, actor: &str) -> Result<bool, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().op("begin revoke invite")?;
+        let n = tx
+            .execute(
+                "UPDATE invites SET revoked_at = unixepoch() WHERE id = ?1 AND revoked_at IS NULL",
+                [id],
+            )
+            .op("revoke invite")?;
+        if n > 0 {
+            record(&tx, actor, "invite.revoke", "-", &format!("id={id}"))?;
+        }
+        tx.commit().op("commit revoke invite")?;
+        Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        (dir, store)
+    }
+
+    fn account<'a>(user: &'a UserName) -> NewAccount<'a> {
+        NewAccount {
+            user,
+            account_hash: "x",
+            xmpp_hash: "y",
+            xmpp_scram: "",
+            chat_domain: None,
+        }
+    }
+
+    fn far() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            + 3600
+    }
+
+    #[test]
+    fn a_single_use_invite_makes_one_account() {
+        let (_d, s) = store();
+        let alice = UserName::new("alice").unwrap();
+        s.add_user(&alice, "h", "test").unwrap();
+        let inv = s
+            .add_invite(InviteKind::Contact, Some(&alice), b"t1", far(), 1, "test")
+            .unwrap();
+        assert_eq!(inv.kind, InviteKind::Contact);
+        let found = s.valid_invite(b"t1").unwrap().unwrap();
+        assert_eq!(found.inviter.as_deref(), Some("alice"));
+        let bob = UserName::new("bob").unwrap();
+        let r = s.redeem_invite(b"t1", &account(&bob), "test").unwrap();
+        assert_eq!(r.invite.id, inv.id);
+        assert!(s.user(&bob).unwrap().is_some());
+        // Spent: neither the lookup nor a second redemption finds it.
+        assert!(s.valid_invite(b"t1").unwrap().is_none());
+        let carol = UserName::new("carol").unwrap();
+        assert!(matches!(
+            s.redeem_invite(b"t1", &account(&carol), "test"),
+            Err(RedeemError::NotValid)
+        ));
+        assert!(s.user(&carol).unwrap().is_none());
+        let list = s.invites().unwrap();
+        assert_eq!(list[0].used_by, vec!["bob".to_owned()]);
+        assert_eq!(list[0].status(0), "used");
+    }
+
+    #[test]
+    fn a_taken_name_spends_nothing() {
+        let (_d, s) = store();
+        let alice = UserName::new("alice").unwrap();
+        s.add_user(&alice, "h", "test").unwrap();
+        s.add_invite(InviteKind::Account, None, b"t2", far(), 1, "test")
+            .unwrap();
+        assert!(matches!(
+            s.redeem_invite(b"t2", &account(&alice), "test"),
+            Err(RedeemError::NameTaken(_))
+        ));
+        assert!(s.valid_invite(b"t2").unwrap().is_some());
+    }
+
+    #[test]
+    fn expired_and_revoked_invites_are_not_valid() {
+        let (_d, s) = store();
+        let old = s
+            .add_invite(InviteKind::Account, None, b"old", 1, 1, "test")
+            .unwrap();
+        assert!(s.valid_invite(b"old").unwrap().is_none());
+        assert_eq!(s.invites().unwrap()[0].status(2), "expired");
+        let inv = s
+            .add_invite(InviteKind::Account, None, b"rev", far(), 3, "test")
+            .unwrap();
+        assert!(s.revoke_invite(inv.id, "test").unwrap());
+        assert!(!s.revoke_invite(inv.id, "test").unwrap());
+        assert!(s.valid_invite(b"rev").unwrap().is_none());
+        assert!(old.id < inv.id);
+    }
+}
