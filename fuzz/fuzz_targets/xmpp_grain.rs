@@ -17,6 +17,9 @@ use libfuzzer_sys::fuzz_target;
 thread_local! {
     static ACCOUNT: (tempfile::TempDir, Rc<Server>) = {
         let dir = tempfile::tempdir().unwrap();
+        // Uploads on, so slot requests are fuzzed too (set before any
+        // thread reads the environment).
+        unsafe { std::env::set_var("GRANARY_XMPP_UPLOAD_URL", "https://upload.fuzz.test") };
         let store = Rc::new(Store::open(dir.path()).unwrap());
         (dir, Rc::new(Server::new(store, "alice", "fuzz.test").unwrap()))
     };

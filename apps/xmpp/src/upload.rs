@@ -121,7 +121,8 @@ fn clean_name(name: &str) -> Option<String> {
     ok.then(|| base.to_owned())
 }
 
-fn encode_segment(s: &str) -> String {
+/// Percent-encodes a file name for an address (unreserved bytes stay).
+pub fn encode_segment(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -169,6 +170,25 @@ pub fn handle_iq(server: &Rc<Server>, session: &Rc<crate::server::Session>, el: 
     reply.set_attr("from", service_jid(&server.domain));
     reply.set_attr("to", session.full.to_string());
     session.send(reply);
+}
+
+/// `/<owner>/<slot>/<name>` of an upload address: the owner, the slot
+/// id and the decoded file name; `None` for anything else (extra
+/// segments, an empty part, a name that is not UTF-8 once decoded or
+/// that a slot could not have been given).
+pub fn parse_path(path: &str) -> Option<(&str, &str, String)> {
+    let mut parts = path.strip_prefix('/')?.splitn(3, '/');
+    let (owner, id, name) = (parts.next()?, parts.next()?, parts.next()?);
+    if owner.is_empty()
+        || id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return None;
+    }
+    let name = decode_segment(name)?;
+    (clean_name(&name).as_deref() == Some(name.as_str())).then_some((owner, id, name))
 }
 
 /// A slot request from the user's own client.
@@ -324,14 +344,10 @@ pub async fn serve(server: Rc<Server>, conn: granary_sdk::Accepted) {
 async fn answer(server: &Rc<Server>, req: Request<Incoming>) -> Response<Body> {
     let owner = server.bare.local.clone().unwrap_or_default();
     let path = req.uri().path().to_owned();
-    let mut parts = path.trim_start_matches('/').splitn(3, '/');
-    let (Some(o), Some(id), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+    let Some((o, id, name)) = parse_path(&path) else {
         return not_found();
     };
-    let Some(name) = decode_segment(name) else {
-        return not_found();
-    };
-    if o != owner || id.is_empty() {
+    if o != owner {
         return not_found();
     }
     let Ok(Some(up)) = server.store.upload(id) else {
@@ -584,6 +600,21 @@ mod tests {
         let n = "my cat (1) é.jpg";
         assert_eq!(decode_segment(&encode_segment(n)).as_deref(), Some(n));
         assert!(!encode_segment(n).contains(' '));
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            parse_path("/alice/abc_-1/cat%20picture.png"),
+            Some(("alice", "abc_-1", "cat picture.png".to_owned()))
+        );
+        assert_eq!(parse_path("/alice/abc/"), None);
+        assert_eq!(parse_path("/alice/abc"), None);
+        assert_eq!(parse_path("/alice//x"), None);
+        assert_eq!(parse_path("/alice/a.b/x"), None);
+        assert_eq!(parse_path("/alice/abc/a%2Fb"), None);
+        assert_eq!(parse_path("/alice/abc/%FF"), None);
+        assert_eq!(parse_path("/alice/abc/x/y"), None);
     }
 
     #[test]
