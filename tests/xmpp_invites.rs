@@ -32,6 +32,22 @@ fn invites_json(h: &XmppHost) -> serde_json::Value {
     serde_json::from_str(&out.stdout).unwrap()
 }
 
+/// The landing page of `token` with curl: the body, then the status on
+/// a line of its own.
+fn page(h: &XmppHost, token: &str) -> String {
+    let port = h.daemon.https_addr().port();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(h.daemon.ca_file())
+        .arg("--resolve")
+        .arg(format!("chat.test:{port}:127.0.0.1"))
+        .args(["-w", "\n%{http_code}"])
+        .arg(format!("https://chat.test:{port}/invite/{token}"))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn check(h: &XmppHost, script: &str, env: &[(&str, String)]) {
     let (ok, out) = h.python_with(script, env);
     assert!(ok, "the client script failed:\n{out}");
@@ -120,9 +136,15 @@ run(main)
     assert_eq!(it["inviter"], "alice");
     assert_eq!(it["status"], "used");
     assert_eq!(it["used_by"], serde_json::json!(["friend"]));
-    // The new user exists, with one app password of kind xmpp.
-    let users = h.daemon.granary(&["user", "list"]).success().stdout;
-    assert!(users.contains("friend"), "{users}");
+    // The new user exists, with one app password: of kind xmpp.
+    let out = h
+        .daemon
+        .granary(&["app-password", "list", "friend", "--json"])
+        .success()
+        .stdout;
+    let passwords: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(passwords.as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(passwords[0]["kind"], "xmpp", "{out}");
 }
 
 #[test]
@@ -155,7 +177,8 @@ def preauth(token):
     """The server's answer to a preauth iq on a fresh stream, without its id."""
     s = raw_stream()
     s.sendall(f"<iq type='set' id='x'><preauth xmlns='urn:xmpp:pars:0' token='{token}'/></iq>".encode())
-    r = read_until(s, b"</iq>", b"/>")
+    # An error ends with </iq>; a result is one empty element.
+    r = read_until(s, b"</iq>", b"result' id='x'/>", b'result" id="x"/>')
     s.close()
     return r.decode()
 
@@ -197,12 +220,19 @@ run(main)
         &h,
         &script,
         &[
-            ("USED", used),
-            ("REVOKED", revoked),
-            ("EXPIRED", expired),
-            ("FRESH", fresh),
+            ("USED", used.clone()),
+            ("REVOKED", revoked.clone()),
+            ("EXPIRED", expired.clone()),
+            ("FRESH", fresh.clone()),
         ],
     );
+    // The landing page, too, is one and the same for all of them.
+    let unknown = page(&h, &"C".repeat(22));
+    assert!(unknown.ends_with("\n404"), "{unknown}");
+    for token in [&used, &revoked, &expired] {
+        assert_eq!(page(&h, token), unknown);
+    }
+    assert!(page(&h, &fresh).ends_with("\n200"));
     let list = invites_json(&h);
     let statuses: Vec<&str> = list
         .as_array()
@@ -341,26 +371,14 @@ fn the_landing_page_in_a_browser() {
         ],
     );
     eprintln!("screenshots: {artifacts}");
-    // Unknown, used and revoked links answer byte for byte the same.
-    let curl = |url: &str| {
-        let out = std::process::Command::new("curl")
-            .args(["-sS", "--cacert"])
-            .arg(h.daemon.ca_file())
-            .args(["--resolve"])
-            .arg(format!(
-                "chat.test:{}:127.0.0.1",
-                h.daemon.https_addr().port()
-            ))
-            .args(["-w", "\n%{http_code}", url])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let unknown = curl(&bad);
+    // A link that stopped working reads like one that never did (the
+    // other kinds: `bad_tokens_all_fail_alike_and_spend_nothing`).
+    let unknown = page(&h, &"B".repeat(22));
     assert!(unknown.ends_with("\n404"), "{unknown}");
+    assert!(page(&h, &token).ends_with("\n200"));
     let id = invites_json(&h)[0]["id"].as_i64().unwrap();
     h.daemon
         .granary(&["invite", "revoke", &id.to_string()])
         .success();
-    assert_eq!(curl(&link), unknown);
+    assert_eq!(page(&h, &token), unknown);
 }

@@ -27,6 +27,11 @@ const SUMMARY: &str = "urn:xmpp:push:summary";
 const MAX_REGISTRATIONS: u64 = 16;
 /// The publish options form a client gives, at most.
 const MAX_OPTIONS: usize = 8 * 1024;
+/// At most one notification per registration this often: the first
+/// wakes the app, which then fetches everything waiting.
+const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// The id prefix of notifications, so an app server's refusal is known.
+const ID_PREFIX: &str = "xep0357-";
 
 /// The app servers notifications may go to, from the environment.
 pub fn servers_from_env() -> Vec<String> {
@@ -70,7 +75,20 @@ pub fn handle(server: &Rc<Server>, el: &Element, payload: &Element) -> Element {
         return bad("the publish options are too large");
     }
     match store.push_add(&jid, node, &options, MAX_REGISTRATIONS) {
-        Ok(true) => result_for(el),
+        Ok(true) => {
+            if !server
+                .push_servers
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(&jid))
+            {
+                // What the admin needs to know to serve it.
+                granary_sdk::log::info(&format!(
+                    "push: a client registered {jid}, which is not in [xmpp] push_servers: \
+                     kept, but no notifications go there"
+                ));
+            }
+            result_for(el)
+        }
         Ok(false) => crate::server::error_reply(
             el,
             "wait",
@@ -91,6 +109,7 @@ pub fn notify(server: &Rc<Server>) {
         return;
     };
     let waiting = server.store.offline_count().unwrap_or(0).max(1);
+    let now = std::time::Instant::now();
     for (jid, node, options) in registrations {
         if !server
             .push_servers
@@ -98,6 +117,17 @@ pub fn notify(server: &Rc<Server>) {
             .any(|s| s.eq_ignore_ascii_case(&jid))
         {
             continue;
+        }
+        {
+            let mut sent = server.push_sent.borrow_mut();
+            let key = format!("{jid}\0{node}");
+            if sent
+                .get(&key)
+                .is_some_and(|t| now.duration_since(*t) < MIN_INTERVAL)
+            {
+                continue;
+            }
+            sent.insert(key, now);
         }
         let Ok(to) = Jid::parse(&jid) else {
             continue;
@@ -120,10 +150,29 @@ pub fn notify(server: &Rc<Server>) {
         }
         let iq = Element::new("iq", ns::CLIENT)
             .with_attr("type", "set")
-            .with_attr("id", format!("push{}", crate::server::random_id()))
+            .with_attr("id", format!("{ID_PREFIX}{}", crate::server::random_id()))
             .with_child(publish);
         server.route(&server.bare.clone(), &to, iq);
     }
+}
+
+/// An error answered to a notification: the app server no longer takes
+/// this account's notifications (the app was removed, the token expired),
+/// so its registrations go, as XEP-0357 §7 advises.
+pub fn refused(server: &Server, from: &Jid, el: &Element) -> bool {
+    if el.attr("type") != Some("error") || !el.attr("id").is_some_and(|i| i.starts_with(ID_PREFIX))
+    {
+        return false;
+    }
+    let jid = from.to_string();
+    if let Ok(n) = server.store.push_remove(&jid, None)
+        && n > 0
+    {
+        granary_sdk::log::info(&format!(
+            "push: {jid} refused a notification; its {n} registration(s) are removed"
+        ));
+    }
+    true
 }
 
 fn field(var: &str, value: &str) -> Element {

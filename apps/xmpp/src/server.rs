@@ -231,6 +231,8 @@ pub struct Server {
     pub limits: crate::session::Limits,
     /// The app servers push notifications may go to (XEP-0357).
     pub push_servers: Vec<String>,
+    /// When each push registration was last notified.
+    pub push_sent: RefCell<std::collections::HashMap<String, std::time::Instant>>,
     /// File sharing (XEP-0363).
     pub upload: crate::upload::Settings,
     /// Slots being uploaded to right now.
@@ -333,6 +335,7 @@ impl Server {
             archive_flush: std::cell::Cell::new(false),
             limits: crate::session::Limits::from_env(),
             push_servers: crate::push::servers_from_env(),
+            push_sent: RefCell::default(),
             uploading: RefCell::default(),
         })
     }
@@ -439,6 +442,8 @@ impl Server {
         if to.is_bare() {
             if matches!(kind, "get" | "set") {
                 crate::account::handle_iq(self, from, None, el);
+            } else {
+                crate::push::refused(self, from, &el);
             }
             return;
         }

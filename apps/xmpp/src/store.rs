@@ -671,11 +671,14 @@ impl Store {
             .optional()?)
     }
 
-    /// The file of slot `id` is in place (written and synced first).
-    pub fn upload_stored(&self, id: &str) -> Result<()> {
-        self.conn()
-            .execute("UPDATE uploads SET stored = 1 WHERE id = ?1", [id])?;
-        Ok(())
+    /// The file of slot `id` is in place (written and synced first);
+    /// `false` when the slot is gone or was used already.
+    pub fn upload_stored(&self, id: &str) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE uploads SET stored = 1 WHERE id = ?1 AND NOT stored",
+            [id],
+        )?;
+        Ok(n == 1)
     }
 
     /// Slots still open, and the bytes of files and open slots together.
@@ -688,16 +691,26 @@ impl Store {
         )?)
     }
 
-    /// Forgets expired files and unused slots past their time; their ids
-    /// (whose files the caller deletes).
-    pub fn expire_uploads(&self, now: i64) -> Result<Vec<String>> {
-        let c = self.conn();
-        let mut stmt = c.prepare(
-            "DELETE FROM uploads WHERE (stored AND expires_at <= ?1)
-                OR (NOT stored AND slot_until <= ?1) RETURNING id",
-        )?;
-        let rows = stmt.query_map([now], |r| r.get(0))?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    /// Forgets expired files and unused slots past their time, except
+    /// `busy` ones (being uploaded to); their ids (whose files the caller
+    /// deletes).
+    pub fn expire_uploads(&self, now: i64, busy: &[String]) -> Result<Vec<String>> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let due: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT id FROM uploads WHERE (stored AND expires_at <= ?1)
+                    OR (NOT stored AND slot_until <= ?1)",
+            )?;
+            let rows = stmt.query_map([now], |r| r.get(0))?;
+            rows.collect::<std::result::Result<_, _>>()?
+        };
+        let due: Vec<String> = due.into_iter().filter(|id| !busy.contains(id)).collect();
+        for id in &due {
+            tx.execute("DELETE FROM uploads WHERE id = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(due)
     }
 
     /// Keeps a push registration (XEP-0357), replacing one for the same

@@ -10,7 +10,7 @@
 //! lists files, an unknown or expired address is a 404 like one that never
 //! existed, and a slot takes one upload of exactly the size it was given,
 //! within five minutes. Limits come from `[xmpp]` (`upload_max_mib`,
-//! `upload_expire_days`, `upload_quota_mib`) through the environment.
+//! `upload_expire_secs`, `upload_quota_mib`) through the environment.
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -224,11 +224,12 @@ pub fn request_slot(server: &Rc<Server>, el: &Element, req: &Element) -> Element
         }
         return e;
     }
+    // "" when the client named none: the upload may then say any.
     let content_type = req
         .attr("content-type")
         .filter(|t| t.len() <= 100 && t.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
-        .unwrap_or("application/octet-stream")
-        .to_owned();
+        .map(media_type)
+        .unwrap_or_default();
     let store = &server.store;
     let _ = expire(server);
     let (open, used) = match store.upload_usage(now()) {
@@ -283,21 +284,70 @@ pub fn request_slot(server: &Rc<Server>, el: &Element, req: &Element) -> Element
     )
 }
 
-/// Deletes expired files and stale slots.
+/// Deletes expired files and stale slots (never one being uploaded to
+/// right now). Every file is tried; the first failure is returned.
 pub fn expire(server: &Server) -> std::io::Result<()> {
-    let Ok(gone) = server.store.expire_uploads(now()) else {
+    let busy: Vec<String> = server.uploading.borrow().iter().cloned().collect();
+    let Ok(gone) = server.store.expire_uploads(now(), &busy) else {
         return Ok(());
     };
+    let mut first = Ok(());
     for id in gone {
         for path in [file(&server.upload, &id), part(&server.upload, &id)] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
             }
         }
     }
-    Ok(())
+    first
+}
+
+/// A slot being uploaded to: while it lives the slot is busy (a second
+/// PUT is refused, expiry leaves it alone); dropped before the upload
+/// finished (an error, the connection gone, the grain stopping), it
+/// removes the partial file.
+struct InFlight<'a> {
+    server: &'a Server,
+    id: String,
+    done: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(server: &'a Server, id: &str) -> Option<InFlight<'a>> {
+        server
+            .uploading
+            .borrow_mut()
+            .insert(id.to_owned())
+            .then(|| InFlight {
+                server,
+                id: id.to_owned(),
+                done: false,
+            })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.server.uploading.borrow_mut().remove(&self.id);
+        if !self.done {
+            let _ = std::fs::remove_file(part(&self.server.upload, &self.id));
+        }
+    }
+}
+
+/// The media type alone, lowercased (`image/JPEG; q=1` is `image/jpeg`).
+fn media_type(t: &str) -> String {
+    t.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 fn file(s: &Settings, id: &str) -> PathBuf {
@@ -392,44 +442,60 @@ async fn put(
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if length != Some(up.size) {
-        return text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("The slot is for exactly {} bytes.", up.size),
-        );
+    match length {
+        None => {
+            return text(
+                StatusCode::LENGTH_REQUIRED,
+                &format!("Send Content-Length: {}.", up.size),
+            );
+        }
+        Some(n) if n != up.size => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("The slot is for exactly {} bytes.", up.size),
+            );
+        }
+        Some(_) => {}
     }
     let given = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !given.is_empty() && given != up.content_type {
+        .map(media_type)
+        .unwrap_or_default();
+    let slot_type = media_type(&up.content_type);
+    // A slot asked for without a type takes any.
+    if !given.is_empty() && !slot_type.is_empty() && given != slot_type {
         return text(
             StatusCode::BAD_REQUEST,
-            &format!("The slot is for {}.", up.content_type),
+            &format!("The slot is for {slot_type}."),
         );
     }
     // One upload per slot, even two at once.
-    if !server.uploading.borrow_mut().insert(id.to_owned()) {
+    let Some(mut flight) = InFlight::start(server, id) else {
         return text(StatusCode::CONFLICT, "That slot is being uploaded to.");
+    };
+    if let Err((status, why)) = receive(server, req, id, up.size).await {
+        return text(status, why);
     }
-    let result = receive(server, req, id, up.size).await;
-    server.uploading.borrow_mut().remove(id);
-    match result {
-        Ok(()) => match server.store.upload_stored(id) {
-            Ok(()) => Response::builder()
-                .status(StatusCode::CREATED)
-                .body(
-                    Full::new(Bytes::new())
-                        .map_err(|n| match n {})
-                        .boxed_unsync(),
-                )
-                .expect("static parts"),
-            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "The file was not kept."),
-        },
-        Err((status, why)) => {
-            let _ = tokio::fs::remove_file(part(&server.upload, id)).await;
-            text(status, why)
+    flight.done = true;
+    match server.store.upload_stored(id) {
+        Ok(true) => Response::builder()
+            .status(StatusCode::CREATED)
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|n| match n {})
+                    .boxed_unsync(),
+            )
+            .expect("static parts"),
+        // The slot went meanwhile: the file must not stay behind.
+        Ok(false) => {
+            let _ = tokio::fs::remove_file(file(&server.upload, id)).await;
+            not_found()
+        }
+        Err(_) => {
+            let _ = tokio::fs::remove_file(file(&server.upload, id)).await;
+            text(StatusCode::INTERNAL_SERVER_ERROR, "The file was not kept.")
         }
     }
 }

@@ -39,6 +39,10 @@ pub struct InviteInfo {
     pub inviter: Option<String>,
 }
 
+/// The state could not be asked (an answer of "no" would be a lie).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupFailed;
+
 /// The account an invite made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InviteRedeemed {
@@ -115,9 +119,9 @@ pub trait Directory: Send + Sync + 'static {
     }
 
     /// The invite `token` stands for, if it may be used now.
-    fn invite(&self, token: &str) -> BoxFuture<Option<InviteInfo>> {
+    fn invite(&self, token: &str) -> BoxFuture<Result<Option<InviteInfo>, LookupFailed>> {
         let _ = token;
-        Box::pin(async { None })
+        Box::pin(async { Ok(None) })
     }
 
     /// Spends one use of the invite `token`: makes `user` with `password`

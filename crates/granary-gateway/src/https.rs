@@ -130,7 +130,15 @@ async fn answer(
     )
     .or_else(|| sni.map(str::to_owned))
     .unwrap_or_default();
-    tracing::debug!(method = %req.method(), path = req.uri().path(), %host, "request");
+    // Invite tokens and upload slots are secrets: never logged.
+    let shown = if req.uri().path().starts_with(crate::invite::PATH_PREFIX) {
+        "/invite/…"
+    } else if host.starts_with("upload.") {
+        "/…"
+    } else {
+        req.uri().path()
+    };
+    tracing::debug!(method = %req.method(), path = shown, %host, "request");
     if req.uri().path() == HEALTH_PATH {
         let body = format!(
             "{{\"status\":\"ok\",\"version\":\"{}\"}}\n",

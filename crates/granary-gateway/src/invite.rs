@@ -59,7 +59,19 @@ pub async fn page(
     }
     // 128 random bits: guessing is hopeless, so the page is not limited.
     let info = match token_shape(token) {
-        true => shared.directory.invite(token).await,
+        true => match shared.directory.invite(token).await {
+            Ok(info) => info,
+            Err(crate::LookupFailed) => {
+                let mut r = respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    "The invite cannot be checked right now. Try again in a minute.\n".to_owned(),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+                return Some(r);
+            }
+        },
         false => None,
     };
     let domain = &shared.domain;
@@ -179,14 +191,15 @@ fn invite_html(domain: &str, inviter: Option<&str>, uri: &str, here: &str) -> St
     format!(
         "{head}<body>\n<main>\n<h1>{t}</h1>\n<p>{lead}</p>\n\
 <h2 id=\"install\">1. Install a chat app</h2>\n\
-<p>Any app that speaks XMPP works. These handle invites like this one:</p>\n<ul>\n\
+<p>Start on your phone: these apps take invites like this one.</p>\n<ul>\n\
 <li>Android: <a href=\"https://f-droid.org/packages/eu.siacs.conversations/\">Conversations on F-Droid</a> \
 or <a href=\"https://play.google.com/store/apps/details?id=eu.siacs.conversations\">Conversations on Google Play</a></li>\n\
 <li>iPhone and iPad: <a href=\"https://apps.apple.com/app/monal-free-xmpp-chat/id317711500\">Monal on the App Store</a></li>\n\
-<li>Windows: <a href=\"https://gajim.org/download/\">Gajim</a></li>\n\
-<li>Linux: <a href=\"https://gajim.org/download/\">Gajim</a> or <a href=\"https://dino.im/\">Dino</a></li>\n\
-<li>Mac: <a href=\"https://apps.apple.com/app/monal-free-xmpp-chat/id317711500\">Monal</a></li>\n\
 </ul>\n\
+<p>Then, to chat from a computer too, sign in there with the same address and password: \
+<a href=\"https://gajim.org/download/\">Gajim</a> (Windows, Linux), \
+<a href=\"https://dino.im/\">Dino</a> (Linux) or \
+<a href=\"https://apps.apple.com/app/monal-free-xmpp-chat/id317711500\">Monal</a> (Mac).</p>\n\
 <h2 id=\"open\">2. Open the invite in the app</h2>\n\
 <p>On this device, once the app is installed:</p>\n\
 <p><a class=\"button\" href=\"{u}\">Open the invite in your chat app</a></p>\n\

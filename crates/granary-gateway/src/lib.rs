@@ -31,7 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use directory::{
-    BoxFuture, Credential, Directory, InviteInfo, InviteRedeemed, MailRecipient, RedeemRefused,
+    BoxFuture, Credential, Directory, InviteInfo, InviteRedeemed, LookupFailed, MailRecipient,
+    RedeemRefused,
 };
 pub use error::GatewayError;
 use granary_grains::Grains;

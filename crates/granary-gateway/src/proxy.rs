@@ -300,6 +300,12 @@ impl Gateway {
             return not_served(host, &path);
         };
         let service = route.entry;
+        let missing = service.secret_paths.map(|p| p.not_found);
+        if let Some(paths) = service.secret_paths
+            && !(paths.shape)(&path)
+        {
+            return plain(StatusCode::NOT_FOUND, paths.not_found);
+        }
         let login = match (service.access, service.access.password_kind()) {
             (Access::ClientSecret { header }, _) => {
                 match self.client_secret(&req, peer, header).await {
@@ -358,7 +364,10 @@ impl Gateway {
             }
         };
         let Ok(grain) = GrainId::for_user(&owner, route.kind) else {
-            return not_served(host, &path);
+            return match missing {
+                Some(text) => plain(StatusCode::NOT_FOUND, text),
+                None => not_served(host, &path),
+            };
         };
         // The grain is told the credential; the secret stays here.
         if let Access::ClientSecret { header } = service.access {
@@ -371,9 +380,19 @@ impl Gateway {
             user = %identity.user
         );
         use tracing::Instrument;
-        self.forward(req, &grain, identity, peer, host, tls_version)
+        match self
+            .forward(req, &grain, identity, peer, host, tls_version)
             .instrument(span)
             .await
+        {
+            Ok(response) => response,
+            // No such owner (or no grain of this kind): told like a file
+            // the grain does not have, where the entry asks for that.
+            Err(e) if e.status() == StatusCode::NOT_FOUND && missing.is_some() => {
+                plain(StatusCode::NOT_FOUND, missing.unwrap_or_default())
+            }
+            Err(e) => error_response(&e),
+        }
     }
 
     /// A ready connection to the grain's `http` service for `identity`,
@@ -451,6 +470,9 @@ impl Gateway {
         })
     }
 
+    /// Sends the request to the grain: its answer, or why there is none
+    /// (the grain cannot be reached, or failed the request), which the
+    /// caller turns into a response.
     async fn forward(
         self: &Arc<Self>,
         req: Request<Incoming>,
@@ -459,20 +481,16 @@ impl Gateway {
         peer: SocketAddr,
         host: &str,
         tls_version: &str,
-    ) -> Response<Body> {
+    ) -> Result<Response<Body>, GatewayError> {
         let key = format!(
             "{grain}\0{}\0{}\0{}",
             identity.user,
             method_name(identity.method),
             identity.credential_id
         );
-        let pooled = match self
+        let pooled = self
             .sender(&key, grain, &identity, peer, host, tls_version)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => return error_response(&e),
-        };
+            .await?;
         let (mut parts, body) = req.into_parts();
         strip(&mut parts.headers);
         let grain_host = format!("{}.{}", grain.kind(), self.shared.domain);
@@ -517,7 +535,7 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%grain, error = %e, "the grain failed a request");
-                return error_response(&GatewayError {
+                return Err(GatewayError {
                     fault: granary_grains::Fault::Grain,
                     retry_safe: true,
                     message: "The app failed to answer; try again in a moment.".to_owned(),
@@ -536,7 +554,7 @@ impl Gateway {
         if hyper::body::Body::is_end_stream(&body.inner) {
             body.give_back();
         }
-        Response::from_parts(parts, body.boxed())
+        Ok(Response::from_parts(parts, body.boxed()))
     }
 
     fn pool_put(&self, key: String, mut pooled: Pooled) {

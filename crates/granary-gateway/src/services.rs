@@ -64,6 +64,35 @@ pub struct HttpService {
     /// What a client is asked for when it must log in (`WWW-Authenticate`
     /// realm, and the text of the 401).
     pub login_prompt: &'static str,
+    /// For a public entry whose addresses carry their own secret: the
+    /// shape a path must have (checked before any grain is started) and
+    /// the one 404 text for a bad path, a missing owner and anything the
+    /// grain does not have, so nobody learns which users exist.
+    pub secret_paths: Option<SecretPaths>,
+}
+
+/// See [`HttpService::secret_paths`].
+#[derive(Debug, Clone, Copy)]
+pub struct SecretPaths {
+    pub shape: fn(&str) -> bool,
+    pub not_found: &'static str,
+}
+
+/// `/<owner>/<slot>/<name>`: a slot id of at least 32 URL-safe characters
+/// (a chat grain's upload slot) and a name.
+fn upload_path(path: &str) -> bool {
+    let mut parts = path.strip_prefix('/').unwrap_or("").splitn(3, '/');
+    let (Some(owner), Some(slot), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    !owner.is_empty()
+        && slot.len() >= 32
+        && slot.len() <= 64
+        && slot
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && !name.is_empty()
+        && !name.contains('/')
 }
 
 impl AsRef<Pattern> for HttpService {
@@ -99,6 +128,7 @@ pub const HTTP_SERVICES: &[HttpService] = &[
             writes: git_writes,
         },
         login_prompt: "git",
+        secret_paths: None,
     },
     // hello.<domain>: the example app, each user their own grain.
     HttpService {
@@ -112,6 +142,7 @@ pub const HTTP_SERVICES: &[HttpService] = &[
             password_kind: "hello",
         },
         login_prompt: "hello",
+        secret_paths: None,
     },
     // dav.<domain>: calendars and contacts (CalDAV, CardDAV), each user
     // their own grain; what others share with them arrives through grants.
@@ -126,6 +157,7 @@ pub const HTTP_SERVICES: &[HttpService] = &[
             password_kind: "dav",
         },
         login_prompt: "calendars and contacts",
+        secret_paths: None,
     },
     // tasks.<domain>: Taskwarrior 3 (TaskChampion sync), each user their
     // own grain, each device by the client id it was given.
@@ -140,6 +172,7 @@ pub const HTTP_SERVICES: &[HttpService] = &[
             header: "x-client-id",
         },
         login_prompt: "Taskwarrior",
+        secret_paths: None,
     },
     // upload.<domain>/<owner>/<slot>/<name>: files shared in chat
     // (XEP-0363), kept in the owner's chat grain. The slot in the address
@@ -153,6 +186,10 @@ pub const HTTP_SERVICES: &[HttpService] = &[
         },
         access: Access::Public,
         login_prompt: "",
+        secret_paths: Some(SecretPaths {
+            shape: upload_path,
+            not_found: "No such file.\n",
+        }),
     },
     // <user>.<domain>: the user's blog, public.
     HttpService {
@@ -164,6 +201,7 @@ pub const HTTP_SERVICES: &[HttpService] = &[
         },
         access: Access::Public,
         login_prompt: "",
+        secret_paths: None,
     },
     // A domain a user registered for their blog (`granary blog domain add`).
     HttpService {
@@ -175,6 +213,7 @@ pub const HTTP_SERVICES: &[HttpService] = &[
         },
         access: Access::Public,
         login_prompt: "",
+        secret_paths: None,
     },
 ];
 
@@ -209,6 +248,16 @@ mod tests {
                 assert!(!s.login_prompt.is_empty(), "{}", s.pattern.name);
             }
         }
+    }
+
+    #[test]
+    fn upload_paths_have_a_slot() {
+        let slot = "A".repeat(32);
+        assert!(upload_path(&format!("/alice/{slot}/cat.png")));
+        assert!(!upload_path(&format!("/alice/{slot}/")));
+        assert!(!upload_path("/alice/short/cat.png"));
+        assert!(!upload_path(&format!("/alice/{slot}/a/b")));
+        assert!(!upload_path("/alice/"));
     }
 
     #[test]

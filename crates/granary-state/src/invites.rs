@@ -281,6 +281,44 @@ impl Store {
         Ok(Redeemed { invite, credential })
     }
 
+    /// Takes back a redemption whose account could not be finished (its
+    /// grain records could not be made): the user goes (with their
+    /// password; they have no grains) and the invite gets its use back.
+    pub fn undo_redemption(
+        &self,
+        invite: i64,
+        user: &UserName,
+        actor: &str,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .op("begin undo redemption")?;
+        let uid = user_id(&tx, user)?;
+        tx.execute("DELETE FROM xmpp_users WHERE user_id = ?1", [uid])
+            .op("forget a chat address")?;
+        tx.execute("DELETE FROM users WHERE id = ?1", [uid])
+            .op("remove user")?;
+        tx.execute(
+            "UPDATE invites SET uses = uses - 1 WHERE id = ?1 AND uses > 0",
+            [invite],
+        )
+        .op("give the use back")?;
+        tx.execute(
+            "DELETE FROM invite_uses WHERE invite_id = ?1 AND user = ?2",
+            params![invite, user.as_str()],
+        )
+        .op("forget the use")?;
+        record(
+            &tx,
+            actor,
+            "invite.undo",
+            user.as_str(),
+            &format!("id={invite}"),
+        )?;
+        tx.commit().op("commit undo redemption")
+    }
+
     /// Every invite, newest first.
     pub fn invites(&self) -> Result<Vec<Invite>, StateError> {
         let conn = self.conn();
@@ -388,6 +426,58 @@ mod tests {
         let list = s.invites().unwrap();
         assert_eq!(list[0].used_by, vec!["bob".to_owned()]);
         assert_eq!(list[0].status(0), "used");
+    }
+
+    #[test]
+    fn two_redemptions_at_once_make_one_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let s = Store::open(&path).unwrap();
+        s.add_invite(InviteKind::Account, None, b"race", far(), 1, "test")
+            .unwrap();
+        drop(s);
+        let made: Vec<Result<(), String>> = std::thread::scope(|scope| {
+            let runs: Vec<_> = ["bob", "carol"]
+                .into_iter()
+                .map(|name| {
+                    let path = path.clone();
+                    scope.spawn(move || {
+                        // Each its own connection, as two daemons' would be.
+                        let s = Store::open(&path).unwrap();
+                        let user = UserName::new(name).unwrap();
+                        match s.redeem_invite(b"race", &account(&user), "test") {
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        // One made its account; the other found the invite spent (not a
+        // lock error: it waited for the first transaction).
+        assert_eq!(made.iter().filter(|m| m.is_ok()).count(), 1, "{made:?}");
+        assert!(
+            made.iter()
+                .any(|m| m.as_ref().err().map(String::as_str) == Some("the invite is not valid")),
+            "{made:?}"
+        );
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.invites().unwrap()[0].uses, 1);
+    }
+
+    #[test]
+    fn an_undone_redemption_gives_the_use_back() {
+        let (_d, s) = store();
+        let inv = s
+            .add_invite(InviteKind::Account, None, b"undo", far(), 1, "test")
+            .unwrap();
+        let bob = UserName::new("bob").unwrap();
+        s.redeem_invite(b"undo", &account(&bob), "test").unwrap();
+        s.undo_redemption(inv.id, &bob, "test").unwrap();
+        assert!(s.user(&bob).unwrap().is_none());
+        assert!(s.valid_invite(b"undo").unwrap().is_some());
+        assert!(s.invites().unwrap()[0].used_by.is_empty());
     }
 
     #[test]

@@ -136,11 +136,23 @@ impl Client {
         if let Some(limited) = self.limited_answer(el) {
             return limited;
         }
-        if !plausible(token) || self.shared.directory.invite(token).await.is_none() {
+        if !plausible(token) {
             return self.bad_token(el);
         }
-        self.invite = Some(token.to_owned());
-        result(el)
+        match self.shared.directory.invite(token).await {
+            Ok(Some(_)) => {
+                self.invite = Some(token.to_owned());
+                result(el)
+            }
+            Ok(None) => self.bad_token(el),
+            // Not the client's fault: not counted, and said so.
+            Err(crate::LookupFailed) => error(
+                el,
+                "wait",
+                "internal-server-error",
+                "the invite cannot be checked right now; try again",
+            ),
+        }
     }
 
     async fn register(&mut self, el: &Element, query: &Element) -> String {
@@ -227,12 +239,17 @@ impl Client {
                 self.invite = None;
                 self.bad_token(el)
             }
-            Err(RedeemRefused::NameTaken) => error(
-                el,
-                "cancel",
-                "conflict",
-                "that name is taken; choose another",
-            ),
+            // Counted on this connection: a token holder may not try
+            // every name to learn which exist.
+            Err(RedeemRefused::NameTaken) => {
+                self.failures += 1;
+                error(
+                    el,
+                    "cancel",
+                    "conflict",
+                    "that name is taken; choose another",
+                )
+            }
             Err(RedeemRefused::Unacceptable(why)) => error(el, "modify", "not-acceptable", &why),
             Err(RedeemRefused::TryLater) => error(
                 el,

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use granary_gateway::{
-    BoxFuture, Credential, Directory, InviteInfo, InviteRedeemed, MailRecipient, RedeemRefused,
+    BoxFuture, Credential, Directory, InviteInfo, InviteRedeemed, LookupFailed, MailRecipient,
+    RedeemRefused,
 };
 use granary_grains::AuthMethod;
 use granary_model::{MailAddress, UserName};
@@ -200,18 +201,18 @@ impl Directory for StateDirectory {
         })
     }
 
-    fn invite(&self, token: &str) -> BoxFuture<Option<InviteInfo>> {
+    fn invite(&self, token: &str) -> BoxFuture<Result<Option<InviteInfo>, LookupFailed>> {
         let (store, domain) = (self.store.clone(), self.domain.clone());
         let hash = granary_auth::token_hash(token.as_bytes());
-        lookup(None, move || match store.valid_invite(&hash) {
-            Ok(found) => found.map(|i| InviteInfo {
+        lookup(Err(LookupFailed), move || match store.valid_invite(&hash) {
+            Ok(found) => Ok(found.map(|i| InviteInfo {
                 inviter: i
                     .inviter
                     .map(|u| format!("{u}@{}", i.inviter_domain.unwrap_or(domain))),
-            }),
+            })),
             Err(e) => {
                 tracing::error!(error = %e, "invite lookup failed");
-                None
+                Err(LookupFailed)
             }
         })
     }
@@ -288,9 +289,14 @@ impl Directory for StateDirectory {
                     }
                 };
                 tracing::info!(user = %user, invite = redeemed.invite.id, "user added with an invite");
-                // The grains of every installed app, as `user add` makes.
+                // The grains of every installed app, as `user add` makes;
+                // without them the account is no use, so it is taken back.
                 if let Err(e) = s.ensure_grains(uids, INVITE_ACTOR) {
-                    tracing::error!(error = %e, "making the new user's grain records failed");
+                    tracing::error!(error = %e, user = %user, "making the new user's grain records failed; the account is taken back");
+                    if let Err(e) = s.undo_redemption(redeemed.invite.id, &user, INVITE_ACTOR) {
+                        tracing::error!(error = %e, user = %user, "taking back the account failed");
+                    }
+                    return Err(RedeemRefused::TryLater);
                 }
                 Ok(redeemed)
             })
