@@ -4,7 +4,8 @@
 //! contact invite, every kind of bad token refused the same way, and the
 //! landing page in headless Chromium (Selenium with Debian's
 //! chromium-driver) at phone and desktop sizes, its QR codes decoded by
-//! `zbarimg`.
+//! `zbarimg`; an existing user taking a contact invite by
+//! pre-authenticated subscription (XEP-0379).
 
 use granary_testkit::xmpp::XmppHost;
 
@@ -381,4 +382,50 @@ fn the_landing_page_in_a_browser() {
         .granary(&["invite", "revoke", &id.to_string()])
         .success();
     assert_eq!(page(&h, &token), unknown);
+}
+
+#[test]
+fn an_existing_user_takes_a_contact_invite_by_pre_authenticated_subscription() {
+    let h = host(&["alice", "bob", "carol"]);
+    let (_, uri, token) = invite(&h, &["--for", "alice"]);
+    assert!(uri.starts_with("xmpp:alice@chat.test?roster;"), "{uri}");
+    check(
+        &h,
+        r#"
+from granary_xmpp_test import *
+
+async def main():
+    alice = await Client("alice", "laptop").online()
+    # Alice's app asks her before approving anyone (slixmpp approves by
+    # default).
+    alice.roster.auto_authorize = None
+    alice.roster.auto_subscribe = False
+    bob = await Client("bob", "phone").online()
+    carol = await Client("carol", "phone").online()
+    # Carol's request with a made-up token is an ordinary request: Alice
+    # is asked, nothing is approved for her.
+    carol.send_raw("<presence type='subscribe' to='alice@chat.test'>"
+                   "<preauth xmlns='urn:xmpp:pars:0' token='" + "D" * 22 + "'/></presence>")
+    asked = await next_of(alice.requests, lambda p: p["from"].bare == "carol@chat.test")
+    # What Bob's app sends for xmpp:alice@chat.test?roster;preauth=TOKEN
+    # (XEP-0379): no approval needed from Alice.
+    bob.send_raw("<presence type='subscribe' to='alice@chat.test'>"
+                 f"<preauth xmlns='urn:xmpp:pars:0' token='{os.environ['TOKEN']}'/></presence>")
+    await next_of(alice.presences, lambda p: p["from"].bare == "bob@chat.test")
+    await next_of(bob.presences, lambda p: p["from"].bare == "alice@chat.test")
+    await alice.get_roster()
+    await bob.get_roster()
+    assert alice.client_roster["bob@chat.test"]["subscription"] == "both", alice.client_roster
+    assert bob.client_roster["alice@chat.test"]["subscription"] == "both", bob.client_roster
+    assert alice.client_roster["carol@chat.test"]["subscription"] == "none", alice.client_roster
+    for c in (alice, bob, carol):
+        c.disconnect()
+
+run(main)
+"#,
+        &[("TOKEN", token)],
+    );
+    let it = &invites_json(&h)[0];
+    assert_eq!(it["used_by"], serde_json::json!(["bob"]));
+    assert_eq!(it["status"], "used");
 }

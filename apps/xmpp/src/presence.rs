@@ -373,7 +373,7 @@ pub fn inbound(server: &Rc<Server>, from: &Jid, to: &Jid, el: Element) {
 /// subscription both ways, as the host asks when someone redeemed an
 /// invite this user made: no request and no approval, because the user
 /// approved by inviting. The user's current presence goes to the new
-/// contact; the contact's comes by the usual probe when they log in.
+/// contact, and a probe asks for theirs.
 pub fn befriend(server: &Rc<Server>, contact: &Jid, name: &str) -> Result<(), String> {
     let jid = contact.bare_text();
     if contact.bare() == server.bare {
@@ -399,6 +399,16 @@ pub fn befriend(server: &Rc<Server>, contact: &Jid, name: &str) -> Result<(), St
         if let Some(p) = current {
             server.route(&s.full, &contact.bare(), strip_addresses(p));
         }
+    }
+    // And ask for theirs: whichever of the two accounts is told second,
+    // this gets both sides each other's presence (what the first one sent
+    // was dropped, as the second did not know it yet).
+    if server.all_sessions().iter().any(|s| s.available()) {
+        server.route(
+            &server.bare.clone(),
+            &contact.bare(),
+            presence(Some("probe")),
+        );
     }
     Ok(())
 }

@@ -281,6 +281,55 @@ impl Store {
         Ok(Redeemed { invite, credential })
     }
 
+    /// A pre-authenticated subscription (XEP-0379): `user`, who already
+    /// has an account here, asks `inviter` to be their contact with the
+    /// token of a contact invite `inviter` made. Whether to make them
+    /// contacts: the invite is `inviter`'s and may be used now (one use is
+    /// spent and recorded), or `user` used it already (the same request
+    /// again, as a client sends it after registering with the token).
+    pub fn accept_contact_invite(
+        &self,
+        hash: &[u8],
+        inviter: &str,
+        user: &str,
+        actor: &str,
+    ) -> Result<bool, StateError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .op("begin accept contact invite")?;
+        let found: Option<(i64, bool, bool)> = tx
+            .query_row(
+                &format!(
+                    "SELECT i.id, {VALID},
+                            EXISTS (SELECT 1 FROM invite_uses WHERE invite_id = i.id AND user = ?3)
+                     FROM invites i JOIN users u ON u.id = i.inviter_id
+                     WHERE i.hash = ?1 AND i.kind = 'contact' AND u.name = ?2"
+                ),
+                params![hash, inviter, user],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .op("find contact invite")?;
+        let accepted = match found {
+            Some((_, _, true)) => true,
+            Some((id, true, false)) => {
+                tx.execute("UPDATE invites SET uses = uses + 1 WHERE id = ?1", [id])
+                    .op("spend invite")?;
+                tx.execute(
+                    "INSERT INTO invite_uses (invite_id, user) VALUES (?1, ?2)",
+                    params![id, user],
+                )
+                .op("record invite use")?;
+                record(&tx, actor, "invite.use", user, &format!("id={id} contact"))?;
+                true
+            }
+            _ => false,
+        };
+        tx.commit().op("commit accept contact invite")?;
+        Ok(accepted)
+    }
+
     /// Takes back a redemption whose account could not be finished (its
     /// grain records could not be made): the user goes (with their
     /// password; they have no grains) and the invite gets its use back.
@@ -478,6 +527,29 @@ mod tests {
         assert!(s.user(&bob).unwrap().is_none());
         assert!(s.valid_invite(b"undo").unwrap().is_some());
         assert!(s.invites().unwrap()[0].used_by.is_empty());
+    }
+
+    #[test]
+    fn an_existing_user_takes_a_contact_invite_once() {
+        let (_d, s) = store();
+        for name in ["alice", "bob", "carol"] {
+            s.add_user(&UserName::new(name).unwrap(), "h", "test")
+                .unwrap();
+        }
+        let alice = UserName::new("alice").unwrap();
+        s.add_invite(InviteKind::Contact, Some(&alice), b"c", far(), 1, "test")
+            .unwrap();
+        // Only alice's, and only for a contact invite.
+        assert!(!s.accept_contact_invite(b"c", "carol", "bob", "t").unwrap());
+        assert!(s.accept_contact_invite(b"c", "alice", "bob", "t").unwrap());
+        // Bob again (his client repeats it): still yes, nothing spent.
+        assert!(s.accept_contact_invite(b"c", "alice", "bob", "t").unwrap());
+        // Used up for anyone else.
+        assert!(
+            !s.accept_contact_invite(b"c", "alice", "carol", "t")
+                .unwrap()
+        );
+        assert_eq!(s.invites().unwrap()[0].used_by, vec!["bob".to_owned()]);
     }
 
     #[test]

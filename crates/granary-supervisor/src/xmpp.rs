@@ -10,7 +10,11 @@
 //! recipient's chat grain by the localpart of `to`, starts it if it is
 //! stopped, and hands the stanza to that grain's `xmpp.deliver`, which
 //! only the host can obtain. The recipient grain applies its owner's
-//! blocking and subscription rules: the host does not read stanzas.
+//! blocking and subscription rules: the host does not read stanzas, with
+//! one exception: a subscription request carrying the token of a contact
+//! invite the recipient made (XEP-0379). The host checks the token with
+//! the state and, when it is good, makes the two each other's contacts
+//! (both grains' `befriend`) instead of passing the request on.
 
 use std::rc::Weak;
 
@@ -138,9 +142,51 @@ impl xmpp_router::Server for Router {
             return Err(refused("item-not-found", "no such user"));
         };
         let grain = grain.to_string();
+        if let Some(token) = preauth_token(&stanza) {
+            let inviter = local.to_lowercase();
+            let (owner, hash) = (
+                self.owner.clone(),
+                granary_auth::token_hash(token.as_bytes()),
+            );
+            let accepted = db(&sup.params.store, move |s| {
+                s.accept_contact_invite(&hash, &inviter, &owner, "xmpp")
+            })
+            .await
+            .unwrap_or(false);
+            if accepted {
+                drop(order);
+                let me = format!("{}@{domain}", self.owner);
+                let them = granary_wire::jid::Jid::parse(&to)
+                    .map(|j| j.bare_text())
+                    .unwrap_or_else(|_| to.clone());
+                sup.befriend(&grain, &me, &self.owner)
+                    .await
+                    .map_err(|p| refused("service-unavailable", p))?;
+                sup.befriend(&self.id, &them, &local.to_lowercase())
+                    .await
+                    .map_err(|p| refused("service-unavailable", p))?;
+                return Ok(());
+            }
+        }
         sup.xmpp_deliver(&grain, &from, &to, &stanza, Some(order))
             .await
     }
+}
+
+/// The token of a pre-authenticated subscription request (XEP-0379):
+/// `<presence type='subscribe'><preauth xmlns='urn:xmpp:pars:0'
+/// token='…'/></presence>`. Anything else (almost every stanza, told by a
+/// substring before anything is parsed) is `None`.
+fn preauth_token(stanza: &str) -> Option<String> {
+    if !stanza.starts_with("<presence") || !stanza.contains("urn:xmpp:pars:0") {
+        return None;
+    }
+    let el = granary_wire::stanza::parse_element(stanza.as_bytes(), "jabber:client").ok()?;
+    if el.name != "presence" || el.attr("type") != Some("subscribe") {
+        return None;
+    }
+    let token = el.child("preauth", "urn:xmpp:pars:0")?.attr("token")?;
+    (16..=128).contains(&token.len()).then(|| token.to_owned())
 }
 
 impl Inner {
@@ -168,6 +214,28 @@ impl Inner {
         let hit = names.contains(&d);
         self.chat_domains.borrow_mut().extend(names);
         Ok(hit)
+    }
+
+    /// Makes `jid` the contact of `grain`'s user, both ways, starting the
+    /// grain if it is stopped.
+    pub(crate) async fn befriend(
+        self: &std::rc::Rc<Self>,
+        grain: &str,
+        jid: &str,
+        name: &str,
+    ) -> Result<(), Problem> {
+        let running = self.ensure_running(grain).await?;
+        let _busy = running.activity.busy();
+        let deliver = deliver_end(self, &running).await?;
+        let mut request = deliver.befriend_request();
+        request.get().set_jid(jid);
+        request.get().set_name(name);
+        let call = request.send().promise;
+        tokio::time::timeout(self.params.config.call_timeout, call)
+            .await
+            .map_err(|_| Problem::Grain("befriend: timed out".to_owned()))?
+            .map_err(|e| Problem::Grain(format!("befriend: {e}")))?;
+        Ok(())
     }
 
     /// Hands one stanza to `grain`'s `xmpp.deliver`, starting the grain if
@@ -233,25 +301,10 @@ impl Supervisor {
         jid: &str,
         name: &str,
     ) -> Result<(), granary_grains::GrainError> {
-        let running = self
-            .inner
-            .ensure_running(grain)
+        self.inner
+            .befriend(grain, jid, name)
             .await
-            .map_err(|p| error(grain, p))?;
-        let _busy = running.activity.busy();
-        let deliver = deliver_end(&self.inner, &running)
-            .await
-            .map_err(|p| error(grain, p))?;
-        let mut request = deliver.befriend_request();
-        request.get().set_jid(jid);
-        request.get().set_name(name);
-        let call = request.send().promise;
-        let failed = |e: String| error(grain, Problem::Grain(format!("befriend: {e}")));
-        tokio::time::timeout(self.inner.params.config.call_timeout, call)
-            .await
-            .map_err(|_| failed("timed out".to_owned()))?
-            .map_err(|e| failed(e.to_string()))?;
-        Ok(())
+            .map_err(|p| error(grain, p))
     }
 
     /// A chat grain's sessions and sizes, asked of its `xmpp.deliver`.
