@@ -142,7 +142,18 @@ impl xmpp_router::Server for Router {
             return Err(refused("item-not-found", "no such user"));
         };
         let grain = grain.to_string();
-        if let Some(token) = preauth_token(&stanza) {
+        // Only at the inviter's own address (a request to the wrong one
+        // goes on, and their grain refuses it as usual).
+        let mut preauth = preauth_token(&stanza);
+        if preauth.is_some()
+            && !sup
+                .grain_domain(&local.to_lowercase(), "xmpp")
+                .await
+                .is_ok_and(|d| d.eq_ignore_ascii_case(&to_domain))
+        {
+            preauth = None;
+        }
+        if let Some(token) = preauth {
             let inviter = local.to_lowercase();
             let (owner, hash) = (
                 self.owner.clone(),
