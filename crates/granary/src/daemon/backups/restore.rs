@@ -175,16 +175,9 @@ impl Backups {
         // Only grants between the restored grain and another grain of the
         // same owner come back (as the new owner's): a grant with another
         // user's grain needs that user's say.
-        let old_prefix = format!("{}-", entry.user);
-        let new_prefix = format!("{}-", user.as_str());
+        let (old_user, new_user) = (entry.user.clone(), user.to_string());
         let (from_id, to_id) = (source_id.clone(), id.clone());
-        let map = move |g: &str| -> Option<String> {
-            if g == from_id {
-                return Some(to_id.clone());
-            }
-            g.strip_prefix(&old_prefix)
-                .map(|rest| format!("{new_prefix}{rest}"))
-        };
+        let map = move |g: &str| grant_end(g, &from_id, &to_id, &old_user, &new_user);
         let grants = entry.grants.clone();
         let detail = format!(
             "from={source_id} snapshot={} streams={} uid={uid}",
@@ -341,5 +334,46 @@ impl Backups {
         })
         .await;
         Ok(results)
+    }
+}
+
+/// Where one end of a restored grain's grant goes: the restored grain
+/// itself to its new id; another grain of the same owner to the new
+/// owner's grain of that kind; anything else (another user's grain) nowhere.
+/// The owner is the grain id's owner exactly: `alice-b-git` is user
+/// `alice-b`'s, never `alice`'s (a prefix match once mapped it to another
+/// user's grain).
+fn grant_end(
+    end: &str,
+    from_id: &str,
+    to_id: &str,
+    old_user: &str,
+    new_user: &str,
+) -> Option<String> {
+    if end == from_id {
+        return Some(to_id.to_owned());
+    }
+    let grain = GrainId::parse(end).ok()?;
+    if grain.user() != old_user {
+        return None;
+    }
+    GrainId::for_user(new_user, grain.kind())
+        .ok()
+        .map(|g| g.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grant_end;
+
+    #[test]
+    fn grants_follow_the_owner_exactly() {
+        let end = |g: &str| grant_end(g, "alice-mail", "carol-mail", "alice", "carol");
+        assert_eq!(end("alice-mail").as_deref(), Some("carol-mail"));
+        assert_eq!(end("alice-dav").as_deref(), Some("carol-dav"));
+        // Another user whose name starts like the owner's: not theirs.
+        assert_eq!(end("alice-b-git"), None);
+        assert_eq!(end("bob-dav"), None);
+        assert_eq!(end("not a grain"), None);
     }
 }
