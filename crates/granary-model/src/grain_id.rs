@@ -1,9 +1,13 @@
-//! Grain ids: `<user>-<kind>`, one per user per installed app.
+//! Grain ids: `<user>-<kind>`, one per user per installed app; and
+//! `<user>-<kind>--<instance>` for one of several grains of a kind a user
+//! owns (the chat rooms to come: `alice-room--family`).
 //!
 //! The one rule for what a grain id is. It is readable and unambiguous
-//! because a kind never contains `-`: the last `-` splits the owner from
-//! the kind. Datasets, cgroups, log directories and backup catalogues are
-//! named by it, so a valid id is also a safe path component and cgroup name.
+//! because a kind never contains `-` and a user name never contains `--`:
+//! the first `--` splits off the instance, then the last `-` splits the
+//! owner from the kind. Datasets, cgroups, log directories and backup
+//! catalogues are named by it, so a valid id is also a safe path component
+//! and cgroup name (at most 64 characters in all).
 
 use std::fmt;
 
@@ -17,7 +21,7 @@ pub struct GrainId(String);
 /// Why a string is not a grain id; the message names it and says the form.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{text:?} is not a grain: name it USER/KIND (for example alice/git) or by its id USER-KIND"
+    "{text:?} is not a grain: name it USER/KIND (for example alice/git), USER/KIND/NAME for one of several, or by its id USER-KIND"
 )]
 pub struct GrainIdError {
     text: String,
@@ -29,29 +33,56 @@ impl GrainId {
         GrainId(format!("{user}-{kind}"))
     }
 
-    /// Checks an id (`alice-git`).
+    /// `user`'s grain of `kind` named `instance` (one of several), if the
+    /// name is valid and the id fits.
+    pub fn instance_of(
+        user: &UserName,
+        kind: &GrainKind,
+        instance: &str,
+    ) -> Result<GrainId, GrainIdError> {
+        let id = format!("{user}-{kind}--{instance}");
+        if !valid_instance(instance) || !valid_resource_name(&id) {
+            return Err(GrainIdError { text: id });
+        }
+        Ok(GrainId(id))
+    }
+
+    /// Checks an id (`alice-git`, `alice-room--family`).
     pub fn parse(id: &str) -> Result<GrainId, GrainIdError> {
         let bad = || GrainIdError {
             text: id.to_owned(),
         };
-        let (user, kind) = id.rsplit_once('-').ok_or_else(bad)?;
+        let (main, instance) = match id.split_once("--") {
+            Some((main, instance)) => (main, Some(instance)),
+            None => (id, None),
+        };
+        let (user, kind) = main.rsplit_once('-').ok_or_else(bad)?;
         let user = UserName::existing(user).map_err(|_| bad())?;
         let kind = GrainKind::new(kind).map_err(|_| bad())?;
-        Ok(GrainId::of(&user, &kind))
+        match instance {
+            None => Ok(GrainId::of(&user, &kind)),
+            Some(i) => GrainId::instance_of(&user, &kind, i).map_err(|_| bad()),
+        }
     }
 
-    /// What an admin types: `alice/git`, or the id itself.
+    /// What an admin types: `alice/git`, `alice/room/family`, or the id
+    /// itself.
     pub fn from_reference(reference: &str) -> Result<GrainId, GrainIdError> {
-        match reference.split_once('/') {
-            Some((user, kind)) => {
-                let bad = || GrainIdError {
-                    text: reference.to_owned(),
-                };
+        let bad = || GrainIdError {
+            text: reference.to_owned(),
+        };
+        let mut parts = reference.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(_), None, _, _) => GrainId::parse(reference),
+            (Some(user), Some(kind), instance, None) => {
                 let user = UserName::existing(user).map_err(|_| bad())?;
                 let kind = GrainKind::new(kind).map_err(|_| bad())?;
-                Ok(GrainId::of(&user, &kind))
+                match instance {
+                    None => Ok(GrainId::of(&user, &kind)),
+                    Some(i) => GrainId::instance_of(&user, &kind, i).map_err(|_| bad()),
+                }
             }
-            None => GrainId::parse(reference),
+            _ => Err(bad()),
         }
     }
 
@@ -65,19 +96,33 @@ impl GrainId {
         &self.0
     }
 
+    /// `user-kind`, without any instance.
+    fn main_part(&self) -> &str {
+        self.0.split_once("--").map_or(self.0.as_str(), |(m, _)| m)
+    }
+
     /// The owner's part.
     pub fn user(&self) -> &str {
-        self.0.rsplit_once('-').map_or("", |(u, _)| u)
+        self.main_part().rsplit_once('-').map_or("", |(u, _)| u)
     }
 
     /// The kind's part.
     pub fn kind(&self) -> &str {
-        self.0.rsplit_once('-').map_or("", |(_, k)| k)
+        self.main_part().rsplit_once('-').map_or("", |(_, k)| k)
     }
 
-    /// How admins see it: `alice/git`.
+    /// Which of several grains of its kind this is; `None` for a user's
+    /// one grain of a kind.
+    pub fn instance(&self) -> Option<&str> {
+        self.0.split_once("--").map(|(_, i)| i)
+    }
+
+    /// How admins see it: `alice/git`, `alice/room/family`.
     pub fn shown(&self) -> String {
-        format!("{}/{}", self.user(), self.kind())
+        match self.instance() {
+            Some(i) => format!("{}/{}/{i}", self.user(), self.kind()),
+            None => format!("{}/{}", self.user(), self.kind()),
+        }
     }
 }
 
@@ -98,6 +143,18 @@ impl std::ops::Deref for GrainId {
     fn deref(&self) -> &str {
         &self.0
     }
+}
+
+/// An instance name: 1 to 32 of `a-z`, `0-9` and single `-`s inside.
+pub fn valid_instance(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Whether `name` may name a dataset, a cgroup or a log directory: a grain
@@ -129,6 +186,42 @@ mod tests {
     }
 
     #[test]
+    fn instances_are_one_more_part() {
+        let id = GrainId::parse("mary-jane-room--book-club").unwrap();
+        assert_eq!(
+            (id.user(), id.kind(), id.instance()),
+            ("mary-jane", "room", Some("book-club"))
+        );
+        assert_eq!(id.shown(), "mary-jane/room/book-club");
+        assert_eq!(
+            GrainId::from_reference("mary-jane/room/book-club").unwrap(),
+            id
+        );
+        assert_eq!(GrainId::from_reference(id.as_str()).unwrap(), id);
+        assert!(valid_resource_name(id.as_str()));
+        // A user's one grain of a kind has none.
+        assert_eq!(GrainId::parse("alice-xmpp").unwrap().instance(), None);
+        for bad in [
+            "alice-room--",
+            "alice-room---x",
+            "alice-room--x-",
+            "alice-room--X",
+            "alice-room--a--b",
+            "alice--room",
+            "alice/room/",
+            "alice/room/a/b",
+            "alice/room/a--b",
+        ] {
+            assert!(GrainId::from_reference(bad).is_err(), "{bad:?}");
+        }
+        // The whole id fits a dataset name.
+        let long = "a".repeat(32);
+        assert!(GrainId::from_reference(&format!("bob/room/{long}")).is_ok());
+        let user = "u".repeat(32);
+        assert!(GrainId::from_reference(&format!("{user}/room/{long}")).is_err());
+    }
+
+    #[test]
     fn malformed_ids_are_refused() {
         for bad in [
             "",
@@ -138,7 +231,7 @@ mod tests {
             "Alice-git",
             "alice-git-",
             "../x",
-            "alice/git/x",
+            "alice/git/x/y",
             "alice-Git",
             "alice-git2-x y",
         ] {

@@ -12,7 +12,7 @@ mod manifest;
 mod uid_range;
 mod user_name;
 
-pub use grain_id::{GrainId, GrainIdError, valid_resource_name};
+pub use grain_id::{GrainId, GrainIdError, valid_instance, valid_resource_name};
 pub use grain_kind::{GrainKind, GrainKindError};
 pub use mail::{MailAddress, MailAddressError, MailDomain, MailDomainError, POSTMASTER_LOCALS};
 pub use manifest::{
