@@ -361,7 +361,7 @@ app password of kind <code>git</code> (ask your admin: <code>granary app-passwor
     )
 }
 
-fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Body> {
+pub(crate) fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)

@@ -10,8 +10,6 @@
 //! unknown, expired, used up or revoked gets one and the same page, so
 //! the page never tells whether a token ever existed.
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use hyper::{Method, Response, StatusCode, header};
 
 use crate::proxy::Body;
@@ -102,8 +100,9 @@ pub async fn page(
     })
 }
 
-/// A token as we make them: URL-safe base64 of at least 16 bytes.
-fn token_shape(token: &str) -> bool {
+/// A token as we make them: URL-safe base64 of at least 16 bytes. Anything
+/// else is refused without asking the state (the page, registration).
+pub(crate) fn token_shape(token: &str) -> bool {
     (22..=128).contains(&token.len())
         && token
             .bytes()
@@ -228,25 +227,22 @@ for a new one.</p>\n<p class=\"note\">{}</p>\n</main>\n</body>\n</html>\n",
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CACHE_CONTROL, "no-store")
-        // The token is in the address: never sent on as a referrer, the
-        // page never framed, nothing loaded from anywhere.
-        .header("referrer-policy", "no-referrer")
-        .header(
+    let mut r = crate::https::respond(status, content_type, body);
+    let h = r.headers_mut();
+    // The token is in the address: never sent on as a referrer, the page
+    // never framed, nothing loaded from anywhere.
+    for (name, value) in [
+        ("referrer-policy", "no-referrer"),
+        (
             "content-security-policy",
             "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'",
-        )
-        .header("x-content-type-options", "nosniff")
-        .header("x-robots-tag", "noindex")
-        .body(
-            Full::new(Bytes::from(body))
-                .map_err(|never| match never {})
-                .boxed(),
-        )
-        .expect("static response parts are valid")
+        ),
+        ("x-content-type-options", "nosniff"),
+        ("x-robots-tag", "noindex"),
+    ] {
+        h.insert(name, header::HeaderValue::from_static(value));
+    }
+    r
 }
 
 #[cfg(test)]

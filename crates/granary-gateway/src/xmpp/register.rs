@@ -34,21 +34,17 @@ pub(super) const FEATURES: &str = "<register xmlns='urn:xmpp:invite'/>\
 /// What every bad token is told, whatever was wrong with it.
 const NOT_VALID: &str = "The provided token is invalid or expired";
 
-/// Whether `token` could be one of ours (URL-safe, not absurdly long);
-/// anything else is refused without asking the state.
-fn plausible(token: &str) -> bool {
-    (16..=128).contains(&token.len())
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-fn result(el: &Element) -> String {
+/// An empty result for `el`.
+fn result_of(el: &Element) -> Element {
     let mut r = Element::new("iq", NS_CLIENT).with_attr("type", "result");
     if let Some(id) = el.attr("id") {
         r.set_attr("id", id);
     }
-    r.to_xml(NS_CLIENT)
+    r
+}
+
+fn result(el: &Element) -> String {
+    result_of(el).to_xml(NS_CLIENT)
 }
 
 fn error(el: &Element, kind: &str, condition: &str, text: &str) -> String {
@@ -93,10 +89,7 @@ impl Client {
         let query = el.child("query", NS_REGISTER)?;
         Some(match kind {
             "get" => {
-                let mut r = Element::new("iq", NS_CLIENT).with_attr("type", "result");
-                if let Some(id) = el.attr("id") {
-                    r.set_attr("id", id);
-                }
+                let mut r = result_of(el);
                 r.push(
                     Element::new("query", NS_REGISTER)
                         .with_child(Element::new("instructions", NS_REGISTER).with_text(
@@ -136,7 +129,7 @@ impl Client {
         if let Some(limited) = self.limited_answer(el) {
             return limited;
         }
-        if !plausible(token) {
+        if !crate::invite::token_shape(token) {
             return self.bad_token(el);
         }
         match self.shared.directory.invite(token).await {
@@ -183,7 +176,7 @@ impl Client {
         if let Some(limited) = self.limited_answer(el) {
             return limited;
         }
-        if !plausible(&token) {
+        if !crate::invite::token_shape(&token) {
             return self.bad_token(el);
         }
         let domain = self
