@@ -24,6 +24,11 @@ pub struct Manifest {
     /// One grain per user (`true`), or a single shared grain (`false`).
     #[serde(default = "yes")]
     pub per_user: bool,
+    /// Grains of this kind are made when something asks for one (a chat
+    /// room when someone first joins it), several per user, each named by
+    /// an instance; none is made for every user.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_demand: bool,
     /// The program inside the image and its arguments; `exec[0]` is an
     /// absolute path inside `image/`.
     pub exec: Vec<String>,

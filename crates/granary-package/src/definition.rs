@@ -32,6 +32,9 @@ pub struct AppSection {
     pub title: String,
     #[serde(default = "yes")]
     pub per_user: bool,
+    /// Grains made on demand, several per user (chat rooms).
+    #[serde(default)]
+    pub on_demand: bool,
     pub exec: Vec<String>,
     #[serde(default)]
     pub env: Vec<String>,
@@ -164,6 +167,7 @@ impl Definition {
             version: a.version.clone(),
             kind: a.kind.clone(),
             per_user: a.per_user,
+            on_demand: a.on_demand,
             exec: a.exec.clone(),
             services: a.services.clone(),
             offers: a.offers.clone(),

@@ -56,6 +56,9 @@ pub struct Grain {
     pub id: String,
     pub user: String,
     pub kind: String,
+    /// Which of the user's grains of an on-demand kind (a room's name);
+    /// empty for the one grain per user and kind.
+    pub instance: String,
     pub host_uid: u32,
     pub created_at: i64,
 }
@@ -88,7 +91,7 @@ fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<App> {
 }
 
 /// Columns and joins of a grain row, for `SELECT {GRAIN_COLUMNS} WHERE ...`.
-const GRAIN_COLUMNS: &str = "g.id, u.name, g.kind, g.host_uid, g.created_at
+const GRAIN_COLUMNS: &str = "g.id, u.name, g.kind, g.host_uid, g.created_at, g.instance
     FROM grains g JOIN users u ON u.id = g.user_id";
 
 fn grain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Grain> {
@@ -98,6 +101,7 @@ fn grain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Grain> {
         kind: r.get(2)?,
         host_uid: r.get(3)?,
         created_at: r.get(4)?,
+        instance: r.get(5)?,
     })
 }
 
@@ -326,9 +330,14 @@ impl Store {
             HostUid::Exact(uid) => uid,
             HostUid::FirstFreeIn(range) => first_free_uid(&tx, range.start, range.count)?,
         };
+        // A restored room keeps its name: the id carries it.
+        let instance = granary_model::GrainId::parse(id)
+            .ok()
+            .and_then(|g| g.instance().map(str::to_owned))
+            .unwrap_or_default();
         let inserted = tx.execute(
-            "INSERT INTO grains (id, user_id, kind, host_uid) VALUES (?1, ?2, ?3, ?4)",
-            params![id, uid, kind, host_uid],
+            "INSERT INTO grains (id, user_id, kind, host_uid, instance) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, uid, kind, host_uid, instance],
         );
         match inserted {
             Err(e) if is_constraint(&e) => {
@@ -422,8 +431,26 @@ impl Store {
                 .op("find missing grains")?;
             rows.collect::<Result<_, _>>().op("find missing grains")?
         };
+        // Kinds whose grains are made on demand (rooms) get none here.
+        let on_demand: Vec<String> = {
+            let mut stmt = tx
+                .prepare("SELECT kind, manifest FROM apps")
+                .op("read app manifests")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .op("read app manifests")?;
+            let apps: Vec<(String, String)> =
+                rows.collect::<Result<_, _>>().op("read app manifests")?;
+            apps.into_iter()
+                .filter(|(_, m)| granary_model::Manifest::parse(m).is_ok_and(|m| m.on_demand))
+                .map(|(kind, _)| kind)
+                .collect()
+        };
         let mut created = Vec::new();
         for (user_id, user, kind) in missing {
+            if on_demand.contains(&kind) {
+                continue;
+            }
             let host_uid = match uids {
                 HostUid::Exact(uid) => uid,
                 HostUid::FirstFreeIn(range) => first_free_uid(&tx, range.start, range.count)?,
@@ -454,6 +481,93 @@ impl Store {
         }
         tx.commit().op("commit ensure grains")?;
         Ok(created)
+    }
+
+    /// Makes `user`'s grain of the on-demand `kind` named `instance` (a
+    /// chat room), unless the name is taken in that kind or the user
+    /// already has `most` of them. Checked and made in one transaction.
+    pub fn create_instance_grain(
+        &self,
+        user: &UserName,
+        kind: &str,
+        instance: &str,
+        uids: HostUid,
+        most: u32,
+        actor: &str,
+    ) -> Result<Grain, StateError> {
+        let id = granary_model::GrainKind::new(kind)
+            .map_err(|e| StateError::Invalid(e.to_string()))
+            .and_then(|k| {
+                granary_model::GrainId::instance_of(user, &k, instance)
+                    .map_err(|e| StateError::Invalid(e.to_string()))
+            })?
+            .to_string();
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .op("begin create instance grain")?;
+        let uid = crate::users::user_id(&tx, user)?;
+        let taken: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM grains WHERE kind = ?1 AND instance = ?2)",
+                params![kind, instance],
+                |r| r.get(0),
+            )
+            .op("check the instance name")?;
+        if taken {
+            return Err(StateError::Conflict(format!(
+                "a {kind} named {instance} exists already"
+            )));
+        }
+        let held: u32 = tx
+            .query_row(
+                "SELECT count(*) FROM grains WHERE user_id = ?1 AND kind = ?2 AND instance <> ''",
+                params![uid, kind],
+                |r| r.get(0),
+            )
+            .op("count the user's instances")?;
+        if held >= most {
+            return Err(StateError::Conflict(format!(
+                "{user} has {held} grains of kind {kind}, the most allowed"
+            )));
+        }
+        let host_uid = match uids {
+            HostUid::Exact(uid) => uid,
+            HostUid::FirstFreeIn(range) => first_free_uid(&tx, range.start, range.count)?,
+        };
+        tx.execute(
+            "INSERT INTO grains (id, user_id, kind, host_uid, instance) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, uid, kind, host_uid, instance],
+        )
+        .op("insert instance grain")?;
+        record(
+            &tx,
+            actor,
+            "grain.create",
+            &id,
+            &format!("{user}/{kind}/{instance} uid={host_uid}"),
+        )?;
+        let grain = tx
+            .query_row(
+                &format!("SELECT {GRAIN_COLUMNS} WHERE g.id = ?1"),
+                [&id],
+                grain_from_row,
+            )
+            .op("read new grain")?;
+        tx.commit().op("commit create instance grain")?;
+        Ok(grain)
+    }
+
+    /// The grain of `kind` named `instance`, whoever owns it.
+    pub fn instance_grain(&self, kind: &str, instance: &str) -> Result<Option<Grain>, StateError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {GRAIN_COLUMNS} WHERE g.kind = ?1 AND g.instance = ?2"),
+                params![kind, instance],
+                grain_from_row,
+            )
+            .optional()
+            .op("read instance grain")
     }
 
     pub fn grain(&self, id: &str) -> Result<Option<Grain>, StateError> {
@@ -922,6 +1036,52 @@ mod supervisor_queries {
         start: 7000,
         count: 100,
     });
+
+    #[test]
+    fn on_demand_grains_are_named_unique_and_bounded_per_user() {
+        let store = store_with_user("alice");
+        store.add_user(&name("bob"), "h", "admin").unwrap();
+        let manifest = "id = 'org.x.room'\nversion = '1'\nkind = 'room'\non_demand = true\nexec = ['/bin/r']\n";
+        store
+            .install_app("room", "org.x.room", "1", manifest, true, "admin")
+            .unwrap();
+        // None for every user: rooms come when someone asks for one.
+        assert!(store.ensure_grains(UIDS, "admin").unwrap().is_empty());
+        let g = store
+            .create_instance_grain(&name("alice"), "room", "family", UIDS, 2, "admin")
+            .unwrap();
+        assert_eq!(
+            (g.id.as_str(), g.user.as_str(), g.instance.as_str()),
+            ("alice-room--family", "alice", "family")
+        );
+        assert_eq!(store.instance_grain("room", "family").unwrap(), Some(g));
+        assert_eq!(store.instance_grain("room", "work").unwrap(), None);
+        // A name is one room, whoever asks.
+        assert!(matches!(
+            store.create_instance_grain(&name("bob"), "room", "family", UIDS, 2, "admin"),
+            Err(StateError::Conflict(_))
+        ));
+        assert!(matches!(
+            store.create_instance_grain(&name("bob"), "room", "Bad_Name", UIDS, 2, "admin"),
+            Err(StateError::Invalid(_))
+        ));
+        store
+            .create_instance_grain(&name("alice"), "room", "work", UIDS, 2, "admin")
+            .unwrap();
+        assert!(matches!(
+            store.create_instance_grain(&name("alice"), "room", "third", UIDS, 2, "admin"),
+            Err(StateError::Conflict(_))
+        ));
+        store
+            .create_instance_grain(&name("bob"), "room", "third", UIDS, 2, "admin")
+            .unwrap();
+        // A restore by id keeps the name.
+        assert!(store.delete_grain("alice-room--work", "admin").unwrap());
+        let back = store
+            .create_grain("alice-room--work", &name("alice"), "room", UIDS, "admin")
+            .unwrap();
+        assert_eq!(back.instance, "work");
+    }
 
     #[test]
     fn ensure_grains_makes_one_per_user_and_app_once() {

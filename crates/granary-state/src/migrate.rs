@@ -3,67 +3,88 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use crate::{APPLICATION_ID, StateError, configure};
 
 pub(crate) struct Migration {
     pub(crate) version: u32,
     pub(crate) sql: &'static str,
+    /// Remakes a table that others reference: runs with foreign keys off
+    /// (a `DROP TABLE` would cascade), and they are checked before commit.
+    pub(crate) remakes_tables: bool,
 }
 
 pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         sql: include_str!("migrations/0001_users.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 2,
         sql: include_str!("migrations/0002_apps_grains_grants.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 3,
         sql: include_str!("migrations/0003_manifests_sturdy_refs.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 4,
         sql: include_str!("migrations/0004_app_images.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 5,
         sql: include_str!("migrations/0005_grain_app_version.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 6,
         sql: include_str!("migrations/0006_public_repos.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 7,
         sql: include_str!("migrations/0007_ssh_keys.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 8,
         sql: include_str!("migrations/0008_blog_domains.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 9,
         sql: include_str!("migrations/0009_mail.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 10,
         sql: include_str!("migrations/0010_scram.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 11,
         sql: include_str!("migrations/0011_xmpp_domains.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 12,
         sql: include_str!("migrations/0012_tasks.sql"),
+        remakes_tables: false,
     },
     Migration {
         version: 13,
         sql: include_str!("migrations/0013_invites.sql"),
+        remakes_tables: false,
+    },
+    Migration {
+        version: 14,
+        sql: include_str!("migrations/0014_grain_instances.sql"),
+        remakes_tables: true,
     },
 ];
 
@@ -137,10 +158,34 @@ pub(crate) fn check_and_migrate(
 }
 
 fn apply(conn: &Connection, migration: &Migration) -> Result<(), rusqlite::Error> {
+    if !migration.remakes_tables {
+        return apply_in_transaction(conn, migration);
+    }
+    // The pragma is a no-op inside a transaction, so it goes around it, and
+    // comes back on whatever happened.
+    conn.pragma_update(None, "foreign_keys", false)?;
+    let applied = apply_in_transaction(conn, migration);
+    let restored = conn.pragma_update(None, "foreign_keys", true);
+    applied.and(restored)
+}
+
+fn apply_in_transaction(conn: &Connection, migration: &Migration) -> Result<(), rusqlite::Error> {
     // `Transaction` needs `&mut Connection`; an unchecked one is fine because
     // nothing else can use this connection while we hold it.
     let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     tx.execute_batch(migration.sql)?;
+    if migration.remakes_tables {
+        // Every reference must still hold, or nothing is committed.
+        let broken: Option<String> = tx
+            .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+            .optional()?;
+        if let Some(table) = broken {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+                Some(format!("a reference from {table} no longer holds")),
+            ));
+        }
+    }
     tx.pragma_update(None, "user_version", migration.version)?;
     tx.commit()
 }
@@ -187,6 +232,46 @@ mod tests {
         assert_eq!(store.schema_version().unwrap(), LATEST_SCHEMA_VERSION);
         assert!(store.user(&name("alice")).unwrap().is_some());
         assert_eq!(store.counts().unwrap().grains, 0);
+    }
+
+    #[test]
+    fn remaking_grains_keeps_grants_and_sturdy_refs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            check_and_migrate(&conn, &path, &MIGRATIONS[..13]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO users (id, name, password_hash) VALUES (1, 'alice', 'h');
+                 INSERT INTO apps (kind, app_id, version) VALUES ('git', 'a', '1'), ('blog', 'b', '1');
+                 INSERT INTO grains (id, user_id, kind, host_uid, app_version)
+                     VALUES ('alice-git', 1, 'git', 70000, '1'), ('alice-blog', 1, 'blog', 70001, '1');
+                 INSERT INTO grants (id, from_grain, to_grain, capability)
+                     VALUES (7, 'alice-blog', 'alice-git', 'git.read:site');
+                 INSERT INTO sturdy_refs (token_hash, holder, grant_id, label)
+                     VALUES (x'00', 'alice-blog', 7, 'site');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let c = store.conn();
+        let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(count("SELECT count(*) FROM grants"), 1);
+        assert_eq!(count("SELECT count(*) FROM sturdy_refs"), 1);
+        assert_eq!(count("SELECT count(*) FROM grains WHERE instance = ''"), 2);
+        assert_eq!(
+            count("SELECT count(*) FROM grains WHERE app_version = '1' AND host_uid >= 70000"),
+            2
+        );
+        let fk: bool = c
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .unwrap();
+        assert!(fk, "foreign keys are back on after the migration");
+        // The cascades still point at the new table.
+        c.execute("DELETE FROM grains WHERE id = 'alice-blog'", [])
+            .unwrap();
+        assert_eq!(count("SELECT count(*) FROM grants"), 0);
+        assert_eq!(count("SELECT count(*) FROM sturdy_refs"), 0);
     }
 
     #[test]
@@ -254,6 +339,7 @@ mod tests {
             Migration {
                 version: 2,
                 sql: "CREATE TABLE ok_so_far (x); THIS IS NOT SQL;",
+                remakes_tables: false,
             },
         ];
         let err = check_and_migrate(&conn, Path::new(":memory:"), &broken).unwrap_err();
@@ -274,6 +360,7 @@ mod tests {
             Migration {
                 version: self.version,
                 sql: self.sql,
+                remakes_tables: self.remakes_tables,
             }
         }
     }
