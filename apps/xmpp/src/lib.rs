@@ -19,6 +19,9 @@
 //! 0198 with resumption, 0352, 0054, 0163 with 0084 and 0402, 0191, 0357
 //! (push, to the app servers the admin names), 0363 (HTTP upload: the
 //! grain's `http` service, at `upload.<domain>` through the gateway).
+//!
+//! The same binary run as `granary-xmpp room` is a group chat's grain
+//! ([`room`]): one room, `name@rooms.<domain>`, with its own dataset.
 
 pub mod account;
 pub use granary_wire::jid;
@@ -27,6 +30,7 @@ pub mod ns;
 pub mod pep;
 pub mod presence;
 pub mod push;
+pub mod room;
 pub mod server;
 pub mod session;
 pub mod store;

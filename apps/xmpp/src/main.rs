@@ -66,10 +66,86 @@ impl App for Chat {
     }
 }
 
+/// A room grain (`granary-xmpp room`): one group chat.
+struct RoomApp {
+    room: Rc<granary_xmpp::room::Room>,
+}
+
+impl App for RoomApp {
+    async fn accept(self: Rc<Self>, conn: Accepted) {
+        granary_sdk::log::warn(&format!(
+            "a room takes no connections ({} was handed here)",
+            conn.service
+        ));
+    }
+
+    fn offer(
+        &self,
+        descriptor: &str,
+        requester: GrainRef,
+    ) -> Result<capnp::capability::Client, capnp::Error> {
+        match descriptor {
+            "xmpp.deliver" if requester.id.is_empty() => {
+                let d: xmpp_router::Client = capnp_rpc::new_client(granary_xmpp::room::Deliver {
+                    room: self.room.clone(),
+                });
+                Ok(d.client)
+            }
+            "xmpp.deliver" => Err(capnp::Error::failed(
+                "xmpp.deliver is the host's; no grain may deliver stanzas".to_owned(),
+            )),
+            other => Err(capnp::Error::failed(format!("nothing offered as {other}"))),
+        }
+    }
+
+    async fn prepare_snapshot(self: Rc<Self>) -> Result<String, capnp::Error> {
+        self.room.flush().map_err(capnp::Error::failed)
+    }
+}
+
+fn room_main(dir: std::ffi::OsString, owner: &str, domain: &str) -> ExitCode {
+    // The room's name is the grain's instance: <owner>-room--<name>.
+    let grain = std::env::var("GRANARY_GRAIN").unwrap_or_default();
+    let Some((_, name)) = grain.split_once("--") else {
+        eprintln!("granary-xmpp: {grain:?} is not a room grain (<owner>-room--<name>)");
+        return ExitCode::from(64);
+    };
+    let store = match granary_xmpp::room::store::RoomStore::open(std::path::Path::new(&dir)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("granary-xmpp: cannot open the room store: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let room = match granary_xmpp::room::Room::new(store, name, owner, domain) {
+        Ok(r) => Rc::new(r),
+        Err(e) => {
+            eprintln!("granary-xmpp: room {name}: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    granary_sdk::run(move |host: Host| {
+        let r = room.clone();
+        granary_sdk::spawn_local(async move {
+            match host.request_as::<xmpp_router::Client>("xmpp.route").await {
+                Ok(router) => *r.router.borrow_mut() = Some(router),
+                Err(e) => granary_sdk::log::error(&format!(
+                    "no route to the occupants: {}",
+                    granary_sdk::message(&e)
+                )),
+            }
+        });
+        RoomApp { room }
+    })
+}
+
 fn main() -> ExitCode {
     let dir = std::env::var_os("GRANARY_XMPP_DIR").unwrap_or_else(|| STORE_DIR.into());
     let owner = std::env::var("GRANARY_OWNER").unwrap_or_default();
     let domain = std::env::var("GRANARY_DOMAIN").unwrap_or_else(|_| "localhost".to_owned());
+    if std::env::args().nth(1).as_deref() == Some("room") {
+        return room_main(dir, &owner, &domain);
+    }
     let store = match Store::open(std::path::Path::new(&dir)) {
         Ok(s) => Rc::new(s),
         Err(e) => {

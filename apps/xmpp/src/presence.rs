@@ -343,9 +343,14 @@ pub fn inbound(server: &Rc<Server>, from: &Jid, to: &Jid, el: Element) {
         None | Some("unavailable") | Some("error") => {
             let subscribed = item.is_some_and(|i| i.sub.to());
             let full = from.to_string();
+            // A room's occupants answer from their own nick addresses
+            // (XEP-0045): presence sent to room/nick lets the room in.
+            let room_of = |d: &String| d.split_once('/').is_some_and(|(b, _)| *b == *contact);
             let directed = server.all_sessions().iter().any(|s| {
-                s.state.borrow().directed.contains(&full)
-                    || s.state.borrow().directed.contains(&contact)
+                let st = s.state.borrow();
+                st.directed.contains(&full)
+                    || st.directed.contains(&contact)
+                    || st.directed.iter().any(room_of)
             });
             if !subscribed && !directed && kind.as_deref() != Some("error") {
                 return;

@@ -21,6 +21,7 @@ pub struct RawXmpp {
     pub upload_max_mib: Option<u64>,
     pub upload_expire_secs: Option<u64>,
     pub upload_quota_mib: Option<u64>,
+    pub rooms_per_user: Option<u32>,
 }
 
 /// `[xmpp]`, resolved.
@@ -55,6 +56,8 @@ pub struct Xmpp {
     /// by their address (`p2.siacs.eu`); a client's registration for
     /// another is kept but not served. Empty: no notifications.
     pub push_servers: Vec<String>,
+    /// Group chats (room grains) one user may create.
+    pub rooms_per_user: u32,
     /// The largest file one upload may be (XEP-0363).
     pub upload_max_bytes: u64,
     /// How long a shared file is kept (and its address works).
@@ -128,6 +131,7 @@ impl Xmpp {
             upload_quota_bytes: positive("upload_quota_mib", raw.upload_quota_mib.unwrap_or(1024))?
                 .min(1 << 30)
                 << 20,
+            rooms_per_user: raw.rooms_per_user.unwrap_or(20),
         })
     }
 

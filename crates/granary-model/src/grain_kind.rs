@@ -21,7 +21,8 @@ pub struct GrainKindError {
 
 impl GrainKind {
     /// The kinds of Granary's own apps.
-    pub const BUILT_IN: &'static [&'static str] = &["mail", "dav", "xmpp", "git", "tasks", "blog"];
+    pub const BUILT_IN: &'static [&'static str] =
+        &["mail", "dav", "xmpp", "room", "git", "tasks", "blog"];
 
     pub fn new(kind: &str) -> Result<Self, GrainKindError> {
         let ok = !kind.is_empty()

@@ -114,12 +114,25 @@ impl host::Server for HostImpl {
         let descriptor = params.get()?.get_descriptor()?.to_str()?.to_owned();
         // A server route, not a grant: every chat grain routes stanzas
         // through its host (see `xmpp.rs`).
-        if descriptor == crate::xmpp::XMPP_ROUTE && self.kind == "xmpp" {
+        let sender = match self.kind.as_str() {
+            "xmpp" => Some(crate::xmpp::Sender::User {
+                owner: self.owner.clone(),
+            }),
+            // A room speaks as its name, the grain's instance.
+            "room" => granary_model::GrainId::parse(&self.id)
+                .ok()
+                .and_then(|g| g.instance().map(str::to_owned))
+                .map(|name| crate::xmpp::Sender::Room { name }),
+            _ => None,
+        };
+        if descriptor == crate::xmpp::XMPP_ROUTE
+            && let Some(sender) = sender
+        {
             let router: granary_schema::services_capnp::xmpp_router::Client =
                 capnp_rpc::new_client(crate::xmpp::Router {
                     sup: self.sup.clone(),
                     id: self.id.clone(),
-                    owner: self.owner.clone(),
+                    sender,
                     domain: self.domain.clone(),
                     order: tokio::sync::Mutex::new(()),
                 });

@@ -102,6 +102,9 @@ pub struct SupervisorConfig {
     /// Where chat stanzas for other domains go (the gateway's federation);
     /// `None`: they are refused with `remote-server-not-found`.
     pub xmpp_outbound: Option<XmppOutbound>,
+    /// Group chats (room grains) one user may create by joining a room
+    /// nobody has made yet.
+    pub rooms_per_user: u32,
 }
 
 impl Default for SupervisorConfig {
@@ -124,6 +127,7 @@ impl Default for SupervisorConfig {
             domain: "localhost".to_owned(),
             kind_env: std::collections::BTreeMap::new(),
             xmpp_outbound: None,
+            rooms_per_user: 20,
         }
     }
 }

@@ -30,12 +30,22 @@ pub(crate) const XMPP_ROUTE: &str = "xmpp.route";
 /// What the host asks the recipient's chat grain for.
 pub(crate) const XMPP_DELIVER: &str = "xmpp.deliver";
 
-/// One chat grain's end of the route: the sender is always `owner`.
+/// Who a grain on the route sends as.
+pub(crate) enum Sender {
+    /// A user's chat grain: `<owner>@<domain>/<resource>`.
+    User { owner: String },
+    /// A group chat's grain: `<name>@rooms.<domain>/<nick>`. It speaks
+    /// only to users of this server.
+    Room { name: String },
+}
+
+/// One chat grain's end of the route: the sender is always the grain's
+/// own address.
 pub(crate) struct Router {
     pub(crate) sup: Weak<Inner>,
     /// The sending grain: its calls count against its in-flight bound.
     pub(crate) id: String,
-    pub(crate) owner: String,
+    pub(crate) sender: Sender,
     /// The owner's chat domain (a change restarts the grain).
     pub(crate) domain: String,
     /// Held from a call's arrival until its stanza is sent on, so stanzas
@@ -93,12 +103,16 @@ impl xmpp_router::Server for Router {
         let order = self.order.lock().await;
         let p = params.get()?;
         let domain = self.domain.clone();
+        let bare = match &self.sender {
+            Sender::User { owner } => format!("{owner}@{domain}"),
+            Sender::Room { name } => format!("{name}@rooms.{domain}"),
+        };
         // Only the resource is the grain's to say.
         let claimed = p.get_from()?.to_str()?;
         let from = match claimed.split_once('/') {
-            Some((_, r)) if valid_resource(r) => format!("{}@{domain}/{r}", self.owner),
+            Some((_, r)) if valid_resource(r) => format!("{bare}/{r}"),
             Some(_) => return Err(refused("jid-malformed", "a bad resource")),
-            None => format!("{}@{domain}", self.owner),
+            None => bare,
         };
         // Parsed as the recipient's grain and other servers will parse it.
         let to = granary_wire::jid::Jid::parse(p.get_to()?.to_str()?)
@@ -106,6 +120,41 @@ impl xmpp_router::Server for Router {
         let (local, to_domain) = (to.local.clone(), to.domain.clone());
         let to = to.to_string();
         let stanza = p.get_stanza()?.to_str()?.to_owned();
+        // A group chat here: rooms.<a chat domain served here>.
+        if let Some(service) = to_domain.strip_prefix("rooms.")
+            && sup
+                .serves_chat_domain(service)
+                .await
+                .map_err(|e| refused("internal-server-error", e))?
+        {
+            let Sender::User { owner } = &self.sender else {
+                return Err(refused("not-allowed", "rooms do not talk to rooms"));
+            };
+            let grain = sup
+                .room_for(owner, &domain, local.as_deref(), service, &to, &stanza)
+                .await?;
+            return sup
+                .xmpp_deliver(&grain, &from, &to, &stanza, Some(order))
+                .await;
+        }
+        let owner = match &self.sender {
+            Sender::User { owner } => owner.clone(),
+            // A room's occupants are this server's users; other servers
+            // would need the room's own federation (not built).
+            Sender::Room { .. } => {
+                if !sup
+                    .serves_chat_domain(&to_domain)
+                    .await
+                    .map_err(|e| refused("internal-server-error", e))?
+                {
+                    return Err(refused(
+                        "remote-server-not-found",
+                        "rooms here have occupants of this server only",
+                    ));
+                }
+                String::new()
+            }
+        };
         let ours = sup
             .serves_chat_domain(&to_domain)
             .await
@@ -144,7 +193,10 @@ impl xmpp_router::Server for Router {
         let grain = grain.to_string();
         // Only at the inviter's own address (a request to the wrong one
         // goes on, and their grain refuses it as usual).
-        let mut preauth = preauth_token(&stanza);
+        let mut preauth = match self.sender {
+            Sender::User { .. } => preauth_token(&stanza),
+            Sender::Room { .. } => None,
+        };
         if preauth.is_some()
             && !sup
                 .grain_domain(&local.to_lowercase(), "xmpp")
@@ -155,22 +207,20 @@ impl xmpp_router::Server for Router {
         }
         if let Some(token) = preauth {
             let inviter = local.to_lowercase();
-            let (owner, hash) = (
-                self.owner.clone(),
-                granary_auth::token_hash(token.as_bytes()),
-            );
+            let hash = granary_auth::token_hash(token.as_bytes());
+            let who = owner.clone();
             let accepted = db(&sup.params.store, move |s| {
-                s.accept_contact_invite(&hash, &inviter, &owner, "xmpp")
+                s.accept_contact_invite(&hash, &inviter, &who, "xmpp")
             })
             .await
             .unwrap_or(false);
             if accepted {
                 drop(order);
-                let me = format!("{}@{domain}", self.owner);
+                let me = format!("{owner}@{domain}");
                 let them = granary_wire::jid::Jid::parse(&to)
                     .map(|j| j.bare_text())
                     .unwrap_or_else(|_| to.clone());
-                sup.befriend(&grain, &me, &self.owner)
+                sup.befriend(&grain, &me, &owner)
                     .await
                     .map_err(|p| refused("service-unavailable", p))?;
                 sup.befriend(&self.id, &them, &local.to_lowercase())
@@ -200,11 +250,104 @@ fn preauth_token(stanza: &str) -> Option<String> {
     (16..=128).contains(&token.len()).then(|| token.to_owned())
 }
 
+/// Whether a stanza joins a room: available presence to `room/nick`.
+fn is_join(stanza: &str, to: &str) -> bool {
+    if !stanza.starts_with("<presence")
+        || to.split_once('/').is_none_or(|(_, nick)| nick.is_empty())
+    {
+        return false;
+    }
+    granary_wire::stanza::parse_element(stanza.as_bytes(), "jabber:client")
+        .is_ok_and(|el| el.name == "presence" && el.attr("type").is_none())
+}
+
 impl Inner {
-    /// The domain a user's grain of `kind` is told is its own: for chat,
-    /// the user's chat domain.
+    /// The grain of the room `name@rooms.<service>`, for a stanza from
+    /// `owner` (whose chat domain is `domain`). A room nobody has made is
+    /// made when one of this server's users joins it at their own chat
+    /// domain: they are its owner, up to `rooms_per_user` rooms each.
+    pub(crate) async fn room_for(
+        self: &std::rc::Rc<Self>,
+        owner: &str,
+        domain: &str,
+        name: Option<&str>,
+        service: &str,
+        to: &str,
+        stanza: &str,
+    ) -> Result<String, capnp::Error> {
+        let no_room = || refused("item-not-found", "no such room");
+        let Some(name) = name else {
+            return Err(refused(
+                "service-unavailable",
+                "the room service itself answers nothing; join a room as name@rooms.<domain>/nick",
+            ));
+        };
+        if !granary_model::valid_instance(name) {
+            return Err(refused(
+                "item-not-found",
+                "a room's name is 1 to 32 of a-z, 0-9 and single dashes inside",
+            ));
+        }
+        let room = name.to_owned();
+        let found = db(&self.params.store, move |s| s.instance_grain("room", &room))
+            .await
+            .map_err(|e| refused("internal-server-error", e))?;
+        if let Some(g) = found {
+            // A room belongs to its owner's chat domain.
+            let home = self
+                .grain_domain(&g.user, "room")
+                .await
+                .map_err(|e| refused("internal-server-error", e))?;
+            return if home.eq_ignore_ascii_case(service) {
+                Ok(g.id)
+            } else {
+                Err(no_room())
+            };
+        }
+        if !is_join(stanza, to) || !service.eq_ignore_ascii_case(domain) {
+            return Err(no_room());
+        }
+        let (user, room, uids, most) = (
+            owner.to_owned(),
+            name.to_owned(),
+            granary_state::HostUid::FirstFreeIn(self.params.jail.uid_range),
+            self.params.config.rooms_per_user,
+        );
+        let made = db(&self.params.store, move |s| {
+            if s.app("room")?.is_none() {
+                return Ok(Err(
+                    "group chats are not installed here (the room app)".to_owned()
+                ));
+            }
+            let user = granary_model::UserName::existing(&user)
+                .map_err(|e| granary_state::StateError::Invalid(e.to_string()))?;
+            match s.create_instance_grain(&user, "room", &room, uids, most, "xmpp") {
+                Ok(g) => Ok(Ok(g.id)),
+                // Made a moment ago by someone else's join: that room.
+                Err(granary_state::StateError::Conflict(why)) => {
+                    match s.instance_grain("room", &room)? {
+                        Some(g) => Ok(Ok(g.id)),
+                        None => Ok(Err(why)),
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| refused("internal-server-error", e))?;
+        match made {
+            Ok(id) => {
+                tracing::info!(grain = %id, owner, "a group chat was made");
+                Ok(id)
+            }
+            Err(why) => Err(refused("not-allowed", why)),
+        }
+    }
+
+    /// The domain a user's grain of `kind` is told is its own: for chat
+    /// and its rooms, the user's chat domain.
     pub(crate) async fn grain_domain(&self, user: &str, kind: &str) -> Result<String, Problem> {
-        if kind == "xmpp" {
+        if kind == "xmpp" || kind == "room" {
             let user = user.to_owned();
             if let Some(d) = db(&self.params.store, move |s| s.xmpp_domain_of(&user)).await? {
                 return Ok(d);

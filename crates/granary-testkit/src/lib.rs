@@ -195,6 +195,33 @@ pub fn xmpp_package(dir: &Path) -> std::path::PathBuf {
     }
 }
 
+/// Group chats: the chat app's binary as the on-demand `room` kind, from
+/// its real package definition (`apps/xmpp/room-package.toml`), the binary
+/// taken from the static debug build or `$GRANARY_XMPP_APP`.
+pub fn room_package(dir: &Path) -> std::path::PathBuf {
+    let binary = std::env::var_os("GRANARY_XMPP_APP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| static_binary("granary-xmpp"));
+    let key = dir.join("room.key");
+    let pack = |args: &[&str]| {
+        let mut all = vec!["pack"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--key", key.to_str().unwrap()]);
+        run_granary(&all, None).success()
+    };
+    pack(&["keygen"]);
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../apps/xmpp/room-package.toml");
+    let definition = std::fs::read_to_string(here).unwrap().replace(
+        "from = \"dist/granary-xmpp\"",
+        &format!("from = \"{}\"", binary.display()),
+    );
+    let def = dir.join("room-package.toml");
+    std::fs::write(&def, definition).unwrap();
+    let out = dir.join("room.gpkg");
+    pack(&["build", def.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    out
+}
+
 /// The tasks app (Taskwarrior sync): the static debug build, or
 /// `$GRANARY_TASKS_APP` (a release build, for benchmarks).
 pub fn tasks_package(dir: &Path) -> std::path::PathBuf {

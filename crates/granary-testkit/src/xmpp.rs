@@ -185,6 +185,14 @@ impl XmppHost {
         }
     }
 
+    /// Installs group chats (the room app), as an admin would.
+    pub fn install_rooms(&self) {
+        let pkg = crate::room_package(self.dir.path());
+        self.daemon
+            .granary(&["app", "install", pkg.to_str().unwrap()])
+            .success();
+    }
+
     pub fn password(&self, user: &str) -> &str {
         &self.passwords[user]
     }

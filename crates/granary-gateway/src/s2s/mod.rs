@@ -409,6 +409,15 @@ impl Federation {
         let Some(reply) = error_reply(&el, &stanza.from, &stanza.to, condition, why) else {
             return;
         };
+        // Only users' chat grains send to other servers; a room's address
+        // (name@rooms.<domain>) must never be read as a user's.
+        if stanza
+            .from
+            .split_once('@')
+            .is_some_and(|(_, d)| d.to_ascii_lowercase().starts_with("rooms."))
+        {
+            return;
+        }
         let Some(local) = stanza.from.split('@').next().map(str::to_lowercase) else {
             return;
         };

@@ -104,6 +104,7 @@ pub(super) async fn supervisor(
             domain: config.domain.clone(),
             kind_env: [("xmpp".to_owned(), xmpp_env(config, https))].into(),
             xmpp_outbound,
+            rooms_per_user: config.xmpp.rooms_per_user,
         },
     };
     LocalGrains::spawn(params).context("cannot start the grain supervisor")

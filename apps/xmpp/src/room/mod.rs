@@ -1,0 +1,886 @@
+//! A group chat (XEP-0045) as a grain of its own: `name@rooms.<domain>`,
+//! owned by the user who first joined it, its settings, affiliations and
+//! history in its own dataset (so it is snapshotted, backed up and moved
+//! like any grain), reached only through the host, which stamps every
+//! sender's address.
+//!
+//! The room is non-anonymous (everyone sees who is who: what families and
+//! friends expect, and what OMEMO in groups needs), persistent, and by
+//! default open to every user who knows its name; the owner can make it
+//! members-only and moderated. Its history is its archive (XEP-0313 on the
+//! room); joining sends the last messages and the subject. An occupant can
+//! ask whether it is still joined by pinging its own occupant address
+//! (XEP-0410). Not built: voice requests, room destruction from a client
+//! (an admin deletes the grain), iq forwarding between occupants,
+//! registration of nicknames.
+
+pub mod iq;
+pub mod store;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+
+use granary_sdk::services_capnp::xmpp_router;
+use granary_wire::jid::Jid;
+use granary_wire::stanza::{Element, error_reply, parse_element};
+
+use crate::account::stamp;
+use crate::ns;
+use crate::server::{now_ms, random_id};
+use store::{Kept, RoomStore};
+
+pub const MUC: &str = "http://jabber.org/protocol/muc";
+pub const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+pub const MUC_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
+pub const MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
+
+/// The most people in one room at once.
+pub const MAX_OCCUPANTS: usize = 200;
+/// The history sent on joining, unless the client asks for less.
+const JOIN_HISTORY: usize = 20;
+/// The largest stanza the room takes.
+const MAX_STANZA: usize = 256 * 1024;
+/// Stanzas waiting for the host beyond which the room refuses more.
+const MAX_OUTBOX: usize = 20_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Affiliation {
+    Outcast,
+    None,
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Affiliation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Affiliation::Outcast => "outcast",
+            Affiliation::None => "none",
+            Affiliation::Member => "member",
+            Affiliation::Admin => "admin",
+            Affiliation::Owner => "owner",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Affiliation> {
+        Some(match s {
+            "outcast" => Affiliation::Outcast,
+            "none" => Affiliation::None,
+            "member" => Affiliation::Member,
+            "admin" => Affiliation::Admin,
+            "owner" => Affiliation::Owner,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    None,
+    Visitor,
+    Participant,
+    Moderator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::None => "none",
+            Role::Visitor => "visitor",
+            Role::Participant => "participant",
+            Role::Moderator => "moderator",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "none" => Role::None,
+            "visitor" => Role::Visitor,
+            "participant" => Role::Participant,
+            "moderator" => Role::Moderator,
+            _ => return None,
+        })
+    }
+}
+
+/// One nick in the room: a user, with one or more of their clients.
+#[derive(Debug, Clone)]
+pub struct Occupant {
+    pub bare: String,
+    pub role: Role,
+    /// Each client's full address and the presence it last sent.
+    pub sessions: Vec<(String, Element)>,
+}
+
+/// The room's settings (`muc#roomconfig`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub name: String,
+    pub description: String,
+    pub members_only: bool,
+    pub moderated: bool,
+    /// Participants, not only moderators, may change the subject.
+    pub change_subject: bool,
+    /// Members may invite (in a members-only room an invite makes the
+    /// invitee a member).
+    pub allow_invites: bool,
+}
+
+pub struct Room {
+    pub store: RoomStore,
+    /// `name@rooms.<domain>`.
+    pub bare: Jid,
+    /// The grain's owner: always an owner of the room.
+    pub owner: String,
+    pub occupants: RefCell<BTreeMap<String, Occupant>>,
+    pub settings: RefCell<Settings>,
+    pub router: RefCell<Option<xmpp_router::Client>>,
+    outbox: RefCell<VecDeque<(String, String, Element)>>,
+    in_flight: Cell<usize>,
+    max_in_flight: usize,
+}
+
+fn flag(store: &RoomStore, key: &str, default: bool) -> Result<bool, store::StoreError> {
+    Ok(store.setting(key)?.map(|v| v == "1").unwrap_or(default))
+}
+
+impl Room {
+    pub fn new(store: RoomStore, name: &str, owner: &str, domain: &str) -> Result<Room, String> {
+        let bare = Jid::parse(&format!("{name}@rooms.{domain}")).map_err(|e| e.to_string())?;
+        let owner = Jid::parse(&format!("{owner}@{domain}"))
+            .map_err(|e| e.to_string())?
+            .bare_text();
+        let e = |e: store::StoreError| e.to_string();
+        let settings = Settings {
+            name: store.setting("name").map_err(e)?.unwrap_or_default(),
+            description: store.setting("description").map_err(e)?.unwrap_or_default(),
+            members_only: flag(&store, "members_only", false).map_err(e)?,
+            moderated: flag(&store, "moderated", false).map_err(e)?,
+            change_subject: flag(&store, "change_subject", true).map_err(e)?,
+            allow_invites: flag(&store, "allow_invites", true).map_err(e)?,
+        };
+        let mut occupants: BTreeMap<String, Occupant> = BTreeMap::new();
+        for (full, nick, role) in store.occupants().map_err(e)? {
+            let Ok(j) = Jid::parse(&full) else { continue };
+            let o = occupants.entry(nick).or_insert_with(|| Occupant {
+                bare: j.bare_text(),
+                role,
+                sessions: Vec::new(),
+            });
+            o.sessions
+                .push((full, Element::new("presence", ns::CLIENT)));
+        }
+        let max_in_flight = std::env::var("GRANARY_MAX_IN_FLIGHT")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|n| n.saturating_sub(4).max(1))
+            .unwrap_or(28);
+        Ok(Room {
+            store,
+            bare,
+            owner,
+            occupants: RefCell::new(occupants),
+            settings: RefCell::new(settings),
+            router: RefCell::new(None),
+            outbox: RefCell::new(VecDeque::new()),
+            in_flight: Cell::new(0),
+            max_in_flight,
+        })
+    }
+
+    pub fn save_settings(&self, s: &Settings) -> Result<(), store::StoreError> {
+        let b = |v: bool| if v { "1" } else { "0" };
+        self.store.set_setting("name", &s.name)?;
+        self.store.set_setting("description", &s.description)?;
+        self.store.set_setting("members_only", b(s.members_only))?;
+        self.store.set_setting("moderated", b(s.moderated))?;
+        self.store
+            .set_setting("change_subject", b(s.change_subject))?;
+        self.store
+            .set_setting("allow_invites", b(s.allow_invites))?;
+        *self.settings.borrow_mut() = s.clone();
+        Ok(())
+    }
+
+    pub fn affiliation(&self, bare: &str) -> Affiliation {
+        if bare == self.owner {
+            return Affiliation::Owner;
+        }
+        self.store.affiliation(bare).unwrap_or(Affiliation::None)
+    }
+
+    /// The role a user of `a` gets on joining.
+    pub fn default_role(&self, a: Affiliation) -> Role {
+        match a {
+            Affiliation::Owner | Affiliation::Admin => Role::Moderator,
+            Affiliation::Member => Role::Participant,
+            Affiliation::None if self.settings.borrow().moderated => Role::Visitor,
+            Affiliation::None => Role::Participant,
+            Affiliation::Outcast => Role::None,
+        }
+    }
+
+    fn occupant_address(&self, nick: &str) -> String {
+        format!("{}/{nick}", self.bare)
+    }
+
+    /// The nick a client (full address) is in the room under.
+    pub fn nick_of(&self, full: &str) -> Option<String> {
+        self.occupants
+            .borrow()
+            .iter()
+            .find(|(_, o)| o.sessions.iter().any(|(f, _)| f == full))
+            .map(|(n, _)| n.clone())
+    }
+
+    /// Sends `el` from `from` (the room, or one of its occupants' nick
+    /// addresses) to `to` through the host, in order.
+    pub fn send(self: &Rc<Self>, from: String, to: String, el: Element) {
+        self.outbox.borrow_mut().push_back((from, to, el));
+        self.pump();
+    }
+
+    fn pump(self: &Rc<Self>) {
+        while self.in_flight.get() < self.max_in_flight {
+            let Some((from, to, el)) = self.outbox.borrow_mut().pop_front() else {
+                return;
+            };
+            let Some(router) = self.router.borrow().clone() else {
+                granary_sdk::log::warn("no route to the occupants yet; a stanza is dropped");
+                continue;
+            };
+            let mut request = router.route_request();
+            {
+                let mut r = request.get();
+                r.set_from(&from);
+                r.set_to(&to);
+                r.set_stanza(el.to_xml(ns::CLIENT));
+            }
+            let sent = request.send().promise;
+            self.in_flight.set(self.in_flight.get() + 1);
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                let result = sent.await;
+                me.in_flight.set(me.in_flight.get() - 1);
+                // A client that cannot be reached any more is a ghost:
+                // it leaves the room.
+                if let Err(e) = result {
+                    let text = granary_sdk::message(&e);
+                    if text.starts_with("item-not-found") && me.nick_of(&to).is_some() {
+                        me.leave(&to, None, &[]);
+                    }
+                }
+                me.pump();
+            });
+        }
+    }
+
+    /// A stanza the host routed here.
+    pub fn deliver_routed(
+        self: &Rc<Self>,
+        from: &str,
+        to: &str,
+        stanza: &str,
+    ) -> Result<(), String> {
+        if stanza.len() > MAX_STANZA {
+            return Err("policy-violation: the stanza is too large".to_owned());
+        }
+        if self.outbox.borrow().len() > MAX_OUTBOX {
+            return Err("resource-constraint: the room is busy".to_owned());
+        }
+        let from = Jid::parse(from).map_err(|e| format!("jid-malformed: {e}"))?;
+        let to = Jid::parse(to).map_err(|e| format!("jid-malformed: {e}"))?;
+        if to.bare() != self.bare {
+            return Err("item-not-found: not this room".to_owned());
+        }
+        let mut el = parse_element(stanza.as_bytes(), ns::CLIENT)
+            .map_err(|e| format!("not-acceptable: {e}"))?;
+        if el.ns != ns::CLIENT || !matches!(el.name.as_str(), "message" | "presence" | "iq") {
+            return Err("bad-request: not a stanza".to_owned());
+        }
+        // Every user speaks from a client: the room answers full addresses.
+        if from.resource.is_none() && el.attr("type") != Some("error") {
+            return Err("not-acceptable: send from a client's full address".to_owned());
+        }
+        el.set_attr("from", from.to_string());
+        el.set_attr("to", to.to_string());
+        match el.name.as_str() {
+            "presence" => self.presence(&from, &to, el),
+            "message" => self.message(&from, &to, el),
+            _ => iq::handle(self, &from, &to, el),
+        }
+        Ok(())
+    }
+
+    /// Answers `el` with an error from the address it was sent to.
+    pub fn refuse(self: &Rc<Self>, el: &Element, condition: &str, text: &str) {
+        if el.attr("type") == Some("error") {
+            return;
+        }
+        let mut reply = error_reply(
+            el,
+            granary_wire::stanza::error_kind(condition),
+            condition,
+            Some(text),
+        );
+        // A refused join says it is about the room (XEP-0045 §7.2.6):
+        // clients match the error to their join by it.
+        if reply.name == "presence" {
+            reply.push(Element::new("x", MUC));
+        }
+        let (Some(from), Some(to)) = (el.attr("to"), el.attr("from")) else {
+            return;
+        };
+        self.send(from.to_owned(), to.to_owned(), reply);
+    }
+
+    fn presence(self: &Rc<Self>, from: &Jid, to: &Jid, el: Element) {
+        let full = from.to_string();
+        match el.attr("type") {
+            None => {
+                let Some(nick) = to.resource.clone() else {
+                    return self.refuse(&el, "jid-malformed", "Join the room as room@domain/nick.");
+                };
+                self.join(from, &nick, el);
+            }
+            // Leaving, or a client that bounced what the room sent (gone).
+            Some("unavailable" | "error") => self.leave(&full, None, &[]),
+            _ => {}
+        }
+    }
+
+    /// The presence of `nick` as one occupant sees it.
+    fn occupant_presence(&self, nick: &str, o: &Occupant, codes: &[&str]) -> Element {
+        let mut p = o
+            .sessions
+            .last()
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| Element::new("presence", ns::CLIENT));
+        p.remove_attr("to");
+        p.remove_attr("type");
+        p.set_attr("from", self.occupant_address(nick));
+        let mut x = Element::new("x", MUC_USER).with_child(
+            Element::new("item", MUC_USER)
+                .with_attr("affiliation", self.affiliation(&o.bare).as_str())
+                .with_attr("role", o.role.as_str())
+                .with_attr(
+                    "jid",
+                    o.sessions
+                        .last()
+                        .map(|(f, _)| f.clone())
+                        .unwrap_or_default(),
+                ),
+        );
+        for c in codes {
+            x.push(Element::new("status", MUC_USER).with_attr("code", *c));
+        }
+        p.push(x);
+        p
+    }
+
+    /// Sends `nick`'s presence to everyone in the room; its own clients
+    /// get `self_codes` (110 and what else applies).
+    pub fn broadcast_presence(self: &Rc<Self>, nick: &str, self_codes: &[&str]) {
+        let occupants = self.occupants.borrow().clone();
+        let Some(o) = occupants.get(nick) else { return };
+        for (n, other) in &occupants {
+            let codes: &[&str] = if n == nick { self_codes } else { &[] };
+            let p = self.occupant_presence(nick, o, codes);
+            for (f, _) in &other.sessions {
+                self.send(self.occupant_address(nick), f.clone(), p.clone());
+            }
+        }
+    }
+
+    fn join(self: &Rc<Self>, from: &Jid, nick: &str, mut el: Element) {
+        let full = from.to_string();
+        let bare = from.bare_text();
+        if nick.is_empty() || nick.len() > 64 || nick.chars().any(char::is_control) {
+            return self.refuse(&el, "jid-malformed", "That nick cannot be used.");
+        }
+        let history = el.child("x", MUC).map(|x| x.child("history", MUC).cloned());
+        el.retain_children(|c| c.ns != MUC && c.ns != MUC_USER);
+        el.remove_attr("to");
+        el.remove_attr("from");
+        match self.nick_of(&full) {
+            // A presence update: everyone sees it.
+            Some(current) if current == nick => {
+                if let Some(o) = self.occupants.borrow_mut().get_mut(nick)
+                    && let Some(s) = o.sessions.iter_mut().find(|(f, _)| *f == full)
+                {
+                    s.1 = el;
+                }
+                self.broadcast_presence(nick, &["110"]);
+                return;
+            }
+            // A new nick: leave under the old one (303), join again.
+            Some(current) => {
+                if self
+                    .occupants
+                    .borrow()
+                    .get(nick)
+                    .is_some_and(|o| o.bare != bare)
+                {
+                    return self.refuse(
+                        &el_with(&full, nick, self, "presence"),
+                        "conflict",
+                        "That nick is taken.",
+                    );
+                }
+                let _ = current;
+                self.leave(&full, Some(nick), &["303"]);
+            }
+            None => {}
+        }
+        let affiliation = self.affiliation(&bare);
+        let mut refusal = el_with(&full, nick, self, "presence");
+        if let Some(id) = el.attr("id") {
+            refusal.set_attr("id", id);
+        }
+        if affiliation == Affiliation::Outcast {
+            return self.refuse(&refusal, "forbidden", "You are banned from this room.");
+        }
+        if self.settings.borrow().members_only && affiliation < Affiliation::Member {
+            return self.refuse(
+                &refusal,
+                "registration-required",
+                "This room is for its members only.",
+            );
+        }
+        {
+            let occupants = self.occupants.borrow();
+            if occupants.get(nick).is_some_and(|o| o.bare != bare) {
+                drop(occupants);
+                return self.refuse(&refusal, "conflict", "That nick is taken.");
+            }
+            if !occupants.contains_key(nick) && occupants.len() >= MAX_OCCUPANTS {
+                drop(occupants);
+                return self.refuse(&refusal, "service-unavailable", "The room is full.");
+            }
+        }
+        let role = self
+            .occupants
+            .borrow()
+            .get(nick)
+            .map(|o| o.role)
+            .unwrap_or_else(|| self.default_role(affiliation));
+        if let Err(e) = self.store.put_occupant(&full, nick, role) {
+            granary_sdk::log::error(&format!("recording an occupant: {e}"));
+            return self.refuse(
+                &refusal,
+                "internal-server-error",
+                "The room cannot take you now.",
+            );
+        }
+        self.occupants
+            .borrow_mut()
+            .entry(nick.to_owned())
+            .or_insert_with(|| Occupant {
+                bare: bare.clone(),
+                role,
+                sessions: Vec::new(),
+            })
+            .sessions
+            .push((full.clone(), el));
+        // Who is here, then the newcomer to everyone (RFC order: others
+        // first, own presence last, XEP-0045 §7.2.3).
+        let occupants = self.occupants.borrow().clone();
+        for (n, o) in occupants.iter().filter(|(n, _)| n.as_str() != nick) {
+            let p = self.occupant_presence(n, o, &[]);
+            self.send(self.occupant_address(n), full.clone(), p);
+        }
+        // 100: everyone sees real addresses; 170: the room is archived.
+        self.broadcast_presence(nick, &["110", "100", "170"]);
+        self.send_history(&full, history.flatten().as_ref());
+        let (subject, by) = (
+            self.store
+                .setting("subject")
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+            self.store.setting("subject_by").ok().flatten(),
+        );
+        let subject_from = match by {
+            Some(n) if !n.is_empty() => self.occupant_address(&n),
+            _ => self.bare.to_string(),
+        };
+        let m = Element::new("message", ns::CLIENT)
+            .with_attr("type", "groupchat")
+            .with_attr("id", random_id())
+            .with_child(Element::new("subject", ns::CLIENT).with_text(subject));
+        self.send(subject_from, full, m);
+    }
+
+    /// The history a joining client asked for (XEP-0045 §7.2.14).
+    fn send_history(self: &Rc<Self>, full: &str, asked: Option<&Element>) {
+        let mut n = JOIN_HISTORY;
+        let mut since = None;
+        if let Some(h) = asked {
+            if let Some(m) = h.attr("maxstanzas").and_then(|v| v.parse::<usize>().ok()) {
+                n = n.min(m);
+            }
+            if h.attr("maxchars") == Some("0") {
+                n = 0;
+            }
+            if let Some(s) = h.attr("seconds").and_then(|v| v.parse::<i64>().ok()) {
+                since = Some(now_ms() - s.saturating_mul(1000));
+            }
+            if let Some(t) = h.attr("since").and_then(crate::account::parse_stamp) {
+                since = Some(since.map_or(t, |s: i64| s.max(t)));
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        let Ok(kept) = self.store.recent(n, since) else {
+            return;
+        };
+        for k in kept {
+            let Ok(mut m) = parse_element(k.stanza.as_bytes(), ns::CLIENT) else {
+                continue;
+            };
+            let from = m.attr("from").unwrap_or_default().to_owned();
+            m.push(
+                Element::new("delay", ns::DELAY)
+                    .with_attr("stamp", stamp(k.ts))
+                    .with_attr("from", self.bare.to_string()),
+            );
+            self.send(from, full.to_owned(), m);
+        }
+    }
+
+    /// `full` leaves (its last client gone, the nick goes too); `new_nick`
+    /// and `codes` say why (303 a nick change, 307 kicked, 301 banned, 321
+    /// no longer a member).
+    pub fn leave(self: &Rc<Self>, full: &str, new_nick: Option<&str>, codes: &[&str]) {
+        let Some(nick) = self.nick_of(full) else {
+            return;
+        };
+        let _ = self.store.drop_occupant(full);
+        let snapshot = {
+            let mut occupants = self.occupants.borrow_mut();
+            let Some(o) = occupants.get_mut(&nick) else {
+                return;
+            };
+            o.sessions.retain(|(f, _)| f != full);
+            let mut gone = o.clone();
+            gone.sessions = vec![(full.to_owned(), Element::new("presence", ns::CLIENT))];
+            if o.sessions.is_empty() {
+                occupants.remove(&nick);
+            }
+            gone
+        };
+        let mut p = self.occupant_presence(&nick, &snapshot, &[]);
+        p.set_attr("type", "unavailable");
+        if let Some(x) = p.children.iter_mut().find_map(|c| match c {
+            granary_wire::stanza::Node::Element(e) if e.is("x", MUC_USER) => Some(e),
+            _ => None,
+        }) {
+            if let Some(granary_wire::stanza::Node::Element(item)) = x.children.first_mut() {
+                item.set_attr("role", "none");
+                if let Some(n) = new_nick {
+                    item.set_attr("nick", n);
+                }
+            }
+            for c in codes {
+                x.push(Element::new("status", MUC_USER).with_attr("code", *c));
+            }
+        }
+        let mut own = p.clone();
+        if let Some(granary_wire::stanza::Node::Element(x)) =
+            own.children.iter_mut().rev().find(
+                |c| matches!(c, granary_wire::stanza::Node::Element(e) if e.is("x", MUC_USER)),
+            )
+        {
+            x.push(Element::new("status", MUC_USER).with_attr("code", "110"));
+        }
+        let from = self.occupant_address(&nick);
+        self.send(from.clone(), full.to_owned(), own);
+        let still_here = self.occupants.borrow().contains_key(&nick);
+        if !still_here {
+            let everyone: Vec<String> = self
+                .occupants
+                .borrow()
+                .values()
+                .flat_map(|o| o.sessions.iter().map(|(f, _)| f.clone()))
+                .collect();
+            for f in everyone {
+                self.send(from.clone(), f, p.clone());
+            }
+        }
+    }
+
+    fn message(self: &Rc<Self>, from: &Jid, to: &Jid, el: Element) {
+        let full = from.to_string();
+        let kind = el.attr("type").unwrap_or("normal").to_owned();
+        if kind == "error" {
+            // What the room sent could not be delivered: that client left.
+            if self.nick_of(&full).is_some() {
+                self.leave(&full, None, &[]);
+            }
+            return;
+        }
+        match (&to.resource, kind.as_str()) {
+            (None, "groupchat") => self.groupchat(&full, el),
+            (None, _) => match el
+                .child("x", MUC_USER)
+                .and_then(|x| x.child("invite", MUC_USER))
+            {
+                Some(invite) => {
+                    let invite = invite.clone();
+                    self.invite(from, &invite, &el)
+                }
+                None => self.refuse(&el, "bad-request", "Send group messages as type groupchat."),
+            },
+            (Some(nick), "chat" | "normal") => self.private(&full, nick, el),
+            _ => self.refuse(&el, "bad-request", "Nothing goes to an occupant that way."),
+        }
+    }
+
+    fn groupchat(self: &Rc<Self>, full: &str, mut el: Element) {
+        let Some(nick) = self.nick_of(full) else {
+            return self.refuse(&el, "not-acceptable", "You are not in this room.");
+        };
+        let role = self
+            .occupants
+            .borrow()
+            .get(&nick)
+            .map(|o| o.role)
+            .unwrap_or(Role::None);
+        if role < Role::Participant {
+            return self.refuse(
+                &el,
+                "forbidden",
+                "Visitors may not speak in a moderated room.",
+            );
+        }
+        let subject = el.child("subject", ns::CLIENT).map(|s| s.text());
+        if let Some(subject) = subject
+            && el.child("body", ns::CLIENT).is_none()
+        {
+            if role < Role::Moderator && !self.settings.borrow().change_subject {
+                return self.refuse(&el, "forbidden", "Only moderators may change the subject.");
+            }
+            let saved = self
+                .store
+                .set_setting("subject", &subject)
+                .and_then(|_| self.store.set_setting("subject_by", &nick));
+            if saved.is_err() {
+                return self.refuse(&el, "internal-server-error", "The subject was not saved.");
+            }
+        }
+        // A stanza-id claiming to be the room's is a forgery (XEP-0359 §5).
+        let room = self.bare.to_string();
+        el.retain_children(|c| {
+            !(c.is("stanza-id", ns::SID) && c.attr("by") == Some(room.as_str()))
+        });
+        el.remove_attr("to");
+        el.set_attr("from", self.occupant_address(&nick));
+        // Subject changes are not history: a joining client gets the
+        // subject last anyway.
+        let keep = el.child("body", ns::CLIENT).is_some()
+            || el.child_ns("eu.siacs.conversations.axolotl").is_some()
+            || el.child_ns("urn:xmpp:omemo:2").is_some();
+        if keep && el.child("no-store", ns::HINTS).is_none() {
+            let id = random_id();
+            el.push(
+                Element::new("stanza-id", ns::SID)
+                    .with_attr("by", room)
+                    .with_attr("id", id.clone()),
+            );
+            let k = Kept {
+                id,
+                ts: now_ms(),
+                stanza: el.to_xml(ns::CLIENT),
+            };
+            // Kept before anyone sees it.
+            if let Err(e) = self.store.keep(&k) {
+                granary_sdk::log::error(&format!("keeping a message: {e}"));
+                let mut original = el.clone();
+                original.set_attr("from", full);
+                original.set_attr("to", room_address(self));
+                return self.refuse(
+                    &original,
+                    "internal-server-error",
+                    "The message was not kept.",
+                );
+            }
+        }
+        let from = self.occupant_address(&nick);
+        let everyone: Vec<String> = self
+            .occupants
+            .borrow()
+            .values()
+            .flat_map(|o| o.sessions.iter().map(|(f, _)| f.clone()))
+            .collect();
+        for f in everyone {
+            self.send(from.clone(), f, el.clone());
+        }
+    }
+
+    /// A private message between two occupants, through the room.
+    fn private(self: &Rc<Self>, full: &str, to_nick: &str, mut el: Element) {
+        let Some(nick) = self.nick_of(full) else {
+            return self.refuse(&el, "not-acceptable", "You are not in this room.");
+        };
+        let targets: Vec<String> = match self.occupants.borrow().get(to_nick) {
+            Some(o) => o.sessions.iter().map(|(f, _)| f.clone()).collect(),
+            None => Vec::new(),
+        };
+        if targets.is_empty() {
+            return self.refuse(&el, "item-not-found", "Nobody has that nick here.");
+        }
+        el.retain_children(|c| !c.is("x", MUC_USER));
+        el.push(Element::new("x", MUC_USER));
+        el.remove_attr("to");
+        for t in targets {
+            self.send(self.occupant_address(&nick), t, el.clone());
+        }
+    }
+
+    /// A mediated invitation (XEP-0045 §7.8.2): the room passes it on,
+    /// and in a members-only room makes the invitee a member.
+    fn invite(self: &Rc<Self>, from: &Jid, invite: &Element, el: &Element) {
+        let bare = from.bare_text();
+        let a = self.affiliation(&bare);
+        let in_room = self.nick_of(&from.to_string()).is_some();
+        let may = a >= Affiliation::Admin
+            || (self.settings.borrow().allow_invites && (a == Affiliation::Member || in_room));
+        if !may || a == Affiliation::Outcast {
+            return self.refuse(el, "forbidden", "You may not invite people to this room.");
+        }
+        let Some(to) = invite.attr("to").and_then(|t| Jid::parse(t).ok()) else {
+            return self.refuse(el, "jid-malformed", "Whom to invite?");
+        };
+        let invitee = to.bare_text();
+        let becomes_member =
+            self.settings.borrow().members_only && self.affiliation(&invitee) == Affiliation::None;
+        if becomes_member && let Err(e) = self.store.set_affiliation(&invitee, Affiliation::Member)
+        {
+            granary_sdk::log::error(&format!("making a member: {e}"));
+            return self.refuse(el, "internal-server-error", "The invitation was not saved.");
+        }
+        self.send_invitation(
+            &invitee,
+            Some(&bare),
+            invite.child("reason", MUC_USER).map(|r| r.text()),
+        );
+    }
+
+    /// Tells `to` about the room (XEP-0045 §7.8.2, and XEP-0249's direct
+    /// form, which more clients show).
+    pub fn send_invitation(self: &Rc<Self>, to: &str, by: Option<&str>, reason: Option<String>) {
+        let mut inv = Element::new("invite", MUC_USER);
+        if let Some(b) = by {
+            inv.set_attr("from", b);
+        }
+        if let Some(r) = &reason {
+            inv.push(Element::new("reason", MUC_USER).with_text(r.clone()));
+        }
+        let mut direct =
+            Element::new("x", "jabber:x:conference").with_attr("jid", self.bare.to_string());
+        if let Some(r) = reason {
+            direct.set_attr("reason", r);
+        }
+        let m = Element::new("message", ns::CLIENT)
+            .with_attr("id", random_id())
+            .with_child(Element::new("x", MUC_USER).with_child(inv))
+            .with_child(direct);
+        self.send(self.bare.to_string(), to.to_owned(), m);
+    }
+
+    /// Makes `bare` a member (a group invite was redeemed) and invites it.
+    pub fn add_member(self: &Rc<Self>, bare: &str) -> Result<(), String> {
+        if self.affiliation(bare) < Affiliation::Member {
+            self.store
+                .set_affiliation(bare, Affiliation::Member)
+                .map_err(|e| format!("internal-server-error: {e}"))?;
+        }
+        self.send_invitation(bare, Some(&self.owner.clone()), None);
+        Ok(())
+    }
+
+    /// Everyone with an affiliation, the owner first.
+    pub fn members(&self) -> Vec<String> {
+        let mut out = vec![self.owner.clone()];
+        for a in [Affiliation::Admin, Affiliation::Member] {
+            out.extend(self.store.with_affiliation(a).unwrap_or_default());
+        }
+        out.dedup();
+        out
+    }
+
+    pub fn flush(&self) -> Result<String, String> {
+        self.store.checkpoint().map_err(|e| e.to_string())
+    }
+}
+
+fn room_address(room: &Room) -> String {
+    room.bare.to_string()
+}
+
+/// A stanza from `full` to `nick`'s occupant address, for an error
+/// reply to a presence that carried none of its own addressing.
+fn el_with(full: &str, nick: &str, room: &Room, name: &str) -> Element {
+    Element::new(name, ns::CLIENT)
+        .with_attr("from", full)
+        .with_attr("to", room.occupant_address(nick))
+}
+
+/// `xmpp.deliver` of a room grain: stanzas from users, which the host
+/// routes here; `befriend` makes a member (a group invite redeemed).
+pub struct Deliver {
+    pub room: Rc<Room>,
+}
+
+impl xmpp_router::Server for Deliver {
+    async fn route(
+        self: capnp::capability::Rc<Self>,
+        params: xmpp_router::RouteParams,
+        _: xmpp_router::RouteResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        self.room
+            .deliver_routed(
+                p.get_from()?.to_str()?,
+                p.get_to()?.to_str()?,
+                p.get_stanza()?.to_str()?,
+            )
+            .map_err(capnp::Error::failed)
+    }
+
+    async fn status(
+        self: capnp::capability::Rc<Self>,
+        _: xmpp_router::StatusParams,
+        mut results: xmpp_router::StatusResults,
+    ) -> Result<(), capnp::Error> {
+        let nicks: Vec<String> = self.room.occupants.borrow().keys().cloned().collect();
+        let mut r = results.get();
+        let mut list = r.reborrow().init_resources(nicks.len() as u32);
+        for (i, n) in nicks.iter().enumerate() {
+            list.set(i as u32, n);
+        }
+        r.set_contacts(self.room.members().len() as u64);
+        r.set_archived(self.room.store.history_len().unwrap_or(0));
+        Ok(())
+    }
+
+    async fn befriend(
+        self: capnp::capability::Rc<Self>,
+        params: xmpp_router::BefriendParams,
+        _: xmpp_router::BefriendResults,
+    ) -> Result<(), capnp::Error> {
+        let jid = Jid::parse(params.get()?.get_jid()?.to_str()?)
+            .map_err(|e| capnp::Error::failed(format!("jid-malformed: {e}")))?;
+        if jid.local.is_none() {
+            return Err(capnp::Error::failed(
+                "jid-malformed: a member is a user's address".to_owned(),
+            ));
+        }
+        self.room
+            .add_member(&jid.bare_text())
+            .map_err(capnp::Error::failed)
+    }
+}
