@@ -523,9 +523,12 @@ interface Invites {
   # account with the token (XEP-0445, XEP-0401). Only a token's hash is
   # kept.
 
-  create @0 (inviter :Text, expiresSecs :Int64, uses :UInt32) -> (invite :Invite, token :Text, link :Text, uri :Text);
+  create @0 (inviter :Text, expiresSecs :Int64, uses :UInt32, group :Text) -> (invite :Invite, token :Text, link :Text, uri :Text);
   # `inviter` empty: an account invite; a user: a contact invite (the new
-  # user and the inviter become each other's contacts). `link` is the
+  # user and the inviter become each other's contacts). `group` names a
+  # group chat (a room): a group invite, from the room's owner (`inviter`
+  # may be empty or must be the owner); the new user becomes a member and
+  # the contact of its members. `link` is the
   # landing page, `uri` the xmpp: URI the page shows; both carry the token,
   # returned once.
 
@@ -538,7 +541,7 @@ interface Invites {
 struct Invite {
   id @0 :Int64;
   kind @1 :Text;
-  # "account" or "contact".
+  # "account", "contact" or "group".
   inviter @2 :Text;
   # Empty for an account invite.
   maxUses @3 :UInt32;
@@ -550,4 +553,6 @@ struct Invite {
   usedBy @8 :List(Text);
   status @9 :Text;
   # "valid", "used", "expired" or "revoked".
+  group @10 :Text;
+  # The room of a group invite; empty otherwise.
 }

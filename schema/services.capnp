@@ -81,6 +81,11 @@ interface XmppRouter {
   # "xmpp.deliver" only: makes `jid` the account's contact with a
   # subscription both ways (an invite the user made was redeemed by
   # `jid`); `name` is the roster name when the contact has none yet.
+  # A room grain makes `jid` a member and sends it an invitation.
+
+  members @3 () -> (jids :List(Text));
+  # "xmpp.deliver" of a room grain only: the bare addresses of its owner,
+  # admins and members (a group invite befriends the newcomer with them).
 }
 
 interface GitRepoRead {

@@ -7,6 +7,7 @@
 //! `zbarimg`; an existing user taking a contact invite by
 //! pre-authenticated subscription (XEP-0379).
 
+use granary_testkit::xmpp::NEWCOMER as REGISTER;
 use granary_testkit::xmpp::XmppHost;
 
 fn host(users: &[&str]) -> XmppHost {
@@ -15,17 +16,7 @@ fn host(users: &[&str]) -> XmppHost {
 
 /// An invite made with the CLI: (link, xmpp: URI, token).
 fn invite(h: &XmppHost, args: &[&str]) -> (String, String, String) {
-    let mut full = vec!["invite", "create"];
-    full.extend_from_slice(args);
-    let out = h.daemon.granary(&full).success().stdout;
-    let shown: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("    ")).collect();
-    let [link, uri] = shown[..] else {
-        panic!("expected the link and the URI, indented:\n{out}");
-    };
-    let token = link.rsplit('/').next().unwrap().to_owned();
-    assert!(token.len() >= 22, "a token of 128 bits or more: {token}");
-    assert!(uri.contains(&format!("preauth={token}")), "{uri}");
-    (link.to_owned(), uri.to_owned(), token)
+    h.invite(args)
 }
 
 fn invites_json(h: &XmppHost) -> serde_json::Value {
@@ -53,47 +44,6 @@ fn check(h: &XmppHost, script: &str, env: &[(&str, String)]) {
     let (ok, out) = h.python_with(script, env);
     assert!(ok, "the client script failed:\n{out}");
 }
-
-/// The client side: registering with a token by in-band registration.
-const REGISTER: &str = r#"
-from granary_xmpp_test import *
-import xml.etree.ElementTree as ET
-from slixmpp.exceptions import IqError
-
-class Newcomer(Client):
-    """A client that makes its account with an invite token first (the
-    XEP-0445 preauth iq, then XEP-0077), then logs in as usual."""
-    def __init__(self, user, password, token):
-        super().__init__(user, "phone", password=password, plugins=("xep_0077",))
-        self.token = token
-        self.registered = asyncio.get_event_loop().create_future()
-        self.add_event_handler("register", self._register)
-
-    async def _register(self, form):
-        try:
-            iq = self.make_iq_set(ito=self.boundjid.domain)
-            iq.append(ET.fromstring(f"<preauth xmlns='urn:xmpp:pars:0' token='{self.token}'/>"))
-            # slixmpp holds back stanzas before login unless they carry
-            # a registration query; the XEP-0445 preauth step is part of
-            # registration, so let it through.
-            self._always_send_everything = True
-            try:
-                await iq.send(timeout=20)
-            finally:
-                self._always_send_everything = False
-            reg = self.Iq()
-            reg["type"] = "set"
-            reg["register"]["username"] = self.boundjid.user
-            reg["register"]["password"] = self.password
-            await reg.send(timeout=20)
-            self.registered.set_result(True)
-        except IqError as e:
-            failed = RuntimeError(e.iq["error"]["condition"])
-            self.registered.set_exception(failed)
-            if not self.ready.done():
-                self.ready.set_exception(failed)
-            self.disconnect()
-"#;
 
 #[test]
 fn a_contact_invite_makes_the_account_and_both_rosters() {

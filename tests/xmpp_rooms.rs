@@ -178,3 +178,121 @@ run(main)
         "a room grain was made for every user: {list}"
     );
 }
+
+/// A group invite (`granary invite create --group`): the newcomer's
+/// account is made by in-band registration with the token, they become a
+/// member of the members-only room and find its invitation when they log
+/// in, and its owner and members are in their contacts, both ways.
+#[test]
+fn a_group_invite_brings_a_friend_into_the_room() {
+    let h = XmppHost::start(&["alice", "bob"], "");
+    h.install_rooms();
+    let setup = r#"
+import asyncio, os
+from granary_xmpp_test import Client, run
+ROOM = "family@rooms." + os.environ["XMPP_DOMAIN"]
+
+async def main():
+    alice = await Client("alice", plugins=("xep_0045", "xep_0004")).online()
+    muc = alice.plugin["xep_0045"]
+    await muc.join_muc_wait(ROOM, "Alice", timeout=30)
+    await muc.set_affiliation(ROOM, "member", jid="bob@" + os.environ["XMPP_DOMAIN"])
+    form = await muc.get_room_config(ROOM)
+    form.set_values({"muc#roomconfig_membersonly": True, "muc#roomconfig_roomname": "The family"})
+    await muc.set_room_config(ROOM, form)
+    alice.disconnect()
+
+run(main)
+"#;
+    let (ok, out) = h.python(setup);
+    assert!(ok, "{out}\n--- daemon log ---\n{}", h.daemon.log());
+
+    // Mistakes are named.
+    let none = h
+        .daemon
+        .granary(&["invite", "create", "--group", "nothing"])
+        .failure();
+    assert!(
+        none.stderr.contains("no group chat named nothing"),
+        "{}",
+        none.stderr
+    );
+    let not_owner = h
+        .daemon
+        .granary(&["invite", "create", "--group", "family", "--for", "bob"])
+        .failure();
+    assert!(
+        not_owner.stderr.contains("is alice's"),
+        "{}",
+        not_owner.stderr
+    );
+
+    let (link, uri, token) = h.invite(&["--group", "family"]);
+    assert_eq!(
+        uri,
+        format!("xmpp:alice@chat.test?roster;preauth={token};ibr=y")
+    );
+    let port = h.daemon.https_addr().port();
+    let page = std::process::Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(h.daemon.ca_file())
+        .arg("--resolve")
+        .arg(format!("chat.test:{port}:127.0.0.1"))
+        .arg(&link)
+        .output()
+        .unwrap();
+    let page = String::from_utf8(page.stdout).unwrap();
+    assert!(
+        page.contains("invites you to the group chat <strong>family</strong>"),
+        "{page}"
+    );
+
+    let script = format!(
+        "{}{}",
+        granary_testkit::xmpp::NEWCOMER,
+        r#"
+ROOM = "family@rooms." + os.environ["XMPP_DOMAIN"]
+
+async def main():
+    bob = await Client("bob", plugins=("xep_0045",)).online()
+    dave = Newcomer("dave", "dave's own passphrase", os.environ["TOKEN"])
+    dave.register_plugin("xep_0045")
+    dave.register_plugin("xep_0249")
+    await dave.online()
+    assert dave.registered.result() is True
+    # The room's invitation waited for them.
+    inv = await next_of(dave.messages, lambda m: "family@rooms" in (m["body"] or ""))
+    assert str(inv["from"]) == ROOM, inv
+    assert inv["groupchat_invite"]["jid"] == ROOM, inv
+    # The owner and the members are contacts, both ways.
+    await dave.get_roster()
+    for who in ("alice", "bob"):
+        item = dave.client_roster[who + "@" + os.environ["XMPP_DOMAIN"]]
+        assert item["subscription"] == "both", (who, dave.client_roster)
+    await bob.get_roster()
+    assert bob.client_roster["dave@" + os.environ["XMPP_DOMAIN"]]["subscription"] == "both", bob.client_roster
+    # And the members-only room lets them in.
+    pres, _, _, _ = await dave.plugin["xep_0045"].join_muc_wait(ROOM, "Dave", timeout=30)
+    assert pres["muc"]["affiliation"] == "member", pres
+    await bob.plugin["xep_0045"].join_muc_wait(ROOM, "Bob", timeout=30)
+    dave.send_message(mto=ROOM, mbody="hi all", mtype="groupchat")
+    await next_of(bob.messages, lambda m: m["type"] == "groupchat" and m["body"] == "hi all")
+    for c in (bob, dave):
+        c.disconnect()
+
+run(main)
+"#
+    );
+    let (ok, out) = h.python_with(&script, &[("TOKEN", token)]);
+    assert!(ok, "{out}\n--- daemon log ---\n{}", h.daemon.log());
+    let list = h
+        .daemon
+        .granary(&["invite", "list", "--json"])
+        .success()
+        .stdout;
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list[0]["kind"], "group", "{list}");
+    assert_eq!(list[0]["group"], "family", "{list}");
+    assert_eq!(list[0]["inviter"], "alice", "{list}");
+    assert_eq!(list[0]["used_by"], serde_json::json!(["dave"]), "{list}");
+}

@@ -37,6 +37,9 @@ pub struct InviteInfo {
     /// The inviter's chat address (`alice@example.org`), for a contact
     /// invite; `None` for an account invite.
     pub inviter: Option<String>,
+    /// The group chat's address (`family@rooms.example.org`), for a group
+    /// invite.
+    pub room: Option<String>,
 }
 
 /// The state could not be asked (an answer of "no" would be a lie).
@@ -48,8 +51,10 @@ pub struct LookupFailed;
 pub struct InviteRedeemed {
     /// The new user's first `xmpp` app password.
     pub credential: i64,
-    /// The inviter's chat address, for a contact invite.
+    /// The inviter's chat address, for a contact or group invite.
     pub inviter: Option<String>,
+    /// The group chat's name (its grain's instance), for a group invite.
+    pub room: Option<String>,
 }
 
 /// Why redeeming an invite made no account.

@@ -89,7 +89,13 @@ pub async fn page(
             respond(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                invite_html(domain, info.inviter.as_deref(), &uri, &here),
+                invite_html(
+                    domain,
+                    info.inviter.as_deref(),
+                    info.room.as_deref(),
+                    &uri,
+                    &here,
+                ),
             )
         }
         None => respond(
@@ -158,10 +164,33 @@ fn head(title: &str) -> String {
     )
 }
 
-fn invite_html(domain: &str, inviter: Option<&str>, uri: &str, here: &str) -> String {
+fn invite_html(
+    domain: &str,
+    inviter: Option<&str>,
+    room: Option<&str>,
+    uri: &str,
+    here: &str,
+) -> String {
     let d = escape(domain);
-    let (title, lead, after) = match inviter {
-        Some(jid) => {
+    let (title, lead, after) = match (inviter, room) {
+        (Some(jid), Some(room)) => {
+            let (j, r) = (escape(jid), escape(room));
+            let name = room.split('@').next().unwrap_or(room);
+            (
+                format!("{jid} invites you to the group chat {name}"),
+                format!(
+                    "<strong>{j}</strong> invites you to the group chat <strong>{}</strong> \
+                     on <strong>{d}</strong>, a private chat server. Joining takes a minute.",
+                    escape(name)
+                ),
+                format!(
+                    "The app makes your account on {d}: you choose a name and a password \
+                     there. You then find an invitation to the group <code>{r}</code> in the \
+                     app, and its members in your contacts."
+                ),
+            )
+        }
+        (Some(jid), None) => {
             let j = escape(jid);
             (
                 format!("{jid} invites you to chat"),
@@ -175,7 +204,7 @@ fn invite_html(domain: &str, inviter: Option<&str>, uri: &str, here: &str) -> St
                 ),
             )
         }
-        None => (
+        (None, _) => (
             format!("You are invited to chat on {domain}"),
             format!(
                 "You are invited to make an account on <strong>{d}</strong>, a private chat \
@@ -266,10 +295,23 @@ mod tests {
         let html = invite_html(
             "chat.test",
             Some("a<b@chat.test"),
+            None,
             "xmpp:a@chat.test?roster;preauth=T;ibr=y",
             "https://chat.test/invite/T",
         );
         assert!(html.contains("a&lt;b@chat.test"));
+        let group = invite_html(
+            "chat.test",
+            Some("alice@chat.test"),
+            Some("fam<ily@rooms.chat.test"),
+            "xmpp:alice@chat.test?roster;preauth=T;ibr=y",
+            "https://chat.test/invite/T",
+        );
+        assert!(
+            group.contains("group chat <strong>fam&lt;ily</strong>"),
+            "{group}"
+        );
+        assert!(!group.contains("fam<ily"));
         assert!(!html.contains("a<b@"));
         assert_eq!(html.matches("<svg role=\"img\" aria-label=").count(), 2);
         assert!(!html.contains("<?xml"));

@@ -319,6 +319,13 @@ pub trait Grains: Send + Sync + 'static {
         Box::pin(async move { Err(e) })
     }
 
+    /// A room grain's owner, admins and members (bare addresses),
+    /// starting it if stopped.
+    fn xmpp_room_members(&self, grain: &GrainId) -> GrainsFuture<Vec<String>> {
+        let e = GrainError::new(grain, Problem::Host("chat is not served here".to_owned()));
+        Box::pin(async move { Err(e) })
+    }
+
     /// Hands a stanza from another server to a chat grain (starting it if
     /// stopped). A refusal by the grain is `Problem::Grain` with the
     /// stanza error's condition first (`service-unavailable: ...`).

@@ -515,9 +515,7 @@ impl Store {
             )
             .op("check the instance name")?;
         if taken {
-            return Err(StateError::Conflict(format!(
-                "a {kind} named {instance} exists already"
-            )));
+            return Err(StateError::Conflict(format!("a {kind} named {instance}")));
         }
         let held: u32 = tx
             .query_row(
@@ -527,7 +525,7 @@ impl Store {
             )
             .op("count the user's instances")?;
         if held >= most {
-            return Err(StateError::Conflict(format!(
+            return Err(StateError::Invalid(format!(
                 "{user} has {held} grains of kind {kind}, the most allowed"
             )));
         }
@@ -1070,7 +1068,7 @@ mod supervisor_queries {
             .unwrap();
         assert!(matches!(
             store.create_instance_grain(&name("alice"), "room", "third", UIDS, 2, "admin"),
-            Err(StateError::Conflict(_))
+            Err(StateError::Invalid(_))
         ));
         store
             .create_instance_grain(&name("bob"), "room", "third", UIDS, 2, "admin")

@@ -19,6 +19,9 @@ pub enum InviteKind {
     Account,
     /// A new user who becomes the inviter's contact, both ways.
     Contact,
+    /// A new user who becomes a member of a group chat (the inviter's
+    /// room) and the contact of its members.
+    Group,
 }
 
 impl InviteKind {
@@ -26,12 +29,14 @@ impl InviteKind {
         match self {
             InviteKind::Account => "account",
             InviteKind::Contact => "contact",
+            InviteKind::Group => "group",
         }
     }
 
     fn parse(s: &str) -> InviteKind {
         match s {
             "contact" => InviteKind::Contact,
+            "group" => InviteKind::Group,
             _ => InviteKind::Account,
         }
     }
@@ -42,8 +47,12 @@ impl InviteKind {
 pub struct Invite {
     pub id: i64,
     pub kind: InviteKind,
-    /// Who invites (a contact invite); `None` for an account invite.
+    /// Who invites (a contact or group invite); `None` for an account
+    /// invite.
     pub inviter: Option<String>,
+    /// The group chat (room name) of a group invite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
     pub max_uses: i64,
     pub uses: i64,
     pub created_at: i64,
@@ -77,6 +86,8 @@ pub struct ValidInvite {
     pub inviter: Option<String>,
     /// The inviter's chat domain when it is not Granary's own.
     pub inviter_domain: Option<String>,
+    /// The group chat (room name) of a group invite.
+    pub room: Option<String>,
 }
 
 /// The account a redemption made.
@@ -121,7 +132,7 @@ fn valid_invite(
 ) -> Result<Option<ValidInvite>, StateError> {
     conn.query_row(
         &format!(
-            "SELECT i.id, i.kind, u.name, x.domain FROM invites i
+            "SELECT i.id, i.kind, u.name, x.domain, i.room FROM invites i
              LEFT JOIN users u ON u.id = i.inviter_id
              LEFT JOIN xmpp_users x ON x.user_id = i.inviter_id
              WHERE i.hash = ?1 AND {VALID}"
@@ -133,6 +144,7 @@ fn valid_invite(
                 kind: InviteKind::parse(&r.get::<_, String>(1)?),
                 inviter: r.get(2)?,
                 inviter_domain: r.get(3)?,
+                room: Some(r.get::<_, String>(4)?).filter(|r| !r.is_empty()),
             })
         },
     )
@@ -142,10 +154,13 @@ fn valid_invite(
 
 impl Store {
     /// Records an invite by its token's hash. Audited (never the token).
+    /// `room` is the group chat of a group invite (`inviter` must own it).
+    #[allow(clippy::too_many_arguments)]
     pub fn add_invite(
         &self,
         kind: InviteKind,
         inviter: Option<&UserName>,
+        room: Option<&str>,
         hash: &[u8],
         expires_at: i64,
         max_uses: i64,
@@ -156,19 +171,47 @@ impl Store {
                 "an invite is good for at least one use".into(),
             ));
         }
-        if (kind == InviteKind::Contact) != inviter.is_some() {
+        if (kind == InviteKind::Account) == inviter.is_some() {
             return Err(StateError::Invalid(
-                "a contact invite has an inviter; an account invite has none".into(),
+                "a contact or group invite has an inviter; an account invite has none".into(),
+            ));
+        }
+        if (kind == InviteKind::Group) != room.is_some() {
+            return Err(StateError::Invalid(
+                "a group invite, and only that, names a group chat".into(),
             ));
         }
         let mut conn = self.conn();
         let tx = conn.transaction().op("begin add invite")?;
         let inviter_id = inviter.map(|u| user_id(&tx, u)).transpose()?;
+        if let Some(name) = room {
+            let owns: bool = tx
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM grains WHERE kind = 'room' AND instance = ?1
+                                                         AND user_id = ?2)",
+                    params![name, inviter_id],
+                    |r| r.get(0),
+                )
+                .op("find the group chat")?;
+            if !owns {
+                return Err(StateError::Invalid(format!(
+                    "no group chat named {name} of {}'s",
+                    inviter.map(UserName::as_str).unwrap_or("-")
+                )));
+            }
+        }
         let (id, created_at): (i64, i64) = tx
             .query_row(
-                "INSERT INTO invites (hash, kind, inviter_id, max_uses, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id, created_at",
-                params![hash, kind.as_str(), inviter_id, max_uses, expires_at],
+                "INSERT INTO invites (hash, kind, inviter_id, room, max_uses, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id, created_at",
+                params![
+                    hash,
+                    kind.as_str(),
+                    inviter_id,
+                    room.unwrap_or(""),
+                    max_uses,
+                    expires_at
+                ],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .op("insert invite")?;
@@ -178,8 +221,9 @@ impl Store {
             "invite.create",
             inviter.map(UserName::as_str).unwrap_or("-"),
             &format!(
-                "id={id} kind={} uses={max_uses} expires_at={expires_at}",
-                kind.as_str()
+                "id={id} kind={} room={} uses={max_uses} expires_at={expires_at}",
+                kind.as_str(),
+                room.unwrap_or("-")
             ),
         )?;
         tx.commit().op("commit add invite")?;
@@ -187,6 +231,7 @@ impl Store {
             id,
             kind,
             inviter: inviter.map(|u| u.to_string()),
+            room: room.map(str::to_owned),
             max_uses,
             uses: 0,
             created_at,
@@ -304,7 +349,7 @@ impl Store {
                     "SELECT i.id, {VALID},
                             EXISTS (SELECT 1 FROM invite_uses WHERE invite_id = i.id AND user = ?3)
                      FROM invites i JOIN users u ON u.id = i.inviter_id
-                     WHERE i.hash = ?1 AND i.kind = 'contact' AND u.name = ?2"
+                     WHERE i.hash = ?1 AND i.kind IN ('contact', 'group') AND u.name = ?2"
                 ),
                 params![hash, inviter, user],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -374,7 +419,7 @@ impl Store {
         let mut stmt = conn
             .prepare(
                 "SELECT i.id, i.kind, u.name, i.max_uses, i.uses, i.created_at, i.expires_at,
-                        i.revoked_at,
+                        i.revoked_at, i.room,
                         (SELECT group_concat(user, ' ') FROM
                             (SELECT user FROM invite_uses WHERE invite_id = i.id ORDER BY rowid))
                  FROM invites i LEFT JOIN users u ON u.id = i.inviter_id
@@ -383,7 +428,7 @@ impl Store {
             .op("list invites")?;
         let rows = stmt
             .query_map([], |r| {
-                let used: Option<String> = r.get(8)?;
+                let used: Option<String> = r.get(9)?;
                 Ok(Invite {
                     id: r.get(0)?,
                     kind: InviteKind::parse(&r.get::<_, String>(1)?),
@@ -393,6 +438,7 @@ impl Store {
                     created_at: r.get(5)?,
                     expires_at: r.get(6)?,
                     revoked_at: r.get(7)?,
+                    room: Some(r.get::<_, String>(8)?).filter(|r| !r.is_empty()),
                     used_by: used
                         .map(|u| u.split(' ').map(str::to_owned).collect())
                         .unwrap_or_default(),
@@ -455,7 +501,15 @@ mod tests {
         let alice = UserName::new("alice").unwrap();
         s.add_user(&alice, "h", "test").unwrap();
         let inv = s
-            .add_invite(InviteKind::Contact, Some(&alice), b"t1", far(), 1, "test")
+            .add_invite(
+                InviteKind::Contact,
+                Some(&alice),
+                None,
+                b"t1",
+                far(),
+                1,
+                "test",
+            )
             .unwrap();
         assert_eq!(inv.kind, InviteKind::Contact);
         let found = s.valid_invite(b"t1").unwrap().unwrap();
@@ -478,11 +532,76 @@ mod tests {
     }
 
     #[test]
+    fn a_group_invite_names_a_room_its_inviter_owns() {
+        let (_d, s) = store();
+        let alice = UserName::new("alice").unwrap();
+        let bob = UserName::new("bob").unwrap();
+        s.add_user(&alice, "h", "test").unwrap();
+        s.add_user(&bob, "h", "test").unwrap();
+        s.install_app("room", "org.x.room", "1", "kind = 'room'", true, "test")
+            .unwrap();
+        let uids = crate::HostUid::FirstFreeIn(granary_model::UidRange {
+            start: 9000,
+            count: 10,
+        });
+        s.create_instance_grain(&alice, "room", "family", uids, 5, "test")
+            .unwrap();
+        // Not a room of the inviter's, or none at all.
+        for (who, room) in [(&bob, "family"), (&alice, "nothing")] {
+            assert!(matches!(
+                s.add_invite(
+                    InviteKind::Group,
+                    Some(who),
+                    Some(room),
+                    b"g0",
+                    far(),
+                    1,
+                    "test"
+                ),
+                Err(StateError::Invalid(_))
+            ));
+        }
+        assert!(matches!(
+            s.add_invite(
+                InviteKind::Group,
+                Some(&alice),
+                None,
+                b"g0",
+                far(),
+                1,
+                "test"
+            ),
+            Err(StateError::Invalid(_))
+        ));
+        let inv = s
+            .add_invite(
+                InviteKind::Group,
+                Some(&alice),
+                Some("family"),
+                b"g1",
+                far(),
+                2,
+                "test",
+            )
+            .unwrap();
+        assert_eq!(inv.room.as_deref(), Some("family"));
+        let found = s.valid_invite(b"g1").unwrap().unwrap();
+        assert_eq!(
+            (found.kind, found.inviter.as_deref(), found.room.as_deref()),
+            (InviteKind::Group, Some("alice"), Some("family"))
+        );
+        let carol = UserName::new("carol").unwrap();
+        let r = s.redeem_invite(b"g1", &account(&carol), "test").unwrap();
+        assert_eq!(r.invite.room.as_deref(), Some("family"));
+        assert_eq!(s.invites().unwrap()[0].room.as_deref(), Some("family"));
+    }
+
+    #[test]
     fn two_redemptions_at_once_make_one_account() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let s = Store::open(&path).unwrap();
-        s.add_invite(InviteKind::Account, None, b"race", far(), 1, "test")
+        s.add_invite(InviteKind::Account, None, None, b"race", far(), 1, "test")
             .unwrap();
         drop(s);
         let made: Vec<Result<(), String>> = std::thread::scope(|scope| {
@@ -519,7 +638,7 @@ mod tests {
     fn an_undone_redemption_gives_the_use_back() {
         let (_d, s) = store();
         let inv = s
-            .add_invite(InviteKind::Account, None, b"undo", far(), 1, "test")
+            .add_invite(InviteKind::Account, None, None, b"undo", far(), 1, "test")
             .unwrap();
         let bob = UserName::new("bob").unwrap();
         s.redeem_invite(b"undo", &account(&bob), "test").unwrap();
@@ -537,8 +656,16 @@ mod tests {
                 .unwrap();
         }
         let alice = UserName::new("alice").unwrap();
-        s.add_invite(InviteKind::Contact, Some(&alice), b"c", far(), 1, "test")
-            .unwrap();
+        s.add_invite(
+            InviteKind::Contact,
+            Some(&alice),
+            None,
+            b"c",
+            far(),
+            1,
+            "test",
+        )
+        .unwrap();
         // Only alice's, and only for a contact invite.
         assert!(!s.accept_contact_invite(b"c", "carol", "bob", "t").unwrap());
         assert!(s.accept_contact_invite(b"c", "alice", "bob", "t").unwrap());
@@ -557,7 +684,7 @@ mod tests {
         let (_d, s) = store();
         let alice = UserName::new("alice").unwrap();
         s.add_user(&alice, "h", "test").unwrap();
-        s.add_invite(InviteKind::Account, None, b"t2", far(), 1, "test")
+        s.add_invite(InviteKind::Account, None, None, b"t2", far(), 1, "test")
             .unwrap();
         assert!(matches!(
             s.redeem_invite(b"t2", &account(&alice), "test"),
@@ -570,12 +697,12 @@ mod tests {
     fn expired_and_revoked_invites_are_not_valid() {
         let (_d, s) = store();
         let old = s
-            .add_invite(InviteKind::Account, None, b"old", 1, 1, "test")
+            .add_invite(InviteKind::Account, None, None, b"old", 1, 1, "test")
             .unwrap();
         assert!(s.valid_invite(b"old").unwrap().is_none());
         assert_eq!(s.invites().unwrap()[0].status(2), "expired");
         let inv = s
-            .add_invite(InviteKind::Account, None, b"rev", far(), 3, "test")
+            .add_invite(InviteKind::Account, None, None, b"rev", far(), 3, "test")
             .unwrap();
         assert!(s.revoke_invite(inv.id, "test").unwrap());
         assert!(!s.revoke_invite(inv.id, "test").unwrap());

@@ -86,6 +86,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0014_grain_instances.sql"),
         remakes_tables: true,
     },
+    Migration {
+        version: 15,
+        sql: include_str!("migrations/0015_group_invites.sql"),
+        remakes_tables: true,
+    },
 ];
 
 /// The schema version this build creates and understands.

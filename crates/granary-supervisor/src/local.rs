@@ -303,4 +303,11 @@ impl Grains for LocalGrains {
             sup.xmpp_befriend(&id, &jid, &name).await
         })
     }
+
+    fn xmpp_room_members(&self, grain: &GrainId) -> GrainsFuture<Vec<String>> {
+        let id = grain.to_string();
+        self.run(grain.shown(), move |sup| async move {
+            sup.xmpp_room_members(&id).await
+        })
+    }
 }

@@ -327,9 +327,11 @@ impl Inner {
                 Err(granary_state::StateError::Conflict(why)) => {
                     match s.instance_grain("room", &room)? {
                         Some(g) => Ok(Ok(g.id)),
-                        None => Ok(Err(why)),
+                        None => Ok(Err(format!("{why} exists already"))),
                     }
                 }
+                // Past the user's allowance of rooms.
+                Err(granary_state::StateError::Invalid(why)) => Ok(Err(why)),
                 Err(e) => Err(e),
             }
         })
@@ -459,6 +461,37 @@ impl Supervisor {
             .befriend(grain, jid, name)
             .await
             .map_err(|p| error(grain, p))
+    }
+
+    /// A room grain's owner, admins and members, asked of its
+    /// `xmpp.deliver`.
+    pub async fn xmpp_room_members(
+        &self,
+        grain: &str,
+    ) -> Result<Vec<String>, granary_grains::GrainError> {
+        let running = self
+            .inner
+            .ensure_running(grain)
+            .await
+            .map_err(|p| error(grain, p))?;
+        let _busy = running.activity.busy();
+        let deliver = deliver_end(&self.inner, &running)
+            .await
+            .map_err(|p| error(grain, p))?;
+        let call = deliver.members_request().send().promise;
+        let failed = |e: String| error(grain, Problem::Grain(format!("members: {e}")));
+        let answer = tokio::time::timeout(self.inner.params.config.call_timeout, call)
+            .await
+            .map_err(|_| failed("timed out".to_owned()))?
+            .map_err(|e| failed(e.to_string()))?;
+        let read = || -> Result<Vec<String>, capnp::Error> {
+            let mut out = Vec::new();
+            for j in answer.get()?.get_jids()? {
+                out.push(j?.to_string()?);
+            }
+            Ok(out)
+        };
+        read().map_err(|e| failed(e.to_string()))
     }
 
     /// A chat grain's sessions and sizes, asked of its `xmpp.deliver`.

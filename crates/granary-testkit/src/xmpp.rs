@@ -157,6 +157,49 @@ def run(main):
     print("ok")
 "#;
 
+/// A client that makes its account with an invite token by in-band
+/// registration (XEP-0445 preauth, then XEP-0077), as Conversations does:
+/// prepend it to a script (`Newcomer(user, password, token)`).
+pub const NEWCOMER: &str = r#"
+from granary_xmpp_test import *
+import xml.etree.ElementTree as ET
+from slixmpp.exceptions import IqError
+
+class Newcomer(Client):
+    """A client that makes its account with an invite token first (the
+    XEP-0445 preauth iq, then XEP-0077), then logs in as usual."""
+    def __init__(self, user, password, token):
+        super().__init__(user, "phone", password=password, plugins=("xep_0077",))
+        self.token = token
+        self.registered = asyncio.get_event_loop().create_future()
+        self.add_event_handler("register", self._register)
+
+    async def _register(self, form):
+        try:
+            iq = self.make_iq_set(ito=self.boundjid.domain)
+            iq.append(ET.fromstring(f"<preauth xmlns='urn:xmpp:pars:0' token='{self.token}'/>"))
+            # slixmpp holds back stanzas before login unless they carry
+            # a registration query; the XEP-0445 preauth step is part of
+            # registration, so let it through.
+            self._always_send_everything = True
+            try:
+                await iq.send(timeout=20)
+            finally:
+                self._always_send_everything = False
+            reg = self.Iq()
+            reg["type"] = "set"
+            reg["register"]["username"] = self.boundjid.user
+            reg["register"]["password"] = self.password
+            await reg.send(timeout=20)
+            self.registered.set_result(True)
+        except IqError as e:
+            failed = RuntimeError(e.iq["error"]["condition"])
+            self.registered.set_exception(failed)
+            if not self.ready.done():
+                self.ready.set_exception(failed)
+            self.disconnect()
+"#;
+
 pub struct XmppHost {
     pub daemon: Daemon,
     pub dir: tempfile::TempDir,
@@ -183,6 +226,22 @@ impl XmppHost {
             dir,
             passwords,
         }
+    }
+
+    /// An invite made with the CLI (`granary invite create ARGS`): (link,
+    /// xmpp: URI, token).
+    pub fn invite(&self, args: &[&str]) -> (String, String, String) {
+        let mut full = vec!["invite", "create"];
+        full.extend_from_slice(args);
+        let out = self.daemon.granary(&full).success().stdout;
+        let shown: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("    ")).collect();
+        let [link, uri] = shown[..] else {
+            panic!("expected the link and the URI, indented:\n{out}");
+        };
+        let token = link.rsplit('/').next().unwrap().to_owned();
+        assert!(token.len() >= 22, "a token of 128 bits or more: {token}");
+        assert!(uri.contains(&format!("preauth={token}")), "{uri}");
+        (link.to_owned(), uri.to_owned(), token)
     }
 
     /// Installs group chats (the room app), as an admin would.

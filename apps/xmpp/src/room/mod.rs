@@ -784,8 +784,19 @@ impl Room {
         if let Some(r) = reason {
             direct.set_attr("reason", r);
         }
+        // A body too: a client that is offline finds it later (only
+        // messages with one are kept), and one that knows neither form
+        // still shows the address.
+        let body = format!(
+            "{} invites you to the group chat {}: xmpp:{}?join",
+            by.unwrap_or("Someone"),
+            self.bare.local.as_deref().unwrap_or(""),
+            self.bare
+        );
         let m = Element::new("message", ns::CLIENT)
             .with_attr("id", random_id())
+            .with_attr("type", "normal")
+            .with_child(Element::new("body", ns::CLIENT).with_text(body))
             .with_child(Element::new("x", MUC_USER).with_child(inv))
             .with_child(direct);
         self.send(self.bare.to_string(), to.to_owned(), m);
@@ -864,6 +875,19 @@ impl xmpp_router::Server for Deliver {
         }
         r.set_contacts(self.room.members().len() as u64);
         r.set_archived(self.room.store.history_len().unwrap_or(0));
+        Ok(())
+    }
+
+    async fn members(
+        self: capnp::capability::Rc<Self>,
+        _: xmpp_router::MembersParams,
+        mut results: xmpp_router::MembersResults,
+    ) -> Result<(), capnp::Error> {
+        let members = self.room.members();
+        let mut list = results.get().init_jids(members.len() as u32);
+        for (i, m) in members.iter().enumerate() {
+            list.set(i as u32, m);
+        }
         Ok(())
     }
 

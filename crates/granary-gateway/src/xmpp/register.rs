@@ -23,6 +23,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::{Client, MAX_FAILURES, Step};
 use crate::RedeemRefused;
 
+/// Members of a group chat a group invite makes the newcomer's contacts.
+const MAX_GROUP_CONTACTS: usize = 100;
+
 const NS_REGISTER: &str = "jabber:iq:register";
 const NS_PARS: &str = "urn:xmpp:pars:0";
 
@@ -225,6 +228,9 @@ impl Client {
                 tracing::info!(user = %name, credential = r.credential, "account made with an invite");
                 if let Some(inviter) = &r.inviter {
                     self.befriend(&name, &domain, inviter).await;
+                    if let Some(room) = &r.room {
+                        self.join_group(&name, &domain, inviter, room).await;
+                    }
                 }
                 result(el)
             }
@@ -250,6 +256,58 @@ impl Client {
                 "internal-server-error",
                 "the account could not be made; try again",
             ),
+        }
+    }
+
+    /// A group invite: the new user becomes a member of the inviter's room
+    /// (which sends them an invitation, kept until they log in), and the
+    /// contact of its members at the room's own chat domain, both ways.
+    /// The account exists whatever happens here; failures are logged.
+    async fn join_group(&self, user: &str, domain: &str, inviter: &str, room: &str) {
+        let Some((owner, home)) = inviter.split_once('@') else {
+            return;
+        };
+        let Ok(grain) = GrainId::parse(&format!("{owner}-room--{room}")) else {
+            return;
+        };
+        let jid = format!("{user}@{domain}");
+        let grains = &self.shared.grains;
+        if let Err(e) = grains.xmpp_befriend(&grain, &jid, user).await {
+            tracing::warn!(room, user, error = %e, "could not make the new user a member of the group chat");
+            return;
+        }
+        let members = match grains.xmpp_room_members(&grain).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(room, error = %e, "could not read the group chat's members");
+                return;
+            }
+        };
+        // Members here only (an affiliation may name anyone's address;
+        // another server's `bob` is not this server's), and a bounded
+        // number of them.
+        for member in members.iter().take(MAX_GROUP_CONTACTS) {
+            let Some((m_user, m_domain)) = member.split_once('@') else {
+                continue;
+            };
+            if !m_domain.eq_ignore_ascii_case(home) || member == inviter || *member == jid {
+                continue;
+            }
+            for (owner, contact, name) in [
+                (user, member.as_str(), m_user),
+                (m_user, jid.as_str(), user),
+            ] {
+                let done = match GrainId::for_user(owner, "xmpp") {
+                    Ok(g) => grains
+                        .xmpp_befriend(&g, contact, name)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = done {
+                    tracing::warn!(owner, contact, error = %e, "could not add a group member as a contact");
+                }
+            }
         }
     }
 

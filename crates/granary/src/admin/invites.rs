@@ -16,6 +16,8 @@ struct InviteView {
     id: i64,
     kind: String,
     inviter: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
     status: String,
     max_uses: u32,
     uses: u32,
@@ -34,6 +36,7 @@ fn view(i: invite::Reader<'_>) -> anyhow::Result<InviteView> {
         id: i.get_id(),
         kind: text(i.get_kind())?,
         inviter: Some(text(i.get_inviter())?).filter(|s| !s.is_empty()),
+        group: Some(text(i.get_group())?).filter(|s| !s.is_empty()),
         status: text(i.get_status())?,
         max_uses: i.get_max_uses(),
         uses: i.get_uses(),
@@ -48,9 +51,16 @@ pub(crate) fn run(config: &Config, cmd: &InviteCommand) -> anyhow::Result<ExitCo
     match cmd {
         InviteCommand::Create {
             inviter,
+            group,
             expires,
             uses,
-        } => create(config, inviter.as_deref(), *expires, *uses),
+        } => create(
+            config,
+            inviter.as_deref(),
+            group.as_deref(),
+            *expires,
+            *uses,
+        ),
         InviteCommand::List { output } => list(config, output.json),
         InviteCommand::Revoke { id } => {
             let id = *id;
@@ -69,15 +79,18 @@ pub(crate) fn run(config: &Config, cmd: &InviteCommand) -> anyhow::Result<ExitCo
 fn create(
     config: &Config,
     inviter: Option<&str>,
+    group: Option<&str>,
     expires: u64,
     uses: u32,
 ) -> anyhow::Result<ExitCode> {
     let who = inviter.unwrap_or("").to_owned();
+    let room = group.unwrap_or("").to_owned();
     let (v, link, uri) = with_admin(config, |admin: admin::Client| async move {
         let mut req = super::invites(&admin).create_request();
         req.get().set_inviter(who.as_str());
         req.get().set_expires_secs(expires as i64);
         req.get().set_uses(uses);
+        req.get().set_group(room.as_str());
         let r = req.send().promise.await.map_err(remote)?;
         let r = r.get().map_err(remote)?;
         Ok((
@@ -86,12 +99,17 @@ fn create(
             text(r.get_uri())?,
         ))
     })?;
-    match &v.inviter {
-        Some(u) => println!(
+    match (&v.inviter, &v.group) {
+        (Some(u), Some(g)) => println!(
+            "Invite {} to {u}'s group chat {g}: whoever opens it gets an account, becomes a \
+             member of {g} and the contact of its members.",
+            v.id
+        ),
+        (Some(u), None) => println!(
             "Invite {} from {u}: whoever opens it gets an account and {u} as a contact.",
             v.id
         ),
-        None => println!("Invite {}: whoever opens it gets an account.", v.id),
+        (None, _) => println!("Invite {}: whoever opens it gets an account.", v.id),
     }
     println!("Send this link (shown once; only its hash is kept):\n");
     println!("    {link}\n");
@@ -134,7 +152,10 @@ fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
             .map(|i| {
                 vec![
                     i.id.to_string(),
-                    i.kind.clone(),
+                    match &i.group {
+                        Some(g) => format!("{} ({g})", i.kind),
+                        None => i.kind.clone(),
+                    },
                     i.inviter.clone().unwrap_or_else(|| "-".to_owned()),
                     i.status.clone(),
                     format!("{}/{}", i.uses, i.max_uses),

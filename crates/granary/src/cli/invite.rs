@@ -7,12 +7,17 @@ use super::Output;
 /// `granary invite`.
 #[derive(Debug, Subcommand)]
 pub(crate) enum InviteCommand {
-    /// Make an invite link: a new account, or with --for a friend of USER's (they become
-    /// each other's contacts). Prints the link (shown once) and its QR code's xmpp: URI
+    /// Make an invite link: a new account, with --for a friend of USER's (they become
+    /// each other's contacts), or with --group a member of a group chat. Prints the link
+    /// (shown once) and its QR code's xmpp: URI
     Create {
         /// The user who invites: the friend is added to their contacts, and they to the friend's
         #[arg(long = "for", value_name = "USER")]
         inviter: Option<String>,
+        /// A group chat (a room's name, as in NAME@rooms.<domain>): the friend becomes a member,
+        /// is invited to it, and becomes the contact of its owner and members
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
         /// How long the link works: 90s, 30m, 12h, 7d or 2w
         #[arg(long, default_value = "7d", value_parser = parse_duration)]
         expires: u64,

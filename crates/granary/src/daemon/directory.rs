@@ -205,10 +205,12 @@ impl Directory for StateDirectory {
         let (store, domain) = (self.store.clone(), self.domain.clone());
         let hash = granary_auth::token_hash(token.as_bytes());
         lookup(Err(LookupFailed), move || match store.valid_invite(&hash) {
-            Ok(found) => Ok(found.map(|i| InviteInfo {
-                inviter: i
-                    .inviter
-                    .map(|u| format!("{u}@{}", i.inviter_domain.unwrap_or(domain))),
+            Ok(found) => Ok(found.map(|i| {
+                let home = i.inviter_domain.unwrap_or(domain);
+                InviteInfo {
+                    room: i.room.map(|r| format!("{r}@rooms.{home}")),
+                    inviter: i.inviter.map(|u| format!("{u}@{home}")),
+                }
             })),
             Err(e) => {
                 tracing::error!(error = %e, "invite lookup failed");
@@ -305,6 +307,7 @@ impl Directory for StateDirectory {
             super::certificate::refresh(&store, local_ca, &primary).await;
             let invite = made.invite;
             Ok(InviteRedeemed {
+                room: invite.room,
                 credential: made.credential,
                 inviter: invite
                     .inviter

@@ -34,6 +34,7 @@ fn set_invite(mut out: invite::Builder<'_>, i: &Invite) {
     out.set_expires_at(i.expires_at);
     out.set_revoked_at(i.revoked_at.unwrap_or(0));
     out.set_status(i.status(now()));
+    out.set_group(i.room.as_deref().unwrap_or(""));
     let mut used = out.init_used_by(i.used_by.len() as u32);
     for (n, u) in i.used_by.iter().enumerate() {
         used.set(n as u32, u);
@@ -47,10 +48,35 @@ impl invites::Server for Invites {
         mut results: invites::CreateResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let inviter = match p.get_inviter()?.to_str()? {
+        let mut inviter = match p.get_inviter()?.to_str()? {
             "" => None,
             _ => Some(user_name(p.get_inviter()?)?),
         };
+        let group = match p.get_group()?.to_str()? {
+            "" => None,
+            g => Some(g.to_owned()),
+        };
+        if let Some(g) = &group {
+            // The room's owner invites; naming anyone else is a mistake
+            // worth telling.
+            let (store, name) = (self.0.store.clone(), g.clone());
+            let room = blocking(move || store.instance_grain("room", &name).map_err(state_failure))
+                .await?
+                .ok_or_else(|| {
+                    fail(format!(
+                        "no group chat named {g}: a room is made when someone first joins {g}@rooms.<domain>"
+                    ))
+                })?;
+            match &inviter {
+                Some(u) if u.as_str() != room.user => {
+                    return Err(fail(format!(
+                        "the group chat {g} is {}'s; a group invite comes from its owner",
+                        room.user
+                    )));
+                }
+                _ => inviter = Some(granary_model::UserName::existing(&room.user).map_err(fail)?),
+            }
+        }
         let secs = p.get_expires_secs();
         if !(1..=366 * 86_400).contains(&secs) {
             return Err(fail("an invite expires within a year"));
@@ -67,15 +93,24 @@ impl invites::Server for Invites {
         getrandom::fill(&mut raw).map_err(fail)?;
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
         let hash = granary_auth::token_hash(token.as_bytes());
-        let kind = match inviter {
-            Some(_) => InviteKind::Contact,
-            None => InviteKind::Account,
+        let kind = match (&inviter, &group) {
+            (_, Some(_)) => InviteKind::Group,
+            (Some(_), None) => InviteKind::Contact,
+            (None, None) => InviteKind::Account,
         };
         let store = self.0.store.clone();
         let inv = inviter.clone();
         let (made, inviter_domain) = blocking(move || {
             let made = store
-                .add_invite(kind, inv.as_ref(), &hash, now() + secs, uses, ACTOR)
+                .add_invite(
+                    kind,
+                    inv.as_ref(),
+                    group.as_deref(),
+                    &hash,
+                    now() + secs,
+                    uses,
+                    ACTOR,
+                )
                 .map_err(state_failure)?;
             let domain = match &inv {
                 Some(u) => store.xmpp_domain_of(u.as_str()).map_err(state_failure)?,
