@@ -12,7 +12,13 @@
 //! 3. memory per idle session: the servers' PSS (Granary: the daemon and
 //!    every process under it; Prosody: its process) before and after 200
 //!    more bound sessions of one user, divided by 200; and what one more
-//!    user costs Granary (their chat grain's PSS).
+//!    user costs Granary (their chat grain's PSS);
+//! 4. group chat (XEP-0045), 20 members in one room (Granary: a room
+//!    grain; Prosody: mod_muc with mod_muc_mam, both archiving): group
+//!    messages/s from one member until all 19 others have every one; the
+//!    latency of one message, warm, and on Granary cold (the room grain
+//!    stopped first: it starts on that message); and the memory one more
+//!    room with one occupant costs (10 rooms made, PSS before and after).
 //!
 //! Granary is reached through its gateway (`xmpps`), each session handed
 //! to the user's chat grain, every message archived (MAM) there and routed
@@ -307,6 +313,175 @@ fn kib_per_session(side: &Side, n: usize) -> f64 {
     (after as f64 - before as f64) / n as f64
 }
 
+/// The members of the benchmark's room.
+const ROOM_MEMBERS: usize = 20;
+
+fn room_users() -> Vec<String> {
+    (0..ROOM_MEMBERS).map(|i| format!("m{i:02}")).collect()
+}
+
+/// Joins `room` as `nick` without history; back once the subject came
+/// (the last thing a join sends, XEP-0045 §7.2.16).
+fn join(c: &mut Conn, room: &str, nick: &str) {
+    c.send(&format!(
+        "<presence to='{room}/{nick}'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"
+    ));
+    loop {
+        let got = c.until(&["</message>", "type='error'", "type=\"error\""]);
+        assert!(
+            !got.contains("type='error'") && !got.contains("type=\"error\""),
+            "joining {room}: {got}"
+        );
+        if got.contains("<subject") {
+            return;
+        }
+    }
+}
+
+/// Reads until a message whose text holds `needle`.
+fn until_message_with(c: &mut Conn, needle: &str) {
+    loop {
+        if c.until(&["</message>"]).contains(needle) {
+            return;
+        }
+    }
+}
+
+/// Reads what has arrived without waiting (the sender's own copies).
+fn drain(c: &mut Conn) {
+    c.tls.sock.set_nonblocking(true).unwrap();
+    let mut chunk = [0u8; 64 << 10];
+    loop {
+        match c.tls.read(&mut chunk) {
+            Ok(0) => panic!("the server closed the sender's stream"),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("reading the sender's stream: {e}"),
+        }
+    }
+    c.tls.sock.set_nonblocking(false).unwrap();
+    c.buf.clear();
+}
+
+struct RoomResults {
+    messages: f64,
+    warm_ms: f64,
+    cold_ms: Option<f64>,
+    kib_per_room: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Scenario 4. `stop_room`: stops the room's grain (Granary), for the
+/// cold start.
+fn group_chat(side: &Side, n: usize, stop_room: Option<&dyn Fn()>) -> RoomResults {
+    let room = format!("bench@rooms.{}", side.domain);
+    let users = room_users();
+    let mut conns: Vec<Conn> = users
+        .iter()
+        .map(|u| {
+            let mut c = login(side, u, "room");
+            c.send("<presence/>");
+            sync(&mut c, "ready");
+            join(&mut c, &room, u);
+            c
+        })
+        .collect();
+    // Every join's presences have gone out once each member answers a
+    // ping after the last join.
+    for (i, c) in conns.iter_mut().enumerate() {
+        sync(c, &format!("joined{i}"));
+    }
+    let mut sender = conns.remove(0);
+    let start = Instant::now();
+    let receivers: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                let marker = b"</message>";
+                let mut seen = 0;
+                let mut tail: Vec<u8> = std::mem::take(&mut c.buf);
+                let mut chunk = vec![0u8; 64 << 10];
+                loop {
+                    seen += tail.windows(marker.len()).filter(|w| *w == marker).count();
+                    if seen >= n {
+                        return c;
+                    }
+                    let keep = tail.len().saturating_sub(marker.len() - 1);
+                    tail.drain(..keep);
+                    let got = c.tls.read(&mut chunk).unwrap();
+                    assert!(got > 0, "the server closed a member's stream");
+                    tail.extend_from_slice(&chunk[..got]);
+                }
+            })
+        })
+        .collect();
+    let mut batch = String::new();
+    for i in 0..n {
+        batch.push_str(&format!(
+            "<message to='{room}' type='groupchat' id='g{i}'><body>group message {i}</body></message>"
+        ));
+        if i % 50 == 49 || i + 1 == n {
+            sender.tls.write_all(batch.as_bytes()).unwrap();
+            sender.tls.flush().unwrap();
+            batch.clear();
+            drain(&mut sender);
+        }
+    }
+    let mut conns: Vec<Conn> = receivers.into_iter().map(|r| r.join().unwrap()).collect();
+    let messages = n as f64 / start.elapsed().as_secs_f64();
+    drain(&mut sender);
+    for c in conns.iter_mut() {
+        c.buf.clear();
+    }
+    // One message from one member to another, through the room.
+    let one = |tag: &str, conns: &mut Vec<Conn>| -> f64 {
+        let start = Instant::now();
+        conns[0].send(&format!(
+            "<message to='{room}' type='groupchat' id='{tag}'><body>{tag}</body></message>"
+        ));
+        until_message_with(&mut conns[1], tag);
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        until_message_with(&mut conns[0], tag);
+        ms
+    };
+    let warm_ms = median(
+        (0..5)
+            .map(|i| one(&format!("warm{i}"), &mut conns))
+            .collect(),
+    );
+    let cold_ms = stop_room.map(|stop| {
+        median(
+            (0..3)
+                .map(|i| {
+                    stop();
+                    one(&format!("cold{i}"), &mut conns)
+                })
+                .collect(),
+        )
+    });
+    // Memory: ten more rooms, one occupant each.
+    let before = pss(&(side.pids)());
+    for i in 0..10 {
+        join(
+            &mut sender,
+            &format!("extra{i}@rooms.{}", side.domain),
+            "m00",
+        );
+    }
+    sync(&mut sender, "rooms-made");
+    let after = pss(&(side.pids)());
+    RoomResults {
+        messages,
+        warm_ms,
+        cold_ms,
+        kib_per_room: (after as f64 - before as f64) / 10.0,
+    }
+}
+
 struct Prosody {
     child: Child,
     port: u16,
@@ -335,7 +510,10 @@ impl Prosody {
                  c2s_ports = {{ {c2s} }}\nc2s_direct_tls_ports = {{ {tls} }}\ns2s_ports = {{ }}\n\
                  c2s_require_encryption = true\n\
                  ssl = {{ certificate = \"{d}/cert.pem\"; key = \"{d}/key.pem\" }}\n\
-                 VirtualHost \"peer.test\"\n",
+                 VirtualHost \"peer.test\"\n\
+                 Component \"rooms.peer.test\" \"muc\"\n\
+                 modules_enabled = {{ \"muc_mam\" }}\nmuc_room_locking = false\n\
+                 muc_room_default_persistent = true\n",
                 mam = if archive { "\"mam\"; " } else { "" },
             ),
         )
@@ -432,8 +610,12 @@ fn measure(side: &Side, smoke: bool) -> Results {
 
 fn main() {
     let smoke = std::env::args().any(|a| a == "--smoke");
-    let granary = XmppHost::start(&["alice", "bob"], "[grains]\nidle_timeout = \"300s\"\n");
-    let passwords: HashMap<String, String> = ["alice", "bob"]
+    let mut users: Vec<String> = vec!["alice".to_owned(), "bob".to_owned()];
+    users.extend(room_users());
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    let granary = XmppHost::start(&names, "[grains]\nidle_timeout = \"300s\"\n");
+    granary.install_rooms();
+    let passwords: HashMap<String, String> = users
         .iter()
         .map(|u| (u.to_string(), format!("bench password of {u}")))
         .collect();
@@ -498,5 +680,53 @@ fn main() {
     println!(
         "one more user costs granary their chat grain: {per_grain:.0} KiB PSS ({} grains running)",
         grains.len()
+    );
+
+    // Group chat.
+    let n = if smoke { 200 } else { 5_000 };
+    let stop = || {
+        granary
+            .daemon
+            .granary(&["grain", "stop", "m00/room/bench"])
+            .success();
+    };
+    let gr = group_chat(&sides[0], n, Some(&stop));
+    let room_grain: Vec<u32> = tree(daemon)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"room"))
+                && std::fs::read_to_string(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|e| e.contains("GRANARY_GRAIN=m00-room--bench"))
+        })
+        .collect();
+    let pr = group_chat(&sides[1], n, None);
+    for (name, r) in [("granary", &gr), ("prosody", &pr)] {
+        println!(
+            "{name:>8}: {:>7.0} group messages/s to {} members ({:.0} deliveries/s), one message {:.2} ms warm{}, {:>6.0} KiB per more room",
+            r.messages,
+            ROOM_MEMBERS,
+            r.messages * ROOM_MEMBERS as f64,
+            r.warm_ms,
+            r.cold_ms
+                .map(|c| format!(", {c:.1} ms cold (the room grain stopped)"))
+                .unwrap_or_default(),
+            r.kib_per_room,
+        );
+    }
+    println!(
+        "room grain with {ROOM_MEMBERS} members, idle: {} KiB PSS",
+        pss(&room_grain)
+    );
+    // Prosody's rooms are tables in its heap: ten of them may not move
+    // its PSS at all, and no ratio is honest then.
+    let memory = match pr.kib_per_room {
+        k if k >= 1.0 => format!("{:.0}x", gr.kib_per_room / k),
+        _ => "n/a (prosody's PSS did not grow)".to_owned(),
+    };
+    println!(
+        "ratios (granary / prosody): group messages/s {:.2}x (goal >= 1.0x), warm latency {:.2}x (goal <= 1.0x), memory per room {memory} (a room here is a sandboxed process)",
+        gr.messages / pr.messages,
+        gr.warm_ms / pr.warm_ms,
     );
 }
