@@ -49,6 +49,11 @@ async def main():
     for f in ("http://jabber.org/protocol/muc", "urn:xmpp:mam:2", "muc_open", "muc_unmoderated", "muc_nonanonymous"):
         assert f in feats, (f, feats)
     assert ("conference", "text") in [(c, t) for c, t, _, _ in info["disco_info"]["identities"]], info
+    # Clients find the service where they make group chats.
+    items = await alice.plugin["xep_0030"].get_items(jid=os.environ["XMPP_DOMAIN"])
+    assert "rooms." + os.environ["XMPP_DOMAIN"] in [str(i[0]) for i in items["disco_items"]["items"]], items
+    service = await alice.plugin["xep_0030"].get_info(jid="rooms." + os.environ["XMPP_DOMAIN"])
+    assert "http://jabber.org/protocol/muc" in service["disco_info"]["features"], service
 
     await muc(bob).join_muc_wait(ROOM, "Bob", timeout=30)
     got = await next_of(alice.muc_presences, lambda p: str(p["from"]) == ROOM + "/Bob")
@@ -130,14 +135,28 @@ async def main():
     carol.send_message(mto=ROOM, mbody="members still speak", mtype="groupchat")
     await next_of(bob.messages, said("members still speak"))
 
-    # Bob leaves; everyone else sees it.
-    muc(bob).leave_muc(ROOM, "Bob")
-    await next_of(alice.muc_presences, lambda p: p["type"] == "unavailable" and str(p["from"]) == ROOM + "/Bob")
+    # A new nick keeps the role: Bob is still a visitor as Robert.
+    assert await muc(bob).set_self_nick(ROOM, "Robert", timeout=30) == "Robert"
+    moved = await next_of(alice.muc_presences, lambda p: p["type"] == "unavailable" and str(p["from"]) == ROOM + "/Bob")
+    assert 303 in moved["muc"]["status_codes"] and moved["muc"]["item_nick"] == "Robert", moved
+    robert = await next_of(alice.muc_presences, lambda p: p["type"] != "unavailable" and str(p["from"]) == ROOM + "/Robert")
+    assert robert["muc"]["role"] == "visitor", robert
+
+    # Bob leaves; everyone else sees it, and so does he.
+    muc(bob).leave_muc(ROOM, "Robert")
+    await next_of(alice.muc_presences, lambda p: p["type"] == "unavailable" and str(p["from"]) == ROOM + "/Robert")
+    mine = await next_of(bob.muc_presences, lambda p: p["type"] == "unavailable" and str(p["from"]) == ROOM + "/Robert")
+    assert 110 in mine["muc"]["status_codes"], mine
     # The room is a grain of its own: stopped, it keeps who is in it.
     stop = await asyncio.to_thread(subprocess.run, [os.environ["GRANARY_BIN"], "--config", os.environ["GRANARY_CONFIG_FILE"], "grain", "stop", "alice/room/family"], capture_output=True, text=True)
     assert stop.returncode == 0, stop
     alice.send_message(mto=ROOM, mbody="still here?", mtype="groupchat")
     await next_of(carol.messages, said("still here?"))
+    # A client that joins again from the same address (as after its own
+    # server restarted) gets a whole join: the subject comes last.
+    _, subject, occupants, _ = await muc(carol).join_muc_wait(ROOM, "Carol", maxstanzas=0, timeout=30)
+    assert subject["subject"] == "Sunday lunch", subject
+    assert ROOM + "/Alice" in {str(p["from"]) for p in occupants}, occupants
     for c in (alice, bob, carol, intruder):
         c.disconnect()
 

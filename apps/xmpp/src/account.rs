@@ -174,6 +174,13 @@ fn answer(
         ("get", ns::DISCO_INFO, "query") => Some(disco_info(server, target, own, el, payload)),
         ("get", ns::DISCO_ITEMS, "query") => {
             let mut q = Element::new("query", ns::DISCO_ITEMS);
+            if target == Target::Server {
+                q.push(
+                    Element::new("item", ns::DISCO_ITEMS)
+                        .with_attr("jid", crate::room::service_jid(&server.domain))
+                        .with_attr("name", "Group chats"),
+                );
+            }
             if target == Target::Server && server.upload.enabled() {
                 q.push(
                     Element::new("item", ns::DISCO_ITEMS)

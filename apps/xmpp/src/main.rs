@@ -128,7 +128,11 @@ fn room_main(dir: std::ffi::OsString, owner: &str, domain: &str) -> ExitCode {
         let r = room.clone();
         granary_sdk::spawn_local(async move {
             match host.request_as::<xmpp_router::Client>("xmpp.route").await {
-                Ok(router) => *r.router.borrow_mut() = Some(router),
+                Ok(router) => {
+                    *r.router.borrow_mut() = Some(router);
+                    // What came in before the route was there goes now.
+                    r.pump();
+                }
                 Err(e) => granary_sdk::log::error(&format!(
                     "no route to the occupants: {}",
                     granary_sdk::message(&e)

@@ -352,7 +352,14 @@ pub fn inbound(server: &Rc<Server>, from: &Jid, to: &Jid, el: Element) {
                     || st.directed.contains(&contact)
                     || st.directed.iter().any(room_of)
             });
-            if !subscribed && !directed && kind.as_deref() != Some("error") {
+            // Leaving a room ends the directed presence before the room's
+            // answer (XEP-0045 §7.14: unavailable, 110 "this is you").
+            let left_room = kind.as_deref() == Some("unavailable")
+                && el.child("x", crate::room::MUC_USER).is_some_and(|x| {
+                    x.elements()
+                        .any(|s| s.name == "status" && s.attr("code") == Some("110"))
+                });
+            if !subscribed && !directed && !left_room && kind.as_deref() != Some("error") {
                 return;
             }
             match to.resource.as_deref() {

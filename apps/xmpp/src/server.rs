@@ -704,6 +704,20 @@ impl Server {
         if el.ns != ns::CLIENT || !matches!(el.name.as_str(), "message" | "presence" | "iq") {
             return Err("bad-request: not a stanza".to_owned());
         }
+        // A room's stanza for a client that is not connected: the room is
+        // told at once and takes the client out (XEP-0045's ghosts).
+        let from_room = from.local.is_some() && from.domain.starts_with("rooms.");
+        let for_occupant = (el.name == "message" && el.attr("type") == Some("groupchat"))
+            || (el.name == "presence" && el.child("x", crate::room::MUC_USER).is_some());
+        if from_room
+            && for_occupant
+            && to
+                .resource
+                .as_deref()
+                .is_some_and(|r| self.session(r).is_none())
+        {
+            return Err("item-not-found: that client is not connected".to_owned());
+        }
         self.deliver(&from, &to, el);
         Ok(())
     }

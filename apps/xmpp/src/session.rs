@@ -629,6 +629,14 @@ pub fn stanza(server: &Rc<Server>, session: &Rc<Session>, mut el: Element) -> Re
             {
                 crate::upload::handle_iq(server, session, el)
             }
+            // The group chat service itself (its rooms are grains).
+            Some(t)
+                if t.local.is_none()
+                    && t.resource.is_none()
+                    && t.domain == crate::room::service_jid(&server.domain) =>
+            {
+                crate::room::service_iq(server, session, el)
+            }
             Some(t) => {
                 let t = t.clone();
                 server.route(&session.full, &t, el);

@@ -307,6 +307,12 @@ impl Inner {
         if !is_join(stanza, to) || !service.eq_ignore_ascii_case(domain) {
             return Err(no_room());
         }
+        if granary_model::GrainId::parse(&format!("{owner}-room--{name}")).is_err() {
+            return Err(refused(
+                "not-acceptable",
+                "that room name is too long for you: with its owner's name, a room's grain id is at most 64 characters",
+            ));
+        }
         let (user, room, uids, most) = (
             owner.to_owned(),
             name.to_owned(),

@@ -14,7 +14,8 @@ use crate::room::store::HistoryQuery;
 
 const ROOMCONFIG: &str = "http://jabber.org/protocol/muc#roomconfig";
 const ROOMINFO: &str = "http://jabber.org/protocol/muc#roominfo";
-const MAX_PAGE: usize = 250;
+/// Room messages can be 64 KiB each: a page stays a few MiB.
+const MAX_PAGE: usize = 100;
 const DEFAULT_PAGE: usize = 50;
 
 pub fn handle(room: &Rc<Room>, from: &Jid, to: &Jid, el: Element) {
@@ -43,7 +44,7 @@ pub fn handle(room: &Rc<Room>, from: &Jid, to: &Jid, el: Element) {
         return room.refuse(&el, "bad-request", "An empty request.");
     };
     let reply = match (kind.as_str(), q.name.as_str(), q.ns.as_str()) {
-        ("get", "query", ns::DISCO_INFO) => disco_info(room, &el),
+        ("get", "query", ns::DISCO_INFO) => disco_info(room, from, &el),
         ("get", "query", ns::DISCO_ITEMS) => {
             result_for(&el).with_child(Element::new("query", ns::DISCO_ITEMS))
         }
@@ -100,7 +101,7 @@ fn bit(b: bool) -> &'static str {
     if b { "1" } else { "0" }
 }
 
-fn disco_info(room: &Rc<Room>, el: &Element) -> Element {
+fn disco_info(room: &Rc<Room>, from: &Jid, el: &Element) -> Element {
     let s = room.settings.borrow().clone();
     let name = if s.name.is_empty() {
         room.bare.local.clone().unwrap_or_default()
@@ -135,6 +136,10 @@ fn disco_info(room: &Rc<Room>, el: &Element) -> Element {
         },
     ] {
         q.push(feature(f));
+    }
+    // A members-only room tells others only that it exists.
+    if s.members_only && room.affiliation(&from.bare_text()) < Affiliation::Member {
+        return result_for(el).with_child(q);
     }
     let occupants = room.occupants.borrow().len();
     q.push(
@@ -396,14 +401,19 @@ fn admin_change(room: &Rc<Room>, from: &Jid, q: &Element) -> Result<(), Refusal>
             return Err(("bad-request", "An item changes an affiliation or a role."));
         }
     }
+    let affiliations: Vec<(String, Affiliation)> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Affiliation(jid, a) => Some((jid.clone(), *a)),
+            Change::Role(..) => None,
+        })
+        .collect();
+    room.store
+        .set_affiliations(&affiliations)
+        .map_err(|_| ("internal-server-error", "The change was not saved."))?;
     for c in changes {
         match c {
-            Change::Affiliation(jid, a) => {
-                room.store
-                    .set_affiliation(&jid, a)
-                    .map_err(|_| ("internal-server-error", "The change was not saved."))?;
-                apply_affiliation(room, &jid, a);
-            }
+            Change::Affiliation(jid, a) => apply_affiliation(room, &jid, a),
             Change::Role(nick, r) => set_role(room, &nick, r, &["307"]),
         }
     }

@@ -37,12 +37,22 @@ pub const MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
 
 /// The most people in one room at once.
 pub const MAX_OCCUPANTS: usize = 200;
+/// Clients of one user under one nick, and nicks of one user.
+const MAX_SESSIONS_PER_NICK: usize = 8;
+const MAX_NICKS_PER_USER: usize = 3;
+/// The largest presence a client may have in a room (it is kept, and sent
+/// to everyone at every change).
+const MAX_PRESENCE: usize = 16 * 1024;
+/// The largest group message.
+const MAX_MESSAGE: usize = 64 * 1024;
 /// The history sent on joining, unless the client asks for less.
 const JOIN_HISTORY: usize = 20;
 /// The largest stanza the room takes.
 const MAX_STANZA: usize = 256 * 1024;
-/// Stanzas waiting for the host beyond which the room refuses more.
+/// Stanzas, and their bytes, waiting for the host beyond which the room
+/// refuses more.
 const MAX_OUTBOX: usize = 20_000;
+const MAX_OUTBOX_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Affiliation {
@@ -137,7 +147,8 @@ pub struct Room {
     pub occupants: RefCell<BTreeMap<String, Occupant>>,
     pub settings: RefCell<Settings>,
     pub router: RefCell<Option<xmpp_router::Client>>,
-    outbox: RefCell<VecDeque<(String, String, Element)>>,
+    outbox: RefCell<VecDeque<(String, String, String)>>,
+    outbox_bytes: Cell<usize>,
     in_flight: Cell<usize>,
     max_in_flight: usize,
 }
@@ -159,7 +170,7 @@ impl Room {
             members_only: flag(&store, "members_only", false).map_err(e)?,
             moderated: flag(&store, "moderated", false).map_err(e)?,
             change_subject: flag(&store, "change_subject", true).map_err(e)?,
-            allow_invites: flag(&store, "allow_invites", true).map_err(e)?,
+            allow_invites: flag(&store, "allow_invites", false).map_err(e)?,
         };
         let mut occupants: BTreeMap<String, Occupant> = BTreeMap::new();
         for (full, nick, role) in store.occupants().map_err(e)? {
@@ -185,6 +196,7 @@ impl Room {
             settings: RefCell::new(settings),
             router: RefCell::new(None),
             outbox: RefCell::new(VecDeque::new()),
+            outbox_bytes: Cell::new(0),
             in_flight: Cell::new(0),
             max_in_flight,
         })
@@ -192,14 +204,14 @@ impl Room {
 
     pub fn save_settings(&self, s: &Settings) -> Result<(), store::StoreError> {
         let b = |v: bool| if v { "1" } else { "0" };
-        self.store.set_setting("name", &s.name)?;
-        self.store.set_setting("description", &s.description)?;
-        self.store.set_setting("members_only", b(s.members_only))?;
-        self.store.set_setting("moderated", b(s.moderated))?;
-        self.store
-            .set_setting("change_subject", b(s.change_subject))?;
-        self.store
-            .set_setting("allow_invites", b(s.allow_invites))?;
+        self.store.set_settings(&[
+            ("name", s.name.as_str()),
+            ("description", s.description.as_str()),
+            ("members_only", b(s.members_only)),
+            ("moderated", b(s.moderated)),
+            ("change_subject", b(s.change_subject)),
+            ("allow_invites", b(s.allow_invites)),
+        ])?;
         *self.settings.borrow_mut() = s.clone();
         Ok(())
     }
@@ -208,7 +220,12 @@ impl Room {
         if bare == self.owner {
             return Affiliation::Owner;
         }
-        self.store.affiliation(bare).unwrap_or(Affiliation::None)
+        // Fails closed: if the store cannot say, the answer is the one
+        // that lets nobody in (bans hold; the owner is known above).
+        self.store.affiliation(bare).unwrap_or_else(|e| {
+            granary_sdk::log::error(&format!("reading an affiliation: {e}"));
+            Affiliation::Outcast
+        })
     }
 
     /// The role a user of `a` gets on joining.
@@ -238,25 +255,35 @@ impl Room {
     /// Sends `el` from `from` (the room, or one of its occupants' nick
     /// addresses) to `to` through the host, in order.
     pub fn send(self: &Rc<Self>, from: String, to: String, el: Element) {
-        self.outbox.borrow_mut().push_back((from, to, el));
+        let xml = el.to_xml(ns::CLIENT);
+        if self.outbox_bytes.get() + xml.len() > MAX_OUTBOX_BYTES {
+            granary_sdk::log::warn("too much waits for the host; a stanza is dropped");
+            return;
+        }
+        self.outbox_bytes.set(self.outbox_bytes.get() + xml.len());
+        self.outbox.borrow_mut().push_back((from, to, xml));
         self.pump();
     }
 
-    fn pump(self: &Rc<Self>) {
+    /// Sends what waits while fewer than the bound are on their way;
+    /// nothing before the route to the occupants exists (the grain calls
+    /// this again once it has it).
+    pub fn pump(self: &Rc<Self>) {
         while self.in_flight.get() < self.max_in_flight {
-            let Some((from, to, el)) = self.outbox.borrow_mut().pop_front() else {
+            let Some(router) = self.router.borrow().clone() else {
                 return;
             };
-            let Some(router) = self.router.borrow().clone() else {
-                granary_sdk::log::warn("no route to the occupants yet; a stanza is dropped");
-                continue;
+            let Some((from, to, xml)) = self.outbox.borrow_mut().pop_front() else {
+                return;
             };
+            self.outbox_bytes
+                .set(self.outbox_bytes.get().saturating_sub(xml.len()));
             let mut request = router.route_request();
             {
                 let mut r = request.get();
                 r.set_from(&from);
                 r.set_to(&to);
-                r.set_stanza(el.to_xml(ns::CLIENT));
+                r.set_stanza(&xml);
             }
             let sent = request.send().promise;
             self.in_flight.set(self.in_flight.get() + 1);
@@ -287,7 +314,8 @@ impl Room {
         if stanza.len() > MAX_STANZA {
             return Err("policy-violation: the stanza is too large".to_owned());
         }
-        if self.outbox.borrow().len() > MAX_OUTBOX {
+        if self.outbox.borrow().len() > MAX_OUTBOX || self.outbox_bytes.get() > MAX_OUTBOX_BYTES / 2
+        {
             return Err("resource-constraint: the room is busy".to_owned());
         }
         let from = Jid::parse(from).map_err(|e| format!("jid-malformed: {e}"))?;
@@ -383,62 +411,70 @@ impl Room {
     /// Sends `nick`'s presence to everyone in the room; its own clients
     /// get `self_codes` (110 and what else applies).
     pub fn broadcast_presence(self: &Rc<Self>, nick: &str, self_codes: &[&str]) {
-        let occupants = self.occupants.borrow().clone();
-        let Some(o) = occupants.get(nick) else { return };
-        for (n, other) in &occupants {
-            let codes: &[&str] = if n == nick { self_codes } else { &[] };
-            let p = self.occupant_presence(nick, o, codes);
-            for (f, _) in &other.sessions {
-                self.send(self.occupant_address(nick), f.clone(), p.clone());
-            }
+        let (plain, own, targets) = {
+            let occupants = self.occupants.borrow();
+            let Some(o) = occupants.get(nick) else { return };
+            let targets: Vec<(String, bool)> = occupants
+                .iter()
+                .flat_map(|(n, other)| {
+                    other
+                        .sessions
+                        .iter()
+                        .map(move |(f, _)| (f.clone(), n == nick))
+                })
+                .collect();
+            (
+                self.occupant_presence(nick, o, &[]),
+                self.occupant_presence(nick, o, self_codes),
+                targets,
+            )
+        };
+        let from = self.occupant_address(nick);
+        for (f, mine) in targets {
+            let p = if mine { own.clone() } else { plain.clone() };
+            self.send(from.clone(), f, p);
         }
     }
 
     fn join(self: &Rc<Self>, from: &Jid, nick: &str, mut el: Element) {
         let full = from.to_string();
         let bare = from.bare_text();
-        if nick.is_empty() || nick.len() > 64 || nick.chars().any(char::is_control) {
-            return self.refuse(&el, "jid-malformed", "That nick cannot be used.");
+        let mut refusal = el_with(&full, nick, self, "presence");
+        if let Some(id) = el.attr("id") {
+            refusal.set_attr("id", id);
         }
-        let history = el.child("x", MUC).map(|x| x.child("history", MUC).cloned());
+        if nick.is_empty() || nick.len() > 64 || nick.chars().any(char::is_control) {
+            return self.refuse(&refusal, "jid-malformed", "That nick cannot be used.");
+        }
+        // What is kept of a presence is sent to everyone at every change:
+        // it stays small.
+        if el.to_xml(ns::CLIENT).len() > MAX_PRESENCE {
+            return self.refuse(&refusal, "policy-violation", "That presence is too large.");
+        }
+        // `<x xmlns='…muc'/>` marks a join (a client that rejoins after
+        // losing track, as after its server restarted, gets everything a
+        // join gets); without it, a change of presence or of nick.
+        let muc = el.child("x", MUC).cloned();
+        let history = muc.as_ref().and_then(|x| x.child("history", MUC).cloned());
         el.retain_children(|c| c.ns != MUC && c.ns != MUC_USER);
         el.remove_attr("to");
         el.remove_attr("from");
         match self.nick_of(&full) {
-            // A presence update: everyone sees it.
             Some(current) if current == nick => {
                 if let Some(o) = self.occupants.borrow_mut().get_mut(nick)
                     && let Some(s) = o.sessions.iter_mut().find(|(f, _)| *f == full)
                 {
                     s.1 = el;
                 }
-                self.broadcast_presence(nick, &["110"]);
-                return;
-            }
-            // A new nick: leave under the old one (303), join again.
-            Some(current) => {
-                if self
-                    .occupants
-                    .borrow()
-                    .get(nick)
-                    .is_some_and(|o| o.bare != bare)
-                {
-                    return self.refuse(
-                        &el_with(&full, nick, self, "presence"),
-                        "conflict",
-                        "That nick is taken.",
-                    );
+                if muc.is_some() {
+                    return self.welcome(&full, nick, history.as_ref());
                 }
-                let _ = current;
-                self.leave(&full, Some(nick), &["303"]);
+                return self.broadcast_presence(nick, &["110"]);
             }
+            Some(current) => return self.change_nick(&full, &current, nick, el, refusal),
             None => {}
         }
         let affiliation = self.affiliation(&bare);
-        let mut refusal = el_with(&full, nick, self, "presence");
-        if let Some(id) = el.attr("id") {
-            refusal.set_attr("id", id);
-        }
         if affiliation == Affiliation::Outcast {
             return self.refuse(&refusal, "forbidden", "You are banned from this room.");
         }
@@ -449,16 +485,8 @@ impl Room {
                 "This room is for its members only.",
             );
         }
-        {
-            let occupants = self.occupants.borrow();
-            if occupants.get(nick).is_some_and(|o| o.bare != bare) {
-                drop(occupants);
-                return self.refuse(&refusal, "conflict", "That nick is taken.");
-            }
-            if !occupants.contains_key(nick) && occupants.len() >= MAX_OCCUPANTS {
-                drop(occupants);
-                return self.refuse(&refusal, "service-unavailable", "The room is full.");
-            }
+        if let Some(why) = self.no_room_for(&bare, nick) {
+            return self.refuse(&refusal, why.0, why.1);
         }
         let role = self
             .occupants
@@ -484,16 +512,47 @@ impl Room {
             })
             .sessions
             .push((full.clone(), el));
-        // Who is here, then the newcomer to everyone (RFC order: others
-        // first, own presence last, XEP-0045 §7.2.3).
-        let occupants = self.occupants.borrow().clone();
-        for (n, o) in occupants.iter().filter(|(n, _)| n.as_str() != nick) {
-            let p = self.occupant_presence(n, o, &[]);
-            self.send(self.occupant_address(n), full.clone(), p);
+        self.welcome(&full, nick, history.as_ref());
+    }
+
+    /// Why `bare` may not take `nick` now: someone else's, too many
+    /// clients under it, too many nicks of theirs, or a full room.
+    fn no_room_for(&self, bare: &str, nick: &str) -> Option<(&'static str, &'static str)> {
+        let occupants = self.occupants.borrow();
+        match occupants.get(nick) {
+            Some(o) if o.bare != bare => Some(("conflict", "That nick is taken.")),
+            Some(o) if o.sessions.len() >= MAX_SESSIONS_PER_NICK => Some((
+                "service-unavailable",
+                "Too many of your clients are in this room under that nick.",
+            )),
+            Some(_) => None,
+            None if occupants.values().filter(|o| o.bare == bare).count() >= MAX_NICKS_PER_USER => {
+                Some(("not-allowed", "You are in this room under too many nicks."))
+            }
+            None if occupants.len() >= MAX_OCCUPANTS => {
+                Some(("service-unavailable", "The room is full."))
+            }
+            None => None,
+        }
+    }
+
+    /// What a joining client is sent (XEP-0045 §7.2): who is here, itself
+    /// (to everyone), the history it asked for, and the subject last.
+    fn welcome(self: &Rc<Self>, full: &str, nick: &str, history: Option<&Element>) {
+        let others: Vec<Element> = self
+            .occupants
+            .borrow()
+            .iter()
+            .filter(|(n, _)| n.as_str() != nick)
+            .map(|(n, o)| self.occupant_presence(n, o, &[]))
+            .collect();
+        for p in others {
+            let from = p.attr("from").unwrap_or_default().to_owned();
+            self.send(from, full.to_owned(), p);
         }
         // 100: everyone sees real addresses; 170: the room is archived.
         self.broadcast_presence(nick, &["110", "100", "170"]);
-        self.send_history(&full, history.flatten().as_ref());
+        self.send_history(full, history);
         let (subject, by) = (
             self.store
                 .setting("subject")
@@ -510,7 +569,52 @@ impl Room {
             .with_attr("type", "groupchat")
             .with_attr("id", random_id())
             .with_child(Element::new("subject", ns::CLIENT).with_text(subject));
-        self.send(subject_from, full, m);
+        self.send(subject_from, full.to_owned(), m);
+    }
+
+    /// One client of `current` goes by `nick` now (XEP-0045 §7.6): an
+    /// unavailable presence with 303 under the old nick, then the new one;
+    /// the role goes with it.
+    fn change_nick(
+        self: &Rc<Self>,
+        full: &str,
+        current: &str,
+        nick: &str,
+        el: Element,
+        refusal: Element,
+    ) {
+        let bare = Jid::parse(full).map(|j| j.bare_text()).unwrap_or_default();
+        if let Some(why) = self.no_room_for(&bare, nick) {
+            return self.refuse(&refusal, why.0, why.1);
+        }
+        let role = self
+            .occupants
+            .borrow()
+            .get(current)
+            .map(|o| o.role)
+            .unwrap_or(Role::Participant);
+        if let Err(e) = self.store.put_occupant(full, nick, role) {
+            granary_sdk::log::error(&format!("recording a nick change: {e}"));
+            return self.refuse(
+                &refusal,
+                "internal-server-error",
+                "The room cannot change your nick now.",
+            );
+        }
+        // Under the old nick: gone, saying where to (the store already
+        // has the new one).
+        self.leave_in_memory(full, Some(nick), &["303"]);
+        self.occupants
+            .borrow_mut()
+            .entry(nick.to_owned())
+            .or_insert_with(|| Occupant {
+                bare,
+                role,
+                sessions: Vec::new(),
+            })
+            .sessions
+            .push((full.to_owned(), el));
+        self.broadcast_presence(nick, &["110"]);
     }
 
     /// The history a joining client asked for (XEP-0045 §7.2.14).
@@ -525,7 +629,7 @@ impl Room {
                 n = 0;
             }
             if let Some(s) = h.attr("seconds").and_then(|v| v.parse::<i64>().ok()) {
-                since = Some(now_ms() - s.saturating_mul(1000));
+                since = Some(now_ms().saturating_sub(s.clamp(0, 100 * 365 * 86_400) * 1000));
             }
             if let Some(t) = h.attr("since").and_then(crate::account::parse_stamp) {
                 since = Some(since.map_or(t, |s: i64| s.max(t)));
@@ -555,10 +659,22 @@ impl Room {
     /// and `codes` say why (303 a nick change, 307 kicked, 301 banned, 321
     /// no longer a member).
     pub fn leave(self: &Rc<Self>, full: &str, new_nick: Option<&str>, codes: &[&str]) {
+        if self.nick_of(full).is_none() {
+            return;
+        }
+        if let Err(e) = self.store.drop_occupant(full) {
+            // Gone now; back as a ghost after a restart, until a message
+            // to it bounces.
+            granary_sdk::log::error(&format!("forgetting an occupant: {e}"));
+        }
+        self.leave_in_memory(full, new_nick, codes);
+    }
+
+    /// [`Room::leave`] without the store (a nick change keeps the row).
+    fn leave_in_memory(self: &Rc<Self>, full: &str, new_nick: Option<&str>, codes: &[&str]) {
         let Some(nick) = self.nick_of(full) else {
             return;
         };
-        let _ = self.store.drop_occupant(full);
         let snapshot = {
             let mut occupants = self.occupants.borrow_mut();
             let Some(o) = occupants.get_mut(&nick) else {
@@ -616,8 +732,10 @@ impl Room {
         let full = from.to_string();
         let kind = el.attr("type").unwrap_or("normal").to_owned();
         if kind == "error" {
-            // What the room sent could not be delivered: that client left.
-            if self.nick_of(&full).is_some() {
+            // What the room sent could not be delivered: that client left
+            // (XEP-0045 §18.1.2). Other errors (a client refusing a
+            // private message) change nothing.
+            if gone(&el) {
                 self.leave(&full, None, &[]);
             }
             return;
@@ -643,6 +761,9 @@ impl Room {
         let Some(nick) = self.nick_of(full) else {
             return self.refuse(&el, "not-acceptable", "You are not in this room.");
         };
+        if el.to_xml(ns::CLIENT).len() > MAX_MESSAGE {
+            return self.refuse(&el, "policy-violation", "That message is too large.");
+        }
         let role = self
             .occupants
             .borrow()
@@ -656,33 +777,44 @@ impl Room {
                 "Visitors may not speak in a moderated room.",
             );
         }
+        let may_set_subject = role >= Role::Moderator || self.settings.borrow().change_subject;
         let subject = el.child("subject", ns::CLIENT).map(|s| s.text());
-        if let Some(subject) = subject
-            && el.child("body", ns::CLIENT).is_none()
-        {
-            if role < Role::Moderator && !self.settings.borrow().change_subject {
-                return self.refuse(&el, "forbidden", "Only moderators may change the subject.");
+        match subject {
+            Some(subject) if el.child("body", ns::CLIENT).is_none() => {
+                if !may_set_subject {
+                    return self.refuse(
+                        &el,
+                        "forbidden",
+                        "Only moderators may change the subject.",
+                    );
+                }
+                let saved = self
+                    .store
+                    .set_settings(&[("subject", subject.as_str()), ("subject_by", nick.as_str())]);
+                if saved.is_err() {
+                    return self.refuse(&el, "internal-server-error", "The subject was not saved.");
+                }
             }
-            let saved = self
-                .store
-                .set_setting("subject", &subject)
-                .and_then(|_| self.store.set_setting("subject_by", &nick));
-            if saved.is_err() {
-                return self.refuse(&el, "internal-server-error", "The subject was not saved.");
-            }
+            // With a body, a subject is one only for those who may set it.
+            Some(_) if !may_set_subject => el.retain_children(|c| !c.is("subject", ns::CLIENT)),
+            _ => {}
         }
-        // A stanza-id claiming to be the room's is a forgery (XEP-0359 §5).
+        // What only the room may say: its stanza-ids (XEP-0359 §5), delays
+        // (history) and muc#user payloads.
         let room = self.bare.to_string();
-        el.retain_children(|c| {
-            !(c.is("stanza-id", ns::SID) && c.attr("by") == Some(room.as_str()))
-        });
+        let forged = |c: &Element| {
+            (c.is("stanza-id", ns::SID) && c.attr("by") == Some(room.as_str()))
+                || c.is("delay", ns::DELAY)
+                || c.ns == MUC_USER
+        };
+        el.retain_children(|c| !forged(c));
         el.remove_attr("to");
         el.set_attr("from", self.occupant_address(&nick));
         // Subject changes are not history: a joining client gets the
         // subject last anyway.
         let keep = el.child("body", ns::CLIENT).is_some()
-            || el.child_ns("eu.siacs.conversations.axolotl").is_some()
-            || el.child_ns("urn:xmpp:omemo:2").is_some();
+            || el.child("store", ns::HINTS).is_some()
+            || KEPT_PAYLOADS.iter().any(|n| el.child_ns(n).is_some());
         if keep && el.child("no-store", ns::HINTS).is_none() {
             let id = random_id();
             el.push(
@@ -690,10 +822,19 @@ impl Room {
                     .with_attr("by", room)
                     .with_attr("id", id.clone()),
             );
+            // The kept copy names who wrote it (the room is not anonymous):
+            // a nick may change hands, and encrypted history needs the
+            // sender's address to find their keys.
+            let bare = Jid::parse(full).map(|j| j.bare_text()).unwrap_or_default();
+            let mut kept = el.clone();
+            kept.push(
+                Element::new("x", MUC_USER)
+                    .with_child(Element::new("item", MUC_USER).with_attr("jid", bare)),
+            );
             let k = Kept {
                 id,
                 ts: now_ms(),
-                stanza: el.to_xml(ns::CLIENT),
+                stanza: kept.to_xml(ns::CLIENT),
             };
             // Kept before anyone sees it.
             if let Err(e) = self.store.keep(&k) {
@@ -828,6 +969,35 @@ impl Room {
     }
 }
 
+/// Payloads without a body that are history all the same: encrypted
+/// messages, reactions, retractions, corrections.
+const KEPT_PAYLOADS: &[&str] = &[
+    "eu.siacs.conversations.axolotl",
+    "urn:xmpp:omemo:2",
+    "urn:xmpp:reactions:0",
+    "urn:xmpp:message-retract:1",
+    "urn:xmpp:message-correct:0",
+];
+
+/// Whether an error says its recipient is not there any more (not that it
+/// refused something).
+fn gone(el: &Element) -> bool {
+    el.child("error", ns::CLIENT).is_some_and(|e| {
+        e.elements().any(|c| {
+            c.ns == ns::STANZAS
+                && matches!(
+                    c.name.as_str(),
+                    "item-not-found"
+                        | "recipient-unavailable"
+                        | "service-unavailable"
+                        | "remote-server-not-found"
+                        | "remote-server-timeout"
+                        | "gone"
+                )
+        })
+    })
+}
+
 fn room_address(room: &Room) -> String {
     room.bare.to_string()
 }
@@ -838,6 +1008,45 @@ fn el_with(full: &str, nick: &str, room: &Room, name: &str) -> Element {
     Element::new(name, ns::CLIENT)
         .with_attr("from", full)
         .with_attr("to", room.occupant_address(nick))
+}
+
+/// The group chat service's address for users of `domain`.
+pub fn service_jid(domain: &str) -> String {
+    format!("rooms.{domain}")
+}
+
+/// What a user's grain answers for `rooms.<domain>` itself (the rooms are
+/// grains; the service has no grain of its own): disco, so clients find
+/// where to make group chats.
+pub fn service_iq(
+    server: &Rc<crate::server::Server>,
+    session: &Rc<crate::server::Session>,
+    el: Element,
+) {
+    let q = el.elements().next();
+    let reply = match (el.attr("type"), q.map(|q| (q.ns.as_str(), q.name.as_str()))) {
+        (Some("get"), Some((ns::DISCO_INFO, "query"))) => {
+            let mut query = Element::new("query", ns::DISCO_INFO).with_child(
+                Element::new("identity", ns::DISCO_INFO)
+                    .with_attr("category", "conference")
+                    .with_attr("type", "text")
+                    .with_attr("name", "Group chats"),
+            );
+            for f in [ns::DISCO_INFO, MUC] {
+                query.push(Element::new("feature", ns::DISCO_INFO).with_attr("var", f));
+            }
+            crate::account::result_for(&el).with_child(query)
+        }
+        (Some("get"), Some((ns::DISCO_ITEMS, "query"))) => {
+            crate::account::result_for(&el).with_child(Element::new("query", ns::DISCO_ITEMS))
+        }
+        (Some("get" | "set"), _) => error_reply(&el, "cancel", "service-unavailable", None),
+        _ => return,
+    };
+    let mut reply = reply;
+    reply.set_attr("from", service_jid(&server.domain));
+    reply.set_attr("to", session.full.to_string());
+    session.send(reply);
 }
 
 /// `xmpp.deliver` of a room grain: stanzas from users, which the host

@@ -97,12 +97,17 @@ impl RoomStore {
             .optional()?)
     }
 
-    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO settings (key, value) VALUES (?1, ?2)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            params![key, value],
-        )?;
+    /// Sets these settings, all or none.
+    pub fn set_settings(&self, pairs: &[(&str, &str)]) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        for (key, value) in pairs {
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -120,16 +125,24 @@ impl RoomStore {
     }
 
     pub fn set_affiliation(&self, jid: &str, a: Affiliation) -> Result<()> {
-        if a == Affiliation::None {
-            self.conn
-                .execute("DELETE FROM affiliations WHERE jid = ?1", [jid])?;
-        } else {
-            self.conn.execute(
-                "INSERT INTO affiliations (jid, affiliation) VALUES (?1, ?2)
-                 ON CONFLICT (jid) DO UPDATE SET affiliation = excluded.affiliation",
-                params![jid, a.as_str()],
-            )?;
+        self.set_affiliations(&[(jid.to_owned(), a)])
+    }
+
+    /// Sets these affiliations, all or none.
+    pub fn set_affiliations(&self, changes: &[(String, Affiliation)]) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        for (jid, a) in changes {
+            if *a == Affiliation::None {
+                tx.execute("DELETE FROM affiliations WHERE jid = ?1", [jid])?;
+            } else {
+                tx.execute(
+                    "INSERT INTO affiliations (jid, affiliation) VALUES (?1, ?2)
+                     ON CONFLICT (jid) DO UPDATE SET affiliation = excluded.affiliation",
+                    params![jid, a.as_str()],
+                )?;
+            }
         }
+        tx.commit()?;
         Ok(())
     }
 

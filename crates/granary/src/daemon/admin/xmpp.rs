@@ -62,6 +62,13 @@ impl xmpp::Server for Xmpp {
         let p = params.get()?;
         let domain = granary_model::MailDomain::parse(p.get_domain()?.to_str()?)
             .map_err(|e| fail(e.to_string()))?;
+        // rooms.<domain> is every chat domain's group chat service: a user
+        // there would share addresses with rooms.
+        if domain.as_str().starts_with("rooms.") {
+            return Err(fail(format!(
+                "{domain} cannot be a chat domain: rooms.<domain> names group chats"
+            )));
+        }
         let mut users = Vec::new();
         for u in p.get_users()? {
             users.push(user_name(u?)?);
