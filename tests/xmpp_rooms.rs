@@ -7,14 +7,19 @@ use granary_testkit::xmpp::XmppHost;
 /// One room, three people: making it by joining, history on joining,
 /// messages to everyone with the room's stanza-ids, the room's archive,
 /// members-only and moderated rooms with affiliations and roles set by
-/// the owner, self-pings (XEP-0410), and the room's own grain, stopped and
-/// started again without losing who is in it.
+/// the owner, self-pings (XEP-0410), nick changes, and the room's own
+/// grain, which stops when idle and comes back on the next message
+/// knowing who is in it and with its history. The idle timeout is short
+/// (2 s), so the room may also stop and start between any two steps.
 #[test]
 fn three_people_share_a_room_grain() {
-    let h = XmppHost::start(&["alice", "bob", "carol"], "");
+    let h = XmppHost::start(
+        &["alice", "bob", "carol"],
+        "[grains]\nidle_timeout = \"2s\"\n",
+    );
     h.install_rooms();
     let script = r#"
-import asyncio, os, subprocess
+import asyncio, json, os, subprocess, time
 from granary_xmpp_test import Client, next_of, run
 from slixmpp import JID
 from slixmpp.exceptions import IqError, PresenceError
@@ -147,16 +152,27 @@ async def main():
     await next_of(alice.muc_presences, lambda p: p["type"] == "unavailable" and str(p["from"]) == ROOM + "/Robert")
     mine = await next_of(bob.muc_presences, lambda p: p["type"] == "unavailable" and str(p["from"]) == ROOM + "/Robert")
     assert 110 in mine["muc"]["status_codes"], mine
-    # The room is a grain of its own: stopped, it keeps who is in it.
-    stop = await asyncio.to_thread(subprocess.run, [os.environ["GRANARY_BIN"], "--config", os.environ["GRANARY_CONFIG_FILE"], "grain", "stop", "alice/room/family"], capture_output=True, text=True)
-    assert stop.returncode == 0, stop
+    # The room is a grain of its own: idle, it stops, and it keeps who is
+    # in it.
+    def room_state():
+        out = subprocess.run([os.environ["GRANARY_BIN"], "--config", os.environ["GRANARY_CONFIG_FILE"], "grain", "status", "alice/room/family", "--json"], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)["state"]
+    deadline = time.monotonic() + 60
+    while await asyncio.to_thread(room_state) != "stopped":
+        assert time.monotonic() < deadline, "the room grain did not stop when idle"
+        await asyncio.sleep(0.2)
     alice.send_message(mto=ROOM, mbody="still here?", mtype="groupchat")
     await next_of(carol.messages, said("still here?"))
     # A client that joins again from the same address (as after its own
     # server restarted) gets a whole join: the subject comes last.
-    _, subject, occupants, _ = await muc(carol).join_muc_wait(ROOM, "Carol", maxstanzas=0, timeout=30)
+    _, subject, occupants, history = await muc(carol).join_muc_wait(ROOM, "Carol", maxstanzas=20, timeout=30)
     assert subject["subject"] == "Sunday lunch", subject
+    said_so_far = [m["body"] for m in history]
+    assert said_so_far == ["hello family", "members still speak", "still here?"], said_so_far
     assert ROOM + "/Alice" in {str(p["from"]) for p in occupants}, occupants
+    # Leaving (no nick change before): the room's answer reaches Carol.
+    muc(carol).leave_muc(ROOM, "Carol")
+    mine = await next_of(carol.muc_presences, lambda p: p["type"] == "unavailable" and str(p["from"]) == ROOM + "/Carol" and 110 in p["muc"]["status_codes"] and 322 not in p["muc"]["status_codes"])
     for c in (alice, bob, carol, intruder):
         c.disconnect()
 

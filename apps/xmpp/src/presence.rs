@@ -46,8 +46,11 @@ pub fn outbound(server: &Rc<Server>, session: &Rc<Session>, mut el: Element) {
                 let mut st = session.state.borrow_mut();
                 if kind.is_none() {
                     st.directed.insert(to.to_string());
-                } else {
-                    st.directed.remove(&to.to_string());
+                } else if st.directed.remove(&to.to_string()) {
+                    if st.leaving.len() >= 64 {
+                        st.leaving.clear();
+                    }
+                    st.leaving.insert(to.to_string());
                 }
             }
             el.remove_attr("from");
@@ -358,7 +361,12 @@ pub fn inbound(server: &Rc<Server>, from: &Jid, to: &Jid, el: Element) {
                 && el.child("x", crate::room::MUC_USER).is_some_and(|x| {
                     x.elements()
                         .any(|s| s.name == "status" && s.attr("code") == Some("110"))
-                });
+                })
+                && to
+                    .resource
+                    .as_deref()
+                    .and_then(|r| server.session(r))
+                    .is_some_and(|s| s.state.borrow_mut().leaving.remove(&full));
             if !subscribed && !directed && !left_room && kind.as_deref() != Some("error") {
                 return;
             }

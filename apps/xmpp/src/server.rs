@@ -78,6 +78,9 @@ pub struct SessionState {
     pub sm: Option<Sm>,
     /// Full addresses it sent directed presence to.
     pub directed: HashSet<String>,
+    /// Full addresses it just sent unavailable to: a room answers that
+    /// with its own unavailable (XEP-0045 §7.14), which is let through once.
+    pub leaving: HashSet<String>,
     /// Bytes queued for the connection's writer and not written yet.
     pub queued: Rc<std::cell::Cell<usize>>,
     /// The connection is being closed (it fell too far behind): nothing

@@ -349,7 +349,7 @@ impl Store {
                     "SELECT i.id, {VALID},
                             EXISTS (SELECT 1 FROM invite_uses WHERE invite_id = i.id AND user = ?3)
                      FROM invites i JOIN users u ON u.id = i.inviter_id
-                     WHERE i.hash = ?1 AND i.kind IN ('contact', 'group') AND u.name = ?2"
+                     WHERE i.hash = ?1 AND i.kind = 'contact' AND u.name = ?2"
                 ),
                 params![hash, inviter, user],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),

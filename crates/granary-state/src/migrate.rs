@@ -280,6 +280,43 @@ mod tests {
     }
 
     #[test]
+    fn remaking_invites_keeps_their_uses_and_never_reuses_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            check_and_migrate(&conn, &path, &MIGRATIONS[..14]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO users (id, name, password_hash) VALUES (1, 'alice', 'h');
+                 INSERT INTO invites (hash, kind, inviter_id, max_uses, uses, expires_at)
+                     VALUES (x'01', 'contact', 1, 2, 1, 9999999999),
+                            (x'02', 'account', NULL, 1, 0, 9999999999),
+                            (x'03', 'account', NULL, 1, 0, 9999999999);
+                 DELETE FROM invites WHERE id > 1;
+                 INSERT INTO invite_uses (invite_id, user) VALUES (1, 'bob');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let list = store.invites().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].used_by, ["bob"]);
+        assert_eq!(list[0].kind, crate::InviteKind::Contact);
+        let next = store
+            .add_invite(
+                crate::InviteKind::Account,
+                None,
+                None,
+                b"new",
+                9_999_999_999,
+                1,
+                "test",
+            )
+            .unwrap();
+        assert_eq!(next.id, 4, "ids of deleted invites are not given again");
+    }
+
+    #[test]
     fn newer_schema_is_refused_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.db");

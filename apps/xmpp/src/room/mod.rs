@@ -53,6 +53,11 @@ const MAX_STANZA: usize = 256 * 1024;
 /// refuses more.
 const MAX_OUTBOX: usize = 20_000;
 const MAX_OUTBOX_BYTES: usize = 16 << 20;
+/// Past this much waiting, the room takes its next stanza only once half
+/// of it has gone: the senders' grains wait, and so do their clients (TCP),
+/// instead of being refused.
+const OUTBOX_HIGH: usize = 4_000;
+const OUTBOX_HIGH_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Affiliation {
@@ -149,6 +154,8 @@ pub struct Room {
     pub router: RefCell<Option<xmpp_router::Client>>,
     outbox: RefCell<VecDeque<(String, String, String)>>,
     outbox_bytes: Cell<usize>,
+    /// Told when the outbox has fallen to half its high mark.
+    drained: tokio::sync::Notify,
     in_flight: Cell<usize>,
     max_in_flight: usize,
 }
@@ -197,6 +204,7 @@ impl Room {
             router: RefCell::new(None),
             outbox: RefCell::new(VecDeque::new()),
             outbox_bytes: Cell::new(0),
+            drained: tokio::sync::Notify::new(),
             in_flight: Cell::new(0),
             max_in_flight,
         })
@@ -214,6 +222,16 @@ impl Room {
         ])?;
         *self.settings.borrow_mut() = s.clone();
         Ok(())
+    }
+
+    /// The affiliation, or the store's error when it cannot say.
+    pub fn checked_affiliation(&self, bare: &str) -> Result<Affiliation, store::StoreError> {
+        if bare == self.owner {
+            return Ok(Affiliation::Owner);
+        }
+        self.store.affiliation(bare).inspect_err(|e| {
+            granary_sdk::log::error(&format!("reading an affiliation: {e}"));
+        })
     }
 
     pub fn affiliation(&self, bare: &str) -> Affiliation {
@@ -278,6 +296,11 @@ impl Room {
             };
             self.outbox_bytes
                 .set(self.outbox_bytes.get().saturating_sub(xml.len()));
+            if self.outbox.borrow().len() <= OUTBOX_HIGH / 2
+                && self.outbox_bytes.get() <= OUTBOX_HIGH_BYTES / 2
+            {
+                self.drained.notify_waiters();
+            }
             let mut request = router.route_request();
             {
                 let mut r = request.get();
@@ -301,6 +324,21 @@ impl Room {
                 }
                 me.pump();
             });
+        }
+    }
+
+    /// Waits while more than the high mark waits for the host (until half
+    /// of it has gone).
+    pub async fn room_in_outbox(&self) {
+        loop {
+            // Made before the check, so a wakeup in between is not lost.
+            let drained = self.drained.notified();
+            let over = self.outbox.borrow().len() > OUTBOX_HIGH
+                || self.outbox_bytes.get() > OUTBOX_HIGH_BYTES;
+            if !over {
+                return;
+            }
+            drained.await;
         }
     }
 
@@ -471,10 +509,23 @@ impl Room {
                 }
                 return self.broadcast_presence(nick, &["110"]);
             }
-            Some(current) => return self.change_nick(&full, &current, nick, el, refusal),
+            Some(current) => {
+                // A join under another nick from a client the room knows
+                // (it lost track): the nick changes, and it gets a join.
+                if self.change_nick(&full, &current, nick, el, refusal) && muc.is_some() {
+                    self.welcome(&full, nick, history.as_ref());
+                }
+                return;
+            }
             None => {}
         }
-        let affiliation = self.affiliation(&bare);
+        let Ok(affiliation) = self.checked_affiliation(&bare) else {
+            return self.refuse(
+                &refusal,
+                "internal-server-error",
+                "The room cannot check that now; try again.",
+            );
+        };
         if affiliation == Affiliation::Outcast {
             return self.refuse(&refusal, "forbidden", "You are banned from this room.");
         }
@@ -485,7 +536,7 @@ impl Room {
                 "This room is for its members only.",
             );
         }
-        if let Some(why) = self.no_room_for(&bare, nick) {
+        if let Some(why) = self.no_room_for(&bare, nick, None) {
             return self.refuse(&refusal, why.0, why.1);
         }
         let role = self
@@ -517,8 +568,18 @@ impl Room {
 
     /// Why `bare` may not take `nick` now: someone else's, too many
     /// clients under it, too many nicks of theirs, or a full room.
-    fn no_room_for(&self, bare: &str, nick: &str) -> Option<(&'static str, &'static str)> {
+    /// `moving_from`: the nick this client leaves for it (which goes if
+    /// this was its only client).
+    fn no_room_for(
+        &self,
+        bare: &str,
+        nick: &str,
+        moving_from: Option<&str>,
+    ) -> Option<(&'static str, &'static str)> {
         let occupants = self.occupants.borrow();
+        let freed = usize::from(
+            moving_from.is_some_and(|c| occupants.get(c).is_some_and(|o| o.sessions.len() == 1)),
+        );
         match occupants.get(nick) {
             Some(o) if o.bare != bare => Some(("conflict", "That nick is taken.")),
             Some(o) if o.sessions.len() >= MAX_SESSIONS_PER_NICK => Some((
@@ -526,10 +587,12 @@ impl Room {
                 "Too many of your clients are in this room under that nick.",
             )),
             Some(_) => None,
-            None if occupants.values().filter(|o| o.bare == bare).count() >= MAX_NICKS_PER_USER => {
+            None if occupants.values().filter(|o| o.bare == bare).count() - freed
+                >= MAX_NICKS_PER_USER =>
+            {
                 Some(("not-allowed", "You are in this room under too many nicks."))
             }
-            None if occupants.len() >= MAX_OCCUPANTS => {
+            None if occupants.len() - freed >= MAX_OCCUPANTS => {
                 Some(("service-unavailable", "The room is full."))
             }
             None => None,
@@ -575,6 +638,7 @@ impl Room {
     /// One client of `current` goes by `nick` now (XEP-0045 §7.6): an
     /// unavailable presence with 303 under the old nick, then the new one;
     /// the role goes with it.
+    /// Whether it changed.
     fn change_nick(
         self: &Rc<Self>,
         full: &str,
@@ -582,24 +646,29 @@ impl Room {
         nick: &str,
         el: Element,
         refusal: Element,
-    ) {
+    ) -> bool {
         let bare = Jid::parse(full).map(|j| j.bare_text()).unwrap_or_default();
-        if let Some(why) = self.no_room_for(&bare, nick) {
-            return self.refuse(&refusal, why.0, why.1);
+        if let Some(why) = self.no_room_for(&bare, nick, Some(current)) {
+            self.refuse(&refusal, why.0, why.1);
+            return false;
         }
-        let role = self
-            .occupants
-            .borrow()
-            .get(current)
-            .map(|o| o.role)
-            .unwrap_or(Role::Participant);
+        // Into a nick of theirs that is here: its role; else the old one's.
+        let role = {
+            let occupants = self.occupants.borrow();
+            occupants
+                .get(nick)
+                .or_else(|| occupants.get(current))
+                .map(|o| o.role)
+                .unwrap_or(Role::Participant)
+        };
         if let Err(e) = self.store.put_occupant(full, nick, role) {
             granary_sdk::log::error(&format!("recording a nick change: {e}"));
-            return self.refuse(
+            self.refuse(
                 &refusal,
                 "internal-server-error",
                 "The room cannot change your nick now.",
             );
+            return false;
         }
         // Under the old nick: gone, saying where to (the store already
         // has the new one).
@@ -615,6 +684,7 @@ impl Room {
             .sessions
             .push((full.to_owned(), el));
         self.broadcast_presence(nick, &["110"]);
+        true
     }
 
     /// The history a joining client asked for (XEP-0045 §7.2.14).
@@ -695,9 +765,10 @@ impl Room {
             _ => None,
         }) {
             if let Some(granary_wire::stanza::Node::Element(item)) = x.children.first_mut() {
-                item.set_attr("role", "none");
-                if let Some(n) = new_nick {
-                    item.set_attr("nick", n);
+                // A nick change keeps the role (XEP-0045 §7.6).
+                match new_nick {
+                    Some(n) => item.set_attr("nick", n),
+                    None => item.set_attr("role", "none"),
                 }
             }
             for c in codes {
@@ -733,8 +804,8 @@ impl Room {
         let kind = el.attr("type").unwrap_or("normal").to_owned();
         if kind == "error" {
             // What the room sent could not be delivered: that client left
-            // (XEP-0045 §18.1.2). Other errors (a client refusing a
-            // private message) change nothing.
+            // (XEP-0045 §18.1.2). Errors that say something else (a bad
+            // request, forbidden) change nothing.
             if gone(&el) {
                 self.leave(&full, None, &[]);
             }
@@ -808,6 +879,22 @@ impl Room {
                 || c.ns == MUC_USER
         };
         el.retain_children(|c| !forged(c));
+        // Room for every copy before anything is kept: a message is sent
+        // to everyone or refused, never kept and half sent.
+        let copies = self
+            .occupants
+            .borrow()
+            .values()
+            .map(|o| o.sessions.len())
+            .sum::<usize>();
+        let size = el.to_xml(ns::CLIENT).len() + 256;
+        if self.outbox_bytes.get() + size * copies > MAX_OUTBOX_BYTES {
+            return self.refuse(
+                &el,
+                "resource-constraint",
+                "The room is busy; send it again in a moment.",
+            );
+        }
         el.remove_attr("to");
         el.set_attr("from", self.occupant_address(&nick));
         // Subject changes are not history: a joining client gets the
@@ -945,6 +1032,10 @@ impl Room {
 
     /// Makes `bare` a member (a group invite was redeemed) and invites it.
     pub fn add_member(self: &Rc<Self>, bare: &str) -> Result<(), String> {
+        // An invite never lifts a ban (a name can be given again).
+        if self.affiliation(bare) == Affiliation::Outcast {
+            return Err(format!("not-allowed: {bare} is banned from this room"));
+        }
         if self.affiliation(bare) < Affiliation::Member {
             self.store
                 .set_affiliation(bare, Affiliation::Member)
@@ -957,11 +1048,19 @@ impl Room {
     /// Everyone with an affiliation, the owner first.
     pub fn members(&self) -> Vec<String> {
         let mut out = vec![self.owner.clone()];
-        for a in [Affiliation::Admin, Affiliation::Member] {
+        for a in [Affiliation::Owner, Affiliation::Admin, Affiliation::Member] {
             out.extend(self.store.with_affiliation(a).unwrap_or_default());
         }
         out.dedup();
         out
+    }
+
+    /// Forgets what waits for the host (for the fuzz target, which has no
+    /// host).
+    #[doc(hidden)]
+    pub fn discard_outbox(&self) {
+        self.outbox.borrow_mut().clear();
+        self.outbox_bytes.set(0);
     }
 
     pub fn flush(&self) -> Result<String, String> {
@@ -1061,6 +1160,8 @@ impl xmpp_router::Server for Deliver {
         params: xmpp_router::RouteParams,
         _: xmpp_router::RouteResults,
     ) -> Result<(), capnp::Error> {
+        // Slow senders down rather than refuse them.
+        self.room.room_in_outbox().await;
         let p = params.get()?;
         self.room
             .deliver_routed(

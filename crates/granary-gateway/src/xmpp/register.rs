@@ -22,6 +22,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{Client, MAX_FAILURES, Step};
 use crate::RedeemRefused;
+use crate::Shared;
+use std::sync::Arc;
 
 /// Members of a group chat a group invite makes the newcomer's contacts.
 const MAX_GROUP_CONTACTS: usize = 100;
@@ -227,9 +229,18 @@ impl Client {
                 self.invite = None;
                 tracing::info!(user = %name, credential = r.credential, "account made with an invite");
                 if let Some(inviter) = &r.inviter {
+                    // Before the answer: the app's next step may be a
+                    // subscription request to the inviter, who must know
+                    // them by then.
                     self.befriend(&name, &domain, inviter).await;
-                    if let Some(room) = &r.room {
-                        self.join_group(&name, &domain, inviter, room).await;
+                    if let Some(room) = r.room.clone() {
+                        tokio::spawn(join_group(
+                            self.shared.clone(),
+                            name.clone(),
+                            domain.clone(),
+                            inviter.clone(),
+                            room,
+                        ));
                     }
                 }
                 result(el)
@@ -259,58 +270,6 @@ impl Client {
         }
     }
 
-    /// A group invite: the new user becomes a member of the inviter's room
-    /// (which sends them an invitation, kept until they log in), and the
-    /// contact of its members at the room's own chat domain, both ways.
-    /// The account exists whatever happens here; failures are logged.
-    async fn join_group(&self, user: &str, domain: &str, inviter: &str, room: &str) {
-        let Some((owner, home)) = inviter.split_once('@') else {
-            return;
-        };
-        let Ok(grain) = GrainId::parse(&format!("{owner}-room--{room}")) else {
-            return;
-        };
-        let jid = format!("{user}@{domain}");
-        let grains = &self.shared.grains;
-        if let Err(e) = grains.xmpp_befriend(&grain, &jid, user).await {
-            tracing::warn!(room, user, error = %e, "could not make the new user a member of the group chat");
-            return;
-        }
-        let members = match grains.xmpp_room_members(&grain).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(room, error = %e, "could not read the group chat's members");
-                return;
-            }
-        };
-        // Members here only (an affiliation may name anyone's address;
-        // another server's `bob` is not this server's), and a bounded
-        // number of them.
-        for member in members.iter().take(MAX_GROUP_CONTACTS) {
-            let Some((m_user, m_domain)) = member.split_once('@') else {
-                continue;
-            };
-            if !m_domain.eq_ignore_ascii_case(home) || member == inviter || *member == jid {
-                continue;
-            }
-            for (owner, contact, name) in [
-                (user, member.as_str(), m_user),
-                (m_user, jid.as_str(), user),
-            ] {
-                let done = match GrainId::for_user(owner, "xmpp") {
-                    Ok(g) => grains
-                        .xmpp_befriend(&g, contact, name)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = done {
-                    tracing::warn!(owner, contact, error = %e, "could not add a group member as a contact");
-                }
-            }
-        }
-    }
-
     /// The new user and the inviter become each other's contacts. The
     /// account exists whatever happens here; a grain that cannot be
     /// reached is logged (the two can still add each other by hand).
@@ -335,6 +294,70 @@ impl Client {
             };
             if let Err(e) = done {
                 tracing::warn!(owner, contact, error = %e, "could not add the inviter as a contact");
+            }
+        }
+    }
+}
+
+/// A group invite: the new user becomes a member of the inviter's room
+/// (which sends them an invitation, kept until they log in), and the
+/// contact of its members at the room's own chat domain, both ways: the
+/// owner chose them, and the admin made the invite. Runs after the
+/// registration was answered (a room of many members is many calls); the
+/// account exists whatever happens here, and failures are logged.
+async fn join_group(
+    shared: Arc<Shared>,
+    user: String,
+    domain: String,
+    inviter: String,
+    room: String,
+) {
+    let (user, room) = (user.as_str(), room.as_str());
+    let Some((owner, home)) = inviter.split_once('@') else {
+        return;
+    };
+    let Ok(grain) = GrainId::parse(&format!("{owner}-room--{room}")) else {
+        return;
+    };
+    let jid = format!("{user}@{domain}");
+    let grains = &shared.grains;
+    if let Err(e) = grains.xmpp_befriend(&grain, &jid, user).await {
+        tracing::warn!(room, user, error = %e, "could not make the new user a member of the group chat");
+        return;
+    }
+    let members = match grains.xmpp_room_members(&grain).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(room, error = %e, "could not read the group chat's members");
+            return;
+        }
+    };
+    // Members here only (an affiliation may name anyone's address;
+    // another server's `bob` is not this server's), and a bounded number
+    // of them.
+    let here = members.iter().filter(|m| {
+        m.split_once('@')
+            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(home))
+            && **m != inviter
+            && **m != jid
+    });
+    for member in here.take(MAX_GROUP_CONTACTS) {
+        let Some((m_user, _)) = member.split_once('@') else {
+            continue;
+        };
+        for (owner, contact, name) in [
+            (user, member.as_str(), m_user),
+            (m_user, jid.as_str(), user),
+        ] {
+            let done = match GrainId::for_user(owner, "xmpp") {
+                Ok(g) => grains
+                    .xmpp_befriend(&g, contact, name)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = done {
+                tracing::warn!(owner, contact, error = %e, "could not add a group member as a contact");
             }
         }
     }

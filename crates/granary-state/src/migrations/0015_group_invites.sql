@@ -20,5 +20,10 @@ CREATE TABLE invites_new (
 
 INSERT INTO invites_new (id, hash, kind, inviter_id, max_uses, uses, created_at, expires_at, revoked_at)
     SELECT id, hash, kind, inviter_id, max_uses, uses, created_at, expires_at, revoked_at FROM invites;
+-- Ids are never reused: the sequence carries over (copying rows sets it to
+-- the largest id left, which forgets invites deleted with their inviter).
+DELETE FROM sqlite_sequence WHERE name = 'invites_new';
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'invites_new', seq FROM sqlite_sequence WHERE name = 'invites';
 DROP TABLE invites;
 ALTER TABLE invites_new RENAME TO invites;
