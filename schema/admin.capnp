@@ -316,6 +316,16 @@ struct Status {
   grants @14 :UInt64;
   sandbox @15 :Text;         # How grains are isolated on this host, e.g.
                              # "linux namespaces, seccomp, cgroup v1; grain uids 1500000000+1000000".
+  loginSources @16 :UInt64;  # Addresses and ranges with failed logins remembered.
+  refusedSources @17 :List(RefusedSource);
+  # Addresses and ranges whose logins are refused unchecked now (too many
+  # failures; each refusal within a day doubles the next, up to a day).
+}
+
+struct RefusedSource {
+  source @0 :Text;    # "203.0.113.7", "203.0.113.0/24", "2001:db8:1:2::/64".
+  forSecs @1 :UInt64; # Until it may try again.
+  strikes @2 :UInt32; # Refusals in a row.
 }
 
 struct Listener {

@@ -335,7 +335,7 @@ fn bad_clients_are_closed_and_others_are_served() {
     );
 
     // Repeated bad passwords: refused, then rate-limited (429) without
-    // hashing, for that user from anywhere.
+    // hashing, for that address (tests/lockout.rs: never for the user).
     daemon.granary(&["user", "add", "carol"]).success();
     let mut codes = Vec::new();
     for _ in 0..12 {

@@ -5,7 +5,7 @@
 //! Before login the gateway speaks IMAP itself (`granary_wire::imap`):
 //! CAPABILITY, ID, NOOP, LOGOUT, STARTTLS, LOGIN and AUTHENTICATE PLAIN.
 //! A login takes an app password of kind `mail`; failures count against
-//! the address and the user in the shared limiter. Then the connection is
+//! the client's address and range in the shared limiter. Then the connection is
 //! handed to the user's mail grain with the identity: the grain greets
 //! with its capabilities, which go into the tagged OK of the login, and
 //! from there on bytes pass through untouched. After STARTTLS, whatever

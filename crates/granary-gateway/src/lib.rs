@@ -309,39 +309,18 @@ pub(crate) async fn read_more<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// The limiter's keys for a login: the client's address (an IPv6 client
-/// by its /64, as the SMTP limits count) and the user.
-fn login_keys(ip: std::net::IpAddr, user: &str) -> (String, String) {
-    (
-        format!("ip:{}", smtp::limits::bucket(ip)),
-        format!("user:{user}"),
-    )
-}
-
 impl Shared {
-    /// Whether logins from `ip` or for `user` are refused unchecked for
-    /// now (too many recent failures).
-    pub fn login_limited(&self, ip: std::net::IpAddr, user: &str) -> bool {
-        let (ip_key, user_key) = login_keys(ip, user);
-        self.limiter.limited(&ip_key) || self.limiter.limited(&user_key)
+    /// Whether logins from `ip` are refused unchecked for now (too many
+    /// recent failures from its address or range; see [`LoginLimiter`]).
+    /// Whoever it claims to be does not matter: nobody can lock a user out.
+    pub fn source_refused(&self, ip: std::net::IpAddr) -> bool {
+        self.limiter.refused(ip)
     }
 
-    /// Whether `ip` is refused unchecked for now, whoever it says it is
-    /// (an invite token, which names no user).
-    pub fn address_limited(&self, ip: std::net::IpAddr) -> bool {
-        self.limiter.limited(&login_keys(ip, "").0)
-    }
-
-    /// Counts a failure against `ip` alone.
-    pub fn address_failed(&self, ip: std::net::IpAddr) {
-        self.limiter.fail(login_keys(ip, "").0);
-    }
-
-    /// Counts a failed login against `ip` and `user`.
-    pub fn login_failed(&self, ip: std::net::IpAddr, user: &str) {
-        let (ip_key, user_key) = login_keys(ip, user);
-        self.limiter.fail(ip_key);
-        self.limiter.fail(user_key);
+    /// Counts a failed login (a wrong password, a bad token, a refused
+    /// key) against where it came from.
+    pub fn login_failed(&self, ip: std::net::IpAddr) {
+        self.limiter.failed(ip);
     }
 
     /// A mail client's login (IMAP, submission). `login` is a user name or
@@ -363,14 +342,14 @@ impl Shared {
                 .unwrap_or_else(|| login.to_ascii_lowercase()),
             false => login.to_ascii_lowercase(),
         };
-        if self.login_limited(ip, &user) {
+        if self.source_refused(ip) {
             tracing::info!(user, "login refused: too many recent failures");
             return Err(LoginRefused::Limited);
         }
         match self.check_password(&user, "mail", password).await {
             Some(cred) => Ok((user, cred)),
             None => {
-                self.login_failed(ip, &user);
+                self.login_failed(ip);
                 tracing::info!(user, "login failed");
                 Err(LoginRefused::Invalid)
             }

@@ -1,42 +1,193 @@
-//! Failed logins per source address and per user, shared by every
-//! listener: past the limit a login is refused before any check runs, so
-//! a guessing client costs nothing.
+//! Failed logins, counted against where they come from, shared by every
+//! listener: the client's address (an IPv6 client by its /64) and its
+//! range (an IPv4 /24, an IPv6 /48). Past a limit, a source is refused
+//! before any check runs, so a guessing client costs nothing, for a time
+//! that doubles each time it is refused again within a day (five minutes,
+//! then ten, ... up to a day).
+//!
+//! Nothing is counted against a user: failures for `alice` from one place
+//! refuse that place, never Alice's own logins from anywhere else. (A
+//! per-user count let any stranger keep a user out of their own account
+//! for as long as they liked.) Public-key logins count only against their
+//! source, and password failures never refuse a key that has not failed.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Failed logins allowed per window, per source address and per user.
-const FAILURES_PER_WINDOW: u32 = 10;
-const FAILURE_WINDOW: Duration = Duration::from_secs(300);
-/// Keys remembered before expired ones are swept.
-const MAX_KEYS: usize = 10_000;
+/// Failures an address, and a range, may make within a window.
+const ADDRESS_LIMIT: u32 = 10;
+const RANGE_LIMIT: u32 = 50;
+const WINDOW: Duration = Duration::from_secs(300);
+/// The first refusal, and the longest.
+const FIRST_BLOCK: Duration = Duration::from_secs(300);
+const LONGEST_BLOCK: Duration = Duration::from_secs(86_400);
+/// A source refused again within this long of its last refusal is
+/// refused for twice as long.
+const STRIKES_REMEMBERED: Duration = Duration::from_secs(86_400);
+/// Sources remembered before stale ones are swept.
+const MAX_SOURCES: usize = 20_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    Address(IpAddr),
+    Range(IpAddr),
+}
+
+impl Source {
+    fn limit(self) -> u32 {
+        match self {
+            Source::Address(_) => ADDRESS_LIMIT,
+            Source::Range(_) => RANGE_LIMIT,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Record {
+    failures: u32,
+    window_start: Instant,
+    blocked_until: Option<Instant>,
+    /// Refusals in a row (each within a day of the last).
+    strikes: u32,
+    last_block: Option<Instant>,
+}
+
+impl Record {
+    fn stale(&self, now: Instant) -> bool {
+        now.duration_since(self.window_start) >= WINDOW
+            && self.blocked_until.is_none_or(|u| u <= now)
+            && self
+                .last_block
+                .is_none_or(|b| now.duration_since(b) >= STRIKES_REMEMBERED)
+    }
+}
+
+/// The client's address as counted (IPv4 as is, IPv4-mapped IPv6 as
+/// IPv4, other IPv6 by its /64) and its range (/24, /48).
+fn sources(ip: IpAddr) -> [Source; 2] {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            let range = u32::from(v4) & 0xffff_ff00;
+            [Source::Address(ip), Source::Range(IpAddr::V4(range.into()))]
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            [
+                Source::Address(IpAddr::V6((bits & !((1u128 << 64) - 1)).into())),
+                Source::Range(IpAddr::V6((bits & !((1u128 << 80) - 1)).into())),
+            ]
+        }
+    }
+}
+
+/// A source refused now, for `granary status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Refused {
+    /// `203.0.113.7`, `203.0.113.0/24`, `2001:db8:1:2::/64`, `2001:db8:1::/48`.
+    pub source: String,
+    /// Seconds until it may try again.
+    pub for_secs: u64,
+    /// Refusals in a row (each doubles the next).
+    pub strikes: u32,
+}
+
+/// What the limiter holds, for `granary status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LimiterState {
+    /// Sources with failures or refusals remembered.
+    pub tracked: u64,
+    pub refused: Vec<Refused>,
+}
 
 #[derive(Debug, Default)]
 pub struct LoginLimiter {
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+    records: Mutex<HashMap<Source, Record>>,
 }
 
 impl LoginLimiter {
-    /// Too many recent failures for this key (`ip:...`, `user:...`)?
-    pub fn limited(&self, key: &str) -> bool {
-        let failures = self.failures.lock().expect("not poisoned");
-        failures
-            .get(key)
-            .is_some_and(|(n, since)| *n >= FAILURES_PER_WINDOW && since.elapsed() < FAILURE_WINDOW)
+    /// Whether logins from `ip` are refused unchecked now.
+    pub fn refused(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let records = self.records.lock().expect("not poisoned");
+        sources(ip).iter().any(|s| {
+            records
+                .get(s)
+                .and_then(|r| r.blocked_until)
+                .is_some_and(|u| u > now)
+        })
     }
 
-    /// Counts one failure against `key`.
-    pub fn fail(&self, key: String) {
-        let mut failures = self.failures.lock().expect("not poisoned");
-        if failures.len() > MAX_KEYS {
-            failures.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
+    /// Counts one failed login from `ip` (against its address and range).
+    pub fn failed(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let mut records = self.records.lock().expect("not poisoned");
+        if records.len() >= MAX_SOURCES {
+            records.retain(|_, r| !r.stale(now));
         }
-        let entry = failures.entry(key).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= FAILURE_WINDOW {
-            *entry = (0, Instant::now());
+        for s in sources(ip) {
+            let r = records.entry(s).or_insert(Record {
+                failures: 0,
+                window_start: now,
+                blocked_until: None,
+                strikes: 0,
+                last_block: None,
+            });
+            if now.duration_since(r.window_start) >= WINDOW {
+                r.failures = 0;
+                r.window_start = now;
+            }
+            r.failures += 1;
+            if r.failures >= s.limit() {
+                let again = r
+                    .last_block
+                    .is_some_and(|b| now.duration_since(b) < STRIKES_REMEMBERED);
+                r.strikes = if again {
+                    r.strikes.saturating_add(1)
+                } else {
+                    1
+                };
+                let block = FIRST_BLOCK
+                    .saturating_mul(1u32 << (r.strikes - 1).min(16))
+                    .min(LONGEST_BLOCK);
+                r.blocked_until = Some(now + block);
+                r.last_block = Some(now);
+                r.failures = 0;
+                r.window_start = now;
+            }
         }
-        entry.0 += 1;
+    }
+
+    /// Sources refused now, longest first.
+    pub fn state(&self) -> LimiterState {
+        let now = Instant::now();
+        let records = self.records.lock().expect("not poisoned");
+        let mut refused: Vec<Refused> = records
+            .iter()
+            .filter_map(|(s, r)| {
+                let until = r.blocked_until.filter(|u| *u > now)?;
+                Some(Refused {
+                    source: match s {
+                        Source::Address(IpAddr::V4(a)) => a.to_string(),
+                        Source::Address(IpAddr::V6(a)) => format!("{a}/64"),
+                        Source::Range(IpAddr::V4(a)) => format!("{a}/24"),
+                        Source::Range(IpAddr::V6(a)) => format!("{a}/48"),
+                    },
+                    for_secs: until.duration_since(now).as_secs().max(1),
+                    strikes: r.strikes,
+                })
+            })
+            .collect();
+        refused.sort_by(|a, b| b.for_secs.cmp(&a.for_secs).then(a.source.cmp(&b.source)));
+        LimiterState {
+            tracked: records.values().filter(|r| !r.stale(now)).count() as u64,
+            refused,
+        }
     }
 }
 
@@ -101,5 +252,89 @@ impl VerifiedLogins {
             verified.retain(|_, (t, _)| t.elapsed() < VERIFIED_FOR);
         }
         verified.insert(key, (Instant::now(), credential));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ten_failures_refuse_the_address_and_not_its_neighbours() {
+        let l = LoginLimiter::default();
+        for _ in 0..ADDRESS_LIMIT - 1 {
+            l.failed(ip("192.0.2.1"));
+        }
+        assert!(!l.refused(ip("192.0.2.1")));
+        l.failed(ip("192.0.2.1"));
+        assert!(l.refused(ip("192.0.2.1")));
+        // Another address of the range, and another range, are not.
+        assert!(!l.refused(ip("192.0.2.2")));
+        assert!(!l.refused(ip("198.51.100.1")));
+        let state = l.state();
+        assert_eq!(state.refused.len(), 1, "{state:?}");
+        assert_eq!(state.refused[0].source, "192.0.2.1");
+        assert!(state.refused[0].for_secs > 290 && state.refused[0].for_secs <= 300);
+    }
+
+    #[test]
+    fn a_range_is_refused_after_many_addresses_fail() {
+        let l = LoginLimiter::default();
+        for n in 0..RANGE_LIMIT {
+            // Five failures each from ten addresses: none is refused on
+            // its own, the range is.
+            l.failed(ip(&format!("203.0.113.{}", n / 5)));
+        }
+        assert!(l.refused(ip("203.0.113.200")));
+        assert!(!l.refused(ip("203.0.114.1")));
+        assert!(
+            l.state()
+                .refused
+                .iter()
+                .any(|r| r.source == "203.0.113.0/24")
+        );
+    }
+
+    #[test]
+    fn each_refusal_within_a_day_doubles() {
+        let l = LoginLimiter::default();
+        let a = ip("192.0.2.9");
+        for round in 1..=3u64 {
+            for _ in 0..ADDRESS_LIMIT {
+                l.failed(a);
+            }
+            let r = l
+                .state()
+                .refused
+                .into_iter()
+                .find(|r| r.source == "192.0.2.9")
+                .unwrap();
+            let expected = 300 << (round - 1);
+            assert!(
+                r.for_secs > expected - 10 && r.for_secs <= expected,
+                "{round}: {r:?}"
+            );
+            assert_eq!(u64::from(r.strikes), round);
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64_and_ranges_by_their_48() {
+        let l = LoginLimiter::default();
+        for n in 0..ADDRESS_LIMIT {
+            l.failed(ip(&format!("2001:db8:1:2::{n:x}")));
+        }
+        assert!(l.refused(ip("2001:db8:1:2::ffff")));
+        assert!(!l.refused(ip("2001:db8:1:3::1")));
+        assert_eq!(l.state().refused[0].source, "2001:db8:1:2::/64");
+        // An IPv4 client seen through an IPv6 socket is the IPv4 address.
+        for _ in 0..ADDRESS_LIMIT {
+            l.failed(ip("::ffff:192.0.2.77"));
+        }
+        assert!(l.refused(ip("192.0.2.77")));
     }
 }

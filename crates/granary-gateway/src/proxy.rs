@@ -200,10 +200,9 @@ impl Gateway {
         let Some((user, password)) = wire::basic_credentials(header.as_bytes()) else {
             return Err(unauthorized(service));
         };
-        let limiter = &self.shared.limiter;
-        let (by_peer, by_user) = (format!("ip:{}", peer.ip()), format!("user:{user}"));
-        // Before any hashing: a guessing client costs us nothing.
-        if limiter.limited(&by_peer) || limiter.limited(&by_user) {
+        // Before any hashing: a guessing client costs us nothing. Only
+        // where it comes from counts, never whom it names.
+        if self.shared.source_refused(peer.ip()) {
             tracing::warn!(%peer, user, "login rate limit hit");
             return Err(plain(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -211,15 +210,14 @@ impl Gateway {
             ));
         }
         if !wire::valid_user(&user) {
-            limiter.fail(by_peer);
+            self.shared.login_failed(peer.ip());
             return Err(unauthorized(service));
         }
         match self.shared.check_password(&user, kind, &password).await {
             Some(credential) => Ok(Some(Login { user, credential })),
             None => {
                 tracing::info!(%peer, user, kind, "failed login");
-                limiter.fail(by_peer);
-                limiter.fail(by_user);
+                self.shared.login_failed(peer.ip());
                 Err(unauthorized(service))
             }
         }
@@ -258,9 +256,7 @@ impl Gateway {
                 credential: *credential,
             });
         }
-        let limiter = &self.shared.limiter;
-        let by_peer = format!("ip:{}", crate::smtp::limits::bucket(peer.ip()));
-        if limiter.limited(&by_peer) {
+        if self.shared.source_refused(peer.ip()) {
             tracing::warn!(%peer, "client id rate limit hit");
             return Err(plain(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -277,7 +273,7 @@ impl Gateway {
             }
             None => {
                 tracing::info!(%peer, "unknown client id");
-                limiter.fail(by_peer);
+                self.shared.login_failed(peer.ip());
                 Err(plain(
                     StatusCode::FORBIDDEN,
                     "This client id is not known here (revoked, or never made).\n",

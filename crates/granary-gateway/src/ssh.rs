@@ -153,14 +153,14 @@ impl russh::server::Handler for Connection {
                     .collect::<Vec<_>>()
                     .join(" ")
             });
-        let by_peer = format!(
-            "ip:{}",
-            self.peer.map(|p| p.ip().to_string()).unwrap_or_default()
-        );
-        let by_user = format!("user:{user}");
-        let limiter = &self.shared.limiter;
-        // Past the limit nothing is looked up, as for HTTPS.
-        if limiter.limited(&by_peer) || limiter.limited(&by_user) {
+        // Past the limit nothing is looked up, as for HTTPS; only where the
+        // client comes from counts (a key login is never refused for
+        // someone else's failures).
+        let peer = self
+            .peer
+            .map(|p| p.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        if self.shared.source_refused(peer) {
             tracing::warn!(parent: &self.span, user, "SSH login rate limit hit");
             return Ok(Auth::reject());
         }
@@ -172,8 +172,7 @@ impl russh::server::Handler for Connection {
             return Ok(Auth::Accept);
         }
         tracing::info!(parent: &self.span, user, "SSH key refused");
-        limiter.fail(by_peer);
-        limiter.fail(by_user);
+        self.shared.login_failed(peer);
         Ok(Auth::reject())
     }
 

@@ -110,8 +110,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, accep
     else {
         return send(&mut tls, 430, "Access denied").await;
     };
-    let ip_key = format!("ip:{}", crate::smtp::limits::bucket(peer.ip()));
-    if shared.limiter.limited(&ip_key) {
+    if shared.source_refused(peer.ip()) {
         return send(&mut tls, 420, "Service temporarily unavailable").await;
     }
     let mut fingerprint = [0u8; 32];
@@ -119,7 +118,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, accep
     let Some((user, credential, key)) = shared.directory.task_certificate(fingerprint).await else {
         // Issued by our CA, but revoked (or from before a restore).
         tracing::info!(%peer, "taskd: a certificate not (or no longer) issued to anyone");
-        shared.limiter.fail(ip_key);
+        shared.login_failed(peer.ip());
         return send(&mut tls, 430, "Access denied").await;
     };
     tracing::Span::current().record("user", user.as_str());
@@ -141,7 +140,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, accep
     };
     if request.org != ORG || request.user != user || request.key != key {
         tracing::info!(%peer, user, "taskd: credentials do not match the certificate");
-        shared.limiter.fail(ip_key);
+        shared.login_failed(peer.ip());
         return send(&mut tls, 430, "Access denied").await;
     }
     let Ok(grain) = GrainId::for_user(&user, "tasks") else {

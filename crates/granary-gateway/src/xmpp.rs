@@ -9,7 +9,7 @@
 //! password of kind `xmpp`: SCRAM checks the client's proof against the
 //! stored verifiers of every such password (one salt per user and
 //! mechanism makes that possible), PLAIN against their argon2 hashes.
-//! Failures count against the address and the user in the shared limiter.
+//! Failures count against the client's address and range in the shared limiter.
 //! After `<success/>` the connection goes to the user's chat grain with
 //! the identity; the client's restarted stream header is the first thing
 //! the grain reads.
@@ -456,15 +456,15 @@ impl Client {
 
     fn refused(&mut self, user: Option<&str>) -> String {
         self.failures += 1;
-        if let Some(user) = user {
-            self.shared.login_failed(self.peer.ip(), user);
+        if user.is_some() {
+            self.shared.login_failed(self.peer.ip());
         }
         tracing::info!(user = user.unwrap_or(""), "login failed");
         sasl_failure("not-authorized", "wrong name or password")
     }
 
     fn limited(&self, user: &str) -> Option<String> {
-        if self.shared.login_limited(self.peer.ip(), user) {
+        if self.shared.source_refused(self.peer.ip()) {
             tracing::info!(user, "login refused: too many recent failures");
             return Some(sasl_failure(
                 "temporary-auth-failure",

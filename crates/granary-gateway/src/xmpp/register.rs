@@ -114,13 +114,13 @@ impl Client {
     /// A failed token: counted, and told like any other.
     fn bad_token(&mut self, el: &Element) -> String {
         self.failures += 1;
-        self.shared.address_failed(self.peer.ip());
+        self.shared.login_failed(self.peer.ip());
         tracing::info!("registration refused: the invite is not valid");
         error(el, "cancel", "item-not-found", NOT_VALID)
     }
 
     fn limited_answer(&self, el: &Element) -> Option<String> {
-        self.shared.address_limited(self.peer.ip()).then(|| {
+        self.shared.source_refused(self.peer.ip()).then(|| {
             error(
                 el,
                 "wait",

@@ -31,6 +31,22 @@ struct StatusView {
     ca_file: Option<String>,
     listeners: BTreeMap<String, String>,
     counts: CountsView,
+    logins: LoginsView,
+}
+
+/// The gateway's failed-login limiter.
+#[derive(Debug, Serialize)]
+struct LoginsView {
+    /// Addresses and ranges with failures remembered.
+    sources: u64,
+    refused: Vec<RefusedView>,
+}
+
+#[derive(Debug, Serialize)]
+struct RefusedView {
+    source: String,
+    for_secs: u64,
+    strikes: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -102,6 +118,14 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
         for l in s.get_listeners().map_err(remote)? {
             listeners.insert(text(l.get_name())?, text(l.get_address())?);
         }
+        let mut refused = Vec::new();
+        for r in s.get_refused_sources().map_err(remote)? {
+            refused.push(RefusedView {
+                source: text(r.get_source())?,
+                for_secs: r.get_for_secs(),
+                strikes: r.get_strikes(),
+            });
+        }
         Ok(StatusView {
             healthy: s.get_healthy(),
             version: text(s.get_version())?,
@@ -120,6 +144,10 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
                 apps: s.get_apps(),
                 grains: s.get_grains(),
                 grants: s.get_grants(),
+            },
+            logins: LoginsView {
+                sources: s.get_login_sources(),
+                refused,
             },
         })
     });
@@ -157,6 +185,31 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
             "  counts         {} users, {} app passwords, {} apps, {} grains, {} grants",
             c.users, c.app_passwords, c.apps, c.grains, c.grants
         );
+        let l = &view.logins;
+        match l.refused.len() {
+            0 => println!(
+                "  logins         no source refused ({} with recent failures)",
+                l.sources
+            ),
+            n => {
+                println!(
+                    "  logins         {n} source(s) refused for failed logins ({} with recent failures):",
+                    l.sources
+                );
+                for r in l.refused.iter().take(10) {
+                    println!(
+                        "                   {} for {}s more (refused {} time(s) in a row)",
+                        r.source, r.for_secs, r.strikes
+                    );
+                }
+                if n > 10 {
+                    println!(
+                        "                   ... and {} more (granary status --json)",
+                        n - 10
+                    );
+                }
+            }
+        }
     }
     Ok(if view.healthy {
         ExitCode::SUCCESS

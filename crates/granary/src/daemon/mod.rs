@@ -56,6 +56,9 @@ pub(crate) struct DaemonInfo {
     pub(crate) mta_sts_mode: String,
     /// `mail.resolver`: the DNS server mail lookups (and the doctor) ask.
     pub(crate) mail_resolver: Option<std::net::SocketAddr>,
+    /// The gateway's failed-login limiter (shared with it), for the
+    /// sources it refuses now.
+    pub(crate) limiter: Arc<granary_gateway::LoginLimiter>,
 }
 
 impl DaemonInfo {
@@ -151,6 +154,7 @@ async fn serve(
         Mode::Serve => None,
     };
 
+    let limiter: Arc<granary_gateway::LoginLimiter> = Arc::default();
     let info = DaemonInfo {
         started: Instant::now(),
         data_dir: config.data_dir.clone(),
@@ -165,6 +169,7 @@ async fn serve(
         mail_hostname: config.mail.hostname.clone(),
         mta_sts_mode: config.mail.mta_sts_mode.clone(),
         mail_resolver: config.mail.resolver,
+        limiter: limiter.clone(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let datasets = start::datasets(&config).await?;
@@ -267,7 +272,7 @@ async fn serve(
         domain: config.domain.clone(),
         directory,
         grains: grains.clone(),
-        limiter: Arc::default(),
+        limiter,
         verified: Default::default(),
         tls,
         ssh_host_key,

@@ -269,6 +269,17 @@ impl admin::Server for AdminService {
         s.set_apps(counts.apps);
         s.set_grains(counts.grains);
         s.set_grants(counts.grants);
+        let limiter = info.limiter.state();
+        s.set_login_sources(limiter.tracked);
+        let mut refused = s
+            .reborrow()
+            .init_refused_sources(limiter.refused.len() as u32);
+        for (i, r) in limiter.refused.iter().enumerate() {
+            let mut out = refused.reborrow().get(i as u32);
+            out.set_source(&r.source);
+            out.set_for_secs(r.for_secs);
+            out.set_strikes(r.strikes);
+        }
         let mut listeners = s.init_listeners(info.listeners.len() as u32);
         for (i, (name, address)) in info.listeners.iter().enumerate() {
             let mut l = listeners.reborrow().get(i as u32);
