@@ -319,7 +319,9 @@ struct Status {
   loginSources @16 :UInt64;  # Addresses and ranges with failed logins remembered.
   refusedSources @17 :List(RefusedSource);
   # Addresses and ranges whose logins are refused unchecked now (too many
-  # failures; each refusal within a day doubles the next, up to a day).
+  # failures; each refusal within a day doubles the next, up to a day):
+  # the 100 refused longest.
+  refusedCount @18 :UInt64;  # All of them.
 }
 
 struct RefusedSource {

@@ -2,9 +2,10 @@
 //! from, never the user. A stranger sends wrong passwords for alice from
 //! one address (127.0.0.1) until it is refused; alice, from another
 //! address (127.0.0.2, the same loopback range), still gets in with her
-//! app password over HTTPS (curl) and with her key over SSH (OpenSSH),
-//! while the stranger's address is refused even with the right password.
-//! `granary status` shows the refused address.
+//! app password over HTTPS (curl), while the stranger's address is refused
+//! even with the right password. Her registered SSH key gets in from
+//! either address: password failures never refuse a key. `granary status`
+//! shows the refused address.
 
 use std::path::Path;
 use std::process::Command;
@@ -91,7 +92,21 @@ fn a_stranger_cannot_lock_alice_out() {
     assert_eq!(&codes[..10], vec!["401"; 10].as_slice(), "{codes:?}");
     assert_eq!(codes[10], "429", "{codes:?}");
     assert_eq!(https_code(&d, "127.0.0.1", "alice", password), "429");
-    let refused = ssh_from(&d, "127.0.0.1", &key);
+    // A key cannot be guessed: the refused address still logs in with it.
+    let ssh = ssh_from(&d, "127.0.0.1", &key);
+    assert!(
+        !ssh.contains("Permission denied"),
+        "alice's key was refused: {ssh}"
+    );
+    // An unknown key is refused.
+    let stranger = dir.path().join("stranger_key");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&stranger)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let refused = ssh_from(&d, "127.0.0.2", &stranger);
     assert!(refused.contains("Permission denied"), "{refused}");
 
     // Alice, from 127.0.0.2: her app password and her key work.
@@ -109,6 +124,7 @@ fn a_stranger_cannot_lock_alice_out() {
     let refused = status["logins"]["refused"].as_array().unwrap();
     assert_eq!(refused.len(), 1, "{status}");
     assert_eq!(refused[0]["source"], "127.0.0.1", "{status}");
+    assert_eq!(status["logins"]["refused_count"], 1, "{status}");
     assert!(refused[0]["for_secs"].as_u64().unwrap() <= 300, "{status}");
     let text = d.granary(&["status"]).success().stdout;
     assert!(

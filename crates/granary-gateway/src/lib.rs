@@ -325,15 +325,20 @@ impl Shared {
 
     /// A mail client's login (IMAP, submission). `login` is a user name or
     /// one of the user's addresses; `password` one of their app passwords
-    /// of kind `mail`. Failures count against the client's address and the
-    /// user in the [`LoginLimiter`]; while either is limited, attempts are
-    /// refused unchecked. Returns the user and the credential used.
+    /// of kind `mail`. Failures count against the client's address and
+    /// range in the [`LoginLimiter`]; while either is refused, attempts are
+    /// refused unchecked (nothing looked up). Returns the user and the
+    /// credential used.
     pub async fn mail_login(
         &self,
         ip: std::net::IpAddr,
         login: &str,
         password: &str,
     ) -> Result<(String, Credential), LoginRefused> {
+        if self.source_refused(ip) {
+            tracing::info!(login, "login refused: too many recent failures");
+            return Err(LoginRefused::Limited);
+        }
         let user = match login.contains('@') {
             true => self
                 .directory
@@ -342,10 +347,6 @@ impl Shared {
                 .unwrap_or_else(|| login.to_ascii_lowercase()),
             false => login.to_ascii_lowercase(),
         };
-        if self.source_refused(ip) {
-            tracing::info!(user, "login refused: too many recent failures");
-            return Err(LoginRefused::Limited);
-        }
         match self.check_password(&user, "mail", password).await {
             Some(cred) => Ok((user, cred)),
             None => {

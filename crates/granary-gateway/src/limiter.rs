@@ -8,8 +8,9 @@
 //! Nothing is counted against a user: failures for `alice` from one place
 //! refuse that place, never Alice's own logins from anywhere else. (A
 //! per-user count let any stranger keep a user out of their own account
-//! for as long as they liked.) Public-key logins count only against their
-//! source, and password failures never refuse a key that has not failed.
+//! for as long as they liked.) Credentials that cannot be guessed (an SSH
+//! key that is registered, a taskd certificate this host issued) get in
+//! even from a refused source; refused keys count once per connection.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,11 +24,17 @@ const WINDOW: Duration = Duration::from_secs(300);
 /// The first refusal, and the longest.
 const FIRST_BLOCK: Duration = Duration::from_secs(300);
 const LONGEST_BLOCK: Duration = Duration::from_secs(86_400);
-/// A source refused again within this long of its last refusal is
-/// refused for twice as long.
+/// A source refused again within this long of the end of its last
+/// refusal is refused for twice as long.
 const STRIKES_REMEMBERED: Duration = Duration::from_secs(86_400);
-/// Sources remembered before stale ones are swept.
-const MAX_SOURCES: usize = 20_000;
+/// Sources remembered: past this, stale ones are swept (at most once per
+/// doubling of the map); past the hard cap, new addresses are not
+/// remembered (their ranges still are), so a flood from many addresses
+/// cannot grow memory without bound.
+const SWEEP_AT: usize = 20_000;
+const HARD_CAP: usize = 200_000;
+/// Refused sources `granary status` lists, at most (the longest first).
+const LISTED: usize = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Source {
@@ -49,19 +56,28 @@ struct Record {
     failures: u32,
     window_start: Instant,
     blocked_until: Option<Instant>,
-    /// Refusals in a row (each within a day of the last).
+    /// Refusals in a row (each within a day of the end of the last).
     strikes: u32,
-    last_block: Option<Instant>,
 }
 
 impl Record {
-    fn stale(&self, now: Instant) -> bool {
-        now.duration_since(self.window_start) >= WINDOW
-            && self.blocked_until.is_none_or(|u| u <= now)
-            && self
-                .last_block
-                .is_none_or(|b| now.duration_since(b) >= STRIKES_REMEMBERED)
+    /// Whether the last refusal ended less than a day ago (or goes on).
+    fn remembered(&self, now: Instant) -> bool {
+        self.blocked_until
+            .is_some_and(|u| now < u + STRIKES_REMEMBERED)
     }
+
+    /// Nothing left to remember: the same as no record.
+    fn stale(&self, now: Instant) -> bool {
+        now.duration_since(self.window_start) >= WINDOW && !self.remembered(now)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Records {
+    map: HashMap<Source, Record>,
+    /// The size at which the next sweep runs.
+    next_sweep: usize,
 }
 
 /// The client's address as counted (IPv4 as is, IPv4-mapped IPv6 as
@@ -100,14 +116,17 @@ pub struct Refused {
 /// What the limiter holds, for `granary status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LimiterState {
-    /// Sources with failures or refusals remembered.
+    /// Sources with recent failures, or refused in the last day.
     pub tracked: u64,
+    /// How many are refused now.
+    pub refused_count: u64,
+    /// The longest refused, at most 100.
     pub refused: Vec<Refused>,
 }
 
 #[derive(Debug, Default)]
 pub struct LoginLimiter {
-    records: Mutex<HashMap<Source, Record>>,
+    records: Mutex<Records>,
 }
 
 impl LoginLimiter {
@@ -117,6 +136,7 @@ impl LoginLimiter {
         let records = self.records.lock().expect("not poisoned");
         sources(ip).iter().any(|s| {
             records
+                .map
                 .get(s)
                 .and_then(|r| r.blocked_until)
                 .is_some_and(|u| u > now)
@@ -126,28 +146,41 @@ impl LoginLimiter {
     /// Counts one failed login from `ip` (against its address and range).
     pub fn failed(&self, ip: IpAddr) {
         let now = Instant::now();
-        let mut records = self.records.lock().expect("not poisoned");
-        if records.len() >= MAX_SOURCES {
-            records.retain(|_, r| !r.stale(now));
+        let mut guard = self.records.lock().expect("not poisoned");
+        let records = &mut *guard;
+        if records.map.len() >= records.next_sweep.max(SWEEP_AT) {
+            records.map.retain(|_, r| !r.stale(now));
+            records.next_sweep = records.map.len() * 2;
         }
         for s in sources(ip) {
-            let r = records.entry(s).or_insert(Record {
-                failures: 0,
-                window_start: now,
-                blocked_until: None,
-                strikes: 0,
-                last_block: None,
-            });
+            let len = records.map.len();
+            let full = len >= HARD_CAP;
+            let r = match records.map.entry(s) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                // A new address past the cap is not remembered; its range
+                // is (unless even ranges fill twice the cap).
+                std::collections::hash_map::Entry::Vacant(_)
+                    if full && matches!(s, Source::Address(_)) =>
+                {
+                    continue;
+                }
+                std::collections::hash_map::Entry::Vacant(_) if len >= 2 * HARD_CAP => {
+                    continue;
+                }
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(Record {
+                    failures: 0,
+                    window_start: now,
+                    blocked_until: None,
+                    strikes: 0,
+                }),
+            };
             if now.duration_since(r.window_start) >= WINDOW {
                 r.failures = 0;
                 r.window_start = now;
             }
             r.failures += 1;
             if r.failures >= s.limit() {
-                let again = r
-                    .last_block
-                    .is_some_and(|b| now.duration_since(b) < STRIKES_REMEMBERED);
-                r.strikes = if again {
+                r.strikes = if r.remembered(now) {
                     r.strikes.saturating_add(1)
                 } else {
                     1
@@ -155,8 +188,9 @@ impl LoginLimiter {
                 let block = FIRST_BLOCK
                     .saturating_mul(1u32 << (r.strikes - 1).min(16))
                     .min(LONGEST_BLOCK);
-                r.blocked_until = Some(now + block);
-                r.last_block = Some(now);
+                // Never shorter than a refusal already running.
+                let until = now + block;
+                r.blocked_until = Some(r.blocked_until.map_or(until, |u| u.max(until)));
                 r.failures = 0;
                 r.window_start = now;
             }
@@ -168,6 +202,7 @@ impl LoginLimiter {
         let now = Instant::now();
         let records = self.records.lock().expect("not poisoned");
         let mut refused: Vec<Refused> = records
+            .map
             .iter()
             .filter_map(|(s, r)| {
                 let until = r.blocked_until.filter(|u| *u > now)?;
@@ -184,8 +219,11 @@ impl LoginLimiter {
             })
             .collect();
         refused.sort_by(|a, b| b.for_secs.cmp(&a.for_secs).then(a.source.cmp(&b.source)));
+        let refused_count = refused.len() as u64;
+        refused.truncate(LISTED);
         LimiterState {
-            tracked: records.values().filter(|r| !r.stale(now)).count() as u64,
+            tracked: records.map.values().filter(|r| !r.stale(now)).count() as u64,
+            refused_count,
             refused,
         }
     }

@@ -85,6 +85,7 @@ impl russh::server::Server for Listener {
             span: tracing::info_span!("ssh", peer = %peer_text, user = tracing::field::Empty),
             peer,
             login: None,
+            key_refused: false,
             channels: HashMap::new(),
             protocol: HashMap::new(),
         }
@@ -129,6 +130,8 @@ struct Connection {
     peer: Option<std::net::SocketAddr>,
     /// The user and which of their keys logged in.
     login: Option<(String, Credential)>,
+    /// A key was refused on this connection (counted once).
+    key_refused: bool,
     channels: HashMap<ChannelId, Channel<Msg>>,
     protocol: HashMap<ChannelId, String>,
 }
@@ -153,17 +156,9 @@ impl russh::server::Handler for Connection {
                     .collect::<Vec<_>>()
                     .join(" ")
             });
-        // Past the limit nothing is looked up, as for HTTPS; only where the
-        // client comes from counts (a key login is never refused for
-        // someone else's failures).
-        let peer = self
-            .peer
-            .map(|p| p.ip())
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-        if self.shared.source_refused(peer) {
-            tracing::warn!(parent: &self.span, user, "SSH login rate limit hit");
-            return Ok(Auth::reject());
-        }
+        // A registered key always gets in: it cannot be guessed (russh has
+        // checked the client's signature), so no failure from its address
+        // (a stale password on a phone behind the same NAT) refuses it.
         if granary_wire::http::valid_user(user)
             && let Some(credential) = self.shared.directory.check_ssh_key(user, &normal).await
         {
@@ -172,7 +167,15 @@ impl russh::server::Handler for Connection {
             return Ok(Auth::Accept);
         }
         tracing::info!(parent: &self.span, user, "SSH key refused");
-        self.shared.login_failed(peer);
+        // Once per connection: an agent offers every key it holds.
+        if !self.key_refused {
+            self.key_refused = true;
+            let peer = self
+                .peer
+                .map(|p| p.ip())
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            self.shared.login_failed(peer);
+        }
         Ok(Auth::reject())
     }
 

@@ -110,12 +110,14 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, accep
     else {
         return send(&mut tls, 430, "Access denied").await;
     };
-    if shared.source_refused(peer.ip()) {
-        return send(&mut tls, 420, "Service temporarily unavailable").await;
-    }
+    // A certificate this host issued cannot be guessed: one that is still
+    // issued gets in whatever its address did; others count against it.
     let mut fingerprint = [0u8; 32];
     fingerprint.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &der).as_ref());
     let Some((user, credential, key)) = shared.directory.task_certificate(fingerprint).await else {
+        if shared.source_refused(peer.ip()) {
+            return send(&mut tls, 420, "Service temporarily unavailable").await;
+        }
         // Issued by our CA, but revoked (or from before a restore).
         tracing::info!(%peer, "taskd: a certificate not (or no longer) issued to anyone");
         shared.login_failed(peer.ip());

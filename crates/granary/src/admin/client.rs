@@ -37,8 +37,11 @@ struct StatusView {
 /// The gateway's failed-login limiter.
 #[derive(Debug, Serialize)]
 struct LoginsView {
-    /// Addresses and ranges with failures remembered.
+    /// Addresses and ranges with recent failures, or refused in the last
+    /// day.
     sources: u64,
+    /// How many are refused now; `refused` lists the longest 100.
+    refused_count: u64,
     refused: Vec<RefusedView>,
 }
 
@@ -147,6 +150,7 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
             },
             logins: LoginsView {
                 sources: s.get_login_sources(),
+                refused_count: s.get_refused_count(),
                 refused,
             },
         })
@@ -186,14 +190,14 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
             c.users, c.app_passwords, c.apps, c.grains, c.grants
         );
         let l = &view.logins;
-        match l.refused.len() {
+        match l.refused_count {
             0 => println!(
-                "  logins         no source refused ({} with recent failures)",
+                "  logins         no source refused ({} remembered for recent failures)",
                 l.sources
             ),
             n => {
                 println!(
-                    "  logins         {n} source(s) refused for failed logins ({} with recent failures):",
+                    "  logins         {n} source(s) refused for failed logins ({} remembered):",
                     l.sources
                 );
                 for r in l.refused.iter().take(10) {
@@ -204,7 +208,7 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
                 }
                 if n > 10 {
                     println!(
-                        "                   ... and {} more (granary status --json)",
+                        "                   ... and {} more (granary status --json lists 100)",
                         n - 10
                     );
                 }

@@ -271,6 +271,7 @@ impl admin::Server for AdminService {
         s.set_grants(counts.grants);
         let limiter = info.limiter.state();
         s.set_login_sources(limiter.tracked);
+        s.set_refused_count(limiter.refused_count);
         let mut refused = s
             .reborrow()
             .init_refused_sources(limiter.refused.len() as u32);
