@@ -2,7 +2,7 @@
 //! at `/var` inside its sandbox), behind the [`Datasets`] interface.
 //!
 //! The plain-directory backend ([`Plain`]) is the fallback that works on any
-//! filesystem: no quotas, no snapshots. [`Zfs`] (one dataset per grain
+//! filesystem: no quotas; snapshots are trees of hard links and copies. [`Zfs`] (one dataset per grain
 //! with a `refquota`, through the real `zfs` command) and [`Btrfs`] (one
 //! subvolume per grain with a qgroup limit) implement the same trait.
 //!
@@ -51,7 +51,7 @@ pub trait Datasets: Send + Sync {
         }
     }
     /// Takes a read-only snapshot named `label`; `None` where the backend has
-    /// no snapshots (plain directories).
+    /// no snapshots.
     fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError>;
     /// Destroys the dataset and the grain's directory. Missing is fine.
     fn destroy(&self, grain: &str) -> Result<(), DatasetError>;
@@ -324,47 +324,7 @@ pub(crate) fn check_label(grain: &str, label: &str) -> Result<(), DatasetError> 
     }
 }
 
-/// `cp -a --reflink=auto`: preserves owners, modes, times, links (never
-/// followed) and hard links; shares blocks where the filesystem can.
-fn copy_tree(grain: &str, from: &Path, to: &Path) -> Result<(), DatasetError> {
-    let out = std::process::Command::new("cp")
-        .arg("-a")
-        .arg("--reflink=auto")
-        .arg("--")
-        .arg(from)
-        .arg(to)
-        .output()
-        .map_err(err(grain, "run cp"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let _ = std::fs::remove_dir_all(to);
-        Err(err(grain, "copy the dataset")(io::Error::other(
-            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        )))
-    }
-}
-
 pub mod retention;
-
-/// Plain directories under `root`.
-#[derive(Debug, Clone)]
-pub struct Plain {
-    root: PathBuf,
-}
-
-impl Plain {
-    /// Uses (and creates, root-only) `root` as the parent of every grain.
-    pub fn new(root: &Path) -> io::Result<Plain> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(root)?;
-        Ok(Plain {
-            root: root.to_path_buf(),
-        })
-    }
-}
 
 pub(crate) fn err<'a>(
     grain: &'a str,
@@ -405,129 +365,12 @@ pub(crate) fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
     }
 }
 
-impl Datasets for Plain {
-    fn backend(&self) -> &'static str {
-        "plain"
-    }
-
-    fn grain_dir(&self, grain: &str) -> PathBuf {
-        self.root.join(grain)
-    }
-
-    fn create(&self, grain: &str, host_uid: u32) -> Result<PathBuf, DatasetError> {
-        check_id(grain)?;
-        let dir = self.grain_dir(grain);
-        mkdir(&dir, 0o700).map_err(err(grain, "create the grain directory"))?;
-        let data = dir.join("data");
-        mkdir(&data, 0o700).map_err(err(grain, "create the dataset"))?;
-        if running_as_root() {
-            std::os::unix::fs::lchown(&data, Some(host_uid), Some(host_uid))
-                .map_err(err(grain, "hand the dataset to the grain's uid"))?;
-        }
-        Ok(data)
-    }
-
-    /// A copy of the dataset in `<grain>/snapshots/<label>`, by reflink
-    /// where the filesystem has it (btrfs, XFS), else a full copy; `cp -a`
-    /// never follows the grain's symlinks.
-    fn snapshot(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
-        check_id(grain)?;
-        check_label(grain, label)?;
-        let dir = self.grain_dir(grain).join("snapshots");
-        mkdir(&dir, 0o700).map_err(err(grain, "create the snapshot directory"))?;
-        let target = dir.join(label);
-        if target.exists() {
-            return Err(err(grain, "take a snapshot")(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("snapshot {label} exists"),
-            )));
-        }
-        let partial = dir.join(format!(".partial-{label}"));
-        let _ = std::fs::remove_dir_all(&partial);
-        copy_tree(grain, &self.path(grain), &partial)?;
-        std::fs::rename(&partial, &target).map_err(err(grain, "finish the snapshot"))?;
-        Ok(Some(target.display().to_string()))
-    }
-
-    fn list_snapshots(&self, grain: &str) -> Result<Vec<Snapshot>, DatasetError> {
-        check_id(grain)?;
-        list_snapshot_dir(grain, &self.grain_dir(grain).join("snapshots"))
-    }
-
-    fn delete_snapshot(&self, grain: &str, label: &str) -> Result<(), DatasetError> {
-        check_id(grain)?;
-        check_label(grain, label)?;
-        refuse_if_held(grain, &self.grain_dir(grain), label)?;
-        std::fs::remove_dir_all(self.grain_dir(grain).join("snapshots").join(label))
-            .map_err(err(grain, "delete a snapshot"))
-    }
-
-    fn rollback(&self, grain: &str, label: &str, host_uid: u32) -> Result<(), DatasetError> {
-        check_id(grain)?;
-        check_label(grain, label)?;
-        let snap = self.grain_dir(grain).join("snapshots").join(label);
-        if !snap.is_dir() {
-            return Err(err(grain, "find the snapshot")(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("no snapshot {label:?}"),
-            )));
-        }
-        // Copy first, then swap: a failure leaves the current data.
-        let fresh = self.grain_dir(grain).join(".rollback");
-        let _ = std::fs::remove_dir_all(&fresh);
-        copy_tree(grain, &snap, &fresh)?;
-        let data = self.path(grain);
-        // One atomic swap: a crash leaves either the old or the new data
-        // at `data`, never neither.
-        nix::fcntl::renameat2(
-            None,
-            &fresh,
-            None,
-            &data,
-            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-        )
-        .map_err(|e| err(grain, "swap in the rolled-back data")(io::Error::from(e)))?;
-        // `fresh` now holds what was replaced.
-        let _ = std::fs::remove_dir_all(&fresh);
-        if running_as_root() {
-            std::os::unix::fs::lchown(&data, Some(host_uid), Some(host_uid))
-                .map_err(err(grain, "hand the dataset to the grain's uid"))?;
-        }
-        Ok(())
-    }
-
-    /// The final snapshot moves to `.retired/<grain>-<label>`.
-    fn retire(&self, grain: &str, label: &str) -> Result<Option<String>, DatasetError> {
-        check_id(grain)?;
-        check_label(grain, label)?;
-        let data = self.path(grain);
-        if !data.exists() {
-            self.destroy(grain)?;
-            return Ok(None);
-        }
-        let retired = self.root.join(".retired");
-        mkdir(&retired, 0o700).map_err(err(grain, "create the retired directory"))?;
-        let kept = retired.join(format!("{grain}-{label}"));
-        std::fs::rename(&data, &kept).map_err(err(grain, "keep the final data"))?;
-        self.destroy(grain)?;
-        Ok(Some(kept.display().to_string()))
-    }
-
-    fn destroy(&self, grain: &str) -> Result<(), DatasetError> {
-        check_id(grain)?;
-        // std's remove_dir_all never follows symlinks, so a link the grain
-        // planted in its dataset cannot make us delete anything outside it.
-        match std::fs::remove_dir_all(self.grain_dir(grain)) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            other => other.map_err(err(grain, "remove the dataset")),
-        }
-    }
-}
-
 mod cow;
+mod plain;
 pub mod testing;
 
 pub use cow::{Btrfs, Zfs};
+pub use plain::Plain;
 pub use retention::Grid;
 
 pub(crate) fn running_as_root() -> bool {

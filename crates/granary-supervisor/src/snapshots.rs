@@ -10,15 +10,12 @@ use granary_grains::{GrainError, Problem, Snapshot, SnapshotTaken};
 use crate::inner::{Inner, db};
 use crate::{Supervisor, error};
 
-/// Takes an automatic snapshot of every grain each `snapshot_interval`
-/// (backends with cheap snapshots only).
+/// Takes an automatic snapshot of every grain each `snapshot_interval`, on
+/// every backend (plain ones link what did not change).
 pub(crate) fn schedule(inner: &Rc<Inner>) {
     let Some(every) = inner.params.config.snapshot_interval else {
         return;
     };
-    if inner.params.datasets.backend() == "plain" {
-        return;
-    }
     let weak = Rc::downgrade(inner);
     tokio::task::spawn_local(async move {
         loop {
