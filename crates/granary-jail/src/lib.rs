@@ -10,8 +10,8 @@
 //! What a grain gets on Linux (see ARCHITECTURE.md for the reasoning):
 //! new mount, pid, net, ipc, uts, cgroup and user namespaces; its own host uid
 //! mapped to uid 1000 inside; a root built on tmpfs with the image read-only,
-//! the dataset at `/var`, a private `/tmp`, a minimal `/dev` and its own
-//! `/proc` showing only its own processes; no network but a down `lo`;
+//! the dataset at `/var`, a private `/tmp`, a minimal `/dev` and no `/proc`
+//! (whose mount tables would name host paths); no network but a down `lo`;
 //! cgroup limits; no capabilities; `no_new_privs`; a seccomp allowlist
 //! installed last; an init as pid 1 that reaps and forwards signals.
 

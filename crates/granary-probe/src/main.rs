@@ -191,16 +191,31 @@ fn connect_unix(path: &[u8]) -> Outcome {
     }
 }
 
-fn status_field(name: &str) -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .map(|v| v.trim_start_matches(':').trim().to_owned())
-        })
-        .unwrap_or_default()
+/// statfs of a path: (filesystem type, total bytes).
+fn statfs(path: &str) -> Result<(i64, u64), String> {
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::statfs(c(path).as_ptr(), &mut st) != 0 {
+            return Err(err_text());
+        }
+        Ok((st.f_type as i64, st.f_blocks as u64 * st.f_bsize as u64))
+    }
 }
+
+/// A system call the seccomp filter must refuse (EPERM) or the kernel
+/// must lack (ENOSYS): any other error means it reached the kernel.
+fn refused_call(rc: i64) -> Outcome {
+    match (rc, errno()) {
+        (0.., _) => Allowed(format!("returned {rc}")),
+        (_, libc::EPERM | libc::ENOSYS) => Blocked(err_text()),
+        _ => Allowed(format!("reached the kernel: {}", err_text())),
+    }
+}
+
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+const SYSFS_MAGIC: i64 = 0x6265_6572;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 type Check<'a> = (&'static str, bool, Box<dyn FnOnce() -> Outcome + 'a>);
 
@@ -364,14 +379,21 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
     blocked(
         "network interfaces besides lo",
         Box::new(|| {
-            let dev = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
-            let names: Vec<&str> = dev
-                .lines()
-                .skip(2)
-                .filter_map(|l| l.split(':').next())
-                .map(str::trim)
+            // By index (SIOCGIFNAME), which needs no /proc or netlink.
+            let names: Vec<String> = (1..=64)
+                .filter_map(|i| {
+                    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+                    // SAFETY: the buffer holds IF_NAMESIZE bytes.
+                    let name = unsafe { libc::if_indextoname(i, buf.as_mut_ptr()) };
+                    (!name.is_null()).then(|| {
+                        buf.iter()
+                            .take_while(|c| **c != 0)
+                            .map(|c| *c as u8 as char)
+                            .collect()
+                    })
+                })
                 .collect();
-            if names.iter().all(|n| *n == "lo") {
+            if names.iter().all(|n| n == "lo") {
                 Blocked(format!("only {names:?}"))
             } else {
                 Allowed(format!("{names:?}"))
@@ -486,6 +508,105 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
             } else {
                 Allowed(format!("{pids:?}"))
             }
+        }),
+    );
+    // ---- what the mounts say about the host
+    blocked(
+        "read a mount table (mountinfo, mounts, mountstats)",
+        Box::new(|| {
+            let tables = [
+                "/proc/self/mountinfo",
+                "/proc/self/mounts",
+                "/proc/self/mountstats",
+                "/proc/mounts",
+                "/proc/1/mountinfo",
+                "/etc/mtab",
+            ];
+            match tables.iter().find(|t| std::fs::read(t).is_ok()) {
+                Some(t) => Allowed(format!("read {t}")),
+                None => Blocked(format!("none of {tables:?} is readable")),
+            }
+        }),
+    );
+    blocked(
+        "find a procfs or sysfs mounted",
+        Box::new(|| {
+            let mut places: Vec<String> = std::fs::read_dir("/")
+                .map(|d| {
+                    d.filter_map(|e| Some(format!("/{}", e.ok()?.file_name().to_str()?)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            places.extend(["/proc".to_owned(), "/sys".to_owned()]);
+            for place in &places {
+                if let Ok((kind, _)) = statfs(place)
+                    && (kind == PROC_SUPER_MAGIC || kind == SYSFS_MAGIC)
+                {
+                    return Allowed(format!("{place} is type {kind:#x}"));
+                }
+            }
+            Blocked(format!("none among {places:?}"))
+        }),
+    );
+    blocked(
+        "ask statmount or listmount",
+        Box::new(|| {
+            // 457 and 458 on every architecture (the unified numbers).
+            // SAFETY: null arguments; the call must not get that far.
+            let a = unsafe { libc::syscall(457, 0usize, 0usize, 0usize, 0usize) };
+            if let Allowed(d) = refused_call(a as i64) {
+                return Allowed(format!("statmount {d}"));
+            }
+            // SAFETY: as above.
+            let b = unsafe { libc::syscall(458, 0usize, 0usize, 0usize, 0usize) };
+            refused_call(b as i64)
+        }),
+    );
+    blocked(
+        "learn the filesystem's device or UUID by ioctl",
+        Box::new(|| {
+            // _IOR(0x15, 0, struct fsuuid2) and _IOR(0x15, 1, struct fs_sysfs_path).
+            const GETFSUUID: libc::c_ulong = 0x8011_1500;
+            const GETFSSYSFSPATH: libc::c_ulong = 0x8081_1501;
+            for path in ["/var", "/", "/tmp", "/dev"] {
+                let Ok(f) = std::fs::File::open(path) else {
+                    continue;
+                };
+                for (name, request) in [("uuid", GETFSUUID), ("sysfs path", GETFSSYSFSPATH)] {
+                    let mut buf = [0u8; 256];
+                    // SAFETY: the buffer is larger than either reply.
+                    let rc = unsafe {
+                        libc::ioctl(
+                            std::os::fd::AsRawFd::as_raw_fd(&f),
+                            request,
+                            buf.as_mut_ptr(),
+                        )
+                    };
+                    if rc == 0 {
+                        let len = usize::from(buf[0]).min(buf.len() - 1);
+                        let hex: String =
+                            buf[1..1 + len].iter().map(|b| format!("{b:02x}")).collect();
+                        return Allowed(format!("{name} of {path}: {hex}"));
+                    }
+                }
+            }
+            Blocked(err_text())
+        }),
+    );
+    let tmp_bytes = a.tmp_bytes;
+    blocked(
+        "a tmpfs sized by the host's memory (/, /dev, /tmp)",
+        Box::new(move || {
+            for (path, cap) in [("/", 1u64 << 20), ("/dev", 64 << 10), ("/tmp", tmp_bytes)] {
+                match statfs(path) {
+                    Ok((TMPFS_MAGIC, size)) if size <= cap => {}
+                    Ok((kind, size)) => {
+                        return Allowed(format!("{path}: type {kind:#x}, {size} bytes"));
+                    }
+                    Err(e) => return Allowed(format!("{path}: {e}")),
+                }
+            }
+            Blocked("each is a tmpfs of its own fixed size".into())
         }),
     );
     // ---- namespaces and mounts
@@ -760,29 +881,65 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
     blocked(
         "hold any capability",
         Box::new(|| {
-            let (eff, prm, bnd) = (
-                status_field("CapEff"),
-                status_field("CapPrm"),
-                status_field("CapBnd"),
-            );
-            if [&eff, &prm, &bnd]
+            #[repr(C)]
+            struct Header {
+                version: u32,
+                pid: i32,
+            }
+            #[repr(C)]
+            #[derive(Default, Clone, Copy)]
+            struct Data {
+                effective: u32,
+                permitted: u32,
+                inheritable: u32,
+            }
+            let mut header = Header {
+                version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+                pid: 0,
+            };
+            let mut data = [Data::default(); 2];
+            // SAFETY: capget fills two Data structs for version 3.
+            if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+                return Allowed(format!("capget failed: {}", err_text()));
+            }
+            let held = data
                 .iter()
-                .all(|v| v.chars().all(|c| c == '0'))
-            {
-                Blocked("CapEff, CapPrm and CapBnd are all zero".into())
+                .any(|d| d.effective | d.permitted | d.inheritable != 0);
+            // The bounding set, one capability at a time until the kernel
+            // says the number is past its last.
+            let mut bounding = Vec::new();
+            for cap in 0..64 {
+                // SAFETY: PR_CAPBSET_READ takes a capability number.
+                match unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } {
+                    1 => bounding.push(cap),
+                    0 => {}
+                    _ => break,
+                }
+            }
+            if !held && bounding.is_empty() {
+                Blocked("effective, permitted, inheritable and bounding sets are empty".into())
             } else {
-                Allowed(format!("CapEff {eff} CapPrm {prm} CapBnd {bnd}"))
+                Allowed(format!(
+                    "sets {:?}, bounding {bounding:?}",
+                    data.map(|d| (d.effective, d.permitted, d.inheritable))
+                ))
             }
         }),
     );
     blocked(
         "run without no_new_privs and seccomp",
         Box::new(|| {
-            let (nnp, sc) = (status_field("NoNewPrivs"), status_field("Seccomp"));
-            if nnp == "1" && sc == "2" {
-                Blocked("NoNewPrivs 1, Seccomp 2 (filter)".into())
+            // SAFETY: prctl queries with no pointers.
+            let (nnp, sc) = unsafe {
+                (
+                    libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0),
+                    libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0),
+                )
+            };
+            if nnp == 1 && sc == 2 {
+                Blocked("no_new_privs 1, seccomp 2 (filter)".into())
             } else {
-                Allowed(format!("NoNewPrivs {nnp}, Seccomp {sc}"))
+                Allowed(format!("no_new_privs {nnp}, seccomp {sc}"))
             }
         }),
     );
@@ -801,15 +958,13 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
     blocked(
         "inherit unexpected descriptors",
         Box::new(|| {
-            let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-                .map(|d| {
-                    d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                        .collect()
-                })
-                .unwrap_or_default();
-            fds.sort();
-            // 0-2 and the host channel on 3, plus the descriptor of the listing itself.
-            if fds.iter().all(|fd| *fd <= 4) {
+            // Every number up to the descriptor limit, asked directly.
+            // SAFETY: F_GETFD on a number only asks whether it is open.
+            let fds: Vec<i32> = (0..4096)
+                .filter(|fd| unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
+                .collect();
+            // 0-2 and the host channel on 3.
+            if fds.iter().all(|fd| *fd <= 3) {
                 Blocked(format!("only {fds:?}"))
             } else {
                 Allowed(format!("{fds:?}"))
@@ -891,7 +1046,7 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
     allowed(
         "read its own image",
         Box::new(
-            || match std::fs::read(std::env::current_exe().unwrap_or_default()) {
+            || match std::fs::read(std::env::args().next().unwrap_or_default()) {
                 Ok(d) => Allowed(format!("{} bytes", d.len())),
                 Err(e) => Blocked(e.to_string()),
             },
@@ -942,10 +1097,6 @@ fn checks<'a>(a: &'a Args) -> Vec<Check<'a>> {
                 Err(e) => Blocked(e.to_string()),
             },
         ),
-    );
-    allowed(
-        "read its own /proc/self",
-        Box::new(|| open_read("/proc/self/status")),
     );
     allowed(
         "talk over the host channel on fd 3",

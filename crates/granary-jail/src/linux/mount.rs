@@ -6,9 +6,15 @@
 //! /<entry>     each top-level entry of the image, bound read-only, nosuid, nodev
 //! /var         the grain's dataset, read-write, nosuid, nodev
 //! /tmp         tmpfs with size and inode limits, nosuid, nodev
-//! /dev         tmpfs, read-only: null zero full random urandom, fd links
-//! /proc        the grain's own processes only (`subset=pid`): no global files
+//! /dev         tmpfs, read-only: null zero full random urandom
 //! ```
+//!
+//! There is no `/proc`. Even `subset=pid` leaves each process its own
+//! `mountinfo`, `mounts` and `mountstats`, which name the host paths the
+//! image and dataset were bound from (`DATA_DIR/grains/<user>-<kind>/data`)
+//! and their device (a ZFS source is the dataset's name, which names the
+//! user). Nothing a grain runs needs it: Rust's std and tokio fall back to
+//! `sched_getaffinity`, and git works without it.
 
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -22,7 +28,8 @@ use crate::{JailError, Plan};
 /// through descriptors opened beforehand.
 const STAGING: &str = "/tmp";
 
-/// Entries of the image that the sandbox provides itself.
+/// Entries of the image that the sandbox provides itself (or, for
+/// `proc`, withholds).
 const PROVIDED: &[&str] = &["dev", "proc", "tmp", "var"];
 
 /// Device nodes of `/dev`: name, major, minor.
@@ -178,20 +185,6 @@ pub(crate) fn build_root(plan: &Plan, rootless: bool) -> Result<(), JailError> {
 
     build_dev(&staging.join("dev"), rootless)?;
 
-    let proc = staging.join("proc");
-    mkdir(&proc)?;
-    // `subset=pid`: only the grain's own processes, no global files at all
-    // (no /proc/sys, /proc/kcore, /proc/keys, /proc/sysrq-trigger, ...),
-    // which hides more than masking file by file and costs one call.
-    mount(
-        Some(Path::new("proc")),
-        &proc,
-        Some("proc"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some("subset=pid,hidepid=invisible"),
-        "mounting proc on",
-    )?;
-
     pivot(staging)?;
     // The root tmpfs itself becomes read-only: the grain cannot add files at /.
     mount(
@@ -246,15 +239,6 @@ fn build_dev(dev: &Path, rootless: bool) -> Result<(), JailError> {
         if unsafe { libc::chmod(target.as_ptr(), 0o666) } != 0 {
             return Err(JailError::last_os(format!("chmod /dev/{name}")));
         }
-    }
-    for (link, dest) in [
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ] {
-        std::os::unix::fs::symlink(dest, dev.join(link))
-            .map_err(|e| JailError::os(format!("linking /dev/{link}"), e))?;
     }
     mount(
         None,
