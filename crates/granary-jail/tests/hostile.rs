@@ -13,14 +13,48 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use granary_jail::spawn::{LaunchRequest, Spawner};
+use granary_jail::spawn::{LaunchRequest, Launched, Spawner};
 use granary_jail::{CgroupDriver, DEFAULT_UID_RANGE, GrainSpec, JailConfig, Limits, Plan};
 
 static ONE_GRAIN_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// A launched grain with its output pipes, as the tests read it.
+struct Child {
+    launched: Launched,
+    stdout: Option<std::io::PipeReader>,
+    stderr: Option<std::io::PipeReader>,
+}
+
+impl Child {
+    fn id(&self) -> u32 {
+        self.launched.id()
+    }
+
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.launched.wait()
+    }
+
+    fn wait_with_output(mut self) -> std::io::Result<Output> {
+        let mut err = self.stderr.take().unwrap();
+        let errors = std::thread::spawn(move || {
+            let mut text = Vec::new();
+            err.read_to_end(&mut text).map(|_| text)
+        });
+        let mut stdout = Vec::new();
+        self.stdout.take().unwrap().read_to_end(&mut stdout)?;
+        let stderr = errors.join().unwrap()?;
+        let status = self.launched.wait()?;
+        Ok(Output {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+}
 
 fn launcher() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_granary-launcher"))
@@ -143,19 +177,26 @@ impl Host {
         }
     }
 
-    /// Starts a grain the way the daemon will: through the long-lived
-    /// spawner thread.
+    /// Starts a grain the way the daemon does: through the long-lived
+    /// spawner thread and its zygote.
     fn launch(&self, plan: Plan, fds: Vec<(std::os::fd::OwnedFd, i32)>) -> Child {
         static SPAWNER: std::sync::OnceLock<Spawner> = std::sync::OnceLock::new();
-        SPAWNER
+        let (out_read, out_write) = std::io::pipe().unwrap();
+        let (err_read, err_write) = std::io::pipe().unwrap();
+        let launched = SPAWNER
             .get_or_init(|| Spawner::new(launcher()).expect("spawner thread"))
             .spawn(LaunchRequest {
                 plan,
-                stdout: Stdio::piped(),
-                stderr: Stdio::piped(),
+                stdout: out_write.into(),
+                stderr: err_write.into(),
                 fds,
             })
-            .expect("spawn launcher")
+            .expect("spawn launcher");
+        Child {
+            launched,
+            stdout: Some(out_read),
+            stderr: Some(err_read),
+        }
     }
 }
 
@@ -317,6 +358,73 @@ fn sigterm_reaches_the_app_through_launcher_and_init() {
     assert_eq!(status.code(), Some(128 + 15), "the app died of SIGTERM");
     for dir in host.cgroup_dirs() {
         assert!(!dir.exists(), "cgroup {} left behind", dir.display());
+    }
+}
+
+/// Pids of this process's children whose command line contains `word`.
+fn children_with(word: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(me) && String::from_utf8_lossy(&cmdline).contains(word)
+        })
+        .collect()
+}
+
+#[test]
+fn launchers_are_forked_by_one_zygote_that_is_replaced_if_it_dies() {
+    let _one = ONE_GRAIN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let host = Host::new("zygote", 41);
+    let ready = |child: &mut Child| {
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready 2");
+    };
+    let mut first = host.launch(host.plan(&["/bin/probe", "--wait"], vec![]), vec![]);
+    ready(&mut first);
+    // Forked by the zygote (its command line), yet our own child: we wait
+    // for it and get its status as if we had forked it.
+    let ours = children_with("--zygote");
+    assert!(ours.contains(&first.id()), "{ours:?} {}", first.id());
+    let zygotes: Vec<u32> = ours.into_iter().filter(|p| *p != first.id()).collect();
+    assert_eq!(zygotes.len(), 1, "one zygote: {zygotes:?}");
+    // By pid: the zygote this test's spawner started.
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &zygotes[0].to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // The running grain does not notice; the next launch gets a new zygote.
+    let mut second = host.launch(host.plan(&["/bin/probe", "--wait"], vec![]), vec![]);
+    ready(&mut second);
+    let now: Vec<u32> = children_with("--zygote")
+        .into_iter()
+        .filter(|p| ![first.id(), second.id()].contains(p))
+        .collect();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0], zygotes[0]);
+    for child in [&mut first, &mut second] {
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert_eq!(child.wait().unwrap().code(), Some(128 + 15));
     }
 }
 

@@ -260,8 +260,8 @@ impl Inner {
             .spawner
             .spawn(LaunchRequest {
                 plan,
-                stdout: std::process::Stdio::from(log_write),
-                stderr: std::process::Stdio::from(log_write2),
+                stdout: log_write,
+                stderr: log_write2,
                 fds: vec![(grain_rpc, 3), (grain_side, 4)],
             })
             .map_err(|e| format!("spawning the launcher: {e}"))?;
@@ -418,8 +418,8 @@ impl Inner {
             .spawner
             .spawn(LaunchRequest {
                 plan,
-                stdout: std::process::Stdio::from(out),
-                stderr: std::process::Stdio::from(err),
+                stdout: out,
+                stderr: err,
                 fds: Vec::new(),
             })
             .map_err(|e| format!("spawning the migration hook: {e}"))?;

@@ -5,7 +5,11 @@
 //! ```text
 //! granary-launcher --plan-json JSON [--parent-pid PID]
 //! granary-launcher --plan FILE [--parent-pid PID]
+//! granary-launcher --zygote --parent-pid PID    # Linux: serves launches on fd 3
 //! ```
+//!
+//! The daemon starts one zygote and asks it for every grain (see
+//! `granary_jail::linux::zygote`); `--plan` runs one grain by hand.
 //!
 //! It first clears its environment, closes every inherited descriptor but
 //! stdout, stderr and the plan's `keep_fds`, and points stdin at /dev/null.
@@ -42,10 +46,12 @@ fn run() -> Result<i32, String> {
     let mut args = std::env::args().skip(1);
     let mut plan_text = None;
     let mut parent = None;
+    let mut zygote = false;
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--plan-json" => plan_text = Some(value()?),
+            "--zygote" => zygote = true,
             "--plan" => {
                 let path = value()?;
                 plan_text = Some(
@@ -62,10 +68,15 @@ fn run() -> Result<i32, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; usage: granary-launcher --plan-json JSON | --plan FILE [--parent-pid PID]"
+                    "unknown argument {other:?}; usage: granary-launcher --plan-json JSON | --plan FILE [--parent-pid PID] | --zygote --parent-pid PID"
                 ));
             }
         }
+    }
+    if zygote {
+        let parent = parent.ok_or("--zygote needs --parent-pid")?;
+        linux::zygote::serve(parent).map_err(|e| e.to_string())?;
+        return Ok(0);
     }
     let plan_text = plan_text.ok_or("no plan given (--plan-json or --plan)")?;
     let plan: Plan = serde_json::from_str(&plan_text).map_err(|e| format!("invalid plan: {e}"))?;

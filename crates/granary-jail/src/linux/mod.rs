@@ -20,6 +20,7 @@ mod init;
 mod mount;
 mod sandbox;
 pub mod seccomp;
+pub mod zygote;
 
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -84,7 +85,12 @@ fn block_waited_signals() -> Result<libc::sigset_t, JailError> {
 /// Runs the grain described by `plan` and returns its exit status as a
 /// shell would (the code, or 128 + the signal).
 pub fn launch(plan: &Plan) -> Result<i32, JailError> {
-    let filters = seccomp::compile()?;
+    launch_with(plan, &seccomp::compile()?)
+}
+
+/// [`launch`] with the seccomp filters already compiled (the zygote
+/// compiles them once for every grain it forks).
+pub fn launch_with(plan: &Plan, filters: &seccomp::Filters) -> Result<i32, JailError> {
     let waited = block_waited_signals()?;
     // SAFETY: geteuid cannot fail.
     let rootless = unsafe { libc::geteuid() } != 0;
@@ -113,7 +119,7 @@ pub fn launch(plan: &Plan) -> Result<i32, JailError> {
         .filter(|_| cgroup.is_some())
         .and_then(|d| crate::cgroup::oom_kills(d, &plan.cgroup_parent, &plan.grain))
         .unwrap_or(0);
-    let result = run_grain(plan, &filters, &waited, cgroup.as_ref(), rootless);
+    let result = run_grain(plan, filters, &waited, cgroup.as_ref(), rootless);
     if let Some(cgroup) = cgroup {
         // Said plainly in the grain's log before the count goes with the
         // cgroup.
