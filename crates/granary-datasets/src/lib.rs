@@ -418,6 +418,13 @@ mod tests {
         assert_eq!(std::fs::read_to_string(data.join("note")).unwrap(), "x");
         assert!(plain.snapshot("g-1", "../x").is_err());
         assert!(plain.snapshot("g-1", "-rf").is_err());
+        // What a crash left of a snapshot being made goes at start-up.
+        let half = plain.grain_dir("g-1").join("snapshots/.partial-auto-9");
+        std::fs::create_dir_all(half.join("sub")).unwrap();
+        let removed = plain.remove_scratch().unwrap();
+        assert_eq!(removed, ["g-1/snapshots/.partial-auto-9"]);
+        assert!(!half.exists());
+        assert_eq!(plain.list_snapshots("g-1").unwrap().len(), 1);
         plain.delete_snapshot("g-1", "manual-5").unwrap();
         plain.destroy("g-1").unwrap();
         plain.destroy("g-1").unwrap();

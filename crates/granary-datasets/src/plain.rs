@@ -115,9 +115,15 @@ impl Datasets for Plain {
         .and_then(|stats| {
             std::fs::rename(&index_partial, &index_path)?;
             std::fs::rename(&partial, &target)?;
-            link::sync_dir(&dir)?;
             Ok(stats)
         });
+        // The rename is the commit: the snapshot exists from here on, and
+        // a failure to sync its directory entry is only worth a warning.
+        if made.is_ok()
+            && let Err(e) = link::sync_dir(&dir)
+        {
+            tracing::warn!(grain, label, error = %e, "syncing the snapshot directory failed");
+        }
         match made {
             Ok(stats) => {
                 tracing::debug!(
@@ -208,6 +214,48 @@ impl Datasets for Plain {
         std::fs::rename(&data, &kept).map_err(err(grain, "keep the final data"))?;
         self.destroy(grain)?;
         Ok(Some(kept.display().to_string()))
+    }
+
+    /// Also what a crash left of snapshots being made (`.partial-*` in
+    /// each grain's snapshot directory). Runs at start-up, before any
+    /// snapshot is taken.
+    fn remove_scratch(&self) -> Result<Vec<String>, DatasetError> {
+        let mut removed = Vec::new();
+        for grain in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = grain.file_name().to_string_lossy().into_owned();
+            if check_id(&name).is_err() {
+                continue;
+            }
+            if name.starts_with(|c: char| c.is_ascii_digit()) {
+                self.destroy(&name)?;
+                removed.push(name);
+                continue;
+            }
+            let snapshots = grain.path().join("snapshots");
+            for entry in std::fs::read_dir(&snapshots)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let partial = entry.file_name().to_string_lossy().into_owned();
+                if !partial.starts_with(".partial-") {
+                    continue;
+                }
+                let path = entry.path();
+                let gone = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                gone.map_err(err(&name, "remove a half-made snapshot"))?;
+                removed.push(format!("{name}/snapshots/{partial}"));
+            }
+        }
+        Ok(removed)
     }
 
     fn destroy(&self, grain: &str) -> Result<(), DatasetError> {

@@ -124,25 +124,36 @@ pub(crate) fn snapshot(
     dest: &Path,
     index_out: &Path,
 ) -> io::Result<Stats> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
-    snapshot_at(live, base, dest, index_out, now)
+    snapshot_at(live, base, dest, index_out, None)
 }
 
-/// [`snapshot`] as if the walk started at `started` (unix nanoseconds).
+/// [`snapshot`], the walk's start given in unix nanoseconds (tests), or
+/// `None`: now, by our clock or the filesystem's, whichever is behind.
 fn snapshot_at(
     live: &Path,
     base: Option<(&Path, &Index)>,
     dest: &Path,
     index_out: &Path,
-    started: i128,
+    started: Option<i128>,
 ) -> io::Result<Stats> {
     let live_fd = open_dir(None, live)?;
     let root_stat = fstat(live_fd.as_raw_fd())?;
     mkdirat(None, dest, Mode::from_bits_truncate(0o700))?;
     let dest_fd = open_dir(None, dest)?;
+    // The filesystem's own clock (the new directory's ctime), if it is
+    // behind ours: a changed file's ctime comes from that clock.
+    let made = fstat(dest_fd.as_raw_fd())?;
+    let started = started.unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        now.min(nanos(made.st_ctime, made.st_ctime_nsec))
+    });
+    // Pages a grain wrote through a mapping are written back now: a later
+    // write to one faults again and moves its ctime, where a write to a
+    // page still dirty would not.
+    nix::unistd::syncfs(live_fd.as_raw_fd())?;
     let base_fd = match base {
         Some((path, _)) => open_dir(None, path).ok(),
         None => None,
@@ -157,7 +168,7 @@ fn snapshot_at(
         stats: Stats::default(),
     };
     let mut rel = Vec::new();
-    walk.dir(&live_fd, base_fd.as_ref(), &dest_fd, &mut rel)?;
+    walk.dir(&live_fd, base_fd.as_ref(), &dest_fd, &mut rel, 0)?;
     walk.own(&dest_fd, &root_stat)?;
     // One flush of the filesystem instead of an fsync per copied file.
     nix::unistd::syncfs(dest_fd.as_raw_fd())?;
@@ -189,6 +200,86 @@ fn names(dir: &OwnedFd) -> io::Result<Vec<OsString>> {
         .collect()
 }
 
+/// Copies the data regions of the first `size` bytes of `src` into `out`
+/// and gives `out` that size: holes stay holes (a grain's `truncate -s 1T`
+/// costs the host nothing), and a file still growing is not chased.
+/// Returns the bytes written.
+fn copy_data(src: &mut File, out: &File, size: u64) -> io::Result<u64> {
+    let (from, to) = (src.as_raw_fd(), out.as_raw_fd());
+    let mut written = 0;
+    let mut pos = 0i64;
+    let size = size as i64;
+    while pos < size {
+        // SAFETY: lseek on a descriptor we hold.
+        let data = unsafe { libc::lseek(from, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            match Errno::last() {
+                // Only a hole is left.
+                Errno::ENXIO => break,
+                e => return Err(e.into()),
+            }
+        }
+        if data >= size {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(from, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { size } else { hole.min(size) };
+        let (mut off_in, mut off_out) = (data, data);
+        while off_in < end {
+            let want = (end - off_in) as usize;
+            // SAFETY: both offsets point at our own variables; the
+            // descriptors are open.
+            let n = unsafe { libc::copy_file_range(from, &mut off_in, to, &mut off_out, want, 0) };
+            if n < 0 {
+                match Errno::last() {
+                    Errno::EINTR => continue,
+                    // No in-kernel copy between these two: by hand.
+                    Errno::EXDEV | Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL => {
+                        written += copy_range(src, out, off_in as u64, end as u64)?;
+                        break;
+                    }
+                    e => return Err(e.into()),
+                }
+            }
+            if n == 0 {
+                // The file shrank under us.
+                break;
+            }
+            written += n as u64;
+        }
+        pos = end;
+    }
+    out.set_len(size as u64)?;
+    Ok(written)
+}
+
+/// `[from, to)` of `src` into the same place in `out`, by reads and writes.
+fn copy_range(src: &File, out: &File, from: u64, to: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let want = ((to - at) as usize).min(buf.len());
+        let n = src.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(at - from)
+}
+
+fn nanos(secs: i64, nsec: i64) -> i128 {
+    i128::from(secs) * 1_000_000_000 + i128::from(nsec)
+}
+
+/// Deeper than this, a snapshot fails with a clear error (each level holds
+/// three descriptors and a stack frame). Real datasets are a few levels
+/// deep; a grain making its own tree deeper only loses its own snapshots.
+const MAX_DEPTH: usize = 128;
+
 struct Walk<'a> {
     base_index: Option<&'a Index>,
     /// Files changed at or after this (unix nanoseconds) are not indexed.
@@ -196,9 +287,9 @@ struct Walk<'a> {
     as_root: bool,
     dest_root: PathBuf,
     index: Vec<(Vec<u8>, Stamp)>,
-    /// Live files with several names: the first copy's path, so the others
-    /// become links to it, as they are in the dataset.
-    links: HashMap<(u64, u64), PathBuf>,
+    /// Live files with several names: their stamp and the first copy's
+    /// path, so the others become links to it, as they are in the dataset.
+    links: HashMap<(u64, u64), (Stamp, PathBuf)>,
     stats: Stats,
 }
 
@@ -216,7 +307,14 @@ impl Walk<'_> {
         base: Option<&OwnedFd>,
         dest: &OwnedFd,
         rel: &mut Vec<u8>,
+        depth: usize,
     ) -> io::Result<()> {
+        if depth > MAX_DEPTH {
+            return Err(io::Error::other(format!(
+                "{} is more than {MAX_DEPTH} directories deep",
+                String::from_utf8_lossy(rel)
+            )));
+        }
         for name in names(live)? {
             let depth = rel.len();
             if !rel.is_empty() {
@@ -224,7 +322,7 @@ impl Walk<'_> {
             }
             rel.extend_from_slice(name.as_bytes());
             let name = Path::new(&name);
-            self.entry(live, base, dest, name, rel)?;
+            self.entry(live, base, dest, name, rel, depth)?;
             rel.truncate(depth);
         }
         Ok(())
@@ -237,6 +335,7 @@ impl Walk<'_> {
         dest: &OwnedFd,
         name: &Path,
         rel: &[u8],
+        depth: usize,
     ) -> io::Result<()> {
         let st = match fstatat(Some(live.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             // Removed since the listing: a running grain's tree moves.
@@ -269,10 +368,10 @@ impl Walk<'_> {
                 let sub_base = base.and_then(|b| open_dir(Some(b), name).ok());
                 let sub_dest = open_dir(Some(dest), name)?;
                 let mut rel = rel.to_vec();
-                self.dir(&sub_live, sub_base.as_ref(), &sub_dest, &mut rel)?;
+                self.dir(&sub_live, sub_base.as_ref(), &sub_dest, &mut rel, depth + 1)?;
                 self.own(&sub_dest, &opened)
             }
-            SFlag::S_IFREG => self.file(live, base, dest, name, rel),
+            SFlag::S_IFREG => self.file(live, base, dest, name, rel, &st),
             SFlag::S_IFLNK => {
                 let target = match readlinkat(Some(live.as_raw_fd()), name) {
                     Err(Errno::ENOENT | Errno::EINVAL) => return Ok(()),
@@ -300,92 +399,116 @@ impl Walk<'_> {
         dest: &OwnedFd,
         name: &Path,
         rel: &[u8],
+        st: &FileStat,
     ) -> io::Result<()> {
-        // O_NONBLOCK: a file swapped for a FIFO since the stat must not
-        // hang the walk; fstat below then sees it is no file.
-        let fd = match openat(
-            Some(live.as_raw_fd()),
-            name,
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Err(Errno::ENOENT | Errno::ELOOP) => return Ok(()),
-            other => other?,
-        };
-        // SAFETY: openat returned a fresh descriptor that nothing else owns.
-        let mut src = unsafe { File::from_raw_fd(fd) };
-        let st = fstat(src.as_raw_fd())?;
-        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
-            return Ok(());
-        }
-        let stamp = Stamp::of(&st);
+        let stamp = Stamp::of(st);
         let key = (st.st_dev, st.st_ino);
+        // A second name of a file already in this snapshot: a link to it
+        // (any failure, such as too many links, makes it a copy instead).
         if st.st_nlink > 1
-            && let Some(first) = self.links.get(&key)
-        {
-            nix::unistd::linkat(
+            && let Some((seen, first)) = self.links.get(&key)
+            && *seen == stamp
+            && nix::unistd::linkat(
                 None,
                 first.as_path(),
                 Some(dest.as_raw_fd()),
                 name,
                 AtFlags::empty(),
-            )?;
+            )
+            .is_ok()
+        {
             self.remember(rel, stamp);
             return Ok(());
         }
+        // Unchanged since the base: linked without opening it (a lease the
+        // grain holds on it cannot stall or fail the snapshot).
         let unchanged = base.is_some()
             && self
                 .base_index
                 .and_then(|i| i.get(rel))
                 .is_some_and(|s| *s == stamp);
         let linked = unchanged
-            && match nix::unistd::linkat(
+            && nix::unistd::linkat(
                 base.map(|b| b.as_raw_fd()),
                 name,
                 Some(dest.as_raw_fd()),
                 name,
                 AtFlags::empty(),
-            ) {
-                Ok(()) => true,
-                // Too many links to one inode, or the base lost it: copy.
-                Err(Errno::EMLINK | Errno::ENOENT) => false,
-                Err(e) => return Err(e.into()),
-            };
-        if linked {
+            )
+            .is_ok();
+        let stamp = if linked {
             self.stats.linked += 1;
+            stamp
         } else {
-            let out = openat(
-                Some(dest.as_raw_fd()),
-                name,
-                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o600),
-            )?;
-            // SAFETY: openat returned a fresh descriptor that nothing else owns.
-            let mut out = unsafe { File::from_raw_fd(out) };
-            // SAFETY: FICLONE takes the source descriptor as its argument.
-            let cloned =
-                unsafe { libc::ioctl(out.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
-            let bytes = if cloned {
-                st.st_size as u64
-            } else {
-                // std copies File to File with copy_file_range.
-                io::copy(&mut src, &mut out)?
-            };
-            self.own(&out.into(), &st)?;
-            self.stats.copied += 1;
-            self.stats.copied_bytes += bytes;
-        }
+            match self.copy(live, dest, name)? {
+                Some((copied, bytes)) => {
+                    self.stats.copied += 1;
+                    self.stats.copied_bytes += bytes;
+                    copied
+                }
+                // Gone, or no longer a file, since the listing.
+                None => return Ok(()),
+            }
+        };
         if st.st_nlink > 1 {
             let mut path = self.dest_root.clone();
             path.push(std::ffi::OsStr::from_bytes(rel));
-            self.links.insert(key, path);
+            self.links.insert(key, (stamp, path));
         }
         self.remember(rel, stamp);
         Ok(())
     }
 
+    /// Copies one live file into `dest`: its stamp and the bytes written,
+    /// or `None` if it is no longer a regular file.
+    fn copy(
+        &mut self,
+        live: &OwnedFd,
+        dest: &OwnedFd,
+        name: &Path,
+    ) -> io::Result<Option<(Stamp, u64)>> {
+        // O_PATH opens anything without side effects (no FIFO wait, no
+        // lease break); fstat then says what it is.
+        let path_fd = match openat(
+            Some(live.as_raw_fd()),
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Err(Errno::ENOENT | Errno::ELOOP) => return Ok(None),
+            other => other?,
+        };
+        // SAFETY: openat returned a fresh descriptor that nothing else owns.
+        let path_fd = unsafe { OwnedFd::from_raw_fd(path_fd) };
+        let st = fstat(path_fd.as_raw_fd())?;
+        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+            return Ok(None);
+        }
+        // Reopened for reading through the descriptor: the same inode,
+        // checked above. A lease the grain holds is broken by the kernel
+        // (after lease-break-time at most).
+        let mut src = File::open(format!("/proc/self/fd/{}", path_fd.as_raw_fd()))?;
+        let out = openat(
+            Some(dest.as_raw_fd()),
+            name,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )?;
+        // SAFETY: openat returned a fresh descriptor that nothing else owns.
+        let out = unsafe { File::from_raw_fd(out) };
+        // SAFETY: FICLONE takes the source descriptor as its argument.
+        let cloned = unsafe { libc::ioctl(out.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
+        let bytes = if cloned {
+            0
+        } else {
+            copy_data(&mut src, &out, st.st_size as u64)?
+        };
+        self.own(&out.into(), &st)?;
+        Ok(Some((Stamp::of(&st), bytes)))
+    }
+
     fn remember(&mut self, rel: &[u8], stamp: Stamp) {
-        if i128::from(stamp.ctime) * 1_000_000_000 + i128::from(stamp.ctime_nsec) < self.cutoff {
+        if nanos(stamp.ctime, stamp.ctime_nsec) < self.cutoff {
             self.index.push((rel.to_vec(), stamp));
         }
     }
@@ -455,7 +578,7 @@ mod tests {
             .unwrap()
             .as_nanos() as i128
             + 60_000_000_000;
-        let stats = snapshot_at(live, base, dest, &index, later).unwrap();
+        let stats = snapshot_at(live, base, dest, &index, Some(later)).unwrap();
         (stats, read_index(&index).unwrap())
     }
 
@@ -579,7 +702,7 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos() as i128;
-        snapshot_at(&live, None, &dest, &index, now).unwrap();
+        snapshot_at(&live, None, &dest, &index, Some(now)).unwrap();
         assert!(
             read_index(&index).unwrap().is_empty(),
             "a file changed this second could change again unseen"
@@ -601,5 +724,51 @@ mod tests {
         assert!(read_index(&path).is_none());
         std::fs::write(&path, b"something else").unwrap();
         assert!(read_index(&path).is_none());
+    }
+
+    #[test]
+    fn holes_stay_holes_and_the_size_is_the_stat_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let live = tmp.path().join("live");
+        std::fs::create_dir(&live).unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = File::create(live.join("sparse")).unwrap();
+            f.set_len(1 << 40).unwrap();
+            f.write_all_at(b"middle", 1 << 30).unwrap();
+        }
+        let dest = tmp.path().join("s");
+        let (stats, _) = snap(&live, None, &dest);
+        let meta = std::fs::metadata(dest.join("sparse")).unwrap();
+        assert_eq!(meta.len(), 1 << 40);
+        assert!(
+            meta.blocks() * 512 <= 1 << 20,
+            "a 1 TiB sparse file took {} bytes",
+            meta.blocks() * 512
+        );
+        assert!(stats.copied_bytes <= 1 << 20, "{stats:?}");
+        let mut buf = [0u8; 6];
+        use std::os::unix::fs::FileExt;
+        File::open(dest.join("sparse"))
+            .unwrap()
+            .read_exact_at(&mut buf, 1 << 30)
+            .unwrap();
+        assert_eq!(&buf, b"middle");
+    }
+
+    #[test]
+    fn a_tree_too_deep_fails_cleanly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let live = tmp.path().join("live");
+        let mut deep = live.clone();
+        for _ in 0..=MAX_DEPTH + 1 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let dest = tmp.path().join("s");
+        let index = tmp.path().join("s.index");
+        let e = snapshot_at(&live, None, &dest, &index, None).unwrap_err();
+        assert!(e.to_string().contains("directories deep"), "{e}");
+        assert!(!index.exists());
     }
 }
