@@ -74,7 +74,11 @@ fn sh(script: &str) {
     assert!(ok, "{script}");
 }
 
+/// Each measurement starts with nothing dirty in the page cache: an fsync
+/// of ours on ext4 (ordered mode) otherwise also writes out what the
+/// measurement before it left, such as a raw `zfs receive`'s pool writes.
 fn timed(f: impl FnOnce()) -> f64 {
+    sh("sync");
     let start = Instant::now();
     f();
     start.elapsed().as_secs_f64()

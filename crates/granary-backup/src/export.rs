@@ -478,56 +478,136 @@ struct Sealer<'w> {
     progress: &'w mut (dyn FnMut(&Progress) + Send),
 }
 
+/// A chunk on its way from the crypt stage to the store stage.
+enum Sealed {
+    /// Encrypted and hashed, to be written.
+    Cipher {
+        plain_len: usize,
+        plain_sha256: String,
+        cipher: Vec<u8>,
+        sha256: String,
+    },
+    /// The same plaintext a cut-off export already wrote: kept if the media
+    /// still has it whole, else encrypted and written here.
+    Resume {
+        plain: Vec<u8>,
+        plain_sha256: String,
+    },
+    /// Not what the cut-off export wrote at this place.
+    Diverged,
+}
+
 impl Sealer<'_> {
+    /// Two stages on two threads, so both cores work: one hashes and
+    /// encrypts chunk n+1 while the other writes chunk n. A chunk's
+    /// content is synced before its name is; the stream's directory once
+    /// at the end (the journal is checked against the media on resume, so
+    /// it need not be synced chunk by chunk).
     fn run(&mut self, rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Result<(), BackupError> {
-        for chunk in rx {
-            self.seal(&chunk)?;
-        }
-        Ok(())
+        let recipients = self.recipients;
+        let resumable: Vec<String> = self.resume.iter().map(|c| c.plain_sha256.clone()).collect();
+        std::thread::scope(|scope| {
+            // Rendezvous: at most one sealed chunk waits for the writer.
+            let (tx, sealed) = std::sync::mpsc::sync_channel::<Result<Sealed, BackupError>>(0);
+            let crypt = scope.spawn(move || {
+                for (index, plain) in rx.into_iter().enumerate() {
+                    let plain_sha256 = sha256(&plain);
+                    let item = match resumable.get(index) {
+                        Some(h) if *h == plain_sha256 => Ok(Sealed::Resume {
+                            plain,
+                            plain_sha256,
+                        }),
+                        Some(_) => Ok(Sealed::Diverged),
+                        None => recipients.encrypt(&plain).map(|cipher| Sealed::Cipher {
+                            plain_len: plain.len(),
+                            plain_sha256,
+                            sha256: sha256(&cipher),
+                            cipher,
+                        }),
+                    };
+                    let last = matches!(item, Err(_) | Ok(Sealed::Diverged));
+                    if tx.send(item).is_err() || last {
+                        return;
+                    }
+                }
+            });
+            let mut result = Ok(());
+            while let Ok(item) = sealed.recv() {
+                if let Err(e) = item.and_then(|item| self.store(item)) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            // Its next send fails and it stops, dropping the producer's
+            // channel in turn.
+            drop(sealed);
+            let _ = crypt.join();
+            result?;
+            self.target.sync_dir(self.dir)
+        })
     }
 
-    fn seal(&mut self, plain: &[u8]) -> Result<(), BackupError> {
+    fn store(&mut self, item: Sealed) -> Result<(), BackupError> {
         let index = self.journal.chunks.len();
-        let plain_sha256 = sha256(plain);
-        let kept = match self.resume.get(index) {
-            Some(done) if done.plain_sha256 == plain_sha256 => {
-                let name = format!("{}/{}", self.dir, done.file);
-                let present = self.target.read(&name, done.bytes)?;
-                present
-                    .filter(|b| done.check(b).is_ok())
-                    .map(|_| done.clone())
-            }
-            Some(_) => {
+        let (entry, plain_len) = match item {
+            Sealed::Diverged => {
                 self.diverged = true;
                 return Err(BackupError::Other("stream diverged".to_owned()));
             }
-            None => None,
-        };
-        let entry = match kept {
-            Some(e) => {
-                self.resumed += 1;
-                e
-            }
-            None => {
-                let cipher = self.recipients.encrypt(plain)?;
-                let file = format!("{index:08}.age");
-                self.target
-                    .write(&format!("{}/{file}", self.dir), &cipher)?;
-                ChunkEntry {
-                    file,
-                    bytes: cipher.len() as u64,
-                    sha256: sha256(&cipher),
-                    plain_sha256,
+            Sealed::Resume {
+                plain,
+                plain_sha256,
+            } => {
+                let done = self.resume[index].clone();
+                let name = format!("{}/{}", self.dir, done.file);
+                let present = self.target.read(&name, done.bytes)?;
+                if present.is_some_and(|b| done.check(&b).is_ok()) {
+                    self.resumed += 1;
+                    (done, plain.len())
+                } else {
+                    let cipher = self.recipients.encrypt(&plain)?;
+                    let sha = sha256(&cipher);
+                    (
+                        self.write_chunk(index, &cipher, sha, plain_sha256)?,
+                        plain.len(),
+                    )
                 }
             }
+            Sealed::Cipher {
+                plain_len,
+                plain_sha256,
+                cipher,
+                sha256,
+            } => (
+                self.write_chunk(index, &cipher, sha256, plain_sha256)?,
+                plain_len,
+            ),
         };
         self.journal.chunks.push(entry);
         let journal = seal_journal(self.journal_key, &self.journal)?;
         self.target
-            .write(&format!("{}/{JOURNAL}", self.dir), &journal)?;
-        self.meter.add(plain.len() as u64);
+            .write_deferred(&format!("{}/{JOURNAL}", self.dir), &journal)?;
+        self.meter.add(plain_len as u64);
         self.meter.chunks(self.journal.chunks.len(), self.resumed);
         (self.progress)(&self.meter.now(false));
         Ok(())
+    }
+
+    fn write_chunk(
+        &mut self,
+        index: usize,
+        cipher: &[u8],
+        sha256: String,
+        plain_sha256: String,
+    ) -> Result<ChunkEntry, BackupError> {
+        let file = format!("{index:08}.age");
+        self.target
+            .write_deferred(&format!("{}/{file}", self.dir), cipher)?;
+        Ok(ChunkEntry {
+            file,
+            bytes: cipher.len() as u64,
+            sha256,
+            plain_sha256,
+        })
     }
 }

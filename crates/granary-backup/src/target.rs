@@ -17,6 +17,18 @@ pub trait Target: Send {
     /// Writes a whole file: a temporary name, fsync, rename, fsync of the
     /// directory.
     fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError>;
+    /// Writes a whole file whose name need not survive a crash until
+    /// [`Target::sync_dir`] (a chunk of a stream still being exported: the
+    /// journal is checked against the media on resume). Its content is
+    /// durable under the name once the directory is synced.
+    fn write_deferred(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
+        self.write(name, bytes)
+    }
+    /// Makes every file [`Target::write_deferred`] put in directory `dir`
+    /// durable under its name.
+    fn sync_dir(&mut self, _dir: &str) -> Result<(), BackupError> {
+        Ok(())
+    }
     /// Files under directory `prefix`, recursively, with their sizes.
     fn list(&mut self, prefix: &str) -> Result<Vec<(String, u64)>, BackupError>;
     /// Removes a file; a missing one is fine.
@@ -133,6 +145,45 @@ impl DirTarget {
     }
 }
 
+impl DirTarget {
+    /// Content synced before the rename; the directory too when `sync_dir`.
+    fn write_file(&mut self, name: &str, bytes: &[u8], sync_dir: bool) -> Result<(), BackupError> {
+        use std::os::fd::AsRawFd;
+        check(name)?;
+        let (parts, file) = split(name);
+        let dir = self.dir(&parts, true)?.expect("created");
+        let tmp = format!(".tmp-{}", crate::nonce());
+        let result = (|| {
+            let mut f = granary_files::open_beneath(&dir, Path::new(&tmp), true)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            nix::fcntl::renameat(
+                Some(dir.as_raw_fd()),
+                tmp.as_str(),
+                Some(dir.as_raw_fd()),
+                file,
+            )
+            .map_err(errno)?;
+            if sync_dir {
+                dir.sync_all()?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = nix::unistd::unlinkat(
+                Some(dir.as_raw_fd()),
+                tmp.as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
+        result.map_err(io_err(format!(
+            "cannot write {name} in {}",
+            self.root.display()
+        )))
+    }
+}
+
 impl Target for DirTarget {
     fn describe(&self) -> String {
         self.root.display().to_string()
@@ -185,36 +236,23 @@ impl Target for DirTarget {
     }
 
     fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
-        use std::os::fd::AsRawFd;
-        check(name)?;
-        let (parts, file) = split(name);
-        let dir = self.dir(&parts, true)?.expect("created");
-        let tmp = format!(".tmp-{}", crate::nonce());
-        let result = (|| {
-            let mut f = granary_files::open_beneath(&dir, Path::new(&tmp), true)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
-            nix::fcntl::renameat(
-                Some(dir.as_raw_fd()),
-                tmp.as_str(),
-                Some(dir.as_raw_fd()),
-                file,
-            )
-            .map_err(errno)?;
-            dir.sync_all()
-        })();
-        if result.is_err() {
-            let _ = nix::unistd::unlinkat(
-                Some(dir.as_raw_fd()),
-                tmp.as_str(),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            );
+        self.write_file(name, bytes, true)
+    }
+
+    fn write_deferred(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
+        self.write_file(name, bytes, false)
+    }
+
+    fn sync_dir(&mut self, dir: &str) -> Result<(), BackupError> {
+        check(dir)?;
+        let parts: Vec<&str> = dir.split('/').collect();
+        match self.dir(&parts, false)? {
+            Some(d) => d.sync_all().map_err(io_err(format!(
+                "cannot sync {dir} in {}",
+                self.root.display()
+            ))),
+            None => Ok(()),
         }
-        result.map_err(io_err(format!(
-            "cannot write {name} in {}",
-            self.root.display()
-        )))
     }
 
     fn list(&mut self, prefix: &str) -> Result<Vec<(String, u64)>, BackupError> {
