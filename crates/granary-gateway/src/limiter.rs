@@ -83,23 +83,13 @@ struct Records {
 /// The client's address as counted (IPv4 as is, IPv4-mapped IPv6 as
 /// IPv4, other IPv6 by its /64) and its range (/24, /48).
 fn sources(ip: IpAddr) -> [Source; 2] {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
+    // The same address a mail client counts as (IPv4-mapped as IPv4).
+    let address = crate::smtp::limits::bucket(ip);
+    let range = match address {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & 0xffff_ff00).into()),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into()),
     };
-    match ip {
-        IpAddr::V4(v4) => {
-            let range = u32::from(v4) & 0xffff_ff00;
-            [Source::Address(ip), Source::Range(IpAddr::V4(range.into()))]
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            [
-                Source::Address(IpAddr::V6((bits & !((1u128 << 64) - 1)).into())),
-                Source::Range(IpAddr::V6((bits & !((1u128 << 80) - 1)).into())),
-            ]
-        }
-    }
+    [Source::Address(address), Source::Range(range)]
 }
 
 /// A source refused now, for `granary status`.
