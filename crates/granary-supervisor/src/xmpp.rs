@@ -386,18 +386,42 @@ impl Inner {
         jid: &str,
         name: &str,
     ) -> Result<(), Problem> {
+        self.ask_deliver(
+            grain,
+            "befriend",
+            |deliver| {
+                let mut request = deliver.befriend_request();
+                request.get().set_jid(jid);
+                request.get().set_name(name);
+                request.send().promise
+            },
+            |_| Ok(()),
+        )
+        .await
+    }
+
+    /// One question to `grain`'s `xmpp.deliver` (starting the grain if it
+    /// is stopped), answered within the call timeout: `ask` sends it on
+    /// the capability, `read` takes the answer apart. Errors name `what`.
+    async fn ask_deliver<R: capnp::traits::Owned, T>(
+        self: &std::rc::Rc<Self>,
+        grain: &str,
+        what: &str,
+        ask: impl FnOnce(
+            &xmpp_router::Client,
+        )
+            -> capnp::capability::Promise<capnp::capability::Response<R>, capnp::Error>,
+        read: impl FnOnce(capnp::capability::Response<R>) -> Result<T, capnp::Error>,
+    ) -> Result<T, Problem> {
         let running = self.ensure_running(grain).await?;
         let _busy = running.activity.busy();
         let deliver = deliver_end(self, &running).await?;
-        let mut request = deliver.befriend_request();
-        request.get().set_jid(jid);
-        request.get().set_name(name);
-        let call = request.send().promise;
-        tokio::time::timeout(self.params.config.call_timeout, call)
+        let failed = |e: String| Problem::Grain(format!("{what}: {e}"));
+        let answer = tokio::time::timeout(self.params.config.call_timeout, ask(&deliver))
             .await
-            .map_err(|_| Problem::Grain("befriend: timed out".to_owned()))?
-            .map_err(|e| Problem::Grain(format!("befriend: {e}")))?;
-        Ok(())
+            .map_err(|_| failed("timed out".to_owned()))?
+            .map_err(|e| failed(e.to_string()))?;
+        read(answer).map_err(|e| failed(e.to_string()))
     }
 
     /// Hands one stanza to `grain`'s `xmpp.deliver`, starting the grain if
@@ -475,29 +499,21 @@ impl Supervisor {
         &self,
         grain: &str,
     ) -> Result<Vec<String>, granary_grains::GrainError> {
-        let running = self
-            .inner
-            .ensure_running(grain)
+        self.inner
+            .ask_deliver(
+                grain,
+                "members",
+                |deliver| deliver.members_request().send().promise,
+                |answer| {
+                    let mut out = Vec::new();
+                    for j in answer.get()?.get_jids()? {
+                        out.push(j?.to_string()?);
+                    }
+                    Ok(out)
+                },
+            )
             .await
-            .map_err(|p| error(grain, p))?;
-        let _busy = running.activity.busy();
-        let deliver = deliver_end(&self.inner, &running)
-            .await
-            .map_err(|p| error(grain, p))?;
-        let call = deliver.members_request().send().promise;
-        let failed = |e: String| error(grain, Problem::Grain(format!("members: {e}")));
-        let answer = tokio::time::timeout(self.inner.params.config.call_timeout, call)
-            .await
-            .map_err(|_| failed("timed out".to_owned()))?
-            .map_err(|e| failed(e.to_string()))?;
-        let read = || -> Result<Vec<String>, capnp::Error> {
-            let mut out = Vec::new();
-            for j in answer.get()?.get_jids()? {
-                out.push(j?.to_string()?);
-            }
-            Ok(out)
-        };
-        read().map_err(|e| failed(e.to_string()))
+            .map_err(|p| error(grain, p))
     }
 
     /// A chat grain's sessions and sizes, asked of its `xmpp.deliver`.
@@ -505,34 +521,26 @@ impl Supervisor {
         &self,
         grain: &str,
     ) -> Result<granary_grains::mail::XmppStatus, granary_grains::GrainError> {
-        let running = self
-            .inner
-            .ensure_running(grain)
+        self.inner
+            .ask_deliver(
+                grain,
+                "status",
+                |deliver| deliver.status_request().send().promise,
+                |answer| {
+                    let r = answer.get()?;
+                    let mut resources = Vec::new();
+                    for t in r.get_resources()? {
+                        resources.push(t?.to_string()?);
+                    }
+                    Ok(granary_grains::mail::XmppStatus {
+                        resources,
+                        contacts: r.get_contacts(),
+                        archived: r.get_archived(),
+                        offline: r.get_offline(),
+                    })
+                },
+            )
             .await
-            .map_err(|p| error(grain, p))?;
-        let _busy = running.activity.busy();
-        let deliver = deliver_end(&self.inner, &running)
-            .await
-            .map_err(|p| error(grain, p))?;
-        let call = deliver.status_request().send().promise;
-        let failed = |e: String| error(grain, Problem::Grain(format!("status: {e}")));
-        let answer = tokio::time::timeout(self.inner.params.config.call_timeout, call)
-            .await
-            .map_err(|_| failed("timed out".to_owned()))?
-            .map_err(|e| failed(e.to_string()))?;
-        let read = || -> Result<granary_grains::mail::XmppStatus, capnp::Error> {
-            let r = answer.get()?;
-            let mut resources = Vec::new();
-            for t in r.get_resources()? {
-                resources.push(t?.to_string()?);
-            }
-            Ok(granary_grains::mail::XmppStatus {
-                resources,
-                contacts: r.get_contacts(),
-                archived: r.get_archived(),
-                offline: r.get_offline(),
-            })
-        };
-        read().map_err(|e| failed(e.to_string()))
+            .map_err(|p| error(grain, p))
     }
 }
