@@ -216,14 +216,44 @@ impl Zygote {
         }
         let child = cmd.spawn()?;
         drop(theirs);
-        Ok(Zygote {
+        // A zygote that hangs must not hang grain starts: every exchange
+        // with it has a deadline.
+        let limit = nix::sys::time::TimeVal::new(ZYGOTE_PATIENCE.as_secs() as i64, 0);
+        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &limit)?;
+        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SendTimeout, &limit)?;
+        let mut zygote = Zygote {
             socket: ours,
             process: Launched::from_child(child),
-        })
+        };
+        // Only a zygote that said it is ready is used (an old launcher
+        // without --zygote, or one that failed to set up, is not).
+        let mut answer = [0u8; 16];
+        match nix::sys::socket::recv(
+            zygote.socket.as_raw_fd(),
+            &mut answer,
+            nix::sys::socket::MsgFlags::empty(),
+        ) {
+            Ok(n) if &answer[..n] == crate::linux::zygote::READY => Ok(zygote),
+            Ok(_) => Err(io::Error::other("the launcher zygote did not start")),
+            Err(e) => {
+                let _ = zygote.process.kill();
+                Err(io::Error::other(format!(
+                    "the launcher zygote did not start: {e}"
+                )))
+            }
+        }
     }
 
     fn launch(&mut self, request: &LaunchRequest) -> Result<Launched, ZygoteError> {
-        use nix::sys::socket::{ControlMessage, MsgFlags, recv, sendmsg};
+        use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType};
+        use nix::sys::socket::{recv, sendmsg, socketpair};
+        let (go, go_theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| ZygoteError::Refused(e.into()))?;
         let body = serde_json::to_vec(&crate::linux::zygote::Request {
             plan: request.plan.clone(),
             targets: request.fds.iter().map(|(_, to)| *to).collect(),
@@ -236,11 +266,20 @@ impl Zygote {
                 "the plan is too large for the zygote",
             )));
         }
-        let fds: Vec<i32> = [request.stdout.as_raw_fd(), request.stderr.as_raw_fd()]
-            .into_iter()
-            .chain(request.fds.iter().map(|(fd, _)| fd.as_raw_fd()))
-            .collect();
-        let gone = |e: nix::errno::Errno| ZygoteError::Gone(io::Error::from(e));
+        let fds: Vec<i32> = [
+            request.stdout.as_raw_fd(),
+            request.stderr.as_raw_fd(),
+            go_theirs.as_raw_fd(),
+        ]
+        .into_iter()
+        .chain(request.fds.iter().map(|(fd, _)| fd.as_raw_fd()))
+        .collect();
+        let gone = |e: nix::errno::Errno| match e {
+            nix::errno::Errno::EMSGSIZE | nix::errno::Errno::ETOOMANYREFS => {
+                ZygoteError::Refused(io::Error::from(e))
+            }
+            e => ZygoteError::Gone(io::Error::from(e)),
+        };
         let fd = self.socket.as_raw_fd();
         loop {
             match sendmsg::<()>(
@@ -257,18 +296,31 @@ impl Zygote {
                 }
             }
         }
+        drop(go_theirs);
         let mut answer = [0u8; 4096];
         let n = loop {
             match recv(fd, &mut answer, MsgFlags::empty()) {
                 Err(nix::errno::Errno::EINTR) => continue,
-                other => break other.map_err(|e| ZygoteError::Lost(e.into()))?,
+                // It died with the request unread: nothing was forked.
+                Err(nix::errno::Errno::ECONNRESET) => {
+                    return Err(ZygoteError::Gone(io::Error::other("it died")));
+                }
+                Err(e) => {
+                    // A zygote past its deadline is not waited for again.
+                    let _ = self.process.kill();
+                    return Err(self.lost(go, e.into()));
+                }
+                Ok(0) => {
+                    return Err(self.lost(go, io::Error::other("it closed its socket")));
+                }
+                Ok(n) => break n,
             }
         };
         let text = String::from_utf8_lossy(&answer[..n]);
-        if n == 0 {
-            return Err(ZygoteError::Lost(io::Error::other("it closed its socket")));
-        }
         if let Some(pid) = text.strip_prefix("ok ").and_then(|p| p.parse().ok()) {
+            // The launcher waits for this before it starts the grain; if
+            // it is gone already, its status tells the supervisor why.
+            let _ = std::io::Write::write_all(&mut std::fs::File::from(go), b"g");
             return Ok(Launched { pid, status: None });
         }
         Err(ZygoteError::Refused(io::Error::other(
@@ -278,11 +330,42 @@ impl Zygote {
 }
 
 #[cfg(target_os = "linux")]
+impl Zygote {
+    /// The zygote went away with a request in hand. If it had forked a
+    /// launcher, that one has told `go` its pid and waits for a go that
+    /// never comes: closing `go` ends it, and it is reaped here, so a
+    /// launch given up never runs a grain and leaves no zombie.
+    fn lost(&mut self, go: OwnedFd, why: io::Error) -> ZygoteError {
+        use std::io::Read;
+        let limit = nix::sys::time::TimeVal::new(ZYGOTE_PATIENCE.as_secs() as i64, 0);
+        let _ =
+            nix::sys::socket::setsockopt(&go, nix::sys::socket::sockopt::ReceiveTimeout, &limit);
+        let mut go = std::fs::File::from(go);
+        let mut pid = [0u8; 4];
+        if go.read_exact(&mut pid).is_ok() {
+            drop(go);
+            let _ = Launched {
+                pid: libc::pid_t::from_le_bytes(pid),
+                status: None,
+            }
+            .wait();
+        }
+        ZygoteError::Lost(why)
+    }
+}
+
+/// How long the daemon waits for the zygote at any one step.
+#[cfg(target_os = "linux")]
+const ZYGOTE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[cfg(target_os = "linux")]
 impl Drop for Zygote {
-    /// Closing the socket ends the zygote; it is reaped here.
+    /// Closing the socket ends the zygote (killed too, in case it hangs:
+    /// it holds no state); it is reaped here.
     fn drop(&mut self) {
         let _ =
             nix::sys::socket::shutdown(self.socket.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let _ = self.process.kill();
         let _ = self.process.wait();
     }
 }
@@ -305,16 +388,24 @@ pub fn spawn_launcher(launcher: &std::path::Path, request: LaunchRequest) -> io:
         .iter()
         .map(|(fd, to)| (fd.as_raw_fd(), *to))
         .collect();
+    // Every source is first copied above every target, so that no dup2
+    // replaces a source a later move still needs (a source numbered 3 with
+    // another descriptor going to 3).
+    let floor = moves.iter().map(|(_, to)| *to).max().unwrap_or(2).max(63) + 1;
+    let mut high = vec![0i32; moves.len()];
     // SAFETY: the closure runs between fork and exec and only calls dup2
-    // and fcntl, which are async-signal-safe; it touches no locks or heap.
+    // and fcntl, which are async-signal-safe; it touches no locks and does
+    // not allocate (`high` is made before the fork).
     unsafe {
         cmd.pre_exec(move || {
-            for (from, to) in &moves {
-                if from == to {
-                    if libc::fcntl(*from, libc::F_SETFD, 0) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(*from, *to) < 0 {
+            for ((from, _), slot) in moves.iter().zip(high.iter_mut()) {
+                *slot = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, floor);
+                if *slot < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            for ((_, to), from) in moves.iter().zip(high.iter()) {
+                if libc::dup2(*from, *to) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }

@@ -180,9 +180,17 @@ impl Host {
     /// Starts a grain the way the daemon does: through the long-lived
     /// spawner thread and its zygote.
     fn launch(&self, plan: Plan, fds: Vec<(std::os::fd::OwnedFd, i32)>) -> Child {
+        self.try_launch(plan, fds).expect("spawn launcher")
+    }
+
+    fn try_launch(
+        &self,
+        plan: Plan,
+        fds: Vec<(std::os::fd::OwnedFd, i32)>,
+    ) -> std::io::Result<Child> {
         static SPAWNER: std::sync::OnceLock<Spawner> = std::sync::OnceLock::new();
-        let (out_read, out_write) = std::io::pipe().unwrap();
-        let (err_read, err_write) = std::io::pipe().unwrap();
+        let (out_read, out_write) = std::io::pipe()?;
+        let (err_read, err_write) = std::io::pipe()?;
         let launched = SPAWNER
             .get_or_init(|| Spawner::new(launcher()).expect("spawner thread"))
             .spawn(LaunchRequest {
@@ -190,13 +198,12 @@ impl Host {
                 stdout: out_write.into(),
                 stderr: err_write.into(),
                 fds,
-            })
-            .expect("spawn launcher");
-        Child {
+            })?;
+        Ok(Child {
             launched,
             stdout: Some(out_read),
             stderr: Some(err_read),
-        }
+        })
     }
 }
 
@@ -416,6 +423,19 @@ fn launchers_are_forked_by_one_zygote_that_is_replaced_if_it_dies() {
         .collect();
     assert_eq!(now.len(), 1, "{now:?}");
     assert_ne!(now[0], zygotes[0]);
+    // A descriptor the plan does not keep is refused, not handed over.
+    let (extra, _other) = UnixStream::pair().unwrap();
+    let refused = host
+        .try_launch(
+            host.plan(&["/bin/probe", "--wait"], vec![]),
+            vec![(extra.into(), 5)],
+        )
+        .err()
+        .expect("a descriptor the plan does not keep");
+    assert!(
+        refused.to_string().contains("not one the plan keeps"),
+        "{refused}"
+    );
     for child in [&mut first, &mut second] {
         assert!(
             Command::new("kill")

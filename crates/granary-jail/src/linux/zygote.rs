@@ -27,13 +27,22 @@ use crate::{JailError, Plan};
 /// Where the zygote finds its socket to the daemon.
 pub const SOCKET_FD: RawFd = 3;
 /// Largest request: a plan is a few KiB; its environment is the only part
-/// that grows.
-pub const MAX_REQUEST: usize = 256 << 10;
-/// Descriptors one request may carry: stdout, stderr and the app's own.
+/// that grows. Below the socket's default send buffer.
+pub const MAX_REQUEST: usize = 128 << 10;
+/// Descriptors one request may carry: stdout, stderr, the go channel and
+/// the app's own.
 pub const MAX_FDS: usize = 16;
+/// What the zygote says once it is ready to serve.
+pub const READY: &[u8] = b"ready";
 
 /// One launch, as the daemon sends it. The descriptors travel beside it,
-/// in order: stdout, stderr, then one for each of `targets`.
+/// in order: stdout, stderr, the go channel, then one for each of
+/// `targets`.
+///
+/// The go channel is how the daemon learns the launcher's pid even if the
+/// zygote dies before answering: the launcher writes its pid there first,
+/// then waits for a `g` before it does anything. Without one it exits, so
+/// a launch the daemon gave up on never runs a grain.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Request {
     pub plan: Plan,
@@ -46,41 +55,67 @@ pub fn serve(parent: libc::pid_t) -> Result<(), JailError> {
     close_inherited_fds(&[SOCKET_FD])?;
     null_stdin()?;
     let filters = seccomp::compile()?;
+    answer(READY)?;
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
-        let (len, fds) = match receive(&mut buf) {
-            Ok(got) => got,
+        let reply = match receive(&mut buf) {
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(JailError::os("reading a launch request", e.into())),
-        };
-        if len == 0 && fds.is_empty() {
-            return Ok(());
-        }
-        let reply = match serde_json::from_slice::<Request>(&buf[..len]) {
-            Ok(req) if fds.len() == req.targets.len() + 2 => {
-                fork_launcher(&req, &fds, &filters, parent)
+            // The daemon is gone.
+            Ok((0, fds)) if fds.is_empty() => return Ok(()),
+            Err(nix::errno::Errno::ECONNRESET | nix::errno::Errno::EBADF) => return Ok(()),
+            Err(e) => Err(JailError::os("reading a launch request", e.into())),
+            Ok((len, fds)) => {
+                let parsed = serde_json::from_slice::<Request>(&buf[..len]);
+                // Earlier grains' plans are not left for later ones to
+                // inherit.
+                buf[..len].fill(0);
+                let reply = match parsed {
+                    Ok(req) => check(&req, fds.len())
+                        .and_then(|()| fork_launcher(&req, &fds, &filters, parent)),
+                    Err(e) => Err(JailError::new(format!("invalid launch request: {e}"))),
+                };
+                // Our copies: the launcher has its own.
+                drop(fds);
+                reply
             }
-            Ok(req) => Err(JailError::new(format!(
-                "a launch request carried {} descriptors for {} targets",
-                fds.len(),
-                req.targets.len()
-            ))),
-            Err(e) => Err(JailError::new(format!("invalid launch request: {e}"))),
         };
-        // Our copies: the launcher has its own.
-        drop(fds);
         let text = match reply {
             Ok(pid) => format!("ok {pid}"),
             Err(e) => format!("err {e}"),
         };
-        loop {
-            match send(SOCKET_FD, text.as_bytes(), MsgFlags::empty()) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(JailError::os("answering a launch request", e.into())),
-                Ok(_) => break,
-            }
+        answer(text.as_bytes())?;
+    }
+}
+
+fn answer(text: &[u8]) -> Result<(), JailError> {
+    loop {
+        match send(SOCKET_FD, text, MsgFlags::empty()) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(JailError::os("answering the daemon", e.into())),
+            Ok(_) => return Ok(()),
         }
     }
+}
+
+/// The descriptors match the targets, and the targets are the plan's own
+/// (above 2, each once): a request cannot hand a grain more, or replace
+/// its stdout.
+fn check(req: &Request, fds: usize) -> Result<(), JailError> {
+    if fds != req.targets.len() + 3 {
+        return Err(JailError::new(format!(
+            "a launch request carried {fds} descriptors for {} targets",
+            req.targets.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for t in &req.targets {
+        if *t <= 2 || !req.plan.keep_fds.contains(t) || !seen.insert(*t) {
+            return Err(JailError::new(format!(
+                "descriptor {t} is not one the plan keeps"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn receive(buf: &mut [u8]) -> nix::Result<(usize, Vec<OwnedFd>)> {
@@ -92,6 +127,14 @@ fn receive(buf: &mut [u8]) -> nix::Result<(usize, Vec<OwnedFd>)> {
         Some(&mut space),
         MsgFlags::MSG_CMSG_CLOEXEC,
     )?;
+    // The daemon never sends more than fits; if it did, the descriptors
+    // past the space were closed by the kernel and the request is refused.
+    if msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+    {
+        return Err(nix::errno::Errno::EMSGSIZE);
+    }
     let mut fds = Vec::new();
     for cmsg in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(received) = cmsg {
@@ -103,12 +146,6 @@ fn receive(buf: &mut [u8]) -> nix::Result<(usize, Vec<OwnedFd>)> {
                     .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
             );
         }
-    }
-    if msg
-        .flags
-        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
-    {
-        return Err(nix::errno::Errno::EMSGSIZE);
     }
     Ok((msg.bytes, fds))
 }
@@ -148,13 +185,39 @@ fn fork_launcher(
     std::process::exit(code)
 }
 
-/// In the forked launcher: descriptors in place, then the launch.
+/// In the forked launcher: its pid to the daemon and the daemon's go, the
+/// descriptors in place, then the launch.
 fn launcher(
     req: &Request,
     fds: &[OwnedFd],
     filters: &seccomp::Filters,
     parent: libc::pid_t,
 ) -> Result<i32, JailError> {
+    {
+        use std::io::{Read, Write};
+        let mut go = std::fs::File::from(
+            fds[2]
+                .try_clone()
+                .map_err(|e| JailError::os("the go channel", e))?,
+        );
+        // SAFETY: getpid cannot fail.
+        let me = unsafe { libc::getpid() };
+        // The daemon reads it only if the zygote failed to answer; when it
+        // has its go already sent and its end closed, this write fails,
+        // and the go is still there to read.
+        let _ = go.write_all(&me.to_le_bytes());
+        let mut byte = [0u8; 1];
+        if go.read_exact(&mut byte).is_err() || byte[0] != b'g' {
+            // The daemon gave this launch up: no grain.
+            std::process::exit(125);
+        }
+    }
+    let fds: Vec<&OwnedFd> = fds
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, f)| f)
+        .collect();
     let targets: Vec<i32> = [1, 2]
         .into_iter()
         .chain(req.targets.iter().copied())
@@ -163,7 +226,7 @@ fn launcher(
     // replaces a source another move still needs.
     let floor = targets.iter().copied().max().unwrap_or(2) + 1;
     let mut high = Vec::with_capacity(fds.len());
-    for fd in fds {
+    for fd in &fds {
         // SAFETY: F_DUPFD_CLOEXEC on a descriptor we hold.
         let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor.max(64)) };
         if copy < 0 {
@@ -178,8 +241,9 @@ fn launcher(
             return Err(JailError::last_os(format!("placing descriptor {to}")));
         }
     }
-    // The zygote's socket, the received copies and the moved ones all go.
-    close_inherited_fds(&req.targets)?;
+    // The zygote's socket, the go channel, the received copies and the
+    // moved ones all go: only the plan's descriptors stay.
+    close_inherited_fds(&req.plan.keep_fds)?;
     null_stdin()?;
     die_with_parent(Some(parent))?;
     super::launch_with(&req.plan, filters)
