@@ -39,7 +39,9 @@ impl Recipients {
         let encryptor =
             age::Encryptor::with_recipients(self.0.iter().map(|r| r as &dyn age::Recipient))
                 .map_err(|e| BackupError::Other(format!("cannot encrypt: {e}")))?;
-        let mut out = Vec::with_capacity(plain.len() + 512);
+        // age adds a 16-byte tag per 64 KiB and a header of a few hundred
+        // bytes: reserved whole, so a 32 MiB chunk is not grown to 64.
+        let mut out = Vec::with_capacity(plain.len() + plain.len() / 65536 * 16 + 4096);
         let mut writer = encryptor
             .wrap_output(&mut out)
             .map_err(|e| BackupError::Other(format!("cannot encrypt: {e}")))?;

@@ -283,7 +283,7 @@ impl<'a> Exporter<'a> {
                     format,
                 )
                 .and_then(|()| writer.finish())
-                .map(|()| writer.plain_bytes);
+                .map(|()| (writer.plain_bytes, writer.sent));
                 drop(writer);
                 let sealed = sealing.join().unwrap_or_else(|_| {
                     Err(BackupError::Other("the chunk writer panicked".to_owned()))
@@ -313,7 +313,14 @@ impl<'a> Exporter<'a> {
             // The sealer's error is the real one (the stream only saw its
             // channel close).
             sealed?;
-            let plain_bytes = streamed?;
+            let (plain_bytes, sent) = streamed?;
+            // Every chunk cut is in the journal, or the stream is not whole.
+            if sealer.journal.chunks.len() != sent {
+                return Err(BackupError::Other(format!(
+                    "{sent} chunks were cut but {} sealed",
+                    sealer.journal.chunks.len()
+                )));
+            }
             let tree_sha256 = digest?;
             let plain_sha = chain_hash(&sealer.journal.chunks);
             (sealer.progress)(&sealer.meter.now(true));
@@ -518,12 +525,18 @@ impl Sealer<'_> {
                             plain_sha256,
                         }),
                         Some(_) => Ok(Sealed::Diverged),
-                        None => recipients.encrypt(&plain).map(|cipher| Sealed::Cipher {
-                            plain_len: plain.len(),
-                            plain_sha256,
-                            sha256: sha256(&cipher),
-                            cipher,
-                        }),
+                        None => {
+                            let sealed = recipients.encrypt(&plain);
+                            let plain_len = plain.len();
+                            // Not held while the writer is waited for.
+                            drop(plain);
+                            sealed.map(|cipher| Sealed::Cipher {
+                                plain_len,
+                                plain_sha256,
+                                sha256: sha256(&cipher),
+                                cipher,
+                            })
+                        }
                     };
                     let last = matches!(item, Err(_) | Ok(Sealed::Diverged));
                     if tx.send(item).is_err() || last {
@@ -541,7 +554,10 @@ impl Sealer<'_> {
             // Its next send fails and it stops, dropping the producer's
             // channel in turn.
             drop(sealed);
-            let _ = crypt.join();
+            // A panic there must not pass for the stream's end.
+            crypt
+                .join()
+                .map_err(|_| BackupError::Other("the chunk encrypter panicked".to_owned()))?;
             result?;
             self.target.sync_dir(self.dir)
         })
@@ -560,7 +576,10 @@ impl Sealer<'_> {
             } => {
                 let done = self.resume[index].clone();
                 let name = format!("{}/{}", self.dir, done.file);
-                let present = self.target.read(&name, done.bytes)?;
+                // Anything but the journaled chunk, whole (missing, larger,
+                // damaged: a crash can leave an older attempt's file under
+                // the name), is written again over it.
+                let present = self.target.read(&name, done.bytes).ok().flatten();
                 if present.is_some_and(|b| done.check(&b).is_ok()) {
                     self.resumed += 1;
                     (done, plain.len())
@@ -586,7 +605,7 @@ impl Sealer<'_> {
         self.journal.chunks.push(entry);
         let journal = seal_journal(self.journal_key, &self.journal)?;
         self.target
-            .write_deferred(&format!("{}/{JOURNAL}", self.dir), &journal)?;
+            .write_unsynced(&format!("{}/{JOURNAL}", self.dir), &journal)?;
         self.meter.add(plain_len as u64);
         self.meter.chunks(self.journal.chunks.len(), self.resumed);
         (self.progress)(&self.meter.now(false));

@@ -24,6 +24,11 @@ pub trait Target: Send {
     fn write_deferred(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
         self.write(name, bytes)
     }
+    /// Writes a whole file that may be lost, or left torn, by a crash (a
+    /// resume journal: its HMAC then fails and the export starts over).
+    fn write_unsynced(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
+        self.write_deferred(name, bytes)
+    }
     /// Makes every file [`Target::write_deferred`] put in directory `dir`
     /// durable under its name.
     fn sync_dir(&mut self, _dir: &str) -> Result<(), BackupError> {
@@ -145,9 +150,19 @@ impl DirTarget {
     }
 }
 
+/// What a write makes durable before it returns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    Nothing,
+    /// The content, before the rename.
+    File,
+    /// The content, then the name.
+    FileAndDir,
+}
+
 impl DirTarget {
-    /// Content synced before the rename; the directory too when `sync_dir`.
-    fn write_file(&mut self, name: &str, bytes: &[u8], sync_dir: bool) -> Result<(), BackupError> {
+    /// Written under a temporary name, then renamed; synced as `sync` says.
+    fn write_file(&mut self, name: &str, bytes: &[u8], sync: Sync) -> Result<(), BackupError> {
         use std::os::fd::AsRawFd;
         check(name)?;
         let (parts, file) = split(name);
@@ -157,7 +172,9 @@ impl DirTarget {
             let mut f = granary_files::open_beneath(&dir, Path::new(&tmp), true)
                 .map_err(|e| io::Error::other(e.to_string()))?;
             f.write_all(bytes)?;
-            f.sync_all()?;
+            if sync != Sync::Nothing {
+                f.sync_all()?;
+            }
             nix::fcntl::renameat(
                 Some(dir.as_raw_fd()),
                 tmp.as_str(),
@@ -165,7 +182,7 @@ impl DirTarget {
                 file,
             )
             .map_err(errno)?;
-            if sync_dir {
+            if sync == Sync::FileAndDir {
                 dir.sync_all()?;
             }
             Ok(())
@@ -236,11 +253,15 @@ impl Target for DirTarget {
     }
 
     fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
-        self.write_file(name, bytes, true)
+        self.write_file(name, bytes, Sync::FileAndDir)
     }
 
     fn write_deferred(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
-        self.write_file(name, bytes, false)
+        self.write_file(name, bytes, Sync::File)
+    }
+
+    fn write_unsynced(&mut self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
+        self.write_file(name, bytes, Sync::Nothing)
     }
 
     fn sync_dir(&mut self, dir: &str) -> Result<(), BackupError> {
