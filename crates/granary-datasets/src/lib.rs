@@ -178,17 +178,7 @@ pub trait Datasets: Send + Sync {
     /// (datasets whose names start with a digit, which no grain id does).
     /// Returns their names.
     fn remove_scratch(&self) -> Result<Vec<String>, DatasetError> {
-        let root = self.grain_dir("x");
-        let root = root.parent().expect("grain directories have a parent");
-        let mut removed = Vec::new();
-        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(|c: char| c.is_ascii_digit()) && check_id(&name).is_ok() {
-                self.destroy(&name)?;
-                removed.push(name);
-            }
-        }
-        Ok(removed)
+        remove_numbered(self)
     }
 
     /// Removes only the dataset of a grain (not its directory).
@@ -199,6 +189,23 @@ pub trait Datasets: Send + Sync {
             other => other.map_err(err(grain, "remove the dataset")),
         }
     }
+}
+
+/// What [`Datasets::remove_scratch`] removes on every backend: the
+/// datasets whose names start with a digit (restores, drills and snapshot
+/// views a crash left behind; no grain id does). Returns their names.
+pub(crate) fn remove_numbered<D: Datasets + ?Sized>(ds: &D) -> Result<Vec<String>, DatasetError> {
+    let root = ds.grain_dir("x");
+    let root = root.parent().expect("grain directories have a parent");
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(|c: char| c.is_ascii_digit()) && check_id(&name).is_ok() {
+            ds.destroy(&name)?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
 }
 
 /// How a backend's snapshots are streamed into a backup.

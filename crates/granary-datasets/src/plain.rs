@@ -220,7 +220,7 @@ impl Datasets for Plain {
     /// each grain's snapshot directory). Runs at start-up, before any
     /// snapshot is taken.
     fn remove_scratch(&self) -> Result<Vec<String>, DatasetError> {
-        let mut removed = Vec::new();
+        let mut removed = crate::remove_numbered(self)?;
         for grain in std::fs::read_dir(&self.root)
             .into_iter()
             .flatten()
@@ -228,11 +228,6 @@ impl Datasets for Plain {
         {
             let name = grain.file_name().to_string_lossy().into_owned();
             if check_id(&name).is_err() {
-                continue;
-            }
-            if name.starts_with(|c: char| c.is_ascii_digit()) {
-                self.destroy(&name)?;
-                removed.push(name);
                 continue;
             }
             let snapshots = grain.path().join("snapshots");
