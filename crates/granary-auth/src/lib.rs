@@ -3,8 +3,11 @@
 //! Passwords are only ever stored as argon2id PHC strings
 //! (`$argon2id$v=19$m=...`), which carry their own salt and parameters, so
 //! parameters can be raised later without breaking old hashes. This crate
-//! does no I/O and holds no state; it is CPU-bound, so async callers should
-//! run it on a blocking thread.
+//! does no I/O; its one piece of state is the gate that lets only one
+//! argon2 computation per CPU run at once. It is CPU-bound and may wait at
+//! that gate, so async callers should run it on a blocking thread.
+
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -35,6 +38,48 @@ fn hasher() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
+/// How many argon2 computations run at once in this process: one per CPU.
+/// Each holds 19 MiB while it runs, so a burst of logins (fifty git clones
+/// starting together, or a stranger's flood) costs memory in proportion to
+/// the CPUs, not to the burst; more at once would only share the same CPUs.
+struct Gate {
+    busy: Mutex<usize>,
+    freed: Condvar,
+}
+
+static GATE: Gate = Gate {
+    busy: Mutex::new(0),
+    freed: Condvar::new(),
+};
+
+fn gate_width() -> usize {
+    static WIDTH: OnceLock<usize> = OnceLock::new();
+    *WIDTH.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+/// A place at the gate; leaving it (even by a panic) lets the next in.
+struct Permit;
+
+impl Permit {
+    fn wait() -> Permit {
+        // A poisoned lock only means a holder panicked; the count is still
+        // right because each Permit gives its place back in drop.
+        let mut busy = GATE.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy >= gate_width() {
+            busy = GATE.freed.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy += 1;
+        Permit
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        *GATE.busy.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        GATE.freed.notify_one();
+    }
+}
+
 /// Checks the length rules for a password chosen by a person.
 pub fn check_password_policy(password: &str) -> Result<(), AuthError> {
     if password.chars().count() < MIN_PASSWORD_LEN {
@@ -54,6 +99,7 @@ pub fn hash_password(password: &str) -> Result<String, AuthError> {
     let mut salt = [0u8; 16];
     getrandom::fill(&mut salt).map_err(|e| AuthError::Random(e.to_string()))?;
     let salt = SaltString::encode_b64(&salt).map_err(|e| AuthError::Hash(e.to_string()))?;
+    let _permit = Permit::wait();
     hasher()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
@@ -67,6 +113,7 @@ pub fn verify_password(password: &str, phc: &str) -> Result<bool, AuthError> {
         return Ok(false);
     }
     let parsed = PasswordHash::new(phc).map_err(|e| AuthError::BadHash(e.to_string()))?;
+    let _permit = Permit::wait();
     match hasher().verify_password(password.as_bytes(), &parsed) {
         Ok(()) => Ok(true),
         Err(argon2::password_hash::Error::Password) => Ok(false),
@@ -118,6 +165,33 @@ mod tests {
             hash_password("same password").unwrap(),
             hash_password("same password").unwrap()
         );
+    }
+
+    #[test]
+    fn no_more_hash_at_once_than_cpus_and_a_panic_gives_its_place_back() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let inside = AtomicUsize::new(0);
+        let most = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for i in 0..4 * gate_width() + 3 {
+                let (inside, most) = (&inside, &most);
+                s.spawn(move || {
+                    let held = std::panic::catch_unwind(|| {
+                        let _permit = Permit::wait();
+                        let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::yield_now();
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        assert!(i % 3 != 0, "a holder that panics");
+                    });
+                    assert_eq!(held.is_err(), i % 3 == 0);
+                });
+            }
+        });
+        let most = most.load(Ordering::SeqCst);
+        assert!((1..=gate_width()).contains(&most), "{most} at once");
+        // Every place was given back, so one more gets in at once.
+        drop(Permit::wait());
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub(crate) struct Inner {
     pub(crate) shutting_down: Cell<bool>,
     /// Added chat domains seen so far (they are never removed).
     pub(crate) chat_domains: RefCell<HashSet<String>>,
+    /// Told each time a grain's processes have ended, for whatever reason.
+    pub(crate) exits: Arc<tokio::sync::Notify>,
 }
 
 /// Runs blocking state work on the blocking pool.
@@ -65,6 +67,7 @@ impl Inner {
             used: RefCell::default(),
             shutting_down: Cell::new(false),
             chat_domains: RefCell::default(),
+            exits: Arc::default(),
         });
         let weak = Rc::downgrade(&inner);
         let every = inner.params.config.audit_flush;

@@ -379,6 +379,14 @@ impl Supervisor {
             .map_err(|p| error(grain, p))
     }
 
+    /// Woken (one stored permit, as [`tokio::sync::Notify::notify_one`])
+    /// each time a grain's processes end: a stop, an idle stop or a crash.
+    /// The daemon gives freed memory back to the system after a burst of
+    /// these.
+    pub fn grain_exits(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.exits.clone()
+    }
+
     /// Pid of the grain's launcher while it runs (tests, status).
     pub fn launcher_pid(&self, grain: &str) -> Option<u32> {
         let slot = self.inner.slots.borrow().get(grain).cloned()?;

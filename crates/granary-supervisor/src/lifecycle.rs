@@ -454,6 +454,7 @@ impl Inner {
         generation: u64,
         status: Option<std::process::ExitStatus>,
     ) {
+        self.exits.notify_one();
         let mut text = status.map_or_else(|| "unknown exit".to_owned(), exit_text);
         let running = slot.running();
         if let Some(why) = running

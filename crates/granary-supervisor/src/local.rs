@@ -45,6 +45,7 @@ pub struct LocalGrains {
 pub struct SupervisorThread {
     jobs: mpsc::Sender<Msg>,
     handle: JoinHandle<()>,
+    exits: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl LocalGrains {
@@ -52,7 +53,8 @@ impl LocalGrains {
     /// snapshot scheduler) on a thread named `grains`.
     pub fn spawn(params: SupervisorParams) -> std::io::Result<(LocalGrains, SupervisorThread)> {
         let (jobs, mut rx) = mpsc::channel::<Msg>(QUEUE);
-        let (ready_tx, ready) = std::sync::mpsc::channel::<std::io::Result<()>>();
+        let (ready_tx, ready) =
+            std::sync::mpsc::channel::<std::io::Result<std::sync::Arc<tokio::sync::Notify>>>();
         let handle = std::thread::Builder::new()
             .name("grains".to_owned())
             .spawn(move || {
@@ -75,7 +77,7 @@ impl LocalGrains {
                             return;
                         }
                     };
-                    let _ = ready_tx.send(Ok(()));
+                    let _ = ready_tx.send(Ok(sup.grain_exits()));
                     while let Some(msg) = rx.recv().await {
                         match msg {
                             Msg::Run(job, span) => {
@@ -91,12 +93,16 @@ impl LocalGrains {
                     }
                 });
             })?;
-        ready
+        let exits = ready
             .recv()
             .map_err(|_| std::io::Error::other("the supervisor thread died while starting"))??;
         Ok((
             LocalGrains { jobs: jobs.clone() },
-            SupervisorThread { jobs, handle },
+            SupervisorThread {
+                jobs,
+                handle,
+                exits,
+            },
         ))
     }
 
@@ -143,6 +149,11 @@ impl LocalGrains {
 }
 
 impl SupervisorThread {
+    /// See [`Supervisor::grain_exits`].
+    pub fn grain_exits(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.exits.clone()
+    }
+
     /// Stops every grain gracefully and ends the thread.
     pub async fn stop(self) {
         let (done, stopped) = oneshot::channel();

@@ -20,6 +20,7 @@ mod install;
 mod listeners;
 mod lock;
 mod mail;
+mod memory;
 mod ports;
 mod start;
 
@@ -83,6 +84,7 @@ impl DaemonInfo {
 }
 
 pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
+    memory::tune();
     crate::logging::install(&config)?;
     crate::check_uid_range(&config)?;
     let owner = nix::unistd::geteuid().as_raw();
@@ -194,6 +196,7 @@ async fn serve(
             .map(|(_, a)| *a),
     )
     .await?;
+    tokio::spawn(memory::trim_after_exits(supervisor.grain_exits()));
     let grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
     let chat_domains = Arc::new(granary_gateway::ChatDomains::new(
         &config.domain,
