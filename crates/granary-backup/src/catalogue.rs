@@ -80,8 +80,14 @@ pub struct StreamEntry {
     pub plain_bytes: u64,
     pub plain_sha256: String,
     /// [`crate::tree::digest`] of the snapshot's files: what a restore or a
-    /// drill must reproduce.
-    pub tree_sha256: String,
+    /// drill of a tree stream must reproduce. `None` for a `zfs send`
+    /// stream: taking it meant reading the whole snapshot a second time,
+    /// through FUSE, which doubled an export's time. Such a stream is
+    /// checked as it is restored instead: every chunk's authenticated
+    /// encryption, every piece's SHA-256 against the signed catalogue, and
+    /// `zfs receive`'s own checksums of the stream and of every block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_sha256: Option<String>,
     pub chunks: Vec<ChunkEntry>,
 }
 
@@ -287,7 +293,7 @@ mod tests {
                     dir: "streams/alice-hello/000001-backup-1".into(),
                     plain_bytes: 3,
                     plain_sha256: "00".into(),
-                    tree_sha256: "00".into(),
+                    tree_sha256: Some("00".into()),
                     chunks: vec![ChunkEntry {
                         file: "00000000.age".into(),
                         bytes: 3,

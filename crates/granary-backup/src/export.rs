@@ -261,11 +261,15 @@ impl<'a> Exporter<'a> {
             let view_path = view.path.as_path();
             // Three things at once: the stream is produced and cut on this
             // thread, chunks are encrypted, hashed and written on another,
-            // and the snapshot's file digest is taken on a third.
+            // and a tree stream's snapshot digest is taken on a third (see
+            // `StreamEntry::tree_sha256` for why a zfs stream has none).
             let (streamed, sealed, digest) = std::thread::scope(|scope| {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
                 let sealing = scope.spawn(|| sealer.run(rx));
-                let digest = scope.spawn(|| crate::tree::digest(view_path));
+                let digest = scope.spawn(|| match format {
+                    StreamFormat::Tree => crate::tree::digest(view_path).map(Some),
+                    StreamFormat::Zfs => Ok(None),
+                });
                 let mut writer = ChunkWriter {
                     tx,
                     chunk_bytes,

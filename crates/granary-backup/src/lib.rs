@@ -10,8 +10,10 @@
 //!   with the node's Ed25519 key; [`restore::verify`] checks it all with
 //!   no secret key.
 //! - [`restore::RestoreJob`] decrypts a grain's chain into a staging
-//!   dataset, re-owned to the grain's uid on this node, and compares the
-//!   files with the digest taken at export.
+//!   dataset, re-owned to the grain's uid on this node, and compares a
+//!   tree stream's files with the digest taken at export (a `zfs send`
+//!   stream is checked by its chunks' hashes and `zfs receive`'s own
+//!   checksums instead).
 //! - [`remote`] carries the same files to another Granary node over TLS
 //!   1.3 with both ends authenticated by their node keys.
 //!

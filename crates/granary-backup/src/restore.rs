@@ -248,7 +248,9 @@ pub struct Restored {
     pub snapshot: String,
     pub streams: usize,
     pub bytes: u64,
-    pub tree_sha256: String,
+    /// The restored files' digest, when the stream carried one to check
+    /// (tree streams).
+    pub tree_sha256: Option<String>,
     pub seconds: f64,
 }
 
@@ -354,7 +356,8 @@ impl RestoreJob<'_> {
             }
             applied?;
         }
-        // A ZFS stream carries the old node's uids: re-owned on the same walk.
+        // A ZFS stream carries the old node's uids: re-owned, on the same
+        // walk as the digest when there is one to check.
         let owner = match format {
             StreamFormat::Zfs => {
                 datasets.create(staging, uid).map_err(ds)?;
@@ -364,8 +367,21 @@ impl RestoreJob<'_> {
         };
         progress(&meter.now(true));
         let last = streams.last().expect("a chain is never empty");
-        let digest = crate::tree::digest_owning(&datasets.path(staging), owner)?;
-        if digest != last.tree_sha256 {
+        let root = datasets.path(staging);
+        let digest = match (&last.tree_sha256, owner) {
+            (Some(_), owner) => Some(crate::tree::digest_owning(&root, owner)?),
+            (None, Some(uid)) => {
+                crate::tree::hand_over(&root, uid)?;
+                None
+            }
+            (None, None) => {
+                return Err(BackupError::Integrity(format!(
+                    "the catalogue has no digest for the tree stream of {grain_id}'s snapshot {}",
+                    last.snapshot
+                )));
+            }
+        };
+        if digest.is_some() && digest != last.tree_sha256 {
             return Err(BackupError::Integrity(format!(
                 "the restored files of {grain_id} differ from the snapshot {} that was exported",
                 last.snapshot

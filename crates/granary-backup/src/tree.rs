@@ -649,6 +649,17 @@ pub fn digest(root: &Path) -> Result<String, BackupError> {
     digest_owning(root, None)
 }
 
+/// Hands `root` and everything under it to `uid` (a restored ZFS stream
+/// carries the old node's uids), without reading any file.
+pub fn hand_over(root: &Path, uid: u32) -> Result<(), BackupError> {
+    let own = |p: &Path| {
+        std::os::unix::fs::lchown(p, Some(uid), Some(uid))
+            .map_err(|e| BackupError::Io(format!("cannot hand {} to the grain: {e}", p.display())))
+    };
+    own(root)?;
+    visit(root, None, Path::new(""), &mut |rel, _, _, _| own(&root.join(rel)))
+}
+
 /// [`digest`], handing every entry (and `root`) to `uid` on the way: one
 /// walk for a restored ZFS stream, which carries the old node's uids.
 /// Files are hashed by a few threads at once (a FUSE-mounted dataset reads
