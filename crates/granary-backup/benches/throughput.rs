@@ -264,7 +264,7 @@ fn main() {
         ores / tres
     );
     println!(
-        "  (granary also hashes every chunk, fsyncs each file, signs the catalogue, and a restore checks every file against the export's digest)"
+        "  (granary also hashes every chunk, fsyncs each file, signs the catalogue, and a restore of a tree stream checks every file against the export's digest)"
     );
 
     // Incremental exports: change a little, export, compare.

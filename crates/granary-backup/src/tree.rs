@@ -657,7 +657,9 @@ pub fn hand_over(root: &Path, uid: u32) -> Result<(), BackupError> {
             .map_err(|e| BackupError::Io(format!("cannot hand {} to the grain: {e}", p.display())))
     };
     own(root)?;
-    visit(root, None, Path::new(""), &mut |rel, _, _, _| own(&root.join(rel)))
+    visit(root, None, Path::new(""), &mut |rel, _, _, _| {
+        own(&root.join(rel))
+    })
 }
 
 /// [`digest`], handing every entry (and `root`) to `uid` on the way: one
