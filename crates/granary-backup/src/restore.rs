@@ -8,7 +8,7 @@ use granary_datasets::Datasets;
 use granary_package::PublicKey;
 use serde::Serialize;
 
-use crate::catalogue::{Catalogue, GrainEntry, StreamEntry, StreamFormat};
+use crate::catalogue::{Catalogue, ChunkDamage, GrainEntry, StreamEntry, StreamFormat};
 use crate::crypt::Identity;
 use crate::export::read_catalogue;
 use crate::progress::{Meter, Progress};
@@ -151,33 +151,79 @@ pub fn chain<'c>(
     Ok(&grain.streams[start..end])
 }
 
-/// Fetches, checks and decrypts a stream's chunks in order; runs on its
-/// own thread, one chunk ahead of the reader.
+type Fetched = Result<Vec<u8>, BackupError>;
+
+/// How many chunks are decrypted at once: decryption and hashing, not the
+/// disk, set a restore's pace.
+fn crypt_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 2))
+}
+
+/// Reads a stream's chunks in order on this thread and hands chunk `i` to
+/// worker `i % n` (its `to_workers`), which decrypts and checks it; the
+/// reader takes the plaintexts back in the same rotation, so they arrive
+/// in order, with at most a chunk and its plaintext per worker in memory.
 fn fetch_chunks(
     target: &mut dyn Target,
+    stream: &StreamEntry,
+    to_workers: Vec<std::sync::mpsc::SyncSender<(String, usize, Fetched)>>,
+) {
+    for (i, c) in stream.chunks.iter().enumerate() {
+        let name = format!("{}/{}", stream.dir, c.file);
+        let cipher = target.read(&name, c.bytes).and_then(|r| {
+            r.ok_or_else(|| BackupError::Integrity(format!("chunk {name} is missing")))
+        });
+        let failed = cipher.is_err();
+        if to_workers[i % to_workers.len()]
+            .send((name, i, cipher))
+            .is_err()
+            || failed
+        {
+            return;
+        }
+    }
+}
+
+/// One worker: decrypts each chunk it is given and checks the plaintext
+/// against the signed catalogue. The encrypted file's own SHA-256 is not
+/// taken again (`backup verify` checks it without a key): a chunk that
+/// fails its authenticated decryption or whose plaintext differs is
+/// refused either way, and hashing both doubled the work.
+fn open_chunks(
     identity: &Identity,
     stream: &StreamEntry,
-    tx: std::sync::mpsc::SyncSender<Result<Vec<u8>, BackupError>>,
+    from_reader: std::sync::mpsc::Receiver<(String, usize, Fetched)>,
+    to_restore: std::sync::mpsc::SyncSender<Fetched>,
 ) {
-    for c in &stream.chunks {
-        let name = format!("{}/{}", stream.dir, c.file);
-        let chunk = (|| {
-            let cipher = target
-                .read(&name, c.bytes)?
-                .ok_or_else(|| BackupError::Integrity(format!("chunk {name} is missing")))?;
-            c.check(&cipher).map_err(|problem| {
-                BackupError::Integrity(format!("chunk {name}: {problem}; nothing was restored"))
+    for (name, i, cipher) in from_reader {
+        let c = &stream.chunks[i];
+        let chunk = cipher.and_then(|cipher| {
+            if cipher.len() as u64 != c.bytes {
+                let problem = ChunkDamage::Size {
+                    found: cipher.len() as u64,
+                    recorded: c.bytes,
+                };
+                return Err(BackupError::Integrity(format!(
+                    "chunk {name}: {problem}; nothing was restored"
+                )));
+            }
+            let plain = identity.decrypt(&cipher).map_err(|e| match e {
+                BackupError::Integrity(why) => BackupError::Integrity(format!(
+                    "chunk {name} fails its authentication, {why} (changed or damaged); nothing was restored"
+                )),
+                // A wrong key file says so.
+                other => other,
             })?;
-            let plain = identity.decrypt(&cipher)?;
+            drop(cipher);
             if sha256(&plain) != c.plain_sha256 {
                 return Err(BackupError::Integrity(format!(
                     "chunk {name} decrypts to other data than was exported"
                 )));
             }
             Ok(plain)
-        })();
+        });
         let failed = chunk.is_err();
-        if tx.send(chunk).is_err() || failed {
+        if to_restore.send(chunk).is_err() || failed {
             return;
         }
     }
@@ -185,7 +231,8 @@ fn fetch_chunks(
 
 /// Decrypted plaintext of one stream, as the fetcher delivers it.
 struct StreamReader<'r> {
-    rx: std::sync::mpsc::Receiver<Result<Vec<u8>, BackupError>>,
+    /// The workers' outputs, chunk `i` from `rx[i % rx.len()]`.
+    rx: Vec<std::sync::mpsc::Receiver<Fetched>>,
     stream: &'r StreamEntry,
     received: usize,
     buf: Vec<u8>,
@@ -206,8 +253,7 @@ impl StreamReader<'_> {
             }
             return Ok(false);
         }
-        let plain = self
-            .rx
+        let plain = self.rx[self.received % self.rx.len()]
             .recv()
             .map_err(|_| BackupError::Other("the chunk reader stopped".to_owned()))??;
         self.received += 1;
@@ -315,11 +361,20 @@ impl RestoreJob<'_> {
                 ));
             }
             let (applied, reader_error) = std::thread::scope(|scope| {
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                let (mut to_workers, mut from_workers) = (Vec::new(), Vec::new());
+                for _ in 0..crypt_workers() {
+                    // Hand-offs, not queues: a worker holds at most the
+                    // chunk it opens and the plaintext it waits to give.
+                    let (to_worker, worker_in) = std::sync::mpsc::sync_channel(0);
+                    let (worker_out, from_worker) = std::sync::mpsc::sync_channel(0);
+                    scope.spawn(move || open_chunks(identity, stream, worker_in, worker_out));
+                    to_workers.push(to_worker);
+                    from_workers.push(from_worker);
+                }
                 let target = &mut *target;
-                let fetcher = scope.spawn(move || fetch_chunks(target, identity, stream, tx));
+                let fetcher = scope.spawn(move || fetch_chunks(target, stream, to_workers));
                 let mut reader = StreamReader {
-                    rx,
+                    rx: from_workers,
                     stream,
                     received: 0,
                     buf: Vec::new(),

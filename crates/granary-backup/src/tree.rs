@@ -650,15 +650,41 @@ pub fn digest(root: &Path) -> Result<String, BackupError> {
 }
 
 /// Hands `root` and everything under it to `uid` (a restored ZFS stream
-/// carries the old node's uids), without reading any file.
+/// carries the old node's uids), without reading any file. Entries that
+/// already are the grain's are left alone; the others are changed by a few
+/// threads at once (each is a round trip to a FUSE-mounted dataset).
 pub fn hand_over(root: &Path, uid: u32) -> Result<(), BackupError> {
     let own = |p: &Path| {
         std::os::unix::fs::lchown(p, Some(uid), Some(uid))
             .map_err(|e| BackupError::Io(format!("cannot hand {} to the grain: {e}", p.display())))
     };
     own(root)?;
-    visit(root, None, Path::new(""), &mut |rel, _, _, _| {
-        own(&root.join(rel))
+    let mut others: Vec<PathBuf> = Vec::new();
+    visit(root, None, Path::new(""), &mut |rel, meta, _, _| {
+        if meta.uid() != uid || meta.gid() != uid {
+            others.push(root.join(rel));
+        }
+        Ok(())
+    })?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| -> Result<(), BackupError> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(path) = others.get(i) else {
+                            return Ok(());
+                        };
+                        own(path)?;
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| BackupError::Other("a re-owning thread panicked".to_owned()))?
+        })
     })
 }
 
