@@ -237,6 +237,18 @@ fn main() {
         "  private memory once idle: {left:.2}x the start, {after_secs:.1} s after the last grain stopped (goal <= 1.10x: {})",
         if left <= 1.10 { "met" } else { "MISSED" }
     );
+    let rss_grain = cloning.rss.saturating_sub(start.rss) as f64 / users as f64;
+    let rss_left = after.rss as f64 / start.rss as f64;
+    println!(
+        "  RSS per busy grain: {rss_grain:.0} KiB (goal <= 1024 KiB: {}); once idle: {rss_left:.2}x the start (goal <= 1.10x: {})",
+        if rss_grain <= 1024.0 { "met" } else { "MISSED" },
+        if rss_left <= 1.10 { "met" } else { "MISSED" }
+    );
+    println!(
+        "  against the warm daemon (after the pushes, idle): private {:.2}x, RSS {:.2}x",
+        after.anon as f64 / pushed.anon as f64,
+        after.rss as f64 / pushed.rss as f64
+    );
     println!(
         "  (RSS adds the daemon's own code as it is paged in: file pages the kernel can drop and that all processes running it share)"
     );
