@@ -496,7 +496,6 @@ enum Sealed {
         plain_len: usize,
         plain_sha256: String,
         cipher: Vec<u8>,
-        sha256: String,
     },
     /// The same plaintext a cut-off export already wrote: kept if the media
     /// still has it whole, else encrypted and written here.
@@ -510,7 +509,7 @@ enum Sealed {
 
 impl Sealer<'_> {
     /// Two stages on two threads, so both cores work: one hashes and
-    /// encrypts chunk n+1 while the other writes chunk n. A chunk's
+    /// encrypts chunk n+1 while the other hashes and writes chunk n. A chunk's
     /// content is synced before its name is; the stream's directory once
     /// at the end (the journal is checked against the media on resume, so
     /// it need not be synced chunk by chunk).
@@ -534,10 +533,11 @@ impl Sealer<'_> {
                             let plain_len = plain.len();
                             // Not held while the writer is waited for.
                             drop(plain);
+                            // The encrypted file's hash is taken by the
+                            // writer, which otherwise waits on the disk.
                             sealed.map(|cipher| Sealed::Cipher {
                                 plain_len,
                                 plain_sha256,
-                                sha256: sha256(&cipher),
                                 cipher,
                             })
                         }
@@ -600,11 +600,13 @@ impl Sealer<'_> {
                 plain_len,
                 plain_sha256,
                 cipher,
-                sha256,
-            } => (
-                self.write_chunk(index, &cipher, sha256, plain_sha256)?,
-                plain_len,
-            ),
+            } => {
+                let sha = sha256(&cipher);
+                (
+                    self.write_chunk(index, &cipher, sha, plain_sha256)?,
+                    plain_len,
+                )
+            }
         };
         self.journal.chunks.push(entry);
         let journal = seal_journal(self.journal_key, &self.journal)?;

@@ -651,7 +651,7 @@ pub fn digest(root: &Path) -> Result<String, BackupError> {
 
 /// Hands `root` and everything under it to `uid` (a restored ZFS stream
 /// carries the old node's uids), without reading any file. Entries that
-/// already are the grain's are left alone; the others are changed by a few
+/// already are the grain's are left alone; the others are changed by eight
 /// threads at once (each is a round trip to a FUSE-mounted dataset).
 pub fn hand_over(root: &Path, uid: u32) -> Result<(), BackupError> {
     let own = |p: &Path| {
@@ -668,7 +668,7 @@ pub fn hand_over(root: &Path, uid: u32) -> Result<(), BackupError> {
     })?;
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..4)
+        let workers: Vec<_> = (0..8)
             .map(|_| {
                 scope.spawn(|| -> Result<(), BackupError> {
                     loop {
