@@ -66,8 +66,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// wrk against `url` with `host`: (requests/s, p99 ms).
-/// Requests/s, p50 and p99 (ms) of one wrk run.
+/// wrk against `url` with `host`: (requests/s, p50 ms, p99 ms).
 fn wrk(url: &str, host: &str, secs: u32) -> (f64, f64, f64) {
     let out = Command::new("taskset")
         .args([

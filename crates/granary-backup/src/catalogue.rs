@@ -18,6 +18,11 @@ use crate::BackupError;
 pub const CATALOGUE_FILE: &str = "granary-backup.catalogue";
 /// Domain separation: a catalogue signature is never valid as anything else.
 pub const SIGNING_CONTEXT: &[u8] = b"granary backup catalogue v1\n";
+/// The catalogue format written. 2: a zfs stream may have no
+/// `tree_sha256`. Format 1 catalogues are read too; Granary releases before
+/// format 2 refuse a format 2 catalogue that holds a zfs stream ("missing
+/// field `tree_sha256`").
+pub const FORMAT: u32 = 2;
 /// Larger catalogues are refused before parsing.
 pub const MAX_CATALOGUE_BYTES: usize = 64 << 20;
 
@@ -137,7 +142,7 @@ pub enum ChunkDamage {
 impl Catalogue {
     pub fn new(node: &PublicKey) -> Catalogue {
         Catalogue {
-            format: 1,
+            format: FORMAT,
             node: node.hex(),
             updated: crate::now(),
             grains: BTreeMap::new(),
@@ -202,9 +207,9 @@ impl Catalogue {
 
     /// Every name the catalogue gives must be one a target may hold.
     fn check(&self) -> Result<(), BackupError> {
-        if self.format != 1 {
+        if !(1..=FORMAT).contains(&self.format) {
             return Err(BackupError::Integrity(format!(
-                "catalogue format {} is not supported (this Granary reads 1)",
+                "catalogue format {} is not supported (this Granary reads 1 to {FORMAT}; a newer release wrote it?)",
                 self.format
             )));
         }

@@ -124,7 +124,11 @@ impl<'a> Exporter<'a> {
     ) -> Result<Exporter<'a>, BackupError> {
         let catalogue = match read_catalogue(target)? {
             None => Catalogue::new(&key.public()),
-            Some((cat, signer)) if signer == key.public() => cat,
+            Some((mut cat, signer)) if signer == key.public() => {
+                // What this export adds may need the newer format.
+                cat.format = crate::catalogue::FORMAT;
+                cat
+            }
             Some((_, signer)) => {
                 return Err(BackupError::Config(format!(
                     "{} holds the backups of another node (key {}); give this node its own directory or target",
@@ -491,7 +495,7 @@ struct Sealer<'w> {
 
 /// A chunk on its way from the crypt stage to the store stage.
 enum Sealed {
-    /// Encrypted and hashed, to be written.
+    /// Encrypted, to be hashed and written.
     Cipher {
         plain_len: usize,
         plain_sha256: String,

@@ -207,12 +207,21 @@ fn open_chunks(
                     "chunk {name}: {problem}; nothing was restored"
                 )));
             }
-            let plain = identity.decrypt(&cipher).map_err(|e| match e {
-                BackupError::Integrity(why) => BackupError::Integrity(format!(
-                    "chunk {name} fails its authentication, {why} (changed or damaged); nothing was restored"
-                )),
-                // A wrong key file says so.
-                other => other,
+            let plain = identity.decrypt(&cipher).map_err(|e| {
+                // A damaged header can read as "no key matches": the
+                // file's hash (taken only now, on failure) tells damage
+                // from a wrong key file.
+                if let Err(problem) = c.check(&cipher) {
+                    return BackupError::Integrity(format!(
+                        "chunk {name}: {problem}; nothing was restored"
+                    ));
+                }
+                match e {
+                    BackupError::Integrity(why) => BackupError::Integrity(format!(
+                        "chunk {name} fails its authentication, {why} (changed or damaged); nothing was restored"
+                    )),
+                    other => other,
+                }
             })?;
             drop(cipher);
             if sha256(&plain) != c.plain_sha256 {
@@ -314,8 +323,8 @@ pub struct RestoreJob<'a> {
 }
 
 impl RestoreJob<'_> {
-    /// Runs it, checking the result file by file against the digest taken
-    /// at export. On any error the staging dataset is destroyed: nothing
+    /// Runs it, checking a tree stream's result file by file against the
+    /// digest taken at export. On any error the staging dataset is destroyed: nothing
     /// half-restored is left.
     pub fn run(
         &self,
@@ -362,12 +371,15 @@ impl RestoreJob<'_> {
             }
             let (applied, reader_error) = std::thread::scope(|scope| {
                 let (mut to_workers, mut from_workers) = (Vec::new(), Vec::new());
+                let mut workers = Vec::new();
                 for _ in 0..crypt_workers() {
                     // Hand-offs, not queues: a worker holds at most the
                     // chunk it opens and the plaintext it waits to give.
                     let (to_worker, worker_in) = std::sync::mpsc::sync_channel(0);
                     let (worker_out, from_worker) = std::sync::mpsc::sync_channel(0);
-                    scope.spawn(move || open_chunks(identity, stream, worker_in, worker_out));
+                    workers.push(
+                        scope.spawn(move || open_chunks(identity, stream, worker_in, worker_out)),
+                    );
                     to_workers.push(to_worker);
                     from_workers.push(from_worker);
                 }
@@ -401,9 +413,18 @@ impl RestoreJob<'_> {
                     }
                     StreamFormat::Zfs => datasets.receive(staging, &mut reader).map_err(ds),
                 };
-                let error = reader.error.take();
+                let mut error = reader.error.take();
                 drop(reader);
                 let _ = fetcher.join();
+                // A worker's panic fails the restore (and the staging
+                // dataset is destroyed) instead of unwinding through it.
+                for w in workers {
+                    if w.join().is_err() && error.is_none() {
+                        error = Some(BackupError::Other(
+                            "a chunk decrypting thread panicked".to_owned(),
+                        ));
+                    }
+                }
                 (applied, error)
             });
             if let Some(e) = reader_error {

@@ -651,7 +651,8 @@ pub fn digest(root: &Path) -> Result<String, BackupError> {
 
 /// Hands `root` and everything under it to `uid` (a restored ZFS stream
 /// carries the old node's uids), without reading any file. Entries that
-/// already are the grain's are left alone; the others are changed by eight
+/// already are the grain's, and are not setuid or setgid (chown clears
+/// those bits), are left alone; the others are changed by up to eight
 /// threads at once (each is a round trip to a FUSE-mounted dataset).
 pub fn hand_over(root: &Path, uid: u32) -> Result<(), BackupError> {
     let own = |p: &Path| {
@@ -661,14 +662,14 @@ pub fn hand_over(root: &Path, uid: u32) -> Result<(), BackupError> {
     own(root)?;
     let mut others: Vec<PathBuf> = Vec::new();
     visit(root, None, Path::new(""), &mut |rel, meta, _, _| {
-        if meta.uid() != uid || meta.gid() != uid {
+        if meta.uid() != uid || meta.gid() != uid || meta.mode() & 0o6000 != 0 {
             others.push(root.join(rel));
         }
         Ok(())
     })?;
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..8)
+        let workers: Vec<_> = (0..others.len().div_ceil(64).min(8))
             .map(|_| {
                 scope.spawn(|| -> Result<(), BackupError> {
                     loop {

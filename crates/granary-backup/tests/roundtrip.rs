@@ -224,7 +224,8 @@ fn export_resume_verify_tamper_restore() {
 
     // One byte of one chunk changed: verify names it, restore leaves nothing.
     let victim = &chunk_files(&media)[2].0;
-    let mut bytes = std::fs::read(victim).unwrap();
+    let original = std::fs::read(victim).unwrap();
+    let mut bytes = original.clone();
     bytes[200] ^= 0x40;
     std::fs::write(victim, bytes).unwrap();
     let e = verify(&mut dir, &mut |_| {}).unwrap_err();
@@ -244,6 +245,32 @@ fn export_resume_verify_tamper_restore() {
     .unwrap_err();
     assert!(matches!(e, BackupError::Integrity(_)), "{e}");
     assert!(!node2.grain_dir(&staging).exists(), "nothing half-restored");
+
+    // A changed key stanza in the header still parses but no key opens
+    // it: that is damage to this chunk, not a wrong key file.
+    let mut bytes = original.clone();
+    let stanza = bytes
+        .windows(10)
+        .position(|w| w == b"-> X25519 ")
+        .expect("an X25519 stanza");
+    let body = stanza + bytes[stanza..].iter().position(|b| *b == b'\n').unwrap() + 1;
+    bytes[body] = if bytes[body] == b'A' { b'B' } else { b'A' };
+    std::fs::write(victim, &bytes).unwrap();
+    let e = RestoreJob {
+        grain_id: "alice-hello",
+        grain,
+        snapshot: None,
+        identity: &identity,
+        datasets: &node2,
+        staging: &staging,
+        uid: 5151,
+    }
+    .run(&mut dir, &mut |_| {})
+    .unwrap_err();
+    assert!(matches!(e, BackupError::Integrity(_)), "{e}");
+    assert!(e.to_string().contains("00000002.age"), "{e}");
+    assert!(!node2.grain_dir(&staging).exists(), "nothing half-restored");
+    std::fs::write(victim, &original).unwrap();
 
     // A wrong identity is a clear error too.
     let (other, _) = generate();

@@ -249,8 +249,9 @@ impl Backups {
         })
     }
 
-    /// Restores every grain (or one) into scratch datasets, compares each
-    /// with the export's digest, and removes the scratch data.
+    /// Restores every grain (or one) into scratch datasets (every chunk
+    /// decrypted and checked; a tree stream's files compared with the
+    /// export's digest), and removes the scratch data.
     pub(crate) async fn drill(
         &self,
         place: Place,
