@@ -225,51 +225,39 @@ fn export_resume_verify_tamper_restore() {
     // One byte of one chunk changed: verify names it, restore leaves nothing.
     let victim = &chunk_files(&media)[2].0;
     let original = std::fs::read(victim).unwrap();
-    let mut bytes = original.clone();
-    bytes[200] ^= 0x40;
-    std::fs::write(victim, bytes).unwrap();
+    let mut payload = original.clone();
+    payload[200] ^= 0x40;
+    std::fs::write(victim, &payload).unwrap();
     let e = verify(&mut dir, &mut |_| {}).unwrap_err();
     assert!(matches!(e, BackupError::Integrity(_)));
     assert!(e.to_string().contains("00000002.age"), "{e}");
-    let staging = granary_backup::staging_id("restore");
-    let e = RestoreJob {
-        grain_id: "alice-hello",
-        grain,
-        snapshot: None,
-        identity: &identity,
-        datasets: &node2,
-        staging: &staging,
-        uid: 5151,
-    }
-    .run(&mut dir, &mut |_| {})
-    .unwrap_err();
-    assert!(matches!(e, BackupError::Integrity(_)), "{e}");
-    assert!(!node2.grain_dir(&staging).exists(), "nothing half-restored");
-
-    // A changed key stanza in the header still parses but no key opens
-    // it: that is damage to this chunk, not a wrong key file.
-    let mut bytes = original.clone();
-    let stanza = bytes
+    // A changed key stanza in the header still parses, but no key opens
+    // it: that is damage to this chunk too, not a wrong key file.
+    let mut header = original.clone();
+    let stanza = header
         .windows(10)
         .position(|w| w == b"-> X25519 ")
         .expect("an X25519 stanza");
-    let body = stanza + bytes[stanza..].iter().position(|b| *b == b'\n').unwrap() + 1;
-    bytes[body] = if bytes[body] == b'A' { b'B' } else { b'A' };
-    std::fs::write(victim, &bytes).unwrap();
-    let e = RestoreJob {
-        grain_id: "alice-hello",
-        grain,
-        snapshot: None,
-        identity: &identity,
-        datasets: &node2,
-        staging: &staging,
-        uid: 5151,
+    let body = stanza + header[stanza..].iter().position(|b| *b == b'\n').unwrap() + 1;
+    header[body] = if header[body] == b'A' { b'B' } else { b'A' };
+    let staging = granary_backup::staging_id("restore");
+    for (what, bytes) in [("a payload byte", payload), ("the key stanza", header)] {
+        std::fs::write(victim, &bytes).unwrap();
+        let e = RestoreJob {
+            grain_id: "alice-hello",
+            grain,
+            snapshot: None,
+            identity: &identity,
+            datasets: &node2,
+            staging: &staging,
+            uid: 5151,
+        }
+        .run(&mut dir, &mut |_| {})
+        .unwrap_err();
+        assert!(matches!(e, BackupError::Integrity(_)), "{what}: {e}");
+        assert!(e.to_string().contains("00000002.age"), "{what}: {e}");
+        assert!(!node2.grain_dir(&staging).exists(), "nothing half-restored");
     }
-    .run(&mut dir, &mut |_| {})
-    .unwrap_err();
-    assert!(matches!(e, BackupError::Integrity(_)), "{e}");
-    assert!(e.to_string().contains("00000002.age"), "{e}");
-    assert!(!node2.grain_dir(&staging).exists(), "nothing half-restored");
     std::fs::write(victim, &original).unwrap();
 
     // A wrong identity is a clear error too.
