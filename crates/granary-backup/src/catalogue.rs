@@ -110,15 +110,21 @@ pub struct ChunkEntry {
 }
 
 impl ChunkEntry {
+    /// Whether `cipher` has the size this chunk was exported with.
+    pub fn check_size(&self, cipher: &[u8]) -> Result<(), ChunkDamage> {
+        match cipher.len() as u64 {
+            n if n == self.bytes => Ok(()),
+            found => Err(ChunkDamage::Size {
+                found,
+                recorded: self.bytes,
+            }),
+        }
+    }
+
     /// Whether `cipher` is this chunk as exported (its size and SHA-256);
     /// what is wrong with it otherwise.
     pub fn check(&self, cipher: &[u8]) -> Result<(), ChunkDamage> {
-        if cipher.len() as u64 != self.bytes {
-            return Err(ChunkDamage::Size {
-                found: cipher.len() as u64,
-                recorded: self.bytes,
-            });
-        }
+        self.check_size(cipher)?;
         let sha = crate::sha256(cipher);
         if sha != self.sha256 {
             return Err(ChunkDamage::Digest {

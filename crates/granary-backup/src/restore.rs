@@ -197,24 +197,17 @@ fn open_chunks(
 ) {
     for (name, i, cipher) in from_reader {
         let c = &stream.chunks[i];
+        let damaged = |problem: ChunkDamage| {
+            BackupError::Integrity(format!("chunk {name}: {problem}; nothing was restored"))
+        };
         let chunk = cipher.and_then(|cipher| {
-            if cipher.len() as u64 != c.bytes {
-                let problem = ChunkDamage::Size {
-                    found: cipher.len() as u64,
-                    recorded: c.bytes,
-                };
-                return Err(BackupError::Integrity(format!(
-                    "chunk {name}: {problem}; nothing was restored"
-                )));
-            }
+            c.check_size(&cipher).map_err(damaged)?;
             let plain = identity.decrypt(&cipher).map_err(|e| {
                 // A damaged header can read as "no key matches": the
                 // file's hash (taken only now, on failure) tells damage
                 // from a wrong key file.
                 if let Err(problem) = c.check(&cipher) {
-                    return BackupError::Integrity(format!(
-                        "chunk {name}: {problem}; nothing was restored"
-                    ));
+                    return damaged(problem);
                 }
                 match e {
                     BackupError::Integrity(why) => BackupError::Integrity(format!(
@@ -324,8 +317,8 @@ pub struct RestoreJob<'a> {
 
 impl RestoreJob<'_> {
     /// Runs it, checking a tree stream's result file by file against the
-    /// digest taken at export. On any error the staging dataset is destroyed: nothing
-    /// half-restored is left.
+    /// digest taken at export. On any error the staging dataset is
+    /// destroyed: nothing half-restored is left.
     pub fn run(
         &self,
         target: &mut dyn Target,

@@ -649,16 +649,19 @@ pub fn digest(root: &Path) -> Result<String, BackupError> {
     digest_owning(root, None)
 }
 
+/// Gives `path` itself (never a symlink's target) to `uid`, user and group.
+fn own_to(path: &Path, uid: u32) -> Result<(), BackupError> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid))
+        .map_err(|e| BackupError::Io(format!("cannot hand {} to the grain: {e}", path.display())))
+}
+
 /// Hands `root` and everything under it to `uid` (a restored ZFS stream
 /// carries the old node's uids), without reading any file. Entries that
 /// already are the grain's, and are not setuid or setgid (chown clears
 /// those bits), are left alone; the others are changed by up to eight
 /// threads at once (each is a round trip to a FUSE-mounted dataset).
 pub fn hand_over(root: &Path, uid: u32) -> Result<(), BackupError> {
-    let own = |p: &Path| {
-        std::os::unix::fs::lchown(p, Some(uid), Some(uid))
-            .map_err(|e| BackupError::Io(format!("cannot hand {} to the grain: {e}", p.display())))
-    };
+    let own = |p: &Path| own_to(p, uid);
     own(root)?;
     let mut others: Vec<PathBuf> = Vec::new();
     visit(root, None, Path::new(""), &mut |rel, meta, _, _| {
@@ -694,11 +697,7 @@ pub fn hand_over(root: &Path, uid: u32) -> Result<(), BackupError> {
 /// Files are hashed by a few threads at once (a FUSE-mounted dataset reads
 /// faster with more than one request in flight).
 pub fn digest_owning(root: &Path, uid: Option<u32>) -> Result<String, BackupError> {
-    let own = |p: &Path| match uid {
-        Some(uid) => std::os::unix::fs::lchown(p, Some(uid), Some(uid))
-            .map_err(|e| BackupError::Io(format!("cannot hand {} to the grain: {e}", p.display()))),
-        None => Ok(()),
-    };
+    let own = |p: &Path| uid.map_or(Ok(()), |uid| own_to(p, uid));
     own(root)?;
     // The walk: every entry's record, files' content hashes left for later.
     let mut entries: Vec<(PathBuf, Kind, u32, u64, Vec<u8>)> = Vec::new();
