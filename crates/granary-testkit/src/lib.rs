@@ -11,6 +11,7 @@
 //! until a deadline and fail with what was seen.
 
 pub mod dav;
+pub mod etcd;
 pub mod mail;
 pub mod postfix;
 pub mod prosody;

@@ -1,0 +1,609 @@
+//! The cluster's records in etcd: init, join tokens, members, leases and
+//! placement. Each call is one request or one transaction, so two nodes
+//! racing see one winner and a clear error for the other.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{
+    Alive, Arch, ClusterError, ClusterInfo, JoinTicket, NodeLease, NodeRecord, Placement,
+    PlacementRecord, Refusal, now_unix,
+};
+
+type Result<T> = std::result::Result<T, ClusterError>;
+
+/// A member and how it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeStatus {
+    pub record: NodeRecord,
+    /// `None`: the node holds no lease (down, or never started).
+    pub alive: Option<Alive>,
+    /// Seconds since etcd last saw the node renew its lease.
+    pub lease_age_secs: Option<i64>,
+    /// Grains placed on it.
+    pub grains: usize,
+}
+
+/// A connection to the etcd cluster that holds one Granary cluster.
+#[derive(Clone)]
+pub struct Coordinator {
+    client: Client,
+    prefix: String,
+}
+
+impl Coordinator {
+    /// Connects to any of `endpoints` (`http://host:port`); records live
+    /// under `prefix`.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Coordinator> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(ClusterError::etcd("connecting"))?;
+        Ok(Coordinator {
+            client,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    fn c(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Makes this etcd hold a new cluster. Runs once: a second init is
+    /// refused and changes nothing.
+    pub async fn init(&self) -> Result<ClusterInfo> {
+        let info = ClusterInfo {
+            id: hex(&random::<16>()),
+            created_unix: now_unix(),
+        };
+        let key = self.key("cluster");
+        let txn = Txn::new()
+            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), to_json(&info), None)]);
+        let resp = self
+            .c()
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("init"))?;
+        if resp.succeeded() {
+            return Ok(info);
+        }
+        Err(ClusterError::AlreadyInitialised(self.info().await?.id))
+    }
+
+    /// The cluster this etcd holds.
+    pub async fn info(&self) -> Result<ClusterInfo> {
+        let key = self.key("cluster");
+        let resp = self
+            .c()
+            .get(key.as_str(), None)
+            .await
+            .map_err(ClusterError::etcd("reading the cluster"))?;
+        match resp.kvs().first() {
+            Some(kv) => from_json(&key, kv.value()),
+            None => Err(ClusterError::NotInitialised),
+        }
+    }
+
+    /// A single-use join token, valid for `ttl`. Only its SHA-256 is
+    /// stored, under a lease, so an unused one disappears by itself.
+    pub async fn issue_token(&self, ttl: Duration) -> Result<String> {
+        self.info().await?;
+        let token = format!("gjoin-{}", hex(&random::<32>()));
+        let mut c = self.c();
+        let lease = c
+            .lease_grant(ttl.as_secs().max(1) as i64, None)
+            .await
+            .map_err(ClusterError::etcd("granting the token's lease"))?;
+        let ticket = JoinTicket {
+            created_unix: now_unix(),
+            expires_unix: now_unix() + lease.ttl(),
+        };
+        c.put(
+            self.key(&format!("join/{}", token_hash(&token))),
+            to_json(&ticket),
+            Some(PutOptions::new().with_lease(lease.id())),
+        )
+        .await
+        .map_err(ClusterError::etcd("storing the join token"))?;
+        Ok(token)
+    }
+
+    /// How many join tokens are issued and neither used nor expired.
+    pub async fn pending_tokens(&self) -> Result<usize> {
+        Ok(self.list::<JoinTicket>("join/").await?.len())
+    }
+
+    /// Uses `token` to make `record` a member, in one transaction: the
+    /// token is deleted and the node created, or nothing happens.
+    pub async fn join(&self, token: &str, record: &NodeRecord) -> Result<()> {
+        if !crate::valid_node_name(&record.name) {
+            return Err(ClusterError::BadName(record.name.clone()));
+        }
+        self.info().await?;
+        let ticket = self.key(&format!("join/{}", token_hash(token.trim())));
+        let node = self.key(&format!("nodes/{}", record.name));
+        let txn = Txn::new()
+            .when([
+                Compare::version(ticket.as_str(), CompareOp::Greater, 0),
+                Compare::version(node.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::delete(ticket.as_str(), None),
+                TxnOp::put(node.as_str(), to_json(record), None),
+            ])
+            .or_else([TxnOp::get(ticket.as_str(), None)]);
+        let resp = self
+            .c()
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("joining"))?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        let token_there = resp.op_responses().into_iter().any(|r| match r {
+            TxnOpResponse::Get(g) => !g.kvs().is_empty(),
+            _ => false,
+        });
+        match token_there {
+            true => Err(ClusterError::NameTaken(record.name.clone())),
+            false => Err(ClusterError::BadToken),
+        }
+    }
+
+    /// One member's record.
+    pub async fn node(&self, name: &str) -> Result<Option<NodeRecord>> {
+        let key = self.key(&format!("nodes/{name}"));
+        let resp = self
+            .c()
+            .get(key.as_str(), None)
+            .await
+            .map_err(ClusterError::etcd("reading a node"))?;
+        resp.kvs()
+            .first()
+            .map(|kv| from_json(&key, kv.value()))
+            .transpose()
+    }
+
+    /// Every member, with its lease and its grains, by name.
+    pub async fn nodes(&self) -> Result<Vec<NodeStatus>> {
+        let records: Vec<NodeRecord> = self
+            .list("nodes/")
+            .await?
+            .into_iter()
+            .map(|(_, r, _)| r)
+            .collect();
+        let alive: Vec<(String, Alive, i64)> = self.list("alive/").await?;
+        let placements = self.placements().await?;
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            let alive = alive
+                .iter()
+                .find(|(k, _, _)| *k == record.name)
+                .map(|(_, a, _)| a.clone());
+            let lease_age_secs = match &alive {
+                Some(a) => self.lease_age(a.lease).await?,
+                None => None,
+            };
+            let grains = placements.iter().filter(|p| p.node == record.name).count();
+            out.push(NodeStatus {
+                record,
+                alive,
+                lease_age_secs,
+                grains,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn lease_age(&self, lease: i64) -> Result<Option<i64>> {
+        match self.c().lease_time_to_live(lease, None).await {
+            Ok(r) if r.ttl() > 0 => Ok(Some(r.granted_ttl() - r.ttl())),
+            Ok(_) => Ok(None),
+            Err(e) => Err(ClusterError::etcd("reading a lease")(e)),
+        }
+    }
+
+    /// Removes a member that is not running. Its grains' placements are
+    /// dropped only with `force` (their data stays on its disks); returns
+    /// the grains whose placement was dropped.
+    pub async fn remove_node(&self, name: &str, force: bool) -> Result<Vec<String>> {
+        let node = self.key(&format!("nodes/{name}"));
+        let alive = self.key(&format!("alive/{name}"));
+        if self.node(name).await?.is_none() {
+            return Err(ClusterError::NoSuchNode(name.to_owned()));
+        }
+        let owned: Vec<Placement> = self
+            .placements()
+            .await?
+            .into_iter()
+            .filter(|p| p.node == name)
+            .collect();
+        if !owned.is_empty() && !force {
+            return Err(ClusterError::NodeHasGrains {
+                node: name.to_owned(),
+                count: owned.len(),
+            });
+        }
+        let mut when = vec![
+            Compare::version(node.as_str(), CompareOp::Greater, 0),
+            Compare::version(alive.as_str(), CompareOp::Equal, 0),
+        ];
+        let mut then = vec![TxnOp::delete(node.as_str(), None)];
+        for p in &owned {
+            let k = self.key(&format!("placement/{}", p.grain));
+            when.push(Compare::mod_revision(k.as_str(), CompareOp::Equal, p.epoch));
+            then.push(TxnOp::delete(k.as_str(), None));
+        }
+        let resp = self
+            .c()
+            .txn(Txn::new().when(when).and_then(then))
+            .await
+            .map_err(ClusterError::etcd("removing a node"))?;
+        if resp.succeeded() {
+            return Ok(owned.into_iter().map(|p| p.grain).collect());
+        }
+        // Something moved under us: say what.
+        if self
+            .list::<Alive>("alive/")
+            .await?
+            .iter()
+            .any(|(k, _, _)| k == name)
+        {
+            return Err(ClusterError::NodeAlive(name.to_owned()));
+        }
+        Err(ClusterError::Conflict {
+            grain: format!("node {name}"),
+            expected: 0,
+        })
+    }
+
+    /// Marks a node drained (it takes no new grains) or not. The flag
+    /// lives in its record, so it survives the node's restart.
+    pub async fn set_drained(&self, name: &str, drained: bool) -> Result<()> {
+        let key = self.key(&format!("nodes/{name}"));
+        loop {
+            let resp = self
+                .c()
+                .get(key.as_str(), None)
+                .await
+                .map_err(ClusterError::etcd("reading a node"))?;
+            let Some(kv) = resp.kvs().first() else {
+                return Err(ClusterError::NoSuchNode(name.to_owned()));
+            };
+            let mut record: NodeRecord = from_json(&key, kv.value())?;
+            record.drained = drained;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([TxnOp::put(key.as_str(), to_json(&record), None)]);
+            if self
+                .c()
+                .txn(txn)
+                .await
+                .map_err(ClusterError::etcd("draining"))?
+                .succeeded()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes the lease of member `node` (its daemon starting): the lease
+    /// is granted, `alive/<node>` written under it, and renewals begin. A
+    /// lease left by this node's previous run (it crashed) is revoked
+    /// first; the caller holds the node's data-dir lock, so that run is
+    /// gone.
+    pub async fn hold_lease(
+        &self,
+        node: &str,
+        ttl: Duration,
+        free_bytes: u64,
+    ) -> Result<NodeLease> {
+        let record = self.key(&format!("nodes/{node}"));
+        let alive_key = self.key(&format!("alive/{node}"));
+        let mut c = self.c();
+        if let Some((_, old, _)) = self
+            .list::<Alive>("alive/")
+            .await?
+            .into_iter()
+            .find(|(k, _, _)| k == node)
+        {
+            tracing::info!(
+                node,
+                lease = old.lease,
+                "revoking the lease of this node's previous run"
+            );
+            let _ = c.lease_revoke(old.lease).await;
+        }
+        let sent = Instant::now();
+        let grant = c
+            .lease_grant(ttl.as_secs().max(1) as i64, None)
+            .await
+            .map_err(ClusterError::etcd("granting the node lease"))?;
+        let alive = Alive {
+            lease: grant.id(),
+            started_unix: now_unix(),
+            free_bytes,
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::version(record.as_str(), CompareOp::Greater, 0),
+                Compare::version(alive_key.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(
+                alive_key.as_str(),
+                to_json(&alive),
+                Some(PutOptions::new().with_lease(grant.id())),
+            )]);
+        let resp = c
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("writing alive"))?;
+        if !resp.succeeded() {
+            let _ = c.lease_revoke(grant.id()).await;
+            return match self.node(node).await? {
+                None => Err(ClusterError::NoSuchNode(node.to_owned())),
+                Some(_) => Err(ClusterError::NodeAlive(node.to_owned())),
+            };
+        }
+        Ok(NodeLease::start(
+            self.client.clone(),
+            node.to_owned(),
+            grant.id(),
+            Duration::from_secs(grant.ttl() as u64),
+            sent,
+        ))
+    }
+
+    /// Where a grain is placed.
+    pub async fn placement(&self, grain: &str) -> Result<Option<Placement>> {
+        let key = self.key(&format!("placement/{grain}"));
+        let resp = self
+            .c()
+            .get(key.as_str(), None)
+            .await
+            .map_err(ClusterError::etcd("reading a placement"))?;
+        resp.kvs()
+            .first()
+            .map(|kv| placement(grain, &key, kv.value(), kv.mod_revision()))
+            .transpose()
+    }
+
+    /// Every placement, by grain.
+    pub async fn placements(&self) -> Result<Vec<Placement>> {
+        Ok(self
+            .list::<PlacementRecord>("placement/")
+            .await?
+            .into_iter()
+            .map(|(grain, r, epoch)| Placement {
+                grain,
+                node: r.node,
+                epoch,
+                placed_unix: r.placed_unix,
+            })
+            .collect())
+    }
+
+    /// Places a new grain of an app built for `arches` on the node with
+    /// the most room ([`crate::choose_node`]).
+    pub async fn place(&self, grain: &str, arches: &[Arch]) -> Result<Placement> {
+        if let Some(p) = self.placement(grain).await? {
+            return Err(ClusterError::AlreadyPlaced {
+                grain: grain.to_owned(),
+                node: p.node,
+                epoch: p.epoch,
+            });
+        }
+        let nodes = self.nodes().await?;
+        let node = crate::choose_node(arches, &nodes).map_err(|why| ClusterError::NoRoom {
+            grain: grain.to_owned(),
+            why,
+        })?;
+        self.place_on(grain, node).await
+    }
+
+    /// Places a new grain on `node`, which must hold its lease. Fails if
+    /// the grain is placed already.
+    pub async fn place_on(&self, grain: &str, node: &str) -> Result<Placement> {
+        let key = self.key(&format!("placement/{grain}"));
+        let alive = self.key(&format!("alive/{node}"));
+        let record = PlacementRecord {
+            node: node.to_owned(),
+            placed_unix: now_unix(),
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::version(key.as_str(), CompareOp::Equal, 0),
+                Compare::version(alive.as_str(), CompareOp::Greater, 0),
+            ])
+            .and_then([TxnOp::put(key.as_str(), to_json(&record), None)]);
+        let resp = self
+            .c()
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("placing a grain"))?;
+        if resp.succeeded() {
+            return Ok(Placement {
+                grain: grain.to_owned(),
+                node: node.to_owned(),
+                epoch: revision(resp.header()),
+                placed_unix: record.placed_unix,
+            });
+        }
+        match self.placement(grain).await? {
+            Some(p) => Err(ClusterError::AlreadyPlaced {
+                grain: grain.to_owned(),
+                node: p.node,
+                epoch: p.epoch,
+            }),
+            None => Err(ClusterError::NoRoom {
+                grain: grain.to_owned(),
+                why: format!("{node}: down"),
+            }),
+        }
+    }
+
+    /// Moves a grain's placement from what `from` says to `to`, only if
+    /// nobody placed it since `from` was read (compare-and-swap on its
+    /// epoch). The new placement has a new, larger epoch.
+    pub async fn switch(&self, from: &Placement, to: &str) -> Result<Placement> {
+        let key = self.key(&format!("placement/{}", from.grain));
+        let alive = self.key(&format!("alive/{to}"));
+        let record = PlacementRecord {
+            node: to.to_owned(),
+            placed_unix: now_unix(),
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, from.epoch),
+                Compare::version(alive.as_str(), CompareOp::Greater, 0),
+            ])
+            .and_then([TxnOp::put(key.as_str(), to_json(&record), None)]);
+        let resp = self
+            .c()
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("switching a placement"))?;
+        if resp.succeeded() {
+            return Ok(Placement {
+                grain: from.grain.clone(),
+                node: to.to_owned(),
+                epoch: revision(resp.header()),
+                placed_unix: record.placed_unix,
+            });
+        }
+        match self.placement(&from.grain).await? {
+            Some(p) if p.epoch == from.epoch => Err(ClusterError::NoRoom {
+                grain: from.grain.clone(),
+                why: format!("{to}: down"),
+            }),
+            _ => Err(ClusterError::Conflict {
+                grain: from.grain.clone(),
+                expected: from.epoch,
+            }),
+        }
+    }
+
+    /// Whether this node may start `grain` now ([`crate::may_start`]),
+    /// from one consistent read of its placement and of this node's
+    /// `alive` record: the lease must be live as the node sees it and
+    /// still be the one etcd has for it. `Ok(Ok(epoch))`: start, after
+    /// writing `epoch` into the dataset.
+    pub async fn start_permit(
+        &self,
+        grain: &str,
+        lease: &NodeLease,
+        dataset_epoch: Option<i64>,
+    ) -> Result<std::result::Result<i64, Refusal>> {
+        let key = self.key(&format!("placement/{grain}"));
+        let alive = self.key(&format!("alive/{}", lease.node()));
+        let txn = Txn::new().and_then([
+            TxnOp::get(key.as_str(), None),
+            TxnOp::get(alive.as_str(), None),
+        ]);
+        let resp = self
+            .c()
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("checking a start"))?;
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let (Some(p), Some(a)) = (gets.next(), gets.next()) else {
+            return Err(ClusterError::Damaged {
+                key,
+                why: "etcd answered a two-read transaction with fewer reads".into(),
+            });
+        };
+        let placed = p
+            .kvs()
+            .first()
+            .map(|kv| placement(grain, &key, kv.value(), kv.mod_revision()))
+            .transpose()?;
+        let ours = match a.kvs().first() {
+            Some(kv) => from_json::<Alive>(&alive, kv.value())?.lease == lease.id(),
+            None => false,
+        };
+        Ok(crate::may_start(
+            lease.node(),
+            placed.as_ref(),
+            ours && lease.is_live(),
+            dataset_epoch,
+        ))
+    }
+
+    /// Every record under `dir`, as (the rest of its key, its value, its
+    /// mod revision).
+    async fn list<T: DeserializeOwned>(&self, dir: &str) -> Result<Vec<(String, T, i64)>> {
+        let prefix = self.key(dir);
+        let resp = self
+            .c()
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(ClusterError::etcd("listing"))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let rest = key[prefix.len()..].to_owned();
+                Ok((rest, from_json(&key, kv.value())?, kv.mod_revision()))
+            })
+            .collect()
+    }
+}
+
+fn placement(grain: &str, key: &str, value: &[u8], epoch: i64) -> Result<Placement> {
+    let r: PlacementRecord = from_json(key, value)?;
+    Ok(Placement {
+        grain: grain.to_owned(),
+        node: r.node,
+        epoch,
+        placed_unix: r.placed_unix,
+    })
+}
+
+fn revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.map(|h| h.revision()).unwrap_or(0)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+fn from_json<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|e| ClusterError::Damaged {
+        key: key.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+/// What is stored of a join token: its SHA-256, hex.
+fn token_hash(token: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("the kernel's random source");
+    b
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,43 @@
+//! Several nodes as one Granary, coordinated through etcd v3.
+//!
+//! What lives in etcd, under one prefix (`/granary/` by default):
+//!
+//! | key | value | lifetime |
+//! |---|---|---|
+//! | `cluster` | [`ClusterInfo`]: the cluster's id | written once by `granary cluster init` |
+//! | `join/<sha256 of token>` | [`JoinTicket`] | a lease of the token's lifetime; deleted by the join that uses it |
+//! | `nodes/<name>` | [`NodeRecord`]: architectures, capacity, node link, node key, drained | from `granary node join` to `granary node remove` |
+//! | `alive/<name>` | [`Alive`]: free space, when the daemon started | attached to the node's lease: gone when the lease expires |
+//! | `placement/<grain>` | [`PlacementRecord`]: the owner node | its mod revision is the grain's epoch, the fencing token |
+//!
+//! Every change that must not race is one etcd transaction: a join uses
+//! its token and creates the node record at once, a placement is created
+//! only where none exists and moved only from the epoch the mover read.
+//! No consensus of our own: etcd's.
+
+mod coordinator;
+mod error;
+mod fence;
+mod lease;
+mod place;
+mod records;
+
+pub use coordinator::{Coordinator, NodeStatus};
+pub use error::ClusterError;
+pub use fence::{Refusal, may_start};
+pub use lease::{LeaseState, NodeLease};
+pub use place::choose_node;
+pub use records::{
+    Alive, Arch, ClusterInfo, JoinTicket, NodeRecord, Placement, PlacementRecord, valid_node_name,
+};
+
+/// The key prefix every record of one cluster lives under.
+pub const DEFAULT_PREFIX: &str = "/granary/";
+
+/// Seconds since the Unix epoch, for the records' timestamps.
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

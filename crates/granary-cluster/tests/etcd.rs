@@ -1,0 +1,397 @@
+//! The cluster's records against a real three-member etcd on loopback.
+
+use std::time::{Duration, Instant};
+
+use granary_cluster::{
+    Arch, ClusterError, Coordinator, DEFAULT_PREFIX, LeaseState, NodeRecord, Refusal,
+};
+use granary_testkit::etcd::Etcd;
+
+fn record(name: &str, arches: &[Arch]) -> NodeRecord {
+    NodeRecord {
+        name: name.into(),
+        arches: arches.to_vec(),
+        address: format!("127.0.0.1:{}", 7000 + name.len()),
+        key: "00".repeat(32),
+        max_grains: 100,
+        drained: false,
+        joined_unix: 0,
+    }
+}
+
+/// Polls `check` until it holds or `deadline` passes.
+async fn until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn joined(c: &Coordinator, name: &str, arches: &[Arch]) {
+    let token = c.issue_token(Duration::from_secs(60)).await.unwrap();
+    c.join(&token, &record(name, arches)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_once_and_join_tokens_are_single_use() {
+    let etcd = Etcd::start(3);
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX)
+        .await
+        .unwrap();
+    assert!(matches!(c.info().await, Err(ClusterError::NotInitialised)));
+    assert!(matches!(
+        c.issue_token(Duration::from_secs(60)).await,
+        Err(ClusterError::NotInitialised)
+    ));
+    let info = c.init().await.unwrap();
+    assert_eq!(info.id.len(), 32);
+    match c.init().await {
+        Err(ClusterError::AlreadyInitialised(id)) => assert_eq!(id, info.id),
+        other => panic!("a second init: {:?}", other.err()),
+    }
+
+    let token = c.issue_token(Duration::from_secs(60)).await.unwrap();
+    c.join(&token, &record("n1", &[Arch::X86_64]))
+        .await
+        .unwrap();
+    // Used once: gone, whatever name comes with it.
+    assert!(matches!(
+        c.join(&token, &record("n2", &[Arch::X86_64])).await,
+        Err(ClusterError::BadToken)
+    ));
+    assert!(matches!(
+        c.join("gjoin-00", &record("n2", &[Arch::X86_64])).await,
+        Err(ClusterError::BadToken)
+    ));
+    // A taken name leaves the token usable.
+    let token = c.issue_token(Duration::from_secs(60)).await.unwrap();
+    assert!(matches!(
+        c.join(&token, &record("n1", &[Arch::X86_64])).await,
+        Err(ClusterError::NameTaken(n)) if n == "n1"
+    ));
+    assert!(matches!(
+        c.join(&token, &record("N 2", &[Arch::X86_64])).await,
+        Err(ClusterError::BadName(_))
+    ));
+    c.join(&token, &record("n2", &[Arch::X86_64]))
+        .await
+        .unwrap();
+    // An unused token expires by itself.
+    let short = c.issue_token(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(c.pending_tokens().await.unwrap(), 1);
+    until(
+        "an unused token to expire",
+        Duration::from_secs(10),
+        async || c.pending_tokens().await.unwrap() == 0,
+    )
+    .await;
+    assert!(matches!(
+        c.join(&short, &record("n3", &[Arch::X86_64])).await,
+        Err(ClusterError::BadToken)
+    ));
+    // The token itself is not in etcd, only its hash.
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &etcd.endpoints().join(","),
+            "get",
+            "--prefix",
+            DEFAULT_PREFIX,
+        ])
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(dump.contains("/granary/nodes/n2"), "{dump}");
+    assert!(
+        !dump.contains(token.trim_start_matches("gjoin-")),
+        "a join token stored in clear"
+    );
+
+    let names: Vec<String> = c
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.record.name)
+        .collect();
+    assert_eq!(names, ["n1", "n2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_show_who_is_up_and_a_dead_node_drops_out_after_its_ttl() {
+    let etcd = Etcd::start(3);
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX)
+        .await
+        .unwrap();
+    c.init().await.unwrap();
+    assert!(matches!(
+        c.hold_lease("ghost", Duration::from_secs(2), 0).await,
+        Err(ClusterError::NoSuchNode(_))
+    ));
+    joined(&c, "n1", &[Arch::X86_64]).await;
+    joined(&c, "n2", &[Arch::X86_64]).await;
+
+    let l1 = c
+        .hold_lease("n1", Duration::from_secs(2), 1 << 30)
+        .await
+        .unwrap();
+    let l2 = c
+        .hold_lease("n2", Duration::from_secs(2), 1 << 30)
+        .await
+        .unwrap();
+    assert_eq!(l1.state(), LeaseState::Live);
+    let nodes = c.nodes().await.unwrap();
+    assert!(nodes.iter().all(|n| n.alive.is_some()), "{nodes:?}");
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n.lease_age_secs.is_some_and(|a| a <= 2)),
+        "{nodes:?}"
+    );
+
+    // Renewals keep it: after three TTLs it is still there.
+    let held_since = Instant::now();
+    until(
+        "three TTLs of renewals",
+        Duration::from_secs(10),
+        async || held_since.elapsed() > Duration::from_secs(6),
+    )
+    .await;
+    assert_eq!(l1.state(), LeaseState::Live);
+    assert!(c.nodes().await.unwrap().iter().all(|n| n.alive.is_some()));
+
+    // A live node cannot be removed.
+    assert!(matches!(
+        c.remove_node("n1", false).await,
+        Err(ClusterError::NodeAlive(_))
+    ));
+
+    // n2 dies without a word (its renewals stop): it drops out within
+    // about its TTL, and n1 does not.
+    drop(l2);
+    let died = Instant::now();
+    until(
+        "n2's alive record to expire",
+        Duration::from_secs(10),
+        async || {
+            let nodes = c.nodes().await.unwrap();
+            nodes
+                .iter()
+                .any(|n| n.record.name == "n2" && n.alive.is_none())
+        },
+    )
+    .await;
+    assert!(
+        died.elapsed() >= Duration::from_secs(1),
+        "expired in {:?}",
+        died.elapsed()
+    );
+    assert!(
+        c.nodes()
+            .await
+            .unwrap()
+            .iter()
+            .any(|n| n.record.name == "n1" && n.alive.is_some())
+    );
+
+    // A restarted n1 takes over its own record: the old lease is revoked
+    // and the old holder learns it is lost.
+    let again = c
+        .hold_lease("n1", Duration::from_secs(2), 1 << 30)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), l1.lost())
+        .await
+        .expect("the old lease reported lost");
+    assert_eq!(l1.state(), LeaseState::Lost);
+    assert!(again.is_live());
+
+    // Removal: a down node goes; its record is gone.
+    c.remove_node("n2", false).await.unwrap();
+    assert!(matches!(
+        c.remove_node("n2", false).await,
+        Err(ClusterError::NoSuchNode(_))
+    ));
+    // A clean stop releases at once.
+    again.release().await.unwrap();
+    assert!(c.nodes().await.unwrap().iter().all(|n| n.alive.is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_is_fenced_by_epochs() {
+    let etcd = Etcd::start(3);
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX)
+        .await
+        .unwrap();
+    c.init().await.unwrap();
+    joined(&c, "n1", &[Arch::X86_64]).await;
+    joined(&c, "n2", &[Arch::X86_64]).await;
+    joined(&c, "pi", &[Arch::Aarch64]).await;
+    let l1 = c
+        .hold_lease("n1", Duration::from_secs(5), 10 << 30)
+        .await
+        .unwrap();
+    let l2 = c
+        .hold_lease("n2", Duration::from_secs(5), 20 << 30)
+        .await
+        .unwrap();
+    let lpi = c
+        .hold_lease("pi", Duration::from_secs(5), 900 << 30)
+        .await
+        .unwrap();
+
+    // Most room that can run it: n2 for x86_64, though the Pi has more.
+    let p = c.place("alice-git", &[Arch::X86_64]).await.unwrap();
+    assert_eq!(p.node, "n2");
+    assert!(p.epoch > 0);
+    assert_eq!(c.placement("alice-git").await.unwrap(), Some(p.clone()));
+    let pi_app = c.place("alice-blog", &[Arch::Aarch64]).await.unwrap();
+    assert_eq!(pi_app.node, "pi");
+    assert!(matches!(
+        c.place("alice-git", &[Arch::X86_64]).await,
+        Err(ClusterError::AlreadyPlaced { node, .. }) if node == "n2"
+    ));
+
+    // Only the owner may start it, and only with data no newer.
+    assert_eq!(
+        c.start_permit("alice-git", &l2, None).await.unwrap(),
+        Ok(p.epoch)
+    );
+    assert_eq!(
+        c.start_permit("alice-git", &l1, None).await.unwrap(),
+        Err(Refusal::OwnedBy {
+            node: "n2".into(),
+            epoch: p.epoch
+        })
+    );
+    assert_eq!(
+        c.start_permit("bob-git", &l2, None).await.unwrap(),
+        Err(Refusal::NotPlaced)
+    );
+
+    // A move: compare-and-swap from the epoch read, to a new epoch.
+    let moved = c.switch(&p, "n1").await.unwrap();
+    assert_eq!(moved.node, "n1");
+    assert!(moved.epoch > p.epoch);
+    // The stale reader loses: its epoch is gone.
+    assert!(
+        matches!(c.switch(&p, "n2").await, Err(ClusterError::Conflict { expected, .. }) if expected == p.epoch)
+    );
+    // n2, which still thinks it owns the grain, may not start it; n1 may,
+    // but not on a dataset a later placement wrote.
+    assert!(matches!(
+        c.start_permit("alice-git", &l2, Some(p.epoch))
+            .await
+            .unwrap(),
+        Err(Refusal::OwnedBy { .. })
+    ));
+    assert_eq!(
+        c.start_permit("alice-git", &l1, Some(p.epoch))
+            .await
+            .unwrap(),
+        Ok(moved.epoch)
+    );
+    assert_eq!(
+        c.start_permit("alice-git", &l1, Some(moved.epoch + 5))
+            .await
+            .unwrap(),
+        Err(Refusal::DatasetNewer {
+            dataset: moved.epoch + 5,
+            placement: moved.epoch
+        })
+    );
+
+    // A drained node takes nothing new, and the flag is in its record.
+    c.set_drained("n1", true).await.unwrap();
+    assert!(c.node("n1").await.unwrap().unwrap().drained);
+    assert_eq!(
+        c.place("carol-git", &[Arch::X86_64]).await.unwrap().node,
+        "n2"
+    );
+    c.set_drained("n2", true).await.unwrap();
+    match c.place("dave-git", &[Arch::X86_64]).await {
+        Err(ClusterError::NoRoom { why, .. }) => {
+            assert!(
+                why.contains("n1: drained") && why.contains("pi: runs only aarch64"),
+                "{why}"
+            )
+        }
+        other => panic!("placed on a drained node: {other:?}"),
+    }
+    c.set_drained("n1", false).await.unwrap();
+    assert_eq!(
+        c.place("dave-git", &[Arch::X86_64]).await.unwrap().node,
+        "n1"
+    );
+
+    // No move to a node that is down.
+    let pi_state = c.placement("alice-blog").await.unwrap().unwrap();
+    lpi.release().await.unwrap();
+    assert!(matches!(
+        c.switch(&moved, "pi").await,
+        Err(ClusterError::NoRoom { .. })
+    ));
+    // A node with grains is not removed without --force.
+    assert!(matches!(
+        c.remove_node("pi", false).await,
+        Err(ClusterError::NodeHasGrains { count: 1, .. })
+    ));
+    assert_eq!(
+        c.remove_node("pi", true).await.unwrap(),
+        vec![pi_state.grain]
+    );
+    assert_eq!(c.placement("alice-blog").await.unwrap(), None);
+    drop((l1, l2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_etcd_member_lost_changes_nothing_two_lapse_every_lease() {
+    let mut etcd = Etcd::start(3);
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX)
+        .await
+        .unwrap();
+    c.init().await.unwrap();
+    joined(&c, "n1", &[Arch::X86_64]).await;
+    let lease = c
+        .hold_lease("n1", Duration::from_secs(3), 1 << 30)
+        .await
+        .unwrap();
+    let p = c.place("alice-git", &[Arch::X86_64]).await.unwrap();
+
+    etcd.kill(0);
+    let killed = Instant::now();
+    until(
+        "two TTLs with one member down",
+        Duration::from_secs(15),
+        async || killed.elapsed() > Duration::from_secs(6),
+    )
+    .await;
+    assert!(lease.is_live(), "one member of three down cost the lease");
+    assert_eq!(
+        c.start_permit("alice-git", &lease, None).await.unwrap(),
+        Ok(p.epoch)
+    );
+
+    // Quorum lost: renewals fail, and within TTL/2 (plus one renewal
+    // period) the node stops trusting its lease, before etcd could
+    // have handed its grains to anyone.
+    etcd.kill(1);
+    let lost = Instant::now();
+    until(
+        "the lease to lapse without quorum",
+        Duration::from_secs(10),
+        async || lease.state() != LeaseState::Live,
+    )
+    .await;
+    assert!(
+        lost.elapsed() < Duration::from_secs(3),
+        "lapsed only after {:?}",
+        lost.elapsed()
+    );
+    assert!(c.start_permit("alice-git", &lease, None).await.is_err() || !lease.is_live());
+}
