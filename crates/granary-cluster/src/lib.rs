@@ -25,11 +25,10 @@ mod records;
 pub use coordinator::{Coordinator, NodeStatus};
 pub use error::ClusterError;
 pub use fence::{Refusal, may_start};
+pub use granary_model::valid_node_name;
 pub use lease::{LeaseState, NodeLease};
 pub use place::choose_node;
-pub use records::{
-    Alive, Arch, ClusterInfo, JoinTicket, NodeRecord, Placement, PlacementRecord, valid_node_name,
-};
+pub use records::{Alive, Arch, ClusterInfo, JoinTicket, NodeRecord, Placement, PlacementRecord};
 
 /// The key prefix every record of one cluster lives under.
 pub const DEFAULT_PREFIX: &str = "/granary/";

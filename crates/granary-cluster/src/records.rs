@@ -104,30 +104,9 @@ pub struct Placement {
     pub placed_unix: i64,
 }
 
-/// Node names: DNS labels, so they can name hosts and datasets.
-pub fn valid_node_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && !name.ends_with('-')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_names_are_dns_labels() {
-        for ok in ["n1", "pi-kitchen", "a"] {
-            assert!(valid_node_name(ok), "{ok}");
-        }
-        for bad in ["", "1n", "N1", "n_1", "n1-", "a.b", &"a".repeat(64)] {
-            assert!(!valid_node_name(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn architectures_round_trip() {

@@ -9,12 +9,14 @@
 //! embedded defaults that `granary serve` and `granary demo` run on. The same
 //! defaults, commented, are [`DEFAULT_CONFIG_TOML`] (`granary config default`).
 
+pub mod cluster;
 pub mod listen;
 pub mod mail;
 pub mod raw;
 pub mod resolve;
 pub mod xmpp;
 
+pub use cluster::Cluster;
 pub use listen::{LISTENERS, Listen, ListenerKind};
 pub use mail::Mail;
 pub use raw::RawConfig;

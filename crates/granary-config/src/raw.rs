@@ -34,6 +34,8 @@ pub struct RawConfig {
     pub mail: crate::mail::RawMail,
     #[serde(default)]
     pub xmpp: crate::xmpp::RawXmpp,
+    /// Absent: one node, no etcd.
+    pub cluster: Option<crate::cluster::RawCluster>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

@@ -46,6 +46,8 @@ pub struct Config {
     pub gateway: Gateway,
     pub mail: crate::mail::Mail,
     pub xmpp: crate::xmpp::Xmpp,
+    /// `[cluster]`; `None`: one node on its own.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// `[gateway]`: what a slow, silent or oversized client may hold.
@@ -525,9 +527,13 @@ impl Config {
         let xmpp =
             crate::xmpp::Xmpp::resolve(&raw.xmpp).map_err(|(key, reason)| err(&key, reason))?;
 
+        let cluster = crate::cluster::Cluster::resolve(raw.cluster.as_ref())
+            .map_err(|(key, reason)| err(&key, reason))?;
+
         Ok(Config {
             mail,
             xmpp,
+            cluster,
             gateway,
             backup,
             snapshots,

@@ -9,6 +9,7 @@ mod grain_id;
 mod grain_kind;
 mod mail;
 mod manifest;
+mod node_name;
 mod uid_range;
 mod user_name;
 
@@ -19,5 +20,6 @@ pub use manifest::{
     DescriptorError, MANIFEST_FILE, Manifest, ManifestError, ManifestLimits, check_descriptor,
     compare_versions,
 };
+pub use node_name::valid_node_name;
 pub use uid_range::{DEFAULT_UID_RANGE, UidRange, UidRangeError};
 pub use user_name::{RESERVED_USER_NAMES, UserName, UserNameError};

@@ -1,0 +1,184 @@
+//! `[cluster]`: this node's place in a cluster of several. Without the
+//! section Granary is one node, embedded, with no coordination service.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `[cluster]` exactly as written.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub etcd: Option<Vec<String>>,
+    pub node: Option<String>,
+    pub address: Option<String>,
+    pub arches: Option<Vec<String>>,
+    pub max_grains: Option<u32>,
+    pub lease_ttl: Option<String>,
+    pub replicas: Option<u32>,
+    pub replicate_interval: Option<String>,
+    pub prefix: Option<String>,
+}
+
+/// `[cluster]`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// etcd's client URLs (`http://host:2379`; all three members).
+    pub etcd: Vec<String>,
+    /// This node's name in the cluster: a DNS label, unique.
+    pub node: String,
+    /// Where other nodes reach this one's node link (`host:port`).
+    pub address: String,
+    /// The architectures this node runs app images for (`x86_64`,
+    /// `aarch64`); default: the host's.
+    pub arches: Vec<String>,
+    /// How many grains this node may own.
+    pub max_grains: u32,
+    /// How long after its last renewal this node's lease lasts: the time a
+    /// dead node's grains wait before they are taken over.
+    pub lease_ttl: Duration,
+    /// How many other nodes hold a copy of each grain's data.
+    pub replicas: u32,
+    /// How often those copies are brought up to date: the most data a
+    /// dead node can lose.
+    pub replicate_interval: Duration,
+    /// The etcd key prefix this cluster's records live under.
+    pub prefix: String,
+}
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "aarch64",
+        _ => "x86_64",
+    }
+}
+
+impl Cluster {
+    /// `None` when the section is absent.
+    pub fn resolve(raw: Option<&RawCluster>) -> Result<Option<Cluster>, (String, String)> {
+        let Some(raw) = raw else { return Ok(None) };
+        let key = |k: &str| format!("cluster.{k}");
+        let etcd = raw.etcd.clone().unwrap_or_default();
+        if etcd.is_empty() {
+            return Err((key("etcd"), "list etcd's client URLs, e.g. [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\", \"http://10.0.0.3:2379\"]".into()));
+        }
+        for url in &etcd {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
+                return Err((
+                    key("etcd"),
+                    format!("{url:?} is not an etcd client URL (http://host:port)"),
+                ));
+            }
+        }
+        let node = raw.node.clone().ok_or_else(|| {
+            (
+                key("node"),
+                "give this node a name (a DNS label, e.g. \"n1\")".to_owned(),
+            )
+        })?;
+        if !granary_model::valid_node_name(&node) {
+            return Err((
+                key("node"),
+                format!(
+                    "{node:?} is not a node name: 1-63 of a-z, 0-9 and '-', starting with a letter"
+                ),
+            ));
+        }
+        let address = raw
+            .address
+            .clone()
+            .unwrap_or_else(|| format!("{node}:7443"));
+        let arches = raw
+            .arches
+            .clone()
+            .unwrap_or_else(|| vec![host_arch().to_owned()]);
+        if arches.is_empty() {
+            return Err((key("arches"), "name at least one architecture".into()));
+        }
+        for a in &arches {
+            if a != "x86_64" && a != "aarch64" {
+                return Err((
+                    key("arches"),
+                    format!("{a:?}: Granary builds images for \"x86_64\" and \"aarch64\""),
+                ));
+            }
+        }
+        let duration = |k: &str, v: &Option<String>, default: &str| {
+            crate::parse_duration(v.as_deref().unwrap_or(default)).map_err(|e| (key(k), e.0))
+        };
+        let lease_ttl = duration("lease_ttl", &raw.lease_ttl, "10s")?;
+        if lease_ttl < Duration::from_secs(2) {
+            return Err((
+                key("lease_ttl"),
+                "at least 2s: the node renews at a third of it".into(),
+            ));
+        }
+        let prefix = raw.prefix.clone().unwrap_or_else(|| "/granary/".to_owned());
+        if !prefix.starts_with('/') || !prefix.ends_with('/') {
+            return Err((
+                key("prefix"),
+                format!("{prefix:?}: a key prefix starts and ends with '/'"),
+            ));
+        }
+        Ok(Some(Cluster {
+            etcd,
+            node,
+            address,
+            arches,
+            max_grains: raw.max_grains.unwrap_or(1000).max(1),
+            lease_ttl,
+            replicas: raw.replicas.unwrap_or(1),
+            replicate_interval: duration("replicate_interval", &raw.replicate_interval, "1m")?,
+            prefix,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors_name_the_key() {
+        assert_eq!(Cluster::resolve(None), Ok(None));
+        let raw = RawCluster {
+            etcd: Some(vec!["http://127.0.0.1:2379".into()]),
+            node: Some("n1".into()),
+            ..RawCluster::default()
+        };
+        let c = Cluster::resolve(Some(&raw)).unwrap().unwrap();
+        assert_eq!(c.address, "n1:7443");
+        assert_eq!(c.lease_ttl, Duration::from_secs(10));
+        assert_eq!(c.replicate_interval, Duration::from_secs(60));
+        assert_eq!(c.replicas, 1);
+        assert_eq!(c.prefix, "/granary/");
+        assert_eq!(c.arches, [host_arch()]);
+        let bad = |f: &dyn Fn(&mut RawCluster)| {
+            let mut r = raw.clone();
+            f(&mut r);
+            Cluster::resolve(Some(&r)).unwrap_err().0
+        };
+        assert_eq!(bad(&|r| r.etcd = None), "cluster.etcd");
+        assert_eq!(
+            bad(&|r| r.etcd = Some(vec!["127.0.0.1:2379".into()])),
+            "cluster.etcd"
+        );
+        assert_eq!(bad(&|r| r.node = None), "cluster.node");
+        assert_eq!(bad(&|r| r.node = Some("Node 1".into())), "cluster.node");
+        assert_eq!(
+            bad(&|r| r.arches = Some(vec!["riscv64".into()])),
+            "cluster.arches"
+        );
+        assert_eq!(
+            bad(&|r| r.lease_ttl = Some("1s".into())),
+            "cluster.lease_ttl"
+        );
+        assert_eq!(
+            bad(&|r| r.prefix = Some("granary".into())),
+            "cluster.prefix"
+        );
+    }
+}
