@@ -322,6 +322,15 @@ struct Status {
   # failures; each refusal within a day doubles the next, up to a day):
   # the 100 refused longest.
   refusedCount @18 :UInt64;  # All of them.
+  cluster @19 :ClusterNode;  # This node's place in a cluster; unset without [cluster].
+}
+
+struct ClusterNode {
+  node @0 :Text;             # This node's name.
+  lease @1 :Text;            # "live", "lapsing" (not renewed for TTL/2: not to be trusted) or "lost".
+  leaseTtlSecs @2 :UInt32;
+  sinceRenewalMs @3 :UInt64; # Since the last renewal etcd confirmed.
+  etcd @4 :List(Text);       # The etcd members this node talks to.
 }
 
 struct RefusedSource {

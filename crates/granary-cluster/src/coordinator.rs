@@ -370,6 +370,39 @@ impl Coordinator {
         ))
     }
 
+    /// Updates the free space `lease`'s node reports, if the lease still
+    /// holds its `alive` record.
+    pub async fn report(&self, lease: &NodeLease, free_bytes: u64) -> Result<()> {
+        let key = self.key(&format!("alive/{}", lease.node()));
+        let resp = self
+            .c()
+            .get(key.as_str(), None)
+            .await
+            .map_err(ClusterError::etcd("reading alive"))?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(ClusterError::LeaseLost(lease.node().to_owned()));
+        };
+        let mut alive: Alive = from_json(&key, kv.value())?;
+        alive.free_bytes = free_bytes;
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, lease.id())])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                to_json(&alive),
+                Some(PutOptions::new().with_lease(lease.id())),
+            )]);
+        match self
+            .c()
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("reporting"))?
+            .succeeded()
+        {
+            true => Ok(()),
+            false => Err(ClusterError::LeaseLost(lease.node().to_owned())),
+        }
+    }
+
     /// Where a grain is placed.
     pub async fn placement(&self, grain: &str) -> Result<Option<Placement>> {
         let key = self.key(&format!("placement/{grain}"));

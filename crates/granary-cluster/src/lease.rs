@@ -106,7 +106,7 @@ impl NodeLease {
 
     /// Stops renewing and revokes the lease, so `alive/<node>` goes at
     /// once rather than after the TTL: the clean way for a daemon to stop.
-    pub async fn release(self) -> Result<(), crate::ClusterError> {
+    pub async fn release(&self) -> Result<(), crate::ClusterError> {
         self.task.abort();
         let mut client = self.client.clone();
         match client.lease_revoke(self.id).await {

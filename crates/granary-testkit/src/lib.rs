@@ -574,6 +574,20 @@ impl Daemon {
         listen: &str,
         packages: &[PathBuf],
     ) -> Daemon {
+        let mut daemon = Daemon::prepare(mode, extra_config, listen, packages);
+        daemon.launch();
+        daemon
+    }
+
+    /// [`Daemon::start_full`] without starting it: its config and data dir
+    /// are ready for CLI commands that must run first (`granary node
+    /// join`); [`Daemon::launch`] starts it.
+    pub fn prepare(
+        mode: DaemonMode,
+        extra_config: &str,
+        listen: &str,
+        packages: &[PathBuf],
+    ) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("granary-test-")
             .tempdir()
@@ -589,7 +603,7 @@ impl Daemon {
             std::process::id(),
         );
         std::fs::write(dir.path().join("granary.toml"), config).expect("write config");
-        let mut daemon = Daemon {
+        let daemon = Daemon {
             dir,
             child: None,
             stdout_lines: None,
@@ -610,11 +624,11 @@ impl Daemon {
                     .expect("copy a package");
             }
         }
-        daemon.launch();
         daemon
     }
 
-    fn launch(&mut self) {
+    /// Starts the daemon and waits until it has written its ports.
+    pub fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -827,6 +841,16 @@ impl Daemon {
         // The lock is the kernel's; ports.json is stale until the new one.
         let _ = std::fs::remove_file(self.ports_path());
         self.launch();
+    }
+
+    /// Kills the daemon with SIGKILL, as a dead box would go, and leaves
+    /// it down; [`Daemon::launch`] starts it again.
+    pub fn kill_hard(&mut self) {
+        let mut child = self.child.take().expect("daemon is running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).expect("SIGKILL the daemon");
+        let _ = child.wait();
+        self.stdout_lines = None;
+        let _ = std::fs::remove_file(self.ports_path());
     }
 
     /// Stops the daemon and starts it again on the same data dir.

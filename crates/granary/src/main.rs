@@ -110,6 +110,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             admin::client::user(&config, cmd)
         }
+        Command::Cluster(cmd) => {
+            let config = load_config(&cli)?;
+            admin::cluster::cluster(&config, cmd)
+        }
+        Command::Node(cmd) => {
+            let config = load_config(&cli)?;
+            admin::cluster::node(&config, cmd)
+        }
         Command::AppPassword(cmd) => {
             let config = load_config(&cli)?;
             admin::client::app_password(&config, cmd)

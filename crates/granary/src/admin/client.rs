@@ -32,6 +32,18 @@ struct StatusView {
     listeners: BTreeMap<String, String>,
     counts: CountsView,
     logins: LoginsView,
+    /// This node's place in a cluster; absent on a node on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterView>,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterView {
+    node: String,
+    lease: String,
+    lease_ttl_secs: u32,
+    since_renewal_ms: u64,
+    etcd: Vec<String>,
 }
 
 /// The gateway's failed-login limiter.
@@ -129,7 +141,25 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
                 strikes: r.get_strikes(),
             });
         }
+        let cluster = match s.has_cluster() {
+            true => {
+                let c = s.get_cluster().map_err(remote)?;
+                let mut etcd = Vec::new();
+                for e in c.get_etcd().map_err(remote)? {
+                    etcd.push(text(e)?);
+                }
+                Some(ClusterView {
+                    node: text(c.get_node())?,
+                    lease: text(c.get_lease())?,
+                    lease_ttl_secs: c.get_lease_ttl_secs(),
+                    since_renewal_ms: c.get_since_renewal_ms(),
+                    etcd,
+                })
+            }
+            false => None,
+        };
         Ok(StatusView {
+            cluster,
             healthy: s.get_healthy(),
             version: text(s.get_version())?,
             schema_version: s.get_schema_version(),
@@ -184,6 +214,16 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
         for (name, address) in &view.listeners {
             println!("  listen {name:<7} {address}");
         }
+        if let Some(c) = &view.cluster {
+            println!(
+                "  cluster        node {}, lease {} (renewed {:.1}s ago, TTL {}s), etcd {}",
+                c.node,
+                c.lease,
+                c.since_renewal_ms as f64 / 1000.0,
+                c.lease_ttl_secs,
+                c.etcd.join(" ")
+            );
+        }
         let c = &view.counts;
         println!(
             "  counts         {} users, {} app passwords, {} apps, {} grains, {} grants",
@@ -223,7 +263,7 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
 }
 
 /// Reads one line from standard input (a password), without its line end.
-fn read_secret_line() -> anyhow::Result<String> {
+pub(crate) fn read_secret_line() -> anyhow::Result<String> {
     let mut line = String::new();
     std::io::stdin()
         .lock()

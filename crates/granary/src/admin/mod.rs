@@ -4,6 +4,7 @@
 pub(crate) mod apps;
 pub(crate) mod backup;
 pub(crate) mod client;
+pub(crate) mod cluster;
 mod connection;
 pub(crate) mod doctor;
 pub(crate) mod git;

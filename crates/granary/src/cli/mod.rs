@@ -1,19 +1,23 @@
 //! The command line: one definition that clap turns into parsing, help, the
 //! man pages and the shell completions.
 
+mod cluster;
 mod invite;
 mod mail;
 mod tasks;
+mod xmpp;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub(crate) use cluster::{ClusterCommand, NodeCommand};
 pub(crate) use invite::InviteCommand;
 pub(crate) use mail::{
     MailAliasCommand, MailCommand, MailDkimCommand, MailDomainCommand, MailSpoolCommand,
 };
 pub(crate) use tasks::{TasksClientCommand, TasksCommand};
+pub(crate) use xmpp::{XmppCommand, XmppDomainCommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,37 +43,6 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
-/// `granary xmpp`.
-#[derive(Debug, Subcommand)]
-pub(crate) enum XmppCommand {
-    /// A user's chat address, sessions (one per device), contacts and stored messages
-    Status {
-        user: String,
-        #[command(flatten)]
-        output: Output,
-    },
-    /// Chat domains: Granary's own, and others users can have their address in
-    #[command(subcommand)]
-    Domain(XmppDomainCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub(crate) enum XmppDomainCommand {
-    /// Serve chat for DOMAIN too; with --user, move those users' addresses into it
-    /// (their chat grains restart; Granary's own domain moves them back)
-    Add {
-        domain: String,
-        /// A user whose chat address becomes USER@DOMAIN (repeat for more)
-        #[arg(long = "user", value_name = "USER")]
-        users: Vec<String>,
-    },
-    /// Every chat domain, its users, and the DNS records and certificate it needs
-    List {
-        #[command(flatten)]
-        output: Output,
-    },
-}
-
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run the daemon in the foreground (stop it with SIGTERM or Ctrl-C)
@@ -91,6 +64,12 @@ pub(crate) enum Command {
     /// Manage users
     #[command(subcommand)]
     User(UserCommand),
+    /// Several nodes as one cluster on etcd: start one, issue join tokens
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// The cluster's members: join this node, list them, remove one
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Manage per-device passwords for protocol clients (IMAP, DAV, XMPP, git, ...)
     #[command(subcommand, name = "app-password")]
     AppPassword(AppPasswordCommand),

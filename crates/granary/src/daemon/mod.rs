@@ -14,6 +14,7 @@
 mod admin;
 mod backups;
 mod certificate;
+mod cluster;
 mod demo;
 mod directory;
 mod install;
@@ -60,6 +61,8 @@ pub(crate) struct DaemonInfo {
     /// The gateway's failed-login limiter (shared with it), for the
     /// sources it refuses now.
     pub(crate) limiter: Arc<granary_gateway::LoginLimiter>,
+    /// This node's cluster membership; `None` without `[cluster]`.
+    pub(crate) cluster: Option<Arc<cluster::Member>>,
 }
 
 impl DaemonInfo {
@@ -156,8 +159,10 @@ async fn serve(
         Mode::Serve => None,
     };
 
+    let member = cluster::join(&config).await?;
     let limiter: Arc<granary_gateway::LoginLimiter> = Arc::default();
     let info = DaemonInfo {
+        cluster: member.clone(),
         started: Instant::now(),
         data_dir: config.data_dir.clone(),
         domain: config.domain.clone(),
@@ -353,6 +358,7 @@ async fn serve(
     let _ = delivering.await;
     admin.join();
     supervisor.stop().await;
+    cluster::leave(member).await;
     let _ = std::fs::remove_file(config.ports_file());
     let _ = std::fs::remove_file(&admin_socket);
     store.record_event("daemon", "daemon.stop", "-", "")?;

@@ -281,6 +281,21 @@ impl admin::Server for AdminService {
             out.set_for_secs(r.for_secs);
             out.set_strikes(r.strikes);
         }
+        if let Some(member) = &info.cluster {
+            let state = member.lease_state();
+            if state != "live" {
+                s.set_healthy(false);
+            }
+            let mut c = s.reborrow().init_cluster();
+            c.set_node(&member.node);
+            c.set_lease(state);
+            c.set_lease_ttl_secs(member.lease.ttl().as_secs() as u32);
+            c.set_since_renewal_ms(member.lease.since_renewal().as_millis() as u64);
+            let mut etcd = c.init_etcd(member.etcd.len() as u32);
+            for (i, e) in member.etcd.iter().enumerate() {
+                etcd.set(i as u32, e);
+            }
+        }
         let mut listeners = s.init_listeners(info.listeners.len() as u32);
         for (i, (name, address)) in info.listeners.iter().enumerate() {
             let mut l = listeners.reborrow().get(i as u32);

@@ -1,0 +1,174 @@
+//! `granary cluster` and `granary node`, against etcd.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use granary_cluster::{Arch, Coordinator, NodeRecord, NodeStatus};
+use granary_config::Config;
+use serde::Serialize;
+
+use crate::cli::{ClusterCommand, NodeCommand};
+
+fn settings(config: &Config) -> anyhow::Result<&granary_config::Cluster> {
+    config.cluster.as_ref().ok_or_else(|| {
+        anyhow!(
+            "this node's configuration has no [cluster] section; add one naming the etcd members \
+             and this node (`granary config default` shows it)"
+        )
+    })
+}
+
+/// Runs `f` against the cluster's etcd on a runtime of its own.
+fn with_cluster<T>(
+    config: &Config,
+    f: impl AsyncFnOnce(Coordinator, &granary_config::Cluster) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let cluster = settings(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    runtime.block_on(async {
+        let c = Coordinator::connect(&cluster.etcd, &cluster.prefix)
+            .await
+            .with_context(|| format!("cannot reach etcd at {}", cluster.etcd.join(", ")))?;
+        f(c, cluster).await
+    })
+}
+
+pub(crate) fn cluster(config: &Config, cmd: &ClusterCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ClusterCommand::Init => {
+            let info = with_cluster(config, async |c, _| Ok(c.init().await?))?;
+            println!("cluster {} initialised", info.id);
+            eprintln!(
+                "Next: `granary cluster token` prints a join token; on each node, \
+                 `granary node join` reads it from standard input."
+            );
+        }
+        ClusterCommand::Token { ttl } => {
+            let token = with_cluster(config, async |c, _| Ok(c.issue_token(*ttl).await?))?;
+            eprintln!(
+                "This token lets one node join, once, within {}s; Granary keeps only its hash.",
+                ttl.as_secs()
+            );
+            println!("{token}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct NodeView<'a> {
+    name: &'a str,
+    state: &'static str,
+    lease_age_secs: Option<i64>,
+    arches: &'a [Arch],
+    address: &'a str,
+    key: &'a str,
+    max_grains: u32,
+    free_bytes: Option<u64>,
+    grains: usize,
+    drained: bool,
+}
+
+fn view(n: &NodeStatus) -> NodeView<'_> {
+    NodeView {
+        name: &n.record.name,
+        state: match (&n.alive, n.record.drained) {
+            (None, _) => "down",
+            (Some(_), true) => "drained",
+            (Some(_), false) => "up",
+        },
+        lease_age_secs: n.lease_age_secs,
+        arches: &n.record.arches,
+        address: &n.record.address,
+        key: &n.record.key,
+        max_grains: n.record.max_grains,
+        free_bytes: n.alive.as_ref().map(|a| a.free_bytes),
+        grains: n.grains,
+        drained: n.record.drained,
+    }
+}
+
+pub(crate) fn node(config: &Config, cmd: &NodeCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        NodeCommand::Join => {
+            let token = super::client::read_secret_line().context("reading the join token")?;
+            // The data dir as the daemon makes it (owner-only), before the
+            // node key is made inside it.
+            granary_files::ensure_private_dir(&config.data_dir, nix::unistd::geteuid().as_raw())
+                .context("cannot use the data dir")?;
+            let key = granary_backup::node_key(&config.data_dir)?;
+            let record = with_cluster(config, async |c, s| {
+                let arches = s
+                    .arches
+                    .iter()
+                    .map(|a| Arch::parse(a).ok_or_else(|| anyhow!("cluster.arches: {a:?}")))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let record = NodeRecord {
+                    name: s.node.clone(),
+                    arches,
+                    address: s.address.clone(),
+                    key: key.public().hex(),
+                    max_grains: s.max_grains,
+                    drained: false,
+                    joined_unix: now_unix(),
+                };
+                c.join(&token, &record).await?;
+                Ok(record)
+            })?;
+            println!(
+                "node {} joined (node key {}); start its daemon with `granary serve`",
+                record.name,
+                &record.key[..16]
+            );
+        }
+        NodeCommand::List { output } => {
+            let nodes = with_cluster(config, async |c, _| Ok(c.nodes().await?))?;
+            let views: Vec<NodeView> = nodes.iter().map(view).collect();
+            if output.json {
+                super::client::print_json(&views)?;
+            } else {
+                let rows: Vec<Vec<String>> = views
+                    .iter()
+                    .map(|v| {
+                        let arches: Vec<&str> = v.arches.iter().map(|a| a.as_str()).collect();
+                        vec![
+                            v.name.to_owned(),
+                            v.state.to_owned(),
+                            v.lease_age_secs.map_or("-".into(), |a| format!("{a}s")),
+                            arches.join(","),
+                            format!("{}/{}", v.grains, v.max_grains),
+                            v.free_bytes
+                                .map_or("-".into(), |b| format!("{} GiB", b >> 30)),
+                            v.address.to_owned(),
+                        ]
+                    })
+                    .collect();
+                super::table::print(
+                    &[
+                        "NODE", "STATE", "LEASE", "ARCH", "GRAINS", "FREE", "ADDRESS",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        NodeCommand::Remove { name, force } => {
+            let dropped =
+                with_cluster(config, async |c, _| Ok(c.remove_node(name, *force).await?))?;
+            println!("node {name} removed");
+            if !dropped.is_empty() {
+                println!("placement dropped for: {}", dropped.join(", "));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,45 @@
+//! `granary cluster` and `granary node`: several nodes as one Granary.
+//! These talk to etcd directly (the `[cluster]` section of the config),
+//! so they work before any daemon runs and whichever node is down.
+
+use clap::Subcommand;
+
+use super::Output;
+
+/// `granary cluster`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ClusterCommand {
+    /// Make the etcd named in [cluster] hold a new Granary cluster (once)
+    Init,
+    /// Print a single-use token another node joins with (`granary node join`)
+    Token {
+        /// How long the token may be used
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
+}
+
+/// `granary node`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum NodeCommand {
+    /// Make this node a member, as [cluster] describes it; reads the join
+    /// token from the first line of standard input
+    Join,
+    /// Every member: whether it is up, its lease, architectures, capacity and grains
+    List {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Remove a member whose daemon is stopped and that owns no grains
+    Remove {
+        name: String,
+        /// Also drop the placement of the grains it still owns (their data
+        /// stays on its disks; they start afresh elsewhere)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+    granary_config::parse_duration(text).map_err(|e| e.0)
+}

@@ -1,0 +1,120 @@
+//! This daemon as a member of a cluster: at start it must be a member
+//! (`granary node join`) with this data dir's node key, and it takes its
+//! lease; while it runs it renews it and reports its free space; when it
+//! stops it releases the lease, so other nodes see it gone at once.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use granary_cluster::{Coordinator, LeaseState, NodeLease};
+use granary_config::Config;
+
+/// This node's membership while the daemon runs.
+pub(crate) struct Member {
+    pub(crate) node: String,
+    pub(crate) etcd: Vec<String>,
+    pub(crate) coordinator: Coordinator,
+    pub(crate) lease: NodeLease,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("node", &self.node)
+            .field("lease", &self.lease.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Member {
+    pub(crate) fn lease_state(&self) -> &'static str {
+        match self.lease.state() {
+            LeaseState::Live => "live",
+            LeaseState::Lapsing => "lapsing",
+            LeaseState::Lost => "lost",
+        }
+    }
+}
+
+/// Free bytes under the data dir, as this node reports its room.
+fn free_bytes(dir: &Path) -> u64 {
+    match nix::sys::statvfs::statvfs(dir) {
+        // The field types are narrower on 32-bit targets.
+        #[allow(clippy::unnecessary_cast)]
+        Ok(v) => v.blocks_available() as u64 * v.fragment_size() as u64,
+        Err(_) => 0,
+    }
+}
+
+/// Takes this node's lease when `[cluster]` is configured; `None` without.
+pub(crate) async fn join(config: &Config) -> anyhow::Result<Option<Arc<Member>>> {
+    let Some(cluster) = &config.cluster else {
+        return Ok(None);
+    };
+    let coordinator = Coordinator::connect(&cluster.etcd, &cluster.prefix)
+        .await
+        .with_context(|| format!("cannot reach etcd at {}", cluster.etcd.join(", ")))?;
+    coordinator.info().await?;
+    let key = granary_backup::node_key(&config.data_dir)?.public().hex();
+    match coordinator.node(&cluster.node).await? {
+        None => bail!(
+            "node {:?} is not a member of the cluster: run `granary cluster token` on a member \
+             and pipe it to `granary node join` here",
+            cluster.node
+        ),
+        Some(record) if record.key != key => bail!(
+            "the cluster's node {:?} has another node key ({}…) than this data dir ({}…): \
+             this data dir is not that node",
+            cluster.node,
+            &record.key[..16.min(record.key.len())],
+            &key[..16]
+        ),
+        Some(_) => {}
+    }
+    let lease = coordinator
+        .hold_lease(
+            &cluster.node,
+            cluster.lease_ttl,
+            free_bytes(&config.data_dir),
+        )
+        .await?;
+    tracing::info!(node = %cluster.node, lease = lease.id(), ttl = ?lease.ttl(), "holding this node's cluster lease");
+    let member = Arc::new(Member {
+        node: cluster.node.clone(),
+        etcd: cluster.etcd.clone(),
+        coordinator,
+        lease,
+    });
+    tokio::spawn(watch(member.clone(), config.data_dir.clone()));
+    Ok(Some(member))
+}
+
+/// Reports free space every minute, and says loudly when the lease is lost.
+async fn watch(member: Arc<Member>, data_dir: std::path::PathBuf) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let free = free_bytes(&data_dir);
+                if let Err(e) = member.coordinator.report(&member.lease, free).await {
+                    tracing::warn!(error = %e, "cannot report this node's free space");
+                }
+            }
+            () = member.lease.lost() => {
+                tracing::error!(node = %member.node, "this node's cluster lease is lost; it counts as down until the daemon restarts");
+                return;
+            }
+        }
+    }
+}
+
+/// Releases the lease on a clean stop.
+pub(crate) async fn leave(member: Option<Arc<Member>>) {
+    let Some(member) = member else { return };
+    if let Err(e) = member.lease.release().await {
+        tracing::warn!(error = %e, "cannot release this node's lease; it expires by itself");
+    }
+}

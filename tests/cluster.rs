@@ -1,0 +1,181 @@
+//! Several nodes as one cluster: three real etcd members on loopback and
+//! three real daemons, each in its own data dir, joined with single-use
+//! tokens; leases show who is up, and a node killed hard drops out.
+//!
+//! Loopback without TLS to etcd, as the cluster layer's tests say:
+//! production etcd runs with TLS and client certificates. The nodes here
+//! share the host's network; network namespaces come with node links.
+
+use std::time::{Duration, Instant};
+
+use granary_testkit::etcd::Etcd;
+use granary_testkit::{Daemon, DaemonMode, eventually};
+use serde_json::Value;
+
+fn node_config(etcd: &Etcd, name: &str, arches: &str) -> String {
+    let endpoints: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    format!(
+        "[cluster]\netcd = [{}]\nnode = \"{name}\"\naddress = \"127.0.0.1:7443\"\narches = [{arches}]\nlease_ttl = \"2s\"\n",
+        endpoints.join(", ")
+    )
+}
+
+fn node(etcd: &Etcd, name: &str, arches: &str) -> Daemon {
+    Daemon::prepare(DaemonMode::Serve, &node_config(etcd, name, arches), "", &[])
+}
+
+fn token(from: &Daemon) -> String {
+    let run = from
+        .granary(&["cluster", "token", "--ttl", "10m"])
+        .success();
+    assert!(run.stderr.contains("once"), "{}", run.stderr);
+    run.stdout.trim().to_owned()
+}
+
+fn nodes(d: &Daemon) -> Vec<Value> {
+    d.granary(&["node", "list", "--json"])
+        .success()
+        .json()
+        .as_array()
+        .expect("a list")
+        .clone()
+}
+
+fn state_of(d: &Daemon, name: &str) -> Option<String> {
+    nodes(d)
+        .iter()
+        .find(|n| n["name"] == name)
+        .map(|n| n["state"].as_str().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
+    let etcd = Etcd::start(3);
+    let mut n1 = node(&etcd, "n1", "\"x86_64\"");
+    let mut n2 = node(&etcd, "n2", "\"x86_64\"");
+    let mut n3 = node(&etcd, "n3", "\"aarch64\"");
+
+    // Nothing to join before the cluster exists.
+    let run = n1
+        .granary_with_stdin(&["node", "join"], Some("gjoin-00\n"))
+        .failure();
+    assert!(
+        run.stderr.contains("granary cluster init"),
+        "{}",
+        run.stderr
+    );
+    let run = n1.granary(&["cluster", "init"]).success();
+    assert!(
+        run.stdout.starts_with("cluster ") && run.stdout.contains("initialised"),
+        "{}",
+        run.stdout
+    );
+    let again = n2.granary(&["cluster", "init"]).failure();
+    assert!(
+        again.stderr.contains("already holds cluster"),
+        "{}",
+        again.stderr
+    );
+
+    // A node that has not joined does not start.
+    let refused = n1.granary(&["serve"]).failure();
+    assert!(
+        refused.stderr.contains("not a member"),
+        "{}",
+        refused.stderr
+    );
+
+    let t1 = token(&n1);
+    let run = n1
+        .granary_with_stdin(&["node", "join"], Some(&format!("{t1}\n")))
+        .success();
+    assert!(run.stdout.contains("node n1 joined"), "{}", run.stdout);
+    // Used once: a second node cannot use it.
+    let reuse = n2
+        .granary_with_stdin(&["node", "join"], Some(&format!("{t1}\n")))
+        .failure();
+    assert!(
+        reuse.stderr.contains("unknown, already used or expired"),
+        "{}",
+        reuse.stderr
+    );
+    n2.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+        .success();
+    n3.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n2))))
+        .success();
+
+    n1.launch();
+    n2.launch();
+    n3.launch();
+    let listed = nodes(&n2);
+    let names: Vec<&str> = listed.iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["n1", "n2", "n3"]);
+    for n in &listed {
+        assert_eq!(n["state"], "up", "{n}");
+        assert!(n["lease_age_secs"].as_i64().is_some_and(|a| a <= 2), "{n}");
+        assert!(n["free_bytes"].as_u64().is_some_and(|b| b > 0), "{n}");
+        assert_eq!(n["key"].as_str().map(str::len), Some(64), "{n}");
+    }
+    assert_eq!(listed[2]["arches"], serde_json::json!(["aarch64"]));
+    let table = n3.granary(&["node", "list"]).success().stdout;
+    assert!(
+        table.starts_with("NODE") && table.contains("aarch64"),
+        "{table}"
+    );
+
+    let status = n2.granary(&["status", "--json"]).success().json();
+    assert_eq!(status["healthy"], true, "{status}");
+    assert_eq!(status["cluster"]["node"], "n2", "{status}");
+    assert_eq!(status["cluster"]["lease"], "live", "{status}");
+    assert_eq!(status["cluster"]["lease_ttl_secs"], 2, "{status}");
+    let text = n2.granary(&["status"]).success().stdout;
+    assert!(
+        text.contains("cluster        node n2, lease live"),
+        "{text}"
+    );
+
+    // A live node cannot be removed.
+    let run = n1.granary(&["node", "remove", "n3"]).failure();
+    assert!(run.stderr.contains("stop its daemon"), "{}", run.stderr);
+
+    // n3 dies hard: it holds its lease no more, and drops out within
+    // about the TTL (2 s), without anyone doing anything.
+    n3.kill_hard();
+    let died = Instant::now();
+    eventually("n3 to show as down", Duration::from_secs(15), || {
+        (state_of(&n1, "n3").as_deref() == Some("down")).then_some(())
+    });
+    let detected = died.elapsed();
+    eprintln!("a node killed hard showed as down after {detected:?} (lease TTL 2 s)");
+    assert!(
+        detected >= Duration::from_millis(900),
+        "down after {detected:?}: before its TTL?"
+    );
+    assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
+    n1.granary(&["node", "remove", "n3"]).success();
+    assert_eq!(state_of(&n1, "n3"), None);
+
+    // A clean stop releases the lease at once: down on the first look.
+    let status = n2.stop();
+    assert!(status.success(), "{}", n2.log());
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("down"));
+    // Its membership survives: it comes back up.
+    n2.launch();
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+
+    // Another data dir calling itself n1 is not n1: the name is taken,
+    // and its key is not the one the cluster pinned for n1.
+    let imposter = node(&etcd, "n1", "\"x86_64\"");
+    let run = imposter
+        .granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+        .failure();
+    assert!(run.stderr.contains("already a member"), "{}", run.stderr);
+    let run = imposter.granary(&["serve"]).failure();
+    assert!(run.stderr.contains("another node key"), "{}", run.stderr);
+    drop(imposter);
+    drop((n1, n2, n3));
+}
