@@ -13,6 +13,10 @@ use crate::{
     label_time, list_snapshot_dir, mkdir, refuse_if_held, running_as_root,
 };
 
+/// The ZFS user property that carries a grain's fencing epoch, so it
+/// travels with the dataset's properties.
+const EPOCH_PROPERTY: &str = "granary:epoch";
+
 /// Runs a storage tool; its stderr becomes the error.
 fn run(tool: &str, args: &[&str]) -> io::Result<String> {
     let out = Command::new(tool).args(args).output().map_err(|e| {
@@ -555,6 +559,39 @@ impl Datasets for Zfs {
             }
             _ => Ok(()),
         }
+    }
+
+    fn epoch(&self, grain: &str) -> Result<Option<i64>, DatasetError> {
+        check_id(grain)?;
+        let value = run(
+            "zfs",
+            &[
+                "get",
+                "-H",
+                "-p",
+                "-o",
+                "value",
+                EPOCH_PROPERTY,
+                &self.name(grain),
+            ],
+        )
+        .map_err(err(grain, "read its fencing epoch"))?;
+        match value.trim() {
+            "-" | "" => Ok(None),
+            v => v.parse().map(Some).map_err(|_| {
+                err(grain, "read its fencing epoch")(io::Error::other(format!(
+                    "{EPOCH_PROPERTY} is {v:?}, not a number"
+                )))
+            }),
+        }
+    }
+
+    fn set_epoch(&self, grain: &str, epoch: i64) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let property = format!("{EPOCH_PROPERTY}={epoch}");
+        run("zfs", &["set", &property, &self.name(grain)])
+            .map_err(err(grain, "write its fencing epoch"))?;
+        Ok(())
     }
 
     fn destroy(&self, grain: &str) -> Result<(), DatasetError> {

@@ -28,6 +28,10 @@ pub struct DatasetError {
     pub source: io::Error,
 }
 
+/// Beside a grain's data (not in it): the fencing epoch, on backends
+/// without user properties.
+const EPOCH_FILE: &str = "epoch";
+
 /// What every dataset backend offers the supervisor.
 pub trait Datasets: Send + Sync {
     /// `plain`, `zfs` or `btrfs`.
@@ -121,6 +125,41 @@ pub trait Datasets: Send + Sync {
                 self.backend()
             ),
         )))
+    }
+
+    /// The fencing epoch last written into the grain's dataset (see
+    /// [`Datasets::set_epoch`]); `None` when none was.
+    fn epoch(&self, grain: &str) -> Result<Option<i64>, DatasetError> {
+        check_id(grain)?;
+        let path = self.grain_dir(grain).join(EPOCH_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+                err(grain, "read its fencing epoch")(io::Error::other(format!(
+                    "{} holds {:?}, not a number",
+                    path.display(),
+                    text.trim()
+                )))
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err(grain, "read its fencing epoch")(e)),
+        }
+    }
+
+    /// Records, durably, the epoch of the placement under which a cluster
+    /// node is about to start the grain: a node holding an older placement
+    /// then refuses to start it. On plain directories and btrfs it is a
+    /// file beside the data, out of the grain's reach; ZFS keeps it as the
+    /// user property `granary:epoch` of the dataset.
+    fn set_epoch(&self, grain: &str, epoch: i64) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let dir = self.grain_dir(grain);
+        mkdir(&dir, 0o700).map_err(err(grain, "create the grain directory"))?;
+        granary_files::write_atomic(
+            &dir.join(EPOCH_FILE),
+            format!("{epoch}\n").as_bytes(),
+            0o600,
+        )
+        .map_err(|e| err(grain, "write its fencing epoch")(io::Error::other(e.to_string())))
     }
 
     /// Keeps a snapshot from being deleted until every holder released it
@@ -410,6 +449,22 @@ mod tests {
             0o700
         );
         assert!(!plain.has_data("g-1").unwrap());
+        assert_eq!(plain.epoch("g-1").unwrap(), None);
+        plain.set_epoch("g-1", 9).unwrap();
+        assert_eq!(plain.epoch("g-1").unwrap(), Some(9));
+        assert!(
+            !plain.has_data("g-1").unwrap(),
+            "the epoch is beside the data"
+        );
+        std::fs::write(plain.grain_dir("g-1").join("epoch"), "nine").unwrap();
+        assert!(
+            plain
+                .epoch("g-1")
+                .unwrap_err()
+                .to_string()
+                .contains("not a number")
+        );
+        plain.set_epoch("g-1", 9).unwrap();
         std::fs::write(data.join("note"), "x").unwrap();
         std::os::unix::fs::symlink(&outside, data.join("link")).unwrap();
         assert!(plain.has_data("g-1").unwrap());

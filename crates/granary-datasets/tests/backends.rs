@@ -32,6 +32,16 @@ fn exercise(backend: &dyn Datasets) -> String {
     let meta = std::fs::metadata(&data).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700));
     assert!(!backend.has_data("g-one").unwrap());
+    // The fencing epoch: none yet, then the last one written, durably,
+    // where the grain cannot see or change it.
+    assert_eq!(backend.epoch("g-one").unwrap(), None);
+    backend.set_epoch("g-one", 41).unwrap();
+    backend.set_epoch("g-one", 57).unwrap();
+    assert_eq!(backend.epoch("g-one").unwrap(), Some(57));
+    assert!(
+        !backend.has_data("g-one").unwrap(),
+        "the epoch is not in the grain's data"
+    );
     std::fs::write(data.join("note"), "kept").unwrap();
     assert!(backend.has_data("g-one").unwrap());
     let snap = backend.snapshot("g-one", "first").unwrap();
