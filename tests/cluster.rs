@@ -138,6 +138,49 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
         "{text}"
     );
 
+    // Placement and fencing. Each node keeps its own users and apps for
+    // now; a grain first started on n1 is placed there, with the write's
+    // revision as its epoch, which n1 records in the grain's dataset.
+    for d in [&n1, &n2] {
+        let app = granary_testkit::hello_app(d.dir(), "hello", &[]);
+        d.granary(&["app", "install", app.to_str().unwrap()])
+            .success();
+        d.granary(&["user", "add", "alice"]).success();
+    }
+    n1.granary(&["grain", "start", "alice/hello"]).success();
+    let owned: Vec<u64> = nodes(&n2)
+        .iter()
+        .map(|n| n["grains"].as_u64().unwrap())
+        .collect();
+    assert_eq!(owned, [1, 0, 0]);
+    let epoch_file = n1.data_dir().join("grains/alice-hello/epoch");
+    let epoch: i64 = std::fs::read_to_string(&epoch_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(epoch > 0);
+    // n2 may not run the same grain: n1 holds it.
+    let run = n2.granary(&["grain", "start", "alice/hello"]).failure();
+    assert!(
+        run.stderr.contains("node n2 may not start it")
+            && run.stderr.contains("placed on node \"n1\""),
+        "{}",
+        run.stderr
+    );
+    // Data that a later placement already ran on is not started under an
+    // older one.
+    n1.granary(&["grain", "stop", "alice/hello"]).success();
+    std::fs::write(&epoch_file, format!("{}\n", epoch + 100)).unwrap();
+    let run = n1.granary(&["grain", "start", "alice/hello"]).failure();
+    assert!(
+        run.stderr.contains("newer than this placement"),
+        "{}",
+        run.stderr
+    );
+    std::fs::write(&epoch_file, format!("{epoch}\n")).unwrap();
+    n1.granary(&["grain", "start", "alice/hello"]).success();
+
     // A live node cannot be removed.
     let run = n1.granary(&["node", "remove", "n3"]).failure();
     assert!(run.stderr.contains("stop its daemon"), "{}", run.stderr);

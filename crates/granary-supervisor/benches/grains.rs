@@ -212,6 +212,7 @@ fn main() {
     let params = SupervisorParams {
         store,
         datasets,
+        start_gate: None,
         jail: granary_jail::JailConfig {
             data_root: grains_dir,
             uid_range: granary_jail::UidRange {

@@ -138,9 +138,24 @@ impl Default for SupervisorConfig {
 pub type XmppOutbound = tokio::sync::mpsc::Sender<granary_grains::mail::XmppStanza>;
 
 /// What the supervisor works with.
+/// Asked before every start of a grain, once its dataset exists: on a
+/// cluster node, whether this node may run it now (it holds the grain's
+/// placement under a live lease, and the dataset carries no newer epoch),
+/// recording the placement's epoch in the dataset before saying yes. An
+/// `Err` refuses the start, with the reason.
+pub trait StartGate: Send + Sync {
+    fn admit(
+        &self,
+        grain: &str,
+        datasets: Arc<dyn Datasets>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+}
+
 pub struct SupervisorParams {
     pub store: Arc<Store>,
     pub datasets: Arc<dyn Datasets>,
+    /// `None` on a node on its own: every grain may start.
+    pub start_gate: Option<Arc<dyn StartGate>>,
     pub jail: JailConfig,
     /// The `granary-launcher` binary.
     pub launcher: PathBuf,

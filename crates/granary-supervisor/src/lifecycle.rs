@@ -169,6 +169,9 @@ impl Inner {
             .datasets
             .create(&slot.id, slot.host_uid)
             .map_err(|e| e.to_string())?;
+        if let Some(gate) = &self.params.start_gate {
+            gate.admit(&slot.id, self.params.datasets.clone()).await?;
+        }
 
         // Read once: the grain and its route must agree on it.
         let domain = self

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use granary_cluster::{Coordinator, LeaseState, NodeLease};
+use granary_cluster::{Coordinator, LeaseState, NodeLease, Refusal};
 use granary_config::Config;
 
 /// This node's membership while the daemon runs.
@@ -107,6 +107,93 @@ async fn watch(member: Arc<Member>, data_dir: std::path::PathBuf) {
                 tracing::error!(node = %member.node, "this node's cluster lease is lost; it counts as down until the daemon restarts");
                 return;
             }
+        }
+    }
+}
+
+/// The supervisor's [`granary_supervisor::StartGate`] on a cluster node.
+/// A grain with no placement yet is placed on this node (it was made
+/// here); then the node may start it only under the cluster's start rule
+/// ([`granary_cluster::may_start`]), and writes the placement's epoch
+/// into its dataset first. Runs on the daemon's runtime, where the etcd
+/// client lives, whatever thread asks.
+pub(crate) struct Gate {
+    member: Arc<Member>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Gate {
+    pub(crate) fn new(member: Arc<Member>) -> Gate {
+        Gate {
+            member,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl granary_supervisor::StartGate for Gate {
+    fn admit(
+        &self,
+        grain: &str,
+        datasets: Arc<dyn granary_datasets::Datasets>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+        let member = self.member.clone();
+        let grain = grain.to_owned();
+        let task = self
+            .runtime
+            .spawn(async move { admit(&member, &grain, datasets).await });
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("the cluster check failed: {e}")))
+        })
+    }
+}
+
+async fn admit(
+    member: &Member,
+    grain: &str,
+    datasets: Arc<dyn granary_datasets::Datasets>,
+) -> Result<(), String> {
+    let c = &member.coordinator;
+    let etcd = |e: granary_cluster::ClusterError| format!("cannot check with the cluster: {e}");
+    let (ds, g) = (datasets.clone(), grain.to_owned());
+    let held = tokio::task::spawn_blocking(move || ds.epoch(&g))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut permit = c
+        .start_permit(grain, &member.lease, held)
+        .await
+        .map_err(etcd)?;
+    if permit == Err(Refusal::NotPlaced) {
+        // Made here, never placed: place it here. If another node placed
+        // it first, the rule refuses below.
+        match c.place_on(grain, &member.node).await {
+            Ok(p) => {
+                tracing::info!(grain, node = %p.node, epoch = p.epoch, "placed a new grain on this node")
+            }
+            Err(granary_cluster::ClusterError::AlreadyPlaced { .. }) => {}
+            Err(e) => return Err(etcd(e)),
+        }
+        permit = c
+            .start_permit(grain, &member.lease, held)
+            .await
+            .map_err(etcd)?;
+    }
+    match permit {
+        Ok(epoch) if held == Some(epoch) => Ok(()),
+        Ok(epoch) => {
+            let g = grain.to_owned();
+            tokio::task::spawn_blocking(move || datasets.set_epoch(&g, epoch))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            tracing::debug!(grain, epoch, "cluster start admitted; epoch written");
+            Ok(())
+        }
+        Err(refusal) => {
+            tracing::warn!(grain, %refusal, "refused to start a grain on this node");
+            Err(format!("node {} may not start it: {refusal}", member.node))
         }
     }
 }

@@ -194,6 +194,9 @@ async fn serve(
         &config,
         &store,
         datasets.clone(),
+        member
+            .clone()
+            .map(|m| Arc::new(cluster::Gate::new(m)) as Arc<dyn granary_supervisor::StartGate>),
         to_other_servers,
         addresses
             .iter()

@@ -51,6 +51,7 @@ pub(super) async fn supervisor(
     config: &Config,
     store: &Arc<Store>,
     datasets: Arc<dyn granary_datasets::Datasets>,
+    start_gate: Option<Arc<dyn granary_supervisor::StartGate>>,
     xmpp_outbound: Option<granary_supervisor::XmppOutbound>,
     https: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<(LocalGrains, SupervisorThread)> {
@@ -71,6 +72,7 @@ pub(super) async fn supervisor(
     let params = granary_supervisor::SupervisorParams {
         store: store.clone(),
         datasets,
+        start_gate,
         jail: granary_jail::JailConfig {
             data_root: config.data_dir.join("grains"),
             uid_range: config.uid_range,
