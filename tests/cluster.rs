@@ -222,3 +222,59 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     drop(imposter);
     drop((n1, n2, n3));
 }
+
+#[test]
+fn a_node_cut_off_from_etcd_fences_itself_before_its_lease_can_expire() {
+    let mut etcd = Etcd::start(3);
+    let mut n1 = node(&etcd, "n1", "\"x86_64\"");
+    n1.granary(&["cluster", "init"]).success();
+    n1.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+        .success();
+    n1.launch();
+    let app = granary_testkit::hello_app(n1.dir(), "hello", &[]);
+    n1.granary(&["app", "install", app.to_str().unwrap()])
+        .success();
+    n1.granary(&["user", "add", "alice"]).success();
+    n1.granary(&["grain", "start", "alice/hello"]).success();
+    let state = |d: &Daemon| {
+        d.granary(&["grain", "status", "alice/hello", "--json"])
+            .success()
+            .json()["state"]
+            .clone()
+    };
+    assert_eq!(state(&n1), "running");
+
+    // Two of three etcd members die: no quorum, no renewal. Within TTL/2
+    // (1 s) and a check period the node stops trusting its lease and
+    // stops its grain, before etcd could let anyone else have it (2 s).
+    etcd.kill(0);
+    etcd.kill(1);
+    let cut = Instant::now();
+    eventually(
+        "the grain to be stopped by fencing",
+        Duration::from_secs(20),
+        || (state(&n1) == "stopped").then_some(()),
+    );
+    let fenced_after = cut.elapsed();
+    eprintln!("fenced {fenced_after:?} after quorum was lost (lease TTL 2 s)");
+    assert!(fenced_after < Duration::from_secs(2), "fenced only after {fenced_after:?}, past the TTL");
+    assert!(
+        n1.log()
+            .contains("fencing: this node no longer trusts its cluster lease"),
+        "{}",
+        n1.log()
+    );
+    let run = n1.granary(&["grain", "start", "alice/hello"]).failure();
+    assert!(
+        run.stderr.contains("may not start it")
+            || run.stderr.contains("cannot check with the cluster"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(state(&n1), "stopped");
+    let status = n1.granary(&["status", "--json"]);
+    let json = status.json();
+    assert_eq!(json["healthy"], false, "{json}");
+    assert_ne!(json["cluster"]["lease"], "live", "{json}");
+    drop(n1);
+}

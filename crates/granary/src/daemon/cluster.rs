@@ -111,6 +111,66 @@ async fn watch(member: Arc<Member>, data_dir: std::path::PathBuf) {
     }
 }
 
+/// Self-fencing: once this node stops trusting its lease (not renewed for
+/// TTL/2, or gone), it stops every grain it runs, before etcd can drop
+/// the lease at TTL and another node could be given them. New starts are
+/// refused meanwhile by the [`Gate`]; if the lease recovers (etcd was slow,
+/// not gone), grains start again on their next use.
+pub(crate) async fn fence_on_lapse(member: Arc<Member>, grains: Arc<dyn granary_grains::Grains>) {
+    let every = (member.lease.ttl() / 10).max(Duration::from_millis(50));
+    let (mut fenced, mut said_lost) = (false, false);
+    loop {
+        tokio::time::sleep(every).await;
+        let state = member.lease.state();
+        match (state, fenced) {
+            (LeaseState::Live, true) => {
+                tracing::warn!(node = %member.node, "the cluster lease is live again; grains may start on their next use");
+                fenced = false;
+            }
+            (LeaseState::Live, false) => {}
+            (_, false) => {
+                fenced = true;
+                tracing::error!(
+                    node = %member.node,
+                    lease = member.lease_state(),
+                    since_renewal = ?member.lease.since_renewal(),
+                    "fencing: this node no longer trusts its cluster lease; stopping every grain it runs"
+                );
+                stop_all(&*grains).await;
+            }
+            // Fenced, and still not live: anything that slipped through
+            // (a start admitted just before the lapse) is stopped too.
+            (_, true) => stop_all(&*grains).await,
+        }
+        if state == LeaseState::Lost && !said_lost {
+            said_lost = true;
+            tracing::error!(node = %member.node, "the cluster lease is lost; restart the daemon to take a new one");
+        }
+    }
+}
+
+async fn stop_all(grains: &dyn granary_grains::Grains) {
+    let list = match grains.list().await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::error!(error = %e, "fencing: cannot list grains");
+            return;
+        }
+    };
+    for g in list
+        .into_iter()
+        .filter(|g| g.state != "stopped" && g.state != "held")
+    {
+        let Ok(id) = granary_model::GrainId::parse(&g.id) else {
+            continue;
+        };
+        match grains.stop(&id).await {
+            Ok(_) => tracing::warn!(grain = %g.id, "fencing: grain stopped"),
+            Err(e) => tracing::error!(grain = %g.id, error = %e, "fencing: cannot stop grain"),
+        }
+    }
+}
+
 /// The supervisor's [`granary_supervisor::StartGate`] on a cluster node.
 /// A grain with no placement yet is placed on this node (it was made
 /// here); then the node may start it only under the cluster's start rule

@@ -206,6 +206,9 @@ async fn serve(
     .await?;
     tokio::spawn(memory::trim_after_exits(supervisor.grain_exits()));
     let grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
+    if let Some(m) = &member {
+        tokio::spawn(cluster::fence_on_lapse(m.clone(), grains.clone()));
+    }
     let chat_domains = Arc::new(granary_gateway::ChatDomains::new(
         &config.domain,
         Arc::new(directory::StateDirectory {
