@@ -181,6 +181,21 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     std::fs::write(&epoch_file, format!("{epoch}\n")).unwrap();
     n1.granary(&["grain", "start", "alice/hello"]).success();
 
+    // Architecture is respected: n3 declares only aarch64 (the one
+    // simulated part), so it does not run the x86_64 hello app.
+    let app = granary_testkit::hello_app(n3.dir(), "hello", &[]);
+    n3.granary(&["app", "install", app.to_str().unwrap()])
+        .success();
+    n3.granary(&["user", "add", "bob"]).success();
+    let run = n3.granary(&["grain", "start", "bob/hello"]).failure();
+    assert!(
+        run.stderr
+            .contains("node n3 runs only aarch64 and the app is built for x86_64"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(nodes(&n1)[2]["grains"], 0, "nothing placed on n3");
+
     // A live node cannot be removed.
     let run = n1.granary(&["node", "remove", "n3"]).failure();
     assert!(run.stderr.contains("stop its daemon"), "{}", run.stderr);
@@ -257,7 +272,10 @@ fn a_node_cut_off_from_etcd_fences_itself_before_its_lease_can_expire() {
     );
     let fenced_after = cut.elapsed();
     eprintln!("fenced {fenced_after:?} after quorum was lost (lease TTL 2 s)");
-    assert!(fenced_after < Duration::from_secs(2), "fenced only after {fenced_after:?}, past the TTL");
+    assert!(
+        fenced_after < Duration::from_secs(2),
+        "fenced only after {fenced_after:?}, past the TTL"
+    );
     assert!(
         n1.log()
             .contains("fencing: this node no longer trusts its cluster lease"),

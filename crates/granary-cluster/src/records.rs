@@ -26,6 +26,25 @@ impl Arch {
         }
     }
 
+    /// The architecture an ELF executable is built for, from its first 20
+    /// bytes; `None` for anything else (a script runs anywhere its
+    /// interpreter does).
+    pub fn of_elf(header: &[u8]) -> Option<Arch> {
+        if header.len() < 20 || &header[..4] != b"\x7fELF" {
+            return None;
+        }
+        let machine = match header[5] {
+            1 => u16::from_le_bytes([header[18], header[19]]),
+            2 => u16::from_be_bytes([header[18], header[19]]),
+            _ => return None,
+        };
+        match machine {
+            62 => Some(Arch::X86_64),
+            183 => Some(Arch::Aarch64),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86_64",
@@ -115,5 +134,18 @@ mod tests {
         let json = serde_json::to_string(&[Arch::X86_64, Arch::Aarch64]).unwrap();
         assert_eq!(json, r#"["x86_64","aarch64"]"#);
         assert!(Arch::host().is_some());
+    }
+
+    #[test]
+    fn an_elf_header_names_its_architecture() {
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(Arch::of_elf(&me[..20]), Arch::host());
+        let mut arm = me[..20].to_vec();
+        arm[18..20].copy_from_slice(&183u16.to_le_bytes());
+        assert_eq!(Arch::of_elf(&arm), Some(Arch::Aarch64));
+        arm[18..20].copy_from_slice(&243u16.to_le_bytes()); // RISC-V
+        assert_eq!(Arch::of_elf(&arm), None);
+        assert_eq!(Arch::of_elf(b"#!/bin/sh\necho hello\n"), None);
+        assert_eq!(Arch::of_elf(b"\x7fELF"), None);
     }
 }

@@ -144,9 +144,12 @@ pub type XmppOutbound = tokio::sync::mpsc::Sender<granary_grains::mail::XmppStan
 /// recording the placement's epoch in the dataset before saying yes. An
 /// `Err` refuses the start, with the reason.
 pub trait StartGate: Send + Sync {
+    /// `exec` is the app's program on the host (inside its image), so a
+    /// node can check that it can run the app's architecture.
     fn admit(
         &self,
         grain: &str,
+        exec: PathBuf,
         datasets: Arc<dyn Datasets>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 }

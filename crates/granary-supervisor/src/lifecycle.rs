@@ -170,7 +170,13 @@ impl Inner {
             .create(&slot.id, slot.host_uid)
             .map_err(|e| e.to_string())?;
         if let Some(gate) = &self.params.start_gate {
-            gate.admit(&slot.id, self.params.datasets.clone()).await?;
+            let exec = manifest
+                .exec
+                .first()
+                .map(|p| image.join(p.trim_start_matches('/')))
+                .unwrap_or_else(|| image.clone());
+            gate.admit(&slot.id, exec, self.params.datasets.clone())
+                .await?;
         }
 
         // Read once: the grain and its route must agree on it.

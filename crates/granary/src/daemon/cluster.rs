@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use granary_cluster::{Coordinator, LeaseState, NodeLease, Refusal};
+use granary_cluster::{Arch, Coordinator, LeaseState, NodeLease, Refusal};
 use granary_config::Config;
 
 /// This node's membership while the daemon runs.
 pub(crate) struct Member {
     pub(crate) node: String,
+    /// What app images this node runs (`[cluster].arches`).
+    pub(crate) arches: Vec<Arch>,
     pub(crate) etcd: Vec<String>,
     pub(crate) coordinator: Coordinator,
     pub(crate) lease: NodeLease,
@@ -83,6 +85,11 @@ pub(crate) async fn join(config: &Config) -> anyhow::Result<Option<Arc<Member>>>
     tracing::info!(node = %cluster.node, lease = lease.id(), ttl = ?lease.ttl(), "holding this node's cluster lease");
     let member = Arc::new(Member {
         node: cluster.node.clone(),
+        arches: cluster
+            .arches
+            .iter()
+            .filter_map(|a| Arch::parse(a))
+            .collect(),
         etcd: cluster.etcd.clone(),
         coordinator,
         lease,
@@ -195,13 +202,14 @@ impl granary_supervisor::StartGate for Gate {
     fn admit(
         &self,
         grain: &str,
+        exec: std::path::PathBuf,
         datasets: Arc<dyn granary_datasets::Datasets>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
         let member = self.member.clone();
         let grain = grain.to_owned();
         let task = self
             .runtime
-            .spawn(async move { admit(&member, &grain, datasets).await });
+            .spawn(async move { admit(&member, &grain, &exec, datasets).await });
         Box::pin(async move {
             task.await
                 .unwrap_or_else(|e| Err(format!("the cluster check failed: {e}")))
@@ -209,11 +217,31 @@ impl granary_supervisor::StartGate for Gate {
     }
 }
 
+/// The architecture `exec` is built for, if it is an ELF file.
+fn arch_of(exec: &Path) -> Option<Arch> {
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    let mut file = std::fs::File::open(exec).ok()?;
+    file.read_exact(&mut header).ok()?;
+    Arch::of_elf(&header)
+}
+
 async fn admit(
     member: &Member,
     grain: &str,
+    exec: &Path,
     datasets: Arc<dyn granary_datasets::Datasets>,
 ) -> Result<(), String> {
+    if let Some(arch) = arch_of(exec)
+        && !member.arches.contains(&arch)
+    {
+        let runs: Vec<&str> = member.arches.iter().map(|a| a.as_str()).collect();
+        return Err(format!(
+            "node {} runs only {} and the app is built for {arch}",
+            member.node,
+            runs.join(", ")
+        ));
+    }
     let c = &member.coordinator;
     let etcd = |e: granary_cluster::ClusterError| format!("cannot check with the cluster: {e}");
     let (ds, g) = (datasets.clone(), grain.to_owned());
