@@ -23,6 +23,7 @@ pub mod catalogue;
 pub mod crypt;
 pub mod export;
 pub mod progress;
+pub mod pinned;
 pub mod remote;
 pub mod restore;
 pub mod target;

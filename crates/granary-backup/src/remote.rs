@@ -26,176 +26,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls_pki_types::{
-    CertificateDer, PrivateKeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime,
-};
 
 use crate::target::{DirTarget, Target};
 use crate::{BackupError, sha256};
-
-/// DER of an Ed25519 SubjectPublicKeyInfo: this prefix, then the key.
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
-
-fn spki(key: &PublicKey) -> Vec<u8> {
-    [&ED25519_SPKI_PREFIX[..], &key.0].concat()
-}
-
-fn key_of(spki: &[u8]) -> Option<PublicKey> {
-    let rest = spki.strip_prefix(&ED25519_SPKI_PREFIX[..])?;
-    let key: [u8; 32] = rest.try_into().ok()?;
-    Some(PublicKey(key))
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn certified(key: &SigningKey) -> Result<Arc<rustls::sign::CertifiedKey>, BackupError> {
-    let der = PrivateKeyDer::Pkcs8(key.pkcs8_der().to_vec().into());
-    let signing = provider()
-        .key_provider
-        .load_private_key(der)
-        .map_err(|e| BackupError::Config(format!("the node key cannot be used for TLS: {e}")))?;
-    Ok(Arc::new(rustls::sign::CertifiedKey::new(
-        vec![CertificateDer::from(spki(&key.public()))],
-        signing,
-    )))
-}
-
-fn tls_error(e: rustls::Error) -> BackupError {
-    BackupError::Config(format!("TLS setup: {e}"))
-}
-
-/// Checks a peer's raw key against the keys we accept.
-#[derive(Debug)]
-struct Pinned {
-    keys: Vec<PublicKey>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl Pinned {
-    fn new(keys: Vec<PublicKey>) -> Pinned {
-        Pinned {
-            keys,
-            algorithms: provider().signature_verification_algorithms,
-        }
-    }
-
-    fn check(&self, presented: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-        match key_of(presented.as_ref()) {
-            Some(k) if self.keys.contains(&k) => Ok(()),
-            _ => Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            )),
-        }
-    }
-
-    fn signature(
-        &self,
-        message: &[u8],
-        key: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature_with_raw_key(
-            message,
-            &SubjectPublicKeyInfoDer::from(key.as_ref()),
-            dss,
-            &self.algorithms,
-        )
-    }
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity)
-            .map(|()| ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General(
-            "TLS 1.2 is not used between nodes".into(),
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
-
-    fn requires_raw_public_keys(&self) -> bool {
-        true
-    }
-}
-
-impl ClientCertVerifier for Pinned {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity)
-            .map(|()| ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General(
-            "TLS 1.2 is not used between nodes".into(),
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
-
-    fn requires_raw_public_keys(&self) -> bool {
-        true
-    }
-}
 
 /// What `granary backup receive` serves.
 pub struct Receiver {
@@ -208,13 +41,9 @@ pub struct Receiver {
 
 impl Receiver {
     fn tls(&self) -> Result<rustls::ServerConfig, BackupError> {
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_error)?
-            .with_client_cert_verifier(Arc::new(Pinned::new(self.allowed.clone())))
-            .with_cert_resolver(Arc::new(
-                rustls::server::AlwaysResolvesServerRawPublicKeys::new(certified(&self.key)?),
-            ));
+        let allowed = self.allowed.clone();
+        let mut config =
+            crate::pinned::server_config(&self.key, move |k| allowed.contains(k))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     }
@@ -252,13 +81,7 @@ impl Receiver {
                         return;
                     }
                 };
-                let Some(sender) = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| key_of(c.as_ref()))
-                else {
+                let Some(sender) = crate::pinned::peer_key(tls.get_ref().1) else {
                     return;
                 };
                 let root = me.dir.join(crate::catalogue::fingerprint(&sender));
@@ -375,14 +198,7 @@ impl RemoteTarget {
         key: &SigningKey,
         server_key: PublicKey,
     ) -> Result<RemoteTarget, BackupError> {
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_error)?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned::new(vec![server_key])))
-            .with_client_cert_resolver(Arc::new(
-                rustls::client::AlwaysResolvesClientRawPublicKeys::new(certified(key)?),
-            ));
+        let mut config = crate::pinned::client_config(key, server_key)?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -410,7 +226,7 @@ impl RemoteTarget {
             .map_err(|_| BackupError::Io(format!("cannot reach the backup node {address}: timed out")))?
             .map_err(io)?;
             tcp.set_nodelay(true).map_err(io)?;
-            let name = ServerName::try_from("granary-node").expect("a valid name");
+            let name = crate::pinned::server_name();
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
