@@ -82,7 +82,9 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     );
 
     // A node that has not joined does not start.
-    let refused = n1.granary(&["serve"]).failure();
+    let refused = n1
+        .granary_within(&["serve"], Duration::from_secs(60))
+        .failure();
     assert!(
         refused.stderr.contains("not a member"),
         "{}",
@@ -232,7 +234,9 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
         .granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
         .failure();
     assert!(run.stderr.contains("already a member"), "{}", run.stderr);
-    let run = imposter.granary(&["serve"]).failure();
+    let run = imposter
+        .granary_within(&["serve"], Duration::from_secs(60))
+        .failure();
     assert!(run.stderr.contains("another node key"), "{}", run.stderr);
     drop(imposter);
     drop((n1, n2, n3));

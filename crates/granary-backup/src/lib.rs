@@ -22,8 +22,8 @@
 pub mod catalogue;
 pub mod crypt;
 pub mod export;
-pub mod progress;
 pub mod pinned;
+pub mod progress;
 pub mod remote;
 pub mod restore;
 pub mod target;

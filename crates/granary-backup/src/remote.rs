@@ -42,8 +42,7 @@ pub struct Receiver {
 impl Receiver {
     fn tls(&self) -> Result<rustls::ServerConfig, BackupError> {
         let allowed = self.allowed.clone();
-        let mut config =
-            crate::pinned::server_config(&self.key, move |k| allowed.contains(k))?;
+        let mut config = crate::pinned::server_config(&self.key, move |k| allowed.contains(k))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     }

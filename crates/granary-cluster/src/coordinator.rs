@@ -56,8 +56,8 @@ impl Coordinator {
         format!("{}{rest}", self.prefix)
     }
 
-    fn c(&self) -> Client {
-        self.client.clone()
+    fn c(&self) -> crate::etcd::Etcd {
+        crate::etcd::Etcd(self.client.clone())
     }
 
     /// Makes this etcd hold a new cluster. Runs once: a second init is
@@ -101,9 +101,9 @@ impl Coordinator {
     pub async fn issue_token(&self, ttl: Duration) -> Result<String> {
         self.info().await?;
         let token = format!("gjoin-{}", hex(&random::<32>()));
-        let mut c = self.c();
+        let c = self.c();
         let lease = c
-            .lease_grant(ttl.as_secs().max(1) as i64, None)
+            .lease_grant(ttl.as_secs().max(1) as i64)
             .await
             .map_err(ClusterError::etcd("granting the token's lease"))?;
         let ticket = JoinTicket {
@@ -158,6 +158,9 @@ impl Coordinator {
         });
         match token_there {
             true => Err(ClusterError::NameTaken(record.name.clone())),
+            // A retried join whose first try went through finds its own
+            // record, and the token used.
+            false if self.node(&record.name).await?.as_ref() == Some(record) => Ok(()),
             false => Err(ClusterError::BadToken),
         }
     }
@@ -208,7 +211,7 @@ impl Coordinator {
     }
 
     async fn lease_age(&self, lease: i64) -> Result<Option<i64>> {
-        match self.c().lease_time_to_live(lease, None).await {
+        match self.c().lease_time_to_live(lease).await {
             Ok(r) if r.ttl() > 0 => Ok(Some(r.granted_ttl() - r.ttl())),
             Ok(_) => Ok(None),
             Err(e) => Err(ClusterError::etcd("reading a lease")(e)),
@@ -224,9 +227,21 @@ impl Coordinator {
         if self.node(name).await?.is_none() {
             return Err(ClusterError::NoSuchNode(name.to_owned()));
         }
-        let owned: Vec<Placement> = self
-            .placements()
-            .await?
+        let prefix = self.key("placement/");
+        let read = self
+            .c()
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(ClusterError::etcd("listing placements"))?;
+        let read_revision = revision(read.header())?;
+        let owned: Vec<Placement> = read
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                placement(&key[prefix.len()..], &key, kv.value(), kv.mod_revision())
+            })
+            .collect::<Result<Vec<_>>>()?
             .into_iter()
             .filter(|p| p.node == name)
             .collect();
@@ -236,14 +251,17 @@ impl Coordinator {
                 count: owned.len(),
             });
         }
-        let mut when = vec![
+        // No placement written since the read: none could have been made
+        // on this node (or moved away) in between.
+        let when = vec![
             Compare::version(node.as_str(), CompareOp::Greater, 0),
             Compare::version(alive.as_str(), CompareOp::Equal, 0),
+            Compare::mod_revision(prefix.as_str(), CompareOp::Less, read_revision + 1)
+                .with_prefix(),
         ];
         let mut then = vec![TxnOp::delete(node.as_str(), None)];
         for p in &owned {
             let k = self.key(&format!("placement/{}", p.grain));
-            when.push(Compare::mod_revision(k.as_str(), CompareOp::Equal, p.epoch));
             then.push(TxnOp::delete(k.as_str(), None));
         }
         let resp = self
@@ -263,10 +281,9 @@ impl Coordinator {
         {
             return Err(ClusterError::NodeAlive(name.to_owned()));
         }
-        Err(ClusterError::Conflict {
-            grain: format!("node {name}"),
-            expected: 0,
-        })
+        Err(ClusterError::Changed(format!(
+            "placements changed while node {name} was being removed; run the command again"
+        )))
     }
 
     /// Marks a node drained (it takes no new grains) or not. The flag
@@ -316,23 +333,11 @@ impl Coordinator {
     ) -> Result<NodeLease> {
         let record = self.key(&format!("nodes/{node}"));
         let alive_key = self.key(&format!("alive/{node}"));
-        let mut c = self.c();
-        if let Some((_, old, _)) = self
-            .list::<Alive>("alive/")
-            .await?
-            .into_iter()
-            .find(|(k, _, _)| k == node)
-        {
-            tracing::info!(
-                node,
-                lease = old.lease,
-                "revoking the lease of this node's previous run"
-            );
-            let _ = c.lease_revoke(old.lease).await;
-        }
+        let c = self.c();
+        self.await_previous_lease(node).await?;
         let sent = Instant::now();
         let grant = c
-            .lease_grant(ttl.as_secs().max(1) as i64, None)
+            .lease_grant(ttl.as_secs().max(1) as i64)
             .await
             .map_err(ClusterError::etcd("granting the node lease"))?;
         let alive = Alive {
@@ -358,7 +363,7 @@ impl Coordinator {
             let _ = c.lease_revoke(grant.id()).await;
             return match self.node(node).await? {
                 None => Err(ClusterError::NoSuchNode(node.to_owned())),
-                Some(_) => Err(ClusterError::NodeAlive(node.to_owned())),
+                Some(_) => Err(ClusterError::LeaseHeld(node.to_owned())),
             };
         }
         Ok(NodeLease::start(
@@ -400,6 +405,45 @@ impl Coordinator {
         {
             true => Ok(()),
             false => Err(ClusterError::LeaseLost(lease.node().to_owned())),
+        }
+    }
+
+    /// Waits until no lease holds `alive/<node>`. A lease left by this
+    /// node's previous run (it crashed) expires within its TTL, since
+    /// nobody renews it; one still renewed after that belongs to another
+    /// running process with this node's name (a copied data dir), and is
+    /// never taken from it.
+    async fn await_previous_lease(&self, node: &str) -> Result<()> {
+        let started = Instant::now();
+        let mut said = false;
+        loop {
+            let Some((_, old, _)) = self
+                .list::<Alive>("alive/")
+                .await?
+                .into_iter()
+                .find(|(k, _, _)| k == node)
+            else {
+                return Ok(());
+            };
+            let left = self
+                .c()
+                .lease_time_to_live(old.lease)
+                .await
+                .map_err(ClusterError::etcd("reading the previous lease"))?;
+            let granted = Duration::from_secs(left.granted_ttl().max(1) as u64);
+            if started.elapsed() > granted + Duration::from_secs(2) {
+                return Err(ClusterError::LeaseHeld(node.to_owned()));
+            }
+            if !said {
+                said = true;
+                tracing::info!(
+                    node,
+                    lease = old.lease,
+                    left_secs = left.ttl(),
+                    "waiting for the lease of this node's previous run to expire"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -474,11 +518,13 @@ impl Coordinator {
             return Ok(Placement {
                 grain: grain.to_owned(),
                 node: node.to_owned(),
-                epoch: revision(resp.header()),
+                epoch: revision(resp.header())?,
                 placed_unix: record.placed_unix,
             });
         }
         match self.placement(grain).await? {
+            // A retried placement whose first try went through.
+            Some(p) if p.node == node && p.placed_unix == record.placed_unix => Ok(p),
             Some(p) => Err(ClusterError::AlreadyPlaced {
                 grain: grain.to_owned(),
                 node: p.node,
@@ -516,7 +562,7 @@ impl Coordinator {
             return Ok(Placement {
                 grain: from.grain.clone(),
                 node: to.to_owned(),
-                epoch: revision(resp.header()),
+                epoch: revision(resp.header())?,
                 placed_unix: record.placed_unix,
             });
         }
@@ -611,8 +657,15 @@ fn placement(grain: &str, key: &str, value: &[u8], epoch: i64) -> Result<Placeme
     })
 }
 
-fn revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
-    header.map(|h| h.revision()).unwrap_or(0)
+/// The store's revision an answer was made at: for a transaction with
+/// one put, that put's revision.
+fn revision(header: Option<&etcd_client::ResponseHeader>) -> Result<i64> {
+    match header.map(|h| h.revision()) {
+        Some(r) if r > 0 => Ok(r),
+        _ => Err(ClusterError::Changed(
+            "etcd answered without a revision".to_owned(),
+        )),
+    }
 }
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {

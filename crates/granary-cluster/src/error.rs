@@ -29,7 +29,7 @@ pub enum ClusterError {
     #[error("node {0:?} is running (it holds its lease); stop its daemon before removing it")]
     NodeAlive(String),
     #[error(
-        "node {node:?} still owns {count} grain(s); move them first (`granary grain move`), or pass --force to drop their placement"
+        "node {node:?} still owns {count} grain(s); pass --force to drop their placement (their data stays on that node's disks)"
     )]
     NodeHasGrains { node: String, count: usize },
     #[error("{grain} is already placed on node {node:?} (epoch {epoch})")]
@@ -52,6 +52,12 @@ pub enum ClusterError {
         "node {0:?} lost its lease; it must not start or serve grains until it holds a new one"
     )]
     LeaseLost(String),
+    #[error(
+        "node {0:?} is running elsewhere: another process renews its lease (a copy of this data dir? give the copy its own node name and join it)"
+    )]
+    LeaseHeld(String),
+    #[error("{0}")]
+    Changed(String),
 }
 
 impl ClusterError {

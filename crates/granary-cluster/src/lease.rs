@@ -2,12 +2,14 @@
 //! exists and it may own running grains; once the renewals stop, etcd
 //! drops the record when the TTL runs out and other nodes may take over.
 //!
-//! The node judges its own lease conservatively. A renewal counts from
-//! the moment its request was sent (etcd renewed it no earlier), and the
-//! lease counts as live only for half its TTL after that: a node cut off
-//! from etcd stops trusting its lease at TTL/2, well before anyone else
-//! can see it expire at TTL. That gap is what self-fencing runs in.
+//! The node renews every TTL/6 and judges its lease conservatively. A
+//! renewal counts from the moment its request was sent (etcd renewed it
+//! no earlier), and the lease counts as live only for half its TTL after
+//! that: a node cut off from etcd stops trusting its lease at TTL/2, well
+//! before anyone else can see it expire at TTL. That gap is what
+//! self-fencing runs in.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,7 @@ pub struct NodeLease {
     id: i64,
     ttl: Duration,
     renewed: Arc<Mutex<Instant>>,
+    renewals: Arc<AtomicU64>,
     lost: watch::Receiver<bool>,
     client: Client,
     task: tokio::task::JoinHandle<()>,
@@ -49,13 +52,24 @@ impl NodeLease {
         sent: Instant,
     ) -> NodeLease {
         let renewed = Arc::new(Mutex::new(sent));
+        let renewals = Arc::new(AtomicU64::new(0));
         let (lost_tx, lost) = watch::channel(false);
-        let task = tokio::spawn(renew(client.clone(), id, ttl, renewed.clone(), lost_tx));
+        let task = tokio::spawn(renew(
+            client.clone(),
+            id,
+            ttl,
+            Renewed {
+                at: renewed.clone(),
+                count: renewals.clone(),
+            },
+            lost_tx,
+        ));
         NodeLease {
             node,
             id,
             ttl,
             renewed,
+            renewals,
             lost,
             client,
             task,
@@ -76,18 +90,30 @@ impl NodeLease {
         self.ttl
     }
 
-    /// How long since the last renewal that etcd confirmed.
+    fn renewed_at(&self) -> Instant {
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long since the last renewal that etcd confirmed was sent.
     pub fn since_renewal(&self) -> Duration {
-        self.renewed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
+        self.renewed_at().elapsed()
+    }
+
+    /// When this node stops trusting its lease unless it is renewed
+    /// before: TTL/2 after the last confirmed renewal was sent.
+    pub fn trusted_until(&self) -> Instant {
+        self.renewed_at() + self.ttl / 2
+    }
+
+    /// Renewals etcd confirmed since the lease was taken.
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(Ordering::Relaxed)
     }
 
     pub fn state(&self) -> LeaseState {
         if *self.lost.borrow() {
             LeaseState::Lost
-        } else if self.since_renewal() >= self.ttl / 2 {
+        } else if Instant::now() >= self.trusted_until() {
             LeaseState::Lapsing
         } else {
             LeaseState::Live
@@ -112,7 +138,7 @@ impl NodeLease {
         match client.lease_revoke(self.id).await {
             Ok(_) => Ok(()),
             // Already gone is what we wanted.
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
+            Err(etcd_client::Error::GRpcStatus(s)) if i32::from(s.code()) == GRPC_NOT_FOUND => {
                 Ok(())
             }
             Err(e) => Err(crate::ClusterError::etcd("revoking the node lease")(e)),
@@ -126,42 +152,78 @@ impl Drop for NodeLease {
     }
 }
 
-/// Renews every TTL/3; reconnects the keep-alive stream when it fails;
-/// stops for good when etcd answers that the lease has no TTL left.
+/// gRPC's NOT_FOUND (tonic's `Code` as a number): what etcd answers for a
+/// lease it does not have.
+const GRPC_NOT_FOUND: i32 = 5;
+
+/// Where the renewal task records what etcd confirmed.
+struct Renewed {
+    at: Arc<Mutex<Instant>>,
+    count: Arc<AtomicU64>,
+}
+
+impl Renewed {
+    fn confirm(&self, sent: Instant) {
+        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        *at = (*at).max(sent);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Renews every TTL/6, so several renewals in a row may be late or lost
+/// (an etcd leader election takes a second or two) before the node stops
+/// trusting its lease at TTL/2. Each renewal waits at most TTL/6 for its
+/// answer; a broken keep-alive stream is opened again at once, then with
+/// a short backoff. Stops for good when etcd says the lease is gone: on
+/// the stream (no TTL left) or, when the stream cannot be opened, when
+/// asked for the lease's time to live.
 async fn renew(
     client: Client,
     id: i64,
     ttl: Duration,
-    renewed: Arc<Mutex<Instant>>,
+    renewed: Renewed,
     lost: watch::Sender<bool>,
 ) {
-    let every = ttl / 3;
-    let mut backoff = Duration::from_millis(100);
+    let every = (ttl / 6).max(Duration::from_millis(50));
+    let gone = || {
+        tracing::warn!(lease = id, "etcd says this node's lease has expired");
+        let _ = lost.send(true);
+    };
+    let mut backoff = Duration::ZERO;
     loop {
         let mut c = client.clone();
-        if let Ok((mut keeper, mut stream)) = c.lease_keep_alive(id).await {
-            loop {
-                let sent = Instant::now();
-                if keeper.keep_alive().await.is_err() {
-                    break;
-                }
-                match tokio::time::timeout(every, stream.message()).await {
-                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
-                        *renewed.lock().unwrap_or_else(|e| e.into_inner()) = sent;
-                        backoff = Duration::from_millis(100);
+        // Opening the stream sends a first renewal and reads its answer.
+        let opened = Instant::now();
+        match tokio::time::timeout(every, c.lease_keep_alive(id)).await {
+            Ok(Ok((mut keeper, mut stream))) => {
+                renewed.confirm(opened);
+                backoff = Duration::ZERO;
+                let mut last = opened;
+                loop {
+                    tokio::time::sleep_until((last + every).into()).await;
+                    let sent = Instant::now();
+                    last = sent;
+                    if keeper.keep_alive().await.is_err() {
+                        break;
                     }
-                    Ok(Ok(Some(_))) => {
-                        tracing::warn!(lease = id, "etcd says this node's lease has expired");
-                        let _ = lost.send(true);
-                        return;
+                    match tokio::time::timeout(every, stream.message()).await {
+                        Ok(Ok(Some(resp))) if resp.ttl() > 0 => renewed.confirm(sent),
+                        Ok(Ok(Some(_))) => return gone(),
+                        _ => break,
                     }
-                    _ => break,
                 }
-                tokio::time::sleep(every.saturating_sub(sent.elapsed())).await;
+            }
+            _ => {
+                let asked = tokio::time::timeout(every, c.lease_time_to_live(id, None)).await;
+                if let Ok(Ok(r)) = asked
+                    && r.ttl() <= 0
+                {
+                    return gone();
+                }
             }
         }
         tracing::debug!(lease = id, "lease keep-alive stream broke; reconnecting");
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(every.max(Duration::from_millis(100)));
+        backoff = (backoff * 2).clamp(Duration::from_millis(25), every);
     }
 }

@@ -17,6 +17,7 @@
 
 mod coordinator;
 mod error;
+mod etcd;
 mod fence;
 mod lease;
 mod place;

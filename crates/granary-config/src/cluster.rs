@@ -34,10 +34,12 @@ pub struct Cluster {
     pub arches: Vec<String>,
     /// How many grains this node may own.
     pub max_grains: u32,
-    /// How long after its last renewal this node's lease lasts: the time a
-    /// dead node's grains wait before they are taken over.
+    /// How long after its last renewal this node's lease lasts: when etcd
+    /// counts a silent node as down. The node itself stops trusting the
+    /// lease (and stops its grains) after half of it.
     pub lease_ttl: Duration,
-    /// How many other nodes hold a copy of each grain's data.
+    /// How many other nodes hold a copy of each grain's data (read, not
+    /// yet used: replication is still to come).
     pub replicas: u32,
     /// How often those copies are brought up to date: the most data a
     /// dead node can lose.
@@ -46,10 +48,12 @@ pub struct Cluster {
     pub prefix: String,
 }
 
-fn host_arch() -> &'static str {
+/// The architecture app images are built for on this host, if any.
+fn host_arch() -> Option<&'static str> {
     match std::env::consts::ARCH {
-        "aarch64" => "aarch64",
-        _ => "x86_64",
+        "aarch64" => Some("aarch64"),
+        "x86_64" => Some("x86_64"),
+        _ => None,
     }
 }
 
@@ -63,9 +67,15 @@ impl Cluster {
             return Err((key("etcd"), "list etcd's client URLs, e.g. [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\", \"http://10.0.0.3:2379\"]".into()));
         }
         for url in &etcd {
-            let rest = url
-                .strip_prefix("http://")
-                .or_else(|| url.strip_prefix("https://"));
+            if url.starts_with("https://") {
+                return Err((
+                    key("etcd"),
+                    format!(
+                        "{url:?}: etcd over TLS is not supported yet; keep etcd on a network only the nodes reach (anyone who can write to etcd is a cluster admin)"
+                    ),
+                ));
+            }
+            let rest = url.strip_prefix("http://");
             if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
                 return Err((
                     key("etcd"),
@@ -91,10 +101,19 @@ impl Cluster {
             .address
             .clone()
             .unwrap_or_else(|| format!("{node}:7443"));
-        let arches = raw
-            .arches
-            .clone()
-            .unwrap_or_else(|| vec![host_arch().to_owned()]);
+        let arches = match (&raw.arches, host_arch()) {
+            (Some(a), _) => a.clone(),
+            (None, Some(host)) => vec![host.to_owned()],
+            (None, None) => {
+                return Err((
+                    key("arches"),
+                    format!(
+                        "this host is {}, which Granary builds no images for; name the architectures it runs",
+                        std::env::consts::ARCH
+                    ),
+                ));
+            }
+        };
         if arches.is_empty() {
             return Err((key("arches"), "name at least one architecture".into()));
         }
@@ -155,7 +174,7 @@ mod tests {
         assert_eq!(c.replicate_interval, Duration::from_secs(60));
         assert_eq!(c.replicas, 1);
         assert_eq!(c.prefix, "/granary/");
-        assert_eq!(c.arches, [host_arch()]);
+        assert_eq!(c.arches, [host_arch().unwrap()]);
         let bad = |f: &dyn Fn(&mut RawCluster)| {
             let mut r = raw.clone();
             f(&mut r);

@@ -137,23 +137,31 @@ impl Default for SupervisorConfig {
 /// federation fails the send at once, so the sender is told.
 pub type XmppOutbound = tokio::sync::mpsc::Sender<granary_grains::mail::XmppStanza>;
 
-/// What the supervisor works with.
 /// Asked before every start of a grain, once its dataset exists: on a
 /// cluster node, whether this node may run it now (it holds the grain's
 /// placement under a live lease, and the dataset carries no newer epoch),
 /// recording the placement's epoch in the dataset before saying yes. An
 /// `Err` refuses the start, with the reason.
 pub trait StartGate: Send + Sync {
-    /// `exec` is the app's program on the host (inside its image), so a
-    /// node can check that it can run the app's architecture.
+    /// `image` is the app's image directory on the host and `exec` its
+    /// program as the grain names it, so a node can check that it runs
+    /// the app's architecture.
     fn admit(
         &self,
         grain: &str,
-        exec: PathBuf,
+        image: PathBuf,
+        exec: String,
         datasets: Arc<dyn Datasets>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StartRefused>> + Send>>;
 }
 
+/// Why a [`StartGate`] refused a start; told to whoever asked for the
+/// grain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StartRefused(pub String);
+
+/// What the supervisor works with.
 pub struct SupervisorParams {
     pub store: Arc<Store>,
     pub datasets: Arc<dyn Datasets>,

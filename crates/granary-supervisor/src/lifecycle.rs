@@ -170,13 +170,10 @@ impl Inner {
             .create(&slot.id, slot.host_uid)
             .map_err(|e| e.to_string())?;
         if let Some(gate) = &self.params.start_gate {
-            let exec = manifest
-                .exec
-                .first()
-                .map(|p| image.join(p.trim_start_matches('/')))
-                .unwrap_or_else(|| image.clone());
-            gate.admit(&slot.id, exec, self.params.datasets.clone())
-                .await?;
+            let exec = manifest.exec.first().cloned().unwrap_or_default();
+            gate.admit(&slot.id, image.clone(), exec, self.params.datasets.clone())
+                .await
+                .map_err(|e| e.to_string())?;
         }
 
         // Read once: the grain and its route must agree on it.

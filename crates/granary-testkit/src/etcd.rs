@@ -8,7 +8,6 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::eventually;
 use crate::prosody::free_port_on;
 
 pub struct Member {
@@ -24,8 +23,21 @@ pub struct Etcd {
 
 impl Etcd {
     /// Starts `n` members as one cluster and waits until every one is
-    /// healthy.
+    /// healthy. Ports are picked free, then handed to etcd: if another
+    /// process took one in between, a member exits at once, and the whole
+    /// cluster is started again on new ports (three tries).
     pub fn start(n: usize) -> Etcd {
+        let mut why = String::new();
+        for _ in 0..3 {
+            match Etcd::try_start(n) {
+                Ok(etcd) => return etcd,
+                Err(e) => why = e,
+            }
+        }
+        panic!("etcd did not start: {why}");
+    }
+
+    fn try_start(n: usize) -> Result<Etcd, String> {
         let dir = tempfile::tempdir().expect("a temp dir");
         let lo = Ipv4Addr::LOCALHOST;
         let ports: Vec<(u16, u16)> = (0..n)
@@ -38,49 +50,61 @@ impl Etcd {
             .collect();
         let initial = initial.join(",");
         let token = format!("granary-test-{}", std::process::id());
-        let members = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (client, peer))| {
-                let name = format!("e{i}");
-                let data = dir.path().join(&name);
-                let log = std::fs::File::create(dir.path().join(format!("{name}.log")))
-                    .expect("a log file");
-                let client_url = format!("http://127.0.0.1:{client}");
-                let peer_url = format!("http://127.0.0.1:{peer}");
-                let child = Command::new("etcd")
-                    .args(["--name", &name])
-                    .arg("--data-dir")
-                    .arg(&data)
-                    .args(["--listen-client-urls", &client_url])
-                    .args(["--advertise-client-urls", &client_url])
-                    .args(["--listen-peer-urls", &peer_url])
-                    .args(["--initial-advertise-peer-urls", &peer_url])
-                    .args(["--initial-cluster", &initial])
-                    .args(["--initial-cluster-token", &token])
-                    .args(["--initial-cluster-state", "new"])
-                    // Small WAL preallocation and quick elections: tests.
-                    .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-                    .args(["--quota-backend-bytes", "268435456"])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .expect("etcd starts (Debian's etcd-server; ./run-tests installs it)");
-                Member {
-                    name,
-                    client_url,
-                    child: Some(child),
+        // Members are added as they start, so a failure part-way kills
+        // the ones already running (on drop).
+        let mut etcd = Etcd {
+            members: Vec::new(),
+            dir,
+        };
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let name = format!("e{i}");
+            let data = etcd.dir.path().join(&name);
+            let log = std::fs::File::create(etcd.dir.path().join(format!("{name}.log")))
+                .expect("a log file");
+            let client_url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let child = Command::new("etcd")
+                .args(["--name", &name])
+                .arg("--data-dir")
+                .arg(&data)
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-token", &token])
+                .args(["--initial-cluster-state", "new"])
+                // Quick elections, and a small backend quota: tests.
+                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+                .args(["--quota-backend-bytes", "268435456"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("etcd starts (Debian's etcd-server; ./run-tests installs it)");
+            etcd.members.push(Member {
+                name,
+                client_url,
+                child: Some(child),
+            });
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            for (i, m) in etcd.members.iter_mut().enumerate() {
+                if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    m.child = None;
+                    return Err(format!("member e{i} exited ({status}):\n{}", etcd.log(i)));
                 }
-            })
-            .collect();
-        let etcd = Etcd { members, dir };
-        eventually(
-            "every etcd member to be healthy",
-            Duration::from_secs(30),
-            || etcd.healthy().then_some(()),
-        );
-        etcd
+            }
+            if etcd.healthy() {
+                return Ok(etcd);
+            }
+            if std::time::Instant::now() > deadline {
+                let logs: Vec<String> = (0..n).map(|i| format!("e{i}:\n{}", etcd.log(i))).collect();
+                return Err(format!("not healthy after 30 s:\n{}", logs.join("\n")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The client URLs of every member, running or not.

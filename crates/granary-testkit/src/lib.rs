@@ -516,6 +516,54 @@ pub fn run_granary(args: &[&str], stdin: Option<&str>) -> Run {
     }
 }
 
+/// [`run_granary`] for a command that must end by itself (a `serve` that
+/// is expected to refuse to start): killed, and the test failed, if it
+/// runs past `deadline`.
+pub fn run_granary_within(args: &[&str], deadline: Duration) -> Run {
+    let mut child = Command::new(granary_bin())
+        .args(args)
+        .env_remove("GRANARY_HOME")
+        .env_remove("GRANARY_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn granary");
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut out);
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|o| Box::new(o) as _));
+    let stderr = drain(child.stderr.take().map(|o| Box::new(o) as _));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for granary") {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "granary {} still ran after {deadline:?}; stderr:\n{}",
+                args.join(" "),
+                stderr.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
 /// Which daemon command to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DaemonMode {
@@ -799,6 +847,14 @@ impl Daemon {
         let mut full = vec!["--config", config.to_str().expect("utf-8 temp path")];
         full.extend_from_slice(args);
         run_granary(&full, stdin)
+    }
+
+    /// [`run_granary_within`] against this daemon's config.
+    pub fn granary_within(&self, args: &[&str], deadline: Duration) -> Run {
+        let config = self.config_path();
+        let mut full = vec!["--config", config.to_str().expect("utf-8 temp path")];
+        full.extend_from_slice(args);
+        run_granary_within(&full, deadline)
     }
 
     /// One line to a grain's `hello` service (the example app) over

@@ -178,61 +178,47 @@ async fn stop_all(grains: &dyn granary_grains::Grains) {
     }
 }
 
-/// The supervisor's [`granary_supervisor::StartGate`] on a cluster node.
-/// A grain with no placement yet is placed on this node (it was made
-/// here); then the node may start it only under the cluster's start rule
-/// ([`granary_cluster::may_start`]), and writes the placement's epoch
-/// into its dataset first. Runs on the daemon's runtime, where the etcd
-/// client lives, whatever thread asks.
-pub(crate) struct Gate {
-    member: Arc<Member>,
-    runtime: tokio::runtime::Handle,
-}
-
-impl Gate {
-    pub(crate) fn new(member: Arc<Member>) -> Gate {
-        Gate {
-            member,
-            runtime: tokio::runtime::Handle::current(),
-        }
-    }
-}
-
-impl granary_supervisor::StartGate for Gate {
-    fn admit(
-        &self,
-        grain: &str,
-        exec: std::path::PathBuf,
-        datasets: Arc<dyn granary_datasets::Datasets>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
-        let member = self.member.clone();
-        let grain = grain.to_owned();
-        let task = self
-            .runtime
-            .spawn(async move { admit(&member, &grain, &exec, datasets).await });
-        Box::pin(async move {
-            task.await
-                .unwrap_or_else(|e| Err(format!("the cluster check failed: {e}")))
-        })
-    }
-}
-
-/// The architecture `exec` is built for, if it is an ELF file.
-fn arch_of(exec: &Path) -> Option<Arch> {
+/// The architecture of the app's program `exec` (as the grain names it,
+/// inside `image`), if it is an ELF file. Opened beneath the image root
+/// with no symlinks followed, so nothing outside the image is read.
+fn arch_of(image: &Path, exec: &str) -> Option<Arch> {
     use std::io::Read;
+    let root = std::fs::File::open(image).ok()?;
+    let mut file =
+        granary_files::open_beneath(&root, Path::new(exec.trim_start_matches('/')), false).ok()?;
     let mut header = [0u8; 20];
-    let mut file = std::fs::File::open(exec).ok()?;
     file.read_exact(&mut header).ok()?;
     Arch::of_elf(&header)
 }
 
-async fn admit(
+/// Whether this node may start `grain` now: the supervisor's start gate on
+/// a cluster node (the adapter is in `start.rs`). A grain with no
+/// placement yet is placed on this node (it was made here); then the node
+/// may start it only under the cluster's start rule
+/// ([`granary_cluster::may_start`]), and writes the placement's epoch into
+/// its dataset first. Runs on the daemon's runtime, where the etcd
+/// client's connection lives.
+pub(crate) async fn admit(
     member: &Member,
     grain: &str,
-    exec: &Path,
+    image: std::path::PathBuf,
+    exec: String,
     datasets: Arc<dyn granary_datasets::Datasets>,
 ) -> Result<(), String> {
-    if let Some(arch) = arch_of(exec)
+    let not_live = || {
+        format!(
+            "node {} may not start it: this node's cluster lease is {}",
+            member.node,
+            member.lease_state()
+        )
+    };
+    if !member.lease.is_live() {
+        return Err(not_live());
+    }
+    let arch = tokio::task::spawn_blocking(move || arch_of(&image, &exec))
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(arch) = arch
         && !member.arches.contains(&arch)
     {
         let runs: Vec<&str> = member.arches.iter().map(|a| a.as_str()).collect();
@@ -268,7 +254,7 @@ async fn admit(
             .await
             .map_err(etcd)?;
     }
-    match permit {
+    let admitted = match permit {
         Ok(epoch) if held == Some(epoch) => Ok(()),
         Ok(epoch) => {
             let g = grain.to_owned();
@@ -283,6 +269,12 @@ async fn admit(
             tracing::warn!(grain, %refusal, "refused to start a grain on this node");
             Err(format!("node {} may not start it: {refusal}", member.node))
         }
+    };
+    // Writing the epoch can take a while (ZFS syncs): the lease must still
+    // be trusted when the grain starts.
+    match admitted {
+        Ok(()) if !member.lease.is_live() => Err(not_live()),
+        other => other,
     }
 }
 

@@ -194,9 +194,7 @@ async fn serve(
         &config,
         &store,
         datasets.clone(),
-        member
-            .clone()
-            .map(|m| Arc::new(cluster::Gate::new(m)) as Arc<dyn granary_supervisor::StartGate>),
+        member.clone(),
         to_other_servers,
         addresses
             .iter()

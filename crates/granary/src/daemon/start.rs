@@ -51,7 +51,7 @@ pub(super) async fn supervisor(
     config: &Config,
     store: &Arc<Store>,
     datasets: Arc<dyn granary_datasets::Datasets>,
-    start_gate: Option<Arc<dyn granary_supervisor::StartGate>>,
+    member: Option<Arc<super::cluster::Member>>,
     xmpp_outbound: Option<granary_supervisor::XmppOutbound>,
     https: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<(LocalGrains, SupervisorThread)> {
@@ -69,6 +69,12 @@ pub(super) async fn supervisor(
         tracing::info!(grain = %g.id, "grain record created");
     }
     let g = &config.grains;
+    let start_gate = member.map(|member| {
+        Arc::new(ClusterGate {
+            member,
+            runtime: tokio::runtime::Handle::current(),
+        }) as Arc<dyn granary_supervisor::StartGate>
+    });
     let params = granary_supervisor::SupervisorParams {
         store: store.clone(),
         datasets,
@@ -188,4 +194,35 @@ pub(super) fn builtin_packages(dir: &std::path::Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     found.sort();
     found
+}
+
+/// The supervisor's start gate on a cluster node: [`super::cluster::admit`],
+/// run on the daemon's runtime (where the etcd client lives) whichever
+/// thread asks.
+struct ClusterGate {
+    member: Arc<super::cluster::Member>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl granary_supervisor::StartGate for ClusterGate {
+    fn admit(
+        &self,
+        grain: &str,
+        image: PathBuf,
+        exec: String,
+        datasets: Arc<dyn granary_datasets::Datasets>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), granary_supervisor::StartRefused>> + Send>,
+    > {
+        let member = self.member.clone();
+        let grain = grain.to_owned();
+        let task = self.runtime.spawn(async move {
+            super::cluster::admit(&member, &grain, image, exec, datasets).await
+        });
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("the cluster check failed: {e}")))
+                .map_err(granary_supervisor::StartRefused)
+        })
+    }
 }
