@@ -571,6 +571,9 @@ impl Datasets for Zfs {
                 "-p",
                 "-o",
                 "value",
+                // Set on this dataset or received with it, never inherited.
+                "-s",
+                "local,received",
                 EPOCH_PROPERTY,
                 &self.name(grain),
             ],
