@@ -19,7 +19,7 @@ fn node_config(etcd: &Etcd, name: &str, arches: &str) -> String {
         .map(|e| format!("\"{e}\""))
         .collect();
     format!(
-        "[cluster]\netcd = [{}]\nnode = \"{name}\"\naddress = \"127.0.0.1:7443\"\narches = [{arches}]\nlease_ttl = \"2s\"\n",
+        "[cluster]\netcd = [{}]\nnode = \"{name}\"\naddress = \"127.0.0.1:0\"\narches = [{arches}]\nlease_ttl = \"2s\"\n",
         endpoints.join(", ")
     )
 }
@@ -170,6 +170,25 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
         "{}",
         run.stderr
     );
+    // Any node reaches the grain: n2 forwards the connection over its
+    // node link to n1, which owns it, with n2's identity attached. The
+    // marker is only in n1's copy of the data.
+    std::fs::write(
+        n1.data_dir().join("grains/alice-hello/data/only-on-n1"),
+        "x",
+    )
+    .unwrap();
+    assert_eq!(n2.ask("alice/hello", "ls /var"), "only-on-n1");
+    assert_eq!(
+        n3.ask("alice/hello", "whoami"),
+        "user=alice method=admin grain=alice-hello owner=alice kind=hello"
+    );
+    assert!(
+        n1.log().contains("connection forwarded from another node"),
+        "{}",
+        n1.log()
+    );
+
     // Data that a later placement already ran on is not started under an
     // older one.
     n1.granary(&["grain", "stop", "alice/hello"]).success();

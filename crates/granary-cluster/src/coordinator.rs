@@ -320,8 +320,9 @@ impl Coordinator {
         }
     }
 
-    /// Takes the lease of member `node` (its daemon starting): the lease
-    /// is granted, `alive/<node>` written under it, and renewals begin. A
+    /// Takes the lease of member `node` (its daemon starting, its node link
+    /// at `link`): the lease is granted, `alive/<node>` written under it,
+    /// and renewals begin. A
     /// lease left by this node's previous run (it crashed) is revoked
     /// first; the caller holds the node's data-dir lock, so that run is
     /// gone.
@@ -330,6 +331,7 @@ impl Coordinator {
         node: &str,
         ttl: Duration,
         free_bytes: u64,
+        link: &str,
     ) -> Result<NodeLease> {
         let record = self.key(&format!("nodes/{node}"));
         let alive_key = self.key(&format!("alive/{node}"));
@@ -344,6 +346,7 @@ impl Coordinator {
             lease: grant.id(),
             started_unix: now_unix(),
             free_bytes,
+            link: link.to_owned(),
         };
         let txn = Txn::new()
             .when([

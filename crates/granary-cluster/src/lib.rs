@@ -19,13 +19,16 @@ mod coordinator;
 mod error;
 mod etcd;
 mod fence;
+mod grains;
 mod lease;
+pub mod link;
 mod place;
 mod records;
 
 pub use coordinator::{Coordinator, NodeStatus};
 pub use error::ClusterError;
 pub use fence::{Refusal, may_start};
+pub use grains::ClusterGrains;
 pub use granary_model::valid_node_name;
 pub use lease::{LeaseState, NodeLease};
 pub use place::choose_node;

@@ -74,6 +74,7 @@ mod tests {
                 lease: 1,
                 started_unix: 0,
                 free_bytes,
+                link: String::new(),
             }),
             lease_age_secs: None,
             grains,

@@ -102,6 +102,10 @@ pub struct Alive {
     pub started_unix: i64,
     /// Free bytes where its datasets live, as the daemon last saw them.
     pub free_bytes: u64,
+    /// Where its node link listens now (`host:port`); empty when it has
+    /// none (other nodes then use the member record's address).
+    #[serde(default)]
+    pub link: String,
 }
 
 /// `placement/<grain>` as stored; the epoch is not in the value but is the

@@ -130,18 +130,18 @@ async fn leases_show_who_is_up_and_a_dead_node_drops_out_after_its_ttl() {
         .unwrap();
     c.init().await.unwrap();
     assert!(matches!(
-        c.hold_lease("ghost", Duration::from_secs(2), 0).await,
+        c.hold_lease("ghost", Duration::from_secs(2), 0, "").await,
         Err(ClusterError::NoSuchNode(_))
     ));
     joined(&c, "n1", &[Arch::X86_64]).await;
     joined(&c, "n2", &[Arch::X86_64]).await;
 
     let l1 = c
-        .hold_lease("n1", Duration::from_secs(2), 1 << 30)
+        .hold_lease("n1", Duration::from_secs(2), 1 << 30, "")
         .await
         .unwrap();
     let l2 = c
-        .hold_lease("n2", Duration::from_secs(2), 1 << 30)
+        .hold_lease("n2", Duration::from_secs(2), 1 << 30, "")
         .await
         .unwrap();
     assert_eq!(l1.state(), LeaseState::Live);
@@ -202,7 +202,10 @@ async fn leases_show_who_is_up_and_a_dead_node_drops_out_after_its_ttl() {
 
     // Another process calling itself n1 while n1 renews its lease does not
     // take it (a copied data dir): it waits out one TTL and gives up.
-    match c.hold_lease("n1", Duration::from_secs(2), 1 << 30).await {
+    match c
+        .hold_lease("n1", Duration::from_secs(2), 1 << 30, "")
+        .await
+    {
         Err(ClusterError::LeaseHeld(n)) => assert_eq!(n, "n1"),
         other => panic!("took a lease someone renews: {:?}", other.err()),
     }
@@ -211,7 +214,7 @@ async fn leases_show_who_is_up_and_a_dead_node_drops_out_after_its_ttl() {
     // the record back once the old lease expires.
     drop(l1);
     let again = c
-        .hold_lease("n1", Duration::from_secs(2), 1 << 30)
+        .hold_lease("n1", Duration::from_secs(2), 1 << 30, "")
         .await
         .unwrap();
     assert!(again.is_live());
@@ -228,7 +231,7 @@ async fn leases_show_who_is_up_and_a_dead_node_drops_out_after_its_ttl() {
         .expect("the revoked lease reported lost");
     assert_eq!(again.state(), LeaseState::Lost);
     let again = c
-        .hold_lease("n1", Duration::from_secs(2), 1 << 30)
+        .hold_lease("n1", Duration::from_secs(2), 1 << 30, "")
         .await
         .unwrap();
 
@@ -254,15 +257,15 @@ async fn placement_is_fenced_by_epochs() {
     joined(&c, "n2", &[Arch::X86_64]).await;
     joined(&c, "pi", &[Arch::Aarch64]).await;
     let l1 = c
-        .hold_lease("n1", Duration::from_secs(5), 10 << 30)
+        .hold_lease("n1", Duration::from_secs(5), 10 << 30, "")
         .await
         .unwrap();
     let l2 = c
-        .hold_lease("n2", Duration::from_secs(5), 20 << 30)
+        .hold_lease("n2", Duration::from_secs(5), 20 << 30, "")
         .await
         .unwrap();
     let lpi = c
-        .hold_lease("pi", Duration::from_secs(5), 900 << 30)
+        .hold_lease("pi", Duration::from_secs(5), 900 << 30, "")
         .await
         .unwrap();
 
@@ -379,7 +382,7 @@ async fn one_etcd_member_lost_changes_nothing_two_lapse_every_lease() {
     c.init().await.unwrap();
     joined(&c, "n1", &[Arch::X86_64]).await;
     let lease = c
-        .hold_lease("n1", Duration::from_secs(3), 1 << 30)
+        .hold_lease("n1", Duration::from_secs(3), 1 << 30, "")
         .await
         .unwrap();
     let p = c.place("alice-git", &[Arch::X86_64]).await.unwrap();

@@ -18,14 +18,14 @@ use std::pin::Pin;
 pub mod mail;
 
 pub use granary_model::GrainId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What every [`Grains`] method returns.
 pub type GrainsFuture<T> = Pin<Box<dyn Future<Output = Result<T, GrainError>> + Send + 'static>>;
 
 /// How a client proved who it is, as the grain is told (`grain.capnp`'s
 /// `AuthMethod`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
     /// Nobody logged in: a public blog, a public repository, mail from the
@@ -45,7 +45,7 @@ pub enum AuthMethod {
 
 /// Who a connection is for, as the gateway (or the admin socket)
 /// established it. Grains never see a password, only this.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     /// The authenticated user; empty when anonymous.
     pub user: String,
@@ -73,7 +73,7 @@ impl Identity {
 }
 
 /// Where a connection came from, as the gateway saw it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
     /// The client's address and port (`203.0.113.7:51234`).
     pub address: String,
@@ -181,7 +181,9 @@ pub enum Fault {
 }
 
 /// What went wrong with a grain.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Carried between nodes as `{"kind": ..., "detail": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "kebab-case")]
 pub enum Problem {
     #[error("no such grain")]
     NoSuchGrain,

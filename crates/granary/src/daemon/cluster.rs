@@ -50,11 +50,24 @@ fn free_bytes(dir: &Path) -> u64 {
     }
 }
 
-/// Takes this node's lease when `[cluster]` is configured; `None` without.
-pub(crate) async fn join(config: &Config) -> anyhow::Result<Option<Arc<Member>>> {
+/// Takes this node's lease when `[cluster]` is configured, with its node
+/// link bound at `[cluster].address` (served by [`serve_links`] once the
+/// grains run); `None` without.
+pub(crate) async fn join(
+    config: &Config,
+) -> anyhow::Result<Option<(Arc<Member>, tokio::net::TcpListener)>> {
     let Some(cluster) = &config.cluster else {
         return Ok(None);
     };
+    let links = tokio::net::TcpListener::bind(&cluster.address)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for node links on cluster.address {}",
+                cluster.address
+            )
+        })?;
+    let link = links.local_addr()?.to_string();
     let coordinator = Coordinator::connect(&cluster.etcd, &cluster.prefix)
         .await
         .with_context(|| format!("cannot reach etcd at {}", cluster.etcd.join(", ")))?;
@@ -80,6 +93,7 @@ pub(crate) async fn join(config: &Config) -> anyhow::Result<Option<Arc<Member>>>
             &cluster.node,
             cluster.lease_ttl,
             free_bytes(&config.data_dir),
+            &link,
         )
         .await?;
     tracing::info!(node = %cluster.node, lease = lease.id(), ttl = ?lease.ttl(), "holding this node's cluster lease");
@@ -95,7 +109,36 @@ pub(crate) async fn join(config: &Config) -> anyhow::Result<Option<Arc<Member>>>
         lease,
     });
     tokio::spawn(watch(member.clone(), config.data_dir.clone()));
-    Ok(Some(member))
+    Ok(Some((member, links)))
+}
+
+/// Serves node links: other nodes' connections to grains this node runs,
+/// asked of `local` (this node's own grains, never forwarded again). The
+/// keys accepted are the members', read from etcd every two seconds.
+pub(crate) fn serve_links(
+    member: Arc<Member>,
+    listener: tokio::net::TcpListener,
+    key: granary_package::SigningKey,
+    local: Arc<dyn granary_grains::Grains>,
+) {
+    let members = granary_cluster::link::Members::default();
+    let refreshing = members.clone();
+    tokio::spawn(async move {
+        loop {
+            match member.coordinator.nodes().await {
+                Ok(nodes) => {
+                    refreshing.set(nodes.into_iter().map(|n| (n.record.key, n.record.name)))
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot refresh the cluster's node keys"),
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = granary_cluster::link::serve(listener, &key, members, local).await {
+            tracing::error!(error = %e, "the node link listener failed");
+        }
+    });
 }
 
 /// Reports free space every minute, and says loudly when the lease is lost.

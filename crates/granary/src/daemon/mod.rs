@@ -159,7 +159,10 @@ async fn serve(
         Mode::Serve => None,
     };
 
-    let member = cluster::join(&config).await?;
+    let (member, links) = match cluster::join(&config).await? {
+        Some((m, l)) => (Some(m), Some(l)),
+        None => (None, None),
+    };
     let limiter: Arc<granary_gateway::LoginLimiter> = Arc::default();
     let info = DaemonInfo {
         cluster: member.clone(),
@@ -203,9 +206,23 @@ async fn serve(
     )
     .await?;
     tokio::spawn(memory::trim_after_exits(supervisor.grain_exits()));
-    let grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
-    if let Some(m) = &member {
-        tokio::spawn(cluster::fence_on_lapse(m.clone(), grains.clone()));
+    let mut grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
+    if let (Some(m), Some(links)) = (&member, links) {
+        let local = grains.clone();
+        tokio::spawn(cluster::fence_on_lapse(m.clone(), local.clone()));
+        cluster::serve_links(
+            m.clone(),
+            links,
+            granary_backup::node_key(&config.data_dir)?,
+            local.clone(),
+        );
+        // Connections to grains other nodes own go to them.
+        grains = Arc::new(granary_cluster::ClusterGrains::new(
+            local,
+            m.coordinator.clone(),
+            m.node.clone(),
+            granary_backup::node_key(&config.data_dir)?,
+        ));
     }
     let chat_domains = Arc::new(granary_gateway::ChatDomains::new(
         &config.domain,

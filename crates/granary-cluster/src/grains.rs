@@ -1,0 +1,159 @@
+//! [`ClusterGrains`]: `Grains` on a cluster node. A connection to a grain
+//! another node owns goes over a node link to that node; everything else
+//! (a grain placed here, or not placed yet, and every other call) is this
+//! node's own [`Grains`].
+//!
+//! What is built so far: connections (the gateway's and `granary grain
+//! connect`'s) reach the owner wherever it runs. Admin calls (start, stop,
+//! status, snapshots, mail delivery) act on this node's grains; they
+//! follow the placement when the shared records do (issue 19).
+
+use std::sync::Arc;
+
+use granary_grains::mail::{MailDelivery, MailStatus, XmppStanza, XmppStatus};
+use granary_grains::{
+    Connection, GrainStatus, Grains, GrainsFuture, Identity, Peer, Snapshot, SnapshotTaken, Start,
+};
+use granary_model::GrainId;
+use granary_package::SigningKey;
+
+use crate::Coordinator;
+
+pub struct ClusterGrains {
+    local: Arc<dyn Grains>,
+    coordinator: Coordinator,
+    node: String,
+    key: Arc<SigningKey>,
+}
+
+impl ClusterGrains {
+    pub fn new(
+        local: Arc<dyn Grains>,
+        coordinator: Coordinator,
+        node: String,
+        key: SigningKey,
+    ) -> ClusterGrains {
+        ClusterGrains {
+            local,
+            coordinator,
+            node,
+            key: Arc::new(key),
+        }
+    }
+}
+
+/// Where a connection to `grain` goes: `None` for here, else the owner's
+/// link address and node key. When etcd cannot say, here: the start gate
+/// refuses a grain this node does not hold.
+async fn owner_elsewhere(
+    c: &Coordinator,
+    me: &str,
+    grain: &GrainId,
+) -> Option<(String, String, String)> {
+    let placed = match c.placement(grain.as_ref()).await {
+        Ok(Some(p)) if p.node != me => p,
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::warn!(%grain, error = %e, "cannot read the grain's placement; trying this node");
+            return None;
+        }
+    };
+    let record = c.node(&placed.node).await.ok().flatten()?;
+    let link = c
+        .nodes()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|n| n.record.name == placed.node)
+        .and_then(|n| n.alive)
+        .map(|a| a.link)
+        .filter(|l| !l.is_empty())
+        .unwrap_or(record.address);
+    Some((placed.node, link, record.key))
+}
+
+impl Grains for ClusterGrains {
+    fn connect(
+        &self,
+        grain: &GrainId,
+        service: &str,
+        identity: Identity,
+        peer: Peer,
+    ) -> GrainsFuture<Connection> {
+        let (local, c, me, key) = (
+            self.local.clone(),
+            self.coordinator.clone(),
+            self.node.clone(),
+            self.key.clone(),
+        );
+        let (grain, service) = (grain.clone(), service.to_owned());
+        Box::pin(async move {
+            match owner_elsewhere(&c, &me, &grain).await {
+                None => local.connect(&grain, &service, identity, peer).await,
+                Some((node, link, node_key)) => {
+                    tracing::debug!(%grain, node, link, "forwarding a connection to the owner node");
+                    crate::link::connect(&link, &node_key, &key, &grain, &service, identity, peer)
+                        .await
+                }
+            }
+        })
+    }
+
+    fn start(&self, grain: &GrainId, how: Start) -> GrainsFuture<()> {
+        self.local.start(grain, how)
+    }
+    fn stop(&self, grain: &GrainId) -> GrainsFuture<bool> {
+        self.local.stop(grain)
+    }
+    fn status(&self, grain: &GrainId) -> GrainsFuture<GrainStatus> {
+        self.local.status(grain)
+    }
+    fn list(&self) -> GrainsFuture<Vec<GrainStatus>> {
+        self.local.list()
+    }
+    fn logs(&self, grain: &GrainId, max_bytes: u64) -> GrainsFuture<Vec<u8>> {
+        self.local.logs(grain, max_bytes)
+    }
+    fn snapshot(&self, grain: &GrainId, label: &str) -> GrainsFuture<SnapshotTaken> {
+        self.local.snapshot(grain, label)
+    }
+    fn snapshots(&self, grain: &GrainId) -> GrainsFuture<Vec<Snapshot>> {
+        self.local.snapshots(grain)
+    }
+    fn prune(&self, grain: &GrainId) -> GrainsFuture<Vec<String>> {
+        self.local.prune(grain)
+    }
+    fn rollback(&self, grain: &GrainId, snapshot: &str) -> GrainsFuture<bool> {
+        self.local.rollback(grain, snapshot)
+    }
+    fn hold(&self, grain: &GrainId, reason: &str) -> GrainsFuture<()> {
+        self.local.hold(grain, reason)
+    }
+    fn release(&self, grain: &GrainId) -> GrainsFuture<()> {
+        self.local.release(grain)
+    }
+    fn forget(&self, grain: &GrainId) -> GrainsFuture<()> {
+        self.local.forget(grain)
+    }
+    fn grant_revoked(&self, grant: i64) -> GrainsFuture<()> {
+        self.local.grant_revoked(grant)
+    }
+    fn deliver_mail(&self, grain: &GrainId, mail: MailDelivery) -> GrainsFuture<()> {
+        self.local.deliver_mail(grain, mail)
+    }
+    fn mail_status(&self, grain: &GrainId) -> GrainsFuture<MailStatus> {
+        self.local.mail_status(grain)
+    }
+    fn xmpp_status(&self, grain: &GrainId) -> GrainsFuture<XmppStatus> {
+        self.local.xmpp_status(grain)
+    }
+    fn xmpp_befriend(&self, grain: &GrainId, jid: &str, name: &str) -> GrainsFuture<()> {
+        self.local.xmpp_befriend(grain, jid, name)
+    }
+    fn xmpp_room_members(&self, grain: &GrainId) -> GrainsFuture<Vec<String>> {
+        self.local.xmpp_room_members(grain)
+    }
+    fn deliver_xmpp(&self, grain: &GrainId, stanza: XmppStanza) -> GrainsFuture<()> {
+        self.local.deliver_xmpp(grain, stanza)
+    }
+}
