@@ -188,6 +188,21 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
         "{}",
         n1.log()
     );
+    // Over HTTPS through n2's gateway: n2 checks alice's app password,
+    // n1's grain answers for the identity n2 established.
+    let password = granary_testkit::app_password(&n2, "alice", "hello");
+    let (code, body) = n2.curl(
+        "hello.localhost",
+        "/whoami",
+        &["--user", &format!("alice:{password}")],
+    );
+    assert_eq!(code, "200", "{body}");
+    assert!(
+        body.starts_with("user=alice method=app-password credential="),
+        "{body}"
+    );
+    let (code, _) = n2.curl("hello.localhost", "/whoami", &["--user", "alice:wrong"]);
+    assert_eq!(code, "401");
 
     // Data that a later placement already ran on is not started under an
     // older one.
