@@ -29,6 +29,16 @@ pub struct NodeStatus {
     pub grains: usize,
 }
 
+/// Where a grain another node owns is reached ([`Coordinator::route`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub node: String,
+    /// Its node link; `None` while the node is down.
+    pub link: Option<String>,
+    /// Its node key (hex), pinned on the link.
+    pub key: String,
+}
+
 /// A connection to the etcd cluster that holds one Granary cluster.
 #[derive(Clone)]
 pub struct Coordinator {
@@ -448,6 +458,60 @@ impl Coordinator {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Where connections to `grain` go when a node other than `me` owns it:
+    /// the owner's name, its node link address (from its `alive` record;
+    /// `None` when it is down) and its node key. `None` when the grain is
+    /// placed on `me` or nowhere. Two reads: the placement, then the
+    /// owner's records in one transaction.
+    pub async fn route(&self, grain: &str, me: &str) -> Result<Option<Route>> {
+        let Some(placed) = self.placement(grain).await? else {
+            return Ok(None);
+        };
+        if placed.node == me {
+            return Ok(None);
+        }
+        let record_key = self.key(&format!("nodes/{}", placed.node));
+        let alive_key = self.key(&format!("alive/{}", placed.node));
+        let txn = Txn::new().and_then([
+            TxnOp::get(record_key.as_str(), None),
+            TxnOp::get(alive_key.as_str(), None),
+        ]);
+        let resp = self
+            .c()
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("reading the owner node"))?;
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let (Some(record), Some(alive)) = (gets.next(), gets.next()) else {
+            return Err(ClusterError::Changed(
+                "etcd answered a two-read transaction with fewer reads".to_owned(),
+            ));
+        };
+        let Some(kv) = record.kvs().first() else {
+            return Err(ClusterError::NoSuchNode(placed.node));
+        };
+        let record: NodeRecord = from_json(&record_key, kv.value())?;
+        let link = match alive.kvs().first() {
+            Some(kv) => {
+                let a: Alive = from_json(&alive_key, kv.value())?;
+                Some(if a.link.is_empty() {
+                    record.address.clone()
+                } else {
+                    a.link
+                })
+            }
+            None => None,
+        };
+        Ok(Some(Route {
+            node: placed.node,
+            link,
+            key: record.key,
+        }))
     }
 
     /// Where a grain is placed.

@@ -12,12 +12,13 @@ use std::sync::Arc;
 
 use granary_grains::mail::{MailDelivery, MailStatus, XmppStanza, XmppStatus};
 use granary_grains::{
-    Connection, GrainStatus, Grains, GrainsFuture, Identity, Peer, Snapshot, SnapshotTaken, Start,
+    Connection, GrainError, GrainStatus, Grains, GrainsFuture, Identity, Peer, Problem, Snapshot,
+    SnapshotTaken, Start,
 };
 use granary_model::GrainId;
 use granary_package::SigningKey;
 
-use crate::Coordinator;
+use crate::{Coordinator, Route};
 
 pub struct ClusterGrains {
     local: Arc<dyn Grains>,
@@ -42,36 +43,6 @@ impl ClusterGrains {
     }
 }
 
-/// Where a connection to `grain` goes: `None` for here, else the owner's
-/// link address and node key. When etcd cannot say, here: the start gate
-/// refuses a grain this node does not hold.
-async fn owner_elsewhere(
-    c: &Coordinator,
-    me: &str,
-    grain: &GrainId,
-) -> Option<(String, String, String)> {
-    let placed = match c.placement(grain.as_ref()).await {
-        Ok(Some(p)) if p.node != me => p,
-        Ok(_) => return None,
-        Err(e) => {
-            tracing::warn!(%grain, error = %e, "cannot read the grain's placement; trying this node");
-            return None;
-        }
-    };
-    let record = c.node(&placed.node).await.ok().flatten()?;
-    let link = c
-        .nodes()
-        .await
-        .ok()?
-        .into_iter()
-        .find(|n| n.record.name == placed.node)
-        .and_then(|n| n.alive)
-        .map(|a| a.link)
-        .filter(|l| !l.is_empty())
-        .unwrap_or(record.address);
-    Some((placed.node, link, record.key))
-}
-
 impl Grains for ClusterGrains {
     fn connect(
         &self,
@@ -88,9 +59,28 @@ impl Grains for ClusterGrains {
         );
         let (grain, service) = (grain.clone(), service.to_owned());
         Box::pin(async move {
-            match owner_elsewhere(&c, &me, &grain).await {
+            let route = match c.route(grain.as_ref(), &me).await {
+                Ok(route) => route,
+                // etcd cannot say: try here; the start gate refuses a
+                // grain this node does not hold.
+                Err(e) => {
+                    tracing::warn!(%grain, error = %e, "cannot read the grain's placement; trying this node");
+                    None
+                }
+            };
+            match route {
                 None => local.connect(&grain, &service, identity, peer).await,
-                Some((node, link, node_key)) => {
+                Some(Route {
+                    node, link: None, ..
+                }) => Err(GrainError::new(
+                    &grain,
+                    Problem::Busy(format!("its node {node} is down")),
+                )),
+                Some(Route {
+                    node,
+                    link: Some(link),
+                    key: node_key,
+                }) => {
                     tracing::debug!(%grain, node, link, "forwarding a connection to the owner node");
                     crate::link::connect(&link, &node_key, &key, &grain, &service, identity, peer)
                         .await

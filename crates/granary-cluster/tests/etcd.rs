@@ -330,6 +330,19 @@ async fn placement_is_fenced_by_epochs() {
         })
     );
 
+    // Connections go to the owner: none from the owner itself, the owner's
+    // link and pinned key from anyone else.
+    assert_eq!(c.route("alice-git", "n1").await.unwrap(), None);
+    assert_eq!(c.route("nobody-git", "n2").await.unwrap(), None);
+    let route = c.route("alice-git", "n2").await.unwrap().unwrap();
+    assert_eq!(route.node, "n1");
+    assert_eq!(
+        route.link.as_deref(),
+        Some("127.0.0.1:7002"),
+        "its record's address when alive has no link"
+    );
+    assert_eq!(route.key, "00".repeat(32));
+
     // A drained node takes nothing new, and the flag is in its record.
     c.set_drained("n1", true).await.unwrap();
     assert!(c.node("n1").await.unwrap().unwrap().drained);
