@@ -460,6 +460,53 @@ impl Coordinator {
         }
     }
 
+    /// The node keys (hex) and names of members that hold a live lease:
+    /// whom a node link accepts. Two reads, whatever the number of grains.
+    pub async fn live_member_keys(&self) -> Result<Vec<(String, String)>> {
+        let records: Vec<NodeRecord> = self
+            .list("nodes/")
+            .await?
+            .into_iter()
+            .map(|(_, r, _)| r)
+            .collect();
+        let alive: Vec<String> = self
+            .list::<Alive>("alive/")
+            .await?
+            .into_iter()
+            .map(|(name, _, _)| name)
+            .collect();
+        Ok(records
+            .into_iter()
+            .filter(|r| alive.contains(&r.name))
+            .map(|r| (r.key, r.name))
+            .collect())
+    }
+
+    /// Resolves at the first change to any node's `alive` record (a node
+    /// starting, stopping or dying) after the call, or with an error when
+    /// the watch cannot be made or breaks.
+    pub async fn alive_changed(&self) -> Result<()> {
+        let prefix = self.key("alive/");
+        let mut client = self.client.clone();
+        let mut stream = client
+            .watch(
+                prefix.as_str(),
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(ClusterError::etcd("watching alive records"))?;
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) if !resp.events().is_empty() => return Ok(()),
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    return Err(ClusterError::Changed("the etcd watch ended".to_owned()));
+                }
+                Err(e) => return Err(ClusterError::etcd("watching alive records")(e)),
+            }
+        }
+    }
+
     /// Where connections to `grain` go when a node other than `me` owns it:
     /// the owner's name, its node link address (from its `alive` record;
     /// `None` when it is down) and its node key. `None` when the grain is

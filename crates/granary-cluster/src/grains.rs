@@ -20,6 +20,9 @@ use granary_package::SigningKey;
 
 use crate::{Coordinator, Route};
 
+/// How long a connection waits for etcd to say where its grain runs.
+const ROUTE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct ClusterGrains {
     local: Arc<dyn Grains>,
     coordinator: Coordinator,
@@ -59,12 +62,26 @@ impl Grains for ClusterGrains {
         );
         let (grain, service) = (grain.clone(), service.to_owned());
         Box::pin(async move {
-            let route = match c.route(grain.as_ref(), &me).await {
-                Ok(route) => route,
+            // Running here means placed here (the start gate saw to it,
+            // and fencing stops it when the lease lapses): no need to ask.
+            if local
+                .status(&grain)
+                .await
+                .is_ok_and(|s| s.state == "running")
+            {
+                return local.connect(&grain, &service, identity, peer).await;
+            }
+            let asked = tokio::time::timeout(ROUTE_DEADLINE, c.route(grain.as_ref(), &me)).await;
+            let route = match asked {
+                Ok(Ok(route)) => route,
                 // etcd cannot say: try here; the start gate refuses a
                 // grain this node does not hold.
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(%grain, error = %e, "cannot read the grain's placement; trying this node");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(%grain, "etcd did not say where the grain runs in time; trying this node");
                     None
                 }
             };

@@ -40,6 +40,21 @@ impl Member {
     }
 }
 
+/// The node link address other nodes are told: `[cluster].address` as
+/// written, with the port the kernel picked when it says 0. An address
+/// that names no particular interface cannot be told to anyone.
+fn advertised(configured: &str, bound: std::net::SocketAddr) -> anyhow::Result<String> {
+    if bound.ip().is_unspecified() {
+        bail!(
+            "cluster.address {configured} names no interface; give this node's own address, the one other nodes reach it at"
+        );
+    }
+    Ok(match configured.rsplit_once(':') {
+        Some((host, "0")) => format!("{host}:{}", bound.port()),
+        _ => configured.to_owned(),
+    })
+}
+
 /// Free bytes under the data dir, as this node reports its room.
 fn free_bytes(dir: &Path) -> u64 {
     match nix::sys::statvfs::statvfs(dir) {
@@ -67,7 +82,7 @@ pub(crate) async fn join(
                 cluster.address
             )
         })?;
-    let link = links.local_addr()?.to_string();
+    let link = advertised(&cluster.address, links.local_addr()?)?;
     let coordinator = Coordinator::connect(&cluster.etcd, &cluster.prefix)
         .await
         .with_context(|| format!("cannot reach etcd at {}", cluster.etcd.join(", ")))?;
@@ -114,7 +129,8 @@ pub(crate) async fn join(
 
 /// Serves node links: other nodes' connections to grains this node runs,
 /// asked of `local` (this node's own grains, never forwarded again). The
-/// keys accepted are the members', read from etcd every two seconds.
+/// keys accepted are those of members with a live lease, read from etcd
+/// at start, whenever an `alive` record changes, and every 10 s.
 pub(crate) fn serve_links(
     member: Arc<Member>,
     listener: tokio::net::TcpListener,
@@ -122,21 +138,33 @@ pub(crate) fn serve_links(
     local: Arc<dyn granary_grains::Grains>,
 ) {
     let members = granary_cluster::link::Members::default();
-    let refreshing = members.clone();
     tokio::spawn(async move {
-        loop {
-            match member.coordinator.nodes().await {
-                Ok(nodes) => {
-                    refreshing.set(nodes.into_iter().map(|n| (n.record.key, n.record.name)))
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot refresh the cluster's node keys"),
+        let refresh = async |members: &granary_cluster::link::Members| match member
+            .coordinator
+            .live_member_keys()
+            .await
+        {
+            Ok(keys) => members.set(keys),
+            Err(e) => tracing::warn!(error = %e, "cannot refresh the cluster's node keys"),
+        };
+        // Known before the first link is taken.
+        refresh(&members).await;
+        let serving = members.clone();
+        tokio::spawn(async move {
+            if let Err(e) = granary_cluster::link::serve(listener, &key, serving, local).await {
+                tracing::error!(error = %e, "the node link listener failed");
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    });
-    tokio::spawn(async move {
-        if let Err(e) = granary_cluster::link::serve(listener, &key, members, local).await {
-            tracing::error!(error = %e, "the node link listener failed");
+        });
+        // Again whenever a node starts, stops or dies, and every 10 s in
+        // case a watch missed something.
+        loop {
+            let changed = member.coordinator.alive_changed();
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), changed).await {
+                // etcd unreachable: do not spin on a watch that fails at once.
+                tracing::debug!(error = %e, "watching the cluster's nodes");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            refresh(&members).await;
         }
     });
 }
