@@ -17,60 +17,20 @@
 #[path = "support.rs"]
 mod support;
 
-use std::process::Command;
-
 use granary_testkit::etcd::Etcd;
 use granary_testkit::{Daemon, DaemonMode};
 use support::{have, median};
 
 /// wrk against `url` with basic auth: (requests/s, p50 ms, p99 ms).
+/// wrk through the gateway as `auth` (user:password).
 fn wrk(url: &str, auth: &str, secs: u32) -> (f64, f64, f64) {
     use base64::Engine;
     let basic = base64::engine::general_purpose::STANDARD.encode(auth);
-    let out = Command::new("taskset")
-        .args([
-            "-c",
-            "0",
-            "wrk",
-            "-t1",
-            "-c64",
-            &format!("-d{secs}s"),
-            "--latency",
-        ])
-        .args(["-H", "Host: hello.localhost"])
-        .arg("-H")
-        .arg(format!("Authorization: Basic {basic}"))
-        .arg(url)
-        .output()
-        .expect("wrk");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("wrk said:\n{text}"));
-    let ms = |p: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(p))
-            .map(|v| {
-                let v = v.trim();
-                let at = v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len());
-                let n: f64 = v[..at].parse().unwrap_or(f64::NAN);
-                match &v[at..] {
-                    "us" => n / 1000.0,
-                    "s" => n * 1000.0,
-                    _ => n,
-                }
-            })
-            .unwrap_or(f64::NAN)
-    };
-    if let Some(e) = text
-        .lines()
-        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
-    {
-        panic!("wrk {url}: {}", e.trim());
-    }
-    (rps, ms("50%"), ms("99%"))
+    let headers = [
+        "Host: hello.localhost".to_owned(),
+        format!("Authorization: Basic {basic}"),
+    ];
+    support::wrk(url, &headers, secs, true)
 }
 
 fn main() {

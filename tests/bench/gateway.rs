@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 
 use granary_testkit::{Daemon, DaemonMode, eventually};
 
+#[path = "support.rs"]
+mod support;
+
 const DOMAIN: &str = "example.test";
 
 struct Killed(Child);
@@ -44,75 +47,11 @@ impl Drop for Killed {
     }
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+use support::{free_port, have, median};
 
 /// wrk against `url` with `host`: (requests/s, p50 ms, p99 ms).
 fn wrk(url: &str, host: &str, secs: u32) -> (f64, f64, f64) {
-    let out = Command::new("taskset")
-        .args([
-            "-c",
-            "0",
-            "wrk",
-            "-t1",
-            "-c64",
-            &format!("-d{secs}s"),
-            "--latency",
-            "-H",
-        ])
-        .arg(format!("Host: {host}"))
-        .arg(url)
-        .output()
-        .expect("wrk");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("wrk said:\n{text}"));
-    let percentile = |p: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(p))
-            .map(|v| {
-                let v = v.trim();
-                let (num, unit) =
-                    v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
-                let n: f64 = num.parse().unwrap_or(f64::NAN);
-                match unit {
-                    "us" => n / 1000.0,
-                    "s" => n * 1000.0,
-                    _ => n,
-                }
-            })
-            .unwrap_or(f64::NAN)
-    };
-    let (p50, p99) = (percentile("50%"), percentile("99%"));
-    let errors = text
-        .lines()
-        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
-    if let Some(e) = errors {
-        eprintln!("  wrk {url}: {}", e.trim());
-    }
-    (rps, p50, p99)
+    support::wrk(url, &[format!("Host: {host}")], secs, false)
 }
 
 fn git(dir: &Path, args: &[&str], ca: &Path) {

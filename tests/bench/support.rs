@@ -100,3 +100,56 @@ pub(crate) fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
 
 #[allow(unused_imports)]
 pub(crate) use granary_testkit::postfix::{Postfix, wait_gone};
+
+/// One wrk run pinned to CPU 0 (1 thread, 64 connections, `secs`
+/// seconds) with `headers`: requests/s, p50 and p99 in ms. Non-2xx
+/// answers or socket errors panic when `strict`, and are reported
+/// otherwise.
+pub(crate) fn wrk(url: &str, headers: &[String], secs: u32, strict: bool) -> (f64, f64, f64) {
+    let mut cmd = Command::new("taskset");
+    cmd.args([
+        "-c",
+        "0",
+        "wrk",
+        "-t1",
+        "-c64",
+        &format!("-d{secs}s"),
+        "--latency",
+    ]);
+    for h in headers {
+        cmd.arg("-H").arg(h);
+    }
+    let out = cmd.arg(url).output().expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("wrk said:\n{text}"));
+    let ms = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .map(|v| {
+                let v = v.trim();
+                let (num, unit) =
+                    v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+                let n: f64 = num.parse().unwrap_or(f64::NAN);
+                match unit {
+                    "us" => n / 1000.0,
+                    "s" => n * 1000.0,
+                    _ => n,
+                }
+            })
+            .unwrap_or(f64::NAN)
+    };
+    if let Some(e) = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+    {
+        match strict {
+            true => panic!("wrk {url}: {}", e.trim()),
+            false => eprintln!("  wrk {url}: {}", e.trim()),
+        }
+    }
+    (rps, ms("50%"), ms("99%"))
+}
