@@ -62,11 +62,15 @@ impl Coordinator {
         })
     }
 
-    fn key(&self, rest: &str) -> String {
+    pub(crate) fn key(&self, rest: &str) -> String {
         format!("{}{rest}", self.prefix)
     }
 
-    fn c(&self) -> crate::etcd::Etcd {
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub(crate) fn c(&self) -> crate::etcd::Etcd {
         crate::etcd::Etcd(self.client.clone())
     }
 
@@ -136,8 +140,13 @@ impl Coordinator {
     }
 
     /// Uses `token` to make `record` a member, in one transaction: the
-    /// token is deleted and the node created, or nothing happens.
-    pub async fn join(&self, token: &str, record: &NodeRecord) -> Result<()> {
+    /// token is deleted and the node created, or nothing happens. Returns
+    /// the record as stored, with the time of joining.
+    pub async fn join(&self, token: &str, record: &NodeRecord) -> Result<NodeRecord> {
+        let record = &NodeRecord {
+            joined_unix: now_unix(),
+            ..record.clone()
+        };
         if !crate::valid_node_name(&record.name) {
             return Err(ClusterError::BadName(record.name.clone()));
         }
@@ -160,7 +169,7 @@ impl Coordinator {
             .await
             .map_err(ClusterError::etcd("joining"))?;
         if resp.succeeded() {
-            return Ok(());
+            return Ok(record.clone());
         }
         let token_there = resp.op_responses().into_iter().any(|r| match r {
             TxnOpResponse::Get(g) => !g.kvs().is_empty(),
@@ -170,19 +179,29 @@ impl Coordinator {
             true => Err(ClusterError::NameTaken(record.name.clone())),
             // A retried join whose first try went through finds its own
             // record, and the token used.
-            false if self.node(&record.name).await?.as_ref() == Some(record) => Ok(()),
+            false if self.node(&record.name).await?.as_ref() == Some(record) => Ok(record.clone()),
             false => Err(ClusterError::BadToken),
         }
     }
 
     /// One member's record.
     pub async fn node(&self, name: &str) -> Result<Option<NodeRecord>> {
-        let key = self.key(&format!("nodes/{name}"));
+        self.record(&format!("nodes/{name}"), "reading a node")
+            .await
+    }
+
+    /// The record at `rest` (under the prefix), if there is one.
+    async fn record<T: DeserializeOwned>(
+        &self,
+        rest: &str,
+        doing: &'static str,
+    ) -> Result<Option<T>> {
+        let key = self.key(rest);
         let resp = self
             .c()
             .get(key.as_str(), None)
             .await
-            .map_err(ClusterError::etcd("reading a node"))?;
+            .map_err(ClusterError::etcd(doing))?;
         resp.kvs()
             .first()
             .map(|kv| from_json(&key, kv.value()))
@@ -430,11 +449,9 @@ impl Coordinator {
         let started = Instant::now();
         let mut said = false;
         loop {
-            let Some((_, old, _)) = self
-                .list::<Alive>("alive/")
+            let Some(old) = self
+                .record::<Alive>(&format!("alive/{node}"), "reading the previous lease")
                 .await?
-                .into_iter()
-                .find(|(k, _, _)| k == node)
             else {
                 return Ok(());
             };
@@ -521,24 +538,9 @@ impl Coordinator {
         }
         let record_key = self.key(&format!("nodes/{}", placed.node));
         let alive_key = self.key(&format!("alive/{}", placed.node));
-        let txn = Txn::new().and_then([
-            TxnOp::get(record_key.as_str(), None),
-            TxnOp::get(alive_key.as_str(), None),
-        ]);
-        let resp = self
-            .c()
-            .txn(txn)
-            .await
-            .map_err(ClusterError::etcd("reading the owner node"))?;
-        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        });
-        let (Some(record), Some(alive)) = (gets.next(), gets.next()) else {
-            return Err(ClusterError::Changed(
-                "etcd answered a two-read transaction with fewer reads".to_owned(),
-            ));
-        };
+        let (record, alive) = self
+            .read_two(&record_key, &alive_key, "reading the owner node")
+            .await?;
         let Some(kv) = record.kvs().first() else {
             return Err(ClusterError::NoSuchNode(placed.node));
         };
@@ -705,25 +707,7 @@ impl Coordinator {
     ) -> Result<std::result::Result<i64, Refusal>> {
         let key = self.key(&format!("placement/{grain}"));
         let alive = self.key(&format!("alive/{}", lease.node()));
-        let txn = Txn::new().and_then([
-            TxnOp::get(key.as_str(), None),
-            TxnOp::get(alive.as_str(), None),
-        ]);
-        let resp = self
-            .c()
-            .txn(txn)
-            .await
-            .map_err(ClusterError::etcd("checking a start"))?;
-        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        });
-        let (Some(p), Some(a)) = (gets.next(), gets.next()) else {
-            return Err(ClusterError::Damaged {
-                key,
-                why: "etcd answered a two-read transaction with fewer reads".into(),
-            });
-        };
+        let (p, a) = self.read_two(&key, &alive, "checking a start").await?;
         let placed = p
             .kvs()
             .first()
@@ -739,6 +723,27 @@ impl Coordinator {
             ours && lease.is_live(),
             dataset_epoch,
         ))
+    }
+
+    /// Two keys read at one revision (one transaction).
+    async fn read_two(
+        &self,
+        first: &str,
+        second: &str,
+        doing: &'static str,
+    ) -> Result<(etcd_client::GetResponse, etcd_client::GetResponse)> {
+        let txn = Txn::new().and_then([TxnOp::get(first, None), TxnOp::get(second, None)]);
+        let resp = self.c().txn(txn).await.map_err(ClusterError::etcd(doing))?;
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        match (gets.next(), gets.next()) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(ClusterError::Changed(
+                "etcd answered a two-read transaction with fewer reads".to_owned(),
+            )),
+        }
     }
 
     /// Every record under `dir`, as (the rest of its key, its value, its

@@ -113,10 +113,10 @@ pub(crate) fn node(config: &Config, cmd: &NodeCommand) -> anyhow::Result<ExitCod
                     key: key.public().hex(),
                     max_grains: s.max_grains,
                     drained: false,
-                    joined_unix: now_unix(),
+                    // Set by the coordinator.
+                    joined_unix: 0,
                 };
-                c.join(&token, &record).await?;
-                Ok(record)
+                Ok(c.join(&token, &record).await?)
             })?;
             println!(
                 "node {} joined (node key {}); start its daemon with `granary serve`",
@@ -164,11 +164,4 @@ pub(crate) fn node(config: &Config, cmd: &NodeCommand) -> anyhow::Result<ExitCod
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -416,12 +416,9 @@ fn local_checks(ctx: &Ctx) -> Vec<Finding> {
             fix: "make sure an NTP client runs".to_owned(),
         }),
     }
-    match nix::sys::statvfs::statvfs(&info.data_dir) {
-        // The field types are narrower on 32-bit targets.
-        #[allow(clippy::unnecessary_cast)]
-        Ok(v) => {
-            let free = v.blocks_available() as u64 * v.fragment_size() as u64;
-            let total = (v.blocks() as u64 * v.fragment_size() as u64).max(1);
+    match crate::daemon::disk_space(&info.data_dir) {
+        Ok((free, total)) => {
+            let total = total.max(1);
             let pct = free * 100 / total;
             let detail = format!(
                 "{} MiB free of {} MiB ({pct}%) under {} ({} backend)",
