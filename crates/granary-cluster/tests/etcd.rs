@@ -442,3 +442,67 @@ async fn one_etcd_member_lost_changes_nothing_two_lapse_every_lease() {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// The shared records' log: entries taken in turn, read back in order
+/// across pages, and two state stores kept equal through real etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_log_takes_one_entry_per_number_and_keeps_stores_equal() {
+    let etcd = Etcd::start(3);
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX)
+        .await
+        .unwrap();
+    assert!(c.log_after(0).await.unwrap().is_empty());
+    assert!(c.log_append(0, b"first").await.unwrap());
+    // Number 1 is taken: another node's entry there is refused...
+    assert!(!c.log_append(0, b"second").await.unwrap());
+    // ...but the same entry again (a retry whose answer was lost) is ours.
+    assert!(c.log_append(0, b"first").await.unwrap());
+    // More entries than one page holds come back whole and in order.
+    for n in 1..300u64 {
+        assert!(c.log_append(n, format!("e{n}").as_bytes()).await.unwrap());
+    }
+    let all = c.log_after(0).await.unwrap();
+    assert_eq!(all.len(), 300);
+    assert!(all.iter().enumerate().all(|(i, (n, _))| *n == i as u64 + 1));
+    assert_eq!(all[299].1, b"e299");
+    assert_eq!(c.log_after(298).await.unwrap().len(), 2);
+
+    // Two stores on one log, under another prefix, through the blocking
+    // ledger the daemon gives its store.
+    let c = Coordinator::connect(&etcd.endpoints(), "/other/")
+        .await
+        .unwrap();
+    let mut watch = c.watch_log().await.unwrap();
+    let (a, b) = tokio::task::spawn_blocking({
+        let c = c.clone();
+        let rt = tokio::runtime::Handle::current();
+        move || {
+            let _guard = rt.enter();
+            let open = || {
+                let store = granary_state::Store::open_in_memory().unwrap();
+                store
+                    .share(std::sync::Arc::new(granary_cluster::EtcdLedger::new(
+                        c.clone(),
+                    )))
+                    .unwrap();
+                store
+            };
+            let (a, b) = (open(), open());
+            let alice = granary_model::UserName::new("alice").unwrap();
+            a.add_user(&alice, "$argon2id$a", "test").unwrap();
+            (a, b)
+        }
+    })
+    .await
+    .unwrap();
+    watch.changed().await.unwrap();
+    let b = tokio::task::spawn_blocking(move || {
+        b.catch_up().unwrap();
+        b
+    })
+    .await
+    .unwrap();
+    let alice = granary_model::UserName::new("alice").unwrap();
+    assert_eq!(b.user(&alice).unwrap(), a.user(&alice).unwrap());
+    assert!(b.user(&alice).unwrap().is_some());
+}

@@ -81,8 +81,8 @@ impl Store {
         scram: &str,
         actor: &str,
     ) -> Result<AppPassword, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add app password")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add app password")?;
         let uid = user_id(&tx, user)?;
         tx.execute(
             "INSERT INTO app_passwords (user_id, kind, label, password_hash, scram)
@@ -108,7 +108,7 @@ impl Store {
                 from_row,
             )
             .op("read new app password")?;
-        tx.commit().op("commit add app password")?;
+        w.commit(tx, "commit add app password")?;
         Ok(created)
     }
 
@@ -141,8 +141,8 @@ impl Store {
         which: &RevokeSelector,
         actor: &str,
     ) -> Result<usize, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin revoke app passwords")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin revoke app passwords")?;
         let uid = user_id(&tx, user)?;
         let (count, detail) = match which {
             RevokeSelector::Id(id) => {
@@ -173,7 +173,7 @@ impl Store {
         if count > 0 {
             record(&tx, actor, "app-password.revoke", user.as_str(), &detail)?;
         }
-        tx.commit().op("commit revoke app passwords")?;
+        w.commit(tx, "commit revoke app passwords")?;
         Ok(count)
     }
 

@@ -185,8 +185,8 @@ impl Store {
     /// Records an installed app. The kind must be free or belong to the same
     /// app id (an upgrade or reinstall), unless `replace`.
     pub fn put_app(&self, new: &NewApp<'_>, actor: &str) -> Result<App, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin install app")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin install app")?;
         let holder: Option<App> = tx
             .query_row(
                 &format!("SELECT {APP_COLUMNS} FROM apps WHERE kind = ?1"),
@@ -266,14 +266,14 @@ impl Store {
                 app_from_row,
             )
             .op("read app")?;
-        tx.commit().op("commit install app")?;
+        w.commit(tx, "commit install app")?;
         Ok(app)
     }
 
     /// Puts the previous version back after a failed upgrade.
     pub fn roll_back_app(&self, kind: &str, actor: &str) -> Result<App, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin roll back app")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin roll back app")?;
         let n = tx
             .execute(
                 "UPDATE apps SET version = previous_version, image = previous_image,
@@ -296,7 +296,7 @@ impl Store {
                 app_from_row,
             )
             .op("read app")?;
-        tx.commit().op("commit roll back app")?;
+        w.commit(tx, "commit roll back app")?;
         Ok(app)
     }
 
@@ -321,10 +321,8 @@ impl Store {
         host_uid: HostUid,
         actor: &str,
     ) -> Result<Grain, StateError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .op("begin create grain")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin create grain")?;
         let uid = crate::users::user_id(&tx, user)?;
         let host_uid = match host_uid {
             HostUid::Exact(uid) => uid,
@@ -361,7 +359,7 @@ impl Store {
                 grain_from_row,
             )
             .op("read new grain")?;
-        tx.commit().op("commit create grain")?;
+        w.commit(tx, "commit create grain")?;
         Ok(grain)
     }
 
@@ -387,8 +385,8 @@ impl Store {
 
     /// Forgets an installed app. Refused while grains of its kind exist.
     pub fn remove_app(&self, kind: &str, actor: &str) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin remove app")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin remove app")?;
         let grains: i64 = tx
             .query_row("SELECT count(*) FROM grains WHERE kind = ?1", [kind], |r| {
                 r.get(0)
@@ -405,7 +403,7 @@ impl Store {
         if n > 0 {
             record(&tx, actor, "app.remove", kind, "")?;
         }
-        tx.commit().op("commit remove app")?;
+        w.commit(tx, "commit remove app")?;
         Ok(n > 0)
     }
 
@@ -413,10 +411,8 @@ impl Store {
     /// (one grain per user per app), each with a free host uid from
     /// `uids`, all in one transaction. Returns the grains it created.
     pub fn ensure_grains(&self, uids: HostUid, actor: &str) -> Result<Vec<Grain>, StateError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .op("begin ensure grains")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin ensure grains")?;
         let missing: Vec<(i64, String, String)> = {
             let mut stmt = tx
                 .prepare(
@@ -479,7 +475,7 @@ impl Store {
                 .op("read new grain")?,
             );
         }
-        tx.commit().op("commit ensure grains")?;
+        w.commit(tx, "commit ensure grains")?;
         Ok(created)
     }
 
@@ -502,10 +498,8 @@ impl Store {
                     .map_err(|e| StateError::Invalid(e.to_string()))
             })?
             .to_string();
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .op("begin create instance grain")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin create instance grain")?;
         let uid = crate::users::user_id(&tx, user)?;
         let taken: bool = tx
             .query_row(
@@ -552,7 +546,7 @@ impl Store {
                 grain_from_row,
             )
             .op("read new grain")?;
-        tx.commit().op("commit create instance grain")?;
+        w.commit(tx, "commit create instance grain")?;
         Ok(grain)
     }
 
@@ -609,8 +603,8 @@ impl Store {
 
     /// Records that the grain's data now belongs to `version`.
     pub fn set_grain_app_version(&self, id: &str, version: &str) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin set grain app version")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin set grain app version")?;
         let old: String = tx
             .query_row("SELECT app_version FROM grains WHERE id = ?1", [id], |r| {
                 r.get(0)
@@ -630,20 +624,20 @@ impl Store {
                 &format!("from={old:?} to={version}"),
             )?;
         }
-        tx.commit().op("commit set grain app version")
+        w.commit(tx, "commit set grain app version")
     }
 
     /// Deletes a grain's record with its grants and sturdy references.
     pub fn delete_grain(&self, id: &str, actor: &str) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin delete grain")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin delete grain")?;
         let n = tx
             .execute("DELETE FROM grains WHERE id = ?1", [id])
             .op("delete grain")?;
         if n > 0 {
             record(&tx, actor, "grain.delete", id, "")?;
         }
-        tx.commit().op("commit delete grain")?;
+        w.commit(tx, "commit delete grain")?;
         Ok(n > 0)
     }
 
@@ -731,8 +725,8 @@ impl Store {
         grant_id: i64,
         label: &str,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin save sturdy ref")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin save sturdy ref")?;
         let held: i64 = tx
             .query_row(
                 "SELECT count(*) FROM sturdy_refs WHERE holder = ?1",
@@ -757,7 +751,7 @@ impl Store {
             holder,
             &format!("grant={grant_id} label={label}"),
         )?;
-        tx.commit().op("commit save sturdy ref")
+        w.commit(tx, "commit save sturdy ref")
     }
 
     /// The live grant a sturdy reference held by `holder` stands for; `None`
@@ -777,13 +771,15 @@ impl Store {
 
     /// Forgets a sturdy reference held by `holder`; false when there was none.
     pub fn drop_sturdy_ref(&self, token_hash: &[u8], holder: &str) -> Result<bool, StateError> {
-        let n = self
-            .conn()
+        let w = self.writer()?;
+        let tx = w.begin().op("begin drop sturdy ref")?;
+        let n = tx
             .execute(
                 "DELETE FROM sturdy_refs WHERE token_hash = ?1 AND holder = ?2",
                 params![token_hash, holder],
             )
             .op("delete sturdy ref")?;
+        w.commit(tx, "commit drop sturdy ref")?;
         Ok(n > 0)
     }
 
@@ -796,8 +792,8 @@ impl Store {
         capability: &str,
         actor: &str,
     ) -> Result<Grant, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add grant")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add grant")?;
         let inserted = tx.execute(
             "INSERT INTO grants (from_grain, to_grain, capability) VALUES (?1, ?2, ?3)",
             params![from_grain, to_grain, capability],
@@ -825,7 +821,7 @@ impl Store {
                 grant_from_row,
             )
             .op("read grant")?;
-        tx.commit().op("commit add grant")?;
+        w.commit(tx, "commit add grant")?;
         Ok(grant)
     }
 
@@ -844,8 +840,8 @@ impl Store {
 
     /// Revokes a live grant; false when there was none with that id.
     pub fn revoke_grant(&self, id: i64, actor: &str) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin revoke grant")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin revoke grant")?;
         let n = tx
             .execute(
                 "UPDATE grants SET revoked_at = unixepoch() WHERE id = ?1 AND revoked_at IS NULL",
@@ -855,7 +851,7 @@ impl Store {
         if n > 0 {
             record(&tx, actor, "grant.revoke", &id.to_string(), "")?;
         }
-        tx.commit().op("commit revoke grant")?;
+        w.commit(tx, "commit revoke grant")?;
         Ok(n > 0)
     }
 }

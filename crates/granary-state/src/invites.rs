@@ -5,7 +5,7 @@
 //! it, and never makes more accounts than it allows.
 
 use granary_model::UserName;
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, params};
 
 use crate::audit::record;
 use crate::users::user_id;
@@ -181,8 +181,8 @@ impl Store {
                 "a group invite, and only that, names a group chat".into(),
             ));
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add invite")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add invite")?;
         let inviter_id = inviter.map(|u| user_id(&tx, u)).transpose()?;
         if let Some(name) = room {
             let owns: bool = tx
@@ -226,7 +226,7 @@ impl Store {
                 room.unwrap_or("-")
             ),
         )?;
-        tx.commit().op("commit add invite")?;
+        w.commit(tx, "commit add invite")?;
         Ok(Invite {
             id,
             kind,
@@ -254,10 +254,8 @@ impl Store {
         account: &NewAccount<'_>,
         actor: &str,
     ) -> Result<Redeemed, RedeemError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .op("begin redeem invite")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin redeem invite")?;
         let invite = valid_invite(&tx, hash)?.ok_or(RedeemError::NotValid)?;
         let name = account.user.as_str();
         let inserted = tx.execute(
@@ -322,7 +320,7 @@ impl Store {
         )
         .op("record invite use")?;
         record(&tx, actor, "invite.use", name, &format!("id={}", invite.id))?;
-        tx.commit().op("commit redeem invite")?;
+        w.commit(tx, "commit redeem invite")?;
         Ok(Redeemed { invite, credential })
     }
 
@@ -339,10 +337,8 @@ impl Store {
         user: &str,
         actor: &str,
     ) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .op("begin accept contact invite")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin accept contact invite")?;
         let found: Option<(i64, bool, bool)> = tx
             .query_row(
                 &format!(
@@ -371,7 +367,7 @@ impl Store {
             }
             _ => false,
         };
-        tx.commit().op("commit accept contact invite")?;
+        w.commit(tx, "commit accept contact invite")?;
         Ok(accepted)
     }
 
@@ -384,10 +380,8 @@ impl Store {
         user: &UserName,
         actor: &str,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .op("begin undo redemption")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin undo redemption")?;
         let uid = user_id(&tx, user)?;
         tx.execute("DELETE FROM xmpp_users WHERE user_id = ?1", [uid])
             .op("forget a chat address")?;
@@ -410,7 +404,7 @@ impl Store {
             user.as_str(),
             &format!("id={invite}"),
         )?;
-        tx.commit().op("commit undo redemption")
+        w.commit(tx, "commit undo redemption")
     }
 
     /// Every invite, newest first.
@@ -451,8 +445,8 @@ impl Store {
     /// Revokes an invite: its link stops working at once. Audited. `false`
     /// when there is no such invite or it was revoked already.
     pub fn revoke_invite(&self, id: i64, actor: &str) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin revoke invite")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin revoke invite")?;
         let n = tx
             .execute(
                 "UPDATE invites SET revoked_at = unixepoch() WHERE id = ?1 AND revoked_at IS NULL",
@@ -462,7 +456,7 @@ impl Store {
         if n > 0 {
             record(&tx, actor, "invite.revoke", "-", &format!("id={id}"))?;
         }
-        tx.commit().op("commit revoke invite")?;
+        w.commit(tx, "commit revoke invite")?;
         Ok(n > 0)
     }
 }

@@ -16,15 +16,16 @@ mod invites;
 mod mail;
 mod migrate;
 mod repos;
+mod shared;
 mod tasks;
 mod users;
 mod xmpp;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 pub use app_passwords::{AppPassword, RevokeSelector};
 pub use audit::AuditEvent;
@@ -33,6 +34,7 @@ pub use invites::{Invite, InviteKind, NewAccount, RedeemError, Redeemed, ValidIn
 pub use mail::{MailAlias, MailDomainInfo, MailRoute};
 pub use migrate::LATEST_SCHEMA_VERSION;
 pub use repos::SshKey;
+pub use shared::{Joined, Ledger};
 pub use tasks::{TaskCert, TaskClient};
 pub use users::{User, UserCredentials};
 pub use xmpp::XmppDomainInfo;
@@ -84,6 +86,16 @@ pub enum StateError {
     /// A name or record that breaks one of Granary's rules.
     #[error("{0}")]
     Invalid(String),
+    /// Another cluster node changed the shared records in the same
+    /// instant; nothing was written, and trying again will do.
+    #[error(
+        "another node changed the shared records at the same moment; nothing was written, try again"
+    )]
+    Busy,
+    /// The cluster's shared log cannot be read or written, or holds an
+    /// entry this node cannot apply.
+    #[error("shared records: {0}")]
+    Shared(String),
 }
 
 /// Shorthand for wrapping rusqlite errors with the operation's name.
@@ -100,6 +112,37 @@ impl<T> QueryContext<T> for Result<T, rusqlite::Error> {
 pub struct Store {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Set once on a cluster node: the log every write goes through.
+    sharing: OnceLock<shared::Sharing>,
+}
+
+/// One write: the connection, caught up with the cluster's log when the
+/// store is shared. [`Writer::begin`] starts its transaction and
+/// [`Writer::commit`] ends it.
+pub(crate) struct Writer<'s> {
+    conn: MutexGuard<'s, Connection>,
+    sharing: Option<&'s shared::Sharing>,
+}
+
+impl Writer<'_> {
+    pub(crate) fn begin(&self) -> Result<Transaction<'_>, rusqlite::Error> {
+        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        if self.sharing.is_some() {
+            // Anything captured outside a write (a node-local touch of a
+            // shared table) is not this write's to publish.
+            tx.execute("DELETE FROM temp.share_changes", [])?;
+        }
+        Ok(tx)
+    }
+
+    /// Commits `tx`; on a cluster node, only once what it changed is in
+    /// the cluster's log.
+    pub(crate) fn commit(&self, tx: Transaction<'_>, op: &'static str) -> Result<(), StateError> {
+        if let Some(sharing) = self.sharing {
+            sharing.publish(&tx)?;
+        }
+        tx.commit().op(op)
+    }
 }
 
 impl Store {
@@ -115,6 +158,7 @@ impl Store {
         Ok(Store {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
+            sharing: OnceLock::new(),
         })
     }
 
@@ -128,6 +172,7 @@ impl Store {
         Ok(Store {
             path: PathBuf::from(":memory:"),
             conn: Mutex::new(conn),
+            sharing: OnceLock::new(),
         })
     }
 
@@ -137,6 +182,49 @@ impl Store {
 
     pub fn schema_version(&self) -> Result<u32, StateError> {
         migrate::user_version(&self.conn()).op("read schema version")
+    }
+
+    /// Makes this store a cache of the cluster's shared records in
+    /// `ledger` (see the `shared` module): from now on every write goes
+    /// through the log. A database whose records the log has never seen
+    /// becomes the log's first entry when the log is empty, and is refused
+    /// when it is not (a node joins with a fresh data dir). Call it once,
+    /// before anything writes.
+    pub fn share(&self, ledger: Arc<dyn Ledger>) -> Result<Joined, StateError> {
+        let conn = self.conn();
+        if self.sharing.get().is_some() {
+            return Err(StateError::Invalid("the store is already shared".into()));
+        }
+        let (sharing, joined) = shared::start(&conn, ledger)?;
+        let _ = self.sharing.set(sharing);
+        Ok(joined)
+    }
+
+    /// Applies what other nodes wrote since this node last looked; returns
+    /// the number of the last entry applied. Nothing to do on a store that
+    /// is not shared.
+    pub fn catch_up(&self) -> Result<u64, StateError> {
+        let from = shared::applied(&self.conn())?;
+        let Some(sharing) = self.sharing.get() else {
+            return Ok(from);
+        };
+        // The log is asked with the connection free: reads go on meanwhile.
+        let entries = sharing.fetch(from)?;
+        sharing.apply(&self.conn(), entries)
+    }
+
+    /// The connection for one write, caught up with the cluster's log (read
+    /// before the connection is taken, so a log out of reach fails the
+    /// write without holding up reads).
+    pub(crate) fn writer(&self) -> Result<Writer<'_>, StateError> {
+        let sharing = self.sharing.get();
+        if sharing.is_some() {
+            self.catch_up()?;
+        }
+        Ok(Writer {
+            conn: self.conn(),
+            sharing,
+        })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {

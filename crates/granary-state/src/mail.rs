@@ -40,8 +40,8 @@ pub enum MailRoute {
 impl Store {
     /// Adds a mail domain; whether it was new. Audited.
     pub fn add_mail_domain(&self, domain: &MailDomain, actor: &str) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add mail domain")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add mail domain")?;
         let n = tx
             .execute(
                 "INSERT OR IGNORE INTO mail_domains (domain) VALUES (?1)",
@@ -51,14 +51,14 @@ impl Store {
         if n > 0 {
             record(&tx, actor, "mail.domain.add", domain.as_str(), "")?;
         }
-        tx.commit().op("commit add mail domain")?;
+        w.commit(tx, "commit add mail domain")?;
         Ok(n > 0)
     }
 
     /// Removes a mail domain and its aliases; whether it existed.
     pub fn remove_mail_domain(&self, domain: &MailDomain, actor: &str) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin remove mail domain")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin remove mail domain")?;
         let n = tx
             .execute(
                 "DELETE FROM mail_domains WHERE domain = ?1",
@@ -68,7 +68,7 @@ impl Store {
         if n > 0 {
             record(&tx, actor, "mail.domain.remove", domain.as_str(), "")?;
         }
-        tx.commit().op("commit remove mail domain")?;
+        w.commit(tx, "commit remove mail domain")?;
         Ok(n > 0)
     }
 
@@ -104,8 +104,8 @@ impl Store {
         user: Option<&UserName>,
         actor: &str,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin set catch-all")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin set catch-all")?;
         let uid = user.map(|u| crate::users::user_id(&tx, u)).transpose()?;
         let n = tx
             .execute(
@@ -118,7 +118,7 @@ impl Store {
         }
         let who = user.map(UserName::as_str).unwrap_or("");
         record(&tx, actor, "mail.catch-all", domain.as_str(), who)?;
-        tx.commit().op("commit set catch-all")
+        w.commit(tx, "commit set catch-all")
     }
 
     /// Gives `user` the extra address `address`. Refused when the domain is
@@ -130,8 +130,8 @@ impl Store {
         user: &UserName,
         actor: &str,
     ) -> Result<MailAlias, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add mail alias")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add mail alias")?;
         let uid = crate::users::user_id(&tx, user)?;
         let domain_known: bool = tx
             .query_row(
@@ -184,7 +184,7 @@ impl Store {
                 |r| r.get(0),
             )
             .op("read mail alias")?;
-        tx.commit().op("commit add mail alias")?;
+        w.commit(tx, "commit add mail alias")?;
         Ok(MailAlias {
             address: address.full(),
             user: user.to_string(),
@@ -198,8 +198,8 @@ impl Store {
         address: &MailAddress,
         actor: &str,
     ) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin remove mail alias")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin remove mail alias")?;
         let n = tx
             .execute(
                 "DELETE FROM mail_aliases WHERE local = ?1 AND domain = ?2",
@@ -209,7 +209,7 @@ impl Store {
         if n > 0 {
             record(&tx, actor, "mail.alias.remove", &address.full(), "")?;
         }
-        tx.commit().op("commit remove mail alias")?;
+        w.commit(tx, "commit remove mail alias")?;
         Ok(n > 0)
     }
 

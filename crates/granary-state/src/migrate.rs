@@ -91,6 +91,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0015_group_invites.sql"),
         remakes_tables: true,
     },
+    Migration {
+        version: 16,
+        sql: include_str!("migrations/0016_shared_log.sql"),
+        remakes_tables: false,
+    },
 ];
 
 /// The schema version this build creates and understands.

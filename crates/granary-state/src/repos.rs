@@ -16,8 +16,8 @@ impl Store {
         public: bool,
         actor: &str,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin set repo visibility")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin set repo visibility")?;
         let uid = crate::users::user_id(&tx, user)?;
         if public {
             tx.execute(
@@ -40,7 +40,7 @@ impl Store {
             &format!("{user}/{repo}"),
             what,
         )?;
-        tx.commit().op("commit repo visibility")
+        w.commit(tx, "commit repo visibility")
     }
 
     /// Whether `user` made `repo` public.
@@ -97,8 +97,8 @@ impl Store {
         label: &str,
         actor: &str,
     ) -> Result<SshKey, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add ssh key")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add ssh key")?;
         let uid = crate::users::user_id(&tx, user)?;
         match tx.execute(
             "INSERT INTO ssh_keys (user_id, key, fingerprint, label) VALUES (?1, ?2, ?3, ?4)",
@@ -122,7 +122,7 @@ impl Store {
                 ssh_key_from_row,
             )
             .op("read new ssh key")?;
-        tx.commit().op("commit add ssh key")?;
+        w.commit(tx, "commit add ssh key")?;
         Ok(key)
     }
 
@@ -144,8 +144,8 @@ impl Store {
         id: i64,
         actor: &str,
     ) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin remove ssh key")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin remove ssh key")?;
         let uid = crate::users::user_id(&tx, user)?;
         let n = tx
             .execute(
@@ -156,7 +156,7 @@ impl Store {
         if n > 0 {
             record(&tx, actor, "ssh_key.remove", user.as_str(), &id.to_string())?;
         }
-        tx.commit().op("commit remove ssh key")?;
+        w.commit(tx, "commit remove ssh key")?;
         Ok(n > 0)
     }
 
@@ -183,8 +183,8 @@ impl Store {
         domain: &str,
         actor: &str,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add blog domain")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add blog domain")?;
         let uid = crate::users::user_id(&tx, user)?;
         match tx.execute(
             "INSERT INTO blog_domains (domain, user_id) VALUES (?1, ?2)",
@@ -200,7 +200,7 @@ impl Store {
             other => other.op("insert blog domain")?,
         };
         record(&tx, actor, "blog.domain.add", user.as_str(), domain)?;
-        tx.commit().op("commit add blog domain")
+        w.commit(tx, "commit add blog domain")
     }
 
     /// Unregisters one of `user`'s domains; whether it was theirs.
@@ -210,8 +210,8 @@ impl Store {
         domain: &str,
         actor: &str,
     ) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin remove blog domain")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin remove blog domain")?;
         let uid = crate::users::user_id(&tx, user)?;
         let n = tx
             .execute(
@@ -222,7 +222,7 @@ impl Store {
         if n > 0 {
             record(&tx, actor, "blog.domain.remove", user.as_str(), domain)?;
         }
-        tx.commit().op("commit remove blog domain")?;
+        w.commit(tx, "commit remove blog domain")?;
         Ok(n > 0)
     }
 

@@ -41,8 +41,8 @@ impl Store {
         hash: &[u8],
         actor: &str,
     ) -> Result<TaskClient, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add task client")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add task client")?;
         let uid = user_id(&tx, user)?;
         let (id, created_at): (i64, i64) = tx
             .query_row(
@@ -59,7 +59,7 @@ impl Store {
             user.as_str(),
             &format!("id={id} label={label}"),
         )?;
-        tx.commit().op("commit add task client")?;
+        w.commit(tx, "commit add task client")?;
         Ok(TaskClient {
             id,
             user: user.to_string(),
@@ -124,8 +124,8 @@ impl Store {
         id: i64,
         actor: &str,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin revoke task client")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin revoke task client")?;
         let uid = user_id(&tx, user)?;
         let n = tx
             .execute(
@@ -145,7 +145,7 @@ impl Store {
             user.as_str(),
             &format!("id={id}"),
         )?;
-        tx.commit().op("commit revoke task client")
+        w.commit(tx, "commit revoke task client")
     }
 
     /// Records a taskd certificate issued to `user`. Audited.
@@ -158,8 +158,8 @@ impl Store {
         expires_at: i64,
         actor: &str,
     ) -> Result<TaskCert, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add task certificate")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add task certificate")?;
         let uid = user_id(&tx, user)?;
         let (id, created_at): (i64, i64) = tx
             .query_row(
@@ -176,7 +176,7 @@ impl Store {
             user.as_str(),
             &format!("id={id} label={label}"),
         )?;
-        tx.commit().op("commit add task certificate")?;
+        w.commit(tx, "commit add task certificate")?;
         Ok(TaskCert {
             id,
             user: user.to_string(),
@@ -237,8 +237,8 @@ impl Store {
         id: i64,
         actor: &str,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin revoke task certificate")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin revoke task certificate")?;
         let uid = user_id(&tx, user)?;
         let n = tx
             .execute(
@@ -258,7 +258,7 @@ impl Store {
             user.as_str(),
             &format!("id={id}"),
         )?;
-        tx.commit().op("commit revoke task certificate")
+        w.commit(tx, "commit revoke task certificate")
     }
 }
 

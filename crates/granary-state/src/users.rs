@@ -15,7 +15,7 @@ pub struct User {
 
 /// What login checks need: the account hash and the app-password hashes of
 /// one kind.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserCredentials {
     pub password_hash: String,
     /// `(id, hash)` of the user's app passwords for the asked kind.
@@ -53,8 +53,8 @@ impl Store {
         password_hash: &str,
         actor: &str,
     ) -> Result<User, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add user")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add user")?;
         let inserted = tx.execute(
             "INSERT INTO users (name, password_hash) VALUES (?1, ?2)",
             params![name.as_str(), password_hash],
@@ -75,7 +75,7 @@ impl Store {
                 user_from_row,
             )
             .op("read new user")?;
-        tx.commit().op("commit add user")?;
+        w.commit(tx, "commit add user")?;
         Ok(user)
     }
 
@@ -105,8 +105,8 @@ impl Store {
     /// Removes a user and their app passwords. Refused while the user still
     /// owns grains: their data must be dealt with first.
     pub fn remove_user(&self, name: &UserName, actor: &str) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin remove user")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin remove user")?;
         let id = user_id(&tx, name)?;
         let grains: i64 = tx
             .query_row(
@@ -124,7 +124,7 @@ impl Store {
         tx.execute("DELETE FROM users WHERE id = ?1", [id])
             .op("delete user")?;
         record(&tx, actor, "user.remove", name.as_str(), "")?;
-        tx.commit().op("commit remove user")
+        w.commit(tx, "commit remove user")
     }
 
     /// Replaces the account password hash.
@@ -134,8 +134,8 @@ impl Store {
         password_hash: &str,
         actor: &str,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin set password")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin set password")?;
         let changed = tx
             .execute(
                 "UPDATE users SET password_hash = ?2 WHERE name = ?1",
@@ -146,7 +146,7 @@ impl Store {
             return Err(StateError::NoSuchUser(name.to_string()));
         }
         record(&tx, actor, "user.passwd", name.as_str(), "")?;
-        tx.commit().op("commit set password")
+        w.commit(tx, "commit set password")
     }
 
     /// The hashes a login for `kind` may match: the account password and the

@@ -25,8 +25,8 @@ impl Store {
         users: &[UserName],
         actor: &str,
     ) -> Result<bool, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin add chat domain")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin add chat domain")?;
         let n = tx
             .execute(
                 "INSERT OR IGNORE INTO xmpp_domains (domain) VALUES (?1)",
@@ -52,22 +52,22 @@ impl Store {
                 &format!("domain={}", domain.as_str()),
             )?;
         }
-        tx.commit().op("commit add chat domain")?;
+        w.commit(tx, "commit add chat domain")?;
         Ok(n > 0)
     }
 
     /// Moves `users`' chat addresses back to Granary's own domain.
     /// Audited.
     pub fn reset_xmpp_domain(&self, users: &[UserName], actor: &str) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().op("begin reset chat addresses")?;
+        let w = self.writer()?;
+        let tx = w.begin().op("begin reset chat addresses")?;
         for user in users {
             let uid = crate::users::user_id(&tx, user)?;
             tx.execute("DELETE FROM xmpp_users WHERE user_id = ?1", [uid])
                 .op("reset a chat address")?;
             record(&tx, actor, "xmpp.domain.user", user.as_str(), "domain=")?;
         }
-        tx.commit().op("commit reset chat addresses")
+        w.commit(tx, "commit reset chat addresses")
     }
 
     /// Every added chat domain with its users, sorted.

@@ -57,12 +57,7 @@ fn advertised(configured: &str, bound: std::net::SocketAddr) -> anyhow::Result<S
 
 /// Free bytes under the data dir, as this node reports its room.
 fn free_bytes(dir: &Path) -> u64 {
-    match nix::sys::statvfs::statvfs(dir) {
-        // The field types are narrower on 32-bit targets.
-        #[allow(clippy::unnecessary_cast)]
-        Ok(v) => v.blocks_available() as u64 * v.fragment_size() as u64,
-        Err(_) => 0,
-    }
+    crate::daemon::disk_space(dir).map_or(0, |(free, _)| free)
 }
 
 /// Takes this node's lease when `[cluster]` is configured, with its node
@@ -125,6 +120,79 @@ pub(crate) async fn join(
     });
     tokio::spawn(watch(member.clone(), config.data_dir.clone()));
     Ok(Some((member, links)))
+}
+
+/// Makes this node's state store a cache of the cluster's shared records
+/// (users, credentials, apps, grains, grants, domains: see
+/// `granary_state::Ledger`) before anything here writes to it, then keeps
+/// it following the log: every new entry is applied as etcd announces it
+/// (a watch), and at least every 5 s in case a watch missed one. A node
+/// whose database holds records the cluster's log does not is refused.
+pub(crate) async fn share_records(
+    member: &Arc<Member>,
+    store: &Arc<granary_state::Store>,
+    local_ca: Option<std::path::PathBuf>,
+    domain: String,
+) -> anyhow::Result<()> {
+    let ledger = Arc::new(granary_cluster::EtcdLedger::new(member.coordinator.clone()));
+    let s = store.clone();
+    let joined = tokio::task::spawn_blocking(move || s.share(ledger))
+        .await?
+        .context("cannot share this node's records with the cluster")?;
+    match joined {
+        granary_state::Joined::Seeded { records } => tracing::info!(
+            records,
+            "this node's records are the first of the cluster's shared records"
+        ),
+        granary_state::Joined::CaughtUp { applied } => {
+            tracing::info!(applied, "caught up with the cluster's shared records")
+        }
+    }
+    let (member, store) = (member.clone(), store.clone());
+    tokio::spawn(async move {
+        let mut seen = None;
+        loop {
+            // The watch is made before reading, so nothing appended in
+            // between goes unnoticed.
+            let mut watch = match member.coordinator.watch_log().await {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot watch the shared log");
+                    None
+                }
+            };
+            loop {
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.catch_up()).await {
+                    Ok(Ok(applied)) => {
+                        if seen.is_some_and(|s| s != applied) {
+                            tracing::debug!(applied, "applied the cluster's shared records");
+                            // Users' subdomains are in the local CA's certificate.
+                            crate::daemon::certificate::refresh(&store, local_ca.clone(), &domain)
+                                .await;
+                        }
+                        seen = Some(applied);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot apply the cluster's shared records")
+                    }
+                    Err(e) => tracing::error!(error = %e, "applying the cluster's shared records"),
+                }
+                let Some(w) = watch.as_mut() else {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                };
+                // A new entry, or 5 s: look again either way.
+                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), w.changed()).await
+                {
+                    tracing::debug!(error = %e, "the shared log's watch broke");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Serves node links: other nodes' connections to grains this node runs,

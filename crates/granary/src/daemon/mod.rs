@@ -86,6 +86,20 @@ impl DaemonInfo {
     }
 }
 
+/// Bytes available to an unprivileged writer, and the size, of the
+/// filesystem holding `dir` (what `df` shows).
+pub(crate) fn disk_space(dir: &std::path::Path) -> nix::Result<(u64, u64)> {
+    let v = nix::sys::statvfs::statvfs(dir)?;
+    // The field types are narrower on 32-bit targets.
+    #[allow(clippy::unnecessary_cast)]
+    let (avail, blocks, frag) = (
+        v.blocks_available() as u64,
+        v.blocks() as u64,
+        v.fragment_size() as u64,
+    );
+    Ok((avail * frag, blocks * frag))
+}
+
 pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     memory::tune();
     crate::logging::install(&config)?;
@@ -154,14 +168,19 @@ async fn serve(
     let admin_socket = config.admin_socket();
     let admin_listener = admin::bind(&admin_socket)?;
 
+    // A cluster node shares its records before anything writes them.
+    let (member, links) = match cluster::join(&config).await? {
+        Some((m, l)) => {
+            let local_ca = matches!(config.tls, TlsSource::LocalCa).then(|| config.tls_dir());
+            cluster::share_records(&m, &store, local_ca, config.domain.clone()).await?;
+            (Some(m), Some(l))
+        }
+        None => (None, None),
+    };
+
     let demo = match mode {
         Mode::Demo => Some(demo::ensure_demo_user(&store, &config.domain).await?),
         Mode::Serve => None,
-    };
-
-    let (member, links) = match cluster::join(&config).await? {
-        Some((m, l)) => (Some(m), Some(l)),
-        None => (None, None),
     };
     let limiter: Arc<granary_gateway::LoginLimiter> = Arc::default();
     let info = DaemonInfo {

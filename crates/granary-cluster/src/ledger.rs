@@ -1,0 +1,164 @@
+//! The cluster's log of shared records (see `granary_state::Ledger`) in
+//! etcd: entry `n` is the key `log/<n, 20 digits>`, so keys sort as the
+//! entries do. Appending entry `n + 1` is one transaction that creates its
+//! key only if no node has, which is what makes writes from two nodes
+//! take turns.
+
+use std::future::Future;
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+
+use crate::{ClusterError, Coordinator};
+
+/// Entries read per request while catching up.
+const PAGE: i64 = 256;
+
+fn entry_key(coordinator: &Coordinator, n: u64) -> String {
+    coordinator.key(&format!("log/{n:020}"))
+}
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    let key = std::str::from_utf8(key).ok()?;
+    key.rsplit_once("log/")?.1.parse().ok()
+}
+
+impl Coordinator {
+    /// The log's entries after number `seq`, in order.
+    pub async fn log_after(&self, seq: u64) -> Result<Vec<(u64, Vec<u8>)>, ClusterError> {
+        // Just past every `log/` key: '/' + 1 is '0'.
+        let end = self.key("log0");
+        let mut entries = Vec::new();
+        let mut from = seq + 1;
+        loop {
+            let resp = self
+                .c()
+                .get(
+                    entry_key(self, from),
+                    Some(GetOptions::new().with_range(end.as_str()).with_limit(PAGE)),
+                )
+                .await
+                .map_err(ClusterError::etcd("reading the shared log"))?;
+            for kv in resp.kvs() {
+                let n = seq_of(kv.key()).ok_or_else(|| ClusterError::Damaged {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    why: "a key in the shared log that is not an entry".into(),
+                })?;
+                entries.push((n, kv.value().to_vec()));
+                from = n + 1;
+            }
+            if !resp.more() {
+                return Ok(entries);
+            }
+        }
+    }
+
+    /// Appends `entry` as number `seq + 1` unless that number is taken;
+    /// `Ok(false)` when another node's entry is there.
+    pub async fn log_append(&self, seq: u64, entry: &[u8]) -> Result<bool, ClusterError> {
+        let key = entry_key(self, seq + 1);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), entry, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self
+            .c()
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("appending to the shared log"))?;
+        if resp.succeeded() {
+            return Ok(true);
+        }
+        // Taken. If by this very entry (an append retried after its answer
+        // was lost), it is ours.
+        let theirs = resp.op_responses().into_iter().find_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        Ok(theirs.as_deref() == Some(entry))
+    }
+
+    /// Watches the log for new entries.
+    pub async fn watch_log(&self) -> Result<LogWatch, ClusterError> {
+        let prefix = self.key("log/");
+        let mut client = self.client();
+        let stream = client
+            .watch(
+                prefix.as_str(),
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(ClusterError::etcd("watching the shared log"))?;
+        Ok(LogWatch { stream })
+    }
+}
+
+/// A watch on the shared log ([`Coordinator::watch_log`]).
+pub struct LogWatch {
+    stream: etcd_client::WatchStream,
+}
+
+impl LogWatch {
+    /// Resolves when entries were appended since the last call, or with an
+    /// error when the watch broke (make a new one).
+    pub async fn changed(&mut self) -> Result<(), ClusterError> {
+        loop {
+            match self.stream.message().await {
+                Ok(Some(resp)) if !resp.events().is_empty() => return Ok(()),
+                Ok(Some(resp)) if resp.canceled() => {
+                    return Err(ClusterError::Changed(format!(
+                        "etcd ended the watch: {}",
+                        resp.cancel_reason()
+                    )));
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => return Err(ClusterError::Changed("the etcd watch ended".to_owned())),
+                Err(e) => return Err(ClusterError::etcd("watching the shared log")(e)),
+            }
+        }
+    }
+}
+
+/// The shared log for a node's state store, which calls it from blocking
+/// code: each call runs the etcd request on the daemon's runtime and waits.
+pub struct EtcdLedger {
+    coordinator: Coordinator,
+    runtime: tokio::runtime::Handle,
+}
+
+impl EtcdLedger {
+    /// Must be made on the runtime whose etcd connection it uses.
+    pub fn new(coordinator: Coordinator) -> EtcdLedger {
+        EtcdLedger {
+            coordinator,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Runs `f` on the runtime and waits at most [`LEDGER_DEADLINE`]: a
+    /// write holds the state database while it appends, so an etcd that
+    /// stopped answering must not hold it for long.
+    fn wait<T, F: Future<Output = Result<T, ClusterError>>>(&self, f: F) -> Result<T, String> {
+        // On a runtime worker, hand its other tasks on first; on a blocking
+        // thread this runs as it is.
+        tokio::task::block_in_place(|| {
+            self.runtime
+                .block_on(tokio::time::timeout(LEDGER_DEADLINE, f))
+        })
+        .map_err(|_| format!("etcd did not answer within {LEDGER_DEADLINE:?}"))?
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// How long a read of, or an append to, the shared log may take.
+const LEDGER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl granary_state::Ledger for EtcdLedger {
+    fn entries_after(&self, seq: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        self.wait(self.coordinator.log_after(seq))
+    }
+
+    fn append(&self, seq: u64, entry: &[u8]) -> Result<bool, String> {
+        self.wait(self.coordinator.log_append(seq, entry))
+            .map_err(|e| format!("{e} (if etcd took the change after all, every node applies it)"))
+    }
+}
