@@ -77,6 +77,31 @@ impl Coordinator {
         Ok(theirs.as_deref() == Some(entry))
     }
 
+    /// The host uid range every node's grains run in (`jail.uid_range`):
+    /// grains' uids are picked from the shared records, so one range serves
+    /// the whole cluster. The first node to ask records `mine`; the answer
+    /// is the cluster's range, which the caller compares with its own.
+    pub async fn uid_range(&self, mine: &str) -> Result<String, ClusterError> {
+        let key = self.key("uid_range");
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), mine, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self
+            .c()
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("reading the cluster's uid range"))?;
+        if resp.succeeded() {
+            return Ok(mine.to_owned());
+        }
+        let theirs = resp.op_responses().into_iter().find_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        Ok(String::from_utf8_lossy(&theirs.unwrap_or_default()).into_owned())
+    }
+
     /// Watches the log for new entries.
     pub async fn watch_log(&self) -> Result<LogWatch, ClusterError> {
         let prefix = self.key("log/");

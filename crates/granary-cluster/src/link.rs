@@ -15,6 +15,17 @@
 //! The identity is the one the first node's gateway authenticated: nodes
 //! trust each other's gateways (they are one cluster, under one admin),
 //! and the grain sees the same identity wherever the client came in.
+//!
+//! A node also fetches an app's package from a peer by its content
+//! address, to run a grain of an app installed on another node:
+//!
+//! ```text
+//! → {"op":"package","kind":"blog","sha256":"<64 hex>"}
+//! ← {"ok":true,"size":N}            then N bytes: the signed package file
+//! ```
+//!
+//! The fetching node checks the signature and that the package's SHA-256
+//! is the one the shared app record names before it unpacks anything.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -82,6 +93,10 @@ enum Request {
         identity: Identity,
         peer: Peer,
     },
+    Package {
+        kind: String,
+        sha256: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -89,6 +104,36 @@ struct Answer {
     ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     problem: Option<Problem>,
+    /// The bytes that follow a package answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+}
+
+fn answer_line(problem: Option<Problem>, size: Option<u64>) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&Answer {
+        ok: problem.is_none(),
+        problem,
+        size,
+    })
+    .expect("answers serialize");
+    line.push(b'\n');
+    line
+}
+
+/// Where a node keeps the package file of an installed app, under its
+/// apps directory: `<kind>/<sha256>.gpkg`, beside the unpacked image.
+/// `None` for a kind or hash that could not be one.
+pub fn package_path(
+    apps_dir: &std::path::Path,
+    kind: &str,
+    sha256: &str,
+) -> Option<std::path::PathBuf> {
+    let hex = sha256.len() == 64
+        && sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    (hex && granary_model::GrainKind::new(kind).is_ok())
+        .then(|| apps_dir.join(kind).join(format!("{sha256}.gpkg")))
 }
 
 /// One line, newline included, at most [`MAX_LINE`] bytes; whatever
@@ -119,13 +164,16 @@ async fn read_line<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> std::io::Resul
 }
 
 /// Serves node links on `listener` until it fails: each connection asks
-/// `grains` (this node's own) for one grain connection and carries it.
+/// `grains` (this node's own) for one grain connection and carries it, or
+/// asks for a package file kept under `apps_dir`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     key: &SigningKey,
     members: Members,
     grains: Arc<dyn Grains>,
+    apps_dir: std::path::PathBuf,
 ) -> std::io::Result<()> {
+    let apps_dir = Arc::new(apps_dir);
     let accepting = members.clone();
     let mut config =
         granary_backup::pinned::server_config(key, move |k| accepting.name_of(k).is_some())
@@ -148,7 +196,12 @@ pub async fn serve(
             return Ok(());
         };
         keep_alive(&tcp);
-        let (acceptor, members, grains) = (acceptor.clone(), members.clone(), grains.clone());
+        let (acceptor, members, grains, apps_dir) = (
+            acceptor.clone(),
+            members.clone(),
+            grains.clone(),
+            apps_dir.clone(),
+        );
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await;
             drop(permit);
@@ -170,7 +223,7 @@ pub async fn serve(
                 tracing::warn!(%from, node, "node link without the link protocol (ALPN); closed");
                 return;
             }
-            if let Err(e) = carry(tls, &node, &*grains).await {
+            if let Err(e) = carry(tls, &node, &*grains, &apps_dir).await {
                 tracing::debug!(%from, node, error = %e, "node link ended");
             }
         });
@@ -181,26 +234,25 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     node: &str,
     grains: &dyn Grains,
+    apps_dir: &std::path::Path,
 ) -> std::io::Result<()> {
     let mut stream = BufReader::new(stream);
     let line = tokio::time::timeout(HANDSHAKE, read_line(&mut stream))
         .await
         .map_err(|_| std::io::Error::other("no request in time"))??;
-    let Request::Connect {
-        grain,
-        service,
-        identity,
-        peer,
-    } = serde_json::from_slice(&line).map_err(std::io::Error::other)?;
-    let answer = |problem: Option<Problem>| {
-        let mut line = serde_json::to_vec(&Answer {
-            ok: problem.is_none(),
-            problem,
-        })
-        .expect("answers serialize");
-        line.push(b'\n');
-        line
-    };
+    let (grain, service, identity, peer) =
+        match serde_json::from_slice(&line).map_err(std::io::Error::other)? {
+            Request::Connect {
+                grain,
+                service,
+                identity,
+                peer,
+            } => (grain, service, identity, peer),
+            Request::Package { kind, sha256 } => {
+                return send_package(stream, node, apps_dir, &kind, &sha256).await;
+            }
+        };
+    let answer = |problem: Option<Problem>| answer_line(problem, None);
     let id = match GrainId::parse(&grain) {
         Ok(id) => id,
         Err(_) => {
@@ -228,6 +280,135 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Answers a package request with the file, if this node keeps it.
+async fn send_package<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: BufReader<S>,
+    node: &str,
+    apps_dir: &std::path::Path,
+    kind: &str,
+    sha256: &str,
+) -> std::io::Result<()> {
+    let file = match package_path(apps_dir, kind, sha256) {
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                // Never a symlink swapped in for the package.
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .ok()
+                .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
+        }
+        None => None,
+    };
+    let Some(file) = file else {
+        let problem = Problem::Host(format!("no package {kind} {sha256} on this node"));
+        stream.write_all(&answer_line(Some(problem), None)).await?;
+        return stream.flush().await;
+    };
+    let size = file.metadata()?.len();
+    tracing::debug!(
+        node,
+        kind,
+        sha256,
+        size,
+        "sending a package to another node"
+    );
+    stream.write_all(&answer_line(None, Some(size))).await?;
+    let mut file = tokio::fs::File::from_std(file);
+    tokio::io::copy(&mut file, &mut stream).await?;
+    stream.flush().await?;
+    stream.shutdown().await
+}
+
+/// Fetches the package of app `kind` with content address `sha256` from
+/// the node at `address` (node key `node_key`, hex), at most `max_bytes`.
+/// The caller verifies what it gets.
+pub async fn fetch_package(
+    address: &str,
+    node_key: &str,
+    key: &SigningKey,
+    kind: &str,
+    sha256: &str,
+    max_bytes: u64,
+) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = open(address, node_key, key).await?;
+    let mut request = serde_json::to_vec(&Request::Package {
+        kind: kind.to_owned(),
+        sha256: sha256.to_owned(),
+    })
+    .expect("requests serialize");
+    request.push(b'\n');
+    let io = |e: std::io::Error| format!("node link to {address}: {e}");
+    stream.write_all(&request).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    let transfer = async {
+        let line = read_line(&mut stream).await.map_err(io)?;
+        let answer: Answer = serde_json::from_slice(&line)
+            .map_err(|e| format!("node link to {address}: a bad answer: {e}"))?;
+        if !answer.ok {
+            return Err(match answer.problem {
+                Some(Problem::Host(why)) => why,
+                other => format!("{other:?}"),
+            });
+        }
+        let size = answer.size.unwrap_or(0);
+        if size > max_bytes {
+            return Err(format!(
+                "the package is {size} bytes, more than packages.max_package_mib allows"
+            ));
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        (&mut stream)
+            .take(size)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(io)?;
+        if bytes.len() as u64 != size {
+            return Err(format!(
+                "node link to {address}: the package ended after {} of {size} bytes",
+                bytes.len()
+            ));
+        }
+        Ok(bytes)
+    };
+    tokio::time::timeout(PACKAGE, transfer)
+        .await
+        .map_err(|_| format!("node link to {address}: the package took over {PACKAGE:?}"))?
+}
+
+/// How long fetching one package may take.
+const PACKAGE: Duration = Duration::from_secs(300);
+
+/// A link to the node at `address` with node key `node_key` (hex), as
+/// this node (`key`): TLS done, nothing asked yet.
+async fn open(
+    address: &str,
+    node_key: &str,
+    key: &SigningKey,
+) -> Result<BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, String> {
+    let server_key = granary_backup::catalogue::parse_key(node_key)
+        .map_err(|e| format!("the node's key: {e}"))?;
+    let mut config =
+        granary_backup::pinned::client_config(key, server_key).map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    let tcp = tokio::time::timeout(HANDSHAKE, tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|_| format!("node link to {address}: timed out"))?
+        .map_err(|e| format!("node link to {address}: {e}"))?;
+    keep_alive(&tcp);
+    let tls = tokio::time::timeout(
+        HANDSHAKE,
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(granary_backup::pinned::server_name(), tcp),
+    )
+    .await
+    .map_err(|_| format!("node link to {address}: TLS timed out"))?
+    .map_err(|e| format!("node link to {address}: TLS: {e} (does its node key match?)"))?;
+    Ok(BufReader::new(tls))
+}
+
 /// Opens a connection to `service` of `grain` on the node at `address`
 /// with node key `node_key` (hex), as this node (`key`), for `identity`.
 /// The answer is a local stream: bytes written to it reach the grain.
@@ -241,29 +422,7 @@ pub async fn connect(
     peer: Peer,
 ) -> Result<Connection, GrainError> {
     let host = |what: String| GrainError::new(grain, Problem::Host(what));
-    let server_key = granary_backup::catalogue::parse_key(node_key)
-        .map_err(|e| host(format!("the owner node's key: {e}")))?;
-    let mut config =
-        granary_backup::pinned::client_config(key, server_key).map_err(|e| host(e.to_string()))?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
-    let tcp = tokio::time::timeout(HANDSHAKE, tokio::net::TcpStream::connect(address))
-        .await
-        .map_err(|_| host(format!("node link to {address}: timed out")))?
-        .map_err(|e| host(format!("node link to {address}: {e}")))?;
-    keep_alive(&tcp);
-    let tls = tokio::time::timeout(
-        HANDSHAKE,
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(granary_backup::pinned::server_name(), tcp),
-    )
-    .await
-    .map_err(|_| host(format!("node link to {address}: TLS timed out")))?
-    .map_err(|e| {
-        host(format!(
-            "node link to {address}: TLS: {e} (does its node key match?)"
-        ))
-    })?;
-    let mut stream = BufReader::new(tls);
+    let mut stream = open(address, node_key, key).await.map_err(host)?;
     let mut request = serde_json::to_vec(&Request::Connect {
         grain: grain.to_string(),
         service: service.to_owned(),

@@ -736,6 +736,24 @@ impl Daemon {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Gives this (not yet launched) daemon the host uid range of
+    /// `other`: nodes of one cluster share one range, as their grains'
+    /// uids are picked cluster-wide.
+    pub fn share_uid_range(&self, other: &Daemon) {
+        let range = |d: &Daemon| -> String {
+            std::fs::read_to_string(d.config_path())
+                .expect("config")
+                .lines()
+                .find(|l| l.starts_with("uid_range = "))
+                .expect("a uid_range line")
+                .to_owned()
+        };
+        let (mine, theirs) = (range(self), range(other));
+        let text = std::fs::read_to_string(self.config_path()).expect("config");
+        std::fs::write(self.config_path(), text.replace(&mine, &theirs)).expect("config");
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

@@ -19,6 +19,9 @@ pub(crate) struct Member {
     pub(crate) etcd: Vec<String>,
     pub(crate) coordinator: Coordinator,
     pub(crate) lease: NodeLease,
+    /// This node's key, for links it opens to fetch packages.
+    key: Arc<granary_package::SigningKey>,
+    limits: granary_package::Limits,
 }
 
 impl std::fmt::Debug for Member {
@@ -98,6 +101,17 @@ pub(crate) async fn join(
         ),
         Some(_) => {}
     }
+    // Host uids are picked from the shared grain records: every node must
+    // give grains the same range, or a grain could not run where it moves.
+    let mine = config.uid_range.to_string();
+    let theirs = coordinator.uid_range(&mine).await?;
+    if theirs != mine {
+        bail!(
+            "jail.uid_range is {mine} here and {theirs} on the cluster's other nodes: \
+             every node of a cluster gives grains the same host uid range (grains' uids are picked cluster-wide); \
+             set jail.uid_range = \"{theirs}\""
+        );
+    }
     let lease = coordinator
         .hold_lease(
             &cluster.node,
@@ -117,6 +131,8 @@ pub(crate) async fn join(
         etcd: cluster.etcd.clone(),
         coordinator,
         lease,
+        key: Arc::new(granary_backup::node_key(&config.data_dir)?),
+        limits: crate::package_limits(config),
     });
     tokio::spawn(watch(member.clone(), config.data_dir.clone()));
     Ok(Some((member, links)))
@@ -131,9 +147,11 @@ pub(crate) async fn join(
 pub(crate) async fn share_records(
     member: &Arc<Member>,
     store: &Arc<granary_state::Store>,
-    local_ca: Option<std::path::PathBuf>,
-    domain: String,
+    config: &Config,
 ) -> anyhow::Result<()> {
+    let local_ca =
+        matches!(config.tls, granary_config::TlsSource::LocalCa).then(|| config.tls_dir());
+    let domain = config.domain.clone();
     let ledger = Arc::new(granary_cluster::EtcdLedger::new(member.coordinator.clone()));
     let s = store.clone();
     let joined = tokio::task::spawn_blocking(move || s.share(ledger))
@@ -204,6 +222,7 @@ pub(crate) fn serve_links(
     listener: tokio::net::TcpListener,
     key: granary_package::SigningKey,
     local: Arc<dyn granary_grains::Grains>,
+    apps_dir: std::path::PathBuf,
 ) {
     let members = granary_cluster::link::Members::default();
     tokio::spawn(async move {
@@ -219,7 +238,9 @@ pub(crate) fn serve_links(
         refresh(&members).await;
         let serving = members.clone();
         tokio::spawn(async move {
-            if let Err(e) = granary_cluster::link::serve(listener, &key, serving, local).await {
+            if let Err(e) =
+                granary_cluster::link::serve(listener, &key, serving, local, apps_dir).await
+            {
                 tracing::error!(error = %e, "the node link listener failed");
             }
         });
@@ -354,6 +375,9 @@ pub(crate) async fn admit(
     if !member.lease.is_live() {
         return Err(not_live());
     }
+    if !image.exists() {
+        fetch_image(member, &image).await?;
+    }
     let arch = tokio::task::spawn_blocking(move || arch_of(&image, &exec))
         .await
         .map_err(|e| e.to_string())?;
@@ -415,6 +439,108 @@ pub(crate) async fn admit(
         Ok(()) if !member.lease.is_live() => Err(not_live()),
         other => other,
     }
+}
+
+/// Puts on this node the image of an app another node installed from a
+/// signed package: the package is fetched from a live member by its
+/// content address (`apps/<kind>/<sha256>`, from the shared app record),
+/// its signature and SHA-256 checked, and it is unpacked as an install
+/// here would.
+async fn fetch_image(member: &Member, image: &Path) -> Result<(), String> {
+    let name = |p: Option<&Path>| {
+        p.and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let dir = image.parent();
+    let (sha256, kind) = (name(dir), name(dir.and_then(Path::parent)));
+    let apps_dir = dir
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    if granary_cluster::link::package_path(&apps_dir, &kind, &sha256).is_none() {
+        return Err(format!(
+            "the app's image is not on node {}, and an app installed unsigned (development mode) is not fetched from other nodes: install it on this node too",
+            member.node
+        ));
+    }
+    let nodes = member
+        .coordinator
+        .nodes()
+        .await
+        .map_err(|e| format!("cannot list the nodes to fetch the app's package from: {e}"))?;
+    let mut tried = Vec::new();
+    for n in nodes.iter().filter(|n| n.record.name != member.node) {
+        let Some(alive) = &n.alive else { continue };
+        let link = match alive.link.is_empty() {
+            true => &n.record.address,
+            false => &alive.link,
+        };
+        let fetched = granary_cluster::link::fetch_package(
+            link,
+            &n.record.key,
+            &member.key,
+            &kind,
+            &sha256,
+            member.limits.max_package_bytes,
+        )
+        .await;
+        let bytes = match fetched {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tried.push(format!("{}: {e}", n.record.name));
+                continue;
+            }
+        };
+        let (apps, limits, k, sha, from) = (
+            apps_dir.clone(),
+            member.limits,
+            kind.clone(),
+            sha256.clone(),
+            n.record.name.clone(),
+        );
+        let unpacked = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let verified = granary_package::open(&bytes, &limits)?;
+            anyhow::ensure!(
+                verified.sha256 == sha,
+                "its SHA-256 is {}, not the {sha} the app record names",
+                verified.sha256
+            );
+            let (manifest, _) = verified.inspect(&limits)?;
+            anyhow::ensure!(manifest.kind == k, "it is an app of kind {}", manifest.kind);
+            let pkg = crate::daemon::install::CheckedPackage {
+                bytes,
+                manifest,
+                sha256: sha,
+            };
+            crate::daemon::install::unpack_package(&apps, &pkg, &limits)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match unpacked {
+            Ok(()) => {
+                tracing::info!(
+                    kind,
+                    sha256,
+                    from,
+                    "fetched an app's package from another node"
+                );
+                return Ok(());
+            }
+            Err(e) => tried.push(format!("{from}: {e:#}")),
+        }
+    }
+    if tried.is_empty() {
+        tried.push("no other node is up".to_owned());
+    }
+    Err(format!(
+        "the app's package ({kind} {sha256}) is not on node {} and could not be fetched: {}",
+        member.node,
+        tried.join("; ")
+    ))
 }
 
 /// Releases the lease on a clean stop.

@@ -46,8 +46,10 @@ pub(crate) fn check_package(
 }
 
 /// Unpacks a checked package into `apps_dir/<kind>/<sha256>` unless that
-/// image exists already (the same package gives the same image). Returns
-/// the image directory relative to `apps_dir`.
+/// image exists already (the same package gives the same image), and
+/// keeps the package file beside it (`<sha256>.gpkg`), which other nodes
+/// of a cluster fetch by its content address. Returns the image
+/// directory relative to `apps_dir`.
 pub(crate) fn unpack_package(
     apps_dir: &Path,
     pkg: &CheckedPackage,
@@ -57,6 +59,11 @@ pub(crate) fn unpack_package(
     std::fs::create_dir_all(&kind_dir)?;
     for d in [apps_dir, &kind_dir] {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let kept = kind_dir.join(format!("{}.gpkg", pkg.sha256));
+    if !kept.exists() {
+        granary_files::write_atomic(&kept, &pkg.bytes, 0o644)
+            .with_context(|| format!("cannot keep the package at {}", kept.display()))?;
     }
     let relative = format!("{}/{}", pkg.manifest.kind, pkg.sha256);
     let target = apps_dir.join(&relative);
@@ -68,6 +75,10 @@ pub(crate) fn unpack_package(
     verified.unpack(&staging, limits)?;
     if let Err(e) = std::fs::rename(&staging, &target) {
         let _ = std::fs::remove_dir_all(&staging);
+        // Another start fetched and unpacked the same image meanwhile.
+        if target.join(MANIFEST_FILE).exists() {
+            return Ok(relative);
+        }
         return Err(e).with_context(|| format!("cannot move the image to {}", target.display()));
     }
     Ok(relative)

@@ -171,8 +171,7 @@ async fn serve(
     // A cluster node shares its records before anything writes them.
     let (member, links) = match cluster::join(&config).await? {
         Some((m, l)) => {
-            let local_ca = matches!(config.tls, TlsSource::LocalCa).then(|| config.tls_dir());
-            cluster::share_records(&m, &store, local_ca, config.domain.clone()).await?;
+            cluster::share_records(&m, &store, &config).await?;
             (Some(m), Some(l))
         }
         None => (None, None),
@@ -234,6 +233,7 @@ async fn serve(
             links,
             granary_backup::node_key(&config.data_dir)?,
             local.clone(),
+            start::apps_dir(&config)?,
         );
         // Connections to grains other nodes own go to them.
         grains = Arc::new(granary_cluster::ClusterGrains::new(
