@@ -373,6 +373,11 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     // The shared records outlive any one node: a fresh node joining
     // after n3 died reads users n3 added, and a node that starts again
     // catches up with what was written while it was away.
+    // A drained node takes no new grains, and stays drained across its
+    // restart.
+    let run = n1.granary(&["node", "drain", "n2"]).success();
+    assert!(run.stdout.contains("node n2 drained"), "{}", run.stdout);
+    assert!(run.stderr.contains("not built yet"), "{}", run.stderr);
     let status = n2.stop();
     assert!(status.success(), "{}", n2.log());
     n1.granary(&["user", "add", "carol"]).success();
@@ -384,6 +389,13 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     assert_eq!(users_of(&n4), ["alice", "bob", "carol"]);
     n2.launch();
     assert_eq!(users_of(&n2), ["alice", "bob", "carol"]);
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("drained"));
+    let run = n2.granary(&["grain", "start", "bob/hello"]).failure();
+    assert!(run.stderr.contains("n2: drained"), "{}", run.stderr);
+    n1.granary(&["node", "undrain", "n2"]).success();
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+    n2.granary(&["grain", "start", "bob/hello"]).success();
+    n2.granary(&["grain", "stop", "bob/hello"]).success();
     assert!(
         n2.log()
             .contains("caught up with the cluster's shared records"),

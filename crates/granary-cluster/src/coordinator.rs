@@ -610,11 +610,29 @@ impl Coordinator {
         self.place_on(grain, node).await
     }
 
-    /// Places a new grain on `node`, which must hold its lease. Fails if
-    /// the grain is placed already.
+    /// Places a new grain on `node`, which must hold its lease and not be
+    /// drained (both checked in the placing transaction). Fails if the
+    /// grain is placed already.
     pub async fn place_on(&self, grain: &str, node: &str) -> Result<Placement> {
         let key = self.key(&format!("placement/{grain}"));
         let alive = self.key(&format!("alive/{node}"));
+        let member = self.key(&format!("nodes/{node}"));
+        let resp = self
+            .c()
+            .get(member.as_str(), None)
+            .await
+            .map_err(ClusterError::etcd("reading a node"))?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(ClusterError::NoSuchNode(node.to_owned()));
+        };
+        if from_json::<NodeRecord>(&member, kv.value())?.drained {
+            return Err(ClusterError::NoRoom {
+                grain: grain.to_owned(),
+                why: format!(
+                    "{node}: drained (granary node undrain {node} lets it take new grains)"
+                ),
+            });
+        }
         let record = PlacementRecord {
             node: node.to_owned(),
             placed_unix: now_unix(),
@@ -623,6 +641,7 @@ impl Coordinator {
             .when([
                 Compare::version(key.as_str(), CompareOp::Equal, 0),
                 Compare::version(alive.as_str(), CompareOp::Greater, 0),
+                Compare::mod_revision(member.as_str(), CompareOp::Equal, kv.mod_revision()),
             ])
             .and_then([TxnOp::put(key.as_str(), to_json(&record), None)]);
         let resp = self
@@ -648,7 +667,7 @@ impl Coordinator {
             }),
             None => Err(ClusterError::NoRoom {
                 grain: grain.to_owned(),
-                why: format!("{node}: down"),
+                why: format!("{node}: down, or its record changed (drained?)"),
             }),
         }
     }

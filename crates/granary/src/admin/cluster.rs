@@ -154,6 +154,28 @@ pub(crate) fn node(config: &Config, cmd: &NodeCommand) -> anyhow::Result<ExitCod
                 );
             }
         }
+        NodeCommand::Drain { name } | NodeCommand::Undrain { name } => {
+            let drain = matches!(cmd, NodeCommand::Drain { .. });
+            let grains = with_cluster(config, async |c, _| {
+                c.set_drained(name, drain).await?;
+                Ok(c.placements()
+                    .await?
+                    .iter()
+                    .filter(|p| p.node == *name)
+                    .count())
+            })?;
+            if drain {
+                println!("node {name} drained: it takes no new grains");
+                if grains > 0 {
+                    eprintln!(
+                        "It still owns {grains} grain(s), which keep running there: moving grains \
+                         between nodes is not built yet."
+                    );
+                }
+            } else {
+                println!("node {name} undrained: it takes new grains again");
+            }
+        }
         NodeCommand::Remove { name, force } => {
             let dropped =
                 with_cluster(config, async |c, _| Ok(c.remove_node(name, *force).await?))?;

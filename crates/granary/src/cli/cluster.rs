@@ -30,6 +30,11 @@ pub(crate) enum NodeCommand {
         #[command(flatten)]
         output: Output,
     },
+    /// Stop placing new grains on a node (it keeps running the grains it
+    /// has; moving them off is not built yet); survives its restarts
+    Drain { name: String },
+    /// Let a drained node take new grains again
+    Undrain { name: String },
     /// Remove a member whose daemon is stopped and that owns no grains
     Remove {
         name: String,

@@ -410,6 +410,9 @@ pub(crate) async fn admit(
                 tracing::info!(grain, node = %p.node, epoch = p.epoch, "placed a new grain on this node")
             }
             Err(granary_cluster::ClusterError::AlreadyPlaced { .. }) => {}
+            Err(e @ granary_cluster::ClusterError::NoRoom { .. }) => {
+                return Err(format!("node {} may not take it: {e}", member.node));
+            }
             Err(e) => return Err(etcd(e)),
         }
         permit = c
