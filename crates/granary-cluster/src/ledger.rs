@@ -5,6 +5,7 @@
 //! take turns.
 
 use std::future::Future;
+use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
@@ -23,20 +24,27 @@ fn seq_of(key: &[u8]) -> Option<u64> {
 }
 
 impl Coordinator {
-    /// The log's entries after number `seq`, in order.
+    /// The log's entries after number `seq`, in order. Each page of
+    /// [`PAGE`] entries must come within [`LEDGER_DEADLINE`], so a long
+    /// catch-up on a slow link still progresses.
     pub async fn log_after(&self, seq: u64) -> Result<Vec<(u64, Vec<u8>)>, ClusterError> {
         // Just past every `log/` key: '/' + 1 is '0'.
         let end = self.key("log0");
         let mut entries = Vec::new();
         let mut from = seq + 1;
         loop {
-            let resp = self
-                .c()
-                .get(
-                    entry_key(self, from),
-                    Some(GetOptions::new().with_range(end.as_str()).with_limit(PAGE)),
-                )
+            let etcd = self.c();
+            let page = etcd.get(
+                entry_key(self, from),
+                Some(GetOptions::new().with_range(end.as_str()).with_limit(PAGE)),
+            );
+            let resp = tokio::time::timeout(LEDGER_DEADLINE, page)
                 .await
+                .map_err(|_| {
+                    ClusterError::Changed(format!(
+                        "etcd did not answer within {LEDGER_DEADLINE:?} reading the shared log"
+                    ))
+                })?
                 .map_err(ClusterError::etcd("reading the shared log"))?;
             for kv in resp.kvs() {
                 let n = seq_of(kv.key()).ok_or_else(|| ClusterError::Damaged {
@@ -159,31 +167,43 @@ impl EtcdLedger {
         }
     }
 
-    /// Runs `f` on the runtime and waits at most [`LEDGER_DEADLINE`]: a
-    /// write holds the state database while it appends, so an etcd that
-    /// stopped answering must not hold it for long.
-    fn wait<T, F: Future<Output = Result<T, ClusterError>>>(&self, f: F) -> Result<T, String> {
+    /// Runs `f` on the daemon's runtime (its timers too) and waits, at
+    /// most `deadline` when given: a write holds the state database while
+    /// it appends, so an etcd that stopped answering must not hold it long.
+    fn wait<T, F: Future<Output = Result<T, ClusterError>>>(
+        &self,
+        f: F,
+        deadline: Option<Duration>,
+    ) -> Result<T, String> {
+        let run = async {
+            match deadline {
+                Some(d) => tokio::time::timeout(d, f)
+                    .await
+                    .map_err(|_| format!("etcd did not answer within {d:?}"))?
+                    .map_err(|e| e.to_string()),
+                None => f.await.map_err(|e| e.to_string()),
+            }
+        };
         // On a runtime worker, hand its other tasks on first; on a blocking
         // thread this runs as it is.
-        tokio::task::block_in_place(|| {
-            self.runtime
-                .block_on(tokio::time::timeout(LEDGER_DEADLINE, f))
-        })
-        .map_err(|_| format!("etcd did not answer within {LEDGER_DEADLINE:?}"))?
-        .map_err(|e| e.to_string())
+        tokio::task::block_in_place(|| self.runtime.block_on(run))
     }
 }
 
-/// How long a read of, or an append to, the shared log may take.
-const LEDGER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long an append to the shared log, or one page read of it, may take.
+const LEDGER_DEADLINE: Duration = Duration::from_secs(3);
 
 impl granary_state::Ledger for EtcdLedger {
     fn entries_after(&self, seq: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
-        self.wait(self.coordinator.log_after(seq))
+        // Deadlines per page, in log_after.
+        self.wait(self.coordinator.log_after(seq), None)
     }
 
     fn append(&self, seq: u64, entry: &[u8]) -> Result<bool, String> {
-        self.wait(self.coordinator.log_append(seq, entry))
-            .map_err(|e| format!("{e} (if etcd took the change after all, every node applies it)"))
+        self.wait(
+            self.coordinator.log_append(seq, entry),
+            Some(LEDGER_DEADLINE),
+        )
+        .map_err(|e| format!("{e} (if etcd took the change after all, every node applies it)"))
     }
 }

@@ -180,13 +180,14 @@ impl Store {
     /// Notes that an app password was just used (shown in listings so a
     /// user can spot a device they no longer have).
     pub fn touch_app_password(&self, id: i64) -> Result<(), StateError> {
-        self.conn()
-            .execute(
-                "UPDATE app_passwords SET last_used_at = unixepoch() WHERE id = ?1",
-                [id],
-            )
-            .op("touch app password")
-            .map(drop)
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE app_passwords SET last_used_at = unixepoch() WHERE id = ?1",
+            [id],
+        )
+        .op("touch app password")?;
+        self.forget_captured(&conn);
+        Ok(())
     }
 }
 

@@ -188,7 +188,7 @@ impl Store {
     /// `ledger` (see the `shared` module): from now on every write goes
     /// through the log. A database whose records the log has never seen
     /// becomes the log's first entry when the log is empty, and is refused
-    /// when it is not (a node joins with a fresh data dir). Call it once,
+    /// when it is not (a node joins with an empty state database). Call it once,
     /// before anything writes.
     pub fn share(&self, ledger: Arc<dyn Ledger>) -> Result<Joined, StateError> {
         let conn = self.conn();
@@ -213,6 +213,26 @@ impl Store {
         sharing.apply(&self.conn(), entries)
     }
 
+    /// Runs `write` again while another node's write got in first
+    /// ([`StateError::Busy`]), up to five times with a short pause: for
+    /// the daemon's own writes, which nobody can be asked to repeat. Call
+    /// it on a blocking thread, as every store call is.
+    pub fn retrying<T>(
+        &self,
+        mut write: impl FnMut(&Store) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let mut tries = 0u64;
+        loop {
+            match write(self) {
+                Err(StateError::Busy) if tries < 5 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10 * tries));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The connection for one write, caught up with the cluster's log (read
     /// before the connection is taken, so a log out of reach fails the
     /// write without holding up reads).
@@ -225,6 +245,14 @@ impl Store {
             conn: self.conn(),
             sharing,
         })
+    }
+
+    /// After a node-local touch of a shared row (a last-use time): what
+    /// the triggers captured is not to be sent, nor kept in memory.
+    pub(crate) fn forget_captured(&self, conn: &Connection) {
+        if self.sharing.get().is_some() {
+            let _ = shared::clear_changes(conn);
+        }
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {

@@ -163,15 +163,18 @@ impl Store {
     /// Which of `user`'s keys `key` is, if any; notes its use.
     pub fn check_ssh_key(&self, user: &str, key: &str) -> Result<Option<i64>, StateError> {
         let conn = self.conn();
-        conn.query_row(
-            "UPDATE ssh_keys SET last_used_at = unixepoch()
-             WHERE key = ?1 AND user_id = (SELECT id FROM users WHERE name = ?2)
-             RETURNING id",
-            params![key, user],
-            |r| r.get(0),
-        )
-        .optional()
-        .op("check ssh key")
+        let id = conn
+            .query_row(
+                "UPDATE ssh_keys SET last_used_at = unixepoch()
+                 WHERE key = ?1 AND user_id = (SELECT id FROM users WHERE name = ?2)
+                 RETURNING id",
+                params![key, user],
+                |r| r.get(0),
+            )
+            .optional()
+            .op("check ssh key")?;
+        self.forget_captured(&conn);
+        Ok(id)
     }
 }
 

@@ -286,11 +286,34 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// SQLite's table of AUTOINCREMENT counters, carried in a seed entry.
+const SEQUENCES: &str = "sqlite_sequence";
+
 fn apply_change(
     conn: &Connection,
     shapes: &BTreeMap<String, Shape>,
     change: &Change,
 ) -> Result<(), String> {
+    if change.table == SEQUENCES && change.op == Op::Put {
+        // A counter only ever grows.
+        let name = change.row.get("name").and_then(|n| n.as_str());
+        let seq = change.row.get("seq").and_then(|n| n.as_i64());
+        let (Some(name), Some(seq)) = (name, seq) else {
+            return Err("an id counter without a name or value".to_owned());
+        };
+        if !shapes.contains_key(name) {
+            return Err(format!(
+                "an id counter of table {name:?}, which this node does not share"
+            ));
+        }
+        return conn
+            .execute_batch(&format!(
+                "UPDATE sqlite_sequence SET seq = max(seq, {seq}) WHERE name = '{name}';
+                 INSERT INTO sqlite_sequence (name, seq) SELECT '{name}', {seq}
+                     WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = '{name}');"
+            ))
+            .map_err(|e| e.to_string());
+    }
     let shape = shapes.get(&change.table).ok_or_else(|| {
         format!(
             "it names table {:?}, which this node does not share",
@@ -461,9 +484,34 @@ impl Sharing {
         }
     }
 
-    /// Every shared row this database holds, as one log entry's changes.
+    /// Every shared row this database holds, as one log entry's changes,
+    /// and where its AUTOINCREMENT counters stand (ids deleted before
+    /// seeding must never be handed out again on another node).
     fn everything(&self, conn: &Connection) -> Result<Vec<Change>, StateError> {
         let mut changes = Vec::new();
+        let mut stmt = conn
+            .prepare(
+                "SELECT json_object('name', name, 'seq', seq) FROM sqlite_sequence ORDER BY name",
+            )
+            .op("read id counters")?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .op("read id counters")?;
+        for img in rows {
+            let row: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&img.op("read id counters")?).map_err(shared_failure)?;
+            if row
+                .get("name")
+                .and_then(|n| n.as_str())
+                .is_some_and(|n| self.shapes.contains_key(n))
+            {
+                changes.push(Change {
+                    table: SEQUENCES.to_owned(),
+                    op: Op::Put,
+                    row,
+                });
+            }
+        }
         for (table, shape) in &self.shapes {
             let sql = format!(
                 "SELECT {} FROM main.{} AS t",
@@ -500,39 +548,43 @@ pub(crate) fn start(
     clear_changes(conn)?;
     if applied(conn)? == 0 {
         let own = sharing.everything(conn)?;
-        let first = sharing
-            .ledger
-            .entries_after(0)
-            .map_err(|e| StateError::Shared(format!("cannot read the shared log: {e}")))?;
-        if first.is_empty() && !own.is_empty() {
-            let records = own.len() as u64;
+        // Only the first page is needed to tell an empty log.
+        let first = sharing.fetch(0)?;
+        let records = own.iter().filter(|c| c.table != SEQUENCES).count() as u64;
+        if records > 0 {
             let entry = serde_json::to_vec(&Entry {
                 schema: LATEST_SCHEMA_VERSION,
                 changes: own,
             })
             .map_err(shared_failure)?;
-            match sharing.ledger.append(0, &entry) {
-                Ok(true) => {
+            match first.first() {
+                None => match sharing.ledger.append(0, &entry) {
+                    Ok(true) => {
+                        set_applied(conn, 1)?;
+                        return Ok((sharing, Joined::Seeded { records }));
+                    }
+                    Ok(false) => {
+                        return Err(StateError::Shared(
+                            "another node wrote the cluster's first shared records at the same moment; start this node again with an empty state database to join them".to_owned(),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(StateError::Shared(format!(
+                            "cannot write to the shared log: {e}"
+                        )));
+                    }
+                },
+                // This node seeded the log and stopped before it noted so.
+                Some((1, bytes)) if *bytes == entry => {
                     set_applied(conn, 1)?;
                     return Ok((sharing, Joined::Seeded { records }));
                 }
-                Ok(false) => {
-                    return Err(StateError::Shared(
-                        "another node wrote the cluster's first shared records at the same moment; start this node again with a fresh data dir to join them".to_owned(),
-                    ));
-                }
-                Err(e) => {
+                Some(_) => {
                     return Err(StateError::Shared(format!(
-                        "cannot write to the shared log: {e}"
+                        "this node's state database holds {records} records of its own (users, apps, grains…) and the cluster already has its shared records; a node joins an existing cluster with an empty state database (move DATA_DIR/state/granary.db aside)"
                     )));
                 }
             }
-        }
-        if !first.is_empty() && !own.is_empty() {
-            return Err(StateError::Shared(format!(
-                "this node's database holds {} records of its own (users, apps, grains…) and the cluster already has its shared records; a node joins an existing cluster with a fresh data dir",
-                own.len()
-            )));
         }
     }
     let applied = sharing.catch_up(conn)?;
@@ -823,13 +875,73 @@ mod tests {
         let used = Store::open_in_memory().unwrap();
         used.add_user(&name("bob"), "$argon2id$b", "test").unwrap();
         let err = used.share(ledger.clone()).unwrap_err();
-        assert!(err.to_string().contains("fresh data dir"), "{err}");
+        assert!(err.to_string().contains("empty state database"), "{err}");
         // A node that starts again resumes where it was.
         first
             .add_user(&name("carol"), "$argon2id$c", "test")
             .unwrap();
         assert_eq!(fresh.catch_up().unwrap(), 2);
         assert!(fresh.user(&name("carol")).unwrap().is_some());
+    }
+
+    #[test]
+    fn ids_deleted_before_seeding_are_never_handed_out_again() {
+        let ledger = Arc::new(MemoryLedger::default());
+        let first = Store::open_in_memory().unwrap();
+        first
+            .add_user(&name("alice"), "$argon2id$a", "test")
+            .unwrap();
+        let a = first
+            .add_task_client(&name("alice"), "one", &[1], "test")
+            .unwrap();
+        let b = first
+            .add_task_client(&name("alice"), "two", &[2], "test")
+            .unwrap();
+        first
+            .revoke_task_client(&name("alice"), b.id, "test")
+            .unwrap();
+        first.share(ledger.clone()).unwrap();
+        let fresh = node(&ledger);
+        let c = fresh
+            .add_task_client(&name("alice"), "three", &[3], "test")
+            .unwrap();
+        assert!(c.id > b.id && b.id > a.id, "{a:?} {b:?} {c:?}");
+        // A node-local touch is neither sent nor kept for the next write.
+        let log_len = ledger.log.lock().unwrap().len();
+        fresh.task_client_by_hash(&[3]).unwrap().unwrap();
+        assert_eq!(ledger.log.lock().unwrap().len(), log_len);
+        assert_eq!(
+            fresh
+                .conn()
+                .query_row("SELECT count(*) FROM temp.share_changes", [], |r| r
+                    .get::<_, i64>(0))
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_node_that_seeded_the_log_and_stopped_before_noting_it_starts_again() {
+        let ledger = Arc::new(MemoryLedger::default());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let first = Store::open(&path).unwrap();
+        first
+            .add_user(&name("alice"), "$argon2id$a", "test")
+            .unwrap();
+        first.share(ledger.clone()).unwrap();
+        // As if the answer to the seeding append had been lost.
+        first
+            .conn()
+            .execute("UPDATE shared_log SET applied = 0", [])
+            .unwrap();
+        drop(first);
+        let again = Store::open(&path).unwrap();
+        assert_eq!(
+            again.share(ledger.clone()).unwrap(),
+            Joined::Seeded { records: 1 }
+        );
+        assert_eq!(ledger.log.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -89,6 +89,7 @@ impl Store {
                 [id],
             )
             .op("mark task client used")?;
+            self.forget_captured(&conn);
         }
         Ok(found)
     }

@@ -213,7 +213,7 @@ impl host::Server for HostImpl {
         let hash = granary_auth::token_hash(&token);
         let (holder, grant) = (self.id.clone(), membrane.grant_id);
         db(&sup.params.store, move |s| {
-            s.save_sturdy_ref(&hash, &holder, grant, &label)
+            s.retrying(|s| s.save_sturdy_ref(&hash, &holder, grant, &label))
         })
         .await
         .map_err(failed)?;
@@ -255,7 +255,7 @@ impl host::Server for HostImpl {
         let hash = granary_auth::token_hash(params.get()?.get_token()?);
         let holder = self.id.clone();
         db(&sup.params.store, move |s| {
-            s.drop_sturdy_ref(&hash, &holder)
+            s.retrying(|s| s.drop_sturdy_ref(&hash, &holder))
         })
         .await
         .map_err(failed)?;

@@ -236,7 +236,7 @@ impl Inner {
             }
             let (id, version) = (slot.id.clone(), app.version.clone());
             db(&self.params.store, move |s| {
-                s.set_grain_app_version(&id, &version)
+                s.retrying(|s| s.set_grain_app_version(&id, &version))
             })
             .await
             .map_err(|e| e.to_string())?;

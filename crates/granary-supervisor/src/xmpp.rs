@@ -210,7 +210,7 @@ impl xmpp_router::Server for Router {
             let hash = granary_auth::token_hash(token.as_bytes());
             let who = owner.clone();
             let accepted = db(&sup.params.store, move |s| {
-                s.accept_contact_invite(&hash, &inviter, &who, "xmpp")
+                s.retrying(|s| s.accept_contact_invite(&hash, &inviter, &who, "xmpp"))
             })
             .await
             .unwrap_or(false);
@@ -327,7 +327,8 @@ impl Inner {
             }
             let user = granary_model::UserName::existing(&user)
                 .map_err(|e| granary_state::StateError::Invalid(e.to_string()))?;
-            match s.create_instance_grain(&user, "room", &room, uids, most, "xmpp") {
+            match s.retrying(|s| s.create_instance_grain(&user, "room", &room, uids, most, "xmpp"))
+            {
                 Ok(g) => Ok(Ok(g.id)),
                 // Made a moment ago by someone else's join: that room.
                 Err(granary_state::StateError::Conflict(why)) => {

@@ -166,6 +166,8 @@ pub(crate) async fn share_records(
             tracing::info!(applied, "caught up with the cluster's shared records")
         }
     }
+    // The certificate was made from this node's users before it caught up.
+    crate::daemon::certificate::refresh(store, local_ca.clone(), &domain).await;
     let (member, store) = (member.clone(), store.clone());
     tokio::spawn(async move {
         let mut seen = None;

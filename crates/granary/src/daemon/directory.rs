@@ -293,9 +293,11 @@ impl Directory for StateDirectory {
                 tracing::info!(user = %user, invite = redeemed.invite.id, "user added with an invite");
                 // The grains of every installed app, as `user add` makes;
                 // without them the account is no use, so it is taken back.
-                if let Err(e) = s.ensure_grains(uids, INVITE_ACTOR) {
+                if let Err(e) = s.retrying(|s| s.ensure_grains(uids, INVITE_ACTOR)) {
                     tracing::error!(error = %e, user = %user, "making the new user's grain records failed; the account is taken back");
-                    if let Err(e) = s.undo_redemption(redeemed.invite.id, &user, INVITE_ACTOR) {
+                    if let Err(e) =
+                        s.retrying(|s| s.undo_redemption(redeemed.invite.id, &user, INVITE_ACTOR))
+                    {
                         tracing::error!(error = %e, user = %user, "taking back the account failed");
                     }
                     return Err(RedeemRefused::TryLater);

@@ -64,7 +64,8 @@ pub(super) async fn supervisor(
     }
     let uids = granary_state::HostUid::FirstFreeIn(config.uid_range);
     let s = store.clone();
-    let made = tokio::task::spawn_blocking(move || s.ensure_grains(uids, "daemon")).await??;
+    let made = tokio::task::spawn_blocking(move || s.retrying(|s| s.ensure_grains(uids, "daemon")))
+        .await??;
     for g in made {
         tracing::info!(grain = %g.id, "grain record created");
     }
