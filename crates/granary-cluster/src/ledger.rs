@@ -194,6 +194,13 @@ impl EtcdLedger {
 const LEDGER_DEADLINE: Duration = Duration::from_secs(3);
 
 impl granary_state::Ledger for EtcdLedger {
+    fn id(&self) -> Result<String, String> {
+        self.wait(
+            async { self.coordinator.info().await.map(|i| i.id) },
+            Some(LEDGER_DEADLINE),
+        )
+    }
+
     fn entries_after(&self, seq: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
         // Deadlines per page, in log_after.
         self.wait(self.coordinator.log_after(seq), None)

@@ -472,6 +472,8 @@ async fn the_shared_log_takes_one_entry_per_number_and_keeps_stores_equal() {
     let c = Coordinator::connect(&etcd.endpoints(), "/other/")
         .await
         .unwrap();
+    // The log is named by the cluster's id.
+    c.init().await.unwrap();
     let mut watch = c.watch_log().await.unwrap();
     let (a, b) = tokio::task::spawn_blocking({
         let c = c.clone();

@@ -29,6 +29,9 @@ use crate::{LATEST_SCHEMA_VERSION, QueryContext, StateError};
 
 /// The cluster's log of shared writes.
 pub trait Ledger: Send + Sync {
+    /// What names this log (the cluster's id): a database that followed
+    /// one log never follows another.
+    fn id(&self) -> Result<String, String>;
     /// The entries after number `seq`, in order, with their numbers.
     fn entries_after(&self, seq: u64) -> Result<Vec<(u64, Vec<u8>)>, String>;
     /// Appends `entry` as number `seq + 1` if that number is still free;
@@ -546,6 +549,21 @@ pub(crate) fn start(
     };
     install_triggers(conn, &sharing.shapes)?;
     clear_changes(conn)?;
+    let log = sharing
+        .ledger
+        .id()
+        .map_err(|e| StateError::Shared(format!("cannot read the cluster's id: {e}")))?;
+    let followed: String = conn
+        .query_row("SELECT log FROM shared_log WHERE id = 1", [], |r| r.get(0))
+        .op("read which log this database follows")?;
+    if followed.is_empty() {
+        conn.execute("UPDATE shared_log SET log = ?1 WHERE id = 1", [&log])
+            .op("note which log this database follows")?;
+    } else if followed != log {
+        return Err(StateError::Shared(format!(
+            "this state database holds the shared records of cluster {followed}, and this etcd holds cluster {log}: point [cluster].etcd at that cluster's etcd, or start this node with an empty state database"
+        )));
+    }
     if applied(conn)? == 0 {
         let own = sharing.everything(conn)?;
         // Only the first page is needed to tell an empty log.
@@ -604,12 +622,16 @@ mod tests {
     /// wrote (as if it read the log an instant too early).
     #[derive(Default)]
     struct MemoryLedger {
+        name: Mutex<String>,
         log: Mutex<Vec<Vec<u8>>>,
         blind: AtomicBool,
         down: AtomicBool,
     }
 
     impl Ledger for MemoryLedger {
+        fn id(&self) -> Result<String, String> {
+            Ok(self.name.lock().unwrap().clone())
+        }
         fn entries_after(&self, seq: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
             if self.down.load(Ordering::SeqCst) {
                 return Err("unreachable".into());
@@ -942,6 +964,25 @@ mod tests {
             Joined::Seeded { records: 1 }
         );
         assert_eq!(ledger.log.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_database_that_followed_one_cluster_never_follows_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let one = Arc::new(MemoryLedger::default());
+        *one.name.lock().unwrap() = "cluster-one".into();
+        let store = Store::open(&path).unwrap();
+        store.share(one.clone()).unwrap();
+        store
+            .add_user(&name("alice"), "$argon2id$a", "test")
+            .unwrap();
+        drop(store);
+        let two = Arc::new(MemoryLedger::default());
+        *two.name.lock().unwrap() = "cluster-two".into();
+        let err = Store::open(&path).unwrap().share(two).unwrap_err();
+        assert!(err.to_string().contains("cluster cluster-one"), "{err}");
+        Store::open(&path).unwrap().share(one).unwrap();
     }
 
     #[test]
