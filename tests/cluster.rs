@@ -287,9 +287,16 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
+    // The image and its package, named by the same content address.
+    let mut kept = kept;
+    kept.sort();
     assert!(
-        kept.iter().any(|f| f.ends_with(".gpkg")) && kept.len() == 2,
+        kept.len() == 2 && kept[1] == format!("{}.gpkg", kept[0]),
         "{kept:?}"
+    );
+    assert_eq!(
+        std::fs::read(n2.data_dir().join("apps/blog").join(&kept[1])).unwrap(),
+        std::fs::read(&pkg).unwrap()
     );
     assert!(
         n2.log()

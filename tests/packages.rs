@@ -39,6 +39,16 @@ fn pack(key: &Path, args: &[&str]) -> granary_testkit::Run {
     run_granary(&full, None)
 }
 
+/// What `apps/hello` holds, sorted.
+fn kept(daemon: &Daemon) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(daemon.data_dir().join("apps/hello"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn build(key: &Path, def: &Path, out: &Path) {
     pack(
         key,
@@ -82,10 +92,8 @@ fn a_signed_package_installs_and_its_grain_sees_only_the_package() {
         .json();
     assert_eq!(installed["dev_mode"], false);
     assert_eq!(installed["app_id"], inspect["app_id"]);
-    let image = daemon
-        .data_dir()
-        .join("apps/hello")
-        .join(inspect["sha256"].as_str().unwrap());
+    let sha256 = inspect["sha256"].as_str().unwrap();
+    let image = daemon.data_dir().join("apps/hello").join(sha256);
     assert!(image.join("image/bin/granary-hello").exists());
     // The grain runs from the image and sees only it (and its mounts).
     assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
@@ -96,10 +104,9 @@ fn a_signed_package_installs_and_its_grain_sees_only_the_package() {
         .granary(&["app", "install", pkg.to_str().unwrap()])
         .success();
     assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("apps/hello"))
-            .unwrap()
-            .count(),
-        1
+        kept(&daemon),
+        [sha256.to_owned(), format!("{sha256}.gpkg")],
+        "one image, and its package kept beside it"
     );
 
     // One flipped byte: refused, nothing installed.
@@ -123,10 +130,9 @@ fn a_signed_package_installs_and_its_grain_sees_only_the_package() {
         refused.stderr
     );
     assert_eq!(
-        std::fs::read_dir(daemon.data_dir().join("apps/hello"))
-            .unwrap()
-            .count(),
-        1
+        kept(&daemon),
+        [sha256.to_owned(), format!("{sha256}.gpkg")],
+        "one image, and its package kept beside it"
     );
 
     // Another signer cannot take the kind without --replace.

@@ -9,7 +9,7 @@
 //! | `nodes/<name>` | [`NodeRecord`]: architectures, capacity, node link, node key, drained | from `granary node join` to `granary node remove` |
 //! | `alive/<name>` | [`Alive`]: free space, when the daemon started | attached to the node's lease: gone when the lease expires |
 //! | `placement/<grain>` | [`PlacementRecord`]: the owner node | its mod revision is the grain's epoch, the fencing token |
-//! | `log/<n>` | entry `n` of the shared records' log ([`EtcdLedger`]): the rows one write changed | kept |
+//! | `log/<n>` | entry `n` of the shared records' log ([`Coordinator::log_append`]): the rows one write changed | kept |
 //!
 //! Every change that must not race is one etcd transaction: a join uses
 //! its token and creates the node record at once, a placement is created
@@ -33,7 +33,7 @@ pub use fence::{Refusal, may_start};
 pub use grains::ClusterGrains;
 pub use granary_model::valid_node_name;
 pub use lease::{LeaseState, NodeLease};
-pub use ledger::{EtcdLedger, LogWatch};
+pub use ledger::{LEDGER_DEADLINE, LogWatch};
 pub use place::choose_node;
 pub use records::{Alive, Arch, ClusterInfo, JoinTicket, NodeRecord, Placement, PlacementRecord};
 

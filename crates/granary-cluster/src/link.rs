@@ -316,9 +316,14 @@ async fn send_package<S: AsyncRead + AsyncWrite + Unpin>(
     );
     stream.write_all(&answer_line(None, Some(size))).await?;
     let mut file = tokio::fs::File::from_std(file);
-    tokio::io::copy(&mut file, &mut stream).await?;
-    stream.flush().await?;
-    stream.shutdown().await
+    let send = async {
+        tokio::io::copy(&mut file, &mut stream).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(PACKAGE, send)
+        .await
+        .map_err(|_| std::io::Error::other("the package was not taken in time"))?
 }
 
 /// Fetches the package of app `kind` with content address `sha256` from

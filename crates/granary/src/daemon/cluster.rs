@@ -22,6 +22,10 @@ pub(crate) struct Member {
     /// This node's key, for links it opens to fetch packages.
     key: Arc<granary_package::SigningKey>,
     limits: granary_package::Limits,
+    /// Where this node's app images live (`DATA_DIR/apps`).
+    apps_dir: std::path::PathBuf,
+    /// One package fetch at a time: two starts of one app fetch it once.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Member {
@@ -133,6 +137,8 @@ pub(crate) async fn join(
         lease,
         key: Arc::new(granary_backup::node_key(&config.data_dir)?),
         limits: crate::package_limits(config),
+        apps_dir: config.data_dir.join("apps"),
+        fetching: tokio::sync::Mutex::new(()),
     });
     tokio::spawn(watch(member.clone(), config.data_dir.clone()));
     Ok(Some((member, links)))
@@ -152,7 +158,9 @@ pub(crate) async fn share_records(
     let local_ca =
         matches!(config.tls, granary_config::TlsSource::LocalCa).then(|| config.tls_dir());
     let domain = config.domain.clone();
-    let ledger = Arc::new(granary_cluster::EtcdLedger::new(member.coordinator.clone()));
+    let ledger = Arc::new(crate::daemon::ledger::EtcdLedger::new(
+        member.coordinator.clone(),
+    ));
     let s = store.clone();
     let joined = tokio::task::spawn_blocking(move || s.share(ledger))
         .await?
@@ -377,6 +385,24 @@ pub(crate) async fn admit(
     if !member.lease.is_live() {
         return Err(not_live());
     }
+    let c = &member.coordinator;
+    let etcd = |e: granary_cluster::ClusterError| format!("cannot check with the cluster: {e}");
+    let (ds, g) = (datasets.clone(), grain.to_owned());
+    let held = tokio::task::spawn_blocking(move || ds.epoch(&g))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut permit = c
+        .start_permit(grain, &member.lease, held)
+        .await
+        .map_err(etcd)?;
+    // Refused anyway (placed elsewhere, an older placement): no fetch.
+    if let Err(refusal) = &permit
+        && *refusal != Refusal::NotPlaced
+    {
+        tracing::warn!(grain, %refusal, "refused to start a grain on this node");
+        return Err(format!("node {} may not start it: {refusal}", member.node));
+    }
     if !image.exists() {
         fetch_image(member, &image).await?;
     }
@@ -393,17 +419,6 @@ pub(crate) async fn admit(
             runs.join(", ")
         ));
     }
-    let c = &member.coordinator;
-    let etcd = |e: granary_cluster::ClusterError| format!("cannot check with the cluster: {e}");
-    let (ds, g) = (datasets.clone(), grain.to_owned());
-    let held = tokio::task::spawn_blocking(move || ds.epoch(&g))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    let mut permit = c
-        .start_permit(grain, &member.lease, held)
-        .await
-        .map_err(etcd)?;
     if permit == Err(Refusal::NotPlaced) {
         // Made here, never placed: place it here. If another node placed
         // it first, the rule refuses below.
@@ -452,24 +467,38 @@ pub(crate) async fn admit(
 /// its signature and SHA-256 checked, and it is unpacked as an install
 /// here would.
 async fn fetch_image(member: &Member, image: &Path) -> Result<(), String> {
-    let name = |p: Option<&Path>| {
-        p.and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let dir = image.parent();
-    let (sha256, kind) = (name(dir), name(dir.and_then(Path::parent)));
-    let apps_dir = dir
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
+    // The image path comes from the shared app record: only
+    // `<apps dir>/<kind>/<sha256>/image` is fetched, and only into this
+    // node's apps dir.
+    let parts: Vec<&str> = image
+        .strip_prefix(&member.apps_dir)
+        .ok()
+        .map(|rest| {
+            rest.components()
+                .map(|c| match c {
+                    std::path::Component::Normal(n) => n.to_str().unwrap_or("/"),
+                    _ => "/",
+                })
+                .collect()
+        })
         .unwrap_or_default();
-    if granary_cluster::link::package_path(&apps_dir, &kind, &sha256).is_none() {
-        return Err(format!(
-            "the app's image is not on node {}, and an app installed unsigned (development mode) is not fetched from other nodes: install it on this node too",
-            member.node
-        ));
+    let (kind, sha256) = match parts.as_slice() {
+        [kind, sha256, "image"]
+            if granary_cluster::link::package_path(&member.apps_dir, kind, sha256).is_some() =>
+        {
+            ((*kind).to_owned(), (*sha256).to_owned())
+        }
+        _ => {
+            return Err(format!(
+                "the app's image is not on node {}, and an app installed unsigned (development mode) is not fetched from other nodes: install it on this node too",
+                member.node
+            ));
+        }
+    };
+    let apps_dir = member.apps_dir.clone();
+    let _one_at_a_time = member.fetching.lock().await;
+    if image.exists() {
+        return Ok(());
     }
     let nodes = member
         .coordinator

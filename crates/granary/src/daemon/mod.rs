@@ -18,6 +18,7 @@ mod cluster;
 mod demo;
 mod directory;
 mod install;
+mod ledger;
 mod listeners;
 mod lock;
 mod mail;
