@@ -59,6 +59,8 @@ fn main() {
     granary_testkit::pin_daemons_to(1);
     let mut n1 = Daemon::prepare(DaemonMode::Serve, &config("n1"), "", &[]);
     let mut n2 = Daemon::prepare(DaemonMode::Serve, &config("n2"), "", &[]);
+    // One host uid range per cluster.
+    n2.share_uid_range(&n1);
     n1.granary(&["cluster", "init"]).success();
     for n in [&n1, &n2] {
         let token = n1.granary(&["cluster", "token"]).success().stdout;
@@ -67,14 +69,29 @@ fn main() {
     }
     n1.launch();
     n2.launch();
-    let mut passwords = Vec::new();
+    // Users are the cluster's: alice is added once; the (unsigned) app is
+    // installed on each node.
     for n in [&n1, &n2] {
         let app = granary_testkit::hello_app(n.dir(), "hello", &[]);
         n.granary(&["app", "install", app.to_str().unwrap()])
             .success();
-        n.granary(&["user", "add", "alice"]).success();
-        passwords.push(granary_testkit::app_password(n, "alice", "hello"));
     }
+    n1.granary(&["user", "add", "alice"]).success();
+    granary_testkit::eventually(
+        "node 2 to know alice",
+        std::time::Duration::from_secs(10),
+        || {
+            n2.granary(&["user", "list", "--json"])
+                .success()
+                .stdout
+                .contains("\"alice\"")
+                .then_some(())
+        },
+    );
+    let passwords: Vec<String> = [&n1, &n2]
+        .iter()
+        .map(|n| granary_testkit::app_password(n, "alice", "hello"))
+        .collect();
     n1.granary(&["grain", "start", "alice/hello"]).success();
     let url = |n: &Daemon| format!("https://127.0.0.1:{}/whoami", n.https_addr().port());
     let (direct_url, forwarded_url) = (url(&n1), url(&n2));
