@@ -606,9 +606,20 @@ fn a_flooding_grain_is_cut_off_and_the_others_keep_working() {
     for _ in 0..5 {
         assert_eq!(daemon.ask("bob/hello", "ping"), "pong");
     }
+    // How many of one flood's calls are refused depends on how the host's
+    // reads interleave with its lookups (77 to 454 of 3000 measured on two
+    // cores), so a flood that ends under the cutoff is followed by another,
+    // as a real flooder's would be, until the host cuts the grain off.
     let held = eventually("the flooder to be cut off", WAIT, || {
         let s = status(&daemon, "alice/hello");
-        (s["state"] == "held").then_some(s)
+        if s["state"] == "held" {
+            return Some(s);
+        }
+        if flooder.lines.try_recv().is_ok() {
+            // The grain may be dying as this is written: an error is fine.
+            let _ = writeln!(flooder.stdin.as_mut().unwrap(), "flood 3000");
+        }
+        None
     });
     assert!(
         held["reason"].as_str().unwrap().contains("cut off"),
