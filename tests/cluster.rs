@@ -28,6 +28,19 @@ fn node(etcd: &Etcd, name: &str, arches: &str) -> Daemon {
     Daemon::prepare(DaemonMode::Serve, &node_config(etcd, name, arches), "", &[])
 }
 
+/// Adds a line to a prepared node's `[cluster]` section.
+fn cluster_line(d: &Daemon, line: &str) {
+    let path = d.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let anchor = "lease_ttl = \"2s\"\n";
+    assert!(text.contains(anchor), "{text}");
+    std::fs::write(
+        &path,
+        text.replacen(anchor, &format!("{anchor}{line}\n"), 1),
+    )
+    .unwrap();
+}
+
 fn token(from: &Daemon) -> String {
     let run = from
         .granary(&["cluster", "token", "--ttl", "10m"])
@@ -61,6 +74,8 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     // One host uid range for the cluster (grains' uids are picked from the
     // shared records); n3 keeps its own for now, and is refused below.
     n2.share_uid_range(&n1);
+    // n1 takes one grain at most (placement by room, below).
+    cluster_line(&n1, "max_grains = 1");
 
     // Nothing to join before the cluster exists.
     let run = n1
@@ -266,6 +281,28 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     let (code, _) = n2.curl("hello.localhost", "/whoami", &["--user", "alice:wrong"]);
     assert_eq!(code, "401");
 
+    // A grain nobody placed goes, at its first connection, to the node
+    // with the most room that runs its app: n1 is full (max_grains = 1,
+    // and it runs alice's hello), n3 runs only aarch64, so erin's grain,
+    // first asked for through n1, is placed on n2 and runs there. n2 may
+    // not have read erin yet: the link tells it how far n1 has read.
+    n1.granary(&["user", "add", "erin"]).success();
+    assert_eq!(
+        n1.ask("erin/hello", "whoami"),
+        "user=erin method=admin grain=erin-hello owner=erin kind=hello"
+    );
+    let owned: Vec<u64> = nodes(&n1)
+        .iter()
+        .map(|n| n["grains"].as_u64().unwrap())
+        .collect();
+    assert_eq!(owned, [1, 1, 0]);
+    assert!(
+        n1.log()
+            .contains("placed a new grain on the node with the most room"),
+        "{}",
+        n1.log()
+    );
+
     // Packages travel by content address: a signed package installed on
     // n1 only, and a grain of it started on n2, which fetches the package
     // from a peer and checks its signature and hash before unpacking it.
@@ -393,9 +430,9 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     n4.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
         .success();
     n4.launch();
-    assert_eq!(users_of(&n4), ["alice", "bob", "carol"]);
+    assert_eq!(users_of(&n4), ["alice", "bob", "carol", "erin"]);
     n2.launch();
-    assert_eq!(users_of(&n2), ["alice", "bob", "carol"]);
+    assert_eq!(users_of(&n2), ["alice", "bob", "carol", "erin"]);
     assert_eq!(state_of(&n1, "n2").as_deref(), Some("drained"));
     let run = n2.granary(&["grain", "start", "bob/hello"]).failure();
     assert!(run.stderr.contains("n2: drained"), "{}", run.stderr);

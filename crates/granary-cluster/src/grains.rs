@@ -4,9 +4,10 @@
 //! node's own [`Grains`].
 //!
 //! What is built so far: connections (the gateway's and `granary grain
-//! connect`'s) reach the owner wherever it runs. Admin calls (start, stop,
-//! status, snapshots, mail delivery) act on this node's grains; they
-//! follow the placement when the shared records do (issue 19).
+//! connect`'s) reach the owner wherever it runs, and a grain nobody placed
+//! yet is placed, at its first connection, on the node with the most room
+//! that runs its app. Admin calls (start, stop, status, snapshots, mail
+//! delivery) act on this node's grains (issue 19).
 
 use std::sync::Arc;
 
@@ -18,7 +19,20 @@ use granary_grains::{
 use granary_model::GrainId;
 use granary_package::SigningKey;
 
-use crate::{Coordinator, Route};
+use crate::{Arch, ClusterError, Coordinator, Route};
+
+/// What the daemon's shared records tell the cluster layer.
+pub trait Records: Send + Sync {
+    /// The architectures the app of `grain` runs on, when this node can
+    /// tell (its image is here); `None` otherwise.
+    fn arches_of(&self, grain: &GrainId) -> GrainsFuture<Option<Vec<Arch>>>;
+    /// How far this node has applied the shared records' log.
+    fn position(&self) -> u64;
+    /// Applies the log up to at least `n` if this node is behind it (a
+    /// connection forwarded by a node that has seen more, such as a user
+    /// made a moment ago).
+    fn reach(&self, n: u64) -> GrainsFuture<()>;
+}
 
 /// How long a connection waits for etcd to say where its grain runs.
 const ROUTE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -28,6 +42,7 @@ pub struct ClusterGrains {
     coordinator: Coordinator,
     node: String,
     key: Arc<SigningKey>,
+    records: Arc<dyn Records>,
 }
 
 impl ClusterGrains {
@@ -36,14 +51,50 @@ impl ClusterGrains {
         coordinator: Coordinator,
         node: String,
         key: SigningKey,
+        records: Arc<dyn Records>,
     ) -> ClusterGrains {
         ClusterGrains {
             local,
             coordinator,
             node,
             key: Arc::new(key),
+            records,
         }
     }
+}
+
+/// A grain nobody placed yet goes to the live, undrained node with the
+/// most room that runs its app's architecture: it is placed there and its
+/// route returned. `None`: start it here (placed here already, chosen
+/// here, or its architecture unknown here, where the start gate fetches
+/// the app and checks).
+async fn place_new(
+    c: &Coordinator,
+    records: &dyn Records,
+    grain: &GrainId,
+    me: &str,
+) -> Result<Option<Route>, ClusterError> {
+    if c.placement(grain.as_ref()).await?.is_some() {
+        return Ok(None);
+    }
+    let Some(arches) = records.arches_of(grain).await.ok().flatten() else {
+        return Ok(None);
+    };
+    let nodes = c.nodes().await?;
+    let Ok(chosen) = crate::choose_node(&arches, &nodes) else {
+        return Ok(None);
+    };
+    if chosen == me {
+        return Ok(None);
+    }
+    match c.place_on(grain.as_ref(), chosen).await {
+        Ok(p) => {
+            tracing::info!(%grain, node = %p.node, epoch = p.epoch, "placed a new grain on the node with the most room")
+        }
+        Err(ClusterError::AlreadyPlaced { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    c.route(grain.as_ref(), me).await
 }
 
 impl Grains for ClusterGrains {
@@ -54,11 +105,12 @@ impl Grains for ClusterGrains {
         identity: Identity,
         peer: Peer,
     ) -> GrainsFuture<Connection> {
-        let (local, c, me, key) = (
+        let (local, c, me, key, records) = (
             self.local.clone(),
             self.coordinator.clone(),
             self.node.clone(),
             self.key.clone(),
+            self.records.clone(),
         );
         let (grain, service) = (grain.clone(), service.to_owned());
         Box::pin(async move {
@@ -85,6 +137,22 @@ impl Grains for ClusterGrains {
                     None
                 }
             };
+            let route = match route {
+                Some(route) => Some(route),
+                None => match tokio::time::timeout(
+                    ROUTE_DEADLINE,
+                    place_new(&c, &*records, &grain, &me),
+                )
+                .await
+                {
+                    Ok(Ok(route)) => route,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%grain, error = %e, "cannot place a new grain by room; trying this node");
+                        None
+                    }
+                    Err(_) => None,
+                },
+            };
             match route {
                 None => local.connect(&grain, &service, identity, peer).await,
                 Some(Route {
@@ -99,8 +167,11 @@ impl Grains for ClusterGrains {
                     key: node_key,
                 }) => {
                     tracing::debug!(%grain, node, link, "forwarding a connection to the owner node");
-                    crate::link::connect(&link, &node_key, &key, &grain, &service, identity, peer)
-                        .await
+                    let seen = records.position();
+                    crate::link::connect(
+                        &link, &node_key, &key, &grain, &service, identity, peer, seen,
+                    )
+                    .await
                 }
             }
         })

@@ -30,7 +30,7 @@ mod records;
 pub use coordinator::{Coordinator, NodeStatus, Route};
 pub use error::ClusterError;
 pub use fence::{Refusal, may_start};
-pub use grains::ClusterGrains;
+pub use grains::{ClusterGrains, Records};
 pub use granary_model::valid_node_name;
 pub use lease::{LeaseState, NodeLease};
 pub use ledger::{LEDGER_DEADLINE, LogWatch};

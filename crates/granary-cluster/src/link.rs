@@ -92,6 +92,10 @@ enum Request {
         service: String,
         identity: Identity,
         peer: Peer,
+        /// How far the asking node has applied the shared records' log:
+        /// the owner catches up that far before it looks the grain up.
+        #[serde(default)]
+        seen: u64,
     },
     Package {
         kind: String,
@@ -172,6 +176,7 @@ pub async fn serve(
     members: Members,
     grains: Arc<dyn Grains>,
     apps_dir: std::path::PathBuf,
+    records: Arc<dyn crate::Records>,
 ) -> std::io::Result<()> {
     let apps_dir = Arc::new(apps_dir);
     let accepting = members.clone();
@@ -196,11 +201,12 @@ pub async fn serve(
             return Ok(());
         };
         keep_alive(&tcp);
-        let (acceptor, members, grains, apps_dir) = (
+        let (acceptor, members, grains, apps_dir, records) = (
             acceptor.clone(),
             members.clone(),
             grains.clone(),
             apps_dir.clone(),
+            records.clone(),
         );
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await;
@@ -223,7 +229,7 @@ pub async fn serve(
                 tracing::warn!(%from, node, "node link without the link protocol (ALPN); closed");
                 return;
             }
-            if let Err(e) = carry(tls, &node, &*grains, &apps_dir).await {
+            if let Err(e) = carry(tls, &node, &*grains, &apps_dir, &*records).await {
                 tracing::debug!(%from, node, error = %e, "node link ended");
             }
         });
@@ -235,19 +241,21 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
     node: &str,
     grains: &dyn Grains,
     apps_dir: &std::path::Path,
+    records: &dyn crate::Records,
 ) -> std::io::Result<()> {
     let mut stream = BufReader::new(stream);
     let line = tokio::time::timeout(HANDSHAKE, read_line(&mut stream))
         .await
         .map_err(|_| std::io::Error::other("no request in time"))??;
-    let (grain, service, identity, peer) =
+    let (grain, service, identity, peer, seen) =
         match serde_json::from_slice(&line).map_err(std::io::Error::other)? {
             Request::Connect {
                 grain,
                 service,
                 identity,
                 peer,
-            } => (grain, service, identity, peer),
+                seen,
+            } => (grain, service, identity, peer, seen),
             Request::Package { kind, sha256 } => {
                 return send_package(stream, node, apps_dir, &kind, &sha256).await;
             }
@@ -263,6 +271,11 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     tracing::debug!(grain, service, node, user = %identity.user, "connection forwarded from another node");
+    if records.position() < seen
+        && let Err(e) = records.reach(seen).await
+    {
+        tracing::debug!(grain, error = %e, "cannot catch up with the asking node's records");
+    }
     match grains.connect(&id, &service, identity, peer).await {
         Ok(conn) => {
             stream.write_all(&answer(None)).await?;
@@ -417,6 +430,8 @@ async fn open(
 /// Opens a connection to `service` of `grain` on the node at `address`
 /// with node key `node_key` (hex), as this node (`key`), for `identity`.
 /// The answer is a local stream: bytes written to it reach the grain.
+/// `seen` is how far this node applied the shared records' log.
+#[allow(clippy::too_many_arguments)] // one link request's fields
 pub async fn connect(
     address: &str,
     node_key: &str,
@@ -425,6 +440,7 @@ pub async fn connect(
     service: &str,
     identity: Identity,
     peer: Peer,
+    seen: u64,
 ) -> Result<Connection, GrainError> {
     let host = |what: String| GrainError::new(grain, Problem::Host(what));
     let mut stream = open(address, node_key, key).await.map_err(host)?;
@@ -433,6 +449,7 @@ pub async fn connect(
         service: service.to_owned(),
         identity,
         peer,
+        seen,
     })
     .expect("requests serialize");
     request.push(b'\n');

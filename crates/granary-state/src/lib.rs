@@ -233,6 +233,14 @@ impl Store {
         }
     }
 
+    /// How far this node has applied the cluster's log, without waiting
+    /// for the database (0 on a store that is not shared).
+    pub fn position(&self) -> u64 {
+        self.sharing
+            .get()
+            .map_or(0, |s| s.position.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// The connection for one write, caught up with the cluster's log (read
     /// before the connection is taken, so a log out of reach fails the
     /// write without holding up reads).

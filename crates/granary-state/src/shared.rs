@@ -87,6 +87,9 @@ impl Shape {
 pub(crate) struct Sharing {
     ledger: Arc<dyn Ledger>,
     shapes: BTreeMap<String, Shape>,
+    /// The last entry applied, as last seen (a hint for other nodes; the
+    /// database's `shared_log` is the truth).
+    pub(crate) position: std::sync::atomic::AtomicU64,
 }
 
 /// How [`crate::Store::share`] found this node's database.
@@ -460,6 +463,8 @@ impl Sharing {
         set_applied(&tx, seq)?;
         clear_changes(&tx)?;
         tx.commit().op("commit the shared log's entries")?;
+        self.position
+            .fetch_max(seq, std::sync::atomic::Ordering::Relaxed);
         Ok(seq)
     }
 
@@ -479,7 +484,11 @@ impl Sharing {
         })
         .map_err(shared_failure)?;
         match self.ledger.append(seq, &entry) {
-            Ok(true) => set_applied(tx, seq + 1),
+            Ok(true) => {
+                self.position
+                    .fetch_max(seq + 1, std::sync::atomic::Ordering::Relaxed);
+                set_applied(tx, seq + 1)
+            }
             Ok(false) => Err(StateError::Busy),
             Err(e) => Err(StateError::Shared(format!(
                 "cannot write to the shared log: {e}"
@@ -546,6 +555,7 @@ pub(crate) fn start(
     let sharing = Sharing {
         shapes: shapes(conn)?,
         ledger,
+        position: Default::default(),
     };
     install_triggers(conn, &sharing.shapes)?;
     clear_changes(conn)?;
@@ -606,6 +616,9 @@ pub(crate) fn start(
         }
     }
     let applied = sharing.catch_up(conn)?;
+    sharing
+        .position
+        .fetch_max(applied, std::sync::atomic::Ordering::Relaxed);
     Ok((sharing, Joined::CaughtUp { applied }))
 }
 

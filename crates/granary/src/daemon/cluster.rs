@@ -233,6 +233,7 @@ pub(crate) fn serve_links(
     key: granary_package::SigningKey,
     local: Arc<dyn granary_grains::Grains>,
     apps_dir: std::path::PathBuf,
+    records: Arc<dyn granary_cluster::Records>,
 ) {
     let members = granary_cluster::link::Members::default();
     tokio::spawn(async move {
@@ -249,7 +250,8 @@ pub(crate) fn serve_links(
         let serving = members.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                granary_cluster::link::serve(listener, &key, serving, local, apps_dir).await
+                granary_cluster::link::serve(listener, &key, serving, local, apps_dir, records)
+                    .await
             {
                 tracing::error!(error = %e, "the node link listener failed");
             }
@@ -351,7 +353,7 @@ async fn stop_all(grains: &dyn granary_grains::Grains) {
 /// The architecture of the app's program `exec` (as the grain names it,
 /// inside `image`), if it is an ELF file. Opened beneath the image root
 /// with no symlinks followed, so nothing outside the image is read.
-fn arch_of(image: &Path, exec: &str) -> Option<Arch> {
+pub(crate) fn arch_of(image: &Path, exec: &str) -> Option<Arch> {
     use std::io::Read;
     let root = std::fs::File::open(image).ok()?;
     let mut file =

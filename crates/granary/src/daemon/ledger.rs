@@ -66,3 +66,48 @@ impl granary_state::Ledger for EtcdLedger {
         .map_err(|e| format!("{e} (if etcd took the change after all, every node applies it)"))
     }
 }
+
+/// The shared records as the cluster layer asks about them.
+pub(crate) struct NodeRecords {
+    pub(crate) store: std::sync::Arc<granary_state::Store>,
+    pub(crate) apps_dir: std::path::PathBuf,
+}
+
+impl granary_cluster::Records for NodeRecords {
+    fn arches_of(
+        &self,
+        grain: &granary_model::GrainId,
+    ) -> granary_grains::GrainsFuture<Option<Vec<granary_cluster::Arch>>> {
+        let (store, apps_dir, id) = (self.store.clone(), self.apps_dir.clone(), grain.to_string());
+        Box::pin(async move {
+            Ok(tokio::task::spawn_blocking(move || {
+                let g = store.grain(&id).ok()??;
+                let app = store.app(&g.kind).ok()??;
+                let manifest = granary_model::Manifest::parse(&app.manifest).ok()?;
+                let exec = manifest.exec.first()?.clone();
+                let image = apps_dir.join(app.image_dir()).join("image");
+                crate::daemon::cluster::arch_of(&image, &exec).map(|a| vec![a])
+            })
+            .await
+            .ok()
+            .flatten())
+        })
+    }
+
+    fn position(&self) -> u64 {
+        self.store.position()
+    }
+
+    fn reach(&self, n: u64) -> granary_grains::GrainsFuture<()> {
+        let store = self.store.clone();
+        Box::pin(async move {
+            if store.position() < n {
+                let caught = tokio::task::spawn_blocking(move || store.catch_up()).await;
+                if let Ok(Err(e)) = caught {
+                    tracing::warn!(error = %e, "cannot catch up with the shared records for a forwarded connection");
+                }
+            }
+            Ok(())
+        })
+    }
+}

@@ -229,12 +229,17 @@ async fn serve(
     if let (Some(m), Some(links)) = (&member, links) {
         let local = grains.clone();
         tokio::spawn(cluster::fence_on_lapse(m.clone(), local.clone()));
+        let records: Arc<dyn granary_cluster::Records> = Arc::new(ledger::NodeRecords {
+            store: store.clone(),
+            apps_dir: start::apps_dir(&config)?,
+        });
         cluster::serve_links(
             m.clone(),
             links,
             granary_backup::node_key(&config.data_dir)?,
             local.clone(),
             start::apps_dir(&config)?,
+            records.clone(),
         );
         // Connections to grains other nodes own go to them.
         grains = Arc::new(granary_cluster::ClusterGrains::new(
@@ -242,6 +247,7 @@ async fn serve(
             m.coordinator.clone(),
             m.node.clone(),
             granary_backup::node_key(&config.data_dir)?,
+            records,
         ));
     }
     let chat_domains = Arc::new(granary_gateway::ChatDomains::new(
