@@ -50,7 +50,7 @@ pub enum BackupError {
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// SHA-256 in hex, as packages compute it.

@@ -374,7 +374,7 @@ impl Datasets for Zfs {
         let mut nonce = [0u8; 6];
         getrandom::fill(&mut nonce)
             .map_err(|e| err(grain, "name a view")(io::Error::other(e.to_string())))?;
-        let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        let nonce = hex::encode(nonce);
         let views = self.root.join(".views");
         mkdir(&views, 0o700).map_err(err(grain, "create the views directory"))?;
         let path = views.join(format!("{grain}-{label}-{nonce}"));

@@ -33,7 +33,7 @@ impl std::fmt::Debug for SigningKey {
 
 impl PublicKey {
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 
     /// Checks `signature` over `message`.

@@ -55,10 +55,7 @@ pub fn mta_sts_policy(hostname: &str, mode: &str) -> String {
 /// The policy's id: changes whenever the policy does.
 fn policy_id(policy: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, policy.as_bytes());
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(&digest.as_ref()[..8])
 }
 
 /// Every record `domain` needs for mail handled by `hostname`, and, when

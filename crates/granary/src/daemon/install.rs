@@ -89,8 +89,7 @@ pub(crate) fn unpack_package(
 fn staging_name(what: &str) -> anyhow::Result<String> {
     let mut nonce = [0u8; 8];
     getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random staging name: {e}"))?;
-    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!(".{what}-{hex}"))
+    Ok(format!(".{what}-{}", hex::encode(nonce)))
 }
 
 /// Copies `from` into `to` (which must not exist): directories, regular
