@@ -425,6 +425,20 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     let status = n2.stop();
     assert!(status.success(), "{}", n2.log());
     n1.granary(&["user", "add", "carol"]).success();
+    // No node can take carol's grain now (n1 full, n2 drained and
+    // stopped, n3 gone): her first connection is refused with each
+    // node's reason rather than squeezed onto n1.
+    let run = n1
+        .granary_with_stdin(
+            &["grain", "connect", "carol/hello", "hello"],
+            Some("whoami\n"),
+        )
+        .failure();
+    assert!(
+        run.stderr.contains("no node can take") && run.stderr.contains("n1: full"),
+        "{}",
+        run.stderr
+    );
     let mut n4 = node(&etcd, "n4", "\"x86_64\"");
     n4.share_uid_range(&n1);
     n4.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))

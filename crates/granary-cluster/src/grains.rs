@@ -30,8 +30,11 @@ pub trait Records: Send + Sync {
     fn position(&self) -> u64;
     /// Applies the log up to at least `n` if this node is behind it (a
     /// connection forwarded by a node that has seen more, such as a user
-    /// made a moment ago).
-    fn reach(&self, n: u64) -> GrainsFuture<()>;
+    /// made a moment ago); `Err` says why it is still behind.
+    fn reach(
+        &self,
+        n: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 }
 
 /// How long a connection waits for etcd to say where its grain runs.
@@ -63,38 +66,99 @@ impl ClusterGrains {
     }
 }
 
+/// How long placing a new grain by room may take (a placement read, the
+/// node list, the placing transaction and the route): longer than a route
+/// lookup, as it happens once per grain.
+const PLACE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Where a new grain should run, as [`place_new`] decided.
+enum Placed {
+    /// Start it here: placed here already, chosen here, or its
+    /// architecture unknown here (the start gate fetches the app and
+    /// checks it).
+    Here,
+    /// Placed on another node; forward the connection there.
+    There(Route),
+}
+
 /// A grain nobody placed yet goes to the live, undrained node with the
-/// most room that runs its app's architecture: it is placed there and its
-/// route returned. `None`: start it here (placed here already, chosen
-/// here, or its architecture unknown here, where the start gate fetches
-/// the app and checks).
+/// most room that runs its app's architecture, and is placed there. No
+/// node can take it (all full, drained, down or of another
+/// architecture): [`ClusterError::NoRoom`], rather than overfill this one.
 async fn place_new(
     c: &Coordinator,
     records: &dyn Records,
     grain: &GrainId,
     me: &str,
-) -> Result<Option<Route>, ClusterError> {
+) -> Result<Placed, ClusterError> {
     if c.placement(grain.as_ref()).await?.is_some() {
-        return Ok(None);
+        return Ok(Placed::Here);
     }
     let Some(arches) = records.arches_of(grain).await.ok().flatten() else {
-        return Ok(None);
+        return Ok(Placed::Here);
     };
     let nodes = c.nodes().await?;
-    let Ok(chosen) = crate::choose_node(&arches, &nodes) else {
-        return Ok(None);
-    };
+    let chosen = crate::choose_node(&arches, &nodes).map_err(|why| ClusterError::NoRoom {
+        grain: grain.to_string(),
+        why,
+    })?;
     if chosen == me {
-        return Ok(None);
+        return Ok(Placed::Here);
     }
     match c.place_on(grain.as_ref(), chosen).await {
         Ok(p) => {
             tracing::info!(%grain, node = %p.node, epoch = p.epoch, "placed a new grain on the node with the most room")
         }
+        // Another node placed it a moment ago: follow that placement.
         Err(ClusterError::AlreadyPlaced { .. }) => {}
         Err(e) => return Err(e),
     }
-    c.route(grain.as_ref(), me).await
+    Ok(match c.route(grain.as_ref(), me).await? {
+        Some(route) => Placed::There(route),
+        None => Placed::Here,
+    })
+}
+
+/// Asks etcd where `grain` runs, within [`ROUTE_DEADLINE`]; `Err` when
+/// etcd cannot say in time (logged).
+async fn ask_route(c: &Coordinator, grain: &GrainId, me: &str) -> Result<Option<Route>, ()> {
+    match tokio::time::timeout(ROUTE_DEADLINE, c.route(grain.as_ref(), me)).await {
+        Ok(Ok(route)) => Ok(route),
+        Ok(Err(e)) => {
+            tracing::warn!(%grain, error = %e, "cannot read the grain's placement; trying this node");
+            Err(())
+        }
+        Err(_) => {
+            tracing::warn!(%grain, "etcd did not say where the grain runs in time; trying this node");
+            Err(())
+        }
+    }
+}
+
+/// Forwards a connection to the node `route` names.
+async fn forward(
+    route: Route,
+    key: &SigningKey,
+    records: &dyn Records,
+    grain: &GrainId,
+    service: &str,
+    identity: Identity,
+    peer: Peer,
+) -> Result<Connection, GrainError> {
+    let Route {
+        node,
+        link,
+        key: node_key,
+    } = route;
+    let Some(link) = link else {
+        return Err(GrainError::new(
+            grain,
+            Problem::Busy(format!("its node {node} is down")),
+        ));
+    };
+    tracing::debug!(%grain, node, link, "forwarding a connection to the owner node");
+    let seen = records.position();
+    crate::link::connect(&link, &node_key, key, grain, service, identity, peer, seen).await
 }
 
 impl Grains for ClusterGrains {
@@ -123,56 +187,47 @@ impl Grains for ClusterGrains {
             {
                 return local.connect(&grain, &service, identity, peer).await;
             }
-            let asked = tokio::time::timeout(ROUTE_DEADLINE, c.route(grain.as_ref(), &me)).await;
-            let route = match asked {
-                Ok(Ok(route)) => route,
+            let route = match ask_route(&c, &grain, &me).await {
+                Ok(route) => route,
                 // etcd cannot say: try here; the start gate refuses a
                 // grain this node does not hold.
+                Err(()) => return local.connect(&grain, &service, identity, peer).await,
+            };
+            if let Some(route) = route {
+                return forward(route, &key, &*records, &grain, &service, identity, peer).await;
+            }
+            // Placed here, or nobody placed it yet.
+            match tokio::time::timeout(PLACE_DEADLINE, place_new(&c, &*records, &grain, &me)).await
+            {
+                Ok(Ok(Placed::Here)) => {}
+                Ok(Ok(Placed::There(route))) => {
+                    return forward(route, &key, &*records, &grain, &service, identity, peer).await;
+                }
+                Ok(Err(e @ ClusterError::NoRoom { .. })) => {
+                    return Err(GrainError::new(&grain, Problem::Busy(e.to_string())));
+                }
+                // It may have been placed before this gave up: the local
+                // attempt below follows the placement if it was.
                 Ok(Err(e)) => {
-                    tracing::warn!(%grain, error = %e, "cannot read the grain's placement; trying this node");
-                    None
+                    tracing::warn!(%grain, error = %e, "cannot place a new grain by room; trying this node")
                 }
                 Err(_) => {
-                    tracing::warn!(%grain, "etcd did not say where the grain runs in time; trying this node");
-                    None
+                    tracing::warn!(%grain, "placing a new grain by room took too long; trying this node")
                 }
+            }
+            let attempt = local
+                .connect(&grain, &service, identity.clone(), peer.clone())
+                .await;
+            let Err(refused) = attempt else {
+                return attempt;
             };
-            let route = match route {
-                Some(route) => Some(route),
-                None => match tokio::time::timeout(
-                    ROUTE_DEADLINE,
-                    place_new(&c, &*records, &grain, &me),
-                )
-                .await
-                {
-                    Ok(Ok(route)) => route,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%grain, error = %e, "cannot place a new grain by room; trying this node");
-                        None
-                    }
-                    Err(_) => None,
-                },
-            };
-            match route {
-                None => local.connect(&grain, &service, identity, peer).await,
-                Some(Route {
-                    node, link: None, ..
-                }) => Err(GrainError::new(
-                    &grain,
-                    Problem::Busy(format!("its node {node} is down")),
-                )),
-                Some(Route {
-                    node,
-                    link: Some(link),
-                    key: node_key,
-                }) => {
-                    tracing::debug!(%grain, node, link, "forwarding a connection to the owner node");
-                    let seen = records.position();
-                    crate::link::connect(
-                        &link, &node_key, &key, &grain, &service, identity, peer, seen,
-                    )
-                    .await
+            // Another node may have placed it meanwhile (two first
+            // connections through two nodes): follow that placement once.
+            match ask_route(&c, &grain, &me).await {
+                Ok(Some(route)) => {
+                    forward(route, &key, &*records, &grain, &service, identity, peer).await
                 }
+                _ => Err(refused),
             }
         })
     }

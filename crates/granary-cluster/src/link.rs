@@ -271,10 +271,16 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     tracing::debug!(grain, service, node, user = %identity.user, "connection forwarded from another node");
+    // The asking node has seen records this one has not read yet (a
+    // user made a moment ago): read them first, or say why not rather
+    // than answer "no such grain".
     if records.position() < seen
         && let Err(e) = records.reach(seen).await
     {
-        tracing::debug!(grain, error = %e, "cannot catch up with the asking node's records");
+        tracing::warn!(grain, error = %e, "cannot catch up with the asking node's records");
+        let why = format!("node behind the cluster's records: {e}");
+        stream.write_all(&answer(Some(Problem::Busy(why)))).await?;
+        return stream.flush().await;
     }
     match grains.connect(&id, &service, identity, peer).await {
         Ok(conn) => {

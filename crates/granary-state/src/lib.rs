@@ -138,10 +138,16 @@ impl Writer<'_> {
     /// Commits `tx`; on a cluster node, only once what it changed is in
     /// the cluster's log.
     pub(crate) fn commit(&self, tx: Transaction<'_>, op: &'static str) -> Result<(), StateError> {
-        if let Some(sharing) = self.sharing {
-            sharing.publish(&tx)?;
+        let Some(sharing) = self.sharing else {
+            return tx.commit().op(op);
+        };
+        let published = sharing.publish(&tx)?;
+        tx.commit().op(op)?;
+        // Only once committed: other nodes are told this node holds it.
+        if let Some(n) = published {
+            sharing.reached(n);
         }
-        tx.commit().op(op)
+        Ok(())
     }
 }
 

@@ -276,20 +276,10 @@ fn to_sql(value: &serde_json::Value, blob: bool) -> Result<Value, String> {
             Some(i) => Value::Integer(i),
             None => Value::Real(n.as_f64().ok_or("a number out of range")?),
         },
-        J::String(s) if blob => Value::Blob(from_hex(s).ok_or("a blob that is not hex")?),
+        J::String(s) if blob => Value::Blob(hex::decode(s).map_err(|_| "a blob that is not hex")?),
         J::String(s) => Value::Text(s.clone()),
         J::Array(_) | J::Object(_) => return Err("a nested value".to_owned()),
     })
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// SQLite's table of AUTOINCREMENT counters, carried in a seed entry.
@@ -427,6 +417,7 @@ impl Sharing {
         let applied = applied(conn)?;
         let entries: Vec<_> = entries.into_iter().filter(|(n, _)| *n > applied).collect();
         if entries.is_empty() {
+            self.reached(applied);
             return Ok(applied);
         }
         let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
@@ -463,19 +454,19 @@ impl Sharing {
         set_applied(&tx, seq)?;
         clear_changes(&tx)?;
         tx.commit().op("commit the shared log's entries")?;
-        self.position
-            .fetch_max(seq, std::sync::atomic::Ordering::Relaxed);
+        self.reached(seq);
         Ok(seq)
     }
 
     /// Before a write transaction commits: appends what it changed to the
     /// log right after the last entry this node applied, and records that
     /// the node has applied it. Fails, so that the caller rolls back, when
-    /// the log cannot take it there.
-    pub(crate) fn publish(&self, tx: &Connection) -> Result<(), StateError> {
+    /// the log cannot take it there. The entry's number once appended
+    /// (`None`: the write changed no shared row).
+    pub(crate) fn publish(&self, tx: &Connection) -> Result<Option<u64>, StateError> {
         let changes = take_changes(tx)?;
         if changes.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let seq = applied(tx)?;
         let entry = serde_json::to_vec(&Entry {
@@ -484,16 +475,18 @@ impl Sharing {
         })
         .map_err(shared_failure)?;
         match self.ledger.append(seq, &entry) {
-            Ok(true) => {
-                self.position
-                    .fetch_max(seq + 1, std::sync::atomic::Ordering::Relaxed);
-                set_applied(tx, seq + 1)
-            }
+            Ok(true) => set_applied(tx, seq + 1).map(|()| Some(seq + 1)),
             Ok(false) => Err(StateError::Busy),
             Err(e) => Err(StateError::Shared(format!(
                 "cannot write to the shared log: {e}"
             ))),
         }
+    }
+
+    /// Notes that the database holds the log up to entry `n` (committed).
+    pub(crate) fn reached(&self, n: u64) {
+        self.position
+            .fetch_max(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every shared row this database holds, as one log entry's changes,
@@ -589,6 +582,7 @@ pub(crate) fn start(
                 None => match sharing.ledger.append(0, &entry) {
                     Ok(true) => {
                         set_applied(conn, 1)?;
+                        sharing.reached(1);
                         return Ok((sharing, Joined::Seeded { records }));
                     }
                     Ok(false) => {
@@ -605,6 +599,7 @@ pub(crate) fn start(
                 // This node seeded the log and stopped before it noted so.
                 Some((1, bytes)) if *bytes == entry => {
                     set_applied(conn, 1)?;
+                    sharing.reached(1);
                     return Ok((sharing, Joined::Seeded { records }));
                 }
                 Some(_) => {
@@ -616,9 +611,7 @@ pub(crate) fn start(
         }
     }
     let applied = sharing.catch_up(conn)?;
-    sharing
-        .position
-        .fetch_max(applied, std::sync::atomic::Ordering::Relaxed);
+    sharing.reached(applied);
     Ok((sharing, Joined::CaughtUp { applied }))
 }
 

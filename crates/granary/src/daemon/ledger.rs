@@ -98,16 +98,24 @@ impl granary_cluster::Records for NodeRecords {
         self.store.position()
     }
 
-    fn reach(&self, n: u64) -> granary_grains::GrainsFuture<()> {
+    fn reach(
+        &self,
+        n: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
         let store = self.store.clone();
         Box::pin(async move {
-            if store.position() < n {
-                let caught = tokio::task::spawn_blocking(move || store.catch_up()).await;
-                if let Ok(Err(e)) = caught {
-                    tracing::warn!(error = %e, "cannot catch up with the shared records for a forwarded connection");
-                }
+            if store.position() >= n {
+                return Ok(());
             }
-            Ok(())
+            let reading = store.clone();
+            tokio::task::spawn_blocking(move || reading.catch_up())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            match store.position() {
+                at if at >= n => Ok(()),
+                at => Err(format!("read the log to entry {at}, not {n}")),
+            }
         })
     }
 }
