@@ -320,22 +320,10 @@ impl Coordinator {
     pub async fn set_drained(&self, name: &str, drained: bool) -> Result<()> {
         let key = self.key(&format!("nodes/{name}"));
         loop {
-            let resp = self
-                .c()
-                .get(key.as_str(), None)
-                .await
-                .map_err(ClusterError::etcd("reading a node"))?;
-            let Some(kv) = resp.kvs().first() else {
-                return Err(ClusterError::NoSuchNode(name.to_owned()));
-            };
-            let mut record: NodeRecord = from_json(&key, kv.value())?;
+            let (mut record, at) = self.record_at(name).await?;
             record.drained = drained;
             let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
+                .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, at)])
                 .and_then([TxnOp::put(key.as_str(), to_json(&record), None)]);
             if self
                 .c()
@@ -610,6 +598,21 @@ impl Coordinator {
         self.place_on(grain, node).await
     }
 
+    /// Node `name`'s record and the revision it was last written at (what a
+    /// transaction that depends on it compares).
+    async fn record_at(&self, name: &str) -> Result<(NodeRecord, i64)> {
+        let key = self.key(&format!("nodes/{name}"));
+        let resp = self
+            .c()
+            .get(key.as_str(), None)
+            .await
+            .map_err(ClusterError::etcd("reading a node"))?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(ClusterError::NoSuchNode(name.to_owned()));
+        };
+        Ok((from_json(&key, kv.value())?, kv.mod_revision()))
+    }
+
     /// Places a new grain on `node`, which must hold its lease and not be
     /// drained (both checked in the placing transaction). Fails if the
     /// grain is placed already.
@@ -617,15 +620,8 @@ impl Coordinator {
         let key = self.key(&format!("placement/{grain}"));
         let alive = self.key(&format!("alive/{node}"));
         let member = self.key(&format!("nodes/{node}"));
-        let resp = self
-            .c()
-            .get(member.as_str(), None)
-            .await
-            .map_err(ClusterError::etcd("reading a node"))?;
-        let Some(kv) = resp.kvs().first() else {
-            return Err(ClusterError::NoSuchNode(node.to_owned()));
-        };
-        if from_json::<NodeRecord>(&member, kv.value())?.drained {
+        let (node_record, at) = self.record_at(node).await?;
+        if node_record.drained {
             return Err(ClusterError::NoRoom {
                 grain: grain.to_owned(),
                 why: format!(
@@ -641,7 +637,7 @@ impl Coordinator {
             .when([
                 Compare::version(key.as_str(), CompareOp::Equal, 0),
                 Compare::version(alive.as_str(), CompareOp::Greater, 0),
-                Compare::mod_revision(member.as_str(), CompareOp::Equal, kv.mod_revision()),
+                Compare::mod_revision(member.as_str(), CompareOp::Equal, at),
             ])
             .and_then([TxnOp::put(key.as_str(), to_json(&record), None)]);
         let resp = self

@@ -66,25 +66,38 @@ impl Coordinator {
     /// `Ok(false)` when another node's entry is there.
     pub async fn log_append(&self, seq: u64, entry: &[u8]) -> Result<bool, ClusterError> {
         let key = entry_key(self, seq + 1);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), entry, None)])
-            .or_else([TxnOp::get(key.as_str(), None)]);
-        let resp = self
-            .c()
-            .txn(txn)
-            .await
-            .map_err(ClusterError::etcd("appending to the shared log"))?;
-        if resp.succeeded() {
-            return Ok(true);
+        match self
+            .create_or_read(&key, entry, "appending to the shared log")
+            .await?
+        {
+            None => Ok(true),
+            // Taken. If by this very entry (an append retried after its
+            // answer was lost), it is ours.
+            Some(theirs) => Ok(theirs == entry),
         }
-        // Taken. If by this very entry (an append retried after its answer
-        // was lost), it is ours.
+    }
+
+    /// Writes `value` at `key` if nothing is there; `None` when it did,
+    /// else what is there, read in the same transaction.
+    async fn create_or_read(
+        &self,
+        key: &str,
+        value: &[u8],
+        doing: &'static str,
+    ) -> Result<Option<Vec<u8>>, ClusterError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.c().txn(txn).await.map_err(ClusterError::etcd(doing))?;
+        if resp.succeeded() {
+            return Ok(None);
+        }
         let theirs = resp.op_responses().into_iter().find_map(|r| match r {
             etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
             _ => None,
         });
-        Ok(theirs.as_deref() == Some(entry))
+        Ok(Some(theirs.unwrap_or_default()))
     }
 
     /// The host uid range every node's grains run in (`jail.uid_range`):
@@ -93,23 +106,13 @@ impl Coordinator {
     /// is the cluster's range, which the caller compares with its own.
     pub async fn uid_range(&self, mine: &str) -> Result<String, ClusterError> {
         let key = self.key("uid_range");
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), mine, None)])
-            .or_else([TxnOp::get(key.as_str(), None)]);
-        let resp = self
-            .c()
-            .txn(txn)
-            .await
-            .map_err(ClusterError::etcd("reading the cluster's uid range"))?;
-        if resp.succeeded() {
-            return Ok(mine.to_owned());
-        }
-        let theirs = resp.op_responses().into_iter().find_map(|r| match r {
-            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
-            _ => None,
-        });
-        Ok(String::from_utf8_lossy(&theirs.unwrap_or_default()).into_owned())
+        let theirs = self
+            .create_or_read(&key, mine.as_bytes(), "reading the cluster's uid range")
+            .await?;
+        Ok(match theirs {
+            None => mine.to_owned(),
+            Some(theirs) => String::from_utf8_lossy(&theirs).into_owned(),
+        })
     }
 
     /// Watches the log for new entries.
