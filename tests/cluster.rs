@@ -28,6 +28,16 @@ fn node(etcd: &Etcd, name: &str, arches: &str) -> Daemon {
     Daemon::prepare(DaemonMode::Serve, &node_config(etcd, name, arches), "", &[])
 }
 
+/// Waits until node `d` (named `name`) lists `what` among `list(d)`: it
+/// has read the shared records that added it.
+fn knows(d: &Daemon, name: &str, what: &str, list: fn(&Daemon) -> Vec<String>) {
+    eventually(
+        &format!("{name} to know {what}"),
+        Duration::from_secs(10),
+        || list(d).iter().any(|x| x == what).then_some(()),
+    );
+}
+
 /// Adds a line to a prepared node's `[cluster]` section.
 fn cluster_line(d: &Daemon, line: &str) {
     let path = d.config_path();
@@ -189,9 +199,7 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     }
     n1.granary(&["user", "add", "alice"]).success();
     let added = Instant::now();
-    eventually("n2 to know alice", Duration::from_secs(10), || {
-        users_of(&n2).contains(&"alice".to_owned()).then_some(())
-    });
+    knows(&n2, "n2", "alice", users_of);
     eprintln!(
         "a user added on n1 was listed on n2 after {:?}",
         added.elapsed()
@@ -309,15 +317,7 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     let pkg = granary_testkit::app_package(n1.dir(), "blog", "granary-blog", "");
     n1.granary(&["app", "install", pkg.to_str().unwrap()])
         .success();
-    eventually(
-        "n2 to know alice's blog grain",
-        Duration::from_secs(10),
-        || {
-            grains_of(&n2)
-                .contains(&"alice-blog".to_owned())
-                .then_some(())
-        },
-    );
+    knows(&n2, "n2", "alice-blog", grains_of);
     assert!(!n2.data_dir().join("apps/blog").exists());
     n2.granary(&["grain", "start", "alice/blog"]).success();
     let kept: Vec<String> = std::fs::read_dir(n2.data_dir().join("apps/blog"))
@@ -345,15 +345,7 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     let dev = granary_testkit::hello_app(n1.dir(), "devonly", &[]);
     n1.granary(&["app", "install", dev.to_str().unwrap()])
         .success();
-    eventually(
-        "n2 to know the devonly app",
-        Duration::from_secs(10),
-        || {
-            grains_of(&n2)
-                .contains(&"alice-devonly".to_owned())
-                .then_some(())
-        },
-    );
+    knows(&n2, "n2", "alice-devonly", grains_of);
     let run = n2.granary(&["grain", "start", "alice/devonly"]).failure();
     assert!(
         run.stderr.contains("development mode) is not fetched"),
@@ -381,9 +373,7 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     n3.granary(&["app", "install", app.to_str().unwrap()])
         .success();
     n3.granary(&["user", "add", "bob"]).success();
-    eventually("n1 to know bob", Duration::from_secs(10), || {
-        users_of(&n1).contains(&"bob".to_owned()).then_some(())
-    });
+    knows(&n1, "n1", "bob", users_of);
     let run = n3.granary(&["grain", "start", "bob/hello"]).failure();
     assert!(
         run.stderr
