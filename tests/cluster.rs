@@ -2,9 +2,10 @@
 //! three real daemons, each in its own data dir, joined with single-use
 //! tokens; leases show who is up, and a node killed hard drops out.
 //!
-//! Loopback without TLS to etcd, as the cluster layer's tests say:
-//! production etcd runs with TLS and client certificates. The nodes here
-//! share the host's network; network namespaces come with node links.
+//! The first test talks plain HTTP to etcd on loopback; the fencing test
+//! runs etcd as production does, TLS with client certificates (made by
+//! the test's own CA). The nodes here share the host's network; network
+//! namespaces per node are still to come.
 
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,15 @@ fn node_config(etcd: &Etcd, name: &str, arches: &str) -> String {
         .iter()
         .map(|e| format!("\"{e}\""))
         .collect();
+    let tls = match &etcd.tls {
+        Some(t) => format!(
+            "etcd_ca = {:?}\netcd_cert = {:?}\netcd_key = {:?}\n",
+            t.ca, t.client_cert, t.client_key
+        ),
+        None => String::new(),
+    };
     format!(
-        "[cluster]\netcd = [{}]\nnode = \"{name}\"\naddress = \"127.0.0.1:0\"\narches = [{arches}]\nlease_ttl = \"2s\"\n",
+        "[cluster]\netcd = [{}]\n{tls}node = \"{name}\"\naddress = \"127.0.0.1:0\"\narches = [{arches}]\nlease_ttl = \"2s\"\n",
         endpoints.join(", ")
     )
 }
@@ -478,7 +486,8 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
 
 #[test]
 fn a_node_cut_off_from_etcd_fences_itself_before_its_lease_can_expire() {
-    let mut etcd = Etcd::start(3);
+    // etcd over TLS, with client certificates.
+    let mut etcd = Etcd::start_tls(3);
     let mut n1 = node(&etcd, "n1", "\"x86_64\"");
     n1.granary(&["cluster", "init"]).success();
     n1.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))

@@ -46,13 +46,44 @@ pub struct Coordinator {
     prefix: String,
 }
 
+/// How a node speaks TLS to etcd (`https://` endpoints): the CA that
+/// signed etcd's server certificates, and the client certificate etcd
+/// asks for (`--client-cert-auth`), all PEM. TLS 1.2 or 1.3 (rustls).
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca: Vec<u8>,
+    /// The client certificate (chain) and its private key.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.client.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Coordinator {
-    /// Connects to any of `endpoints` (`http://host:port`); records live
-    /// under `prefix`.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Coordinator> {
-        let options = ConnectOptions::new()
+    /// Connects to any of `endpoints` (`http://host:port`, or
+    /// `https://host:port` with `tls`); records live under `prefix`.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<&EtcdTls>,
+    ) -> Result<Coordinator> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5));
+        if let Some(tls) = tls {
+            let mut config = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca));
+            if let Some((cert, key)) = &tls.client {
+                config = config.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(config);
+        }
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(ClusterError::etcd("connecting"))?;

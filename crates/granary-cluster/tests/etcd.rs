@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use granary_cluster::{
-    Arch, ClusterError, Coordinator, DEFAULT_PREFIX, LeaseState, NodeRecord, Refusal,
+    Arch, ClusterError, Coordinator, DEFAULT_PREFIX, EtcdTls, LeaseState, NodeRecord, Refusal,
 };
 use granary_testkit::etcd::Etcd;
 
@@ -39,7 +39,7 @@ async fn joined(c: &Coordinator, name: &str, arches: &[Arch]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_once_and_join_tokens_are_single_use() {
     let etcd = Etcd::start(3);
-    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX)
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX, None)
         .await
         .unwrap();
     assert!(matches!(c.info().await, Err(ClusterError::NotInitialised)));
@@ -125,7 +125,7 @@ async fn init_once_and_join_tokens_are_single_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_show_who_is_up_and_a_dead_node_drops_out_after_its_ttl() {
     let etcd = Etcd::start(3);
-    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX)
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX, None)
         .await
         .unwrap();
     c.init().await.unwrap();
@@ -249,7 +249,7 @@ async fn leases_show_who_is_up_and_a_dead_node_drops_out_after_its_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_is_fenced_by_epochs() {
     let etcd = Etcd::start(3);
-    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX)
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX, None)
         .await
         .unwrap();
     c.init().await.unwrap();
@@ -389,7 +389,7 @@ async fn placement_is_fenced_by_epochs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_etcd_member_lost_changes_nothing_two_lapse_every_lease() {
     let mut etcd = Etcd::start(3);
-    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX)
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX, None)
         .await
         .unwrap();
     c.init().await.unwrap();
@@ -448,7 +448,7 @@ async fn one_etcd_member_lost_changes_nothing_two_lapse_every_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_log_takes_one_entry_per_number_and_keeps_stores_equal() {
     let etcd = Etcd::start(3);
-    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX)
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX, None)
         .await
         .unwrap();
     assert!(c.log_after(0).await.unwrap().is_empty());
@@ -469,7 +469,7 @@ async fn the_shared_log_takes_one_entry_per_number_and_keeps_stores_equal() {
 
     // Another cluster's log, under another prefix, is its own, and the
     // watch sees an append.
-    let other = Coordinator::connect(&etcd.endpoints(), "/other/")
+    let other = Coordinator::connect(&etcd.endpoints(), "/other/", None)
         .await
         .unwrap();
     let mut watch = other.watch_log().await.unwrap();
@@ -481,4 +481,47 @@ async fn the_shared_log_takes_one_entry_per_number_and_keeps_stores_equal() {
         .unwrap();
     assert_eq!(other.log_after(0).await.unwrap(), [(1, b"theirs".to_vec())]);
     assert_eq!(c.log_after(299).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_over_tls_takes_only_clients_with_a_certificate_from_its_ca() {
+    let etcd = Etcd::start_tls(1);
+    let files = etcd.tls.as_ref().unwrap();
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+    let good = EtcdTls {
+        ca: read(&files.ca),
+        client: Some((read(&files.client_cert), read(&files.client_key))),
+    };
+    let c = Coordinator::connect(&etcd.endpoints(), DEFAULT_PREFIX, Some(&good))
+        .await
+        .unwrap();
+    let info = c.init().await.unwrap();
+    assert_eq!(c.info().await.unwrap().id, info.id);
+
+    // Refused, each one: no client certificate; a server certificate the
+    // given CA did not sign; plain HTTP to the TLS port.
+    let no_cert = EtcdTls {
+        client: None,
+        ..good.clone()
+    };
+    let other_ca = EtcdTls {
+        ca: read(&files.client_cert),
+        ..good.clone()
+    };
+    let plain = etcd
+        .endpoints()
+        .iter()
+        .map(|u| u.replacen("https://", "http://", 1))
+        .collect::<Vec<_>>();
+    for (what, endpoints, tls) in [
+        ("no client certificate", etcd.endpoints(), Some(&no_cert)),
+        ("another CA", etcd.endpoints(), Some(&other_ca)),
+        ("plain HTTP", plain, None),
+    ] {
+        let reached = match Coordinator::connect(&endpoints, DEFAULT_PREFIX, tls).await {
+            Ok(c) => c.info().await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!reached, "{what}: etcd answered");
+    }
 }

@@ -10,6 +10,9 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     pub etcd: Option<Vec<String>>,
+    pub etcd_ca: Option<std::path::PathBuf>,
+    pub etcd_cert: Option<std::path::PathBuf>,
+    pub etcd_key: Option<std::path::PathBuf>,
     pub node: Option<String>,
     pub address: Option<String>,
     pub arches: Option<Vec<String>>,
@@ -23,8 +26,12 @@ pub struct RawCluster {
 /// `[cluster]`, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
-    /// etcd's client URLs (`http://host:2379`; all three members).
+    /// etcd's client URLs (`https://host:2379`, or `http://` on a network
+    /// only the nodes reach; all three members).
     pub etcd: Vec<String>,
+    /// For `https://` endpoints: the CA that signed etcd's certificates,
+    /// and this node's client certificate and key, if etcd asks for one.
+    pub etcd_tls: Option<EtcdTlsFiles>,
     /// This node's name in the cluster: a DNS label, unique.
     pub node: String,
     /// Where other nodes reach this one's node link (`host:port`).
@@ -48,6 +55,14 @@ pub struct Cluster {
     pub prefix: String,
 }
 
+/// Where a node's TLS material for etcd is (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTlsFiles {
+    pub ca: std::path::PathBuf,
+    /// Certificate and key, given together.
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
 /// The architecture app images are built for on this host, if any.
 fn host_arch() -> Option<&'static str> {
     match std::env::consts::ARCH {
@@ -66,23 +81,63 @@ impl Cluster {
         if etcd.is_empty() {
             return Err((key("etcd"), "list etcd's client URLs, e.g. [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\", \"http://10.0.0.3:2379\"]".into()));
         }
+        let tls = etcd[0].starts_with("https://");
         for url in &etcd {
-            if url.starts_with("https://") {
-                return Err((
-                    key("etcd"),
-                    format!(
-                        "{url:?}: etcd over TLS is not supported yet; keep etcd on a network only the nodes reach (anyone who can write to etcd is a cluster admin)"
-                    ),
-                ));
-            }
-            let rest = url.strip_prefix("http://");
+            let rest = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"));
             if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
                 return Err((
                     key("etcd"),
-                    format!("{url:?} is not an etcd client URL (http://host:port)"),
+                    format!("{url:?} is not an etcd client URL (https://host:port)"),
+                ));
+            }
+            if url.starts_with("https://") != tls {
+                return Err((
+                    key("etcd"),
+                    "all of etcd's URLs are https:// or all are http://, not a mix".into(),
                 ));
             }
         }
+        let etcd_tls = match (tls, &raw.etcd_ca) {
+            (true, None) => {
+                return Err((
+                    key("etcd_ca"),
+                    "https:// etcd needs the CA that signed its certificates (a PEM file)".into(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err((
+                    key("etcd_ca"),
+                    "given, but etcd's URLs are http://: make them https://".into(),
+                ));
+            }
+            (false, None) => {
+                if raw.etcd_cert.is_some() || raw.etcd_key.is_some() {
+                    return Err((
+                        key("etcd_cert"),
+                        "a client certificate is for https:// etcd".into(),
+                    ));
+                }
+                None
+            }
+            (true, Some(ca)) => Some(EtcdTlsFiles {
+                ca: ca.clone(),
+                client: match (&raw.etcd_cert, &raw.etcd_key) {
+                    (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err((key("etcd_key"), "the client certificate's key".into()));
+                    }
+                    (None, Some(_)) => {
+                        return Err((
+                            key("etcd_cert"),
+                            "the certificate that goes with etcd_key".into(),
+                        ));
+                    }
+                },
+            }),
+        };
         let node = raw.node.clone().ok_or_else(|| {
             (
                 key("node"),
@@ -144,6 +199,7 @@ impl Cluster {
         }
         Ok(Some(Cluster {
             etcd,
+            etcd_tls,
             node,
             address,
             arches,
@@ -185,6 +241,44 @@ mod tests {
             bad(&|r| r.etcd = Some(vec!["127.0.0.1:2379".into()])),
             "cluster.etcd"
         );
+        // TLS: https:// needs the CA; no mixing; cert and key together.
+        let https = |r: &mut RawCluster| r.etcd = Some(vec!["https://10.0.0.1:2379".into()]);
+        assert_eq!(bad(&https), "cluster.etcd_ca");
+        assert_eq!(
+            bad(&|r| r.etcd = Some(vec![
+                "https://10.0.0.1:2379".into(),
+                "http://10.0.0.2:2379".into()
+            ])),
+            "cluster.etcd"
+        );
+        assert_eq!(
+            bad(&|r| r.etcd_ca = Some("ca.pem".into())),
+            "cluster.etcd_ca"
+        );
+        assert_eq!(
+            bad(&|r| r.etcd_cert = Some("n1.pem".into())),
+            "cluster.etcd_cert"
+        );
+        assert_eq!(
+            bad(&|r| {
+                https(r);
+                r.etcd_ca = Some("ca.pem".into());
+                r.etcd_cert = Some("n1.pem".into());
+            }),
+            "cluster.etcd_key"
+        );
+        let mut r = raw.clone();
+        https(&mut r);
+        r.etcd_ca = Some("ca.pem".into());
+        r.etcd_cert = Some("n1.pem".into());
+        r.etcd_key = Some("n1.key".into());
+        let tls = Cluster::resolve(Some(&r))
+            .unwrap()
+            .unwrap()
+            .etcd_tls
+            .unwrap();
+        assert_eq!(tls.ca, std::path::Path::new("ca.pem"));
+        assert_eq!(tls.client, Some(("n1.pem".into(), "n1.key".into())));
         assert_eq!(bad(&|r| r.node = None), "cluster.node");
         assert_eq!(bad(&|r| r.node = Some("Node 1".into())), "cluster.node");
         assert_eq!(

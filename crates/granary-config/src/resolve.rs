@@ -527,8 +527,19 @@ impl Config {
         let xmpp =
             crate::xmpp::Xmpp::resolve(&raw.xmpp).map_err(|(key, reason)| err(&key, reason))?;
 
-        let cluster = crate::cluster::Cluster::resolve(raw.cluster.as_ref())
+        let mut cluster = crate::cluster::Cluster::resolve(raw.cluster.as_ref())
             .map_err(|(key, reason)| err(&key, reason))?;
+        // TLS files, like tls.cert, are relative to the config file.
+        if let Some(tls) = cluster.as_mut().and_then(|c| c.etcd_tls.as_mut()) {
+            tls.ca = absolute(&file_dir, &tls.ca);
+            check_readable_file(&tls.ca).map_err(|r| err("cluster.etcd_ca", r))?;
+            if let Some((cert, key)) = &mut tls.client {
+                *cert = absolute(&file_dir, cert);
+                *key = absolute(&file_dir, key);
+                check_readable_file(cert).map_err(|r| err("cluster.etcd_cert", r))?;
+                check_readable_file(key).map_err(|r| err("cluster.etcd_key", r))?;
+            }
+        }
 
         Ok(Config {
             mail,

@@ -1,8 +1,9 @@
 //! A real etcd cluster on loopback for tests: Debian's `etcd` (3.4), each
 //! member on ports the kernel picked, in a temp dir of its own. Plain
-//! HTTP: tests stay on loopback (production etcd runs with TLS and client
-//! certificates). Dropping it kills the members it started, by pid, and
-//! removes their data.
+//! HTTP by default (tests stay on loopback); [`Etcd::start_tls`] serves
+//! clients over TLS and asks them for a certificate, as production etcd
+//! does (members still talk to each other over loopback HTTP). Dropping it
+//! kills the members it started, by pid, and removes their data.
 
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
@@ -18,7 +19,64 @@ pub struct Member {
 
 pub struct Etcd {
     pub members: Vec<Member>,
+    /// For a TLS etcd: its CA and a client certificate it accepts.
+    pub tls: Option<TlsFiles>,
     dir: tempfile::TempDir,
+}
+
+/// PEM files of a TLS etcd ([`Etcd::start_tls`]), in its temp dir.
+pub struct TlsFiles {
+    /// The CA that signed the members' and the client's certificates.
+    pub ca: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+    server_cert: std::path::PathBuf,
+    server_key: std::path::PathBuf,
+}
+
+/// Makes a CA, a server certificate for 127.0.0.1 and a client
+/// certificate in `dir`.
+fn make_tls(dir: &std::path::Path) -> TlsFiles {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, "granary test etcd CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issue = |name: &str, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.subject_alt_names
+            .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server, server_key) = issue("etcd", ExtendedKeyUsagePurpose::ServerAuth);
+    let (client, client_key) = issue("n1", ExtendedKeyUsagePurpose::ClientAuth);
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+    };
+    for (path, text) in [
+        (&files.ca, ca_cert.pem()),
+        (&files.client_cert, client),
+        (&files.client_key, client_key),
+        (&files.server_cert, server),
+        (&files.server_key, server_key),
+    ] {
+        std::fs::write(path, text).unwrap();
+    }
+    files
 }
 
 impl Etcd {
@@ -27,9 +85,19 @@ impl Etcd {
     /// process took one in between, a member exits at once, and the whole
     /// cluster is started again on new ports (three tries).
     pub fn start(n: usize) -> Etcd {
+        Etcd::start_with(n, false)
+    }
+
+    /// Like [`Etcd::start`], with clients served over TLS only and asked
+    /// for a certificate from the CA in [`Etcd::tls`].
+    pub fn start_tls(n: usize) -> Etcd {
+        Etcd::start_with(n, true)
+    }
+
+    fn start_with(n: usize, tls: bool) -> Etcd {
         let mut why = String::new();
         for _ in 0..3 {
-            match Etcd::try_start(n) {
+            match Etcd::try_start(n, tls) {
                 Ok(etcd) => return etcd,
                 Err(e) => why = e,
             }
@@ -37,7 +105,7 @@ impl Etcd {
         panic!("etcd did not start: {why}");
     }
 
-    fn try_start(n: usize) -> Result<Etcd, String> {
+    fn try_start(n: usize, tls: bool) -> Result<Etcd, String> {
         let dir = tempfile::tempdir().expect("a temp dir");
         let lo = Ipv4Addr::LOCALHOST;
         let ports: Vec<(u16, u16)> = (0..n)
@@ -52,8 +120,11 @@ impl Etcd {
         let token = format!("granary-test-{}", std::process::id());
         // Members are added as they start, so a failure part-way kills
         // the ones already running (on drop).
+        let tls = tls.then(|| make_tls(dir.path()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut etcd = Etcd {
             members: Vec::new(),
+            tls,
             dir,
         };
         for (i, (client, peer)) in ports.iter().enumerate() {
@@ -61,9 +132,20 @@ impl Etcd {
             let data = etcd.dir.path().join(&name);
             let log = std::fs::File::create(etcd.dir.path().join(format!("{name}.log")))
                 .expect("a log file");
-            let client_url = format!("http://127.0.0.1:{client}");
+            let client_url = format!("{scheme}://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let child = Command::new("etcd")
+            let mut command = Command::new("etcd");
+            if let Some(t) = &etcd.tls {
+                command
+                    .arg("--cert-file")
+                    .arg(&t.server_cert)
+                    .arg("--key-file")
+                    .arg(&t.server_key)
+                    .arg("--trusted-ca-file")
+                    .arg(&t.ca)
+                    .arg("--client-cert-auth");
+            }
+            let child = command
                 .args(["--name", &name])
                 .arg("--data-dir")
                 .arg(&data)
@@ -120,7 +202,17 @@ impl Etcd {
             .filter(|m| m.child.is_some())
             .map(|m| m.client_url.as_str())
             .collect();
-        Command::new("etcdctl")
+        let mut command = Command::new("etcdctl");
+        if let Some(t) = &self.tls {
+            command
+                .arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        command
             .env("ETCDCTL_API", "3")
             .args([
                 "--endpoints",

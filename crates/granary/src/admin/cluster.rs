@@ -29,9 +29,7 @@ fn with_cluster<T>(
         .build()
         .context("cannot start a runtime")?;
     runtime.block_on(async {
-        let c = Coordinator::connect(&cluster.etcd, &cluster.prefix)
-            .await
-            .with_context(|| format!("cannot reach etcd at {}", cluster.etcd.join(", ")))?;
+        let c = crate::daemon::ledger::connect_etcd(cluster).await?;
         f(c, cluster).await
     })
 }

@@ -85,9 +85,7 @@ pub(crate) async fn join(
             )
         })?;
     let link = advertised(&cluster.address, links.local_addr()?)?;
-    let coordinator = Coordinator::connect(&cluster.etcd, &cluster.prefix)
-        .await
-        .with_context(|| format!("cannot reach etcd at {}", cluster.etcd.join(", ")))?;
+    let coordinator = crate::daemon::ledger::connect_etcd(cluster).await?;
     coordinator.info().await?;
     let key = granary_backup::node_key(&config.data_dir)?.public().hex();
     match coordinator.node(&cluster.node).await? {

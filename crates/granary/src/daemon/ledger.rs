@@ -67,6 +67,33 @@ impl granary_state::Ledger for EtcdLedger {
     }
 }
 
+/// Connects to the cluster's etcd as `[cluster]` says: over TLS with the
+/// CA and client certificate named there when its URLs are `https://`.
+pub(crate) async fn connect_etcd(
+    cluster: &granary_config::Cluster,
+) -> anyhow::Result<granary_cluster::Coordinator> {
+    use anyhow::Context;
+    let tls = match &cluster.etcd_tls {
+        None => None,
+        Some(files) => {
+            let read = |path: &std::path::Path, key: &str| {
+                std::fs::read(path)
+                    .with_context(|| format!("cannot read cluster.{key} {}", path.display()))
+            };
+            Some(granary_cluster::EtcdTls {
+                ca: read(&files.ca, "etcd_ca")?,
+                client: match &files.client {
+                    Some((cert, key)) => Some((read(cert, "etcd_cert")?, read(key, "etcd_key")?)),
+                    None => None,
+                },
+            })
+        }
+    };
+    granary_cluster::Coordinator::connect(&cluster.etcd, &cluster.prefix, tls.as_ref())
+        .await
+        .with_context(|| format!("cannot reach etcd at {}", cluster.etcd.join(", ")))
+}
+
 /// The shared records as the cluster layer asks about them.
 pub(crate) struct NodeRecords {
     pub(crate) store: std::sync::Arc<granary_state::Store>,

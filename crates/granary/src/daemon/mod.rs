@@ -18,7 +18,7 @@ mod cluster;
 mod demo;
 mod directory;
 mod install;
-mod ledger;
+pub(crate) mod ledger;
 mod listeners;
 mod lock;
 mod mail;
