@@ -77,7 +77,10 @@ impl Coordinator {
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5));
         if let Some(tls) = tls {
+            // The connect timeout covers TCP only: a peer that accepts
+            // and never finishes the handshake must not hang us.
             let mut config = etcd_client::TlsOptions::new()
+                .timeout(Duration::from_secs(3))
                 .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca));
             if let Some((cert, key)) = &tls.client {
                 config = config.identity(etcd_client::Identity::from_pem(cert, key));

@@ -504,9 +504,14 @@ async fn etcd_over_tls_takes_only_clients_with_a_certificate_from_its_ca() {
         client: None,
         ..good.clone()
     };
-    let other_ca = EtcdTls {
-        ca: read(&files.client_cert),
-        ..good.clone()
+    let other_ca = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        EtcdTls {
+            ca: p.self_signed(&key).unwrap().pem().into_bytes(),
+            ..good.clone()
+        }
     };
     let plain = etcd
         .endpoints()
@@ -518,10 +523,13 @@ async fn etcd_over_tls_takes_only_clients_with_a_certificate_from_its_ca() {
         ("another CA", etcd.endpoints(), Some(&other_ca)),
         ("plain HTTP", plain, None),
     ] {
-        let reached = match Coordinator::connect(&endpoints, DEFAULT_PREFIX, tls).await {
-            Ok(c) => c.info().await.is_ok(),
-            Err(_) => false,
+        let answer = match Coordinator::connect(&endpoints, DEFAULT_PREFIX, tls).await {
+            Ok(c) => c.info().await.map(drop),
+            Err(e) => Err(e),
         };
-        assert!(!reached, "{what}: etcd answered");
+        assert!(
+            matches!(answer, Err(ClusterError::Etcd { .. })),
+            "{what}: {answer:?}"
+        );
     }
 }

@@ -76,9 +76,31 @@ pub(crate) async fn connect_etcd(
     let tls = match &cluster.etcd_tls {
         None => None,
         Some(files) => {
-            let read = |path: &std::path::Path, key: &str| {
-                std::fs::read(path)
-                    .with_context(|| format!("cannot read cluster.{key} {}", path.display()))
+            // Parsed here, so a wrong file is named; tonic would only say
+            // "transport error" at the first request.
+            let read = |path: &std::path::Path, key: &str| -> anyhow::Result<Vec<u8>> {
+                use rustls::pki_types::pem::PemObject;
+                use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("cannot read cluster.{key} {}", path.display()))?;
+                let usable = if key == "etcd_key" {
+                    PrivateKeyDer::from_pem_slice(&bytes).is_ok()
+                } else {
+                    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes).collect();
+                    !certs.is_empty() && certs.iter().all(Result::is_ok)
+                };
+                if !usable {
+                    anyhow::bail!(
+                        "cluster.{key} {}: not a PEM {}",
+                        path.display(),
+                        if key == "etcd_key" {
+                            "private key"
+                        } else {
+                            "certificate"
+                        }
+                    );
+                }
+                Ok(bytes)
             };
             Some(granary_cluster::EtcdTls {
                 ca: read(&files.ca, "etcd_ca")?,
