@@ -39,6 +39,17 @@ pub struct Route {
     pub key: String,
 }
 
+/// Where a grain runs, as one node sees it ([`Coordinator::locate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Located {
+    /// Nobody placed it yet.
+    Unplaced,
+    /// Placed on the node that asked.
+    Here,
+    /// Placed on another node, reached so.
+    There(Route),
+}
+
 /// A connection to the etcd cluster that holds one Granary cluster.
 #[derive(Clone)]
 pub struct Coordinator {
@@ -549,14 +560,23 @@ impl Coordinator {
     /// Where connections to `grain` go when a node other than `me` owns it:
     /// the owner's name, its node link address (from its `alive` record;
     /// `None` when it is down) and its node key. `None` when the grain is
-    /// placed on `me` or nowhere. Two reads: the placement, then the
-    /// owner's records in one transaction.
+    /// placed on `me` or nowhere (which [`Coordinator::locate`] tells
+    /// apart).
     pub async fn route(&self, grain: &str, me: &str) -> Result<Option<Route>> {
+        Ok(match self.locate(grain, me).await? {
+            Located::There(route) => Some(route),
+            Located::Unplaced | Located::Here => None,
+        })
+    }
+
+    /// Where `grain` runs as node `me` sees it. Two reads: the placement,
+    /// then (placed elsewhere) the owner's records in one transaction.
+    pub async fn locate(&self, grain: &str, me: &str) -> Result<Located> {
         let Some(placed) = self.placement(grain).await? else {
-            return Ok(None);
+            return Ok(Located::Unplaced);
         };
         if placed.node == me {
-            return Ok(None);
+            return Ok(Located::Here);
         }
         let record_key = self.key(&format!("nodes/{}", placed.node));
         let alive_key = self.key(&format!("alive/{}", placed.node));
@@ -578,7 +598,7 @@ impl Coordinator {
             }
             None => None,
         };
-        Ok(Some(Route {
+        Ok(Located::There(Route {
             node: placed.node,
             link,
             key: record.key,
@@ -624,12 +644,21 @@ impl Coordinator {
                 epoch: p.epoch,
             });
         }
+        let node = self.choose(grain, arches).await?;
+        self.place_on(grain, &node).await
+    }
+
+    /// The node a new grain of an app built for `arches` should go to
+    /// ([`crate::choose_node`] over the live node list), without placing
+    /// it; [`ClusterError::NoRoom`] with each node's reason when none fits.
+    pub async fn choose(&self, grain: &str, arches: &[Arch]) -> Result<String> {
         let nodes = self.nodes().await?;
-        let node = crate::choose_node(arches, &nodes).map_err(|why| ClusterError::NoRoom {
-            grain: grain.to_owned(),
-            why,
-        })?;
-        self.place_on(grain, node).await
+        crate::choose_node(arches, &nodes)
+            .map(str::to_owned)
+            .map_err(|why| ClusterError::NoRoom {
+                grain: grain.to_owned(),
+                why,
+            })
     }
 
     /// Node `name`'s record and the revision it was last written at (what a

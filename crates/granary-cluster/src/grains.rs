@@ -19,7 +19,7 @@ use granary_grains::{
 use granary_model::GrainId;
 use granary_package::SigningKey;
 
-use crate::{Arch, ClusterError, Coordinator, Route};
+use crate::{Arch, ClusterError, Coordinator, Located, Route};
 
 /// What the daemon's shared records tell the cluster layer.
 pub trait Records: Send + Sync {
@@ -85,27 +85,21 @@ enum Placed {
 /// most room that runs its app's architecture, and is placed there. No
 /// node can take it (all full, drained, down or of another
 /// architecture): [`ClusterError::NoRoom`], rather than overfill this one.
+/// Chosen here: left for the start gate to place, as `grain start` does.
 async fn place_new(
     c: &Coordinator,
     records: &dyn Records,
     grain: &GrainId,
     me: &str,
 ) -> Result<Placed, ClusterError> {
-    if c.placement(grain.as_ref()).await?.is_some() {
-        return Ok(Placed::Here);
-    }
     let Some(arches) = records.arches_of(grain).await.ok().flatten() else {
         return Ok(Placed::Here);
     };
-    let nodes = c.nodes().await?;
-    let chosen = crate::choose_node(&arches, &nodes).map_err(|why| ClusterError::NoRoom {
-        grain: grain.to_string(),
-        why,
-    })?;
+    let chosen = c.choose(grain.as_ref(), &arches).await?;
     if chosen == me {
         return Ok(Placed::Here);
     }
-    match c.place_on(grain.as_ref(), chosen).await {
+    match c.place_on(grain.as_ref(), &chosen).await {
         Ok(p) => {
             tracing::info!(%grain, node = %p.node, epoch = p.epoch, "placed a new grain on the node with the most room")
         }
@@ -121,9 +115,9 @@ async fn place_new(
 
 /// Asks etcd where `grain` runs, within [`ROUTE_DEADLINE`]; `Err` when
 /// etcd cannot say in time (logged).
-async fn ask_route(c: &Coordinator, grain: &GrainId, me: &str) -> Result<Option<Route>, ()> {
-    match tokio::time::timeout(ROUTE_DEADLINE, c.route(grain.as_ref(), me)).await {
-        Ok(Ok(route)) => Ok(route),
+async fn ask_route(c: &Coordinator, grain: &GrainId, me: &str) -> Result<Located, ()> {
+    match tokio::time::timeout(ROUTE_DEADLINE, c.locate(grain.as_ref(), me)).await {
+        Ok(Ok(located)) => Ok(located),
         Ok(Err(e)) => {
             tracing::warn!(%grain, error = %e, "cannot read the grain's placement; trying this node");
             Err(())
@@ -187,16 +181,17 @@ impl Grains for ClusterGrains {
             {
                 return local.connect(&grain, &service, identity, peer).await;
             }
-            let route = match ask_route(&c, &grain, &me).await {
-                Ok(route) => route,
+            match ask_route(&c, &grain, &me).await {
+                Ok(Located::There(route)) => {
+                    return forward(route, &key, &*records, &grain, &service, identity, peer).await;
+                }
                 // etcd cannot say: try here; the start gate refuses a
                 // grain this node does not hold.
-                Err(()) => return local.connect(&grain, &service, identity, peer).await,
-            };
-            if let Some(route) = route {
-                return forward(route, &key, &*records, &grain, &service, identity, peer).await;
+                Ok(Located::Here) | Err(()) => {
+                    return local.connect(&grain, &service, identity, peer).await;
+                }
+                Ok(Located::Unplaced) => {}
             }
-            // Placed here, or nobody placed it yet.
             match tokio::time::timeout(PLACE_DEADLINE, place_new(&c, &*records, &grain, &me)).await
             {
                 Ok(Ok(Placed::Here)) => {}
@@ -224,7 +219,7 @@ impl Grains for ClusterGrains {
             // Another node may have placed it meanwhile (two first
             // connections through two nodes): follow that placement once.
             match ask_route(&c, &grain, &me).await {
-                Ok(Some(route)) => {
+                Ok(Located::There(route)) => {
                     forward(route, &key, &*records, &grain, &service, identity, peer).await
                 }
                 _ => Err(refused),

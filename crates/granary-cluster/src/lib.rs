@@ -27,7 +27,7 @@ pub mod link;
 mod place;
 mod records;
 
-pub use coordinator::{Coordinator, EtcdTls, NodeStatus, Route};
+pub use coordinator::{Coordinator, EtcdTls, Located, NodeStatus, Route};
 pub use error::ClusterError;
 pub use fence::{Refusal, may_start};
 pub use grains::{ClusterGrains, Records};
