@@ -152,6 +152,12 @@ interface Grains {
   # diagnostics tool: the CLI's stdin and stdout become the client). The
   # daemon writes the grain's bytes to `client`; the CLI writes its bytes
   # to `upstream` and ends it when its input ends.
+
+  move @6 (grain :Text, to :Text, progress :Progress) -> (reportJson :Text);
+  # Moves a grain this node runs to cluster node `to` with its data: a
+  # pre-copy while it runs, then stopped, a final delta, the placement
+  # switched with a new epoch, this node's copy fenced and the grain
+  # started there. `reportJson` says what it took (bytes, downtime).
 }
 
 interface Grants {

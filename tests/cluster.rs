@@ -561,3 +561,179 @@ fn a_node_cut_off_from_etcd_fences_itself_before_its_lease_can_expire() {
     assert_ne!(json["cluster"]["lease"], "live", "{json}");
     drop(n1);
 }
+
+/// Asks `hello` of `grain` through the node whose config is `config`,
+/// from a thread of its own; `None` when the connection failed.
+fn put_through(config: &std::path::Path, grain: &str, n: u64) -> Option<String> {
+    let run = granary_testkit::run_granary(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "grain",
+            "connect",
+            grain,
+            "hello",
+        ],
+        Some(&format!("put {n}\n")),
+    );
+    run.status
+        .success()
+        .then(|| run.stdout.trim_end().to_owned())
+}
+
+#[test]
+fn a_grain_moves_to_another_node_with_its_data_and_loses_no_acknowledged_write() {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let etcd = Etcd::start(1);
+    let mut n1 = node(&etcd, "n1", "\"x86_64\"");
+    let mut n2 = node(&etcd, "n2", "\"x86_64\"");
+    n2.share_uid_range(&n1);
+    n1.granary(&["cluster", "init"]).success();
+    for d in [&n1, &n2] {
+        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+            .success();
+    }
+    n1.launch();
+    n2.launch();
+    for d in [&n1, &n2] {
+        let app = granary_testkit::hello_app(d.dir(), "hello", &[]);
+        d.granary(&["app", "install", app.to_str().unwrap()])
+            .success();
+    }
+    n1.granary(&["user", "add", "alice"]).success();
+    n1.granary(&["grain", "start", "alice/hello"]).success();
+    // 12 MiB of data, more than one pre-copy round takes as "small", a
+    // nested file and a symlink.
+    let data = n1.data_dir().join("grains/alice-hello/data");
+    let big: Vec<u8> = (0..12u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(data.join("big"), &big).unwrap();
+    std::fs::create_dir_all(data.join("sub/dir")).unwrap();
+    std::fs::write(data.join("sub/dir/note"), "moved with it").unwrap();
+    std::os::unix::fs::symlink("sub/dir/note", data.join("link")).unwrap();
+
+    // A client writes through n2 all along: before the move n2 forwards
+    // to n1, during the cut-over it is refused and retries, after it n2
+    // runs the grain. Every `stored N` it got must survive.
+    let acked: Mutex<Vec<(u64, Instant)>> = Mutex::default();
+    let done = AtomicBool::new(false);
+    let n2_config = n2.config_path();
+    let report = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut n = 1;
+            while !done.load(Ordering::SeqCst) {
+                if put_through(&n2_config, "alice/hello", n) == Some(format!("stored {n}")) {
+                    acked.lock().unwrap().push((n, Instant::now()));
+                    n += 1;
+                }
+            }
+        });
+        let count = || acked.lock().unwrap().len();
+        eventually("writes before the move", Duration::from_secs(30), || {
+            (count() >= 5).then_some(())
+        });
+        let run = n1
+            .granary(&["grain", "move", "alice/hello", "--to", "n2", "--json"])
+            .success();
+        let after = count();
+        eventually("writes after the move", Duration::from_secs(30), || {
+            (count() >= after + 5).then_some(())
+        });
+        done.store(true, Ordering::SeqCst);
+        run
+    });
+    assert!(
+        report.stderr.contains("\"phase\":\"move final\""),
+        "{}",
+        report.stderr
+    );
+    let r = report.json();
+    eprintln!("move report: {r}");
+    assert_eq!(
+        (r["from"].as_str(), r["to"].as_str()),
+        (Some("n1"), Some("n2"))
+    );
+    assert!(r["epoch"].as_i64() > r["from_epoch"].as_i64(), "{r}");
+    let rounds: Vec<u64> = r["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap())
+        .collect();
+    assert!(rounds.len() >= 2 && rounds[0] > 12 << 20, "{rounds:?}");
+    let acked = acked.into_inner().unwrap();
+    let gap = acked.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap();
+    eprintln!(
+        "{} writes acknowledged; the longest wait between two was {gap:?}; downtime {} ms",
+        acked.len(),
+        r["downtime_ms"]
+    );
+
+    // Everything acknowledged is there, on n2 only.
+    let stored: Vec<String> = n2
+        .ask("alice/hello", "acked")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    for (n, _) in &acked {
+        assert!(stored.contains(&n.to_string()), "{n} lost: {stored:?}");
+    }
+    let moved = n2.data_dir().join("grains/alice-hello/data");
+    assert!(std::fs::read(moved.join("big")).unwrap() == big);
+    assert_eq!(
+        std::fs::read_to_string(moved.join("link")).unwrap(),
+        "moved with it"
+    );
+    let owned: Vec<u64> = nodes(&n1)
+        .iter()
+        .map(|n| n["grains"].as_u64().unwrap())
+        .collect();
+    assert_eq!(owned, [0, 1]);
+    let epoch = std::fs::read_to_string(n2.data_dir().join("grains/alice-hello/epoch")).unwrap();
+    assert_eq!(epoch.trim(), r["epoch"].to_string());
+    // n1's copy is fenced: kept aside, and n1 may not start the grain.
+    assert!(!data.exists());
+    let kept = r["fenced_as"].as_str().unwrap();
+    assert!(
+        kept.contains(".retired/alice-hello-moved-to-n2-")
+            && std::path::Path::new(kept).join("big").exists(),
+        "{kept}"
+    );
+    let run = n1.granary(&["grain", "start", "alice/hello"]).failure();
+    assert!(
+        run.stderr.contains("placed on node \"n2\""),
+        "{}",
+        run.stderr
+    );
+
+    // Moves that cannot be, refused with the reason.
+    let run = n1
+        .granary(&["grain", "move", "alice/hello", "--to", "n2"])
+        .failure();
+    assert!(
+        run.stderr
+            .contains("runs on node n2, not on n1: run the move there"),
+        "{}",
+        run.stderr
+    );
+    let run = n2
+        .granary(&["grain", "move", "alice/hello", "--to", "n9"])
+        .failure();
+    assert!(run.stderr.contains("no node \"n9\""), "{}", run.stderr);
+
+    // And back, onto a node that keeps a fenced copy of it.
+    let back = n2
+        .granary(&["grain", "move", "alice/hello", "--to", "n1"])
+        .success();
+    assert!(
+        back.stdout
+            .contains("alice/hello moved from node n2 to node n1"),
+        "{}",
+        back.stdout
+    );
+    let again = n1.ask("alice/hello", "acked");
+    assert_eq!(again, stored.join(","));
+    assert!(n1.data_dir().join("grains/alice-hello/data/big").exists());
+    assert!(!moved.exists());
+    drop((n1, n2));
+}

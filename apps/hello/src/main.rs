@@ -11,6 +11,20 @@ use granary_sdk::{Accepted, App, AuthMethod, GrainRef, Host, LogLevel, WakeLock}
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const NOTIFICATIONS: &str = "/var/notifications";
+/// `put N` appends "N\n" here and syncs it before it answers.
+const ACKED: &str = "/var/acked.log";
+
+fn put(n: &str) -> std::io::Result<()> {
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(std::io::Error::other("put takes a number"));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ACKED)?;
+    f.write_all(format!("{n}\n").as_bytes())?;
+    f.sync_all()
+}
 const TOKENS: &str = "/var/tokens";
 /// The ledger: `writer` appends "N\n" lines to LEDGER and then replaces
 /// COUNT with N, as fast as it can. Whatever instant a snapshot catches,
@@ -172,6 +186,15 @@ impl Hello {
                 Err(e) => err(e),
             },
             ["notifications"] => count_notifications().to_string(),
+            // A write acknowledged only once it is durable: the move and
+            // failover tests check that nothing acknowledged is lost.
+            ["put", n] => match put(n) {
+                Ok(()) => format!("stored {n}"),
+                Err(e) => format!("error: {e}"),
+            },
+            ["acked"] => std::fs::read_to_string(ACKED)
+                .map(|t| t.split_whitespace().collect::<Vec<_>>().join(","))
+                .unwrap_or_default(),
             // Sends a stanza through the host's chat router, claiming
             // whatever `from` it likes.
             ["xmpp-route", from, to, stanza @ ..] => {

@@ -24,6 +24,7 @@ mod grains;
 mod lease;
 mod ledger;
 pub mod link;
+pub mod moves;
 mod place;
 mod records;
 
@@ -34,6 +35,7 @@ pub use grains::{ClusterGrains, Records};
 pub use granary_model::valid_node_name;
 pub use lease::{LeaseState, NodeLease};
 pub use ledger::{LEDGER_DEADLINE, LogWatch};
+pub use moves::Moves;
 pub use place::choose_node;
 pub use records::{Alive, Arch, ClusterInfo, JoinTicket, NodeRecord, Placement, PlacementRecord};
 

@@ -26,6 +26,9 @@
 //!
 //! The fetching node checks the signature and that the package's SHA-256
 //! is the one the shared app record names before it unpacks anything.
+//!
+//! And a node moving a grain here sends it step by step, its data in
+//! frames ([`crate::moves`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -86,7 +89,7 @@ impl Members {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
-enum Request {
+pub(crate) enum Request {
     Connect {
         grain: String,
         service: String,
@@ -101,19 +104,26 @@ enum Request {
         kind: String,
         sha256: String,
     },
+    /// One step of moving a grain here ([`crate::moves`]).
+    Move {
+        grain: String,
+        id: String,
+        step: crate::moves::Step,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct Answer {
-    ok: bool,
+pub(crate) struct Answer {
+    pub(crate) ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    problem: Option<Problem>,
-    /// The bytes that follow a package answer.
+    pub(crate) problem: Option<Problem>,
+    /// The bytes that follow a package answer; the bytes a move's stream
+    /// carried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    size: Option<u64>,
+    pub(crate) size: Option<u64>,
 }
 
-fn answer_line(problem: Option<Problem>, size: Option<u64>) -> Vec<u8> {
+pub(crate) fn answer_line(problem: Option<Problem>, size: Option<u64>) -> Vec<u8> {
     let mut line = serde_json::to_vec(&Answer {
         ok: problem.is_none(),
         problem,
@@ -142,7 +152,9 @@ pub fn package_path(
 
 /// One line, newline included, at most [`MAX_LINE`] bytes; whatever
 /// follows it stays in the reader's buffer for the stream.
-async fn read_line<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> std::io::Result<Vec<u8>> {
+pub(crate) async fn read_line<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+) -> std::io::Result<Vec<u8>> {
     let mut line = Vec::new();
     loop {
         let buf = r.fill_buf().await?;
@@ -167,18 +179,26 @@ async fn read_line<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> std::io::Resul
     }
 }
 
+/// What a node link serves: this node's own grains, the package files
+/// kept under its apps dir, its shared records' position, and grains
+/// moved here.
+pub struct Served {
+    pub grains: Arc<dyn Grains>,
+    pub apps_dir: std::path::PathBuf,
+    pub records: Arc<dyn crate::Records>,
+    pub moves: Arc<dyn crate::Moves>,
+}
+
 /// Serves node links on `listener` until it fails: each connection asks
-/// `grains` (this node's own) for one grain connection and carries it, or
-/// asks for a package file kept under `apps_dir`.
+/// for one grain connection and carries it, asks for a package file, or
+/// takes one step of a move.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     key: &SigningKey,
     members: Members,
-    grains: Arc<dyn Grains>,
-    apps_dir: std::path::PathBuf,
-    records: Arc<dyn crate::Records>,
+    served: Served,
 ) -> std::io::Result<()> {
-    let apps_dir = Arc::new(apps_dir);
+    let served = Arc::new(served);
     let accepting = members.clone();
     let mut config =
         granary_backup::pinned::server_config(key, move |k| accepting.name_of(k).is_some())
@@ -201,13 +221,7 @@ pub async fn serve(
             return Ok(());
         };
         keep_alive(&tcp);
-        let (acceptor, members, grains, apps_dir, records) = (
-            acceptor.clone(),
-            members.clone(),
-            grains.clone(),
-            apps_dir.clone(),
-            records.clone(),
-        );
+        let (acceptor, members, served) = (acceptor.clone(), members.clone(), served.clone());
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await;
             drop(permit);
@@ -229,7 +243,7 @@ pub async fn serve(
                 tracing::warn!(%from, node, "node link without the link protocol (ALPN); closed");
                 return;
             }
-            if let Err(e) = carry(tls, &node, &*grains, &apps_dir, &*records).await {
+            if let Err(e) = carry(tls, &node, &served).await {
                 tracing::debug!(%from, node, error = %e, "node link ended");
             }
         });
@@ -239,27 +253,30 @@ pub async fn serve(
 async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     node: &str,
-    grains: &dyn Grains,
-    apps_dir: &std::path::Path,
-    records: &dyn crate::Records,
+    served: &Served,
 ) -> std::io::Result<()> {
+    let (grains, records) = (&*served.grains, &*served.records);
     let mut stream = BufReader::new(stream);
     let line = tokio::time::timeout(HANDSHAKE, read_line(&mut stream))
         .await
         .map_err(|_| std::io::Error::other("no request in time"))??;
-    let (grain, service, identity, peer, seen) =
-        match serde_json::from_slice(&line).map_err(std::io::Error::other)? {
-            Request::Connect {
-                grain,
-                service,
-                identity,
-                peer,
-                seen,
-            } => (grain, service, identity, peer, seen),
-            Request::Package { kind, sha256 } => {
-                return send_package(stream, node, apps_dir, &kind, &sha256).await;
-            }
-        };
+    let (grain, service, identity, peer, seen) = match serde_json::from_slice(&line)
+        .map_err(std::io::Error::other)?
+    {
+        Request::Connect {
+            grain,
+            service,
+            identity,
+            peer,
+            seen,
+        } => (grain, service, identity, peer, seen),
+        Request::Package { kind, sha256 } => {
+            return send_package(stream, node, &served.apps_dir, &kind, &sha256).await;
+        }
+        Request::Move { grain, id, step } => {
+            return crate::moves::serve_step(stream, node, &*served.moves, &grain, &id, step).await;
+        }
+    };
     let answer = |problem: Option<Problem>| answer_line(problem, None);
     let id = match GrainId::parse(&grain) {
         Ok(id) => id,
@@ -407,7 +424,7 @@ const PACKAGE: Duration = Duration::from_secs(300);
 
 /// A link to the node at `address` with node key `node_key` (hex), as
 /// this node (`key`): TLS done, nothing asked yet.
-async fn open(
+pub(crate) async fn open(
     address: &str,
     node_key: &str,
     key: &SigningKey,

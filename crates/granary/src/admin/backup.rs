@@ -55,7 +55,7 @@ impl progress::Server for Printer {
     }
 }
 
-fn printer(json: bool) -> progress::Client {
+pub(super) fn printer(json: bool) -> progress::Client {
     capnp_rpc::new_client(Printer {
         json,
         tty: std::io::stderr().is_terminal(),

@@ -209,6 +209,42 @@ pub(crate) fn grain(config: &Config, cmd: &GrainCommand) -> anyhow::Result<ExitC
             service,
             user,
         } => connect(config, grain, service, user.as_deref())?,
+        GrainCommand::Move { grain, to, output } => {
+            let json = output.json;
+            let report = with_admin(config, |admin: admin::Client| async move {
+                let mut req = super::grains(&admin).move_request();
+                req.get().set_grain(grain.as_str());
+                req.get().set_to(to.as_str());
+                req.get().set_progress(super::backup::printer(json));
+                let response = req.send().promise.await.map_err(remote)?;
+                text(response.get().map_err(remote)?.get_report_json())
+            })?;
+            let r: serde_json::Value = serde_json::from_str(&report)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as f64 / 1048576.0;
+                let copied: f64 = r["rounds"]
+                    .as_array()
+                    .map_or(0.0, |a| a.iter().map(mib).sum());
+                println!(
+                    "{} moved from node {} to node {} (epoch {}): {:.1} MiB copied while it ran, {:.1} MiB while stopped, {} ms down",
+                    r["grain"].as_str().unwrap_or(""),
+                    r["from"].as_str().unwrap_or(""),
+                    r["to"].as_str().unwrap_or(""),
+                    r["epoch"],
+                    copied,
+                    mib(&r["final_bytes"]),
+                    r["downtime_ms"],
+                );
+                if let Some(kept) = r["fenced_as"].as_str() {
+                    println!("this node's copy is kept, fenced, at {kept}");
+                }
+                if let Some(w) = r["warning"].as_str() {
+                    eprintln!("warning: {w}");
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

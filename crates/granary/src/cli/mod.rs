@@ -309,6 +309,20 @@ pub(crate) enum GrainCommand {
         #[arg(long, value_name = "USER")]
         user: Option<String>,
     },
+    /// Move a grain this node runs, with its data, to another cluster node
+    ///
+    /// Copied while it runs, then stopped for the last changes only; its
+    /// placement switches with a new epoch and this node's copy is kept
+    /// aside, never started again. Progress goes to standard error.
+    Move {
+        /// USER/KIND or the grain id
+        grain: String,
+        /// The node to move it to
+        #[arg(long, value_name = "NODE")]
+        to: String,
+        #[command(flatten)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]

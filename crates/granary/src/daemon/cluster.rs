@@ -19,8 +19,9 @@ pub(crate) struct Member {
     pub(crate) etcd: Vec<String>,
     pub(crate) coordinator: Coordinator,
     pub(crate) lease: NodeLease,
-    /// This node's key, for links it opens to fetch packages.
-    key: Arc<granary_package::SigningKey>,
+    /// This node's key, for links it opens to fetch packages and move
+    /// grains.
+    pub(crate) key: Arc<granary_package::SigningKey>,
     limits: granary_package::Limits,
     /// Where this node's app images live (`DATA_DIR/apps`).
     apps_dir: std::path::PathBuf,
@@ -222,16 +223,15 @@ pub(crate) async fn share_records(
 }
 
 /// Serves node links: other nodes' connections to grains this node runs,
-/// asked of `local` (this node's own grains, never forwarded again). The
+/// asked of `served.grains` (this node's own, never forwarded again),
+/// package fetches and moves of grains to this node. The
 /// keys accepted are those of members with a live lease, read from etcd
 /// at start, whenever an `alive` record changes, and every 10 s.
 pub(crate) fn serve_links(
     member: Arc<Member>,
     listener: tokio::net::TcpListener,
     key: granary_package::SigningKey,
-    local: Arc<dyn granary_grains::Grains>,
-    apps_dir: std::path::PathBuf,
-    records: Arc<dyn granary_cluster::Records>,
+    served: granary_cluster::link::Served,
 ) {
     let members = granary_cluster::link::Members::default();
     tokio::spawn(async move {
@@ -247,10 +247,7 @@ pub(crate) fn serve_links(
         refresh(&members).await;
         let serving = members.clone();
         tokio::spawn(async move {
-            if let Err(e) =
-                granary_cluster::link::serve(listener, &key, serving, local, apps_dir, records)
-                    .await
-            {
+            if let Err(e) = granary_cluster::link::serve(listener, &key, serving, served).await {
                 tracing::error!(error = %e, "the node link listener failed");
             }
         });
@@ -437,6 +434,14 @@ pub(crate) async fn admit(
             .await
             .map_err(etcd)?;
     }
+    // Data moved here starts only once its placement switched here.
+    if let Ok(epoch) = permit {
+        let (ds, g) = (datasets.clone(), grain.to_owned());
+        tokio::task::spawn_blocking(move || crate::daemon::moves::admit_arrival(&*ds, &g, epoch))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|why| format!("node {} may not start it yet: {why}", member.node))?;
+    }
     let admitted = match permit {
         Ok(epoch) if held == Some(epoch) => Ok(()),
         Ok(epoch) => {
@@ -466,7 +471,7 @@ pub(crate) async fn admit(
 /// content address (`apps/<kind>/<sha256>`, from the shared app record),
 /// its signature and SHA-256 checked, and it is unpacked as an install
 /// here would.
-async fn fetch_image(member: &Member, image: &Path) -> Result<(), String> {
+pub(crate) async fn fetch_image(member: &Member, image: &Path) -> Result<(), String> {
     // The image path comes from the shared app record: only
     // `<apps dir>/<kind>/<sha256>/image` is fetched, and only into this
     // node's apps dir.

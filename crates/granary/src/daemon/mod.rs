@@ -23,6 +23,7 @@ mod listeners;
 mod lock;
 mod mail;
 mod memory;
+mod moves;
 mod ports;
 mod start;
 
@@ -233,13 +234,23 @@ async fn serve(
             store: store.clone(),
             apps_dir: start::apps_dir(&config)?,
         });
+        let moves = Arc::new(moves::NodeMoves::new(
+            m.clone(),
+            store.clone(),
+            datasets.clone(),
+            local.clone(),
+            start::apps_dir(&config)?,
+        ));
         cluster::serve_links(
             m.clone(),
             links,
             granary_backup::node_key(&config.data_dir)?,
-            local.clone(),
-            start::apps_dir(&config)?,
-            records.clone(),
+            granary_cluster::link::Served {
+                grains: local.clone(),
+                apps_dir: start::apps_dir(&config)?,
+                records: records.clone(),
+                moves,
+            },
         );
         // Connections to grains other nodes own go to them.
         grains = Arc::new(granary_cluster::ClusterGrains::new(

@@ -70,7 +70,7 @@ impl Backups {
             }
             Ok(results)
         });
-        let results = self.pump(rx, work, progress).await??;
+        let results = super::pump(rx, work, progress).await??;
         let (store, detail) = (
             self.store.clone(),
             results

@@ -154,28 +154,30 @@ impl Backups {
             }
         }
     }
+}
 
-    /// Forwards messages from the blocking side until it is done.
-    pub(super) async fn pump<T>(
-        &self,
-        mut rx: mpsc::Receiver<Progress>,
-        work: tokio::task::JoinHandle<T>,
-        progress: Option<progress::Client>,
-    ) -> Result<T, String> {
-        while let Some(p) = rx.recv().await {
-            tracing::debug!(grain = %p.grain, phase = %p.phase, bytes = p.bytes, "backup progress");
-            if let Some(client) = &progress {
-                let mut req = client.update_request();
-                req.get()
-                    .set_json(serde_json::to_string(&p).unwrap_or_default());
-                // A CLI that went away or stalls does not stop the backup.
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), req.send().promise)
-                    .await;
-            }
+/// Forwards progress reports to the CLI's `progress` until `work` is done,
+/// and gives its result.
+pub(crate) async fn pump<T>(
+    mut rx: mpsc::Receiver<Progress>,
+    work: tokio::task::JoinHandle<T>,
+    progress: Option<progress::Client>,
+) -> Result<T, String> {
+    while let Some(p) = rx.recv().await {
+        tracing::debug!(grain = %p.grain, phase = %p.phase, bytes = p.bytes, "progress");
+        if let Some(client) = &progress {
+            let mut req = client.update_request();
+            req.get()
+                .set_json(serde_json::to_string(&p).unwrap_or_default());
+            // A CLI that went away or stalls does not stop the work.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), req.send().promise).await;
         }
-        work.await.map_err(|e| format!("internal error: {e}"))
     }
+    work.await.map_err(|e| format!("internal error: {e}"))
+}
 
+impl Backups {
     /// What a catalogue records of each grain, gathered from the state.
     pub(super) async fn metadata(
         &self,

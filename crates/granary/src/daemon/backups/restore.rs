@@ -157,7 +157,7 @@ impl Backups {
                 Ok(done)
             },
         );
-        let done = match self.pump(rx, work, progress).await {
+        let done = match super::pump(rx, work, progress).await {
             Ok(Ok(done)) => done,
             Ok(Err(e)) | Err(e) => {
                 let _ = self.grains.release(&gid).await;
@@ -321,7 +321,7 @@ impl Backups {
             }
             Ok(results)
         });
-        let results = self.pump(rx, work, progress).await??;
+        let results = super::pump(rx, work, progress).await??;
         let (store, detail) = (
             self.store.clone(),
             results

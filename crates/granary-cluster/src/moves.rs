@@ -1,0 +1,401 @@
+//! Moving a grain with its data to another node, over the node link.
+//!
+//! The source node (the grain's owner) drives; the target answers each
+//! step through [`Moves`], which the daemon implements (datasets and the
+//! supervisor stay out of this crate). One link connection per step:
+//!
+//! ```text
+//! → {"op":"move","grain":"alice-git","id":"<hex>","step":{"prepare":{"from":"n1"}}}
+//! ← {"ok":true}
+//! → {..,"step":"receive"}
+//! ← {"ok":true}                          the target is ready for the stream
+//! → [u32 BE length][bytes] … [u32 0]     the stream, in frames; 0 ends it
+//! ← {"ok":true,"size":N}                 applied: N bytes taken
+//! → {..,"step":{"commit":{"from_epoch":E}}} | "activate" | "abort"
+//! ← {"ok":true} | {"ok":false,"problem":{..}}
+//! ```
+//!
+//! The end frame is what tells a whole stream from one cut at an entry
+//! boundary (a tar stream cut there can look complete); TLS carries the
+//! integrity of every byte.
+
+use std::io::{Read, Write};
+use std::pin::Pin;
+use std::time::Duration;
+
+use granary_grains::Problem;
+use granary_model::GrainId;
+use granary_package::SigningKey;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+use crate::link::{Answer, answer_line, open, read_line};
+
+/// The largest frame a sender writes and a receiver takes.
+const FRAME: usize = 256 << 10;
+/// How long a stream may go without a frame, and a step without an answer.
+const IDLE: Duration = Duration::from_secs(60);
+/// How long the target may take to finish applying a stream once it has
+/// all of it (its last writes and a sync of the dataset).
+const APPLIED: Duration = Duration::from_secs(600);
+
+/// Writes one stream of a move, blocking (see [`send_stream`]).
+pub type Producer = Box<dyn FnOnce(&mut dyn Write) -> Result<(), String> + Send>;
+
+pub type MoveFuture<T> = Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send>>;
+
+/// What a node does when another moves a grain to it (move `id`).
+pub trait Moves: Send + Sync {
+    /// Gets ready to take `grain` from node `from`: checks that nothing of
+    /// it is here, fetches its app, makes an empty staging dataset.
+    fn prepare(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()>;
+    /// Applies one stream (full first, then incrementals) to the staging
+    /// dataset, reading it to its end; the bytes read.
+    fn receive(&self, grain: &GrainId, id: &str, stream: Box<dyn Read + Send>) -> MoveFuture<u64>;
+    /// Makes the staged data durable and puts it in place as the grain's
+    /// dataset, marked as arriving: it may start only once the placement
+    /// has switched here from `from_epoch`.
+    fn commit(&self, grain: &GrainId, id: &str, from_epoch: i64) -> MoveFuture<()>;
+    /// The placement switched here: clears the mark and starts the grain.
+    fn activate(&self, grain: &GrainId, id: &str) -> MoveFuture<()>;
+    /// The move failed before the switch: removes what it left here.
+    fn abort(&self, grain: &GrainId, id: &str) -> MoveFuture<()>;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    Prepare { from: String },
+    Receive,
+    Commit { from_epoch: i64 },
+    Activate,
+    Abort,
+}
+
+/// A move id: 16 hex digits, so it fits in dataset and snapshot names.
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS gives random bytes");
+    hex::encode(bytes)
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Where the target node is and who it is: its link and pinned key.
+pub struct Target<'a> {
+    pub address: &'a str,
+    pub key: &'a str,
+}
+
+async fn request<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    grain: &GrainId,
+    id: &str,
+    step: &Step,
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(&crate::link::Request::Move {
+        grain: grain.to_string(),
+        id: id.to_owned(),
+        step: step.clone(),
+    })
+    .expect("requests serialize");
+    line.push(b'\n');
+    stream.write_all(&line).await?;
+    stream.flush().await
+}
+
+async fn answer<R: AsyncRead + Unpin>(
+    stream: &mut BufReader<R>,
+    within: Duration,
+    address: &str,
+) -> Result<Answer, String> {
+    let line = tokio::time::timeout(within, read_line(stream))
+        .await
+        .map_err(|_| format!("node link to {address}: no answer within {within:?}"))?
+        .map_err(|e| format!("node link to {address}: {e}"))?;
+    let answer: Answer = serde_json::from_slice(&line)
+        .map_err(|e| format!("node link to {address}: a bad answer: {e}"))?;
+    if answer.ok {
+        return Ok(answer);
+    }
+    Err(match answer.problem {
+        Some(Problem::Host(why) | Problem::Busy(why)) => why,
+        Some(other) => format!("{other:?}"),
+        None => "refused without a reason".to_owned(),
+    })
+}
+
+/// Asks the target to take one step of move `id` (any but `Receive`).
+pub async fn step(
+    target: &Target<'_>,
+    key: &SigningKey,
+    grain: &GrainId,
+    id: &str,
+    step: Step,
+) -> Result<(), String> {
+    let mut stream = open(target.address, target.key, key).await?;
+    request(&mut stream, grain, id, &step)
+        .await
+        .map_err(|e| format!("node link to {}: {e}", target.address))?;
+    // Activating starts the grain, which may take a while.
+    answer(&mut stream, IDLE, target.address).await.map(drop)
+}
+
+/// Sends one stream of move `id` to the target: `produce` writes it
+/// (blocking, on a thread of its own), and every `FRAME` written is
+/// reported to `sent` as it leaves. Returns the bytes the target applied.
+pub async fn send_stream(
+    target: &Target<'_>,
+    key: &SigningKey,
+    grain: &GrainId,
+    id: &str,
+    produce: Producer,
+    mut sent: impl FnMut(u64),
+) -> Result<u64, String> {
+    let io = |e: std::io::Error| format!("node link to {}: {e}", target.address);
+    let mut stream = open(target.address, target.key, key).await?;
+    request(&mut stream, grain, id, &Step::Receive)
+        .await
+        .map_err(io)?;
+    answer(&mut stream, IDLE, target.address).await?;
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut out = ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(FRAME),
+        };
+        produce(&mut out)?;
+        out.flush().map_err(|e| e.to_string())
+    });
+    while let Some(chunk) = rx.recv().await {
+        let len = u32::try_from(chunk.len()).expect("frames are small");
+        let frame = async {
+            stream.write_all(&len.to_be_bytes()).await?;
+            stream.write_all(&chunk).await
+        };
+        tokio::time::timeout(IDLE, frame)
+            .await
+            .map_err(|_| {
+                format!(
+                    "node link to {}: the target stopped taking the stream",
+                    target.address
+                )
+            })?
+            .map_err(io)?;
+        sent(chunk.len() as u64);
+    }
+    // Without the end frame the target never takes a cut stream as whole.
+    writer.await.map_err(|e| e.to_string())??;
+    stream.write_all(&0u32.to_be_bytes()).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    let done = answer(&mut stream, APPLIED, target.address).await?;
+    Ok(done.size.unwrap_or(0))
+}
+
+/// Writes into a channel in frames, for [`send_stream`].
+struct ChannelWriter {
+    tx: mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let n = bytes.len().min(FRAME - self.buf.len());
+        self.buf.extend_from_slice(&bytes[..n]);
+        if self.buf.len() == FRAME {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(FRAME));
+        self.tx.blocking_send(chunk).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the node link closed")
+        })
+    }
+}
+
+/// What the link's frames become for a blocking reader.
+enum Frame {
+    Data(Vec<u8>),
+    End,
+    Failed(std::io::Error),
+}
+
+/// Reads the frames a [`ChannelWriter`]'s sender wrote, as one stream that
+/// ends cleanly only at the end frame.
+struct ChannelReader {
+    rx: mpsc::Receiver<Frame>,
+    buf: Vec<u8>,
+    at: usize,
+    ended: bool,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.buf.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Frame::Data(bytes)) => (self.buf, self.at) = (bytes, 0),
+                Some(Frame::End) => self.ended = true,
+                Some(Frame::Failed(e)) => return Err(e),
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the stream ended without its end frame",
+                    ));
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The target's side of one step: answers on `stream`.
+pub(crate) async fn serve_step<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: BufReader<S>,
+    node: &str,
+    moves: &dyn Moves,
+    grain: &str,
+    id: &str,
+    step: Step,
+) -> std::io::Result<()> {
+    let refuse = |why: String| answer_line(Some(Problem::Host(why)), None);
+    let grain = match GrainId::parse(grain) {
+        Ok(g) if valid_id(id) => g,
+        _ => {
+            stream
+                .write_all(&refuse(format!("no move {id:?} of grain {grain:?}")))
+                .await?;
+            return stream.flush().await;
+        }
+    };
+    tracing::debug!(grain = %grain, move_id = id, from = node, ?step, "move step asked");
+    let done = match step {
+        Step::Prepare { from } if from != node => {
+            Err(format!("node {node} asked to move a grain for node {from}"))
+        }
+        Step::Prepare { from } => moves.prepare(&grain, id, &from).await,
+        Step::Receive => return receive(stream, moves, &grain, id).await,
+        Step::Commit { from_epoch } => moves.commit(&grain, id, from_epoch).await,
+        Step::Activate => moves.activate(&grain, id).await,
+        Step::Abort => moves.abort(&grain, id).await,
+    };
+    let line = match done {
+        Ok(()) => answer_line(None, None),
+        Err(why) => refuse(why),
+    };
+    stream.write_all(&line).await?;
+    stream.flush().await
+}
+
+async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: BufReader<S>,
+    moves: &dyn Moves,
+    grain: &GrainId,
+    id: &str,
+) -> std::io::Result<()> {
+    let (tx, rx) = mpsc::channel(8);
+    let reader = ChannelReader {
+        rx,
+        buf: Vec::new(),
+        at: 0,
+        ended: false,
+    };
+    let applying = moves.receive(grain, id, Box::new(reader));
+    stream.write_all(&answer_line(None, None)).await?;
+    stream.flush().await?;
+    let frames = async {
+        loop {
+            let frame = async {
+                let len = stream.read_u32().await? as usize;
+                if len > FRAME {
+                    return Err(std::io::Error::other(format!(
+                        "a frame of {len} bytes, more than {FRAME}"
+                    )));
+                }
+                let mut bytes = vec![0; len];
+                stream.read_exact(&mut bytes).await?;
+                Ok(bytes)
+            };
+            let frame = match tokio::time::timeout(IDLE, frame).await {
+                Ok(Ok(bytes)) if bytes.is_empty() => Frame::End,
+                Ok(Ok(bytes)) => Frame::Data(bytes),
+                Ok(Err(e)) => Frame::Failed(e),
+                Err(_) => Frame::Failed(std::io::Error::other(format!("no frame for {IDLE:?}"))),
+            };
+            let last = !matches!(frame, Frame::Data(_));
+            // The applier gave up (its error is the answer): stop reading.
+            if tx.send(frame).await.is_err() || last {
+                return;
+            }
+        }
+    };
+    let (applied, ()) = tokio::join!(applying, frames);
+    let line = match applied {
+        Ok(size) => answer_line(None, Some(size)),
+        Err(why) => answer_line(Some(Problem::Host(why)), None),
+    };
+    stream.write_all(&line).await?;
+    stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(frames: Vec<Frame>) -> ChannelReader {
+        let (tx, rx) = mpsc::channel(frames.len().max(1));
+        for f in frames {
+            tx.try_send(f).ok().unwrap();
+        }
+        ChannelReader {
+            rx,
+            buf: Vec::new(),
+            at: 0,
+            ended: false,
+        }
+    }
+
+    #[test]
+    fn a_stream_is_whole_only_with_its_end_frame() {
+        let mut whole = String::new();
+        reader(vec![
+            Frame::Data(b"ab".to_vec()),
+            Frame::Data(b"c".to_vec()),
+            Frame::End,
+        ])
+        .read_to_string(&mut whole)
+        .unwrap();
+        assert_eq!(whole, "abc");
+        let mut cut = Vec::new();
+        let e = reader(vec![Frame::Data(b"ab".to_vec())])
+            .read_to_end(&mut cut)
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        let e = reader(vec![Frame::Failed(std::io::Error::other("reset"))])
+            .read_to_end(&mut cut)
+            .unwrap_err();
+        assert_eq!(e.to_string(), "reset");
+    }
+
+    #[test]
+    fn move_ids_fit_dataset_names() {
+        let id = new_id();
+        assert!(valid_id(&id), "{id}");
+        assert!(!valid_id("../x"));
+        assert_ne!(new_id(), id);
+    }
+}

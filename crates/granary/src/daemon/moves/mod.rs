@@ -1,0 +1,367 @@
+//! Moving a grain with its data to another node of the cluster
+//! (`granary grain move`), both ends of it: [`move_out`] on the grain's
+//! owner, which drives, and [`NodeMoves`] on the target, which answers
+//! the node link's move steps (`granary_cluster::moves`).
+//!
+//! 1. Pre-copy while the grain runs: a consistent snapshot streamed in
+//!    full, then deltas from the last one, until a delta is small.
+//! 2. The grain held (stopped, kept stopped), a final snapshot and its
+//!    delta; the target makes the data durable and puts it in place,
+//!    marked as arriving (`moving` beside it), so its gate refuses to
+//!    start it under the old placement.
+//! 3. The placement switched by compare-and-swap: the new epoch.
+//! 4. The source's copy fenced: kept aside as retired, never started
+//!    again; the target told to start the grain. A lost `activate` is
+//!    harmless: the gate clears the mark on the first start under the new
+//!    placement.
+//!
+//! Before the switch any failure undoes the move: the target's staged or
+//! placed data goes and the source's grain is released. After it, the
+//! source never runs the grain again.
+
+mod arrive;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use granary_backup::progress::{Meter, Progress};
+use granary_cluster::moves::{Step, Target};
+use granary_datasets::Datasets;
+use granary_grains::{GrainId, Grains};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+pub(crate) use arrive::{NodeMoves, admit_arrival};
+
+use crate::daemon::cluster::Member;
+
+fn msg(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// A pre-copy round smaller than this is the last one before the cut-over.
+const SMALL_DELTA: u64 = 8 << 20;
+/// At most this many pre-copy rounds, however busy the grain is.
+const MAX_ROUNDS: u32 = 5;
+/// Tags the move's snapshots so that pruning leaves them alone.
+const HOLD_TAG: &str = "granary-move";
+
+/// What one move did, printed by `granary grain move --json`.
+#[derive(Debug, Serialize)]
+pub(crate) struct MoveReport {
+    pub grain: String,
+    pub from: String,
+    pub to: String,
+    pub move_id: String,
+    /// The placement's epoch before and after the switch.
+    pub from_epoch: i64,
+    pub epoch: i64,
+    /// Bytes of each pre-copy round, while the grain ran.
+    pub rounds: Vec<u64>,
+    /// Bytes sent while the grain was stopped.
+    pub final_bytes: u64,
+    /// From the grain's stop on this node to its start on the target.
+    pub downtime_ms: u64,
+    /// Where the source's copy is kept, fenced.
+    pub fenced_as: Option<String>,
+    /// The target could not start it at once (it starts on first use).
+    pub warning: Option<String>,
+}
+
+/// What the owner's side of a move uses.
+pub(crate) struct Source {
+    pub member: Arc<Member>,
+    pub grains: Arc<dyn Grains>,
+    pub datasets: Arc<dyn Datasets>,
+    pub records: Arc<dyn granary_cluster::Records>,
+}
+
+/// Grains being moved from this node now: one move of a grain at a time.
+static MOVING: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+struct Moving(String);
+
+impl Moving {
+    fn claim(grain: &str) -> Option<Moving> {
+        let mut set = MOVING.lock().unwrap_or_else(|e| e.into_inner());
+        set.get_or_insert_default()
+            .insert(grain.to_owned())
+            .then(|| Moving(grain.to_owned()))
+    }
+}
+
+impl Drop for Moving {
+    fn drop(&mut self) {
+        if let Some(set) = MOVING.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            set.remove(&self.0);
+        }
+    }
+}
+
+/// Moves `grain`, which this node owns, to node `to` with its data.
+/// Progress goes to `progress` as it happens.
+pub(crate) async fn move_out(
+    src: Source,
+    grain: GrainId,
+    to: String,
+    progress: mpsc::Sender<Progress>,
+) -> Result<MoveReport, String> {
+    let m = &src.member;
+    let c = &m.coordinator;
+    let g = grain.to_string();
+    let etcd = |e: granary_cluster::ClusterError| format!("cannot check with the cluster: {e}");
+    let _one =
+        Moving::claim(&g).ok_or_else(|| format!("{} is already being moved", grain.shown()))?;
+    let placed = c.placement(&g).await.map_err(etcd)?.ok_or_else(|| {
+        format!(
+            "{} is not placed on any node yet: it goes where it is first used",
+            grain.shown()
+        )
+    })?;
+    if placed.node != m.node {
+        return Err(format!(
+            "{} runs on node {}, not on {}: run the move there",
+            grain.shown(),
+            placed.node,
+            m.node
+        ));
+    }
+    if to == m.node {
+        return Err(format!("{} already runs on node {to}", grain.shown()));
+    }
+    // The target must be up, undrained, have room and run the app.
+    let nodes = c.nodes().await.map_err(etcd)?;
+    let Some(target) = nodes.iter().find(|n| n.record.name == to) else {
+        let names: Vec<&str> = nodes.iter().map(|n| n.record.name.as_str()).collect();
+        return Err(format!(
+            "no node {to:?} in the cluster (its nodes: {})",
+            names.join(", ")
+        ));
+    };
+    let arches = src
+        .records
+        .arches_of(&grain)
+        .await
+        .map_err(|e| e.to_string())?
+        .unwrap_or_else(|| target.record.arches.clone());
+    granary_cluster::choose_node(&arches, std::slice::from_ref(target))
+        .map_err(|why| format!("node {to} cannot take {}: {why}", grain.shown()))?;
+    let link = match &target.alive {
+        Some(a) if !a.link.is_empty() => a.link.clone(),
+        _ => target.record.address.clone(),
+    };
+    let t = Target {
+        address: &link,
+        key: &target.record.key,
+    };
+    let id = granary_cluster::moves::new_id();
+    tracing::info!(grain = %g, to, move_id = id, epoch = placed.epoch, "moving a grain to another node");
+    granary_cluster::moves::step(
+        &t,
+        &m.key,
+        &grain,
+        &id,
+        Step::Prepare {
+            from: m.node.clone(),
+        },
+    )
+    .await
+    .map_err(|e| format!("node {to} cannot take {}: {e}", grain.shown()))?;
+
+    let mut labels: Vec<String> = Vec::new();
+    let mut held = false;
+    let outcome = async {
+        // Pre-copy while the grain runs.
+        let mut rounds = Vec::new();
+        for k in 1..=MAX_ROUNDS {
+            let label = format!("move-{id}-{k}");
+            let bytes = send_round(
+                &src,
+                &t,
+                &grain,
+                &id,
+                &mut labels,
+                label,
+                "move pre-copy",
+                &progress,
+            )
+            .await?;
+            rounds.push(bytes);
+            if bytes < SMALL_DELTA {
+                break;
+            }
+        }
+        // The cut-over: stopped and kept stopped, the last delta.
+        let stopped = Instant::now();
+        src.grains
+            .hold(&grain, &format!("moving to node {to}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        held = true;
+        let final_bytes = send_round(
+            &src,
+            &t,
+            &grain,
+            &id,
+            &mut labels,
+            format!("move-{id}-final"),
+            "move final",
+            &progress,
+        )
+        .await?;
+        granary_cluster::moves::step(
+            &t,
+            &m.key,
+            &grain,
+            &id,
+            Step::Commit {
+                from_epoch: placed.epoch,
+            },
+        )
+        .await?;
+        if !m.lease.is_live() {
+            return Err(format!("this node's cluster lease is {}", m.lease_state()));
+        }
+        let switched = c
+            .switch(&placed, &to)
+            .await
+            .map_err(|e| format!("cannot switch its placement to {to}: {e}"))?;
+        Ok((rounds, final_bytes, stopped, switched))
+    }
+    .await;
+    let (rounds, final_bytes, stopped, switched) = match outcome {
+        Ok(done) => done,
+        Err(why) => {
+            tracing::warn!(grain = %g, to, move_id = id, error = %why, "a move failed before its switch; undoing it");
+            if let Err(e) = granary_cluster::moves::step(&t, &m.key, &grain, &id, Step::Abort).await
+            {
+                tracing::warn!(grain = %g, to, error = %e, "cannot undo the move on the target; its next move there clears it");
+            }
+            forget_snapshots(&src, &g, &labels).await;
+            if held && let Err(e) = src.grains.release(&grain).await {
+                tracing::error!(grain = %g, error = %e, "cannot release a grain after a failed move");
+            }
+            return Err(format!("moving {} to {to} failed: {why}", grain.shown()));
+        }
+    };
+    tracing::info!(grain = %g, to, epoch = switched.epoch, "a moved grain's placement switched");
+    // Never started here again: the switch refuses it, and the copy goes
+    // aside, so no later placement here finds stale data in place.
+    let (datasets, g2) = (src.datasets.clone(), g.clone());
+    let label = format!("moved-to-{to}-{}", switched.epoch);
+    let fenced = tokio::task::spawn_blocking(move || datasets.retire(&g2, &label))
+        .await
+        .map_err(msg)
+        .and_then(|r| r.map_err(msg));
+    let fenced_as = match fenced {
+        Ok(kept) => kept,
+        Err(e) => {
+            tracing::error!(grain = %g, error = %e, "cannot move the source's copy aside; the placement still keeps it from starting");
+            None
+        }
+    };
+    if let Err(e) = src.grains.release(&grain).await {
+        tracing::warn!(grain = %g, error = %e, "cannot release a grain moved away");
+    }
+    let warning = granary_cluster::moves::step(&t, &m.key, &grain, &id, Step::Activate)
+        .await
+        .err()
+        .map(|e| format!("node {to} did not start it at once ({e}); it starts on first use"));
+    let downtime_ms = stopped.elapsed().as_millis() as u64;
+    tracing::info!(grain = %g, to, downtime_ms, "grain moved");
+    Ok(MoveReport {
+        grain: grain.shown(),
+        from: m.node.clone(),
+        to,
+        move_id: id,
+        from_epoch: placed.epoch,
+        epoch: switched.epoch,
+        rounds,
+        final_bytes,
+        downtime_ms,
+        fenced_as,
+        warning,
+    })
+}
+
+/// Takes snapshot `label` (held against pruning), streams it to the
+/// target as a delta from the previous one in `labels`, and adds it there.
+#[allow(clippy::too_many_arguments)]
+async fn send_round(
+    src: &Source,
+    t: &Target<'_>,
+    grain: &GrainId,
+    id: &str,
+    labels: &mut Vec<String>,
+    label: String,
+    phase: &'static str,
+    progress: &mpsc::Sender<Progress>,
+) -> Result<u64, String> {
+    src.grains
+        .snapshot(grain, &label)
+        .await
+        .map_err(|e| e.to_string())?;
+    let g = grain.to_string();
+    let (datasets, g2, l2) = (src.datasets.clone(), g.clone(), label.clone());
+    tokio::task::spawn_blocking(move || datasets.hold(&g2, &l2, HOLD_TAG))
+        .await
+        .map_err(msg)?
+        .map_err(msg)?;
+    let base = labels.last().cloned();
+    labels.push(label.clone());
+    let datasets = src.datasets.clone();
+    let (g2, l2, b2) = (g.clone(), label.clone(), base.clone());
+    let total = tokio::task::spawn_blocking(move || {
+        let new = datasets.view_snapshot(&g2, &l2).map_err(msg)?;
+        let old = b2
+            .map(|b| datasets.view_snapshot(&g2, &b))
+            .transpose()
+            .map_err(msg)?;
+        granary_backup::tree::changed_bytes(&new.path, old.as_ref().map(|v| v.path.as_path()))
+            .map_err(msg)
+    })
+    .await
+    .map_err(msg)??;
+    let datasets = src.datasets.clone();
+    let produce = Box::new(move |out: &mut dyn std::io::Write| {
+        let new = datasets.view_snapshot(&g, &label).map_err(msg)?;
+        let old = base
+            .as_ref()
+            .map(|b| datasets.view_snapshot(&g, b))
+            .transpose()
+            .map_err(msg)?;
+        let old = old
+            .as_ref()
+            .zip(base.as_deref())
+            .map(|(v, b)| (v.path.as_path(), b));
+        granary_backup::tree::write_stream(&new.path, old, out)
+            .map(drop)
+            .map_err(msg)
+    });
+    let mut meter = Meter::new(&grain.shown(), phase, Some(total));
+    let applied =
+        granary_cluster::moves::send_stream(t, &src.member.key, grain, id, produce, |n| {
+            meter.add(n);
+            if let Some(p) = meter.tick() {
+                let _ = progress.try_send(p);
+            }
+        })
+        .await?;
+    let _ = progress.try_send(meter.now(true));
+    Ok(applied)
+}
+
+/// Deletes a failed move's snapshots on this node.
+async fn forget_snapshots(src: &Source, grain: &str, labels: &[String]) {
+    let (datasets, g, labels) = (src.datasets.clone(), grain.to_owned(), labels.to_vec());
+    let _ = tokio::task::spawn_blocking(move || {
+        for l in labels {
+            let _ = datasets.release(&g, &l, HOLD_TAG);
+            if let Err(e) = datasets.delete_snapshot(&g, &l) {
+                tracing::warn!(grain = %g, snapshot = l, error = %e, "cannot delete a failed move's snapshot");
+            }
+        }
+    })
+    .await;
+}
