@@ -157,7 +157,14 @@ interface Grains {
   # Moves a grain this node runs to cluster node `to` with its data: a
   # pre-copy while it runs, then stopped, a final delta, the placement
   # switched with a new epoch, this node's copy fenced and the grain
-  # started there. `reportJson` says what it took (bytes, downtime).
+  # started there. `reportJson` says what it took (bytes, downtime). A
+  # grain another node runs is moved by that node, asked over the link.
+
+  drain @7 (node :Text, progress :Progress) -> (reportJson :Text);
+  # Marks node `node` drained and moves every grain it runs, each to the
+  # live, undrained node with the most room that runs its app (asked of
+  # that node over the link when it is not this one). `reportJson`: a
+  # JSON array, one entry per grain, with its move report or its error.
 }
 
 interface Grants {

@@ -417,9 +417,13 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     // catches up with what was written while it was away.
     // A drained node takes no new grains, and stays drained across its
     // restart.
-    let run = n1.granary(&["node", "drain", "n2"]).success();
-    assert!(run.stdout.contains("node n2 drained"), "{}", run.stdout);
-    assert!(run.stderr.contains("not built yet"), "{}", run.stderr);
+    let run = n1.granary(&["node", "drain", "n2", "--no-move"]).success();
+    assert!(
+        run.stdout.contains("node n2 drained")
+            && run.stdout.contains("keeps running its 2 grain(s)"),
+        "{}",
+        run.stdout
+    );
     let status = n2.stop();
     assert!(status.success(), "{}", n2.log());
     n1.granary(&["user", "add", "carol"]).success();
@@ -588,15 +592,18 @@ fn a_grain_moves_to_another_node_with_its_data_and_loses_no_acknowledged_write()
     let etcd = Etcd::start(1);
     let mut n1 = node(&etcd, "n1", "\"x86_64\"");
     let mut n2 = node(&etcd, "n2", "\"x86_64\"");
+    let mut n3 = node(&etcd, "n3", "\"x86_64\"");
     n2.share_uid_range(&n1);
+    n3.share_uid_range(&n1);
     n1.granary(&["cluster", "init"]).success();
-    for d in [&n1, &n2] {
+    for d in [&n1, &n2, &n3] {
         d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
             .success();
     }
     n1.launch();
     n2.launch();
-    for d in [&n1, &n2] {
+    n3.launch();
+    for d in [&n1, &n2, &n3] {
         let app = granary_testkit::hello_app(d.dir(), "hello", &[]);
         d.granary(&["app", "install", app.to_str().unwrap()])
             .success();
@@ -688,14 +695,14 @@ fn a_grain_moves_to_another_node_with_its_data_and_loses_no_acknowledged_write()
         .iter()
         .map(|n| n["grains"].as_u64().unwrap())
         .collect();
-    assert_eq!(owned, [0, 1]);
+    assert_eq!(owned, [0, 1, 0]);
     let epoch = std::fs::read_to_string(n2.data_dir().join("grains/alice-hello/epoch")).unwrap();
     assert_eq!(epoch.trim(), r["epoch"].to_string());
     // n1's copy is fenced: kept aside, and n1 may not start the grain.
     assert!(!data.exists());
     let kept = r["fenced_as"].as_str().unwrap();
     assert!(
-        kept.contains(".retired/alice-hello-moved-to-n2-")
+        kept.contains(".retired/alice-hello-moved-")
             && std::path::Path::new(kept).join("big").exists(),
         "{kept}"
     );
@@ -707,22 +714,22 @@ fn a_grain_moves_to_another_node_with_its_data_and_loses_no_acknowledged_write()
     );
 
     // Moves that cannot be, refused with the reason.
-    let run = n1
-        .granary(&["grain", "move", "alice/hello", "--to", "n2"])
-        .failure();
-    assert!(
-        run.stderr
-            .contains("runs on node n2, not on n1: run the move there"),
-        "{}",
-        run.stderr
-    );
     let run = n2
         .granary(&["grain", "move", "alice/hello", "--to", "n9"])
         .failure();
     assert!(run.stderr.contains("no node \"n9\""), "{}", run.stderr);
+    let run = n1
+        .granary(&["grain", "move", "alice/hello", "--to", "n2"])
+        .failure();
+    assert!(
+        run.stderr.contains("already runs on node n2"),
+        "{}",
+        run.stderr
+    );
 
-    // And back, onto a node that keeps a fenced copy of it.
-    let back = n2
+    // And back, asked on n1 (n2, its owner, drives the move), onto a node
+    // that keeps a fenced copy of it.
+    let back = n1
         .granary(&["grain", "move", "alice/hello", "--to", "n1"])
         .success();
     assert!(
@@ -735,5 +742,60 @@ fn a_grain_moves_to_another_node_with_its_data_and_loses_no_acknowledged_write()
     assert_eq!(again, stored.join(","));
     assert!(n1.data_dir().join("grains/alice-hello/data/big").exists());
     assert!(!moved.exists());
-    drop((n1, n2));
+
+    // A node that holds data of the grain already takes nothing: the move
+    // is refused before anything changes, and the grain runs on.
+    let stale = n3.data_dir().join("grains/alice-hello/data");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("old"), "stale").unwrap();
+    let run = n1
+        .granary(&["grain", "move", "alice/hello", "--to", "n3"])
+        .failure();
+    assert!(
+        run.stderr
+            .contains("node n3 already holds data of alice-hello"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(n2.ask("alice/hello", "acked"), stored.join(","));
+    std::fs::remove_dir_all(n3.data_dir().join("grains/alice-hello")).unwrap();
+
+    // A drain, asked on n2, moves every grain n1 runs to n2 and n3 (where
+    // there is most room: the nodes share one disk here, so which one
+    // depends on when each last reported): alice's and eleven more, one
+    // of them stopped, which stays stopped until it is used.
+    let mut users = vec!["alice".to_owned()];
+    for i in 1..=11 {
+        let user = format!("u{i}");
+        n1.granary(&["user", "add", &user]).success();
+        let grain = format!("{user}/hello");
+        assert_eq!(n1.ask(&grain, &format!("put {i}")), format!("stored {i}"));
+        users.push(user);
+    }
+    n1.granary(&["grain", "stop", "u1/hello"]).success();
+    let run = n2.granary(&["node", "drain", "n1", "--json"]).success();
+    let drained = run.json();
+    let drained = drained.as_array().unwrap();
+    assert_eq!(drained.len(), 12, "{drained:?}");
+    for d in drained {
+        assert!(d["error"].is_null(), "{d}");
+        assert!(d["to"] == "n2" || d["to"] == "n3", "{d}");
+    }
+    let owned: Vec<u64> = nodes(&n3)
+        .iter()
+        .map(|n| n["grains"].as_u64().unwrap())
+        .collect();
+    assert!(owned[0] == 0 && owned[1] + owned[2] == 12, "{owned:?}");
+    assert_eq!(state_of(&n3, "n1").as_deref(), Some("drained"));
+    let downtimes: Vec<u64> = drained
+        .iter()
+        .map(|d| d["report"]["downtime_ms"].as_u64().unwrap())
+        .collect();
+    eprintln!("drained 12 grains off n1: {owned:?}; downtimes (ms) {downtimes:?}");
+    // Every grain answers, through the drained node too, with its data.
+    for (i, user) in users.iter().enumerate().skip(1) {
+        assert_eq!(n1.ask(&format!("{user}/hello"), "acked"), i.to_string());
+    }
+    assert_eq!(n1.ask("alice/hello", "acked"), stored.join(","));
+    drop((n1, n2, n3));
 }

@@ -272,12 +272,18 @@ fn kind(meta: &Metadata) -> Kind {
 /// carry: the total for progress and ETA.
 pub fn changed_bytes(new: &Path, base: Option<&Path>) -> Result<u64, BackupError> {
     let mut total = 0;
-    visit(new, base, Path::new(""), &mut |_, meta, changed, _| {
-        if changed && meta.is_file() {
-            total += meta.len();
-        }
-        Ok(())
-    })?;
+    visit(
+        new,
+        base,
+        false,
+        Path::new(""),
+        &mut |_, meta, changed, _| {
+            if changed && meta.is_file() {
+                total += meta.len();
+            }
+            Ok(())
+        },
+    )?;
     Ok(total)
 }
 
@@ -294,9 +300,16 @@ type Visitor<'v> =
 /// number, also its ctime, which nothing can set back (a rewrite with the
 /// same size and `touch -d` is caught). Plain snapshots are copies with new
 /// inodes: there the quick check is size and mtime, as rsync's.
+///
+/// `exact`: a file with another inode than the base's counts as changed
+/// too. Two snapshots of one grain keep an unchanged file's inode on
+/// every backend (plain ones hard-link it, ZFS and btrfs share it), so
+/// this catches a rewrite that kept size and mtime, at the cost of
+/// sending files a snapshot copied without a change.
 fn visit(
     new: &Path,
     base: Option<&Path>,
+    exact: bool,
     rel: &Path,
     f: &mut Visitor<'_>,
 ) -> Result<(), BackupError> {
@@ -311,6 +324,7 @@ fn visit(
             (Some(o), Kind::Dir) if same_kind => o.mode() != meta.mode(),
             (Some(o), Kind::File) if same_kind => {
                 o.mode() != meta.mode()
+                    || (exact && o.ino() != meta.ino())
                     || o.len() != meta.len()
                     || o.mtime() != meta.mtime()
                     || o.mtime_nsec() != meta.mtime_nsec()
@@ -331,7 +345,7 @@ fn visit(
         )?;
         if meta.is_dir() {
             let child_base = if same_kind { base } else { None };
-            visit(new, child_base, &rel_child, f)?;
+            visit(new, child_base, exact, &rel_child, f)?;
         }
     }
     Ok(())
@@ -363,6 +377,26 @@ pub fn write_stream(
     base: Option<(&Path, &str)>,
     out: impl Write,
 ) -> Result<TreeStats, BackupError> {
+    write_stream_with(new, base, false, out)
+}
+
+/// [`write_stream`], where a file counts as changed also when its inode
+/// is not the base's: for two snapshots of one dataset, where that is
+/// exact (a grain's move, where the stream becomes the only live copy).
+pub fn write_stream_exact(
+    new: &Path,
+    base: Option<(&Path, &str)>,
+    out: impl Write,
+) -> Result<TreeStats, BackupError> {
+    write_stream_with(new, base, true, out)
+}
+
+fn write_stream_with(
+    new: &Path,
+    base: Option<(&Path, &str)>,
+    exact: bool,
+    out: impl Write,
+) -> Result<TreeStats, BackupError> {
     let mut stats = TreeStats::default();
     let mut tar = tar::Builder::new(out);
     tar.mode(tar::HeaderMode::Complete);
@@ -387,6 +421,7 @@ pub fn write_stream(
     visit(
         new,
         base.map(|(d, _)| d),
+        exact,
         Path::new(""),
         &mut |rel, meta, changed, old| {
             if !changed {
@@ -664,7 +699,7 @@ pub fn hand_over(root: &Path, uid: u32) -> Result<(), BackupError> {
     let own = |p: &Path| own_to(p, uid);
     own(root)?;
     let mut others: Vec<PathBuf> = Vec::new();
-    visit(root, None, Path::new(""), &mut |rel, meta, _, _| {
+    visit(root, None, false, Path::new(""), &mut |rel, meta, _, _| {
         if meta.uid() != uid || meta.gid() != uid || meta.mode() & 0o6000 != 0 {
             others.push(root.join(rel));
         }
@@ -701,7 +736,7 @@ pub fn digest_owning(root: &Path, uid: Option<u32>) -> Result<String, BackupErro
     own(root)?;
     // The walk: every entry's record, files' content hashes left for later.
     let mut entries: Vec<(PathBuf, Kind, u32, u64, Vec<u8>)> = Vec::new();
-    visit(root, None, Path::new(""), &mut |rel, meta, _, _| {
+    visit(root, None, false, Path::new(""), &mut |rel, meta, _, _| {
         let path = root.join(rel);
         own(&path)?;
         let extra = match kind(meta) {
@@ -801,6 +836,44 @@ mod tests {
     fn write(p: &Path, s: &str) {
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(p, s).unwrap();
+    }
+
+    #[test]
+    fn an_exact_stream_carries_a_rewrite_that_kept_size_and_mtime() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (s1, s2) = (tmp.path().join("s1"), tmp.path().join("s2"));
+        write(&s1.join("same"), "unchanged");
+        write(&s1.join("rewritten"), "before");
+        // As a plain snapshot is made: unchanged files hard-linked, a
+        // changed one a new copy, here with the old size and mtime.
+        fs::create_dir_all(&s2).unwrap();
+        fs::hard_link(s1.join("same"), s2.join("same")).unwrap();
+        write(&s2.join("rewritten"), "after!");
+        let old = fs::metadata(s1.join("rewritten")).unwrap();
+        let f = fs::File::options()
+            .write(true)
+            .open(s2.join("rewritten"))
+            .unwrap();
+        f.set_modified(old.modified().unwrap()).unwrap();
+        drop(f);
+        let quick = {
+            let mut out = Vec::new();
+            write_stream(&s2, Some((&s1, "s1")), &mut out).unwrap()
+        };
+        assert_eq!(quick.entries, 0, "the quick check misses it");
+        let mut out = Vec::new();
+        let exact = write_stream_exact(&s2, Some((&s1, "s1")), &mut out).unwrap();
+        assert_eq!(exact.entries, 1, "only the rewritten file");
+        let dest = tmp.path().join("dest");
+        fs::create_dir(&dest).unwrap();
+        let mut full = Vec::new();
+        write_stream(&s1, None, &mut full).unwrap();
+        apply_stream(&full[..], &dest, None).unwrap();
+        apply_stream(&out[..], &dest, None).unwrap();
+        assert_eq!(
+            fs::read_to_string(dest.join("rewritten")).unwrap(),
+            "after!"
+        );
     }
 
     #[test]

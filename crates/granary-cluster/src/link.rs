@@ -110,6 +110,10 @@ pub(crate) enum Request {
         id: String,
         step: crate::moves::Step,
     },
+    /// A move or drain this node drives ([`crate::moves::run`]).
+    Run {
+        job: crate::moves::Job,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -121,6 +125,24 @@ pub(crate) struct Answer {
     /// carried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) size: Option<u64>,
+    /// A running job's progress report (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) progress: Option<String>,
+    /// A finished job's report (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) report: Option<String>,
+}
+
+impl Answer {
+    pub(crate) fn refused(why: String) -> Answer {
+        Answer {
+            ok: false,
+            problem: Some(Problem::Host(why)),
+            size: None,
+            progress: None,
+            report: None,
+        }
+    }
 }
 
 pub(crate) fn answer_line(problem: Option<Problem>, size: Option<u64>) -> Vec<u8> {
@@ -128,6 +150,8 @@ pub(crate) fn answer_line(problem: Option<Problem>, size: Option<u64>) -> Vec<u8
         ok: problem.is_none(),
         problem,
         size,
+        progress: None,
+        report: None,
     })
     .expect("answers serialize");
     line.push(b'\n');
@@ -275,6 +299,9 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Request::Move { grain, id, step } => {
             return crate::moves::serve_step(stream, node, &*served.moves, &grain, &id, step).await;
+        }
+        Request::Run { job } => {
+            return crate::moves::serve_run(stream, node, &*served.moves, job).await;
         }
     };
     let answer = |problem: Option<Problem>| answer_line(problem, None);

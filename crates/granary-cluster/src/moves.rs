@@ -10,9 +10,20 @@
 //! → {..,"step":"receive"}
 //! ← {"ok":true}                          the target is ready for the stream
 //! → [u32 BE length][bytes] … [u32 0]     the stream, in frames; 0 ends it
+//!                                        (u32::MAX: a keepalive, no bytes)
 //! ← {"ok":true,"size":N}                 applied: N bytes taken
 //! → {..,"step":{"commit":{"from_epoch":E}}} | "activate" | "abort"
 //! ← {"ok":true} | {"ok":false,"problem":{..}}
+//! ```
+//!
+//! A node also asks another to run a move it cannot drive itself (the
+//! grain's owner drives) or to drain itself; progress comes back line by
+//! line, then the report:
+//!
+//! ```text
+//! → {"op":"run","job":{"move":{"grain":"alice-git","to":"n2"}}} | {"op":"run","job":{"drain":{"node":"n1"}}}
+//! ← {"ok":true,"progress":"{..}"} …
+//! ← {"ok":true,"report":"{..}"} | {"ok":false,"problem":{..}}
 //! ```
 //!
 //! The end frame is what tells a whole stream from one cut at an entry
@@ -34,10 +45,14 @@ use crate::link::{Answer, answer_line, open, read_line};
 
 /// The largest frame a sender writes and a receiver takes.
 const FRAME: usize = 256 << 10;
-/// How long a stream may go without a frame, and a step without an answer.
+/// How long a stream may go without a frame.
 const IDLE: Duration = Duration::from_secs(60);
-/// How long the target may take to finish applying a stream once it has
-/// all of it (its last writes and a sync of the dataset).
+/// A sender with nothing to send (walking a big unchanged tree) says it
+/// is still there this often.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+const KEEPALIVE_LEN: u32 = u32::MAX;
+/// How long a step may take: syncing a big dataset, fetching an app's
+/// image, starting a grain, applying the rest of a stream.
 const APPLIED: Duration = Duration::from_secs(600);
 
 /// Writes one stream of a move, blocking (see [`send_stream`]).
@@ -50,17 +65,40 @@ pub trait Moves: Send + Sync {
     /// Gets ready to take `grain` from node `from`: checks that nothing of
     /// it is here, fetches its app, makes an empty staging dataset.
     fn prepare(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()>;
+    /// Whether node `from` has move `id` of `grain` under way here: asked
+    /// before a stream is taken, so a refusal comes with its reason.
+    fn expects(&self, grain: &GrainId, id: &str, from: &str) -> Result<(), String>;
     /// Applies one stream (full first, then incrementals) to the staging
     /// dataset, reading it to its end; the bytes read.
-    fn receive(&self, grain: &GrainId, id: &str, stream: Box<dyn Read + Send>) -> MoveFuture<u64>;
+    fn receive(
+        &self,
+        grain: &GrainId,
+        id: &str,
+        from: &str,
+        stream: Box<dyn Read + Send>,
+    ) -> MoveFuture<u64>;
     /// Makes the staged data durable and puts it in place as the grain's
     /// dataset, marked as arriving: it may start only once the placement
     /// has switched here from `from_epoch`.
-    fn commit(&self, grain: &GrainId, id: &str, from_epoch: i64) -> MoveFuture<()>;
+    fn commit(&self, grain: &GrainId, id: &str, from: &str, from_epoch: i64) -> MoveFuture<()>;
     /// The placement switched here: clears the mark and starts the grain.
-    fn activate(&self, grain: &GrainId, id: &str) -> MoveFuture<()>;
+    fn activate(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()>;
     /// The move failed before the switch: removes what it left here.
-    fn abort(&self, grain: &GrainId, id: &str) -> MoveFuture<()>;
+    fn abort(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()>;
+    /// Runs a job node `from` asked for, here, as if asked here: progress
+    /// reports (JSON) go to `progress`; the answer is the report (JSON).
+    /// The job runs to its end even if the asking node goes away.
+    fn run(&self, job: Job, from: &str, progress: mpsc::Sender<String>) -> MoveFuture<String>;
+}
+
+/// What one node asks another to do for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Job {
+    /// Move a grain the asked node owns to node `to`.
+    Move { grain: String, to: String },
+    /// Move every grain off the asked node, which is `node`.
+    Drain { node: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -140,8 +178,7 @@ pub async fn step(
     request(&mut stream, grain, id, &step)
         .await
         .map_err(|e| format!("node link to {}: {e}", target.address))?;
-    // Activating starts the grain, which may take a while.
-    answer(&mut stream, IDLE, target.address).await.map(drop)
+    answer(&mut stream, APPLIED, target.address).await.map(drop)
 }
 
 /// Sends one stream of move `id` to the target: `produce` writes it
@@ -160,7 +197,7 @@ pub async fn send_stream(
     request(&mut stream, grain, id, &Step::Receive)
         .await
         .map_err(io)?;
-    answer(&mut stream, IDLE, target.address).await?;
+    answer(&mut stream, APPLIED, target.address).await?;
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
     let writer = tokio::task::spawn_blocking(move || {
         let mut out = ChannelWriter {
@@ -170,22 +207,50 @@ pub async fn send_stream(
         produce(&mut out)?;
         out.flush().map_err(|e| e.to_string())
     });
-    while let Some(chunk) = rx.recv().await {
-        let len = u32::try_from(chunk.len()).expect("frames are small");
+    let mut failed = None;
+    loop {
+        let chunk = match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(_) => Vec::new(),
+        };
+        let len = match chunk.is_empty() {
+            true => KEEPALIVE_LEN,
+            false => u32::try_from(chunk.len()).expect("frames are small"),
+        };
         let frame = async {
             stream.write_all(&len.to_be_bytes()).await?;
-            stream.write_all(&chunk).await
+            stream.write_all(&chunk).await?;
+            stream.flush().await
         };
-        tokio::time::timeout(IDLE, frame)
-            .await
-            .map_err(|_| {
-                format!(
+        match tokio::time::timeout(IDLE, frame).await {
+            Ok(Ok(())) => sent(chunk.len() as u64),
+            Ok(Err(e)) => {
+                failed = Some(io(e));
+                break;
+            }
+            Err(_) => {
+                failed = Some(format!(
                     "node link to {}: the target stopped taking the stream",
                     target.address
-                )
-            })?
-            .map_err(io)?;
-        sent(chunk.len() as u64);
+                ));
+                break;
+            }
+        }
+    }
+    if let Some(why) = failed {
+        drop(rx);
+        let _ = writer.await;
+        // The target may have said why it stopped (no room, a bad entry).
+        let said = tokio::time::timeout(
+            Duration::from_secs(5),
+            answer(&mut stream, IDLE, target.address),
+        )
+        .await;
+        return Err(match said {
+            Ok(Err(reason)) => reason,
+            _ => why,
+        });
     }
     // Without the end frame the target never takes a cut stream as whole.
     writer.await.map_err(|e| e.to_string())??;
@@ -288,10 +353,13 @@ pub(crate) async fn serve_step<S: AsyncRead + AsyncWrite + Unpin>(
             Err(format!("node {node} asked to move a grain for node {from}"))
         }
         Step::Prepare { from } => moves.prepare(&grain, id, &from).await,
-        Step::Receive => return receive(stream, moves, &grain, id).await,
-        Step::Commit { from_epoch } => moves.commit(&grain, id, from_epoch).await,
-        Step::Activate => moves.activate(&grain, id).await,
-        Step::Abort => moves.abort(&grain, id).await,
+        Step::Receive => match moves.expects(&grain, id, node) {
+            Ok(()) => return receive(stream, moves, &grain, id, node).await,
+            Err(why) => Err(why),
+        },
+        Step::Commit { from_epoch } => moves.commit(&grain, id, node, from_epoch).await,
+        Step::Activate => moves.activate(&grain, id, node).await,
+        Step::Abort => moves.abort(&grain, id, node).await,
     };
     let line = match done {
         Ok(()) => answer_line(None, None),
@@ -301,11 +369,87 @@ pub(crate) async fn serve_step<S: AsyncRead + AsyncWrite + Unpin>(
     stream.flush().await
 }
 
+/// The asked node's side of [`run`]: the job in a task of its own (it
+/// outlives this link), its progress and report written back.
+pub(crate) async fn serve_run<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: BufReader<S>,
+    node: &str,
+    moves: &dyn Moves,
+    job: Job,
+) -> std::io::Result<()> {
+    tracing::info!(from = node, ?job, "a job asked by another node");
+    let (tx, mut rx) = mpsc::channel(64);
+    let work = tokio::spawn(moves.run(job, node, tx));
+    while let Some(p) = rx.recv().await {
+        let mut line = serde_json::to_vec(&Answer {
+            ok: true,
+            problem: None,
+            size: None,
+            progress: Some(p),
+            report: None,
+        })
+        .expect("answers serialize");
+        line.push(b'\n');
+        // The asking node went away: the job goes on without it.
+        if stream.write_all(&line).await.is_err() || stream.flush().await.is_err() {
+            break;
+        }
+    }
+    let last = match work.await {
+        Ok(Ok(report)) => Answer {
+            ok: true,
+            problem: None,
+            size: None,
+            progress: None,
+            report: Some(report),
+        },
+        Ok(Err(why)) => Answer::refused(why),
+        Err(e) => Answer::refused(format!("the job failed: {e}")),
+    };
+    let mut line = serde_json::to_vec(&last).expect("answers serialize");
+    line.push(b'\n');
+    stream.write_all(&line).await?;
+    stream.flush().await
+}
+
+/// Asks the node at `target` to run `job`; each progress report (JSON)
+/// goes to `progress` as it comes; the answer is the job's report (JSON).
+pub async fn run(
+    target: &Target<'_>,
+    key: &SigningKey,
+    job: Job,
+    mut progress: impl FnMut(String),
+) -> Result<String, String> {
+    let mut stream = open(target.address, target.key, key).await?;
+    let mut line =
+        serde_json::to_vec(&crate::link::Request::Run { job }).expect("requests serialize");
+    line.push(b'\n');
+    let io = |e: std::io::Error| format!("node link to {}: {e}", target.address);
+    stream.write_all(&line).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    loop {
+        // Progress comes at least every round; a whole pre-copy of a big
+        // grain reports many times a second.
+        let a = answer(&mut stream, APPLIED, target.address).await?;
+        match (a.progress, a.report) {
+            (Some(p), _) => progress(p),
+            (None, Some(report)) => return Ok(report),
+            (None, None) => {
+                return Err(format!(
+                    "node link to {}: an answer with neither progress nor report",
+                    target.address
+                ));
+            }
+        }
+    }
+}
+
 async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: BufReader<S>,
     moves: &dyn Moves,
     grain: &GrainId,
     id: &str,
+    from: &str,
 ) -> std::io::Result<()> {
     let (tx, rx) = mpsc::channel(8);
     let reader = ChannelReader {
@@ -314,27 +458,36 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         at: 0,
         ended: false,
     };
-    let applying = moves.receive(grain, id, Box::new(reader));
+    let applying = moves.receive(grain, id, from, Box::new(reader));
     stream.write_all(&answer_line(None, None)).await?;
     stream.flush().await?;
     let frames = async {
         loop {
+            // Each read, a keepalive's too, within IDLE.
             let frame = async {
-                let len = stream.read_u32().await? as usize;
+                let len = loop {
+                    let len = tokio::time::timeout(IDLE, stream.read_u32())
+                        .await
+                        .map_err(|_| std::io::Error::other(format!("no frame for {IDLE:?}")))??;
+                    if len != KEEPALIVE_LEN {
+                        break len as usize;
+                    }
+                };
                 if len > FRAME {
                     return Err(std::io::Error::other(format!(
                         "a frame of {len} bytes, more than {FRAME}"
                     )));
                 }
                 let mut bytes = vec![0; len];
-                stream.read_exact(&mut bytes).await?;
+                tokio::time::timeout(IDLE, stream.read_exact(&mut bytes))
+                    .await
+                    .map_err(|_| std::io::Error::other(format!("a frame cut for {IDLE:?}")))??;
                 Ok(bytes)
             };
-            let frame = match tokio::time::timeout(IDLE, frame).await {
-                Ok(Ok(bytes)) if bytes.is_empty() => Frame::End,
-                Ok(Ok(bytes)) => Frame::Data(bytes),
-                Ok(Err(e)) => Frame::Failed(e),
-                Err(_) => Frame::Failed(std::io::Error::other(format!("no frame for {IDLE:?}"))),
+            let frame = match frame.await {
+                Ok(bytes) if bytes.is_empty() => Frame::End,
+                Ok(bytes) => Frame::Data(bytes),
+                Err(e) => Frame::Failed(e),
             };
             let last = !matches!(frame, Frame::Data(_));
             // The applier gave up (its error is the answer): stop reading.

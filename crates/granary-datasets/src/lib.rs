@@ -306,7 +306,7 @@ pub struct Snapshot {
 }
 
 /// The prefixes of the labels Granary makes itself.
-const TIMED_PREFIXES: [&str; 5] = ["auto", "manual", "final", "upgrade", "backup"];
+const TIMED_PREFIXES: [&str; 6] = ["auto", "manual", "final", "upgrade", "backup", "move"];
 
 /// A label `<prefix>-<unix seconds>` for a snapshot taken now.
 pub fn timed_label(prefix: &str) -> String {

@@ -18,6 +18,56 @@ fn settings(config: &Config) -> anyhow::Result<&granary_config::Cluster> {
     })
 }
 
+/// Moves every grain off drained node `name`, through this node's daemon
+/// (which asks `name` over the node link when it is another node).
+fn drain(config: &Config, name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    use granary_schema::admin_capnp::admin;
+    let report = super::connection::with_admin(config, |admin: admin::Client| async move {
+        let mut req = super::grains(&admin).drain_request();
+        req.get().set_node(name);
+        req.get().set_progress(super::backup::printer(json));
+        let response = req
+            .send()
+            .promise
+            .await
+            .map_err(super::connection::remote)?;
+        super::connection::text(
+            response
+                .get()
+                .map_err(super::connection::remote)?
+                .get_report_json(),
+        )
+    })
+    .context("the node is drained, but its grains were not moved")?;
+    let moved: Vec<serde_json::Value> = serde_json::from_str(&report)?;
+    let failed = moved.iter().filter(|m| !m["error"].is_null()).count();
+    if json {
+        super::client::print_json(&moved)?;
+    } else {
+        for m in &moved {
+            let grain = m["grain"].as_str().unwrap_or("");
+            match m["error"].as_str() {
+                Some(e) => println!("{grain}: not moved: {e}"),
+                None => println!(
+                    "{grain} moved to node {} ({} ms down)",
+                    m["to"].as_str().unwrap_or(""),
+                    m["report"]["downtime_ms"]
+                ),
+            }
+        }
+        println!(
+            "{} of {} grain(s) moved off node {name}",
+            moved.len() - failed,
+            moved.len()
+        );
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// Runs `f` against the cluster's etcd on a runtime of its own.
 fn with_cluster<T>(
     config: &Config,
@@ -152,27 +202,35 @@ pub(crate) fn node(config: &Config, cmd: &NodeCommand) -> anyhow::Result<ExitCod
                 );
             }
         }
-        NodeCommand::Drain { name } | NodeCommand::Undrain { name } => {
-            let drain = matches!(cmd, NodeCommand::Drain { .. });
+        NodeCommand::Drain {
+            name,
+            no_move,
+            output,
+        } => {
             let grains = with_cluster(config, async |c, _| {
-                c.set_drained(name, drain).await?;
+                c.set_drained(name, true).await?;
                 Ok(c.placements()
                     .await?
                     .iter()
                     .filter(|p| p.node == *name)
                     .count())
             })?;
-            if drain {
+            if !output.json {
                 println!("node {name} drained: it takes no new grains");
-                if grains > 0 {
-                    eprintln!(
-                        "It still owns {grains} grain(s), which keep running there: moving grains \
-                         between nodes is not built yet."
-                    );
-                }
-            } else {
-                println!("node {name} undrained: it takes new grains again");
             }
+            if *no_move || grains == 0 {
+                if output.json {
+                    super::client::print_json(&Vec::<()>::new())?;
+                } else if grains > 0 {
+                    println!("it keeps running its {grains} grain(s)");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            return drain(config, name, output.json);
+        }
+        NodeCommand::Undrain { name } => {
+            with_cluster(config, async |c, _| Ok(c.set_drained(name, false).await?))?;
+            println!("node {name} undrained: it takes new grains again");
         }
         NodeCommand::Remove { name, force } => {
             let dropped =

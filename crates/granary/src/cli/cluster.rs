@@ -30,9 +30,20 @@ pub(crate) enum NodeCommand {
         #[command(flatten)]
         output: Output,
     },
-    /// Stop placing new grains on a node (it keeps running the grains it
-    /// has; moving them off is not built yet); survives its restarts
-    Drain { name: String },
+    /// Stop placing new grains on a node and move every grain it runs to
+    /// the others, with their data; survives its restarts
+    ///
+    /// Each grain goes to the live, undrained node with the most room that
+    /// runs its app, two at a time, as `granary grain move` moves one.
+    /// Progress goes to standard error.
+    Drain {
+        name: String,
+        /// Only stop placing new grains there; leave its grains running
+        #[arg(long)]
+        no_move: bool,
+        #[command(flatten)]
+        output: crate::cli::Output,
+    },
     /// Let a drained node take new grains again
     Undrain { name: String },
     /// Remove a member whose daemon is stopped and that owns no grains

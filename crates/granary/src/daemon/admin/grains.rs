@@ -196,35 +196,55 @@ impl grains::Server for GrainsAdmin {
         mut results: grains::MoveResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let id = grain_ref(p.get_grain()?)?;
+        let grain = grain_ref(p.get_grain()?)?.to_string();
         let to = p.get_to()?.to_str()?.to_owned();
-        let progress = p.get_progress().ok();
-        let ctx = &self.0;
-        let Some(member) = ctx.info.cluster.clone() else {
-            return Err(super::fail(
-                "this node is not in a cluster: grains move between the nodes of one",
-            ));
-        };
-        let source = crate::daemon::moves::Source {
-            member,
-            grains: ctx.grains.clone(),
-            datasets: ctx.datasets.clone(),
-            records: std::sync::Arc::new(crate::daemon::ledger::NodeRecords {
-                store: ctx.store.clone(),
-                apps_dir: ctx.apps_dir.clone(),
-            }),
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        // In a task of its own: a CLI that goes away does not cut a move
-        // off between its switch and its start.
-        let work = tokio::task::spawn_local(crate::daemon::moves::move_out(source, id, to, tx));
-        let report = crate::daemon::backups::pump(rx, work, progress)
-            .await
-            .map_err(super::fail)?
-            .map_err(super::fail)?;
-        results
-            .get()
-            .set_report_json(serde_json::to_string(&report).map_err(super::fail)?);
+        let job = granary_cluster::moves::Job::Move { grain, to };
+        let report = run_job(&self.0, job, p.get_progress().ok()).await?;
+        results.get().set_report_json(report);
         Ok(())
     }
+
+    async fn drain(
+        self: CapRc<Self>,
+        params: grains::DrainParams,
+        mut results: grains::DrainResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let node = p.get_node()?.to_str()?.to_owned();
+        let job = granary_cluster::moves::Job::Drain { node };
+        let report = run_job(&self.0, job, p.get_progress().ok()).await?;
+        results.get().set_report_json(report);
+        Ok(())
+    }
+}
+
+/// Runs a move or a drain (`daemon::moves::run`), its progress passed to
+/// the CLI; the report, as JSON.
+async fn run_job(
+    ctx: &Ctx,
+    job: granary_cluster::moves::Job,
+    progress: Option<granary_schema::admin_capnp::progress::Client>,
+) -> Result<String, capnp::Error> {
+    let Some(member) = ctx.info.cluster.clone() else {
+        return Err(super::fail(
+            "this node is not in a cluster: grains move between the nodes of one",
+        ));
+    };
+    let source = crate::daemon::moves::Source {
+        member,
+        grains: ctx.grains.clone(),
+        datasets: ctx.datasets.clone(),
+        records: std::sync::Arc::new(crate::daemon::ledger::NodeRecords {
+            store: ctx.store.clone(),
+            apps_dir: ctx.apps_dir.clone(),
+        }),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // In a task of its own: a CLI that goes away does not cut a move off
+    // between its switch and its start.
+    let work = tokio::task::spawn_local(crate::daemon::moves::run(source, job, tx, None));
+    crate::daemon::backups::pump(rx, work, progress)
+        .await
+        .map_err(super::fail)?
+        .map_err(super::fail)
 }

@@ -54,6 +54,14 @@ pub(crate) fn admit_arrival(
             marker.id
         ));
     }
+    // The rename that put it in place did not survive a crash: never start
+    // the empty dataset a start makes instead.
+    if !datasets.has_data(grain).map_err(msg)? {
+        return Err(format!(
+            "the data moved here (move {}) is missing; move the grain again from its source's kept copy",
+            marker.id
+        ));
+    }
     match std::fs::remove_file(datasets.grain_dir(grain).join(MARKER)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(format!("cannot clear its arrival mark: {e}"))
@@ -65,11 +73,14 @@ pub(crate) fn admit_arrival(
     }
 }
 
-/// A move being received: the staging dataset the streams go to.
+/// A move being received: the staging dataset the streams go to, and
+/// the node that drives it with the placement epoch it holds.
 struct Incoming {
     grain: String,
     staging: String,
     uid: u32,
+    from: String,
+    epoch: i64,
 }
 
 /// The target's side of moves, served on the node link.
@@ -83,6 +94,9 @@ struct Inner {
     grains: Arc<dyn Grains>,
     apps_dir: PathBuf,
     incoming: Mutex<HashMap<String, Incoming>>,
+    /// One prepare, commit or abort at a time: an abort never removes
+    /// what a commit is putting in place.
+    steps: tokio::sync::Mutex<()>,
 }
 
 impl NodeMoves {
@@ -100,28 +114,54 @@ impl NodeMoves {
             grains,
             apps_dir,
             incoming: Mutex::default(),
+            steps: tokio::sync::Mutex::new(()),
         }))
     }
 }
 
 impl Inner {
-    fn take(&self, id: &str) -> Option<Incoming> {
-        self.incoming
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
+    /// This node as the source of a move it was asked to drive.
+    fn source(&self) -> super::Source {
+        super::Source {
+            member: self.member.clone(),
+            grains: self.grains.clone(),
+            datasets: self.datasets.clone(),
+            records: Arc::new(crate::daemon::ledger::NodeRecords {
+                store: self.store.clone(),
+                apps_dir: self.apps_dir.clone(),
+            }),
+        }
     }
 
-    fn staging_of(&self, grain: &GrainId, id: &str) -> Result<(String, u32), String> {
+    /// Move `id` of `grain` driven by `from`, if it is under way here:
+    /// its staging dataset, the grain's uid and the placement's epoch.
+    fn staging_of(
+        &self,
+        grain: &GrainId,
+        id: &str,
+        from: &str,
+    ) -> Result<(String, u32, i64), String> {
         let incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
         match incoming.get(id) {
-            Some(i) if i.grain == grain.to_string() => Ok((i.staging.clone(), i.uid)),
+            Some(i) if i.grain == grain.to_string() && i.from == from => {
+                Ok((i.staging.clone(), i.uid, i.epoch))
+            }
             _ => Err(format!(
-                "node {} has no move {id} of {} (did it restart?)",
+                "node {} has no move {id} of {} from node {from} (did it restart?)",
                 self.member.node,
                 grain.shown()
             )),
         }
+    }
+
+    /// Where the cluster places `grain` now, as (node, epoch).
+    async fn placed(&self, grain: &str) -> Result<Option<(String, i64)>, String> {
+        self.member
+            .coordinator
+            .placement(grain)
+            .await
+            .map(|p| p.map(|p| (p.node, p.epoch)))
+            .map_err(|e| format!("cannot check with the cluster: {e}"))
     }
 
     async fn prepare(
@@ -130,7 +170,19 @@ impl Inner {
         id: String,
         from: String,
     ) -> Result<(), String> {
+        let _step = self.steps.lock().await;
         let g = grain.to_string();
+        // Only the grain's owner moves it, under the placement it holds.
+        let epoch = match self.placed(&g).await? {
+            Some((owner, epoch)) if owner == from => epoch,
+            other => {
+                return Err(format!(
+                    "node {from} asked to move {} here, but it is placed on {}",
+                    grain.shown(),
+                    other.map_or("no node".to_owned(), |(n, _)| format!("node {n}"))
+                ));
+            }
+        };
         let (store, datasets) = (self.store.clone(), self.datasets.clone());
         let node = self.member.node.clone();
         let g2 = g.clone();
@@ -144,7 +196,8 @@ impl Inner {
                 .map_err(msg)?
                 .ok_or_else(|| format!("node {node} has no {} app in its records", record.kind))?;
             // What an earlier move left here, committed but never
-            // switched to, goes; anything else is real data.
+            // switched to (the grain is placed elsewhere: checked above),
+            // goes; anything else is real data.
             if read_marker(&*datasets, &g2).is_some() {
                 datasets.destroy_data(&g2).map_err(msg)?;
                 let _ = std::fs::remove_file(datasets.grain_dir(&g2).join(MARKER));
@@ -185,7 +238,7 @@ impl Inner {
         })
         .await
         .map_err(msg)??;
-        tracing::info!(grain = %g, move_id = id, from, staging, "taking a grain moved here");
+        tracing::info!(grain = %g, move_id = id, from, staging, epoch, "taking a grain moved here");
         self.incoming
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -195,6 +248,8 @@ impl Inner {
                     grain: g,
                     staging,
                     uid,
+                    from,
+                    epoch,
                 },
             );
         Ok(())
@@ -204,9 +259,10 @@ impl Inner {
         self: Arc<Self>,
         grain: GrainId,
         id: String,
+        from: String,
         stream: Box<dyn Read + Send>,
     ) -> Result<u64, String> {
-        let (staging, uid) = self.staging_of(&grain, &id)?;
+        let (staging, uid, _) = self.staging_of(&grain, &id, &from)?;
         let datasets = self.datasets.clone();
         tokio::task::spawn_blocking(move || {
             let mut counted = Counted {
@@ -227,9 +283,16 @@ impl Inner {
         self: Arc<Self>,
         grain: GrainId,
         id: String,
+        from: String,
         from_epoch: i64,
     ) -> Result<(), String> {
-        let (staging, uid) = self.staging_of(&grain, &id)?;
+        let _step = self.steps.lock().await;
+        let (staging, uid, epoch) = self.staging_of(&grain, &id, &from)?;
+        if from_epoch != epoch {
+            return Err(format!(
+                "move {id} was prepared under epoch {epoch}, not {from_epoch}"
+            ));
+        }
         let datasets = self.datasets.clone();
         let g = grain.to_string();
         let i2 = id.clone();
@@ -243,16 +306,29 @@ impl Inner {
                 let _ = std::fs::remove_file(dir.join(MARKER));
                 return Err(e.to_string());
             }
+            // The rename itself durable before the source switches.
+            let parent = dir.parent().unwrap_or(&dir).to_path_buf();
+            for d in [&dir, &parent] {
+                granary_files::sync_dir(d).map_err(msg)?;
+            }
             Ok(())
         })
         .await
         .map_err(msg)??;
-        self.take(&id);
+        self.incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         tracing::info!(grain = %grain, move_id = id, from_epoch, "a moved grain's data is in place, waiting for its placement");
         Ok(())
     }
 
-    async fn activate(self: Arc<Self>, grain: GrainId, id: String) -> Result<(), String> {
+    async fn activate(
+        self: Arc<Self>,
+        grain: GrainId,
+        id: String,
+        _from: String,
+    ) -> Result<(), String> {
         // The gate clears the mark: it checks the placement switched.
         self.grains
             .start(&grain, Start::Running)
@@ -262,16 +338,34 @@ impl Inner {
         Ok(())
     }
 
-    async fn abort(self: Arc<Self>, grain: GrainId, id: String) -> Result<(), String> {
-        let staged = self.take(&id);
-        let datasets = self.datasets.clone();
+    async fn abort(
+        self: Arc<Self>,
+        grain: GrainId,
+        id: String,
+        from: String,
+    ) -> Result<(), String> {
+        let _step = self.steps.lock().await;
         let g = grain.to_string();
+        let staged = {
+            let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+            match incoming.get(&id) {
+                Some(i) if i.grain == g && i.from == from => incoming.remove(&id),
+                _ => None,
+            }
+        };
+        // Data put in place is this move's to remove only while the
+        // grain is placed on the node that drove it: after a switch here
+        // it is the grain's only live copy.
+        let switched_here = match self.placed(&g).await? {
+            Some((node, _)) => node == self.member.node,
+            None => false,
+        };
+        let datasets = self.datasets.clone();
         tokio::task::spawn_blocking(move || {
             if let Some(s) = staged {
                 datasets.destroy(&s.staging).map_err(msg)?;
             }
-            // Committed but never switched to: only this move's data.
-            if read_marker(&*datasets, &g).is_some_and(|m| m.id == id) {
+            if read_marker(&*datasets, &g).is_some_and(|m| m.id == id) && !switched_here {
                 datasets.destroy_data(&g).map_err(msg)?;
                 let _ = std::fs::remove_file(datasets.grain_dir(&g).join(MARKER));
             }
@@ -284,27 +378,56 @@ impl Inner {
 
 impl Moves for NodeMoves {
     fn prepare(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()> {
-        Box::pin(
-            self.0
-                .clone()
-                .prepare(grain.clone(), id.to_owned(), from.to_owned()),
-        )
+        let inner = self.0.clone();
+        Box::pin(inner.prepare(grain.clone(), id.to_owned(), from.to_owned()))
     }
-    fn receive(&self, grain: &GrainId, id: &str, stream: Box<dyn Read + Send>) -> MoveFuture<u64> {
-        Box::pin(self.0.clone().receive(grain.clone(), id.to_owned(), stream))
+    fn expects(&self, grain: &GrainId, id: &str, from: &str) -> Result<(), String> {
+        self.0.staging_of(grain, id, from).map(drop)
     }
-    fn commit(&self, grain: &GrainId, id: &str, from_epoch: i64) -> MoveFuture<()> {
-        Box::pin(
-            self.0
-                .clone()
-                .commit(grain.clone(), id.to_owned(), from_epoch),
-        )
+    fn receive(
+        &self,
+        grain: &GrainId,
+        id: &str,
+        from: &str,
+        stream: Box<dyn Read + Send>,
+    ) -> MoveFuture<u64> {
+        let inner = self.0.clone();
+        Box::pin(inner.receive(grain.clone(), id.to_owned(), from.to_owned(), stream))
     }
-    fn activate(&self, grain: &GrainId, id: &str) -> MoveFuture<()> {
-        Box::pin(self.0.clone().activate(grain.clone(), id.to_owned()))
+    fn commit(&self, grain: &GrainId, id: &str, from: &str, from_epoch: i64) -> MoveFuture<()> {
+        let inner = self.0.clone();
+        Box::pin(inner.commit(grain.clone(), id.to_owned(), from.to_owned(), from_epoch))
     }
-    fn abort(&self, grain: &GrainId, id: &str) -> MoveFuture<()> {
-        Box::pin(self.0.clone().abort(grain.clone(), id.to_owned()))
+    fn activate(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()> {
+        let inner = self.0.clone();
+        Box::pin(inner.activate(grain.clone(), id.to_owned(), from.to_owned()))
+    }
+    fn abort(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()> {
+        let inner = self.0.clone();
+        Box::pin(inner.abort(grain.clone(), id.to_owned(), from.to_owned()))
+    }
+    fn run(
+        &self,
+        job: granary_cluster::moves::Job,
+        from: &str,
+        progress: tokio::sync::mpsc::Sender<String>,
+    ) -> MoveFuture<String> {
+        let src = self.0.source();
+        let from = from.to_owned();
+        Box::pin(async move {
+            // Progress as JSON lines for the link.
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            let pass = tokio::spawn(async move {
+                while let Some(p) = rx.recv().await {
+                    if let Ok(line) = serde_json::to_string(&p) {
+                        let _ = progress.try_send(line);
+                    }
+                }
+            });
+            let report = super::run(src, job, tx, Some(&from)).await;
+            let _ = pass.await;
+            report
+        })
     }
 }
 

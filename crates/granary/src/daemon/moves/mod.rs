@@ -20,6 +20,7 @@
 //! source never runs the grain again.
 
 mod arrive;
+mod jobs;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub(crate) use arrive::{NodeMoves, admit_arrival};
+pub(crate) use jobs::run;
 
 use crate::daemon::cluster::Member;
 
@@ -70,6 +72,7 @@ pub(crate) struct MoveReport {
 }
 
 /// What the owner's side of a move uses.
+#[derive(Clone)]
 pub(crate) struct Source {
     pub member: Arc<Member>,
     pub grains: Arc<dyn Grains>,
@@ -169,13 +172,25 @@ pub(crate) async fn move_out(
     .await
     .map_err(|e| format!("node {to} cannot take {}: {e}", grain.shown()))?;
 
+    // Started on the target only if it ran here: a stopped grain stays
+    // stopped (its first use starts it there).
+    let was_running = src
+        .grains
+        .status(&grain)
+        .await
+        .is_ok_and(|s| s.state != "stopped");
     let mut labels: Vec<String> = Vec::new();
     let mut held = false;
+    // Labels sort by the time in them, so each round's plain snapshot
+    // links what the previous round's holds.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let outcome = async {
         // Pre-copy while the grain runs.
         let mut rounds = Vec::new();
         for k in 1..=MAX_ROUNDS {
-            let label = format!("move-{id}-{k}");
+            let label = format!("move-{started}-{id}-{k}");
             let bytes = send_round(
                 &src,
                 &t,
@@ -205,7 +220,7 @@ pub(crate) async fn move_out(
             &grain,
             &id,
             &mut labels,
-            format!("move-{id}-final"),
+            format!("move-{started}-{id}-z"),
             "move final",
             &progress,
         )
@@ -223,13 +238,36 @@ pub(crate) async fn move_out(
         if !m.lease.is_live() {
             return Err(format!("this node's cluster lease is {}", m.lease_state()));
         }
-        let switched = c
-            .switch(&placed, &to)
-            .await
-            .map_err(|e| format!("cannot switch its placement to {to}: {e}"))?;
-        Ok((rounds, final_bytes, stopped, switched))
+        // Nothing may have run here since the final snapshot: a rollback,
+        // restore or removal releases any hold.
+        match src.grains.status(&grain).await {
+            Ok(s) if s.state == "held" => {}
+            _ => {
+                return Err(
+                    "its hold was lifted during the move (a rollback, restore or removal?)"
+                        .to_owned(),
+                );
+            }
+        }
+        Ok((rounds, final_bytes, stopped))
     }
     .await;
+    let outcome = match outcome {
+        Ok((rounds, final_bytes, stopped)) => match switch(c, &placed, &to).await {
+            Switch::Done(switched) => Ok((rounds, final_bytes, stopped, switched)),
+            Switch::Refused(why) => Err(why),
+            Switch::Unknown(why) => {
+                tracing::error!(grain = %g, to, move_id = id, error = %why, "a move's switch has an unknown outcome; the grain stays held here");
+                return Err(format!(
+                    "moving {} to {to}: whether its placement switched is unknown ({why}); it stays held on node {}: \
+                     `granary node list` shows where it is placed, and it starts there on first use",
+                    grain.shown(),
+                    m.node
+                ));
+            }
+        },
+        Err(why) => Err(why),
+    };
     let (rounds, final_bytes, stopped, switched) = match outcome {
         Ok(done) => done,
         Err(why) => {
@@ -246,10 +284,14 @@ pub(crate) async fn move_out(
         }
     };
     tracing::info!(grain = %g, to, epoch = switched.epoch, "a moved grain's placement switched");
-    // Never started here again: the switch refuses it, and the copy goes
-    // aside, so no later placement here finds stale data in place.
+    // Never started here again: the switch refuses it (an instance that
+    // slipped through is stopped), and the copy goes aside, so no later
+    // placement here finds stale data in place.
+    if let Err(e) = src.grains.stop(&grain).await {
+        tracing::warn!(grain = %g, error = %e, "cannot stop a grain moved away");
+    }
     let (datasets, g2) = (src.datasets.clone(), g.clone());
-    let label = format!("moved-to-{to}-{}", switched.epoch);
+    let label = format!("moved-{}", switched.epoch);
     let fenced = tokio::task::spawn_blocking(move || datasets.retire(&g2, &label))
         .await
         .map_err(msg)
@@ -264,10 +306,13 @@ pub(crate) async fn move_out(
     if let Err(e) = src.grains.release(&grain).await {
         tracing::warn!(grain = %g, error = %e, "cannot release a grain moved away");
     }
-    let warning = granary_cluster::moves::step(&t, &m.key, &grain, &id, Step::Activate)
-        .await
-        .err()
-        .map(|e| format!("node {to} did not start it at once ({e}); it starts on first use"));
+    let warning = match was_running {
+        true => granary_cluster::moves::step(&t, &m.key, &grain, &id, Step::Activate)
+            .await
+            .err()
+            .map(|e| format!("node {to} did not start it at once ({e}); it starts on first use")),
+        false => None,
+    };
     let downtime_ms = stopped.elapsed().as_millis() as u64;
     tracing::info!(grain = %g, to, downtime_ms, "grain moved");
     Ok(MoveReport {
@@ -335,7 +380,7 @@ async fn send_round(
             .as_ref()
             .zip(base.as_deref())
             .map(|(v, b)| (v.path.as_path(), b));
-        granary_backup::tree::write_stream(&new.path, old, out)
+        granary_backup::tree::write_stream_exact(&new.path, old, out)
             .map(drop)
             .map_err(msg)
     });
@@ -364,4 +409,43 @@ async fn forget_snapshots(src: &Source, grain: &str, labels: &[String]) {
         }
     })
     .await;
+}
+
+/// How a move's compare-and-swap of the placement ended.
+enum Switch {
+    Done(granary_cluster::Placement),
+    /// It did not happen: the move may be undone.
+    Refused(String),
+    /// etcd did not say: undoing could destroy the only live copy.
+    Unknown(String),
+}
+
+/// Switches `placed` to node `to`; when etcd's answer is lost, reads the
+/// placement back (a few times) to learn whether the write happened.
+async fn switch(
+    c: &granary_cluster::Coordinator,
+    placed: &granary_cluster::Placement,
+    to: &str,
+) -> Switch {
+    use granary_cluster::ClusterError;
+    let first = match c.switch(placed, to).await {
+        Ok(p) => return Switch::Done(p),
+        Err(e @ (ClusterError::Conflict { .. } | ClusterError::NoRoom { .. })) => {
+            return Switch::Refused(format!("cannot switch its placement to {to}: {e}"));
+        }
+        Err(e) => e.to_string(),
+    };
+    for attempt in 0..5 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        match c.placement(&placed.grain).await {
+            Ok(Some(p)) if p.node == to && p.epoch > placed.epoch => return Switch::Done(p),
+            Ok(_) => {
+                return Switch::Refused(format!("cannot switch its placement to {to}: {first}"));
+            }
+            Err(_) => continue,
+        }
+    }
+    Switch::Unknown(first)
 }
