@@ -344,6 +344,10 @@ struct ClusterNode {
   leaseTtlSecs @2 :UInt32;
   sinceRenewalMs @3 :UInt64; # Since the last renewal etcd confirmed.
   etcd @4 :List(Text);       # The etcd members this node talks to.
+  replicateIntervalSecs @5 :UInt32;
+  replicationLagging @6 :List(Text);
+  # Grains this node runs whose newest copy on another node is more than 3
+  # replication intervals old, as "alice-mail 250s": an alert (unhealthy).
 }
 
 struct RefusedSource {

@@ -769,6 +769,9 @@ fn a_grain_moves_to_another_node_with_its_data_and_loses_no_acknowledged_write()
         let user = format!("u{i}");
         n1.granary(&["user", "add", &user]).success();
         let grain = format!("{user}/hello");
+        // Started on n1, so placed there (a first connection would place
+        // it by room, and these nodes share a disk).
+        n1.granary(&["grain", "start", &grain]).success();
         assert_eq!(n1.ask(&grain, &format!("put {i}")), format!("stored {i}"));
         users.push(user);
     }
@@ -798,4 +801,89 @@ fn a_grain_moves_to_another_node_with_its_data_and_loses_no_acknowledged_write()
     }
     assert_eq!(n1.ask("alice/hello", "acked"), stored.join(","));
     drop((n1, n2, n3));
+}
+
+#[test]
+fn a_grains_data_is_replicated_to_another_node_and_its_lag_is_an_alert_once_behind() {
+    let etcd = Etcd::start(1);
+    let mut n1 = node(&etcd, "n1", "\"x86_64\"");
+    let mut n2 = node(&etcd, "n2", "\"x86_64\"");
+    n2.share_uid_range(&n1);
+    for d in [&n1, &n2] {
+        cluster_line(d, "replicate_interval = \"1s\"");
+    }
+    n1.granary(&["cluster", "init"]).success();
+    for d in [&n1, &n2] {
+        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+            .success();
+    }
+    n1.launch();
+    n2.launch();
+    for d in [&n1, &n2] {
+        let app = granary_testkit::hello_app(d.dir(), "hello", &[]);
+        d.granary(&["app", "install", app.to_str().unwrap()])
+            .success();
+    }
+    n1.granary(&["user", "add", "alice"]).success();
+    assert_eq!(n1.ask("alice/hello", "put 1"), "stored 1");
+    n1.granary(&["grain", "start", "alice/hello"]).success();
+
+    // A copy on n2, whole, with what alice's grain acknowledged; then the
+    // next write reaches it too, in a later round's delta.
+    let copy = n2.data_dir().join("replicas/alice-hello");
+    let holds = |text: &str| {
+        let state = std::fs::read_to_string(copy.join("state.json")).unwrap_or_default();
+        let acked = std::fs::read_to_string(copy.join("data/acked.log")).unwrap_or_default();
+        (state.contains("\"whole\":true") && acked == text).then_some(())
+    };
+    eventually("a whole copy on n2", Duration::from_secs(30), || {
+        holds("1\n")
+    });
+    assert_eq!(n1.ask("alice/hello", "put 2"), "stored 2");
+    eventually("the copy to catch up", Duration::from_secs(30), || {
+        holds("1\n2\n")
+    });
+    let listed = nodes(&n2);
+    let lag = &listed[0]["replication"][0];
+    assert_eq!(lag["grain"], "alice-hello", "{listed:?}");
+    assert_eq!(lag["copies_on"], serde_json::json!(["n2"]), "{lag}");
+    assert!(lag["lag_secs"].as_i64().is_some_and(|l| l < 10), "{lag}");
+    let table = n1.granary(&["node", "list"]).success().stdout;
+    assert!(table.contains("REPL LAG"), "{table}");
+    let status = n1.granary(&["status", "--json"]).success().json();
+    assert_eq!(status["healthy"], true, "{status}");
+    assert_eq!(
+        status["cluster"]["replication_lagging"],
+        serde_json::json!([])
+    );
+    // Only the snapshot the copy is of (the next delta's base) is kept,
+    // with at most one round's in flight.
+    let snaps = n1
+        .granary(&["snapshot", "list", "alice/hello", "--json"])
+        .success()
+        .json();
+    let replica_snaps = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"].as_str().unwrap().starts_with("replica-"))
+        .count();
+    assert!((1..=2).contains(&replica_snaps), "{snaps}");
+
+    // With n2 gone no copy is made, and after three intervals n1 says so.
+    n2.kill_hard();
+    eventually("the lag to be an alert", Duration::from_secs(30), || {
+        // An unhealthy node's status exits 1.
+        let run = n1.granary(&["status", "--json"]);
+        let status: Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+        (!run.status.success()
+            && status["healthy"] == false
+            && status["cluster"]["replication_lagging"][0]
+                .as_str()
+                .is_some_and(|l| l.starts_with("alice-hello ")))
+        .then_some(())
+    });
+    let text = n1.granary(&["status"]).failure().stdout;
+    assert!(text.contains("REPLICATION    behind"), "{text}");
+    drop((n1, n2));
 }

@@ -826,7 +826,10 @@ impl Coordinator {
 
     /// Every record under `dir`, as (the rest of its key, its value, its
     /// mod revision).
-    async fn list<T: DeserializeOwned>(&self, dir: &str) -> Result<Vec<(String, T, i64)>> {
+    pub(crate) async fn list<T: DeserializeOwned>(
+        &self,
+        dir: &str,
+    ) -> Result<Vec<(String, T, i64)>> {
         let prefix = self.key(dir);
         let resp = self
             .c()
@@ -865,7 +868,7 @@ fn revision(header: Option<&etcd_client::ResponseHeader>) -> Result<i64> {
     }
 }
 
-fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize")
 }
 

@@ -27,6 +27,7 @@ pub mod link;
 pub mod moves;
 mod place;
 mod records;
+mod replicas;
 
 pub use coordinator::{Coordinator, EtcdTls, Located, NodeStatus, Route};
 pub use error::ClusterError;
@@ -38,6 +39,7 @@ pub use ledger::{LEDGER_DEADLINE, LogWatch};
 pub use moves::Moves;
 pub use place::choose_node;
 pub use records::{Alive, Arch, ClusterInfo, JoinTicket, NodeRecord, Placement, PlacementRecord};
+pub use replicas::{Replica, ReplicaRecord, replication_lag};
 
 /// The key prefix every record of one cluster lives under.
 pub const DEFAULT_PREFIX: &str = "/granary/";

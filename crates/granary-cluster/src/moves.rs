@@ -51,6 +51,8 @@ const IDLE: Duration = Duration::from_secs(60);
 /// is still there this often.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 const KEEPALIVE_LEN: u32 = u32::MAX;
+/// How often a node running a job for another says it still is.
+const HEARTBEAT: Duration = Duration::from_secs(15);
 /// How long a step may take: syncing a big dataset, fetching an app's
 /// image, starting a grain, applying the rest of a stream.
 const APPLIED: Duration = Duration::from_secs(600);
@@ -85,6 +87,22 @@ pub trait Moves: Send + Sync {
     fn activate(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()>;
     /// The move failed before the switch: removes what it left here.
     fn abort(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()>;
+    /// Whether this node takes a replica stream of `grain` from `from`
+    /// (its owner), a delta from `base` (`None`: whole); `Err` says why not
+    /// (another base: the sender then sends it whole).
+    fn replica_ready(&self, grain: &GrainId, from: &str, base: Option<&str>) -> Result<(), String>;
+    /// Applies a replica stream to this node's copy of `grain`, which is
+    /// whole again (as of `label`) only once all of it applied.
+    #[allow(clippy::too_many_arguments)] // one replica step's fields
+    fn replica(
+        &self,
+        grain: &GrainId,
+        from: &str,
+        label: &str,
+        base: Option<&str>,
+        epoch: i64,
+        stream: Box<dyn Read + Send>,
+    ) -> MoveFuture<u64>;
     /// Runs a job node `from` asked for, here, as if asked here: progress
     /// reports (JSON) go to `progress`; the answer is the report (JSON).
     /// The job runs to its end even if the asking node goes away.
@@ -104,9 +122,20 @@ pub enum Job {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Step {
-    Prepare { from: String },
+    Prepare {
+        from: String,
+    },
     Receive,
-    Commit { from_epoch: i64 },
+    /// A replication round's stream: the grain's data as of snapshot
+    /// `label`, a delta from `base` (the copy the target holds) or whole.
+    Replica {
+        label: String,
+        base: Option<String>,
+        epoch: i64,
+    },
+    Commit {
+        from_epoch: i64,
+    },
     Activate,
     Abort,
 }
@@ -190,13 +219,34 @@ pub async fn send_stream(
     grain: &GrainId,
     id: &str,
     produce: Producer,
+    sent: impl FnMut(u64),
+) -> Result<u64, String> {
+    send_step_stream(target, key, grain, id, Step::Receive, produce, sent).await
+}
+
+/// Sends one replica stream of `grain` (see [`Step::Replica`]).
+pub async fn send_replica(
+    target: &Target<'_>,
+    key: &SigningKey,
+    grain: &GrainId,
+    step: Step,
+    produce: Producer,
+) -> Result<u64, String> {
+    send_step_stream(target, key, grain, "", step, produce, |_| {}).await
+}
+
+async fn send_step_stream(
+    target: &Target<'_>,
+    key: &SigningKey,
+    grain: &GrainId,
+    id: &str,
+    step: Step,
+    produce: Producer,
     mut sent: impl FnMut(u64),
 ) -> Result<u64, String> {
     let io = |e: std::io::Error| format!("node link to {}: {e}", target.address);
     let mut stream = open(target.address, target.key, key).await?;
-    request(&mut stream, grain, id, &Step::Receive)
-        .await
-        .map_err(io)?;
+    request(&mut stream, grain, id, &step).await.map_err(io)?;
     answer(&mut stream, APPLIED, target.address).await?;
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
     let writer = tokio::task::spawn_blocking(move || {
@@ -239,8 +289,10 @@ pub async fn send_stream(
         }
     }
     if let Some(why) = failed {
+        // The producer stops at its next write; not waited for, as it may
+        // be walking a big unchanged tree.
         drop(rx);
-        let _ = writer.await;
+        drop(writer);
         // The target may have said why it stopped (no room, a bad entry).
         let said = tokio::time::timeout(
             Duration::from_secs(5),
@@ -338,8 +390,9 @@ pub(crate) async fn serve_step<S: AsyncRead + AsyncWrite + Unpin>(
     step: Step,
 ) -> std::io::Result<()> {
     let refuse = |why: String| answer_line(Some(Problem::Host(why)), None);
+    let replica = matches!(step, Step::Replica { .. });
     let grain = match GrainId::parse(grain) {
-        Ok(g) if valid_id(id) => g,
+        Ok(g) if valid_id(id) || (replica && id.is_empty()) => g,
         _ => {
             stream
                 .write_all(&refuse(format!("no move {id:?} of grain {grain:?}")))
@@ -354,9 +407,22 @@ pub(crate) async fn serve_step<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Step::Prepare { from } => moves.prepare(&grain, id, &from).await,
         Step::Receive => match moves.expects(&grain, id, node) {
-            Ok(()) => return receive(stream, moves, &grain, id, node).await,
+            Ok(()) => {
+                return receive(stream, |r| moves.receive(&grain, id, node, r)).await;
+            }
             Err(why) => Err(why),
         },
+        Step::Replica { label, base, epoch } => {
+            match moves.replica_ready(&grain, node, base.as_deref()) {
+                Ok(()) => {
+                    return receive(stream, |r| {
+                        moves.replica(&grain, node, &label, base.as_deref(), epoch, r)
+                    })
+                    .await;
+                }
+                Err(why) => Err(why),
+            }
+        }
         Step::Commit { from_epoch } => moves.commit(&grain, id, node, from_epoch).await,
         Step::Activate => moves.activate(&grain, id, node).await,
         Step::Abort => moves.abort(&grain, id, node).await,
@@ -380,12 +446,19 @@ pub(crate) async fn serve_run<S: AsyncRead + AsyncWrite + Unpin>(
     tracing::info!(from = node, ?job, "a job asked by another node");
     let (tx, mut rx) = mpsc::channel(64);
     let work = tokio::spawn(moves.run(job, node, tx));
-    while let Some(p) = rx.recv().await {
+    loop {
+        // A line at least every HEARTBEAT, progress or not, so the asking
+        // node tells a long quiet step from a node gone.
+        let p = match tokio::time::timeout(HEARTBEAT, rx.recv()).await {
+            Ok(Some(p)) => Some(p),
+            Ok(None) => break,
+            Err(_) => None,
+        };
         let mut line = serde_json::to_vec(&Answer {
             ok: true,
             problem: None,
             size: None,
-            progress: Some(p),
+            progress: p,
             report: None,
         })
         .expect("answers serialize");
@@ -428,28 +501,21 @@ pub async fn run(
     stream.write_all(&line).await.map_err(io)?;
     stream.flush().await.map_err(io)?;
     loop {
-        // Progress comes at least every round; a whole pre-copy of a big
-        // grain reports many times a second.
-        let a = answer(&mut stream, APPLIED, target.address).await?;
+        // A line comes at least every HEARTBEAT while the job runs.
+        let a = answer(&mut stream, 4 * HEARTBEAT, target.address)
+            .await
+            .map_err(|e| format!("{e} (the job may still be running there)"))?;
         match (a.progress, a.report) {
             (Some(p), _) => progress(p),
             (None, Some(report)) => return Ok(report),
-            (None, None) => {
-                return Err(format!(
-                    "node link to {}: an answer with neither progress nor report",
-                    target.address
-                ));
-            }
+            (None, None) => {}
         }
     }
 }
 
 async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: BufReader<S>,
-    moves: &dyn Moves,
-    grain: &GrainId,
-    id: &str,
-    from: &str,
+    apply: impl FnOnce(Box<dyn Read + Send>) -> MoveFuture<u64>,
 ) -> std::io::Result<()> {
     let (tx, rx) = mpsc::channel(8);
     let reader = ChannelReader {
@@ -458,7 +524,7 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         at: 0,
         ended: false,
     };
-    let applying = moves.receive(grain, id, from, Box::new(reader));
+    let applying = apply(Box::new(reader));
     stream.write_all(&answer_line(None, None)).await?;
     stream.flush().await?;
     let frames = async {

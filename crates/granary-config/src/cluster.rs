@@ -45,8 +45,7 @@ pub struct Cluster {
     /// counts a silent node as down. The node itself stops trusting the
     /// lease (and stops its grains) after half of it.
     pub lease_ttl: Duration,
-    /// How many other nodes hold a copy of each grain's data (read, not
-    /// yet used: replication is still to come).
+    /// How many other nodes hold a copy of each grain's data (0: none).
     pub replicas: u32,
     /// How often those copies are brought up to date: the most data a
     /// dead node can lose.

@@ -306,7 +306,9 @@ pub struct Snapshot {
 }
 
 /// The prefixes of the labels Granary makes itself.
-const TIMED_PREFIXES: [&str; 6] = ["auto", "manual", "final", "upgrade", "backup", "move"];
+const TIMED_PREFIXES: [&str; 7] = [
+    "auto", "manual", "final", "upgrade", "backup", "move", "replica",
+];
 
 /// A label `<prefix>-<unix seconds>` for a snapshot taken now.
 pub fn timed_label(prefix: &str) -> String {

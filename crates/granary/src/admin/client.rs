@@ -44,6 +44,9 @@ struct ClusterView {
     lease_ttl_secs: u32,
     since_renewal_ms: u64,
     etcd: Vec<String>,
+    replicate_interval_secs: u32,
+    /// Grains whose newest copy elsewhere is over 3 intervals old.
+    replication_lagging: Vec<String>,
 }
 
 /// The gateway's failed-login limiter.
@@ -148,12 +151,18 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
                 for e in c.get_etcd().map_err(remote)? {
                     etcd.push(text(e)?);
                 }
+                let mut replication_lagging = Vec::new();
+                for l in c.get_replication_lagging().map_err(remote)? {
+                    replication_lagging.push(text(l)?);
+                }
                 Some(ClusterView {
                     node: text(c.get_node())?,
                     lease: text(c.get_lease())?,
                     lease_ttl_secs: c.get_lease_ttl_secs(),
                     since_renewal_ms: c.get_since_renewal_ms(),
                     etcd,
+                    replicate_interval_secs: c.get_replicate_interval_secs(),
+                    replication_lagging,
                 })
             }
             false => None,
@@ -223,6 +232,13 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
                 c.lease_ttl_secs,
                 c.etcd.join(" ")
             );
+            if !c.replication_lagging.is_empty() {
+                println!(
+                    "  REPLICATION    behind by over 3 intervals ({}s): {}",
+                    3 * c.replicate_interval_secs,
+                    c.replication_lagging.join(", ")
+                );
+            }
         }
         let c = &view.counts;
         println!(

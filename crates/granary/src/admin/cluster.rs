@@ -118,6 +118,18 @@ struct NodeView<'a> {
     free_bytes: Option<u64>,
     grains: usize,
     drained: bool,
+    /// The grains it runs, each with how many seconds of writes a failover
+    /// to its newest copy on another node would lose, and where copies are.
+    replication: Vec<GrainLag>,
+    /// The most of those.
+    replication_lag_secs: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct GrainLag {
+    grain: String,
+    lag_secs: i64,
+    copies_on: Vec<String>,
 }
 
 fn view(n: &NodeStatus) -> NodeView<'_> {
@@ -136,6 +148,8 @@ fn view(n: &NodeStatus) -> NodeView<'_> {
         free_bytes: n.alive.as_ref().map(|a| a.free_bytes),
         grains: n.grains,
         drained: n.record.drained,
+        replication: Vec::new(),
+        replication_lag_secs: None,
     }
 }
 
@@ -173,8 +187,34 @@ pub(crate) fn node(config: &Config, cmd: &NodeCommand) -> anyhow::Result<ExitCod
             );
         }
         NodeCommand::List { output } => {
-            let nodes = with_cluster(config, async |c, _| Ok(c.nodes().await?))?;
-            let views: Vec<NodeView> = nodes.iter().map(view).collect();
+            let (nodes, placements, replicas) = with_cluster(config, async |c, _| {
+                Ok((c.nodes().await?, c.placements().await?, c.replicas().await?))
+            })?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let views: Vec<NodeView> = nodes
+                .iter()
+                .map(|n| {
+                    let mut v = view(n);
+                    let lags =
+                        granary_cluster::replication_lag(&placements, &replicas, v.name, now);
+                    v.replication_lag_secs = lags.iter().map(|(_, l)| *l).max();
+                    v.replication = lags
+                        .into_iter()
+                        .map(|(grain, lag_secs)| GrainLag {
+                            copies_on: replicas
+                                .iter()
+                                .filter(|r| r.grain == grain && r.node != v.name)
+                                .map(|r| r.node.clone())
+                                .collect(),
+                            grain,
+                            lag_secs,
+                        })
+                        .collect();
+                    v
+                })
+                .collect();
             if output.json {
                 super::client::print_json(&views)?;
             } else {
@@ -190,13 +230,15 @@ pub(crate) fn node(config: &Config, cmd: &NodeCommand) -> anyhow::Result<ExitCod
                             format!("{}/{}", v.grains, v.max_grains),
                             v.free_bytes
                                 .map_or("-".into(), |b| format!("{} GiB", b >> 30)),
+                            v.replication_lag_secs
+                                .map_or("-".into(), |l| format!("{l}s")),
                             v.address.to_owned(),
                         ]
                     })
                     .collect();
                 super::table::print(
                     &[
-                        "NODE", "STATE", "LEASE", "ARCH", "GRAINS", "FREE", "ADDRESS",
+                        "NODE", "STATE", "LEASE", "ARCH", "GRAINS", "FREE", "REPL LAG", "ADDRESS",
                     ],
                     &rows,
                 );

@@ -27,6 +27,9 @@ pub(crate) struct Member {
     apps_dir: std::path::PathBuf,
     /// One package fetch at a time: two starts of one app fetch it once.
     fetching: tokio::sync::Mutex<()>,
+    /// `[cluster].replicas` and `replicate_interval`.
+    pub(crate) replicas: u32,
+    pub(crate) replicate_interval: Duration,
 }
 
 impl std::fmt::Debug for Member {
@@ -138,6 +141,8 @@ pub(crate) async fn join(
         limits: crate::package_limits(config),
         apps_dir: config.data_dir.join("apps"),
         fetching: tokio::sync::Mutex::new(()),
+        replicas: cluster.replicas,
+        replicate_interval: cluster.replicate_interval,
     });
     tokio::spawn(watch(member.clone(), config.data_dir.clone()));
     Ok(Some((member, links)))

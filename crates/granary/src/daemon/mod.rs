@@ -234,13 +234,28 @@ async fn serve(
             store: store.clone(),
             apps_dir: start::apps_dir(&config)?,
         });
+        let copies = Arc::new(moves::Copies::new(&config.data_dir));
         let moves = Arc::new(moves::NodeMoves::new(
             m.clone(),
             store.clone(),
             datasets.clone(),
             local.clone(),
             start::apps_dir(&config)?,
+            copies.clone(),
         ));
+        if let Some(cluster) = &config.cluster {
+            moves::replicate(
+                moves::Source {
+                    member: m.clone(),
+                    grains: local.clone(),
+                    datasets: datasets.clone(),
+                    records: records.clone(),
+                },
+                copies,
+                cluster.replicas,
+                cluster.replicate_interval,
+            );
+        }
         cluster::serve_links(
             m.clone(),
             links,

@@ -232,6 +232,33 @@ struct AdminService {
     ctx: Rc<Ctx>,
 }
 
+/// Grains this node runs whose newest copy elsewhere is more than three
+/// replication intervals old ("alice-mail 250s"); none when replication is
+/// off or etcd does not answer within 2 s.
+async fn lagging_grains(member: &crate::daemon::cluster::Member) -> Vec<String> {
+    if member.replicas == 0 {
+        return Vec::new();
+    }
+    let c = &member.coordinator;
+    let read = async {
+        Ok::<_, granary_cluster::ClusterError>((c.placements().await?, c.replicas().await?))
+    };
+    let Ok(Ok((placements, replicas))) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), read).await
+    else {
+        return Vec::new();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let limit = 3 * member.replicate_interval.as_secs() as i64;
+    granary_cluster::replication_lag(&placements, &replicas, &member.node, now)
+        .into_iter()
+        .filter(|(_, lag)| *lag > limit)
+        .map(|(grain, lag)| format!("{grain} {lag}s"))
+        .collect()
+}
+
 impl admin::Server for AdminService {
     async fn status(
         self: CapRc<Self>,
@@ -247,6 +274,10 @@ impl admin::Server for AdminService {
         })
         .await?;
         let info = &self.ctx.info;
+        let lagging = match &info.cluster {
+            Some(member) => lagging_grains(member).await,
+            None => Vec::new(),
+        };
         let mut s = results.get().init_status();
         s.set_healthy(true);
         s.set_version(env!("CARGO_PKG_VERSION"));
@@ -283,7 +314,7 @@ impl admin::Server for AdminService {
         }
         if let Some(member) = &info.cluster {
             let state = member.lease_state();
-            if state != "live" {
+            if state != "live" || !lagging.is_empty() {
                 s.set_healthy(false);
             }
             let mut c = s.reborrow().init_cluster();
@@ -291,9 +322,14 @@ impl admin::Server for AdminService {
             c.set_lease(state);
             c.set_lease_ttl_secs(member.lease.ttl().as_secs() as u32);
             c.set_since_renewal_ms(member.lease.since_renewal().as_millis() as u64);
-            let mut etcd = c.init_etcd(member.etcd.len() as u32);
+            let mut etcd = c.reborrow().init_etcd(member.etcd.len() as u32);
             for (i, e) in member.etcd.iter().enumerate() {
                 etcd.set(i as u32, e);
+            }
+            c.set_replicate_interval_secs(member.replicate_interval.as_secs() as u32);
+            let mut list = c.init_replication_lagging(lagging.len() as u32);
+            for (i, l) in lagging.iter().enumerate() {
+                list.set(i as u32, l);
             }
         }
         let mut listeners = s.init_listeners(info.listeners.len() as u32);

@@ -24,6 +24,9 @@ struct Marker {
     #[serde(rename = "move")]
     id: String,
     from_epoch: i64,
+    /// The data moved was empty (a grain that stores nothing yet).
+    #[serde(default)]
+    empty: bool,
 }
 
 fn read_marker(datasets: &dyn Datasets, grain: &str) -> Option<Marker> {
@@ -32,6 +35,7 @@ fn read_marker(datasets: &dyn Datasets, grain: &str) -> Option<Marker> {
     Some(serde_json::from_slice(&text).unwrap_or(Marker {
         id: String::new(),
         from_epoch: i64::MAX,
+        empty: false,
     }))
 }
 
@@ -56,7 +60,7 @@ pub(crate) fn admit_arrival(
     }
     // The rename that put it in place did not survive a crash: never start
     // the empty dataset a start makes instead.
-    if !datasets.has_data(grain).map_err(msg)? {
+    if !marker.empty && !datasets.has_data(grain).map_err(msg)? {
         return Err(format!(
             "the data moved here (move {}) is missing; move the grain again from its source's kept copy",
             marker.id
@@ -94,6 +98,8 @@ struct Inner {
     grains: Arc<dyn Grains>,
     apps_dir: PathBuf,
     incoming: Mutex<HashMap<String, Incoming>>,
+    /// Copies of other nodes' grains kept here.
+    copies: Arc<super::replicate::Copies>,
     /// One prepare, commit or abort at a time: an abort never removes
     /// what a commit is putting in place.
     steps: tokio::sync::Mutex<()>,
@@ -106,6 +112,7 @@ impl NodeMoves {
         datasets: Arc<dyn Datasets>,
         grains: Arc<dyn Grains>,
         apps_dir: PathBuf,
+        copies: Arc<super::replicate::Copies>,
     ) -> NodeMoves {
         NodeMoves(Arc::new(Inner {
             member,
@@ -114,6 +121,7 @@ impl NodeMoves {
             grains,
             apps_dir,
             incoming: Mutex::default(),
+            copies,
             steps: tokio::sync::Mutex::new(()),
         }))
     }
@@ -170,7 +178,6 @@ impl Inner {
         id: String,
         from: String,
     ) -> Result<(), String> {
-        let _step = self.steps.lock().await;
         let g = grain.to_string();
         // Only the grain's owner moves it, under the placement it holds.
         let epoch = match self.placed(&g).await? {
@@ -212,11 +219,13 @@ impl Inner {
         })
         .await
         .map_err(msg)??;
-        // The app's image now, not while the grain is down.
+        // The app's image now, not while the grain is down (and before the
+        // steps lock: other moves' commits do not wait for a fetch).
         let image = self.apps_dir.join(image).join("image");
         if !image.exists() {
             crate::daemon::cluster::fetch_image(&self.member, &image).await?;
         }
+        let _step = self.steps.lock().await;
         // An earlier attempt's staging for this grain goes.
         let stale: Vec<Incoming> = {
             let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
@@ -300,7 +309,16 @@ impl Inner {
             sync_fs(&datasets.path(&staging))?;
             let dir = datasets.grain_dir(&g);
             std::fs::create_dir_all(&dir).map_err(msg)?;
-            let marker = serde_json::to_vec(&Marker { id: i2, from_epoch }).map_err(msg)?;
+            let empty = std::fs::read_dir(datasets.path(&staging))
+                .map_err(msg)?
+                .next()
+                .is_none();
+            let marker = serde_json::to_vec(&Marker {
+                id: i2,
+                from_epoch,
+                empty,
+            })
+            .map_err(msg)?;
             granary_files::write_atomic(&dir.join(MARKER), &marker, 0o600).map_err(msg)?;
             if let Err(e) = datasets.rename(&staging, &g, uid) {
                 let _ = std::fs::remove_file(dir.join(MARKER));
@@ -377,6 +395,45 @@ impl Inner {
 }
 
 impl Moves for NodeMoves {
+    fn replica_ready(
+        &self,
+        grain: &GrainId,
+        _from: &str,
+        base: Option<&str>,
+    ) -> Result<(), String> {
+        self.0.copies.ready(grain.as_ref(), base)
+    }
+    fn replica(
+        &self,
+        grain: &GrainId,
+        from: &str,
+        label: &str,
+        base: Option<&str>,
+        epoch: i64,
+        stream: Box<dyn Read + Send>,
+    ) -> MoveFuture<u64> {
+        let inner = self.0.clone();
+        let (grain, from, label, base) = (
+            grain.clone(),
+            from.to_owned(),
+            label.to_owned(),
+            base.map(str::to_owned),
+        );
+        Box::pin(async move {
+            super::replicate::receive(
+                &inner.member,
+                inner.store.clone(),
+                inner.copies.clone(),
+                grain,
+                from,
+                label,
+                base,
+                epoch,
+                stream,
+            )
+            .await
+        })
+    }
     fn prepare(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()> {
         let inner = self.0.clone();
         Box::pin(inner.prepare(grain.clone(), id.to_owned(), from.to_owned()))
@@ -445,7 +502,7 @@ impl Read for Counted {
 }
 
 /// Flushes the filesystem holding `dir` to disk.
-fn sync_fs(dir: &std::path::Path) -> Result<(), String> {
+pub(super) fn sync_fs(dir: &std::path::Path) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(dir).map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
     nix::unistd::syncfs(f.as_raw_fd()).map_err(|e| format!("cannot sync {}: {e}", dir.display()))

@@ -136,7 +136,20 @@ async fn drain(src: Source, progress: mpsc::Sender<Progress>) -> Result<Vec<Drai
             Err(_) => None,
         }
         .unwrap_or_else(|| src.member.arches.clone());
-        let to = granary_cluster::choose_node(&arches, &nodes).map(str::to_owned);
+        // Only nodes with room for it (and 1 GiB to spare).
+        let roomy: Vec<granary_cluster::NodeStatus> = nodes
+            .iter()
+            .filter(|n| {
+                n.alive
+                    .as_ref()
+                    .is_some_and(|a| a.free_bytes >= bytes.saturating_add(1 << 30))
+            })
+            .cloned()
+            .collect();
+        let to = match roomy.is_empty() {
+            true => Err(format!("no node has room for its {bytes} bytes")),
+            false => granary_cluster::choose_node(&arches, &roomy).map(str::to_owned),
+        };
         if let Ok(name) = &to
             && let Some(n) = nodes.iter_mut().find(|n| n.record.name == *name)
         {

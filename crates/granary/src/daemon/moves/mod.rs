@@ -21,8 +21,9 @@
 
 mod arrive;
 mod jobs;
+mod replicate;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -35,6 +36,7 @@ use tokio::sync::mpsc;
 
 pub(crate) use arrive::{NodeMoves, admit_arrival};
 pub(crate) use jobs::run;
+pub(crate) use replicate::{Copies, spawn as replicate};
 
 use crate::daemon::cluster::Member;
 
@@ -80,24 +82,47 @@ pub(crate) struct Source {
     pub records: Arc<dyn granary_cluster::Records>,
 }
 
-/// Grains being moved from this node now: one move of a grain at a time.
-static MOVING: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+/// Grains being moved or replicated from this node now, and which: one
+/// of either at a time per grain.
+static MOVING: Mutex<Option<HashMap<String, &'static str>>> = Mutex::new(None);
 
-struct Moving(String);
+pub(crate) struct Moving(String);
 
 impl Moving {
-    fn claim(grain: &str) -> Option<Moving> {
-        let mut set = MOVING.lock().unwrap_or_else(|e| e.into_inner());
-        set.get_or_insert_default()
-            .insert(grain.to_owned())
-            .then(|| Moving(grain.to_owned()))
+    /// Claims `grain` for `what` (`"move"`, `"replication"`), or says what
+    /// holds it.
+    pub(crate) fn claim(grain: &str, what: &'static str) -> Result<Moving, &'static str> {
+        let mut map = MOVING.lock().unwrap_or_else(|e| e.into_inner());
+        let map = map.get_or_insert_default();
+        match map.get(grain) {
+            Some(busy) => Err(busy),
+            None => {
+                map.insert(grain.to_owned(), what);
+                Ok(Moving(grain.to_owned()))
+            }
+        }
+    }
+
+    /// Claims `grain` for a move, waiting out a replication round of it.
+    async fn for_move(grain: &GrainId) -> Result<Moving, String> {
+        for _ in 0..600 {
+            match Moving::claim(grain.as_ref(), "move") {
+                Ok(m) => return Ok(m),
+                Err("move") => return Err(format!("{} is already being moved", grain.shown())),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+        Err(format!(
+            "{} has been replicating for a minute; try again",
+            grain.shown()
+        ))
     }
 }
 
 impl Drop for Moving {
     fn drop(&mut self) {
-        if let Some(set) = MOVING.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            set.remove(&self.0);
+        if let Some(map) = MOVING.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            map.remove(&self.0);
         }
     }
 }
@@ -114,8 +139,7 @@ pub(crate) async fn move_out(
     let c = &m.coordinator;
     let g = grain.to_string();
     let etcd = |e: granary_cluster::ClusterError| format!("cannot check with the cluster: {e}");
-    let _one =
-        Moving::claim(&g).ok_or_else(|| format!("{} is already being moved", grain.shown()))?;
+    let _one = Moving::for_move(&grain).await?;
     let placed = c.placement(&g).await.map_err(etcd)?.ok_or_else(|| {
         format!(
             "{} is not placed on any node yet: it goes where it is first used",
@@ -240,8 +264,9 @@ pub(crate) async fn move_out(
         }
         // Nothing may have run here since the final snapshot: a rollback,
         // restore or removal releases any hold.
+        let ours = format!("moving to node {to}");
         match src.grains.status(&grain).await {
-            Ok(s) if s.state == "held" => {}
+            Ok(s) if s.state == "held" && s.reason.as_deref() == Some(ours.as_str()) => {}
             _ => {
                 return Err(
                     "its hold was lifted during the move (a rollback, restore or removal?)"
@@ -253,14 +278,15 @@ pub(crate) async fn move_out(
     }
     .await;
     let outcome = match outcome {
-        Ok((rounds, final_bytes, stopped)) => match switch(c, &placed, &to).await {
+        Ok((rounds, final_bytes, stopped)) => match switch(c, &placed, &to, &m.node).await {
             Switch::Done(switched) => Ok((rounds, final_bytes, stopped, switched)),
             Switch::Refused(why) => Err(why),
             Switch::Unknown(why) => {
                 tracing::error!(grain = %g, to, move_id = id, error = %why, "a move's switch has an unknown outcome; the grain stays held here");
                 return Err(format!(
-                    "moving {} to {to}: whether its placement switched is unknown ({why}); it stays held on node {}: \
-                     `granary node list` shows where it is placed, and it starts there on first use",
+                    "moving {} to {to}: whether its placement switched is unknown ({why}); it stays held on node {} \
+                     until `granary grain start` there or a restart. `granary node list` shows where it is placed: \
+                     if that is node {to}, it starts there on first use",
                     grain.shown(),
                     m.node
                 ));
@@ -426,25 +452,34 @@ async fn switch(
     c: &granary_cluster::Coordinator,
     placed: &granary_cluster::Placement,
     to: &str,
+    me: &str,
 ) -> Switch {
-    use granary_cluster::ClusterError;
     let first = match c.switch(placed, to).await {
         Ok(p) => return Switch::Done(p),
-        Err(e @ (ClusterError::Conflict { .. } | ClusterError::NoRoom { .. })) => {
-            return Switch::Refused(format!("cannot switch its placement to {to}: {e}"));
-        }
         Err(e) => e.to_string(),
     };
+    // The etcd client retries, and a write whose answer was lost may still
+    // apply later: only a placement read back at the target, or our own
+    // write of a newer epoch for this node (which the lost one can then
+    // never overtake), settles it.
     for attempt in 0..5 {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
         match c.placement(&placed.grain).await {
             Ok(Some(p)) if p.node == to && p.epoch > placed.epoch => return Switch::Done(p),
-            Ok(_) => {
-                return Switch::Refused(format!("cannot switch its placement to {to}: {first}"));
+            Ok(Some(p)) if p.epoch == placed.epoch => {
+                if c.switch(placed, me).await.is_ok() {
+                    return Switch::Refused(format!(
+                        "cannot switch its placement to {to}: {first}"
+                    ));
+                }
             }
-            Err(_) => continue,
+            // Changed by someone else: the lost write's compare fails.
+            Ok(_) => {
+                return Switch::Refused(format!("its placement changed during the move ({first})"));
+            }
+            Err(_) => {}
         }
     }
     Switch::Unknown(first)

@@ -1,0 +1,397 @@
+//! Replication: every `cluster.replicate_interval`, each grain this node
+//! owns is snapshotted (consistently, as a backup's snapshot is) and sent
+//! to `cluster.replicas` other nodes, as a delta from the copy each holds
+//! (a tree stream over the node link, the move's framing), and the copy
+//! recorded in etcd (`replica/<grain>/<node>`) with its snapshot's time:
+//! the replication lag `granary node list` and `granary status` show.
+//!
+//! On the receiving node a copy lives in `DATA_DIR/replicas/<grain>/`
+//! (root-only): `data/` and `state.json` (its sender, snapshot label,
+//! epoch, and whether it is whole). A round marks the copy not whole before
+//! it applies anything and whole again after a sync, so a round cut off
+//! leaves a copy known to be partial, which the next round replaces whole.
+//! Copies do not count against the grain's quota on its owner.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use granary_cluster::ReplicaRecord;
+use granary_cluster::moves::{Step, Target};
+use granary_grains::GrainId;
+use serde::{Deserialize, Serialize};
+
+use super::{Moving, Source, msg};
+
+/// Tags the replication snapshots that are some node's base.
+const HOLD_TAG: &str = "granary-replica";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct State {
+    from: String,
+    label: String,
+    epoch: i64,
+    whole: bool,
+}
+
+/// This node's copies of other nodes' grains.
+pub(crate) struct Copies {
+    dir: PathBuf,
+}
+
+impl Copies {
+    pub(crate) fn new(data_dir: &Path) -> Copies {
+        Copies {
+            dir: data_dir.join("replicas"),
+        }
+    }
+
+    fn state(&self, grain: &str) -> Option<State> {
+        let text = std::fs::read(self.dir.join(grain).join("state.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    fn write_state(&self, grain: &str, state: &State) -> Result<(), String> {
+        let bytes = serde_json::to_vec(state).map_err(msg)?;
+        granary_files::write_atomic(&self.dir.join(grain).join("state.json"), &bytes, 0o600)
+            .map_err(msg)
+    }
+
+    /// Whether a stream that is a delta from `base` (or whole) applies to
+    /// the copy of `grain` here.
+    pub(crate) fn ready(&self, grain: &str, base: Option<&str>) -> Result<(), String> {
+        let Some(base) = base else { return Ok(()) };
+        match self.state(grain) {
+            Some(s) if s.whole && s.label == base => Ok(()),
+            Some(s) if s.whole => Err(format!(
+                "the copy of {grain} here is of {}, not {base}: send it whole",
+                s.label
+            )),
+            _ => Err(format!("no whole copy of {grain} here: send it whole")),
+        }
+    }
+
+    /// Applies one round's stream (blocking): see the module's text.
+    fn apply(
+        &self,
+        grain: &str,
+        state: State,
+        base: Option<&str>,
+        uid: u32,
+        stream: &mut dyn std::io::Read,
+    ) -> Result<u64, String> {
+        self.ready(grain, base)?;
+        let dir = self.dir.join(grain);
+        let data = dir.join("data");
+        for d in [&self.dir, &dir] {
+            std::fs::create_dir_all(d).map_err(msg)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(msg)?;
+        }
+        self.write_state(
+            grain,
+            &State {
+                whole: false,
+                ..state.clone()
+            },
+        )?;
+        if base.is_none() {
+            match std::fs::remove_dir_all(&data) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(msg(e)),
+                _ => {}
+            }
+            std::fs::create_dir(&data).map_err(msg)?;
+        }
+        let mut n = 0u64;
+        let mut counted = Counting {
+            inner: stream,
+            n: &mut n,
+        };
+        granary_backup::tree::apply_stream(&mut counted, &data, Some(uid)).map_err(msg)?;
+        // To the end frame: only then was the stream whole.
+        std::io::copy(&mut counted, &mut std::io::sink()).map_err(msg)?;
+        super::arrive::sync_fs(&data)?;
+        self.write_state(grain, &state)?;
+        Ok(n)
+    }
+
+    /// Drops the copy of `grain` (it runs here now, or is gone).
+    fn drop_copy(&self, grain: &str) {
+        let dir = self.dir.join(grain);
+        if dir.exists() {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(grain, "dropped this node's copy of a grain it now runs"),
+                Err(e) => tracing::warn!(grain, error = %e, "cannot drop a grain's copy"),
+            }
+        }
+    }
+}
+
+struct Counting<'a> {
+    inner: &'a mut dyn std::io::Read,
+    n: &'a mut u64,
+}
+
+impl std::io::Read for Counting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        *self.n += n as u64;
+        Ok(n)
+    }
+}
+
+/// The target's side of a replication round: checks that `from` owns the
+/// grain (and that it does not run here), then applies the stream.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn receive(
+    member: &crate::daemon::cluster::Member,
+    store: Arc<granary_state::Store>,
+    copies: Arc<Copies>,
+    grain: GrainId,
+    from: String,
+    label: String,
+    base: Option<String>,
+    epoch: i64,
+    mut stream: Box<dyn std::io::Read + Send>,
+) -> Result<u64, String> {
+    let g = grain.to_string();
+    match member.coordinator.placement(&g).await {
+        Ok(Some(p)) if p.node == from && p.epoch == epoch => {}
+        Ok(p) => {
+            return Err(format!(
+                "node {from} sent a copy of {} under epoch {epoch}, but it is placed {}",
+                grain.shown(),
+                p.map_or("nowhere".to_owned(), |p| format!(
+                    "on node {} under epoch {}",
+                    p.node, p.epoch
+                ))
+            ));
+        }
+        Err(e) => return Err(format!("cannot check with the cluster: {e}")),
+    }
+    let g2 = g.clone();
+    tokio::task::spawn_blocking(move || {
+        let uid = store
+            .grain(&g2)
+            .map_err(msg)?
+            .ok_or_else(|| format!("no grain {g2} in this node's records yet"))?
+            .host_uid;
+        let state = State {
+            from,
+            label,
+            epoch,
+            whole: true,
+        };
+        copies.apply(&g2, state, base.as_deref(), uid, &mut *stream)
+    })
+    .await
+    .map_err(msg)?
+}
+
+/// Replicates this node's grains every `every`, to `replicas` other
+/// nodes each, for as long as the daemon runs.
+pub(crate) fn spawn(src: Source, copies: Arc<Copies>, replicas: u32, every: Duration) {
+    if replicas == 0 {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut bases: HashMap<(String, String), String> = HashMap::new();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if !src.member.lease.is_live() {
+                continue;
+            }
+            if let Err(e) = round(&src, &copies, replicas as usize, &mut bases).await {
+                tracing::warn!(error = %e, "replication round failed");
+            }
+        }
+    });
+}
+
+async fn round(
+    src: &Source,
+    copies: &Copies,
+    replicas: usize,
+    bases: &mut HashMap<(String, String), String>,
+) -> Result<(), String> {
+    let c = &src.member.coordinator;
+    let me = &src.member.node;
+    let etcd = |e: granary_cluster::ClusterError| format!("cannot check with the cluster: {e}");
+    let placements = c.placements().await.map_err(etcd)?;
+    // Copies of grains that run here now are no copies.
+    for p in placements.iter().filter(|p| p.node == *me) {
+        copies.drop_copy(&p.grain);
+    }
+    let mut nodes: Vec<(String, String, String)> = c
+        .nodes()
+        .await
+        .map_err(etcd)?
+        .into_iter()
+        .filter(|n| n.record.name != *me && !n.record.drained)
+        .filter_map(|n| {
+            let alive = n.alive?;
+            let link = match alive.link.is_empty() {
+                true => n.record.address.clone(),
+                false => alive.link,
+            };
+            Some((n.record.name, link, n.record.key))
+        })
+        .collect();
+    nodes.sort();
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    for p in placements.iter().filter(|p| p.node == *me) {
+        let Ok(grain) = GrainId::parse(&p.grain) else {
+            continue;
+        };
+        // Moved or being moved, or a round already at it: next time.
+        let Ok(_busy) = Moving::claim(&p.grain, "replication") else {
+            continue;
+        };
+        if !src.datasets.path(&p.grain).exists() {
+            continue;
+        }
+        if src
+            .grains
+            .status(&grain)
+            .await
+            .is_ok_and(|s| s.state == "held")
+        {
+            continue;
+        }
+        // The nodes holding a copy first, then the next ones after a
+        // place that depends on the grain, so copies spread.
+        let start = p
+            .grain
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+            % nodes.len();
+        let mut targets: Vec<&(String, String, String)> = nodes
+            .iter()
+            .filter(|n| bases.contains_key(&(p.grain.clone(), n.0.clone())))
+            .collect();
+        for i in 0..nodes.len() {
+            let n = &nodes[(start + i) % nodes.len()];
+            if !targets.contains(&n) {
+                targets.push(n);
+            }
+        }
+        targets.truncate(replicas);
+        if let Err(e) = replicate(src, &grain, p.epoch, &targets, bases).await {
+            tracing::warn!(grain = %p.grain, error = %e, "cannot replicate a grain");
+        }
+    }
+    Ok(())
+}
+
+/// One grain's round: a snapshot, sent to each target as a delta from its
+/// copy (whole when it has none or another), recorded; then the
+/// replication snapshots no node's copy is of any more are deleted.
+async fn replicate(
+    src: &Source,
+    grain: &GrainId,
+    epoch: i64,
+    targets: &[&(String, String, String)],
+    bases: &mut HashMap<(String, String), String>,
+) -> Result<(), String> {
+    let g = grain.to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let label = format!("replica-{now}");
+    src.grains
+        .snapshot(grain, &label)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (datasets, g2, l2) = (src.datasets.clone(), g.clone(), label.clone());
+    tokio::task::spawn_blocking(move || datasets.hold(&g2, &l2, HOLD_TAG))
+        .await
+        .map_err(msg)?
+        .map_err(msg)?;
+    for (node, link, key) in targets {
+        let t = Target { address: link, key };
+        let base = bases.get(&(g.clone(), node.clone())).cloned();
+        let mut sent = send(src, &t, grain, &label, base.clone(), epoch).await;
+        if sent.is_err() && base.is_some() {
+            // Its copy is not the one we think: send it whole.
+            sent = send(src, &t, grain, &label, None, epoch).await;
+        }
+        match sent {
+            Ok(bytes) => {
+                tracing::debug!(grain = %g, node, bytes, label, "replicated");
+                bases.insert((g.clone(), node.clone()), label.clone());
+                let record = ReplicaRecord {
+                    label: label.clone(),
+                    snapshot_unix: now,
+                    epoch,
+                };
+                if let Err(e) = src.member.coordinator.set_replica(&g, node, &record).await {
+                    tracing::warn!(grain = %g, node, error = %e, "cannot record a replica");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(grain = %g, node, error = %e, "cannot replicate a grain to a node")
+            }
+        }
+    }
+    // Keep what some copy is of (the next round's base), drop the rest.
+    let keep: Vec<String> = bases
+        .iter()
+        .filter(|((bg, _), _)| *bg == g)
+        .map(|(_, l)| l.clone())
+        .collect();
+    let datasets = src.datasets.clone();
+    tokio::task::spawn_blocking(move || {
+        for s in datasets.list_snapshots(&g).unwrap_or_default() {
+            if !s.name.starts_with("replica-") {
+                continue;
+            }
+            if !keep.contains(&s.name) {
+                let _ = datasets.release(&g, &s.name, HOLD_TAG);
+                if let Err(e) = datasets.delete_snapshot(&g, &s.name) {
+                    tracing::debug!(grain = %g, snapshot = s.name, error = %e, "replication snapshot kept");
+                }
+            }
+        }
+    })
+    .await
+    .map_err(msg)
+}
+
+async fn send(
+    src: &Source,
+    t: &Target<'_>,
+    grain: &GrainId,
+    label: &str,
+    base: Option<String>,
+    epoch: i64,
+) -> Result<u64, String> {
+    let datasets = src.datasets.clone();
+    let (g, l, b) = (grain.to_string(), label.to_owned(), base.clone());
+    let produce = Box::new(move |out: &mut dyn std::io::Write| {
+        let new = datasets.view_snapshot(&g, &l).map_err(msg)?;
+        let old = b
+            .as_ref()
+            .map(|b| datasets.view_snapshot(&g, b))
+            .transpose()
+            .map_err(msg)?;
+        let old = old
+            .as_ref()
+            .zip(b.as_deref())
+            .map(|(v, b)| (v.path.as_path(), b));
+        granary_backup::tree::write_stream_exact(&new.path, old, out)
+            .map(drop)
+            .map_err(msg)
+    });
+    let step = Step::Replica {
+        label: label.to_owned(),
+        base,
+        epoch,
+    };
+    granary_cluster::moves::send_replica(t, &src.member.key, grain, step, produce).await
+}
