@@ -713,6 +713,28 @@ fn a_grain_moves_to_another_node_with_its_data_and_loses_no_acknowledged_write()
         run.stderr
     );
 
+    // A copy left in place by a crash between the switch and the retire
+    // (as if: the old data and epoch put back) is fenced when n1 starts.
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("stale"), "old").unwrap();
+    std::fs::write(
+        n1.data_dir().join("grains/alice-hello/epoch"),
+        format!("{}\n", r["from_epoch"]),
+    )
+    .unwrap();
+    assert!(n1.stop().success());
+    n1.launch();
+    assert!(!data.exists());
+    assert!(
+        n1.data_dir()
+            .join(format!(
+                "grains/.retired/alice-hello-stale-{}/stale",
+                r["epoch"]
+            ))
+            .exists()
+    );
+    assert!(n1.log().contains("fenced a stale copy"), "{}", n1.log());
+
     // Moves that cannot be, refused with the reason.
     let run = n2
         .granary(&["grain", "move", "alice/hello", "--to", "n9"])

@@ -230,6 +230,9 @@ async fn serve(
     if let (Some(m), Some(links)) = (&member, links) {
         let local = grains.clone();
         tokio::spawn(cluster::fence_on_lapse(m.clone(), local.clone()));
+        if let Err(e) = moves::fence_stale(m, &store, datasets.clone()).await {
+            tracing::warn!(error = %e, "cannot look for stale copies of grains other nodes run");
+        }
         let records: Arc<dyn granary_cluster::Records> = Arc::new(ledger::NodeRecords {
             store: store.clone(),
             apps_dir: start::apps_dir(&config)?,

@@ -484,3 +484,49 @@ async fn switch(
     }
     Switch::Unknown(first)
 }
+
+/// At start: a grain whose data is here but whose placement names another
+/// node at a newer epoch than the data carries was moved (or failed over)
+/// while this node could not retire its copy (a crash between the switch
+/// and the retire). That copy is stale: it goes aside as a move's would,
+/// so a later move here finds the place free and nothing stale can start.
+pub(crate) async fn fence_stale(
+    member: &Member,
+    store: &granary_state::Store,
+    datasets: Arc<dyn Datasets>,
+) -> Result<(), String> {
+    let placements = member
+        .coordinator
+        .placements()
+        .await
+        .map_err(|e| format!("cannot check with the cluster: {e}"))?;
+    let grains = store.list_grains().map_err(msg)?;
+    let me = member.node.clone();
+    tokio::task::spawn_blocking(move || {
+        for g in grains {
+            let Some(p) = placements.iter().find(|p| p.grain == g.id) else {
+                continue;
+            };
+            if p.node == me || !datasets.has_data(&g.id).unwrap_or(false) {
+                continue;
+            }
+            let held = datasets.epoch(&g.id).ok().flatten().unwrap_or(0);
+            if held >= p.epoch {
+                continue;
+            }
+            let label = format!("stale-{}", p.epoch);
+            match datasets.retire(&g.id, &label) {
+                Ok(kept) => tracing::warn!(
+                    grain = %g.id,
+                    placed_on = %p.node,
+                    epoch = p.epoch,
+                    kept = kept.as_deref().unwrap_or(""),
+                    "fenced a stale copy of a grain another node runs now"
+                ),
+                Err(e) => tracing::error!(grain = %g.id, error = %e, "cannot fence a stale copy of a grain"),
+            }
+        }
+    })
+    .await
+    .map_err(msg)
+}
