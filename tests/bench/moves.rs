@@ -55,6 +55,10 @@ fn move_to(on: &Daemon, grain: &str, to: &str) -> (Duration, Duration) {
         .json();
     let total = started.elapsed();
     let down = Duration::from_millis(report["downtime_ms"].as_u64().unwrap());
+    eprintln!(
+        "    ({grain} to {to}: pre-copy rounds {} bytes, final {} bytes)",
+        report["rounds"], report["final_bytes"]
+    );
     (total, down)
 }
 

@@ -47,6 +47,24 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Forgets a grain removed for good: its placement and its replica
+    /// records, in one transaction.
+    pub async fn forget_grain(&self, grain: &str) -> Result<(), ClusterError> {
+        use etcd_client::{DeleteOptions, Txn, TxnOp};
+        let txn = Txn::new().and_then([
+            TxnOp::delete(self.key(&format!("placement/{grain}")), None),
+            TxnOp::delete(
+                self.key(&format!("replica/{grain}/")),
+                Some(DeleteOptions::new().with_prefix()),
+            ),
+        ]);
+        self.c()
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("forgetting a removed grain"))?;
+        Ok(())
+    }
+
     /// Every replica of every grain.
     pub async fn replicas(&self) -> Result<Vec<Replica>, ClusterError> {
         Ok(self

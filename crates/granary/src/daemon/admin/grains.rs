@@ -79,6 +79,12 @@ pub(super) async fn remove_grains(
         let name = g.id.clone();
         tokio::task::spawn_blocking(move || s.delete_grain(&name, "admin")).await??;
         ctx.grains.forget(&id).await?;
+        // Nor placed, nor copied, in the cluster any more.
+        if let Some(member) = &ctx.info.cluster
+            && let Err(e) = member.coordinator.forget_grain(&g.id).await
+        {
+            tracing::warn!(grain = %g.id, error = %e, "cannot drop a removed grain's placement");
+        }
         tracing::info!(grain = %g.id, "grain destroyed");
     }
     Ok(())

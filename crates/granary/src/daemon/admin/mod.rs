@@ -235,7 +235,10 @@ struct AdminService {
 /// Grains this node runs whose newest copy elsewhere is more than three
 /// replication intervals old ("alice-mail 250s"); none when replication is
 /// off or etcd does not answer within 2 s.
-async fn lagging_grains(member: &crate::daemon::cluster::Member) -> Vec<String> {
+async fn lagging_grains(
+    member: &crate::daemon::cluster::Member,
+    datasets: &Arc<dyn granary_datasets::Datasets>,
+) -> Vec<String> {
     if member.replicas == 0 {
         return Vec::new();
     }
@@ -254,7 +257,8 @@ async fn lagging_grains(member: &crate::daemon::cluster::Member) -> Vec<String> 
     let limit = 3 * member.replicate_interval.as_secs() as i64;
     granary_cluster::replication_lag(&placements, &replicas, &member.node, now)
         .into_iter()
-        .filter(|(_, lag)| *lag > limit)
+        // Only data that exists here can be behind.
+        .filter(|(grain, lag)| *lag > limit && datasets.has_data(grain).unwrap_or(false))
         .map(|(grain, lag)| format!("{grain} {lag}s"))
         .collect()
 }
@@ -275,7 +279,7 @@ impl admin::Server for AdminService {
         .await?;
         let info = &self.ctx.info;
         let lagging = match &info.cluster {
-            Some(member) => lagging_grains(member).await,
+            Some(member) => lagging_grains(member, &self.ctx.datasets).await,
             None => Vec::new(),
         };
         let mut s = results.get().init_status();

@@ -282,6 +282,10 @@ impl Inner {
                 .map_err(msg)?;
             // To the end frame: only then was the stream whole.
             std::io::copy(&mut counted, &mut std::io::sink()).map_err(msg)?;
+            // On disk now, while the grain still runs on the source: the
+            // commit's sync (the grain down) then has only the last delta
+            // to write.
+            sync_fs(&datasets.path(&staging))?;
             Ok(counted.n)
         })
         .await
@@ -395,13 +399,8 @@ impl Inner {
 }
 
 impl Moves for NodeMoves {
-    fn replica_ready(
-        &self,
-        grain: &GrainId,
-        _from: &str,
-        base: Option<&str>,
-    ) -> Result<(), String> {
-        self.0.copies.ready(grain.as_ref(), base)
+    fn replica_ready(&self, grain: &GrainId, from: &str, base: Option<&str>) -> Result<(), String> {
+        self.0.copies.ready(grain.as_ref(), from, base)
     }
     fn replica(
         &self,

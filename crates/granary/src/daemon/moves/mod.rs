@@ -105,7 +105,7 @@ impl Moving {
 
     /// Claims `grain` for a move, waiting out a replication round of it.
     async fn for_move(grain: &GrainId) -> Result<Moving, String> {
-        for _ in 0..600 {
+        for _ in 0..6000 {
             match Moving::claim(grain.as_ref(), "move") {
                 Ok(m) => return Ok(m),
                 Err("move") => return Err(format!("{} is already being moved", grain.shown())),
@@ -113,7 +113,7 @@ impl Moving {
             }
         }
         Err(format!(
-            "{} has been replicating for a minute; try again",
+            "{} has been replicating for 10 minutes; try again",
             grain.shown()
         ))
     }
@@ -311,11 +311,20 @@ pub(crate) async fn move_out(
     };
     tracing::info!(grain = %g, to, epoch = switched.epoch, "a moved grain's placement switched");
     // Never started here again: the switch refuses it (an instance that
-    // slipped through is stopped), and the copy goes aside, so no later
-    // placement here finds stale data in place.
+    // slipped through is stopped), and the copy goes aside (after the
+    // target started it: removing its snapshots takes a while), so no
+    // later placement here finds stale data in place.
     if let Err(e) = src.grains.stop(&grain).await {
         tracing::warn!(grain = %g, error = %e, "cannot stop a grain moved away");
     }
+    let warning = match was_running {
+        true => granary_cluster::moves::step(&t, &m.key, &grain, &id, Step::Activate)
+            .await
+            .err()
+            .map(|e| format!("node {to} did not start it at once ({e}); it starts on first use")),
+        false => None,
+    };
+    let downtime_ms = stopped.elapsed().as_millis() as u64;
     let (datasets, g2) = (src.datasets.clone(), g.clone());
     let label = format!("moved-{}", switched.epoch);
     let fenced = tokio::task::spawn_blocking(move || datasets.retire(&g2, &label))
@@ -332,14 +341,6 @@ pub(crate) async fn move_out(
     if let Err(e) = src.grains.release(&grain).await {
         tracing::warn!(grain = %g, error = %e, "cannot release a grain moved away");
     }
-    let warning = match was_running {
-        true => granary_cluster::moves::step(&t, &m.key, &grain, &id, Step::Activate)
-            .await
-            .err()
-            .map(|e| format!("node {to} did not start it at once ({e}); it starts on first use")),
-        false => None,
-    };
-    let downtime_ms = stopped.elapsed().as_millis() as u64;
     tracing::info!(grain = %g, to, downtime_ms, "grain moved");
     Ok(MoveReport {
         grain: grain.shown(),

@@ -24,8 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{Moving, Source, msg};
 
-/// Tags the replication snapshots that are some node's base.
-const HOLD_TAG: &str = "granary-replica";
+/// What a receiver says when its copy is not the base a delta is from:
+/// the sender then sends the copy whole (any other failure does not throw
+/// a good copy away).
+const SEND_WHOLE: &str = "send it whole";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct State {
@@ -38,12 +40,46 @@ struct State {
 /// This node's copies of other nodes' grains.
 pub(crate) struct Copies {
     dir: PathBuf,
+    busy: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+struct CopyClaim<'a> {
+    copies: &'a Copies,
+    grain: String,
+}
+
+impl Drop for CopyClaim<'_> {
+    fn drop(&mut self) {
+        self.copies
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.grain);
+    }
 }
 
 impl Copies {
     pub(crate) fn new(data_dir: &Path) -> Copies {
         Copies {
             dir: data_dir.join("replicas"),
+            busy: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Drops copies no owner will update: of grains no longer placed
+    /// anywhere (removed), or placed on a node other than the one that
+    /// sent them (moved; the new owner sends whole if it picks this node).
+    fn drop_orphans(&self, placements: &[granary_cluster::Placement]) {
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let grain = entry.file_name().to_string_lossy().into_owned();
+            let owner = placements
+                .iter()
+                .find(|p| p.grain == grain)
+                .map(|p| &p.node);
+            let from = self.state(&grain).map(|s| s.from);
+            if owner.is_none() || (from.is_some() && owner != from.as_ref()) {
+                self.drop_copy(&grain);
+            }
         }
     }
 
@@ -60,15 +96,15 @@ impl Copies {
 
     /// Whether a stream that is a delta from `base` (or whole) applies to
     /// the copy of `grain` here.
-    pub(crate) fn ready(&self, grain: &str, base: Option<&str>) -> Result<(), String> {
+    pub(crate) fn ready(&self, grain: &str, from: &str, base: Option<&str>) -> Result<(), String> {
         let Some(base) = base else { return Ok(()) };
         match self.state(grain) {
-            Some(s) if s.whole && s.label == base => Ok(()),
+            Some(s) if s.whole && s.label == base && s.from == from => Ok(()),
             Some(s) if s.whole => Err(format!(
-                "the copy of {grain} here is of {}, not {base}: send it whole",
-                s.label
+                "the copy of {grain} here is {}'s {}, not {from}'s {base}: {SEND_WHOLE}",
+                s.from, s.label
             )),
-            _ => Err(format!("no whole copy of {grain} here: send it whole")),
+            _ => Err(format!("no whole copy of {grain} here: {SEND_WHOLE}")),
         }
     }
 
@@ -81,7 +117,8 @@ impl Copies {
         uid: u32,
         stream: &mut dyn std::io::Read,
     ) -> Result<u64, String> {
-        self.ready(grain, base)?;
+        let _one = self.claim(grain)?;
+        self.ready(grain, &state.from, base)?;
         let dir = self.dir.join(grain);
         let data = dir.join("data");
         for d in [&self.dir, &dir] {
@@ -89,31 +126,71 @@ impl Copies {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(msg)?;
         }
-        self.write_state(
-            grain,
-            &State {
-                whole: false,
-                ..state.clone()
-            },
-        )?;
-        if base.is_none() {
-            match std::fs::remove_dir_all(&data) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(msg(e)),
-                _ => {}
+        // A whole copy is made beside the old one, which stays whole until
+        // the new one is; a delta changes the copy in place, marked not
+        // whole until it is all applied and synced.
+        let into = match base {
+            None => {
+                let fresh = dir.join("incoming");
+                match std::fs::remove_dir_all(&fresh) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(msg(e)),
+                    _ => {}
+                }
+                std::fs::create_dir(&fresh).map_err(msg)?;
+                fresh
             }
-            std::fs::create_dir(&data).map_err(msg)?;
-        }
+            Some(_) => {
+                self.write_state(
+                    grain,
+                    &State {
+                        whole: false,
+                        ..state.clone()
+                    },
+                )?;
+                data.clone()
+            }
+        };
         let mut n = 0u64;
         let mut counted = Counting {
             inner: stream,
             n: &mut n,
         };
-        granary_backup::tree::apply_stream(&mut counted, &data, Some(uid)).map_err(msg)?;
+        granary_backup::tree::apply_stream(&mut counted, &into, Some(uid)).map_err(msg)?;
         // To the end frame: only then was the stream whole.
         std::io::copy(&mut counted, &mut std::io::sink()).map_err(msg)?;
-        super::arrive::sync_fs(&data)?;
+        super::arrive::sync_fs(&into)?;
+        if base.is_none() {
+            self.write_state(
+                grain,
+                &State {
+                    whole: false,
+                    ..state.clone()
+                },
+            )?;
+            match std::fs::remove_dir_all(&data) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(msg(e)),
+                _ => {}
+            }
+            std::fs::rename(&into, &data).map_err(msg)?;
+            granary_files::sync_dir(&dir).map_err(msg)?;
+        }
         self.write_state(grain, &state)?;
         Ok(n)
+    }
+
+    /// One round at a time per copy: a second one (a sender that gave up
+    /// on the first and tried again) is refused until the first ends.
+    fn claim(&self, grain: &str) -> Result<CopyClaim<'_>, String> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if !busy.insert(grain.to_owned()) {
+            return Err(format!(
+                "a round of {grain}'s copy is still being applied here"
+            ));
+        }
+        Ok(CopyClaim {
+            copies: self,
+            grain: grain.to_owned(),
+        })
     }
 
     /// Drops the copy of `grain` (it runs here now, or is gone).
@@ -214,7 +291,7 @@ pub(crate) fn spawn(src: Source, copies: Arc<Copies>, replicas: u32, every: Dura
 
 async fn round(
     src: &Source,
-    copies: &Copies,
+    copies: &Arc<Copies>,
     replicas: usize,
     bases: &mut HashMap<(String, String), String>,
 ) -> Result<(), String> {
@@ -222,9 +299,18 @@ async fn round(
     let me = &src.member.node;
     let etcd = |e: granary_cluster::ClusterError| format!("cannot check with the cluster: {e}");
     let placements = c.placements().await.map_err(etcd)?;
-    // Copies of grains that run here now are no copies.
-    for p in placements.iter().filter(|p| p.node == *me) {
-        copies.drop_copy(&p.grain);
+    // Copies of grains that run here now are no copies; nor are those no
+    // owner will update.
+    {
+        let (copies, placements, me) = (copies.clone(), placements.clone(), me.clone());
+        tokio::task::spawn_blocking(move || {
+            for p in placements.iter().filter(|p| p.node == me) {
+                copies.drop_copy(&p.grain);
+            }
+            copies.drop_orphans(&placements);
+        })
+        .await
+        .map_err(msg)?;
     }
     let mut nodes: Vec<(String, String, String)> = c
         .nodes()
@@ -308,17 +394,12 @@ async fn replicate(
         .snapshot(grain, &label)
         .await
         .map_err(|e| e.to_string())?;
-    let (datasets, g2, l2) = (src.datasets.clone(), g.clone(), label.clone());
-    tokio::task::spawn_blocking(move || datasets.hold(&g2, &l2, HOLD_TAG))
-        .await
-        .map_err(msg)?
-        .map_err(msg)?;
     for (node, link, key) in targets {
         let t = Target { address: link, key };
         let base = bases.get(&(g.clone(), node.clone())).cloned();
         let mut sent = send(src, &t, grain, &label, base.clone(), epoch).await;
-        if sent.is_err() && base.is_some() {
-            // Its copy is not the one we think: send it whole.
+        if base.is_some() && sent.as_ref().is_err_and(|e| e.contains(SEND_WHOLE)) {
+            // Its copy is not the one we think (either side restarted).
             sent = send(src, &t, grain, &label, None, epoch).await;
         }
         match sent {
@@ -335,10 +416,14 @@ async fn replicate(
                 }
             }
             Err(e) => {
+                // Its copy is no base to count on any more.
+                bases.remove(&(g.clone(), node.clone()));
                 tracing::warn!(grain = %g, node, error = %e, "cannot replicate a grain to a node")
             }
         }
     }
+    // Nodes no longer targets hold no base we keep.
+    bases.retain(|(bg, n), _| *bg != g || targets.iter().any(|t| t.0 == *n));
     // Keep what some copy is of (the next round's base), drop the rest.
     let keep: Vec<String> = bases
         .iter()
@@ -351,11 +436,12 @@ async fn replicate(
             if !s.name.starts_with("replica-") {
                 continue;
             }
-            if !keep.contains(&s.name) {
-                let _ = datasets.release(&g, &s.name, HOLD_TAG);
-                if let Err(e) = datasets.delete_snapshot(&g, &s.name) {
-                    tracing::debug!(grain = %g, snapshot = s.name, error = %e, "replication snapshot kept");
-                }
+            // Not held: retention prunes only `auto-` snapshots, and a
+            // base deleted by hand only makes the next round send whole.
+            if !keep.contains(&s.name)
+                && let Err(e) = datasets.delete_snapshot(&g, &s.name)
+            {
+                tracing::debug!(grain = %g, snapshot = s.name, error = %e, "replication snapshot kept");
             }
         }
     })
