@@ -733,7 +733,9 @@ impl Coordinator {
 
     /// Moves a grain's placement from what `from` says to `to`, only if
     /// nobody placed it since `from` was read (compare-and-swap on its
-    /// epoch). The new placement has a new, larger epoch.
+    /// epoch), and, to another node, only while that node is not drained
+    /// (its record compared too). The new placement has a new, larger
+    /// epoch; to the same node, that only fences off older writes.
     pub async fn switch(&self, from: &Placement, to: &str) -> Result<Placement> {
         let key = self.key(&format!("placement/{}", from.grain));
         let alive = self.key(&format!("alive/{to}"));
@@ -741,12 +743,25 @@ impl Coordinator {
             node: to.to_owned(),
             placed_unix: now_unix(),
         };
-        let txn = Txn::new()
-            .when([
-                Compare::mod_revision(key.as_str(), CompareOp::Equal, from.epoch),
-                Compare::version(alive.as_str(), CompareOp::Greater, 0),
-            ])
-            .and_then([TxnOp::put(key.as_str(), to_json(&record), None)]);
+        let mut when = vec![
+            Compare::mod_revision(key.as_str(), CompareOp::Equal, from.epoch),
+            Compare::version(alive.as_str(), CompareOp::Greater, 0),
+        ];
+        if from.node != to {
+            let (node, at) = self.record_at(to).await?;
+            if node.drained {
+                return Err(ClusterError::NoRoom {
+                    grain: from.grain.clone(),
+                    why: format!("{to}: drained"),
+                });
+            }
+            let member = self.key(&format!("nodes/{to}"));
+            when.push(Compare::mod_revision(member.as_str(), CompareOp::Equal, at));
+        }
+        let txn =
+            Txn::new()
+                .when(when)
+                .and_then([TxnOp::put(key.as_str(), to_json(&record), None)]);
         let resp = self
             .c()
             .txn(txn)
@@ -763,7 +778,7 @@ impl Coordinator {
         match self.placement(&from.grain).await? {
             Some(p) if p.epoch == from.epoch => Err(ClusterError::NoRoom {
                 grain: from.grain.clone(),
-                why: format!("{to}: down"),
+                why: format!("{to}: down, or drained meanwhile"),
             }),
             _ => Err(ClusterError::Conflict {
                 grain: from.grain.clone(),

@@ -66,7 +66,7 @@ pub type MoveFuture<T> = Pin<Box<dyn std::future::Future<Output = Result<T, Stri
 pub trait Moves: Send + Sync {
     /// Gets ready to take `grain` from node `from`: checks that nothing of
     /// it is here, fetches its app, makes an empty staging dataset.
-    fn prepare(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()>;
+    fn prepare(&self, grain: &GrainId, id: &str, from: &str, seen: u64) -> MoveFuture<()>;
     /// Whether node `from` has move `id` of `grain` under way here: asked
     /// before a stream is taken, so a refusal comes with its reason.
     fn expects(&self, grain: &GrainId, id: &str, from: &str) -> Result<(), String>;
@@ -124,6 +124,10 @@ pub enum Job {
 pub enum Step {
     Prepare {
         from: String,
+        /// How far the source has applied the shared records: the target
+        /// catches up that far first (a grain made a moment ago).
+        #[serde(default)]
+        seen: u64,
     },
     Receive,
     /// A replication round's stream: the grain's data as of snapshot
@@ -402,10 +406,10 @@ pub(crate) async fn serve_step<S: AsyncRead + AsyncWrite + Unpin>(
     };
     tracing::debug!(grain = %grain, move_id = id, from = node, ?step, "move step asked");
     let done = match step {
-        Step::Prepare { from } if from != node => {
+        Step::Prepare { from, .. } if from != node => {
             Err(format!("node {node} asked to move a grain for node {from}"))
         }
-        Step::Prepare { from } => moves.prepare(&grain, id, &from).await,
+        Step::Prepare { from, seen } => moves.prepare(&grain, id, &from, seen).await,
         Step::Receive => match moves.expects(&grain, id, node) {
             Ok(()) => {
                 return receive(stream, |r| moves.receive(&grain, id, node, r)).await;

@@ -366,7 +366,13 @@ async fn placement_is_fenced_by_epochs() {
         "n1"
     );
 
-    // No move to a node that is down.
+    // No move to a drained node, nor to one that is down.
+    c.set_drained("pi", true).await.unwrap();
+    assert!(matches!(
+        c.switch(&moved, "pi").await,
+        Err(ClusterError::NoRoom { why, .. }) if why.contains("drained")
+    ));
+    c.set_drained("pi", false).await.unwrap();
     let pi_state = c.placement("alice-blog").await.unwrap().unwrap();
     lpi.release().await.unwrap();
     assert!(matches!(

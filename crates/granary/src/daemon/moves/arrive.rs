@@ -177,8 +177,25 @@ impl Inner {
         grain: GrainId,
         id: String,
         from: String,
+        seen: u64,
     ) -> Result<(), String> {
         let g = grain.to_string();
+        // The source has seen records this node may not have read yet (a
+        // grain made a moment ago): read them first.
+        if self.store.position() < seen {
+            let records = crate::daemon::ledger::NodeRecords {
+                store: self.store.clone(),
+                apps_dir: self.apps_dir.clone(),
+            };
+            granary_cluster::Records::reach(&records, seen)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "node {} is behind the cluster's records: {e}",
+                        self.member.node
+                    )
+                })?;
+        }
         // Only the grain's owner moves it, under the placement it holds.
         let epoch = match self.placed(&g).await? {
             Some((owner, epoch)) if owner == from => epoch,
@@ -433,9 +450,9 @@ impl Moves for NodeMoves {
             .await
         })
     }
-    fn prepare(&self, grain: &GrainId, id: &str, from: &str) -> MoveFuture<()> {
+    fn prepare(&self, grain: &GrainId, id: &str, from: &str, seen: u64) -> MoveFuture<()> {
         let inner = self.0.clone();
-        Box::pin(inner.prepare(grain.clone(), id.to_owned(), from.to_owned()))
+        Box::pin(inner.prepare(grain.clone(), id.to_owned(), from.to_owned(), seen))
     }
     fn expects(&self, grain: &GrainId, id: &str, from: &str) -> Result<(), String> {
         self.0.staging_of(grain, id, from).map(drop)

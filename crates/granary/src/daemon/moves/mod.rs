@@ -191,6 +191,7 @@ pub(crate) async fn move_out(
         &id,
         Step::Prepare {
             from: m.node.clone(),
+            seen: src.records.position(),
         },
     )
     .await
