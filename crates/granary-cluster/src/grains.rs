@@ -19,6 +19,7 @@ use granary_grains::{
 use granary_model::GrainId;
 use granary_package::SigningKey;
 
+use crate::moves::GrainCall;
 use crate::{Arch, ClusterError, Coordinator, Located, Route};
 
 /// What the daemon's shared records tell the cluster layer.
@@ -155,6 +156,60 @@ async fn forward(
     crate::link::connect(&link, &node_key, key, grain, service, identity, peer, seen).await
 }
 
+impl ClusterGrains {
+    /// An admin's call on `grain`, run by the node that owns it when that
+    /// is another one: its report, or `None` to run it here (placed here,
+    /// not placed, running here, or etcd cannot say: the start gate still
+    /// refuses what this node may not run).
+    fn elsewhere(
+        &self,
+        grain: &GrainId,
+        call: GrainCall,
+    ) -> impl std::future::Future<Output = Result<Option<String>, GrainError>> + Send + 'static
+    {
+        let (local, c, me, key) = (
+            self.local.clone(),
+            self.coordinator.clone(),
+            self.node.clone(),
+            self.key.clone(),
+        );
+        let grain = grain.clone();
+        async move {
+            if local
+                .status(&grain)
+                .await
+                .is_ok_and(|s| s.state != "stopped")
+            {
+                return Ok(None);
+            }
+            let Ok(Located::There(route)) = ask_route(&c, &grain, &me).await else {
+                return Ok(None);
+            };
+            let Some(link) = route.link else {
+                return Err(GrainError::new(
+                    &grain,
+                    Problem::Busy(format!("its node {} is down", route.node)),
+                ));
+            };
+            let target = crate::moves::Target {
+                address: &link,
+                key: &route.key,
+            };
+            let job = crate::moves::Job::Grain {
+                grain: grain.to_string(),
+                call,
+            };
+            tracing::debug!(%grain, node = route.node, "asking the grain's node");
+            crate::moves::run(&target, &key, job, |_| {})
+                .await
+                .map(Some)
+                .map_err(|e| {
+                    GrainError::new(&grain, Problem::Host(format!("node {}: {e}", route.node)))
+                })
+        }
+    }
+}
+
 impl Grains for ClusterGrains {
     fn connect(
         &self,
@@ -228,19 +283,60 @@ impl Grains for ClusterGrains {
     }
 
     fn start(&self, grain: &GrainId, how: Start) -> GrainsFuture<()> {
-        self.local.start(grain, how)
+        let call = GrainCall::Start {
+            answering: matches!(how, Start::Answering),
+        };
+        let (local, g) = (self.local.clone(), grain.clone());
+        let elsewhere = self.elsewhere(grain, call);
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(_) => Ok(()),
+                None => local.start(&g, how).await,
+            }
+        })
     }
     fn stop(&self, grain: &GrainId) -> GrainsFuture<bool> {
-        self.local.stop(grain)
+        let (local, g) = (self.local.clone(), grain.clone());
+        let elsewhere = self.elsewhere(grain, GrainCall::Stop);
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(report) => Ok(report == "true"),
+                None => local.stop(&g).await,
+            }
+        })
     }
     fn status(&self, grain: &GrainId) -> GrainsFuture<GrainStatus> {
-        self.local.status(grain)
+        let (local, g) = (self.local.clone(), grain.clone());
+        let elsewhere = self.elsewhere(grain, GrainCall::Status);
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(report) => serde_json::from_str(&report).map_err(|e| {
+                    GrainError::new(
+                        &g,
+                        Problem::Host(format!("a bad status from its node: {e}")),
+                    )
+                }),
+                None => local.status(&g).await,
+            }
+        })
     }
     fn list(&self) -> GrainsFuture<Vec<GrainStatus>> {
         self.local.list()
     }
     fn logs(&self, grain: &GrainId, max_bytes: u64) -> GrainsFuture<Vec<u8>> {
-        self.local.logs(grain, max_bytes)
+        let (local, g) = (self.local.clone(), grain.clone());
+        let elsewhere = self.elsewhere(grain, GrainCall::Logs { max_bytes });
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(report) => serde_json::from_str::<String>(&report)
+                    .ok()
+                    .and_then(|h| hex::decode(h).ok())
+                    .ok_or_else(|| {
+                        GrainError::new(&g, Problem::Host("a bad log from its node".into()))
+                    }),
+                None => local.logs(&g, max_bytes).await,
+            }
+        })
     }
     fn snapshot(&self, grain: &GrainId, label: &str) -> GrainsFuture<SnapshotTaken> {
         self.local.snapshot(grain, label)

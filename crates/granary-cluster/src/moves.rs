@@ -117,6 +117,19 @@ pub enum Job {
     Move { grain: String, to: String },
     /// Move every grain off the asked node, which is `node`.
     Drain { node: String },
+    /// An admin's call on a grain the asked node runs.
+    Grain { grain: String, call: GrainCall },
+}
+
+/// What an admin asks of a grain on another node ([`Job::Grain`]); the
+/// report is JSON: nothing, whether it ran, its status, its log (hex).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum GrainCall {
+    Start { answering: bool },
+    Stop,
+    Status,
+    Logs { max_bytes: u64 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

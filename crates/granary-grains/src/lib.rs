@@ -122,7 +122,7 @@ pub enum Start {
 }
 
 /// What `granary grain status` shows of one grain.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GrainStatus {
     pub id: String,
     pub user: String,

@@ -227,6 +227,8 @@ async fn serve(
     .await?;
     tokio::spawn(memory::trim_after_exits(supervisor.grain_exits()));
     let mut grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
+    // This node's own grains, never forwarded (moves drive them).
+    let local_grains = grains.clone();
     if let (Some(m), Some(links)) = (&member, links) {
         let local = grains.clone();
         tokio::spawn(cluster::fence_on_lapse(m.clone(), local.clone()));
@@ -319,6 +321,7 @@ async fn serve(
         admin::AdminSetup {
             store: store.clone(),
             grains: grains.clone(),
+            local_grains,
             datasets,
             apps_dir: start::apps_dir(&config)?,
             uids: granary_state::HostUid::FirstFreeIn(config.uid_range),

@@ -238,7 +238,7 @@ async fn run_job(
     };
     let source = crate::daemon::moves::Source {
         member,
-        grains: ctx.grains.clone(),
+        grains: ctx.local_grains.clone(),
         datasets: ctx.datasets.clone(),
         records: std::sync::Arc::new(crate::daemon::ledger::NodeRecords {
             store: ctx.store.clone(),

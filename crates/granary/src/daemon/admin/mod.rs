@@ -47,7 +47,10 @@ pub(super) const ACTOR: &str = "admin";
 /// What every admin capability works with.
 pub(super) struct Ctx {
     pub(super) store: Arc<Store>,
+    /// A cluster node's grains: calls on one another node runs go there.
     pub(super) grains: Arc<dyn Grains>,
+    /// This node's own grains, as moves drive them.
+    pub(super) local_grains: Arc<dyn Grains>,
     pub(super) datasets: Arc<dyn granary_datasets::Datasets>,
     pub(super) apps_dir: PathBuf,
     pub(super) uids: HostUid,
@@ -107,6 +110,7 @@ impl AdminThread {
 pub(super) struct AdminSetup {
     pub(super) store: Arc<Store>,
     pub(super) grains: Arc<dyn Grains>,
+    pub(super) local_grains: Arc<dyn Grains>,
     pub(super) datasets: Arc<dyn granary_datasets::Datasets>,
     pub(super) apps_dir: PathBuf,
     pub(super) uids: HostUid,
@@ -164,6 +168,7 @@ pub(super) fn spawn(
                 let ctx = Rc::new(Ctx {
                     store: setup.store,
                     grains: setup.grains,
+                    local_grains: setup.local_grains,
                     datasets: setup.datasets,
                     apps_dir: setup.apps_dir,
                     uids: setup.uids,

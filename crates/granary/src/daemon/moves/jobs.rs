@@ -3,7 +3,7 @@
 //! or forwarded over the node link to the node that must drive it.
 
 use granary_backup::progress::Progress;
-use granary_cluster::moves::{Job, Target};
+use granary_cluster::moves::{GrainCall, Job, Target};
 use granary_grains::GrainId;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -42,7 +42,32 @@ pub(crate) async fn run(
             None => forward(&src, &node, Job::Drain { node: node.clone() }, progress).await,
             Some(by) => Err(format!("node {by} asked node {me} to drain {node}")),
         },
+        // Another node's admin asked this one, which runs the grain: on
+        // this node's own grains, never forwarded again.
+        Job::Grain { grain, call } => grain_call(&src, &grain, call).await,
     }
+}
+
+async fn grain_call(src: &Source, grain: &str, call: GrainCall) -> Result<String, String> {
+    let id = GrainId::parse(grain).map_err(msg)?;
+    let g = &src.grains;
+    let failed = |e: granary_grains::GrainError| e.to_string();
+    Ok(match call {
+        GrainCall::Start { answering } => {
+            let how = match answering {
+                true => granary_grains::Start::Answering,
+                false => granary_grains::Start::Running,
+            };
+            g.start(&id, how).await.map_err(failed)?;
+            "null".to_owned()
+        }
+        GrainCall::Stop => json(&g.stop(&id).await.map_err(failed)?),
+        GrainCall::Status => json(&g.status(&id).await.map_err(failed)?),
+        GrainCall::Logs { max_bytes } => {
+            let log = g.logs(&id, max_bytes.min(4 << 20)).await.map_err(failed)?;
+            json(&hex::encode(log))
+        }
+    })
 }
 
 fn json<T: Serialize>(report: &T) -> String {
