@@ -721,7 +721,7 @@ fn a_grain_moves_to_another_node_with_its_data_and_loses_no_acknowledged_write()
     assert_eq!(owned, [0, 1, 0]);
     let epoch = std::fs::read_to_string(n2.data_dir().join("grains/alice-hello/epoch")).unwrap();
     assert_eq!(epoch.trim(), r["epoch"].to_string());
-    // n1's copy is fenced: kept aside, and n1 may not start the grain.
+    // n1's copy is fenced: kept aside (n1's start gate refuses it: OwnedBy).
     assert!(!data.exists());
     let kept = r["fenced_as"].as_str().unwrap();
     assert!(

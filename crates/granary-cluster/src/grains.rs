@@ -156,6 +156,10 @@ async fn forward(
     crate::link::connect(&link, &node_key, key, grain, service, identity, peer, seen).await
 }
 
+/// The most of a grain's log another node sends back: hex in one answer
+/// line, which is at most 64 KiB.
+const FORWARDED_LOG: u64 = 24 << 10;
+
 impl ClusterGrains {
     /// An admin's call on `grain`, run by the node that owns it when that
     /// is another one: its report, or `None` to run it here (placed here,
@@ -186,6 +190,10 @@ impl ClusterGrains {
                 return Ok(None);
             };
             let Some(link) = route.link else {
+                // A node without a lease has stopped its grains itself.
+                if call == GrainCall::Stop {
+                    return Ok(Some("false".to_owned()));
+                }
                 return Err(GrainError::new(
                     &grain,
                     Problem::Busy(format!("its node {} is down", route.node)),
@@ -325,7 +333,13 @@ impl Grains for ClusterGrains {
     }
     fn logs(&self, grain: &GrainId, max_bytes: u64) -> GrainsFuture<Vec<u8>> {
         let (local, g) = (self.local.clone(), grain.clone());
-        let elsewhere = self.elsewhere(grain, GrainCall::Logs { max_bytes });
+        // From another node, the end of the log fits one answer line.
+        let elsewhere = self.elsewhere(
+            grain,
+            GrainCall::Logs {
+                max_bytes: max_bytes.min(FORWARDED_LOG),
+            },
+        );
         Box::pin(async move {
             match elsewhere.await? {
                 Some(report) => serde_json::from_str::<String>(&report)

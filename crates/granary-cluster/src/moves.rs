@@ -460,7 +460,12 @@ pub(crate) async fn serve_run<S: AsyncRead + AsyncWrite + Unpin>(
     moves: &dyn Moves,
     job: Job,
 ) -> std::io::Result<()> {
-    tracing::info!(from = node, ?job, "a job asked by another node");
+    match &job {
+        Job::Grain { .. } => {
+            tracing::debug!(from = node, ?job, "a grain call asked by another node")
+        }
+        _ => tracing::info!(from = node, ?job, "a job asked by another node"),
+    }
     let (tx, mut rx) = mpsc::channel(64);
     let work = tokio::spawn(moves.run(job, node, tx));
     loop {
@@ -521,7 +526,10 @@ pub async fn run(
         // A line comes at least every HEARTBEAT while the job runs.
         let a = answer(&mut stream, 4 * HEARTBEAT, target.address)
             .await
-            .map_err(|e| format!("{e} (the job may still be running there)"))?;
+            .map_err(|e| match e.starts_with("node link to ") {
+                true => format!("{e} (the job may still be running there)"),
+                false => e,
+            })?;
         match (a.progress, a.report) {
             (Some(p), _) => progress(p),
             (None, Some(report)) => return Ok(report),

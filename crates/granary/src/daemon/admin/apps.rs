@@ -113,7 +113,7 @@ async fn grains_of(ctx: &Ctx, kind: &str) -> Result<Vec<GrainId>, capnp::Error> 
 /// Stops every grain of a kind (they start again on next use).
 async fn stop_kind(ctx: &Ctx, kind: &str) -> Result<(), capnp::Error> {
     for id in grains_of(ctx, kind).await? {
-        ctx.grains.stop(&id).await.map_err(grain_failure)?;
+        ctx.local_grains.stop(&id).await.map_err(grain_failure)?;
     }
     Ok(())
 }
@@ -302,7 +302,7 @@ impl apps::Server for Apps {
         let of_kind = grains_of(ctx, &current.kind).await?;
         let mut restart = Vec::new();
         for id in &of_kind {
-            let status = ctx.grains.status(id).await.map_err(grain_failure)?;
+            let status = ctx.local_grains.status(id).await.map_err(grain_failure)?;
             if status.state == "running" {
                 restart.push(id.clone());
             }
@@ -313,7 +313,7 @@ impl apps::Server for Apps {
             restart.push(first.clone());
         }
         for id in &of_kind {
-            ctx.grains.stop(id).await.map_err(grain_failure)?;
+            ctx.local_grains.stop(id).await.map_err(grain_failure)?;
         }
         // The grains about to start on the new version (and migrate) are
         // snapshotted first, so a failed upgrade puts their data back too.
@@ -322,7 +322,7 @@ impl apps::Server for Apps {
         let mut saved = Vec::new();
         for id in &restart {
             if ctx.datasets.path(id).exists() {
-                ctx.grains
+                ctx.local_grains
                     .snapshot(id, &label)
                     .await
                     .map_err(grain_failure)?;
@@ -352,7 +352,7 @@ impl apps::Server for Apps {
         .await?;
         let mut failure = None;
         for id in &restart {
-            if let Err(e) = ctx.grains.start(id, Start::Answering).await {
+            if let Err(e) = ctx.local_grains.start(id, Start::Answering).await {
                 failure = Some(e.to_string());
                 break;
             }
@@ -367,12 +367,12 @@ impl apps::Server for Apps {
         };
         tracing::error!(kind = %app.kind, version = %app.version, %error, "upgrade failed to start; rolling back");
         for id in &restart {
-            let _ = ctx.grains.stop(id).await;
+            let _ = ctx.local_grains.stop(id).await;
         }
         // The data as it was before any migration, and the version it
         // belongs to.
         for id in &saved {
-            if let Err(e) = ctx.grains.rollback(id, &label).await {
+            if let Err(e) = ctx.local_grains.rollback(id, &label).await {
                 tracing::error!(grain = %id, error = %e, "cannot put the grain's data back after a failed upgrade");
             }
             let (store, id, version) = (ctx.store.clone(), id.to_string(), current.version.clone());
@@ -388,7 +388,7 @@ impl apps::Server for Apps {
             blocking(move || store.roll_back_app(&kind, ACTOR).map_err(state_failure)).await?;
         let mut restarted = 0;
         for id in &restart {
-            if ctx.grains.start(id, Start::Running).await.is_ok() {
+            if ctx.local_grains.start(id, Start::Running).await.is_ok() {
                 restarted += 1;
             }
         }

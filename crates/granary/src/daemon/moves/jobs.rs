@@ -64,7 +64,7 @@ async fn grain_call(src: &Source, grain: &str, call: GrainCall) -> Result<String
         GrainCall::Stop => json(&g.stop(&id).await.map_err(failed)?),
         GrainCall::Status => json(&g.status(&id).await.map_err(failed)?),
         GrainCall::Logs { max_bytes } => {
-            let log = g.logs(&id, max_bytes.min(4 << 20)).await.map_err(failed)?;
+            let log = g.logs(&id, max_bytes.min(24 << 10)).await.map_err(failed)?;
             json(&hex::encode(log))
         }
     })
