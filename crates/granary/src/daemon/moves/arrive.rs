@@ -291,19 +291,11 @@ impl Inner {
         let (staging, uid, _) = self.staging_of(&grain, &id, &from)?;
         let datasets = self.datasets.clone();
         tokio::task::spawn_blocking(move || {
-            let mut counted = Counted {
-                inner: stream,
-                n: 0,
-            };
-            granary_backup::tree::apply_stream(&mut counted, &datasets.path(&staging), Some(uid))
-                .map_err(msg)?;
-            // To the end frame: only then was the stream whole.
-            std::io::copy(&mut counted, &mut std::io::sink()).map_err(msg)?;
             // On disk now, while the grain still runs on the source: the
             // commit's sync (the grain down) then has only the last delta
             // to write.
-            sync_fs(&datasets.path(&staging))?;
-            Ok(counted.n)
+            let mut stream = stream;
+            apply_synced(&mut *stream, &datasets.path(&staging), uid)
         })
         .await
         .map_err(msg)?
@@ -504,17 +496,27 @@ impl Moves for NodeMoves {
     }
 }
 
-struct Counted {
-    inner: Box<dyn Read + Send>,
-    n: u64,
-}
-
-impl Read for Counted {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.n += n as u64;
-        Ok(n)
+/// Applies a tree stream to `into` (handing entries to `uid`), reads it to
+/// its end frame (only then was it whole) and syncs the filesystem; the
+/// bytes the stream carried.
+pub(super) fn apply_synced(
+    stream: &mut dyn Read,
+    into: &std::path::Path,
+    uid: u32,
+) -> Result<u64, String> {
+    struct Counted<'a>(&'a mut dyn Read, u64);
+    impl Read for Counted<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.read(buf)?;
+            self.1 += n as u64;
+            Ok(n)
+        }
     }
+    let mut counted = Counted(stream, 0);
+    granary_backup::tree::apply_stream(&mut counted, into, Some(uid)).map_err(msg)?;
+    std::io::copy(&mut counted, &mut std::io::sink()).map_err(msg)?;
+    sync_fs(into)?;
+    Ok(counted.1)
 }
 
 /// Flushes the filesystem holding `dir` to disk.

@@ -396,8 +396,31 @@ async fn send_round(
     })
     .await
     .map_err(msg)??;
-    let datasets = src.datasets.clone();
-    let produce = Box::new(move |out: &mut dyn std::io::Write| {
+    let produce = snapshot_stream(&src.datasets, grain, &label, base);
+    let mut meter = Meter::new(&grain.shown(), phase, Some(total));
+    let applied =
+        granary_cluster::moves::send_stream(t, &src.member.key, grain, id, produce, |n| {
+            meter.add(n);
+            if let Some(p) = meter.tick() {
+                let _ = progress.try_send(p);
+            }
+        })
+        .await?;
+    let _ = progress.try_send(meter.now(true));
+    Ok(applied)
+}
+
+/// Writes (blocking) the exact tree stream of `grain`'s snapshot `label`,
+/// a delta from snapshot `base` when given: what moves and replication
+/// send over the link.
+fn snapshot_stream(
+    datasets: &Arc<dyn Datasets>,
+    grain: &GrainId,
+    label: &str,
+    base: Option<String>,
+) -> granary_cluster::moves::Producer {
+    let (datasets, g, label) = (datasets.clone(), grain.to_string(), label.to_owned());
+    Box::new(move |out: &mut dyn std::io::Write| {
         let new = datasets.view_snapshot(&g, &label).map_err(msg)?;
         let old = base
             .as_ref()
@@ -411,18 +434,7 @@ async fn send_round(
         granary_backup::tree::write_stream_exact(&new.path, old, out)
             .map(drop)
             .map_err(msg)
-    });
-    let mut meter = Meter::new(&grain.shown(), phase, Some(total));
-    let applied =
-        granary_cluster::moves::send_stream(t, &src.member.key, grain, id, produce, |n| {
-            meter.add(n);
-            if let Some(p) = meter.tick() {
-                let _ = progress.try_send(p);
-            }
-        })
-        .await?;
-    let _ = progress.try_send(meter.now(true));
-    Ok(applied)
+    })
 }
 
 /// Deletes a failed move's snapshots on this node.

@@ -150,15 +150,7 @@ impl Copies {
                 data.clone()
             }
         };
-        let mut n = 0u64;
-        let mut counted = Counting {
-            inner: stream,
-            n: &mut n,
-        };
-        granary_backup::tree::apply_stream(&mut counted, &into, Some(uid)).map_err(msg)?;
-        // To the end frame: only then was the stream whole.
-        std::io::copy(&mut counted, &mut std::io::sink()).map_err(msg)?;
-        super::arrive::sync_fs(&into)?;
+        let n = super::arrive::apply_synced(stream, &into, uid)?;
         if base.is_none() {
             self.write_state(
                 grain,
@@ -202,19 +194,6 @@ impl Copies {
                 Err(e) => tracing::warn!(grain, error = %e, "cannot drop a grain's copy"),
             }
         }
-    }
-}
-
-struct Counting<'a> {
-    inner: &'a mut dyn std::io::Read,
-    n: &'a mut u64,
-}
-
-impl std::io::Read for Counting<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        *self.n += n as u64;
-        Ok(n)
     }
 }
 
@@ -457,23 +436,7 @@ async fn send(
     base: Option<String>,
     epoch: i64,
 ) -> Result<u64, String> {
-    let datasets = src.datasets.clone();
-    let (g, l, b) = (grain.to_string(), label.to_owned(), base.clone());
-    let produce = Box::new(move |out: &mut dyn std::io::Write| {
-        let new = datasets.view_snapshot(&g, &l).map_err(msg)?;
-        let old = b
-            .as_ref()
-            .map(|b| datasets.view_snapshot(&g, b))
-            .transpose()
-            .map_err(msg)?;
-        let old = old
-            .as_ref()
-            .zip(b.as_deref())
-            .map(|(v, b)| (v.path.as_path(), b));
-        granary_backup::tree::write_stream_exact(&new.path, old, out)
-            .map(drop)
-            .map_err(msg)
-    });
+    let produce = super::snapshot_stream(&src.datasets, grain, label, base.clone());
     let step = Step::Replica {
         label: label.to_owned(),
         base,
