@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use granary_testkit::etcd::Etcd;
-use granary_testkit::{Daemon, DaemonMode, eventually};
+use granary_testkit::{Daemon, DaemonMode, Session, eventually};
 use serde_json::Value;
 
 fn node_config(etcd: &Etcd, name: &str, arches: &str) -> String {
@@ -946,4 +946,126 @@ fn a_grains_data_is_replicated_to_another_node_and_its_lag_is_an_alert_once_behi
     );
     assert_eq!(nodes(&n1)[0]["grains"], 0);
     drop((n1, n2));
+}
+
+#[test]
+fn a_grant_reaches_a_provider_on_another_node_and_a_revoke_on_any_node_cuts_it() {
+    let etcd = Etcd::start(1);
+    let mut n1 = node(&etcd, "n1", "\"x86_64\"");
+    let mut n2 = node(&etcd, "n2", "\"x86_64\"");
+    let mut n3 = node(&etcd, "n3", "\"x86_64\"");
+    n2.share_uid_range(&n1);
+    n3.share_uid_range(&n1);
+    n1.granary(&["cluster", "init"]).success();
+    for d in [&n1, &n2, &n3] {
+        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+            .success();
+    }
+    n1.launch();
+    n2.launch();
+    n3.launch();
+    // The example app as `hello` (the provider: it offers `notify`) and
+    // as `relay` (the holder).
+    for d in [&n1, &n2, &n3] {
+        for kind in ["hello", "relay"] {
+            let app = granary_testkit::hello_app(d.dir(), kind, &[]);
+            d.granary(&["app", "install", app.to_str().unwrap()])
+                .success();
+        }
+    }
+    n1.granary(&["user", "add", "alice"]).success();
+    let users_of = |d: &Daemon| -> Vec<String> {
+        let list = d.granary(&["user", "list", "--json"]).success().json();
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    knows(&n2, "n2", "alice", users_of);
+    // The provider runs on n1, the holder on n2.
+    n1.granary(&["grain", "start", "alice/hello"]).success();
+    n2.granary(&["grain", "start", "alice/relay"]).success();
+    // Each was placed where it started (the epoch file is written by the
+    // node that runs it).
+    let epoch = |d: &Daemon, g: &str| d.data_dir().join(format!("grains/{g}/epoch")).exists();
+    assert!(epoch(&n1, "alice-hello") && !epoch(&n2, "alice-hello"));
+    assert!(epoch(&n2, "alice-relay") && !epoch(&n1, "alice-relay"));
+
+    let grant = |d: &Daemon| -> String {
+        let g = d
+            .granary(&[
+                "grant",
+                "add",
+                "--from",
+                "alice/relay",
+                "--to",
+                "alice/hello",
+                "--cap",
+                "notify:site",
+                "--json",
+            ])
+            .success()
+            .json();
+        g["id"].as_i64().unwrap().to_string()
+    };
+    // Made on n1; the holder's node reads it from the shared records.
+    let id = grant(&n1);
+    let mut relay = Session::open(&n2, "alice/relay");
+    eventually("n2 to know the grant", Duration::from_secs(10), || {
+        (relay.ask("hold notify:site") == "ok").then_some(())
+    });
+    assert_eq!(relay.ask("call site r1"), "ok");
+    assert_eq!(relay.ask("call site r2"), "ok");
+    // The provider's object checks its own argument, across the link too.
+    assert!(relay.ask("call blog r3").contains("for site, not blog"));
+    // The calls ran in n1's grain: its notifications file has them.
+    assert_eq!(n1.ask("alice/hello", "notifications"), "2");
+    // The provider stops (idle, or an admin): the next call starts it
+    // again on n1, and the holder does not notice.
+    n1.granary(&["grain", "stop", "alice/hello"]).success();
+    assert_eq!(relay.ask("call site r4"), "ok");
+    assert_eq!(n1.ask("alice/hello", "notifications"), "3");
+
+    // Revoked on the provider's node: the held capability is cut at once.
+    n1.granary(&["grant", "revoke", &id]).success();
+    let cut = relay.ask("call site r5");
+    assert!(cut.contains("revoked"), "{cut}");
+    assert!(relay.ask("hold notify:site").contains("no grant"));
+
+    // Granted again, and revoked on the holder's node: cut at once too.
+    let id = grant(&n1);
+    eventually("n2 to know the new grant", Duration::from_secs(10), || {
+        (relay.ask("hold notify:site") == "ok").then_some(())
+    });
+    assert_eq!(relay.ask("call site r6"), "ok");
+    n2.granary(&["grant", "revoke", &id]).success();
+    let cut = relay.ask("call site r7");
+    assert!(cut.contains("revoked"), "{cut}");
+
+    // Granted again, and revoked on a third node, which runs neither: the
+    // two nodes cut it once they have read the revoke from the shared
+    // records.
+    let id = grant(&n3);
+    eventually(
+        "n2 to know the third grant",
+        Duration::from_secs(10),
+        || (relay.ask("hold notify:site") == "ok").then_some(()),
+    );
+    assert_eq!(relay.ask("call site r8"), "ok");
+    n3.granary(&["grant", "revoke", &id]).success();
+    let revoked = Instant::now();
+    eventually(
+        "the revoke to reach n1 and n2",
+        Duration::from_secs(5),
+        || relay.ask("call site r9").contains("revoked").then_some(()),
+    );
+    eprintln!(
+        "a revoke made on a third node cut the capability after {:?}",
+        revoked.elapsed()
+    );
+    relay.close();
+    // r1, r2, r4, r6, r8, and the r9s that ran before the revoke landed.
+    let ran: u64 = n1.ask("alice/hello", "notifications").parse().unwrap();
+    assert!(ran >= 5, "{ran}");
 }

@@ -10,12 +10,9 @@
 //! user creates one grain per app, and removing a user whose grains hold
 //! data needs --purge.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use granary_testkit::{Daemon, DaemonMode, eventually};
+use granary_testkit::{Daemon, DaemonMode, Session, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -44,66 +41,6 @@ fn setup(extra_config: &str) -> Daemon {
         daemon.granary(&["user", "add", user]).success();
     }
     daemon
-}
-
-/// A live `granary grain connect` session: one line in, one line out.
-struct Session {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Session {
-    fn open(daemon: &Daemon, grain: &str) -> Session {
-        let mut child = Command::new(granary_testkit::granary_bin())
-            .arg("--config")
-            .arg(daemon.config_path())
-            .args(["grain", "connect", grain, "hello"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Session {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-        }
-    }
-
-    fn ask(&mut self, line: &str) -> String {
-        let stdin = self.stdin.as_mut().unwrap();
-        writeln!(stdin, "{line}").unwrap();
-        stdin.flush().unwrap();
-        self.lines
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|e| panic!("no answer to {line:?}: {e}"))
-    }
-
-    fn close(mut self) {
-        drop(self.stdin.take());
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "grain connect exited with {status}");
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        if self.stdin.is_some() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 fn status(daemon: &Daemon, grain: &str) -> serde_json::Value {
@@ -601,7 +538,7 @@ fn a_flooding_grain_is_cut_off_and_the_others_keep_working() {
     assert_eq!(daemon.ask("bob/hello", "ping"), "pong");
     let mut flooder = Session::open(&daemon, "alice/hello");
     assert_eq!(flooder.ask("ping"), "pong");
-    writeln!(flooder.stdin.as_mut().unwrap(), "flood 3000").unwrap();
+    flooder.send("flood 3000").unwrap();
     // Others are served while alice/hello floods.
     for _ in 0..5 {
         assert_eq!(daemon.ask("bob/hello", "ping"), "pong");
@@ -615,9 +552,9 @@ fn a_flooding_grain_is_cut_off_and_the_others_keep_working() {
         if s["state"] == "held" {
             return Some(s);
         }
-        if flooder.lines.try_recv().is_ok() {
+        if flooder.try_line().is_some() {
             // The grain may be dying as this is written: an error is fine.
-            let _ = writeln!(flooder.stdin.as_mut().unwrap(), "flood 3000");
+            let _ = flooder.send("flood 3000");
         }
         None
     });

@@ -6,8 +6,10 @@
 //! What is built so far: connections (the gateway's and `granary grain
 //! connect`'s) reach the owner wherever it runs, and a grain nobody placed
 //! yet is placed, at its first connection, on the node with the most room
-//! that runs its app. Admin calls (start, stop, status, snapshots, mail
-//! delivery) act on this node's grains (issue 19).
+//! that runs its app. Admin calls (start, stop, status, logs) are run by
+//! the node that owns the grain; snapshots and mail delivery act on this
+//! node's grains (issue 19). A capability whose provider runs on another
+//! node is served by that node over a link ([`open_grant`]).
 
 use std::sync::Arc;
 
@@ -154,6 +156,32 @@ async fn forward(
     tracing::debug!(%grain, node, link, "forwarding a connection to the owner node");
     let seen = records.position();
     crate::link::connect(&link, &node_key, key, grain, service, identity, peer, seen).await
+}
+
+/// How a grain here reaches the object of grant `grant` when its provider
+/// runs on another node: `None` when the provider is this node's to run
+/// (placed here, not placed, or etcd cannot say in time: the start gate
+/// decides); otherwise a link to the provider's node, which serves the
+/// object to `holder` ([`Grains::serve_grant`]), or why there is none.
+/// `seen` is how far this node applied the shared records' log.
+pub async fn open_grant(
+    c: &Coordinator,
+    me: &str,
+    key: &SigningKey,
+    seen: u64,
+    grant: i64,
+    holder: &GrainId,
+    provider: &GrainId,
+) -> Option<Result<Connection, String>> {
+    let Ok(Located::There(route)) = ask_route(c, provider, me).await else {
+        return None;
+    };
+    let Some(link) = route.link else {
+        return Some(Err(format!("its provider's node {} is down", route.node)));
+    };
+    tracing::debug!(grant, %holder, %provider, node = route.node, "asking the provider's node for a capability");
+    let opened = crate::link::open_grant(&link, &route.key, key, grant, holder, seen).await;
+    Some(opened.map_err(|e| format!("on node {}: {}", route.node, e.problem)))
 }
 
 /// The most of a grain's log another node sends back: hex in one answer
@@ -375,6 +403,10 @@ impl Grains for ClusterGrains {
     }
     fn grant_revoked(&self, grant: i64) -> GrainsFuture<()> {
         self.local.grant_revoked(grant)
+    }
+    // Asked over a link by the holder's node: the provider is this one's.
+    fn serve_grant(&self, grant: i64, holder: &GrainId) -> GrainsFuture<Connection> {
+        self.local.serve_grant(grant, holder)
     }
     fn deliver_mail(&self, grain: &GrainId, mail: MailDelivery) -> GrainsFuture<()> {
         self.local.deliver_mail(grain, mail)

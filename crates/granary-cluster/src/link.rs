@@ -104,6 +104,14 @@ pub(crate) enum Request {
         kind: String,
         sha256: String,
     },
+    /// A capability of a grain this node runs, for a grain on the asking
+    /// node that holds grant `grant` ([`Grains::serve_grant`]).
+    Grant {
+        grant: i64,
+        holder: String,
+        #[serde(default)]
+        seen: u64,
+    },
     /// One step of moving a grain here ([`crate::moves`]).
     Move {
         grain: String,
@@ -297,6 +305,13 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
         Request::Package { kind, sha256 } => {
             return send_package(stream, node, &served.apps_dir, &kind, &sha256).await;
         }
+        Request::Grant {
+            grant,
+            holder,
+            seen,
+        } => {
+            return serve_grant(stream, node, served, grant, &holder, seen).await;
+        }
         Request::Move { grain, id, step } => {
             return crate::moves::serve_step(stream, node, &*served.moves, &grain, &id, step).await;
         }
@@ -315,20 +330,45 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     tracing::debug!(grain, service, node, user = %identity.user, "connection forwarded from another node");
-    // The asking node has seen records this one has not read yet (a
-    // user made a moment ago): read them first, or say why not rather
-    // than answer "no such grain".
-    if records.position() < seen
-        && let Err(e) = records.reach(seen).await
-    {
-        tracing::warn!(grain, error = %e, "cannot catch up with the asking node's records");
-        let why = format!("node behind the cluster's records: {e}");
-        stream.write_all(&answer(Some(Problem::Busy(why)))).await?;
-        return stream.flush().await;
+    if !caught_up(&mut stream, records, seen).await? {
+        return Ok(());
     }
-    match grains.connect(&id, &service, identity, peer).await {
+    let connected = grains.connect(&id, &service, identity, peer).await;
+    carry_stream(stream, connected).await
+}
+
+/// The asking node has seen records this one has not read yet (a user
+/// or grant made a moment ago): reads them first, or says why not (and
+/// answers `false`) rather than "no such grain".
+async fn caught_up<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut BufReader<S>,
+    records: &dyn crate::Records,
+    seen: u64,
+) -> std::io::Result<bool> {
+    if records.position() >= seen {
+        return Ok(true);
+    }
+    let Err(e) = records.reach(seen).await else {
+        return Ok(true);
+    };
+    tracing::warn!(error = %e, "cannot catch up with the asking node's records");
+    let why = format!("node behind the cluster's records: {e}");
+    stream
+        .write_all(&answer_line(Some(Problem::Busy(why)), None))
+        .await?;
+    stream.flush().await?;
+    Ok(false)
+}
+
+/// Answers a request for a stream, and carries it both ways until either
+/// end closes.
+async fn carry_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: BufReader<S>,
+    local: Result<Connection, GrainError>,
+) -> std::io::Result<()> {
+    match local {
         Ok(conn) => {
-            stream.write_all(&answer(None)).await?;
+            stream.write_all(&answer_line(None, None)).await?;
             stream.flush().await?;
             conn.stream.set_nonblocking(true)?;
             let mut local = tokio::net::UnixStream::from_std(conn.stream)?;
@@ -337,10 +377,35 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(())
         }
         Err(e) => {
-            stream.write_all(&answer(Some(e.problem))).await?;
+            stream
+                .write_all(&answer_line(Some(e.problem), None))
+                .await?;
             stream.flush().await
         }
     }
+}
+
+/// Serves a grant's object to its holder on the asking node.
+async fn serve_grant<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: BufReader<S>,
+    node: &str,
+    served: &Served,
+    grant: i64,
+    holder: &str,
+    seen: u64,
+) -> std::io::Result<()> {
+    let Ok(holder) = GrainId::parse(holder) else {
+        stream
+            .write_all(&answer_line(Some(Problem::NoSuchGrain), None))
+            .await?;
+        return stream.flush().await;
+    };
+    tracing::debug!(grant, %holder, node, "a capability asked for by another node");
+    if !caught_up(&mut stream, &*served.records, seen).await? {
+        return Ok(());
+    }
+    let served = served.grains.serve_grant(grant, &holder).await;
+    carry_stream(stream, served).await
 }
 
 /// Answers a package request with the file, if this node keeps it.
@@ -492,16 +557,47 @@ pub async fn connect(
     peer: Peer,
     seen: u64,
 ) -> Result<Connection, GrainError> {
-    let host = |what: String| GrainError::new(grain, Problem::Host(what));
-    let mut stream = open(address, node_key, key).await.map_err(host)?;
-    let mut request = serde_json::to_vec(&Request::Connect {
+    let request = Request::Connect {
         grain: grain.to_string(),
         service: service.to_owned(),
         identity,
         peer,
         seen,
-    })
-    .expect("requests serialize");
+    };
+    ask_stream(address, node_key, key, grain, &request).await
+}
+
+/// Asks the node at `address` for the object grant `grant` gives
+/// `holder`, a grain of this node: a local stream carrying one Cap'n
+/// Proto connection, whose bootstrap is that object.
+pub async fn open_grant(
+    address: &str,
+    node_key: &str,
+    key: &SigningKey,
+    grant: i64,
+    holder: &GrainId,
+    seen: u64,
+) -> Result<Connection, GrainError> {
+    let request = Request::Grant {
+        grant,
+        holder: holder.to_string(),
+        seen,
+    };
+    ask_stream(address, node_key, key, holder, &request).await
+}
+
+/// Sends `request` and, once the far node says yes, carries the link's
+/// bytes to a local stream; errors name `grain`.
+async fn ask_stream(
+    address: &str,
+    node_key: &str,
+    key: &SigningKey,
+    grain: &GrainId,
+    request: &Request,
+) -> Result<Connection, GrainError> {
+    let host = |what: String| GrainError::new(grain, Problem::Host(what));
+    let mut stream = open(address, node_key, key).await.map_err(host)?;
+    let mut request = serde_json::to_vec(request).expect("requests serialize");
     request.push(b'\n');
     let io = |e: std::io::Error| host(format!("node link to {address}: {e}"));
     stream.write_all(&request).await.map_err(io)?;

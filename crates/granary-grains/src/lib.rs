@@ -298,6 +298,20 @@ pub trait Grains: Send + Sync + 'static {
     /// Cuts every live capability of a grant the state has revoked.
     fn grant_revoked(&self, grant: i64) -> GrainsFuture<()>;
 
+    /// Serves grant `grant`'s object to its holder `holder`, which runs on
+    /// another node: a stream carrying one Cap'n Proto connection whose
+    /// bootstrap is the object the provider (a grain of this node) offers,
+    /// behind this node's membrane. The grant is checked on every call, and
+    /// revoking it cuts the object at once.
+    fn serve_grant(&self, grant: i64, holder: &GrainId) -> GrainsFuture<Connection> {
+        let _ = grant;
+        let e = GrainError::new(
+            holder,
+            Problem::Host("capabilities are not served to other nodes here".to_owned()),
+        );
+        Box::pin(async move { Err(e) })
+    }
+
     /// Hands one message to a mail grain (starting it if stopped); resolves
     /// once the grain has it durably. A grain that cannot take it now
     /// (down, storage full) fails with a retry-safe error.

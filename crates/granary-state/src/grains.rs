@@ -839,6 +839,22 @@ impl Store {
     }
 
     /// Revokes a live grant; false when there was none with that id.
+    /// Every revoked grant's id: what a cluster node compares after it
+    /// applied the shared records, to cut capabilities another node's
+    /// revoke ended.
+    pub fn revoked_grants(&self) -> Result<Vec<i64>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT id FROM grants WHERE revoked_at IS NOT NULL ORDER BY id")
+            .op("read revoked grants")?;
+        let ids = stmt
+            .query_map([], |r| r.get(0))
+            .op("read revoked grants")?
+            .collect::<Result<Vec<i64>, _>>()
+            .op("read revoked grants")?;
+        Ok(ids)
+    }
+
     pub fn revoke_grant(&self, id: i64, actor: &str) -> Result<bool, StateError> {
         let w = self.writer()?;
         let tx = w.begin().op("begin revoke grant")?;

@@ -213,6 +213,7 @@ fn main() {
         store,
         datasets,
         start_gate: None,
+        remote_grants: None,
         jail: granary_jail::JailConfig {
             data_root: grains_dir,
             uid_range: granary_jail::UidRange {

@@ -12,27 +12,32 @@ use crate::membrane::{Membrane, MembraneCap};
 use crate::slot::Running;
 
 impl Inner {
-    /// Wraps a provider's object in a new membrane for `holder`.
-    pub(crate) fn wrap(
+    /// A new membrane of `grant` (its object not obtained yet), recorded
+    /// so a revoke finds it. `for_remote`: it serves a holder on another
+    /// node.
+    pub(crate) fn membrane(
         self: &Rc<Self>,
         grant: &granary_state::Grant,
-        generation: u64,
-        target: capnp::capability::Client,
-    ) -> capnp::capability::Client {
+        for_remote: bool,
+    ) -> Rc<Membrane> {
         let membrane = Rc::new(Membrane {
             sup: Rc::downgrade(self),
             grant_id: grant.id,
             holder: grant.from_grain.clone(),
             provider: grant.to_grain.clone(),
             descriptor: grant.capability.clone(),
-            target: RefCell::new(Some((generation, target))),
+            for_remote,
+            target: RefCell::new(None),
         });
-        {
-            let mut by_grant = self.by_grant.borrow_mut();
-            let list = by_grant.entry(grant.id).or_default();
-            list.retain(|w| w.strong_count() > 0);
-            list.push(Rc::downgrade(&membrane));
-        }
+        let mut by_grant = self.by_grant.borrow_mut();
+        let list = by_grant.entry(grant.id).or_default();
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Rc::downgrade(&membrane));
+        membrane
+    }
+
+    /// The capability a holder is handed for a membrane.
+    fn client_of(&self, membrane: Rc<Membrane>) -> capnp::capability::Client {
         let mut set = self.membranes.borrow_mut();
         set.gc();
         set.new_client_from_rc(membrane).client
@@ -47,20 +52,22 @@ impl Inner {
             .get_local_server_of_resolved(&resolved)
     }
 
-    /// Obtains `grant`'s object from its provider (starting it) and wraps
-    /// it for the holder; logs the first use of a grant.
+    /// Obtains `grant`'s object from its provider (starting it, here or
+    /// on the node that runs it) and wraps it for the holder; logs the
+    /// first use of a grant.
     pub(crate) async fn obtain(
         self: &Rc<Self>,
         grant: &granary_state::Grant,
         how: &'static str,
     ) -> Result<capnp::capability::Client, capnp::Error> {
-        let fail = |e: Problem| capnp::Error::failed(format!("{}: {e}", grant.capability));
-        let running = self.ensure_running(&grant.to_grain).await.map_err(fail)?;
-        let _busy = running.activity.busy();
-        let target = self
-            .offer(&running, &grant.capability, &grant.from_grain)
-            .await
-            .map_err(fail)?;
+        let membrane = self.membrane(grant, false);
+        membrane.target(self).await?;
+        self.first_use(grant, how).await;
+        Ok(self.client_of(membrane))
+    }
+
+    /// Logs the first use of a grant since the daemon started.
+    async fn first_use(&self, grant: &granary_state::Grant, how: &'static str) {
         if self.used.borrow_mut().insert(grant.id) {
             let (id, holder, detail) = (
                 grant.id,
@@ -72,7 +79,92 @@ impl Inner {
             })
             .await;
         }
-        Ok(self.wrap(grant, running.generation, target))
+    }
+
+    /// Serves grant `grant_id`'s object to `holder` on another node: a
+    /// membrane of this node's (checking the grant and keeping the
+    /// provider up), as the bootstrap of an RPC connection on one end of a
+    /// socket pair; the other end is returned, for the node link.
+    pub(crate) async fn serve_grant(
+        self: &Rc<Self>,
+        grant_id: i64,
+        holder: &str,
+    ) -> Result<granary_grains::Connection, Problem> {
+        let refused = |why: &str| Problem::Host(format!("grant {grant_id}: {why}"));
+        let grant = match db(&self.params.store, move |s| s.grant(grant_id)).await? {
+            Some((grant, true)) if grant.from_grain == holder => grant,
+            Some((_, true)) => return Err(refused("held by another grain")),
+            Some((_, false)) => return Err(refused("capability revoked by its owner")),
+            None => return Err(refused("no such grant")),
+        };
+        if self.check_grant_live(grant_id).is_err() {
+            return Err(refused("capability revoked by its owner"));
+        }
+        let membrane = self.membrane(&grant, true);
+        membrane
+            .target(self)
+            .await
+            .map_err(|e| Problem::Grain(e.extra))?;
+        self.first_use(&grant, "node").await;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| Problem::Host(format!("a socket pair: {e}")))?;
+        let serve = || -> std::io::Result<()> {
+            ours.set_nonblocking(true)?;
+            let ours = tokio::net::UnixStream::from_std(ours)?;
+            let bootstrap = self.client_of(membrane);
+            let system = crate::rpc::system(
+                ours,
+                capnp_rpc::rpc_twoparty_capnp::Side::Server,
+                Some(bootstrap),
+                self.params.config.max_message_bytes,
+            );
+            tokio::task::spawn_local(async move {
+                if let Err(e) = system.await {
+                    tracing::debug!(grant = grant_id, error = %e, "a capability served to another node ended");
+                }
+            });
+            Ok(())
+        };
+        serve().map_err(|e| Problem::Host(format!("serving the capability: {e}")))?;
+        Ok(granary_grains::Connection {
+            stream: theirs,
+            keep: Box::new(()),
+        })
+    }
+
+    /// An RPC connection over a stream to the node that serves a grant's
+    /// object: that object, until the connection ends or the link is
+    /// dropped.
+    pub(crate) fn link_rpc(
+        &self,
+        conn: granary_grains::Connection,
+    ) -> std::io::Result<crate::membrane::RemoteLink> {
+        conn.stream.set_nonblocking(true)?;
+        let stream = tokio::net::UnixStream::from_std(conn.stream)?;
+        let mut system = crate::rpc::system(
+            stream,
+            capnp_rpc::rpc_twoparty_capnp::Side::Client,
+            None,
+            self.params.config.max_message_bytes,
+        );
+        let client: capnp::capability::Client =
+            system.bootstrap(capnp_rpc::rpc_twoparty_capnp::Side::Server);
+        let ended = Rc::new(std::cell::Cell::new(false));
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        let (flag, keep) = (ended.clone(), conn.keep);
+        tokio::task::spawn_local(async move {
+            tokio::select! {
+                _ = system => {}
+                _ = closed => {}
+            }
+            flag.set(true);
+            drop(keep);
+        });
+        Ok(crate::membrane::RemoteLink {
+            client,
+            ended,
+            _close: close,
+        })
     }
 
     /// Asks a running provider for the object a descriptor names.
@@ -82,14 +174,15 @@ impl Inner {
         descriptor: &str,
         requester: &str,
     ) -> Result<capnp::capability::Client, Problem> {
-        let requester = self.slots.borrow().get(requester).cloned();
+        // A holder on another node has no slot here: its id says the same.
+        let requester = granary_model::GrainId::parse(requester).ok();
         let mut request = provider.grain.offer_request();
         request.get().set_descriptor(descriptor);
         if let Some(r) = requester {
             let mut g = request.get().init_requester();
-            g.set_id(&r.id);
-            g.set_owner(&r.user);
-            g.set_kind(&r.kind);
+            g.set_id(r.as_ref());
+            g.set_owner(r.user());
+            g.set_kind(r.kind());
         }
         let answer = tokio::time::timeout(self.params.config.call_timeout, request.send().promise)
             .await

@@ -161,12 +161,32 @@ pub trait StartGate: Send + Sync {
 #[error("{0}")]
 pub struct StartRefused(pub String);
 
+/// On a cluster node: how a grain here reaches a capability whose
+/// provider runs on another node.
+pub trait RemoteGrants: Send + Sync {
+    /// `None` when `provider` is this node's to run (placed here, not
+    /// placed yet, or its placement cannot be read: the start gate
+    /// decides). Otherwise a stream to the node that runs it, on which
+    /// that node serves grant `grant` for `holder`
+    /// ([`granary_grains::Grains::serve_grant`]), or why there is none.
+    fn open(
+        &self,
+        grant: i64,
+        holder: String,
+        provider: String,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Option<Result<Connection, String>>> + Send>,
+    >;
+}
+
 /// What the supervisor works with.
 pub struct SupervisorParams {
     pub store: Arc<Store>,
     pub datasets: Arc<dyn Datasets>,
     /// `None` on a node on its own: every grain may start.
     pub start_gate: Option<Arc<dyn StartGate>>,
+    /// `None` on a node on its own: every provider runs here.
+    pub remote_grants: Option<Arc<dyn RemoteGrants>>,
     pub jail: JailConfig,
     /// The `granary-launcher` binary.
     pub launcher: PathBuf,
@@ -336,6 +356,16 @@ impl Supervisor {
     /// has already revoked it in the state.
     pub fn revoked(&self, grant_id: i64) {
         self.inner.revoke(grant_id);
+    }
+
+    /// Serves grant `grant`'s object to `holder`, a grain on another
+    /// node: see [`granary_grains::Grains::serve_grant`]. The grant must be
+    /// live and `holder`'s, and its provider this node's to run.
+    pub async fn serve_grant(&self, grant: i64, holder: &str) -> Result<Connection, GrainError> {
+        self.inner
+            .serve_grant(grant, holder)
+            .await
+            .map_err(|p| error(holder, p))
     }
 
     /// Holds a grain stopped for `reason` (its data is being replaced or

@@ -276,6 +276,13 @@ impl Grains for LocalGrains {
         })
     }
 
+    fn serve_grant(&self, grant: i64, holder: &GrainId) -> GrainsFuture<Connection> {
+        let id = holder.to_string();
+        self.run(holder.shown(), move |sup| async move {
+            sup.serve_grant(grant, &id).await
+        })
+    }
+
     fn deliver_mail(&self, grain: &GrainId, mail: MailDelivery) -> GrainsFuture<()> {
         let id = grain.to_string();
         self.run(grain.shown(), move |sup| async move {

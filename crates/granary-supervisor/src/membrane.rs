@@ -13,8 +13,14 @@
 //! (the holder lends its own objects); capabilities in results are passed
 //! back unwrapped too, so revoking cuts the granted object but not objects it
 //! returned earlier (none of `services.capnp` returns a long-lived one).
+//!
+//! On a cluster, the provider may run on another node. The holder's
+//! membrane then forwards to the object that node serves over a node link
+//! (its own membrane for that holder, `for_remote`), and links again after
+//! the link ends. Both ends check the grant: a revoke seen by either node
+//! cuts the capability at once.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 
 use capnp::any_pointer;
@@ -29,8 +35,28 @@ pub(crate) struct Membrane {
     pub(crate) holder: String,
     pub(crate) provider: String,
     pub(crate) descriptor: String,
-    /// The provider's object and the provider generation it came from.
-    pub(crate) target: RefCell<Option<(u64, capnp::capability::Client)>>,
+    /// Serves a holder on another node: that node counts the holder's
+    /// calls, and the provider is always this node's.
+    pub(crate) for_remote: bool,
+    pub(crate) target: RefCell<Option<Target>>,
+}
+
+/// Where a membrane's calls go.
+pub(crate) enum Target {
+    /// The provider runs here: its object, and the provider generation it
+    /// came from.
+    Local(u64, capnp::capability::Client),
+    /// The provider runs on another node: the object that node serves.
+    Remote(RemoteLink),
+}
+
+/// An RPC connection over a node link to a provider's node. Dropping it
+/// (a revoke, the membrane dropped) closes the link.
+pub(crate) struct RemoteLink {
+    pub(crate) client: capnp::capability::Client,
+    /// Set once the connection ended.
+    pub(crate) ended: Rc<Cell<bool>>,
+    pub(crate) _close: tokio::sync::oneshot::Sender<()>,
 }
 
 /// The client type of a membrane (so `capnp-rpc` can make it a capability
@@ -101,7 +127,10 @@ async fn forward(
         .upgrade()
         .ok_or_else(|| capnp::Error::disconnected("the host is shutting down".to_owned()))?;
     sup.check_grant_live(m.grant_id)?;
-    let _outbound = sup.admit_call(&m.holder)?;
+    let _outbound = match m.for_remote {
+        true => None,
+        false => Some(sup.admit_call(&m.holder)?),
+    };
     let (target, _busy) = m.target(&sup).await?;
     sup.check_grant_live(m.grant_id)?;
     let mut request =
@@ -121,28 +150,75 @@ async fn forward(
 }
 
 impl Membrane {
-    /// The provider's object, (re)obtained if the provider is not running
-    /// the generation it came from; and a guard keeping the provider awake.
-    async fn target(
+    /// The provider's object: the one held, or obtained again if the
+    /// provider restarted since, moved, or the link to its node ended; and
+    /// a guard keeping a provider of this node awake.
+    pub(crate) async fn target(
         &self,
         sup: &Rc<Inner>,
-    ) -> Result<(capnp::capability::Client, crate::slot::Busy), capnp::Error> {
-        let running = sup
-            .ensure_running(&self.provider)
-            .await
-            .map_err(|e| capnp::Error::failed(format!("{}: {e}", self.descriptor)))?;
+    ) -> Result<(capnp::capability::Client, Option<crate::slot::Busy>), capnp::Error> {
+        let fail = |e: String| capnp::Error::failed(format!("{}: {e}", self.descriptor));
+        let held_local = match &*self.target.borrow() {
+            Some(Target::Remote(link)) if !link.ended.get() => {
+                return Ok((link.client.clone(), None));
+            }
+            Some(Target::Local(..)) => true,
+            _ => false,
+        };
+        if !held_local && let Some(client) = self.remote(sup).await? {
+            return Ok((client, None));
+        }
+        let running = match sup.ensure_running(&self.provider).await {
+            Ok(running) => running,
+            Err(e) => {
+                // Its provider ran here and has moved to another node.
+                if held_local && let Some(client) = self.remote(sup).await? {
+                    return Ok((client, None));
+                }
+                return Err(fail(e.to_string()));
+            }
+        };
         let busy = running.activity.busy();
-        if let Some((generation, client)) = &*self.target.borrow()
+        if let Some(Target::Local(generation, client)) = &*self.target.borrow()
             && *generation == running.generation
         {
-            return Ok((client.clone(), busy));
+            return Ok((client.clone(), Some(busy)));
         }
         let client = sup
             .offer(&running, &self.descriptor, &self.holder)
             .await
+            .map_err(|e| fail(e.to_string()))?;
+        *self.target.borrow_mut() = Some(Target::Local(running.generation, client.clone()));
+        Ok((client, Some(busy)))
+    }
+
+    /// The object the provider's node serves, when the provider runs on
+    /// another node; `None` when it is this node's.
+    async fn remote(
+        &self,
+        sup: &Rc<Inner>,
+    ) -> Result<Option<capnp::capability::Client>, capnp::Error> {
+        let Some(remote) = sup
+            .params
+            .remote_grants
+            .clone()
+            .filter(|_| !self.for_remote)
+        else {
+            return Ok(None);
+        };
+        let opened = remote
+            .open(self.grant_id, self.holder.clone(), self.provider.clone())
+            .await;
+        let Some(opened) = opened else {
+            return Ok(None);
+        };
+        let conn = opened.map_err(|e| capnp::Error::failed(format!("{}: {e}", self.descriptor)))?;
+        let link = sup
+            .link_rpc(conn)
             .map_err(|e| capnp::Error::failed(format!("{}: {e}", self.descriptor)))?;
-        *self.target.borrow_mut() = Some((running.generation, client.clone()));
-        Ok((client, busy))
+        let client = link.client.clone();
+        *self.target.borrow_mut() = Some(Target::Remote(link));
+        Ok(Some(client))
     }
 
     /// Drops the provider's object (on revoke), so it is released at once.

@@ -31,6 +31,79 @@ use nix::unistd::Pid;
 /// How long a daemon may take to start or stop before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// A live `granary grain connect` session: one line in, one line out.
+pub struct Session {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Session {
+    pub fn open(daemon: &Daemon, grain: &str) -> Session {
+        let mut child = Command::new(granary_bin())
+            .arg("--config")
+            .arg(daemon.config_path())
+            .args(["grain", "connect", grain, "hello"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Session {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+        }
+    }
+
+    pub fn ask(&mut self, line: &str) -> String {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+        self.lines
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|e| panic!("no answer to {line:?}: {e}"))
+    }
+
+    /// Sends a line without waiting for its answer; `Err` once the
+    /// session's process has gone.
+    pub fn send(&mut self, line: &str) -> std::io::Result<()> {
+        let stdin = self.stdin.as_mut().expect("an open session");
+        writeln!(stdin, "{line}")?;
+        stdin.flush()
+    }
+
+    /// An answer that has arrived, if any, without waiting.
+    pub fn try_line(&self) -> Option<String> {
+        self.lines.try_recv().ok()
+    }
+
+    pub fn close(mut self) {
+        drop(self.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "grain connect exited with {status}");
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.stdin.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The `granary` binary of this build: `$GRANARY_BIN`, or the one cargo
 /// built next to the test executable (`./run-tests` builds it first).
 pub fn granary_bin() -> PathBuf {

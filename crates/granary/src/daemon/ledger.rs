@@ -168,3 +168,53 @@ impl granary_cluster::Records for NodeRecords {
         })
     }
 }
+
+/// Cuts, on this node, every live capability of a grant another node
+/// revoked: after the shared records move on (looked at every 200 ms, a
+/// read of one counter), the revoked grants are compared with those
+/// already cut. A revoke made on this node has cut its own at once.
+pub(crate) fn follow_revocations(
+    store: std::sync::Arc<granary_state::Store>,
+    grains: std::sync::Arc<dyn granary_grains::Grains>,
+) {
+    tokio::spawn(async move {
+        let revoked = |store: &std::sync::Arc<granary_state::Store>| {
+            let s = store.clone();
+            async move {
+                tokio::task::spawn_blocking(move || s.revoked_grants())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+        };
+        // What was revoked before this daemon started holds no capability.
+        let mut cut: std::collections::BTreeSet<i64> = revoked(&store)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let mut seen = store.position();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = store.position();
+            if now == seen {
+                continue;
+            }
+            let Some(ids) = revoked(&store).await else {
+                continue;
+            };
+            seen = now;
+            for id in ids {
+                if cut.insert(id) {
+                    tracing::info!(
+                        grant = id,
+                        "a grant revoked on another node; cutting its capabilities here"
+                    );
+                    let _ = grains.grant_revoked(id).await;
+                }
+            }
+        }
+    });
+}

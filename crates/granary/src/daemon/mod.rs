@@ -272,6 +272,7 @@ async fn serve(
                 moves,
             },
         );
+        ledger::follow_revocations(store.clone(), local.clone());
         // Connections to grains other nodes own go to them.
         grains = Arc::new(granary_cluster::ClusterGrains::new(
             local,

@@ -70,16 +70,24 @@ pub(super) async fn supervisor(
         tracing::info!(grain = %g.id, "grain record created");
     }
     let g = &config.grains;
-    let start_gate = member.map(|member| {
+    let start_gate = member.clone().map(|member| {
         Arc::new(ClusterGate {
             member,
             runtime: tokio::runtime::Handle::current(),
         }) as Arc<dyn granary_supervisor::StartGate>
     });
+    let remote_grants = member.map(|member| {
+        Arc::new(ClusterGrants {
+            member,
+            store: store.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }) as Arc<dyn granary_supervisor::RemoteGrants>
+    });
     let params = granary_supervisor::SupervisorParams {
         store: store.clone(),
         datasets,
         start_gate,
+        remote_grants,
         jail: granary_jail::JailConfig {
             data_root: config.data_dir.join("grains"),
             uid_range: config.uid_range,
@@ -224,6 +232,53 @@ impl granary_supervisor::StartGate for ClusterGate {
             task.await
                 .unwrap_or_else(|e| Err(format!("the cluster check failed: {e}")))
                 .map_err(granary_supervisor::StartRefused)
+        })
+    }
+}
+
+/// Capabilities whose provider runs on another node, for the supervisor:
+/// [`granary_cluster::open_grant`] on the daemon's runtime.
+struct ClusterGrants {
+    member: Arc<super::cluster::Member>,
+    store: Arc<Store>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl granary_supervisor::RemoteGrants for ClusterGrants {
+    fn open(
+        &self,
+        grant: i64,
+        holder: String,
+        provider: String,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Option<Result<granary_grains::Connection, String>>>
+                + Send,
+        >,
+    > {
+        let (member, seen) = (self.member.clone(), self.store.position());
+        let task = self.runtime.spawn(async move {
+            let (Ok(holder), Ok(provider)) = (
+                granary_model::GrainId::parse(&holder),
+                granary_model::GrainId::parse(&provider),
+            ) else {
+                return None;
+            };
+            let c = &member.coordinator;
+            granary_cluster::open_grant(
+                c,
+                &member.node,
+                &member.key,
+                seen,
+                grant,
+                &holder,
+                &provider,
+            )
+            .await
+        });
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Some(Err(format!("asking the provider's node failed: {e}"))))
         })
     }
 }
