@@ -1069,3 +1069,199 @@ fn a_grant_reaches_a_provider_on_another_node_and_a_revoke_on_any_node_cuts_it()
     let ran: u64 = n1.ask("alice/hello", "notifications").parse().unwrap();
     assert!(ran >= 5, "{ran}");
 }
+
+/// A node of a cluster whose users' names are under `example.test`.
+fn web_node(etcd: &Etcd, name: &str) -> Daemon {
+    let config = format!(
+        "domain = \"example.test\"\n{}",
+        node_config(etcd, name, "\"x86_64\"")
+    );
+    Daemon::prepare(DaemonMode::Serve, &config, "", &[])
+}
+
+#[test]
+fn git_and_the_blog_answer_through_any_node_wherever_their_grains_run() {
+    const DOMAIN: &str = "example.test";
+    let etcd = Etcd::start(1);
+    let mut n1 = web_node(&etcd, "n1");
+    let mut n2 = web_node(&etcd, "n2");
+    let mut n3 = web_node(&etcd, "n3");
+    n2.share_uid_range(&n1);
+    n3.share_uid_range(&n1);
+    n1.granary(&["cluster", "init"]).success();
+    for d in [&n1, &n2, &n3] {
+        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+            .success();
+    }
+    n1.launch();
+    n2.launch();
+    n3.launch();
+    let tmp = tempfile::tempdir().unwrap();
+    let packages = [
+        granary_testkit::git_package(tmp.path()),
+        granary_testkit::app_package(tmp.path(), "blog", "granary-blog", ""),
+    ];
+    for d in [&n1, &n2, &n3] {
+        for pkg in &packages {
+            d.granary(&["app", "install", pkg.to_str().unwrap()])
+                .success();
+        }
+    }
+    // Alice and her credentials are made on n1 and used through n2 and n3.
+    n1.granary(&["user", "add", "alice"]).success();
+    let password = granary_testkit::app_password(&n1, "alice", "git");
+    let users_of = |d: &Daemon| -> Vec<String> {
+        let list = d.granary(&["user", "list", "--json"]).success().json();
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for (d, name) in [(&n2, "n2"), (&n3, "n3")] {
+        knows(d, name, "alice", users_of);
+    }
+    // Her git grain runs on n1, her blog on n2.
+    n1.granary(&["grain", "start", "alice/git"]).success();
+    n2.granary(&["grain", "start", "alice/blog"]).success();
+    let epoch = |d: &Daemon, g: &str| d.data_dir().join(format!("grains/{g}/epoch")).exists();
+    assert!(epoch(&n1, "alice-git") && epoch(&n2, "alice-blog"));
+    let read = n1
+        .granary(&[
+            "grant",
+            "add",
+            "--from",
+            "alice/blog",
+            "--to",
+            "alice/git",
+            "--cap",
+            "git.read:site",
+            "--json",
+        ])
+        .success()
+        .json();
+    n1.granary(&[
+        "grant",
+        "add",
+        "--from",
+        "alice/git",
+        "--to",
+        "alice/blog",
+        "--cap",
+        "notify:site",
+    ])
+    .success();
+
+    let client = |d| granary_testkit::GitClient {
+        daemon: d,
+        home: tmp.path().join("home"),
+        domain: DOMAIN,
+    };
+    std::fs::create_dir_all(tmp.path().join("home")).unwrap();
+    let (via2, via3) = (client(&n2), client(&n3));
+    let work = tmp.path().join("site");
+    std::fs::create_dir_all(&work).unwrap();
+    let version = |n: u32| {
+        std::fs::write(work.join("index.html"), format!("<h1>version {n}</h1>\n")).unwrap();
+        std::fs::write(
+            work.join("big.bin"),
+            granary_testkit::noise(u64::from(n), 400_000),
+        )
+        .unwrap();
+    };
+    version(1);
+    via2.ok(&work, &["init", "-q"]);
+    via2.ok(&work, &["add", "."]);
+    via2.ok(&work, &["commit", "-q", "-m", "v1"]);
+    let head = via2.ok(&work, &["rev-parse", "HEAD"]);
+    // Pushed through n2 (HTTPS, her app password checked by n2), it lands
+    // in her git grain on n1.
+    via2.ok(
+        &work,
+        &[
+            "push",
+            "-q",
+            &via2.url(Some(("alice", &password)), "alice/site.git"),
+            "main",
+        ],
+    );
+    let refs = n1.data_dir().join("grains/alice-git/data");
+    assert!(refs.exists());
+    assert!(
+        !n2.data_dir().join("grains/alice-git/data").exists()
+            || std::fs::read_dir(n2.data_dir().join("grains/alice-git/data"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "n2 keeps none of alice's repositories"
+    );
+    // Cloned through n3 over HTTPS: the same commit and bytes.
+    let dest = tmp.path().join("clone-https");
+    via3.ok(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            &via3.url(Some(("alice", &password)), "alice/site.git"),
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(via3.ok(&dest, &["rev-parse", "HEAD"]), head);
+    assert_eq!(
+        std::fs::read(dest.join("big.bin")).unwrap(),
+        granary_testkit::noise(1, 400_000)
+    );
+    // And over SSH through n3, with a key registered on n2.
+    let key = granary_testkit::ssh_key(&n2, tmp.path(), "alice");
+    let dest = tmp.path().join("clone-ssh");
+    let (ok, out) = via3.git_ssh(
+        tmp.path(),
+        &key,
+        &[
+            "clone",
+            "-q",
+            &via3.ssh_url("alice", "alice/site.git"),
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(via3.ok(&dest, &["rev-parse", "HEAD"]), head);
+
+    // The push notified the blog on n2 (git on n1 holds notify:site), which
+    // read the site from git on n1 (git.read:site): served through n3.
+    let site = format!("alice.{DOMAIN}");
+    eventually("version 1 through n3", Duration::from_secs(20), || {
+        let (code, body) = n3.curl(&site, "/", &[]);
+        (code == "200" && body.contains("version 1")).then_some(())
+    });
+    // The blog's read is revoked on n3: a push through n1 reaches git, the
+    // blog is told, cannot read it, and keeps serving version 1.
+    let id = read["id"].as_i64().unwrap().to_string();
+    n3.granary(&["grant", "revoke", &id]).success();
+    version(2);
+    let via1 = client(&n1);
+    via1.ok(&work, &["commit", "-q", "-a", "-m", "v2"]);
+    via1.ok(
+        &work,
+        &[
+            "push",
+            "-q",
+            &via1.url(Some(("alice", &password)), "alice/site.git"),
+            "main",
+        ],
+    );
+    eventually(
+        "the blog to be refused the read",
+        Duration::from_secs(20),
+        || {
+            let logs = n3
+                .granary(&["grain", "logs", "alice/blog"])
+                .success()
+                .stdout;
+            logs.contains("cannot rebuild from site").then_some(())
+        },
+    );
+    let (code, body) = n1.curl(&site, "/", &[]);
+    assert_eq!(code, "200");
+    assert!(body.contains("version 1"), "{body}");
+}
