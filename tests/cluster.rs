@@ -1265,3 +1265,125 @@ fn git_and_the_blog_answer_through_any_node_wherever_their_grains_run() {
     assert_eq!(code, "200");
     assert!(body.contains("version 1"), "{body}");
 }
+
+#[test]
+fn mail_taken_by_any_node_reaches_the_mail_grain_on_its_node_and_waits_while_that_node_is_down() {
+    use granary_testkit::mail::{DOMAIN, Dns, mail_package, run_python, sender_records};
+    let dns = Dns::start(&sender_records("remote.example"));
+    let etcd = Etcd::start(1);
+    let mail_node = |name: &str| {
+        let config = format!(
+            "domain = \"{DOMAIN}\"\n{}\n[mail]\nresolver = \"{}\"\npostmaster = \"alice\"\n\
+             retry_first = \"1s\"\nretry_max = \"2s\"\n",
+            node_config(&etcd, name, "\"x86_64\""),
+            dns.addr
+        );
+        Daemon::prepare(DaemonMode::Serve, &config, "", &[])
+    };
+    let mut n1 = mail_node("n1");
+    let mut n2 = mail_node("n2");
+    n2.share_uid_range(&n1);
+    n1.granary(&["cluster", "init"]).success();
+    for d in [&n1, &n2] {
+        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+            .success();
+    }
+    n1.launch();
+    n2.launch();
+    let tmp = tempfile::tempdir().unwrap();
+    let package = mail_package(tmp.path());
+    for d in [&n1, &n2] {
+        d.granary(&["app", "install", package.to_str().unwrap()])
+            .success();
+    }
+    n1.granary(&["user", "add", "alice"]).success();
+    n1.granary(&["mail", "domain", "add", DOMAIN]).success();
+    let password = granary_testkit::app_password(&n1, "alice", "mail");
+    // Her mail grain runs on n1.
+    n1.granary(&["grain", "start", "alice/mail"]).success();
+    assert!(n1.data_dir().join("grains/alice-mail/epoch").exists());
+
+    let swaks = |d: &Daemon, subject: &str| {
+        let smtp = d.listener("smtp");
+        let out = std::process::Command::new("swaks")
+            .args(["--server", &smtp.ip().to_string()])
+            .args(["--port", &smtp.port().to_string()])
+            .args(["--helo", "client.remote.example"])
+            .args(["--from", "sender@remote.example"])
+            .args(["--to", &format!("alice@{DOMAIN}")])
+            .args(["--header", &format!("Subject: {subject}")])
+            .args(["--body", "through the other node"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && text.contains("250 2.0.0 Ok: queued as")).then_some(text)
+    };
+    let inbox = |d: &Daemon| -> u64 {
+        let s = d
+            .granary(&["mail", "status", "alice", "--json"])
+            .success()
+            .json();
+        s["mailboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "INBOX")
+            .and_then(|m| m["messages"].as_u64())
+            .unwrap_or(0)
+    };
+    let spool = |d: &Daemon| -> usize {
+        let list = d.granary(&["mail", "spool", "list", "--json"]).success();
+        list.json().as_array().map_or(0, Vec::len)
+    };
+    // Taken by n2's MX (once n2 has read alice and the domain), kept in
+    // n2's spool until n1's grain has stored it.
+    eventually("n2 to take mail for alice", Duration::from_secs(10), || {
+        swaks(&n2, "first")
+    });
+    eventually(
+        "the message in alice's inbox",
+        Duration::from_secs(20),
+        || (inbox(&n1) == 1).then_some(()),
+    );
+    assert_eq!(inbox(&n2), 1, "asked on n2, n1's grain answers");
+    eventually("n2's spool to empty", Duration::from_secs(10), || {
+        (spool(&n2) == 0).then_some(())
+    });
+    assert!(
+        !n2.data_dir().join("grains/alice-mail/epoch").exists(),
+        "the grain never started on n2"
+    );
+    // Read over IMAP through n2: n2 checks the app password made on n1.
+    let read = r#"
+import imaplib, os, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+m = imaplib.IMAP4_SSL("127.0.0.1", int(os.environ["PORT"]), ssl_context=ctx)
+m.login("alice", os.environ["PASSWORD"])
+m.select("INBOX")
+typ, data = m.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+print(data[0][1].decode().strip())
+m.logout()
+"#;
+    let env = [
+        ("CA", n2.ca_file().display().to_string()),
+        ("PORT", n2.listener("imaps").port().to_string()),
+        ("PASSWORD", password.clone()),
+    ];
+    let (ok, out) = run_python(read, &env);
+    assert!(ok && out.contains("Subject: first"), "{out}");
+
+    // n1 stops: n2 still takes mail for alice (250 once it is in n2's
+    // spool), keeps it while n1 is down, and hands it over once n1 is back.
+    n1.stop();
+    swaks(&n2, "second").expect("n2 takes mail while alice's node is down");
+    assert_eq!(spool(&n2), 1);
+    n1.launch();
+    eventually(
+        "the second message in alice's inbox",
+        Duration::from_secs(30),
+        || (inbox(&n1) == 2).then_some(()),
+    );
+    eventually("n2's spool to empty again", Duration::from_secs(10), || {
+        (spool(&n2) == 0).then_some(())
+    });
+}

@@ -6,9 +6,9 @@
 //! What is built so far: connections (the gateway's and `granary grain
 //! connect`'s) reach the owner wherever it runs, and a grain nobody placed
 //! yet is placed, at its first connection, on the node with the most room
-//! that runs its app. Admin calls (start, stop, status, logs) are run by
-//! the node that owns the grain; snapshots and mail delivery act on this
-//! node's grains (issue 19). A capability whose provider runs on another
+//! that runs its app. Admin calls (start, stop, status, logs, snapshots,
+//! rollbacks, mail and chat status) are run by the node that owns the
+//! grain, and mail and chat deliveries are handed to it. A capability whose provider runs on another
 //! node is served by that node over a link ([`open_grant`]).
 
 use std::sync::Arc;
@@ -189,21 +189,18 @@ pub async fn open_grant(
 const FORWARDED_LOG: u64 = 24 << 10;
 
 impl ClusterGrains {
-    /// An admin's call on `grain`, run by the node that owns it when that
-    /// is another one: its report, or `None` to run it here (placed here,
-    /// not placed, running here, or etcd cannot say: the start gate still
-    /// refuses what this node may not run).
-    fn elsewhere(
+    /// The node that runs `grain` when that is another one, or `None` to
+    /// act here (running here, placed here, not placed, or etcd cannot
+    /// say: the start gate still refuses what this node may not run). The
+    /// route has no link when that node is down.
+    fn owner(
         &self,
         grain: &GrainId,
-        call: GrainCall,
-    ) -> impl std::future::Future<Output = Result<Option<String>, GrainError>> + Send + 'static
-    {
-        let (local, c, me, key) = (
+    ) -> impl std::future::Future<Output = Option<Route>> + Send + 'static {
+        let (local, c, me) = (
             self.local.clone(),
             self.coordinator.clone(),
             self.node.clone(),
-            self.key.clone(),
         );
         let grain = grain.clone();
         async move {
@@ -212,9 +209,28 @@ impl ClusterGrains {
                 .await
                 .is_ok_and(|s| s.state != "stopped")
             {
-                return Ok(None);
+                return None;
             }
-            let Ok(Located::There(route)) = ask_route(&c, &grain, &me).await else {
+            match ask_route(&c, &grain, &me).await {
+                Ok(Located::There(route)) => Some(route),
+                _ => None,
+            }
+        }
+    }
+
+    /// An admin's call on `grain`, run by the node that owns it when that
+    /// is another one: its report, or `None` to run it here.
+    fn elsewhere(
+        &self,
+        grain: &GrainId,
+        call: GrainCall,
+    ) -> impl std::future::Future<Output = Result<Option<String>, GrainError>> + Send + 'static
+    {
+        let owner = self.owner(grain);
+        let key = self.key.clone();
+        let grain = grain.clone();
+        async move {
+            let Some(route) = owner.await else {
                 return Ok(None);
             };
             let Some(link) = route.link else {
@@ -243,6 +259,60 @@ impl ClusterGrains {
                     GrainError::new(&grain, Problem::Host(format!("node {}: {e}", route.node)))
                 })
         }
+    }
+
+    /// [`ClusterGrains::elsewhere`], its JSON report read as a `T`.
+    fn elsewhere_as<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        grain: &GrainId,
+        call: GrainCall,
+    ) -> impl std::future::Future<Output = Result<Option<T>, GrainError>> + Send + 'static {
+        let elsewhere = self.elsewhere(grain, call);
+        let grain = grain.clone();
+        async move {
+            let Some(report) = elsewhere.await? else {
+                return Ok(None);
+            };
+            serde_json::from_str(&report).map(Some).map_err(|e| {
+                GrainError::new(
+                    &grain,
+                    Problem::Host(format!("a bad answer from its node: {e}")),
+                )
+            })
+        }
+    }
+
+    /// Hands `size` bytes of `body` to `grain`: on the node that runs it
+    /// when that is another one, otherwise by `here`.
+    fn deliver<B, F>(
+        &self,
+        grain: &GrainId,
+        what: crate::link::Delivery,
+        size: u64,
+        body: B,
+        here: F,
+    ) -> GrainsFuture<()>
+    where
+        B: tokio::io::AsyncRead + Unpin + Send + 'static,
+        F: FnOnce(B) -> GrainsFuture<()> + Send + 'static,
+    {
+        let owner = self.owner(grain);
+        let (key, records, grain) = (self.key.clone(), self.records.clone(), grain.clone());
+        Box::pin(async move {
+            let Some(route) = owner.await else {
+                return here(body).await;
+            };
+            let Some(link) = route.link else {
+                // Kept and tried again (the spool's, the sender's retry).
+                return Err(GrainError::new(
+                    &grain,
+                    Problem::Busy(format!("its node {} is down", route.node)),
+                ));
+            };
+            tracing::debug!(%grain, node = route.node, size, "handing a delivery to the grain's node");
+            let seen = records.position();
+            crate::link::deliver(&link, &route.key, &key, &grain, what, size, body, seen).await
+        })
     }
 }
 
@@ -381,16 +451,50 @@ impl Grains for ClusterGrains {
         })
     }
     fn snapshot(&self, grain: &GrainId, label: &str) -> GrainsFuture<SnapshotTaken> {
-        self.local.snapshot(grain, label)
+        let call = GrainCall::Snapshot {
+            label: label.to_owned(),
+        };
+        let (elsewhere, local) = (self.elsewhere_as(grain, call), self.local.clone());
+        let (g, label) = (grain.clone(), label.to_owned());
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(taken) => Ok(taken),
+                None => local.snapshot(&g, &label).await,
+            }
+        })
     }
     fn snapshots(&self, grain: &GrainId) -> GrainsFuture<Vec<Snapshot>> {
-        self.local.snapshots(grain)
+        let elsewhere = self.elsewhere_as(grain, GrainCall::Snapshots);
+        let (local, g) = (self.local.clone(), grain.clone());
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(list) => Ok(list),
+                None => local.snapshots(&g).await,
+            }
+        })
     }
     fn prune(&self, grain: &GrainId) -> GrainsFuture<Vec<String>> {
-        self.local.prune(grain)
+        let elsewhere = self.elsewhere_as(grain, GrainCall::Prune);
+        let (local, g) = (self.local.clone(), grain.clone());
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(pruned) => Ok(pruned),
+                None => local.prune(&g).await,
+            }
+        })
     }
     fn rollback(&self, grain: &GrainId, snapshot: &str) -> GrainsFuture<bool> {
-        self.local.rollback(grain, snapshot)
+        let call = GrainCall::Rollback {
+            snapshot: snapshot.to_owned(),
+        };
+        let (elsewhere, local) = (self.elsewhere_as(grain, call), self.local.clone());
+        let (g, snapshot) = (grain.clone(), snapshot.to_owned());
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(ran) => Ok(ran),
+                None => local.rollback(&g, &snapshot).await,
+            }
+        })
     }
     fn hold(&self, grain: &GrainId, reason: &str) -> GrainsFuture<()> {
         self.local.hold(grain, reason)
@@ -409,21 +513,99 @@ impl Grains for ClusterGrains {
         self.local.serve_grant(grant, holder)
     }
     fn deliver_mail(&self, grain: &GrainId, mail: MailDelivery) -> GrainsFuture<()> {
-        self.local.deliver_mail(grain, mail)
+        let MailDelivery {
+            id,
+            from,
+            to,
+            message,
+            size,
+        } = mail;
+        let what = crate::link::Delivery::Mail {
+            id: id.clone(),
+            from: from.clone(),
+            to: to.clone(),
+        };
+        let (local, g) = (self.local.clone(), grain.clone());
+        let body = tokio::fs::File::from_std(message);
+        self.deliver(grain, what, size, body, move |body| {
+            Box::pin(async move {
+                let message = body.into_std().await;
+                let mail = MailDelivery {
+                    id,
+                    from,
+                    to,
+                    message,
+                    size,
+                };
+                local.deliver_mail(&g, mail).await
+            })
+        })
     }
     fn mail_status(&self, grain: &GrainId) -> GrainsFuture<MailStatus> {
-        self.local.mail_status(grain)
+        let elsewhere = self.elsewhere_as(grain, GrainCall::MailStatus);
+        let (local, g) = (self.local.clone(), grain.clone());
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(status) => Ok(status),
+                None => local.mail_status(&g).await,
+            }
+        })
     }
     fn xmpp_status(&self, grain: &GrainId) -> GrainsFuture<XmppStatus> {
-        self.local.xmpp_status(grain)
+        let elsewhere = self.elsewhere_as(grain, GrainCall::XmppStatus);
+        let (local, g) = (self.local.clone(), grain.clone());
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(status) => Ok(status),
+                None => local.xmpp_status(&g).await,
+            }
+        })
     }
     fn xmpp_befriend(&self, grain: &GrainId, jid: &str, name: &str) -> GrainsFuture<()> {
-        self.local.xmpp_befriend(grain, jid, name)
+        let call = GrainCall::XmppBefriend {
+            jid: jid.to_owned(),
+            name: name.to_owned(),
+        };
+        let elsewhere = self.elsewhere(grain, call);
+        let (local, g, jid, name) = (
+            self.local.clone(),
+            grain.clone(),
+            jid.to_owned(),
+            name.to_owned(),
+        );
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(_) => Ok(()),
+                None => local.xmpp_befriend(&g, &jid, &name).await,
+            }
+        })
     }
     fn xmpp_room_members(&self, grain: &GrainId) -> GrainsFuture<Vec<String>> {
-        self.local.xmpp_room_members(grain)
+        let elsewhere = self.elsewhere_as(grain, GrainCall::XmppRoomMembers);
+        let (local, g) = (self.local.clone(), grain.clone());
+        Box::pin(async move {
+            match elsewhere.await? {
+                Some(members) => Ok(members),
+                None => local.xmpp_room_members(&g).await,
+            }
+        })
     }
     fn deliver_xmpp(&self, grain: &GrainId, stanza: XmppStanza) -> GrainsFuture<()> {
-        self.local.deliver_xmpp(grain, stanza)
+        let XmppStanza { from, to, stanza } = stanza;
+        let what = crate::link::Delivery::Xmpp {
+            from: from.clone(),
+            to: to.clone(),
+        };
+        let size = stanza.len() as u64;
+        let (local, g) = (self.local.clone(), grain.clone());
+        let body = std::io::Cursor::new(stanza.into_bytes());
+        self.deliver(grain, what, size, body, move |body| {
+            Box::pin(async move {
+                let stanza = String::from_utf8(body.into_inner()).unwrap_or_default();
+                local
+                    .deliver_xmpp(&g, XmppStanza { from, to, stanza })
+                    .await
+            })
+        })
     }
 }

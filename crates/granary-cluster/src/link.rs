@@ -29,6 +29,15 @@
 //!
 //! And a node moving a grain here sends it step by step, its data in
 //! frames ([`crate::moves`]).
+//!
+//! Mail from the spool of the node that took it, and chat stanzas from
+//! another server, are handed to the node that runs the grain:
+//!
+//! ```text
+//! → {"op":"deliver","grain":"alice-mail","what":{"kind":"mail",..},"size":N}  then N bytes
+//! ← {"ok":true}                     once the grain has stored it
+//! ← {"ok":false,"problem":{..}}     the grain's or the node's refusal, as a local one
+//! ```
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -38,7 +47,9 @@ use granary_grains::{Connection, GrainError, Grains, Identity, Peer, Problem};
 use granary_model::GrainId;
 use granary_package::{PublicKey, SigningKey};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
 
 /// The longest request or answer line.
 const MAX_LINE: usize = 64 << 10;
@@ -104,6 +115,14 @@ pub(crate) enum Request {
         kind: String,
         sha256: String,
     },
+    /// Something for a grain this node runs, followed by `size` bytes.
+    Deliver {
+        grain: String,
+        what: Delivery,
+        size: u64,
+        #[serde(default)]
+        seen: u64,
+    },
     /// A capability of a grain this node runs, for a grain on the asking
     /// node that holds grant `grant` ([`Grains::serve_grant`]).
     Grant {
@@ -123,6 +142,24 @@ pub(crate) enum Request {
         job: crate::moves::Job,
     },
 }
+
+/// What a [`Request::Deliver`] carries; its bytes follow the request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub(crate) enum Delivery {
+    /// A message from the asking node's spool (its bytes):
+    /// [`Grains::deliver_mail`].
+    Mail {
+        id: String,
+        from: String,
+        to: Vec<String>,
+    },
+    /// A stanza from another server (its XML): [`Grains::deliver_xmpp`].
+    Xmpp { from: String, to: String },
+}
+
+/// The largest message or stanza a node takes for one of its grains.
+const MAX_DELIVERY: u64 = 1 << 30;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Answer {
@@ -305,6 +342,14 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
         Request::Package { kind, sha256 } => {
             return send_package(stream, node, &served.apps_dir, &kind, &sha256).await;
         }
+        Request::Deliver {
+            grain,
+            what,
+            size,
+            seen,
+        } => {
+            return deliver_here(stream, node, served, &grain, what, size, seen).await;
+        }
         Request::Grant {
             grant,
             holder,
@@ -383,6 +428,73 @@ async fn carry_stream<S: AsyncRead + AsyncWrite + Unpin>(
             stream.flush().await
         }
     }
+}
+
+/// Takes a delivery's bytes, hands them to the grain, and answers with
+/// the grain's answer. Bytes cut short are never delivered.
+async fn deliver_here<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: BufReader<S>,
+    node: &str,
+    served: &Served,
+    grain: &str,
+    what: Delivery,
+    size: u64,
+    seen: u64,
+) -> std::io::Result<()> {
+    let refuse = async |stream: &mut BufReader<S>, problem: Problem| {
+        stream.write_all(&answer_line(Some(problem), None)).await?;
+        stream.flush().await
+    };
+    let Ok(id) = GrainId::parse(grain) else {
+        return refuse(&mut stream, Problem::NoSuchGrain).await;
+    };
+    if size > MAX_DELIVERY {
+        let why = format!("{size} bytes is more than a node takes for a grain at once");
+        return refuse(&mut stream, Problem::Host(why)).await;
+    }
+    tracing::debug!(grain, node, size, "a delivery forwarded from another node");
+    let file = tempfile::tempfile()?;
+    let mut file = tokio::fs::File::from_std(file);
+    let got = tokio::io::copy(&mut (&mut stream).take(size), &mut file).await?;
+    if got != size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the delivery ended after {got} of {size} bytes"),
+        ));
+    }
+    if !caught_up(&mut stream, &*served.records, seen).await? {
+        return Ok(());
+    }
+    let grains = &served.grains;
+    let delivered = match what {
+        Delivery::Mail {
+            id: spool,
+            from,
+            to,
+        } => {
+            file.rewind().await?;
+            let message = file.into_std().await;
+            let mail = granary_grains::mail::MailDelivery {
+                id: spool,
+                from,
+                to,
+                message,
+                size,
+            };
+            grains.deliver_mail(&id, mail).await
+        }
+        Delivery::Xmpp { from, to } => {
+            file.rewind().await?;
+            let mut stanza = String::new();
+            file.read_to_string(&mut stanza).await?;
+            let stanza = granary_grains::mail::XmppStanza { from, to, stanza };
+            grains.deliver_xmpp(&id, stanza).await
+        }
+    };
+    stream
+        .write_all(&answer_line(delivered.err().map(|e| e.problem), None))
+        .await?;
+    stream.flush().await
 }
 
 /// Serves a grant's object to its holder on the asking node.
@@ -584,6 +696,66 @@ pub async fn open_grant(
         seen,
     };
     ask_stream(address, node_key, key, holder, &request).await
+}
+
+/// Hands `size` bytes read from `body`, described by `what`, to `grain` on
+/// the node at `address`; resolves once that node's grain has them (or
+/// with its refusal, as a local grain's would be).
+#[allow(clippy::too_many_arguments)] // one link request's fields
+pub(crate) async fn deliver(
+    address: &str,
+    node_key: &str,
+    key: &SigningKey,
+    grain: &GrainId,
+    what: Delivery,
+    size: u64,
+    mut body: impl AsyncRead + Unpin,
+    seen: u64,
+) -> Result<(), GrainError> {
+    let host = |what: String| GrainError::new(grain, Problem::Host(what));
+    let mut stream = open(address, node_key, key).await.map_err(host)?;
+    let request = Request::Deliver {
+        grain: grain.to_string(),
+        what,
+        size,
+        seen,
+    };
+    let mut line = serde_json::to_vec(&request).expect("requests serialize");
+    line.push(b'\n');
+    let io = |e: std::io::Error| host(format!("node link to {address}: {e}"));
+    stream.write_all(&line).await.map_err(io)?;
+    let sent = tokio::io::copy(&mut (&mut body).take(size), &mut stream)
+        .await
+        .map_err(io)?;
+    if sent != size {
+        return Err(host(format!(
+            "the delivery's body ended after {sent} of {size} bytes"
+        )));
+    }
+    stream.flush().await.map_err(io)?;
+    // The far node may start the grain, which stores it durably first.
+    let line = tokio::time::timeout(ANSWER, read_line(&mut stream))
+        .await
+        .map_err(|_| {
+            GrainError::new(
+                grain,
+                Problem::Busy(format!(
+                    "node link to {address}: no answer within {ANSWER:?}"
+                )),
+            )
+        })?
+        .map_err(io)?;
+    let answer: Answer = serde_json::from_slice(&line)
+        .map_err(|e| host(format!("node link to {address}: a bad answer: {e}")))?;
+    match answer.ok {
+        true => Ok(()),
+        false => Err(GrainError::new(
+            grain,
+            answer
+                .problem
+                .unwrap_or_else(|| Problem::Host("the owner node refused without a reason".into())),
+        )),
+    }
 }
 
 /// Sends `request` and, once the far node says yes, carries the link's

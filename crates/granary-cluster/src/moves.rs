@@ -130,6 +130,14 @@ pub enum GrainCall {
     Stop,
     Status,
     Logs { max_bytes: u64 },
+    Snapshot { label: String },
+    Snapshots,
+    Prune,
+    Rollback { snapshot: String },
+    MailStatus,
+    XmppStatus,
+    XmppBefriend { jid: String, name: String },
+    XmppRoomMembers,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

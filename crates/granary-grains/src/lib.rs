@@ -148,7 +148,7 @@ pub struct GrainStatus {
 }
 
 /// One snapshot of a grain's dataset.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub name: String,
     /// Unix seconds.
@@ -156,7 +156,7 @@ pub struct Snapshot {
 }
 
 /// What [`Grains::snapshot`] did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotTaken {
     /// Where the backend keeps it (e.g. `pool/alice-git@manual-1700000000`).
     pub name: String,

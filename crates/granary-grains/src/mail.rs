@@ -2,7 +2,7 @@
 //! `MailDelivery`, a server route): store this message, and how is the
 //! mailbox.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One message for one grain, read from the host's spool.
 #[derive(Debug)]
@@ -23,7 +23,7 @@ pub struct MailDelivery {
 }
 
 /// A user's mail store, as `granary mail status` shows it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MailStatus {
     pub mailboxes: Vec<MailboxStatus>,
     /// Unix seconds of the newest delivery, if any.
@@ -31,7 +31,7 @@ pub struct MailStatus {
     pub deliveries: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MailboxStatus {
     pub name: String,
     /// `\Sent`, `\Junk`, ...; empty for none.
@@ -42,7 +42,7 @@ pub struct MailboxStatus {
 }
 
 /// A user's chat account, as `granary xmpp status` shows it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct XmppStatus {
     /// One per session (detached stream-managed ones included).
     pub resources: Vec<String>,

@@ -67,6 +67,19 @@ async fn grain_call(src: &Source, grain: &str, call: GrainCall) -> Result<String
             let log = g.logs(&id, max_bytes.min(24 << 10)).await.map_err(failed)?;
             json(&hex::encode(log))
         }
+        GrainCall::Snapshot { label } => json(&g.snapshot(&id, &label).await.map_err(failed)?),
+        GrainCall::Snapshots => json(&g.snapshots(&id).await.map_err(failed)?),
+        GrainCall::Prune => json(&g.prune(&id).await.map_err(failed)?),
+        GrainCall::Rollback { snapshot } => {
+            json(&g.rollback(&id, &snapshot).await.map_err(failed)?)
+        }
+        GrainCall::MailStatus => json(&g.mail_status(&id).await.map_err(failed)?),
+        GrainCall::XmppStatus => json(&g.xmpp_status(&id).await.map_err(failed)?),
+        GrainCall::XmppBefriend { jid, name } => {
+            g.xmpp_befriend(&id, &jid, &name).await.map_err(failed)?;
+            "null".to_owned()
+        }
+        GrainCall::XmppRoomMembers => json(&g.xmpp_room_members(&id).await.map_err(failed)?),
     })
 }
 
