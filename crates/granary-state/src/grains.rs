@@ -838,23 +838,27 @@ impl Store {
         rows.collect::<Result<_, _>>().op("list grants")
     }
 
-    /// Revokes a live grant; false when there was none with that id.
-    /// Every revoked grant's id: what a cluster node compares after it
-    /// applied the shared records, to cut capabilities another node's
-    /// revoke ended.
-    pub fn revoked_grants(&self) -> Result<Vec<i64>, StateError> {
+    /// Every revoked grant, as its id and what tells it from a later
+    /// grant given the same id (holder, provider, capability, creation
+    /// time): what a cluster node compares after it applied the shared
+    /// records, to cut capabilities another node's revoke ended.
+    pub fn revoked_grants(&self) -> Result<Vec<(i64, String)>, StateError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare_cached("SELECT id FROM grants WHERE revoked_at IS NOT NULL ORDER BY id")
+            .prepare_cached(
+                "SELECT id, from_grain || ' ' || to_grain || ' ' || capability || ' ' || created_at \
+                 FROM grants WHERE revoked_at IS NOT NULL ORDER BY id",
+            )
             .op("read revoked grants")?;
         let ids = stmt
-            .query_map([], |r| r.get(0))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .op("read revoked grants")?
-            .collect::<Result<Vec<i64>, _>>()
+            .collect::<Result<Vec<(i64, String)>, _>>()
             .op("read revoked grants")?;
         Ok(ids)
     }
 
+    /// Revokes a live grant; false when there was none with that id.
     pub fn revoke_grant(&self, id: i64, actor: &str) -> Result<bool, StateError> {
         let w = self.writer()?;
         let tx = w.begin().op("begin revoke grant")?;

@@ -28,6 +28,9 @@ impl Inner {
             descriptor: grant.capability.clone(),
             for_remote,
             target: RefCell::new(None),
+            revoked: std::cell::Cell::new(false),
+            linking: tokio::sync::Mutex::new(()),
+            serving: RefCell::new(None),
         });
         let mut by_grant = self.by_grant.borrow_mut();
         let list = by_grant.entry(grant.id).or_default();
@@ -62,6 +65,8 @@ impl Inner {
     ) -> Result<capnp::capability::Client, capnp::Error> {
         let membrane = self.membrane(grant, false);
         membrane.target(self).await?;
+        // Revoked while the object was obtained.
+        membrane.check_live(self)?;
         self.first_use(grant, how).await;
         Ok(self.client_of(membrane))
     }
@@ -105,12 +110,17 @@ impl Inner {
             .target(self)
             .await
             .map_err(|e| Problem::Grain(e.extra))?;
+        if membrane.check_live(self).is_err() {
+            return Err(refused("capability revoked by its owner"));
+        }
         self.first_use(&grant, "node").await;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| Problem::Host(format!("a socket pair: {e}")))?;
         let serve = || -> std::io::Result<()> {
             ours.set_nonblocking(true)?;
             let ours = tokio::net::UnixStream::from_std(ours)?;
+            let (close, closed) = tokio::sync::oneshot::channel::<()>();
+            *membrane.serving.borrow_mut() = Some(close);
             let bootstrap = self.client_of(membrane);
             let system = crate::rpc::system(
                 ours,
@@ -119,9 +129,11 @@ impl Inner {
                 self.params.config.max_message_bytes,
             );
             tokio::task::spawn_local(async move {
-                if let Err(e) = system.await {
-                    tracing::debug!(grant = grant_id, error = %e, "a capability served to another node ended");
-                }
+                run_until_closed(system, closed).await;
+                tracing::debug!(
+                    grant = grant_id,
+                    "a capability served to another node ended"
+                );
             });
             Ok(())
         };
@@ -153,10 +165,7 @@ impl Inner {
         let (close, closed) = tokio::sync::oneshot::channel::<()>();
         let (flag, keep) = (ended.clone(), conn.keep);
         tokio::task::spawn_local(async move {
-            tokio::select! {
-                _ = system => {}
-                _ = closed => {}
-            }
+            run_until_closed(system, closed).await;
             flag.set(true);
             drop(keep);
         });
@@ -193,4 +202,23 @@ impl Inner {
             .and_then(|r| r.get_cap().get_as_capability())
             .map_err(|e| Problem::Grain(format!("offer {descriptor}: {e}")))
     }
+}
+
+/// Runs an RPC connection until it ends or `closed` fires; then
+/// disconnects it, so calls in flight fail at once rather than wait for
+/// their timeout (bounded: a far end that does not answer is dropped).
+async fn run_until_closed(
+    mut system: capnp_rpc::RpcSystem<capnp_rpc::rpc_twoparty_capnp::Side>,
+    closed: tokio::sync::oneshot::Receiver<()>,
+) {
+    tokio::select! {
+        _ = &mut system => return,
+        _ = closed => {}
+    }
+    let disconnect = system.get_disconnector();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        futures::future::join(disconnect, system),
+    )
+    .await;
 }

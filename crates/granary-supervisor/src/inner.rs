@@ -140,26 +140,25 @@ impl Inner {
         self.revoked.borrow_mut().insert(grant_id);
         if let Some(list) = self.by_grant.borrow_mut().remove(&grant_id) {
             for m in list.iter().filter_map(std::rc::Weak::upgrade) {
-                m.cut();
+                m.revoke();
             }
         }
     }
 
-    /// Cuts every live capability `grain` holds or provides.
+    /// Cuts every live capability `grain` holds or provides (it is held:
+    /// its data is being replaced, moved or deleted). The grants stay:
+    /// once it is released, the next call obtains the object again.
     pub(crate) fn cut_grants_of(&self, grain: &str) {
-        let cut: Vec<i64> = self
+        let cut: Vec<_> = self
             .by_grant
             .borrow()
-            .iter()
-            .filter(|(_, list)| {
-                list.iter()
-                    .filter_map(std::rc::Weak::upgrade)
-                    .any(|m| m.holder == grain || m.provider == grain)
-            })
-            .map(|(id, _)| *id)
+            .values()
+            .flatten()
+            .filter_map(std::rc::Weak::upgrade)
+            .filter(|m| m.holder == grain || m.provider == grain)
             .collect();
-        for id in cut {
-            self.revoke(id);
+        for m in cut {
+            m.cut();
         }
     }
 

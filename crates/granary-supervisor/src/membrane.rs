@@ -39,6 +39,16 @@ pub(crate) struct Membrane {
     /// calls, and the provider is always this node's.
     pub(crate) for_remote: bool,
     pub(crate) target: RefCell<Option<Target>>,
+    /// Set once its grant is revoked: it never forwards again, even if a
+    /// later grant is given the same id.
+    pub(crate) revoked: Cell<bool>,
+    /// One link to the provider's node at a time: calls that find none
+    /// wait for the first to make it rather than replace each other's.
+    pub(crate) linking: tokio::sync::Mutex<()>,
+    /// For a membrane serving another node: dropped to end the RPC
+    /// connection it is served on, so that node links again (and follows
+    /// the provider wherever it now runs).
+    pub(crate) serving: RefCell<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// Where a membrane's calls go.
@@ -126,13 +136,13 @@ async fn forward(
         .sup
         .upgrade()
         .ok_or_else(|| capnp::Error::disconnected("the host is shutting down".to_owned()))?;
-    sup.check_grant_live(m.grant_id)?;
+    m.check_live(&sup)?;
     let _outbound = match m.for_remote {
         true => None,
         false => Some(sup.admit_call(&m.holder)?),
     };
     let (target, _busy) = m.target(&sup).await?;
-    sup.check_grant_live(m.grant_id)?;
+    m.check_live(&sup)?;
     let mut request =
         target.new_call::<any_pointer::Owned, any_pointer::Owned>(interface_id, method_id, None);
     request.get().set_as(params.get()?)?;
@@ -143,9 +153,15 @@ async fn forward(
                 "{}: the provider did not answer in time",
                 m.descriptor
             ))
-        })??;
+        })
+        .and_then(|answer| answer);
+    // A call cut short by a revoke says so, not how the link ended.
+    let response = response.map_err(|e| m.check_live(&sup).err().unwrap_or(e))?;
     results.get().set_as(response.get()?)?;
-    sup.count_call(m.grant_id);
+    // Counted once, by the holder's node.
+    if !m.for_remote {
+        sup.count_call(m.grant_id);
+    }
     Ok(())
 }
 
@@ -192,6 +208,16 @@ impl Membrane {
         Ok((client, Some(busy)))
     }
 
+    /// Refuses a call on a revoked grant.
+    pub(crate) fn check_live(&self, sup: &Inner) -> Result<(), capnp::Error> {
+        if self.revoked.get() {
+            return Err(capnp::Error::failed(
+                "capability revoked by its owner".to_owned(),
+            ));
+        }
+        sup.check_grant_live(self.grant_id)
+    }
+
     /// The object the provider's node serves, when the provider runs on
     /// another node; `None` when it is this node's.
     async fn remote(
@@ -206,6 +232,13 @@ impl Membrane {
         else {
             return Ok(None);
         };
+        let _one = self.linking.lock().await;
+        // Another call made a link while this one waited.
+        if let Some(Target::Remote(link)) = &*self.target.borrow()
+            && !link.ended.get()
+        {
+            return Ok(Some(link.client.clone()));
+        }
         let opened = remote
             .open(self.grant_id, self.holder.clone(), self.provider.clone())
             .await;
@@ -216,13 +249,25 @@ impl Membrane {
         let link = sup
             .link_rpc(conn)
             .map_err(|e| capnp::Error::failed(format!("{}: {e}", self.descriptor)))?;
+        // Revoked while the link was made: dropping it closes it.
+        self.check_live(sup)?;
         let client = link.client.clone();
         *self.target.borrow_mut() = Some(Target::Remote(link));
         Ok(Some(client))
     }
 
-    /// Drops the provider's object (on revoke), so it is released at once.
+    /// Drops the provider's object, so it is released at once, and ends
+    /// the connection a membrane serving another node is served on. The
+    /// next call obtains the object again (a provider held stopped
+    /// refuses it until released).
     pub(crate) fn cut(&self) {
         self.target.borrow_mut().take();
+        self.serving.borrow_mut().take();
+    }
+
+    /// Cuts it for good: its grant is revoked.
+    pub(crate) fn revoke(&self) {
+        self.revoked.set(true);
+        self.cut();
     }
 }

@@ -172,46 +172,35 @@ impl granary_cluster::Records for NodeRecords {
 /// Cuts, on this node, every live capability of a grant another node
 /// revoked: after the shared records move on (looked at every 200 ms, a
 /// read of one counter), the revoked grants are compared with those
-/// already cut. A revoke made on this node has cut its own at once.
+/// already cut. A revoke made on this node has cut its own at once; telling
+/// the supervisor again is harmless. A grant is known by more than its id,
+/// which a later grant may be given once the first is deleted.
 pub(crate) fn follow_revocations(
     store: std::sync::Arc<granary_state::Store>,
     grains: std::sync::Arc<dyn granary_grains::Grains>,
 ) {
     tokio::spawn(async move {
-        let revoked = |store: &std::sync::Arc<granary_state::Store>| {
-            let s = store.clone();
-            async move {
-                tokio::task::spawn_blocking(move || s.revoked_grants())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-            }
-        };
-        // What was revoked before this daemon started holds no capability.
-        let mut cut: std::collections::BTreeSet<i64> = revoked(&store)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        let mut seen = store.position();
+        let mut cut = std::collections::BTreeSet::new();
+        // The first pass tells every revoke: one may have been applied
+        // after the supervisor started and before this looked.
+        let mut seen = None;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let now = store.position();
-            if now == seen {
+            if seen == Some(now) {
                 continue;
             }
-            let Some(ids) = revoked(&store).await else {
+            let s = store.clone();
+            let revoked = tokio::task::spawn_blocking(move || s.revoked_grants()).await;
+            let Ok(Ok(revoked)) = revoked else {
                 continue;
             };
-            seen = now;
-            for id in ids {
-                if cut.insert(id) {
-                    tracing::info!(
-                        grant = id,
-                        "a grant revoked on another node; cutting its capabilities here"
-                    );
+            seen = Some(now);
+            for (id, what) in revoked {
+                if cut.insert((id, what)) {
+                    tracing::debug!(grant = id, "a revoked grant; cutting its capabilities here");
                     let _ = grains.grant_revoked(id).await;
                 }
             }
