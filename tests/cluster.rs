@@ -890,6 +890,18 @@ fn a_grains_data_is_replicated_to_another_node_and_its_lag_is_an_alert_once_behi
     eventually("the copy to catch up", Duration::from_secs(30), || {
         holds("1\n2\n")
     });
+    // The copy holds what the grain's data held when the snapshot it is of
+    // was taken: nothing was written since, so the data itself.
+    let source = n1.data_dir().join("grains/alice-hello/data");
+    eventually(
+        "the copy to equal its source",
+        Duration::from_secs(30),
+        || {
+            (granary_testkit::tree_contents(&copy.join("data"))
+                == granary_testkit::tree_contents(&source))
+            .then_some(())
+        },
+    );
     let listed = nodes(&n2);
     let lag = &listed[0]["replication"][0];
     assert_eq!(lag["grain"], "alice-hello", "{listed:?}");

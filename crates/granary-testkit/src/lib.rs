@@ -1069,3 +1069,35 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     out
 }
+
+/// Every entry under `dir`, by its path relative to `dir`: its kind (`d`,
+/// `f`, `l`), permission bits, and its bytes (a file) or target (a
+/// symlink). Two trees with equal maps hold the same data, which is how
+/// tests compare a copy with what it was made from.
+pub fn tree_contents(dir: &Path) -> std::collections::BTreeMap<PathBuf, (char, u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let meta = std::fs::symlink_metadata(&path).expect("an entry's metadata");
+            let rel = path.strip_prefix(dir).expect("under dir").to_path_buf();
+            let mode = meta.permissions().mode() & 0o7777;
+            let entry = if meta.is_symlink() {
+                let target = std::fs::read_link(&path).expect("a link's target");
+                ('l', mode, target.into_os_string().into_encoded_bytes())
+            } else if meta.is_dir() {
+                todo.push(path);
+                ('d', mode, Vec::new())
+            } else {
+                ('f', mode, std::fs::read(&path).expect("a file's bytes"))
+            };
+            out.insert(rel, entry);
+        }
+    }
+    out
+}
