@@ -18,32 +18,11 @@
 #[path = "support.rs"]
 mod support;
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use granary_testkit::etcd::Etcd;
 use granary_testkit::{Daemon, DaemonMode};
 use support::{have, median};
-
-/// Writes `bytes` of incompressible data to `path`.
-fn fill(path: &std::path::Path, bytes: u64) {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut block = vec![0u8; 1 << 20];
-    let mut left = bytes;
-    while left > 0 {
-        for chunk in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-        }
-        let n = left.min(block.len() as u64) as usize;
-        f.write_all(&block[..n]).unwrap();
-        left -= n as u64;
-    }
-    f.into_inner().unwrap().sync_all().unwrap();
-}
 
 /// `granary grain move` of `grain` to `to`, asked on `on`: (total time,
 /// downtime) from its report.
@@ -122,7 +101,7 @@ fn main() {
     for (bytes, name) in sizes {
         let data = nodes[owner].data_dir().join("grains/alice-hello/data");
         let _ = std::fs::remove_file(data.join("blob"));
-        fill(&data.join("blob"), *bytes);
+        support::fill(&data.join("blob"), *bytes);
         // The peer: the same data copied with the service stopped.
         let copy = nodes[owner].dir().join("copy");
         let _ = std::fs::remove_dir_all(&copy);

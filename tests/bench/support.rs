@@ -153,3 +153,23 @@ pub(crate) fn wrk(url: &str, headers: &[String], secs: u32, strict: bool) -> (f6
     }
     (rps, ms("50%"), ms("99%"))
 }
+
+/// Writes `bytes` of incompressible data to `path`.
+pub(crate) fn fill(path: &std::path::Path, bytes: u64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        for chunk in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        let n = left.min(block.len() as u64) as usize;
+        std::io::Write::write_all(&mut f, &block[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.into_inner().unwrap().sync_all().unwrap();
+}

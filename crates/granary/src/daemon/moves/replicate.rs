@@ -310,6 +310,7 @@ async fn round(
     if nodes.is_empty() {
         return Ok(());
     }
+    let (started, mut sent, mut bytes) = (std::time::Instant::now(), 0u64, 0u64);
     for p in placements.iter().filter(|p| p.node == *me) {
         let Ok(grain) = GrainId::parse(&p.grain) else {
             continue;
@@ -347,23 +348,30 @@ async fn round(
             }
         }
         targets.truncate(replicas);
-        if let Err(e) = replicate(src, &grain, p.epoch, &targets, bases).await {
-            tracing::warn!(grain = %p.grain, error = %e, "cannot replicate a grain");
+        match replicate(src, &grain, p.epoch, &targets, bases).await {
+            Ok(b) => (sent, bytes) = (sent + 1, bytes + b),
+            Err(e) => tracing::warn!(grain = %p.grain, error = %e, "cannot replicate a grain"),
         }
+    }
+    if sent > 0 {
+        let millis = started.elapsed().as_millis() as u64;
+        tracing::info!(grains = sent, bytes, millis, "replication round");
     }
     Ok(())
 }
 
 /// One grain's round: a snapshot, sent to each target as a delta from its
 /// copy (whole when it has none or another), recorded; then the
-/// replication snapshots no node's copy is of any more are deleted.
+/// replication snapshots no node's copy is of any more are deleted. The
+/// bytes sent to all targets.
 async fn replicate(
     src: &Source,
     grain: &GrainId,
     epoch: i64,
     targets: &[&(String, String, String)],
     bases: &mut HashMap<(String, String), String>,
-) -> Result<(), String> {
+) -> Result<u64, String> {
+    let mut total = 0;
     let g = grain.to_string();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -383,6 +391,7 @@ async fn replicate(
         }
         match sent {
             Ok(bytes) => {
+                total += bytes;
                 tracing::debug!(grain = %g, node, bytes, label, "replicated");
                 bases.insert((g.clone(), node.clone()), label.clone());
                 let record = ReplicaRecord {
@@ -425,7 +434,8 @@ async fn replicate(
         }
     })
     .await
-    .map_err(msg)
+    .map_err(msg)?;
+    Ok(total)
 }
 
 async fn send(
