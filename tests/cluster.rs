@@ -1412,3 +1412,108 @@ m.logout()
         (spool(&n2) == 0).then_some(())
     });
 }
+
+#[test]
+fn on_zfs_pools_a_grain_is_replicated_and_moves_between_nodes_with_its_data() {
+    use granary_datasets::testing::ZfsPool;
+    // Pools outlive the daemons (declared first, dropped last); each node
+    // has its own, and one zfs-fuse daemon serves both.
+    let tmp = tempfile::tempdir().unwrap();
+    let pool = |name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        ZfsPool::create(&dir, "256M").unwrap()
+    };
+    let pools = [pool("p1"), pool("p2")];
+    let etcd = Etcd::start(1);
+    let zfs_node = |name: &str, pool: &ZfsPool| {
+        let config = format!(
+            "{}replicate_interval = \"1s\"\n[storage]\nbackend = \"zfs\"\nzfs_dataset = \"{}\"\nquota_mib = 64\n",
+            node_config(&etcd, name, "\"x86_64\""),
+            pool.name
+        );
+        Daemon::prepare(DaemonMode::Serve, &config, "", &[])
+    };
+    let mut n1 = zfs_node("n1", &pools[0]);
+    let mut n2 = zfs_node("n2", &pools[1]);
+    n2.share_uid_range(&n1);
+    n1.granary(&["cluster", "init"]).success();
+    for d in [&n1, &n2] {
+        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+            .success();
+    }
+    n1.launch();
+    n2.launch();
+    for d in [&n1, &n2] {
+        let app = granary_testkit::hello_app(d.dir(), "hello", &[]);
+        d.granary(&["app", "install", app.to_str().unwrap()])
+            .success();
+    }
+    let zfs = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("zfs")
+            .args(args)
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let epoch_of = |pool: &ZfsPool| {
+        zfs(&[
+            "get",
+            "-H",
+            "-o",
+            "value",
+            "granary:epoch",
+            &format!("{}/alice-hello", pool.name),
+        ])
+    };
+    n1.granary(&["user", "add", "alice"]).success();
+    n1.granary(&["grain", "start", "alice/hello"]).success();
+    assert_eq!(n1.ask("alice/hello", "put 1"), "stored 1");
+    assert_eq!(n1.ask("alice/hello", "put 2"), "stored 2");
+    // Its dataset is on n1's pool, fenced with the placement's epoch.
+    let first: i64 = epoch_of(&pools[0]).unwrap().parse().unwrap();
+    assert!(first > 0);
+    let data = n1.data_dir().join("grains/alice-hello/data");
+    std::fs::create_dir_all(data.join("notes")).unwrap();
+    std::fs::write(data.join("notes/today"), "written on n1").unwrap();
+
+    // Replicated from n1's snapshots into n2's copy.
+    let copy = n2.data_dir().join("replicas/alice-hello/data");
+    eventually(
+        "a copy on n2 of what n1 holds",
+        Duration::from_secs(30),
+        || {
+            (std::fs::read_to_string(copy.join("acked.log")).unwrap_or_default() == "1\n2\n"
+                && copy.join("notes/today").exists())
+            .then_some(())
+        },
+    );
+
+    // Moved to n2: its data lands in a dataset of n2's pool, under a newer
+    // epoch, and n1's dataset is no longer the grain's.
+    n1.granary(&["grain", "move", "alice/hello", "--to", "n2"])
+        .success();
+    let moved: i64 = epoch_of(&pools[1])
+        .expect("a dataset on n2's pool")
+        .parse()
+        .unwrap();
+    assert!(moved > first, "{moved} after {first}");
+    assert_eq!(epoch_of(&pools[0]), None, "n1's dataset was retired");
+    assert_eq!(n2.ask("alice/hello", "acked"), "1,2");
+    let on_n2 = n2.data_dir().join("grains/alice-hello/data/notes/today");
+    assert_eq!(std::fs::read_to_string(on_n2).unwrap(), "written on n1");
+    assert_eq!(n2.ask("alice/hello", "put 3"), "stored 3");
+
+    // And back, through n1 (which asks n2 to drive it).
+    n1.granary(&["grain", "move", "alice/hello", "--to", "n1"])
+        .success();
+    let back: i64 = epoch_of(&pools[0])
+        .expect("a dataset on n1's pool again")
+        .parse()
+        .unwrap();
+    assert!(back > moved);
+    assert_eq!(n1.ask("alice/hello", "acked"), "1,2,3");
+    drop((n1, n2));
+}
