@@ -91,11 +91,19 @@ fn https_health_verifies_against_the_local_ca_with_real_clients() {
     assert!(body.contains("\"status\":\"ok\""), "{body}");
     // HTTP/2 by ALPN, and a service host name covered by the certificate.
     let (code, _) = daemon.curl(
-        "git.localhost",
+        "dav.localhost",
         "/.well-known/granary/health",
         &["--http2", "--write-out", "%{http_version}"],
     );
     assert_eq!(code, "2", "the last write-out is the HTTP version");
+    // Git's host speaks HTTP/1.1 only (see the gateway's `https.rs`: the
+    // libcurl of Debian 12 can send an HTTP/2 upload chunk twice).
+    let (code, _) = daemon.curl(
+        "git.localhost",
+        "/.well-known/granary/health",
+        &["--http2", "--write-out", "%{http_version}"],
+    );
+    assert_eq!(code, "1.1", "the last write-out is the HTTP version");
     let (code, body) = daemon.curl("www.localhost", "/alice/site", &[]);
     assert_eq!(code, "404");
     assert!(body.contains("No Granary app serves"), "{body}");

@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tracing::Instrument;
 
 use crate::Shared;
@@ -33,7 +33,7 @@ pub const HEALTH_PATH: &str = "/.well-known/granary/health";
 /// connections finish for up to the drain timeout.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
     let settings = shared.settings;
-    let acceptor = TlsAcceptor::from(shared.tls.clone());
+    let configs = Configs::new(&shared.tls);
     let gateway = Gateway::new(shared);
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -63,7 +63,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
         // without this, Nagle holds a body's first segment back until the
         // client's delayed ACK of the head, 40 ms later.
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let configs = configs.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let gateway = gateway.clone();
@@ -71,7 +71,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
         tokio::spawn(
             async move {
                 let tls =
-                    match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp))
+                    match tokio::time::timeout(settings.handshake_timeout, configs.accept(tcp))
                         .await
                     {
                         Ok(Ok(tls)) => tls,
@@ -101,7 +101,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
                 if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(error = %e, "https connection ended with an error");
+                    // With its cause: hyper's own text is only "connection error".
+                    let cause = std::error::Error::source(&*e).map(|c| c.to_string());
+                    tracing::debug!(error = %e, cause, "https connection ended with an error");
                 }
             }
             .instrument(span),
@@ -372,4 +374,44 @@ pub(crate) fn respond(status: StatusCode, content_type: &str, body: String) -> R
                 .boxed(),
         )
         .expect("static response parts are valid")
+}
+
+/// The TLS configurations of the HTTPS listener, chosen by the name the
+/// client asks for (SNI) before the handshake goes on.
+///
+/// Git's host is offered HTTP/1.1 only. Git gains nothing from HTTP/2 (one
+/// request at a time), and the libcurl of Debian 12 (7.88; fixed in 8.2)
+/// sends an upload chunk a second time when its socket would block,
+/// which an HTTP/2 server must refuse ("content-length overflow"): a push
+/// of a few hundred kilobytes over a real network, or through another
+/// node, failed with `HTTP/2 stream 5 was not closed cleanly:
+/// PROTOCOL_ERROR`. Over HTTP/1.1 the same push works.
+#[derive(Clone)]
+struct Configs {
+    any: Arc<rustls::ServerConfig>,
+    http1: Arc<rustls::ServerConfig>,
+}
+
+impl Configs {
+    fn new(tls: &Arc<rustls::ServerConfig>) -> Configs {
+        let mut http1 = (**tls).clone();
+        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Configs {
+            any: tls.clone(),
+            http1: Arc::new(http1),
+        }
+    }
+
+    async fn accept(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+        let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let git = hello
+            .client_hello()
+            .server_name()
+            .is_some_and(|name| name.starts_with("git."));
+        let config = if git { &self.http1 } else { &self.any };
+        hello.into_stream(config.clone()).await
+    }
 }
