@@ -1517,3 +1517,203 @@ fn on_zfs_pools_a_grain_is_replicated_and_moves_between_nodes_with_its_data() {
     assert_eq!(n1.ask("alice/hello", "acked"), "1,2,3");
     drop((n1, n2));
 }
+
+/// The whole cluster as the issue describes it: three etcd members, and
+/// three nodes each in its own network namespace (its own veth on a
+/// bridge, its own address), with its own data dir and its own zfs-fuse
+/// pool (one zfs-fuse daemon for all). Clients reach the nodes over their
+/// links, and the nodes reach each other and etcd the same way.
+#[test]
+fn three_nodes_in_their_own_namespaces_and_pools_serve_every_grain_from_any_node() {
+    use granary_datasets::testing::ZfsPool;
+    use granary_testkit::netns::Net;
+    const DOMAIN: &str = "example.test";
+    let tmp = tempfile::tempdir().unwrap();
+    // Declared first, dropped last: after the daemons.
+    let pools: Vec<ZfsPool> = (0..3)
+        .map(|i| {
+            let dir = tmp.path().join(format!("pool{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            ZfsPool::create(&dir, "512M").unwrap()
+        })
+        .collect();
+    let net = Net::create(3);
+    let etcd = Etcd::start_on(3, net.host);
+    let mut daemons: Vec<Daemon> = (0..3)
+        .map(|i| {
+            let config = format!(
+                "domain = \"{DOMAIN}\"\n{}replicate_interval = \"1s\"\n\
+                 [storage]\n#{}\n",
+                node_config(&etcd, &format!("n{}", i + 1), "\"x86_64\""),
+                pools[i].name
+            );
+            let mut d = Daemon::prepare(DaemonMode::Serve, &config, "", &[]);
+            d.run_in(net.ns(i), net.ip(i));
+            d
+        })
+        .collect();
+    for i in 1..3 {
+        daemons[i].share_uid_range(&daemons[0]);
+    }
+    daemons[0].granary(&["cluster", "init"]).success();
+    for d in &daemons {
+        d.granary_with_stdin(
+            &["node", "join"],
+            Some(&format!("{}\n", token(&daemons[0]))),
+        )
+        .success();
+    }
+    for d in &mut daemons {
+        d.launch();
+    }
+    let packages = [
+        granary_testkit::git_package(tmp.path()),
+        granary_testkit::app_package(tmp.path(), "blog", "granary-blog", ""),
+    ];
+    for d in &daemons {
+        for pkg in &packages {
+            d.granary(&["app", "install", pkg.to_str().unwrap()])
+                .success();
+        }
+        let hello = granary_testkit::hello_app(d.dir(), "hello", &[]);
+        d.granary(&["app", "install", hello.to_str().unwrap()])
+            .success();
+    }
+    let [n1, n2, n3] = &daemons[..] else {
+        unreachable!()
+    };
+    // Each node listens on its own address, not on loopback.
+    for (i, d) in daemons.iter().enumerate() {
+        assert_eq!(d.https_addr().ip(), std::net::IpAddr::V4(net.ip(i)));
+    }
+    let listed = nodes(n3);
+    assert_eq!(listed.len(), 3);
+    assert!(listed.iter().all(|n| n["state"] == "up"), "{listed:?}");
+
+    // A user and her password made on n1; her git grain on n1, her blog
+    // on n2.
+    n1.granary(&["user", "add", "alice"]).success();
+    let password = granary_testkit::app_password(n1, "alice", "git");
+    let users_of = |d: &Daemon| -> Vec<String> {
+        let list = d.granary(&["user", "list", "--json"]).success().json();
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    knows(n3, "n3", "alice", users_of);
+    n1.granary(&["grain", "start", "alice/git"]).success();
+    n2.granary(&["grain", "start", "alice/blog"]).success();
+    for (from, to, cap) in [
+        ("alice/blog", "alice/git", "git.read:site"),
+        ("alice/git", "alice/blog", "notify:site"),
+    ] {
+        n1.granary(&["grant", "add", "--from", from, "--to", to, "--cap", cap])
+            .success();
+    }
+    // Pushed through n2 over n2's link, it lands on n1; cloned through n3
+    // with the password made on n1, the same commit and bytes.
+    std::fs::create_dir_all(tmp.path().join("home")).unwrap();
+    let client = |d| granary_testkit::GitClient {
+        daemon: d,
+        home: tmp.path().join("home"),
+        domain: DOMAIN,
+    };
+    let (via2, via3) = (client(n2), client(n3));
+    let work = tmp.path().join("site");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("index.html"), "<h1>in namespaces</h1>\n").unwrap();
+    std::fs::write(work.join("big.bin"), granary_testkit::noise(7, 300_000)).unwrap();
+    via2.ok(&work, &["init", "-q"]);
+    via2.ok(&work, &["add", "."]);
+    via2.ok(&work, &["commit", "-q", "-m", "first"]);
+    let head = via2.ok(&work, &["rev-parse", "HEAD"]);
+    let url = |c: &granary_testkit::GitClient| c.url(Some(("alice", &password)), "alice/site.git");
+    via2.ok(&work, &["push", "-q", &url(&via2), "main"]);
+    let dest = tmp.path().join("clone");
+    via3.ok(
+        tmp.path(),
+        &["clone", "-q", &url(&via3), dest.to_str().unwrap()],
+    );
+    assert_eq!(via3.ok(&dest, &["rev-parse", "HEAD"]), head);
+    assert_eq!(
+        std::fs::read(dest.join("big.bin")).unwrap(),
+        granary_testkit::noise(7, 300_000)
+    );
+    // The blog on n2 read it from git on n1, and n3 serves it.
+    eventually("the blog through n3", Duration::from_secs(20), || {
+        let (code, body) = n3.curl(&format!("alice.{DOMAIN}"), "/", &[]);
+        (code == "200" && body.contains("in namespaces")).then_some(())
+    });
+    // Git's dataset is on n1's pool, and its copy on another node equals it.
+    let git_copy = |d: &Daemon| d.data_dir().join("replicas/alice-git/data");
+    let source = n1.data_dir().join("grains/alice-git/data");
+    eventually(
+        "a copy of alice's git equal to it",
+        Duration::from_secs(30),
+        || {
+            let want = granary_testkit::tree_contents(&source);
+            [n2, n3]
+                .iter()
+                .any(|d| granary_testkit::tree_contents(&git_copy(d)) == want)
+                .then_some(())
+        },
+    );
+
+    // A move while a client writes through n3: no acknowledged write is
+    // lost, and the longest wait between two acknowledgements is printed.
+    n1.granary(&["grain", "start", "alice/hello"]).success();
+    let acked: std::sync::Mutex<Vec<(u64, Instant)>> = Default::default();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let n3_config = n3.config_path();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut n = 1;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if put_through(&n3_config, "alice/hello", n) == Some(format!("stored {n}")) {
+                    acked.lock().unwrap().push((n, Instant::now()));
+                    n += 1;
+                }
+            }
+        });
+        let count = || acked.lock().unwrap().len();
+        eventually("writes before the move", Duration::from_secs(30), || {
+            (count() >= 5).then_some(())
+        });
+        n1.granary(&["grain", "move", "alice/hello", "--to", "n2"])
+            .success();
+        let after = count();
+        eventually("writes after the move", Duration::from_secs(30), || {
+            (count() >= after + 5).then_some(())
+        });
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let acked = acked.into_inner().unwrap();
+    let gap = acked.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap();
+    eprintln!(
+        "{} writes acknowledged through n3 across the move; the longest wait between two: {gap:?}",
+        acked.len()
+    );
+    let last = acked.last().unwrap().0;
+    let want: Vec<String> = (1..=last).map(|n| n.to_string()).collect();
+    assert_eq!(n2.ask("alice/hello", "acked"), want.join(","));
+
+    // n2 is drained: its grains (hello, blog) move to the others and
+    // answer there; the site is still served through n2.
+    n2.granary(&["node", "drain", "n2"]).success();
+    assert_eq!(
+        nodes(n1)
+            .iter()
+            .find(|n| n["name"] == "n2")
+            .map(|n| n["grains"].clone()),
+        Some(serde_json::json!(0))
+    );
+    assert_eq!(n2.ask("alice/hello", "acked"), want.join(","));
+    let (code, body) = n2.curl(&format!("alice.{DOMAIN}"), "/", &[]);
+    assert!(
+        code == "200" && body.contains("in namespaces"),
+        "{code} {body}"
+    );
+    n2.granary(&["node", "undrain", "n2"]).success();
+}

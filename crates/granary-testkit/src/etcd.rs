@@ -85,19 +85,25 @@ impl Etcd {
     /// process took one in between, a member exits at once, and the whole
     /// cluster is started again on new ports (three tries).
     pub fn start(n: usize) -> Etcd {
-        Etcd::start_with(n, false)
+        Etcd::start_with(n, false, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`Etcd::start`], listening on `ip` (the bridge of a test's
+    /// network namespaces, where their nodes reach it).
+    pub fn start_on(n: usize, ip: Ipv4Addr) -> Etcd {
+        Etcd::start_with(n, false, ip)
     }
 
     /// Like [`Etcd::start`], with clients served over TLS only and asked
     /// for a certificate from the CA in [`Etcd::tls`].
     pub fn start_tls(n: usize) -> Etcd {
-        Etcd::start_with(n, true)
+        Etcd::start_with(n, true, Ipv4Addr::LOCALHOST)
     }
 
-    fn start_with(n: usize, tls: bool) -> Etcd {
+    fn start_with(n: usize, tls: bool, ip: Ipv4Addr) -> Etcd {
         let mut why = String::new();
         for _ in 0..3 {
-            match Etcd::try_start(n, tls) {
+            match Etcd::try_start(n, tls, ip) {
                 Ok(etcd) => return etcd,
                 Err(e) => why = e,
             }
@@ -105,16 +111,15 @@ impl Etcd {
         panic!("etcd did not start: {why}");
     }
 
-    fn try_start(n: usize, tls: bool) -> Result<Etcd, String> {
+    fn try_start(n: usize, tls: bool, ip: Ipv4Addr) -> Result<Etcd, String> {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let lo = Ipv4Addr::LOCALHOST;
         let ports: Vec<(u16, u16)> = (0..n)
-            .map(|_| (free_port_on(lo), free_port_on(lo)))
+            .map(|_| (free_port_on(ip), free_port_on(ip)))
             .collect();
         let initial: Vec<String> = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
+            .map(|(i, (_, peer))| format!("e{i}=http://{ip}:{peer}"))
             .collect();
         let initial = initial.join(",");
         let token = format!("granary-test-{}", std::process::id());
@@ -132,8 +137,8 @@ impl Etcd {
             let data = etcd.dir.path().join(&name);
             let log = std::fs::File::create(etcd.dir.path().join(format!("{name}.log")))
                 .expect("a log file");
-            let client_url = format!("{scheme}://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
+            let client_url = format!("{scheme}://{ip}:{client}");
+            let peer_url = format!("http://{ip}:{peer}");
             let mut command = Command::new("etcd");
             if let Some(t) = &etcd.tls {
                 command

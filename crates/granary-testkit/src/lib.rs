@@ -13,6 +13,7 @@
 pub mod dav;
 pub mod etcd;
 pub mod mail;
+pub mod netns;
 pub mod postfix;
 pub mod prosody;
 pub mod tasks;
@@ -401,10 +402,11 @@ impl GitClient<'_> {
         }
     }
 
-    /// `ssh://<user>@127.0.0.1:<port>/<path>`.
+    /// `ssh://<user>@<address>:<port>/<path>`.
     pub fn ssh_url(&self, user: &str, path: &str) -> String {
         format!(
-            "ssh://{user}@127.0.0.1:{}/{path}",
+            "ssh://{user}@{}:{}/{path}",
+            self.daemon.ssh_addr().ip(),
             self.daemon.ssh_addr().port()
         )
     }
@@ -426,7 +428,8 @@ impl GitClient<'_> {
     }
 
     fn run(&self, dir: &Path, args: &[&str], ssh: Option<&str>) -> (bool, String) {
-        let port = self.daemon.https_addr().port();
+        let https = self.daemon.https_addr();
+        let (port, ip) = (https.port(), https.ip());
         let mut cmd = Command::new("git");
         if let Some(ssh) = ssh {
             cmd.env("GIT_SSH_COMMAND", ssh);
@@ -434,7 +437,7 @@ impl GitClient<'_> {
         let out = cmd
             .args([
                 "-c",
-                &format!("http.curloptResolve=git.{}:{port}:127.0.0.1", self.domain),
+                &format!("http.curloptResolve=git.{}:{port}:{ip}", self.domain),
                 "-c",
                 "user.name=Alice",
                 "-c",
@@ -662,6 +665,8 @@ pub struct Daemon {
     child: Option<Child>,
     stdout_lines: Option<mpsc::Receiver<String>>,
     mode: DaemonMode,
+    /// The network namespace it runs in ([`Daemon::run_in`]).
+    netns: Option<String>,
 }
 
 static NEXT_DAEMON: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -729,6 +734,7 @@ impl Daemon {
             child: None,
             stdout_lines: None,
             mode,
+            netns: None,
         };
         if !packages.is_empty() {
             use std::os::unix::fs::DirBuilderExt;
@@ -760,7 +766,15 @@ impl Daemon {
             DaemonMode::Demo => "demo",
         };
         let cpu = PINNED_CPU.load(std::sync::atomic::Ordering::Relaxed);
-        let mut command_line = if cpu >= 0 {
+        let mut command_line = if let Some(ns) = &self.netns {
+            // Only the network namespace: `ip netns exec` would give it a
+            // mount namespace of its own too, where zfs-fuse's mounts (made
+            // by its daemon, outside) do not show. `nsenter` execs the
+            // daemon: the child's pid is its own.
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg(granary_bin());
+            c
+        } else if cpu >= 0 {
             let mut c = Command::new("taskset");
             c.args(["-c", &cpu.to_string()]).arg(granary_bin());
             c
@@ -808,6 +822,20 @@ impl Daemon {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Runs this (not yet launched) daemon in network namespace `ns`,
+    /// where `ip` is its address: its listeners and its node link bind
+    /// there instead of loopback, so clients and other nodes reach it
+    /// over the namespace's link ([`netns::Net`]).
+    pub fn run_in(&mut self, ns: &str, ip: std::net::Ipv4Addr) {
+        let text = std::fs::read_to_string(self.config_path()).expect("config");
+        std::fs::write(
+            self.config_path(),
+            text.replace("\"127.0.0.1:0\"", &format!("\"{ip}:0\"")),
+        )
+        .expect("config");
+        self.netns = Some(ns.to_owned());
     }
 
     /// Gives this (not yet launched) daemon the host uid range of
@@ -900,7 +928,7 @@ impl Daemon {
     ) -> Result<(String, String), String> {
         let addr = self.https_addr();
         let url = format!("https://{host}:{}{path}", addr.port());
-        let resolve = format!("{host}:{}:127.0.0.1", addr.port());
+        let resolve = format!("{host}:{}:{}", addr.port(), addr.ip());
         let out = Command::new("curl")
             .args([
                 "--silent",
