@@ -169,15 +169,12 @@ pub trait RemoteGrants: Send + Sync {
     /// decides). Otherwise a stream to the node that runs it, on which
     /// that node serves grant `grant` for `holder`
     /// ([`granary_grains::Grains::serve_grant`]), or why there is none.
-    fn open(
-        &self,
-        grant: i64,
-        holder: String,
-        provider: String,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Option<Result<Connection, String>>> + Send>,
-    >;
+    fn open(&self, grant: i64, holder: String, provider: String) -> RemoteOpen;
 }
+
+/// What [`RemoteGrants::open`] answers.
+pub type RemoteOpen =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Result<Connection, String>>> + Send>>;
 
 /// What the supervisor works with.
 pub struct SupervisorParams {

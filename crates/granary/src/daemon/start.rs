@@ -245,17 +245,7 @@ struct ClusterGrants {
 }
 
 impl granary_supervisor::RemoteGrants for ClusterGrants {
-    fn open(
-        &self,
-        grant: i64,
-        holder: String,
-        provider: String,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Option<Result<granary_grains::Connection, String>>>
-                + Send,
-        >,
-    > {
+    fn open(&self, grant: i64, holder: String, provider: String) -> granary_supervisor::RemoteOpen {
         let (member, seen) = (self.member.clone(), self.store.position());
         let task = self.runtime.spawn(async move {
             let (Ok(holder), Ok(provider)) = (
