@@ -158,8 +158,50 @@ pub(crate) enum Delivery {
     Xmpp { from: String, to: String },
 }
 
-/// The largest message or stanza a node takes for one of its grains.
-const MAX_DELIVERY: u64 = 1 << 30;
+impl Delivery {
+    /// The largest one a node takes for one of its grains (far above what
+    /// the MX and the chat listeners accept).
+    fn limit(&self) -> u64 {
+        match self {
+            Delivery::Mail { .. } => 256 << 20,
+            Delivery::Xmpp { .. } => 16 << 20,
+        }
+    }
+}
+
+/// Deliveries a node takes from other nodes at once; more wait.
+static DELIVERIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(16);
+/// How long a delivery's body may stall before the link is dropped.
+const BODY_IDLE: Duration = Duration::from_secs(30);
+
+/// Copies `size` bytes from `r` to `w`, failing if `r` sends nothing for
+/// [`BODY_IDLE`]; the bytes copied (fewer when `r` ended early).
+async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    size: u64,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut left = size;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let got = tokio::time::timeout(BODY_IDLE, r.read(&mut buf[..want]))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("nothing came for {BODY_IDLE:?}"),
+                )
+            })??;
+        if got == 0 {
+            break;
+        }
+        w.write_all(&buf[..got]).await?;
+        left -= got as u64;
+    }
+    w.flush().await?;
+    Ok(size - left)
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Answer {
@@ -254,6 +296,9 @@ pub(crate) async fn read_line<R: AsyncRead + Unpin>(
 pub struct Served {
     pub grains: Arc<dyn Grains>,
     pub apps_dir: std::path::PathBuf,
+    /// Where a delivery's bytes wait (unlinked files) until its grain has
+    /// them: on the data dir's disk, not in a tmpfs.
+    pub scratch: std::path::PathBuf,
     pub records: Arc<dyn crate::Records>,
     pub moves: Arc<dyn crate::Moves>,
 }
@@ -445,17 +490,23 @@ async fn deliver_here<S: AsyncRead + AsyncWrite + Unpin>(
         stream.write_all(&answer_line(Some(problem), None)).await?;
         stream.flush().await
     };
+    if size > what.limit() {
+        // The sender checks this first; one that did not is cut off.
+        let why = format!("{size} bytes is more than a node takes for a grain at once");
+        return refuse(&mut stream, Problem::Grain(why)).await;
+    }
+    let Ok(_slot) = DELIVERIES.acquire().await else {
+        return Ok(());
+    };
     let Ok(id) = GrainId::parse(grain) else {
+        // Read to its end, so the sender hears this rather than a reset.
+        copy_body(&mut stream, &mut tokio::io::sink(), size).await?;
         return refuse(&mut stream, Problem::NoSuchGrain).await;
     };
-    if size > MAX_DELIVERY {
-        let why = format!("{size} bytes is more than a node takes for a grain at once");
-        return refuse(&mut stream, Problem::Host(why)).await;
-    }
     tracing::debug!(grain, node, size, "a delivery forwarded from another node");
-    let file = tempfile::tempfile()?;
+    let file = tempfile::tempfile_in(&served.scratch)?;
     let mut file = tokio::fs::File::from_std(file);
-    let got = tokio::io::copy(&mut (&mut stream).take(size), &mut file).await?;
+    let got = copy_body(&mut stream, &mut file, size).await?;
     if got != size {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
@@ -713,6 +764,13 @@ pub(crate) async fn deliver(
     seen: u64,
 ) -> Result<(), GrainError> {
     let host = |what: String| GrainError::new(grain, Problem::Host(what));
+    if size > what.limit() {
+        let why = format!("{size} bytes is more than a node takes for a grain at once");
+        return Err(GrainError::new(grain, Problem::Grain(why)));
+    }
+    // The far node may start the grain, which then stores it durably: a
+    // minute, and half a minute more per 8 MiB.
+    let answer_within = ANSWER + Duration::from_secs(30 * (size >> 23));
     let mut stream = open(address, node_key, key).await.map_err(host)?;
     let request = Request::Deliver {
         grain: grain.to_string(),
@@ -733,14 +791,13 @@ pub(crate) async fn deliver(
         )));
     }
     stream.flush().await.map_err(io)?;
-    // The far node may start the grain, which stores it durably first.
-    let line = tokio::time::timeout(ANSWER, read_line(&mut stream))
+    let line = tokio::time::timeout(answer_within, read_line(&mut stream))
         .await
         .map_err(|_| {
             GrainError::new(
                 grain,
                 Problem::Busy(format!(
-                    "node link to {address}: no answer within {ANSWER:?}"
+                    "node link to {address}: no answer within {answer_within:?}"
                 )),
             )
         })?

@@ -33,7 +33,7 @@ pub const HEALTH_PATH: &str = "/.well-known/granary/health";
 /// connections finish for up to the drain timeout.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
     let settings = shared.settings;
-    let configs = Configs::new(&shared.tls);
+    let configs = Configs::new(&shared.tls, &shared.domain);
     let gateway = Gateway::new(shared);
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -390,15 +390,18 @@ pub(crate) fn respond(status: StatusCode, content_type: &str, body: String) -> R
 struct Configs {
     any: Arc<rustls::ServerConfig>,
     http1: Arc<rustls::ServerConfig>,
+    /// `git.<domain>`.
+    git: Arc<str>,
 }
 
 impl Configs {
-    fn new(tls: &Arc<rustls::ServerConfig>) -> Configs {
+    fn new(tls: &Arc<rustls::ServerConfig>, domain: &str) -> Configs {
         let mut http1 = (**tls).clone();
         http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Configs {
             any: tls.clone(),
             http1: Arc::new(http1),
+            git: format!("git.{domain}").into(),
         }
     }
 
@@ -410,7 +413,7 @@ impl Configs {
         let git = hello
             .client_hello()
             .server_name()
-            .is_some_and(|name| name.starts_with("git."));
+            .is_some_and(|name| name.eq_ignore_ascii_case(&self.git));
         let config = if git { &self.http1 } else { &self.any };
         hello.into_stream(config.clone()).await
     }

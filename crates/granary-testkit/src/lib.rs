@@ -830,6 +830,10 @@ impl Daemon {
     /// over the namespace's link ([`netns::Net`]).
     pub fn run_in(&mut self, ns: &str, ip: std::net::Ipv4Addr) {
         let text = std::fs::read_to_string(self.config_path()).expect("config");
+        assert!(
+            text.contains("\"127.0.0.1:0\""),
+            "no loopback address in the config to move"
+        );
         std::fs::write(
             self.config_path(),
             text.replace("\"127.0.0.1:0\"", &format!("\"{ip}:0\"")),

@@ -43,9 +43,22 @@ impl Net {
     /// Makes the bridge and `n` namespaces (at most 200).
     pub fn create(n: usize) -> Net {
         assert!(n <= 200, "at most 200 namespaces");
-        let k = NEXT.fetch_add(1, Ordering::Relaxed);
         let id = std::process::id() % 10_000;
-        let subnet = [10, 200 + (k % 50) as u8, (std::process::id() % 250) as u8];
+        // A /24 no route of this host covers yet (another test's, or a
+        // real network's).
+        let routes = Command::new("ip")
+            .args(["-4", "route", "show", "table", "all"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let (k, subnet) = loop {
+            let k = NEXT.fetch_add(1, Ordering::Relaxed);
+            let subnet = [10, 200 + (k % 50) as u8, (std::process::id() % 250) as u8];
+            let prefix = format!("{}.{}.{}.", subnet[0], subnet[1], subnet[2]);
+            if !routes.contains(&prefix) || k >= 500 {
+                break (k, subnet);
+            }
+        };
         let mut net = Net {
             bridge: format!("grb{id}x{k}"),
             host: Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 1),
@@ -112,6 +125,11 @@ impl Drop for Net {
             if let Err(e) = ip(&["netns", "del", ns]) {
                 eprintln!("cannot remove network namespace {ns}: {e}");
             }
+        }
+        // A veth whose inner end never reached its namespace (a failure
+        // part-way through `create`) is still here.
+        for veth in &self.veths {
+            let _ = ip(&["link", "del", veth]);
         }
         if let Err(e) = ip(&["link", "del", &self.bridge]) {
             eprintln!("cannot remove bridge {}: {e}", self.bridge);

@@ -268,6 +268,7 @@ async fn serve(
             granary_cluster::link::Served {
                 grains: local.clone(),
                 apps_dir: start::apps_dir(&config)?,
+                scratch: start::scratch_dir(&config)?,
                 records: records.clone(),
                 moves,
             },

@@ -184,6 +184,19 @@ pub(super) fn federation(
     .map_err(anyhow::Error::msg)
 }
 
+/// DATA_DIR/tmp (owner-only), made if missing: where bytes wait in
+/// unlinked files, on the data dir's disk.
+pub(super) fn scratch_dir(config: &Config) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = config.data_dir.join("tmp");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
 pub(super) fn apps_dir(config: &Config) -> anyhow::Result<PathBuf> {
     let apps_dir = config.data_dir.join("apps");
     std::fs::create_dir_all(&apps_dir)

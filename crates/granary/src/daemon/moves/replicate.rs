@@ -349,7 +349,9 @@ async fn round(
         }
         targets.truncate(replicas);
         match replicate(src, &grain, p.epoch, &targets, bases).await {
-            Ok(b) => (sent, bytes) = (sent + 1, bytes + b),
+            Ok(Some(b)) => (sent, bytes) = (sent + 1, bytes + b),
+            // Every target failed (each logged).
+            Ok(None) => {}
             Err(e) => tracing::warn!(grain = %p.grain, error = %e, "cannot replicate a grain"),
         }
     }
@@ -363,15 +365,15 @@ async fn round(
 /// One grain's round: a snapshot, sent to each target as a delta from its
 /// copy (whole when it has none or another), recorded; then the
 /// replication snapshots no node's copy is of any more are deleted. The
-/// bytes sent to all targets.
+/// bytes sent to all targets, `None` when no target took it.
 async fn replicate(
     src: &Source,
     grain: &GrainId,
     epoch: i64,
     targets: &[&(String, String, String)],
     bases: &mut HashMap<(String, String), String>,
-) -> Result<u64, String> {
-    let mut total = 0;
+) -> Result<Option<u64>, String> {
+    let mut total = None;
     let g = grain.to_string();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -391,7 +393,7 @@ async fn replicate(
         }
         match sent {
             Ok(bytes) => {
-                total += bytes;
+                total = Some(total.unwrap_or(0) + bytes);
                 tracing::debug!(grain = %g, node, bytes, label, "replicated");
                 bases.insert((g.clone(), node.clone()), label.clone());
                 let record = ReplicaRecord {
