@@ -131,10 +131,14 @@ fn main() {
     let reached = written.elapsed();
     // The rounds that carried it (one, or two when the data went in
     // while a round ran): their grains, bytes and time added up.
-    let carried = rounds(&n1.log())
-        .into_iter()
-        .skip(before)
-        .fold((0, 0, 0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
+    // A round reports once it has recorded every copy: after they show.
+    let carried = eventually("the rounds' reports", Duration::from_secs(60), || {
+        let sum = rounds(&n1.log())
+            .into_iter()
+            .skip(before)
+            .fold((0, 0, 0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
+        (sum.1 >= (count as u64) << 20).then_some(sum)
+    });
     // The peer: the same grains' data copied with rsync on the same disk.
     let scratch = n1.dir().join("rsync-copy");
     let started = Instant::now();
