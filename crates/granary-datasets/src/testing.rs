@@ -38,34 +38,61 @@ pub struct ZfsPool {
     pub name: String,
     pub dir: PathBuf,
     file: PathBuf,
-    daemon: Option<Child>,
 }
+
+/// The zfs-fuse daemon this process started, if any, and how many of its
+/// pools exist: the last pool to go stops it, so pools of tests running
+/// side by side (or of one test) never lose the daemon under them.
+static DAEMON: std::sync::Mutex<(usize, Option<Child>)> = std::sync::Mutex::new((0, None));
 
 impl ZfsPool {
     /// `dir` holds the pool's file and its mountpoint.
     pub fn create(dir: &Path, size: &str) -> Result<ZfsPool, String> {
+        let mut daemon = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
         // A daemon that answers is reused (a zombie or a dying one named
         // zfs-fuse is not a daemon).
-        let daemon = if sh("zpool", &["list"]).is_ok() {
-            None
-        } else {
+        // Ours, and still alive: a slow answer, not a dead daemon; wait
+        // for it below rather than start a second one under live pools.
+        let ours_alive = daemon
+            .1
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        if !ours_alive && sh("zpool", &["list"]).is_err() {
+            if let Some(mut old) = daemon.1.take() {
+                let _ = old.wait();
+            }
             let child = Command::new("zfs-fuse")
                 .arg("--no-daemon")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .map_err(|e| format!("cannot start zfs-fuse (apt install zfs-fuse): {e}"))?;
-            Some(child)
-        };
+            daemon.1 = Some(child);
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         while sh("zpool", &["list"]).is_err() {
             if Instant::now() > deadline {
+                if daemon.0 == 0
+                    && let Some(mut child) = daemon.1.take()
+                {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
                 return Err("zfs-fuse did not come up".to_owned());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let name = unique("granarytest");
-        let file = dir.join(format!("{name}.img"));
+        daemon.0 += 1;
+        // Counted from here: a failure below drops the pool, which counts
+        // itself out again.
+        let pool = ZfsPool {
+            name: name.clone(),
+            dir: dir.to_path_buf(),
+            file: dir.join(format!("{name}.img")),
+        };
+        drop(daemon);
+        let file = pool.file.clone();
         sh("truncate", &["-s", size, &file.to_string_lossy()])?;
         let mount = dir.join("pool");
         sh(
@@ -78,12 +105,7 @@ impl ZfsPool {
                 &file.to_string_lossy(),
             ],
         )?;
-        Ok(ZfsPool {
-            name,
-            dir: dir.to_path_buf(),
-            file,
-            daemon,
-        })
+        Ok(pool)
     }
 }
 
@@ -96,7 +118,11 @@ impl Drop for ZfsPool {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = std::fs::remove_file(&self.file);
-        if let Some(mut child) = self.daemon.take() {
+        let mut daemon = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+        daemon.0 = daemon.0.saturating_sub(1);
+        if daemon.0 == 0
+            && let Some(mut child) = daemon.1.take()
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
