@@ -160,21 +160,33 @@ async fn forward(
 
 /// How a grain here reaches the object of grant `grant` when its provider
 /// runs on another node: `None` when the provider is this node's to run
-/// (placed here, not placed, or etcd cannot say in time: the start gate
-/// decides); otherwise a link to the provider's node, which serves the
-/// object to `holder` ([`Grains::serve_grant`]), or why there is none.
-/// `seen` is how far this node applied the shared records' log.
+/// (placed here, or etcd cannot say in time: the start gate decides);
+/// otherwise a link to the provider's node, which serves the object to
+/// `holder` ([`Grains::serve_grant`]), or why there is none. A provider
+/// nobody placed yet is placed by room, as at its first connection.
+#[allow(clippy::too_many_arguments)] // one request's fields, and where to ask
 pub async fn open_grant(
     c: &Coordinator,
+    records: &dyn Records,
     me: &str,
     key: &SigningKey,
-    seen: u64,
     grant: i64,
     holder: &GrainId,
     provider: &GrainId,
 ) -> Option<Result<Connection, String>> {
-    let Ok(Located::There(route)) = ask_route(c, provider, me).await else {
-        return None;
+    let seen = records.position();
+    let route = match ask_route(c, provider, me).await {
+        Ok(Located::There(route)) => route,
+        Ok(Located::Unplaced) => {
+            match tokio::time::timeout(PLACE_DEADLINE, place_new(c, records, provider, me)).await {
+                Ok(Ok(Placed::There(route))) => route,
+                Ok(Err(e @ ClusterError::NoRoom { .. })) => return Some(Err(e.to_string())),
+                // Placed here, or the placing failed: the start gate here
+                // decides (and follows a placement made meanwhile).
+                _ => return None,
+            }
+        }
+        _ => return None,
     };
     let Some(link) = route.link else {
         return Some(Err(format!("its provider's node {} is down", route.node)));

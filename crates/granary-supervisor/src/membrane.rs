@@ -187,8 +187,9 @@ impl Membrane {
         let running = match sup.ensure_running(&self.provider).await {
             Ok(running) => running,
             Err(e) => {
-                // Its provider ran here and has moved to another node.
-                if held_local && let Some(client) = self.remote(sup).await? {
+                // Its provider ran here and has moved to another node, or
+                // another node placed it meanwhile.
+                if let Some(client) = self.remote(sup).await? {
                     return Ok((client, None));
                 }
                 return Err(fail(e.to_string()));

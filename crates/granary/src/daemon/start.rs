@@ -79,7 +79,10 @@ pub(super) async fn supervisor(
     let remote_grants = member.map(|member| {
         Arc::new(ClusterGrants {
             member,
-            store: store.clone(),
+            records: Arc::new(super::ledger::NodeRecords {
+                store: store.clone(),
+                apps_dir: apps_dir.clone(),
+            }),
             runtime: tokio::runtime::Handle::current(),
         }) as Arc<dyn granary_supervisor::RemoteGrants>
     });
@@ -253,13 +256,13 @@ impl granary_supervisor::StartGate for ClusterGate {
 /// [`granary_cluster::open_grant`] on the daemon's runtime.
 struct ClusterGrants {
     member: Arc<super::cluster::Member>,
-    store: Arc<Store>,
+    records: Arc<super::ledger::NodeRecords>,
     runtime: tokio::runtime::Handle,
 }
 
 impl granary_supervisor::RemoteGrants for ClusterGrants {
     fn open(&self, grant: i64, holder: String, provider: String) -> granary_supervisor::RemoteOpen {
-        let (member, seen) = (self.member.clone(), self.store.position());
+        let (member, records) = (self.member.clone(), self.records.clone());
         let task = self.runtime.spawn(async move {
             let (Ok(holder), Ok(provider)) = (
                 granary_model::GrainId::parse(&holder),
@@ -270,9 +273,9 @@ impl granary_supervisor::RemoteGrants for ClusterGrants {
             let c = &member.coordinator;
             granary_cluster::open_grant(
                 c,
+                &*records,
                 &member.node,
                 &member.key,
-                seen,
                 grant,
                 &holder,
                 &provider,
