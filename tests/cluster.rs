@@ -413,9 +413,31 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
         run.stderr
     );
     assert_eq!(nodes(&n1)[2]["grains"], 0, "nothing placed on n3");
+    // A package with an image for each architecture, installed on n1, is
+    // one n3 runs: it fetches the package from n1, unpacks the aarch64
+    // image and takes the grain. (This host cannot run aarch64 code: the
+    // image's program, a minimal aarch64 ELF file, gets no further than
+    // its exec; what counts here is that n3 took the grain.)
+    let both = granary_testkit::two_arch_package(n1.dir(), "both");
+    n1.granary(&["app", "install", both.to_str().unwrap()])
+        .success();
+    knows(&n3, "n3", "bob-both", grains_of);
+    let run = n3.granary(&["grain", "start", "bob/both"]);
+    assert!(!run.stderr.contains("runs only"), "{run}");
+    assert_eq!(nodes(&n1)[2]["grains"], 1, "bob's grain placed on n3");
+    let sha = granary_package::sha256_hex(&std::fs::read(&both).unwrap());
+    let program = n3
+        .data_dir()
+        .join("apps/both")
+        .join(&sha)
+        .join("image/bin/granary-hello");
+    assert_eq!(
+        std::fs::read(program).unwrap(),
+        granary_testkit::minimal_program("aarch64")
+    );
 
-    // A live node cannot be removed.
-    let run = n1.granary(&["node", "remove", "n3"]).failure();
+    // A live node cannot be removed, even dropping its grains' placements.
+    let run = n1.granary(&["node", "remove", "n3", "--force"]).failure();
     assert!(run.stderr.contains("stop its daemon"), "{}", run.stderr);
 
     // n3 dies hard: it holds its lease no more, and drops out within
@@ -432,7 +454,20 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
         "down after {detected:?}: before its TTL?"
     );
     assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
-    n1.granary(&["node", "remove", "n3"]).success();
+    // bob's grain is placed on it: removing it drops that placement only
+    // when asked to.
+    let run = n1.granary(&["node", "remove", "n3"]).failure();
+    assert!(
+        run.stderr.contains("still owns 1 grain(s); pass --force"),
+        "{}",
+        run.stderr
+    );
+    let run = n1.granary(&["node", "remove", "n3", "--force"]).success();
+    assert!(
+        run.stdout.contains("placement dropped for: bob-both"),
+        "{}",
+        run.stdout
+    );
     assert_eq!(state_of(&n1, "n3"), None);
 
     // The shared records outlive any one node: a fresh node joining

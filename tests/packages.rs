@@ -148,6 +148,126 @@ fn a_signed_package_installs_and_its_grain_sees_only_the_package() {
 }
 
 #[test]
+fn a_package_with_an_image_per_architecture_runs_this_hosts_image() {
+    let daemon = Daemon::start_with(DaemonMode::Serve, "");
+    let work = daemon.dir().join("work");
+    let key = work.join("pack.key");
+    pack(&key, &["keygen"]).success();
+    let (here, other) = (std::env::consts::ARCH, granary_testkit::other_arch());
+    // `{arch}` in a host path names each image's architecture.
+    let def = granary_testkit::two_arch_definition(&work, "hello");
+    let foreign = work.join(other).join("granary-hello");
+    let multi = work.join("multi.gpkg");
+    let def_arg = def.to_str().unwrap();
+    let built = pack(
+        &key,
+        &[
+            "build",
+            def_arg,
+            "-o",
+            multi.to_str().unwrap(),
+            "--target",
+            here,
+            "--target",
+            other,
+        ],
+    )
+    .success();
+    assert!(
+        built.stdout.contains("images for aarch64, x86_64"),
+        "{}",
+        built.stdout
+    );
+    let inspect = run_granary(
+        &["pack", "inspect", multi.to_str().unwrap(), "--json"],
+        None,
+    )
+    .success()
+    .json();
+    assert_eq!(
+        inspect["manifest"]["arches"],
+        serde_json::json!(["aarch64", "x86_64"])
+    );
+    let mut programs: Vec<&str> = inspect["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["path"] == "/bin/granary-hello")
+        .map(|e| e["arch"].as_str().unwrap())
+        .collect();
+    programs.sort();
+    assert_eq!(programs, ["aarch64", "x86_64"]);
+
+    // The node unpacks the image it runs, and the grain runs from it.
+    daemon.granary(&["user", "add", "alice"]).success();
+    daemon
+        .granary(&["app", "install", multi.to_str().unwrap()])
+        .success();
+    let sha256 = inspect["sha256"].as_str().unwrap();
+    let image = daemon
+        .data_dir()
+        .join("apps/hello")
+        .join(sha256)
+        .join("image");
+    assert_eq!(
+        std::fs::read(image.join("bin/granary-hello")).unwrap(),
+        std::fs::read(granary_testkit::hello_binary()).unwrap()
+    );
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
+
+    // A package for the other architecture only: refused here, with why,
+    // and nothing of it unpacked.
+    let foreign_only = work.join("foreign.gpkg");
+    pack(
+        &key,
+        &[
+            "build",
+            def_arg,
+            "-o",
+            foreign_only.to_str().unwrap(),
+            "--target",
+            other,
+        ],
+    )
+    .success();
+    let refused = daemon
+        .granary(&["app", "install", foreign_only.to_str().unwrap()])
+        .failure();
+    assert!(
+        refused.stderr.contains(&format!(
+            "has images for {other} only, and this node runs {here}"
+        )),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(kept(&daemon), [sha256.to_owned(), format!("{sha256}.gpkg")]);
+    assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
+
+    // Another architecture's program that needs a loader is refused at
+    // build time: ldd here cannot collect its libraries.
+    let mut dynamic = granary_testkit::minimal_program(other);
+    dynamic[64..68].copy_from_slice(&3u32.to_le_bytes());
+    std::fs::write(&foreign, dynamic).unwrap();
+    let refused = pack(
+        &key,
+        &[
+            "build",
+            def_arg,
+            "-o",
+            foreign_only.to_str().unwrap(),
+            "--target",
+            other,
+        ],
+    )
+    .failure();
+    assert!(
+        refused.stderr.contains("is linked dynamically"),
+        "{}",
+        refused.stderr
+    );
+}
+
+#[test]
 fn an_upgrade_that_fails_to_start_rolls_back() {
     let daemon = Daemon::start_with(DaemonMode::Serve, "[grains]\nrestart_backoff = \"50ms\"\n");
     let work = daemon.dir().join("work");
@@ -297,7 +417,7 @@ fn debians_git_runs_from_its_package_in_a_jail() {
     let started = std::time::Instant::now();
     granary_package::open(&bytes, &limits)
         .unwrap()
-        .unpack(&t.join("app"), &limits)
+        .unpack(&t.join("app"), &limits, &[std::env::consts::ARCH])
         .unwrap();
     println!(
         "git package: unpacked in {:.2} s",

@@ -30,19 +30,7 @@ impl Arch {
     /// bytes; `None` for anything else (a script runs anywhere its
     /// interpreter does).
     pub fn of_elf(header: &[u8]) -> Option<Arch> {
-        if header.len() < 20 || &header[..4] != b"\x7fELF" {
-            return None;
-        }
-        let machine = match header[5] {
-            1 => u16::from_le_bytes([header[18], header[19]]),
-            2 => u16::from_be_bytes([header[18], header[19]]),
-            _ => return None,
-        };
-        match machine {
-            62 => Some(Arch::X86_64),
-            183 => Some(Arch::Aarch64),
-            _ => None,
-        }
+        granary_model::elf_arch(header).and_then(Arch::parse)
     }
 
     pub fn as_str(self) -> &'static str {

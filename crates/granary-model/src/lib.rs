@@ -5,6 +5,7 @@
 //! [`UserName`] never has to wonder whether it is safe to use as a DNS label,
 //! an e-mail local part or a path component.
 
+mod elf;
 mod grain_id;
 mod grain_kind;
 mod mail;
@@ -13,12 +14,13 @@ mod node_name;
 mod uid_range;
 mod user_name;
 
+pub use elf::{elf_arch, elf_needs_loader};
 pub use grain_id::{GrainId, GrainIdError, valid_instance, valid_resource_name};
 pub use grain_kind::{GrainKind, GrainKindError};
 pub use mail::{MailAddress, MailAddressError, MailDomain, MailDomainError, POSTMASTER_LOCALS};
 pub use manifest::{
-    DescriptorError, MANIFEST_FILE, Manifest, ManifestError, ManifestLimits, check_descriptor,
-    compare_versions,
+    ARCHES, DescriptorError, MANIFEST_FILE, Manifest, ManifestError, ManifestLimits,
+    check_descriptor, compare_versions,
 };
 pub use node_name::valid_node_name;
 pub use uid_range::{DEFAULT_UID_RANGE, UidRange, UidRangeError};

@@ -66,7 +66,17 @@ pub struct Manifest {
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_seconds: Option<u64>,
+    /// The architectures a package carries an image for, one
+    /// `image-<arch>/` tree each, sorted (`granary pack build --target`
+    /// writes it). Empty for one `image/`, whose architecture is its
+    /// program's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arches: Vec<String>,
 }
+
+/// The architectures app images are built for, as manifests and
+/// `[cluster].arches` name them.
+pub const ARCHES: [&str; 2] = ["x86_64", "aarch64"];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,6 +185,17 @@ impl Manifest {
             if !ok {
                 return Err(ManifestError(format!("env entry {e:?} must be KEY=value")));
             }
+        }
+        if let Some(a) = m.arches.iter().find(|a| !ARCHES.contains(&a.as_str())) {
+            return Err(ManifestError(format!(
+                "arches lists {a:?}; images are built for {}",
+                ARCHES.join(", ")
+            )));
+        }
+        if !m.arches.is_sorted_by(|a, b| a < b) {
+            return Err(ManifestError(
+                "arches must be sorted, each named once".to_owned(),
+            ));
         }
         if !m.per_user {
             return Err(ManifestError(
@@ -328,6 +349,14 @@ memory_mib = 64
                 "offered interface",
             ),
             (format!("{GOOD}\nsurprise = 1"), "unknown field"),
+            (
+                GOOD.replace("[limits]", "arches = [\"riscv64\"]\n[limits]"),
+                "arches lists \"riscv64\"",
+            ),
+            (
+                GOOD.replace("[limits]", "arches = [\"x86_64\", \"x86_64\"]\n[limits]"),
+                "each named once",
+            ),
             (GOOD.replace("id = ", "#"), "missing field `id`"),
         ];
         for (text, expect) in cases {

@@ -16,6 +16,8 @@ pub struct BuildReport {
     pub app_id: String,
     pub kind: String,
     pub version: String,
+    /// The images' architectures (`--target`); empty for one `image/`.
+    pub arches: Vec<String>,
     pub files: usize,
     /// Shared libraries and loaders collected through ldd.
     pub libraries: Vec<String>,
@@ -114,9 +116,10 @@ fn add(
     host: &Path,
     libs: &mut BTreeSet<String>,
     with_libraries: bool,
+    arch: Option<&str>,
 ) -> Result<(), PackageError> {
     let root = at.clone();
-    add_inner(files, &root, at, host, libs, with_libraries)
+    add_inner(files, &root, at, host, libs, with_libraries, arch)
 }
 
 fn add_inner(
@@ -126,6 +129,7 @@ fn add_inner(
     host: &Path,
     libs: &mut BTreeSet<String>,
     with_libraries: bool,
+    arch: Option<&str>,
 ) -> Result<(), PackageError> {
     // A link to a parent directory would recurse forever.
     if at.matches('/').count() > 64 {
@@ -166,6 +170,7 @@ fn add_inner(
                 &entry.path(),
                 libs,
                 with_libraries,
+                arch,
             )?;
         }
         return Ok(());
@@ -179,7 +184,13 @@ fn add_inner(
     use std::os::unix::fs::PermissionsExt;
     let exec = meta.permissions().mode() & 0o111 != 0;
     if with_libraries && is_elf(host) {
-        for lib in libraries(host)? {
+        if let Some(arch) = arch {
+            check_program(host, arch)?;
+        }
+        // ldd answers for this host's programs only; another
+        // architecture's are static (checked above).
+        let native = arch.is_none_or(|a| a == std::env::consts::ARCH);
+        for lib in if native { libraries(host)? } else { Vec::new() } {
             let at = lib.to_str().expect("ldd prints UTF-8 paths").to_owned();
             if let std::collections::btree_map::Entry::Vacant(slot) = files.entry(at.clone()) {
                 libs.insert(at);
@@ -191,59 +202,148 @@ fn add_inner(
     Ok(())
 }
 
-/// Builds the package `out` from the definition at `def_path`, signed with
-/// `key`. The output is replaced atomically.
-pub fn build(def_path: &Path, key: &SigningKey, out: &Path) -> Result<BuildReport, PackageError> {
-    let def = Definition::load(def_path)?;
-    let base = def_path.parent().unwrap_or(Path::new("."));
-    let id = app_id(&key.public());
-    let manifest = def.manifest(&id).map_err(|e| PackageError::Definition {
-        path: def_path.display().to_string(),
-        message: e.to_string(),
-    })?;
+/// A program for an image of `arch`: built for it, and, when `arch` is
+/// not this host's, linked statically (ldd here cannot collect another
+/// architecture's libraries).
+fn check_program(host: &Path, arch: &str) -> Result<(), PackageError> {
+    let bytes = std::fs::read(host).map_err(io(format!("reading {}", host.display())))?;
+    let built = granary_model::elf_arch(&bytes);
+    if built != Some(arch) {
+        return Err(PackageError::Refused(format!(
+            "{} is built for {}, not {arch}",
+            host.display(),
+            built.unwrap_or("an architecture no node runs")
+        )));
+    }
+    if arch != std::env::consts::ARCH && granary_model::elf_needs_loader(&bytes) != Some(false) {
+        return Err(PackageError::Refused(format!(
+            "{} is linked dynamically: a {arch} image built on a {} host takes static programs only \
+             (build it with -C target-feature=+crt-static)",
+            host.display(),
+            std::env::consts::ARCH
+        )));
+    }
+    Ok(())
+}
 
+/// A definition's host path for the image of `arch`: `{arch}` in it names
+/// the architecture (this host's when the build names none).
+fn for_arch(p: &str, arch: Option<&str>) -> String {
+    p.replace("{arch}", arch.unwrap_or(std::env::consts::ARCH))
+}
+
+/// The files of one image: `arch`'s, or the one image of a build that
+/// names no architecture (`None`).
+fn collect(
+    def: &Definition,
+    def_path: &Path,
+    exec: &str,
+    arch: Option<&str>,
+    libs: &mut BTreeSet<String>,
+) -> Result<Files, PackageError> {
+    let base = def_path.parent().unwrap_or(Path::new("."));
     let mut files = Files::new();
-    let mut libs = BTreeSet::new();
-    for b in &def.files.binaries {
-        let at = image_path(b)?;
-        add(&mut files, at, &host_path(base, b), &mut libs, true)?;
-    }
-    for r in &def.files.runtime {
-        let at = image_path(r)?;
-        add(&mut files, at, &host_path(base, r), &mut libs, true)?;
-    }
-    for c in &def.files.copy {
-        let at = image_path(&c.to)?;
-        add(
-            &mut files,
-            at,
-            &host_path(base, &c.from),
-            &mut libs,
-            c.with_libraries,
-        )?;
-    }
-    if !matches!(files.get(&manifest.exec[0]), Some(Source::File(_, true))) {
+    let same_path = def.files.binaries.iter().chain(&def.files.runtime);
+    if let Some(p) = same_path.clone().find(|p| p.contains("{arch}")) {
         return Err(PackageError::Definition {
             path: def_path.display().to_string(),
             message: format!(
-                "exec {} is not among the executable files the definition puts in the image",
-                manifest.exec[0]
+                "{p}: binaries and runtime keep their path in the image; name an architecture's files with {{arch}} in a copy's from"
             ),
         });
     }
-
-    // Every directory the files need, then everything in path order.
-    let mut dirs = BTreeSet::new();
-    for path in files.keys() {
-        let mut p = path.as_str();
-        while let Some((parent, _)) = p.rsplit_once('/') {
-            if parent.is_empty() {
-                break;
-            }
-            dirs.insert(parent.to_owned());
-            p = parent;
-        }
+    for b in &def.files.binaries {
+        let at = image_path(b)?;
+        add(
+            &mut files,
+            at,
+            &host_path(base, &for_arch(b, arch)),
+            libs,
+            true,
+            arch,
+        )?;
     }
+    for r in &def.files.runtime {
+        let at = image_path(r)?;
+        add(
+            &mut files,
+            at,
+            &host_path(base, &for_arch(r, arch)),
+            libs,
+            true,
+            arch,
+        )?;
+    }
+    for c in &def.files.copy {
+        let at = image_path(&c.to)?;
+        let from = host_path(base, &for_arch(&c.from, arch));
+        add(&mut files, at, &from, libs, c.with_libraries, arch)?;
+    }
+    let Some(Source::File(program, true)) = files.get(exec) else {
+        return Err(PackageError::Definition {
+            path: def_path.display().to_string(),
+            message: format!(
+                "exec {exec} is not among the executable files the definition puts in the image"
+            ),
+        });
+    };
+    // The program is built for its image however it was listed.
+    if let Some(arch) = arch
+        && is_elf(program)
+    {
+        check_program(program, arch)?;
+    }
+    Ok(files)
+}
+
+/// Builds the package `out` from the definition at `def_path`, signed with
+/// `key`, with one `image/` for this host. The output is replaced
+/// atomically.
+pub fn build(def_path: &Path, key: &SigningKey, out: &Path) -> Result<BuildReport, PackageError> {
+    build_for(def_path, key, out, &[])
+}
+
+/// [`build`] with one `image-<arch>/` for each of `targets` (x86_64,
+/// aarch64) instead, named in the manifest's `arches`; `{arch}` in the
+/// definition's host paths names each. Programs for another architecture
+/// than this host's must be static. No targets: one `image/`.
+pub fn build_for(
+    def_path: &Path,
+    key: &SigningKey,
+    out: &Path,
+    targets: &[&str],
+) -> Result<BuildReport, PackageError> {
+    let def = Definition::load(def_path)?;
+    let id = app_id(&key.public());
+    let mut manifest = def.manifest(&id).map_err(|e| PackageError::Definition {
+        path: def_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let mut arches: Vec<String> = Vec::new();
+    for t in targets {
+        if !granary_model::ARCHES.contains(t) {
+            return Err(PackageError::Refused(format!(
+                "--target {t}: images are built for {}",
+                granary_model::ARCHES.join(", ")
+            )));
+        }
+        arches.push((*t).to_owned());
+    }
+    arches.sort();
+    arches.dedup();
+    manifest.arches = arches.clone();
+
+    let mut libs = BTreeSet::new();
+    let mut images: Vec<(String, Files)> = Vec::new();
+    if arches.is_empty() {
+        let files = collect(&def, def_path, &manifest.exec[0], None, &mut libs)?;
+        images.push(("image".to_owned(), files));
+    }
+    for a in &arches {
+        let files = collect(&def, def_path, &manifest.exec[0], Some(a), &mut libs)?;
+        images.push((format!("image-{a}"), files));
+    }
+
     let mut tar = tar::Builder::new(Vec::new());
     tar.mode(tar::HeaderMode::Deterministic);
     let manifest_text = manifest.to_toml();
@@ -254,38 +354,11 @@ pub fn build(def_path: &Path, key: &SigningKey, out: &Path) -> Result<BuildRepor
         0o644,
         manifest_text.as_bytes(),
     )?;
-    append(&mut tar, "image", tar::EntryType::Directory, 0o755, &[])?;
-    let mut order: BTreeMap<&str, Option<&Source>> = BTreeMap::new();
-    for d in &dirs {
-        order.insert(d, None);
-    }
-    for (p, f) in &files {
-        order.insert(p, Some(f));
-    }
     let mut unpacked = manifest_text.len() as u64;
-    for (path, file) in order {
-        let name = format!("image{path}");
-        match file {
-            None => append(&mut tar, &name, tar::EntryType::Directory, 0o755, &[])?,
-            Some(Source::Symlink(target)) => {
-                let mut header = tar::Header::new_gnu();
-                header.set_entry_type(tar::EntryType::Symlink);
-                header.set_mode(0o777);
-                header.set_mtime(0);
-                header.set_uid(0);
-                header.set_gid(0);
-                header.set_size(0);
-                tar.append_link(&mut header, &name, target)
-                    .map_err(io(format!("adding {name} to the archive")))?;
-            }
-            Some(Source::File(host, exec)) => {
-                let bytes =
-                    std::fs::read(host).map_err(io(format!("reading {}", host.display())))?;
-                unpacked += bytes.len() as u64;
-                let mode = if *exec { 0o755 } else { 0o644 };
-                append(&mut tar, &name, tar::EntryType::Regular, mode, &bytes)?;
-            }
-        }
+    let mut count = 0;
+    for (top, files) in &images {
+        unpacked += append_image(&mut tar, top, files)?;
+        count += files.len();
     }
     let tar_bytes = tar.into_inner().map_err(io("finishing the archive"))?;
     let mut gz = flate2::GzBuilder::new()
@@ -304,12 +377,68 @@ pub fn build(def_path: &Path, key: &SigningKey, out: &Path) -> Result<BuildRepor
         app_id: id,
         kind: manifest.kind,
         version: manifest.version,
-        files: files.len(),
+        arches,
+        files: count,
         libraries: libs.into_iter().collect(),
         unpacked_bytes: unpacked,
         package_bytes: file.len() as u64,
         sha256: crate::sha256_hex(&file),
     })
+}
+
+/// Appends one image's tree under `top` ("image", "image-aarch64"):
+/// every directory its files need, then everything in path order.
+/// Returns the bytes its files hold.
+fn append_image(
+    tar: &mut tar::Builder<Vec<u8>>,
+    top: &str,
+    files: &Files,
+) -> Result<u64, PackageError> {
+    let mut dirs = BTreeSet::new();
+    for path in files.keys() {
+        let mut p = path.as_str();
+        while let Some((parent, _)) = p.rsplit_once('/') {
+            if parent.is_empty() {
+                break;
+            }
+            dirs.insert(parent.to_owned());
+            p = parent;
+        }
+    }
+    append(tar, top, tar::EntryType::Directory, 0o755, &[])?;
+    let mut order: BTreeMap<&str, Option<&Source>> = BTreeMap::new();
+    for d in &dirs {
+        order.insert(d, None);
+    }
+    for (p, f) in files {
+        order.insert(p, Some(f));
+    }
+    let mut unpacked = 0;
+    for (path, file) in order {
+        let name = format!("{top}{path}");
+        match file {
+            None => append(tar, &name, tar::EntryType::Directory, 0o755, &[])?,
+            Some(Source::Symlink(target)) => {
+                let mut header = tar::Header::new_gnu();
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_mode(0o777);
+                header.set_mtime(0);
+                header.set_uid(0);
+                header.set_gid(0);
+                header.set_size(0);
+                tar.append_link(&mut header, &name, target)
+                    .map_err(io(format!("adding {name} to the archive")))?;
+            }
+            Some(Source::File(host, exec)) => {
+                let bytes =
+                    std::fs::read(host).map_err(io(format!("reading {}", host.display())))?;
+                unpacked += bytes.len() as u64;
+                let mode = if *exec { 0o755 } else { 0o644 };
+                append(tar, &name, tar::EntryType::Regular, mode, &bytes)?;
+            }
+        }
+    }
+    Ok(unpacked)
 }
 
 fn append(

@@ -178,6 +178,7 @@ impl Definition {
             requests: a.requests.clone(),
             migrate: a.migrate.clone(),
             idle_timeout_seconds: a.idle_timeout_seconds,
+            arches: Vec::new(),
         };
         Manifest::parse(&m.to_toml())
     }

@@ -8,7 +8,9 @@
 //!
 //! where the signature covers the magic, the key and the body, and the body
 //! is a gzip-compressed tar holding `granary-app.toml` (the manifest) and
-//! `image/...` (the grain's read-only root). The signature is checked
+//! `image/...` (the grain's read-only root), or one `image-<arch>/...` for
+//! each architecture the manifest's `arches` lists (a host unpacks the one
+//! it runs as `image/`). The signature is checked
 //! before a single byte of the body is parsed; the app id in the manifest
 //! must be the one derived from the key ([`app_id`]), so an app id always
 //! belongs to one key.
@@ -25,10 +27,10 @@ mod definition;
 mod keys;
 mod read;
 
-pub use build::{BuildReport, build};
+pub use build::{BuildReport, build, build_for};
 pub use definition::{DEFINITION_TEMPLATE, Definition};
 pub use keys::{PublicKey, SigningKey, app_id};
-pub use read::{Entry, EntryKind, Limits, Verified, open};
+pub use read::{Entry, EntryKind, Limits, Verified, image_for, open};
 
 /// The first bytes of every package.
 pub const MAGIC: &[u8; 8] = b"GRNYPKG1";

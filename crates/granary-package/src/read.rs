@@ -7,7 +7,7 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use granary_model::{MANIFEST_FILE, Manifest};
+use granary_model::{ARCHES, MANIFEST_FILE, Manifest};
 
 use crate::keys::{PublicKey, app_id};
 use crate::{HEADER_LEN, MAGIC, PackageError, io};
@@ -52,9 +52,13 @@ pub enum EntryKind {
     Symlink { target: String },
 }
 
-/// One entry of the image, its path absolute inside the image.
+/// One entry of an image, its path absolute inside the image.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Entry {
+    /// Which image: `None` for the one `image/`, the architecture for
+    /// `image-<arch>/`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<&'static str>,
     pub path: String,
     #[serde(flatten)]
     pub kind: EntryKind,
@@ -118,18 +122,29 @@ fn corrupt(e: std::io::Error) -> PackageError {
     PackageError::Corrupt(e.to_string())
 }
 
-/// Checks an archive path below `image/` and returns it absolute inside the
-/// image ("/bin/app"), or "/" for the image root.
-fn image_path(raw: &[u8]) -> Result<String, PackageError> {
+/// Checks an archive path below `image/` or `image-<arch>/` and returns
+/// which image it is in (`None` for `image/`) and the path absolute inside
+/// it ("/bin/app"), or "/" for the image's root.
+fn image_path(raw: &[u8]) -> Result<(Option<&'static str>, String), PackageError> {
     let text =
         std::str::from_utf8(raw).map_err(|_| refuse("an entry's name is not UTF-8".to_owned()))?;
     let trimmed = text.strip_suffix('/').unwrap_or(text);
-    if trimmed == "image" {
-        return Ok("/".to_owned());
-    }
-    let rest = trimmed
-        .strip_prefix("image/")
-        .ok_or_else(|| refuse(format!("entry {text:?} is outside image/")))?;
+    let (top, rest) = match trimmed.split_once('/') {
+        Some((top, rest)) => (top, Some(rest)),
+        None => (trimmed, None),
+    };
+    let arch = match top.strip_prefix("image-") {
+        _ if top == "image" => None,
+        Some(a) => Some(*ARCHES.iter().find(|k| **k == a).ok_or_else(|| {
+            refuse(format!(
+                "entry {text:?} is in an image for {a:?}, which no node runs"
+            ))
+        })?),
+        None => return Err(refuse(format!("entry {text:?} is outside image/"))),
+    };
+    let Some(rest) = rest else {
+        return Ok((arch, "/".to_owned()));
+    };
     if rest
         .split('/')
         .any(|c| c.is_empty() || c == "." || c == "..")
@@ -139,7 +154,7 @@ fn image_path(raw: &[u8]) -> Result<String, PackageError> {
             "entry {text:?} is not a clean relative path (no '..', '.', '//' or absolute paths)"
         )));
     }
-    Ok(format!("/{rest}"))
+    Ok((arch, format!("/{rest}")))
 }
 
 fn parent(path: &str) -> &str {
@@ -156,8 +171,6 @@ fn symlink_stays_inside(link: &str, target: &str) -> bool {
 }
 
 impl Verified<'_> {
-    /// Walks the archive with every check, calling `visit` for each image
-    /// entry with its contents (for files). Returns the manifest.
     /// Reads only the 512-byte headers of the decompressed archive and
     /// refuses, before the tar parser buffers them, GNU long-name/long-link
     /// and PAX entries over 64 KiB, global PAX headers and sparse files.
@@ -194,10 +207,15 @@ impl Verified<'_> {
         }
     }
 
+    /// Walks the archive with every check, calling `visit` for each image
+    /// entry with the manifest and the entry's contents (for files).
+    /// Returns the manifest. A package holds `image/`, or one
+    /// `image-<arch>/` for each of the manifest's `arches`, and its program
+    /// in each (built for that architecture when it is an ELF file).
     fn walk(
         &self,
         limits: &Limits,
-        mut visit: impl FnMut(&Entry, &mut dyn Read) -> Result<(), PackageError>,
+        mut visit: impl FnMut(&Manifest, &Entry, &mut dyn Read) -> Result<(), PackageError>,
     ) -> Result<Manifest, PackageError> {
         // Reading stops a little past the limit whatever the archive says.
         let cap = limits
@@ -234,11 +252,24 @@ impl Verified<'_> {
             )));
         }
 
+        // The images the manifest promises: `image/`, or one per arch.
+        let images: Vec<Option<&'static str>> = match manifest.arches.is_empty() {
+            true => vec![None],
+            false => ARCHES
+                .iter()
+                .filter(|a| manifest.arches.iter().any(|m| m == *a))
+                .map(|a| Some(*a))
+                .collect(),
+        };
+        let shown = |arch: Option<&str>| match arch {
+            None => "image/".to_owned(),
+            Some(a) => format!("image-{a}/"),
+        };
         let mut seen = HashSet::new();
-        let mut dirs: HashSet<String> = HashSet::new();
+        let mut dirs: HashSet<(Option<&'static str>, String)> = HashSet::new();
         let mut total = 0u64;
         let mut count = 0u64;
-        let mut exec_ok = false;
+        let mut exec_ok = HashSet::new();
         for entry in entries {
             let mut entry = entry.map_err(corrupt)?;
             count += 1;
@@ -248,9 +279,20 @@ impl Verified<'_> {
                     limit: limits.max_entries,
                 });
             }
-            let path = image_path(&entry.path_bytes())?;
-            if !seen.insert(path.clone()) {
-                return Err(refuse(format!("entry {path} appears twice")));
+            let (arch, path) = image_path(&entry.path_bytes())?;
+            if !images.contains(&arch) {
+                return Err(refuse(format!(
+                    "the archive has {} but the manifest lists {}",
+                    shown(arch),
+                    images
+                        .iter()
+                        .map(|a| shown(*a))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )));
+            }
+            if !seen.insert((arch, path.clone())) {
+                return Err(refuse(format!("entry {}{path} appears twice", shown(arch))));
             }
             let header = entry.header();
             let mode = header.mode().map_err(corrupt)?;
@@ -290,18 +332,21 @@ impl Verified<'_> {
             };
             if path == "/" {
                 if kind != EntryKind::Dir {
-                    return Err(refuse("image must be a directory".to_owned()));
+                    return Err(refuse(format!("{} must be a directory", shown(arch))));
                 }
-                dirs.insert(path);
+                dirs.insert((arch, path));
                 continue;
             }
             // Parents come first and are directories of this archive, so
             // nothing is ever created through a symlink.
-            if !dirs.contains(parent(&path)) {
+            if !dirs.contains(&(arch, parent(&path).to_owned())) {
                 return Err(refuse(format!(
                     "{path} comes before its directory, or its directory is not a directory"
                 )));
             }
+            // The program's first bytes, read ahead to check its
+            // architecture, then handed on with the rest.
+            let mut head = Vec::new();
             if let EntryKind::File { size, executable } = kind {
                 total = total.saturating_add(size);
                 if total > limits.max_unpacked_bytes {
@@ -311,24 +356,50 @@ impl Verified<'_> {
                     });
                 }
                 if path == manifest.exec[0] && executable {
-                    exec_ok = true;
+                    (&mut entry)
+                        .take(20)
+                        .read_to_end(&mut head)
+                        .map_err(corrupt)?;
+                    // An ELF program of an image per architecture must be
+                    // that architecture's (one no node runs is not).
+                    let built = granary_model::elf_arch(&head);
+                    if let Some(image) = arch
+                        && head.starts_with(b"\x7fELF")
+                        && built != Some(image)
+                    {
+                        return Err(refuse(format!(
+                            "{}{path} is built for {}, not {image}",
+                            shown(arch).trim_end_matches('/'),
+                            built.unwrap_or("an architecture no node runs")
+                        )));
+                    }
+                    exec_ok.insert(arch);
                 }
             }
             if kind == EntryKind::Dir {
-                dirs.insert(path.clone());
+                dirs.insert((arch, path.clone()));
             }
-            visit(&Entry { path, kind }, &mut entry)?;
+            let e = Entry { arch, path, kind };
+            visit(
+                &manifest,
+                &e,
+                &mut std::io::Cursor::new(head).chain(&mut entry),
+            )?;
         }
-        if !dirs.contains("/") {
-            return Err(PackageError::Corrupt(
-                "the archive has no image/".to_owned(),
-            ));
-        }
-        if !exec_ok {
-            return Err(refuse(format!(
-                "exec {} is not an executable file of the image",
-                manifest.exec[0]
-            )));
+        for image in &images {
+            if !dirs.contains(&(*image, "/".to_owned())) {
+                return Err(PackageError::Corrupt(format!(
+                    "the archive has no {}",
+                    shown(*image)
+                )));
+            }
+            if !exec_ok.contains(image) {
+                return Err(refuse(format!(
+                    "exec {} is not an executable file of {}",
+                    manifest.exec[0],
+                    shown(*image)
+                )));
+            }
         }
         Ok(manifest)
     }
@@ -336,7 +407,7 @@ impl Verified<'_> {
     /// The manifest and every entry, without writing anything.
     pub fn inspect(&self, limits: &Limits) -> Result<(Manifest, Vec<Entry>), PackageError> {
         let mut entries = Vec::new();
-        let manifest = self.walk(limits, |e, r| {
+        let manifest = self.walk(limits, |_, e, r| {
             std::io::copy(r, &mut std::io::sink()).map_err(corrupt)?;
             entries.push(e.clone());
             Ok(())
@@ -345,21 +416,43 @@ impl Verified<'_> {
     }
 
     /// Unpacks into `dest` (which must not exist): `granary-app.toml` and
-    /// `image/`, files read-only. On any error `dest` is removed again.
-    pub fn unpack(&self, dest: &Path, limits: &Limits) -> Result<Manifest, PackageError> {
+    /// `image/`, files read-only. Of a package with an image per
+    /// architecture, the first of `runs` (the architectures this host
+    /// runs, the one it prefers first) that it has becomes `image/`. On any
+    /// error `dest` is removed again.
+    pub fn unpack(
+        &self,
+        dest: &Path,
+        limits: &Limits,
+        runs: &[&str],
+    ) -> Result<Manifest, PackageError> {
         std::fs::create_dir(dest).map_err(io(format!("creating {}", dest.display())))?;
-        let result = self.unpack_into(dest, limits);
+        let result = self.unpack_into(dest, limits, runs);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(dest);
         }
         result
     }
 
-    fn unpack_into(&self, dest: &Path, limits: &Limits) -> Result<Manifest, PackageError> {
+    fn unpack_into(
+        &self,
+        dest: &Path,
+        limits: &Limits,
+        runs: &[&str],
+    ) -> Result<Manifest, PackageError> {
         use std::os::unix::fs::PermissionsExt;
         let image = dest.join("image");
         std::fs::create_dir(&image).map_err(io(format!("creating {}", image.display())))?;
-        let manifest = self.walk(limits, |e, r| {
+        let mut chosen = None;
+        let manifest = self.walk(limits, |manifest, e, r| {
+            let wanted = match chosen {
+                Some(wanted) => wanted,
+                None => *chosen.insert(image_for(manifest, runs)?),
+            };
+            if e.arch != wanted {
+                std::io::copy(r, &mut std::io::sink()).map_err(corrupt)?;
+                return Ok(());
+            }
             let at = image.join(e.path.trim_start_matches('/'));
             use std::os::unix::fs::PermissionsExt;
             let mode = |m: u32| std::fs::set_permissions(&at, std::fs::Permissions::from_mode(m));
@@ -392,6 +485,30 @@ impl Verified<'_> {
     }
 }
 
+/// Which of a package's images a host that runs `runs` (preferred first)
+/// unpacks: `None` for the one `image/` (its architecture is checked when
+/// a grain starts), else the first of `runs` the package carries.
+pub fn image_for(manifest: &Manifest, runs: &[&str]) -> Result<Option<&'static str>, PackageError> {
+    if manifest.arches.is_empty() {
+        return Ok(None);
+    }
+    runs.iter()
+        .find_map(|r| {
+            ARCHES
+                .iter()
+                .find(|a| *a == r && manifest.arches.iter().any(|m| m == *a))
+        })
+        .map(|a| Some(*a))
+        .ok_or_else(|| {
+            refuse(format!(
+                "{} has images for {} only, and this node runs {}",
+                manifest,
+                manifest.arches.join(", "),
+                runs.join(", ")
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,9 +525,23 @@ mod tests {
 
     #[test]
     fn archive_paths_are_clean() {
-        assert_eq!(image_path(b"image/").unwrap(), "/");
-        assert_eq!(image_path(b"image/bin/app").unwrap(), "/bin/app");
+        assert_eq!(image_path(b"image/").unwrap(), (None, "/".to_owned()));
+        assert_eq!(
+            image_path(b"image/bin/app").unwrap(),
+            (None, "/bin/app".to_owned())
+        );
+        assert_eq!(
+            image_path(b"image-aarch64/bin/app").unwrap(),
+            (Some("aarch64"), "/bin/app".to_owned())
+        );
+        assert_eq!(
+            image_path(b"image-x86_64").unwrap(),
+            (Some("x86_64"), "/".to_owned())
+        );
         for bad in [
+            &b"image-riscv64/bin/app"[..],
+            b"image-/x",
+            b"image-aarch64/../image/x",
             &b"image/../etc"[..],
             b"/etc/passwd",
             b"image//x",

@@ -4,7 +4,11 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use granary_package::{Limits, PackageError, SigningKey, app_id, build, open};
+use granary_package::{Limits, PackageError, SigningKey, app_id, build, build_for, open};
+
+/// The architectures this host runs, as a node without a cluster names
+/// them.
+const HERE: &[&str] = &[std::env::consts::ARCH];
 
 /// A definition with a static-ish payload: a shell script (not ELF) and a
 /// data directory.
@@ -72,7 +76,7 @@ fn build_verify_inspect_unpack_and_builds_are_deterministic() {
         assert!(paths.contains(&p), "{p} missing from {paths:?}");
     }
     let dest = dir.path().join("unpacked");
-    pkg.unpack(&dest, &limits).unwrap();
+    pkg.unpack(&dest, &limits, HERE).unwrap();
     assert_eq!(
         std::fs::read_to_string(dest.join("image/usr/share/notes/b.txt")).unwrap(),
         "b"
@@ -360,7 +364,10 @@ fn hostile_archives_are_refused_and_leave_nothing() {
         let pkg = signed(&key, &raw_tar(&entries));
         let verified = open(&pkg, &limits).unwrap();
         let dest = tmp.path().join(what.replace(' ', "-"));
-        let err = verified.unpack(&dest, &limits).unwrap_err().to_string();
+        let err = verified
+            .unpack(&dest, &limits, HERE)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(expect), "{what}: {err}");
         assert!(!dest.exists(), "{what}: left {}", dest.display());
     }
@@ -440,7 +447,7 @@ fn a_decompression_bomb_stops_at_the_limit() {
     let dest = dir.path().join("bomb");
     let err = open(&pkg, &limits)
         .unwrap()
-        .unpack(&dest, &limits)
+        .unpack(&dest, &limits, HERE)
         .unwrap_err();
     assert!(
         matches!(
@@ -495,10 +502,272 @@ fn mutated_archives_never_panic_or_escape() {
         let pkg = signed(&key, &t);
         let dest = tmp.path().join(format!("d{i}"));
         if let Ok(v) = open(&pkg, &limits) {
-            let _ = v.unpack(&dest, &limits);
+            let _ = v.unpack(&dest, &limits, HERE);
         }
         let _ = std::fs::remove_dir_all(&dest);
     }
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "something escaped: {left:?}");
+}
+
+/// A minimal static ELF program for `machine` (62 x86_64, 183 aarch64):
+/// the header and one program header, of type `ptype` (1 PT_LOAD; 3
+/// PT_INTERP makes it ask for a loader).
+fn elf(machine: u16, ptype: u32) -> Vec<u8> {
+    let mut f = vec![0u8; 64 + 56];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[6] = 1;
+    f[16] = 2;
+    f[18..20].copy_from_slice(&machine.to_le_bytes());
+    f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+    f[0x34..0x36].copy_from_slice(&64u16.to_le_bytes());
+    f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+    f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+    f[64..68].copy_from_slice(&ptype.to_le_bytes());
+    f
+}
+
+/// A definition whose program comes from `files/{arch}/app`, with the
+/// given programs per architecture.
+fn arch_definition(dir: &Path, programs: &[(&str, Vec<u8>)]) -> PathBuf {
+    for (arch, bytes) in programs {
+        let at = dir.join("files").join(arch);
+        std::fs::create_dir_all(&at).unwrap();
+        std::fs::write(at.join("app"), bytes).unwrap();
+        std::fs::set_permissions(
+            at.join("app"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+    }
+    std::fs::create_dir_all(dir.join("files/share")).unwrap();
+    std::fs::write(dir.join("files/share/readme"), "same everywhere").unwrap();
+    let def = dir.join("app.toml");
+    std::fs::write(
+        &def,
+        r#"format = 1
+[app]
+kind = "notes"
+version = "1.0.0"
+exec = ["/bin/app"]
+[files]
+copy = [
+  { from = "files/{arch}/app", to = "/bin/app" },
+  { from = "files/share", to = "/usr/share/notes" },
+]
+"#,
+    )
+    .unwrap();
+    def
+}
+
+#[test]
+fn a_package_carries_one_image_per_architecture_and_a_host_unpacks_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x86, arm) = (elf(62, 1), elf(183, 1));
+    let def = arch_definition(
+        dir.path(),
+        &[("x86_64", x86.clone()), ("aarch64", arm.clone())],
+    );
+    let key = SigningKey::generate().unwrap();
+    let out = dir.path().join("multi.gpkg");
+    let report = build_for(&def, &key, &out, &["x86_64", "aarch64", "x86_64"]).unwrap();
+    assert_eq!(report.arches, ["aarch64", "x86_64"]);
+    let bytes = std::fs::read(&out).unwrap();
+    let limits = Limits::default();
+    let pkg = open(&bytes, &limits).unwrap();
+    let (manifest, entries) = pkg.inspect(&limits).unwrap();
+    assert_eq!(manifest.arches, ["aarch64", "x86_64"]);
+    for arch in ["x86_64", "aarch64"] {
+        assert!(
+            entries
+                .iter()
+                .any(|e| e.arch == Some(arch) && e.path == "/bin/app"),
+            "{arch}: {entries:?}"
+        );
+    }
+    // Each host unpacks the image it runs as image/, and only that one.
+    for (runs, expect) in [
+        (&["x86_64"][..], &x86),
+        (&["aarch64"][..], &arm),
+        (&["aarch64", "x86_64"][..], &arm),
+    ] {
+        let dest = dir.path().join(format!("unpacked-{}", runs.join("-")));
+        let m = pkg.unpack(&dest, &limits, runs).unwrap();
+        assert_eq!(m.arches, manifest.arches);
+        assert_eq!(&std::fs::read(dest.join("image/bin/app")).unwrap(), expect);
+        assert_eq!(
+            std::fs::read_to_string(dest.join("image/usr/share/notes/readme")).unwrap(),
+            "same everywhere"
+        );
+        let tops: Vec<String> = std::fs::read_dir(&dest)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(tops.len(), 2, "{tops:?}");
+    }
+
+    // An aarch64-only package on a host that runs x86_64 only: a clear
+    // refusal and nothing written.
+    let only = dir.path().join("arm.gpkg");
+    build_for(&def, &key, &only, &["aarch64"]).unwrap();
+    let bytes = std::fs::read(&only).unwrap();
+    let pkg = open(&bytes, &limits).unwrap();
+    let dest = dir.path().join("refused");
+    let err = pkg
+        .unpack(&dest, &limits, &["x86_64"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has images for aarch64 only, and this node runs x86_64"),
+        "{err}"
+    );
+    assert!(!dest.exists());
+    // Deterministic, as single-image builds are.
+    build_for(&def, &key, &out, &["aarch64", "x86_64"]).unwrap();
+    assert_eq!(
+        report.sha256,
+        granary_package::sha256_hex(&std::fs::read(&out).unwrap())
+    );
+}
+
+#[test]
+fn builds_refuse_programs_of_the_wrong_kind_for_an_image() {
+    let key = SigningKey::generate().unwrap();
+    let here = std::env::consts::ARCH;
+    let (other, machine_here, machine_other) = match here {
+        "aarch64" => ("x86_64", 183, 62),
+        _ => ("aarch64", 62, 183),
+    };
+    let wrong = format!("is built for {here}, not {other}");
+    for (programs, targets, expect) in [
+        (
+            vec![(other, elf(machine_here, 1))],
+            &[other][..],
+            wrong.as_str(),
+        ),
+        (
+            vec![(other, elf(machine_other, 3))],
+            &[other][..],
+            "is linked dynamically",
+        ),
+        (
+            vec![(here, elf(machine_here, 1))],
+            &["riscv64"][..],
+            "--target riscv64",
+        ),
+        (
+            vec![(here, elf(machine_here, 1))],
+            &["x86_64", "aarch64"][..],
+            "cannot read",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let def = arch_definition(dir.path(), &programs);
+        let out = dir.path().join("p.gpkg");
+        let err = build_for(&def, &key, &out, targets)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expect), "{targets:?}: {err}");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn hostile_images_per_architecture_are_refused() {
+    let key = SigningKey::generate().unwrap();
+    let with_arches = |arches: &str| format!("{}arches = [{arches}]\n", manifest_for(&key));
+    let both = with_arches("\"aarch64\", \"x86_64\"");
+    let arm_only = with_arches("\"aarch64\"");
+    let (x86, arm) = (elf(62, 1), elf(183, 1));
+    let entry = |name: &'static [u8], kind: u8, mode: u32, data: &'static [u8]| Raw {
+        name,
+        kind,
+        mode,
+        data,
+        link: b"",
+    };
+    let leak = |v: Vec<u8>| -> &'static [u8] { Vec::leak(v) };
+    let (x86, arm) = (leak(x86), leak(arm));
+    let arm32 = leak(elf(40, 1));
+    let image = |top: &'static str, program: &'static [u8]| -> Vec<Raw<'static>> {
+        let top: &'static str = top;
+        vec![
+            entry(leak(format!("{top}/").into_bytes()), b'5', 0o755, b""),
+            entry(leak(format!("{top}/bin/").into_bytes()), b'5', 0o755, b""),
+            entry(
+                leak(format!("{top}/bin/app").into_bytes()),
+                b'0',
+                0o755,
+                program,
+            ),
+        ]
+    };
+    let manifest = |text: &str| {
+        entry(
+            leak(b"granary-app.toml".to_vec()),
+            b'0',
+            0o644,
+            leak(text.as_bytes().to_vec()),
+        )
+    };
+    let cases: Vec<(&str, Vec<Raw<'_>>, &str)> = vec![
+        (
+            "a program of the wrong architecture",
+            [vec![manifest(&arm_only)], image("image-aarch64", x86)].concat(),
+            "is built for x86_64, not aarch64",
+        ),
+        (
+            "a program for an architecture no node runs",
+            [vec![manifest(&arm_only)], image("image-aarch64", arm32)].concat(),
+            "is built for an architecture no node runs, not aarch64",
+        ),
+        (
+            "an image the manifest does not list",
+            [
+                vec![manifest(&arm_only)],
+                image("image-aarch64", arm),
+                image("image-x86_64", x86),
+            ]
+            .concat(),
+            "the archive has image-x86_64/",
+        ),
+        (
+            "a listed image missing",
+            [vec![manifest(&both)], image("image-aarch64", arm)].concat(),
+            "the archive has no image-x86_64/",
+        ),
+        (
+            "a plain image beside per-architecture images",
+            [
+                vec![manifest(&arm_only)],
+                image("image-aarch64", arm),
+                image("image", x86),
+            ]
+            .concat(),
+            "the archive has image/",
+        ),
+        (
+            "an architecture no node runs",
+            [vec![manifest(&arm_only)], image("image-riscv64", arm)].concat(),
+            "which no node runs",
+        ),
+    ];
+    let limits = Limits::default();
+    let tmp = tempfile::tempdir().unwrap();
+    for (what, entries, expect) in cases {
+        let pkg = signed(&key, &raw_tar(&entries));
+        let verified = open(&pkg, &limits).unwrap();
+        let err = verified.inspect(&limits).unwrap_err().to_string();
+        assert!(err.contains(expect), "{what}: {err}");
+        let dest = tmp.path().join(what.replace(' ', "-"));
+        let err = verified
+            .unpack(&dest, &limits, &["aarch64", "x86_64"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expect), "{what}: {err}");
+        assert!(!dest.exists(), "{what}: left {}", dest.display());
+    }
 }

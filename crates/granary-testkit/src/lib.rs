@@ -249,6 +249,80 @@ pub fn app_package_from(
     out
 }
 
+/// The architecture app images are built for that this host is not.
+pub fn other_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "x86_64",
+        _ => "aarch64",
+    }
+}
+
+/// The smallest static ELF program for `arch` (x86_64 or aarch64): a
+/// header and one loadable segment. A host of the other architecture
+/// cannot run it; a package only carries it.
+pub fn minimal_program(arch: &str) -> Vec<u8> {
+    let machine: u16 = if arch == "aarch64" { 183 } else { 62 };
+    let mut f = vec![0u8; 64 + 56];
+    f[..4].copy_from_slice(b"\x7fELF");
+    (f[4], f[5], f[6], f[16]) = (2, 1, 1, 2);
+    f[18..20].copy_from_slice(&machine.to_le_bytes());
+    f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+    f[0x34..0x36].copy_from_slice(&64u16.to_le_bytes());
+    f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+    f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+    // PT_LOAD
+    f[64..68].copy_from_slice(&1u32.to_le_bytes());
+    f
+}
+
+/// A definition of the example app as `kind` whose program comes from
+/// `DIR/{arch}/granary-hello`: the real app for this host, a
+/// [`minimal_program`] for [`other_arch`].
+pub fn two_arch_definition(dir: &Path, kind: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let (here, other) = (std::env::consts::ARCH, other_arch());
+    for arch in [here, other] {
+        std::fs::create_dir_all(dir.join(arch)).unwrap();
+    }
+    std::fs::copy(hello_binary(), dir.join(here).join("granary-hello")).unwrap();
+    let foreign = dir.join(other).join("granary-hello");
+    std::fs::write(&foreign, minimal_program(other)).unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let def = dir.join(format!("{kind}-two-arch.toml"));
+    std::fs::write(
+        &def,
+        format!(
+            "format = 1\n[app]\nkind = \"{kind}\"\nversion = \"1.0\"\nexec = [\"/bin/granary-hello\"]\n\
+             services = [\"hello\", \"http\"]\noffers = [\"ping\"]\n[files]\n\
+             copy = [{{ from = \"{{arch}}/granary-hello\", to = \"/bin/granary-hello\" }}]\n"
+        ),
+    )
+    .unwrap();
+    def
+}
+
+/// [`two_arch_definition`] built with `--target` for both architectures,
+/// signed by a key of its own in `dir`.
+pub fn two_arch_package(dir: &Path, kind: &str) -> std::path::PathBuf {
+    let key = dir.join(format!("{kind}.key"));
+    let def = two_arch_definition(dir, kind);
+    let out = dir.join(format!("{kind}.gpkg"));
+    let (k, d, o) = (
+        key.to_str().unwrap(),
+        def.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    run_granary(&["pack", "keygen", "--key", k], None).success();
+    run_granary(
+        &[
+            "pack", "build", d, "-o", o, "--key", k, "--target", "x86_64", "--target", "aarch64",
+        ],
+        None,
+    )
+    .success();
+    out
+}
+
 /// What the DAV app offers, and shares with other users' grains.
 const DAV_INTERFACES: &str = "\"dav.calendar.read\", \"dav.calendar.write\", \"dav.addressbook.read\", \"dav.addressbook.write\"";
 

@@ -86,6 +86,18 @@ pub(crate) fn package_limits(config: &Config) -> granary_package::Limits {
     }
 }
 
+/// The architectures whose app images this node unpacks and runs:
+/// `[cluster].arches`, or the host's alone.
+pub(crate) fn image_arches(config: &Config) -> Vec<&'static str> {
+    let host = std::env::consts::ARCH;
+    daemon::install::host_first(granary_model::ARCHES.into_iter().filter(
+        |a| match &config.cluster {
+            Some(c) => c.arches.iter().any(|n| n == a),
+            None => *a == host,
+        },
+    ))
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Serve => {

@@ -63,12 +63,14 @@ pub(crate) fn run(cmd: &PackCommand, limits: &Limits) -> anyhow::Result<ExitCode
         PackCommand::Build {
             definition,
             out,
+            targets,
             key,
             output,
         } => {
             let key = SigningKey::load(&key_path(key)?)?;
             let started = Instant::now();
-            let report = granary_package::build(definition, &key, out)?;
+            let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+            let report = granary_package::build_for(definition, &key, out, &targets)?;
             let took = started.elapsed();
             if output.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -80,6 +82,9 @@ pub(crate) fn run(cmd: &PackCommand, limits: &Limits) -> anyhow::Result<ExitCode
                     report.version,
                     report.app_id
                 );
+                if !report.arches.is_empty() {
+                    println!("  images for {}", report.arches.join(", "));
+                }
                 println!(
                     "  {} files ({} shared libraries), {} unpacked, {} packed, in {:.2} s",
                     report.files,
@@ -130,19 +135,23 @@ pub(crate) fn run(cmd: &PackCommand, limits: &Limits) -> anyhow::Result<ExitCode
                 println!();
                 let mut total = 0;
                 for e in &entries {
+                    // Each image's paths after its name when there are several.
+                    let path = match e.arch {
+                        Some(a) => format!("[{a}] {}", e.path),
+                        None => e.path.clone(),
+                    };
                     match &e.kind {
                         granary_package::EntryKind::File { size, executable } => {
                             total += size;
                             println!(
-                                "{} {:>10}  {}",
+                                "{} {:>10}  {path}",
                                 if *executable { "x" } else { "-" },
                                 size,
-                                e.path
                             );
                         }
-                        granary_package::EntryKind::Dir => println!("d {:>10}  {}/", "", e.path),
+                        granary_package::EntryKind::Dir => println!("d {:>10}  {path}/", ""),
                         granary_package::EntryKind::Symlink { target } => {
-                            println!("l {:>10}  {} -> {target}", "", e.path)
+                            println!("l {:>10}  {path} -> {target}", "")
                         }
                     }
                 }

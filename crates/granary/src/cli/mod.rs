@@ -545,6 +545,12 @@ pub(crate) enum PackCommand {
         /// The package file to write
         #[arg(short, long, value_name = "FILE")]
         out: PathBuf,
+        /// Carry an image for this architecture (x86_64, aarch64); repeat
+        /// for one image each. `{arch}` in the definition's host paths names
+        /// it; another architecture's programs must be static. Without it:
+        /// one image, for this host
+        #[arg(long = "target", value_name = "ARCH")]
+        targets: Vec<String>,
         #[command(flatten)]
         key: KeyArg,
         #[command(flatten)]

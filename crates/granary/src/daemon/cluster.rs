@@ -538,6 +538,7 @@ pub(crate) async fn fetch_image(member: &Member, image: &Path) -> Result<(), Str
                 continue;
             }
         };
+        let runs = crate::daemon::install::host_first(member.arches.iter().map(|a| a.as_str()));
         let (apps, limits, k, sha, from) = (
             apps_dir.clone(),
             member.limits,
@@ -559,7 +560,7 @@ pub(crate) async fn fetch_image(member: &Member, image: &Path) -> Result<(), Str
                 manifest,
                 sha256: sha,
             };
-            crate::daemon::install::unpack_package(&apps, &pkg, &limits)?;
+            crate::daemon::install::unpack_package(&apps, &pkg, &limits, &runs)?;
             Ok(())
         })
         .await

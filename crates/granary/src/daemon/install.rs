@@ -45,16 +45,28 @@ pub(crate) fn check_package(
     })
 }
 
+/// `arches` with this host's own first: the image a node prefers when a
+/// package carries several it runs.
+pub(crate) fn host_first(arches: impl Iterator<Item = &'static str>) -> Vec<&'static str> {
+    let mut runs: Vec<&'static str> = arches.collect();
+    runs.sort_by_key(|a| *a != std::env::consts::ARCH);
+    runs
+}
+
 /// Unpacks a checked package into `apps_dir/<kind>/<sha256>` unless that
-/// image exists already (the same package gives the same image), and
-/// keeps the package file beside it (`<sha256>.gpkg`), which other nodes
-/// of a cluster fetch by its content address. Returns the image
-/// directory relative to `apps_dir`.
+/// image exists already (the same package gives the same image): of a
+/// package with an image per architecture, the first of `runs` it has.
+/// Keeps the package file beside it (`<sha256>.gpkg`), which other nodes of
+/// a cluster fetch by its content address. Returns the image directory
+/// relative to `apps_dir`.
 pub(crate) fn unpack_package(
     apps_dir: &Path,
     pkg: &CheckedPackage,
     limits: &granary_package::Limits,
+    runs: &[&str],
 ) -> anyhow::Result<String> {
+    // Refused before anything is written when no image fits this node.
+    let wanted = granary_package::image_for(&pkg.manifest, runs)?;
     let kind_dir = apps_dir.join(&pkg.manifest.kind);
     std::fs::create_dir_all(&kind_dir)?;
     for d in [apps_dir, &kind_dir] {
@@ -67,12 +79,35 @@ pub(crate) fn unpack_package(
     }
     let relative = format!("{}/{}", pkg.manifest.kind, pkg.sha256);
     let target = apps_dir.join(&relative);
-    if target.join(MANIFEST_FILE).exists() {
+    // Unpacked before, for the architecture it wants now (a node whose
+    // `arches` changed unpacks the package's other image again).
+    let unpacked_for = |target: &Path| {
+        let arch = crate::daemon::cluster::arch_of(&target.join("image"), &pkg.manifest.exec[0]);
+        wanted.is_none() || arch.map(|a| a.as_str()) == wanted
+    };
+    let stale = target.join(MANIFEST_FILE).exists();
+    if stale && unpacked_for(&target) {
         return Ok(relative);
     }
     let staging = kind_dir.join(staging_name("unpacking")?);
     let verified = granary_package::open(&pkg.bytes, limits)?;
-    verified.unpack(&staging, limits)?;
+    verified.unpack(&staging, limits, runs)?;
+    if stale {
+        let swapped = nix::fcntl::renameat2(
+            None,
+            &staging,
+            None,
+            &target,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        );
+        if let Err(e) = swapped {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e).with_context(|| format!("cannot swap in {}", target.display()));
+        }
+        // `staging` now holds the other architecture's image.
+        let _ = std::fs::remove_dir_all(&staging);
+        return Ok(relative);
+    }
     if let Err(e) = std::fs::rename(&staging, &target) {
         let _ = std::fs::remove_dir_all(&staging);
         // Another start fetched and unpacked the same image meanwhile.
@@ -143,6 +178,11 @@ pub(crate) fn read_app_dir(dir: &Path) -> anyhow::Result<(Manifest, String)> {
     let text = std::fs::read_to_string(&manifest_path)
         .with_context(|| format!("cannot read {}", manifest_path.display()))?;
     let manifest = Manifest::parse(&text).with_context(|| dir.display().to_string())?;
+    anyhow::ensure!(
+        manifest.arches.is_empty(),
+        "{}: arches names a package's images (`granary pack build --target`); an app directory holds one image/",
+        dir.display()
+    );
     let image = dir.join("image");
     let exe = image.join(manifest.exec[0].trim_start_matches('/'));
     let exe_meta = std::fs::metadata(&exe).with_context(|| {

@@ -133,6 +133,14 @@ impl granary_cluster::Records for NodeRecords {
                 let g = store.grain(&id).ok()??;
                 let app = store.app(&g.kind).ok()??;
                 let manifest = granary_model::Manifest::parse(&app.manifest).ok()?;
+                // A package with an image per architecture says which.
+                if !manifest.arches.is_empty() {
+                    let arches = manifest
+                        .arches
+                        .iter()
+                        .filter_map(|a| granary_cluster::Arch::parse(a));
+                    return Some(arches.collect());
+                }
                 let exec = manifest.exec.first()?.clone();
                 let image = apps_dir.join(app.image_dir()).join("image");
                 crate::daemon::cluster::arch_of(&image, &exec).map(|a| vec![a])

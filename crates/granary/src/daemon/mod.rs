@@ -17,7 +17,7 @@ mod certificate;
 mod cluster;
 mod demo;
 mod directory;
-mod install;
+pub(crate) mod install;
 pub(crate) mod ledger;
 mod listeners;
 mod lock;
@@ -328,6 +328,7 @@ async fn serve(
             apps_dir: start::apps_dir(&config)?,
             uids: granary_state::HostUid::FirstFreeIn(config.uid_range),
             package_limits: crate::package_limits(&config),
+            image_arches: crate::image_arches(&config),
             info,
             backup: config.backup.clone(),
             data_dir: config.data_dir.clone(),

@@ -42,7 +42,7 @@ pub(super) async fn install_package(
     path: PathBuf,
     replace: bool,
 ) -> Result<(App, usize), capnp::Error> {
-    let limits = ctx.package_limits;
+    let (limits, runs) = (ctx.package_limits, ctx.image_arches.clone());
     let pkg = blocking(move || install::check_package(&path, &limits).map_err(any_failure)).await?;
     let installed = check_kind(ctx, &pkg.manifest, replace).await?;
     // The same app again at an older version would downgrade its data
@@ -60,7 +60,8 @@ pub(super) async fn install_package(
     }
     let apps_dir = ctx.apps_dir.clone();
     let (image, pkg) = blocking(move || {
-        let image = install::unpack_package(&apps_dir, &pkg, &limits).map_err(any_failure)?;
+        let image =
+            install::unpack_package(&apps_dir, &pkg, &limits, &runs).map_err(any_failure)?;
         Ok((image, pkg))
     })
     .await?;
@@ -264,7 +265,7 @@ impl apps::Server for Apps {
     ) -> Result<(), capnp::Error> {
         let ctx = &self.0;
         let path = PathBuf::from(params.get()?.get_path()?.to_str()?);
-        let limits = ctx.package_limits;
+        let (limits, runs) = (ctx.package_limits, ctx.image_arches.clone());
         let pkg =
             blocking(move || install::check_package(&path, &limits).map_err(any_failure)).await?;
         let (store, kind) = (ctx.store.clone(), pkg.manifest.kind.clone());
@@ -292,7 +293,8 @@ impl apps::Server for Apps {
         }
         let apps_dir = ctx.apps_dir.clone();
         let (image, pkg) = blocking(move || {
-            let image = install::unpack_package(&apps_dir, &pkg, &limits).map_err(any_failure)?;
+            let image =
+                install::unpack_package(&apps_dir, &pkg, &limits, &runs).map_err(any_failure)?;
             Ok((image, pkg))
         })
         .await?;

@@ -55,6 +55,8 @@ pub(super) struct Ctx {
     pub(super) apps_dir: PathBuf,
     pub(super) uids: HostUid,
     pub(super) package_limits: granary_package::Limits,
+    /// The architectures whose images this node unpacks, preferred first.
+    pub(super) image_arches: Vec<&'static str>,
     pub(super) info: DaemonInfo,
     pub(super) backups: Rc<Backups>,
     /// The local CA's directory, when it issues the certificate.
@@ -115,6 +117,8 @@ pub(super) struct AdminSetup {
     pub(super) apps_dir: PathBuf,
     pub(super) uids: HostUid,
     pub(super) package_limits: granary_package::Limits,
+    /// The architectures whose images this node unpacks, preferred first.
+    pub(super) image_arches: Vec<&'static str>,
     pub(super) info: DaemonInfo,
     pub(super) backup: granary_config::Backup,
     pub(super) data_dir: PathBuf,
@@ -173,6 +177,7 @@ pub(super) fn spawn(
                     apps_dir: setup.apps_dir,
                     uids: setup.uids,
                     package_limits: setup.package_limits,
+                    image_arches: setup.image_arches,
                     info: setup.info,
                     backups,
                     local_ca: setup.local_ca,
