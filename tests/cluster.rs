@@ -4,8 +4,8 @@
 //!
 //! The first test talks plain HTTP to etcd on loopback; the fencing test
 //! runs etcd as production does, TLS with client certificates (made by
-//! the test's own CA). The nodes here share the host's network; network
-//! namespaces per node are still to come.
+//! the test's own CA). Most tests' nodes share the host's loopback; the
+//! last one gives each node its own network namespace and zfs-fuse pool.
 
 use std::time::{Duration, Instant};
 
@@ -1446,6 +1446,106 @@ m.logout()
     eventually("n2's spool to empty again", Duration::from_secs(10), || {
         (spool(&n2) == 0).then_some(())
     });
+}
+
+#[test]
+fn chat_answers_through_any_node_wherever_each_users_grain_runs() {
+    use granary_testkit::xmpp::{DOMAIN, helper_lib};
+    let etcd = Etcd::start(1);
+    let chat_node = |name: &str| {
+        let config = format!(
+            "domain = \"{DOMAIN}\"\n{}",
+            node_config(&etcd, name, "\"x86_64\"")
+        );
+        Daemon::prepare(DaemonMode::Serve, &config, "", &[])
+    };
+    let mut n1 = chat_node("n1");
+    let mut n2 = chat_node("n2");
+    n2.share_uid_range(&n1);
+    n1.granary(&["cluster", "init"]).success();
+    for d in [&n1, &n2] {
+        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+            .success();
+    }
+    n1.launch();
+    n2.launch();
+    let tmp = tempfile::tempdir().unwrap();
+    let package = granary_testkit::xmpp_package(tmp.path());
+    for d in [&n1, &n2] {
+        d.granary(&["app", "install", package.to_str().unwrap()])
+            .success();
+    }
+    for u in ["alice", "bob"] {
+        n1.granary(&["user", "add", u]).success();
+    }
+    let alice = granary_testkit::app_password(&n1, "alice", "xmpp");
+    let bob = granary_testkit::app_password(&n1, "bob", "xmpp");
+    // Alice's chat grain runs on n1, Bob's on n2 (once n2 has read him).
+    n1.granary(&["grain", "start", "alice/xmpp"]).success();
+    eventually(
+        "n2 to start bob's chat grain",
+        Duration::from_secs(10),
+        || {
+            n2.granary(&["grain", "start", "bob/xmpp"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    // Each logs in through the node that does not run their grain: the
+    // node checks the app password made on n1 and forwards the stream;
+    // their messages go from grain to grain across the nodes.
+    let env = [
+        ("PYTHONPATH", helper_lib(tmp.path()).display().to_string()),
+        ("XMPP_DOMAIN", DOMAIN.to_owned()),
+        ("XMPP_CA", n1.ca_file().display().to_string()),
+        ("XMPP_PASSWORD_ALICE", alice),
+        ("XMPP_PASSWORD_BOB", bob),
+        // The helper's default listener; each client below names its own.
+        ("XMPP_PORT", n1.listener("xmpp").port().to_string()),
+        ("N1_PORT", n1.listener("xmpp").port().to_string()),
+        ("N2_PORT", n2.listener("xmpp").port().to_string()),
+        ("N2_CA", n2.ca_file().display().to_string()),
+    ];
+    let script = r#"
+from granary_xmpp_test import *
+
+async def main():
+    alice = await Client("alice", "laptop", address=("127.0.0.1", int(os.environ["N2_PORT"])),
+                         cafile=os.environ["N2_CA"]).online()
+    bob = await Client("bob", "phone", address=("127.0.0.1", int(os.environ["N1_PORT"])),
+                       cafile=os.environ["XMPP_CA"]).online()
+    alice.send_presence_subscription(pto=bob.boundjid.bare)
+    await next_of(alice.presences, lambda p: p["from"].bare == bob.boundjid.bare)
+    await next_of(bob.presences, lambda p: p["from"].bare == alice.boundjid.bare)
+    await alice.get_roster()
+    assert alice.client_roster[bob.boundjid.bare]["subscription"] == "both"
+    alice.send_message(mto=bob.boundjid.bare, mbody="across the nodes", mtype="chat")
+    m = await next_of(bob.messages, lambda m: m["body"] == "across the nodes")
+    assert m["from"] == alice.boundjid, m["from"]
+    bob.send_message(mto=m["from"], mbody="and back", mtype="chat")
+    m = await next_of(alice.messages, lambda m: m["body"] == "and back")
+    assert m["from"] == bob.boundjid, m["from"]
+    for c in (alice, bob):
+        c.disconnect()
+
+run(main)
+"#;
+    let (ok, out) = granary_testkit::mail::run_python(script, &env);
+    assert!(
+        ok && out.lines().any(|l| l.trim() == "ok"),
+        "the client script failed:\n{out}"
+    );
+    // Neither grain ever ran on the node its user logged in through.
+    assert!(!n2.data_dir().join("grains/alice-xmpp/epoch").exists());
+    assert!(!n1.data_dir().join("grains/bob-xmpp/epoch").exists());
+    assert!(n2.data_dir().join("grains/bob-xmpp/epoch").exists());
+    // Asked on either node, the owner answers for the chat grain's status.
+    let status = n2
+        .granary(&["grain", "status", "alice/xmpp", "--json"])
+        .success()
+        .json();
+    assert_eq!(status["state"], "running", "{status}");
 }
 
 #[test]

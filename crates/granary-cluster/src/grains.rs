@@ -196,6 +196,37 @@ pub async fn open_grant(
     Some(opened.map_err(|e| format!("on node {}: {}", route.node, e.problem)))
 }
 
+/// A stanza one grain here sends `grain` when `grain` runs on another
+/// node: handed to that node over a node link, as a stanza from another
+/// server is ([`Grains::deliver_xmpp`]). `None` when `grain` is this
+/// node's to run (placed here, not placed, or etcd cannot say: the start
+/// gate decides).
+pub async fn deliver_stanza(
+    c: &Coordinator,
+    records: &dyn Records,
+    me: &str,
+    key: &SigningKey,
+    grain: &GrainId,
+    stanza: XmppStanza,
+) -> Option<Result<(), GrainError>> {
+    let Ok(Located::There(route)) = ask_route(c, grain, me).await else {
+        return None;
+    };
+    let Some(link) = route.link else {
+        return Some(Err(GrainError::new(
+            grain,
+            Problem::Busy(format!("its node {} is down", route.node)),
+        )));
+    };
+    let XmppStanza { from, to, stanza } = stanza;
+    let size = stanza.len() as u64;
+    let what = crate::link::Delivery::Xmpp { from, to };
+    let body = std::io::Cursor::new(stanza.into_bytes());
+    tracing::debug!(%grain, node = route.node, size, "handing a stanza to the grain's node");
+    let seen = records.position();
+    Some(crate::link::deliver(&link, &route.key, key, grain, what, size, body, seen).await)
+}
+
 /// The most of a grain's log another node sends back: hex in one answer
 /// line, which is at most 64 KiB.
 const FORWARDED_LOG: u64 = 24 << 10;

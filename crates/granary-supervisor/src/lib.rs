@@ -162,7 +162,7 @@ pub trait StartGate: Send + Sync {
 pub struct StartRefused(pub String);
 
 /// On a cluster node: how a grain here reaches a capability whose
-/// provider runs on another node.
+/// provider runs on another node, or another user's chat grain there.
 pub trait RemoteGrants: Send + Sync {
     /// `None` when `provider` is this node's to run (placed here, not
     /// placed yet, or its placement cannot be read: the start gate
@@ -170,7 +170,21 @@ pub trait RemoteGrants: Send + Sync {
     /// that node serves grant `grant` for `holder`
     /// ([`granary_grains::Grains::serve_grant`]), or why there is none.
     fn open(&self, grant: i64, holder: String, provider: String) -> RemoteOpen;
+
+    /// A stanza a grain here routes to chat grain `grain`, which this
+    /// node may not run: handed to the node that does. `None` when
+    /// `grain` is this node's to run after all.
+    fn deliver_xmpp(
+        &self,
+        grain: String,
+        stanza: granary_grains::mail::XmppStanza,
+    ) -> RemoteDeliver;
 }
+
+/// What [`RemoteGrants::deliver_xmpp`] answers.
+pub type RemoteDeliver = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<Result<(), granary_grains::GrainError>>> + Send>,
+>;
 
 /// What [`RemoteGrants::open`] answers.
 pub type RemoteOpen =

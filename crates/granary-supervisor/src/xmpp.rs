@@ -23,7 +23,7 @@ use granary_schema::services_capnp::xmpp_router;
 
 use crate::inner::{Inner, db};
 use crate::{Supervisor, error};
-use granary_grains::Problem;
+use granary_grains::{GrainError, Problem};
 
 /// What a chat grain asks its host for.
 pub(crate) const XMPP_ROUTE: &str = "xmpp.route";
@@ -438,7 +438,31 @@ impl Inner {
         let running = match self.ensure_running(grain).await {
             Ok(r) => r,
             Err(Problem::NoSuchGrain) => return Err(refused("item-not-found", "no such user")),
-            Err(e) => return Err(refused("service-unavailable", e)),
+            Err(e) => {
+                // On a cluster, the recipient's grain may run on another
+                // node: that node takes the stanza.
+                let remote = self.params.remote_grants.clone();
+                let Some(remote) = remote else {
+                    return Err(refused("service-unavailable", e));
+                };
+                let stanza = granary_grains::mail::XmppStanza {
+                    from: from.to_owned(),
+                    to: to.to_owned(),
+                    stanza: stanza.to_owned(),
+                };
+                let handed = remote.deliver_xmpp(grain.to_owned(), stanza);
+                drop(order);
+                return match handed.await {
+                    None => Err(refused("service-unavailable", e)),
+                    Some(Ok(())) => Ok(()),
+                    // The recipient's own refusal stands, as here.
+                    Some(Err(GrainError {
+                        problem: Problem::Grain(extra),
+                        ..
+                    })) => Err(capnp::Error::failed(extra)),
+                    Some(Err(other)) => Err(refused("service-unavailable", other.problem)),
+                };
+            }
         };
         let _busy = running.activity.busy();
         let deliver = deliver_end(self, &running)

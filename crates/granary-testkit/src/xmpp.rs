@@ -157,6 +157,15 @@ def run(main):
     print("ok")
 "#;
 
+/// Writes the `granary_xmpp_test` Python module into `dir/lib` and
+/// returns that directory (for `PYTHONPATH`).
+pub fn helper_lib(dir: &std::path::Path) -> std::path::PathBuf {
+    let lib = dir.join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    std::fs::write(lib.join("granary_xmpp_test.py"), HELPER).unwrap();
+    lib
+}
+
 /// A client that makes its account with an invite token by in-band
 /// registration (XEP-0445 preauth, then XEP-0077), as Conversations does:
 /// prepend it to a script (`Newcomer(user, password, token)`).
@@ -218,9 +227,7 @@ impl XmppHost {
     pub fn start_listening(users: &[&str], extra: &str, listen: &str) -> XmppHost {
         let (daemon, dir, passwords) =
             crate::app_host(DOMAIN, extra, listen, crate::xmpp_package, "xmpp", users);
-        let lib = dir.path().join("lib");
-        std::fs::create_dir_all(&lib).unwrap();
-        std::fs::write(lib.join("granary_xmpp_test.py"), HELPER).unwrap();
+        helper_lib(dir.path());
         XmppHost {
             daemon,
             dir,

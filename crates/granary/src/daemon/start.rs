@@ -261,6 +261,21 @@ struct ClusterGrants {
 }
 
 impl granary_supervisor::RemoteGrants for ClusterGrants {
+    fn deliver_xmpp(
+        &self,
+        grain: String,
+        stanza: granary_grains::mail::XmppStanza,
+    ) -> granary_supervisor::RemoteDeliver {
+        let (member, records) = (self.member.clone(), self.records.clone());
+        let task = self.runtime.spawn(async move {
+            let grain = granary_model::GrainId::parse(&grain).ok()?;
+            let c = &member.coordinator;
+            granary_cluster::deliver_stanza(c, &*records, &member.node, &member.key, &grain, stanza)
+                .await
+        });
+        Box::pin(async move { task.await.ok().flatten() })
+    }
+
     fn open(&self, grant: i64, holder: String, provider: String) -> granary_supervisor::RemoteOpen {
         let (member, records) = (self.member.clone(), self.records.clone());
         let task = self.runtime.spawn(async move {
