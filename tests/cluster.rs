@@ -1549,6 +1549,107 @@ run(main)
 }
 
 #[test]
+fn taskwarrior_syncs_over_taskd_through_any_node() {
+    use granary_testkit::tasks::{DOMAIN, TasksHost};
+    let etcd = Etcd::start(1);
+    let task_node = |name: &str| {
+        let config = format!(
+            "domain = \"{DOMAIN}\"\n{}",
+            node_config(&etcd, name, "\"x86_64\"")
+        );
+        Daemon::prepare(DaemonMode::Serve, &config, "taskd = \"127.0.0.1:0\"\n", &[])
+    };
+    let mut n1 = task_node("n1");
+    let mut n2 = task_node("n2");
+    n2.share_uid_range(&n1);
+    n1.granary(&["cluster", "init"]).success();
+    for d in [&n1, &n2] {
+        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+            .success();
+    }
+    n1.launch();
+    n2.launch();
+    let dir = tempfile::tempdir().unwrap();
+    let package = granary_testkit::tasks_package(dir.path());
+    for d in [&n1, &n2] {
+        d.granary(&["app", "install", package.to_str().unwrap()])
+            .success();
+    }
+    n1.granary(&["user", "add", "alice"]).success();
+    // Her tasks grain runs on n1.
+    n1.granary(&["grain", "start", "alice/tasks"]).success();
+    let (n2_port, n2_ca) = (n2.listener("taskd").port(), n2.ca_file());
+    let host = TasksHost::around(n1, dir);
+    // Two replicas with certificates n1 issued: A syncs through n1, B
+    // through n2 (its taskrc names n2's listener, and trusts both nodes'
+    // CAs, as each node serves its own certificate).
+    let a = host.task_replica("alice", "a");
+    let b = host.task_replica("alice", "b");
+    let rc = std::fs::read_to_string(&b.taskrc).unwrap();
+    let ca_line = rc.lines().find(|l| l.starts_with("taskd.ca=")).unwrap();
+    let n1_ca = std::fs::read_to_string(&ca_line["taskd.ca=".len()..]).unwrap();
+    let bundle = b.taskrc.with_file_name("both-cas.pem");
+    std::fs::write(
+        &bundle,
+        format!("{n1_ca}{}", std::fs::read_to_string(&n2_ca).unwrap()),
+    )
+    .unwrap();
+    let rc: Vec<String> = rc
+        .lines()
+        .map(|l| {
+            if l.starts_with("taskd.server=") {
+                format!("taskd.server=tasks.{DOMAIN}:{n2_port}")
+            } else if l.starts_with("taskd.ca=") {
+                format!("taskd.ca={}", bundle.display())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    std::fs::write(&b.taskrc, rc.join("\n") + "\n").unwrap();
+
+    a.ok(&["add", "buy milk"]);
+    let out = a.ok(&["sync", "init"]);
+    assert!(!out.contains("error"), "{out}");
+    b.ok(&["sync"]);
+    assert!(b.ok(&["export"]).contains("buy milk"));
+    b.ok(&["add", "call mum"]);
+    b.ok(&["sync"]);
+    a.ok(&["sync"]);
+    assert!(a.ok(&["export"]).contains("call mum"));
+    // The grain never ran on n2: n2 authenticated B's certificate (issued
+    // by n1, found in the shared records) and forwarded the sync.
+    assert!(!n2.data_dir().join("grains/alice-tasks/epoch").exists());
+    // A revoked certificate is refused on every node.
+    let certs = host
+        .daemon
+        .granary(&["tasks", "certs", "alice", "--json"])
+        .success()
+        .json();
+    for c in certs.as_array().unwrap() {
+        let id = c["id"].to_string();
+        host.daemon
+            .granary(&["tasks", "revoke-cert", "alice", &id])
+            .success();
+    }
+    // (n2 may sync once more before it has read the revoke: the shared
+    // records reach it within a second.)
+    let refusal = eventually(
+        "n2 to refuse B's certificate",
+        Duration::from_secs(10),
+        || {
+            let (ok, out) = b.task(&["sync"]);
+            (!ok).then_some(out)
+        },
+    );
+    // Taskwarrior's words for the server's 430 "Access denied".
+    assert!(
+        refusal.contains("your credentials are incorrect"),
+        "{refusal}"
+    );
+}
+
+#[test]
 fn on_zfs_pools_a_grain_is_replicated_and_moves_between_nodes_with_its_data() {
     use granary_datasets::testing::ZfsPool;
     // Pools outlive the daemons (declared first, dropped last); each node

@@ -90,9 +90,23 @@ pub struct Shared {
     pub chat_domains: Arc<ChatDomains>,
     /// Passwords verified in the last minute, across listeners.
     pub verified: VerifiedLogins,
-    /// The CA whose client certificates the taskd listener accepts (the
-    /// local CA's `ca.pem`); `None`: taskd is not served.
-    pub taskd_ca: Option<std::path::PathBuf>,
+    /// Which client certificates the taskd listener lets finish the
+    /// handshake; `None`: taskd is not served.
+    pub taskd_clients: Option<TaskdClients>,
+}
+
+/// The client certificates the taskd listener takes through the TLS
+/// handshake. Either way the certificate is then looked up by its SHA-256
+/// among those issued (`granary tasks cert`) and not revoked: that lookup
+/// is what lets a client in.
+#[derive(Debug, Clone)]
+pub enum TaskdClients {
+    /// Signed by this host's local CA (its `ca.pem`).
+    LocalCa(std::path::PathBuf),
+    /// Any certificate whose key signs the handshake: on a cluster each
+    /// node has a CA of its own, and a certificate one node issued is good
+    /// on every node (the issued ones are in the shared records).
+    Issued,
 }
 
 /// The chat domains this host serves: Granary's own and those added with

@@ -35,14 +35,18 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let Some(ca) = shared.taskd_ca.clone() else {
+    let Some(clients) = shared.taskd_clients.clone() else {
         tracing::error!(
             "listen.taskd is on, but taskd client certificates come from the local CA, which \
              this host does not use; taskd is not served"
         );
         return;
     };
-    let config = match crate::tls::with_client_auth(&shared.tls, &ca) {
+    let config = match &clients {
+        crate::TaskdClients::LocalCa(ca) => crate::tls::with_client_auth(&shared.tls, ca),
+        crate::TaskdClients::Issued => crate::tls::with_any_client_certificate(&shared.tls),
+    };
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "taskd is not served");

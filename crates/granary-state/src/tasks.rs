@@ -196,8 +196,10 @@ impl Store {
     ) -> Result<Option<(String, i64, String)>, StateError> {
         let conn = self.conn();
         conn.query_row(
+            // An expired certificate is no one's, whoever checks its
+            // dates (a cluster node does not check the issuer's chain).
             "SELECT u.name, c.id, c.key FROM task_certs c JOIN users u ON u.id = c.user_id
-             WHERE c.fingerprint = ?1",
+             WHERE c.fingerprint = ?1 AND c.expires_at > CAST(strftime('%s', 'now') AS INTEGER)",
             [fingerprint],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
@@ -295,12 +297,17 @@ mod tests {
         let alice = UserName::new("alice").unwrap();
         store.add_user(&alice, "x", "test").unwrap();
         let c = store
-            .add_task_cert(&alice, "old laptop", "k-1", &[1; 32], 99, "test")
+            .add_task_cert(&alice, "old laptop", "k-1", &[1; 32], i64::MAX, "test")
             .unwrap();
         assert_eq!(
             store.task_cert_by_fingerprint(&[1; 32]).unwrap(),
             Some(("alice".to_owned(), c.id, "k-1".to_owned()))
         );
+        // One that expired (in 1970) lets nobody in.
+        store
+            .add_task_cert(&alice, "older", "k-0", &[2; 32], 99, "test")
+            .unwrap();
+        assert_eq!(store.task_cert_by_fingerprint(&[2; 32]).unwrap(), None);
         store.revoke_task_cert(&alice, c.id, "test").unwrap();
         assert_eq!(store.task_cert_by_fingerprint(&[1; 32]).unwrap(), None);
     }

@@ -75,6 +75,12 @@ impl TasksHost {
     pub fn start(users: &[&str], extra: &str, listen: &str) -> TasksHost {
         let (daemon, dir, _) =
             crate::app_host(DOMAIN, extra, listen, crate::tasks_package, "tasks", users);
+        TasksHost::around(daemon, dir)
+    }
+
+    /// The clients' side (names, the HTTP bridge) around a daemon that
+    /// serves `DOMAIN` with the tasks app already; `dir` is theirs.
+    pub fn around(daemon: Daemon, dir: tempfile::TempDir) -> TasksHost {
         let hosts = dir.path().join("hosts");
         std::fs::write(
             &hosts,
