@@ -1526,6 +1526,14 @@ async def main():
     bob.send_message(mto=m["from"], mbody="and back", mtype="chat")
     m = await next_of(alice.messages, lambda m: m["body"] == "and back")
     assert m["from"] == bob.boundjid, m["from"]
+    # One sender's messages keep their order across the nodes.
+    for i in range(30):
+        alice.send_message(mto=bob.boundjid.bare, mbody=f"n{i}", mtype="chat")
+    got = []
+    while len(got) < 30:
+        m = await next_of(bob.messages, lambda m: str(m["body"]).startswith("n"))
+        got.append(str(m["body"]))
+    assert got == [f"n{i}" for i in range(30)], got
     for c in (alice, bob):
         c.disconnect()
 

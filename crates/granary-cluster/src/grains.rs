@@ -198,9 +198,10 @@ pub async fn open_grant(
 
 /// A stanza one grain here sends `grain` when `grain` runs on another
 /// node: handed to that node over a node link, as a stanza from another
-/// server is ([`Grains::deliver_xmpp`]). `None` when `grain` is this
-/// node's to run (placed here, not placed, or etcd cannot say: the start
-/// gate decides).
+/// server is ([`Grains::deliver_xmpp`]). A grain nobody placed yet is
+/// placed by room, as at its first connection. `None` when `grain` is
+/// this node's to run (placed here, or etcd cannot say: the start gate
+/// decides).
 pub async fn deliver_stanza(
     c: &Coordinator,
     records: &dyn Records,
@@ -209,8 +210,18 @@ pub async fn deliver_stanza(
     grain: &GrainId,
     stanza: XmppStanza,
 ) -> Option<Result<(), GrainError>> {
-    let Ok(Located::There(route)) = ask_route(c, grain, me).await else {
-        return None;
+    let route = match ask_route(c, grain, me).await {
+        Ok(Located::There(route)) => route,
+        Ok(Located::Unplaced) => {
+            match tokio::time::timeout(PLACE_DEADLINE, place_new(c, records, grain, me)).await {
+                Ok(Ok(Placed::There(route))) => route,
+                Ok(Err(e @ ClusterError::NoRoom { .. })) => {
+                    return Some(Err(GrainError::new(grain, Problem::Busy(e.to_string()))));
+                }
+                _ => return None,
+            }
+        }
+        _ => return None,
     };
     let Some(link) = route.link else {
         return Some(Err(GrainError::new(

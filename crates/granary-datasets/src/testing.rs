@@ -1,7 +1,9 @@
 //! Real storage for tests: a ZFS pool on a sparse file (zfs-fuse) and a
 //! btrfs filesystem on a loop device. Each fixture makes uniquely named
 //! things and removes exactly those on drop; a zfs-fuse daemon is started
-//! only if none runs, and stopped only if the fixture started it.
+//! only if none runs, and stopped, if this process started it, when its
+//! last pool goes (test processes running side by side each count their
+//! own pools only).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};

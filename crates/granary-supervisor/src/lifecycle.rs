@@ -109,6 +109,14 @@ impl Inner {
             .clone()
     }
 
+    /// Whether `grain` runs here, or is starting.
+    pub(crate) fn is_up(&self, grain: &str) -> bool {
+        self.slots
+            .borrow()
+            .get(grain)
+            .is_some_and(|s| matches!(*s.phase.borrow(), Phase::Running(_) | Phase::Starting(_)))
+    }
+
     /// The running grain, starting it if it is stopped. Concurrent callers
     /// share one start. A grain in backoff is waited for.
     pub(crate) async fn ensure_running(

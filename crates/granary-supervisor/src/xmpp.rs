@@ -134,7 +134,7 @@ impl xmpp_router::Server for Router {
                 .room_for(owner, &domain, local.as_deref(), service, &to, &stanza)
                 .await?;
             return sup
-                .xmpp_deliver(&grain, &from, &to, &stanza, Some(order))
+                .xmpp_deliver(&grain, &from, &to, &stanza, Some(order), true)
                 .await;
         }
         let owner = match &self.sender {
@@ -229,7 +229,7 @@ impl xmpp_router::Server for Router {
                 return Ok(());
             }
         }
-        sup.xmpp_deliver(&grain, &from, &to, &stanza, Some(order))
+        sup.xmpp_deliver(&grain, &from, &to, &stanza, Some(order), true)
             .await
     }
 }
@@ -426,7 +426,11 @@ impl Inner {
     }
 
     /// Hands one stanza to `grain`'s `xmpp.deliver`, starting the grain if
-    /// it is stopped. `order` is released once the stanza is on its way.
+    /// it is stopped. `order` is released once the stanza is on its way
+    /// (once the grain's node has it, when that is another one). A stanza
+    /// a grain here routes (`across`) to a grain not running here goes,
+    /// on a cluster, to the node that runs it; one that came from another
+    /// node or server goes no further.
     pub(crate) async fn xmpp_deliver(
         self: &std::rc::Rc<Self>,
         grain: &str,
@@ -434,35 +438,42 @@ impl Inner {
         to: &str,
         stanza: &str,
         order: Option<tokio::sync::MutexGuard<'_, ()>>,
+        across: bool,
     ) -> Result<(), capnp::Error> {
+        // Asked first for a grain not running here: starting it here would
+        // only be refused by the start gate.
+        let remote = self.params.remote_grants.clone();
+        if let Some(remote) = remote.filter(|_| across && !self.is_up(grain)) {
+            let stanza = granary_grains::mail::XmppStanza {
+                from: from.to_owned(),
+                to: to.to_owned(),
+                stanza: stanza.to_owned(),
+            };
+            let handed = remote.deliver_xmpp(grain.to_owned(), stanza);
+            match tokio::time::timeout(self.params.config.call_timeout, handed).await {
+                // This node's to run after all: below.
+                Ok(None) => {}
+                Ok(Some(Ok(()))) => return Ok(()),
+                // The recipient's own refusal stands, as here.
+                Ok(Some(Err(GrainError {
+                    problem: Problem::Grain(extra),
+                    ..
+                }))) => return Err(capnp::Error::failed(extra)),
+                Ok(Some(Err(other))) => {
+                    return Err(refused("service-unavailable", other.problem));
+                }
+                Err(_) => {
+                    return Err(refused(
+                        "remote-server-timeout",
+                        "the recipient's node did not answer",
+                    ));
+                }
+            }
+        }
         let running = match self.ensure_running(grain).await {
             Ok(r) => r,
             Err(Problem::NoSuchGrain) => return Err(refused("item-not-found", "no such user")),
-            Err(e) => {
-                // On a cluster, the recipient's grain may run on another
-                // node: that node takes the stanza.
-                let remote = self.params.remote_grants.clone();
-                let Some(remote) = remote else {
-                    return Err(refused("service-unavailable", e));
-                };
-                let stanza = granary_grains::mail::XmppStanza {
-                    from: from.to_owned(),
-                    to: to.to_owned(),
-                    stanza: stanza.to_owned(),
-                };
-                let handed = remote.deliver_xmpp(grain.to_owned(), stanza);
-                drop(order);
-                return match handed.await {
-                    None => Err(refused("service-unavailable", e)),
-                    Some(Ok(())) => Ok(()),
-                    // The recipient's own refusal stands, as here.
-                    Some(Err(GrainError {
-                        problem: Problem::Grain(extra),
-                        ..
-                    })) => Err(capnp::Error::failed(extra)),
-                    Some(Err(other)) => Err(refused("service-unavailable", other.problem)),
-                };
-            }
+            Err(e) => return Err(refused("service-unavailable", e)),
         };
         let _busy = running.activity.busy();
         let deliver = deliver_end(self, &running)
@@ -499,7 +510,7 @@ impl Supervisor {
         stanza: granary_grains::mail::XmppStanza,
     ) -> Result<(), granary_grains::GrainError> {
         self.inner
-            .xmpp_deliver(grain, &stanza.from, &stanza.to, &stanza.stanza, None)
+            .xmpp_deliver(grain, &stanza.from, &stanza.to, &stanza.stanza, None, false)
             .await
             .map_err(|e| error(grain, Problem::Grain(e.extra)))
     }

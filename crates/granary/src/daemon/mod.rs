@@ -377,12 +377,12 @@ async fn serve(
         mx: Some(mail.mx.clone()),
         s2s,
         chat_domains,
-        // A cluster's nodes each have their own local CA; the certificates
-        // any of them issued are in the shared records.
-        taskd_clients: ca_file.clone().map(|ca| match config.cluster {
-            Some(_) => granary_gateway::TaskdClients::Issued,
-            None => granary_gateway::TaskdClients::LocalCa(ca),
-        }),
+        // A cluster's nodes each have their own CA (or none); the
+        // certificates any of them issued are in the shared records.
+        taskd_clients: match (&config.cluster, ca_file.clone()) {
+            (Some(_), _) => Some(granary_gateway::TaskdClients::Issued),
+            (None, ca) => ca.map(granary_gateway::TaskdClients::LocalCa),
+        },
     });
     let served = bound.serve(shared, &stop_rx);
     let delivering = mail::deliver(&mail, grains, store.clone(), postmaster, stop_rx.clone());
