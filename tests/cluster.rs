@@ -1554,6 +1554,63 @@ run(main)
         .success()
         .json();
     assert_eq!(status["state"], "running", "{status}");
+
+    // A contact invite of Alice's (grain on n1) taken by Carol, whose
+    // grain runs on n2: both become contacts, Alice's roster changed by
+    // n1 at n2's asking.
+    n1.granary(&["user", "add", "carol"]).success();
+    let carol = granary_testkit::app_password(&n1, "carol", "xmpp");
+    eventually(
+        "n2 to start carol's chat grain",
+        Duration::from_secs(10),
+        || {
+            n2.granary(&["grain", "start", "carol/xmpp"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    let made = n1
+        .granary(&["invite", "create", "--for", "alice"])
+        .success()
+        .stdout;
+    let link = made
+        .lines()
+        .find_map(|l| l.strip_prefix("    ").filter(|l| l.starts_with("http")))
+        .unwrap_or_else(|| panic!("no invite link in:\n{made}"));
+    let token = link.rsplit('/').next().unwrap().to_owned();
+    let mut env = env.to_vec();
+    env.extend([("XMPP_PASSWORD_CAROL", carol), ("TOKEN", token)]);
+    let script = r#"
+from granary_xmpp_test import *
+
+async def main():
+    alice = await Client("alice", "laptop", address=("127.0.0.1", int(os.environ["N1_PORT"])),
+                         cafile=os.environ["XMPP_CA"]).online()
+    # Alice's app asks her before approving anyone: only the invite does.
+    alice.roster.auto_authorize = None
+    alice.roster.auto_subscribe = False
+    carol = await Client("carol", "phone", address=("127.0.0.1", int(os.environ["N1_PORT"])),
+                         cafile=os.environ["XMPP_CA"]).online()
+    carol.send_raw("<presence type='subscribe' to='alice@chat.test'>"
+                   f"<preauth xmlns='urn:xmpp:pars:0' token='{os.environ['TOKEN']}'/></presence>")
+    await next_of(alice.presences, lambda p: p["from"].bare == "carol@chat.test")
+    await next_of(carol.presences, lambda p: p["from"].bare == "alice@chat.test")
+    await alice.get_roster()
+    await carol.get_roster()
+    assert alice.client_roster["carol@chat.test"]["subscription"] == "both", alice.client_roster
+    assert carol.client_roster["alice@chat.test"]["subscription"] == "both", carol.client_roster
+    for c in (alice, carol):
+        c.disconnect()
+
+run(main)
+"#;
+    let (ok, out) = granary_testkit::mail::run_python(script, &env);
+    assert!(
+        ok && out.lines().any(|l| l.trim() == "ok"),
+        "the invite script failed:\n{out}"
+    );
+    assert!(!n1.data_dir().join("grains/carol-xmpp/epoch").exists());
 }
 
 #[test]

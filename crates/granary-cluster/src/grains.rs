@@ -238,6 +238,46 @@ pub async fn deliver_stanza(
     Some(crate::link::deliver(&link, &route.key, key, grain, what, size, body, seen).await)
 }
 
+/// Makes `jid` the contact of chat grain `grain`'s user (an invite of
+/// theirs was redeemed on this node) when `grain` runs on another node:
+/// that node does it. `None` when `grain` is this node's to run.
+pub async fn befriend_elsewhere(
+    c: &Coordinator,
+    me: &str,
+    key: &SigningKey,
+    grain: &GrainId,
+    jid: &str,
+    name: &str,
+) -> Option<Result<(), GrainError>> {
+    let Ok(Located::There(route)) = ask_route(c, grain, me).await else {
+        return None;
+    };
+    let Some(link) = route.link else {
+        return Some(Err(GrainError::new(
+            grain,
+            Problem::Busy(format!("its node {} is down", route.node)),
+        )));
+    };
+    let target = crate::moves::Target {
+        address: &link,
+        key: &route.key,
+    };
+    let call = GrainCall::XmppBefriend {
+        jid: jid.to_owned(),
+        name: name.to_owned(),
+    };
+    let job = crate::moves::Job::Grain {
+        grain: grain.to_string(),
+        call,
+    };
+    let done = crate::moves::run(&target, key, job, |_| {}).await;
+    Some(
+        done.map(|_| ()).map_err(|e| {
+            GrainError::new(grain, Problem::Host(format!("node {}: {e}", route.node)))
+        }),
+    )
+}
+
 /// The most of a grain's log another node sends back: hex in one answer
 /// line, which is at most 64 KiB.
 const FORWARDED_LOG: u64 = 24 << 10;

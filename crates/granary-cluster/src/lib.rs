@@ -32,7 +32,7 @@ mod replicas;
 pub use coordinator::{Coordinator, EtcdTls, Located, NodeStatus, Route};
 pub use error::ClusterError;
 pub use fence::{Refusal, may_start};
-pub use grains::{ClusterGrains, Records, deliver_stanza, open_grant};
+pub use grains::{ClusterGrains, Records, befriend_elsewhere, deliver_stanza, open_grant};
 pub use granary_model::valid_node_name;
 pub use lease::{LeaseState, NodeLease};
 pub use ledger::{LEDGER_DEADLINE, LogWatch};

@@ -179,6 +179,11 @@ pub trait RemoteGrants: Send + Sync {
         grain: String,
         stanza: granary_grains::mail::XmppStanza,
     ) -> RemoteDeliver;
+
+    /// Makes `jid` (named `name`) a contact of chat grain `grain`'s user
+    /// on the node that runs it, when this node may not. `None` when
+    /// `grain` is this node's to run after all.
+    fn befriend(&self, grain: String, jid: String, name: String) -> RemoteDeliver;
 }
 
 /// What [`RemoteGrants::deliver_xmpp`] answers.

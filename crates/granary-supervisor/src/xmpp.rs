@@ -220,7 +220,8 @@ impl xmpp_router::Server for Router {
                 let them = granary_wire::jid::Jid::parse(&to)
                     .map(|j| j.bare_text())
                     .unwrap_or_else(|_| to.clone());
-                sup.befriend(&grain, &me, &owner)
+                // The inviter's grain may run on another node.
+                sup.befriend_anywhere(&grain, &me, &owner)
                     .await
                     .map_err(|p| refused("service-unavailable", p))?;
                 sup.befriend(&self.id, &them, &local.to_lowercase())
@@ -399,6 +400,30 @@ impl Inner {
             |_| Ok(()),
         )
         .await
+    }
+
+    /// [`Inner::befriend`], done by the node that runs `grain` when that
+    /// is another one (on a cluster, for a grain not running here).
+    async fn befriend_anywhere(
+        self: &std::rc::Rc<Self>,
+        grain: &str,
+        jid: &str,
+        name: &str,
+    ) -> Result<(), Problem> {
+        let remote = self.params.remote_grants.clone();
+        if let Some(remote) = remote.filter(|_| !self.is_up(grain)) {
+            let asked = remote.befriend(grain.to_owned(), jid.to_owned(), name.to_owned());
+            match tokio::time::timeout(self.params.config.call_timeout, asked).await {
+                Ok(None) => {}
+                Ok(Some(done)) => return done.map_err(|e| e.problem),
+                Err(_) => {
+                    return Err(Problem::Grain(
+                        "befriend: the grain's node did not answer".to_owned(),
+                    ));
+                }
+            }
+        }
+        self.befriend(grain, jid, name).await
     }
 
     /// One question to `grain`'s `xmpp.deliver` (starting the grain if it

@@ -261,6 +261,22 @@ struct ClusterGrants {
 }
 
 impl granary_supervisor::RemoteGrants for ClusterGrants {
+    fn befriend(
+        &self,
+        grain: String,
+        jid: String,
+        name: String,
+    ) -> granary_supervisor::RemoteDeliver {
+        let member = self.member.clone();
+        let task = self.runtime.spawn(async move {
+            let grain = granary_model::GrainId::parse(&grain).ok()?;
+            let c = &member.coordinator;
+            granary_cluster::befriend_elsewhere(c, &member.node, &member.key, &grain, &jid, &name)
+                .await
+        });
+        Box::pin(async move { task.await.ok().flatten() })
+    }
+
     fn deliver_xmpp(
         &self,
         grain: String,
