@@ -161,12 +161,13 @@ impl Federation {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(crate::tls::AnyCertificate(
                 provider.clone(),
+                false,
             )))
             .with_no_client_auth();
         let server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)
             .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(Arc::new(crate::tls::AnyCertificate(provider)))
+            .with_client_cert_verifier(Arc::new(crate::tls::AnyCertificate(provider, false)))
             .with_cert_resolver(certs);
         let mut tagged = b"granary xmpp dialback\0".to_vec();
         tagged.extend_from_slice(secret);

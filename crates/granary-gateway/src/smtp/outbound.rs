@@ -130,7 +130,7 @@ impl Remote {
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| e.to_string())?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(crate::tls::AnyCertificate(provider)))
+            .with_custom_certificate_verifier(Arc::new(crate::tls::AnyCertificate(provider, false)))
             .with_no_client_auth();
         Ok(Remote {
             settings,

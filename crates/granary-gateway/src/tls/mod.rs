@@ -30,9 +30,13 @@ pub enum TlsError {
 /// certificate, as a client (opportunistic SMTP, server-to-server chat)
 /// or as a server asking for a client certificate (server-to-server
 /// chat): whether the certificate verifies for the name that matters is
-/// checked after the handshake, by the caller.
+/// checked after the handshake, by the caller. As a server, the `bool`
+/// says whether a client must show one (taskd on a cluster) or may (chat).
 #[derive(Debug)]
-pub(crate) struct AnyCertificate(pub(crate) Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct AnyCertificate(
+    pub(crate) Arc<rustls::crypto::CryptoProvider>,
+    pub(crate) bool,
+);
 
 impl AnyCertificate {
     fn tls12(
@@ -105,7 +109,7 @@ impl rustls::server::danger::ClientCertVerifier for AnyCertificate {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.1
     }
 
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
@@ -365,65 +369,12 @@ pub fn with_client_auth(base: &ServerConfig, ca: &Path) -> Result<Arc<ServerConf
 /// the certificate itself (taskd on a cluster looks it up among those
 /// issued).
 pub fn with_any_client_certificate(base: &ServerConfig) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = RequiredCertificate(AnyCertificate(provider()));
+    let verifier = AnyCertificate(provider(), true);
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(base.cert_resolver.clone());
     Ok(Arc::new(config))
-}
-
-/// [`AnyCertificate`] as a server that will not go on without a client
-/// certificate.
-#[derive(Debug)]
-struct RequiredCertificate(AnyCertificate);
-
-impl rustls::server::danger::ClientCertVerifier for RequiredCertificate {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        self.0.verify_client_cert(end_entity, intermediates, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0
-            .0
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// Connects to our own listener at `addr` as a client asking for `name`
