@@ -132,6 +132,78 @@ async fn ask_route(c: &Coordinator, grain: &GrainId, me: &str) -> Result<Located
     }
 }
 
+/// Where `grain` runs when that is another node, a grain nobody placed
+/// yet placed by room first (as at its first connection): `None` when it
+/// is this node's to run (placed here, the placing failed, or etcd cannot
+/// say: the start gate here decides, and follows a placement made
+/// meanwhile); `Some(Err)` when no node has room for it.
+async fn route_or_place(
+    c: &Coordinator,
+    records: &dyn Records,
+    grain: &GrainId,
+    me: &str,
+) -> Option<Result<Route, ClusterError>> {
+    match ask_route(c, grain, me).await {
+        Ok(Located::There(route)) => Some(Ok(route)),
+        Ok(Located::Unplaced) => {
+            match tokio::time::timeout(PLACE_DEADLINE, place_new(c, records, grain, me)).await {
+                Ok(Ok(Placed::There(route))) => Some(Ok(route)),
+                Ok(Err(e @ ClusterError::NoRoom { .. })) => Some(Err(e)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The link to `route`'s node, or `Busy` while that node is down.
+fn node_link(route: &Route, grain: &GrainId) -> Result<String, GrainError> {
+    route.link.clone().ok_or_else(|| {
+        GrainError::new(
+            grain,
+            Problem::Busy(format!("its node {} is down", route.node)),
+        )
+    })
+}
+
+/// An admin's `call` on `grain`, run by `route`'s node: its report.
+async fn call_on(
+    route: &Route,
+    key: &SigningKey,
+    grain: &GrainId,
+    call: GrainCall,
+) -> Result<String, GrainError> {
+    let link = node_link(route, grain)?;
+    let target = crate::moves::Target {
+        address: &link,
+        key: &route.key,
+    };
+    let job = crate::moves::Job::Grain {
+        grain: grain.to_string(),
+        call,
+    };
+    tracing::debug!(%grain, node = route.node, "asking the grain's node");
+    crate::moves::run(&target, key, job, |_| {})
+        .await
+        .map_err(|e| GrainError::new(grain, Problem::Host(format!("node {}: {e}", route.node))))
+}
+
+/// Hands `size` bytes of `body` for `grain` to `route`'s node.
+async fn deliver_on<B: tokio::io::AsyncRead + Unpin + Send>(
+    route: &Route,
+    key: &SigningKey,
+    records: &dyn Records,
+    grain: &GrainId,
+    what: crate::link::Delivery,
+    size: u64,
+    body: B,
+) -> Result<(), GrainError> {
+    let link = node_link(route, grain)?;
+    tracing::debug!(%grain, node = route.node, size, "handing a delivery to the grain's node");
+    let seen = records.position();
+    crate::link::deliver(&link, &route.key, key, grain, what, size, body, seen).await
+}
+
 /// Forwards a connection to the node `route` names.
 async fn forward(
     route: Route,
@@ -142,20 +214,10 @@ async fn forward(
     identity: Identity,
     peer: Peer,
 ) -> Result<Connection, GrainError> {
-    let Route {
-        node,
-        link,
-        key: node_key,
-    } = route;
-    let Some(link) = link else {
-        return Err(GrainError::new(
-            grain,
-            Problem::Busy(format!("its node {node} is down")),
-        ));
-    };
-    tracing::debug!(%grain, node, link, "forwarding a connection to the owner node");
+    let link = node_link(&route, grain)?;
+    tracing::debug!(%grain, node = route.node, link, "forwarding a connection to the owner node");
     let seen = records.position();
-    crate::link::connect(&link, &node_key, key, grain, service, identity, peer, seen).await
+    crate::link::connect(&link, &route.key, key, grain, service, identity, peer, seen).await
 }
 
 /// How a grain here reaches the object of grant `grant` when its provider
@@ -175,18 +237,9 @@ pub async fn open_grant(
     provider: &GrainId,
 ) -> Option<Result<Connection, String>> {
     let seen = records.position();
-    let route = match ask_route(c, provider, me).await {
-        Ok(Located::There(route)) => route,
-        Ok(Located::Unplaced) => {
-            match tokio::time::timeout(PLACE_DEADLINE, place_new(c, records, provider, me)).await {
-                Ok(Ok(Placed::There(route))) => route,
-                Ok(Err(e @ ClusterError::NoRoom { .. })) => return Some(Err(e.to_string())),
-                // Placed here, or the placing failed: the start gate here
-                // decides (and follows a placement made meanwhile).
-                _ => return None,
-            }
-        }
-        _ => return None,
+    let route = match route_or_place(c, records, provider, me).await? {
+        Ok(route) => route,
+        Err(e) => return Some(Err(e.to_string())),
     };
     let Some(link) = route.link else {
         return Some(Err(format!("its provider's node {} is down", route.node)));
@@ -210,32 +263,15 @@ pub async fn deliver_stanza(
     grain: &GrainId,
     stanza: XmppStanza,
 ) -> Option<Result<(), GrainError>> {
-    let route = match ask_route(c, grain, me).await {
-        Ok(Located::There(route)) => route,
-        Ok(Located::Unplaced) => {
-            match tokio::time::timeout(PLACE_DEADLINE, place_new(c, records, grain, me)).await {
-                Ok(Ok(Placed::There(route))) => route,
-                Ok(Err(e @ ClusterError::NoRoom { .. })) => {
-                    return Some(Err(GrainError::new(grain, Problem::Busy(e.to_string()))));
-                }
-                _ => return None,
-            }
-        }
-        _ => return None,
-    };
-    let Some(link) = route.link else {
-        return Some(Err(GrainError::new(
-            grain,
-            Problem::Busy(format!("its node {} is down", route.node)),
-        )));
+    let route = match route_or_place(c, records, grain, me).await? {
+        Ok(route) => route,
+        Err(e) => return Some(Err(GrainError::new(grain, Problem::Busy(e.to_string())))),
     };
     let XmppStanza { from, to, stanza } = stanza;
     let size = stanza.len() as u64;
     let what = crate::link::Delivery::Xmpp { from, to };
     let body = std::io::Cursor::new(stanza.into_bytes());
-    tracing::debug!(%grain, node = route.node, size, "handing a stanza to the grain's node");
-    let seen = records.position();
-    Some(crate::link::deliver(&link, &route.key, key, grain, what, size, body, seen).await)
+    Some(deliver_on(&route, key, records, grain, what, size, body).await)
 }
 
 /// Makes `jid` the contact of chat grain `grain`'s user (an invite of
@@ -252,30 +288,11 @@ pub async fn befriend_elsewhere(
     let Ok(Located::There(route)) = ask_route(c, grain, me).await else {
         return None;
     };
-    let Some(link) = route.link else {
-        return Some(Err(GrainError::new(
-            grain,
-            Problem::Busy(format!("its node {} is down", route.node)),
-        )));
-    };
-    let target = crate::moves::Target {
-        address: &link,
-        key: &route.key,
-    };
     let call = GrainCall::XmppBefriend {
         jid: jid.to_owned(),
         name: name.to_owned(),
     };
-    let job = crate::moves::Job::Grain {
-        grain: grain.to_string(),
-        call,
-    };
-    let done = crate::moves::run(&target, key, job, |_| {}).await;
-    Some(
-        done.map(|_| ()).map_err(|e| {
-            GrainError::new(grain, Problem::Host(format!("node {}: {e}", route.node)))
-        }),
-    )
+    Some(call_on(&route, key, grain, call).await.map(|_| ()))
 }
 
 /// The most of a grain's log another node sends back: hex in one answer
@@ -327,31 +344,11 @@ impl ClusterGrains {
             let Some(route) = owner.await else {
                 return Ok(None);
             };
-            let Some(link) = route.link else {
-                // A node without a lease has stopped its grains itself.
-                if call == GrainCall::Stop {
-                    return Ok(Some("false".to_owned()));
-                }
-                return Err(GrainError::new(
-                    &grain,
-                    Problem::Busy(format!("its node {} is down", route.node)),
-                ));
-            };
-            let target = crate::moves::Target {
-                address: &link,
-                key: &route.key,
-            };
-            let job = crate::moves::Job::Grain {
-                grain: grain.to_string(),
-                call,
-            };
-            tracing::debug!(%grain, node = route.node, "asking the grain's node");
-            crate::moves::run(&target, &key, job, |_| {})
-                .await
-                .map(Some)
-                .map_err(|e| {
-                    GrainError::new(&grain, Problem::Host(format!("node {}: {e}", route.node)))
-                })
+            // A node without a lease has stopped its grains itself.
+            if route.link.is_none() && call == GrainCall::Stop {
+                return Ok(Some("false".to_owned()));
+            }
+            call_on(&route, &key, &grain, call).await.map(Some)
         }
     }
 
@@ -396,16 +393,9 @@ impl ClusterGrains {
             let Some(route) = owner.await else {
                 return here(body).await;
             };
-            let Some(link) = route.link else {
-                // Kept and tried again (the spool's, the sender's retry).
-                return Err(GrainError::new(
-                    &grain,
-                    Problem::Busy(format!("its node {} is down", route.node)),
-                ));
-            };
-            tracing::debug!(%grain, node = route.node, size, "handing a delivery to the grain's node");
-            let seen = records.position();
-            crate::link::deliver(&link, &route.key, &key, &grain, what, size, body, seen).await
+            // Busy while that node is down: kept and tried again (the
+            // spool's, the sender's retry).
+            deliver_on(&route, &key, &*records, &grain, what, size, body).await
         })
     }
 }
