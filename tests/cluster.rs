@@ -83,6 +83,42 @@ fn state_of(d: &Daemon, name: &str) -> Option<String> {
         .map(|n| n["state"].as_str().unwrap_or_default().to_owned())
 }
 
+/// Two running nodes of a new cluster on `etcd`, serving `domain` with
+/// `extra` config and `listen` listeners, each with the package
+/// `package` makes (in `dir`) installed.
+fn app_nodes(
+    etcd: &Etcd,
+    domain: &str,
+    extra: &str,
+    listen: &str,
+    package: impl FnOnce(&std::path::Path) -> std::path::PathBuf,
+    dir: &std::path::Path,
+) -> (Daemon, Daemon) {
+    let prepare = |name: &str| {
+        let config = format!(
+            "domain = \"{domain}\"\n{}\n{extra}",
+            node_config(etcd, name, "\"x86_64\"")
+        );
+        Daemon::prepare(DaemonMode::Serve, &config, listen, &[])
+    };
+    let mut n1 = prepare("n1");
+    let mut n2 = prepare("n2");
+    n2.share_uid_range(&n1);
+    n1.granary(&["cluster", "init"]).success();
+    for d in [&n1, &n2] {
+        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
+            .success();
+    }
+    n1.launch();
+    n2.launch();
+    let package = package(dir);
+    for d in [&n1, &n2] {
+        d.granary(&["app", "install", package.to_str().unwrap()])
+            .success();
+    }
+    (n1, n2)
+}
+
 #[test]
 fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     let etcd = Etcd::start(3);
@@ -1331,31 +1367,12 @@ fn mail_taken_by_any_node_reaches_the_mail_grain_on_its_node_and_waits_while_tha
     use granary_testkit::mail::{DOMAIN, Dns, mail_package, run_python, sender_records};
     let dns = Dns::start(&sender_records("remote.example"));
     let etcd = Etcd::start(1);
-    let mail_node = |name: &str| {
-        let config = format!(
-            "domain = \"{DOMAIN}\"\n{}\n[mail]\nresolver = \"{}\"\npostmaster = \"alice\"\n\
-             retry_first = \"1s\"\nretry_max = \"2s\"\n",
-            node_config(&etcd, name, "\"x86_64\""),
-            dns.addr
-        );
-        Daemon::prepare(DaemonMode::Serve, &config, "", &[])
-    };
-    let mut n1 = mail_node("n1");
-    let mut n2 = mail_node("n2");
-    n2.share_uid_range(&n1);
-    n1.granary(&["cluster", "init"]).success();
-    for d in [&n1, &n2] {
-        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
-            .success();
-    }
-    n1.launch();
-    n2.launch();
+    let mail = format!(
+        "[mail]\nresolver = \"{}\"\npostmaster = \"alice\"\nretry_first = \"1s\"\nretry_max = \"2s\"\n",
+        dns.addr
+    );
     let tmp = tempfile::tempdir().unwrap();
-    let package = mail_package(tmp.path());
-    for d in [&n1, &n2] {
-        d.granary(&["app", "install", package.to_str().unwrap()])
-            .success();
-    }
+    let (mut n1, n2) = app_nodes(&etcd, DOMAIN, &mail, "", mail_package, tmp.path());
     n1.granary(&["user", "add", "alice"]).success();
     n1.granary(&["mail", "domain", "add", DOMAIN]).success();
     let password = granary_testkit::app_password(&n1, "alice", "mail");
@@ -1452,29 +1469,15 @@ m.logout()
 fn chat_answers_through_any_node_wherever_each_users_grain_runs() {
     use granary_testkit::xmpp::{DOMAIN, helper_lib};
     let etcd = Etcd::start(1);
-    let chat_node = |name: &str| {
-        let config = format!(
-            "domain = \"{DOMAIN}\"\n{}",
-            node_config(&etcd, name, "\"x86_64\"")
-        );
-        Daemon::prepare(DaemonMode::Serve, &config, "", &[])
-    };
-    let mut n1 = chat_node("n1");
-    let mut n2 = chat_node("n2");
-    n2.share_uid_range(&n1);
-    n1.granary(&["cluster", "init"]).success();
-    for d in [&n1, &n2] {
-        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
-            .success();
-    }
-    n1.launch();
-    n2.launch();
     let tmp = tempfile::tempdir().unwrap();
-    let package = granary_testkit::xmpp_package(tmp.path());
-    for d in [&n1, &n2] {
-        d.granary(&["app", "install", package.to_str().unwrap()])
-            .success();
-    }
+    let (n1, n2) = app_nodes(
+        &etcd,
+        DOMAIN,
+        "",
+        "",
+        granary_testkit::xmpp_package,
+        tmp.path(),
+    );
     for u in ["alice", "bob"] {
         n1.granary(&["user", "add", u]).success();
     }
@@ -1617,29 +1620,16 @@ run(main)
 fn taskwarrior_syncs_over_taskd_through_any_node() {
     use granary_testkit::tasks::{DOMAIN, TasksHost};
     let etcd = Etcd::start(1);
-    let task_node = |name: &str| {
-        let config = format!(
-            "domain = \"{DOMAIN}\"\n{}",
-            node_config(&etcd, name, "\"x86_64\"")
-        );
-        Daemon::prepare(DaemonMode::Serve, &config, "taskd = \"127.0.0.1:0\"\n", &[])
-    };
-    let mut n1 = task_node("n1");
-    let mut n2 = task_node("n2");
-    n2.share_uid_range(&n1);
-    n1.granary(&["cluster", "init"]).success();
-    for d in [&n1, &n2] {
-        d.granary_with_stdin(&["node", "join"], Some(&format!("{}\n", token(&n1))))
-            .success();
-    }
-    n1.launch();
-    n2.launch();
     let dir = tempfile::tempdir().unwrap();
-    let package = granary_testkit::tasks_package(dir.path());
-    for d in [&n1, &n2] {
-        d.granary(&["app", "install", package.to_str().unwrap()])
-            .success();
-    }
+    let taskd = "taskd = \"127.0.0.1:0\"\n";
+    let (n1, n2) = app_nodes(
+        &etcd,
+        DOMAIN,
+        "",
+        taskd,
+        granary_testkit::tasks_package,
+        dir.path(),
+    );
     n1.granary(&["user", "add", "alice"]).success();
     // Her tasks grain runs on n1.
     n1.granary(&["grain", "start", "alice/tasks"]).success();
