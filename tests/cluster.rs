@@ -9,28 +9,10 @@
 
 use std::time::{Duration, Instant};
 
+use granary_testkit::cluster::{node_config, nodes, token};
 use granary_testkit::etcd::Etcd;
 use granary_testkit::{Daemon, DaemonMode, Session, eventually};
 use serde_json::Value;
-
-fn node_config(etcd: &Etcd, name: &str, arches: &str) -> String {
-    let endpoints: Vec<String> = etcd
-        .endpoints()
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect();
-    let tls = match &etcd.tls {
-        Some(t) => format!(
-            "etcd_ca = {:?}\netcd_cert = {:?}\netcd_key = {:?}\n",
-            t.ca, t.client_cert, t.client_key
-        ),
-        None => String::new(),
-    };
-    format!(
-        "[cluster]\netcd = [{}]\n{tls}node = \"{name}\"\naddress = \"127.0.0.1:0\"\narches = [{arches}]\nlease_ttl = \"2s\"\n",
-        endpoints.join(", ")
-    )
-}
 
 fn node(etcd: &Etcd, name: &str, arches: &str) -> Daemon {
     Daemon::prepare(DaemonMode::Serve, &node_config(etcd, name, arches), "", &[])
@@ -57,23 +39,6 @@ fn cluster_line(d: &Daemon, line: &str) {
         text.replacen(anchor, &format!("{anchor}{line}\n"), 1),
     )
     .unwrap();
-}
-
-fn token(from: &Daemon) -> String {
-    let run = from
-        .granary(&["cluster", "token", "--ttl", "10m"])
-        .success();
-    assert!(run.stderr.contains("once"), "{}", run.stderr);
-    run.stdout.trim().to_owned()
-}
-
-fn nodes(d: &Daemon) -> Vec<Value> {
-    d.granary(&["node", "list", "--json"])
-        .success()
-        .json()
-        .as_array()
-        .expect("a list")
-        .clone()
 }
 
 fn state_of(d: &Daemon, name: &str) -> Option<String> {
@@ -1830,33 +1795,15 @@ fn three_nodes_in_their_own_namespaces_and_pools_serve_every_grain_from_any_node
         .collect();
     let net = Net::create(3);
     let etcd = Etcd::start_on(3, net.host);
-    let mut daemons: Vec<Daemon> = (0..3)
-        .map(|i| {
-            let config = format!(
-                "domain = \"{DOMAIN}\"\n{}replicate_interval = \"1s\"\n\
-                 [storage]\n#{}\n",
-                node_config(&etcd, &format!("n{}", i + 1), "\"x86_64\""),
+    let daemons = granary_testkit::cluster::three_in_namespaces(&etcd, &net, |i| {
+        (
+            format!("domain = \"{DOMAIN}\""),
+            format!(
+                "replicate_interval = \"1s\"\n[storage]\n#{}\n",
                 pools[i].name
-            );
-            let mut d = Daemon::prepare(DaemonMode::Serve, &config, "", &[]);
-            d.run_in(net.ns(i), net.ip(i));
-            d
-        })
-        .collect();
-    for i in 1..3 {
-        daemons[i].share_uid_range(&daemons[0]);
-    }
-    daemons[0].granary(&["cluster", "init"]).success();
-    for d in &daemons {
-        d.granary_with_stdin(
-            &["node", "join"],
-            Some(&format!("{}\n", token(&daemons[0]))),
+            ),
         )
-        .success();
-    }
-    for d in &mut daemons {
-        d.launch();
-    }
+    });
     let packages = [
         granary_testkit::git_package(tmp.path()),
         granary_testkit::app_package(tmp.path(), "blog", "granary-blog", ""),
@@ -1866,9 +1813,6 @@ fn three_nodes_in_their_own_namespaces_and_pools_serve_every_grain_from_any_node
             d.granary(&["app", "install", pkg.to_str().unwrap()])
                 .success();
         }
-        let hello = granary_testkit::hello_app(d.dir(), "hello", &[]);
-        d.granary(&["app", "install", hello.to_str().unwrap()])
-            .success();
     }
     let [n1, n2, n3] = &daemons[..] else {
         unreachable!()

@@ -395,10 +395,50 @@ impl Coordinator {
         free_bytes: u64,
         link: &str,
     ) -> Result<NodeLease> {
+        self.await_previous_lease(node).await?;
+        let (id, granted, sent) = self.grant_alive(node, ttl, free_bytes, link).await?;
+        Ok(NodeLease::start(
+            self.client.clone(),
+            node.to_owned(),
+            id,
+            granted,
+            sent,
+        ))
+    }
+
+    /// Takes a new lease in place of `lease` once etcd has said it is
+    /// gone (the node was cut off longer than its TTL): the node is a
+    /// live member again. Other nodes may have taken its grains
+    /// meanwhile; its start gate sees that in their placements.
+    pub async fn retake_lease(
+        &self,
+        lease: &NodeLease,
+        ttl: Duration,
+        free_bytes: u64,
+        link: &str,
+    ) -> Result<()> {
+        let (id, granted, sent) = self
+            .grant_alive(lease.node(), ttl, free_bytes, link)
+            .await?;
+        lease.replace(id, granted, sent);
+        Ok(())
+    }
+
+    /// Grants a lease and writes `alive/<node>` under it, only while the
+    /// node is a member and no other lease holds its `alive` record; clears
+    /// the node's rest mark in the same transaction. The lease id, its
+    /// granted TTL and when the grant was asked.
+    async fn grant_alive(
+        &self,
+        node: &str,
+        ttl: Duration,
+        free_bytes: u64,
+        link: &str,
+    ) -> Result<(i64, Duration, Instant)> {
         let record = self.key(&format!("nodes/{node}"));
         let alive_key = self.key(&format!("alive/{node}"));
+        let rest_key = self.key(&format!("rest/{node}"));
         let c = self.c();
-        self.await_previous_lease(node).await?;
         let sent = Instant::now();
         let grant = c
             .lease_grant(ttl.as_secs().max(1) as i64)
@@ -415,11 +455,14 @@ impl Coordinator {
                 Compare::version(record.as_str(), CompareOp::Greater, 0),
                 Compare::version(alive_key.as_str(), CompareOp::Equal, 0),
             ])
-            .and_then([TxnOp::put(
-                alive_key.as_str(),
-                to_json(&alive),
-                Some(PutOptions::new().with_lease(grant.id())),
-            )]);
+            .and_then([
+                TxnOp::put(
+                    alive_key.as_str(),
+                    to_json(&alive),
+                    Some(PutOptions::new().with_lease(grant.id())),
+                ),
+                TxnOp::delete(rest_key.as_str(), None),
+            ]);
         let resp = c
             .txn(txn)
             .await
@@ -431,13 +474,38 @@ impl Coordinator {
                 Some(_) => Err(ClusterError::LeaseHeld(node.to_owned())),
             };
         }
-        Ok(NodeLease::start(
-            self.client.clone(),
-            node.to_owned(),
-            grant.id(),
-            Duration::from_secs(grant.ttl() as u64),
-            sent,
-        ))
+        Ok((grant.id(), Duration::from_secs(grant.ttl() as u64), sent))
+    }
+
+    /// Marks `node` as stopped on purpose (`rest/<node>`, for
+    /// [`crate::REST_GRACE`]) before its daemon releases its lease on a clean
+    /// stop: its grains are not failed over while the mark lasts, so a
+    /// restart or an upgrade does not move them. A node that stays away
+    /// longer is failed over as a dead one would be.
+    pub async fn rest(&self, node: &str) -> Result<()> {
+        let c = self.c();
+        let grant = c
+            .lease_grant(crate::REST_GRACE.as_secs() as i64)
+            .await
+            .map_err(ClusterError::etcd("granting the rest mark's lease"))?;
+        c.put(
+            self.key(&format!("rest/{node}")),
+            to_json(&now_unix()),
+            Some(PutOptions::new().with_lease(grant.id())),
+        )
+        .await
+        .map_err(ClusterError::etcd("marking this node at rest"))?;
+        Ok(())
+    }
+
+    /// The nodes stopped on purpose within [`crate::REST_GRACE`].
+    pub async fn resting(&self) -> Result<Vec<String>> {
+        Ok(self
+            .list::<i64>("rest/")
+            .await?
+            .into_iter()
+            .map(|(node, _, _)| node)
+            .collect())
     }
 
     /// Updates the free space `lease`'s node reports, if the lease still

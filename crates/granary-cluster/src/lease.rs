@@ -31,16 +31,59 @@ pub enum LeaseState {
 }
 
 /// A lease this node holds and renews in the background until it is
-/// released or dropped.
+/// released or dropped. Once etcd says it is gone, the node may take a new
+/// one in its place ([`crate::Coordinator::retake_lease`]): everything
+/// that holds this `NodeLease` then sees the new lease.
 pub struct NodeLease {
     node: String,
+    client: Client,
+    held: Mutex<Arc<Held>>,
+}
+
+/// One etcd lease and its renewal task.
+struct Held {
     id: i64,
     ttl: Duration,
     renewed: Arc<Mutex<Instant>>,
     renewals: Arc<AtomicU64>,
     lost: watch::Receiver<bool>,
-    client: Client,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Held {
+    fn start(client: Client, id: i64, ttl: Duration, sent: Instant) -> Held {
+        let renewed = Arc::new(Mutex::new(sent));
+        let renewals = Arc::new(AtomicU64::new(0));
+        let (lost_tx, lost) = watch::channel(false);
+        let task = tokio::spawn(renew(
+            client,
+            id,
+            ttl,
+            Renewed {
+                at: renewed.clone(),
+                count: renewals.clone(),
+            },
+            lost_tx,
+        ));
+        Held {
+            id,
+            ttl,
+            renewed,
+            renewals,
+            lost,
+            task,
+        }
+    }
+
+    fn renewed_at(&self) -> Instant {
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl NodeLease {
@@ -51,29 +94,22 @@ impl NodeLease {
         ttl: Duration,
         sent: Instant,
     ) -> NodeLease {
-        let renewed = Arc::new(Mutex::new(sent));
-        let renewals = Arc::new(AtomicU64::new(0));
-        let (lost_tx, lost) = watch::channel(false);
-        let task = tokio::spawn(renew(
-            client.clone(),
-            id,
-            ttl,
-            Renewed {
-                at: renewed.clone(),
-                count: renewals.clone(),
-            },
-            lost_tx,
-        ));
+        let held = Held::start(client.clone(), id, ttl, sent);
         NodeLease {
             node,
-            id,
-            ttl,
-            renewed,
-            renewals,
-            lost,
             client,
-            task,
+            held: Mutex::new(Arc::new(held)),
         }
+    }
+
+    /// Puts a new lease in place of a lost one.
+    pub(crate) fn replace(&self, id: i64, ttl: Duration, sent: Instant) {
+        let held = Arc::new(Held::start(self.client.clone(), id, ttl, sent));
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    }
+
+    fn held(&self) -> Arc<Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn node(&self) -> &str {
@@ -82,38 +118,36 @@ impl NodeLease {
 
     /// The etcd lease id.
     pub fn id(&self) -> i64 {
-        self.id
+        self.held().id
     }
 
     /// The TTL etcd granted (it may round up what was asked).
     pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    fn renewed_at(&self) -> Instant {
-        *self.renewed.lock().unwrap_or_else(|e| e.into_inner())
+        self.held().ttl
     }
 
     /// How long since the last renewal that etcd confirmed was sent.
     pub fn since_renewal(&self) -> Duration {
-        self.renewed_at().elapsed()
+        self.held().renewed_at().elapsed()
     }
 
     /// When this node stops trusting its lease unless it is renewed
     /// before: TTL/2 after the last confirmed renewal was sent.
     pub fn trusted_until(&self) -> Instant {
-        self.renewed_at() + self.ttl / 2
+        let held = self.held();
+        held.renewed_at() + held.ttl / 2
     }
 
     /// Renewals etcd confirmed since the lease was taken.
     pub fn renewals(&self) -> u64 {
-        self.renewals.load(Ordering::Relaxed)
+        self.held().renewals.load(Ordering::Relaxed)
     }
 
     pub fn state(&self) -> LeaseState {
-        if *self.lost.borrow() {
+        let held = self.held();
+        if *held.lost.borrow() {
             LeaseState::Lost
-        } else if Instant::now() >= self.trusted_until() {
+        } else if Instant::now() >= held.renewed_at() + held.ttl / 2 {
             LeaseState::Lapsing
         } else {
             LeaseState::Live
@@ -124,18 +158,19 @@ impl NodeLease {
         self.state() == LeaseState::Live
     }
 
-    /// Resolves when etcd reports the lease gone.
+    /// Resolves when etcd reports the lease held now gone.
     pub async fn lost(&self) {
-        let mut rx = self.lost.clone();
+        let mut rx = self.held().lost.clone();
         let _ = rx.wait_for(|lost| *lost).await;
     }
 
     /// Stops renewing and revokes the lease, so `alive/<node>` goes at
     /// once rather than after the TTL: the clean way for a daemon to stop.
     pub async fn release(&self) -> Result<(), crate::ClusterError> {
-        self.task.abort();
+        let held = self.held();
+        held.task.abort();
         let mut client = self.client.clone();
-        match client.lease_revoke(self.id).await {
+        match client.lease_revoke(held.id).await {
             Ok(_) => Ok(()),
             // Already gone is what we wanted.
             Err(etcd_client::Error::GRpcStatus(s)) if i32::from(s.code()) == GRPC_NOT_FOUND => {
@@ -143,12 +178,6 @@ impl NodeLease {
             }
             Err(e) => Err(crate::ClusterError::etcd("revoking the node lease")(e)),
         }
-    }
-}
-
-impl Drop for NodeLease {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

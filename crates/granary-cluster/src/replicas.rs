@@ -47,8 +47,19 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Forgets a grain removed for good: its placement and its replica
-    /// records, in one transaction.
+    /// Forgets the copy of `grain` on `node` (it cannot be promoted).
+    pub async fn drop_replica(&self, grain: &str, node: &str) -> Result<(), ClusterError> {
+        use etcd_client::{Txn, TxnOp};
+        let key = self.key(&format!("replica/{grain}/{node}"));
+        self.c()
+            .txn(Txn::new().and_then([TxnOp::delete(key, None)]))
+            .await
+            .map_err(ClusterError::etcd("forgetting a replica"))?;
+        Ok(())
+    }
+
+    /// Forgets a grain removed for good: its placement, its replica
+    /// records and its last failover, in one transaction.
     pub async fn forget_grain(&self, grain: &str) -> Result<(), ClusterError> {
         use etcd_client::{DeleteOptions, Txn, TxnOp};
         let txn = Txn::new().and_then([
@@ -57,6 +68,7 @@ impl Coordinator {
                 self.key(&format!("replica/{grain}/")),
                 Some(DeleteOptions::new().with_prefix()),
             ),
+            TxnOp::delete(self.key(&format!("failover/{grain}")), None),
         ]);
         self.c()
             .txn(txn)

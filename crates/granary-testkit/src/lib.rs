@@ -10,6 +10,7 @@
 //! the handle drops. Nothing sleeps for a fixed time: waits poll a condition
 //! until a deadline and fail with what was seen.
 
+pub mod cluster;
 pub mod dav;
 pub mod etcd;
 pub mod mail;

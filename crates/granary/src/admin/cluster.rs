@@ -123,6 +123,19 @@ struct NodeView<'a> {
     replication: Vec<GrainLag>,
     /// The most of those.
     replication_lag_secs: Option<i64>,
+    /// Grains failed over from it when its lease expired, each with how
+    /// much of its writes the failover lost at most.
+    failed_over: Vec<FailedOver>,
+}
+
+#[derive(Serialize)]
+struct FailedOver {
+    grain: String,
+    to: String,
+    at_unix: i64,
+    /// The copy promoted.
+    promoted: String,
+    lost_secs: i64,
 }
 
 #[derive(Serialize)]
@@ -132,10 +145,12 @@ struct GrainLag {
     copies_on: Vec<String>,
 }
 
-fn view(n: &NodeStatus) -> NodeView<'_> {
+fn view<'a>(n: &'a NodeStatus, resting: &[String]) -> NodeView<'a> {
     NodeView {
         name: &n.record.name,
         state: match (&n.alive, n.record.drained) {
+            // Stopped cleanly, within the grace its grains are not failed over in.
+            (None, _) if resting.contains(&n.record.name) => "stopped",
             (None, _) => "down",
             (Some(_), true) => "drained",
             (Some(_), false) => "up",
@@ -150,6 +165,7 @@ fn view(n: &NodeStatus) -> NodeView<'_> {
         drained: n.record.drained,
         replication: Vec::new(),
         replication_lag_secs: None,
+        failed_over: Vec::new(),
     }
 }
 
@@ -187,16 +203,34 @@ pub(crate) fn node(config: &Config, cmd: &NodeCommand) -> anyhow::Result<ExitCod
             );
         }
         NodeCommand::List { output } => {
-            let (nodes, placements, replicas) = with_cluster(config, async |c, _| {
-                Ok((c.nodes().await?, c.placements().await?, c.replicas().await?))
-            })?;
+            let (nodes, placements, replicas, resting, failovers) =
+                with_cluster(config, async |c, _| {
+                    Ok((
+                        c.nodes().await?,
+                        c.placements().await?,
+                        c.replicas().await?,
+                        c.resting().await?,
+                        c.failovers().await?,
+                    ))
+                })?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
             let views: Vec<NodeView> = nodes
                 .iter()
                 .map(|n| {
-                    let mut v = view(n);
+                    let mut v = view(n, &resting);
+                    v.failed_over = failovers
+                        .iter()
+                        .filter(|(_, f)| f.from == v.name)
+                        .map(|(grain, f)| FailedOver {
+                            grain: grain.clone(),
+                            to: f.to.clone(),
+                            at_unix: f.at_unix,
+                            promoted: f.label.clone(),
+                            lost_secs: f.lost_secs,
+                        })
+                        .collect();
                     let lags =
                         granary_cluster::replication_lag(&placements, &replicas, v.name, now);
                     v.replication_lag_secs = lags.iter().map(|(_, l)| *l).max();
@@ -242,6 +276,19 @@ pub(crate) fn node(config: &Config, cmd: &NodeCommand) -> anyhow::Result<ExitCod
                     ],
                     &rows,
                 );
+                for v in &views {
+                    for f in &v.failed_over {
+                        println!(
+                            "{} failed over from {} to {} ({}s ago): at most {} s of its writes lost (on {}: `granary node reconcile` there)",
+                            f.grain,
+                            v.name,
+                            f.to,
+                            (now - f.at_unix).max(0),
+                            f.lost_secs,
+                            v.name
+                        );
+                    }
+                }
             }
         }
         NodeCommand::Drain {
@@ -269,6 +316,38 @@ pub(crate) fn node(config: &Config, cmd: &NodeCommand) -> anyhow::Result<ExitCod
                 return Ok(ExitCode::SUCCESS);
             }
             return drain(config, name, output.json);
+        }
+        NodeCommand::Reconcile { output } => {
+            let list = crate::daemon::reconcile::list(&config.data_dir).map_err(|e| anyhow!(e))?;
+            if output.json {
+                super::client::print_json(&list)?;
+            } else if list.is_empty() {
+                println!("no grain of this node was failed over while it was away");
+            }
+            if !output.json {
+                for d in &list {
+                    println!(
+                        "{}: runs on {} since its failover (epoch {}) from copy {}",
+                        d.grain, d.placed_on, d.epoch, d.promoted
+                    );
+                    println!(
+                        "  this node's data is kept at {}",
+                        d.kept.as_deref().unwrap_or("(none: there was no data)")
+                    );
+                    match &d.changes {
+                        None => println!("  (the promoted copy's snapshot was gone: not compared)"),
+                        Some(c) if c.is_empty() => {
+                            println!("  nothing differs: no write was lost")
+                        }
+                        Some(changes) => {
+                            println!("  written here after that copy, not in the grain now:");
+                            for c in changes {
+                                println!("    {:<8} {} ({} bytes)", c.change, c.path, c.bytes);
+                            }
+                        }
+                    }
+                }
+            }
         }
         NodeCommand::Undrain { name } => {
             with_cluster(config, async |c, _| Ok(c.set_drained(name, false).await?))?;

@@ -44,6 +44,13 @@ pub(crate) enum NodeCommand {
         #[command(flatten)]
         output: crate::cli::Output,
     },
+    /// What this node held of grains other nodes took over while it was
+    /// away: where its data of each is kept, and each file written here
+    /// after the copy that was promoted (to recover by hand)
+    Reconcile {
+        #[command(flatten)]
+        output: Output,
+    },
     /// Let a drained node take new grains again
     Undrain { name: String },
     /// Remove a member whose daemon is stopped and that owns no grains

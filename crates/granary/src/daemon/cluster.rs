@@ -30,6 +30,12 @@ pub(crate) struct Member {
     /// `[cluster].replicas` and `replicate_interval`.
     pub(crate) replicas: u32,
     pub(crate) replicate_interval: Duration,
+    /// The node link address other nodes are told, and the lease TTL
+    /// asked for: what a new lease is taken with.
+    pub(crate) link: String,
+    pub(crate) lease_ttl: Duration,
+    /// Set while this node is fenced (`daemon::fence`).
+    pub(crate) fenced: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Member {
@@ -42,11 +48,18 @@ impl std::fmt::Debug for Member {
 }
 
 impl Member {
+    /// How the lease stands, and whether the node is fenced because of
+    /// it (every grain stopped; cleared once the lease is live again and
+    /// the fence has looked).
     pub(crate) fn lease_state(&self) -> &'static str {
-        match self.lease.state() {
-            LeaseState::Live => "live",
-            LeaseState::Lapsing => "lapsing",
-            LeaseState::Lost => "lost",
+        let fenced = self.fenced.load(std::sync::atomic::Ordering::Relaxed);
+        match (self.lease.state(), fenced) {
+            (LeaseState::Live, false) => "live",
+            (LeaseState::Live, true) => "live, still fenced",
+            (LeaseState::Lapsing, false) => "lapsing",
+            (LeaseState::Lapsing, true) => "lapsing, fenced",
+            (LeaseState::Lost, false) => "lost",
+            (LeaseState::Lost, true) => "lost, fenced",
         }
     }
 }
@@ -143,6 +156,9 @@ pub(crate) async fn join(
         fetching: tokio::sync::Mutex::new(()),
         replicas: cluster.replicas,
         replicate_interval: cluster.replicate_interval,
+        link,
+        lease_ttl: cluster.lease_ttl,
+        fenced: std::sync::atomic::AtomicBool::new(false),
     });
     tokio::spawn(watch(member.clone(), config.data_dir.clone()));
     Ok(Some((member, links)))
@@ -270,7 +286,7 @@ pub(crate) fn serve_links(
     });
 }
 
-/// Reports free space every minute, and says loudly when the lease is lost.
+/// Reports free space every minute.
 async fn watch(member: Arc<Member>, data_dir: std::path::PathBuf) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     tick.tick().await;
@@ -283,69 +299,9 @@ async fn watch(member: Arc<Member>, data_dir: std::path::PathBuf) {
                 }
             }
             () = member.lease.lost() => {
-                tracing::error!(node = %member.node, "this node's cluster lease is lost; it counts as down until the daemon restarts");
-                return;
+                // `fence::rejoin_when_lost` takes a new one.
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-        }
-    }
-}
-
-/// Self-fencing: once this node stops trusting its lease (not renewed for
-/// TTL/2, or gone), it stops every grain it runs, before etcd can drop
-/// the lease at TTL and another node could be given them. New starts are
-/// refused meanwhile by the [`Gate`]; if the lease recovers (etcd was slow,
-/// not gone), grains start again on their next use.
-pub(crate) async fn fence_on_lapse(member: Arc<Member>, grains: Arc<dyn granary_grains::Grains>) {
-    let every = (member.lease.ttl() / 10).max(Duration::from_millis(50));
-    let (mut fenced, mut said_lost) = (false, false);
-    loop {
-        tokio::time::sleep(every).await;
-        let state = member.lease.state();
-        match (state, fenced) {
-            (LeaseState::Live, true) => {
-                tracing::warn!(node = %member.node, "the cluster lease is live again; grains may start on their next use");
-                fenced = false;
-            }
-            (LeaseState::Live, false) => {}
-            (_, false) => {
-                fenced = true;
-                tracing::error!(
-                    node = %member.node,
-                    lease = member.lease_state(),
-                    since_renewal = ?member.lease.since_renewal(),
-                    "fencing: this node no longer trusts its cluster lease; stopping every grain it runs"
-                );
-                stop_all(&*grains).await;
-            }
-            // Fenced, and still not live: anything that slipped through
-            // (a start admitted just before the lapse) is stopped too.
-            (_, true) => stop_all(&*grains).await,
-        }
-        if state == LeaseState::Lost && !said_lost {
-            said_lost = true;
-            tracing::error!(node = %member.node, "the cluster lease is lost; restart the daemon to take a new one");
-        }
-    }
-}
-
-async fn stop_all(grains: &dyn granary_grains::Grains) {
-    let list = match grains.list().await {
-        Ok(list) => list,
-        Err(e) => {
-            tracing::error!(error = %e, "fencing: cannot list grains");
-            return;
-        }
-    };
-    for g in list
-        .into_iter()
-        .filter(|g| g.state != "stopped" && g.state != "held")
-    {
-        let Ok(id) = granary_model::GrainId::parse(&g.id) else {
-            continue;
-        };
-        match grains.stop(&id).await {
-            Ok(_) => tracing::warn!(grain = %g.id, "fencing: grain stopped"),
-            Err(e) => tracing::error!(grain = %g.id, error = %e, "fencing: cannot stop grain"),
         }
     }
 }
@@ -588,9 +544,13 @@ pub(crate) async fn fetch_image(member: &Member, image: &Path) -> Result<(), Str
     ))
 }
 
-/// Releases the lease on a clean stop.
+/// Marks the node at rest and releases the lease, on a clean stop.
 pub(crate) async fn leave(member: Option<Arc<Member>>) {
     let Some(member) = member else { return };
+    // Stopped on purpose: not failed over for a while (a restart).
+    if let Err(e) = member.coordinator.rest(&member.node).await {
+        tracing::warn!(error = %e, "cannot mark this node at rest; its grains may be failed over once its lease is gone");
+    }
     if let Err(e) = member.lease.release().await {
         tracing::warn!(error = %e, "cannot release this node's lease; it expires by itself");
     }

@@ -17,6 +17,7 @@ mod certificate;
 mod cluster;
 mod demo;
 mod directory;
+mod fence;
 pub(crate) mod install;
 pub(crate) mod ledger;
 mod listeners;
@@ -24,6 +25,7 @@ mod lock;
 mod mail;
 mod memory;
 mod moves;
+pub(crate) use moves::reconcile;
 mod ports;
 mod start;
 
@@ -231,10 +233,16 @@ async fn serve(
     let local_grains = grains.clone();
     if let (Some(m), Some(links)) = (&member, links) {
         let local = grains.clone();
-        tokio::spawn(cluster::fence_on_lapse(m.clone(), local.clone()));
-        if let Err(e) = moves::fence_stale(m, &store, datasets.clone()).await {
+        tokio::spawn(fence::fence_on_lapse(m.clone(), local.clone()));
+        if let Err(e) = moves::fence_stale(m, &store, datasets.clone(), &config.data_dir).await {
             tracing::warn!(error = %e, "cannot look for stale copies of grains other nodes run");
         }
+        tokio::spawn(fence::rejoin_when_lost(
+            m.clone(),
+            store.clone(),
+            datasets.clone(),
+            config.data_dir.clone(),
+        ));
         let records: Arc<dyn granary_cluster::Records> = Arc::new(ledger::NodeRecords {
             store: store.clone(),
             apps_dir: start::apps_dir(&config)?,
@@ -249,17 +257,19 @@ async fn serve(
             copies.clone(),
         ));
         if let Some(cluster) = &config.cluster {
+            let src = moves::Source {
+                member: m.clone(),
+                grains: local.clone(),
+                datasets: datasets.clone(),
+                records: records.clone(),
+            };
             moves::replicate(
-                moves::Source {
-                    member: m.clone(),
-                    grains: local.clone(),
-                    datasets: datasets.clone(),
-                    records: records.clone(),
-                },
-                copies,
+                src.clone(),
+                copies.clone(),
                 cluster.replicas,
                 cluster.replicate_interval,
             );
+            moves::take_over_failed(src, store.clone(), copies);
         }
         cluster::serve_links(
             m.clone(),

@@ -77,6 +77,60 @@ pub(crate) fn admit_arrival(
     }
 }
 
+/// Puts the data staged in `staging` in place as `grain`'s (blocking):
+/// synced, marked as arriving from the placement of `from_epoch` (so it
+/// starts only under a newer one), renamed into place, and the rename
+/// made durable. Data already in place is refused by the rename.
+pub(super) fn put_in_place(
+    datasets: &dyn Datasets,
+    staging: &str,
+    grain: &str,
+    uid: u32,
+    id: &str,
+    from_epoch: i64,
+) -> Result<(), String> {
+    sync_fs(&datasets.path(staging))?;
+    let dir = datasets.grain_dir(grain);
+    std::fs::create_dir_all(&dir).map_err(msg)?;
+    let empty = std::fs::read_dir(datasets.path(staging))
+        .map_err(msg)?
+        .next()
+        .is_none();
+    let marker = serde_json::to_vec(&Marker {
+        id: id.to_owned(),
+        from_epoch,
+        empty,
+    })
+    .map_err(msg)?;
+    granary_files::write_atomic(&dir.join(MARKER), &marker, 0o600).map_err(msg)?;
+    if let Err(e) = datasets.rename(staging, grain, uid) {
+        let _ = std::fs::remove_file(dir.join(MARKER));
+        return Err(e.to_string());
+    }
+    // The rename itself durable before the placement switches.
+    let parent = dir.parent().unwrap_or(&dir).to_path_buf();
+    for d in [&dir, &parent] {
+        granary_files::sync_dir(d).map_err(msg)?;
+    }
+    Ok(())
+}
+
+/// Removes data put in place by arrival `id` that never started (its
+/// placement did not switch), and its mark (blocking). Data of another
+/// arrival, or unmarked, is left alone.
+pub(super) fn undo_arrival(datasets: &dyn Datasets, grain: &str, id: &str) -> Result<(), String> {
+    if read_marker(datasets, grain).is_some_and(|m| m.id == id) {
+        datasets.destroy_data(grain).map_err(msg)?;
+        let _ = std::fs::remove_file(datasets.grain_dir(grain).join(MARKER));
+    }
+    Ok(())
+}
+
+/// Whether `grain`'s data here is an arrival that has not started yet.
+pub(super) fn arriving(datasets: &dyn Datasets, grain: &str) -> bool {
+    read_marker(datasets, grain).is_some()
+}
+
 /// A move being received: the staging dataset the streams go to, and
 /// the node that drives it with the placement epoch it holds.
 struct Incoming {
@@ -319,30 +373,7 @@ impl Inner {
         let g = grain.to_string();
         let i2 = id.clone();
         tokio::task::spawn_blocking(move || {
-            sync_fs(&datasets.path(&staging))?;
-            let dir = datasets.grain_dir(&g);
-            std::fs::create_dir_all(&dir).map_err(msg)?;
-            let empty = std::fs::read_dir(datasets.path(&staging))
-                .map_err(msg)?
-                .next()
-                .is_none();
-            let marker = serde_json::to_vec(&Marker {
-                id: i2,
-                from_epoch,
-                empty,
-            })
-            .map_err(msg)?;
-            granary_files::write_atomic(&dir.join(MARKER), &marker, 0o600).map_err(msg)?;
-            if let Err(e) = datasets.rename(&staging, &g, uid) {
-                let _ = std::fs::remove_file(dir.join(MARKER));
-                return Err(e.to_string());
-            }
-            // The rename itself durable before the source switches.
-            let parent = dir.parent().unwrap_or(&dir).to_path_buf();
-            for d in [&dir, &parent] {
-                granary_files::sync_dir(d).map_err(msg)?;
-            }
-            Ok(())
+            put_in_place(&*datasets, &staging, &g, uid, &i2, from_epoch)
         })
         .await
         .map_err(msg)??;
@@ -396,9 +427,8 @@ impl Inner {
             if let Some(s) = staged {
                 datasets.destroy(&s.staging).map_err(msg)?;
             }
-            if read_marker(&*datasets, &g).is_some_and(|m| m.id == id) && !switched_here {
-                datasets.destroy_data(&g).map_err(msg)?;
-                let _ = std::fs::remove_file(datasets.grain_dir(&g).join(MARKER));
+            if !switched_here {
+                undo_arrival(&*datasets, &g, &id)?;
             }
             Ok(())
         })

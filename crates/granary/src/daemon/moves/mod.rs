@@ -20,7 +20,9 @@
 //! source never runs the grain again.
 
 mod arrive;
+mod failover;
 mod jobs;
+pub(crate) mod reconcile;
 mod replicate;
 
 use std::collections::HashMap;
@@ -35,6 +37,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub(crate) use arrive::{NodeMoves, admit_arrival};
+pub(crate) use failover::spawn as take_over_failed;
 pub(crate) use jobs::run;
 pub(crate) use replicate::{Copies, spawn as replicate};
 
@@ -499,23 +502,26 @@ async fn switch(
     Switch::Unknown(first)
 }
 
-/// At start: a grain whose data is here but whose placement names another
-/// node at a newer epoch than the data carries was moved (or failed over)
-/// while this node could not retire its copy (a crash between the switch
-/// and the retire). That copy is stale: it goes aside as a move's would,
-/// so a later move here finds the place free and nothing stale can start.
+/// At start, and on rejoining under a new lease: a grain whose data is
+/// here but whose placement names another node at a newer epoch than the
+/// data carries was moved or failed over while this node could not retire
+/// its copy (a crash between a move's switch and its retire, or this node
+/// cut off). That copy is stale: it goes aside as a move's would, so a
+/// later move here finds the place free and nothing stale can start. A
+/// grain failed over from here also has what its data holds beyond the
+/// promoted copy written down for `granary node reconcile`.
 pub(crate) async fn fence_stale(
     member: &Member,
     store: &granary_state::Store,
     datasets: Arc<dyn Datasets>,
+    data_dir: &std::path::Path,
 ) -> Result<(), String> {
-    let placements = member
-        .coordinator
-        .placements()
-        .await
-        .map_err(|e| format!("cannot check with the cluster: {e}"))?;
+    let etcd = |e: granary_cluster::ClusterError| format!("cannot check with the cluster: {e}");
+    let placements = member.coordinator.placements().await.map_err(etcd)?;
+    let failovers = member.coordinator.failovers().await.map_err(etcd)?;
     let grains = store.list_grains().map_err(msg)?;
     let me = member.node.clone();
+    let data_dir = data_dir.to_owned();
     tokio::task::spawn_blocking(move || {
         for g in grains {
             let Some(p) = placements.iter().find(|p| p.grain == g.id) else {
@@ -528,15 +534,45 @@ pub(crate) async fn fence_stale(
             if held >= p.epoch {
                 continue;
             }
-            let label = format!("stale-{}", p.epoch);
+            let failover = failovers
+                .iter()
+                .find(|(grain, f)| *grain == g.id && f.from == me && f.from_epoch == held)
+                .map(|(_, f)| f);
+            let label = match failover {
+                Some(_) => format!("failover-{}", p.epoch),
+                None => format!("stale-{}", p.epoch),
+            };
+            // Compared before the retire, which takes the snapshots along.
+            let changes = failover.and_then(|f| {
+                let promoted = datasets.view_snapshot(&g.id, &f.label).ok()?;
+                reconcile::diff(&datasets.path(&g.id), &promoted.path)
+                    .inspect_err(|e| tracing::warn!(grain = %g.id, error = %e, "cannot compare a failed-over grain's data"))
+                    .ok()
+            });
             match datasets.retire(&g.id, &label) {
-                Ok(kept) => tracing::warn!(
-                    grain = %g.id,
-                    placed_on = %p.node,
-                    epoch = p.epoch,
-                    kept = kept.as_deref().unwrap_or(""),
-                    "fenced a stale copy of a grain another node runs now"
-                ),
+                Ok(kept) => {
+                    tracing::warn!(
+                        grain = %g.id,
+                        placed_on = %p.node,
+                        epoch = p.epoch,
+                        kept = kept.as_deref().unwrap_or(""),
+                        "fenced a stale copy of a grain another node runs now"
+                    );
+                    if let Some(f) = failover {
+                        let d = reconcile::Divergence {
+                            grain: g.id.clone(),
+                            placed_on: p.node.clone(),
+                            epoch: p.epoch,
+                            promoted: f.label.clone(),
+                            failed_over_unix: f.at_unix,
+                            kept,
+                            changes,
+                        };
+                        if let Err(e) = reconcile::record(&data_dir, &d) {
+                            tracing::error!(grain = %g.id, error = %e, "cannot write down a failed-over grain's divergent data");
+                        }
+                    }
+                }
                 Err(e) => tracing::error!(grain = %g.id, error = %e, "cannot fence a stale copy of a grain"),
             }
         }

@@ -30,11 +30,11 @@ use super::{Moving, Source, msg};
 const SEND_WHOLE: &str = "send it whole";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct State {
-    from: String,
-    label: String,
-    epoch: i64,
-    whole: bool,
+pub(super) struct State {
+    pub(super) from: String,
+    pub(super) label: String,
+    pub(super) epoch: i64,
+    pub(super) whole: bool,
 }
 
 /// This node's copies of other nodes' grains.
@@ -43,7 +43,7 @@ pub(crate) struct Copies {
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-struct CopyClaim<'a> {
+pub(super) struct CopyClaim<'a> {
     copies: &'a Copies,
     grain: String,
 }
@@ -83,7 +83,7 @@ impl Copies {
         }
     }
 
-    fn state(&self, grain: &str) -> Option<State> {
+    pub(super) fn state(&self, grain: &str) -> Option<State> {
         let text = std::fs::read(self.dir.join(grain).join("state.json")).ok()?;
         serde_json::from_slice(&text).ok()
     }
@@ -92,6 +92,11 @@ impl Copies {
         let bytes = serde_json::to_vec(state).map_err(msg)?;
         granary_files::write_atomic(&self.dir.join(grain).join("state.json"), &bytes, 0o600)
             .map_err(msg)
+    }
+
+    /// Where the copy of `grain`'s data is.
+    pub(super) fn data(&self, grain: &str) -> PathBuf {
+        self.dir.join(grain).join("data")
     }
 
     /// Whether a stream that is a delta from `base` (or whole) applies to
@@ -172,7 +177,7 @@ impl Copies {
 
     /// One round at a time per copy: a second one (a sender that gave up
     /// on the first and tried again) is refused until the first ends.
-    fn claim(&self, grain: &str) -> Result<CopyClaim<'_>, String> {
+    pub(super) fn claim(&self, grain: &str) -> Result<CopyClaim<'_>, String> {
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         if !busy.insert(grain.to_owned()) {
             return Err(format!(
@@ -186,7 +191,7 @@ impl Copies {
     }
 
     /// Drops the copy of `grain` (it runs here now, or is gone).
-    fn drop_copy(&self, grain: &str) {
+    pub(super) fn drop_copy(&self, grain: &str) {
         let dir = self.dir.join(grain);
         if dir.exists() {
             match std::fs::remove_dir_all(&dir) {

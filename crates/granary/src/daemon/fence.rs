@@ -1,0 +1,120 @@
+//! Self-fencing, and rejoining after a lease was lost.
+//!
+//! A node that stops trusting its lease (not renewed for TTL/2) stops
+//! every grain it runs before etcd can drop the lease at TTL and another
+//! node take them over: nothing it runs acknowledges a write from then
+//! on, and its start gate refuses new starts until the lease is live
+//! again. `granary status` shows the node fenced.
+//!
+//! Once etcd says the lease is gone, the node takes a new one as soon as
+//! it reaches etcd again, and then puts aside, for `granary node
+//! reconcile`, the data of every grain another node took over meanwhile
+//! ([`crate::daemon::moves::fence_stale`]). It starts none of them: their
+//! placements name the nodes that took them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use granary_cluster::LeaseState;
+
+use crate::daemon::cluster::Member;
+
+/// Self-fencing: once this node stops trusting its lease (not renewed for
+/// TTL/2, or gone), it stops every grain it runs, before etcd can drop
+/// the lease at TTL and another node could be given them. New starts are
+/// refused meanwhile by the [`Gate`]; if the lease recovers (etcd was slow,
+/// not gone), grains start again on their next use.
+pub(crate) async fn fence_on_lapse(member: Arc<Member>, grains: Arc<dyn granary_grains::Grains>) {
+    let every = (member.lease.ttl() / 10).max(Duration::from_millis(50));
+    let (mut fenced, mut said_lost) = (false, false);
+    loop {
+        tokio::time::sleep(every).await;
+        let state = member.lease.state();
+        match (state, fenced) {
+            (LeaseState::Live, true) => {
+                tracing::warn!(node = %member.node, "the cluster lease is live again; grains may start on their next use");
+                fenced = false;
+                member.fenced.store(false, Ordering::Relaxed);
+            }
+            (LeaseState::Live, false) => {}
+            (_, false) => {
+                fenced = true;
+                member.fenced.store(true, Ordering::Relaxed);
+                tracing::error!(
+                    node = %member.node,
+                    lease = member.lease_state(),
+                    since_renewal = ?member.lease.since_renewal(),
+                    "fencing: this node no longer trusts its cluster lease; stopping every grain it runs"
+                );
+                stop_all(&*grains).await;
+            }
+            // Fenced, and still not live: anything that slipped through
+            // (a start admitted just before the lapse) is stopped too.
+            (_, true) => stop_all(&*grains).await,
+        }
+        if state == LeaseState::Lost && !said_lost {
+            said_lost = true;
+            tracing::error!(node = %member.node, "the cluster lease is lost; a new one is taken once etcd answers");
+        }
+        if state != LeaseState::Lost {
+            said_lost = false;
+        }
+    }
+}
+
+async fn stop_all(grains: &dyn granary_grains::Grains) {
+    let list = match grains.list().await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::error!(error = %e, "fencing: cannot list grains");
+            return;
+        }
+    };
+    for g in list
+        .into_iter()
+        .filter(|g| g.state != "stopped" && g.state != "held")
+    {
+        let Ok(id) = granary_model::GrainId::parse(&g.id) else {
+            continue;
+        };
+        match grains.stop(&id).await {
+            Ok(_) => tracing::warn!(grain = %g.id, "fencing: grain stopped"),
+            Err(e) => tracing::error!(grain = %g.id, error = %e, "fencing: cannot stop grain"),
+        }
+    }
+}
+
+/// Takes a new lease whenever etcd says this node's is gone, trying every
+/// second until etcd answers; then fences the data of grains other nodes
+/// took meanwhile.
+pub(crate) async fn rejoin_when_lost(
+    member: Arc<Member>,
+    store: Arc<granary_state::Store>,
+    datasets: Arc<dyn granary_datasets::Datasets>,
+    data_dir: std::path::PathBuf,
+) {
+    loop {
+        member.lease.lost().await;
+        loop {
+            let free = crate::daemon::disk_space(&data_dir).map_or(0, |(free, _)| free);
+            let taken = member
+                .coordinator
+                .retake_lease(&member.lease, member.lease_ttl, free, &member.link)
+                .await;
+            match taken {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot take a new cluster lease yet");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        tracing::warn!(node = %member.node, lease = member.lease.id(), "rejoined the cluster under a new lease");
+        if let Err(e) =
+            crate::daemon::moves::fence_stale(&member, &store, datasets.clone(), &data_dir).await
+        {
+            tracing::error!(error = %e, "cannot look for grains other nodes took over");
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Failover, the taking node's side: when another node's lease expires,
+//! this node takes each of its grains whose newest copy is here
+//! ([`granary_cluster::takeovers`]).
+//!
+//! For each: the copy is put in place as the grain's data, marked as an
+//! arrival from the dead node's placement (so it cannot start under it);
+//! the placement is switched here by compare-and-swap with the failover's
+//! record; then the grain starts at once (wake locks lived in the dead
+//! node's memory, so every grain is started; an idle one stops again
+//! after its idle timeout). If the switch fails (the node came back, or
+//! another node won), the data put in place goes again.
+//!
+//! A copy that cannot be promoted (not whole: a round was cut off) has
+//! its replica record dropped, so the other nodes' plans pass over it and
+//! the next newest copy is taken.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use granary_cluster::{Placement, Takeover};
+use granary_grains::{GrainId, Start};
+
+use super::replicate::Copies;
+use super::{Source, msg};
+
+/// Watches for nodes whose lease expires and takes over what falls to
+/// this node, for as long as the daemon runs.
+pub(crate) fn spawn(src: Source, store: Arc<granary_state::Store>, copies: Arc<Copies>) {
+    tokio::spawn(async move {
+        loop {
+            // A node's `alive` record going is the news; every second too,
+            // in case a watch missed it or etcd was away.
+            let changed = src.member.coordinator.alive_changed();
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), changed).await {
+                tracing::debug!(error = %e, "watching the cluster's nodes for failover");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            if !src.member.lease.is_live() {
+                continue;
+            }
+            if let Err(e) = look(&src, &store, &copies).await {
+                tracing::debug!(error = %e, "cannot look for grains to take over");
+            }
+        }
+    });
+}
+
+async fn look(
+    src: &Source,
+    store: &Arc<granary_state::Store>,
+    copies: &Arc<Copies>,
+) -> Result<(), String> {
+    let c = &src.member.coordinator;
+    let etcd = |e: granary_cluster::ClusterError| format!("cannot check with the cluster: {e}");
+    let nodes = c.nodes().await.map_err(etcd)?;
+    if nodes.iter().all(|n| n.alive.is_some()) {
+        return Ok(());
+    }
+    let resting = c.resting().await.map_err(etcd)?;
+    let placements = c.placements().await.map_err(etcd)?;
+    let replicas = c.replicas().await.map_err(etcd)?;
+    let me = &src.member.node;
+    for t in granary_cluster::takeovers(me, &nodes, &resting, &placements, &replicas) {
+        let started = std::time::Instant::now();
+        match take(src, store, copies, &t).await {
+            Ok(p) => tracing::warn!(
+                grain = %p.grain,
+                from = %t.placement.node,
+                epoch = p.epoch,
+                copy = %t.copy.record.label,
+                millis = started.elapsed().as_millis() as u64,
+                "failover: took over a grain of a node whose lease expired"
+            ),
+            Err(e) => tracing::error!(
+                grain = %t.placement.grain,
+                from = %t.placement.node,
+                error = %e,
+                "failover: cannot take over a grain"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// One grain: see the module's text.
+async fn take(
+    src: &Source,
+    store: &Arc<granary_state::Store>,
+    copies: &Arc<Copies>,
+    t: &Takeover,
+) -> Result<Placement, String> {
+    let g = t.placement.grain.clone();
+    let grain = GrainId::parse(&g).map_err(msg)?;
+    let from = t.placement.node.clone();
+    let id = format!("failover-{}", t.placement.epoch);
+    let (s, g2) = (store.clone(), g.clone());
+    let uid = tokio::task::spawn_blocking(move || s.grain(&g2))
+        .await
+        .map_err(msg)?
+        .map_err(msg)?
+        .ok_or_else(|| format!("no grain {g} in this node's records"))?
+        .host_uid;
+    // The copy must be the whole one the record names.
+    let usable = copies
+        .state(&g)
+        .is_some_and(|s| s.whole && s.from == from && s.label == t.copy.record.label);
+    if !usable {
+        let _ = src
+            .member
+            .coordinator
+            .drop_replica(&g, &src.member.node)
+            .await;
+        return Err(format!(
+            "this node's copy is not the whole {} from {from}; its record is dropped so another copy is taken",
+            t.copy.record.label
+        ));
+    }
+    let (ds, cp, g2, i2) = (src.datasets.clone(), copies.clone(), g.clone(), id.clone());
+    let from_epoch = t.placement.epoch;
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let _one = cp.claim(&g2)?;
+        if super::arrive::arriving(&*ds, &g2) {
+            // An earlier attempt's data, never started.
+            ds.destroy_data(&g2).map_err(msg)?;
+        }
+        if ds.has_data(&g2).map_err(msg)? {
+            return Err(format!(
+                "this node already holds data of {g2} ({}); move it aside first",
+                ds.path(&g2).display()
+            ));
+        }
+        let staging = granary_backup::staging_id("failover");
+        ds.create(&staging, uid).map_err(msg)?;
+        let copied = copy_tree(&cp.data(&g2), &ds.path(&staging), uid)
+            .and_then(|()| super::arrive::put_in_place(&*ds, &staging, &g2, uid, &i2, from_epoch));
+        if let Err(e) = copied {
+            let _ = ds.destroy(&staging);
+            return Err(e);
+        }
+        Ok(())
+    })
+    .await
+    .map_err(msg)??;
+    let ttl = src.member.lease.ttl().as_secs() as i64;
+    let placed = match src
+        .member
+        .coordinator
+        .take_over(t, &src.member.lease, ttl)
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            let (ds, g2) = (src.datasets.clone(), g.clone());
+            let _ =
+                tokio::task::spawn_blocking(move || super::arrive::undo_arrival(&*ds, &g2, &id))
+                    .await;
+            return Err(e.to_string());
+        }
+    };
+    // The gate clears the arrival mark: the placement is newer now.
+    if let Err(e) = src.grains.start(&grain, Start::Running).await {
+        tracing::warn!(grain = %g, error = %e, "failover: the grain starts on its next use");
+    }
+    Ok(placed)
+}
+
+/// Copies the tree at `from` into the empty directory `into` (blocking),
+/// as a move's stream would carry it, owned by `uid`, and synced.
+fn copy_tree(from: &std::path::Path, into: &std::path::Path, uid: u32) -> Result<(), String> {
+    let (mut reader, mut writer) = std::io::pipe().map_err(msg)?;
+    let from = from.to_owned();
+    let writing = std::thread::spawn(move || {
+        let written =
+            granary_backup::tree::write_stream_exact(&from, None, &mut writer).map_err(msg);
+        drop(writer);
+        written
+    });
+    let applied = super::arrive::apply_synced(&mut reader, into, uid);
+    drop(reader);
+    let written = writing
+        .join()
+        .map_err(|_| "the copy's reader panicked".to_owned())?;
+    written?;
+    applied.map(drop)
+}
