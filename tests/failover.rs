@@ -198,6 +198,7 @@ fn a_killed_node_is_failed_over_and_a_cut_off_one_fences_itself_first() {
         let mut daemons = three_in_namespaces(&etcd, &net, config);
         killed_node(&net, &mut daemons, run);
         partitioned_node(&net, &mut daemons, run);
+        flapping_link(&net, &mut daemons, run);
         drop(daemons);
     }
 }
@@ -370,4 +371,315 @@ fn partitioned_node(net: &Net, daemons: &mut [Daemon], run: usize) {
     let mut all_old = old.clone();
     all_old.extend(on_n2);
     check_kept(&all_old, &kept, &failover);
+}
+
+/// The writes `grain` (an id) holds in data node `d` kept aside when it
+/// was failed over (`granary node reconcile`), by the kept paths listed.
+fn kept_writes(d: &Daemon, grain: &str) -> Vec<u64> {
+    let listed = d.granary(&["node", "reconcile", "--json"]).success().json();
+    let mut out = Vec::new();
+    for entry in listed.as_array().unwrap() {
+        if entry["grain"] != grain {
+            continue;
+        }
+        let Some(kept) = entry["kept"].as_str() else {
+            continue;
+        };
+        let text = std::fs::read_to_string(std::path::Path::new(kept).join("acked.log"))
+            .unwrap_or_default();
+        out.extend(text.lines().filter_map(|l| l.parse::<u64>().ok()));
+    }
+    out
+}
+
+/// Scenario 5: n3's link goes down and up every few seconds, long enough
+/// now and then for its lease to expire, while clients write to its grain
+/// through n3 and through n1. No acknowledged write is lost: each is in
+/// the grain, or in the data n3 kept aside (listed by `reconcile`) when
+/// the grain was failed over. None only in kept data was acknowledged
+/// after the grain's last failover: the old owner acknowledged nothing
+/// once the new one ran.
+fn flapping_link(net: &Net, daemons: &mut [Daemon], run: usize) {
+    let user = format!("carol{run}");
+    let (grain, id) = (format!("{user}/hello"), format!("{user}-hello"));
+    daemons[2].granary(&["user", "add", &user]).success();
+    daemons[2].granary(&["grain", "start", &grain]).success();
+    let through_n3 = Writer::start(daemons, &grain, &[2], 1);
+    let through_n1 = Writer::start(daemons, &grain, &[0], 1_000_000);
+    replicated(daemons, 2, &id);
+    // Down 1.5 s (fenced, not expired), up 3 s, down 4 s (expired: failed
+    // over), up 3 s, down 1 s, up.
+    for (down, up) in [(1500, 3000), (4000, 3000), (1000, 0)] {
+        net.set_link(2, false);
+        std::thread::sleep(Duration::from_millis(down));
+        net.set_link(2, true);
+        std::thread::sleep(Duration::from_millis(up));
+    }
+    eventually("n3 live again", Duration::from_secs(30), || {
+        let status = daemons[2].granary(&["status", "--json"]);
+        let v: Value = serde_json::from_str(&status.stdout).unwrap_or_default();
+        (v["cluster"]["lease"] == "live").then_some(())
+    });
+    let mut acks = through_n3.finish();
+    acks.extend(through_n1.finish());
+    let now = eventually("the grain to answer", Duration::from_secs(60), || {
+        acked_through(&daemons[0], &grain)
+    });
+    let kept = kept_writes(&daemons[2], &id);
+    let last_failover = failover_of(&daemons[0], "n3", &id)
+        .and_then(|f| f["at_unix"].as_f64())
+        .unwrap_or(f64::MAX);
+    let mut only_kept = 0;
+    for a in &acks {
+        if now.contains(&a.n) {
+            continue;
+        }
+        assert!(
+            kept.contains(&a.n),
+            "write {} was acknowledged and is lost: not in {now:?} nor kept {kept:?}",
+            a.n
+        );
+        assert!(
+            a.unix < last_failover + 1.0,
+            "write {} is only in n3's kept data, yet was acknowledged at {} after the failover at {last_failover}",
+            a.n,
+            a.unix
+        );
+        only_kept += 1;
+    }
+    eprintln!(
+        "run {run} flapping: {} writes acknowledged, {only_kept} only in n3's kept data; failed over: {}",
+        acks.len(),
+        last_failover != f64::MAX
+    );
+}
+
+/// How many times `d` fenced itself so far.
+fn fencings(d: &Daemon) -> usize {
+    d.log()
+        .matches("fencing: this node no longer trusts its cluster lease")
+        .count()
+}
+
+/// Runs `script` under sh in its own process group until dropped.
+struct Load(std::process::Child);
+
+impl Load {
+    fn start(script: &str) -> Load {
+        use std::os::unix::process::CommandExt;
+        Load(
+            std::process::Command::new("sh")
+                .args(["-c", script])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("start load"),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(-(self.0.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_slow_node_is_never_failed_over_and_etcd_without_quorum_fails_nothing_over() {
+    for run in 1..=runs() {
+        let net = Net::create(3);
+        let mut etcd = Etcd::start_on(3, net.host);
+        // A lease TTL of 6 s: an etcd leader election (about a second)
+        // must fit in the TTL/2 a node trusts its lease for.
+        let daemons = three_in_namespaces(&etcd, &net, |_| {
+            (
+                String::new(),
+                "replicate_interval = \"1s\"\nlease_ttl = \"6s\"\n".to_owned(),
+            )
+        });
+        let user = format!("dave{run}");
+        let (grain, id) = (format!("{user}/hello"), format!("{user}-hello"));
+        daemons[1].granary(&["user", "add", &user]).success();
+        daemons[1].granary(&["grain", "start", &grain]).success();
+        replicated(&daemons, 1, &id);
+
+        // Scenario 6: n2 under heavy CPU and disk load (every core busy,
+        // a writer syncing 64 MiB files in its data dir) while a client
+        // writes to its grain, for 2.5 lease TTLs: its lease renews, so it
+        // is never failed over.
+        let scratch = daemons[1].data_dir().join("load");
+        let load = Load::start(&format!(
+            "for i in 1 2 3 4; do (while :; do :; done) & done; \
+             while :; do dd if=/dev/zero of={} bs=1M count=64 conv=fsync 2>/dev/null; done",
+            scratch.display()
+        ));
+        let writer = Writer::start(&daemons, &grain, &[1], 1);
+        let until = Instant::now() + Duration::from_secs(15);
+        let mut looks = 0;
+        while Instant::now() < until {
+            assert_eq!(failover_of(&daemons[0], "n2", &id), None);
+            looks += 1;
+        }
+        drop(load);
+        let _ = std::fs::remove_file(&scratch);
+        let acks = writer.finish();
+        assert!(!acks.is_empty());
+        assert_eq!(failover_of(&daemons[0], "n2", &id), None);
+        let fenced = fencings(&daemons[1]);
+        eprintln!(
+            "run {run} slow node: {} writes acknowledged under load, false failovers 0 ({looks} looks), self-fencings {fenced}",
+            acks.len()
+        );
+
+        // Scenario 4: one etcd member of three killed, the leader (the
+        // worst one to lose), changes nothing: the grain answers through
+        // every node and nobody fences.
+        let before: Vec<usize> = daemons.iter().map(fencings).collect();
+        let leader = eventually("an etcd leader", Duration::from_secs(10), || etcd.leader());
+        etcd.kill(leader);
+        let writer = Writer::start(&daemons, &grain, &[0, 2], 100_000);
+        let until = Instant::now() + Duration::from_secs(12);
+        while Instant::now() < until {
+            for d in &daemons {
+                let status = d.granary(&["status", "--json"]);
+                let v: Value = serde_json::from_str(&status.stdout).unwrap_or_default();
+                assert_eq!(v["cluster"]["lease"], "live", "{v}");
+            }
+        }
+        let acks = writer.finish();
+        assert!(acks.len() > 3, "{acks:?}");
+        let after: Vec<usize> = daemons.iter().map(fencings).collect();
+        assert_eq!(
+            before, after,
+            "a node fenced itself with 2 of 3 etcd members up"
+        );
+
+        // Two of three killed: no quorum. Every node fences itself and
+        // stops its grains; nobody can fail anything over.
+        etcd.kill((leader + 1) % 3);
+        for (i, d) in daemons.iter().enumerate() {
+            eventually(
+                &format!("n{} to fence itself", i + 1),
+                Duration::from_secs(20),
+                || (fencings(d) > after[i]).then_some(()),
+            );
+        }
+        let state = daemons[1]
+            .granary(&["grain", "status", &grain, "--json"])
+            .success()
+            .json();
+        assert_eq!(state["state"], "stopped", "{state}");
+        // Past the TTL, still no failover was done by anyone.
+        let until = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < until {
+            for d in &daemons {
+                assert!(!d.log().contains("failover: took over"));
+            }
+        }
+        eprintln!(
+            "run {run} etcd: 1 of 3 members lost changed nothing; 2 of 3 lost fenced all 3 nodes, no failover"
+        );
+        drop(daemons);
+    }
+}
+
+/// Scenario 3: a message is sent to alice through the MX of the node that
+/// runs her mail grain, and that node is killed right after the 250. The
+/// copy of the spool entry another node took before the 250 is delivered
+/// into her failed-over grain, exactly once.
+#[test]
+fn mail_acknowledged_by_a_node_killed_right_after_is_delivered_once_after_failover() {
+    use granary_testkit::mail::{DOMAIN, Dns, mail_package, sender_records};
+    for run in 1..=runs() {
+        let net = Net::create(3);
+        let etcd = Etcd::start_on(3, net.host);
+        let dns = Dns::start_on(net.host, &sender_records("remote.example"));
+        let tmp = tempfile::tempdir().unwrap();
+        let mut daemons = three_in_namespaces(&etcd, &net, |_| {
+            (
+                format!("domain = \"{DOMAIN}\""),
+                format!(
+                    "replicate_interval = \"1s\"\n[mail]\nresolver = \"{}\"\npostmaster = \"alice\"\nretry_first = \"1s\"\nretry_max = \"2s\"\n",
+                    dns.addr
+                ),
+            )
+        });
+        let package = mail_package(tmp.path());
+        for d in &daemons {
+            d.granary(&["app", "install", package.to_str().unwrap()])
+                .success();
+        }
+        daemons[0].granary(&["user", "add", "alice"]).success();
+        daemons[0]
+            .granary(&["mail", "domain", "add", DOMAIN])
+            .success();
+        daemons[0]
+            .granary(&["grain", "start", "alice/mail"])
+            .success();
+        replicated(&daemons, 0, "alice-mail");
+        let inbox = |d: &Daemon| -> Option<u64> {
+            let run = d.granary(&["mail", "status", "alice", "--json"]);
+            let s: Value = serde_json::from_str(&run.stdout).ok()?;
+            s["mailboxes"]
+                .as_array()?
+                .iter()
+                .find(|m| m["name"] == "INBOX")?["messages"]
+                .as_u64()
+        };
+        let smtp = daemons[0].listener("smtp");
+        let out = std::process::Command::new("swaks")
+            .args(["--server", &smtp.ip().to_string()])
+            .args(["--port", &smtp.port().to_string()])
+            .args(["--helo", "client.remote.example"])
+            .args(["--from", "sender@remote.example"])
+            .args(["--to", &format!("alice@{DOMAIN}")])
+            .args(["--header", &format!("Subject: kept {run}")])
+            .args(["--body", "acknowledged, then the node died"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(said.contains("250 2.0.0 Ok: queued as"), "{said}");
+        let killed = Instant::now();
+        daemons[0].kill_hard();
+        net.set_link(0, false);
+        let failover = eventually(
+            "alice's mail grain to be failed over",
+            Duration::from_secs(90),
+            || failover_of(&daemons[1], "n1", "alice-mail"),
+        );
+        let to = if failover["to"] == "n2" { 1 } else { 2 };
+        eventually("the message in her inbox", Duration::from_secs(90), || {
+            (inbox(&daemons[to]) == Some(1)).then_some(())
+        });
+        let delivered = killed.elapsed();
+        // Once no live node has anything left to deliver, still once.
+        for i in [1, 2] {
+            eventually(
+                &format!("n{}'s spool to empty", i + 1),
+                Duration::from_secs(60),
+                || {
+                    let list = daemons[i]
+                        .granary(&["mail", "spool", "list", "--json"])
+                        .success()
+                        .json();
+                    list.as_array()?.is_empty().then_some(())
+                },
+            );
+        }
+        assert_eq!(inbox(&daemons[to]), Some(1));
+        let adopted = [1, 2].iter().any(|&i| {
+            daemons[i]
+                .log()
+                .contains("took over mail a dead node had acknowledged")
+        });
+        assert!(adopted, "no node took over n1's copy of the message");
+        eprintln!(
+            "run {run} mail: acknowledged by n1, killed at once; in alice's inbox on n{} {delivered:?} later, once",
+            to + 1
+        );
+        drop(daemons);
+    }
 }

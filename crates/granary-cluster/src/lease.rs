@@ -158,10 +158,13 @@ impl NodeLease {
         self.state() == LeaseState::Live
     }
 
-    /// Resolves when etcd reports the lease held now gone.
+    /// Resolves when etcd reports the lease held now gone; never for a
+    /// lease released on purpose, or replaced meanwhile.
     pub async fn lost(&self) {
         let mut rx = self.held().lost.clone();
-        let _ = rx.wait_for(|lost| *lost).await;
+        if rx.wait_for(|lost| *lost).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Stops renewing and revokes the lease, so `alive/<node>` goes at
@@ -202,10 +205,11 @@ impl Renewed {
 /// Renews every TTL/6, so several renewals in a row may be late or lost
 /// (an etcd leader election takes a second or two) before the node stops
 /// trusting its lease at TTL/2. Each renewal waits at most TTL/6 for its
-/// answer; a broken keep-alive stream is opened again at once, then with
-/// a short backoff. Stops for good when etcd says the lease is gone: on
-/// the stream (no TTL left) or, when the stream cannot be opened, when
-/// asked for the lease's time to live.
+/// answer. A broken keep-alive stream (its etcd member died) is opened
+/// again at once, on another pick of member, each try waiting at most
+/// TTL/12, then with a short backoff: with one member of three gone, the
+/// next renewal gets through well inside TTL/2. Stops for good when etcd
+/// says the lease is gone, on the stream (no TTL left) or when opening it.
 async fn renew(
     client: Client,
     id: i64,
@@ -214,6 +218,7 @@ async fn renew(
     lost: watch::Sender<bool>,
 ) {
     let every = (ttl / 6).max(Duration::from_millis(50));
+    let open_within = (every / 2).max(Duration::from_millis(100));
     let gone = || {
         tracing::warn!(lease = id, "etcd says this node's lease has expired");
         let _ = lost.send(true);
@@ -221,9 +226,10 @@ async fn renew(
     let mut backoff = Duration::ZERO;
     loop {
         let mut c = client.clone();
-        // Opening the stream sends a first renewal and reads its answer.
+        // Opening the stream sends a first renewal and reads its answer
+        // (an answer of no TTL left is an error saying the lease is gone).
         let opened = Instant::now();
-        match tokio::time::timeout(every, c.lease_keep_alive(id)).await {
+        match tokio::time::timeout(open_within, c.lease_keep_alive(id)).await {
             Ok(Ok((mut keeper, mut stream))) => {
                 renewed.confirm(opened);
                 backoff = Duration::ZERO;
@@ -242,14 +248,13 @@ async fn renew(
                     }
                 }
             }
-            _ => {
-                let asked = tokio::time::timeout(every, c.lease_time_to_live(id, None)).await;
-                if let Ok(Ok(r)) = asked
-                    && r.ttl() <= 0
-                {
-                    return gone();
-                }
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e.contains("not found") => {
+                return gone();
             }
+            Ok(Err(e)) => {
+                tracing::debug!(lease = id, error = %e, "cannot open the lease keep-alive")
+            }
+            Err(_) => tracing::debug!(lease = id, "opening the lease keep-alive timed out"),
         }
         tracing::debug!(lease = id, "lease keep-alive stream broke; reconnecting");
         tokio::time::sleep(backoff).await;

@@ -32,6 +32,7 @@ pub mod moves;
 mod place;
 mod records;
 mod replicas;
+pub mod spools;
 
 pub use coordinator::{Coordinator, EtcdTls, Located, NodeStatus, Route};
 pub use error::ClusterError;
@@ -45,6 +46,7 @@ pub use moves::Moves;
 pub use place::choose_node;
 pub use records::{Alive, Arch, ClusterInfo, JoinTicket, NodeRecord, Placement, PlacementRecord};
 pub use replicas::{Replica, ReplicaRecord, replication_lag};
+pub use spools::SpoolCopies;
 
 /// The key prefix every record of one cluster lives under.
 pub const DEFAULT_PREFIX: &str = "/granary/";

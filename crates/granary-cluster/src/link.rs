@@ -141,6 +141,12 @@ pub(crate) enum Request {
     Run {
         job: crate::moves::Job,
     },
+    /// A copy of the asking node's spool entry, or its release
+    /// ([`crate::spools`]).
+    Spool {
+        #[serde(flatten)]
+        request: crate::spools::SpoolRequest,
+    },
 }
 
 /// What a [`Request::Deliver`] carries; its bytes follow the request.
@@ -176,7 +182,7 @@ const BODY_IDLE: Duration = Duration::from_secs(30);
 
 /// Copies `size` bytes from `r` to `w`, failing if `r` sends nothing for
 /// [`BODY_IDLE`]; the bytes copied (fewer when `r` ended early).
-async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+pub(crate) async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut R,
     w: &mut W,
     size: u64,
@@ -301,6 +307,8 @@ pub struct Served {
     pub scratch: std::path::PathBuf,
     pub records: Arc<dyn crate::Records>,
     pub moves: Arc<dyn crate::Moves>,
+    /// Other nodes' spool copies kept here.
+    pub spools: Arc<dyn crate::SpoolCopies>,
 }
 
 /// Serves node links on `listener` until it fails: each connection asks
@@ -407,6 +415,9 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Request::Run { job } => {
             return crate::moves::serve_run(stream, node, &*served.moves, job).await;
+        }
+        Request::Spool { request } => {
+            return crate::spools::serve(stream, node, &served.spools, request).await;
         }
     };
     let answer = |problem: Option<Problem>| answer_line(problem, None);

@@ -252,7 +252,8 @@ impl Deliverer {
         }
     }
 
-    /// Bounces what failed (durably), then removes the message.
+    /// Bounces what failed (durably), then removes the message (or keeps
+    /// it, settled, in a spool that keeps delivered messages).
     async fn finish(
         &self,
         envelope: &Envelope,
@@ -264,7 +265,7 @@ impl Deliverer {
         }
         let spool = self.spool.clone();
         let id = envelope.id.clone();
-        tokio::task::spawn_blocking(move || spool.remove(&id))
+        tokio::task::spawn_blocking(move || spool.finished(&id))
             .await
             .map_err(|e| SpoolError::Task(e.to_string()))?
     }

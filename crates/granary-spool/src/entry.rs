@@ -73,6 +73,12 @@ pub struct Progress {
     /// The sender was told the message is delayed.
     #[serde(default)]
     pub warned: bool,
+    /// In a spool that keeps delivered messages ([`crate::Spool::keep_delivered`]):
+    /// when every recipient was done with, unix seconds. Kept, not
+    /// delivered again, until [`crate::Spool::forget`] or
+    /// [`crate::Spool::redeliver`].
+    #[serde(default)]
+    pub settled: Option<i64>,
 }
 
 /// The largest envelope line read back (a message has at most a few

@@ -32,6 +32,7 @@
 mod deliver;
 mod dsn;
 mod entry;
+mod keep;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -44,6 +45,7 @@ use serde::Serialize;
 
 pub use deliver::{Deliverer, Destination, LocalUser, Outcome};
 pub use entry::{Envelope, Progress, Recipient};
+pub use keep::{Mirror, MirrorFuture, Settled};
 
 /// What the spool needs to know of the configuration.
 #[derive(Debug, Clone)]
@@ -77,6 +79,8 @@ pub enum SpoolError {
     Busy(String),
     #[error("spool: a task failed: {0}")]
     Task(String),
+    #[error("spool: no other node keeps a copy: {0}")]
+    NotMirrored(String),
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SpoolError + 'a {
@@ -128,6 +132,10 @@ pub struct Spool {
     settings: SpoolSettings,
     entries: Mutex<BTreeMap<String, Tracked>>,
     wake: tokio::sync::Notify,
+    /// Where each entry is copied before a commit returns, and what this
+    /// spool is called there; what keeps delivered entries and who hears
+    /// of removals ([`keep`]).
+    keeping: keep::Keeping,
 }
 
 /// Past this many bytes an [`Incoming`] message is written to a file.
@@ -211,6 +219,7 @@ impl Spool {
             settings,
             entries: Mutex::new(entries),
             wake: tokio::sync::Notify::new(),
+            keeping: keep::Keeping::default(),
         }))
     }
 
@@ -289,10 +298,18 @@ impl Spool {
         paused: bool,
     ) -> Result<(), SpoolError> {
         let spool = self.clone();
+        let id = envelope.id.clone();
         let written =
             tokio::task::spawn_blocking(move || spool.write_entry(&envelope, &head, &message))
                 .await
                 .map_err(|e| SpoolError::Task(e.to_string()))??;
+        // On another node too before anyone may count on it; an entry no
+        // node would copy is not committed.
+        if let Err(e) = self.mirror_entry(&id).await {
+            let spool = self.clone();
+            let _ = tokio::task::spawn_blocking(move || spool.unlink(&id)).await;
+            return Err(e);
+        }
         self.track(written, paused);
         Ok(())
     }
@@ -363,6 +380,8 @@ impl Spool {
         let mut out: Vec<SpooledMessage> = self
             .entries()
             .values()
+            // Delivered, kept only until its grain's data is safe.
+            .filter(|t| t.progress.settled.is_none())
             .map(|t| {
                 let p = &t.progress;
                 SpooledMessage {
@@ -465,6 +484,14 @@ impl Spool {
 
     /// Forgets `id` and removes its files.
     fn remove(&self, id: &str) -> Result<(), SpoolError> {
+        self.unlink(id)?;
+        self.entries().remove(id);
+        self.removed(id);
+        Ok(())
+    }
+
+    /// Removes `id`'s files.
+    fn unlink(&self, id: &str) -> Result<(), SpoolError> {
         let msg = self.msg_path(id);
         match std::fs::remove_file(&msg) {
             Ok(()) => {}
@@ -474,7 +501,6 @@ impl Spool {
         // Not fsynced: should the removal be lost in a crash, the message
         // is delivered again and every grain drops it as a duplicate.
         let _ = std::fs::remove_file(self.state_path(id));
-        self.entries().remove(id);
         Ok(())
     }
 
@@ -489,7 +515,7 @@ impl Spool {
         let mut due = Vec::new();
         let mut next: Option<i64> = None;
         for (id, t) in self.entries().iter_mut() {
-            if t.busy || t.progress.held {
+            if t.busy || t.progress.held || t.progress.settled.is_some() {
                 continue;
             }
             if t.progress.next_attempt <= now {

@@ -293,3 +293,144 @@ async fn a_big_message_spills_to_disk_and_comes_back_whole() {
         0
     );
 }
+
+/// Keeps copies in memory, or refuses them.
+#[derive(Default)]
+struct MemoryMirror {
+    copies: StdMutex<Vec<(&'static str, String, Vec<u8>)>>,
+    refuse: std::sync::atomic::AtomicBool,
+}
+
+impl Mirror for MemoryMirror {
+    fn copy(&self, spool: &'static str, id: String, bytes: Vec<u8>) -> MirrorFuture<'_> {
+        Box::pin(async move {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("no node is up".to_owned());
+            }
+            self.copies.lock().unwrap().push((spool, id, bytes));
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_message_is_copied_before_its_commit_and_kept_until_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), uid(), settings()).unwrap();
+    let mirror = Arc::new(MemoryMirror::default());
+    spool.mirror_to("spool", mirror.clone());
+    spool.keep_delivered(true);
+    let removed = Arc::new(StdMutex::new(Vec::<String>::new()));
+    let r = removed.clone();
+    spool.on_remove(move |id| r.lock().unwrap().push(id.to_owned()));
+
+    // No node takes the copy: no commit, no file, nothing to deliver.
+    mirror
+        .refuse
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let env = envelope("a@remote.example", &["alice"]);
+    let refused = env.id.clone();
+    let e = spool
+        .commit(env, Vec::new(), b"m\r\n".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SpoolError::NotMirrored(_)), "{e}");
+    assert!(spool.list().is_empty());
+    assert!(
+        !dir.path()
+            .join(format!("spool/queue/{refused}.msg"))
+            .exists()
+    );
+
+    // Taken: the copy is the entry's file, byte for byte.
+    mirror
+        .refuse
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let env = envelope("a@remote.example", &["alice", "bob"]);
+    let id = env.id.clone();
+    spool
+        .commit(env, b"Received: x\r\n".to_vec(), b"m\r\n".to_vec())
+        .await
+        .unwrap();
+    let file = dir.path().join(format!("spool/queue/{id}.msg"));
+    let copies = mirror.copies.lock().unwrap().clone();
+    assert_eq!(copies.len(), 1);
+    assert_eq!((copies[0].0, copies[0].1.as_str()), ("spool", id.as_str()));
+    assert_eq!(copies[0].2, std::fs::read(&file).unwrap());
+
+    // Delivered: kept, settled, out of the list, until forgotten.
+    let grains = Arc::new(Recorder::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let d = Deliverer::new(
+        spool.clone(),
+        grains.clone(),
+        Arc::new(|_| Box::pin(async { None })),
+    );
+    let run = tokio::spawn(d.run(async {
+        let _ = stopped.await;
+    }));
+    until("settled", || !spool.settled().is_empty()).await;
+    assert!(spool.list().is_empty());
+    assert!(file.exists());
+    let settled = spool.settled();
+    assert_eq!(settled[0].id, id);
+    assert_eq!(settled[0].delivered, ["alice", "bob"]);
+    // Settled survives a restart.
+    let reopened = Spool::open(&dir.path().join("spool"), uid(), settings()).unwrap();
+    assert_eq!(reopened.settled().len(), 1);
+    drop(reopened);
+
+    // A failover lost it from bob's grain: bob's is given it again, under
+    // the same id; alice's is not.
+    spool.redeliver(&id, &["bob".to_owned()]).unwrap();
+    until("settled again", || !spool.settled().is_empty()).await;
+    let got = grains.delivered.lock().unwrap().clone();
+    let to: Vec<(&str, &str)> = got
+        .iter()
+        .map(|(u, i, _)| (u.as_str(), i.as_str()))
+        .collect();
+    assert_eq!(
+        to,
+        [
+            ("alice", id.as_str()),
+            ("bob", id.as_str()),
+            ("bob", id.as_str())
+        ]
+    );
+
+    spool.forget(&id).unwrap();
+    assert!(!file.exists());
+    assert!(spool.settled().is_empty());
+    assert_eq!(*removed.lock().unwrap(), [id.as_str()]);
+
+    // Another node's copy is adopted under its own id and delivered.
+    let other = tempfile::tempdir().unwrap();
+    let theirs = Spool::open(&other.path().join("spool"), uid(), settings()).unwrap();
+    let env = envelope("a@remote.example", &["carol"]);
+    let their_id = env.id.clone();
+    theirs
+        .commit(env, Vec::new(), b"c\r\n".to_vec())
+        .await
+        .unwrap();
+    let copy = dir.path().join("copy.msg");
+    std::fs::copy(
+        other.path().join(format!("spool/queue/{their_id}.msg")),
+        &copy,
+    )
+    .unwrap();
+    assert_eq!(spool.adopt(&copy).await.unwrap(), Some(their_id.clone()));
+    assert!(!copy.exists());
+    until("carol's delivered", || {
+        grains
+            .delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(u, i, _)| u == "carol" && *i == their_id)
+    })
+    .await;
+    // Copied on again from here.
+    assert_eq!(mirror.copies.lock().unwrap().len(), 2);
+    let _ = stop.send(());
+    run.await.unwrap();
+}

@@ -50,7 +50,7 @@ pub fn nodes(d: &Daemon) -> Vec<Value> {
 /// `net.host`), each in its namespace of `net`, launched, with the hello
 /// app installed on each. `config(i)` gives what goes in node `i`'s
 /// config before its `[cluster]` section and what after it (so a line
-/// there extends it).
+/// there extends it; a `lease_ttl` there replaces the 2 s one).
 pub fn three_in_namespaces(
     etcd: &Etcd,
     net: &crate::netns::Net,
@@ -59,10 +59,11 @@ pub fn three_in_namespaces(
     let mut daemons: Vec<Daemon> = (0..3)
         .map(|i| {
             let (before, after) = config(i);
-            let text = format!(
-                "{before}\n{}{after}",
-                node_config(etcd, &format!("n{}", i + 1), "\"x86_64\""),
-            );
+            let mut cluster = node_config(etcd, &format!("n{}", i + 1), "\"x86_64\"");
+            if after.contains("lease_ttl =") {
+                cluster = cluster.replace("lease_ttl = \"2s\"\n", "");
+            }
+            let text = format!("{before}\n{cluster}{after}");
             let mut d = Daemon::prepare(crate::DaemonMode::Serve, &text, "", &[]);
             d.run_in(net.ns(i), net.ip(i));
             d

@@ -234,6 +234,39 @@ impl Etcd {
             .unwrap_or(false)
     }
 
+    /// Which running member leads the cluster now, as they say.
+    pub fn leader(&self) -> Option<usize> {
+        let mut command = Command::new("etcdctl");
+        if let Some(t) = &self.tls {
+            command
+                .arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        let running: Vec<&str> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client_url.as_str())
+            .collect();
+        let out = command
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &running.join(","), "--dial-timeout", "1s"])
+            .args(["endpoint", "status", "-w", "json"])
+            .output()
+            .ok()?;
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let leader = list.as_array()?.iter().find(|e| {
+            let s = &e["Status"];
+            s["leader"].as_u64().is_some() && s["leader"] == s["header"]["member_id"]
+        })?;
+        let url = leader["Endpoint"].as_str()?;
+        self.members.iter().position(|m| m.client_url == url)
+    }
+
     /// Kills member `i` hard (SIGKILL), as a dead box would go.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {

@@ -45,17 +45,22 @@ pub struct Dns {
 
 impl Dns {
     pub fn start(records: &[Record]) -> Dns {
+        Dns::start_on(std::net::Ipv4Addr::LOCALHOST, records)
+    }
+
+    /// A server on `ip` (the host's end of test network namespaces, say).
+    pub fn start_on(ip: std::net::Ipv4Addr, records: &[Record]) -> Dns {
         for _ in 0..20 {
             // A free port: bind, note it, release it for dnsmasq.
-            let port = UdpSocket::bind("127.0.0.1:0")
+            let port = UdpSocket::bind((ip, 0))
                 .and_then(|s| s.local_addr())
                 .expect("a free UDP port")
                 .port();
-            if let Some(dns) = Dns::try_at(port, records) {
+            if let Some(dns) = Dns::try_at(SocketAddr::from((ip, port)), records) {
                 return dns;
             }
         }
-        panic!("dnsmasq did not start on a loopback port");
+        panic!("dnsmasq did not start on a port of {ip}");
     }
 
     /// Answers `records` from now on, at the same address (the server is
@@ -64,7 +69,7 @@ impl Dns {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
         for _ in 0..50 {
-            if let Some(dns) = Dns::try_at(self.addr.port(), records) {
+            if let Some(dns) = Dns::try_at(self.addr, records) {
                 // Swap in the new child; the old one has been reaped.
                 let old = std::mem::replace(self, dns);
                 std::mem::forget(old);
@@ -74,7 +79,7 @@ impl Dns {
         panic!("dnsmasq did not start again on {}", self.addr);
     }
 
-    fn try_at(port: u16, records: &[Record]) -> Option<Dns> {
+    fn try_at(addr: SocketAddr, records: &[Record]) -> Option<Dns> {
         {
             let mut cmd = Command::new("dnsmasq");
             cmd.args([
@@ -82,7 +87,6 @@ impl Dns {
                 "--no-resolv",
                 "--no-hosts",
                 "--conf-file=/dev/null",
-                "--listen-address=127.0.0.1",
                 "--bind-interfaces",
                 "--pid-file=",
                 "--user=root",
@@ -92,7 +96,8 @@ impl Dns {
                 // A TTL, as real zones give, so resolvers may cache answers.
                 "--local-ttl=300",
             ])
-            .arg(format!("--port={port}"));
+            .arg(format!("--listen-address={}", addr.ip()))
+            .arg(format!("--port={}", addr.port()));
             for r in records {
                 cmd.arg(match r {
                     Record::Txt(name, value) => {
@@ -121,7 +126,6 @@ impl Dns {
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("dnsmasq (apt install dnsmasq; ./run-tests does)");
-            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
             // Ready when it answers; gone when the port was taken meanwhile.
             let mut dns = None;
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -147,7 +151,7 @@ impl Dns {
 
 /// Whether a DNS server answers a query at `addr`.
 fn answers(addr: SocketAddr) -> bool {
-    let Ok(s) = UdpSocket::bind("127.0.0.1:0") else {
+    let Ok(s) = UdpSocket::bind((addr.ip(), 0)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));

@@ -23,6 +23,7 @@ pub(crate) mod ledger;
 mod listeners;
 mod lock;
 mod mail;
+mod mail_keep;
 mod memory;
 mod moves;
 pub(crate) use moves::reconcile;
@@ -231,6 +232,8 @@ async fn serve(
     let mut grains: Arc<dyn granary_grains::Grains> = Arc::new(grains);
     // This node's own grains, never forwarded (moves drive them).
     let local_grains = grains.clone();
+    // Other nodes' spool copies kept here (`mail_keep`).
+    let spool_copies = Arc::new(mail_keep::CopiesHere::new(&config.data_dir));
     if let (Some(m), Some(links)) = (&member, links) {
         let local = grains.clone();
         tokio::spawn(fence::fence_on_lapse(m.clone(), local.clone()));
@@ -281,6 +284,7 @@ async fn serve(
                 scratch: start::scratch_dir(&config)?,
                 records: records.clone(),
                 moves,
+                spools: spool_copies.clone(),
             },
         );
         ledger::follow_revocations(store.clone(), local.clone());
@@ -323,6 +327,15 @@ async fn serve(
         None => None,
     };
     let mail = mail::setup(&config, nix::unistd::geteuid().as_raw(), &store, &addresses).await?;
+    if let Some(m) = &member {
+        mail_keep::keep(
+            m.clone(),
+            mail.spool.clone(),
+            mail.outbound.clone(),
+            spool_copies.clone(),
+            m.replicate_interval,
+        );
+    }
     let builtin = match mode {
         Mode::Demo => start::builtin_packages(&config.data_dir.join("builtin-apps")),
         Mode::Serve => Vec::new(),
