@@ -589,6 +589,18 @@ impl Datasets for Zfs {
         }
     }
 
+    fn set_read_only(&self, grain: &str, read_only: bool) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let value = if read_only {
+            "readonly=on"
+        } else {
+            "readonly=off"
+        };
+        run("zfs", &["set", value, &self.name(grain)])
+            .map_err(err(grain, "switch the dataset's read-only property"))?;
+        Ok(())
+    }
+
     fn set_epoch(&self, grain: &str, epoch: i64) -> Result<(), DatasetError> {
         check_id(grain)?;
         let property = format!("{EPOCH_PROPERTY}={epoch}");
@@ -646,6 +658,15 @@ impl Btrfs {
 impl Datasets for Btrfs {
     fn backend(&self) -> &'static str {
         "btrfs"
+    }
+
+    fn set_read_only(&self, grain: &str, read_only: bool) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let path = self.path(grain).to_string_lossy().into_owned();
+        let value = if read_only { "true" } else { "false" };
+        run("btrfs", &["property", "set", "-ts", &path, "ro", value])
+            .map_err(err(grain, "switch the subvolume's read-only property"))?;
+        Ok(())
     }
 
     fn grain_dir(&self, grain: &str) -> PathBuf {

@@ -162,6 +162,15 @@ pub trait Datasets: Send + Sync {
         .map_err(|e| err(grain, "write its fencing epoch")(io::Error::other(e.to_string())))
     }
 
+    /// Makes the dataset read-only, or writable again: what a fenced node
+    /// does to the datasets of the grains it stopped. Plain directories
+    /// have no such switch without a mount of their own, so there it does
+    /// nothing (their grains are stopped, which is what keeps them from
+    /// writing).
+    fn set_read_only(&self, grain: &str, _read_only: bool) -> Result<(), DatasetError> {
+        check_id(grain)
+    }
+
     /// Keeps a snapshot from being deleted until every holder released it
     /// (ZFS: `zfs hold`; elsewhere a marker beside the snapshots).
     fn hold(&self, grain: &str, label: &str, tag: &str) -> Result<(), DatasetError> {

@@ -44,6 +44,14 @@ fn exercise(backend: &dyn Datasets) -> String {
     );
     std::fs::write(data.join("note"), "kept").unwrap();
     assert!(backend.has_data("g-one").unwrap());
+    // A fenced node's dataset: read-only, then writable again.
+    backend.set_read_only("g-one", true).unwrap();
+    let refused = std::fs::write(data.join("late"), "x").unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::EROFS), "{refused}");
+    assert_eq!(std::fs::read_to_string(data.join("note")).unwrap(), "kept");
+    backend.set_read_only("g-one", false).unwrap();
+    std::fs::write(data.join("late"), "x").unwrap();
+    std::fs::remove_file(data.join("late")).unwrap();
     let snap = backend.snapshot("g-one", "first").unwrap();
     assert!(snap.is_some());
     let (written, e) = fill(&data.join("big"));

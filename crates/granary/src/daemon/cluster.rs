@@ -398,10 +398,13 @@ pub(crate) async fn admit(
     // Data moved here starts only once its placement switched here.
     if let Ok(epoch) = permit {
         let (ds, g) = (datasets.clone(), grain.to_owned());
-        tokio::task::spawn_blocking(move || crate::daemon::moves::admit_arrival(&*ds, &g, epoch))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|why| format!("node {} may not start it yet: {why}", member.node))?;
+        tokio::task::spawn_blocking(move || {
+            crate::daemon::moves::admit_arrival(&*ds, &g, epoch)?;
+            crate::daemon::fence::writable_again(&*ds, &g)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|why| format!("node {} may not start it yet: {why}", member.node))?;
     }
     let admitted = match permit {
         Ok(epoch) if held == Some(epoch) => Ok(()),

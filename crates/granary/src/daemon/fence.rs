@@ -4,7 +4,9 @@
 //! every grain it runs before etcd can drop the lease at TTL and another
 //! node take them over: nothing it runs acknowledges a write from then
 //! on, and its start gate refuses new starts until the lease is live
-//! again. `granary status` shows the node fenced.
+//! again. Their datasets are made read-only where the backend can (ZFS,
+//! btrfs), until the next start this node is allowed. `granary status`
+//! shows the node fenced.
 //!
 //! Once etcd says the lease is gone, the node takes a new one as soon as
 //! it reaches etcd again, and then puts aside, for `granary node
@@ -17,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use granary_cluster::LeaseState;
+use granary_datasets::Datasets;
 
 use crate::daemon::cluster::Member;
 
@@ -25,7 +28,11 @@ use crate::daemon::cluster::Member;
 /// the lease at TTL and another node could be given them. New starts are
 /// refused meanwhile by the [`Gate`]; if the lease recovers (etcd was slow,
 /// not gone), grains start again on their next use.
-pub(crate) async fn fence_on_lapse(member: Arc<Member>, grains: Arc<dyn granary_grains::Grains>) {
+pub(crate) async fn fence_on_lapse(
+    member: Arc<Member>,
+    grains: Arc<dyn granary_grains::Grains>,
+    datasets: Arc<dyn Datasets>,
+) {
     let every = (member.lease.ttl() / 10).max(Duration::from_millis(50));
     let (mut fenced, mut said_lost) = (false, false);
     loop {
@@ -47,11 +54,15 @@ pub(crate) async fn fence_on_lapse(member: Arc<Member>, grains: Arc<dyn granary_
                     since_renewal = ?member.lease.since_renewal(),
                     "fencing: this node no longer trusts its cluster lease; stopping every grain it runs"
                 );
-                stop_all(&*grains).await;
+                let stopped = stop_all(&*grains).await;
+                read_only(&datasets, stopped).await;
             }
             // Fenced, and still not live: anything that slipped through
             // (a start admitted just before the lapse) is stopped too.
-            (_, true) => stop_all(&*grains).await,
+            (_, true) => {
+                let stopped = stop_all(&*grains).await;
+                read_only(&datasets, stopped).await;
+            }
         }
         if state == LeaseState::Lost && !said_lost {
             said_lost = true;
@@ -63,12 +74,14 @@ pub(crate) async fn fence_on_lapse(member: Arc<Member>, grains: Arc<dyn granary_
     }
 }
 
-async fn stop_all(grains: &dyn granary_grains::Grains) {
+/// Stops every grain that runs; the ids of those it stopped.
+async fn stop_all(grains: &dyn granary_grains::Grains) -> Vec<String> {
+    let mut stopped = Vec::new();
     let list = match grains.list().await {
         Ok(list) => list,
         Err(e) => {
             tracing::error!(error = %e, "fencing: cannot list grains");
-            return;
+            return stopped;
         }
     };
     for g in list
@@ -79,9 +92,58 @@ async fn stop_all(grains: &dyn granary_grains::Grains) {
             continue;
         };
         match grains.stop(&id).await {
-            Ok(_) => tracing::warn!(grain = %g.id, "fencing: grain stopped"),
+            Ok(_) => {
+                tracing::warn!(grain = %g.id, "fencing: grain stopped");
+                stopped.push(g.id);
+            }
             Err(e) => tracing::error!(grain = %g.id, error = %e, "fencing: cannot stop grain"),
         }
+    }
+    stopped
+}
+
+/// Beside a dataset a fenced node made read-only; cleared by the next
+/// start this node is allowed ([`writable_again`]).
+const FENCED: &str = "fenced";
+
+/// Makes the datasets of `grains` read-only (where the backend can), with
+/// a mark beside each so the next admitted start makes it writable again.
+async fn read_only(datasets: &Arc<dyn Datasets>, grains: Vec<String>) {
+    // Plain directories have no switch: their grains being stopped is
+    // what keeps them from writing.
+    if grains.is_empty() || datasets.backend() == "plain" {
+        return;
+    }
+    let datasets = datasets.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for g in grains {
+            let marked =
+                granary_files::write_atomic(&datasets.grain_dir(&g).join(FENCED), b"", 0o600);
+            let result = marked
+                .map_err(|e| e.to_string())
+                .and_then(|()| datasets.set_read_only(&g, true).map_err(|e| e.to_string()));
+            match result {
+                Ok(()) => tracing::warn!(grain = %g, "fencing: dataset read-only"),
+                Err(e) => tracing::error!(grain = %g, error = %e, "fencing: cannot make the dataset read-only"),
+            }
+        }
+    })
+    .await;
+}
+
+/// Makes a dataset a fence made read-only writable again (blocking): the
+/// start gate calls it once this node may start the grain.
+pub(crate) fn writable_again(datasets: &dyn Datasets, grain: &str) -> Result<(), String> {
+    let mark = datasets.grain_dir(grain).join(FENCED);
+    if !mark.exists() {
+        return Ok(());
+    }
+    datasets
+        .set_read_only(grain, false)
+        .map_err(|e| format!("cannot make its dataset writable after a fence: {e}"))?;
+    match std::fs::remove_file(&mark) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+        _ => Ok(()),
     }
 }
 

@@ -17,7 +17,7 @@ mod certificate;
 mod cluster;
 mod demo;
 mod directory;
-mod fence;
+pub(crate) mod fence;
 pub(crate) mod install;
 pub(crate) mod ledger;
 mod listeners;
@@ -236,7 +236,11 @@ async fn serve(
     let spool_copies = Arc::new(mail_keep::CopiesHere::new(&config.data_dir));
     if let (Some(m), Some(links)) = (&member, links) {
         let local = grains.clone();
-        tokio::spawn(fence::fence_on_lapse(m.clone(), local.clone()));
+        tokio::spawn(fence::fence_on_lapse(
+            m.clone(),
+            local.clone(),
+            datasets.clone(),
+        ));
         if let Err(e) = moves::fence_stale(m, &store, datasets.clone(), &config.data_dir).await {
             tracing::warn!(error = %e, "cannot look for stale copies of grains other nodes run");
         }
