@@ -417,9 +417,21 @@ impl Coordinator {
         free_bytes: u64,
         link: &str,
     ) -> Result<()> {
+        if lease.is_released() {
+            return Err(ClusterError::Changed(
+                "this node's lease was released: it is stopping".to_owned(),
+            ));
+        }
         let (id, granted, sent) = self
             .grant_alive(lease.node(), ttl, free_bytes, link)
             .await?;
+        // Released while the grant was under way: give it back.
+        if lease.is_released() {
+            let _ = self.c().lease_revoke(id).await;
+            return Err(ClusterError::Changed(
+                "this node's lease was released: it is stopping".to_owned(),
+            ));
+        }
         lease.replace(id, granted, sent);
         Ok(())
     }

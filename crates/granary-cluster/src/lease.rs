@@ -38,6 +38,8 @@ pub struct NodeLease {
     node: String,
     client: Client,
     held: Mutex<Arc<Held>>,
+    /// Released on purpose (the daemon stopping): never taken again.
+    released: std::sync::atomic::AtomicBool,
 }
 
 /// One etcd lease and its renewal task.
@@ -99,6 +101,7 @@ impl NodeLease {
             node,
             client,
             held: Mutex::new(Arc::new(held)),
+            released: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -106,6 +109,11 @@ impl NodeLease {
     pub(crate) fn replace(&self, id: i64, ttl: Duration, sent: Instant) {
         let held = Arc::new(Held::start(self.client.clone(), id, ttl, sent));
         *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    }
+
+    /// Whether [`NodeLease::release`] was called.
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::SeqCst)
     }
 
     fn held(&self) -> Arc<Held> {
@@ -170,6 +178,7 @@ impl NodeLease {
     /// Stops renewing and revokes the lease, so `alive/<node>` goes at
     /// once rather than after the TTL: the clean way for a daemon to stop.
     pub async fn release(&self) -> Result<(), crate::ClusterError> {
+        self.released.store(true, Ordering::SeqCst);
         let held = self.held();
         held.task.abort();
         let mut client = self.client.clone();

@@ -462,7 +462,12 @@ impl Spool {
                 .collect();
             if pending.is_empty() {
                 return Ok(Decision::Finished {
-                    failed: p.failed.clone(),
+                    // Bounced already when it was first finished.
+                    failed: if p.bounced {
+                        Vec::new()
+                    } else {
+                        p.failed.clone()
+                    },
                     offset: t.offset,
                 });
             }

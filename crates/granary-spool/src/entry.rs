@@ -79,6 +79,13 @@ pub struct Progress {
     /// [`crate::Spool::redeliver`].
     #[serde(default)]
     pub settled: Option<i64>,
+    /// Those in `failed` were told (bounced) already: a delivery again
+    /// ([`crate::Spool::redeliver`]) does not bounce them twice.
+    #[serde(default)]
+    pub bounced: bool,
+    /// The failover (its time) the last [`crate::Spool::redeliver`] was for.
+    #[serde(default)]
+    pub redelivered_for: Option<i64>,
 }
 
 /// The largest envelope line read back (a message has at most a few

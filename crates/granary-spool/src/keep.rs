@@ -48,10 +48,14 @@ pub(crate) struct Keeping {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
     pub id: String,
-    /// When its last recipient was done with, unix seconds.
+    /// When it was received, and when its last recipient was done with,
+    /// unix seconds (this node's clock).
+    pub received_at: i64,
     pub at: i64,
     /// The users whose grains took it.
     pub delivered: Vec<String>,
+    /// The failover (its time) it was last delivered again for.
+    pub redelivered_for: Option<i64>,
 }
 
 impl Spool {
@@ -99,6 +103,8 @@ impl Spool {
             match entries.get_mut(id) {
                 Some(t) if keep && !t.progress.delivered.is_empty() => {
                     t.progress.settled = Some(unix_now());
+                    // Its failures were bounced just now.
+                    t.progress.bounced = true;
                     t.busy = false;
                     Some(t.progress.clone())
                 }
@@ -124,8 +130,10 @@ impl Spool {
             .filter_map(|(id, t)| {
                 Some(Settled {
                     id: id.clone(),
+                    received_at: t.envelope.received_at,
                     at: t.progress.settled?,
                     delivered: t.progress.delivered.clone(),
+                    redelivered_for: t.progress.redelivered_for,
                 })
             })
             .collect()
@@ -144,14 +152,15 @@ impl Spool {
     }
 
     /// Delivers a kept message again to `users` (their grains may have
-    /// lost it in a failover). Blocking.
-    pub fn redeliver(&self, id: &str, users: &[String]) -> Result<(), SpoolError> {
+    /// lost it in the failover at `failover`, unix seconds). Blocking.
+    pub fn redeliver(&self, id: &str, users: &[String], failover: i64) -> Result<(), SpoolError> {
         let progress = {
             let mut entries = self.entries();
             let Some(t) = entries.get_mut(id) else {
                 return Ok(());
             };
             t.progress.settled = None;
+            t.progress.redelivered_for = Some(failover);
             t.progress.delivered.retain(|u| !users.contains(u));
             t.progress.next_attempt = 0;
             t.progress.clone()

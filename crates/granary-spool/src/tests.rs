@@ -382,8 +382,9 @@ async fn on_a_cluster_a_message_is_copied_before_its_commit_and_kept_until_forgo
 
     // A failover lost it from bob's grain: bob's is given it again, under
     // the same id; alice's is not.
-    spool.redeliver(&id, &["bob".to_owned()]).unwrap();
+    spool.redeliver(&id, &["bob".to_owned()], 150).unwrap();
     until("settled again", || !spool.settled().is_empty()).await;
+    assert_eq!(spool.settled()[0].redelivered_for, Some(150));
     let got = grains.delivered.lock().unwrap().clone();
     let to: Vec<(&str, &str)> = got
         .iter()

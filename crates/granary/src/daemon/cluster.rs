@@ -36,6 +36,9 @@ pub(crate) struct Member {
     pub(crate) lease_ttl: Duration,
     /// Set while this node is fenced (`daemon::fence`).
     pub(crate) fenced: std::sync::atomic::AtomicBool,
+    /// Set once the daemon begins to stop: failover, rejoining and the
+    /// mail keeper take nothing more.
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Member {
@@ -48,6 +51,10 @@ impl std::fmt::Debug for Member {
 }
 
 impl Member {
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// How the lease stands, and whether the node is fenced because of
     /// it (every grain stopped; cleared once the lease is live again and
     /// the fence has looked).
@@ -159,6 +166,7 @@ pub(crate) async fn join(
         link,
         lease_ttl: cluster.lease_ttl,
         fenced: std::sync::atomic::AtomicBool::new(false),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     });
     tokio::spawn(watch(member.clone(), config.data_dir.clone()));
     Ok(Some((member, links)))

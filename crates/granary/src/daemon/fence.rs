@@ -148,10 +148,11 @@ pub(crate) fn writable_again(datasets: &dyn Datasets, grain: &str) -> Result<(),
 }
 
 /// Takes a new lease whenever etcd says this node's is gone, trying every
-/// second until etcd answers; then fences the data of grains other nodes
-/// took meanwhile.
+/// second until etcd answers (with every grain stopped first); then
+/// fences the data of grains other nodes took meanwhile.
 pub(crate) async fn rejoin_when_lost(
     member: Arc<Member>,
+    grains: Arc<dyn granary_grains::Grains>,
     store: Arc<granary_state::Store>,
     datasets: Arc<dyn granary_datasets::Datasets>,
     data_dir: std::path::PathBuf,
@@ -159,6 +160,12 @@ pub(crate) async fn rejoin_when_lost(
     loop {
         member.lease.lost().await;
         loop {
+            if member.stopping() {
+                return;
+            }
+            // Nothing of this node may still run when it is a member again
+            // (a stop that failed while fenced is tried again here).
+            stop_all(&*grains).await;
             let free = crate::daemon::disk_space(&data_dir).map_or(0, |(free, _)| free);
             let taken = member
                 .coordinator
@@ -173,10 +180,16 @@ pub(crate) async fn rejoin_when_lost(
             }
         }
         tracing::warn!(node = %member.node, lease = member.lease.id(), "rejoined the cluster under a new lease");
-        if let Err(e) =
+        // Until it worked: stale data left in place would keep this node
+        // from taking those grains over later.
+        while let Err(e) =
             crate::daemon::moves::fence_stale(&member, &store, datasets.clone(), &data_dir).await
         {
-            tracing::error!(error = %e, "cannot look for grains other nodes took over");
+            tracing::error!(error = %e, "cannot look for grains other nodes took over; trying again");
+            if member.stopping() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
 }

@@ -46,15 +46,51 @@ impl CopiesHere {
     }
 }
 
+impl CopiesHere {
+    /// Drops `origin`'s copies older than [`COPY_AT_MOST`] (blocking).
+    fn drop_old(&self, origin: &str) {
+        for spool in SPOOLS {
+            let Ok(files) = std::fs::read_dir(self.spool_dir(origin, spool)) else {
+                continue;
+            };
+            for f in files.flatten() {
+                if too_old(&f.path()) {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+        }
+    }
+}
+
+fn too_old(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > COPY_AT_MOST)
+}
+
 impl SpoolCopies for CopiesHere {
     fn keep(&self, origin: &str, spool: &str, id: &str, bytes: &[u8]) -> Result<(), String> {
         if !granary_cluster::valid_node_name(origin) {
             return Err(format!("{origin:?} is not a node name"));
         }
         let dir = self.spool_dir(origin, spool);
-        let uid = nix::unistd::geteuid().as_raw();
-        for d in [&self.dir, &self.dir.join(origin), &dir] {
-            granary_files::ensure_private_dir(d, uid).map_err(|e| e.to_string())?;
+        if !dir.is_dir() {
+            // Made durable too, or a crash could lose an acknowledged copy
+            // with the directory it is in.
+            let uid = nix::unistd::geteuid().as_raw();
+            let origin_dir = self.dir.join(origin);
+            for (d, parent) in [
+                (&self.dir, self.dir.parent()),
+                (&origin_dir, Some(self.dir.as_path())),
+                (&dir, Some(origin_dir.as_path())),
+            ] {
+                granary_files::ensure_private_dir(d, uid).map_err(|e| e.to_string())?;
+                if let Some(parent) = parent {
+                    granary_files::sync_dir(parent).map_err(|e| e.to_string())?;
+                }
+            }
         }
         granary_files::write_atomic(&dir.join(format!("{id}.msg")), bytes, 0o600)
             .map_err(|e| format!("cannot keep a copy of {origin}'s spool entry {id}: {e}"))
@@ -189,6 +225,9 @@ impl Keeper {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if self.member.stopping() {
+                return;
+            }
             if !self.member.lease.is_live() {
                 continue;
             }
@@ -204,16 +243,17 @@ impl Keeper {
 
     /// Asks every live node to drop its copies of what left the spools.
     async fn release(&mut self) {
+        if self.removed.is_empty() {
+            return;
+        }
+        // Read before the queue is taken: with etcd away, next time.
+        let Ok(nodes) = self.member.coordinator.nodes().await else {
+            return;
+        };
         let mut gone: Vec<(&'static str, String)> = Vec::new();
         while let Ok(r) = self.removed.try_recv() {
             gone.push(r);
         }
-        if gone.is_empty() {
-            return;
-        }
-        let Ok(nodes) = self.member.coordinator.nodes().await else {
-            return;
-        };
         for n in nodes.iter().filter(|n| n.record.name != self.member.node) {
             let Some(alive) = &n.alive else { continue };
             let link = match alive.link.is_empty() {
@@ -238,7 +278,7 @@ impl Keeper {
                 )
                 .await;
                 if let Err(e) = released {
-                    tracing::debug!(node = %n.record.name, error = %e, "cannot release spool copies; they expire there");
+                    tracing::debug!(node = %n.record.name, error = %e, "cannot release spool copies; they are dropped there after 7 days");
                 }
             }
         }
@@ -258,20 +298,25 @@ impl Keeper {
         let failovers = c.failovers().await.map_err(etcd)?;
         let spool = self.inbound.clone();
         tokio::task::spawn_blocking(move || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
             for s in settled {
-                match judge(&s, &placements, &replicas, &failovers) {
+                match judge(&s, &placements, &replicas, &failovers, now) {
                     Judged::Safe => {
                         if let Err(e) = spool.forget(&s.id) {
                             tracing::warn!(id = s.id, error = %e, "cannot forget delivered mail");
                         }
                     }
-                    Judged::Lost(users) => {
-                        tracing::warn!(
-                            id = s.id,
-                            ?users,
-                            "delivered mail lost in a failover; delivering it again"
-                        );
-                        if let Err(e) = spool.redeliver(&s.id, &users) {
+                    Judged::Expired => {
+                        tracing::warn!(id = s.id, "no copy of its grain was made for a day after delivery; the spool keeps it no longer");
+                        if let Err(e) = spool.forget(&s.id) {
+                            tracing::warn!(id = s.id, error = %e, "cannot forget delivered mail");
+                        }
+                    }
+                    Judged::Lost(users, failover) => {
+                        tracing::warn!(id = s.id, ?users, failover, "its grain was failed over since it came; delivering it again (the grain drops it if it has it)");
+                        if let Err(e) = spool.redeliver(&s.id, &users, failover) {
                             tracing::error!(id = s.id, error = %e, "cannot deliver mail again");
                         }
                     }
@@ -297,7 +342,13 @@ impl Keeper {
         let resting = c.resting().await.map_err(etcd)?;
         for n in &nodes {
             let name = &n.record.name;
-            if n.alive.is_some() || resting.contains(name) || *name == self.member.node {
+            if *name == self.member.node {
+                continue;
+            }
+            if n.alive.is_some() || resting.contains(name) {
+                // Copies whose release never came.
+                let (copies, name) = (self.copies.clone(), name.clone());
+                let _ = tokio::task::spawn_blocking(move || copies.drop_old(&name)).await;
                 continue;
             }
             for (spool_name, spool) in [(SPOOLS[0], &self.inbound), (SPOOLS[1], &self.outbound)] {
@@ -308,6 +359,10 @@ impl Keeper {
                 for f in files.flatten() {
                     let path = f.path();
                     if path.extension().is_none_or(|e| e != "msg") {
+                        continue;
+                    }
+                    if too_old(&path) {
+                        let _ = std::fs::remove_file(&path);
                         continue;
                     }
                     match spool.adopt(&path).await {
@@ -329,24 +384,43 @@ impl Keeper {
     }
 }
 
+/// How far the nodes' clocks may differ (run NTP; systemd-timesyncd keeps
+/// them within milliseconds): a copy counts as made after a delivery only
+/// when its snapshot time is this much later, and a failover as after a
+/// message's arrival when it is no more than this much earlier.
+const SKEW: i64 = 5;
+/// A delivered message waits at most this long for a copy of its grain.
+const KEEP_AT_MOST: i64 = 24 * 3600;
+/// Copies of another node's entries older than this are dropped unread.
+const COPY_AT_MOST: Duration = Duration::from_secs(7 * 24 * 3600);
+
 #[derive(Debug, PartialEq, Eq)]
 enum Judged {
     /// Every recipient's grain has it in a copy on another node.
     Safe,
-    /// A failover to a copy made before it was delivered: these users'
-    /// grains may not have it.
-    Lost(Vec<String>),
+    /// Its grains were failed over since it came (the last failover at
+    /// this time): these users' grains may not have it.
+    Lost(Vec<String>, i64),
+    /// Kept a day with no copy of a grain made (a grain never
+    /// replicated): kept no longer.
+    Expired,
     Wait,
 }
 
-/// Where delivered message `s` stands against its recipients' grains.
+/// Where delivered message `s` stands against its recipients' grains, at
+/// `now`. Any failover of a recipient's grain since the message came has
+/// it delivered again, once per failover: the record keeps only a grain's
+/// last failover, and whether the promoted copy holds the message cannot
+/// be told from clocks alone; the grain drops it if it has it.
 fn judge(
     s: &Settled,
     placements: &[Placement],
     replicas: &[Replica],
     failovers: &[(String, FailoverRecord)],
+    now: i64,
 ) -> Judged {
     let mut lost = Vec::new();
+    let mut last = i64::MIN;
     let mut safe = true;
     for user in &s.delivered {
         let Ok(grain) = GrainId::for_user(user, "mail") else {
@@ -356,25 +430,30 @@ fn judge(
         let Some(p) = placements.iter().find(|p| p.grain == grain) else {
             continue;
         };
-        if failovers
-            .iter()
-            .any(|(g, f)| *g == grain && f.at_unix >= s.at && f.snapshot_unix < s.at)
+        if let Some((_, f)) = failovers.iter().find(|(g, _)| *g == grain)
+            && f.at_unix + SKEW >= s.received_at
+            && s.redelivered_for.is_none_or(|r| f.at_unix > r)
         {
             lost.push(user.clone());
+            last = last.max(f.at_unix);
             continue;
         }
         let copied = replicas.iter().any(|r| {
             r.grain == grain
                 && r.node != p.node
                 && r.record.epoch == p.epoch
-                && r.record.snapshot_unix > s.at
+                && r.record.snapshot_unix > s.at + SKEW
         });
         safe &= copied;
     }
-    match (lost.is_empty(), safe) {
-        (false, _) => Judged::Lost(lost),
-        (true, true) => Judged::Safe,
-        (true, false) => Judged::Wait,
+    if !lost.is_empty() {
+        Judged::Lost(lost, last)
+    } else if safe {
+        Judged::Safe
+    } else if now - s.at > KEEP_AT_MOST {
+        Judged::Expired
+    } else {
+        Judged::Wait
     }
 }
 
@@ -384,11 +463,13 @@ mod tests {
     use granary_cluster::ReplicaRecord;
 
     #[test]
-    fn delivered_mail_goes_once_a_later_copy_exists_and_comes_back_after_a_lossy_failover() {
+    fn delivered_mail_goes_once_a_later_copy_exists_and_comes_back_after_a_failover() {
         let s = Settled {
             id: "ab".into(),
+            received_at: 95,
             at: 100,
             delivered: vec!["alice".into()],
+            redelivered_for: None,
         };
         let placed = |node: &str, epoch| Placement {
             grain: "alice-mail".into(),
@@ -406,36 +487,46 @@ mod tests {
             },
         };
         let p = [placed("n1", 5)];
-        assert_eq!(judge(&s, &p, &[], &[]), Judged::Wait);
-        // A copy from the delivery's second may not hold it.
-        assert_eq!(judge(&s, &p, &[copy("n2", 100, 5)], &[]), Judged::Wait);
-        assert_eq!(judge(&s, &p, &[copy("n2", 101, 5)], &[]), Judged::Safe);
+        assert_eq!(judge(&s, &p, &[], &[], 101), Judged::Wait);
+        // A copy within the clocks' skew of the delivery may not hold it.
+        assert_eq!(judge(&s, &p, &[copy("n2", 105, 5)], &[], 106), Judged::Wait);
+        assert_eq!(judge(&s, &p, &[copy("n2", 106, 5)], &[], 107), Judged::Safe);
         // A copy on the owner, or of an older placement, is no copy.
-        assert_eq!(judge(&s, &p, &[copy("n1", 101, 5)], &[]), Judged::Wait);
-        assert_eq!(judge(&s, &p, &[copy("n2", 101, 4)], &[]), Judged::Wait);
-        // Failed over to a copy from before the delivery: again.
+        assert_eq!(judge(&s, &p, &[copy("n1", 200, 5)], &[], 201), Judged::Wait);
+        assert_eq!(judge(&s, &p, &[copy("n2", 200, 4)], &[], 201), Judged::Wait);
+        // Kept a day at most when no copy is ever made.
+        assert_eq!(judge(&s, &p, &[], &[], 100 + 86_401), Judged::Expired);
+        // Failed over since it came (whichever copy was promoted): once
+        // more, once per failover.
         let f = FailoverRecord {
             from: "n1".into(),
             from_epoch: 5,
             to: "n2".into(),
-            label: "replica-90".into(),
-            snapshot_unix: 90,
-            at_unix: 104,
-            lost_secs: 10,
+            label: "replica-300".into(),
+            snapshot_unix: 300,
+            at_unix: 304,
+            lost_secs: 2,
         };
         let p = [placed("n2", 9)];
         let fo = [("alice-mail".to_owned(), f.clone())];
-        assert_eq!(judge(&s, &p, &[], &fo), Judged::Lost(vec!["alice".into()]));
-        // One made after it holds it.
-        let fo = [(
-            "alice-mail".to_owned(),
-            FailoverRecord {
-                snapshot_unix: 101,
-                ..f
-            },
-        )];
-        assert_eq!(judge(&s, &p, &[], &fo), Judged::Wait);
+        assert_eq!(
+            judge(&s, &p, &[], &fo, 305),
+            Judged::Lost(vec!["alice".into()], 304)
+        );
+        let again = Settled {
+            redelivered_for: Some(304),
+            at: 306,
+            ..s.clone()
+        };
+        assert_eq!(judge(&again, &p, &[], &fo, 307), Judged::Wait);
+        // A failover well before the message came is none of its business.
+        let early = Settled {
+            received_at: 400,
+            at: 401,
+            ..s.clone()
+        };
+        assert_eq!(judge(&early, &p, &[], &fo, 402), Judged::Wait);
         // A grain removed since: nothing to wait for.
-        assert_eq!(judge(&s, &[], &[], &[]), Judged::Safe);
+        assert_eq!(judge(&s, &[], &[], &[], 101), Judged::Safe);
     }
 }

@@ -246,6 +246,7 @@ async fn serve(
         }
         tokio::spawn(fence::rejoin_when_lost(
             m.clone(),
+            local.clone(),
             store.clone(),
             datasets.clone(),
             config.data_dir.clone(),
@@ -471,6 +472,9 @@ async fn serve(
     }
     let _ = delivering.await;
     admin.join();
+    if let Some(m) = &member {
+        m.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     supervisor.stop().await;
     cluster::leave(member).await;
     let _ = std::fs::remove_file(config.ports_file());

@@ -126,9 +126,10 @@ pub(super) fn undo_arrival(datasets: &dyn Datasets, grain: &str, id: &str) -> Re
     Ok(())
 }
 
-/// Whether `grain`'s data here is an arrival that has not started yet.
-pub(super) fn arriving(datasets: &dyn Datasets, grain: &str) -> bool {
-    read_marker(datasets, grain).is_some()
+/// The id of the arrival (a move's, or a failover's `failover-<epoch>`)
+/// `grain`'s data here is, while it has not started yet.
+pub(super) fn arrival(datasets: &dyn Datasets, grain: &str) -> Option<String> {
+    read_marker(datasets, grain).map(|m| m.id)
 }
 
 /// A move being received: the staging dataset the streams go to, and

@@ -35,6 +35,9 @@ pub(crate) fn spawn(src: Source, store: Arc<granary_state::Store>, copies: Arc<C
                 tracing::debug!(error = %e, "watching the cluster's nodes for failover");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            if src.member.stopping() {
+                return;
+            }
             if !src.member.lease.is_live() {
                 continue;
             }
@@ -100,28 +103,34 @@ async fn take(
         .map_err(msg)?
         .ok_or_else(|| format!("no grain {g} in this node's records"))?
         .host_uid;
-    // The copy must be the whole one the record names.
-    let usable = copies
-        .state(&g)
-        .is_some_and(|s| s.whole && s.from == from && s.label == t.copy.record.label);
-    if !usable {
-        let _ = src
-            .member
-            .coordinator
-            .drop_replica(&g, &src.member.node)
-            .await;
-        return Err(format!(
-            "this node's copy is not the whole {} from {from}; its record is dropped so another copy is taken",
-            t.copy.record.label
-        ));
-    }
     let (ds, cp, g2, i2) = (src.datasets.clone(), copies.clone(), g.clone(), id.clone());
-    let from_epoch = t.placement.epoch;
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
+    let (from_epoch, named, sender) =
+        (t.placement.epoch, t.copy.record.label.clone(), from.clone());
+    let promoted = tokio::task::spawn_blocking(move || -> Result<Promoted, String> {
+        // No round changes the copy from here on.
         let _one = cp.claim(&g2)?;
-        if super::arrive::arriving(&*ds, &g2) {
-            // An earlier attempt's data, never started.
-            ds.destroy_data(&g2).map_err(msg)?;
+        // The whole copy the record names, or a newer whole one from the
+        // same sender (whose record could not be written).
+        let label = match cp.state(&g2) {
+            Some(s)
+                if s.whole
+                    && s.from == sender
+                    && snapshot_time(&s.label) >= snapshot_time(&named) =>
+            {
+                s.label
+            }
+            _ => return Ok(Promoted::Unusable),
+        };
+        match super::arrive::arrival(&*ds, &g2) {
+            // An earlier attempt's data, never started: made again below.
+            Some(a) if a == i2 => ds.destroy_data(&g2).map_err(msg)?,
+            // What a move from the dead node left before its switch: newer
+            // than any copy, so kept aside for `granary node reconcile`.
+            Some(a) => {
+                let kept = ds.retire(&g2, &format!("unfinished-{a}")).map_err(msg)?;
+                tracing::warn!(grain = %g2, kept = kept.as_deref().unwrap_or(""), "failover: kept aside the data of a move that never switched");
+            }
+            None => {}
         }
         if ds.has_data(&g2).map_err(msg)? {
             return Err(format!(
@@ -137,24 +146,52 @@ async fn take(
             let _ = ds.destroy(&staging);
             return Err(e);
         }
-        Ok(())
+        Ok(Promoted::From(label))
     })
     .await
     .map_err(msg)??;
+    let label = match promoted {
+        Promoted::From(label) => label,
+        Promoted::Unusable => {
+            // Its record is dropped so the next newest copy is taken.
+            let _ = src
+                .member
+                .coordinator
+                .drop_replica(&g, &src.member.node)
+                .await;
+            return Err(format!(
+                "this node's copy is not the whole {} from {from}; its record is dropped so another copy is taken",
+                t.copy.record.label
+            ));
+        }
+    };
+    let mut t = t.clone();
+    t.copy.record.snapshot_unix = snapshot_time(&label).unwrap_or(t.copy.record.snapshot_unix);
+    t.copy.record.label = label;
     let ttl = src.member.lease.ttl().as_secs() as i64;
     let placed = match src
         .member
         .coordinator
-        .take_over(t, &src.member.lease, ttl)
+        .take_over(&t, &src.member.lease, ttl)
         .await
     {
         Ok(p) => p,
         Err(e) => {
-            let (ds, g2) = (src.datasets.clone(), g.clone());
-            let _ =
-                tokio::task::spawn_blocking(move || super::arrive::undo_arrival(&*ds, &g2, &id))
+            // Refused, or no answer: whether etcd applied it is known only
+            // by reading the placement again. Until then the data stays,
+            // marked: it cannot start under any placement but ours.
+            match settled_placement(src, &g).await {
+                Some(Some(p)) if p.node == src.member.node && p.epoch > t.placement.epoch => p,
+                Some(_) => {
+                    let (ds, g2) = (src.datasets.clone(), g.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        super::arrive::undo_arrival(&*ds, &g2, &id)
+                    })
                     .await;
-            return Err(e.to_string());
+                    return Err(e.to_string());
+                }
+                None => return Err(format!("{e}; the copy stays in place, marked")),
+            }
         }
     };
     // The gate clears the arrival mark: the placement is newer now.
@@ -162,6 +199,29 @@ async fn take(
         tracing::warn!(grain = %g, error = %e, "failover: the grain starts on its next use");
     }
     Ok(placed)
+}
+
+enum Promoted {
+    /// Put in place: the copy of this snapshot.
+    From(String),
+    Unusable,
+}
+
+/// The time in a replica snapshot's label (`replica-<unix>`).
+fn snapshot_time(label: &str) -> Option<i64> {
+    label.strip_prefix("replica-")?.parse().ok()
+}
+
+/// The grain's placement as etcd has it, asked until etcd answers (at
+/// most 30 s); `None` when it never did.
+async fn settled_placement(src: &Source, grain: &str) -> Option<Option<Placement>> {
+    for _ in 0..30 {
+        if let Ok(p) = src.member.coordinator.placement(grain).await {
+            return Some(p);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    None
 }
 
 /// Copies the tree at `from` into the empty directory `into` (blocking),

@@ -530,7 +530,15 @@ pub(crate) async fn fence_stale(
             if p.node == me || !datasets.has_data(&g.id).unwrap_or(false) {
                 continue;
             }
-            let held = datasets.epoch(&g.id).ok().flatten().unwrap_or(0);
+            // Data arriving here (a move's or a failover's, not started
+            // yet) is no stale copy; nor is data with no epoch (never run
+            // here) or an unreadable one: left alone.
+            if arrive::arrival(&*datasets, &g.id).is_some() {
+                continue;
+            }
+            let Ok(Some(held)) = datasets.epoch(&g.id) else {
+                continue;
+            };
             if held >= p.epoch {
                 continue;
             }
