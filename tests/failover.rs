@@ -322,6 +322,10 @@ fn partitioned_node(net: &Net, daemons: &mut [Daemon], run: usize) {
     let through_n3 = Writer::start(daemons, &grain, &[2], first + 1_000_000);
     net.set_link(1, false);
     let cut = Instant::now();
+    let cut_unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     let failover = eventually(
         "bob's grain to be failed over",
         Duration::from_secs(90),
@@ -361,8 +365,9 @@ fn partitioned_node(net: &Net, daemons: &mut [Daemon], run: usize) {
         "{log}"
     );
     eprintln!(
-        "run {run} partition: failed over to {} after {rto:?}; n2 acknowledged {} writes while cut off, its last {:?} before the new owner's first; failover says at most {} s lost",
+        "run {run} partition: switched to {} about {:.0} s after the cut (TTL 2 s), its first write through n3 answered after {rto:?}; n2 acknowledged {} writes while cut off, its last {:?} before the new owner's first; failover says at most {} s lost",
         failover["to"],
+        switched - cut_unix.floor(),
         on_n2.len(),
         last_old.map(|l| first_new - l),
         failover["lost_secs"]
