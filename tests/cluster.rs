@@ -1350,18 +1350,11 @@ fn mail_taken_by_any_node_reaches_the_mail_grain_on_its_node_and_is_refused_whil
     assert!(n1.data_dir().join("grains/alice-mail/epoch").exists());
 
     let swaks_said = |d: &Daemon, subject: &str| {
-        let smtp = d.listener("smtp");
-        let out = std::process::Command::new("swaks")
-            .args(["--server", &smtp.ip().to_string()])
-            .args(["--port", &smtp.port().to_string()])
-            .args(["--helo", "client.remote.example"])
-            .args(["--from", "sender@remote.example"])
-            .args(["--to", &format!("alice@{DOMAIN}")])
-            .args(["--header", &format!("Subject: {subject}")])
-            .args(["--body", "through the other node"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let to = format!("alice@{DOMAIN}");
+        let subject = format!("Subject: {subject}");
+        let args = ["--from", "sender@remote.example", "--to", &to];
+        let more = ["--header", &subject, "--body", "through the other node"];
+        granary_testkit::mail::swaks_at(d.listener("smtp"), &[&args[..], &more[..]].concat()).1
     };
     let swaks = |d: &Daemon, subject: &str| {
         let text = swaks_said(d, subject);

@@ -622,7 +622,7 @@ fn a_slow_node_is_never_failed_over_and_etcd_without_quorum_fails_nothing_over()
 /// into her failed-over grain, exactly once.
 #[test]
 fn mail_acknowledged_by_a_node_killed_right_after_is_delivered_once_after_failover() {
-    use granary_testkit::mail::{DOMAIN, Dns, mail_package, sender_records};
+    use granary_testkit::mail::{DOMAIN, Dns, mail_package, sender_records, swaks_at};
     for run in 1..=runs() {
         let net = Net::create(3);
         let etcd = Etcd::start_on(3, net.host);
@@ -659,18 +659,19 @@ fn mail_acknowledged_by_a_node_killed_right_after_is_delivered_once_after_failov
                 .find(|m| m["name"] == "INBOX")?["messages"]
                 .as_u64()
         };
-        let smtp = daemons[0].listener("smtp");
-        let out = std::process::Command::new("swaks")
-            .args(["--server", &smtp.ip().to_string()])
-            .args(["--port", &smtp.port().to_string()])
-            .args(["--helo", "client.remote.example"])
-            .args(["--from", "sender@remote.example"])
-            .args(["--to", &format!("alice@{DOMAIN}")])
-            .args(["--header", &format!("Subject: kept {run}")])
-            .args(["--body", "acknowledged, then the node died"])
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (_, said) = swaks_at(
+            daemons[0].listener("smtp"),
+            &[
+                "--from",
+                "sender@remote.example",
+                "--to",
+                &format!("alice@{DOMAIN}"),
+                "--header",
+                &format!("Subject: kept {run}"),
+                "--body",
+                "acknowledged, then the node died",
+            ],
+        );
         assert!(said.contains("250 2.0.0 Ok: queued as"), "{said}");
         let killed = Instant::now();
         daemons[0].kill_hard();
@@ -712,4 +713,72 @@ fn mail_acknowledged_by_a_node_killed_right_after_is_delivered_once_after_failov
         );
         drop(daemons);
     }
+}
+
+/// Fencing on ZFS: a node cut off from etcd stops its grain and makes its
+/// dataset read-only; once it may run the grain again (here the only node,
+/// so the grain stays placed on it), the next start makes the dataset
+/// writable and the grain stores writes again.
+#[test]
+fn a_fenced_node_makes_its_zfs_datasets_read_only_until_it_may_start_them_again() {
+    use granary_datasets::testing::ZfsPool;
+    let tmp = tempfile::tempdir().unwrap();
+    // Declared first, dropped last: after the daemon.
+    let pool = ZfsPool::create(tmp.path(), "256M").unwrap();
+    let net = Net::create(1);
+    let etcd = Etcd::start_on(3, net.host);
+    // A 6 s TTL: fenced 3 s after the last renewal.
+    let config = format!(
+        "{}[storage]\nbackend = \"zfs\"\nzfs_dataset = \"{}\"\nquota_mib = 64\n",
+        granary_testkit::cluster::node_config(&etcd, "n1", "\"x86_64\"")
+            .replace("lease_ttl = \"2s\"", "lease_ttl = \"6s\""),
+        pool.name
+    );
+    let mut n1 = Daemon::prepare(granary_testkit::DaemonMode::Serve, &config, "", &[]);
+    n1.run_in(net.ns(0), net.ip(0));
+    n1.granary(&["cluster", "init"]).success();
+    let token = granary_testkit::cluster::token(&n1);
+    n1.granary_with_stdin(&["node", "join"], Some(&format!("{token}\n")))
+        .success();
+    n1.launch();
+    let hello = granary_testkit::hello_app(n1.dir(), "hello", &[]);
+    n1.granary(&["app", "install", hello.to_str().unwrap()])
+        .success();
+    n1.granary(&["user", "add", "alice"]).success();
+    assert_eq!(n1.ask("alice/hello", "put 1"), "stored 1");
+
+    net.set_link(0, false);
+    eventually(
+        "the dataset to be made read-only",
+        Duration::from_secs(30),
+        || {
+            n1.log()
+                .contains("fencing: dataset read-only grain=alice-hello")
+                .then_some(())
+        },
+    );
+    let data = n1.data_dir().join("grains/alice-hello/data");
+    let refused = std::fs::write(data.join("late"), "x").unwrap_err();
+    assert_eq!(
+        refused.raw_os_error(),
+        Some(nix::errno::Errno::EROFS as i32),
+        "{refused}"
+    );
+    assert!(n1.data_dir().join("grains/alice-hello/fenced").exists());
+
+    net.set_link(0, true);
+    eventually(
+        "the grain to store a write again",
+        Duration::from_secs(60),
+        || {
+            let run = n1.granary_with_stdin(
+                &["grain", "connect", "alice/hello", "hello"],
+                Some("put 2\n"),
+            );
+            (run.status.success() && run.stdout.trim() == "stored 2").then_some(())
+        },
+    );
+    assert!(!n1.data_dir().join("grains/alice-hello/fenced").exists());
+    assert_eq!(n1.ask("alice/hello", "acked"), "1,2");
+    drop(n1);
 }

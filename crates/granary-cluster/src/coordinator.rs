@@ -426,13 +426,12 @@ impl Coordinator {
             .grant_alive(lease.node(), ttl, free_bytes, link)
             .await?;
         // Released while the grant was under way: give it back.
-        if lease.is_released() {
+        if !lease.replace(id, granted, sent) {
             let _ = self.c().lease_revoke(id).await;
             return Err(ClusterError::Changed(
                 "this node's lease was released: it is stopping".to_owned(),
             ));
         }
-        lease.replace(id, granted, sent);
         Ok(())
     }
 

@@ -105,13 +105,29 @@ impl NodeLease {
         }
     }
 
-    /// Puts a new lease in place of a lost one.
-    pub(crate) fn replace(&self, id: i64, ttl: Duration, sent: Instant) {
-        let held = Arc::new(Held::start(self.client.clone(), id, ttl, sent));
-        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    /// Puts a new lease in place of a lost one; `false` (nothing
+    /// changed) when the lease was released meanwhile.
+    pub(crate) fn replace(&self, id: i64, ttl: Duration, sent: Instant) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the lock `release` sets it under.
+        if self.is_released() {
+            return false;
+        }
+        *held = Arc::new(Held::start(self.client.clone(), id, ttl, sent));
+        true
     }
 
-    /// Whether [`NodeLease::release`] was called.
+    /// No new lease is taken in place of this one from now on
+    /// ([`NodeLease::release`] does this first too): a daemon about to
+    /// rest calls it before it writes its rest mark, which a new lease
+    /// would clear.
+    pub fn forbid_retake(&self) {
+        let _held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        self.released.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`NodeLease::release`] or [`NodeLease::forbid_retake`] was
+    /// called.
     pub fn is_released(&self) -> bool {
         self.released.load(Ordering::SeqCst)
     }
@@ -178,8 +194,11 @@ impl NodeLease {
     /// Stops renewing and revokes the lease, so `alive/<node>` goes at
     /// once rather than after the TTL: the clean way for a daemon to stop.
     pub async fn release(&self) -> Result<(), crate::ClusterError> {
-        self.released.store(true, Ordering::SeqCst);
-        let held = self.held();
+        let held = {
+            let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            self.released.store(true, Ordering::SeqCst);
+            held.clone()
+        };
         held.task.abort();
         let mut client = self.client.clone();
         match client.lease_revoke(held.id).await {

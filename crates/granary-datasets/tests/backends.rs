@@ -48,6 +48,9 @@ fn exercise(backend: &dyn Datasets) -> String {
     backend.set_read_only("g-one", true).unwrap();
     let refused = std::fs::write(data.join("late"), "x").unwrap_err();
     assert_eq!(refused.raw_os_error(), Some(libc::EROFS), "{refused}");
+    // A start checks the dataset (create) before the gate makes it
+    // writable again: that works on a read-only one.
+    assert_eq!(backend.create("g-one", uid).unwrap(), data);
     assert_eq!(std::fs::read_to_string(data.join("note")).unwrap(), "kept");
     backend.set_read_only("g-one", false).unwrap();
     std::fs::write(data.join("late"), "x").unwrap();

@@ -462,31 +462,39 @@ impl Spool {
                 .collect();
             if pending.is_empty() {
                 return Ok(Decision::Finished {
-                    // Bounced already when it was first finished.
-                    failed: if p.bounced {
-                        Vec::new()
-                    } else {
-                        p.failed.clone()
-                    },
+                    // Those told once are not told again.
+                    failed: unbounced(p),
                     offset: t.offset,
                 });
             }
             if temporary.is_some() {
                 p.last_error = temporary;
             }
-            let age = now - t.envelope.received_at;
+            // A message delivered again after a failover counts its age
+            // from then.
+            let since = p
+                .redelivered_for
+                .map_or(t.envelope.received_at, |r| r.max(t.envelope.received_at));
+            let age = now - since;
             if age >= self.settings.lifetime.as_secs() as i64 {
-                let why = format!(
-                    "4.4.7 gave up after {} hours: {}",
-                    age / 3600,
-                    p.last_error
-                        .as_deref()
-                        .unwrap_or("the mailbox could not take it")
-                );
-                p.failed
-                    .extend(pending.into_iter().map(|u| (u, why.clone())));
+                if p.redelivered_for.is_some() {
+                    // Their grains had it once (a failover may have lost
+                    // it since): no bounce says it never came.
+                    tracing::warn!(id, users = ?pending, "gave up delivering again after a failover");
+                    p.delivered.extend(pending);
+                } else {
+                    let why = format!(
+                        "4.4.7 gave up after {} hours: {}",
+                        age / 3600,
+                        p.last_error
+                            .as_deref()
+                            .unwrap_or("the mailbox could not take it")
+                    );
+                    p.failed
+                        .extend(pending.into_iter().map(|u| (u, why.clone())));
+                }
                 return Ok(Decision::Finished {
-                    failed: p.failed.clone(),
+                    failed: unbounced(p),
                     offset: t.offset,
                 });
             }
@@ -520,4 +528,13 @@ impl Spool {
             None => Decision::Later,
         })
     }
+}
+
+/// The failures whose sender was not told yet.
+fn unbounced(p: &crate::Progress) -> Vec<(String, String)> {
+    p.failed
+        .iter()
+        .filter(|(u, _)| !p.bounced.contains(u))
+        .cloned()
+        .collect()
 }

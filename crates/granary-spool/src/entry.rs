@@ -79,10 +79,10 @@ pub struct Progress {
     /// [`crate::Spool::redeliver`].
     #[serde(default)]
     pub settled: Option<i64>,
-    /// Those in `failed` were told (bounced) already: a delivery again
-    /// ([`crate::Spool::redeliver`]) does not bounce them twice.
+    /// The users in `failed` whose sender was told already (bounced): a
+    /// delivery again ([`crate::Spool::redeliver`]) does not tell twice.
     #[serde(default)]
-    pub bounced: bool,
+    pub bounced: Vec<String>,
     /// The failover (its time) the last [`crate::Spool::redeliver`] was for.
     #[serde(default)]
     pub redelivered_for: Option<i64>,

@@ -104,7 +104,7 @@ impl Spool {
                 Some(t) if keep && !t.progress.delivered.is_empty() => {
                     t.progress.settled = Some(unix_now());
                     // Its failures were bounced just now.
-                    t.progress.bounced = true;
+                    t.progress.bounced = t.progress.failed.iter().map(|(u, _)| u.clone()).collect();
                     t.busy = false;
                     Some(t.progress.clone())
                 }

@@ -199,8 +199,9 @@ impl Etcd {
         self.members.iter().map(|m| m.client_url.clone()).collect()
     }
 
-    /// Whether every running member answers healthy.
-    pub fn healthy(&self) -> bool {
+    /// `etcdctl` for the running members, with the client certificate
+    /// when etcd speaks TLS.
+    fn etcdctl(&self) -> Command {
         let running: Vec<&str> = self
             .members
             .iter()
@@ -217,16 +218,19 @@ impl Etcd {
                 .arg("--key")
                 .arg(&t.client_key);
         }
+        command.env("ETCDCTL_API", "3").args([
+            "--endpoints",
+            &running.join(","),
+            "--dial-timeout",
+            "1s",
+        ]);
         command
-            .env("ETCDCTL_API", "3")
-            .args([
-                "--endpoints",
-                &running.join(","),
-                "--dial-timeout",
-                "1s",
-                "endpoint",
-                "health",
-            ])
+    }
+
+    /// Whether every running member answers healthy.
+    pub fn healthy(&self) -> bool {
+        self.etcdctl()
+            .args(["endpoint", "health"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -236,25 +240,8 @@ impl Etcd {
 
     /// Which running member leads the cluster now, as they say.
     pub fn leader(&self) -> Option<usize> {
-        let mut command = Command::new("etcdctl");
-        if let Some(t) = &self.tls {
-            command
-                .arg("--cacert")
-                .arg(&t.ca)
-                .arg("--cert")
-                .arg(&t.client_cert)
-                .arg("--key")
-                .arg(&t.client_key);
-        }
-        let running: Vec<&str> = self
-            .members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(|m| m.client_url.as_str())
-            .collect();
-        let out = command
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &running.join(","), "--dial-timeout", "1s"])
+        let out = self
+            .etcdctl()
             .args(["endpoint", "status", "-w", "json"])
             .output()
             .ok()?;

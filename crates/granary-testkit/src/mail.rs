@@ -306,20 +306,26 @@ impl MailHost {
     /// Runs Debian's `swaks` against `server` with `args`; (success,
     /// output).
     pub fn swaks_at(&self, server: SocketAddr, args: &[&str]) -> (bool, String) {
-        let out = Command::new("swaks")
-            .args(["--server", &server.ip().to_string()])
-            .args(["--port", &server.port().to_string()])
-            .args(["--helo", "client.remote.example"])
-            .args(args)
-            .output()
-            .expect("swaks (apt install swaks; ./run-tests does)");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        swaks_at(server, args)
     }
+}
+
+/// Runs Debian's `swaks` against `server`, saying HELO as a host of
+/// remote.example, with `args`; (success, output).
+pub fn swaks_at(server: SocketAddr, args: &[&str]) -> (bool, String) {
+    let out = Command::new("swaks")
+        .args(["--server", &server.ip().to_string()])
+        .args(["--port", &server.port().to_string()])
+        .args(["--helo", "client.remote.example"])
+        .args(args)
+        .output()
+        .expect("swaks (apt install swaks; ./run-tests does)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 /// The Python the tests drive clients with: the project's `.venv` (made by

@@ -558,7 +558,9 @@ pub(crate) async fn fetch_image(member: &Member, image: &Path) -> Result<(), Str
 /// Marks the node at rest and releases the lease, on a clean stop.
 pub(crate) async fn leave(member: Option<Arc<Member>>) {
     let Some(member) = member else { return };
-    // Stopped on purpose: not failed over for a while (a restart).
+    // Stopped on purpose: not failed over for a while (a restart). No new
+    // lease may clear the mark.
+    member.lease.forbid_retake();
     if let Err(e) = member.coordinator.rest(&member.node).await {
         tracing::warn!(error = %e, "cannot mark this node at rest; its grains may be failed over once its lease is gone");
     }

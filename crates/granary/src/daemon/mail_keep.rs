@@ -32,12 +32,20 @@ use crate::daemon::cluster::Member;
 /// Other nodes' spool copies kept on this node.
 pub(crate) struct CopiesHere {
     dir: PathBuf,
+    /// Past this age a copy is dropped unread: longer than any entry can
+    /// stay in its origin's spool ([`CopiesHere::new`]).
+    max_age: Duration,
 }
 
 impl CopiesHere {
-    pub(crate) fn new(data_dir: &Path) -> CopiesHere {
+    /// Copies of entries of spools whose messages live at most
+    /// `lifetime` (the longer of `mail.spool_lifetime` and
+    /// `queue_lifetime`): kept that long, plus the day a delivered
+    /// message may wait for a copy of its grain, plus a day.
+    pub(crate) fn new(data_dir: &Path, lifetime: Duration) -> CopiesHere {
         CopiesHere {
             dir: data_dir.join("spool-copies"),
+            max_age: lifetime + Duration::from_secs(KEEP_AT_MOST as u64 + 24 * 3600),
         }
     }
 
@@ -47,14 +55,14 @@ impl CopiesHere {
 }
 
 impl CopiesHere {
-    /// Drops `origin`'s copies older than [`COPY_AT_MOST`] (blocking).
+    /// Drops `origin`'s copies older than `max_age` (blocking).
     fn drop_old(&self, origin: &str) {
         for spool in SPOOLS {
             let Ok(files) = std::fs::read_dir(self.spool_dir(origin, spool)) else {
                 continue;
             };
             for f in files.flatten() {
-                if too_old(&f.path()) {
+                if self.too_old(&f.path()) {
                     let _ = std::fs::remove_file(f.path());
                 }
             }
@@ -62,12 +70,14 @@ impl CopiesHere {
     }
 }
 
-fn too_old(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age > COPY_AT_MOST)
+impl CopiesHere {
+    fn too_old(&self, path: &Path) -> bool {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > self.max_age)
+    }
 }
 
 impl SpoolCopies for CopiesHere {
@@ -278,7 +288,7 @@ impl Keeper {
                 )
                 .await;
                 if let Err(e) = released {
-                    tracing::debug!(node = %n.record.name, error = %e, "cannot release spool copies; they are dropped there after 7 days");
+                    tracing::debug!(node = %n.record.name, error = %e, "cannot release spool copies; they are dropped there once too old");
                 }
             }
         }
@@ -361,7 +371,7 @@ impl Keeper {
                     if path.extension().is_none_or(|e| e != "msg") {
                         continue;
                     }
-                    if too_old(&path) {
+                    if self.copies.too_old(&path) {
                         let _ = std::fs::remove_file(&path);
                         continue;
                     }
@@ -391,8 +401,6 @@ impl Keeper {
 const SKEW: i64 = 5;
 /// A delivered message waits at most this long for a copy of its grain.
 const KEEP_AT_MOST: i64 = 24 * 3600;
-/// Copies of another node's entries older than this are dropped unread.
-const COPY_AT_MOST: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, PartialEq, Eq)]
 enum Judged {
@@ -401,8 +409,8 @@ enum Judged {
     /// Its grains were failed over since it came (the last failover at
     /// this time): these users' grains may not have it.
     Lost(Vec<String>, i64),
-    /// Kept a day with no copy of a grain made (a grain never
-    /// replicated): kept no longer.
+    /// Kept a day, and a recipient's grain has no copy anywhere (never
+    /// replicated: no node to copy to): kept no longer.
     Expired,
     Wait,
 }
@@ -422,6 +430,8 @@ fn judge(
     let mut lost = Vec::new();
     let mut last = i64::MIN;
     let mut safe = true;
+    // A grain waited for that has no copy at all.
+    let mut uncopied = false;
     for user in &s.delivered {
         let Ok(grain) = GrainId::for_user(user, "mail") else {
             continue;
@@ -445,12 +455,16 @@ fn judge(
                 && r.record.snapshot_unix > s.at + SKEW
         });
         safe &= copied;
+        uncopied |= !copied
+            && !replicas
+                .iter()
+                .any(|r| r.grain == grain && r.node != p.node);
     }
     if !lost.is_empty() {
         Judged::Lost(lost, last)
     } else if safe {
         Judged::Safe
-    } else if now - s.at > KEEP_AT_MOST {
+    } else if uncopied && now - s.at > KEEP_AT_MOST {
         Judged::Expired
     } else {
         Judged::Wait
@@ -494,8 +508,13 @@ mod tests {
         // A copy on the owner, or of an older placement, is no copy.
         assert_eq!(judge(&s, &p, &[copy("n1", 200, 5)], &[], 201), Judged::Wait);
         assert_eq!(judge(&s, &p, &[copy("n2", 200, 4)], &[], 201), Judged::Wait);
-        // Kept a day at most when no copy is ever made.
+        // Kept a day at most when no copy is ever made; while copies
+        // exist but lag, kept until one is newer.
         assert_eq!(judge(&s, &p, &[], &[], 100 + 86_401), Judged::Expired);
+        assert_eq!(
+            judge(&s, &p, &[copy("n2", 90, 5)], &[], 100 + 86_401),
+            Judged::Wait
+        );
         // Failed over since it came (whichever copy was promoted): once
         // more, once per failover.
         let f = FailoverRecord {

@@ -233,7 +233,10 @@ async fn serve(
     // This node's own grains, never forwarded (moves drive them).
     let local_grains = grains.clone();
     // Other nodes' spool copies kept here (`mail_keep`).
-    let spool_copies = Arc::new(mail_keep::CopiesHere::new(&config.data_dir));
+    let spool_copies = Arc::new(mail_keep::CopiesHere::new(
+        &config.data_dir,
+        config.mail.spool_lifetime.max(config.mail.queue_lifetime),
+    ));
     if let (Some(m), Some(links)) = (&member, links) {
         let local = grains.clone();
         tokio::spawn(fence::fence_on_lapse(
@@ -466,15 +469,16 @@ async fn serve(
         stop.await;
     }
     tracing::info!("shutting down");
+    // Failover, rejoining and the mail keeper take nothing more.
+    if let Some(m) = &member {
+        m.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     let _ = stop_tx.send(true);
     for task in served {
         let _ = task.await;
     }
     let _ = delivering.await;
     admin.join();
-    if let Some(m) = &member {
-        m.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
     supervisor.stop().await;
     cluster::leave(member).await;
     let _ = std::fs::remove_file(config.ports_file());

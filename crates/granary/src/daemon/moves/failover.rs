@@ -122,8 +122,10 @@ async fn take(
             _ => return Ok(Promoted::Unusable),
         };
         match super::arrive::arrival(&*ds, &g2) {
-            // An earlier attempt's data, never started: made again below.
-            Some(a) if a == i2 => ds.destroy_data(&g2).map_err(msg)?,
+            // An earlier attempt put this copy in place, and its switch
+            // had no clear answer: used as it is (never removed while its
+            // switch may still apply).
+            Some(a) if a == i2 => return Ok(Promoted::From(label)),
             // What a move from the dead node left before its switch: newer
             // than any copy, so kept aside for `granary node reconcile`.
             Some(a) => {
@@ -133,10 +135,19 @@ async fn take(
             None => {}
         }
         if ds.has_data(&g2).map_err(msg)? {
-            return Err(format!(
-                "this node already holds data of {g2} ({}); move it aside first",
-                ds.path(&g2).display()
-            ));
+            // This node's own older data of the grain (a stale copy the
+            // start-up check could not put aside): kept aside too.
+            match ds.epoch(&g2) {
+                Ok(Some(e)) if e >= from_epoch => {
+                    return Err(format!(
+                        "this node holds data of {g2} under epoch {e}, not older than the placement's {from_epoch}"
+                    ));
+                }
+                _ => {
+                    let kept = ds.retire(&g2, &format!("stale-{from_epoch}")).map_err(msg)?;
+                    tracing::warn!(grain = %g2, kept = kept.as_deref().unwrap_or(""), "failover: kept aside this node's older data of the grain");
+                }
+            }
         }
         let staging = granary_backup::staging_id("failover");
         ds.create(&staging, uid).map_err(msg)?;
@@ -168,6 +179,9 @@ async fn take(
     let mut t = t.clone();
     t.copy.record.snapshot_unix = snapshot_time(&label).unwrap_or(t.copy.record.snapshot_unix);
     t.copy.record.label = label;
+    if src.member.stopping() {
+        return Err("this node is stopping; the copy stays in place, marked".to_owned());
+    }
     let ttl = src.member.lease.ttl().as_secs() as i64;
     let placed = match src
         .member
@@ -180,8 +194,15 @@ async fn take(
             // Refused, or no answer: whether etcd applied it is known only
             // by reading the placement again. Until then the data stays,
             // marked: it cannot start under any placement but ours.
+            let me = &src.member.node;
             match settled_placement(src, &g).await {
-                Some(Some(p)) if p.node == src.member.node && p.epoch > t.placement.epoch => p,
+                Some(Some(p)) if p.node == *me && p.epoch > t.placement.epoch => p,
+                // Unchanged: the switch may yet apply, so the data stays,
+                // marked; the next look tries the switch again with it.
+                Some(Some(p)) if p.epoch == t.placement.epoch => {
+                    return Err(format!("{e}; the copy stays in place, marked"));
+                }
+                // Placed elsewhere since, or removed: it is not ours.
                 Some(_) => {
                     let (ds, g2) = (src.datasets.clone(), g.clone());
                     let _ = tokio::task::spawn_blocking(move || {
