@@ -180,6 +180,9 @@ fn grains_live_on_their_own_zfs_datasets_and_purge_keeps_a_final_snapshot() {
         "before"
     );
     assert!(!data.join("later").exists());
+    // The grain is told its data was set back (an app with sync tokens
+    // starts new ones).
+    assert!(data.join(".granary-rewound").exists());
     assert_eq!(daemon.ask("alice/hello", "ping"), "pong");
 
     // The scheduler snapshots every second and keeps one automatic

@@ -74,6 +74,17 @@ fn main() -> ExitCode {
     let dir = std::env::var_os("GRANARY_DAV_DIR").unwrap_or_else(|| STORE_DIR.into());
     let store = match Store::open(std::path::Path::new(&dir)).and_then(|s| {
         s.ensure_defaults()?;
+        // The data was set back (failover, rollback): sync tokens handed
+        // out since the copy must not hold (RFC 6578: the client starts
+        // over), so every collection starts a new incarnation.
+        let rewound = std::path::Path::new(&dir)
+            .parent()
+            .map(|p| p.join(granary_sdk::REWOUND));
+        if let Some(mark) = rewound.filter(|m| m.exists()) {
+            let n = s.new_incarnations()?;
+            eprintln!("granary-dav: data set back to an earlier copy; {n} collection(s) start new sync tokens");
+            std::fs::remove_file(&mark)?;
+        }
         Ok(s)
     }) {
         Ok(s) => {

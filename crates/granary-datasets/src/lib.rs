@@ -32,6 +32,22 @@ pub struct DatasetError {
 /// without user properties.
 const EPOCH_FILE: &str = "epoch";
 
+/// Put at the root of a grain's data when it is set back to an earlier
+/// copy (`granary_sdk::REWOUND` names it inside the grain).
+pub const REWOUND_MARK: &str = ".granary-rewound";
+
+/// Tells the grain its data at `data` was set back to an earlier copy
+/// (a failover, a rollback): writes [`REWOUND_MARK`] there, owned by
+/// `host_uid` so the grain can remove it. Blocking.
+pub fn mark_rewound(data: &Path, host_uid: u32) -> io::Result<()> {
+    let mark = data.join(REWOUND_MARK);
+    granary_files::write_atomic(&mark, b"", 0o600).map_err(io::Error::other)?;
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::lchown(&mark, Some(host_uid), Some(host_uid))?;
+    }
+    Ok(())
+}
+
 /// What every dataset backend offers the supervisor.
 pub trait Datasets: Send + Sync {
     /// `plain`, `zfs` or `btrfs`.

@@ -261,6 +261,14 @@ pub trait Grains: Send + Sync + 'static {
     /// Stops a grain gracefully; whether it was running.
     fn stop(&self, grain: &GrainId) -> GrainsFuture<bool>;
 
+    /// Stops a grain and has it gone within `within`: asked politely
+    /// with a grace cut to fit, then killed. What a fenced node does, as
+    /// the grain must be gone before another node may start it.
+    fn stop_within(&self, grain: &GrainId, within: std::time::Duration) -> GrainsFuture<bool> {
+        let _ = within;
+        self.stop(grain)
+    }
+
     fn status(&self, grain: &GrainId) -> GrainsFuture<GrainStatus>;
 
     /// Every grain, with its state.

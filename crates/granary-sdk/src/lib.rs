@@ -62,6 +62,13 @@ pub use granary_schema::host_capnp::LogLevel;
 pub use granary_schema::services_capnp;
 pub use granary_schema::stream_capnp;
 
+/// The file the host puts at the root of a grain's data (`/var`) when it
+/// set the data back to an earlier copy: a failover to another node's
+/// copy, or a snapshot rollback. An app that hands out sync tokens,
+/// counters or anything a client keeps across connections stops honouring
+/// those made since that copy, then removes the file.
+pub const REWOUND: &str = ".granary-rewound";
+
 /// The descriptor of the host channel inside a grain.
 pub const HOST_FD: i32 = 3;
 /// The descriptor of the connection hand-off socket inside a grain.

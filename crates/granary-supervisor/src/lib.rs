@@ -297,6 +297,15 @@ impl Supervisor {
         Ok(self.inner.stop_slot(&slot).await)
     }
 
+    /// Stops a grain and has it gone within about `within`: its shutdown
+    /// call and SIGTERM each get a quarter of it (at most the configured
+    /// grace), then SIGKILL.
+    pub async fn stop_within(&self, grain: &str, within: Duration) -> Result<bool, GrainError> {
+        let slot = self.slot(grain).await?;
+        let grace = self.inner.params.config.shutdown_grace.min(within / 4);
+        Ok(self.inner.stop_slot_with(&slot, grace).await)
+    }
+
     /// Every grain the state knows, with what the supervisor knows of it.
     pub async fn list(&self) -> Result<Vec<GrainStatus>, GrainError> {
         let grains = db(&self.inner.params.store, |s| s.list_grains())

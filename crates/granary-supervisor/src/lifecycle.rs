@@ -575,6 +575,13 @@ impl Inner {
     /// whole tree (the launcher's death takes init and with it the grain's
     /// pid namespace). Returns whether it was running.
     pub(crate) async fn stop_slot(self: &Rc<Self>, slot: &Rc<Slot>) -> bool {
+        self.stop_slot_with(slot, self.params.config.shutdown_grace)
+            .await
+    }
+
+    /// [`Self::stop_slot`] with `grace` for the shutdown call and again
+    /// for SIGTERM.
+    pub(crate) async fn stop_slot_with(self: &Rc<Self>, slot: &Rc<Slot>, grace: Duration) -> bool {
         loop {
             let phase = slot.phase.borrow().clone();
             match phase {
@@ -593,7 +600,6 @@ impl Inner {
                 }
                 Phase::Running(r) => {
                     r.stopping.set(true);
-                    let grace = self.params.config.shutdown_grace;
                     let slot2 = slot.clone();
                     let task = spawn_in(&slot.span, async move {
                         let mut request = r.grain.shutdown_request();

@@ -198,6 +198,13 @@ impl Grains for LocalGrains {
         self.run(grain.shown(), move |sup| async move { sup.stop(&id).await })
     }
 
+    fn stop_within(&self, grain: &GrainId, within: std::time::Duration) -> GrainsFuture<bool> {
+        let id = grain.to_string();
+        self.run(grain.shown(), move |sup| async move {
+            sup.stop_within(&id, within).await
+        })
+    }
+
     fn status(&self, grain: &GrainId) -> GrainsFuture<GrainStatus> {
         let id = grain.to_string();
         self.run(

@@ -181,10 +181,20 @@ impl Supervisor {
             snapshot.to_owned(),
             slot.host_uid,
         );
-        let result = tokio::task::spawn_blocking(move || datasets.rollback(&id, &name, uid))
-            .await
-            .map_err(|e| error(grain, Problem::Host(e.to_string())))
-            .and_then(|r| r.map_err(|e| error(grain, Problem::Host(e.to_string()))));
+        let result = tokio::task::spawn_blocking(move || {
+            datasets.rollback(&id, &name, uid)?;
+            // The grain is told its data is older than what it last had.
+            granary_datasets::mark_rewound(&datasets.path(&id), uid).map_err(|e| {
+                granary_datasets::DatasetError {
+                    grain: id.clone(),
+                    op: "mark the data as set back",
+                    source: e,
+                }
+            })
+        })
+        .await
+        .map_err(|e| error(grain, Problem::Host(e.to_string())))
+        .and_then(|r| r.map_err(|e| error(grain, Problem::Host(e.to_string()))));
         slot.clear_hold();
         result?;
         tracing::info!(grain, snapshot, "rolled back");

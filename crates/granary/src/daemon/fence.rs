@@ -54,13 +54,13 @@ pub(crate) async fn fence_on_lapse(
                     since_renewal = ?member.lease.since_renewal(),
                     "fencing: this node no longer trusts its cluster lease; stopping every grain it runs"
                 );
-                let stopped = stop_all(&*grains).await;
+                let stopped = stop_all(&*grains, gone_within(&member)).await;
                 read_only(&datasets, stopped).await;
             }
             // Fenced, and still not live: anything that slipped through
             // (a start admitted just before the lapse) is stopped too.
             (_, true) => {
-                let stopped = stop_all(&*grains).await;
+                let stopped = stop_all(&*grains, gone_within(&member)).await;
                 read_only(&datasets, stopped).await;
             }
         }
@@ -74,32 +74,46 @@ pub(crate) async fn fence_on_lapse(
     }
 }
 
-/// Stops every grain that runs; the ids of those it stopped.
-async fn stop_all(grains: &dyn granary_grains::Grains) -> Vec<String> {
-    let mut stopped = Vec::new();
+/// How long a fenced node's grains may take to stop: the node fences at
+/// TTL/2 after its last renewal and etcd may drop its lease at TTL, so
+/// they must be gone within the TTL/2 in between (less a tenth of the
+/// TTL for the time a check takes).
+fn gone_within(member: &Member) -> Duration {
+    let ttl = member.lease.ttl();
+    (ttl / 2).saturating_sub(ttl / 10)
+}
+
+/// Stops every grain that runs, all at once, each gone within `within`
+/// (killed if need be); the ids of those it stopped.
+async fn stop_all(grains: &dyn granary_grains::Grains, within: Duration) -> Vec<String> {
     let list = match grains.list().await {
         Ok(list) => list,
         Err(e) => {
             tracing::error!(error = %e, "fencing: cannot list grains");
-            return stopped;
+            return Vec::new();
         }
     };
-    for g in list
+    let stops = list
         .into_iter()
         .filter(|g| g.state != "stopped" && g.state != "held")
-    {
-        let Ok(id) = granary_model::GrainId::parse(&g.id) else {
-            continue;
-        };
-        match grains.stop(&id).await {
-            Ok(_) => {
-                tracing::warn!(grain = %g.id, "fencing: grain stopped");
-                stopped.push(g.id);
+        .filter_map(|g| granary_model::GrainId::parse(&g.id).ok())
+        .map(|id| async move {
+            match grains.stop_within(&id, within).await {
+                Ok(_) => {
+                    tracing::warn!(grain = %id, "fencing: grain stopped");
+                    Some(id.to_string())
+                }
+                Err(e) => {
+                    tracing::error!(grain = %id, error = %e, "fencing: cannot stop grain");
+                    None
+                }
             }
-            Err(e) => tracing::error!(grain = %g.id, error = %e, "fencing: cannot stop grain"),
-        }
-    }
-    stopped
+        });
+    futures::future::join_all(stops)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Beside a dataset a fenced node made read-only; cleared by the next
@@ -165,7 +179,7 @@ pub(crate) async fn rejoin_when_lost(
             }
             // Nothing of this node may still run when it is a member again
             // (a stop that failed while fenced is tried again here).
-            stop_all(&*grains).await;
+            stop_all(&*grains, gone_within(&member)).await;
             let free = crate::daemon::disk_space(&data_dir).map_or(0, |(free, _)| free);
             let taken = member
                 .coordinator

@@ -152,6 +152,8 @@ async fn take(
         let staging = granary_backup::staging_id("failover");
         ds.create(&staging, uid).map_err(msg)?;
         let copied = copy_tree(&cp.data(&g2), &ds.path(&staging), uid)
+            // The grain is told its data is older than what it last had.
+            .and_then(|()| granary_datasets::mark_rewound(&ds.path(&staging), uid).map_err(msg))
             .and_then(|()| super::arrive::put_in_place(&*ds, &staging, &g2, uid, &i2, from_epoch));
         if let Err(e) = copied {
             let _ = ds.destroy(&staging);
