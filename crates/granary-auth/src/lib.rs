@@ -7,6 +7,8 @@
 //! argon2 computation per CPU run at once. It is CPU-bound and may wait at
 //! that gate, so async callers should run it on a blocking thread.
 
+pub mod totp;
+
 use std::sync::{Condvar, Mutex, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -227,6 +229,12 @@ mod tests {
             Err(AuthError::TooShort)
         ));
     }
+}
+
+/// Whether `a` and `b` are equal, looking at every byte whatever the
+/// first difference (for secrets compared with what a client sent).
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Bytes in a sturdy-reference token.

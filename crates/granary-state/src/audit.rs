@@ -68,6 +68,19 @@ impl Store {
             .op("read audit events")?;
         rows.collect::<Result<_, _>>().op("read audit events")
     }
+
+    /// When `grain` was last exported whole by a backup (its `backup.export`
+    /// event says `<grain>=ok`); `None` if never on this node.
+    pub fn last_backup(&self, grain: &str) -> Result<Option<i64>, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT max(at) FROM audit_events WHERE action = 'backup.export'
+                   AND (' ' || detail || ' ') LIKE ('% ' || ?1 || '=ok %')",
+                [grain],
+                |r| r.get(0),
+            )
+            .op("read last backup")
+    }
 }
 
 #[cfg(test)]

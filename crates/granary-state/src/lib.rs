@@ -18,6 +18,7 @@ mod migrate;
 mod repos;
 mod shared;
 mod tasks;
+mod totp;
 mod users;
 mod xmpp;
 
@@ -36,6 +37,7 @@ pub use migrate::LATEST_SCHEMA_VERSION;
 pub use repos::SshKey;
 pub use shared::{Joined, Ledger};
 pub use tasks::{TaskCert, TaskClient};
+pub use totp::Totp;
 pub use users::{User, UserCredentials};
 pub use xmpp::XmppDomainInfo;
 

@@ -96,6 +96,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0016_shared_log.sql"),
         remakes_tables: false,
     },
+    Migration {
+        version: 17,
+        sql: include_str!("migrations/0017_totp.sql"),
+        remakes_tables: false,
+    },
 ];
 
 /// The schema version this build creates and understands.
