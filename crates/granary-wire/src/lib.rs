@@ -19,6 +19,7 @@
 //! - [`stanza`]: an XMPP stream after login, cut into whole stanzas read
 //!   into element trees, and elements written back (`xmpp_stanza`).
 
+pub mod form;
 pub mod http;
 pub mod imap;
 pub mod jid;
