@@ -594,3 +594,65 @@ struct Invite {
   group @10 :Text;
   # The room of a group invite; empty otherwise.
 }
+
+# The web home (`https://<domain>/`). The web code holds only a `WebGate`,
+# on a socket pair of its own; it gets a user's authority (`Home`) by
+# signing in as that user, and nothing else: no root `Admin`, no state.
+
+interface WebGate {
+  signIn @0 (user :Text, password :Text) -> (home :Home, second :SecondFactor);
+  # The account password (never an app password). Wrong user or password:
+  # an exception "wrong user name or password", the same either way. With
+  # a second factor on, `home` is unset and `second` must be answered.
+}
+
+interface SecondFactor {
+  code @0 (code :Text) -> (home :Home);
+  # A TOTP code (6 digits, each step good once) or an unused recovery
+  # code. Wrong: an exception "wrong code".
+}
+
+interface Home {
+  # One user's authority, as the web home uses it. Ids of what belongs to
+  # another user are answered as unknown (`found` false), never as theirs.
+
+  whoami @0 () -> (user :Text, totp :Bool, recoveryLeft :UInt32, domain :Text);
+
+  devices @1 () -> (devices :List(AppPassword));
+  addDevice @2 (kind :Text, label :Text) -> (device :AppPassword, password :Text);
+  # A new app password for one service; `password` is shown once.
+  revokeDevice @3 (id :Int64) -> (found :Bool);
+
+  grains @4 () -> (grains :List(HomeGrain));
+
+  grants @5 () -> (grants :List(Grant));
+  # Grants from or to this user's grains.
+  revokeGrant @6 (id :Int64) -> (found :Bool);
+
+  sshKeys @7 () -> (keys :List(SshKey));
+  addSshKey @8 (key :Text, label :Text) -> (key :SshKey);
+  removeSshKey @9 (id :Int64) -> (found :Bool);
+
+  changePassword @10 (old :Text, new :Text) -> ();
+  # Wrong `old`: an exception "wrong password".
+
+  totpBegin @11 () -> (secret :Text, uri :Text);
+  # A fresh secret (base32) and its otpauth:// URI; nothing is stored yet.
+  totpEnable @12 (secret :Text, code :Text) -> (recoveryCodes :List(Text));
+  # Stores `secret` (sealed) once `code` shows the app has it; the
+  # recovery codes are returned once.
+  totpDisable @13 (password :Text) -> ();
+
+  invite @14 (expiresSecs :Int64) -> (link :Text, uri :Text);
+  # A chat contact invite from this user.
+}
+
+struct HomeGrain {
+  id @0 :Text;
+  kind @1 :Text;
+  state @2 :Text;          # running, stopped, ...
+  usedBytes @3 :UInt64;
+  quotaBytes @4 :UInt64;   # 0: none.
+  lastSnapshot @5 :Int64;  # Unix seconds; 0: none.
+  lastBackup @6 :Int64;    # Unix seconds; 0: none.
+}

@@ -170,6 +170,9 @@ async fn answer(
         }
     }
     let domain = &gateway.shared().domain;
+    if let (true, Some(home)) = (&host == domain, gateway.shared().home.clone()) {
+        return web_home(req, peer, &host, home).await;
+    }
     if &host == domain && req.uri().path() == "/" {
         return respond(
             StatusCode::OK,
@@ -178,6 +181,53 @@ async fn answer(
         );
     }
     gateway.serve(req, &host, peer, tls_version).await
+}
+
+/// Hands a request for the domain to the web home, its body read first
+/// (413 above [`crate::home::MAX_BODY`]).
+async fn web_home(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    host: &str,
+    home: Arc<dyn crate::home::WebHome>,
+) -> Response<Body> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| host.to_owned());
+    let (parts, body) = req.into_parts();
+    let body = match http_body_util::Limited::new(body, crate::home::MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return respond(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "text/plain; charset=utf-8",
+                "That form was too large.\n".to_owned(),
+            );
+        }
+    };
+    let answer = home
+        .answer(crate::home::HomeRequest {
+            method: parts.method,
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().unwrap_or_default().to_owned(),
+            headers: parts.headers,
+            body,
+            peer: peer.ip(),
+            authority,
+        })
+        .await;
+    answer.map(|b| Full::new(b).map_err(|never| match never {}).boxed())
 }
 
 /// RFC 6764 §5: `/.well-known/caldav` and `/.well-known/carddav` on the

@@ -14,6 +14,7 @@
 pub mod autoconfig;
 pub mod directory;
 pub mod error;
+pub mod home;
 pub mod https;
 pub mod imap;
 pub mod invite;
@@ -89,10 +90,13 @@ pub struct Shared {
     /// The chat domains served (Granary's and the added ones).
     pub chat_domains: Arc<ChatDomains>,
     /// Passwords verified in the last minute, across listeners.
-    pub verified: VerifiedLogins,
+    pub verified: Arc<VerifiedLogins>,
     /// Which client certificates the taskd listener lets finish the
     /// handshake; `None`: taskd is not served.
     pub taskd_clients: Option<TaskdClients>,
+    /// The web home on the domain; `None`: the domain answers a plain
+    /// front page.
+    pub home: Option<Arc<dyn home::WebHome>>,
 }
 
 /// The client certificates the taskd listener takes through the TLS

@@ -281,6 +281,22 @@ impl VerifiedLogins {
         }
         verified.insert(key, (Instant::now(), credential));
     }
+
+    /// Forgets every login verified as app password `id`: once it is
+    /// revoked, the next use is checked against the state again (and
+    /// fails), not a minute later.
+    pub fn forget_credential(&self, id: i64) {
+        self.verified
+            .lock()
+            .expect("not poisoned")
+            .retain(|_, (_, c)| c.id != id);
+    }
+
+    /// Forgets every verified login (a password was changed or revoked in
+    /// bulk).
+    pub fn forget_all(&self) {
+        self.verified.lock().expect("not poisoned").clear();
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod daemon;
 mod docs;
 mod logging;
 mod pack;
+mod web;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -349,6 +349,15 @@ async fn serve(
         Mode::Serve => Vec::new(),
     };
     let (installed_tx, installed) = tokio::sync::oneshot::channel();
+    // The web home reaches the admin thread on a socket pair of its own,
+    // served a WebGate only.
+    let (web_gate, web_front) =
+        std::os::unix::net::UnixStream::pair().context("the web home's socket pair")?;
+    let verified: Arc<granary_gateway::VerifiedLogins> = Arc::default();
+    let web_listeners: Vec<(String, std::net::SocketAddr)> = addresses
+        .iter()
+        .map(|(n, a)| ((*n).to_owned(), *a))
+        .collect();
     let admin = admin::spawn(
         admin_listener,
         admin::AdminSetup {
@@ -369,8 +378,20 @@ async fn serve(
             spool: mail.spool.clone(),
             outbound: mail.outbound.clone(),
             dkim: mail.dkim.clone(),
+            web: Some(web_gate),
+            web_key: crate::web::seal_key(&config.data_dir)?,
+            verified: verified.clone(),
         },
         stop_rx.clone(),
+    )?;
+    let home = crate::web::start(
+        web_front,
+        crate::web::Setup {
+            domain: config.domain.clone(),
+            limiter: limiter.clone(),
+            mail: mail.mx.settings.clients.clone(),
+            listeners: web_listeners,
+        },
     )?;
 
     // postmaster@ and abuse@ reach the configured user; in the demo, the
@@ -394,7 +415,7 @@ async fn serve(
         directory,
         grains: grains.clone(),
         limiter,
-        verified: Default::default(),
+        verified,
         tls,
         ssh_host_key,
         settings: granary_gateway::Settings {
@@ -414,6 +435,7 @@ async fn serve(
             (Some(_), _) => Some(granary_gateway::TaskdClients::Issued),
             (None, ca) => ca.map(granary_gateway::TaskdClients::LocalCa),
         },
+        home: Some(home),
     });
     let served = bound.serve(shared, &stop_rx);
     let delivering = mail::deliver(&mail, grains, store.clone(), postmaster, stop_rx.clone());

@@ -15,8 +15,10 @@ mod doctor;
 mod git;
 mod grains;
 mod grants;
+mod home;
 mod invites;
 mod mail;
+mod sign_in;
 mod snapshots;
 mod tasks;
 mod users;
@@ -66,6 +68,14 @@ pub(super) struct Ctx {
     /// The outbound queue.
     pub(super) outbound: Arc<granary_spool::Spool>,
     pub(super) dkim: granary_gateway::smtp::DkimKeys,
+    /// Seals second-factor secrets (`keys/web.key`).
+    pub(super) web_key: [u8; 32],
+    /// The gateway's cache of verified logins: a revoked app password is
+    /// forgotten there at once.
+    pub(super) verified: Arc<granary_gateway::VerifiedLogins>,
+    /// Each grain's measured dataset size and when (the web home's).
+    pub(super) usage:
+        std::cell::RefCell<std::collections::HashMap<String, (std::time::Instant, u64)>>,
 }
 
 impl Ctx {
@@ -130,6 +140,10 @@ pub(super) struct AdminSetup {
     pub(super) spool: Arc<granary_spool::Spool>,
     pub(super) outbound: Arc<granary_spool::Spool>,
     pub(super) dkim: granary_gateway::smtp::DkimKeys,
+    /// The web home's end of its socket pair: served a `WebGate` only.
+    pub(super) web: Option<std::os::unix::net::UnixStream>,
+    pub(super) web_key: [u8; 32],
+    pub(super) verified: Arc<granary_gateway::VerifiedLogins>,
 }
 
 /// Serves the admin interface on its own thread until `stop` turns true;
@@ -184,6 +198,9 @@ pub(super) fn spawn(
                     spool: setup.spool,
                     outbound: setup.outbound,
                     dkim: setup.dkim,
+                    web_key: setup.web_key,
+                    verified: setup.verified,
+                    usage: Default::default(),
                 });
                 for package in setup.preinstall {
                     match apps::install_package(&ctx, package.clone(), false).await {
@@ -192,6 +209,9 @@ pub(super) fn spawn(
                     }
                 }
                 let _ = setup.installed.send(());
+                if let Some(web) = setup.web {
+                    sign_in::serve(web, &ctx);
+                }
                 let root: admin::Client = capnp_rpc::new_client(AdminService { ctx });
                 loop {
                     let stream = tokio::select! {

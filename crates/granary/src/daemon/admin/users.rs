@@ -274,12 +274,18 @@ impl users::Server for Users {
             Which::Kind(kind) => RevokeSelector::Kind(grain_kind(kind?.to_str()?)?.to_string()),
         };
         let store = self.0.store.clone();
+        let which = selector.clone();
         let n = blocking(move || {
             store
-                .revoke_app_passwords(&user, &selector, ACTOR)
+                .revoke_app_passwords(&user, &which, ACTOR)
                 .map_err(state_failure)
         })
         .await?;
+        // Logins verified in the last minute would still pass at the gateway.
+        match selector {
+            RevokeSelector::Id(id) => self.0.verified.forget_credential(id),
+            RevokeSelector::Kind(_) => self.0.verified.forget_all(),
+        }
         results.get().set_revoked(n as u32);
         Ok(())
     }

@@ -1,0 +1,560 @@
+//! The web home at `https://<domain>/` end to end: the real daemon, the
+//! real gateway, Debian's Chromium driven by Selenium (screenshots at phone
+//! and desktop sizes, axe-core's accessibility check on every page), real
+//! IMAP logins with Python's `imaplib`, and the real git client pushing to
+//! a blog whose route is revoked on the page. The security checks use curl.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use granary_testkit::mail::{DOMAIN, MailHost, run_python};
+use granary_testkit::{Daemon, GitClient};
+
+const ALICE_PASSWORD: &str = "alice's long account password";
+
+fn host() -> MailHost {
+    let h = MailHost::start(&["alice", "bob"], &[], "", "");
+    for (user, password) in [
+        ("alice", ALICE_PASSWORD),
+        ("bob", "bob's long account password"),
+    ] {
+        h.daemon
+            .granary_with_stdin(
+                &["user", "passwd", user, "--password-stdin"],
+                Some(password),
+            )
+            .success();
+    }
+    h
+}
+
+fn artifacts(name: &str) -> String {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("../test-artifacts")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// axe-core from npm (`tests/browser`, installed by `./run-tests`).
+fn axe() -> PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("browser/node_modules/axe-core/axe.min.js");
+    assert!(
+        p.exists(),
+        "{} is missing: ./run-tests installs it (npm ci in tests/browser)",
+        p.display()
+    );
+    p
+}
+
+const BROWSER: &str = r##"
+import base64, hashlib, hmac, imaplib, os, ssl, struct, subprocess, tempfile, time
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+
+BASE = os.environ["BASE"]
+art = os.environ["ARTIFACTS"]
+os.makedirs(art, exist_ok=True)
+AXE = open(os.environ["AXE"]).read()
+spki = subprocess.run(
+    "openssl x509 -in \"$CA\" -pubkey -noout | openssl pkey -pubin -outform der "
+    "| openssl dgst -sha256 -binary | base64", shell=True, check=True,
+    capture_output=True, text=True).stdout.strip()
+opts = webdriver.ChromeOptions()
+opts.binary_location = "/usr/bin/chromium"
+for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+          "--no-first-run", f"--user-data-dir={tempfile.mkdtemp()}",
+          f"--host-resolver-rules=MAP {os.environ['DOMAIN']} 127.0.0.1",
+          f"--ignore-certificate-errors-spki-list={spki}"):
+    opts.add_argument(a)
+driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+SIZES = (("phone", 390, 844), ("desktop", 1280, 900))
+checked = set()
+
+def h1():
+    return driver.find_element(By.TAG_NAME, "h1").text
+
+def body():
+    return driver.find_element(By.TAG_NAME, "body").text
+
+def accessible():
+    # axe-core in the page (through the driver: the page's CSP allows no
+    # script of its own); serious or critical findings fail.
+    driver.execute_script(AXE)
+    found = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {resultTypes: ['violations']}).then(r => done(r.violations.map("
+        "v => [v.id, v.impact, v.nodes.length, v.help])))")
+    bad = [v for v in found if v[1] in ("serious", "critical")]
+    assert not bad, (driver.current_url, bad)
+
+def shots(name):
+    for size, w, h in SIZES:
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": w, "height": h, "deviceScaleFactor": 1, "mobile": size == "phone"})
+        width = driver.execute_script("return document.documentElement.scrollWidth")
+        assert width <= w, (name, size, width)
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"captureBeyondViewport": True, "format": "png"})
+        with open(os.path.join(art, f"{name}-{size}.png"), "wb") as f:
+            f.write(base64.b64decode(shot["data"]))
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    if name not in checked:
+        accessible()
+        checked.add(name)
+
+def submit(button_text):
+    # Clicks the button and waits for the page its form loads (a click
+    # returns before the navigation ends).
+    page = driver.find_element(By.TAG_NAME, "html")
+    for b in driver.find_elements(By.TAG_NAME, "button"):
+        if b.text == button_text or b.get_attribute("aria-label") == button_text:
+            b.click()
+            WebDriverWait(driver, 20).until(EC.staleness_of(page))
+            return
+    raise AssertionError((button_text, body()))
+
+def fill(field_id, value):
+    el = driver.find_element(By.ID, field_id)
+    label = driver.find_element(By.CSS_SELECTOR, f"label[for='{field_id}']")
+    assert label.text, field_id
+    el.clear()
+    el.send_keys(value)
+
+def totp(secret, step):
+    key = base64.b32decode(secret + "=" * ((8 - len(secret) % 8) % 8))
+    mac = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
+    o = mac[-1] & 15
+    return "%06d" % ((struct.unpack(">I", mac[o:o + 4])[0] & 0x7fffffff) % 1000000)
+
+def imap_login(password):
+    ctx = ssl.create_default_context(cafile=os.environ["CA"])
+    m = imaplib.IMAP4_SSL(os.environ["IMAP_HOST"], int(os.environ["IMAPS_PORT"]), ssl_context=ctx)
+    try:
+        m.login("alice", password)
+        m.logout()
+        return True
+    except imaplib.IMAP4.error:
+        return False
+
+def sign_in():
+    driver.get(BASE + "/")
+    assert h1().startswith("Sign in"), body()
+    fill("user", "alice")
+    fill("password", os.environ["PASSWORD"])
+    submit("Sign in")
+
+try:
+    driver.get(BASE + "/")
+    assert driver.find_element(By.TAG_NAME, "html").get_attribute("lang") == "en"
+    assert driver.find_elements(By.TAG_NAME, "script") == []
+    shots("sign-in")
+    # A wrong password says so, and signs nobody in.
+    fill("user", "alice"); fill("password", "not her password"); submit("Sign in")
+    assert "Wrong user name or password." in body(), body()
+    # 1. Alice signs in and adds a mail device; its password is shown once.
+    sign_in()
+    assert h1() == "Your grains", body()
+    assert "Mail (IMAP and SMTP)" in body()
+    shots("home")
+    driver.get(BASE + "/devices")
+    shots("devices")
+    fill("label", "Phone")
+    submit("Add device")
+    assert h1() == "Your new device", body()
+    password = driver.find_element(By.ID, "password").text.strip()
+    assert len(password) >= 20, password
+    assert "IMAP server (TLS)" in body() and "alice@" in body(), body()
+    assert driver.find_elements(By.CSS_SELECTOR, "svg.qr[role=img][aria-label]")
+    shots("device-added")
+    # 2. imaplib logs in with it.
+    assert imap_login(password)
+    # 3. She revokes the device, and the login fails.
+    driver.get(BASE + "/devices")
+    assert "Phone" in body()
+    submit("Revoke Phone")
+    assert "Device revoked" in body(), body()
+    assert "Phone" not in driver.find_element(By.TAG_NAME, "main").text.split("Your devices")[1]
+    assert not imap_login(password)
+    # 4. She turns on TOTP, signs out, and signs in with a code.
+    driver.get(BASE + "/security")
+    shots("security")
+    submit("Set up two-step sign-in")
+    secret = driver.find_element(By.ID, "totp-secret").text.strip()
+    qr = driver.find_element(By.CSS_SELECTOR, "svg.qr")
+    driver.execute_script("arguments[0].scrollIntoView()", qr)
+    qr.screenshot(os.path.join(art, "totp-qr.png"))
+    uri = subprocess.run(["zbarimg", "--quiet", "--raw", os.path.join(art, "totp-qr.png")],
+                         capture_output=True, text=True).stdout.strip()
+    assert uri.startswith("otpauth://totp/") and f"secret={secret}" in uri, uri
+    shots("totp-setup")
+    enabled_at = int(time.time() // 30)
+    fill("code", totp(secret, enabled_at))
+    submit("Turn on")
+    codes = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#recovery li")]
+    assert len(codes) == 10, driver.find_element(By.TAG_NAME, "main").text
+    shots("totp-on")
+    submit("Sign out alice")
+    assert h1().startswith("Sign in")
+    sign_in()
+    assert h1() == "Enter your code", body()
+    shots("code")
+    # The code that turned it on is spent; a later one works.
+    fill("code", totp(secret, enabled_at))
+    submit("Continue")
+    assert "Wrong code." in body(), body()
+    fill("code", totp(secret, max(int(time.time() // 30), enabled_at + 1)))
+    submit("Continue")
+    assert h1() == "Your grains", body()
+    # 5. She revokes the grant that tells her blog about pushes.
+    driver.get(BASE + "/grants")
+    assert "notify:site" in body(), body()
+    shots("grants")
+    submit("Revoke the grant from alice-git to alice-blog")
+    assert "Grant revoked." in body(), body()
+    assert "notify:site" not in body()
+    driver.get(BASE + "/keys")
+    shots("keys")
+    driver.get(BASE + "/invites")
+    shots("invites")
+finally:
+    driver.quit()
+print("ok")
+"##;
+
+/// Pushes version `n` of Alice's site.
+fn push(client: &GitClient<'_>, work: &std::path::Path, url: &str, n: u32) {
+    std::fs::write(work.join("index.html"), format!("<h1>version {n}</h1>\n")).unwrap();
+    if n == 1 {
+        client.ok(work, &["init", "-q"]);
+        client.ok(work, &["add", "."]);
+    }
+    client.ok(work, &["commit", "-q", "-a", "-m", &format!("v{n}")]);
+    client.ok(work, &["push", "-q", url, "main"]);
+}
+
+fn blog_shows(daemon: &Daemon, n: u32) {
+    granary_testkit::eventually(
+        &format!("version {n} on the blog"),
+        std::time::Duration::from_secs(30),
+        || {
+            let (code, body) = daemon.curl(&format!("alice.{DOMAIN}"), "/", &[]);
+            (code == "200" && body.contains(&format!("version {n}"))).then_some(())
+        },
+    );
+}
+
+#[test]
+fn alice_uses_her_web_home_in_a_browser() {
+    let h = host();
+    let d = &h.daemon;
+    let tmp = tempfile::tempdir().unwrap();
+    for pkg in [
+        granary_testkit::git_package(tmp.path()),
+        granary_testkit::app_package(tmp.path(), "blog", "granary-blog", ""),
+    ] {
+        d.granary(&["app", "install", pkg.to_str().unwrap()])
+            .success();
+    }
+    for (from, to, cap) in [
+        ("alice/blog", "alice/git", "git.read:site"),
+        ("alice/git", "alice/blog", "notify:site"),
+    ] {
+        d.granary(&["grant", "add", "--from", from, "--to", to, "--cap", cap])
+            .success();
+    }
+    let git_password = granary_testkit::app_password(d, "alice", "git");
+    let client = GitClient {
+        daemon: d,
+        home: tmp.path().join("home"),
+        domain: DOMAIN,
+    };
+    std::fs::create_dir_all(&client.home).unwrap();
+    let work = tmp.path().join("site");
+    std::fs::create_dir_all(&work).unwrap();
+    let url = client.url(Some(("alice", &git_password)), "alice/site.git");
+    push(&client, &work, &url, 1);
+    blog_shows(d, 1);
+
+    let art = artifacts("web-home");
+    let mut env = h.client_env("alice", "");
+    env.retain(|(k, _)| *k != "PASSWORD");
+    env.extend([
+        (
+            "BASE",
+            format!("https://{DOMAIN}:{}", d.https_addr().port()),
+        ),
+        ("DOMAIN", DOMAIN.to_owned()),
+        ("PASSWORD", ALICE_PASSWORD.to_owned()),
+        ("ARTIFACTS", art.clone()),
+        ("AXE", axe().display().to_string()),
+    ]);
+    let env: Vec<(&str, String)> = env.into_iter().collect();
+    let (ok, out) = run_python(BROWSER, &env);
+    assert!(ok && out.lines().any(|l| l.trim() == "ok"), "{out}");
+    eprintln!("screenshots: {art}");
+
+    // The revoked route: the git grain may no longer tell the blog.
+    push(&client, &work, &url, 2);
+    granary_testkit::eventually(
+        "the refused notification",
+        std::time::Duration::from_secs(20),
+        || {
+            let logs = d.granary(&["grain", "logs", "alice/git"]).success().stdout;
+            logs.contains("no notify:site route").then_some(())
+        },
+    );
+    let (_, body) = d.curl(&format!("alice.{DOMAIN}"), "/", &[]);
+    assert!(body.contains("version 1"), "{body}");
+}
+
+/// A response's status, headers (lower-case names; `set-cookie` joined by
+/// newlines) and body, by curl against the domain.
+struct Answer {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+fn request(
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    cookies: &str,
+    form: &str,
+    origin: Option<&str>,
+) -> Answer {
+    let port = d.https_addr().port();
+    let mut args: Vec<String> = vec![
+        "--silent".into(),
+        "--show-error".into(),
+        "--include".into(),
+        "--resolve".into(),
+        format!("{DOMAIN}:{port}:127.0.0.1"),
+        "--cacert".into(),
+        d.ca_file().display().to_string(),
+        "--request".into(),
+        method.into(),
+    ];
+    if !cookies.is_empty() {
+        args.extend(["--cookie".into(), cookies.into()]);
+    }
+    if method == "POST" {
+        args.extend(["--data-raw".into(), form.into()]);
+        let o = origin.map_or(format!("https://{DOMAIN}:{port}"), str::to_owned);
+        args.extend(["--header".into(), format!("Origin: {o}")]);
+    }
+    args.push(format!("https://{DOMAIN}:{port}{path}"));
+    let out = std::process::Command::new("curl")
+        .args(&args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap();
+    let mut headers: HashMap<String, String> = HashMap::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            let e = headers.entry(k.trim().to_ascii_lowercase()).or_default();
+            if !e.is_empty() {
+                e.push('\n');
+            }
+            e.push_str(v.trim());
+        }
+    }
+    Answer {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// `name=value` of a `Set-Cookie` for `name`.
+fn set_cookie(a: &Answer, name: &str) -> Option<String> {
+    a.headers
+        .get("set-cookie")?
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}=")))
+        .map(|l| l.split(';').next().unwrap().to_owned())
+}
+
+/// The value of the form field `name="csrf"` on a page.
+fn csrf(body: &str) -> String {
+    let at = body.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    body[at..].split('"').next().unwrap().to_owned()
+}
+
+/// Signs `user` in with curl; the session cookie.
+fn sign_in(d: &Daemon, user: &str, password: &str, planted: &str) -> String {
+    let page = request(d, "GET", "/", planted, "", None);
+    let pre = set_cookie(&page, "__Host-granary-pre").unwrap();
+    let token = csrf(&page.body);
+    let cookies = if planted.is_empty() {
+        pre
+    } else {
+        format!("{pre}; {planted}")
+    };
+    let a = request(
+        d,
+        "POST",
+        "/signin",
+        &cookies,
+        &format!(
+            "csrf={token}&user={user}&password={}",
+            password.replace(' ', "+").replace('\'', "%27")
+        ),
+        None,
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    set_cookie(&a, "__Host-granary").expect("a session cookie")
+}
+
+#[test]
+fn the_web_home_refuses_what_it_must() {
+    let h = host();
+    let d = &h.daemon;
+    // Headers on every page; cookie flags.
+    let page = request(d, "GET", "/", "", "", None);
+    assert_eq!(page.status, 200);
+    let csp = &page.headers["content-security-policy"];
+    for want in [
+        "default-src 'none'",
+        "frame-ancestors 'none'",
+        "form-action 'self'",
+    ] {
+        assert!(csp.contains(want), "{csp}");
+    }
+    assert!(page.headers["strict-transport-security"].contains("max-age="));
+    assert_eq!(page.headers["x-frame-options"], "DENY");
+    assert_eq!(page.headers["x-content-type-options"], "nosniff");
+    let raw = page.headers["set-cookie"].clone();
+    for flag in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(raw.contains(flag), "{raw}");
+    }
+
+    // Session fixation: a planted cookie is never promoted.
+    let planted = "__Host-granary=planted-by-someone-else";
+    let session = sign_in(d, "alice", ALICE_PASSWORD, planted);
+    assert_ne!(session, planted);
+    let home = request(d, "GET", "/", &session, "", None);
+    assert!(home.body.contains("Your grains"), "{}", home.body);
+    let stranger = request(d, "GET", "/", planted, "", None);
+    assert!(stranger.body.contains("<h1>Sign in"), "{}", stranger.body);
+
+    // CSRF: another origin, or no token, is refused; nothing is added.
+    let devices = request(d, "GET", "/devices", &session, "", None);
+    let token = csrf(&devices.body);
+    let form = format!("csrf={token}&kind=mail&label=Laptop");
+    let evil = request(
+        d,
+        "POST",
+        "/devices",
+        &session,
+        &form,
+        Some("https://evil.test"),
+    );
+    assert_eq!(evil.status, 403, "{}", evil.body);
+    let tokenless = request(
+        d,
+        "POST",
+        "/devices",
+        &session,
+        "kind=mail&label=Laptop",
+        None,
+    );
+    assert_eq!(tokenless.status, 403);
+    let listed = d
+        .granary(&["app-password", "list", "alice", "--json"])
+        .success()
+        .stdout;
+    assert!(!listed.contains("Laptop"), "{listed}");
+    let ok = request(d, "POST", "/devices", &session, &form, None);
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert!(ok.body.contains("Your new device"));
+
+    // Bob's device id in Alice's URL: 404, and his device stays.
+    let bob = d
+        .granary(&[
+            "app-password",
+            "add",
+            "bob",
+            "--kind",
+            "mail",
+            "--label",
+            "bobs",
+            "--json",
+        ])
+        .success()
+        .json();
+    let bob_id = bob["app_password"]["id"]
+        .as_i64()
+        .or(bob["id"].as_i64())
+        .expect("an id");
+    let theirs = request(
+        d,
+        "POST",
+        &format!("/devices/{bob_id}/revoke"),
+        &session,
+        &format!("csrf={token}"),
+        None,
+    );
+    assert_eq!(theirs.status, 404, "{}", theirs.body);
+    let bobs = d
+        .granary(&["app-password", "list", "bob", "--json"])
+        .success()
+        .stdout;
+    assert!(bobs.contains("bobs"), "{bobs}");
+    // No admin pages for Alice.
+    assert_eq!(request(d, "GET", "/admin", &session, "", None).status, 404);
+
+    // Signing out ends the session on the server.
+    let out = request(
+        d,
+        "POST",
+        "/signout",
+        &session,
+        &format!("csrf={token}"),
+        None,
+    );
+    assert_eq!(out.status, 303);
+    let after = request(d, "GET", "/devices", &session, "", None);
+    assert_eq!(after.status, 303, "signed out: back to the sign-in page");
+
+    // Ten wrong passwords from one address: refused (429) before checking.
+    for _ in 0..10 {
+        let page = request(d, "GET", "/", "", "", None);
+        let pre = set_cookie(&page, "__Host-granary-pre").unwrap();
+        let a = request(
+            d,
+            "POST",
+            "/signin",
+            &pre,
+            &format!("csrf={}&user=alice&password=wrong", csrf(&page.body)),
+            None,
+        );
+        assert_eq!(a.status, 401);
+    }
+    let page = request(d, "GET", "/", "", "", None);
+    let pre = set_cookie(&page, "__Host-granary-pre").unwrap();
+    let a = request(
+        d,
+        "POST",
+        "/signin",
+        &pre,
+        &format!("csrf={}&user=alice&password=x", csrf(&page.body)),
+        None,
+    );
+    assert_eq!(a.status, 429, "{}", a.body);
+}
