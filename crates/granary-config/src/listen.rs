@@ -86,6 +86,12 @@ pub const LISTENERS: &[ListenerKind] = &[
         serves: "Taskwarrior 2.6 sync (port 53589)",
         available: true,
     },
+    ListenerKind {
+        name: "metrics",
+        default: Some("127.0.0.1:9464"),
+        serves: "Prometheus metrics at /metrics, plain HTTP: keep it on loopback or a private network",
+        available: true,
+    },
 ];
 
 /// The listeners to bind: name and address, in [`LISTENERS`] order.

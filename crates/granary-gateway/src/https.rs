@@ -63,6 +63,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
         // without this, Nagle holds a body's first segment back until the
         // client's delayed ACK of the head, 40 ms later.
         let _ = tcp.set_nodelay(true);
+        gateway.shared().stats.connection("https");
         let configs = configs.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -94,9 +95,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
                 let service = hyper::service::service_fn(move |req| {
                     let (sni, gateway) = (sni.clone(), gateway.clone());
                     async move {
-                        Ok::<_, Infallible>(
-                            answer(req, sni.as_deref(), peer, version, &gateway).await,
-                        )
+                        let started = std::time::Instant::now();
+                        let answer = answer(req, sni.as_deref(), peer, version, &gateway).await;
+                        let stats = &gateway.shared().stats;
+                        stats.answered(answer.status().as_u16(), started.elapsed());
+                        Ok::<_, Infallible>(answer)
                     }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);

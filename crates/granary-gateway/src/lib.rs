@@ -24,6 +24,7 @@ pub mod s2s;
 pub mod services;
 pub mod smtp;
 pub mod ssh;
+pub mod stats;
 pub mod taskd;
 pub mod tls;
 pub mod xmpp;
@@ -97,6 +98,8 @@ pub struct Shared {
     /// The web home on the domain; `None`: the domain answers a plain
     /// front page.
     pub home: Option<Arc<dyn home::WebHome>>,
+    /// What `/metrics` shows of the gateway.
+    pub stats: Arc<stats::Stats>,
 }
 
 /// The client certificates the taskd listener takes through the TLS
@@ -226,6 +229,7 @@ pub(crate) async fn accept_loop<F, Fut>(
             () = &mut shutdown => break,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
+        shared.stats.connection(protocol);
         let span = tracing::info_span!("conn", protocol, %peer, user = tracing::field::Empty);
         sessions.spawn(handle(tcp, peer, stop.clone()).instrument(span));
     }

@@ -117,6 +117,9 @@ pub struct LimiterState {
 #[derive(Debug, Default)]
 pub struct LoginLimiter {
     records: Mutex<Records>,
+    /// Failed logins counted, and logins refused unchecked, since start.
+    failures: std::sync::atomic::AtomicU64,
+    refusals: std::sync::atomic::AtomicU64,
 }
 
 impl LoginLimiter {
@@ -124,17 +127,30 @@ impl LoginLimiter {
     pub fn refused(&self, ip: IpAddr) -> bool {
         let now = Instant::now();
         let records = self.records.lock().expect("not poisoned");
-        sources(ip).iter().any(|s| {
+        let refused = sources(ip).iter().any(|s| {
             records
                 .map
                 .get(s)
                 .and_then(|r| r.blocked_until)
                 .is_some_and(|u| u > now)
-        })
+        });
+        if refused {
+            self.refusals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        refused
+    }
+
+    /// (failed logins, logins refused unchecked) since the daemon started.
+    pub fn totals(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.failures.load(Relaxed), self.refusals.load(Relaxed))
     }
 
     /// Counts one failed login from `ip` (against its address and range).
     pub fn failed(&self, ip: IpAddr) {
+        self.failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = Instant::now();
         let mut guard = self.records.lock().expect("not poisoned");
         let records = &mut *guard;

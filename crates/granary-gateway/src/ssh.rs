@@ -79,6 +79,7 @@ struct Listener {
 impl russh::server::Server for Listener {
     type Handler = Connection;
     fn new_client(&mut self, peer: Option<std::net::SocketAddr>) -> Connection {
+        self.shared.stats.connection("ssh");
         let peer_text = peer.map(|p| p.to_string()).unwrap_or_default();
         Connection {
             shared: self.shared.clone(),

@@ -798,7 +798,7 @@ impl Daemon {
         let n = NEXT_DAEMON.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let slot = (std::process::id() % 10_000) * 16 + n % 16;
         let config = format!(
-            "data_dir = \"data\"\n{extra_config}\n[listen]\nhttps = \"127.0.0.1:0\"\nssh = \"127.0.0.1:0\"\nsmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\nxmpp = \"127.0.0.1:0\"\nxmpps = \"127.0.0.1:0\"\n{listen}\n[log]\nlevel = \"info,granary=debug\"\n\
+            "data_dir = \"data\"\n{extra_config}\n[listen]\nhttps = \"127.0.0.1:0\"\nssh = \"127.0.0.1:0\"\nsmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\nxmpp = \"127.0.0.1:0\"\nxmpps = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n{listen}\n[log]\nlevel = \"info,granary=debug\"\n\
              [jail]\nuid_range = \"{}+1000\"\ncgroup_parent = \"granary-test-{}-{n}\"\n",
             1_600_000_000 + slot * 1000,
             std::process::id(),

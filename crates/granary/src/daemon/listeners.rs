@@ -27,6 +27,7 @@ const SERVED: &[&str] = &[
     "xmpps",
     "xmpp-s2s",
     "taskd",
+    "metrics",
 ];
 
 /// The configured listeners, bound.
@@ -67,6 +68,7 @@ impl Bound {
     pub(super) fn serve(
         self,
         shared: Arc<Shared>,
+        metrics: Arc<super::metrics::Metrics>,
         stop: &watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         self.listeners
@@ -108,6 +110,9 @@ impl Bound {
                     }
                     "taskd" => {
                         tokio::spawn(granary_gateway::taskd::serve(listener, shared, shutdown))
+                    }
+                    "metrics" => {
+                        tokio::spawn(super::metrics::serve(listener, metrics.clone(), shutdown))
                     }
                     other => unreachable!("listen.{other} passed the SERVED check in bind"),
                 }

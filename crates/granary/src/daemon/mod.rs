@@ -25,6 +25,7 @@ mod lock;
 mod mail;
 mod mail_keep;
 mod memory;
+mod metrics;
 mod moves;
 pub(crate) use moves::reconcile;
 mod ports;
@@ -349,6 +350,7 @@ async fn serve(
         Mode::Serve => Vec::new(),
     };
     let (installed_tx, installed) = tokio::sync::oneshot::channel();
+    let metrics_datasets = datasets.clone();
     // The web home reaches the admin thread on a socket pair of its own,
     // served a WebGate only.
     let (web_gate, web_front) =
@@ -364,7 +366,7 @@ async fn serve(
             store: store.clone(),
             grains: grains.clone(),
             local_grains,
-            datasets,
+            datasets: datasets.clone(),
             apps_dir: start::apps_dir(&config)?,
             uids: granary_state::HostUid::FirstFreeIn(config.uid_range),
             package_limits: crate::package_limits(&config),
@@ -436,8 +438,15 @@ async fn serve(
             (None, ca) => ca.map(granary_gateway::TaskdClients::LocalCa),
         },
         home: Some(home),
+        stats: Arc::default(),
     });
-    let served = bound.serve(shared, &stop_rx);
+    let metrics = Arc::new(metrics::Metrics {
+        shared: shared.clone(),
+        datasets: metrics_datasets,
+        store: store.clone(),
+        snapshot_interval: config.snapshots.interval,
+    });
+    let served = bound.serve(shared, metrics, &stop_rx);
     let delivering = mail::deliver(&mail, grains, store.clone(), postmaster, stop_rx.clone());
 
     // Signals are watched from here on, before ports.json tells anyone the
