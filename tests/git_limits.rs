@@ -137,6 +137,16 @@ fn a_push_over_the_quota_says_the_storage_is_full() {
         .granary(&["app", "install", pkg.to_str().unwrap()])
         .success();
     daemon.granary(&["user", "add", "alice"]).success();
+    // The doctor reads the pool's own health (zpool status -x).
+    let checks = daemon.granary(&["doctor", "--json"]).json();
+    let pool = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "zfs pool health")
+        .expect("the pool is checked")
+        .clone();
+    assert_eq!(pool["level"], "ok", "{pool:#}");
     let password = granary_testkit::app_password(&daemon, "alice", "git");
     let key = granary_testkit::ssh_key(&daemon, tmp.path(), "alice");
     let home = tmp.path().join("home");

@@ -443,6 +443,23 @@ fn the_published_records_make_the_doctor_pass_and_each_missing_one_fails_by_name
     // The text form says what to do.
     let text = host.daemon.granary(&["doctor"]).stdout;
     assert!(text.contains("fix: publish:"), "{text}");
+    // Each name's certificate: verified, and how long it has left.
+    let checks = host.daemon.granary(&["doctor", "--json"]).json();
+    let domain_cert = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["area"] == "certificate" && c["name"] == DOMAIN)
+        .expect("the domain's certificate is checked")
+        .clone();
+    assert_eq!(domain_cert["level"], "ok", "{domain_cert:#}");
+    assert!(
+        domain_cert["detail"]
+            .as_str()
+            .unwrap()
+            .contains("expires in"),
+        "{domain_cert:#}"
+    );
     // A second mail domain: the local CA's certificate does not name its
     // hosts, and the doctor says so by name.
     host.daemon

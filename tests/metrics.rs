@@ -78,6 +78,7 @@ fn metrics_are_prometheus_text_and_show_a_crash() {
         "granary_https_request_duration_seconds_bucket{le=\"+Inf\"}",
         "granary_mail_queue_messages{queue=\"inbound\"} 0",
         "granary_login_failures_total 0",
+        "granary_certificate_expiry_timestamp_seconds{certificate=\"server\"}",
     ] {
         assert!(text.contains(want), "{want} missing:\n{text}");
     }
@@ -120,5 +121,5 @@ fn the_alert_rules_pass_promtool() {
         .join("../packaging/prometheus/granary-alerts.yml");
     let (ok, out) = promtool(&["check", "rules", rules.to_str().unwrap()], "");
     assert!(ok, "{out}");
-    assert!(out.contains("4 rules found"), "{out}");
+    assert!(out.contains("5 rules found"), "{out}");
 }

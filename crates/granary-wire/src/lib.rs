@@ -30,4 +30,5 @@ pub mod smtp;
 pub mod ssh;
 pub mod stanza;
 pub mod taskd;
+pub mod x509;
 pub mod xmpp;

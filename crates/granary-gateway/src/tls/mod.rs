@@ -385,7 +385,7 @@ pub async fn check_served(
     addr: std::net::SocketAddr,
     name: &str,
     extra_ca: Option<&Path>,
-) -> Result<(), String> {
+) -> Result<Option<i64>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
@@ -414,7 +414,14 @@ pub async fn check_served(
         tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(server_name, tcp)
             .await
-            .map(|_| ())
+            .map(|tls| {
+                // When the leaf served stops being valid.
+                tls.get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|leaf| granary_wire::x509::not_after(leaf))
+            })
             .map_err(|e| e.to_string())
     };
     tokio::time::timeout(std::time::Duration::from_secs(10), connect)

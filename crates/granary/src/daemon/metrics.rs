@@ -21,6 +21,10 @@ pub(crate) struct Metrics {
     pub(crate) store: Arc<granary_state::Store>,
     /// `snapshots.interval`, for the alert on stale snapshots.
     pub(crate) snapshot_interval: Option<std::time::Duration>,
+    /// The server certificate's file (the local CA's or the admin's).
+    pub(crate) certificate: std::path::PathBuf,
+    /// `DATA_DIR/tls`, whose `domains/<name>/cert.pem` are served too.
+    pub(crate) tls_dir: std::path::PathBuf,
 }
 
 /// Serves `/metrics` on `listener` until `shutdown`.
@@ -143,6 +147,7 @@ pub(crate) async fn render(m: &Metrics) -> String {
         m.shared.limiter.state().refused_count
     );
     m.shared.stats.render(&mut out);
+    certificates(m, &mut out).await;
     if let Some(i) = m.snapshot_interval {
         family(
             &mut out,
@@ -281,6 +286,50 @@ async fn grains(m: &Metrics, out: &mut String) {
                 label(&g.id)
             );
         }
+    }
+}
+
+/// When each certificate served stops being valid: the server's, and
+/// those of the domains under `tls/domains/`.
+async fn certificates(m: &Metrics, out: &mut String) {
+    let (server, domains) = (m.certificate.clone(), m.tls_dir.join("domains"));
+    let found = tokio::task::spawn_blocking(move || {
+        let mut files = vec![("server".to_owned(), server)];
+        if let Ok(dir) = std::fs::read_dir(&domains) {
+            for e in dir.flatten() {
+                files.push((
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.path().join("cert.pem"),
+                ));
+            }
+        }
+        files.sort();
+        files
+            .into_iter()
+            .filter_map(|(name, path)| {
+                use rustls::pki_types::pem::PemObject;
+                let leaf = rustls::pki_types::CertificateDer::pem_file_iter(&path)
+                    .ok()?
+                    .next()?
+                    .ok()?;
+                Some((name, granary_wire::x509::not_after(&leaf)?))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    family(
+        out,
+        "granary_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When each certificate served stops being valid (its notAfter).",
+    );
+    for (name, t) in found {
+        let _ = writeln!(
+            out,
+            "granary_certificate_expiry_timestamp_seconds{{certificate=\"{}\"}} {t}",
+            label(&name)
+        );
     }
 }
 

@@ -445,6 +445,11 @@ async fn serve(
         datasets: metrics_datasets,
         store: store.clone(),
         snapshot_interval: config.snapshots.interval,
+        certificate: match &config.tls {
+            TlsSource::Files { cert, .. } => cert.clone(),
+            TlsSource::LocalCa => config.tls_dir().join("server.pem"),
+        },
+        tls_dir: config.tls_dir(),
     });
     let served = bound.serve(shared, metrics, &stop_rx);
     let delivering = mail::deliver(&mail, grains, store.clone(), postmaster, stop_rx.clone());

@@ -153,7 +153,74 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
         }
     }
     out.extend(local_checks(ctx));
+    out.extend(pool_health(info.storage_backend, &info.data_dir).await);
     Ok(out)
+}
+
+/// The storage's own health: `zpool status -x` (a degraded mirror, a
+/// faulted disk, checksum errors), or btrfs's device error counters.
+async fn pool_health(backend: &str, data_dir: &std::path::Path) -> Option<Finding> {
+    let mut cmd = match backend {
+        "zfs" => {
+            let mut c = std::process::Command::new("zpool");
+            c.args(["status", "-x"]);
+            c
+        }
+        "btrfs" => {
+            let mut c = std::process::Command::new("btrfs");
+            c.args(["device", "stats", "--check"]).arg(data_dir);
+            c
+        }
+        _ => return None,
+    };
+    let name = format!("{backend} pool health");
+    let out = match tokio::task::spawn_blocking(move || cmd.output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => {
+            return Some(Finding {
+                area: "storage",
+                name,
+                level: Level::Warn,
+                detail: format!("cannot run the {backend} tools: {e}"),
+                fix: String::new(),
+            });
+        }
+        Err(_) => {
+            return Some(Finding {
+                area: "storage",
+                name,
+                level: Level::Warn,
+                detail: "the pool check did not finish".to_owned(),
+                fix: String::new(),
+            });
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let healthy = out.status.success()
+        && (backend != "zfs" || text == "all pools are healthy" || text.is_empty());
+    Some(if healthy {
+        ok(
+            "storage",
+            name,
+            if text.is_empty() {
+                "no device errors".to_owned()
+            } else {
+                text
+            },
+        )
+    } else {
+        let shown: Vec<&str> = text.lines().take(12).collect();
+        Finding {
+            area: "storage",
+            name,
+            level: Level::Fail,
+            detail: shown.join("\n"),
+            fix: match backend {
+                "zfs" => "replace the failed disk (zpool replace), then zpool clear; see zpool status -v".to_owned(),
+                _ => "check the disks (btrfs device stats, smartctl); btrfs device stats -z clears the counters".to_owned(),
+            },
+        }
+    })
 }
 
 fn problem(p: &DnsProblem) -> String {
@@ -326,7 +393,8 @@ async fn certificate_names(
     let mut out = Vec::new();
     for name in names {
         match granary_gateway::tls::check_served(addr, &name, info.ca_file.as_deref()).await {
-            Ok(()) => out.push(ok(
+            Ok(Some(not_after)) => out.push(expiry(&name, not_after, now())),
+            Ok(None) => out.push(ok(
                 "certificate",
                 name.clone(),
                 "the certificate served verifies for it".to_owned(),
@@ -343,6 +411,35 @@ async fn certificate_names(
         }
     }
     out
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Certificates are renewed well before this many days are left; fewer is
+/// a warning.
+const EXPIRY_WARN_DAYS: i64 = 14;
+
+/// A certificate that verifies, judged by how long it has left.
+fn expiry(name: &str, not_after: i64, now: i64) -> Finding {
+    let days = (not_after - now).div_euclid(86_400);
+    let detail = format!("the certificate served verifies for it; it expires in {days} days");
+    if days < EXPIRY_WARN_DAYS {
+        Finding {
+            area: "certificate",
+            name: name.to_owned(),
+            level: Level::Warn,
+            detail,
+            fix:
+                "renew it now: put the new certificate in place (it is picked up without a restart)"
+                    .to_owned(),
+        }
+    } else {
+        ok("certificate", name.to_owned(), detail)
+    }
 }
 
 /// The checks that need no DNS: listeners, certificate, clock, storage.
