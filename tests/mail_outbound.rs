@@ -410,6 +410,19 @@ fn the_published_records_make_the_doctor_pass_and_each_missing_one_fails_by_name
         .collect();
     assert!(failed.is_empty(), "{failed:#?}");
     assert!(run.status.success());
+    // The chat SRV records are checked too: not published here, so warned
+    // about (clients fall back to the domain's address), by name.
+    for service in ["_xmpp-client", "_xmpps-client", "_xmpp-server"] {
+        let name = format!("SRV {service}._tcp.{DOMAIN}. SRV");
+        let c = checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("{name} not checked: {checks:#}"));
+        assert_eq!(c["level"], "warn", "{c:#}");
+        assert!(c["fix"].as_str().unwrap().contains("publish:"), "{c:#}");
+    }
     // Each record taken away in turn: the doctor fails and names it.
     for (i, (label, _)) in records.iter().enumerate() {
         let mut some: Vec<Record> = records

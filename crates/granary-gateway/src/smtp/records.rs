@@ -18,6 +18,34 @@ pub struct DnsRecord {
     pub purpose: String,
 }
 
+/// The SRV records chat clients and other servers find `domain`'s XMPP
+/// service by (RFC 6120 §3.2.1, XEP-0368 for direct TLS), served by
+/// `host`; a port `None` is published as "not offered" (target ".").
+pub fn xmpp_records(
+    domain: &str,
+    host: &str,
+    client: Option<u16>,
+    client_tls: Option<u16>,
+    server: Option<u16>,
+) -> Vec<DnsRecord> {
+    [
+        ("_xmpp-client._tcp", client, "chat clients (STARTTLS)"),
+        ("_xmpps-client._tcp", client_tls, "chat clients (direct TLS, XEP-0368)"),
+        ("_xmpp-server._tcp", server, "other chat servers (federation)"),
+    ]
+    .into_iter()
+    .map(|(service, port, what)| DnsRecord {
+        name: format!("{service}.{}.", domain.trim_end_matches('.')),
+        kind: "SRV",
+        value: match port {
+            Some(p) => format!("0 1 {p} {}.", host.trim_end_matches('.')),
+            None => "0 0 0 .".to_owned(),
+        },
+        purpose: format!("{what} find the server"),
+    })
+    .collect()
+}
+
 impl DnsRecord {
     /// The zone-file line; TXT values quoted and cut into strings of at
     /// most 255 bytes (RFC 1035 §3.3.14), as long DKIM keys need.

@@ -152,6 +152,30 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
             out.push(check_record(&checker, domain, record).await);
         }
     }
+    // Chat: every chat domain's SRV records, for clients and servers.
+    let store = ctx.store.clone();
+    let mut chat = blocking(move || store.xmpp_domain_names().map_err(state_failure)).await?;
+    chat.insert(0, info.domain.clone());
+    chat.dedup();
+    let port = |name: &str| info.listener(name).map(|a| a.port());
+    for domain in &chat {
+        let expected = granary_gateway::smtp::records::xmpp_records(
+            domain,
+            &info.mail_hostname,
+            port("xmpp"),
+            port("xmpps"),
+            port("xmpp-s2s"),
+        );
+        for record in &expected {
+            let mut found = check_record(&checker, domain, record).await;
+            // Without SRV records, clients and servers try the domain's
+            // own address on the standard ports: worth fixing, not broken.
+            if found.level == Level::Fail {
+                found.level = Level::Warn;
+            }
+            out.push(found);
+        }
+    }
     out.extend(local_checks(ctx));
     out.extend(pool_health(info.storage_backend, &info.data_dir).await);
     Ok(out)
