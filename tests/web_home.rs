@@ -186,10 +186,13 @@ try:
     submit("Set up two-step sign-in")
     secret = driver.find_element(By.ID, "totp-secret").text.strip()
     qr = driver.find_element(By.CSS_SELECTOR, "svg.qr")
-    driver.execute_script("arguments[0].scrollIntoView()", qr)
-    qr.screenshot(os.path.join(art, "totp-qr.png"))
-    uri = subprocess.run(["zbarimg", "--quiet", "--raw", os.path.join(art, "totp-qr.png")],
-                         capture_output=True, text=True).stdout.strip()
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", qr)
+    for attempt in range(3):
+        qr.screenshot(os.path.join(art, "totp-qr.png"))
+        uri = subprocess.run(["zbarimg", "--quiet", "--raw", os.path.join(art, "totp-qr.png")],
+                             capture_output=True, text=True).stdout.strip()
+        if uri:
+            break
     assert uri.startswith("otpauth://totp/") and f"secret={secret}" in uri, uri
     shots("totp-setup")
     enabled_at = int(time.time() // 30)
@@ -221,6 +224,11 @@ try:
     shots("keys")
     driver.get(BASE + "/invites")
     shots("invites")
+except Exception:
+    # What the page showed when it went wrong, for the test's output.
+    driver.save_screenshot(os.path.join(art, "failure.png"))
+    print("FAILED at", driver.current_url, "\n", driver.find_element(By.TAG_NAME, "body").text)
+    raise
 finally:
     driver.quit()
 print("ok")

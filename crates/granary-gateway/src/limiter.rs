@@ -204,6 +204,17 @@ impl LoginLimiter {
     }
 
     /// Sources refused now, longest first.
+    /// How many addresses and ranges are refused now (cheap: no listing).
+    pub fn refused_count(&self) -> u64 {
+        let now = Instant::now();
+        let records = self.records.lock().expect("not poisoned");
+        records
+            .map
+            .values()
+            .filter(|r| r.blocked_until.is_some_and(|u| u > now))
+            .count() as u64
+    }
+
     pub fn state(&self) -> LimiterState {
         let now = Instant::now();
         let records = self.records.lock().expect("not poisoned");

@@ -69,6 +69,29 @@ impl Store {
         rows.collect::<Result<_, _>>().op("read audit events")
     }
 
+    /// When each grain was last exported whole by a backup on this node,
+    /// read from the newest 1,000 `backup.export` events in one query.
+    pub fn last_backups(&self) -> Result<std::collections::HashMap<String, i64>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT at, detail FROM audit_events WHERE action = 'backup.export'
+                 ORDER BY id DESC LIMIT 1000",
+            )
+            .op("read backups")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .op("read backups")?;
+        let mut last = std::collections::HashMap::new();
+        for row in rows {
+            let (at, detail) = row.op("read backups")?;
+            for grain in detail.split(' ').filter_map(|w| w.strip_suffix("=ok")) {
+                last.entry(grain.to_owned()).or_insert(at);
+            }
+        }
+        Ok(last)
+    }
+
     /// When `grain` was last exported whole by a backup (its `backup.export`
     /// event says `<grain>=ok`); `None` if never on this node.
     pub fn last_backup(&self, grain: &str) -> Result<Option<i64>, StateError> {

@@ -30,8 +30,16 @@ pub fn xmpp_records(
 ) -> Vec<DnsRecord> {
     [
         ("_xmpp-client._tcp", client, "chat clients (STARTTLS)"),
-        ("_xmpps-client._tcp", client_tls, "chat clients (direct TLS, XEP-0368)"),
-        ("_xmpp-server._tcp", server, "other chat servers (federation)"),
+        (
+            "_xmpps-client._tcp",
+            client_tls,
+            "chat clients (direct TLS, XEP-0368)",
+        ),
+        (
+            "_xmpp-server._tcp",
+            server,
+            "other chat servers (federation)",
+        ),
     ]
     .into_iter()
     .map(|(service, port, what)| DnsRecord {

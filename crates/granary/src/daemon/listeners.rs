@@ -43,9 +43,19 @@ impl Bound {
                 SERVED.contains(&name),
                 "listen.{name}: this build has no {name} server"
             );
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (listen.{name})"))?;
+            let l = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                // Metrics are not worth failing the start over (its default
+                // port may be another exporter's).
+                Err(e) if name == "metrics" => {
+                    tracing::warn!(%addr, error = %e, "cannot listen for metrics (listen.metrics); serving without them");
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot listen on {addr} (listen.{name})"));
+                }
+            };
             listeners.push((name, l));
         }
         Ok(Bound { listeners })

@@ -53,6 +53,8 @@ pub(crate) async fn serve(
                 async move { Ok::<_, Infallible>(answer(&metrics, &req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), service);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
         });
@@ -144,7 +146,7 @@ pub(crate) async fn render(m: &Metrics) -> String {
     let _ = writeln!(
         out,
         "granary_login_sources_refused {}",
-        m.shared.limiter.state().refused_count
+        m.shared.limiter.refused_count()
     );
     m.shared.stats.render(&mut out);
     certificates(m, &mut out).await;
@@ -175,14 +177,14 @@ async fn grains(m: &Metrics, out: &mut String) {
     let ids: Vec<String> = list.iter().map(|g| g.id.clone()).collect();
     // Snapshot and backup times come from the disk and the state.
     let times = tokio::task::spawn_blocking(move || {
+        let backups = store.last_backups().unwrap_or_default();
         ids.iter()
             .map(|id| {
                 let snap = datasets
                     .list_snapshots(id)
                     .ok()
-                    .and_then(|s| s.iter().map(|s| s.created).max());
-                let backup = store.last_backup(id).ok().flatten();
-                (snap, backup)
+                    .and_then(|s| s.iter().map(|s| s.created).filter(|t| *t > 0).max());
+                (snap, backups.get(id).copied())
             })
             .collect::<Vec<_>>()
     })

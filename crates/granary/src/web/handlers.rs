@@ -357,7 +357,9 @@ impl Web {
         }
         let path = req.path.as_str();
         let ip = super::source(req);
-        let limited = self.setup.limiter.refused(ip);
+        // Asked only where a password is checked (each ask of a refused
+        // source counts as a refusal).
+        let limited = || self.setup.limiter.refused(ip);
         let field = |k: &str| f.get(k).map_or("", String::as_str).to_owned();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (post, segments.as_slice()) {
@@ -464,7 +466,7 @@ impl Web {
             (false, ["security"]) => self.security(me, None, None, None).await,
             (true, ["security", "totp"]) => self.totp_begin(me).await,
             (true, ["security", "totp", "enable"]) => self.totp_enable(me, &field("code")).await,
-            (true, ["security", "totp", "disable"]) if limited => {
+            (true, ["security", "totp", "disable"]) if limited() => {
                 self.security(me, Some(TOO_MANY), None, None).await
             }
             (true, ["security", "totp", "disable"]) => {
@@ -484,7 +486,7 @@ impl Web {
                     }
                 }
             }
-            (true, ["password"]) if limited => {
+            (true, ["password"]) if limited() => {
                 self.security(me, None, None, Some(Err(TOO_MANY.to_owned())))
                     .await
             }
