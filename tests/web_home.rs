@@ -226,8 +226,11 @@ try:
     shots("invites")
 except Exception:
     # What the page showed when it went wrong, for the test's output.
-    driver.save_screenshot(os.path.join(art, "failure.png"))
-    print("FAILED at", driver.current_url, "\n", driver.find_element(By.TAG_NAME, "body").text)
+    try:
+        driver.save_screenshot(os.path.join(art, "failure.png"))
+        print("FAILED at", driver.current_url, "\n", driver.find_element(By.TAG_NAME, "body").text)
+    except Exception as e:
+        print("and the page could not be read:", e)
     raise
 finally:
     driver.quit()

@@ -203,7 +203,6 @@ impl LoginLimiter {
         }
     }
 
-    /// Sources refused now, longest first.
     /// How many addresses and ranges are refused now (cheap: no listing).
     pub fn refused_count(&self) -> u64 {
         let now = Instant::now();
@@ -215,6 +214,7 @@ impl LoginLimiter {
             .count() as u64
     }
 
+    /// Sources refused now, longest first.
     pub fn state(&self) -> LimiterState {
         let now = Instant::now();
         let records = self.records.lock().expect("not poisoned");

@@ -184,7 +184,12 @@ async fn grains(m: &Metrics, out: &mut String) {
                     .list_snapshots(id)
                     .ok()
                     .and_then(|s| s.iter().map(|s| s.created).filter(|t| *t > 0).max());
-                (snap, backups.get(id).copied())
+                // Older than the newest exports read at once: asked alone.
+                let backup = match backups.get(id) {
+                    Some(t) => Some(*t),
+                    None => store.last_backup(id).ok().flatten(),
+                };
+                (snap, backup)
             })
             .collect::<Vec<_>>()
     })

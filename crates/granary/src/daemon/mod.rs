@@ -56,6 +56,8 @@ pub(crate) struct DaemonInfo {
     pub(crate) data_dir: PathBuf,
     pub(crate) domain: String,
     pub(crate) storage_backend: &'static str,
+    /// The ZFS pool the datasets live in (the doctor reads its health).
+    pub(crate) zfs_pool: Option<String>,
     pub(crate) sandbox: String,
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) listeners: Vec<(String, String)>,
@@ -194,6 +196,12 @@ async fn serve(
         data_dir: config.data_dir.clone(),
         domain: config.domain.clone(),
         storage_backend: config.storage.name(),
+        zfs_pool: match &config.storage {
+            granary_config::StorageBackend::Zfs { dataset, .. } => {
+                dataset.split('/').next().map(str::to_owned)
+            }
+            _ => None,
+        },
         sandbox: granary_jail::describe_host(config.uid_range),
         ca_file: ca_file.clone(),
         listeners: addresses

@@ -36,7 +36,7 @@ pub(super) struct Finding {
     pub(super) fix: String,
 }
 
-fn ok(area: &'static str, name: String, detail: String) -> Finding {
+pub(super) fn ok(area: &'static str, name: String, detail: String) -> Finding {
     Finding {
         area,
         name,
@@ -155,9 +155,15 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
     // Chat: every chat domain's SRV records, for clients and servers.
     let store = ctx.store.clone();
     let mut chat = blocking(move || store.xmpp_domain_names().map_err(state_failure)).await?;
-    chat.insert(0, info.domain.clone());
+    chat.push(info.domain.clone());
+    chat.sort();
     chat.dedup();
-    let port = |name: &str| info.listener(name).map(|a| a.port());
+    // A listener on loopback is not offered to the world.
+    let port = |name: &str| {
+        info.listener(name)
+            .filter(|a| !a.ip().is_loopback())
+            .map(|a| a.port())
+    };
     for domain in &chat {
         let expected = granary_gateway::smtp::records::xmpp_records(
             domain,
@@ -177,74 +183,15 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
         }
     }
     out.extend(local_checks(ctx));
-    out.extend(pool_health(info.storage_backend, &info.data_dir).await);
-    Ok(out)
-}
-
-/// The storage's own health: `zpool status -x` (a degraded mirror, a
-/// faulted disk, checksum errors), or btrfs's device error counters.
-async fn pool_health(backend: &str, data_dir: &std::path::Path) -> Option<Finding> {
-    let mut cmd = match backend {
-        "zfs" => {
-            let mut c = std::process::Command::new("zpool");
-            c.args(["status", "-x"]);
-            c
-        }
-        "btrfs" => {
-            let mut c = std::process::Command::new("btrfs");
-            c.args(["device", "stats", "--check"]).arg(data_dir);
-            c
-        }
-        _ => return None,
-    };
-    let name = format!("{backend} pool health");
-    let out = match tokio::task::spawn_blocking(move || cmd.output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => {
-            return Some(Finding {
-                area: "storage",
-                name,
-                level: Level::Warn,
-                detail: format!("cannot run the {backend} tools: {e}"),
-                fix: String::new(),
-            });
-        }
-        Err(_) => {
-            return Some(Finding {
-                area: "storage",
-                name,
-                level: Level::Warn,
-                detail: "the pool check did not finish".to_owned(),
-                fix: String::new(),
-            });
-        }
-    };
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let healthy = out.status.success()
-        && (backend != "zfs" || text == "all pools are healthy" || text.is_empty());
-    Some(if healthy {
-        ok(
-            "storage",
-            name,
-            if text.is_empty() {
-                "no device errors".to_owned()
-            } else {
-                text
-            },
+    out.extend(
+        super::health::pool_health(
+            info.zfs_pool.as_deref(),
+            info.storage_backend,
+            &info.data_dir,
         )
-    } else {
-        let shown: Vec<&str> = text.lines().take(12).collect();
-        Finding {
-            area: "storage",
-            name,
-            level: Level::Fail,
-            detail: shown.join("\n"),
-            fix: match backend {
-                "zfs" => "replace the failed disk (zpool replace), then zpool clear; see zpool status -v".to_owned(),
-                _ => "check the disks (btrfs device stats, smartctl); btrfs device stats -z clears the counters".to_owned(),
-            },
-        }
-    })
+        .await,
+    );
+    Ok(out)
 }
 
 fn problem(p: &DnsProblem) -> String {

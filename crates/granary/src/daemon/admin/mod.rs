@@ -15,6 +15,7 @@ mod doctor;
 mod git;
 mod grains;
 mod grants;
+mod health;
 mod home;
 mod invites;
 mod mail;
