@@ -194,17 +194,7 @@ async fn web_home(
     host: &str,
     home: Arc<dyn crate::home::WebHome>,
 ) -> Response<Body> {
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| host.to_owned());
+    let authority = authority(&req).unwrap_or_else(|| host.to_owned());
     let (parts, body) = req.into_parts();
     let body = match http_body_util::Limited::new(body, crate::home::MAX_BODY)
         .collect()
@@ -233,6 +223,20 @@ async fn web_home(
     answer.map(|b| Full::new(b).map_err(|never| match never {}).boxed())
 }
 
+/// The host and port the client asked for, as sent (`example.org:8443`):
+/// the URI's authority (HTTP/2), else the `Host` header.
+fn authority(req: &Request<Incoming>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
 /// RFC 6764 §5: `/.well-known/caldav` and `/.well-known/carddav` on the
 /// domain (or on `dav.<domain>` itself) redirect to the root of
 /// `dav.<domain>`, on the port the client used, where the DAV grain
@@ -246,17 +250,7 @@ fn dav_discovery(req: &Request<Incoming>, host: &str, domain: &str) -> Option<Re
     if host != domain && host != dav {
         return None;
     }
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    let raw = authority(req).unwrap_or_default();
     let port = raw
         .rsplit_once(':')
         .map(|(_, p)| p)

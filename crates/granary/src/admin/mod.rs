@@ -14,7 +14,7 @@ pub(crate) mod invites;
 pub(crate) mod mail;
 mod mail_dns;
 pub(crate) mod snapshots;
-mod table;
+pub(crate) mod table;
 pub(crate) mod tasks;
 pub(crate) mod xmpp;
 

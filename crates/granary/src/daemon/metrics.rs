@@ -100,12 +100,6 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Every metric, as text.
 pub(crate) async fn render(m: &Metrics) -> String {
     let mut out = String::new();
@@ -195,7 +189,7 @@ async fn grains(m: &Metrics, out: &mut String) {
     })
     .await
     .unwrap_or_default();
-    let now = now();
+    let now = crate::daemon::unix_now();
     family(
         out,
         "granary_grain_state",
@@ -342,7 +336,7 @@ async fn certificates(m: &Metrics, out: &mut String) {
 
 fn spools(m: &Metrics, out: &mut String) {
     let Some(mx) = &m.shared.mx else { return };
-    let now = now();
+    let now = crate::daemon::unix_now();
     let queues = [
         ("inbound", mx.spool.list()),
         ("outbound", mx.outbound.list()),

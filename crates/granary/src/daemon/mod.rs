@@ -73,6 +73,13 @@ pub(crate) struct DaemonInfo {
     pub(crate) cluster: Option<Arc<cluster::Member>>,
 }
 
+/// Now, in Unix seconds (0 if the clock is before 1970).
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 impl DaemonInfo {
     /// The address a named listener is bound to, if it listens.
     pub(crate) fn listener(&self, name: &str) -> Option<std::net::SocketAddr> {

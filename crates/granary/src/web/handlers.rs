@@ -209,7 +209,7 @@ impl Web {
                 &[],
             );
         }
-        let ip = super::source(req);
+        let ip = req.peer;
         if self.setup.limiter.refused(ip) {
             return html(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -297,7 +297,7 @@ impl Web {
                 &[],
             );
         }
-        let ip = super::source(req);
+        let ip = req.peer;
         if self.setup.limiter.refused(ip) {
             return html(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -356,7 +356,7 @@ impl Web {
             return see_other("/", &[set_cookie(SESSION, None, session::LIFETIME)]);
         }
         let path = req.path.as_str();
-        let ip = super::source(req);
+        let ip = req.peer;
         // Asked only where a password is checked (each ask of a refused
         // source counts as a refusal).
         let limited = || self.setup.limiter.refused(ip);

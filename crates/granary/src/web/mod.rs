@@ -14,7 +14,7 @@ mod pages;
 mod session;
 mod views;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -119,9 +119,8 @@ pub(crate) fn start(
                 while let Some((request, reply)) = rx.recv().await {
                     let web = web.clone();
                     tokio::task::spawn_local(async move {
-                        let secure = true;
                         let mut answer = web.answer(request).await;
-                        protect(answer.headers_mut(), secure);
+                        protect(answer.headers_mut());
                         let _ = reply.send(answer);
                     });
                 }
@@ -132,8 +131,9 @@ pub(crate) fn start(
 }
 
 /// The headers every answer carries: no script, no framing, no inline
-/// style, forms only to here, no caching, HSTS on TLS.
-fn protect(headers: &mut hyper::HeaderMap, tls: bool) {
+/// style, forms only to here, no caching, HSTS (the home is served only
+/// over TLS).
+fn protect(headers: &mut hyper::HeaderMap) {
     let set = |h: &mut hyper::HeaderMap, name: &'static str, value: &'static str| {
         h.insert(name, header::HeaderValue::from_static(value));
     };
@@ -148,14 +148,7 @@ fn protect(headers: &mut hyper::HeaderMap, tls: bool) {
     set(headers, "referrer-policy", "same-origin");
     set(headers, "cross-origin-opener-policy", "same-origin");
     set(headers, "cache-control", "no-store");
-    if tls {
-        set(headers, "strict-transport-security", "max-age=31536000");
-    }
-}
-
-/// The address a failed sign-in is counted against.
-fn source(request: &HomeRequest) -> IpAddr {
-    request.peer
+    set(headers, "strict-transport-security", "max-age=31536000");
 }
 
 /// The key that seals second-factor secrets: `keys/web.key`, 32 random

@@ -152,27 +152,7 @@ pub(super) fn when(unix: i64) -> String {
     if unix <= 0 {
         return "never".to_owned();
     }
-    chrono_like(unix)
-}
-
-/// `YYYY-MM-DD HH:MM UTC` without a date crate (civil-from-days,
-/// H. Hinnant's algorithm).
-fn chrono_like(unix: i64) -> String {
-    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
-        secs / 3600,
-        secs % 3600 / 60
-    )
+    format!("{} UTC", crate::admin::table::time(unix))
 }
 
 /// Bytes for people: "1.5 MB".

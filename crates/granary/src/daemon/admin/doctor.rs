@@ -364,7 +364,7 @@ async fn certificate_names(
     let mut out = Vec::new();
     for name in names {
         match granary_gateway::tls::check_served(addr, &name, info.ca_file.as_deref()).await {
-            Ok(Some(not_after)) => out.push(expiry(&name, not_after, now())),
+            Ok(Some(not_after)) => out.push(expiry(&name, not_after, crate::daemon::unix_now())),
             Ok(None) => out.push(ok(
                 "certificate",
                 name.clone(),
@@ -382,12 +382,6 @@ async fn certificate_names(
         }
     }
     out
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Certificates are renewed well before this many days are left; fewer is

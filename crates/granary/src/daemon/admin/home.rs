@@ -9,7 +9,6 @@
 //! as unknown.
 
 use std::rc::Rc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use capnp::capability::Rc as CapRc;
 use granary_model::UserName;
@@ -22,10 +21,9 @@ const RECOVERY_CODES: usize = 10;
 /// What a wrong user name and a wrong password both say.
 pub(super) const WRONG: &str = "wrong user name or password";
 
+/// Now in Unix seconds, as the TOTP steps count it.
 pub(super) fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::daemon::unix_now().max(0) as u64
 }
 
 /// A hash to verify against when the user does not exist, so a missing

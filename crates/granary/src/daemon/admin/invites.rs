@@ -17,13 +17,6 @@ pub(super) struct Invites(pub(super) Rc<Ctx>);
 /// that stands for an account asks.
 const TOKEN_BYTES: usize = 16;
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 fn set_invite(mut out: invite::Builder<'_>, i: &Invite) {
     out.set_id(i.id);
     out.set_kind(i.kind.as_str());
@@ -33,7 +26,7 @@ fn set_invite(mut out: invite::Builder<'_>, i: &Invite) {
     out.set_created_at(i.created_at);
     out.set_expires_at(i.expires_at);
     out.set_revoked_at(i.revoked_at.unwrap_or(0));
-    out.set_status(i.status(now()));
+    out.set_status(i.status(crate::daemon::unix_now()));
     out.set_group(i.room.as_deref().unwrap_or(""));
     let mut used = out.init_used_by(i.used_by.len() as u32);
     for (n, u) in i.used_by.iter().enumerate() {
@@ -107,7 +100,7 @@ impl invites::Server for Invites {
                     inv.as_ref(),
                     group.as_deref(),
                     &hash,
-                    now() + secs,
+                    crate::daemon::unix_now() + secs,
                     uses,
                     ACTOR,
                 )
