@@ -42,6 +42,7 @@ interface Admin {
   xmpp @11 () -> (xmpp :Xmpp);
   tasks @12 () -> (tasks :Tasks);
   invites @13 () -> (invites :Invites);
+  certificates @14 () -> (certificates :Certificates);
 
   doctor @10 () -> (checks :List(DoctorCheck));
   # Checks a deployment as the world sees it: every mail domain's DNS
@@ -655,4 +656,30 @@ struct HomeGrain {
   quotaBytes @4 :UInt64;   # 0: none.
   lastSnapshot @5 :Int64;  # Unix seconds; 0: none.
   lastBackup @6 :Int64;    # Unix seconds; 0: none.
+}
+
+interface Certificates {
+  # Certificates from an ACME CA (`tls.acme`).
+
+  acme @0 () -> (enabled :Bool, status :AcmeStatus);
+  # enabled = false: certificates come from the local CA or the admin's
+  # files (tls.cert), and status is unset.
+
+  renew @1 () -> ();
+  # Orders a new certificate now, however fresh the current one and
+  # whatever the backoff after failures; the outcome shows in acme().
+  # Fails when tls.acme is not set.
+}
+
+struct AcmeStatus {
+  directory @0 :Text;        # The CA's directory URL.
+  challenge @1 :Text;        # "http-01" or "tls-alpn-01".
+  names @2 :List(Text);      # What the certificate is for.
+  notAfter @3 :Int64;        # Expiry, Unix seconds; 0: none from the CA yet.
+  renewAt @4 :Int64;         # Two thirds into its lifetime; 0 with none.
+  issuedAt @5 :Int64;        # The last order that succeeded; 0: none.
+  error @6 :Text;            # The last failure while it stands; empty after a success.
+  failures @7 :UInt32;       # Failed orders in a row.
+  nextAttempt @8 :Int64;     # When the next order is due.
+  orders @9 :UInt64;         # Orders finished (issued or failed) since the daemon started.
 }

@@ -121,5 +121,5 @@ fn the_alert_rules_pass_promtool() {
         .join("../packaging/prometheus/granary-alerts.yml");
     let (ok, out) = promtool(&["check", "rules", rules.to_str().unwrap()], "");
     assert!(ok, "{out}");
-    assert!(out.contains("5 rules found"), "{out}");
+    assert!(out.contains("6 rules found"), "{out}");
 }

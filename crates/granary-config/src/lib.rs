@@ -9,6 +9,7 @@
 //! embedded defaults that `granary serve` and `granary demo` run on. The same
 //! defaults, commented, are [`DEFAULT_CONFIG_TOML`] (`granary config default`).
 
+pub mod acme;
 pub mod cluster;
 pub mod listen;
 pub mod mail;
@@ -16,6 +17,7 @@ pub mod raw;
 pub mod resolve;
 pub mod xmpp;
 
+pub use acme::{Acme, AcmeChallenge};
 pub use cluster::Cluster;
 pub use listen::{LISTENERS, Listen, ListenerKind};
 pub use mail::Mail;

@@ -87,6 +87,12 @@ pub const LISTENERS: &[ListenerKind] = &[
         available: true,
     },
     ListenerKind {
+        name: "http",
+        default: None,
+        serves: "plain HTTP: ACME HTTP-01 challenges, and a redirect to HTTPS (port 80)",
+        available: true,
+    },
+    ListenerKind {
         name: "metrics",
         default: Some("127.0.0.1:9464"),
         serves: "Prometheus metrics at /metrics, plain HTTP: keep it on loopback or a private network",

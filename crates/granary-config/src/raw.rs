@@ -116,6 +116,10 @@ pub type RawListen = std::collections::BTreeMap<String, String>;
 pub struct RawTls {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    pub acme: Option<String>,
+    pub acme_contact: Option<String>,
+    pub acme_challenge: Option<String>,
+    pub acme_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

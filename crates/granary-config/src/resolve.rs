@@ -172,6 +172,9 @@ pub enum TlsSource {
     LocalCa,
     /// PEM files the admin provides (absolute paths, checked to exist).
     Files { cert: PathBuf, key: PathBuf },
+    /// Certificates from an ACME CA, in `DATA_DIR/tls/acme`; the local CA
+    /// serves until the first arrives.
+    Acme(crate::acme::Acme),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,8 +288,16 @@ impl Config {
 
         let listen = Listen::resolve(&raw.listen).map_err(|(key, reason)| err(&key, reason))?;
 
+        let acme = crate::acme::Acme::resolve(&raw.tls, &listen, &file_dir)
+            .map_err(|(key, reason)| err(key, reason))?;
         let tls = match (raw.tls.cert, raw.tls.key) {
-            (None, None) => TlsSource::LocalCa,
+            (None, None) => acme.map_or(TlsSource::LocalCa, TlsSource::Acme),
+            (Some(_), Some(_)) if acme.is_some() => {
+                return Err(err(
+                    "tls.acme",
+                    "set either tls.acme or tls.cert and tls.key, not both".to_owned(),
+                ));
+            }
             (Some(cert), Some(key)) => {
                 let cert = absolute(&file_dir, &cert);
                 let key = absolute(&file_dir, &key);
@@ -589,7 +600,7 @@ impl Config {
     }
 }
 
-fn absolute(base: &Path, path: &Path) -> PathBuf {
+pub(crate) fn absolute(base: &Path, path: &Path) -> PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -597,7 +608,7 @@ fn absolute(base: &Path, path: &Path) -> PathBuf {
     }
 }
 
-fn check_readable_file(path: &Path) -> Result<(), String> {
+pub(crate) fn check_readable_file(path: &Path) -> Result<(), String> {
     match std::fs::File::open(path) {
         Ok(f) => match f.metadata() {
             Ok(m) if m.is_file() => Ok(()),
@@ -708,8 +719,8 @@ mod tests {
         assert!(err.reason.starts_with("line 3:"), "{err}");
         assert!(err.reason.contains("unknown field `http`"), "{err}");
         // Listener names are checked too, and the error names the key.
-        let err = resolve_text("[listen]\nhttp = \"x\"\n").unwrap_err();
-        assert_eq!(err.key.as_deref(), Some("listen.http"));
+        let err = resolve_text("[listen]\ngopher = \"x\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("listen.gopher"));
         assert!(err.reason.contains("unknown listener"), "{err}");
         let err = resolve_text("colour = 1").unwrap_err();
         assert!(err.reason.contains("unknown field `colour`"), "{err}");

@@ -33,7 +33,7 @@ pub const HEALTH_PATH: &str = "/.well-known/granary/health";
 /// connections finish for up to the drain timeout.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
     let settings = shared.settings;
-    let configs = Configs::new(&shared.tls, &shared.domain);
+    let configs = Configs::new(&shared.tls, &shared.domain, shared.acme.clone());
     let gateway = Gateway::new(shared);
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -439,16 +439,23 @@ struct Configs {
     http1: Arc<rustls::ServerConfig>,
     /// `git.<domain>`.
     git: Arc<str>,
+    /// Answers TLS-ALPN-01 checks, with `tls.acme`.
+    acme: Option<Arc<crate::acme::Acme>>,
 }
 
 impl Configs {
-    fn new(tls: &Arc<rustls::ServerConfig>, domain: &str) -> Configs {
+    fn new(
+        tls: &Arc<rustls::ServerConfig>,
+        domain: &str,
+        acme: Option<Arc<crate::acme::Acme>>,
+    ) -> Configs {
         let mut http1 = (**tls).clone();
         http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Configs {
             any: tls.clone(),
             http1: Arc::new(http1),
             git: format!("git.{domain}").into(),
+            acme,
         }
     }
 
@@ -457,6 +464,13 @@ impl Configs {
         tcp: tokio::net::TcpStream,
     ) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
         let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        if let Some(acme) = &self.acme
+            && crate::acme::Acme::is_alpn_check(&hello.client_hello())
+        {
+            // The CA's check ends with the handshake: no request follows.
+            let _ = hello.into_stream(acme.alpn_config()).await?;
+            return Err(std::io::Error::other("answered a TLS-ALPN-01 check"));
+        }
         let git = hello
             .client_hello()
             .server_name()

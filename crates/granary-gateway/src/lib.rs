@@ -11,10 +11,12 @@
 //! runs on this node: it asks [`Directory`] and [`Grains`], which the
 //! daemon implements.
 
+pub mod acme;
 pub mod autoconfig;
 pub mod directory;
 pub mod error;
 pub mod home;
+pub mod http;
 pub mod https;
 pub mod imap;
 pub mod invite;
@@ -100,6 +102,9 @@ pub struct Shared {
     pub home: Option<Arc<dyn home::WebHome>>,
     /// What `/metrics` shows of the gateway.
     pub stats: Arc<stats::Stats>,
+    /// ACME challenge answers and certificate status; `None` without
+    /// `tls.acme`.
+    pub acme: Option<Arc<acme::Acme>>,
 }
 
 /// The client certificates the taskd listener takes through the TLS

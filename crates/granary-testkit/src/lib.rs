@@ -15,6 +15,7 @@ pub mod dav;
 pub mod etcd;
 pub mod mail;
 pub mod netns;
+pub mod pebble;
 pub mod postfix;
 pub mod prosody;
 pub mod tasks;

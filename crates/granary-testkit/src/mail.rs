@@ -34,6 +34,8 @@ pub enum Record {
     Srv(String, String, u16, u16, u16),
     /// A CNAME: name, target (a name this server has records for).
     Cname(String, String),
+    /// An A record for a domain and every name under it.
+    Wildcard(String, String),
 }
 
 /// `dnsmasq` on a loopback port, answering only its records (every other
@@ -118,6 +120,7 @@ impl Dns {
                         format!("--srv-host={name},{target},{port},{priority},{weight}")
                     }
                     Record::Cname(name, target) => format!("--cname={name},{target}"),
+                    Record::Wildcard(domain, ip) => format!("--address=/{domain}/{ip}"),
                 });
             }
             let mut child = cmd

@@ -28,6 +28,12 @@ fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 /// The certificate's `notAfter` as Unix seconds; `None` when the bytes
 /// are not a certificate this walk understands.
 pub fn not_after(der: &[u8]) -> Option<i64> {
+    validity(der).map(|(_, not_after)| not_after)
+}
+
+/// The certificate's `notBefore` and `notAfter` as Unix seconds (ACME
+/// renews at two thirds of the span between them).
+pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
     const SEQUENCE: u8 = 0x30;
     let (tag, cert, _) = element(der)?;
     if tag != SEQUENCE {
@@ -54,9 +60,14 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
     if tag != SEQUENCE {
         return None;
     }
-    let (_, _, rest) = element(validity)?;
-    let (tag, time, _) = element(rest)?;
-    let text = std::str::from_utf8(time).ok()?;
+    let (tag, before, rest) = element(validity)?;
+    let not_before = time(tag, before)?;
+    let (tag, after, _) = element(rest)?;
+    Some((not_before, time(tag, after)?))
+}
+
+fn time(tag: u8, bytes: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(bytes).ok()?;
     match tag {
         0x17 => utc_time(text),
         0x18 => generalized_time(text),
@@ -127,11 +138,14 @@ mod tests {
     #[test]
     fn a_real_certificate_is_read() {
         let mut params = rcgen::CertificateParams::new(vec!["example.org".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2009, 2, 13);
         params.not_after = rcgen::date_time_ymd(2031, 5, 6);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         // 2031-05-06T00:00:00Z
         assert_eq!(not_after(cert.der()), Some(1_935_792_000));
+        // 2009-02-13T00:00:00Z
+        assert_eq!(validity(cert.der()), Some((1_234_483_200, 1_935_792_000)));
         assert_eq!(not_after(&cert.der()[..40]), None);
         assert_eq!(not_after(b""), None);
         // Every prefix and every single-byte change: an answer or None,

@@ -166,6 +166,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             admin::tasks::run(&config, cmd)
         }
+        Command::Certificates(cmd) => {
+            let config = load_config(&cli)?;
+            admin::certificates::run(&config, cmd)
+        }
         Command::Invite(cmd) => {
             let config = load_config(&cli)?;
             admin::invites::run(&config, cmd)

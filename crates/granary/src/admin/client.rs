@@ -32,6 +32,9 @@ struct StatusView {
     listeners: BTreeMap<String, String>,
     counts: CountsView,
     logins: LoginsView,
+    /// The ACME certificate; absent without `tls.acme`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acme: Option<super::certificates::AcmeView>,
     /// This node's place in a cluster; absent on a node on its own.
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<ClusterView>,
@@ -167,7 +170,9 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
             }
             false => None,
         };
+        let acme = super::certificates::acme(&admin).await?;
         Ok(StatusView {
+            acme,
             cluster,
             healthy: s.get_healthy(),
             version: text(s.get_version())?,
@@ -219,6 +224,9 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
         println!("  state schema   v{}", view.schema_version);
         if let Some(ca) = &view.ca_file {
             println!("  CA certificate {ca}");
+        }
+        if let Some(a) = &view.acme {
+            super::certificates::print_summary(a);
         }
         for (name, address) in &view.listeners {
             println!("  listen {name:<7} {address}");

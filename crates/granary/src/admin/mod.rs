@@ -3,6 +3,7 @@
 
 pub(crate) mod apps;
 pub(crate) mod backup;
+pub(crate) mod certificates;
 pub(crate) mod client;
 pub(crate) mod cluster;
 mod connection;
@@ -47,6 +48,7 @@ concern!(mail, mail_request, get_mail);
 concern!(xmpp, xmpp_request, get_xmpp);
 concern!(tasks, tasks_request, get_tasks);
 concern!(invites, invites_request, get_invites);
+concern!(certificates, certificates_request, get_certificates);
 
 /// A two-party Cap'n Proto RPC system over a unix socket, as both ends of
 /// the admin socket use it.

@@ -1,22 +1,26 @@
 //! The command line: one definition that clap turns into parsing, help, the
 //! man pages and the shell completions.
 
+mod certificates;
 mod cluster;
 mod invite;
 mod mail;
 mod tasks;
+mod user;
 mod xmpp;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub(crate) use certificates::CertificatesCommand;
 pub(crate) use cluster::{ClusterCommand, NodeCommand};
 pub(crate) use invite::InviteCommand;
 pub(crate) use mail::{
     MailAliasCommand, MailCommand, MailDkimCommand, MailDomainCommand, MailSpoolCommand,
 };
 pub(crate) use tasks::{TasksClientCommand, TasksCommand};
+pub(crate) use user::UserCommand;
 pub(crate) use xmpp::{XmppCommand, XmppDomainCommand};
 
 #[derive(Debug, Parser)]
@@ -106,6 +110,9 @@ pub(crate) enum Command {
     /// Tasks: Taskwarrior sync (client ids for Taskwarrior 3, certificates for 2.6)
     #[command(subcommand)]
     Tasks(TasksCommand),
+    /// Certificates from an ACME CA (tls.acme): their state, and ordering one now
+    #[command(subcommand)]
+    Certificates(CertificatesCommand),
     /// Encrypted backups: export, verify, drill, receive from other nodes
     #[command(subcommand)]
     Backup(BackupCommand),
@@ -156,47 +163,6 @@ pub(crate) struct Output {
     /// Print JSON instead of a table
     #[arg(long)]
     pub(crate) json: bool,
-}
-
-#[derive(Debug, Subcommand)]
-pub(crate) enum UserCommand {
-    /// Add a user; prints a generated password unless one is given on standard input
-    Add {
-        /// Lowercase letters, digits and '-', starting with a letter
-        name: String,
-        /// Read the password from the first line of standard input instead of generating one
-        #[arg(long)]
-        password_stdin: bool,
-        #[command(flatten)]
-        output: Output,
-    },
-    /// List users
-    List {
-        #[command(flatten)]
-        output: Output,
-    },
-    /// Remove a user and their app passwords; refused while their grains hold data
-    Remove {
-        name: String,
-        /// Also stop and destroy the user's grains and their data (after a
-        /// final snapshot where the storage backend has snapshots)
-        #[arg(long)]
-        purge: bool,
-    },
-    /// Set a new account password; prints a generated one unless one is given on standard input
-    Passwd {
-        name: String,
-        /// Read the password from the first line of standard input instead of generating one
-        #[arg(long)]
-        password_stdin: bool,
-    },
-    /// Check a password read from standard input; exits 0 if it is valid, 1 if not
-    CheckPassword {
-        name: String,
-        /// Also accept the user's app passwords of this grain kind
-        #[arg(long, value_name = "KIND")]
-        kind: Option<String>,
-    },
 }
 
 #[derive(Debug, Subcommand)]

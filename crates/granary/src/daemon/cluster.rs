@@ -184,7 +184,7 @@ pub(crate) async fn share_records(
     config: &Config,
 ) -> anyhow::Result<()> {
     let local_ca =
-        matches!(config.tls, granary_config::TlsSource::LocalCa).then(|| config.tls_dir());
+        (!matches!(config.tls, granary_config::TlsSource::Files { .. })).then(|| config.tls_dir());
     let domain = config.domain.clone();
     let ledger = Arc::new(crate::daemon::ledger::EtcdLedger::new(
         member.coordinator.clone(),

@@ -27,6 +27,7 @@ const SERVED: &[&str] = &[
     "xmpps",
     "xmpp-s2s",
     "taskd",
+    "http",
     "metrics",
 ];
 
@@ -94,6 +95,9 @@ impl Bound {
                         tokio::spawn(granary_gateway::https::serve(listener, shared, shutdown))
                     }
                     "ssh" => tokio::spawn(granary_gateway::ssh::serve(listener, shared, shutdown)),
+                    "http" => {
+                        tokio::spawn(granary_gateway::http::serve(listener, shared, shutdown))
+                    }
                     "smtp" => {
                         tokio::spawn(granary_gateway::smtp::serve(listener, shared, shutdown))
                     }

@@ -144,6 +144,9 @@ pub(crate) async fn render(m: &Metrics) -> String {
     );
     m.shared.stats.render(&mut out);
     certificates(m, &mut out).await;
+    if let Some(acme) = &m.shared.acme {
+        acme_orders(acme, &mut out);
+    }
     if let Some(i) = m.snapshot_interval {
         family(
             &mut out,
@@ -371,6 +374,34 @@ fn spools(m: &Metrics, out: &mut String) {
             "granary_mail_queue_oldest_seconds{{queue=\"{q}\"}} {oldest}"
         );
     }
+}
+
+/// ACME orders by outcome, and the failures in a row now.
+fn acme_orders(acme: &granary_gateway::acme::Acme, out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    family(
+        out,
+        "granary_acme_orders_total",
+        "counter",
+        "Certificate orders to the ACME CA since the start, by outcome.",
+    );
+    let (issued, failed) = (acme.issued.load(Relaxed), acme.failed.load(Relaxed));
+    let _ = writeln!(
+        out,
+        "granary_acme_orders_total{{outcome=\"issued\"}} {issued}"
+    );
+    let _ = writeln!(
+        out,
+        "granary_acme_orders_total{{outcome=\"failed\"}} {failed}"
+    );
+    family(
+        out,
+        "granary_acme_failures",
+        "gauge",
+        "Certificate orders that failed in a row (0 after a success).",
+    );
+    let failures = acme.status().map_or(0, |s| s.failures);
+    let _ = writeln!(out, "granary_acme_failures {failures}");
 }
 
 #[cfg(test)]

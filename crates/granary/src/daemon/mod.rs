@@ -11,6 +11,7 @@
 //! `admin/` (the admin socket, one file per concern), `backups/`,
 //! `install.rs` (apps on disk), `demo.rs`, `ports.rs`, `lock.rs`.
 
+mod acme;
 mod admin;
 mod backups;
 mod certificate;
@@ -53,6 +54,9 @@ pub(crate) enum Mode {
 #[derive(Debug, Clone)]
 pub(crate) struct DaemonInfo {
     pub(crate) started: Instant,
+    /// The ACME certificate's status and the renew trigger; `None`
+    /// without `tls.acme`.
+    pub(crate) acme: Option<Arc<granary_gateway::acme::Acme>>,
     pub(crate) data_dir: PathBuf,
     pub(crate) domain: String,
     pub(crate) storage_backend: &'static str,
@@ -137,7 +141,7 @@ pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
 
     let domains = config.tls_dir().join("domains");
     let (tls, ca_file) = match &config.tls {
-        TlsSource::LocalCa => {
+        TlsSource::LocalCa | TlsSource::Acme(_) => {
             let mut users: Vec<String> = store.list_users()?.into_iter().map(|u| u.name).collect();
             if mode == Mode::Demo && !users.iter().any(|u| u == demo::DEMO_USER) {
                 users.push(demo::DEMO_USER.to_owned());
@@ -148,11 +152,16 @@ pub(crate) fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 &users,
                 owner,
             )?;
-            let tls = granary_gateway::tls::server_config(
-                &files.server_cert,
-                &files.server_key,
-                Some(&domains),
-            )?;
+            // With ACME, the CA's certificate once there is one.
+            let (cert, key) = match &config.tls {
+                TlsSource::Acme(_) => {
+                    let acme = acme::Files::new(&config.tls_dir());
+                    acme.bootstrap(&files, owner)?;
+                    (acme.cert(), acme.key())
+                }
+                _ => (files.server_cert, files.server_key),
+            };
+            let tls = granary_gateway::tls::server_config(&cert, &key, Some(&domains))?;
             (tls, Some(files.ca_cert))
         }
         TlsSource::Files { cert, key } => (
@@ -197,7 +206,12 @@ async fn serve(
         Mode::Serve => None,
     };
     let limiter: Arc<granary_gateway::LoginLimiter> = Arc::default();
+    let acme = match &config.tls {
+        TlsSource::Acme(_) => Some(Arc::new(granary_gateway::acme::Acme::new()?)),
+        _ => None,
+    };
     let info = DaemonInfo {
+        acme: acme.clone(),
         cluster: member.clone(),
         started: Instant::now(),
         data_dir: config.data_dir.clone(),
@@ -221,6 +235,11 @@ async fn serve(
         limiter: limiter.clone(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let (TlsSource::Acme(c), Some(a)) = (&config.tls, &acme) {
+        let files = acme::Files::new(&config.tls_dir());
+        let (domain, store) = (config.domain.clone(), store.clone());
+        acme::start(c.clone(), files, domain, store, a.clone(), stop_rx.clone());
+    }
     let datasets = start::datasets(&config).await?;
     // Chat stanzas for other domains go from the supervisor to the
     // gateway's federation, when the xmpp-s2s listener is on.
@@ -391,7 +410,7 @@ async fn serve(
             data_dir: config.data_dir.clone(),
             preinstall: builtin.clone(),
             installed: installed_tx,
-            local_ca: matches!(config.tls, TlsSource::LocalCa).then(|| config.tls_dir()),
+            local_ca: (!matches!(config.tls, TlsSource::Files { .. })).then(|| config.tls_dir()),
             spool: mail.spool.clone(),
             outbound: mail.outbound.clone(),
             dkim: mail.dkim.clone(),
@@ -425,7 +444,7 @@ async fn serve(
             postmaster: postmaster.clone(),
             domain: config.domain.clone(),
             uids: granary_state::HostUid::FirstFreeIn(config.uid_range),
-            local_ca: matches!(config.tls, TlsSource::LocalCa).then(|| config.tls_dir()),
+            local_ca: (!matches!(config.tls, TlsSource::Files { .. })).then(|| config.tls_dir()),
         });
     let shared = Arc::new(granary_gateway::Shared {
         domain: config.domain.clone(),
@@ -454,6 +473,7 @@ async fn serve(
         },
         home: Some(home),
         stats: Arc::default(),
+        acme: acme.clone(),
     });
     let metrics = Arc::new(metrics::Metrics {
         shared: shared.clone(),
@@ -463,6 +483,7 @@ async fn serve(
         certificate: match &config.tls {
             TlsSource::Files { cert, .. } => cert.clone(),
             TlsSource::LocalCa => config.tls_dir().join("server.pem"),
+            TlsSource::Acme(_) => acme::Files::new(&config.tls_dir()).cert(),
         },
         tls_dir: config.tls_dir(),
     });

@@ -407,6 +407,38 @@ fn expiry(name: &str, not_after: i64, now: i64) -> Finding {
     }
 }
 
+/// How ordering certificates from the ACME CA goes.
+fn acme_finding(a: &granary_gateway::acme::CertificateStatus) -> Finding {
+    let name = format!("ACME certificate ({})", a.challenge);
+    let port = if a.challenge == "http-01" { 80 } else { 443 };
+    match (&a.error, a.not_after) {
+        (None, Some(_)) => ok(
+            "certificate",
+            name,
+            format!("from {} for {} names", a.directory, a.names.len()),
+        ),
+        (error, not_after) => Finding {
+            area: "certificate",
+            name,
+            level: Level::Warn,
+            detail: match (error, not_after) {
+                (Some(e), Some(_)) => format!(
+                    "renewing fails ({} time(s) in a row), the current certificate serves meanwhile: {e}",
+                    a.failures
+                ),
+                (Some(e), None) => format!("no certificate from {} yet: {e}", a.directory),
+                (None, _) => format!(
+                    "no certificate from {} yet: the first order is under way",
+                    a.directory
+                ),
+            },
+            fix: format!(
+                "the CA must reach this host on port {port} for every name; then: granary certificates renew"
+            ),
+        },
+    }
+}
+
 /// The checks that need no DNS: listeners, certificate, clock, storage.
 fn local_checks(ctx: &Ctx) -> Vec<Finding> {
     let info = &ctx.info;
@@ -423,6 +455,7 @@ fn local_checks(ctx: &Ctx) -> Vec<Finding> {
             "imap" => Some(143),
             "imaps" => Some(993),
             "https" => Some(443),
+            "http" => Some(80),
             _ => None,
         };
         match standard {
@@ -441,15 +474,16 @@ fn local_checks(ctx: &Ctx) -> Vec<Finding> {
             _ => out.push(ok("listeners", format!("listen.{name}"), addr.clone())),
         }
     }
-    match &info.ca_file {
-        Some(ca) => out.push(Finding {
+    match (&info.ca_file, info.acme.as_ref().and_then(|a| a.status())) {
+        (_, Some(acme)) => out.push(acme_finding(&acme)),
+        (Some(ca), None) => out.push(Finding {
             area: "certificate",
             name: "TLS certificate".to_owned(),
             level: Level::Warn,
             detail: format!("issued by this host's own CA ({})", ca.display()),
             fix: "clients must trust that file; for the world (and MTA-STS enforce), set [tls] cert and key to a public certificate".to_owned(),
         }),
-        None => out.push(ok(
+        (None, None) => out.push(ok(
             "certificate",
             "TLS certificate".to_owned(),
             "the configured [tls] certificate".to_owned(),

@@ -11,6 +11,7 @@
 mod apps;
 mod backups;
 mod blog;
+mod certificates;
 mod doctor;
 mod git;
 mod grains;
@@ -509,6 +510,18 @@ impl admin::Server for AdminService {
         results
             .get()
             .set_invites(capnp_rpc::new_client(invites::Invites(self.ctx.clone())));
+        Ok(())
+    }
+
+    async fn certificates(
+        self: CapRc<Self>,
+        _: admin::CertificatesParams,
+        mut results: admin::CertificatesResults,
+    ) -> Result<(), capnp::Error> {
+        let certificates = certificates::Certificates(self.ctx.clone());
+        results
+            .get()
+            .set_certificates(capnp_rpc::new_client(certificates));
         Ok(())
     }
 
