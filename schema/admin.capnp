@@ -43,11 +43,25 @@ interface Admin {
   tasks @12 () -> (tasks :Tasks);
   invites @13 () -> (invites :Invites);
   certificates @14 () -> (certificates :Certificates);
+  audit @15 (actor :Text, action :Text, subject :Text, before :Int64, limit :UInt32) -> (events :List(AuditEvent));
+  # The audit log, newest first. Empty filters match everything; `action`
+  # matches itself and the actions under it ("user" matches "user.add");
+  # `subject` matches subjects containing it; `before` (an event id, 0 for
+  # the newest) pages back; at most `limit` (1 to 1,000) events.
 
   doctor @10 () -> (checks :List(DoctorCheck));
   # Checks a deployment as the world sees it: every mail domain's DNS
   # records against live DNS (through the configured resolver), the
   # listeners, the certificate, the clock and the storage.
+}
+
+struct AuditEvent {
+  id @0 :Int64;
+  at @1 :Int64;        # Unix seconds.
+  actor @2 :Text;      # "admin" (the CLI), "daemon", "web:alice", ...
+  action @3 :Text;     # "user.add", "grant.revoke", ...
+  subject @4 :Text;
+  detail @5 :Text;     # Never a secret.
 }
 
 struct DoctorCheck {
@@ -617,7 +631,8 @@ interface Home {
   # One user's authority, as the web home uses it. Ids of what belongs to
   # another user are answered as unknown (`found` false), never as theirs.
 
-  whoami @0 () -> (user :Text, totp :Bool, recoveryLeft :UInt32, domain :Text);
+  whoami @0 () -> (user :Text, totp :Bool, recoveryLeft :UInt32, domain :Text, admin :Bool);
+  # `admin`: the user is one of `web.admins`, and `admin()` answers.
 
   devices @1 () -> (devices :List(AppPassword));
   addDevice @2 (kind :Text, label :Text) -> (device :AppPassword, password :Text);
@@ -646,6 +661,11 @@ interface Home {
 
   invite @14 (expiresSecs :Int64) -> (link :Text, uri :Text);
   # A chat contact invite from this user.
+
+  admin @15 () -> (admin :Admin);
+  # The admin interface the CLI has, for the admin pages: only to users in
+  # `web.admins` (others: an exception "not an admin"). Asked again on
+  # each request, so a changed password ends it too.
 }
 
 struct HomeGrain {
@@ -665,9 +685,10 @@ interface Certificates {
   # enabled = false: certificates come from the local CA or the admin's
   # files (tls.cert), and status is unset.
 
-  renew @1 () -> ();
+  renew @1 () -> (request :UInt64);
   # Orders a new certificate now, however fresh the current one and
-  # whatever the backoff after failures; the outcome shows in acme().
+  # whatever the backoff after failures; the outcome shows in acme() once
+  # its `answered` reaches `request`.
   # Fails when tls.acme is not set.
 }
 
@@ -682,4 +703,6 @@ struct AcmeStatus {
   failures @7 :UInt32;       # Failed orders in a row.
   nextAttempt @8 :Int64;     # When the next order is due.
   orders @9 :UInt64;         # Orders finished (issued or failed) since the daemon started.
+  answered @10 :UInt64;      # The last renew() request an order answered.
+  leftOut @11 :UInt32;       # Users whose subdomains did not fit (100 names at most).
 }

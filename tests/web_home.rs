@@ -12,8 +12,14 @@ use granary_testkit::{Daemon, GitClient};
 
 const ALICE_PASSWORD: &str = "alice's long account password";
 
-fn host() -> MailHost {
-    let h = MailHost::start(&["alice", "bob"], &[], "", "");
+/// Alice and Bob with passwords; `admin` has the admin pages.
+fn host(admin: &str) -> MailHost {
+    let h = MailHost::start(
+        &["alice", "bob"],
+        &[],
+        "",
+        &format!("[web]\nadmins = [\"{admin}\"]"),
+    );
     for (user, password) in [
         ("alice", ALICE_PASSWORD),
         ("bob", "bob's long account password"),
@@ -224,6 +230,21 @@ try:
     shots("keys")
     driver.get(BASE + "/invites")
     shots("invites")
+    # The admin pages (Alice is an admin here): add a user, see it logged.
+    driver.get(BASE + "/admin")
+    assert h1() == "Admin" and "This node" in body(), body()
+    shots("admin")
+    driver.get(BASE + "/admin/users")
+    fill("name", "dora")
+    submit("Add user")
+    assert "dora added" in body(), body()
+    shots("admin-users")
+    driver.get(BASE + "/admin/audit?action=user")
+    assert "user.add" in body() and "dora" in body(), body()
+    shots("admin-audit")
+    driver.get(BASE + "/admin/grains")
+    assert "alice/mail" in body(), body()
+    shots("admin-grains")
 except Exception:
     # What the page showed when it went wrong, for the test's output.
     try:
@@ -261,7 +282,7 @@ fn blog_shows(daemon: &Daemon, n: u32) {
 
 #[test]
 fn alice_uses_her_web_home_in_a_browser() {
-    let h = host();
+    let h = host("alice");
     let d = &h.daemon;
     let tmp = tempfile::tempdir().unwrap();
     for pkg in [
@@ -434,7 +455,7 @@ fn sign_in(d: &Daemon, user: &str, password: &str, planted: &str) -> String {
 
 #[test]
 fn the_web_home_refuses_what_it_must() {
-    let h = host();
+    let h = host("bob");
     let d = &h.daemon;
     // Headers on every page; cookie flags.
     let page = request(d, "GET", "/", "", "", None);
@@ -527,8 +548,80 @@ fn the_web_home_refuses_what_it_must() {
         .success()
         .stdout;
     assert!(bobs.contains("bobs"), "{bobs}");
-    // No admin pages for Alice.
-    assert_eq!(request(d, "GET", "/admin", &session, "", None).status, 404);
+    // No admin pages for Alice (Bob is the admin), nor their forms.
+    let refused = request(d, "GET", "/admin", &session, "", None);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(
+        !refused.body.contains("Admin</a>"),
+        "no link to them either"
+    );
+    let made = request(
+        d,
+        "POST",
+        "/admin/users",
+        &session,
+        &format!("csrf={token}&name=mallory"),
+        None,
+    );
+    assert_eq!(made.status, 403, "{}", made.body);
+
+    // Bob's admin pages: add a user whose password works, see it in the
+    // audit log, and nothing from another origin.
+    let bob_session = sign_in(d, "bob", "bob's long account password", "");
+    let overview = request(d, "GET", "/admin", &bob_session, "", None);
+    assert_eq!(overview.status, 200, "{}", overview.body);
+    assert!(overview.body.contains("This node") && overview.body.contains("Admin</a>"));
+    let bob_token = csrf(&overview.body);
+    let evil = request(
+        d,
+        "POST",
+        "/admin/users",
+        &bob_session,
+        &format!("csrf={bob_token}&name=mallory"),
+        Some("https://evil.test"),
+    );
+    assert_eq!(evil.status, 403);
+    let added = request(
+        d,
+        "POST",
+        "/admin/users",
+        &bob_session,
+        &format!("csrf={bob_token}&name=carol"),
+        None,
+    );
+    assert_eq!(added.status, 200, "{}", added.body);
+    let at = added
+        .body
+        .find("<p class=\"secret\">")
+        .expect("the password")
+        + 18;
+    let carol_password = added.body[at..].split('<').next().unwrap().to_owned();
+    d.granary_with_stdin(&["user", "check-password", "carol"], Some(&carol_password))
+        .success();
+    let users = d.granary(&["user", "list", "--json"]).success().stdout;
+    assert!(!users.contains("mallory"), "{users}");
+    let audit = request(
+        d,
+        "GET",
+        "/admin/audit?action=user&subject=carol",
+        &bob_session,
+        "",
+        None,
+    );
+    assert!(audit.body.contains("user.add"), "{}", audit.body);
+    assert!(
+        !audit.body.contains("app_password"),
+        "filtered to user events"
+    );
+    for page in [
+        "/admin/users",
+        "/admin/grains",
+        "/admin/apps",
+        "/admin/backups",
+    ] {
+        let a = request(d, "GET", page, &bob_session, "", None);
+        assert_eq!(a.status, 200, "{page}: {}", a.body);
+    }
 
     // Signing out ends the session on the server.
     let out = request(

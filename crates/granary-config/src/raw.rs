@@ -36,6 +36,14 @@ pub struct RawConfig {
     pub xmpp: crate::xmpp::RawXmpp,
     /// Absent: one node, no etcd.
     pub cluster: Option<crate::cluster::RawCluster>,
+    #[serde(default)]
+    pub web: RawWeb,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeb {
+    pub admins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

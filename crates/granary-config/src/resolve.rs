@@ -48,6 +48,8 @@ pub struct Config {
     pub xmpp: crate::xmpp::Xmpp,
     /// `[cluster]`; `None`: one node on its own.
     pub cluster: Option<crate::cluster::Cluster>,
+    /// `web.admins`: the users whose web home has the admin pages.
+    pub web_admins: Vec<String>,
 }
 
 /// `[gateway]`: what a slow, silent or oversized client may hold.
@@ -538,6 +540,13 @@ impl Config {
         let xmpp =
             crate::xmpp::Xmpp::resolve(&raw.xmpp).map_err(|(key, reason)| err(&key, reason))?;
 
+        let mut web_admins = Vec::new();
+        for name in raw.web.admins.iter().flatten() {
+            granary_model::UserName::existing(name)
+                .map_err(|e| err("web.admins", format!("{name:?}: {e}")))?;
+            web_admins.push(name.clone());
+        }
+
         let mut cluster = crate::cluster::Cluster::resolve(raw.cluster.as_ref())
             .map_err(|(key, reason)| err(&key, reason))?;
         // TLS files, like tls.cert, are relative to the config file.
@@ -552,7 +561,24 @@ impl Config {
             }
         }
 
+        if let (TlsSource::Acme(_), Some(_)) = (&tls, &cluster) {
+            // Each node would order for the same names, and the CA's
+            // checks reach whichever node DNS names: not yet.
+            return Err(err(
+                "tls.acme",
+                "not yet with [cluster]: give every node the same tls.cert and tls.key".to_owned(),
+            ));
+        }
+        if matches!(tls, TlsSource::Acme(_)) && !domain.contains('.') {
+            return Err(err(
+                "tls.acme",
+                format!(
+                    "a public CA issues no certificate for {domain:?}: set domain to a name the world resolves to this host"
+                ),
+            ));
+        }
         Ok(Config {
+            web_admins,
             mail,
             xmpp,
             cluster,

@@ -13,7 +13,7 @@
 //! nobody is ordering gets nothing.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -49,6 +49,12 @@ pub struct CertificateStatus {
     pub failures: u32,
     /// When the next attempt is due.
     pub next_attempt: Option<i64>,
+    /// Users whose subdomains did not fit (100 names at most).
+    pub left_out: u32,
+    /// Orders finished since the start.
+    pub orders: u64,
+    /// The last renewal request an order answered.
+    pub answered: u64,
 }
 
 /// Challenge answers and certificate status, shared by the daemon's ACME
@@ -61,8 +67,8 @@ pub struct Acme {
     /// Asks the ACME task to look again now (users changed, or
     /// `granary certificates renew`).
     pub wake: tokio::sync::Notify,
-    /// An order is wanted now, however fresh the certificate.
-    forced: AtomicBool,
+    /// Renewals asked for so far (`granary certificates renew`).
+    requested: AtomicU64,
     /// Orders that ended with a certificate, and that failed.
     pub issued: AtomicU64,
     pub failed: AtomicU64,
@@ -99,7 +105,7 @@ impl Acme {
             alpn_config: Arc::new(config),
             status: Mutex::default(),
             wake: tokio::sync::Notify::new(),
-            forced: AtomicBool::new(false),
+            requested: AtomicU64::new(0),
             issued: AtomicU64::new(0),
             failed: AtomicU64::new(0),
         })
@@ -168,15 +174,17 @@ impl Acme {
     }
 
     /// Asks for a new certificate now, ignoring freshness and backoff
-    /// (`granary certificates renew`).
-    pub fn renew_now(&self) {
-        self.forced.store(true, Ordering::SeqCst);
+    /// (`granary certificates renew`); the request's number, which the
+    /// status's `answered` reaches once an order answered it.
+    pub fn renew_now(&self) -> u64 {
+        let n = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
         self.wake.notify_one();
+        n
     }
 
-    /// Whether [`Acme::renew_now`] was asked since the last call.
-    pub fn take_forced(&self) -> bool {
-        self.forced.swap(false, Ordering::SeqCst)
+    /// Renewals asked for so far.
+    pub fn requested(&self) -> u64 {
+        self.requested.load(Ordering::SeqCst)
     }
 
     /// Counts an order's outcome for `/metrics`.

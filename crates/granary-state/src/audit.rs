@@ -15,6 +15,21 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+/// Which audit events to read; empty fields match everything.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Exactly this actor ("admin", "daemon", "web:alice").
+    pub actor: String,
+    /// This action, or every action under it ("user" matches "user.add").
+    pub action: String,
+    /// Subjects containing this text.
+    pub subject: String,
+    /// Only events older than this id (the next page); 0: the newest.
+    pub before: i64,
+    /// At most this many (1 to 1,000).
+    pub limit: u32,
+}
+
 /// Appends one event inside the caller's transaction. Details must never
 /// carry secrets.
 pub(crate) fn record(
@@ -69,6 +84,43 @@ impl Store {
         rows.collect::<Result<_, _>>().op("read audit events")
     }
 
+    /// Events matching `filter`, newest first.
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<AuditEvent>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, at, actor, action, subject, detail FROM audit_events
+                 WHERE (?1 = '' OR actor = ?1)
+                   AND (?2 = '' OR action = ?2 OR substr(action, 1, length(?2) + 1) = ?2 || '.')
+                   AND (?3 = '' OR instr(subject, ?3) > 0)
+                   AND (?4 = 0 OR id < ?4)
+                 ORDER BY id DESC LIMIT ?5",
+            )
+            .op("read audit events")?;
+        let rows = stmt
+            .query_map(
+                rusqlite::params![
+                    filter.actor,
+                    filter.action,
+                    filter.subject,
+                    filter.before,
+                    filter.limit.clamp(1, 1000)
+                ],
+                |r| {
+                    Ok(AuditEvent {
+                        id: r.get(0)?,
+                        at: r.get(1)?,
+                        actor: r.get(2)?,
+                        action: r.get(3)?,
+                        subject: r.get(4)?,
+                        detail: r.get(5)?,
+                    })
+                },
+            )
+            .op("read audit events")?;
+        rows.collect::<Result<_, _>>().op("read audit events")
+    }
+
     /// When each grain was last exported whole by a backup on this node,
     /// read from the newest 1,000 `backup.export` events in one query.
     pub fn last_backups(&self) -> Result<std::collections::HashMap<String, i64>, StateError> {
@@ -108,6 +160,50 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::EventFilter;
+    #[test]
+    fn events_filter_by_actor_action_prefix_and_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::Store::open(&dir.path().join("s.db")).unwrap();
+        store
+            .record_event("admin", "user.add", "alice", "")
+            .unwrap();
+        store
+            .record_event("admin", "user.remove", "bob", "")
+            .unwrap();
+        store
+            .record_event("daemon", "users.sync", "alice", "")
+            .unwrap();
+        let f = |actor: &str, action: &str, subject: &str| EventFilter {
+            actor: actor.into(),
+            action: action.into(),
+            subject: subject.into(),
+            before: 0,
+            limit: 50,
+        };
+        let subjects = |f: EventFilter| -> Vec<String> {
+            store
+                .events(&f)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.subject)
+                .collect()
+        };
+        assert_eq!(subjects(f("admin", "user", "")), ["bob", "alice"]);
+        assert_eq!(subjects(f("", "user.add", "")), ["alice"]);
+        assert!(
+            subjects(f("", "use", "")).is_empty(),
+            "a prefix is whole words"
+        );
+        assert_eq!(subjects(f("", "", "ali")).len(), 2);
+        let newest = store.events(&f("", "", "")).unwrap()[0].id;
+        let older = EventFilter {
+            before: newest,
+            ..f("", "", "")
+        };
+        assert!(store.events(&older).unwrap().iter().all(|e| e.id < newest));
+    }
+
     use crate::test_support::*;
 
     #[test]

@@ -29,7 +29,7 @@ use std::time::Duration;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 pub use app_passwords::{AppPassword, RevokeSelector};
-pub use audit::AuditEvent;
+pub use audit::{AuditEvent, EventFilter};
 pub use grains::{App, Grain, Grant, HostUid, NewApp};
 pub use invites::{Invite, InviteKind, NewAccount, RedeemError, Redeemed, ValidInvite};
 pub use mail::{MailAlias, MailDomainInfo, MailRoute};

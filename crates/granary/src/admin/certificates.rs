@@ -23,11 +23,15 @@ pub(crate) struct AcmeView {
     not_after: Option<i64>,
     renew_at: Option<i64>,
     issued_at: Option<i64>,
-    error: Option<String>,
+    pub(crate) error: Option<String>,
     failures: u32,
     next_attempt: Option<i64>,
     /// Orders finished since the daemon started.
     orders: u64,
+    /// The last `renew` request an order answered.
+    answered: u64,
+    /// Users whose subdomains did not fit.
+    left_out: u32,
 }
 
 /// The ACME certificate's state; `None` without `tls.acme`.
@@ -55,25 +59,40 @@ pub(crate) async fn acme(admin: &admin::Client) -> anyhow::Result<Option<AcmeVie
         failures: s.get_failures(),
         next_attempt: set(s.get_next_attempt()),
         orders: s.get_orders(),
+        answered: s.get_answered(),
+        left_out: s.get_left_out(),
     }))
+}
+
+impl AcmeView {
+    /// One line: where it comes from, how many names, when it expires.
+    pub(crate) fn summary(&self) -> String {
+        let served = match self.not_after {
+            Some(t) => format!(
+                "expires {}, renewed from {}",
+                time(t),
+                time(self.renew_at.unwrap_or(t))
+            ),
+            None => "none from the CA yet: the local CA's serves meanwhile".to_owned(),
+        };
+        format!(
+            "ACME ({}) from {}: {} names, {served}",
+            self.challenge,
+            self.directory,
+            self.names.len()
+        )
+    }
 }
 
 /// The lines `granary status` prints about it.
 pub(crate) fn print_summary(a: &AcmeView) {
-    let served = match a.not_after {
-        Some(t) => format!(
-            "expires {}, renewed from {}",
-            time(t),
-            time(a.renew_at.unwrap_or(t))
-        ),
-        None => "none from the CA yet: the local CA's serves meanwhile".to_owned(),
-    };
-    println!(
-        "  certificate    ACME ({}) from {}: {} names, {served}",
-        a.challenge,
-        a.directory,
-        a.names.len()
-    );
+    println!("  certificate    {}", a.summary());
+    if a.left_out > 0 {
+        println!(
+            "  CERTIFICATE    {} users' subdomains left out: one certificate names at most 100",
+            a.left_out
+        );
+    }
     if let Some(e) = &a.error {
         let next = a
             .next_attempt
@@ -119,25 +138,26 @@ fn renew(config: &Config) -> anyhow::Result<ExitCode> {
         let before = acme(&admin).await?.ok_or_else(|| {
             anyhow::anyhow!("tls.acme is not set: certificates come from the local CA or tls.cert")
         })?;
-        super::certificates(&admin)
+        let asked = super::certificates(&admin)
             .renew_request()
             .send()
             .promise
             .await
             .map_err(remote)?;
+        let request = asked.get().map_err(remote)?.get_request();
         eprintln!(
             "Ordering a certificate for {} names from {} ...",
             before.names.len(),
             before.directory
         );
-        // The daemon gives an order at most five minutes.
-        let deadline = Instant::now() + Duration::from_secs(330);
+        // An order runs at most five minutes, and one may be under way already.
+        let deadline = Instant::now() + Duration::from_secs(630);
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let Some(now) = acme(&admin).await? else {
                 break;
             };
-            if now.orders == before.orders {
+            if now.answered < request {
                 continue;
             }
             if now.error.is_none() {
@@ -154,6 +174,8 @@ fn renew(config: &Config) -> anyhow::Result<ExitCode> {
             );
             return Ok(ExitCode::FAILURE);
         }
-        anyhow::bail!("no outcome from the daemon after 5 minutes; see granary certificates status")
+        anyhow::bail!(
+            "no outcome from the daemon after 10 minutes; see granary certificates status"
+        )
     })
 }

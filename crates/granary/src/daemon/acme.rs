@@ -31,8 +31,11 @@ use tokio::sync::watch;
 const MAX_NAMES: usize = 100;
 /// How long one order may take, start to certificate.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
-/// Looked at again at least this often (clock changes, missed wakes).
-const RECHECK: i64 = 3600;
+/// Looked at again at least this often: users added or removed since
+/// (their subdomains) are ordered within this.
+const RECHECK: i64 = 60;
+/// No two orders closer than this, whatever else says so.
+const MIN_GAP: i64 = 10;
 
 /// What the CA issued, beside `cert.pem`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -82,7 +85,9 @@ impl Files {
         owner: u32,
     ) -> anyhow::Result<()> {
         granary_files::ensure_private_dir(&self.dir, owner)?;
-        if granary_gateway::tls::load(&self.cert(), &self.key()).is_ok() {
+        // Until the CA has issued one, the local CA's current one (its
+        // names follow the domain and the users).
+        if self.issued().exists() && granary_gateway::tls::load(&self.cert(), &self.key()).is_ok() {
             return Ok(());
         }
         // None yet, or a crash between writing the key and the certificate.
@@ -101,8 +106,9 @@ impl Files {
 }
 
 /// The names the certificate carries: the domain, its service hosts, and
-/// each user's subdomain.
-fn wanted_names(domain: &str, mut users: Vec<String>) -> Vec<String> {
+/// each user's subdomain (sorted), at most [`MAX_NAMES`]; and how many
+/// users did not fit.
+fn wanted_names(domain: &str, mut users: Vec<String>) -> (Vec<String>, u32) {
     let mut names = vec![domain.to_owned()];
     let hosts =
         granary_gateway::services::SERVICE_HOSTS
@@ -110,9 +116,21 @@ fn wanted_names(domain: &str, mut users: Vec<String>) -> Vec<String> {
             .chain(&["mta-sts", "autoconfig", "rooms"]);
     names.extend(hosts.map(|h| format!("{h}.{domain}")));
     users.sort();
-    names.extend(users.iter().map(|u| format!("{u}.{domain}")));
-    names.dedup();
-    names
+    let mut left_out = 0;
+    for u in users {
+        let name = format!("{u}.{domain}");
+        // A user named like a host (made before the name was reserved)
+        // is already there.
+        if names.contains(&name) {
+            continue;
+        }
+        if names.len() == MAX_NAMES {
+            left_out += 1;
+            continue;
+        }
+        names.push(name);
+    }
+    (names, left_out)
 }
 
 /// When a certificate is renewed: two thirds into its lifetime.
@@ -134,31 +152,45 @@ pub(super) fn start(
     acme: Arc<Acme>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // What `granary certificates` shows before the first look.
+    acme.set_status(CertificateStatus {
+        directory: config.directory.clone(),
+        challenge: config.challenge.name(),
+        ..CertificateStatus::default()
+    });
     tokio::spawn(async move {
         let (mut failures, mut retry_at, mut last_error) = (0u32, 0i64, None::<String>);
-        // An order's outcome is counted once the status shows it, so that
-        // whoever waits on the count reads the status it led to.
-        let mut outcome = None;
+        // The last renewal asked for (`granary certificates renew`) that
+        // an order answered, and the orders finished: published with the
+        // outcome, under one lock.
+        let (mut answered, mut orders) = (0u64, 0u64);
         loop {
             let users = {
                 let store = store.clone();
                 tokio::task::spawn_blocking(move || store.list_users()).await
             };
-            let users = match users {
+            let users: Vec<String> = match users {
                 Ok(Ok(u)) => u.into_iter().map(|u| u.name).collect(),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "ACME: cannot list the users");
-                    Vec::new()
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "ACME: cannot list the users");
-                    Vec::new()
+                failed => {
+                    // Never order without the users' names: that would
+                    // take their subdomains off the certificate.
+                    let e = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    tracing::warn!(error = %e, "ACME: cannot list the users; looking again in a minute");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(RECHECK as u64)) => continue,
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
                 }
             };
-            let names = wanted_names(&domain, users);
+            let (names, left_out) = wanted_names(&domain, users);
             let issued = files.read_issued(&config.directory);
             let now = super::unix_now();
-            let forced = acme.take_forced();
+            let requested = acme.requested();
+            let forced = requested > answered;
             if forced {
                 retry_at = 0;
             }
@@ -170,18 +202,18 @@ pub(super) fn start(
                 directory: config.directory.clone(),
                 challenge: config.challenge.name(),
                 names: names.clone(),
+                left_out,
                 not_after: issued.as_ref().map(|i| i.not_after),
                 renew_at: issued.as_ref().map(renew_at),
                 issued_at: issued.as_ref().map(|i| i.issued_at),
                 error: last_error.clone(),
                 failures,
                 next_attempt: Some(due.max(now)),
+                orders,
+                answered,
             });
-            if let Some(ok) = outcome.take() {
-                acme.count(ok);
-            }
             if now >= due {
-                tracing::info!(names = names.len(), directory = %config.directory, "ACME: ordering a certificate");
+                tracing::info!(names = names.len(), left_out, directory = %config.directory, "ACME: ordering a certificate");
                 let result =
                     tokio::time::timeout(ORDER_TIMEOUT, order(&config, &files, &names, &acme))
                         .await
@@ -189,7 +221,19 @@ pub(super) fn start(
                             bail!("no certificate after {}s", ORDER_TIMEOUT.as_secs())
                         });
                 acme.clear();
-                outcome = Some(result.is_ok());
+                acme.count(result.is_ok());
+                orders += 1;
+                answered = answered.max(requested);
+                // A certificate already due again (a clock far off, or a
+                // CA that backdates): wait, never order in a loop.
+                let result = result.and_then(|i| match renew_at(&i) > super::unix_now() {
+                    true => Ok(i),
+                    false => Err(anyhow::anyhow!(
+                        "the new certificate is already due for renewal (valid {} to {}): is this host's clock right?",
+                        crate::admin::table::time(i.not_before),
+                        crate::admin::table::time(i.not_after)
+                    )),
+                });
                 match result {
                     Ok(i) => {
                         tracing::info!(
@@ -197,7 +241,8 @@ pub(super) fn start(
                             renew_at = renew_at(&i),
                             "ACME: certificate issued and in service"
                         );
-                        (failures, retry_at, last_error) = (0, 0, None);
+                        (failures, last_error) = (0, None);
+                        retry_at = super::unix_now() + MIN_GAP;
                     }
                     Err(e) => {
                         failures += 1;
@@ -262,12 +307,6 @@ async fn order(
     names: &[String],
     acme: &Acme,
 ) -> anyhow::Result<Issued> {
-    if names.len() > MAX_NAMES {
-        bail!(
-            "{} names is more than the {MAX_NAMES} one certificate may carry",
-            names.len()
-        );
-    }
     let account = account(config, files).await?;
     let ids: Vec<Identifier> = names.iter().cloned().map(Identifier::Dns).collect();
     let mut order = account
@@ -373,13 +412,30 @@ mod tests {
 
     #[test]
     fn names_cover_the_service_hosts_and_users_in_order() {
-        let names = wanted_names("example.org", vec!["bob".into(), "alice".into()]);
+        let (names, left_out) = wanted_names(
+            "example.org",
+            vec!["bob".into(), "alice".into(), "rooms".into()],
+        );
+        assert_eq!(left_out, 0);
+        assert_eq!(
+            names.iter().filter(|n| *n == "rooms.example.org").count(),
+            1
+        );
         assert_eq!(names[0], "example.org");
         for host in ["git", "dav", "tasks", "mta-sts", "autoconfig", "rooms"] {
             assert!(names.contains(&format!("{host}.example.org")), "{host}");
         }
         let tail = &names[names.len() - 2..];
         assert_eq!(tail, ["alice.example.org", "bob.example.org"]);
+    }
+
+    #[test]
+    fn users_past_the_limit_are_left_out_not_the_hosts() {
+        let users: Vec<String> = (0..200).map(|i| format!("u{i:03}")).collect();
+        let (names, left_out) = wanted_names("example.org", users);
+        assert_eq!(names.len(), MAX_NAMES);
+        assert!(names.contains(&"git.example.org".to_owned()));
+        assert_eq!(left_out as usize, 200 - (MAX_NAMES - 12));
     }
 
     #[test]

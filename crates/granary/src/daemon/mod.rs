@@ -54,6 +54,9 @@ pub(crate) enum Mode {
 #[derive(Debug, Clone)]
 pub(crate) struct DaemonInfo {
     pub(crate) started: Instant,
+    /// Users whose web home has the admin pages (`web.admins`; the demo
+    /// user in the demo).
+    pub(crate) admins: Vec<String>,
     /// The ACME certificate's status and the renew trigger; `None`
     /// without `tls.acme`.
     pub(crate) acme: Option<Arc<granary_gateway::acme::Acme>>,
@@ -210,7 +213,12 @@ async fn serve(
         TlsSource::Acme(_) => Some(Arc::new(granary_gateway::acme::Acme::new()?)),
         _ => None,
     };
+    let mut admins = config.web_admins.clone();
+    if mode == Mode::Demo {
+        admins.push(demo::DEMO_USER.to_owned());
+    }
     let info = DaemonInfo {
+        admins,
         acme: acme.clone(),
         cluster: member.clone(),
         started: Instant::now(),
@@ -235,11 +243,6 @@ async fn serve(
         limiter: limiter.clone(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    if let (TlsSource::Acme(c), Some(a)) = (&config.tls, &acme) {
-        let files = acme::Files::new(&config.tls_dir());
-        let (domain, store) = (config.domain.clone(), store.clone());
-        acme::start(c.clone(), files, domain, store, a.clone(), stop_rx.clone());
-    }
     let datasets = start::datasets(&config).await?;
     // Chat stanzas for other domains go from the supervisor to the
     // gateway's federation, when the xmpp-s2s listener is on.
@@ -488,6 +491,12 @@ async fn serve(
         tls_dir: config.tls_dir(),
     });
     let served = bound.serve(shared, metrics, &stop_rx);
+    // The CA's checks come to the listeners: order once they answer.
+    if let (TlsSource::Acme(c), Some(a)) = (&config.tls, &acme) {
+        let files = acme::Files::new(&config.tls_dir());
+        let (domain, store) = (config.domain.clone(), store.clone());
+        acme::start(c.clone(), files, domain, store, a.clone(), stop_rx.clone());
+    }
     let delivering = mail::deliver(&mail, grains, store.clone(), postmaster, stop_rx.clone());
 
     // Signals are watched from here on, before ports.json tells anyone the

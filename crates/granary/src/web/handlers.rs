@@ -50,7 +50,7 @@ pub(super) fn see_other(location: &str, cookies: &[String]) -> Response<Bytes> {
     r
 }
 
-pub(super) fn not_found(nav: Option<(&str, &str)>) -> Response<Bytes> {
+pub(super) fn not_found(nav: Option<pages::Nav<'_>>) -> Response<Bytes> {
     html(
         StatusCode::NOT_FOUND,
         pages::message("Not found", "There is nothing here.", nav),
@@ -90,11 +90,17 @@ pub(super) struct Me {
     pub(super) user: String,
     pub(super) home: home::Client,
     pub(super) csrf: String,
+    /// One of `web.admins`.
+    pub(super) admin: bool,
 }
 
 impl Me {
-    pub(super) fn nav(&self) -> (&str, &str) {
-        (&self.user, &self.csrf)
+    pub(super) fn nav(&self) -> pages::Nav<'_> {
+        pages::Nav {
+            user: &self.user,
+            csrf: &self.csrf,
+            admin: self.admin,
+        }
     }
 }
 
@@ -126,12 +132,15 @@ impl Web {
         }
         let me = cookie(&req.headers, SESSION).and_then(|token| {
             self.sessions
-                .with(&token, |s| (s.user.clone(), s.home.clone(), s.csrf.clone()))
-                .map(|(user, home, csrf)| Me {
+                .with(&token, |s| {
+                    (s.user.clone(), s.home.clone(), s.csrf.clone(), s.admin)
+                })
+                .map(|(user, home, csrf, admin)| Me {
                     token,
                     user,
                     home,
                     csrf,
+                    admin,
                 })
         });
         let Some(me) = me else {
@@ -261,7 +270,7 @@ impl Web {
             );
         }
         match a.get_home() {
-            Ok(home) => self.begin(user, home),
+            Ok(home) => self.begin(user, home).await,
             Err(_) => html(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 pages::message("Failed", "Sign-in failed.", None),
@@ -271,8 +280,12 @@ impl Web {
     }
 
     /// A new session (never one the browser brought: fixation).
-    fn begin(&self, user: String, home: home::Client) -> Response<Bytes> {
-        let token = self.sessions.start(user, home);
+    async fn begin(&self, user: String, home: home::Client) -> Response<Bytes> {
+        let admin = match home.whoami_request().send().promise.await {
+            Ok(w) => w.get().is_ok_and(|w| w.get_admin()),
+            Err(_) => return see_other("/", &[]),
+        };
+        let token = self.sessions.start(user, home, admin);
         see_other(
             "/",
             &[
@@ -327,7 +340,7 @@ impl Web {
                         .unwrap_or_default(),
                     Err(_) => return see_other("/", &[]),
                 };
-                self.begin(user, home)
+                self.begin(user, home).await
             }
             Err(e) => {
                 if wrong_secret(&e) {
@@ -364,6 +377,7 @@ impl Web {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (post, segments.as_slice()) {
             (false, [""]) => self.home_page(me).await,
+            (_, ["admin", rest @ ..]) => self.admin(req, me, post, rest, f).await,
             (true, ["signout"]) => {
                 self.sessions.end(&me.token);
                 see_other("/", &[set_cookie(SESSION, None, session::LIFETIME)])

@@ -9,6 +9,8 @@
 //! as them: it never opens the state and never holds the root `Admin`.
 
 mod actions;
+mod admin;
+mod admin_views;
 mod handlers;
 mod pages;
 mod session;

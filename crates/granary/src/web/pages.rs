@@ -34,9 +34,18 @@ th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid var(--line);v
 pre{white-space:pre-wrap;word-break:break-all;background:#f3f3f3;padding:.5rem;border:1px solid var(--line)}\n\
 .qr{display:block;width:min(100%,16rem);height:auto;margin:.75rem 0;border:1px solid var(--line)}\n";
 
-/// One page: the layout around `body`. `nav` when signed in: the user
-/// and the CSRF token of the sign-out form.
-pub(super) fn page(title: &str, nav: Option<(&str, &str)>, body: Markup) -> String {
+/// Who is signed in, for the layout.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Nav<'a> {
+    pub(super) user: &'a str,
+    /// The CSRF token of the sign-out form.
+    pub(super) csrf: &'a str,
+    /// Whether the admin pages are linked.
+    pub(super) admin: bool,
+}
+
+/// One page: the layout around `body`; `nav` when signed in.
+pub(super) fn page(title: &str, nav: Option<Nav<'_>>, body: Markup) -> String {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -50,7 +59,7 @@ pub(super) fn page(title: &str, nav: Option<(&str, &str)>, body: Markup) -> Stri
             body {
                 header {
                     span.site { "Granary" }
-                    @if let Some((user, csrf)) = nav {
+                    @if let Some(Nav { user, csrf, admin }) = nav {
                         nav aria-label="Main" {
                             ul {
                                 li { a href="/" { "Home" } }
@@ -59,6 +68,7 @@ pub(super) fn page(title: &str, nav: Option<(&str, &str)>, body: Markup) -> Stri
                                 li { a href="/keys" { "SSH keys" } }
                                 li { a href="/invites" { "Invites" } }
                                 li { a href="/security" { "Security" } }
+                                @if admin { li { a href="/admin" { "Admin" } } }
                             }
                         }
                         form.inline method="post" action="/signout" {
@@ -120,7 +130,7 @@ pub(super) fn code(csrf: &str, error: Option<&str>) -> String {
 }
 
 /// A short page saying one thing (errors, 404, 429).
-pub(super) fn message(title: &str, text: &str, nav: Option<(&str, &str)>) -> String {
+pub(super) fn message(title: &str, text: &str, nav: Option<Nav<'_>>) -> String {
     page(
         title,
         nav,

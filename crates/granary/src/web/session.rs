@@ -42,6 +42,8 @@ pub(super) struct Session {
     pub(super) user: String,
     pub(super) home: home::Client,
     pub(super) csrf: String,
+    /// One of `web.admins` (the admin pages still ask the daemon each time).
+    pub(super) admin: bool,
     created: Instant,
     seen: std::cell::Cell<Instant>,
     /// A second-factor secret being set up (base32, its URI): shown, not
@@ -131,7 +133,7 @@ impl Sessions {
     }
 
     /// Starts a session for `user`; its token goes in the cookie.
-    pub(super) fn start(&self, user: String, home: home::Client) -> String {
+    pub(super) fn start(&self, user: String, home: home::Client, admin: bool) -> String {
         let token = token();
         let now = Instant::now();
         let mut live = self.live.borrow_mut();
@@ -148,6 +150,7 @@ impl Sessions {
             Session {
                 user,
                 home,
+                admin,
                 csrf: self::token(),
                 created: now,
                 seen: std::cell::Cell::new(now),

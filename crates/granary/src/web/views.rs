@@ -57,8 +57,7 @@ pub(super) struct KeyRow {
     pub(super) created: i64,
 }
 
-/// Who is signed in, for the layout: (user, CSRF token).
-pub(super) type Nav<'a> = (&'a str, &'a str);
+pub(super) use super::pages::Nav;
 
 fn csrf_field(csrf: &str) -> Markup {
     html! { input type="hidden" name="csrf" value=(csrf); }
@@ -114,7 +113,7 @@ pub(super) fn devices(
             (notice(ok, error))
             h2 { "Add a device" }
             form method="post" action="/devices" {
-                (csrf_field(nav.1))
+                (csrf_field(nav.csrf))
                 label for="kind" { "Service" }
                 select #kind name="kind" {
                     @for (k, n) in SERVICES { option value=(k) { (n) } }
@@ -135,7 +134,7 @@ pub(super) fn devices(
                             td { (when(d.last_used)) }
                             td {
                                 form.inline method="post" action={ "/devices/" (d.id) "/revoke" } {
-                                    (csrf_field(nav.1))
+                                    (csrf_field(nav.csrf))
                                     button.quiet type="submit" aria-label={ "Revoke " (d.label) } { "Revoke" }
                                 }
                             }
@@ -178,7 +177,7 @@ pub(super) fn device_added(nav: Nav<'_>, d: &NewDevice<'_>) -> String {
             }
             @for (what, text) in &d.downloads {
                 form method="post" action="/devices/download" {
-                    (csrf_field(nav.1))
+                    (csrf_field(nav.csrf))
                     input type="hidden" name="what" value=(what);
                     input type="hidden" name="kind" value=(d.kind);
                     button type="submit" { (text) }
@@ -204,7 +203,7 @@ pub(super) fn grants(nav: Nav<'_>, list: &[GrantRow], ok: Option<&str>) -> Strin
                             td { (g.from) } td { (g.to) } td { code { (g.capability) } } td { (when(g.created)) }
                             td {
                                 form.inline method="post" action={ "/grants/" (g.id) "/revoke" } {
-                                    (csrf_field(nav.1))
+                                    (csrf_field(nav.csrf))
                                     button.quiet type="submit" aria-label={ "Revoke the grant from " (g.from) " to " (g.to) } { "Revoke" }
                                 }
                             }
@@ -224,7 +223,7 @@ pub(super) fn keys(nav: Nav<'_>, list: &[KeyRow], error: Option<&str>, ok: Optio
             p.note { "Keys that may push and pull your git repositories over SSH." }
             (notice(ok, error))
             form method="post" action="/keys" {
-                (csrf_field(nav.1))
+                (csrf_field(nav.csrf))
                 label for="key" { "Public key (one line, as in ~/.ssh/id_ed25519.pub)" }
                 textarea #key name="key" required spellcheck="false" {}
                 label for="klabel" { "Name (optional)" }
@@ -239,7 +238,7 @@ pub(super) fn keys(nav: Nav<'_>, list: &[KeyRow], error: Option<&str>, ok: Optio
                             td { (k.label) } td { code { (k.fingerprint) } } td { (when(k.created)) }
                             td {
                                 form.inline method="post" action={ "/keys/" (k.id) "/remove" } {
-                                    (csrf_field(nav.1))
+                                    (csrf_field(nav.csrf))
                                     button.quiet type="submit" aria-label={ "Remove the key " (k.label) } { "Remove" }
                                 }
                             }
@@ -256,7 +255,7 @@ pub(super) fn password(nav: Nav<'_>, error: Option<&str>, ok: Option<&str>) -> M
         h2 { "Change your password" }
         (notice(ok, error))
         form method="post" action="/password" {
-            (csrf_field(nav.1))
+            (csrf_field(nav.csrf))
             label for="old" { "Current password" }
             input #old name="old" type="password" autocomplete="current-password" required;
             label for="new" { "New password (at least 12 characters)" }
@@ -298,7 +297,7 @@ pub(super) fn security(
                 p { "Scan this code with an authenticator app (or type the key), then enter the code it shows." }
                 figure { (qr(uri, "QR code of the two-step sign-in key, for your authenticator app")) figcaption.note { "Key: " code #totp-secret { (secret) } } }
                 form method="post" action="/security/totp/enable" {
-                    (csrf_field(nav.1))
+                    (csrf_field(nav.csrf))
                     label for="code" { "Code from the app" }
                     input #code name="code" autocomplete="one-time-code" inputmode="numeric" required;
                     button type="submit" { "Turn on" }
@@ -306,7 +305,7 @@ pub(super) fn security(
             } @else if s.totp {
                 p { "On. Recovery codes left: " (s.recovery_left) "." }
                 form method="post" action="/security/totp/disable" {
-                    (csrf_field(nav.1))
+                    (csrf_field(nav.csrf))
                     label for="offpw" { "Your password, to turn it off" }
                     input #offpw name="password" type="password" autocomplete="current-password" required;
                     button type="submit" { "Turn off" }
@@ -314,7 +313,7 @@ pub(super) fn security(
             } @else {
                 p { "Off. With it on, signing in here also asks for a code from your phone." }
                 form method="post" action="/security/totp" {
-                    (csrf_field(nav.1))
+                    (csrf_field(nav.csrf))
                     button type="submit" { "Set up two-step sign-in" }
                 }
             }
@@ -336,7 +335,7 @@ pub(super) fn invites(nav: Nav<'_>, made: Option<(&str, &str)>, error: Option<&s
                 figure { (qr(link, "QR code of the invite link")) figcaption.note { "Or let them scan it. In a chat app: " code { (uri) } } }
             }
             form method="post" action="/invites" {
-                (csrf_field(nav.1))
+                (csrf_field(nav.csrf))
                 button type="submit" { "Make an invite link" }
             }
         },

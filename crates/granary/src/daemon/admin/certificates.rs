@@ -1,7 +1,6 @@
 //! `Certificates`: the ACME certificate's status, and ordering one now.
 
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use capnp::capability::Rc as CapRc;
 use granary_schema::admin_capnp::certificates;
@@ -35,24 +34,23 @@ impl certificates::Server for Certificates {
         out.set_error(s.error.as_deref().unwrap_or(""));
         out.set_failures(s.failures);
         out.set_next_attempt(s.next_attempt.unwrap_or(0));
-        if let Some(a) = &self.0.info.acme {
-            let (issued, failed) = (a.issued.load(Relaxed), a.failed.load(Relaxed));
-            out.set_orders(issued + failed);
-        }
+        out.set_orders(s.orders);
+        out.set_answered(s.answered);
+        out.set_left_out(s.left_out);
         Ok(())
     }
 
     async fn renew(
         self: CapRc<Self>,
         _: certificates::RenewParams,
-        _: certificates::RenewResults,
+        mut results: certificates::RenewResults,
     ) -> Result<(), capnp::Error> {
         let Some(acme) = &self.0.info.acme else {
             return Err(fail(
                 "certificates come from an ACME CA only with tls.acme set; this host uses the local CA or tls.cert",
             ));
         };
-        acme.renew_now();
+        let request = acme.renew_now();
         let store = self.0.store.clone();
         blocking(move || {
             store
@@ -60,6 +58,7 @@ impl certificates::Server for Certificates {
                 .map_err(state_failure)
         })
         .await?;
+        results.get().set_request(request);
         Ok(())
     }
 }

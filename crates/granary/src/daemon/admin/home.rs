@@ -104,6 +104,11 @@ struct Home {
 pub(super) const ENDED: &str = "signed out: the account's password was changed";
 
 impl Home {
+    /// Whether this user is one of `web.admins`.
+    fn is_admin(&self) -> bool {
+        self.ctx.info.admins.iter().any(|a| a == self.user.as_str())
+    }
+
     /// Fails once the account's password is no longer the one this was
     /// made under (or the account is gone).
     async fn live(&self) -> Result<(), capnp::Error> {
@@ -191,6 +196,20 @@ impl home::Server for Home {
         r.set_totp(totp.is_some());
         r.set_recovery_left(totp.map_or(0, |t| t.recovery_left));
         r.set_domain(&self.ctx.info.domain);
+        r.set_admin(self.is_admin());
+        Ok(())
+    }
+
+    async fn admin(
+        self: CapRc<Self>,
+        _: home::AdminParams,
+        mut results: home::AdminResults,
+    ) -> Result<(), capnp::Error> {
+        self.live().await?;
+        if !self.is_admin() {
+            return Err(fail("not an admin"));
+        }
+        results.get().set_admin(super::root(self.ctx.clone()));
         Ok(())
     }
 

@@ -22,6 +22,7 @@ mod invites;
 mod mail;
 mod sign_in;
 mod snapshots;
+mod status;
 mod tasks;
 mod users;
 mod xmpp;
@@ -264,117 +265,18 @@ struct AdminService {
     ctx: Rc<Ctx>,
 }
 
-/// Grains this node runs whose newest copy elsewhere is more than three
-/// replication intervals old ("alice-mail 250s"); none when replication is
-/// off or etcd does not answer within 2 s.
-async fn lagging_grains(
-    member: &crate::daemon::cluster::Member,
-    datasets: &Arc<dyn granary_datasets::Datasets>,
-) -> Vec<String> {
-    if member.replicas == 0 {
-        return Vec::new();
-    }
-    let c = &member.coordinator;
-    let read = async {
-        Ok::<_, granary_cluster::ClusterError>((c.placements().await?, c.replicas().await?))
-    };
-    let Ok(Ok((placements, replicas))) =
-        tokio::time::timeout(std::time::Duration::from_secs(2), read).await
-    else {
-        return Vec::new();
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let limit = 3 * member.replicate_interval.as_secs() as i64;
-    granary_cluster::replication_lag(&placements, &replicas, &member.node, now)
-        .into_iter()
-        // Only data that exists here can be behind.
-        .filter(|(grain, lag)| *lag > limit && datasets.has_data(grain).unwrap_or(false))
-        .map(|(grain, lag)| format!("{grain} {lag}s"))
-        .collect()
+/// The root capability over `ctx` (the admin pages' own, through `Home`).
+pub(super) fn root(ctx: Rc<Ctx>) -> admin::Client {
+    capnp_rpc::new_client(AdminService { ctx })
 }
 
 impl admin::Server for AdminService {
     async fn status(
         self: CapRc<Self>,
         _: admin::StatusParams,
-        mut results: admin::StatusResults,
+        results: admin::StatusResults,
     ) -> Result<(), capnp::Error> {
-        let store = self.ctx.store.clone();
-        let (counts, schema) = blocking(move || {
-            Ok((
-                store.counts().map_err(state_failure)?,
-                store.schema_version().map_err(state_failure)?,
-            ))
-        })
-        .await?;
-        let info = &self.ctx.info;
-        let lagging = match &info.cluster {
-            Some(member) => lagging_grains(member, &self.ctx.datasets).await,
-            None => Vec::new(),
-        };
-        let mut s = results.get().init_status();
-        s.set_healthy(true);
-        s.set_version(env!("CARGO_PKG_VERSION"));
-        s.set_schema_version(schema);
-        s.set_pid(std::process::id());
-        s.set_uptime_seconds(info.started.elapsed().as_secs());
-        s.set_data_dir(info.data_dir.to_string_lossy().as_ref());
-        s.set_domain(&info.domain);
-        s.set_storage_backend(info.storage_backend);
-        s.set_sandbox(&info.sandbox);
-        s.set_ca_file(
-            info.ca_file
-                .as_deref()
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default()
-                .as_str(),
-        );
-        s.set_users(counts.users);
-        s.set_app_passwords(counts.app_passwords);
-        s.set_apps(counts.apps);
-        s.set_grains(counts.grains);
-        s.set_grants(counts.grants);
-        let limiter = info.limiter.state();
-        s.set_login_sources(limiter.tracked);
-        s.set_refused_count(limiter.refused_count);
-        let mut refused = s
-            .reborrow()
-            .init_refused_sources(limiter.refused.len() as u32);
-        for (i, r) in limiter.refused.iter().enumerate() {
-            let mut out = refused.reborrow().get(i as u32);
-            out.set_source(&r.source);
-            out.set_for_secs(r.for_secs);
-            out.set_strikes(r.strikes);
-        }
-        if let Some(member) = &info.cluster {
-            let state = member.lease_state();
-            if state != "live" || !lagging.is_empty() {
-                s.set_healthy(false);
-            }
-            let mut c = s.reborrow().init_cluster();
-            c.set_node(&member.node);
-            c.set_lease(state);
-            c.set_lease_ttl_secs(member.lease.ttl().as_secs() as u32);
-            c.set_since_renewal_ms(member.lease.since_renewal().as_millis() as u64);
-            let mut etcd = c.reborrow().init_etcd(member.etcd.len() as u32);
-            for (i, e) in member.etcd.iter().enumerate() {
-                etcd.set(i as u32, e);
-            }
-            c.set_replicate_interval_secs(member.replicate_interval.as_secs() as u32);
-            let mut list = c.init_replication_lagging(lagging.len() as u32);
-            for (i, l) in lagging.iter().enumerate() {
-                list.set(i as u32, l);
-            }
-        }
-        let mut listeners = s.init_listeners(info.listeners.len() as u32);
-        for (i, (name, address)) in info.listeners.iter().enumerate() {
-            let mut l = listeners.reborrow().get(i as u32);
-            l.set_name(name);
-            l.set_address(address);
-        }
-        Ok(())
+        status::fill(&self.ctx, results).await
     }
 
     async fn users(
@@ -522,6 +424,34 @@ impl admin::Server for AdminService {
         results
             .get()
             .set_certificates(capnp_rpc::new_client(certificates));
+        Ok(())
+    }
+
+    async fn audit(
+        self: CapRc<Self>,
+        params: admin::AuditParams,
+        mut results: admin::AuditResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let filter = granary_state::EventFilter {
+            actor: p.get_actor()?.to_string()?,
+            action: p.get_action()?.to_string()?,
+            subject: p.get_subject()?.to_string()?,
+            before: p.get_before(),
+            limit: p.get_limit(),
+        };
+        let store = self.ctx.store.clone();
+        let events = blocking(move || store.events(&filter).map_err(state_failure)).await?;
+        let mut out = results.get().init_events(events.len() as u32);
+        for (i, e) in events.iter().enumerate() {
+            let mut o = out.reborrow().get(i as u32);
+            o.set_id(e.id);
+            o.set_at(e.at);
+            o.set_actor(&e.actor);
+            o.set_action(&e.action);
+            o.set_subject(&e.subject);
+            o.set_detail(&e.detail);
+        }
         Ok(())
     }
 

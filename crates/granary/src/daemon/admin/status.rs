@@ -1,0 +1,116 @@
+//! `Admin.status`: health, versions, counts, listeners, the login
+//! limiter and this node's place in a cluster.
+
+use std::sync::Arc;
+
+use granary_schema::admin_capnp::admin;
+
+use super::{Ctx, blocking, state_failure};
+
+pub(super) async fn fill(ctx: &Ctx, mut results: admin::StatusResults) -> Result<(), capnp::Error> {
+    let store = ctx.store.clone();
+    let (counts, schema) = blocking(move || {
+        Ok((
+            store.counts().map_err(state_failure)?,
+            store.schema_version().map_err(state_failure)?,
+        ))
+    })
+    .await?;
+    let info = &ctx.info;
+    let lagging = match &info.cluster {
+        Some(member) => lagging_grains(member, &ctx.datasets).await,
+        None => Vec::new(),
+    };
+    let mut s = results.get().init_status();
+    s.set_healthy(true);
+    s.set_version(env!("CARGO_PKG_VERSION"));
+    s.set_schema_version(schema);
+    s.set_pid(std::process::id());
+    s.set_uptime_seconds(info.started.elapsed().as_secs());
+    s.set_data_dir(info.data_dir.to_string_lossy().as_ref());
+    s.set_domain(&info.domain);
+    s.set_storage_backend(info.storage_backend);
+    s.set_sandbox(&info.sandbox);
+    s.set_ca_file(
+        info.ca_file
+            .as_deref()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+            .as_str(),
+    );
+    s.set_users(counts.users);
+    s.set_app_passwords(counts.app_passwords);
+    s.set_apps(counts.apps);
+    s.set_grains(counts.grains);
+    s.set_grants(counts.grants);
+    let limiter = info.limiter.state();
+    s.set_login_sources(limiter.tracked);
+    s.set_refused_count(limiter.refused_count);
+    let mut refused = s
+        .reborrow()
+        .init_refused_sources(limiter.refused.len() as u32);
+    for (i, r) in limiter.refused.iter().enumerate() {
+        let mut out = refused.reborrow().get(i as u32);
+        out.set_source(&r.source);
+        out.set_for_secs(r.for_secs);
+        out.set_strikes(r.strikes);
+    }
+    if let Some(member) = &info.cluster {
+        let state = member.lease_state();
+        if state != "live" || !lagging.is_empty() {
+            s.set_healthy(false);
+        }
+        let mut c = s.reborrow().init_cluster();
+        c.set_node(&member.node);
+        c.set_lease(state);
+        c.set_lease_ttl_secs(member.lease.ttl().as_secs() as u32);
+        c.set_since_renewal_ms(member.lease.since_renewal().as_millis() as u64);
+        let mut etcd = c.reborrow().init_etcd(member.etcd.len() as u32);
+        for (i, e) in member.etcd.iter().enumerate() {
+            etcd.set(i as u32, e);
+        }
+        c.set_replicate_interval_secs(member.replicate_interval.as_secs() as u32);
+        let mut list = c.init_replication_lagging(lagging.len() as u32);
+        for (i, l) in lagging.iter().enumerate() {
+            list.set(i as u32, l);
+        }
+    }
+    let mut listeners = s.init_listeners(info.listeners.len() as u32);
+    for (i, (name, address)) in info.listeners.iter().enumerate() {
+        let mut l = listeners.reborrow().get(i as u32);
+        l.set_name(name);
+        l.set_address(address);
+    }
+    Ok(())
+}
+
+/// Grains this node runs whose newest copy elsewhere is more than three
+/// replication intervals old ("alice-mail 250s"); none when replication is
+/// off or etcd does not answer within 2 s.
+async fn lagging_grains(
+    member: &crate::daemon::cluster::Member,
+    datasets: &Arc<dyn granary_datasets::Datasets>,
+) -> Vec<String> {
+    if member.replicas == 0 {
+        return Vec::new();
+    }
+    let c = &member.coordinator;
+    let read = async {
+        Ok::<_, granary_cluster::ClusterError>((c.placements().await?, c.replicas().await?))
+    };
+    let Ok(Ok((placements, replicas))) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), read).await
+    else {
+        return Vec::new();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let limit = 3 * member.replicate_interval.as_secs() as i64;
+    granary_cluster::replication_lag(&placements, &replicas, &member.node, now)
+        .into_iter()
+        // Only data that exists here can be behind.
+        .filter(|(grain, lag)| *lag > limit && datasets.has_data(grain).unwrap_or(false))
+        .map(|(grain, lag)| format!("{grain} {lag}s"))
+        .collect()
+}

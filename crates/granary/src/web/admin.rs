@@ -1,0 +1,388 @@
+//! The admin pages under `/admin`, for users in `web.admins`: this node's
+//! health and certificate, users, grains, apps, backups, the doctor and
+//! the audit log. Each request asks the user's `Home` for the admin
+//! capability again (refused to anyone else, and once the password
+//! changed), then makes the same calls the CLI makes.
+
+use std::collections::HashMap;
+
+use granary_gateway::home::HomeRequest;
+use granary_schema::admin_capnp::admin;
+use hyper::Response;
+use hyper::StatusCode;
+use hyper::body::Bytes;
+
+use super::admin_views::{self as views, Event, Filter, GrainLine, Overview, UserLine};
+use super::handlers::{Me, Web, capitalise, html, not_found, why};
+use super::pages;
+
+fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> String {
+    t.ok().and_then(|t| t.to_string().ok()).unwrap_or_default()
+}
+
+/// What one admin action said: an error, or what was done (and a secret
+/// shown once).
+pub(super) enum Said {
+    Nothing,
+    Done(String),
+    Failed(String),
+    Secret(String, String),
+}
+
+impl Web {
+    pub(super) async fn admin(
+        &self,
+        req: &HomeRequest,
+        me: &Me,
+        post: bool,
+        rest: &[&str],
+        f: &HashMap<String, String>,
+    ) -> Response<Bytes> {
+        let refused = || {
+            html(
+                StatusCode::FORBIDDEN,
+                pages::message(
+                    "Not allowed",
+                    "Only admins (web.admins in the configuration) may open the admin pages.",
+                    Some(me.nav()),
+                ),
+                &[],
+            )
+        };
+        if !me.admin {
+            return refused();
+        }
+        let admin = me.home.admin_request().send().pipeline.get_admin();
+        // The daemon decides, each time: an error here ends it.
+        if let Err(e) = admin.status_request().send().promise.await {
+            return if why(&e) == "not an admin" {
+                refused()
+            } else {
+                html(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    pages::message("Not available", &capitalise(&why(&e)), Some(me.nav())),
+                    &[],
+                )
+            };
+        }
+        let field = |k: &str| f.get(k).map_or("", |v| v.trim()).to_owned();
+        let said = |r: Result<String, capnp::Error>| match r {
+            Ok(done) => Said::Done(done),
+            Err(e) => Said::Failed(capitalise(&why(&e))),
+        };
+        match (post, rest) {
+            (false, [] | [""]) => self.overview(me, &admin).await,
+            (false, ["users"]) => self.users(me, &admin, Said::Nothing).await,
+            (true, ["users"]) => {
+                let name = field("name");
+                let mut call = crate::admin::users(&admin).add_request();
+                call.get().set_name(&name);
+                call.get().set_password("");
+                let r = match call.send().promise.await {
+                    Ok(r) => match r.get().map(|r| text(r.get_generated_password())) {
+                        Ok(p) => Said::Secret(name, p),
+                        Err(e) => Said::Failed(capitalise(&why(&e))),
+                    },
+                    Err(e) => Said::Failed(capitalise(&why(&e))),
+                };
+                self.users(me, &admin, r).await
+            }
+            (true, ["users", name, "remove"]) => {
+                let mut call = crate::admin::users(&admin).remove_request();
+                call.get().set_name(*name);
+                call.get().set_purge(false);
+                let r = call
+                    .send()
+                    .promise
+                    .await
+                    .map(|_| format!("{name} removed."));
+                self.users(me, &admin, said(r)).await
+            }
+            (false, ["grains"]) => self.grains(me, &admin, Said::Nothing).await,
+            (true, ["grains", id, action @ ("start" | "stop")]) => {
+                let grains = crate::admin::grains(&admin);
+                let r = if *action == "start" {
+                    let mut call = grains.start_request();
+                    call.get().set_grain(*id);
+                    call.send().promise.await.map(|_| format!("{id} started."))
+                } else {
+                    let mut call = grains.stop_request();
+                    call.get().set_grain(*id);
+                    call.send().promise.await.map(|_| format!("{id} stopped."))
+                };
+                self.grains(me, &admin, said(r)).await
+            }
+            (false, ["apps"]) => self.apps(me, &admin).await,
+            (false, ["backups"]) => self.backups(me, &admin).await,
+            (false, ["audit"]) => {
+                let q: HashMap<String, String> = granary_wire::form::fields(req.query.as_bytes())
+                    .into_iter()
+                    .collect();
+                let get = |k: &str| q.get(k).map_or("", |v| v.trim()).to_owned();
+                let filter = Filter {
+                    actor: get("actor"),
+                    action: get("action"),
+                    subject: get("subject"),
+                    before: get("before").parse().unwrap_or(0),
+                };
+                self.audit(me, &admin, filter).await
+            }
+            (false, ["doctor"]) => self.doctor(me, &admin).await,
+            _ => not_found(Some(me.nav())),
+        }
+    }
+
+    fn unavailable(me: &Me, e: &capnp::Error) -> Response<Bytes> {
+        html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            pages::message("Not available", &capitalise(&why(e)), Some(me.nav())),
+            &[],
+        )
+    }
+
+    async fn overview(&self, me: &Me, admin: &admin::Client) -> Response<Bytes> {
+        let status = match admin.status_request().send().promise.await {
+            Ok(s) => s,
+            Err(e) => return Self::unavailable(me, &e),
+        };
+        let Ok(s) = status.get().and_then(|s| s.get_status()) else {
+            return not_found(Some(me.nav()));
+        };
+        let mut o = Overview {
+            version: text(s.get_version()),
+            healthy: s.get_healthy(),
+            uptime: s.get_uptime_seconds(),
+            domain: text(s.get_domain()),
+            storage: text(s.get_storage_backend()),
+            sandbox: text(s.get_sandbox()),
+            counts: [
+                s.get_users(),
+                s.get_app_passwords(),
+                s.get_apps(),
+                s.get_grains(),
+                s.get_grants(),
+            ],
+            refused: s.get_refused_count(),
+            listeners: Vec::new(),
+            cluster: None,
+            certificate: String::new(),
+            certificate_error: None,
+        };
+        if let Ok(l) = s.get_listeners() {
+            o.listeners = l
+                .iter()
+                .map(|l| (text(l.get_name()), text(l.get_address())))
+                .collect();
+        }
+        if s.has_cluster()
+            && let Ok(c) = s.get_cluster()
+        {
+            let lagging: Vec<String> = c
+                .get_replication_lagging()
+                .map(|l| l.iter().map(text).collect())
+                .unwrap_or_default();
+            o.cluster = Some((text(c.get_node()), text(c.get_lease()), lagging));
+        }
+        let ca = text(s.get_ca_file());
+        match crate::admin::certificates::acme(admin).await {
+            Ok(Some(a)) => {
+                o.certificate = a.summary();
+                o.certificate_error = a.error.clone();
+            }
+            Ok(None) if !ca.is_empty() => {
+                o.certificate = format!("from this host's own CA; clients trust {ca}");
+            }
+            Ok(None) => o.certificate = "the configured [tls] certificate".to_owned(),
+            Err(e) => o.certificate_error = Some(format!("{e:#}")),
+        }
+        html(StatusCode::OK, views::overview(me.nav(), &o), &[])
+    }
+
+    async fn users(&self, me: &Me, admin: &admin::Client, said: Said) -> Response<Bytes> {
+        let list = match crate::admin::users(admin)
+            .list_request()
+            .send()
+            .promise
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Self::unavailable(me, &e),
+        };
+        let users: Vec<UserLine> = list
+            .get()
+            .and_then(|r| r.get_users())
+            .map(|l| {
+                l.iter()
+                    .map(|u| UserLine {
+                        name: text(u.get_name()),
+                        created: u.get_created_at(),
+                        devices: u.get_app_passwords(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        html(StatusCode::OK, views::users(me.nav(), &users, &said), &[])
+    }
+
+    async fn grains(&self, me: &Me, admin: &admin::Client, said: Said) -> Response<Bytes> {
+        let list = match crate::admin::grains(admin)
+            .list_request()
+            .send()
+            .promise
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Self::unavailable(me, &e),
+        };
+        let grains: Vec<GrainLine> = list
+            .get()
+            .and_then(|r| r.get_grains())
+            .map(|l| {
+                l.iter()
+                    .map(|g| GrainLine {
+                        id: text(g.get_id()),
+                        user: text(g.get_user()),
+                        kind: text(g.get_kind()),
+                        state: text(g.get_state()),
+                        reason: text(g.get_reason()),
+                        starts: g.get_starts(),
+                        crashes: g.get_crashes(),
+                        memory_limit: g.get_memory_limit(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        html(StatusCode::OK, views::grains(me.nav(), &grains, &said), &[])
+    }
+
+    async fn apps(&self, me: &Me, admin: &admin::Client) -> Response<Bytes> {
+        let list = match crate::admin::apps(admin)
+            .list_request()
+            .send()
+            .promise
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Self::unavailable(me, &e),
+        };
+        let apps: Vec<[String; 4]> = list
+            .get()
+            .and_then(|r| r.get_apps())
+            .map(|l| {
+                l.iter()
+                    .map(|a| {
+                        [
+                            text(a.get_kind()),
+                            text(a.get_version()),
+                            pages::when(a.get_installed_at()),
+                            if a.get_dev_mode() {
+                                "unsigned (development)".to_owned()
+                            } else {
+                                "signed".to_owned()
+                            },
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        html(StatusCode::OK, views::apps(me.nav(), &apps), &[])
+    }
+
+    async fn events(
+        admin: &admin::Client,
+        filter: &Filter,
+        limit: u32,
+    ) -> Result<Vec<Event>, capnp::Error> {
+        let mut call = admin.audit_request();
+        call.get().set_actor(&filter.actor);
+        call.get().set_action(&filter.action);
+        call.get().set_subject(&filter.subject);
+        call.get().set_before(filter.before);
+        call.get().set_limit(limit);
+        let r = call.send().promise.await?;
+        Ok(r.get()?
+            .get_events()?
+            .iter()
+            .map(|e| Event {
+                id: e.get_id(),
+                at: e.get_at(),
+                actor: text(e.get_actor()),
+                action: text(e.get_action()),
+                subject: text(e.get_subject()),
+                detail: text(e.get_detail()),
+            })
+            .collect())
+    }
+
+    async fn backups(&self, me: &Me, admin: &admin::Client) -> Response<Bytes> {
+        let keys = match crate::admin::backups(admin)
+            .keys_request()
+            .send()
+            .promise
+            .await
+        {
+            Ok(k) => k,
+            Err(e) => return Self::unavailable(me, &e),
+        };
+        let list = |l: capnp::Result<capnp::text_list::Reader<'_>>| -> Vec<String> {
+            l.map(|l| l.iter().map(text).collect()).unwrap_or_default()
+        };
+        let (targets, recipients) = keys
+            .get()
+            .map(|k| (list(k.get_targets()), list(k.get_recipients())))
+            .unwrap_or_default();
+        let filter = Filter {
+            action: "backup".to_owned(),
+            ..Filter::default()
+        };
+        let events = match Self::events(admin, &filter, 50).await {
+            Ok(e) => e,
+            Err(e) => return Self::unavailable(me, &e),
+        };
+        html(
+            StatusCode::OK,
+            views::backups(me.nav(), &targets, &recipients, &events),
+            &[],
+        )
+    }
+
+    async fn audit(&self, me: &Me, admin: &admin::Client, filter: Filter) -> Response<Bytes> {
+        const PAGE: u32 = 100;
+        match Self::events(admin, &filter, PAGE).await {
+            Ok(events) => {
+                let more = events.len() == PAGE as usize;
+                html(
+                    StatusCode::OK,
+                    views::audit(me.nav(), &filter, &events, more),
+                    &[],
+                )
+            }
+            Err(e) => Self::unavailable(me, &e),
+        }
+    }
+
+    async fn doctor(&self, me: &Me, admin: &admin::Client) -> Response<Bytes> {
+        let r = match admin.doctor_request().send().promise.await {
+            Ok(r) => r,
+            Err(e) => return Self::unavailable(me, &e),
+        };
+        let checks: Vec<[String; 5]> = r
+            .get()
+            .and_then(|r| r.get_checks())
+            .map(|l| {
+                l.iter()
+                    .map(|c| {
+                        [
+                            text(c.get_level()),
+                            text(c.get_area()),
+                            text(c.get_name()),
+                            text(c.get_detail()),
+                            text(c.get_fix()),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        html(StatusCode::OK, views::doctor(me.nav(), &checks), &[])
+    }
+}
