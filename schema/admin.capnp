@@ -662,6 +662,12 @@ interface Home {
   invite @14 (expiresSecs :Int64) -> (link :Text, uri :Text);
   # A chat contact invite from this user.
 
+  addTaskList @16 (label :Text) -> (client :TaskClient, clientId :Text, url :Text);
+  # A Taskwarrior 3 sync client id for one task list; `clientId` is shown
+  # once (only its hash is kept). Fails when the tasks app is not installed.
+  taskLists @17 () -> (clients :List(TaskClient));
+  revokeTaskList @18 (id :Int64) -> (found :Bool);
+
   admin @15 () -> (admin :Admin);
   # The admin interface the CLI has, for the admin pages: only to users in
   # `web.admins` (others: an exception "not an admin"). Asked again on

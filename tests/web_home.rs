@@ -360,13 +360,26 @@ fn request(
     form: &str,
     origin: Option<&str>,
 ) -> Answer {
+    request_at(d, DOMAIN, method, path, cookies, form, origin)
+}
+
+/// [`request`] to another domain's web home.
+fn request_at(
+    d: &Daemon,
+    domain: &str,
+    method: &str,
+    path: &str,
+    cookies: &str,
+    form: &str,
+    origin: Option<&str>,
+) -> Answer {
     let port = d.https_addr().port();
     let mut args: Vec<String> = vec![
         "--silent".into(),
         "--show-error".into(),
         "--include".into(),
         "--resolve".into(),
-        format!("{DOMAIN}:{port}:127.0.0.1"),
+        format!("{domain}:{port}:127.0.0.1"),
         "--cacert".into(),
         d.ca_file().display().to_string(),
         "--request".into(),
@@ -377,10 +390,10 @@ fn request(
     }
     if method == "POST" {
         args.extend(["--data-raw".into(), form.into()]);
-        let o = origin.map_or(format!("https://{DOMAIN}:{port}"), str::to_owned);
+        let o = origin.map_or(format!("https://{domain}:{port}"), str::to_owned);
         args.extend(["--header".into(), format!("Origin: {o}")]);
     }
-    args.push(format!("https://{DOMAIN}:{port}{path}"));
+    args.push(format!("https://{domain}:{port}{path}"));
     let out = std::process::Command::new("curl")
         .args(&args)
         .output()
@@ -430,6 +443,14 @@ fn csrf(body: &str) -> String {
 
 /// Signs `user` in with curl; the session cookie.
 fn sign_in(d: &Daemon, user: &str, password: &str, planted: &str) -> String {
+    sign_in_at(d, DOMAIN, user, password, planted)
+}
+
+/// [`sign_in`] on another domain's web home.
+fn sign_in_at(d: &Daemon, domain: &str, user: &str, password: &str, planted: &str) -> String {
+    let request = |d: &Daemon, method: &str, path: &str, cookies: &str, form: &str, origin| {
+        request_at(d, domain, method, path, cookies, form, origin)
+    };
     let page = request(d, "GET", "/", planted, "", None);
     let pre = set_cookie(&page, "__Host-granary-pre").unwrap();
     let token = csrf(&page.body);
@@ -609,10 +630,22 @@ fn the_web_home_refuses_what_it_must() {
         None,
     );
     assert!(audit.body.contains("user.add"), "{}", audit.body);
+    // Done on the page, so logged as Bob's; carol's grains were made too,
+    // but those are grain events.
+    assert!(audit.body.contains("web:bob"), "{}", audit.body);
     assert!(
-        !audit.body.contains("app_password"),
+        !audit.body.contains("grain.create"),
         "filtered to user events"
     );
+    let grains = request(
+        d,
+        "GET",
+        "/admin/audit?subject=carol",
+        &bob_session,
+        "",
+        None,
+    );
+    assert!(grains.body.contains("grain.create"), "{}", grains.body);
     for page in [
         "/admin/users",
         "/admin/grains",
@@ -661,4 +694,127 @@ fn the_web_home_refuses_what_it_must() {
         None,
     );
     assert_eq!(a.status, 429, "{}", a.body);
+}
+
+/// A task list added on the page: its client id and `.taskrc` lines are
+/// shown once (and downloadable), taskchampion-py syncs with them through
+/// the real gateway, and once it is revoked on the page the sync fails.
+#[test]
+fn a_task_list_added_on_the_page_syncs_until_revoked() {
+    use granary_testkit::tasks::{DOMAIN as TASKS_DOMAIN, TasksHost};
+    let host = TasksHost::start(&["alice", "bob"], "", "");
+    let d = &host.daemon;
+    d.granary_with_stdin(
+        &["user", "passwd", "alice", "--password-stdin"],
+        Some(ALICE_PASSWORD),
+    )
+    .success();
+    let at = |method: &str, path: &str, cookies: &str, form: &str| {
+        request_at(d, TASKS_DOMAIN, method, path, cookies, form, None)
+    };
+    let session = sign_in_at(d, TASKS_DOMAIN, "alice", ALICE_PASSWORD, "");
+    let devices = at("GET", "/devices", &session, "");
+    assert!(
+        devices.body.contains("Tasks (Taskwarrior 3 sync)"),
+        "{}",
+        devices.body
+    );
+    let token = csrf(&devices.body);
+    let added = at(
+        "POST",
+        "/devices",
+        &session,
+        &format!("csrf={token}&kind=tasks&label=Laptop"),
+    );
+    assert_eq!(added.status, 200, "{}", added.body);
+    let start = added
+        .body
+        .find("sync.server.client_id=")
+        .expect("the .taskrc lines")
+        + 22;
+    let client = added.body[start..start + 36].to_owned();
+    assert!(
+        added
+            .body
+            .contains(&format!("sync.server.url=https://tasks.{TASKS_DOMAIN}:"))
+    );
+    let file = at(
+        "POST",
+        "/devices/download",
+        &session,
+        &format!("csrf={token}&what=taskrc&kind=tasks&client={client}"),
+    );
+    assert_eq!(
+        file.headers["content-disposition"],
+        "attachment; filename=\"granary.taskrc\""
+    );
+    assert!(
+        file.body
+            .contains(&format!("sync.server.client_id={client}\n")),
+        "{}",
+        file.body
+    );
+
+    // Taskwarrior 3's sync library, with that client id.
+    const SYNC: &str = r#"
+import os, uuid
+import taskchampion as tc
+r = tc.Replica.new_on_disk(os.environ["TC_DIR"], True)
+ops = tc.Operations()
+t = r.create_task(str(uuid.uuid4()), ops)
+t.set_description("water the plants", ops)
+r.commit_operations(ops)
+r.sync_to_remote(os.environ["TC_URL"], os.environ["TC_CLIENT"], "a secret of alice's", False)
+print("synced")
+"#;
+    let replica = host.dir.path().join("laptop");
+    std::fs::create_dir_all(&replica).unwrap();
+    let env = [
+        ("TC_DIR", replica.display().to_string()),
+        ("TC_CLIENT", client.clone()),
+    ];
+    let (ok, out) = host.python(SYNC, &env);
+    assert!(ok && out.contains("synced"), "{out}");
+
+    // Listed with its last sync; Bob cannot revoke it; Alice can.
+    let listed = at("GET", "/devices", &session, "");
+    let form_at = listed.body.find("/devices/tasks/").expect("a revoke form") + 15;
+    let id: String = listed.body[form_at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    assert!(listed.body.contains("Laptop"));
+    d.granary_with_stdin(
+        &["user", "passwd", "bob", "--password-stdin"],
+        Some("bob's long account password"),
+    )
+    .success();
+    let bob = sign_in_at(d, TASKS_DOMAIN, "bob", "bob's long account password", "");
+    let bob_token = csrf(&at("GET", "/devices", &bob, "").body);
+    let theirs = at(
+        "POST",
+        &format!("/devices/tasks/{id}/revoke"),
+        &bob,
+        &format!("csrf={bob_token}"),
+    );
+    assert_eq!(theirs.status, 404, "{}", theirs.body);
+    let (ok, out) = host.python(SYNC, &env);
+    assert!(ok, "still Alice's: {out}");
+    let revoked = at(
+        "POST",
+        &format!("/devices/tasks/{id}/revoke"),
+        &session,
+        &format!("csrf={token}"),
+    );
+    assert!(
+        revoked.body.contains("Task list revoked"),
+        "{}",
+        revoked.body
+    );
+    // The gateway remembers a client id it found for 2 s.
+    granary_testkit::eventually(
+        "the revoked client id to stop syncing",
+        std::time::Duration::from_secs(10),
+        || (!host.python(SYNC, &env).0).then_some(()),
+    );
 }

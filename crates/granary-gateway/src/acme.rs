@@ -64,8 +64,8 @@ pub struct Acme {
     alpn: Arc<AlpnAnswers>,
     alpn_config: Arc<rustls::ServerConfig>,
     status: Mutex<Option<CertificateStatus>>,
-    /// Asks the ACME task to look again now (users changed, or
-    /// `granary certificates renew`).
+    /// Asks the ACME task to look again now (`granary certificates
+    /// renew`).
     pub wake: tokio::sync::Notify,
     /// Renewals asked for so far (`granary certificates renew`).
     requested: AtomicU64,

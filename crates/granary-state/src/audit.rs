@@ -190,6 +190,8 @@ mod tests {
                 .collect()
         };
         assert_eq!(subjects(f("admin", "user", "")), ["bob", "alice"]);
+        // A group is whole words: "user" is not "users.sync".
+        assert_eq!(subjects(f("", "user", "")), ["bob", "alice"]);
         assert_eq!(subjects(f("", "user.add", "")), ["alice"]);
         assert!(
             subjects(f("", "use", "")).is_empty(),

@@ -36,6 +36,12 @@ const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
 const RECHECK: i64 = 60;
 /// No two orders closer than this, whatever else says so.
 const MIN_GAP: i64 = 10;
+/// Names that changed (users added or removed) are ordered once they have
+/// been the same this long...
+const SETTLE: i64 = 120;
+/// ... and at most this often: Let's Encrypt issues 50 certificates per
+/// domain a week, and a burst of new users must not use them up.
+const NAME_CHANGE_GAP: i64 = 4 * 3600;
 
 /// What the CA issued, beside `cert.pem`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -164,6 +170,9 @@ pub(super) fn start(
         // an order answered, and the orders finished: published with the
         // outcome, under one lock.
         let (mut answered, mut orders) = (0u64, 0u64);
+        // When the last order ended; since when the names have been what
+        // they are, while they differ from the certificate's.
+        let (mut last_order, mut changed): (i64, Option<(Vec<String>, i64)>) = (0, None);
         loop {
             let users = {
                 let store = store.clone();
@@ -180,8 +189,12 @@ pub(super) fn start(
                         Ok(Ok(_)) => String::new(),
                     };
                     tracing::warn!(error = %e, "ACME: cannot list the users; looking again in a minute");
+                    let mut status = acme.status().unwrap_or_default();
+                    status.error = Some(format!("cannot list the users: {e}"));
+                    acme.set_status(status);
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_secs(RECHECK as u64)) => continue,
+                        () = acme.wake.notified() => continue,
                         _ = stop.wait_for(|s| *s) => return,
                     }
                 }
@@ -195,9 +208,29 @@ pub(super) fn start(
                 retry_at = 0;
             }
             let due = match &issued {
-                Some(i) if i.names == names && !forced => renew_at(i).max(retry_at),
-                _ => retry_at,
-            };
+                _ if forced => retry_at,
+                Some(i) if i.names == names => {
+                    changed = None;
+                    renew_at(i).max(retry_at)
+                }
+                // Names changed under a certificate that still serves the
+                // rest: once they settle, and not too often.
+                Some(i) => {
+                    let since = match &changed {
+                        Some((n, at)) if *n == names => *at,
+                        _ => {
+                            changed = Some((names.clone(), now));
+                            now
+                        }
+                    };
+                    (since + SETTLE)
+                        .max(last_order + NAME_CHANGE_GAP)
+                        .min(renew_at(i))
+                        .max(retry_at)
+                }
+                None => retry_at,
+            }
+            .max(last_order + MIN_GAP);
             acme.set_status(CertificateStatus {
                 directory: config.directory.clone(),
                 challenge: config.challenge.name(),
@@ -224,16 +257,7 @@ pub(super) fn start(
                 acme.count(result.is_ok());
                 orders += 1;
                 answered = answered.max(requested);
-                // A certificate already due again (a clock far off, or a
-                // CA that backdates): wait, never order in a loop.
-                let result = result.and_then(|i| match renew_at(&i) > super::unix_now() {
-                    true => Ok(i),
-                    false => Err(anyhow::anyhow!(
-                        "the new certificate is already due for renewal (valid {} to {}): is this host's clock right?",
-                        crate::admin::table::time(i.not_before),
-                        crate::admin::table::time(i.not_after)
-                    )),
-                });
+                last_order = super::unix_now();
                 match result {
                     Ok(i) => {
                         tracing::info!(
@@ -364,6 +388,15 @@ async fn order(
         not_after,
         issued_at: super::unix_now(),
     };
+    // A certificate already due again (a clock far off, or a CA that
+    // backdates) is not put in service: waiting, never ordering in a loop.
+    if renew_at(&issued) <= super::unix_now() {
+        bail!(
+            "the new certificate is already due for renewal (valid {} to {}): is this host's clock right?",
+            crate::admin::table::time(not_before),
+            crate::admin::table::time(not_after)
+        );
+    }
     // Key, then certificate: the listener takes the pair only once they
     // match, and a start after a crash between the two serves the local
     // CA's again ([`Files::bootstrap`]).

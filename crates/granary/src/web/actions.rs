@@ -6,6 +6,18 @@ use hyper::{Response, StatusCode, header};
 use super::handlers::{Me, Web, capitalise, html, not_found, why};
 use super::views::{self, Device, GrainRow, GrantRow, KeyRow, NewDevice, Security};
 
+/// The `.taskrc` lines of a task list.
+fn taskrc(url: &str, client: &str) -> String {
+    format!(
+        "# Taskwarrior 3: this task list's sync with Granary.\n\
+         sync.server.url={url}\n\
+         sync.server.client_id={client}\n\
+         # Then choose a secret of your own, the same on every computer that\n\
+         # shares this list (the server never sees it):\n\
+         #   task config sync.encryption_secret \"$(openssl rand -hex 32)\"\n"
+    )
+}
+
 fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> String {
     t.ok().and_then(|t| t.to_string().ok()).unwrap_or_default()
 }
@@ -71,11 +83,58 @@ impl Web {
             },
             Err(e) => return self.failed(me, &e),
         };
+        // Task lists exist only where the tasks app is; none is no error.
+        let task_lists = match me.home.task_lists_request().send().promise.await {
+            Ok(r) => r
+                .get()
+                .and_then(|r| r.get_clients())
+                .map(|l| {
+                    l.iter()
+                        .map(|c| Device {
+                            id: c.get_id(),
+                            kind: "tasks".to_owned(),
+                            label: text(c.get_label()),
+                            created: c.get_created_at(),
+                            last_used: c.get_last_used_at(),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+            Err(e) => return self.failed(me, &e),
+        };
         html(
             StatusCode::OK,
-            views::devices(me.nav(), &list, error, ok),
+            views::devices(me.nav(), &list, &task_lists, error, ok),
             &[],
         )
+    }
+
+    /// A Taskwarrior 3 task list: its client id, shown once, and the
+    /// `.taskrc` lines to sync with.
+    async fn add_task_list(&self, me: &Me, label: &str) -> Response<Bytes> {
+        let mut call = me.home.add_task_list_request();
+        call.get().set_label(label);
+        let answer = match call.send().promise.await {
+            Ok(a) => a,
+            Err(e) => return self.devices(me, Some(&capitalise(&why(&e))), None).await,
+        };
+        let (id, url) = match answer.get() {
+            Ok(a) => (text(a.get_client_id()), text(a.get_url())),
+            Err(e) => return self.failed(me, &e),
+        };
+        let page = views::device_added(
+            me.nav(),
+            &NewDevice {
+                kind: "tasks",
+                label,
+                password: &id,
+                settings: vec![("Server", url.clone()), ("Client id", id.clone())],
+                qr: None,
+                lines: Some(taskrc(&url, &id)),
+                downloads: vec![("taskrc", "Download the .taskrc lines", Some(id.clone()))],
+            },
+        );
+        html(StatusCode::OK, page, &[])
     }
 
     pub(super) async fn add_device(&self, me: &Me, kind: &str, label: &str) -> Response<Bytes> {
@@ -91,6 +150,9 @@ impl Web {
                     None,
                 )
                 .await;
+        }
+        if kind == "tasks" {
+            return self.add_task_list(me, label).await;
         }
         let mut call = me.home.add_device_request();
         call.get().set_kind(kind);
@@ -121,6 +183,7 @@ impl Web {
                 downloads.push((
                     "mobileconfig",
                     "Download the profile for iPhone, iPad and Mac",
+                    None,
                 ));
             }
             "dav" => {
@@ -145,31 +208,46 @@ impl Web {
                 label,
                 password: &password,
                 settings,
-                qr: (
+                qr: Some((
                     password.clone(),
                     "QR code of the password, to scan into a phone",
-                ),
+                )),
+                lines: None,
                 downloads,
             },
         );
         html(StatusCode::OK, page, &[])
     }
 
-    pub(super) fn download(&self, me: &Me, what: &str) -> Response<Bytes> {
-        if what != "mobileconfig" {
-            return not_found(Some(me.nav()));
-        }
-        let address = format!("{}@{}", me.user, self.setup.domain);
-        let profile = self.setup.mail.mobileconfig(&me.user, &address);
-        let mut r = Response::new(Bytes::from(profile));
+    /// A file the device page offers: the mail profile, or a task list's
+    /// `.taskrc` lines (its client id comes back from the page's form:
+    /// only its hash is kept here).
+    pub(super) fn download(&self, me: &Me, what: &str, client: &str) -> Response<Bytes> {
+        let (body, kind, name) = match what {
+            "mobileconfig" => {
+                let address = format!("{}@{}", me.user, self.setup.domain);
+                (
+                    self.setup.mail.mobileconfig(&me.user, &address),
+                    "application/x-apple-aspen-config",
+                    "attachment; filename=\"mail.mobileconfig\"",
+                )
+            }
+            "taskrc" if uuid::Uuid::parse_str(client).is_ok() => {
+                let host = self.at(&format!("tasks.{}", self.setup.domain), "https", 443);
+                (
+                    taskrc(&format!("https://{host}"), client),
+                    "text/plain; charset=utf-8",
+                    "attachment; filename=\"granary.taskrc\"",
+                )
+            }
+            _ => return not_found(Some(me.nav())),
+        };
+        let mut r = Response::new(Bytes::from(body));
         let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/x-apple-aspen-config"),
-        );
+        h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static(kind));
         h.insert(
             header::CONTENT_DISPOSITION,
-            header::HeaderValue::from_static("attachment; filename=\"mail.mobileconfig\""),
+            header::HeaderValue::from_static(name),
         );
         r
     }

@@ -49,22 +49,17 @@ impl Web {
                 &[],
             )
         };
-        if !me.admin {
-            return refused();
-        }
-        let admin = me.home.admin_request().send().pipeline.get_admin();
-        // The daemon decides, each time: an error here ends it.
-        if let Err(e) = admin.status_request().send().promise.await {
-            return if why(&e) == "not an admin" {
-                refused()
-            } else {
-                html(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    pages::message("Not available", &capitalise(&why(&e)), Some(me.nav())),
-                    &[],
-                )
-            };
-        }
+        // The daemon decides, each time (the session's flag only shows the
+        // menu link): anyone else is refused, and so is a session whose
+        // password changed.
+        let admin = match me.home.admin_request().send().promise.await {
+            Ok(r) => match r.get().and_then(|r| r.get_admin()) {
+                Ok(a) => a,
+                Err(e) => return Self::unavailable(me, &e),
+            },
+            Err(e) if why(&e) == "not an admin" => return refused(),
+            Err(e) => return Self::unavailable(me, &e),
+        };
         let field = |k: &str| f.get(k).map_or("", |v| v.trim()).to_owned();
         let said = |r: Result<String, capnp::Error>| match r {
             Ok(done) => Said::Done(done),
@@ -240,9 +235,8 @@ impl Web {
             .map(|l| {
                 l.iter()
                     .map(|g| GrainLine {
+                        shown: crate::admin::shown(&text(g.get_id())),
                         id: text(g.get_id()),
-                        user: text(g.get_user()),
-                        kind: text(g.get_kind()),
                         state: text(g.get_state()),
                         reason: text(g.get_reason()),
                         starts: g.get_starts(),

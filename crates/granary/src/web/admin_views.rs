@@ -30,8 +30,8 @@ pub(super) struct UserLine {
 
 pub(super) struct GrainLine {
     pub(super) id: String,
-    pub(super) user: String,
-    pub(super) kind: String,
+    /// As the CLI names it: `alice/mail`, `alice/room/family`.
+    pub(super) shown: String,
     pub(super) state: String,
     pub(super) reason: String,
     pub(super) starts: u64,
@@ -176,15 +176,17 @@ pub(super) fn grains(nav: Nav<'_>, list: &[GrainLine], s: &Said) -> String {
                     th scope="col" { "Grain" } th scope="col" { "State" } th scope="col" { "Starts" }
                     th scope="col" { "Crashes" } th scope="col" { "Memory limit" } th scope="col" { span.note { "Action" } }
                 } }
-                tbody { @for g in list { tr {
-                    td { (g.user) "/" (g.kind) }
+                tbody { @for g in list {
+                    @let action = if matches!(g.state.as_str(), "running" | "starting") { "stop" } else { "start" };
+                    tr {
+                    td { (g.shown) }
                     td { (g.state) @if !g.reason.is_empty() { br; span.note { (g.reason) } } }
                     td { (g.starts) } td { (g.crashes) }
                     td { @if g.memory_limit == 0 { "none" } @else { (size(g.memory_limit)) } }
-                    td { form.inline method="post" action={ "/admin/grains/" (g.id) "/" (if g.state == "running" { "stop" } else { "start" }) } {
+                    td { form.inline method="post" action={ "/admin/grains/" (g.id) "/" (action) } {
                         input type="hidden" name="csrf" value=(nav.csrf);
-                        button.quiet type="submit" aria-label={ (if g.state == "running" { "Stop " } else { "Start " }) (g.user) "/" (g.kind) } {
-                            (if g.state == "running" { "Stop" } else { "Start" })
+                        button.quiet type="submit" aria-label={ (if action == "stop" { "Stop " } else { "Start " }) (g.shown) } {
+                            (if action == "stop" { "Stop" } else { "Start" })
                         }
                     } }
                 } } }

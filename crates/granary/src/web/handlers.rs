@@ -384,7 +384,27 @@ impl Web {
             }
             (false, ["devices"]) => self.devices(me, None, None).await,
             (true, ["devices"]) => self.add_device(me, &field("kind"), &field("label")).await,
-            (true, ["devices", "download"]) => self.download(me, &field("what")),
+            (true, ["devices", "download"]) => self.download(me, &field("what"), &field("client")),
+            (true, ["devices", "tasks", id, "revoke"]) => {
+                let Ok(id) = id.parse::<i64>() else {
+                    return not_found(Some(me.nav()));
+                };
+                let mut call = me.home.revoke_task_list_request();
+                call.get().set_id(id);
+                match call
+                    .send()
+                    .promise
+                    .await
+                    .map(|r| r.get().map(|r| r.get_found()))
+                {
+                    Ok(Ok(true)) => {
+                        let done = "Task list revoked: its client id no longer syncs.";
+                        self.devices(me, None, Some(done)).await
+                    }
+                    Ok(_) => not_found(Some(me.nav())),
+                    Err(e) => self.devices(me, Some(&why(&e)), None).await,
+                }
+            }
             (true, ["devices", id, "revoke"]) => {
                 let Ok(id) = id.parse::<i64>() else {
                     return not_found(Some(me.nav()));

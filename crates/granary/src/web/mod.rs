@@ -6,7 +6,8 @@
 //! domain through [`granary_gateway::home::WebHome`]; it answers with
 //! server-rendered pages. It holds one capability, a `WebGate` on a socket
 //! pair to the admin thread, and gets a user's `Home` only by signing in
-//! as them: it never opens the state and never holds the root `Admin`.
+//! as them: it never opens the state, and holds the root `Admin` (from
+//! `Home.admin`, for admins only) just for one admin page's request.
 
 mod actions;
 mod admin;

@@ -5,19 +5,16 @@ use maud::{Markup, html};
 use super::pages::{page, qr, size, when};
 
 /// Services a device can be added for: (kind, what it is called).
-pub(super) const SERVICES: [(&str, &str); 4] = [
+pub(super) const SERVICES: [(&str, &str); 5] = [
     ("mail", "Mail (IMAP and SMTP)"),
     ("dav", "Calendars and contacts (CalDAV, CardDAV)"),
     ("xmpp", "Chat (XMPP)"),
     ("git", "Git"),
+    ("tasks", "Tasks (Taskwarrior 3 sync)"),
 ];
 
 pub(super) fn service_name(kind: &str) -> &str {
-    const OTHERS: [(&str, &str); 3] = [
-        ("blog", "Blog"),
-        ("tasks", "Tasks"),
-        ("hello", "Hello (example)"),
-    ];
+    const OTHERS: [(&str, &str); 2] = [("blog", "Blog"), ("hello", "Hello (example)")];
     SERVICES
         .iter()
         .chain(OTHERS.iter())
@@ -102,6 +99,7 @@ pub(super) fn home(nav: Nav<'_>, grains: &[GrainRow]) -> String {
 pub(super) fn devices(
     nav: Nav<'_>,
     list: &[Device],
+    task_lists: &[Device],
     error: Option<&str>,
     ok: Option<&str>,
 ) -> String {
@@ -142,6 +140,25 @@ pub(super) fn devices(
                     } }
                 } }
             }
+            @if !task_lists.is_empty() {
+                h2 { "Your task lists (Taskwarrior 3)" }
+                div.table { table {
+                    thead { tr { th scope="col" { "Task list" } th scope="col" { "Added" } th scope="col" { "Last synced" } th scope="col" { span.note { "Action" } } } }
+                    tbody { @for d in task_lists {
+                        tr {
+                            td { (d.label) }
+                            td { (when(d.created)) }
+                            td { (when(d.last_used)) }
+                            td {
+                                form.inline method="post" action={ "/devices/tasks/" (d.id) "/revoke" } {
+                                    (csrf_field(nav.csrf))
+                                    button.quiet type="submit" aria-label={ "Revoke task list " (d.label) } { "Revoke" }
+                                }
+                            }
+                        }
+                    } }
+                } }
+            }
         },
     )
 }
@@ -155,9 +172,12 @@ pub(super) struct NewDevice<'a> {
     /// Settings as `(name, value)` lines.
     pub(super) settings: Vec<(&'static str, String)>,
     /// What the QR code carries, and what it is for.
-    pub(super) qr: (String, &'static str),
-    /// Downloads: (what, button text).
-    pub(super) downloads: Vec<(&'static str, &'static str)>,
+    pub(super) qr: Option<(String, &'static str)>,
+    /// Configuration lines to paste (the `.taskrc` lines).
+    pub(super) lines: Option<String>,
+    /// Downloads: (what, button text, the task list's client id to put in
+    /// it).
+    pub(super) downloads: Vec<(&'static str, &'static str, Option<String>)>,
 }
 
 pub(super) fn device_added(nav: Nav<'_>, d: &NewDevice<'_>) -> String {
@@ -165,21 +185,35 @@ pub(super) fn device_added(nav: Nav<'_>, d: &NewDevice<'_>) -> String {
         "Your new device",
         Some(nav),
         html! {
-            p { "The password for " strong { (d.label) } " (" (service_name(d.kind)) "). It is shown only now: copy it into the device." }
-            p.secret #password aria-label="The device's password" { (d.password) }
+            @if d.kind == "tasks" {
+                p { "The client id for " strong { (d.label) } " (" (service_name(d.kind)) "). It is shown only now: it is this task list's password." }
+                p.secret #password aria-label="The task list's client id" { (d.password) }
+            } @else {
+                p { "The password for " strong { (d.label) } " (" (service_name(d.kind)) "). It is shown only now: copy it into the device." }
+                p.secret #password aria-label="The device's password" { (d.password) }
+            }
             h2 { "Settings" }
             div.table { table { tbody {
                 @for (k, v) in &d.settings { tr { th scope="row" { (k) } td { code { (v) } } } }
             } } }
-            figure {
-                (qr(&d.qr.0, d.qr.1))
-                figcaption.note { (d.qr.1) }
+            @if let Some(lines) = &d.lines {
+                h2 { "For Taskwarrior" }
+                p { "Add these lines to your " code { ".taskrc" } " (or run each as " code { "task config NAME VALUE" } "), then choose an encryption secret of your own, the same on every computer that shares this task list; the server never sees it or your tasks:" }
+                pre #taskrc { (lines) }
+                pre { "task config sync.encryption_secret \"$(openssl rand -hex 32)\"\ntask sync" }
             }
-            @for (what, text) in &d.downloads {
+            @if let Some((data, caption)) = &d.qr {
+                figure {
+                    (qr(data, caption))
+                    figcaption.note { (caption) }
+                }
+            }
+            @for (what, text, client) in &d.downloads {
                 form method="post" action="/devices/download" {
                     (csrf_field(nav.csrf))
                     input type="hidden" name="what" value=(what);
                     input type="hidden" name="kind" value=(d.kind);
+                    @if let Some(c) = client { input type="hidden" name="client" value=(c); }
                     button type="submit" { (text) }
                 }
             }

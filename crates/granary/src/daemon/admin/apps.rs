@@ -239,6 +239,7 @@ impl apps::Server for Apps {
         params: apps::RemoveParams,
         _: apps::RemoveResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let kind = p.get_kind()?.to_str()?.to_owned();
         let purge = p.get_purge();
@@ -249,7 +250,7 @@ impl apps::Server for Apps {
             .await
             .map_err(any_failure)?;
         let (store, k) = (self.0.store.clone(), kind.clone());
-        let removed = blocking(move || store.remove_app(&k, ACTOR).map_err(state_failure)).await?;
+        let removed = blocking(move || store.remove_app(&k, actor).map_err(state_failure)).await?;
         if !removed {
             return Err(fail(format!("no app of kind {kind} is installed")));
         }
@@ -263,6 +264,7 @@ impl apps::Server for Apps {
         params: apps::UpgradeParams,
         mut results: apps::UpgradeResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let ctx = &self.0;
         let path = PathBuf::from(params.get()?.get_path()?.to_str()?);
         let (limits, runs) = (ctx.package_limits, ctx.image_arches.clone());
@@ -347,7 +349,7 @@ impl apps::Server for Apps {
                         replace: false,
                         keep_previous: true,
                     },
-                    ACTOR,
+                    actor,
                 )
                 .map_err(state_failure)
         })
@@ -387,7 +389,7 @@ impl apps::Server for Apps {
         }
         let (store, kind) = (ctx.store.clone(), app.kind.clone());
         let back =
-            blocking(move || store.roll_back_app(&kind, ACTOR).map_err(state_failure)).await?;
+            blocking(move || store.roll_back_app(&kind, actor).map_err(state_failure)).await?;
         let mut restarted = 0;
         for id in &restart {
             if ctx.local_grains.start(id, Start::Running).await.is_ok() {

@@ -6,7 +6,7 @@ use std::rc::Rc;
 use capnp::capability::Rc as CapRc;
 use granary_schema::admin_capnp::blog;
 
-use super::{ACTOR, Ctx, blocking, fail, state_failure, user_name};
+use super::{Ctx, blocking, fail, state_failure, user_name};
 
 pub(super) struct Blog(pub(super) Rc<Ctx>);
 
@@ -37,6 +37,7 @@ impl blog::Server for Blog {
         params: blog::DomainsParams,
         mut results: blog::DomainsResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let user = user_name(p.get_user()?)?;
         let add = domain_name(p.get_add()?.to_str()?)?;
@@ -53,14 +54,14 @@ impl blog::Server for Blog {
         let domains = blocking(move || {
             if let Some(d) = remove
                 && !store
-                    .remove_blog_domain(&user, &d, ACTOR)
+                    .remove_blog_domain(&user, &d, actor)
                     .map_err(state_failure)?
             {
                 return Err(fail(format!("{d} is not one of {user}'s blog domains")));
             }
             if let Some(d) = add {
                 store
-                    .add_blog_domain(&user, &d, ACTOR)
+                    .add_blog_domain(&user, &d, actor)
                     .map_err(state_failure)?;
             }
             store.blog_domains(&user).map_err(state_failure)

@@ -5,7 +5,7 @@ use std::rc::Rc;
 use capnp::capability::Rc as CapRc;
 use granary_schema::admin_capnp::certificates;
 
-use super::{ACTOR, Ctx, blocking, fail, state_failure};
+use super::{Ctx, blocking, fail, state_failure};
 
 pub(super) struct Certificates(pub(super) Rc<Ctx>);
 
@@ -45,6 +45,7 @@ impl certificates::Server for Certificates {
         _: certificates::RenewParams,
         mut results: certificates::RenewResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let Some(acme) = &self.0.info.acme else {
             return Err(fail(
                 "certificates come from an ACME CA only with tls.acme set; this host uses the local CA or tls.cert",
@@ -54,7 +55,7 @@ impl certificates::Server for Certificates {
         let store = self.0.store.clone();
         blocking(move || {
             store
-                .record_event(ACTOR, "certificates.renew", "-", "")
+                .record_event(actor, "certificates.renew", "-", "")
                 .map_err(state_failure)
         })
         .await?;

@@ -6,7 +6,7 @@ use capnp::capability::Rc as CapRc;
 use granary_grains::{AuthMethod, Connection, GrainId, Identity, Peer};
 use granary_schema::admin_capnp::git;
 
-use super::{ACTOR, Ctx, blocking, fail, state_failure, user_name};
+use super::{Ctx, blocking, fail, state_failure, user_name};
 
 pub(super) struct Git(pub(super) Rc<Ctx>);
 
@@ -59,6 +59,7 @@ impl git::Server for Git {
         params: git::RepoParams,
         mut results: git::RepoResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let user = user_name(p.get_user()?)?;
         let repo = p.get_repo()?.to_str()?.trim_end_matches(".git").to_owned();
@@ -95,7 +96,7 @@ impl git::Server for Git {
             match visibility.as_str() {
                 "" => {}
                 "public" | "private" => store
-                    .set_repo_public(&u, &r, visibility == "public", ACTOR)
+                    .set_repo_public(&u, &r, visibility == "public", actor)
                     .map_err(state_failure)?,
                 other => {
                     return Err(fail(format!(

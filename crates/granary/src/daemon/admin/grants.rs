@@ -6,7 +6,7 @@ use std::rc::Rc;
 use capnp::capability::Rc as CapRc;
 use granary_schema::admin_capnp::{self, grants};
 
-use super::{ACTOR, Ctx, blocking, fail, grain_failure, grain_ref, state_failure};
+use super::{Ctx, blocking, fail, grain_failure, grain_ref, state_failure};
 
 pub(super) struct Grants(pub(super) Rc<Ctx>);
 
@@ -24,6 +24,7 @@ impl grants::Server for Grants {
         params: grants::AddParams,
         mut results: grants::AddResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let from = grain_ref(p.get_from()?)?;
         let to = grain_ref(p.get_to()?)?;
@@ -75,7 +76,7 @@ impl grants::Server for Grants {
                 )));
             }
             store
-                .add_grant(&from, &to, &cap, ACTOR)
+                .add_grant(&from, &to, &cap, actor)
                 .map_err(state_failure)
         })
         .await?;
@@ -103,10 +104,11 @@ impl grants::Server for Grants {
         params: grants::RevokeParams,
         _: grants::RevokeResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let id = params.get()?.get_id();
         let store = self.0.store.clone();
         let revoked =
-            blocking(move || store.revoke_grant(id, ACTOR).map_err(state_failure)).await?;
+            blocking(move || store.revoke_grant(id, actor).map_err(state_failure)).await?;
         if !revoked {
             return Err(fail(format!("no live grant {id}")));
         }

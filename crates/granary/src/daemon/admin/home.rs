@@ -12,7 +12,9 @@ use std::rc::Rc;
 
 use capnp::capability::Rc as CapRc;
 use granary_model::UserName;
-use granary_schema::admin_capnp::{grants, home, home_grain, invites, revoke_selector, users};
+use granary_schema::admin_capnp::{
+    grants, home, home_grain, invites, revoke_selector, tasks, users,
+};
 
 use super::{Ctx, blocking, fail, state_failure};
 
@@ -66,7 +68,7 @@ pub(super) async fn account_password_ok(
 pub(super) async fn home_for(ctx: &Rc<Ctx>, user: UserName) -> Result<home::Client, capnp::Error> {
     let hash = current_hash(ctx, &user).await?.ok_or_else(|| fail(WRONG))?;
     Ok(capnp_rpc::new_client(Home {
-        ctx: ctx.clone(),
+        ctx: ctx.for_web(user.as_str()),
         user,
         hash: std::cell::RefCell::new(hash),
     }))
@@ -123,6 +125,10 @@ impl Home {
 
     fn users_cap(&self) -> users::Client {
         capnp_rpc::new_client(super::users::Users(self.ctx.clone()))
+    }
+
+    fn tasks_cap(&self) -> tasks::Client {
+        capnp_rpc::new_client(super::tasks::Tasks(self.ctx.clone()))
     }
 
     fn grants_cap(&self) -> grants::Client {
@@ -198,6 +204,33 @@ impl home::Server for Home {
         r.set_domain(&self.ctx.info.domain);
         r.set_admin(self.is_admin());
         Ok(())
+    }
+
+    async fn add_task_list(
+        self: CapRc<Self>,
+        params: home::AddTaskListParams,
+        results: home::AddTaskListResults,
+    ) -> Result<(), capnp::Error> {
+        self.live().await?;
+        super::home_tasks::add(&self.tasks_cap(), &self.user, params, results).await
+    }
+
+    async fn task_lists(
+        self: CapRc<Self>,
+        _: home::TaskListsParams,
+        results: home::TaskListsResults,
+    ) -> Result<(), capnp::Error> {
+        self.live().await?;
+        super::home_tasks::list(&self.tasks_cap(), &self.user, results).await
+    }
+
+    async fn revoke_task_list(
+        self: CapRc<Self>,
+        params: home::RevokeTaskListParams,
+        results: home::RevokeTaskListResults,
+    ) -> Result<(), capnp::Error> {
+        self.live().await?;
+        super::home_tasks::revoke(&self.tasks_cap(), &self.user, params, results).await
     }
 
     async fn admin(

@@ -9,7 +9,7 @@ use capnp::capability::Rc as CapRc;
 use granary_schema::admin_capnp::{invite, invites};
 use granary_state::{Invite, InviteKind};
 
-use super::{ACTOR, Ctx, blocking, fail, state_failure, user_name};
+use super::{Ctx, blocking, fail, state_failure, user_name};
 
 pub(super) struct Invites(pub(super) Rc<Ctx>);
 
@@ -40,6 +40,7 @@ impl invites::Server for Invites {
         params: invites::CreateParams,
         mut results: invites::CreateResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let mut inviter = match p.get_inviter()?.to_str()? {
             "" => None,
@@ -102,7 +103,7 @@ impl invites::Server for Invites {
                     &hash,
                     crate::daemon::unix_now() + secs,
                     uses,
-                    ACTOR,
+                    actor,
                 )
                 .map_err(state_failure)?;
             let domain = match &inv {
@@ -152,10 +153,11 @@ impl invites::Server for Invites {
         params: invites::RevokeParams,
         _: invites::RevokeResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let id = params.get()?.get_id();
         let store = self.0.store.clone();
         let revoked =
-            blocking(move || store.revoke_invite(id, ACTOR).map_err(state_failure)).await?;
+            blocking(move || store.revoke_invite(id, actor).map_err(state_failure)).await?;
         if !revoked {
             return Err(fail(format!("no invite {id} that is not revoked already")));
         }

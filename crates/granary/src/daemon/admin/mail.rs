@@ -9,7 +9,7 @@ use granary_grains::GrainId;
 use granary_model::{MailAddress, MailDomain};
 use granary_schema::admin_capnp::mail;
 
-use super::{ACTOR, Ctx, blocking, fail, grain_failure, state_failure, user_name};
+use super::{Ctx, blocking, fail, grain_failure, state_failure, user_name};
 
 pub(super) struct Mail(pub(super) Rc<Ctx>);
 
@@ -50,10 +50,11 @@ impl mail::Server for Mail {
         params: mail::AddDomainParams,
         mut results: mail::AddDomainResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let d = domain(params.get()?.get_domain()?)?;
         let (store, dkim) = (self.0.store.clone(), self.0.dkim.clone());
         let created = blocking(move || {
-            let created = store.add_mail_domain(&d, ACTOR).map_err(state_failure)?;
+            let created = store.add_mail_domain(&d, actor).map_err(state_failure)?;
             // Its DKIM keys, so mail from it is signed from the start.
             dkim.ensure(d.as_str()).map_err(fail)?;
             Ok(created)
@@ -68,10 +69,11 @@ impl mail::Server for Mail {
         params: mail::RemoveDomainParams,
         _: mail::RemoveDomainResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let d = domain(params.get()?.get_domain()?)?;
         let store = self.0.store.clone();
         blocking(move || {
-            if store.remove_mail_domain(&d, ACTOR).map_err(state_failure)? {
+            if store.remove_mail_domain(&d, actor).map_err(state_failure)? {
                 Ok(())
             } else {
                 Err(fail(format!("{d} is not one of this host's mail domains")))
@@ -103,6 +105,7 @@ impl mail::Server for Mail {
         params: mail::SetCatchAllParams,
         _: mail::SetCatchAllResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let d = domain(p.get_domain()?)?;
         let user = match p.get_user()?.to_str()? {
@@ -112,7 +115,7 @@ impl mail::Server for Mail {
         let store = self.0.store.clone();
         blocking(move || {
             store
-                .set_catch_all(&d, user.as_ref(), ACTOR)
+                .set_catch_all(&d, user.as_ref(), actor)
                 .map_err(state_failure)
         })
         .await
@@ -123,13 +126,14 @@ impl mail::Server for Mail {
         params: mail::AddAliasParams,
         mut results: mail::AddAliasResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let a = address(p.get_address()?)?;
         let user = user_name(p.get_user()?)?;
         let store = self.0.store.clone();
         let alias = blocking(move || {
             store
-                .add_mail_alias(&a, &user, ACTOR)
+                .add_mail_alias(&a, &user, actor)
                 .map_err(state_failure)
         })
         .await?;
@@ -142,10 +146,11 @@ impl mail::Server for Mail {
         params: mail::RemoveAliasParams,
         _: mail::RemoveAliasResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let a = address(params.get()?.get_address()?)?;
         let store = self.0.store.clone();
         blocking(move || {
-            if store.remove_mail_alias(&a, ACTOR).map_err(state_failure)? {
+            if store.remove_mail_alias(&a, actor).map_err(state_failure)? {
                 Ok(())
             } else {
                 Err(fail(format!("{} is not an alias", a.full())))
@@ -275,13 +280,14 @@ impl mail::Server for Mail {
         params: mail::DeleteSpooledParams,
         _: mail::DeleteSpooledResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let id = p.get_id()?.to_str()?.to_owned();
         let (spool, store) = (self.0.queue(p.get_outbound()), self.0.store.clone());
         blocking(move || {
             spool.delete(&id).map_err(fail)?;
             store
-                .record_event(ACTOR, "mail.spool.delete", &id, "")
+                .record_event(actor, "mail.spool.delete", &id, "")
                 .map_err(state_failure)
         })
         .await
@@ -292,6 +298,7 @@ impl mail::Server for Mail {
         params: mail::HoldParams,
         _: mail::HoldResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let id = p.get_id()?.to_str()?.to_owned();
         let held = p.get_hold();
@@ -304,7 +311,7 @@ impl mail::Server for Mail {
                 "mail.queue.release"
             };
             store
-                .record_event(ACTOR, event, &id, "")
+                .record_event(actor, event, &id, "")
                 .map_err(state_failure)
         })
         .await
@@ -315,6 +322,7 @@ impl mail::Server for Mail {
         params: mail::DkimParams,
         mut results: mail::DkimResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let d = domain(p.get_domain()?)?;
         let (rotate, activate, force) = (p.get_rotate(), p.get_activate(), p.get_force());
@@ -351,13 +359,13 @@ impl mail::Server for Mail {
             let keys = if rotate {
                 let keys = dkim.rotate(d.as_str()).map_err(fail)?;
                 store
-                    .record_event(ACTOR, "mail.dkim.rotate", d.as_str(), "")
+                    .record_event(actor, "mail.dkim.rotate", d.as_str(), "")
                     .map_err(state_failure)?;
                 keys
             } else if activate {
                 let keys = dkim.activate(d.as_str()).map_err(fail)?;
                 store
-                    .record_event(ACTOR, "mail.dkim.activate", d.as_str(), "")
+                    .record_event(actor, "mail.dkim.activate", d.as_str(), "")
                     .map_err(state_failure)?;
                 keys
             } else {
@@ -384,6 +392,7 @@ impl mail::Server for Mail {
         params: mail::RetireDkimParams,
         _: mail::RetireDkimResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let d = domain(p.get_domain()?)?;
         let selector = p.get_selector()?.to_str()?.to_owned();
@@ -391,7 +400,7 @@ impl mail::Server for Mail {
         blocking(move || {
             dkim.retire(d.as_str(), &selector).map_err(fail)?;
             store
-                .record_event(ACTOR, "mail.dkim.retire", d.as_str(), &selector)
+                .record_event(actor, "mail.dkim.retire", d.as_str(), &selector)
                 .map_err(state_failure)
         })
         .await

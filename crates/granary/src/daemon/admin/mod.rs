@@ -18,6 +18,7 @@ mod grains;
 mod grants;
 mod health;
 mod home;
+mod home_tasks;
 mod invites;
 mod mail;
 mod sign_in;
@@ -50,7 +51,11 @@ use super::backups::Backups;
 pub(super) const ACTOR: &str = "admin";
 
 /// What every admin capability works with.
+#[derive(Clone)]
 pub(super) struct Ctx {
+    /// Who the audit log names for what is done through this: "admin" (the
+    /// CLI), or "web:USER" (the web home, and its admin pages).
+    pub(super) actor: &'static str,
     pub(super) store: Arc<Store>,
     /// A cluster node's grains: calls on one another node runs go there.
     pub(super) grains: Arc<dyn Grains>,
@@ -78,10 +83,19 @@ pub(super) struct Ctx {
     pub(super) verified: Arc<granary_gateway::VerifiedLogins>,
     /// Each grain's measured dataset size and when (the web home's).
     pub(super) usage:
-        std::cell::RefCell<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+        Rc<std::cell::RefCell<std::collections::HashMap<String, (std::time::Instant, u64)>>>,
 }
 
 impl Ctx {
+    /// The same, acting for `user` of the web home: the audit log names
+    /// them ("web:USER").
+    pub(super) fn for_web(self: &Rc<Ctx>, user: &str) -> Rc<Ctx> {
+        Rc::new(Ctx {
+            actor: web_actor(user),
+            ..(**self).clone()
+        })
+    }
+
     /// The inbound spool, or the outbound queue.
     pub(super) fn queue(&self, outbound: bool) -> Arc<granary_spool::Spool> {
         if outbound {
@@ -90,6 +104,20 @@ impl Ctx {
             self.spool.clone()
         }
     }
+}
+
+/// "web:USER", made once per user for the life of the daemon (the audit
+/// calls take a `&'static str`; there are as many as users who sign in).
+fn web_actor(user: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let name = format!("web:{user}");
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.push(leaked);
+    leaked
 }
 
 /// Binds the admin socket, owner-only. The caller holds the data dir lock, so
@@ -187,6 +215,7 @@ pub(super) fn spawn(
                 });
                 backups.schedule();
                 let ctx = Rc::new(Ctx {
+                    actor: ACTOR,
                     store: setup.store,
                     grains: setup.grains,
                     local_grains: setup.local_grains,

@@ -5,7 +5,7 @@ use std::rc::Rc;
 use capnp::capability::Rc as CapRc;
 use granary_schema::admin_capnp::snapshots;
 
-use super::{ACTOR, Ctx, blocking, fail, grain_failure, grain_ref, state_failure};
+use super::{Ctx, blocking, fail, grain_failure, grain_ref, state_failure};
 
 pub(super) struct Snapshots(pub(super) Rc<Ctx>);
 
@@ -65,6 +65,7 @@ impl snapshots::Server for Snapshots {
         params: snapshots::RollbackParams,
         mut results: snapshots::RollbackResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let id = grain_ref(p.get_grain()?)?;
         let name = p.get_name()?.to_str()?.to_owned();
@@ -77,7 +78,7 @@ impl snapshots::Server for Snapshots {
         let (store, detail) = (self.0.store.clone(), format!("snapshot={name}"));
         blocking(move || {
             store
-                .record_event(ACTOR, "grain.rollback", &id, &detail)
+                .record_event(actor, "grain.rollback", &id, &detail)
                 .map_err(state_failure)
         })
         .await?;

@@ -8,7 +8,7 @@ use capnp::capability::Rc as CapRc;
 use granary_schema::admin_capnp::{task_cert, task_client, tasks};
 use granary_state::{TaskCert, TaskClient};
 
-use super::{ACTOR, Ctx, blocking, fail, state_failure, user_name};
+use super::{Ctx, blocking, fail, state_failure, user_name};
 
 pub(super) struct Tasks(pub(super) Rc<Ctx>);
 
@@ -67,6 +67,7 @@ impl tasks::Server for Tasks {
         params: tasks::AddClientParams,
         mut results: tasks::AddClientResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let user = user_name(p.get_user()?)?;
         let label = p.get_label()?.to_str()?.to_owned();
@@ -76,7 +77,7 @@ impl tasks::Server for Tasks {
         let store = self.0.store.clone();
         let client = blocking(move || {
             store
-                .add_task_client(&user, &label, &hash, ACTOR)
+                .add_task_client(&user, &label, &hash, actor)
                 .map_err(state_failure)
         })
         .await?;
@@ -117,12 +118,13 @@ impl tasks::Server for Tasks {
         params: tasks::RevokeClientParams,
         _: tasks::RevokeClientResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let (user, id) = (user_name(p.get_user()?)?, p.get_id());
         let store = self.0.store.clone();
         blocking(move || {
             store
-                .revoke_task_client(&user, id, ACTOR)
+                .revoke_task_client(&user, id, actor)
                 .map_err(state_failure)
         })
         .await
@@ -133,6 +135,7 @@ impl tasks::Server for Tasks {
         params: tasks::IssueCertParams,
         mut results: tasks::IssueCertResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let user = user_name(p.get_user()?)?;
         let label = p.get_label()?.to_str()?.to_owned();
@@ -170,7 +173,7 @@ impl tasks::Server for Tasks {
                     &key,
                     &sha256(&issued.der),
                     issued.not_after,
-                    ACTOR,
+                    actor,
                 )
                 .map_err(state_failure)?;
             Ok((cert, issued))
@@ -218,12 +221,13 @@ impl tasks::Server for Tasks {
         params: tasks::RevokeCertParams,
         _: tasks::RevokeCertResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let (user, id) = (user_name(p.get_user()?)?, p.get_id());
         let store = self.0.store.clone();
         blocking(move || {
             store
-                .revoke_task_cert(&user, id, ACTOR)
+                .revoke_task_cert(&user, id, actor)
                 .map_err(state_failure)
         })
         .await

@@ -8,7 +8,7 @@ use granary_model::GrainKind;
 use granary_schema::admin_capnp::{self, users};
 use granary_state::{RevokeSelector, StateError};
 
-use super::{ACTOR, Ctx, blocking, fail, grain_kind, state_failure, user_name};
+use super::{Ctx, blocking, fail, grain_kind, state_failure, user_name};
 
 pub(super) struct Users(pub(super) Rc<Ctx>);
 
@@ -61,6 +61,7 @@ impl users::Server for Users {
         params: users::AddParams,
         mut results: users::AddResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         // A new user: the reservation applies.
         let name = granary_model::UserName::new(p.get_name()?.to_str()?).map_err(fail)?;
@@ -72,13 +73,13 @@ impl users::Server for Users {
                 return Err(state_failure(StateError::UserExists(name.to_string())));
             }
             let hash = hash(&password)?;
-            store.add_user(&name, &hash, ACTOR).map_err(state_failure)
+            store.add_user(&name, &hash, actor).map_err(state_failure)
         })
         .await?;
         tracing::info!(user = %user.name, "user added");
         let (store, uids) = (self.0.store.clone(), self.0.uids);
         let made =
-            blocking(move || store.ensure_grains(uids, ACTOR).map_err(state_failure)).await?;
+            blocking(move || store.ensure_grains(uids, actor).map_err(state_failure)).await?;
         for g in made {
             tracing::info!(grain = %g.id, "grain record created");
         }
@@ -110,6 +111,7 @@ impl users::Server for Users {
         params: users::RemoveParams,
         _: users::RemoveResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let name = user_name(p.get_name()?)?;
         let purge = p.get_purge();
@@ -128,7 +130,7 @@ impl users::Server for Users {
             .await
             .map_err(super::any_failure)?;
         let shown = name.to_string();
-        blocking(move || store.remove_user(&name, ACTOR).map_err(state_failure)).await?;
+        blocking(move || store.remove_user(&name, actor).map_err(state_failure)).await?;
         tracing::info!(user = %shown, "user removed");
         let ctx = &self.0;
         crate::daemon::certificate::refresh(&ctx.store, ctx.local_ca.clone(), &ctx.info.domain)
@@ -141,6 +143,7 @@ impl users::Server for Users {
         params: users::SetPasswordParams,
         mut results: users::SetPasswordResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let name = user_name(p.get_name()?)?;
         let (password, generated) = chosen_or_generated(p.get_password()?.to_str()?)?;
@@ -151,7 +154,7 @@ impl users::Server for Users {
             }
             let hash = hash(&password)?;
             store
-                .set_password_hash(&name, &hash, ACTOR)
+                .set_password_hash(&name, &hash, actor)
                 .map_err(state_failure)
         })
         .await?;
@@ -202,6 +205,7 @@ impl users::Server for Users {
         params: users::AddAppPasswordParams,
         mut results: users::AddAppPasswordResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let user = user_name(p.get_user()?)?;
         let kind = grain_kind(p.get_kind()?.to_str()?)?;
@@ -225,7 +229,7 @@ impl users::Server for Users {
                 String::new()
             };
             let record = store
-                .add_app_password_with_scram(&user, kind.as_str(), &label, &hash, &scram, ACTOR)
+                .add_app_password_with_scram(&user, kind.as_str(), &label, &hash, &scram, actor)
                 .map_err(state_failure)?;
             Ok((record, password))
         })
@@ -266,6 +270,7 @@ impl users::Server for Users {
         params: users::RevokeAppPasswordsParams,
         mut results: users::RevokeAppPasswordsResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         use admin_capnp::revoke_selector::Which;
         let p = params.get()?;
         let user = user_name(p.get_user()?)?;
@@ -277,7 +282,7 @@ impl users::Server for Users {
         let which = selector.clone();
         let n = blocking(move || {
             store
-                .revoke_app_passwords(&user, &which, ACTOR)
+                .revoke_app_passwords(&user, &which, actor)
                 .map_err(state_failure)
         })
         .await?;
@@ -295,6 +300,7 @@ impl users::Server for Users {
         params: users::AddSshKeyParams,
         mut results: users::AddSshKeyResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let user = user_name(p.get_user()?)?;
         let line = p.get_key()?.to_str()?.to_owned();
@@ -307,7 +313,7 @@ impl users::Server for Users {
         let store = self.0.store.clone();
         let added = blocking(move || {
             store
-                .add_ssh_key(&user, &key.normal, &key.fingerprint, &label, ACTOR)
+                .add_ssh_key(&user, &key.normal, &key.fingerprint, &label, actor)
                 .map_err(state_failure)
         })
         .await?;
@@ -335,13 +341,14 @@ impl users::Server for Users {
         params: users::RemoveSshKeyParams,
         mut results: users::RemoveSshKeyResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let user = user_name(p.get_user()?)?;
         let id = p.get_id();
         let store = self.0.store.clone();
         let removed = blocking(move || {
             store
-                .remove_ssh_key(&user, id, ACTOR)
+                .remove_ssh_key(&user, id, actor)
                 .map_err(state_failure)
         })
         .await?;

@@ -6,7 +6,7 @@ use capnp::capability::Rc as CapRc;
 use granary_grains::GrainId;
 use granary_schema::admin_capnp::xmpp;
 
-use super::{ACTOR, Ctx, blocking, fail, grain_failure, state_failure, user_name};
+use super::{Ctx, blocking, fail, grain_failure, state_failure, user_name};
 
 pub(super) struct Xmpp(pub(super) Rc<Ctx>);
 
@@ -59,6 +59,7 @@ impl xmpp::Server for Xmpp {
         params: xmpp::AddDomainParams,
         mut results: xmpp::AddDomainResults,
     ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
         let p = params.get()?;
         let domain = granary_model::MailDomain::parse(p.get_domain()?.to_str()?)
             .map_err(|e| fail(e.to_string()))?;
@@ -80,12 +81,12 @@ impl xmpp::Server for Xmpp {
             if primary {
                 // Granary's own domain: the users move back to it.
                 store
-                    .reset_xmpp_domain(&moved, ACTOR)
+                    .reset_xmpp_domain(&moved, actor)
                     .map_err(state_failure)?;
                 return Ok(false);
             }
             store
-                .add_xmpp_domain(&domain, &moved, ACTOR)
+                .add_xmpp_domain(&domain, &moved, actor)
                 .map_err(state_failure)
         })
         .await?;
