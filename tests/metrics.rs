@@ -82,6 +82,22 @@ fn metrics_are_prometheus_text_and_show_a_crash() {
     ] {
         assert!(text.contains(want), "{want} missing:\n{text}");
     }
+    // What the running grain uses, from its cgroup: some memory, and CPU
+    // time that only grows.
+    let value = |text: &str, name: &str| -> f64 {
+        let prefix = format!("{name}{{grain=\"alice-hello\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} for alice-hello:\n{text}"))
+    };
+    assert!(value(&text, "granary_grain_memory_bytes") > 0.0);
+    let cpu = value(&text, "granary_grain_cpu_seconds_total");
+    assert!(cpu >= 0.0);
+    for _ in 0..50 {
+        assert_eq!(d.ask("alice/hello", "ping"), "pong");
+    }
+    assert!(value(&metrics(&d), "granary_grain_cpu_seconds_total") >= cpu);
 
     // A crash shows in the counters.
     let _ = d.granary_with_stdin(

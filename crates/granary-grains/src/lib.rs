@@ -145,6 +145,12 @@ pub struct GrainStatus {
     pub oom_kills: u64,
     /// The grain's memory limit in bytes, when it has one.
     pub memory_limit: Option<u64>,
+    /// Memory it uses now, while running and where cgroups tell.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// CPU seconds its cgroup used (across runs), where cgroups tell.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
 }
 
 /// One snapshot of a grain's dataset.

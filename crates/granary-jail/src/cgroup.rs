@@ -31,7 +31,7 @@ pub fn detect(root: &Path) -> Option<CgroupDriver> {
 /// v1 controllers a grain gets a directory in. `cpu` and `freezer` are
 /// optional only in the sense that a missing hierarchy is skipped.
 const V1_REQUIRED: &[&str] = &["memory", "pids"];
-const V1_OPTIONAL: &[&str] = &["cpu", "blkio", "freezer"];
+const V1_OPTIONAL: &[&str] = &["cpu", "cpuacct", "blkio", "freezer"];
 
 /// One grain's cgroup (one directory per hierarchy on v1).
 #[derive(Debug)]
@@ -307,6 +307,60 @@ pub fn oom_kills(driver: &CgroupDriver, parent: &str, grain: &str) -> Option<u64
     parse_oom_kills(&text)
 }
 
+/// What a running grain uses now, from its cgroup.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    /// Memory charged to it (page cache included), in bytes.
+    pub memory_bytes: u64,
+    /// CPU time its processes used while the cgroup existed, in seconds;
+    /// `None` where the hierarchy has no accounting (v1 without cpuacct).
+    pub cpu_seconds: Option<f64>,
+}
+
+/// A grain's memory and CPU use (v1 `memory.usage_in_bytes` and
+/// `cpuacct.usage`, v2 `memory.current` and `cpu.stat`'s `usage_usec`);
+/// `None` when the grain has no cgroup.
+pub fn usage(driver: &CgroupDriver, parent: &str, grain: &str) -> Option<Usage> {
+    let read = |p: PathBuf| fs::read_to_string(p).ok();
+    match driver {
+        CgroupDriver::V1 { root } => {
+            let memory = read(
+                root.join("memory")
+                    .join(parent)
+                    .join(grain)
+                    .join("memory.usage_in_bytes"),
+            )?;
+            let cpu = read(
+                root.join("cpuacct")
+                    .join(parent)
+                    .join(grain)
+                    .join("cpuacct.usage"),
+            );
+            Some(Usage {
+                memory_bytes: memory.trim().parse().ok()?,
+                cpu_seconds: cpu
+                    .and_then(|c| c.trim().parse::<u64>().ok())
+                    .map(|ns| ns as f64 / 1e9),
+            })
+        }
+        CgroupDriver::V2 { root } => {
+            let dir = root.join(parent).join(grain);
+            let memory = read(dir.join("memory.current"))?;
+            Some(Usage {
+                memory_bytes: memory.trim().parse().ok()?,
+                cpu_seconds: read(dir.join("cpu.stat")).and_then(|t| parse_usage_usec(&t)),
+            })
+        }
+    }
+}
+
+fn parse_usage_usec(text: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .map(|us| us as f64 / 1e6)
+}
+
 fn parse_oom_kills(text: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("oom_kill "))
@@ -384,6 +438,31 @@ pub fn remove_leftovers(driver: &CgroupDriver, parent: &str, grain: Option<&str>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_use_is_read_from_v2_cpu_stat() {
+        let stat = "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n";
+        assert_eq!(parse_usage_usec(stat), Some(2.5));
+        assert_eq!(parse_usage_usec("user_usec 1\n"), None);
+    }
+
+    #[test]
+    fn usage_reads_a_v1_grains_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("memory/granary/alice-mail");
+        let cpu = dir.path().join("cpuacct/granary/alice-mail");
+        fs::create_dir_all(&mem).unwrap();
+        fs::create_dir_all(&cpu).unwrap();
+        fs::write(mem.join("memory.usage_in_bytes"), "1048576\n").unwrap();
+        fs::write(cpu.join("cpuacct.usage"), "1500000000\n").unwrap();
+        let driver = CgroupDriver::V1 {
+            root: dir.path().to_path_buf(),
+        };
+        let u = usage(&driver, "granary", "alice-mail").unwrap();
+        assert_eq!(u.memory_bytes, 1 << 20);
+        assert_eq!(u.cpu_seconds, Some(1.5));
+        assert!(usage(&driver, "granary", "bob-mail").is_none());
+    }
 
     #[test]
     fn oom_kills_are_read_from_either_format() {

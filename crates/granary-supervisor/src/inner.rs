@@ -84,10 +84,19 @@ impl Inner {
     /// What `granary grain status` shows, with the memory-limit kills the
     /// grain's cgroup counted so far.
     pub(crate) fn status(&self, slot: &Slot) -> GrainStatus {
-        if let Some(r) = slot.running() {
-            self.count_oom_kills(slot, &r);
+        let running = slot.running();
+        if let Some(r) = &running {
+            self.count_oom_kills(slot, r);
         }
-        slot.status()
+        let mut status = slot.status();
+        if let (Some(_), Some(driver)) = (running, &self.params.jail.cgroup) {
+            let cgroups = &self.params.jail.cgroup_parent;
+            if let Some(u) = granary_jail::cgroup::usage(driver, cgroups, &slot.id) {
+                status.memory_bytes = Some(u.memory_bytes);
+                status.cpu_seconds = u.cpu_seconds;
+            }
+        }
+        status
     }
 
     /// Reads the grain's cgroup for kills at its memory limit during run

@@ -309,6 +309,8 @@ impl Slot {
             }),
             oom_kills: self.oom_kills_before.get() + self.running().map_or(0, |r| r.oom_seen.get()),
             memory_limit: self.memory_limit.get(),
+            memory_bytes: None,
+            cpu_seconds: None,
         }
     }
 

@@ -262,6 +262,36 @@ async fn grains(m: &Metrics, out: &mut String) {
     }
     family(
         out,
+        "granary_grain_memory_bytes",
+        "gauge",
+        "Memory a running grain uses now (its cgroup's, page cache included).",
+    );
+    for g in &list {
+        if let Some(b) = g.memory_bytes {
+            let _ = writeln!(
+                out,
+                "granary_grain_memory_bytes{{grain=\"{}\"}} {b}",
+                label(&g.id)
+            );
+        }
+    }
+    family(
+        out,
+        "granary_grain_cpu_seconds_total",
+        "counter",
+        "CPU time the grain's processes used (its cgroup's, across runs; resets when it is removed).",
+    );
+    for g in &list {
+        if let Some(c) = g.cpu_seconds {
+            let _ = writeln!(
+                out,
+                "granary_grain_cpu_seconds_total{{grain=\"{}\"}} {c:.3}",
+                label(&g.id)
+            );
+        }
+    }
+    family(
+        out,
         "granary_grain_snapshot_age_seconds",
         "gauge",
         "Age of the grain's newest local snapshot (absent: none).",
