@@ -197,4 +197,23 @@ fn a_push_over_the_quota_says_the_storage_is_full() {
             "main",
         ],
     );
+    // /metrics shows the dataset's use against its quota, from ZFS itself
+    // (a grain's dataset exists once it has run).
+    let metrics = std::process::Command::new("curl")
+        .args(["--silent", "--fail"])
+        .arg(format!("http://{}/metrics", daemon.listener("metrics")))
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains(&format!(
+            "granary_grain_dataset_quota_bytes{{grain=\"alice-git\"}} {}",
+            48u64 << 20
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("granary_grain_dataset_bytes{grain=\"alice-git\"} "),
+        "{metrics}"
+    );
 }

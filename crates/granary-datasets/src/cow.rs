@@ -105,6 +105,18 @@ fn parse_zfs_date(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn zfs_spaces_parse() {
+        let text = "tank/g\tused\t900\t-\ntank/g/alice-mail\tused\t4096\t-\n\
+                    tank/g/alice-mail\trefquota\t50331648\t-\ntank/g/bob-git\tused\t12\t-\n\
+                    tank/g/bob-git\trefquota\t0\t-\ntank/g/bob-git@s1\tused\t1\t-\n";
+        let s = super::parse_spaces("tank/g", text);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s["alice-mail"].used, 4096);
+        assert_eq!(s["alice-mail"].quota, Some(48 << 20));
+        assert_eq!(s["bob-git"].quota, None);
+    }
+
+    #[test]
     fn zfs_dates_parse() {
         assert_eq!(super::parse_zfs_date("Thu Jan  1 00:00 1970"), Some(0));
         assert_eq!(
@@ -165,9 +177,59 @@ impl Zfs {
     }
 }
 
+/// `zfs get -Hp -r -o name,property,value used,refquota` under `parent`:
+/// each child dataset's space, by its last name component.
+fn parse_spaces(parent: &str, text: &str) -> std::collections::HashMap<String, crate::Space> {
+    let mut out: std::collections::HashMap<String, crate::Space> = Default::default();
+    for line in text.lines() {
+        let mut f = line.split('\t');
+        let (Some(name), Some(prop), Some(value)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let Some(grain) = name.strip_prefix(parent).and_then(|n| n.strip_prefix('/')) else {
+            continue;
+        };
+        if grain.contains('/') || grain.contains('@') {
+            continue;
+        }
+        let Ok(v) = value.trim().parse::<u64>() else {
+            continue;
+        };
+        let e = out.entry(grain.to_owned()).or_insert(crate::Space {
+            used: 0,
+            quota: None,
+        });
+        match prop {
+            "used" => e.used = v,
+            "refquota" => e.quota = (v > 0).then_some(v),
+            _ => {}
+        }
+    }
+    out
+}
+
 impl Datasets for Zfs {
     fn backend(&self) -> &'static str {
         "zfs"
+    }
+
+    fn spaces(&self) -> Result<std::collections::HashMap<String, crate::Space>, DatasetError> {
+        let text = run(
+            "zfs",
+            &[
+                "get",
+                "-Hp",
+                "-r",
+                "-d",
+                "1",
+                "-o",
+                "name,property,value",
+                "used,refquota",
+                &self.parent,
+            ],
+        )
+        .map_err(err(&self.parent, "read the datasets' space"))?;
+        Ok(parse_spaces(&self.parent, &text))
     }
 
     fn grain_dir(&self, grain: &str) -> PathBuf {

@@ -48,6 +48,15 @@ pub fn mark_rewound(data: &Path, host_uid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// A grain dataset's space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes its data takes (snapshots not counted against it).
+    pub used: u64,
+    /// Its quota; `None`: none.
+    pub quota: Option<u64>,
+}
+
 /// What every dataset backend offers the supervisor.
 pub trait Datasets: Send + Sync {
     /// `plain`, `zfs` or `btrfs`.
@@ -57,6 +66,12 @@ pub trait Datasets: Send + Sync {
     /// The dataset's mount point on the host.
     fn path(&self, grain: &str) -> PathBuf {
         self.grain_dir(grain).join("data")
+    }
+    /// Each grain's space as the backend accounts it, by grain id, in one
+    /// look (`zfs get -r`); empty where the backend keeps no account
+    /// (plain directories; btrfs for now). Blocking.
+    fn spaces(&self) -> Result<std::collections::HashMap<String, Space>, DatasetError> {
+        Ok(std::collections::HashMap::new())
     }
     /// Creates the dataset, owned by `host_uid`, or checks an existing one.
     /// Idempotent, so a crash half-way is repaired by running it again.

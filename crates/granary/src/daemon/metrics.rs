@@ -175,6 +175,7 @@ async fn grains(m: &Metrics, out: &mut String) {
     // Snapshot and backup times come from the disk and the state.
     let times = tokio::task::spawn_blocking(move || {
         let backups = store.last_backups().unwrap_or_default();
+        let spaces = datasets.spaces().unwrap_or_default();
         ids.iter()
             .map(|id| {
                 let snap = datasets
@@ -186,7 +187,7 @@ async fn grains(m: &Metrics, out: &mut String) {
                     Some(t) => Some(*t),
                     None => store.last_backup(id).ok().flatten(),
                 };
-                (snap, backup)
+                (snap, backup, spaces.get(id).copied())
             })
             .collect::<Vec<_>>()
     })
@@ -292,11 +293,42 @@ async fn grains(m: &Metrics, out: &mut String) {
     }
     family(
         out,
+        "granary_grain_dataset_bytes",
+        "gauge",
+        "Bytes the grain's dataset uses, where the storage accounts it (ZFS).",
+    );
+    for (g, (_, _, space)) in list.iter().zip(&times) {
+        if let Some(s) = space {
+            let _ = writeln!(
+                out,
+                "granary_grain_dataset_bytes{{grain=\"{}\"}} {}",
+                label(&g.id),
+                s.used
+            );
+        }
+    }
+    family(
+        out,
+        "granary_grain_dataset_quota_bytes",
+        "gauge",
+        "The grain's dataset quota, where it has one.",
+    );
+    for (g, (_, _, space)) in list.iter().zip(&times) {
+        if let Some(q) = space.and_then(|s| s.quota) {
+            let _ = writeln!(
+                out,
+                "granary_grain_dataset_quota_bytes{{grain=\"{}\"}} {q}",
+                label(&g.id)
+            );
+        }
+    }
+    family(
+        out,
         "granary_grain_snapshot_age_seconds",
         "gauge",
         "Age of the grain's newest local snapshot (absent: none).",
     );
-    for (g, (snap, _)) in list.iter().zip(&times) {
+    for (g, (snap, _, _)) in list.iter().zip(&times) {
         if let Some(t) = snap {
             let _ = writeln!(
                 out,
@@ -312,7 +344,7 @@ async fn grains(m: &Metrics, out: &mut String) {
         "gauge",
         "When the grain was last exported whole by a backup on this node (absent: never).",
     );
-    for (g, (_, backup)) in list.iter().zip(&times) {
+    for (g, (_, backup, _)) in list.iter().zip(&times) {
         if let Some(t) = backup {
             let _ = writeln!(
                 out,

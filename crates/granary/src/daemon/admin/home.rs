@@ -161,33 +161,6 @@ impl Home {
     }
 }
 
-/// How long a dataset's measured size is shown before it is measured again.
-const USAGE_FOR: std::time::Duration = std::time::Duration::from_secs(300);
-
-/// Bytes under `dir` (blocks actually used), counting at most 1,000,000
-/// entries; what a dataset uses where the storage has no figure for it.
-fn tree_bytes(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let (mut total, mut seen, mut stack) = (0u64, 0u32, vec![dir.to_path_buf()]);
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            seen += 1;
-            if seen > 1_000_000 {
-                return total;
-            }
-            let Ok(m) = e.metadata() else { continue };
-            total += m.blocks() * 512;
-            if m.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    total
-}
-
 impl home::Server for Home {
     async fn whoami(
         self: CapRc<Self>,
@@ -307,6 +280,9 @@ impl home::Server for Home {
     ) -> Result<(), capnp::Error> {
         self.live().await?;
         let grains = self.grain_ids().await?;
+        // The storage's own account, for all grains in one look (ZFS).
+        let datasets = self.ctx.datasets.clone();
+        let spaces = blocking(move || Ok(datasets.spaces().unwrap_or_default())).await?;
         let mut rows = Vec::new();
         for g in grains {
             let Ok(id) = granary_grains::GrainId::parse(&g.id) else {
@@ -320,43 +296,18 @@ impl home::Server for Home {
                 Ok(s) => s.iter().map(|s| s.created).max().unwrap_or(0),
                 Err(_) => 0,
             };
-            let (store, datasets, gid) = (
-                self.ctx.store.clone(),
-                self.ctx.datasets.clone(),
-                g.id.clone(),
-            );
-            let cached = self
-                .ctx
-                .usage
-                .borrow()
-                .get(&g.id)
-                .filter(|(at, _)| at.elapsed() < USAGE_FOR)
-                .map(|(_, b)| *b);
-            let (used, last_backup) = blocking(move || {
-                let used = match cached {
-                    Some(b) => b,
-                    None => tree_bytes(&datasets.path(&gid)),
-                };
-                let backup = store.last_backup(&gid).map_err(state_failure)?;
-                Ok((used, backup.unwrap_or(0)))
-            })
-            .await?;
-            if cached.is_none() {
-                self.ctx
-                    .usage
-                    .borrow_mut()
-                    .insert(g.id.clone(), (std::time::Instant::now(), used));
-            }
-            rows.push((g, state, used, last_snapshot, last_backup));
+            let (used, quota, last_backup) =
+                super::usage::grain(&self.ctx, &g.id, spaces.get(&g.id).copied()).await?;
+            rows.push((g, state, used, quota, last_snapshot, last_backup));
         }
         let mut list = results.get().init_grains(rows.len() as u32);
-        for (i, (g, state, used, snap, backup)) in rows.iter().enumerate() {
+        for (i, (g, state, used, quota, snap, backup)) in rows.iter().enumerate() {
             let mut out: home_grain::Builder<'_> = list.reborrow().get(i as u32);
             out.set_id(&g.id);
             out.set_kind(&g.kind);
             out.set_state(state);
             out.set_used_bytes(*used);
-            out.set_quota_bytes(0);
+            out.set_quota_bytes(quota.unwrap_or(0));
             out.set_last_snapshot(*snap);
             out.set_last_backup(*backup);
         }

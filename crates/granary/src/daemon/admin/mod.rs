@@ -25,6 +25,7 @@ mod sign_in;
 mod snapshots;
 mod status;
 mod tasks;
+mod usage;
 mod users;
 mod xmpp;
 pub(crate) use users::scram_verifiers;
