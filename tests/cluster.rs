@@ -985,6 +985,21 @@ fn a_grains_data_is_replicated_to_another_node_and_its_lag_is_an_alert_once_behi
     });
     let text = n1.granary(&["status"]).failure().stdout;
     assert!(text.contains("REPLICATION    behind"), "{text}");
+    // /metrics says how far behind, in seconds.
+    let metrics = std::process::Command::new("curl")
+        .args(["--silent", "--fail"])
+        .arg(format!("http://{}/metrics", n1.listener("metrics")))
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let lag: i64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("granary_grain_replication_lag_seconds{grain=\"alice-hello\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no replication lag in:\n{metrics}"));
+    assert!(lag >= 3, "{lag}");
     // A grain removed for good is no longer placed nor behind.
     n1.granary(&["user", "remove", "alice", "--purge"])
         .success();

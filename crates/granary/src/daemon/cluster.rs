@@ -568,3 +568,22 @@ pub(crate) async fn leave(member: Option<Arc<Member>>) {
         tracing::warn!(error = %e, "cannot release this node's lease; it expires by itself");
     }
 }
+
+/// How far behind each grain this node runs is: seconds since its newest
+/// copy on another node was made (none: since it was placed). Empty when
+/// nothing is replicated or etcd does not answer within 2 s.
+pub(crate) async fn replication_lags(member: &Member) -> Vec<(String, i64)> {
+    if member.replicas == 0 {
+        return Vec::new();
+    }
+    let c = &member.coordinator;
+    let read = async {
+        Ok::<_, granary_cluster::ClusterError>((c.placements().await?, c.replicas().await?))
+    };
+    let Ok(Ok((placements, replicas))) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), read).await
+    else {
+        return Vec::new();
+    };
+    granary_cluster::replication_lag(&placements, &replicas, &member.node, super::unix_now())
+}

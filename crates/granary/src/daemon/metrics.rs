@@ -25,6 +25,8 @@ pub(crate) struct Metrics {
     pub(crate) certificate: std::path::PathBuf,
     /// `DATA_DIR/tls`, whose `domains/<name>/cert.pem` are served too.
     pub(crate) tls_dir: std::path::PathBuf,
+    /// This node's place in a cluster (replication lag); `None` alone.
+    pub(crate) member: Option<Arc<super::cluster::Member>>,
 }
 
 /// Serves `/metrics` on `listener` until `shutdown`.
@@ -146,6 +148,23 @@ pub(crate) async fn render(m: &Metrics) -> String {
     certificates(m, &mut out).await;
     if let Some(acme) = &m.shared.acme {
         acme_orders(acme, &mut out);
+    }
+    if let Some(member) = &m.member
+        && member.replicas > 0
+    {
+        family(
+            &mut out,
+            "granary_grain_replication_lag_seconds",
+            "gauge",
+            "Seconds since the newest copy on another node of each grain this node runs.",
+        );
+        for (grain, lag) in super::cluster::replication_lags(member).await {
+            let _ = writeln!(
+                out,
+                "granary_grain_replication_lag_seconds{{grain=\"{}\"}} {lag}",
+                label(&grain)
+            );
+        }
     }
     if let Some(i) = m.snapshot_interval {
         family(

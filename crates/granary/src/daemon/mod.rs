@@ -489,6 +489,7 @@ async fn serve(
             TlsSource::Acme(_) => acme::Files::new(&config.tls_dir()).cert(),
         },
         tls_dir: config.tls_dir(),
+        member: member.clone(),
     });
     let served = bound.serve(shared, metrics, &stop_rx);
     // The CA's checks come to the listeners: order once they answer.

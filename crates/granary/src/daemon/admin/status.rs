@@ -91,24 +91,9 @@ async fn lagging_grains(
     member: &crate::daemon::cluster::Member,
     datasets: &Arc<dyn granary_datasets::Datasets>,
 ) -> Vec<String> {
-    if member.replicas == 0 {
-        return Vec::new();
-    }
-    let c = &member.coordinator;
-    let read = async {
-        Ok::<_, granary_cluster::ClusterError>((c.placements().await?, c.replicas().await?))
-    };
-    let Ok(Ok((placements, replicas))) =
-        tokio::time::timeout(std::time::Duration::from_secs(2), read).await
-    else {
-        return Vec::new();
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let lags = crate::daemon::cluster::replication_lags(member).await;
     let limit = 3 * member.replicate_interval.as_secs() as i64;
-    granary_cluster::replication_lag(&placements, &replicas, &member.node, now)
-        .into_iter()
+    lags.into_iter()
         // Only data that exists here can be behind.
         .filter(|(grain, lag)| *lag > limit && datasets.has_data(grain).unwrap_or(false))
         .map(|(grain, lag)| format!("{grain} {lag}s"))
