@@ -423,6 +423,30 @@ fn the_published_records_make_the_doctor_pass_and_each_missing_one_fails_by_name
         assert_eq!(c["level"], "warn", "{c:#}");
         assert!(c["fix"].as_str().unwrap().contains("publish:"), "{c:#}");
     }
+    // The service hosts: not published, so warned about by name; the
+    // listeners answer at the domain's address (loopback here).
+    let find = |checks: &serde_json::Value, name: &str| -> serde_json::Value {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not checked: {checks:#}"))
+            .clone()
+    };
+    let git = find(&checks, &format!("git.{DOMAIN} A/AAAA"));
+    assert_eq!(git["level"], "warn", "{git:#}");
+    assert!(git["fix"].as_str().unwrap().contains("CNAME"), "{git:#}");
+    let https = find(
+        &checks,
+        &format!("listen.https at {}", host.daemon.https_addr()),
+    );
+    assert_eq!(https["level"], "ok", "{https:#}");
+    let mut with_git = all.clone();
+    with_git.push(Record::A(format!("git.{DOMAIN}"), "127.0.0.1".to_owned()));
+    host.dns.replace(&with_git);
+    let checks = host.daemon.granary(&["doctor", "--json"]).json();
+    assert_eq!(find(&checks, &format!("git.{DOMAIN} A/AAAA"))["level"], "ok");
     // Each record taken away in turn: the doctor fails and names it.
     for (i, (label, _)) in records.iter().enumerate() {
         let mut some: Vec<Record> = records

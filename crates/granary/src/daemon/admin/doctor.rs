@@ -138,6 +138,7 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
             ),
         }),
     }
+    out.extend(super::doctor_hosts::service_hosts(info, &checker).await);
     out.extend(certificate_names(ctx, &domains).await);
     for (domain, keys) in &domains {
         let expected = records(

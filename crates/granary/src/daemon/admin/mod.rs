@@ -13,6 +13,7 @@ mod backups;
 mod blog;
 mod certificates;
 mod doctor;
+mod doctor_hosts;
 mod git;
 mod grains;
 mod grants;
