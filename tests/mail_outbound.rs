@@ -446,7 +446,10 @@ fn the_published_records_make_the_doctor_pass_and_each_missing_one_fails_by_name
     with_git.push(Record::A(format!("git.{DOMAIN}"), "127.0.0.1".to_owned()));
     host.dns.replace(&with_git);
     let checks = host.daemon.granary(&["doctor", "--json"]).json();
-    assert_eq!(find(&checks, &format!("git.{DOMAIN} A/AAAA"))["level"], "ok");
+    assert_eq!(
+        find(&checks, &format!("git.{DOMAIN} A/AAAA"))["level"],
+        "ok"
+    );
     // Each record taken away in turn: the doctor fails and names it.
     for (i, (label, _)) in records.iter().enumerate() {
         let mut some: Vec<Record> = records

@@ -633,6 +633,13 @@ fn the_web_home_refuses_what_it_must() {
     // Done on the page, so logged as Bob's; carol's grains were made too,
     // but those are grain events.
     assert!(audit.body.contains("web:bob"), "{}", audit.body);
+    // The CLI reads the same log.
+    let logged = d
+        .granary(&["audit", "--action", "user", "--subject", "carol", "--json"])
+        .success()
+        .json();
+    assert_eq!(logged[0]["action"], "user.add", "{logged:#}");
+    assert_eq!(logged[0]["actor"], "web:bob", "{logged:#}");
     assert!(
         !audit.body.contains("grain.create"),
         "filtered to user events"

@@ -170,6 +170,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli)?;
             admin::certificates::run(&config, cmd)
         }
+        Command::Audit(args) => {
+            let config = load_config(&cli)?;
+            admin::certificates::audit(&config, args)
+        }
         Command::Invite(cmd) => {
             let config = load_config(&cli)?;
             admin::invites::run(&config, cmd)

@@ -1,5 +1,6 @@
 //! `granary certificates`: the ACME certificate's state, and ordering one
-//! now. `granary status` shows the same state in a line or two.
+//! now (`granary status` shows the same state in a line or two); and
+//! `granary audit`, the audit log.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -178,4 +179,65 @@ fn renew(config: &Config) -> anyhow::Result<ExitCode> {
             "no outcome from the daemon after 10 minutes; see granary certificates status"
         )
     })
+}
+
+/// One audit event as `granary audit --json` prints it.
+#[derive(Debug, Serialize)]
+struct EventView {
+    id: i64,
+    at: i64,
+    actor: String,
+    action: String,
+    subject: String,
+    detail: String,
+}
+
+pub(crate) fn audit(config: &Config, args: &crate::cli::AuditArgs) -> anyhow::Result<ExitCode> {
+    let events = with_admin(config, |admin: admin::Client| async move {
+        let mut call = admin.audit_request();
+        call.get().set_actor(args.actor.as_deref().unwrap_or(""));
+        call.get()
+            .set_action(args.action.as_deref().unwrap_or("").trim_end_matches('.'));
+        call.get()
+            .set_subject(args.subject.as_deref().unwrap_or(""));
+        call.get().set_before(args.before.unwrap_or(0));
+        call.get().set_limit(args.limit);
+        let r = call.send().promise.await.map_err(remote)?;
+        let mut out = Vec::new();
+        for e in r.get().map_err(remote)?.get_events().map_err(remote)? {
+            out.push(EventView {
+                id: e.get_id(),
+                at: e.get_at(),
+                actor: text(e.get_actor())?,
+                action: text(e.get_action())?,
+                subject: text(e.get_subject())?,
+                detail: text(e.get_detail())?,
+            });
+        }
+        Ok(out)
+    })?;
+    if args.output.json {
+        print_json(&events)?;
+    } else {
+        super::table::print(
+            &["ID", "WHEN", "ACTOR", "ACTION", "SUBJECT", "DETAIL"],
+            &events
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.id.to_string(),
+                        time(e.at),
+                        e.actor.clone(),
+                        e.action.clone(),
+                        e.subject.clone(),
+                        e.detail.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        );
+        if let Some(last) = events.last().filter(|_| events.len() as u32 >= args.limit) {
+            eprintln!("older: granary audit --before {}", last.id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-pub(crate) use certificates::CertificatesCommand;
+pub(crate) use certificates::{AuditArgs, CertificatesCommand};
 pub(crate) use cluster::{ClusterCommand, NodeCommand};
 pub(crate) use invite::InviteCommand;
 pub(crate) use mail::{
@@ -113,6 +113,8 @@ pub(crate) enum Command {
     /// Certificates from an ACME CA (tls.acme): their state, and ordering one now
     #[command(subcommand)]
     Certificates(CertificatesCommand),
+    /// The audit log, newest first: who did what to what, filtered
+    Audit(certificates::AuditArgs),
     /// Encrypted backups: export, verify, drill, receive from other nodes
     #[command(subcommand)]
     Backup(BackupCommand),

@@ -116,7 +116,7 @@ impl Web {
                 let get = |k: &str| q.get(k).map_or("", |v| v.trim()).to_owned();
                 let filter = Filter {
                     actor: get("actor"),
-                    action: get("action"),
+                    action: get("action").trim_end_matches('.').to_owned(),
                     subject: get("subject"),
                     before: get("before").parse().unwrap_or(0),
                 };
