@@ -175,6 +175,10 @@ interface Grains {
   # started there. `reportJson` says what it took (bytes, downtime). A
   # grain another node runs is moved by that node, asked over the link.
 
+  setQuota @8 (grain :Text, bytes :UInt64) -> ();
+  # The grain dataset's quota on this node (0: none); its data stays. A
+  # dataset is made at the grain's first start; refused on plain storage.
+
   drain @7 (node :Text, progress :Progress) -> (reportJson :Text);
   # Marks node `node` drained and moves every grain it runs, each to the
   # live, undrained node with the most room that runs its app (asked of
@@ -294,6 +298,8 @@ struct GrainStatus {
   wakeLocks @13 :List(Text); # The reasons the grain gave.
   oomKills @14 :UInt64;      # Times a process in it was killed at its memory limit.
   memoryLimit @15 :UInt64;   # Bytes; 0 when it has none.
+  datasetBytes @16 :UInt64;  # What its dataset uses, where the storage says (ZFS); 0 otherwise.
+  quotaBytes @17 :UInt64;    # Its dataset's quota there; 0: none or unknown.
 }
 
 struct Grant {

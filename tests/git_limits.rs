@@ -197,6 +197,17 @@ fn a_push_over_the_quota_says_the_storage_is_full() {
             "main",
         ],
     );
+    // Raised by the admin, the quota takes the push that did not fit.
+    let raised = daemon
+        .granary(&["grain", "quota", "alice/git", "160M"])
+        .success();
+    assert!(raised.stdout.contains("quota 160 MiB"), "{raised}");
+    client.ok(&work, &["push", "-q", &url, "main"]);
+    let events = daemon
+        .granary(&["audit", "--action", "grain.quota", "--json"])
+        .success()
+        .json();
+    assert_eq!(events[0]["subject"], "alice-git", "{events:#}");
     // /metrics shows the dataset's use against its quota, from ZFS itself
     // (a grain's dataset exists once it has run).
     let metrics = std::process::Command::new("curl")
@@ -208,7 +219,7 @@ fn a_push_over_the_quota_says_the_storage_is_full() {
     assert!(
         metrics.contains(&format!(
             "granary_grain_dataset_quota_bytes{{grain=\"alice-git\"}} {}",
-            48u64 << 20
+            160u64 << 20
         )),
         "{metrics}"
     );

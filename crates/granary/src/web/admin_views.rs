@@ -37,6 +37,8 @@ pub(super) struct GrainLine {
     pub(super) starts: u64,
     pub(super) crashes: u64,
     pub(super) memory_limit: u64,
+    /// Dataset bytes and quota where the storage says (0: unknown, none).
+    pub(super) dataset: (u64, u64),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -174,7 +176,7 @@ pub(super) fn grains(nav: Nav<'_>, list: &[GrainLine], s: &Said) -> String {
             div.table { table {
                 thead { tr {
                     th scope="col" { "Grain" } th scope="col" { "State" } th scope="col" { "Starts" }
-                    th scope="col" { "Crashes" } th scope="col" { "Memory limit" } th scope="col" { span.note { "Action" } }
+                    th scope="col" { "Crashes" } th scope="col" { "Memory limit" } th scope="col" { "Storage" } th scope="col" { span.note { "Action" } }
                 } }
                 tbody { @for g in list {
                     @let action = if matches!(g.state.as_str(), "running" | "starting") { "stop" } else { "start" };
@@ -183,6 +185,18 @@ pub(super) fn grains(nav: Nav<'_>, list: &[GrainLine], s: &Said) -> String {
                     td { (g.state) @if !g.reason.is_empty() { br; span.note { (g.reason) } } }
                     td { (g.starts) } td { (g.crashes) }
                     td { @if g.memory_limit == 0 { "none" } @else { (size(g.memory_limit)) } }
+                    td {
+                        @match g.dataset {
+                            (0, 0) => { span.note { "not measured here" } }
+                            (used, 0) => { (size(used)) " (no quota)" }
+                            (used, quota) => { (size(used)) " of " (size(quota)) }
+                        }
+                        form method="post" action={ "/admin/grains/" (g.id) "/quota" } {
+                            input type="hidden" name="csrf" value=(nav.csrf);
+                            input name="size" required placeholder="2G" aria-label={ "New quota for " (g.shown) };
+                            button.quiet type="submit" aria-label={ "Set the quota of " (g.shown) } { "Set quota" }
+                        }
+                    }
                     td { form.inline method="post" action={ "/admin/grains/" (g.id) "/" (action) } {
                         input type="hidden" name="csrf" value=(nav.csrf);
                         button.quiet type="submit" aria-label={ (if action == "stop" { "Stop " } else { "Start " }) (g.shown) } {

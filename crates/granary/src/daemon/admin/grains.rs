@@ -97,11 +97,50 @@ impl grains::Server for GrainsAdmin {
         mut results: grains::ListResults,
     ) -> Result<(), capnp::Error> {
         let grains = self.0.grains.list().await.map_err(grain_failure)?;
+        // The storage's own account of each dataset, in one look (ZFS).
+        let datasets = self.0.datasets.clone();
+        let spaces = tokio::task::spawn_blocking(move || datasets.spaces().unwrap_or_default())
+            .await
+            .unwrap_or_default();
         let mut list = results.get().init_grains(grains.len() as u32);
         for (i, g) in grains.iter().enumerate() {
-            fill_status(list.reborrow().get(i as u32), g);
+            let mut out = list.reborrow().get(i as u32);
+            if let Some(space) = spaces.get(&g.id) {
+                out.set_dataset_bytes(space.used);
+                out.set_quota_bytes(space.quota.unwrap_or(0));
+            }
+            fill_status(out, g);
         }
         Ok(())
+    }
+
+    async fn set_quota(
+        self: CapRc<Self>,
+        params: grains::SetQuotaParams,
+        _: grains::SetQuotaResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = grain_ref(p.get_grain()?)?;
+        let bytes = Some(p.get_bytes()).filter(|b| *b > 0);
+        if bytes.is_some_and(|b| b < 1 << 20) {
+            return Err(super::fail(
+                "a quota under 1 MiB leaves the grain no room: give at least 1M",
+            ));
+        }
+        let actor = self.0.actor;
+        let (datasets, store, name) = (
+            self.0.datasets.clone(),
+            self.0.store.clone(),
+            id.to_string(),
+        );
+        super::blocking(move || {
+            datasets.set_quota(&name, bytes).map_err(super::fail)?;
+            let detail = bytes.map_or("none".to_owned(), |b| format!("{b} bytes"));
+            store
+                .record_event(actor, "grain.quota", &name, &detail)
+                .map_err(super::state_failure)
+        })
+        .await
     }
 
     async fn start(
