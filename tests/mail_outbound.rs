@@ -423,7 +423,8 @@ fn the_published_records_make_the_doctor_pass_and_each_missing_one_fails_by_name
         assert_eq!(c["level"], "warn", "{c:#}");
         assert!(c["fix"].as_str().unwrap().contains("publish:"), "{c:#}");
     }
-    // The service hosts: not published, so warned about by name; the
+    // The service hosts of installed apps (git here): not published, so
+    // warned about by name; the
     // listeners answer at the domain's address (loopback here).
     let find = |checks: &serde_json::Value, name: &str| -> serde_json::Value {
         checks
@@ -434,6 +435,15 @@ fn the_published_records_make_the_doctor_pass_and_each_missing_one_fails_by_name
             .unwrap_or_else(|| panic!("{name} not checked: {checks:#}"))
             .clone()
     };
+    let git_app = granary_testkit::git_package(host.dir.path());
+    host.daemon
+        .granary(&["app", "install", git_app.to_str().unwrap()])
+        .success();
+    assert!(
+        !checks.to_string().contains(&format!("git.{DOMAIN} A/AAAA")),
+        "no git host checked before the app is installed"
+    );
+    let checks = host.daemon.granary(&["doctor", "--json"]).json();
     let git = find(&checks, &format!("git.{DOMAIN} A/AAAA"));
     assert_eq!(git["level"], "warn", "{git:#}");
     assert!(git["fix"].as_str().unwrap().contains("CNAME"), "{git:#}");

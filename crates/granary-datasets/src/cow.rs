@@ -106,9 +106,9 @@ fn parse_zfs_date(text: &str) -> Option<i64> {
 mod tests {
     #[test]
     fn zfs_spaces_parse() {
-        let text = "tank/g\tused\t900\t-\ntank/g/alice-mail\tused\t4096\t-\n\
-                    tank/g/alice-mail\trefquota\t50331648\t-\ntank/g/bob-git\tused\t12\t-\n\
-                    tank/g/bob-git\trefquota\t0\t-\ntank/g/bob-git@s1\tused\t1\t-\n";
+        let text = "tank/g\treferenced\t900\t-\ntank/g/alice-mail\treferenced\t4096\t-\n\
+                    tank/g/alice-mail\trefquota\t50331648\t-\ntank/g/bob-git\treferenced\t12\t-\n\
+                    tank/g/bob-git\trefquota\t0\t-\ntank/g/bob-git@s1\treferenced\t1\t-\n";
         let s = super::parse_spaces("tank/g", text);
         assert_eq!(s.len(), 2);
         assert_eq!(s["alice-mail"].used, 4096);
@@ -177,7 +177,8 @@ impl Zfs {
     }
 }
 
-/// `zfs get -Hp -r -o name,property,value used,refquota` under `parent`:
+/// `zfs get -Hp -r -d 1 -o name,property,value referenced,refquota` under
+/// `parent` (zfs-fuse's `get` has no `-t`: snapshots are skipped here):
 /// each child dataset's space, by its last name component.
 fn parse_spaces(parent: &str, text: &str) -> std::collections::HashMap<String, crate::Space> {
     let mut out: std::collections::HashMap<String, crate::Space> = Default::default();
@@ -200,7 +201,7 @@ fn parse_spaces(parent: &str, text: &str) -> std::collections::HashMap<String, c
             quota: None,
         });
         match prop {
-            "used" => e.used = v,
+            "referenced" => e.used = v,
             "refquota" => e.quota = (v > 0).then_some(v),
             _ => {}
         }
@@ -234,7 +235,7 @@ impl Datasets for Zfs {
                 "1",
                 "-o",
                 "name,property,value",
-                "used,refquota",
+                "referenced,refquota",
                 &self.parent,
             ],
         )

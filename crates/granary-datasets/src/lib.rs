@@ -51,7 +51,8 @@ pub fn mark_rewound(data: &Path, host_uid: u32) -> io::Result<()> {
 /// A grain dataset's space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Space {
-    /// Bytes its data takes (snapshots not counted against it).
+    /// Bytes its data takes (ZFS `referenced`: what the quota limits;
+    /// snapshots are not counted against it).
     pub used: u64,
     /// Its quota; `None`: none.
     pub quota: Option<u64>,

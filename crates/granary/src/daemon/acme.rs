@@ -1,7 +1,8 @@
 //! Certificates from an ACME CA (`tls.acme`): one certificate for the
 //! domain, its service hosts and every user's subdomain. It is ordered when
-//! there is none or the names change (a user added or removed), renewed at
-//! two thirds of its lifetime, and written to `DATA_DIR/tls/acme`, where
+//! there is none, when the names change (a user added or removed: once
+//! they stayed the same 2 minutes, at most every 4 hours), renewed at two
+//! thirds of its lifetime, and written to `DATA_DIR/tls/acme`, where
 //! the HTTPS listener's resolver picks it up without a restart. A failed
 //! order leaves the served certificate alone and is tried again with
 //! backoff (1 minute, doubling, at most 6 hours).
@@ -31,9 +32,11 @@ use tokio::sync::watch;
 const MAX_NAMES: usize = 100;
 /// How long one order may take, start to certificate.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
-/// Looked at again at least this often: users added or removed since
-/// (their subdomains) are ordered within this.
+/// Looked at again at least this often (users added or removed are seen
+/// then).
 const RECHECK: i64 = 60;
+/// What an order says when the CA's certificate is already due.
+const CLOCK_OFF: &str = "the new certificate is already due for renewal";
 /// No two orders closer than this, whatever else says so.
 const MIN_GAP: i64 = 10;
 /// Names that changed (users added or removed) are ordered once they have
@@ -172,7 +175,11 @@ pub(super) fn start(
         let (mut answered, mut orders) = (0u64, 0u64);
         // When the last order ended; since when the names have been what
         // they are, while they differ from the certificate's.
-        let (mut last_order, mut changed): (i64, Option<(Vec<String>, i64)>) = (0, None);
+        // (Across restarts: the last issued one's time.)
+        let mut last_order = files
+            .read_issued(&config.directory)
+            .map_or(0, |i| i.issued_at);
+        let mut changed: Option<(Vec<String>, i64)> = None;
         loop {
             let users = {
                 let store = store.clone();
@@ -191,6 +198,9 @@ pub(super) fn start(
                     tracing::warn!(error = %e, "ACME: cannot list the users; looking again in a minute");
                     let mut status = acme.status().unwrap_or_default();
                     status.error = Some(format!("cannot list the users: {e}"));
+                    // A renew asked now is answered with this failure.
+                    answered = acme.requested();
+                    status.answered = answered;
                     acme.set_status(status);
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_secs(RECHECK as u64)) => continue,
@@ -270,9 +280,15 @@ pub(super) fn start(
                     }
                     Err(e) => {
                         failures += 1;
-                        retry_at = super::unix_now() + backoff(failures);
+                        // A clock far off gets the CA's certificates thrown
+                        // away: each try would spend one of the CA's limits.
+                        let wait = match format!("{e:#}").contains(CLOCK_OFF) {
+                            true => 6 * 3600,
+                            false => backoff(failures),
+                        };
+                        retry_at = super::unix_now() + wait;
                         let e = format!("{e:#}");
-                        tracing::warn!(error = %e, failures, retry_in_secs = backoff(failures), "ACME: ordering a certificate failed; the current one stays in service");
+                        tracing::warn!(error = %e, failures, retry_in_secs = wait, "ACME: ordering a certificate failed; the current one stays in service");
                         last_error = Some(e);
                     }
                 }
@@ -392,7 +408,7 @@ async fn order(
     // backdates) is not put in service: waiting, never ordering in a loop.
     if renew_at(&issued) <= super::unix_now() {
         bail!(
-            "the new certificate is already due for renewal (valid {} to {}): is this host's clock right?",
+            "{CLOCK_OFF} (valid {} to {}): is this host's clock right? (next try in 6 hours, or granary certificates renew)",
             crate::admin::table::time(not_before),
             crate::admin::table::time(not_after)
         );

@@ -569,10 +569,14 @@ pub(crate) async fn leave(member: Option<Arc<Member>>) {
     }
 }
 
-/// How far behind each grain this node runs is: seconds since its newest
-/// copy on another node was made (none: since it was placed). Empty when
-/// nothing is replicated or etcd does not answer within 2 s.
-pub(crate) async fn replication_lags(member: &Member) -> Vec<(String, i64)> {
+/// How far behind each grain this node runs (with data here) is: seconds
+/// since its newest copy on another node was made (none: since it was
+/// placed). Empty when nothing is replicated or etcd does not answer
+/// within 2 s.
+pub(crate) async fn replication_lags(
+    member: &Member,
+    datasets: &Arc<dyn granary_datasets::Datasets>,
+) -> Vec<(String, i64)> {
     if member.replicas == 0 {
         return Vec::new();
     }
@@ -585,5 +589,16 @@ pub(crate) async fn replication_lags(member: &Member) -> Vec<(String, i64)> {
     else {
         return Vec::new();
     };
-    granary_cluster::replication_lag(&placements, &replicas, &member.node, super::unix_now())
+    let lags =
+        granary_cluster::replication_lag(&placements, &replicas, &member.node, super::unix_now());
+    // Only data that exists here can be behind (a grain placed and never
+    // run has nothing to copy).
+    let datasets = datasets.clone();
+    tokio::task::spawn_blocking(move || {
+        lags.into_iter()
+            .filter(|(grain, _)| datasets.has_data(grain).unwrap_or(false))
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }

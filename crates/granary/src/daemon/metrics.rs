@@ -158,7 +158,7 @@ pub(crate) async fn render(m: &Metrics) -> String {
             "gauge",
             "Seconds since the newest copy on another node of each grain this node runs.",
         );
-        for (grain, lag) in super::cluster::replication_lags(member).await {
+        for (grain, lag) in super::cluster::replication_lags(member, &m.datasets).await {
             let _ = writeln!(
                 out,
                 "granary_grain_replication_lag_seconds{{grain=\"{}\"}} {lag}",

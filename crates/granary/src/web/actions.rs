@@ -232,10 +232,14 @@ impl Web {
                     "attachment; filename=\"mail.mobileconfig\"",
                 )
             }
-            "taskrc" if uuid::Uuid::parse_str(client).is_ok() => {
+            "taskrc" if uuid::Uuid::try_parse(client).is_ok() => {
+                // Written back in the one form Taskwarrior is given.
+                let client = uuid::Uuid::try_parse(client)
+                    .map(|u| u.hyphenated().to_string())
+                    .unwrap_or_default();
                 let host = self.at(&format!("tasks.{}", self.setup.domain), "https", 443);
                 (
-                    taskrc(&format!("https://{host}"), client),
+                    taskrc(&format!("https://{host}"), &client),
                     "text/plain; charset=utf-8",
                     "attachment; filename=\"granary.taskrc\"",
                 )

@@ -138,7 +138,17 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
             ),
         }),
     }
-    out.extend(super::doctor_hosts::service_hosts(info, &checker).await);
+    let store = ctx.store.clone();
+    let installed: Vec<String> = blocking(move || {
+        Ok(store
+            .list_apps()
+            .map_err(state_failure)?
+            .into_iter()
+            .map(|a| a.kind)
+            .collect())
+    })
+    .await?;
+    out.extend(super::doctor_hosts::service_hosts(info, &checker, &installed).await);
     out.extend(certificate_names(ctx, &domains).await);
     for (domain, keys) in &domains {
         let expected = records(
@@ -195,7 +205,7 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
     Ok(out)
 }
 
-fn problem(p: &DnsProblem) -> String {
+pub(super) fn problem(p: &DnsProblem) -> String {
     match p {
         DnsProblem::NoSuchDomain => "no such name".to_owned(),
         DnsProblem::NoRecords => "no records of that type".to_owned(),

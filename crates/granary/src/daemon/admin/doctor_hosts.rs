@@ -11,27 +11,35 @@ use granary_gateway::smtp::checks::Checker;
 use super::doctor::{Finding, Level, ok};
 use crate::daemon::DaemonInfo;
 
-/// Hosts under the domain clients are told to use, and what for.
-const HOSTS: [(&str, &str); 4] = [
-    ("git", "git over HTTPS"),
-    ("dav", "calendars and contacts"),
-    ("tasks", "Taskwarrior sync"),
-    ("rooms", "group chats"),
+/// Hosts under the domain clients are told to use, the app that serves
+/// each, and what for.
+const HOSTS: [(&str, &str, &str); 4] = [
+    ("git", "git", "git over HTTPS"),
+    ("dav", "dav", "calendars and contacts"),
+    ("tasks", "tasks", "Taskwarrior sync"),
+    ("rooms", "xmpp", "group chats"),
 ];
 
-/// `DOMAIN` and each service host: resolved, and to the domain's addresses.
-pub(super) async fn service_hosts(info: &DaemonInfo, checker: &Checker) -> Vec<Finding> {
+/// `DOMAIN` and the host of each installed app: resolved, and to the
+/// domain's addresses; then each listener tried there.
+pub(super) async fn service_hosts(
+    info: &DaemonInfo,
+    checker: &Checker,
+    installed: &[String],
+) -> Vec<Finding> {
     let domain = &info.domain;
     let mut out = Vec::new();
-    let mut home = match checker.host_addresses(domain).await {
+    let home = match checker.host_addresses(domain).await {
         Ok(ips) => ips,
-        Err(_) => {
+        Err(e) => {
             out.push(Finding {
                 area: "dns",
                 name: format!("{domain} A/AAAA"),
                 level: Level::Fail,
-                detail: "the domain does not resolve: nobody reaches the web home or its services"
-                    .to_owned(),
+                detail: format!(
+                    "the domain does not resolve ({}): nobody reaches the web home or its services",
+                    super::doctor::problem(&e)
+                ),
                 fix: format!(
                     "add A (and AAAA) records for {domain} with this host's public addresses"
                 ),
@@ -39,28 +47,35 @@ pub(super) async fn service_hosts(info: &DaemonInfo, checker: &Checker) -> Vec<F
             return out;
         }
     };
-    home.sort();
-    out.push(ok("dns", format!("{domain} A/AAAA"), list(&home)));
-    for (host, what) in HOSTS {
+    let mut sorted = home.clone();
+    sorted.sort();
+    out.push(ok("dns", format!("{domain} A/AAAA"), list(&sorted)));
+    for (host, app, what) in HOSTS {
+        if !installed.iter().any(|k| k == app) {
+            continue;
+        }
         let name = format!("{host}.{domain}");
         let found = checker.host_addresses(&name).await.map(|mut ips| {
             ips.sort();
             ips
         });
         out.push(match found {
-            Ok(ips) if ips == home => ok("dns", format!("{name} A/AAAA"), list(&ips)),
+            Ok(ips) if ips == sorted => ok("dns", format!("{name} A/AAAA"), list(&ips)),
             Ok(ips) => Finding {
                 area: "dns",
                 name: format!("{name} A/AAAA"),
                 level: Level::Warn,
-                detail: format!("{} here, {} for {domain}", list(&ips), list(&home)),
+                detail: format!("{} here, {} for {domain}", list(&ips), list(&sorted)),
                 fix: format!("point {name} where {domain} points (a CNAME to {domain} does it)"),
             },
-            Err(_) => Finding {
+            Err(e) => Finding {
                 area: "dns",
                 name: format!("{name} A/AAAA"),
                 level: Level::Warn,
-                detail: format!("does not resolve: clients of {what} cannot find this host"),
+                detail: format!(
+                    "does not resolve ({}): clients of {what} cannot find this host",
+                    super::doctor::problem(&e)
+                ),
                 fix: format!("publish: {name}. CNAME {domain}."),
             },
         });
@@ -69,53 +84,81 @@ pub(super) async fn service_hosts(info: &DaemonInfo, checker: &Checker) -> Vec<F
     out
 }
 
-/// Each listener, tried at the domain's first address on its port.
+/// Each listener, tried at the domain's first address of each family on
+/// its port, all at once (3 s each at most).
 async fn reachable(info: &DaemonInfo, home: &[IpAddr]) -> Vec<Finding> {
-    let Some(ip) = home.first().copied() else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
+    let firsts: Vec<IpAddr> = [
+        home.iter().find(|i| i.is_ipv4()),
+        home.iter().find(|i| i.is_ipv6()),
+    ]
+    .into_iter()
+    .flatten()
+    .copied()
+    .collect();
+    let mut tries = Vec::new();
     for (name, bound) in &info.listeners {
-        // The metrics and plain HTTP listeners are not for clients out there.
+        // Metrics are for this host or its private network only.
         if name == "metrics" {
             continue;
         }
         let Ok(bound) = bound.parse::<SocketAddr>() else {
             continue;
         };
-        let at = SocketAddr::new(ip, bound.port());
-        let tried =
-            tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(at)).await;
-        out.push(match tried {
-            Ok(Ok(_)) => ok(
-                "listeners",
-                format!("listen.{name} at {at}"),
-                "answers at the domain's address".to_owned(),
-            ),
-            Ok(Err(e)) => unreachable(name, at, bound, &e.to_string()),
-            Err(_) => unreachable(name, at, bound, "no answer within 3 s"),
-        });
+        for ip in &firsts {
+            let at = SocketAddr::new(*ip, bound.port());
+            let name = name.clone();
+            tries.push(async move {
+                let tried =
+                    tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(at))
+                        .await;
+                match tried {
+                    Ok(Ok(_)) if own_address(at.ip()) => ok(
+                        "listeners",
+                        format!("listen.{name} at {at}"),
+                        "answers at the domain's address, which is this host's own: from outside, a firewall may still stand between".to_owned(),
+                    ),
+                    Ok(Ok(_)) => ok(
+                        "listeners",
+                        format!("listen.{name} at {at}"),
+                        "answers at the domain's address".to_owned(),
+                    ),
+                    Ok(Err(e)) => unreachable(&name, at, bound, &e.to_string()),
+                    Err(_) => unreachable(&name, at, bound, "no answer within 3 s"),
+                }
+            });
+        }
     }
-    out
+    futures::future::join_all(tries).await
+}
+
+/// Whether `ip` is one of this host's own addresses (binding to it works).
+fn own_address(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 fn unreachable(name: &str, at: SocketAddr, bound: SocketAddr, why: &str) -> Finding {
     let fix = if bound.ip().is_loopback() && !at.ip().is_loopback() {
         format!(
-            "listen.{name} is bound to {bound}: bind it to 0.0.0.0:{} (or this host's address)",
+            "listen.{name} is bound to {bound}: bind it to {} (or this host's address)",
+            if at.is_ipv6() {
+                format!("[::]:{}", bound.port())
+            } else {
+                format!("0.0.0.0:{}", bound.port())
+            }
+        )
+    } else if !own_address(at.ip()) {
+        format!(
+            "behind NAT the router may not loop connections back: check from outside; otherwise open port {} in the firewall or forward it on the router",
             bound.port()
         )
     } else {
-        format!(
-            "open port {} to this host in the firewall, or forward it on the router",
-            bound.port()
-        )
+        format!("open port {} to this host in the firewall", bound.port())
     };
     Finding {
         area: "listeners",
         name: format!("listen.{name} at {at}"),
         level: Level::Warn,
-        detail: format!("not reachable from here at the domain's address ({why})"),
+        detail: format!("not reachable from this host at the domain's address ({why})"),
         fix,
     }
 }

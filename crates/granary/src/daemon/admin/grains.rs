@@ -75,9 +75,9 @@ pub(super) async fn remove_grains(
                 anyhow::bail!("removing the data of {} failed: {e}", id.shown())
             }
         }
-        let s = ctx.store.clone();
+        let (s, actor) = (ctx.store.clone(), ctx.actor);
         let name = g.id.clone();
-        tokio::task::spawn_blocking(move || s.delete_grain(&name, "admin")).await??;
+        tokio::task::spawn_blocking(move || s.delete_grain(&name, actor)).await??;
         ctx.grains.forget(&id).await?;
         // Nor placed, nor copied, in the cluster any more.
         if let Some(member) = &ctx.info.cluster

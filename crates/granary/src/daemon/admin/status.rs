@@ -91,11 +91,10 @@ async fn lagging_grains(
     member: &crate::daemon::cluster::Member,
     datasets: &Arc<dyn granary_datasets::Datasets>,
 ) -> Vec<String> {
-    let lags = crate::daemon::cluster::replication_lags(member).await;
+    let lags = crate::daemon::cluster::replication_lags(member, datasets).await;
     let limit = 3 * member.replicate_interval.as_secs() as i64;
     lags.into_iter()
-        // Only data that exists here can be behind.
-        .filter(|(grain, lag)| *lag > limit && datasets.has_data(grain).unwrap_or(false))
+        .filter(|(_, lag)| *lag > limit)
         .map(|(grain, lag)| format!("{grain} {lag}s"))
         .collect()
 }
