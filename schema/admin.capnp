@@ -175,10 +175,6 @@ interface Grains {
   # started there. `reportJson` says what it took (bytes, downtime). A
   # grain another node runs is moved by that node, asked over the link.
 
-  setQuota @8 (grain :Text, bytes :UInt64) -> ();
-  # The grain dataset's quota on this node (0: none); its data stays. A
-  # dataset is made at the grain's first start; refused on plain storage.
-
   drain @7 (node :Text, progress :Progress) -> (reportJson :Text);
   # Marks node `node` drained and moves every grain it runs, each to the
   # live, undrained node with the most room that runs its app (asked of

@@ -3,7 +3,8 @@
 //! by HTTP-01 on the gateway's plain HTTP listener and by TLS-ALPN-01 on
 //! its HTTPS listener, through a DNS server the test starts. What the
 //! gateway serves is checked with `openssl s_client` against pebble's
-//! root. One test renews early (pebble issues 30-second certificates);
+//! root. One test renews early (pebble issues 60-second certificates: an
+//! order on a loaded machine takes seconds, and one due at once is refused);
 //! one stops pebble and checks that the old certificate keeps serving.
 
 use std::net::SocketAddr;
@@ -115,7 +116,7 @@ fn http_01_issues_for_every_name_and_renews_at_two_thirds() {
         format!("308 https://git.{DOMAIN}/alice/notes.git/info/refs?x=1")
     );
 
-    let pebble = plan.start(dns.addr, http.port(), https.port(), 30);
+    let pebble = plan.start(dns.addr, http.port(), https.port(), 60);
     let renew = daemon.granary_within(&["certificates", "renew"], Duration::from_secs(180));
     assert!(
         renew.status.success(),
@@ -143,16 +144,13 @@ fn http_01_issues_for_every_name_and_renews_at_two_thirds() {
         s["not_after"].as_i64().unwrap(),
         s["renew_at"].as_i64().unwrap(),
     );
-    assert!(
-        not_after - renew_at <= 11 && not_after - renew_at >= 9,
-        "{s}"
-    );
+    assert!((19..=21).contains(&(not_after - renew_at)), "{s}");
 
-    // Two thirds into its 30 seconds the daemon renews by itself, and the
+    // Two thirds into its 60 seconds the daemon renews by itself, and the
     // new certificate serves without a restart.
     let renewed = eventually(
         "the certificate renewed by itself",
-        Duration::from_secs(90),
+        Duration::from_secs(150),
         || {
             let (verified, s) = served(https, DOMAIN, &root);
             (verified && !s.is_empty() && s != serial).then_some(s)

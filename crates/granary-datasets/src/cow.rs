@@ -214,16 +214,6 @@ impl Datasets for Zfs {
         "zfs"
     }
 
-    fn set_quota(&self, grain: &str, bytes: Option<u64>) -> Result<(), DatasetError> {
-        check_id(grain)?;
-        let quota = format!(
-            "refquota={}",
-            bytes.map_or("none".to_owned(), |b| b.to_string())
-        );
-        run("zfs", &["set", &quota, &self.name(grain)]).map_err(err(grain, "set the quota"))?;
-        Ok(())
-    }
-
     fn spaces(&self) -> Result<std::collections::HashMap<String, crate::Space>, DatasetError> {
         let text = run(
             "zfs",
@@ -752,14 +742,6 @@ impl Datasets for Btrfs {
 
     fn grain_dir(&self, grain: &str) -> PathBuf {
         self.root.join(grain)
-    }
-
-    fn set_quota(&self, grain: &str, bytes: Option<u64>) -> Result<(), DatasetError> {
-        check_id(grain)?;
-        let path = self.path(grain).to_string_lossy().into_owned();
-        let limit = bytes.map_or("none".to_owned(), |b| b.to_string());
-        run("btrfs", &["qgroup", "limit", &limit, &path]).map_err(err(grain, "set the quota"))?;
-        Ok(())
     }
 
     fn create(&self, grain: &str, host_uid: u32) -> Result<PathBuf, DatasetError> {

@@ -74,14 +74,6 @@ pub trait Datasets: Send + Sync {
     fn spaces(&self) -> Result<std::collections::HashMap<String, Space>, DatasetError> {
         Ok(std::collections::HashMap::new())
     }
-    /// Sets (or, with `None`, lifts) the grain dataset's quota; its data
-    /// stays. Refused where the backend has no quotas (plain
-    /// directories). Blocking.
-    fn set_quota(&self, grain: &str, _bytes: Option<u64>) -> Result<(), DatasetError> {
-        Err(err(grain, "set the quota")(io::Error::other(
-            "plain directories have no quotas: storage.backend zfs or btrfs has them",
-        )))
-    }
     /// Creates the dataset, owned by `host_uid`, or checks an existing one.
     /// Idempotent, so a crash half-way is repaired by running it again.
     fn create(&self, grain: &str, host_uid: u32) -> Result<PathBuf, DatasetError>;

@@ -157,20 +157,6 @@ pub(crate) fn grain(config: &Config, cmd: &GrainCommand) -> anyhow::Result<ExitC
             })?;
             println!("{} is {}", shown(&g.id), g.state);
         }
-        GrainCommand::Quota { grain, size } => {
-            let bytes = parse_size(size)?;
-            with_admin(config, |admin: admin::Client| async move {
-                let mut req = super::grains(&admin).set_quota_request();
-                req.get().set_grain(grain.as_str());
-                req.get().set_bytes(bytes.unwrap_or(0));
-                req.send().promise.await.map_err(remote)?;
-                Ok(())
-            })?;
-            match bytes {
-                Some(b) => println!("{grain}: quota {} MiB", b >> 20),
-                None => println!("{grain}: no quota"),
-            }
-        }
         GrainCommand::Stop { grain } => {
             let was = with_admin(config, |admin: admin::Client| async move {
                 let mut req = super::grains(&admin).stop_request();
@@ -318,47 +304,4 @@ fn connect(config: &Config, grain: &str, service: &str, user: Option<&str>) -> a
         ended.context("the daemon dropped the connection")?;
         Ok(())
     })
-}
-
-/// "2G", "512M", "1.5G", "none": bytes, powers of 1024; `None` for none.
-pub(crate) fn parse_size(text: &str) -> anyhow::Result<Option<u64>> {
-    let t = text.trim();
-    if t.eq_ignore_ascii_case("none") {
-        return Ok(None);
-    }
-    let bad = || anyhow::anyhow!("{text:?} is not a size: write e.g. 512M, 2G or none");
-    let (number, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
-    let shift = match unit
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(bad()),
-    };
-    let n: f64 = number.trim().parse().map_err(|_| bad())?;
-    if !(n.is_finite() && n > 0.0) {
-        return Err(bad());
-    }
-    Ok(Some((n * (1u64 << shift) as f64) as u64))
-}
-
-#[cfg(test)]
-mod size_tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_read_as_people_write_them() {
-        assert_eq!(parse_size("2G").unwrap(), Some(2 << 30));
-        assert_eq!(parse_size("512MiB").unwrap(), Some(512 << 20));
-        assert_eq!(parse_size("1.5g").unwrap(), Some(3 << 29));
-        assert_eq!(parse_size("none").unwrap(), None);
-        assert!(
-            parse_size("-1G").is_err() && parse_size("lots").is_err() && parse_size("").is_err()
-        );
-    }
 }

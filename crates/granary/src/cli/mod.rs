@@ -252,13 +252,6 @@ pub(crate) enum GrainCommand {
         /// USER/KIND or the grain id
         grain: String,
     },
-    /// Set a grain dataset's quota (zfs, btrfs), e.g. 2G, 512M, or none
-    Quota {
-        /// USER/KIND or the grain id
-        grain: String,
-        /// A size with K, M, G or T (powers of 1024), or "none"
-        size: String,
-    },
     /// Show one grain's state, restarts, wake locks and connections
     Status {
         /// USER/KIND or the grain id

@@ -178,7 +178,7 @@ pub(super) fn start(
         // (Across restarts: the last issued one's time.)
         let mut last_order = files
             .read_issued(&config.directory)
-            .map_or(0, |i| i.issued_at);
+            .map_or(0, |i| i.issued_at.min(super::unix_now()));
         let mut changed: Option<(Vec<String>, i64)> = None;
         loop {
             let users = {
@@ -219,6 +219,8 @@ pub(super) fn start(
             }
             let due = match &issued {
                 _ if forced => retry_at,
+                // Another domain altogether: the one served names none of it.
+                Some(i) if i.names.first() != names.first() => retry_at,
                 Some(i) if i.names == names => {
                     changed = None;
                     renew_at(i).max(retry_at)

@@ -107,24 +107,6 @@ impl Web {
                 };
                 self.grains(me, &admin, said(r)).await
             }
-            (true, ["grains", id, "quota"]) => {
-                let r = match crate::admin::grains::parse_size(&field("size")) {
-                    Ok(bytes) => {
-                        let mut call = crate::admin::grains(&admin).set_quota_request();
-                        call.get().set_grain(*id);
-                        call.get().set_bytes(bytes.unwrap_or(0));
-                        let shown = bytes.map_or("none".to_owned(), pages::size);
-                        said(
-                            call.send()
-                                .promise
-                                .await
-                                .map(|_| format!("{id}: quota {shown}.")),
-                        )
-                    }
-                    Err(e) => Said::Failed(e.to_string()),
-                };
-                self.grains(me, &admin, r).await
-            }
             (false, ["apps"]) => self.apps(me, &admin).await,
             (false, ["backups"]) => self.backups(me, &admin).await,
             (false, ["audit"]) => {

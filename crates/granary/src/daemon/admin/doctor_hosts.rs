@@ -17,7 +17,7 @@ const HOSTS: [(&str, &str, &str); 4] = [
     ("git", "git", "git over HTTPS"),
     ("dav", "dav", "calendars and contacts"),
     ("tasks", "tasks", "Taskwarrior sync"),
-    ("rooms", "xmpp", "group chats"),
+    ("rooms", "room", "group chats"),
 ];
 
 /// `DOMAIN` and the host of each installed app: resolved, and to the
@@ -137,7 +137,22 @@ fn own_address(ip: IpAddr) -> bool {
 }
 
 fn unreachable(name: &str, at: SocketAddr, bound: SocketAddr, why: &str) -> Finding {
-    let fix = if bound.ip().is_loopback() && !at.ip().is_loopback() {
+    // A bind that cannot take the address tried: an IPv4 wildcard and an
+    // IPv6 address (or the other way), or another address of its own.
+    let unspecified_other_family = bound.ip().is_unspecified() && bound.is_ipv4() != at.is_ipv4();
+    let other_address = !bound.ip().is_unspecified() && bound.ip() != at.ip();
+    let fix = if unspecified_other_family || (other_address && !bound.ip().is_loopback()) {
+        format!(
+            "listen.{name} is bound to {bound}, which does not take {}: bind it to {} (or remove the domain's {} record)",
+            at.ip(),
+            if at.is_ipv6() {
+                format!("[::]:{}", bound.port())
+            } else {
+                format!("0.0.0.0:{}", bound.port())
+            },
+            if at.is_ipv6() { "AAAA" } else { "A" }
+        )
+    } else if bound.ip().is_loopback() && !at.ip().is_loopback() {
         format!(
             "listen.{name} is bound to {bound}: bind it to {} (or this host's address)",
             if at.is_ipv6() {

@@ -114,35 +114,6 @@ impl grains::Server for GrainsAdmin {
         Ok(())
     }
 
-    async fn set_quota(
-        self: CapRc<Self>,
-        params: grains::SetQuotaParams,
-        _: grains::SetQuotaResults,
-    ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let id = grain_ref(p.get_grain()?)?;
-        let bytes = Some(p.get_bytes()).filter(|b| *b > 0);
-        if bytes.is_some_and(|b| b < 1 << 20) {
-            return Err(super::fail(
-                "a quota under 1 MiB leaves the grain no room: give at least 1M",
-            ));
-        }
-        let actor = self.0.actor;
-        let (datasets, store, name) = (
-            self.0.datasets.clone(),
-            self.0.store.clone(),
-            id.to_string(),
-        );
-        super::blocking(move || {
-            datasets.set_quota(&name, bytes).map_err(super::fail)?;
-            let detail = bytes.map_or("none".to_owned(), |b| format!("{b} bytes"));
-            store
-                .record_event(actor, "grain.quota", &name, &detail)
-                .map_err(super::state_failure)
-        })
-        .await
-    }
-
     async fn start(
         self: CapRc<Self>,
         params: grains::StartParams,

@@ -94,7 +94,8 @@ async fn lagging_grains(
     let lags = crate::daemon::cluster::replication_lags(member, datasets).await;
     let limit = 3 * member.replicate_interval.as_secs() as i64;
     lags.into_iter()
-        .filter(|(_, lag)| *lag > limit)
+        // Only data that exists here can be behind.
+        .filter(|(grain, lag)| *lag > limit && datasets.has_data(grain).unwrap_or(false))
         .map(|(grain, lag)| format!("{grain} {lag}s"))
         .collect()
 }
