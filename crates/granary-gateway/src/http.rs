@@ -60,12 +60,10 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             _ => plain(StatusCode::NOT_FOUND, "No such challenge.\n".to_owned()),
         };
     }
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or(req.uri().host())
-        .and_then(host_name);
+    let host = granary_wire::http::request_host(
+        req.uri().authority().map(|a| a.as_str()),
+        req.headers().get(header::HOST).map(|h| h.as_bytes()),
+    );
     let Some(host) = host else {
         return plain(
             StatusCode::BAD_REQUEST,
@@ -84,21 +82,6 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     r
 }
 
-/// The host name of a `Host` value without its port, if it is a plain DNS
-/// name (a redirect must not carry anything else).
-fn host_name(value: &str) -> Option<String> {
-    let name = match value.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => value,
-    };
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    ok.then(|| name.to_ascii_lowercase())
-}
-
 fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -115,7 +98,12 @@ fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
-    use super::host_name;
+    use granary_wire::http::request_host;
+
+    /// The redirect's host: a plain DNS name, port dropped, or nothing.
+    fn host_name(value: &str) -> Option<String> {
+        request_host(None, Some(value.as_bytes()))
+    }
 
     #[test]
     fn redirects_only_to_plain_host_names() {

@@ -30,6 +30,18 @@ pub struct EventFilter {
     pub limit: u32,
 }
 
+/// One row of `SELECT id, at, actor, action, subject, detail`.
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEvent> {
+    Ok(AuditEvent {
+        id: r.get(0)?,
+        at: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        subject: r.get(4)?,
+        detail: r.get(5)?,
+    })
+}
+
 /// Appends one event inside the caller's transaction. Details must never
 /// carry secrets.
 pub(crate) fn record(
@@ -69,18 +81,7 @@ impl Store {
                  ORDER BY id DESC LIMIT ?1",
             )
             .op("read audit events")?;
-        let rows = stmt
-            .query_map([limit], |r| {
-                Ok(AuditEvent {
-                    id: r.get(0)?,
-                    at: r.get(1)?,
-                    actor: r.get(2)?,
-                    action: r.get(3)?,
-                    subject: r.get(4)?,
-                    detail: r.get(5)?,
-                })
-            })
-            .op("read audit events")?;
+        let rows = stmt.query_map([limit], event_row).op("read audit events")?;
         rows.collect::<Result<_, _>>().op("read audit events")
     }
 
@@ -106,16 +107,7 @@ impl Store {
                     filter.before,
                     filter.limit.clamp(1, 1000)
                 ],
-                |r| {
-                    Ok(AuditEvent {
-                        id: r.get(0)?,
-                        at: r.get(1)?,
-                        actor: r.get(2)?,
-                        action: r.get(3)?,
-                        subject: r.get(4)?,
-                        detail: r.get(5)?,
-                    })
-                },
+                event_row,
             )
             .op("read audit events")?;
         rows.collect::<Result<_, _>>().op("read audit events")

@@ -18,7 +18,7 @@ fn taskrc(url: &str, client: &str) -> String {
     )
 }
 
-fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> String {
+pub(super) fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> String {
     t.ok().and_then(|t| t.to_string().ok()).unwrap_or_default()
 }
 
@@ -52,7 +52,7 @@ impl Web {
         html(StatusCode::OK, views::home(me.nav(), &rows), &[])
     }
 
-    fn failed(&self, me: &Me, e: &capnp::Error) -> Response<Bytes> {
+    pub(super) fn failed(&self, me: &Me, e: &capnp::Error) -> Response<Bytes> {
         tracing::warn!(user = %me.user, error = %e, "web home call failed");
         html(
             StatusCode::SERVICE_UNAVAILABLE,

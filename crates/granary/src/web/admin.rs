@@ -12,13 +12,10 @@ use hyper::Response;
 use hyper::StatusCode;
 use hyper::body::Bytes;
 
+use super::actions::text;
 use super::admin_views::{self as views, Event, Filter, GrainLine, Overview, UserLine};
 use super::handlers::{Me, Web, capitalise, html, not_found, why};
 use super::pages;
-
-fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> String {
-    t.ok().and_then(|t| t.to_string().ok()).unwrap_or_default()
-}
 
 /// What one admin action said: an error, or what was done (and a secret
 /// shown once).
@@ -55,10 +52,10 @@ impl Web {
         let admin = match me.home.admin_request().send().promise.await {
             Ok(r) => match r.get().and_then(|r| r.get_admin()) {
                 Ok(a) => a,
-                Err(e) => return Self::unavailable(me, &e),
+                Err(e) => return self.failed(me, &e),
             },
             Err(e) if why(&e) == "not an admin" => return refused(),
-            Err(e) => return Self::unavailable(me, &e),
+            Err(e) => return self.failed(me, &e),
         };
         let field = |k: &str| f.get(k).map_or("", |v| v.trim()).to_owned();
         let said = |r: Result<String, capnp::Error>| match r {
@@ -127,18 +124,10 @@ impl Web {
         }
     }
 
-    fn unavailable(me: &Me, e: &capnp::Error) -> Response<Bytes> {
-        html(
-            StatusCode::SERVICE_UNAVAILABLE,
-            pages::message("Not available", &capitalise(&why(e)), Some(me.nav())),
-            &[],
-        )
-    }
-
     async fn overview(&self, me: &Me, admin: &admin::Client) -> Response<Bytes> {
         let status = match admin.status_request().send().promise.await {
             Ok(s) => s,
-            Err(e) => return Self::unavailable(me, &e),
+            Err(e) => return self.failed(me, &e),
         };
         let Ok(s) = status.get().and_then(|s| s.get_status()) else {
             return not_found(Some(me.nav()));
@@ -201,7 +190,7 @@ impl Web {
             .await
         {
             Ok(r) => r,
-            Err(e) => return Self::unavailable(me, &e),
+            Err(e) => return self.failed(me, &e),
         };
         let users: Vec<UserLine> = list
             .get()
@@ -227,7 +216,7 @@ impl Web {
             .await
         {
             Ok(r) => r,
-            Err(e) => return Self::unavailable(me, &e),
+            Err(e) => return self.failed(me, &e),
         };
         let grains: Vec<GrainLine> = list
             .get()
@@ -258,7 +247,7 @@ impl Web {
             .await
         {
             Ok(r) => r,
-            Err(e) => return Self::unavailable(me, &e),
+            Err(e) => return self.failed(me, &e),
         };
         let apps: Vec<[String; 4]> = list
             .get()
@@ -317,7 +306,7 @@ impl Web {
             .await
         {
             Ok(k) => k,
-            Err(e) => return Self::unavailable(me, &e),
+            Err(e) => return self.failed(me, &e),
         };
         let list = |l: capnp::Result<capnp::text_list::Reader<'_>>| -> Vec<String> {
             l.map(|l| l.iter().map(text).collect()).unwrap_or_default()
@@ -332,7 +321,7 @@ impl Web {
         };
         let events = match Self::events(admin, &filter, 50).await {
             Ok(e) => e,
-            Err(e) => return Self::unavailable(me, &e),
+            Err(e) => return self.failed(me, &e),
         };
         html(
             StatusCode::OK,
@@ -352,14 +341,14 @@ impl Web {
                     &[],
                 )
             }
-            Err(e) => Self::unavailable(me, &e),
+            Err(e) => self.failed(me, &e),
         }
     }
 
     async fn doctor(&self, me: &Me, admin: &admin::Client) -> Response<Bytes> {
         let r = match admin.doctor_request().send().promise.await {
             Ok(r) => r,
-            Err(e) => return Self::unavailable(me, &e),
+            Err(e) => return self.failed(me, &e),
         };
         let checks: Vec<[String; 5]> = r
             .get()
