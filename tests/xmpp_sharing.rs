@@ -71,14 +71,16 @@ async def main():
     assert put == get and get.startswith("https://upload.chat.test:"), get
     assert "/alice/" in get and get.endswith("/cat%20picture.png"), get
     # Nothing there before the upload.
-    assert http("GET", get)[0] == 404
+    status, _, body = http("GET", get)
+    assert status == 404, (status, body)
     # A body of the wrong size is refused, and the slot still works.
     status, _, _ = http("PUT", put, picture[:-1], {"Content-Type": "image/png"})
     assert status == 413, status
     status, _, _ = http("PUT", put, picture, {"Content-Type": "image/png"})
     assert status == 201, status
     # One upload per slot.
-    assert http("PUT", put, picture, {"Content-Type": "image/png"})[0] == 404
+    status, _, body = http("PUT", put, picture, {"Content-Type": "image/png"})
+    assert status == 404, (status, body)
     # Alice shares the address; Bob fetches it.
     alice.send_message(mto="bob@chat.test", mbody=get, mtype="chat")
     m = await next_of(bob.messages, lambda m: m["body"] == get)

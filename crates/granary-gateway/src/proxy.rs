@@ -217,7 +217,7 @@ impl Gateway {
             Some(credential) => Ok(Some(Login { user, credential })),
             None => {
                 tracing::info!(%peer, user, kind, "failed login");
-                self.shared.login_failed(peer.ip());
+                self.shared.login_failed_as(peer.ip(), &user).await;
                 Err(unauthorized(service))
             }
         }
@@ -426,6 +426,18 @@ impl Gateway {
                 return Ok(pooled);
             }
         }
+        self.fresh(grain, identity, peer, host, tls_version).await
+    }
+
+    /// A new connection to the grain's `http` service for `identity`.
+    async fn fresh(
+        &self,
+        grain: &GrainId,
+        identity: &Identity,
+        peer: SocketAddr,
+        host: &str,
+        tls_version: &str,
+    ) -> Result<Pooled, GatewayError> {
         let mut who = Peer::new(peer, "https");
         who.server_name = host.to_owned();
         who.tls_version = tls_version.to_owned();
@@ -523,11 +535,23 @@ impl Gateway {
             .parse()
             .expect("a path is a URI");
         let mut pooled = pooled;
-        let sent = pooled
+        let mut sent = pooled
             .sender
-            .send_request(Request::from_parts(parts, body))
+            .try_send_request(Request::from_parts(parts, body))
             .await;
-        let response = match sent {
+        // A pooled connection the grain closed just as it was taken (after
+        // answering a request early without reading its body, say): none
+        // of the request was written, so it goes again on a new one.
+        if let Err(e) = &mut sent
+            && let Some(req) = e.take_message()
+        {
+            tracing::debug!(%grain, "the pooled grain connection had closed; sending on a new one");
+            pooled = self
+                .fresh(grain, &identity, peer, host, tls_version)
+                .await?;
+            sent = pooled.sender.try_send_request(req).await;
+        }
+        let response = match sent.map_err(|e| e.into_error()) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%grain, error = %e, "the grain failed a request");
