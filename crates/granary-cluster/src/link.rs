@@ -147,6 +147,20 @@ pub(crate) enum Request {
         #[serde(flatten)]
         request: crate::spools::SpoolRequest,
     },
+    /// This node's wall clock ([`clock_offset`]).
+    Clock {},
+}
+
+/// The answer to [`Request::Clock`]: milliseconds since the Unix epoch.
+#[derive(Debug, Serialize, Deserialize)]
+struct ClockAnswer {
+    clock_ms: i64,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// What a [`Request::Deliver`] carries; its bytes follow the request.
@@ -419,6 +433,15 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
         Request::Spool { request } => {
             return crate::spools::serve(stream, node, &served.spools, request).await;
         }
+        Request::Clock {} => {
+            let mut line = serde_json::to_vec(&ClockAnswer {
+                clock_ms: unix_ms(),
+            })
+            .expect("answers serialize");
+            line.push(b'\n');
+            stream.write_all(&line).await?;
+            return stream.flush().await;
+        }
     };
     let answer = |problem: Option<Problem>| answer_line(problem, None);
     let id = match GrainId::parse(&grain) {
@@ -685,6 +708,46 @@ pub async fn fetch_package(
         .map_err(|_| format!("node link to {address}: the package took over {PACKAGE:?}"))?
 }
 
+/// How far the clock of the node at `address` (node key `node_key`, hex)
+/// is ahead of this node's (behind when negative), in milliseconds, and
+/// the round trip the answer took, which bounds the error: the answer was
+/// read somewhere within it, so the offset is within half of it.
+pub async fn clock_offset(
+    address: &str,
+    node_key: &str,
+    key: &SigningKey,
+) -> Result<(i64, u64), String> {
+    let mut stream = open(address, node_key, key).await?;
+    let mut request = serde_json::to_vec(&Request::Clock {}).expect("requests serialize");
+    request.push(b'\n');
+    let io = |e: std::io::Error| match e.kind() {
+        // An older granary closes the link on a request it does not know.
+        std::io::ErrorKind::UnexpectedEof => {
+            format!("node link to {address}: it did not say its clock (an older granary?)")
+        }
+        _ => format!("node link to {address}: {e}"),
+    };
+    let (sent_ms, sent) = (unix_ms(), std::time::Instant::now());
+    let asked = async {
+        stream.write_all(&request).await.map_err(io)?;
+        stream.flush().await.map_err(io)?;
+        read_line(&mut stream).await.map_err(io)
+    };
+    let line = tokio::time::timeout(HANDSHAKE, asked)
+        .await
+        .map_err(|_| format!("node link to {address}: no answer in {HANDSHAKE:?}"))??;
+    let round_trip = sent.elapsed().as_millis() as u64;
+    let answer: ClockAnswer = serde_json::from_slice(&line)
+        .map_err(|_| format!("node link to {address}: no clock in the answer"))?;
+    Ok((offset(sent_ms, round_trip, answer.clock_ms), round_trip))
+}
+
+/// The peer's clock `peer_ms`, read halfway through a round trip of
+/// `round_trip` ms that began at `sent_ms` here, less ours then.
+fn offset(sent_ms: i64, round_trip: u64, peer_ms: i64) -> i64 {
+    peer_ms - (sent_ms + (round_trip / 2) as i64)
+}
+
 /// How long fetching one package may take.
 const PACKAGE: Duration = Duration::from_secs(300);
 
@@ -874,4 +937,16 @@ async fn ask_stream(
         stream: ours,
         keep: Box::new(()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_offset_is_taken_halfway_through_the_round_trip() {
+        // Asked at 1000 ms, answered 40 ms later, the peer said 1020:
+        // it read its clock at our 1020, so it is right on time.
+        assert_eq!(super::offset(1_000, 40, 1_020), 0);
+        assert_eq!(super::offset(1_000, 40, 4_020), 3_000);
+        assert_eq!(super::offset(1_000, 0, 500), -500);
+    }
 }

@@ -194,6 +194,9 @@ pub(super) async fn run(ctx: &Ctx) -> Result<Vec<Finding>, capnp::Error> {
         }
     }
     out.extend(local_checks(ctx));
+    if let Some(member) = &info.cluster {
+        out.extend(super::doctor_hosts::peer_clocks(member).await);
+    }
     out.extend(
         super::health::pool_health(
             info.zfs_pool.as_deref(),

@@ -184,3 +184,111 @@ fn list(ips: &[IpAddr]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// How far another node's clock may be from ours before the doctor warns:
+/// leases, the shared log's times, TOTP codes (30-s steps) and the
+/// certificates' dates all assume the nodes agree on the time.
+const CLOCK_SKEW_MS: u64 = 2_000;
+
+/// Each live node's clock against this one's, over the node link.
+pub(super) async fn peer_clocks(member: &crate::daemon::cluster::Member) -> Vec<Finding> {
+    let listed = tokio::time::timeout(PEER_CLOCK_WAIT, member.coordinator.nodes()).await;
+    let nodes = match listed {
+        Ok(Ok(nodes)) => nodes,
+        Ok(Err(e)) => {
+            return vec![Finding {
+                area: "clock",
+                name: "other nodes' clocks".to_owned(),
+                level: Level::Warn,
+                detail: format!("cannot list the nodes: {e}"),
+                fix: "granary status shows whether etcd answers".to_owned(),
+            }];
+        }
+        Err(_) => {
+            return vec![Finding {
+                area: "clock",
+                name: "other nodes' clocks".to_owned(),
+                level: Level::Warn,
+                detail: format!("etcd did not list the nodes within {PEER_CLOCK_WAIT:?}"),
+                fix: "granary status shows whether etcd answers".to_owned(),
+            }];
+        }
+    };
+    // All at once, each within a few seconds: a node that holds its lease
+    // but does not answer costs the doctor no more than that.
+    let asks = nodes
+        .iter()
+        .filter(|n| n.record.name != member.node)
+        .filter_map(|n| {
+            let alive = n.alive.as_ref()?;
+            let link = match alive.link.is_empty() {
+                true => n.record.address.clone(),
+                false => alive.link.clone(),
+            };
+            Some(async move {
+                let name = format!("clock of node {}", n.record.name);
+                let asked = tokio::time::timeout(
+                    PEER_CLOCK_WAIT,
+                    granary_cluster::link::clock_offset(&link, &n.record.key, &member.key),
+                )
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {PEER_CLOCK_WAIT:?}")));
+                match asked {
+                    Ok((offset, round_trip)) => clock_finding(name, offset, round_trip),
+                    Err(e) => Finding {
+                        area: "clock",
+                        name,
+                        level: Level::Warn,
+                        detail: format!("cannot ask it: {e}"),
+                        fix: "the nodes must reach each other's link address".to_owned(),
+                    },
+                }
+            })
+        });
+    futures::future::join_all(asks).await
+}
+
+/// How long the doctor waits for another node's clock.
+const PEER_CLOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// A node `offset` ms ahead of this one (behind when negative), measured
+/// over a `round_trip` of that many ms.
+fn clock_finding(name: String, offset: i64, round_trip: u64) -> Finding {
+    let how = match offset {
+        0 => "in step with this node".to_owned(),
+        o if o > 0 => format!("{o} ms ahead of this node"),
+        o => format!("{} ms behind this node", -o),
+    };
+    let detail = format!("{how} (± {} ms)", round_trip.div_ceil(2));
+    // Only what is surely off counts: the error is half the round trip.
+    if offset.unsigned_abs() > CLOCK_SKEW_MS + round_trip.div_ceil(2) {
+        Finding {
+            area: "clock",
+            name,
+            level: Level::Warn,
+            detail,
+            fix: "run an NTP client (apt install chrony) on every node: leases, sign-in codes and certificates need the nodes to agree on the time".to_owned(),
+        }
+    } else {
+        ok("clock", name, detail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_clock_surely_off_is_a_warning() {
+        let f = clock_finding("n2".into(), 120, 4);
+        assert_eq!(
+            (f.level, f.detail.as_str()),
+            (Level::Ok, "120 ms ahead of this node (± 2 ms)")
+        );
+        let f = clock_finding("n2".into(), -5_000, 10);
+        assert_eq!(f.level, Level::Warn);
+        assert_eq!(f.detail, "5000 ms behind this node (± 5 ms)");
+        // 2.5 s off, but measured over 2 s: it could be 1.5 s.
+        assert_eq!(clock_finding("n2".into(), 2_500, 2_000).level, Level::Ok);
+    }
+}
