@@ -120,6 +120,15 @@ interface Users {
   listSshKeys @9 (user :Text) -> (keys :List(SshKey));
 
   removeSshKey @10 (user :Text, id :Int64) -> (removed :Bool);
+
+  setDisabled @11 (name :Text, disabled :Bool) -> (changed :Bool, stoppedGrains :UInt32);
+  # Disables a user (or enables them again). While disabled, none of their
+  # logins checks out: app passwords, SSH keys, Taskwarrior devices, the
+  # web home (whose sessions end), and their invites are not valid. Their
+  # running grains are stopped, on whichever node runs them, which ends
+  # their open sessions. Their data, credentials and published pages are kept, and
+  # mail to them is still accepted. `changed` is false when they already
+  # were so.
 }
 
 interface Apps {
@@ -317,6 +326,7 @@ struct User {
   name @0 :Text;
   createdAt @1 :Int64;      # Unix seconds.
   appPasswords @2 :UInt32;  # How many app passwords the user has.
+  disabledAt @3 :Int64;     # Unix seconds when disabled; 0 while enabled.
 }
 
 struct AppPassword {
@@ -365,6 +375,16 @@ struct ClusterNode {
   replicationLagging @6 :List(Text);
   # Grains this node runs whose newest copy on another node is more than 3
   # replication intervals old, as "alice-mail 250s": an alert (unhealthy).
+  nodes @7 :List(NodeHealth);
+  # Every member, as etcd says (empty when etcd does not answer in 2 s).
+}
+
+struct NodeHealth {
+  name @0 :Text;
+  state @1 :Text;           # "up", "drained", "stopped" (cleanly) or "down".
+  leaseAgeSecs @2 :Int64;   # Since etcd saw its lease renewed; -1: no lease.
+  grains @3 :UInt32;        # Grains placed on it.
+  freeBytes @4 :UInt64;     # Room for data it reports; 0 while down.
 }
 
 struct RefusedSource {

@@ -181,11 +181,37 @@ fn nodes_join_with_single_use_tokens_hold_leases_and_a_dead_one_drops_out() {
     assert_eq!(status["cluster"]["node"], "n2", "{status}");
     assert_eq!(status["cluster"]["lease"], "live", "{status}");
     assert_eq!(status["cluster"]["lease_ttl_secs"], 2, "{status}");
+    let health: Vec<(&str, &str)> = status["cluster"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap(), n["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        health,
+        [("n1", "up"), ("n2", "up"), ("n3", "up")],
+        "{status}"
+    );
     let text = n2.granary(&["status"]).success().stdout;
     assert!(
         text.contains("cluster        node n2, lease live"),
         "{text}"
     );
+    // The doctor asks each other node for its clock over the node link.
+    let checks = n2.granary(&["doctor", "--json"]).json();
+    for other in ["n1", "n3"] {
+        let check = checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == format!("clock of node {other}"))
+            .unwrap_or_else(|| panic!("no clock check of {other}: {checks:#}"));
+        assert_eq!(check["level"], "ok", "{check:#}");
+        assert!(
+            check["detail"].as_str().unwrap().contains(" ms)"),
+            "{check:#}"
+        );
+    }
 
     // Users, credentials, apps and grains are the cluster's shared
     // records: alice is added on n1, and n2 knows her a moment later

@@ -59,8 +59,8 @@ import base64, hashlib, hmac, imaplib, os, ssl, struct, subprocess, tempfile, ti
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
+from selenium.common.exceptions import WebDriverException
 
 BASE = os.environ["BASE"]
 art = os.environ["ARTIFACTS"]
@@ -113,6 +113,16 @@ def shots(name):
         accessible()
         checked.add(name)
 
+def gone(element):
+    # Whether the page `element` was on has been replaced. Chromium may
+    # answer a node of the old page with an inspector error rather than
+    # "stale element" (EC.staleness_of lets that one through): gone too.
+    try:
+        element.is_enabled()
+        return False
+    except WebDriverException:
+        return True
+
 def submit(button_text):
     # Clicks the button and waits for the page its form loads (a click
     # returns before the navigation ends).
@@ -120,7 +130,7 @@ def submit(button_text):
     for b in driver.find_elements(By.TAG_NAME, "button"):
         if b.text == button_text or b.get_attribute("aria-label") == button_text:
             b.click()
-            WebDriverWait(driver, 20).until(EC.staleness_of(page))
+            WebDriverWait(driver, 20).until(lambda _: gone(page))
             return
     raise AssertionError((button_text, body()))
 
@@ -701,6 +711,157 @@ fn the_web_home_refuses_what_it_must() {
         None,
     );
     assert_eq!(a.status, 429, "{}", a.body);
+}
+
+/// Disabling a user shuts them out of every login while keeping what
+/// they have: an open IMAP session ends (their grain stops), the same app
+/// password and an SSH key fail at once, their web session ends and the
+/// account password no longer signs in, and mail to them is still taken.
+/// Enabled again from the admin page, everything works as before,
+/// including the mail that came meanwhile.
+#[test]
+fn a_disabled_user_is_shut_out_everywhere_until_enabled() {
+    let h = host("bob");
+    let d = &h.daemon;
+    let password = h.password("alice");
+    let session = sign_in(d, "alice", ALICE_PASSWORD, "");
+    let script = r#"
+import imaplib, os, smtplib, ssl, subprocess
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+def login():
+    m = imaplib.IMAP4_SSL(os.environ["IMAP_HOST"], int(os.environ["IMAPS_PORT"]), ssl_context=ctx)
+    m.login(os.environ["USER"], os.environ["PASSWORD"])
+    return m
+def granary(*args):
+    r = subprocess.run([os.environ["GRANARY"], "--config", os.environ["CONFIG"], *args],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r
+    return r.stdout.strip()
+held = login()
+assert held.select("INBOX")[0] == "OK"
+print("DISABLE", granary("user", "disable", "alice"))
+print("AGAIN", granary("user", "disable", "alice"))
+try:
+    held.noop()
+    print("HELD still open")
+except (imaplib.IMAP4.abort, OSError) as e:
+    print("HELD cut")
+try:
+    login()
+    print("LOGIN passed")
+except imaplib.IMAP4.error as e:
+    print("LOGIN refused", e)
+s = smtplib.SMTP("127.0.0.1", int(os.environ["SMTP_PORT"]))
+s.ehlo("client.remote.example")
+s.sendmail("sender@remote.example", ["alice@example.org"], "Subject: while away\r\n\r\nbody\r\n")
+s.quit()
+print("MAIL taken")
+"#;
+    let mut env = h.client_env("alice", &password);
+    env.push((
+        "GRANARY",
+        granary_testkit::granary_bin().display().to_string(),
+    ));
+    env.push(("CONFIG", d.config_path().display().to_string()));
+    let (ok, out) = run_python(script, &env);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("DISABLE disabled alice; stopped their 1 running grain(s)"),
+        "{out}"
+    );
+    assert!(out.contains("AGAIN alice was already disabled"), "{out}");
+    assert!(out.contains("HELD cut"), "{out}");
+    assert!(out.contains("LOGIN refused"), "{out}");
+    assert!(out.contains("MAIL taken"), "{out}");
+    h.wait_for("alice", "INBOX", 1);
+    let users = d.granary(&["user", "list", "--json"]).success().json();
+    let alice = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "alice")
+        .unwrap();
+    assert!(alice["disabled_at"].as_i64().unwrap() > 0, "{users:#}");
+    let listed = d.granary(&["user", "list"]).success().stdout;
+    assert!(listed.contains("disabled 20"), "{listed}");
+
+    // The web: the open session ends, and the password signs in no more.
+    let after = request(d, "GET", "/devices", &session, "", None);
+    assert_eq!(after.status, 303, "the session ended");
+    let page = request(d, "GET", "/", "", "", None);
+    let pre = set_cookie(&page, "__Host-granary-pre").unwrap();
+    let form = format!(
+        "csrf={}&user=alice&password={}",
+        csrf(&page.body),
+        ALICE_PASSWORD.replace(' ', "+").replace('\'', "%27")
+    );
+    let refused = request(d, "POST", "/signin", &pre, &form, None);
+    assert_eq!(refused.status, 401, "{}", refused.body);
+
+    // Bob, the admin, sees her disabled, cannot disable himself, and
+    // enables her.
+    let bob = sign_in(d, "bob", "bob's long account password", "");
+    let users = request(d, "GET", "/admin/users", &bob, "", None);
+    assert!(users.body.contains("Disabled since"), "{}", users.body);
+    let token = csrf(&users.body);
+    let himself = request(
+        d,
+        "POST",
+        "/admin/users/bob/disable",
+        &bob,
+        &format!("csrf={token}"),
+        None,
+    );
+    assert!(
+        himself.body.contains("You cannot disable yourself here."),
+        "{}",
+        himself.body
+    );
+    let enabled = request(
+        d,
+        "POST",
+        "/admin/users/alice/enable",
+        &bob,
+        &format!("csrf={token}"),
+        None,
+    );
+    assert!(enabled.body.contains("alice enabled."), "{}", enabled.body);
+    let read = r#"
+import imaplib, os, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+m = imaplib.IMAP4_SSL(os.environ["IMAP_HOST"], int(os.environ["IMAPS_PORT"]), ssl_context=ctx)
+m.login(os.environ["USER"], os.environ["PASSWORD"])
+m.select("INBOX")
+typ, data = m.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+print("GOT", data[0][1].decode().strip())
+"#;
+    let (ok, out) = run_python(read, &h.client_env("alice", &password));
+    assert!(ok, "{out}");
+    assert!(out.contains("GOT Subject: while away"), "{out}");
+    sign_in(d, "alice", ALICE_PASSWORD, "");
+    let logged = d
+        .granary(&["audit", "--subject", "alice", "--json"])
+        .success()
+        .json();
+    let actions: Vec<(String, String)> = logged
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["actor"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        actions.contains(&("user.disable".into(), "admin".into())),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("user.enable".into(), "web:bob".into())),
+        "{actions:?}"
+    );
 }
 
 /// A task list added on the page: its client id and `.taskrc` lines are

@@ -29,6 +29,20 @@ pub struct NodeStatus {
     pub grains: usize,
 }
 
+impl NodeStatus {
+    /// "up", "drained" (up, taking no new grains), "stopped" (cleanly,
+    /// within the grace its grains are not failed over in; `resting` is
+    /// [`Coordinator::resting`]) or "down".
+    pub fn state(&self, resting: &[String]) -> &'static str {
+        match (&self.alive, self.record.drained) {
+            (None, _) if resting.contains(&self.record.name) => "stopped",
+            (None, _) => "down",
+            (Some(_), true) => "drained",
+            (Some(_), false) => "up",
+        }
+    }
+}
+
 /// Where a grain another node owns is reached ([`Coordinator::route`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {

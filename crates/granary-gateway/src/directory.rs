@@ -143,6 +143,16 @@ pub trait Directory: Send + Sync + 'static {
         Box::pin(async { Err(RedeemRefused::NotValid) })
     }
 
+    /// Whether `user` is disabled (`granary user disable`): the credential
+    /// lookups above find nothing of theirs. A refusal of theirs is not a
+    /// guess (their devices keep trying with the right secret), so it is
+    /// not counted against where it came from: a family behind one
+    /// address is not locked out by one member's phone.
+    fn disabled(&self, user: &str) -> BoxFuture<bool> {
+        let _ = user;
+        Box::pin(async { false })
+    }
+
     /// The chat domains added besides Granary's own
     /// (`granary xmpp domain add`); `None` when they cannot be read.
     fn xmpp_domains(&self) -> BoxFuture<Option<Vec<String>>> {

@@ -350,6 +350,16 @@ impl Shared {
         self.limiter.failed(ip);
     }
 
+    /// [`Shared::login_failed`] for a login as `user`, unless `user` is
+    /// disabled ([`Directory::disabled`]).
+    pub async fn login_failed_as(&self, ip: std::net::IpAddr, user: &str) {
+        if self.directory.disabled(user).await {
+            tracing::info!(user, "login of a disabled user refused");
+        } else {
+            self.login_failed(ip);
+        }
+    }
+
     /// A mail client's login (IMAP, submission). `login` is a user name or
     /// one of the user's addresses; `password` one of their app passwords
     /// of kind `mail`. Failures count against the client's address and
@@ -377,7 +387,7 @@ impl Shared {
         match self.check_password(&user, "mail", password).await {
             Some(cred) => Ok((user, cred)),
             None => {
-                self.login_failed(ip);
+                self.login_failed_as(ip, &user).await;
                 tracing::info!(user, "login failed");
                 Err(LoginRefused::Invalid)
             }
@@ -396,8 +406,12 @@ impl Shared {
         if let Some(credential) = self.verified.get(user, kind, password) {
             return Some(credential);
         }
+        // A forget while the directory is asked (a revoke, a user
+        // disabled) must not be undone by what it answers.
+        let generation = self.verified.generation();
         let credential = self.directory.check_password(user, kind, password).await?;
-        self.verified.remember(user, kind, password, credential);
+        self.verified
+            .remember(user, kind, password, credential, generation);
         Some(credential)
     }
 }

@@ -259,7 +259,14 @@ const MAX_VERIFIED: usize = 10_000;
 /// changed or wrong password never matches.
 pub struct VerifiedLogins {
     key: ring::hmac::Key,
-    verified: Mutex<HashMap<[u8; 32], (Instant, crate::Credential)>>,
+    verified: Mutex<Verified>,
+}
+
+#[derive(Default)]
+struct Verified {
+    logins: HashMap<[u8; 32], (Instant, crate::Credential)>,
+    /// Bumped by every forget: a check begun before it is not remembered.
+    generation: u64,
 }
 
 impl Default for VerifiedLogins {
@@ -294,41 +301,80 @@ impl VerifiedLogins {
         self.verified
             .lock()
             .expect("not poisoned")
+            .logins
             .get(&key)
             .filter(|(t, _)| t.elapsed() < VERIFIED_FOR)
             .map(|(_, c)| *c)
     }
 
-    /// Remembers that this password checked out as `credential`.
-    pub fn remember(&self, user: &str, kind: &str, password: &str, credential: crate::Credential) {
+    /// Where forgetting has got to: taken before a check, and given to
+    /// [`VerifiedLogins::remember`] after it.
+    pub fn generation(&self) -> u64 {
+        self.verified.lock().expect("not poisoned").generation
+    }
+
+    /// Remembers that this password checked out as `credential`, unless
+    /// something was forgotten since `generation` (the check may have read
+    /// what was revoked meanwhile).
+    pub fn remember(
+        &self,
+        user: &str,
+        kind: &str,
+        password: &str,
+        credential: crate::Credential,
+        generation: u64,
+    ) {
         let key = self.key(user, kind, password);
         let mut verified = self.verified.lock().expect("not poisoned");
-        if verified.len() >= MAX_VERIFIED {
-            verified.retain(|_, (t, _)| t.elapsed() < VERIFIED_FOR);
+        if verified.generation != generation {
+            return;
         }
-        verified.insert(key, (Instant::now(), credential));
+        if verified.logins.len() >= MAX_VERIFIED {
+            verified
+                .logins
+                .retain(|_, (t, _)| t.elapsed() < VERIFIED_FOR);
+        }
+        verified.logins.insert(key, (Instant::now(), credential));
     }
 
     /// Forgets every login verified as app password `id`: once it is
     /// revoked, the next use is checked against the state again (and
     /// fails), not a minute later.
     pub fn forget_credential(&self, id: i64) {
-        self.verified
-            .lock()
-            .expect("not poisoned")
-            .retain(|_, (_, c)| c.id != id);
+        let mut verified = self.verified.lock().expect("not poisoned");
+        verified.generation += 1;
+        verified.logins.retain(|_, (_, c)| c.id != id);
     }
 
     /// Forgets every verified login (a password was changed or revoked in
     /// bulk).
     pub fn forget_all(&self) {
-        self.verified.lock().expect("not poisoned").clear();
+        let mut verified = self.verified.lock().expect("not poisoned");
+        verified.generation += 1;
+        verified.logins.clear();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_begun_before_a_forget_is_not_remembered() {
+        let v = VerifiedLogins::default();
+        let c = crate::Credential {
+            method: granary_grains::AuthMethod::AppPassword,
+            id: 7,
+        };
+        let before = v.generation();
+        v.forget_all();
+        v.remember("alice", "mail", "pw", c, before);
+        assert_eq!(v.get("alice", "mail", "pw"), None);
+        v.remember("alice", "mail", "pw", c, v.generation());
+        assert_eq!(v.get("alice", "mail", "pw"), Some(c));
+        v.forget_credential(7);
+        assert_eq!(v.get("alice", "mail", "pw"), None);
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -281,6 +281,10 @@ impl russh::server::Handler for Connection {
                 "only git-upload-pack and git-receive-pack run here",
             );
         };
+        // A connection kept open (ControlMaster) outlives a disable.
+        if self.shared.directory.disabled(&user).await {
+            return refuse(session, "this account is disabled");
+        }
         let (owner, repo) = (command.owner.clone(), command.repo.clone());
         let allowed = owner == user
             || (!command.writes() && self.shared.directory.is_public(&owner, "git", &repo).await);

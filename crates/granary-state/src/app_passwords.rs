@@ -40,7 +40,8 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AppPassword> {
 
 impl Store {
     /// The SCRAM verifiers of a user's app passwords of `kind` that have
-    /// them: (id, verifiers, one per line).
+    /// them: (id, verifiers, one per line). A disabled user's too (a new
+    /// password of theirs takes the same salt); the directory refuses them.
     pub fn scram_verifiers(
         &self,
         user: &UserName,

@@ -126,6 +126,7 @@ pub struct NewAccount<'a> {
 
 const VALID: &str = "i.revoked_at IS NULL AND i.uses < i.max_uses AND i.expires_at > unixepoch()";
 
+/// (A disabled user's invites are not valid while they are disabled.)
 fn valid_invite(
     conn: &rusqlite::Connection,
     hash: &[u8],
@@ -135,7 +136,7 @@ fn valid_invite(
             "SELECT i.id, i.kind, u.name, x.domain, i.room FROM invites i
              LEFT JOIN users u ON u.id = i.inviter_id
              LEFT JOIN xmpp_users x ON x.user_id = i.inviter_id
-             WHERE i.hash = ?1 AND {VALID}"
+             WHERE i.hash = ?1 AND {VALID} AND u.disabled_at IS NULL"
         ),
         [hash],
         |r| {
@@ -345,7 +346,8 @@ impl Store {
                     "SELECT i.id, {VALID},
                             EXISTS (SELECT 1 FROM invite_uses WHERE invite_id = i.id AND user = ?3)
                      FROM invites i JOIN users u ON u.id = i.inviter_id
-                     WHERE i.hash = ?1 AND i.kind = 'contact' AND u.name = ?2"
+                     WHERE i.hash = ?1 AND i.kind = 'contact' AND u.name = ?2
+                       AND u.disabled_at IS NULL"
                 ),
                 params![hash, inviter, user],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),

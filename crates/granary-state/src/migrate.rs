@@ -101,6 +101,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0017_totp.sql"),
         remakes_tables: false,
     },
+    Migration {
+        version: 18,
+        sql: include_str!("migrations/0018_user_disabled.sql"),
+        remakes_tables: false,
+    },
 ];
 
 /// The schema version this build creates and understands.

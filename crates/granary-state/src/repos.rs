@@ -166,7 +166,8 @@ impl Store {
         let id = conn
             .query_row(
                 "UPDATE ssh_keys SET last_used_at = unixepoch()
-                 WHERE key = ?1 AND user_id = (SELECT id FROM users WHERE name = ?2)
+                 WHERE key = ?1
+                   AND user_id = (SELECT id FROM users WHERE name = ?2 AND disabled_at IS NULL)
                  RETURNING id",
                 params![key, user],
                 |r| r.get(0),

@@ -76,7 +76,7 @@ impl Store {
         let found: Option<(String, i64)> = conn
             .query_row(
                 "SELECT u.name, c.id FROM task_clients c JOIN users u ON u.id = c.user_id
-                 WHERE c.hash = ?1",
+                 WHERE c.hash = ?1 AND u.disabled_at IS NULL",
                 [hash],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -199,7 +199,8 @@ impl Store {
             // An expired certificate is no one's, whoever checks its
             // dates (a cluster node does not check the issuer's chain).
             "SELECT u.name, c.id, c.key FROM task_certs c JOIN users u ON u.id = c.user_id
-             WHERE c.fingerprint = ?1 AND c.expires_at > CAST(strftime('%s', 'now') AS INTEGER)",
+             WHERE c.fingerprint = ?1 AND c.expires_at > CAST(strftime('%s', 'now') AS INTEGER)
+               AND u.disabled_at IS NULL",
             [fingerprint],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )

@@ -11,6 +11,8 @@ pub struct User {
     pub name: String,
     pub created_at: i64,
     pub app_passwords: u64,
+    /// When the user was disabled (Unix seconds); `None` while enabled.
+    pub disabled_at: Option<i64>,
 }
 
 /// What login checks need: the account hash and the app-password hashes of
@@ -35,13 +37,14 @@ pub(crate) fn user_id(conn: &rusqlite::Connection, name: &UserName) -> Result<i6
 }
 
 const USER_COLUMNS: &str = "u.name, u.created_at,
-    (SELECT count(*) FROM app_passwords a WHERE a.user_id = u.id)";
+    (SELECT count(*) FROM app_passwords a WHERE a.user_id = u.id), u.disabled_at";
 
 fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
     Ok(User {
         name: row.get(0)?,
         created_at: row.get(1)?,
         app_passwords: row.get::<_, i64>(2)? as u64,
+        disabled_at: row.get(3)?,
     })
 }
 
@@ -149,8 +152,64 @@ impl Store {
         w.commit(tx, "commit set password")
     }
 
+    /// Disables (`true`) or enables a user: while disabled, none of their
+    /// logins checks out. Whether anything changed (disabling a disabled
+    /// user keeps the first time, and records nothing).
+    pub fn set_user_disabled(
+        &self,
+        name: &UserName,
+        disabled: bool,
+        actor: &str,
+    ) -> Result<bool, StateError> {
+        let w = self.writer()?;
+        let tx = w.begin().op("begin disable user")?;
+        let id = user_id(&tx, name)?;
+        let sql = if disabled {
+            "UPDATE users SET disabled_at = unixepoch() WHERE id = ?1 AND disabled_at IS NULL"
+        } else {
+            "UPDATE users SET disabled_at = NULL WHERE id = ?1 AND disabled_at IS NOT NULL"
+        };
+        let changed = tx.execute(sql, [id]).op("disable user")? > 0;
+        if changed {
+            let action = if disabled {
+                "user.disable"
+            } else {
+                "user.enable"
+            };
+            record(&tx, actor, action, name.as_str(), "")?;
+        }
+        w.commit(tx, "commit disable user")?;
+        Ok(changed)
+    }
+
+    /// The disabled users and when each was disabled.
+    pub fn disabled_users(&self) -> Result<Vec<(String, i64)>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, disabled_at FROM users WHERE disabled_at IS NOT NULL")
+            .op("list disabled users")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .op("list disabled users")?;
+        rows.collect::<Result<_, _>>().op("list disabled users")
+    }
+
+    /// Whether user `name` exists and is disabled.
+    pub fn is_disabled(&self, name: &str) -> Result<bool, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT disabled_at IS NOT NULL FROM users WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+            .op("read user state")
+            .map(|d| d.unwrap_or(false))
+    }
+
     /// The hashes a login for `kind` may match: the account password and the
-    /// user's app passwords of that kind. `None` when there is no such user.
+    /// user's app passwords of that kind. `None` when there is no such user,
+    /// or they are disabled.
     pub fn credentials(
         &self,
         name: &UserName,
@@ -159,7 +218,7 @@ impl Store {
         let conn = self.conn();
         let Some((id, password_hash)) = conn
             .query_row(
-                "SELECT id, password_hash FROM users WHERE name = ?1",
+                "SELECT id, password_hash FROM users WHERE name = ?1 AND disabled_at IS NULL",
                 [name.as_str()],
                 |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
             )
@@ -253,6 +312,56 @@ mod tests {
         );
         assert!(matches!(
             store.set_password_hash(&name("nobody"), "h", "admin"),
+            Err(StateError::NoSuchUser(_))
+        ));
+    }
+
+    #[test]
+    fn a_disabled_user_has_no_login_until_enabled() {
+        let store = store_with_user("alice");
+        let alice = name("alice");
+        store
+            .add_app_password_with_scram(&alice, "xmpp", "phone", "h", "v=1", "admin")
+            .unwrap();
+        store
+            .add_ssh_key(&alice, "ssh-ed25519 AAAA", "SHA256:x", "laptop", "admin")
+            .unwrap();
+        assert!(store.set_user_disabled(&alice, true, "admin").unwrap());
+        let last = &store.recent_events(1).unwrap()[0];
+        assert_eq!(
+            (last.action.as_str(), last.subject.as_str()),
+            ("user.disable", "alice")
+        );
+        // Again: nothing changes, nothing is recorded.
+        assert!(!store.set_user_disabled(&alice, true, "admin").unwrap());
+        assert_eq!(store.recent_events(1).unwrap()[0].id, last.id);
+        assert!(store.user(&alice).unwrap().unwrap().disabled_at.is_some());
+        assert!(store.credentials(&alice, Some("xmpp")).unwrap().is_none());
+        assert!(store.is_disabled("alice").unwrap());
+        assert!(!store.is_disabled("nobody").unwrap());
+        assert_eq!(store.disabled_users().unwrap()[0].0, "alice");
+        assert!(
+            store
+                .check_ssh_key("alice", "ssh-ed25519 AAAA")
+                .unwrap()
+                .is_none()
+        );
+        // What they have is kept, and comes back when enabled.
+        assert_eq!(store.list_app_passwords(&alice, None).unwrap().len(), 1);
+        assert!(store.set_user_disabled(&alice, false, "admin").unwrap());
+        assert!(store.user(&alice).unwrap().unwrap().disabled_at.is_none());
+        assert!(!store.is_disabled("alice").unwrap());
+        let creds = store.credentials(&alice, Some("xmpp")).unwrap().unwrap();
+        assert_eq!(creds.app_passwords.len(), 1);
+        assert_eq!(store.scram_verifiers(&alice, "xmpp").unwrap().len(), 1);
+        assert!(
+            store
+                .check_ssh_key("alice", "ssh-ed25519 AAAA")
+                .unwrap()
+                .is_some()
+        );
+        assert!(matches!(
+            store.set_user_disabled(&name("nobody"), true, "admin"),
             Err(StateError::NoSuchUser(_))
         ));
     }

@@ -50,6 +50,16 @@ struct ClusterView {
     replicate_interval_secs: u32,
     /// Grains whose newest copy elsewhere is over 3 intervals old.
     replication_lagging: Vec<String>,
+    nodes: Vec<NodeHealthView>,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeHealthView {
+    name: String,
+    state: String,
+    lease_age_secs: Option<i64>,
+    grains: u32,
+    free_bytes: u64,
 }
 
 /// The gateway's failed-login limiter.
@@ -84,6 +94,9 @@ struct UserView {
     name: String,
     created_at: i64,
     app_passwords: u32,
+    /// Unix seconds; absent while enabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disabled_at: Option<i64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,6 +114,7 @@ fn user_view(u: granary_schema::admin_capnp::user::Reader<'_>) -> anyhow::Result
         name: text(u.get_name())?,
         created_at: u.get_created_at(),
         app_passwords: u.get_app_passwords(),
+        disabled_at: Some(u.get_disabled_at()).filter(|&t| t != 0),
     })
 }
 
@@ -158,6 +172,16 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
                 for l in c.get_replication_lagging().map_err(remote)? {
                     replication_lagging.push(text(l)?);
                 }
+                let mut nodes = Vec::new();
+                for n in c.get_nodes().map_err(remote)? {
+                    nodes.push(NodeHealthView {
+                        name: text(n.get_name())?,
+                        state: text(n.get_state())?,
+                        lease_age_secs: Some(n.get_lease_age_secs()).filter(|&a| a >= 0),
+                        grains: n.get_grains(),
+                        free_bytes: n.get_free_bytes(),
+                    });
+                }
                 Some(ClusterView {
                     node: text(c.get_node())?,
                     lease: text(c.get_lease())?,
@@ -166,6 +190,7 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
                     etcd,
                     replicate_interval_secs: c.get_replicate_interval_secs(),
                     replication_lagging,
+                    nodes,
                 })
             }
             false => None,
@@ -240,6 +265,15 @@ pub(crate) fn status(config: &Config, output: Output) -> anyhow::Result<ExitCode
                 c.lease_ttl_secs,
                 c.etcd.join(" ")
             );
+            let nodes: Vec<String> = c
+                .nodes
+                .iter()
+                .map(|n| format!("{} {}", n.name, n.state))
+                .collect();
+            match nodes.is_empty() {
+                true => println!("  nodes          etcd did not answer within 2 s"),
+                false => println!("  nodes          {}", nodes.join(", ")),
+            }
             if !c.replication_lagging.is_empty() {
                 println!(
                     "  REPLICATION    behind by over 3 intervals ({}s): {}",
@@ -377,10 +411,13 @@ pub(crate) fn user(config: &Config, cmd: &UserCommand) -> anyhow::Result<ExitCod
                             u.name.clone(),
                             table::time(u.created_at),
                             u.app_passwords.to_string(),
+                            u.disabled_at
+                                .map(|t| format!("disabled {}", table::time(t)))
+                                .unwrap_or_else(|| "enabled".to_owned()),
                         ]
                     })
                     .collect();
-                table::print(&["NAME", "CREATED (UTC)", "APP PASSWORDS"], &rows);
+                table::print(&["NAME", "CREATED (UTC)", "APP PASSWORDS", "STATE"], &rows);
             }
         }
         UserCommand::Remove { name, purge } => {
@@ -392,6 +429,25 @@ pub(crate) fn user(config: &Config, cmd: &UserCommand) -> anyhow::Result<ExitCod
                 Ok(())
             })?;
             println!("removed user {name}");
+        }
+        UserCommand::Disable { name } | UserCommand::Enable { name } => {
+            let disable = matches!(cmd, UserCommand::Disable { .. });
+            let (changed, stopped) = with_admin(config, |admin: admin::Client| async move {
+                let mut req = super::users(&admin).set_disabled_request();
+                req.get().set_name(name.as_str());
+                req.get().set_disabled(disable);
+                let response = req.send().promise.await.map_err(remote)?;
+                let r = response.get().map_err(remote)?;
+                Ok((r.get_changed(), r.get_stopped_grains()))
+            })?;
+            let state = if disable { "disabled" } else { "enabled" };
+            if !changed {
+                println!("{name} was already {state}");
+            } else if stopped > 0 {
+                println!("{state} {name}; stopped their {stopped} running grain(s)");
+            } else {
+                println!("{state} {name}");
+            }
         }
         UserCommand::Passwd {
             name,

@@ -148,13 +148,7 @@ struct GrainLag {
 fn view<'a>(n: &'a NodeStatus, resting: &[String]) -> NodeView<'a> {
     NodeView {
         name: &n.record.name,
-        state: match (&n.alive, n.record.drained) {
-            // Stopped cleanly, within the grace its grains are not failed over in.
-            (None, _) if resting.contains(&n.record.name) => "stopped",
-            (None, _) => "down",
-            (Some(_), true) => "drained",
-            (Some(_), false) => "up",
-        },
+        state: n.state(resting),
         lease_age_secs: n.lease_age_secs,
         arches: &n.record.arches,
         address: &n.record.address,

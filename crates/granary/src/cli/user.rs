@@ -29,6 +29,11 @@ pub(crate) enum UserCommand {
         #[arg(long)]
         purge: bool,
     },
+    /// Disable a user: none of their logins works, their running grains
+    /// stop; their data, credentials and mail are kept
+    Disable { name: String },
+    /// Enable a disabled user again
+    Enable { name: String },
     /// Set a new account password; prints a generated one unless one is given on standard input
     Passwd {
         name: String,

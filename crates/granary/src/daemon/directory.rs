@@ -73,6 +73,9 @@ impl Directory for StateDirectory {
             return Box::pin(async { Vec::new() });
         };
         lookup(Vec::new(), move || {
+            if store.is_disabled(user.as_str()).unwrap_or(true) {
+                return Vec::new();
+            }
             store.scram_verifiers(&user, &kind).unwrap_or_default()
         })
     }
@@ -148,6 +151,9 @@ impl Directory for StateDirectory {
         };
         lookup(None, move || {
             match store.address_owner(&address, postmaster.as_deref()) {
+                // A disabled user sends nothing, even in a session that
+                // logged in before.
+                Ok(Some(owner)) if store.is_disabled(&owner).unwrap_or(true) => None,
                 Ok(owner) => owner,
                 Err(e) => {
                     tracing::error!(error = %e, "mail sender lookup failed");
@@ -155,6 +161,11 @@ impl Directory for StateDirectory {
                 }
             }
         })
+    }
+
+    fn disabled(&self, user: &str) -> BoxFuture<bool> {
+        let (store, user) = (self.store.clone(), user.to_owned());
+        lookup(false, move || store.is_disabled(&user).unwrap_or(false))
     }
 
     fn client_secret(&self, sha256: [u8; 32]) -> BoxFuture<Option<(String, Credential)>> {

@@ -215,3 +215,84 @@ pub(crate) fn follow_revocations(
         }
     });
 }
+
+/// Stops `user`'s own grains through `grains` (on-demand instances such as
+/// a group chat they made serve others too, and are left running): how
+/// disabling a user ends their open sessions. How many were running.
+pub(crate) async fn stop_user_grains(
+    store: &std::sync::Arc<granary_state::Store>,
+    grains: &dyn granary_grains::Grains,
+    user: &str,
+) -> u32 {
+    let (s, u) = (store.clone(), user.to_owned());
+    let list = match tokio::task::spawn_blocking(move || s.grains_where(Some(&u), None)).await {
+        Ok(Ok(list)) => list,
+        _ => {
+            tracing::warn!(user, "cannot list a disabled user's grains to stop them");
+            return 0;
+        }
+    };
+    let mut stopped = 0;
+    for g in list.iter().filter(|g| g.instance.is_empty()) {
+        let Ok(id) = granary_grains::GrainId::parse(&g.id) else {
+            continue;
+        };
+        match grains.stop(&id).await {
+            Ok(true) => stopped += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(grain = %g.id, error = %e, "cannot stop a disabled user's grain")
+            }
+        }
+    }
+    stopped
+}
+
+/// Follows users disabled on any node (through the shared log): this
+/// node forgets its verified logins and stops their grains it runs, as
+/// the node where it was done did with its own.
+pub(crate) fn follow_disabled(
+    store: std::sync::Arc<granary_state::Store>,
+    grains: std::sync::Arc<dyn granary_grains::Grains>,
+    verified: std::sync::Arc<granary_gateway::VerifiedLogins>,
+) {
+    tokio::spawn(async move {
+        // The first look is what was disabled before this node started.
+        let mut known: Option<std::collections::BTreeSet<(String, i64)>> = None;
+        let mut seen = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = store.position();
+            if seen == Some(now) {
+                continue;
+            }
+            let s = store.clone();
+            let Ok(Ok(disabled)) = tokio::task::spawn_blocking(move || s.disabled_users()).await
+            else {
+                continue;
+            };
+            seen = Some(now);
+            let disabled: std::collections::BTreeSet<(String, i64)> =
+                disabled.into_iter().collect();
+            let fresh: Vec<String> = match &known {
+                Some(k) => disabled.difference(k).map(|(u, _)| u.clone()).collect(),
+                None => Vec::new(),
+            };
+            known = Some(disabled);
+            if fresh.is_empty() {
+                continue;
+            }
+            verified.forget_all();
+            for user in fresh {
+                let stopped = stop_user_grains(&store, &*grains, &user).await;
+                tracing::info!(
+                    user,
+                    stopped,
+                    "a user disabled on another node; stopped their grains here"
+                );
+            }
+        }
+    });
+}

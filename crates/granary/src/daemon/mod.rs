@@ -393,6 +393,9 @@ async fn serve(
     let (web_gate, web_front) =
         std::os::unix::net::UnixStream::pair().context("the web home's socket pair")?;
     let verified: Arc<granary_gateway::VerifiedLogins> = Arc::default();
+    if member.is_some() {
+        ledger::follow_disabled(store.clone(), local_grains.clone(), verified.clone());
+    }
     let web_listeners: Vec<(String, std::net::SocketAddr)> = addresses
         .iter()
         .map(|(n, a)| ((*n).to_owned(), *a))

@@ -90,6 +90,26 @@ impl Web {
                     .map(|_| format!("{name} removed."));
                 self.users(me, &admin, said(r)).await
             }
+            (true, ["users", name, action @ ("disable" | "enable")]) => {
+                let disable = *action == "disable";
+                // The CLI can undo it; this page could not, for its admin.
+                if disable && *name == me.user {
+                    let no = Said::Failed("You cannot disable yourself here.".to_owned());
+                    return self.users(me, &admin, no).await;
+                }
+                let mut call = crate::admin::users(&admin).set_disabled_request();
+                call.get().set_name(*name);
+                call.get().set_disabled(disable);
+                let r = call.send().promise.await.map(|r| {
+                    let stopped = r.get().map_or(0, |r| r.get_stopped_grains());
+                    match (disable, stopped) {
+                        (false, _) => format!("{name} enabled."),
+                        (true, 0) => format!("{name} disabled."),
+                        (true, n) => format!("{name} disabled; {n} running grain(s) stopped."),
+                    }
+                });
+                self.users(me, &admin, said(r)).await
+            }
             (false, ["grains"]) => self.grains(me, &admin, Said::Nothing).await,
             (true, ["grains", id, action @ ("start" | "stop")]) => {
                 let grains = crate::admin::grains(&admin);
@@ -149,6 +169,7 @@ impl Web {
             refused: s.get_refused_count(),
             listeners: Vec::new(),
             cluster: None,
+            nodes: Vec::new(),
             certificate: String::new(),
             certificate_error: None,
         };
@@ -166,6 +187,20 @@ impl Web {
                 .map(|l| l.iter().map(text).collect())
                 .unwrap_or_default();
             o.cluster = Some((text(c.get_node()), text(c.get_lease()), lagging));
+            o.nodes = c
+                .get_nodes()
+                .map(|l| {
+                    l.iter()
+                        .map(|n| views::NodeLine {
+                            name: text(n.get_name()),
+                            state: text(n.get_state()),
+                            lease_age: n.get_lease_age_secs(),
+                            grains: n.get_grains(),
+                            free: n.get_free_bytes(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
         }
         let ca = text(s.get_ca_file());
         match crate::admin::certificates::acme(admin).await {
@@ -201,6 +236,7 @@ impl Web {
                         name: text(u.get_name()),
                         created: u.get_created_at(),
                         devices: u.get_app_passwords(),
+                        disabled: u.get_disabled_at(),
                     })
                     .collect()
             })

@@ -18,14 +18,27 @@ pub(super) struct Overview {
     pub(super) listeners: Vec<(String, String)>,
     /// Node, lease, grains whose copies lag.
     pub(super) cluster: Option<(String, String, Vec<String>)>,
+    /// Every member of the cluster.
+    pub(super) nodes: Vec<NodeLine>,
     pub(super) certificate: String,
     pub(super) certificate_error: Option<String>,
+}
+
+pub(super) struct NodeLine {
+    pub(super) name: String,
+    pub(super) state: String,
+    /// Seconds; negative: no lease.
+    pub(super) lease_age: i64,
+    pub(super) grains: u32,
+    pub(super) free: u64,
 }
 
 pub(super) struct UserLine {
     pub(super) name: String,
     pub(super) created: i64,
     pub(super) devices: u32,
+    /// When they were disabled; 0 while enabled.
+    pub(super) disabled: i64,
 }
 
 pub(super) struct GrainLine {
@@ -126,6 +139,20 @@ pub(super) fn overview(nav: Nav<'_>, o: &Overview) -> String {
                 p { "Node " (node) ", lease " (lease) "." }
                 @if lagging.is_empty() { p { "Every grain's copies are current." } }
                 @else { p.error role="alert" { "Copies behind by over three intervals: " (lagging.join(", ")) } }
+                @if o.nodes.is_empty() { p.error role="alert" { "etcd did not answer within 2 s: the other nodes' state is unknown." } }
+                div.table { table {
+                    thead { tr {
+                        th scope="col" { "Node" } th scope="col" { "State" } th scope="col" { "Lease renewed" }
+                        th scope="col" { "Grains" } th scope="col" { "Free" }
+                    } }
+                    tbody { @for n in &o.nodes { tr {
+                        td { (n.name) }
+                        td { @if n.state == "up" { (n.state) } @else { strong { (n.state) } } }
+                        td { @if n.lease_age < 0 { "no lease" } @else { (n.lease_age) " s ago" } }
+                        td { (n.grains) }
+                        td { @if n.free == 0 { "-" } @else { (size(n.free)) } }
+                    } } }
+                } }
             }
             h2 { "Listeners" }
             div.table { table {
@@ -152,15 +179,27 @@ pub(super) fn users(nav: Nav<'_>, list: &[UserLine], s: &Said) -> String {
             }
             h2 { "Users" }
             div.table { table {
-                thead { tr { th scope="col" { "User" } th scope="col" { "Since" } th scope="col" { "Devices" } th scope="col" { span.note { "Remove" } } } }
+                thead { tr {
+                    th scope="col" { "User" } th scope="col" { "Since" } th scope="col" { "Devices" }
+                    th scope="col" { "State" } th scope="col" { span.note { "Remove" } }
+                } }
                 tbody { @for u in list { tr {
                     td { (u.name) } td { (when(u.created)) } td { (u.devices) }
+                    td {
+                        @let (action, label) = if u.disabled == 0 { ("disable", "Disable") } else { ("enable", "Enable") };
+                        @if u.disabled != 0 { "Disabled since " (when(u.disabled)) " " } @else { "Active " }
+                        form.inline method="post" action={ "/admin/users/" (u.name) "/" (action) } {
+                            input type="hidden" name="csrf" value=(nav.csrf);
+                            button.quiet type="submit" aria-label={ (label) " " (u.name) } { (label) }
+                        }
+                    }
                     td { form.inline method="post" action={ "/admin/users/" (u.name) "/remove" } {
                         input type="hidden" name="csrf" value=(nav.csrf);
                         button.quiet type="submit" aria-label={ "Remove " (u.name) } { "Remove" }
                     } }
                 } } }
             } }
+            p.note { "A disabled user cannot sign in anywhere (devices, SSH keys, this site) and their running grains stop; their data is kept and mail to them is still accepted. " }
             p.note { "A user whose grains still hold data is not removed: remove it with the CLI, granary user remove --purge, after a backup." }
         },
     )

@@ -17,9 +17,9 @@ pub(super) async fn fill(ctx: &Ctx, mut results: admin::StatusResults) -> Result
     })
     .await?;
     let info = &ctx.info;
-    let lagging = match &info.cluster {
-        Some(member) => lagging_grains(member, &ctx.datasets).await,
-        None => Vec::new(),
+    let (lagging, nodes) = match &info.cluster {
+        Some(member) => tokio::join!(lagging_grains(member, &ctx.datasets), node_health(member)),
+        None => (Vec::new(), Vec::new()),
     };
     let mut s = results.get().init_status();
     s.set_healthy(true);
@@ -70,9 +70,18 @@ pub(super) async fn fill(ctx: &Ctx, mut results: admin::StatusResults) -> Result
             etcd.set(i as u32, e);
         }
         c.set_replicate_interval_secs(member.replicate_interval.as_secs() as u32);
-        let mut list = c.init_replication_lagging(lagging.len() as u32);
+        let mut list = c.reborrow().init_replication_lagging(lagging.len() as u32);
         for (i, l) in lagging.iter().enumerate() {
             list.set(i as u32, l);
+        }
+        let mut list = c.init_nodes(nodes.len() as u32);
+        for (i, (n, state)) in nodes.iter().enumerate() {
+            let mut out = list.reborrow().get(i as u32);
+            out.set_name(&n.record.name);
+            out.set_state(state);
+            out.set_lease_age_secs(n.lease_age_secs.unwrap_or(-1));
+            out.set_grains(n.grains as u32);
+            out.set_free_bytes(n.alive.as_ref().map_or(0, |a| a.free_bytes));
         }
     }
     let mut listeners = s.init_listeners(info.listeners.len() as u32);
@@ -82,6 +91,25 @@ pub(super) async fn fill(ctx: &Ctx, mut results: admin::StatusResults) -> Result
         l.set_address(address);
     }
     Ok(())
+}
+
+/// Every member and its state; none when etcd does not answer in 2 s.
+async fn node_health(
+    member: &crate::daemon::cluster::Member,
+) -> Vec<(granary_cluster::NodeStatus, &'static str)> {
+    let c = &member.coordinator;
+    let read =
+        async { Ok::<_, granary_cluster::ClusterError>((c.nodes().await?, c.resting().await?)) };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
+        Ok(Ok((nodes, resting))) => nodes
+            .into_iter()
+            .map(|n| {
+                let state = n.state(&resting);
+                (n, state)
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Grains this node runs whose newest copy elsewhere is more than three

@@ -41,6 +41,7 @@ fn fill_user(mut out: admin_capnp::user::Builder<'_>, user: &granary_state::User
     out.set_name(&user.name);
     out.set_created_at(user.created_at);
     out.set_app_passwords(user.app_passwords as u32);
+    out.set_disabled_at(user.disabled_at.unwrap_or(0));
 }
 
 fn fill_app_password(
@@ -135,6 +136,42 @@ impl users::Server for Users {
         let ctx = &self.0;
         crate::daemon::certificate::refresh(&ctx.store, ctx.local_ca.clone(), &ctx.info.domain)
             .await;
+        Ok(())
+    }
+
+    async fn set_disabled(
+        self: CapRc<Self>,
+        params: users::SetDisabledParams,
+        mut results: users::SetDisabledResults,
+    ) -> Result<(), capnp::Error> {
+        let actor = self.0.actor;
+        let p = params.get()?;
+        let name = user_name(p.get_name()?)?;
+        let disabled = p.get_disabled();
+        let (store, n) = (self.0.store.clone(), name.clone());
+        let changed = blocking(move || {
+            store
+                .set_user_disabled(&n, disabled, actor)
+                .map_err(state_failure)
+        })
+        .await?;
+        let mut stopped = 0;
+        if disabled {
+            // Logins verified in the last minute would still pass.
+            self.0.verified.forget_all();
+            // Their open sessions (IMAP IDLE, chat) end with the grains,
+            // wherever they run.
+            stopped = crate::daemon::ledger::stop_user_grains(
+                &self.0.store,
+                &*self.0.grains,
+                name.as_str(),
+            )
+            .await;
+        }
+        tracing::info!(user = %name, disabled, changed, stopped, "user state set");
+        let mut r = results.get();
+        r.set_changed(changed);
+        r.set_stopped_grains(stopped);
         Ok(())
     }
 
