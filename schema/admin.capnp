@@ -189,6 +189,14 @@ interface Grains {
   # live, undrained node with the most room that runs its app (asked of
   # that node over the link when it is not this one). `reportJson`: a
   # JSON array, one entry per grain, with its move report or its error.
+
+  setQuota @8 (grain :Text, bytes :UInt64, unlimited :Bool) -> ();
+  # The grain's dataset quota: `bytes`, none with `unlimited`, or back to
+  # storage.quota_mib when both are unset. Kept with the grain (every
+  # node applies it to any dataset of the grain it makes: starts,
+  # rollbacks, moves, failovers, restores) and applied at once to its
+  # dataset on this node; a limit below what the data takes is refused
+  # there. Refused on plain storage, which has no quotas.
 }
 
 interface Grants {

@@ -220,4 +220,43 @@ fn a_push_over_the_quota_says_the_storage_is_full() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no dataset bytes:\n{metrics}"));
     assert!(used > 0 && used <= 48 << 20, "{used}");
+
+    // Raised by the admin, the quota takes the push that did not fit, and
+    // it is kept with the grain (the state, the audit log, /metrics).
+    let raised = daemon
+        .granary(&["grain", "quota", "alice/git", "160M"])
+        .success();
+    assert!(raised.stdout.contains("quota 160 MiB"), "{raised}");
+    client.ok(&work, &["push", "-q", &url, "main"]);
+    let events = daemon
+        .granary(&["audit", "--action", "grain.quota", "--json"])
+        .success()
+        .json();
+    assert_eq!(events[0]["subject"], "alice-git", "{events:#}");
+    assert_eq!(events[0]["detail"], format!("{} bytes", 160u64 << 20));
+    let quota_metric = |daemon: &granary_testkit::Daemon| {
+        let out = std::process::Command::new("curl")
+            .args(["--silent", "--fail"])
+            .arg(format!("http://{}/metrics", daemon.listener("metrics")))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("granary_grain_dataset_quota_bytes{grain=\"alice-git\"} ")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(quota_metric(&daemon), (160u64 << 20).to_string());
+    // Below what the data now takes: ZFS refuses, and nothing changes.
+    let low = daemon
+        .granary(&["grain", "quota", "alice/git", "8M"])
+        .failure();
+    assert!(low.stderr.contains("set the quota"), "{low}");
+    assert_eq!(quota_metric(&daemon), (160u64 << 20).to_string());
+    let bad = daemon
+        .granary(&["grain", "quota", "alice/git", "lots"])
+        .failure();
+    assert!(bad.stderr.contains("512M, 2G, none or default"), "{bad}");
 }

@@ -663,6 +663,25 @@ fn the_web_home_refuses_what_it_must() {
         None,
     );
     assert!(grains.body.contains("grain.create"), "{}", grains.body);
+    // Plain storage has no quotas: the page and the CLI say so.
+    let quota = request(
+        d,
+        "POST",
+        "/admin/grains/alice-mail/quota",
+        &bob_session,
+        &format!("csrf={bob_token}&size=1G"),
+        None,
+    );
+    assert!(
+        quota.body.contains("plain directories have no quotas"),
+        "{}",
+        quota.body
+    );
+    let cli = d.granary(&["grain", "quota", "alice/mail", "1G"]).failure();
+    assert!(
+        cli.stderr.contains("plain directories have no quotas"),
+        "{cli}"
+    );
     for page in [
         "/admin/users",
         "/admin/grains",

@@ -152,7 +152,7 @@ fn own(grain: &str, data: &Path, host_uid: u32) -> Result<(), DatasetError> {
 pub struct Zfs {
     root: PathBuf,
     parent: String,
-    quota_bytes: u64,
+    quotas: std::sync::Arc<crate::Quotas>,
 }
 
 impl Zfs {
@@ -168,7 +168,7 @@ impl Zfs {
         Ok(Zfs {
             root: root.to_path_buf(),
             parent: parent.to_owned(),
-            quota_bytes,
+            quotas: std::sync::Arc::new(crate::Quotas::new(quota_bytes)),
         })
     }
 
@@ -214,6 +214,28 @@ impl Datasets for Zfs {
         "zfs"
     }
 
+    fn quotas(&self) -> Option<&crate::Quotas> {
+        Some(&self.quotas)
+    }
+
+    fn set_quota(&self, grain: &str, quota: crate::Quota) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let previous = self.quotas.limit(grain);
+        self.quotas.put(grain, quota);
+        let name = self.name(grain);
+        if run("zfs", &["list", "-H", "-o", "name", &name]).is_ok() {
+            let value = format!("refquota={}", self.quotas.value(grain));
+            if let Err(e) = run("zfs", &["set", &value, &name]) {
+                self.quotas.put(
+                    grain,
+                    previous.map_or(crate::Quota::Unlimited, crate::Quota::Bytes),
+                );
+                return Err(err(grain, "set the quota")(e));
+            }
+        }
+        Ok(())
+    }
+
     fn spaces(&self) -> Result<std::collections::HashMap<String, crate::Space>, DatasetError> {
         let text = run(
             "zfs",
@@ -244,7 +266,7 @@ impl Datasets for Zfs {
         let name = self.name(grain);
         if run("zfs", &["list", "-H", "-o", "name", &name]).is_err() {
             let mountpoint = format!("mountpoint={}", data.display());
-            let quota = format!("refquota={}", self.quota_bytes);
+            let quota = format!("refquota={}", self.quotas.value(grain));
             run("zfs", &["create", "-o", &mountpoint, "-o", &quota, &name])
                 .map_err(err(grain, "create the ZFS dataset"))?;
         } else if !data.join(".").exists() || !self.has_data(grain)? {
@@ -534,7 +556,7 @@ impl Datasets for Zfs {
                 .map_err(err(grain, "create the grain directory"))?;
             for property in [
                 format!("mountpoint={}", self.path(grain).display()),
-                format!("refquota={}", self.quota_bytes),
+                format!("refquota={}", self.quotas.value(grain)),
             ] {
                 run("zfs", &["set", &property, &self.name(grain)])
                     .map_err(err(grain, "set a property"))?;
@@ -609,7 +631,7 @@ impl Datasets for Zfs {
         let _ = std::fs::remove_dir_all(self.grain_dir(from));
         for property in [
             format!("mountpoint={}", self.path(to).display()),
-            format!("refquota={}", self.quota_bytes),
+            format!("refquota={}", self.quotas.value(to)),
             "canmount=on".to_owned(),
         ] {
             run("zfs", &["set", &property, &target]).map_err(err(to, "set a property"))?;
@@ -699,7 +721,7 @@ impl Datasets for Zfs {
 #[derive(Debug, Clone)]
 pub struct Btrfs {
     root: PathBuf,
-    quota_bytes: u64,
+    quotas: std::sync::Arc<crate::Quotas>,
 }
 
 impl Btrfs {
@@ -717,7 +739,7 @@ impl Btrfs {
         run("btrfs", &["quota", "enable", &root.to_string_lossy()])?;
         Ok(Btrfs {
             root: root.to_path_buf(),
-            quota_bytes,
+            quotas: std::sync::Arc::new(crate::Quotas::new(quota_bytes)),
         })
     }
 
@@ -744,6 +766,31 @@ impl Datasets for Btrfs {
         self.root.join(grain)
     }
 
+    fn quotas(&self) -> Option<&crate::Quotas> {
+        Some(&self.quotas)
+    }
+
+    fn set_quota(&self, grain: &str, quota: crate::Quota) -> Result<(), DatasetError> {
+        check_id(grain)?;
+        let previous = self.quotas.limit(grain);
+        self.quotas.put(grain, quota);
+        let data = self.path(grain);
+        if data.exists() {
+            let path = data.to_string_lossy().into_owned();
+            if let Err(e) = run(
+                "btrfs",
+                &["qgroup", "limit", &self.quotas.value(grain), &path],
+            ) {
+                self.quotas.put(
+                    grain,
+                    previous.map_or(crate::Quota::Unlimited, crate::Quota::Bytes),
+                );
+                return Err(err(grain, "set the quota")(e));
+            }
+        }
+        Ok(())
+    }
+
     fn create(&self, grain: &str, host_uid: u32) -> Result<PathBuf, DatasetError> {
         check_id(grain)?;
         mkdir(&self.grain_dir(grain), 0o700).map_err(err(grain, "create the grain directory"))?;
@@ -755,7 +802,7 @@ impl Datasets for Btrfs {
         }
         run(
             "btrfs",
-            &["qgroup", "limit", &self.quota_bytes.to_string(), &path],
+            &["qgroup", "limit", &self.quotas.value(grain), &path],
         )
         .map_err(err(grain, "limit the subvolume's qgroup"))?;
         own(grain, &data, host_uid)?;
@@ -843,7 +890,7 @@ impl Datasets for Btrfs {
             &[
                 "qgroup",
                 "limit",
-                &self.quota_bytes.to_string(),
+                &self.quotas.value(grain),
                 &data.to_string_lossy(),
             ],
         )

@@ -58,6 +58,67 @@ pub struct Space {
     pub quota: Option<u64>,
 }
 
+/// A grain's quota as set by the admin (`granary grain quota`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// `storage.quota_mib`, the backend's default.
+    Default,
+    Bytes(u64),
+    Unlimited,
+}
+
+/// Each grain's quota where it is not the default. The daemon keeps it
+/// from the state; every path that makes or replaces a grain's dataset
+/// (its creation, a btrfs start or rollback, a received move or replica,
+/// a restore) reads it here, so a quota set once lasts through all of
+/// them.
+#[derive(Debug)]
+pub struct Quotas {
+    default: u64,
+    set: std::sync::RwLock<std::collections::HashMap<String, Quota>>,
+}
+
+impl Quotas {
+    pub fn new(default: u64) -> Quotas {
+        Quotas {
+            default,
+            set: Default::default(),
+        }
+    }
+
+    /// The grain's limit in bytes; `None`: no quota.
+    pub fn limit(&self, grain: &str) -> Option<u64> {
+        match self.set.read().expect("not poisoned").get(grain) {
+            Some(Quota::Bytes(b)) => Some(*b),
+            Some(Quota::Unlimited) => None,
+            Some(Quota::Default) | None => Some(self.default),
+        }
+    }
+
+    /// The limit as `zfs set refquota=` and `btrfs qgroup limit` take it.
+    pub fn value(&self, grain: &str) -> String {
+        self.limit(grain)
+            .map_or_else(|| "none".to_owned(), |b| b.to_string())
+    }
+
+    pub fn put(&self, grain: &str, quota: Quota) {
+        let mut set = self.set.write().expect("not poisoned");
+        match quota {
+            Quota::Default => set.remove(grain),
+            q => set.insert(grain.to_owned(), q),
+        };
+    }
+
+    /// Every grain's, replacing what was known.
+    pub fn replace(&self, quotas: impl IntoIterator<Item = (String, Quota)>) {
+        let fresh = quotas
+            .into_iter()
+            .filter(|(_, q)| *q != Quota::Default)
+            .collect();
+        *self.set.write().expect("not poisoned") = fresh;
+    }
+}
+
 /// What every dataset backend offers the supervisor.
 pub trait Datasets: Send + Sync {
     /// `plain`, `zfs` or `btrfs`.
@@ -73,6 +134,21 @@ pub trait Datasets: Send + Sync {
     /// (plain directories; btrfs for now). Blocking.
     fn spaces(&self) -> Result<std::collections::HashMap<String, Space>, DatasetError> {
         Ok(std::collections::HashMap::new())
+    }
+    /// The per-grain quotas this backend applies, where it has quotas.
+    fn quotas(&self) -> Option<&Quotas> {
+        None
+    }
+    /// Sets a grain's quota: kept for every dataset of it made from now
+    /// on, and applied to its dataset here if there is one (its data
+    /// stays). Refused where the backend has no quotas (plain
+    /// directories), and by the backend for a limit below what the data
+    /// takes. Blocking.
+    fn set_quota(&self, grain: &str, quota: Quota) -> Result<(), DatasetError> {
+        let _ = quota;
+        Err(err(grain, "set the quota")(io::Error::other(
+            "plain directories have no quotas: storage.backend zfs or btrfs has them",
+        )))
     }
     /// Creates the dataset, owned by `host_uid`, or checks an existing one.
     /// Idempotent, so a crash half-way is repaired by running it again.

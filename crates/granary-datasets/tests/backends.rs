@@ -5,7 +5,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 
 use granary_datasets::testing::{BtrfsLoop, ZfsPool};
-use granary_datasets::{Btrfs, Datasets, Zfs};
+use granary_datasets::{Btrfs, Datasets, Quota, Zfs};
 
 const QUOTA: u64 = 16 << 20;
 
@@ -89,6 +89,20 @@ fn exercise(backend: &dyn Datasets) -> String {
     std::fs::write(data.join("after-rollback"), vec![0u8; 1 << 20]).unwrap();
     backend.delete_snapshot("g-one", "first").unwrap();
     assert!(backend.list_snapshots("g-one").unwrap().is_empty());
+    // A quota set for the grain holds at once, and through what makes or
+    // replaces its dataset: a start (create again) and a rollback.
+    backend.set_quota("g-one", Quota::Bytes(2 * QUOTA)).unwrap();
+    backend.snapshot("g-one", "second").unwrap();
+    backend.rollback("g-one", "second", uid).unwrap();
+    backend.create("g-one", uid).unwrap();
+    let (written, e) = fill(&data.join("bigger"));
+    assert_eq!(e.raw_os_error(), Some(libc_edquot_or_enospc(&e)), "{e}");
+    assert!(
+        written > QUOTA + (4 << 20) && written <= 2 * QUOTA + (4 << 20),
+        "wrote {written} under a {} quota",
+        2 * QUOTA
+    );
+    std::fs::remove_file(data.join("bigger")).unwrap();
     // Another grain has its own quota.
     let other = backend.create("g-two", uid + 1).unwrap();
     std::fs::write(other.join("x"), vec![1u8; 1 << 20]).unwrap();

@@ -627,6 +627,47 @@ impl Store {
         w.commit(tx, "commit set grain app version")
     }
 
+    /// Sets grain `id`'s quota: `None` for the default (storage.quota_mib),
+    /// `Some(0)` for none, else bytes. Audited as `grain.quota`.
+    pub fn set_grain_quota(
+        &self,
+        id: &str,
+        quota: Option<u64>,
+        actor: &str,
+    ) -> Result<(), StateError> {
+        let w = self.writer()?;
+        let tx = w.begin().op("begin set grain quota")?;
+        let n = tx
+            .execute(
+                "UPDATE grains SET quota_bytes = ?2 WHERE id = ?1",
+                params![id, quota.map(|q| q as i64)],
+            )
+            .op("set grain quota")?;
+        if n == 0 {
+            return Err(StateError::Invalid(format!("no grain {id}")));
+        }
+        let detail = match quota {
+            None => "default".to_owned(),
+            Some(0) => "none".to_owned(),
+            Some(b) => format!("{b} bytes"),
+        };
+        record(&tx, actor, "grain.quota", id, &detail)?;
+        w.commit(tx, "commit set grain quota")
+    }
+
+    /// The grains whose quota is not the default: (id, 0 for none or
+    /// bytes).
+    pub fn grain_quotas(&self) -> Result<Vec<(String, u64)>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, quota_bytes FROM grains WHERE quota_bytes IS NOT NULL ORDER BY id")
+            .op("read grain quotas")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .op("read grain quotas")?;
+        rows.collect::<Result<_, _>>().op("read grain quotas")
+    }
+
     /// Deletes a grain's record with its grants and sturdy references.
     pub fn delete_grain(&self, id: &str, actor: &str) -> Result<bool, StateError> {
         let w = self.writer()?;

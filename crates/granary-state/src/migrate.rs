@@ -106,6 +106,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0018_user_disabled.sql"),
         remakes_tables: false,
     },
+    Migration {
+        version: 19,
+        sql: include_str!("migrations/0019_grain_quota.sql"),
+        remakes_tables: false,
+    },
 ];
 
 /// The schema version this build creates and understands.

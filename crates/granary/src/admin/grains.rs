@@ -157,6 +157,25 @@ pub(crate) fn grain(config: &Config, cmd: &GrainCommand) -> anyhow::Result<ExitC
             })?;
             println!("{} is {}", shown(&g.id), g.state);
         }
+        GrainCommand::Quota { grain, size } => {
+            let quota = parse_quota(size)?;
+            with_admin(config, |admin: admin::Client| async move {
+                let mut req = super::grains(&admin).set_quota_request();
+                req.get().set_grain(grain.as_str());
+                match quota {
+                    Some(Some(b)) => req.get().set_bytes(b),
+                    Some(None) => req.get().set_unlimited(true),
+                    None => {}
+                }
+                req.send().promise.await.map_err(remote)?;
+                Ok(())
+            })?;
+            match quota {
+                Some(Some(b)) => println!("{grain}: quota {} MiB", b >> 20),
+                Some(None) => println!("{grain}: no quota"),
+                None => println!("{grain}: the default quota (storage.quota_mib)"),
+            }
+        }
         GrainCommand::Stop { grain } => {
             let was = with_admin(config, |admin: admin::Client| async move {
                 let mut req = super::grains(&admin).stop_request();
@@ -304,4 +323,52 @@ fn connect(config: &Config, grain: &str, service: &str, user: Option<&str>) -> a
         ended.context("the daemon dropped the connection")?;
         Ok(())
     })
+}
+
+/// "2G", "512M", "1.5G": `Some(Some(bytes))` (powers of 1024); "none":
+/// `Some(None)`; "default": `None`.
+pub(crate) fn parse_quota(text: &str) -> anyhow::Result<Option<Option<u64>>> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("none") {
+        return Ok(Some(None));
+    }
+    if t.eq_ignore_ascii_case("default") {
+        return Ok(None);
+    }
+    let bad = || anyhow::anyhow!("{text:?} is not a size: write e.g. 512M, 2G, none or default");
+    let (number, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    let n: f64 = number.trim().parse().map_err(|_| bad())?;
+    if !(n.is_finite() && n > 0.0 && n < (1u64 << 53) as f64) {
+        return Err(bad());
+    }
+    Ok(Some(Some((n * (1u64 << shift) as f64) as u64)))
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::parse_quota;
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(parse_quota("2G").unwrap(), Some(Some(2 << 30)));
+        assert_eq!(parse_quota("512MiB").unwrap(), Some(Some(512 << 20)));
+        assert_eq!(parse_quota("1.5g").unwrap(), Some(Some(3 << 29)));
+        assert_eq!(parse_quota("none").unwrap(), Some(None));
+        assert_eq!(parse_quota("Default").unwrap(), None);
+        for bad in ["-1G", "lots", "", "2X", "0"] {
+            assert!(parse_quota(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -252,6 +252,14 @@ pub(crate) enum GrainCommand {
         /// USER/KIND or the grain id
         grain: String,
     },
+    /// Set a grain's dataset quota (zfs, btrfs): 2G, 512M, none, or default
+    Quota {
+        /// USER/KIND or the grain id
+        grain: String,
+        /// A size with K, M, G or T (powers of 1024), "none", or "default"
+        /// (storage.quota_mib)
+        size: String,
+    },
     /// Show one grain's state, restarts, wake locks and connections
     Status {
         /// USER/KIND or the grain id

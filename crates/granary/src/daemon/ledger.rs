@@ -296,3 +296,79 @@ pub(crate) fn follow_disabled(
         }
     });
 }
+
+/// A grain quota as the state keeps it: 0 for none, else bytes.
+pub(crate) fn quota(stored: u64) -> granary_datasets::Quota {
+    match stored {
+        0 => granary_datasets::Quota::Unlimited,
+        b => granary_datasets::Quota::Bytes(b),
+    }
+}
+
+/// Tells the storage every grain's quota the admin set (at start).
+pub(crate) fn load_quotas(
+    store: &granary_state::Store,
+    datasets: &dyn granary_datasets::Datasets,
+) -> Result<(), granary_state::StateError> {
+    if let Some(quotas) = datasets.quotas() {
+        let set = store.grain_quotas()?;
+        quotas.replace(set.into_iter().map(|(id, q)| (id, quota(q))));
+    }
+    Ok(())
+}
+
+/// Follows quotas set on any node (through the shared log): the storage
+/// here keeps them for the datasets it makes, and applies a changed one to
+/// the grain's dataset here, if it has one (the grain runs here, or a
+/// replica of it is kept here).
+pub(crate) fn follow_quotas(
+    store: std::sync::Arc<granary_state::Store>,
+    datasets: std::sync::Arc<dyn granary_datasets::Datasets>,
+) {
+    if datasets.quotas().is_none() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut known: Option<std::collections::BTreeMap<String, u64>> = None;
+        let mut seen = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = store.position();
+            if seen == Some(now) {
+                continue;
+            }
+            let s = store.clone();
+            let Ok(Ok(set)) = tokio::task::spawn_blocking(move || s.grain_quotas()).await else {
+                continue;
+            };
+            seen = Some(now);
+            let set: std::collections::BTreeMap<String, u64> = set.into_iter().collect();
+            let Some(before) = known.replace(set.clone()) else {
+                continue;
+            };
+            let changed: Vec<(String, granary_datasets::Quota)> = set
+                .iter()
+                .filter(|(id, q)| before.get(*id) != Some(q))
+                .map(|(id, q)| (id.clone(), quota(*q)))
+                .chain(
+                    before
+                        .keys()
+                        .filter(|id| !set.contains_key(*id))
+                        .map(|id| (id.clone(), granary_datasets::Quota::Default)),
+                )
+                .collect();
+            let d = datasets.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for (id, q) in changed {
+                    match d.set_quota(&id, q) {
+                        Ok(()) => tracing::info!(grain = id, quota = ?q, "quota set on another node; applied here"),
+                        Err(e) => tracing::warn!(grain = id, error = %e, "a quota set on another node cannot be applied here"),
+                    }
+                }
+            })
+            .await;
+        }
+    });
+}

@@ -244,6 +244,7 @@ async fn serve(
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let datasets = start::datasets(&config).await?;
+    ledger::load_quotas(&store, &*datasets)?;
     // Chat stanzas for other domains go from the supervisor to the
     // gateway's federation, when the xmpp-s2s listener is on.
     let federates = addresses.iter().any(|(n, _)| *n == "xmpp-s2s");
@@ -395,6 +396,7 @@ async fn serve(
     let verified: Arc<granary_gateway::VerifiedLogins> = Arc::default();
     if member.is_some() {
         ledger::follow_disabled(store.clone(), local_grains.clone(), verified.clone());
+        ledger::follow_quotas(store.clone(), datasets.clone());
     }
     let web_listeners: Vec<(String, std::net::SocketAddr)> = addresses
         .iter()

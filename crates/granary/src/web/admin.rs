@@ -124,6 +124,29 @@ impl Web {
                 };
                 self.grains(me, &admin, said(r)).await
             }
+            (true, ["grains", id, "quota"]) => {
+                let r = match crate::admin::grains::parse_quota(&field("size")) {
+                    Ok(quota) => {
+                        let mut call = crate::admin::grains(&admin).set_quota_request();
+                        call.get().set_grain(*id);
+                        let shown = match quota {
+                            Some(Some(b)) => {
+                                call.get().set_bytes(b);
+                                pages::size(b)
+                            }
+                            Some(None) => {
+                                call.get().set_unlimited(true);
+                                "none".to_owned()
+                            }
+                            None => "the default".to_owned(),
+                        };
+                        let done = call.send().promise.await;
+                        said(done.map(|_| format!("{id}: quota {shown}.")))
+                    }
+                    Err(e) => Said::Failed(e.to_string()),
+                };
+                self.grains(me, &admin, r).await
+            }
             (false, ["apps"]) => self.apps(me, &admin).await,
             (false, ["backups"]) => self.backups(me, &admin).await,
             (false, ["audit"]) => {

@@ -230,6 +230,11 @@ pub(super) fn grains(nav: Nav<'_>, list: &[GrainLine], s: &Said) -> String {
                             (used, 0) => { (size(used)) " (no quota)" }
                             (used, quota) => { (size(used)) " of " (size(quota)) }
                         }
+                        form method="post" action={ "/admin/grains/" (g.id) "/quota" } {
+                            input type="hidden" name="csrf" value=(nav.csrf);
+                            input name="size" required placeholder="2G" aria-label={ "New quota for " (g.shown) " (2G, 512M, none or default)" };
+                            button.quiet type="submit" aria-label={ "Set the quota of " (g.shown) } { "Set quota" }
+                        }
                     }
                     td { form.inline method="post" action={ "/admin/grains/" (g.id) "/" (action) } {
                         input type="hidden" name="csrf" value=(nav.csrf);

@@ -232,6 +232,46 @@ impl grains::Server for GrainsAdmin {
         results.get().set_report_json(report);
         Ok(())
     }
+
+    async fn set_quota(
+        self: CapRc<Self>,
+        params: grains::SetQuotaParams,
+        _: grains::SetQuotaResults,
+    ) -> Result<(), capnp::Error> {
+        use granary_datasets::Quota;
+        let p = params.get()?;
+        let id = grain_ref(p.get_grain()?)?.to_string();
+        let (quota, stored) = match (p.get_bytes(), p.get_unlimited()) {
+            (_, true) => (Quota::Unlimited, Some(0)),
+            (0, false) => (Quota::Default, None),
+            (b, false) if b < 1 << 20 => {
+                return Err(super::fail(
+                    "a quota under 1 MiB leaves the grain no room: give at least 1M",
+                ));
+            }
+            (b, false) => (Quota::Bytes(b), Some(b)),
+        };
+        let actor = self.0.actor;
+        let (datasets, store) = (self.0.datasets.clone(), self.0.store.clone());
+        super::blocking(move || {
+            if store.grain(&id).map_err(super::state_failure)?.is_none() {
+                return Err(super::fail(format!("no grain {id}")));
+            }
+            let before = datasets.quotas().map(|q| q.limit(&id));
+            // The dataset here first: it refuses a limit below its data.
+            datasets.set_quota(&id, quota).map_err(super::fail)?;
+            if let Err(e) = store.set_grain_quota(&id, stored, actor) {
+                let back = match before.flatten() {
+                    Some(b) => Quota::Bytes(b),
+                    None => Quota::Unlimited,
+                };
+                let _ = datasets.set_quota(&id, back);
+                return Err(super::state_failure(e));
+            }
+            Ok(())
+        })
+        .await
+    }
 }
 
 /// Runs a move or a drain (`daemon::moves::run`), its progress passed to
