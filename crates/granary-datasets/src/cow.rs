@@ -117,6 +117,25 @@ mod tests {
     }
 
     #[test]
+    fn btrfs_qgroups_parse() {
+        let text = "Qgroupid    Referenced    Exclusive  Max referenced   Path \n\
+                    --------    ----------    ---------  --------------   ---- \n\
+                    0/5              16384        16384            none   <toplevel>\n\
+                    0/256          3162112      3162112        16777216   x/grains/alice-mail/data\n\
+                    0/257             4096         4096            none   x/grains/bob-git/data\n\
+                    0/258             4096         4096            none   x/grains/bob-git/snapshots/s1\n\
+                    0/259             8192         8192            none   y/grains/carol-dav/data\n";
+        let s = super::parse_qgroups(text, "x/grains");
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s["alice-mail"].used, 3_162_112);
+        assert_eq!(s["alice-mail"].quota, Some(16 << 20));
+        assert_eq!(s["bob-git"].quota, None);
+        // At the top of the filesystem.
+        let top = "0/300 10 10 none alice-mail/data\n";
+        assert_eq!(super::parse_qgroups(top, "")["alice-mail"].used, 10);
+    }
+
+    #[test]
     fn zfs_dates_parse() {
         assert_eq!(super::parse_zfs_date("Thu Jan  1 00:00 1970"), Some(0));
         assert_eq!(
@@ -125,6 +144,35 @@ mod tests {
         );
         assert_eq!(super::parse_zfs_date("yesterday"), None);
     }
+}
+
+/// `btrfs qgroup show --raw -r` (qgroup, referenced, exclusive, max
+/// referenced, path) for the grains whose subvolumes are at
+/// `<prefix>/<grain>/data` (paths from the filesystem's top).
+fn parse_qgroups(text: &str, prefix: &str) -> std::collections::HashMap<String, crate::Space> {
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [_, referenced, _, max, path] = f[..] else {
+            continue;
+        };
+        let below = match prefix {
+            "" => Some(path),
+            p => path.strip_prefix(p).and_then(|r| r.strip_prefix('/')),
+        };
+        let Some(grain) = below.and_then(|r| r.strip_suffix("/data")) else {
+            continue;
+        };
+        let Ok(used) = referenced.parse::<u64>() else {
+            continue;
+        };
+        if grain.contains('/') || check_id(grain).is_err() {
+            continue;
+        }
+        let quota = max.parse::<u64>().ok().filter(|q| *q > 0);
+        out.insert(grain.to_owned(), crate::Space { used, quota });
+    }
+    out
 }
 
 fn own(grain: &str, data: &Path, host_uid: u32) -> Result<(), DatasetError> {
@@ -768,6 +816,37 @@ impl Datasets for Btrfs {
 
     fn quotas(&self) -> Option<&crate::Quotas> {
         Some(&self.quotas)
+    }
+
+    /// From the qgroups (one `btrfs qgroup show` for all), matched to the
+    /// grains by their subvolumes' paths from the filesystem's top, which
+    /// `btrfs subvolume show` of one grain's subvolume tells.
+    fn spaces(&self) -> Result<std::collections::HashMap<String, crate::Space>, DatasetError> {
+        let root = self.root.to_string_lossy().into_owned();
+        let one = std::fs::read_dir(&self.root)
+            .map_err(err(&root, "list the grains"))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .find(|g| check_id(g).is_ok() && self.path(g).is_dir());
+        let Some(one) = one else {
+            return Ok(Default::default());
+        };
+        let shown = run(
+            "btrfs",
+            &["subvolume", "show", &self.path(&one).to_string_lossy()],
+        )
+        .map_err(err(&one, "look at the subvolume"))?;
+        let suffix = format!("{one}/data");
+        let Some(prefix) = shown
+            .lines()
+            .next()
+            .and_then(|l| l.trim().strip_suffix(&suffix))
+            .map(|p| p.trim_end_matches('/').to_owned())
+        else {
+            return Ok(Default::default());
+        };
+        let text = run("btrfs", &["qgroup", "show", "--raw", "-r", &root])
+            .map_err(err(&root, "read the qgroups"))?;
+        Ok(parse_qgroups(&text, &prefix))
     }
 
     fn set_quota(&self, grain: &str, quota: crate::Quota) -> Result<(), DatasetError> {

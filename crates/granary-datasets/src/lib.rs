@@ -130,8 +130,8 @@ pub trait Datasets: Send + Sync {
         self.grain_dir(grain).join("data")
     }
     /// Each grain's space as the backend accounts it, by grain id, in one
-    /// look (`zfs get -r`); empty where the backend keeps no account
-    /// (plain directories; btrfs for now). Blocking.
+    /// look (`zfs get -r`, `btrfs qgroup show`); empty where the backend
+    /// keeps no account (plain directories). Blocking.
     fn spaces(&self) -> Result<std::collections::HashMap<String, Space>, DatasetError> {
         Ok(std::collections::HashMap::new())
     }

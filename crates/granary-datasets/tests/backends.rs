@@ -102,6 +102,10 @@ fn exercise(backend: &dyn Datasets) -> String {
         "wrote {written} under a {} quota",
         2 * QUOTA
     );
+    // The backend's own account, as /metrics and the pages show it.
+    let space = backend.spaces().unwrap()["g-one"];
+    assert_eq!(space.quota, Some(2 * QUOTA), "{space:?}");
+    assert!(space.used > QUOTA, "{space:?}");
     std::fs::remove_file(data.join("bigger")).unwrap();
     // Another grain has its own quota.
     let other = backend.create("g-two", uid + 1).unwrap();
