@@ -268,19 +268,12 @@ impl Datasets for Zfs {
 
     fn set_quota(&self, grain: &str, quota: crate::Quota) -> Result<(), DatasetError> {
         check_id(grain)?;
-        let previous = self.quotas.limit(grain);
-        self.quotas.put(grain, quota);
         let name = self.name(grain);
         if run("zfs", &["list", "-H", "-o", "name", &name]).is_ok() {
-            let value = format!("refquota={}", self.quotas.value(grain));
-            if let Err(e) = run("zfs", &["set", &value, &name]) {
-                self.quotas.put(
-                    grain,
-                    previous.map_or(crate::Quota::Unlimited, crate::Quota::Bytes),
-                );
-                return Err(err(grain, "set the quota")(e));
-            }
+            let value = format!("refquota={}", self.quotas.value_of(quota));
+            run("zfs", &["set", &value, &name]).map_err(err(grain, "set the quota"))?;
         }
+        self.quotas.put(grain, quota);
         Ok(())
     }
 
@@ -599,7 +592,8 @@ impl Datasets for Zfs {
             for property in ["sharenfs=off", "sharesmb=off", "setuid=off", "devices=off"] {
                 let _ = run("zfs", &["set", property, &self.name(grain)]);
             }
-            // Where `create` will mount it, and the grain's quota.
+            // Where `create` will mount it, and its quota (none for a staging
+            // name: the grain's is set as it is renamed into place).
             mkdir(&self.grain_dir(grain), 0o700)
                 .map_err(err(grain, "create the grain directory"))?;
             for property in [
@@ -674,12 +668,15 @@ impl Datasets for Zfs {
             run_retrying_busy("zfs", &["umount", &self.name(from)])
                 .map_err(err(from, "unmount the dataset"))?;
         }
+        // The grain's quota before its name: refused (less than the data),
+        // nothing has changed yet.
+        let quota = format!("refquota={}", self.quotas.value(to));
+        run("zfs", &["set", &quota, &self.name(from)]).map_err(err(to, "set the quota"))?;
         run_retrying_busy("zfs", &["rename", &self.name(from), &target])
             .map_err(err(to, "rename the restored dataset"))?;
         let _ = std::fs::remove_dir_all(self.grain_dir(from));
         for property in [
             format!("mountpoint={}", self.path(to).display()),
-            format!("refquota={}", self.quotas.value(to)),
             "canmount=on".to_owned(),
         ] {
             run("zfs", &["set", &property, &target]).map_err(err(to, "set a property"))?;
@@ -851,22 +848,14 @@ impl Datasets for Btrfs {
 
     fn set_quota(&self, grain: &str, quota: crate::Quota) -> Result<(), DatasetError> {
         check_id(grain)?;
-        let previous = self.quotas.limit(grain);
-        self.quotas.put(grain, quota);
         let data = self.path(grain);
         if data.exists() {
             let path = data.to_string_lossy().into_owned();
-            if let Err(e) = run(
-                "btrfs",
-                &["qgroup", "limit", &self.quotas.value(grain), &path],
-            ) {
-                self.quotas.put(
-                    grain,
-                    previous.map_or(crate::Quota::Unlimited, crate::Quota::Bytes),
-                );
-                return Err(err(grain, "set the quota")(e));
-            }
+            let value = self.quotas.value_of(quota);
+            run("btrfs", &["qgroup", "limit", &value, &path])
+                .map_err(err(grain, "set the quota"))?;
         }
+        self.quotas.put(grain, quota);
         Ok(())
     }
 

@@ -86,19 +86,44 @@ impl Quotas {
         }
     }
 
-    /// The grain's limit in bytes; `None`: no quota.
+    /// The grain's quota as set (`Default` when it was not).
+    pub fn get(&self, grain: &str) -> Quota {
+        let set = self.set.read().expect("not poisoned");
+        set.get(grain).copied().unwrap_or(Quota::Default)
+    }
+
+    /// The grain's limit in bytes; `None`: no quota. A staging dataset
+    /// (a move, a failover, a restore or a drill under a name of its own,
+    /// which starts with a digit as no grain id does) has none: it takes
+    /// the grain's own quota when it is renamed into place, so data larger
+    /// than the default is never refused on the way.
     pub fn limit(&self, grain: &str) -> Option<u64> {
-        match self.set.read().expect("not poisoned").get(grain) {
-            Some(Quota::Bytes(b)) => Some(*b),
-            Some(Quota::Unlimited) => None,
-            Some(Quota::Default) | None => Some(self.default),
+        if grain.starts_with(|c: char| c.is_ascii_digit()) {
+            return None;
+        }
+        self.limit_of(self.get(grain))
+    }
+
+    fn limit_of(&self, quota: Quota) -> Option<u64> {
+        match quota {
+            Quota::Bytes(b) => Some(b),
+            Quota::Unlimited => None,
+            Quota::Default => Some(self.default),
         }
     }
 
     /// The limit as `zfs set refquota=` and `btrfs qgroup limit` take it.
     pub fn value(&self, grain: &str) -> String {
-        self.limit(grain)
-            .map_or_else(|| "none".to_owned(), |b| b.to_string())
+        Self::shown(self.limit(grain))
+    }
+
+    /// [`Quotas::value`] of `quota`, before it is set.
+    pub fn value_of(&self, quota: Quota) -> String {
+        Self::shown(self.limit_of(quota))
+    }
+
+    fn shown(limit: Option<u64>) -> String {
+        limit.map_or_else(|| "none".to_owned(), |b| b.to_string())
     }
 
     pub fn put(&self, grain: &str, quota: Quota) {
@@ -139,11 +164,11 @@ pub trait Datasets: Send + Sync {
     fn quotas(&self) -> Option<&Quotas> {
         None
     }
-    /// Sets a grain's quota: kept for every dataset of it made from now
-    /// on, and applied to its dataset here if there is one (its data
-    /// stays). Refused where the backend has no quotas (plain
-    /// directories), and by the backend for a limit below what the data
-    /// takes. Blocking.
+    /// Sets a grain's quota: applied to its dataset here if there is one
+    /// (its data stays), then kept for every dataset of it made from now
+    /// on. Refused, with nothing changed, where the backend has no quotas
+    /// (plain directories), and by the backend for a limit below what the
+    /// data takes. Blocking.
     fn set_quota(&self, grain: &str, quota: Quota) -> Result<(), DatasetError> {
         let _ = quota;
         Err(err(grain, "set the quota")(io::Error::other(
@@ -548,6 +573,27 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
+
+    #[test]
+    fn a_grains_quota_is_its_own_and_staging_has_none() {
+        let q = Quotas::new(100);
+        assert_eq!(q.limit("alice-mail"), Some(100));
+        q.put("alice-mail", Quota::Bytes(500));
+        q.put("bob-git", Quota::Unlimited);
+        assert_eq!(q.value("alice-mail"), "500");
+        assert_eq!(q.value("bob-git"), "none");
+        // Staging names (a digit first) take the grain's quota only when
+        // renamed into place.
+        assert_eq!(q.limit("0restore-1a2b"), None);
+        q.put("alice-mail", Quota::Default);
+        assert_eq!(q.get("alice-mail"), Quota::Default);
+        q.replace([("carol-dav".to_owned(), Quota::Bytes(7))]);
+        assert_eq!(
+            (q.limit("bob-git"), q.limit("carol-dav")),
+            (Some(100), Some(7))
+        );
+        assert_eq!(q.value_of(Quota::Unlimited), "none");
+    }
 
     #[test]
     fn create_is_idempotent_private_and_destroy_stays_inside() {

@@ -319,8 +319,8 @@ pub(crate) fn load_quotas(
 
 /// Follows quotas set on any node (through the shared log): the storage
 /// here keeps them for the datasets it makes, and applies a changed one to
-/// the grain's dataset here, if it has one (the grain runs here, or a
-/// replica of it is kept here).
+/// the grain's dataset here, if the grain runs here (replicas are plain
+/// copies, without quotas).
 pub(crate) fn follow_quotas(
     store: std::sync::Arc<granary_state::Store>,
     datasets: std::sync::Arc<dyn granary_datasets::Datasets>,
@@ -345,9 +345,9 @@ pub(crate) fn follow_quotas(
             };
             seen = Some(now);
             let set: std::collections::BTreeMap<String, u64> = set.into_iter().collect();
-            let Some(before) = known.replace(set.clone()) else {
-                continue;
-            };
+            // The first look applies every quota: one may have changed
+            // while this node was away, and a ZFS dataset keeps the old.
+            let before = known.replace(set.clone()).unwrap_or_default();
             let changed: Vec<(String, granary_datasets::Quota)> = set
                 .iter()
                 .filter(|(id, q)| before.get(*id) != Some(q))
@@ -363,8 +363,15 @@ pub(crate) fn follow_quotas(
             let _ = tokio::task::spawn_blocking(move || {
                 for (id, q) in changed {
                     match d.set_quota(&id, q) {
-                        Ok(()) => tracing::info!(grain = id, quota = ?q, "quota set on another node; applied here"),
-                        Err(e) => tracing::warn!(grain = id, error = %e, "a quota set on another node cannot be applied here"),
+                        Ok(()) => tracing::debug!(grain = id, quota = ?q, "quota applied"),
+                        Err(e) => {
+                            // The state says so: what this node makes
+                            // from now on follows it all the same.
+                            if let Some(quotas) = d.quotas() {
+                                quotas.put(&id, q);
+                            }
+                            tracing::warn!(grain = id, error = %e, "a quota set on another node cannot be applied to the dataset here");
+                        }
                     }
                 }
             })

@@ -78,6 +78,10 @@ pub(super) async fn remove_grains(
         let (s, actor) = (ctx.store.clone(), ctx.actor);
         let name = g.id.clone();
         tokio::task::spawn_blocking(move || s.delete_grain(&name, actor)).await??;
+        // A grain made later under the same id starts with the default.
+        if let Some(quotas) = ctx.datasets.quotas() {
+            quotas.put(&g.id, granary_datasets::Quota::Default);
+        }
         ctx.grains.forget(&id).await?;
         // Nor placed, nor copied, in the cluster any more.
         if let Some(member) = &ctx.info.cluster
@@ -257,15 +261,12 @@ impl grains::Server for GrainsAdmin {
             if store.grain(&id).map_err(super::state_failure)?.is_none() {
                 return Err(super::fail(format!("no grain {id}")));
             }
-            let before = datasets.quotas().map(|q| q.limit(&id));
-            // The dataset here first: it refuses a limit below its data.
+            let before = datasets.quotas().map_or(Quota::Default, |q| q.get(&id));
+            // The dataset here first: it refuses a limit below its data,
+            // and then nothing has changed.
             datasets.set_quota(&id, quota).map_err(super::fail)?;
             if let Err(e) = store.set_grain_quota(&id, stored, actor) {
-                let back = match before.flatten() {
-                    Some(b) => Quota::Bytes(b),
-                    None => Quota::Unlimited,
-                };
-                let _ = datasets.set_quota(&id, back);
+                let _ = datasets.set_quota(&id, before);
                 return Err(super::state_failure(e));
             }
             Ok(())
