@@ -663,6 +663,61 @@ fn the_web_home_refuses_what_it_must() {
         None,
     );
     assert!(grains.body.contains("grain.create"), "{}", grains.body);
+    // An app upgraded from the page: the mail app's next version, signed
+    // by the same key, from a package file on the server.
+    let def = h.dir.path().join("mail-package.toml");
+    let next = std::fs::read_to_string(&def)
+        .unwrap()
+        .replace("version = \"0.1.0\"", "version = \"0.2.0\"");
+    std::fs::write(&def, next).unwrap();
+    let v2 = h.dir.path().join("mail-0.2.0.gpkg");
+    let key = h.dir.path().join("mail.key");
+    granary_testkit::run_granary(
+        &[
+            "pack",
+            "build",
+            def.to_str().unwrap(),
+            "-o",
+            v2.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        None,
+    )
+    .success();
+    let relative = request(
+        d,
+        "POST",
+        "/admin/apps",
+        &bob_session,
+        &format!("csrf={bob_token}&path=mail-0.2.0.gpkg"),
+        None,
+    );
+    assert!(relative.body.contains("full path"), "{}", relative.body);
+    let upgraded = request(
+        d,
+        "POST",
+        "/admin/apps",
+        &bob_session,
+        &format!("csrf={bob_token}&path={}", v2.display()),
+        None,
+    );
+    assert!(
+        upgraded.body.contains("mail upgraded from 0.1.0 to 0.2.0"),
+        "{}",
+        upgraded.body
+    );
+    let apps = d.granary(&["app", "list", "--json"]).success().json();
+    assert!(apps.to_string().contains("0.2.0"), "{apps:#}");
+    let again = request(
+        d,
+        "POST",
+        "/admin/apps",
+        &bob_session,
+        &format!("csrf={bob_token}&path={}", v2.display()),
+        None,
+    );
+    assert!(again.body.contains("is not newer"), "{}", again.body);
     // Plain storage has no quotas: the page and the CLI say so.
     let quota = request(
         d,

@@ -147,7 +147,11 @@ impl Web {
                 };
                 self.grains(me, &admin, r).await
             }
-            (false, ["apps"]) => self.apps(me, &admin).await,
+            (false, ["apps"]) => self.apps(me, &admin, Said::Nothing).await,
+            (true, ["apps"]) => {
+                let r = self.upgrade(&admin, &field("path")).await;
+                self.apps(me, &admin, r).await
+            }
             (false, ["backups"]) => self.backups(me, &admin).await,
             (false, ["audit"]) => {
                 let q: HashMap<String, String> = granary_wire::form::fields(req.query.as_bytes())
@@ -298,7 +302,59 @@ impl Web {
         html(StatusCode::OK, views::grains(me.nav(), &grains, &said), &[])
     }
 
-    async fn apps(&self, me: &Me, admin: &admin::Client) -> Response<Bytes> {
+    /// Installs `path` (a package file on this server) when its kind is
+    /// new, else upgrades to it, as `granary app install` and `granary
+    /// app upgrade` do.
+    async fn upgrade(&self, admin: &admin::Client, path: &str) -> Said {
+        let failed = |e: &capnp::Error| Said::Failed(capitalise(&why(e)));
+        if !path.starts_with('/') {
+            return Said::Failed("Give the package file's full path on this server.".to_owned());
+        }
+        let apps = crate::admin::apps(admin);
+        let mut call = apps.upgrade_request();
+        call.get().set_path(path);
+        match call.send().promise.await {
+            Ok(r) => match r.get() {
+                Ok(r) if r.get_rolled_back() => Said::Failed(format!(
+                    "The new version failed to start ({}); everything went back to {}.",
+                    text(r.get_error()),
+                    text(r.get_previous_version())
+                )),
+                Ok(r) => {
+                    let app = r.get_app();
+                    let (kind, version) = app.map_or_else(
+                        |_| (String::new(), String::new()),
+                        |a| (text(a.get_kind()), text(a.get_version())),
+                    );
+                    Said::Done(format!(
+                        "{kind} upgraded from {} to {version}; {} grain(s) restarted.",
+                        text(r.get_previous_version()),
+                        r.get_restarted()
+                    ))
+                }
+                Err(e) => failed(&e),
+            },
+            // Not installed yet: an install.
+            Err(e) if why(&e).contains("is installed; use `granary app install`") => {
+                let mut call = apps.install_request();
+                call.get().set_path(path);
+                match call.send().promise.await {
+                    Ok(r) => match r.get().and_then(|r| r.get_app()) {
+                        Ok(a) => Said::Done(format!(
+                            "{} {} installed.",
+                            text(a.get_kind()),
+                            text(a.get_version())
+                        )),
+                        Err(e) => failed(&e),
+                    },
+                    Err(e) => failed(&e),
+                }
+            }
+            Err(e) => failed(&e),
+        }
+    }
+
+    async fn apps(&self, me: &Me, admin: &admin::Client, said: Said) -> Response<Bytes> {
         let list = match crate::admin::apps(admin)
             .list_request()
             .send()
@@ -328,7 +384,7 @@ impl Web {
                     .collect()
             })
             .unwrap_or_default();
-        html(StatusCode::OK, views::apps(me.nav(), &apps), &[])
+        html(StatusCode::OK, views::apps(me.nav(), &apps, &said), &[])
     }
 
     async fn events(

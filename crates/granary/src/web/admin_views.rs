@@ -249,17 +249,25 @@ pub(super) fn grains(nav: Nav<'_>, list: &[GrainLine], s: &Said) -> String {
     )
 }
 
-pub(super) fn apps(nav: Nav<'_>, list: &[[String; 4]]) -> String {
+pub(super) fn apps(nav: Nav<'_>, list: &[[String; 4]], s: &Said) -> String {
     page(
         "Apps",
         Some(nav),
         html! {
             (sections())
+            (said(s))
             div.table { table {
                 thead { tr { th scope="col" { "App" } th scope="col" { "Version" } th scope="col" { "Installed" } th scope="col" { "Package" } } }
                 tbody { @for a in list { tr { td { (a[0]) } td { (a[1]) } td { (a[2]) } td { (a[3]) } } } }
             } }
-            p.note { "Install and upgrade with the CLI: granary app install FILE.gpkg, granary app upgrade FILE.gpkg (signatures are checked; a failed upgrade rolls back)." }
+            h2 { "Install or upgrade" }
+            form method="post" action="/admin/apps" {
+                input type="hidden" name="csrf" value=(nav.csrf);
+                label for="path" { "Package file on this server (full path to a .gpkg)" }
+                input #path name="path" required autocapitalize="none" spellcheck="false" placeholder="/var/tmp/mail-0.2.0.gpkg";
+                button type="submit" { "Install or upgrade" }
+            }
+            p.note { "The signature is checked first; an upgrade must come from the app's own signer, stops the app's running grains, and starts them on the new version; if one fails to start, everything goes back to the version before. The CLI does the same: granary app install FILE.gpkg, granary app upgrade FILE.gpkg." }
         },
     )
 }
