@@ -1367,6 +1367,45 @@ fn git_and_the_blog_answer_through_any_node_wherever_their_grains_run() {
     let (code, body) = n1.curl(&site, "/", &[]);
     assert_eq!(code, "200");
     assert!(body.contains("version 1"), "{body}");
+
+    // Alice disabled on n3: n1, which verified her password moments ago
+    // (and would trust it for a minute), refuses it as soon as it reads the
+    // shared log, and her git grain there is stopped.
+    let stopped = n3.granary(&["user", "disable", "alice"]).success();
+    assert!(stopped.stdout.contains("disabled alice"), "{stopped}");
+    let refused = tmp.path().join("refused");
+    eventually("n1 to refuse alice", Duration::from_secs(10), || {
+        let (ok, _) = via1.git(
+            tmp.path(),
+            &[
+                "clone",
+                "-q",
+                &via1.url(Some(("alice", &password)), "alice/site.git"),
+                refused.to_str().unwrap(),
+            ],
+        );
+        (!ok).then_some(())
+    });
+    let git = n1
+        .granary(&["grain", "status", "alice/git", "--json"])
+        .success()
+        .json();
+    assert_ne!(git["state"], "running", "{git}");
+    // Enabled on n2: n1 lets her in again.
+    n2.granary(&["user", "enable", "alice"]).success();
+    eventually("n1 to let alice in", Duration::from_secs(10), || {
+        let _ = std::fs::remove_dir_all(&refused);
+        let (ok, _) = via1.git(
+            tmp.path(),
+            &[
+                "clone",
+                "-q",
+                &via1.url(Some(("alice", &password)), "alice/site.git"),
+                refused.to_str().unwrap(),
+            ],
+        );
+        ok.then_some(())
+    });
 }
 
 #[test]

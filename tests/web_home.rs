@@ -789,8 +789,10 @@ fn the_web_home_refuses_what_it_must() {
 
 /// Disabling a user shuts them out of every login while keeping what
 /// they have: an open IMAP session ends (their grain stops), the same app
-/// password and an SSH key fail at once, their web session ends and the
-/// account password no longer signs in, and mail to them is still taken.
+/// password fails at once, their web session ends and the account
+/// password no longer signs in, and mail to them is still taken. (SSH
+/// keys and the other lookups: the state's unit test; another node's
+/// cache: the cluster's git test.)
 /// Enabled again from the admin page, everything works as before,
 /// including the mail that came meanwhile.
 #[test]
