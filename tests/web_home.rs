@@ -718,6 +718,31 @@ fn the_web_home_refuses_what_it_must() {
         None,
     );
     assert!(again.body.contains("is not newer"), "{}", again.body);
+    // A kind not installed yet is installed.
+    let hello = granary_testkit::app_package(h.dir.path(), "hello", "granary-hello", "");
+    let installed = request(
+        d,
+        "POST",
+        "/admin/apps",
+        &bob_session,
+        &format!("csrf={bob_token}&path={}", hello.display()),
+        None,
+    );
+    assert!(
+        installed.body.contains("hello 0.1.0 installed."),
+        "{}",
+        installed.body
+    );
+    // Nothing but a regular file is opened.
+    let fifo = request(
+        d,
+        "POST",
+        "/admin/apps",
+        &bob_session,
+        &format!("csrf={bob_token}&path=/dev/null"),
+        None,
+    );
+    assert!(fifo.body.contains("is not a regular file"), "{}", fifo.body);
     // Plain storage has no quotas: the page and the CLI say so.
     let quota = request(
         d,

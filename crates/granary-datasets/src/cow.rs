@@ -133,6 +133,10 @@ mod tests {
         // At the top of the filesystem.
         let top = "0/300 10 10 none alice-mail/data\n";
         assert_eq!(super::parse_qgroups(top, "")["alice-mail"].used, 10);
+        // A space in the data directory's path.
+        let spaced = "0/301  20  20  1048576  my data/grains/dan-git/data\n";
+        let s = super::parse_qgroups(spaced, "my data/grains");
+        assert_eq!(s["dan-git"].quota, Some(1 << 20));
     }
 
     #[test]
@@ -152,10 +156,16 @@ mod tests {
 fn parse_qgroups(text: &str, prefix: &str) -> std::collections::HashMap<String, crate::Space> {
     let mut out = std::collections::HashMap::new();
     for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let [_, referenced, _, max, path] = f[..] else {
-            continue;
-        };
+        // Four columns, then the path, which may hold spaces.
+        let mut rest = line.trim_start();
+        let mut f = [""; 4];
+        for slot in &mut f {
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            *slot = &rest[..end];
+            rest = rest[end..].trim_start();
+        }
+        let [_, referenced, _, max] = f;
+        let path = rest.trim_end();
         let below = match prefix {
             "" => Some(path),
             p => path.strip_prefix(p).and_then(|r| r.strip_prefix('/')),
@@ -668,10 +678,16 @@ impl Datasets for Zfs {
             run_retrying_busy("zfs", &["umount", &self.name(from)])
                 .map_err(err(from, "unmount the dataset"))?;
         }
-        // The grain's quota before its name: refused (less than the data),
-        // nothing has changed yet.
+        // The grain's quota before its name. Data already over it (a quota
+        // set where the grain did not run, a lowered storage.quota_mib, a
+        // pool that packs it worse) still goes in place, without a quota:
+        // a failover or a restore must not fail over a quota.
         let quota = format!("refquota={}", self.quotas.value(to));
-        run("zfs", &["set", &quota, &self.name(from)]).map_err(err(to, "set the quota"))?;
+        if let Err(e) = run("zfs", &["set", &quota, &self.name(from)]) {
+            tracing::warn!(grain = to, error = %e, "the grain's data is over its quota; it goes in place without one until the quota is set again");
+            run("zfs", &["set", "refquota=none", &self.name(from)])
+                .map_err(err(to, "lift the quota"))?;
+        }
         run_retrying_busy("zfs", &["rename", &self.name(from), &target])
             .map_err(err(to, "rename the restored dataset"))?;
         let _ = std::fs::remove_dir_all(self.grain_dir(from));

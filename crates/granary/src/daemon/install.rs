@@ -22,8 +22,18 @@ pub(crate) fn check_package(
     limits: &granary_package::Limits,
 ) -> anyhow::Result<CheckedPackage> {
     use std::io::Read;
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Nothing but a regular file is opened (the admin page passes paths
+    // too): a device may act on open, and a FIFO would block a thread.
+    let is_file = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .is_file();
+    anyhow::ensure!(is_file, "{} is not a regular file", path.display());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let meta = file.metadata()?;
     anyhow::ensure!(meta.is_file(), "{} is not a regular file", path.display());
     let mut bytes = Vec::new();

@@ -317,6 +317,29 @@ pub(crate) fn load_quotas(
     Ok(())
 }
 
+/// The grains whose dataset here has another quota than the one kept for
+/// them (what a node that was away when it changed still has).
+fn stale_quotas(
+    store: &granary_state::Store,
+    datasets: &dyn granary_datasets::Datasets,
+) -> Vec<(String, granary_datasets::Quota)> {
+    let (Some(quotas), Ok(spaces), Ok(grains)) =
+        (datasets.quotas(), datasets.spaces(), store.list_grains())
+    else {
+        return Vec::new();
+    };
+    grains
+        .into_iter()
+        .filter_map(|g| {
+            let space = spaces.get(&g.id)?;
+            (space.quota != quotas.limit(&g.id)).then(|| {
+                let q = quotas.get(&g.id);
+                (g.id, q)
+            })
+        })
+        .collect()
+}
+
 /// Follows quotas set on any node (through the shared log): the storage
 /// here keeps them for the datasets it makes, and applies a changed one to
 /// the grain's dataset here, if the grain runs here (replicas are plain
@@ -345,8 +368,11 @@ pub(crate) fn follow_quotas(
             };
             seen = Some(now);
             let set: std::collections::BTreeMap<String, u64> = set.into_iter().collect();
-            // The first look applies every quota: one may have changed
-            // while this node was away, and a ZFS dataset keeps the old.
+            // The first look applies every quota, and puts back the
+            // default where a dataset here has another: one may have
+            // changed while this node was away, and a ZFS dataset keeps
+            // the old.
+            let first = known.is_none();
             let before = known.replace(set.clone()).unwrap_or_default();
             let changed: Vec<(String, granary_datasets::Quota)> = set
                 .iter()
@@ -359,8 +385,12 @@ pub(crate) fn follow_quotas(
                         .map(|id| (id.clone(), granary_datasets::Quota::Default)),
                 )
                 .collect();
-            let d = datasets.clone();
+            let (d, s) = (datasets.clone(), store.clone());
             let _ = tokio::task::spawn_blocking(move || {
+                let mut changed = changed;
+                if first {
+                    changed.extend(stale_quotas(&s, &*d));
+                }
                 for (id, q) in changed {
                     match d.set_quota(&id, q) {
                         Ok(()) => tracing::debug!(grain = id, quota = ?q, "quota applied"),

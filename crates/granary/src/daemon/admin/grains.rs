@@ -248,6 +248,9 @@ impl grains::Server for GrainsAdmin {
         let (quota, stored) = match (p.get_bytes(), p.get_unlimited()) {
             (_, true) => (Quota::Unlimited, Some(0)),
             (0, false) => (Quota::Default, None),
+            (b, false) if b >= i64::MAX as u64 => {
+                return Err(super::fail("that quota is larger than any disk"));
+            }
             (b, false) if b < 1 << 20 => {
                 return Err(super::fail(
                     "a quota under 1 MiB leaves the grain no room: give at least 1M",
