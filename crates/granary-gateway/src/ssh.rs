@@ -175,7 +175,7 @@ impl russh::server::Handler for Connection {
                 .peer
                 .map(|p| p.ip())
                 .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-            self.shared.login_failed(peer);
+            self.shared.login_failed_as(peer, user).await;
         }
         Ok(Auth::reject())
     }

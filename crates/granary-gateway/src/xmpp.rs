@@ -454,10 +454,10 @@ impl Client {
         Some(local.to_lowercase()).filter(|l| !l.is_empty() && l.len() <= 64)
     }
 
-    fn refused(&mut self, user: Option<&str>) -> String {
+    async fn refused(&mut self, user: Option<&str>) -> String {
         self.failures += 1;
-        if user.is_some() {
-            self.shared.login_failed(self.peer.ip());
+        if let Some(user) = user {
+            self.shared.login_failed_as(self.peer.ip(), user).await;
         }
         tracing::info!(user = user.unwrap_or(""), "login failed");
         sasl_failure("not-authorized", "wrong name or password")
@@ -495,7 +495,7 @@ impl Client {
             return Err(sasl_failure("malformed-request", "not UTF-8"));
         };
         let Some(user) = scram::saslprep(authc).ok().and_then(|n| self.user_of(&n)) else {
-            return Err(self.refused(None));
+            return Err(self.refused(None).await);
         };
         if !authz.is_empty() && self.user_of(authz).as_deref() != Some(user.as_str()) {
             self.failures += 1;
@@ -515,7 +515,7 @@ impl Client {
                 },
                 format!("<success xmlns='{NS_SASL}'/>"),
             )),
-            None => Err(self.refused(Some(&user))),
+            None => Err(self.refused(Some(&user)).await),
         }
     }
 
@@ -541,7 +541,7 @@ impl Client {
             }
         };
         let Some(user) = self.user_of(&first.username) else {
-            return Some(Err(self.refused(None)));
+            return Some(Err(self.refused(None).await));
         };
         if first
             .authzid
@@ -600,7 +600,7 @@ impl Client {
                 )));
             }
         }
-        Some(Err(self.refused(Some(&user))))
+        Some(Err(self.refused(Some(&user)).await))
     }
 
     /// A verifier that matches no password, with a salt that is the same

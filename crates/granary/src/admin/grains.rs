@@ -351,7 +351,7 @@ pub(crate) fn parse_quota(text: &str) -> anyhow::Result<Option<Option<u64>>> {
     };
     let n: f64 = number.trim().parse().map_err(|_| bad())?;
     let bytes = n * (1u64 << shift) as f64;
-    if !(n.is_finite() && n > 0.0 && bytes < i64::MAX as f64) {
+    if !(n.is_finite() && bytes >= 1.0 && bytes < i64::MAX as f64) {
         return Err(bad());
     }
     Ok(Some(Some(bytes as u64)))
@@ -368,7 +368,7 @@ mod quota_tests {
         assert_eq!(parse_quota("1.5g").unwrap(), Some(Some(3 << 29)));
         assert_eq!(parse_quota("none").unwrap(), Some(None));
         assert_eq!(parse_quota("Default").unwrap(), None);
-        for bad in ["-1G", "lots", "", "2X", "0", "1e30G"] {
+        for bad in ["-1G", "lots", "", "2X", "0", "0.5", "1e30G"] {
             assert!(parse_quota(bad).is_err(), "{bad}");
         }
     }
